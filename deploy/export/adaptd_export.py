@@ -1,0 +1,333 @@
+"""Export a PyTorch module as an adaptd model bundle.
+
+A bundle is a directory with
+  - model.onnx   the serving graph (ONNX Runtime),
+  - train.pt     the training graph (TorchScript, loaded by libtorch),
+  - manifest.json  what both graphs take and give, their LoRA slots and file hashes.
+
+Both graphs are traced from the same module in one call, so they compute the same function.
+Every LoRA slot is a pair of *graph inputs* (A: [r_max, in], B: [out, r_max]; conv slots carry
+PEFT's conv shapes); an adapter of smaller rank is zero-padded and "no adapter" is all zeros, so
+swapping adapters at serving time never rebuilds the ONNX Runtime session. The slot adds
+``B @ A @ x`` to the wrapped layer's output: the caller folds PEFT's ``alpha / r`` into B.
+
+Usage as a library::
+
+    export_bundle(module, {"image": torch.zeros(1, 1, 8, 8)}, ["fc1"], "out/dir",
+                  name="digits-cnn", version="1.0.0", rank_max=16,
+                  output_names=["embedding", "logits"], ...)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BUNDLE_FORMAT = 1
+MANIFEST = "manifest.json"
+SERVING_GRAPH = "model.onnx"
+TRAINING_GRAPH = "train.pt"
+ONNX_OPSET = 17
+
+
+class ExportError(ValueError):
+    """The module, its targets or the output directory cannot make a bundle."""
+
+
+@dataclass
+class SlotSpec:
+    module: str
+    kind: str  # "linear" | "conv2d"
+    a_shape: list[int]
+    b_shape: list[int]
+    in_features: int
+    out_features: int
+
+    @property
+    def a_input(self) -> str:
+        return f"{self.module}.lora_A"
+
+    @property
+    def b_input(self) -> str:
+        return f"{self.module}.lora_B"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "module": self.module,
+            "kind": self.kind,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "a_input": self.a_input,
+            "b_input": self.b_input,
+            "a_shape": self.a_shape,
+            "b_shape": self.b_shape,
+        }
+
+
+class LoraSlot(nn.Module):
+    """Wraps a frozen Linear/Conv2d and adds the low-rank update fed in as graph inputs."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        # Set by BundleGraph.forward right before the wrapped module runs; plain attributes,
+        # so tracing records them as the graph inputs they came from.
+        self.lora_a: torch.Tensor | None = None
+        self.lora_b: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if isinstance(self.base, nn.Conv2d):
+            h = F.conv2d(x, self.lora_a, None, self.base.stride, self.base.padding, self.base.dilation)
+            return y + F.conv2d(h, self.lora_b)
+        return y + F.linear(F.linear(x, self.lora_a), self.lora_b)
+
+
+class BundleGraph(nn.Module):
+    """forward(*model_inputs, A_0, B_0, A_1, B_1, ...) -> tuple of model outputs."""
+
+    def __init__(self, module: nn.Module, slots: list[LoraSlot], n_inputs: int):
+        super().__init__()
+        self.module = module
+        self.slots = slots  # plain list: the slots are already submodules of `module`
+        self.n_inputs = n_inputs
+
+    def forward(self, *args: torch.Tensor):
+        inputs, lora = args[: self.n_inputs], args[self.n_inputs :]
+        for i, slot in enumerate(self.slots):
+            slot.lora_a, slot.lora_b = lora[2 * i], lora[2 * i + 1]
+        out = self.module(*inputs)
+        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def resolve_targets(module: nn.Module, target_modules: Sequence[str]) -> list[str]:
+    """PEFT semantics: a target matches a module whose full name equals it or ends with '.target'."""
+    if not target_modules:
+        raise ExportError("target_modules is empty: name at least one Linear/Conv2d module for LoRA")
+    names = [n for n, _ in module.named_modules() if n]
+    matched: list[str] = []
+    for target in target_modules:
+        hits = [n for n in names if n == target or n.endswith("." + target)]
+        if not hits:
+            sample = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
+            raise ExportError(f"target module {target!r} matches no module of {type(module).__name__} (modules: {sample})")
+        for name in hits:
+            sub = module.get_submodule(name)
+            if not isinstance(sub, (nn.Linear, nn.Conv2d)):
+                raise ExportError(
+                    f"target module {name!r} is a {type(sub).__name__}; LoRA slots need nn.Linear or nn.Conv2d"
+                )
+            if isinstance(sub, nn.Conv2d) and sub.groups != 1:
+                raise ExportError(f"target module {name!r} is a grouped Conv2d (groups={sub.groups}); not supported")
+            if name not in matched:
+                matched.append(name)
+    return matched
+
+
+def slot_spec(name: str, layer: nn.Module, rank_max: int) -> SlotSpec:
+    if isinstance(layer, nn.Conv2d):
+        kh, kw = layer.kernel_size
+        return SlotSpec(name, "conv2d", [rank_max, layer.in_channels, kh, kw], [layer.out_channels, rank_max, 1, 1],
+                        layer.in_channels, layer.out_channels)
+    return SlotSpec(name, "linear", [rank_max, layer.in_features], [layer.out_features, rank_max],
+                    layer.in_features, layer.out_features)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(module: nn.Module, config: dict[str, Any]) -> str:
+    """Identity of what a bundle is made from: the weights and the export settings."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for key, tensor in sorted(module.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _set_parent(module: nn.Module, name: str, child: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = module.get_submodule(parent_name) if parent_name else module
+    setattr(parent, attr, child)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def export_bundle(
+    module: nn.Module,
+    example_inputs: dict[str, torch.Tensor],
+    target_modules: Sequence[str],
+    out_dir: str | os.PathLike,
+    *,
+    name: str,
+    version: str,
+    rank_max: int,
+    output_names: Sequence[str],
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+    embedding_output: str = "embedding",
+    logits_output: str | None = None,
+    labels: Sequence[str] | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    extra_files: dict[str, str | os.PathLike] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Trace `module` into a bundle at `out_dir`; returns the bundle path.
+
+    An existing bundle made from the same weights and settings is left as it is (idempotent);
+    a directory holding anything else is refused rather than overwritten.
+    """
+    out = Path(out_dir)
+    if not isinstance(rank_max, int) or isinstance(rank_max, bool) or rank_max <= 0:
+        raise ExportError(f"rank_max must be a positive integer, got {rank_max!r}")
+    if not example_inputs:
+        raise ExportError("example_inputs is empty: the serving graph needs at least one input")
+    if embedding_output not in output_names:
+        raise ExportError(f"embedding_output {embedding_output!r} is not among output_names {list(output_names)}")
+    if logits_output is not None and logits_output not in output_names:
+        raise ExportError(f"logits_output {logits_output!r} is not among output_names {list(output_names)}")
+    if (logits_output is None) != (labels is None):
+        raise ExportError("logits_output and labels go together: give both or neither")
+
+    module = module.eval()
+    targets = resolve_targets(module, target_modules)
+    config = {
+        "format": BUNDLE_FORMAT, "name": name, "version": version, "rank_max": rank_max, "targets": targets,
+        "inputs": list(example_inputs), "outputs": list(output_names), "labels": list(labels) if labels else None,
+        "preprocessing": preprocessing, "opset": ONNX_OPSET,
+        "extra_files": {k: sha256_file(Path(v)) for k, v in sorted((extra_files or {}).items())},
+    }
+    print_ = fingerprint(module, config)
+
+    existing = out / MANIFEST
+    if out.exists() and any(out.iterdir()):
+        if existing.is_file():
+            try:
+                old = json.loads(existing.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ExportError(f"{existing}: unreadable manifest ({e}); refusing to overwrite {out}") from e
+            if old.get("fingerprint") == print_:
+                return out
+            raise ExportError(
+                f"{out} already holds a different bundle ({old.get('name')} {old.get('version')}, "
+                f"fingerprint {str(old.get('fingerprint'))[:12]}); remove it or choose another directory"
+            )
+        raise ExportError(f"{out} is not empty and holds no bundle; refusing to write into it")
+
+    # Wrap targets in LoRA slots; freeze everything the module had.
+    for p in module.parameters():
+        p.requires_grad_(False)
+    slots: list[LoraSlot] = []
+    specs: list[SlotSpec] = []
+    for target in targets:
+        layer = module.get_submodule(target)
+        slot = LoraSlot(layer)
+        _set_parent(module, target, slot)
+        slots.append(slot)
+        specs.append(slot_spec(target, layer, rank_max))
+    graph = BundleGraph(module, slots, len(example_inputs)).eval()
+
+    gen = torch.Generator().manual_seed(0)
+    lora_examples: list[torch.Tensor] = []
+    for spec in specs:
+        # Non-zero examples so tracing cannot constant-fold the slot away.
+        lora_examples.append(torch.randn(spec.a_shape, generator=gen) * 0.01)
+        lora_examples.append(torch.randn(spec.b_shape, generator=gen) * 0.01)
+    args = tuple(example_inputs.values()) + tuple(lora_examples)
+    input_names = list(example_inputs) + [n for s in specs for n in (s.a_input, s.b_input)]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; a bundle is read by the service user
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
+            reference = graph(*args)
+            torch.onnx.export(
+                graph, args, str(staging / SERVING_GRAPH), dynamo=False, opset_version=ONNX_OPSET,
+                input_names=input_names, output_names=list(output_names), dynamic_axes=dynamic_axes or {},
+                do_constant_folding=True,
+            )
+            traced = torch.jit.trace(graph, args, check_trace=False)
+            traced.save(str(staging / TRAINING_GRAPH))
+        for dest, src in (extra_files or {}).items():
+            shutil.copyfile(src, staging / dest)
+
+        outputs = []
+        for oname, tensor in zip(output_names, reference):
+            shape = list(tensor.shape)
+            for axis, _ in (dynamic_axes or {}).get(oname, {}).items():
+                shape[axis] = -1
+            outputs.append({"name": oname, "dtype": "f32", "shape": shape})
+        inputs = []
+        for iname, tensor in example_inputs.items():
+            shape = list(tensor.shape)
+            for axis, _ in (dynamic_axes or {}).get(iname, {}).items():
+                shape[axis] = -1
+            inputs.append({"name": iname, "dtype": _dtype_name(tensor.dtype), "shape": shape})
+        emb = reference[list(output_names).index(embedding_output)]
+        files = sorted(p.name for p in staging.iterdir())
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "name": name,
+            "version": version,
+            "fingerprint": print_,
+            "exporter": {"torch": torch.__version__.split("+")[0], "opset": ONNX_OPSET},
+            "serving_graph": SERVING_GRAPH,
+            "training_graph": TRAINING_GRAPH,
+            "files": {f: {"sha256": sha256_file(staging / f), "bytes": (staging / f).stat().st_size} for f in files},
+            "inputs": inputs,
+            "outputs": outputs,
+            "embedding_output": embedding_output,
+            "embedding_dim": int(emb.shape[-1]),
+            "logits_output": logits_output,
+            "labels": list(labels) if labels is not None else None,
+            "preprocessing": preprocessing or {"kind": "tensor"},
+            "lora": {"rank_max": rank_max, "slots": [s.to_json() for s in specs]},
+            "metadata": metadata or {},
+        }
+        with open(staging / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        for f in files:
+            fd = os.open(staging / f, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(staging, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    names = {torch.float32: "f32", torch.int64: "i64", torch.int32: "i32", torch.uint8: "u8"}
+    if dtype not in names:
+        raise ExportError(f"input dtype {dtype} is not supported by bundles (f32, i64, i32, u8)")
+    return names[dtype]

