@@ -20,6 +20,7 @@ Usage as a library::
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -210,7 +211,8 @@ def export_bundle(
     if (logits_output is None) != (labels is None):
         raise ExportError("logits_output and labels go together: give both or neither")
 
-    module = module.eval()
+    # Work on a copy: wrapping targets in LoRA slots must not change the caller's module.
+    module = copy.deepcopy(module).eval()
     targets = resolve_targets(module, target_modules)
     config = {
         "format": BUNDLE_FORMAT, "name": name, "version": version, "rank_max": rank_max, "targets": targets,

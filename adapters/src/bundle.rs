@@ -1,0 +1,298 @@
+//! Model bundles: the contract between the export tool, the serving engine and the trainer.
+//!
+//! A bundle is a directory made by `deploy/export/adaptd_export.py`: an ONNX serving graph, a
+//! TorchScript training graph traced from the same module, and `manifest.json` describing both.
+//! Opening a bundle checks every file against the sha256 its manifest records, so a truncated
+//! copy or a swapped file is refused by name before any runtime sees it.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The manifest format this build understands.
+pub const BUNDLE_FORMAT: u32 = 1;
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: not a valid bundle manifest: {source}")]
+    Manifest { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: bundle format {found} is not supported (this build reads format {BUNDLE_FORMAT})")]
+    Format { path: PathBuf, found: u32 },
+    #[error("{path}: sha256 {actual} does not match the manifest's {expected}; the file is corrupt or was replaced")]
+    HashMismatch { path: PathBuf, expected: String, actual: String },
+    #[error("{path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+impl BundleError {
+    /// Stable label for metrics and events.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            BundleError::Io { .. } => "io",
+            BundleError::Manifest { .. } => "manifest",
+            BundleError::Format { .. } => "format",
+            BundleError::HashMismatch { .. } => "hash_mismatch",
+            BundleError::Invalid { .. } => "invalid",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    I64,
+    I32,
+    U8,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: DType,
+    /// -1 marks a dynamic axis (batch, sequence).
+    pub shape: Vec<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotKind {
+    Linear,
+    Conv2d,
+}
+
+/// One LoRA slot: a Linear/Conv2d of the base model whose low-rank update enters as two graph inputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSlot {
+    /// The module's name in the PyTorch model (PEFT's naming).
+    pub module: String,
+    pub kind: SlotKind,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub a_input: String,
+    pub b_input: String,
+    /// `[r_max, in]` (linear) or `[r_max, in, kh, kw]` (conv2d).
+    pub a_shape: Vec<usize>,
+    /// `[out, r_max]` (linear) or `[out, r_max, 1, 1]` (conv2d).
+    pub b_shape: Vec<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSpec {
+    pub rank_max: usize,
+    pub slots: Vec<LoraSlot>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Preprocessing {
+    /// Raw tensors in the model's input layout.
+    Tensor,
+    /// Images decoded, resized and scaled into `[N, channels, height, width]`.
+    Image { height: usize, width: usize, channels: usize, pixel_scale: f32 },
+    /// Text tokenized with the bundle's `tokenizer` file and cut at `max_length` tokens.
+    Text { tokenizer: String, max_length: usize },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Exporter {
+    pub torch: String,
+    pub opset: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    pub name: String,
+    pub version: String,
+    /// Identity of the weights and export settings the bundle was made from.
+    pub fingerprint: String,
+    pub exporter: Exporter,
+    pub serving_graph: String,
+    pub training_graph: String,
+    pub files: BTreeMap<String, FileEntry>,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+    pub embedding_output: String,
+    pub embedding_dim: usize,
+    pub logits_output: Option<String>,
+    pub labels: Option<Vec<String>>,
+    pub preprocessing: Preprocessing,
+    pub lora: LoraSpec,
+    #[serde(default)]
+    pub metadata: serde_json::Value,
+}
+
+impl Manifest {
+    pub fn output_index(&self, name: &str) -> Option<usize> {
+        self.outputs.iter().position(|o| o.name == name)
+    }
+
+    /// Names of all serving-graph inputs in graph order: model inputs, then A/B per slot.
+    pub fn graph_input_names(&self) -> Vec<&str> {
+        self.inputs
+            .iter()
+            .map(|i| i.name.as_str())
+            .chain(self.lora.slots.iter().flat_map(|s| [s.a_input.as_str(), s.b_input.as_str()]))
+            .collect()
+    }
+
+    fn check(&self, path: &Path) -> Result<(), BundleError> {
+        let invalid = |reason: String| BundleError::Invalid { path: path.to_path_buf(), reason };
+        if self.format != BUNDLE_FORMAT {
+            return Err(BundleError::Format { path: path.to_path_buf(), found: self.format });
+        }
+        for graph in [&self.serving_graph, &self.training_graph] {
+            if !self.files.contains_key(graph) {
+                return Err(invalid(format!("graph file {graph:?} is not listed under \"files\"")));
+            }
+        }
+        if let Preprocessing::Text { tokenizer, .. } = &self.preprocessing
+            && !self.files.contains_key(tokenizer)
+        {
+            return Err(invalid(format!("tokenizer file {tokenizer:?} is not listed under \"files\"")));
+        }
+        for name in self.files.keys() {
+            if name.contains('/') || name.contains('\\') || name == ".." || name.is_empty() {
+                return Err(invalid(format!("file name {name:?} must be a plain name inside the bundle")));
+            }
+        }
+        if self.inputs.is_empty() {
+            return Err(invalid("\"inputs\" is empty".into()));
+        }
+        let emb = self
+            .outputs
+            .iter()
+            .find(|o| o.name == self.embedding_output)
+            .ok_or_else(|| invalid(format!("embedding_output {:?} is not among the outputs", self.embedding_output)))?;
+        if emb.shape.last().copied() != Some(self.embedding_dim as i64) {
+            return Err(invalid(format!(
+                "embedding output {:?} has shape {:?}, but embedding_dim is {}",
+                emb.name, emb.shape, self.embedding_dim
+            )));
+        }
+        match (&self.logits_output, &self.labels) {
+            (Some(logits), Some(labels)) => {
+                let out = self
+                    .outputs
+                    .iter()
+                    .find(|o| &o.name == logits)
+                    .ok_or_else(|| invalid(format!("logits_output {logits:?} is not among the outputs")))?;
+                if out.shape.last().copied() != Some(labels.len() as i64) {
+                    return Err(invalid(format!(
+                        "logits output {logits:?} has {:?} columns but there are {} labels",
+                        out.shape.last(),
+                        labels.len()
+                    )));
+                }
+            }
+            (None, None) => {}
+            _ => return Err(invalid("logits_output and labels must be given together".into())),
+        }
+        if self.lora.rank_max == 0 {
+            return Err(invalid("lora.rank_max must be at least 1".into()));
+        }
+        for slot in &self.lora.slots {
+            let (a_rank, b_rank) = (slot.a_shape.first().copied(), slot.b_shape.get(1).copied());
+            let dims_ok = match slot.kind {
+                SlotKind::Linear => slot.a_shape.len() == 2 && slot.b_shape.len() == 2,
+                SlotKind::Conv2d => slot.a_shape.len() == 4 && slot.b_shape == [slot.out_features, self.lora.rank_max, 1, 1],
+            };
+            if !dims_ok
+                || a_rank != Some(self.lora.rank_max)
+                || b_rank != Some(self.lora.rank_max)
+                || slot.a_shape[1] != slot.in_features
+                || slot.b_shape[0] != slot.out_features
+            {
+                return Err(invalid(format!(
+                    "LoRA slot {:?} has shapes A {:?} / B {:?}, which do not fit a {:?} {}->{} at rank_max {}",
+                    slot.module, slot.a_shape, slot.b_shape, slot.kind, slot.in_features, slot.out_features, self.lora.rank_max
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A bundle whose manifest parsed and whose files all match their recorded hashes.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    /// sha256 of `manifest.json` itself: adapters record it as the base they were trained on.
+    pub manifest_sha256: String,
+}
+
+impl Bundle {
+    /// Open and verify a bundle directory. Every listed file is hashed (about 0.5 s for MiniLM's 180 MB).
+    pub fn open(dir: impl AsRef<Path>) -> Result<Bundle, BundleError> {
+        let dir = dir.as_ref().to_path_buf();
+        let manifest_path = dir.join(MANIFEST_FILE);
+        let raw = std::fs::read(&manifest_path).map_err(|source| BundleError::Io { path: manifest_path.clone(), source })?;
+        let manifest: Manifest =
+            serde_json::from_slice(&raw).map_err(|source| BundleError::Manifest { path: manifest_path.clone(), source })?;
+        manifest.check(&manifest_path)?;
+        for (name, entry) in &manifest.files {
+            let path = dir.join(name);
+            let (actual, bytes) = sha256_of(&path).map_err(|source| BundleError::Io { path: path.clone(), source })?;
+            if actual != entry.sha256 {
+                return Err(BundleError::HashMismatch { path, expected: entry.sha256.clone(), actual });
+            }
+            if bytes != entry.bytes {
+                return Err(BundleError::Invalid {
+                    path,
+                    reason: format!("{bytes} bytes, but the manifest records {}", entry.bytes),
+                });
+            }
+        }
+        let manifest_sha256 = hex::encode(Sha256::digest(&raw));
+        Ok(Bundle { dir, manifest, manifest_sha256 })
+    }
+
+    pub fn serving_graph_path(&self) -> PathBuf {
+        self.dir.join(&self.manifest.serving_graph)
+    }
+
+    pub fn training_graph_path(&self) -> PathBuf {
+        self.dir.join(&self.manifest.training_graph)
+    }
+
+    pub fn file_path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+fn sha256_of(path: &Path) -> io::Result<(String, u64)> {
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((hex::encode(hasher.finalize()), total))
+}

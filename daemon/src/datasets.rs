@@ -1,0 +1,136 @@
+//! The reference data the set-up step exports next to the bundles: the UCI handwritten digits
+//! (from scikit-learn's wheel), split into the source domain the base CNN was pre-trained on and
+//! the rest, plus the domain shifts the adaptation demos and tests use.
+
+use std::path::{Path, PathBuf};
+
+use adaptd_adapters::tensor::HostTensor;
+use safetensors::{Dtype, SafeTensors};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {reason}")]
+    Format { path: PathBuf, reason: String },
+}
+
+/// 8x8 grey digits scaled to [0, 1], as `[1, 8, 8]` images.
+#[derive(Debug, Clone)]
+pub struct Digits {
+    /// `N * 64` values, row-major.
+    pub pixels: Vec<f32>,
+    pub labels: Vec<i64>,
+    /// True for the samples the base model was pre-trained on (the source domain).
+    pub pretrain: Vec<bool>,
+}
+
+pub const DIGIT_SIDE: usize = 8;
+const DIGIT_PIXELS: usize = DIGIT_SIDE * DIGIT_SIDE;
+
+/// How the target domain differs from the one the base model learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shift {
+    None,
+    /// Rotated 90 degrees clockwise: a robot camera mounted sideways.
+    Rotate90,
+    /// Dark digits on a light background: another sensor's contrast.
+    Invert,
+}
+
+impl Digits {
+    pub fn load(path: &Path) -> Result<Digits, DatasetError> {
+        let bytes = std::fs::read(path).map_err(|source| DatasetError::Io { path: path.to_path_buf(), source })?;
+        let fmt = |reason: String| DatasetError::Format { path: path.to_path_buf(), reason };
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| fmt(e.to_string()))?;
+        let tensor = |name: &str, dtype: Dtype| {
+            let t = st.tensor(name).map_err(|e| fmt(format!("tensor {name:?}: {e}")))?;
+            if t.dtype() != dtype {
+                return Err(fmt(format!("tensor {name:?} is {:?}, expected {dtype:?}", t.dtype())));
+            }
+            Ok(t)
+        };
+        let images = tensor("images", Dtype::F32)?;
+        let labels = tensor("labels", Dtype::I64)?;
+        let pretrain = tensor("pretrain", Dtype::U8)?;
+        let n = labels.shape().first().copied().unwrap_or(0);
+        if images.shape() != [n, 1, DIGIT_SIDE, DIGIT_SIDE] || pretrain.shape() != [n] {
+            return Err(fmt(format!("shapes images {:?} / labels {:?} / pretrain {:?} do not fit", images.shape(), labels.shape(), pretrain.shape())));
+        }
+        let pixels = images.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let labels = labels.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        let pretrain = pretrain.data().iter().map(|&b| b != 0).collect();
+        Ok(Digits { pixels, labels, pretrain })
+    }
+
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Indices of the samples the base model never saw.
+    pub fn held_out(&self) -> Vec<usize> {
+        (0..self.len()).filter(|&i| !self.pretrain[i]).collect()
+    }
+
+    /// One image under `shift`, as 64 values.
+    pub fn image(&self, index: usize, shift: Shift) -> Vec<f32> {
+        let src = &self.pixels[index * DIGIT_PIXELS..(index + 1) * DIGIT_PIXELS];
+        match shift {
+            Shift::None => src.to_vec(),
+            Shift::Invert => src.iter().map(|v| 1.0 - v).collect(),
+            Shift::Rotate90 => {
+                let mut out = vec![0.0; DIGIT_PIXELS];
+                for r in 0..DIGIT_SIDE {
+                    for c in 0..DIGIT_SIDE {
+                        // clockwise: (r, c) -> (c, side-1-r)
+                        out[c * DIGIT_SIDE + (DIGIT_SIDE - 1 - r)] = src[r * DIGIT_SIDE + c];
+                    }
+                }
+                out
+            }
+        }
+    }
+
+    /// `[len, 1, 8, 8]` model input for `indices` under `shift`.
+    pub fn batch(&self, indices: &[usize], shift: Shift) -> HostTensor {
+        let data = indices.iter().flat_map(|&i| self.image(i, shift)).collect();
+        HostTensor::f32(vec![indices.len(), 1, DIGIT_SIDE, DIGIT_SIDE], data).expect("shape matches data")
+    }
+
+    pub fn labels_of(&self, indices: &[usize]) -> Vec<i64> {
+        indices.iter().map(|&i| self.labels[i]).collect()
+    }
+}
+
+/// Operator commands to a mobile robot, labelled by intent: a small text task for probing LoRA
+/// training on the MiniLM bundle (0 = navigate, 1 = manipulate, 2 = status).
+pub const ROBOT_INTENTS: &[(&str, i64)] = &[
+    ("go to the loading dock", 0),
+    ("drive back to the charging station", 0),
+    ("move to aisle seven and wait there", 0),
+    ("navigate to the north entrance", 0),
+    ("head over to the packing area", 0),
+    ("return to your home position", 0),
+    ("follow me to the workshop", 0),
+    ("park next to the red shelf", 0),
+    ("pick up the blue box", 1),
+    ("grab the screwdriver from the table", 1),
+    ("place the part in the bin on the left", 1),
+    ("put the crate down gently", 1),
+    ("open the gripper and release the cup", 1),
+    ("lift the pallet onto the rack", 1),
+    ("hand me the wrench", 1),
+    ("stack the boxes on top of each other", 1),
+    ("what is your battery level", 2),
+    ("report your current status", 2),
+    ("are any of your motors overheating", 2),
+    ("how many tasks are left in the queue", 2),
+    ("show me the error log", 2),
+    ("is the lidar working correctly", 2),
+    ("tell me your position on the map", 2),
+    ("how long until you need to recharge", 2),
+];

@@ -1,0 +1,70 @@
+//! Turning what clients and sensors send into the bundle's model inputs.
+
+use adaptd_adapters::bundle::{Bundle, Preprocessing};
+use adaptd_adapters::tensor::HostTensor;
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreprocessError {
+    #[error("bundle {bundle:?} takes {kind} input, not text")]
+    NotText { bundle: String, kind: &'static str },
+    #[error("{path}: cannot load the tokenizer: {reason}")]
+    Tokenizer { path: String, reason: String },
+    #[error("tokenizing failed: {0}")]
+    Encode(String),
+    #[error("no texts to encode")]
+    Empty,
+}
+
+impl PreprocessError {
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            PreprocessError::NotText { .. } => "wrong_kind",
+            PreprocessError::Tokenizer { .. } => "tokenizer",
+            PreprocessError::Encode(_) | PreprocessError::Empty => "encode",
+        }
+    }
+}
+
+/// A text bundle's tokenizer, padding each batch to its longest text and cutting at `max_length`.
+pub struct TextEncoder {
+    tokenizer: Tokenizer,
+}
+
+impl TextEncoder {
+    pub fn from_bundle(bundle: &Bundle) -> Result<TextEncoder, PreprocessError> {
+        let (file, max_length) = match &bundle.manifest.preprocessing {
+            Preprocessing::Text { tokenizer, max_length } => (tokenizer, *max_length),
+            Preprocessing::Tensor => return Err(PreprocessError::NotText { bundle: bundle.manifest.name.clone(), kind: "tensor" }),
+            Preprocessing::Image { .. } => return Err(PreprocessError::NotText { bundle: bundle.manifest.name.clone(), kind: "image" }),
+        };
+        let path = bundle.file_path(file);
+        let tok_err = |reason: String| PreprocessError::Tokenizer { path: path.display().to_string(), reason };
+        let mut tokenizer = Tokenizer::from_file(&path).map_err(|e| tok_err(e.to_string()))?;
+        // The shipped tokenizer pads every text to a fixed 128; a batch only needs its longest.
+        let padding = tokenizer.get_padding().cloned().unwrap_or_default();
+        tokenizer.with_padding(Some(PaddingParams { strategy: PaddingStrategy::BatchLongest, ..padding }));
+        tokenizer
+            .with_truncation(Some(TruncationParams { max_length, ..Default::default() }))
+            .map_err(|e| tok_err(e.to_string()))?;
+        Ok(TextEncoder { tokenizer })
+    }
+
+    /// `[input_ids, attention_mask]`, both `[batch, seq]` i64, in the bundle's input order.
+    pub fn encode(&self, texts: &[&str]) -> Result<Vec<HostTensor>, PreprocessError> {
+        if texts.is_empty() {
+            return Err(PreprocessError::Empty);
+        }
+        let encodings = self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| PreprocessError::Encode(e.to_string()))?;
+        let seq = encodings[0].get_ids().len();
+        let mut ids = Vec::with_capacity(texts.len() * seq);
+        let mut mask = Vec::with_capacity(texts.len() * seq);
+        for enc in &encodings {
+            ids.extend(enc.get_ids().iter().map(|&i| i as i64));
+            mask.extend(enc.get_attention_mask().iter().map(|&m| m as i64));
+        }
+        let shape = vec![texts.len(), seq];
+        let to_err = |e: adaptd_adapters::tensor::ShapeError| PreprocessError::Encode(e.to_string());
+        Ok(vec![HostTensor::i64(shape.clone(), ids).map_err(to_err)?, HostTensor::i64(shape, mask).map_err(to_err)?])
+    }
+}

@@ -1,0 +1,92 @@
+"""The export tool refuses what cannot make a bundle, with a message that says why."""
+
+import json
+import sys
+import tempfile
+import unittest
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from adaptd_export import ExportError, export_bundle  # noqa: E402
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.LayerNorm(16)
+        self.fc = nn.Linear(4 * 16, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(2)
+        emb = torch.relu(self.fc(self.norm(h).flatten(1)))
+        return emb, self.head(emb)
+
+
+def export(out, targets=("fc",), rank_max=4, model=None):
+    return export_bundle(
+        model or Tiny(), {"x": torch.zeros(2, 1, 4, 4)}, list(targets), out, name="tiny", version="0.1.0",
+        rank_max=rank_max, output_names=["embedding", "logits"], logits_output="logits", labels=["a", "b", "c"],
+        dynamic_axes={"x": {0: "batch"}, "embedding": {0: "batch"}, "logits": {0: "batch"}},
+    )
+
+
+class ExportTest(unittest.TestCase):
+    def setUp(self):
+        torch.manual_seed(0)
+        self.tmp = tempfile.TemporaryDirectory()
+        self.out = Path(self.tmp.name) / "bundle"
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def test_writes_a_bundle_with_linear_and_conv_slots(self):
+        export(self.out, targets=("conv", "fc"))
+        manifest = json.loads((self.out / "manifest.json").read_text())
+        slots = {s["module"]: s for s in manifest["lora"]["slots"]}
+        self.assertEqual(slots["fc"]["a_shape"], [4, 64])
+        self.assertEqual(slots["fc"]["b_shape"], [8, 4])
+        self.assertEqual(slots["conv"]["a_shape"], [4, 1, 3, 3])
+        self.assertEqual(slots["conv"]["b_shape"], [4, 4, 1, 1])
+        self.assertEqual(set(manifest["files"]), {"model.onnx", "train.pt"})
+        import onnxruntime as ort
+        names = [i.name for i in ort.InferenceSession(str(self.out / "model.onnx")).get_inputs()]
+        self.assertEqual(names, ["x", "conv.lora_A", "conv.lora_B", "fc.lora_A", "fc.lora_B"])
+
+    def test_unknown_target_module(self):
+        with self.assertRaisesRegex(ExportError, r"target module 'attention' matches no module"):
+            export(self.out, targets=("attention",))
+        self.assertFalse(self.out.exists(), "nothing is written for a refused export")
+
+    def test_target_that_is_not_linear_or_conv(self):
+        with self.assertRaisesRegex(ExportError, r"'norm' is a LayerNorm; LoRA slots need nn.Linear or nn.Conv2d"):
+            export(self.out, targets=("norm",))
+
+    def test_rank_must_be_positive(self):
+        for bad in (0, -3, 2.5, True):
+            with self.assertRaisesRegex(ExportError, "rank_max must be a positive integer"):
+                export(self.out, rank_max=bad)
+
+    def test_same_bundle_again_is_a_no_op_and_a_different_one_is_refused(self):
+        model = Tiny()
+        export(self.out, model=model)
+        stamp = (self.out / "manifest.json").stat().st_mtime_ns
+        export(self.out, model=model)  # same weights, same settings
+        self.assertEqual((self.out / "manifest.json").stat().st_mtime_ns, stamp)
+        with self.assertRaisesRegex(ExportError, r"already holds a different bundle \(tiny 0.1.0"):
+            export(self.out, model=Tiny())  # other weights
+
+    def test_directory_with_other_content_is_refused(self):
+        self.out.mkdir()
+        (self.out / "notes.txt").write_text("mine")
+        with self.assertRaisesRegex(ExportError, "not empty and holds no bundle"):
+            export(self.out)
+        self.assertEqual((self.out / "notes.txt").read_text(), "mine")
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,97 @@
+//! Opening bundles: a good one opens; a damaged one is refused with a message naming the file.
+
+use std::fs;
+
+use adaptd_adapters::bundle::{Bundle, BundleError, Preprocessing, SlotKind};
+
+use crate::{copy_bundle, reference_bundle};
+
+#[test]
+fn reference_bundles_open_and_describe_their_slots() {
+    let digits = Bundle::open(reference_bundle("digits-cnn")).expect("digits-cnn opens");
+    let m = &digits.manifest;
+    assert_eq!((m.name.as_str(), m.embedding_dim), ("digits-cnn", 64));
+    assert_eq!(m.labels.as_ref().map(Vec::len), Some(10));
+    let kinds: Vec<(&str, SlotKind)> = m.lora.slots.iter().map(|s| (s.module.as_str(), s.kind)).collect();
+    assert_eq!(kinds, [("conv2", SlotKind::Conv2d), ("fc1", SlotKind::Linear)]);
+    assert_eq!(m.lora.slots[1].a_shape, [16, 512]);
+    assert_eq!(m.lora.slots[1].b_shape, [64, 16]);
+    assert_eq!(digits.manifest_sha256.len(), 64);
+
+    let minilm = Bundle::open(reference_bundle("minilm")).expect("minilm opens");
+    let m = &minilm.manifest;
+    assert_eq!(m.embedding_dim, 384);
+    assert!(matches!(&m.preprocessing, Preprocessing::Text { max_length: 64, .. }));
+    // Query and value projections of all six layers, each 384 -> 384.
+    assert_eq!(m.lora.slots.len(), 12);
+    assert!(m.lora.slots.iter().all(|s| (s.module.ends_with(".query") || s.module.ends_with(".value")) && s.in_features == 384));
+}
+
+#[test]
+fn a_modified_file_is_refused_by_name() {
+    let copy = copy_bundle(&reference_bundle("digits-cnn"));
+    let graph = copy.path().join("model.onnx");
+    let mut bytes = fs::read(&graph).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xFF;
+    fs::write(&graph, bytes).unwrap();
+    let err = Bundle::open(copy.path()).unwrap_err();
+    assert!(matches!(err, BundleError::HashMismatch { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("model.onnx") && msg.contains("does not match the manifest"), "{msg}");
+    assert_eq!(err.error_type(), "hash_mismatch");
+}
+
+#[test]
+fn a_truncated_or_missing_file_is_refused_by_name() {
+    let copy = copy_bundle(&reference_bundle("digits-cnn"));
+    let graph = copy.path().join("train.pt");
+    let bytes = fs::read(&graph).unwrap();
+    fs::write(&graph, &bytes[..bytes.len() / 3]).unwrap();
+    let msg = Bundle::open(copy.path()).unwrap_err().to_string();
+    assert!(msg.contains("train.pt"), "{msg}");
+
+    fs::remove_file(&graph).unwrap();
+    let err = Bundle::open(copy.path()).unwrap_err();
+    assert!(matches!(err, BundleError::Io { .. }) && err.to_string().contains("train.pt"), "{err}");
+}
+
+#[test]
+fn a_garbled_manifest_is_refused_with_its_path_and_reason() {
+    let copy = copy_bundle(&reference_bundle("digits-cnn"));
+    let manifest = copy.path().join("manifest.json");
+    let original = fs::read_to_string(&manifest).unwrap();
+
+    fs::write(&manifest, "{ not json").unwrap();
+    let err = Bundle::open(copy.path()).unwrap_err();
+    assert!(matches!(err, BundleError::Manifest { .. }), "{err}");
+    assert!(err.to_string().contains("manifest.json"), "{err}");
+
+    // Unknown keys are refused, not ignored: a newer exporter's bundle must not be half-read.
+    let extra = original.replacen("{", "{\n  \"surprise\": 1,", 1);
+    fs::write(&manifest, extra).unwrap();
+    let msg = Bundle::open(copy.path()).unwrap_err().to_string();
+    assert!(msg.contains("unknown field") && msg.contains("surprise"), "{msg}");
+
+    let newer = original.replacen("\"format\": 1", "\"format\": 99", 1);
+    fs::write(&manifest, newer).unwrap();
+    assert!(matches!(Bundle::open(copy.path()).unwrap_err(), BundleError::Format { found: 99, .. }));
+
+    // A slot whose shapes contradict its layer.
+    let bad_slot = original.replacen("\"a_shape\": [\n        16,\n        512", "\"a_shape\": [\n        16,\n        511", 1);
+    assert_ne!(bad_slot, original, "fixture edit must apply");
+    fs::write(&manifest, bad_slot).unwrap();
+    let msg = Bundle::open(copy.path()).unwrap_err().to_string();
+    assert!(msg.contains("LoRA slot \"fc1\"") && msg.contains("511"), "{msg}");
+}
+
+#[test]
+fn a_manifest_cannot_point_outside_its_bundle() {
+    let copy = copy_bundle(&reference_bundle("digits-cnn"));
+    let manifest = copy.path().join("manifest.json");
+    let original = fs::read_to_string(&manifest).unwrap();
+    let escaped = original.replace("\"model.onnx\"", "\"../model.onnx\"");
+    fs::write(&manifest, escaped).unwrap();
+    let msg = Bundle::open(copy.path()).unwrap_err().to_string();
+    assert!(msg.contains("../model.onnx") && msg.contains("plain name"), "{msg}");
+}
