@@ -78,9 +78,9 @@ fn a_garbled_manifest_is_refused_with_its_path_and_reason() {
     assert!(matches!(Bundle::open(copy.path()).unwrap_err(), BundleError::Format { found: 99, .. }));
 
     // A slot whose shapes contradict its layer.
-    let bad_slot = original.replacen("\"a_shape\": [\n        16,\n        512", "\"a_shape\": [\n        16,\n        511", 1);
-    assert_ne!(bad_slot, original, "fixture edit must apply");
-    fs::write(&manifest, bad_slot).unwrap();
+    let mut value: serde_json::Value = serde_json::from_str(&original).unwrap();
+    value["lora"]["slots"][1]["a_shape"] = serde_json::json!([16, 511]);
+    fs::write(&manifest, serde_json::to_string_pretty(&value).unwrap()).unwrap();
     let msg = Bundle::open(copy.path()).unwrap_err().to_string();
     assert!(msg.contains("LoRA slot \"fc1\"") && msg.contains("511"), "{msg}");
 }

@@ -49,9 +49,10 @@ fn minilm_base_embeddings_are_unit_length_and_padding_does_not_leak() {
     let (bundle, mut onnx, _) = load("minilm");
     let encoder = adaptd::preprocess::TextEncoder::from_bundle(&bundle).unwrap();
     let zeros = no_adapter_inputs(&bundle.manifest.lora);
-    let alone = onnx.run(&encoder.encode(&["pick up the blue box"]).unwrap(), &zeros).unwrap();
+    let alone_inputs = encoder.encode(&["pick up the blue box"]).unwrap();
+    let alone = onnx.run(&alone_inputs, &zeros).unwrap();
     let padded_batch = encoder.encode(&["pick up the blue box", "drive all the way back to the charging station near the north entrance"]).unwrap();
-    assert!(padded_batch[0].shape[1] > alone[0].shape[1], "second text must force padding of the first");
+    assert!(padded_batch[0].shape[1] > alone_inputs[0].shape[1], "second text must force padding of the first");
     let batched = onnx.run(&padded_batch, &zeros).unwrap();
     let first = &batched[0].as_f32().unwrap()[..384];
     let diff = first.iter().zip(alone[0].as_f32().unwrap()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
