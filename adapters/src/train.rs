@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tch::{CModule, Device, IValue, Kind, Tensor, nn, nn::OptimizerConfig};
 
 use crate::bundle::{Bundle, DType, Manifest};
+use crate::head::{Dense, Head};
 use crate::lora::{LoraModule, LoraWeights, slot_shapes};
 use crate::tensor::{HostData, HostTensor, SeededRng};
 
@@ -150,15 +151,6 @@ pub fn to_host(t: &Tensor) -> Result<HostTensor, TrainError> {
     Ok(HostTensor { shape, data })
 }
 
-/// A linear classification head over the bundle's embedding: `logits = x W^T + b`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HeadWeights {
-    /// `[classes, embedding_dim]`
-    pub weight: HostTensor,
-    /// `[classes]`
-    pub bias: HostTensor,
-}
-
 /// Settings for a joint LoRA + head fine-tune. Defaults follow PEFT's usual LoRA recipe.
 #[derive(Debug, Clone)]
 pub struct LoraTrainConfig {
@@ -182,7 +174,7 @@ pub struct LoraTrainReport {
     /// Training loss per step.
     pub losses: Vec<f32>,
     pub lora: LoraWeights,
-    pub head: HeadWeights,
+    pub head: Head,
     /// Every base parameter bit-identical after training.
     pub base_unchanged: bool,
 }
@@ -284,7 +276,7 @@ pub fn train_lora_and_head(
     Ok(LoraTrainReport {
         losses,
         lora: LoraWeights { rank: cfg.rank, alpha: cfg.alpha, modules },
-        head: HeadWeights { weight: to_host(&head_w)?, bias: to_host(&head_b)? },
+        head: Head { layers: vec![Dense { weight: to_host(&head_w)?, bias: to_host(&head_b)? }] },
         base_unchanged: graph.base_unchanged(&snapshot)?,
     })
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use adaptd::engine::onnx::{OnnxModel, SessionThreads};
+use adaptd::engine::onnx::{OnnxModel, SessionOptions};
 use adaptd::parity::{self, PARITY_TOLERANCE, ParityReport};
 use adaptd::paths;
 use adaptd_adapters::Bundle;
@@ -95,7 +95,7 @@ fn check_bundle(dir: &Path, digits: &Path, rank: usize, train_steps: usize) -> a
     let bundle = Bundle::open(dir)?;
     let verify_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t1 = Instant::now();
-    let mut onnx = OnnxModel::load(&bundle, SessionThreads::default(), None)?;
+    let mut onnx = OnnxModel::load(&bundle, SessionOptions::default(), None)?;
     let graph = TrainingGraph::load(&bundle, tch::Device::Cpu)?;
     let load_ms = t1.elapsed().as_secs_f64() * 1e3;
     let inputs = parity::probe_inputs(&bundle, digits)?;

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::AtomicBool;
 
-use adaptd::engine::onnx::{OnnxModel, SessionThreads};
+use adaptd::engine::onnx::{OnnxModel, SessionOptions};
 use adaptd::parity::{self, PARITY_TOLERANCE};
 use adaptd_adapters::Bundle;
 use adaptd_adapters::lora::no_adapter_inputs;
@@ -15,7 +15,7 @@ use crate::{digits_data, reference_bundle};
 
 fn load(name: &str) -> (Bundle, OnnxModel, TrainingGraph) {
     let bundle = Bundle::open(reference_bundle(name)).expect("bundle opens");
-    let onnx = OnnxModel::load(&bundle, SessionThreads { intra_op: 1 }, None).expect("ONNX Runtime loads the serving graph");
+    let onnx = OnnxModel::load(&bundle, SessionOptions { intra_op_threads: 1, ..Default::default() }, None).expect("ONNX Runtime loads the serving graph");
     let graph = TrainingGraph::load(&bundle, Device::Cpu).expect("libtorch loads the training graph");
     (bundle, onnx, graph)
 }

@@ -1,3 +1,445 @@
-//! The serving engine: the frozen base model on ONNX Runtime with the active adapter.
+//! The serving engine: the frozen base model on ONNX Runtime with each task's active adapter.
+//!
+//! One owner thread holds the ONNX Runtime session (runs need `&mut`). Callers reach it through
+//! a bounded queue carrying their tracing span and a reply channel; a full queue is refused at
+//! once (`Overloaded`) instead of blocking the caller's runtime. The thread gathers requests into
+//! micro-batches (up to `max_batch` rows, waiting at most `max_wait` after the first), loads each
+//! task's adapter once per batch from the registry, and runs one graph call per distinct LoRA.
+//! A `watch` channel publishes health: `Ready` only after a warm-up batch has run.
 
 pub mod onnx;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use adaptd_adapters::bundle::{DType, Manifest};
+use adaptd_adapters::head::softmax_rows;
+use adaptd_adapters::tensor::{HostData, HostTensor};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use ort::value::DynValue;
+use tokio::sync::{oneshot, watch};
+
+use crate::registry::{LoraInputs, Registry, Serving};
+use onnx::{ExecutionProvider, OnnxError, OnnxModel, SessionOptions};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub max_batch: usize,
+    pub max_wait: Duration,
+    pub queue_depth: usize,
+    pub session: SessionOptions,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { max_batch: 32, max_wait: Duration::from_millis(2), queue_depth: 1024, session: SessionOptions::default() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("unknown task {0:?}")]
+    UnknownTask(String),
+    #[error("input: {0}")]
+    BadInput(String),
+    #[error("task {0:?} has no adapter yet and the base model has no classifier")]
+    NoClassifier(String),
+    #[error("the engine's queue is full; retry later")]
+    Overloaded,
+    #[error("the engine has stopped")]
+    Stopped,
+    #[error("the model failed: {0}")]
+    Runtime(String),
+}
+
+impl EngineError {
+    /// Stable label for metrics and events.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            EngineError::UnknownTask(_) => "unknown_task",
+            EngineError::BadInput(_) => "bad_input",
+            EngineError::NoClassifier(_) => "no_classifier",
+            EngineError::Overloaded => "overloaded",
+            EngineError::Stopped => "stopped",
+            EngineError::Runtime(_) => "runtime",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Health {
+    Starting,
+    Ready { provider: ExecutionProvider },
+    Failed(String),
+    Stopped,
+}
+
+/// One row's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prediction {
+    pub label: String,
+    pub class_index: usize,
+    /// Softmax scores, one per label, in `labels` order.
+    pub scores: Vec<f32>,
+    pub labels: Arc<[String]>,
+    /// `task@vN` of the adapter that served this row (v0: the base model).
+    pub adapter: String,
+    pub adapter_version: u64,
+}
+
+struct Request {
+    task: String,
+    inputs: Vec<HostTensor>,
+    rows: usize,
+    span: tracing::Span,
+    reply: oneshot::Sender<Result<Vec<Prediction>, EngineError>>,
+}
+
+/// Counters the engine thread keeps (read for metrics and tests).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Graph calls made.
+    pub batches: AtomicU64,
+    /// Rows served through them.
+    pub rows: AtomicU64,
+    /// Requests refused before or inside the engine, any reason.
+    pub refused: AtomicU64,
+}
+
+/// A cheap, cloneable way to reach the engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: Sender<Request>,
+    health: watch::Receiver<Health>,
+    manifest: Arc<Manifest>,
+    stats: Arc<EngineStats>,
+}
+
+/// The running engine: its handle, and the owner thread to join on shutdown.
+pub struct Engine {
+    pub handle: EngineHandle,
+    thread: JoinHandle<()>,
+}
+
+impl Engine {
+    /// Load the bundle's serving graph on a new owner thread. Returns once the session is built
+    /// and warmed up, or with the reason it could not be.
+    pub fn start(registry: Arc<Registry>, config: EngineConfig) -> Result<Engine, OnnxError> {
+        let (tx, rx) = crossbeam_channel::bounded(config.queue_depth.max(1));
+        let (health_tx, health) = watch::channel(Health::Starting);
+        let (loaded_tx, loaded_rx) = std::sync::mpsc::channel();
+        let manifest = Arc::new(registry.bundle().manifest.clone());
+        let stats = Arc::new(EngineStats::default());
+        let engine_stats = stats.clone();
+        let thread = std::thread::Builder::new()
+            .name("adaptd-engine".into())
+            .spawn(move || {
+                let mut model = match OnnxModel::load(registry.bundle(), config.session, None) {
+                    Ok(model) => model,
+                    Err(e) => {
+                        let _ = health_tx.send(Health::Failed(e.to_string()));
+                        let _ = loaded_tx.send(Err(e));
+                        return;
+                    }
+                };
+                if let Err(e) = warm_up(&mut model) {
+                    let _ = health_tx.send(Health::Failed(e.to_string()));
+                    let _ = loaded_tx.send(Err(e));
+                    return;
+                }
+                // Ready before `start` returns, so a caller never sees a started engine as Starting.
+                let _ = health_tx.send(Health::Ready { provider: model.provider() });
+                let _ = loaded_tx.send(Ok(()));
+                serve(&mut model, &registry, &rx, &config, &engine_stats);
+                let _ = health_tx.send(Health::Stopped);
+            })
+            .expect("spawn the engine thread");
+        match loaded_rx.recv() {
+            Ok(Ok(())) => Ok(Engine { handle: EngineHandle { tx, health, manifest, stats }, thread }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => Err(OnnxError::Run("the engine thread died while loading".into())),
+        }
+    }
+
+    /// Stop taking requests, finish the queued ones, and join the owner thread.
+    pub fn shutdown(self) {
+        let Engine { handle, thread } = self;
+        drop(handle);
+        let _ = thread.join();
+    }
+}
+
+impl EngineHandle {
+    pub fn health(&self) -> watch::Receiver<Health> {
+        self.health.clone()
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Predict `task` for every row of `inputs` (model inputs with a leading batch axis).
+    pub async fn infer(&self, task: &str, inputs: Vec<HostTensor>) -> Result<Vec<Prediction>, EngineError> {
+        let rx = self.submit(task, inputs)?;
+        rx.await.unwrap_or(Err(EngineError::Stopped))
+    }
+
+    /// The same from a thread outside any async runtime.
+    pub fn infer_blocking(&self, task: &str, inputs: Vec<HostTensor>) -> Result<Vec<Prediction>, EngineError> {
+        let rx = self.submit(task, inputs)?;
+        rx.blocking_recv().unwrap_or(Err(EngineError::Stopped))
+    }
+
+    fn submit(&self, task: &str, inputs: Vec<HostTensor>) -> Result<oneshot::Receiver<Result<Vec<Prediction>, EngineError>>, EngineError> {
+        let rows = validate_inputs(&self.manifest, &inputs).inspect_err(|_| {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        })?;
+        let (reply, rx) = oneshot::channel();
+        let request = Request { task: task.to_string(), inputs, rows, span: tracing::Span::current(), reply };
+        let refused = match self.tx.try_send(request) {
+            Ok(()) => return Ok(rx),
+            Err(TrySendError::Full(_)) => EngineError::Overloaded,
+            Err(TrySendError::Disconnected(_)) => EngineError::Stopped,
+        };
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        Err(refused)
+    }
+}
+
+/// Check a request against the bundle's input spec before it reaches the engine thread: count,
+/// dtype, rank, fixed dimensions, one batch size across inputs, finite values. Returns the rows.
+pub fn validate_inputs(manifest: &Manifest, inputs: &[HostTensor]) -> Result<usize, EngineError> {
+    let bad = |m: String| Err(EngineError::BadInput(m));
+    if inputs.len() != manifest.inputs.len() {
+        let names: Vec<&str> = manifest.inputs.iter().map(|i| i.name.as_str()).collect();
+        return bad(format!("expected {} input(s) ({}), got {}", names.len(), names.join(", "), inputs.len()));
+    }
+    let mut rows = None;
+    for (t, spec) in inputs.iter().zip(&manifest.inputs) {
+        if t.dtype() != spec.dtype {
+            return bad(format!("{:?} must be {:?}, got {:?}", spec.name, spec.dtype, t.dtype()));
+        }
+        if t.shape.len() != spec.shape.len() {
+            return bad(format!("{:?} must have {} dimensions {:?}, got shape {:?}", spec.name, spec.shape.len(), spec.shape, t.shape));
+        }
+        for (axis, (&got, &want)) in t.shape.iter().zip(&spec.shape).enumerate() {
+            if want >= 0 && got as i64 != want && axis > 0 {
+                return bad(format!("{:?} must have shape {:?} (-1: any), got {:?}", spec.name, spec.shape, t.shape));
+            }
+        }
+        if t.shape.iter().product::<usize>() != t.len() {
+            return bad(format!("{:?}: shape {:?} does not match {} values", spec.name, t.shape, t.len()));
+        }
+        match (rows, t.shape.first()) {
+            (_, None) | (_, Some(0)) => return bad(format!("{:?} has no rows", spec.name)),
+            (Some(r), Some(&n)) if r != n => return bad(format!("inputs disagree on the batch size ({r} vs {n})")),
+            _ => rows = t.shape.first().copied(),
+        }
+        if let HostData::F32(v) = &t.data
+            && let Some(i) = v.iter().position(|x| !x.is_finite())
+        {
+            return bad(format!("{:?} holds a non-finite value ({}) at element {i}", spec.name, v[i]));
+        }
+    }
+    Ok(rows.expect("at least one input"))
+}
+
+fn warm_up(model: &mut OnnxModel) -> Result<(), OnnxError> {
+    let manifest = model.bundle().manifest.clone();
+    let inputs: Vec<HostTensor> = manifest
+        .inputs
+        .iter()
+        .map(|spec| {
+            let shape: Vec<usize> = spec.shape.iter().map(|&d| if d < 0 { 1 } else { d as usize }).collect();
+            let n = shape.iter().product();
+            match spec.dtype {
+                DType::F32 => HostTensor { shape, data: HostData::F32(vec![0.0; n]) },
+                _ => HostTensor { shape, data: HostData::I64(vec![1; n]) },
+            }
+        })
+        .collect();
+    let lora = adaptd_adapters::lora::no_adapter_inputs(&manifest.lora);
+    model.run(&inputs, &lora).map(|_| ())
+}
+
+/// Runtime values of recently served adapters, so a LoRA's tensors are converted once, not per batch.
+struct LoraCache {
+    values: HashMap<u64, Arc<Vec<DynValue>>>,
+    order: VecDeque<u64>,
+}
+
+const LORA_CACHE_ENTRIES: usize = 8;
+
+impl LoraCache {
+    fn get(&mut self, model: &OnnxModel, lora: &LoraInputs) -> Result<Arc<Vec<DynValue>>, OnnxError> {
+        if let Some(v) = self.values.get(&lora.key) {
+            return Ok(v.clone());
+        }
+        let values = Arc::new(model.prepare_lora(&lora.tensors)?);
+        if self.order.len() == LORA_CACHE_ENTRIES
+            && let Some(old) = self.order.pop_front()
+        {
+            self.values.remove(&old);
+        }
+        self.order.push_back(lora.key);
+        self.values.insert(lora.key, values.clone());
+        Ok(values)
+    }
+}
+
+fn serve(model: &mut OnnxModel, registry: &Registry, rx: &Receiver<Request>, config: &EngineConfig, stats: &EngineStats) {
+    let mut cache = LoraCache { values: HashMap::new(), order: VecDeque::new() };
+    let max_batch = config.max_batch.max(1);
+    // A request that did not fit the previous batch opens the next one.
+    let mut carry: Option<Request> = None;
+    loop {
+        let first = match carry.take() {
+            Some(r) => r,
+            None => match rx.recv() {
+                Ok(r) => r,
+                Err(_) => return, // every handle dropped: shut down
+            },
+        };
+        let deadline = Instant::now() + config.max_wait;
+        let mut rows = first.rows;
+        let mut batch = vec![first];
+        while rows < max_batch {
+            match rx.recv_deadline(deadline) {
+                Ok(r) if rows + r.rows > max_batch => {
+                    carry = Some(r);
+                    break;
+                }
+                Ok(r) => {
+                    rows += r.rows;
+                    batch.push(r);
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        run_batch(model, registry, &mut cache, batch, stats);
+    }
+}
+
+/// Serve one micro-batch: each task's adapter is read once, and requests whose adapters share a
+/// LoRA (all head-only adapters share the base's) run in one graph call.
+fn run_batch(model: &mut OnnxModel, registry: &Registry, cache: &mut LoraCache, batch: Vec<Request>, stats: &EngineStats) {
+    let mut snapshots: HashMap<String, Option<Arc<Serving>>> = HashMap::new();
+    let mut groups: Vec<(Arc<LoraInputs>, Vec<(Request, Arc<Serving>)>)> = Vec::new();
+    for req in batch {
+        let serving = snapshots.entry(req.task.clone()).or_insert_with(|| registry.current(&req.task)).clone();
+        let Some(serving) = serving else {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            let _ = req.reply.send(Err(EngineError::UnknownTask(req.task.clone())));
+            continue;
+        };
+        match groups.iter_mut().find(|(lora, _)| lora.key == serving.lora.key) {
+            Some((_, members)) => members.push((req, serving)),
+            None => groups.push((serving.lora.clone(), vec![(req, serving)])),
+        }
+    }
+    for (lora, members) in groups {
+        let rows: usize = members.iter().map(|(r, _)| r.rows).sum();
+        let _span = tracing::debug_span!("batch", rows, requests = members.len(), lora = lora.key).entered();
+        let outputs = cache
+            .get(model, &lora)
+            .and_then(|values| model.run_prepared(concat_inputs(members.iter().map(|(r, _)| &r.inputs)), &values));
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
+        match outputs {
+            Ok(outputs) => answer(model.bundle().manifest.clone(), &outputs, members),
+            Err(e) => {
+                let err = EngineError::Runtime(e.to_string());
+                tracing::error!(error = %e, rows, "batch failed");
+                for (req, _) in members {
+                    let _ = req.reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Concatenate requests along the batch axis; text inputs (i64 `[rows, seq]`) of different
+/// lengths are right-padded with zeros, which is both the pad token id and a masked position.
+fn concat_inputs<'a>(requests: impl Iterator<Item = &'a Vec<HostTensor>> + Clone) -> Vec<HostTensor> {
+    let first = requests.clone().next().expect("non-empty group");
+    (0..first.len())
+        .map(|i| {
+            let parts: Vec<&HostTensor> = requests.clone().map(|r| &r[i]).collect();
+            let rows: usize = parts.iter().map(|t| t.shape[0]).sum();
+            let seq_padded = parts[0].shape.len() == 2 && matches!(parts[0].data, HostData::I64(_));
+            let mut shape = parts[0].shape.clone();
+            shape[0] = rows;
+            if seq_padded {
+                shape[1] = parts.iter().map(|t| t.shape[1]).max().unwrap_or(0);
+            }
+            let width: usize = shape[1..].iter().product();
+            let data = match &parts[0].data {
+                HostData::F32(_) => HostData::F32(parts.iter().flat_map(|t| t.as_f32().expect("same dtype").iter().copied()).collect()),
+                HostData::I64(_) => {
+                    let mut out = vec![0i64; rows * width];
+                    let mut row = 0;
+                    for t in &parts {
+                        let HostData::I64(v) = &t.data else { unreachable!("validated dtype") };
+                        let w = t.shape[1..].iter().product::<usize>();
+                        for r in 0..t.shape[0] {
+                            out[(row + r) * width..(row + r) * width + w].copy_from_slice(&v[r * w..(r + 1) * w]);
+                        }
+                        row += t.shape[0];
+                    }
+                    HostData::I64(out)
+                }
+            };
+            HostTensor { shape, data }
+        })
+        .collect()
+}
+
+fn answer(manifest: Manifest, outputs: &[HostTensor], members: Vec<(Request, Arc<Serving>)>) {
+    let emb_index = manifest.output_index(&manifest.embedding_output).expect("manifest checked");
+    let logits_index = manifest.logits_output.as_ref().and_then(|n| manifest.output_index(n));
+    let dim = manifest.embedding_dim;
+    let embeddings = outputs[emb_index].as_f32().expect("f32 output");
+    let mut row = 0;
+    for (req, serving) in members {
+        let _enter = req.span.enter();
+        let n = req.rows;
+        let result = match (&serving.head, logits_index) {
+            (Some(head), _) => Ok(head.forward(&embeddings[row * dim..(row + n) * dim], n)),
+            (None, Some(li)) => {
+                let classes = outputs[li].shape[1];
+                Ok(outputs[li].as_f32().expect("f32 output")[row * classes..(row + n) * classes].to_vec())
+            }
+            (None, None) => Err(EngineError::NoClassifier(serving.task.clone())),
+        };
+        row += n;
+        let reply = result.map(|mut logits| {
+            let classes = serving.labels.len().max(1);
+            softmax_rows(&mut logits, classes);
+            logits
+                .chunks_exact(classes)
+                .map(|scores| {
+                    let class_index = scores.iter().enumerate().fold(0, |best, (i, &s)| if s > scores[best] { i } else { best });
+                    Prediction {
+                        label: serving.labels.get(class_index).cloned().unwrap_or_default(),
+                        class_index,
+                        scores: scores.to_vec(),
+                        labels: serving.labels.clone(),
+                        adapter: serving.adapter_id(),
+                        adapter_version: serving.version,
+                    }
+                })
+                .collect()
+        });
+        let _ = req.reply.send(reply);
+    }
+}

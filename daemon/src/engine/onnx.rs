@@ -11,8 +11,9 @@ use std::sync::OnceLock;
 use adaptd_adapters::bundle::Bundle;
 use adaptd_adapters::tensor::{HostData, HostTensor};
 use ort::environment::Environment;
+use ort::ep::{self, ExecutionProvider as _};
 use ort::session::{Session, SessionInputValue, builder::GraphOptimizationLevel};
-use ort::value::Tensor;
+use ort::value::{DynValue, Tensor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OnnxError {
@@ -30,6 +31,8 @@ pub enum OnnxError {
     InputCount { expected: usize, actual: usize, names: String },
     #[error("input {name:?}: {reason}")]
     Input { name: String, reason: String },
+    #[error("execution provider {provider:?} was asked for but failed to register: {reason}")]
+    Provider { provider: ExecutionProvider, reason: String },
     #[error("ONNX Runtime run failed: {0}")]
     Run(String),
     #[error("output {name:?}: {reason}")]
@@ -41,6 +44,7 @@ impl OnnxError {
         match self {
             OnnxError::LibraryMissing(_) | OnnxError::Library { .. } | OnnxError::LibraryConflict { .. } => "runtime_library",
             OnnxError::Load { .. } | OnnxError::Contract { .. } => "load",
+            OnnxError::Provider { .. } => "execution_provider",
             OnnxError::InputCount { .. } | OnnxError::Input { .. } => "input",
             OnnxError::Run(_) | OnnxError::Output { .. } => "run",
         }
@@ -94,15 +98,29 @@ pub fn environment(explicit: Option<&Path>) -> Result<&'static Environment, Onnx
     Ok(&ENVIRONMENT.get_or_init(|| (path, env)).1)
 }
 
-/// Threads given to one session. Serving and training share a small device, so nothing spins.
-#[derive(Debug, Clone, Copy)]
-pub struct SessionThreads {
-    pub intra_op: usize,
+/// Where a session runs. GPU providers are asked for explicitly; one that fails to register is
+/// an error at start-up (or, with `fallback_to_cpu`, a loud warning), never a silent CPU session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionProvider {
+    #[default]
+    Cpu,
+    Cuda,
+    TensorRt,
 }
 
-impl Default for SessionThreads {
+/// How one session is built. Serving and training share a small device, so nothing spins.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionOptions {
+    pub intra_op_threads: usize,
+    pub provider: ExecutionProvider,
+    pub device_id: i32,
+    pub fallback_to_cpu: bool,
+}
+
+impl Default for SessionOptions {
     fn default() -> Self {
-        SessionThreads { intra_op: 2 }
+        SessionOptions { intra_op_threads: 2, provider: ExecutionProvider::Cpu, device_id: 0, fallback_to_cpu: false }
     }
 }
 
@@ -112,23 +130,36 @@ pub struct OnnxModel {
     bundle: Bundle,
     input_names: Vec<String>,
     output_names: Vec<String>,
+    provider: ExecutionProvider,
 }
 
 impl OnnxModel {
-    pub fn load(bundle: &Bundle, threads: SessionThreads, library: Option<&Path>) -> Result<OnnxModel, OnnxError> {
+    pub fn load(bundle: &Bundle, options: SessionOptions, library: Option<&Path>) -> Result<OnnxModel, OnnxError> {
         let env = environment(library)?;
         let path = bundle.serving_graph_path();
         let load_err = |reason: String| OnnxError::Load { path: path.clone(), reason };
-        let session = Session::builder(env)
+        let mut builder = Session::builder(env)
             .map_err(|e| load_err(e.to_string()))?
             .with_optimization_level(GraphOptimizationLevel::Level3)
-            .and_then(|b| b.with_intra_threads(threads.intra_op.max(1)))
+            .and_then(|b| b.with_intra_threads(options.intra_op_threads.max(1)))
             .and_then(|b| b.with_inter_threads(1))
             .and_then(|b| b.with_intra_op_spinning(false))
             .and_then(|b| b.with_inter_op_spinning(false))
-            .map_err(|e| load_err(e.to_string()))?
-            .commit_from_file(&path)
             .map_err(|e| load_err(e.to_string()))?;
+        let registered = match options.provider {
+            ExecutionProvider::Cpu => Ok(()),
+            ExecutionProvider::Cuda => ep::CUDA::default().with_device_id(options.device_id).register(&mut builder),
+            ExecutionProvider::TensorRt => ep::TensorRT::default().with_device_id(options.device_id).register(&mut builder),
+        };
+        let provider = match registered {
+            Ok(()) => options.provider,
+            Err(e) if options.fallback_to_cpu => {
+                tracing::error!(provider = ?options.provider, error = %e, "GPU execution provider failed to register; SERVING ON CPU because fallback_to_cpu is set");
+                ExecutionProvider::Cpu
+            }
+            Err(e) => return Err(OnnxError::Provider { provider: options.provider, reason: e.to_string() }),
+        };
+        let session = builder.commit_from_file(&path).map_err(|e| load_err(e.to_string()))?;
 
         // The graph must be the one the manifest describes, input for input.
         let graph_inputs: Vec<String> = session.inputs().iter().map(|i| i.name().to_string()).collect();
@@ -141,34 +172,50 @@ impl OnnxModel {
         if graph_outputs != manifest_outputs {
             return Err(OnnxError::Contract { path, what: "outputs", graph: graph_outputs, manifest: manifest_outputs });
         }
-        Ok(OnnxModel { session, bundle: bundle.clone(), input_names: graph_inputs, output_names: graph_outputs })
+        Ok(OnnxModel { session, bundle: bundle.clone(), input_names: graph_inputs, output_names: graph_outputs, provider })
     }
 
     pub fn bundle(&self) -> &Bundle {
         &self.bundle
     }
 
+    /// The provider the session actually runs on.
+    pub fn provider(&self) -> ExecutionProvider {
+        self.provider
+    }
+
+    /// Turn LoRA slot tensors into runtime values once, for reuse across runs.
+    pub fn prepare_lora(&self, lora: &[HostTensor]) -> Result<Vec<DynValue>, OnnxError> {
+        let names = &self.input_names[self.bundle.manifest.inputs.len()..];
+        if lora.len() != names.len() {
+            return Err(OnnxError::InputCount { expected: self.input_names.len(), actual: self.bundle.manifest.inputs.len() + lora.len(), names: self.input_names.join(", ") });
+        }
+        names.iter().zip(lora).map(|(name, t)| to_value(name, t.clone())).collect()
+    }
+
     /// Run with the model inputs and the LoRA slot tensors (see `adaptd_adapters::lora`);
     /// returns every output in manifest order.
     pub fn run(&mut self, inputs: &[HostTensor], lora: &[HostTensor]) -> Result<Vec<HostTensor>, OnnxError> {
+        let lora = self.prepare_lora(lora)?;
+        self.run_prepared(inputs.to_vec(), &lora)
+    }
+
+    /// Run with owned model inputs (moved into the runtime, not copied) and prepared LoRA values.
+    pub fn run_prepared(&mut self, inputs: Vec<HostTensor>, lora: &[DynValue]) -> Result<Vec<HostTensor>, OnnxError> {
         let manifest = &self.bundle.manifest;
-        let expected = self.input_names.len();
-        if inputs.len() + lora.len() != expected || inputs.len() != manifest.inputs.len() {
-            return Err(OnnxError::InputCount { expected, actual: inputs.len() + lora.len(), names: self.input_names.join(", ") });
+        let n_model = manifest.inputs.len();
+        if inputs.len() != n_model || lora.len() + n_model != self.input_names.len() {
+            return Err(OnnxError::InputCount { expected: self.input_names.len(), actual: inputs.len() + lora.len(), names: self.input_names.join(", ") });
         }
-        let mut feeds: Vec<(String, SessionInputValue<'_>)> = Vec::with_capacity(expected);
-        for (i, (name, t)) in self.input_names.iter().zip(inputs.iter().chain(lora)).enumerate() {
-            if let Some(spec) = manifest.inputs.get(i)
-                && spec.dtype != t.dtype()
-            {
+        let mut feeds: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(self.input_names.len());
+        for ((name, spec), t) in self.input_names.iter().zip(&manifest.inputs).zip(inputs) {
+            if spec.dtype != t.dtype() {
                 return Err(OnnxError::Input { name: name.clone(), reason: format!("dtype {:?}, the model needs {:?}", t.dtype(), spec.dtype) });
             }
-            let input_err = |e: ort::Error| OnnxError::Input { name: name.clone(), reason: e.to_string() };
-            let value: SessionInputValue<'_> = match &t.data {
-                HostData::F32(v) => Tensor::from_array((t.shape.clone(), v.clone())).map_err(input_err)?.into(),
-                HostData::I64(v) => Tensor::from_array((t.shape.clone(), v.clone())).map_err(input_err)?.into(),
-            };
-            feeds.push((name.clone(), value));
+            feeds.push((name.as_str(), to_value(name, t)?.into()));
+        }
+        for (name, value) in self.input_names[n_model..].iter().zip(lora) {
+            feeds.push((name.as_str(), value.into()));
         }
         let outputs = self.session.run(feeds).map_err(|e| OnnxError::Run(e.to_string()))?;
         self.output_names
@@ -181,4 +228,12 @@ impl OnnxModel {
             })
             .collect()
     }
+}
+
+fn to_value(name: &str, t: HostTensor) -> Result<DynValue, OnnxError> {
+    let input_err = |e: ort::Error| OnnxError::Input { name: name.to_string(), reason: e.to_string() };
+    Ok(match t.data {
+        HostData::F32(v) => Tensor::from_array((t.shape, v)).map_err(input_err)?.into_dyn(),
+        HostData::I64(v) => Tensor::from_array((t.shape, v)).map_err(input_err)?.into_dyn(),
+    })
 }

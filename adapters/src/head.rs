@@ -1,0 +1,140 @@
+//! Classification heads over a bundle's embedding: a linear layer or a small MLP (ReLU between
+//! layers). Tiny next to the backbone, so serving applies them in plain Rust after the graph runs.
+
+use crate::tensor::HostTensor;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dense {
+    /// `[out, in]`
+    pub weight: HostTensor,
+    /// `[out]`
+    pub bias: HostTensor,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Head {
+    pub layers: Vec<Dense>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HeadError {
+    #[error("a head needs at least one layer")]
+    Empty,
+    #[error("head layer {layer}: {reason}")]
+    Layer { layer: usize, reason: String },
+    #[error("head takes {expected}-wide embeddings, the bundle gives {actual}")]
+    InputWidth { expected: usize, actual: usize },
+    #[error("head has {classes} outputs but the adapter names {labels} labels")]
+    Labels { classes: usize, labels: usize },
+}
+
+impl Head {
+    pub fn input_dim(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.weight.shape[1])
+    }
+
+    pub fn classes(&self) -> usize {
+        self.layers.last().map_or(0, |l| l.weight.shape[0])
+    }
+
+    /// Shapes chain, every value is finite, and the head fits an embedding of `embedding_dim`.
+    pub fn validate(&self, embedding_dim: usize, labels: usize) -> Result<(), HeadError> {
+        if self.layers.is_empty() {
+            return Err(HeadError::Empty);
+        }
+        let mut width = embedding_dim;
+        for (i, l) in self.layers.iter().enumerate() {
+            let err = |reason: String| HeadError::Layer { layer: i, reason };
+            let (ws, bs) = (&l.weight.shape, &l.bias.shape);
+            if ws.len() != 2 || bs.len() != 1 || ws[0] != bs[0] || l.weight.len() != ws.iter().product::<usize>() || l.bias.len() != bs[0] {
+                return Err(err(format!("weight {ws:?} and bias {bs:?} do not form a dense layer")));
+            }
+            if ws[1] != width {
+                return Err(if i == 0 { HeadError::InputWidth { expected: ws[1], actual: width } } else { err(format!("takes {} inputs, the previous layer gives {width}", ws[1])) });
+            }
+            let finite = |t: &HostTensor| t.as_f32().is_some_and(|v| v.iter().all(|x| x.is_finite()));
+            if !finite(&l.weight) || !finite(&l.bias) {
+                return Err(err("holds a non-finite or non-f32 value".into()));
+            }
+            width = ws[0];
+        }
+        if width != labels {
+            return Err(HeadError::Labels { classes: width, labels });
+        }
+        Ok(())
+    }
+
+    /// Logits for `rows` embeddings laid out row-major in `embeddings` (validated head only).
+    pub fn forward(&self, embeddings: &[f32], rows: usize) -> Vec<f32> {
+        let mut x = embeddings.to_vec();
+        for (i, l) in self.layers.iter().enumerate() {
+            let (out, inp) = (l.weight.shape[0], l.weight.shape[1]);
+            let w = l.weight.as_f32().expect("validated");
+            let b = l.bias.as_f32().expect("validated");
+            let mut y = vec![0.0f32; rows * out];
+            for r in 0..rows {
+                let xr = &x[r * inp..(r + 1) * inp];
+                for o in 0..out {
+                    let wo = &w[o * inp..(o + 1) * inp];
+                    let mut acc = b[o];
+                    for (a, c) in xr.iter().zip(wo) {
+                        acc += a * c;
+                    }
+                    y[r * out + o] = if i + 1 < self.layers.len() { acc.max(0.0) } else { acc };
+                }
+            }
+            x = y;
+        }
+        x
+    }
+}
+
+/// Softmax of each row of `logits` (`rows x classes`), in place.
+pub fn softmax_rows(logits: &mut [f32], classes: usize) {
+    for row in logits.chunks_exact_mut(classes) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        for v in row.iter_mut() {
+            *v /= sum;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dense(out: usize, inp: usize, w: Vec<f32>, b: Vec<f32>) -> Dense {
+        Dense { weight: HostTensor::f32(vec![out, inp], w).unwrap(), bias: HostTensor::f32(vec![out], b).unwrap() }
+    }
+
+    #[test]
+    fn mlp_forward_applies_relu_between_layers_only() {
+        let head = Head { layers: vec![dense(2, 2, vec![1., 0., 0., -1.], vec![0., 0.]), dense(1, 2, vec![1., 1.], vec![-1.])] };
+        head.validate(2, 1).unwrap();
+        // x = [3, 2] -> [3, -2] -> relu [3, 0] -> 3 + 0 - 1 = 2 (no relu on the output)
+        // x = [-5, 0] -> [-5, 0] -> relu [0, 0] -> -1
+        assert_eq!(head.forward(&[3., 2., -5., 0.], 2), vec![2., -1.]);
+    }
+
+    #[test]
+    fn validation_names_what_does_not_fit() {
+        let head = Head { layers: vec![dense(3, 4, vec![0.; 12], vec![0.; 3])] };
+        assert!(matches!(head.validate(5, 3), Err(HeadError::InputWidth { expected: 4, actual: 5 })));
+        assert!(matches!(head.validate(4, 2), Err(HeadError::Labels { classes: 3, labels: 2 })));
+        let nan = Head { layers: vec![dense(1, 1, vec![f32::NAN], vec![0.])] };
+        assert!(matches!(nan.validate(1, 1), Err(HeadError::Layer { layer: 0, .. })));
+        assert!(matches!(Head { layers: vec![] }.validate(1, 1), Err(HeadError::Empty)));
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one() {
+        let mut l = vec![1000., 1001., 0., 0.];
+        softmax_rows(&mut l, 2);
+        assert!((l[0] + l[1] - 1.0).abs() < 1e-6 && l[1] > l[0] && (l[2] - 0.5).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,265 @@
+//! The adapter registry: which adapter serves each task, swapped atomically.
+//!
+//! Each task's serving state is an immutable [`Serving`] behind an `ArcSwap`. The engine loads it
+//! once per batch, so no batch mixes adapters and in-flight requests finish on the adapter they
+//! started with. Promotion writes the adapter's files atomically, records the task's active
+//! version atomically (`<store>/<task>/active`), and only then swaps the pointer. On start the
+//! registry recovers each task's active version; if that one is unreadable it falls back to the
+//! next older version, and then to the base model, saying so for each step.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use adaptd_adapters::bundle::Bundle;
+use adaptd_adapters::files::{Adapter, AdapterFileError, AdapterManifest};
+use adaptd_adapters::fsutil;
+use adaptd_adapters::head::Head;
+use adaptd_adapters::lora::no_adapter_inputs;
+use adaptd_adapters::store::{AdapterStore, StoreError, check_task_name};
+use adaptd_adapters::tensor::HostTensor;
+use arc_swap::ArcSwap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Adapter(#[from] AdapterFileError),
+    #[error("unknown task {0:?}")]
+    UnknownTask(String),
+    #[error("task {task:?} has no version {version} on disk")]
+    NoSuchVersion { task: String, version: u64 },
+    #[error("adapter {id} is not newer than the serving v{serving}")]
+    NotNewer { id: String, serving: u64 },
+}
+
+impl RegistryError {
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            RegistryError::Store(e) => e.error_type(),
+            RegistryError::Adapter(e) => e.error_type(),
+            RegistryError::UnknownTask(_) => "unknown_task",
+            RegistryError::NoSuchVersion { .. } => "no_such_version",
+            RegistryError::NotNewer { .. } => "not_newer",
+        }
+    }
+}
+
+/// The bundle's LoRA graph inputs for one adapter, padded and scaled once at promotion.
+#[derive(Debug)]
+pub struct LoraInputs {
+    /// Unique per promotion, so the engine can cache runtime values per adapter.
+    pub key: u64,
+    pub tensors: Vec<HostTensor>,
+}
+
+/// What serves a task: immutable, replaced whole on promotion or rollback.
+#[derive(Debug)]
+pub struct Serving {
+    pub task: String,
+    /// 0 is the base model.
+    pub version: u64,
+    pub labels: Arc<[String]>,
+    /// None: the base model's own classifier output.
+    pub head: Option<Head>,
+    pub lora: Arc<LoraInputs>,
+    pub manifest: Option<AdapterManifest>,
+}
+
+impl Serving {
+    pub fn adapter_id(&self) -> String {
+        format!("{}@v{}", self.task, self.version)
+    }
+}
+
+/// What recovery did for a task on start.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Recovery {
+    Restored { task: String, version: u64 },
+    /// A version could not be read; the registry moved on to an older one.
+    Skipped { task: String, version: u64, reason: String },
+    /// No readable version: the task serves the base model.
+    Base { task: String },
+}
+
+pub struct Registry {
+    bundle: Bundle,
+    store: AdapterStore,
+    keep_versions: usize,
+    base_lora: Arc<LoraInputs>,
+    tasks: RwLock<BTreeMap<String, Arc<ArcSwap<Serving>>>>,
+    next_key: AtomicU64,
+}
+
+const ACTIVE_FILE: &str = "active";
+
+impl Registry {
+    /// Open the registry for `bundle` over `store`, recovering every task found on disk.
+    pub fn open(bundle: Bundle, store: AdapterStore, keep_versions: usize) -> Result<(Registry, Vec<Recovery>), RegistryError> {
+        let base_lora = Arc::new(LoraInputs { key: 0, tensors: no_adapter_inputs(&bundle.manifest.lora) });
+        let registry = Registry {
+            bundle,
+            store,
+            keep_versions: keep_versions.max(1),
+            base_lora,
+            tasks: RwLock::new(BTreeMap::new()),
+            next_key: AtomicU64::new(1),
+        };
+        let mut events = Vec::new();
+        for task in registry.store.tasks()? {
+            let serving = registry.recover(&task, &mut events)?;
+            registry.tasks.write().expect("registry lock").insert(task, Arc::new(ArcSwap::from_pointee(serving)));
+        }
+        Ok((registry, events))
+    }
+
+    pub fn bundle(&self) -> &Bundle {
+        &self.bundle
+    }
+
+    pub fn store(&self) -> &AdapterStore {
+        &self.store
+    }
+
+    /// The serving state of `task`; the engine calls this once per batch.
+    pub fn current(&self, task: &str) -> Option<Arc<Serving>> {
+        self.tasks.read().expect("registry lock").get(task).map(|slot| slot.load_full())
+    }
+
+    pub fn tasks(&self) -> Vec<String> {
+        self.tasks.read().expect("registry lock").keys().cloned().collect()
+    }
+
+    /// Make sure `task` exists, serving the base model until an adapter is promoted.
+    pub fn ensure_task(&self, task: &str) -> Result<Arc<Serving>, RegistryError> {
+        check_task_name(task)?;
+        let mut tasks = self.tasks.write().expect("registry lock");
+        let slot = tasks.entry(task.to_string()).or_insert_with(|| Arc::new(ArcSwap::from_pointee(self.base_serving(task))));
+        Ok(slot.load_full())
+    }
+
+    /// Validate `adapter` against the bundle, write it, record it as active, then swap it in.
+    pub fn promote(&self, adapter: Adapter) -> Result<Arc<Serving>, RegistryError> {
+        adapter.check_fits(&self.bundle)?;
+        let task = adapter.manifest.task.clone();
+        let serving_now = self.ensure_task(&task)?;
+        if adapter.manifest.version <= serving_now.version {
+            return Err(RegistryError::NotNewer { id: adapter.manifest.id(), serving: serving_now.version });
+        }
+        let written = self.store.save(&adapter)?;
+        let serving = Arc::new(self.serving_from(Adapter { manifest: written, ..adapter })?);
+        self.activate(serving.clone())?;
+        self.store.prune(&task, self.keep_versions, Some(serving.version))?;
+        Ok(serving)
+    }
+
+    /// Serve the newest readable version older than the current one (or the base model).
+    pub fn rollback(&self, task: &str) -> Result<(Arc<Serving>, Vec<Recovery>), RegistryError> {
+        let current = self.current(task).ok_or_else(|| RegistryError::UnknownTask(task.to_string()))?;
+        let mut events = Vec::new();
+        let older: Vec<u64> = self.store.versions(task)?.into_iter().filter(|&v| v < current.version).rev().collect();
+        let serving = self.first_readable(task, &older, &mut events)?;
+        let serving = Arc::new(serving);
+        self.activate(serving.clone())?;
+        Ok((serving, events))
+    }
+
+    /// Serve a specific version that is on disk (an operator's pin).
+    pub fn pin(&self, task: &str, version: u64) -> Result<Arc<Serving>, RegistryError> {
+        check_task_name(task)?;
+        if !self.store.versions(task)?.contains(&version) {
+            return Err(RegistryError::NoSuchVersion { task: task.to_string(), version });
+        }
+        let adapter = self.store.load(task, version)?;
+        let serving = Arc::new(self.serving_from(adapter)?);
+        self.ensure_task(task)?;
+        self.activate(serving.clone())?;
+        Ok(serving)
+    }
+
+    fn activate(&self, serving: Arc<Serving>) -> Result<(), RegistryError> {
+        let path = self.active_path(&serving.task);
+        fsutil::write_atomic(&path, format!("{}\n", serving.version).as_bytes()).map_err(StoreError::from)?;
+        let tasks = self.tasks.read().expect("registry lock");
+        match tasks.get(&serving.task) {
+            Some(slot) => slot.store(serving),
+            None => return Err(RegistryError::UnknownTask(serving.task.clone())),
+        }
+        Ok(())
+    }
+
+    fn active_path(&self, task: &str) -> PathBuf {
+        self.store.root().join(task).join(ACTIVE_FILE)
+    }
+
+    fn recover(&self, task: &str, events: &mut Vec<Recovery>) -> Result<Serving, RegistryError> {
+        let versions = self.store.versions(task)?;
+        let path = self.active_path(task);
+        let active = match std::fs::read_to_string(&path) {
+            Ok(s) => match s.trim().parse::<u64>() {
+                Ok(v) => Some(v),
+                Err(_) => {
+                    events.push(Recovery::Skipped { task: task.into(), version: 0, reason: format!("{}: not a version number: {:?}", path.display(), s.trim()) });
+                    None
+                }
+            },
+            Err(_) => None,
+        };
+        // The active version first, then everything older, newest first; without a readable
+        // pointer, the newest version on disk.
+        let start = active.unwrap_or(u64::MAX);
+        if active == Some(0) {
+            events.push(Recovery::Base { task: task.into() });
+            return Ok(self.base_serving(task));
+        }
+        let candidates: Vec<u64> = versions.into_iter().filter(|&v| v <= start).rev().collect();
+        let serving = self.first_readable(task, &candidates, events)?;
+        events.push(if serving.version == 0 { Recovery::Base { task: task.into() } } else { Recovery::Restored { task: task.into(), version: serving.version } });
+        Ok(serving)
+    }
+
+    fn first_readable(&self, task: &str, newest_first: &[u64], events: &mut Vec<Recovery>) -> Result<Serving, RegistryError> {
+        for &version in newest_first {
+            match self.store.load(task, version).map_err(RegistryError::from).and_then(|a| self.serving_from(a)) {
+                Ok(serving) => return Ok(serving),
+                Err(e) => {
+                    tracing::warn!(task, version, error = %e, "adapter version unreadable; trying an older one");
+                    events.push(Recovery::Skipped { task: task.into(), version, reason: e.to_string() });
+                }
+            }
+        }
+        Ok(self.base_serving(task))
+    }
+
+    fn base_serving(&self, task: &str) -> Serving {
+        Serving {
+            task: task.to_string(),
+            version: 0,
+            labels: self.bundle.manifest.labels.clone().unwrap_or_default().into(),
+            head: None,
+            lora: self.base_lora.clone(),
+            manifest: None,
+        }
+    }
+
+    fn serving_from(&self, adapter: Adapter) -> Result<Serving, RegistryError> {
+        adapter.check_fits(&self.bundle)?;
+        let lora = match &adapter.lora {
+            Some(weights) => Arc::new(LoraInputs {
+                key: self.next_key.fetch_add(1, Ordering::Relaxed),
+                tensors: weights.graph_inputs(&self.bundle.manifest.lora).map_err(|source| AdapterFileError::Lora { adapter: adapter.manifest.id(), source })?,
+            }),
+            None => self.base_lora.clone(),
+        };
+        Ok(Serving {
+            task: adapter.manifest.task.clone(),
+            version: adapter.manifest.version,
+            labels: adapter.manifest.labels.clone().into(),
+            head: Some(adapter.head),
+            lora,
+            manifest: Some(adapter.manifest),
+        })
+    }
+}

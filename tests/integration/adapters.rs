@@ -1,0 +1,139 @@
+//! Adapter files: round trip, corruption refused by name, wrong base refused, and PEFT loads what
+//! adaptd writes and adaptd loads what PEFT writes (the real `peft` package, same base model).
+
+use std::path::Path;
+use std::process::Command;
+
+use adaptd::engine::onnx::{OnnxModel, SessionOptions};
+use adaptd_adapters::Bundle;
+use adaptd_adapters::files::{Adapter, AdapterFileError, PEFT_WEIGHTS, read_peft};
+use adaptd_adapters::lora::LoraWeights;
+use adaptd_adapters::tensor::{HostTensor, max_abs_diff};
+
+use crate::{head_adapter, lora_adapter, reference_bundle};
+
+#[test]
+fn adapter_files_round_trip_and_refuse_corruption_by_name() {
+    let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
+    let adapter = lora_adapter(&bundle, "sorter", 3, 5);
+    let dir = tempfile::tempdir().unwrap();
+    let written = adapter.write_dir(dir.path()).unwrap();
+    assert_eq!(written.files.len(), 3, "head + PEFT config + PEFT weights: {:?}", written.files.keys());
+    let back = Adapter::read_dir(dir.path()).unwrap();
+    assert_eq!(back.head, adapter.head);
+    assert_eq!(back.lora, adapter.lora);
+    assert_eq!(back.manifest.id(), "sorter@v3");
+    back.check_fits(&bundle).unwrap();
+
+    let weights = dir.path().join(PEFT_WEIGHTS);
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&weights, &bytes).unwrap();
+    let err = Adapter::read_dir(dir.path()).unwrap_err();
+    assert!(matches!(err, AdapterFileError::HashMismatch { .. }) && err.to_string().contains(PEFT_WEIGHTS), "{err}");
+
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let err = Adapter::read_dir(dir.path()).unwrap_err();
+    assert!(err.to_string().contains(PEFT_WEIGHTS), "{err}");
+}
+
+#[test]
+fn an_adapter_for_another_base_or_shape_is_refused() {
+    let digits = Bundle::open(reference_bundle("digits-cnn")).unwrap();
+    let minilm = Bundle::open(reference_bundle("minilm")).unwrap();
+    let adapter = head_adapter(&digits, "sorter", 1, 2);
+    let err = adapter.check_fits(&minilm).unwrap_err();
+    assert!(matches!(err, AdapterFileError::WrongBase { .. }), "{err}");
+    assert!(err.to_string().contains("digits-cnn") && err.to_string().contains("minilm"), "{err}");
+
+    // Right base, but a head for the wrong embedding width.
+    let mut adapter = head_adapter(&minilm, "intent", 1, 2);
+    adapter.manifest.base = adaptd_adapters::files::BaseRef::of(&digits);
+    let err = adapter.check_fits(&digits).unwrap_err();
+    assert!(err.to_string().contains("384") && err.to_string().contains("64"), "{err}");
+}
+
+fn python() -> String {
+    std::env::var("ADAPTD_PYTHON").unwrap_or_else(|_| ".venv/bin/python".into())
+}
+
+struct PeftRun {
+    inputs: Vec<HostTensor>,
+    embedding: HostTensor,
+}
+
+fn run_peft(cmd: &str, adapter_dir: &Path) -> PeftRun {
+    let out = adapter_dir.parent().unwrap().join(format!("{cmd}.json"));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/export/peft_interop.py");
+    let status = Command::new(python()).arg(script).args([cmd, adapter_dir.to_str().unwrap(), out.to_str().unwrap()]).status().expect("run python");
+    assert!(status.success(), "peft_interop.py {cmd} failed");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap();
+    let dims = |k: &str| v[k].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect::<Vec<_>>();
+    let ints = |k: &str| v[k].as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect::<Vec<_>>();
+    let floats = v["embedding"].as_array().unwrap().iter().map(|d| d.as_f64().unwrap() as f32).collect();
+    PeftRun {
+        inputs: vec![HostTensor::i64(dims("shape"), ints("input_ids")).unwrap(), HostTensor::i64(dims("shape"), ints("attention_mask")).unwrap()],
+        embedding: HostTensor::f32(dims("embedding_shape"), floats).unwrap(),
+    }
+}
+
+fn serve_embedding(bundle: &Bundle, lora: &LoraWeights, inputs: &[HostTensor]) -> HostTensor {
+    let mut onnx = OnnxModel::load(bundle, SessionOptions { intra_op_threads: 1, ..Default::default() }, None).unwrap();
+    let slots = lora.graph_inputs(&bundle.manifest.lora).unwrap();
+    onnx.run(inputs, &slots).unwrap().remove(0)
+}
+
+#[test]
+fn peft_loads_a_lora_adaptd_wrote_and_gets_the_same_embeddings() {
+    let bundle = Bundle::open(reference_bundle("minilm")).unwrap();
+    let adapter = lora_adapter(&bundle, "intent", 1, 9);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("adapter");
+    std::fs::create_dir(&dir).unwrap();
+    adapter.write_dir(&dir).unwrap();
+
+    let peft = run_peft("embed", &dir);
+    let ours = serve_embedding(&bundle, adapter.lora.as_ref().unwrap(), &peft.inputs);
+    let diff = max_abs_diff(&ours, &peft.embedding).unwrap();
+    assert!(diff <= 1e-4, "PEFT and adaptd disagree by {diff}");
+    // And the adapter really moved the embedding away from the base model.
+    let base = serve_embedding(&bundle, &LoraWeights { rank: 1, alpha: 1.0, modules: vec![] }, &peft.inputs);
+    assert!(max_abs_diff(&base, &peft.embedding).unwrap() > 1e-3, "the adapter did nothing under PEFT");
+}
+
+#[test]
+fn adaptd_loads_a_lora_peft_trained_and_gets_the_same_embeddings() {
+    let bundle = Bundle::open(reference_bundle("minilm")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("peft-adapter");
+    let peft = run_peft("make", &dir);
+    let lora = read_peft(&dir, &bundle.manifest.lora).expect("adaptd reads PEFT's save_pretrained output");
+    assert_eq!((lora.rank, lora.alpha, lora.modules.len()), (4, 8.0, 12));
+    let ours = serve_embedding(&bundle, &lora, &peft.inputs);
+    let diff = max_abs_diff(&ours, &peft.embedding).unwrap();
+    assert!(diff <= 1e-4, "PEFT and adaptd disagree by {diff}");
+}
+
+#[test]
+fn peft_configs_adaptd_cannot_serve_are_refused_by_name() {
+    let bundle = Bundle::open(reference_bundle("minilm")).unwrap();
+    let adapter = lora_adapter(&bundle, "intent", 1, 9);
+    let dir = tempfile::tempdir().unwrap();
+    adapter.write_dir(dir.path()).unwrap();
+    let config_path = dir.path().join("adapter_config.json");
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    for (key, value, expect) in [("use_dora", serde_json::json!(true), "use_dora"), ("peft_type", serde_json::json!("IA3"), "IA3"), ("bias", serde_json::json!("all"), "bias")] {
+        let mut c = config.clone();
+        c[key] = value;
+        std::fs::write(&config_path, serde_json::to_vec(&c).unwrap()).unwrap();
+        let err = read_peft(dir.path(), &bundle.manifest.lora).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains(expect) && msg.contains("adapter_config.json"), "{msg}");
+    }
+    // A PEFT adapter for modules the bundle has no slot for.
+    std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
+    let digits = Bundle::open(reference_bundle("digits-cnn")).unwrap();
+    let err = read_peft(dir.path(), &digits.manifest.lora).unwrap_err();
+    assert!(err.to_string().contains("not a LoRA slot"), "{err}");
+}

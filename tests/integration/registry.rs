@@ -1,0 +1,129 @@
+//! The registry: promotion is atomic and durable, rollback and pins survive a restart, and a
+//! corrupt adapter on disk makes recovery fall back instead of failing.
+
+use std::sync::Arc;
+
+use adaptd::registry::{Recovery, Registry, RegistryError};
+use adaptd_adapters::files::HEAD_FILE;
+use adaptd_adapters::{AdapterStore, Bundle};
+
+use crate::{head_adapter, lora_adapter, reference_bundle};
+
+fn open(root: &std::path::Path, keep: usize) -> (Registry, Vec<Recovery>) {
+    let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
+    Registry::open(bundle, AdapterStore::open(root).unwrap(), keep).unwrap()
+}
+
+#[test]
+fn promotion_swaps_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reg, events) = open(dir.path(), 5);
+    assert!(events.is_empty());
+    let base = reg.ensure_task("sorter").unwrap();
+    assert_eq!((base.version, base.head.is_none()), (0, true));
+    assert_eq!(base.labels.len(), 10, "the base model serves its own ten digit labels");
+
+    let v1 = reg.promote(head_adapter(reg.bundle(), "sorter", 1, 1)).unwrap();
+    let v2 = reg.promote(lora_adapter(reg.bundle(), "sorter", 2, 2)).unwrap();
+    assert_eq!(reg.current("sorter").unwrap().version, 2);
+    assert_ne!(v1.lora.key, v2.lora.key, "a LoRA adapter gets its own graph inputs");
+    assert_eq!(v1.lora.key, base.lora.key, "a head-only adapter shares the base's zero LoRA");
+    let manifest = v2.manifest.as_ref().unwrap();
+    assert_eq!(manifest.files.len(), 3);
+
+    drop(reg);
+    let (reg, events) = open(dir.path(), 5);
+    assert_eq!(events, vec![Recovery::Restored { task: "sorter".into(), version: 2 }]);
+    let again = reg.current("sorter").unwrap();
+    assert_eq!(again.head, v2.head);
+    assert_eq!(again.lora.tensors, v2.lora.tensors);
+}
+
+#[test]
+fn rollback_and_pin_persist_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reg, _) = open(dir.path(), 5);
+    for v in 1..=3 {
+        reg.promote(head_adapter(reg.bundle(), "sorter", v, v)).unwrap();
+    }
+    let (back, _) = reg.rollback("sorter").unwrap();
+    assert_eq!(back.version, 2);
+    drop(reg);
+    let (reg, _) = open(dir.path(), 5);
+    assert_eq!(reg.current("sorter").unwrap().version, 2, "a restart must not undo a rollback");
+
+    reg.pin("sorter", 1).unwrap();
+    assert_eq!(reg.current("sorter").unwrap().version, 1);
+    let (base, _) = reg.rollback("sorter").unwrap();
+    assert_eq!(base.version, 0, "rolling back past the oldest version serves the base model");
+    drop(reg);
+    let (reg, events) = open(dir.path(), 5);
+    assert_eq!(reg.current("sorter").unwrap().version, 0);
+    assert_eq!(events, vec![Recovery::Base { task: "sorter".into() }]);
+    assert!(matches!(reg.pin("sorter", 9), Err(RegistryError::NoSuchVersion { version: 9, .. })));
+}
+
+#[test]
+fn recovery_skips_corrupt_versions_down_to_the_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reg, _) = open(dir.path(), 5);
+    for v in 1..=3 {
+        reg.promote(lora_adapter(reg.bundle(), "sorter", v, v)).unwrap();
+    }
+    let store = reg.store().clone();
+    drop(reg);
+    // Newest: truncated head file. Middle: garbage manifest.
+    let head = store.version_dir("sorter", 3).join(HEAD_FILE);
+    let bytes = std::fs::read(&head).unwrap();
+    std::fs::write(&head, &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::write(store.version_dir("sorter", 2).join("adapter.json"), b"{\"format\": 1, \"task\": ").unwrap();
+
+    let (reg, events) = open(dir.path(), 5);
+    assert_eq!(reg.current("sorter").unwrap().version, 1);
+    assert!(matches!(&events[0], Recovery::Skipped { version: 3, reason, .. } if reason.contains(HEAD_FILE)), "{events:?}");
+    assert!(matches!(&events[1], Recovery::Skipped { version: 2, reason, .. } if reason.contains("adapter.json")), "{events:?}");
+    assert_eq!(events[2], Recovery::Restored { task: "sorter".into(), version: 1 });
+
+    drop(reg);
+    std::fs::remove_file(store.version_dir("sorter", 1).join(HEAD_FILE)).unwrap();
+    let (reg, events) = open(dir.path(), 5);
+    assert_eq!(reg.current("sorter").unwrap().version, 0);
+    assert_eq!(events.last(), Some(&Recovery::Base { task: "sorter".into() }));
+}
+
+#[test]
+fn only_the_newest_versions_are_kept_and_bad_candidates_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reg, _) = open(dir.path(), 3);
+    for v in 1..=5 {
+        reg.promote(head_adapter(reg.bundle(), "sorter", v, v)).unwrap();
+    }
+    assert_eq!(reg.store().versions("sorter").unwrap(), vec![3, 4, 5]);
+
+    // Not newer than what serves.
+    let err = reg.promote(head_adapter(reg.bundle(), "sorter", 4, 9)).unwrap_err();
+    assert!(matches!(err, RegistryError::NotNewer { serving: 5, .. }), "{err}");
+    // Trained for another base model.
+    let minilm = Bundle::open(reference_bundle("minilm")).unwrap();
+    let err = reg.promote(head_adapter(&minilm, "sorter", 6, 6)).unwrap_err();
+    assert_eq!(err.error_type(), "wrong_base", "{err}");
+    // A bad task name never reaches the file system.
+    let err = reg.promote(head_adapter(reg.bundle(), "../escape", 7, 7)).unwrap_err();
+    assert_eq!(err.error_type(), "task_name", "{err}");
+    assert_eq!(reg.current("sorter").unwrap().version, 5);
+    assert_eq!(reg.store().versions("sorter").unwrap(), vec![3, 4, 5]);
+}
+
+#[test]
+fn tasks_are_independent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reg, _) = open(dir.path(), 3);
+    let reg = Arc::new(reg);
+    reg.promote(head_adapter(reg.bundle(), "sorter", 1, 1)).unwrap();
+    reg.promote(lora_adapter(reg.bundle(), "inspector", 1, 2)).unwrap();
+    reg.promote(head_adapter(reg.bundle(), "inspector", 2, 3)).unwrap();
+    assert_eq!(reg.tasks(), vec!["inspector".to_string(), "sorter".to_string()]);
+    assert_eq!(reg.current("sorter").unwrap().version, 1);
+    assert_eq!(reg.current("inspector").unwrap().version, 2);
+    assert!(reg.current("nobody").is_none());
+}
