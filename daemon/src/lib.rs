@@ -16,3 +16,15 @@ pub mod parity;
 pub mod paths;
 pub mod preprocess;
 pub mod registry;
+
+/// Lower the calling thread's CPU priority (nice 10) so serving wins the cores over background
+/// work: training, validation, promotion I/O. On Linux nice values are per thread.
+pub fn background_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority has no memory-safety preconditions; `0` names the calling thread.
+    unsafe {
+        if libc::setpriority(libc::PRIO_PROCESS, 0, 10) != 0 {
+            tracing::debug!("could not lower the thread's priority; continuing at normal priority");
+        }
+    }
+}

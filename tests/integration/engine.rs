@@ -171,3 +171,23 @@ fn hot_swap_under_load_drops_nothing_and_never_mixes_adapters() {
     assert_eq!(registry.store().versions("sorter").unwrap().len(), 4, "pruned to the configured four");
     engine.shutdown();
 }
+
+#[test]
+fn a_gpu_provider_that_cannot_register_fails_loudly_or_falls_back_when_allowed() {
+    use adaptd::engine::onnx::ExecutionProvider;
+    // The CPU build of ONNX Runtime used here has no CUDA provider: asking for it must not
+    // quietly serve on the CPU.
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
+    let (registry, _) = Registry::open(bundle, AdapterStore::open(dir.path()).unwrap(), 2).unwrap();
+    let registry = Arc::new(registry);
+    let cuda = SessionOptions { provider: ExecutionProvider::Cuda, ..Default::default() };
+    let err = Engine::start(registry.clone(), EngineConfig { session: cuda, ..Default::default() }).err().expect("CUDA must not silently become CPU");
+    assert!(err.to_string().contains("Cuda was asked for but failed to register"), "{err}");
+    assert_eq!(err.error_type(), "execution_provider");
+
+    let fallback = SessionOptions { fallback_to_cpu: true, ..cuda };
+    let engine = Engine::start(registry, EngineConfig { session: fallback, ..Default::default() }).unwrap();
+    assert_eq!(*engine.handle.health().borrow(), Health::Ready { provider: ExecutionProvider::Cpu });
+    engine.shutdown();
+}

@@ -9,11 +9,8 @@ mod runtimes;
 
 use std::path::{Path, PathBuf};
 
-use adaptd_adapters::Bundle;
-use adaptd_adapters::files::{ADAPTER_FORMAT, Adapter, AdapterKind, AdapterManifest, BaseRef, LoraInfo};
-use adaptd_adapters::head::{Dense, Head};
-use adaptd_adapters::lora::LoraWeights;
-use adaptd_adapters::tensor::{HostTensor, SeededRng};
+mod fixtures;
+pub use fixtures::{TEST_LABELS, head_adapter, lora_adapter};
 
 pub fn reference_bundle(name: &str) -> PathBuf {
     let dir = adaptd::paths::reference_bundle(name);
@@ -33,44 +30,4 @@ pub fn copy_bundle(src: &Path) -> tempfile::TempDir {
         std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy bundle file");
     }
     dir
-}
-
-pub const TEST_LABELS: [&str; 3] = ["left", "right", "stop"];
-
-/// A head-only adapter with a seeded random linear head over the bundle's embedding.
-pub fn head_adapter(bundle: &Bundle, task: &str, version: u64, seed: u64) -> Adapter {
-    let (classes, dim) = (TEST_LABELS.len(), bundle.manifest.embedding_dim);
-    let mut rng = SeededRng::new(seed);
-    let head = Head {
-        layers: vec![Dense {
-            weight: HostTensor::f32(vec![classes, dim], rng.normal_vec(classes * dim, 0.5)).unwrap(),
-            bias: HostTensor::f32(vec![classes], rng.normal_vec(classes, 0.1)).unwrap(),
-        }],
-    };
-    let manifest = AdapterManifest {
-        format: ADAPTER_FORMAT,
-        task: task.into(),
-        version,
-        kind: AdapterKind::Head,
-        labels: TEST_LABELS.iter().map(|s| s.to_string()).collect(),
-        lora: None,
-        base: BaseRef::of(bundle),
-        parent_version: version.checked_sub(1).filter(|&v| v > 0),
-        metrics: Default::default(),
-        samples: Default::default(),
-        created_unix_ms: 1_700_000_000_000,
-        decision: None,
-        files: Default::default(),
-    };
-    Adapter { manifest, head, lora: None }
-}
-
-/// A LoRA (rank 4, alpha 8, every slot) + head adapter with seeded random weights.
-pub fn lora_adapter(bundle: &Bundle, task: &str, version: u64, seed: u64) -> Adapter {
-    let mut adapter = head_adapter(bundle, task, version, seed);
-    let lora = LoraWeights::random(&bundle.manifest.lora, 4, 8.0, seed, 0.05).unwrap();
-    adapter.manifest.kind = AdapterKind::Lora;
-    adapter.manifest.lora = Some(LoraInfo { rank: 4, alpha: 8.0, target_modules: lora.modules.iter().map(|m| m.module.clone()).collect() });
-    adapter.lora = Some(lora);
-    adapter
 }

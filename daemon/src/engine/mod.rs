@@ -35,7 +35,7 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { max_batch: 32, max_wait: Duration::from_millis(2), queue_depth: 1024, session: SessionOptions::default() }
+        EngineConfig { max_batch: 32, max_wait: Duration::ZERO, queue_depth: 1024, session: SessionOptions::default() }
     }
 }
 
@@ -314,7 +314,8 @@ fn serve(model: &mut OnnxModel, registry: &Registry, rx: &Receiver<Request>, con
         let mut rows = first.rows;
         let mut batch = vec![first];
         while rows < max_batch {
-            match rx.recv_deadline(deadline) {
+            let next = if config.max_wait.is_zero() { rx.try_recv().map_err(|_| RecvTimeoutError::Timeout) } else { rx.recv_deadline(deadline) };
+            match next {
                 Ok(r) if rows + r.rows > max_batch => {
                     carry = Some(r);
                     break;

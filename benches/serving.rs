@@ -1,0 +1,215 @@
+//! Serving benchmarks, our engine and plain ONNX Runtime side by side in one run.
+//!
+//! 1. Criterion: batch-1 latency and batch-32 throughput, for `minilm` (seq 64) and `digits-cnn`,
+//!    plain ONNX Runtime on the base graph vs the engine with a LoRA + head adapter active,
+//!    both with the same intra-op threads.
+//! 2. Side by side: interleaved rounds of sequential batch-1 requests; p50/p99 of each and the
+//!    median over rounds of the p50 ratio (engine / plain). Target: <= 1.05.
+//! 3. Hot swap under load, three runs: 64 client threads, 1,000 promotions each from a thread at
+//!    background priority (as the trainer promotes); failed requests (target 0) and the median
+//!    ratio of p99 during swaps to steady state (target <= 1.2x).
+//!
+//! `cargo bench -p adaptd --bench serving` (criterion's filters and `--quick` apply to part 1).
+//! Set ADAPTD_BENCH_SKIP_CRITERION=1 to run only parts 2 and 3.
+
+#[path = "../tests/integration/fixtures.rs"]
+#[allow(dead_code)]
+mod fixtures;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use adaptd::engine::onnx::{OnnxModel, SessionOptions};
+use adaptd::engine::{Engine, EngineConfig};
+use adaptd::preprocess::TextEncoder;
+use adaptd::registry::Registry;
+use adaptd_adapters::lora::no_adapter_inputs;
+use adaptd_adapters::tensor::{HostData, HostTensor};
+use adaptd_adapters::{AdapterStore, Bundle};
+use criterion::{Criterion, Throughput};
+use ort::value::DynValue;
+
+const THREADS: usize = 2;
+const SEQ: usize = 64;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    registry: Arc<Registry>,
+    engine: Engine,
+    plain: OnnxModel,
+    zero_lora: Vec<DynValue>,
+    batch1: Vec<HostTensor>,
+    batch32: Vec<HostTensor>,
+}
+
+fn inputs(bundle: &Bundle, rows: usize) -> Vec<HostTensor> {
+    if bundle.manifest.name == "minilm" {
+        // A sentence padded to 64 tokens, as the reference figures were taken at seq 64.
+        let enc = TextEncoder::from_bundle(bundle).unwrap();
+        let text = "the robot should move the blue crate from aisle seven to the loading dock and report when done";
+        let one = enc.encode(&[text]).unwrap();
+        let pad = |t: &HostTensor| {
+            let HostData::I64(v) = &t.data else { unreachable!() };
+            let mut row = v.clone();
+            row.resize(SEQ, 0);
+            HostTensor::i64(vec![rows, SEQ], row.iter().copied().cycle().take(rows * SEQ).collect()).unwrap()
+        };
+        vec![pad(&one[0]), pad(&one[1])]
+    } else {
+        vec![HostTensor::f32(vec![rows, 1, 8, 8], (0..rows * 64).map(|i| (i % 17) as f32 / 16.0).collect()).unwrap()]
+    }
+}
+
+fn setup(name: &str) -> Setup {
+    let bundle = Bundle::open(adaptd::paths::reference_bundle(name)).expect("run `make setup` first");
+    let dir = tempfile::tempdir().unwrap();
+    let (registry, _) = Registry::open(bundle.clone(), AdapterStore::open(dir.path()).unwrap(), 4).unwrap();
+    let registry = Arc::new(registry);
+    registry.promote(fixtures::lora_adapter(&bundle, "bench", 1, 1)).unwrap();
+    let session = SessionOptions { intra_op_threads: THREADS, ..Default::default() };
+    let engine = Engine::start(registry.clone(), EngineConfig { session, ..Default::default() }).unwrap();
+    let plain = OnnxModel::load(&bundle, session, None).unwrap();
+    let zero_lora = plain.prepare_lora(&no_adapter_inputs(&bundle.manifest.lora)).unwrap();
+    Setup { _dir: dir, registry, engine, plain, zero_lora, batch1: inputs(&bundle, 1), batch32: inputs(&bundle, 32) }
+}
+
+fn criterion_part(c: &mut Criterion, s: &mut Setup, name: &str) {
+    for (label, batch) in [("batch1", s.batch1.clone()), ("batch32", s.batch32.clone())] {
+        let mut group = c.benchmark_group(format!("serving/{name}/{label}"));
+        group.throughput(Throughput::Elements(batch[0].shape[0] as u64));
+        if name == "minilm" {
+            group.sample_size(20).measurement_time(Duration::from_secs(if label == "batch32" { 12 } else { 5 }));
+        }
+        group.bench_function("plain_onnxruntime", |b| b.iter(|| s.plain.run_prepared(batch.clone(), &s.zero_lora).unwrap()));
+        let handle = s.engine.handle.clone();
+        group.bench_function("adaptd_lora_head", |b| b.iter(|| handle.infer_blocking("bench", batch.clone()).unwrap()));
+        group.finish();
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn side_by_side(s: &mut Setup, name: &str, rounds: usize, per_round: usize) {
+    let (mut plain_all, mut ours_all, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let handle = s.engine.handle.clone();
+    for _ in 0..rounds {
+        let mut plain = Vec::with_capacity(per_round);
+        let mut ours = Vec::with_capacity(per_round);
+        for _ in 0..per_round {
+            // Interleaved request by request, so drift in machine load hits both alike.
+            let t = Instant::now();
+            s.plain.run_prepared(s.batch1.clone(), &s.zero_lora).unwrap();
+            plain.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            handle.infer_blocking("bench", s.batch1.clone()).unwrap();
+            ours.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        ratios.push(median(ours.clone()) / median(plain.clone()));
+        plain_all.extend(plain);
+        ours_all.extend(ours);
+    }
+    plain_all.sort_by(f64::total_cmp);
+    ours_all.sort_by(f64::total_cmp);
+    println!(
+        "side-by-side {name} batch 1 ({rounds} rounds x {per_round}): plain ORT p50 {:.3} ms p99 {:.3} ms | adaptd LoRA+head p50 {:.3} ms p99 {:.3} ms | p50 ratio (median of rounds) {:.3}",
+        percentile(&plain_all, 0.5),
+        percentile(&plain_all, 0.99),
+        percentile(&ours_all, 0.5),
+        percentile(&ours_all, 0.99),
+        median(ratios)
+    );
+}
+
+fn hot_swap(s: &Setup, clients: usize, promotions: u64) -> (f64, u64) {
+    let handle = s.engine.handle.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let swapping = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let (h, stop, swapping, failures, input) = (handle.clone(), stop.clone(), swapping.clone(), failures.clone(), s.batch1.clone());
+            std::thread::spawn(move || {
+                let (mut steady, mut during) = (Vec::new(), Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    let in_swap = swapping.load(Ordering::Relaxed);
+                    let t = Instant::now();
+                    if h.infer_blocking("bench", input.clone()).is_err() {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let ms = t.elapsed().as_secs_f64() * 1e3;
+                    if in_swap { during.push(ms) } else { steady.push(ms) }
+                }
+                (steady, during)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    swapping.store(true, Ordering::Relaxed);
+    let bundle = s.registry.bundle().clone();
+    let start_version = s.registry.current("bench").unwrap().version;
+    let t = Instant::now();
+    let registry = s.registry.clone();
+    // Promotions come from the trainer's side of the daemon, which runs below serving's priority.
+    std::thread::spawn(move || {
+        adaptd::background_priority();
+        for v in 1..=promotions {
+            let adapter = if v % 2 == 0 { fixtures::lora_adapter(&bundle, "bench", start_version + v, v) } else { fixtures::head_adapter(&bundle, "bench", start_version + v, v) };
+            registry.promote(adapter).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    let swap_secs = t.elapsed().as_secs_f64();
+    swapping.store(false, Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    let (mut steady, mut during) = (Vec::new(), Vec::new());
+    for th in threads {
+        let (a, b) = th.join().unwrap();
+        steady.extend(a);
+        during.extend(b);
+    }
+    steady.sort_by(f64::total_cmp);
+    during.sort_by(f64::total_cmp);
+    let (p99s, p99d) = (percentile(&steady, 0.99), percentile(&during, 0.99));
+    println!(
+        "hot-swap {}: {clients} clients, {promotions} promotions in {swap_secs:.1} s ({:.0}/s); requests steady {} / during swaps {}; failed {}; p50 steady {:.2} ms during {:.2} ms; p99 steady {p99s:.2} ms during {p99d:.2} ms (ratio {:.2})",
+        s.registry.bundle().manifest.name,
+        promotions as f64 / swap_secs,
+        steady.len(),
+        during.len(),
+        failures.load(Ordering::Relaxed),
+        percentile(&steady, 0.5),
+        percentile(&during, 0.5),
+        p99d / p99s
+    );
+    (p99d / p99s, failures.load(Ordering::Relaxed))
+}
+
+fn main() {
+    let skip_criterion = std::env::var_os("ADAPTD_BENCH_SKIP_CRITERION").is_some();
+    let mut c = Criterion::default().configure_from_args();
+    let mut minilm = setup("minilm");
+    let mut digits = setup("digits-cnn");
+    if !skip_criterion {
+        criterion_part(&mut c, &mut minilm, "minilm");
+        criterion_part(&mut c, &mut digits, "digits-cnn");
+        c.final_summary();
+    }
+    side_by_side(&mut minilm, "minilm", 5, 40);
+    side_by_side(&mut digits, "digits-cnn", 5, 400);
+    let runs: Vec<(f64, u64)> = (0..3).map(|_| hot_swap(&digits, 64, 1000)).collect();
+    println!(
+        "hot-swap summary: failed requests {} in total; p99 during swaps / steady, median of {} runs: {:.2}",
+        runs.iter().map(|r| r.1).sum::<u64>(),
+        runs.len(),
+        median(runs.iter().map(|r| r.0).collect())
+    );
+}
