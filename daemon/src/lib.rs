@@ -5,11 +5,13 @@
 //! - `engine`: the serving graph on ONNX Runtime, one owner thread, micro-batched.
 //! - `registry`: which adapter serves each task; atomic promotion, rollback, recovery.
 //! - `preprocess`: client input (text, images, tensors) into model inputs.
+//! - `api`: the inference API over HTTP and MQTT v5 request/response.
 //! - `parity`: proof that the serving and training graphs compute the same function.
 //! - `datasets`: the reference data shipped with the reference bundles.
 //! - `paths`: where the set-up step put bundles and data.
 //! - adapters, bundles and training: the `adaptd-adapters` crate.
 
+pub mod api;
 pub mod datasets;
 pub mod engine;
 pub mod parity;

@@ -191,3 +191,27 @@ fn a_gpu_provider_that_cannot_register_fails_loudly_or_falls_back_when_allowed()
     assert_eq!(*engine.handle.health().borrow(), Health::Ready { provider: ExecutionProvider::Cpu });
     engine.shutdown();
 }
+
+#[test]
+fn shutdown_answers_what_is_queued_and_then_refuses() {
+    let (_dir, registry, engine) = start("digits-cnn", one_thread());
+    registry.promote(head_adapter(registry.bundle(), "sorter", 1, 1)).unwrap();
+    let kept = engine.handle.clone(); // a caller that still holds a handle must not block shutdown
+    let in_flight: Vec<_> = (0..16)
+        .map(|_| {
+            let h = engine.handle.clone();
+            std::thread::spawn(move || h.infer_blocking("sorter", vec![HostTensor::zeros_f32(vec![1, 1, 8, 8])]))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(20));
+    engine.shutdown();
+    for t in in_flight {
+        // Either answered before the stop, or refused as stopped: never hung, never another error.
+        match t.join().unwrap() {
+            Ok(p) => assert_eq!(p[0].adapter, "sorter@v1"),
+            Err(e) => assert_eq!(e, EngineError::Stopped),
+        }
+    }
+    assert_eq!(kept.infer_blocking("sorter", vec![HostTensor::zeros_f32(vec![1, 1, 8, 8])]).unwrap_err(), EngineError::Stopped);
+    assert_eq!(*kept.health().borrow(), Health::Stopped);
+}

@@ -2,6 +2,8 @@
 //! reference bundles and data that `make setup` builds.
 
 mod adapters;
+mod api;
+mod broker;
 mod bundles;
 mod engine;
 mod registry;

@@ -90,6 +90,12 @@ pub struct Prediction {
     pub adapter_version: u64,
 }
 
+enum Command {
+    Infer(Request),
+    /// Answer what is queued, then stop.
+    Stop,
+}
+
 struct Request {
     task: String,
     inputs: Vec<HostTensor>,
@@ -112,7 +118,7 @@ pub struct EngineStats {
 /// A cheap, cloneable way to reach the engine.
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: Sender<Request>,
+    tx: Sender<Command>,
     health: watch::Receiver<Health>,
     manifest: Arc<Manifest>,
     stats: Arc<EngineStats>,
@@ -167,9 +173,11 @@ impl Engine {
         }
     }
 
-    /// Stop taking requests, finish the queued ones, and join the owner thread.
+    /// Answer the requests already queued, stop, and join the owner thread. Handles that callers
+    /// still hold get `EngineError::Stopped` from then on.
     pub fn shutdown(self) {
         let Engine { handle, thread } = self;
+        let _ = handle.tx.send(Command::Stop);
         drop(handle);
         let _ = thread.join();
     }
@@ -206,7 +214,7 @@ impl EngineHandle {
         })?;
         let (reply, rx) = oneshot::channel();
         let request = Request { task: task.to_string(), inputs, rows, span: tracing::Span::current(), reply };
-        let refused = match self.tx.try_send(request) {
+        let refused = match self.tx.try_send(Command::Infer(request)) {
             Ok(()) => return Ok(rx),
             Err(TrySendError::Full(_)) => EngineError::Overloaded,
             Err(TrySendError::Disconnected(_)) => EngineError::Stopped,
@@ -297,33 +305,43 @@ impl LoraCache {
     }
 }
 
-fn serve(model: &mut OnnxModel, registry: &Registry, rx: &Receiver<Request>, config: &EngineConfig, stats: &EngineStats) {
+fn serve(model: &mut OnnxModel, registry: &Registry, rx: &Receiver<Command>, config: &EngineConfig, stats: &EngineStats) {
     let mut cache = LoraCache { values: HashMap::new(), order: VecDeque::new() };
     let max_batch = config.max_batch.max(1);
     // A request that did not fit the previous batch opens the next one.
     let mut carry: Option<Request> = None;
+    let mut stopping = false;
     loop {
         let first = match carry.take() {
             Some(r) => r,
-            None => match rx.recv() {
-                Ok(r) => r,
-                Err(_) => return, // every handle dropped: shut down
-            },
+            None => {
+                // Once stopping, only what is already queued is answered.
+                let next = if stopping { rx.try_recv().ok() } else { rx.recv().ok() };
+                match next {
+                    Some(Command::Infer(r)) => r,
+                    Some(Command::Stop) => {
+                        stopping = true;
+                        continue;
+                    }
+                    None => return,
+                }
+            }
         };
         let deadline = Instant::now() + config.max_wait;
         let mut rows = first.rows;
         let mut batch = vec![first];
         while rows < max_batch {
-            let next = if config.max_wait.is_zero() { rx.try_recv().map_err(|_| RecvTimeoutError::Timeout) } else { rx.recv_deadline(deadline) };
+            let next = if config.max_wait.is_zero() || stopping { rx.try_recv().map_err(|_| RecvTimeoutError::Timeout) } else { rx.recv_deadline(deadline) };
             match next {
-                Ok(r) if rows + r.rows > max_batch => {
+                Ok(Command::Infer(r)) if rows + r.rows > max_batch => {
                     carry = Some(r);
                     break;
                 }
-                Ok(r) => {
+                Ok(Command::Infer(r)) => {
                     rows += r.rows;
                     batch.push(r);
                 }
+                Ok(Command::Stop) => stopping = true,
                 Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
             }
         }

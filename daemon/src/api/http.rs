@@ -1,0 +1,73 @@
+//! The HTTP API. Bound to loopback by default: the device's own clients and operators over SSH.
+//!
+//! - `POST /v1/tasks/{task}/predict` with a JSON or safetensors body (see `wire`)
+//! - `GET /healthz` (the process answers) and `GET /readyz` (the engine has warmed up)
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::body::{Body, to_bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::net::TcpListener;
+
+use super::Api;
+use super::wire::{self, ApiError, WireError};
+use crate::engine::Health;
+
+pub fn router(api: Arc<Api>) -> Router {
+    Router::new()
+        .route("/v1/tasks/{task}/predict", post(predict))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(api)
+}
+
+/// Serve `router(api)` on `listener` until `shutdown` completes, then finish in-flight requests.
+pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    axum::serve(listener, router(api)).with_graceful_shutdown(shutdown).await
+}
+
+async fn predict(State(api): State<Arc<Api>>, Path(task): Path<String>, headers: HeaderMap, body: Body) -> Response {
+    let limit = api.max_request_bytes();
+    // Read at most one byte past the limit, so an oversized body is refused without buffering it.
+    let bytes = match to_bytes(body, limit + 1).await {
+        Ok(b) => b,
+        Err(_) => {
+            let e = ApiError::Wire(WireError::TooLarge { size: limit + 1, limit });
+            api.count_refusal(&task, &e);
+            return error_response(&e);
+        }
+    };
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    match api.predict(&task, &bytes, content_type).await {
+        Ok(json) => ([(header::CONTENT_TYPE, wire::CONTENT_JSON)], json).into_response(),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn ready(State(api): State<Arc<Api>>) -> Response {
+    match &*api.engine().health().borrow() {
+        Health::Ready { provider } => (StatusCode::OK, format!("ready ({provider:?})\n")).into_response(),
+        other => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {other:?}\n")).into_response(),
+    }
+}
+
+fn status_of(e: &ApiError) -> StatusCode {
+    match e.error_type() {
+        "too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+        "content_type" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unknown_task" => StatusCode::NOT_FOUND,
+        "no_classifier" => StatusCode::CONFLICT,
+        "overloaded" | "stopped" => StatusCode::SERVICE_UNAVAILABLE,
+        "runtime" => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+fn error_response(e: &ApiError) -> Response {
+    (status_of(e), [(header::CONTENT_TYPE, wire::CONTENT_JSON)], wire::encode_error(e.error_type(), &e.to_string())).into_response()
+}

@@ -1,0 +1,64 @@
+//! The inference API, over HTTP (loopback by default) and MQTT v5 request/response.
+//! Both decode with `wire`, predict through the engine, and answer in JSON.
+
+pub mod http;
+pub mod mqtt;
+pub mod wire;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use crate::engine::EngineHandle;
+use crate::preprocess::TextEncoder;
+use wire::ApiError;
+
+/// Default largest request body: plenty for a batch of images or texts, small enough that a
+/// runaway client cannot make the daemon buffer much.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1 << 20;
+
+pub struct Api {
+    engine: EngineHandle,
+    text: Option<Arc<TextEncoder>>,
+    max_request_bytes: usize,
+    refused: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Api {
+    pub fn new(engine: EngineHandle, text: Option<Arc<TextEncoder>>, max_request_bytes: usize) -> Api {
+        Api { engine, text, max_request_bytes, refused: Mutex::new(BTreeMap::new()) }
+    }
+
+    pub fn engine(&self) -> &EngineHandle {
+        &self.engine
+    }
+
+    pub fn max_request_bytes(&self) -> usize {
+        self.max_request_bytes
+    }
+
+    /// Refused requests so far, by error type.
+    pub fn refused(&self) -> BTreeMap<&'static str, u64> {
+        self.refused.lock().expect("refused counters").clone()
+    }
+
+    /// Decode, predict and encode one request; the JSON answer or the reason it was refused.
+    pub async fn predict(&self, task: &str, body: &[u8], content_type: Option<&str>) -> Result<Vec<u8>, ApiError> {
+        let result: Result<Vec<u8>, ApiError> = async {
+            let inputs = wire::decode(body, content_type, self.engine.manifest(), self.text.as_deref(), self.max_request_bytes)?;
+            let preds = self.engine.infer(task, inputs).await?;
+            Ok(wire::encode_predictions(&preds))
+        }
+        .await;
+        if let Err(e) = &result {
+            self.count_refusal(task, e);
+        }
+        result
+    }
+
+    /// Count and log a refused request; transports call this for refusals they make themselves.
+    pub fn count_refusal(&self, task: &str, e: &ApiError) {
+        *self.refused.lock().expect("refused counters").entry(e.error_type()).or_default() += 1;
+        tracing::info!(task, error_type = e.error_type(), error = %e, "inference request refused");
+    }
+}

@@ -1,0 +1,98 @@
+//! The MQTT inference API: MQTT v5 request/response.
+//!
+//! A client publishes a request to `{prefix}/{device}/infer/{task}` with the v5 properties
+//! *response topic* and (optionally) *correlation data*; the answer is published to the response
+//! topic with the same correlation data. A request without a response topic (an MQTT 3 client)
+//! is answered on `{request topic}/response`. The payload is JSON, or safetensors when the
+//! request's content-type property says `application/x-safetensors`. Refusals are answered too,
+//! as `{"error": {...}}` with the user property `status` = `error`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+
+use super::Api;
+use super::wire;
+
+#[derive(Debug, Clone)]
+pub struct MqttApiConfig {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    /// Versioned topic root, e.g. `adaptd/v1`.
+    pub topic_prefix: String,
+    pub device_id: String,
+}
+
+impl MqttApiConfig {
+    pub fn request_filter(&self) -> String {
+        format!("{}/{}/infer/+", self.topic_prefix, self.device_id)
+    }
+}
+
+/// Answer inference requests until `shutdown` completes. Reconnects with backoff on its own.
+pub async fn run(api: Arc<Api>, config: MqttApiConfig, shutdown: impl Future<Output = ()>) {
+    let mut options = MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_clean_start(true);
+    let (client, mut events) = AsyncClient::new(options, 64);
+    let filter = config.request_filter();
+    let prefix = format!("{}/{}/infer/", config.topic_prefix, config.device_id);
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let event = tokio::select! {
+            _ = &mut shutdown => break,
+            event = events.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = Duration::from_millis(100);
+                // Re-subscribed on every connect: the session is clean.
+                if let Err(e) = client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
+                    tracing::warn!(error = %e, "MQTT inference API could not subscribe");
+                }
+                tracing::info!(filter, "MQTT inference API connected");
+            }
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                let (api, client, prefix) = (api.clone(), client.clone(), prefix.clone());
+                tokio::spawn(async move { answer(&api, &client, &prefix, publish).await });
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "MQTT inference API connection lost");
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    let _ = client.disconnect().await;
+}
+
+async fn answer(api: &Api, client: &AsyncClient, prefix: &str, publish: Publish) {
+    let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+    let Some(task) = topic.strip_prefix(prefix).filter(|t| !t.contains('/')) else { return };
+    let props = publish.properties.unwrap_or_default();
+    let response_topic = props.response_topic.clone().unwrap_or_else(|| format!("{topic}/response"));
+    let (payload, status) = match api.predict(task, &publish.payload, props.content_type.as_deref()).await {
+        Ok(json) => (json, "ok"),
+        Err(e) => (wire::encode_error(e.error_type(), &e.to_string()), "error"),
+    };
+    let reply = PublishProperties {
+        correlation_data: props.correlation_data,
+        content_type: Some(wire::CONTENT_JSON.into()),
+        user_properties: vec![("status".into(), status.into())],
+        ..Default::default()
+    };
+    if let Err(e) = client.publish_with_properties(response_topic, QoS::AtLeastOnce, false, Bytes::from(payload), reply).await {
+        tracing::warn!(error = %e, "could not publish an inference answer");
+    }
+}

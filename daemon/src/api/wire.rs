@@ -1,0 +1,193 @@
+//! Request and response encodings, shared by the HTTP and MQTT APIs.
+//!
+//! - JSON, for people and scripts: `{"text": ["..."]}` for text bundles, or
+//!   `{"inputs": {"<input name>": {"shape": [...], "data": [...]}}}` for tensors.
+//! - safetensors bytes (content type `application/x-safetensors`), for tensors: one tensor per
+//!   model input, named as in the bundle manifest; self-describing (dtype, shape), the same format
+//!   as adapter files, and written by `safetensors.numpy.save` in Python with no extra code.
+//!
+//! Every refusal says what was wrong and where, and carries a stable label for metrics.
+
+use std::collections::BTreeMap;
+
+use adaptd_adapters::bundle::{DType, Manifest, Preprocessing};
+use adaptd_adapters::tensor::HostTensor;
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{EngineError, Prediction};
+use crate::preprocess::TextEncoder;
+
+pub const CONTENT_JSON: &str = "application/json";
+pub const CONTENT_SAFETENSORS: &str = "application/x-safetensors";
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WireError {
+    #[error("payload of {size} bytes is over the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("content type {0:?} is not supported: send application/json or application/x-safetensors (with curl: -H 'content-type: application/json')")]
+    ContentType(String),
+    #[error("invalid JSON request: {0}")]
+    Json(String),
+    #[error("invalid safetensors request: {0}")]
+    Safetensors(String),
+    #[error("{0}")]
+    Input(String),
+}
+
+impl WireError {
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            WireError::TooLarge { .. } => "too_large",
+            WireError::ContentType(_) => "content_type",
+            WireError::Json(_) => "bad_json",
+            WireError::Safetensors(_) => "bad_safetensors",
+            WireError::Input(_) => "bad_input",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonTensor {
+    shape: Vec<usize>,
+    data: Vec<serde_json::Number>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonRequest {
+    #[serde(default)]
+    text: Option<Vec<String>>,
+    #[serde(default)]
+    inputs: Option<BTreeMap<String, JsonTensor>>,
+}
+
+/// Decode a request body into the bundle's model inputs.
+pub fn decode(body: &[u8], content_type: Option<&str>, manifest: &Manifest, text: Option<&TextEncoder>, limit: usize) -> Result<Vec<HostTensor>, WireError> {
+    if body.len() > limit {
+        return Err(WireError::TooLarge { size: body.len(), limit });
+    }
+    let kind = content_type.map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+    match kind.as_deref() {
+        None | Some("") | Some(CONTENT_JSON) | Some("text/json") => decode_json(body, manifest, text),
+        Some(CONTENT_SAFETENSORS) => decode_safetensors(body, manifest),
+        Some(other) => Err(WireError::ContentType(other.to_string())),
+    }
+}
+
+fn decode_json(body: &[u8], manifest: &Manifest, text: Option<&TextEncoder>) -> Result<Vec<HostTensor>, WireError> {
+    let req: JsonRequest = serde_json::from_slice(body).map_err(|e| WireError::Json(e.to_string()))?;
+    match (req.text, req.inputs) {
+        (Some(texts), None) => {
+            let encoder = match (&manifest.preprocessing, text) {
+                (Preprocessing::Text { .. }, Some(enc)) => enc,
+                _ => return Err(WireError::Input(format!("bundle {:?} does not take text; send \"inputs\"", manifest.name))),
+            };
+            if texts.is_empty() {
+                return Err(WireError::Input("\"text\" is empty".into()));
+            }
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            encoder.encode(&refs).map_err(|e| WireError::Input(e.to_string()))
+        }
+        (None, Some(mut inputs)) => {
+            let mut out = Vec::with_capacity(manifest.inputs.len());
+            for spec in &manifest.inputs {
+                let t = inputs.remove(&spec.name).ok_or_else(|| WireError::Input(format!("missing input {:?}", spec.name)))?;
+                let n: usize = t.shape.iter().product();
+                if n != t.data.len() {
+                    return Err(WireError::Input(format!("input {:?}: shape {:?} needs {n} values, got {}", spec.name, t.shape, t.data.len())));
+                }
+                let tensor = match spec.dtype {
+                    DType::F32 => {
+                        let v = t.data.iter().map(|x| x.as_f64().map(|f| f as f32)).collect::<Option<Vec<_>>>();
+                        HostTensor::f32(t.shape, v.ok_or_else(|| WireError::Input(format!("input {:?}: values must be numbers", spec.name)))?)
+                    }
+                    _ => {
+                        let v = t.data.iter().map(|x| x.as_i64()).collect::<Option<Vec<_>>>();
+                        HostTensor::i64(t.shape, v.ok_or_else(|| WireError::Input(format!("input {:?}: values must be integers", spec.name)))?)
+                    }
+                };
+                out.push(tensor.map_err(|e| WireError::Input(e.to_string()))?);
+            }
+            if let Some(extra) = inputs.keys().next() {
+                return Err(WireError::Input(format!("unknown input {extra:?}; the model takes {:?}", manifest.inputs.iter().map(|i| &i.name).collect::<Vec<_>>())));
+            }
+            Ok(out)
+        }
+        (Some(_), Some(_)) => Err(WireError::Json("give either \"text\" or \"inputs\", not both".into())),
+        (None, None) => Err(WireError::Json("expected \"text\" or \"inputs\"".into())),
+    }
+}
+
+fn decode_safetensors(body: &[u8], manifest: &Manifest) -> Result<Vec<HostTensor>, WireError> {
+    let st = SafeTensors::deserialize(body).map_err(|e| WireError::Safetensors(e.to_string()))?;
+    for name in st.names() {
+        if !manifest.inputs.iter().any(|i| i.name == name) {
+            return Err(WireError::Input(format!("unknown input {name:?}; the model takes {:?}", manifest.inputs.iter().map(|i| &i.name).collect::<Vec<_>>())));
+        }
+    }
+    manifest
+        .inputs
+        .iter()
+        .map(|spec| {
+            let t = st.tensor(&spec.name).map_err(|_| WireError::Input(format!("missing input {:?}", spec.name)))?;
+            let shape = t.shape().to_vec();
+            let bytes = t.data();
+            let tensor = match (spec.dtype, t.dtype()) {
+                (DType::F32, Dtype::F32) => HostTensor::f32(shape, bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+                (DType::I64, Dtype::I64) => HostTensor::i64(shape, bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()),
+                (DType::I64, Dtype::I32) => HostTensor::i64(shape, bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect()),
+                (want, got) => return Err(WireError::Input(format!("input {:?} must be {want:?}, got {got:?}", spec.name))),
+            };
+            tensor.map_err(|e| WireError::Input(e.to_string()))
+        })
+        .collect()
+}
+
+#[derive(Debug, Serialize)]
+pub struct JsonPrediction<'a> {
+    pub label: &'a str,
+    pub class_index: usize,
+    pub scores: BTreeMap<&'a str, f32>,
+    pub adapter: &'a str,
+    pub adapter_version: u64,
+}
+
+/// `{"predictions": [{"label", "class_index", "scores": {label: score}, "adapter", "adapter_version"}]}`
+pub fn encode_predictions(preds: &[Prediction]) -> Vec<u8> {
+    let items: Vec<JsonPrediction<'_>> = preds
+        .iter()
+        .map(|p| JsonPrediction {
+            label: &p.label,
+            class_index: p.class_index,
+            scores: p.labels.iter().map(String::as_str).zip(p.scores.iter().copied()).collect(),
+            adapter: &p.adapter,
+            adapter_version: p.adapter_version,
+        })
+        .collect();
+    serde_json::to_vec(&serde_json::json!({ "predictions": items })).expect("predictions serialize")
+}
+
+/// `{"error": {"type": "...", "message": "..."}}`
+pub fn encode_error(error_type: &str, message: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "error": { "type": error_type, "message": message } })).expect("error serializes")
+}
+
+/// What went wrong with a request, for either transport.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+impl ApiError {
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ApiError::Wire(e) => e.error_type(),
+            ApiError::Engine(e) => e.error_type(),
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! The inference API as its users reach it: `curl` against the HTTP server, and
+//! `mosquitto_pub`/`mosquitto_sub` against a real Mosquitto broker for MQTT v5 request/response.
+
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use adaptd::api::mqtt::{self, MqttApiConfig};
+use adaptd::api::{Api, http};
+use adaptd::engine::{Engine, EngineConfig};
+use adaptd::registry::Registry;
+use adaptd_adapters::{AdapterStore, Bundle};
+use tokio::sync::oneshot;
+
+use crate::broker::Mosquitto;
+use crate::{head_adapter, reference_bundle};
+
+struct Served {
+    _dir: tempfile::TempDir,
+    api: Arc<Api>,
+    engine: Option<Engine>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(e) = self.engine.take() {
+            e.shutdown();
+        }
+    }
+}
+
+fn serve_digits(max_request_bytes: usize) -> Served {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
+    let (registry, _) = Registry::open(bundle, AdapterStore::open(dir.path()).unwrap(), 2).unwrap();
+    let registry = Arc::new(registry);
+    registry.ensure_task("digits").unwrap();
+    registry.promote(head_adapter(registry.bundle(), "sorter", 1, 1)).unwrap();
+    let engine = Engine::start(registry, EngineConfig::default()).unwrap();
+    let api = Arc::new(Api::new(engine.handle.clone(), None, max_request_bytes));
+    Served { _dir: dir, api, engine: Some(engine) }
+}
+
+fn curl(args: &[&str]) -> (u16, serde_json::Value) {
+    let out = Command::new("curl").args(["-s", "-o", "-", "-w", "\n%{http_code}"]).args(args).output().expect("curl");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.to_string())))
+}
+
+fn digit_json() -> String {
+    let data: Vec<String> = (0..64).map(|i| if (i % 8 == 3 || i % 8 == 4) && i > 8 { "0.9".into() } else { "0".into() }).collect();
+    format!("{{\"inputs\": {{\"image\": {{\"shape\": [1, 1, 8, 8], \"data\": [{}]}}}}}}", data.join(", "))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_predicts_and_refuses_bad_requests_with_reasons() {
+    let served = serve_digits(64 * 1024);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(http::serve(listener, served.api.clone(), async { let _ = stopped.await; }));
+
+    let body = digit_json();
+    let base2 = base.clone();
+    let results = tokio::task::spawn_blocking(move || {
+        let url = |path: &str| format!("{base2}{path}");
+        let ok = curl(&["-H", "content-type: application/json", "--data", &body, &url("/v1/tasks/sorter/predict")]);
+        let json = ["-H", "content-type: application/json"];
+        let base_model = curl(&[&json[..], &["--data", &body, &url("/v1/tasks/digits/predict")]].concat());
+        let unknown = curl(&[&json[..], &["--data", &body, &url("/v1/tasks/nobody/predict")]].concat());
+        let garbage = curl(&[&json[..], &["--data", "{\"inputs\": ", &url("/v1/tasks/sorter/predict")]].concat());
+        let unknown_field = curl(&[&json[..], &["--data", "{\"inputz\": {}}", &url("/v1/tasks/sorter/predict")]].concat());
+        let wrong_shape = curl(&[&json[..], &["--data", "{\"inputs\": {\"image\": {\"shape\": [1, 8, 8], \"data\": []}}}", &url("/v1/tasks/sorter/predict")]].concat());
+        let big = "x".repeat(70 * 1024);
+        let too_large = curl(&[&json[..], &["--data", &big, &url("/v1/tasks/sorter/predict")]].concat());
+        let media = curl(&["-H", "content-type: image/gif", "--data", "GIF89a", &url("/v1/tasks/sorter/predict")]);
+        let form = curl(&["--data", &body, &url("/v1/tasks/sorter/predict")]); // curl's default content type
+        let ready = curl(&[&url("/readyz")]);
+        vec![ok, base_model, unknown, garbage, unknown_field, wrong_shape, too_large, media, ready, form]
+    })
+    .await
+    .unwrap();
+
+    let (code, ok) = &results[0];
+    assert_eq!(*code, 200, "{ok}");
+    let p = &ok["predictions"][0];
+    assert_eq!(p["adapter"], "sorter@v1");
+    assert_eq!(p["scores"].as_object().unwrap().len(), 3);
+    let (code, base_model) = &results[1];
+    assert_eq!((*code, base_model["predictions"][0]["adapter"].as_str()), (200, Some("digits@v0")));
+    let expect = [(404, "unknown_task"), (400, "bad_json"), (400, "bad_json"), (400, "bad_input"), (413, "too_large"), (415, "content_type")];
+    for ((code, body), (want_code, want_type)) in results[2..8].iter().zip(expect) {
+        assert_eq!((*code, body["error"]["type"].as_str()), (want_code, Some(want_type)), "{body}");
+        assert!(!body["error"]["message"].as_str().unwrap().is_empty());
+    }
+    assert!(results[4].1["error"]["message"].as_str().unwrap().contains("inputz"), "{}", results[4].1);
+    assert!(results[5].1["error"]["message"].as_str().unwrap().contains("[1, 8, 8]"), "{}", results[5].1);
+    assert_eq!(results[8].0, 200);
+    let (code, form) = &results[9];
+    assert_eq!(*code, 415);
+    assert!(form["error"]["message"].as_str().unwrap().contains("-H 'content-type: application/json'"), "{form}");
+    let refused = served.api.refused();
+    assert_eq!(refused.get("bad_json"), Some(&2));
+    assert_eq!(refused.get("too_large"), Some(&1));
+
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
+fn mqtt_request(port: u16, topic: &str, reply: &str, payload: &[u8], content_type: Option<&str>) -> Output {
+    // mosquitto_sub first; re-publish until it has seen the answer (the API may still be subscribing).
+    let sub = Command::new("mosquitto_sub")
+        .args(["-V", "mqttv5", "-h", "127.0.0.1", "-p", &port.to_string(), "-t", reply, "-C", "1", "-W", "20", "-F", "%D|%p"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), payload).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut sub = sub;
+    while Instant::now() < deadline && sub.try_wait().unwrap().is_none() {
+        let mut publish = Command::new("mosquitto_pub");
+        publish.args(["-V", "mqttv5", "-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic, "-f", file.path().to_str().unwrap()]);
+        publish.args(["-D", "publish", "response-topic", reply, "-D", "publish", "correlation-data", "req-42"]);
+        if let Some(ct) = content_type {
+            publish.args(["-D", "publish", "content-type", ct]);
+        }
+        assert!(publish.status().unwrap().success());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    sub.wait_with_output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_v5_request_response_through_mosquitto() {
+    let broker = Mosquitto::start();
+    let served = serve_digits(64 * 1024);
+    let config = MqttApiConfig { host: "127.0.0.1".into(), port: broker.port, client_id: "adaptd-test".into(), topic_prefix: "adaptd/v1".into(), device_id: "robot-7".into() };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(mqtt::run(served.api.clone(), config, async { let _ = stopped.await; }));
+
+    let port = broker.port;
+    let (ok, bad, binary) = tokio::task::spawn_blocking(move || {
+        let ok = mqtt_request(port, "adaptd/v1/robot-7/infer/sorter", "replies/ok", digit_json().as_bytes(), None);
+        let bad = mqtt_request(port, "adaptd/v1/robot-7/infer/sorter", "replies/bad", b"{\"text\": [\"hello\"]}", None);
+        // The compact form: safetensors bytes, as `safetensors.numpy.save` writes them.
+        let header = br#"{"image":{"dtype":"F32","shape":[1,1,8,8],"data_offsets":[0,256]}}"#;
+        let mut st = (header.len() as u64).to_le_bytes().to_vec();
+        st.extend_from_slice(header);
+        st.extend(std::iter::repeat_n(0.5f32.to_le_bytes(), 64).flatten());
+        let binary = mqtt_request(port, "adaptd/v1/robot-7/infer/sorter", "replies/bin", &st, Some("application/x-safetensors"));
+        (ok, bad, binary)
+    })
+    .await
+    .unwrap();
+
+    let text = |o: &Output| String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let (ok, bad, binary) = (text(&ok), text(&bad), text(&binary));
+    let (corr, json) = ok.split_once('|').unwrap_or_else(|| panic!("no answer: {ok:?}"));
+    assert_eq!(corr, "req-42", "correlation data must come back");
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(v["predictions"][0]["adapter"], "sorter@v1");
+    let v: serde_json::Value = serde_json::from_str(bad.split_once('|').unwrap().1).unwrap();
+    assert_eq!(v["error"]["type"], "bad_input", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("does not take text"), "{v}");
+    let v: serde_json::Value = serde_json::from_str(binary.split_once('|').unwrap().1).unwrap();
+    assert_eq!(v["predictions"][0]["adapter_version"], 1, "{v}");
+
+    let _ = stop.send(());
+    task.await.unwrap();
+}
