@@ -7,11 +7,12 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PYTHON := .venv/bin/python
 
-.PHONY: help setup build demo test
+.PHONY: help setup build demo test bench
 help:
 	@echo "make demo   set up, then run the demo on the reference bundles"
 	@echo "make test   set up, then run all tests"
 	@echo "make setup  only the set-up (venv with the ML runtimes, Mosquitto, reference bundles)"
+	@echo "make bench  benchmarks, ours and the references side by side"
 
 setup:
 	@deploy/setup.sh
@@ -25,3 +26,6 @@ demo: setup
 test: setup
 	$(CARGO) test --workspace
 	$(PYTHON) -m unittest discover -s deploy/export/tests
+
+bench: setup
+	$(CARGO) bench -p adaptd --bench serving

@@ -6,6 +6,7 @@
 //! - `registry`: which adapter serves each task; atomic promotion, rollback, recovery.
 //! - `preprocess`: client input (text, images, tensors) into model inputs.
 //! - `api`: the inference API over HTTP and MQTT v5 request/response.
+//! - `serve`: the serving process: engine, registry and APIs until shutdown.
 //! - `parity`: proof that the serving and training graphs compute the same function.
 //! - `datasets`: the reference data shipped with the reference bundles.
 //! - `paths`: where the set-up step put bundles and data.
@@ -18,6 +19,7 @@ pub mod parity;
 pub mod paths;
 pub mod preprocess;
 pub mod registry;
+pub mod serve;
 
 /// Lower the calling thread's CPU priority (nice 10) so serving wins the cores over background
 /// work: training, validation, promotion I/O. On Linux nice values are per thread.

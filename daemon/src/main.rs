@@ -36,6 +36,27 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         rank: usize,
     },
+    /// Serve a bundle: the engine with each task's active adapter, over HTTP and (optionally) MQTT.
+    Serve {
+        /// Bundle directory [default: the digits-cnn reference bundle].
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// Where adapters are kept (created if missing).
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// HTTP address; keep it on loopback unless a proxy guards it.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: std::net::SocketAddr,
+        /// MQTT broker for the MQTT inference API, as host:port.
+        #[arg(long)]
+        mqtt: Option<String>,
+        /// This device's id in MQTT topics.
+        #[arg(long, default_value = "adaptd")]
+        device: String,
+        /// ONNX Runtime intra-op threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
     /// Work with model bundles.
     Bundle {
         #[command(subcommand)]
@@ -51,7 +72,7 @@ enum BundleCommand {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ADAPTD_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ADAPTD_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -59,6 +80,7 @@ fn main() -> ExitCode {
         Command::Demo { build_dir } => demo(build_dir),
         Command::Parity { bundles, rank } => parity_command(&bundles, rank),
         Command::Bundle { command: BundleCommand::Verify { dir } } => verify(&dir),
+        Command::Serve { bundle, state_dir, http, mqtt, device, threads } => serve(bundle, state_dir, http, mqtt, device, threads),
     };
     match result {
         Ok(code) => code,
@@ -149,4 +171,33 @@ fn parity_command(bundles: &[PathBuf], rank: usize) -> anyhow::Result<ExitCode> 
         ok &= check.parity.passed();
     }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn serve(bundle: Option<PathBuf>, state_dir: PathBuf, http: std::net::SocketAddr, mqtt: Option<String>, device: String, threads: usize) -> anyhow::Result<ExitCode> {
+    let mut config = adaptd::serve::ServeConfig::new(bundle.unwrap_or_else(|| paths::reference_bundle("digits-cnn")), state_dir);
+    config.http = http;
+    config.device_id = device;
+    config.engine.session.intra_op_threads = threads;
+    config.mqtt = match mqtt {
+        Some(addr) => {
+            let (host, port) = addr.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("--mqtt {addr:?}: expected host:port"))?;
+            Some((host.to_string(), port.parse().map_err(|_| anyhow::anyhow!("--mqtt {addr:?}: port must be a number"))?))
+        }
+        None => None,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(adaptd::serve::run(config, shutdown_signal(), None))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The first SIGINT/SIGTERM starts a graceful shutdown; a second one exits at once.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = (signal(SignalKind::terminate()).expect("SIGTERM handler"), signal(SignalKind::interrupt()).expect("SIGINT handler"));
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tokio::spawn(async move {
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        eprintln!("adaptd: second signal, exiting now");
+        std::process::exit(130);
+    });
 }

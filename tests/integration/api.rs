@@ -170,3 +170,37 @@ async fn mqtt_v5_request_response_through_mosquitto() {
     let _ = stop.send(());
     task.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_serving_process_recovers_its_adapters_and_shuts_down_cleanly() {
+    let state = tempfile::tempdir().unwrap();
+    {
+        // A previous run promoted sorter v1 and v2; v2 was damaged on disk since.
+        let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
+        let (registry, _) = Registry::open(bundle, AdapterStore::open(state.path().join("adapters")).unwrap(), 5).unwrap();
+        registry.promote(head_adapter(registry.bundle(), "sorter", 1, 1)).unwrap();
+        registry.promote(head_adapter(registry.bundle(), "sorter", 2, 2)).unwrap();
+        std::fs::write(registry.store().version_dir("sorter", 2).join("head.safetensors"), b"garbage").unwrap();
+    }
+    let mut config = adaptd::serve::ServeConfig::new(reference_bundle("digits-cnn"), state.path().to_path_buf());
+    config.http = "127.0.0.1:0".parse().unwrap();
+    let (bound_tx, bound_rx) = oneshot::channel();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
+    let addr = bound_rx.await.expect("the daemon listens");
+
+    let answers = tokio::task::spawn_blocking(move || {
+        let json = ["-H", "content-type: application/json"];
+        let body = digit_json();
+        let sorter = curl(&[&json[..], &["--data", &body, &format!("http://{addr}/v1/tasks/sorter/predict")]].concat());
+        let base = curl(&[&json[..], &["--data", &body, &format!("http://{addr}/v1/tasks/digits-cnn/predict")]].concat());
+        (sorter, base)
+    })
+    .await
+    .unwrap();
+    assert_eq!(answers.0 .1["predictions"][0]["adapter"], "sorter@v1", "fell back past the damaged v2: {}", answers.0 .1);
+    assert_eq!(answers.1 .1["predictions"][0]["adapter"], "digits-cnn@v0", "{}", answers.1 .1);
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), daemon).await.expect("shuts down in time").unwrap().unwrap();
+}

@@ -1,0 +1,102 @@
+//! Serving as a process: the engine, the registry and the inference APIs, until shut down.
+//! (The configuration file, the training loop and systemd integration build on this.)
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use adaptd_adapters::bundle::Preprocessing;
+use adaptd_adapters::{AdapterStore, Bundle};
+use tokio::sync::{oneshot, watch};
+
+use crate::api::mqtt::{self, MqttApiConfig};
+use crate::api::{Api, DEFAULT_MAX_REQUEST_BYTES, http};
+use crate::engine::onnx::SessionOptions;
+use crate::engine::{Engine, EngineConfig};
+use crate::preprocess::TextEncoder;
+use crate::registry::{Recovery, Registry};
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub bundle: PathBuf,
+    pub state_dir: PathBuf,
+    pub http: SocketAddr,
+    /// `host:port` of an MQTT broker for the MQTT API; none: HTTP only.
+    pub mqtt: Option<(String, u16)>,
+    pub device_id: String,
+    pub engine: EngineConfig,
+    pub keep_versions: usize,
+}
+
+impl ServeConfig {
+    pub fn new(bundle: PathBuf, state_dir: PathBuf) -> ServeConfig {
+        ServeConfig {
+            bundle,
+            state_dir,
+            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            mqtt: None,
+            device_id: "adaptd".into(),
+            engine: EngineConfig { session: SessionOptions::default(), ..Default::default() },
+            keep_versions: 5,
+        }
+    }
+}
+
+/// Serve until `shutdown` completes. `bound` learns the HTTP address once it listens (port 0 works).
+pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound: Option<oneshot::Sender<SocketAddr>>) -> anyhow::Result<()> {
+    let bundle = Bundle::open(&config.bundle)?;
+    let store = AdapterStore::open(config.state_dir.join("adapters"))?;
+    let (registry, recovered) = Registry::open(bundle, store, config.keep_versions)?;
+    for event in &recovered {
+        match event {
+            Recovery::Restored { task, version } => tracing::info!(task, version, "adapter restored"),
+            Recovery::Skipped { task, version, reason } => tracing::warn!(task, version, reason, "adapter version skipped"),
+            Recovery::Base { task } => tracing::warn!(task, "no readable adapter: serving the base model"),
+        }
+    }
+    let registry = Arc::new(registry);
+    let bundle = registry.bundle().clone();
+    // The bundle's own classifier, if it has one, serves as a task named after the bundle.
+    if bundle.manifest.labels.is_some() {
+        registry.ensure_task(&bundle.manifest.name)?;
+    }
+    let text = match bundle.manifest.preprocessing {
+        Preprocessing::Text { .. } => Some(Arc::new(TextEncoder::from_bundle(&bundle)?)),
+        _ => None,
+    };
+    let engine = tokio::task::spawn_blocking({
+        let (registry, engine_config) = (registry.clone(), config.engine.clone());
+        move || Engine::start(registry, engine_config)
+    })
+    .await??;
+    let api = Arc::new(Api::new(engine.handle.clone(), text, DEFAULT_MAX_REQUEST_BYTES));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let listener = tokio::net::TcpListener::bind(config.http).await.map_err(|e| anyhow::anyhow!("HTTP {}: {e}", config.http))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, tasks = ?registry.tasks(), "serving");
+    if let Some(tx) = bound {
+        let _ = tx.send(addr);
+    }
+    let http_task = tokio::spawn(http::serve(listener, api.clone(), stopped(stop_rx.clone())));
+    let mqtt_task = config.mqtt.clone().map(|(host, port)| {
+        let mqtt_config = MqttApiConfig { host, port, client_id: format!("adaptd-{}", config.device_id), topic_prefix: "adaptd/v1".into(), device_id: config.device_id.clone() };
+        tokio::spawn(mqtt::run(api.clone(), mqtt_config, stopped(stop_rx.clone())))
+    });
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    if let Err(e) = http_task.await? {
+        tracing::warn!(error = %e, "HTTP server stopped with an error");
+    }
+    if let Some(t) = mqtt_task {
+        t.await?;
+    }
+    tokio::task::spawn_blocking(move || engine.shutdown()).await?;
+    Ok(())
+}
