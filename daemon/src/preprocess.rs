@@ -14,6 +14,10 @@ pub enum PreprocessError {
     Encode(String),
     #[error("no texts to encode")]
     Empty,
+    #[error("bundle {bundle:?} takes {kind} input, not images")]
+    NotImage { bundle: String, kind: &'static str },
+    #[error("the image does not decode: {0}")]
+    Image(String),
 }
 
 impl PreprocessError {
@@ -22,6 +26,8 @@ impl PreprocessError {
             PreprocessError::NotText { .. } => "wrong_kind",
             PreprocessError::Tokenizer { .. } => "tokenizer",
             PreprocessError::Encode(_) | PreprocessError::Empty => "encode",
+            PreprocessError::NotImage { .. } => "wrong_kind",
+            PreprocessError::Image(_) => "bad_image",
         }
     }
 }
@@ -67,4 +73,35 @@ impl TextEncoder {
         let to_err = |e: adaptd_adapters::tensor::ShapeError| PreprocessError::Encode(e.to_string());
         Ok(vec![HostTensor::i64(shape.clone(), ids).map_err(to_err)?, HostTensor::i64(shape, mask).map_err(to_err)?])
     }
+}
+
+/// Decode a PNG or JPEG into an image bundle's model input `[1, channels, height, width]`:
+/// converted to grey or RGB as the bundle wants, resized (bilinear), scaled by `pixel_scale`.
+pub fn decode_image(bundle_name: &str, preprocessing: &Preprocessing, bytes: &[u8]) -> Result<HostTensor, PreprocessError> {
+    let Preprocessing::Image { height, width, channels, pixel_scale } = *preprocessing else {
+        let kind = if matches!(preprocessing, Preprocessing::Text { .. }) { "text" } else { "tensor" };
+        return Err(PreprocessError::NotImage { bundle: bundle_name.to_string(), kind });
+    };
+    let img = image::load_from_memory(bytes).map_err(|e| PreprocessError::Image(e.to_string()))?;
+    let resize = |i: image::DynamicImage| i.resize_exact(width as u32, height as u32, image::imageops::FilterType::Triangle);
+    let (h, w) = (height, width);
+    let mut data = vec![0.0f32; channels * h * w];
+    match channels {
+        1 => {
+            let grey = resize(img).to_luma8();
+            for (i, p) in grey.pixels().enumerate() {
+                data[i] = p.0[0] as f32 * pixel_scale;
+            }
+        }
+        3 => {
+            let rgb = resize(img).to_rgb8();
+            for (i, p) in rgb.pixels().enumerate() {
+                for c in 0..3 {
+                    data[c * h * w + i] = p.0[c] as f32 * pixel_scale; // channels first
+                }
+            }
+        }
+        n => return Err(PreprocessError::Image(format!("bundles with {n} channels are not supported (1 or 3)"))),
+    }
+    Ok(HostTensor::f32(vec![1, channels, h, w], data).expect("sized above"))
 }

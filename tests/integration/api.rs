@@ -204,3 +204,40 @@ async fn the_serving_process_recovers_its_adapters_and_shuts_down_cleanly() {
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(10), daemon).await.expect("shuts down in time").unwrap().unwrap();
 }
+
+#[test]
+fn png_and_jpeg_digits_answer_like_their_tensors_and_broken_images_are_refused() {
+    use adaptd::api::wire::{self, WireError};
+    use adaptd::datasets::{Digits, Shift};
+    let served = serve_digits(1 << 20);
+    let manifest = served.api.engine().manifest().clone();
+    let digits = Digits::load(&crate::digits_data()).unwrap();
+    let held: Vec<usize> = digits.held_out().into_iter().take(20).collect();
+    let mut agree = 0;
+    for &i in &held {
+        let pixels: Vec<u8> = digits.image(i, Shift::None).iter().map(|v| (v * 255.0).round() as u8).collect();
+        let img = image::GrayImage::from_raw(8, 8, pixels).unwrap();
+        let mut png = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        let from_png = wire::decode(&png, Some("image/png"), &manifest, None, 1 << 20).unwrap();
+        assert_eq!(from_png[0].shape, vec![1, 1, 8, 8]);
+        let a = served.api.engine().infer_blocking("digits", from_png).unwrap();
+        let b = served.api.engine().infer_blocking("digits", vec![digits.batch(&[i], Shift::None)]).unwrap();
+        agree += usize::from(a[0].class_index == b[0].class_index);
+    }
+    assert_eq!(agree, held.len(), "8-bit PNG quantisation must not change answers");
+
+    // A 64x64 JPEG of a digit is converted and resized to the model's 8x8 grey input.
+    let big = image::imageops::resize(&image::GrayImage::from_raw(8, 8, vec![128; 64]).unwrap(), 64, 64, image::imageops::FilterType::Nearest);
+    let mut jpeg = Vec::new();
+    image::DynamicImage::ImageLuma8(big).to_rgb8().write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg).unwrap();
+    let t = wire::decode(&jpeg, Some("image/jpeg"), &manifest, None, 1 << 20).unwrap();
+    assert_eq!(t[0].shape, vec![1, 1, 8, 8]);
+    assert!(t[0].as_f32().unwrap().iter().all(|v| (v - 128.0 / 255.0).abs() < 0.05));
+
+    let err = wire::decode(b"\x89PNG\r\n\x1a\nnot really", Some("image/png"), &manifest, None, 1 << 20).unwrap_err();
+    assert!(matches!(&err, WireError::Input(m) if m.contains("does not decode")), "{err}");
+    let minilm = Bundle::open(reference_bundle("minilm")).unwrap();
+    let err = wire::decode(&jpeg, Some("image/jpeg"), &minilm.manifest, None, 1 << 20).unwrap_err();
+    assert!(err.to_string().contains("takes text input, not images"), "{err}");
+}

@@ -2,6 +2,8 @@
 //!
 //! - JSON, for people and scripts: `{"text": ["..."]}` for text bundles, or
 //!   `{"inputs": {"<input name>": {"shape": [...], "data": [...]}}}` for tensors.
+//! - a PNG or JPEG (`image/png`, `image/jpeg`) for image bundles: one image, preprocessed as the
+//!   bundle's manifest says (channels, size, pixel scale).
 //! - safetensors bytes (content type `application/x-safetensors`), for tensors: one tensor per
 //!   model input, named as in the bundle manifest; self-describing (dtype, shape), the same format
 //!   as adapter files, and written by `safetensors.numpy.save` in Python with no extra code.
@@ -20,12 +22,14 @@ use crate::preprocess::TextEncoder;
 
 pub const CONTENT_JSON: &str = "application/json";
 pub const CONTENT_SAFETENSORS: &str = "application/x-safetensors";
+pub const CONTENT_PNG: &str = "image/png";
+pub const CONTENT_JPEG: &str = "image/jpeg";
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum WireError {
     #[error("payload of {size} bytes is over the limit of {limit} bytes")]
     TooLarge { size: usize, limit: usize },
-    #[error("content type {0:?} is not supported: send application/json or application/x-safetensors (with curl: -H 'content-type: application/json')")]
+    #[error("content type {0:?} is not supported: send application/json, application/x-safetensors, image/png or image/jpeg (with curl: -H 'content-type: application/json')")]
     ContentType(String),
     #[error("invalid JSON request: {0}")]
     Json(String),
@@ -72,6 +76,10 @@ pub fn decode(body: &[u8], content_type: Option<&str>, manifest: &Manifest, text
     match kind.as_deref() {
         None | Some("") | Some(CONTENT_JSON) | Some("text/json") => decode_json(body, manifest, text),
         Some(CONTENT_SAFETENSORS) => decode_safetensors(body, manifest),
+        Some(CONTENT_PNG) | Some(CONTENT_JPEG) | Some("image/jpg") => {
+            let image = crate::preprocess::decode_image(&manifest.name, &manifest.preprocessing, body).map_err(|e| WireError::Input(e.to_string()))?;
+            Ok(vec![image])
+        }
         Some(other) => Err(WireError::ContentType(other.to_string())),
     }
 }
