@@ -6,6 +6,7 @@
 //! - `registry`: which adapter serves each task; atomic promotion, rollback, recovery.
 //! - `preprocess`: client input (text, images, tensors) into model inputs.
 //! - `api`: the inference API over HTTP and MQTT v5 request/response.
+//! - `config`: the configuration file; unknown keys are errors.
 //! - `serve`: the serving process: engine, registry and APIs until shutdown.
 //! - `parity`: proof that the serving and training graphs compute the same function.
 //! - `datasets`: the reference data shipped with the reference bundles.
@@ -13,6 +14,7 @@
 //! - adapters, bundles and training: the `adaptd-adapters` crate.
 
 pub mod api;
+pub mod config;
 pub mod datasets;
 pub mod engine;
 pub mod parity;

@@ -37,25 +37,31 @@ enum Command {
         rank: usize,
     },
     /// Serve a bundle: the engine with each task's active adapter, over HTTP and (optionally) MQTT.
+    /// Settings come from --config (default: the built-in config/adaptd.toml); flags override it.
     Serve {
-        /// Bundle directory [default: the digits-cnn reference bundle].
+        /// Configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Bundle directory [default: the config's, or the digits-cnn reference bundle without --config].
         #[arg(long)]
         bundle: Option<PathBuf>,
         /// Where adapters are kept (created if missing).
         #[arg(long)]
-        state_dir: PathBuf,
+        state_dir: Option<PathBuf>,
         /// HTTP address; keep it on loopback unless a proxy guards it.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        http: std::net::SocketAddr,
+        #[arg(long)]
+        http: Option<std::net::SocketAddr>,
         /// MQTT broker for the MQTT inference API, as host:port.
         #[arg(long)]
         mqtt: Option<String>,
         /// This device's id in MQTT topics.
-        #[arg(long, default_value = "adaptd")]
-        device: String,
-        /// ONNX Runtime intra-op threads.
-        #[arg(long, default_value_t = 2)]
-        threads: usize,
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Check a configuration file without starting anything (exit 0: valid, 2: invalid).
+    Validate {
+        #[arg(long)]
+        config: PathBuf,
     },
     /// Work with model bundles.
     Bundle {
@@ -80,7 +86,17 @@ fn main() -> ExitCode {
         Command::Demo { build_dir } => demo(build_dir),
         Command::Parity { bundles, rank } => parity_command(&bundles, rank),
         Command::Bundle { command: BundleCommand::Verify { dir } } => verify(&dir),
-        Command::Serve { bundle, state_dir, http, mqtt, device, threads } => serve(bundle, state_dir, http, mqtt, device, threads),
+        Command::Serve { config, bundle, state_dir, http, mqtt, device } => serve(config, bundle, state_dir, http, mqtt, device),
+        Command::Validate { config } => match adaptd::config::Config::load(&config) {
+            Ok(_) => {
+                println!("{}: valid", config.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("adaptd: {e}");
+                Ok(ExitCode::from(2))
+            }
+        },
     };
     match result {
         Ok(code) => code,
@@ -173,18 +189,36 @@ fn parity_command(bundles: &[PathBuf], rank: usize) -> anyhow::Result<ExitCode> 
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-fn serve(bundle: Option<PathBuf>, state_dir: PathBuf, http: std::net::SocketAddr, mqtt: Option<String>, device: String, threads: usize) -> anyhow::Result<ExitCode> {
-    let mut config = adaptd::serve::ServeConfig::new(bundle.unwrap_or_else(|| paths::reference_bundle("digits-cnn")), state_dir);
-    config.http = http;
-    config.device_id = device;
-    config.engine.session.intra_op_threads = threads;
-    config.mqtt = match mqtt {
-        Some(addr) => {
-            let (host, port) = addr.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("--mqtt {addr:?}: expected host:port"))?;
-            Some((host.to_string(), port.parse().map_err(|_| anyhow::anyhow!("--mqtt {addr:?}: port must be a number"))?))
-        }
-        None => None,
+fn serve(
+    config_path: Option<PathBuf>,
+    bundle: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    http: Option<std::net::SocketAddr>,
+    mqtt: Option<String>,
+    device: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let file = match &config_path {
+        Some(path) => adaptd::config::Config::load(path)?,
+        // Without a file, serve the reference bundle from this checkout's build directory.
+        None => adaptd::config::Config { bundle: paths::reference_bundle("digits-cnn"), ..Default::default() },
     };
+    let mut config = adaptd::serve::ServeConfig::from_config(&file);
+    if let Some(b) = bundle {
+        config.bundle = b;
+    }
+    if let Some(s) = state_dir {
+        config.state_dir = s;
+    }
+    if let Some(h) = http {
+        config.http = h;
+    }
+    if let Some(d) = device {
+        config.device_id = d;
+    }
+    if let Some(addr) = mqtt {
+        let (host, port) = addr.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("--mqtt {addr:?}: expected host:port"))?;
+        config.mqtt = Some((host.to_string(), port.parse().map_err(|_| anyhow::anyhow!("--mqtt {addr:?}: port must be a number"))?));
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(adaptd::serve::run(config, shutdown_signal(), None))?;
     Ok(ExitCode::SUCCESS)

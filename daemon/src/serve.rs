@@ -11,8 +11,8 @@ use adaptd_adapters::{AdapterStore, Bundle};
 use tokio::sync::{oneshot, watch};
 
 use crate::api::mqtt::{self, MqttApiConfig};
-use crate::api::{Api, DEFAULT_MAX_REQUEST_BYTES, http};
-use crate::engine::onnx::SessionOptions;
+use crate::api::{Api, http};
+use crate::config::Config;
 use crate::engine::{Engine, EngineConfig};
 use crate::preprocess::TextEncoder;
 use crate::registry::{Recovery, Registry};
@@ -25,20 +25,28 @@ pub struct ServeConfig {
     /// `host:port` of an MQTT broker for the MQTT API; none: HTTP only.
     pub mqtt: Option<(String, u16)>,
     pub device_id: String,
+    pub topic_prefix: String,
     pub engine: EngineConfig,
     pub keep_versions: usize,
+    pub max_request_bytes: usize,
 }
 
 impl ServeConfig {
     pub fn new(bundle: PathBuf, state_dir: PathBuf) -> ServeConfig {
+        ServeConfig::from_config(&Config { bundle, state_dir, ..Config::default() })
+    }
+
+    pub fn from_config(config: &Config) -> ServeConfig {
         ServeConfig {
-            bundle,
-            state_dir,
-            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            mqtt: None,
-            device_id: "adaptd".into(),
-            engine: EngineConfig { session: SessionOptions::default(), ..Default::default() },
-            keep_versions: 5,
+            bundle: config.bundle.clone(),
+            state_dir: config.state_dir.clone(),
+            http: config.http.listen,
+            mqtt: (!config.mqtt.host.is_empty()).then(|| (config.mqtt.host.clone(), config.mqtt.port)),
+            device_id: config.mqtt.device_id.clone(),
+            topic_prefix: config.mqtt.topic_prefix.clone(),
+            engine: config.engine_config(),
+            keep_versions: config.adapters.keep_versions,
+            max_request_bytes: config.http.max_request_bytes,
         }
     }
 }
@@ -70,7 +78,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
         move || Engine::start(registry, engine_config)
     })
     .await??;
-    let api = Arc::new(Api::new(engine.handle.clone(), text, DEFAULT_MAX_REQUEST_BYTES));
+    let api = Arc::new(Api::new(engine.handle.clone(), text, config.max_request_bytes));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -84,7 +92,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
     }
     let http_task = tokio::spawn(http::serve(listener, api.clone(), stopped(stop_rx.clone())));
     let mqtt_task = config.mqtt.clone().map(|(host, port)| {
-        let mqtt_config = MqttApiConfig { host, port, client_id: format!("adaptd-{}", config.device_id), topic_prefix: "adaptd/v1".into(), device_id: config.device_id.clone() };
+        let mqtt_config = MqttApiConfig { host, port, client_id: format!("adaptd-{}", config.device_id), topic_prefix: config.topic_prefix.clone(), device_id: config.device_id.clone() };
         tokio::spawn(mqtt::run(api.clone(), mqtt_config, stopped(stop_rx.clone())))
     });
 

@@ -5,6 +5,7 @@ mod adapters;
 mod api;
 mod broker;
 mod bundles;
+mod config;
 mod engine;
 mod registry;
 mod runtimes;

@@ -1,0 +1,64 @@
+//! The configuration file: the shipped default and `Config::default()` cannot drift, and a bad
+//! file is refused with the key (and line) that is wrong.
+
+use std::path::Path;
+use std::process::Command;
+
+use adaptd::config::{Config, DEFAULT_TOML};
+
+fn parse(text: &str) -> Result<Config, String> {
+    Config::parse(text, Path::new("test.toml")).map_err(|e| e.to_string())
+}
+
+#[test]
+fn the_shipped_file_is_the_built_in_default() {
+    assert_eq!(parse(DEFAULT_TOML).unwrap(), Config::default());
+}
+
+#[test]
+fn bad_files_name_the_key_and_say_what_is_allowed() {
+    let unknown = DEFAULT_TOML.replace("[engine]\n", "[engine]\nmax_bacth = 8\n");
+    let err = parse(&unknown).unwrap_err();
+    assert!(err.contains("test.toml") && err.contains("max_bacth") && err.contains("line"), "{err}");
+
+    let wrong_type = DEFAULT_TOML.replace("max_batch = 32", "max_batch = \"lots\"");
+    let err = parse(&wrong_type).unwrap_err();
+    assert!(err.contains("max_batch") || err.contains("invalid type"), "{err}");
+
+    let provider = DEFAULT_TOML.replace("execution_provider = \"cpu\"", "execution_provider = \"npu\"");
+    let err = parse(&provider).unwrap_err();
+    assert!(err.contains("npu") && err.contains("cuda"), "lists what is allowed: {err}");
+
+    for (from, to, key) in [
+        ("max_batch = 32", "max_batch = 0", "engine.max_batch"),
+        ("keep_versions = 5", "keep_versions = 0", "adapters.keep_versions"),
+        ("topic_prefix = \"adaptd/v1\"", "topic_prefix = \"adaptd/#\"", "mqtt.topic_prefix"),
+        ("listen = \"127.0.0.1:8080\"", "listen = \"localhost\"", "listen"),
+    ] {
+        let err = parse(&DEFAULT_TOML.replace(from, to)).unwrap_err();
+        assert!(err.contains(key), "{key}: {err}");
+    }
+    let missing = DEFAULT_TOML.replace("state_dir = \"/var/lib/adaptd\"\n", "");
+    assert!(parse(&missing).unwrap_err().contains("state_dir"));
+}
+
+#[test]
+fn validate_exits_zero_for_a_good_file_and_two_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, DEFAULT_TOML).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_adaptd")).args(["validate", "--config"]).arg(&good).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, DEFAULT_TOML.replace("queue_depth = 1024", "queue_depth = -1")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_adaptd")).args(["validate", "--config"]).arg(&bad).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("bad.toml") && stderr.contains("queue_depth"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_adaptd")).args(["validate", "--config", "/nonexistent/adaptd.toml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/adaptd.toml"));
+}
