@@ -20,7 +20,7 @@ use crate::bundle::{Bundle, FileEntry, LoraSpec};
 use crate::fsutil::{self, FsError};
 use crate::head::{Dense, Head, HeadError};
 use crate::lora::{LoraError, LoraModule, LoraWeights};
-use crate::tensor::HostTensor;
+use crate::tensor::{HostTensor, f32s_from_le};
 
 pub const ADAPTER_FORMAT: u32 = 1;
 pub const ADAPTER_MANIFEST: &str = "adapter.json";
@@ -248,8 +248,7 @@ fn read_f32(st: &SafeTensors<'_>, name: &str) -> Result<HostTensor, String> {
     if t.dtype() != Dtype::F32 {
         return Err(format!("tensor {name:?} is {:?}; adaptd reads F32", t.dtype()));
     }
-    let data = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    HostTensor::f32(t.shape().to_vec(), data).map_err(|e| format!("tensor {name:?}: {e}"))
+    HostTensor::f32(t.shape().to_vec(), f32s_from_le(t.data())).map_err(|e| format!("tensor {name:?}: {e}"))
 }
 
 fn head_to_safetensors(head: &Head) -> Result<Vec<u8>, String> {

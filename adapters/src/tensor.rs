@@ -83,6 +83,16 @@ impl HostTensor {
     }
 }
 
+/// Little-endian f32 values from raw bytes (safetensors, wire payloads); a trailing partial value is ignored.
+pub fn f32s_from_le(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// Little-endian i64 values from raw bytes.
+pub fn i64s_from_le(bytes: &[u8]) -> Vec<i64> {
+    bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("chunks of 8"))).collect()
+}
+
 /// Largest absolute element-wise difference of two equally shaped f32 tensors; None if the
 /// shapes differ or either is not f32. NaN anywhere yields NaN (it must never compare as equal).
 pub fn max_abs_diff(a: &HostTensor, b: &HostTensor) -> Option<f32> {

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use adaptd_adapters::tensor::HostTensor;
+use adaptd_adapters::tensor::{HostTensor, f32s_from_le, i64s_from_le};
 use safetensors::{Dtype, SafeTensors};
 
 #[derive(Debug, thiserror::Error)]
@@ -57,8 +57,8 @@ impl Digits {
         if images.shape() != [n, 1, DIGIT_SIDE, DIGIT_SIDE] || pretrain.shape() != [n] {
             return Err(fmt(format!("shapes images {:?} / labels {:?} / pretrain {:?} do not fit", images.shape(), labels.shape(), pretrain.shape())));
         }
-        let pixels = images.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        let labels = labels.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        let pixels = f32s_from_le(images.data());
+        let labels = i64s_from_le(labels.data());
         let pretrain = pretrain.data().iter().map(|&b| b != 0).collect();
         Ok(Digits { pixels, labels, pretrain })
     }

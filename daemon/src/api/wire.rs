@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 
 use adaptd_adapters::bundle::{DType, Manifest, Preprocessing};
-use adaptd_adapters::tensor::HostTensor;
+use adaptd_adapters::tensor::{HostTensor, f32s_from_le, i64s_from_le};
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
@@ -143,8 +143,8 @@ fn decode_safetensors(body: &[u8], manifest: &Manifest) -> Result<Vec<HostTensor
             let shape = t.shape().to_vec();
             let bytes = t.data();
             let tensor = match (spec.dtype, t.dtype()) {
-                (DType::F32, Dtype::F32) => HostTensor::f32(shape, bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
-                (DType::I64, Dtype::I64) => HostTensor::i64(shape, bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()),
+                (DType::F32, Dtype::F32) => HostTensor::f32(shape, f32s_from_le(bytes)),
+                (DType::I64, Dtype::I64) => HostTensor::i64(shape, i64s_from_le(bytes)),
                 (DType::I64, Dtype::I32) => HostTensor::i64(shape, bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect()),
                 (want, got) => return Err(WireError::Input(format!("input {:?} must be {want:?}, got {got:?}", spec.name))),
             };
