@@ -7,6 +7,7 @@
 //! - `preprocess`: client input (text, images, tensors) into model inputs.
 //! - `api`: the inference API over HTTP and MQTT v5 request/response.
 //! - `config`: the configuration file; unknown keys are errors.
+//! - `samples`: the durable, deduplicated sample store (SQLite, WAL) with stable splits.
 //! - `serve`: the serving process: engine, registry and APIs until shutdown.
 //! - `parity`: proof that the serving and training graphs compute the same function.
 //! - `datasets`: the reference data shipped with the reference bundles.
@@ -21,6 +22,7 @@ pub mod parity;
 pub mod paths;
 pub mod preprocess;
 pub mod registry;
+pub mod samples;
 pub mod serve;
 
 /// Lower the calling thread's CPU priority (nice 10) so serving wins the cores over background

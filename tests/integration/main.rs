@@ -9,6 +9,7 @@ mod config;
 mod engine;
 mod registry;
 mod runtimes;
+mod samples;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,339 @@
+//! The sample store: labelled samples, durable before they are acknowledged.
+//!
+//! SQLite in WAL mode (bundled, so every device runs the same SQLite): one file, crash-safe on
+//! power loss with `synchronous=FULL`, readers never block the writer. Samples are deduplicated
+//! by their idempotency key (a redelivery or a duplicate publish is harmless), and each goes to
+//! train, validation or holdout by a hash of that key, so the split is stable across restarts
+//! and no sample ever moves between sets. Each task's label set grows when a new label appears.
+//! Inserts come in batches: one transaction, one fsync, for as many samples as the ingest loop
+//! has in hand.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use adaptd_adapters::tensor::{HostData, HostTensor, f32s_from_le, i64s_from_le};
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{path}: sample store: {source}")]
+    Sqlite { path: PathBuf, source: rusqlite::Error },
+    #[error("{path}: sample store holds a damaged row {id}: {reason}")]
+    Corrupt { path: PathBuf, id: i64, reason: String },
+}
+
+impl StoreError {
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            StoreError::Sqlite { .. } => "sqlite",
+            StoreError::Corrupt { .. } => "corrupt",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Split {
+    Train = 0,
+    Validation = 1,
+    Holdout = 2,
+}
+
+impl Split {
+    fn from_i64(v: i64) -> Option<Split> {
+        match v {
+            0 => Some(Split::Train),
+            1 => Some(Split::Validation),
+            2 => Some(Split::Holdout),
+            _ => None,
+        }
+    }
+}
+
+/// Fractions of samples for validation and holdout; the rest trains.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SplitPolicy {
+    pub validation_percent: u8,
+    pub holdout_percent: u8,
+}
+
+impl Default for SplitPolicy {
+    fn default() -> Self {
+        SplitPolicy { validation_percent: 10, holdout_percent: 10 }
+    }
+}
+
+impl SplitPolicy {
+    /// The split of an idempotency key: a pure function of the key and the policy.
+    pub fn split_of(&self, key: &str) -> Split {
+        let digest = Sha256::digest(key.as_bytes());
+        let bucket = (u64::from_le_bytes(digest[..8].try_into().expect("8 bytes")) % 100) as u8;
+        if bucket < self.validation_percent {
+            Split::Validation
+        } else if bucket < self.validation_percent + self.holdout_percent {
+            Split::Holdout
+        } else {
+            Split::Train
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SampleInput {
+    Tensor(HostTensor),
+    Text(String),
+}
+
+/// A labelled sample as it arrives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// Idempotency key: device id + sequence number, or a uuid.
+    pub key: String,
+    pub task: String,
+    pub label: String,
+    pub input: SampleInput,
+    pub weight: f32,
+    pub source: Option<String>,
+    pub timestamp_ms: i64,
+    /// An operator's correction of a served prediction.
+    pub correction: bool,
+}
+
+/// A sample as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredSample {
+    pub id: i64,
+    pub sample: Sample,
+    pub split: Split,
+    pub received_ms: i64,
+    pub embedding: Option<Vec<f32>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    New(Split),
+    /// The key was stored before: nothing changed.
+    Duplicate,
+}
+
+pub struct SampleStore {
+    conn: Connection,
+    path: PathBuf,
+    policy: SplitPolicy,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS samples (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    task TEXT NOT NULL,
+    label TEXT NOT NULL,
+    split INTEGER NOT NULL,
+    input_kind TEXT NOT NULL,
+    input_shape TEXT NOT NULL,
+    input BLOB NOT NULL,
+    weight REAL NOT NULL,
+    source TEXT,
+    timestamp_ms INTEGER NOT NULL,
+    received_ms INTEGER NOT NULL,
+    correction INTEGER NOT NULL,
+    embedding BLOB
+);
+CREATE INDEX IF NOT EXISTS samples_by_task ON samples(task, split, label);
+CREATE TABLE IF NOT EXISTS labels (
+    task TEXT NOT NULL,
+    label TEXT NOT NULL,
+    first_seen_ms INTEGER NOT NULL,
+    PRIMARY KEY (task, label)
+);
+";
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl SampleStore {
+    pub fn open(path: &Path, policy: SplitPolicy) -> Result<SampleStore, StoreError> {
+        let err = |source| StoreError::Sqlite { path: path.to_path_buf(), source };
+        let conn = Connection::open(path).map_err(err)?;
+        // WAL + FULL: a committed transaction survives power loss; busy_timeout: a reader (a CLI
+        // `samples stats`) never makes the daemon's writer fail.
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        Ok(SampleStore { conn, path: path.to_path_buf(), policy })
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        move |source| StoreError::Sqlite { path: self.path.clone(), source }
+    }
+
+    pub fn policy(&self) -> SplitPolicy {
+        self.policy
+    }
+
+    /// Store `samples` in one transaction (one fsync). Returns, per sample, whether it was new.
+    /// When this returns Ok, every sample is durable and may be acknowledged.
+    pub fn insert_batch(&mut self, samples: &[Sample]) -> Result<Vec<Inserted>, StoreError> {
+        let received = now_ms();
+        let path = self.path.clone();
+        let err = move |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(&err)?;
+        let mut out = Vec::with_capacity(samples.len());
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO samples (key, task, label, split, input_kind, input_shape, input, weight, source, timestamp_ms, received_ms, correction)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                )
+                .map_err(&err)?;
+            let mut label = tx.prepare_cached("INSERT OR IGNORE INTO labels (task, label, first_seen_ms) VALUES (?1, ?2, ?3)").map_err(&err)?;
+            for s in samples {
+                let split = self.policy.split_of(&s.key);
+                let (kind, shape, bytes) = encode_input(&s.input);
+                let changed = insert
+                    .execute(params![s.key, s.task, s.label, split as i64, kind, shape, bytes, s.weight as f64, s.source, s.timestamp_ms, received, s.correction])
+                    .map_err(&err)?;
+                if changed == 1 {
+                    label.execute(params![s.task, s.label, received]).map_err(&err)?;
+                    out.push(Inserted::New(split));
+                } else {
+                    out.push(Inserted::Duplicate);
+                }
+            }
+        }
+        tx.commit().map_err(&err)?;
+        Ok(out)
+    }
+
+    /// Labels of `task` in the order they first appeared (class indices stay stable as it grows).
+    pub fn labels(&self, task: &str) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT label FROM labels WHERE task = ?1 ORDER BY first_seen_ms, rowid").map_err(self.err())?;
+        let rows = stmt.query_map(params![task], |r| r.get::<_, String>(0)).map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    pub fn tasks(&self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT DISTINCT task FROM labels ORDER BY task").map_err(self.err())?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// Sample counts of `task` by split and label.
+    pub fn counts(&self, task: &str) -> Result<BTreeMap<(Split, String), u64>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT split, label, COUNT(*) FROM samples WHERE task = ?1 GROUP BY split, label").map_err(self.err())?;
+        let rows = stmt.query_map(params![task], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))).map_err(self.err())?;
+        let mut out = BTreeMap::new();
+        for row in rows {
+            let (split, label, n) = row.map_err(self.err())?;
+            if let Some(split) = Split::from_i64(split) {
+                out.insert((split, label), n as u64);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn len(&self) -> Result<u64, StoreError> {
+        self.conn.query_row("SELECT COUNT(*) FROM samples", [], |r| r.get::<_, i64>(0)).map(|n| n as u64).map_err(self.err())
+    }
+
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.len()? == 0)
+    }
+
+    pub fn get(&self, key: &str) -> Result<Option<StoredSample>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(&format!("{SELECT_SAMPLE} WHERE key = ?1")).map_err(self.err())?;
+        let row = stmt.query_row(params![key], read_row).optional().map_err(self.err())?;
+        row.map(|r| self.decode_row(r)).transpose()
+    }
+
+    /// Every sample of `task` in `split`, oldest first.
+    pub fn load(&self, task: &str, split: Split) -> Result<Vec<StoredSample>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(&format!("{SELECT_SAMPLE} WHERE task = ?1 AND split = ?2 ORDER BY id")).map_err(self.err())?;
+        let rows = stmt.query_map(params![task, split as i64], read_row).map_err(self.err())?;
+        rows.map(|r| r.map_err(self.err()).and_then(|r| self.decode_row(r))).collect()
+    }
+
+    /// Cache the backbone's embedding of a sample, so head training never re-runs the backbone.
+    pub fn set_embedding(&mut self, id: i64, embedding: &[f32]) -> Result<(), StoreError> {
+        let bytes: Vec<u8> = embedding.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.conn.execute("UPDATE samples SET embedding = ?1 WHERE id = ?2", params![bytes, id]).map_err(self.err())?;
+        Ok(())
+    }
+
+    fn decode_row(&self, r: RawRow) -> Result<StoredSample, StoreError> {
+        let corrupt = |reason: String| StoreError::Corrupt { path: self.path.clone(), id: r.id, reason };
+        let split = Split::from_i64(r.split).ok_or_else(|| corrupt(format!("split {}", r.split)))?;
+        let input = decode_input(&r.input_kind, &r.input_shape, r.input).map_err(corrupt)?;
+        Ok(StoredSample {
+            id: r.id,
+            sample: Sample { key: r.key, task: r.task, label: r.label, input, weight: r.weight as f32, source: r.source, timestamp_ms: r.timestamp_ms, correction: r.correction },
+            split,
+            received_ms: r.received_ms,
+            embedding: r.embedding.map(|b| f32s_from_le(&b)),
+        })
+    }
+}
+
+const SELECT_SAMPLE: &str = "SELECT id, key, task, label, split, input_kind, input_shape, input, weight, source, timestamp_ms, received_ms, correction, embedding FROM samples";
+
+struct RawRow {
+    id: i64,
+    key: String,
+    task: String,
+    label: String,
+    split: i64,
+    input_kind: String,
+    input_shape: String,
+    input: Vec<u8>,
+    weight: f64,
+    source: Option<String>,
+    timestamp_ms: i64,
+    received_ms: i64,
+    correction: bool,
+    embedding: Option<Vec<u8>>,
+}
+
+fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+    Ok(RawRow {
+        id: r.get(0)?,
+        key: r.get(1)?,
+        task: r.get(2)?,
+        label: r.get(3)?,
+        split: r.get(4)?,
+        input_kind: r.get(5)?,
+        input_shape: r.get(6)?,
+        input: r.get(7)?,
+        weight: r.get(8)?,
+        source: r.get(9)?,
+        timestamp_ms: r.get(10)?,
+        received_ms: r.get(11)?,
+        correction: r.get(12)?,
+        embedding: r.get(13)?,
+    })
+}
+
+fn encode_input(input: &SampleInput) -> (&'static str, String, Vec<u8>) {
+    match input {
+        SampleInput::Text(t) => ("text", "[]".into(), t.as_bytes().to_vec()),
+        SampleInput::Tensor(t) => {
+            let shape = serde_json::to_string(&t.shape).expect("shape serializes");
+            match &t.data {
+                HostData::F32(v) => ("f32", shape, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                HostData::I64(v) => ("i64", shape, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            }
+        }
+    }
+}
+
+fn decode_input(kind: &str, shape: &str, bytes: Vec<u8>) -> Result<SampleInput, String> {
+    let shape: Vec<usize> = serde_json::from_str(shape).map_err(|e| format!("input shape {shape:?}: {e}"))?;
+    let tensor = match kind {
+        "text" => return String::from_utf8(bytes).map(SampleInput::Text).map_err(|e| format!("text input: {e}")),
+        "f32" => HostTensor::f32(shape, f32s_from_le(&bytes)),
+        "i64" => HostTensor::i64(shape, i64s_from_le(&bytes)),
+        other => return Err(format!("input kind {other:?}")),
+    };
+    tensor.map(SampleInput::Tensor).map_err(|e| format!("input: {e}"))
+}

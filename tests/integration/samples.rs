@@ -1,0 +1,89 @@
+//! The sample store: durable across reopen, deduplicated by key, stable splits, growing labels.
+
+use adaptd::samples::{Inserted, Sample, SampleInput, SampleStore, Split, SplitPolicy};
+use adaptd_adapters::tensor::HostTensor;
+
+fn sample(key: &str, task: &str, label: &str) -> Sample {
+    Sample {
+        key: key.into(),
+        task: task.into(),
+        label: label.into(),
+        input: SampleInput::Tensor(HostTensor::f32(vec![1, 1, 8, 8], (0..64).map(|i| i as f32 / 64.0).collect()).unwrap()),
+        weight: 1.0,
+        source: Some("robot-7".into()),
+        timestamp_ms: 1_700_000_000_000,
+        correction: false,
+    }
+}
+
+#[test]
+fn duplicates_change_nothing_and_everything_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("samples.db");
+    let mut store = SampleStore::open(&path, SplitPolicy::default()).unwrap();
+    let batch: Vec<Sample> = (0..50).map(|i| sample(&format!("robot-7:{i}"), "sorter", ["left", "right"][i % 2])).collect();
+    let first = store.insert_batch(&batch).unwrap();
+    assert!(first.iter().all(|r| matches!(r, Inserted::New(_))));
+
+    // A redelivery of the same keys — even one that now claims another label — is a no-op.
+    let mut again = batch.clone();
+    again[0].label = "stop".into();
+    assert!(store.insert_batch(&again).unwrap().iter().all(|r| *r == Inserted::Duplicate));
+    assert_eq!(store.len().unwrap(), 50);
+    assert_eq!(store.labels("sorter").unwrap(), vec!["left", "right"], "a duplicate must not add its label");
+
+    let text = Sample { input: SampleInput::Text("pick up the box".into()), ..sample("op:1", "intent", "manipulate") };
+    store.insert_batch(std::slice::from_ref(&text)).unwrap();
+    let id = store.get("robot-7:3").unwrap().unwrap().id;
+    store.set_embedding(id, &[0.5, -1.0, 2.0]).unwrap();
+    drop(store);
+
+    let store = SampleStore::open(&path, SplitPolicy::default()).unwrap();
+    assert_eq!(store.len().unwrap(), 51);
+    assert_eq!(store.tasks().unwrap(), vec!["intent", "sorter"]);
+    let back = store.get("robot-7:0").unwrap().unwrap();
+    assert_eq!(back.sample, batch[0], "stored exactly as sent, first label kept");
+    assert_eq!(back.split, SplitPolicy::default().split_of("robot-7:0"));
+    assert_eq!(store.get("op:1").unwrap().unwrap().sample, text);
+    assert_eq!(store.get("robot-7:3").unwrap().unwrap().embedding, Some(vec![0.5, -1.0, 2.0]));
+    let counted: u64 = store.counts("sorter").unwrap().values().sum();
+    assert_eq!(counted, 50);
+    let train = store.load("sorter", Split::Train).unwrap();
+    assert!(train.iter().all(|s| s.split == Split::Train && s.sample.task == "sorter"));
+    assert!(train.windows(2).all(|w| w[0].id < w[1].id), "oldest first");
+}
+
+#[test]
+fn splits_are_a_stable_function_of_the_key_in_the_configured_proportions() {
+    let policy = SplitPolicy { validation_percent: 10, holdout_percent: 15 };
+    let n = 20_000;
+    let mut counts = [0usize; 3];
+    for i in 0..n {
+        let key = format!("dev-{}:{i}", i % 7);
+        let split = policy.split_of(&key);
+        assert_eq!(split, policy.split_of(&key));
+        counts[split as usize] += 1;
+    }
+    let pct = |c: usize| 100.0 * c as f64 / n as f64;
+    assert!((pct(counts[0]) - 75.0).abs() < 1.5, "train {}%", pct(counts[0]));
+    assert!((pct(counts[1]) - 10.0).abs() < 1.0, "validation {}%", pct(counts[1]));
+    assert!((pct(counts[2]) - 15.0).abs() < 1.0, "holdout {}%", pct(counts[2]));
+}
+
+#[test]
+fn labels_grow_in_first_seen_order_so_class_indices_stay_put() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = SampleStore::open(&dir.path().join("s.db"), SplitPolicy::default()).unwrap();
+    store.insert_batch(&[sample("a", "t", "cat"), sample("b", "t", "dog")]).unwrap();
+    store.insert_batch(&[sample("c", "t", "ant"), sample("d", "t", "cat")]).unwrap();
+    assert_eq!(store.labels("t").unwrap(), vec!["cat", "dog", "ant"]);
+}
+
+#[test]
+fn a_file_that_is_not_a_database_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("samples.db");
+    std::fs::write(&path, vec![0x42u8; 8192]).unwrap();
+    let err = SampleStore::open(&path, SplitPolicy::default()).err().expect("garbage is not a store");
+    assert!(err.to_string().contains("samples.db"), "{err}");
+}
