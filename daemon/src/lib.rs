@@ -7,6 +7,7 @@
 //! - `preprocess`: client input (text, images, tensors) into model inputs.
 //! - `api`: the inference API over HTTP and MQTT v5 request/response.
 //! - `config`: the configuration file; unknown keys are errors.
+//! - `ingest`: labelled samples over MQTT, acked only once durable.
 //! - `samples`: the durable, deduplicated sample store (SQLite, WAL) with stable splits.
 //! - `serve`: the serving process: engine, registry and APIs until shutdown.
 //! - `parity`: proof that the serving and training graphs compute the same function.
@@ -18,6 +19,7 @@ pub mod api;
 pub mod config;
 pub mod datasets;
 pub mod engine;
+pub mod ingest;
 pub mod parity;
 pub mod paths;
 pub mod preprocess;

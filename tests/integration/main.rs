@@ -7,6 +7,7 @@ mod broker;
 mod bundles;
 mod config;
 mod engine;
+mod ingest;
 mod registry;
 mod runtimes;
 mod samples;

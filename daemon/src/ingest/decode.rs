@@ -1,0 +1,246 @@
+//! Decoding sample payloads. JSON for people (`mosquitto_pub -m '{...}'`):
+//!
+//! ```json
+//! {"key": "robot-7:1042", "task": "sorter", "label": "left",
+//!  "input": {"shape": [1, 1, 8, 8], "data": [0.0, ...]},
+//!  "timestamp_ms": 1700000000000, "source": "robot-7", "weight": 1.0, "correction": false}
+//! ```
+//!
+//! with `"text": "..."` instead of `"input"` for text bundles. The compact form is safetensors
+//! bytes: one tensor named `input`, and the other fields as string metadata (`key`, `task`,
+//! `label`, optional `timestamp_ms`, `source`, `weight`, `correction`). Every refusal says why.
+
+use std::collections::{BTreeMap, HashMap};
+
+use adaptd_adapters::bundle::{DType, Manifest, Preprocessing};
+use adaptd_adapters::tensor::{HostData, HostTensor, f32s_from_le, i64s_from_le};
+use safetensors::{Dtype, SafeTensors};
+use serde::Deserialize;
+
+use crate::samples::{Sample, SampleInput};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("payload of {size} bytes is over the limit of {limit}")]
+    TooLarge { size: usize, limit: usize },
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    #[error("invalid safetensors sample: {0}")]
+    Safetensors(String),
+    #[error("unknown task {task:?} (known: {known})")]
+    UnknownTask { task: String, known: String },
+    #[error("field {field:?}: {reason}")]
+    Field { field: &'static str, reason: String },
+    #[error("input: {0}")]
+    Input(String),
+}
+
+impl DecodeError {
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            DecodeError::TooLarge { .. } => "too_large",
+            DecodeError::Json(_) => "bad_json",
+            DecodeError::Safetensors(_) => "bad_safetensors",
+            DecodeError::UnknownTask { .. } => "unknown_task",
+            DecodeError::Field { .. } => "bad_field",
+            DecodeError::Input(_) => "bad_input",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonTensor {
+    shape: Vec<usize>,
+    data: Vec<serde_json::Number>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonSample {
+    key: String,
+    task: String,
+    label: serde_json::Value,
+    #[serde(default)]
+    input: Option<JsonTensor>,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    timestamp_ms: Option<i64>,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    weight: Option<f32>,
+    #[serde(default)]
+    correction: bool,
+}
+
+/// What a decoder checks samples against: the bundle's input and the tasks it serves.
+pub struct SampleSchema<'a> {
+    pub manifest: &'a Manifest,
+    pub tasks: &'a [String],
+    pub max_bytes: usize,
+}
+
+fn field(field: &'static str, reason: impl Into<String>) -> DecodeError {
+    DecodeError::Field { field, reason: reason.into() }
+}
+
+/// Decode one payload into a sample that fits the bundle, or say why not.
+pub fn decode_sample(payload: &[u8], schema: &SampleSchema<'_>, now_ms: i64) -> Result<Sample, DecodeError> {
+    if payload.len() > schema.max_bytes {
+        return Err(DecodeError::TooLarge { size: payload.len(), limit: schema.max_bytes });
+    }
+    // safetensors starts with a little-endian u64 header length, JSON with '{' (after spaces).
+    let sample = if payload.first().is_some_and(|b| b.is_ascii_whitespace() || *b == b'{') {
+        decode_json(payload, now_ms)?
+    } else {
+        decode_safetensors(payload, now_ms)?
+    };
+    check(sample, schema)
+}
+
+fn label_of(v: &serde_json::Value) -> Result<String, DecodeError> {
+    match v {
+        serde_json::Value::String(s) => Ok(s.clone()),
+        serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
+        other => Err(field("label", format!("must be a string or an integer, got {other}"))),
+    }
+}
+
+fn decode_json(payload: &[u8], now_ms: i64) -> Result<Sample, DecodeError> {
+    let j: JsonSample = serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string()))?;
+    let input = match (j.input, j.text) {
+        (Some(t), None) => {
+            let n: usize = t.shape.iter().product();
+            if n != t.data.len() {
+                return Err(DecodeError::Input(format!("shape {:?} needs {n} values, got {}", t.shape, t.data.len())));
+            }
+            // Integers stay integers (token ids, raw pixel counts); anything else is f32.
+            let tensor = if t.data.iter().all(serde_json::Number::is_i64) {
+                HostTensor::i64(t.shape, t.data.iter().filter_map(serde_json::Number::as_i64).collect())
+            } else {
+                let floats: Option<Vec<f32>> = t.data.iter().map(|x| x.as_f64().map(|f| f as f32)).collect();
+                HostTensor::f32(t.shape, floats.ok_or_else(|| DecodeError::Input("values must be numbers".into()))?)
+            };
+            SampleInput::Tensor(tensor.map_err(|e| DecodeError::Input(e.to_string()))?)
+        }
+        (None, Some(text)) => SampleInput::Text(text),
+        (Some(_), Some(_)) => return Err(DecodeError::Json("give either \"input\" or \"text\", not both".into())),
+        (None, None) => return Err(DecodeError::Json("missing \"input\" (or \"text\" for text bundles)".into())),
+    };
+    Ok(Sample {
+        key: j.key,
+        task: j.task,
+        label: label_of(&j.label)?,
+        input,
+        weight: j.weight.unwrap_or(1.0),
+        source: j.source,
+        timestamp_ms: j.timestamp_ms.unwrap_or(now_ms),
+        correction: j.correction,
+    })
+}
+
+fn decode_safetensors(payload: &[u8], now_ms: i64) -> Result<Sample, DecodeError> {
+    let bad = |m: String| DecodeError::Safetensors(m);
+    let (_, metadata) = SafeTensors::read_metadata(payload).map_err(|e| bad(e.to_string()))?;
+    let st = SafeTensors::deserialize(payload).map_err(|e| bad(e.to_string()))?;
+    let meta: HashMap<String, String> = metadata.metadata().clone().unwrap_or_default();
+    let allowed = ["key", "task", "label", "timestamp_ms", "source", "weight", "correction"];
+    if let Some(unknown) = meta.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(bad(format!("unknown metadata field {unknown:?} (allowed: {})", allowed.join(", "))));
+    }
+    if st.names().len() != 1 {
+        return Err(bad(format!("expected exactly one tensor named \"input\", found {:?}", st.names())));
+    }
+    let t = st.tensor("input").map_err(|_| bad(format!("the tensor must be named \"input\", found {:?}", st.names())))?;
+    let shape = t.shape().to_vec();
+    let tensor = match t.dtype() {
+        Dtype::F32 => HostTensor::f32(shape, f32s_from_le(t.data())),
+        Dtype::I64 => HostTensor::i64(shape, i64s_from_le(t.data())),
+        other => return Err(bad(format!("tensor dtype {other:?} is not supported (F32, I64)"))),
+    }
+    .map_err(|e| DecodeError::Input(e.to_string()))?;
+    let get = |k: &'static str| meta.get(k).cloned().ok_or_else(|| field(k, "missing from the safetensors metadata"));
+    let parse = |k: &'static str| -> Result<Option<f64>, DecodeError> {
+        meta.get(k).map(|v| v.parse::<f64>().map_err(|_| field(k, format!("{v:?} is not a number")))).transpose()
+    };
+    Ok(Sample {
+        key: get("key")?,
+        task: get("task")?,
+        label: get("label")?,
+        input: SampleInput::Tensor(tensor),
+        weight: parse("weight")?.unwrap_or(1.0) as f32,
+        source: meta.get("source").cloned(),
+        timestamp_ms: parse("timestamp_ms")?.map_or(now_ms, |v| v as i64),
+        correction: matches!(meta.get("correction").map(String::as_str), Some("true") | Some("1")),
+    })
+}
+
+/// The checks both encodings share: key, task, label, weight, and the input against the bundle.
+fn check(sample: Sample, schema: &SampleSchema<'_>) -> Result<Sample, DecodeError> {
+    if sample.key.is_empty() || sample.key.len() > 200 {
+        return Err(field("key", "must be 1-200 characters (device id + sequence, or a uuid)"));
+    }
+    if !schema.tasks.iter().any(|t| t == &sample.task) {
+        return Err(DecodeError::UnknownTask { task: sample.task.clone(), known: schema.tasks.join(", ") });
+    }
+    if sample.label.is_empty() || sample.label.len() > 100 {
+        return Err(field("label", "must be 1-100 characters"));
+    }
+    if !(sample.weight.is_finite() && sample.weight > 0.0) {
+        return Err(field("weight", format!("must be finite and positive, got {}", sample.weight)));
+    }
+    match (&sample.input, &schema.manifest.preprocessing) {
+        (SampleInput::Text(t), Preprocessing::Text { .. }) if !t.trim().is_empty() => {}
+        (SampleInput::Text(_), Preprocessing::Text { .. }) => return Err(field("text", "is empty")),
+        (SampleInput::Text(_), _) => return Err(DecodeError::Input(format!("bundle {:?} does not take text", schema.manifest.name))),
+        (SampleInput::Tensor(t), _) => check_tensor(t, schema.manifest)?,
+    }
+    Ok(sample)
+}
+
+/// One sample is one row: the bundle's input shape with a batch of 1, the bundle's dtype, finite.
+fn check_tensor(t: &HostTensor, manifest: &Manifest) -> Result<(), DecodeError> {
+    let spec = match manifest.inputs.as_slice() {
+        [only] => only,
+        _ => return Err(DecodeError::Input(format!("bundle {:?} takes {} inputs; send text", manifest.name, manifest.inputs.len()))),
+    };
+    let fits = t.shape.len() == spec.shape.len() && t.shape.first() == Some(&1) && t.shape.iter().zip(&spec.shape).skip(1).all(|(&got, &want)| want < 0 || got as i64 == want);
+    if !fits {
+        return Err(DecodeError::Input(format!("shape {:?} does not fit {:?} with a batch of 1", t.shape, spec.shape)));
+    }
+    match (&t.data, spec.dtype) {
+        (HostData::F32(v), DType::F32) => {
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                return Err(DecodeError::Input(format!("non-finite value {} at element {i}", v[i])));
+            }
+        }
+        (HostData::I64(_), DType::I64) => {}
+        // Integer pixel values in JSON ("data": [0, 3, 16]) are still an f32 image.
+        (HostData::I64(_), DType::F32) => {}
+        (_, want) => return Err(DecodeError::Input(format!("values must be {want:?}"))),
+    }
+    Ok(())
+}
+
+/// Normalize a tensor's dtype to what the bundle takes (integer JSON pixels become f32).
+pub fn to_bundle_dtype(sample: Sample, manifest: &Manifest) -> Sample {
+    match (&sample.input, manifest.inputs.first().map(|s| s.dtype)) {
+        (SampleInput::Tensor(HostTensor { shape, data: HostData::I64(v) }), Some(DType::F32)) => {
+            let t = HostTensor { shape: shape.clone(), data: HostData::F32(v.iter().map(|&x| x as f32).collect()) };
+            Sample { input: SampleInput::Tensor(t), ..sample }
+        }
+        _ => sample,
+    }
+}
+
+/// An event for the operator's events topic.
+pub fn refusal_event(topic: &str, error: &DecodeError) -> Vec<u8> {
+    let mut m = BTreeMap::new();
+    m.insert("event", "sample_refused".to_string());
+    m.insert("topic", topic.to_string());
+    m.insert("reason", error.error_type().to_string());
+    m.insert("message", error.to_string());
+    serde_json::to_vec(&m).expect("event serializes")
+}
