@@ -58,6 +58,24 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
+    /// Ingest labelled samples from an MQTT broker into a sample store until stopped.
+    Ingest {
+        /// Bundle the samples are checked against [default: the digits-cnn reference bundle].
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// SQLite sample store (created if missing).
+        #[arg(long)]
+        store: PathBuf,
+        /// MQTT broker as host:port.
+        #[arg(long)]
+        mqtt: String,
+        /// This device's id in MQTT topics.
+        #[arg(long, default_value = "adaptd")]
+        device: String,
+        /// Tasks samples may be for, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        tasks: Vec<String>,
+    },
     /// Check a configuration file without starting anything (exit 0: valid, 2: invalid).
     Validate {
         #[arg(long)]
@@ -87,6 +105,7 @@ fn main() -> ExitCode {
         Command::Parity { bundles, rank } => parity_command(&bundles, rank),
         Command::Bundle { command: BundleCommand::Verify { dir } } => verify(&dir),
         Command::Serve { config, bundle, state_dir, http, mqtt, device } => serve(config, bundle, state_dir, http, mqtt, device),
+        Command::Ingest { bundle, store, mqtt, device, tasks } => ingest(bundle, store, mqtt, device, tasks),
         Command::Validate { config } => match adaptd::config::Config::load(&config) {
             Ok(_) => {
                 println!("{}: valid", config.display());
@@ -216,11 +235,35 @@ fn serve(
         config.device_id = d;
     }
     if let Some(addr) = mqtt {
-        let (host, port) = addr.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("--mqtt {addr:?}: expected host:port"))?;
-        config.mqtt = Some((host.to_string(), port.parse().map_err(|_| anyhow::anyhow!("--mqtt {addr:?}: port must be a number"))?));
+        config.mqtt = Some(parse_host_port(&addr)?);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(adaptd::serve::run(config, shutdown_signal(), None))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_host_port(addr: &str) -> anyhow::Result<(String, u16)> {
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("{addr:?}: expected host:port"))?;
+    Ok((host.to_string(), port.parse().map_err(|_| anyhow::anyhow!("{addr:?}: port must be a number"))?))
+}
+
+fn ingest(bundle: Option<PathBuf>, store: PathBuf, mqtt: String, device: String, tasks: Vec<String>) -> anyhow::Result<ExitCode> {
+    use std::sync::{Arc, Mutex};
+    let bundle = Bundle::open(bundle.unwrap_or_else(|| paths::reference_bundle("digits-cnn")))?;
+    let samples = adaptd::samples::SampleStore::open(&store, Default::default())?;
+    let (host, port) = parse_host_port(&mqtt)?;
+    let config = adaptd::ingest::IngestConfig {
+        host,
+        port,
+        client_id: format!("adaptd-ingest-{device}"),
+        topic_prefix: "adaptd/v1".into(),
+        device_id: device,
+        max_batch: 256,
+        max_payload_bytes: 1 << 20,
+    };
+    let stats = Arc::new(adaptd::ingest::IngestStats::default());
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(adaptd::ingest::run(config, Arc::new(Mutex::new(samples)), Arc::new(bundle.manifest.clone()), Arc::new(tasks), stats, shutdown_signal()))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -25,11 +25,16 @@ fn free_port() -> u16 {
 
 impl Mosquitto {
     pub fn start() -> Mosquitto {
+        Mosquitto::start_with("")
+    }
+
+    /// Start with extra lines of mosquitto.conf.
+    pub fn start_with(extra_config: &str) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         for _ in 0..5 {
             let port = free_port();
             let conf = dir.path().join("mosquitto.conf");
-            std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")).unwrap();
+            std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra_config}")).unwrap();
             let mut child = Command::new(mosquitto_binary()).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start mosquitto");
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {

@@ -2,10 +2,11 @@
 //!
 //! Subscribes to `{prefix}/{device}/samples/{task}` at QoS 1 with a persistent session (stable
 //! client id, clean session off) and manual acks. One task polls the connection and forwards
-//! publishes through a bounded channel; another takes what has arrived (up to `max_batch`),
-//! decodes it, commits the valid samples in one transaction, and only then acks every message
-//! of the batch. If the store is slow the channel fills, polling stops, and the broker holds
-//! the rest: nothing is dropped, nothing is acked before it is stored. A payload that cannot be
+//! publishes; another takes what has arrived (up to `max_batch`), decodes it, commits the valid
+//! samples in one transaction, and only then acks every message of the batch. Backpressure is
+//! MQTT's own flow control: a broker sends at most its in-flight window of unacknowledged QoS 1
+//! messages, and nothing is acked before it is stored, so a slow store slows the broker down
+//! and the rest waits there. Nothing is dropped, nothing is acked before it is durable. A payload that cannot be
 //! a sample is refused with its reason, counted, announced on `{prefix}/{device}/events`, and
 //! acked, so the broker does not redeliver poison forever.
 
@@ -81,8 +82,12 @@ pub async fn run(
     options.set_clean_session(false);
     options.set_manual_acks(true);
     options.set_max_packet_size(config.max_payload_bytes + 1024, config.max_payload_bytes + 1024);
-    let (client, mut events) = AsyncClient::new(options, 256);
-    let (tx, mut rx) = mpsc::channel::<Publish>(config.max_batch.max(1));
+    let (client, mut events) = AsyncClient::new(options, 2 * config.max_batch.max(1) + 16);
+    // Unbounded on purpose: the poller must never wait on the batcher, because acks (and with
+    // them the whole connection) only move while it polls; a bounded hand-off deadlocks under a
+    // steady stream. Its length is bounded by the broker's in-flight window, since every message
+    // in it is unacknowledged.
+    let (tx, mut rx) = mpsc::unbounded_channel::<Publish>();
 
     let filter = config.samples_filter();
     let poll_client = client.clone();
@@ -98,7 +103,7 @@ pub async fn run(
                     tracing::info!(filter, "ingest connected");
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if tx.send(p).await.is_err() {
+                    if tx.send(p).is_err() {
                         return; // the batcher stopped
                     }
                 }
@@ -173,6 +178,7 @@ async fn store_batch(
         };
     }
     stats.batches.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(messages = batch.len(), stored = inserted.len(), refused = refusals.len(), "batch committed");
     for (topic, e) in &refusals {
         *stats.refused.lock().expect("ingest counters").entry(e.error_type()).or_default() += 1;
         tracing::info!(topic, reason = e.error_type(), error = %e, "sample refused");
