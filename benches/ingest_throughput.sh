@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Ingest throughput: a real publisher (mosquitto_pub, QoS 1) through a real Mosquitto broker into
+# adaptd's durable sample store (SQLite WAL, synchronous=FULL, one commit per batch).
+# Prints samples/s per run and the median. Usage: benches/ingest_throughput.sh [SAMPLES] [RUNS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+samples=${1:-20000}
+runs=${2:-3}
+deploy/setup.sh >/dev/null
+cargo build -q --release -p adaptd
+bin=target/release/adaptd
+py=.venv/bin/python
+work=$(mktemp -d)
+trap 'pkill -P $$ 2>/dev/null || true; kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+port=$($py -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nmax_inflight_messages 1000\n' "$port" > "$work/mosquitto.conf"
+mosquitto=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+"$mosquitto" -c "$work/mosquitto.conf" >/dev/null 2>&1 &
+sleep 0.5
+# Small tensors: one 8x8 digit per sample, as the digits-cnn bundle takes.
+$py - "$samples" > "$work/lines.txt" <<'PY'
+import json, sys
+row = [round((i % 17) / 16, 4) for i in range(64)]
+for i in range(int(sys.argv[1])):
+    print(json.dumps({"key": f"bench:{i}", "task": "sorter", "label": str(i % 10), "input": {"shape": [1, 1, 8, 8], "data": row}}))
+PY
+count() { $py -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from samples').fetchone()[0])" "$1" 2>/dev/null || echo 0; }
+rates=()
+for run in $(seq "$runs"); do
+  db="$work/run$run.db"
+  ADAPTD_LOG=warn "$bin" ingest --store "$db" --mqtt "127.0.0.1:$port" --device "bench$run" --tasks sorter &
+  daemon=$!
+  until [ -f "$db" ]; do sleep 0.05; done
+  sleep 0.5
+  start=$($py -c 'import time; print(time.time())')
+  mosquitto_pub -p "$port" -q 1 -t "adaptd/v1/bench$run/samples/sorter" -l < "$work/lines.txt"
+  while [ "$(count "$db")" -lt "$samples" ]; do sleep 0.02; done
+  end=$($py -c 'import time; print(time.time())')
+  kill "$daemon"; wait "$daemon" 2>/dev/null || true
+  rate=$($py -c "print(round($samples / ($end - $start)))")
+  echo "run $run: $samples samples durable in $($py -c "print(round($end - $start, 2))") s: $rate samples/s"
+  rates+=("$rate")
+done
+echo "median: $(printf '%s\n' "${rates[@]}" | sort -n | sed -n "$(( (runs + 1) / 2 ))p") samples/s (publisher -> Mosquitto -> adaptd -> SQLite, fsync per batch)"
