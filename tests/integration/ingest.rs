@@ -99,13 +99,14 @@ async fn samples_land_once_and_poison_is_refused_with_reasons() {
     assert_eq!(reasons.len(), expected.len(), "one event per refusal: {event_lines}");
     assert!(event_lines.contains("[1, 1, 4, 16]") && event_lines.contains("nobody"), "events say why: {event_lines}");
 
-    let store = store.lock().unwrap();
-    assert_eq!(store.len().unwrap(), 200);
-    assert_eq!(store.labels("sorter").unwrap(), vec!["left", "right", "stop"]);
-    let s = store.get("robot-7:4").unwrap().unwrap();
-    assert_eq!(s.sample.label, "right", "the first delivery's label, not the duplicate's");
-    assert!(matches!(&s.sample.input, SampleInput::Tensor(t) if t.shape == vec![1, 1, 8, 8]));
-    drop(store);
+    {
+        let store = store.lock().unwrap();
+        assert_eq!(store.len().unwrap(), 200);
+        assert_eq!(store.labels("sorter").unwrap(), vec!["left", "right", "stop"]);
+        let s = store.get("robot-7:4").unwrap().unwrap();
+        assert_eq!(s.sample.label, "right", "the first delivery's label, not the duplicate's");
+        assert!(matches!(&s.sample.input, SampleInput::Tensor(t) if t.shape == vec![1, 1, 8, 8]));
+    }
     let _ = stop.send(());
     task.await.unwrap().unwrap();
 }

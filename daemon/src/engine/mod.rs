@@ -349,11 +349,14 @@ fn serve(model: &mut OnnxModel, registry: &Registry, rx: &Receiver<Command>, con
     }
 }
 
+/// Requests that share one LoRA, each with the adapter snapshot it is served with.
+type LoraGroup = (Arc<LoraInputs>, Vec<(Request, Arc<Serving>)>);
+
 /// Serve one micro-batch: each task's adapter is read once, and requests whose adapters share a
 /// LoRA (all head-only adapters share the base's) run in one graph call.
 fn run_batch(model: &mut OnnxModel, registry: &Registry, cache: &mut LoraCache, batch: Vec<Request>, stats: &EngineStats) {
     let mut snapshots: HashMap<String, Option<Arc<Serving>>> = HashMap::new();
-    let mut groups: Vec<(Arc<LoraInputs>, Vec<(Request, Arc<Serving>)>)> = Vec::new();
+    let mut groups: Vec<LoraGroup> = Vec::new();
     for req in batch {
         let serving = snapshots.entry(req.task.clone()).or_insert_with(|| registry.current(&req.task)).clone();
         let Some(serving) = serving else {

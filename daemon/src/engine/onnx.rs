@@ -12,7 +12,8 @@ use adaptd_adapters::bundle::Bundle;
 use adaptd_adapters::tensor::{HostData, HostTensor};
 use ort::environment::Environment;
 use ort::ep::{self, ExecutionProvider as _};
-use ort::session::{Session, SessionInputValue, builder::GraphOptimizationLevel};
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor};
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +125,15 @@ impl Default for SessionOptions {
     }
 }
 
+fn session_builder(env: &Environment, options: SessionOptions) -> ort::Result<SessionBuilder> {
+    Ok(Session::builder(env)?
+        .with_optimization_level(GraphOptimizationLevel::Level3)?
+        .with_intra_threads(options.intra_op_threads.max(1))?
+        .with_inter_threads(1)?
+        .with_intra_op_spinning(false)?
+        .with_inter_op_spinning(false)?)
+}
+
 /// A bundle's serving graph in an ONNX Runtime session. Owned by one thread (runs need `&mut`).
 pub struct OnnxModel {
     session: Session,
@@ -138,14 +148,7 @@ impl OnnxModel {
         let env = environment(library)?;
         let path = bundle.serving_graph_path();
         let load_err = |reason: String| OnnxError::Load { path: path.clone(), reason };
-        let mut builder = Session::builder(env)
-            .map_err(|e| load_err(e.to_string()))?
-            .with_optimization_level(GraphOptimizationLevel::Level3)
-            .and_then(|b| b.with_intra_threads(options.intra_op_threads.max(1)))
-            .and_then(|b| b.with_inter_threads(1))
-            .and_then(|b| b.with_intra_op_spinning(false))
-            .and_then(|b| b.with_inter_op_spinning(false))
-            .map_err(|e| load_err(e.to_string()))?;
+        let mut builder = session_builder(env, options).map_err(|e| load_err(e.to_string()))?;
         let registered = match options.provider {
             ExecutionProvider::Cpu => Ok(()),
             ExecutionProvider::Cuda => ep::CUDA::default().with_device_id(options.device_id).register(&mut builder),
