@@ -1,6 +1,6 @@
 //! Turning what clients and sensors send into the bundle's model inputs.
 
-use adaptd_adapters::bundle::{Bundle, Preprocessing};
+use adaptd_adapters::bundle::{Bundle, DType, Preprocessing};
 use adaptd_adapters::tensor::HostTensor;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
@@ -104,4 +104,34 @@ pub fn decode_image(bundle_name: &str, preprocessing: &Preprocessing, bytes: &[u
         n => return Err(PreprocessError::Image(format!("bundles with {n} channels are not supported (1 or 3)"))),
     }
     Ok(HostTensor::f32(vec![1, channels, h, w], data).expect("sized above"))
+}
+
+/// A tensor as people write it in JSON: `{"shape": [1, 1, 8, 8], "data": [0.0, ...]}`.
+/// Used by inference requests and by samples.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<serde_json::Number>,
+}
+
+impl JsonTensor {
+    /// Into a host tensor of `dtype` (i64 inputs must be integers), or why not.
+    pub fn into_host(self, dtype: DType) -> Result<HostTensor, String> {
+        let n: usize = self.shape.iter().product();
+        if n != self.data.len() {
+            return Err(format!("shape {:?} needs {n} values, got {}", self.shape, self.data.len()));
+        }
+        let tensor = match dtype {
+            DType::F32 => {
+                let v: Option<Vec<f32>> = self.data.iter().map(|x| x.as_f64().map(|f| f as f32)).collect();
+                HostTensor::f32(self.shape, v.ok_or("values must be numbers")?)
+            }
+            _ => {
+                let v: Option<Vec<i64>> = self.data.iter().map(serde_json::Number::as_i64).collect();
+                HostTensor::i64(self.shape, v.ok_or("values must be integers")?)
+            }
+        };
+        tensor.map_err(|e| e.to_string())
+    }
 }

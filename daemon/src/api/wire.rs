@@ -18,7 +18,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{EngineError, Prediction};
-use crate::preprocess::TextEncoder;
+use crate::preprocess::{JsonTensor, TextEncoder};
 
 pub const CONTENT_JSON: &str = "application/json";
 pub const CONTENT_SAFETENSORS: &str = "application/x-safetensors";
@@ -49,13 +49,6 @@ impl WireError {
             WireError::Input(_) => "bad_input",
         }
     }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonTensor {
-    shape: Vec<usize>,
-    data: Vec<serde_json::Number>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -102,21 +95,8 @@ fn decode_json(body: &[u8], manifest: &Manifest, text: Option<&TextEncoder>) -> 
             let mut out = Vec::with_capacity(manifest.inputs.len());
             for spec in &manifest.inputs {
                 let t = inputs.remove(&spec.name).ok_or_else(|| WireError::Input(format!("missing input {:?}", spec.name)))?;
-                let n: usize = t.shape.iter().product();
-                if n != t.data.len() {
-                    return Err(WireError::Input(format!("input {:?}: shape {:?} needs {n} values, got {}", spec.name, t.shape, t.data.len())));
-                }
-                let tensor = match spec.dtype {
-                    DType::F32 => {
-                        let v = t.data.iter().map(|x| x.as_f64().map(|f| f as f32)).collect::<Option<Vec<_>>>();
-                        HostTensor::f32(t.shape, v.ok_or_else(|| WireError::Input(format!("input {:?}: values must be numbers", spec.name)))?)
-                    }
-                    _ => {
-                        let v = t.data.iter().map(|x| x.as_i64()).collect::<Option<Vec<_>>>();
-                        HostTensor::i64(t.shape, v.ok_or_else(|| WireError::Input(format!("input {:?}: values must be integers", spec.name)))?)
-                    }
-                };
-                out.push(tensor.map_err(|e| WireError::Input(e.to_string()))?);
+                let tensor = t.into_host(spec.dtype).map_err(|e| WireError::Input(format!("input {:?}: {e}", spec.name)));
+                out.push(tensor?);
             }
             if let Some(extra) = inputs.keys().next() {
                 return Err(WireError::Input(format!("unknown input {extra:?}; the model takes {:?}", manifest.inputs.iter().map(|i| &i.name).collect::<Vec<_>>())));

@@ -17,6 +17,7 @@ use adaptd_adapters::tensor::{HostData, HostTensor, f32s_from_le, i64s_from_le};
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
+use crate::preprocess::JsonTensor;
 use crate::samples::{Sample, SampleInput};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -46,13 +47,6 @@ impl DecodeError {
             DecodeError::Input(_) => "bad_input",
         }
     }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonTensor {
-    shape: Vec<usize>,
-    data: Vec<serde_json::Number>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -93,7 +87,9 @@ pub fn decode_sample(payload: &[u8], schema: &SampleSchema<'_>, now_ms: i64) -> 
     }
     // safetensors starts with a little-endian u64 header length, JSON with '{' (after spaces).
     let sample = if payload.first().is_some_and(|b| b.is_ascii_whitespace() || *b == b'{') {
-        decode_json(payload, now_ms)?
+        // One sample is one row of the bundle's single input, in the bundle's dtype.
+        let dtype = schema.manifest.inputs.first().map_or(DType::F32, |i| i.dtype);
+        decode_json(payload, dtype, now_ms)?
     } else {
         decode_safetensors(payload, now_ms)?
     };
@@ -108,23 +104,10 @@ fn label_of(v: &serde_json::Value) -> Result<String, DecodeError> {
     }
 }
 
-fn decode_json(payload: &[u8], now_ms: i64) -> Result<Sample, DecodeError> {
+fn decode_json(payload: &[u8], dtype: DType, now_ms: i64) -> Result<Sample, DecodeError> {
     let j: JsonSample = serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string()))?;
     let input = match (j.input, j.text) {
-        (Some(t), None) => {
-            let n: usize = t.shape.iter().product();
-            if n != t.data.len() {
-                return Err(DecodeError::Input(format!("shape {:?} needs {n} values, got {}", t.shape, t.data.len())));
-            }
-            // Integers stay integers (token ids, raw pixel counts); anything else is f32.
-            let tensor = if t.data.iter().all(serde_json::Number::is_i64) {
-                HostTensor::i64(t.shape, t.data.iter().filter_map(serde_json::Number::as_i64).collect())
-            } else {
-                let floats: Option<Vec<f32>> = t.data.iter().map(|x| x.as_f64().map(|f| f as f32)).collect();
-                HostTensor::f32(t.shape, floats.ok_or_else(|| DecodeError::Input("values must be numbers".into()))?)
-            };
-            SampleInput::Tensor(tensor.map_err(|e| DecodeError::Input(e.to_string()))?)
-        }
+        (Some(t), None) => SampleInput::Tensor(t.into_host(dtype).map_err(DecodeError::Input)?),
         (None, Some(text)) => SampleInput::Text(text),
         (Some(_), Some(_)) => return Err(DecodeError::Json("give either \"input\" or \"text\", not both".into())),
         (None, None) => return Err(DecodeError::Json("missing \"input\" (or \"text\" for text bundles)".into())),
@@ -217,22 +200,9 @@ fn check_tensor(t: &HostTensor, manifest: &Manifest) -> Result<(), DecodeError> 
             }
         }
         (HostData::I64(_), DType::I64) => {}
-        // Integer pixel values in JSON ("data": [0, 3, 16]) are still an f32 image.
-        (HostData::I64(_), DType::F32) => {}
         (_, want) => return Err(DecodeError::Input(format!("values must be {want:?}"))),
     }
     Ok(())
-}
-
-/// Normalize a tensor's dtype to what the bundle takes (integer JSON pixels become f32).
-pub fn to_bundle_dtype(sample: Sample, manifest: &Manifest) -> Sample {
-    match (&sample.input, manifest.inputs.first().map(|s| s.dtype)) {
-        (SampleInput::Tensor(HostTensor { shape, data: HostData::I64(v) }), Some(DType::F32)) => {
-            let t = HostTensor { shape: shape.clone(), data: HostData::F32(v.iter().map(|&x| x as f32).collect()) };
-            Sample { input: SampleInput::Tensor(t), ..sample }
-        }
-        _ => sample,
-    }
 }
 
 /// An event for the operator's events topic.

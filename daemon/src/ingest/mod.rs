@@ -23,7 +23,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use tokio::sync::mpsc;
 
 use crate::samples::{Inserted, SampleStore, StoreError};
-use decode::{SampleSchema, decode_sample, refusal_event, to_bundle_dtype};
+use decode::{SampleSchema, decode_sample, refusal_event};
 
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
@@ -162,7 +162,7 @@ async fn store_batch(
                 let reason = format!("{:?} does not match the topic's task {topic_task:?}", s.task);
                 refusals.push((topic, decode::DecodeError::Field { field: "task", reason }))
             }
-            Ok(s) => samples.push(to_bundle_dtype(s, manifest)),
+            Ok(s) => samples.push(s),
             Err(e) => refusals.push((topic, e)),
         }
     }
