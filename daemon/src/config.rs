@@ -31,6 +31,7 @@ pub struct Config {
     pub engine: EngineSection,
     pub http: HttpSection,
     pub mqtt: MqttSection,
+    pub ingest: IngestSection,
     pub adapters: AdaptersSection,
 }
 
@@ -64,6 +65,16 @@ pub struct MqttSection {
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct IngestSection {
+    pub tasks: Vec<String>,
+    pub max_batch: usize,
+    pub max_payload_bytes: usize,
+    pub validation_percent: u8,
+    pub holdout_percent: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AdaptersSection {
     pub keep_versions: usize,
 }
@@ -76,6 +87,7 @@ impl Default for Config {
             engine: EngineSection { max_batch: 32, max_wait_ms: 0, queue_depth: 1024, intra_op_threads: 2, execution_provider: ExecutionProvider::Cpu, device_id: 0, fallback_to_cpu: false },
             http: HttpSection { listen: SocketAddr::from(([127, 0, 0, 1], 8080)), max_request_bytes: 1 << 20 },
             mqtt: MqttSection { host: String::new(), port: 1883, device_id: "adaptd".into(), topic_prefix: "adaptd/v1".into() },
+            ingest: IngestSection { tasks: Vec::new(), max_batch: 256, max_payload_bytes: 1 << 20, validation_percent: 10, holdout_percent: 10 },
             adapters: AdaptersSection { keep_versions: 5 },
         }
     }
@@ -122,6 +134,17 @@ impl Config {
         }
         if self.mqtt.device_id.is_empty() || self.mqtt.device_id.contains(['/', '+', '#']) {
             return invalid("mqtt.device_id", "must be a non-empty topic level without '/', '+' or '#'");
+        }
+        if self.ingest.max_batch == 0 {
+            return invalid("ingest.max_batch", "must be at least 1");
+        }
+        if u16::from(self.ingest.validation_percent) + u16::from(self.ingest.holdout_percent) > 50 {
+            return invalid("ingest.validation_percent", "validation_percent + holdout_percent must leave at least half the samples for training");
+        }
+        for task in &self.ingest.tasks {
+            if adaptd_adapters::store::check_task_name(task).is_err() {
+                return invalid("ingest.tasks", &format!("{task:?} must be 1-64 characters of letters, digits, '-' and '_'"));
+            }
         }
         Ok(())
     }

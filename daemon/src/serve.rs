@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use adaptd_adapters::bundle::Preprocessing;
 use adaptd_adapters::{AdapterStore, Bundle};
@@ -15,7 +15,9 @@ use crate::api::{Api, http};
 use crate::config::Config;
 use crate::engine::{Engine, EngineConfig};
 use crate::preprocess::TextEncoder;
+use crate::ingest::{self, IngestConfig, IngestStats};
 use crate::registry::{Recovery, Registry};
+use crate::samples::{SampleStore, SplitPolicy};
 
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -29,6 +31,11 @@ pub struct ServeConfig {
     pub engine: EngineConfig,
     pub keep_versions: usize,
     pub max_request_bytes: usize,
+    /// Tasks this device learns; with an MQTT broker, their samples are ingested.
+    pub tasks: Vec<String>,
+    pub ingest_max_batch: usize,
+    pub ingest_max_payload_bytes: usize,
+    pub split: SplitPolicy,
 }
 
 impl ServeConfig {
@@ -47,6 +54,10 @@ impl ServeConfig {
             engine: config.engine_config(),
             keep_versions: config.adapters.keep_versions,
             max_request_bytes: config.http.max_request_bytes,
+            tasks: config.ingest.tasks.clone(),
+            ingest_max_batch: config.ingest.max_batch,
+            ingest_max_payload_bytes: config.ingest.max_payload_bytes,
+            split: SplitPolicy { validation_percent: config.ingest.validation_percent, holdout_percent: config.ingest.holdout_percent },
         }
     }
 }
@@ -68,6 +79,9 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
     // The bundle's own classifier, if it has one, serves as a task named after the bundle.
     if bundle.manifest.labels.is_some() {
         registry.ensure_task(&bundle.manifest.name)?;
+    }
+    for task in &config.tasks {
+        registry.ensure_task(task)?;
     }
     let text = match bundle.manifest.preprocessing {
         Preprocessing::Text { .. } => Some(Arc::new(TextEncoder::from_bundle(&bundle)?)),
@@ -95,6 +109,23 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
         let mqtt_config = MqttApiConfig { host, port, client_id: format!("adaptd-{}", config.device_id), topic_prefix: config.topic_prefix.clone(), device_id: config.device_id.clone() };
         tokio::spawn(mqtt::run(api.clone(), mqtt_config, stopped(stop_rx.clone())))
     });
+    let ingest_task = match (&config.mqtt, config.tasks.is_empty()) {
+        (Some((host, port)), false) => {
+            let store = SampleStore::open(&config.state_dir.join("samples.db"), config.split)?;
+            let ingest_config = IngestConfig {
+                host: host.clone(),
+                port: *port,
+                client_id: format!("adaptd-ingest-{}", config.device_id),
+                topic_prefix: config.topic_prefix.clone(),
+                device_id: config.device_id.clone(),
+                max_batch: config.ingest_max_batch,
+                max_payload_bytes: config.ingest_max_payload_bytes,
+            };
+            let (manifest, tasks) = (Arc::new(bundle.manifest.clone()), Arc::new(config.tasks.clone()));
+            Some(tokio::spawn(ingest::run(ingest_config, Arc::new(Mutex::new(store)), manifest, tasks, Arc::new(IngestStats::default()), stopped(stop_rx.clone()))))
+        }
+        _ => None,
+    };
 
     shutdown.await;
     tracing::info!("shutting down");
@@ -104,6 +135,9 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
     }
     if let Some(t) = mqtt_task {
         t.await?;
+    }
+    if let Some(t) = ingest_task {
+        t.await??;
     }
     tokio::task::spawn_blocking(move || engine.shutdown()).await?;
     Ok(())

@@ -171,3 +171,38 @@ fn kill_9_during_a_stream_loses_nothing_acknowledged() {
         assert!(store.get(&format!("robot-7:{i}")).unwrap().is_some(), "robot-7:{i} lost");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_serving_process_ingests_the_configured_tasks_samples() {
+    let broker = Mosquitto::start();
+    let state = tempfile::tempdir().unwrap();
+    let mut config = adaptd::serve::ServeConfig::new(reference_bundle("digits-cnn"), state.path().to_path_buf());
+    config.http = "127.0.0.1:0".parse().unwrap();
+    config.mqtt = Some(("127.0.0.1".into(), broker.port));
+    config.device_id = "robot-7".into();
+    config.tasks = vec!["sorter".into()];
+    let (stop, stopped) = oneshot::channel::<()>();
+    let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, None));
+
+    let db = state.path().join("samples.db");
+    let port = broker.port.to_string();
+    let stored = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let count = || SampleStore::open(&db, SplitPolicy::default()).and_then(|s| s.len()).unwrap_or(0);
+        let mut i = 0;
+        while count() < 3 && Instant::now() < deadline {
+            let line = digit_sample(&format!("robot-7:{i}"), "sorter", "left");
+            let ok = Command::new("mosquitto_pub").args(["-p", &port, "-q", "1", "-t", "adaptd/v1/robot-7/samples/sorter", "-m", &line]).status().unwrap();
+            assert!(ok.success());
+            i += 1;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        count()
+    })
+    .await
+    .unwrap();
+    assert!(stored >= 3, "samples published to the daemon's task reach its store");
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), daemon).await.expect("shuts down in time").unwrap().unwrap();
+}
