@@ -7,6 +7,7 @@
 //! - `preprocess`: client input (text, images, tensors) into model inputs.
 //! - `api`: the inference API over HTTP and MQTT v5 request/response.
 //! - `config`: the configuration file; unknown keys are errors.
+//! - `broker`: the embedded MQTT broker (rumqttd) for the demo and broker-less devices.
 //! - `ingest`: labelled samples over MQTT, acked only once durable.
 //! - `samples`: the durable, deduplicated sample store (SQLite, WAL) with stable splits.
 //! - `serve`: the serving process: engine, registry and APIs until shutdown.
@@ -16,6 +17,7 @@
 //! - adapters, bundles and training: the `adaptd-adapters` crate.
 
 pub mod api;
+pub mod broker;
 pub mod config;
 pub mod datasets;
 pub mod engine;

@@ -206,3 +206,42 @@ async fn the_serving_process_ingests_the_configured_tasks_samples() {
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(10), daemon).await.expect("shuts down in time").unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samples_arrive_through_the_embedded_rumqttd_broker() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    adaptd::broker::start_embedded(([127, 0, 0, 1], port).into(), 64 * 1024).expect("rumqttd starts");
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Mutex::new(SampleStore::open(&dir.path().join("samples.db"), SplitPolicy::default()).unwrap()));
+    let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
+    let stats = Arc::new(IngestStats::default());
+    let config = IngestConfig {
+        host: "127.0.0.1".into(),
+        port,
+        client_id: "adaptd-ingest-rumqttd".into(),
+        topic_prefix: "adaptd/v1".into(),
+        device_id: "robot-7".into(),
+        max_batch: 64,
+        max_payload_bytes: 16 * 1024,
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(ingest::run(config, store.clone(), Arc::new(bundle.manifest.clone()), Arc::new(vec!["sorter".into()]), stats.clone(), async { let _ = stopped.await; }));
+    let port_s = port.to_string();
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let lines: Vec<String> = (0..300).map(|i| digit_sample(&format!("r:{i}"), "sorter", "left")).collect();
+        // Re-publish until ingest has subscribed and everything landed (duplicates are harmless).
+        while stats.stored.load(Ordering::Relaxed) < 300 && Instant::now() < deadline {
+            let mut p = Command::new("mosquitto_pub").args(["-p", &port_s, "-q", "1", "-t", "adaptd/v1/robot-7/samples/sorter", "-l"]).stdin(Stdio::piped()).spawn().unwrap();
+            p.stdin.take().unwrap().write_all((lines.join("\n") + "\n").as_bytes()).unwrap();
+            assert!(p.wait().unwrap().success());
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        assert_eq!(stats.stored.load(Ordering::Relaxed), 300);
+    })
+    .await
+    .unwrap();
+    assert_eq!(store.lock().unwrap().len().unwrap(), 300);
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
