@@ -20,17 +20,25 @@ fn digit_sample(key: &str, task: &str, label: &str) -> String {
     format!("{{\"key\": \"{key}\", \"task\": \"{task}\", \"label\": \"{label}\", \"input\": {{\"shape\": [1, 1, 8, 8], \"data\": [{}]}}, \"source\": \"robot-7\"}}", data.join(","))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn samples_land_once_and_poison_is_refused_with_reasons() {
-    let broker = Mosquitto::start();
+/// Ingest for the digits bundle's `sorter` task from the broker at `port`, into a fresh store.
+struct RunningIngest {
+    _dir: tempfile::TempDir,
+    store: Arc<Mutex<SampleStore>>,
+    stats: Arc<IngestStats>,
+    events_topic: String,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), adaptd::ingest::IngestError>>,
+}
+
+fn start_ingest(port: u16, client_id: &str) -> RunningIngest {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Mutex::new(SampleStore::open(&dir.path().join("samples.db"), SplitPolicy::default()).unwrap()));
     let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
     let stats = Arc::new(IngestStats::default());
     let config = IngestConfig {
         host: "127.0.0.1".into(),
-        port: broker.port,
-        client_id: "adaptd-ingest-test".into(),
+        port,
+        client_id: client_id.into(),
         topic_prefix: "adaptd/v1".into(),
         device_id: "robot-7".into(),
         max_batch: 64,
@@ -39,6 +47,13 @@ async fn samples_land_once_and_poison_is_refused_with_reasons() {
     let events_topic = config.events_topic();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(ingest::run(config, store.clone(), Arc::new(bundle.manifest.clone()), Arc::new(vec!["sorter".into()]), stats.clone(), async { let _ = stopped.await; }));
+    RunningIngest { _dir: dir, store, stats, events_topic, stop, task }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samples_land_once_and_poison_is_refused_with_reasons() {
+    let broker = Mosquitto::start();
+    let RunningIngest { _dir, store, stats, events_topic, stop, task } = start_ingest(broker.port, "adaptd-ingest-test");
 
     let poison: Vec<(String, &str)> = vec![
         ("{\"key\": \"x\", ".into(), "bad_json"),
@@ -211,21 +226,7 @@ async fn the_serving_process_ingests_the_configured_tasks_samples() {
 async fn samples_arrive_through_the_embedded_rumqttd_broker() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     adaptd::broker::start_embedded(([127, 0, 0, 1], port).into(), 64 * 1024).expect("rumqttd starts");
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Mutex::new(SampleStore::open(&dir.path().join("samples.db"), SplitPolicy::default()).unwrap()));
-    let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
-    let stats = Arc::new(IngestStats::default());
-    let config = IngestConfig {
-        host: "127.0.0.1".into(),
-        port,
-        client_id: "adaptd-ingest-rumqttd".into(),
-        topic_prefix: "adaptd/v1".into(),
-        device_id: "robot-7".into(),
-        max_batch: 64,
-        max_payload_bytes: 16 * 1024,
-    };
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(ingest::run(config, store.clone(), Arc::new(bundle.manifest.clone()), Arc::new(vec!["sorter".into()]), stats.clone(), async { let _ = stopped.await; }));
+    let RunningIngest { _dir, store, stats, stop, task, .. } = start_ingest(port, "adaptd-ingest-rumqttd");
     let port_s = port.to_string();
     tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + Duration::from_secs(20);
