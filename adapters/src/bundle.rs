@@ -11,7 +11,11 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use safetensors::SafeTensors;
 use sha2::{Digest, Sha256};
+
+use crate::head::{Dense, Head};
+use crate::tensor::{HostTensor, f32s_from_le, i64s_from_le};
 
 /// The manifest format this build understands.
 pub const BUNDLE_FORMAT: u32 = 1;
@@ -138,6 +142,14 @@ pub struct Manifest {
     pub labels: Option<Vec<String>>,
     pub preprocessing: Preprocessing,
     pub lora: LoraSpec,
+    /// The pre-trained classifier (`weight [labels, dim]`, `bias [labels]`) as a file, so heads
+    /// trained on the device start from it instead of from noise.
+    #[serde(default)]
+    pub base_head: Option<String>,
+    /// Base-domain samples (`input.<name>` per model input, `labels` as indices into `labels`):
+    /// replayed against forgetting and checked by the validation gate.
+    #[serde(default)]
+    pub retention: Option<String>,
     #[serde(default)]
     pub metadata: serde_json::Value,
 }
@@ -207,6 +219,16 @@ impl Manifest {
             }
             (None, None) => {}
             _ => return Err(invalid("logits_output and labels must be given together".into())),
+        }
+        for (key, file) in [("base_head", &self.base_head), ("retention", &self.retention)] {
+            if let Some(file) = file {
+                if !self.files.contains_key(file) {
+                    return Err(invalid(format!("{key} file {file:?} is not listed under \"files\"")));
+                }
+                if self.labels.is_none() {
+                    return Err(invalid(format!("{key} needs the bundle's labels")));
+                }
+            }
         }
         if self.lora.rank_max == 0 {
             return Err(invalid("lora.rank_max must be at least 1".into()));
@@ -279,6 +301,78 @@ impl Bundle {
     pub fn file_path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
+
+    /// The pre-trained classifier as a linear head, if the bundle ships one.
+    pub fn base_head(&self) -> Result<Option<Head>, BundleError> {
+        let Some(name) = &self.manifest.base_head else { return Ok(None) };
+        let path = self.file_path(name);
+        let bytes = std::fs::read(&path).map_err(|source| BundleError::Io { path: path.clone(), source })?;
+        let invalid = |reason: String| BundleError::Invalid { path: path.clone(), reason };
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| invalid(format!("not a safetensors file: {e}")))?;
+        let weight = read_tensor(&st, "weight").map_err(&invalid)?;
+        let bias = read_tensor(&st, "bias").map_err(&invalid)?;
+        let head = Head { layers: vec![Dense { weight, bias }] };
+        let labels = self.manifest.labels.as_ref().map_or(0, Vec::len);
+        head.validate(self.manifest.embedding_dim, labels).map_err(|e| invalid(e.to_string()))?;
+        Ok(Some(head))
+    }
+
+    /// The base-domain retention set, if the bundle ships one.
+    pub fn retention(&self) -> Result<Option<RetentionSet>, BundleError> {
+        let Some(name) = &self.manifest.retention else { return Ok(None) };
+        let path = self.file_path(name);
+        let bytes = std::fs::read(&path).map_err(|source| BundleError::Io { path: path.clone(), source })?;
+        let invalid = |reason: String| BundleError::Invalid { path: path.clone(), reason };
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| invalid(format!("not a safetensors file: {e}")))?;
+        let labels_t = read_tensor(&st, "labels").map_err(&invalid)?;
+        let labels = labels_t.as_i64().ok_or_else(|| invalid("labels must be i64".into()))?.to_vec();
+        let classes = self.manifest.labels.as_ref().map_or(0, Vec::len) as i64;
+        if labels.iter().any(|&l| l < 0 || l >= classes) || labels_t.shape.len() != 1 {
+            return Err(invalid(format!("labels must be a 1-D list of indices below {classes}")));
+        }
+        let mut inputs = Vec::new();
+        for spec in &self.manifest.inputs {
+            let t = read_tensor(&st, &format!("input.{}", spec.name)).map_err(&invalid)?;
+            if t.dtype() != spec.dtype || t.shape.first() != Some(&labels.len()) || t.shape.len() != spec.shape.len() {
+                return Err(invalid(format!("input.{} has shape {:?} ({:?}); expected {} rows of {:?} ({:?})", spec.name, t.shape, t.dtype(), labels.len(), spec.shape, spec.dtype)));
+            }
+            inputs.push(t);
+        }
+        Ok(Some(RetentionSet { inputs, labels }))
+    }
+}
+
+/// Base-domain samples shipped with a bundle: model inputs (batch axis first) and label indices.
+#[derive(Debug, Clone)]
+pub struct RetentionSet {
+    pub inputs: Vec<HostTensor>,
+    pub labels: Vec<i64>,
+}
+
+impl RetentionSet {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// The rows at `indices`, in that order.
+    pub fn select(&self, indices: &[usize]) -> RetentionSet {
+        RetentionSet { inputs: self.inputs.iter().map(|t| t.select_rows(indices)).collect(), labels: indices.iter().map(|&i| self.labels[i]).collect() }
+    }
+}
+
+fn read_tensor(st: &SafeTensors<'_>, name: &str) -> Result<HostTensor, String> {
+    let t = st.tensor(name).map_err(|e| format!("tensor {name:?}: {e}"))?;
+    let shape = t.shape().to_vec();
+    let result = match t.dtype() {
+        safetensors::Dtype::F32 => HostTensor::f32(shape, f32s_from_le(t.data())),
+        safetensors::Dtype::I64 => HostTensor::i64(shape, i64s_from_le(t.data())),
+        other => return Err(format!("tensor {name:?} is {other:?}; bundles use f32 or i64")),
+    };
+    result.map_err(|e| format!("tensor {name:?}: {e}"))
 }
 
 fn sha256_of(path: &Path) -> io::Result<(String, u64)> {

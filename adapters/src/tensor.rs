@@ -81,6 +81,25 @@ impl HostTensor {
         };
         HostTensor { shape, data }
     }
+
+    /// The rows at `indices` of the leading (batch) axis, in that order.
+    pub fn select_rows(&self, indices: &[usize]) -> HostTensor {
+        let row: usize = self.shape[1..].iter().product();
+        let mut shape = self.shape.clone();
+        shape[0] = indices.len();
+        let data = match &self.data {
+            HostData::F32(v) => HostData::F32(indices.iter().flat_map(|&i| v[i * row..(i + 1) * row].iter().copied()).collect()),
+            HostData::I64(v) => HostData::I64(indices.iter().flat_map(|&i| v[i * row..(i + 1) * row].iter().copied()).collect()),
+        };
+        HostTensor { shape, data }
+    }
+
+    pub fn as_i64(&self) -> Option<&[i64]> {
+        match &self.data {
+            HostData::I64(v) => Some(v),
+            HostData::F32(_) => None,
+        }
+    }
 }
 
 /// Little-endian f32 values from raw bytes (safetensors, wire payloads); a trailing partial value is ignored.

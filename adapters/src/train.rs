@@ -32,6 +32,8 @@ pub enum TrainError {
     NonFiniteLoss { step: usize, loss: f32 },
     #[error("training was cancelled at step {step}")]
     Cancelled { step: usize },
+    #[error("training needs at least {needed} bytes at batch size 1, over the memory budget of {budget} bytes")]
+    MemoryBudget { budget: u64, needed: u64 },
     #[error(transparent)]
     Lora(#[from] crate::lora::LoraError),
     #[error("libtorch: {0}")]
@@ -46,6 +48,7 @@ impl TrainError {
             TrainError::InputDType { .. } | TrainError::InputCount { .. } | TrainError::Data(_) => "input",
             TrainError::NonFiniteLoss { .. } => "non_finite_loss",
             TrainError::Cancelled { .. } => "cancelled",
+            TrainError::MemoryBudget { .. } => "memory_budget",
             TrainError::Lora(e) => e.error_type(),
         }
     }
@@ -151,132 +154,492 @@ pub fn to_host(t: &Tensor) -> Result<HostTensor, TrainError> {
     Ok(HostTensor { shape, data })
 }
 
-/// Settings for a joint LoRA + head fine-tune. Defaults follow PEFT's usual LoRA recipe.
-#[derive(Debug, Clone)]
-pub struct LoraTrainConfig {
-    pub rank: usize,
-    pub alpha: f32,
+/// How the learning rate moves after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Half a cosine down to zero.
+    Cosine,
+    /// A straight line down to zero.
+    Linear,
+    Constant,
+}
+
+/// A fine-tuning recipe: what the literature and PEFT's users expect, as plain numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recipe {
+    /// Peak learning rate of the LoRA tensors (low: they start at an exact copy of the base).
     pub learning_rate: f64,
+    /// Peak learning rate of the head.
+    pub head_learning_rate: f64,
+    /// Decoupled weight decay (AdamW) on everything trained.
     pub weight_decay: f64,
-    pub steps: usize,
+    /// Share of all steps spent warming the learning rate up linearly from zero.
+    pub warmup_fraction: f64,
+    pub schedule: Schedule,
+    pub max_epochs: usize,
     pub batch_size: usize,
+    /// Stop after this many epochs without a better validation loss, and keep the best epoch (0: off).
+    pub patience: usize,
+    /// Clip the global gradient norm to this (0: off).
+    pub grad_clip: f64,
+    /// Dropout on the embedding before the head, while training.
+    pub dropout: f64,
+    /// Draw each epoch's samples with probability inverse to their class's frequency.
+    pub class_balanced: bool,
+    /// Gradual unfreezing: train only the head for this many epochs before LoRA joins.
+    pub head_only_epochs: usize,
+    /// Training may grow the process's peak memory by at most this much: the batch shrinks to
+    /// fit, or the job is refused. Measured on a probe step, so it holds on the device at hand.
+    pub memory_budget_bytes: Option<u64>,
     pub seed: u64,
 }
 
-impl Default for LoraTrainConfig {
+impl Default for Recipe {
     fn default() -> Self {
-        LoraTrainConfig { rank: 8, alpha: 8.0, learning_rate: 1e-3, weight_decay: 0.01, steps: 20, batch_size: 16, seed: 0 }
+        Recipe {
+            learning_rate: 5e-4,
+            head_learning_rate: 5e-3,
+            weight_decay: 0.01,
+            warmup_fraction: 0.1,
+            schedule: Schedule::Cosine,
+            max_epochs: 20,
+            batch_size: 16,
+            patience: 3,
+            grad_clip: 1.0,
+            dropout: 0.1,
+            class_balanced: true,
+            head_only_epochs: 0,
+            memory_budget_bytes: None,
+            seed: 0,
+        }
     }
+}
+
+/// The learning-rate multiplier at `step` (0-based) of `total`: linear warm-up, then the schedule.
+pub fn lr_factor(schedule: Schedule, warmup_steps: usize, step: usize, total: usize) -> f64 {
+    if step < warmup_steps {
+        return (step + 1) as f64 / (warmup_steps + 1) as f64;
+    }
+    let span = total.saturating_sub(warmup_steps).max(1) as f64;
+    let progress = ((step - warmup_steps) as f64 / span).clamp(0.0, 1.0);
+    match schedule {
+        Schedule::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        Schedule::Linear => 1.0 - progress,
+        Schedule::Constant => 1.0,
+    }
+}
+
+/// Labelled examples: inputs with a leading batch axis, one class index and one weight per row.
+#[derive(Debug, Clone, Default)]
+pub struct Examples {
+    pub inputs: Vec<HostTensor>,
+    pub labels: Vec<i64>,
+    pub weights: Vec<f32>,
+}
+
+impl Examples {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    fn check(&self, what: &str, classes: usize) -> Result<(), TrainError> {
+        let n = self.labels.len();
+        if self.weights.len() != n || self.inputs.iter().any(|t| t.shape.first() != Some(&n)) {
+            return Err(TrainError::Data(format!(
+                "{what}: {n} labels, {} weights, inputs with batch sizes {:?}",
+                self.weights.len(),
+                self.inputs.iter().map(|t| t.shape.first()).collect::<Vec<_>>()
+            )));
+        }
+        if let Some(bad) = self.labels.iter().find(|&&l| l < 0 || l as usize >= classes) {
+            return Err(TrainError::Data(format!("{what}: label {bad} is outside 0..{classes}")));
+        }
+        if let Some(w) = self.weights.iter().find(|w| !w.is_finite() || **w < 0.0) {
+            return Err(TrainError::Data(format!("{what}: sample weight {w} must be finite and non-negative")));
+        }
+        Ok(())
+    }
+}
+
+/// What to train: a head on cached embeddings, or LoRA (plus the head) through the bundle's graph.
+pub enum FitTarget<'a> {
+    /// `Examples::inputs` is one `[N, embedding_dim]` tensor of cached backbone embeddings.
+    Head { device: Device },
+    /// `Examples::inputs` are the bundle's model inputs.
+    Lora { graph: &'a TrainingGraph, rank: usize, alpha: f32 },
+}
+
+/// Reported after every optimizer step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub epoch: usize,
+    pub max_epochs: usize,
+    pub step: usize,
+    pub total_steps: usize,
+    pub loss: f32,
+    pub learning_rate: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub train_loss: f32,
+    /// NaN when there are no validation samples.
+    pub val_loss: f32,
+    pub val_accuracy: f32,
+    pub seconds: f64,
 }
 
 #[derive(Debug, Clone)]
-pub struct LoraTrainReport {
-    /// Training loss per step.
-    pub losses: Vec<f32>,
-    pub lora: LoraWeights,
+pub struct FitReport {
     pub head: Head,
-    /// Every base parameter bit-identical after training.
-    pub base_unchanged: bool,
+    pub lora: Option<LoraWeights>,
+    pub epochs: Vec<EpochRecord>,
+    /// The epoch whose weights were kept (lowest validation loss).
+    pub best_epoch: usize,
+    pub stopped_early: bool,
+    pub steps: usize,
+    /// The batch size used, after any shrinking to fit the memory budget.
+    pub batch_size: usize,
+    pub samples_per_second: f64,
+    /// Peak memory the probe step added, when a budget was set.
+    pub probe_bytes_per_sample: Option<u64>,
+    /// LoRA only: every base parameter bit-identical after training.
+    pub base_unchanged: Option<bool>,
+    /// The step losses, for loss curves.
+    pub losses: Vec<f32>,
 }
 
-/// Fine-tune LoRA tensors on every slot plus a linear head on the embedding, with cross-entropy.
-/// `inputs` are the model inputs for all samples (batch axis first), `labels` one class each.
-/// B starts at zero and A at PEFT's Kaiming-uniform bound, so step 0 is exactly the base model.
-pub fn train_lora_and_head(
-    graph: &TrainingGraph,
-    inputs: &[HostTensor],
-    labels: &[i64],
-    num_classes: usize,
-    cfg: &LoraTrainConfig,
+/// Fine-tune `target` from `init_head` (a linear head whose rows are the classes) on `train`,
+/// choosing the epoch by loss on `validation`. Cancellable between steps via `cancel`.
+pub fn fit(
+    target: FitTarget<'_>,
+    train: &Examples,
+    validation: &Examples,
+    init_head: &Head,
+    recipe: &Recipe,
     cancel: &AtomicBool,
-) -> Result<LoraTrainReport, TrainError> {
-    graph.check_inputs(inputs)?;
-    let n = labels.len();
-    if n == 0 || inputs.iter().any(|t| t.shape.first() != Some(&n)) {
-        return Err(TrainError::Data(format!("{n} labels, but inputs have batch sizes {:?}", inputs.iter().map(|t| t.shape.first()).collect::<Vec<_>>())));
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<FitReport, TrainError> {
+    if init_head.layers.len() != 1 {
+        return Err(TrainError::Data(format!("training starts from a linear head; this one has {} layers", init_head.layers.len())));
     }
-    if let Some(bad) = labels.iter().find(|&&l| l < 0 || l as usize >= num_classes) {
-        return Err(TrainError::Data(format!("label {bad} is outside 0..{num_classes}")));
+    let classes = init_head.classes();
+    train.check("training set", classes)?;
+    validation.check("validation set", classes)?;
+    if train.is_empty() {
+        return Err(TrainError::Data("no training samples".into()));
     }
-    let manifest = graph.manifest();
-    let spec = &manifest.lora;
-    if cfg.rank == 0 || cfg.rank > spec.rank_max {
-        return Err(crate::lora::LoraError::Rank { rank: cfg.rank, rank_max: spec.rank_max }.into());
+    if recipe.batch_size == 0 || recipe.max_epochs == 0 {
+        return Err(TrainError::Data("batch_size and max_epochs must be at least 1".into()));
     }
-    let emb_index = manifest
-        .output_index(&manifest.embedding_output)
-        .ok_or_else(|| TrainError::Data(format!("embedding output {:?} missing", manifest.embedding_output)))?;
-    let device = graph.device();
-    tch::manual_seed(cfg.seed as i64);
-    let mut rng = SeededRng::new(cfg.seed);
+    let (device, graph, lora_spec) = match &target {
+        FitTarget::Head { device } => {
+            if train.inputs.len() != 1 || train.inputs[0].shape.len() != 2 || train.inputs[0].shape[1] != init_head.input_dim() {
+                return Err(TrainError::Data(format!("head training takes one [N, {}] embedding tensor", init_head.input_dim())));
+            }
+            (*device, None, None)
+        }
+        FitTarget::Lora { graph, rank, alpha } => {
+            graph.check_inputs(&train.inputs)?;
+            if !validation.is_empty() {
+                graph.check_inputs(&validation.inputs)?;
+            }
+            let spec = &graph.manifest().lora;
+            if *rank == 0 || *rank > spec.rank_max {
+                return Err(crate::lora::LoraError::Rank { rank: *rank, rank_max: spec.rank_max }.into());
+            }
+            (graph.device(), Some(*graph), Some((spec.clone(), *rank, *alpha)))
+        }
+    };
+    tch::manual_seed(recipe.seed as i64);
+    let mut rng = SeededRng::new(recipe.seed);
 
+    // Group 0: the head; group 1: LoRA. One optimizer, a learning rate per group.
     let vs = nn::VarStore::new(device);
     let root = vs.root();
-    let scale = cfg.alpha as f64 / cfg.rank as f64;
-    let mut lora_vars = Vec::with_capacity(spec.slots.len());
-    for (i, slot) in spec.slots.iter().enumerate() {
-        let (a_shape, b_shape) = slot_shapes(slot, cfg.rank);
-        let fan_in: usize = a_shape[1..].iter().product();
-        let bound = 1.0 / (fan_in as f64).sqrt(); // kaiming_uniform_(a=sqrt(5)), as PEFT initialises A
-        let a_init: Vec<f32> = (0..a_shape.iter().product::<usize>()).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
-        let a = root.var_copy(&format!("lora_a_{i}"), &to_tensor(&HostTensor { shape: a_shape, data: HostData::F32(a_init) }, device));
-        let b = root.zeros(&format!("lora_b_{i}"), &b_shape.iter().map(|&d| d as i64).collect::<Vec<_>>());
-        lora_vars.push((a, b));
+    let head_w = root.set_group(0).var_copy("head_weight", &to_tensor(&init_head.layers[0].weight, device));
+    let head_b = root.set_group(0).var_copy("head_bias", &to_tensor(&init_head.layers[0].bias, device));
+    let mut lora_vars: Vec<(Tensor, Tensor)> = Vec::new();
+    if let Some((spec, rank, _)) = &lora_spec {
+        for (i, slot) in spec.slots.iter().enumerate() {
+            let (a_shape, b_shape) = slot_shapes(slot, *rank);
+            let fan_in: usize = a_shape[1..].iter().product();
+            let bound = 1.0 / (fan_in as f64).sqrt(); // kaiming_uniform_(a=sqrt(5)), as PEFT initialises A
+            let a_init: Vec<f32> = (0..a_shape.iter().product::<usize>()).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
+            let a = root.set_group(1).var_copy(&format!("lora_a_{i}"), &to_tensor(&HostTensor { shape: a_shape, data: HostData::F32(a_init) }, device));
+            let b = root.set_group(1).zeros(&format!("lora_b_{i}"), &b_shape.iter().map(|&d| d as i64).collect::<Vec<_>>());
+            lora_vars.push((a, b));
+        }
     }
-    let dim = manifest.embedding_dim as i64;
-    let head_bound = 1.0 / (dim as f64).sqrt();
-    let head_w = root.var("head_weight", &[num_classes as i64, dim], nn::Init::Uniform { lo: -head_bound, up: head_bound });
-    let head_b = root.zeros("head_bias", &[num_classes as i64]);
-    let mut opt = nn::AdamW { wd: cfg.weight_decay, ..Default::default() }.build(&vs, cfg.learning_rate)?;
+    let mut opt = nn::AdamW { wd: recipe.weight_decay, ..Default::default() }.build(&vs, recipe.head_learning_rate)?;
 
+    let emb_index = graph.map(|g| g.manifest().output_index(&g.manifest().embedding_output).expect("manifest checked"));
     let padded = |lora_vars: &[(Tensor, Tensor)]| -> Vec<Tensor> {
+        let Some((spec, rank, alpha)) = &lora_spec else { return Vec::new() };
+        let scale = *alpha as f64 / *rank as f64;
         spec.slots
             .iter()
             .zip(lora_vars)
             .flat_map(|(slot, (a, b))| {
                 let mut a_pad = slot.a_shape.iter().map(|&d| d as i64).collect::<Vec<_>>();
-                a_pad[0] = (spec.rank_max - cfg.rank) as i64;
+                a_pad[0] = (spec.rank_max - rank) as i64;
                 let mut b_pad = slot.b_shape.iter().map(|&d| d as i64).collect::<Vec<_>>();
-                b_pad[1] = (spec.rank_max - cfg.rank) as i64;
+                b_pad[1] = (spec.rank_max - rank) as i64;
                 let a_full = Tensor::cat(&[a.shallow_clone(), Tensor::zeros(&a_pad, (Kind::Float, device))], 0);
                 let b_full = Tensor::cat(&[b * scale, Tensor::zeros(&b_pad, (Kind::Float, device))], 1);
                 [a_full, b_full]
             })
             .collect()
     };
+    // Embeddings for a batch: the cached input itself, or the graph run with the current LoRA.
+    let embed = |batch: &[Tensor], lora_vars: &[(Tensor, Tensor)]| -> Result<Tensor, TrainError> {
+        match graph {
+            None => Ok(batch[0].shallow_clone()),
+            Some(g) => Ok(g.forward(batch, &padded(lora_vars))?.swap_remove(emb_index.expect("lora graph"))),
+        }
+    };
+    let logits_of = |emb: &Tensor, train: bool| emb.dropout(if train { recipe.dropout } else { 0.0 }, train).linear(&head_w, Some(&head_b));
 
-    let snapshot = graph.base_parameters()?;
-    let all_inputs: Vec<Tensor> = inputs.iter().map(|t| to_tensor(t, device)).collect();
-    let all_labels = Tensor::from_slice(labels).to_device(device);
-    let mut losses = Vec::with_capacity(cfg.steps);
-    for step in 0..cfg.steps {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(TrainError::Cancelled { step });
+    let train_inputs: Vec<Tensor> = train.inputs.iter().map(|t| to_tensor(t, device)).collect();
+    let train_labels = Tensor::from_slice(&train.labels).to_device(device);
+    let train_weights = Tensor::from_slice(&train.weights).to_device(device);
+    let val_inputs: Vec<Tensor> = validation.inputs.iter().map(|t| to_tensor(t, device)).collect();
+    let val_labels = Tensor::from_slice(&validation.labels).to_device(device);
+    let snapshot = match graph {
+        Some(g) => Some(g.base_parameters()?),
+        None => None,
+    };
+    let weighted_loss = |logits: &Tensor, idx: &Tensor| -> Tensor {
+        let per_sample = logits.log_softmax(-1, Kind::Float).nll_loss_nd::<Tensor>(&train_labels.index_select(0, idx), None, tch::Reduction::None, -100);
+        let w = train_weights.index_select(0, idx);
+        (per_sample * &w).sum(Kind::Float) / w.sum(Kind::Float).clamp_min(1e-12)
+    };
+
+    let n = train.len();
+    let mut batch_size = recipe.batch_size.min(n);
+    let mut probe_bytes_per_sample = None;
+    if let Some(budget) = recipe.memory_budget_bytes {
+        let (per_sample, fixed) = probe_memory(|b| {
+            let idx = Tensor::from_slice(&(0..b as i64).map(|i| i % n as i64).collect::<Vec<_>>()).to_device(device);
+            let batch: Vec<Tensor> = train_inputs.iter().map(|t| t.index_select(0, &idx)).collect();
+            let loss = weighted_loss(&logits_of(&embed(&batch, &lora_vars)?, true), &idx);
+            opt.zero_grad();
+            loss.backward();
+            opt.zero_grad();
+            Ok(())
+        })?;
+        probe_bytes_per_sample = Some(per_sample);
+        let fits = (budget.saturating_sub(fixed) / per_sample.max(1)) as usize;
+        if fits == 0 {
+            return Err(TrainError::MemoryBudget { budget, needed: fixed + per_sample });
         }
-        let idx: Vec<i64> = (0..cfg.batch_size.min(n)).map(|_| (rng.next_u64() % n as u64) as i64).collect();
-        let idx = Tensor::from_slice(&idx).to_device(device);
-        let batch: Vec<Tensor> = all_inputs.iter().map(|t| t.index_select(0, &idx)).collect();
-        let outputs = graph.forward(&batch, &padded(&lora_vars))?;
-        let logits = outputs[emb_index].linear(&head_w, Some(&head_b));
-        let loss = logits.cross_entropy_for_logits(&all_labels.index_select(0, &idx));
-        let value = loss.double_value(&[]) as f32;
-        if !value.is_finite() {
-            return Err(TrainError::NonFiniteLoss { step, loss: value });
-        }
-        opt.backward_step(&loss);
-        losses.push(value);
+        batch_size = batch_size.min(fits);
     }
 
-    let modules = spec
-        .slots
-        .iter()
-        .zip(&lora_vars)
-        .map(|(slot, (a, b))| Ok(LoraModule { module: slot.module.clone(), a: to_host(a)?, b: to_host(b)? }))
-        .collect::<Result<Vec<_>, TrainError>>()?;
-    Ok(LoraTrainReport {
+    let steps_per_epoch = n.div_ceil(batch_size);
+    let total_steps = steps_per_epoch * recipe.max_epochs;
+    let warmup_steps = (recipe.warmup_fraction * total_steps as f64).round() as usize;
+    let class_counts = {
+        let mut c = vec![0usize; classes];
+        for &l in &train.labels {
+            c[l as usize] += 1;
+        }
+        c
+    };
+    let started = std::time::Instant::now();
+    let mut epochs = Vec::new();
+    let mut losses = Vec::new();
+    let mut best: Option<(f32, usize, Vec<Tensor>)> = None;
+    let mut stopped_early = false;
+    let mut step = 0;
+    let mut seen = 0usize;
+    for epoch in 0..recipe.max_epochs {
+        let epoch_start = std::time::Instant::now();
+        let lora_trains = epoch >= recipe.head_only_epochs;
+        for (a, b) in &lora_vars {
+            let _ = a.set_requires_grad(lora_trains);
+            let _ = b.set_requires_grad(lora_trains);
+        }
+        let order = epoch_order(&train.labels, &class_counts, recipe.class_balanced, &mut rng);
+        let mut epoch_loss = 0.0f64;
+        for chunk in order.chunks(batch_size) {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(TrainError::Cancelled { step });
+            }
+            let factor = lr_factor(recipe.schedule, warmup_steps, step, total_steps);
+            opt.set_lr_group(0, recipe.head_learning_rate * factor);
+            opt.set_lr_group(1, recipe.learning_rate * factor);
+            let idx = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(device);
+            let batch: Vec<Tensor> = train_inputs.iter().map(|t| t.index_select(0, &idx)).collect();
+            let loss = weighted_loss(&logits_of(&embed(&batch, &lora_vars)?, true), &idx);
+            let value = loss.double_value(&[]) as f32;
+            if !value.is_finite() {
+                return Err(TrainError::NonFiniteLoss { step, loss: value });
+            }
+            opt.zero_grad();
+            loss.backward();
+            if recipe.grad_clip > 0.0 {
+                opt.clip_grad_norm(recipe.grad_clip);
+            }
+            opt.step();
+            losses.push(value);
+            epoch_loss += value as f64;
+            step += 1;
+            seen += chunk.len();
+            progress(&Progress { epoch, max_epochs: recipe.max_epochs, step, total_steps, loss: value, learning_rate: recipe.learning_rate * factor });
+        }
+        let (val_loss, val_accuracy) = {
+            let _guard = tch::no_grad_guard();
+            evaluate(&val_inputs, &val_labels, validation.len(), |batch| Ok(logits_of(&embed(batch, &lora_vars)?, false)))?
+        };
+        epochs.push(EpochRecord {
+            epoch,
+            train_loss: (epoch_loss / steps_per_epoch as f64) as f32,
+            val_loss,
+            val_accuracy,
+            seconds: epoch_start.elapsed().as_secs_f64(),
+        });
+        if val_loss.is_nan() {
+            continue; // no validation samples: train every epoch, keep the last
+        }
+        let improved = best.as_ref().is_none_or(|(b, _, _)| val_loss < *b);
+        if improved {
+            let params = std::iter::once(&head_w).chain([&head_b]).chain(lora_vars.iter().flat_map(|(a, b)| [a, b])).map(|t| t.detach().copy()).collect();
+            best = Some((val_loss, epoch, params));
+        } else if recipe.patience > 0 && best.as_ref().is_some_and(|(_, e, _)| epoch - e >= recipe.patience) {
+            stopped_early = true;
+            break;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let last_epoch = epochs.len() - 1;
+    let (best_epoch, params): (usize, Vec<Tensor>) = match best {
+        Some((_, e, p)) => (e, p),
+        None => (last_epoch, std::iter::once(&head_w).chain([&head_b]).chain(lora_vars.iter().flat_map(|(a, b)| [a, b])).map(|t| t.detach().copy()).collect()),
+    };
+    let head = Head { layers: vec![Dense { weight: to_host(&params[0])?, bias: to_host(&params[1])? }] };
+    let lora = match &lora_spec {
+        Some((spec, rank, alpha)) => Some(LoraWeights {
+            rank: *rank,
+            alpha: *alpha,
+            modules: spec
+                .slots
+                .iter()
+                .enumerate()
+                .map(|(i, slot)| Ok(LoraModule { module: slot.module.clone(), a: to_host(&params[2 + 2 * i])?, b: to_host(&params[3 + 2 * i])? }))
+                .collect::<Result<Vec<_>, TrainError>>()?,
+        }),
+        None => None,
+    };
+    let base_unchanged = match (graph, &snapshot) {
+        (Some(g), Some(s)) => Some(g.base_unchanged(s)?),
+        _ => None,
+    };
+    Ok(FitReport {
+        head,
+        lora,
+        epochs,
+        best_epoch,
+        stopped_early,
+        steps: step,
+        batch_size,
+        samples_per_second: seen as f64 / elapsed.max(1e-9),
+        probe_bytes_per_sample,
+        base_unchanged,
         losses,
-        lora: LoraWeights { rank: cfg.rank, alpha: cfg.alpha, modules },
-        head: Head { layers: vec![Dense { weight: to_host(&head_w)?, bias: to_host(&head_b)? }] },
-        base_unchanged: graph.base_unchanged(&snapshot)?,
     })
+}
+
+/// One epoch's sample order: a shuffle, or (class-balanced) a draw with replacement where each
+/// class is equally likely, so a rare class is seen as often as a common one.
+fn epoch_order(labels: &[i64], class_counts: &[usize], balanced: bool, rng: &mut SeededRng) -> Vec<usize> {
+    let n = labels.len();
+    if !balanced {
+        let mut order: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+        }
+        return order;
+    }
+    let present = class_counts.iter().filter(|&&c| c > 0).count() as f64;
+    let mut cumulative = Vec::with_capacity(n);
+    let mut acc = 0.0;
+    for &l in labels {
+        acc += 1.0 / (present * class_counts[l as usize] as f64);
+        cumulative.push(acc);
+    }
+    (0..n).map(|_| cumulative.partition_point(|&c| c < rng.uniform() * acc).min(n - 1)).collect()
+}
+
+/// Mean cross-entropy and accuracy over a labelled set, in chunks.
+fn evaluate(inputs: &[Tensor], labels: &Tensor, n: usize, logits_of: impl Fn(&[Tensor]) -> Result<Tensor, TrainError>) -> Result<(f32, f32), TrainError> {
+    if n == 0 {
+        return Ok((f32::NAN, f32::NAN));
+    }
+    let (mut loss, mut correct) = (0.0f64, 0i64);
+    for start in (0..n).step_by(64) {
+        let len = 64.min(n - start) as i64;
+        let batch: Vec<Tensor> = inputs.iter().map(|t| t.narrow(0, start as i64, len)).collect();
+        let y = labels.narrow(0, start as i64, len);
+        let logits = logits_of(&batch)?;
+        loss += logits.cross_entropy_for_logits(&y).double_value(&[]) * len as f64;
+        correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
+    }
+    Ok(((loss / n as f64) as f32, correct as f32 / n as f32))
+}
+
+const PROBE_BATCH: usize = 8;
+
+/// Peak memory a training step adds: (bytes per sample, fixed bytes), from steps at batch 1
+/// and 2 with the peak-RSS counter reset before each (Linux `clear_refs`).
+fn probe_memory(mut step: impl FnMut(usize) -> Result<(), TrainError>) -> Result<(u64, u64), TrainError> {
+    // The first step pays one-time costs (thread pools, autograd buffers): warm up, then measure.
+    step(1)?;
+    let mut peak_of = |b: usize| -> Result<u64, TrainError> {
+        let base = memory::reset_peak().ok_or_else(|| TrainError::Data("a memory budget needs /proc (Linux) to measure peak memory".into()))?;
+        step(b)?;
+        Ok(memory::peak_rss().unwrap_or(base).saturating_sub(base))
+    };
+    let one = peak_of(1)?;
+    let many = peak_of(PROBE_BATCH)?;
+    let per_sample = (many.saturating_sub(one) / (PROBE_BATCH as u64 - 1)).max(1);
+    Ok((per_sample, one.saturating_sub(per_sample)))
+}
+
+pub mod memory {
+    //! The process's resident memory, from `/proc/self/status`.
+
+    fn status_kib(field: &str) -> Option<u64> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find(|l| l.starts_with(field))?;
+        line[field.len()..].trim().trim_end_matches("kB").trim().parse::<u64>().ok()
+    }
+
+    /// Resident set size now, in bytes.
+    pub fn rss() -> Option<u64> {
+        status_kib("VmRSS:").map(|k| k * 1024)
+    }
+
+    /// Peak resident set size since start (or the last reset), in bytes.
+    pub fn peak_rss() -> Option<u64> {
+        status_kib("VmHWM:").map(|k| k * 1024)
+    }
+
+    /// Hand freed heap pages back to the kernel, then reset the peak to the current RSS; returns
+    /// the current RSS. Without the trim, a step could reuse pages freed earlier and look free.
+    pub fn reset_peak() -> Option<u64> {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only releases free memory of the allocator; no pointer is touched.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        std::fs::write("/proc/self/clear_refs", "5").ok()?;
+        rss()
+    }
 }

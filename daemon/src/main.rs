@@ -8,7 +8,7 @@ use adaptd::engine::onnx::{OnnxModel, SessionOptions};
 use adaptd::parity::{self, PARITY_TOLERANCE, ParityReport};
 use adaptd::paths;
 use adaptd_adapters::Bundle;
-use adaptd_adapters::train::{LoraTrainReport, TrainingGraph};
+use adaptd_adapters::train::{FitReport, TrainingGraph};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -144,7 +144,7 @@ struct BundleCheck {
     verify_ms: f64,
     load_ms: f64,
     parity: ParityReport,
-    train: Option<LoraTrainReport>,
+    train: Option<FitReport>,
 }
 
 fn check_bundle(dir: &Path, digits: &Path, rank: usize, train_steps: usize) -> anyhow::Result<BundleCheck> {
@@ -179,7 +179,7 @@ fn print_check(check: &BundleCheck) {
             t.losses.first().copied().unwrap_or(f32::NAN),
             t.losses.last().copied().unwrap_or(f32::NAN),
             t.losses.len(),
-            if t.base_unchanged { "yes" } else { "NO" }
+            if t.base_unchanged == Some(true) { "yes" } else { "NO" }
         );
     }
 }
@@ -192,7 +192,7 @@ fn demo(build_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     for name in ["digits-cnn", "minilm"] {
         let check = check_bundle(&build.join("bundles").join(name), &digits, 8, 10)?;
         print_check(&check);
-        ok &= check.parity.passed() && check.train.as_ref().is_some_and(|t| t.base_unchanged && t.losses.last() < t.losses.first());
+        ok &= check.parity.passed() && check.train.as_ref().is_some_and(|t| t.base_unchanged == Some(true) && t.losses.last() < t.losses.first());
     }
     println!("\n{}", if ok { "all checks passed" } else { "SOME CHECKS FAILED" });
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })

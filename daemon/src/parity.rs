@@ -8,7 +8,9 @@ use std::sync::atomic::AtomicBool;
 use adaptd_adapters::bundle::{Bundle, Preprocessing};
 use adaptd_adapters::lora::{LoraWeights, no_adapter_inputs};
 use adaptd_adapters::tensor::{HostTensor, max_abs_diff};
-use adaptd_adapters::train::{LoraTrainConfig, LoraTrainReport, TrainError, TrainingGraph, train_lora_and_head};
+use adaptd_adapters::head::{Dense, Head};
+use adaptd_adapters::tensor::SeededRng;
+use adaptd_adapters::train::{Examples, FitReport, FitTarget, Recipe, Schedule, TrainError, TrainingGraph, fit};
 
 use crate::datasets::{DatasetError, Digits, ROBOT_INTENTS, Shift};
 use crate::engine::onnx::{OnnxError, OnnxModel};
@@ -127,7 +129,7 @@ pub fn training_probe(
     graph: &TrainingGraph,
     digits_path: &Path,
     steps: usize,
-) -> Result<LoraTrainReport, ParityError> {
+) -> Result<FitReport, ParityError> {
     let (inputs, labels, classes) = match &bundle.manifest.preprocessing {
         Preprocessing::Text { .. } => {
             let texts: Vec<&str> = ROBOT_INTENTS.iter().map(|(t, _)| *t).collect();
@@ -140,8 +142,30 @@ pub fn training_probe(
             (vec![digits.batch(&held, Shift::Rotate90)], digits.labels_of(&held), 10)
         }
     };
-    // Full-batch steps so the loss curve is deterministic; the learning rate is high because the
-    // head starts from scratch and the probe is short.
-    let cfg = LoraTrainConfig { steps, batch_size: labels.len(), learning_rate: 1e-2, ..Default::default() };
-    Ok(train_lora_and_head(graph, &inputs, &labels, classes, &cfg, &AtomicBool::new(false))?)
+    // Full-batch steps at a constant, high learning rate so the loss curve is deterministic and
+    // short: the head starts from scratch.
+    let recipe = Recipe {
+        learning_rate: 1e-2,
+        head_learning_rate: 1e-2,
+        warmup_fraction: 0.0,
+        schedule: Schedule::Constant,
+        max_epochs: steps,
+        batch_size: labels.len(),
+        patience: 0,
+        dropout: 0.0,
+        class_balanced: false,
+        ..Recipe::default()
+    };
+    let dim = bundle.manifest.embedding_dim;
+    let mut rng = SeededRng::new(0);
+    let bound = 1.0 / (dim as f32).sqrt();
+    let head = Head {
+        layers: vec![Dense {
+            weight: HostTensor::f32(vec![classes, dim], (0..classes * dim).map(|_| (rng.uniform() as f32 * 2.0 - 1.0) * bound).collect()).expect("shape"),
+            bias: HostTensor::zeros_f32(vec![classes]),
+        }],
+    };
+    let train = Examples { weights: vec![1.0; labels.len()], inputs, labels };
+    let target = FitTarget::Lora { graph, rank: 8, alpha: 8.0 };
+    Ok(fit(target, &train, &Examples::default(), &head, &recipe, &AtomicBool::new(false), &mut |_| {})?)
 }

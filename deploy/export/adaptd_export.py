@@ -39,6 +39,8 @@ BUNDLE_FORMAT = 1
 MANIFEST = "manifest.json"
 SERVING_GRAPH = "model.onnx"
 TRAINING_GRAPH = "train.pt"
+BASE_HEAD = "base_head.safetensors"
+RETENTION = "retention.safetensors"
 ONNX_OPSET = 17
 
 
@@ -193,11 +195,18 @@ def export_bundle(
     preprocessing: dict[str, Any] | None = None,
     extra_files: dict[str, str | os.PathLike] | None = None,
     metadata: dict[str, Any] | None = None,
+    base_head: str | None = None,
+    retention: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> Path:
     """Trace `module` into a bundle at `out_dir`; returns the bundle path.
 
     An existing bundle made from the same weights and settings is left as it is (idempotent);
     a directory holding anything else is refused rather than overwritten.
+
+    `base_head` names the nn.Linear that maps the embedding to the logits: its weights ship as
+    `base_head.safetensors`, so on-device heads start from the pre-trained classifier.
+    `retention` is (model inputs, label indices) from the base domain: the device replays part of
+    it during training and checks the rest for forgetting (`retention.safetensors`).
     """
     out = Path(out_dir)
     if not isinstance(rank_max, int) or isinstance(rank_max, bool) or rank_max <= 0:
@@ -210,15 +219,41 @@ def export_bundle(
         raise ExportError(f"logits_output {logits_output!r} is not among output_names {list(output_names)}")
     if (logits_output is None) != (labels is None):
         raise ExportError("logits_output and labels go together: give both or neither")
+    if (base_head is not None or retention is not None) and labels is None:
+        raise ExportError("base_head and retention need the bundle's labels (logits_output and labels)")
+    if retention is not None:
+        r_inputs, r_labels = retention
+        if list(r_inputs) != list(example_inputs):
+            raise ExportError(f"retention inputs {list(r_inputs)} must be the model inputs {list(example_inputs)}")
+        if r_labels.dtype != torch.int64 or r_labels.dim() != 1 or any(t.shape[0] != r_labels.shape[0] for t in r_inputs.values()):
+            raise ExportError("retention labels must be int64 [N] and every retention input must have N rows")
+        if r_labels.numel() and (int(r_labels.min()) < 0 or int(r_labels.max()) >= len(labels)):
+            raise ExportError(f"retention labels must index the {len(labels)} bundle labels")
 
     # Work on a copy: wrapping targets in LoRA slots must not change the caller's module.
     module = copy.deepcopy(module).eval()
     targets = resolve_targets(module, target_modules)
+    head_tensors: dict[str, torch.Tensor] | None = None
+    if base_head is not None:
+        try:
+            head_layer = module.get_submodule(base_head)
+        except AttributeError as e:
+            raise ExportError(f"base_head {base_head!r} is not a module of {type(module).__name__}") from e
+        if not isinstance(head_layer, nn.Linear) or head_layer.out_features != len(labels):
+            raise ExportError(f"base_head {base_head!r} must be an nn.Linear with {len(labels)} outputs (one per label)")
+        bias = head_layer.bias if head_layer.bias is not None else torch.zeros(head_layer.out_features)
+        head_tensors = {"weight": head_layer.weight.detach().clone().contiguous(), "bias": bias.detach().clone().contiguous()}
+    retention_tensors: dict[str, torch.Tensor] | None = None
+    if retention is not None:
+        retention_tensors = {f"input.{k}": v.detach().clone().contiguous() for k, v in retention[0].items()}
+        retention_tensors["labels"] = retention[1].detach().clone().contiguous()
     config = {
         "format": BUNDLE_FORMAT, "name": name, "version": version, "rank_max": rank_max, "targets": targets,
         "inputs": list(example_inputs), "outputs": list(output_names), "labels": list(labels) if labels else None,
         "preprocessing": preprocessing, "opset": ONNX_OPSET,
         "extra_files": {k: sha256_file(Path(v)) for k, v in sorted((extra_files or {}).items())},
+        "base_head": base_head,
+        "retention": _tensors_digest(retention_tensors) if retention_tensors else None,
     }
     print_ = fingerprint(module, config)
 
@@ -275,6 +310,12 @@ def export_bundle(
             traced.save(str(staging / TRAINING_GRAPH))
         for dest, src in (extra_files or {}).items():
             shutil.copyfile(src, staging / dest)
+        from safetensors.torch import save_file
+
+        if head_tensors is not None:
+            save_file(head_tensors, str(staging / BASE_HEAD))
+        if retention_tensors is not None:
+            save_file(retention_tensors, str(staging / RETENTION))
 
         outputs = []
         for oname, tensor in zip(output_names, reference):
@@ -307,6 +348,8 @@ def export_bundle(
             "labels": list(labels) if labels is not None else None,
             "preprocessing": preprocessing or {"kind": "tensor"},
             "lora": {"rank_max": rank_max, "slots": [s.to_json() for s in specs]},
+            "base_head": BASE_HEAD if head_tensors is not None else None,
+            "retention": RETENTION if retention_tensors is not None else None,
             "metadata": metadata or {},
         }
         with open(staging / MANIFEST, "w") as f:
@@ -326,6 +369,14 @@ def export_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].numpy().tobytes())
+    return h.hexdigest()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

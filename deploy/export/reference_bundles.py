@@ -31,6 +31,9 @@ SEED = 0
 # the base CNN is pre-trained on; the rest is never seen in pre-training and feeds the on-device
 # adaptation tasks (shifted domains), their validation and holdout sets, and the retention set.
 PRETRAIN_FRACTION = 0.6
+# Of the digits the base never saw, this many stay in the source domain as the retention set the
+# bundle ships: the device replays half of it while training and checks the other half for forgetting.
+RETENTION_SAMPLES = 200
 
 
 class DigitsCnn(nn.Module):
@@ -50,16 +53,19 @@ class DigitsCnn(nn.Module):
         return embedding, self.classifier(embedding)
 
 
-def digits_dataset() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def digits_dataset() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N,1,8,8] in [0,1]
     labels = torch.tensor(digits.target, dtype=torch.int64)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SEED))
+    n_pretrain = int(PRETRAIN_FRACTION * len(labels))
     pretrain = torch.zeros(len(labels), dtype=torch.uint8)
-    pretrain[order[: int(PRETRAIN_FRACTION * len(labels))]] = 1
-    return images, labels, pretrain
+    pretrain[order[:n_pretrain]] = 1
+    retention = torch.zeros(len(labels), dtype=torch.uint8)
+    retention[order[n_pretrain : n_pretrain + RETENTION_SAMPLES]] = 1
+    return images, labels, pretrain, retention
 
 
 def build_digits(root: Path) -> None:
@@ -67,7 +73,7 @@ def build_digits(root: Path) -> None:
 
     t0 = time.perf_counter()
     torch.manual_seed(SEED)
-    images, labels, pretrain = digits_dataset()
+    images, labels, pretrain, retention = digits_dataset()
     src = pretrain.bool()
     x_train, y_train = images[src], labels[src]
     x_eval, y_eval = images[~src], labels[~src]
@@ -93,7 +99,7 @@ def build_digits(root: Path) -> None:
     data_dir = root / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     tmp = data_dir / ".digits.safetensors.tmp"
-    save_file({"images": images.contiguous(), "labels": labels, "pretrain": pretrain}, str(tmp),
+    save_file({"images": images.contiguous(), "labels": labels, "pretrain": pretrain, "retention": retention}, str(tmp),
               metadata={"source": "sklearn.datasets.load_digits (UCI ML hand-written digits)", "seed": str(SEED),
                         "pixel_scale": "1/16"})
     os.replace(tmp, data_dir / "digits.safetensors")
@@ -105,6 +111,8 @@ def build_digits(root: Path) -> None:
         embedding_output="embedding", logits_output="logits", labels=[str(d) for d in range(10)],
         preprocessing={"kind": "image", "height": 8, "width": 8, "channels": 1, "pixel_scale": 1.0 / 255.0},
         metadata={"pretrain_samples": len(y_train), "pretrain_holdout_accuracy": round(acc, 4), "seed": SEED},
+        base_head="classifier",
+        retention=({"image": images[retention.bool()]}, labels[retention.bool()]),
     )
     print(f"digits-cnn: bundle written in {time.perf_counter() - t0:.1f} s")
 

@@ -8,7 +8,8 @@ use adaptd::parity::{self, PARITY_TOLERANCE};
 use adaptd_adapters::Bundle;
 use adaptd_adapters::lora::no_adapter_inputs;
 use adaptd_adapters::tensor::HostTensor;
-use adaptd_adapters::train::{LoraTrainConfig, TrainError, TrainingGraph, train_lora_and_head};
+use adaptd_adapters::head::{Dense, Head};
+use adaptd_adapters::train::{Examples, FitTarget, Recipe, TrainError, TrainingGraph, fit};
 use tch::Device;
 
 use crate::{digits_data, reference_bundle};
@@ -67,13 +68,14 @@ fn assert_trains(name: &str) {
     let (first, last) = (report.losses[0], *report.losses.last().unwrap());
     assert!(report.losses.iter().all(|l| l.is_finite()));
     assert!(last < 0.8 * first, "{name}: loss went {first} -> {last}");
-    assert!(report.base_unchanged, "{name}: base parameters changed during LoRA training");
+    assert_eq!(report.base_unchanged, Some(true), "{name}: base parameters changed during LoRA training");
+    let lora = report.lora.expect("a LoRA fit returns LoRA weights");
     // B moved away from its zero start on every slot: LoRA itself trained, not only the head.
-    for m in &report.lora.modules {
+    for m in &lora.modules {
         let b_norm: f32 = m.b.as_f32().unwrap().iter().map(|x| x.abs()).sum();
         assert!(b_norm > 0.0, "{name}: LoRA B of {} never moved", m.module);
     }
-    report.lora.validate(&bundle.manifest.lora).expect("trained weights fit the bundle");
+    lora.validate(&bundle.manifest.lora).expect("trained weights fit the bundle");
 }
 
 #[test]
@@ -88,24 +90,61 @@ fn minilm_lora_trains_and_base_stays_bit_identical() {
 
 #[test]
 fn training_refuses_bad_labels_and_stops_when_cancelled() {
-    let (_, _, graph) = load("digits-cnn");
+    let (bundle, _, graph) = load("digits-cnn");
+    let head = bundle.base_head().unwrap().expect("digits-cnn ships its classifier");
     let images = HostTensor::zeros_f32(vec![4, 1, 8, 8]);
-    let cfg = LoraTrainConfig { steps: 3, batch_size: 4, ..Default::default() };
+    let recipe = Recipe { max_epochs: 3, batch_size: 4, ..Recipe::default() };
     let never = AtomicBool::new(false);
+    let examples = |inputs: Vec<HostTensor>, labels: Vec<i64>| Examples { weights: vec![1.0; labels.len()], inputs, labels };
+    let lora = || FitTarget::Lora { graph: &graph, rank: 8, alpha: 8.0 };
+    let none = Examples::default();
 
-    let err = train_lora_and_head(&graph, std::slice::from_ref(&images), &[0, 1, 2, 10], 10, &cfg, &never).unwrap_err();
+    let err = fit(lora(), &examples(vec![images.clone()], vec![0, 1, 2, 10]), &none, &head, &recipe, &never, &mut |_| {}).unwrap_err();
     assert!(matches!(err, TrainError::Data(ref m) if m.contains("label 10")), "{err}");
-    let err = train_lora_and_head(&graph, std::slice::from_ref(&images), &[0, 1], 10, &cfg, &never).unwrap_err();
+    let err = fit(lora(), &examples(vec![images.clone()], vec![0, 1]), &none, &head, &recipe, &never, &mut |_| {}).unwrap_err();
     assert!(matches!(err, TrainError::Data(_)), "{err}");
     let wrong_dtype = HostTensor::i64(vec![4, 1, 8, 8], vec![0; 256]).unwrap();
-    let err = train_lora_and_head(&graph, &[wrong_dtype], &[0, 1, 2, 3], 10, &cfg, &never).unwrap_err();
+    let err = fit(lora(), &examples(vec![wrong_dtype], vec![0, 1, 2, 3]), &none, &head, &recipe, &never, &mut |_| {}).unwrap_err();
     assert!(matches!(err, TrainError::InputDType { .. }), "{err}");
-    let too_big = LoraTrainConfig { rank: 17, ..cfg.clone() };
-    assert!(train_lora_and_head(&graph, std::slice::from_ref(&images), &[0, 1, 2, 3], 10, &too_big, &never).is_err());
+    let too_big = FitTarget::Lora { graph: &graph, rank: 17, alpha: 8.0 };
+    assert!(fit(too_big, &examples(vec![images.clone()], vec![0, 1, 2, 3]), &none, &head, &recipe, &never, &mut |_| {}).is_err());
+    let mut bad_weights = examples(vec![images.clone()], vec![0, 1, 2, 3]);
+    bad_weights.weights[2] = f32::NAN;
+    let err = fit(lora(), &bad_weights, &none, &head, &recipe, &never, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("weight"), "{err}");
 
     let cancelled = AtomicBool::new(true);
-    let err = train_lora_and_head(&graph, &[images], &[0, 1, 2, 3], 10, &cfg, &cancelled).unwrap_err();
+    let err = fit(lora(), &examples(vec![images], vec![0, 1, 2, 3]), &none, &head, &recipe, &cancelled, &mut |_| {}).unwrap_err();
     assert!(matches!(err, TrainError::Cancelled { step: 0 }), "{err}");
+}
+
+#[test]
+fn a_memory_budget_shrinks_the_batch_or_refuses_the_job() {
+    let (bundle, _, graph) = load("minilm");
+    let encoder = adaptd::preprocess::TextEncoder::from_bundle(&bundle).unwrap();
+    let texts: Vec<String> = (0..32).map(|i| format!("sample sentence number {i} about a robot arm moving boxes")).collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let inputs = encoder.encode(&refs).unwrap();
+    let labels: Vec<i64> = (0..32).map(|i| i % 2).collect();
+    let train = Examples { weights: vec![1.0; 32], inputs, labels };
+    let head = Head { layers: vec![Dense { weight: HostTensor::zeros_f32(vec![2, 384]), bias: HostTensor::zeros_f32(vec![2]) }] };
+    let never = AtomicBool::new(false);
+    let lora = || FitTarget::Lora { graph: &graph, rank: 8, alpha: 8.0 };
+
+    // Plenty of room: the batch stays as asked.
+    let roomy = Recipe { max_epochs: 1, batch_size: 16, memory_budget_bytes: Some(8 << 30), ..Recipe::default() };
+    let report = fit(lora(), &train, &Examples::default(), &head, &roomy, &never, &mut |_| {}).unwrap();
+    assert_eq!(report.batch_size, 16);
+    let per_sample = report.probe_bytes_per_sample.expect("the probe measured");
+    assert!(per_sample > 0);
+    // Room for a few samples only: the batch shrinks to fit.
+    let tight = Recipe { memory_budget_bytes: Some(per_sample * 20), ..roomy.clone() };
+    let report = fit(lora(), &train, &Examples::default(), &head, &tight, &never, &mut |_| {}).unwrap();
+    assert!(report.batch_size < 16 && report.batch_size >= 1, "batch {} ({per_sample} bytes per sample, then {:?})", report.batch_size, report.probe_bytes_per_sample);
+    // No room at all: refused, with the figures.
+    let none = Recipe { memory_budget_bytes: Some(1024), ..roomy };
+    let err = fit(lora(), &train, &Examples::default(), &head, &none, &never, &mut |_| {}).unwrap_err();
+    assert!(matches!(err, TrainError::MemoryBudget { budget: 1024, .. }), "{err}");
 }
 
 #[test]

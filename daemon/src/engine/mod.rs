@@ -88,6 +88,8 @@ pub struct Prediction {
     /// `task@vN` of the adapter that served this row (v0: the base model).
     pub adapter: String,
     pub adapter_version: u64,
+    /// The backbone's embedding of the row, when asked for ([`EngineHandle::evaluate`]).
+    pub embedding: Option<Vec<f32>>,
 }
 
 enum Command {
@@ -98,6 +100,9 @@ enum Command {
 
 struct Request {
     task: String,
+    /// Serve with this adapter instead of the task's active one (validation of a candidate).
+    adapter: Option<Arc<Serving>>,
+    with_embedding: bool,
     inputs: Vec<HostTensor>,
     rows: usize,
     span: tracing::Span,
@@ -198,22 +203,31 @@ impl EngineHandle {
 
     /// Predict `task` for every row of `inputs` (model inputs with a leading batch axis).
     pub async fn infer(&self, task: &str, inputs: Vec<HostTensor>) -> Result<Vec<Prediction>, EngineError> {
-        let rx = self.submit(task, inputs)?;
+        let rx = self.submit(task, None, false, inputs)?;
         rx.await.unwrap_or(Err(EngineError::Stopped))
     }
 
     /// The same from a thread outside any async runtime.
     pub fn infer_blocking(&self, task: &str, inputs: Vec<HostTensor>) -> Result<Vec<Prediction>, EngineError> {
-        let rx = self.submit(task, inputs)?;
+        let rx = self.submit(task, None, false, inputs)?;
         rx.blocking_recv().unwrap_or(Err(EngineError::Stopped))
     }
 
-    fn submit(&self, task: &str, inputs: Vec<HostTensor>) -> Result<oneshot::Receiver<Result<Vec<Prediction>, EngineError>>, EngineError> {
+    /// Predict with `adapter` (active or not: a candidate, the incumbent, the base) and return
+    /// each row's embedding too. Shares the queue and batching with serving, so validation sees
+    /// exactly what serving would answer. A serving without a classifier answers empty scores.
+    pub async fn evaluate(&self, adapter: Arc<Serving>, inputs: Vec<HostTensor>) -> Result<Vec<Prediction>, EngineError> {
+        let task = adapter.task.clone();
+        let rx = self.submit(&task, Some(adapter), true, inputs)?;
+        rx.await.unwrap_or(Err(EngineError::Stopped))
+    }
+
+    fn submit(&self, task: &str, adapter: Option<Arc<Serving>>, with_embedding: bool, inputs: Vec<HostTensor>) -> Result<oneshot::Receiver<Result<Vec<Prediction>, EngineError>>, EngineError> {
         let rows = validate_inputs(&self.manifest, &inputs).inspect_err(|_| {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
         })?;
         let (reply, rx) = oneshot::channel();
-        let request = Request { task: task.to_string(), inputs, rows, span: tracing::Span::current(), reply };
+        let request = Request { task: task.to_string(), adapter, with_embedding, inputs, rows, span: tracing::Span::current(), reply };
         let refused = match self.tx.try_send(Command::Infer(request)) {
             Ok(()) => return Ok(rx),
             Err(TrySendError::Full(_)) => EngineError::Overloaded,
@@ -358,7 +372,10 @@ fn run_batch(model: &mut OnnxModel, registry: &Registry, cache: &mut LoraCache, 
     let mut snapshots: HashMap<String, Option<Arc<Serving>>> = HashMap::new();
     let mut groups: Vec<LoraGroup> = Vec::new();
     for req in batch {
-        let serving = snapshots.entry(req.task.clone()).or_insert_with(|| registry.current(&req.task)).clone();
+        let serving = match &req.adapter {
+            Some(pinned) => Some(pinned.clone()),
+            None => snapshots.entry(req.task.clone()).or_insert_with(|| registry.current(&req.task)).clone(),
+        };
         let Some(serving) = serving else {
             stats.refused.fetch_add(1, Ordering::Relaxed);
             let _ = req.reply.send(Err(EngineError::UnknownTask(req.task.clone())));
@@ -441,15 +458,22 @@ fn answer(manifest: Manifest, outputs: &[HostTensor], members: Vec<(Request, Arc
                 let classes = outputs[li].shape[1];
                 Ok(outputs[li].as_f32().expect("f32 output")[row * classes..(row + n) * classes].to_vec())
             }
+            (None, None) if req.with_embedding => Ok(Vec::new()),
             (None, None) => Err(EngineError::NoClassifier(serving.task.clone())),
         };
+        let embedding_rows = req.with_embedding.then(|| embeddings[row * dim..(row + n) * dim].chunks_exact(dim).map(<[f32]>::to_vec).collect::<Vec<_>>());
         row += n;
         let reply = result.map(|mut logits| {
             let classes = serving.labels.len().max(1);
-            softmax_rows(&mut logits, classes);
+            if logits.is_empty() {
+                logits = vec![f32::NAN; n * classes];
+            } else {
+                softmax_rows(&mut logits, classes);
+            }
             logits
                 .chunks_exact(classes)
-                .map(|scores| {
+                .enumerate()
+                .map(|(i, scores)| {
                     let class_index = scores.iter().enumerate().fold(0, |best, (i, &s)| if s > scores[best] { i } else { best });
                     Prediction {
                         label: serving.labels.get(class_index).cloned().unwrap_or_default(),
@@ -458,6 +482,7 @@ fn answer(manifest: Manifest, outputs: &[HostTensor], members: Vec<(Request, Arc
                         labels: serving.labels.clone(),
                         adapter: serving.adapter_id(),
                         adapter_version: serving.version,
+                        embedding: embedding_rows.as_ref().map(|e| e[i].clone()),
                     }
                 })
                 .collect()
