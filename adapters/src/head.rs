@@ -104,9 +104,74 @@ pub fn softmax_rows(logits: &mut [f32], classes: usize) {
     }
 }
 
+/// The linear head a new version starts from, for `labels` (old labels first, in their order,
+/// then new ones). Rows of classes `previous` knew are kept as they are; a class it never saw
+/// starts at its mean training embedding ("imprinting"), scaled to the old rows' mean norm, with
+/// the old biases' mean, so it competes from the first step without disturbing the others.
+/// Without a previous head every row is imprinted. `class_means[i]` is None for a class with no
+/// training sample; such a row starts at zero.
+pub fn grow_linear(previous: Option<(&Head, &[String])>, labels: &[String], class_means: &[Option<Vec<f32>>], dim: usize) -> Head {
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let old = previous.filter(|(h, _)| h.layers.len() == 1 && h.input_dim() == dim);
+    let (old_w, old_b, old_labels) = match old {
+        Some((h, l)) => (h.layers[0].weight.as_f32().unwrap_or_default(), h.layers[0].bias.as_f32().unwrap_or_default(), l),
+        None => (&[][..], &[][..], &[][..]),
+    };
+    let old_rows = old_labels.len().min(old_b.len());
+    let (row_norm, bias_mean) = if old_rows > 0 {
+        let norms: f32 = (0..old_rows).map(|r| norm(&old_w[r * dim..(r + 1) * dim])).sum();
+        (norms / old_rows as f32, old_b[..old_rows].iter().sum::<f32>() / old_rows as f32)
+    } else {
+        // No old rows to match: prototypes of this norm give logits a few units apart.
+        (IMPRINT_NORM, 0.0)
+    };
+    let mut weight = Vec::with_capacity(labels.len() * dim);
+    let mut bias = Vec::with_capacity(labels.len());
+    for (i, label) in labels.iter().enumerate() {
+        if let Some(r) = old_labels.iter().position(|l| l == label).filter(|&r| r < old_rows) {
+            weight.extend_from_slice(&old_w[r * dim..(r + 1) * dim]);
+            bias.push(old_b[r]);
+            continue;
+        }
+        match class_means.get(i).and_then(Option::as_ref).filter(|m| m.len() == dim && norm(m) > 0.0) {
+            Some(mean) => {
+                let scale = row_norm / norm(mean);
+                weight.extend(mean.iter().map(|x| x * scale));
+            }
+            None => weight.extend(std::iter::repeat_n(0.0, dim)),
+        }
+        bias.push(bias_mean);
+    }
+    Head {
+        layers: vec![Dense {
+            weight: HostTensor::f32(vec![labels.len(), dim], weight).expect("rows of dim"),
+            bias: HostTensor::f32(vec![labels.len()], bias).expect("one bias per label"),
+        }],
+    }
+}
+
+const IMPRINT_NORM: f32 = 5.0;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn growing_keeps_old_rows_and_imprints_new_ones() {
+        let old = Head { layers: vec![Dense { weight: HostTensor::f32(vec![2, 2], vec![1.0, 0.0, 0.0, 2.0]).unwrap(), bias: HostTensor::f32(vec![2], vec![0.5, 1.5]).unwrap() }] };
+        let old_labels = vec!["a".to_string(), "b".to_string()];
+        let labels = vec!["a".to_string(), "b".to_string(), "c".to_string(), "d".to_string()];
+        let means = vec![None, None, Some(vec![3.0, 4.0]), None];
+        let grown = grow_linear(Some((&old, &old_labels)), &labels, &means, 2);
+        let w = grown.layers[0].weight.as_f32().unwrap();
+        let b = grown.layers[0].bias.as_f32().unwrap();
+        assert_eq!(&w[..4], &[1.0, 0.0, 0.0, 2.0]);
+        // Mean old norm 1.5, direction (0.6, 0.8).
+        assert!((w[4] - 0.9).abs() < 1e-6 && (w[5] - 1.2).abs() < 1e-6, "{w:?}");
+        assert_eq!(&w[6..], &[0.0, 0.0]);
+        assert_eq!(b, &[0.5, 1.5, 1.0, 1.0]);
+        grown.validate(2, 4).unwrap();
+    }
 
     fn dense(out: usize, inp: usize, w: Vec<f32>, b: Vec<f32>) -> Dense {
         Dense { weight: HostTensor::f32(vec![out, inp], w).unwrap(), bias: HostTensor::f32(vec![out], b).unwrap() }

@@ -7,7 +7,14 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use adaptd_adapters::train::{Recipe, Schedule};
+
+use crate::adapt::AdaptConfig;
 use crate::engine::EngineConfig;
+use crate::gate::{GateConfig, GateMetric};
+use crate::resources::ResourceLimits;
+use crate::scheduler::SchedulerConfig;
+use crate::trainer::{JobKind, TrainDevice, TrainerConfig};
 use crate::engine::onnx::{ExecutionProvider, SessionOptions};
 
 /// The shipped default file, compiled in.
@@ -33,6 +40,9 @@ pub struct Config {
     pub mqtt: MqttSection,
     pub ingest: IngestSection,
     pub adapters: AdaptersSection,
+    pub training: TrainingSection,
+    pub schedule: ScheduleSection,
+    pub gate: GateSection,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -79,6 +89,73 @@ pub struct AdaptersSection {
     pub keep_versions: usize,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterChoice {
+    Head,
+    Lora,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingSection {
+    pub adapter: AdapterChoice,
+    pub device: TrainDevice,
+    pub threads: usize,
+    pub lora_rank: usize,
+    pub lora_alpha: f32,
+    pub learning_rate: f64,
+    pub head_learning_rate: f64,
+    pub weight_decay: f64,
+    pub warmup_fraction: f64,
+    pub schedule: Schedule,
+    pub max_epochs: usize,
+    pub batch_size: usize,
+    pub patience: usize,
+    pub grad_clip: f64,
+    pub dropout: f64,
+    pub class_balanced: bool,
+    pub head_only_epochs: usize,
+    pub memory_budget_mb: u64,
+    pub seed: u64,
+    pub replay_fraction: f64,
+    pub min_train_samples: usize,
+    pub min_samples_per_class: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSection {
+    pub min_new_samples: u64,
+    pub interval_s: u64,
+    pub drift_accuracy: f64,
+    pub drift_min_samples: u64,
+    pub cooldown_s: u64,
+    pub backoff_initial_s: u64,
+    pub backoff_max_s: u64,
+    pub latency_budget_ms: f64,
+    pub tick_ms: u64,
+    pub max_cpu_percent: f32,
+    pub min_available_mb: u64,
+    pub max_temperature_c: f32,
+    pub max_gpu_percent: f32,
+    pub sysfs_root: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateSection {
+    pub metric: GateMetric,
+    pub min_improvement: f64,
+    pub max_retention_drop: f64,
+    pub min_probe_change: f32,
+    pub parity_tolerance: f32,
+    pub min_holdout: usize,
+    pub watch_min_samples: u64,
+    pub rollback_drop: f64,
+    pub watch_max_samples: u64,
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -89,6 +166,57 @@ impl Default for Config {
             mqtt: MqttSection { host: String::new(), port: 1883, device_id: "adaptd".into(), topic_prefix: "adaptd/v1".into() },
             ingest: IngestSection { tasks: Vec::new(), max_batch: 256, max_payload_bytes: 1 << 20, validation_percent: 10, holdout_percent: 10 },
             adapters: AdaptersSection { keep_versions: 5 },
+            training: TrainingSection {
+                adapter: AdapterChoice::Head,
+                device: TrainDevice::Auto,
+                threads: 1,
+                lora_rank: 8,
+                lora_alpha: 8.0,
+                learning_rate: 5e-4,
+                head_learning_rate: 5e-3,
+                weight_decay: 0.01,
+                warmup_fraction: 0.1,
+                schedule: Schedule::Cosine,
+                max_epochs: 20,
+                batch_size: 16,
+                patience: 3,
+                grad_clip: 1.0,
+                dropout: 0.1,
+                class_balanced: true,
+                head_only_epochs: 0,
+                memory_budget_mb: 0,
+                seed: 0,
+                replay_fraction: 0.2,
+                min_train_samples: 20,
+                min_samples_per_class: 2,
+            },
+            schedule: ScheduleSection {
+                min_new_samples: 200,
+                interval_s: 3600,
+                drift_accuracy: 0.0,
+                drift_min_samples: 50,
+                cooldown_s: 10,
+                backoff_initial_s: 30,
+                backoff_max_s: 3600,
+                latency_budget_ms: 0.0,
+                tick_ms: 1000,
+                max_cpu_percent: 95.0,
+                min_available_mb: 512,
+                max_temperature_c: 85.0,
+                max_gpu_percent: 90.0,
+                sysfs_root: PathBuf::from("/sys"),
+            },
+            gate: GateSection {
+                metric: GateMetric::Accuracy,
+                min_improvement: 0.0,
+                max_retention_drop: 0.02,
+                min_probe_change: 1e-4,
+                parity_tolerance: 1e-3,
+                min_holdout: 10,
+                watch_min_samples: 30,
+                rollback_drop: 0.05,
+                watch_max_samples: 500,
+            },
         }
     }
 }
@@ -141,12 +269,116 @@ impl Config {
         if u16::from(self.ingest.validation_percent) + u16::from(self.ingest.holdout_percent) > 50 {
             return invalid("ingest.validation_percent", "validation_percent + holdout_percent must leave at least half the samples for training");
         }
+        let t = &self.training;
+        if t.threads == 0 {
+            return invalid("training.threads", "must be at least 1");
+        }
+        if t.lora_rank == 0 {
+            return invalid("training.lora_rank", "must be at least 1 (and at most the bundle's rank_max)");
+        }
+        if !(t.lora_alpha > 0.0) {
+            return invalid("training.lora_alpha", "must be positive");
+        }
+        for (key, v) in [("training.learning_rate", t.learning_rate), ("training.head_learning_rate", t.head_learning_rate)] {
+            if !(v > 0.0 && v < 1.0) {
+                return invalid(key, "must be in (0, 1); fine-tuning wants a low learning rate");
+            }
+        }
+        if !(0.0..1.0).contains(&t.warmup_fraction) {
+            return invalid("training.warmup_fraction", "must be in [0, 1)");
+        }
+        if !(0.0..1.0).contains(&t.dropout) {
+            return invalid("training.dropout", "must be in [0, 1)");
+        }
+        if t.weight_decay < 0.0 || t.grad_clip < 0.0 {
+            return invalid("training.weight_decay", "weight_decay and grad_clip must not be negative");
+        }
+        if t.max_epochs == 0 || t.batch_size == 0 {
+            return invalid("training.max_epochs", "max_epochs and batch_size must be at least 1");
+        }
+        if !(0.0..=1.0).contains(&t.replay_fraction) {
+            return invalid("training.replay_fraction", "must be in [0, 1]");
+        }
+        if t.min_samples_per_class < 2 {
+            return invalid("training.min_samples_per_class", "must be at least 2: a label needs a sample to learn from and one to check");
+        }
+        if self.schedule.tick_ms < 10 {
+            return invalid("schedule.tick_ms", "must be at least 10");
+        }
+        if !(0.0..=1.0).contains(&self.gate.max_retention_drop) || !(0.0..=1.0).contains(&self.gate.rollback_drop) {
+            return invalid("gate.max_retention_drop", "max_retention_drop and rollback_drop are fractions in [0, 1]");
+        }
         for task in &self.ingest.tasks {
             if adaptd_adapters::store::check_task_name(task).is_err() {
                 return invalid("ingest.tasks", &format!("{task:?} must be 1-64 characters of letters, digits, '-' and '_'"));
             }
         }
         Ok(())
+    }
+
+    pub fn trainer_config(&self) -> TrainerConfig {
+        TrainerConfig { device: self.training.device, threads: self.training.threads }
+    }
+
+    /// The adaptation loop's settings for `task`.
+    pub fn adapt_config(&self, task: &str) -> AdaptConfig {
+        let (t, s, g) = (&self.training, &self.schedule, &self.gate);
+        AdaptConfig {
+            task: task.to_string(),
+            kind: match t.adapter {
+                AdapterChoice::Head => JobKind::Head,
+                AdapterChoice::Lora => JobKind::Lora { rank: t.lora_rank, alpha: t.lora_alpha },
+            },
+            recipe: Recipe {
+                learning_rate: t.learning_rate,
+                head_learning_rate: t.head_learning_rate,
+                weight_decay: t.weight_decay,
+                warmup_fraction: t.warmup_fraction,
+                schedule: t.schedule,
+                max_epochs: t.max_epochs,
+                batch_size: t.batch_size,
+                patience: t.patience,
+                grad_clip: t.grad_clip,
+                dropout: t.dropout,
+                class_balanced: t.class_balanced,
+                head_only_epochs: t.head_only_epochs,
+                memory_budget_bytes: (t.memory_budget_mb > 0).then(|| t.memory_budget_mb * 1024 * 1024),
+                seed: t.seed,
+            },
+            scheduler: SchedulerConfig {
+                min_new_samples: s.min_new_samples,
+                interval_ms: s.interval_s * 1000,
+                drift_accuracy: s.drift_accuracy,
+                drift_min_samples: s.drift_min_samples,
+                cooldown_ms: s.cooldown_s * 1000,
+                backoff_initial_ms: s.backoff_initial_s * 1000,
+                backoff_max_ms: s.backoff_max_s * 1000,
+                latency_budget_ms: s.latency_budget_ms,
+            },
+            gate: GateConfig {
+                metric: g.metric,
+                min_improvement: g.min_improvement,
+                max_retention_drop: g.max_retention_drop,
+                min_probe_change: g.min_probe_change,
+                parity_tolerance: g.parity_tolerance,
+                min_holdout: g.min_holdout,
+            },
+            limits: ResourceLimits {
+                max_cpu_percent: s.max_cpu_percent,
+                min_available_mb: s.min_available_mb,
+                max_temperature_c: s.max_temperature_c,
+                max_gpu_percent: s.max_gpu_percent,
+                sysfs_root: s.sysfs_root.clone(),
+            },
+            tick: Duration::from_millis(s.tick_ms),
+            min_train_samples: t.min_train_samples,
+            min_samples_per_class: t.min_samples_per_class,
+            replay_fraction: t.replay_fraction,
+            watch_min_samples: g.watch_min_samples,
+            rollback_drop: g.rollback_drop,
+            watch_max_samples: g.watch_max_samples,
+            max_eval_samples: 2000,
+        }
     }
 
     pub fn engine_config(&self) -> EngineConfig {

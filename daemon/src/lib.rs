@@ -10,24 +10,34 @@
 //! - `broker`: the embedded MQTT broker (rumqttd) for the demo and broker-less devices.
 //! - `ingest`: labelled samples over MQTT, acked only once durable.
 //! - `samples`: the durable, deduplicated sample store (SQLite, WAL) with stable splits.
+//! - `scheduler`: when to train (a pure state machine); `resources`: whether the device can.
+//! - `trainer`: the libtorch owner thread that fits heads and LoRA adapters.
+//! - `gate`: whether a candidate is promoted, with the figures.
+//! - `adapt`: the loop that ties store, scheduler, trainer, gate and registry together.
 //! - `serve`: the serving process: engine, registry and APIs until shutdown.
 //! - `parity`: proof that the serving and training graphs compute the same function.
 //! - `datasets`: the reference data shipped with the reference bundles.
 //! - `paths`: where the set-up step put bundles and data.
 //! - adapters, bundles and training: the `adaptd-adapters` crate.
 
+pub mod adapt;
 pub mod api;
 pub mod broker;
 pub mod config;
 pub mod datasets;
 pub mod engine;
+pub mod events;
+pub mod gate;
 pub mod ingest;
 pub mod parity;
 pub mod paths;
 pub mod preprocess;
 pub mod registry;
+pub mod resources;
 pub mod samples;
+pub mod scheduler;
 pub mod serve;
+pub mod trainer;
 
 /// Lower the calling thread's CPU priority (nice 10) so serving wins the cores over background
 /// work: training, validation, promotion I/O. On Linux nice values are per thread.

@@ -155,6 +155,24 @@ impl Registry {
         Ok(serving)
     }
 
+    /// What serving `adapter` would look like, without promoting it: the gate evaluates
+    /// candidates through the engine with this.
+    pub fn preview(&self, adapter: Adapter) -> Result<Arc<Serving>, RegistryError> {
+        Ok(Arc::new(self.serving_from(adapter)?))
+    }
+
+    /// The base model serving `task` (version 0), for comparisons.
+    pub fn base(&self, task: &str) -> Arc<Serving> {
+        Arc::new(self.base_serving(task))
+    }
+
+    /// The version number a new adapter of `task` gets: above every version on disk and the one serving.
+    pub fn next_version(&self, task: &str) -> Result<u64, RegistryError> {
+        let on_disk = self.store.versions(task)?.last().copied().unwrap_or(0);
+        let serving = self.current(task).map_or(0, |s| s.version);
+        Ok(on_disk.max(serving) + 1)
+    }
+
     /// Serve the newest readable version older than the current one (or the base model).
     pub fn rollback(&self, task: &str) -> Result<(Arc<Serving>, Vec<Recovery>), RegistryError> {
         let current = self.current(task).ok_or_else(|| RegistryError::UnknownTask(task.to_string()))?;

@@ -140,6 +140,12 @@ CREATE TABLE IF NOT EXISTS samples (
     embedding BLOB
 );
 CREATE INDEX IF NOT EXISTS samples_by_task ON samples(task, split, label);
+CREATE TABLE IF NOT EXISTS marks (
+    task TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value INTEGER NOT NULL,
+    PRIMARY KEY (task, name)
+);
 CREATE TABLE IF NOT EXISTS labels (
     task TEXT NOT NULL,
     label TEXT NOT NULL,
@@ -257,8 +263,63 @@ impl SampleStore {
 
     /// Cache the backbone's embedding of a sample, so head training never re-runs the backbone.
     pub fn set_embedding(&mut self, id: i64, embedding: &[f32]) -> Result<(), StoreError> {
-        let bytes: Vec<u8> = embedding.iter().flat_map(|x| x.to_le_bytes()).collect();
-        self.conn.execute("UPDATE samples SET embedding = ?1 WHERE id = ?2", params![bytes, id]).map_err(self.err())?;
+        self.set_embeddings(&[(id, embedding.to_vec())])
+    }
+
+    /// The same for many samples, in one transaction.
+    pub fn set_embeddings(&mut self, rows: &[(i64, Vec<f32>)]) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let err = move |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(&err)?;
+        {
+            let mut update = tx.prepare_cached("UPDATE samples SET embedding = ?1 WHERE id = ?2").map_err(&err)?;
+            for (id, embedding) in rows {
+                let bytes: Vec<u8> = embedding.iter().flat_map(|x| x.to_le_bytes()).collect();
+                update.execute(params![bytes, id]).map_err(&err)?;
+            }
+        }
+        tx.commit().map_err(&err)
+    }
+
+    /// Up to `limit` samples of `task` whose embedding is not cached yet, oldest first.
+    pub fn missing_embeddings(&self, task: &str, limit: usize) -> Result<Vec<StoredSample>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(&format!("{SELECT_SAMPLE} WHERE task = ?1 AND embedding IS NULL ORDER BY id LIMIT ?2")).map_err(self.err())?;
+        let rows = stmt.query_map(params![task, limit as i64], read_row).map_err(self.err())?;
+        rows.map(|r| r.map_err(self.err()).and_then(|r| self.decode_row(r))).collect()
+    }
+
+    /// Samples of `task` stored after row `after_id` (any split), oldest first, at most `limit`.
+    pub fn load_after(&self, task: &str, after_id: i64, limit: usize) -> Result<Vec<StoredSample>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(&format!("{SELECT_SAMPLE} WHERE task = ?1 AND id > ?2 ORDER BY id LIMIT ?3")).map_err(self.err())?;
+        let rows = stmt.query_map(params![task, after_id, limit as i64], read_row).map_err(self.err())?;
+        rows.map(|r| r.map_err(self.err()).and_then(|r| self.decode_row(r))).collect()
+    }
+
+    /// How many samples of `task` were stored after row `after_id`.
+    pub fn count_after(&self, task: &str, after_id: i64) -> Result<u64, StoreError> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM samples WHERE task = ?1 AND id > ?2", params![task, after_id], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .map_err(self.err())
+    }
+
+    /// The newest row id of `task` (0 when it has none).
+    pub fn last_id(&self, task: &str) -> Result<i64, StoreError> {
+        self.conn.query_row("SELECT COALESCE(MAX(id), 0) FROM samples WHERE task = ?1", params![task], |r| r.get(0)).map_err(self.err())
+    }
+
+    /// A named position the adapt loop keeps per task (e.g. the last sample a job started from).
+    pub fn mark(&self, task: &str, name: &str) -> Result<Option<i64>, StoreError> {
+        self.conn
+            .query_row("SELECT value FROM marks WHERE task = ?1 AND name = ?2", params![task, name], |r| r.get(0))
+            .optional()
+            .map_err(self.err())
+    }
+
+    pub fn set_mark(&mut self, task: &str, name: &str, value: i64) -> Result<(), StoreError> {
+        self.conn
+            .execute("INSERT INTO marks (task, name, value) VALUES (?1, ?2, ?3) ON CONFLICT(task, name) DO UPDATE SET value = excluded.value", params![task, name, value])
+            .map_err(self.err())?;
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! Serving as a process: the engine, the registry and the inference APIs, until shut down.
 //! (The configuration file, the training loop and systemd integration build on this.)
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,10 +9,13 @@ use std::sync::{Arc, Mutex};
 
 use adaptd_adapters::bundle::Preprocessing;
 use adaptd_adapters::{AdapterStore, Bundle};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::api::mqtt::{self, MqttApiConfig};
-use crate::api::{Api, http};
+use crate::adapt::{self, AdaptConfig};
+use crate::api::{Api, TaskControl, http};
+use crate::events::{self, Events, Journal};
+use crate::trainer::{Trainer, TrainerConfig};
 use crate::config::Config;
 use crate::engine::{Engine, EngineConfig};
 use crate::preprocess::TextEncoder;
@@ -36,6 +40,9 @@ pub struct ServeConfig {
     pub ingest_max_batch: usize,
     pub ingest_max_payload_bytes: usize,
     pub split: SplitPolicy,
+    /// One adaptation loop per task in `tasks` (empty: serve and ingest, never train).
+    pub adapt: Vec<AdaptConfig>,
+    pub trainer: TrainerConfig,
 }
 
 impl ServeConfig {
@@ -58,6 +65,8 @@ impl ServeConfig {
             ingest_max_batch: config.ingest.max_batch,
             ingest_max_payload_bytes: config.ingest.max_payload_bytes,
             split: SplitPolicy { validation_percent: config.ingest.validation_percent, holdout_percent: config.ingest.holdout_percent },
+            adapt: config.ingest.tasks.iter().map(|t| config.adapt_config(t)).collect(),
+            trainer: config.trainer_config(),
         }
     }
 }
@@ -92,12 +101,59 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
         move || Engine::start(registry, engine_config)
     })
     .await??;
-    let api = Arc::new(Api::new(engine.handle.clone(), text, config.max_request_bytes));
-
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let (events, events_rx) = Events::channel();
+    let events_task = tokio::spawn(events::publish(
+        events_rx,
+        config.mqtt.clone(),
+        format!("adaptd-events-{}", config.device_id),
+        format!("{}/{}/events", config.topic_prefix, config.device_id),
+        stopped(stop_rx.clone()),
+    ));
+
+    // Training: one libtorch owner thread, one adaptation loop per task.
+    let mut control = BTreeMap::new();
+    let mut adapt_tasks = Vec::new();
+    let trainer = if config.adapt.is_empty() {
+        None
+    } else {
+        std::fs::create_dir_all(&config.state_dir).map_err(|e| anyhow::anyhow!("{}: {e}", config.state_dir.display()))?;
+        let trainer = tokio::task::spawn_blocking({
+            let (bundle, trainer_config) = (bundle.clone(), config.trainer.clone());
+            move || Trainer::start(bundle, trainer_config)
+        })
+        .await??;
+        tracing::info!(device = trainer.device(), "trainer ready");
+        let trainer = Arc::new(trainer);
+        let context = adapt::Context {
+            registry: registry.clone(),
+            engine: engine.handle.clone(),
+            trainer: trainer.clone(),
+            store_path: config.state_dir.join("samples.db"),
+            split: config.split,
+            text: text.clone(),
+            events: events.clone(),
+            journal: Journal::new(&config.state_dir.join("journal")),
+        };
+        for adapt_config in &config.adapt {
+            let (commands_tx, commands_rx) = mpsc::channel(8);
+            let (status_tx, status_rx) = watch::channel(adapt::Status {
+                task: adapt_config.task.clone(),
+                scheduler: crate::scheduler::State::Idle,
+                serving_version: 0,
+                jobs: BTreeMap::new(),
+                last_decision: None,
+                progress: None,
+            });
+            control.insert(adapt_config.task.clone(), TaskControl { commands: commands_tx, status: status_rx });
+            adapt_tasks.push(tokio::spawn(adapt::run(context.clone(), adapt_config.clone(), commands_rx, status_tx, stopped(stop_rx.clone()))));
+        }
+        Some(trainer)
+    };
+    let api = Arc::new(Api::new(engine.handle.clone(), text, config.max_request_bytes).with_control(control));
     let listener = tokio::net::TcpListener::bind(config.http).await.map_err(|e| anyhow::anyhow!("HTTP {}: {e}", config.http))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, tasks = ?registry.tasks(), "serving");
@@ -138,6 +194,18 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
     }
     if let Some(t) = ingest_task {
         t.await??;
+    }
+    for t in adapt_tasks {
+        if let Err(e) = t.await? {
+            tracing::error!(error = %e, "adaptation loop stopped with an error");
+        }
+    }
+    let _ = events_task.await;
+    if let Some(trainer) = trainer {
+        // The loops cancelled their jobs; nothing else holds the trainer now.
+        if let Ok(trainer) = Arc::try_unwrap(trainer) {
+            tokio::task::spawn_blocking(move || trainer.shutdown()).await?;
+        }
     }
     tokio::task::spawn_blocking(move || engine.shutdown()).await?;
     Ok(())

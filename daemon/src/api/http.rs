@@ -16,11 +16,17 @@ use tokio::net::TcpListener;
 
 use super::Api;
 use super::wire::{self, ApiError, WireError};
+use crate::adapt;
 use crate::engine::Health;
 
 pub fn router(api: Arc<Api>) -> Router {
     Router::new()
         .route("/v1/tasks/{task}/predict", post(predict))
+        .route("/v1/tasks", get(statuses))
+        .route("/v1/tasks/{task}/status", get(status))
+        .route("/v1/tasks/{task}/train", post(|s, p| command(s, p, "train")))
+        .route("/v1/tasks/{task}/rollback", post(|s, p| command(s, p, "rollback")))
+        .route("/v1/tasks/{task}/pin/{version}", post(pin))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(api)
@@ -47,6 +53,42 @@ async fn predict(State(api): State<Arc<Api>>, Path(task): Path<String>, headers:
         Ok(json) => ([(header::CONTENT_TYPE, wire::CONTENT_JSON)], json).into_response(),
         Err(e) => error_response(&e),
     }
+}
+
+async fn statuses(State(api): State<Arc<Api>>) -> Response {
+    json_response(StatusCode::OK, &serde_json::to_value(api.statuses()).unwrap_or_default())
+}
+
+async fn status(State(api): State<Arc<Api>>, Path(task): Path<String>) -> Response {
+    match api.task_status(&task) {
+        Some(s) => json_response(StatusCode::OK, &serde_json::to_value(s).unwrap_or_default()),
+        None => json_response(StatusCode::NOT_FOUND, &serde_json::json!({ "error": "unknown_task", "message": format!("task {task:?} does not adapt on this device") })),
+    }
+}
+
+async fn command(State(api): State<Arc<Api>>, Path(task): Path<String>, which: &'static str) -> Response {
+    let result = api
+        .command(&task, |reply| match which {
+            "train" => adapt::Command::TrainNow(reply),
+            _ => adapt::Command::Rollback(reply),
+        })
+        .await;
+    command_response(result)
+}
+
+async fn pin(State(api): State<Arc<Api>>, Path((task, version)): Path<(String, u64)>) -> Response {
+    command_response(api.command(&task, |reply| adapt::Command::Pin(version, reply)).await)
+}
+
+fn command_response(result: Result<String, String>) -> Response {
+    match result {
+        Ok(message) => json_response(StatusCode::OK, &serde_json::json!({ "ok": true, "message": message })),
+        Err(message) => json_response(StatusCode::CONFLICT, &serde_json::json!({ "ok": false, "message": message })),
+    }
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
+    (status, [(header::CONTENT_TYPE, wire::CONTENT_JSON)], format!("{value}\n")).into_response()
 }
 
 async fn ready(State(api): State<Arc<Api>>) -> Response {

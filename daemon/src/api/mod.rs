@@ -9,6 +9,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::adapt;
 use crate::engine::EngineHandle;
 use crate::preprocess::TextEncoder;
 use wire::ApiError;
@@ -22,11 +25,41 @@ pub struct Api {
     text: Option<Arc<TextEncoder>>,
     max_request_bytes: usize,
     refused: Mutex<BTreeMap<&'static str, u64>>,
+    control: BTreeMap<String, TaskControl>,
+}
+
+/// How the API reaches a task's adaptation loop.
+#[derive(Clone)]
+pub struct TaskControl {
+    pub commands: mpsc::Sender<adapt::Command>,
+    pub status: watch::Receiver<adapt::Status>,
 }
 
 impl Api {
     pub fn new(engine: EngineHandle, text: Option<Arc<TextEncoder>>, max_request_bytes: usize) -> Api {
-        Api { engine, text, max_request_bytes, refused: Mutex::new(BTreeMap::new()) }
+        Api { engine, text, max_request_bytes, refused: Mutex::new(BTreeMap::new()), control: BTreeMap::new() }
+    }
+
+    /// Operator commands and status for the tasks that adapt.
+    pub fn with_control(mut self, control: BTreeMap<String, TaskControl>) -> Api {
+        self.control = control;
+        self
+    }
+
+    pub fn task_status(&self, task: &str) -> Option<adapt::Status> {
+        self.control.get(task).map(|c| c.status.borrow().clone())
+    }
+
+    pub fn statuses(&self) -> Vec<adapt::Status> {
+        self.control.values().map(|c| c.status.borrow().clone()).collect()
+    }
+
+    /// Send an operator command to `task`'s loop and wait for its answer.
+    pub async fn command(&self, task: &str, make: impl FnOnce(oneshot::Sender<Result<String, String>>) -> adapt::Command) -> Result<String, String> {
+        let control = self.control.get(task).ok_or_else(|| format!("task {task:?} does not adapt on this device"))?;
+        let (tx, rx) = oneshot::channel();
+        control.commands.send(make(tx)).await.map_err(|_| "the adaptation loop has stopped".to_string())?;
+        rx.await.map_err(|_| "the adaptation loop has stopped".to_string())?
     }
 
     pub fn engine(&self) -> &EngineHandle {

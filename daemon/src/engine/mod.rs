@@ -103,6 +103,7 @@ struct Request {
     /// Serve with this adapter instead of the task's active one (validation of a candidate).
     adapter: Option<Arc<Serving>>,
     with_embedding: bool,
+    submitted: Instant,
     inputs: Vec<HostTensor>,
     rows: usize,
     span: tracing::Span,
@@ -118,6 +119,30 @@ pub struct EngineStats {
     pub rows: AtomicU64,
     /// Requests refused before or inside the engine, any reason.
     pub refused: AtomicU64,
+    /// Latencies (queue + run) of the most recent requests, in ms, oldest first.
+    recent: std::sync::Mutex<VecDeque<f32>>,
+}
+
+const RECENT_LATENCIES: usize = 256;
+
+impl EngineStats {
+    fn record_latency(&self, ms: f32) {
+        let mut recent = self.recent.lock().expect("latency ring");
+        if recent.len() == RECENT_LATENCIES {
+            recent.pop_front();
+        }
+        recent.push_back(ms);
+    }
+
+    /// p99 of the most recent requests' latency (queue + run), if any were served.
+    pub fn recent_p99_ms(&self) -> Option<f64> {
+        let mut v: Vec<f32> = self.recent.lock().expect("latency ring").iter().copied().collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f32::total_cmp);
+        Some(v[((v.len() - 1) as f64 * 0.99).round() as usize] as f64)
+    }
 }
 
 /// A cheap, cloneable way to reach the engine.
@@ -227,7 +252,7 @@ impl EngineHandle {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
         })?;
         let (reply, rx) = oneshot::channel();
-        let request = Request { task: task.to_string(), adapter, with_embedding, inputs, rows, span: tracing::Span::current(), reply };
+        let request = Request { task: task.to_string(), adapter, with_embedding, submitted: Instant::now(), inputs, rows, span: tracing::Span::current(), reply };
         let refused = match self.tx.try_send(Command::Infer(request)) {
             Ok(()) => return Ok(rx),
             Err(TrySendError::Full(_)) => EngineError::Overloaded,
@@ -395,7 +420,7 @@ fn run_batch(model: &mut OnnxModel, registry: &Registry, cache: &mut LoraCache, 
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
         match outputs {
-            Ok(outputs) => answer(model.bundle().manifest.clone(), &outputs, members),
+            Ok(outputs) => answer(model.bundle().manifest.clone(), &outputs, members, stats),
             Err(e) => {
                 let err = EngineError::Runtime(e.to_string());
                 tracing::error!(error = %e, rows, "batch failed");
@@ -443,7 +468,7 @@ fn concat_inputs<'a>(requests: impl Iterator<Item = &'a Vec<HostTensor>> + Clone
         .collect()
 }
 
-fn answer(manifest: Manifest, outputs: &[HostTensor], members: Vec<(Request, Arc<Serving>)>) {
+fn answer(manifest: Manifest, outputs: &[HostTensor], members: Vec<(Request, Arc<Serving>)>, stats: &EngineStats) {
     let emb_index = manifest.output_index(&manifest.embedding_output).expect("manifest checked");
     let logits_index = manifest.logits_output.as_ref().and_then(|n| manifest.output_index(n));
     let dim = manifest.embedding_dim;
@@ -487,6 +512,10 @@ fn answer(manifest: Manifest, outputs: &[HostTensor], members: Vec<(Request, Arc
                 })
                 .collect()
         });
+        // Validation traffic is not what clients see; only serving requests count.
+        if req.adapter.is_none() {
+            stats.record_latency(req.submitted.elapsed().as_secs_f32() * 1e3);
+        }
         let _ = req.reply.send(reply);
     }
 }

@@ -1,0 +1,786 @@
+//! The adaptation loop of one task: store → scheduler → trainer → gate → registry, and the
+//! watch that rolls a promoted adapter back when fresh labels say it got worse.
+//!
+//! A thin async loop around the pure parts ([`Scheduler`], [`gate::decide`]). Each tick it
+//! caches backbone embeddings of new samples (computed by the serving engine, so head training
+//! never runs the backbone), scores the live adapter on freshly labelled samples (drift, and the
+//! rollback watch after a promotion), reads the device's resources, and asks the scheduler.
+//! A job's candidate is evaluated through the engine on holdout samples the trainer never saw,
+//! on the bundle's retention set, against the base model and against the trainer's own outputs;
+//! every decision is an event, a log line, a journal record, and part of the adapter's manifest.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use adaptd_adapters::bundle::{Bundle, RetentionSet};
+use adaptd_adapters::files::{ADAPTER_FORMAT, Adapter, AdapterKind, AdapterManifest, BaseRef, LoraInfo, SampleCounts};
+use adaptd_adapters::head::{Head, grow_linear};
+use adaptd_adapters::tensor::{HostData, HostTensor};
+use adaptd_adapters::train::{Examples, FitReport, Progress, Recipe};
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::engine::{EngineHandle, Prediction};
+use crate::events::{Events, Journal, now_ms};
+use crate::gate::{self, Evidence, GateConfig};
+use crate::preprocess::TextEncoder;
+use crate::registry::{Registry, Serving};
+use crate::resources::{Monitor, ResourceLimits};
+use crate::samples::{SampleInput, SampleStore, Split, SplitPolicy, StoredSample};
+use crate::scheduler::{Action, Observation, Outcome, Scheduler, SchedulerConfig, State, Trigger};
+use crate::trainer::{JobKind, TrainJob, Trainer};
+
+#[derive(Debug, Clone)]
+pub struct AdaptConfig {
+    pub task: String,
+    pub kind: JobKind,
+    pub recipe: Recipe,
+    pub scheduler: SchedulerConfig,
+    pub gate: GateConfig,
+    pub limits: ResourceLimits,
+    pub tick: Duration,
+    /// Fewer training samples than this (over the classes that qualify): the job is deferred.
+    pub min_train_samples: usize,
+    /// A label with fewer training samples than this waits for more before it joins the head.
+    pub min_samples_per_class: usize,
+    /// Retained base-domain samples mixed into training, as a share of the task's samples.
+    pub replay_fraction: f64,
+    /// After a promotion: compare old and new on this many fresh samples before judging...
+    pub watch_min_samples: u64,
+    /// ... roll back if the new one is worse by more than this ...
+    pub rollback_drop: f64,
+    /// ... and stop watching after this many.
+    pub watch_max_samples: u64,
+    /// Holdout samples evaluated per decision (the newest).
+    pub max_eval_samples: usize,
+}
+
+impl AdaptConfig {
+    pub fn new(task: &str) -> AdaptConfig {
+        AdaptConfig {
+            task: task.to_string(),
+            kind: JobKind::Head,
+            recipe: Recipe::default(),
+            scheduler: SchedulerConfig::default(),
+            gate: GateConfig::default(),
+            limits: ResourceLimits::default(),
+            tick: Duration::from_secs(1),
+            min_train_samples: 20,
+            min_samples_per_class: 2,
+            replay_fraction: 0.2,
+            watch_min_samples: 30,
+            rollback_drop: 0.05,
+            watch_max_samples: 500,
+            max_eval_samples: 2000,
+        }
+    }
+}
+
+/// Everything the loop works with; shared with the rest of the daemon.
+#[derive(Clone)]
+pub struct Context {
+    pub registry: Arc<Registry>,
+    pub engine: EngineHandle,
+    pub trainer: Arc<Trainer>,
+    pub store_path: PathBuf,
+    pub split: SplitPolicy,
+    pub text: Option<Arc<TextEncoder>>,
+    pub events: Events,
+    pub journal: Journal,
+}
+
+/// An operator's request, answered with a line saying what happened.
+pub enum Command {
+    TrainNow(oneshot::Sender<Result<String, String>>),
+    Rollback(oneshot::Sender<Result<String, String>>),
+    Pin(u64, oneshot::Sender<Result<String, String>>),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub task: String,
+    pub scheduler: State,
+    pub serving_version: u64,
+    pub jobs: BTreeMap<String, u64>,
+    pub last_decision: Option<String>,
+    /// Steps done / total of the running job.
+    pub progress: Option<(usize, usize)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdaptError {
+    #[error(transparent)]
+    Store(#[from] crate::samples::StoreError),
+    #[error(transparent)]
+    Bundle(#[from] adaptd_adapters::bundle::BundleError),
+}
+
+/// What the fresh-sample tracker knows about the live adapter (and, after a promotion, the one before it).
+struct Fresh {
+    after_id: i64,
+    live_version: u64,
+    live: (u64, u64),
+    previous: Option<(Arc<Serving>, (u64, u64))>,
+}
+
+fn lock(store: &Mutex<SampleStore>) -> std::sync::MutexGuard<'_, SampleStore> {
+    store.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn as_refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn accuracy((correct, total): (u64, u64)) -> f64 {
+    if total == 0 { 0.0 } else { correct as f64 / total as f64 }
+}
+
+pub async fn run(ctx: Context, config: AdaptConfig, mut commands: mpsc::Receiver<Command>, status: watch::Sender<Status>, shutdown: impl Future<Output = ()>) -> Result<(), AdaptError> {
+    let task = config.task.clone();
+    // A Mutex only so the loop's futures are Send; the loop alone uses this connection.
+    let store = Mutex::new(SampleStore::open(&ctx.store_path, ctx.split)?);
+    let bundle = ctx.registry.bundle().clone();
+    let retention = bundle.retention()?;
+    let (replay, retention_check) = split_retention(retention.as_ref());
+    let mut scheduler = Scheduler::new(config.scheduler.clone());
+    let mut monitor = Monitor::new(&config.limits.sysfs_root);
+    let serving = ctx.registry.ensure_task(&task).map_err(|e| crate::samples::StoreError::Corrupt { path: ctx.store_path.clone(), id: 0, reason: e.to_string() })?;
+    let mut fresh = Fresh { after_id: lock(&store).last_id(&task)?, live_version: serving.version, live: (0, 0), previous: None };
+    let mut jobs: BTreeMap<String, u64> = BTreeMap::new();
+    let mut last_decision = None;
+    let mut replay_embeddings: Option<Vec<Vec<f32>>> = None;
+    let mut ticker = tokio::time::interval(config.tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    let mut operator_request = None;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            _ = ticker.tick() => {}
+            cmd = commands.recv() => match cmd {
+                Some(Command::TrainNow(reply)) => operator_request = Some(reply),
+                Some(Command::Rollback(reply)) => {
+                    let _ = reply.send(rollback(&ctx, &task, &mut fresh, "operator"));
+                }
+                Some(Command::Pin(version, reply)) => {
+                    let result = ctx.registry.pin(&task, version).map_err(|e| e.to_string()).map(|s| {
+                        ctx.events.emit("pinned", &task, json!({ "version": s.version, "by": "operator" }));
+                        fresh = Fresh { after_id: lock(&store).last_id(&task).unwrap_or(fresh.after_id), live_version: s.version, live: (0, 0), previous: None };
+                        format!("{} pinned", s.adapter_id())
+                    });
+                    let _ = reply.send(result);
+                }
+                None => {}
+            },
+        }
+        let now = now_ms();
+        // 1. Embeddings for new samples, from the engine (base model, no adapter).
+        if let Err(e) = fill_embeddings(&ctx, &store, &task).await {
+            tracing::warn!(task, error = %e, "could not cache embeddings; retrying next tick");
+        }
+        // 2. The live adapter on fresh labels: drift, and the watch after a promotion.
+        if let Err(e) = track_fresh(&ctx, &store, &task, &mut fresh, &config).await {
+            tracing::warn!(task, error = %e, "could not score fresh samples");
+        }
+        // 3. Ask the scheduler.
+        let since = lock(&store).mark(&task, "job_start")?.unwrap_or(0);
+        let reading = monitor.read();
+        let observation = Observation {
+            now_ms: now,
+            new_samples: lock(&store).count_after(&task, since)?,
+            live_accuracy: (fresh.live.1 > 0).then(|| (accuracy(fresh.live), fresh.live.1)),
+            device_busy: reading.busy_reason(&config.limits),
+            serving_p99_ms: None,
+            operator_request: operator_request.is_some(),
+        };
+        let action = scheduler.observe(&observation);
+        publish_status(&status, &task, &scheduler, &ctx, &jobs, &last_decision, None);
+        let Some(Action::Start(trigger)) = action else {
+            if let Some(reply) = operator_request.take()
+                && let State::Collecting { waiting_for } | State::Backoff { reason: waiting_for, .. } = scheduler.state()
+            {
+                let _ = reply.send(Err(format!("not training now: {waiting_for}")));
+            }
+            continue;
+        };
+        if let Some(reply) = operator_request.take() {
+            let _ = reply.send(Ok(format!("training {task} now")));
+        }
+        *jobs.entry("started".into()).or_default() += 1;
+        {
+            let mut store = lock(&store);
+            let last = store.last_id(&task)?;
+            store.set_mark(&task, "job_start", last)?;
+        }
+        if replay_embeddings.is_none() && !replay.is_empty() {
+            replay_embeddings = embed_retention(&ctx, &task, &replay).await.ok();
+        }
+        let outcome = run_job(&ctx, &config, &store, trigger, &replay, replay_embeddings.as_deref(), &retention_check, &mut shutdown, &mut scheduler, &status, &jobs, &last_decision).await;
+        let (outcome, summary) = match outcome {
+            JobResult::Promoted(summary, incumbent) => {
+                fresh = Fresh { after_id: lock(&store).last_id(&task)?, live_version: ctx.registry.current(&task).map_or(0, |s| s.version), live: (0, 0), previous: Some((incumbent, (0, 0))) };
+                (Outcome::Promoted, summary)
+            }
+            JobResult::Rejected(summary) => (Outcome::Rejected, summary),
+            JobResult::Deferred(reason) => {
+                ctx.events.emit("training_deferred", &task, json!({ "reason": reason }));
+                (Outcome::Deferred(reason.clone()), reason)
+            }
+            JobResult::Failed(reason) => (Outcome::Failed(reason.clone()), reason),
+            JobResult::ShutDown => return Ok(()),
+        };
+        let key = match &outcome {
+            Outcome::Promoted => "promoted",
+            Outcome::Rejected => "rejected",
+            Outcome::Deferred(_) => "deferred",
+            Outcome::Failed(_) => "failed",
+        };
+        *jobs.entry(key.into()).or_default() += 1;
+        last_decision = Some(summary);
+        scheduler.finished(now_ms(), &outcome);
+        publish_status(&status, &task, &scheduler, &ctx, &jobs, &last_decision, None);
+    }
+}
+
+fn publish_status(status: &watch::Sender<Status>, task: &str, scheduler: &Scheduler, ctx: &Context, jobs: &BTreeMap<String, u64>, last_decision: &Option<String>, progress: Option<(usize, usize)>) {
+    status.send_replace(Status {
+        task: task.to_string(),
+        scheduler: scheduler.state().clone(),
+        serving_version: ctx.registry.current(task).map_or(0, |s| s.version),
+        jobs: jobs.clone(),
+        last_decision: last_decision.clone(),
+        progress,
+    });
+}
+
+/// Even rows of the retention set are replayed in training, odd rows check forgetting.
+fn split_retention(retention: Option<&RetentionSet>) -> (RetentionSet, RetentionSet) {
+    let empty = || RetentionSet { inputs: Vec::new(), labels: Vec::new() };
+    let Some(r) = retention else { return (empty(), empty()) };
+    let even: Vec<usize> = (0..r.len()).step_by(2).collect();
+    let odd: Vec<usize> = (1..r.len()).step_by(2).collect();
+    (r.select(&even), r.select(&odd))
+}
+
+enum JobResult {
+    Promoted(String, Arc<Serving>),
+    Rejected(String),
+    Deferred(String),
+    Failed(String),
+    ShutDown,
+}
+
+/// Model inputs for `samples` (one row each), in the bundle's input order.
+pub fn model_inputs(text: Option<&TextEncoder>, samples: &[&StoredSample]) -> Result<Vec<HostTensor>, String> {
+    if samples.is_empty() {
+        return Err("no samples".into());
+    }
+    if let Some(encoder) = text {
+        let texts: Vec<&str> = samples
+            .iter()
+            .map(|s| match &s.sample.input {
+                SampleInput::Text(t) => Ok(t.as_str()),
+                SampleInput::Tensor(_) => Err(format!("sample {:?} holds a tensor; the bundle takes text", s.sample.key)),
+            })
+            .collect::<Result<_, _>>()?;
+        return encoder.encode(&texts).map_err(|e| e.to_string());
+    }
+    let tensors: Vec<&HostTensor> = samples
+        .iter()
+        .map(|s| match &s.sample.input {
+            SampleInput::Tensor(t) => Ok(t),
+            SampleInput::Text(_) => Err(format!("sample {:?} holds text; the bundle takes tensors", s.sample.key)),
+        })
+        .collect::<Result<_, _>>()?;
+    let mut shape = tensors[0].shape.clone();
+    shape[0] = tensors.iter().map(|t| t.shape[0]).sum();
+    let data = match &tensors[0].data {
+        HostData::F32(_) => HostData::F32(tensors.iter().flat_map(|t| t.as_f32().unwrap_or_default().iter().copied()).collect()),
+        HostData::I64(_) => HostData::I64(tensors.iter().flat_map(|t| t.as_i64().unwrap_or_default().iter().copied()).collect()),
+    };
+    let tensor = HostTensor { shape, data };
+    if tensor.len() != tensor.shape.iter().product::<usize>() {
+        return Err("samples of different shapes".into());
+    }
+    Ok(vec![tensor])
+}
+
+const EVAL_CHUNK: usize = 64;
+
+/// Predictions of `serving` for every sample, through the engine in chunks (serving goes first
+/// between chunks).
+async fn predict_samples(ctx: &Context, serving: &Arc<Serving>, samples: &[&StoredSample]) -> Result<Vec<Prediction>, String> {
+    let mut out = Vec::with_capacity(samples.len());
+    for chunk in samples.chunks(EVAL_CHUNK) {
+        let inputs = model_inputs(ctx.text.as_deref(), chunk)?;
+        out.extend(ctx.engine.evaluate(serving.clone(), inputs).await.map_err(|e| e.to_string())?);
+    }
+    Ok(out)
+}
+
+async fn predict_inputs(ctx: &Context, serving: &Arc<Serving>, inputs: &[HostTensor]) -> Result<Vec<Prediction>, String> {
+    let rows = inputs.first().map_or(0, |t| t.shape[0]);
+    let mut out = Vec::with_capacity(rows);
+    for start in (0..rows).step_by(EVAL_CHUNK) {
+        let end = (start + EVAL_CHUNK).min(rows);
+        let chunk: Vec<HostTensor> = inputs.iter().map(|t| t.rows(start, end)).collect();
+        out.extend(ctx.engine.evaluate(serving.clone(), chunk).await.map_err(|e| e.to_string())?);
+    }
+    Ok(out)
+}
+
+async fn fill_embeddings(ctx: &Context, store: &Mutex<SampleStore>, task: &str) -> Result<(), String> {
+    let base = ctx.registry.base(task);
+    // Bounded per tick, so a backlog never starves the rest of the loop.
+    for _ in 0..16 {
+        let missing = lock(store).missing_embeddings(task, 256).map_err(|e| e.to_string())?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let refs: Vec<&StoredSample> = missing.iter().collect();
+        let predictions = predict_samples(ctx, &base, &refs).await?;
+        let rows: Vec<(i64, Vec<f32>)> = missing.iter().zip(predictions).filter_map(|(s, p)| Some((s.id, p.embedding?))).collect();
+        lock(store).set_embeddings(&rows).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+async fn embed_retention(ctx: &Context, task: &str, replay: &RetentionSet) -> Result<Vec<Vec<f32>>, String> {
+    let predictions = predict_inputs(ctx, &ctx.registry.base(task), &replay.inputs).await?;
+    predictions.into_iter().map(|p| p.embedding.ok_or_else(|| "no embedding".to_string())).collect()
+}
+
+async fn track_fresh(ctx: &Context, store: &Mutex<SampleStore>, task: &str, fresh: &mut Fresh, config: &AdaptConfig) -> Result<(), String> {
+    let Some(live) = ctx.registry.current(task) else { return Ok(()) };
+    if live.version != fresh.live_version {
+        // Promoted, rolled back or pinned elsewhere: start counting afresh.
+        *fresh = Fresh { after_id: fresh.after_id, live_version: live.version, live: (0, 0), previous: None };
+    }
+    let samples = lock(store).load_after(task, fresh.after_id, 512).map_err(|e| e.to_string())?;
+    if samples.is_empty() {
+        return Ok(());
+    }
+    fresh.after_id = samples.last().map_or(fresh.after_id, |s| s.id);
+    // Only labels the live adapter can name count for drift: a brand-new label is not drift.
+    let scored: Vec<&StoredSample> = samples.iter().filter(|s| live.labels.contains(&s.sample.label)).collect();
+    if scored.is_empty() || live.labels.is_empty() {
+        return Ok(());
+    }
+    let hits = |predictions: &[Prediction]| predictions.iter().zip(&scored).filter(|(p, s)| p.label == s.sample.label).count() as u64;
+    let predictions = predict_samples(ctx, &live, &scored).await?;
+    fresh.live.0 += hits(&predictions);
+    fresh.live.1 += scored.len() as u64;
+    if let Some((previous, counts)) = &mut fresh.previous {
+        let predictions = predict_samples(ctx, previous, &scored).await?;
+        counts.0 += hits(&predictions);
+        counts.1 += scored.len() as u64;
+        let (new_acc, old_acc) = (accuracy(fresh.live), accuracy(*counts));
+        if fresh.live.1 >= config.watch_min_samples && old_acc - new_acc > config.rollback_drop {
+            let reason = format!("on {} fresh samples v{} scores {new_acc:.4}, v{} scored {old_acc:.4}", fresh.live.1, live.version, previous.version);
+            match rollback(ctx, task, fresh, &reason) {
+                Ok(line) => tracing::warn!(task, "{line}"),
+                Err(e) => tracing::error!(task, error = %e, "automatic rollback failed"),
+            }
+        } else if fresh.live.1 >= config.watch_max_samples {
+            ctx.events.emit("watch_passed", task, json!({ "version": live.version, "fresh_samples": fresh.live.1, "accuracy": new_acc, "previous_accuracy": old_acc }));
+            fresh.previous = None;
+        }
+    }
+    Ok(())
+}
+
+fn rollback(ctx: &Context, task: &str, fresh: &mut Fresh, reason: &str) -> Result<String, String> {
+    let from = ctx.registry.current(task).map_or(0, |s| s.version);
+    let (serving, _) = ctx.registry.rollback(task).map_err(|e| e.to_string())?;
+    let event = ctx.events.emit("rolled_back", task, json!({ "from_version": from, "to_version": serving.version, "reason": reason }));
+    if let Err(e) = ctx.journal.append(task, &event) {
+        tracing::warn!(task, error = %e, "could not write the journal");
+    }
+    *fresh = Fresh { after_id: fresh.after_id, live_version: serving.version, live: (0, 0), previous: None };
+    Ok(format!("rolled {task} back from v{from} to v{}: {reason}", serving.version))
+}
+
+/// The job as the trainer takes it, and what the gate needs to know about it.
+struct Prepared {
+    job: TrainJob,
+    labels: Vec<String>,
+    counts: SampleCounts,
+    notes: Vec<String>,
+}
+
+fn prepare(ctx: &Context, config: &AdaptConfig, store: &SampleStore, incumbent: &Serving, replay: &RetentionSet, replay_embeddings: Option<&[Vec<f32>]>) -> Result<Prepared, String> {
+    let task = &config.task;
+    let bundle: &Bundle = ctx.registry.bundle();
+    let store_err = |e: crate::samples::StoreError| e.to_string();
+    let train_all = store.load(task, Split::Train).map_err(store_err)?;
+    let validation_all = store.load(task, Split::Validation).map_err(store_err)?;
+    let mut per_label: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in &train_all {
+        *per_label.entry(s.sample.label.as_str()).or_default() += 1;
+    }
+    // Labels: the incumbent's first (their rows are kept), then new ones with enough samples.
+    let mut labels: Vec<String> = incumbent.labels.to_vec();
+    let mut notes = Vec::new();
+    for label in store.labels(task).map_err(store_err)? {
+        let n = per_label.get(label.as_str()).copied().unwrap_or(0);
+        if labels.contains(&label) {
+            continue;
+        }
+        if n < config.min_samples_per_class {
+            notes.push(format!("label {label:?} waits: {n} training sample(s), {} needed", config.min_samples_per_class));
+            continue;
+        }
+        labels.push(label);
+    }
+    let index: BTreeMap<&str, i64> = labels.iter().enumerate().map(|(i, l)| (l.as_str(), i as i64)).collect();
+    let train: Vec<&StoredSample> = train_all.iter().filter(|s| index.contains_key(s.sample.label.as_str())).collect();
+    let validation: Vec<&StoredSample> = validation_all.iter().filter(|s| index.contains_key(s.sample.label.as_str())).collect();
+    if train.len() < config.min_train_samples {
+        return Err(format!("{} training samples over labels that qualify; {} needed", train.len(), config.min_train_samples));
+    }
+    let trained_labels: std::collections::BTreeSet<&str> = train.iter().map(|s| s.sample.label.as_str()).collect();
+    if trained_labels.len() < 2 && labels.len() < 2 {
+        return Err(format!("only one label ({:?}) has samples; a classifier needs two", trained_labels.iter().next()));
+    }
+    for label in &labels {
+        if per_label.get(label.as_str()).copied().unwrap_or(0) > 0 && !validation.iter().any(|s| &s.sample.label == label) {
+            notes.push(format!("label {label:?} has no validation samples: early stopping cannot see it"));
+        }
+    }
+    let dim = bundle.manifest.embedding_dim;
+    let embeddings_of = |rows: &[&StoredSample]| -> Result<Vec<f32>, String> {
+        let mut out = Vec::with_capacity(rows.len() * dim);
+        for s in rows {
+            match &s.embedding {
+                Some(e) if e.len() == dim => out.extend_from_slice(e),
+                _ => return Err("embeddings of new samples are still being computed".into()),
+            }
+        }
+        Ok(out)
+    };
+    let train_emb = embeddings_of(&train)?;
+    let class_means: Vec<Option<Vec<f32>>> = (0..labels.len())
+        .map(|c| {
+            let rows: Vec<usize> = train.iter().enumerate().filter(|(_, s)| index[s.sample.label.as_str()] == c as i64).map(|(i, _)| i).collect();
+            (!rows.is_empty()).then(|| (0..dim).map(|d| rows.iter().map(|&r| train_emb[r * dim + d]).sum::<f32>() / rows.len() as f32).collect())
+        })
+        .collect();
+    // Start from the incumbent's head, or the bundle's pre-trained classifier, or prototypes.
+    let base_head = bundle.base_head().map_err(|e| e.to_string())?;
+    let base_labels = bundle.manifest.labels.clone().unwrap_or_default();
+    let previous: Option<(&Head, &[String])> = match (&incumbent.head, &base_head) {
+        (Some(h), _) => Some((h, &incumbent.labels[..])),
+        (None, Some(h)) => Some((h, &base_labels[..])),
+        (None, None) => None,
+    };
+    let init_head = grow_linear(previous, &labels, &class_means, dim);
+
+    let weights = |rows: &[&StoredSample]| rows.iter().map(|s| s.sample.weight).collect::<Vec<f32>>();
+    let mut train_ex = Examples { labels: train.iter().map(|s| index[s.sample.label.as_str()]).collect(), weights: weights(&train), inputs: Vec::new() };
+    let mut val_ex = Examples { labels: validation.iter().map(|s| index[s.sample.label.as_str()]).collect(), weights: weights(&validation), inputs: Vec::new() };
+    // Replay: retained base-domain rows whose labels the task uses, as a share of the task's samples.
+    let replay_rows: Vec<(usize, i64)> = replay
+        .labels
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &l)| base_labels.get(l as usize).and_then(|name| index.get(name.as_str())).map(|&c| (i, c)))
+        .take((config.replay_fraction * train.len() as f64).round() as usize)
+        .collect();
+    match config.kind {
+        JobKind::Head => {
+            let mut emb = train_emb;
+            if let Some(replay_emb) = replay_embeddings {
+                for &(i, c) in &replay_rows {
+                    emb.extend_from_slice(&replay_emb[i]);
+                    train_ex.labels.push(c);
+                    train_ex.weights.push(1.0);
+                }
+            }
+            let n = train_ex.labels.len();
+            train_ex.inputs = vec![HostTensor::f32(vec![n, dim], emb).map_err(|e| e.to_string())?];
+            let val_emb = if validation.is_empty() { Vec::new() } else { embeddings_of(&validation)? };
+            val_ex.inputs = vec![HostTensor::f32(vec![validation.len(), dim], val_emb).map_err(|e| e.to_string())?];
+        }
+        JobKind::Lora { .. } => {
+            let mut inputs = model_inputs(ctx.text.as_deref(), &train)?;
+            if !replay_rows.is_empty() && ctx.text.is_none() {
+                let rows: Vec<usize> = replay_rows.iter().map(|&(i, _)| i).collect();
+                for (t, extra) in inputs.iter_mut().zip(replay.select(&rows).inputs) {
+                    t.shape[0] += extra.shape[0];
+                    match (&mut t.data, extra.data) {
+                        (HostData::F32(a), HostData::F32(b)) => a.extend(b),
+                        (HostData::I64(a), HostData::I64(b)) => a.extend(b),
+                        _ => return Err("retention inputs do not match the samples' dtype".into()),
+                    }
+                }
+                for &(_, c) in &replay_rows {
+                    train_ex.labels.push(c);
+                    train_ex.weights.push(1.0);
+                }
+            }
+            train_ex.inputs = inputs;
+            val_ex.inputs = if validation.is_empty() { Vec::new() } else { model_inputs(ctx.text.as_deref(), &validation)? };
+            if validation.is_empty() {
+                val_ex = Examples::default();
+            }
+        }
+    }
+    let holdout = store.counts(task).map_err(store_err)?.iter().filter(|((split, _), _)| *split == Split::Holdout).map(|(_, n)| n).sum();
+    let counts = SampleCounts { train: train.len() as u64, validation: validation.len() as u64, holdout };
+    if !replay_rows.is_empty() {
+        notes.push(format!("{} retained base-domain samples replayed", replay_rows.len()));
+    }
+    Ok(Prepared { job: TrainJob { kind: config.kind, train: train_ex, validation: val_ex, init_head, recipe: config.recipe.clone() }, labels, counts, notes })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_job(
+    ctx: &Context,
+    config: &AdaptConfig,
+    store: &Mutex<SampleStore>,
+    trigger: Trigger,
+    replay: &RetentionSet,
+    replay_embeddings: Option<&[Vec<f32>]>,
+    retention_check: &RetentionSet,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    scheduler: &mut Scheduler,
+    status: &watch::Sender<Status>,
+    jobs: &BTreeMap<String, u64>,
+    last_decision: &Option<String>,
+) -> JobResult {
+    let task = &config.task;
+    let incumbent = ctx.registry.current(task).unwrap_or_else(|| ctx.registry.base(task));
+    let prepared = match prepare(ctx, config, &lock(store), &incumbent, replay, replay_embeddings) {
+        Ok(p) => p,
+        Err(reason) => return JobResult::Deferred(reason),
+    };
+    let version = match ctx.registry.next_version(task) {
+        Ok(v) => v,
+        Err(e) => return JobResult::Failed(e.to_string()),
+    };
+    ctx.events.emit(
+        "training_started",
+        task,
+        json!({ "version": version, "kind": config.kind.name(), "trigger": trigger, "device": ctx.trainer.device(), "samples": prepared.counts, "labels": prepared.labels, "notes": prepared.notes }),
+    );
+    let started = std::time::Instant::now();
+    let Prepared { job, labels, counts, notes } = prepared;
+    let mut handle = match ctx.trainer.submit(job) {
+        Ok(h) => h,
+        Err(e) => return JobResult::Failed(e.to_string()),
+    };
+    let mut last_progress = std::time::Instant::now();
+    let mut latest: Option<Progress> = None;
+    let mut ticker = tokio::time::interval(config.tick);
+    let report = loop {
+        tokio::select! {
+            _ = &mut *shutdown => {
+                handle.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                let _ = (&mut handle.done).await;
+                ctx.events.emit("training_cancelled", task, json!({ "version": version, "reason": "shutting down; the candidate is discarded" }));
+                return JobResult::ShutDown;
+            }
+            p = handle.progress.recv() => if let Some(p) = p {
+                if last_progress.elapsed() >= Duration::from_millis(500) || p.step == p.total_steps {
+                    last_progress = std::time::Instant::now();
+                    let elapsed = started.elapsed().as_secs_f64();
+                    let eta = elapsed / p.step.max(1) as f64 * (p.total_steps - p.step) as f64;
+                    ctx.events.emit("training_progress", task, json!({ "version": version, "epoch": p.epoch + 1, "epochs": p.max_epochs, "step": p.step, "steps": p.total_steps, "loss": p.loss, "eta_s": eta }));
+                    publish_status(status, task, scheduler, ctx, jobs, last_decision, Some((p.step, p.total_steps)));
+                }
+                latest = Some(p);
+            },
+            _ = ticker.tick() => {
+                match scheduler.observe(&Observation { now_ms: now_ms(), serving_p99_ms: ctx.engine.stats().recent_p99_ms(), ..Observation::default() }) {
+                    Some(Action::Pause { reason }) => {
+                        handle.pause.store(true, std::sync::atomic::Ordering::Relaxed);
+                        ctx.events.emit("training_paused", task, json!({ "version": version, "reason": reason }));
+                    }
+                    Some(Action::Resume) => {
+                        handle.pause.store(false, std::sync::atomic::Ordering::Relaxed);
+                        ctx.events.emit("training_resumed", task, json!({ "version": version }));
+                    }
+                    _ => {}
+                }
+            }
+            done = &mut handle.done => break match done {
+                Ok(Ok(report)) => report,
+                Ok(Err(e)) => {
+                    let reason = format!("{} ({}): the candidate is discarded, v{} keeps serving", e, e.error_type(), incumbent.version);
+                    let event = ctx.events.emit("training_failed", task, json!({ "version": version, "error_type": e.error_type(), "reason": reason }));
+                    let _ = ctx.journal.append(task, &event);
+                    return JobResult::Failed(reason);
+                }
+                Err(_) => return JobResult::Failed("the trainer stopped".into()),
+            },
+        }
+    };
+    let _ = latest;
+    scheduler.training_done();
+    let seconds = started.elapsed().as_secs_f64();
+    ctx.events.emit(
+        "training_finished",
+        task,
+        json!({ "version": version, "seconds": seconds, "epochs": report.epochs.len(), "best_epoch": report.best_epoch + 1, "stopped_early": report.stopped_early, "samples_per_second": report.samples_per_second, "batch_size": report.batch_size }),
+    );
+    match gate_and_promote(ctx, config, store, &incumbent, version, labels, counts, notes, trigger, report, retention_check, seconds).await {
+        Ok((true, summary)) => JobResult::Promoted(summary, incumbent),
+        Ok((false, summary)) => JobResult::Rejected(summary),
+        Err(reason) => {
+            let event = ctx.events.emit("training_failed", task, json!({ "version": version, "error_type": "validation", "reason": reason }));
+            let _ = ctx.journal.append(task, &event);
+            JobResult::Failed(reason)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn gate_and_promote(
+    ctx: &Context,
+    config: &AdaptConfig,
+    store: &Mutex<SampleStore>,
+    incumbent: &Arc<Serving>,
+    version: u64,
+    labels: Vec<String>,
+    counts: SampleCounts,
+    notes: Vec<String>,
+    trigger: Trigger,
+    report: FitReport,
+    retention_check: &RetentionSet,
+    train_seconds: f64,
+) -> Result<(bool, String), String> {
+    let task = &config.task;
+    let bundle = ctx.registry.bundle();
+    let lora_info = report.lora.as_ref().map(|l| LoraInfo { rank: l.rank, alpha: l.alpha, target_modules: l.modules.iter().map(|m| m.module.clone()).collect() });
+    let mut adapter = Adapter {
+        manifest: AdapterManifest {
+            format: ADAPTER_FORMAT,
+            task: task.clone(),
+            version,
+            kind: if report.lora.is_some() { AdapterKind::Lora } else { AdapterKind::Head },
+            labels: labels.clone(),
+            lora: lora_info,
+            base: BaseRef::of(bundle),
+            parent_version: (incumbent.version > 0).then_some(incumbent.version),
+            metrics: BTreeMap::new(),
+            samples: counts,
+            created_unix_ms: now_ms(),
+            decision: None,
+            files: BTreeMap::new(),
+        },
+        head: report.head.clone(),
+        lora: report.lora.clone(),
+    };
+    let candidate = ctx.registry.preview(adapter.clone()).map_err(|e| format!("the candidate does not fit the bundle: {e}"))?;
+
+    // Holdout: samples the trainer never saw (neither gradients nor early stopping).
+    let mut holdout = lock(store).load(task, Split::Holdout).map_err(|e| e.to_string())?;
+    if holdout.len() > config.max_eval_samples {
+        holdout.drain(..holdout.len() - config.max_eval_samples);
+    }
+    let holdout_refs: Vec<&StoredSample> = holdout.iter().collect();
+    let truth: Vec<&str> = holdout.iter().map(|s| s.sample.label.as_str()).collect();
+    let (cand_pred, inc_pred) = if holdout.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        (predict_samples(ctx, &candidate, &holdout_refs).await?, predict_samples(ctx, incumbent, &holdout_refs).await?)
+    };
+    let names = |p: &[Prediction]| p.iter().map(|p| p.label.clone()).collect::<Vec<String>>();
+    let (cand_names, inc_names) = (names(&cand_pred), names(&inc_pred));
+    let cand_metrics = gate::metrics(&truth, &as_refs(&cand_names));
+    let inc_metrics = gate::metrics(&truth, &as_refs(&inc_names));
+    let finite = cand_pred.iter().all(|p| p.scores.iter().all(|x| x.is_finite())) && report.head.validate(bundle.manifest.embedding_dim, labels.len()).is_ok();
+
+    // Retention: the base domain, where the task's labels are the bundle's.
+    let base_labels = bundle.manifest.labels.clone().unwrap_or_default();
+    let retention = if !retention_check.is_empty() && retention_check.labels.iter().all(|&l| base_labels.get(l as usize).is_some_and(|n| labels.contains(n))) {
+        let truth: Vec<&str> = retention_check.labels.iter().map(|&l| base_labels[l as usize].as_str()).collect();
+        let cand = predict_inputs(ctx, &candidate, &retention_check.inputs).await?;
+        let inc = predict_inputs(ctx, incumbent, &retention_check.inputs).await?;
+        Some((gate::metrics(&truth, &as_refs(&names(&inc))).accuracy, gate::metrics(&truth, &as_refs(&names(&cand))).accuracy))
+    } else {
+        None
+    };
+
+    // Probe: a few holdout rows against the base model, and against the trainer's own forward
+    // pass. (Without holdout rows the gate refuses on holdout size anyway.)
+    let probe_rows: Vec<&StoredSample> = holdout_refs.iter().take(32).copied().collect();
+    let (probe_change, parity_max_diff) = if probe_rows.is_empty() {
+        (0.0, 0.0)
+    } else {
+        let inputs = model_inputs(ctx.text.as_deref(), &probe_rows)?;
+        let cand = ctx.engine.evaluate(candidate.clone(), inputs.clone()).await.map_err(|e| e.to_string())?;
+        let base = ctx.engine.evaluate(ctx.registry.base(task), inputs.clone()).await.map_err(|e| e.to_string())?;
+        let mut change = 0.0f32;
+        for (c, b) in cand.iter().zip(&base) {
+            if let (Some(ce), Some(be)) = (&c.embedding, &b.embedding) {
+                change = ce.iter().zip(be).fold(change, |m, (x, y)| m.max((x - y).abs()));
+            }
+            if b.scores.iter().any(|x| x.is_nan()) {
+                change = change.max(1.0); // the base has no classifier: any head is a change
+                continue;
+            }
+            for (i, label) in c.labels.iter().enumerate() {
+                let base_score = b.labels.iter().position(|l| l == label).map_or(0.0, |j| b.scores[j]);
+                change = change.max((c.scores[i] - base_score).abs());
+            }
+        }
+        let trainer_scores = ctx.trainer.predict(inputs, report.lora.clone(), report.head.clone()).await.map_err(|e| e.to_string())?;
+        let engine_scores: Vec<f32> = cand.iter().flat_map(|p| p.scores.iter().copied()).collect();
+        let parity = if trainer_scores.len() == engine_scores.len() { trainer_scores.iter().zip(&engine_scores).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) } else { f32::MAX };
+        (change, parity)
+    };
+
+    let evidence = Evidence { candidate: cand_metrics, incumbent: inc_metrics, retention, finite, probe_change, parity_max_diff };
+    let decision = gate::decide(&evidence, &config.gate);
+    let mut metrics = BTreeMap::from([
+        ("holdout_accuracy".to_string(), evidence.candidate.accuracy),
+        ("holdout_macro_f1".to_string(), evidence.candidate.macro_f1),
+        ("incumbent_holdout_accuracy".to_string(), evidence.incumbent.accuracy),
+        ("incumbent_holdout_macro_f1".to_string(), evidence.incumbent.macro_f1),
+        ("train_seconds".to_string(), train_seconds),
+        ("samples_per_second".to_string(), report.samples_per_second),
+    ]);
+    if let Some((before, after)) = evidence.retention {
+        metrics.insert("retention_accuracy".into(), after);
+        metrics.insert("incumbent_retention_accuracy".into(), before);
+    }
+    let record = json!({
+        "version": version,
+        "incumbent_version": incumbent.version,
+        "kind": adapter.manifest.kind,
+        "trigger": trigger,
+        "promote": decision.promote,
+        "summary": decision.summary,
+        "checks": decision.checks,
+        "evidence": evidence,
+        "notes": notes,
+        "samples": adapter.manifest.samples,
+        "training": { "epochs": report.epochs, "best_epoch": report.best_epoch, "stopped_early": report.stopped_early, "steps": report.steps, "batch_size": report.batch_size, "losses": report.losses, "seconds": train_seconds },
+    });
+    adapter.manifest.metrics = metrics;
+    adapter.manifest.decision = Some(json!({ "promote": decision.promote, "summary": decision.summary, "checks": decision.checks, "trigger": trigger }));
+    let mut event = ctx.events.emit("gate_decision", task, record.clone());
+    if decision.promote {
+        let registry = ctx.registry.clone();
+        let promoted = tokio::task::spawn_blocking(move || {
+            crate::background_priority();
+            registry.promote(adapter)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("promotion failed: {e}"))?;
+        ctx.events.emit("promoted", task, json!({ "version": promoted.version, "from_version": incumbent.version, "holdout_accuracy": evidence.candidate.accuracy, "incumbent_holdout_accuracy": evidence.incumbent.accuracy }));
+    }
+    if let Some(e) = event.as_object_mut() {
+        e.insert("type".into(), json!("job"));
+    }
+    if let Err(e) = ctx.journal.append(task, &event) {
+        tracing::warn!(task, error = %e, "could not write the journal");
+    }
+    Ok((decision.promote, decision.summary))
+}

@@ -1,0 +1,121 @@
+//! Operator-facing events: one JSON object each, logged, published on
+//! `{prefix}/{device}/events` (QoS 1) when a broker is configured, and — for training outcomes —
+//! appended to the task's journal (`<state>/journal/<task>.jsonl`), which `adaptd report` reads.
+
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+#[derive(Clone)]
+pub struct Events {
+    tx: mpsc::UnboundedSender<Value>,
+}
+
+impl Events {
+    pub fn channel() -> (Events, mpsc::UnboundedReceiver<Value>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Events { tx }, rx)
+    }
+
+    /// Emit `{"type": kind, "task": task, "time_ms": …, …fields}`.
+    pub fn emit(&self, kind: &str, task: &str, fields: Value) -> Value {
+        let mut event = json!({ "type": kind, "task": task, "time_ms": now_ms() });
+        if let (Some(e), Value::Object(f)) = (event.as_object_mut(), fields) {
+            e.extend(f);
+        }
+        tracing::info!(target: "adaptd::events", event = %event, "{kind}");
+        let _ = self.tx.send(event.clone());
+        event
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Publish events until `shutdown`; with no broker, drain them (they are in the log already).
+pub async fn publish(mut rx: mpsc::UnboundedReceiver<Value>, broker: Option<(String, u16)>, client_id: String, topic: String, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    let Some((host, port)) = broker else {
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                e = rx.recv() => if e.is_none() { return },
+            }
+        }
+    };
+    let mut options = MqttOptions::new(client_id, host, port);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut connection) = AsyncClient::new(options, 256);
+    let poller = tokio::spawn(async move {
+        loop {
+            if let Err(e) = connection.poll().await {
+                tracing::debug!(error = %e, "event publisher connection lost; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    });
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            e = rx.recv() => match e {
+                Some(event) => {
+                    if let Err(e) = client.publish(topic.clone(), QoS::AtLeastOnce, false, event.to_string()).await {
+                        tracing::warn!(error = %e, "could not publish an event");
+                    }
+                }
+                None => break,
+            },
+        }
+    }
+    // Let queued publishes leave before the connection goes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = client.disconnect().await;
+    poller.abort();
+}
+
+/// The per-task journal of training jobs and gate decisions (append-only JSON lines).
+#[derive(Debug, Clone)]
+pub struct Journal {
+    dir: PathBuf,
+}
+
+impl Journal {
+    pub fn new(dir: &Path) -> Journal {
+        Journal { dir: dir.to_path_buf() }
+    }
+
+    pub fn path(&self, task: &str) -> PathBuf {
+        self.dir.join(format!("{task}.jsonl"))
+    }
+
+    /// Append one record and fsync it. Only reports read the journal; a torn last line from a
+    /// crash is skipped by [`Journal::read`].
+    pub fn append(&self, task: &str, record: &Value) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(self.path(task))?;
+        file.write_all(format!("{record}\n").as_bytes())?;
+        file.sync_data()
+    }
+
+    /// Every readable record of `task`, oldest first, and how many lines were unreadable.
+    pub fn read(&self, task: &str) -> std::io::Result<(Vec<Value>, usize)> {
+        let text = match std::fs::read_to_string(self.path(task)) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+            Err(e) => return Err(e),
+        };
+        let mut bad = 0;
+        let records = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .filter_map(|l| serde_json::from_str(l).map_err(|_| bad += 1).ok())
+            .collect();
+        Ok((records, bad))
+    }
+}

@@ -1,0 +1,225 @@
+//! The validation gate: a candidate adapter is promoted only on evidence.
+//!
+//! Pure functions over figures the adapt loop gathers (engine predictions on holdout samples
+//! the trainer never saw, the bundle's retention set, a probe against the base model, and the
+//! trainer's own outputs for parity). Every check is reported with its figures, passed or not,
+//! so a decision can be read, logged, published and kept in the adapter's manifest.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateMetric {
+    Accuracy,
+    MacroF1,
+    /// Both must clear the margin.
+    Both,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GateConfig {
+    pub metric: GateMetric,
+    /// The candidate must beat the incumbent by at least this much (0.01 = one point).
+    pub min_improvement: f64,
+    /// Retention-set accuracy may fall by at most this much below the incumbent's.
+    pub max_retention_drop: f64,
+    /// Scores must move by at least this much somewhere on the probe set versus the base model.
+    pub min_probe_change: f32,
+    /// Largest allowed |engine − trainer| difference of any score.
+    pub parity_tolerance: f32,
+    /// Fewer holdout samples than this: no decision can be trusted, the candidate is refused.
+    pub min_holdout: usize,
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        GateConfig { metric: GateMetric::Accuracy, min_improvement: 0.0, max_retention_drop: 0.02, min_probe_change: 1e-4, parity_tolerance: 1e-3, min_holdout: 10 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassMetrics {
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+    pub support: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    pub accuracy: f64,
+    /// Mean F1 over the classes present in the truth.
+    pub macro_f1: f64,
+    pub samples: usize,
+    pub per_class: BTreeMap<String, ClassMetrics>,
+}
+
+/// Accuracy, macro-F1 and per-class figures of predicted label names against true ones.
+pub fn metrics(truth: &[&str], predicted: &[&str]) -> Metrics {
+    let n = truth.len().min(predicted.len());
+    let mut per_class: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new(); // (tp, fp, fn)
+    let mut correct = 0;
+    for (t, p) in truth.iter().zip(predicted).take(n) {
+        if t == p {
+            correct += 1;
+            per_class.entry(t.to_string()).or_default().0 += 1;
+        } else {
+            per_class.entry(p.to_string()).or_default().1 += 1;
+            per_class.entry(t.to_string()).or_default().2 += 1;
+        }
+    }
+    let mut out = BTreeMap::new();
+    let mut f1_sum = 0.0;
+    let mut present = 0;
+    for (label, (tp, fp, fn_)) in per_class {
+        let support = tp + fn_;
+        let precision = if tp + fp > 0 { tp as f64 / (tp + fp) as f64 } else { 0.0 };
+        let recall = if support > 0 { tp as f64 / support as f64 } else { 0.0 };
+        let f1 = if precision + recall > 0.0 { 2.0 * precision * recall / (precision + recall) } else { 0.0 };
+        if support > 0 {
+            f1_sum += f1;
+            present += 1;
+            out.insert(label, ClassMetrics { precision, recall, f1, support });
+        }
+    }
+    Metrics {
+        accuracy: if n > 0 { correct as f64 / n as f64 } else { 0.0 },
+        macro_f1: if present > 0 { f1_sum / present as f64 } else { 0.0 },
+        samples: n,
+        per_class: out,
+    }
+}
+
+/// What the adapt loop measured about one candidate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    /// On the holdout split.
+    pub candidate: Metrics,
+    pub incumbent: Metrics,
+    /// Accuracy on the retention set's check half: (incumbent, candidate). None: the bundle has
+    /// no retention set, or its labels are not the task's.
+    pub retention: Option<(f64, f64)>,
+    /// Every score the engine produced for the candidate is finite.
+    pub finite: bool,
+    /// Largest change of any score versus the base model on the probe set.
+    pub probe_change: f32,
+    /// Largest |engine − trainer| score difference on the probe set.
+    pub parity_max_diff: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Check {
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub promote: bool,
+    /// One line: why.
+    pub summary: String,
+    pub checks: Vec<Check>,
+}
+
+pub fn decide(e: &Evidence, cfg: &GateConfig) -> Decision {
+    let mut checks = Vec::new();
+    let mut check = |name: &str, passed: bool, detail: String| checks.push(Check { name: name.into(), passed, detail });
+
+    check(
+        "holdout_size",
+        e.candidate.samples >= cfg.min_holdout,
+        format!("{} holdout samples (at least {} needed)", e.candidate.samples, cfg.min_holdout),
+    );
+    let margin = |name: &str, cand: f64, inc: f64| (cand >= inc + cfg.min_improvement, format!("{name} {:.4} vs incumbent {:.4} (margin {:+.4}, required {:+.4})", cand, inc, cand - inc, cfg.min_improvement));
+    let (acc_ok, acc_detail) = margin("accuracy", e.candidate.accuracy, e.incumbent.accuracy);
+    let (f1_ok, f1_detail) = margin("macro-F1", e.candidate.macro_f1, e.incumbent.macro_f1);
+    match cfg.metric {
+        GateMetric::Accuracy => check("beats_incumbent", acc_ok, acc_detail),
+        GateMetric::MacroF1 => check("beats_incumbent", f1_ok, f1_detail),
+        GateMetric::Both => check("beats_incumbent", acc_ok && f1_ok, format!("{acc_detail}; {f1_detail}")),
+    }
+    match e.retention {
+        Some((before, after)) => check(
+            "retention",
+            after >= before - cfg.max_retention_drop,
+            format!("base-domain accuracy {after:.4} vs incumbent {before:.4} (drop {:.4}, at most {:.4} allowed)", before - after, cfg.max_retention_drop),
+        ),
+        None => check("retention", true, "no retention set for this task: not checked".into()),
+    }
+    check("finite", e.finite, if e.finite { "every output finite".into() } else { "non-finite outputs".into() });
+    check(
+        "changes_output",
+        e.probe_change >= cfg.min_probe_change,
+        format!("scores move by up to {:.2e} versus the base model (at least {:.0e} required)", e.probe_change, cfg.min_probe_change),
+    );
+    check(
+        "engine_trainer_parity",
+        e.parity_max_diff <= cfg.parity_tolerance,
+        format!("engine and trainer scores differ by up to {:.2e} (at most {:.0e})", e.parity_max_diff, cfg.parity_tolerance),
+    );
+    let failed: Vec<&Check> = checks.iter().filter(|c| !c.passed).collect();
+    let promote = failed.is_empty();
+    let summary = if promote {
+        format!("promoted: accuracy {:.4} -> {:.4}, macro-F1 {:.4} -> {:.4}", e.incumbent.accuracy, e.candidate.accuracy, e.incumbent.macro_f1, e.candidate.macro_f1)
+    } else {
+        format!("rejected: {}", failed.iter().map(|c| format!("{} ({})", c.name, c.detail)).collect::<Vec<_>>().join("; "))
+    };
+    Decision { promote, summary, checks }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn evidence(cand_acc: &[(&str, &str)], inc_acc: &[(&str, &str)]) -> Evidence {
+        let m = |pairs: &[(&str, &str)]| {
+            let (t, p): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
+            metrics(&t, &p)
+        };
+        Evidence { candidate: m(cand_acc), incumbent: m(inc_acc), retention: Some((0.95, 0.94)), finite: true, probe_change: 0.3, parity_max_diff: 1e-6 }
+    }
+
+    #[test]
+    fn metrics_count_per_class() {
+        let m = metrics(&["a", "a", "b", "c"], &["a", "b", "b", "a"]);
+        assert_eq!(m.accuracy, 0.5);
+        assert_eq!(m.per_class["a"].support, 2);
+        assert_eq!(m.per_class["a"].precision, 0.5);
+        assert_eq!(m.per_class["b"].recall, 1.0);
+        assert_eq!(m.per_class["c"].f1, 0.0);
+        assert!((m.macro_f1 - (0.5 + 2.0 / 3.0 + 0.0) / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn promotes_a_better_candidate_and_names_every_failed_check() {
+        let cfg = GateConfig { min_holdout: 2, ..GateConfig::default() };
+        let good = evidence(&[("a", "a"), ("b", "b")], &[("a", "a"), ("b", "a")]);
+        let d = decide(&good, &cfg);
+        assert!(d.promote, "{}", d.summary);
+        assert!(d.checks.iter().all(|c| c.passed));
+
+        let mut bad = good.clone();
+        bad.candidate = bad.incumbent.clone();
+        bad.incumbent.accuracy = 0.9;
+        bad.retention = Some((0.95, 0.80));
+        bad.finite = false;
+        bad.probe_change = 0.0;
+        bad.parity_max_diff = 0.5;
+        let d = decide(&bad, &cfg);
+        assert!(!d.promote);
+        for name in ["beats_incumbent", "retention", "finite", "changes_output", "engine_trainer_parity"] {
+            assert!(d.checks.iter().any(|c| c.name == name && !c.passed), "{name}: {:?}", d.checks);
+            assert!(d.summary.contains(name), "{}", d.summary);
+        }
+    }
+
+    #[test]
+    fn too_few_holdout_samples_refuse() {
+        let d = decide(&evidence(&[("a", "a")], &[("a", "b")]), &GateConfig::default());
+        assert!(!d.promote);
+        assert!(d.summary.contains("holdout_size"), "{}", d.summary);
+    }
+}

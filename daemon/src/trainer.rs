@@ -1,0 +1,220 @@
+//! The trainer: one owner thread for all libtorch state.
+//!
+//! The thread loads the bundle's training graph once (on CUDA when libtorch sees a GPU and the
+//! configuration allows it), runs at background priority so serving keeps the CPU it needs, and
+//! takes jobs one at a time. A job goes in as host tensors and comes out as a plain
+//! [`FitReport`]: no tch type leaves this module. Every job is cancellable between steps and can
+//! be paused (the latency guard does); a panic inside libtorch becomes an error for that job,
+//! and the thread carries on.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use adaptd_adapters::bundle::Bundle;
+use adaptd_adapters::head::{Head, softmax_rows};
+use adaptd_adapters::lora::LoraWeights;
+use adaptd_adapters::tensor::HostTensor;
+use adaptd_adapters::train::{Examples, FitReport, FitTarget, Progress, Recipe, TrainError, TrainingGraph, fit};
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+
+/// Where training runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainDevice {
+    /// CUDA when libtorch sees a GPU, else the CPU.
+    Auto,
+    Cpu,
+    /// CUDA or refuse to start.
+    Cuda,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainerConfig {
+    pub device: TrainDevice,
+    /// libtorch intra-op threads (leave cores for serving).
+    pub threads: usize,
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        TrainerConfig { device: TrainDevice::Auto, threads: 1 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum JobKind {
+    /// A classification head on cached backbone embeddings.
+    Head,
+    /// LoRA on every slot of the bundle, trained jointly with the head.
+    Lora { rank: usize, alpha: f32 },
+}
+
+impl JobKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            JobKind::Head => "head",
+            JobKind::Lora { .. } => "lora",
+        }
+    }
+}
+
+pub struct TrainJob {
+    pub kind: JobKind,
+    /// For `Head`: one `[N, dim]` embedding tensor; for `Lora`: the model inputs.
+    pub train: Examples,
+    pub validation: Examples,
+    pub init_head: Head,
+    pub recipe: Recipe,
+}
+
+/// A submitted job: its progress, its result, and the switches to pause or cancel it.
+pub struct JobHandle {
+    pub cancel: Arc<AtomicBool>,
+    pub pause: Arc<AtomicBool>,
+    pub progress: mpsc::UnboundedReceiver<Progress>,
+    pub done: oneshot::Receiver<Result<FitReport, TrainError>>,
+}
+
+enum Command {
+    Fit { job: Box<TrainJob>, cancel: Arc<AtomicBool>, pause: Arc<AtomicBool>, progress: mpsc::UnboundedSender<Progress>, reply: oneshot::Sender<Result<FitReport, TrainError>> },
+    Predict { inputs: Vec<HostTensor>, lora: Option<LoraWeights>, head: Head, reply: oneshot::Sender<Result<Vec<f32>, TrainError>> },
+    Stop,
+}
+
+pub struct Trainer {
+    tx: std::sync::mpsc::Sender<Command>,
+    thread: Option<JoinHandle<()>>,
+    device: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error("training.device is \"cuda\", but libtorch sees no CUDA device")]
+    NoCuda,
+    #[error("the trainer thread has stopped")]
+    Stopped,
+}
+
+impl Trainer {
+    /// Start the owner thread and load the training graph on it; returns once it is loaded.
+    pub fn start(bundle: Bundle, config: TrainerConfig) -> Result<Trainer, TrainerError> {
+        let device = match config.device {
+            TrainDevice::Cpu => tch::Device::Cpu,
+            TrainDevice::Auto => tch::Device::cuda_if_available(),
+            TrainDevice::Cuda if tch::Cuda::is_available() => tch::Device::Cuda(0),
+            TrainDevice::Cuda => return Err(TrainerError::NoCuda),
+        };
+        let (tx, rx) = std::sync::mpsc::channel::<Command>();
+        let (loaded_tx, loaded_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("adaptd-trainer".into())
+            .spawn(move || {
+                crate::background_priority();
+                tch::set_num_threads(config.threads.max(1) as i32);
+                let graph = match TrainingGraph::load(&bundle, device) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        let _ = loaded_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = loaded_tx.send(Ok(()));
+                while let Ok(command) = rx.recv() {
+                    match command {
+                        Command::Fit { job, cancel, pause, progress, reply } => {
+                            let result = guarded(|| run_fit(&graph, &job, &cancel, &pause, &progress));
+                            let _ = reply.send(result);
+                        }
+                        Command::Predict { inputs, lora, head, reply } => {
+                            let _ = reply.send(guarded(|| predict(&graph, &inputs, lora.as_ref(), &head)));
+                        }
+                        Command::Stop => return,
+                    }
+                }
+            })
+            .expect("spawn the trainer thread");
+        match loaded_rx.recv() {
+            Ok(Ok(())) => Ok(Trainer { tx, thread: Some(thread), device: format!("{device:?}").to_lowercase() }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e.into())
+            }
+            Err(_) => Err(TrainerError::Stopped),
+        }
+    }
+
+    /// "cpu" or "cuda(0)".
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    pub fn submit(&self, job: TrainJob) -> Result<JobHandle, TrainerError> {
+        let (cancel, pause) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (progress_tx, progress) = mpsc::unbounded_channel();
+        let (reply, done) = oneshot::channel();
+        self.tx
+            .send(Command::Fit { job: Box::new(job), cancel: cancel.clone(), pause: pause.clone(), progress: progress_tx, reply })
+            .map_err(|_| TrainerError::Stopped)?;
+        Ok(JobHandle { cancel, pause, progress, done })
+    }
+
+    /// Softmax scores of `head` over the training graph's embedding with `lora` applied: the
+    /// trainer's side of the engine/trainer parity check.
+    pub async fn predict(&self, inputs: Vec<HostTensor>, lora: Option<LoraWeights>, head: Head) -> Result<Vec<f32>, TrainerError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Predict { inputs, lora, head, reply }).map_err(|_| TrainerError::Stopped)?;
+        Ok(rx.await.map_err(|_| TrainerError::Stopped)??)
+    }
+
+    /// Stop after the current job (cancel it first to stop sooner) and join the thread.
+    pub fn shutdown(mut self) {
+        let _ = self.tx.send(Command::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A panic inside libtorch or a fit fails the job, not the daemon.
+fn guarded<T>(f: impl FnOnce() -> Result<T, TrainError>) -> Result<T, TrainError> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let message = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+        Err(TrainError::Data(format!("the trainer panicked: {message}")))
+    })
+}
+
+fn run_fit(graph: &TrainingGraph, job: &TrainJob, cancel: &AtomicBool, pause: &AtomicBool, progress: &mpsc::UnboundedSender<Progress>) -> Result<FitReport, TrainError> {
+    let target = match job.kind {
+        JobKind::Head => FitTarget::Head { device: graph.device() },
+        JobKind::Lora { rank, alpha } => FitTarget::Lora { graph, rank, alpha },
+    };
+    let _span = tracing::info_span!("train", kind = job.kind.name(), samples = job.train.len()).entered();
+    fit(target, &job.train, &job.validation, &job.init_head, &job.recipe, cancel, &mut |p| {
+        let _ = progress.send(p.clone());
+        // Paused (serving is over its latency budget): hold here between steps until resumed
+        // or cancelled.
+        while pause.load(Ordering::Relaxed) && !cancel.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+}
+
+fn predict(graph: &TrainingGraph, inputs: &[HostTensor], lora: Option<&LoraWeights>, head: &Head) -> Result<Vec<f32>, TrainError> {
+    let manifest = graph.manifest();
+    let lora_inputs = match lora {
+        Some(w) => w.graph_inputs(&manifest.lora)?,
+        None => adaptd_adapters::lora::no_adapter_inputs(&manifest.lora),
+    };
+    let outputs = graph.forward_host(inputs, &lora_inputs)?;
+    let emb = &outputs[manifest.output_index(&manifest.embedding_output).expect("manifest checked")];
+    let rows = emb.shape[0];
+    let mut scores = head.forward(emb.as_f32().expect("f32 embedding"), rows);
+    softmax_rows(&mut scores, head.classes());
+    Ok(scores)
+}
