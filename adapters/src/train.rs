@@ -474,7 +474,9 @@ pub fn fit(
             }
             let factor = lr_factor(recipe.schedule, warmup_steps, step, total_steps);
             opt.set_lr_group(0, recipe.head_learning_rate * factor);
-            opt.set_lr_group(1, recipe.learning_rate * factor);
+            if !lora_vars.is_empty() {
+                opt.set_lr_group(1, recipe.learning_rate * factor);
+            }
             let idx = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(device);
             let batch: Vec<Tensor> = train_inputs.iter().map(|t| t.index_select(0, &idx)).collect();
             let loss = weighted_loss(&logits_of(&embed(&batch, &lora_vars)?, true), &idx);

@@ -764,7 +764,16 @@ async fn gate_and_promote(
     });
     adapter.manifest.metrics = metrics;
     adapter.manifest.decision = Some(json!({ "promote": decision.promote, "summary": decision.summary, "checks": decision.checks, "trigger": trigger }));
-    let mut event = ctx.events.emit("gate_decision", task, record.clone());
+    // The event carries the decision and its figures; the journal also keeps the loss curve.
+    let mut published = record.clone();
+    if let Some(training) = published.get_mut("training").and_then(|t| t.as_object_mut()) {
+        training.remove("losses");
+        training.remove("epochs");
+    }
+    let mut event = ctx.events.emit("gate_decision", task, published);
+    if let (Some(e), Some(training)) = (event.as_object_mut(), record.get("training")) {
+        e.insert("training".into(), training.clone());
+    }
     if decision.promote {
         let registry = ctx.registry.clone();
         let promoted = tokio::task::spawn_blocking(move || {

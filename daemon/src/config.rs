@@ -276,7 +276,7 @@ impl Config {
         if t.lora_rank == 0 {
             return invalid("training.lora_rank", "must be at least 1 (and at most the bundle's rank_max)");
         }
-        if !(t.lora_alpha > 0.0) {
+        if t.lora_alpha.is_nan() || t.lora_alpha <= 0.0 {
             return invalid("training.lora_alpha", "must be positive");
         }
         for (key, v) in [("training.learning_rate", t.learning_rate), ("training.head_learning_rate", t.head_learning_rate)] {

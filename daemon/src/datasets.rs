@@ -23,6 +23,8 @@ pub struct Digits {
     pub labels: Vec<i64>,
     /// True for the samples the base model was pre-trained on (the source domain).
     pub pretrain: Vec<bool>,
+    /// True for the samples the digits bundle ships as its retention set.
+    pub retention: Vec<bool>,
 }
 
 pub const DIGIT_SIDE: usize = 8;
@@ -60,7 +62,12 @@ impl Digits {
         let pixels = f32s_from_le(images.data());
         let labels = i64s_from_le(labels.data());
         let pretrain = pretrain.data().iter().map(|&b| b != 0).collect();
-        Ok(Digits { pixels, labels, pretrain })
+        let retention = match st.tensor("retention") {
+            Ok(t) if t.dtype() == Dtype::U8 && t.shape() == [n] => t.data().iter().map(|&b| b != 0).collect(),
+            Ok(t) => return Err(fmt(format!("tensor \"retention\" is {:?} {:?}, expected U8 [{n}]", t.dtype(), t.shape()))),
+            Err(_) => vec![false; n],
+        };
+        Ok(Digits { pixels, labels, pretrain, retention })
     }
 
     pub fn len(&self) -> usize {
@@ -71,9 +78,10 @@ impl Digits {
         self.labels.is_empty()
     }
 
-    /// Indices of the samples the base model never saw.
+    /// Indices of the samples the base model never saw (nor the bundle's retention set holds):
+    /// the pool adaptation tasks draw from.
     pub fn held_out(&self) -> Vec<usize> {
-        (0..self.len()).filter(|&i| !self.pretrain[i]).collect()
+        (0..self.len()).filter(|&i| !self.pretrain[i] && !self.retention[i]).collect()
     }
 
     /// One image under `shift`, as 64 values.

@@ -38,6 +38,8 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+const MAX_EVENT_BYTES: usize = 256 * 1024;
+
 /// Publish events until `shutdown`; with no broker, drain them (they are in the log already).
 pub async fn publish(mut rx: mpsc::UnboundedReceiver<Value>, broker: Option<(String, u16)>, client_id: String, topic: String, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
@@ -51,6 +53,8 @@ pub async fn publish(mut rx: mpsc::UnboundedReceiver<Value>, broker: Option<(Str
     };
     let mut options = MqttOptions::new(client_id, host, port);
     options.set_keep_alive(Duration::from_secs(30));
+    // rumqttc's default 10 KiB limit would drop a decision with per-class figures for many labels.
+    options.set_max_packet_size(MAX_EVENT_BYTES, MAX_EVENT_BYTES);
     let (client, mut connection) = AsyncClient::new(options, 256);
     let poller = tokio::spawn(async move {
         loop {

@@ -1,6 +1,7 @@
 //! adaptd's integration tests: one binary, real runtimes (ONNX Runtime, libtorch), the real
 //! reference bundles and data that `make setup` builds.
 
+mod adapt;
 mod adapters;
 mod api;
 mod broker;

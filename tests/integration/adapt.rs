@@ -1,0 +1,204 @@
+//! The whole loop through a real broker: labelled samples from a shifted domain arrive over
+//! MQTT, the scheduler starts a job, libtorch trains a head on embeddings the engine cached, the
+//! gate evaluates the candidate through the engine and promotes it, the engine serves it; an
+//! operator rolls it back. Also: a task with too few samples is deferred with its reason.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use adaptd::datasets::{Digits, Shift};
+use adaptd::serve::ServeConfig;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::broker::Mosquitto;
+use crate::{digits_data, reference_bundle};
+
+fn sample_line(key: &str, task: &str, label: i64, pixels: &[f32]) -> String {
+    let data: Vec<String> = pixels.iter().map(|v| format!("{v:.4}")).collect();
+    format!("{{\"key\": \"{key}\", \"task\": \"{task}\", \"label\": \"{label}\", \"input\": {{\"shape\": [1, 1, 8, 8], \"data\": [{}]}}}}", data.join(","))
+}
+
+fn publish(port: u16, topic: &str, lines: &[String]) {
+    let mut p = Command::new("mosquitto_pub").args(["-p", &port.to_string(), "-q", "1", "-t", topic, "-l"]).stdin(Stdio::piped()).spawn().unwrap();
+    p.stdin.take().unwrap().write_all((lines.join("\n") + "\n").as_bytes()).unwrap();
+    assert!(p.wait().unwrap().success());
+}
+
+fn http(method: &str, url: &str) -> (u16, Value) {
+    let out = Command::new("curl").args(["-s", "-X", method, "-w", "\n%{http_code}", url]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// Events published on the daemon's events topic, collected by `mosquitto_sub` into a file.
+struct EventLog {
+    child: std::process::Child,
+    path: std::path::PathBuf,
+}
+
+impl EventLog {
+    fn start(port: u16, dir: &std::path::Path) -> EventLog {
+        let path = dir.join("events.jsonl");
+        let file = std::fs::File::create(&path).unwrap();
+        let child = Command::new("mosquitto_sub").args(["-p", &port.to_string(), "-t", "adaptd/v1/+/events"]).stdout(file).spawn().unwrap();
+        EventLog { child, path }
+    }
+
+    fn events(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
+    fn wait_for(&self, kind: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.events().into_iter().find(|e| e["type"] == kind) {
+                return e;
+            }
+            if let Some(failed) = self.events().into_iter().find(|e| e["type"] == "training_failed") {
+                panic!("waiting for {kind:?}: {failed}");
+            }
+            assert!(Instant::now() < deadline, "no {kind:?} event in {timeout:?}; saw {:?}", self.events().iter().map(|e| e["type"].clone()).collect::<Vec<_>>());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for EventLog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[allow(clippy::field_reassign_with_default)] // reads as "the defaults, except"
+fn daemon_config(port: u16, state: &std::path::Path, task: &str, min_new_samples: u64) -> ServeConfig {
+    let mut config = adaptd::config::Config::default();
+    config.bundle = reference_bundle("digits-cnn");
+    config.state_dir = state.to_path_buf();
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    config.mqtt.host = "127.0.0.1".into();
+    config.mqtt.port = port;
+    config.mqtt.device_id = "robot-3".into();
+    config.ingest.tasks = vec![task.into()];
+    config.schedule.min_new_samples = min_new_samples;
+    config.schedule.tick_ms = 100;
+    config.schedule.cooldown_s = 1;
+    config.schedule.max_cpu_percent = 100.0;
+    config.schedule.min_available_mb = 0;
+    config.training.max_epochs = 30;
+    // LoRA on conv2/fc1 learns the new domain while replay keeps the old one; a head alone on
+    // the frozen embedding cannot serve both orientations (the gate refuses it on retention).
+    config.training.adapter = adaptd::config::AdapterChoice::Lora;
+    config.training.replay_fraction = 0.5;
+    config.training.learning_rate = 2e-3;
+    // A robot whose camera now hangs sideways for good: trade some upright accuracy (measured
+    // about 0.99 -> 0.83 with this recipe) for the new domain, within a stated bound.
+    config.gate.max_retention_drop = 0.25;
+    ServeConfig::from_config(&config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rolls_back() {
+    let broker = Mosquitto::start();
+    let state = tempfile::tempdir().unwrap();
+    let events = EventLog::start(broker.port, state.path());
+    let config = daemon_config(broker.port, state.path(), "sorter", 300);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (bound_tx, bound_rx) = oneshot::channel();
+    let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
+    let base = format!("http://{}", bound_rx.await.unwrap());
+
+    // Robots whose cameras are mounted sideways: rotated digits the base model never saw.
+    let digits = Digits::load(&digits_data()).unwrap();
+    let pool = digits.held_out();
+    let lines: Vec<String> = pool.iter().take(360).map(|&i| sample_line(&format!("cam-3:{i}"), "sorter", digits.labels[i], &digits.image(i, Shift::Rotate90))).collect();
+    let port = broker.port;
+    let url = base.clone();
+    let (status, promoted, decision, events) = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(500)); // ingest subscribes
+        publish(port, "adaptd/v1/robot-3/samples/sorter", &lines);
+        let started = events.wait_for("training_started", Duration::from_secs(60));
+        assert_eq!(started["trigger"], "new_samples");
+        let decision = events.wait_for("gate_decision", Duration::from_secs(120));
+        assert_eq!(decision["promote"], true, "{}", decision["summary"]);
+        let promoted = events.wait_for("promoted", Duration::from_secs(10));
+        let (_, status) = http("GET", &format!("{url}/v1/tasks/sorter/status"));
+        assert!(events.events().iter().any(|e| e["type"] == "training_progress"), "progress is published");
+        (status, promoted, decision, events)
+    })
+    .await
+    .unwrap();
+
+    // The gate's figures: the adapted head beats the base on holdout samples it never trained
+    // on, by a wide margin on this shift, and base-domain accuracy held.
+    let evidence = &decision["evidence"];
+    let (cand, inc) = (evidence["candidate"]["accuracy"].as_f64().unwrap(), evidence["incumbent"]["accuracy"].as_f64().unwrap());
+    assert!(cand > inc + 0.2, "holdout accuracy {inc} -> {cand}");
+    let retention = evidence["retention"].as_array().expect("digits ship a retention set");
+    assert!(retention[1].as_f64().unwrap() >= retention[0].as_f64().unwrap() - 0.25, "retention {retention:?}");
+    assert!(decision["checks"].as_array().unwrap().iter().all(|c| c["passed"] == true), "{decision}");
+    assert!(evidence["parity_max_diff"].as_f64().unwrap() < 1e-3);
+    assert_eq!(promoted["version"], 1);
+    assert_eq!(status["serving_version"], 1);
+    assert_eq!(status["jobs"]["promoted"], 1);
+
+    // The decision is kept with the adapter, and in the journal.
+    let manifest: Value = serde_json::from_slice(&std::fs::read(state.path().join("adapters/sorter/v000001/adapter.json")).unwrap()).unwrap();
+    assert_eq!(manifest["decision"]["promote"], true);
+    assert!(manifest["metrics"]["holdout_accuracy"].as_f64().unwrap() > 0.8);
+    let journal = std::fs::read_to_string(state.path().join("journal/sorter.jsonl")).unwrap();
+    let job: Value = serde_json::from_str(journal.lines().next().unwrap()).unwrap();
+    assert!(job["training"]["losses"].as_array().unwrap().len() > 10, "loss curve kept");
+
+    // An operator rolls back; the base serves again, and says so.
+    let url = base.clone();
+    let (code, answer) = tokio::task::spawn_blocking(move || http("POST", &format!("{url}/v1/tasks/sorter/rollback"))).await.unwrap();
+    assert_eq!(code, 200, "{answer}");
+    assert!(answer["message"].as_str().unwrap().contains("from v1 to v0"), "{answer}");
+    let rolled = tokio::task::spawn_blocking(move || events.wait_for("rolled_back", Duration::from_secs(10))).await.unwrap();
+    assert_eq!(rolled["to_version"], 0);
+    let (_, status) = http("GET", &format!("{base}/v1/tasks/sorter/status"));
+    assert_eq!(status["serving_version"], 0);
+    let (code, _) = http("POST", &format!("{base}/v1/tasks/nobody/rollback"));
+    assert_eq!(code, 409);
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("shuts down in time").unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_with_too_few_samples_is_deferred_with_its_reason() {
+    let broker = Mosquitto::start();
+    let state = tempfile::tempdir().unwrap();
+    let events = EventLog::start(broker.port, state.path());
+    let config = daemon_config(broker.port, state.path(), "tiny", 1_000);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (bound_tx, bound_rx) = oneshot::channel();
+    let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
+    let base = format!("http://{}", bound_rx.await.unwrap());
+    let digits = Digits::load(&digits_data()).unwrap();
+    let lines: Vec<String> = digits.held_out().iter().take(8).map(|&i| sample_line(&format!("t:{i}"), "tiny", digits.labels[i], &digits.image(i, Shift::Invert))).collect();
+    let port = broker.port;
+    let deferred = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        publish(port, "adaptd/v1/robot-3/samples/tiny", &lines);
+        std::thread::sleep(Duration::from_millis(500));
+        // An operator asks for a job now: it starts, and is deferred for want of samples.
+        let (code, answer) = http("POST", &format!("{base}/v1/tasks/tiny/train"));
+        assert_eq!(code, 200, "{answer}");
+        let deferred = events.wait_for("training_deferred", Duration::from_secs(20));
+        let (_, status) = http("GET", &format!("{base}/v1/tasks/tiny/status"));
+        assert_eq!(status["jobs"]["deferred"], 1, "{status}");
+        assert_eq!(status["serving_version"], 0);
+        deferred
+    })
+    .await
+    .unwrap();
+    let reason = deferred["reason"].as_str().unwrap();
+    assert!(reason.contains("training samples") && reason.contains("20 needed"), "{reason}");
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("shuts down in time").unwrap().unwrap();
+}
