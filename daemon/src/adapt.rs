@@ -786,7 +786,7 @@ async fn gate_and_promote(
         ctx.events.emit("promoted", task, json!({ "version": promoted.version, "from_version": incumbent.version, "holdout_accuracy": evidence.candidate.accuracy, "incumbent_holdout_accuracy": evidence.incumbent.accuracy }));
     }
     if let Some(e) = event.as_object_mut() {
-        e.insert("type".into(), json!("job"));
+        e.insert("event".into(), json!("job"));
     }
     if let Err(e) = ctx.journal.append(task, &event) {
         tracing::warn!(task, error = %e, "could not write the journal");

@@ -22,9 +22,9 @@ impl Events {
         (Events { tx }, rx)
     }
 
-    /// Emit `{"type": kind, "task": task, "time_ms": …, …fields}`.
+    /// Emit `{"event": kind, "task": task, "time_ms": …, …fields}` (the shape ingest's refusals have too).
     pub fn emit(&self, kind: &str, task: &str, fields: Value) -> Value {
-        let mut event = json!({ "type": kind, "task": task, "time_ms": now_ms() });
+        let mut event = json!({ "event": kind, "task": task, "time_ms": now_ms() });
         if let (Some(e), Value::Object(f)) = (event.as_object_mut(), fields) {
             e.extend(f);
         }

@@ -54,13 +54,13 @@ impl EventLog {
     fn wait_for(&self, kind: &str, timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(e) = self.events().into_iter().find(|e| e["type"] == kind) {
+            if let Some(e) = self.events().into_iter().find(|e| e["event"] == kind) {
                 return e;
             }
-            if let Some(failed) = self.events().into_iter().find(|e| e["type"] == "training_failed") {
+            if let Some(failed) = self.events().into_iter().find(|e| e["event"] == "training_failed") {
                 panic!("waiting for {kind:?}: {failed}");
             }
-            assert!(Instant::now() < deadline, "no {kind:?} event in {timeout:?}; saw {:?}", self.events().iter().map(|e| e["type"].clone()).collect::<Vec<_>>());
+            assert!(Instant::now() < deadline, "no {kind:?} event in {timeout:?}; saw {:?}", self.events().iter().map(|e| e["event"].clone()).collect::<Vec<_>>());
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -126,7 +126,7 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
         assert_eq!(decision["promote"], true, "{}", decision["summary"]);
         let promoted = events.wait_for("promoted", Duration::from_secs(10));
         let (_, status) = http("GET", &format!("{url}/v1/tasks/sorter/status"));
-        assert!(events.events().iter().any(|e| e["type"] == "training_progress"), "progress is published");
+        assert!(events.events().iter().any(|e| e["event"] == "training_progress"), "progress is published");
         (status, promoted, decision, events)
     })
     .await
@@ -134,6 +134,7 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
 
     // The gate's figures: the adapted head beats the base on holdout samples it never trained
     // on, by a wide margin on this shift, and base-domain accuracy held.
+    eprintln!("gate: {}", decision["summary"]);
     let evidence = &decision["evidence"];
     let (cand, inc) = (evidence["candidate"]["accuracy"].as_f64().unwrap(), evidence["incumbent"]["accuracy"].as_f64().unwrap());
     assert!(cand > inc + 0.2, "holdout accuracy {inc} -> {cand}");
