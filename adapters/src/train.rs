@@ -512,8 +512,7 @@ pub fn fit(
         }
         let improved = best.as_ref().is_none_or(|(b, _, _)| val_loss < *b);
         if improved {
-            let params = std::iter::once(&head_w).chain([&head_b]).chain(lora_vars.iter().flat_map(|(a, b)| [a, b])).map(|t| t.detach().copy()).collect();
-            best = Some((val_loss, epoch, params));
+            best = Some((val_loss, epoch, snapshot_params(&head_w, &head_b, &lora_vars)));
         } else if recipe.patience > 0 && best.as_ref().is_some_and(|(_, e, _)| epoch - e >= recipe.patience) {
             stopped_early = true;
             break;
@@ -523,7 +522,7 @@ pub fn fit(
     let last_epoch = epochs.len() - 1;
     let (best_epoch, params): (usize, Vec<Tensor>) = match best {
         Some((_, e, p)) => (e, p),
-        None => (last_epoch, std::iter::once(&head_w).chain([&head_b]).chain(lora_vars.iter().flat_map(|(a, b)| [a, b])).map(|t| t.detach().copy()).collect()),
+        None => (last_epoch, snapshot_params(&head_w, &head_b, &lora_vars)),
     };
     let head = Head { layers: vec![Dense { weight: to_host(&params[0])?, bias: to_host(&params[1])? }] };
     let lora = match &lora_spec {
@@ -556,6 +555,11 @@ pub fn fit(
         base_unchanged,
         losses,
     })
+}
+
+/// Copies of everything trained, in the order [head weight, head bias, A_0, B_0, A_1, ...].
+fn snapshot_params(head_w: &Tensor, head_b: &Tensor, lora_vars: &[(Tensor, Tensor)]) -> Vec<Tensor> {
+    [head_w, head_b].into_iter().chain(lora_vars.iter().flat_map(|(a, b)| [a, b])).map(|t| t.detach().copy()).collect()
 }
 
 /// One epoch's sample order: a shuffle, or (class-balanced) a draw with replacement where each

@@ -18,13 +18,13 @@ use std::time::Duration;
 use adaptd_adapters::bundle::{Bundle, RetentionSet};
 use adaptd_adapters::files::{ADAPTER_FORMAT, Adapter, AdapterKind, AdapterManifest, BaseRef, LoraInfo, SampleCounts};
 use adaptd_adapters::head::{Head, grow_linear};
-use adaptd_adapters::tensor::{HostData, HostTensor};
-use adaptd_adapters::train::{Examples, FitReport, Progress, Recipe};
+use adaptd_adapters::tensor::HostTensor;
+use adaptd_adapters::train::{Examples, FitReport, Recipe};
 use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::engine::{EngineHandle, Prediction};
+use crate::engine::{EngineHandle, Prediction, concat_inputs};
 use crate::events::{Events, Journal, now_ms};
 use crate::gate::{self, Evidence, GateConfig};
 use crate::preprocess::TextEncoder;
@@ -296,17 +296,12 @@ pub fn model_inputs(text: Option<&TextEncoder>, samples: &[&StoredSample]) -> Re
             SampleInput::Text(_) => Err(format!("sample {:?} holds text; the bundle takes tensors", s.sample.key)),
         })
         .collect::<Result<_, _>>()?;
-    let mut shape = tensors[0].shape.clone();
-    shape[0] = tensors.iter().map(|t| t.shape[0]).sum();
-    let data = match &tensors[0].data {
-        HostData::F32(_) => HostData::F32(tensors.iter().flat_map(|t| t.as_f32().unwrap_or_default().iter().copied()).collect()),
-        HostData::I64(_) => HostData::I64(tensors.iter().flat_map(|t| t.as_i64().unwrap_or_default().iter().copied()).collect()),
-    };
-    let tensor = HostTensor { shape, data };
-    if tensor.len() != tensor.shape.iter().product::<usize>() {
+    let stacked = concat_inputs(tensors.iter().map(|t| std::slice::from_ref(*t)));
+    // A bundle with a dynamic non-batch axis may hold samples that do not stack.
+    if stacked.iter().any(|t| t.len() != t.shape.iter().product::<usize>()) {
         return Err("samples of different shapes".into());
     }
-    Ok(vec![tensor])
+    Ok(stacked)
 }
 
 const EVAL_CHUNK: usize = 64;
@@ -509,23 +504,16 @@ fn prepare(ctx: &Context, config: &AdaptConfig, store: &SampleStore, incumbent: 
             let mut inputs = model_inputs(ctx.text.as_deref(), &train)?;
             if !replay_rows.is_empty() && ctx.text.is_none() {
                 let rows: Vec<usize> = replay_rows.iter().map(|&(i, _)| i).collect();
-                for (t, extra) in inputs.iter_mut().zip(replay.select(&rows).inputs) {
-                    t.shape[0] += extra.shape[0];
-                    match (&mut t.data, extra.data) {
-                        (HostData::F32(a), HostData::F32(b)) => a.extend(b),
-                        (HostData::I64(a), HostData::I64(b)) => a.extend(b),
-                        _ => return Err("retention inputs do not match the samples' dtype".into()),
-                    }
-                }
+                let extra = replay.select(&rows).inputs;
+                inputs = concat_inputs([inputs.as_slice(), extra.as_slice()].into_iter());
                 for &(_, c) in &replay_rows {
                     train_ex.labels.push(c);
                     train_ex.weights.push(1.0);
                 }
             }
             train_ex.inputs = inputs;
-            val_ex.inputs = if validation.is_empty() { Vec::new() } else { model_inputs(ctx.text.as_deref(), &validation)? };
-            if validation.is_empty() {
-                val_ex = Examples::default();
+            if !validation.is_empty() {
+                val_ex.inputs = model_inputs(ctx.text.as_deref(), &validation)?;
             }
         }
     }
@@ -574,7 +562,6 @@ async fn run_job(
         Err(e) => return JobResult::Failed(e.to_string()),
     };
     let mut last_progress = std::time::Instant::now();
-    let mut latest: Option<Progress> = None;
     let mut ticker = tokio::time::interval(config.tick);
     let report = loop {
         tokio::select! {
@@ -584,15 +571,14 @@ async fn run_job(
                 ctx.events.emit("training_cancelled", task, json!({ "version": version, "reason": "shutting down; the candidate is discarded" }));
                 return JobResult::ShutDown;
             }
-            p = handle.progress.recv() => if let Some(p) = p {
-                if last_progress.elapsed() >= Duration::from_millis(500) || p.step == p.total_steps {
-                    last_progress = std::time::Instant::now();
-                    let elapsed = started.elapsed().as_secs_f64();
-                    let eta = elapsed / p.step.max(1) as f64 * (p.total_steps - p.step) as f64;
-                    ctx.events.emit("training_progress", task, json!({ "version": version, "epoch": p.epoch + 1, "epochs": p.max_epochs, "step": p.step, "steps": p.total_steps, "loss": p.loss, "eta_s": eta }));
-                    publish_status(status, task, scheduler, ctx, jobs, last_decision, Some((p.step, p.total_steps)));
-                }
-                latest = Some(p);
+            p = handle.progress.recv() => if let Some(p) = p
+                && (last_progress.elapsed() >= Duration::from_millis(500) || p.step == p.total_steps)
+            {
+                last_progress = std::time::Instant::now();
+                let elapsed = started.elapsed().as_secs_f64();
+                let eta = elapsed / p.step.max(1) as f64 * (p.total_steps - p.step) as f64;
+                ctx.events.emit("training_progress", task, json!({ "version": version, "epoch": p.epoch + 1, "epochs": p.max_epochs, "step": p.step, "steps": p.total_steps, "loss": p.loss, "eta_s": eta }));
+                publish_status(status, task, scheduler, ctx, jobs, last_decision, Some((p.step, p.total_steps)));
             },
             _ = ticker.tick() => {
                 match scheduler.observe(&Observation { now_ms: now_ms(), serving_p99_ms: ctx.engine.stats().recent_p99_ms(), ..Observation::default() }) {
@@ -619,7 +605,6 @@ async fn run_job(
             },
         }
     };
-    let _ = latest;
     scheduler.training_done();
     let seconds = started.elapsed().as_secs_f64();
     ctx.events.emit(
@@ -713,7 +698,8 @@ async fn gate_and_promote(
         (0.0, 0.0)
     } else {
         let inputs = model_inputs(ctx.text.as_deref(), &probe_rows)?;
-        let cand = ctx.engine.evaluate(candidate.clone(), inputs.clone()).await.map_err(|e| e.to_string())?;
+        // The probe rows are the first holdout rows: the candidate's answers are already in hand.
+        let cand = &cand_pred[..probe_rows.len()];
         let base = ctx.engine.evaluate(ctx.registry.base(task), inputs.clone()).await.map_err(|e| e.to_string())?;
         let mut change = 0.0f32;
         for (c, b) in cand.iter().zip(&base) {

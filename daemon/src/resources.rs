@@ -21,7 +21,7 @@ pub struct ResourceLimits {
 
 impl Default for ResourceLimits {
     fn default() -> Self {
-        ResourceLimits { max_cpu_percent: 90.0, min_available_mb: 512, max_temperature_c: 85.0, max_gpu_percent: 90.0, sysfs_root: PathBuf::from("/sys") }
+        ResourceLimits { max_cpu_percent: 95.0, min_available_mb: 512, max_temperature_c: 85.0, max_gpu_percent: 90.0, sysfs_root: PathBuf::from("/sys") }
     }
 }
 

@@ -176,7 +176,7 @@ impl Scheduler {
         if c.min_new_samples > 0 && o.new_samples >= c.min_new_samples {
             return Some(Trigger::NewSamples);
         }
-        if c.interval_ms > 0 && o.new_samples > 0 && self.last_job_ms.is_none_or(|t| o.now_ms >= t + c.interval_ms) && self.last_job_ms.is_some() {
+        if c.interval_ms > 0 && o.new_samples > 0 && self.last_job_ms.is_some_and(|t| o.now_ms >= t + c.interval_ms) {
             return Some(Trigger::Interval);
         }
         None
@@ -196,8 +196,7 @@ impl Scheduler {
                 self.state = State::Cooldown { until_ms: now_ms + self.config.cooldown_ms };
             }
             Outcome::Deferred(reason) => {
-                self.state = State::Collecting { waiting_for: reason.clone() };
-                // Try again after the cooldown, not on the next tick.
+                // Not a failure: try again after the cooldown, not on the next tick.
                 self.state = State::Backoff { until_ms: now_ms + self.config.cooldown_ms, failures: self.failures, reason: reason.clone() };
             }
             Outcome::Failed(reason) => {

@@ -416,7 +416,7 @@ fn run_batch(model: &mut OnnxModel, registry: &Registry, cache: &mut LoraCache, 
         let _span = tracing::debug_span!("batch", rows, requests = members.len(), lora = lora.key).entered();
         let outputs = cache
             .get(model, &lora)
-            .and_then(|values| model.run_prepared(concat_inputs(members.iter().map(|(r, _)| &r.inputs)), &values));
+            .and_then(|values| model.run_prepared(concat_inputs(members.iter().map(|(r, _)| r.inputs.as_slice())), &values));
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
         match outputs {
@@ -434,7 +434,7 @@ fn run_batch(model: &mut OnnxModel, registry: &Registry, cache: &mut LoraCache, 
 
 /// Concatenate requests along the batch axis; text inputs (i64 `[rows, seq]`) of different
 /// lengths are right-padded with zeros, which is both the pad token id and a masked position.
-fn concat_inputs<'a>(requests: impl Iterator<Item = &'a Vec<HostTensor>> + Clone) -> Vec<HostTensor> {
+pub fn concat_inputs<'a>(requests: impl Iterator<Item = &'a [HostTensor]> + Clone) -> Vec<HostTensor> {
     let first = requests.clone().next().expect("non-empty group");
     (0..first.len())
         .map(|i| {
