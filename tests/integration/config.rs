@@ -34,6 +34,14 @@ fn bad_files_name_the_key_and_say_what_is_allowed() {
         ("keep_versions = 5", "keep_versions = 0", "adapters.keep_versions"),
         ("topic_prefix = \"adaptd/v1\"", "topic_prefix = \"adaptd/#\"", "mqtt.topic_prefix"),
         ("listen = \"127.0.0.1:8080\"", "listen = \"localhost\"", "listen"),
+        ("lora_rank = 8", "lora_rank = 0", "training.lora_rank"),
+        ("learning_rate = 0.0005", "learning_rate = 3.0", "training.learning_rate"),
+        ("min_samples_per_class = 2", "min_samples_per_class = 1", "training.min_samples_per_class"),
+        ("replay_fraction = 0.2", "replay_fraction = 1.5", "training.replay_fraction"),
+        ("adapter = \"head\"", "adapter = \"full\"", "full"),
+        ("tick_ms = 1000", "tick_ms = 1", "schedule.tick_ms"),
+        ("rollback_drop = 0.05", "rollback_drop = 2.0", "gate.max_retention_drop"),
+        ("metric = \"accuracy\"", "metric = \"auc\"", "macro_f1"),
     ] {
         let err = parse(&DEFAULT_TOML.replace(from, to)).unwrap_err();
         assert!(err.contains(key), "{key}: {err}");
