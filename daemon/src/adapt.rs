@@ -109,6 +109,9 @@ pub struct Status {
     pub last_decision: Option<String>,
     /// Steps done / total of the running job.
     pub progress: Option<(usize, usize)>,
+    /// Labelled samples stored for the task, and how many arrived since the last job started.
+    pub samples: u64,
+    pub new_samples: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +201,8 @@ pub async fn run(ctx: Context, config: AdaptConfig, mut commands: mpsc::Receiver
             operator_request: operator_request.is_some(),
         };
         let action = scheduler.observe(&observation);
+        let stored = lock(&store).count_after(&task, 0)?;
+        status.send_modify(|s| (s.samples, s.new_samples) = (stored, observation.new_samples));
         publish_status(&status, &task, &scheduler, &ctx, &jobs, &last_decision, None);
         let Some(Action::Start(trigger)) = action else {
             if let Some(reply) = operator_request.take()
@@ -247,7 +252,10 @@ pub async fn run(ctx: Context, config: AdaptConfig, mut commands: mpsc::Receiver
 }
 
 fn publish_status(status: &watch::Sender<Status>, task: &str, scheduler: &Scheduler, ctx: &Context, jobs: &BTreeMap<String, u64>, last_decision: &Option<String>, progress: Option<(usize, usize)>) {
+    let (samples, new_samples) = { let s = status.borrow(); (s.samples, s.new_samples) };
     status.send_replace(Status {
+        samples,
+        new_samples,
         task: task.to_string(),
         scheduler: scheduler.state().clone(),
         serving_version: ctx.registry.current(task).map_or(0, |s| s.version),

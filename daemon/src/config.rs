@@ -71,6 +71,8 @@ pub struct MqttSection {
     pub port: u16,
     pub device_id: String,
     pub topic_prefix: String,
+    /// Answer inference requests over MQTT v5 (needs a v5 broker; the embedded one speaks 3.1.1).
+    pub inference_api: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -167,7 +169,7 @@ impl Default for Config {
             state_dir: PathBuf::from("/var/lib/adaptd"),
             engine: EngineSection { max_batch: 32, max_wait_ms: 0, queue_depth: 1024, intra_op_threads: 2, execution_provider: ExecutionProvider::Cpu, device_id: 0, fallback_to_cpu: false },
             http: HttpSection { listen: SocketAddr::from(([127, 0, 0, 1], 8080)), max_request_bytes: crate::api::DEFAULT_MAX_REQUEST_BYTES },
-            mqtt: MqttSection { host: String::new(), port: 1883, device_id: "adaptd".into(), topic_prefix: "adaptd/v1".into() },
+            mqtt: MqttSection { host: String::new(), port: 1883, device_id: "adaptd".into(), topic_prefix: "adaptd/v1".into(), inference_api: true },
             ingest: IngestSection { tasks: Vec::new(), max_batch: 256, max_payload_bytes: 1 << 20, validation_percent: 10, holdout_percent: 10 },
             adapters: AdaptersSection { keep_versions: 5 },
             training: TrainingSection {

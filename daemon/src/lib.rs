@@ -7,6 +7,7 @@
 //! - `preprocess`: client input (text, images, tensors) into model inputs.
 //! - `api`: the inference API over HTTP and MQTT v5 request/response.
 //! - `config`: the configuration file; unknown keys are errors.
+//! - `client`: a blocking client for a running daemon's HTTP API (the CLI's commands).
 //! - `broker`: the embedded MQTT broker (rumqttd) for the demo and broker-less devices.
 //! - `ingest`: labelled samples over MQTT, acked only once durable.
 //! - `samples`: the durable, deduplicated sample store (SQLite, WAL) with stable splits.
@@ -15,6 +16,8 @@
 //! - `gate`: whether a candidate is promoted, with the figures.
 //! - `adapt`: the loop that ties store, scheduler, trainer, gate and registry together.
 //! - `serve`: the serving process: engine, registry and APIs until shutdown.
+//! - `report`: the HTML report of what the loop did (charts from the journal).
+//! - `demo`: the one-command demo: a simulated fleet teaches the daemon a shifted domain.
 //! - `parity`: proof that the serving and training graphs compute the same function.
 //! - `datasets`: the reference data shipped with the reference bundles.
 //! - `paths`: where the set-up step put bundles and data.
@@ -23,8 +26,10 @@
 pub mod adapt;
 pub mod api;
 pub mod broker;
+pub mod client;
 pub mod config;
 pub mod datasets;
+pub mod demo;
 pub mod engine;
 pub mod events;
 pub mod gate;
@@ -33,6 +38,7 @@ pub mod parity;
 pub mod paths;
 pub mod preprocess;
 pub mod registry;
+pub mod report;
 pub mod resources;
 pub mod samples;
 pub mod scheduler;

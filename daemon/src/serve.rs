@@ -30,6 +30,8 @@ pub struct ServeConfig {
     pub http: SocketAddr,
     /// `host:port` of an MQTT broker for the MQTT API; none: HTTP only.
     pub mqtt: Option<(String, u16)>,
+    /// Serve inference over MQTT too (MQTT v5 request/response).
+    pub mqtt_api: bool,
     pub device_id: String,
     pub topic_prefix: String,
     pub engine: EngineConfig,
@@ -56,6 +58,7 @@ impl ServeConfig {
             state_dir: config.state_dir.clone(),
             http: config.http.listen,
             mqtt: (!config.mqtt.host.is_empty()).then(|| (config.mqtt.host.clone(), config.mqtt.port)),
+            mqtt_api: config.mqtt.inference_api,
             device_id: config.mqtt.device_id.clone(),
             topic_prefix: config.mqtt.topic_prefix.clone(),
             engine: config.engine_config(),
@@ -147,6 +150,8 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
                 jobs: BTreeMap::new(),
                 last_decision: None,
                 progress: None,
+                samples: 0,
+                new_samples: 0,
             });
             control.insert(adapt_config.task.clone(), TaskControl { commands: commands_tx, status: status_rx });
             adapt_tasks.push(tokio::spawn(adapt::run(context.clone(), adapt_config.clone(), commands_rx, status_tx, stopped(stop_rx.clone()))));
@@ -161,7 +166,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
         let _ = tx.send(addr);
     }
     let http_task = tokio::spawn(http::serve(listener, api.clone(), stopped(stop_rx.clone())));
-    let mqtt_task = config.mqtt.clone().map(|(host, port)| {
+    let mqtt_task = config.mqtt.clone().filter(|_| config.mqtt_api).map(|(host, port)| {
         let mqtt_config = MqttApiConfig { host, port, client_id: format!("adaptd-{}", config.device_id), topic_prefix: config.topic_prefix.clone(), device_id: config.device_id.clone() };
         tokio::spawn(mqtt::run(api.clone(), mqtt_config, stopped(stop_rx.clone())))
     });

@@ -1,0 +1,397 @@
+//! The HTML report: what the adaptation loop did, drawn from the per-task journal. Accuracy per
+//! adapter version, loss curves, per-class recall and every gate decision with its figures.
+//! One self-contained file (inline SVG, no scripts, no network), so it opens on an air-gapped
+//! laptop as well as it does on the device.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::events::Journal;
+
+/// A named line on a chart: `(x, y)` points.
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Accuracy that someone measured outside the gate (the demo's fixed evaluation sets), per
+/// adapter version; drawn next to the gate's holdout figures.
+#[derive(Debug, Clone, Default)]
+pub struct Measured {
+    pub title: String,
+    pub series: Vec<Series>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("journal of task {task:?}: {source}")]
+    Journal { task: String, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Dir { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Write(#[from] adaptd_adapters::fsutil::FsError),
+}
+
+/// One task's journal, read.
+#[derive(Debug, Clone)]
+pub struct TaskHistory {
+    pub task: String,
+    pub records: Vec<Value>,
+    pub unreadable_lines: usize,
+}
+
+impl TaskHistory {
+    pub fn read(journal: &Journal, task: &str) -> Result<TaskHistory, ReportError> {
+        let (records, unreadable_lines) = journal.read(task).map_err(|source| ReportError::Journal { task: task.into(), source })?;
+        Ok(TaskHistory { task: task.into(), records, unreadable_lines })
+    }
+
+    /// Every training job that reached the gate, oldest first.
+    pub fn jobs(&self) -> impl Iterator<Item = &Value> {
+        self.records.iter().filter(|r| r["event"] == "job")
+    }
+}
+
+/// Tasks that have a journal under `state_dir`, sorted.
+pub fn journal_tasks(state_dir: &Path) -> Vec<String> {
+    let mut tasks: Vec<String> = std::fs::read_dir(state_dir.join("journal"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".jsonl").map(str::to_string))
+        .collect();
+    tasks.sort();
+    tasks
+}
+
+/// Write the report for `histories` to `out` atomically (write, fsync, rename).
+pub fn write(out: &Path, title: &str, histories: &[TaskHistory], measured: Option<&Measured>) -> Result<(), ReportError> {
+    let html = render(title, histories, measured);
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| ReportError::Dir { path: dir.display().to_string(), source })?;
+    }
+    Ok(adaptd_adapters::fsutil::write_atomic(out, html.as_bytes())?)
+}
+
+pub fn render(title: &str, histories: &[TaskHistory], measured: Option<&Measured>) -> String {
+    let mut html = String::new();
+    let _ = write!(
+        html,
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{t}</title><style>{STYLE}</style></head><body>\n<h1>{t}</h1>\n",
+        t = escape(title)
+    );
+    if let Some(m) = measured.filter(|m| !m.series.is_empty()) {
+        let _ = write!(html, "<h2>{}</h2>\n{}", escape(&m.title), line_chart("adapter version", "accuracy", &m.series, Some((0.0, 1.0)), true));
+    }
+    for h in histories {
+        task_section(&mut html, h);
+    }
+    if histories.is_empty() {
+        html.push_str("<p>No task has a journal yet: no training job has reached the gate.</p>\n");
+    }
+    html.push_str("</body></html>\n");
+    html
+}
+
+fn task_section(html: &mut String, h: &TaskHistory) {
+    let _ = writeln!(html, "<h2>Task <code>{}</code></h2>", escape(&h.task));
+    let jobs: Vec<&Value> = h.jobs().collect();
+    if jobs.is_empty() {
+        html.push_str("<p>No training job has reached the gate yet.</p>\n");
+    }
+    if h.unreadable_lines > 0 {
+        let _ = writeln!(html, "<p class=\"warn\">{} unreadable journal line(s) skipped.</p>", h.unreadable_lines);
+    }
+    if !jobs.is_empty() {
+        let series_of = |name: &str, pick: &dyn Fn(&Value) -> Option<f64>| Series {
+            name: name.into(),
+            points: jobs.iter().filter_map(|j| Some((j["version"].as_f64()?, pick(j)?))).collect(),
+        };
+        let accuracy = [
+            series_of("candidate, holdout", &|j| j["evidence"]["candidate"]["accuracy"].as_f64()),
+            series_of("incumbent, holdout", &|j| j["evidence"]["incumbent"]["accuracy"].as_f64()),
+            series_of("candidate, base-domain retention", &|j| j["evidence"]["retention"][1].as_f64()),
+        ];
+        let accuracy: Vec<Series> = accuracy.into_iter().filter(|s| !s.points.is_empty()).collect();
+        html.push_str("<h3>Accuracy per adapter version (gate figures on samples the trainer never saw)</h3>\n");
+        html.push_str(&line_chart("candidate version", "accuracy", &accuracy, Some((0.0, 1.0)), true));
+
+        let steps: Vec<Series> = jobs
+            .iter()
+            .map(|j| Series {
+                name: format!("v{}", j["version"]),
+                points: j["training"]["losses"].as_array().into_iter().flatten().enumerate().filter_map(|(i, l)| Some((i as f64 + 1.0, l.as_f64()?))).collect(),
+            })
+            .filter(|s| !s.points.is_empty())
+            .collect();
+        let epochs: Vec<Series> = jobs
+            .iter()
+            .map(|j| Series {
+                name: format!("v{}", j["version"]),
+                points: j["training"]["epochs"].as_array().into_iter().flatten().filter_map(|e| Some((e["epoch"].as_f64()? + 1.0, e["val_loss"].as_f64()?))).collect(),
+            })
+            .filter(|s| !s.points.is_empty())
+            .collect();
+        html.push_str("<div class=\"row\"><div>\n<h3>Training loss per step</h3>\n");
+        html.push_str(&line_chart("step", "loss", &steps, None, false));
+        html.push_str("</div><div>\n<h3>Validation loss per epoch</h3>\n");
+        html.push_str(&line_chart("epoch", "loss", &epochs, None, true));
+        html.push_str("</div></div>\n");
+
+        if let Some(last) = jobs.iter().rev().find(|j| j["promote"] == true).or(jobs.last()) {
+            let recall = |who: &str| -> Vec<(String, f64)> {
+                last["evidence"][who]["per_class"].as_object().into_iter().flatten().filter_map(|(k, m)| Some((k.clone(), m["recall"].as_f64()?))).collect()
+            };
+            let _ = writeln!(html, "<h3>Per-class recall on the holdout: v{} against v{}</h3>", last["version"], last["incumbent_version"]);
+            html.push_str(&bar_chart(&[(format!("v{} (incumbent)", last["incumbent_version"]), recall("incumbent")), (format!("v{} (candidate)", last["version"]), recall("candidate"))]));
+        }
+    }
+    decisions_table(html, h);
+}
+
+fn decisions_table(html: &mut String, h: &TaskHistory) {
+    if h.records.is_empty() {
+        return;
+    }
+    html.push_str("<h3>Decisions</h3>\n<table><tr><th>when (UTC)</th><th>what</th><th>version</th><th>trigger</th><th>holdout accuracy</th><th>retention</th><th>training</th><th>why</th></tr>\n");
+    for r in &h.records {
+        let when = r["time_ms"].as_u64().map(format_utc).unwrap_or_default();
+        let pct = |v: &Value| v.as_f64().map(|x| format!("{:.1} %", 100.0 * x)).unwrap_or_else(|| "–".into());
+        let (what, class, version, trigger, accuracy, retention, training, why) = match r["event"].as_str() {
+            Some("job") => (
+                if r["promote"] == true { "promoted" } else { "rejected" }.to_string(),
+                if r["promote"] == true { "ok" } else { "no" },
+                format!("v{}", r["version"]),
+                r["trigger"].as_str().unwrap_or("").to_string(),
+                format!("{} → {}", pct(&r["evidence"]["incumbent"]["accuracy"]), pct(&r["evidence"]["candidate"]["accuracy"])),
+                format!("{} → {}", pct(&r["evidence"]["retention"][0]), pct(&r["evidence"]["retention"][1])),
+                format!(
+                    "{} {}, {} epochs in {:.1} s",
+                    r["kind"].as_str().unwrap_or(""),
+                    r["samples"]["train"].as_u64().map(|n| format!("on {n} samples")).unwrap_or_default(),
+                    r["training"]["epochs"].as_array().map_or(0, Vec::len),
+                    r["training"]["seconds"].as_f64().unwrap_or(0.0)
+                ),
+                r["summary"].as_str().unwrap_or("").to_string(),
+            ),
+            Some("rolled_back") => (
+                "rolled back".into(),
+                "warn",
+                format!("v{} → v{}", r["from_version"], r["to_version"]),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                r["reason"].as_str().unwrap_or("").to_string(),
+            ),
+            Some(other) => (other.replace('_', " "), "no", r["version"].as_u64().map(|v| format!("v{v}")).unwrap_or_default(), String::new(), String::new(), String::new(), String::new(), r["reason"].as_str().unwrap_or("").to_string()),
+            None => continue,
+        };
+        let _ = writeln!(
+            html,
+            "<tr><td>{}</td><td class=\"{class}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            escape(&when),
+            escape(&what),
+            escape(&version),
+            escape(&trigger),
+            escape(&accuracy),
+            escape(&retention),
+            escape(&training),
+            escape(&why)
+        );
+    }
+    html.push_str("</table>\n");
+}
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1100px}\
+h2{border-bottom:1px solid #ccc;padding-bottom:.2em}table{border-collapse:collapse;font-size:.9em}\
+td,th{border:1px solid #ddd;padding:.3em .5em;text-align:left;vertical-align:top}\
+.ok{color:#1a7f37;font-weight:600}.no{color:#b42318;font-weight:600}.warn{color:#9a6700;font-weight:600}\
+.row{display:flex;gap:2em;flex-wrap:wrap}svg{background:#fff}";
+
+const COLORS: [&str; 8] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
+const WIDTH: f64 = 520.0;
+const HEIGHT: f64 = 300.0;
+const MARGIN: (f64, f64, f64, f64) = (50.0, 20.0, 20.0, 40.0); // left, right, top, bottom
+
+/// An SVG line chart; `y_range` fixes the axis (accuracy), otherwise it fits the data.
+pub fn line_chart(x_label: &str, y_label: &str, series: &[Series], y_range: Option<(f64, f64)>, markers: bool) -> String {
+    let points = series.iter().flat_map(|s| s.points.iter()).filter(|(x, y)| x.is_finite() && y.is_finite());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
+    for &(x, y) in points {
+        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+    }
+    if !x0.is_finite() {
+        return "<p>(no data)</p>\n".into();
+    }
+    if let Some((lo, hi)) = y_range {
+        (y0, y1) = (lo.min(y0), hi.max(y1));
+    } else {
+        y0 = y0.min(0.0);
+    }
+    if x1 == x0 {
+        (x0, x1) = (x0 - 1.0, x1 + 1.0);
+    }
+    if y1 == y0 {
+        y1 = y0 + 1.0;
+    }
+    let (l, r, t, b) = MARGIN;
+    let sx = |x: f64| l + (x - x0) / (x1 - x0) * (WIDTH - l - r);
+    let sy = |y: f64| HEIGHT - b - (y - y0) / (y1 - y0) * (HEIGHT - t - b);
+    let mut svg = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{}\" font-size=\"11\">\n", HEIGHT + 18.0 * series.len() as f64);
+    for i in 0..=4 {
+        let y = y0 + (y1 - y0) * i as f64 / 4.0;
+        let py = sy(y);
+        let _ = writeln!(svg, "<line x1=\"{l}\" x2=\"{}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>", WIDTH - r, l - 4.0, py + 4.0, tick(y));
+    }
+    // Versions, steps and epochs are whole numbers: tick them as such.
+    let whole = series.iter().flat_map(|s| s.points.iter()).all(|(x, _)| x.fract() == 0.0);
+    let x_ticks: Vec<f64> = if whole {
+        let step = ((x1 - x0) / 6.0).ceil().max(1.0);
+        (0..).map(|i| x0.ceil() + step * i as f64).take_while(|&x| x <= x1).collect()
+    } else {
+        (0..=4).map(|i| x0 + (x1 - x0) * i as f64 / 4.0).collect()
+    };
+    for x in x_ticks {
+        let _ = writeln!(svg, "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>", sx(x), HEIGHT - b + 14.0, tick(x));
+    }
+    let _ = writeln!(
+        svg,
+        "<line x1=\"{l}\" x2=\"{l}\" y1=\"{t}\" y2=\"{}\" stroke=\"#444\"/><line x1=\"{l}\" x2=\"{}\" y1=\"{y}\" y2=\"{y}\" stroke=\"#444\"/>\
+<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text><text x=\"12\" y=\"{}\" transform=\"rotate(-90 12 {})\" text-anchor=\"middle\">{}</text>",
+        HEIGHT - b,
+        WIDTH - r,
+        (l + WIDTH - r) / 2.0,
+        HEIGHT - b + 30.0,
+        escape(x_label),
+        (t + HEIGHT - b) / 2.0,
+        (t + HEIGHT - b) / 2.0,
+        escape(y_label),
+        y = HEIGHT - b
+    );
+    for (i, s) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let path: Vec<String> = s.points.iter().filter(|(x, y)| x.is_finite() && y.is_finite()).map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
+        let _ = writeln!(svg, "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.8\" points=\"{}\"/>", path.join(" "));
+        if markers {
+            for &(x, y) in s.points.iter().filter(|(x, y)| x.is_finite() && y.is_finite()) {
+                let _ = writeln!(svg, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"{color}\"><title>{}: {}</title></circle>", sx(x), sy(y), escape(&s.name), tick(y));
+            }
+        }
+        let ly = HEIGHT + 18.0 * i as f64 + 4.0;
+        let _ = writeln!(svg, "<rect x=\"{l}\" y=\"{ly}\" width=\"12\" height=\"10\" fill=\"{color}\"/><text x=\"{}\" y=\"{}\">{}</text>", l + 18.0, ly + 9.0, escape(&s.name));
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// An SVG grouped bar chart of values in [0, 1] per category, one bar per group.
+pub fn bar_chart(groups: &[(String, Vec<(String, f64)>)]) -> String {
+    let mut categories: Vec<&str> = groups.iter().flat_map(|(_, v)| v.iter().map(|(c, _)| c.as_str())).collect();
+    categories.sort_by(|a, b| a.parse::<f64>().ok().zip(b.parse::<f64>().ok()).map_or_else(|| a.cmp(b), |(x, y)| x.total_cmp(&y)));
+    categories.dedup();
+    if categories.is_empty() {
+        return "<p>(no data)</p>\n".into();
+    }
+    let (l, r, t, b) = MARGIN;
+    let slot = (WIDTH - l - r) / categories.len() as f64;
+    let bar = (slot * 0.8) / groups.len().max(1) as f64;
+    let sy = |y: f64| HEIGHT - b - y.clamp(0.0, 1.0) * (HEIGHT - t - b);
+    let mut svg = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{}\" font-size=\"11\">\n", HEIGHT + 18.0 * groups.len() as f64);
+    for i in 0..=4 {
+        let y = i as f64 / 4.0;
+        let py = sy(y);
+        let _ = writeln!(svg, "<line x1=\"{l}\" x2=\"{}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>", WIDTH - r, l - 4.0, py + 4.0, tick(y));
+    }
+    for (ci, cat) in categories.iter().enumerate() {
+        let x = l + slot * ci as f64 + slot * 0.1;
+        for (gi, (name, values)) in groups.iter().enumerate() {
+            if let Some((_, v)) = values.iter().find(|(c, _)| c == cat) {
+                let _ = writeln!(
+                    svg,
+                    "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"><title>{} {}: {}</title></rect>",
+                    x + bar * gi as f64,
+                    sy(*v),
+                    bar,
+                    HEIGHT - b - sy(*v),
+                    COLORS[gi % COLORS.len()],
+                    escape(name),
+                    escape(cat),
+                    tick(*v)
+                );
+            }
+        }
+        let _ = writeln!(svg, "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>", l + slot * (ci as f64 + 0.5), HEIGHT - b + 14.0, escape(cat));
+    }
+    let _ = writeln!(svg, "<line x1=\"{l}\" x2=\"{}\" y1=\"{y}\" y2=\"{y}\" stroke=\"#444\"/>", WIDTH - r, y = HEIGHT - b);
+    for (gi, (name, _)) in groups.iter().enumerate() {
+        let ly = HEIGHT + 18.0 * gi as f64 - 10.0;
+        let _ = writeln!(svg, "<rect x=\"{l}\" y=\"{ly}\" width=\"12\" height=\"10\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{}</text>", COLORS[gi % COLORS.len()], l + 18.0, ly + 9.0, escape(name));
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn tick(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e6 { format!("{v:.0}") } else if v.abs() >= 10.0 { format!("{v:.1}") } else { format!("{v:.2}") }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// `YYYY-MM-DD HH:MM:SS` for milliseconds since the epoch (civil-from-days, proleptic Gregorian).
+fn format_utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn utc_dates_are_civil() {
+        assert_eq!(format_utc(0), "1970-01-01 00:00:00");
+        assert_eq!(format_utc(1_795_000_000_000), "2026-11-18 11:06:40");
+    }
+
+    #[test]
+    fn the_report_draws_every_job_and_decision() {
+        let job = |v: u64, promote: bool, acc: f64| {
+            json!({ "event": "job", "version": v, "incumbent_version": v - 1, "kind": "lora", "trigger": "new_samples", "promote": promote,
+                "summary": if promote { "promoted" } else { "rejected: <worse>" }, "time_ms": 1_795_000_000_000u64,
+                "evidence": { "candidate": { "accuracy": acc, "per_class": { "0": { "recall": 0.9 }, "1": { "recall": 0.8 } } },
+                              "incumbent": { "accuracy": 0.3, "per_class": { "0": { "recall": 0.2 }, "1": { "recall": 0.4 } } }, "retention": [0.99, 0.9] },
+                "samples": { "train": 200 }, "training": { "losses": [2.0, 1.0, 0.5], "epochs": [{ "epoch": 0, "val_loss": 1.2 }, { "epoch": 1, "val_loss": 0.7 }], "seconds": 2.5 } })
+        };
+        let history = TaskHistory {
+            task: "sorter".into(),
+            records: vec![job(1, true, 0.9), job(2, false, 0.85), json!({ "event": "rolled_back", "from_version": 1, "to_version": 0, "reason": "operator", "time_ms": 0 })],
+            unreadable_lines: 1,
+        };
+        let measured = Measured { title: "demo".into(), series: vec![Series { name: "rotated".into(), points: vec![(0.0, 0.2), (1.0, 0.9)] }] };
+        let html = render("adaptd <report>", &[history], Some(&measured));
+        assert!(html.contains("<title>adaptd &lt;report&gt;</title>"), "titles are escaped");
+        assert_eq!(html.matches("<svg").count(), 5, "measured, accuracy, step loss, epoch loss, per-class");
+        assert!(html.contains("rejected: &lt;worse&gt;") && html.contains("rolled back") && html.contains("90.0 %"));
+        assert!(html.contains("1 unreadable journal line"));
+        assert!(html.contains("v1 (candidate)"), "per-class bars compare the last promoted version");
+        let empty = render("r", &[], None);
+        assert!(empty.contains("No task has a journal yet") && !empty.contains("<svg"));
+    }
+}
