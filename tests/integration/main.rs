@@ -7,6 +7,7 @@ mod api;
 mod broker;
 mod bundles;
 mod config;
+mod demo;
 mod engine;
 mod ingest;
 mod registry;
