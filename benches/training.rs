@@ -1,0 +1,119 @@
+//! adaptd's side of `benches/compare_training.py`: the daemon's own training recipe
+//! (`adaptd_adapters::train::fit`, the function the trainer thread runs) on data the driver
+//! prepared, printing one JSON line. PEFT's side is `benches/peft_reference.py`; the driver runs
+//! both in turn, several times, and prints medians and ratios.
+//!
+//!   cargo bench -p adaptd --bench training -- throughput DATA --threads T --epochs E --rank R
+//!       LoRA (query/value) + head on the minilm bundle; samples/s and peak RSS.
+//!   cargo bench -p adaptd --bench training -- quality DATA --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
+//!       LoRA (conv2/fc1) + head on the digits-cnn bundle; accuracy on the test and retention sets.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
+
+use adaptd_adapters::head::{Dense, Head};
+use adaptd_adapters::train::{Examples, FitTarget, Recipe, Schedule, TrainingGraph, fit, memory};
+use adaptd_adapters::{Bundle, HostTensor};
+use safetensors::{Dtype, SafeTensors};
+
+fn tensor(st: &SafeTensors<'_>, name: &str) -> HostTensor {
+    let t = st.tensor(name).unwrap_or_else(|_| panic!("data file has no tensor {name:?}"));
+    let shape = t.shape().to_vec();
+    match t.dtype() {
+        Dtype::F32 => HostTensor::f32(shape, t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()).unwrap(),
+        Dtype::I64 => HostTensor::i64(shape, t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()).unwrap(),
+        other => panic!("{name}: unexpected dtype {other:?}"),
+    }
+}
+
+fn examples(st: &SafeTensors<'_>, inputs: &[&str], labels: &str) -> Examples {
+    let labels = tensor(st, labels).as_i64().expect("labels are i64").to_vec();
+    let weights = vec![1.0; labels.len()];
+    Examples { inputs: inputs.iter().map(|n| tensor(st, n)).collect(), labels, weights }
+}
+
+/// Accuracy of `graph` with `lora` and `head` on `examples`.
+fn accuracy(graph: &TrainingGraph, lora: &[HostTensor], head: &Head, ex: &Examples) -> f64 {
+    let m = graph.manifest();
+    let emb_index = m.output_index(&m.embedding_output).unwrap();
+    let outputs = graph.forward_host(&ex.inputs, lora).unwrap();
+    let emb = outputs[emb_index].as_f32().unwrap();
+    let logits = head.forward(emb, ex.len());
+    let classes = head.classes();
+    let correct = logits
+        .chunks_exact(classes)
+        .zip(&ex.labels)
+        .filter(|(row, label)| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as i64) == Some(**label))
+        .count();
+    correct as f64 / ex.len().max(1) as f64
+}
+
+fn main() {
+    let mut args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    if args.len() < 2 {
+        eprintln!("usage: training (throughput|quality) DATA [--threads T] [--epochs E] [--rank R] [--lr LR] [--head-lr LR]");
+        std::process::exit(2);
+    }
+    let (mode, data) = (args.remove(0), args.remove(0));
+    let opts: BTreeMap<String, String> = args.chunks(2).map(|c| (c[0].trim_start_matches("--").to_string(), c.get(1).cloned().unwrap_or_default())).collect();
+    let opt = |k: &str, d: &str| opts.get(k).cloned().unwrap_or_else(|| d.to_string());
+    let threads: i32 = opt("threads", "2").parse().unwrap();
+    let epochs: usize = opt("epochs", "3").parse().unwrap();
+    let rank: usize = opt("rank", "8").parse().unwrap();
+    tch::set_num_threads(threads);
+    tch::set_num_interop_threads(1);
+    let bytes = std::fs::read(&data).unwrap_or_else(|e| panic!("{data}: {e}"));
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    // The recipe both sides share: what the driver passes, no early stopping (the best epoch by
+    // validation loss is kept), no dropout and plain shuffling so PEFT's side can match it exactly.
+    let recipe = Recipe {
+        learning_rate: opt("lr", "5e-4").parse().unwrap(),
+        head_learning_rate: opt("head-lr", "5e-3").parse().unwrap(),
+        weight_decay: 0.01,
+        warmup_fraction: 0.1,
+        schedule: Schedule::Cosine,
+        max_epochs: epochs,
+        batch_size: 16,
+        patience: 0,
+        grad_clip: 1.0,
+        dropout: 0.0,
+        class_balanced: false,
+        head_only_epochs: 0,
+        memory_budget_bytes: None,
+        seed: opt("seed", "0").parse().unwrap(),
+    };
+    let cancel = AtomicBool::new(false);
+    match mode.as_str() {
+        "throughput" => {
+            let bundle = Bundle::open(adaptd::paths::reference_bundle("minilm")).unwrap();
+            let graph = TrainingGraph::load(&bundle, tch::Device::Cpu).unwrap();
+            let train = examples(&st, &["input_ids", "attention_mask"], "labels");
+            let head = Head { layers: vec![Dense { weight: tensor(&st, "head_weight"), bias: tensor(&st, "head_bias") }] };
+            let report = fit(FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32 }, &train, &Examples::default(), &head, &recipe, &cancel, &mut |_| {}).unwrap();
+            let out = serde_json::json!({
+                "side": "adaptd", "samples_per_second": report.samples_per_second, "steps": report.steps,
+                "peak_rss_bytes": memory::peak_rss(), "first_loss": report.losses.first(), "last_loss": report.losses.last(),
+            });
+            println!("{out}");
+        }
+        "quality" => {
+            let bundle = Bundle::open(adaptd::paths::reference_bundle("digits-cnn")).unwrap();
+            let graph = TrainingGraph::load(&bundle, tch::Device::Cpu).unwrap();
+            let base_head = bundle.base_head().unwrap().expect("digits-cnn ships its classifier");
+            let (train, val, test, retention) = (examples(&st, &["train_x"], "train_y"), examples(&st, &["val_x"], "val_y"), examples(&st, &["test_x"], "test_y"), examples(&st, &["retention_x"], "retention_y"));
+            let spec = &graph.manifest().lora;
+            let no_lora = adaptd_adapters::lora::no_adapter_inputs(spec);
+            let started = std::time::Instant::now();
+            let report = fit(FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32 }, &train, &val, &base_head, &recipe, &cancel, &mut |_| {}).unwrap();
+            let seconds = started.elapsed().as_secs_f64();
+            let lora = report.lora.as_ref().unwrap().graph_inputs(spec).unwrap();
+            let out = serde_json::json!({
+                "side": "adaptd",
+                "base": { "test": accuracy(&graph, &no_lora, &base_head, &test), "retention": accuracy(&graph, &no_lora, &base_head, &retention) },
+                "lora": { "test": accuracy(&graph, &lora, &report.head, &test), "retention": accuracy(&graph, &lora, &report.head, &retention), "best_epoch": report.best_epoch, "seconds": seconds },
+            });
+            println!("{out}");
+        }
+        other => panic!("unknown mode {other:?}"),
+    }
+}
