@@ -85,14 +85,16 @@ fn main() {
     let cancel = AtomicBool::new(false);
     match mode.as_str() {
         "throughput" => {
+            let rss_start = memory::rss();
             let bundle = Bundle::open(adaptd::paths::reference_bundle("minilm")).unwrap();
             let graph = TrainingGraph::load(&bundle, tch::Device::Cpu).unwrap();
+            let rss_loaded = memory::rss();
             let train = examples(&st, &["input_ids", "attention_mask"], "labels");
             let head = Head { layers: vec![Dense { weight: tensor(&st, "head_weight"), bias: tensor(&st, "head_bias") }] };
             let report = fit(FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32 }, &train, &Examples::default(), &head, &recipe, &cancel, &mut |_| {}).unwrap();
             let out = serde_json::json!({
                 "side": "adaptd", "samples_per_second": report.samples_per_second, "steps": report.steps,
-                "peak_rss_bytes": memory::peak_rss(), "first_loss": report.losses.first(), "last_loss": report.losses.last(),
+                "peak_rss_bytes": memory::peak_rss(), "rss_start_bytes": rss_start, "rss_loaded_bytes": rss_loaded, "first_loss": report.losses.first(), "last_loss": report.losses.last(),
             });
             println!("{out}");
         }

@@ -64,6 +64,11 @@ pub struct TrainingGraph {
 impl TrainingGraph {
     pub fn load(bundle: &Bundle, device: Device) -> Result<TrainingGraph, TrainError> {
         let path = bundle.training_graph_path();
+        // The profiling executor specialises the graph into differentiable subgraphs that keep
+        // extra copies of activations: measured on MiniLM LoRA (batch 16, seq 64), the legacy
+        // executor trains 1.2x faster at 0.57x the peak RSS. Process-wide, and only TorchScript
+        // (training) is affected; serving runs on ONNX Runtime.
+        tch::jit::set_profiling_mode(false);
         let mut module = CModule::load_on_device(&path, device)
             .map_err(|source| TrainError::Load { path: path.display().to_string(), source })?;
         module.set_eval();
@@ -111,15 +116,17 @@ impl TrainingGraph {
         self.forward(&inputs, &lora)?.iter().map(to_host).collect()
     }
 
-    /// Deep copies of the base parameters, to prove later that training left them untouched.
-    pub fn base_parameters(&self) -> Result<Vec<(String, Tensor)>, TrainError> {
-        Ok(self.module.named_parameters()?.into_iter().map(|(n, t)| (n, t.copy())).collect())
+    /// A SHA-256 of every base parameter's bytes, to prove later that training left them
+    /// untouched. A digest rather than a copy: a copy of MiniLM's base would add 90 MB to the
+    /// peak memory of every job.
+    pub fn base_parameters(&self) -> Result<Vec<(String, [u8; 32])>, TrainError> {
+        self.module.named_parameters()?.into_iter().map(|(n, t)| Ok((n, digest(&t)?))).collect()
     }
 
     /// True when every base parameter is bit-identical to `snapshot`.
-    pub fn base_unchanged(&self, snapshot: &[(String, Tensor)]) -> Result<bool, TrainError> {
-        let now = self.module.named_parameters()?;
-        Ok(now.len() == snapshot.len() && now.iter().zip(snapshot).all(|((na, a), (nb, b))| na == nb && a.equal(b)))
+    pub fn base_unchanged(&self, snapshot: &[(String, [u8; 32])]) -> Result<bool, TrainError> {
+        let now = self.base_parameters()?;
+        Ok(now == snapshot)
     }
 
     fn check_inputs(&self, inputs: &[HostTensor]) -> Result<(), TrainError> {
@@ -133,6 +140,20 @@ impl TrainingGraph {
         }
         Ok(())
     }
+}
+
+/// SHA-256 of a tensor's bytes in row-major order.
+fn digest(t: &Tensor) -> Result<[u8; 32], TrainError> {
+    use sha2::{Digest, Sha256};
+    let host = t.to_device(Device::Cpu).contiguous();
+    let bytes = host.numel() * host.kind().elt_size_in_bytes();
+    let mut hasher = Sha256::new();
+    if bytes > 0 {
+        // SAFETY: `host` is a contiguous CPU tensor of `bytes` bytes that outlives the slice.
+        let slice = unsafe { std::slice::from_raw_parts(host.data_ptr() as *const u8, bytes) };
+        hasher.update(slice);
+    }
+    Ok(hasher.finalize().into())
 }
 
 pub fn to_tensor(t: &HostTensor, device: Device) -> Tensor {

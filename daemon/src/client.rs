@@ -10,9 +10,9 @@ use serde_json::Value;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach adaptd at http://{addr}: {source} (is the daemon running? see `--http`)")]
+    #[error("cannot reach adaptd at http://{addr} (is the daemon running? see `--http`)")]
     Connect { addr: SocketAddr, source: std::io::Error },
-    #[error("http://{addr}{path}: {source}")]
+    #[error("http://{addr}{path}")]
     Io { addr: SocketAddr, path: String, source: std::io::Error },
     #[error("http://{addr}{path}: malformed response: {reason}")]
     Malformed { addr: SocketAddr, path: String, reason: String },

@@ -7,6 +7,7 @@
 //! - `preprocess`: client input (text, images, tensors) into model inputs.
 //! - `api`: the inference API over HTTP and MQTT v5 request/response.
 //! - `config`: the configuration file; unknown keys are errors.
+//! - `ops`: the CLI's operator commands (status, train, adapters) against a daemon or its state.
 //! - `client`: a blocking client for a running daemon's HTTP API (the CLI's commands).
 //! - `broker`: the embedded MQTT broker (rumqttd) for the demo and broker-less devices.
 //! - `ingest`: labelled samples over MQTT, acked only once durable.
@@ -34,6 +35,7 @@ pub mod engine;
 pub mod events;
 pub mod gate;
 pub mod ingest;
+pub mod ops;
 pub mod parity;
 pub mod paths;
 pub mod preprocess;

@@ -117,6 +117,98 @@ enum Command {
         #[command(subcommand)]
         command: BundleCommand,
     },
+    /// Show a running daemon's tasks: serving version, scheduler state, samples, jobs, last decision.
+    Status {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// Ask a running daemon to train a task now (the scheduler still checks the device and the data).
+    Train {
+        task: String,
+        /// Required: says that this starts a job now, not on the schedule.
+        #[arg(long, required = true)]
+        now: bool,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// Adapters: list and show read the state directory; rollback and pin go through the daemon.
+    Adapters {
+        #[command(subcommand)]
+        command: AdaptersCommand,
+    },
+}
+
+/// How to reach the daemon (its HTTP API on loopback) and its state.
+#[derive(clap::Args)]
+struct DaemonArgs {
+    /// The daemon's configuration file (for its HTTP address and state directory).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// The daemon's HTTP address [default: the config's http.listen].
+    #[arg(long, global = true)]
+    http: Option<std::net::SocketAddr>,
+    /// The daemon's state directory [default: the config's state_dir].
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
+    /// Print JSON for scripts instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+impl DaemonArgs {
+    fn config(&self) -> anyhow::Result<adaptd::config::Config> {
+        Ok(match &self.config {
+            Some(path) => adaptd::config::Config::load(path)?,
+            None => adaptd::config::Config::default(),
+        })
+    }
+
+    fn client(&self) -> anyhow::Result<adaptd::client::Client> {
+        let addr = match self.http {
+            Some(a) => a,
+            None => self.config()?.http.listen,
+        };
+        Ok(adaptd::client::Client::new(addr))
+    }
+
+    fn state_dir(&self) -> anyhow::Result<PathBuf> {
+        Ok(match &self.state_dir {
+            Some(s) => s.clone(),
+            None => self.config()?.state_dir,
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum AdaptersCommand {
+    /// Every adapter version kept on disk, newest first; `*` marks the one serving.
+    List {
+        /// Only this task.
+        #[arg(long)]
+        task: Option<String>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// One adapter's manifest: kind, labels, metrics, the gate's decision with its checks.
+    Show {
+        task: String,
+        version: u64,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// Serve the previous version again (the daemon says which).
+    Rollback {
+        task: String,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// Serve this version (0: the base model) until the next promotion.
+    Pin {
+        task: String,
+        version: u64,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -141,6 +233,15 @@ fn main() -> ExitCode {
         Command::Bundle { command: BundleCommand::Verify { dir } } => verify(&dir),
         Command::Serve { config, bundle, state_dir, http, mqtt, device } => serve(config, bundle, state_dir, http, mqtt, device),
         Command::Ingest { bundle, store, mqtt, device, tasks } => ingest(bundle, store, mqtt, device, tasks),
+        Command::Status { daemon } => operate(daemon.json, || {
+            let statuses = adaptd::ops::status(&daemon.client()?)?;
+            Ok((adaptd::ops::render_status(&statuses), statuses))
+        }),
+        Command::Train { task, now: _, daemon } => operate(daemon.json, || {
+            let message = adaptd::ops::command(&daemon.client()?, &task, "train")?;
+            Ok((format!("{message}\n"), serde_json::json!({ "message": message })))
+        }),
+        Command::Adapters { command } => adapters(command),
         Command::Validate { config } => match adaptd::config::Config::load(&config) {
             Ok(_) => {
                 println!("{}: valid", config.display());
@@ -158,6 +259,47 @@ fn main() -> ExitCode {
             eprintln!("adaptd: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Run an operator command; print its text (or JSON with `--json`); map its failure to an exit code.
+fn operate(json: bool, f: impl FnOnce() -> anyhow::Result<(String, serde_json::Value)>) -> anyhow::Result<ExitCode> {
+    match f() {
+        Ok((text, value)) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                print!("{text}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let code = e.downcast_ref::<adaptd::ops::OpsError>().map_or(1, adaptd::ops::OpsError::exit_code);
+            eprintln!("adaptd: {e:#}");
+            Ok(ExitCode::from(code))
+        }
+    }
+}
+
+fn adapters(command: AdaptersCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        AdaptersCommand::List { task, daemon } => operate(daemon.json, || {
+            let rows = adaptd::ops::list_adapters(&daemon.state_dir()?, task.as_deref())?;
+            Ok((adaptd::ops::render_adapters(&rows), rows))
+        }),
+        AdaptersCommand::Show { task, version, daemon } => operate(true, || {
+            let store = adaptd_adapters::AdapterStore::open(daemon.state_dir()?.join("adapters"))?;
+            let adapter = store.load(&task, version)?;
+            Ok((String::new(), serde_json::to_value(&adapter.manifest)?))
+        }),
+        AdaptersCommand::Rollback { task, daemon } => operate(daemon.json, || {
+            let message = adaptd::ops::command(&daemon.client()?, &task, "rollback")?;
+            Ok((format!("{message}\n"), serde_json::json!({ "message": message })))
+        }),
+        AdaptersCommand::Pin { task, version, daemon } => operate(daemon.json, || {
+            let message = adaptd::ops::command(&daemon.client()?, &task, &format!("pin/{version}"))?;
+            Ok((format!("{message}\n"), serde_json::json!({ "message": message })))
+        }),
     }
 }
 

@@ -154,6 +154,26 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
     let job: Value = serde_json::from_str(journal.lines().next().unwrap()).unwrap();
     assert!(job["training"]["losses"].as_array().unwrap().len() > 10, "loss curve kept");
 
+    // The CLI sees the same, from the daemon and from its state directory.
+    let addr = base.trim_start_matches("http://").to_string();
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_adaptd")).args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (code, stdout, _) = cli(&["status", "--http", &addr, "--json"]);
+    assert_eq!(code, Some(0));
+    let statuses: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(statuses[0]["serving_version"], 1, "{statuses}");
+    assert!(statuses[0]["samples"].as_u64().unwrap() >= 300, "{statuses}");
+    let (code, stdout, _) = cli(&["adapters", "list", "--state-dir", state.path().to_str().unwrap()]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.lines().any(|l| l.contains("sorter") && l.contains("v1*")), "{stdout}");
+    let (code, _, stderr) = cli(&["adapters", "pin", "sorter", "9", "--http", &addr]);
+    assert_eq!(code, Some(1), "the daemon refuses a version it does not have: {stderr}");
+    let (code, _, stderr) = cli(&["status", "--http", "127.0.0.1:1"]);
+    assert_eq!(code, Some(69), "unreachable daemon: EX_UNAVAILABLE ({stderr})");
+    assert!(stderr.contains("cannot reach adaptd"), "{stderr}");
+
     // An operator rolls back; the base serves again, and says so.
     let url = base.clone();
     let (code, answer) = tokio::task::spawn_blocking(move || http("POST", &format!("{url}/v1/tasks/sorter/rollback"))).await.unwrap();

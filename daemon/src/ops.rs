@@ -1,0 +1,129 @@
+//! What the operator commands of the CLI do: ask a running daemon (over its loopback HTTP API)
+//! or read a state directory (adapters on disk, which works with the daemon stopped too). Each
+//! returns JSON for `--json` and a human rendering, so scripts and people read the same facts.
+
+use std::path::Path;
+
+use adaptd_adapters::AdapterStore;
+use serde_json::{Value, json};
+
+use crate::client::{Client, ClientError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The daemon answered, and said no (unknown task, nothing to roll back to, ...).
+    #[error("{0}")]
+    Refused(String),
+    #[error("{path}: {reason}")]
+    State { path: String, reason: String },
+}
+
+impl OpsError {
+    /// Exit codes from sysexits.h, so scripts can tell "try later" from "you asked wrongly".
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            OpsError::Client(ClientError::Connect { .. }) => 69, // EX_UNAVAILABLE
+            OpsError::Client(_) => 76,                           // EX_PROTOCOL
+            OpsError::Refused(_) => 1,
+            OpsError::State { .. } => 66, // EX_NOINPUT
+        }
+    }
+}
+
+/// Every task's state from a running daemon.
+pub fn status(client: &Client) -> Result<Value, OpsError> {
+    let r = client.get("/v1/tasks")?;
+    if !r.ok() {
+        return Err(OpsError::Refused(r.message()));
+    }
+    Ok(r.body)
+}
+
+pub fn render_status(statuses: &Value) -> String {
+    let mut out = format!("{:<16} {:>8} {:<34} {:>9} {:>6}  {}\n", "task", "serving", "scheduler", "samples", "new", "jobs / last decision");
+    for s in statuses.as_array().into_iter().flatten() {
+        let scheduler = match &s["scheduler"] {
+            Value::String(state) => state.clone(),
+            Value::Object(m) => m.iter().next().map(|(k, v)| format!("{k}: {}", v.as_object().and_then(|o| o.values().next()).and_then(Value::as_str).unwrap_or(""))).unwrap_or_default(),
+            other => other.to_string(),
+        };
+        let jobs: Vec<String> = s["jobs"].as_object().into_iter().flatten().map(|(k, v)| format!("{k} {v}")).collect();
+        out += &format!(
+            "{:<16} {:>8} {:<34} {:>9} {:>6}  {}\n",
+            s["task"].as_str().unwrap_or("?"),
+            format!("v{}", s["serving_version"]),
+            truncate(&scheduler, 34),
+            s["samples"],
+            s["new_samples"],
+            jobs.join(", ")
+        );
+        if let Some(d) = s["last_decision"].as_str() {
+            out += &format!("{:<16} last: {d}\n", "");
+        }
+    }
+    out
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n { s.to_string() } else { s.chars().take(n - 1).collect::<String>() + "…" }
+}
+
+/// Ask the daemon to act on `task`: `train`, `rollback` or `pin/{version}`.
+pub fn command(client: &Client, task: &str, action: &str) -> Result<String, OpsError> {
+    let r = client.post(&format!("/v1/tasks/{task}/{action}"), None)?;
+    if r.ok() { Ok(r.message()) } else { Err(OpsError::Refused(r.message())) }
+}
+
+/// The adapters kept on disk under `state_dir`, newest first, with the one that serves marked.
+pub fn list_adapters(state_dir: &Path, only_task: Option<&str>) -> Result<Value, OpsError> {
+    let root = state_dir.join("adapters");
+    if !root.is_dir() {
+        return Err(OpsError::State { path: root.display().to_string(), reason: "no adapter store here (is this the daemon's state directory?)".into() });
+    }
+    let store = AdapterStore::open(&root).map_err(|e| OpsError::State { path: root.display().to_string(), reason: e.to_string() })?;
+    let state_err = |e: adaptd_adapters::store::StoreError| OpsError::State { path: root.display().to_string(), reason: e.to_string() };
+    let mut rows = Vec::new();
+    for task in store.tasks().map_err(state_err)? {
+        if only_task.is_some_and(|t| t != task) {
+            continue;
+        }
+        let active = std::fs::read_to_string(root.join(&task).join("active")).ok().and_then(|s| s.trim().parse::<u64>().ok());
+        for version in store.versions(&task).map_err(state_err)?.into_iter().rev() {
+            let row = match store.load(&task, version) {
+                Ok(a) => {
+                    let m = &a.manifest;
+                    json!({ "task": task, "version": version, "serving": active == Some(version), "kind": m.kind, "labels": m.labels.len(),
+                            "parent_version": m.parent_version, "created_unix_ms": m.created_unix_ms, "metrics": m.metrics, "samples": m.samples,
+                            "decision": m.decision.as_ref().and_then(|d| d["summary"].as_str()) })
+                }
+                Err(e) => json!({ "task": task, "version": version, "serving": false, "error": e.to_string() }),
+            };
+            rows.push(row);
+        }
+        if active == Some(0) {
+            rows.push(json!({ "task": task, "version": 0, "serving": true, "kind": "base" }));
+        }
+    }
+    Ok(Value::Array(rows))
+}
+
+pub fn render_adapters(rows: &Value) -> String {
+    let mut out = format!("{:<16} {:>8} {:<5} {:>9} {:>9}  {}\n", "task", "version", "kind", "holdout", "samples", "decision");
+    for r in rows.as_array().into_iter().flatten() {
+        let marker = if r["serving"] == true { "*" } else { " " };
+        let holdout = r["metrics"]["holdout_accuracy"].as_f64().map(|a| format!("{:.1}%", 100.0 * a)).unwrap_or_else(|| "–".into());
+        let what = r["error"].as_str().map(|e| format!("UNREADABLE: {e}")).or_else(|| r["decision"].as_str().map(str::to_string)).unwrap_or_default();
+        out += &format!(
+            "{:<16} {:>7}{marker} {:<5} {:>9} {:>9}  {}\n",
+            r["task"].as_str().unwrap_or("?"),
+            format!("v{}", r["version"]),
+            r["kind"].as_str().unwrap_or("?"),
+            holdout,
+            r["samples"]["train"].as_u64().map(|n| n.to_string()).unwrap_or_else(|| "–".into()),
+            what
+        );
+    }
+    out + "(* serving)\n"
+}
