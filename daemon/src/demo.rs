@@ -401,7 +401,7 @@ pub fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
     let _ = steady.join();
     console.finish_bar();
     section("4/4  What changed");
-    println!("  {:<8} {:<44} {:>8} {:>9} {:>9} {:>9}  {}", "version", "how it came", "trained", "holdout", "sideways", "upright", "decision");
+    println!("  {:<8} {:<44} {:>8} {:>9} {:>9} {:>9}  decision", "version", "how it came", "trained", "holdout", "sideways", "upright");
     for r in &rows {
         let pct = |v: Option<f64>| v.map(|h| format!("{:.1}%", 100.0 * h)).unwrap_or_else(|| "–".into());
         println!(
