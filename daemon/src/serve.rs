@@ -45,6 +45,8 @@ pub struct ServeConfig {
     /// One adaptation loop per task in `tasks` (empty: serve and ingest, never train).
     pub adapt: Vec<AdaptConfig>,
     pub trainer: TrainerConfig,
+    /// Where device readings come from (`/sys` on a device; a fake tree in tests).
+    pub sysfs_root: PathBuf,
 }
 
 impl ServeConfig {
@@ -70,6 +72,7 @@ impl ServeConfig {
             split: SplitPolicy { validation_percent: config.ingest.validation_percent, holdout_percent: config.ingest.holdout_percent },
             adapt: config.ingest.tasks.iter().map(|t| config.adapt_config(t)).collect(),
             trainer: config.trainer_config(),
+            sysfs_root: config.schedule.sysfs_root.clone(),
         }
     }
 }
@@ -158,7 +161,13 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
         }
         Some(trainer)
     };
-    let api = Arc::new(Api::new(engine.handle.clone(), text, config.max_request_bytes).with_control(control));
+    let ingest_stats = Arc::new(IngestStats::default());
+    let ingesting = config.mqtt.is_some() && !config.tasks.is_empty();
+    let api = Arc::new(
+        Api::new(engine.handle.clone(), text, config.max_request_bytes)
+            .with_control(control)
+            .with_telemetry(ingesting.then(|| ingest_stats.clone()), &config.sysfs_root),
+    );
     let listener = tokio::net::TcpListener::bind(config.http).await.map_err(|e| anyhow::anyhow!("HTTP {}: {e}", config.http))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, tasks = ?registry.tasks(), "serving");
@@ -183,7 +192,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
                 max_payload_bytes: config.ingest_max_payload_bytes,
             };
             let (manifest, tasks) = (Arc::new(bundle.manifest.clone()), Arc::new(config.tasks.clone()));
-            Some(tokio::spawn(ingest::run(ingest_config, Arc::new(Mutex::new(store)), manifest, tasks, Arc::new(IngestStats::default()), stopped(stop_rx.clone()))))
+            Some(tokio::spawn(ingest::run(ingest_config, Arc::new(Mutex::new(store)), manifest, tasks, ingest_stats.clone(), stopped(stop_rx.clone()))))
         }
         _ => None,
     };

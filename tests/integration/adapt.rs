@@ -154,6 +154,14 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
     let job: Value = serde_json::from_str(journal.lines().next().unwrap()).unwrap();
     assert!(job["training"]["losses"].as_array().unwrap().len() > 10, "loss curve kept");
 
+    // Prometheus sees it too.
+    let metrics = String::from_utf8(Command::new("curl").args(["-s", &format!("{base}/metrics")]).output().unwrap().stdout).unwrap();
+    for line in ["adaptd_adapter_active_version{task=\"sorter\"} 1", "adaptd_training_jobs_total{task=\"sorter\",outcome=\"promoted\"} 1", "adaptd_samples_ingested_total 360", "adaptd_engine_ready 1"] {
+        assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
+    }
+    assert!(metrics.contains("adaptd_request_latency_seconds_bucket{le=\"+Inf\"}") && metrics.contains("adaptd_device_memory_total_bytes"));
+    assert!(metrics.lines().all(|l| l.starts_with("# ") || l.starts_with("adaptd_")), "every metric is adaptd_-prefixed");
+
     // The CLI sees the same, from the daemon and from its state directory.
     let addr = base.trim_start_matches("http://").to_string();
     let cli = |args: &[&str]| {

@@ -2,6 +2,7 @@
 //!
 //! - `POST /v1/tasks/{task}/predict` with a JSON or safetensors body (see `wire`)
 //! - `GET /healthz` (the process answers) and `GET /readyz` (the engine has warmed up)
+//! - `GET /metrics` (Prometheus text exposition, `adaptd_` names)
 
 use std::future::Future;
 use std::sync::Arc;
@@ -29,6 +30,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/tasks/{task}/pin/{version}", post(pin))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
         .with_state(api)
 }
 
@@ -89,6 +91,12 @@ fn command_response(result: Result<String, String>) -> Response {
 
 fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
     (status, [(header::CONTENT_TYPE, wire::CONTENT_JSON)], format!("{value}\n")).into_response()
+}
+
+async fn metrics(State(api): State<Arc<Api>>) -> Response {
+    // Device readings touch sysfs and /proc: off the async workers.
+    let body = tokio::task::spawn_blocking(move || super::metrics::render(&api)).await.unwrap_or_default();
+    ([(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)], body).into_response()
 }
 
 async fn ready(State(api): State<Arc<Api>>) -> Response {

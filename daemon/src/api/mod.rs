@@ -2,6 +2,7 @@
 //! Both decode with `wire`, predict through the engine, and answer in JSON.
 
 pub mod http;
+pub mod metrics;
 pub mod mqtt;
 pub mod wire;
 
@@ -26,6 +27,9 @@ pub struct Api {
     max_request_bytes: usize,
     refused: Mutex<BTreeMap<&'static str, u64>>,
     control: BTreeMap<String, TaskControl>,
+    ingest: Option<Arc<crate::ingest::IngestStats>>,
+    /// Device readings for `/metrics` (sysinfo and sysfs), refreshed on scrape.
+    monitor: Mutex<Option<crate::resources::Monitor>>,
 }
 
 /// How the API reaches a task's adaptation loop.
@@ -37,7 +41,22 @@ pub struct TaskControl {
 
 impl Api {
     pub fn new(engine: EngineHandle, text: Option<Arc<TextEncoder>>, max_request_bytes: usize) -> Api {
-        Api { engine, text, max_request_bytes, refused: Mutex::new(BTreeMap::new()), control: BTreeMap::new() }
+        Api { engine, text, max_request_bytes, refused: Mutex::new(BTreeMap::new()), control: BTreeMap::new(), ingest: None, monitor: Mutex::new(None) }
+    }
+
+    /// Ingest counters and device readings for `/metrics`.
+    pub fn with_telemetry(mut self, ingest: Option<Arc<crate::ingest::IngestStats>>, sysfs_root: &std::path::Path) -> Api {
+        self.ingest = ingest;
+        self.monitor = Mutex::new(Some(crate::resources::Monitor::new(sysfs_root)));
+        self
+    }
+
+    pub fn ingest_stats(&self) -> Option<&crate::ingest::IngestStats> {
+        self.ingest.as_deref()
+    }
+
+    pub fn device_reading(&self) -> Option<crate::resources::Reading> {
+        self.monitor.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_mut().map(crate::resources::Monitor::read)
     }
 
     /// Operator commands and status for the tasks that adapt.

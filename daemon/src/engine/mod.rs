@@ -111,7 +111,7 @@ struct Request {
 }
 
 /// Counters the engine thread keeps (read for metrics and tests).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EngineStats {
     /// Graph calls made.
     pub batches: AtomicU64,
@@ -121,12 +121,64 @@ pub struct EngineStats {
     pub refused: AtomicU64,
     /// Latencies (queue + run) of the most recent requests, in ms, oldest first.
     recent: std::sync::Mutex<VecDeque<f32>>,
+    /// Cumulative histograms for `/metrics`: request latency and rows per graph call.
+    pub latency: Histogram,
+    pub batch_rows: Histogram,
+}
+
+/// A fixed-bucket histogram with lock-free counters (Prometheus' cumulative form is computed
+/// when rendered).
+#[derive(Debug)]
+pub struct Histogram {
+    pub bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram { bounds, counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(), sum_micros: AtomicU64::new(0) }
+    }
+
+    pub fn observe(&self, value: f64) {
+        let i = self.bounds.iter().position(|&b| value <= b).unwrap_or(self.bounds.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add((value * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// (upper bound, cumulative count) per bucket, the last one `+Inf`; then the sum.
+    pub fn snapshot(&self) -> (Vec<(f64, u64)>, f64) {
+        let mut acc = 0;
+        let buckets = self.counts.iter().enumerate().map(|(i, c)| {
+            acc += c.load(Ordering::Relaxed);
+            (self.bounds.get(i).copied().unwrap_or(f64::INFINITY), acc)
+        });
+        (buckets.collect(), self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6)
+    }
+}
+
+/// Seconds: sub-millisecond to a second, the range an edge model's requests live in.
+const LATENCY_BOUNDS_S: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+const BATCH_BOUNDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
+
+impl Default for EngineStats {
+    fn default() -> Self {
+        EngineStats {
+            batches: AtomicU64::new(0),
+            rows: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            recent: Default::default(),
+            latency: Histogram::new(LATENCY_BOUNDS_S),
+            batch_rows: Histogram::new(BATCH_BOUNDS),
+        }
+    }
 }
 
 const RECENT_LATENCIES: usize = 256;
 
 impl EngineStats {
     fn record_latency(&self, ms: f32) {
+        self.latency.observe(ms as f64 / 1e3);
         let mut recent = self.recent.lock().expect("latency ring");
         if recent.len() == RECENT_LATENCIES {
             recent.pop_front();
@@ -419,6 +471,7 @@ fn run_batch(model: &mut OnnxModel, registry: &Registry, cache: &mut LoraCache, 
             .and_then(|values| model.run_prepared(concat_inputs(members.iter().map(|(r, _)| r.inputs.as_slice())), &values));
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
+        stats.batch_rows.observe(rows as f64);
         match outputs {
             Ok(outputs) => answer(model.bundle().manifest.clone(), &outputs, members, stats),
             Err(e) => {

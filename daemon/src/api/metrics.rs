@@ -1,0 +1,93 @@
+//! `GET /metrics`: Prometheus text exposition (format 0.0.4). Every name carries the `adaptd_`
+//! prefix. Rendered on each scrape from the counters the components already keep; nothing here
+//! is on a request's path.
+
+use std::fmt::Write as _;
+
+use super::Api;
+use crate::engine::{Health, Histogram};
+
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+fn label(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
+    family(out, name, "histogram", help);
+    let (buckets, sum) = h.snapshot();
+    for (le, count) in &buckets {
+        let le = if le.is_infinite() { "+Inf".to_string() } else { le.to_string() };
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {count}");
+    }
+    let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {}", buckets.last().map_or(0, |b| b.1));
+}
+
+pub fn render(api: &Api) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = String::new();
+    let engine = api.engine();
+    let stats = engine.stats();
+
+    family(&mut out, "adaptd_engine_ready", "gauge", "1 when the serving engine has warmed up and answers.");
+    let _ = writeln!(out, "adaptd_engine_ready {}", i32::from(matches!(&*engine.health().borrow(), Health::Ready { .. })));
+    family(&mut out, "adaptd_inference_rows_total", "counter", "Rows (samples) the engine has served.");
+    let _ = writeln!(out, "adaptd_inference_rows_total {}", stats.rows.load(Relaxed));
+    family(&mut out, "adaptd_inference_batches_total", "counter", "Graph calls the engine has made.");
+    let _ = writeln!(out, "adaptd_inference_batches_total {}", stats.batches.load(Relaxed));
+    histogram(&mut out, "adaptd_request_latency_seconds", "Inference latency per request, queue and run.", &stats.latency);
+    histogram(&mut out, "adaptd_batch_size", "Rows per graph call (micro-batching).", &stats.batch_rows);
+    family(&mut out, "adaptd_requests_refused_total", "counter", "Inference requests refused, by reason.");
+    for (reason, n) in api.refused() {
+        let _ = writeln!(out, "adaptd_requests_refused_total{{reason=\"{}\"}} {n}", label(reason));
+    }
+
+    if let Some(ingest) = api.ingest_stats() {
+        family(&mut out, "adaptd_samples_ingested_total", "counter", "Labelled samples stored durably (then acked).");
+        let _ = writeln!(out, "adaptd_samples_ingested_total {}", ingest.stored.load(Relaxed));
+        family(&mut out, "adaptd_samples_duplicate_total", "counter", "Samples whose idempotency key was already stored.");
+        let _ = writeln!(out, "adaptd_samples_duplicate_total {}", ingest.duplicates.load(Relaxed));
+        family(&mut out, "adaptd_samples_refused_total", "counter", "Samples refused (and acked), by reason.");
+        for (reason, n) in ingest.refused() {
+            let _ = writeln!(out, "adaptd_samples_refused_total{{reason=\"{}\"}} {n}", label(reason));
+        }
+    }
+
+    let statuses = api.statuses();
+    family(&mut out, "adaptd_adapter_active_version", "gauge", "Adapter version serving each task (0: the base model).");
+    for s in &statuses {
+        let _ = writeln!(out, "adaptd_adapter_active_version{{task=\"{}\"}} {}", label(&s.task), s.serving_version);
+    }
+    family(&mut out, "adaptd_samples_stored", "gauge", "Labelled samples in the store, per task.");
+    for s in &statuses {
+        let _ = writeln!(out, "adaptd_samples_stored{{task=\"{}\"}} {}", label(&s.task), s.samples);
+    }
+    family(&mut out, "adaptd_training_jobs_total", "counter", "Training jobs per task, by outcome (started, promoted, rejected, deferred, failed).");
+    for s in &statuses {
+        for (outcome, n) in &s.jobs {
+            let _ = writeln!(out, "adaptd_training_jobs_total{{task=\"{}\",outcome=\"{}\"}} {n}", label(&s.task), label(outcome));
+        }
+    }
+
+    if let Some(reading) = api.device_reading() {
+        family(&mut out, "adaptd_device_cpu_percent", "gauge", "Whole-device CPU load.");
+        let _ = writeln!(out, "adaptd_device_cpu_percent {}", reading.cpu_percent);
+        family(&mut out, "adaptd_device_memory_available_bytes", "gauge", "Memory available to new work (on Jetson, shared with the GPU).");
+        let _ = writeln!(out, "adaptd_device_memory_available_bytes {}", reading.available_mb.saturating_mul(1 << 20));
+        family(&mut out, "adaptd_device_memory_total_bytes", "gauge", "Device memory.");
+        let _ = writeln!(out, "adaptd_device_memory_total_bytes {}", reading.total_mb.saturating_mul(1 << 20));
+        family(&mut out, "adaptd_device_temperature_celsius", "gauge", "Thermal zones' temperatures.");
+        for (zone, c) in &reading.temperatures_c {
+            let _ = writeln!(out, "adaptd_device_temperature_celsius{{zone=\"{}\"}} {c}", label(zone));
+        }
+        if let Some(gpu) = reading.gpu_percent {
+            family(&mut out, "adaptd_device_gpu_percent", "gauge", "GPU load (Jetson).");
+            let _ = writeln!(out, "adaptd_device_gpu_percent {gpu}");
+        }
+    }
+    out
+}
