@@ -21,6 +21,7 @@
 //! - `demo`: the one-command demo: a simulated fleet teaches the daemon a shifted domain.
 //! - `parity`: proof that the serving and training graphs compute the same function.
 //! - `datasets`: the reference data shipped with the reference bundles.
+//! - `systemd`: sd_notify (ready, status, watchdog) without libsystemd.
 //! - `paths`: where the set-up step put bundles and data.
 //! - adapters, bundles and training: the `adaptd-adapters` crate.
 
@@ -45,6 +46,7 @@ pub mod resources;
 pub mod samples;
 pub mod scheduler;
 pub mod serve;
+pub mod systemd;
 pub mod trainer;
 
 /// Lower the calling thread's CPU priority (nice 10) so serving wins the cores over background

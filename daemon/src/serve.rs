@@ -23,6 +23,9 @@ use crate::ingest::{self, IngestConfig, IngestStats};
 use crate::registry::{Recovery, Registry};
 use crate::samples::{SampleStore, SplitPolicy};
 
+/// Shorter than the unit's `TimeoutStopSec=30`, so the daemon, not SIGKILL, ends a slow stop.
+pub const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
+
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub bundle: PathBuf,
@@ -47,6 +50,8 @@ pub struct ServeConfig {
     pub trainer: TrainerConfig,
     /// Where device readings come from (`/sys` on a device; a fake tree in tests).
     pub sysfs_root: PathBuf,
+    /// Graceful shutdown gives up after this long (keep it under systemd's `TimeoutStopSec`).
+    pub shutdown_deadline: std::time::Duration,
 }
 
 impl ServeConfig {
@@ -73,6 +78,7 @@ impl ServeConfig {
             adapt: config.ingest.tasks.iter().map(|t| config.adapt_config(t)).collect(),
             trainer: config.trainer_config(),
             sysfs_root: config.schedule.sysfs_root.clone(),
+            shutdown_deadline: SHUTDOWN_DEADLINE,
         }
     }
 }
@@ -197,9 +203,52 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
         _ => None,
     };
 
+    // The engine warmed up before we listened: ready now, not when the broker answers.
+    crate::systemd::notify_or_log(&format!("READY=1\nSTATUS=serving {} task(s) on http://{addr}", registry.tasks().len()));
+    let watchdog_task = crate::systemd::watchdog_interval().map(|every| {
+        let (engine, mut stop) = (engine.handle.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! { _ = stop.wait_for(|s| *s) => return, _ = tick.tick() => {} }
+                // Fed only while the engine's owner thread answers: a wedged engine gets the
+                // service restarted by systemd instead of serving nothing forever.
+                if engine.heartbeat(every).await {
+                    crate::systemd::notify_or_log("WATCHDOG=1");
+                } else {
+                    tracing::error!("engine heartbeat missed; not feeding the systemd watchdog");
+                }
+            }
+        })
+    });
+
     shutdown.await;
-    tracing::info!("shutting down");
+    tracing::info!(deadline_s = config.shutdown_deadline.as_secs(), "shutting down");
+    crate::systemd::notify_or_log("STOPPING=1");
     let _ = stop_tx.send(true);
+    let stopping = stop_in_order(http_task, mqtt_task, ingest_task, adapt_tasks, events_task, watchdog_task, trainer, engine);
+    match tokio::time::timeout(config.shutdown_deadline, stopping).await {
+        Ok(result) => result,
+        Err(_) => anyhow::bail!("shutdown took longer than {} s; exiting with work unfinished (acked samples are already durable)", config.shutdown_deadline.as_secs()),
+    }
+}
+
+/// Stop the parts in dependency order: no new requests or samples, then the loops (which cancel
+/// their jobs and discard the candidates), then the trainer and the engine.
+#[allow(clippy::too_many_arguments)]
+async fn stop_in_order(
+    http_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    mqtt_task: Option<tokio::task::JoinHandle<()>>,
+    ingest_task: Option<tokio::task::JoinHandle<Result<(), ingest::IngestError>>>,
+    adapt_tasks: Vec<tokio::task::JoinHandle<Result<(), adapt::AdaptError>>>,
+    events_task: tokio::task::JoinHandle<()>,
+    watchdog_task: Option<tokio::task::JoinHandle<()>>,
+    trainer: Option<Arc<Trainer>>,
+    engine: Engine,
+) -> anyhow::Result<()> {
+    if let Some(t) = watchdog_task {
+        let _ = t.await;
+    }
     if let Err(e) = http_task.await? {
         tracing::warn!(error = %e, "HTTP server stopped with an error");
     }

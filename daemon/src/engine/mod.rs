@@ -94,6 +94,8 @@ pub struct Prediction {
 
 enum Command {
     Infer(Request),
+    /// Answer at once: proof that the owner thread is alive and draining its queue.
+    Ping(oneshot::Sender<()>),
     /// Answer what is queued, then stop.
     Stop,
 }
@@ -299,6 +301,16 @@ impl EngineHandle {
         rx.await.unwrap_or(Err(EngineError::Stopped))
     }
 
+    /// The engine's heartbeat: true when its owner thread answers a ping within `timeout`
+    /// (behind whatever is queued). The systemd watchdog is fed only while this holds.
+    pub async fn heartbeat(&self, timeout: std::time::Duration) -> bool {
+        let (pong, rx) = oneshot::channel();
+        if self.tx.try_send(Command::Ping(pong)).is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())))
+    }
+
     fn submit(&self, task: &str, adapter: Option<Arc<Serving>>, with_embedding: bool, inputs: Vec<HostTensor>) -> Result<oneshot::Receiver<Result<Vec<Prediction>, EngineError>>, EngineError> {
         let rows = validate_inputs(&self.manifest, &inputs).inspect_err(|_| {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -410,6 +422,10 @@ fn serve(model: &mut OnnxModel, registry: &Registry, rx: &Receiver<Command>, con
                 let next = if stopping { rx.try_recv().ok() } else { rx.recv().ok() };
                 match next {
                     Some(Command::Infer(r)) => r,
+                    Some(Command::Ping(pong)) => {
+                        let _ = pong.send(());
+                        continue;
+                    }
                     Some(Command::Stop) => {
                         stopping = true;
                         continue;
@@ -431,6 +447,9 @@ fn serve(model: &mut OnnxModel, registry: &Registry, rx: &Receiver<Command>, con
                 Ok(Command::Infer(r)) => {
                     rows += r.rows;
                     batch.push(r);
+                }
+                Ok(Command::Ping(pong)) => {
+                    let _ = pong.send(());
                 }
                 Ok(Command::Stop) => stopping = true,
                 Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
