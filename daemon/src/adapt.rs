@@ -142,7 +142,10 @@ fn accuracy((correct, total): (u64, u64)) -> f64 {
     if total == 0 { 0.0 } else { correct as f64 / total as f64 }
 }
 
-pub async fn run(ctx: Context, config: AdaptConfig, mut commands: mpsc::Receiver<Command>, status: watch::Sender<Status>, shutdown: impl Future<Output = ()>) -> Result<(), AdaptError> {
+/// The loop for one task. `configs` carries its settings; a new value (a configuration reload)
+/// applies from the next tick: thresholds, device limits, the gate and the recipe of later jobs.
+pub async fn run(ctx: Context, mut configs: watch::Receiver<AdaptConfig>, mut commands: mpsc::Receiver<Command>, status: watch::Sender<Status>, shutdown: impl Future<Output = ()>) -> Result<(), AdaptError> {
+    let mut config = configs.borrow_and_update().clone();
     let task = config.task.clone();
     // A Mutex only so the loop's futures are Send; the loop alone uses this connection.
     let store = Mutex::new(SampleStore::open(&ctx.store_path, ctx.split)?);
@@ -179,6 +182,14 @@ pub async fn run(ctx: Context, config: AdaptConfig, mut commands: mpsc::Receiver
                 }
                 None => {}
             },
+        }
+        if configs.has_changed().unwrap_or(false) {
+            config = configs.borrow_and_update().clone();
+            scheduler.reconfigure(config.scheduler.clone());
+            monitor = Monitor::new(&config.limits.sysfs_root);
+            ticker = tokio::time::interval(config.tick);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tracing::info!(task, "configuration reloaded");
         }
         let now = now_ms();
         // 1. Embeddings for new samples, from the engine (base model, no adapter).

@@ -227,15 +227,54 @@ impl Default for Config {
     }
 }
 
+/// The line of `text` that sets the first key a deserialization error names in backticks
+/// (merging over the defaults loses the parser's own positions).
+fn locate(text: &str, message: &str) -> Option<usize> {
+    let keys = message.split('`').skip(1).step_by(2);
+    for key in keys {
+        let leaf = key.rsplit('.').next().unwrap_or(key);
+        let found = text.lines().position(|l| l.trim_start().strip_prefix(leaf).is_some_and(|rest| rest.trim_start().starts_with('=')));
+        if let Some(i) = found {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// Overlay `over` onto `base`: tables merge key by key, anything else replaces. Keys that are not
+/// in `base` stay, so `deny_unknown_fields` still refuses them by name.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(key, v);
+            }
+        }
+    }
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Config::parse(&text, path)
     }
 
-    /// Parse and check `text`; `path` only names the source in errors.
+    /// Parse and check `text`, layered over the built-in defaults: a file names only what it
+    /// changes. `path` only names the source in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string().trim_end().to_string() })?;
+        let parse_err = |e: &dyn std::fmt::Display| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string().trim_end().to_string() };
+        let file: toml::Table = toml::from_str(text).map_err(|e| parse_err(&e))?;
+        let mut merged: toml::Table = toml::from_str(DEFAULT_TOML).expect("the built-in configuration parses");
+        merge(&mut merged, file);
+        let config = Config::deserialize(toml::Value::Table(merged)).map_err(|e| {
+            let message = e.to_string().trim_end().to_string();
+            let message = match locate(text, &message) {
+                Some(line) => format!("line {line}: {message}"),
+                None => message,
+            };
+            parse_err(&message)
+        })?;
         config.check(path)?;
         Ok(config)
     }
@@ -320,6 +359,27 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// What changed between `self` (running) and `new` that only a restart applies: everything
+    /// outside `[training]`, `[schedule]` and `[gate]`, and the trainer's device and threads.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let mut check = |name, differs: bool| {
+            if differs {
+                changed.push(name);
+            }
+        };
+        check("bundle", self.bundle != new.bundle);
+        check("state_dir", self.state_dir != new.state_dir);
+        check("engine", self.engine != new.engine);
+        check("http", self.http != new.http);
+        check("mqtt", self.mqtt != new.mqtt);
+        check("ingest", self.ingest != new.ingest);
+        check("adapters", self.adapters != new.adapters);
+        check("training.device", self.training.device != new.training.device);
+        check("training.threads", self.training.threads != new.training.threads);
+        changed
     }
 
     pub fn trainer_config(&self) -> TrainerConfig {

@@ -432,6 +432,7 @@ fn serve(
         None => adaptd::config::Config { bundle: paths::reference_bundle("digits-cnn"), ..Default::default() },
     };
     let mut config = adaptd::serve::ServeConfig::from_config(&file);
+    config.reload_from = config_path.clone().map(|path| (path, file.clone()));
     if let Some(b) = bundle {
         config.bundle = b;
     }

@@ -105,6 +105,11 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
+    /// New thresholds (a configuration reload); the state and its history stay.
+    pub fn reconfigure(&mut self, config: SchedulerConfig) {
+        self.config = config;
+    }
+
     pub fn new(config: SchedulerConfig) -> Scheduler {
         Scheduler { config, state: State::Idle, last_job_ms: None, failures: 0 }
     }

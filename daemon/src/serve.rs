@@ -50,6 +50,8 @@ pub struct ServeConfig {
     pub trainer: TrainerConfig,
     /// Where device readings come from (`/sys` on a device; a fake tree in tests).
     pub sysfs_root: PathBuf,
+    /// The file and the configuration loaded from it, for reloads on SIGHUP.
+    pub reload_from: Option<(PathBuf, Config)>,
     /// Graceful shutdown gives up after this long (keep it under systemd's `TimeoutStopSec`).
     pub shutdown_deadline: std::time::Duration,
 }
@@ -79,6 +81,7 @@ impl ServeConfig {
             trainer: config.trainer_config(),
             sysfs_root: config.schedule.sysfs_root.clone(),
             shutdown_deadline: SHUTDOWN_DEADLINE,
+            reload_from: None,
         }
     }
 }
@@ -129,6 +132,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
     // Training: one libtorch owner thread, one adaptation loop per task.
     let mut control = BTreeMap::new();
     let mut adapt_tasks = Vec::new();
+    let mut adapt_configs = BTreeMap::new();
     let trainer = if config.adapt.is_empty() {
         None
     } else {
@@ -152,6 +156,8 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
         };
         for adapt_config in &config.adapt {
             let (commands_tx, commands_rx) = mpsc::channel(8);
+            let (config_tx, config_rx) = watch::channel(adapt_config.clone());
+            adapt_configs.insert(adapt_config.task.clone(), config_tx);
             let (status_tx, status_rx) = watch::channel(adapt::Status {
                 task: adapt_config.task.clone(),
                 scheduler: crate::scheduler::State::Idle,
@@ -163,7 +169,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
                 new_samples: 0,
             });
             control.insert(adapt_config.task.clone(), TaskControl { commands: commands_tx, status: status_rx });
-            adapt_tasks.push(tokio::spawn(adapt::run(context.clone(), adapt_config.clone(), commands_rx, status_tx, stopped(stop_rx.clone()))));
+            adapt_tasks.push(tokio::spawn(adapt::run(context.clone(), config_rx, commands_rx, status_tx, stopped(stop_rx.clone()))));
         }
         Some(trainer)
     };
@@ -222,7 +228,10 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
         })
     });
 
+    let reload_task = tokio::spawn(reload_on_sighup(config.reload_from.clone(), adapt_configs, events.clone(), stopped(stop_rx.clone())));
+
     shutdown.await;
+    reload_task.abort();
     tracing::info!(deadline_s = config.shutdown_deadline.as_secs(), "shutting down");
     crate::systemd::notify_or_log("STOPPING=1");
     let _ = stop_tx.send(true);
@@ -230,6 +239,49 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
     match tokio::time::timeout(config.shutdown_deadline, stopping).await {
         Ok(result) => result,
         Err(_) => anyhow::bail!("shutdown took longer than {} s; exiting with work unfinished (acked samples are already durable)", config.shutdown_deadline.as_secs()),
+    }
+}
+
+/// SIGHUP: re-read the configuration file; `[training]`, `[schedule]` and `[gate]` apply to each
+/// task's loop from its next tick; anything else is reported as needing a restart. A file that
+/// does not load is refused with its error, and the running configuration stays.
+async fn reload_on_sighup(mut from: Option<(PathBuf, Config)>, loops: BTreeMap<String, watch::Sender<AdaptConfig>>, events: Events, stop: impl Future<Output = ()>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; configuration reload is off");
+        return;
+    };
+    tokio::pin!(stop);
+    loop {
+        tokio::select! { _ = &mut stop => return, _ = hangups.recv() => {} }
+        crate::systemd::notify_or_log("RELOADING=1");
+        match &mut from {
+            None => tracing::warn!("SIGHUP: started without --config, nothing to reload"),
+            Some((path, running)) => match Config::load(path) {
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: configuration refused; the running one stays");
+                    events.emit("config_refused", "", serde_json::json!({ "reason": e.to_string() }));
+                }
+                Ok(new) => {
+                    let needs_restart = running.restart_only_changes(&new);
+                    for (task, tx) in &loops {
+                        tx.send_replace(new.adapt_config(task));
+                    }
+                    if !needs_restart.is_empty() {
+                        tracing::warn!(?needs_restart, "SIGHUP: these changed but apply only after a restart");
+                    }
+                    events.emit("config_reloaded", "", serde_json::json!({ "applied": ["training", "schedule", "gate"], "needs_restart": needs_restart }));
+                    // What runs is the old value of restart-only keys: keep diffing against it.
+                    let (training, schedule, gate) = (new.training, new.schedule, new.gate);
+                    let keep = (running.training.device, running.training.threads);
+                    running.training = training;
+                    (running.training.device, running.training.threads) = keep;
+                    running.schedule = schedule;
+                    running.gate = gate;
+                }
+            },
+        }
+        crate::systemd::notify_or_log("READY=1");
     }
 }
 

@@ -1,5 +1,5 @@
-//! The configuration file: the shipped default and `Config::default()` cannot drift, and a bad
-//! file is refused with the key (and line) that is wrong.
+//! The configuration file: the shipped default and `Config::default()` cannot drift, a file is
+//! layered over the defaults, and a bad file is refused with the key (and line) that is wrong.
 
 use std::path::Path;
 use std::process::Command;
@@ -46,8 +46,17 @@ fn bad_files_name_the_key_and_say_what_is_allowed() {
         let err = parse(&DEFAULT_TOML.replace(from, to)).unwrap_err();
         assert!(err.contains(key), "{key}: {err}");
     }
-    let missing = DEFAULT_TOML.replace("state_dir = \"/var/lib/adaptd\"\n", "");
-    assert!(parse(&missing).unwrap_err().contains("state_dir"));
+    let err = parse("[gate]\nmin_improvement = \"a lot\"\n").unwrap_err();
+    assert!(err.contains("line 2") && err.contains("min_improvement"), "a partial file's error names the line: {err}");
+}
+
+#[test]
+fn a_file_names_only_what_it_changes() {
+    let config = parse("state_dir = \"/data/adaptd\"\n[gate]\nmin_improvement = 0.05\n").unwrap();
+    let mut expected = Config::default();
+    expected.state_dir = "/data/adaptd".into();
+    expected.gate.min_improvement = 0.05;
+    assert_eq!(config, expected, "everything else comes from the built-in defaults");
 }
 
 #[test]

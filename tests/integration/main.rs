@@ -13,6 +13,7 @@ mod ingest;
 mod registry;
 mod runtimes;
 mod samples;
+mod service;
 
 use std::path::{Path, PathBuf};
 

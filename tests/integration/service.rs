@@ -1,0 +1,109 @@
+//! The daemon as systemd runs it: the real binary with a configuration file, READY only after
+//! the engine warmed up, a watchdog fed by the engine's heartbeat, SIGHUP reloads (and refusals),
+//! a clean stop on SIGTERM; and the shipped unit file verifies.
+
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::reference_bundle;
+
+fn config_text(state: &std::path::Path, min_improvement: f64, max_request_bytes: usize) -> String {
+    format!(
+        "bundle = {:?}\nstate_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\nmax_request_bytes = {max_request_bytes}\n[ingest]\ntasks = [\"sorter\"]\n[gate]\nmin_improvement = {min_improvement}\n",
+        reference_bundle("digits-cnn"),
+        state.join("state")
+    )
+}
+
+/// Notifications received until one equals `want` (or the timeout passes).
+fn wait_for(socket: &UnixDatagram, want: &str, timeout: Duration, seen: &mut Vec<String>) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 512];
+    while Instant::now() < deadline {
+        if let Ok(n) = socket.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+            seen.push(msg.clone());
+            if msg.lines().any(|l| l == want) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+#[test]
+fn the_daemon_notifies_systemd_reloads_on_sighup_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("adaptd.toml");
+    std::fs::write(&config, config_text(dir.path(), 0.0, 1 << 20)).unwrap();
+    let socket_path = dir.path().join("notify");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_adaptd"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "400000")
+        .env("ADAPTD_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let signal = |sig: &str| assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    let mut seen = Vec::new();
+
+    assert!(wait_for(&socket, "READY=1", Duration::from_secs(60), &mut seen), "READY after warm-up: {seen:?}");
+    assert!(seen.iter().any(|m| m.contains("STATUS=serving")), "{seen:?}");
+    assert!(wait_for(&socket, "WATCHDOG=1", Duration::from_secs(5), &mut seen), "the watchdog is fed: {seen:?}");
+
+    // A reload: the gate's margin applies now, the HTTP limit needs a restart, and says so.
+    std::fs::write(&config, config_text(dir.path(), 0.05, 1 << 16)).unwrap();
+    signal("-HUP");
+    assert!(wait_for(&socket, "RELOADING=1", Duration::from_secs(5), &mut seen), "{seen:?}");
+    assert!(wait_for(&socket, "READY=1", Duration::from_secs(5), &mut seen), "ready again after the reload: {seen:?}");
+    // A broken file is refused; the daemon keeps serving.
+    std::fs::write(&config, "bundle = 42\n").unwrap();
+    signal("-HUP");
+    assert!(wait_for(&socket, "READY=1", Duration::from_secs(5), &mut seen), "{seen:?}");
+    assert!(child.try_wait().unwrap().is_none(), "SIGHUP never stops the daemon");
+
+    signal("-TERM");
+    assert!(wait_for(&socket, "STOPPING=1", Duration::from_secs(5), &mut seen), "{seen:?}");
+    let deadline = Instant::now() + Duration::from_secs(25);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "stops within the shutdown deadline");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "a clean stop exits 0: {status:?}");
+    let log = std::fs::read_to_string(dir.path().join("log")).unwrap();
+    assert!(log.contains("needs_restart") && log.contains("http"), "the reload names what needs a restart:\n{log}");
+    assert!(log.contains("configuration refused"), "the broken file is refused with its reason:\n{log}");
+}
+
+#[test]
+fn the_shipped_unit_verifies_and_is_hardened() {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/systemd/adaptd.service")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Verify against this build's binary (the package installs it as /usr/bin/adaptd).
+    let path = dir.path().join("adaptd.service");
+    std::fs::write(&path, unit.replace("/usr/bin/adaptd", env!("CARGO_BIN_EXE_adaptd"))).unwrap();
+    let verify = Command::new("systemd-analyze").args(["verify", path.to_str().unwrap()]).output().expect("systemd-analyze (package systemd) is installed by the set-up");
+    assert!(verify.status.success(), "systemd-analyze verify: {}", String::from_utf8_lossy(&verify.stderr));
+    let security = Command::new("systemd-analyze").args(["security", "--offline=yes", path.to_str().unwrap()]).output().unwrap();
+    let text = String::from_utf8_lossy(&security.stdout);
+    let exposure: f64 = text
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for adaptd.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
+    assert!(exposure <= 2.0, "systemd-analyze security exposure {exposure} (README states 1.8)");
+    for key in ["Type=notify", "WatchdogSec=", "ExecStartPre=/usr/bin/adaptd validate", "ExecReload=/bin/kill -HUP $MAINPID", "StateDirectory=adaptd", "ConfigurationDirectory=adaptd", "User=adaptd"] {
+        assert!(unit.contains(key), "the unit sets {key}");
+    }
+}
