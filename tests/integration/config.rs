@@ -53,8 +53,7 @@ fn bad_files_name_the_key_and_say_what_is_allowed() {
 #[test]
 fn a_file_names_only_what_it_changes() {
     let config = parse("state_dir = \"/data/adaptd\"\n[gate]\nmin_improvement = 0.05\n").unwrap();
-    let mut expected = Config::default();
-    expected.state_dir = "/data/adaptd".into();
+    let mut expected = Config { state_dir: "/data/adaptd".into(), ..Config::default() };
     expected.gate.min_improvement = 0.05;
     assert_eq!(config, expected, "everything else comes from the built-in defaults");
 }
