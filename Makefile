@@ -29,3 +29,6 @@ test: setup
 
 bench: setup
 	$(CARGO) bench -p adaptd --bench serving
+	$(PYTHON) benches/compare_training.py
+	$(CARGO) bench -p adaptd --bench time_to_adapt
+	benches/ingest_throughput.sh
