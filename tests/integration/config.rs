@@ -78,3 +78,16 @@ fn validate_exits_zero_for_a_good_file_and_two_naming_the_problem() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/adaptd.toml"));
 }
+
+#[test]
+fn the_example_configurations_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!config.ingest.tasks.is_empty() && !config.mqtt.host.is_empty(), "{}: an example that learns", path.display());
+        checked += 1;
+    }
+    assert!(checked >= 3, "Orin Nano, Orin AGX and a CPU box");
+}
