@@ -16,11 +16,18 @@ say() { printf '\033[1msetup:\033[0m %s\n' "$*"; }
 hash_of() { cat "$@" | sha256sum | cut -c1-16; }
 
 # 1. Debian packages ---------------------------------------------------------------------------
-if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ] || ! command -v mosquitto_pub >/dev/null; then
-  say "installing mosquitto and mosquitto-clients"
+# mosquitto: the real broker the tests start; systemd: systemd-analyze checks the unit;
+# fakeroot: the .deb is built with root-owned files by an ordinary user.
+missing=()
+{ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } || missing+=(mosquitto)
+command -v mosquitto_pub >/dev/null || missing+=(mosquitto-clients)
+command -v systemd-analyze >/dev/null || missing+=(systemd)
+command -v fakeroot >/dev/null || missing+=(fakeroot)
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
   sudo_=""; [ "$(id -u)" -eq 0 ] || sudo_="sudo"
   $sudo_ apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends mosquitto mosquitto-clients >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 # 2. Python venv -------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ mod config;
 mod demo;
 mod engine;
 mod ingest;
+mod package;
 mod registry;
 mod runtimes;
 mod samples;
