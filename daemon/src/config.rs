@@ -73,6 +73,28 @@ pub struct MqttSection {
     pub topic_prefix: String,
     /// Answer inference requests over MQTT v5 (needs a v5 broker; the embedded one speaks 3.1.1).
     pub inference_api: bool,
+    /// Empty: no authentication. The password lives in `password_file`, not here.
+    pub username: String,
+    pub password_file: PathBuf,
+    /// PEM CA bundle that signed the broker's certificate; set: TLS (empty: plain TCP).
+    pub tls_ca_file: PathBuf,
+    /// This device's client certificate and key (PEM), for brokers that require one.
+    pub tls_client_cert_file: PathBuf,
+    pub tls_client_key_file: PathBuf,
+}
+
+impl MqttSection {
+    /// How to reach the broker; none when no host is configured.
+    pub fn connection(&self) -> Option<crate::broker::BrokerConnection> {
+        use crate::broker::{BrokerConnection, TlsFiles};
+        let set = |p: &PathBuf| (!p.as_os_str().is_empty()).then(|| p.clone());
+        (!self.host.is_empty()).then(|| BrokerConnection {
+            host: self.host.clone(),
+            port: self.port,
+            credentials: (!self.username.is_empty()).then(|| (self.username.clone(), set(&self.password_file))),
+            tls: set(&self.tls_ca_file).map(|ca| TlsFiles { ca, client: set(&self.tls_client_cert_file).zip(set(&self.tls_client_key_file)) }),
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -169,7 +191,14 @@ impl Default for Config {
             state_dir: PathBuf::from("/var/lib/adaptd"),
             engine: EngineSection { max_batch: 32, max_wait_ms: 0, queue_depth: 1024, intra_op_threads: 2, execution_provider: ExecutionProvider::Cpu, device_id: 0, fallback_to_cpu: false },
             http: HttpSection { listen: SocketAddr::from(([127, 0, 0, 1], 8080)), max_request_bytes: crate::api::DEFAULT_MAX_REQUEST_BYTES },
-            mqtt: MqttSection { host: String::new(), port: 1883, device_id: "adaptd".into(), topic_prefix: "adaptd/v1".into(), inference_api: true },
+            mqtt: MqttSection { host: String::new(), port: 1883, device_id: "adaptd".into(), topic_prefix: "adaptd/v1".into(),
+                inference_api: true,
+                username: String::new(),
+                password_file: PathBuf::new(),
+                tls_ca_file: PathBuf::new(),
+                tls_client_cert_file: PathBuf::new(),
+                tls_client_key_file: PathBuf::new(),
+            },
             ingest: IngestSection { tasks: Vec::new(), max_batch: 256, max_payload_bytes: 1 << 20, validation_percent: 10, holdout_percent: 10 },
             adapters: AdaptersSection { keep_versions: 5 },
             training: TrainingSection {
@@ -307,6 +336,24 @@ impl Config {
         }
         if self.mqtt.device_id.is_empty() || self.mqtt.device_id.contains(['/', '+', '#']) {
             return invalid("mqtt.device_id", "must be a non-empty topic level without '/', '+' or '#'");
+        }
+        let m = &self.mqtt;
+        let (cert, key) = (m.tls_client_cert_file.as_os_str().is_empty(), m.tls_client_key_file.as_os_str().is_empty());
+        if cert != key {
+            return invalid("mqtt.tls_client_cert_file", "tls_client_cert_file and tls_client_key_file go together");
+        }
+        if !cert && m.tls_ca_file.as_os_str().is_empty() {
+            return invalid("mqtt.tls_ca_file", "a client certificate needs TLS: set tls_ca_file to the broker's CA");
+        }
+        if !m.password_file.as_os_str().is_empty() && m.username.is_empty() {
+            return invalid("mqtt.password_file", "a password needs a username");
+        }
+        for (key, file) in [("mqtt.password_file", &m.password_file), ("mqtt.tls_ca_file", &m.tls_ca_file), ("mqtt.tls_client_cert_file", &m.tls_client_cert_file), ("mqtt.tls_client_key_file", &m.tls_client_key_file)] {
+            if !file.as_os_str().is_empty()
+                && let Err(e) = std::fs::File::open(file)
+            {
+                return Err(ConfigError::Invalid { path: path.to_path_buf(), key, reason: format!("cannot read {}: {e}", file.display()) });
+            }
         }
         if self.ingest.max_batch == 0 {
             return invalid("ingest.max_batch", "must be at least 1");

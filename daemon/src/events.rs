@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, MqttOptions, QoS};
+use rumqttc::{AsyncClient, QoS};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -41,9 +41,13 @@ pub fn now_ms() -> u64 {
 const MAX_EVENT_BYTES: usize = 256 * 1024;
 
 /// Publish events until `shutdown`; with no broker, drain them (they are in the log already).
-pub async fn publish(mut rx: mpsc::UnboundedReceiver<Value>, broker: Option<(String, u16)>, client_id: String, topic: String, shutdown: impl Future<Output = ()>) {
+pub async fn publish(mut rx: mpsc::UnboundedReceiver<Value>, broker: Option<crate::broker::BrokerConnection>, client_id: String, topic: String, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
-    let Some((host, port)) = broker else {
+    let options = broker.map(|b| b.options(client_id)).transpose().unwrap_or_else(|e| {
+        tracing::error!(error = %e, "events are only logged: cannot connect to the broker");
+        None
+    });
+    let Some(mut options) = options else {
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
@@ -51,7 +55,6 @@ pub async fn publish(mut rx: mpsc::UnboundedReceiver<Value>, broker: Option<(Str
             }
         }
     };
-    let mut options = MqttOptions::new(client_id, host, port);
     options.set_keep_alive(Duration::from_secs(30));
     // rumqttc's default 10 KiB limit would drop a decision with per-class figures for many labels.
     options.set_max_packet_size(MAX_EVENT_BYTES, MAX_EVENT_BYTES);

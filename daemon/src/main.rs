@@ -446,7 +446,8 @@ fn serve(
         config.device_id = d;
     }
     if let Some(addr) = mqtt {
-        config.mqtt = Some(parse_host_port(&addr)?);
+        let (host, port) = parse_host_port(&addr)?;
+        config.mqtt = Some(adaptd::broker::BrokerConnection::plain(host, port));
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(adaptd::serve::run(config, shutdown_signal(), None))?;
@@ -464,8 +465,7 @@ fn ingest(bundle: Option<PathBuf>, store: PathBuf, mqtt: String, device: String,
     let samples = adaptd::samples::SampleStore::open(&store, Default::default())?;
     let (host, port) = parse_host_port(&mqtt)?;
     let config = adaptd::ingest::IngestConfig {
-        host,
-        port,
+        broker: adaptd::broker::BrokerConnection::plain(host, port),
         client_id: format!("adaptd-ingest-{device}"),
         topic_prefix: "adaptd/v1".into(),
         device_id: device,

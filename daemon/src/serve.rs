@@ -31,8 +31,8 @@ pub struct ServeConfig {
     pub bundle: PathBuf,
     pub state_dir: PathBuf,
     pub http: SocketAddr,
-    /// `host:port` of an MQTT broker for the MQTT API; none: HTTP only.
-    pub mqtt: Option<(String, u16)>,
+    /// The MQTT broker for samples, events and the MQTT API; none: HTTP only.
+    pub mqtt: Option<crate::broker::BrokerConnection>,
     /// Serve inference over MQTT too (MQTT v5 request/response).
     pub mqtt_api: bool,
     pub device_id: String,
@@ -66,7 +66,7 @@ impl ServeConfig {
             bundle: config.bundle.clone(),
             state_dir: config.state_dir.clone(),
             http: config.http.listen,
-            mqtt: (!config.mqtt.host.is_empty()).then(|| (config.mqtt.host.clone(), config.mqtt.port)),
+            mqtt: config.mqtt.connection(),
             mqtt_api: config.mqtt.inference_api,
             device_id: config.mqtt.device_id.clone(),
             topic_prefix: config.mqtt.topic_prefix.clone(),
@@ -187,16 +187,15 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
         let _ = tx.send(addr);
     }
     let http_task = tokio::spawn(http::serve(listener, api.clone(), stopped(stop_rx.clone())));
-    let mqtt_task = config.mqtt.clone().filter(|_| config.mqtt_api).map(|(host, port)| {
-        let mqtt_config = MqttApiConfig { host, port, client_id: format!("adaptd-{}", config.device_id), topic_prefix: config.topic_prefix.clone(), device_id: config.device_id.clone() };
+    let mqtt_task = config.mqtt.clone().filter(|_| config.mqtt_api).map(|broker| {
+        let mqtt_config = MqttApiConfig { broker, client_id: format!("adaptd-{}", config.device_id), topic_prefix: config.topic_prefix.clone(), device_id: config.device_id.clone() };
         tokio::spawn(mqtt::run(api.clone(), mqtt_config, stopped(stop_rx.clone())))
     });
     let ingest_task = match (&config.mqtt, config.tasks.is_empty()) {
-        (Some((host, port)), false) => {
+        (Some(broker), false) => {
             let store = SampleStore::open(&config.state_dir.join("samples.db"), config.split)?;
             let ingest_config = IngestConfig {
-                host: host.clone(),
-                port: *port,
+                broker: broker.clone(),
                 client_id: format!("adaptd-ingest-{}", config.device_id),
                 topic_prefix: config.topic_prefix.clone(),
                 device_id: config.device_id.clone(),

@@ -42,6 +42,9 @@ fn bad_files_name_the_key_and_say_what_is_allowed() {
         ("tick_ms = 1000", "tick_ms = 1", "schedule.tick_ms"),
         ("rollback_drop = 0.05", "rollback_drop = 2.0", "gate.max_retention_drop"),
         ("metric = \"accuracy\"", "metric = \"auc\"", "macro_f1"),
+        ("password_file = \"\"", "password_file = \"/etc/adaptd/mqtt-password\"", "mqtt.password_file"),
+        ("tls_client_cert_file = \"\"", "tls_client_cert_file = \"/etc/adaptd/client.pem\"", "mqtt.tls_client_cert_file"),
+        ("tls_ca_file = \"\"", "tls_ca_file = \"/nonexistent/ca.pem\"", "mqtt.tls_ca_file"),
     ] {
         let err = parse(&DEFAULT_TOML.replace(from, to)).unwrap_err();
         assert!(err.contains(key), "{key}: {err}");

@@ -36,8 +36,7 @@ fn start_ingest(port: u16, client_id: &str) -> RunningIngest {
     let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
     let stats = Arc::new(IngestStats::default());
     let config = IngestConfig {
-        host: "127.0.0.1".into(),
-        port,
+        broker: adaptd::broker::BrokerConnection::plain("127.0.0.1", port),
         client_id: client_id.into(),
         topic_prefix: "adaptd/v1".into(),
         device_id: "robot-7".into(),
@@ -193,7 +192,7 @@ async fn the_serving_process_ingests_the_configured_tasks_samples() {
     let state = tempfile::tempdir().unwrap();
     let mut config = adaptd::serve::ServeConfig::new(reference_bundle("digits-cnn"), state.path().to_path_buf());
     config.http = "127.0.0.1:0".parse().unwrap();
-    config.mqtt = Some(("127.0.0.1".into(), broker.port));
+    config.mqtt = Some(adaptd::broker::BrokerConnection::plain("127.0.0.1", broker.port));
     config.device_id = "robot-7".into();
     config.tasks = vec!["sorter".into()];
     let (stop, stopped) = oneshot::channel::<()>();

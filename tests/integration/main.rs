@@ -14,6 +14,7 @@ mod package;
 mod registry;
 mod runtimes;
 mod samples;
+mod tls;
 mod service;
 
 use std::path::{Path, PathBuf};

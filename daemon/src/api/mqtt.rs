@@ -14,15 +14,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event};
 
 use super::Api;
 use super::wire;
 
 #[derive(Debug, Clone)]
 pub struct MqttApiConfig {
-    pub host: String,
-    pub port: u16,
+    pub broker: crate::broker::BrokerConnection,
     pub client_id: String,
     /// Versioned topic root, e.g. `adaptd/v1`.
     pub topic_prefix: String,
@@ -37,7 +36,13 @@ impl MqttApiConfig {
 
 /// Answer inference requests until `shutdown` completes. Reconnects with backoff on its own.
 pub async fn run(api: Arc<Api>, config: MqttApiConfig, shutdown: impl Future<Output = ()>) {
-    let mut options = MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
+    let mut options = match config.broker.options_v5(config.client_id.clone()) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(error = %e, "MQTT inference API is off");
+            return;
+        }
+    };
     options.set_keep_alive(Duration::from_secs(30));
     options.set_clean_start(true);
     let (client, mut events) = AsyncClient::new(options, 64);

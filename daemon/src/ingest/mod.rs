@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use adaptd_adapters::bundle::Manifest;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
 use tokio::sync::mpsc;
 
 use crate::samples::{Inserted, SampleStore, StoreError};
@@ -27,8 +27,7 @@ use decode::{SampleSchema, decode_sample, refusal_event};
 
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
-    pub host: String,
-    pub port: u16,
+    pub broker: crate::broker::BrokerConnection,
     /// Stable across restarts: the broker keeps the session (and unacked messages) under it.
     pub client_id: String,
     pub topic_prefix: String,
@@ -65,6 +64,8 @@ impl IngestStats {
 pub enum IngestError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
 }
 
 /// Ingest until `shutdown` completes or the store fails (unacked messages then stay with the
@@ -77,7 +78,7 @@ pub async fn run(
     stats: Arc<IngestStats>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), IngestError> {
-    let mut options = MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
+    let mut options = config.broker.options(config.client_id.clone())?;
     options.set_keep_alive(Duration::from_secs(30));
     options.set_clean_session(false);
     options.set_manual_acks(true);
