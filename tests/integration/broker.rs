@@ -9,6 +9,7 @@ pub struct Mosquitto {
     pub port: u16,
     child: Child,
     _dir: tempfile::TempDir,
+    conf: PathBuf,
 }
 
 fn mosquitto_binary() -> PathBuf {
@@ -28,9 +29,11 @@ impl Mosquitto {
         Mosquitto::start_with("")
     }
 
-    /// Start with extra lines of mosquitto.conf.
+    /// Start with extra lines of mosquitto.conf; `{dir}` in them names a directory that lives
+    /// as long as the broker (for a persistence file).
     pub fn start_with(extra_config: &str) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
+        let extra_config = extra_config.replace("{dir}", &dir.path().display().to_string());
         for _ in 0..5 {
             let port = free_port();
             let conf = dir.path().join("mosquitto.conf");
@@ -39,7 +42,7 @@ impl Mosquitto {
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
                 if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Mosquitto { port, child, _dir: dir };
+                    return Mosquitto { port, child, _dir: dir, conf };
                 }
                 if child.try_wait().unwrap().is_some() {
                     break; // lost the port to someone else: try another
@@ -51,6 +54,32 @@ impl Mosquitto {
         }
         panic!("mosquitto did not start");
     }
+
+    /// Stop the broker the way an init system does (SIGTERM: it saves its persistence file) and
+    /// start it again on the same port and configuration.
+    pub fn restart(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            self.child = Command::new(mosquitto_binary()).arg("-c").arg(&self.conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("restart mosquitto");
+            let up = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < up {
+                if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                    return;
+                }
+                if self.child.try_wait().unwrap().is_some() {
+                    break; // the port is still in TIME_WAIT or taken: try again
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(Instant::now() < deadline, "mosquitto did not come back on port {}", self.port);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
 }
 
 impl Drop for Mosquitto {

@@ -245,3 +245,87 @@ async fn samples_arrive_through_the_embedded_rumqttd_broker() {
     let _ = stop.send(());
     task.await.unwrap().unwrap();
 }
+
+/// The broker restarts (SIGTERM, persistence on) in the middle of a QoS 1 stream. Every sample
+/// the broker acked before it went down reaches the store (through the daemon's persistent
+/// session), the publisher resends what was not acked, and each sample lands exactly once.
+///
+/// Open defect, so not part of the suite yet: every sample acked before the restart is stored (that
+/// check passes), but after the broker returns the ingest stores part of the resent stream and
+/// then receives nothing more, with no redeliveries seen. Run it with `--ignored`.
+#[ignore = "open defect: ingest stalls after a broker restart under load (see the doc comment)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_stream_loses_nothing() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+    use std::collections::{BTreeSet, HashMap};
+    const SAMPLES: usize = 3_000;
+    let key = |i: usize| format!("restart:{i}");
+    // The persistence file lives in the broker's own directory; an unlimited queue so the broker
+    // itself drops nothing for a session that is away.
+    let mut broker = Mosquitto::start_with("persistence true\npersistence_location {dir}/\nmax_queued_messages 0\nmax_inflight_messages 0\n");
+    let RunningIngest { store, stats, stop, task, .. } = start_ingest(broker.port, "adaptd-ingest-restart");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Publish in order; the n-th outgoing publish is sample n, so each PUBACK names its sample.
+    let publish = |port: u16, name: &str, indices: Vec<usize>| {
+        let (client, eventloop) = AsyncClient::new(MqttOptions::new(name, "127.0.0.1", port), 256);
+        tokio::spawn({
+            let indices = indices.clone();
+            async move {
+                for i in indices {
+                    if client.publish("adaptd/v1/robot-7/samples/sorter", QoS::AtLeastOnce, false, digit_sample(&format!("restart:{i}"), "sorter", "left")).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        (eventloop, indices)
+    };
+    // Poll until `until` acks or the connection drops; returns the samples the broker acked.
+    async fn acked_samples(mut eventloop: rumqttc::EventLoop, indices: Vec<usize>, until: usize) -> BTreeSet<usize> {
+        let (mut sent, mut in_flight, mut acked) = (0, HashMap::new(), BTreeSet::new());
+        while acked.len() < until {
+            match eventloop.poll().await {
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    in_flight.insert(pkid, indices[sent]);
+                    sent += 1;
+                }
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    acked.insert(in_flight.remove(&ack.pkid).expect("a PUBACK for a publish in flight"));
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        acked
+    }
+
+    let (eventloop, indices) = publish(broker.port, "restart-publisher", (0..SAMPLES).collect());
+    let first = tokio::spawn(acked_samples(eventloop, indices, SAMPLES));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (stats.stored.load(Ordering::Relaxed) as usize) < SAMPLES / 4 {
+        assert!(Instant::now() < deadline, "the stream is flowing");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::task::block_in_place(|| broker.restart());
+    let acked_before = first.await.unwrap();
+    assert!(acked_before.len() < SAMPLES, "the restart happened mid-stream ({} of {SAMPLES} acked before it)", acked_before.len());
+
+    // The publisher resends what the broker never acked.
+    let resend: Vec<usize> = (0..SAMPLES).filter(|i| !acked_before.contains(i)).collect();
+    let (eventloop, indices) = publish(broker.port, "restart-publisher-2", resend.clone());
+    let acked_after = tokio::time::timeout(Duration::from_secs(60), acked_samples(eventloop, indices, resend.len())).await.expect("the broker is back");
+    assert_eq!(acked_after.len(), resend.len());
+
+    while (stats.stored.load(Ordering::Relaxed) as usize) < SAMPLES && Instant::now() < deadline + Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    {
+        let store = store.lock().unwrap();
+        let missing: Vec<usize> = acked_before.iter().copied().filter(|&i| store.get(&key(i)).unwrap().is_none()).collect();
+        assert!(missing.is_empty(), "acked before the restart but not stored: {} (e.g. {:?})", missing.len(), &missing[..missing.len().min(5)]);
+        assert_eq!(store.len().unwrap(), SAMPLES as u64, "every sample exactly once (redeliveries recognised: {})", stats.duplicates.load(Ordering::Relaxed));
+    }
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
