@@ -11,6 +11,8 @@
 //! the head case also allows any retention drop, because a head alone cannot keep upright digits
 //! while it learns sideways ones (the gate still measures and reports it).
 
+// The tests' Mosquitto helper; the bench uses only part of it.
+#[allow(dead_code)]
 #[path = "../tests/integration/broker.rs"]
 mod broker;
 
