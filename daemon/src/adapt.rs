@@ -703,9 +703,13 @@ async fn gate_and_promote(
     let base_labels = bundle.manifest.labels.clone().unwrap_or_default();
     let retention = if !retention_check.is_empty() && retention_check.labels.iter().all(|&l| base_labels.get(l as usize).is_some_and(|n| labels.contains(n))) {
         let truth: Vec<&str> = retention_check.labels.iter().map(|&l| base_labels[l as usize].as_str()).collect();
-        let cand = predict_inputs(ctx, &candidate, &retention_check.inputs).await?;
-        let inc = predict_inputs(ctx, incumbent, &retention_check.inputs).await?;
-        Some((gate::metrics(&truth, &as_refs(&names(&inc))).accuracy, gate::metrics(&truth, &as_refs(&names(&cand))).accuracy))
+        let accuracy_of = |preds: &[Prediction]| gate::metrics(&truth, &as_refs(&names(preds))).accuracy;
+        let cand = accuracy_of(&predict_inputs(ctx, &candidate, &retention_check.inputs).await?);
+        let inc = accuracy_of(&predict_inputs(ctx, incumbent, &retention_check.inputs).await?);
+        // Against the better of the incumbent and the base model: measured only against the
+        // incumbent, forgetting could pile up a little more with every version.
+        let base = if incumbent.version == 0 { inc } else { accuracy_of(&predict_inputs(ctx, &ctx.registry.base(task), &retention_check.inputs).await?) };
+        Some((inc.max(base), cand))
     } else {
         None
     };

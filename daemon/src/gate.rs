@@ -98,8 +98,9 @@ pub struct Evidence {
     /// On the holdout split.
     pub candidate: Metrics,
     pub incumbent: Metrics,
-    /// Accuracy on the retention set's check half: (incumbent, candidate). None: the bundle has
-    /// no retention set, or its labels are not the task's.
+    /// Accuracy on the retention set's check half: (reference, candidate), the reference being the
+    /// better of the incumbent and the base model. None: the bundle has no retention set, or its
+    /// labels are not the task's.
     pub retention: Option<(f64, f64)>,
     /// Every score the engine produced for the candidate is finite.
     pub finite: bool,
@@ -145,7 +146,7 @@ pub fn decide(e: &Evidence, cfg: &GateConfig) -> Decision {
         Some((before, after)) => check(
             "retention",
             after >= before - cfg.max_retention_drop,
-            format!("base-domain accuracy {after:.4} vs incumbent {before:.4} (drop {:.4}, at most {:.4} allowed)", before - after, cfg.max_retention_drop),
+            format!("base-domain accuracy {after:.4} vs {before:.4}, the better of incumbent and base model (drop {:.4}, at most {:.4} allowed)", before - after, cfg.max_retention_drop),
         ),
         None => check("retention", true, "no retention set for this task: not checked".into()),
     }
