@@ -67,8 +67,10 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         rank: usize,
     },
-    /// Serve a bundle: the engine with each task's active adapter, over HTTP and (optionally) MQTT.
+    /// Run the daemon (alias: serve): the engine with each task's active adapter over HTTP and
+    /// MQTT, ingest, and one adaptation loop per task.
     /// Settings come from --config (default: the built-in config/adaptd.toml); flags override it.
+    #[command(alias = "run")]
     Serve {
         /// Configuration file.
         #[arg(long)]
@@ -131,6 +133,11 @@ enum Command {
         #[command(flatten)]
         daemon: DaemonArgs,
     },
+    /// The sample store: `stats` counts labelled samples per task, split and label.
+    Samples {
+        #[command(subcommand)]
+        command: SamplesCommand,
+    },
     /// Adapters: list and show read the state directory; rollback and pin go through the daemon.
     Adapters {
         #[command(subcommand)]
@@ -180,6 +187,15 @@ impl DaemonArgs {
 }
 
 #[derive(Subcommand)]
+enum SamplesCommand {
+    /// Labelled samples per task, split (train / validation / holdout) and label.
+    Stats {
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum AdaptersCommand {
     /// Every adapter version kept on disk, newest first; `*` marks the one serving.
     List {
@@ -221,10 +237,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo talks to the user on stdout; its log only says what went wrong.
     let default_filter = if matches!(cli.command, Command::Demo { .. }) { "warn,rumqttd=off" } else { "info" };
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("ADAPTD_LOG").unwrap_or_else(|_| default_filter.into()))
-        .with_writer(std::io::stderr)
-        .init();
+    // ADAPTD_LOG_FORMAT=json for log shippers; text otherwise (journald keeps either).
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ADAPTD_LOG").unwrap_or_else(|_| default_filter.into());
+    let log = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("ADAPTD_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        log.json().init();
+    } else {
+        log.init();
+    }
     let result = match cli.command {
         Command::Demo { build_dir, state_dir, report, robots, rate } => demo(build_dir, state_dir, report, robots, rate),
         Command::Check { build_dir } => check(build_dir),
@@ -242,6 +262,10 @@ fn main() -> ExitCode {
             Ok((format!("{message}\n"), serde_json::json!({ "message": message })))
         }),
         Command::Adapters { command } => adapters(command),
+        Command::Samples { command: SamplesCommand::Stats { daemon } } => operate(daemon.json, || {
+            let stats = adaptd::ops::sample_stats(&daemon.state_dir()?)?;
+            Ok((adaptd::ops::render_sample_stats(&stats), stats))
+        }),
         Command::Validate { config } => match adaptd::config::Config::load(&config) {
             Ok(_) => {
                 println!("{}: valid", config.display());

@@ -127,3 +127,42 @@ pub fn render_adapters(rows: &Value) -> String {
     }
     out + "(* serving)\n"
 }
+
+/// Labelled samples in the store under `state_dir`: per task, split and label.
+pub fn sample_stats(state_dir: &Path) -> Result<Value, OpsError> {
+    let path = state_dir.join("samples.db");
+    if !path.is_file() {
+        return Err(OpsError::State { path: path.display().to_string(), reason: "no sample store here yet (nothing ingested, or not the daemon's state directory)".into() });
+    }
+    let state_err = |e: crate::samples::StoreError| OpsError::State { path: path.display().to_string(), reason: e.to_string() };
+    let store = crate::samples::SampleStore::open(&path, Default::default()).map_err(state_err)?;
+    let mut tasks = Vec::new();
+    for task in store.tasks().map_err(state_err)? {
+        let mut labels: std::collections::BTreeMap<String, serde_json::Map<String, Value>> = std::collections::BTreeMap::new();
+        let mut total = 0;
+        for ((split, label), n) in store.counts(&task).map_err(state_err)? {
+            total += n;
+            labels.entry(label).or_default().insert(format!("{split:?}").to_lowercase(), json!(n));
+        }
+        tasks.push(json!({ "task": task, "samples": total, "labels": labels }));
+    }
+    Ok(Value::Array(tasks))
+}
+
+pub fn render_sample_stats(stats: &Value) -> String {
+    let mut out = format!("{:<16} {:<16} {:>8} {:>11} {:>8}\n", "task", "label", "train", "validation", "holdout");
+    for t in stats.as_array().into_iter().flatten() {
+        for (label, splits) in t["labels"].as_object().into_iter().flatten() {
+            out += &format!(
+                "{:<16} {:<16} {:>8} {:>11} {:>8}\n",
+                t["task"].as_str().unwrap_or("?"),
+                label,
+                splits["train"].as_u64().unwrap_or(0),
+                splits["validation"].as_u64().unwrap_or(0),
+                splits["holdout"].as_u64().unwrap_or(0)
+            );
+        }
+        out += &format!("{:<16} {:<16} {:>8}\n", t["task"].as_str().unwrap_or("?"), "(all)", t["samples"]);
+    }
+    out
+}

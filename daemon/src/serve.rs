@@ -88,6 +88,7 @@ impl ServeConfig {
 
 /// Serve until `shutdown` completes. `bound` learns the HTTP address once it listens (port 0 works).
 pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound: Option<oneshot::Sender<SocketAddr>>) -> anyhow::Result<()> {
+    let _lock = lock_state_dir(&config.state_dir)?;
     let bundle = Bundle::open(&config.bundle)?;
     let store = AdapterStore::open(config.state_dir.join("adapters"))?;
     let (registry, recovered) = Registry::open(bundle, store, config.keep_versions)?;
@@ -239,6 +240,33 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
         Ok(result) => result,
         Err(_) => anyhow::bail!("shutdown took longer than {} s; exiting with work unfinished (acked samples are already durable)", config.shutdown_deadline.as_secs()),
     }
+}
+
+/// Held for the life of the process: one daemon per state directory (two would interleave
+/// adapter versions and fight over the sample store). The lock file names the holder.
+#[derive(Debug)]
+pub struct StateLock(#[allow(dead_code)] std::fs::File); // held, not read: the lock lives as long as the descriptor
+
+pub fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<StateLock> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("state directory {}: {e} (it must be writable by the daemon's user)", dir.display()))?;
+    let path = dir.join("adaptd.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("state directory {}: cannot write {}: {e} (it must be writable by the daemon's user)", dir.display(), path.display()))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is shared.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        anyhow::bail!("state directory {} is in use by another adaptd ({}); one daemon per state directory", dir.display(), holder.trim());
+    }
+    file.set_len(0)?;
+    write!(file, "pid {}", std::process::id())?;
+    Ok(StateLock(file))
 }
 
 /// SIGHUP: re-read the configuration file; `[training]`, `[schedule]` and `[gate]` apply to each

@@ -107,3 +107,58 @@ fn the_shipped_unit_verifies_and_is_hardened() {
         assert!(unit.contains(key), "the unit sets {key}");
     }
 }
+
+/// Start `adaptd serve --config` with `config`; the exit code and stderr once it gives up.
+fn serve_fails(config: &str, dir: &std::path::Path) -> (Option<i32>, String) {
+    let path = dir.join(format!("bad-{}.toml", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_adaptd")).args(["serve", "--config", path.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("adaptd kept running with {config}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+#[test]
+fn bad_deployments_exit_non_zero_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = reference_bundle("digits-cnn");
+    let state = dir.path().join("state");
+    let base = |extra: &str| format!("bundle = {bundle:?}\nstate_dir = {state:?}\n{extra}");
+    let check = |config: String, want: &[&str]| {
+        let (code, stderr) = serve_fails(&config, dir.path());
+        assert!(code.is_some_and(|c| c != 0), "non-zero exit for {config}: {code:?}");
+        assert!(!stderr.contains("panicked"), "a message, not a panic: {stderr}");
+        for w in want {
+            assert!(stderr.contains(w), "{w:?} in: {stderr}");
+        }
+    };
+
+    check(format!("bundle = \"/nonexistent/bundle\"\nstate_dir = {state:?}\n"), &["/nonexistent/bundle"]);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    check(base(&format!("[http]\nlisten = \"{addr}\"\n")), &[&addr.to_string()]);
+    std::fs::write(dir.path().join("a-file"), "").unwrap();
+    let not_a_dir = dir.path().join("a-file").join("state");
+    check(format!("bundle = {bundle:?}\nstate_dir = {not_a_dir:?}\n"), &["state directory", "writable"]);
+
+    // A second daemon on the same state directory is refused while the first one runs.
+    let first_config = dir.path().join("first.toml");
+    std::fs::write(&first_config, base("[http]\nlisten = \"127.0.0.1:0\"\n")).unwrap();
+    let mut first = Command::new(env!("CARGO_BIN_EXE_adaptd")).args(["serve", "--config", first_config.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let lock = state.join("adaptd.lock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&lock).is_ok_and(|s| s.starts_with("pid")) {
+        assert!(Instant::now() < deadline, "the first daemon took its lock");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    check(base("[http]\nlisten = \"127.0.0.1:0\"\n"), &["in use by another adaptd", &format!("pid {}", first.id())]);
+    let _ = first.kill();
+    let _ = first.wait();
+}
