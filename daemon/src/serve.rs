@@ -188,6 +188,11 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
         let _ = tx.send(addr);
     }
     let http_task = tokio::spawn(http::serve(listener, api.clone(), stopped(stop_rx.clone())));
+    // Operator commands over MQTT for the tasks that adapt (also through HTTP and the CLI).
+    let commands_task = config.mqtt.clone().filter(|_| !config.adapt.is_empty()).map(|broker| {
+        let prefix = format!("{}/{}/commands", config.topic_prefix, config.device_id);
+        tokio::spawn(crate::api::commands::run(api.clone(), broker, format!("adaptd-commands-{}", config.device_id), prefix, events.clone(), stopped(stop_rx.clone())))
+    });
     let mqtt_task = config.mqtt.clone().filter(|_| config.mqtt_api).map(|broker| {
         let mqtt_config = MqttApiConfig { broker, client_id: format!("adaptd-{}", config.device_id), topic_prefix: config.topic_prefix.clone(), device_id: config.device_id.clone() };
         tokio::spawn(mqtt::run(api.clone(), mqtt_config, stopped(stop_rx.clone())))
@@ -235,6 +240,9 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
     tracing::info!(deadline_s = config.shutdown_deadline.as_secs(), "shutting down");
     crate::systemd::notify_or_log("STOPPING=1");
     let _ = stop_tx.send(true);
+    if let Some(t) = commands_task {
+        let _ = t.await;
+    }
     let stopping = stop_in_order(http_task, mqtt_task, ingest_task, adapt_tasks, events_task, watchdog_task, trainer, engine);
     match tokio::time::timeout(config.shutdown_deadline, stopping).await {
         Ok(result) => result,

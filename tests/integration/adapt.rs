@@ -272,3 +272,44 @@ async fn a_promoted_adapter_that_does_worse_on_fresh_labels_is_rolled_back_by_it
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("shuts down in time").unwrap().unwrap();
 }
+
+/// Operator commands over MQTT, answered on the events topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_command_over_mqtt_and_read_the_answers_as_events() {
+    let broker = Mosquitto::start();
+    let state = tempfile::tempdir().unwrap();
+    let events = EventLog::start(broker.port, state.path());
+    let config = daemon_config(broker.port, state.path(), "tiny", 1_000);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (bound_tx, bound_rx) = oneshot::channel();
+    let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
+    bound_rx.await.unwrap();
+    let port = broker.port;
+    let results = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        for command in [r#"{"command": "train"}"#, r#"{"command": "fly"}"#, r#"{"command": "pin", "version": 7}"#, "not json"] {
+            publish(port, "adaptd/v1/robot-3/commands/tiny", &[command.to_string()]);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        events.wait_for("training_deferred", Duration::from_secs(20));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let results: Vec<Value> = events.events().into_iter().filter(|e| e["event"] == "command_result").collect();
+            if results.len() == 4 || Instant::now() > deadline {
+                return results;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(results.len(), 4, "{results:?}");
+    let answer = |command: &str| results.iter().find(|r| r["command"] == command).unwrap_or_else(|| panic!("no answer to {command}: {results:?}")).clone();
+    assert_eq!(answer("train")["ok"], true, "{}", answer("train"));
+    assert!(answer("fly")["ok"] == false && answer("fly")["message"].as_str().unwrap().contains("unknown command"), "{}", answer("fly"));
+    assert!(answer("pin")["ok"] == false && answer("pin")["message"].as_str().unwrap().contains('7'), "{}", answer("pin"));
+    assert!(answer("?")["ok"] == false && answer("?")["message"].as_str().unwrap().contains("not a command"), "{}", answer("?"));
+    assert!(results.iter().all(|r| r["task"] == "tiny" && r["via"] == "mqtt"));
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("shuts down in time").unwrap().unwrap();
+}

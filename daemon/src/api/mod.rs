@@ -1,6 +1,7 @@
 //! The inference API, over HTTP (loopback by default) and MQTT v5 request/response.
 //! Both decode with `wire`, predict through the engine, and answer in JSON.
 
+pub mod commands;
 pub mod http;
 pub mod metrics;
 pub mod mqtt;
