@@ -212,6 +212,28 @@ enum AdaptersCommand {
         #[command(flatten)]
         daemon: DaemonArgs,
     },
+    /// Copy a verified adapter version out (its manifest and PEFT-compatible tensors), e.g. to
+    /// roll it out to other devices.
+    Export {
+        task: String,
+        version: u64,
+        /// A new directory to write it to.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// Add an exported adapter as the task's next version (not served until pinned or promoted);
+    /// refused unless it fits this device's bundle.
+    Import {
+        /// A directory written by `adapters export`.
+        dir: PathBuf,
+        /// The task to import into [default: the adapter's own].
+        #[arg(long)]
+        task: Option<String>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
     /// Serve the previous version again (the daemon says which).
     Rollback {
         task: String,
@@ -315,6 +337,31 @@ fn adapters(command: AdaptersCommand) -> anyhow::Result<ExitCode> {
             let store = adaptd_adapters::AdapterStore::open(daemon.state_dir()?.join("adapters"))?;
             let adapter = store.load(&task, version)?;
             Ok((String::new(), serde_json::to_value(&adapter.manifest)?))
+        }),
+        AdaptersCommand::Export { task, version, out, daemon } => operate(daemon.json, || {
+            let store = adaptd_adapters::AdapterStore::open(daemon.state_dir()?.join("adapters"))?;
+            let adapter = store.load(&task, version)?;
+            anyhow::ensure!(!out.exists(), "{}: already exists; export writes a new directory", out.display());
+            std::fs::create_dir_all(&out)?;
+            let manifest = adapter.write_dir(&out)?;
+            let text = format!("{} exported to {} ({} files, hashes in adapter.json)\n", manifest.id(), out.display(), manifest.files.len());
+            Ok((text, serde_json::json!({ "adapter": manifest.id(), "dir": out })))
+        }),
+        AdaptersCommand::Import { dir, task, daemon } => operate(daemon.json, || {
+            let config = daemon.config()?;
+            let mut adapter = adaptd_adapters::Adapter::read_dir(&dir)?;
+            let bundle = adaptd_adapters::Bundle::open(&config.bundle)?;
+            adapter.check_fits(&bundle)?;
+            let store = adaptd_adapters::AdapterStore::open(daemon.state_dir()?.join("adapters"))?;
+            let from = adapter.manifest.id();
+            if let Some(t) = task {
+                adapter.manifest.task = t;
+            }
+            let task = adapter.manifest.task.clone();
+            adapter.manifest.version = store.versions(&task)?.last().copied().unwrap_or(0) + 1;
+            let manifest = store.save(&adapter)?;
+            let text = format!("{from} imported as {}; `adaptd adapters pin {task} {}` serves it\n", manifest.id(), manifest.version);
+            Ok((text, serde_json::json!({ "imported_from": from, "adapter": manifest.id(), "version": manifest.version })))
         }),
         AdaptersCommand::Rollback { task, daemon } => operate(daemon.json, || {
             let message = adaptd::ops::command(&daemon.client()?, &task, "rollback")?;

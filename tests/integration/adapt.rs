@@ -194,6 +194,27 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
     let (code, _) = http("POST", &format!("{base}/v1/tasks/nobody/rollback"));
     assert_eq!(code, 409);
 
+    // Export v1, import it back (as v2, as another device would), and pin it through the CLI.
+    let cfg = state.path().join("cli.toml");
+    std::fs::write(&cfg, format!("bundle = {:?}\nstate_dir = {:?}\n", reference_bundle("digits-cnn"), state.path())).unwrap();
+    let (cfg, out) = (cfg.to_str().unwrap().to_string(), state.path().join("exported"));
+    let (code, stdout, stderr) = cli(&["adapters", "export", "sorter", "1", "--out", out.to_str().unwrap(), "--config", &cfg]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("sorter@v1 exported"), "{stdout}");
+    let (code, stdout, stderr) = cli(&["adapters", "import", out.to_str().unwrap(), "--config", &cfg, "--json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap()["version"], 2, "{stdout}");
+    let (code, _, stderr) = cli(&["adapters", "pin", "sorter", "2", "--http", &addr]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (_, status) = http("GET", &format!("{base}/v1/tasks/sorter/status"));
+    assert_eq!(status["serving_version"], 2, "the imported adapter serves");
+    let garbage = state.path().join("garbage");
+    std::fs::create_dir_all(&garbage).unwrap();
+    std::fs::write(garbage.join("adapter.json"), "{").unwrap();
+    let (code, _, stderr) = cli(&["adapters", "import", garbage.to_str().unwrap(), "--config", &cfg]);
+    assert_eq!(code, Some(1), "a broken adapter is refused: {stderr}");
+    assert!(stderr.contains("adapter.json"), "{stderr}");
+
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("shuts down in time").unwrap().unwrap();
 }
