@@ -193,6 +193,13 @@ enum SamplesCommand {
         #[command(flatten)]
         daemon: DaemonArgs,
     },
+    /// Add labelled samples from a file of JSON lines (the MQTT sample format), checked against
+    /// the configured bundle and tasks; duplicates are recognised, bad lines refused by number.
+    Import {
+        file: PathBuf,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -284,6 +291,16 @@ fn main() -> ExitCode {
             Ok((format!("{message}\n"), serde_json::json!({ "message": message })))
         }),
         Command::Adapters { command } => adapters(command),
+        Command::Samples { command: SamplesCommand::Import { file, daemon } } => operate(daemon.json, || {
+            let config = daemon.config()?;
+            let bundle = Bundle::open(&config.bundle)?;
+            let result = adaptd::ops::import_samples(&daemon.state_dir()?, &bundle, &config.ingest.tasks, &file, config.ingest.max_payload_bytes)?;
+            let mut text = format!("{}: {} stored, {} already there, {} refused\n", file.display(), result["stored"], result["duplicates"], result["refused"].as_array().map_or(0, Vec::len));
+            for r in result["refused"].as_array().into_iter().flatten() {
+                text += &format!("  line {}: {}\n", r["line"], r["message"].as_str().unwrap_or(""));
+            }
+            Ok((text, result))
+        }),
         Command::Samples { command: SamplesCommand::Stats { daemon } } => operate(daemon.json, || {
             let stats = adaptd::ops::sample_stats(&daemon.state_dir()?)?;
             Ok((adaptd::ops::render_sample_stats(&stats), stats))

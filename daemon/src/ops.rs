@@ -166,3 +166,27 @@ pub fn render_sample_stats(stats: &Value) -> String {
     }
     out
 }
+
+/// Import labelled samples from a file of JSON lines (the MQTT sample format, one per line) into
+/// the store under `state_dir`, checked against `bundle` like ingest checks them. Duplicates (by
+/// key) are recognised; bad lines are refused with their line number and reason; good ones land.
+pub fn import_samples(state_dir: &Path, bundle: &adaptd_adapters::Bundle, tasks: &[String], file: &Path, max_bytes: usize) -> Result<Value, OpsError> {
+    use crate::ingest::decode::{SampleSchema, decode_sample};
+    let text = std::fs::read_to_string(file).map_err(|e| OpsError::State { path: file.display().to_string(), reason: e.to_string() })?;
+    let schema = SampleSchema { manifest: &bundle.manifest, tasks, max_bytes };
+    let now = crate::events::now_ms() as i64;
+    let (mut samples, mut refused) = (Vec::new(), Vec::new());
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        match decode_sample(line.as_bytes(), &schema, now) {
+            Ok(s) => samples.push(s),
+            Err(e) => refused.push(json!({ "line": i + 1, "reason": e.error_type(), "message": e.to_string() })),
+        }
+    }
+    let path = state_dir.join("samples.db");
+    let state_err = |e: crate::samples::StoreError| OpsError::State { path: path.display().to_string(), reason: e.to_string() };
+    std::fs::create_dir_all(state_dir).map_err(|e| OpsError::State { path: state_dir.display().to_string(), reason: e.to_string() })?;
+    let mut store = crate::samples::SampleStore::open(&path, Default::default()).map_err(state_err)?;
+    let inserted = store.insert_batch(&samples).map_err(state_err)?;
+    let new = inserted.iter().filter(|r| matches!(r, crate::samples::Inserted::New(_))).count();
+    Ok(json!({ "file": file, "stored": new, "duplicates": inserted.len() - new, "refused": refused }))
+}

@@ -162,3 +162,26 @@ fn bad_deployments_exit_non_zero_with_a_clear_message() {
     let _ = first.kill();
     let _ = first.wait();
 }
+
+#[test]
+fn samples_import_checks_each_line_and_stats_count_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("adaptd.toml");
+    std::fs::write(&config, format!("bundle = {:?}\nstate_dir = {:?}\n[ingest]\ntasks = [\"sorter\"]\n", reference_bundle("digits-cnn"), dir.path().join("state"))).unwrap();
+    let pixels = vec!["0.5"; 64].join(",");
+    let line = |key: &str, label: &str| format!("{{\"key\": \"{key}\", \"task\": \"sorter\", \"label\": \"{label}\", \"input\": {{\"shape\": [1, 1, 8, 8], \"data\": [{pixels}]}}}}");
+    let file = dir.path().join("samples.jsonl");
+    let lines = [line("a", "3"), line("b", "4"), line("a", "3"), "{\"key\": \"c\", \"task\": \"sorter\", \"label\": \"1\", \"input\": {\"shape\": [1, 1, 4, 16], \"data\": []}}".to_string()];
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_adaptd")).args(args).args(["--config", config.to_str().unwrap(), "--json"]).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let imported = run(&["samples", "import", file.to_str().unwrap()]);
+    assert_eq!((imported["stored"].as_u64(), imported["duplicates"].as_u64()), (Some(2), Some(1)), "{imported}");
+    assert_eq!(imported["refused"][0]["line"], 4, "the bad line is named: {imported}");
+    let stats = run(&["samples", "stats"]);
+    assert_eq!(stats[0]["task"], "sorter");
+    assert_eq!(stats[0]["samples"], 2, "{stats}");
+}
