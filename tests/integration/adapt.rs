@@ -100,16 +100,36 @@ fn daemon_config(port: u16, state: &std::path::Path, task: &str, min_new_samples
     ServeConfig::from_config(&config)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rolls_back() {
+/// A daemon learning `task` on a fresh Mosquitto and state directory, its events collected.
+struct Running {
+    broker: Mosquitto,
+    state: tempfile::TempDir,
+    events: EventLog,
+    base: String,
+    stop: oneshot::Sender<()>,
+    daemon: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start_daemon(task: &str, min_new_samples: u64) -> Running {
     let broker = Mosquitto::start();
     let state = tempfile::tempdir().unwrap();
     let events = EventLog::start(broker.port, state.path());
-    let config = daemon_config(broker.port, state.path(), "sorter", 300);
+    let config = daemon_config(broker.port, state.path(), task, min_new_samples);
     let (stop, stopped) = oneshot::channel::<()>();
     let (bound_tx, bound_rx) = oneshot::channel();
     let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
     let base = format!("http://{}", bound_rx.await.unwrap());
+    Running { broker, state, events, base, stop, daemon }
+}
+
+async fn shut_down(stop: oneshot::Sender<()>, daemon: tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("shuts down in time").unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rolls_back() {
+    let Running { broker, state, events, base, stop, daemon } = start_daemon("sorter", 300).await;
 
     // Robots whose cameras are mounted sideways: rotated digits the base model never saw.
     let digits = Digits::load(&digits_data()).unwrap();
@@ -215,20 +235,12 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
     assert_eq!(code, Some(1), "a broken adapter is refused: {stderr}");
     assert!(stderr.contains("adapter.json"), "{stderr}");
 
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("shuts down in time").unwrap().unwrap();
+    shut_down(stop, daemon).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_with_too_few_samples_is_deferred_with_its_reason() {
-    let broker = Mosquitto::start();
-    let state = tempfile::tempdir().unwrap();
-    let events = EventLog::start(broker.port, state.path());
-    let config = daemon_config(broker.port, state.path(), "tiny", 1_000);
-    let (stop, stopped) = oneshot::channel::<()>();
-    let (bound_tx, bound_rx) = oneshot::channel();
-    let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
-    let base = format!("http://{}", bound_rx.await.unwrap());
+    let Running { broker, state: _state, events, base, stop, daemon } = start_daemon("tiny", 1_000).await;
     let digits = Digits::load(&digits_data()).unwrap();
     let lines: Vec<String> = digits.held_out().iter().take(8).map(|&i| sample_line(&format!("t:{i}"), "tiny", digits.labels[i], &digits.image(i, Shift::Invert))).collect();
     let port = broker.port;
@@ -249,22 +261,14 @@ async fn a_task_with_too_few_samples_is_deferred_with_its_reason() {
     .unwrap();
     let reason = deferred["reason"].as_str().unwrap();
     assert!(reason.contains("training samples") && reason.contains("20 needed"), "{reason}");
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("shuts down in time").unwrap().unwrap();
+    shut_down(stop, daemon).await;
 }
 
 /// After a promotion the daemon watches fresh labels: when they show the new adapter worse than
 /// the one it replaced, it rolls back by itself and says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_promoted_adapter_that_does_worse_on_fresh_labels_is_rolled_back_by_itself() {
-    let broker = Mosquitto::start();
-    let state = tempfile::tempdir().unwrap();
-    let events = EventLog::start(broker.port, state.path());
-    let config = daemon_config(broker.port, state.path(), "sorter", 300);
-    let (stop, stopped) = oneshot::channel::<()>();
-    let (bound_tx, bound_rx) = oneshot::channel();
-    let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
-    let base = format!("http://{}", bound_rx.await.unwrap());
+    let Running { broker, state, events, base, stop, daemon } = start_daemon("sorter", 300).await;
     let digits = Digits::load(&digits_data()).unwrap();
     let pool = digits.held_out();
     let rotated: Vec<String> = pool.iter().take(360).map(|&i| sample_line(&format!("cam-3:{i}"), "sorter", digits.labels[i], &digits.image(i, Shift::Rotate90))).collect();
@@ -290,21 +294,13 @@ async fn a_promoted_adapter_that_does_worse_on_fresh_labels_is_rolled_back_by_it
     assert_eq!(status["serving_version"], 0, "{status}");
     let journal = std::fs::read_to_string(state.path().join("journal/sorter.jsonl")).unwrap();
     assert!(journal.lines().any(|l| l.contains("\"rolled_back\"")), "the rollback is in the journal");
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("shuts down in time").unwrap().unwrap();
+    shut_down(stop, daemon).await;
 }
 
 /// Operator commands over MQTT, answered on the events topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operators_command_over_mqtt_and_read_the_answers_as_events() {
-    let broker = Mosquitto::start();
-    let state = tempfile::tempdir().unwrap();
-    let events = EventLog::start(broker.port, state.path());
-    let config = daemon_config(broker.port, state.path(), "tiny", 1_000);
-    let (stop, stopped) = oneshot::channel::<()>();
-    let (bound_tx, bound_rx) = oneshot::channel();
-    let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
-    bound_rx.await.unwrap();
+    let Running { broker, state: _state, events, base: _, stop, daemon } = start_daemon("tiny", 1_000).await;
     let port = broker.port;
     let results = tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_millis(500));
@@ -331,6 +327,5 @@ async fn operators_command_over_mqtt_and_read_the_answers_as_events() {
     assert!(answer("pin")["ok"] == false && answer("pin")["message"].as_str().unwrap().contains('7'), "{}", answer("pin"));
     assert!(answer("?")["ok"] == false && answer("?")["message"].as_str().unwrap().contains("not a command"), "{}", answer("?"));
     assert!(results.iter().all(|r| r["task"] == "tiny" && r["via"] == "mqtt"));
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("shuts down in time").unwrap().unwrap();
+    shut_down(stop, daemon).await;
 }
