@@ -108,6 +108,9 @@ enum Command {
         /// Tasks samples may be for, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
         tasks: Vec<String>,
+        /// Samples committed per transaction (one fsync each); 1 commits every sample alone.
+        #[arg(long, default_value_t = 256)]
+        max_batch: usize,
     },
     /// Check a configuration file without starting anything (exit 0: valid, 2: invalid).
     Validate {
@@ -281,7 +284,7 @@ fn main() -> ExitCode {
         Command::Parity { bundles, rank } => parity_command(&bundles, rank),
         Command::Bundle { command: BundleCommand::Verify { dir } } => verify(&dir),
         Command::Serve { config, bundle, state_dir, http, mqtt, device } => serve(config, bundle, state_dir, http, mqtt, device),
-        Command::Ingest { bundle, store, mqtt, device, tasks } => ingest(bundle, store, mqtt, device, tasks),
+        Command::Ingest { bundle, store, mqtt, device, tasks, max_batch } => ingest(bundle, store, mqtt, device, tasks, max_batch),
         Command::Status { daemon } => operate(daemon.json, || {
             let statuses = adaptd::ops::status(&daemon.client()?)?;
             Ok((adaptd::ops::render_status(&statuses), statuses))
@@ -547,7 +550,8 @@ fn parse_host_port(addr: &str) -> anyhow::Result<(String, u16)> {
     Ok((host.to_string(), port.parse().map_err(|_| anyhow::anyhow!("{addr:?}: port must be a number"))?))
 }
 
-fn ingest(bundle: Option<PathBuf>, store: PathBuf, mqtt: String, device: String, tasks: Vec<String>) -> anyhow::Result<ExitCode> {
+fn ingest(bundle: Option<PathBuf>, store: PathBuf, mqtt: String, device: String, tasks: Vec<String>, max_batch: usize) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(max_batch > 0, "--max-batch must be at least 1");
     use std::sync::{Arc, Mutex};
     let bundle = Bundle::open(bundle.unwrap_or_else(|| paths::reference_bundle("digits-cnn")))?;
     let samples = adaptd::samples::SampleStore::open(&store, Default::default())?;
@@ -557,7 +561,7 @@ fn ingest(bundle: Option<PathBuf>, store: PathBuf, mqtt: String, device: String,
         client_id: format!("adaptd-ingest-{device}"),
         topic_prefix: "adaptd/v1".into(),
         device_id: device,
-        max_batch: 256,
+        max_batch,
         max_payload_bytes: 1 << 20,
     };
     let stats = Arc::new(adaptd::ingest::IngestStats::default());
