@@ -329,3 +329,30 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
     let _ = stop.send(());
     task.await.unwrap().unwrap();
 }
+
+/// Image bundles take samples as JPEG/PNG (base64 in JSON), through the bundle's own preprocessing.
+#[test]
+fn image_samples_are_decoded_by_the_bundles_preprocessing_or_refused_with_the_reason() {
+    use adaptd::ingest::decode::{SampleSchema, decode_sample};
+    use base64::Engine as _;
+    let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
+    let tasks = vec!["sorter".to_string()];
+    let schema = SampleSchema { manifest: &bundle.manifest, tasks: &tasks, max_bytes: 1 << 20 };
+    // A 16x16 grey PNG: the bundle resizes it to 8x8 and scales pixels by its pixel_scale.
+    let img = image::GrayImage::from_fn(16, 16, |x, _| image::Luma([if x < 8 { 0 } else { 255 }]));
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
+    let sample = decode_sample(format!("{{\"key\": \"cam:1\", \"task\": \"sorter\", \"label\": 7, \"image\": \"{b64}\"}}").as_bytes(), &schema, 0).unwrap();
+    let SampleInput::Tensor(t) = &sample.input else { panic!("an image becomes a tensor") };
+    assert_eq!(t.shape, vec![1, 1, 8, 8]);
+    let data = t.as_f32().unwrap();
+    assert!(data[0] < 0.1 && data[7] > 0.9, "left dark, right bright: {:?}", &data[..8]);
+    assert_eq!(sample.label, "7");
+
+    let not_an_image = base64::engine::general_purpose::STANDARD.encode(b"this is not a PNG");
+    let err = decode_sample(format!("{{\"key\": \"cam:2\", \"task\": \"sorter\", \"label\": 7, \"image\": \"{not_an_image}\"}}").as_bytes(), &schema, 0).unwrap_err();
+    assert_eq!(err.error_type(), "bad_image", "{err}");
+    let err = decode_sample(br#"{"key": "cam:3", "task": "sorter", "label": 7, "image": "%%%"}"#, &schema, 0).unwrap_err();
+    assert!(err.to_string().contains("base64"), "{err}");
+}

@@ -6,7 +6,9 @@
 //!  "timestamp_ms": 1700000000000, "source": "robot-7", "weight": 1.0, "correction": false}
 //! ```
 //!
-//! with `"text": "..."` instead of `"input"` for text bundles. The compact form is safetensors
+//! with `"text": "..."` instead of `"input"` for text bundles, or `"image": "<base64 JPEG or
+//! PNG>"` for image bundles (decoded and resized by the bundle's own preprocessing, then checked
+//! like any tensor). The compact form is safetensors
 //! bytes: one tensor named `input`, and the other fields as string metadata (`key`, `task`,
 //! `label`, optional `timestamp_ms`, `source`, `weight`, `correction`). Every refusal says why.
 
@@ -34,6 +36,8 @@ pub enum DecodeError {
     Field { field: &'static str, reason: String },
     #[error("input: {0}")]
     Input(String),
+    #[error("image: {0}")]
+    Image(String),
 }
 
 impl DecodeError {
@@ -45,6 +49,7 @@ impl DecodeError {
             DecodeError::UnknownTask { .. } => "unknown_task",
             DecodeError::Field { .. } => "bad_field",
             DecodeError::Input(_) => "bad_input",
+            DecodeError::Image(_) => "bad_image",
         }
     }
 }
@@ -59,6 +64,9 @@ struct JsonSample {
     input: Option<JsonTensor>,
     #[serde(default)]
     text: Option<String>,
+    /// Base64 of a JPEG or PNG file.
+    #[serde(default)]
+    image: Option<String>,
     #[serde(default)]
     timestamp_ms: Option<i64>,
     #[serde(default)]
@@ -88,8 +96,7 @@ pub fn decode_sample(payload: &[u8], schema: &SampleSchema<'_>, now_ms: i64) -> 
     // safetensors starts with a little-endian u64 header length, JSON with '{' (after spaces).
     let sample = if payload.first().is_some_and(|b| b.is_ascii_whitespace() || *b == b'{') {
         // One sample is one row of the bundle's single input, in the bundle's dtype.
-        let dtype = schema.manifest.inputs.first().map_or(DType::F32, |i| i.dtype);
-        decode_json(payload, dtype, now_ms)?
+        decode_json(payload, schema.manifest, now_ms)?
     } else {
         decode_safetensors(payload, now_ms)?
     };
@@ -104,13 +111,21 @@ fn label_of(v: &serde_json::Value) -> Result<String, DecodeError> {
     }
 }
 
-fn decode_json(payload: &[u8], dtype: DType, now_ms: i64) -> Result<Sample, DecodeError> {
+fn decode_json(payload: &[u8], manifest: &Manifest, now_ms: i64) -> Result<Sample, DecodeError> {
+    // One sample is one row of the bundle's single input, in the bundle's dtype.
+    let dtype = manifest.inputs.first().map_or(DType::F32, |i| i.dtype);
     let j: JsonSample = serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string()))?;
-    let input = match (j.input, j.text) {
-        (Some(t), None) => SampleInput::Tensor(t.into_host(dtype).map_err(DecodeError::Input)?),
-        (None, Some(text)) => SampleInput::Text(text),
-        (Some(_), Some(_)) => return Err(DecodeError::Json("give either \"input\" or \"text\", not both".into())),
-        (None, None) => return Err(DecodeError::Json("missing \"input\" (or \"text\" for text bundles)".into())),
+    let input = match (j.input, j.text, j.image) {
+        (Some(t), None, None) => SampleInput::Tensor(t.into_host(dtype).map_err(DecodeError::Input)?),
+        (None, Some(text), None) => SampleInput::Text(text),
+        (None, None, Some(b64)) => {
+            use base64::Engine as _;
+            let bytes = base64::engine::general_purpose::STANDARD.decode(b64.trim()).map_err(|e| DecodeError::Image(format!("not base64: {e}")))?;
+            let tensor = crate::preprocess::decode_image(&manifest.name, &manifest.preprocessing, &bytes).map_err(|e| DecodeError::Image(e.to_string()))?;
+            SampleInput::Tensor(tensor)
+        }
+        (None, None, None) => return Err(DecodeError::Json("missing \"input\" (or \"text\" for text bundles, \"image\" for image bundles)".into())),
+        _ => return Err(DecodeError::Json("give one of \"input\", \"text\" or \"image\"".into())),
     };
     Ok(Sample {
         key: j.key,
