@@ -57,6 +57,10 @@ pub struct AdaptConfig {
     pub watch_max_samples: u64,
     /// Holdout samples evaluated per decision (the newest).
     pub max_eval_samples: usize,
+    /// Disk budget of the task's samples in bytes (0: none), and the samples per class that
+    /// eviction never goes below.
+    pub store_budget_bytes: u64,
+    pub reservoir_per_class: u64,
 }
 
 impl AdaptConfig {
@@ -76,6 +80,8 @@ impl AdaptConfig {
             rollback_drop: 0.05,
             watch_max_samples: 500,
             max_eval_samples: 2000,
+            store_budget_bytes: 0,
+            reservoir_per_class: 50,
         }
     }
 }
@@ -163,6 +169,7 @@ pub async fn run(ctx: Context, mut configs: watch::Receiver<AdaptConfig>, mut co
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     let mut operator_request = None;
+    let mut over_budget_reported = false;
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
@@ -192,6 +199,14 @@ pub async fn run(ctx: Context, mut configs: watch::Receiver<AdaptConfig>, mut co
             tracing::info!(task, "configuration reloaded");
         }
         let now = now_ms();
+        // 0. The disk budget: class-balanced eviction, oldest first, rare classes kept.
+        if config.store_budget_bytes > 0 {
+            let e = lock(&store).evict_to_budget(&task, config.store_budget_bytes, config.reservoir_per_class)?;
+            if e.evicted > 0 || (e.at_reservoir && !over_budget_reported) {
+                ctx.events.emit("samples_evicted", &task, json!({ "evicted": e.evicted, "bytes": e.bytes, "budget_bytes": config.store_budget_bytes, "at_reservoir": e.at_reservoir }));
+            }
+            over_budget_reported = e.at_reservoir;
+        }
         // 1. Embeddings for new samples, from the engine (base model, no adapter).
         if let Err(e) = fill_embeddings(&ctx, &store, &task).await {
             tracing::warn!(task, error = %e, "could not cache embeddings; retrying next tick");

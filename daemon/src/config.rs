@@ -105,6 +105,10 @@ pub struct IngestSection {
     pub max_payload_bytes: usize,
     pub validation_percent: u8,
     pub holdout_percent: u8,
+    /// Disk budget per task for stored samples, in MiB (0: none).
+    pub max_mb_per_task: u64,
+    /// Eviction never takes a class below this many samples.
+    pub reservoir_per_class: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -199,7 +203,7 @@ impl Default for Config {
                 tls_client_cert_file: PathBuf::new(),
                 tls_client_key_file: PathBuf::new(),
             },
-            ingest: IngestSection { tasks: Vec::new(), max_batch: 256, max_payload_bytes: 1 << 20, validation_percent: 10, holdout_percent: 10 },
+            ingest: IngestSection { tasks: Vec::new(), max_batch: 256, max_payload_bytes: 1 << 20, validation_percent: 10, holdout_percent: 10, max_mb_per_task: 0, reservoir_per_class: 50 },
             adapters: AdaptersSection { keep_versions: 5 },
             training: TrainingSection {
                 adapter: AdapterChoice::Head,
@@ -491,6 +495,8 @@ impl Config {
             rollback_drop: g.rollback_drop,
             watch_max_samples: g.watch_max_samples,
             max_eval_samples: 2000,
+            store_budget_bytes: self.ingest.max_mb_per_task.saturating_mul(1 << 20),
+            reservoir_per_class: self.ingest.reservoir_per_class,
         }
     }
 

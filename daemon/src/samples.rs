@@ -122,6 +122,19 @@ pub struct SampleStore {
     policy: SplitPolicy,
 }
 
+/// What a row costs beyond its blobs (other columns, the key's index), for the disk budget.
+const ROW_OVERHEAD_BYTES: i64 = 128;
+
+/// The result of enforcing a disk budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Eviction {
+    pub evicted: u64,
+    /// What the task's samples hold afterwards.
+    pub bytes: u64,
+    /// Every class is down to its reservoir: still over budget, nothing more is evicted.
+    pub at_reservoir: bool,
+}
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS samples (
     id INTEGER PRIMARY KEY,
@@ -224,6 +237,65 @@ impl SampleStore {
         let mut stmt = self.conn.prepare_cached("SELECT DISTINCT task FROM labels ORDER BY task").map_err(self.err())?;
         let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(self.err())?;
         rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// Bytes `task`'s samples hold: inputs, cached embeddings and a per-row allowance for the
+    /// other columns and the index. What the disk budget counts.
+    pub fn bytes(&self, task: &str) -> Result<u64, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT COALESCE(SUM(length(input) + COALESCE(length(embedding), 0) + ?2), 0) FROM samples WHERE task = ?1",
+                params![task, ROW_OVERHEAD_BYTES],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(self.err())
+    }
+
+    /// Evict `task`'s samples until they fit `budget` bytes. Class-balanced, oldest first: each
+    /// round takes the oldest samples of the class that has the most, operator corrections last,
+    /// and never takes a class below `reservoir` samples, so rare classes stay. When every class
+    /// is at its reservoir it stops over budget and says so.
+    pub fn evict_to_budget(&mut self, task: &str, budget: u64, reservoir: u64) -> Result<Eviction, StoreError> {
+        let mut evicted = 0;
+        let tx = self.conn.transaction().map_err(|source| StoreError::Sqlite { path: self.path.clone(), source })?;
+        let err = |source| StoreError::Sqlite { path: self.path.clone(), source };
+        let bytes_of = |tx: &rusqlite::Transaction<'_>| {
+            tx.query_row("SELECT COALESCE(SUM(length(input) + COALESCE(length(embedding), 0) + ?2), 0) FROM samples WHERE task = ?1", params![task, ROW_OVERHEAD_BYTES], |r| r.get::<_, i64>(0))
+                .map(|n| n as u64)
+        };
+        let mut bytes = bytes_of(&tx).map_err(err)?;
+        let mut at_reservoir = false;
+        while bytes > budget {
+            let largest: Option<(String, i64)> = tx
+                .query_row(
+                    "SELECT label, COUNT(*) AS n FROM samples WHERE task = ?1 GROUP BY label HAVING n > ?2 ORDER BY n DESC, label LIMIT 1",
+                    params![task, reservoir as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(err)?;
+            let Some((label, n)) = largest else {
+                at_reservoir = true;
+                break;
+            };
+            // As many of this class's rows as cover the excess, at its mean row size.
+            let mean: f64 = tx
+                .query_row("SELECT AVG(length(input) + COALESCE(length(embedding), 0) + ?3) FROM samples WHERE task = ?1 AND label = ?2", params![task, label, ROW_OVERHEAD_BYTES], |r| r.get(0))
+                .map_err(err)?;
+            let needed = ((bytes - budget) as f64 / mean.max(1.0)).ceil() as i64;
+            let take = needed.clamp(1, (n - reservoir as i64).min(256));
+            let removed = tx
+                .execute(
+                    "DELETE FROM samples WHERE id IN (SELECT id FROM samples WHERE task = ?1 AND label = ?2 ORDER BY correction, id LIMIT ?3)",
+                    params![task, label, take],
+                )
+                .map_err(err)?;
+            evicted += removed as u64;
+            bytes = bytes_of(&tx).map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        Ok(Eviction { evicted, bytes, at_reservoir })
     }
 
     /// Sample counts of `task` by split and label.

@@ -329,3 +329,35 @@ async fn operators_command_over_mqtt_and_read_the_answers_as_events() {
     assert!(results.iter().all(|r| r["task"] == "tiny" && r["via"] == "mqtt"));
     shut_down(stop, daemon).await;
 }
+
+/// Over its disk budget, the loop evicts samples and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_over_its_disk_budget_evicts_samples_and_says_so() {
+    let broker = Mosquitto::start();
+    let state = tempfile::tempdir().unwrap();
+    let events = EventLog::start(broker.port, state.path());
+    let mut config = daemon_config(broker.port, state.path(), "tiny", 1_000);
+    // About 30 digits' worth (each is 256 bytes of pixels, 256 of embedding and the row).
+    config.adapt[0].store_budget_bytes = 20_000;
+    config.adapt[0].reservoir_per_class = 2;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (bound_tx, bound_rx) = oneshot::channel();
+    let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
+    let client = adaptd::client::Client::new(bound_rx.await.unwrap());
+    let digits = Digits::load(&digits_data()).unwrap();
+    let lines: Vec<String> = digits.held_out().iter().take(80).map(|&i| sample_line(&format!("b:{i}"), "tiny", digits.labels[i], &digits.image(i, Shift::None))).collect();
+    let port = broker.port;
+    let (evicted, stored) = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        publish(port, "adaptd/v1/robot-3/samples/tiny", &lines);
+        let evicted = events.wait_for("samples_evicted", Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(500));
+        let stored = client.get("/v1/tasks/tiny/status").unwrap().body["samples"].as_u64().unwrap();
+        (evicted, stored)
+    })
+    .await
+    .unwrap();
+    assert!(evicted["evicted"].as_u64().unwrap() > 0 && evicted["bytes"].as_u64().unwrap() <= 20_000, "{evicted}");
+    assert!(stored < 80 && stored >= 20, "kept what fits, at least the reservoirs: {stored}");
+    shut_down(stop, daemon).await;
+}

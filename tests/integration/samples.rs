@@ -87,3 +87,35 @@ fn a_file_that_is_not_a_database_is_refused_by_name() {
     let err = SampleStore::open(&path, SplitPolicy::default()).err().expect("garbage is not a store");
     assert!(err.to_string().contains("samples.db"), "{err}");
 }
+
+/// The disk budget evicts class-balanced, oldest first, keeps operator corrections longest and
+/// never takes a class below its reservoir.
+#[test]
+fn the_disk_budget_evicts_the_majority_oldest_first_and_keeps_rare_classes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = SampleStore::open(&dir.path().join("samples.db"), SplitPolicy::default()).unwrap();
+    let mut batch = Vec::new();
+    for (label, n) in [("common", 250), ("usual", 40), ("rare", 10)] {
+        for i in 0..n {
+            batch.push(Sample { correction: label == "common" && i < 5, ..sample(&format!("{label}:{i:03}"), "sorter", label) });
+        }
+    }
+    store.insert_batch(&batch).unwrap();
+    let per_sample = store.bytes("sorter").unwrap() / 300;
+    assert!(per_sample > 256, "a digit's input and the row: {per_sample} bytes");
+
+    let budget = per_sample * 100;
+    let e = store.evict_to_budget("sorter", budget, 20).unwrap();
+    assert!(e.bytes <= budget && !e.at_reservoir, "{e:?}");
+    let count = |store: &SampleStore, label: &str| store.counts("sorter").unwrap().iter().filter(|((_, l), _)| l == label).map(|(_, n)| n).sum::<u64>();
+    assert_eq!(count(&store, "rare"), 10, "a class under its reservoir is never touched");
+    assert_eq!(count(&store, "usual"), 40, "the majority class goes first");
+    assert_eq!(count(&store, "common") + 50, 100, "down to the budget, no further");
+    assert!(store.get("common:000").unwrap().is_some(), "operator corrections are kept longest");
+    assert!(store.get("common:005").unwrap().is_none() && store.get("common:249").unwrap().is_some(), "oldest first");
+
+    // A budget below every reservoir: evicts down to the reservoirs and says it stopped there.
+    let e = store.evict_to_budget("sorter", per_sample * 10, 20).unwrap();
+    assert!(e.at_reservoir && e.bytes > per_sample * 10, "{e:?}");
+    assert_eq!((count(&store, "common"), count(&store, "usual"), count(&store, "rare")), (20, 20, 10));
+}
