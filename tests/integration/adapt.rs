@@ -358,6 +358,6 @@ async fn a_task_over_its_disk_budget_evicts_samples_and_says_so() {
     .await
     .unwrap();
     assert!(evicted["evicted"].as_u64().unwrap() > 0 && evicted["bytes"].as_u64().unwrap() <= 20_000, "{evicted}");
-    assert!(stored < 80 && stored >= 20, "kept what fits, at least the reservoirs: {stored}");
+    assert!((20..80).contains(&stored), "kept what fits, at least the reservoirs: {stored}");
     shut_down(stop, daemon).await;
 }
