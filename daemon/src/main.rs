@@ -133,6 +133,9 @@ enum Command {
         /// Required: says that this starts a job now, not on the schedule.
         #[arg(long, required = true)]
         now: bool,
+        /// Return once the daemon has accepted the request, without following the job.
+        #[arg(long)]
+        no_wait: bool,
         #[command(flatten)]
         daemon: DaemonArgs,
     },
@@ -289,10 +292,7 @@ fn main() -> ExitCode {
             let statuses = adaptd::ops::status(&daemon.client()?)?;
             Ok((adaptd::ops::render_status(&statuses), statuses))
         }),
-        Command::Train { task, now: _, daemon } => operate(daemon.json, || {
-            let message = adaptd::ops::command(&daemon.client()?, &task, "train")?;
-            Ok((format!("{message}\n"), serde_json::json!({ "message": message })))
-        }),
+        Command::Train { task, now: _, no_wait, daemon } => train_now(&task, no_wait, &daemon),
         Command::Adapters { command } => adapters(command),
         Command::Samples { command: SamplesCommand::Import { file, daemon } } => operate(daemon.json, || {
             let config = daemon.config()?;
@@ -345,6 +345,57 @@ fn operate(json: bool, f: impl FnOnce() -> anyhow::Result<(String, serde_json::V
             Ok(ExitCode::from(code))
         }
     }
+}
+
+/// Start a job and, unless told not to, follow it with a progress bar to its decision. Exit 0
+/// when the candidate was promoted, 1 when it was rejected, deferred or failed (with the reason).
+fn train_now(task: &str, no_wait: bool, daemon: &DaemonArgs) -> anyhow::Result<ExitCode> {
+    let client = daemon.client()?;
+    let finished = |s: &serde_json::Value| s["jobs"].as_object().map_or(0, |j| j.iter().filter(|(k, _)| *k != "started").map(|(_, v)| v.as_u64().unwrap_or(0)).sum::<u64>());
+    let status = |c: &adaptd::client::Client| -> anyhow::Result<serde_json::Value> { Ok(c.get(&format!("/v1/tasks/{task}/status"))?.body) };
+    let before = status(&client)?;
+    if no_wait {
+        return operate(daemon.json, || {
+            let message = adaptd::ops::command(&client, task, "train")?;
+            Ok((format!("{message}\n"), serde_json::json!({ "message": message })))
+        });
+    }
+    let message = match adaptd::ops::command(&client, task, "train") {
+        Ok(m) => m,
+        Err(e) => return operate(daemon.json, || Err(e.into())),
+    };
+    let bar = indicatif::ProgressBar::new(1);
+    bar.set_style(indicatif::ProgressStyle::with_template("{msg:<14} {bar:40.cyan/blue} {pos:>5}/{len} steps  {elapsed}").expect("template"));
+    if daemon.json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    } else {
+        eprintln!("{message}");
+    }
+    let after = loop {
+        let s = status(&client)?;
+        if finished(&s) > finished(&before) {
+            break s;
+        }
+        if let Some(p) = s["progress"].as_array() {
+            bar.set_length(p.get(1).and_then(|v| v.as_u64()).unwrap_or(1));
+            bar.set_position(p.first().and_then(|v| v.as_u64()).unwrap_or(0));
+        }
+        bar.set_message(match &s["scheduler"] {
+            serde_json::Value::Object(m) => m.keys().next().cloned().unwrap_or_default().to_lowercase(),
+            other => other.as_str().unwrap_or("").to_lowercase(),
+        });
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    };
+    bar.finish_and_clear();
+    let promoted = after["jobs"]["promoted"].as_u64().unwrap_or(0) > before["jobs"]["promoted"].as_u64().unwrap_or(0);
+    let decision = after["last_decision"].as_str().unwrap_or("").to_string();
+    if daemon.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "promoted": promoted, "decision": decision, "status": after }))?);
+    } else {
+        println!("{decision}");
+        println!("{task} serves v{}", after["serving_version"]);
+    }
+    Ok(if promoted { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn adapters(command: AdaptersCommand) -> anyhow::Result<ExitCode> {

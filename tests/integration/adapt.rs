@@ -248,9 +248,12 @@ async fn a_task_with_too_few_samples_is_deferred_with_its_reason() {
         std::thread::sleep(Duration::from_millis(500));
         publish(port, "adaptd/v1/robot-3/samples/tiny", &lines);
         std::thread::sleep(Duration::from_millis(500));
-        // An operator asks for a job now: it starts, and is deferred for want of samples.
-        let (code, answer) = http("POST", &format!("{base}/v1/tasks/tiny/train"));
-        assert_eq!(code, 200, "{answer}");
+        // An operator asks for a job now (the CLI follows it to its end): it starts, and is
+        // deferred for want of samples; the exit code says it was not promoted.
+        let addr = base.trim_start_matches("http://");
+        let out = Command::new(env!("CARGO_BIN_EXE_adaptd")).args(["train", "tiny", "--now", "--http", addr]).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("training samples"), "the decision is printed: {}", String::from_utf8_lossy(&out.stdout));
         let deferred = events.wait_for("training_deferred", Duration::from_secs(20));
         let (_, status) = http("GET", &format!("{base}/v1/tasks/tiny/status"));
         assert_eq!(status["jobs"]["deferred"], 1, "{status}");
