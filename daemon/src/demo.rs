@@ -219,12 +219,11 @@ struct Console {
     bar: Option<ProgressBar>,
     last_epoch: u64,
     terminal: bool,
-    seen: Vec<Value>,
 }
 
 impl Console {
     fn new(events: std_mpsc::Receiver<Value>) -> Console {
-        Console { events, bar: None, last_epoch: 0, terminal: std::io::stderr().is_terminal(), seen: Vec::new() }
+        Console { events, bar: None, last_epoch: 0, terminal: std::io::stderr().is_terminal() }
     }
 
     /// Show events until one of `kinds` arrives (returned) or `timeout` passes.
@@ -234,7 +233,6 @@ impl Console {
             match self.events.recv_timeout(Duration::from_millis(300)) {
                 Ok(event) => {
                     self.show(&event);
-                    self.seen.push(event.clone());
                     if event["event"].as_str().is_some_and(|k| kinds.contains(&k)) {
                         return Some(event);
                     }
