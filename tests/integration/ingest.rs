@@ -250,10 +250,13 @@ async fn samples_arrive_through_the_embedded_rumqttd_broker() {
 /// the broker acked before it went down reaches the store (through the daemon's persistent
 /// session), the publisher resends what was not acked, and each sample lands exactly once.
 ///
-/// Open defect, so not part of the suite yet: every sample acked before the restart is stored (that
-/// check passes), but after the broker returns the ingest stores part of the resent stream and
-/// then receives nothing more, with no redeliveries seen. Run it with `--ignored`.
-#[ignore = "open defect: ingest stalls after a broker restart under load (see the doc comment)"]
+/// Not in the default suite: with Debian 12's Mosquitto 2.0.11 about one run in three loses a
+/// short run of consecutive samples (16 in the run we looked at) that the broker had acked and,
+/// most likely, had in flight to the daemon when it stopped: they are never redelivered after the
+/// restart (no duplicate is ever seen), as in eclipse-mosquitto issue 2811. The daemon's side —
+/// reconnect, resubscribe, store what is resent, once — passes in the other runs.
+/// Run it with `-- --ignored a_broker_restart`.
+#[ignore = "Mosquitto 2.0.11 may not redeliver messages in flight at its shutdown (see the doc comment)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_mid_stream_loses_nothing() {
     use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
@@ -262,7 +265,7 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
     let key = |i: usize| format!("restart:{i}");
     // The persistence file lives in the broker's own directory; an unlimited queue so the broker
     // itself drops nothing for a session that is away.
-    let mut broker = Mosquitto::start_with("persistence true\npersistence_location {dir}/\nmax_queued_messages 0\nmax_inflight_messages 0\n");
+    let mut broker = Mosquitto::start_with("persistence true\npersistence_location {dir}/\nmax_queued_messages 0\n");
     let RunningIngest { store, stats, stop, task, .. } = start_ingest(broker.port, "adaptd-ingest-restart");
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -313,9 +316,15 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
 
     // The publisher resends what the broker never acked.
     let resend: Vec<usize> = (0..SAMPLES).filter(|i| !acked_before.contains(i)).collect();
-    let (eventloop, indices) = publish(broker.port, "restart-publisher-2", resend.clone());
-    let acked_after = tokio::time::timeout(Duration::from_secs(60), acked_samples(eventloop, indices, resend.len())).await.expect("the broker is back");
-    assert_eq!(acked_after.len(), resend.len());
+    let lines: Vec<String> = resend.iter().map(|&i| digit_sample(&key(i), "sorter", "left")).collect();
+    let port = broker.port;
+    tokio::task::spawn_blocking(move || {
+        let mut publish = Command::new("mosquitto_pub").args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", "adaptd/v1/robot-7/samples/sorter", "-l"]).stdin(Stdio::piped()).spawn().unwrap();
+        publish.stdin.take().unwrap().write_all((lines.join("\n") + "\n").as_bytes()).unwrap();
+        assert!(publish.wait().unwrap().success(), "the broker is back and acks the resent samples");
+    })
+    .await
+    .unwrap();
 
     while (stats.stored.load(Ordering::Relaxed) as usize) < SAMPLES && Instant::now() < deadline + Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(50)).await;
