@@ -154,7 +154,9 @@ fn bad_deployments_exit_non_zero_with_a_clear_message() {
     let mut first = Command::new(env!("CARGO_BIN_EXE_adaptd")).args(["serve", "--config", first_config.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let lock = state.join("adaptd.lock");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&lock).is_ok_and(|s| s.starts_with("pid")) {
+    // The earlier failed starts left their pid in the file: wait for this daemon's own.
+    let holder = format!("pid {}", first.id());
+    while !std::fs::read_to_string(&lock).is_ok_and(|s| s.trim() == holder) {
         assert!(Instant::now() < deadline, "the first daemon took its lock");
         std::thread::sleep(Duration::from_millis(50));
     }
