@@ -56,6 +56,18 @@ impl Client {
     }
 
     pub fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Response, ClientError> {
+        let (status, payload) = self.request_raw(method, path, body)?;
+        Ok(Response { status, body: serde_json::from_slice(&payload).unwrap_or(Value::Null) })
+    }
+
+    /// One sample's value from `/metrics` (an unlabelled one, e.g. `adaptd_engine_ready`).
+    pub fn metric(&self, name: &str) -> Result<Option<f64>, ClientError> {
+        let (_, text) = self.request_raw("GET", "/metrics", None)?;
+        let text = String::from_utf8_lossy(&text);
+        Ok(text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()))
+    }
+
+    fn request_raw(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<(u16, Vec<u8>), ClientError> {
         let io = |source| ClientError::Io { addr: self.addr, path: path.to_string(), source };
         let mut stream = TcpStream::connect_timeout(&self.addr, self.timeout).map_err(|source| ClientError::Connect { addr: self.addr, source })?;
         stream.set_read_timeout(Some(self.timeout)).map_err(io)?;
@@ -76,7 +88,7 @@ impl Client {
         if head.lines().any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.to_ascii_lowercase().contains("chunked")) {
             payload = dechunk(&payload).ok_or_else(|| malformed("bad chunked body"))?;
         }
-        Ok(Response { status, body: serde_json::from_slice(&payload).unwrap_or(Value::Null) })
+        Ok((status, payload))
     }
 }
 

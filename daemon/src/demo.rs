@@ -341,6 +341,12 @@ pub fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
     let daemon = runtime.spawn(crate::serve::run(daemon_config(&config, port), async { let _ = daemon_stopped.await; }, Some(bound_tx)));
     let addr = runtime.block_on(bound_rx).map_err(|_| anyhow::anyhow!("the daemon stopped before it listened; see the log above"))?;
     let client = Client::new(addr);
+    // Samples published before ingest has subscribed would reach no one: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.metric("adaptd_ingest_connected").ok().flatten() != Some(1.0) {
+        anyhow::ensure!(Instant::now() < deadline, "the daemon's ingest did not subscribe to the embedded broker within 30 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     println!("  daemon: bundle digits-cnn, task {TASK:?}, HTTP on http://{addr}, state in {}", config.state_dir.display());
     let (events_tx, events_rx) = std_mpsc::channel();
     runtime.spawn(watch_events(port, events_tx));

@@ -176,7 +176,7 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
 
     // Prometheus sees it too.
     let metrics = String::from_utf8(Command::new("curl").args(["-s", &format!("{base}/metrics")]).output().unwrap().stdout).unwrap();
-    for line in ["adaptd_adapter_active_version{task=\"sorter\"} 1", "adaptd_training_jobs_total{task=\"sorter\",outcome=\"promoted\"} 1", "adaptd_samples_ingested_total 360", "adaptd_engine_ready 1"] {
+    for line in ["adaptd_adapter_active_version{task=\"sorter\"} 1", "adaptd_training_jobs_total{task=\"sorter\",outcome=\"promoted\"} 1", "adaptd_samples_ingested_total 360", "adaptd_engine_ready 1", "adaptd_ingest_connected 1"] {
         assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
     }
     assert!(metrics.contains("adaptd_request_latency_seconds_bucket{le=\"+Inf\"}") && metrics.contains("adaptd_device_memory_total_bytes"));

@@ -68,7 +68,11 @@ async fn stored_after(config: ServeConfig, dir: &Path, port: u16, key: &str, wai
     let dir = dir.to_path_buf();
     let key = key.to_string();
     let stored = tokio::task::spawn_blocking(move || {
-        std::thread::sleep(Duration::from_millis(700)); // ingest connects and subscribes
+        // Ingest subscribes (or, refused by the broker, never does): then the sample goes out.
+        let subscribed = Instant::now() + Duration::from_secs(10).min(wait);
+        while client.metric("adaptd_ingest_connected").ok().flatten() != Some(1.0) && Instant::now() < subscribed {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         publish_one(&dir, port, &key);
         let deadline = Instant::now() + wait;
         loop {

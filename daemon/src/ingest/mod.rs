@@ -48,6 +48,8 @@ impl IngestConfig {
 
 #[derive(Debug, Default)]
 pub struct IngestStats {
+    /// Subscribed to the samples topic right now (the broker acknowledged the subscription).
+    pub connected: std::sync::atomic::AtomicBool,
     pub stored: AtomicU64,
     pub duplicates: AtomicU64,
     pub batches: AtomicU64,
@@ -92,6 +94,7 @@ pub async fn run(
 
     let filter = config.samples_filter();
     let poll_client = client.clone();
+    let poll_stats = stats.clone();
     let poller = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -114,8 +117,10 @@ pub async fn run(
                         return; // the batcher stopped
                     }
                 }
+                Ok(Event::Incoming(Packet::SubAck(_))) => poll_stats.connected.store(true, Ordering::Relaxed),
                 Ok(_) => {}
                 Err(e) => {
+                    poll_stats.connected.store(false, Ordering::Relaxed);
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "ingest connection lost");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(30));
