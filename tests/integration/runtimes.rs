@@ -139,8 +139,9 @@ fn a_memory_budget_shrinks_the_batch_or_refuses_the_job() {
     assert!(per_sample > 0);
     // Room for a few samples only: the batch shrinks to fit.
     // (Four samples of the first probe: the peak counter is process-wide and other tests share the
-    // process, so a probe may read up to twice the quiet figure; this still forces a smaller batch.)
-    let tight = Recipe { memory_budget_bytes: Some(per_sample * 4), ..roomy.clone() };
+    // process, so a probe may read up to twice the quiet figure, or nothing; quiet figures are
+    // 2-5 MB a sample, hence the floor. This still forces a smaller batch.)
+    let tight = Recipe { memory_budget_bytes: Some(per_sample.max(2 << 20) * 4), ..roomy.clone() };
     let report = fit(lora(), &train, &Examples::default(), &head, &tight, &never, &mut |_| {}).unwrap();
     assert!(report.batch_size < 16 && report.batch_size >= 1, "batch {} ({per_sample} bytes per sample, then {:?})", report.batch_size, report.probe_bytes_per_sample);
     // No room at all: refused, with the figures.
