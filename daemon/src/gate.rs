@@ -23,7 +23,8 @@ pub struct GateConfig {
     pub metric: GateMetric,
     /// The candidate must beat the incumbent by at least this much (0.01 = one point).
     pub min_improvement: f64,
-    /// Retention-set accuracy may fall by at most this much below the incumbent's.
+    /// Retention-set accuracy may fall by at most this much below the better of the incumbent's
+    /// and the base model's.
     pub max_retention_drop: f64,
     /// Scores must move by at least this much somewhere on the probe set versus the base model.
     pub min_probe_change: f32,

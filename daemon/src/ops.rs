@@ -89,7 +89,7 @@ pub fn list_adapters(state_dir: &Path, only_task: Option<&str>) -> Result<Value,
         if only_task.is_some_and(|t| t != task) {
             continue;
         }
-        let active = std::fs::read_to_string(root.join(&task).join("active")).ok().and_then(|s| s.trim().parse::<u64>().ok());
+        let active = std::fs::read_to_string(root.join(&task).join(crate::registry::ACTIVE_FILE)).ok().and_then(|s| s.trim().parse::<u64>().ok());
         for version in store.versions(&task).map_err(state_err)?.into_iter().rev() {
             let row = match store.load(&task, version) {
                 Ok(a) => {

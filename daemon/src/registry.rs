@@ -93,7 +93,8 @@ pub struct Registry {
     next_key: AtomicU64,
 }
 
-const ACTIVE_FILE: &str = "active";
+/// `<store>/<task>/active`: the version that serves (0: the base model).
+pub const ACTIVE_FILE: &str = "active";
 
 impl Registry {
     /// Open the registry for `bundle` over `store`, recovering every task found on disk.

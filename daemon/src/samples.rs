@@ -124,6 +124,8 @@ pub struct SampleStore {
 
 /// What a row costs beyond its blobs (other columns, the key's index), for the disk budget.
 const ROW_OVERHEAD_BYTES: i64 = 128;
+/// The disk budget's measure of a row, in SQL (the overhead bound as `?2`).
+const TASK_BYTES_SQL: &str = "SELECT COALESCE(SUM(length(input) + COALESCE(length(embedding), 0) + ?2), 0) FROM samples WHERE task = ?1";
 
 /// The result of enforcing a disk budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -133,6 +135,10 @@ pub struct Eviction {
     pub bytes: u64,
     /// Every class is down to its reservoir: still over budget, nothing more is evicted.
     pub at_reservoir: bool,
+}
+
+fn task_bytes(conn: &Connection, task: &str) -> rusqlite::Result<u64> {
+    conn.query_row(TASK_BYTES_SQL, params![task, ROW_OVERHEAD_BYTES], |r| r.get::<_, i64>(0)).map(|n| n as u64)
 }
 
 const SCHEMA: &str = "
@@ -242,14 +248,7 @@ impl SampleStore {
     /// Bytes `task`'s samples hold: inputs, cached embeddings and a per-row allowance for the
     /// other columns and the index. What the disk budget counts.
     pub fn bytes(&self, task: &str) -> Result<u64, StoreError> {
-        self.conn
-            .query_row(
-                "SELECT COALESCE(SUM(length(input) + COALESCE(length(embedding), 0) + ?2), 0) FROM samples WHERE task = ?1",
-                params![task, ROW_OVERHEAD_BYTES],
-                |r| r.get::<_, i64>(0),
-            )
-            .map(|n| n as u64)
-            .map_err(self.err())
+        task_bytes(&self.conn, task).map_err(self.err())
     }
 
     /// Evict `task`'s samples until they fit `budget` bytes. Class-balanced, oldest first: each
@@ -260,11 +259,7 @@ impl SampleStore {
         let mut evicted = 0;
         let tx = self.conn.transaction().map_err(|source| StoreError::Sqlite { path: self.path.clone(), source })?;
         let err = |source| StoreError::Sqlite { path: self.path.clone(), source };
-        let bytes_of = |tx: &rusqlite::Transaction<'_>| {
-            tx.query_row("SELECT COALESCE(SUM(length(input) + COALESCE(length(embedding), 0) + ?2), 0) FROM samples WHERE task = ?1", params![task, ROW_OVERHEAD_BYTES], |r| r.get::<_, i64>(0))
-                .map(|n| n as u64)
-        };
-        let mut bytes = bytes_of(&tx).map_err(err)?;
+        let mut bytes = task_bytes(&tx, task).map_err(err)?;
         let mut at_reservoir = false;
         while bytes > budget {
             let largest: Option<(String, i64)> = tx
@@ -292,7 +287,7 @@ impl SampleStore {
                 )
                 .map_err(err)?;
             evicted += removed as u64;
-            bytes = bytes_of(&tx).map_err(err)?;
+            bytes = task_bytes(&tx, task).map_err(err)?;
         }
         tx.commit().map_err(err)?;
         Ok(Eviction { evicted, bytes, at_reservoir })
