@@ -32,6 +32,26 @@ pub fn digits_data() -> PathBuf {
     adaptd::paths::digits_data()
 }
 
+/// Runs the calling test again in a child process of this binary, alone, and returns true in
+/// the parent once the child passed; returns false in the child, which then runs the test body.
+/// For tests that read process-wide counters (peak RSS), which other tests' threads disturb.
+pub fn in_own_process(test_path: &str) -> bool {
+    const ALONE: &str = "ADAPTD_TEST_ALONE";
+    if std::env::var(ALONE).as_deref() == Ok(test_path) {
+        return false;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let out = std::process::Command::new(exe)
+        .args([test_path, "--exact", "--test-threads=1", "--nocapture"])
+        .env(ALONE, test_path)
+        .output()
+        .expect("the test binary runs again");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{test_path} failed in its own process:\n{text}");
+    assert!(text.contains("1 passed"), "{test_path} did not run in its own process:\n{text}");
+    true
+}
+
 /// A private copy of a bundle that a test may damage.
 pub fn copy_bundle(src: &Path) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
