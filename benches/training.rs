@@ -7,6 +7,9 @@
 //!       LoRA (query/value) + head on the minilm bundle; samples/s and peak RSS.
 //!   cargo bench -p adaptd --bench training -- quality DATA --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
 //!       LoRA (conv2/fc1) + head on the digits-cnn bundle; accuracy on the test and retention sets.
+//!   cargo bench -p adaptd --bench training -- text DATA --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
+//!       Few-shot intents on the minilm bundle: a head on the frozen backbone and LoRA (query/value)
+//!       + head; test accuracy, and nearest-centroid accuracy on intents never trained (forgetting).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
@@ -46,6 +49,59 @@ fn accuracy(graph: &TrainingGraph, lora: &[HostTensor], head: &Head, ex: &Exampl
         .filter(|(row, label)| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as i64) == Some(**label))
         .count();
     correct as f64 / ex.len().max(1) as f64
+}
+
+/// The embedding output of `graph` for `inputs`, batch by batch.
+fn embeddings(graph: &TrainingGraph, lora: &[HostTensor], inputs: &[HostTensor]) -> HostTensor {
+    let m = graph.manifest();
+    let emb_index = m.output_index(&m.embedding_output).unwrap();
+    let n = inputs[0].shape[0];
+    let mut rows = Vec::new();
+    let mut dim = 0;
+    for start in (0..n).step_by(64) {
+        let end = (start + 64).min(n);
+        let batch: Vec<HostTensor> = inputs.iter().map(|t| rows_of(t, start, end)).collect();
+        let out = graph.forward_host(&batch, lora).unwrap().swap_remove(emb_index);
+        dim = out.shape[1];
+        rows.extend_from_slice(out.as_f32().unwrap());
+    }
+    HostTensor::f32(vec![n, dim], rows).unwrap()
+}
+
+fn rows_of(t: &HostTensor, start: usize, end: usize) -> HostTensor {
+    let width: usize = t.shape[1..].iter().product();
+    let mut shape = t.shape.clone();
+    shape[0] = end - start;
+    match t.as_i64() {
+        Some(v) => HostTensor::i64(shape, v[start * width..end * width].to_vec()).unwrap(),
+        None => HostTensor::f32(shape, t.as_f32().unwrap()[start * width..end * width].to_vec()).unwrap(),
+    }
+}
+
+/// Accuracy of `head` on embeddings.
+fn head_accuracy(head: &Head, emb: &HostTensor, labels: &[i64]) -> f64 {
+    let logits = head.forward(emb.as_f32().unwrap(), labels.len());
+    argmax_rows(&logits, head.classes()).zip(labels).filter(|(p, l)| p == *l).count() as f64 / labels.len().max(1) as f64
+}
+
+fn argmax_rows(values: &[f32], width: usize) -> impl Iterator<Item = i64> + '_ {
+    values.chunks_exact(width).map(|row| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(-1, |(i, _)| i as i64))
+}
+
+/// Nearest-centroid accuracy: class centroids from `reference` embeddings, cosine similarity.
+fn centroid_accuracy(reference: &HostTensor, ref_labels: &[i64], test: &HostTensor, test_labels: &[i64]) -> f64 {
+    let dim = reference.shape[1];
+    let classes = ref_labels.iter().max().map_or(0, |&m| m as usize + 1);
+    let mut centroids = vec![0f32; classes * dim];
+    for (row, &l) in reference.as_f32().unwrap().chunks_exact(dim).zip(ref_labels) {
+        centroids[l as usize * dim..][..dim].iter_mut().zip(row).for_each(|(c, v)| *c += v);
+    }
+    for c in centroids.chunks_exact_mut(dim) {
+        let norm = c.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+        c.iter_mut().for_each(|v| *v /= norm);
+    }
+    let scores: Vec<f32> = test.as_f32().unwrap().chunks_exact(dim).flat_map(|row| centroids.chunks_exact(dim).map(|c| c.iter().zip(row).map(|(a, b)| a * b).sum::<f32>()).collect::<Vec<_>>()).collect();
+    argmax_rows(&scores, classes).zip(test_labels).filter(|(p, l)| p == *l).count() as f64 / test_labels.len().max(1) as f64
 }
 
 fn main() {
@@ -113,6 +169,31 @@ fn main() {
                 "side": "adaptd",
                 "base": { "test": accuracy(&graph, &no_lora, &base_head, &test), "retention": accuracy(&graph, &no_lora, &base_head, &retention) },
                 "lora": { "test": accuracy(&graph, &lora, &report.head, &test), "retention": accuracy(&graph, &lora, &report.head, &retention), "best_epoch": report.best_epoch, "seconds": seconds },
+            });
+            println!("{out}");
+        }
+        "text" => {
+            let bundle = Bundle::open(adaptd::paths::reference_bundle("minilm")).unwrap();
+            let graph = TrainingGraph::load(&bundle, tch::Device::Cpu).unwrap();
+            let spec = &graph.manifest().lora;
+            let no_lora = adaptd_adapters::lora::no_adapter_inputs(spec);
+            let split = |name: &str| examples(&st, &[&format!("{name}_ids"), &format!("{name}_mask")], &format!("{name}_y"));
+            let (train, val, test, other_ref, other_test) = (split("train"), split("val"), split("test"), split("other_ref"), split("other_test"));
+            let init = Head { layers: vec![Dense { weight: tensor(&st, "head_weight"), bias: tensor(&st, "head_bias") }] };
+            // A head on the frozen backbone: what the daemon's head adapter does, on cached embeddings.
+            let cached = |ex: &Examples| Examples { inputs: vec![embeddings(&graph, &no_lora, &ex.inputs)], labels: ex.labels.clone(), weights: ex.weights.clone() };
+            let started = std::time::Instant::now();
+            let head_only = fit(FitTarget::Head { device: tch::Device::Cpu }, &cached(&train), &cached(&val), &init, &recipe, &cancel, &mut |_| {}).unwrap();
+            let head_seconds = started.elapsed().as_secs_f64();
+            let started = std::time::Instant::now();
+            let report = fit(FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32 }, &train, &val, &init, &recipe, &cancel, &mut |_| {}).unwrap();
+            let seconds = started.elapsed().as_secs_f64();
+            let lora = report.lora.as_ref().unwrap().graph_inputs(spec).unwrap();
+            let forgetting = |lora: &[HostTensor]| centroid_accuracy(&embeddings(&graph, lora, &other_ref.inputs), &other_ref.labels, &embeddings(&graph, lora, &other_test.inputs), &other_test.labels);
+            let out = serde_json::json!({
+                "side": "adaptd",
+                "head": { "test": head_accuracy(&head_only.head, &embeddings(&graph, &no_lora, &test.inputs), &test.labels), "other": forgetting(&no_lora), "seconds": head_seconds },
+                "lora": { "test": accuracy(&graph, &lora, &report.head, &test), "other": forgetting(&lora), "best_epoch": report.best_epoch, "seconds": seconds },
             });
             println!("{out}");
         }
