@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 pub struct Mosquitto {
     pub port: u16,
     child: Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     conf: PathBuf,
 }
 
@@ -34,15 +34,18 @@ impl Mosquitto {
     pub fn start_with(extra_config: &str) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         let extra_config = extra_config.replace("{dir}", &dir.path().display().to_string());
+        // Started as root, Mosquitto switches to its own user, which cannot write a persistence
+        // file into our private directory: it would then start every time with no sessions.
+        let stay = if std::os::unix::fs::MetadataExt::uid(&dir.path().metadata().unwrap()) == 0 { "user root\n" } else { "" };
         for _ in 0..5 {
             let port = free_port();
             let conf = dir.path().join("mosquitto.conf");
-            std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{extra_config}")).unwrap();
+            std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{stay}{extra_config}")).unwrap();
             let mut child = Command::new(mosquitto_binary()).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start mosquitto");
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
                 if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Mosquitto { port, child, _dir: dir, conf };
+                    return Mosquitto { port, child, dir, conf };
                 }
                 if child.try_wait().unwrap().is_some() {
                     break; // lost the port to someone else: try another
@@ -53,6 +56,11 @@ impl Mosquitto {
             let _ = child.wait();
         }
         panic!("mosquitto did not start");
+    }
+
+    /// The broker's own directory (configuration, persistence file).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     /// Stop the broker the way an init system does (SIGTERM: it saves its persistence file) and
