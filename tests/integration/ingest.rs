@@ -359,4 +359,25 @@ fn image_samples_are_decoded_by_the_bundles_preprocessing_or_refused_with_the_re
     assert_eq!(err.error_type(), "bad_image", "{err}");
     let err = decode_sample(br#"{"key": "cam:3", "task": "sorter", "label": 7, "image": "%%%"}"#, &schema, 0).unwrap_err();
     assert!(err.to_string().contains("base64"), "{err}");
+
+    // The compact form: the file's bytes as a U8 tensor named "image", fields as metadata.
+    let compact = |name: &str, dtype: safetensors::Dtype, bytes: &[u8], shape: Vec<usize>| {
+        let view = safetensors::tensor::TensorView::new(dtype, shape, bytes).unwrap();
+        let meta = std::collections::HashMap::from([("key".to_string(), "cam:4".to_string()), ("task".into(), "sorter".into()), ("label".into(), "7".into())]);
+        safetensors::serialize([(name, view)], Some(meta)).unwrap()
+    };
+    let sample = decode_sample(&compact("image", safetensors::Dtype::U8, &png, vec![png.len()]), &schema, 0).unwrap();
+    let SampleInput::Tensor(from_compact) = &sample.input else { panic!("an image becomes a tensor") };
+    assert_eq!(from_compact, t, "both encodings decode the same image to the same tensor");
+    let err = decode_sample(&compact("image", safetensors::Dtype::U8, b"this is not a PNG", vec![17]), &schema, 0).unwrap_err();
+    assert_eq!(err.error_type(), "bad_image", "{err}");
+    let err = decode_sample(&compact("image", safetensors::Dtype::F32, &[0; 16], vec![4]), &schema, 0).unwrap_err();
+    assert!(err.error_type() == "bad_safetensors" && err.to_string().contains("JPEG or PNG"), "{err}");
+    let err = decode_sample(&compact("picture", safetensors::Dtype::U8, &png, vec![png.len()]), &schema, 0).unwrap_err();
+    assert!(err.to_string().contains("\"input\" or \"image\""), "{err}");
+    // Text rides as metadata with no tensor; an image bundle refuses it.
+    let meta = std::collections::HashMap::from([("key".to_string(), "cam:5".to_string()), ("task".into(), "sorter".into()), ("label".into(), "7".into()), ("text".into(), "left".into())]);
+    let text_only = safetensors::serialize(Vec::<(&str, safetensors::tensor::TensorView<'_>)>::new(), Some(meta)).unwrap();
+    let err = decode_sample(&text_only, &schema, 0).unwrap_err();
+    assert!(err.to_string().contains("does not take text"), "{err}");
 }

@@ -8,9 +8,10 @@
 //!
 //! with `"text": "..."` instead of `"input"` for text bundles, or `"image": "<base64 JPEG or
 //! PNG>"` for image bundles (decoded and resized by the bundle's own preprocessing, then checked
-//! like any tensor). The compact form is safetensors
-//! bytes: one tensor named `input`, and the other fields as string metadata (`key`, `task`,
-//! `label`, optional `timestamp_ms`, `source`, `weight`, `correction`). Every refusal says why.
+//! like any tensor). The compact form is safetensors bytes: one tensor named `input` (F32/I64), or
+//! one named `image` holding a JPEG/PNG file's bytes (U8, one axis), or no tensor and a `text`
+//! metadata field for text bundles; the other fields are string metadata (`key`, `task`, `label`,
+//! optional `timestamp_ms`, `source`, `weight`, `correction`). Every refusal says why.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -98,7 +99,7 @@ pub fn decode_sample(payload: &[u8], schema: &SampleSchema<'_>, now_ms: i64) -> 
         // One sample is one row of the bundle's single input, in the bundle's dtype.
         decode_json(payload, schema.manifest, now_ms)?
     } else {
-        decode_safetensors(payload, now_ms)?
+        decode_safetensors(payload, schema.manifest, now_ms)?
     };
     check(sample, schema)
 }
@@ -139,26 +140,44 @@ fn decode_json(payload: &[u8], manifest: &Manifest, now_ms: i64) -> Result<Sampl
     })
 }
 
-fn decode_safetensors(payload: &[u8], now_ms: i64) -> Result<Sample, DecodeError> {
+fn decode_safetensors(payload: &[u8], manifest: &Manifest, now_ms: i64) -> Result<Sample, DecodeError> {
     let bad = |m: String| DecodeError::Safetensors(m);
     let (_, metadata) = SafeTensors::read_metadata(payload).map_err(|e| bad(e.to_string()))?;
     let st = SafeTensors::deserialize(payload).map_err(|e| bad(e.to_string()))?;
     let meta: HashMap<String, String> = metadata.metadata().clone().unwrap_or_default();
-    let allowed = ["key", "task", "label", "timestamp_ms", "source", "weight", "correction"];
+    let allowed = ["key", "task", "label", "timestamp_ms", "source", "weight", "correction", "text"];
     if let Some(unknown) = meta.keys().find(|k| !allowed.contains(&k.as_str())) {
         return Err(bad(format!("unknown metadata field {unknown:?} (allowed: {})", allowed.join(", "))));
     }
-    if st.names().len() != 1 {
-        return Err(bad(format!("expected exactly one tensor named \"input\", found {:?}", st.names())));
-    }
-    let t = st.tensor("input").map_err(|_| bad(format!("the tensor must be named \"input\", found {:?}", st.names())))?;
-    let shape = t.shape().to_vec();
-    let tensor = match t.dtype() {
-        Dtype::F32 => HostTensor::f32(shape, f32s_from_le(t.data())),
-        Dtype::I64 => HostTensor::i64(shape, i64s_from_le(t.data())),
-        other => return Err(bad(format!("tensor dtype {other:?} is not supported (F32, I64)"))),
-    }
-    .map_err(|e| DecodeError::Input(e.to_string()))?;
+    let names = st.names();
+    let input = match (names.as_slice(), meta.get("text")) {
+        ([], Some(text)) => SampleInput::Text(text.clone()),
+        ([name], None) if *name == "input" => {
+            let t = st.tensor("input").map_err(|e| bad(e.to_string()))?;
+            let shape = t.shape().to_vec();
+            let tensor = match t.dtype() {
+                Dtype::F32 => HostTensor::f32(shape, f32s_from_le(t.data())),
+                Dtype::I64 => HostTensor::i64(shape, i64s_from_le(t.data())),
+                other => return Err(bad(format!("tensor \"input\" has dtype {other:?}; F32 or I64"))),
+            }
+            .map_err(|e| DecodeError::Input(e.to_string()))?;
+            SampleInput::Tensor(tensor)
+        }
+        ([name], None) if *name == "image" => {
+            let t = st.tensor("image").map_err(|e| bad(e.to_string()))?;
+            if t.dtype() != Dtype::U8 || t.shape().len() != 1 {
+                return Err(bad(format!("tensor \"image\" must be the bytes of a JPEG or PNG file (U8, one axis), got {:?} {:?}", t.dtype(), t.shape())));
+            }
+            let tensor = crate::preprocess::decode_image(&manifest.name, &manifest.preprocessing, t.data()).map_err(|e| DecodeError::Image(e.to_string()))?;
+            SampleInput::Tensor(tensor)
+        }
+        (names, text) => {
+            return Err(bad(format!(
+                "expected one tensor named \"input\" or \"image\", or none and a \"text\" metadata field; found tensors {names:?}{}",
+                if text.is_some() { " and \"text\"" } else { "" }
+            )));
+        }
+    };
     let get = |k: &'static str| meta.get(k).cloned().ok_or_else(|| field(k, "missing from the safetensors metadata"));
     let parse = |k: &'static str| -> Result<Option<f64>, DecodeError> {
         meta.get(k).map(|v| v.parse::<f64>().map_err(|_| field(k, format!("{v:?} is not a number")))).transpose()
@@ -167,7 +186,7 @@ fn decode_safetensors(payload: &[u8], now_ms: i64) -> Result<Sample, DecodeError
         key: get("key")?,
         task: get("task")?,
         label: get("label")?,
-        input: SampleInput::Tensor(tensor),
+        input,
         weight: parse("weight")?.unwrap_or(1.0) as f32,
         source: meta.get("source").cloned(),
         timestamp_ms: parse("timestamp_ms")?.map_or(now_ms, |v| v as i64),
