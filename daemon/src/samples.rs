@@ -179,13 +179,30 @@ fn now_ms() -> i64 {
 
 impl SampleStore {
     pub fn open(path: &Path, policy: SplitPolicy) -> Result<SampleStore, StoreError> {
+        // The daemon's parts open the store at once as it starts. On a fresh file the first one
+        // switches it to WAL, and SQLite answers the others "busy" without waiting (the busy
+        // handler does not cover the journal-mode change): try again for a few seconds.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match Self::open_once(path, policy) {
+                Err(StoreError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. })
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn open_once(path: &Path, policy: SplitPolicy) -> Result<SampleStore, StoreError> {
         let err = |source| StoreError::Sqlite { path: path.to_path_buf(), source };
         let conn = Connection::open(path).map_err(err)?;
-        // WAL + FULL: a committed transaction survives power loss; busy_timeout: a reader (a CLI
-        // `samples stats`) never makes the daemon's writer fail.
+        // busy_timeout: a reader (a CLI `samples stats`) never makes the daemon's writer fail.
+        // WAL + FULL: a committed transaction survives power loss.
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
         Ok(SampleStore { conn, path: path.to_path_buf(), policy })
     }

@@ -119,3 +119,23 @@ fn the_disk_budget_evicts_the_majority_oldest_first_and_keeps_rare_classes() {
     assert!(e.at_reservoir && e.bytes > per_sample * 10, "{e:?}");
     assert_eq!((count(&store, "common"), count(&store, "usual"), count(&store, "rare")), (20, 20, 10));
 }
+
+#[test]
+fn parts_of_the_daemon_opening_a_fresh_store_at_once_all_get_it() {
+    // Ingest and every task's loop open the store as the daemon starts; on a fresh state
+    // directory one of them turns the file into WAL mode while the others wait for it.
+    for _ in 0..20 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("samples.db");
+        let start = std::sync::Barrier::new(6);
+        std::thread::scope(|s| {
+            let opened: Vec<_> = (0..6).map(|_| s.spawn(|| {
+                start.wait();
+                SampleStore::open(&path, SplitPolicy::default()).map(|_| ())
+            })).collect();
+            for o in opened {
+                o.join().unwrap().expect("every opener gets the store");
+            }
+        });
+    }
+}
