@@ -35,7 +35,8 @@ PYTHON = sys.executable
 
 
 def throughput_data(path: Path, n: int = 256, seq: int = 64) -> None:
-    """Operator commands in three intents, tokenized by the bundle's tokenizer, padded to `seq`."""
+    """Operator commands in three intents, each followed by context long enough that every row
+    holds `seq` real tokens (cut there): no padding for either side to skip."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer
 
@@ -46,12 +47,14 @@ def throughput_data(path: Path, n: int = 256, seq: int = 64) -> None:
     texts, labels = [], []
     for i in range(n):
         verb, label = verbs[i % len(verbs)]
-        texts.append(f"please {verb} {things[(i // len(verbs)) % len(things)]} now")
+        context = ", ".join(f"then {v} {things[(i + k) % len(things)]}" for k, (v, _) in enumerate(verbs))
+        texts.append(f"please {verb} {things[(i // len(verbs)) % len(things)]} now, {context}")
         labels.append(label)
     tok = Tokenizer.from_file(str(ROOT / "build" / "bundles" / "minilm" / "tokenizer.json"))
     tok.enable_truncation(seq)
     tok.enable_padding(length=seq)
     enc = tok.encode_batch(texts)
+    assert all(sum(e.attention_mask) == seq for e in enc), "every row fills the sequence"
     gen = torch.Generator().manual_seed(0)
     save_file({
         "input_ids": torch.tensor([e.ids for e in enc], dtype=torch.int64),

@@ -133,6 +133,7 @@ fn main() {
         patience: 0,
         grad_clip: 1.0,
         dropout: 0.0,
+        lora_dropout: 0.0,
         class_balanced: false,
         head_only_epochs: 0,
         memory_budget_bytes: None,

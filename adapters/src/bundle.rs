@@ -102,6 +102,10 @@ pub struct LoraSlot {
 pub struct LoraSpec {
     pub rank_max: usize,
     pub slots: Vec<LoraSlot>,
+    /// The training graph's last input, the LoRA dropout keep probability (a 0-d float, 1 = off);
+    /// bundles exported before LoRA dropout have none and train without it.
+    #[serde(default)]
+    pub dropout_input: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

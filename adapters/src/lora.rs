@@ -175,6 +175,7 @@ mod tests {
 
     fn spec() -> LoraSpec {
         LoraSpec {
+            dropout_input: None,
             rank_max: 4,
             slots: vec![
                 LoraSlot {

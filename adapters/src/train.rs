@@ -59,6 +59,8 @@ pub struct TrainingGraph {
     module: CModule,
     manifest: Manifest,
     device: Device,
+    /// Text bundles: the position of the `attention_mask` input, for trimming padding per batch.
+    attention_mask: Option<usize>,
 }
 
 impl TrainingGraph {
@@ -76,7 +78,11 @@ impl TrainingGraph {
         for (_, p) in module.named_parameters()? {
             let _ = p.set_requires_grad(false);
         }
-        Ok(TrainingGraph { module, manifest: bundle.manifest.clone(), device })
+        let attention_mask = match bundle.manifest.preprocessing {
+            crate::bundle::Preprocessing::Text { .. } => bundle.manifest.inputs.iter().position(|i| i.name == "attention_mask"),
+            _ => None,
+        };
+        Ok(TrainingGraph { module, manifest: bundle.manifest.clone(), device, attention_mask })
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -87,9 +93,42 @@ impl TrainingGraph {
         self.device
     }
 
+    /// Cut the columns at the end of a text batch that are padding in every row. Texts are padded
+    /// (on the right) to the longest of the whole training set; such columns are masked out of
+    /// attention and pooling, so cutting them changes no output and a batch of short texts costs
+    /// what short texts cost. Other bundles' batches pass unchanged.
+    pub fn trim_padding(&self, batch: Vec<Tensor>) -> Vec<Tensor> {
+        let Some(m) = self.attention_mask else { return batch };
+        let Some(mask) = batch.get(m).filter(|t| t.dim() == 2) else { return batch };
+        let width = mask.size()[1];
+        let used = mask.ne(0).any_dim(0, false).nonzero();
+        let keep = if used.size()[0] == 0 { 1 } else { used.max().int64_value(&[]) + 1 };
+        if keep >= width {
+            return batch;
+        }
+        batch.into_iter().map(|t| if t.dim() == 2 && t.size()[1] == width { t.narrow(1, 0, keep) } else { t }).collect()
+    }
+
+    /// Whether the graph takes a LoRA dropout input (bundles exported before it do not).
+    pub fn has_lora_dropout(&self) -> bool {
+        self.manifest.lora.dropout_input.is_some()
+    }
+
     /// Run the graph on device tensors; gradients flow into whatever LoRA tensors require them.
+    /// No LoRA dropout: evaluation, parity and inference.
     pub fn forward(&self, inputs: &[Tensor], lora: &[Tensor]) -> Result<Vec<Tensor>, TrainError> {
-        let args: Vec<IValue> = inputs.iter().chain(lora).map(|t| IValue::Tensor(t.shallow_clone())).collect();
+        self.forward_dropout(inputs, lora, 0.0)
+    }
+
+    /// `forward` with LoRA dropout `p` on every slot's input (PEFT's `lora_dropout`); the base
+    /// path is never dropped. Needs a bundle whose training graph takes the dropout input.
+    pub fn forward_dropout(&self, inputs: &[Tensor], lora: &[Tensor], p: f64) -> Result<Vec<Tensor>, TrainError> {
+        let mut args: Vec<IValue> = inputs.iter().chain(lora).map(|t| IValue::Tensor(t.shallow_clone())).collect();
+        match (&self.manifest.lora.dropout_input, p > 0.0) {
+            (Some(_), _) => args.push(IValue::Tensor(Tensor::from(1.0 - p as f32).to_device(self.device))),
+            (None, true) => return Err(TrainError::Data(format!("bundle {} has no LoRA dropout input (exported before it); set lora_dropout to 0 or export the bundle again", self.manifest.name))),
+            (None, false) => {}
+        }
         let out = self
             .module
             .forward_is(&args)
@@ -206,6 +245,8 @@ pub struct Recipe {
     pub grad_clip: f64,
     /// Dropout on the embedding before the head, while training.
     pub dropout: f64,
+    /// Dropout on each LoRA slot's input while training, as PEFT's `lora_dropout`.
+    pub lora_dropout: f64,
     /// Draw each epoch's samples with probability inverse to their class's frequency.
     pub class_balanced: bool,
     /// Gradual unfreezing: train only the head for this many epochs before LoRA joins.
@@ -229,6 +270,7 @@ impl Default for Recipe {
             patience: 3,
             grad_clip: 1.0,
             dropout: 0.1,
+            lora_dropout: 0.05,
             class_balanced: true,
             head_only_epochs: 0,
             memory_budget_bytes: None,
@@ -330,6 +372,8 @@ pub struct FitReport {
     pub samples_per_second: f64,
     /// Peak memory the probe step added, when a budget was set.
     pub probe_bytes_per_sample: Option<u64>,
+    /// The LoRA dropout applied (0 for heads, and for bundles without the dropout input).
+    pub lora_dropout: f64,
     /// LoRA only: every base parameter bit-identical after training.
     pub base_unchanged: Option<bool>,
     /// The step losses, for loss curves.
@@ -418,11 +462,26 @@ pub fn fit(
             })
             .collect()
     };
-    // Embeddings for a batch: the cached input itself, or the graph run with the current LoRA.
-    let embed = |batch: &[Tensor], lora_vars: &[(Tensor, Tensor)]| -> Result<Tensor, TrainError> {
+    // LoRA dropout needs the graph's dropout input; a bundle exported before it trains without.
+    let lora_dropout = match graph {
+        Some(g) if recipe.lora_dropout > 0.0 && !g.has_lora_dropout() => {
+            tracing::warn!(bundle = %g.manifest().name, lora_dropout = recipe.lora_dropout, "the bundle's training graph has no LoRA dropout input (exported before it): training without LoRA dropout");
+            0.0
+        }
+        Some(_) => recipe.lora_dropout,
+        None => 0.0,
+    };
+    // Text batches lose their all-padding columns; the memory probe keeps the full width.
+    let trim = |batch: Vec<Tensor>| match graph {
+        Some(g) => g.trim_padding(batch),
+        None => batch,
+    };
+    // Embeddings for a batch: the cached input itself, or the graph run with the current LoRA
+    // (with LoRA dropout `p` while training).
+    let embed = |batch: &[Tensor], lora_vars: &[(Tensor, Tensor)], p: f64| -> Result<Tensor, TrainError> {
         match graph {
             None => Ok(batch[0].shallow_clone()),
-            Some(g) => Ok(g.forward(batch, &padded(lora_vars))?.swap_remove(emb_index.expect("lora graph"))),
+            Some(g) => Ok(g.forward_dropout(batch, &padded(lora_vars), p)?.swap_remove(emb_index.expect("lora graph"))),
         }
     };
     let logits_of = |emb: &Tensor, train: bool| emb.dropout(if train { recipe.dropout } else { 0.0 }, train).linear(&head_w, Some(&head_b));
@@ -449,7 +508,7 @@ pub fn fit(
         let (per_sample, fixed) = probe_memory(|b| {
             let idx = Tensor::from_slice(&(0..b as i64).map(|i| i % n as i64).collect::<Vec<_>>()).to_device(device);
             let batch: Vec<Tensor> = train_inputs.iter().map(|t| t.index_select(0, &idx)).collect();
-            let loss = weighted_loss(&logits_of(&embed(&batch, &lora_vars)?, true), &idx);
+            let loss = weighted_loss(&logits_of(&embed(&batch, &lora_vars, lora_dropout)?, true), &idx);
             opt.zero_grad();
             loss.backward();
             opt.zero_grad();
@@ -499,8 +558,8 @@ pub fn fit(
                 opt.set_lr_group(1, recipe.learning_rate * factor);
             }
             let idx = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(device);
-            let batch: Vec<Tensor> = train_inputs.iter().map(|t| t.index_select(0, &idx)).collect();
-            let loss = weighted_loss(&logits_of(&embed(&batch, &lora_vars)?, true), &idx);
+            let batch = trim(train_inputs.iter().map(|t| t.index_select(0, &idx)).collect());
+            let loss = weighted_loss(&logits_of(&embed(&batch, &lora_vars, lora_dropout)?, true), &idx);
             let value = loss.double_value(&[]) as f32;
             if !value.is_finite() {
                 return Err(TrainError::NonFiniteLoss { step, loss: value });
@@ -519,7 +578,7 @@ pub fn fit(
         }
         let (val_loss, val_accuracy) = {
             let _guard = tch::no_grad_guard();
-            evaluate(&val_inputs, &val_labels, validation.len(), |batch| Ok(logits_of(&embed(batch, &lora_vars)?, false)))?
+            evaluate(&val_inputs, &val_labels, validation.len(), |batch| Ok(logits_of(&embed(&trim(batch.iter().map(Tensor::shallow_clone).collect()), &lora_vars, 0.0)?, false)))?
         };
         epochs.push(EpochRecord {
             epoch,
@@ -573,6 +632,7 @@ pub fn fit(
         batch_size,
         samples_per_second: seen as f64 / elapsed.max(1e-9),
         probe_bytes_per_sample,
+        lora_dropout,
         base_unchanged,
         losses,
     })

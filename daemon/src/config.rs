@@ -142,6 +142,7 @@ pub struct TrainingSection {
     pub patience: usize,
     pub grad_clip: f64,
     pub dropout: f64,
+    pub lora_dropout: f64,
     pub class_balanced: bool,
     pub head_only_epochs: usize,
     pub memory_budget_mb: u64,
@@ -221,6 +222,7 @@ impl Default for Config {
                 patience: recipe.patience,
                 grad_clip: recipe.grad_clip,
                 dropout: recipe.dropout,
+                lora_dropout: recipe.lora_dropout,
                 class_balanced: recipe.class_balanced,
                 head_only_epochs: recipe.head_only_epochs,
                 memory_budget_mb: recipe.memory_budget_bytes.map_or(0, |b| b / (1024 * 1024)),
@@ -386,6 +388,9 @@ impl Config {
         if !(0.0..1.0).contains(&t.dropout) {
             return invalid("training.dropout", "must be in [0, 1)");
         }
+        if !(0.0..1.0).contains(&t.lora_dropout) {
+            return invalid("training.lora_dropout", "must be in [0, 1)");
+        }
         if t.weight_decay < 0.0 || t.grad_clip < 0.0 {
             return invalid("training.weight_decay", "weight_decay and grad_clip must not be negative");
         }
@@ -457,6 +462,7 @@ impl Config {
                 patience: t.patience,
                 grad_clip: t.grad_clip,
                 dropout: t.dropout,
+                lora_dropout: t.lora_dropout,
                 class_balanced: t.class_balanced,
                 head_only_epochs: t.head_only_epochs,
                 memory_budget_bytes: (t.memory_budget_mb > 0).then(|| t.memory_budget_mb * 1024 * 1024),

@@ -153,6 +153,7 @@ pub fn training_probe(
         batch_size: labels.len(),
         patience: 0,
         dropout: 0.0,
+        lora_dropout: 0.0,
         class_balanced: false,
         ..Recipe::default()
     };

@@ -10,6 +10,8 @@ Every LoRA slot is a pair of *graph inputs* (A: [r_max, in], B: [out, r_max]; co
 PEFT's conv shapes); an adapter of smaller rank is zero-padded and "no adapter" is all zeros, so
 swapping adapters at serving time never rebuilds the ONNX Runtime session. The slot adds
 ``B @ A @ x`` to the wrapped layer's output: the caller folds PEFT's ``alpha / r`` into B.
+The training graph takes one more input after the slots, the LoRA dropout keep probability
+(``lora.keep``, a 0-d float; 1 = no dropout); the serving graph has no dropout.
 
 Usage as a library::
 
@@ -42,6 +44,8 @@ TRAINING_GRAPH = "train.pt"
 BASE_HEAD = "base_head.safetensors"
 RETENTION = "retention.safetensors"
 ONNX_OPSET = 17
+# The training graph's last input: the LoRA dropout keep probability (1 - lora_dropout).
+LORA_DROPOUT_INPUT = "lora.keep"
 
 
 class ExportError(ValueError):
@@ -78,6 +82,16 @@ class SlotSpec:
         }
 
 
+@torch.jit.script
+def lora_dropout(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """PEFT's lora_dropout on a slot's input, with the keep probability as a graph input. Scripted
+    so the branch survives tracing: at keep = 1 (evaluation, or no dropout) the input passes
+    unchanged and no random numbers are drawn."""
+    if bool(keep >= 1.0):
+        return x
+    return x * (torch.rand_like(x) < keep).to(x.dtype) / keep
+
+
 class LoraSlot(nn.Module):
     """Wraps a frozen Linear/Conv2d and adds the low-rank update fed in as graph inputs."""
 
@@ -88,28 +102,35 @@ class LoraSlot(nn.Module):
         # so tracing records them as the graph inputs they came from.
         self.lora_a: torch.Tensor | None = None
         self.lora_b: torch.Tensor | None = None
+        self.keep: torch.Tensor | None = None  # training graph only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        h = x if self.keep is None else lora_dropout(x, self.keep)
         if isinstance(self.base, nn.Conv2d):
-            h = F.conv2d(x, self.lora_a, None, self.base.stride, self.base.padding, self.base.dilation)
+            h = F.conv2d(h, self.lora_a, None, self.base.stride, self.base.padding, self.base.dilation)
             return y + F.conv2d(h, self.lora_b)
-        return y + F.linear(F.linear(x, self.lora_a), self.lora_b)
+        return y + F.linear(F.linear(h, self.lora_a), self.lora_b)
 
 
 class BundleGraph(nn.Module):
-    """forward(*model_inputs, A_0, B_0, A_1, B_1, ...) -> tuple of model outputs."""
+    """forward(*model_inputs, A_0, B_0, A_1, B_1, ...[, keep]) -> tuple of model outputs.
 
-    def __init__(self, module: nn.Module, slots: list[LoraSlot], n_inputs: int):
+    With `training` the last input is the LoRA dropout keep probability (a 0-d float tensor):
+    the training graph takes it, the serving graph has no dropout."""
+
+    def __init__(self, module: nn.Module, slots: list[LoraSlot], n_inputs: int, training: bool = False):
         super().__init__()
         self.module = module
         self.slots = slots  # plain list: the slots are already submodules of `module`
         self.n_inputs = n_inputs
+        self.training_graph = training
 
     def forward(self, *args: torch.Tensor):
         inputs, lora = args[: self.n_inputs], args[self.n_inputs :]
+        keep = lora[-1] if self.training_graph else None
         for i, slot in enumerate(self.slots):
-            slot.lora_a, slot.lora_b = lora[2 * i], lora[2 * i + 1]
+            slot.lora_a, slot.lora_b, slot.keep = lora[2 * i], lora[2 * i + 1], keep
         out = self.module(*inputs)
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
@@ -253,6 +274,7 @@ def export_bundle(
         "preprocessing": preprocessing, "opset": ONNX_OPSET,
         "extra_files": {k: sha256_file(Path(v)) for k, v in sorted((extra_files or {}).items())},
         "base_head": base_head,
+        "training_inputs": [LORA_DROPOUT_INPUT],
         "retention": _tensors_digest(retention_tensors) if retention_tensors else None,
     }
     print_ = fingerprint(module, config)
@@ -306,7 +328,8 @@ def export_bundle(
                 input_names=input_names, output_names=list(output_names), dynamic_axes=dynamic_axes or {},
                 do_constant_folding=True,
             )
-            traced = torch.jit.trace(graph, args, check_trace=False)
+            trainer = BundleGraph(module, slots, len(example_inputs), training=True).eval()
+            traced = torch.jit.trace(trainer, (*args, torch.tensor(1.0)), check_trace=False)
             traced.save(str(staging / TRAINING_GRAPH))
         for dest, src in (extra_files or {}).items():
             shutil.copyfile(src, staging / dest)
@@ -347,7 +370,7 @@ def export_bundle(
             "logits_output": logits_output,
             "labels": list(labels) if labels is not None else None,
             "preprocessing": preprocessing or {"kind": "tensor"},
-            "lora": {"rank_max": rank_max, "slots": [s.to_json() for s in specs]},
+            "lora": {"rank_max": rank_max, "slots": [s.to_json() for s in specs], "dropout_input": LORA_DROPOUT_INPUT},
             "base_head": BASE_HEAD if head_tensors is not None else None,
             "retention": RETENTION if retention_tensors is not None else None,
             "metadata": metadata or {},

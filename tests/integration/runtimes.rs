@@ -62,6 +62,27 @@ fn minilm_base_embeddings_are_unit_length_and_padding_does_not_leak() {
     assert!((norm - 1.0).abs() < 1e-4, "embedding norm {norm}");
 }
 
+#[test]
+fn trimming_padding_from_a_text_batch_changes_no_output() {
+    let (bundle, _, graph) = load("minilm");
+    let encoder = adaptd::preprocess::TextEncoder::from_bundle(&bundle).unwrap();
+    // Two short texts padded as if a long one were in the training set.
+    let long = "drive all the way back to the charging station near the north entrance and wait there for the operator";
+    let padded: Vec<tch::Tensor> = encoder.encode(&["pick up the blue box", "go to the dock", long]).unwrap().iter().map(|t| adaptd_adapters::train::to_tensor(t, Device::Cpu).narrow(0, 0, 2)).collect();
+    let trimmed = graph.trim_padding(padded.iter().map(tch::Tensor::shallow_clone).collect());
+    let (full, short) = (padded[0].size()[1], trimmed[0].size()[1]);
+    assert!(short < full && trimmed.iter().all(|t| t.size()[1] == short), "{full} -> {short} columns");
+    assert_eq!(short, padded[1].sum_dim_intlist(1, false, tch::Kind::Int64).max().int64_value(&[]), "cut to the longest text of the batch");
+    let lora = no_adapter_inputs(&bundle.manifest.lora).iter().map(|t| adaptd_adapters::train::to_tensor(t, Device::Cpu)).collect::<Vec<_>>();
+    let (a, b) = (graph.forward(&padded, &lora).unwrap(), graph.forward(&trimmed, &lora).unwrap());
+    let diff = (&a[0] - &b[0]).abs().max().double_value(&[]);
+    assert!(diff < 1e-5, "trimming changed the embedding by {diff}");
+    // Image batches pass unchanged.
+    let (_, _, cnn) = load("digits-cnn");
+    let images = vec![tch::Tensor::zeros([2, 1, 8, 8], (tch::Kind::Float, Device::Cpu))];
+    assert_eq!(cnn.trim_padding(images)[0].size(), vec![2, 1, 8, 8]);
+}
+
 fn assert_trains(name: &str) {
     let (bundle, _, graph) = load(name);
     let report = parity::training_probe(&bundle, &graph, &digits_data(), 12).unwrap();
@@ -86,6 +107,49 @@ fn digits_cnn_lora_trains_and_base_stays_bit_identical() {
 #[test]
 fn minilm_lora_trains_and_base_stays_bit_identical() {
     assert_trains("minilm");
+}
+
+#[test]
+fn lora_dropout_drops_only_the_lora_path_while_training() {
+    let (bundle, _, graph) = load("digits-cnn");
+    assert!(graph.has_lora_dropout(), "the exporter gives training graphs a LoRA dropout input");
+    let spec = &bundle.manifest.lora;
+    let inputs = parity::probe_inputs(&bundle, &digits_data()).unwrap();
+    let images = adaptd_adapters::train::to_tensor(&inputs[0], Device::Cpu);
+    let slot = |b_scale: f32| -> Vec<tch::Tensor> {
+        spec.slots
+            .iter()
+            .flat_map(|s| {
+                let a = tch::Tensor::randn(s.a_shape.iter().map(|&d| d as i64).collect::<Vec<_>>(), (tch::Kind::Float, Device::Cpu)) * 0.1;
+                let b = tch::Tensor::randn(s.b_shape.iter().map(|&d| d as i64).collect::<Vec<_>>(), (tch::Kind::Float, Device::Cpu)) * b_scale as f64;
+                [a, b]
+            })
+            .collect()
+    };
+    let logits = |lora: &[tch::Tensor], p: f64| graph.forward_dropout(std::slice::from_ref(&images), lora, p).unwrap().swap_remove(1);
+    let max_diff = |a: &tch::Tensor, b: &tch::Tensor| (a - b).abs().max().double_value(&[]);
+    tch::manual_seed(3);
+    let lora = slot(0.1);
+    // p = 0 is the plain forward, bit for bit.
+    assert_eq!(max_diff(&logits(&lora, 0.0), &graph.forward(std::slice::from_ref(&images), &lora).unwrap()[1]), 0.0);
+    // p > 0: a fresh mask per call, so two calls differ and both differ from no dropout.
+    let (d1, d2) = (logits(&lora, 0.5), logits(&lora, 0.5));
+    assert!(max_diff(&d1, &d2) > 1e-4 && max_diff(&d1, &logits(&lora, 0.0)) > 1e-4);
+    // Only the LoRA path is dropped: with B = 0 (a fresh adapter) dropout changes nothing.
+    let fresh = slot(0.0);
+    assert!(max_diff(&logits(&fresh, 0.5), &logits(&fresh, 0.0)) < 1e-6);
+
+    // A fit with LoRA dropout trains, reports it, and leaves the base alone.
+    let head = bundle.base_head().unwrap().expect("digits-cnn ships its classifier");
+    let digits = adaptd::datasets::Digits::load(&digits_data()).unwrap();
+    let rows: Vec<usize> = digits.held_out().into_iter().take(48).collect();
+    let train = Examples { inputs: vec![digits.batch(&rows, adaptd::datasets::Shift::Rotate90)], labels: digits.labels_of(&rows), weights: vec![1.0; rows.len()] };
+    let recipe = Recipe { max_epochs: 4, batch_size: 16, lora_dropout: 0.2, patience: 0, ..Recipe::default() };
+    let report = fit(FitTarget::Lora { graph: &graph, rank: 8, alpha: 16.0 }, &train, &Examples::default(), &head, &recipe, &AtomicBool::new(false), &mut |_| {}).unwrap();
+    assert_eq!(report.lora_dropout, 0.2);
+    assert_eq!(report.base_unchanged, Some(true));
+    assert!(report.losses.iter().all(|l| l.is_finite()));
+    assert!(report.losses.last().unwrap() < &report.losses[0], "loss went {:?}", report.losses);
 }
 
 #[test]

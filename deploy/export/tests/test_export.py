@@ -56,6 +56,22 @@ class ExportTest(unittest.TestCase):
         import onnxruntime as ort
         names = [i.name for i in ort.InferenceSession(str(self.out / "model.onnx")).get_inputs()]
         self.assertEqual(names, ["x", "conv.lora_A", "conv.lora_B", "fc.lora_A", "fc.lora_B"])
+        # The training graph takes the LoRA dropout keep probability last: 1 is the serving graph's
+        # function exactly; below 1 the LoRA path (and only it) is dropped at random.
+        self.assertEqual(manifest["lora"]["dropout_input"], "lora.keep")
+        train = torch.jit.load(str(self.out / "train.pt"))
+        x = torch.randn(2, 1, 4, 4)
+        lora = [torch.randn(*slots[m][k]) * 0.1 for m in ("conv", "fc") for k in ("a_shape", "b_shape")]
+        serving = ort.InferenceSession(str(self.out / "model.onnx"))
+        feeds = dict(zip(names, [x.numpy()] + [t.numpy() for t in lora]))
+        with torch.no_grad():
+            kept = train(x, *lora, torch.tensor(1.0))[0]
+            dropped = [train(x, *lora, torch.tensor(0.5))[0] for _ in range(2)]
+            no_lora = train(x, *[torch.zeros_like(t) for t in lora], torch.tensor(0.5))[0]
+            base = train(x, *[torch.zeros_like(t) for t in lora], torch.tensor(1.0))[0]
+        self.assertLess((kept - torch.from_numpy(serving.run(None, feeds)[0])).abs().max().item(), 1e-5)
+        self.assertGreater((dropped[0] - dropped[1]).abs().max().item(), 1e-4)
+        self.assertEqual((no_lora - base).abs().max().item(), 0.0)
 
     def test_unknown_target_module(self):
         with self.assertRaisesRegex(ExportError, r"target module 'attention' matches no module"):
