@@ -38,6 +38,7 @@ fn bad_files_name_the_key_and_say_what_is_allowed() {
         ("learning_rate = 0.0005", "learning_rate = 3.0", "training.learning_rate"),
         ("min_samples_per_class = 2", "min_samples_per_class = 1", "training.min_samples_per_class"),
         ("replay_fraction = 0.2", "replay_fraction = 1.5", "training.replay_fraction"),
+        ("lora_dropout = 0.05", "lora_dropout = 1.0", "training.lora_dropout"),
         ("adapter = \"head\"", "adapter = \"full\"", "full"),
         ("tick_ms = 1000", "tick_ms = 1", "schedule.tick_ms"),
         ("rollback_drop = 0.05", "rollback_drop = 2.0", "gate.max_retention_drop"),
