@@ -403,6 +403,9 @@ pub fn fit(
     if recipe.batch_size == 0 || recipe.max_epochs == 0 {
         return Err(TrainError::Data("batch_size and max_epochs must be at least 1".into()));
     }
+    if !(0.0..1.0).contains(&recipe.dropout) || !(0.0..1.0).contains(&recipe.lora_dropout) {
+        return Err(TrainError::Data(format!("dropout ({}) and lora_dropout ({}) must be in [0, 1)", recipe.dropout, recipe.lora_dropout)));
+    }
     let (device, graph, lora_spec) = match &target {
         FitTarget::Head { device } => {
             if train.inputs.len() != 1 || train.inputs[0].shape.len() != 2 || train.inputs[0].shape[1] != init_head.input_dim() {

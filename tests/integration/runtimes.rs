@@ -170,6 +170,9 @@ fn training_refuses_bad_labels_and_stops_when_cancelled() {
     let wrong_dtype = HostTensor::i64(vec![4, 1, 8, 8], vec![0; 256]).unwrap();
     let err = fit(lora(), &examples(vec![wrong_dtype], vec![0, 1, 2, 3]), &none, &head, &recipe, &never, &mut |_| {}).unwrap_err();
     assert!(matches!(err, TrainError::InputDType { .. }), "{err}");
+    let all_dropped = Recipe { lora_dropout: 1.0, ..recipe.clone() };
+    let err = fit(lora(), &examples(vec![images.clone()], vec![0, 1, 2, 3]), &none, &head, &all_dropped, &never, &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("lora_dropout"), "{err}");
     let too_big = FitTarget::Lora { graph: &graph, rank: 17, alpha: 8.0 };
     assert!(fit(too_big, &examples(vec![images.clone()], vec![0, 1, 2, 3]), &none, &head, &recipe, &never, &mut |_| {}).is_err());
     let mut bad_weights = examples(vec![images.clone()], vec![0, 1, 2, 3]);
