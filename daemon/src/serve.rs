@@ -240,10 +240,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
     tracing::info!(deadline_s = config.shutdown_deadline.as_secs(), "shutting down");
     crate::systemd::notify_or_log("STOPPING=1");
     let _ = stop_tx.send(true);
-    if let Some(t) = commands_task {
-        let _ = t.await;
-    }
-    let stopping = stop_in_order(http_task, mqtt_task, ingest_task, adapt_tasks, events_task, watchdog_task, trainer, engine);
+    let stopping = stop_in_order(http_task, mqtt_task, commands_task, ingest_task, adapt_tasks, events_task, watchdog_task, trainer, engine);
     match tokio::time::timeout(config.shutdown_deadline, stopping).await {
         Ok(result) => result,
         Err(_) => anyhow::bail!("shutdown took longer than {} s; exiting with work unfinished (acked samples are already durable)", config.shutdown_deadline.as_secs()),
@@ -326,6 +323,7 @@ async fn reload_on_sighup(mut from: Option<(PathBuf, Config)>, loops: BTreeMap<S
 async fn stop_in_order(
     http_task: tokio::task::JoinHandle<std::io::Result<()>>,
     mqtt_task: Option<tokio::task::JoinHandle<()>>,
+    commands_task: Option<tokio::task::JoinHandle<()>>,
     ingest_task: Option<tokio::task::JoinHandle<Result<(), ingest::IngestError>>>,
     adapt_tasks: Vec<tokio::task::JoinHandle<Result<(), adapt::AdaptError>>>,
     events_task: tokio::task::JoinHandle<()>,
@@ -340,6 +338,9 @@ async fn stop_in_order(
         tracing::warn!(error = %e, "HTTP server stopped with an error");
     }
     if let Some(t) = mqtt_task {
+        t.await?;
+    }
+    if let Some(t) = commands_task {
         t.await?;
     }
     if let Some(t) = ingest_task {

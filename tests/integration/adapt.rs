@@ -364,3 +364,21 @@ async fn a_task_over_its_disk_budget_evicts_samples_and_says_so() {
     assert!((20..80).contains(&stored), "kept what fits, at least the reservoirs: {stored}");
     shut_down(stop, daemon).await;
 }
+
+/// With the broker unreachable every MQTT part sleeps between retries, up to 30 s; asked to stop,
+/// the daemon stops at once rather than after the longest of those sleeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_whose_broker_is_gone_stops_promptly() {
+    let state = tempfile::tempdir().unwrap();
+    let config = daemon_config(crate::broker::free_port(), state.path(), "sorter", 300);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (bound_tx, bound_rx) = oneshot::channel();
+    let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
+    bound_rx.await.unwrap();
+    // Retries at 0.1, 0.2, 0.4 ... s: after 7 s each part is in a sleep of 3-6 s.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let asked = Instant::now();
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("shuts down in time").unwrap().unwrap();
+    assert!(asked.elapsed() < Duration::from_secs(2), "took {:?} to stop", asked.elapsed());
+}

@@ -20,7 +20,7 @@ fn mosquitto_binary() -> PathBuf {
         .expect("mosquitto is not installed: run `make setup`")
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 

@@ -83,10 +83,15 @@ pub async fn run(api: Arc<Api>, broker: BrokerConnection, client_id: String, fil
             Ok(_) => {}
             Err(e) => {
                 tracing::debug!(error = %e, "MQTT operator commands: connection lost; retrying");
-                tokio::time::sleep(backoff).await;
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
     }
-    let _ = client.disconnect().await;
+    // Not `disconnect().await`: nothing polls the event loop any more, and a full request queue
+    // would hold shutdown forever.
+    let _ = client.try_disconnect();
 }

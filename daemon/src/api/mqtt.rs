@@ -79,7 +79,9 @@ pub async fn run(api: Arc<Api>, config: MqttApiConfig, shutdown: impl Future<Out
             }
         }
     }
-    let _ = client.disconnect().await;
+    // Not `disconnect().await`: nothing polls the event loop any more, and a full request queue
+    // would hold shutdown forever.
+    let _ = client.try_disconnect();
 }
 
 async fn answer(api: &Api, client: &AsyncClient, prefix: &str, publish: Publish) {
