@@ -87,6 +87,20 @@ pub enum BrokerError {
     Credentials(String),
 }
 
+/// Subscribe `client` to `filter` (QoS 1) from a task of its own; called on every CONNACK by the
+/// loop that polls the connection. That loop is the only one draining the request queue, which
+/// may be full of requests made while the broker was away (acks, answers): waiting there for
+/// room would deadlock the connection (seen on a broker restart).
+pub fn subscribe_in_background(client: &rumqttc::AsyncClient, filter: &str, what: &'static str) {
+    let (client, filter) = (client.clone(), filter.to_string());
+    tokio::spawn(async move {
+        match client.subscribe(filter.clone(), rumqttc::QoS::AtLeastOnce).await {
+            Ok(()) => tracing::info!(filter, "{what} connected"),
+            Err(e) => tracing::warn!(error = %e, "{what} could not subscribe"),
+        }
+    });
+}
+
 /// Start rumqttd on `listen` (MQTT 3.1.1) on its own thread; returns once it accepts connections.
 pub fn start_embedded(listen: SocketAddr, max_payload_bytes: usize) -> Result<(), BrokerError> {
     let toml = format!(

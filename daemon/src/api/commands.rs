@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -64,12 +64,7 @@ pub async fn run(api: Arc<Api>, broker: BrokerConnection, client_id: String, fil
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = Duration::from_millis(100);
-                let (client, filter) = (client.clone(), filter.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = client.subscribe(filter, QoS::AtLeastOnce).await {
-                        tracing::warn!(error = %e, "MQTT operator commands could not subscribe");
-                    }
-                });
+                crate::broker::subscribe_in_background(&client, &filter, "MQTT operator commands");
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let Some(task) = p.topic.strip_prefix(&format!("{filter_prefix}/")).map(str::to_string) else { continue };

@@ -58,11 +58,16 @@ pub async fn run(api: Arc<Api>, config: MqttApiConfig, shutdown: impl Future<Out
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = Duration::from_millis(100);
-                // Re-subscribed on every connect: the session is clean.
-                if let Err(e) = client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
-                    tracing::warn!(error = %e, "MQTT inference API could not subscribe");
-                }
-                tracing::info!(filter, "MQTT inference API connected");
+                // Re-subscribed on every connect (the session is clean), from a task of its own
+                // as `broker::subscribe_in_background` does for the MQTT v3 clients: answers
+                // queued while the broker was away may fill the request queue this loop drains.
+                let (client, filter) = (client.clone(), filter.clone());
+                tokio::spawn(async move {
+                    match client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
+                        Ok(()) => tracing::info!(filter, "MQTT inference API connected"),
+                        Err(e) => tracing::warn!(error = %e, "MQTT inference API could not subscribe"),
+                    }
+                });
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 let (api, client, prefix) = (api.clone(), client.clone(), prefix.clone());

@@ -101,16 +101,7 @@ pub async fn run(
             match events.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = Duration::from_millis(100);
-                    // From another task: the request queue may be full of acks the batcher queued
-                    // while the broker was away, and only this loop's polling drains it. Waiting
-                    // here for room would deadlock the connection (seen on a broker restart).
-                    let (client, filter) = (poll_client.clone(), filter.clone());
-                    tokio::spawn(async move {
-                        if let Err(e) = client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
-                            tracing::warn!(error = %e, "ingest could not subscribe");
-                        }
-                        tracing::info!(filter, "ingest connected");
-                    });
+                    crate::broker::subscribe_in_background(&poll_client, &filter, "ingest");
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     if tx.send(p).is_err() {
