@@ -130,7 +130,7 @@ pub fn render_adapters(rows: &Value) -> String {
 
 /// Labelled samples in the store under `state_dir`: per task, split and label.
 pub fn sample_stats(state_dir: &Path) -> Result<Value, OpsError> {
-    let path = state_dir.join("samples.db");
+    let path = state_dir.join(crate::samples::STORE_FILE);
     if !path.is_file() {
         return Err(OpsError::State { path: path.display().to_string(), reason: "no sample store here yet (nothing ingested, or not the daemon's state directory)".into() });
     }
@@ -182,7 +182,7 @@ pub fn import_samples(state_dir: &Path, bundle: &adaptd_adapters::Bundle, tasks:
             Err(e) => refused.push(json!({ "line": i + 1, "reason": e.error_type(), "message": e.to_string() })),
         }
     }
-    let path = state_dir.join("samples.db");
+    let path = state_dir.join(crate::samples::STORE_FILE);
     let state_err = |e: crate::samples::StoreError| OpsError::State { path: path.display().to_string(), reason: e.to_string() };
     std::fs::create_dir_all(state_dir).map_err(|e| OpsError::State { path: state_dir.display().to_string(), reason: e.to_string() })?;
     let mut store = crate::samples::SampleStore::open(&path, Default::default()).map_err(state_err)?;

@@ -122,6 +122,10 @@ pub struct SampleStore {
     policy: SplitPolicy,
 }
 
+/// The sample store's file in the daemon's state directory (the daemon, `samples stats` and
+/// `samples import` all open it there).
+pub const STORE_FILE: &str = "samples.db";
+
 /// What a row costs beyond its blobs (other columns, the key's index), for the disk budget.
 const ROW_OVERHEAD_BYTES: i64 = 128;
 /// The disk budget's measure of a row, in SQL (the overhead bound as `?2`).

@@ -149,7 +149,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
             registry: registry.clone(),
             engine: engine.handle.clone(),
             trainer: trainer.clone(),
-            store_path: config.state_dir.join("samples.db"),
+            store_path: config.state_dir.join(crate::samples::STORE_FILE),
             split: config.split,
             text: text.clone(),
             events: events.clone(),
@@ -199,7 +199,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
     });
     let ingest_task = match (&config.mqtt, config.tasks.is_empty()) {
         (Some(broker), false) => {
-            let store = SampleStore::open(&config.state_dir.join("samples.db"), config.split)?;
+            let store = SampleStore::open(&config.state_dir.join(crate::samples::STORE_FILE), config.split)?;
             let ingest_config = IngestConfig {
                 broker: broker.clone(),
                 client_id: format!("adaptd-ingest-{}", config.device_id),
