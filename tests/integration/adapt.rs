@@ -20,6 +20,11 @@ fn sample_line(key: &str, task: &str, label: i64, pixels: &[f32]) -> String {
     format!("{{\"key\": \"{key}\", \"task\": \"{task}\", \"label\": \"{label}\", \"input\": {{\"shape\": [1, 1, 8, 8], \"data\": [{}]}}}}", data.join(","))
 }
 
+/// One sample line per digit in `indices`, keyed `{prefix}:{index}`, the image shifted by `shift`.
+fn digit_lines(digits: &Digits, indices: impl IntoIterator<Item = usize>, prefix: &str, task: &str, shift: Shift) -> Vec<String> {
+    indices.into_iter().map(|i| sample_line(&format!("{prefix}:{i}"), task, digits.labels[i], &digits.image(i, shift))).collect()
+}
+
 fn publish(port: u16, topic: &str, lines: &[String]) {
     let mut p = Command::new("mosquitto_pub").args(["-p", &port.to_string(), "-q", "1", "-t", topic, "-l"]).stdin(Stdio::piped()).spawn().unwrap();
     p.stdin.take().unwrap().write_all((lines.join("\n") + "\n").as_bytes()).unwrap();
@@ -134,7 +139,7 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
     // Robots whose cameras are mounted sideways: rotated digits the base model never saw.
     let digits = Digits::load(&digits_data()).unwrap();
     let pool = digits.held_out();
-    let lines: Vec<String> = pool.iter().take(360).map(|&i| sample_line(&format!("cam-3:{i}"), "sorter", digits.labels[i], &digits.image(i, Shift::Rotate90))).collect();
+    let lines = digit_lines(&digits, pool.iter().copied().take(360), "cam-3", "sorter", Shift::Rotate90);
     let port = broker.port;
     let url = base.clone();
     let (status, promoted, decision, events) = tokio::task::spawn_blocking(move || {
@@ -242,7 +247,7 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
 async fn a_task_with_too_few_samples_is_deferred_with_its_reason() {
     let Running { broker, state: _state, events, base, stop, daemon } = start_daemon("tiny", 1_000).await;
     let digits = Digits::load(&digits_data()).unwrap();
-    let lines: Vec<String> = digits.held_out().iter().take(8).map(|&i| sample_line(&format!("t:{i}"), "tiny", digits.labels[i], &digits.image(i, Shift::Invert))).collect();
+    let lines = digit_lines(&digits, digits.held_out().iter().copied().take(8), "t", "tiny", Shift::Invert);
     let port = broker.port;
     let deferred = tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_millis(500));
@@ -274,10 +279,10 @@ async fn a_promoted_adapter_that_does_worse_on_fresh_labels_is_rolled_back_by_it
     let Running { broker, state, events, base, stop, daemon } = start_daemon("sorter", 300).await;
     let digits = Digits::load(&digits_data()).unwrap();
     let pool = digits.held_out();
-    let rotated: Vec<String> = pool.iter().take(360).map(|&i| sample_line(&format!("cam-3:{i}"), "sorter", digits.labels[i], &digits.image(i, Shift::Rotate90))).collect();
+    let rotated = digit_lines(&digits, pool.iter().copied().take(360), "cam-3", "sorter", Shift::Rotate90);
     // Then the cameras are put back upright: fresh labels where the base model is at home and
     // the sideways adapter trails it (measured about 98 % against 89 %).
-    let upright: Vec<String> = pool.iter().skip(360).take(150).map(|&i| sample_line(&format!("upright:{i}"), "sorter", digits.labels[i], &digits.image(i, Shift::None))).collect();
+    let upright = digit_lines(&digits, pool.iter().copied().skip(360).take(150), "upright", "sorter", Shift::None);
     let port = broker.port;
     let (rolled, status) = tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_millis(500));
@@ -348,7 +353,7 @@ async fn a_task_over_its_disk_budget_evicts_samples_and_says_so() {
     let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
     let client = adaptd::client::Client::new(bound_rx.await.unwrap());
     let digits = Digits::load(&digits_data()).unwrap();
-    let lines: Vec<String> = digits.held_out().iter().take(80).map(|&i| sample_line(&format!("b:{i}"), "tiny", digits.labels[i], &digits.image(i, Shift::None))).collect();
+    let lines = digit_lines(&digits, digits.held_out().iter().copied().take(80), "b", "tiny", Shift::None);
     let port = broker.port;
     let (evicted, stored) = tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_millis(500));
