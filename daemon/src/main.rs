@@ -353,13 +353,13 @@ fn train_now(task: &str, no_wait: bool, daemon: &DaemonArgs) -> anyhow::Result<E
     let client = daemon.client()?;
     let finished = |s: &serde_json::Value| s["jobs"].as_object().map_or(0, |j| j.iter().filter(|(k, _)| *k != "started").map(|(_, v)| v.as_u64().unwrap_or(0)).sum::<u64>());
     let status = |c: &adaptd::client::Client| -> anyhow::Result<serde_json::Value> { Ok(c.get(&format!("/v1/tasks/{task}/status"))?.body) };
-    let before = status(&client)?;
     if no_wait {
         return operate(daemon.json, || {
             let message = adaptd::ops::command(&client, task, "train")?;
             Ok((format!("{message}\n"), serde_json::json!({ "message": message })))
         });
     }
+    let before = status(&client)?;
     let message = match adaptd::ops::command(&client, task, "train") {
         Ok(m) => m,
         Err(e) => return operate(daemon.json, || Err(e.into())),
