@@ -37,18 +37,7 @@ fn examples(st: &SafeTensors<'_>, inputs: &[&str], labels: &str) -> Examples {
 
 /// Accuracy of `graph` with `lora` and `head` on `examples`.
 fn accuracy(graph: &TrainingGraph, lora: &[HostTensor], head: &Head, ex: &Examples) -> f64 {
-    let m = graph.manifest();
-    let emb_index = m.output_index(&m.embedding_output).unwrap();
-    let outputs = graph.forward_host(&ex.inputs, lora).unwrap();
-    let emb = outputs[emb_index].as_f32().unwrap();
-    let logits = head.forward(emb, ex.len());
-    let classes = head.classes();
-    let correct = logits
-        .chunks_exact(classes)
-        .zip(&ex.labels)
-        .filter(|(row, label)| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as i64) == Some(**label))
-        .count();
-    correct as f64 / ex.len().max(1) as f64
+    head_accuracy(head, &embeddings(graph, lora, &ex.inputs), &ex.labels)
 }
 
 /// The embedding output of `graph` for `inputs`, batch by batch.
@@ -60,22 +49,12 @@ fn embeddings(graph: &TrainingGraph, lora: &[HostTensor], inputs: &[HostTensor])
     let mut dim = 0;
     for start in (0..n).step_by(64) {
         let end = (start + 64).min(n);
-        let batch: Vec<HostTensor> = inputs.iter().map(|t| rows_of(t, start, end)).collect();
+        let batch: Vec<HostTensor> = inputs.iter().map(|t| t.rows(start, end)).collect();
         let out = graph.forward_host(&batch, lora).unwrap().swap_remove(emb_index);
         dim = out.shape[1];
         rows.extend_from_slice(out.as_f32().unwrap());
     }
     HostTensor::f32(vec![n, dim], rows).unwrap()
-}
-
-fn rows_of(t: &HostTensor, start: usize, end: usize) -> HostTensor {
-    let width: usize = t.shape[1..].iter().product();
-    let mut shape = t.shape.clone();
-    shape[0] = end - start;
-    match t.as_i64() {
-        Some(v) => HostTensor::i64(shape, v[start * width..end * width].to_vec()).unwrap(),
-        None => HostTensor::f32(shape, t.as_f32().unwrap()[start * width..end * width].to_vec()).unwrap(),
-    }
 }
 
 /// Accuracy of `head` on embeddings.
