@@ -121,6 +121,10 @@ pub struct AdapterManifest {
     /// Why the adapter was promoted or refused, with the figures (written by the gate).
     #[serde(default)]
     pub decision: Option<serde_json::Value>,
+    /// When this device's registry promoted it (the gate's path); none for an import until an
+    /// operator pins it. Recovery without a usable `active` pointer serves only promoted versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted_unix_ms: Option<u64>,
     /// Filled in when written; checked when read.
     #[serde(default)]
     pub files: BTreeMap<String, FileEntry>,

@@ -48,7 +48,9 @@ pub struct AdapterStore {
 }
 
 impl AdapterStore {
-    /// Open (creating) the store at `root` and sweep staging directories a crash left behind.
+    /// Open (creating) the store at `root` and sweep what a crash left behind: staging
+    /// directories of versions not yet renamed into place, and temporary files of a pointer not
+    /// yet renamed (each rename is its write's commit point, so what stands is consistent).
     pub fn open(root: impl Into<PathBuf>) -> Result<AdapterStore, StoreError> {
         let root = root.into();
         std::fs::create_dir_all(&root).map_err(fsutil::at(&root))?;
@@ -57,8 +59,12 @@ impl AdapterStore {
             let dir = store.root.join(&task);
             for entry in std::fs::read_dir(&dir).map_err(fsutil::at(&dir))? {
                 let entry = entry.map_err(fsutil::at(&dir))?;
-                if entry.file_name().to_string_lossy().starts_with('.') {
-                    let _ = std::fs::remove_dir_all(entry.path());
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    let removed = if entry.path().is_dir() { std::fs::remove_dir_all(entry.path()) } else { std::fs::remove_file(entry.path()) };
+                    if removed.is_ok() {
+                        tracing::info!(task, name, "removed what an interrupted write left behind");
+                    }
                 }
             }
         }
@@ -124,6 +130,14 @@ impl AdapterStore {
             let _ = std::fs::remove_dir_all(&staging);
         }
         result
+    }
+
+    /// Only a version's manifest (no tensors, no hash checks): enough to ask how it came.
+    pub fn read_manifest(&self, task: &str, version: u64) -> Result<AdapterManifest, StoreError> {
+        check_task_name(task)?;
+        let path = self.version_dir(task, version).join(crate::files::ADAPTER_MANIFEST);
+        let bytes = std::fs::read(&path).map_err(fsutil::at(&path))?;
+        serde_json::from_slice(&bytes).map_err(|e| StoreError::from(AdapterFileError::Format { path, reason: e.to_string() }))
     }
 
     pub fn load(&self, task: &str, version: u64) -> Result<Adapter, StoreError> {

@@ -16,11 +16,17 @@ pub struct HostTensor {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("tensor of shape {shape:?} needs {expected} elements, got {actual}")]
-pub struct ShapeError {
-    pub shape: Vec<usize>,
-    pub expected: usize,
-    pub actual: usize,
+pub enum ShapeError {
+    #[error("tensor of shape {shape:?} needs {expected} elements, got {actual}")]
+    Count { shape: Vec<usize>, expected: usize, actual: usize },
+    #[error("tensor shape {shape:?} has more elements than memory can address")]
+    Overflow { shape: Vec<usize> },
+}
+
+/// The number of elements of `shape`, or `None` when the product overflows: shapes come from
+/// the wire, and `[2^32, 2^32, 1, 1]` must be refused, not wrap or panic.
+pub fn element_count(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
 }
 
 impl HostTensor {
@@ -32,15 +38,17 @@ impl HostTensor {
         Self::checked(shape, data.len(), HostData::I64(data))
     }
 
+    /// Zeros of a shape the program itself chose (a bundle's slot, a head's layer); wire shapes
+    /// go through [`HostTensor::f32`], which checks them.
     pub fn zeros_f32(shape: Vec<usize>) -> HostTensor {
         let n = shape.iter().product();
         HostTensor { shape, data: HostData::F32(vec![0.0; n]) }
     }
 
     fn checked(shape: Vec<usize>, actual: usize, data: HostData) -> Result<HostTensor, ShapeError> {
-        let expected: usize = shape.iter().product();
+        let Some(expected) = element_count(&shape) else { return Err(ShapeError::Overflow { shape }) };
         if expected != actual {
-            return Err(ShapeError { shape, expected, actual });
+            return Err(ShapeError::Count { shape, expected, actual });
         }
         Ok(HostTensor { shape, data })
     }

@@ -99,11 +99,21 @@ pub struct Context {
     pub journal: Journal,
 }
 
-/// An operator's request, answered with a line saying what happened.
-pub enum Command {
-    TrainNow(oneshot::Sender<Result<String, String>>),
-    Rollback(oneshot::Sender<Result<String, String>>),
-    Pin(u64, oneshot::Sender<Result<String, String>>),
+/// What an operator asks of a task's loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandKind {
+    TrainNow,
+    Rollback,
+    /// Serve this version (0: the base model).
+    Pin(u64),
+}
+
+/// An operator's request, answered with a line saying what happened. `by` says who asked (how
+/// they proved it: the HTTP control token, or the signer of an MQTT command); events record it.
+pub struct Command {
+    pub kind: CommandKind,
+    pub by: String,
+    pub reply: oneshot::Sender<Result<String, String>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -126,6 +136,13 @@ pub enum AdaptError {
     Store(#[from] crate::samples::StoreError),
     #[error(transparent)]
     Bundle(#[from] adaptd_adapters::bundle::BundleError),
+}
+
+/// What a running job listens to besides the trainer: the operator's commands, which act at
+/// once, and the fresh-sample tracker they reset.
+struct Operator<'a> {
+    commands: &'a mut mpsc::Receiver<Command>,
+    fresh: &'a mut Fresh,
 }
 
 /// What the fresh-sample tracker knows about the live adapter (and, after a promotion, the one before it).
@@ -161,6 +178,7 @@ pub async fn run(ctx: Context, mut configs: watch::Receiver<AdaptConfig>, mut co
     let mut scheduler = Scheduler::new(config.scheduler.clone());
     let mut monitor = Monitor::new(&config.limits.sysfs_root);
     let serving = ctx.registry.ensure_task(&task).map_err(|e| crate::samples::StoreError::Corrupt { path: ctx.store_path.clone(), id: 0, reason: e.to_string() })?;
+    announce_interrupted_promotion(&ctx, &task, &serving);
     let mut fresh = Fresh { after_id: lock(&store).last_id(&task)?, live_version: serving.version, live: (0, 0), previous: None };
     let mut jobs: BTreeMap<String, u64> = BTreeMap::new();
     let mut last_decision = None;
@@ -174,20 +192,8 @@ pub async fn run(ctx: Context, mut configs: watch::Receiver<AdaptConfig>, mut co
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
             _ = ticker.tick() => {}
-            cmd = commands.recv() => match cmd {
-                Some(Command::TrainNow(reply)) => operator_request = Some(reply),
-                Some(Command::Rollback(reply)) => {
-                    let _ = reply.send(rollback(&ctx, &task, &mut fresh, "operator"));
-                }
-                Some(Command::Pin(version, reply)) => {
-                    let result = ctx.registry.pin(&task, version).map_err(|e| e.to_string()).map(|s| {
-                        ctx.events.emit("pinned", &task, json!({ "version": s.version, "by": "operator" }));
-                        fresh = Fresh { after_id: lock(&store).last_id(&task).unwrap_or(fresh.after_id), live_version: s.version, live: (0, 0), previous: None };
-                        format!("{} pinned", s.adapter_id())
-                    });
-                    let _ = reply.send(result);
-                }
-                None => {}
+            cmd = commands.recv() => if let Some(cmd) = cmd {
+                operator_request = act_on(&ctx, &store, &task, &mut fresh, cmd).or(operator_request);
             },
         }
         if configs.has_changed().unwrap_or(false) {
@@ -250,7 +256,8 @@ pub async fn run(ctx: Context, mut configs: watch::Receiver<AdaptConfig>, mut co
         if replay_embeddings.is_none() && !replay.is_empty() {
             replay_embeddings = embed_retention(&ctx, &task, &replay).await.ok();
         }
-        let outcome = run_job(&ctx, &config, &store, trigger, &replay, replay_embeddings.as_deref(), &retention_check, &mut shutdown, &mut scheduler, &status, &jobs, &last_decision).await;
+        let mut operator = Operator { commands: &mut commands, fresh: &mut fresh };
+        let outcome = run_job(&ctx, &config, &store, trigger, &replay, replay_embeddings.as_deref(), &retention_check, &mut shutdown, &mut scheduler, &status, &jobs, &last_decision, &mut operator).await;
         let (outcome, summary) = match outcome {
             JobResult::Promoted(summary, incumbent) => {
                 fresh = Fresh { after_id: lock(&store).last_id(&task)?, live_version: ctx.registry.current(&task).map_or(0, |s| s.version), live: (0, 0), previous: Some((incumbent, (0, 0))) };
@@ -262,6 +269,14 @@ pub async fn run(ctx: Context, mut configs: watch::Receiver<AdaptConfig>, mut co
                 (Outcome::Deferred(reason.clone()), reason)
             }
             JobResult::Failed(reason) => (Outcome::Failed(reason.clone()), reason),
+            // The operator's decision stands; the scheduler waits its cooldown, as after a deferral.
+            JobResult::Cancelled(reason) => {
+                *jobs.entry("cancelled".into()).or_default() += 1;
+                last_decision = Some(reason.clone());
+                scheduler.finished(now_ms(), &Outcome::Deferred(reason));
+                publish_status(&status, &task, &scheduler, &ctx, &jobs, &last_decision, None);
+                continue;
+            }
             JobResult::ShutDown => return Ok(()),
         };
         let key = match &outcome {
@@ -275,6 +290,53 @@ pub async fn run(ctx: Context, mut configs: watch::Receiver<AdaptConfig>, mut co
         scheduler.finished(now_ms(), &outcome);
         publish_status(&status, &task, &scheduler, &ctx, &jobs, &last_decision, None);
     }
+}
+
+/// A promotion that a crash interrupted after its pointer moved serves, but its `promoted`
+/// event and journal record were never written: write them now, marked as recovered.
+fn announce_interrupted_promotion(ctx: &Context, task: &str, serving: &Serving) {
+    let Some(manifest) = serving.manifest.as_ref().filter(|m| m.promoted_unix_ms.is_some()) else { return };
+    let recorded = match ctx.journal.read(task) {
+        Ok((records, _)) => records.iter().any(|r| r["version"] == serving.version && (r["event"] == "job" || r["event"] == "promoted")),
+        Err(_) => true, // unreadable: say nothing rather than something wrong
+    };
+    if !recorded {
+        let event = ctx.events.emit(
+            "promoted",
+            task,
+            json!({ "version": serving.version, "from_version": manifest.parent_version.unwrap_or(0), "recovered": true, "reason": "the promotion finished before a crash; its record is written now" }),
+        );
+        if let Err(e) = ctx.journal.append(task, &event) {
+            tracing::warn!(task, error = %e, "could not write the journal");
+        }
+    }
+}
+
+/// An operator's command, acted on at once whatever the loop is doing: rollback and pin change
+/// what serves right away (a running job is then cancelled by `run_job`); a train request is
+/// handed back for the scheduler to answer.
+fn act_on(ctx: &Context, store: &Mutex<SampleStore>, task: &str, fresh: &mut Fresh, command: Command) -> Option<oneshot::Sender<Result<String, String>>> {
+    let Command { kind, by, reply } = command;
+    let result = match kind {
+        CommandKind::TrainNow => return Some(reply),
+        CommandKind::Rollback => rollback(ctx, task, fresh, "operator", &by),
+        CommandKind::Pin(version) => ctx.registry.pin(task, version).map_err(|e| operator_error(ctx, &e)).map(|s| {
+            ctx.events.emit("pinned", task, json!({ "version": s.version, "by": by }));
+            *fresh = Fresh { after_id: lock(store).last_id(task).unwrap_or(fresh.after_id), live_version: s.version, live: (0, 0), previous: None };
+            if s.version == 0 { format!("{task} serves the base model (pinned)") } else { format!("{} pinned", s.adapter_id()) }
+        }),
+    };
+    let _ = reply.send(result);
+    None
+}
+
+/// An error as an operator's answer: paths relative to the state directory, never absolute
+/// (answers travel to whoever asked; the log keeps the whole story).
+fn operator_error(ctx: &Context, e: &dyn std::fmt::Display) -> String {
+    let text = e.to_string();
+    let root = ctx.registry.store().root();
+    let state = root.parent().unwrap_or(root).display().to_string();
+    if state.len() > 1 { text.replace(&format!("{state}/"), "").replace(&state, ".") } else { text }
 }
 
 fn publish_status(status: &watch::Sender<Status>, task: &str, scheduler: &Scheduler, ctx: &Context, jobs: &BTreeMap<String, u64>, last_decision: &Option<String>, progress: Option<(usize, usize)>) {
@@ -302,6 +364,8 @@ fn split_retention(retention: Option<&RetentionSet>) -> (RetentionSet, Retention
 
 enum JobResult {
     Promoted(String, Arc<Serving>),
+    /// An operator chose what serves while the job ran.
+    Cancelled(String),
     Rejected(String),
     Deferred(String),
     Failed(String),
@@ -410,7 +474,7 @@ async fn track_fresh(ctx: &Context, store: &Mutex<SampleStore>, task: &str, fres
         let (new_acc, old_acc) = (accuracy(fresh.live), accuracy(*counts));
         if fresh.live.1 >= config.watch_min_samples && old_acc - new_acc > config.rollback_drop {
             let reason = format!("on {} fresh samples v{} scores {new_acc:.4}, v{} scored {old_acc:.4}", fresh.live.1, live.version, previous.version);
-            match rollback(ctx, task, fresh, &reason) {
+            match rollback(ctx, task, fresh, &reason, "watch") {
                 Ok(line) => tracing::warn!(task, "{line}"),
                 Err(e) => tracing::error!(task, error = %e, "automatic rollback failed"),
             }
@@ -422,10 +486,10 @@ async fn track_fresh(ctx: &Context, store: &Mutex<SampleStore>, task: &str, fres
     Ok(())
 }
 
-fn rollback(ctx: &Context, task: &str, fresh: &mut Fresh, reason: &str) -> Result<String, String> {
+fn rollback(ctx: &Context, task: &str, fresh: &mut Fresh, reason: &str, by: &str) -> Result<String, String> {
     let from = ctx.registry.current(task).map_or(0, |s| s.version);
-    let (serving, _) = ctx.registry.rollback(task).map_err(|e| e.to_string())?;
-    let event = ctx.events.emit("rolled_back", task, json!({ "from_version": from, "to_version": serving.version, "reason": reason }));
+    let (serving, _) = ctx.registry.rollback(task).map_err(|e| operator_error(ctx, &e))?;
+    let event = ctx.events.emit("rolled_back", task, json!({ "from_version": from, "to_version": serving.version, "reason": reason, "by": by }));
     if let Err(e) = ctx.journal.append(task, &event) {
         tracing::warn!(task, error = %e, "could not write the journal");
     }
@@ -573,6 +637,7 @@ async fn run_job(
     status: &watch::Sender<Status>,
     jobs: &BTreeMap<String, u64>,
     last_decision: &Option<String>,
+    operator: &mut Operator<'_>,
 ) -> JobResult {
     let task = &config.task;
     let incumbent = ctx.registry.current(task).unwrap_or_else(|| ctx.registry.base(task));
@@ -627,6 +692,20 @@ async fn run_job(
                     _ => {}
                 }
             }
+            cmd = operator.commands.recv() => if let Some(cmd) = cmd {
+                if let Some(reply) = act_on(ctx, store, task, operator.fresh, cmd) {
+                    let _ = reply.send(Err(format!("already training v{version} (the progress is in `adaptd status`)")));
+                }
+                let serving = ctx.registry.current(task).map_or(0, |s| s.version);
+                if serving != incumbent.version {
+                    handle.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                    let _ = (&mut handle.done).await;
+                    let reason = format!("an operator chose v{serving} while v{version} trained against v{}; the candidate is discarded", incumbent.version);
+                    let event = ctx.events.emit("training_cancelled", task, json!({ "version": version, "reason": reason }));
+                    let _ = ctx.journal.append(task, &event);
+                    return JobResult::Cancelled(reason);
+                }
+            },
             done = &mut handle.done => break match done {
                 Ok(Ok(report)) => report,
                 Ok(Err(e)) => {
@@ -689,6 +768,7 @@ async fn gate_and_promote(
             samples: counts,
             created_unix_ms: now_ms(),
             decision: None,
+            promoted_unix_ms: None,
             files: BTreeMap::new(),
         },
         head: report.head.clone(),
@@ -797,6 +877,12 @@ async fn gate_and_promote(
     let mut event = ctx.events.emit("gate_decision", task, published);
     if let (Some(e), Some(training)) = (event.as_object_mut(), record.get("training")) {
         e.insert("training".into(), training.clone());
+    }
+    // The gate compared against the incumbent; if something else serves now (an operator acted
+    // while the candidate was evaluated), the comparison no longer holds.
+    let serving_now = ctx.registry.current(task).map_or(0, |s| s.version);
+    if decision.promote && serving_now != incumbent.version {
+        return Err(format!("v{serving_now} was chosen while v{version} was evaluated against v{}; the candidate is discarded", incumbent.version));
     }
     if decision.promote {
         let registry = ctx.registry.clone();

@@ -36,15 +36,23 @@ impl Response {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Client {
     pub addr: SocketAddr,
     pub timeout: Duration,
+    /// The daemon's control token (`<state>/control.token`), sent with every request.
+    pub token: Option<String>,
 }
 
 impl Client {
     pub fn new(addr: SocketAddr) -> Client {
-        Client { addr, timeout: Duration::from_secs(30) }
+        Client { addr, timeout: Duration::from_secs(30), token: None }
+    }
+
+    /// With the control token of the daemon whose state directory is `state_dir`, if readable.
+    pub fn with_token_from(mut self, state_dir: &std::path::Path) -> Client {
+        self.token = crate::control::read_token(state_dir);
+        self
     }
 
     pub fn get(&self, path: &str) -> Result<Response, ClientError> {
@@ -72,8 +80,9 @@ impl Client {
         let mut stream = TcpStream::connect_timeout(&self.addr, self.timeout).map_err(|source| ClientError::Connect { addr: self.addr, source })?;
         stream.set_read_timeout(Some(self.timeout)).map_err(io)?;
         let body = body.unwrap_or_default();
+        let auth = self.token.as_ref().map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n",
             self.addr,
             body.len()
         );

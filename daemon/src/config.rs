@@ -81,6 +81,9 @@ pub struct MqttSection {
     /// This device's client certificate and key (PEM), for brokers that require one.
     pub tls_client_cert_file: PathBuf,
     pub tls_client_key_file: PathBuf,
+    /// Take operator commands over MQTT (signed with the key in `commands_key_file`).
+    pub commands: bool,
+    pub commands_key_file: PathBuf,
 }
 
 impl MqttSection {
@@ -203,6 +206,8 @@ impl Default for Config {
                 tls_ca_file: PathBuf::new(),
                 tls_client_cert_file: PathBuf::new(),
                 tls_client_key_file: PathBuf::new(),
+                commands: false,
+                commands_key_file: PathBuf::new(),
             },
             ingest: IngestSection { tasks: Vec::new(), max_batch: 256, max_payload_bytes: 1 << 20, validation_percent: 10, holdout_percent: 10, max_mb_per_task: 0, reservoir_per_class: 50 },
             adapters: AdaptersSection { keep_versions: 5 },
@@ -353,6 +358,14 @@ impl Config {
         }
         if !m.password_file.as_os_str().is_empty() && m.username.is_empty() {
             return invalid("mqtt.password_file", "a password needs a username");
+        }
+        if m.commands && m.commands_key_file.as_os_str().is_empty() {
+            return invalid("mqtt.commands", "commands over MQTT must be signed: set commands_key_file to the fleet's command key");
+        }
+        if m.commands
+            && let Err(e) = crate::control::CommandVerifier::from_key_file(&m.commands_key_file, &m.device_id)
+        {
+            return invalid("mqtt.commands_key_file", &e.to_string());
         }
         for (key, file) in [("mqtt.password_file", &m.password_file), ("mqtt.tls_ca_file", &m.tls_ca_file), ("mqtt.tls_client_cert_file", &m.tls_client_cert_file), ("mqtt.tls_client_key_file", &m.tls_client_key_file)] {
             if !file.as_os_str().is_empty()

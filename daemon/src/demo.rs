@@ -340,7 +340,7 @@ pub fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
     let (bound_tx, bound_rx) = oneshot::channel();
     let daemon = runtime.spawn(crate::serve::run(daemon_config(&config, port), async { let _ = daemon_stopped.await; }, Some(bound_tx)));
     let addr = runtime.block_on(bound_rx).map_err(|_| anyhow::anyhow!("the daemon stopped before it listened; see the log above"))?;
-    let client = Client::new(addr);
+    let client = Client::new(addr).with_token_from(&config.state_dir);
     // Samples published before ingest has subscribed would reach no one: wait for it.
     let deadline = Instant::now() + Duration::from_secs(30);
     while client.metric("adaptd_ingest_connected").ok().flatten() != Some(1.0) {
@@ -355,7 +355,7 @@ pub fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
     let stop_client = Arc::new(AtomicBool::new(false));
     let (served, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let steady = std::thread::spawn({
-        let (digits, eval, stop, served, failed) = (digits.clone(), eval.clone(), stop_client.clone(), served.clone(), failed.clone());
+        let (client, digits, eval, stop, served, failed) = (client.clone(), digits.clone(), eval.clone(), stop_client.clone(), served.clone(), failed.clone());
         move || steady_client(client, digits, eval, stop, served, failed)
     });
 

@@ -30,6 +30,7 @@ pub mod api;
 pub mod broker;
 pub mod client;
 pub mod config;
+pub mod control;
 pub mod datasets;
 pub mod demo;
 pub mod engine;

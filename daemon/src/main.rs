@@ -181,7 +181,7 @@ impl DaemonArgs {
             Some(a) => a,
             None => self.config()?.http.listen,
         };
-        Ok(adaptd::client::Client::new(addr))
+        Ok(adaptd::client::Client::new(addr).with_token_from(&self.state_dir()?))
     }
 
     fn state_dir(&self) -> anyhow::Result<PathBuf> {
@@ -430,6 +430,8 @@ fn adapters(command: AdaptersCommand) -> anyhow::Result<ExitCode> {
             }
             let task = adapter.manifest.task.clone();
             adapter.manifest.version = store.versions(&task)?.last().copied().unwrap_or(0) + 1;
+            // Promoted elsewhere is not promoted here: it serves once an operator pins it.
+            adapter.manifest.promoted_unix_ms = None;
             let manifest = store.save(&adapter)?;
             let text = format!("{from} imported as {}; `adaptd adapters pin {task} {}` serves it\n", manifest.id(), manifest.version);
             Ok((text, serde_json::json!({ "imported_from": from, "adapter": manifest.id(), "version": manifest.version })))

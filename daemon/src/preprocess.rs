@@ -82,7 +82,7 @@ pub fn decode_image(bundle_name: &str, preprocessing: &Preprocessing, bytes: &[u
         let kind = if matches!(preprocessing, Preprocessing::Text { .. }) { "text" } else { "tensor" };
         return Err(PreprocessError::NotImage { bundle: bundle_name.to_string(), kind });
     };
-    let img = image::load_from_memory(bytes).map_err(|e| PreprocessError::Image(e.to_string()))?;
+    let img = decode_bounded(bytes, height, width, channels)?;
     let resize = |i: image::DynamicImage| i.resize_exact(width as u32, height as u32, image::imageops::FilterType::Triangle);
     let (h, w) = (height, width);
     let mut data = vec![0.0f32; channels * h * w];
@@ -103,7 +103,37 @@ pub fn decode_image(bundle_name: &str, preprocessing: &Preprocessing, bytes: &[u
         }
         n => return Err(PreprocessError::Image(format!("bundles with {n} channels are not supported (1 or 3)"))),
     }
-    Ok(HostTensor::f32(vec![1, channels, h, w], data).expect("sized above"))
+    HostTensor::f32(vec![1, channels, h, w], data).map_err(|e| PreprocessError::Image(e.to_string()))
+}
+
+/// The largest side a source image may have for a model input of `height` x `width`: generous
+/// for real cameras (a 28x28 model still takes a 1024x1024 photo; a 224x224 one up to 7168), and
+/// far below what a few kilobytes of PNG can declare (20000x20000, 1.6 GB of pixels).
+pub fn max_image_side(height: usize, width: usize) -> u32 {
+    (height.max(width).saturating_mul(32)).clamp(1024, 8192) as u32
+}
+
+/// Decode with the image's declared size checked before any pixel is allocated: a
+/// decompression bomb is refused from its header, in microseconds, with no allocation.
+fn decode_bounded(bytes: &[u8], height: usize, width: usize, channels: usize) -> Result<image::DynamicImage, PreprocessError> {
+    let side = max_image_side(height, width);
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(side);
+    limits.max_image_height = Some(side);
+    // Room for the largest image at 16-bit RGBA (8 bytes a pixel), plus the model input.
+    limits.max_alloc = Some(u64::from(side) * u64::from(side) * 8 + (channels * height * width * 4) as u64);
+    let open = || image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| PreprocessError::Image(e.to_string()));
+    // The header alone says how big the image claims to be.
+    let (w, h) = open()?.into_dimensions().map_err(|e| PreprocessError::Image(e.to_string()))?;
+    if w > side || h > side {
+        return Err(PreprocessError::Image(format!("{w}x{h} pixels is over the {side}x{side} taken for this bundle's {width}x{height} input")));
+    }
+    let mut reader = open()?;
+    reader.limits(limits);
+    reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(l) => PreprocessError::Image(format!("{l}: images up to {side}x{side} pixels are taken for this bundle's {width}x{height} input")),
+        other => PreprocessError::Image(other.to_string()),
+    })
 }
 
 /// A tensor as people write it in JSON: `{"shape": [1, 1, 8, 8], "data": [0.0, ...]}`.
@@ -118,7 +148,7 @@ pub struct JsonTensor {
 impl JsonTensor {
     /// Into a host tensor of `dtype` (i64 inputs must be integers), or why not.
     pub fn into_host(self, dtype: DType) -> Result<HostTensor, String> {
-        let n: usize = self.shape.iter().product();
+        let n = adaptd_adapters::tensor::element_count(&self.shape).ok_or_else(|| format!("shape {:?} has more elements than memory can address", self.shape))?;
         if n != self.data.len() {
             return Err(format!("shape {:?} needs {n} values, got {}", self.shape, self.data.len()));
         }

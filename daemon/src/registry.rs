@@ -149,6 +149,8 @@ impl Registry {
         if adapter.manifest.version <= serving_now.version {
             return Err(RegistryError::NotNewer { id: adapter.manifest.id(), serving: serving_now.version });
         }
+        let mut adapter = adapter;
+        adapter.manifest.promoted_unix_ms = Some(crate::events::now_ms());
         let written = self.store.save(&adapter)?;
         let serving = Arc::new(self.serving_from(Adapter { manifest: written, ..adapter })?);
         self.activate(serving.clone())?;
@@ -185,14 +187,17 @@ impl Registry {
         Ok((serving, events))
     }
 
-    /// Serve a specific version that is on disk (an operator's pin).
+    /// Serve a specific version that is on disk, or 0 for the base model (an operator's pin).
     pub fn pin(&self, task: &str, version: u64) -> Result<Arc<Serving>, RegistryError> {
         check_task_name(task)?;
-        if !self.store.versions(task)?.contains(&version) {
-            return Err(RegistryError::NoSuchVersion { task: task.to_string(), version });
-        }
-        let adapter = self.store.load(task, version)?;
-        let serving = Arc::new(self.serving_from(adapter)?);
+        let serving = if version == 0 {
+            Arc::new(self.base_serving(task))
+        } else {
+            if !self.store.versions(task)?.contains(&version) {
+                return Err(RegistryError::NoSuchVersion { task: task.to_string(), version });
+            }
+            Arc::new(self.serving_from(self.store.load(task, version)?)?)
+        };
         self.ensure_task(task)?;
         self.activate(serving.clone())?;
         Ok(serving)
@@ -216,27 +221,47 @@ impl Registry {
     fn recover(&self, task: &str, events: &mut Vec<Recovery>) -> Result<Serving, RegistryError> {
         let versions = self.store.versions(task)?;
         let path = self.active_path(task);
-        let active = match std::fs::read_to_string(&path) {
-            Ok(s) => match s.trim().parse::<u64>() {
-                Ok(v) => Some(v),
-                Err(_) => {
-                    events.push(Recovery::Skipped { task: task.into(), version: 0, reason: format!("{}: not a version number: {:?}", path.display(), s.trim()) });
-                    None
-                }
+        let pointer = match std::fs::read(&path) {
+            Ok(bytes) => match std::str::from_utf8(&bytes).ok().and_then(|s| s.trim().parse::<u64>().ok()) {
+                Some(0) => Ok(0),
+                Some(v) if versions.contains(&v) => Ok(v),
+                Some(v) => Err(format!("{}: names v{v}, which is not on disk", path.display())),
+                None => Err(format!("{}: not a version number ({} bytes)", path.display(), bytes.len())),
             },
-            Err(_) => None,
+            // No pointer: a first promotion that a crash interrupted after its files were written.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(format!("{}: missing", path.display())),
+            Err(e) => Err(format!("{}: {e}", path.display())),
         };
-        // The active version first, then everything older, newest first; without a readable
-        // pointer, the newest version on disk.
-        let start = active.unwrap_or(u64::MAX);
-        if active == Some(0) {
-            events.push(Recovery::Base { task: task.into() });
-            return Ok(self.base_serving(task));
-        }
-        let candidates: Vec<u64> = versions.into_iter().filter(|&v| v <= start).rev().collect();
+        let pointer_usable = pointer.is_ok();
+        let candidates = match pointer {
+            Ok(0) => {
+                events.push(Recovery::Base { task: task.into() });
+                return Ok(self.base_serving(task));
+            }
+            // The pointed-at version (whatever put it there: the gate or an operator's pin),
+            // then older versions this registry promoted.
+            Ok(v) => std::iter::once(v).chain(versions.iter().rev().copied().filter(|&o| o < v && self.was_promoted(task, o))).collect(),
+            // Without a usable pointer, only what the gate promoted here: never an import that
+            // nobody chose to serve.
+            Err(reason) => {
+                tracing::warn!(task, reason, "no usable active pointer; serving the newest promoted version");
+                events.push(Recovery::Skipped { task: task.into(), version: 0, reason });
+                versions.iter().rev().copied().filter(|&v| self.was_promoted(task, v)).collect::<Vec<u64>>()
+            }
+        };
         let serving = self.first_readable(task, &candidates, events)?;
         events.push(if serving.version == 0 { Recovery::Base { task: task.into() } } else { Recovery::Restored { task: task.into(), version: serving.version } });
+        // A pointer that was unusable is replaced by what was chosen, so the next start agrees.
+        if !pointer_usable && let Err(e) = fsutil::write_atomic(&path, format!("{}\n", serving.version).as_bytes()) {
+            tracing::warn!(task, error = %e, "could not rewrite the active pointer");
+        }
         Ok(serving)
+    }
+
+    /// Whether `version`'s manifest records a promotion by this registry (an unreadable one
+    /// counts as promoted here, so that `first_readable` reports why it is skipped).
+    fn was_promoted(&self, task: &str, version: u64) -> bool {
+        self.store.read_manifest(task, version).map_or(true, |m| m.promoted_unix_ms.is_some())
     }
 
     fn first_readable(&self, task: &str, newest_first: &[u64], events: &mut Vec<Recovery>) -> Result<Serving, RegistryError> {

@@ -35,6 +35,8 @@ pub struct ServeConfig {
     pub mqtt: Option<crate::broker::BrokerConnection>,
     /// Serve inference over MQTT too (MQTT v5 request/response).
     pub mqtt_api: bool,
+    /// Take signed operator commands over MQTT, verified with this key file (none: off).
+    pub mqtt_commands_key: Option<PathBuf>,
     pub device_id: String,
     pub topic_prefix: String,
     pub engine: EngineConfig,
@@ -68,6 +70,7 @@ impl ServeConfig {
             http: config.http.listen,
             mqtt: config.mqtt.connection(),
             mqtt_api: config.mqtt.inference_api,
+            mqtt_commands_key: config.mqtt.commands.then(|| config.mqtt.commands_key_file.clone()),
             device_id: config.mqtt.device_id.clone(),
             topic_prefix: config.mqtt.topic_prefix.clone(),
             engine: config.engine_config(),
@@ -176,23 +179,29 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
     };
     let ingest_stats = Arc::new(IngestStats::default());
     let ingesting = config.mqtt.is_some() && !config.tasks.is_empty();
+    let listener = tokio::net::TcpListener::bind(config.http).await.map_err(|e| anyhow::anyhow!("HTTP {}: {e}", config.http))?;
+    let addr = listener.local_addr()?;
+    let token = crate::control::ensure_token(&config.state_dir)?;
     let api = Arc::new(
         Api::new(engine.handle.clone(), text, config.max_request_bytes)
             .with_control(control)
+            .with_auth(token, addr)
             .with_telemetry(ingesting.then(|| ingest_stats.clone()), &config.sysfs_root),
     );
-    let listener = tokio::net::TcpListener::bind(config.http).await.map_err(|e| anyhow::anyhow!("HTTP {}: {e}", config.http))?;
-    let addr = listener.local_addr()?;
     tracing::info!(%addr, tasks = ?registry.tasks(), "serving");
     if let Some(tx) = bound {
         let _ = tx.send(addr);
     }
     let http_task = tokio::spawn(http::serve(listener, api.clone(), stopped(stop_rx.clone())));
     // Operator commands over MQTT for the tasks that adapt (also through HTTP and the CLI).
-    let commands_task = config.mqtt.clone().filter(|_| !config.adapt.is_empty()).map(|broker| {
-        let prefix = format!("{}/{}/commands", config.topic_prefix, config.device_id);
-        tokio::spawn(crate::api::commands::run(api.clone(), broker, format!("adaptd-commands-{}", config.device_id), prefix, events.clone(), stopped(stop_rx.clone())))
-    });
+    let commands_task = match (config.mqtt.clone(), &config.mqtt_commands_key) {
+        (Some(broker), Some(key_file)) if !config.adapt.is_empty() => {
+            let verifier = crate::control::CommandVerifier::from_key_file(key_file, &config.device_id)?;
+            let prefix = format!("{}/{}/commands", config.topic_prefix, config.device_id);
+            Some(tokio::spawn(crate::api::commands::run(api.clone(), broker, format!("adaptd-commands-{}", config.device_id), prefix, verifier, events.clone(), stopped(stop_rx.clone()))))
+        }
+        _ => None,
+    };
     let mqtt_task = config.mqtt.clone().filter(|_| config.mqtt_api).map(|broker| {
         let mqtt_config = MqttApiConfig { broker, client_id: format!("adaptd-{}", config.device_id), topic_prefix: config.topic_prefix.clone(), device_id: config.device_id.clone() };
         tokio::spawn(mqtt::run(api.clone(), mqtt_config, stopped(stop_rx.clone())))
@@ -209,7 +218,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
                 max_payload_bytes: config.ingest_max_payload_bytes,
             };
             let (manifest, tasks) = (Arc::new(bundle.manifest.clone()), Arc::new(config.tasks.clone()));
-            Some(tokio::spawn(ingest::run(ingest_config, Arc::new(Mutex::new(store)), manifest, tasks, ingest_stats.clone(), stopped(stop_rx.clone()))))
+            Some(tokio::spawn(ingest::supervise(ingest_config, Arc::new(Mutex::new(store)), manifest, tasks, ingest_stats.clone(), stopped(stop_rx.clone()))))
         }
         _ => None,
     };
@@ -324,7 +333,7 @@ async fn stop_in_order(
     http_task: tokio::task::JoinHandle<std::io::Result<()>>,
     mqtt_task: Option<tokio::task::JoinHandle<()>>,
     commands_task: Option<tokio::task::JoinHandle<()>>,
-    ingest_task: Option<tokio::task::JoinHandle<Result<(), ingest::IngestError>>>,
+    ingest_task: Option<tokio::task::JoinHandle<()>>,
     adapt_tasks: Vec<tokio::task::JoinHandle<Result<(), adapt::AdaptError>>>,
     events_task: tokio::task::JoinHandle<()>,
     watchdog_task: Option<tokio::task::JoinHandle<()>>,
@@ -344,7 +353,7 @@ async fn stop_in_order(
         t.await?;
     }
     if let Some(t) = ingest_task {
-        t.await??;
+        t.await?;
     }
     for t in adapt_tasks {
         if let Err(e) = t.await? {

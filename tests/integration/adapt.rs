@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use adaptd::datasets::{Digits, Shift};
 use adaptd::serve::ServeConfig;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use crate::broker::Mosquitto;
@@ -32,7 +32,17 @@ fn publish(port: u16, topic: &str, lines: &[String]) {
 }
 
 fn http(method: &str, url: &str) -> (u16, Value) {
-    let out = Command::new("curl").args(["-s", "-X", method, "-w", "\n%{http_code}", url]).output().unwrap();
+    http_with(method, url, &[])
+}
+
+/// curl with extra headers (`-H` values).
+fn http_with(method: &str, url: &str, headers: &[String]) -> (u16, Value) {
+    let mut args: Vec<String> = ["-s", "-X", method, "-w", "\n%{http_code}"].iter().map(|s| s.to_string()).collect();
+    for h in headers {
+        args.extend(["-H".to_string(), h.clone()]);
+    }
+    args.push(url.to_string());
+    let out = Command::new("curl").args(&args).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), serde_json::from_str(body).unwrap_or(Value::Null))
@@ -207,16 +217,29 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
     assert_eq!(code, Some(69), "unreachable daemon: EX_UNAVAILABLE ({stderr})");
     assert!(stderr.contains("cannot reach adaptd"), "{stderr}");
 
+    // Control needs the token, and no web page can drive it: a cross-origin browser POST
+    // (text/plain, foreign Origin) and a rebound Host name are refused before the token counts.
+    let token = adaptd::control::read_token(state.path()).expect("the daemon made its control token");
+    let bearer = format!("Authorization: Bearer {token}");
+    let rollback_url = format!("{base}/v1/tasks/sorter/rollback");
+    let (code, answer) = http("POST", &rollback_url);
+    assert_eq!((code, answer["error"].as_str()), (401, Some("unauthorized")), "{answer}");
+    let (code, answer) = http_with("POST", &format!("{base}/v1/tasks/sorter/pin/0"), &["Origin: http://evil.example".into(), "Content-Type: text/plain".into(), bearer.clone()]);
+    assert_eq!((code, answer["error"].as_str()), (403, Some("cross_origin")), "{answer}");
+    let (code, answer) = http_with("POST", &rollback_url, &["Host: evil.example".into(), bearer.clone()]);
+    assert_eq!((code, answer["error"].as_str()), (403, Some("bad_host")), "{answer}");
+    let (_, status) = http("GET", &format!("{base}/v1/tasks/sorter/status"));
+    assert_eq!(status["serving_version"], 1, "refused control requests changed nothing");
+
     // An operator rolls back; the base serves again, and says so.
-    let url = base.clone();
-    let (code, answer) = tokio::task::spawn_blocking(move || http("POST", &format!("{url}/v1/tasks/sorter/rollback"))).await.unwrap();
+    let (code, answer) = tokio::task::spawn_blocking(move || http_with("POST", &rollback_url, &[bearer])).await.unwrap();
     assert_eq!(code, 200, "{answer}");
     assert!(answer["message"].as_str().unwrap().contains("from v1 to v0"), "{answer}");
     let rolled = tokio::task::spawn_blocking(move || events.wait_for("rolled_back", Duration::from_secs(10))).await.unwrap();
-    assert_eq!(rolled["to_version"], 0);
+    assert_eq!((rolled["to_version"].as_u64(), rolled["by"].as_str()), (Some(0), Some("http (control token)")), "{rolled}");
     let (_, status) = http("GET", &format!("{base}/v1/tasks/sorter/status"));
     assert_eq!(status["serving_version"], 0);
-    let (code, _) = http("POST", &format!("{base}/v1/tasks/nobody/rollback"));
+    let (code, _) = http_with("POST", &format!("{base}/v1/tasks/nobody/rollback"), &[format!("Authorization: Bearer {token}")]);
     assert_eq!(code, 409);
 
     // Export v1, import it back (as v2, as another device would), and pin it through the CLI.
@@ -305,22 +328,49 @@ async fn a_promoted_adapter_that_does_worse_on_fresh_labels_is_rolled_back_by_it
     shut_down(stop, daemon).await;
 }
 
-/// Operator commands over MQTT, answered on the events topic.
+/// Operator commands over MQTT: off by default, and when on, only signed ones act; every one
+/// is answered on the events topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn operators_command_over_mqtt_and_read_the_answers_as_events() {
-    let Running { broker, state: _state, events, base: _, stop, daemon } = start_daemon("tiny", 1_000).await;
+async fn operators_command_over_mqtt_with_signed_messages_and_read_the_answers_as_events() {
+    let broker = Mosquitto::start();
+    let state = tempfile::tempdir().unwrap();
+    let events = EventLog::start(broker.port, state.path());
+    let key = b"fleet command key, 16+ bytes".to_vec();
+    let key_file = state.path().join("commands.key");
+    std::fs::write(&key_file, &key).unwrap();
+    let mut config = daemon_config(broker.port, state.path(), "tiny", 1_000);
+    assert_eq!(config.mqtt_commands_key, None, "MQTT commands are off by default");
+    config.mqtt_commands_key = Some(key_file);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (bound_tx, bound_rx) = oneshot::channel();
+    let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
+    bound_rx.await.unwrap();
     let port = broker.port;
+    let signed = |command: &str, version: Option<u64>, key: &[u8]| {
+        let issued = adaptd::events::now_ms();
+        let text = adaptd::control::signed_text("robot-3", "tiny", command, version, "alice", issued);
+        json!({ "command": command, "version": version, "by": "alice", "issued_ms": issued, "signature": adaptd::control::sign(key, &text) }).to_string()
+    };
+    let train = signed("train", None, &key);
+    let messages = vec![
+        train.clone(),
+        signed("fly", None, &key),
+        signed("pin", Some(7), &key),
+        r#"{"command": "pin", "version": 0}"#.to_string(),
+        signed("pin", Some(0), b"somebody else's key"),
+        train,
+    ];
     let results = tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_millis(500));
-        for command in [r#"{"command": "train"}"#, r#"{"command": "fly"}"#, r#"{"command": "pin", "version": 7}"#, "not json"] {
-            publish(port, "adaptd/v1/robot-3/commands/tiny", &[command.to_string()]);
+        for message in messages {
+            publish(port, "adaptd/v1/robot-3/commands/tiny", &[message]);
             std::thread::sleep(Duration::from_millis(300));
         }
         events.wait_for("training_deferred", Duration::from_secs(20));
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let results: Vec<Value> = events.events().into_iter().filter(|e| e["event"] == "command_result").collect();
-            if results.len() == 4 || Instant::now() > deadline {
+            if results.len() == 6 || Instant::now() > deadline {
                 return results;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -328,14 +378,19 @@ async fn operators_command_over_mqtt_and_read_the_answers_as_events() {
     })
     .await
     .unwrap();
-    assert_eq!(results.len(), 4, "{results:?}");
+    assert_eq!(results.len(), 6, "{results:?}");
     let answer = |command: &str| results.iter().find(|r| r["command"] == command).unwrap_or_else(|| panic!("no answer to {command}: {results:?}")).clone();
-    assert_eq!(answer("train")["ok"], true, "{}", answer("train"));
+    assert!(answer("train")["ok"] == true && answer("train")["by"] == "mqtt:alice", "{}", answer("train"));
     assert!(answer("fly")["ok"] == false && answer("fly")["message"].as_str().unwrap().contains("unknown command"), "{}", answer("fly"));
     assert!(answer("pin")["ok"] == false && answer("pin")["message"].as_str().unwrap().contains('7'), "{}", answer("pin"));
-    assert!(answer("?")["ok"] == false && answer("?")["message"].as_str().unwrap().contains("not a command"), "{}", answer("?"));
+    let refused: Vec<&str> = results.iter().filter(|r| r["command"] == "?").map(|r| r["message"].as_str().unwrap()).collect();
+    assert_eq!(refused.len(), 3, "unsigned, wrongly signed and replayed: {results:?}");
+    for why in ["malformed", "bad_signature", "replay"] {
+        assert!(refused.iter().any(|m| m.contains(why)), "{why}: {refused:?}");
+    }
     assert!(results.iter().all(|r| r["task"] == "tiny" && r["via"] == "mqtt"));
-    shut_down(stop, daemon).await;
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("shuts down in time").unwrap().unwrap();
 }
 
 /// Over its disk budget, the loop evicts samples and says so.

@@ -9,6 +9,7 @@ mod bundles;
 mod config;
 mod demo;
 mod engine;
+mod hardening;
 mod ingest;
 mod package;
 mod registry;

@@ -127,3 +127,54 @@ fn tasks_are_independent() {
     assert_eq!(reg.current("inspector").unwrap().version, 2);
     assert!(reg.current("nobody").is_none());
 }
+
+#[test]
+fn pin_zero_serves_the_base_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reg, _) = open(dir.path(), 5);
+    reg.promote(head_adapter(reg.bundle(), "sorter", 1, 1)).unwrap();
+    let base = reg.pin("sorter", 0).unwrap();
+    assert_eq!((base.version, base.head.is_none()), (0, true));
+    drop(reg);
+    let (reg, _) = open(dir.path(), 5);
+    assert_eq!(reg.current("sorter").unwrap().version, 0, "the pin survives a restart");
+    assert_eq!(reg.pin("sorter", 1).unwrap().version, 1, "and v1 can be pinned back");
+}
+
+/// An unusable `active` pointer (garbage, not UTF-8, a version not on disk, missing) serves the
+/// newest version the registry promoted, never a newer import that nobody chose to serve.
+#[test]
+fn an_unusable_active_pointer_serves_the_newest_promoted_version_never_an_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reg, _) = open(dir.path(), 5);
+    reg.promote(head_adapter(reg.bundle(), "sorter", 1, 1)).unwrap();
+    reg.promote(head_adapter(reg.bundle(), "sorter", 2, 2)).unwrap();
+    // An import: saved to the store, not promoted (what `adaptd adapters import` does).
+    reg.store().save(&head_adapter(reg.bundle(), "sorter", 3, 3)).unwrap();
+    let store = reg.store().clone();
+    drop(reg);
+    let pointer = dir.path().join("sorter").join(adaptd::registry::ACTIVE_FILE);
+    for (bad, why) in [(&b"garbage\n"[..], "not a version number"), (&[0xff, 0xfe, 0x00][..], "not a version number"), (&b"99\n"[..], "not on disk")] {
+        std::fs::write(&pointer, bad).unwrap();
+        let (reg, events) = open(dir.path(), 5);
+        assert_eq!(reg.current("sorter").unwrap().version, 2, "{why}: {events:?}");
+        assert!(matches!(&events[0], Recovery::Skipped { reason, .. } if reason.contains(why)), "the log says why: {events:?}");
+        assert_eq!(std::fs::read_to_string(&pointer).unwrap(), "2\n", "the pointer is rewritten to what serves");
+    }
+    std::fs::remove_file(&pointer).unwrap();
+    let (reg, _) = open(dir.path(), 5);
+    assert_eq!(reg.current("sorter").unwrap().version, 2);
+    // An operator's pin of the import is a choice: it stands across restarts.
+    reg.pin("sorter", 3).unwrap();
+    drop(reg);
+    let (reg, _) = open(dir.path(), 5);
+    assert_eq!(reg.current("sorter").unwrap().version, 3);
+    drop(reg);
+    // A promotion a crash interrupted: its staging directory and the pointer's temporary file.
+    std::fs::create_dir_all(dir.path().join("sorter/.v000004.staging-4242")).unwrap();
+    std::fs::write(dir.path().join("sorter/.active.tmp-4242"), "4\n").unwrap();
+    let (reg, _) = open(dir.path(), 5);
+    assert_eq!(reg.current("sorter").unwrap().version, 3);
+    assert!(!dir.path().join("sorter/.active.tmp-4242").exists() && !dir.path().join("sorter/.v000004.staging-4242").exists());
+    assert_eq!(store.versions("sorter").unwrap(), vec![1, 2, 3]);
+}

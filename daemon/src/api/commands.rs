@@ -1,49 +1,57 @@
 //! Operator commands over MQTT, for fleets where nobody can reach the device's loopback HTTP:
 //! `{prefix}/{device}/commands/{task}` with `{"command": "train" | "rollback" | "pin",
-//! "version": N}` (QoS 1). Each answer is a `command_result` event on the events topic, so the
-//! operator's console sees what happened next to the training events it caused.
+//! "version": N, "by": "...", "issued_ms": ..., "signature": "..."}` (QoS 1), signed as
+//! `control` says. Off unless `[mqtt] commands = true`. Each answer is a `command_result` event
+//! on the events topic, so the operator's console sees what happened next to the training
+//! events it caused; a refused one says why (bad signature, stale, replayed) and counts.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, Packet};
-use serde::Deserialize;
 use serde_json::json;
 
 use super::Api;
-use crate::adapt;
+use crate::adapt::CommandKind;
 use crate::broker::BrokerConnection;
+use crate::control::CommandVerifier;
 use crate::events::Events;
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CommandMessage {
-    command: String,
-    version: Option<u64>,
-}
-
-/// The answer to one command message: (ok, message).
-async fn execute(api: &Api, task: &str, payload: &[u8]) -> (bool, String, String) {
-    let msg: CommandMessage = match serde_json::from_slice(payload) {
+/// The answer to one command message: (ok, command, by, message).
+async fn execute(api: &Api, verifier: &Mutex<CommandVerifier>, task: &str, payload: &[u8]) -> (bool, String, String, String) {
+    if payload.len() > api.max_request_bytes() {
+        return (false, "?".into(), "?".into(), format!("a command of {} bytes is over the limit of {}", payload.len(), api.max_request_bytes()));
+    }
+    let verified = verifier.lock().unwrap_or_else(std::sync::PoisonError::into_inner).verify(task, payload, crate::events::now_ms());
+    let msg = match verified {
         Ok(m) => m,
-        Err(e) => return (false, "?".into(), format!("not a command: {e}; expected {{\"command\": \"train\" | \"rollback\" | \"pin\", \"version\": N}}")),
+        Err(e) => {
+            tracing::warn!(task, error_type = e.error_type(), error = %e, "MQTT command refused");
+            return (false, "?".into(), "?".into(), format!("refused ({}): {e}", e.error_type()));
+        }
     };
-    let result = match (msg.command.as_str(), msg.version) {
-        ("train", None) => api.command(task, adapt::Command::TrainNow).await,
-        ("rollback", None) => api.command(task, adapt::Command::Rollback).await,
-        ("pin", Some(v)) => api.command(task, |reply| adapt::Command::Pin(v, reply)).await,
-        ("pin", None) => Err("pin needs \"version\"".into()),
+    let by = format!("mqtt:{}", msg.by);
+    let kind = match (msg.command.as_str(), msg.version) {
+        ("train", None) => Ok(CommandKind::TrainNow),
+        ("rollback", None) => Ok(CommandKind::Rollback),
+        ("pin", Some(v)) => Ok(CommandKind::Pin(v)),
+        ("pin", None) => Err("pin needs \"version\"".to_string()),
         (other, _) => Err(format!("unknown command {other:?}; expected train, rollback or pin (with \"version\")")),
     };
+    let result = match kind {
+        Ok(kind) => api.command(task, kind, &by).await,
+        Err(e) => Err(e),
+    };
     match result {
-        Ok(m) => (true, msg.command, m),
-        Err(m) => (false, msg.command, m),
+        Ok(m) => (true, msg.command, by, m),
+        Err(m) => (false, msg.command, by, m),
     }
 }
 
 /// Answer commands until `shutdown`; reconnects with backoff on its own.
-pub async fn run(api: Arc<Api>, broker: BrokerConnection, client_id: String, filter_prefix: String, events: Events, shutdown: impl Future<Output = ()>) {
+pub async fn run(api: Arc<Api>, broker: BrokerConnection, client_id: String, filter_prefix: String, verifier: CommandVerifier, events: Events, shutdown: impl Future<Output = ()>) {
+    let verifier = Arc::new(Mutex::new(verifier));
     let mut options = match broker.options(client_id) {
         Ok(o) => o,
         Err(e) => {
@@ -52,6 +60,10 @@ pub async fn run(api: Arc<Api>, broker: BrokerConnection, client_id: String, fil
         }
     };
     options.set_keep_alive(Duration::from_secs(30));
+    // rumqttc's default 10 KiB would drop a larger message without an answer; read what the
+    // inference API reads, and refuse oversized commands with a command_result.
+    let limit = super::mqtt::read_limit(api.max_request_bytes());
+    options.set_max_packet_size(limit, limit);
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     let filter = format!("{filter_prefix}/+");
     tokio::pin!(shutdown);
@@ -68,11 +80,11 @@ pub async fn run(api: Arc<Api>, broker: BrokerConnection, client_id: String, fil
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let Some(task) = p.topic.strip_prefix(&format!("{filter_prefix}/")).map(str::to_string) else { continue };
-                let (api, events) = (api.clone(), events.clone());
+                let (api, events, verifier) = (api.clone(), events.clone(), verifier.clone());
                 tokio::spawn(async move {
-                    let (ok, command, message) = execute(&api, &task, &p.payload).await;
-                    tracing::info!(task, command, ok, message, "operator command over MQTT");
-                    events.emit("command_result", &task, json!({ "command": command, "ok": ok, "message": message, "via": "mqtt" }));
+                    let (ok, command, by, message) = execute(&api, &verifier, &task, &p.payload).await;
+                    tracing::info!(task, command, ok, by, message, "operator command over MQTT");
+                    events.emit("command_result", &task, json!({ "command": command, "ok": ok, "by": by, "message": message, "via": "mqtt" }));
                 });
             }
             Ok(_) => {}

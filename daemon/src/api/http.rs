@@ -25,8 +25,8 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/tasks/{task}/predict", post(predict))
         .route("/v1/tasks", get(statuses))
         .route("/v1/tasks/{task}/status", get(status))
-        .route("/v1/tasks/{task}/train", post(|s, p| command(s, p, "train")))
-        .route("/v1/tasks/{task}/rollback", post(|s, p| command(s, p, "rollback")))
+        .route("/v1/tasks/{task}/train", post(|s, p, h| command(s, p, h, "train")))
+        .route("/v1/tasks/{task}/rollback", post(|s, p, h| command(s, p, h, "rollback")))
         .route("/v1/tasks/{task}/pin/{version}", post(pin))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
@@ -68,18 +68,23 @@ async fn status(State(api): State<Arc<Api>>, Path(task): Path<String>) -> Respon
     }
 }
 
-async fn command(State(api): State<Arc<Api>>, Path(task): Path<String>, which: &'static str) -> Response {
-    let result = api
-        .command(&task, |reply| match which {
-            "train" => adapt::Command::TrainNow(reply),
-            _ => adapt::Command::Rollback(reply),
-        })
-        .await;
-    command_response(result)
+async fn command(State(api): State<Arc<Api>>, Path(task): Path<String>, headers: HeaderMap, which: &'static str) -> Response {
+    let kind = if which == "train" { adapt::CommandKind::TrainNow } else { adapt::CommandKind::Rollback };
+    control(&api, &task, &headers, kind).await
 }
 
-async fn pin(State(api): State<Arc<Api>>, Path((task, version)): Path<(String, u64)>) -> Response {
-    command_response(api.command(&task, |reply| adapt::Command::Pin(version, reply)).await)
+async fn pin(State(api): State<Arc<Api>>, Path((task, version)): Path<(String, u64)>, headers: HeaderMap) -> Response {
+    control(&api, &task, &headers, adapt::CommandKind::Pin(version)).await
+}
+
+/// A control request: authorized first (token; no browser), then handed to the task's loop.
+async fn control(api: &Api, task: &str, headers: &HeaderMap, kind: adapt::CommandKind) -> Response {
+    let header = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Err(e) = api.authorize(header(header::ORIGIN), header(header::HOST), header(header::AUTHORIZATION)) {
+        let status = if matches!(e, crate::control::HttpRefusal::Token) { StatusCode::UNAUTHORIZED } else { StatusCode::FORBIDDEN };
+        return json_response(status, &serde_json::json!({ "ok": false, "error": e.error_type(), "message": e.to_string() }));
+    }
+    command_response(api.command(task, kind, "http (control token)").await)
 }
 
 fn command_response(result: Result<String, String>) -> Response {
@@ -99,10 +104,20 @@ async fn metrics(State(api): State<Arc<Api>>) -> Response {
     ([(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)], body).into_response()
 }
 
+/// Ready: the engine serves, and ingest (where this device ingests) is running. A broker that
+/// is away is reported but does not make the device unready: serving goes on without it.
 async fn ready(State(api): State<Arc<Api>>) -> Response {
+    let ingest = api.ingest_stats().map(|s| (s.running.load(std::sync::atomic::Ordering::Relaxed), s.connected.load(std::sync::atomic::Ordering::Relaxed)));
+    let ingest_line = match ingest {
+        None => String::new(),
+        Some((false, _)) => "; ingest: not running (restarting)".into(),
+        Some((true, true)) => "; ingest: subscribed".into(),
+        Some((true, false)) => "; ingest: waiting for the broker".into(),
+    };
     match &*api.engine().health().borrow() {
-        Health::Ready { provider } => (StatusCode::OK, format!("ready ({provider:?})\n")).into_response(),
-        other => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {other:?}\n")).into_response(),
+        Health::Ready { .. } if matches!(ingest, Some((false, _))) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready{ingest_line}\n")).into_response(),
+        Health::Ready { provider } => (StatusCode::OK, format!("ready ({provider:?}){ingest_line}\n")).into_response(),
+        other => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {other:?}{ingest_line}\n")).into_response(),
     }
 }
 

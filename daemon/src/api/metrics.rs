@@ -49,6 +49,10 @@ pub fn render(api: &Api) -> String {
     if let Some(ingest) = api.ingest_stats() {
         family(&mut out, "adaptd_ingest_connected", "gauge", "1 while ingest is subscribed to the samples topic.");
         let _ = writeln!(out, "adaptd_ingest_connected {}", i32::from(ingest.connected.load(Relaxed)));
+        family(&mut out, "adaptd_ingest_running", "gauge", "1 while the ingest task runs (0: stopped on an error, waiting to be restarted).");
+        let _ = writeln!(out, "adaptd_ingest_running {}", i32::from(ingest.running.load(Relaxed)));
+        family(&mut out, "adaptd_ingest_restarts_total", "counter", "Times ingest was restarted after it stopped on an error or a panic.");
+        let _ = writeln!(out, "adaptd_ingest_restarts_total {}", ingest.restarts.load(Relaxed));
         family(&mut out, "adaptd_samples_ingested_total", "counter", "Labelled samples stored durably (then acked).");
         let _ = writeln!(out, "adaptd_samples_ingested_total {}", ingest.stored.load(Relaxed));
         family(&mut out, "adaptd_samples_duplicate_total", "counter", "Samples whose idempotency key was already stored.");

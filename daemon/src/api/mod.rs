@@ -31,6 +31,8 @@ pub struct Api {
     ingest: Option<Arc<crate::ingest::IngestStats>>,
     /// Device readings for `/metrics` (sysinfo and sysfs), refreshed on scrape.
     monitor: Mutex<Option<crate::resources::Monitor>>,
+    /// The control token and the listening address; none: control requests are refused.
+    auth: Option<(String, std::net::SocketAddr)>,
 }
 
 /// How the API reaches a task's adaptation loop.
@@ -42,7 +44,7 @@ pub struct TaskControl {
 
 impl Api {
     pub fn new(engine: EngineHandle, text: Option<Arc<TextEncoder>>, max_request_bytes: usize) -> Api {
-        Api { engine, text, max_request_bytes, refused: Mutex::new(BTreeMap::new()), control: BTreeMap::new(), ingest: None, monitor: Mutex::new(None) }
+        Api { engine, text, max_request_bytes, refused: Mutex::new(BTreeMap::new()), control: BTreeMap::new(), ingest: None, monitor: Mutex::new(None), auth: None }
     }
 
     /// Ingest counters and device readings for `/metrics`.
@@ -74,12 +76,29 @@ impl Api {
         self.control.values().map(|c| c.status.borrow().clone()).collect()
     }
 
-    /// Send an operator command to `task`'s loop and wait for its answer.
-    pub async fn command(&self, task: &str, make: impl FnOnce(oneshot::Sender<Result<String, String>>) -> adapt::Command) -> Result<String, String> {
+    /// Send an operator command to `task`'s loop and wait for its answer (rollback and pin are
+    /// answered at once, even while a job runs).
+    pub async fn command(&self, task: &str, kind: adapt::CommandKind, by: &str) -> Result<String, String> {
         let control = self.control.get(task).ok_or_else(|| format!("task {task:?} does not adapt on this device"))?;
-        let (tx, rx) = oneshot::channel();
-        control.commands.send(make(tx)).await.map_err(|_| "the adaptation loop has stopped".to_string())?;
+        let (reply, rx) = oneshot::channel();
+        let command = adapt::Command { kind, by: by.to_string(), reply };
+        control.commands.send(command).await.map_err(|_| "the adaptation loop has stopped".to_string())?;
         rx.await.map_err(|_| "the adaptation loop has stopped".to_string())?
+    }
+
+    /// Who may use the control endpoints: the token, and the address the daemon listens on.
+    pub fn with_auth(mut self, token: String, listen: std::net::SocketAddr) -> Api {
+        self.auth = Some((token, listen));
+        self
+    }
+
+    /// Check a control request's headers (see `control::authorize_http`); counted when refused.
+    pub fn authorize(&self, origin: Option<&str>, host: Option<&str>, authorization: Option<&str>) -> Result<(), crate::control::HttpRefusal> {
+        let Some((token, listen)) = &self.auth else { return Err(crate::control::HttpRefusal::Token) };
+        crate::control::authorize_http(token, *listen, origin, host, authorization).inspect_err(|e| {
+            *self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(e.error_type()).or_default() += 1;
+            tracing::warn!(error_type = e.error_type(), error = %e, "control request refused");
+        })
     }
 
     pub fn engine(&self) -> &EngineHandle {
@@ -92,13 +111,23 @@ impl Api {
 
     /// Refused requests so far, by error type.
     pub fn refused(&self) -> BTreeMap<&'static str, u64> {
-        self.refused.lock().expect("refused counters").clone()
+        self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Decode, predict and encode one request; the JSON answer or the reason it was refused.
     pub async fn predict(&self, task: &str, body: &[u8], content_type: Option<&str>) -> Result<Vec<u8>, ApiError> {
         let result: Result<Vec<u8>, ApiError> = async {
-            let inputs = wire::decode(body, content_type, self.engine.manifest(), self.text.as_deref(), self.max_request_bytes)?;
+            let inputs = if wire::is_image(content_type) {
+                // Decoding a picture is CPU work of up to tens of milliseconds: off the async
+                // workers, so /healthz and other requests keep answering meanwhile.
+                let (body, content_type) = (body.to_vec(), content_type.map(str::to_string));
+                let (manifest, limit) = (self.engine.manifest_arc(), self.max_request_bytes);
+                tokio::task::spawn_blocking(move || wire::decode(&body, content_type.as_deref(), &manifest, None, limit))
+                    .await
+                    .map_err(|e| ApiError::Wire(wire::WireError::Input(format!("image decoding stopped: {e}"))))??
+            } else {
+                wire::decode(body, content_type, self.engine.manifest(), self.text.as_deref(), self.max_request_bytes)?
+            };
             let preds = self.engine.infer(task, inputs).await?;
             Ok(wire::encode_predictions(&preds))
         }
@@ -111,7 +140,7 @@ impl Api {
 
     /// Count and log a refused request; transports call this for refusals they make themselves.
     pub fn count_refusal(&self, task: &str, e: &ApiError) {
-        *self.refused.lock().expect("refused counters").entry(e.error_type()).or_default() += 1;
+        *self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(e.error_type()).or_default() += 1;
         tracing::info!(task, error_type = e.error_type(), error = %e, "inference request refused");
     }
 }

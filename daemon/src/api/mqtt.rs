@@ -45,6 +45,9 @@ pub async fn run(api: Arc<Api>, config: MqttApiConfig, shutdown: impl Future<Out
     };
     options.set_keep_alive(Duration::from_secs(30));
     options.set_clean_start(true);
+    // The same body limit as HTTP. Requests up to twice the limit are read and answered
+    // `too_large`; past that the broker must not send them at all (MQTT 5's maximum packet size).
+    options.set_max_packet_size(Some(u32::try_from(read_limit(api.max_request_bytes())).unwrap_or(u32::MAX)));
     let (client, mut events) = AsyncClient::new(options, 64);
     let filter = config.request_filter();
     let prefix = format!("{}/{}/infer/", config.topic_prefix, config.device_id);
@@ -87,6 +90,11 @@ pub async fn run(api: Arc<Api>, config: MqttApiConfig, shutdown: impl Future<Out
     // Not `disconnect().await`: nothing polls the event loop any more, and a full request queue
     // would hold shutdown forever.
     let _ = client.try_disconnect();
+}
+
+/// What an MQTT client of ours reads: twice the body limit plus room for topic and properties.
+pub fn read_limit(max_body_bytes: usize) -> usize {
+    max_body_bytes.saturating_mul(2).saturating_add(64 * 1024)
 }
 
 async fn answer(api: &Api, client: &AsyncClient, prefix: &str, publish: Publish) {

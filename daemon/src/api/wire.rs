@@ -60,13 +60,21 @@ struct JsonRequest {
     inputs: Option<BTreeMap<String, JsonTensor>>,
 }
 
+fn media_type(content_type: Option<&str>) -> Option<String> {
+    content_type.map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+}
+
+/// A PNG or JPEG body: decoding it is CPU work, done off the async workers.
+pub fn is_image(content_type: Option<&str>) -> bool {
+    matches!(media_type(content_type).as_deref(), Some(CONTENT_PNG) | Some(CONTENT_JPEG) | Some("image/jpg"))
+}
+
 /// Decode a request body into the bundle's model inputs.
 pub fn decode(body: &[u8], content_type: Option<&str>, manifest: &Manifest, text: Option<&TextEncoder>, limit: usize) -> Result<Vec<HostTensor>, WireError> {
     if body.len() > limit {
         return Err(WireError::TooLarge { size: body.len(), limit });
     }
-    let kind = content_type.map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
-    match kind.as_deref() {
+    match media_type(content_type).as_deref() {
         None | Some("") | Some(CONTENT_JSON) | Some("text/json") => decode_json(body, manifest, text),
         Some(CONTENT_SAFETENSORS) => decode_safetensors(body, manifest),
         Some(CONTENT_PNG) | Some(CONTENT_JPEG) | Some("image/jpg") => {

@@ -276,6 +276,11 @@ impl EngineHandle {
         &self.manifest
     }
 
+    /// The manifest, shared: for work that runs off the async workers.
+    pub fn manifest_arc(&self) -> Arc<Manifest> {
+        self.manifest.clone()
+    }
+
     pub fn stats(&self) -> &EngineStats {
         &self.stats
     }

@@ -1,0 +1,190 @@
+//! Hostile input, as an attacker sends it: every path refuses it with a reason, fast, with
+//! bounded memory, and keeps serving; poison over MQTT is acknowledged, so it never blocks the
+//! stream behind it.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use adaptd::api::wire;
+use adaptd::ingest::decode::{SampleSchema, decode_sample};
+use adaptd::ingest::{self, IngestConfig, IngestStats};
+use adaptd::samples::{SampleStore, SplitPolicy};
+use adaptd_adapters::Bundle;
+use tokio::sync::oneshot;
+
+use crate::broker::Mosquitto;
+use crate::reference_bundle;
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// A PNG that declares `side` x `side` grey pixels in a few dozen bytes: decoded naively it
+/// allocates side² bytes before finding out the data is not there.
+pub fn png_bomb(side: u32) -> Vec<u8> {
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut chunk = |kind: &[u8], data: &[u8]| {
+        png.extend((data.len() as u32).to_be_bytes());
+        let body: Vec<u8> = kind.iter().chain(data).copied().collect();
+        png.extend(&body);
+        png.extend(crc32(&body).to_be_bytes());
+    };
+    let mut ihdr = Vec::new();
+    ihdr.extend(side.to_be_bytes());
+    ihdr.extend(side.to_be_bytes());
+    ihdr.extend([8, 0, 0, 0, 0]); // 8-bit grey, deflate, no filter, no interlace
+    chunk(b"IHDR", &ihdr);
+    chunk(b"IDAT", &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01]);
+    chunk(b"IEND", &[]);
+    png
+}
+
+fn digit_sample(key: &str) -> String {
+    let data: Vec<String> = (0..64).map(|i| format!("{:.3}", (i % 9) as f32 / 8.0)).collect();
+    format!("{{\"key\": \"{key}\", \"task\": \"sorter\", \"label\": \"left\", \"input\": {{\"shape\": [1, 1, 8, 8], \"data\": [{}]}}}}", data.join(","))
+}
+
+const OVERFLOWING: &str = "[4294967296, 4294967296, 1, 1]";
+
+#[test]
+fn overflowing_shapes_and_image_bombs_are_refused_fast() {
+    let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
+    let manifest = &bundle.manifest;
+    let tasks = vec!["sorter".to_string()];
+    let schema = SampleSchema { manifest, tasks: &tasks, max_bytes: 1 << 20 };
+
+    // A shape whose element count overflows: "attempt to multiply with overflow" before.
+    let sample = digit_sample("a:1").replace("[1, 1, 8, 8]", OVERFLOWING);
+    let e = decode_sample(sample.as_bytes(), &schema, 0).unwrap_err();
+    assert_eq!(e.error_type(), "bad_input", "{e}");
+    assert!(e.to_string().contains("4294967296"), "says which shape: {e}");
+    let request = format!("{{\"inputs\": {{\"image\": {{\"shape\": {OVERFLOWING}, \"data\": [0]}}}}}}");
+    let e = wire::decode(request.as_bytes(), Some("application/json"), manifest, None, 1 << 20).unwrap_err();
+    assert_eq!(e.error_type(), "bad_input", "{e}");
+
+    // A 20000x20000 PNG in 80 bytes, as a sample (base64 and compact forms) and as a request.
+    let bomb = png_bomb(20_000);
+    assert!(bomb.len() < 100);
+    let started = Instant::now();
+    use base64::Engine as _;
+    let json = format!("{{\"key\": \"b:1\", \"task\": \"sorter\", \"label\": \"left\", \"image\": \"{}\"}}", base64::engine::general_purpose::STANDARD.encode(&bomb));
+    let e = decode_sample(json.as_bytes(), &schema, 0).unwrap_err();
+    assert_eq!(e.error_type(), "bad_image", "{e}");
+    assert!(e.to_string().contains("1024x1024"), "says what is taken: {e}");
+    let e = wire::decode(&bomb, Some("image/png"), manifest, None, 1 << 20).unwrap_err();
+    assert_eq!(e.error_type(), "bad_input", "{e}");
+    assert!(e.to_string().contains("20000"), "{e}");
+    assert!(started.elapsed() < Duration::from_millis(500), "refused from the header, not after decoding: {:?}", started.elapsed());
+    // An honest photo larger than the model's input still goes through.
+    let mut photo = std::io::Cursor::new(Vec::new());
+    image::GrayImage::from_pixel(640, 480, image::Luma([200])).write_to(&mut photo, image::ImageFormat::Png).unwrap();
+    let inputs = wire::decode(photo.get_ref(), Some("image/png"), manifest, None, 1 << 20).unwrap();
+    assert_eq!(inputs[0].shape, vec![1, 1, 8, 8]);
+}
+
+/// A sample far over the limit broke the connection before it was decoded, was never acked,
+/// and came back first on every reconnect: nothing after it was ever stored. Now it is read
+/// once, refused as too large, acked, and the stream behind it flows; a sample whose shape
+/// overflowed panicked the ingest task, which then came back and panicked on the same message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_over_mqtt_is_refused_acked_and_the_stream_behind_it_flows() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Mutex::new(SampleStore::open(&dir.path().join("samples.db"), SplitPolicy::default()).unwrap()));
+    let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
+    let stats = Arc::new(IngestStats::default());
+    let config = IngestConfig {
+        broker: adaptd::broker::BrokerConnection::plain("127.0.0.1", broker.port),
+        client_id: "adaptd-ingest-poison".into(),
+        topic_prefix: "adaptd/v1".into(),
+        device_id: "robot-7".into(),
+        max_batch: 64,
+        max_payload_bytes: 16 * 1024,
+    };
+    let events_topic = config.events_topic();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(ingest::supervise(config, store.clone(), Arc::new(bundle.manifest.clone()), Arc::new(vec!["sorter".into()]), stats.clone(), async {
+        let _ = stopped.await;
+    }));
+
+    let port = broker.port;
+    let big = dir.path().join("big.json");
+    // 5 MB: over the 16 KiB sample limit and the read limit derived from it.
+    std::fs::write(&big, digit_sample("big:1").replace("\"label\"", &format!("\"source\": \"{}\", \"label\"", "x".repeat(5 << 20)))).unwrap();
+    let overflow = digit_sample("overflow:1").replace("[1, 1, 8, 8]", OVERFLOWING);
+    let events = tokio::task::spawn_blocking(move || {
+        let sub = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", &events_topic, "-C", "2", "-W", "30"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        let pub_args = ["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", "adaptd/v1/robot-7/samples/sorter"].map(str::to_string);
+        let ok = Command::new("mosquitto_pub").args(&pub_args).args(["-f", big.to_str().unwrap()]).status().unwrap();
+        assert!(ok.success());
+        let mut p = Command::new("mosquitto_pub").args(&pub_args).arg("-l").stdin(Stdio::piped()).spawn().unwrap();
+        let mut lines = vec![overflow];
+        lines.extend((0..50).map(|i| digit_sample(&format!("after:{i}"))));
+        p.stdin.take().unwrap().write_all((lines.join("\n") + "\n").as_bytes()).unwrap();
+        assert!(p.wait().unwrap().success());
+        String::from_utf8(sub.wait_with_output().unwrap().stdout).unwrap()
+    })
+    .await
+    .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stats.stored.load(Ordering::Relaxed) < 50 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stats.stored.load(Ordering::Relaxed), 50, "everything behind the poison is stored");
+    let refused = stats.refused();
+    assert_eq!((refused.get("too_large"), refused.get("bad_input")), (Some(&1), Some(&1)), "{refused:?}");
+    assert_eq!(stats.restarts.load(Ordering::Relaxed), 0, "nothing panicked");
+    assert!(events.contains("too_large") && events.contains("5243"), "the refusal is announced with the size: {events}");
+    assert!(stats.connected.load(Ordering::Relaxed) && stats.running.load(Ordering::Relaxed));
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops").unwrap();
+    assert!(!stats.running.load(Ordering::Relaxed));
+
+    // Acknowledged: a new session under the same client id gets none of it redelivered.
+    let store2 = Arc::new(Mutex::new(SampleStore::open(&dir.path().join("again.db"), SplitPolicy::default()).unwrap()));
+    let stats2 = Arc::new(IngestStats::default());
+    let config = IngestConfig {
+        broker: adaptd::broker::BrokerConnection::plain("127.0.0.1", broker.port),
+        client_id: "adaptd-ingest-poison".into(),
+        topic_prefix: "adaptd/v1".into(),
+        device_id: "robot-7".into(),
+        max_batch: 64,
+        max_payload_bytes: 16 * 1024,
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(ingest::run(config, store2, Arc::new(bundle.manifest.clone()), Arc::new(vec!["sorter".into()]), stats2.clone(), async {
+        let _ = stopped.await;
+    }));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!((stats2.stored.load(Ordering::Relaxed), stats2.refused().len()), (0, 0), "nothing was left unacknowledged");
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
+
+#[test]
+fn reconnect_backoff_is_earned_back_only_by_a_connection_that_stays_up() {
+    let mut b = ingest::Backoff::default();
+    let waits: Vec<u128> = (0..5)
+        .map(|_| {
+            b.connected(); // connects, then fails at once
+            b.failed().as_millis()
+        })
+        .collect();
+    assert_eq!(waits, vec![100, 200, 400, 800, 1600], "a connect that fails at once does not reset the backoff");
+}
