@@ -67,16 +67,21 @@ impl EventLog {
     }
 
     fn wait_for(&self, kind: &str, timeout: Duration) -> Value {
+        self.wait_where(kind, |_| true, timeout)
+    }
+
+    /// The first `kind` event that `matches`.
+    fn wait_where(&self, kind: &str, matches: impl Fn(&Value) -> bool, timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(e) = self.events().into_iter().find(|e| e["event"] == kind) {
+            if let Some(e) = self.events().into_iter().find(|e| e["event"] == kind && matches(e)) {
                 return e;
             }
             if let Some(failed) = self.events().into_iter().find(|e| e["event"] == "training_failed") {
                 panic!("waiting for {kind:?}: {failed}");
             }
             assert!(Instant::now() < deadline, "no {kind:?} event in {timeout:?}; saw {:?}", self.events().iter().map(|e| e["event"].clone()).collect::<Vec<_>>());
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
@@ -169,7 +174,7 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
 
     // The gate's figures: the adapted head beats the base on holdout samples it never trained
     // on, by a wide margin on this shift, and base-domain accuracy held.
-    eprintln!("gate: {}", decision["summary"]);
+    eprintln!("gate: {} (trained in {} s)", decision["summary"], decision["training"]["seconds"]);
     let evidence = &decision["evidence"];
     let (cand, inc) = (evidence["candidate"]["accuracy"].as_f64().unwrap(), evidence["incumbent"]["accuracy"].as_f64().unwrap());
     assert!(cand > inc + 0.2, "holdout accuracy {inc} -> {cand}");
@@ -211,8 +216,13 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
     let (code, stdout, _) = cli(&["adapters", "list", "--state-dir", state.path().to_str().unwrap()]);
     assert_eq!(code, Some(0));
     assert!(stdout.lines().any(|l| l.contains("sorter") && l.contains("v1*")), "{stdout}");
+    let state_dir = state.path().to_str().unwrap().to_string();
     let (code, _, stderr) = cli(&["adapters", "pin", "sorter", "9", "--http", &addr]);
+    assert_eq!(code, Some(1), "without the token the daemon refuses: {stderr}");
+    assert!(stderr.contains("control token"), "and says what is missing: {stderr}");
+    let (code, _, stderr) = cli(&["adapters", "pin", "sorter", "9", "--http", &addr, "--state-dir", &state_dir]);
     assert_eq!(code, Some(1), "the daemon refuses a version it does not have: {stderr}");
+    assert!(stderr.contains("no version 9") && !stderr.contains(&state_dir), "says why, without the state directory's path: {stderr}");
     let (code, _, stderr) = cli(&["status", "--http", "127.0.0.1:1"]);
     assert_eq!(code, Some(69), "unreachable daemon: EX_UNAVAILABLE ({stderr})");
     assert!(stderr.contains("cannot reach adaptd"), "{stderr}");
@@ -231,14 +241,31 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
     let (_, status) = http("GET", &format!("{base}/v1/tasks/sorter/status"));
     assert_eq!(status["serving_version"], 1, "refused control requests changed nothing");
 
-    // An operator rolls back; the base serves again, and says so.
-    let (code, answer) = tokio::task::spawn_blocking(move || http_with("POST", &rollback_url, &[bearer])).await.unwrap();
+    // An operator asks for another round, then rolls back while it trains: the rollback is
+    // answered at once, not when the job ends, and the job it overtook is cancelled instead of
+    // promoting over the operator's decision. The base serves again, and says so.
+    let (code, answer) = http_with("POST", &format!("{base}/v1/tasks/sorter/train"), &[bearer.clone()]);
+    assert_eq!(code, 200, "{answer}");
+    let (answered_in, (code, answer), rolled, cancelled, events) = tokio::task::spawn_blocking(move || {
+        events.wait_where("training_started", |e| e["version"] == 2, Duration::from_secs(30));
+        let asked = Instant::now();
+        let answer = http_with("POST", &rollback_url, &[bearer]);
+        let answered_in = asked.elapsed();
+        let rolled = events.wait_for("rolled_back", Duration::from_secs(10));
+        let cancelled = events.wait_for("training_cancelled", Duration::from_secs(30));
+        (answered_in, answer, rolled, cancelled, events)
+    })
+    .await
+    .unwrap();
     assert_eq!(code, 200, "{answer}");
     assert!(answer["message"].as_str().unwrap().contains("from v1 to v0"), "{answer}");
-    let rolled = tokio::task::spawn_blocking(move || events.wait_for("rolled_back", Duration::from_secs(10))).await.unwrap();
+    assert!(answered_in < Duration::from_secs(2), "answered while the job ran, in {answered_in:?}");
+    assert_eq!(cancelled["version"], 2, "{cancelled}");
+    assert!(cancelled["reason"].as_str().unwrap().contains("chose v0"), "{cancelled}");
     assert_eq!((rolled["to_version"].as_u64(), rolled["by"].as_str()), (Some(0), Some("http (control token)")), "{rolled}");
     let (_, status) = http("GET", &format!("{base}/v1/tasks/sorter/status"));
-    assert_eq!(status["serving_version"], 0);
+    assert_eq!((status["serving_version"].as_u64(), status["jobs"]["cancelled"].as_u64()), (Some(0), Some(1)), "{status}");
+    assert!(!events.events().iter().any(|e| e["event"] == "promoted" && e["version"] == 2), "the overtaken job never promoted");
     let (code, _) = http_with("POST", &format!("{base}/v1/tasks/nobody/rollback"), &[format!("Authorization: Bearer {token}")]);
     assert_eq!(code, 409);
 
@@ -252,7 +279,7 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
     let (code, stdout, stderr) = cli(&["adapters", "import", out.to_str().unwrap(), "--config", &cfg, "--json"]);
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap()["version"], 2, "{stdout}");
-    let (code, _, stderr) = cli(&["adapters", "pin", "sorter", "2", "--http", &addr]);
+    let (code, _, stderr) = cli(&["adapters", "pin", "sorter", "2", "--http", &addr, "--state-dir", &state_dir]);
     assert_eq!(code, Some(0), "{stderr}");
     let (_, status) = http("GET", &format!("{base}/v1/tasks/sorter/status"));
     assert_eq!(status["serving_version"], 2, "the imported adapter serves");
@@ -268,7 +295,8 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_with_too_few_samples_is_deferred_with_its_reason() {
-    let Running { broker, state: _state, events, base, stop, daemon } = start_daemon("tiny", 1_000).await;
+    let Running { broker, state, events, base, stop, daemon } = start_daemon("tiny", 1_000).await;
+    let state_dir = state.path().to_str().unwrap().to_string();
     let digits = Digits::load(&digits_data()).unwrap();
     let lines = digit_lines(&digits, digits.held_out().iter().copied().take(8), "t", "tiny", Shift::Invert);
     let port = broker.port;
@@ -279,7 +307,7 @@ async fn a_task_with_too_few_samples_is_deferred_with_its_reason() {
         // An operator asks for a job now (the CLI follows it to its end): it starts, and is
         // deferred for want of samples; the exit code says it was not promoted.
         let addr = base.trim_start_matches("http://");
-        let out = Command::new(env!("CARGO_BIN_EXE_adaptd")).args(["train", "tiny", "--now", "--http", addr]).output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_adaptd")).args(["train", "tiny", "--now", "--http", addr, "--state-dir", &state_dir]).output().unwrap();
         assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
         assert!(String::from_utf8_lossy(&out.stdout).contains("training samples"), "the decision is printed: {}", String::from_utf8_lossy(&out.stdout));
         let deferred = events.wait_for("training_deferred", Duration::from_secs(20));
