@@ -728,11 +728,31 @@ async fn run_job(
     match gate_and_promote(ctx, config, store, &incumbent, version, labels, counts, notes, trigger, report, retention_check, seconds).await {
         Ok((true, summary)) => JobResult::Promoted(summary, incumbent),
         Ok((false, summary)) => JobResult::Rejected(summary),
-        Err(reason) => {
-            let event = ctx.events.emit("training_failed", task, json!({ "version": version, "error_type": "validation", "reason": reason }));
+        Err(GateError { error_type: "superseded", reason }) => {
+            let event = ctx.events.emit("training_cancelled", task, json!({ "version": version, "reason": reason }));
+            let _ = ctx.journal.append(task, &event);
+            JobResult::Cancelled(reason)
+        }
+        Err(GateError { error_type, reason }) => {
+            let event = ctx.events.emit("training_failed", task, json!({ "version": version, "error_type": error_type, "reason": reason }));
             let _ = ctx.journal.append(task, &event);
             JobResult::Failed(reason)
         }
+    }
+}
+
+/// Why a trained candidate got no decision, with a stable label for events and metrics.
+#[derive(Debug)]
+struct GateError {
+    /// `evaluation` (the engine or trainer could not score it), `superseded` (an operator chose
+    /// what serves meanwhile), or the registry's own type when promotion failed (`io`, ...).
+    error_type: &'static str,
+    reason: String,
+}
+
+impl From<String> for GateError {
+    fn from(reason: String) -> GateError {
+        GateError { error_type: "evaluation", reason }
     }
 }
 
@@ -750,7 +770,7 @@ async fn gate_and_promote(
     report: FitReport,
     retention_check: &RetentionSet,
     train_seconds: f64,
-) -> Result<(bool, String), String> {
+) -> Result<(bool, String), GateError> {
     let task = &config.task;
     let bundle = ctx.registry.bundle();
     let lora_info = report.lora.as_ref().map(|l| LoraInfo { rank: l.rank, alpha: l.alpha, target_modules: l.modules.iter().map(|m| m.module.clone()).collect() });
@@ -882,7 +902,8 @@ async fn gate_and_promote(
     // while the candidate was evaluated), the comparison no longer holds.
     let serving_now = ctx.registry.current(task).map_or(0, |s| s.version);
     if decision.promote && serving_now != incumbent.version {
-        return Err(format!("v{serving_now} was chosen while v{version} was evaluated against v{}; the candidate is discarded", incumbent.version));
+        let reason = format!("an operator chose v{serving_now} while v{version} was evaluated against v{}; the candidate is discarded", incumbent.version);
+        return Err(GateError { error_type: "superseded", reason });
     }
     if decision.promote {
         let registry = ctx.registry.clone();
@@ -892,7 +913,7 @@ async fn gate_and_promote(
         })
         .await
         .map_err(|e| e.to_string())?
-        .map_err(|e| format!("promotion failed: {e}"))?;
+        .map_err(|e| GateError { error_type: e.error_type(), reason: format!("promotion failed: {}", operator_error(ctx, &e)) })?;
         ctx.events.emit("promoted", task, json!({ "version": promoted.version, "from_version": incumbent.version, "holdout_accuracy": evidence.candidate.accuracy, "incumbent_holdout_accuracy": evidence.incumbent.accuracy }));
     }
     if let Some(e) = event.as_object_mut() {

@@ -188,5 +188,13 @@ pub fn import_samples(state_dir: &Path, bundle: &adaptd_adapters::Bundle, tasks:
     let mut store = crate::samples::SampleStore::open(&path, Default::default()).map_err(state_err)?;
     let inserted = store.insert_batch(&samples).map_err(state_err)?;
     let new = inserted.iter().filter(|r| matches!(r, crate::samples::Inserted::New(_))).count();
-    Ok(json!({ "file": file, "stored": new, "duplicates": inserted.len() - new, "refused": refused }))
+    let conflicts: Vec<Value> = inserted
+        .iter()
+        .zip(&samples)
+        .filter_map(|(r, s)| match r {
+            crate::samples::Inserted::Conflict { kept_label, .. } => Some(json!({ "key": s.key, "label": s.label, "kept_label": kept_label })),
+            _ => None,
+        })
+        .collect();
+    Ok(json!({ "file": file, "stored": new, "duplicates": inserted.len() - new, "conflicts": conflicts, "refused": refused }))
 }

@@ -109,17 +109,27 @@ pub struct StoredSample {
     pub embedding: Option<Vec<f32>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inserted {
     New(Split),
     /// The key was stored before: nothing changed.
     Duplicate,
+    /// The key was stored before with another label (or task): the first one stands.
+    Conflict { kept_task: String, kept_label: String },
+}
+
+/// A clean close checkpoints and removes both `-wal` and `-shm`; a crash leaves both. An index
+/// without its log means the log was deleted, and the transactions in it with it.
+fn wal_missing(path: &Path) -> bool {
+    let side = |suffix: &str| PathBuf::from(format!("{}{suffix}", path.display()));
+    side("-shm").exists() && !side("-wal").exists()
 }
 
 pub struct SampleStore {
     conn: Connection,
     path: PathBuf,
     policy: SplitPolicy,
+    lost_wal: bool,
 }
 
 /// The sample store's file in the daemon's state directory (the daemon, `samples stats` and
@@ -201,6 +211,10 @@ impl SampleStore {
 
     fn open_once(path: &Path, policy: SplitPolicy) -> Result<SampleStore, StoreError> {
         let err = |source| StoreError::Sqlite { path: path.to_path_buf(), source };
+        let lost_wal = wal_missing(path);
+        if lost_wal {
+            tracing::error!(path = %path.display(), "the sample store's write-ahead log (-wal) is gone while its index (-shm) is not: samples committed since the last checkpoint, acknowledged to the broker, are lost; restore the -wal file from a backup if there is one");
+        }
         let conn = Connection::open(path).map_err(err)?;
         // busy_timeout: a reader (a CLI `samples stats`) never makes the daemon's writer fail.
         // WAL + FULL: a committed transaction survives power loss.
@@ -208,7 +222,13 @@ impl SampleStore {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
-        Ok(SampleStore { conn, path: path.to_path_buf(), policy })
+        Ok(SampleStore { conn, path: path.to_path_buf(), policy, lost_wal })
+    }
+
+    /// Whether the write-ahead log was missing at open while its index was there: something
+    /// deleted it after a crash, with whatever it held (see `open`'s log line).
+    pub fn lost_wal(&self) -> bool {
+        self.lost_wal
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
@@ -235,6 +255,7 @@ impl SampleStore {
                 )
                 .map_err(&err)?;
             let mut label = tx.prepare_cached("INSERT OR IGNORE INTO labels (task, label, first_seen_ms) VALUES (?1, ?2, ?3)").map_err(&err)?;
+            let mut stored = tx.prepare_cached("SELECT task, label FROM samples WHERE key = ?1").map_err(&err)?;
             for s in samples {
                 let split = self.policy.split_of(&s.key);
                 let (kind, shape, bytes) = encode_input(&s.input);
@@ -245,7 +266,10 @@ impl SampleStore {
                     label.execute(params![s.task, s.label, received]).map_err(&err)?;
                     out.push(Inserted::New(split));
                 } else {
-                    out.push(Inserted::Duplicate);
+                    // A redelivery is harmless; the same key with another label is a conflict
+                    // the sender should hear about (the first label stands: it may have trained).
+                    let (kept_task, kept_label): (String, String) = stored.query_row(params![s.key], |r| Ok((r.get(0)?, r.get(1)?))).map_err(&err)?;
+                    out.push(if kept_task == s.task && kept_label == s.label { Inserted::Duplicate } else { Inserted::Conflict { kept_task, kept_label } });
                 }
             }
         }

@@ -68,6 +68,11 @@ fn overflowing_shapes_and_image_bombs_are_refused_fast() {
     let e = decode_sample(sample.as_bytes(), &schema, 0).unwrap_err();
     assert_eq!(e.error_type(), "bad_input", "{e}");
     assert!(e.to_string().contains("4294967296"), "says which shape: {e}");
+    // Messages that misled: an empty payload, an integer label past 64 bits.
+    let e = decode_sample(b"", &schema, 0).unwrap_err();
+    assert!(e.to_string().contains("empty"), "{e}");
+    let e = decode_sample(digit_sample("a:2").replace("\"left\"", "123456789012345678901234567890").as_bytes(), &schema, 0).unwrap_err();
+    assert!(e.to_string().contains("as a string") && !e.to_string().contains("e29"), "{e}");
     let request = format!("{{\"inputs\": {{\"image\": {{\"shape\": {OVERFLOWING}, \"data\": [0]}}}}}}");
     let e = wire::decode(request.as_bytes(), Some("application/json"), manifest, None, 1 << 20).unwrap_err();
     assert_eq!(e.error_type(), "bad_input", "{e}");
@@ -124,7 +129,7 @@ async fn poison_over_mqtt_is_refused_acked_and_the_stream_behind_it_flows() {
     let overflow = digit_sample("overflow:1").replace("[1, 1, 8, 8]", OVERFLOWING);
     let events = tokio::task::spawn_blocking(move || {
         let sub = Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", &events_topic, "-C", "2", "-W", "30"])
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", &events_topic, "-C", "3", "-W", "30"])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -135,6 +140,8 @@ async fn poison_over_mqtt_is_refused_acked_and_the_stream_behind_it_flows() {
         let mut p = Command::new("mosquitto_pub").args(&pub_args).arg("-l").stdin(Stdio::piped()).spawn().unwrap();
         let mut lines = vec![overflow];
         lines.extend((0..50).map(|i| digit_sample(&format!("after:{i}"))));
+        // The same key again with another label: the first stands, and the sender hears why.
+        lines.push(digit_sample("after:7").replace("\"left\"", "\"right\""));
         p.stdin.take().unwrap().write_all((lines.join("\n") + "\n").as_bytes()).unwrap();
         assert!(p.wait().unwrap().success());
         String::from_utf8(sub.wait_with_output().unwrap().stdout).unwrap()
@@ -148,9 +155,11 @@ async fn poison_over_mqtt_is_refused_acked_and_the_stream_behind_it_flows() {
     }
     assert_eq!(stats.stored.load(Ordering::Relaxed), 50, "everything behind the poison is stored");
     let refused = stats.refused();
-    assert_eq!((refused.get("too_large"), refused.get("bad_input")), (Some(&1), Some(&1)), "{refused:?}");
+    assert_eq!((refused.get("too_large"), refused.get("bad_input"), refused.get("conflicting_label")), (Some(&1), Some(&1), Some(&1)), "{refused:?}");
+    assert_eq!(store.lock().unwrap().get("after:7").unwrap().unwrap().sample.label, "left");
     assert_eq!(stats.restarts.load(Ordering::Relaxed), 0, "nothing panicked");
     assert!(events.contains("too_large") && events.contains("5243"), "the refusal is announced with the size: {events}");
+    assert!(events.contains("conflicting_label") && events.contains("sorter/right"), "{events}");
     assert!(stats.connected.load(Ordering::Relaxed) && stats.running.load(Ordering::Relaxed));
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops").unwrap();
@@ -187,4 +196,30 @@ fn reconnect_backoff_is_earned_back_only_by_a_connection_that_stays_up() {
         })
         .collect();
     assert_eq!(waits, vec![100, 200, 400, 800, 1600], "a connect that fails at once does not reset the backoff");
+}
+
+/// A deleted `-wal` file loses what it held; the store says so when it opens.
+#[test]
+fn a_deleted_write_ahead_log_is_reported_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("samples.db");
+    drop(SampleStore::open(&db, SplitPolicy::default()).unwrap());
+    // A writer that dies without closing (another process, as a crash is): its -wal and -shm stay.
+    let script = format!(
+        "import os, sqlite3\nc = sqlite3.connect({:?})\nc.execute('PRAGMA journal_mode=WAL')\nc.execute(\"INSERT INTO labels (task, label, first_seen_ms) VALUES ('sorter', 'left', 1)\")\nc.commit()\nos._exit(0)\n",
+        db.to_str().unwrap()
+    );
+    assert!(Command::new("python3").args(["-c", &script]).status().unwrap().success());
+    assert!(dir.path().join("samples.db-wal").exists() && dir.path().join("samples.db-shm").exists());
+    let store = SampleStore::open(&db, SplitPolicy::default()).unwrap();
+    assert!(!store.lost_wal(), "a crash alone loses nothing: SQLite replays the log");
+    assert_eq!(store.labels("sorter").unwrap(), vec!["left"]);
+    drop(store);
+    assert!(Command::new("python3").args(["-c", &script.replace("'left'", "'right'")]).status().unwrap().success());
+    std::fs::remove_file(dir.path().join("samples.db-wal")).unwrap();
+    let store = SampleStore::open(&db, SplitPolicy::default()).unwrap();
+    assert!(store.lost_wal(), "the missing log is noticed");
+    assert_eq!(store.labels("sorter").unwrap(), vec!["left"], "what the log held is gone");
+    drop(store);
+    assert!(!SampleStore::open(&db, SplitPolicy::default()).unwrap().lost_wal(), "a clean close since: nothing more to say");
 }

@@ -39,6 +39,8 @@ pub enum DecodeError {
     Input(String),
     #[error("image: {0}")]
     Image(String),
+    #[error("key {key:?} is stored already as {kept:?}; this message says {sent:?} (the first one stands: send a new key for a new sample)")]
+    Conflict { key: String, sent: String, kept: String },
 }
 
 impl DecodeError {
@@ -51,6 +53,7 @@ impl DecodeError {
             DecodeError::Field { .. } => "bad_field",
             DecodeError::Input(_) => "bad_input",
             DecodeError::Image(_) => "bad_image",
+            DecodeError::Conflict { .. } => "conflicting_label",
         }
     }
 }
@@ -94,6 +97,9 @@ pub fn decode_sample(payload: &[u8], schema: &SampleSchema<'_>, now_ms: i64) -> 
     if payload.len() > schema.max_bytes {
         return Err(DecodeError::TooLarge { size: payload.len(), limit: schema.max_bytes });
     }
+    if payload.is_empty() {
+        return Err(DecodeError::Json("the payload is empty: send a JSON sample or safetensors bytes".into()));
+    }
     // safetensors starts with a little-endian u64 header length, JSON with '{' (after spaces).
     let sample = if payload.first().is_some_and(|b| b.is_ascii_whitespace() || *b == b'{') {
         // One sample is one row of the bundle's single input, in the bundle's dtype.
@@ -108,6 +114,8 @@ fn label_of(v: &serde_json::Value) -> Result<String, DecodeError> {
     match v {
         serde_json::Value::String(s) => Ok(s.clone()),
         serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
+        // Past 64 bits serde_json reads an integer as a float and would print it as one.
+        serde_json::Value::Number(n) if n.as_f64().is_some_and(|f| f.fract() == 0.0) => Err(field("label", "is an integer too large for 64 bits; send it as a string")),
         other => Err(field("label", format!("must be a string or an integer, got {other}"))),
     }
 }
@@ -246,5 +254,5 @@ pub fn refusal_event(topic: &str, error: &DecodeError) -> Vec<u8> {
     m.insert("topic", topic.to_string());
     m.insert("reason", error.error_type().to_string());
     m.insert("message", error.to_string());
-    serde_json::to_vec(&m).expect("event serializes")
+    serde_json::to_vec(&m).unwrap_or_default()
 }

@@ -205,6 +205,7 @@ async fn store_batch(
     let (inserted, refusals) = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
         let schema = SampleSchema { manifest: &manifest, tasks: &tasks, max_bytes };
         let mut samples = Vec::with_capacity(messages.len());
+        let mut topics = Vec::with_capacity(messages.len());
         let mut refusals = Vec::new();
         for (topic, payload, oversize) in messages {
             let topic_task = topic.strip_prefix(&prefix).unwrap_or_default().to_string();
@@ -217,11 +218,20 @@ async fn store_batch(
                     let reason = format!("{:?} does not match the topic's task {topic_task:?}", s.task);
                     refusals.push((topic, decode::DecodeError::Field { field: "task", reason }))
                 }
-                Ok(s) => samples.push(s),
+                Ok(s) => {
+                    samples.push(s);
+                    topics.push(topic);
+                }
                 Err(e) => refusals.push((topic, e)),
             }
         }
         let inserted = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert_batch(&samples)?;
+        for ((result, sample), topic) in inserted.iter().zip(&samples).zip(topics) {
+            if let Inserted::Conflict { kept_task, kept_label } = result {
+                let conflict = decode::DecodeError::Conflict { key: sample.key.clone(), sent: format!("{}/{}", sample.task, sample.label), kept: format!("{kept_task}/{kept_label}") };
+                refusals.push((topic, conflict));
+            }
+        }
         Ok((inserted, refusals))
     })
     .await
@@ -230,7 +240,7 @@ async fn store_batch(
     for r in &inserted {
         match r {
             Inserted::New(_) => stats.stored.fetch_add(1, Ordering::Relaxed),
-            Inserted::Duplicate => stats.duplicates.fetch_add(1, Ordering::Relaxed),
+            Inserted::Duplicate | Inserted::Conflict { .. } => stats.duplicates.fetch_add(1, Ordering::Relaxed),
         };
     }
     stats.batches.fetch_add(1, Ordering::Relaxed);
