@@ -509,15 +509,26 @@ fn prepare(ctx: &Context, config: &AdaptConfig, store: &SampleStore, incumbent: 
     let task = &config.task;
     let bundle: &Bundle = ctx.registry.bundle();
     let store_err = |e: crate::samples::StoreError| e.to_string();
-    let train_all = store.load(task, Split::Train).map_err(store_err)?;
-    let validation_all = store.load(task, Split::Validation).map_err(store_err)?;
+    let mut train_all = store.load(task, Split::Train).map_err(store_err)?;
+    let mut validation_all = store.load(task, Split::Validation).map_err(store_err)?;
+    let dim = bundle.manifest.embedding_dim;
+    // Under a steady stream some samples always arrived after this tick's embeddings were
+    // computed: the job trains on those that have one, and the rest join the next job (waiting
+    // for all of them would defer the job for as long as the stream lasts).
+    let embedded = |s: &StoredSample| s.embedding.as_ref().is_some_and(|e| e.len() == dim);
+    let arriving = train_all.iter().chain(&validation_all).filter(|s| !embedded(s)).count();
+    train_all.retain(embedded);
+    validation_all.retain(embedded);
+    let mut notes = Vec::new();
+    if arriving > 0 {
+        notes.push(format!("{arriving} sample(s) still arriving join the next job"));
+    }
     let mut per_label: BTreeMap<&str, usize> = BTreeMap::new();
     for s in &train_all {
         *per_label.entry(s.sample.label.as_str()).or_default() += 1;
     }
     // Labels: the incumbent's first (their rows are kept), then new ones with enough samples.
     let mut labels: Vec<String> = incumbent.labels.to_vec();
-    let mut notes = Vec::new();
     for label in store.labels(task).map_err(store_err)? {
         let n = per_label.get(label.as_str()).copied().unwrap_or(0);
         if labels.contains(&label) {
@@ -544,7 +555,6 @@ fn prepare(ctx: &Context, config: &AdaptConfig, store: &SampleStore, incumbent: 
             notes.push(format!("label {label:?} has no validation samples: early stopping cannot see it"));
         }
     }
-    let dim = bundle.manifest.embedding_dim;
     let embeddings_of = |rows: &[&StoredSample]| -> Result<Vec<f32>, String> {
         let mut out = Vec::with_capacity(rows.len() * dim);
         for s in rows {

@@ -470,3 +470,40 @@ async fn a_daemon_whose_broker_is_gone_stops_promptly() {
     tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("shuts down in time").unwrap().unwrap();
     assert!(asked.elapsed() < Duration::from_secs(2), "took {:?} to stop", asked.elapsed());
 }
+
+/// A steady stream (100 samples/s) no longer starves training: a job starts on the tick its
+/// trigger fires, with the samples embedded so far, instead of being deferred while new ones
+/// keep arriving ("embeddings of new samples are still being computed", 14 times a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_stream_does_not_starve_training() {
+    let Running { broker, state: _state, events, base: _, stop, daemon } = start_daemon("sorter", 150).await;
+    let digits = Digits::load(&digits_data()).unwrap();
+    let lines = digit_lines(&digits, digits.held_out().iter().copied().take(500), "s", "sorter", Shift::Rotate90);
+    let port = broker.port;
+    let (started_after, deferred) = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        let mut p = Command::new("mosquitto_pub").args(["-p", &port.to_string(), "-q", "1", "-t", "adaptd/v1/robot-3/samples/sorter", "-l"]).stdin(Stdio::piped()).spawn().unwrap();
+        let mut stdin = p.stdin.take().unwrap();
+        let t0 = Instant::now();
+        let mut started_after = None;
+        for (i, line) in lines.iter().enumerate() {
+            stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+            stdin.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(10));
+            if i % 20 == 0 && started_after.is_none() && events.events().iter().any(|e| e["event"] == "training_started") {
+                started_after = Some((i, t0.elapsed()));
+            }
+        }
+        drop(stdin);
+        assert!(p.wait().unwrap().success());
+        let deferred: Vec<Value> = events.events().into_iter().filter(|e| e["event"] == "training_deferred").collect();
+        (started_after, deferred)
+    })
+    .await
+    .unwrap();
+    let (sent, after) = started_after.expect("a job started while the stream ran");
+    eprintln!("first job started after {sent} samples, {after:?} into the stream");
+    assert!(sent < 300, "the trigger is 150 new samples; the job started only after {sent}");
+    assert!(deferred.iter().all(|e| !e["reason"].as_str().unwrap_or("").contains("still being computed")), "{deferred:?}");
+    shut_down(stop, daemon).await;
+}
