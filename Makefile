@@ -7,12 +7,13 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PYTHON := .venv/bin/python
 
-.PHONY: help setup build demo test bench
+.PHONY: help setup build demo test bench fuzz
 help:
 	@echo "make demo   set up, then run the demo on the reference bundles"
 	@echo "make test   set up, then run all tests"
 	@echo "make setup  only the set-up (venv with the ML runtimes, Mosquitto, reference bundles)"
 	@echo "make bench  benchmarks, ours and the references side by side"
+	@echo "make fuzz   the decoders' property tests, long (PROPTEST_CASES=$(FUZZ_CASES) per property)"
 
 setup:
 	@deploy/setup.sh
@@ -26,6 +27,11 @@ demo: setup
 test: setup
 	$(CARGO) test --workspace
 	$(PYTHON) -m unittest discover -s deploy/export/tests
+
+# The property tests over every decoder of outside input; `make test` runs 256 cases of each.
+FUZZ_CASES ?= 20000
+fuzz: setup
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test -p adaptd --test integration -- properties --nocapture
 
 bench: setup
 	$(CARGO) bench -p adaptd --bench serving

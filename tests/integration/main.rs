@@ -12,6 +12,7 @@ mod engine;
 mod hardening;
 mod ingest;
 mod package;
+mod properties;
 mod registry;
 mod runtimes;
 mod samples;
@@ -21,6 +22,54 @@ mod service;
 use std::path::{Path, PathBuf};
 
 mod fixtures;
+
+/// The largest single allocation each thread made since it last asked: the property tests hold
+/// decoders to a bound with it (a decompression bomb is one huge allocation).
+pub mod allocations {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    pub struct Tracking;
+
+    thread_local! {
+        static LARGEST: Cell<usize> = const { Cell::new(0) };
+    }
+
+    fn note(size: usize) {
+        let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
+    }
+
+    // SAFETY: every call is passed on to the system allocator unchanged; the bookkeeping is a
+    // const-initialised thread-local without a destructor, which allocates nothing.
+    unsafe impl GlobalAlloc for Tracking {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            note(layout.size());
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            note(layout.size());
+            unsafe { System.alloc_zeroed(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            unsafe { System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            note(new_size);
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    pub fn reset_largest() {
+        LARGEST.with(|l| l.set(0));
+    }
+
+    pub fn largest() -> usize {
+        LARGEST.with(Cell::get)
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: allocations::Tracking = allocations::Tracking;
 pub use fixtures::{TEST_LABELS, head_adapter, lora_adapter};
 
 pub fn reference_bundle(name: &str) -> PathBuf {
