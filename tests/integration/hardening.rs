@@ -18,37 +18,6 @@ use tokio::sync::oneshot;
 use crate::broker::Mosquitto;
 use crate::reference_bundle;
 
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
-}
-
-/// A PNG that declares `side` x `side` grey pixels in a few dozen bytes: decoded naively it
-/// allocates side² bytes before finding out the data is not there.
-pub fn png_bomb(side: u32) -> Vec<u8> {
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut chunk = |kind: &[u8], data: &[u8]| {
-        png.extend((data.len() as u32).to_be_bytes());
-        let body: Vec<u8> = kind.iter().chain(data).copied().collect();
-        png.extend(&body);
-        png.extend(crc32(&body).to_be_bytes());
-    };
-    let mut ihdr = Vec::new();
-    ihdr.extend(side.to_be_bytes());
-    ihdr.extend(side.to_be_bytes());
-    ihdr.extend([8, 0, 0, 0, 0]); // 8-bit grey, deflate, no filter, no interlace
-    chunk(b"IHDR", &ihdr);
-    chunk(b"IDAT", &[0x78, 0x9c, 0x63, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01]);
-    chunk(b"IEND", &[]);
-    png
-}
-
 fn digit_sample(key: &str) -> String {
     let data: Vec<String> = (0..64).map(|i| format!("{:.3}", (i % 9) as f32 / 8.0)).collect();
     format!("{{\"key\": \"{key}\", \"task\": \"sorter\", \"label\": \"left\", \"input\": {{\"shape\": [1, 1, 8, 8], \"data\": [{}]}}}}", data.join(","))
@@ -78,7 +47,7 @@ fn overflowing_shapes_and_image_bombs_are_refused_fast() {
     assert_eq!(e.error_type(), "bad_input", "{e}");
 
     // A 20000x20000 PNG in 80 bytes, as a sample (base64 and compact forms) and as a request.
-    let bomb = png_bomb(20_000);
+    let bomb = crate::chaos::png_bomb(20_000);
     assert!(bomb.len() < 100);
     let started = Instant::now();
     use base64::Engine as _;

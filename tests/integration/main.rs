@@ -5,6 +5,7 @@ mod adapt;
 mod adapters;
 mod api;
 mod broker;
+mod chaos;
 mod bundles;
 mod config;
 mod demo;
