@@ -244,7 +244,7 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
     // An operator asks for another round, then rolls back while it trains: the rollback is
     // answered at once, not when the job ends, and the job it overtook is cancelled instead of
     // promoting over the operator's decision. The base serves again, and says so.
-    let (code, answer) = http_with("POST", &format!("{base}/v1/tasks/sorter/train"), &[bearer.clone()]);
+    let (code, answer) = http_with("POST", &format!("{base}/v1/tasks/sorter/train"), std::slice::from_ref(&bearer));
     assert_eq!(code, 200, "{answer}");
     let (answered_in, (code, answer), rolled, cancelled, events) = tokio::task::spawn_blocking(move || {
         events.wait_where("training_started", |e| e["version"] == 2, Duration::from_secs(30));

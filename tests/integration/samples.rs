@@ -25,10 +25,13 @@ fn duplicates_change_nothing_and_everything_survives_a_reopen() {
     let first = store.insert_batch(&batch).unwrap();
     assert!(first.iter().all(|r| matches!(r, Inserted::New(_))));
 
-    // A redelivery of the same keys — even one that now claims another label — is a no-op.
+    // A redelivery of the same keys is a no-op; one that now claims another label changes
+    // nothing either, and says which label stands.
     let mut again = batch.clone();
     again[0].label = "stop".into();
-    assert!(store.insert_batch(&again).unwrap().iter().all(|r| *r == Inserted::Duplicate));
+    let results = store.insert_batch(&again).unwrap();
+    assert_eq!(results[0], Inserted::Conflict { kept_task: "sorter".into(), kept_label: "left".into() });
+    assert!(results[1..].iter().all(|r| *r == Inserted::Duplicate));
     assert_eq!(store.len().unwrap(), 50);
     assert_eq!(store.labels("sorter").unwrap(), vec!["left", "right"], "a duplicate must not add its label");
 
