@@ -68,6 +68,12 @@ impl Client {
         Ok(Response { status, body: serde_json::from_slice(&payload).unwrap_or(Value::Null) })
     }
 
+    /// A response as text (`/readyz`, `/metrics`): status code and body.
+    pub fn request_text(&self, method: &str, path: &str) -> Result<(u16, String), ClientError> {
+        let (status, body) = self.request_raw(method, path, None)?;
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+
     /// One sample's value from `/metrics` (an unlabelled one, e.g. `adaptd_engine_ready`).
     pub fn metric(&self, name: &str) -> Result<Option<f64>, ClientError> {
         let (_, text) = self.request_raw("GET", "/metrics", None)?;

@@ -192,3 +192,34 @@ fn a_deleted_write_ahead_log_is_reported_at_open() {
     drop(store);
     assert!(!SampleStore::open(&db, SplitPolicy::default()).unwrap().lost_wal(), "a clean close since: nothing more to say");
 }
+
+/// Ingest that cannot run (here: its TLS files are gone) shows as down, in readiness and in the
+/// metrics, and its supervisor keeps restarting it with backoff while serving goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_that_stops_shows_as_down_and_is_restarted() {
+    let state = tempfile::tempdir().unwrap();
+    let mut config = adaptd::serve::ServeConfig::new(reference_bundle("digits-cnn"), state.path().to_path_buf());
+    config.http = "127.0.0.1:0".parse().unwrap();
+    let tls = adaptd::broker::TlsFiles { ca: state.path().join("gone-ca.pem"), client: None };
+    config.mqtt = Some(adaptd::broker::BrokerConnection { tls: Some(tls), ..adaptd::broker::BrokerConnection::plain("127.0.0.1", crate::broker::free_port()) });
+    config.mqtt_api = false;
+    config.tasks = vec!["sorter".into()];
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (bound_tx, bound_rx) = oneshot::channel();
+    let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
+    let client = adaptd::client::Client::new(bound_rx.await.unwrap());
+    let (ready, metrics) = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(1800));
+        let ready = client.request_text("GET", "/readyz").unwrap();
+        let (_, metrics) = client.request_text("GET", "/metrics").unwrap();
+        (ready, metrics)
+    })
+    .await
+    .unwrap();
+    assert!(ready.0 == 503 && ready.1.contains("ingest: not running"), "{ready:?}");
+    assert!(metrics.lines().any(|l| l == "adaptd_ingest_running 0"), "{metrics}");
+    let restarts: f64 = metrics.lines().find_map(|l| l.strip_prefix("adaptd_ingest_restarts_total ")).unwrap().parse().unwrap();
+    assert!(restarts >= 1.0, "restarted with backoff: {restarts}");
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("stops in time").unwrap().unwrap();
+}
