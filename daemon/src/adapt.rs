@@ -710,10 +710,7 @@ async fn run_job(
                 if serving != incumbent.version {
                     handle.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
                     let _ = (&mut handle.done).await;
-                    let reason = format!("an operator chose v{serving} while v{version} trained against v{}; the candidate is discarded", incumbent.version);
-                    let event = ctx.events.emit("training_cancelled", task, json!({ "version": version, "reason": reason }));
-                    let _ = ctx.journal.append(task, &event);
-                    return JobResult::Cancelled(reason);
+                    return cancelled(ctx, task, version, format!("an operator chose v{serving} while v{version} trained against v{}; the candidate is discarded", incumbent.version));
                 }
             },
             done = &mut handle.done => break match done {
@@ -738,17 +735,22 @@ async fn run_job(
     match gate_and_promote(ctx, config, store, &incumbent, version, labels, counts, notes, trigger, report, retention_check, seconds).await {
         Ok((true, summary)) => JobResult::Promoted(summary, incumbent),
         Ok((false, summary)) => JobResult::Rejected(summary),
-        Err(GateError { error_type: "superseded", reason }) => {
-            let event = ctx.events.emit("training_cancelled", task, json!({ "version": version, "reason": reason }));
-            let _ = ctx.journal.append(task, &event);
-            JobResult::Cancelled(reason)
-        }
+        Err(GateError { error_type: "superseded", reason }) => cancelled(ctx, task, version, reason),
         Err(GateError { error_type, reason }) => {
             let event = ctx.events.emit("training_failed", task, json!({ "version": version, "error_type": error_type, "reason": reason }));
             let _ = ctx.journal.append(task, &event);
             JobResult::Failed(reason)
         }
     }
+}
+
+/// A job an operator overtook: announced, journalled, its candidate discarded.
+fn cancelled(ctx: &Context, task: &str, version: u64, reason: String) -> JobResult {
+    let event = ctx.events.emit("training_cancelled", task, json!({ "version": version, "reason": reason }));
+    if let Err(e) = ctx.journal.append(task, &event) {
+        tracing::warn!(task, error = %e, "could not write the journal");
+    }
+    JobResult::Cancelled(reason)
 }
 
 /// Why a trained candidate got no decision, with a stable label for events and metrics.

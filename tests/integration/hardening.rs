@@ -85,7 +85,7 @@ async fn poison_over_mqtt_is_refused_acked_and_the_stream_behind_it_flows() {
         max_batch: 64,
         max_payload_bytes: 16 * 1024,
     };
-    let events_topic = config.events_topic();
+    let (events_topic, again) = (config.events_topic(), config.clone());
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(ingest::supervise(config, store.clone(), Arc::new(bundle.manifest.clone()), Arc::new(vec!["sorter".into()]), stats.clone(), async {
         let _ = stopped.await;
@@ -137,16 +137,8 @@ async fn poison_over_mqtt_is_refused_acked_and_the_stream_behind_it_flows() {
     // Acknowledged: a new session under the same client id gets none of it redelivered.
     let store2 = Arc::new(Mutex::new(SampleStore::open(&dir.path().join("again.db"), SplitPolicy::default()).unwrap()));
     let stats2 = Arc::new(IngestStats::default());
-    let config = IngestConfig {
-        broker: adaptd::broker::BrokerConnection::plain("127.0.0.1", broker.port),
-        client_id: "adaptd-ingest-poison".into(),
-        topic_prefix: "adaptd/v1".into(),
-        device_id: "robot-7".into(),
-        max_batch: 64,
-        max_payload_bytes: 16 * 1024,
-    };
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(ingest::run(config, store2, Arc::new(bundle.manifest.clone()), Arc::new(vec!["sorter".into()]), stats2.clone(), async {
+    let task = tokio::spawn(ingest::run(again, store2, Arc::new(bundle.manifest.clone()), Arc::new(vec!["sorter".into()]), stats2.clone(), async {
         let _ = stopped.await;
     }));
     tokio::time::sleep(Duration::from_secs(2)).await;
