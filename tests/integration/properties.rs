@@ -198,9 +198,13 @@ fn request_decoders_refuse_damage_with_a_type_and_bounded_memory() {
             let (result, largest) = largest_allocation(|| wire::decode(&body, Some(kind), manifest, None, 1 << 20));
             prop_assert!(largest <= ALLOCATION_BOUND, "one allocation of {largest} bytes for a {}-byte {kind} body", body.len());
             match result {
+                // What decodes goes on to the engine's own checks (shape, dtype, finite values),
+                // which the API runs before anything reaches the model: typed as well.
                 Ok(inputs) => {
                     prop_assert_eq!(inputs.len(), 1);
-                    prop_assert!(adaptd::engine::validate_inputs(manifest, &inputs).is_ok() || inputs[0].shape.len() != 4 || inputs[0].shape[1..] != [1, 8, 8]);
+                    if let Err(e) = adaptd::engine::validate_inputs(manifest, &inputs) {
+                        *refused.borrow_mut().entry(e.error_type()).or_insert(0u32) += 1;
+                    }
                 }
                 Err(e) => *refused.borrow_mut().entry(e.error_type()).or_insert(0u32) += 1,
             }
