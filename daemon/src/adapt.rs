@@ -31,6 +31,7 @@ use crate::preprocess::TextEncoder;
 use crate::registry::{Registry, Serving};
 use crate::resources::{Monitor, ResourceLimits};
 use crate::samples::{SampleInput, SampleStore, Split, SplitPolicy, StoredSample};
+use crate::traffic::{BaseDomainDetector, Observed};
 use crate::scheduler::{Action, Observation, Outcome, Scheduler, SchedulerConfig, State, Trigger};
 use crate::trainer::{JobKind, TrainJob, Trainer};
 
@@ -97,6 +98,8 @@ pub struct Context {
     pub text: Option<Arc<TextEncoder>>,
     pub events: Events,
     pub journal: Journal,
+    /// The latest request inputs per task, for the share of base-domain traffic.
+    pub traffic: Arc<crate::traffic::TrafficLog>,
 }
 
 /// What an operator asks of a task's loop.
@@ -174,7 +177,8 @@ pub async fn run(ctx: Context, mut configs: watch::Receiver<AdaptConfig>, mut co
     let store = Mutex::new(SampleStore::open(&ctx.store_path, ctx.split)?);
     let bundle = ctx.registry.bundle().clone();
     let retention = bundle.retention()?;
-    let (replay, retention_check) = split_retention(retention.as_ref());
+    let (replay, check) = split_retention(retention.as_ref());
+    let mut base_domain = BaseDomain { replay, check, replay_embeddings: None, detector: None };
     let mut scheduler = Scheduler::new(config.scheduler.clone());
     let mut monitor = Monitor::new(&config.limits.sysfs_root);
     let serving = ctx.registry.ensure_task(&task).map_err(|e| crate::samples::StoreError::Corrupt { path: ctx.store_path.clone(), id: 0, reason: e.to_string() })?;
@@ -182,7 +186,6 @@ pub async fn run(ctx: Context, mut configs: watch::Receiver<AdaptConfig>, mut co
     let mut fresh = Fresh { after_id: lock(&store).last_id(&task)?, live_version: serving.version, live: (0, 0), previous: None };
     let mut jobs: BTreeMap<String, u64> = BTreeMap::new();
     let mut last_decision = None;
-    let mut replay_embeddings: Option<Vec<Vec<f32>>> = None;
     let mut ticker = tokio::time::interval(config.tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -253,11 +256,14 @@ pub async fn run(ctx: Context, mut configs: watch::Receiver<AdaptConfig>, mut co
             let last = store.last_id(&task)?;
             store.set_mark(&task, "job_start", last)?;
         }
-        if replay_embeddings.is_none() && !replay.is_empty() {
-            replay_embeddings = embed_retention(&ctx, &task, &replay).await.ok();
+        if base_domain.replay_embeddings.is_none() && !base_domain.replay.is_empty() {
+            base_domain.replay_embeddings = embed_retention(&ctx, &task, &base_domain.replay).await.ok();
+        }
+        if base_domain.detector.is_none() {
+            base_domain.detector = base_domain_detector(&ctx, &task, retention.as_ref()).await;
         }
         let mut operator = Operator { commands: &mut commands, fresh: &mut fresh };
-        let outcome = run_job(&ctx, &config, &store, trigger, &replay, replay_embeddings.as_deref(), &retention_check, &mut shutdown, &mut scheduler, &status, &jobs, &last_decision, &mut operator).await;
+        let outcome = run_job(&ctx, &config, &store, trigger, &base_domain, &mut shutdown, &mut scheduler, &status, &jobs, &last_decision, &mut operator).await;
         let (outcome, summary) = match outcome {
             JobResult::Promoted(summary, incumbent) => {
                 fresh = Fresh { after_id: lock(&store).last_id(&task)?, live_version: ctx.registry.current(&task).map_or(0, |s| s.version), live: (0, 0), previous: Some((incumbent, (0, 0))) };
@@ -351,6 +357,16 @@ fn publish_status(status: &watch::Sender<Status>, task: &str, scheduler: &Schedu
         last_decision: last_decision.clone(),
         progress,
     });
+}
+
+/// The bundle's base domain as the loop uses it: retention rows replayed in training (and their
+/// embeddings, for heads), rows that check forgetting, and the detector that measures how much
+/// of the device's traffic still looks like it.
+struct BaseDomain {
+    replay: RetentionSet,
+    check: RetentionSet,
+    replay_embeddings: Option<Vec<Vec<f32>>>,
+    detector: Option<BaseDomainDetector>,
 }
 
 /// Even rows of the retention set are replayed in training, odd rows check forgetting.
@@ -639,9 +655,7 @@ async fn run_job(
     config: &AdaptConfig,
     store: &Mutex<SampleStore>,
     trigger: Trigger,
-    replay: &RetentionSet,
-    replay_embeddings: Option<&[Vec<f32>]>,
-    retention_check: &RetentionSet,
+    base_domain: &BaseDomain,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     scheduler: &mut Scheduler,
     status: &watch::Sender<Status>,
@@ -651,7 +665,7 @@ async fn run_job(
 ) -> JobResult {
     let task = &config.task;
     let incumbent = ctx.registry.current(task).unwrap_or_else(|| ctx.registry.base(task));
-    let prepared = match prepare(ctx, config, &lock(store), &incumbent, replay, replay_embeddings) {
+    let prepared = match prepare(ctx, config, &lock(store), &incumbent, &base_domain.replay, base_domain.replay_embeddings.as_deref()) {
         Ok(p) => p,
         Err(reason) => return JobResult::Deferred(reason),
     };
@@ -732,7 +746,7 @@ async fn run_job(
         task,
         json!({ "version": version, "seconds": seconds, "epochs": report.epochs.len(), "best_epoch": report.best_epoch + 1, "stopped_early": report.stopped_early, "samples_per_second": report.samples_per_second, "batch_size": report.batch_size }),
     );
-    match gate_and_promote(ctx, config, store, &incumbent, version, labels, counts, notes, trigger, report, retention_check, seconds).await {
+    match gate_and_promote(ctx, config, store, &incumbent, version, labels, counts, notes, trigger, report, base_domain, seconds).await {
         Ok((true, summary)) => JobResult::Promoted(summary, incumbent),
         Ok((false, summary)) => JobResult::Rejected(summary),
         Err(GateError { error_type: "superseded", reason }) => cancelled(ctx, task, version, reason),
@@ -768,6 +782,46 @@ impl From<String> for GateError {
     }
 }
 
+/// The retention set seen through the base model, as the base-domain detector learns it.
+async fn base_domain_detector(ctx: &Context, task: &str, retention: Option<&RetentionSet>) -> Option<BaseDomainDetector> {
+    let retention = retention.filter(|r| !r.is_empty())?;
+    let embeddings = embed_retention(ctx, task, retention).await.ok()?;
+    let observed: Vec<Observed> = embeddings.into_iter().enumerate().map(|(i, e)| Observed::new(e, &row_of(&retention.inputs, i))).collect();
+    BaseDomainDetector::from_retention(&observed)
+}
+
+fn row_of(inputs: &[HostTensor], i: usize) -> Vec<HostTensor> {
+    inputs.iter().map(|t| t.rows(i, i + 1)).collect()
+}
+
+/// The share of base-domain inputs among the task's latest requests, or, when it has served
+/// too few, among its latest samples' inputs (their labels unused); and how many were seen.
+async fn base_traffic_share(ctx: &Context, store: &Mutex<SampleStore>, task: &str, detector: &BaseDomainDetector) -> Result<Option<(f64, usize)>, String> {
+    let mut rows = ctx.traffic.rows(task);
+    if rows.len() < crate::traffic::MIN_TRAFFIC_ROWS {
+        let latest = lock(store).latest(task, crate::traffic::TRAFFIC_ROWS).map_err(|e| e.to_string())?;
+        let refs: Vec<&StoredSample> = latest.iter().collect();
+        rows = Vec::with_capacity(refs.len());
+        for chunk in refs.chunks(EVAL_CHUNK) {
+            let inputs = model_inputs(ctx.text.as_deref(), chunk)?;
+            rows.extend((0..chunk.len()).map(|i| row_of(&inputs, i)));
+        }
+    }
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let base = ctx.registry.base(task);
+    let mut observed = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(EVAL_CHUNK) {
+        let inputs = concat_inputs(chunk.iter().map(Vec::as_slice));
+        let predictions = ctx.engine.evaluate(base.clone(), inputs).await.map_err(|e| e.to_string())?;
+        for (p, row) in predictions.into_iter().zip(chunk) {
+            observed.push(Observed::new(p.embedding.ok_or("the base model gave no embedding")?, row));
+        }
+    }
+    Ok(Some((detector.share(&observed), observed.len())))
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn gate_and_promote(
     ctx: &Context,
@@ -780,7 +834,7 @@ async fn gate_and_promote(
     notes: Vec<String>,
     trigger: Trigger,
     report: FitReport,
-    retention_check: &RetentionSet,
+    base_domain: &BaseDomain,
     train_seconds: f64,
 ) -> Result<(bool, String), GateError> {
     let task = &config.task;
@@ -828,6 +882,7 @@ async fn gate_and_promote(
 
     // Retention: the base domain, where the task's labels are the bundle's.
     let base_labels = bundle.manifest.labels.clone().unwrap_or_default();
+    let retention_check = &base_domain.check;
     let retention = if !retention_check.is_empty() && retention_check.labels.iter().all(|&l| base_labels.get(l as usize).is_some_and(|n| labels.contains(n))) {
         let truth: Vec<&str> = retention_check.labels.iter().map(|&l| base_labels[l as usize].as_str()).collect();
         let accuracy_of = |preds: &[Prediction]| gate::metrics(&truth, &as_refs(&names(preds))).accuracy;
@@ -871,7 +926,13 @@ async fn gate_and_promote(
         (change, parity)
     };
 
-    let evidence = Evidence { candidate: cand_metrics, incumbent: inc_metrics, retention, finite, probe_change, parity_max_diff };
+    // How much of what the device sees still looks like the base domain: only then does
+    // forgetting it cost anything (the retention bound follows this share).
+    let base_traffic_share = match (&retention, &base_domain.detector) {
+        (Some(_), Some(detector)) => base_traffic_share(ctx, store, task, detector).await?,
+        _ => None,
+    };
+    let evidence = Evidence { candidate: cand_metrics, incumbent: inc_metrics, retention, base_traffic_share, finite, probe_change, parity_max_diff };
     let decision = gate::decide(&evidence, &config.gate);
     let mut metrics = BTreeMap::from([
         ("holdout_accuracy".to_string(), evidence.candidate.accuracy),

@@ -180,6 +180,8 @@ pub struct GateSection {
     pub metric: GateMetric,
     pub min_improvement: f64,
     pub max_retention_drop: f64,
+    pub retention: crate::gate::RetentionPolicy,
+    pub retention_min_share: f64,
     pub min_probe_change: f32,
     pub parity_tolerance: f32,
     pub min_holdout: usize,
@@ -256,6 +258,8 @@ impl Default for Config {
                 metric: gate.metric,
                 min_improvement: gate.min_improvement,
                 max_retention_drop: gate.max_retention_drop,
+                retention: gate.retention,
+                retention_min_share: gate.retention_min_share,
                 min_probe_change: gate.min_probe_change,
                 parity_tolerance: gate.parity_tolerance,
                 min_holdout: gate.min_holdout,
@@ -419,6 +423,9 @@ impl Config {
         if self.schedule.tick_ms < 10 {
             return invalid("schedule.tick_ms", "must be at least 10");
         }
+        if !(0.0..=1.0).contains(&self.gate.retention_min_share) {
+            return invalid("gate.retention_min_share", "a share of the traffic in [0, 1]");
+        }
         if !(0.0..=1.0).contains(&self.gate.max_retention_drop) || !(0.0..=1.0).contains(&self.gate.rollback_drop) {
             return invalid("gate.max_retention_drop", "max_retention_drop and rollback_drop are fractions in [0, 1]");
         }
@@ -495,6 +502,8 @@ impl Config {
                 metric: g.metric,
                 min_improvement: g.min_improvement,
                 max_retention_drop: g.max_retention_drop,
+                retention: g.retention,
+                retention_min_share: g.retention_min_share,
                 min_probe_change: g.min_probe_change,
                 parity_tolerance: g.parity_tolerance,
                 min_holdout: g.min_holdout,

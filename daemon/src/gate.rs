@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::traffic::RetentionPolicy;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GateMetric {
@@ -24,8 +26,14 @@ pub struct GateConfig {
     /// The candidate must beat the incumbent by at least this much (0.01 = one point).
     pub min_improvement: f64,
     /// Retention-set accuracy may fall by at most this much below the better of the incumbent's
-    /// and the base model's.
+    /// and the base model's (while the traffic still shows the base domain: see `retention`).
     pub max_retention_drop: f64,
+    /// Whose forgetting the retention check guards against: the traffic's (default), always
+    /// the base domain's, or nobody's.
+    pub retention: RetentionPolicy,
+    /// With the traffic policy: the whole bound holds while at least this share of the traffic
+    /// looks like the base domain, and fades to none as the share goes to zero.
+    pub retention_min_share: f64,
     /// Scores must move by at least this much somewhere on the probe set versus the base model.
     pub min_probe_change: f32,
     /// Largest allowed |engine − trainer| difference of any score.
@@ -36,7 +44,16 @@ pub struct GateConfig {
 
 impl Default for GateConfig {
     fn default() -> Self {
-        GateConfig { metric: GateMetric::Accuracy, min_improvement: 0.0, max_retention_drop: 0.02, min_probe_change: 1e-4, parity_tolerance: 1e-3, min_holdout: 10 }
+        GateConfig {
+            metric: GateMetric::Accuracy,
+            min_improvement: 0.0,
+            max_retention_drop: 0.02,
+            retention: RetentionPolicy::Traffic,
+            retention_min_share: 0.1,
+            min_probe_change: 1e-4,
+            parity_tolerance: 1e-3,
+            min_holdout: 10,
+        }
     }
 }
 
@@ -103,6 +120,10 @@ pub struct Evidence {
     /// better of the incumbent and the base model. None: the bundle has no retention set, or its
     /// labels are not the task's.
     pub retention: Option<(f64, f64)>,
+    /// The share of the device's recent inputs that look like the base domain (see `traffic`),
+    /// and how many inputs it was measured on. None: not measured (no retention set).
+    #[serde(default)]
+    pub base_traffic_share: Option<(f64, usize)>,
     /// Every score the engine produced for the candidate is finite.
     pub finite: bool,
     /// Largest change of any score versus the base model on the probe set.
@@ -143,13 +164,21 @@ pub fn decide(e: &Evidence, cfg: &GateConfig) -> Decision {
         GateMetric::MacroF1 => check("beats_incumbent", f1_ok, f1_detail),
         GateMetric::Both => check("beats_incumbent", acc_ok && f1_ok, format!("{acc_detail}; {f1_detail}")),
     }
-    match e.retention {
-        Some((before, after)) => check(
+    let allowed = crate::traffic::allowed_retention_drop(cfg.retention, cfg.max_retention_drop, cfg.retention_min_share, e.base_traffic_share.map(|(s, _)| s));
+    let traffic = match (cfg.retention, e.base_traffic_share) {
+        (RetentionPolicy::Traffic, Some((share, n))) => format!("; {:.0} % of the last {n} inputs look like the base domain", share * 100.0),
+        (RetentionPolicy::Traffic, None) => "; the traffic's share of base-domain inputs is unknown".into(),
+        (RetentionPolicy::Base, _) => "; policy: always the base domain".into(),
+        (RetentionPolicy::Off, _) => String::new(),
+    };
+    match (e.retention, allowed) {
+        (Some((before, after)), Some(allowed)) => check(
             "retention",
-            after >= before - cfg.max_retention_drop,
-            format!("base-domain accuracy {after:.4} vs {before:.4}, the better of incumbent and base model (drop {:.4}, at most {:.4} allowed)", before - after, cfg.max_retention_drop),
+            after >= before - allowed,
+            format!("base-domain accuracy {after:.4} vs {before:.4}, the better of incumbent and base model (drop {:.4}, at most {allowed:.4} allowed{traffic})", before - after),
         ),
-        None => check("retention", true, "no retention set for this task: not checked".into()),
+        (Some((before, after)), None) => check("retention", true, format!("base-domain accuracy {after:.4} vs {before:.4}: not checked (gate.retention = \"off\")")),
+        (None, _) => check("retention", true, "no retention set for this task: not checked".into()),
     }
     check("finite", e.finite, if e.finite { "every output finite".into() } else { "non-finite outputs".into() });
     check(
@@ -181,7 +210,7 @@ mod tests {
             let (t, p): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
             metrics(&t, &p)
         };
-        Evidence { candidate: m(cand_acc), incumbent: m(inc_acc), retention: Some((0.95, 0.94)), finite: true, probe_change: 0.3, parity_max_diff: 1e-6 }
+        Evidence { candidate: m(cand_acc), incumbent: m(inc_acc), retention: Some((0.95, 0.94)), base_traffic_share: Some((1.0, 256)), finite: true, probe_change: 0.3, parity_max_diff: 1e-6 }
     }
 
     #[test]
@@ -216,6 +245,24 @@ mod tests {
             assert!(d.checks.iter().any(|c| c.name == name && !c.passed), "{name}: {:?}", d.checks);
             assert!(d.summary.contains(name), "{}", d.summary);
         }
+    }
+
+    #[test]
+    fn the_retention_bound_follows_the_traffic() {
+        let cfg = GateConfig { min_holdout: 2, ..GateConfig::default() };
+        let mut e = evidence(&[("a", "a"), ("b", "b")], &[("a", "a"), ("b", "a")]);
+        e.retention = Some((0.99, 0.54));
+        let retention = |e: &Evidence, cfg: &GateConfig| decide(e, cfg).checks.into_iter().find(|c| c.name == "retention").unwrap();
+        for (share, passes) in [(1.0, false), (0.3, false), (0.0, true)] {
+            e.base_traffic_share = Some((share, 256));
+            let c = retention(&e, &cfg);
+            assert_eq!(c.passed, passes, "share {share}: {}", c.detail);
+            assert!(c.detail.contains(&format!("{:.0} %", share * 100.0)), "{}", c.detail);
+        }
+        let base = GateConfig { retention: RetentionPolicy::Base, ..cfg.clone() };
+        assert!(!retention(&e, &base).passed, "the base policy ignores the traffic");
+        let off = GateConfig { retention: RetentionPolicy::Off, ..cfg };
+        assert!(retention(&e, &off).passed);
     }
 
     #[test]

@@ -48,6 +48,7 @@ pub mod samples;
 pub mod scheduler;
 pub mod serve;
 pub mod systemd;
+pub mod traffic;
 pub mod trainer;
 
 /// Lower the calling thread's CPU priority (nice 10) so serving wins the cores over background

@@ -407,6 +407,15 @@ impl SampleStore {
         rows.map(|r| r.map_err(self.err()).and_then(|r| self.decode_row(r))).collect()
     }
 
+    /// The newest `limit` samples of `task`, oldest of them first.
+    pub fn latest(&self, task: &str, limit: usize) -> Result<Vec<StoredSample>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(&format!("{SELECT_SAMPLE} WHERE task = ?1 ORDER BY id DESC LIMIT ?2")).map_err(self.err())?;
+        let rows = stmt.query_map(params![task, limit as i64], read_row).map_err(self.err())?;
+        let mut out: Vec<StoredSample> = rows.map(|r| r.map_err(self.err()).and_then(|r| self.decode_row(r))).collect::<Result<_, _>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
     /// How many samples of `task` were stored after row `after_id`.
     pub fn count_after(&self, task: &str, after_id: i64) -> Result<u64, StoreError> {
         self.conn

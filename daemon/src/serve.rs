@@ -133,6 +133,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
         stopped(stop_rx.clone()),
     ));
 
+    let traffic = Arc::new(crate::traffic::TrafficLog::default());
     // Training: one libtorch owner thread, one adaptation loop per task.
     let mut control = BTreeMap::new();
     let mut adapt_tasks = Vec::new();
@@ -157,6 +158,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
             text: text.clone(),
             events: events.clone(),
             journal: Journal::new(&config.state_dir.join("journal")),
+            traffic: traffic.clone(),
         };
         for adapt_config in &config.adapt {
             let (commands_tx, commands_rx) = mpsc::channel(8);
@@ -186,6 +188,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
         Api::new(engine.handle.clone(), text, config.max_request_bytes)
             .with_control(control)
             .with_auth(token, addr)
+            .with_traffic(traffic)
             .with_telemetry(ingesting.then(|| ingest_stats.clone()), &config.sysfs_root),
     );
     tracing::info!(%addr, tasks = ?registry.tasks(), "serving");

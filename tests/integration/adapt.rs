@@ -131,10 +131,16 @@ struct Running {
 }
 
 async fn start_daemon(task: &str, min_new_samples: u64) -> Running {
+    start_daemon_with(task, min_new_samples, |_| {}).await
+}
+
+/// `start_daemon` with the configuration changed by `edit` first.
+async fn start_daemon_with(task: &str, min_new_samples: u64, edit: impl FnOnce(&mut ServeConfig)) -> Running {
     let broker = Mosquitto::start();
     let state = tempfile::tempdir().unwrap();
     let events = EventLog::start(broker.port, state.path());
-    let config = daemon_config(broker.port, state.path(), task, min_new_samples);
+    let mut config = daemon_config(broker.port, state.path(), task, min_new_samples);
+    edit(&mut config);
     let (stop, stopped) = oneshot::channel::<()>();
     let (bound_tx, bound_rx) = oneshot::channel();
     let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
@@ -506,4 +512,44 @@ async fn a_steady_stream_does_not_starve_training() {
     assert!(sent < 300, "the trigger is 150 new samples; the job started only after {sent}");
     assert!(deferred.iter().all(|e| !e["reason"].as_str().unwrap_or("").contains("still being computed")), "{deferred:?}");
     shut_down(stop, daemon).await;
+}
+
+/// The retention bound follows the device's traffic. With the shipped gate (2 points, the
+/// traffic policy), a device whose inputs all moved sideways may forget upright digits it no
+/// longer sees; holding it to the base domain regardless (the `base` policy) refuses the same
+/// candidate, as every device was refused before; a device that still sees upright digits keeps
+/// the whole bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retention_bound_follows_how_much_of_the_traffic_is_still_base_domain() {
+    use adaptd::gate::{GateConfig, RetentionPolicy};
+    let digits = Digits::load(&digits_data()).unwrap();
+    let pool = digits.held_out();
+    let sideways = digit_lines(&digits, pool.iter().copied().take(360), "side", "sorter", Shift::Rotate90);
+    let mut mixed = digit_lines(&digits, pool.iter().copied().take(240), "side", "sorter", Shift::Rotate90);
+    mixed.extend(digit_lines(&digits, pool.iter().copied().skip(240).take(120), "up", "sorter", Shift::None));
+    let mut decisions = Vec::new();
+    for (lines, policy) in [(sideways.clone(), RetentionPolicy::Traffic), (sideways, RetentionPolicy::Base), (mixed, RetentionPolicy::Traffic)] {
+        let Running { broker, state: _state, events, base: _, stop, daemon } = start_daemon_with("sorter", 300, |c| c.adapt[0].gate = GateConfig { retention: policy, ..GateConfig::default() }).await;
+        let port = broker.port;
+        let decision = tokio::task::spawn_blocking(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            publish(port, "adaptd/v1/robot-3/samples/sorter", &lines);
+            events.wait_for("gate_decision", Duration::from_secs(120))
+        })
+        .await
+        .unwrap();
+        shut_down(stop, daemon).await;
+        decisions.push(decision);
+    }
+    let retention = |d: &Value| d["checks"].as_array().unwrap().iter().find(|c| c["name"] == "retention").unwrap().clone();
+    let share = |d: &Value| d["evidence"]["base_traffic_share"][0].as_f64().unwrap();
+    let [moved, held, mixed] = [&decisions[0], &decisions[1], &decisions[2]];
+    eprintln!("moved: {}\nheld: {}\nmixed: {}", retention(moved)["detail"], retention(held)["detail"], retention(mixed)["detail"]);
+    let drop = |d: &Value| d["evidence"]["retention"][0].as_f64().unwrap() - d["evidence"]["retention"][1].as_f64().unwrap();
+    assert!(drop(moved) > 0.02, "the candidate forgets upright digits: {}", retention(moved)["detail"]);
+    assert!(share(moved) < 0.05, "sideways traffic is not base-domain: {}", retention(moved)["detail"]);
+    assert_eq!((moved["promote"].as_bool(), retention(moved)["passed"].as_bool()), (Some(true), Some(true)), "{}", moved["summary"]);
+    assert_eq!(retention(held)["passed"], false, "the base policy holds the bound whatever the traffic: {}", held["summary"]);
+    assert!((0.2..0.5).contains(&share(mixed)), "a third of the traffic is upright: {}", retention(mixed)["detail"]);
+    assert!(retention(mixed)["detail"].as_str().unwrap().contains("at most 0.0200 allowed"), "{}", retention(mixed)["detail"]);
 }

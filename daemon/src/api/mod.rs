@@ -33,6 +33,8 @@ pub struct Api {
     monitor: Mutex<Option<crate::resources::Monitor>>,
     /// The control token and the listening address; none: control requests are refused.
     auth: Option<(String, std::net::SocketAddr)>,
+    /// Where answered requests' inputs are kept for the adapt loops (base-domain share).
+    traffic: Option<Arc<crate::traffic::TrafficLog>>,
 }
 
 /// How the API reaches a task's adaptation loop.
@@ -44,7 +46,7 @@ pub struct TaskControl {
 
 impl Api {
     pub fn new(engine: EngineHandle, text: Option<Arc<TextEncoder>>, max_request_bytes: usize) -> Api {
-        Api { engine, text, max_request_bytes, refused: Mutex::new(BTreeMap::new()), control: BTreeMap::new(), ingest: None, monitor: Mutex::new(None), auth: None }
+        Api { engine, text, max_request_bytes, refused: Mutex::new(BTreeMap::new()), control: BTreeMap::new(), ingest: None, monitor: Mutex::new(None), auth: None, traffic: None }
     }
 
     /// Ingest counters and device readings for `/metrics`.
@@ -84,6 +86,12 @@ impl Api {
         let command = adapt::Command { kind, by: by.to_string(), reply };
         control.commands.send(command).await.map_err(|_| "the adaptation loop has stopped".to_string())?;
         rx.await.map_err(|_| "the adaptation loop has stopped".to_string())?
+    }
+
+    /// Keep the inputs of answered requests in `traffic`.
+    pub fn with_traffic(mut self, traffic: Arc<crate::traffic::TrafficLog>) -> Api {
+        self.traffic = Some(traffic);
+        self
     }
 
     /// Who may use the control endpoints: the token, and the address the daemon listens on.
@@ -128,7 +136,11 @@ impl Api {
             } else {
                 wire::decode(body, content_type, self.engine.manifest(), self.text.as_deref(), self.max_request_bytes)?
             };
+            let kept = self.traffic.as_ref().filter(|t| t.sample()).map(|_| inputs.clone());
             let preds = self.engine.infer(task, inputs).await?;
+            if let (Some(traffic), Some(inputs)) = (&self.traffic, kept) {
+                traffic.record(task, &inputs);
+            }
             Ok(wire::encode_predictions(&preds))
         }
         .await;

@@ -1,0 +1,236 @@
+//! How much of a device's traffic still looks like the bundle's base domain.
+//!
+//! Forgetting the base domain only costs a device what it still sees of it. The gate's
+//! retention bound therefore follows the traffic: [`TrafficLog`] keeps the inputs of the latest
+//! requests per task, [`BaseDomainDetector`] says which of them look like the bundle's retention
+//! set (the base domain), and [`allowed_retention_drop`] turns that share into the bound.
+//!
+//! The detector needs no labels of the traffic. An input counts as base-like when its base-model
+//! embedding is as close to a retention embedding as held-out retention samples are to theirs
+//! (the 95th percentile of their nearest-neighbour distances), and, for small dense inputs such
+//! as sensor frames, its raw values are too: an embedding trained to classify can map a shifted
+//! input close to some base-domain class (a sideways 1 near an upright 7), the input itself
+//! cannot hide the shift. The share is the traffic's base-like rate divided by the retention
+//! set's own held-out rate, so traffic made entirely of base-domain inputs reads 1.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+
+use adaptd_adapters::tensor::HostTensor;
+use serde::{Deserialize, Serialize};
+
+/// Inputs kept per task: enough for a share to within a few points.
+pub const TRAFFIC_ROWS: usize = 256;
+/// Fewer recent requests than this: the estimate uses the task's latest samples' inputs instead.
+pub const MIN_TRAFFIC_ROWS: usize = 32;
+/// Inputs up to this many values are also compared as they are (sensor frames, small images).
+const MAX_RAW_VALUES: usize = 4096;
+const PERCENTILE: f64 = 0.95;
+
+/// The latest request inputs per task, one row each (a tensor per model input, batch of 1).
+#[derive(Debug, Default)]
+pub struct TrafficLog {
+    rows: Mutex<BTreeMap<String, VecDeque<Vec<HostTensor>>>>,
+    requests: std::sync::atomic::AtomicU64,
+}
+
+/// One request in this many is kept: the window then spans the last ~1,000 requests, and
+/// serving copies a request's inputs only that often.
+const KEEP_ONE_IN: u64 = 4;
+
+impl TrafficLog {
+    /// Whether to keep the next request's inputs.
+    pub fn sample(&self) -> bool {
+        self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % KEEP_ONE_IN == 0
+    }
+
+    /// Keep the rows of a request `task` answered (oldest rows leave first).
+    pub fn record(&self, task: &str, inputs: &[HostTensor]) {
+        let Some(rows) = inputs.first().and_then(|t| t.shape.first()).copied() else { return };
+        let mut all = self.rows.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let kept = all.entry(task.to_string()).or_default();
+        for r in rows.saturating_sub(TRAFFIC_ROWS)..rows {
+            if kept.len() == TRAFFIC_ROWS {
+                kept.pop_front();
+            }
+            kept.push_back(inputs.iter().map(|t| t.rows(r, r + 1)).collect());
+        }
+    }
+
+    /// The rows kept for `task`, oldest first.
+    pub fn rows(&self, task: &str) -> Vec<Vec<HostTensor>> {
+        self.rows.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(task).map(|r| r.iter().cloned().collect()).unwrap_or_default()
+    }
+}
+
+/// Which inputs look like the base domain, learnt from the bundle's retention set.
+#[derive(Debug, Clone)]
+pub struct BaseDomainDetector {
+    reference_embeddings: Vec<Vec<f32>>,
+    embedding_radius: f32,
+    /// Raw inputs of the reference half and their radius, for small dense inputs.
+    raw: Option<(Vec<Vec<f32>>, f32)>,
+    /// The held-out half's own base-like rate: what traffic of base-domain inputs reads.
+    base_rate: f64,
+}
+
+/// An input as the detector sees it: its base-model embedding, and its raw values when small.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub embedding: Vec<f32>,
+    pub raw: Option<Vec<f32>>,
+}
+
+impl Observed {
+    /// `raw` is kept only for a single dense f32 input of at most a few thousand values.
+    pub fn new(embedding: Vec<f32>, input: &[HostTensor]) -> Observed {
+        let raw = match input {
+            [only] if only.len() <= MAX_RAW_VALUES => only.as_f32().map(<[f32]>::to_vec),
+            _ => None,
+        };
+        Observed { embedding, raw }
+    }
+}
+
+fn distance(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt()
+}
+
+fn nearest(x: &[f32], reference: &[Vec<f32>]) -> f32 {
+    reference.iter().map(|r| distance(x, r)).fold(f32::INFINITY, f32::min)
+}
+
+fn percentile(mut values: Vec<f32>, q: f64) -> f32 {
+    values.sort_by(f32::total_cmp);
+    let i = ((values.len() as f64 - 1.0) * q).round() as usize;
+    values.get(i).copied().unwrap_or(f32::INFINITY)
+}
+
+impl BaseDomainDetector {
+    /// From the retention set observed through the base model: even rows are the reference,
+    /// odd rows calibrate the radii and the base rate. None with fewer than 8 rows.
+    pub fn from_retention(retention: &[Observed]) -> Option<BaseDomainDetector> {
+        if retention.len() < 8 {
+            return None;
+        }
+        let (reference, held_out): (Vec<&Observed>, Vec<&Observed>) = retention.iter().enumerate().fold((Vec::new(), Vec::new()), |(mut r, mut h), (i, o)| {
+            if i % 2 == 0 { r.push(o) } else { h.push(o) }
+            (r, h)
+        });
+        let reference_embeddings: Vec<Vec<f32>> = reference.iter().map(|o| o.embedding.clone()).collect();
+        let embedding_radius = percentile(held_out.iter().map(|o| nearest(&o.embedding, &reference_embeddings)).collect(), PERCENTILE);
+        let raw = reference.iter().map(|o| o.raw.clone()).collect::<Option<Vec<Vec<f32>>>>().and_then(|raw_ref| {
+            let distances: Option<Vec<f32>> = held_out.iter().map(|o| o.raw.as_ref().map(|x| nearest(x, &raw_ref))).collect();
+            distances.map(|d| (raw_ref, percentile(d, PERCENTILE)))
+        });
+        let mut detector = BaseDomainDetector { reference_embeddings, embedding_radius, raw, base_rate: 1.0 };
+        let held: Vec<Observed> = held_out.into_iter().cloned().collect();
+        detector.base_rate = detector.base_like_rate(&held).max(1e-6);
+        Some(detector)
+    }
+
+    fn is_base_like(&self, o: &Observed) -> bool {
+        let embedding_close = nearest(&o.embedding, &self.reference_embeddings) <= self.embedding_radius;
+        let raw_close = match (&self.raw, &o.raw) {
+            (Some((reference, radius)), Some(x)) => nearest(x, reference) <= *radius,
+            _ => true,
+        };
+        embedding_close && raw_close
+    }
+
+    fn base_like_rate(&self, traffic: &[Observed]) -> f64 {
+        if traffic.is_empty() {
+            return 0.0;
+        }
+        traffic.iter().filter(|o| self.is_base_like(o)).count() as f64 / traffic.len() as f64
+    }
+
+    /// The share of `traffic` that is base-domain input, in [0, 1].
+    pub fn share(&self, traffic: &[Observed]) -> f64 {
+        (self.base_like_rate(traffic) / self.base_rate).clamp(0.0, 1.0)
+    }
+}
+
+/// Whose forgetting the retention check guards against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RetentionPolicy {
+    /// The base domain as far as the device's traffic still shows it (the default).
+    Traffic,
+    /// The base domain always, whatever the traffic (a device that must keep it).
+    Base,
+    /// No retention check.
+    Off,
+}
+
+/// How far base-domain accuracy may fall. The whole bound (`max_drop`) holds while at least
+/// `min_share` of the traffic is base-domain input, since whatever the device still sees of the
+/// base domain it must keep serving; below that it loosens linearly, to no bound at all when the
+/// traffic holds none: forgetting what nobody sends costs nothing, and refusing it would keep a
+/// device whose inputs moved on a model that no longer fits them.
+pub fn allowed_retention_drop(policy: RetentionPolicy, max_drop: f64, min_share: f64, share: Option<f64>) -> Option<f64> {
+    match (policy, share) {
+        (RetentionPolicy::Off, _) => None,
+        (RetentionPolicy::Base, _) | (RetentionPolicy::Traffic, None) => Some(max_drop),
+        (RetentionPolicy::Traffic, Some(s)) if s >= min_share || min_share <= 0.0 => Some(max_drop),
+        (RetentionPolicy::Traffic, Some(s)) => Some(max_drop + (1.0 - max_drop) * (1.0 - s / min_share)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use adaptd_adapters::tensor::SeededRng;
+
+    fn cloud(rng: &mut SeededRng, centre: f32, n: usize, dim: usize) -> Vec<Observed> {
+        (0..n)
+            .map(|_| {
+                let v: Vec<f32> = rng.normal_vec(dim, 0.3).into_iter().map(|x| x + centre).collect();
+                Observed { embedding: v.clone(), raw: Some(v) }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_share_of_base_like_traffic_is_measured_without_labels() {
+        let mut rng = SeededRng::new(3);
+        let detector = BaseDomainDetector::from_retention(&cloud(&mut rng, 0.0, 200, 8)).unwrap();
+        let base = cloud(&mut rng, 0.0, 300, 8);
+        let moved = cloud(&mut rng, 3.0, 300, 8);
+        assert!(detector.share(&base) > 0.9, "{}", detector.share(&base));
+        assert!(detector.share(&moved) < 0.02, "{}", detector.share(&moved));
+        let mixed: Vec<Observed> = base[..100].iter().chain(&moved[..200]).cloned().collect();
+        assert!((detector.share(&mixed) - 1.0 / 3.0).abs() < 0.08, "{}", detector.share(&mixed));
+        // Close in the embedding, far in the raw input: the input decides.
+        let disguised: Vec<Observed> = base.iter().zip(&moved).map(|(b, m)| Observed { embedding: b.embedding.clone(), raw: m.raw.clone() }).collect();
+        assert!(detector.share(&disguised) < 0.02);
+        assert!(BaseDomainDetector::from_retention(&base[..4]).is_none());
+    }
+
+    #[test]
+    fn the_bound_holds_while_the_base_domain_is_seen_and_fades_when_it_is_not() {
+        let allowed = |share| allowed_retention_drop(RetentionPolicy::Traffic, 0.02, 0.1, share);
+        assert_eq!(allowed(Some(1.0)), Some(0.02));
+        assert_eq!(allowed(Some(0.33)), Some(0.02), "a mixed device keeps the whole bound");
+        assert_eq!(allowed(Some(0.1)), Some(0.02));
+        assert!((allowed(Some(0.05)).unwrap() - 0.51).abs() < 1e-9);
+        assert_eq!(allowed(Some(0.0)), Some(1.0), "inputs that fully moved may forget the base domain");
+        assert_eq!(allowed(None), Some(0.02), "no estimate: the whole bound");
+        assert_eq!(allowed_retention_drop(RetentionPolicy::Base, 0.02, 0.1, Some(0.0)), Some(0.02));
+        assert_eq!(allowed_retention_drop(RetentionPolicy::Off, 0.02, 0.1, Some(1.0)), None);
+    }
+
+    #[test]
+    fn the_log_keeps_the_latest_rows_per_task() {
+        let log = TrafficLog::default();
+        for i in 0..(TRAFFIC_ROWS + 10) {
+            log.record("sorter", &[HostTensor::f32(vec![1, 2], vec![i as f32, 0.0]).unwrap()]);
+        }
+        log.record("other", &[HostTensor::f32(vec![3, 2], vec![0.0; 6]).unwrap()]);
+        let rows = log.rows("sorter");
+        assert_eq!(rows.len(), TRAFFIC_ROWS);
+        assert_eq!(rows[0][0].as_f32().unwrap()[0], 10.0);
+        assert_eq!(log.rows("other").len(), 3);
+        assert!(log.rows("nobody").is_empty());
+    }
+}
