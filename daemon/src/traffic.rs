@@ -41,7 +41,7 @@ const KEEP_ONE_IN: u64 = 4;
 impl TrafficLog {
     /// Whether to keep the next request's inputs.
     pub fn sample(&self) -> bool {
-        self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % KEEP_ONE_IN == 0
+        self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed).is_multiple_of(KEEP_ONE_IN)
     }
 
     /// Keep the rows of a request `task` answered (oldest rows leave first).
