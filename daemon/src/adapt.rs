@@ -58,6 +58,10 @@ pub struct AdaptConfig {
     pub watch_max_samples: u64,
     /// Holdout samples evaluated per decision (the newest).
     pub max_eval_samples: usize,
+    /// More capacity to try after `kind` within a job, in order (empty: no escalation)...
+    pub escalation: Vec<JobKind>,
+    /// ... while the best validation accuracy so far is below this.
+    pub escalate_until: f64,
     /// Disk budget of the task's samples in bytes (0: none), and the samples per class that
     /// eviction never goes below.
     pub store_budget_bytes: u64,
@@ -81,10 +85,24 @@ impl AdaptConfig {
             rollback_drop: 0.05,
             watch_max_samples: 500,
             max_eval_samples: 2000,
+            escalation: escalation_after(true, 8, 8.0),
+            escalate_until: 0.98,
             store_budget_bytes: 0,
             reservoir_per_class: 50,
         }
     }
+}
+
+/// The steps of more capacity after the configured adapter: LoRA on the bundle's slots (when
+/// the adapter is a head), then LoRA at twice the rank. Steps the bundle cannot take (no slots,
+/// a rank over its `rank_max`) are skipped when the job runs.
+pub fn escalation_after(from_head: bool, rank: usize, alpha: f32) -> Vec<JobKind> {
+    let mut steps = Vec::new();
+    if from_head {
+        steps.push(JobKind::Lora { rank, alpha });
+    }
+    steps.push(JobKind::Lora { rank: rank * 2, alpha: alpha * 2.0 });
+    steps
 }
 
 /// Everything the loop works with; shared with the rest of the daemon.
@@ -665,34 +683,140 @@ async fn run_job(
 ) -> JobResult {
     let task = &config.task;
     let incumbent = ctx.registry.current(task).unwrap_or_else(|| ctx.registry.base(task));
-    let prepared = match prepare(ctx, config, &lock(store), &incumbent, &base_domain.replay, base_domain.replay_embeddings.as_deref()) {
-        Ok(p) => p,
-        Err(reason) => return JobResult::Deferred(reason),
-    };
     let version = match ctx.registry.next_version(task) {
         Ok(v) => v,
         Err(e) => return JobResult::Failed(e.to_string()),
     };
-    ctx.events.emit(
-        "training_started",
-        task,
-        json!({ "version": version, "kind": config.kind.name(), "trigger": trigger, "device": ctx.trainer.device(), "samples": prepared.counts, "labels": prepared.labels, "notes": prepared.notes }),
-    );
+    let lora = &ctx.registry.bundle().manifest.lora;
+    let ladder: Vec<JobKind> = std::iter::once(config.kind)
+        .chain(config.escalation.iter().copied().filter(|k| match k {
+            JobKind::Head => false,
+            JobKind::Lora { rank, .. } => !lora.slots.is_empty() && *rank <= lora.rank_max,
+        }))
+        .collect();
     let started = std::time::Instant::now();
-    let Prepared { job, labels, counts, notes } = prepared;
-    let mut handle = match ctx.trainer.submit(job) {
-        Ok(h) => h,
-        Err(e) => return JobResult::Failed(e.to_string()),
-    };
+    let mut best: Option<Attempt> = None;
+    for (step, kind) in ladder.iter().enumerate() {
+        let attempt_config = AdaptConfig { kind: *kind, ..config.clone() };
+        let prepared = match prepare(ctx, &attempt_config, &lock(store), &incumbent, &base_domain.replay, base_domain.replay_embeddings.as_deref()) {
+            Ok(p) => p,
+            Err(reason) if best.is_none() => return JobResult::Deferred(reason),
+            Err(reason) => {
+                tracing::warn!(task, reason, "could not prepare the next step of escalation; keeping the best so far");
+                break;
+            }
+        };
+        if step == 0 {
+            let escalation: Vec<String> = ladder.iter().map(JobKind::label).collect();
+            ctx.events.emit(
+                "training_started",
+                task,
+                json!({ "version": version, "kind": kind.name(), "trigger": trigger, "device": ctx.trainer.device(), "samples": prepared.counts, "labels": prepared.labels, "notes": prepared.notes, "escalation": escalation }),
+            );
+        }
+        let attempt_started = std::time::Instant::now();
+        let Prepared { job, labels, counts, notes } = prepared;
+        let report = match train_attempt(ctx, &attempt_config, store, job, version, &incumbent, shutdown, scheduler, status, jobs, last_decision, operator).await {
+            Ok(report) => report,
+            // A later, larger step that fails (out of memory, say) leaves the best so far.
+            Err(JobResult::Failed(reason)) if best.is_some() => {
+                tracing::warn!(task, reason, "an escalation step failed; keeping the best so far");
+                break;
+            }
+            Err(result) => return result,
+        };
+        let attempt = Attempt::new(*kind, report, labels, counts, notes, attempt_started.elapsed().as_secs_f64());
+        let improved = best.as_ref().is_none_or(|b| attempt.beats(b));
+        let reason = format!(
+            "step {} of {}: {} reached validation accuracy {:.4} (loss {:.4}){}",
+            step + 1,
+            ladder.len(),
+            kind.label(),
+            attempt.val_accuracy,
+            attempt.val_loss,
+            if improved { ", the best so far" } else { ", no better than the best so far" }
+        );
+        let event = ctx.events.emit(
+            "training_attempt",
+            task,
+            json!({ "version": version, "step": step + 1, "steps": ladder.len(), "kind": kind.label(), "val_accuracy": attempt.val_accuracy, "val_loss": attempt.val_loss, "seconds": attempt.seconds, "best_so_far": improved, "reason": reason }),
+        );
+        if let Err(e) = ctx.journal.append(task, &event) {
+            tracing::warn!(task, error = %e, "could not write the journal");
+        }
+        if improved {
+            best = Some(attempt);
+        }
+        let best_accuracy = best.as_ref().map_or(0.0, |b| b.val_accuracy);
+        let Some(next) = ladder.get(step + 1) else { break };
+        let reason = if !improved {
+            Some(format!("{} did not improve on validation; more capacity does not help", kind.label()))
+        } else if best_accuracy >= config.escalate_until {
+            Some(format!("validation accuracy {best_accuracy:.4} reached {:.4}", config.escalate_until))
+        } else if best_accuracy.is_nan() {
+            Some("no validation samples to choose by".to_string())
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => {
+                tracing::info!(task, version, reason, "escalation stops");
+                break;
+            }
+            None => {
+                ctx.events.emit("training_escalated", task, json!({ "version": version, "from": kind.label(), "to": next.label(), "val_accuracy": best_accuracy, "until": config.escalate_until }));
+            }
+        }
+    }
+    let Some(Attempt { report, labels, counts, notes, .. }) = best else { return JobResult::Failed("no attempt finished".into()) };
+    scheduler.training_done();
+    let seconds = started.elapsed().as_secs_f64();
+    ctx.events.emit(
+        "training_finished",
+        task,
+        json!({ "version": version, "seconds": seconds, "epochs": report.epochs.len(), "best_epoch": report.best_epoch + 1, "stopped_early": report.stopped_early, "samples_per_second": report.samples_per_second, "batch_size": report.batch_size }),
+    );
+    match gate_and_promote(ctx, config, store, &incumbent, version, labels, counts, notes, trigger, report, base_domain, seconds).await {
+        Ok((true, summary)) => JobResult::Promoted(summary, incumbent),
+        Ok((false, summary)) => JobResult::Rejected(summary),
+        Err(GateError { error_type: "superseded", reason }) => cancelled(ctx, task, version, reason),
+        Err(GateError { error_type, reason }) => {
+            let event = ctx.events.emit("training_failed", task, json!({ "version": version, "error_type": error_type, "reason": reason }));
+            let _ = ctx.journal.append(task, &event);
+            JobResult::Failed(reason)
+        }
+    }
+}
+
+/// One fit of a job, followed to its end: progress, pause and resume under the device's
+/// budget, operator commands acted on at once, shutdown. Err carries how the job ends instead.
+#[allow(clippy::too_many_arguments)]
+async fn train_attempt(
+    ctx: &Context,
+    config: &AdaptConfig,
+    store: &Mutex<SampleStore>,
+    job: TrainJob,
+    version: u64,
+    incumbent: &Serving,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    scheduler: &mut Scheduler,
+    status: &watch::Sender<Status>,
+    jobs: &BTreeMap<String, u64>,
+    last_decision: &Option<String>,
+    operator: &mut Operator<'_>,
+) -> Result<FitReport, JobResult> {
+    let task = &config.task;
+    let started = std::time::Instant::now();
+    let mut handle = ctx.trainer.submit(job).map_err(|e| JobResult::Failed(e.to_string()))?;
     let mut last_progress = std::time::Instant::now();
     let mut ticker = tokio::time::interval(config.tick);
-    let report = loop {
+    loop {
         tokio::select! {
             _ = &mut *shutdown => {
                 handle.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
                 let _ = (&mut handle.done).await;
                 ctx.events.emit("training_cancelled", task, json!({ "version": version, "reason": "shutting down; the candidate is discarded" }));
-                return JobResult::ShutDown;
+                return Err(JobResult::ShutDown);
             }
             p = handle.progress.recv() => if let Some(p) = p
                 && (last_progress.elapsed() >= Duration::from_millis(500) || p.step == p.total_steps)
@@ -700,7 +824,7 @@ async fn run_job(
                 last_progress = std::time::Instant::now();
                 let elapsed = started.elapsed().as_secs_f64();
                 let eta = elapsed / p.step.max(1) as f64 * (p.total_steps - p.step) as f64;
-                ctx.events.emit("training_progress", task, json!({ "version": version, "epoch": p.epoch + 1, "epochs": p.max_epochs, "step": p.step, "steps": p.total_steps, "loss": p.loss, "eta_s": eta }));
+                ctx.events.emit("training_progress", task, json!({ "version": version, "kind": config.kind.label(), "epoch": p.epoch + 1, "epochs": p.max_epochs, "step": p.step, "steps": p.total_steps, "loss": p.loss, "eta_s": eta }));
                 publish_status(status, task, scheduler, ctx, jobs, last_decision, Some((p.step, p.total_steps)));
             },
             _ = ticker.tick() => {
@@ -724,37 +848,46 @@ async fn run_job(
                 if serving != incumbent.version {
                     handle.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
                     let _ = (&mut handle.done).await;
-                    return cancelled(ctx, task, version, format!("an operator chose v{serving} while v{version} trained against v{}; the candidate is discarded", incumbent.version));
+                    return Err(cancelled(ctx, task, version, format!("an operator chose v{serving} while v{version} trained against v{}; the candidate is discarded", incumbent.version)));
                 }
             },
-            done = &mut handle.done => break match done {
-                Ok(Ok(report)) => report,
+            done = &mut handle.done => return match done {
+                Ok(Ok(report)) => Ok(report),
                 Ok(Err(e)) => {
                     let reason = format!("{} ({}): the candidate is discarded, v{} keeps serving", e, e.error_type(), incumbent.version);
-                    let event = ctx.events.emit("training_failed", task, json!({ "version": version, "error_type": e.error_type(), "reason": reason }));
+                    let event = ctx.events.emit("training_failed", task, json!({ "version": version, "kind": config.kind.label(), "error_type": e.error_type(), "reason": reason }));
                     let _ = ctx.journal.append(task, &event);
-                    return JobResult::Failed(reason);
+                    Err(JobResult::Failed(reason))
                 }
-                Err(_) => return JobResult::Failed("the trainer stopped".into()),
+                Err(_) => Err(JobResult::Failed("the trainer stopped".into())),
             },
         }
-    };
-    scheduler.training_done();
-    let seconds = started.elapsed().as_secs_f64();
-    ctx.events.emit(
-        "training_finished",
-        task,
-        json!({ "version": version, "seconds": seconds, "epochs": report.epochs.len(), "best_epoch": report.best_epoch + 1, "stopped_early": report.stopped_early, "samples_per_second": report.samples_per_second, "batch_size": report.batch_size }),
-    );
-    match gate_and_promote(ctx, config, store, &incumbent, version, labels, counts, notes, trigger, report, base_domain, seconds).await {
-        Ok((true, summary)) => JobResult::Promoted(summary, incumbent),
-        Ok((false, summary)) => JobResult::Rejected(summary),
-        Err(GateError { error_type: "superseded", reason }) => cancelled(ctx, task, version, reason),
-        Err(GateError { error_type, reason }) => {
-            let event = ctx.events.emit("training_failed", task, json!({ "version": version, "error_type": error_type, "reason": reason }));
-            let _ = ctx.journal.append(task, &event);
-            JobResult::Failed(reason)
-        }
+    }
+}
+
+/// One finished fit of an escalating job, with the validation figures that choose between them.
+struct Attempt {
+    report: FitReport,
+    labels: Vec<String>,
+    counts: SampleCounts,
+    notes: Vec<String>,
+    val_accuracy: f64,
+    val_loss: f64,
+    seconds: f64,
+}
+
+impl Attempt {
+    fn new(kind: JobKind, report: FitReport, labels: Vec<String>, counts: SampleCounts, mut notes: Vec<String>, seconds: f64) -> Attempt {
+        let best = report.epochs.get(report.best_epoch);
+        let (val_accuracy, val_loss) = best.map_or((f64::NAN, f64::NAN), |e| (f64::from(e.val_accuracy), f64::from(e.val_loss)));
+        notes.push(format!("chosen by validation: {} (accuracy {val_accuracy:.4}, loss {val_loss:.4})", kind.label()));
+        Attempt { report, labels, counts, notes, val_accuracy, val_loss, seconds }
+    }
+
+    /// Better on validation: clearly higher accuracy (half a point), or as accurate with a lower
+    /// loss. Never the holdout: that stays for the gate.
+    fn beats(&self, other: &Attempt) -> bool {
+        self.val_accuracy > other.val_accuracy + 0.005 || (self.val_accuracy >= other.val_accuracy && self.val_loss < other.val_loss)
     }
 }
 

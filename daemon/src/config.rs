@@ -153,6 +153,10 @@ pub struct TrainingSection {
     pub replay_fraction: f64,
     pub min_train_samples: usize,
     pub min_samples_per_class: usize,
+    /// Try more capacity within a job (head, then LoRA, then LoRA at twice the rank) while
+    /// validation accuracy is below `escalate_until` and each step still improves it.
+    pub escalate: bool,
+    pub escalate_until: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -237,6 +241,8 @@ impl Default for Config {
                 replay_fraction: adapt.replay_fraction,
                 min_train_samples: adapt.min_train_samples,
                 min_samples_per_class: adapt.min_samples_per_class,
+                escalate: !adapt.escalation.is_empty(),
+                escalate_until: adapt.escalate_until,
             },
             schedule: ScheduleSection {
                 min_new_samples: sched.min_new_samples,
@@ -388,6 +394,9 @@ impl Config {
         if t.threads == 0 {
             return invalid("training.threads", "must be at least 1");
         }
+        if !(0.0..=1.0).contains(&t.escalate_until) {
+            return invalid("training.escalate_until", "a validation accuracy in [0, 1]");
+        }
         if t.lora_rank == 0 {
             return invalid("training.lora_rank", "must be at least 1 (and at most the bundle's rank_max)");
         }
@@ -471,6 +480,8 @@ impl Config {
                 AdapterChoice::Head => JobKind::Head,
                 AdapterChoice::Lora => JobKind::Lora { rank: t.lora_rank, alpha: t.lora_alpha },
             },
+            escalation: if t.escalate { crate::adapt::escalation_after(t.adapter == AdapterChoice::Head, t.lora_rank, t.lora_alpha) } else { Vec::new() },
+            escalate_until: t.escalate_until,
             recipe: Recipe {
                 learning_rate: t.learning_rate,
                 head_learning_rate: t.head_learning_rate,

@@ -60,6 +60,14 @@ impl JobKind {
             JobKind::Lora { .. } => "lora",
         }
     }
+
+    /// The name with its rank: `head`, `lora-r8`.
+    pub fn label(&self) -> String {
+        match self {
+            JobKind::Head => "head".into(),
+            JobKind::Lora { rank, .. } => format!("lora-r{rank}"),
+        }
+    }
 }
 
 pub struct TrainJob {

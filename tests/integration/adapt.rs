@@ -553,3 +553,51 @@ async fn the_retention_bound_follows_how_much_of_the_traffic_is_still_base_domai
     assert!((0.2..0.5).contains(&share(mixed)), "a third of the traffic is upright: {}", retention(mixed)["detail"]);
     assert!(retention(mixed)["detail"].as_str().unwrap().contains("at most 0.0200 allowed"), "{}", retention(mixed)["detail"]);
 }
+
+/// With the shipped recipe (a head first), a job on a real shift escalates: the head, then LoRA
+/// on the bundle's slots, then LoRA at twice the rank while validation improves; the candidate
+/// the gate sees is the best on validation, and every step is an event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_escalates_from_a_head_to_lora_while_validation_improves() {
+    let Running { broker, state, events, base: _, stop, daemon } = start_daemon_with("sorter", 300, |c| {
+        let shipped = adaptd::config::Config::default();
+        c.adapt[0].kind = shipped.adapt_config("sorter").kind;
+        c.adapt[0].escalation = shipped.adapt_config("sorter").escalation;
+        c.adapt[0].recipe.max_epochs = 30;
+    })
+    .await;
+    let digits = Digits::load(&digits_data()).unwrap();
+    let lines = digit_lines(&digits, digits.held_out().iter().copied().take(360), "cam", "sorter", Shift::Rotate90);
+    let port = broker.port;
+    let (attempts, escalated, decision) = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        publish(port, "adaptd/v1/robot-3/samples/sorter", &lines);
+        let decision = events.wait_for("gate_decision", Duration::from_secs(120));
+        let all = events.events();
+        let attempts: Vec<Value> = all.iter().filter(|e| e["event"] == "training_attempt").cloned().collect();
+        let escalated: Vec<Value> = all.iter().filter(|e| e["event"] == "training_escalated").cloned().collect();
+        (attempts, escalated, decision)
+    })
+    .await
+    .unwrap();
+    let kinds: Vec<&str> = attempts.iter().map(|a| a["kind"].as_str().unwrap()).collect();
+    eprintln!("{:?}", attempts.iter().map(|a| (a["kind"].clone(), a["val_accuracy"].clone())).collect::<Vec<_>>());
+    assert_eq!(kinds[..2], ["head", "lora-r8"], "{attempts:?}");
+    assert!(!escalated.is_empty() && escalated[0]["from"] == "head" && escalated[0]["to"] == "lora-r8", "{escalated:?}");
+    let accuracy = |a: &Value| a["val_accuracy"].as_f64().unwrap();
+    assert!(accuracy(&attempts[1]) > accuracy(&attempts[0]), "LoRA learns the sideways view better than a head: {attempts:?}");
+    let chosen = attempts.iter().filter(|a| a["best_so_far"] == true).last().unwrap();
+    assert_eq!(decision["kind"], "lora", "the best on validation meets the gate: {}", decision["summary"]);
+    assert!(decision["notes"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().contains(chosen["kind"].as_str().unwrap())), "{}", decision["notes"]);
+    // The job record follows the gate_decision event (after the promotion itself).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let journal = loop {
+        let journal = std::fs::read_to_string(state.path().join("journal/sorter.jsonl")).unwrap_or_default();
+        if journal.contains("\"job\"") || Instant::now() > deadline {
+            break journal;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(journal.contains("\"job\"") && journal.matches("\"training_attempt\"").count() == attempts.len(), "every attempt and the decision are journalled: {journal}");
+    shut_down(stop, daemon).await;
+}
