@@ -167,7 +167,8 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
             let (status_tx, status_rx) = watch::channel(adapt::Status {
                 task: adapt_config.task.clone(),
                 scheduler: crate::scheduler::State::Idle,
-                serving_version: 0,
+                // What recovery chose serves from the start: the loop's first tick is later.
+                serving_version: registry.current(&adapt_config.task).map_or(0, |s| s.version),
                 jobs: BTreeMap::new(),
                 last_decision: None,
                 progress: None,

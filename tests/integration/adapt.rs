@@ -586,7 +586,7 @@ async fn a_job_escalates_from_a_head_to_lora_while_validation_improves() {
     assert!(!escalated.is_empty() && escalated[0]["from"] == "head" && escalated[0]["to"] == "lora-r8", "{escalated:?}");
     let accuracy = |a: &Value| a["val_accuracy"].as_f64().unwrap();
     assert!(accuracy(&attempts[1]) > accuracy(&attempts[0]), "LoRA learns the sideways view better than a head: {attempts:?}");
-    let chosen = attempts.iter().filter(|a| a["best_so_far"] == true).last().unwrap();
+    let chosen = attempts.iter().rfind(|a| a["best_so_far"] == true).unwrap();
     assert_eq!(decision["kind"], "lora", "the best on validation meets the gate: {}", decision["summary"]);
     assert!(decision["notes"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().contains(chosen["kind"].as_str().unwrap())), "{}", decision["notes"]);
     // The job record follows the gate_decision event (after the promotion itself).

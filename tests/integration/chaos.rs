@@ -228,6 +228,7 @@ pub fn run(rounds: usize, valid: usize, seed: u64) -> ChaosReport {
     });
 
     let mut report = ChaosReport { rounds, ..ChaosReport::default() };
+    let probe = serde_json::json!({ "inputs": { "image": { "shape": [1, 1, 8, 8], "data": digits.image(0, Shift::Rotate90) } } });
     for _ in 0..rounds {
         std::thread::sleep(Duration::from_millis(300 + rng.next_u64() % 1200));
         if rng.uniform() < 0.75 {
@@ -238,10 +239,12 @@ pub fn run(rounds: usize, valid: usize, seed: u64) -> ChaosReport {
             let recorded = active_pointer(&state);
             daemon = spawn_daemon(&config, &log);
             if wait_ready(&client, Duration::from_secs(60)) {
-                let serving = client.get("/v1/tasks/sorter/status").ok().and_then(|r| r.body["serving_version"].as_u64()).unwrap_or(u64::MAX);
+                // What answers a request, and what the status says, both from the first moment.
+                let answered = client.post("/v1/tasks/sorter/predict", Some(&probe)).ok().and_then(|r| r.body["predictions"][0]["adapter_version"].as_u64()).unwrap_or(u64::MAX);
+                let status = client.get("/v1/tasks/sorter/status").ok().and_then(|r| r.body["serving_version"].as_u64()).unwrap_or(u64::MAX);
                 report.restarts_checked += 1;
-                if serving != recorded {
-                    report.serving_mismatches.push(format!("pointer v{recorded}, serving v{serving}"));
+                if answered != recorded || status != recorded {
+                    report.serving_mismatches.push(format!("pointer v{recorded}, answering v{answered}, status v{status}"));
                 }
             } else {
                 report.serving_mismatches.push("not ready within 60 s after a restart".into());
