@@ -72,6 +72,8 @@ fn daemon_config(case: Case, port: u16, state: &std::path::Path) -> ServeConfig 
     c.schedule.max_cpu_percent = 100.0;
     c.schedule.min_available_mb = 0;
     c.training.adapter = if case == Case::Head { AdapterChoice::Head } else { AdapterChoice::Lora };
+    // Each case times its own recipe: no escalation to the next one.
+    c.training.escalate = false;
     if case == Case::Head {
         c.gate.max_retention_drop = 1.0;
     }
