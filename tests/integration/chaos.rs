@@ -161,7 +161,7 @@ pub fn run(rounds: usize, valid: usize, seed: u64) -> ChaosReport {
         format!(
             "bundle = {:?}\nstate_dir = {:?}\n[http]\nlisten = {http:?}\n[mqtt]\nhost = \"127.0.0.1\"\nport = {}\ndevice_id = \"chaos\"\ninference_api = false\n[ingest]\ntasks = [\"sorter\"]\nmax_payload_bytes = 65536\n\
              [schedule]\nmin_new_samples = 150\ntick_ms = 100\ncooldown_s = 1\nmax_cpu_percent = 100.0\nmin_available_mb = 0\n\
-             [training]\nadapter = \"lora\"\nreplay_fraction = 0.5\nlearning_rate = 0.002\nmax_epochs = 30\n[gate]\nmax_retention_drop = 0.25\n",
+             [training]\nadapter = \"lora\"\nescalate = false\nreplay_fraction = 0.5\nlearning_rate = 0.002\nmax_epochs = 30\n[gate]\nmax_retention_drop = 0.25\n",
             adaptd::paths::reference_bundle("digits-cnn"),
             state,
             broker.port
@@ -230,7 +230,8 @@ pub fn run(rounds: usize, valid: usize, seed: u64) -> ChaosReport {
     let mut report = ChaosReport { rounds, ..ChaosReport::default() };
     let probe = serde_json::json!({ "inputs": { "image": { "shape": [1, 1, 8, 8], "data": digits.image(0, Shift::Rotate90) } } });
     for _ in 0..rounds {
-        std::thread::sleep(Duration::from_millis(300 + rng.next_u64() % 1200));
+        // Some rounds long enough for a job to finish and promote, most shorter.
+        std::thread::sleep(Duration::from_millis(300 + rng.next_u64() % 2700));
         if rng.uniform() < 0.75 {
             report.peak_rss_mib = report.peak_rss_mib.max(peak_rss_mib(daemon.id()));
             let _ = daemon.kill(); // SIGKILL: wherever it is, ingest, training or promotion
