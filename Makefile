@@ -27,6 +27,7 @@ demo: setup
 test: setup
 	$(CARGO) test --workspace
 	$(PYTHON) -m unittest discover -s deploy/export/tests
+	$(PYTHON) benches/shifts.py --quick --daemon target/debug/adaptd
 
 # The property tests over every decoder of outside input; `make test` runs 256 cases of each.
 FUZZ_CASES ?= 20000
@@ -34,7 +35,10 @@ fuzz: setup
 	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test -p adaptd --test integration -- properties --nocapture
 
 bench: setup
+	$(CARGO) build --release -p adaptd
+	$(PYTHON) benches/shifts.py
 	$(CARGO) bench -p adaptd --bench serving
 	$(PYTHON) benches/compare_training.py
 	$(CARGO) bench -p adaptd --bench time_to_adapt
 	benches/ingest_throughput.sh
+	$(CARGO) bench -p adaptd --bench chaos

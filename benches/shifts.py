@@ -107,13 +107,14 @@ def http(method: str, url: str, body: dict | None = None) -> dict:
 class Daemon:
     """The real daemon on the shipped configuration: only where things are is set."""
 
-    def __init__(self, binary: Path, directory: Path, broker_port: int):
+    def __init__(self, binary: Path, directory: Path, broker_port: int, overrides: dict[str, dict[str, str]]):
         self.http_port = free_port()
         self.base = f"http://127.0.0.1:{self.http_port}"
         config = directory / "adaptd.toml"
         config.write_text(
             f'bundle = "{BUNDLE}"\nstate_dir = "{directory / "state"}"\n[http]\nlisten = "127.0.0.1:{self.http_port}"\n'
             f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\ndevice_id = "cell"\ninference_api = false\n[ingest]\ntasks = ["sorter"]\n'
+            + "".join(f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()) for section, keys in overrides.items())
         )
         self.log = open(directory / "daemon.log", "w")
         self.proc = subprocess.Popen([str(binary), "serve", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=self.log,
@@ -230,7 +231,7 @@ def sample_lines(prefix: str, images: np.ndarray, labels: np.ndarray) -> list[st
             for i, (x, y) in enumerate(zip(images, labels))]
 
 
-def run_shift(name: str, binary: Path, data: dict, seed: int, quick: bool) -> dict:
+def run_shift(name: str, binary: Path, data: dict, seed: int, quick: bool, overrides: dict[str, dict[str, str]]) -> dict:
     rng = np.random.default_rng(seed)
     images, labels, retention = data["images"], data["labels"], data["retention"].astype(bool)
     pool = np.where(~retention)[0]
@@ -250,7 +251,7 @@ def run_shift(name: str, binary: Path, data: dict, seed: int, quick: bool) -> di
         train_x[upright] = images[train][upright]
     directory = Path(tempfile.mkdtemp(prefix=f"adaptd-shift-{name}-"))
     broker, port = mosquitto(directory)
-    daemon = Daemon(binary, directory, port)
+    daemon = Daemon(binary, directory, port, overrides)
     try:
         # The base model measured on the side (ONNX Runtime on the bundle's graph): requests to the
         # daemon would count as its traffic, and this traffic is the cell's, not the bench's.
@@ -305,17 +306,26 @@ def main() -> None:
     ap.add_argument("--daemon", default=str(ROOT / "target" / "release" / "adaptd"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="for tuning experiments only: a configuration key other than the shipped one (TOML value)")
     args = ap.parse_args()
     binary = Path(args.daemon)
     if not binary.exists():
         sys.exit(f"{binary} does not exist: cargo build --release -p adaptd (or pass --daemon)")
     from safetensors.numpy import load_file
     data = load_file(str(ROOT / "build" / "data" / "digits.safetensors"))
+    overrides: dict[str, dict[str, str]] = {}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        overrides.setdefault(section, {})[name] = value
+    if overrides:
+        print(f"NOT the shipped configuration: {args.set}")
     names = ["rotate90"] if args.quick else [n for n in (args.only.split(",") if args.only else SHIFTS)]
     results = []
     for name in names:
         started = time.time()
-        r = run_shift(name, binary, data, args.seed, args.quick)
+        r = run_shift(name, binary, data, args.seed, args.quick, overrides)
         results.append(r)
         print(f"{name}: base {r['base']:.3f} → adaptd {r['adaptd']:.3f} (best raw-pixel reference {max(r['logreg'], r['mlp'], r['svm_rbf']):.3f}, "
               f"full fine-tune {r['full_finetune']:.3f}); upright {r['upright_before']:.3f} → {r['upright_after']:.3f}; "

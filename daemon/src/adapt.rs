@@ -196,7 +196,7 @@ pub async fn run(ctx: Context, mut configs: watch::Receiver<AdaptConfig>, mut co
     let bundle = ctx.registry.bundle().clone();
     let retention = bundle.retention()?;
     let (replay, check) = split_retention(retention.as_ref());
-    let mut base_domain = BaseDomain { replay, check, replay_embeddings: None, detector: None };
+    let mut base_domain = BaseDomain { replay, check, replay_embeddings: None, detector: None, traffic_share: None };
     let mut scheduler = Scheduler::new(config.scheduler.clone());
     let mut monitor = Monitor::new(&config.limits.sysfs_root);
     let serving = ctx.registry.ensure_task(&task).map_err(|e| crate::samples::StoreError::Corrupt { path: ctx.store_path.clone(), id: 0, reason: e.to_string() })?;
@@ -270,9 +270,14 @@ pub async fn run(ctx: Context, mut configs: watch::Receiver<AdaptConfig>, mut co
         }
         *jobs.entry("started".into()).or_default() += 1;
         {
+            // New samples from here on trigger the next job: those this one trains on are the
+            // ones with an embedding so far (see `prepare`), and the rest still count as new.
             let mut store = lock(&store);
-            let last = store.last_id(&task)?;
-            store.set_mark(&task, "job_start", last)?;
+            let trained_up_to = match store.first_missing_embedding(&task)? {
+                Some(id) => id - 1,
+                None => store.last_id(&task)?,
+            };
+            store.set_mark(&task, "job_start", trained_up_to)?;
         }
         if base_domain.replay_embeddings.is_none() && !base_domain.replay.is_empty() {
             base_domain.replay_embeddings = embed_retention(&ctx, &task, &base_domain.replay).await.ok();
@@ -280,6 +285,15 @@ pub async fn run(ctx: Context, mut configs: watch::Receiver<AdaptConfig>, mut co
         if base_domain.detector.is_none() {
             base_domain.detector = base_domain_detector(&ctx, &task, retention.as_ref()).await;
         }
+        // Measured as the job starts: it sets how much of the base domain to replay, and the
+        // gate's retention bound.
+        base_domain.traffic_share = match &base_domain.detector {
+            Some(detector) => base_traffic_share(&ctx, &store, &task, detector).await.unwrap_or_else(|e| {
+                tracing::warn!(task, error = %e, "could not measure the traffic's base-domain share");
+                None
+            }),
+            None => None,
+        };
         let mut operator = Operator { commands: &mut commands, fresh: &mut fresh };
         let outcome = run_job(&ctx, &config, &store, trigger, &base_domain, &mut shutdown, &mut scheduler, &status, &jobs, &last_decision, &mut operator).await;
         let (outcome, summary) = match outcome {
@@ -385,6 +399,20 @@ struct BaseDomain {
     check: RetentionSet,
     replay_embeddings: Option<Vec<Vec<f32>>>,
     detector: Option<BaseDomainDetector>,
+    /// The share of the latest traffic that looks like the base domain, and over how many
+    /// inputs, measured at the start of the current job.
+    traffic_share: Option<(f64, usize)>,
+}
+
+impl BaseDomain {
+    /// Replay protects what the device still sees: the configured share while the traffic
+    /// holds the base domain (at least `min_share` of it), less as that fades, none without it.
+    fn replay_fraction(&self, configured: f64, gate: &GateConfig) -> f64 {
+        match (gate.retention, self.traffic_share) {
+            (crate::gate::RetentionPolicy::Traffic, Some((share, _))) if gate.retention_min_share > 0.0 => configured * (share / gate.retention_min_share).min(1.0),
+            _ => configured,
+        }
+    }
 }
 
 /// Even rows of the retention set are replayed in training, odd rows check forgetting.
@@ -539,7 +567,9 @@ struct Prepared {
     notes: Vec<String>,
 }
 
-fn prepare(ctx: &Context, config: &AdaptConfig, store: &SampleStore, incumbent: &Serving, replay: &RetentionSet, replay_embeddings: Option<&[Vec<f32>]>) -> Result<Prepared, String> {
+fn prepare(ctx: &Context, config: &AdaptConfig, store: &SampleStore, incumbent: &Serving, base_domain: &BaseDomain) -> Result<Prepared, String> {
+    let (replay, replay_embeddings) = (&base_domain.replay, base_domain.replay_embeddings.as_deref());
+    let replay_fraction = base_domain.replay_fraction(config.replay_fraction, &config.gate);
     let task = &config.task;
     let bundle: &Bundle = ctx.registry.bundle();
     let store_err = |e: crate::samples::StoreError| e.to_string();
@@ -625,7 +655,7 @@ fn prepare(ctx: &Context, config: &AdaptConfig, store: &SampleStore, incumbent: 
         .iter()
         .enumerate()
         .filter_map(|(i, &l)| base_labels.get(l as usize).and_then(|name| index.get(name.as_str())).map(|&c| (i, c)))
-        .take((config.replay_fraction * train.len() as f64).round() as usize)
+        .take((replay_fraction * train.len() as f64).round() as usize)
         .collect();
     match config.kind {
         JobKind::Head => {
@@ -664,6 +694,9 @@ fn prepare(ctx: &Context, config: &AdaptConfig, store: &SampleStore, incumbent: 
     if !replay_rows.is_empty() {
         notes.push(format!("{} retained base-domain samples replayed", replay_rows.len()));
     }
+    if let Some((share, n)) = base_domain.traffic_share.filter(|_| replay_fraction < config.replay_fraction) {
+        notes.push(format!("replay follows the traffic: {:.0} % of the last {n} inputs look like the base domain, so {:.2} of the samples instead of {:.2}", share * 100.0, replay_fraction, config.replay_fraction));
+    }
     Ok(Prepared { job: TrainJob { kind: config.kind, train: train_ex, validation: val_ex, init_head, recipe: config.recipe.clone() }, labels, counts, notes })
 }
 
@@ -698,7 +731,7 @@ async fn run_job(
     let mut best: Option<Attempt> = None;
     for (step, kind) in ladder.iter().enumerate() {
         let attempt_config = AdaptConfig { kind: *kind, ..config.clone() };
-        let prepared = match prepare(ctx, &attempt_config, &lock(store), &incumbent, &base_domain.replay, base_domain.replay_embeddings.as_deref()) {
+        let prepared = match prepare(ctx, &attempt_config, &lock(store), &incumbent, base_domain) {
             Ok(p) => p,
             Err(reason) if best.is_none() => return JobResult::Deferred(reason),
             Err(reason) => {
@@ -1059,12 +1092,9 @@ async fn gate_and_promote(
         (change, parity)
     };
 
-    // How much of what the device sees still looks like the base domain: only then does
-    // forgetting it cost anything (the retention bound follows this share).
-    let base_traffic_share = match (&retention, &base_domain.detector) {
-        (Some(_), Some(detector)) => base_traffic_share(ctx, store, task, detector).await?,
-        _ => None,
-    };
+    // How much of what the device sees still looks like the base domain (measured as the job
+    // started): only then does forgetting it cost anything; the retention bound follows it.
+    let base_traffic_share = if retention.is_some() { base_domain.traffic_share } else { None };
     let evidence = Evidence { candidate: cand_metrics, incumbent: inc_metrics, retention, base_traffic_share, finite, probe_change, parity_max_diff };
     let decision = gate::decide(&evidence, &config.gate);
     let mut metrics = BTreeMap::from([

@@ -400,6 +400,11 @@ impl SampleStore {
         rows.map(|r| r.map_err(self.err()).and_then(|r| self.decode_row(r))).collect()
     }
 
+    /// The oldest row of `task` whose embedding is not cached yet.
+    pub fn first_missing_embedding(&self, task: &str) -> Result<Option<i64>, StoreError> {
+        self.conn.query_row("SELECT MIN(id) FROM samples WHERE task = ?1 AND embedding IS NULL", params![task], |r| r.get(0)).map_err(self.err())
+    }
+
     /// Samples of `task` stored after row `after_id` (any split), oldest first, at most `limit`.
     pub fn load_after(&self, task: &str, after_id: i64, limit: usize) -> Result<Vec<StoredSample>, StoreError> {
         let mut stmt = self.conn.prepare_cached(&format!("{SELECT_SAMPLE} WHERE task = ?1 AND id > ?2 ORDER BY id LIMIT ?3")).map_err(self.err())?;
