@@ -178,14 +178,15 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
     .await
     .unwrap();
 
-    // The gate's figures: the adapted head beats the base on holdout samples it never trained
-    // on, by a wide margin on this shift, and base-domain accuracy held.
+    // The gate's figures: the adapted model beats the base on holdout samples it never trained
+    // on, by a wide margin on this shift. Every camera here moved, so the daemon sees no upright
+    // digit: it may forget them (nothing replayed, no retention bound), and says why.
     eprintln!("gate: {} (trained in {} s)", decision["summary"], decision["training"]["seconds"]);
     let evidence = &decision["evidence"];
     let (cand, inc) = (evidence["candidate"]["accuracy"].as_f64().unwrap(), evidence["incumbent"]["accuracy"].as_f64().unwrap());
     assert!(cand > inc + 0.2, "holdout accuracy {inc} -> {cand}");
-    let retention = evidence["retention"].as_array().expect("digits ship a retention set");
-    assert!(retention[1].as_f64().unwrap() >= retention[0].as_f64().unwrap() - 0.25, "retention {retention:?}");
+    assert!(evidence["retention"].as_array().is_some(), "digits ship a retention set");
+    assert!(evidence["base_traffic_share"][0].as_f64().unwrap() < 0.05, "no upright digit in the traffic: {evidence}");
     assert!(decision["checks"].as_array().unwrap().iter().all(|c| c["passed"] == true), "{decision}");
     assert!(evidence["parity_max_diff"].as_f64().unwrap() < 1e-3);
     assert_eq!(promoted["version"], 1);
@@ -197,7 +198,7 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
     assert_eq!(manifest["decision"]["promote"], true);
     assert!(manifest["metrics"]["holdout_accuracy"].as_f64().unwrap() > 0.8);
     let journal = std::fs::read_to_string(state.path().join("journal/sorter.jsonl")).unwrap();
-    let job: Value = serde_json::from_str(journal.lines().next().unwrap()).unwrap();
+    let job: Value = journal.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).find(|r| r["event"] == "job").expect("the job's record");
     assert!(job["training"]["losses"].as_array().unwrap().len() > 10, "loss curve kept");
 
     // Prometheus sees it too.
