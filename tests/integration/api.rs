@@ -141,7 +141,7 @@ async fn mqtt_v5_request_response_through_mosquitto() {
     let task = tokio::spawn(mqtt::run(served.api.clone(), config, async { let _ = stopped.await; }));
 
     let port = broker.port;
-    let (ok, bad, binary) = tokio::task::spawn_blocking(move || {
+    let (ok, bad, binary, big_ok, too_big) = tokio::task::spawn_blocking(move || {
         let ok = mqtt_request(port, "adaptd/v1/robot-7/infer/sorter", "replies/ok", digit_json().as_bytes(), None);
         let bad = mqtt_request(port, "adaptd/v1/robot-7/infer/sorter", "replies/bad", b"{\"text\": [\"hello\"]}", None);
         // The compact form: safetensors bytes, as `safetensors.numpy.save` writes them.
@@ -150,7 +150,13 @@ async fn mqtt_v5_request_response_through_mosquitto() {
         st.extend_from_slice(header);
         st.extend(std::iter::repeat_n(0.5f32.to_le_bytes(), 64).flatten());
         let binary = mqtt_request(port, "adaptd/v1/robot-7/infer/sorter", "replies/bin", &st, Some("application/x-safetensors"));
-        (ok, bad, binary)
+        // The limits are HTTP's (64 KiB here): 40 KiB is answered (rumqttc's default 10 KiB
+        // dropped it without a word), 100 KiB is answered too_large.
+        let big = format!("{}{}", digit_json(), " ".repeat(40 * 1024));
+        let big_ok = mqtt_request(port, "adaptd/v1/robot-7/infer/sorter", "replies/big", big.as_bytes(), None);
+        let too_big = format!("{}{}", digit_json(), " ".repeat(100 * 1024));
+        let too_big = mqtt_request(port, "adaptd/v1/robot-7/infer/sorter", "replies/huge", too_big.as_bytes(), None);
+        (ok, bad, binary, big_ok, too_big)
     })
     .await
     .unwrap();
@@ -166,6 +172,11 @@ async fn mqtt_v5_request_response_through_mosquitto() {
     assert!(v["error"]["message"].as_str().unwrap().contains("does not take text"), "{v}");
     let v: serde_json::Value = serde_json::from_str(binary.split_once('|').unwrap().1).unwrap();
     assert_eq!(v["predictions"][0]["adapter_version"], 1, "{v}");
+    let (big_ok, too_big) = (text(&big_ok), text(&too_big));
+    let v: serde_json::Value = serde_json::from_str(big_ok.split_once('|').unwrap_or_else(|| panic!("no answer: {big_ok:?}")).1).unwrap();
+    assert_eq!(v["predictions"][0]["adapter_version"], 1, "{v}");
+    let v: serde_json::Value = serde_json::from_str(too_big.split_once('|').unwrap_or_else(|| panic!("no answer: {too_big:?}")).1).unwrap();
+    assert_eq!(v["error"]["type"], "too_large", "{v}");
 
     let _ = stop.send(());
     task.await.unwrap();

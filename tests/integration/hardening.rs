@@ -215,3 +215,34 @@ async fn ingest_that_stops_shows_as_down_and_is_restarted() {
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("stops in time").unwrap().unwrap();
 }
+
+/// A promotion that a crash interrupted after its pointer moved: the version serves, and its
+/// `promoted` record, never written, is written at the next start, marked as recovered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_promotion_is_announced_at_the_next_start() {
+    let state = tempfile::tempdir().unwrap();
+    {
+        let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
+        let store = adaptd_adapters::AdapterStore::open(state.path().join("adapters")).unwrap();
+        let (registry, _) = adaptd::registry::Registry::open(bundle, store, 5).unwrap();
+        registry.promote(crate::head_adapter(registry.bundle(), "sorter", 1, 1)).unwrap(); // then the crash: no event, no journal
+    }
+    let mut config = adaptd::serve::ServeConfig::new(reference_bundle("digits-cnn"), state.path().to_path_buf());
+    config.http = "127.0.0.1:0".parse().unwrap();
+    config.tasks = vec!["sorter".into()];
+    config.adapt = vec![adaptd::adapt::AdaptConfig::new("sorter")];
+    let (stop, stopped) = oneshot::channel::<()>();
+    let (bound_tx, bound_rx) = oneshot::channel();
+    let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
+    bound_rx.await.unwrap();
+    let journal = state.path().join("journal/sorter.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !journal.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("stops").unwrap().unwrap();
+    let records: Vec<serde_json::Value> = std::fs::read_to_string(&journal).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!((records[0]["event"].as_str(), records[0]["version"].as_u64(), records[0]["recovered"].as_bool()), (Some("promoted"), Some(1), Some(true)), "{records:?}");
+}
