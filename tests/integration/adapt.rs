@@ -552,7 +552,7 @@ async fn the_retention_bound_follows_how_much_of_the_traffic_is_still_base_domai
     assert!(share(moved) < 0.05, "sideways traffic is not base-domain: {}", retention(moved)["detail"]);
     assert_eq!((moved["promote"].as_bool(), retention(moved)["passed"].as_bool()), (Some(true), Some(true)), "{}", moved["summary"]);
     assert_eq!(retention(held)["passed"], false, "the base policy holds the bound whatever the traffic: {}", held["summary"]);
-    assert!((0.2..0.5).contains(&share(mixed)), "a third of the traffic is upright: {}", retention(mixed)["detail"]);
+    assert!((0.25..0.7).contains(&share(mixed)), "of the last 256 samples 120 are upright: {}", retention(mixed)["detail"]);
     assert!(retention(mixed)["detail"].as_str().unwrap().contains("at most 0.0200 allowed"), "{}", retention(mixed)["detail"]);
 }
 
