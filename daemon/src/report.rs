@@ -187,6 +187,17 @@ fn decisions_table(html: &mut String, h: &TaskHistory) {
                 String::new(),
                 r["reason"].as_str().unwrap_or("").to_string(),
             ),
+            // A step of an escalating job: information, not a refusal.
+            Some("training_attempt") => (
+                "training step".into(),
+                "step",
+                r["version"].as_u64().map(|v| format!("v{v}")).unwrap_or_default(),
+                String::new(),
+                String::new(),
+                String::new(),
+                format!("{} in {:.1} s", r["kind"].as_str().unwrap_or(""), r["seconds"].as_f64().unwrap_or(0.0)),
+                r["reason"].as_str().unwrap_or("").to_string(),
+            ),
             Some(other) => (other.replace('_', " "), "no", r["version"].as_u64().map(|v| format!("v{v}")).unwrap_or_default(), String::new(), String::new(), String::new(), String::new(), r["reason"].as_str().unwrap_or("").to_string()),
             None => continue,
         };
@@ -209,7 +220,7 @@ fn decisions_table(html: &mut String, h: &TaskHistory) {
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1100px}\
 h2{border-bottom:1px solid #ccc;padding-bottom:.2em}table{border-collapse:collapse;font-size:.9em}\
 td,th{border:1px solid #ddd;padding:.3em .5em;text-align:left;vertical-align:top}\
-.ok{color:#1a7f37;font-weight:600}.no{color:#b42318;font-weight:600}.warn{color:#9a6700;font-weight:600}\
+.ok{color:#1a7f37;font-weight:600}.no{color:#b42318;font-weight:600}.warn{color:#9a6700;font-weight:600}.step{color:#57606a}\
 .row{display:flex;gap:2em;flex-wrap:wrap}svg{background:#fff}";
 
 const COLORS: [&str; 8] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
