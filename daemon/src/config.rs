@@ -164,6 +164,7 @@ pub struct TrainingSection {
 pub struct ScheduleSection {
     pub min_new_samples: u64,
     pub interval_s: u64,
+    pub settle_s: u64,
     pub drift_accuracy: f64,
     pub drift_min_samples: u64,
     pub cooldown_s: u64,
@@ -247,6 +248,7 @@ impl Default for Config {
             schedule: ScheduleSection {
                 min_new_samples: sched.min_new_samples,
                 interval_s: sched.interval_ms / 1000,
+                settle_s: sched.settle_ms / 1000,
                 drift_accuracy: sched.drift_accuracy,
                 drift_min_samples: sched.drift_min_samples,
                 cooldown_s: sched.cooldown_ms / 1000,
@@ -502,6 +504,7 @@ impl Config {
             scheduler: SchedulerConfig {
                 min_new_samples: s.min_new_samples,
                 interval_ms: s.interval_s * 1000,
+                settle_ms: s.settle_s * 1000,
                 drift_accuracy: s.drift_accuracy,
                 drift_min_samples: s.drift_min_samples,
                 cooldown_ms: s.cooldown_s * 1000,

@@ -12,6 +12,9 @@ pub struct SchedulerConfig {
     pub min_new_samples: u64,
     /// Train at least this often when anything new arrived (0: off).
     pub interval_ms: u64,
+    /// Train when new samples stopped arriving for this long, however few (0: off): the last
+    /// samples of a burst, or a trickle, need not wait for `min_new_samples` or the interval.
+    pub settle_ms: u64,
     /// Train when the live adapter's accuracy on fresh labelled samples falls below this (0: off)...
     pub drift_accuracy: f64,
     /// ... measured over at least this many fresh samples.
@@ -30,6 +33,7 @@ impl Default for SchedulerConfig {
         SchedulerConfig {
             min_new_samples: 200,
             interval_ms: 3_600_000,
+            settle_ms: 60_000,
             drift_accuracy: 0.0,
             drift_min_samples: 50,
             cooldown_ms: 10_000,
@@ -45,6 +49,8 @@ impl Default for SchedulerConfig {
 pub enum Trigger {
     NewSamples,
     Interval,
+    /// New samples stopped arriving for `settle_ms`.
+    Settled,
     Drift,
     Operator,
 }
@@ -102,6 +108,10 @@ pub struct Scheduler {
     state: State,
     last_job_ms: Option<u64>,
     failures: u32,
+    /// The new-sample count last seen, since when, and the count a settled job last started on
+    /// (so a job that was deferred for too few samples is not started again until more arrive).
+    arrivals: (u64, u64),
+    settled_on: Option<u64>,
 }
 
 impl Scheduler {
@@ -111,7 +121,7 @@ impl Scheduler {
     }
 
     pub fn new(config: SchedulerConfig) -> Scheduler {
-        Scheduler { config, state: State::Idle, last_job_ms: None, failures: 0 }
+        Scheduler { config, state: State::Idle, last_job_ms: None, failures: 0, arrivals: (0, 0), settled_on: None }
     }
 
     pub fn state(&self) -> &State {
@@ -119,6 +129,9 @@ impl Scheduler {
     }
 
     pub fn observe(&mut self, o: &Observation) -> Option<Action> {
+        if o.new_samples != self.arrivals.0 && !matches!(self.state, State::Training { .. } | State::Validating) {
+            self.arrivals = (o.new_samples, o.now_ms);
+        }
         let c = &self.config;
         match &mut self.state {
             State::Training { paused, .. } => {
@@ -146,6 +159,9 @@ impl Scheduler {
                         None
                     }
                     (Some(t), None) => {
+                        if t == Trigger::Settled {
+                            self.settled_on = Some(o.new_samples);
+                        }
                         self.state = State::Training { trigger: t, since_ms: o.now_ms, paused: false };
                         self.last_job_ms = Some(o.now_ms);
                         Some(Action::Start(t))
@@ -183,6 +199,10 @@ impl Scheduler {
         }
         if c.interval_ms > 0 && o.new_samples > 0 && self.last_job_ms.is_some_and(|t| o.now_ms >= t + c.interval_ms) {
             return Some(Trigger::Interval);
+        }
+        let (count, since_ms) = self.arrivals;
+        if c.settle_ms > 0 && o.new_samples > 0 && count == o.new_samples && o.now_ms >= since_ms + c.settle_ms && self.settled_on != Some(o.new_samples) {
+            return Some(Trigger::Settled);
         }
         None
     }
@@ -222,7 +242,7 @@ mod tests {
     }
 
     fn config() -> SchedulerConfig {
-        SchedulerConfig { min_new_samples: 10, interval_ms: 60_000, drift_accuracy: 0.8, drift_min_samples: 5, cooldown_ms: 1_000, backoff_initial_ms: 2_000, backoff_max_ms: 5_000, latency_budget_ms: 50.0 }
+        SchedulerConfig { min_new_samples: 10, interval_ms: 60_000, settle_ms: 0, drift_accuracy: 0.8, drift_min_samples: 5, cooldown_ms: 1_000, backoff_initial_ms: 2_000, backoff_max_ms: 5_000, latency_budget_ms: 50.0 }
     }
 
     #[test]
@@ -240,6 +260,24 @@ mod tests {
         s.finished(100, &Outcome::Promoted);
         assert_eq!(s.observe(&obs(500, 20)), None, "cooling down");
         assert_eq!(s.observe(&obs(1_100, 20)), Some(Action::Start(Trigger::NewSamples)));
+    }
+
+    #[test]
+    fn samples_that_stopped_arriving_are_trained_on_once_settled() {
+        let mut s = Scheduler::new(SchedulerConfig { settle_ms: 5_000, interval_ms: 0, ..config() });
+        assert_eq!(s.observe(&obs(0, 3)), None);
+        assert_eq!(s.observe(&obs(2_000, 6)), None, "still arriving");
+        assert_eq!(s.observe(&obs(6_000, 6)), None, "quiet for 4 s only");
+        assert_eq!(s.observe(&obs(7_000, 6)), Some(Action::Start(Trigger::Settled)), "quiet for 5 s: fewer than min_new_samples, trained anyway");
+        s.training_done();
+        s.finished(7_100, &Outcome::Deferred("too few".into()));
+        // The job marked them seen: nothing new, nothing to start again, however long it stays quiet.
+        assert_eq!(s.observe(&obs(20_000, 0)), None);
+        assert_eq!(s.observe(&obs(21_000, 2)), None, "two more arrive");
+        assert_eq!(s.observe(&obs(26_000, 2)), Some(Action::Start(Trigger::Settled)));
+        let mut off = Scheduler::new(SchedulerConfig { settle_ms: 0, interval_ms: 0, ..config() });
+        assert_eq!(off.observe(&obs(0, 3)), None);
+        assert_eq!(off.observe(&obs(1_000_000, 3)), None, "settle_ms = 0: off");
     }
 
     #[test]
