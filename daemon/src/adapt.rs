@@ -279,11 +279,15 @@ pub async fn run(ctx: Context, mut configs: watch::Receiver<AdaptConfig>, mut co
             };
             store.set_mark(&task, "job_start", trained_up_to)?;
         }
-        if base_domain.replay_embeddings.is_none() && !base_domain.replay.is_empty() {
-            base_domain.replay_embeddings = embed_retention(&ctx, &task, &base_domain.replay).await.ok();
-        }
-        if base_domain.detector.is_none() {
-            base_domain.detector = base_domain_detector(&ctx, &task, retention.as_ref()).await;
+        if base_domain.replay_embeddings.is_none()
+            && let Some(retention) = retention.as_ref().filter(|r| !r.is_empty())
+        {
+            // One pass of the base model over the retention set serves both: the replay rows'
+            // embeddings (the even rows, as `split_retention` takes them) and the detector.
+            if let Ok(embeddings) = embed_retention(&ctx, &task, retention).await {
+                base_domain.detector = base_domain_detector(retention, &embeddings);
+                base_domain.replay_embeddings = Some(embeddings.into_iter().step_by(2).collect());
+            }
         }
         // Measured as the job starts: it sets how much of the base domain to replay, and the
         // gate's retention bound.
@@ -296,32 +300,20 @@ pub async fn run(ctx: Context, mut configs: watch::Receiver<AdaptConfig>, mut co
         };
         let mut operator = Operator { commands: &mut commands, fresh: &mut fresh };
         let outcome = run_job(&ctx, &config, &store, trigger, &base_domain, &mut shutdown, &mut scheduler, &status, &jobs, &last_decision, &mut operator).await;
-        let (outcome, summary) = match outcome {
+        let (outcome, summary, key) = match outcome {
             JobResult::Promoted(summary, incumbent) => {
                 fresh = Fresh { after_id: lock(&store).last_id(&task)?, live_version: ctx.registry.current(&task).map_or(0, |s| s.version), live: (0, 0), previous: Some((incumbent, (0, 0))) };
-                (Outcome::Promoted, summary)
+                (Outcome::Promoted, summary, "promoted")
             }
-            JobResult::Rejected(summary) => (Outcome::Rejected, summary),
+            JobResult::Rejected(summary) => (Outcome::Rejected, summary, "rejected"),
             JobResult::Deferred(reason) => {
                 ctx.events.emit("training_deferred", &task, json!({ "reason": reason }));
-                (Outcome::Deferred(reason.clone()), reason)
+                (Outcome::Deferred(reason.clone()), reason, "deferred")
             }
-            JobResult::Failed(reason) => (Outcome::Failed(reason.clone()), reason),
+            JobResult::Failed(reason) => (Outcome::Failed(reason.clone()), reason, "failed"),
             // The operator's decision stands; the scheduler waits its cooldown, as after a deferral.
-            JobResult::Cancelled(reason) => {
-                *jobs.entry("cancelled".into()).or_default() += 1;
-                last_decision = Some(reason.clone());
-                scheduler.finished(now_ms(), &Outcome::Deferred(reason));
-                publish_status(&status, &task, &scheduler, &ctx, &jobs, &last_decision, None);
-                continue;
-            }
+            JobResult::Cancelled(reason) => (Outcome::Deferred(reason.clone()), reason, "cancelled"),
             JobResult::ShutDown => return Ok(()),
-        };
-        let key = match &outcome {
-            Outcome::Promoted => "promoted",
-            Outcome::Rejected => "rejected",
-            Outcome::Deferred(_) => "deferred",
-            Outcome::Failed(_) => "failed",
         };
         *jobs.entry(key.into()).or_default() += 1;
         last_decision = Some(summary);
@@ -948,11 +940,10 @@ impl From<String> for GateError {
     }
 }
 
-/// The retention set seen through the base model, as the base-domain detector learns it.
-async fn base_domain_detector(ctx: &Context, task: &str, retention: Option<&RetentionSet>) -> Option<BaseDomainDetector> {
-    let retention = retention.filter(|r| !r.is_empty())?;
-    let embeddings = embed_retention(ctx, task, retention).await.ok()?;
-    let observed: Vec<Observed> = embeddings.into_iter().enumerate().map(|(i, e)| Observed::new(e, &row_of(&retention.inputs, i))).collect();
+/// The retention set seen through the base model (`embeddings`, one per row), as the
+/// base-domain detector learns it.
+fn base_domain_detector(retention: &RetentionSet, embeddings: &[Vec<f32>]) -> Option<BaseDomainDetector> {
+    let observed: Vec<Observed> = embeddings.iter().enumerate().map(|(i, e)| Observed::new(e.clone(), &row_of(&retention.inputs, i))).collect();
     BaseDomainDetector::from_retention(&observed)
 }
 

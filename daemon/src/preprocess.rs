@@ -117,10 +117,9 @@ pub fn max_image_side(height: usize, width: usize) -> u32 {
 /// decompression bomb is refused from its header, in microseconds, with no allocation.
 fn decode_bounded(bytes: &[u8], height: usize, width: usize, channels: usize) -> Result<image::DynamicImage, PreprocessError> {
     let side = max_image_side(height, width);
+    // The sides are checked from the header below; the decoder's own limit bounds what it
+    // allocates: the largest image at 16-bit RGBA (8 bytes a pixel), plus the model input.
     let mut limits = image::Limits::default();
-    limits.max_image_width = Some(side);
-    limits.max_image_height = Some(side);
-    // Room for the largest image at 16-bit RGBA (8 bytes a pixel), plus the model input.
     limits.max_alloc = Some(u64::from(side) * u64::from(side) * 8 + (channels * height * width * 4) as u64);
     let open = || image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| PreprocessError::Image(e.to_string()));
     // The header alone says how big the image claims to be.
@@ -131,7 +130,7 @@ fn decode_bounded(bytes: &[u8], height: usize, width: usize, channels: usize) ->
     let mut reader = open()?;
     reader.limits(limits);
     reader.decode().map_err(|e| match e {
-        image::ImageError::Limits(l) => PreprocessError::Image(format!("{l}: images up to {side}x{side} pixels are taken for this bundle's {width}x{height} input")),
+        image::ImageError::Limits(l) => PreprocessError::Image(format!("{l}: decoding a {w}x{h} image would take more memory than a {side}x{side} one")),
         other => PreprocessError::Image(other.to_string()),
     })
 }
