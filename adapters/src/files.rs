@@ -125,6 +125,11 @@ pub struct AdapterManifest {
     /// operator pins it. Recovery without a usable `active` pointer serves only promoted versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub promoted_unix_ms: Option<u64>,
+    /// Serve rows that look like the bundle's base domain with the base model and only the
+    /// rest with this adapter (chosen by the gate when the device still sees the base domain
+    /// and the adapter alone would forget it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub base_routing: bool,
     /// Filled in when written; checked when read.
     #[serde(default)]
     pub files: BTreeMap<String, FileEntry>,

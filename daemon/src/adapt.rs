@@ -1012,6 +1012,7 @@ async fn gate_and_promote(
             created_unix_ms: now_ms(),
             decision: None,
             promoted_unix_ms: None,
+            base_routing: false,
             files: BTreeMap::new(),
         },
         head: report.head.clone(),
@@ -1040,14 +1041,15 @@ async fn gate_and_promote(
     // Retention: the base domain, where the task's labels are the bundle's.
     let base_labels = bundle.manifest.labels.clone().unwrap_or_default();
     let retention_check = &base_domain.check;
-    let retention = if !retention_check.is_empty() && retention_check.labels.iter().all(|&l| base_labels.get(l as usize).is_some_and(|n| labels.contains(n))) {
-        let truth: Vec<&str> = retention_check.labels.iter().map(|&l| base_labels[l as usize].as_str()).collect();
-        let accuracy_of = |preds: &[Prediction]| gate::metrics(&truth, &as_refs(&names(preds))).accuracy;
-        let cand = accuracy_of(&predict_inputs(ctx, &candidate, &retention_check.inputs).await?);
-        let inc = accuracy_of(&predict_inputs(ctx, incumbent, &retention_check.inputs).await?);
+    let retention_applies = !retention_check.is_empty() && retention_check.labels.iter().all(|&l| base_labels.get(l as usize).is_some_and(|n| labels.contains(n)));
+    let retention_truth: Vec<&str> = if retention_applies { retention_check.labels.iter().map(|&l| base_labels[l as usize].as_str()).collect() } else { Vec::new() };
+    let retention_accuracy = async |serving: &Arc<Serving>| -> Result<f64, String> { Ok(gate::metrics(&retention_truth, &as_refs(&names(&predict_inputs(ctx, serving, &retention_check.inputs).await?))).accuracy) };
+    let retention = if retention_applies {
+        let cand = retention_accuracy(&candidate).await?;
+        let inc = retention_accuracy(incumbent).await?;
         // Against the better of the incumbent and the base model: measured only against the
         // incumbent, forgetting could pile up a little more with every version.
-        let base = if incumbent.version == 0 { inc } else { accuracy_of(&predict_inputs(ctx, &ctx.registry.base(task), &retention_check.inputs).await?) };
+        let base = if incumbent.version == 0 { inc } else { retention_accuracy(&ctx.registry.base(task)).await? };
         Some((inc.max(base), cand))
     } else {
         None
@@ -1086,8 +1088,43 @@ async fn gate_and_promote(
     // How much of what the device sees still looks like the base domain (measured as the job
     // started): only then does forgetting it cost anything; the retention bound follows it.
     let base_traffic_share = if retention.is_some() { base_domain.traffic_share } else { None };
-    let evidence = Evidence { candidate: cand_metrics, incumbent: inc_metrics, retention, base_traffic_share, finite, probe_change, parity_max_diff };
-    let decision = gate::decide(&evidence, &config.gate);
+    let mut evidence = Evidence { candidate: cand_metrics, incumbent: inc_metrics, retention, base_traffic_share, base_routed: None, finite, probe_change, parity_max_diff };
+    let mut decision = gate::decide(&evidence, &config.gate);
+    let mut notes = notes;
+    // Refused only for forgetting a base domain the device still sees: the adapter may still
+    // serve what moved, with the rows that look like the base domain answered by the base model.
+    let only_retention_failed = decision.checks.iter().filter(|c| !c.passed).all(|c| c.name == "retention") && !decision.promote;
+    let routable = || {
+        let mut routed = adapter.clone();
+        routed.manifest.base_routing = true;
+        ctx.registry.preview(routed).map_err(|e| e.to_string())
+    };
+    let routed = match (only_retention_failed, evidence.retention) {
+        (true, Some(_)) => Some(routable()),
+        _ => None,
+    };
+    if let Some(Err(why)) = &routed {
+        notes.push(format!("not routed: {why}"));
+    }
+    if let (Some(Ok(routed)), Some((reference, _))) = (routed, evidence.retention) {
+        let routed_pred = predict_samples(ctx, &routed, &holdout_refs).await?;
+        let routed_evidence = Evidence {
+            candidate: gate::metrics(&truth, &as_refs(&names(&routed_pred))),
+            retention: Some((reference, retention_accuracy(&routed).await?)),
+            base_routed: Some(routed_pred.iter().filter(|p| p.base_routed).count() as f64 / routed_pred.len().max(1) as f64),
+            finite: evidence.finite && routed_pred.iter().all(|p| p.scores.iter().all(|x| x.is_finite())),
+            ..evidence.clone()
+        };
+        let routed_decision = gate::decide(&routed_evidence, &config.gate);
+        if routed_decision.promote {
+            adapter.manifest.base_routing = true;
+            notes.push(format!("the adapter alone forgot the base domain ({}); it serves with base-like inputs routed to the base model ({:.0} % of the holdout)", decision.summary, routed_evidence.base_routed.unwrap_or(0.0) * 100.0));
+            evidence = routed_evidence;
+            decision = routed_decision;
+        } else {
+            notes.push(format!("routing base-like inputs to the base model did not pass either: {}", routed_decision.summary));
+        }
+    }
     let mut metrics = BTreeMap::from([
         ("holdout_accuracy".to_string(), evidence.candidate.accuracy),
         ("holdout_macro_f1".to_string(), evidence.candidate.macro_f1),

@@ -124,6 +124,10 @@ pub struct Evidence {
     /// and how many inputs it was measured on. None: not measured (no retention set).
     #[serde(default)]
     pub base_traffic_share: Option<(f64, usize)>,
+    /// The candidate routes base-like rows to the base model: the share of holdout rows it
+    /// routed. None: it serves every row itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_routed: Option<f64>,
     /// Every score the engine produced for the candidate is finite.
     pub finite: bool,
     /// Largest change of any score versus the base model on the probe set.
@@ -210,7 +214,7 @@ mod tests {
             let (t, p): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
             metrics(&t, &p)
         };
-        Evidence { candidate: m(cand_acc), incumbent: m(inc_acc), retention: Some((0.95, 0.94)), base_traffic_share: Some((1.0, 256)), finite: true, probe_change: 0.3, parity_max_diff: 1e-6 }
+        Evidence { candidate: m(cand_acc), incumbent: m(inc_acc), retention: Some((0.95, 0.94)), base_traffic_share: Some((1.0, 256)), base_routed: None, finite: true, probe_change: 0.3, parity_max_diff: 1e-6 }
     }
 
     #[test]

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use adaptd_adapters::bundle::Bundle;
 use adaptd_adapters::files::{Adapter, AdapterFileError, AdapterManifest};
@@ -20,6 +20,8 @@ use adaptd_adapters::lora::no_adapter_inputs;
 use adaptd_adapters::store::{AdapterStore, StoreError, check_task_name};
 use adaptd_adapters::tensor::HostTensor;
 use arc_swap::ArcSwap;
+
+use crate::traffic::BaseRouter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -33,6 +35,8 @@ pub enum RegistryError {
     NoSuchVersion { task: String, version: u64 },
     #[error("adapter {id} is not newer than the serving v{serving}")]
     NotNewer { id: String, serving: u64 },
+    #[error("adapter {id} routes base-domain inputs to the base model, which needs {reason}")]
+    NoRouting { id: String, reason: &'static str },
 }
 
 impl RegistryError {
@@ -43,6 +47,7 @@ impl RegistryError {
             RegistryError::UnknownTask(_) => "unknown_task",
             RegistryError::NoSuchVersion { .. } => "no_such_version",
             RegistryError::NotNewer { .. } => "not_newer",
+            RegistryError::NoRouting { .. } => "no_routing",
         }
     }
 }
@@ -66,6 +71,18 @@ pub struct Serving {
     pub head: Option<Head>,
     pub lora: Arc<LoraInputs>,
     pub manifest: Option<AdapterManifest>,
+    /// Rows that look like the base domain are answered by the base model.
+    pub route: Option<BaseRoute>,
+}
+
+/// How a routed adapter answers base-domain rows: the base model's LoRA inputs (none) and, per
+/// label of the adapter, the base classifier's output for it.
+#[derive(Debug)]
+pub struct BaseRoute {
+    pub router: Arc<BaseRouter>,
+    pub base_lora: Arc<LoraInputs>,
+    /// For each of the adapter's labels, its index among the base model's labels.
+    pub base_index: Vec<Option<usize>>,
 }
 
 impl Serving {
@@ -91,6 +108,8 @@ pub struct Registry {
     base_lora: Arc<LoraInputs>,
     tasks: RwLock<BTreeMap<String, Arc<ArcSwap<Serving>>>>,
     next_key: AtomicU64,
+    /// Built from the bundle's retention set on first use.
+    router: OnceLock<Result<Arc<BaseRouter>, &'static str>>,
 }
 
 /// `<store>/<task>/active`: the version that serves (0: the base model).
@@ -107,6 +126,7 @@ impl Registry {
             base_lora,
             tasks: RwLock::new(BTreeMap::new()),
             next_key: AtomicU64::new(1),
+            router: OnceLock::new(),
         };
         let mut events = Vec::new();
         for task in registry.store.tasks()? {
@@ -285,7 +305,37 @@ impl Registry {
             head: None,
             lora: self.base_lora.clone(),
             manifest: None,
+            route: None,
         }
+    }
+
+    /// Whether this bundle can route base-domain rows to the base model, and if not, why not.
+    pub fn router(&self) -> Result<Arc<BaseRouter>, &'static str> {
+        self.router
+            .get_or_init(|| {
+                if self.bundle.manifest.logits_output.is_none() {
+                    return Err("a base classifier, and the bundle has none");
+                }
+                match self.bundle.retention() {
+                    Ok(Some(retention)) => BaseRouter::from_retention(&retention).map(Arc::new).ok_or("a single small dense input and a retention set of at least 8 rows"),
+                    Ok(None) => Err("a retention set, and the bundle has none"),
+                    Err(_) => Err("a readable retention set"),
+                }
+            })
+            .clone()
+    }
+
+    fn route_for(&self, manifest: &AdapterManifest) -> Result<Option<BaseRoute>, RegistryError> {
+        if !manifest.base_routing {
+            return Ok(None);
+        }
+        let router = self.router().map_err(|reason| RegistryError::NoRouting { id: manifest.id(), reason })?;
+        let base_labels = self.bundle.manifest.labels.clone().unwrap_or_default();
+        if !base_labels.iter().all(|b| manifest.labels.contains(b)) {
+            return Err(RegistryError::NoRouting { id: manifest.id(), reason: "every label of the base model among the adapter's" });
+        }
+        let base_index = manifest.labels.iter().map(|l| base_labels.iter().position(|b| b == l)).collect();
+        Ok(Some(BaseRoute { router, base_lora: self.base_lora.clone(), base_index }))
     }
 
     fn serving_from(&self, adapter: Adapter) -> Result<Serving, RegistryError> {
@@ -303,6 +353,7 @@ impl Registry {
             labels: adapter.manifest.labels.clone().into(),
             head: Some(adapter.head),
             lora,
+            route: self.route_for(&adapter.manifest)?,
             manifest: Some(adapter.manifest),
         })
     }

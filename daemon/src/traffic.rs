@@ -11,11 +11,17 @@
 //! as sensor frames, its raw values are too: an embedding trained to classify can map a shifted
 //! input close to some base-domain class (a sideways 1 near an upright 7), the input itself
 //! cannot hide the shift. The share is the traffic's base-like rate divided by the retention
-//! set's own held-out rate, so traffic made entirely of base-domain inputs reads 1.
+//! set's own held-out rate, so traffic made entirely of base-domain inputs reads 1; it is read
+//! at the median distance too and the smaller reading kept, since a shift close to the base
+//! domain (blur) lands inside the outer radius but seldom inside the inner one.
+//!
+//! [`BaseRouter`] uses the same idea per row, for serving: an adapter the gate found forgetting
+//! a base domain the device still sees may serve with base-like rows answered by the base model.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 
+use adaptd_adapters::bundle::RetentionSet;
 use adaptd_adapters::tensor::HostTensor;
 use serde::{Deserialize, Serialize};
 
@@ -67,12 +73,19 @@ impl TrafficLog {
 #[derive(Debug, Clone)]
 pub struct BaseDomainDetector {
     reference_embeddings: Vec<Vec<f32>>,
-    embedding_radius: f32,
-    /// Raw inputs of the reference half and their radius, for small dense inputs.
-    raw: Option<(Vec<Vec<f32>>, f32)>,
-    /// The held-out half's own base-like rate: what traffic of base-domain inputs reads.
-    base_rate: f64,
+    /// Per level of [`LEVELS`]: the nearest-neighbour distance that share of held-out retention
+    /// rows stay within.
+    embedding_radii: Vec<f32>,
+    /// Raw inputs of the reference half and their radii, for small dense inputs.
+    raw: Option<(Vec<Vec<f32>>, Vec<f32>)>,
+    /// Per level: the held-out half's own base-like rate, what traffic of base-domain inputs reads.
+    base_rates: Vec<f64>,
 }
+
+/// Base-domain inputs sit as close to the reference at every level (half of them within the
+/// median distance, 95 % within the 95th percentile); a shift near the base domain (blur) fills
+/// the outer band but not the inner one, so its share is the smallest level's reading.
+const LEVELS: [f64; 2] = [0.5, PERCENTILE];
 
 /// An input as the detector sees it: its base-model embedding, and its raw values when small.
 #[derive(Debug, Clone)]
@@ -117,37 +130,108 @@ impl BaseDomainDetector {
             if i % 2 == 0 { r.push(o) } else { h.push(o) }
             (r, h)
         });
+        let radii = |distances: Vec<f32>| LEVELS.iter().map(|&q| percentile(distances.clone(), q)).collect::<Vec<f32>>();
         let reference_embeddings: Vec<Vec<f32>> = reference.iter().map(|o| o.embedding.clone()).collect();
-        let embedding_radius = percentile(held_out.iter().map(|o| nearest(&o.embedding, &reference_embeddings)).collect(), PERCENTILE);
+        let embedding_radii = radii(held_out.iter().map(|o| nearest(&o.embedding, &reference_embeddings)).collect());
         let raw = reference.iter().map(|o| o.raw.clone()).collect::<Option<Vec<Vec<f32>>>>().and_then(|raw_ref| {
             let distances: Option<Vec<f32>> = held_out.iter().map(|o| o.raw.as_ref().map(|x| nearest(x, &raw_ref))).collect();
-            distances.map(|d| (raw_ref, percentile(d, PERCENTILE)))
+            distances.map(|d| (raw_ref, radii(d)))
         });
-        let mut detector = BaseDomainDetector { reference_embeddings, embedding_radius, raw, base_rate: 1.0 };
+        let mut detector = BaseDomainDetector { reference_embeddings, embedding_radii, raw, base_rates: vec![1.0; LEVELS.len()] };
         let held: Vec<Observed> = held_out.into_iter().cloned().collect();
-        detector.base_rate = detector.base_like_rate(&held).max(1e-6);
+        detector.base_rates = detector.base_like_rates(&held).into_iter().map(|r| r.max(1e-6)).collect();
         Some(detector)
     }
 
-    fn is_base_like(&self, o: &Observed) -> bool {
-        let embedding_close = nearest(&o.embedding, &self.reference_embeddings) <= self.embedding_radius;
-        let raw_close = match (&self.raw, &o.raw) {
-            (Some((reference, radius)), Some(x)) => nearest(x, reference) <= *radius,
-            _ => true,
-        };
-        embedding_close && raw_close
-    }
-
-    fn base_like_rate(&self, traffic: &[Observed]) -> f64 {
-        if traffic.is_empty() {
-            return 0.0;
+    /// Per level, the share of `traffic` within that level's radii (embedding and raw).
+    fn base_like_rates(&self, traffic: &[Observed]) -> Vec<f64> {
+        let mut within = vec![0usize; LEVELS.len()];
+        for o in traffic {
+            let embedding = nearest(&o.embedding, &self.reference_embeddings);
+            let raw = match (&self.raw, &o.raw) {
+                (Some((reference, _)), Some(x)) => Some(nearest(x, reference)),
+                _ => None,
+            };
+            for (level, count) in within.iter_mut().enumerate() {
+                let raw_close = match (&self.raw, raw) {
+                    (Some((_, radii)), Some(d)) => d <= radii[level],
+                    _ => true,
+                };
+                if embedding <= self.embedding_radii[level] && raw_close {
+                    *count += 1;
+                }
+            }
         }
-        traffic.iter().filter(|o| self.is_base_like(o)).count() as f64 / traffic.len() as f64
+        within.into_iter().map(|c| if traffic.is_empty() { 0.0 } else { c as f64 / traffic.len() as f64 }).collect()
     }
 
-    /// The share of `traffic` that is base-domain input, in [0, 1].
+    /// The share of `traffic` that is base-domain input, in [0, 1]: the smallest of the levels'
+    /// rates, each against what base-domain traffic reads at that level.
     pub fn share(&self, traffic: &[Observed]) -> f64 {
-        (self.base_like_rate(traffic) / self.base_rate).clamp(0.0, 1.0)
+        self.base_like_rates(traffic).iter().zip(&self.base_rates).map(|(rate, base)| rate / base).fold(1.0f64, f64::min).clamp(0.0, 1.0)
+    }
+}
+
+/// Answers base-domain inputs with the base model: a device that still sees the base domain
+/// (a third of its cameras upright) keeps the base model's accuracy there, and the adapter
+/// serves only what moved. Decided per row from the raw input alone (no model pass): small
+/// dense inputs only, against the even rows of the bundle's retention set, within the 95th
+/// percentile of the odd rows' nearest-neighbour distances.
+#[derive(Debug)]
+pub struct BaseRouter {
+    reference: Vec<f32>,
+    width: usize,
+    radius_sq: f32,
+}
+
+impl BaseRouter {
+    /// None when the bundle's input is not a single small dense f32 tensor, or the retention
+    /// set has fewer than 8 rows.
+    pub fn from_retention(retention: &RetentionSet) -> Option<BaseRouter> {
+        let [input] = retention.inputs.as_slice() else { return None };
+        let rows = retention.len();
+        let values = input.as_f32()?;
+        if rows < 8 || values.len() % rows != 0 || values.len() / rows > MAX_RAW_VALUES {
+            return None;
+        }
+        let width = values.len() / rows;
+        let row = |i: usize| &values[i * width..(i + 1) * width];
+        let reference: Vec<f32> = (0..rows).step_by(2).flat_map(|i| row(i).iter().copied()).collect();
+        let mut router = BaseRouter { reference, width, radius_sq: f32::INFINITY };
+        let held_out: Vec<f32> = (1..rows).step_by(2).map(|i| router.nearest_sq(row(i), f32::NEG_INFINITY)).collect();
+        router.radius_sq = percentile(held_out, PERCENTILE);
+        Some(router)
+    }
+
+    /// The smallest squared distance to a reference row; stops early once one is within `enough`.
+    fn nearest_sq(&self, x: &[f32], enough: f32) -> f32 {
+        let mut best = f32::INFINITY;
+        for r in self.reference.chunks_exact(self.width) {
+            let mut d = 0.0f32;
+            for (a, b) in x.iter().zip(r) {
+                d += (a - b) * (a - b);
+                if d >= best {
+                    break;
+                }
+            }
+            best = best.min(d);
+            if best <= enough {
+                break;
+            }
+        }
+        best
+    }
+
+    /// For each row of `inputs`, whether it looks like the base domain; None when the inputs are
+    /// not the single dense tensor the router was built for.
+    pub fn base_like_rows(&self, inputs: &[HostTensor]) -> Option<Vec<bool>> {
+        let [input] = inputs else { return None };
+        let values = input.as_f32()?;
+        let rows = *input.shape.first()?;
+        if rows == 0 || values.len() != rows * self.width {
+            return None;
+        }
+        Some(values.chunks_exact(self.width).map(|x| self.nearest_sq(x, self.radius_sq) <= self.radius_sq).collect())
     }
 }
 
@@ -204,7 +288,34 @@ mod tests {
         // Close in the embedding, far in the raw input: the input decides.
         let disguised: Vec<Observed> = base.iter().zip(&moved).map(|(b, m)| Observed { embedding: b.embedding.clone(), raw: m.raw.clone() }).collect();
         assert!(detector.share(&disguised) < 0.02);
+        // Near the base domain without being it (blur): inside the outer radius, not the inner one.
+        let near: Vec<Observed> = base
+            .iter()
+            .map(|o| {
+                let v: Vec<f32> = o.embedding.iter().zip(rng.normal_vec(8, 0.25)).map(|(x, n)| x + n).collect();
+                Observed { embedding: v.clone(), raw: Some(v) }
+            })
+            .collect();
+        let outer = detector.base_like_rates(&near)[1] / detector.base_rates[1];
+        assert!(outer > 0.6 && detector.share(&near) < outer - 0.2, "outer {outer}, share {}", detector.share(&near));
         assert!(BaseDomainDetector::from_retention(&base[..4]).is_none());
+    }
+
+    #[test]
+    fn the_router_sends_base_like_rows_to_the_base_model_and_the_rest_to_the_adapter() {
+        let mut rng = SeededRng::new(5);
+        let dim = 16;
+        let rows = |rng: &mut SeededRng, centre: f32, n: usize| -> Vec<f32> { rng.normal_vec(n * dim, 0.3).into_iter().map(|x| x + centre).collect() };
+        let retention = RetentionSet { inputs: vec![HostTensor::f32(vec![200, 1, 4, 4], rows(&mut rng, 0.0, 200)).unwrap()], labels: vec![0; 200] };
+        let router = BaseRouter::from_retention(&retention).unwrap();
+        let base = HostTensor::f32(vec![300, 1, 4, 4], rows(&mut rng, 0.0, 300)).unwrap();
+        let moved = HostTensor::f32(vec![300, 1, 4, 4], rows(&mut rng, 3.0, 300)).unwrap();
+        let rate = |t: HostTensor| router.base_like_rows(&[t]).unwrap().iter().filter(|&&b| b).count() as f64 / 300.0;
+        assert!(rate(base) > 0.88, "held-out base rows go to the base model");
+        assert_eq!(rate(moved), 0.0, "moved rows go to the adapter");
+        assert!(router.base_like_rows(&[HostTensor::f32(vec![1, 3], vec![0.0; 3]).unwrap()]).is_none(), "another width is not routed");
+        let text = RetentionSet { inputs: vec![HostTensor::i64(vec![8, 4], vec![1; 32]).unwrap()], labels: vec![0; 8] };
+        assert!(BaseRouter::from_retention(&text).is_none(), "token ids are not routed by their values");
     }
 
     #[test]

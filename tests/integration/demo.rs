@@ -14,7 +14,9 @@ fn the_demo_adapts_the_model_and_writes_its_report() {
     assert!(served.len() >= 2, "at least one adapter promoted: {:?}", outcome.rows);
     let last = served.last().unwrap();
     assert!(last.rotated.unwrap() > base.rotated.unwrap() + 0.3, "sideways accuracy {:?} -> {:?}", base.rotated, last.rotated);
-    assert!(last.upright.unwrap() >= base.upright.unwrap() - 0.25, "upright accuracy {:?} -> {:?}", base.upright, last.upright);
+    // One camera is still upright: the shipped gate keeps its digits within 2 points (and a little
+    // room for measuring on unseen digits rather than the retention set the gate checks).
+    assert!(last.upright.unwrap() >= base.upright.unwrap() - 0.03, "upright accuracy {:?} -> {:?}", base.upright, last.upright);
     assert_eq!(outcome.requests_failed, 0, "no request fails across hot-swaps");
     assert!(outcome.requests_served > 0);
     assert!(outcome.succeeded());

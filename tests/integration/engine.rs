@@ -215,3 +215,50 @@ fn shutdown_answers_what_is_queued_and_then_refuses() {
     assert_eq!(kept.infer_blocking("sorter", vec![HostTensor::zeros_f32(vec![1, 1, 8, 8])]).unwrap_err(), EngineError::Stopped);
     assert_eq!(*kept.health().borrow(), Health::Stopped);
 }
+
+#[test]
+fn a_routed_adapter_answers_base_like_rows_with_the_base_model_and_the_rest_itself() {
+    let (_dir, registry, engine) = start("digits-cnn", one_thread());
+    // A LoRA adapter over the base model's own labels (routing needs all of them).
+    let mut adapter = lora_adapter(registry.bundle(), "sorter", 1, 4);
+    adapter.manifest.base_routing = true;
+    assert_eq!(registry.preview(adapter.clone()).unwrap_err().error_type(), "no_routing", "labels the base model cannot answer");
+    let dim = registry.bundle().manifest.embedding_dim;
+    let mut rng = adaptd_adapters::tensor::SeededRng::new(9);
+    adapter.manifest.labels = (0..10).map(|d| d.to_string()).collect();
+    adapter.head.layers[0].weight = HostTensor::f32(vec![10, dim], rng.normal_vec(10 * dim, 0.5)).unwrap();
+    adapter.head.layers[0].bias = HostTensor::f32(vec![10], rng.normal_vec(10, 0.1)).unwrap();
+    let routed = registry.promote(adapter.clone()).unwrap();
+    assert!(routed.route.is_some(), "the manifest's base_routing is served");
+    adapter.manifest.base_routing = false;
+    let plain = registry.preview(adapter).unwrap();
+    let digits = Digits::load(&digits_data()).unwrap();
+    let rows: Vec<usize> = digits.held_out().into_iter().take(64).collect();
+    // One request, rows interleaved: upright (the base domain) and sideways.
+    let (upright, sideways) = (digits.batch(&rows, Shift::None), digits.batch(&rows, Shift::Rotate90));
+    let width = 64;
+    let mixed: Vec<f32> = (0..rows.len()).flat_map(|i| {
+        let from = if i % 2 == 0 { &upright } else { &sideways };
+        from.as_f32().unwrap()[i * width..(i + 1) * width].to_vec()
+    }).collect();
+    let mixed = HostTensor::f32(vec![rows.len(), 1, 8, 8], mixed).unwrap();
+    let served = engine.handle.infer_blocking("sorter", vec![mixed.clone()]).unwrap();
+    let base = runtime().block_on(engine.handle.evaluate(registry.base("sorter"), vec![mixed.clone()])).unwrap();
+    let adapter_alone = runtime().block_on(engine.handle.evaluate(plain, vec![mixed])).unwrap();
+
+    let routed_upright = served.iter().step_by(2).filter(|p| p.base_routed).count();
+    let routed_sideways = served.iter().skip(1).step_by(2).filter(|p| p.base_routed).count();
+    assert!(routed_upright >= 28, "most upright rows go to the base model: {routed_upright} of 32");
+    assert!(routed_sideways <= 2, "sideways rows stay with the adapter: {routed_sideways} of 32 routed");
+    for (i, p) in served.iter().enumerate() {
+        let expected = if p.base_routed { &base[i] } else { &adapter_alone[i] };
+        assert_eq!(p.label, expected.label, "row {i}");
+        assert!(p.scores.iter().zip(&expected.scores).all(|(a, b)| (a - b).abs() < 1e-5), "row {i}: {:?} vs {:?}", p.scores, expected.scores);
+        assert_eq!(p.adapter, "sorter@v1", "the routed adapter is what serves");
+    }
+    engine.shutdown();
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}

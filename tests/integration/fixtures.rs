@@ -32,6 +32,7 @@ pub fn head_adapter(bundle: &Bundle, task: &str, version: u64, seed: u64) -> Ada
         created_unix_ms: 1_700_000_000_000,
         decision: None,
         promoted_unix_ms: None,
+        base_routing: false,
         files: Default::default(),
     };
     Adapter { manifest, head, lora: None }

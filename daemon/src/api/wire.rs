@@ -148,6 +148,9 @@ pub struct JsonPrediction<'a> {
     pub scores: BTreeMap<&'a str, f32>,
     pub adapter: &'a str,
     pub adapter_version: u64,
+    /// Present (true) when a routed adapter answered this row with the base model.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub base_routed: bool,
 }
 
 /// `{"predictions": [{"label", "class_index", "scores": {label: score}, "adapter", "adapter_version"}]}`
@@ -160,6 +163,7 @@ pub fn encode_predictions(preds: &[Prediction]) -> Vec<u8> {
             scores: p.labels.iter().map(String::as_str).zip(p.scores.iter().copied()).collect(),
             adapter: &p.adapter,
             adapter_version: p.adapter_version,
+            base_routed: p.base_routed,
         })
         .collect();
     serde_json::to_vec(&serde_json::json!({ "predictions": items })).expect("predictions serialize")

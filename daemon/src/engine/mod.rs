@@ -88,6 +88,8 @@ pub struct Prediction {
     /// `task@vN` of the adapter that served this row (v0: the base model).
     pub adapter: String,
     pub adapter_version: u64,
+    /// The adapter routed this row, which looked like the base domain, to the base model.
+    pub base_routed: bool,
     /// The backbone's embedding of the row, when asked for ([`EngineHandle::evaluate`]).
     pub embedding: Option<Vec<f32>>,
 }
@@ -464,49 +466,95 @@ fn serve(model: &mut OnnxModel, registry: &Registry, rx: &Receiver<Command>, con
     }
 }
 
-/// Requests that share one LoRA, each with the adapter snapshot it is served with.
-type LoraGroup = (Arc<LoraInputs>, Vec<(Request, Arc<Serving>)>);
+/// Rows of one request served one way: all of them, or those a routed adapter sends to the
+/// base model (`base_view`) or keeps.
+struct Part {
+    request: usize,
+    /// None: every row of the request, in order.
+    rows: Option<Vec<usize>>,
+    serving: Arc<Serving>,
+    base_view: bool,
+}
 
-/// Serve one micro-batch: each task's adapter is read once, and requests whose adapters share a
-/// LoRA (all head-only adapters share the base's) run in one graph call.
+/// Parts that share one LoRA run in one graph call.
+type LoraGroup = (Arc<LoraInputs>, Vec<Part>);
+
+/// Serve one micro-batch: each task's adapter is read once, and parts whose adapters share a
+/// LoRA (all head-only adapters share the base's) run in one graph call. A routed adapter's
+/// base-like rows join the base model's call.
 fn run_batch(model: &mut OnnxModel, registry: &Registry, cache: &mut LoraCache, batch: Vec<Request>, stats: &EngineStats) {
     let mut snapshots: HashMap<String, Option<Arc<Serving>>> = HashMap::new();
     let mut groups: Vec<LoraGroup> = Vec::new();
-    for req in batch {
+    let mut answers: Vec<Result<Vec<Option<Prediction>>, EngineError>> = batch.iter().map(|r| Ok(vec![None; r.rows])).collect();
+    let mut add = |lora: &Arc<LoraInputs>, part: Part| match groups.iter_mut().find(|(l, _)| l.key == lora.key) {
+        Some((_, parts)) => parts.push(part),
+        None => groups.push((lora.clone(), vec![part])),
+    };
+    for (request, req) in batch.iter().enumerate() {
         let serving = match &req.adapter {
             Some(pinned) => Some(pinned.clone()),
             None => snapshots.entry(req.task.clone()).or_insert_with(|| registry.current(&req.task)).clone(),
         };
         let Some(serving) = serving else {
             stats.refused.fetch_add(1, Ordering::Relaxed);
-            let _ = req.reply.send(Err(EngineError::UnknownTask(req.task.clone())));
+            answers[request] = Err(EngineError::UnknownTask(req.task.clone()));
             continue;
         };
-        match groups.iter_mut().find(|(lora, _)| lora.key == serving.lora.key) {
-            Some((_, members)) => members.push((req, serving)),
-            None => groups.push((serving.lora.clone(), vec![(req, serving)])),
+        let base_like = serving.route.as_ref().and_then(|route| route.router.base_like_rows(&req.inputs).map(|rows| (route.base_lora.clone(), rows)));
+        match base_like {
+            Some((base_lora, rows)) if rows.iter().any(|&b| b) => {
+                let (to_base, to_adapter): (Vec<usize>, Vec<usize>) = (0..rows.len()).partition(|&r| rows[r]);
+                if !to_adapter.is_empty() {
+                    add(&serving.lora, Part { request, rows: Some(to_adapter), serving: serving.clone(), base_view: false });
+                }
+                let rows = (to_base.len() < rows.len()).then_some(to_base);
+                add(&base_lora, Part { request, rows, serving, base_view: true });
+            }
+            _ => add(&serving.lora.clone(), Part { request, rows: None, serving, base_view: false }),
         }
     }
-    for (lora, members) in groups {
-        let rows: usize = members.iter().map(|(r, _)| r.rows).sum();
-        let _span = tracing::debug_span!("batch", rows, requests = members.len(), lora = lora.key).entered();
-        let outputs = cache
-            .get(model, &lora)
-            .and_then(|values| model.run_prepared(concat_inputs(members.iter().map(|(r, _)| r.inputs.as_slice())), &values));
+    for (lora, parts) in groups {
+        let picked: Vec<Option<Vec<HostTensor>>> = parts.iter().map(|p| p.rows.as_deref().map(|rows| pick_rows(&batch[p.request].inputs, rows))).collect();
+        let inputs = parts.iter().zip(&picked).map(|(p, own)| own.as_deref().unwrap_or(batch[p.request].inputs.as_slice()));
+        let rows: usize = parts.iter().map(|p| p.rows.as_ref().map_or(batch[p.request].rows, Vec::len)).sum();
+        let _span = tracing::debug_span!("batch", rows, parts = parts.len(), lora = lora.key).entered();
+        let outputs = cache.get(model, &lora).and_then(|values| model.run_prepared(concat_inputs(inputs), &values));
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
         stats.batch_rows.observe(rows as f64);
         match outputs {
-            Ok(outputs) => answer(model.bundle().manifest.clone(), &outputs, members, stats),
+            Ok(outputs) => answer(&model.bundle().manifest, &outputs, &parts, &batch, &mut answers),
             Err(e) => {
-                let err = EngineError::Runtime(e.to_string());
                 tracing::error!(error = %e, rows, "batch failed");
-                for (req, _) in members {
-                    let _ = req.reply.send(Err(err.clone()));
+                for part in &parts {
+                    answers[part.request] = Err(EngineError::Runtime(e.to_string()));
                 }
             }
         }
     }
+    for (req, answer) in batch.into_iter().zip(answers) {
+        let _enter = req.span.enter();
+        let reply = match answer {
+            Ok(rows) => rows.into_iter().collect::<Option<Vec<Prediction>>>().ok_or_else(|| EngineError::Runtime("a row was left unanswered".into())),
+            Err(e) => Err(e),
+        };
+        // Validation traffic is not what clients see; only serving requests count.
+        if req.adapter.is_none() && !matches!(reply, Err(EngineError::UnknownTask(_))) {
+            stats.record_latency(req.submitted.elapsed().as_secs_f32() * 1e3);
+        }
+        let _ = req.reply.send(reply);
+    }
+}
+
+/// The chosen rows of a request's inputs, in order.
+fn pick_rows(inputs: &[HostTensor], rows: &[usize]) -> Vec<HostTensor> {
+    inputs
+        .iter()
+        .map(|t| {
+            let picked: Vec<HostTensor> = rows.iter().map(|&r| t.rows(r, r + 1)).collect();
+            concat_inputs(picked.iter().map(std::slice::from_ref)).swap_remove(0)
+        })
+        .collect()
 }
 
 /// Concatenate requests along the batch axis; text inputs (i64 `[rows, seq]`) of different
@@ -545,54 +593,75 @@ pub fn concat_inputs<'a>(requests: impl Iterator<Item = &'a [HostTensor]> + Clon
         .collect()
 }
 
-fn answer(manifest: Manifest, outputs: &[HostTensor], members: Vec<(Request, Arc<Serving>)>, stats: &EngineStats) {
+/// Fill in the answers of a group's parts from its graph outputs (rows in part order).
+fn answer(manifest: &Manifest, outputs: &[HostTensor], parts: &[Part], batch: &[Request], answers: &mut [Result<Vec<Option<Prediction>>, EngineError>]) {
     let emb_index = manifest.output_index(&manifest.embedding_output).expect("manifest checked");
     let logits_index = manifest.logits_output.as_ref().and_then(|n| manifest.output_index(n));
     let dim = manifest.embedding_dim;
     let embeddings = outputs[emb_index].as_f32().expect("f32 output");
     let mut row = 0;
-    for (req, serving) in members {
-        let _enter = req.span.enter();
-        let n = req.rows;
-        let result = match (&serving.head, logits_index) {
-            (Some(head), _) => Ok(head.forward(&embeddings[row * dim..(row + n) * dim], n)),
-            (None, Some(li)) => {
-                let classes = outputs[li].shape[1];
-                Ok(outputs[li].as_f32().expect("f32 output")[row * classes..(row + n) * classes].to_vec())
+    for part in parts {
+        let req = &batch[part.request];
+        let serving = &part.serving;
+        let n = part.rows.as_ref().map_or(req.rows, Vec::len);
+        let base_logits = |li: usize| {
+            let classes = outputs[li].shape[1];
+            outputs[li].as_f32().expect("f32 output")[row * classes..(row + n) * classes].to_vec()
+        };
+        let result = match (&serving.head, logits_index, &serving.route) {
+            (Some(_), Some(li), Some(route)) if part.base_view => {
+                // The base classifier's scores, in the adapter's label order (0 for labels the
+                // base model does not know, which then cannot win on base-like rows).
+                let base = base_logits(li);
+                let base_classes = outputs[li].shape[1];
+                let mut logits = vec![f32::NEG_INFINITY; n * serving.labels.len()];
+                for r in 0..n {
+                    for (j, b) in route.base_index.iter().enumerate() {
+                        if let Some(b) = b {
+                            logits[r * serving.labels.len() + j] = base[r * base_classes + b];
+                        }
+                    }
+                }
+                Ok(logits)
             }
-            (None, None) if req.with_embedding => Ok(Vec::new()),
-            (None, None) => Err(EngineError::NoClassifier(serving.task.clone())),
+            (Some(head), _, _) => Ok(head.forward(&embeddings[row * dim..(row + n) * dim], n)),
+            (None, Some(li), _) => Ok(base_logits(li)),
+            (None, None, _) if req.with_embedding => Ok(Vec::new()),
+            (None, None, _) => Err(EngineError::NoClassifier(serving.task.clone())),
         };
         let embedding_rows = req.with_embedding.then(|| embeddings[row * dim..(row + n) * dim].chunks_exact(dim).map(<[f32]>::to_vec).collect::<Vec<_>>());
         row += n;
-        let reply = result.map(|mut logits| {
-            let classes = serving.labels.len().max(1);
-            if logits.is_empty() {
-                logits = vec![f32::NAN; n * classes];
-            } else {
-                softmax_rows(&mut logits, classes);
+        let slots = match &mut answers[part.request] {
+            Ok(slots) => slots,
+            Err(_) => continue,
+        };
+        let logits = match result {
+            Ok(logits) => logits,
+            Err(e) => {
+                answers[part.request] = Err(e);
+                continue;
             }
-            logits
-                .chunks_exact(classes)
-                .enumerate()
-                .map(|(i, scores)| {
-                    let class_index = scores.iter().enumerate().fold(0, |best, (i, &s)| if s > scores[best] { i } else { best });
-                    Prediction {
-                        label: serving.labels.get(class_index).cloned().unwrap_or_default(),
-                        class_index,
-                        scores: scores.to_vec(),
-                        labels: serving.labels.clone(),
-                        adapter: serving.adapter_id(),
-                        adapter_version: serving.version,
-                        embedding: embedding_rows.as_ref().map(|e| e[i].clone()),
-                    }
-                })
-                .collect()
-        });
-        // Validation traffic is not what clients see; only serving requests count.
-        if req.adapter.is_none() {
-            stats.record_latency(req.submitted.elapsed().as_secs_f32() * 1e3);
+        };
+        let classes = serving.labels.len().max(1);
+        let mut logits = logits;
+        if logits.is_empty() {
+            logits = vec![f32::NAN; n * classes];
+        } else {
+            softmax_rows(&mut logits, classes);
         }
-        let _ = req.reply.send(reply);
+        for (i, scores) in logits.chunks_exact(classes).enumerate() {
+            let class_index = scores.iter().enumerate().fold(0, |best, (i, &s)| if s > scores[best] { i } else { best });
+            let slot = part.rows.as_ref().map_or(i, |rows| rows[i]);
+            slots[slot] = Some(Prediction {
+                label: serving.labels.get(class_index).cloned().unwrap_or_default(),
+                class_index,
+                scores: scores.to_vec(),
+                labels: serving.labels.clone(),
+                adapter: serving.adapter_id(),
+                adapter_version: serving.version,
+                base_routed: part.base_view,
+                embedding: embedding_rows.as_ref().map(|e| e[i].clone()),
+            });
+        }
     }
 }
