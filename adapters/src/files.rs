@@ -71,6 +71,16 @@ pub enum AdapterKind {
     Lora,
 }
 
+impl AdapterKind {
+    /// `head` or `lora`, as manifests and events write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            AdapterKind::Head => "head",
+            AdapterKind::Lora => "lora",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoraInfo {
@@ -94,13 +104,8 @@ impl BaseRef {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SampleCounts {
-    pub train: u64,
-    pub validation: u64,
-    pub holdout: u64,
-}
+/// How many samples of each split trained an adapter (the events carry the same figures).
+pub use adaptd_protocol::event::SampleCounts;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -351,15 +351,7 @@ pub struct Progress {
     pub learning_rate: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct EpochRecord {
-    pub epoch: usize,
-    pub train_loss: f32,
-    /// NaN when there are no validation samples.
-    pub val_loss: f32,
-    pub val_accuracy: f32,
-    pub seconds: f64,
-}
+pub use adaptd_protocol::event::EpochRecord;
 
 #[derive(Debug, Clone)]
 pub struct FitReport {

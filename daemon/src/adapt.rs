@@ -26,13 +26,15 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::engine::{EngineHandle, Prediction, concat_inputs};
 use crate::events::{Events, Journal, now_ms};
+use adaptd_protocol::Event;
+use adaptd_protocol::event::{JobRecord, TrainingSummary};
 use crate::gate::{self, Evidence, GateConfig};
 use crate::preprocess::TextEncoder;
 use crate::registry::{Registry, Serving};
 use crate::resources::{Monitor, ResourceLimits};
 use crate::samples::{SampleInput, SampleStore, Split, SplitPolicy, StoredSample};
 use crate::traffic::{BaseDomainDetector, Observed};
-use crate::scheduler::{Action, Observation, Outcome, Scheduler, SchedulerConfig, State, Trigger};
+use crate::scheduler::{Action, Observation, Outcome, Scheduler, SchedulerConfig, SchedulerState, Trigger};
 use crate::trainer::{JobKind, TrainJob, Trainer};
 
 #[derive(Debug, Clone)]
@@ -140,7 +142,7 @@ pub struct Command {
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub task: String,
-    pub scheduler: State,
+    pub scheduler: SchedulerState,
     pub serving_version: u64,
     pub jobs: BTreeMap<String, u64>,
     pub last_decision: Option<String>,
@@ -230,7 +232,7 @@ pub async fn run(ctx: Context, mut configs: watch::Receiver<AdaptConfig>, mut co
         if config.store_budget_bytes > 0 {
             let e = lock(&store).evict_to_budget(&task, config.store_budget_bytes, config.reservoir_per_class)?;
             if e.evicted > 0 || (e.at_reservoir && !over_budget_reported) {
-                ctx.events.emit("samples_evicted", &task, json!({ "evicted": e.evicted, "bytes": e.bytes, "budget_bytes": config.store_budget_bytes, "at_reservoir": e.at_reservoir }));
+                ctx.events.emit(&task, Event::SamplesEvicted { evicted: e.evicted as u64, bytes: e.bytes as u64, budget_bytes: config.store_budget_bytes as u64, at_reservoir: e.at_reservoir });
             }
             over_budget_reported = e.at_reservoir;
         }
@@ -259,7 +261,7 @@ pub async fn run(ctx: Context, mut configs: watch::Receiver<AdaptConfig>, mut co
         publish_status(&status, &task, &scheduler, &ctx, &jobs, &last_decision, None);
         let Some(Action::Start(trigger)) = action else {
             if let Some(reply) = operator_request.take()
-                && let State::Collecting { waiting_for } | State::Backoff { reason: waiting_for, .. } = scheduler.state()
+                && let SchedulerState::Collecting { waiting_for } | SchedulerState::Backoff { reason: waiting_for, .. } = scheduler.state()
             {
                 let _ = reply.send(Err(format!("not training now: {waiting_for}")));
             }
@@ -307,7 +309,7 @@ pub async fn run(ctx: Context, mut configs: watch::Receiver<AdaptConfig>, mut co
             }
             JobResult::Rejected(summary) => (Outcome::Rejected, summary, "rejected"),
             JobResult::Deferred(reason) => {
-                ctx.events.emit("training_deferred", &task, json!({ "reason": reason }));
+                ctx.events.emit(&task, Event::TrainingDeferred { reason: reason.clone() });
                 (Outcome::Deferred(reason.clone()), reason, "deferred")
             }
             JobResult::Failed(reason) => (Outcome::Failed(reason.clone()), reason, "failed"),
@@ -327,18 +329,22 @@ pub async fn run(ctx: Context, mut configs: watch::Receiver<AdaptConfig>, mut co
 fn announce_interrupted_promotion(ctx: &Context, task: &str, serving: &Serving) {
     let Some(manifest) = serving.manifest.as_ref().filter(|m| m.promoted_unix_ms.is_some()) else { return };
     let recorded = match ctx.journal.read(task) {
-        Ok((records, _)) => records.iter().any(|r| r["version"] == serving.version && (r["event"] == "job" || r["event"] == "promoted")),
+        Ok((records, _)) => records.iter().any(|r| matches!(r.event, Event::Job(_) | Event::Promoted { .. }) && r.event.version() == Some(serving.version)),
         Err(_) => true, // unreadable: say nothing rather than something wrong
     };
     if !recorded {
         let event = ctx.events.emit(
-            "promoted",
             task,
-            json!({ "version": serving.version, "from_version": manifest.parent_version.unwrap_or(0), "recovered": true, "reason": "the promotion finished before a crash; its record is written now" }),
+            Event::Promoted {
+                version: serving.version,
+                from_version: manifest.parent_version.unwrap_or(0),
+                holdout_accuracy: manifest.metrics.get("holdout_accuracy").copied(),
+                incumbent_holdout_accuracy: manifest.metrics.get("incumbent_holdout_accuracy").copied(),
+                recovered: true,
+                reason: Some("the promotion finished before a crash; its record is written now".into()),
+            },
         );
-        if let Err(e) = ctx.journal.append(task, &event) {
-            tracing::warn!(task, error = %e, "could not write the journal");
-        }
+        ctx.journal.record(&event);
     }
 }
 
@@ -351,7 +357,7 @@ fn act_on(ctx: &Context, store: &Mutex<SampleStore>, task: &str, fresh: &mut Fre
         CommandKind::TrainNow => return Some(reply),
         CommandKind::Rollback => rollback(ctx, task, fresh, "operator", &by),
         CommandKind::Pin(version) => ctx.registry.pin(task, version).map_err(|e| operator_error(ctx, &e)).map(|s| {
-            ctx.events.emit("pinned", task, json!({ "version": s.version, "by": by }));
+            ctx.events.emit(task, Event::Pinned { version: s.version, by: by.clone() });
             *fresh = Fresh { after_id: lock(store).last_id(task).unwrap_or(fresh.after_id), live_version: s.version, live: (0, 0), previous: None };
             if s.version == 0 { format!("{task} serves the base model (pinned)") } else { format!("{} pinned", s.adapter_id()) }
         }),
@@ -533,7 +539,7 @@ async fn track_fresh(ctx: &Context, store: &Mutex<SampleStore>, task: &str, fres
                 Err(e) => tracing::error!(task, error = %e, "automatic rollback failed"),
             }
         } else if fresh.live.1 >= config.watch_max_samples {
-            ctx.events.emit("watch_passed", task, json!({ "version": live.version, "fresh_samples": fresh.live.1, "accuracy": new_acc, "previous_accuracy": old_acc }));
+            ctx.events.emit(task, Event::WatchPassed { version: live.version, fresh_samples: fresh.live.1, accuracy: new_acc, previous_accuracy: old_acc });
             fresh.previous = None;
         }
     }
@@ -543,10 +549,8 @@ async fn track_fresh(ctx: &Context, store: &Mutex<SampleStore>, task: &str, fres
 fn rollback(ctx: &Context, task: &str, fresh: &mut Fresh, reason: &str, by: &str) -> Result<String, String> {
     let from = ctx.registry.current(task).map_or(0, |s| s.version);
     let (serving, _) = ctx.registry.rollback(task).map_err(|e| operator_error(ctx, &e))?;
-    let event = ctx.events.emit("rolled_back", task, json!({ "from_version": from, "to_version": serving.version, "reason": reason, "by": by }));
-    if let Err(e) = ctx.journal.append(task, &event) {
-        tracing::warn!(task, error = %e, "could not write the journal");
-    }
+    let event = ctx.events.emit(task, Event::RolledBack { from_version: from, to_version: serving.version, reason: reason.to_string(), by: by.to_string() });
+    ctx.journal.record(&event);
     *fresh = Fresh { after_id: fresh.after_id, live_version: serving.version, live: (0, 0), previous: None };
     Ok(format!("rolled {task} back from v{from} to v{}: {reason}", serving.version))
 }
@@ -734,9 +738,17 @@ async fn run_job(
         if step == 0 {
             let escalation: Vec<String> = ladder.iter().map(JobKind::label).collect();
             ctx.events.emit(
-                "training_started",
                 task,
-                json!({ "version": version, "kind": kind.name(), "trigger": trigger, "device": ctx.trainer.device(), "samples": prepared.counts, "labels": prepared.labels, "notes": prepared.notes, "escalation": escalation }),
+                Event::TrainingStarted {
+                    version,
+                    kind: kind.name().into(),
+                    trigger,
+                    device: ctx.trainer.device().into(),
+                    samples: prepared.counts.clone(),
+                    labels: prepared.labels.clone(),
+                    notes: prepared.notes.clone(),
+                    escalation,
+                },
             );
         }
         let attempt_started = std::time::Instant::now();
@@ -762,13 +774,20 @@ async fn run_job(
             if improved { ", the best so far" } else { ", no better than the best so far" }
         );
         let event = ctx.events.emit(
-            "training_attempt",
             task,
-            json!({ "version": version, "step": step + 1, "steps": ladder.len(), "kind": kind.label(), "val_accuracy": attempt.val_accuracy, "val_loss": attempt.val_loss, "seconds": attempt.seconds, "best_so_far": improved, "reason": reason }),
+            Event::TrainingAttempt {
+                version,
+                step: step + 1,
+                steps: ladder.len(),
+                kind: kind.label(),
+                val_accuracy: attempt.val_accuracy as f32,
+                val_loss: attempt.val_loss as f32,
+                seconds: attempt.seconds,
+                best_so_far: improved,
+                reason,
+            },
         );
-        if let Err(e) = ctx.journal.append(task, &event) {
-            tracing::warn!(task, error = %e, "could not write the journal");
-        }
+        ctx.journal.record(&event);
         if improved {
             best = Some(attempt);
         }
@@ -789,7 +808,7 @@ async fn run_job(
                 break;
             }
             None => {
-                ctx.events.emit("training_escalated", task, json!({ "version": version, "from": kind.label(), "to": next.label(), "val_accuracy": best_accuracy, "until": config.escalate_until }));
+                ctx.events.emit(task, Event::TrainingEscalated { version, from: kind.label(), to: next.label(), val_accuracy: best_accuracy as f32, until: config.escalate_until });
             }
         }
     }
@@ -797,17 +816,24 @@ async fn run_job(
     scheduler.training_done();
     let seconds = started.elapsed().as_secs_f64();
     ctx.events.emit(
-        "training_finished",
         task,
-        json!({ "version": version, "seconds": seconds, "epochs": report.epochs.len(), "best_epoch": report.best_epoch + 1, "stopped_early": report.stopped_early, "samples_per_second": report.samples_per_second, "batch_size": report.batch_size }),
+        Event::TrainingFinished {
+            version,
+            seconds,
+            epochs: report.epochs.len(),
+            best_epoch: report.best_epoch + 1,
+            stopped_early: report.stopped_early,
+            samples_per_second: report.samples_per_second,
+            batch_size: report.batch_size,
+        },
     );
     match gate_and_promote(ctx, config, store, &incumbent, version, labels, counts, notes, trigger, report, base_domain, seconds).await {
         Ok((true, summary)) => JobResult::Promoted(summary, incumbent),
         Ok((false, summary)) => JobResult::Rejected(summary),
         Err(GateError { error_type: "superseded", reason }) => cancelled(ctx, task, version, reason),
         Err(GateError { error_type, reason }) => {
-            let event = ctx.events.emit("training_failed", task, json!({ "version": version, "error_type": error_type, "reason": reason }));
-            let _ = ctx.journal.append(task, &event);
+            let event = ctx.events.emit(task, Event::TrainingFailed { version, kind: None, error_type: error_type.to_string(), reason: reason.clone() });
+            ctx.journal.record(&event);
             JobResult::Failed(reason)
         }
     }
@@ -840,7 +866,7 @@ async fn train_attempt(
             _ = &mut *shutdown => {
                 handle.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
                 let _ = (&mut handle.done).await;
-                ctx.events.emit("training_cancelled", task, json!({ "version": version, "reason": "shutting down; the candidate is discarded" }));
+                ctx.events.emit(task, Event::TrainingCancelled { version, reason: "shutting down; the candidate is discarded".into() });
                 return Err(JobResult::ShutDown);
             }
             p = handle.progress.recv() => if let Some(p) = p
@@ -849,18 +875,18 @@ async fn train_attempt(
                 last_progress = std::time::Instant::now();
                 let elapsed = started.elapsed().as_secs_f64();
                 let eta = elapsed / p.step.max(1) as f64 * (p.total_steps - p.step) as f64;
-                ctx.events.emit("training_progress", task, json!({ "version": version, "kind": config.kind.label(), "epoch": p.epoch + 1, "epochs": p.max_epochs, "step": p.step, "steps": p.total_steps, "loss": p.loss, "eta_s": eta }));
+                ctx.events.emit(task, Event::TrainingProgress { version, kind: config.kind.label(), epoch: p.epoch + 1, epochs: p.max_epochs, step: p.step, steps: p.total_steps, loss: p.loss, eta_s: eta });
                 publish_status(status, task, scheduler, ctx, jobs, last_decision, Some((p.step, p.total_steps)));
             },
             _ = ticker.tick() => {
                 match scheduler.observe(&Observation { now_ms: now_ms(), serving_p99_ms: ctx.engine.stats().recent_p99_ms(), ..Observation::default() }) {
                     Some(Action::Pause { reason }) => {
                         handle.pause.store(true, std::sync::atomic::Ordering::Relaxed);
-                        ctx.events.emit("training_paused", task, json!({ "version": version, "reason": reason }));
+                        ctx.events.emit(task, Event::TrainingPaused { version, reason });
                     }
                     Some(Action::Resume) => {
                         handle.pause.store(false, std::sync::atomic::Ordering::Relaxed);
-                        ctx.events.emit("training_resumed", task, json!({ "version": version }));
+                        ctx.events.emit(task, Event::TrainingResumed { version });
                     }
                     _ => {}
                 }
@@ -880,8 +906,8 @@ async fn train_attempt(
                 Ok(Ok(report)) => Ok(report),
                 Ok(Err(e)) => {
                     let reason = format!("{} ({}): the candidate is discarded, v{} keeps serving", e, e.error_type(), incumbent.version);
-                    let event = ctx.events.emit("training_failed", task, json!({ "version": version, "kind": config.kind.label(), "error_type": e.error_type(), "reason": reason }));
-                    let _ = ctx.journal.append(task, &event);
+                    let event = ctx.events.emit(task, Event::TrainingFailed { version, kind: Some(config.kind.label()), error_type: e.error_type().to_string(), reason: reason.clone() });
+                    ctx.journal.record(&event);
                     Err(JobResult::Failed(reason))
                 }
                 Err(_) => Err(JobResult::Failed("the trainer stopped".into())),
@@ -918,10 +944,8 @@ impl Attempt {
 
 /// A job an operator overtook: announced, journalled, its candidate discarded.
 fn cancelled(ctx: &Context, task: &str, version: u64, reason: String) -> JobResult {
-    let event = ctx.events.emit("training_cancelled", task, json!({ "version": version, "reason": reason }));
-    if let Err(e) = ctx.journal.append(task, &event) {
-        tracing::warn!(task, error = %e, "could not write the journal");
-    }
+    let event = ctx.events.emit(task, Event::TrainingCancelled { version, reason: reason.clone() });
+    ctx.journal.record(&event);
     JobResult::Cancelled(reason)
 }
 
@@ -1137,31 +1161,32 @@ async fn gate_and_promote(
         metrics.insert("retention_accuracy".into(), after);
         metrics.insert("incumbent_retention_accuracy".into(), before);
     }
-    let record = json!({
-        "version": version,
-        "incumbent_version": incumbent.version,
-        "kind": adapter.manifest.kind,
-        "trigger": trigger,
-        "promote": decision.promote,
-        "summary": decision.summary,
-        "checks": decision.checks,
-        "evidence": evidence,
-        "notes": notes,
-        "samples": adapter.manifest.samples,
-        "training": { "epochs": report.epochs, "best_epoch": report.best_epoch, "stopped_early": report.stopped_early, "steps": report.steps, "batch_size": report.batch_size, "losses": report.losses, "seconds": train_seconds },
-    });
+    let job = JobRecord {
+        version,
+        incumbent_version: incumbent.version,
+        kind: adapter.manifest.kind.name().into(),
+        trigger,
+        promote: decision.promote,
+        summary: decision.summary.clone(),
+        checks: decision.checks.clone(),
+        evidence: evidence.clone(),
+        notes,
+        samples: adapter.manifest.samples.clone(),
+        training: TrainingSummary {
+            best_epoch: report.best_epoch,
+            stopped_early: report.stopped_early,
+            steps: report.steps,
+            batch_size: report.batch_size,
+            seconds: train_seconds,
+            epochs: Vec::new(),
+            losses: Vec::new(),
+        },
+    };
     adapter.manifest.metrics = metrics;
     adapter.manifest.decision = Some(json!({ "promote": decision.promote, "summary": decision.summary, "checks": decision.checks, "trigger": trigger }));
-    // The event carries the decision and its figures; the journal also keeps the loss curve.
-    let mut published = record.clone();
-    if let Some(training) = published.get_mut("training").and_then(|t| t.as_object_mut()) {
-        training.remove("losses");
-        training.remove("epochs");
-    }
-    let mut event = ctx.events.emit("gate_decision", task, published);
-    if let (Some(e), Some(training)) = (event.as_object_mut(), record.get("training")) {
-        e.insert("training".into(), training.clone());
-    }
+    // The event carries the decision and its figures; the journal also keeps the loss curves.
+    let mut journalled = ctx.events.emit(task, Event::GateDecision(job.clone()));
+    journalled.event = Event::Job(JobRecord { training: TrainingSummary { epochs: report.epochs.clone(), losses: report.losses.clone(), ..job.training }, ..job });
     // The gate compared against the incumbent; if something else serves now (an operator acted
     // while the candidate was evaluated), the comparison no longer holds.
     let serving_now = ctx.registry.current(task).map_or(0, |s| s.version);
@@ -1178,13 +1203,18 @@ async fn gate_and_promote(
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| GateError { error_type: e.error_type(), reason: format!("promotion failed: {}", operator_error(ctx, &e)) })?;
-        ctx.events.emit("promoted", task, json!({ "version": promoted.version, "from_version": incumbent.version, "holdout_accuracy": evidence.candidate.accuracy, "incumbent_holdout_accuracy": evidence.incumbent.accuracy }));
+        ctx.events.emit(
+            task,
+            Event::Promoted {
+                version: promoted.version,
+                from_version: incumbent.version,
+                holdout_accuracy: Some(evidence.candidate.accuracy),
+                incumbent_holdout_accuracy: Some(evidence.incumbent.accuracy),
+                recovered: false,
+                reason: None,
+            },
+        );
     }
-    if let Some(e) = event.as_object_mut() {
-        e.insert("event".into(), json!("job"));
-    }
-    if let Err(e) = ctx.journal.append(task, &event) {
-        tracing::warn!(task, error = %e, "could not write the journal");
-    }
+    ctx.journal.record(&journalled);
     Ok((decision.promote, decision.summary))
 }

@@ -206,7 +206,7 @@ impl Default for Config {
             state_dir: PathBuf::from("/var/lib/adaptd"),
             engine: EngineSection { max_batch: 32, max_wait_ms: 0, queue_depth: 1024, intra_op_threads: 2, execution_provider: ExecutionProvider::Cpu, device_id: 0, fallback_to_cpu: false },
             http: HttpSection { listen: SocketAddr::from(([127, 0, 0, 1], 8080)), max_request_bytes: crate::api::DEFAULT_MAX_REQUEST_BYTES },
-            mqtt: MqttSection { host: String::new(), port: 1883, device_id: "adaptd".into(), topic_prefix: "adaptd/v1".into(),
+            mqtt: MqttSection { host: String::new(), port: 1883, device_id: "adaptd".into(), topic_prefix: adaptd_protocol::topics::DEFAULT_PREFIX.into(),
                 inference_api: true,
                 username: String::new(),
                 password_file: PathBuf::new(),

@@ -31,7 +31,10 @@ use crate::serve::ServeConfig;
 
 const TASK: &str = "sorter";
 const DEVICE: &str = "cell-7";
-const PREFIX: &str = "adaptd/v1";
+
+fn topics() -> adaptd_protocol::Topics {
+    adaptd_protocol::Topics::new(adaptd_protocol::topics::DEFAULT_PREFIX, DEVICE)
+}
 
 #[derive(Debug, Clone)]
 pub struct DemoConfig {
@@ -132,7 +135,7 @@ async fn robot(name: String, port: u16, items: Vec<Vec<u8>>, rate: f64, acked_to
     options.set_keep_alive(Duration::from_secs(10)).set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     let total = items.len() as u64;
-    let topic = format!("{PREFIX}/{DEVICE}/samples/{TASK}");
+    let topic = topics().task(adaptd_protocol::topics::Channel::Samples, TASK);
     let publisher = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.1)));
         for item in items {
@@ -170,7 +173,7 @@ async fn watch_events(port: u16, to_console: std_mpsc::Sender<Value>) {
     let mut options = MqttOptions::new("demo-console", "127.0.0.1", port);
     options.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = AsyncClient::new(options, 64);
-    let _ = client.subscribe(format!("{PREFIX}/{DEVICE}/events"), QoS::AtLeastOnce).await;
+    let _ = client.subscribe(topics().events(), QoS::AtLeastOnce).await;
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -181,7 +184,7 @@ async fn watch_events(port: u16, to_console: std_mpsc::Sender<Value>) {
                 }
             }
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                let _ = client.subscribe(format!("{PREFIX}/{DEVICE}/events"), QoS::AtLeastOnce).await;
+                let _ = client.subscribe(topics().events(), QoS::AtLeastOnce).await;
             }
             Ok(_) => {}
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,

@@ -1,4 +1,4 @@
-//! Operator-facing events: one JSON object each, logged, published on
+//! Operator-facing events (`adaptd_protocol::Event`): one JSON object each, logged, published on
 //! `{prefix}/{device}/events` (QoS 1) when a broker is configured, and — for training outcomes —
 //! appended to the task's journal (`<state>/journal/<task>.jsonl`), which `adaptd report` reads.
 
@@ -7,30 +7,29 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use adaptd_protocol::{Event, EventRecord};
 use rumqttc::{AsyncClient, QoS};
-use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 #[derive(Clone)]
 pub struct Events {
-    tx: mpsc::UnboundedSender<Value>,
+    tx: mpsc::UnboundedSender<EventRecord>,
 }
 
 impl Events {
-    pub fn channel() -> (Events, mpsc::UnboundedReceiver<Value>) {
+    pub fn channel() -> (Events, mpsc::UnboundedReceiver<EventRecord>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (Events { tx }, rx)
     }
 
-    /// Emit `{"event": kind, "task": task, "time_ms": …, …fields}` (the shape ingest's refusals have too).
-    pub fn emit(&self, kind: &str, task: &str, fields: Value) -> Value {
-        let mut event = json!({ "event": kind, "task": task, "time_ms": now_ms() });
-        if let (Some(e), Value::Object(f)) = (event.as_object_mut(), fields) {
-            e.extend(f);
-        }
-        tracing::info!(target: "adaptd::events", event = %event, "{kind}");
-        let _ = self.tx.send(event.clone());
-        event
+    /// Emit `event` about `task` (empty: the daemon as a whole): logged, and published when a
+    /// broker is configured. Returns the record, for the journal.
+    pub fn emit(&self, task: &str, event: Event) -> EventRecord {
+        let record = EventRecord { task: task.to_string(), time_ms: now_ms(), event };
+        let kind = record.event.kind();
+        tracing::info!(target: "adaptd::events", event = %serde_json::to_string(&record).unwrap_or_default(), "{kind}");
+        let _ = self.tx.send(record.clone());
+        record
     }
 }
 
@@ -41,7 +40,7 @@ pub fn now_ms() -> u64 {
 const MAX_EVENT_BYTES: usize = 256 * 1024;
 
 /// Publish events until `shutdown`; with no broker, drain them (they are in the log already).
-pub async fn publish(mut rx: mpsc::UnboundedReceiver<Value>, broker: Option<crate::broker::BrokerConnection>, client_id: String, topic: String, shutdown: impl Future<Output = ()>) {
+pub async fn publish(mut rx: mpsc::UnboundedReceiver<EventRecord>, broker: Option<crate::broker::BrokerConnection>, client_id: String, topic: String, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
     let options = broker.map(|b| b.options(client_id)).transpose().unwrap_or_else(|e| {
         tracing::error!(error = %e, "events are only logged: cannot connect to the broker");
@@ -72,7 +71,8 @@ pub async fn publish(mut rx: mpsc::UnboundedReceiver<Value>, broker: Option<crat
             _ = &mut shutdown => break,
             e = rx.recv() => match e {
                 Some(event) => {
-                    if let Err(e) = client.publish(topic.clone(), QoS::AtLeastOnce, false, event.to_string()).await {
+                    let payload = serde_json::to_vec(&event).unwrap_or_default();
+                    if let Err(e) = client.publish(topic.clone(), QoS::AtLeastOnce, false, payload).await {
                         tracing::warn!(error = %e, "could not publish an event");
                     }
                 }
@@ -103,15 +103,23 @@ impl Journal {
 
     /// Append one record and fsync it. Only reports read the journal; a torn last line from a
     /// crash is skipped by [`Journal::read`].
-    pub fn append(&self, task: &str, record: &Value) -> std::io::Result<()> {
+    pub fn append(&self, record: &EventRecord) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.dir)?;
-        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(self.path(task))?;
-        file.write_all(format!("{record}\n").as_bytes())?;
+        let line = serde_json::to_string(record).map_err(std::io::Error::other)?;
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(self.path(&record.task))?;
+        file.write_all(format!("{line}\n").as_bytes())?;
         file.sync_data()
     }
 
+    /// Append, and say so in the log if the journal cannot be written (serving goes on).
+    pub fn record(&self, record: &EventRecord) {
+        if let Err(e) = self.append(record) {
+            tracing::warn!(task = record.task, error = %e, "could not write the journal");
+        }
+    }
+
     /// Every readable record of `task`, oldest first, and how many lines were unreadable.
-    pub fn read(&self, task: &str) -> std::io::Result<(Vec<Value>, usize)> {
+    pub fn read(&self, task: &str) -> std::io::Result<(Vec<EventRecord>, usize)> {
         let text = match std::fs::read_to_string(self.path(task)) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),

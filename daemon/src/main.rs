@@ -612,8 +612,7 @@ fn ingest(bundle: Option<PathBuf>, store: PathBuf, mqtt: String, device: String,
     let config = adaptd::ingest::IngestConfig {
         broker: adaptd::broker::BrokerConnection::plain(host, port),
         client_id: format!("adaptd-ingest-{device}"),
-        topic_prefix: "adaptd/v1".into(),
-        device_id: device,
+        topics: adaptd_protocol::Topics::new(adaptd_protocol::topics::DEFAULT_PREFIX, &device),
         max_batch,
         max_payload_bytes: 1 << 20,
     };

@@ -6,7 +6,8 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use serde_json::Value;
+use adaptd_protocol::event::JobRecord;
+use adaptd_protocol::{Event, EventRecord};
 
 use crate::events::Journal;
 
@@ -39,7 +40,7 @@ pub enum ReportError {
 #[derive(Debug, Clone)]
 pub struct TaskHistory {
     pub task: String,
-    pub records: Vec<Value>,
+    pub records: Vec<EventRecord>,
     pub unreadable_lines: usize,
 }
 
@@ -50,8 +51,11 @@ impl TaskHistory {
     }
 
     /// Every training job that reached the gate, oldest first.
-    pub fn jobs(&self) -> impl Iterator<Item = &Value> {
-        self.records.iter().filter(|r| r["event"] == "job")
+    pub fn jobs(&self) -> impl Iterator<Item = &JobRecord> {
+        self.records.iter().filter_map(|r| match &r.event {
+            Event::Job(job) => Some(job),
+            _ => None,
+        })
     }
 }
 
@@ -98,7 +102,7 @@ pub fn render(title: &str, histories: &[TaskHistory], measured: Option<&Measured
 
 fn task_section(html: &mut String, h: &TaskHistory) {
     let _ = writeln!(html, "<h2>Task <code>{}</code></h2>", escape(&h.task));
-    let jobs: Vec<&Value> = h.jobs().collect();
+    let jobs: Vec<&JobRecord> = h.jobs().collect();
     if jobs.is_empty() {
         html.push_str("<p>No training job has reached the gate yet.</p>\n");
     }
@@ -106,33 +110,25 @@ fn task_section(html: &mut String, h: &TaskHistory) {
         let _ = writeln!(html, "<p class=\"warn\">{} unreadable journal line(s) skipped.</p>", h.unreadable_lines);
     }
     if !jobs.is_empty() {
-        let series_of = |name: &str, pick: &dyn Fn(&Value) -> Option<f64>| Series {
-            name: name.into(),
-            points: jobs.iter().filter_map(|j| Some((j["version"].as_f64()?, pick(j)?))).collect(),
-        };
+        let series_of = |name: &str, pick: &dyn Fn(&JobRecord) -> Option<f64>| Series { name: name.into(), points: jobs.iter().filter_map(|j| Some((j.version as f64, pick(j)?))).collect() };
         let accuracy = [
-            series_of("candidate, holdout", &|j| j["evidence"]["candidate"]["accuracy"].as_f64()),
-            series_of("incumbent, holdout", &|j| j["evidence"]["incumbent"]["accuracy"].as_f64()),
-            series_of("candidate, base-domain retention", &|j| j["evidence"]["retention"][1].as_f64()),
+            series_of("candidate, holdout", &|j| Some(j.evidence.candidate.accuracy)),
+            series_of("incumbent, holdout", &|j| Some(j.evidence.incumbent.accuracy)),
+            series_of("candidate, base-domain retention", &|j| j.evidence.retention.map(|(_, after)| after)),
         ];
         let accuracy: Vec<Series> = accuracy.into_iter().filter(|s| !s.points.is_empty()).collect();
         html.push_str("<h3>Accuracy per adapter version (gate figures on samples the trainer never saw)</h3>\n");
         html.push_str(&line_chart("candidate version", "accuracy", &accuracy, Some((0.0, 1.0)), true));
 
+        let finite = |v: f32| v.is_finite().then_some(v as f64);
         let steps: Vec<Series> = jobs
             .iter()
-            .map(|j| Series {
-                name: format!("v{}", j["version"]),
-                points: j["training"]["losses"].as_array().into_iter().flatten().enumerate().filter_map(|(i, l)| Some((i as f64 + 1.0, l.as_f64()?))).collect(),
-            })
+            .map(|j| Series { name: format!("v{}", j.version), points: j.training.losses.iter().enumerate().filter_map(|(i, &l)| Some((i as f64 + 1.0, finite(l)?))).collect() })
             .filter(|s| !s.points.is_empty())
             .collect();
         let epochs: Vec<Series> = jobs
             .iter()
-            .map(|j| Series {
-                name: format!("v{}", j["version"]),
-                points: j["training"]["epochs"].as_array().into_iter().flatten().filter_map(|e| Some((e["epoch"].as_f64()? + 1.0, e["val_loss"].as_f64()?))).collect(),
-            })
+            .map(|j| Series { name: format!("v{}", j.version), points: j.training.epochs.iter().filter_map(|e| Some((e.epoch as f64 + 1.0, finite(e.val_loss)?))).collect() })
             .filter(|s| !s.points.is_empty())
             .collect();
         html.push_str("<div class=\"row\"><div>\n<h3>Training loss per step</h3>\n");
@@ -141,15 +137,52 @@ fn task_section(html: &mut String, h: &TaskHistory) {
         html.push_str(&line_chart("epoch", "loss", &epochs, None, true));
         html.push_str("</div></div>\n");
 
-        if let Some(last) = jobs.iter().rev().find(|j| j["promote"] == true).or(jobs.last()) {
-            let recall = |who: &str| -> Vec<(String, f64)> {
-                last["evidence"][who]["per_class"].as_object().into_iter().flatten().filter_map(|(k, m)| Some((k.clone(), m["recall"].as_f64()?))).collect()
-            };
-            let _ = writeln!(html, "<h3>Per-class recall on the holdout: v{} against v{}</h3>", last["version"], last["incumbent_version"]);
-            html.push_str(&bar_chart(&[(format!("v{} (incumbent)", last["incumbent_version"]), recall("incumbent")), (format!("v{} (candidate)", last["version"]), recall("candidate"))]));
+        if let Some(last) = jobs.iter().rev().find(|j| j.promote).or(jobs.last()) {
+            let recall = |m: &crate::gate::Metrics| -> Vec<(String, f64)> { m.per_class.iter().map(|(k, c)| (k.clone(), c.recall)).collect() };
+            let _ = writeln!(html, "<h3>Per-class recall on the holdout: v{} against v{}</h3>", last.version, last.incumbent_version);
+            html.push_str(&bar_chart(&[
+                (format!("v{} (incumbent)", last.incumbent_version), recall(&last.evidence.incumbent)),
+                (format!("v{} (candidate)", last.version), recall(&last.evidence.candidate)),
+            ]));
         }
     }
     decisions_table(html, h);
+}
+
+/// One row of the decisions table.
+struct Row {
+    what: String,
+    class: &'static str,
+    version: String,
+    trigger: String,
+    accuracy: String,
+    retention: String,
+    training: String,
+    why: String,
+}
+
+fn row(event: &Event) -> Row {
+    let pct = |v: f64| format!("{:.1} %", 100.0 * v);
+    let version = event.version().map(|v| format!("v{v}")).unwrap_or_default();
+    let plain = |what: String, class, why: String| Row { what, class, version: version.clone(), trigger: String::new(), accuracy: String::new(), retention: String::new(), training: String::new(), why };
+    match event {
+        Event::Job(j) => Row {
+            what: if j.promote { "promoted" } else { "rejected" }.into(),
+            class: if j.promote { "ok" } else { "no" },
+            version,
+            trigger: serde_json::to_value(j.trigger).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+            accuracy: format!("{} → {}", pct(j.evidence.incumbent.accuracy), pct(j.evidence.candidate.accuracy)),
+            retention: j.evidence.retention.map(|(before, after)| format!("{} → {}", pct(before), pct(after))).unwrap_or_else(|| "–".into()),
+            training: format!("{} on {} samples, {} epochs in {:.1} s", j.kind, j.samples.train, j.training.epochs.len(), j.training.seconds),
+            why: j.summary.clone(),
+        },
+        Event::RolledBack { from_version, to_version, reason, .. } => Row { version: format!("v{from_version} → v{to_version}"), ..plain("rolled back".into(), "warn", reason.clone()) },
+        // A step of an escalating job: information, not a refusal.
+        Event::TrainingAttempt { kind, seconds, reason, .. } => Row { training: format!("{kind} in {seconds:.1} s"), ..plain("training step".into(), "step", reason.clone()) },
+        Event::TrainingFailed { reason, .. } | Event::TrainingCancelled { reason, .. } | Event::TrainingDeferred { reason } => plain(event.kind().replace('_', " "), "no", reason.clone()),
+        Event::Promoted { reason, .. } => plain("promoted".into(), "ok", reason.clone().unwrap_or_default()),
+        other => plain(other.kind().replace('_', " "), "no", String::new()),
+    }
 }
 
 fn decisions_table(html: &mut String, h: &TaskHistory) {
@@ -158,53 +191,11 @@ fn decisions_table(html: &mut String, h: &TaskHistory) {
     }
     html.push_str("<h3>Decisions</h3>\n<table><tr><th>when (UTC)</th><th>what</th><th>version</th><th>trigger</th><th>holdout accuracy</th><th>retention</th><th>training</th><th>why</th></tr>\n");
     for r in &h.records {
-        let when = r["time_ms"].as_u64().map(format_utc).unwrap_or_default();
-        let pct = |v: &Value| v.as_f64().map(|x| format!("{:.1} %", 100.0 * x)).unwrap_or_else(|| "–".into());
-        let (what, class, version, trigger, accuracy, retention, training, why) = match r["event"].as_str() {
-            Some("job") => (
-                if r["promote"] == true { "promoted" } else { "rejected" }.to_string(),
-                if r["promote"] == true { "ok" } else { "no" },
-                format!("v{}", r["version"]),
-                r["trigger"].as_str().unwrap_or("").to_string(),
-                format!("{} → {}", pct(&r["evidence"]["incumbent"]["accuracy"]), pct(&r["evidence"]["candidate"]["accuracy"])),
-                format!("{} → {}", pct(&r["evidence"]["retention"][0]), pct(&r["evidence"]["retention"][1])),
-                format!(
-                    "{} {}, {} epochs in {:.1} s",
-                    r["kind"].as_str().unwrap_or(""),
-                    r["samples"]["train"].as_u64().map(|n| format!("on {n} samples")).unwrap_or_default(),
-                    r["training"]["epochs"].as_array().map_or(0, Vec::len),
-                    r["training"]["seconds"].as_f64().unwrap_or(0.0)
-                ),
-                r["summary"].as_str().unwrap_or("").to_string(),
-            ),
-            Some("rolled_back") => (
-                "rolled back".into(),
-                "warn",
-                format!("v{} → v{}", r["from_version"], r["to_version"]),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-                r["reason"].as_str().unwrap_or("").to_string(),
-            ),
-            // A step of an escalating job: information, not a refusal.
-            Some("training_attempt") => (
-                "training step".into(),
-                "step",
-                r["version"].as_u64().map(|v| format!("v{v}")).unwrap_or_default(),
-                String::new(),
-                String::new(),
-                String::new(),
-                format!("{} in {:.1} s", r["kind"].as_str().unwrap_or(""), r["seconds"].as_f64().unwrap_or(0.0)),
-                r["reason"].as_str().unwrap_or("").to_string(),
-            ),
-            Some(other) => (other.replace('_', " "), "no", r["version"].as_u64().map(|v| format!("v{v}")).unwrap_or_default(), String::new(), String::new(), String::new(), String::new(), r["reason"].as_str().unwrap_or("").to_string()),
-            None => continue,
-        };
+        let Row { what, class, version, trigger, accuracy, retention, training, why } = row(&r.event);
         let _ = writeln!(
             html,
             "<tr><td>{}</td><td class=\"{class}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            escape(&when),
+            escape(&format_utc(r.time_ms)),
             escape(&what),
             escape(&version),
             escape(&trigger),
@@ -383,18 +374,20 @@ mod tests {
 
     #[test]
     fn the_report_draws_every_job_and_decision() {
+        // As the journal holds them: JSON lines.
         let job = |v: u64, promote: bool, acc: f64| {
-            json!({ "event": "job", "version": v, "incumbent_version": v - 1, "kind": "lora", "trigger": "new_samples", "promote": promote,
-                "summary": if promote { "promoted" } else { "rejected: <worse>" }, "time_ms": 1_795_000_000_000u64,
-                "evidence": { "candidate": { "accuracy": acc, "per_class": { "0": { "recall": 0.9 }, "1": { "recall": 0.8 } } },
-                              "incumbent": { "accuracy": 0.3, "per_class": { "0": { "recall": 0.2 }, "1": { "recall": 0.4 } } }, "retention": [0.99, 0.9] },
-                "samples": { "train": 200 }, "training": { "losses": [2.0, 1.0, 0.5], "epochs": [{ "epoch": 0, "val_loss": 1.2 }, { "epoch": 1, "val_loss": 0.7 }], "seconds": 2.5 } })
+            let class = |recall: f64| json!({ "precision": 1.0, "recall": recall, "f1": 0.5, "support": 10 });
+            let metrics = |acc: f64, r0: f64, r1: f64| json!({ "accuracy": acc, "macro_f1": acc, "samples": 20, "per_class": { "0": class(r0), "1": class(r1) } });
+            json!({ "event": "job", "task": "sorter", "version": v, "incumbent_version": v - 1, "kind": "lora", "trigger": "new_samples", "promote": promote,
+                "summary": if promote { "promoted" } else { "rejected: <worse>" }, "time_ms": 1_795_000_000_000u64, "checks": [], "notes": [],
+                "evidence": { "candidate": metrics(acc, 0.9, 0.8), "incumbent": metrics(0.3, 0.2, 0.4), "retention": [0.99, 0.9], "finite": true, "probe_change": 0.5, "parity_max_diff": 0.0 },
+                "samples": { "train": 200, "validation": 20, "holdout": 20 },
+                "training": { "losses": [2.0, 1.0, 0.5], "epochs": [{ "epoch": 0, "train_loss": 1.5, "val_loss": 1.2, "val_accuracy": 0.5, "seconds": 0.1 }, { "epoch": 1, "train_loss": 0.9, "val_loss": 0.7, "val_accuracy": 0.7, "seconds": 0.1 }],
+                              "seconds": 2.5, "best_epoch": 1, "stopped_early": false, "steps": 30, "batch_size": 16 } })
         };
-        let history = TaskHistory {
-            task: "sorter".into(),
-            records: vec![job(1, true, 0.9), job(2, false, 0.85), json!({ "event": "rolled_back", "from_version": 1, "to_version": 0, "reason": "operator", "time_ms": 0 })],
-            unreadable_lines: 1,
-        };
+        let rolled_back = json!({ "event": "rolled_back", "task": "sorter", "from_version": 1, "to_version": 0, "reason": "operator", "by": "http", "time_ms": 0 });
+        let records = [job(1, true, 0.9), job(2, false, 0.85), rolled_back].into_iter().map(|v| serde_json::from_value(v).unwrap()).collect();
+        let history = TaskHistory { task: "sorter".into(), records, unreadable_lines: 1 };
         let measured = Measured { title: "demo".into(), series: vec![Series { name: "rotated".into(), points: vec![(0.0, 0.2), (1.0, 0.9)] }] };
         let html = render("adaptd <report>", &[history], Some(&measured));
         assert!(html.contains("<title>adaptd &lt;report&gt;</title>"), "titles are escaped");

@@ -4,7 +4,6 @@
 //! the device's resources, serving latency, operator commands) and feeds it in; the scheduler
 //! answers with at most one action. Time is a number it is given, so tests run it on any clock.
 
-use serde::Serialize;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SchedulerConfig {
@@ -44,31 +43,7 @@ impl Default for SchedulerConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Trigger {
-    NewSamples,
-    Interval,
-    /// New samples stopped arriving for `settle_ms`.
-    Settled,
-    Drift,
-    Operator,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum State {
-    /// Nothing new to learn from.
-    Idle,
-    /// New samples are arriving; not enough to train yet (or the device is busy).
-    Collecting { waiting_for: String },
-    Training { trigger: Trigger, since_ms: u64, paused: bool },
-    /// The job finished; the gate is deciding.
-    Validating,
-    Cooldown { until_ms: u64 },
-    /// The last job failed; the next try waits.
-    Backoff { until_ms: u64, failures: u32, reason: String },
-}
+pub use adaptd_protocol::{SchedulerState, Trigger};
 
 /// What the adapt loop saw on one tick.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -105,7 +80,7 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 pub struct Scheduler {
     config: SchedulerConfig,
-    state: State,
+    state: SchedulerState,
     last_job_ms: Option<u64>,
     failures: u32,
     /// The new-sample count last seen, since when, and the count a settled job last started on
@@ -121,20 +96,20 @@ impl Scheduler {
     }
 
     pub fn new(config: SchedulerConfig) -> Scheduler {
-        Scheduler { config, state: State::Idle, last_job_ms: None, failures: 0, arrivals: (0, 0), settled_on: None }
+        Scheduler { config, state: SchedulerState::Idle, last_job_ms: None, failures: 0, arrivals: (0, 0), settled_on: None }
     }
 
-    pub fn state(&self) -> &State {
+    pub fn state(&self) -> &SchedulerState {
         &self.state
     }
 
     pub fn observe(&mut self, o: &Observation) -> Option<Action> {
-        if o.new_samples != self.arrivals.0 && !matches!(self.state, State::Training { .. } | State::Validating) {
+        if o.new_samples != self.arrivals.0 && !matches!(self.state, SchedulerState::Training { .. } | SchedulerState::Validating) {
             self.arrivals = (o.new_samples, o.now_ms);
         }
         let c = &self.config;
         match &mut self.state {
-            State::Training { paused, .. } => {
+            SchedulerState::Training { paused, .. } => {
                 let p99 = o.serving_p99_ms?;
                 if c.latency_budget_ms <= 0.0 {
                     return None;
@@ -149,30 +124,30 @@ impl Scheduler {
                 }
                 None
             }
-            State::Validating => None,
-            State::Cooldown { until_ms } | State::Backoff { until_ms, .. } if o.now_ms < *until_ms && !o.operator_request => None,
+            SchedulerState::Validating => None,
+            SchedulerState::Cooldown { until_ms } | SchedulerState::Backoff { until_ms, .. } if o.now_ms < *until_ms && !o.operator_request => None,
             _ => {
                 let trigger = self.trigger(o);
                 match (trigger, &o.device_busy) {
                     (Some(_), Some(busy)) => {
-                        self.state = State::Collecting { waiting_for: format!("device: {busy}") };
+                        self.state = SchedulerState::Collecting { waiting_for: format!("device: {busy}") };
                         None
                     }
                     (Some(t), None) => {
                         if t == Trigger::Settled {
                             self.settled_on = Some(o.new_samples);
                         }
-                        self.state = State::Training { trigger: t, since_ms: o.now_ms, paused: false };
+                        self.state = SchedulerState::Training { trigger: t, since_ms: o.now_ms, paused: false };
                         self.last_job_ms = Some(o.now_ms);
                         Some(Action::Start(t))
                     }
                     (None, _) if o.new_samples > 0 => {
-                        self.state = State::Collecting { waiting_for: format!("{} of {} new samples", o.new_samples, self.config.min_new_samples) };
+                        self.state = SchedulerState::Collecting { waiting_for: format!("{} of {} new samples", o.new_samples, self.config.min_new_samples) };
                         None
                     }
                     (None, _) => {
-                        if !matches!(self.state, State::Backoff { .. }) {
-                            self.state = State::Idle;
+                        if !matches!(self.state, SchedulerState::Backoff { .. }) {
+                            self.state = SchedulerState::Idle;
                         }
                         None
                     }
@@ -209,8 +184,8 @@ impl Scheduler {
 
     /// The trainer finished (the gate decides next).
     pub fn training_done(&mut self) {
-        if matches!(self.state, State::Training { .. }) {
-            self.state = State::Validating;
+        if matches!(self.state, SchedulerState::Training { .. }) {
+            self.state = SchedulerState::Validating;
         }
     }
 
@@ -218,16 +193,16 @@ impl Scheduler {
         match outcome {
             Outcome::Promoted | Outcome::Rejected => {
                 self.failures = 0;
-                self.state = State::Cooldown { until_ms: now_ms + self.config.cooldown_ms };
+                self.state = SchedulerState::Cooldown { until_ms: now_ms + self.config.cooldown_ms };
             }
             Outcome::Deferred(reason) => {
                 // Not a failure: try again after the cooldown, not on the next tick.
-                self.state = State::Backoff { until_ms: now_ms + self.config.cooldown_ms, failures: self.failures, reason: reason.clone() };
+                self.state = SchedulerState::Backoff { until_ms: now_ms + self.config.cooldown_ms, failures: self.failures, reason: reason.clone() };
             }
             Outcome::Failed(reason) => {
                 self.failures += 1;
                 let wait = self.config.backoff_initial_ms.saturating_mul(1 << (self.failures - 1).min(20)).min(self.config.backoff_max_ms);
-                self.state = State::Backoff { until_ms: now_ms + wait, failures: self.failures, reason: reason.clone() };
+                self.state = SchedulerState::Backoff { until_ms: now_ms + wait, failures: self.failures, reason: reason.clone() };
             }
         }
     }
@@ -249,14 +224,14 @@ mod tests {
     fn collects_until_enough_samples_then_trains_then_cools_down() {
         let mut s = Scheduler::new(config());
         assert_eq!(s.observe(&obs(0, 0)), None);
-        assert_eq!(s.state(), &State::Idle);
+        assert_eq!(s.state(), &SchedulerState::Idle);
         assert_eq!(s.observe(&obs(1, 3)), None);
-        assert!(matches!(s.state(), State::Collecting { .. }));
+        assert!(matches!(s.state(), SchedulerState::Collecting { .. }));
         assert_eq!(s.observe(&obs(2, 10)), Some(Action::Start(Trigger::NewSamples)));
-        assert!(matches!(s.state(), State::Training { .. }));
+        assert!(matches!(s.state(), SchedulerState::Training { .. }));
         assert_eq!(s.observe(&obs(3, 50)), None, "one job at a time");
         s.training_done();
-        assert_eq!(s.state(), &State::Validating);
+        assert_eq!(s.state(), &SchedulerState::Validating);
         s.finished(100, &Outcome::Promoted);
         assert_eq!(s.observe(&obs(500, 20)), None, "cooling down");
         assert_eq!(s.observe(&obs(1_100, 20)), Some(Action::Start(Trigger::NewSamples)));
@@ -285,7 +260,7 @@ mod tests {
         let mut s = Scheduler::new(config());
         let busy = Observation { device_busy: Some("temperature 91 C over 85 C".into()), ..obs(0, 100) };
         assert_eq!(s.observe(&busy), None);
-        assert!(matches!(s.state(), State::Collecting { waiting_for } if waiting_for.contains("temperature")));
+        assert!(matches!(s.state(), SchedulerState::Collecting { waiting_for } if waiting_for.contains("temperature")));
         assert_eq!(s.observe(&obs(1, 100)), Some(Action::Start(Trigger::NewSamples)));
         s.training_done();
         s.finished(10, &Outcome::Rejected);
@@ -313,7 +288,7 @@ mod tests {
         for _ in 0..4 {
             assert_eq!(s.observe(&obs(now, 100)), Some(Action::Start(Trigger::NewSamples)));
             s.finished(now, &Outcome::Failed("loss became NaN".into()));
-            let State::Backoff { until_ms, .. } = s.state().clone() else { panic!("{:?}", s.state()) };
+            let SchedulerState::Backoff { until_ms, .. } = s.state().clone() else { panic!("{:?}", s.state()) };
             waits.push(until_ms - now);
             assert_eq!(s.observe(&obs(until_ms - 1, 100)), None);
             now = until_ms;
@@ -321,7 +296,7 @@ mod tests {
         assert_eq!(waits, vec![2_000, 4_000, 5_000, 5_000]);
         assert_eq!(s.observe(&obs(now, 100)), Some(Action::Start(Trigger::NewSamples)));
         s.finished(now, &Outcome::Promoted);
-        assert!(matches!(s.state(), State::Cooldown { .. }), "success resets the backoff");
+        assert!(matches!(s.state(), SchedulerState::Cooldown { .. }), "success resets the backoff");
     }
 
     #[test]

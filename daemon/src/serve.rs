@@ -124,12 +124,13 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let topics = adaptd_protocol::Topics::new(&config.topic_prefix, &config.device_id);
     let (events, events_rx) = Events::channel();
     let events_task = tokio::spawn(events::publish(
         events_rx,
         config.mqtt.clone(),
         format!("adaptd-events-{}", config.device_id),
-        format!("{}/{}/events", config.topic_prefix, config.device_id),
+        topics.events(),
         stopped(stop_rx.clone()),
     ));
 
@@ -166,7 +167,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
             adapt_configs.insert(adapt_config.task.clone(), config_tx);
             let (status_tx, status_rx) = watch::channel(adapt::Status {
                 task: adapt_config.task.clone(),
-                scheduler: crate::scheduler::State::Idle,
+                scheduler: crate::scheduler::SchedulerState::Idle,
                 // What recovery chose serves from the start: the loop's first tick is later.
                 serving_version: registry.current(&adapt_config.task).map_or(0, |s| s.version),
                 jobs: BTreeMap::new(),
@@ -201,13 +202,12 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
     let commands_task = match (config.mqtt.clone(), &config.mqtt_commands_key) {
         (Some(broker), Some(key_file)) if !config.adapt.is_empty() => {
             let verifier = crate::control::CommandVerifier::from_key_file(key_file, &config.device_id)?;
-            let prefix = format!("{}/{}/commands", config.topic_prefix, config.device_id);
-            Some(tokio::spawn(crate::api::commands::run(api.clone(), broker, format!("adaptd-commands-{}", config.device_id), prefix, verifier, events.clone(), stopped(stop_rx.clone()))))
+            Some(tokio::spawn(crate::api::commands::run(api.clone(), broker, format!("adaptd-commands-{}", config.device_id), topics.clone(), verifier, events.clone(), stopped(stop_rx.clone()))))
         }
         _ => None,
     };
     let mqtt_task = config.mqtt.clone().filter(|_| config.mqtt_api).map(|broker| {
-        let mqtt_config = MqttApiConfig { broker, client_id: format!("adaptd-{}", config.device_id), topic_prefix: config.topic_prefix.clone(), device_id: config.device_id.clone() };
+        let mqtt_config = MqttApiConfig { broker, client_id: format!("adaptd-{}", config.device_id), topics: topics.clone() };
         tokio::spawn(mqtt::run(api.clone(), mqtt_config, stopped(stop_rx.clone())))
     });
     let ingest_task = match (&config.mqtt, config.tasks.is_empty()) {
@@ -216,8 +216,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
             let ingest_config = IngestConfig {
                 broker: broker.clone(),
                 client_id: format!("adaptd-ingest-{}", config.device_id),
-                topic_prefix: config.topic_prefix.clone(),
-                device_id: config.device_id.clone(),
+                topics: topics.clone(),
                 max_batch: config.ingest_max_batch,
                 max_payload_bytes: config.ingest_max_payload_bytes,
             };
@@ -305,7 +304,7 @@ async fn reload_on_sighup(mut from: Option<(PathBuf, Config)>, loops: BTreeMap<S
             Some((path, running)) => match Config::load(path) {
                 Err(e) => {
                     tracing::error!(error = %e, "SIGHUP: configuration refused; the running one stays");
-                    events.emit("config_refused", "", serde_json::json!({ "reason": e.to_string() }));
+                    events.emit("", adaptd_protocol::Event::ConfigRefused { reason: e.to_string() });
                 }
                 Ok(new) => {
                     let needs_restart = running.restart_only_changes(&new);
@@ -315,7 +314,7 @@ async fn reload_on_sighup(mut from: Option<(PathBuf, Config)>, loops: BTreeMap<S
                     if !needs_restart.is_empty() {
                         tracing::warn!(?needs_restart, "SIGHUP: these changed but apply only after a restart");
                     }
-                    events.emit("config_reloaded", "", serde_json::json!({ "applied": ["training", "schedule", "gate"], "needs_restart": needs_restart }));
+                    events.emit("", adaptd_protocol::Event::ConfigReloaded { applied: ["training", "schedule", "gate"].map(String::from).to_vec(), needs_restart: needs_restart.iter().map(|k| k.to_string()).collect() });
                     // What runs is the old value of restart-only keys: keep diffing against it.
                     let (training, schedule, gate) = (new.training, new.schedule, new.gate);
                     let keep = (running.training.device, running.training.threads);

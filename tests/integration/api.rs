@@ -136,7 +136,7 @@ fn mqtt_request(port: u16, topic: &str, reply: &str, payload: &[u8], content_typ
 async fn mqtt_v5_request_response_through_mosquitto() {
     let broker = Mosquitto::start();
     let served = serve_digits(64 * 1024);
-    let config = MqttApiConfig { broker: adaptd::broker::BrokerConnection::plain("127.0.0.1", broker.port), client_id: "adaptd-test".into(), topic_prefix: "adaptd/v1".into(), device_id: "robot-7".into() };
+    let config = MqttApiConfig { broker: adaptd::broker::BrokerConnection::plain("127.0.0.1", broker.port), client_id: "adaptd-test".into(), topics: adaptd_protocol::Topics::new("adaptd/v1", "robot-7") };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(mqtt::run(served.api.clone(), config, async { let _ = stopped.await; }));
 

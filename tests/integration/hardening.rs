@@ -80,8 +80,7 @@ async fn poison_over_mqtt_is_refused_acked_and_the_stream_behind_it_flows() {
     let config = IngestConfig {
         broker: adaptd::broker::BrokerConnection::plain("127.0.0.1", broker.port),
         client_id: "adaptd-ingest-poison".into(),
-        topic_prefix: "adaptd/v1".into(),
-        device_id: "robot-7".into(),
+        topics: adaptd_protocol::Topics::new("adaptd/v1", "robot-7"),
         max_batch: 64,
         max_payload_bytes: 16 * 1024,
     };

@@ -38,8 +38,7 @@ fn start_ingest(port: u16, client_id: &str) -> RunningIngest {
     let config = IngestConfig {
         broker: adaptd::broker::BrokerConnection::plain("127.0.0.1", port),
         client_id: client_id.into(),
-        topic_prefix: "adaptd/v1".into(),
-        device_id: "robot-7".into(),
+        topics: adaptd_protocol::Topics::new("adaptd/v1", "robot-7"),
         max_batch: 64,
         max_payload_bytes: 16 * 1024,
     };

@@ -9,8 +9,8 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use adaptd_protocol::topics::{Channel, Topics};
 use rumqttc::{AsyncClient, Event, Packet};
-use serde_json::json;
 
 use super::Api;
 use crate::adapt::CommandKind;
@@ -50,7 +50,7 @@ async fn execute(api: &Api, verifier: &Mutex<CommandVerifier>, task: &str, paylo
 }
 
 /// Answer commands until `shutdown`; reconnects with backoff on its own.
-pub async fn run(api: Arc<Api>, broker: BrokerConnection, client_id: String, filter_prefix: String, verifier: CommandVerifier, events: Events, shutdown: impl Future<Output = ()>) {
+pub async fn run(api: Arc<Api>, broker: BrokerConnection, client_id: String, topics: Topics, verifier: CommandVerifier, events: Events, shutdown: impl Future<Output = ()>) {
     let verifier = Arc::new(Mutex::new(verifier));
     let mut options = match broker.options(client_id) {
         Ok(o) => o,
@@ -65,7 +65,7 @@ pub async fn run(api: Arc<Api>, broker: BrokerConnection, client_id: String, fil
     let limit = super::mqtt::read_limit(api.max_request_bytes());
     options.set_max_packet_size(limit, limit);
     let (client, mut eventloop) = AsyncClient::new(options, 64);
-    let filter = format!("{filter_prefix}/+");
+    let filter = topics.every_task(Channel::Commands);
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -79,12 +79,12 @@ pub async fn run(api: Arc<Api>, broker: BrokerConnection, client_id: String, fil
                 crate::broker::subscribe_in_background(&client, &filter, "MQTT operator commands");
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let Some(task) = p.topic.strip_prefix(&format!("{filter_prefix}/")).map(str::to_string) else { continue };
+                let Some(task) = topics.task_of(Channel::Commands, &p.topic).map(str::to_string) else { continue };
                 let (api, events, verifier) = (api.clone(), events.clone(), verifier.clone());
                 tokio::spawn(async move {
                     let (ok, command, by, message) = execute(&api, &verifier, &task, &p.payload).await;
                     tracing::info!(task, command, ok, by, message, "operator command over MQTT");
-                    events.emit("command_result", &task, json!({ "command": command, "ok": ok, "by": by, "message": message, "via": "mqtt" }));
+                    events.emit(&task, adaptd_protocol::Event::CommandResult { command: command.to_string(), ok, by, message, via: "mqtt".into() });
                 });
             }
             Ok(_) => {}

@@ -11,6 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use adaptd_protocol::topics::{Channel, Topics};
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
@@ -23,14 +24,12 @@ use super::wire;
 pub struct MqttApiConfig {
     pub broker: crate::broker::BrokerConnection,
     pub client_id: String,
-    /// Versioned topic root, e.g. `adaptd/v1`.
-    pub topic_prefix: String,
-    pub device_id: String,
+    pub topics: Topics,
 }
 
 impl MqttApiConfig {
     pub fn request_filter(&self) -> String {
-        format!("{}/{}/infer/+", self.topic_prefix, self.device_id)
+        self.topics.every_task(Channel::Infer)
     }
 }
 
@@ -50,7 +49,6 @@ pub async fn run(api: Arc<Api>, config: MqttApiConfig, shutdown: impl Future<Out
     options.set_max_packet_size(Some(u32::try_from(read_limit(api.max_request_bytes())).unwrap_or(u32::MAX)));
     let (client, mut events) = AsyncClient::new(options, 64);
     let filter = config.request_filter();
-    let prefix = format!("{}/{}/infer/", config.topic_prefix, config.device_id);
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -73,8 +71,8 @@ pub async fn run(api: Arc<Api>, config: MqttApiConfig, shutdown: impl Future<Out
                 });
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                let (api, client, prefix) = (api.clone(), client.clone(), prefix.clone());
-                tokio::spawn(async move { answer(&api, &client, &prefix, publish).await });
+                let (api, client, topics) = (api.clone(), client.clone(), config.topics.clone());
+                tokio::spawn(async move { answer(&api, &client, &topics, publish).await });
             }
             Ok(_) => {}
             Err(e) => {
@@ -97,11 +95,11 @@ pub fn read_limit(max_body_bytes: usize) -> usize {
     max_body_bytes.saturating_mul(2).saturating_add(64 * 1024)
 }
 
-async fn answer(api: &Api, client: &AsyncClient, prefix: &str, publish: Publish) {
+async fn answer(api: &Api, client: &AsyncClient, topics: &Topics, publish: Publish) {
     let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-    let Some(task) = topic.strip_prefix(prefix).filter(|t| !t.contains('/')) else { return };
+    let Some(task) = topics.task_of(Channel::Infer, &topic) else { return };
     let props = publish.properties.unwrap_or_default();
-    let response_topic = props.response_topic.clone().unwrap_or_else(|| format!("{topic}/response"));
+    let response_topic = props.response_topic.clone().unwrap_or_else(|| Topics::default_response(&topic));
     let (payload, status) = match api.predict(task, &publish.payload, props.content_type.as_deref()).await {
         Ok(json) => (json, "ok"),
         Err(e) => (wire::encode_error(e.error_type(), &e.to_string()), "error"),

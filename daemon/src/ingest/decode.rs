@@ -13,7 +13,7 @@
 //! metadata field for text bundles; the other fields are string metadata (`key`, `task`, `label`,
 //! optional `timestamp_ms`, `source`, `weight`, `correction`). Every refusal says why.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use adaptd_adapters::bundle::{DType, Manifest, Preprocessing};
 use adaptd_adapters::tensor::{HostData, HostTensor, f32s_from_le, i64s_from_le};
@@ -248,11 +248,7 @@ fn check_tensor(t: &HostTensor, manifest: &Manifest) -> Result<(), DecodeError> 
 }
 
 /// An event for the operator's events topic.
-pub fn refusal_event(topic: &str, error: &DecodeError) -> Vec<u8> {
-    let mut m = BTreeMap::new();
-    m.insert("event", "sample_refused".to_string());
-    m.insert("topic", topic.to_string());
-    m.insert("reason", error.error_type().to_string());
-    m.insert("message", error.to_string());
-    serde_json::to_vec(&m).unwrap_or_default()
+pub fn refusal_event(topic: &str, task: &str, error: &DecodeError) -> Vec<u8> {
+    let event = adaptd_protocol::Event::SampleRefused { topic: topic.to_string(), reason: error.error_type().to_string(), message: error.to_string() };
+    serde_json::to_vec(&adaptd_protocol::EventRecord { task: task.to_string(), time_ms: crate::events::now_ms(), event }).unwrap_or_default()
 }

@@ -22,6 +22,8 @@ use adaptd_adapters::bundle::Manifest;
 use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
 use tokio::sync::mpsc;
 
+use adaptd_protocol::topics::{Channel, Topics};
+
 use crate::samples::{Inserted, SampleStore, StoreError};
 use decode::{SampleSchema, decode_sample, refusal_event};
 
@@ -30,19 +32,18 @@ pub struct IngestConfig {
     pub broker: crate::broker::BrokerConnection,
     /// Stable across restarts: the broker keeps the session (and unacked messages) under it.
     pub client_id: String,
-    pub topic_prefix: String,
-    pub device_id: String,
+    pub topics: Topics,
     pub max_batch: usize,
     pub max_payload_bytes: usize,
 }
 
 impl IngestConfig {
     pub fn samples_filter(&self) -> String {
-        format!("{}/{}/samples/+", self.topic_prefix, self.device_id)
+        self.topics.every_task(Channel::Samples)
     }
 
     pub fn events_topic(&self) -> String {
-        format!("{}/{}/events", self.topic_prefix, self.device_id)
+        self.topics.events()
     }
 }
 
@@ -198,9 +199,8 @@ async fn store_batch(
     batch: Vec<Arrived>,
 ) -> Result<(), IngestError> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
-    let prefix = format!("{}/{}/samples/", config.topic_prefix, config.device_id);
     let messages: Vec<(String, bytes::Bytes, Option<usize>)> = batch.iter().map(|a| (a.publish.topic.clone(), a.publish.payload.clone(), a.oversize)).collect();
-    let (store, manifest, tasks, max_bytes) = (store.clone(), manifest.clone(), tasks.clone(), config.max_payload_bytes);
+    let (store, manifest, tasks, max_bytes, topic_tree) = (store.clone(), manifest.clone(), tasks.clone(), config.max_payload_bytes, config.topics.clone());
     // Decoding (images included) and the commit are CPU and disk work: off the async workers.
     let (inserted, refusals) = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
         let schema = SampleSchema { manifest: &manifest, tasks: &tasks, max_bytes };
@@ -208,7 +208,7 @@ async fn store_batch(
         let mut topics = Vec::with_capacity(messages.len());
         let mut refusals = Vec::new();
         for (topic, payload, oversize) in messages {
-            let topic_task = topic.strip_prefix(&prefix).unwrap_or_default().to_string();
+            let topic_task = topic_tree.task_of(Channel::Samples, &topic).unwrap_or_default().to_string();
             let decoded = match oversize {
                 Some(size) => Err(decode::DecodeError::TooLarge { size, limit: max_bytes }),
                 None => decode_sample(&payload, &schema, now),
@@ -248,7 +248,7 @@ async fn store_batch(
     for (topic, e) in &refusals {
         stats.count_refusal(e.error_type());
         tracing::info!(topic, reason = e.error_type(), error = %e, "sample refused");
-        let _ = client.publish(config.events_topic(), QoS::AtLeastOnce, false, refusal_event(topic, e)).await;
+        let _ = client.publish(config.events_topic(), QoS::AtLeastOnce, false, refusal_event(topic, config.topics.task_of(Channel::Samples, topic).unwrap_or_default(), e)).await;
     }
     for a in &batch {
         if let Err(e) = client.ack(&a.publish).await {

@@ -1,0 +1,231 @@
+//! Every event adaptd emits: logged, published on `{prefix}/{device}/events` (QoS 1), and for
+//! training outcomes appended to the task's journal, which the report reads. One JSON object
+//! each: `{"event": <kind>, "task": ..., "time_ms": ..., ...fields}`. `docs/protocol.md` lists
+//! each kind with its fields, and a test holds the two to each other.
+
+use serde::{Deserialize, Serialize};
+
+use crate::gate::{Check, Evidence};
+use crate::status::Trigger;
+
+/// One event with its envelope.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// The task it concerns; empty for the daemon as a whole (configuration).
+    pub task: String,
+    pub time_ms: u64,
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// How many samples of each split a job used.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleCounts {
+    pub train: u64,
+    pub validation: u64,
+    pub holdout: u64,
+}
+
+/// One epoch of a training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    #[serde(deserialize_with = "crate::nan::f32")]
+    pub train_loss: f32,
+    /// NaN (`null`) when there are no validation samples.
+    #[serde(deserialize_with = "crate::nan::f32")]
+    pub val_loss: f32,
+    #[serde(deserialize_with = "crate::nan::f32")]
+    pub val_accuracy: f32,
+    pub seconds: f64,
+}
+
+/// How the chosen candidate trained. Events carry the summary; the journal adds the curves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingSummary {
+    /// 0-based, as `epochs` counts.
+    pub best_epoch: usize,
+    pub stopped_early: bool,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub seconds: f64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub epochs: Vec<EpochRecord>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "nan_list")]
+    pub losses: Vec<f32>,
+}
+
+fn nan_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+    Ok(Vec::<Option<f32>>::deserialize(d)?.into_iter().map(|v| v.unwrap_or(f32::NAN)).collect())
+}
+
+/// A job's decision with everything it rests on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub version: u64,
+    pub incumbent_version: u64,
+    /// `head` or `lora`.
+    pub kind: String,
+    pub trigger: Trigger,
+    pub promote: bool,
+    pub summary: String,
+    pub checks: Vec<Check>,
+    pub evidence: Evidence,
+    /// What the job chose and why (replay, escalation, routing).
+    pub notes: Vec<String>,
+    pub samples: SampleCounts,
+    pub training: TrainingSummary,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A payload on a samples topic that cannot be a sample (acknowledged, counted, not stored).
+    SampleRefused { topic: String, reason: String, message: String },
+    /// The task's samples went over `ingest.max_mb_per_task`.
+    SamplesEvicted { evicted: u64, bytes: u64, budget_bytes: u64, at_reservoir: bool },
+    TrainingStarted { version: u64, kind: String, trigger: Trigger, device: String, samples: SampleCounts, labels: Vec<String>, notes: Vec<String>, escalation: Vec<String> },
+    TrainingProgress {
+        version: u64,
+        kind: String,
+        epoch: usize,
+        epochs: usize,
+        step: usize,
+        steps: usize,
+        #[serde(deserialize_with = "crate::nan::f32")]
+        loss: f32,
+        eta_s: f64,
+    },
+    /// A step of the escalation finished (journalled).
+    TrainingAttempt {
+        version: u64,
+        step: usize,
+        steps: usize,
+        kind: String,
+        #[serde(deserialize_with = "crate::nan::f32")]
+        val_accuracy: f32,
+        #[serde(deserialize_with = "crate::nan::f32")]
+        val_loss: f32,
+        seconds: f64,
+        best_so_far: bool,
+        reason: String,
+    },
+    TrainingEscalated {
+        version: u64,
+        from: String,
+        to: String,
+        #[serde(deserialize_with = "crate::nan::f32")]
+        val_accuracy: f32,
+        until: f64,
+    },
+    TrainingFinished { version: u64, seconds: f64, epochs: usize, best_epoch: usize, stopped_early: bool, samples_per_second: f64, batch_size: usize },
+    TrainingPaused { version: u64, reason: String },
+    TrainingResumed { version: u64 },
+    TrainingDeferred { reason: String },
+    TrainingFailed {
+        version: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kind: Option<String>,
+        error_type: String,
+        reason: String,
+    },
+    TrainingCancelled { version: u64, reason: String },
+    /// The gate decided (the training summary without its curves).
+    GateDecision(JobRecord),
+    /// The journal's record of a job: the gate's decision with the loss curves (journal only).
+    Job(JobRecord),
+    Promoted {
+        version: u64,
+        from_version: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        holdout_accuracy: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        incumbent_holdout_accuracy: Option<f64>,
+        /// A crash came between the promotion and its record: written at the next start.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        recovered: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    RolledBack { from_version: u64, to_version: u64, reason: String, by: String },
+    Pinned { version: u64, by: String },
+    WatchPassed { version: u64, fresh_samples: u64, accuracy: f64, previous_accuracy: f64 },
+    ConfigReloaded { applied: Vec<String>, needs_restart: Vec<String> },
+    ConfigRefused { reason: String },
+    CommandResult { command: String, ok: bool, by: String, message: String, via: String },
+}
+
+impl Event {
+    /// Every kind, as `event` names it.
+    pub const KINDS: [&'static str; 21] = [
+        "sample_refused",
+        "samples_evicted",
+        "training_started",
+        "training_progress",
+        "training_attempt",
+        "training_escalated",
+        "training_finished",
+        "training_paused",
+        "training_resumed",
+        "training_deferred",
+        "training_failed",
+        "training_cancelled",
+        "gate_decision",
+        "job",
+        "promoted",
+        "rolled_back",
+        "pinned",
+        "watch_passed",
+        "config_reloaded",
+        "config_refused",
+        "command_result",
+    ];
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::SampleRefused { .. } => "sample_refused",
+            Event::SamplesEvicted { .. } => "samples_evicted",
+            Event::TrainingStarted { .. } => "training_started",
+            Event::TrainingProgress { .. } => "training_progress",
+            Event::TrainingAttempt { .. } => "training_attempt",
+            Event::TrainingEscalated { .. } => "training_escalated",
+            Event::TrainingFinished { .. } => "training_finished",
+            Event::TrainingPaused { .. } => "training_paused",
+            Event::TrainingResumed { .. } => "training_resumed",
+            Event::TrainingDeferred { .. } => "training_deferred",
+            Event::TrainingFailed { .. } => "training_failed",
+            Event::TrainingCancelled { .. } => "training_cancelled",
+            Event::GateDecision(_) => "gate_decision",
+            Event::Job(_) => "job",
+            Event::Promoted { .. } => "promoted",
+            Event::RolledBack { .. } => "rolled_back",
+            Event::Pinned { .. } => "pinned",
+            Event::WatchPassed { .. } => "watch_passed",
+            Event::ConfigReloaded { .. } => "config_reloaded",
+            Event::ConfigRefused { .. } => "config_refused",
+            Event::CommandResult { .. } => "command_result",
+        }
+    }
+
+    /// The version of the task's adapter the event is about, if any.
+    pub fn version(&self) -> Option<u64> {
+        match self {
+            Event::TrainingStarted { version, .. }
+            | Event::TrainingProgress { version, .. }
+            | Event::TrainingAttempt { version, .. }
+            | Event::TrainingEscalated { version, .. }
+            | Event::TrainingFinished { version, .. }
+            | Event::TrainingPaused { version, .. }
+            | Event::TrainingResumed { version }
+            | Event::TrainingFailed { version, .. }
+            | Event::TrainingCancelled { version, .. }
+            | Event::Promoted { version, .. }
+            | Event::Pinned { version, .. }
+            | Event::WatchPassed { version, .. } => Some(*version),
+            Event::GateDecision(job) | Event::Job(job) => Some(job.version),
+            Event::RolledBack { to_version, .. } => Some(*to_version),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! What the gate measured about a candidate and what it decided, as events, the journal and
+//! adapter manifests carry it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassMetrics {
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+    pub support: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    pub accuracy: f64,
+    /// Mean F1 over the classes present in the truth.
+    pub macro_f1: f64,
+    pub samples: usize,
+    pub per_class: BTreeMap<String, ClassMetrics>,
+}
+
+/// What the adapt loop measured about one candidate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    /// On the holdout split.
+    pub candidate: Metrics,
+    pub incumbent: Metrics,
+    /// Accuracy on the retention set's check half: (reference, candidate), the reference being the
+    /// better of the incumbent and the base model. None: the bundle has no retention set, or its
+    /// labels are not the task's.
+    pub retention: Option<(f64, f64)>,
+    /// The share of the device's recent inputs that look like the base domain (see `traffic`),
+    /// and how many inputs it was measured on. None: not measured (no retention set).
+    #[serde(default)]
+    pub base_traffic_share: Option<(f64, usize)>,
+    /// The candidate routes base-like rows to the base model: the share of holdout rows it
+    /// routed. None: it serves every row itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_routed: Option<f64>,
+    /// Every score the engine produced for the candidate is finite.
+    pub finite: bool,
+    /// Largest change of any score versus the base model on the probe set.
+    pub probe_change: f32,
+    /// Largest |engine − trainer| score difference on the probe set.
+    pub parity_max_diff: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Check {
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    pub promote: bool,
+    /// One line: why.
+    pub summary: String,
+    pub checks: Vec<Check>,
+}
