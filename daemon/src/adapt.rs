@@ -20,7 +20,6 @@ use adaptd_adapters::files::{ADAPTER_FORMAT, Adapter, AdapterKind, AdapterManife
 use adaptd_adapters::head::{Head, grow_linear};
 use adaptd_adapters::tensor::HostTensor;
 use adaptd_adapters::train::{Examples, FitReport, Recipe};
-use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -139,19 +138,8 @@ pub struct Command {
     pub reply: oneshot::Sender<Result<String, String>>,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Status {
-    pub task: String,
-    pub scheduler: SchedulerState,
-    pub serving_version: u64,
-    pub jobs: BTreeMap<String, u64>,
-    pub last_decision: Option<String>,
-    /// Steps done / total of the running job.
-    pub progress: Option<(usize, usize)>,
-    /// Labelled samples stored for the task, and how many arrived since the last job started.
-    pub samples: u64,
-    pub new_samples: u64,
-}
+/// A task's status, as HTTP, the CLI and tests read it.
+pub use adaptd_protocol::TaskStatus as Status;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdaptError {

@@ -290,7 +290,7 @@ fn main() -> ExitCode {
         Command::Ingest { bundle, store, mqtt, device, tasks, max_batch } => ingest(bundle, store, mqtt, device, tasks, max_batch),
         Command::Status { daemon } => operate(daemon.json, || {
             let statuses = adaptd::ops::status(&daemon.client()?)?;
-            Ok((adaptd::ops::render_status(&statuses), statuses))
+            Ok((adaptd::ops::render_status(&statuses), serde_json::to_value(&statuses)?))
         }),
         Command::Train { task, now: _, no_wait, daemon } => train_now(&task, no_wait, &daemon),
         Command::Adapters { command } => adapters(command),
@@ -351,8 +351,11 @@ fn operate(json: bool, f: impl FnOnce() -> anyhow::Result<(String, serde_json::V
 /// when the candidate was promoted, 1 when it was rejected, deferred or failed (with the reason).
 fn train_now(task: &str, no_wait: bool, daemon: &DaemonArgs) -> anyhow::Result<ExitCode> {
     let client = daemon.client()?;
-    let finished = |s: &serde_json::Value| s["jobs"].as_object().map_or(0, |j| j.iter().filter(|(k, _)| *k != "started").map(|(_, v)| v.as_u64().unwrap_or(0)).sum::<u64>());
-    let status = |c: &adaptd::client::Client| -> anyhow::Result<serde_json::Value> { Ok(c.get(&format!("/v1/tasks/{task}/status"))?.body) };
+    let status = |c: &adaptd::client::Client| -> anyhow::Result<adaptd_protocol::TaskStatus> {
+        let answer = c.get(&format!("/v1/tasks/{task}/status"))?;
+        anyhow::ensure!(answer.ok(), "{}", answer.message());
+        Ok(serde_json::from_value(answer.body)?)
+    };
     if no_wait {
         return operate(daemon.json, || {
             let message = adaptd::ops::command(&client, task, "train")?;
@@ -373,27 +376,25 @@ fn train_now(task: &str, no_wait: bool, daemon: &DaemonArgs) -> anyhow::Result<E
     }
     let after = loop {
         let s = status(&client)?;
-        if finished(&s) > finished(&before) {
+        if s.finished_jobs() > before.finished_jobs() {
             break s;
         }
-        if let Some(p) = s["progress"].as_array() {
-            bar.set_length(p.get(1).and_then(|v| v.as_u64()).unwrap_or(1));
-            bar.set_position(p.first().and_then(|v| v.as_u64()).unwrap_or(0));
+        if let Some((done, total)) = s.progress {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
         }
-        bar.set_message(match &s["scheduler"] {
-            serde_json::Value::Object(m) => m.keys().next().cloned().unwrap_or_default().to_lowercase(),
-            other => other.as_str().unwrap_or("").to_lowercase(),
-        });
+        bar.set_message(s.scheduler.name());
         std::thread::sleep(std::time::Duration::from_millis(250));
     };
     bar.finish_and_clear();
-    let promoted = after["jobs"]["promoted"].as_u64().unwrap_or(0) > before["jobs"]["promoted"].as_u64().unwrap_or(0);
-    let decision = after["last_decision"].as_str().unwrap_or("").to_string();
+    let promoted_jobs = |s: &adaptd_protocol::TaskStatus| s.jobs.get("promoted").copied().unwrap_or(0);
+    let promoted = promoted_jobs(&after) > promoted_jobs(&before);
+    let decision = after.last_decision.clone().unwrap_or_default();
     if daemon.json {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "promoted": promoted, "decision": decision, "status": after }))?);
     } else {
         println!("{decision}");
-        println!("{task} serves v{}", after["serving_version"]);
+        println!("{task} serves v{}", after.serving_version);
     }
     Ok(if promoted { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

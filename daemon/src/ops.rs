@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use adaptd_adapters::AdapterStore;
+use adaptd_protocol::TaskStatus;
 use serde_json::{Value, json};
 
 use crate::client::{Client, ClientError};
@@ -33,41 +34,17 @@ impl OpsError {
 }
 
 /// Every task's state from a running daemon.
-pub fn status(client: &Client) -> Result<Value, OpsError> {
+pub fn status(client: &Client) -> Result<Vec<TaskStatus>, OpsError> {
     let r = client.get("/v1/tasks")?;
     if !r.ok() {
         return Err(OpsError::Refused(r.message()));
     }
-    Ok(r.body)
+    serde_json::from_value(r.body).map_err(|e| OpsError::Refused(format!("the daemon's status does not read as this CLI's: {e}")))
 }
 
-pub fn render_status(statuses: &Value) -> String {
-    let mut out = format!("{:<16} {:>8} {:<34} {:>9} {:>6}  {}\n", "task", "serving", "scheduler", "samples", "new", "jobs / last decision");
-    for s in statuses.as_array().into_iter().flatten() {
-        let scheduler = match &s["scheduler"] {
-            Value::String(state) => state.clone(),
-            Value::Object(m) => m.iter().next().map(|(k, v)| format!("{k}: {}", v.as_object().and_then(|o| o.values().next()).and_then(Value::as_str).unwrap_or(""))).unwrap_or_default(),
-            other => other.to_string(),
-        };
-        let jobs: Vec<String> = s["jobs"].as_object().into_iter().flatten().map(|(k, v)| format!("{k} {v}")).collect();
-        out += &format!(
-            "{:<16} {:>8} {:<34} {:>9} {:>6}  {}\n",
-            s["task"].as_str().unwrap_or("?"),
-            format!("v{}", s["serving_version"]),
-            truncate(&scheduler, 34),
-            s["samples"],
-            s["new_samples"],
-            jobs.join(", ")
-        );
-        if let Some(d) = s["last_decision"].as_str() {
-            out += &format!("{:<16} last: {d}\n", "");
-        }
-    }
-    out
-}
-
-fn truncate(s: &str, n: usize) -> String {
-    if s.chars().count() <= n { s.to_string() } else { s.chars().take(n - 1).collect::<String>() + "…" }
+/// The table `adaptd status` prints.
+pub fn render_status(statuses: &[TaskStatus]) -> String {
+    adaptd_protocol::status::render_statuses(statuses, crate::events::now_ms())
 }
 
 /// Ask the daemon to act on `task`: `train`, `rollback` or `pin/{version}`.

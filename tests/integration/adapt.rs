@@ -220,6 +220,13 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
     let statuses: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(statuses[0]["serving_version"], 1, "{statuses}");
     assert!(statuses[0]["samples"].as_u64().unwrap() >= 300, "{statuses}");
+    // What people read: the task's row names its version and the scheduler's state by name.
+    let (code, stdout, _) = cli(&["status", "--http", &addr]);
+    assert_eq!(code, Some(0));
+    let row = stdout.lines().find(|l| l.starts_with("sorter")).unwrap_or_else(|| panic!("no row for the task:\n{stdout}"));
+    let scheduler_state = statuses[0]["scheduler"]["state"].as_str().unwrap();
+    assert!(row.contains(" v1 ") && row.contains(scheduler_state) && row.contains("promoted 1"), "{stdout}");
+    assert!(!row.contains("since_ms") && !row.contains("until_ms"), "the state, not the first of its fields: {stdout}");
     let (code, stdout, _) = cli(&["adapters", "list", "--state-dir", state.path().to_str().unwrap()]);
     assert_eq!(code, Some(0));
     assert!(stdout.lines().any(|l| l.contains("sorter") && l.contains("v1*")), "{stdout}");
