@@ -315,6 +315,9 @@ impl Console {
                 for c in e["checks"].as_array().into_iter().flatten() {
                     println!("      {} {:<22} {}", if c["passed"] == true { "✓" } else { "✗" }, c["name"].as_str().unwrap_or(""), c["detail"].as_str().unwrap_or(""));
                 }
+                if let Some(routed) = e["evidence"]["base_routed"].as_f64() {
+                    println!("    ⑂ routed: inputs that look upright go to the base model ({:.0} % of the holdout), the rest to the adapter", routed * 100.0);
+                }
                 println!("    → {}", e["summary"].as_str().unwrap_or(""));
             }
             "promoted" => println!("  ⇄ hot-swap: v{} now serves (was v{})", e["version"], e["from_version"]),

@@ -43,6 +43,9 @@ pub struct TrafficLog {
 /// One request in this many is kept: the window then spans the last ~1,000 requests, and
 /// serving copies a request's inputs only that often.
 const KEEP_ONE_IN: u64 = 4;
+/// Rows kept of one request, evenly spread: a bulk request (an operator's audit, a batch
+/// evaluation) counts as a few inputs, so it cannot swamp what the device's cameras send.
+const ROWS_PER_REQUEST: usize = 8;
 
 impl TrafficLog {
     /// Whether to keep the next request's inputs.
@@ -55,7 +58,8 @@ impl TrafficLog {
         let Some(rows) = inputs.first().and_then(|t| t.shape.first()).copied() else { return };
         let mut all = self.rows.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let kept = all.entry(task.to_string()).or_default();
-        for r in rows.saturating_sub(TRAFFIC_ROWS)..rows {
+        let kept_rows = rows.min(ROWS_PER_REQUEST);
+        for r in (0..kept_rows).map(|i| i * rows / kept_rows) {
             if kept.len() == TRAFFIC_ROWS {
                 kept.pop_front();
             }
@@ -176,7 +180,8 @@ impl BaseDomainDetector {
 /// (a third of its cameras upright) keeps the base model's accuracy there, and the adapter
 /// serves only what moved. Decided per row from the raw input alone (no model pass): small
 /// dense inputs only, against the even rows of the bundle's retention set, within the 95th
-/// percentile of the odd rows' nearest-neighbour distances.
+/// percentile of their leave-one-out nearest-neighbour distances. The odd rows stay unseen: the
+/// gate checks forgetting on them, so a routed candidate is not measured on its calibration.
 #[derive(Debug)]
 pub struct BaseRouter {
     reference: Vec<f32>,
@@ -197,10 +202,15 @@ impl BaseRouter {
         let width = values.len() / rows;
         let row = |i: usize| &values[i * width..(i + 1) * width];
         let reference: Vec<f32> = (0..rows).step_by(2).flat_map(|i| row(i).iter().copied()).collect();
-        let mut router = BaseRouter { reference, width, radius_sq: f32::INFINITY };
-        let held_out: Vec<f32> = (1..rows).step_by(2).map(|i| router.nearest_sq(row(i), f32::NEG_INFINITY)).collect();
-        router.radius_sq = percentile(held_out, PERCENTILE);
-        Some(router)
+        let references = reference.len() / width;
+        let leave_one_out: Vec<f32> = (0..references)
+            .map(|i| {
+                let x = &reference[i * width..(i + 1) * width];
+                let others = reference.chunks_exact(width).enumerate().filter(|&(j, _)| j != i);
+                others.map(|(_, r)| x.iter().zip(r).map(|(a, b)| (a - b) * (a - b)).sum::<f32>()).fold(f32::INFINITY, f32::min)
+            })
+            .collect();
+        Some(BaseRouter { reference, width, radius_sq: percentile(leave_one_out, PERCENTILE) })
     }
 
     /// The smallest squared distance to a reference row; stops early once one is within `enough`.
@@ -343,5 +353,9 @@ mod tests {
         assert_eq!(rows[0][0].as_f32().unwrap()[0], 10.0);
         assert_eq!(log.rows("other").len(), 3);
         assert!(log.rows("nobody").is_empty());
+        // A bulk request counts as a few inputs, spread over it.
+        log.record("audit", &[HostTensor::f32(vec![100, 1], (0..100).map(|i| i as f32).collect()).unwrap()]);
+        let firsts: Vec<f32> = log.rows("audit").iter().map(|r| r[0].as_f32().unwrap()[0]).collect();
+        assert_eq!(firsts, vec![0.0, 12.0, 25.0, 37.0, 50.0, 62.0, 75.0, 87.0]);
     }
 }

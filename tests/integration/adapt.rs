@@ -558,7 +558,12 @@ async fn the_retention_bound_follows_how_much_of_the_traffic_is_still_base_domai
     assert!(drop(moved) > 0.02, "the candidate forgets upright digits: {}", retention(moved)["detail"]);
     assert!(share(moved) < 0.05, "sideways traffic is not base-domain: {}", retention(moved)["detail"]);
     assert_eq!((moved["promote"].as_bool(), retention(moved)["passed"].as_bool()), (Some(true), Some(true)), "{}", moved["summary"]);
-    assert_eq!(retention(held)["passed"], false, "the base policy holds the bound whatever the traffic: {}", held["summary"]);
+    // The base policy holds the bound whatever the traffic: the candidate alone forgets, so it
+    // is refused, or promoted only routed (base-like inputs answered by the base model) within it.
+    match held["promote"].as_bool() {
+        Some(true) => assert!(held["evidence"]["base_routed"].is_f64() && drop(held) <= 0.02 + 1e-9, "{held}"),
+        _ => assert_eq!(retention(held)["passed"], false, "{}", held["summary"]),
+    }
     assert!((0.25..0.7).contains(&share(mixed)), "of the last 256 samples 120 are upright: {}", retention(mixed)["detail"]);
     assert!(retention(mixed)["detail"].as_str().unwrap().contains("at most 0.0200 allowed"), "{}", retention(mixed)["detail"]);
 }

@@ -1,0 +1,251 @@
+//! The data of a job: which samples and labels it trains on, the base-domain rows it replays,
+//! the head it starts from, and the model inputs of stored samples.
+
+use std::collections::BTreeMap;
+
+use adaptd_adapters::bundle::{Bundle, RetentionSet};
+use adaptd_adapters::files::SampleCounts;
+use adaptd_adapters::head::{Head, grow_linear};
+use adaptd_adapters::tensor::HostTensor;
+use adaptd_adapters::train::Examples;
+
+use super::{AdaptConfig, AdaptError};
+use crate::engine::concat_inputs;
+use crate::gate::GateConfig;
+use crate::preprocess::TextEncoder;
+use crate::registry::Serving;
+use crate::samples::{SampleInput, SampleStore, Split, StoredSample};
+use crate::traffic::BaseDomainDetector;
+use crate::trainer::{JobKind, TrainJob};
+
+/// The bundle's base domain as the loop uses it: retention rows replayed in training (and their
+/// embeddings, for heads), rows that check forgetting, and the detector that measures how much
+/// of the device's traffic still looks like it.
+pub(super) struct BaseDomain {
+    pub replay: RetentionSet,
+    pub check: RetentionSet,
+    pub replay_embeddings: Option<Vec<Vec<f32>>>,
+    pub detector: Option<BaseDomainDetector>,
+    /// The share of the latest traffic that looks like the base domain, and over how many
+    /// inputs, measured at the start of the current job.
+    pub traffic_share: Option<(f64, usize)>,
+}
+
+impl BaseDomain {
+    /// Replay protects what the device still sees: the configured share while the traffic
+    /// holds the base domain (at least `min_share` of it), less as that fades, none without it.
+    pub(super) fn replay_fraction(&self, configured: f64, gate: &GateConfig) -> f64 {
+        match (gate.retention, self.traffic_share) {
+            (crate::gate::RetentionPolicy::Traffic, Some((share, _))) if gate.retention_min_share > 0.0 => configured * (share / gate.retention_min_share).min(1.0),
+            _ => configured,
+        }
+    }
+}
+
+/// Even rows of the retention set are replayed in training, odd rows check forgetting.
+pub(super) fn split_retention(retention: Option<&RetentionSet>) -> (RetentionSet, RetentionSet) {
+    let empty = || RetentionSet { inputs: Vec::new(), labels: Vec::new() };
+    let Some(r) = retention else { return (empty(), empty()) };
+    let even: Vec<usize> = (0..r.len()).step_by(2).collect();
+    let odd: Vec<usize> = (1..r.len()).step_by(2).collect();
+    (r.select(&even), r.select(&odd))
+}
+
+/// Model inputs for `samples` (one row each), in the bundle's input order.
+pub fn model_inputs(text: Option<&TextEncoder>, samples: &[&StoredSample]) -> Result<Vec<HostTensor>, AdaptError> {
+    if samples.is_empty() {
+        return Err(AdaptError::Data("no samples".into()));
+    }
+    if let Some(encoder) = text {
+        let texts: Vec<&str> = samples
+            .iter()
+            .map(|s| match &s.sample.input {
+                SampleInput::Text(t) => Ok(t.as_str()),
+                SampleInput::Tensor(_) => Err(AdaptError::Data(format!("sample {:?} holds a tensor; the bundle takes text", s.sample.key))),
+            })
+            .collect::<Result<_, _>>()?;
+        return encoder.encode(&texts).map_err(|e| AdaptError::Data(e.to_string()));
+    }
+    let tensors: Vec<&HostTensor> = samples
+        .iter()
+        .map(|s| match &s.sample.input {
+            SampleInput::Tensor(t) => Ok(t),
+            SampleInput::Text(_) => Err(AdaptError::Data(format!("sample {:?} holds text; the bundle takes tensors", s.sample.key))),
+        })
+        .collect::<Result<_, _>>()?;
+    let stacked = concat_inputs(tensors.iter().map(|t| std::slice::from_ref(*t)));
+    // A bundle with a dynamic non-batch axis may hold samples that do not stack.
+    if stacked.iter().any(|t| t.len() != t.shape.iter().product::<usize>()) {
+        return Err(AdaptError::Data("samples of different shapes".into()));
+    }
+    Ok(stacked)
+}
+
+/// The job as the trainer takes it, and what the gate needs to know about it.
+pub(super) struct Prepared {
+    pub job: TrainJob,
+    pub labels: Vec<String>,
+    pub counts: SampleCounts,
+    pub notes: Vec<String>,
+}
+
+/// The training data of one step of a job: the task's embedded samples over the labels that
+/// qualify (the incumbent's first, new ones with enough samples), class-balanced by the trainer,
+/// with base-domain rows replayed as the traffic asks, and the head to start from. Err: why the
+/// job cannot run now (the loop defers it).
+pub(super) fn prepare(bundle: &Bundle, text: Option<&TextEncoder>, config: &AdaptConfig, store: &SampleStore, incumbent: &Serving, base_domain: &BaseDomain) -> Result<Prepared, AdaptError> {
+    let (replay, replay_embeddings) = (&base_domain.replay, base_domain.replay_embeddings.as_deref());
+    let replay_fraction = base_domain.replay_fraction(config.replay_fraction, &config.gate);
+    let task = &config.task;
+    let mut train_all = store.load(task, Split::Train)?;
+    let mut validation_all = store.load(task, Split::Validation)?;
+    let dim = bundle.manifest.embedding_dim;
+    // Under a steady stream some samples always arrived after this tick's embeddings were
+    // computed: the job trains on those that have one, and the rest join the next job (waiting
+    // for all of them would defer the job for as long as the stream lasts).
+    let embedded = |s: &StoredSample| s.embedding.as_ref().is_some_and(|e| e.len() == dim);
+    let arriving = train_all.iter().chain(&validation_all).filter(|s| !embedded(s)).count();
+    train_all.retain(embedded);
+    validation_all.retain(embedded);
+    let mut notes = Vec::new();
+    if arriving > 0 {
+        notes.push(format!("{arriving} sample(s) still arriving join the next job"));
+    }
+    let mut per_label: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in &train_all {
+        *per_label.entry(s.sample.label.as_str()).or_default() += 1;
+    }
+    // Labels: the incumbent's first (their rows are kept), then new ones with enough samples.
+    let mut labels: Vec<String> = incumbent.labels.to_vec();
+    for label in store.labels(task)? {
+        let n = per_label.get(label.as_str()).copied().unwrap_or(0);
+        if labels.contains(&label) {
+            continue;
+        }
+        if n < config.min_samples_per_class {
+            notes.push(format!("label {label:?} waits: {n} training sample(s), {} needed", config.min_samples_per_class));
+            continue;
+        }
+        labels.push(label);
+    }
+    let index: BTreeMap<&str, i64> = labels.iter().enumerate().map(|(i, l)| (l.as_str(), i as i64)).collect();
+    let train: Vec<&StoredSample> = train_all.iter().filter(|s| index.contains_key(s.sample.label.as_str())).collect();
+    let validation: Vec<&StoredSample> = validation_all.iter().filter(|s| index.contains_key(s.sample.label.as_str())).collect();
+    if train.len() < config.min_train_samples {
+        return Err(AdaptError::Data(format!("{} training samples over labels that qualify; {} needed", train.len(), config.min_train_samples)));
+    }
+    let trained_labels: std::collections::BTreeSet<&str> = train.iter().map(|s| s.sample.label.as_str()).collect();
+    if trained_labels.len() < 2 && labels.len() < 2 {
+        return Err(AdaptError::Data(format!("only one label ({:?}) has samples; a classifier needs two", trained_labels.iter().next())));
+    }
+    for label in &labels {
+        if per_label.get(label.as_str()).copied().unwrap_or(0) > 0 && !validation.iter().any(|s| &s.sample.label == label) {
+            notes.push(format!("label {label:?} has no validation samples: early stopping cannot see it"));
+        }
+    }
+    let embeddings_of = |rows: &[&StoredSample]| -> Result<Vec<f32>, AdaptError> {
+        let mut out = Vec::with_capacity(rows.len() * dim);
+        for s in rows {
+            match &s.embedding {
+                Some(e) if e.len() == dim => out.extend_from_slice(e),
+                _ => return Err(AdaptError::Data("embeddings of new samples are still being computed".into())),
+            }
+        }
+        Ok(out)
+    };
+    let train_emb = embeddings_of(&train)?;
+    let class_means: Vec<Option<Vec<f32>>> = (0..labels.len())
+        .map(|c| {
+            let rows: Vec<usize> = train.iter().enumerate().filter(|(_, s)| index[s.sample.label.as_str()] == c as i64).map(|(i, _)| i).collect();
+            (!rows.is_empty()).then(|| (0..dim).map(|d| rows.iter().map(|&r| train_emb[r * dim + d]).sum::<f32>() / rows.len() as f32).collect())
+        })
+        .collect();
+    // Start from the incumbent's head, or the bundle's pre-trained classifier, or prototypes.
+    let base_head = bundle.base_head()?;
+    let base_labels = bundle.manifest.labels.clone().unwrap_or_default();
+    let previous: Option<(&Head, &[String])> = match (&incumbent.head, &base_head) {
+        (Some(h), _) => Some((h, &incumbent.labels[..])),
+        (None, Some(h)) => Some((h, &base_labels[..])),
+        (None, None) => None,
+    };
+    let init_head = grow_linear(previous, &labels, &class_means, dim);
+
+    let weights = |rows: &[&StoredSample]| rows.iter().map(|s| s.sample.weight).collect::<Vec<f32>>();
+    let mut train_ex = Examples { labels: train.iter().map(|s| index[s.sample.label.as_str()]).collect(), weights: weights(&train), inputs: Vec::new() };
+    let mut val_ex = Examples { labels: validation.iter().map(|s| index[s.sample.label.as_str()]).collect(), weights: weights(&validation), inputs: Vec::new() };
+    // Replay: retained base-domain rows whose labels the task uses, as a share of the task's samples.
+    let replay_rows: Vec<(usize, i64)> = replay
+        .labels
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &l)| base_labels.get(l as usize).and_then(|name| index.get(name.as_str())).map(|&c| (i, c)))
+        .take((replay_fraction * train.len() as f64).round() as usize)
+        .collect();
+    match config.kind {
+        JobKind::Head => {
+            let mut emb = train_emb;
+            if let Some(replay_emb) = replay_embeddings {
+                for &(i, c) in &replay_rows {
+                    emb.extend_from_slice(&replay_emb[i]);
+                    train_ex.labels.push(c);
+                    train_ex.weights.push(1.0);
+                }
+            }
+            let n = train_ex.labels.len();
+            train_ex.inputs = vec![HostTensor::f32(vec![n, dim], emb).map_err(|e| AdaptError::Data(e.to_string()))?];
+            let val_emb = if validation.is_empty() { Vec::new() } else { embeddings_of(&validation)? };
+            val_ex.inputs = vec![HostTensor::f32(vec![validation.len(), dim], val_emb).map_err(|e| AdaptError::Data(e.to_string()))?];
+        }
+        JobKind::Lora { .. } => {
+            let mut inputs = model_inputs(text, &train)?;
+            if !replay_rows.is_empty() && text.is_none() {
+                let rows: Vec<usize> = replay_rows.iter().map(|&(i, _)| i).collect();
+                let extra = replay.select(&rows).inputs;
+                inputs = concat_inputs([inputs.as_slice(), extra.as_slice()].into_iter());
+                for &(_, c) in &replay_rows {
+                    train_ex.labels.push(c);
+                    train_ex.weights.push(1.0);
+                }
+            }
+            train_ex.inputs = inputs;
+            if !validation.is_empty() {
+                val_ex.inputs = model_inputs(text, &validation)?;
+            }
+        }
+    }
+    let holdout = store.counts(task)?.iter().filter(|((split, _), _)| *split == Split::Holdout).map(|(_, n)| n).sum();
+    let counts = SampleCounts { train: train.len() as u64, validation: validation.len() as u64, holdout };
+    if !replay_rows.is_empty() {
+        notes.push(format!("{} retained base-domain samples replayed", replay_rows.len()));
+    }
+    if let Some((share, n)) = base_domain.traffic_share.filter(|_| replay_fraction < config.replay_fraction) {
+        notes.push(format!("replay follows the traffic: {:.0} % of the last {n} inputs look like the base domain, so {:.2} of the samples instead of {:.2}", share * 100.0, replay_fraction, config.replay_fraction));
+    }
+    Ok(Prepared { job: TrainJob { kind: config.kind, train: train_ex, validation: val_ex, init_head, recipe: config.recipe.clone() }, labels, counts, notes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::traffic::RetentionPolicy;
+
+    #[test]
+    fn even_retention_rows_are_replayed_and_odd_ones_check_forgetting() {
+        let retention = RetentionSet { inputs: vec![HostTensor::f32(vec![5, 1], vec![0.0, 1.0, 2.0, 3.0, 4.0]).unwrap()], labels: vec![0, 1, 2, 3, 4] };
+        let (replay, check) = split_retention(Some(&retention));
+        assert_eq!((replay.labels, check.labels), (vec![0, 2, 4], vec![1, 3]));
+        assert!(split_retention(None).0.is_empty());
+    }
+
+    #[test]
+    fn replay_follows_the_share_of_base_domain_traffic() {
+        let empty = || RetentionSet { inputs: Vec::new(), labels: Vec::new() };
+        let domain = |share: Option<f64>| BaseDomain { replay: empty(), check: empty(), replay_embeddings: None, detector: None, traffic_share: share.map(|s| (s, 256)) };
+        let gate = GateConfig::default();
+        assert_eq!(domain(Some(0.5)).replay_fraction(0.2, &gate), 0.2, "a device that still sees the base domain replays it all");
+        assert!((domain(Some(0.05)).replay_fraction(0.2, &gate) - 0.1).abs() < 1e-12);
+        assert_eq!(domain(Some(0.0)).replay_fraction(0.2, &gate), 0.0, "nothing to protect");
+        assert_eq!(domain(None).replay_fraction(0.2, &gate), 0.2, "not measured: the configured share");
+        assert_eq!(domain(Some(0.0)).replay_fraction(0.2, &GateConfig { retention: RetentionPolicy::Base, ..gate }), 0.2);
+    }
+}

@@ -1,0 +1,190 @@
+//! The adaptation loop of one task: store → scheduler → trainer → gate → registry, and the
+//! watch that rolls a promoted adapter back when fresh labels say it got worse.
+//!
+//! - [`task_loop`]: the loop itself ([`TaskLoop`](task_loop::TaskLoop)), a thin async driver
+//!   that owns the task's state and calls the parts below in order, each tick.
+//! - [`dataset`]: what a job trains on (samples, labels, replayed base-domain rows, the head
+//!   to start from).
+//! - [`evaluate`]: everything asked of the serving engine, and the gate's evidence about a
+//!   candidate (holdout, retention, probe, parity, base-domain routing).
+//! - [`watch`]: the rollback watch after a promotion, pure.
+//! - The scheduler ([`crate::scheduler`]) and the gate's decision ([`crate::gate`]) are pure
+//!   too, and the same for every task.
+//!
+//! Every decision is an event, a log line, a journal record, and part of the adapter's manifest.
+
+mod dataset;
+mod evaluate;
+mod task_loop;
+mod watch;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use adaptd_adapters::train::Recipe;
+use tokio::sync::{mpsc, oneshot, watch as channel};
+
+pub use dataset::model_inputs;
+
+use crate::engine::EngineHandle;
+use crate::events::{Events, Journal};
+use crate::gate::GateConfig;
+use crate::preprocess::TextEncoder;
+use crate::registry::Registry;
+use crate::resources::ResourceLimits;
+use crate::samples::{SampleStore, SplitPolicy};
+use crate::scheduler::SchedulerConfig;
+use crate::trainer::{JobKind, Trainer};
+
+#[derive(Debug, Clone)]
+pub struct AdaptConfig {
+    pub task: String,
+    pub kind: JobKind,
+    pub recipe: Recipe,
+    pub scheduler: SchedulerConfig,
+    pub gate: GateConfig,
+    pub limits: ResourceLimits,
+    pub tick: Duration,
+    /// Fewer training samples than this (over the classes that qualify): the job is deferred.
+    pub min_train_samples: usize,
+    /// A label with fewer training samples than this waits for more before it joins the head.
+    pub min_samples_per_class: usize,
+    /// Retained base-domain samples mixed into training, as a share of the task's samples.
+    pub replay_fraction: f64,
+    /// After a promotion: compare old and new on this many fresh samples before judging...
+    pub watch_min_samples: u64,
+    /// ... roll back if the new one is worse by more than this ...
+    pub rollback_drop: f64,
+    /// ... and stop watching after this many.
+    pub watch_max_samples: u64,
+    /// Holdout samples evaluated per decision (the newest).
+    pub max_eval_samples: usize,
+    /// More capacity to try after `kind` within a job, in order (empty: no escalation)...
+    pub escalation: Vec<JobKind>,
+    /// ... while the best validation accuracy so far is below this.
+    pub escalate_until: f64,
+    /// Disk budget of the task's samples in bytes (0: none), and the samples per class that
+    /// eviction never goes below.
+    pub store_budget_bytes: u64,
+    pub reservoir_per_class: u64,
+}
+
+impl AdaptConfig {
+    pub fn new(task: &str) -> AdaptConfig {
+        AdaptConfig {
+            task: task.to_string(),
+            kind: JobKind::Head,
+            recipe: Recipe::default(),
+            scheduler: SchedulerConfig::default(),
+            gate: GateConfig::default(),
+            limits: ResourceLimits::default(),
+            tick: Duration::from_secs(1),
+            min_train_samples: 20,
+            min_samples_per_class: 2,
+            replay_fraction: 0.2,
+            watch_min_samples: 30,
+            rollback_drop: 0.05,
+            watch_max_samples: 500,
+            max_eval_samples: 2000,
+            escalation: escalation_after(true, 8, 8.0),
+            escalate_until: 0.98,
+            store_budget_bytes: 0,
+            reservoir_per_class: 50,
+        }
+    }
+}
+
+/// The steps of more capacity after the configured adapter: LoRA on the bundle's slots (when
+/// the adapter is a head), then LoRA at twice the rank. Steps the bundle cannot take (no slots,
+/// a rank over its `rank_max`) are skipped when the job runs.
+pub fn escalation_after(from_head: bool, rank: usize, alpha: f32) -> Vec<JobKind> {
+    let mut steps = Vec::new();
+    if from_head {
+        steps.push(JobKind::Lora { rank, alpha });
+    }
+    steps.push(JobKind::Lora { rank: rank * 2, alpha: alpha * 2.0 });
+    steps
+}
+
+/// Everything the loop works with; shared with the rest of the daemon.
+#[derive(Clone)]
+pub struct Context {
+    pub registry: Arc<Registry>,
+    pub engine: EngineHandle,
+    pub trainer: Arc<Trainer>,
+    pub store_path: PathBuf,
+    pub split: SplitPolicy,
+    pub text: Option<Arc<TextEncoder>>,
+    pub events: Events,
+    pub journal: Journal,
+    /// The latest request inputs per task, for the share of base-domain traffic.
+    pub traffic: Arc<crate::traffic::TrafficLog>,
+}
+
+/// What an operator asks of a task's loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandKind {
+    TrainNow,
+    Rollback,
+    /// Serve this version (0: the base model).
+    Pin(u64),
+}
+
+/// An operator's request, answered with a line saying what happened. `by` says who asked (how
+/// they proved it: the HTTP control token, or the signer of an MQTT command); events record it.
+pub struct Command {
+    pub kind: CommandKind,
+    pub by: String,
+    pub reply: oneshot::Sender<Result<String, String>>,
+}
+
+/// A task's status, as HTTP, the CLI and tests read it.
+pub use adaptd_protocol::TaskStatus as Status;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdaptError {
+    #[error(transparent)]
+    Store(#[from] crate::samples::StoreError),
+    #[error(transparent)]
+    Bundle(#[from] adaptd_adapters::bundle::BundleError),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    /// The trainer could not run the candidate's forward pass (parity).
+    #[error("trainer: {0}")]
+    Trainer(String),
+    /// The samples cannot make a job (too few, one label, inputs that do not stack).
+    #[error("{0}")]
+    Data(String),
+}
+
+impl AdaptError {
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            AdaptError::Store(e) => e.error_type(),
+            AdaptError::Bundle(e) => e.error_type(),
+            AdaptError::Registry(e) => e.error_type(),
+            AdaptError::Engine(e) => e.error_type(),
+            AdaptError::Trainer(_) => "trainer",
+            AdaptError::Data(_) => "data",
+        }
+    }
+}
+
+fn lock(store: &Mutex<SampleStore>) -> std::sync::MutexGuard<'_, SampleStore> {
+    store.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn as_refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// The loop for one task, until `shutdown`. `configs` carries its settings; a new value (a
+/// configuration reload) applies from the next tick.
+pub async fn run(ctx: Context, mut configs: channel::Receiver<AdaptConfig>, commands: mpsc::Receiver<Command>, status: channel::Sender<Status>, shutdown: impl Future<Output = ()>) -> Result<(), AdaptError> {
+    let config = configs.borrow_and_update().clone();
+    task_loop::TaskLoop::open(ctx, config, status)?.run(configs, commands, shutdown).await
+}

@@ -1,0 +1,722 @@
+//! One task's loop: it owns what the task's adaptation works with (its sample store connection,
+//! scheduler, base domain, rollback watch, job counts) and drives the parts in order, each tick:
+//! evict over budget → cache embeddings → score fresh labels (watch, drift) → ask the scheduler
+//! → run a job (escalating steps) → gate → promote.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use adaptd_adapters::bundle::RetentionSet;
+use adaptd_adapters::files::{ADAPTER_FORMAT, Adapter, AdapterKind, AdapterManifest, BaseRef, LoraInfo, SampleCounts};
+use adaptd_adapters::train::FitReport;
+use adaptd_protocol::Event;
+use adaptd_protocol::event::{JobRecord, TrainingSummary};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::dataset::{BaseDomain, Prepared, prepare, split_retention};
+use super::evaluate::{Judged, base_domain_detector, base_traffic_share, embed_retention, fill_embeddings, judge, predict_samples};
+use super::watch::{RollbackWatch, Verdict, WatchLimits};
+use super::{AdaptConfig, AdaptError, Command, CommandKind, Context, Status, lock};
+use crate::events::now_ms;
+use crate::registry::Serving;
+use crate::resources::Monitor;
+use crate::samples::{SampleStore, StoredSample};
+use crate::scheduler::{Action, Observation, Outcome, Scheduler, SchedulerState, Trigger};
+use crate::trainer::{JobKind, TrainJob};
+
+type Reply = oneshot::Sender<Result<String, String>>;
+
+/// How a job ended.
+enum JobResult {
+    Promoted(String, Arc<Serving>),
+    /// An operator chose what serves while the job ran.
+    Cancelled(String),
+    Rejected(String),
+    Deferred(String),
+    Failed(String),
+    ShutDown,
+}
+
+pub(super) struct TaskLoop {
+    ctx: Context,
+    config: AdaptConfig,
+    task: String,
+    /// A Mutex only so the loop's futures are Send; the loop alone uses this connection.
+    store: Mutex<SampleStore>,
+    retention: Option<RetentionSet>,
+    base_domain: BaseDomain,
+    scheduler: Scheduler,
+    monitor: Monitor,
+    watch: RollbackWatch<Arc<Serving>>,
+    jobs: BTreeMap<String, u64>,
+    last_decision: Option<String>,
+    status: watch::Sender<Status>,
+    over_budget_reported: bool,
+}
+
+impl TaskLoop {
+    pub fn open(ctx: Context, config: AdaptConfig, status: watch::Sender<Status>) -> Result<TaskLoop, AdaptError> {
+        let task = config.task.clone();
+        let store = SampleStore::open(&ctx.store_path, ctx.split)?;
+        let retention = ctx.registry.bundle().retention()?;
+        let (replay, check) = split_retention(retention.as_ref());
+        let serving = ctx.registry.ensure_task(&task)?;
+        let watch = RollbackWatch::new(store.last_id(&task)?, serving.version);
+        let task_loop = TaskLoop {
+            scheduler: Scheduler::new(config.scheduler.clone()),
+            monitor: Monitor::new(&config.limits.sysfs_root),
+            base_domain: BaseDomain { replay, check, replay_embeddings: None, detector: None, traffic_share: None },
+            store: Mutex::new(store),
+            retention,
+            watch,
+            jobs: BTreeMap::new(),
+            last_decision: None,
+            status,
+            over_budget_reported: false,
+            ctx,
+            config,
+            task,
+        };
+        task_loop.announce_interrupted_promotion(&serving);
+        Ok(task_loop)
+    }
+
+    /// Tick until `shutdown`. A new value of `configs` (a reload) applies from the next tick:
+    /// thresholds, device limits, the gate and the recipe of later jobs.
+    pub async fn run(mut self, mut configs: watch::Receiver<AdaptConfig>, mut commands: mpsc::Receiver<Command>, shutdown: impl Future<Output = ()>) -> Result<(), AdaptError> {
+        let mut ticker = tokio::time::interval(self.config.tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        let mut operator_request = None;
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return Ok(()),
+                _ = ticker.tick() => {}
+                cmd = commands.recv() => if let Some(cmd) = cmd {
+                    operator_request = self.act_on(cmd).or(operator_request);
+                },
+            }
+            if configs.has_changed().unwrap_or(false) {
+                self.reconfigure(configs.borrow_and_update().clone());
+                ticker = tokio::time::interval(self.config.tick);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            }
+            let Some(trigger) = self.tick(&mut operator_request).await? else { continue };
+            self.start_job()?;
+            let result = self.run_job(trigger, &mut shutdown, &mut commands).await;
+            if !self.finish(result)? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn reconfigure(&mut self, config: AdaptConfig) {
+        self.scheduler.reconfigure(config.scheduler.clone());
+        self.monitor = Monitor::new(&config.limits.sysfs_root);
+        self.config = config;
+        tracing::info!(task = self.task, "configuration reloaded");
+    }
+
+    /// One tick before the scheduler decides; Some(trigger) when a job should start now.
+    async fn tick(&mut self, operator_request: &mut Option<Reply>) -> Result<Option<Trigger>, AdaptError> {
+        let task = self.task.clone();
+        // 0. The disk budget: class-balanced eviction, oldest first, rare classes kept.
+        if self.config.store_budget_bytes > 0 {
+            let e = lock(&self.store).evict_to_budget(&task, self.config.store_budget_bytes, self.config.reservoir_per_class)?;
+            if e.evicted > 0 || (e.at_reservoir && !self.over_budget_reported) {
+                self.ctx.events.emit(&task, Event::SamplesEvicted { evicted: e.evicted as u64, bytes: e.bytes as u64, budget_bytes: self.config.store_budget_bytes, at_reservoir: e.at_reservoir });
+            }
+            self.over_budget_reported = e.at_reservoir;
+        }
+        // 1. Embeddings for new samples, from the engine (base model, no adapter).
+        if let Err(e) = fill_embeddings(&self.ctx, &self.store, &task).await {
+            tracing::warn!(task, error = %e, "could not cache embeddings; retrying next tick");
+        }
+        // 2. The live adapter on fresh labels: drift, and the watch after a promotion.
+        if let Err(e) = self.track_fresh().await {
+            tracing::warn!(task, error = %e, "could not score fresh samples");
+        }
+        // 3. Ask the scheduler.
+        let since = lock(&self.store).mark(&task, "job_start")?.unwrap_or(0);
+        let reading = self.monitor.read();
+        let observation = Observation {
+            now_ms: now_ms(),
+            new_samples: lock(&self.store).count_after(&task, since)?,
+            live_accuracy: self.watch.live_accuracy(),
+            device_busy: reading.busy_reason(&self.config.limits),
+            serving_p99_ms: None,
+            operator_request: operator_request.is_some(),
+        };
+        let action = self.scheduler.observe(&observation);
+        let stored = lock(&self.store).count_after(&task, 0)?;
+        self.status.send_modify(|s| (s.samples, s.new_samples) = (stored, observation.new_samples));
+        self.publish_status(None);
+        let Some(Action::Start(trigger)) = action else {
+            if let Some(reply) = operator_request.take()
+                && let SchedulerState::Collecting { waiting_for } | SchedulerState::Backoff { reason: waiting_for, .. } = self.scheduler.state()
+            {
+                let _ = reply.send(Err(format!("not training now: {waiting_for}")));
+            }
+            return Ok(None);
+        };
+        if let Some(reply) = operator_request.take() {
+            let _ = reply.send(Ok(format!("training {task} now")));
+        }
+        Ok(Some(trigger))
+    }
+
+    /// A job starts: count it, mark where its samples end, measure the base domain's share.
+    fn start_job(&mut self) -> Result<(), AdaptError> {
+        *self.jobs.entry("started".into()).or_default() += 1;
+        // New samples from here on trigger the next job: those this one trains on are the
+        // ones with an embedding so far (see `prepare`), and the rest still count as new.
+        let mut store = lock(&self.store);
+        let trained_up_to = match store.first_missing_embedding(&self.task)? {
+            Some(id) => id - 1,
+            None => store.last_id(&self.task)?,
+        };
+        store.set_mark(&self.task, "job_start", trained_up_to)?;
+        Ok(())
+    }
+
+    /// What the base domain looks like as this job starts: the replay rows' embeddings and the
+    /// detector (once), and the share of the traffic that looks like it (every job), which sets
+    /// how much to replay and the gate's retention bound.
+    async fn measure_base_domain(&mut self) {
+        let task = self.task.clone();
+        if self.base_domain.replay_embeddings.is_none()
+            && let Some(retention) = self.retention.as_ref().filter(|r| !r.is_empty())
+        {
+            // One pass of the base model over the retention set serves both: the replay rows'
+            // embeddings (the even rows, as `split_retention` takes them) and the detector.
+            if let Ok(embeddings) = embed_retention(&self.ctx, &task, retention).await {
+                self.base_domain.detector = base_domain_detector(retention, &embeddings);
+                self.base_domain.replay_embeddings = Some(embeddings.into_iter().step_by(2).collect());
+            }
+        }
+        self.base_domain.traffic_share = match &self.base_domain.detector {
+            Some(detector) => base_traffic_share(&self.ctx, &self.store, &task, detector).await.unwrap_or_else(|e| {
+                tracing::warn!(task, error = %e, "could not measure the traffic's base-domain share");
+                None
+            }),
+            None => None,
+        };
+    }
+
+    /// The bookkeeping every job ends with; false when the daemon is shutting down.
+    fn finish(&mut self, result: JobResult) -> Result<bool, AdaptError> {
+        let (outcome, summary, key) = match result {
+            JobResult::Promoted(summary, incumbent) => {
+                let live = self.ctx.registry.current(&self.task).map_or(0, |s| s.version);
+                let incumbent_version = incumbent.version;
+                self.watch = RollbackWatch::after_promotion(lock(&self.store).last_id(&self.task)?, live, incumbent, incumbent_version);
+                (Outcome::Promoted, summary, "promoted")
+            }
+            JobResult::Rejected(summary) => (Outcome::Rejected, summary, "rejected"),
+            JobResult::Deferred(reason) => {
+                self.ctx.events.emit(&self.task, Event::TrainingDeferred { reason: reason.clone() });
+                (Outcome::Deferred(reason.clone()), reason, "deferred")
+            }
+            JobResult::Failed(reason) => (Outcome::Failed(reason.clone()), reason, "failed"),
+            // The operator's decision stands; the scheduler waits its cooldown, as after a deferral.
+            JobResult::Cancelled(reason) => (Outcome::Deferred(reason.clone()), reason, "cancelled"),
+            JobResult::ShutDown => return Ok(false),
+        };
+        *self.jobs.entry(key.into()).or_default() += 1;
+        self.last_decision = Some(summary);
+        self.scheduler.finished(now_ms(), &outcome);
+        self.publish_status(None);
+        Ok(true)
+    }
+
+    /// A promotion that a crash interrupted after its pointer moved serves, but its `promoted`
+    /// event and journal record were never written: write them now, marked as recovered.
+    fn announce_interrupted_promotion(&self, serving: &Serving) {
+        let Some(manifest) = serving.manifest.as_ref().filter(|m| m.promoted_unix_ms.is_some()) else { return };
+        let recorded = match self.ctx.journal.read(&self.task) {
+            Ok((records, _)) => records.iter().any(|r| matches!(r.event, Event::Job(_) | Event::Promoted { .. }) && r.event.version() == Some(serving.version)),
+            Err(_) => true, // unreadable: say nothing rather than something wrong
+        };
+        if !recorded {
+            let event = self.ctx.events.emit(
+                &self.task,
+                Event::Promoted {
+                    version: serving.version,
+                    from_version: manifest.parent_version.unwrap_or(0),
+                    holdout_accuracy: manifest.metrics.get("holdout_accuracy").copied(),
+                    incumbent_holdout_accuracy: manifest.metrics.get("incumbent_holdout_accuracy").copied(),
+                    recovered: true,
+                    reason: Some("the promotion finished before a crash; its record is written now".into()),
+                },
+            );
+            self.ctx.journal.record(&event);
+        }
+    }
+
+    /// An operator's command, acted on at once whatever the loop is doing: rollback and pin
+    /// change what serves right away (a running job is then cancelled by `train_attempt`); a
+    /// train request is handed back for the scheduler to answer.
+    fn act_on(&mut self, command: Command) -> Option<Reply> {
+        let Command { kind, by, reply } = command;
+        let task = self.task.clone();
+        let result = match kind {
+            CommandKind::TrainNow => return Some(reply),
+            CommandKind::Rollback => self.rollback("operator", &by),
+            CommandKind::Pin(version) => self.ctx.registry.pin(&task, version).map_err(|e| self.operator_error(&e)).map(|s| {
+                self.ctx.events.emit(&task, Event::Pinned { version: s.version, by: by.clone() });
+                let after_id = lock(&self.store).last_id(&task).unwrap_or(self.watch.after_id);
+                self.watch = RollbackWatch::new(after_id, s.version);
+                if s.version == 0 { format!("{task} serves the base model (pinned)") } else { format!("{} pinned", s.adapter_id()) }
+            }),
+        };
+        let _ = reply.send(result);
+        None
+    }
+
+    /// An error as an operator's answer: paths relative to the state directory, never absolute
+    /// (answers travel to whoever asked; the log keeps the whole story).
+    fn operator_error(&self, e: &dyn std::fmt::Display) -> String {
+        let text = e.to_string();
+        let root = self.ctx.registry.store().root();
+        let state = root.parent().unwrap_or(root).display().to_string();
+        if state.len() > 1 { text.replace(&format!("{state}/"), "").replace(&state, ".") } else { text }
+    }
+
+    fn rollback(&mut self, reason: &str, by: &str) -> Result<String, String> {
+        let task = &self.task;
+        let from = self.ctx.registry.current(task).map_or(0, |s| s.version);
+        let (serving, _) = self.ctx.registry.rollback(task).map_err(|e| self.operator_error(&e))?;
+        let event = self.ctx.events.emit(task, Event::RolledBack { from_version: from, to_version: serving.version, reason: reason.to_string(), by: by.to_string() });
+        self.ctx.journal.record(&event);
+        self.watch = RollbackWatch::new(self.watch.after_id, serving.version);
+        Ok(format!("rolled {task} back from v{from} to v{}: {reason}", serving.version))
+    }
+
+    /// Score what serves (and, after a promotion, what it replaced) on the samples that arrived
+    /// since the last tick, and act on the watch's verdict.
+    async fn track_fresh(&mut self) -> Result<(), AdaptError> {
+        let task = self.task.clone();
+        let Some(live) = self.ctx.registry.current(&task) else { return Ok(()) };
+        self.watch.serving(live.version);
+        let samples = lock(&self.store).load_after(&task, self.watch.after_id, 512)?;
+        let Some(last) = samples.last() else { return Ok(()) };
+        self.watch.after_id = last.id;
+        // Only labels the live adapter can name count for drift: a brand-new label is not drift.
+        let scored: Vec<&StoredSample> = samples.iter().filter(|s| live.labels.contains(&s.sample.label)).collect();
+        if scored.is_empty() || live.labels.is_empty() {
+            return Ok(());
+        }
+        let hits = |predictions: &[crate::engine::Prediction]| predictions.iter().zip(&scored).filter(|(p, s)| p.label == s.sample.label).count() as u64;
+        let live_hits = hits(&predict_samples(&self.ctx, &live, &scored).await?);
+        let previous_hits = match self.watch.previous() {
+            Some(previous) => Some(hits(&predict_samples(&self.ctx, previous, &scored).await?)),
+            None => None,
+        };
+        let limits = WatchLimits { min_samples: self.config.watch_min_samples, rollback_drop: self.config.rollback_drop, max_samples: self.config.watch_max_samples };
+        match self.watch.record(scored.len() as u64, live_hits, previous_hits, &limits) {
+            Verdict::Watching => {}
+            Verdict::RollBack { reason } => match self.rollback(&reason, "watch") {
+                Ok(line) => tracing::warn!(task, "{line}"),
+                Err(e) => tracing::error!(task, error = %e, "automatic rollback failed"),
+            },
+            Verdict::Passed { fresh_samples, accuracy, previous_accuracy } => {
+                self.ctx.events.emit(&task, Event::WatchPassed { version: live.version, fresh_samples, accuracy, previous_accuracy });
+            }
+        }
+        Ok(())
+    }
+
+    fn publish_status(&self, progress: Option<(usize, usize)>) {
+        let (samples, new_samples) = {
+            let s = self.status.borrow();
+            (s.samples, s.new_samples)
+        };
+        self.status.send_replace(Status {
+            samples,
+            new_samples,
+            task: self.task.clone(),
+            scheduler: self.scheduler.state().clone(),
+            serving_version: self.ctx.registry.current(&self.task).map_or(0, |s| s.version),
+            jobs: self.jobs.clone(),
+            last_decision: self.last_decision.clone(),
+            progress,
+        });
+    }
+
+    /// A job: the configured adapter, then more capacity while validation says it helps; the
+    /// step with the best validation figures meets the gate.
+    async fn run_job(&mut self, trigger: Trigger, shutdown: &mut Pin<&mut impl Future<Output = ()>>, commands: &mut mpsc::Receiver<Command>) -> JobResult {
+        self.measure_base_domain().await;
+        let (ctx, task) = (self.ctx.clone(), self.task.clone());
+        let incumbent = ctx.registry.current(&task).unwrap_or_else(|| ctx.registry.base(&task));
+        let version = match ctx.registry.next_version(&task) {
+            Ok(v) => v,
+            Err(e) => return JobResult::Failed(e.to_string()),
+        };
+        let ladder = self.ladder();
+        let started = Instant::now();
+        let mut best: Option<Attempt> = None;
+        for (step, kind) in ladder.iter().enumerate() {
+            let config = AdaptConfig { kind: *kind, ..self.config.clone() };
+            let prepared = prepare(ctx.registry.bundle(), ctx.text.as_deref(), &config, &lock(&self.store), &incumbent, &self.base_domain);
+            let prepared = match prepared {
+                Ok(p) => p,
+                Err(reason) if best.is_none() => return JobResult::Deferred(reason.to_string()),
+                Err(reason) => {
+                    tracing::warn!(task, %reason, "could not prepare the next step of escalation; keeping the best so far");
+                    break;
+                }
+            };
+            if step == 0 {
+                let escalation: Vec<String> = ladder.iter().map(JobKind::label).collect();
+                let (samples, labels, notes) = (prepared.counts.clone(), prepared.labels.clone(), prepared.notes.clone());
+                ctx.events.emit(&task, Event::TrainingStarted { version, kind: kind.name().into(), trigger, device: ctx.trainer.device().into(), samples, labels, notes, escalation });
+            }
+            let attempt_started = Instant::now();
+            let Prepared { job, labels, counts, notes } = prepared;
+            let report = match self.train_attempt(&config, job, version, &incumbent, shutdown, commands).await {
+                Ok(report) => report,
+                // A later, larger step that fails (out of memory, say) leaves the best so far.
+                Err(JobResult::Failed(reason)) if best.is_some() => {
+                    tracing::warn!(task, reason, "an escalation step failed; keeping the best so far");
+                    break;
+                }
+                Err(result) => return result,
+            };
+            let attempt = Attempt::new(*kind, report, labels, counts, notes, attempt_started.elapsed().as_secs_f64());
+            let improved = best.as_ref().is_none_or(|b| attempt.beats(b));
+            let reason = format!(
+                "step {} of {}: {} reached validation accuracy {:.4} (loss {:.4}){}",
+                step + 1,
+                ladder.len(),
+                kind.label(),
+                attempt.val_accuracy,
+                attempt.val_loss,
+                if improved { ", the best so far" } else { ", no better than the best so far" }
+            );
+            let event = ctx.events.emit(
+                &task,
+                Event::TrainingAttempt {
+                    version,
+                    step: step + 1,
+                    steps: ladder.len(),
+                    kind: kind.label(),
+                    val_accuracy: attempt.val_accuracy as f32,
+                    val_loss: attempt.val_loss as f32,
+                    seconds: attempt.seconds,
+                    best_so_far: improved,
+                    reason,
+                },
+            );
+            ctx.journal.record(&event);
+            if improved {
+                best = Some(attempt);
+            }
+            let best_accuracy = best.as_ref().map_or(0.0, |b| b.val_accuracy);
+            let Some(next) = ladder.get(step + 1) else { break };
+            match escalation_stops(kind, improved, best_accuracy, self.config.escalate_until) {
+                Some(reason) => {
+                    tracing::info!(task, version, reason, "escalation stops");
+                    break;
+                }
+                None => {
+                    ctx.events.emit(&task, Event::TrainingEscalated { version, from: kind.label(), to: next.label(), val_accuracy: best_accuracy as f32, until: self.config.escalate_until });
+                }
+            }
+        }
+        let Some(Attempt { report, labels, counts, notes, .. }) = best else { return JobResult::Failed("no attempt finished".into()) };
+        self.scheduler.training_done();
+        let seconds = started.elapsed().as_secs_f64();
+        let (epochs, best_epoch) = (report.epochs.len(), report.best_epoch + 1);
+        let (stopped_early, samples_per_second, batch_size) = (report.stopped_early, report.samples_per_second, report.batch_size);
+        ctx.events.emit(&task, Event::TrainingFinished { version, seconds, epochs, best_epoch, stopped_early, samples_per_second, batch_size });
+        let candidate = Candidate { version, labels, counts, notes, trigger, report, train_seconds: seconds };
+        match self.gate_and_promote(&incumbent, candidate).await {
+            Ok((true, summary)) => JobResult::Promoted(summary, incumbent),
+            Ok((false, summary)) => JobResult::Rejected(summary),
+            Err(GateError { error_type: "superseded", reason }) => self.cancelled(version, reason),
+            Err(GateError { error_type, reason }) => {
+                let event = ctx.events.emit(&task, Event::TrainingFailed { version, kind: None, error_type: error_type.to_string(), reason: reason.clone() });
+                ctx.journal.record(&event);
+                JobResult::Failed(reason)
+            }
+        }
+    }
+
+    /// The configured adapter, then the escalation steps the bundle can take (LoRA needs slots,
+    /// and a rank within its `rank_max`).
+    fn ladder(&self) -> Vec<JobKind> {
+        let lora = &self.ctx.registry.bundle().manifest.lora;
+        std::iter::once(self.config.kind)
+            .chain(self.config.escalation.iter().copied().filter(|k| match k {
+                JobKind::Head => false,
+                JobKind::Lora { rank, .. } => !lora.slots.is_empty() && *rank <= lora.rank_max,
+            }))
+            .collect()
+    }
+
+    /// One fit of a job, followed to its end: progress, pause and resume under the device's
+    /// budget, operator commands acted on at once, shutdown. Err carries how the job ends instead.
+    async fn train_attempt(&mut self, config: &AdaptConfig, job: TrainJob, version: u64, incumbent: &Serving, shutdown: &mut Pin<&mut impl Future<Output = ()>>, commands: &mut mpsc::Receiver<Command>) -> Result<FitReport, JobResult> {
+        let (ctx, task) = (self.ctx.clone(), self.task.clone());
+        let started = Instant::now();
+        let mut handle = ctx.trainer.submit(job).map_err(|e| JobResult::Failed(e.to_string()))?;
+        let mut last_progress = Instant::now();
+        let mut ticker = tokio::time::interval(config.tick);
+        loop {
+            tokio::select! {
+                _ = &mut *shutdown => {
+                    handle.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                    let _ = (&mut handle.done).await;
+                    ctx.events.emit(&task, Event::TrainingCancelled { version, reason: "shutting down; the candidate is discarded".into() });
+                    return Err(JobResult::ShutDown);
+                }
+                p = handle.progress.recv() => if let Some(p) = p
+                    && (last_progress.elapsed() >= Duration::from_millis(500) || p.step == p.total_steps)
+                {
+                    last_progress = Instant::now();
+                    let elapsed = started.elapsed().as_secs_f64();
+                    let eta_s = elapsed / p.step.max(1) as f64 * (p.total_steps - p.step) as f64;
+                    ctx.events.emit(&task, Event::TrainingProgress { version, kind: config.kind.label(), epoch: p.epoch + 1, epochs: p.max_epochs, step: p.step, steps: p.total_steps, loss: p.loss, eta_s });
+                    self.publish_status(Some((p.step, p.total_steps)));
+                },
+                _ = ticker.tick() => {
+                    match self.scheduler.observe(&Observation { now_ms: now_ms(), serving_p99_ms: ctx.engine.stats().recent_p99_ms(), ..Observation::default() }) {
+                        Some(Action::Pause { reason }) => {
+                            handle.pause.store(true, std::sync::atomic::Ordering::Relaxed);
+                            ctx.events.emit(&task, Event::TrainingPaused { version, reason });
+                        }
+                        Some(Action::Resume) => {
+                            handle.pause.store(false, std::sync::atomic::Ordering::Relaxed);
+                            ctx.events.emit(&task, Event::TrainingResumed { version });
+                        }
+                        _ => {}
+                    }
+                }
+                cmd = commands.recv() => if let Some(cmd) = cmd {
+                    if let Some(reply) = self.act_on(cmd) {
+                        let _ = reply.send(Err(format!("already training v{version} (the progress is in `adaptd status`)")));
+                    }
+                    let serving = ctx.registry.current(&task).map_or(0, |s| s.version);
+                    if serving != incumbent.version {
+                        handle.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                        let _ = (&mut handle.done).await;
+                        return Err(self.cancelled(version, format!("an operator chose v{serving} while v{version} trained against v{}; the candidate is discarded", incumbent.version)));
+                    }
+                },
+                done = &mut handle.done => return match done {
+                    Ok(Ok(report)) => Ok(report),
+                    Ok(Err(e)) => {
+                        let reason = format!("{} ({}): the candidate is discarded, v{} keeps serving", e, e.error_type(), incumbent.version);
+                        let event = ctx.events.emit(&task, Event::TrainingFailed { version, kind: Some(config.kind.label()), error_type: e.error_type().to_string(), reason: reason.clone() });
+                        ctx.journal.record(&event);
+                        Err(JobResult::Failed(reason))
+                    }
+                    Err(_) => Err(JobResult::Failed("the trainer stopped".into())),
+                },
+            }
+        }
+    }
+
+    /// A job an operator overtook: announced, journalled, its candidate discarded.
+    fn cancelled(&self, version: u64, reason: String) -> JobResult {
+        let event = self.ctx.events.emit(&self.task, Event::TrainingCancelled { version, reason: reason.clone() });
+        self.ctx.journal.record(&event);
+        JobResult::Cancelled(reason)
+    }
+
+    /// Judge the chosen candidate, record the decision (event, journal, manifest), and promote
+    /// it when the gate says so and nothing else took its place meanwhile.
+    async fn gate_and_promote(&self, incumbent: &Arc<Serving>, candidate: Candidate) -> Result<(bool, String), GateError> {
+        let (ctx, task) = (&self.ctx, &self.task);
+        let Candidate { version, labels, counts, mut notes, trigger, report, train_seconds } = candidate;
+        let bundle = ctx.registry.bundle();
+        let lora = report.lora.as_ref().map(|l| LoraInfo { rank: l.rank, alpha: l.alpha, target_modules: l.modules.iter().map(|m| m.module.clone()).collect() });
+        let adapter = Adapter {
+            manifest: AdapterManifest {
+                format: ADAPTER_FORMAT,
+                task: task.clone(),
+                version,
+                kind: if report.lora.is_some() { AdapterKind::Lora } else { AdapterKind::Head },
+                labels,
+                lora,
+                base: BaseRef::of(bundle),
+                parent_version: (incumbent.version > 0).then_some(incumbent.version),
+                metrics: BTreeMap::new(),
+                samples: counts,
+                created_unix_ms: now_ms(),
+                decision: None,
+                promoted_unix_ms: None,
+                base_routing: false,
+                files: BTreeMap::new(),
+            },
+            head: report.head.clone(),
+            lora: report.lora.clone(),
+        };
+        let Judged { mut adapter, evidence, decision } = judge(ctx, &self.config, &self.store, incumbent, adapter, &report, &self.base_domain, &mut notes).await?;
+        let mut metrics = BTreeMap::from([
+            ("holdout_accuracy".to_string(), evidence.candidate.accuracy),
+            ("holdout_macro_f1".to_string(), evidence.candidate.macro_f1),
+            ("incumbent_holdout_accuracy".to_string(), evidence.incumbent.accuracy),
+            ("incumbent_holdout_macro_f1".to_string(), evidence.incumbent.macro_f1),
+            ("train_seconds".to_string(), train_seconds),
+            ("samples_per_second".to_string(), report.samples_per_second),
+        ]);
+        if let Some((before, after)) = evidence.retention {
+            metrics.insert("retention_accuracy".into(), after);
+            metrics.insert("incumbent_retention_accuracy".into(), before);
+        }
+        let job = JobRecord {
+            version,
+            incumbent_version: incumbent.version,
+            kind: adapter.manifest.kind.name().into(),
+            trigger,
+            promote: decision.promote,
+            summary: decision.summary.clone(),
+            checks: decision.checks.clone(),
+            evidence: evidence.clone(),
+            notes,
+            samples: adapter.manifest.samples.clone(),
+            training: TrainingSummary {
+                best_epoch: report.best_epoch,
+                stopped_early: report.stopped_early,
+                steps: report.steps,
+                batch_size: report.batch_size,
+                seconds: train_seconds,
+                epochs: Vec::new(),
+                losses: Vec::new(),
+            },
+        };
+        adapter.manifest.metrics = metrics;
+        adapter.manifest.decision = Some(json!({ "promote": decision.promote, "summary": decision.summary, "checks": decision.checks, "trigger": trigger }));
+        // The event carries the decision and its figures; the journal also keeps the loss curves.
+        let mut journalled = ctx.events.emit(task, Event::GateDecision(job.clone()));
+        journalled.event = Event::Job(JobRecord { training: TrainingSummary { epochs: report.epochs.clone(), losses: report.losses.clone(), ..job.training }, ..job });
+        // The gate compared against the incumbent; if something else serves now (an operator
+        // acted while the candidate was evaluated), the comparison no longer holds.
+        let serving_now = ctx.registry.current(task).map_or(0, |s| s.version);
+        if decision.promote && serving_now != incumbent.version {
+            let reason = format!("an operator chose v{serving_now} while v{version} was evaluated against v{}; the candidate is discarded", incumbent.version);
+            return Err(GateError { error_type: "superseded", reason });
+        }
+        if decision.promote {
+            let registry = ctx.registry.clone();
+            let promoted = tokio::task::spawn_blocking(move || {
+                crate::background_priority();
+                registry.promote(adapter)
+            })
+            .await
+            .map_err(|e| GateError { error_type: "evaluation", reason: e.to_string() })?
+            .map_err(|e| GateError { error_type: e.error_type(), reason: format!("promotion failed: {}", self.operator_error(&e)) })?;
+            ctx.events.emit(
+                task,
+                Event::Promoted {
+                    version: promoted.version,
+                    from_version: incumbent.version,
+                    holdout_accuracy: Some(evidence.candidate.accuracy),
+                    incumbent_holdout_accuracy: Some(evidence.incumbent.accuracy),
+                    recovered: false,
+                    reason: None,
+                },
+            );
+        }
+        ctx.journal.record(&journalled);
+        Ok((decision.promote, decision.summary))
+    }
+}
+
+/// Why escalation stops after `kind`, or None to take the next step.
+fn escalation_stops(kind: &JobKind, improved: bool, best_accuracy: f64, until: f64) -> Option<String> {
+    if !improved {
+        Some(format!("{} did not improve on validation; more capacity does not help", kind.label()))
+    } else if best_accuracy >= until {
+        Some(format!("validation accuracy {best_accuracy:.4} reached {until:.4}"))
+    } else if best_accuracy.is_nan() {
+        Some("no validation samples to choose by".to_string())
+    } else {
+        None
+    }
+}
+
+/// The trained candidate a job hands to the gate.
+struct Candidate {
+    version: u64,
+    labels: Vec<String>,
+    counts: SampleCounts,
+    notes: Vec<String>,
+    trigger: Trigger,
+    report: FitReport,
+    train_seconds: f64,
+}
+
+/// One finished fit of an escalating job, with the validation figures that choose between them.
+struct Attempt {
+    report: FitReport,
+    labels: Vec<String>,
+    counts: SampleCounts,
+    notes: Vec<String>,
+    val_accuracy: f64,
+    val_loss: f64,
+    seconds: f64,
+}
+
+impl Attempt {
+    fn new(kind: JobKind, report: FitReport, labels: Vec<String>, counts: SampleCounts, mut notes: Vec<String>, seconds: f64) -> Attempt {
+        let best = report.epochs.get(report.best_epoch);
+        let (val_accuracy, val_loss) = best.map_or((f64::NAN, f64::NAN), |e| (f64::from(e.val_accuracy), f64::from(e.val_loss)));
+        notes.push(format!("chosen by validation: {} (accuracy {val_accuracy:.4}, loss {val_loss:.4})", kind.label()));
+        Attempt { report, labels, counts, notes, val_accuracy, val_loss, seconds }
+    }
+
+    /// Better on validation: clearly higher accuracy (half a point), or as accurate with a lower
+    /// loss. Never the holdout: that stays for the gate.
+    fn beats(&self, other: &Attempt) -> bool {
+        beats((self.val_accuracy, self.val_loss), (other.val_accuracy, other.val_loss))
+    }
+}
+
+/// (validation accuracy, loss) against another's.
+fn beats((accuracy, loss): (f64, f64), (other_accuracy, other_loss): (f64, f64)) -> bool {
+    accuracy > other_accuracy + 0.005 || (accuracy >= other_accuracy && loss < other_loss)
+}
+
+/// Why a trained candidate got no decision, with a stable label for events and metrics.
+#[derive(Debug)]
+struct GateError {
+    /// `evaluation` (the engine or trainer could not score it), `superseded` (an operator chose
+    /// what serves meanwhile), or the registry's own type when promotion failed (`io`, ...).
+    error_type: &'static str,
+    reason: String,
+}
+
+impl From<AdaptError> for GateError {
+    fn from(e: AdaptError) -> GateError {
+        GateError { error_type: "evaluation", reason: e.to_string() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_wins_by_half_a_point_of_validation_accuracy_or_by_loss_at_equal_accuracy() {
+        assert!(beats((0.90, 0.5), (0.89, 0.3)));
+        assert!(!beats((0.894, 0.5), (0.89, 0.3)), "within half a point, the loss decides");
+        assert!(beats((0.89, 0.2), (0.89, 0.3)));
+        assert!(!beats((0.88, 0.1), (0.89, 0.3)), "never less accurate");
+    }
+
+    #[test]
+    fn escalation_stops_when_a_step_did_not_help_or_validation_is_good_enough() {
+        let lora = JobKind::Lora { rank: 8, alpha: 8.0 };
+        assert!(escalation_stops(&lora, false, 0.8, 0.98).unwrap().contains("does not help"));
+        assert!(escalation_stops(&lora, true, 0.985, 0.98).unwrap().contains("reached"));
+        assert!(escalation_stops(&lora, true, f64::NAN, 0.98).unwrap().contains("no validation"));
+        assert_eq!(escalation_stops(&JobKind::Head, true, 0.8, 0.98), None);
+    }
+}
