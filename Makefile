@@ -25,6 +25,8 @@ demo: setup
 	$(CARGO) run -q -p adaptd -- demo
 
 test: setup
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -q -- -D warnings
 	$(CARGO) test --workspace
 	$(PYTHON) -m unittest discover -s deploy/export/tests
 	$(PYTHON) benches/shifts.py --quick --daemon target/debug/adaptd

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test and bench code: a failure is the report
 //! The long chaos run: the real daemon and Mosquitto, poison in the stream, kill -9 and broker
 //! restarts at random moments; prints what held (see `tests/integration/chaos.rs`, shared).
 //!

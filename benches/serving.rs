@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test and bench code: a failure is the report
 //! Serving benchmarks, our engine and plain ONNX Runtime side by side in one run.
 //!
 //! 1. Criterion: batch-1 latency and batch-32 throughput, for `minilm` (seq 64) and `digits-cnn`:
@@ -165,7 +166,11 @@ fn hot_swap(s: &Setup, clients: usize, promotions: u64) -> (f64, u64) {
     std::thread::spawn(move || {
         adaptd::background_priority();
         for v in 1..=promotions {
-            let adapter = if v % 2 == 0 { fixtures::lora_adapter(&bundle, "bench", start_version + v, v) } else { fixtures::head_adapter(&bundle, "bench", start_version + v, v) };
+            let adapter = if v % 2 == 0 {
+                fixtures::lora_adapter(&bundle, "bench", start_version + v, v)
+            } else {
+                fixtures::head_adapter(&bundle, "bench", start_version + v, v)
+            };
             registry.promote(adapter).unwrap();
         }
     })

@@ -107,13 +107,14 @@ def http(method: str, url: str, body: dict | None = None) -> dict:
 class Daemon:
     """The real daemon on the shipped configuration: only where things are is set."""
 
-    def __init__(self, binary: Path, directory: Path, broker_port: int, overrides: dict[str, dict[str, str]]):
+    def __init__(self, binary: Path, directory: Path, broker_port: int, overrides: dict[str, dict[str, str]], bundle: Path = BUNDLE, task: str = "sorter"):
         self.http_port = free_port()
         self.base = f"http://127.0.0.1:{self.http_port}"
+        self.task = task
         config = directory / "adaptd.toml"
         config.write_text(
-            f'bundle = "{BUNDLE}"\nstate_dir = "{directory / "state"}"\n[http]\nlisten = "127.0.0.1:{self.http_port}"\n'
-            f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\ndevice_id = "cell"\ninference_api = false\n[ingest]\ntasks = ["sorter"]\n'
+            f'bundle = "{bundle}"\nstate_dir = "{directory / "state"}"\n[http]\nlisten = "127.0.0.1:{self.http_port}"\n'
+            f'[mqtt]\nhost = "127.0.0.1"\nport = {broker_port}\ndevice_id = "cell"\ninference_api = false\n[ingest]\ntasks = ["{task}"]\n'
             + "".join(f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()) for section, keys in overrides.items())
         )
         self.log = open(directory / "daemon.log", "w")
@@ -139,8 +140,15 @@ class Daemon:
             out += [int(p["label"]) for p in r["predictions"]]
         return np.array(out)
 
+    def predict_text(self, texts: list[str]) -> list[str]:
+        out: list[str] = []
+        for start in range(0, len(texts), 32):
+            r = http("POST", f"{self.base}/v1/tasks/{self.task}/predict", {"text": texts[start:start + 32]})
+            out += [p["label"] for p in r["predictions"]]
+        return out
+
     def status(self) -> dict:
-        return http("GET", f"{self.base}/v1/tasks/sorter/status")
+        return http("GET", f"{self.base}/v1/tasks/{self.task}/status")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -151,9 +159,9 @@ class Daemon:
         self.log.close()
 
 
-def publish(port: int, lines: list[str]) -> float:
+def publish(port: int, lines: list[str], task: str = "sorter") -> float:
     """At QoS 1; returns when the broker has acknowledged the last one."""
-    p = subprocess.run(["mosquitto_pub", "-p", str(port), "-q", "1", "-t", "adaptd/v1/cell/samples/sorter", "-l"],
+    p = subprocess.run(["mosquitto_pub", "-p", str(port), "-q", "1", "-t", f"adaptd/v1/cell/samples/{task}", "-l"],
                        input="\n".join(lines) + "\n", text=True, capture_output=True)
     if p.returncode != 0:
         raise RuntimeError(p.stderr)
@@ -291,6 +299,201 @@ def run_shift(name: str, binary: Path, data: dict, seed: int, quick: bool, overr
     return result
 
 
+# Text: all-MiniLM-L6-v2 (the `minilm` bundle: embeddings, no classifier of its own) learning
+# Home Assistant's English intents. The device first learns 20 intents from clean sentences; then
+# what it hears moves, and it must follow:
+#   typos        the same intents, typed in a hurry (characters dropped, doubled, swapped)
+#   phrasings    the same intents, said with the other half of each intent's sentence templates
+#   new_intents  eight intents it never had, among the old ones
+TEXT_SHIFTS = ["typos", "phrasings", "new_intents"]
+MINILM = ROOT / "build" / "bundles" / "minilm"
+
+
+def typo(text: str, rng: np.random.Generator) -> str:
+    """About every third word of more than three letters gets one slip of the finger."""
+    words = text.split()
+    for i, w in enumerate(words):
+        if len(w) > 3 and rng.random() < 0.35:
+            j = int(rng.integers(1, len(w) - 1))
+            kind = rng.integers(0, 3)
+            words[i] = w[:j] + w[j + 1:] if kind == 0 else w[:j] + w[j] + w[j:] if kind == 1 else w[:j - 1] + w[j] + w[j - 1] + w[j + 1:]
+    return " ".join(words)
+
+
+def intent_pools(names: list[str]) -> dict[str, list[list[str]]]:
+    """Per intent, its distinct sentences grouped by template (`compare_training`'s generator)."""
+    import itertools
+    import logging
+
+    import home_assistant_intents
+    from hassil.intents import Intents, TextSlotList
+    from hassil.sample import sample_sentence
+
+    logging.getLogger("hassil").setLevel(logging.ERROR)
+    raw = json.loads((Path(home_assistant_intents.__file__).parent / "data" / "en.json").read_text())
+    intents = Intents.from_dict(raw)
+    lists = {**intents.slot_lists,
+             "area": TextSlotList.from_strings(["kitchen", "living room", "garage", "office", "bedroom", "hallway", "workshop"]),
+             "name": TextSlotList.from_strings(["ceiling light", "desk lamp", "front door", "heater", "robot arm", "conveyor", "speaker"]),
+             "floor": TextSlotList.from_strings(["ground floor", "first floor", "basement"])}
+    out: dict[str, list[list[str]]] = {}
+    for name in names:
+        seen: set[str] = set()
+        groups: list[list[str]] = []
+        for data in intents.intents[name].data:
+            rules = {**intents.expansion_rules, **data.expansion_rules}
+            for template in data.sentences:
+                if any(n in data.wildcard_list_names for n in template.list_names(rules)):
+                    continue
+                group = []
+                for text in itertools.islice(sample_sentence(template, lists, rules, language="en"), 40):
+                    text = " ".join(text.split())
+                    if text not in seen:
+                        seen.add(text)
+                        group.append(text)
+                if group:
+                    groups.append(group)
+        out[name] = groups
+    return out
+
+
+def text_lines(prefix: str, texts: list[str], labels: list[str], task: str) -> list[str]:
+    return [json.dumps({"key": f"{prefix}:{i}", "task": task, "label": y, "text": t}) for i, (t, y) in enumerate(zip(texts, labels))]
+
+
+def text_cell_data(name: str, rng: np.random.Generator) -> dict:
+    """(texts, labels) for: `before` (what the device learnt first), `after` (what it hears once
+    things moved: published as samples), `test` (held out, moved), `old_test` (held out, as before)."""
+    sys.path.insert(0, str(ROOT / "benches"))
+    from compare_training import OTHER_INTENTS, TEXT_INTENTS
+    pools = intent_pools(TEXT_INTENTS + OTHER_INTENTS)
+    parts: dict[str, tuple[list[str], list[str]]] = {k: ([], []) for k in ("before", "after", "test", "old_test")}
+
+    def add(part: str, texts: list[str], label: str) -> None:
+        parts[part][0].extend(texts)
+        parts[part][1].extend([label] * len(texts))
+
+    for intent in TEXT_INTENTS + (OTHER_INTENTS if name == "new_intents" else []):
+        groups = pools[intent]
+        if name == "phrasings" and len(groups) >= 2:
+            # Even templates are how the intent was said before, odd ones how it is said now.
+            old = [t for g in groups[0::2] for t in g]
+            new = [t for g in groups[1::2] for t in g]
+        else:
+            old = [t for g in groups for t in g]
+            new = old
+        old, new = [str(t) for t in rng.permutation(old)], [str(t) for t in rng.permutation(new)]
+        is_new_intent = intent in OTHER_INTENTS
+        if not is_new_intent:
+            add("before", old[:10], intent)
+            add("old_test", old[10:25], intent)
+        seen = set(old[:25])
+        fresh = [t for t in new if t not in seen]
+        moved = [typo(t, rng) for t in fresh] if name == "typos" else fresh
+        after_n = 25 if is_new_intent or name != "new_intents" else 6
+        add("after", moved[:after_n], intent)
+        add("test", moved[after_n:after_n + 15], intent)
+    return parts
+
+
+def text_references(train: tuple[list[str], list[str]], test: tuple[list[str], list[str]], seed: int) -> dict:
+    """Offline models on the same samples: word and character n-gram TF-IDF (the raw text) with
+    logistic regression, an MLP and an RBF SVM, and a full fine-tune of MiniLM plus a head."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline, make_union
+    from sklearn.svm import SVC
+    out = {}
+    for name, model in [("logreg", LogisticRegression(max_iter=3000, C=10.0)),
+                        ("mlp", MLPClassifier(hidden_layer_sizes=(128,), max_iter=800, random_state=seed)),
+                        ("svm_rbf", SVC(kernel="rbf", C=10, gamma="scale"))]:
+        features = make_union(TfidfVectorizer(analyzer="word", ngram_range=(1, 2)), TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4)))
+        pipe = make_pipeline(features, model).fit(train[0], train[1])
+        out[name] = float(np.mean(np.array(pipe.predict(test[0])) == np.array(test[1])))
+    out["full_finetune"] = text_full_finetune(train, test, seed)
+    return out
+
+
+def text_full_finetune(train: tuple[list[str], list[str]], test: tuple[list[str], list[str]], seed: int) -> float:
+    """Every weight of MiniLM and a new head, AdamW with warm-up and cosine decay (learning rates
+    as compare_training's text reference), best epoch by a 10 % validation split."""
+    import torch
+    from tokenizers import Tokenizer
+    sys.path.insert(0, str(ROOT / "benches"))
+    from peft_reference import fit, minilm
+    labels = sorted(set(train[1]))
+    index = {l: i for i, l in enumerate(labels)}
+    tok = Tokenizer.from_file(str(MINILM / "tokenizer.json"))
+    tok.enable_truncation(64)
+    tok.enable_padding()
+
+    def encode(texts: list[str]):
+        enc = tok.encode_batch(texts)
+        return torch.tensor([e.ids for e in enc]), torch.tensor([e.attention_mask for e in enc])
+
+    torch.manual_seed(seed)
+    order = np.random.default_rng(seed).permutation(len(train[0]))
+    n_val = max(1, len(order) // 10)
+    pick = lambda idx: ([train[0][i] for i in idx], torch.tensor([index[train[1][i]] for i in idx]))  # noqa: E731
+    (tr_x, tr_y), (va_x, va_y) = pick(order[n_val:]), pick(order[:n_val])
+    body, head = minilm(), torch.nn.Linear(384, len(labels))
+    model = torch.nn.ModuleDict({"body": body, "head": head})
+    forward = lambda ids, mask: head(body(ids, mask))  # noqa: E731
+    fit(model, forward, [{"params": list(head.parameters()), "lr": 5e-3}, {"params": list(body.parameters()), "lr": 5e-5}],
+        (encode(tr_x), tr_y), (encode(va_x), va_y), 10, seed=seed)
+    model.eval()
+    with torch.no_grad():
+        ids, mask = encode(test[0])
+        predicted = [labels[i] for i in forward(ids, mask).argmax(1).tolist()]
+    return float(np.mean(np.array(predicted) == np.array(test[1])))
+
+
+def run_text_shift(name: str, binary: Path, seed: int, overrides: dict[str, dict[str, str]], keep: bool = False) -> dict:
+    rng = np.random.default_rng(seed)
+    parts = text_cell_data(name, rng)
+    task = "assistant"
+    directory = Path(tempfile.mkdtemp(prefix=f"adaptd-shift-{name}-"))
+    broker, port = mosquitto(directory)
+    daemon = Daemon(binary, directory, port, overrides, bundle=MINILM, task=task)
+    journal = directory / "state" / "journal" / f"{task}.jsonl"
+    accuracy = lambda texts, labels: float(np.mean(np.array(daemon.predict_text(texts)) == np.array(labels)))  # noqa: E731
+    try:
+        publish(port, text_lines("before", *parts["before"], task), task)
+        before = settle(daemon, journal, idle_s=15.0, timeout_s=900.0)
+        v_before = daemon.status()["serving_version"]
+        base, old_before = accuracy(*parts["test"]), accuracy(*parts["old_test"])
+        last_puback = publish(port, text_lines("after", *parts["after"], task), task)
+        records = settle(daemon, journal, idle_s=15.0, timeout_s=1200.0)
+        final, old_after = accuracy(*parts["test"]), accuracy(*parts["old_test"])
+        jobs = [r for r in records[len(before):] if r.get("event") == "job"]
+        promoted = [r for r in jobs if r.get("promote")]
+        last_promotion = max((r["time_ms"] / 1000 for r in promoted), default=None)
+        result = {
+            "shift": name, "train": len(parts["before"][0]) + len(parts["after"][0]), "test": len(parts["test"][0]),
+            "base": base, "adaptd": final, "serving_version": daemon.status()["serving_version"], "version_before": v_before,
+            "jobs": len(jobs), "promoted": len(promoted),
+            "kinds": [r.get("kind") for r in promoted], "rejections": [r["summary"][:160] for r in jobs if not r.get("promote")],
+            "seconds_to_final": None if last_promotion is None else max(0.0, last_promotion - last_puback),
+            # "Upright" for text: the old intents as they were said before the shift.
+            "upright_before": old_before, "upright_after": old_after, "base_traffic_share": None,
+        }
+    finally:
+        daemon.stop()
+        broker.terminate()
+        broker.wait()
+    train = (parts["before"][0] + parts["after"][0], parts["before"][1] + parts["after"][1])
+    result.update(text_references(train, parts["test"], seed))
+    best_offline = max(result["logreg"], result["mlp"], result["svm_rbf"])
+    result["beats_raw_references"] = result["adaptd"] >= best_offline
+    result["vs_full_finetune"] = result["adaptd"] / result["full_finetune"] if result["full_finetune"] else None
+    if keep:
+        print(f"{name}: kept {directory}", file=sys.stderr)
+    else:
+        shutil.rmtree(directory, ignore_errors=True)
+    return result
+
+
 def table(results: list[dict]) -> str:
     pct = lambda v: "–" if v is None else f"{100 * v:5.1f}"  # noqa: E731
     lines = ["| shift | base | adaptd | s to final | logreg | MLP | SVM | full FT | adaptd/full FT | upright before → after | base traffic | promoted (kinds) |",
@@ -327,11 +530,14 @@ def main() -> None:
         overrides.setdefault(section, {})[name] = value
     if overrides:
         print(f"NOT the shipped configuration: {args.set}")
-    names = ["rotate90"] if args.quick else [n for n in (args.only.split(",") if args.only else SHIFTS)]
+    names = ["rotate90"] if args.quick else [n for n in (args.only.split(",") if args.only else SHIFTS + TEXT_SHIFTS)]
     results = []
     for name in names:
         started = time.time()
-        r = run_shift(name, binary, data, args.seed, args.quick, overrides, args.keep)
+        if name in TEXT_SHIFTS:
+            r = run_text_shift(name, binary, args.seed, overrides, args.keep)
+        else:
+            r = run_shift(name, binary, data, args.seed, args.quick, overrides, args.keep)
         results.append(r)
         print(f"{name}: base {r['base']:.3f} → adaptd {r['adaptd']:.3f} (best raw-pixel reference {max(r['logreg'], r['mlp'], r['svm_rbf']):.3f}, "
               f"full fine-tune {r['full_finetune']:.3f}); upright {r['upright_before']:.3f} → {r['upright_after']:.3f}; "

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test and bench code: a failure is the report
 //! Time-to-adapt: from the broker's PUBACK of the last of 500 new labelled samples to a promoted
 //! adapter serving, through a real Mosquitto and the daemon's own loop (`serve::run`): ingest,
 //! embedding cache, scheduler, trainer, gate, promotion, hot-swap. Several runs, fresh state each;
@@ -129,7 +130,13 @@ async fn run_once(case: Case, run: usize) -> Run {
     let state = tempfile::tempdir().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let (bound_tx, bound_rx) = oneshot::channel();
-    let daemon = tokio::spawn(adaptd::serve::run(daemon_config(case, broker.port, state.path()), async { let _ = stopped.await; }, Some(bound_tx)));
+    let daemon = tokio::spawn(adaptd::serve::run(
+        daemon_config(case, broker.port, state.path()),
+        async {
+            let _ = stopped.await;
+        },
+        Some(bound_tx),
+    ));
     let addr = bound_rx.await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(events(broker.port, tx));
@@ -156,7 +163,11 @@ async fn run_once(case: Case, run: usize) -> Run {
     };
     // Serving: the next request is answered by the new version.
     let client = adaptd::client::Client::new(addr);
-    let body = if case == Case::Head { json!({ "inputs": { "image": { "shape": [1, 1, 8, 8], "data": vec![0.0; 64] } } }) } else { json!({ "text": ["go to the dock"] }) };
+    let body = if case == Case::Head {
+        json!({ "inputs": { "image": { "shape": [1, 1, 8, 8], "data": vec![0.0; 64] } } })
+    } else {
+        json!({ "text": ["go to the dock"] })
+    };
     let serving = client.post("/v1/tasks/bench/predict", Some(&body)).unwrap();
     let served = serving.body["predictions"][0]["adapter_version"].as_u64() == Some(1);
     let done = Instant::now();
@@ -188,10 +199,21 @@ fn main() {
         }
         let results: Vec<Run> = (0..runs).map(|r| runtime.block_on(run_once(case, r))).collect();
         for (i, r) in results.iter().enumerate() {
-            println!("{name} run {}: {:.2} s to a promoted adapter serving (waiting for the scheduler {:.2} s, training {:.2} s, gate + promotion {:.2} s){}", i + 1, r.total_s, r.wait_s, r.train_s, r.gate_s, if r.promoted { "" } else { " — NOT PROMOTED" });
+            println!(
+                "{name} run {}: {:.2} s to a promoted adapter serving (waiting for the scheduler {:.2} s, training {:.2} s, gate + promotion {:.2} s){}",
+                i + 1,
+                r.total_s,
+                r.wait_s,
+                r.train_s,
+                r.gate_s,
+                if r.promoted { "" } else { " — NOT PROMOTED" }
+            );
         }
         let m = median(results.iter().map(|r| r.total_s).collect());
         let target = target.map(|t| format!(" (target <= {t:.0} s)")).unwrap_or_default();
-        println!("time-to-adapt, {name}, {SAMPLES} samples over Mosquitto: median {m:.2} s of {runs}{target}; promoted in {}/{runs}\n", results.iter().filter(|r| r.promoted).count());
+        println!(
+            "time-to-adapt, {name}, {SAMPLES} samples over Mosquitto: median {m:.2} s of {runs}{target}; promoted in {}/{runs}\n",
+            results.iter().filter(|r| r.promoted).count()
+        );
     }
 }

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test and bench code: a failure is the report
 //! adaptd's side of `benches/compare_training.py`: the daemon's own training recipe
 //! (`adaptd_adapters::train::fit`, the function the trainer thread runs) on data the driver
 //! prepared, printing one JSON line. PEFT's side is `benches/peft_reference.py`; the driver runs
@@ -79,7 +80,12 @@ fn centroid_accuracy(reference: &HostTensor, ref_labels: &[i64], test: &HostTens
         let norm = c.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
         c.iter_mut().for_each(|v| *v /= norm);
     }
-    let scores: Vec<f32> = test.as_f32().unwrap().chunks_exact(dim).flat_map(|row| centroids.chunks_exact(dim).map(|c| c.iter().zip(row).map(|(a, b)| a * b).sum::<f32>()).collect::<Vec<_>>()).collect();
+    let scores: Vec<f32> = test
+        .as_f32()
+        .unwrap()
+        .chunks_exact(dim)
+        .flat_map(|row| centroids.chunks_exact(dim).map(|c| c.iter().zip(row).map(|(a, b)| a * b).sum::<f32>()).collect::<Vec<_>>())
+        .collect();
     argmax_rows(&scores, classes).zip(test_labels).filter(|(p, l)| p == *l).count() as f64 / test_labels.len().max(1) as f64
 }
 
@@ -127,7 +133,9 @@ fn main() {
             let rss_loaded = memory::rss();
             let train = examples(&st, &["input_ids", "attention_mask"], "labels");
             let head = Head { layers: vec![Dense { weight: tensor(&st, "head_weight"), bias: tensor(&st, "head_bias") }] };
-            let report = fit(FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32 }, &train, &Examples::default(), &head, &recipe, &cancel, &mut |_| {}).unwrap();
+            let report =
+                fit(FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32 }, &train, &Examples::default(), &head, &recipe, &cancel, &mut |_| {})
+                    .unwrap();
             let out = serde_json::json!({
                 "side": "adaptd", "samples_per_second": report.samples_per_second, "steps": report.steps,
                 "peak_rss_bytes": memory::peak_rss(), "rss_start_bytes": rss_start, "rss_loaded_bytes": rss_loaded, "first_loss": report.losses.first(), "last_loss": report.losses.last(),
@@ -138,11 +146,17 @@ fn main() {
             let bundle = Bundle::open(adaptd::paths::reference_bundle("digits-cnn")).unwrap();
             let graph = TrainingGraph::load(&bundle, tch::Device::Cpu).unwrap();
             let base_head = bundle.base_head().unwrap().expect("digits-cnn ships its classifier");
-            let (train, val, test, retention) = (examples(&st, &["train_x"], "train_y"), examples(&st, &["val_x"], "val_y"), examples(&st, &["test_x"], "test_y"), examples(&st, &["retention_x"], "retention_y"));
+            let (train, val, test, retention) = (
+                examples(&st, &["train_x"], "train_y"),
+                examples(&st, &["val_x"], "val_y"),
+                examples(&st, &["test_x"], "test_y"),
+                examples(&st, &["retention_x"], "retention_y"),
+            );
             let spec = &graph.manifest().lora;
             let no_lora = adaptd_adapters::lora::no_adapter_inputs(spec);
             let started = std::time::Instant::now();
-            let report = fit(FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32 }, &train, &val, &base_head, &recipe, &cancel, &mut |_| {}).unwrap();
+            let report =
+                fit(FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32 }, &train, &val, &base_head, &recipe, &cancel, &mut |_| {}).unwrap();
             let seconds = started.elapsed().as_secs_f64();
             let lora = report.lora.as_ref().unwrap().graph_inputs(spec).unwrap();
             let out = serde_json::json!({
@@ -161,7 +175,8 @@ fn main() {
             let (train, val, test, other_ref, other_test) = (split("train"), split("val"), split("test"), split("other_ref"), split("other_test"));
             let init = Head { layers: vec![Dense { weight: tensor(&st, "head_weight"), bias: tensor(&st, "head_bias") }] };
             // A head on the frozen backbone: what the daemon's head adapter does, on cached embeddings.
-            let cached = |ex: &Examples| Examples { inputs: vec![embeddings(&graph, &no_lora, &ex.inputs)], labels: ex.labels.clone(), weights: ex.weights.clone() };
+            let cached =
+                |ex: &Examples| Examples { inputs: vec![embeddings(&graph, &no_lora, &ex.inputs)], labels: ex.labels.clone(), weights: ex.weights.clone() };
             let started = std::time::Instant::now();
             let head_only = fit(FitTarget::Head { device: tch::Device::Cpu }, &cached(&train), &cached(&val), &init, &recipe, &cancel, &mut |_| {}).unwrap();
             let head_seconds = started.elapsed().as_secs_f64();
@@ -169,7 +184,14 @@ fn main() {
             let report = fit(FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32 }, &train, &val, &init, &recipe, &cancel, &mut |_| {}).unwrap();
             let seconds = started.elapsed().as_secs_f64();
             let lora = report.lora.as_ref().unwrap().graph_inputs(spec).unwrap();
-            let forgetting = |lora: &[HostTensor]| centroid_accuracy(&embeddings(&graph, lora, &other_ref.inputs), &other_ref.labels, &embeddings(&graph, lora, &other_test.inputs), &other_test.labels);
+            let forgetting = |lora: &[HostTensor]| {
+                centroid_accuracy(
+                    &embeddings(&graph, lora, &other_ref.inputs),
+                    &other_ref.labels,
+                    &embeddings(&graph, lora, &other_test.inputs),
+                    &other_test.labels,
+                )
+            };
             let out = serde_json::json!({
                 "side": "adaptd",
                 "head": { "test": head_accuracy(&head_only.head, &embeddings(&graph, &no_lora, &test.inputs), &test.labels), "other": forgetting(&no_lora), "seconds": head_seconds },

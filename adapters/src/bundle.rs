@@ -10,8 +10,8 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
 use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::head::{Dense, Head};
@@ -165,11 +165,7 @@ impl Manifest {
 
     /// Names of all serving-graph inputs in graph order: model inputs, then A/B per slot.
     pub fn graph_input_names(&self) -> Vec<&str> {
-        self.inputs
-            .iter()
-            .map(|i| i.name.as_str())
-            .chain(self.lora.slots.iter().flat_map(|s| [s.a_input.as_str(), s.b_input.as_str()]))
-            .collect()
+        self.inputs.iter().map(|i| i.name.as_str()).chain(self.lora.slots.iter().flat_map(|s| [s.a_input.as_str(), s.b_input.as_str()])).collect()
     }
 
     fn check(&self, path: &Path) -> Result<(), BundleError> {
@@ -201,24 +197,14 @@ impl Manifest {
             .find(|o| o.name == self.embedding_output)
             .ok_or_else(|| invalid(format!("embedding_output {:?} is not among the outputs", self.embedding_output)))?;
         if emb.shape.last().copied() != Some(self.embedding_dim as i64) {
-            return Err(invalid(format!(
-                "embedding output {:?} has shape {:?}, but embedding_dim is {}",
-                emb.name, emb.shape, self.embedding_dim
-            )));
+            return Err(invalid(format!("embedding output {:?} has shape {:?}, but embedding_dim is {}", emb.name, emb.shape, self.embedding_dim)));
         }
         match (&self.logits_output, &self.labels) {
             (Some(logits), Some(labels)) => {
-                let out = self
-                    .outputs
-                    .iter()
-                    .find(|o| &o.name == logits)
-                    .ok_or_else(|| invalid(format!("logits_output {logits:?} is not among the outputs")))?;
+                let out =
+                    self.outputs.iter().find(|o| &o.name == logits).ok_or_else(|| invalid(format!("logits_output {logits:?} is not among the outputs")))?;
                 if out.shape.last().copied() != Some(labels.len() as i64) {
-                    return Err(invalid(format!(
-                        "logits output {logits:?} has {:?} columns but there are {} labels",
-                        out.shape.last(),
-                        labels.len()
-                    )));
+                    return Err(invalid(format!("logits output {logits:?} has {:?} columns but there are {} labels", out.shape.last(), labels.len())));
                 }
             }
             (None, None) => {}
@@ -274,8 +260,7 @@ impl Bundle {
         let dir = dir.as_ref().to_path_buf();
         let manifest_path = dir.join(MANIFEST_FILE);
         let raw = std::fs::read(&manifest_path).map_err(|source| BundleError::Io { path: manifest_path.clone(), source })?;
-        let manifest: Manifest =
-            serde_json::from_slice(&raw).map_err(|source| BundleError::Manifest { path: manifest_path.clone(), source })?;
+        let manifest: Manifest = serde_json::from_slice(&raw).map_err(|source| BundleError::Manifest { path: manifest_path.clone(), source })?;
         manifest.check(&manifest_path)?;
         for (name, entry) in &manifest.files {
             let path = dir.join(name);
@@ -284,10 +269,7 @@ impl Bundle {
                 return Err(BundleError::HashMismatch { path, expected: entry.sha256.clone(), actual });
             }
             if bytes != entry.bytes {
-                return Err(BundleError::Invalid {
-                    path,
-                    reason: format!("{bytes} bytes, but the manifest records {}", entry.bytes),
-                });
+                return Err(BundleError::Invalid { path, reason: format!("{bytes} bytes, but the manifest records {}", entry.bytes) });
             }
         }
         let manifest_sha256 = hex::encode(Sha256::digest(&raw));
@@ -338,7 +320,15 @@ impl Bundle {
         for spec in &self.manifest.inputs {
             let t = read_tensor(&st, &format!("input.{}", spec.name)).map_err(&invalid)?;
             if t.dtype() != spec.dtype || t.shape.first() != Some(&labels.len()) || t.shape.len() != spec.shape.len() {
-                return Err(invalid(format!("input.{} has shape {:?} ({:?}); expected {} rows of {:?} ({:?})", spec.name, t.shape, t.dtype(), labels.len(), spec.shape, spec.dtype)));
+                return Err(invalid(format!(
+                    "input.{} has shape {:?} ({:?}); expected {} rows of {:?} ({:?})",
+                    spec.name,
+                    t.shape,
+                    t.dtype(),
+                    labels.len(),
+                    spec.shape,
+                    spec.dtype
+                )));
             }
             inputs.push(t);
         }

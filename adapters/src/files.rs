@@ -170,9 +170,7 @@ impl Adapter {
         if let Some(lora) = &self.lora {
             lora.validate(&bundle.manifest.lora).map_err(|source| AdapterFileError::Lora { adapter: id.clone(), source })?;
         }
-        self.head
-            .validate(bundle.manifest.embedding_dim, self.manifest.labels.len())
-            .map_err(|source| AdapterFileError::Head { adapter: id, source })
+        self.head.validate(bundle.manifest.embedding_dim, self.manifest.labels.len()).map_err(|source| AdapterFileError::Head { adapter: id, source })
     }
 
     /// Write every file into `dir` (which must exist and be empty, e.g. a staging directory),
@@ -191,7 +189,7 @@ impl Adapter {
             put(PEFT_CONFIG, config)?;
             put(PEFT_WEIGHTS, weights)?;
         }
-        let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+        let json = serde_json::to_vec_pretty(&manifest).map_err(|e| format_err(&dir.join(ADAPTER_MANIFEST), e.to_string()))?;
         fsutil::write_synced(&dir.join(ADAPTER_MANIFEST), &json)?;
         Ok(manifest)
     }
@@ -266,12 +264,8 @@ fn read_f32(st: &SafeTensors<'_>, name: &str) -> Result<HostTensor, String> {
 }
 
 fn head_to_safetensors(head: &Head) -> Result<Vec<u8>, String> {
-    let names: Vec<(String, &HostTensor)> = head
-        .layers
-        .iter()
-        .enumerate()
-        .flat_map(|(i, l)| [(format!("layers.{i}.weight"), &l.weight), (format!("layers.{i}.bias"), &l.bias)])
-        .collect();
+    let names: Vec<(String, &HostTensor)> =
+        head.layers.iter().enumerate().flat_map(|(i, l)| [(format!("layers.{i}.weight"), &l.weight), (format!("layers.{i}.bias"), &l.bias)]).collect();
     serialize(&names, HashMap::from([("format".to_string(), "adaptd-head".to_string())]))
 }
 
@@ -357,7 +351,7 @@ fn peft_files(lora: &LoraWeights, base_name: &str) -> Result<(Vec<u8>, Vec<u8>),
         .flat_map(|m| [(format!("{PEFT_PREFIX}{}.lora_A.weight", m.module), &m.a), (format!("{PEFT_PREFIX}{}.lora_B.weight", m.module), &m.b)])
         .collect();
     let weights = serialize(&tensors, HashMap::from([("format".to_string(), "pt".to_string())]))?;
-    Ok((serde_json::to_vec_pretty(&config).expect("config serializes"), weights))
+    Ok((serde_json::to_vec_pretty(&config).map_err(|e| e.to_string())?, weights))
 }
 
 fn parse_peft(config: &[u8], weights: &[u8], config_path: &Path, weights_path: &Path) -> Result<LoraWeights, AdapterFileError> {

@@ -1,7 +1,7 @@
 //! Classification heads over a bundle's embedding: a linear layer or a small MLP (ReLU between
 //! layers). Tiny next to the backbone, so serving applies them in plain Rust after the graph runs.
 
-use crate::tensor::HostTensor;
+use crate::tensor::{HostData, HostTensor};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dense {
@@ -50,7 +50,11 @@ impl Head {
                 return Err(err(format!("weight {ws:?} and bias {bs:?} do not form a dense layer")));
             }
             if ws[1] != width {
-                return Err(if i == 0 { HeadError::InputWidth { expected: ws[1], actual: width } } else { err(format!("takes {} inputs, the previous layer gives {width}", ws[1])) });
+                return Err(if i == 0 {
+                    HeadError::InputWidth { expected: ws[1], actual: width }
+                } else {
+                    err(format!("takes {} inputs, the previous layer gives {width}", ws[1]))
+                });
             }
             let finite = |t: &HostTensor| t.as_f32().is_some_and(|v| v.iter().all(|x| x.is_finite()));
             if !finite(&l.weight) || !finite(&l.bias) {
@@ -69,8 +73,11 @@ impl Head {
         let mut x = embeddings.to_vec();
         for (i, l) in self.layers.iter().enumerate() {
             let (out, inp) = (l.weight.shape[0], l.weight.shape[1]);
-            let w = l.weight.as_f32().expect("validated");
-            let b = l.bias.as_f32().expect("validated");
+            // A head that is not f32 cannot answer: NaN scores, which the gate refuses as
+            // non-finite (`validate` refuses such a head before it can serve).
+            let (Some(w), Some(b)) = (l.weight.as_f32(), l.bias.as_f32()) else {
+                return vec![f32::NAN; rows * self.layers.last().map_or(0, |l| l.weight.shape.first().copied().unwrap_or(0))];
+            };
             let mut y = vec![0.0f32; rows * out];
             for r in 0..rows {
                 let xr = &x[r * inp..(r + 1) * inp];
@@ -144,8 +151,9 @@ pub fn grow_linear(previous: Option<(&Head, &[String])>, labels: &[String], clas
     }
     Head {
         layers: vec![Dense {
-            weight: HostTensor::f32(vec![labels.len(), dim], weight).expect("rows of dim"),
-            bias: HostTensor::f32(vec![labels.len()], bias).expect("one bias per label"),
+            // One row of `dim` and one bias per label, by construction above.
+            weight: HostTensor { shape: vec![labels.len(), dim], data: HostData::F32(weight) },
+            bias: HostTensor { shape: vec![labels.len()], data: HostData::F32(bias) },
         }],
     }
 }
@@ -158,7 +166,12 @@ mod tests {
 
     #[test]
     fn growing_keeps_old_rows_and_imprints_new_ones() {
-        let old = Head { layers: vec![Dense { weight: HostTensor::f32(vec![2, 2], vec![1.0, 0.0, 0.0, 2.0]).unwrap(), bias: HostTensor::f32(vec![2], vec![0.5, 1.5]).unwrap() }] };
+        let old = Head {
+            layers: vec![Dense {
+                weight: HostTensor::f32(vec![2, 2], vec![1.0, 0.0, 0.0, 2.0]).unwrap(),
+                bias: HostTensor::f32(vec![2], vec![0.5, 1.5]).unwrap(),
+            }],
+        };
         let old_labels = vec!["a".to_string(), "b".to_string()];
         let labels = vec!["a".to_string(), "b".to_string(), "c".to_string(), "d".to_string()];
         let means = vec![None, None, Some(vec![3.0, 4.0]), None];

@@ -117,7 +117,7 @@ pub fn f32s_from_le(bytes: &[u8]) -> Vec<f32> {
 
 /// Little-endian i64 values from raw bytes.
 pub fn i64s_from_le(bytes: &[u8]) -> Vec<i64> {
-    bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("chunks of 8"))).collect()
+    bytes.chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect()
 }
 
 /// Largest absolute element-wise difference of two equally shaped f32 tensors; None if the

@@ -71,8 +71,7 @@ impl TrainingGraph {
         // executor trains 1.2x faster at 0.57x the peak RSS. Process-wide, and only TorchScript
         // (training) is affected; serving runs on ONNX Runtime.
         tch::jit::set_profiling_mode(false);
-        let mut module = CModule::load_on_device(&path, device)
-            .map_err(|source| TrainError::Load { path: path.display().to_string(), source })?;
+        let mut module = CModule::load_on_device(&path, device).map_err(|source| TrainError::Load { path: path.display().to_string(), source })?;
         module.set_eval();
         // Frozen by the exporter already; make sure no caller can build a graph into the base.
         for (_, p) in module.named_parameters()? {
@@ -126,13 +125,15 @@ impl TrainingGraph {
         let mut args: Vec<IValue> = inputs.iter().chain(lora).map(|t| IValue::Tensor(t.shallow_clone())).collect();
         match (&self.manifest.lora.dropout_input, p > 0.0) {
             (Some(_), _) => args.push(IValue::Tensor(Tensor::from(1.0 - p as f32).to_device(self.device))),
-            (None, true) => return Err(TrainError::Data(format!("bundle {} has no LoRA dropout input (exported before it); set lora_dropout to 0 or export the bundle again", self.manifest.name))),
+            (None, true) => {
+                return Err(TrainError::Data(format!(
+                    "bundle {} has no LoRA dropout input (exported before it); set lora_dropout to 0 or export the bundle again",
+                    self.manifest.name
+                )));
+            }
             (None, false) => {}
         }
-        let out = self
-            .module
-            .forward_is(&args)
-            .map_err(|source| TrainError::Forward { bundle: self.manifest.name.clone(), source })?;
+        let out = self.module.forward_is(&args).map_err(|source| TrainError::Forward { bundle: self.manifest.name.clone(), source })?;
         match out {
             IValue::Tuple(items) => items
                 .into_iter()
@@ -442,7 +443,10 @@ pub fn fit(
     }
     let mut opt = nn::AdamW { wd: recipe.weight_decay, ..Default::default() }.build(&vs, recipe.head_learning_rate)?;
 
-    let emb_index = graph.map(|g| g.manifest().output_index(&g.manifest().embedding_output).expect("manifest checked"));
+    let emb_index = match graph {
+        Some(g) => Some(g.manifest().output_index(&g.manifest().embedding_output).ok_or_else(|| TrainError::Output("no embedding output".into()))?),
+        None => None,
+    };
     let padded = |lora_vars: &[(Tensor, Tensor)]| -> Vec<Tensor> {
         let Some((spec, rank, alpha)) = &lora_spec else { return Vec::new() };
         let scale = *alpha as f64 / *rank as f64;
@@ -479,7 +483,11 @@ pub fn fit(
     let embed = |batch: &[Tensor], lora_vars: &[(Tensor, Tensor)], p: f64| -> Result<Tensor, TrainError> {
         match graph {
             None => Ok(batch[0].shallow_clone()),
-            Some(g) => Ok(g.forward_dropout(batch, &padded(lora_vars), p)?.swap_remove(emb_index.expect("lora graph"))),
+            Some(g) => {
+                let mut outputs = g.forward_dropout(batch, &padded(lora_vars), p)?;
+                let index = emb_index.filter(|&i| i < outputs.len()).ok_or_else(|| TrainError::Output("no embedding output".into()))?;
+                Ok(outputs.swap_remove(index))
+            }
         }
     };
     let logits_of = |emb: &Tensor, train: bool| emb.dropout(if train { recipe.dropout } else { 0.0 }, train).linear(&head_w, Some(&head_b));
@@ -576,7 +584,9 @@ pub fn fit(
         }
         let (val_loss, val_accuracy) = {
             let _guard = tch::no_grad_guard();
-            evaluate(&val_inputs, &val_labels, validation.len(), |batch| Ok(logits_of(&embed(&trim(batch.iter().map(Tensor::shallow_clone).collect()), &lora_vars, 0.0)?, false)))?
+            evaluate(&val_inputs, &val_labels, validation.len(), |batch| {
+                Ok(logits_of(&embed(&trim(batch.iter().map(Tensor::shallow_clone).collect()), &lora_vars, 0.0)?, false))
+            })?
         };
         epochs.push(EpochRecord {
             epoch,

@@ -34,7 +34,9 @@ impl BrokerConnection {
     fn password(&self) -> Result<Option<(String, String)>, BrokerError> {
         let Some((user, file)) = &self.credentials else { return Ok(None) };
         let password = match file {
-            Some(f) => std::fs::read_to_string(f).map_err(|e| BrokerError::Credentials(format!("{}: {e}", f.display())))?.trim_end_matches(['\n', '\r']).to_string(),
+            Some(f) => {
+                std::fs::read_to_string(f).map_err(|e| BrokerError::Credentials(format!("{}: {e}", f.display())))?.trim_end_matches(['\n', '\r']).to_string()
+            }
             None => String::new(),
         };
         Ok(Some((user.clone(), password)))

@@ -11,11 +11,11 @@ use adaptd_adapters::train::{Recipe, Schedule};
 
 use crate::adapt::AdaptConfig;
 use crate::engine::EngineConfig;
+use crate::engine::onnx::{ExecutionProvider, SessionOptions};
 use crate::gate::{GateConfig, GateMetric};
 use crate::resources::ResourceLimits;
 use crate::scheduler::SchedulerConfig;
 use crate::trainer::{JobKind, TrainDevice, TrainerConfig};
-use crate::engine::onnx::{ExecutionProvider, SessionOptions};
 
 /// The shipped default file, compiled in.
 pub const DEFAULT_TOML: &str = include_str!("../../config/adaptd.toml");
@@ -200,13 +200,26 @@ impl Default for Config {
     /// cannot drift; the shipped file is held equal to this by a test.
     fn default() -> Self {
         let adapt = AdaptConfig::new("default");
-        let (recipe, sched, gate, limits, trainer) = (adapt.recipe.clone(), adapt.scheduler.clone(), adapt.gate.clone(), adapt.limits.clone(), TrainerConfig::default());
+        let (recipe, sched, gate, limits, trainer) =
+            (adapt.recipe.clone(), adapt.scheduler.clone(), adapt.gate.clone(), adapt.limits.clone(), TrainerConfig::default());
         Config {
             bundle: PathBuf::from("/var/lib/adaptd/bundles/digits-cnn"),
             state_dir: PathBuf::from("/var/lib/adaptd"),
-            engine: EngineSection { max_batch: 32, max_wait_ms: 0, queue_depth: 1024, intra_op_threads: 2, execution_provider: ExecutionProvider::Cpu, device_id: 0, fallback_to_cpu: false },
+            engine: EngineSection {
+                max_batch: 32,
+                max_wait_ms: 0,
+                queue_depth: 1024,
+                intra_op_threads: 2,
+                execution_provider: ExecutionProvider::Cpu,
+                device_id: 0,
+                fallback_to_cpu: false,
+            },
             http: HttpSection { listen: SocketAddr::from(([127, 0, 0, 1], 8080)), max_request_bytes: crate::api::DEFAULT_MAX_REQUEST_BYTES },
-            mqtt: MqttSection { host: String::new(), port: 1883, device_id: "adaptd".into(), topic_prefix: adaptd_protocol::topics::DEFAULT_PREFIX.into(),
+            mqtt: MqttSection {
+                host: String::new(),
+                port: 1883,
+                device_id: "adaptd".into(),
+                topic_prefix: adaptd_protocol::topics::DEFAULT_PREFIX.into(),
                 inference_api: true,
                 username: String::new(),
                 password_file: PathBuf::new(),
@@ -216,7 +229,15 @@ impl Default for Config {
                 commands: false,
                 commands_key_file: PathBuf::new(),
             },
-            ingest: IngestSection { tasks: Vec::new(), max_batch: 256, max_payload_bytes: 1 << 20, validation_percent: 10, holdout_percent: 10, max_mb_per_task: 0, reservoir_per_class: 50 },
+            ingest: IngestSection {
+                tasks: Vec::new(),
+                max_batch: 256,
+                max_payload_bytes: 1 << 20,
+                validation_percent: 10,
+                holdout_percent: 10,
+                max_mb_per_task: 0,
+                reservoir_per_class: 50,
+            },
             adapters: AdaptersSection { keep_versions: 5 },
             training: TrainingSection {
                 adapter: AdapterChoice::Head,
@@ -317,7 +338,8 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let parse_err = |e: &dyn std::fmt::Display| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string().trim_end().to_string() };
         let file: toml::Table = toml::from_str(text).map_err(|e| parse_err(&e))?;
-        let mut merged: toml::Table = toml::from_str(DEFAULT_TOML).expect("the built-in configuration parses");
+        let mut merged: toml::Table =
+            toml::from_str(DEFAULT_TOML).map_err(|e| ConfigError::Parse { path: "the built-in defaults".into(), message: e.to_string() })?;
         merge(&mut merged, file);
         let config = Config::deserialize(toml::Value::Table(merged)).map_err(|e| {
             let message = e.to_string().trim_end().to_string();
@@ -379,7 +401,12 @@ impl Config {
         {
             return invalid("mqtt.commands_key_file", &e.to_string());
         }
-        for (key, file) in [("mqtt.password_file", &m.password_file), ("mqtt.tls_ca_file", &m.tls_ca_file), ("mqtt.tls_client_cert_file", &m.tls_client_cert_file), ("mqtt.tls_client_key_file", &m.tls_client_key_file)] {
+        for (key, file) in [
+            ("mqtt.password_file", &m.password_file),
+            ("mqtt.tls_ca_file", &m.tls_ca_file),
+            ("mqtt.tls_client_cert_file", &m.tls_client_cert_file),
+            ("mqtt.tls_client_key_file", &m.tls_client_key_file),
+        ] {
             if !file.as_os_str().is_empty()
                 && let Err(e) = std::fs::File::open(file)
             {

@@ -114,7 +114,13 @@ impl HttpRefusal {
 
 /// Check a control request's headers: no `Origin` (browsers send one with every POST), a `Host`
 /// that names the address the daemon listens on (or loopback, when it listens there), and the token.
-pub fn authorize_http(token: &str, listen: std::net::SocketAddr, origin: Option<&str>, host: Option<&str>, authorization: Option<&str>) -> Result<(), HttpRefusal> {
+pub fn authorize_http(
+    token: &str,
+    listen: std::net::SocketAddr,
+    origin: Option<&str>,
+    host: Option<&str>,
+    authorization: Option<&str>,
+) -> Result<(), HttpRefusal> {
     if let Some(origin) = origin {
         return Err(HttpRefusal::Browser(origin.chars().take(200).collect()));
     }

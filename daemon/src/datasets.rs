@@ -106,7 +106,8 @@ impl Digits {
     /// `[len, 1, 8, 8]` model input for `indices` under `shift`.
     pub fn batch(&self, indices: &[usize], shift: Shift) -> HostTensor {
         let data = indices.iter().flat_map(|&i| self.image(i, shift)).collect();
-        HostTensor::f32(vec![indices.len(), 1, DIGIT_SIDE, DIGIT_SIDE], data).expect("shape matches data")
+        // One DIGIT_SIDE² image per index, by construction above.
+        HostTensor { shape: vec![indices.len(), 1, DIGIT_SIDE, DIGIT_SIDE], data: adaptd_adapters::tensor::HostData::F32(data) }
     }
 
     pub fn labels_of(&self, indices: &[usize]) -> Vec<i64> {

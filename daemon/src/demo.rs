@@ -116,7 +116,7 @@ fn daemon_config(config: &DemoConfig, broker_port: u16) -> ServeConfig {
     let mut c = Config::default();
     c.bundle = config.build_dir.join("bundles").join("digits-cnn");
     c.state_dir = config.state_dir.clone();
-    c.http.listen = "127.0.0.1:0".parse().expect("loopback address");
+    c.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     c.mqtt.host = "127.0.0.1".into();
     c.mqtt.port = broker_port;
     c.mqtt.device_id = DEVICE.into();
@@ -255,7 +255,12 @@ impl Console {
                 self.finish_bar();
                 println!(
                     "  ▶ training v{} ({}, trigger: {}) on {} train / {} validation samples, device {}",
-                    e["version"], e["kind"].as_str().unwrap_or("?"), e["trigger"].as_str().unwrap_or("?"), e["samples"]["train"], e["samples"]["validation"], e["device"].as_str().unwrap_or("?")
+                    e["version"],
+                    e["kind"].as_str().unwrap_or("?"),
+                    e["trigger"].as_str().unwrap_or("?"),
+                    e["samples"]["train"],
+                    e["samples"]["validation"],
+                    e["device"].as_str().unwrap_or("?")
                 );
                 for note in e["notes"].as_array().into_iter().flatten() {
                     println!("    {}", note.as_str().unwrap_or(""));
@@ -263,12 +268,17 @@ impl Console {
                 self.last_epoch = 0;
             }
             "training_progress" => {
-                let (step, steps, epoch, epochs) = (e["step"].as_u64().unwrap_or(0), e["steps"].as_u64().unwrap_or(1), e["epoch"].as_u64().unwrap_or(0), e["epochs"].as_u64().unwrap_or(0));
+                let (step, steps, epoch, epochs) =
+                    (e["step"].as_u64().unwrap_or(0), e["steps"].as_u64().unwrap_or(1), e["epoch"].as_u64().unwrap_or(0), e["epochs"].as_u64().unwrap_or(0));
                 let loss = e["loss"].as_f64().unwrap_or(f64::NAN);
                 if self.terminal {
                     let bar = self.bar.get_or_insert_with(|| {
                         let bar = ProgressBar::new(steps);
-                        bar.set_style(ProgressStyle::with_template("    {bar:36.cyan/blue} {pos:>4}/{len} steps  {msg}").expect("template").progress_chars("█▉▊▋▌▍▎▏ "));
+                        bar.set_style(
+                            ProgressStyle::with_template("    {bar:36.cyan/blue} {pos:>4}/{len} steps  {msg}")
+                                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                                .progress_chars("█▉▊▋▌▍▎▏ "),
+                        );
                         bar
                     });
                     bar.set_length(steps);
@@ -313,7 +323,12 @@ impl Console {
                 self.finish_bar();
                 println!("  ■ gate for v{} against v{}:", e["version"], e["incumbent_version"]);
                 for c in e["checks"].as_array().into_iter().flatten() {
-                    println!("      {} {:<22} {}", if c["passed"] == true { "✓" } else { "✗" }, c["name"].as_str().unwrap_or(""), c["detail"].as_str().unwrap_or(""));
+                    println!(
+                        "      {} {:<22} {}",
+                        if c["passed"] == true { "✓" } else { "✗" },
+                        c["name"].as_str().unwrap_or(""),
+                        c["detail"].as_str().unwrap_or("")
+                    );
                 }
                 if let Some(routed) = e["evidence"]["base_routed"].as_f64() {
                     println!("    ⑂ routed: inputs that look upright go to the base model ({:.0} % of the holdout), the rest to the adapter", routed * 100.0);
@@ -355,7 +370,13 @@ pub fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
     println!("  embedded MQTT broker (rumqttd) on 127.0.0.1:{port}");
     let (stop_daemon, daemon_stopped) = oneshot::channel::<()>();
     let (bound_tx, bound_rx) = oneshot::channel();
-    let daemon = runtime.spawn(crate::serve::run(daemon_config(&config, port), async { let _ = daemon_stopped.await; }, Some(bound_tx)));
+    let daemon = runtime.spawn(crate::serve::run(
+        daemon_config(&config, port),
+        async {
+            let _ = daemon_stopped.await;
+        },
+        Some(bound_tx),
+    ));
     let addr = runtime.block_on(bound_rx).map_err(|_| anyhow::anyhow!("the daemon stopped before it listened; see the log above"))?;
     let client = Client::new(addr).with_token_from(&config.state_dir);
     // Samples published before ingest has subscribed would reach no one: wait for it.
@@ -381,13 +402,27 @@ pub fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
     let measure = || -> anyhow::Result<(f64, f64, u64)> {
         let (_, version) = predict(&client, &digits, &eval[..1], Shift::None)?;
         let (rotated, upright) = (accuracy(&client, &digits, &eval, Shift::Rotate90)?, accuracy(&client, &digits, &upright_eval, Shift::None)?);
-        println!("  v{version} serving: sideways {:.1} %, upright {:.1} % on {} and {} images no one published", 100.0 * rotated, 100.0 * upright, eval.len(), upright_eval.len());
+        println!(
+            "  v{version} serving: sideways {:.1} %, upright {:.1} % on {} and {} images no one published",
+            100.0 * rotated,
+            100.0 * upright,
+            eval.len(),
+            upright_eval.len()
+        );
         Ok((rotated, upright, version))
     };
 
     section("1/4  The base model meets the sideways cameras");
     let (rotated, upright, _) = measure()?;
-    rows.push(VersionRow { version: 0, how: "base model".into(), train_samples: None, holdout: None, rotated: Some(rotated), upright: Some(upright), decision: "serving".into() });
+    rows.push(VersionRow {
+        version: 0,
+        how: "base model".into(),
+        train_samples: None,
+        holdout: None,
+        rotated: Some(rotated),
+        upright: Some(upright),
+        decision: "serving".into(),
+    });
 
     section(&format!("2/4  {} robots publish labelled images over MQTT (QoS 1); the last one's camera is still upright", config.robots));
     let round1 = &pool[..pool.len().min(240)];
@@ -404,7 +439,8 @@ pub fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
     let truth = digits.labels_of(review);
     let wrong: Vec<usize> = review.iter().zip(predicted.iter().zip(&truth)).filter(|(_, (p, t))| p != t).map(|(&i, _)| i).collect();
     println!("  the operator checks {} sorted parts served by v{serving_version}: {} were wrong; corrections go out as samples", review.len(), wrong.len());
-    let corrections: Vec<Vec<u8>> = wrong.iter().map(|&i| sample(&format!("operator:{i}"), digits.labels[i], &digits.image(i, Shift::Rotate90), "operator", true)).collect();
+    let corrections: Vec<Vec<u8>> =
+        wrong.iter().map(|&i| sample(&format!("operator:{i}"), digits.labels[i], &digits.image(i, Shift::Rotate90), "operator", true)).collect();
     let extra = &pool[pool.len().min(340)..];
     let mut acked = runtime.block_on(robot("demo-operator".into(), port, corrections, 200.0, Arc::new(AtomicU64::new(0))))?;
     acked += publish_fleet(&runtime, port, &config, &digits, extra, "r2")?;
@@ -488,12 +524,19 @@ fn publish_fleet(runtime: &tokio::runtime::Runtime, port: u16, config: &DemoConf
         .map(|r| {
             let name = format!("robot-{}", r + 1);
             let shift = if robots > 1 && r == robots - 1 { Shift::None } else { Shift::Rotate90 };
-            let items = indices.iter().skip(r).step_by(robots).map(|&i| sample(&format!("{name}:{round}:{i}"), digits.labels[i], &digits.image(i, shift), &name, false)).collect();
+            let items = indices
+                .iter()
+                .skip(r)
+                .step_by(robots)
+                .map(|&i| sample(&format!("{name}:{round}:{i}"), digits.labels[i], &digits.image(i, shift), &name, false))
+                .collect();
             runtime.spawn(robot(format!("demo-{name}"), port, items, config.rate_per_robot, acked.clone()))
         })
         .collect();
     let bar = ProgressBar::new(indices.len() as u64);
-    bar.set_style(ProgressStyle::with_template("    {bar:36.green/blue} {pos:>4}/{len} samples acked  {per_sec}").expect("template"));
+    bar.set_style(
+        ProgressStyle::with_template("    {bar:36.green/blue} {pos:>4}/{len} samples acked  {per_sec}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     if !std::io::stderr().is_terminal() {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }

@@ -40,7 +40,13 @@ pub fn now_ms() -> u64 {
 const MAX_EVENT_BYTES: usize = 256 * 1024;
 
 /// Publish events until `shutdown`; with no broker, drain them (they are in the log already).
-pub async fn publish(mut rx: mpsc::UnboundedReceiver<EventRecord>, broker: Option<crate::broker::BrokerConnection>, client_id: String, topic: String, shutdown: impl Future<Output = ()>) {
+pub async fn publish(
+    mut rx: mpsc::UnboundedReceiver<EventRecord>,
+    broker: Option<crate::broker::BrokerConnection>,
+    client_id: String,
+    topic: String,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     let options = broker.map(|b| b.options(client_id)).transpose().unwrap_or_else(|e| {
         tracing::error!(error = %e, "events are only logged: cannot connect to the broker");
@@ -126,11 +132,7 @@ impl Journal {
             Err(e) => return Err(e),
         };
         let mut bad = 0;
-        let records = text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .filter_map(|l| serde_json::from_str(l).map_err(|_| bad += 1).ok())
-            .collect();
+        let records = text.lines().filter(|l| !l.trim().is_empty()).filter_map(|l| serde_json::from_str(l).map_err(|_| bad += 1).ok()).collect();
         Ok((records, bad))
     }
 }

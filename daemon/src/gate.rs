@@ -98,12 +98,13 @@ pub fn decide(e: &Evidence, cfg: &GateConfig) -> Decision {
     let mut checks = Vec::new();
     let mut check = |name: &str, passed: bool, detail: String| checks.push(Check { name: name.into(), passed, detail });
 
-    check(
-        "holdout_size",
-        e.candidate.samples >= cfg.min_holdout,
-        format!("{} holdout samples (at least {} needed)", e.candidate.samples, cfg.min_holdout),
-    );
-    let margin = |name: &str, cand: f64, inc: f64| (cand >= inc + cfg.min_improvement, format!("{name} {:.4} vs incumbent {:.4} (margin {:+.4}, required {:+.4})", cand, inc, cand - inc, cfg.min_improvement));
+    check("holdout_size", e.candidate.samples >= cfg.min_holdout, format!("{} holdout samples (at least {} needed)", e.candidate.samples, cfg.min_holdout));
+    let margin = |name: &str, cand: f64, inc: f64| {
+        (
+            cand >= inc + cfg.min_improvement,
+            format!("{name} {:.4} vs incumbent {:.4} (margin {:+.4}, required {:+.4})", cand, inc, cand - inc, cfg.min_improvement),
+        )
+    };
     let (acc_ok, acc_detail) = margin("accuracy", e.candidate.accuracy, e.incumbent.accuracy);
     let (f1_ok, f1_detail) = margin("macro-F1", e.candidate.macro_f1, e.incumbent.macro_f1);
     match cfg.metric {
@@ -122,9 +123,14 @@ pub fn decide(e: &Evidence, cfg: &GateConfig) -> Decision {
         (Some((before, after)), Some(allowed)) => check(
             "retention",
             after >= before - allowed,
-            format!("base-domain accuracy {after:.4} vs {before:.4}, the better of incumbent and base model (drop {:.4}, at most {allowed:.4} allowed{traffic})", before - after),
+            format!(
+                "base-domain accuracy {after:.4} vs {before:.4}, the better of incumbent and base model (drop {:.4}, at most {allowed:.4} allowed{traffic})",
+                before - after
+            ),
         ),
-        (Some((before, after)), None) => check("retention", true, format!("base-domain accuracy {after:.4} vs {before:.4}: not checked (gate.retention = \"off\")")),
+        (Some((before, after)), None) => {
+            check("retention", true, format!("base-domain accuracy {after:.4} vs {before:.4}: not checked (gate.retention = \"off\")"))
+        }
         (None, _) => check("retention", true, "no retention set for this task: not checked".into()),
     }
     check("finite", e.finite, if e.finite { "every output finite".into() } else { "non-finite outputs".into() });
@@ -141,7 +147,10 @@ pub fn decide(e: &Evidence, cfg: &GateConfig) -> Decision {
     let failed: Vec<&Check> = checks.iter().filter(|c| !c.passed).collect();
     let promote = failed.is_empty();
     let summary = if promote {
-        format!("promoted: accuracy {:.4} -> {:.4}, macro-F1 {:.4} -> {:.4}", e.incumbent.accuracy, e.candidate.accuracy, e.incumbent.macro_f1, e.candidate.macro_f1)
+        format!(
+            "promoted: accuracy {:.4} -> {:.4}, macro-F1 {:.4} -> {:.4}",
+            e.incumbent.accuracy, e.candidate.accuracy, e.incumbent.macro_f1, e.candidate.macro_f1
+        )
     } else {
         format!("rejected: {}", failed.iter().map(|c| format!("{} ({})", c.name, c.detail)).collect::<Vec<_>>().join("; "))
     };
@@ -157,7 +166,16 @@ mod tests {
             let (t, p): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
             metrics(&t, &p)
         };
-        Evidence { candidate: m(cand_acc), incumbent: m(inc_acc), retention: Some((0.95, 0.94)), base_traffic_share: Some((1.0, 256)), base_routed: None, finite: true, probe_change: 0.3, parity_max_diff: 1e-6 }
+        Evidence {
+            candidate: m(cand_acc),
+            incumbent: m(inc_acc),
+            retention: Some((0.95, 0.94)),
+            base_traffic_share: Some((1.0, 256)),
+            base_routed: None,
+            finite: true,
+            probe_change: 0.3,
+            parity_max_diff: 1e-6,
+        }
     }
 
     #[test]

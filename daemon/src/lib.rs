@@ -16,6 +16,7 @@
 //! - `trainer`: the libtorch owner thread that fits heads and LoRA adapters.
 //! - `gate`: whether a candidate is promoted, with the figures.
 //! - `adapt`: the loop that ties store, scheduler, trainer, gate and registry together.
+//! - `app`: the supervisor: named tasks stopped in stages within a deadline.
 //! - `serve`: the serving process: engine, registry and APIs until shutdown.
 //! - `report`: the HTML report of what the loop did (charts from the journal).
 //! - `demo`: the one-command demo: a simulated fleet teaches the daemon a shifted domain.
@@ -27,6 +28,7 @@
 
 pub mod adapt;
 pub mod api;
+pub mod app;
 pub mod broker;
 pub mod client;
 pub mod config;

@@ -298,7 +298,13 @@ fn main() -> ExitCode {
             let config = daemon.config()?;
             let bundle = Bundle::open(&config.bundle)?;
             let result = adaptd::ops::import_samples(&daemon.state_dir()?, &bundle, &config.ingest.tasks, &file, config.ingest.max_payload_bytes)?;
-            let mut text = format!("{}: {} stored, {} already there, {} refused\n", file.display(), result["stored"], result["duplicates"], result["refused"].as_array().map_or(0, Vec::len));
+            let mut text = format!(
+                "{}: {} stored, {} already there, {} refused\n",
+                file.display(),
+                result["stored"],
+                result["duplicates"],
+                result["refused"].as_array().map_or(0, Vec::len)
+            );
             for r in result["refused"].as_array().into_iter().flatten() {
                 text += &format!("  line {}: {}\n", r["line"], r["message"].as_str().unwrap_or(""));
             }
@@ -368,7 +374,10 @@ fn train_now(task: &str, no_wait: bool, daemon: &DaemonArgs) -> anyhow::Result<E
         Err(e) => return operate(daemon.json, || Err(e.into())),
     };
     let bar = indicatif::ProgressBar::new(1);
-    bar.set_style(indicatif::ProgressStyle::with_template("{msg:<14} {bar:40.cyan/blue} {pos:>5}/{len} steps  {elapsed}").expect("template"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:<14} {bar:40.cyan/blue} {pos:>5}/{len} steps  {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     if daemon.json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     } else {
@@ -619,14 +628,27 @@ fn ingest(bundle: Option<PathBuf>, store: PathBuf, mqtt: String, device: String,
     };
     let stats = Arc::new(adaptd::ingest::IngestStats::default());
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(adaptd::ingest::run(config, Arc::new(Mutex::new(samples)), Arc::new(bundle.manifest.clone()), Arc::new(tasks), stats, shutdown_signal()))?;
+    runtime.block_on(adaptd::ingest::run(
+        config,
+        Arc::new(Mutex::new(samples)),
+        Arc::new(bundle.manifest.clone()),
+        Arc::new(tasks),
+        stats,
+        shutdown_signal(),
+    ))?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// The first SIGINT/SIGTERM starts a graceful shutdown; a second one exits at once.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (mut term, mut int) = (signal(SignalKind::terminate()).expect("SIGTERM handler"), signal(SignalKind::interrupt()).expect("SIGINT handler"));
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(term), Ok(int)) => (term, int),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("adaptd: cannot handle SIGTERM/SIGINT ({e}); only SIGKILL stops this process");
+            return std::future::pending().await;
+        }
+    };
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     tokio::spawn(async move {
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }

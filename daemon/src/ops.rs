@@ -109,7 +109,10 @@ pub fn render_adapters(rows: &Value) -> String {
 pub fn sample_stats(state_dir: &Path) -> Result<Value, OpsError> {
     let path = state_dir.join(crate::samples::STORE_FILE);
     if !path.is_file() {
-        return Err(OpsError::State { path: path.display().to_string(), reason: "no sample store here yet (nothing ingested, or not the daemon's state directory)".into() });
+        return Err(OpsError::State {
+            path: path.display().to_string(),
+            reason: "no sample store here yet (nothing ingested, or not the daemon's state directory)".into(),
+        });
     }
     let state_err = |e: crate::samples::StoreError| OpsError::State { path: path.display().to_string(), reason: e.to_string() };
     let store = crate::samples::SampleStore::open(&path, Default::default()).map_err(state_err)?;

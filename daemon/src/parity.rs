@@ -6,10 +6,10 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
 use adaptd_adapters::bundle::{Bundle, Preprocessing};
-use adaptd_adapters::lora::{LoraWeights, no_adapter_inputs};
-use adaptd_adapters::tensor::{HostTensor, max_abs_diff};
 use adaptd_adapters::head::{Dense, Head};
+use adaptd_adapters::lora::{LoraWeights, no_adapter_inputs};
 use adaptd_adapters::tensor::SeededRng;
+use adaptd_adapters::tensor::{HostData, HostTensor, max_abs_diff};
 use adaptd_adapters::train::{Examples, FitReport, FitTarget, Recipe, Schedule, TrainError, TrainingGraph, fit};
 
 use crate::datasets::{DatasetError, Digits, ROBOT_INTENTS, Shift};
@@ -81,20 +81,14 @@ pub fn probe_inputs(bundle: &Bundle, digits_path: &Path) -> Result<Vec<HostTenso
             let rotated = held[6..12].iter().map(|&i| digits.image(i, Shift::Rotate90));
             let pixels = upright.chain(rotated).flatten().collect();
             let side = crate::datasets::DIGIT_SIDE;
-            Ok(vec![HostTensor::f32(vec![12, 1, side, side], pixels).expect("12 images of 8x8")])
+            Ok(vec![HostTensor { shape: vec![12, 1, side, side], data: HostData::F32(pixels) }])
         }
     }
 }
 
 /// Compare every output of both graphs on `inputs`, without an adapter and with a seeded random
 /// LoRA adapter of rank `rank` in every slot.
-pub fn check_parity(
-    onnx: &mut OnnxModel,
-    graph: &TrainingGraph,
-    inputs: &[HostTensor],
-    rank: usize,
-    seed: u64,
-) -> Result<ParityReport, ParityError> {
+pub fn check_parity(onnx: &mut OnnxModel, graph: &TrainingGraph, inputs: &[HostTensor], rank: usize, seed: u64) -> Result<ParityReport, ParityError> {
     let manifest = onnx.bundle().manifest.clone();
     let zeros = no_adapter_inputs(&manifest.lora);
     let adapter = LoraWeights::random(&manifest.lora, rank, 2.0 * rank as f32, seed, 0.05)?;
@@ -116,20 +110,15 @@ pub fn check_parity(
             lora_max_abs_diff: diff(&onnx_lora[i], &torch_lora[i])?,
         });
     }
-    let emb = manifest.output_index(&manifest.embedding_output).expect("manifest checked at open");
-    let lora_effect = max_abs_diff(&onnx_base[emb], &onnx_lora[emb]).unwrap_or(f32::NAN);
+    let emb = manifest.output_index(&manifest.embedding_output);
+    let lora_effect = emb.and_then(|e| max_abs_diff(onnx_base.get(e)?, onnx_lora.get(e)?)).unwrap_or(f32::NAN);
     Ok(ParityReport { bundle: manifest.name, batch: inputs[0].shape[0], rank, outputs, lora_effect })
 }
 
 /// A few LoRA + head training steps through the training graph on real labelled data from the
 /// bundle's domain (rotated held-out digits; operator intents for text). Proves the graph trains
 /// and the base stays frozen; the report carries the losses and the bit-identity check.
-pub fn training_probe(
-    bundle: &Bundle,
-    graph: &TrainingGraph,
-    digits_path: &Path,
-    steps: usize,
-) -> Result<FitReport, ParityError> {
+pub fn training_probe(bundle: &Bundle, graph: &TrainingGraph, digits_path: &Path, steps: usize) -> Result<FitReport, ParityError> {
     let (inputs, labels, classes) = match &bundle.manifest.preprocessing {
         Preprocessing::Text { .. } => {
             let texts: Vec<&str> = ROBOT_INTENTS.iter().map(|(t, _)| *t).collect();
@@ -162,7 +151,10 @@ pub fn training_probe(
     let bound = 1.0 / (dim as f32).sqrt();
     let head = Head {
         layers: vec![Dense {
-            weight: HostTensor::f32(vec![classes, dim], (0..classes * dim).map(|_| (rng.uniform() as f32 * 2.0 - 1.0) * bound).collect()).expect("shape"),
+            weight: HostTensor {
+                shape: vec![classes, dim],
+                data: HostData::F32((0..classes * dim).map(|_| (rng.uniform() as f32 * 2.0 - 1.0) * bound).collect()),
+            },
             bias: HostTensor::zeros_f32(vec![classes]),
         }],
     };

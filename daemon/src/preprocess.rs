@@ -50,9 +50,7 @@ impl TextEncoder {
         // The shipped tokenizer pads every text to a fixed 128; a batch only needs its longest.
         let padding = tokenizer.get_padding().cloned().unwrap_or_default();
         tokenizer.with_padding(Some(PaddingParams { strategy: PaddingStrategy::BatchLongest, ..padding }));
-        tokenizer
-            .with_truncation(Some(TruncationParams { max_length, ..Default::default() }))
-            .map_err(|e| tok_err(e.to_string()))?;
+        tokenizer.with_truncation(Some(TruncationParams { max_length, ..Default::default() })).map_err(|e| tok_err(e.to_string()))?;
         Ok(TextEncoder { tokenizer })
     }
 
@@ -147,7 +145,8 @@ pub struct JsonTensor {
 impl JsonTensor {
     /// Into a host tensor of `dtype` (i64 inputs must be integers), or why not.
     pub fn into_host(self, dtype: DType) -> Result<HostTensor, String> {
-        let n = adaptd_adapters::tensor::element_count(&self.shape).ok_or_else(|| format!("shape {:?} has more elements than memory can address", self.shape))?;
+        let n =
+            adaptd_adapters::tensor::element_count(&self.shape).ok_or_else(|| format!("shape {:?} has more elements than memory can address", self.shape))?;
         if n != self.data.len() {
             return Err(format!("shape {:?} needs {n} values, got {}", self.shape, self.data.len()));
         }

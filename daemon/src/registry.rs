@@ -94,11 +94,20 @@ impl Serving {
 /// What recovery did for a task on start.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Recovery {
-    Restored { task: String, version: u64 },
+    Restored {
+        task: String,
+        version: u64,
+    },
     /// A version could not be read; the registry moved on to an older one.
-    Skipped { task: String, version: u64, reason: String },
+    Skipped {
+        task: String,
+        version: u64,
+        reason: String,
+    },
     /// No readable version: the task serves the base model.
-    Base { task: String },
+    Base {
+        task: String,
+    },
 }
 
 pub struct Registry {
@@ -131,7 +140,7 @@ impl Registry {
         let mut events = Vec::new();
         for task in registry.store.tasks()? {
             let serving = registry.recover(&task, &mut events)?;
-            registry.tasks.write().expect("registry lock").insert(task, Arc::new(ArcSwap::from_pointee(serving)));
+            registry.tasks.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(task, Arc::new(ArcSwap::from_pointee(serving)));
         }
         Ok((registry, events))
     }
@@ -146,17 +155,17 @@ impl Registry {
 
     /// The serving state of `task`; the engine calls this once per batch.
     pub fn current(&self, task: &str) -> Option<Arc<Serving>> {
-        self.tasks.read().expect("registry lock").get(task).map(|slot| slot.load_full())
+        self.tasks.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(task).map(|slot| slot.load_full())
     }
 
     pub fn tasks(&self) -> Vec<String> {
-        self.tasks.read().expect("registry lock").keys().cloned().collect()
+        self.tasks.read().unwrap_or_else(std::sync::PoisonError::into_inner).keys().cloned().collect()
     }
 
     /// Make sure `task` exists, serving the base model until an adapter is promoted.
     pub fn ensure_task(&self, task: &str) -> Result<Arc<Serving>, RegistryError> {
         check_task_name(task)?;
-        let mut tasks = self.tasks.write().expect("registry lock");
+        let mut tasks = self.tasks.write().unwrap_or_else(std::sync::PoisonError::into_inner);
         let slot = tasks.entry(task.to_string()).or_insert_with(|| Arc::new(ArcSwap::from_pointee(self.base_serving(task))));
         Ok(slot.load_full())
     }
@@ -226,7 +235,7 @@ impl Registry {
     fn activate(&self, serving: Arc<Serving>) -> Result<(), RegistryError> {
         let path = self.active_path(&serving.task);
         fsutil::write_atomic(&path, format!("{}\n", serving.version).as_bytes()).map_err(StoreError::from)?;
-        let tasks = self.tasks.read().expect("registry lock");
+        let tasks = self.tasks.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         match tasks.get(&serving.task) {
             Some(slot) => slot.store(serving),
             None => return Err(RegistryError::UnknownTask(serving.task.clone())),
@@ -270,7 +279,11 @@ impl Registry {
             }
         };
         let serving = self.first_readable(task, &candidates, events)?;
-        events.push(if serving.version == 0 { Recovery::Base { task: task.into() } } else { Recovery::Restored { task: task.into(), version: serving.version } });
+        events.push(if serving.version == 0 {
+            Recovery::Base { task: task.into() }
+        } else {
+            Recovery::Restored { task: task.into(), version: serving.version }
+        });
         // A pointer that was unusable is replaced by what was chosen, so the next start agrees.
         if !pointer_usable && let Err(e) = fsutil::write_atomic(&path, format!("{}\n", serving.version).as_bytes()) {
             tracing::warn!(task, error = %e, "could not rewrite the active pointer");
@@ -317,7 +330,9 @@ impl Registry {
                     return Err("a base classifier, and the bundle has none");
                 }
                 match self.bundle.retention() {
-                    Ok(Some(retention)) => BaseRouter::from_retention(&retention).map(Arc::new).ok_or("a single small dense input and a retention set of at least 8 rows"),
+                    Ok(Some(retention)) => {
+                        BaseRouter::from_retention(&retention).map(Arc::new).ok_or("a single small dense input and a retention set of at least 8 rows")
+                    }
                     Ok(None) => Err("a retention set, and the bundle has none"),
                     Err(_) => Err("a readable retention set"),
                 }
@@ -343,7 +358,9 @@ impl Registry {
         let lora = match &adapter.lora {
             Some(weights) => Arc::new(LoraInputs {
                 key: self.next_key.fetch_add(1, Ordering::Relaxed),
-                tensors: weights.graph_inputs(&self.bundle.manifest.lora).map_err(|source| AdapterFileError::Lora { adapter: adapter.manifest.id(), source })?,
+                tensors: weights
+                    .graph_inputs(&self.bundle.manifest.lora)
+                    .map_err(|source| AdapterFileError::Lora { adapter: adapter.manifest.id(), source })?,
             }),
             None => self.base_lora.clone(),
         };

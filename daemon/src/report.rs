@@ -110,7 +110,10 @@ fn task_section(html: &mut String, h: &TaskHistory) {
         let _ = writeln!(html, "<p class=\"warn\">{} unreadable journal line(s) skipped.</p>", h.unreadable_lines);
     }
     if !jobs.is_empty() {
-        let series_of = |name: &str, pick: &dyn Fn(&JobRecord) -> Option<f64>| Series { name: name.into(), points: jobs.iter().filter_map(|j| Some((j.version as f64, pick(j)?))).collect() };
+        let series_of = |name: &str, pick: &dyn Fn(&JobRecord) -> Option<f64>| Series {
+            name: name.into(),
+            points: jobs.iter().filter_map(|j| Some((j.version as f64, pick(j)?))).collect(),
+        };
         let accuracy = [
             series_of("candidate, holdout", &|j| Some(j.evidence.candidate.accuracy)),
             series_of("incumbent, holdout", &|j| Some(j.evidence.incumbent.accuracy)),
@@ -123,12 +126,18 @@ fn task_section(html: &mut String, h: &TaskHistory) {
         let finite = |v: f32| v.is_finite().then_some(v as f64);
         let steps: Vec<Series> = jobs
             .iter()
-            .map(|j| Series { name: format!("v{}", j.version), points: j.training.losses.iter().enumerate().filter_map(|(i, &l)| Some((i as f64 + 1.0, finite(l)?))).collect() })
+            .map(|j| Series {
+                name: format!("v{}", j.version),
+                points: j.training.losses.iter().enumerate().filter_map(|(i, &l)| Some((i as f64 + 1.0, finite(l)?))).collect(),
+            })
             .filter(|s| !s.points.is_empty())
             .collect();
         let epochs: Vec<Series> = jobs
             .iter()
-            .map(|j| Series { name: format!("v{}", j.version), points: j.training.epochs.iter().filter_map(|e| Some((e.epoch as f64 + 1.0, finite(e.val_loss)?))).collect() })
+            .map(|j| Series {
+                name: format!("v{}", j.version),
+                points: j.training.epochs.iter().filter_map(|e| Some((e.epoch as f64 + 1.0, finite(e.val_loss)?))).collect(),
+            })
             .filter(|s| !s.points.is_empty())
             .collect();
         html.push_str("<div class=\"row\"><div>\n<h3>Training loss per step</h3>\n");
@@ -164,7 +173,16 @@ struct Row {
 fn row(event: &Event) -> Row {
     let pct = |v: f64| format!("{:.1} %", 100.0 * v);
     let version = event.version().map(|v| format!("v{v}")).unwrap_or_default();
-    let plain = |what: String, class, why: String| Row { what, class, version: version.clone(), trigger: String::new(), accuracy: String::new(), retention: String::new(), training: String::new(), why };
+    let plain = |what: String, class, why: String| Row {
+        what,
+        class,
+        version: version.clone(),
+        trigger: String::new(),
+        accuracy: String::new(),
+        retention: String::new(),
+        training: String::new(),
+        why,
+    };
     match event {
         Event::Job(j) => Row {
             what: if j.promote { "promoted" } else { "rejected" }.into(),
@@ -176,10 +194,16 @@ fn row(event: &Event) -> Row {
             training: format!("{} on {} samples, {} epochs in {:.1} s", j.kind, j.samples.train, j.training.epochs.len(), j.training.seconds),
             why: j.summary.clone(),
         },
-        Event::RolledBack { from_version, to_version, reason, .. } => Row { version: format!("v{from_version} → v{to_version}"), ..plain("rolled back".into(), "warn", reason.clone()) },
+        Event::RolledBack { from_version, to_version, reason, .. } => {
+            Row { version: format!("v{from_version} → v{to_version}"), ..plain("rolled back".into(), "warn", reason.clone()) }
+        }
         // A step of an escalating job: information, not a refusal.
-        Event::TrainingAttempt { kind, seconds, reason, .. } => Row { training: format!("{kind} in {seconds:.1} s"), ..plain("training step".into(), "step", reason.clone()) },
-        Event::TrainingFailed { reason, .. } | Event::TrainingCancelled { reason, .. } | Event::TrainingDeferred { reason } => plain(event.kind().replace('_', " "), "no", reason.clone()),
+        Event::TrainingAttempt { kind, seconds, reason, .. } => {
+            Row { training: format!("{kind} in {seconds:.1} s"), ..plain("training step".into(), "step", reason.clone()) }
+        }
+        Event::TrainingFailed { reason, .. } | Event::TrainingCancelled { reason, .. } | Event::TrainingDeferred { reason } => {
+            plain(event.kind().replace('_', " "), "no", reason.clone())
+        }
         Event::Promoted { reason, .. } => plain("promoted".into(), "ok", reason.clone().unwrap_or_default()),
         other => plain(other.kind().replace('_', " "), "no", String::new()),
     }
@@ -247,7 +271,14 @@ pub fn line_chart(x_label: &str, y_label: &str, series: &[Series], y_range: Opti
     for i in 0..=4 {
         let y = y0 + (y1 - y0) * i as f64 / 4.0;
         let py = sy(y);
-        let _ = writeln!(svg, "<line x1=\"{l}\" x2=\"{}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>", WIDTH - r, l - 4.0, py + 4.0, tick(y));
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{l}\" x2=\"{}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+            WIDTH - r,
+            l - 4.0,
+            py + 4.0,
+            tick(y)
+        );
     }
     // Versions, steps and epochs are whole numbers: tick them as such.
     let whole = series.iter().flat_map(|s| s.points.iter()).all(|(x, _)| x.fract() == 0.0);
@@ -280,11 +311,24 @@ pub fn line_chart(x_label: &str, y_label: &str, series: &[Series], y_range: Opti
         let _ = writeln!(svg, "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.8\" points=\"{}\"/>", path.join(" "));
         if markers {
             for &(x, y) in s.points.iter().filter(|(x, y)| x.is_finite() && y.is_finite()) {
-                let _ = writeln!(svg, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"{color}\"><title>{}: {}</title></circle>", sx(x), sy(y), escape(&s.name), tick(y));
+                let _ = writeln!(
+                    svg,
+                    "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"{color}\"><title>{}: {}</title></circle>",
+                    sx(x),
+                    sy(y),
+                    escape(&s.name),
+                    tick(y)
+                );
             }
         }
         let ly = HEIGHT + 18.0 * i as f64 + 4.0;
-        let _ = writeln!(svg, "<rect x=\"{l}\" y=\"{ly}\" width=\"12\" height=\"10\" fill=\"{color}\"/><text x=\"{}\" y=\"{}\">{}</text>", l + 18.0, ly + 9.0, escape(&s.name));
+        let _ = writeln!(
+            svg,
+            "<rect x=\"{l}\" y=\"{ly}\" width=\"12\" height=\"10\" fill=\"{color}\"/><text x=\"{}\" y=\"{}\">{}</text>",
+            l + 18.0,
+            ly + 9.0,
+            escape(&s.name)
+        );
     }
     svg.push_str("</svg>\n");
     svg
@@ -306,7 +350,14 @@ pub fn bar_chart(groups: &[(String, Vec<(String, f64)>)]) -> String {
     for i in 0..=4 {
         let y = i as f64 / 4.0;
         let py = sy(y);
-        let _ = writeln!(svg, "<line x1=\"{l}\" x2=\"{}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>", WIDTH - r, l - 4.0, py + 4.0, tick(y));
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{l}\" x2=\"{}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+            WIDTH - r,
+            l - 4.0,
+            py + 4.0,
+            tick(y)
+        );
     }
     for (ci, cat) in categories.iter().enumerate() {
         let x = l + slot * ci as f64 + slot * 0.1;
@@ -331,14 +382,27 @@ pub fn bar_chart(groups: &[(String, Vec<(String, f64)>)]) -> String {
     let _ = writeln!(svg, "<line x1=\"{l}\" x2=\"{}\" y1=\"{y}\" y2=\"{y}\" stroke=\"#444\"/>", WIDTH - r, y = HEIGHT - b);
     for (gi, (name, _)) in groups.iter().enumerate() {
         let ly = HEIGHT + 18.0 * gi as f64 - 10.0;
-        let _ = writeln!(svg, "<rect x=\"{l}\" y=\"{ly}\" width=\"12\" height=\"10\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{}</text>", COLORS[gi % COLORS.len()], l + 18.0, ly + 9.0, escape(name));
+        let _ = writeln!(
+            svg,
+            "<rect x=\"{l}\" y=\"{ly}\" width=\"12\" height=\"10\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{}</text>",
+            COLORS[gi % COLORS.len()],
+            l + 18.0,
+            ly + 9.0,
+            escape(name)
+        );
     }
     svg.push_str("</svg>\n");
     svg
 }
 
 fn tick(v: f64) -> String {
-    if v.fract() == 0.0 && v.abs() < 1e6 { format!("{v:.0}") } else if v.abs() >= 10.0 { format!("{v:.1}") } else { format!("{v:.2}") }
+    if v.fract() == 0.0 && v.abs() < 1e6 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
 }
 
 fn escape(s: &str) -> String {
@@ -377,7 +441,8 @@ mod tests {
         // As the journal holds them: JSON lines.
         let job = |v: u64, promote: bool, acc: f64| {
             let class = |recall: f64| json!({ "precision": 1.0, "recall": recall, "f1": 0.5, "support": 10 });
-            let metrics = |acc: f64, r0: f64, r1: f64| json!({ "accuracy": acc, "macro_f1": acc, "samples": 20, "per_class": { "0": class(r0), "1": class(r1) } });
+            let metrics =
+                |acc: f64, r0: f64, r1: f64| json!({ "accuracy": acc, "macro_f1": acc, "samples": 20, "per_class": { "0": class(r0), "1": class(r1) } });
             json!({ "event": "job", "task": "sorter", "version": v, "incumbent_version": v - 1, "kind": "lora", "trigger": "new_samples", "promote": promote,
                 "summary": if promote { "promoted" } else { "rejected: <worse>" }, "time_ms": 1_795_000_000_000u64, "checks": [], "notes": [],
                 "evidence": { "candidate": metrics(acc, 0.9, 0.8), "incumbent": metrics(0.3, 0.2, 0.4), "retention": [0.99, 0.9], "finite": true, "probe_change": 0.5, "parity_max_diff": 0.0 },
@@ -385,7 +450,8 @@ mod tests {
                 "training": { "losses": [2.0, 1.0, 0.5], "epochs": [{ "epoch": 0, "train_loss": 1.5, "val_loss": 1.2, "val_accuracy": 0.5, "seconds": 0.1 }, { "epoch": 1, "train_loss": 0.9, "val_loss": 0.7, "val_accuracy": 0.7, "seconds": 0.1 }],
                               "seconds": 2.5, "best_epoch": 1, "stopped_early": false, "steps": 30, "batch_size": 16 } })
         };
-        let rolled_back = json!({ "event": "rolled_back", "task": "sorter", "from_version": 1, "to_version": 0, "reason": "operator", "by": "http", "time_ms": 0 });
+        let rolled_back =
+            json!({ "event": "rolled_back", "task": "sorter", "from_version": 1, "to_version": 0, "reason": "operator", "by": "http", "time_ms": 0 });
         let records = [job(1, true, 0.9), job(2, false, 0.85), rolled_back].into_iter().map(|v| serde_json::from_value(v).unwrap()).collect();
         let history = TaskHistory { task: "sorter".into(), records, unreadable_lines: 1 };
         let measured = Measured { title: "demo".into(), series: vec![Series { name: "rotated".into(), points: vec![(0.0, 0.2), (1.0, 0.9)] }] };

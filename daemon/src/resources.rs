@@ -92,13 +92,7 @@ impl Monitor {
             }
             None => (0.0, u64::MAX, 0),
         };
-        Reading {
-            cpu_percent,
-            available_mb,
-            total_mb,
-            temperatures_c: thermal_zones(&self.sysfs_root),
-            gpu_percent: jetson_gpu_load(&self.sysfs_root),
-        }
+        Reading { cpu_percent, available_mb, total_mb, temperatures_c: thermal_zones(&self.sysfs_root), gpu_percent: jetson_gpu_load(&self.sysfs_root) }
     }
 }
 
@@ -111,7 +105,8 @@ pub fn thermal_zones(sysfs_root: &Path) -> Vec<(String, f32)> {
         .filter(|e| e.file_name().to_string_lossy().starts_with("thermal_zone"))
         .filter_map(|e| {
             let temp = std::fs::read_to_string(e.path().join("temp")).ok()?.trim().parse::<f32>().ok()?;
-            let kind = std::fs::read_to_string(e.path().join("type")).map(|s| s.trim().to_string()).unwrap_or_else(|_| e.file_name().to_string_lossy().into_owned());
+            let kind =
+                std::fs::read_to_string(e.path().join("type")).map(|s| s.trim().to_string()).unwrap_or_else(|_| e.file_name().to_string_lossy().into_owned());
             Some((kind, temp / 1000.0))
         })
         .collect();

@@ -67,7 +67,8 @@ impl SplitPolicy {
     /// The split of an idempotency key: a pure function of the key and the policy.
     pub fn split_of(&self, key: &str) -> Split {
         let digest = Sha256::digest(key.as_bytes());
-        let bucket = (u64::from_le_bytes(digest[..8].try_into().expect("8 bytes")) % 100) as u8;
+        let d = &digest;
+        let bucket = (u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]) % 100) as u8;
         if bucket < self.validation_percent {
             Split::Validation
         } else if bucket < self.validation_percent + self.holdout_percent {
@@ -115,7 +116,10 @@ pub enum Inserted {
     /// The key was stored before: nothing changed.
     Duplicate,
     /// The key was stored before with another label (or task): the first one stands.
-    Conflict { kept_task: String, kept_label: String },
+    Conflict {
+        kept_task: String,
+        kept_label: String,
+    },
 }
 
 /// A clean close checkpoints and removes both `-wal` and `-shm`; a crash leaves both. An index
@@ -260,7 +264,20 @@ impl SampleStore {
                 let split = self.policy.split_of(&s.key);
                 let (kind, shape, bytes) = encode_input(&s.input);
                 let changed = insert
-                    .execute(params![s.key, s.task, s.label, split as i64, kind, shape, bytes, s.weight as f64, s.source, s.timestamp_ms, received, s.correction])
+                    .execute(params![
+                        s.key,
+                        s.task,
+                        s.label,
+                        split as i64,
+                        kind,
+                        shape,
+                        bytes,
+                        s.weight as f64,
+                        s.source,
+                        s.timestamp_ms,
+                        received,
+                        s.correction
+                    ])
                     .map_err(&err)?;
                 if changed == 1 {
                     label.execute(params![s.task, s.label, received]).map_err(&err)?;
@@ -321,7 +338,11 @@ impl SampleStore {
             };
             // As many of this class's rows as cover the excess, at its mean row size.
             let mean: f64 = tx
-                .query_row("SELECT AVG(length(input) + COALESCE(length(embedding), 0) + ?3) FROM samples WHERE task = ?1 AND label = ?2", params![task, label, ROW_OVERHEAD_BYTES], |r| r.get(0))
+                .query_row(
+                    "SELECT AVG(length(input) + COALESCE(length(embedding), 0) + ?3) FROM samples WHERE task = ?1 AND label = ?2",
+                    params![task, label, ROW_OVERHEAD_BYTES],
+                    |r| r.get(0),
+                )
                 .map_err(err)?;
             let needed = ((bytes - budget) as f64 / mean.max(1.0)).ceil() as i64;
             let take = needed.clamp(1, (n - reservoir as i64).min(256));
@@ -436,15 +457,15 @@ impl SampleStore {
 
     /// A named position the adapt loop keeps per task (e.g. the last sample a job started from).
     pub fn mark(&self, task: &str, name: &str) -> Result<Option<i64>, StoreError> {
-        self.conn
-            .query_row("SELECT value FROM marks WHERE task = ?1 AND name = ?2", params![task, name], |r| r.get(0))
-            .optional()
-            .map_err(self.err())
+        self.conn.query_row("SELECT value FROM marks WHERE task = ?1 AND name = ?2", params![task, name], |r| r.get(0)).optional().map_err(self.err())
     }
 
     pub fn set_mark(&mut self, task: &str, name: &str, value: i64) -> Result<(), StoreError> {
         self.conn
-            .execute("INSERT INTO marks (task, name, value) VALUES (?1, ?2, ?3) ON CONFLICT(task, name) DO UPDATE SET value = excluded.value", params![task, name, value])
+            .execute(
+                "INSERT INTO marks (task, name, value) VALUES (?1, ?2, ?3) ON CONFLICT(task, name) DO UPDATE SET value = excluded.value",
+                params![task, name, value],
+            )
             .map_err(self.err())?;
         Ok(())
     }
@@ -455,7 +476,16 @@ impl SampleStore {
         let input = decode_input(&r.input_kind, &r.input_shape, r.input).map_err(corrupt)?;
         Ok(StoredSample {
             id: r.id,
-            sample: Sample { key: r.key, task: r.task, label: r.label, input, weight: r.weight as f32, source: r.source, timestamp_ms: r.timestamp_ms, correction: r.correction },
+            sample: Sample {
+                key: r.key,
+                task: r.task,
+                label: r.label,
+                input,
+                weight: r.weight as f32,
+                source: r.source,
+                timestamp_ms: r.timestamp_ms,
+                correction: r.correction,
+            },
             split,
             received_ms: r.received_ms,
             embedding: r.embedding.map(|b| f32s_from_le(&b)),
@@ -463,7 +493,8 @@ impl SampleStore {
     }
 }
 
-const SELECT_SAMPLE: &str = "SELECT id, key, task, label, split, input_kind, input_shape, input, weight, source, timestamp_ms, received_ms, correction, embedding FROM samples";
+const SELECT_SAMPLE: &str =
+    "SELECT id, key, task, label, split, input_kind, input_shape, input, weight, source, timestamp_ms, received_ms, correction, embedding FROM samples";
 
 struct RawRow {
     id: i64,
@@ -505,7 +536,7 @@ fn encode_input(input: &SampleInput) -> (&'static str, String, Vec<u8>) {
     match input {
         SampleInput::Text(t) => ("text", "[]".into(), t.as_bytes().to_vec()),
         SampleInput::Tensor(t) => {
-            let shape = serde_json::to_string(&t.shape).expect("shape serializes");
+            let shape = format!("[{}]", t.shape.iter().map(usize::to_string).collect::<Vec<_>>().join(","));
             match &t.data {
                 HostData::F32(v) => ("f32", shape, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
                 HostData::I64(v) => ("i64", shape, v.iter().flat_map(|x| x.to_le_bytes()).collect()),

@@ -4,7 +4,6 @@
 //! the device's resources, serving latency, operator commands) and feeds it in; the scheduler
 //! answers with at most one action. Time is a number it is given, so tests run it on any clock.
 
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct SchedulerConfig {
     /// Train once this many new labelled samples arrived since the last job (0: off).
@@ -217,7 +216,17 @@ mod tests {
     }
 
     fn config() -> SchedulerConfig {
-        SchedulerConfig { min_new_samples: 10, interval_ms: 60_000, settle_ms: 0, drift_accuracy: 0.8, drift_min_samples: 5, cooldown_ms: 1_000, backoff_initial_ms: 2_000, backoff_max_ms: 5_000, latency_budget_ms: 50.0 }
+        SchedulerConfig {
+            min_new_samples: 10,
+            interval_ms: 60_000,
+            settle_ms: 0,
+            drift_accuracy: 0.8,
+            drift_min_samples: 5,
+            cooldown_ms: 1_000,
+            backoff_initial_ms: 2_000,
+            backoff_max_ms: 5_000,
+            latency_budget_ms: 50.0,
+        }
     }
 
     #[test]

@@ -11,17 +11,18 @@ use adaptd_adapters::bundle::Preprocessing;
 use adaptd_adapters::{AdapterStore, Bundle};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::api::mqtt::{self, MqttApiConfig};
 use crate::adapt::{self, AdaptConfig};
+use crate::api::mqtt::{self, MqttApiConfig};
 use crate::api::{Api, TaskControl, http};
-use crate::events::{self, Events, Journal};
-use crate::trainer::{Trainer, TrainerConfig};
+use crate::app::{Stage, Supervisor};
 use crate::config::Config;
 use crate::engine::{Engine, EngineConfig};
-use crate::preprocess::TextEncoder;
+use crate::events::{self, Events, Journal};
 use crate::ingest::{self, IngestConfig, IngestStats};
+use crate::preprocess::TextEncoder;
 use crate::registry::{Recovery, Registry};
 use crate::samples::{SampleStore, SplitPolicy};
+use crate::trainer::{Trainer, TrainerConfig};
 
 /// Shorter than the unit's `TimeoutStopSec=30`, so the daemon, not SIGKILL, ends a slow stop.
 pub const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
@@ -120,24 +121,15 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
         move || Engine::start(registry, engine_config)
     })
     .await??;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
+    let mut supervisor = Supervisor::new();
     let topics = adaptd_protocol::Topics::new(&config.topic_prefix, &config.device_id);
     let (events, events_rx) = Events::channel();
-    let events_task = tokio::spawn(events::publish(
-        events_rx,
-        config.mqtt.clone(),
-        format!("adaptd-events-{}", config.device_id),
-        topics.events(),
-        stopped(stop_rx.clone()),
-    ));
+    let publisher = events::publish(events_rx, config.mqtt.clone(), format!("adaptd-events-{}", config.device_id), topics.events(), supervisor.stopped());
+    supervisor.spawn_infallible(Stage::Outbound, "events", publisher);
 
     let traffic = Arc::new(crate::traffic::TrafficLog::default());
     // Training: one libtorch owner thread, one adaptation loop per task.
     let mut control = BTreeMap::new();
-    let mut adapt_tasks = Vec::new();
     let mut adapt_configs = BTreeMap::new();
     let trainer = if config.adapt.is_empty() {
         None
@@ -177,7 +169,8 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
                 new_samples: 0,
             });
             control.insert(adapt_config.task.clone(), TaskControl { commands: commands_tx, status: status_rx });
-            adapt_tasks.push(tokio::spawn(adapt::run(context.clone(), config_rx, commands_rx, status_tx, stopped(stop_rx.clone()))));
+            let task_loop = adapt::run(context.clone(), config_rx, commands_rx, status_tx, supervisor.stopped());
+            supervisor.spawn(Stage::Loops, format!("loop:{}", adapt_config.task), task_loop);
         }
         Some(trainer)
     };
@@ -197,21 +190,22 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
     if let Some(tx) = bound {
         let _ = tx.send(addr);
     }
-    let http_task = tokio::spawn(http::serve(listener, api.clone(), stopped(stop_rx.clone())));
+    supervisor.spawn(Stage::Intake, "http", http::serve(listener, api.clone(), supervisor.stopped()));
     // Operator commands over MQTT for the tasks that adapt (also through HTTP and the CLI).
-    let commands_task = match (config.mqtt.clone(), &config.mqtt_commands_key) {
-        (Some(broker), Some(key_file)) if !config.adapt.is_empty() => {
-            let verifier = crate::control::CommandVerifier::from_key_file(key_file, &config.device_id)?;
-            Some(tokio::spawn(crate::api::commands::run(api.clone(), broker, format!("adaptd-commands-{}", config.device_id), topics.clone(), verifier, events.clone(), stopped(stop_rx.clone()))))
-        }
-        _ => None,
-    };
-    let mqtt_task = config.mqtt.clone().filter(|_| config.mqtt_api).map(|broker| {
+    if let (Some(broker), Some(key_file)) = (config.mqtt.clone(), &config.mqtt_commands_key)
+        && !config.adapt.is_empty()
+    {
+        let verifier = crate::control::CommandVerifier::from_key_file(key_file, &config.device_id)?;
+        let client_id = format!("adaptd-commands-{}", config.device_id);
+        let commands = crate::api::commands::run(api.clone(), broker, client_id, topics.clone(), verifier, events.clone(), supervisor.stopped());
+        supervisor.spawn_infallible(Stage::Intake, "mqtt-commands", commands);
+    }
+    if let Some(broker) = config.mqtt.clone().filter(|_| config.mqtt_api) {
         let mqtt_config = MqttApiConfig { broker, client_id: format!("adaptd-{}", config.device_id), topics: topics.clone() };
-        tokio::spawn(mqtt::run(api.clone(), mqtt_config, stopped(stop_rx.clone())))
-    });
-    let ingest_task = match (&config.mqtt, config.tasks.is_empty()) {
-        (Some(broker), false) => {
+        supervisor.spawn_infallible(Stage::Intake, "mqtt-inference", mqtt::run(api.clone(), mqtt_config, supervisor.stopped()));
+    }
+    if let (Some(broker), false) = (&config.mqtt, config.tasks.is_empty()) {
+        {
             let store = SampleStore::open(&config.state_dir.join(crate::samples::STORE_FILE), config.split)?;
             let ingest_config = IngestConfig {
                 broker: broker.clone(),
@@ -221,19 +215,20 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
                 max_payload_bytes: config.ingest_max_payload_bytes,
             };
             let (manifest, tasks) = (Arc::new(bundle.manifest.clone()), Arc::new(config.tasks.clone()));
-            Some(tokio::spawn(ingest::supervise(ingest_config, Arc::new(Mutex::new(store)), manifest, tasks, ingest_stats.clone(), stopped(stop_rx.clone()))))
+            let ingest = ingest::supervise(ingest_config, Arc::new(Mutex::new(store)), manifest, tasks, ingest_stats.clone(), supervisor.stopped());
+            supervisor.spawn_infallible(Stage::Intake, "ingest", ingest);
         }
-        _ => None,
-    };
+    }
 
     // The engine warmed up before we listened: ready now, not when the broker answers.
     crate::systemd::notify_or_log(&format!("READY=1\nSTATUS=serving {} task(s) on http://{addr}", registry.tasks().len()));
-    let watchdog_task = crate::systemd::watchdog_interval().map(|every| {
-        let (engine, mut stop) = (engine.handle.clone(), stop_rx.clone());
-        tokio::spawn(async move {
+    if let Some(every) = crate::systemd::watchdog_interval() {
+        let (engine, stop) = (engine.handle.clone(), supervisor.stopped());
+        supervisor.spawn_infallible(Stage::Intake, "watchdog", async move {
+            tokio::pin!(stop);
             let mut tick = tokio::time::interval(every);
             loop {
-                tokio::select! { _ = stop.wait_for(|s| *s) => return, _ = tick.tick() => {} }
+                tokio::select! { _ = &mut stop => return, _ = tick.tick() => {} }
                 // Fed only while the engine's owner thread answers: a wedged engine gets the
                 // service restarted by systemd instead of serving nothing forever.
                 if engine.heartbeat(every).await {
@@ -242,20 +237,27 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
                     tracing::error!("engine heartbeat missed; not feeding the systemd watchdog");
                 }
             }
-        })
-    });
-
-    let reload_task = tokio::spawn(reload_on_sighup(config.reload_from.clone(), adapt_configs, events.clone(), stopped(stop_rx.clone())));
+        });
+    }
+    let reload = reload_on_sighup(config.reload_from.clone(), adapt_configs, events.clone(), supervisor.stopped());
+    supervisor.spawn_infallible(Stage::Intake, "reload", reload);
 
     shutdown.await;
-    reload_task.abort();
     tracing::info!(deadline_s = config.shutdown_deadline.as_secs(), "shutting down");
     crate::systemd::notify_or_log("STOPPING=1");
-    let _ = stop_tx.send(true);
-    let stopping = stop_in_order(http_task, mqtt_task, commands_task, ingest_task, adapt_tasks, events_task, watchdog_task, trainer, engine);
-    match tokio::time::timeout(config.shutdown_deadline, stopping).await {
-        Ok(result) => result,
-        Err(_) => anyhow::bail!("shutdown took longer than {} s; exiting with work unfinished (acked samples are already durable)", config.shutdown_deadline.as_secs()),
+    let started = std::time::Instant::now();
+    supervisor.stop(config.shutdown_deadline).await.map_err(|e| anyhow::anyhow!("{e}; exiting with work unfinished (acked samples are already durable)"))?;
+    // The runtimes last: the loops cancelled their jobs, and no request can reach the engine.
+    let left = config.shutdown_deadline.saturating_sub(started.elapsed());
+    let runtimes = async move {
+        if let Some(trainer) = trainer.and_then(|t| Arc::try_unwrap(t).ok()) {
+            tokio::task::spawn_blocking(move || trainer.shutdown()).await?;
+        }
+        tokio::task::spawn_blocking(move || engine.shutdown()).await
+    };
+    match tokio::time::timeout(left, runtimes).await {
+        Ok(result) => Ok(result?),
+        Err(_) => anyhow::bail!("shutdown took longer than {} s; still running: trainer or engine", config.shutdown_deadline.as_secs()),
     }
 }
 
@@ -269,13 +271,10 @@ pub fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<StateLock> {
     use std::os::fd::AsRawFd;
     std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("state directory {}: {e} (it must be writable by the daemon's user)", dir.display()))?;
     let path = dir.join("adaptd.lock");
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(|e| anyhow::anyhow!("state directory {}: cannot write {}: {e} (it must be writable by the daemon's user)", dir.display(), path.display()))?;
+    let mut file =
+        std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).map_err(|e| {
+            anyhow::anyhow!("state directory {}: cannot write {}: {e} (it must be writable by the daemon's user)", dir.display(), path.display())
+        })?;
     // SAFETY: flock on a descriptor this function owns; no memory is shared.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let holder = std::fs::read_to_string(&path).unwrap_or_default();
@@ -289,7 +288,12 @@ pub fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<StateLock> {
 /// SIGHUP: re-read the configuration file; `[training]`, `[schedule]` and `[gate]` apply to each
 /// task's loop from its next tick; anything else is reported as needing a restart. A file that
 /// does not load is refused with its error, and the running configuration stays.
-async fn reload_on_sighup(mut from: Option<(PathBuf, Config)>, loops: BTreeMap<String, watch::Sender<AdaptConfig>>, events: Events, stop: impl Future<Output = ()>) {
+async fn reload_on_sighup(
+    mut from: Option<(PathBuf, Config)>,
+    loops: BTreeMap<String, watch::Sender<AdaptConfig>>,
+    events: Events,
+    stop: impl Future<Output = ()>,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP; configuration reload is off");
@@ -314,7 +318,13 @@ async fn reload_on_sighup(mut from: Option<(PathBuf, Config)>, loops: BTreeMap<S
                     if !needs_restart.is_empty() {
                         tracing::warn!(?needs_restart, "SIGHUP: these changed but apply only after a restart");
                     }
-                    events.emit("", adaptd_protocol::Event::ConfigReloaded { applied: ["training", "schedule", "gate"].map(String::from).to_vec(), needs_restart: needs_restart.iter().map(|k| k.to_string()).collect() });
+                    events.emit(
+                        "",
+                        adaptd_protocol::Event::ConfigReloaded {
+                            applied: ["training", "schedule", "gate"].map(String::from).to_vec(),
+                            needs_restart: needs_restart.iter().map(|k| k.to_string()).collect(),
+                        },
+                    );
                     // What runs is the old value of restart-only keys: keep diffing against it.
                     let (training, schedule, gate) = (new.training, new.schedule, new.gate);
                     let keep = (running.training.device, running.training.threads);
@@ -327,49 +337,4 @@ async fn reload_on_sighup(mut from: Option<(PathBuf, Config)>, loops: BTreeMap<S
         }
         crate::systemd::notify_or_log("READY=1");
     }
-}
-
-/// Stop the parts in dependency order: no new requests or samples, then the loops (which cancel
-/// their jobs and discard the candidates), then the trainer and the engine.
-#[allow(clippy::too_many_arguments)]
-async fn stop_in_order(
-    http_task: tokio::task::JoinHandle<std::io::Result<()>>,
-    mqtt_task: Option<tokio::task::JoinHandle<()>>,
-    commands_task: Option<tokio::task::JoinHandle<()>>,
-    ingest_task: Option<tokio::task::JoinHandle<()>>,
-    adapt_tasks: Vec<tokio::task::JoinHandle<Result<(), adapt::AdaptError>>>,
-    events_task: tokio::task::JoinHandle<()>,
-    watchdog_task: Option<tokio::task::JoinHandle<()>>,
-    trainer: Option<Arc<Trainer>>,
-    engine: Engine,
-) -> anyhow::Result<()> {
-    if let Some(t) = watchdog_task {
-        let _ = t.await;
-    }
-    if let Err(e) = http_task.await? {
-        tracing::warn!(error = %e, "HTTP server stopped with an error");
-    }
-    if let Some(t) = mqtt_task {
-        t.await?;
-    }
-    if let Some(t) = commands_task {
-        t.await?;
-    }
-    if let Some(t) = ingest_task {
-        t.await?;
-    }
-    for t in adapt_tasks {
-        if let Err(e) = t.await? {
-            tracing::error!(error = %e, "adaptation loop stopped with an error");
-        }
-    }
-    let _ = events_task.await;
-    if let Some(trainer) = trainer {
-        // The loops cancelled their jobs; nothing else holds the trainer now.
-        if let Ok(trainer) = Arc::try_unwrap(trainer) {
-            tokio::task::spawn_blocking(move || trainer.shutdown()).await?;
-        }
-    }
-    tokio::task::spawn_blocking(move || engine.shutdown()).await?;
-    Ok(())
 }

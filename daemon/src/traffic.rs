@@ -131,7 +131,11 @@ impl BaseDomainDetector {
             return None;
         }
         let (reference, held_out): (Vec<&Observed>, Vec<&Observed>) = retention.iter().enumerate().fold((Vec::new(), Vec::new()), |(mut r, mut h), (i, o)| {
-            if i % 2 == 0 { r.push(o) } else { h.push(o) }
+            if i % 2 == 0 {
+                r.push(o)
+            } else {
+                h.push(o)
+            }
             (r, h)
         });
         let radii = |distances: Vec<f32>| LEVELS.iter().map(|&q| percentile(distances.clone(), q)).collect::<Vec<f32>>();

@@ -88,8 +88,19 @@ pub struct JobHandle {
 }
 
 enum Command {
-    Fit { job: Box<TrainJob>, cancel: Arc<AtomicBool>, pause: Arc<AtomicBool>, progress: mpsc::UnboundedSender<Progress>, reply: oneshot::Sender<Result<FitReport, TrainError>> },
-    Predict { inputs: Vec<HostTensor>, lora: Option<LoraWeights>, head: Head, reply: oneshot::Sender<Result<Vec<f32>, TrainError>> },
+    Fit {
+        job: Box<TrainJob>,
+        cancel: Arc<AtomicBool>,
+        pause: Arc<AtomicBool>,
+        progress: mpsc::UnboundedSender<Progress>,
+        reply: oneshot::Sender<Result<FitReport, TrainError>>,
+    },
+    Predict {
+        inputs: Vec<HostTensor>,
+        lora: Option<LoraWeights>,
+        head: Head,
+        reply: oneshot::Sender<Result<Vec<f32>, TrainError>>,
+    },
     Stop,
 }
 
@@ -146,7 +157,7 @@ impl Trainer {
                     }
                 }
             })
-            .expect("spawn the trainer thread");
+            .map_err(|e| TrainerError::Train(TrainError::Data(format!("cannot start the trainer thread: {e}"))))?;
         match loaded_rx.recv() {
             Ok(Ok(())) => Ok(Trainer { tx, thread: Some(thread), device: format!("{device:?}").to_lowercase() }),
             Ok(Err(e)) => {
@@ -197,7 +208,13 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, TrainError>) -> Result<T, TrainError
     })
 }
 
-fn run_fit(graph: &TrainingGraph, job: &TrainJob, cancel: &AtomicBool, pause: &AtomicBool, progress: &mpsc::UnboundedSender<Progress>) -> Result<FitReport, TrainError> {
+fn run_fit(
+    graph: &TrainingGraph,
+    job: &TrainJob,
+    cancel: &AtomicBool,
+    pause: &AtomicBool,
+    progress: &mpsc::UnboundedSender<Progress>,
+) -> Result<FitReport, TrainError> {
     let target = match job.kind {
         JobKind::Head => FitTarget::Head { device: graph.device() },
         JobKind::Lora { rank, alpha } => FitTarget::Lora { graph, rank, alpha },
@@ -220,9 +237,10 @@ fn predict(graph: &TrainingGraph, inputs: &[HostTensor], lora: Option<&LoraWeigh
         None => adaptd_adapters::lora::no_adapter_inputs(&manifest.lora),
     };
     let outputs = graph.forward_host(inputs, &lora_inputs)?;
-    let emb = &outputs[manifest.output_index(&manifest.embedding_output).expect("manifest checked")];
-    let rows = emb.shape[0];
-    let mut scores = head.forward(emb.as_f32().expect("f32 embedding"), rows);
+    let no_embedding = || TrainError::Output("the training graph gave no f32 embedding".into());
+    let emb = manifest.output_index(&manifest.embedding_output).and_then(|i| outputs.get(i)).ok_or_else(no_embedding)?;
+    let rows = emb.shape.first().copied().unwrap_or(0);
+    let mut scores = head.forward(emb.as_f32().ok_or_else(no_embedding)?, rows);
     softmax_rows(&mut scores, head.classes());
     Ok(scores)
 }

@@ -82,10 +82,28 @@ pub struct JobRecord {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// A payload on a samples topic that cannot be a sample (acknowledged, counted, not stored).
-    SampleRefused { topic: String, reason: String, message: String },
+    SampleRefused {
+        topic: String,
+        reason: String,
+        message: String,
+    },
     /// The task's samples went over `ingest.max_mb_per_task`.
-    SamplesEvicted { evicted: u64, bytes: u64, budget_bytes: u64, at_reservoir: bool },
-    TrainingStarted { version: u64, kind: String, trigger: Trigger, device: String, samples: SampleCounts, labels: Vec<String>, notes: Vec<String>, escalation: Vec<String> },
+    SamplesEvicted {
+        evicted: u64,
+        bytes: u64,
+        budget_bytes: u64,
+        at_reservoir: bool,
+    },
+    TrainingStarted {
+        version: u64,
+        kind: String,
+        trigger: Trigger,
+        device: String,
+        samples: SampleCounts,
+        labels: Vec<String>,
+        notes: Vec<String>,
+        escalation: Vec<String>,
+    },
     TrainingProgress {
         version: u64,
         kind: String,
@@ -119,10 +137,25 @@ pub enum Event {
         val_accuracy: f32,
         until: f64,
     },
-    TrainingFinished { version: u64, seconds: f64, epochs: usize, best_epoch: usize, stopped_early: bool, samples_per_second: f64, batch_size: usize },
-    TrainingPaused { version: u64, reason: String },
-    TrainingResumed { version: u64 },
-    TrainingDeferred { reason: String },
+    TrainingFinished {
+        version: u64,
+        seconds: f64,
+        epochs: usize,
+        best_epoch: usize,
+        stopped_early: bool,
+        samples_per_second: f64,
+        batch_size: usize,
+    },
+    TrainingPaused {
+        version: u64,
+        reason: String,
+    },
+    TrainingResumed {
+        version: u64,
+    },
+    TrainingDeferred {
+        reason: String,
+    },
     TrainingFailed {
         version: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -130,7 +163,10 @@ pub enum Event {
         error_type: String,
         reason: String,
     },
-    TrainingCancelled { version: u64, reason: String },
+    TrainingCancelled {
+        version: u64,
+        reason: String,
+    },
     /// The gate decided (the training summary without its curves).
     GateDecision(JobRecord),
     /// The journal's record of a job: the gate's decision with the loss curves (journal only).
@@ -148,12 +184,36 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
     },
-    RolledBack { from_version: u64, to_version: u64, reason: String, by: String },
-    Pinned { version: u64, by: String },
-    WatchPassed { version: u64, fresh_samples: u64, accuracy: f64, previous_accuracy: f64 },
-    ConfigReloaded { applied: Vec<String>, needs_restart: Vec<String> },
-    ConfigRefused { reason: String },
-    CommandResult { command: String, ok: bool, by: String, message: String, via: String },
+    RolledBack {
+        from_version: u64,
+        to_version: u64,
+        reason: String,
+        by: String,
+    },
+    Pinned {
+        version: u64,
+        by: String,
+    },
+    WatchPassed {
+        version: u64,
+        fresh_samples: u64,
+        accuracy: f64,
+        previous_accuracy: f64,
+    },
+    ConfigReloaded {
+        applied: Vec<String>,
+        needs_restart: Vec<String>,
+    },
+    ConfigRefused {
+        reason: String,
+    },
+    CommandResult {
+        command: String,
+        ok: bool,
+        by: String,
+        message: String,
+        via: String,
+    },
 }
 
 impl Event {

@@ -28,13 +28,25 @@ pub enum SchedulerState {
     /// Nothing new to learn from.
     Idle,
     /// New samples are arriving; not enough to train yet (or the device is busy).
-    Collecting { waiting_for: String },
-    Training { trigger: Trigger, since_ms: u64, paused: bool },
+    Collecting {
+        waiting_for: String,
+    },
+    Training {
+        trigger: Trigger,
+        since_ms: u64,
+        paused: bool,
+    },
     /// The job finished; the gate is deciding.
     Validating,
-    Cooldown { until_ms: u64 },
+    Cooldown {
+        until_ms: u64,
+    },
     /// The last job failed; the next try waits.
-    Backoff { until_ms: u64, failures: u32, reason: String },
+    Backoff {
+        until_ms: u64,
+        failures: u32,
+        reason: String,
+    },
 }
 
 impl SchedulerState {

@@ -52,7 +52,13 @@ impl Topics {
 
     /// The task a topic of `channel` names; None for any other topic (or a task with a `/`).
     pub fn task_of<'t>(&self, channel: Channel, topic: &'t str) -> Option<&'t str> {
-        let task = topic.strip_prefix(&self.prefix)?.strip_prefix('/')?.strip_prefix(&self.device)?.strip_prefix('/')?.strip_prefix(channel.segment())?.strip_prefix('/')?;
+        let task = topic
+            .strip_prefix(&self.prefix)?
+            .strip_prefix('/')?
+            .strip_prefix(&self.device)?
+            .strip_prefix('/')?
+            .strip_prefix(channel.segment())?
+            .strip_prefix('/')?;
         (!task.is_empty() && !task.contains('/')).then_some(task)
     }
 

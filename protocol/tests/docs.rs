@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 //! `docs/protocol.md` lists every event with every field it carries, and nothing else: its
 //! events table is read here and held to the `Event` enum through one example of each kind.
 
@@ -17,7 +18,16 @@ fn job() -> JobRecord {
         promote: true,
         summary: "promoted".into(),
         checks: vec![Check { name: "retention".into(), passed: true, detail: "ok".into() }],
-        evidence: Evidence { candidate: metrics.clone(), incumbent: metrics, retention: Some((0.99, 0.98)), base_traffic_share: Some((0.3, 256)), base_routed: Some(0.2), finite: true, probe_change: 0.4, parity_max_diff: 1e-6 },
+        evidence: Evidence {
+            candidate: metrics.clone(),
+            incumbent: metrics,
+            retention: Some((0.99, 0.98)),
+            base_traffic_share: Some((0.3, 256)),
+            base_routed: Some(0.2),
+            finite: true,
+            probe_change: 0.4,
+            parity_max_diff: 1e-6,
+        },
         notes: vec!["chosen by validation".into()],
         samples: SampleCounts { train: 900, validation: 100, holdout: 100 },
         training: TrainingSummary { best_epoch: 3, stopped_early: true, steps: 400, batch_size: 16, seconds: 2.5, epochs: Vec::new(), losses: Vec::new() },
@@ -31,7 +41,16 @@ fn examples() -> Vec<Event> {
     vec![
         Event::SampleRefused { topic: s(), reason: s(), message: s() },
         Event::SamplesEvicted { evicted: 1, bytes: 2, budget_bytes: 3, at_reservoir: false },
-        Event::TrainingStarted { version: 1, kind: s(), trigger: Trigger::NewSamples, device: s(), samples: SampleCounts::default(), labels: vec![], notes: vec![], escalation: vec![] },
+        Event::TrainingStarted {
+            version: 1,
+            kind: s(),
+            trigger: Trigger::NewSamples,
+            device: s(),
+            samples: SampleCounts::default(),
+            labels: vec![],
+            notes: vec![],
+            escalation: vec![],
+        },
         Event::TrainingProgress { version: 1, kind: s(), epoch: 1, epochs: 2, step: 3, steps: 4, loss: 0.5, eta_s: 1.0 },
         Event::TrainingAttempt { version: 1, step: 1, steps: 3, kind: s(), val_accuracy: 0.5, val_loss: 0.7, seconds: 1.0, best_so_far: true, reason: s() },
         Event::TrainingEscalated { version: 1, from: s(), to: s(), val_accuracy: 0.5, until: 0.98 },

@@ -80,7 +80,11 @@ impl EventLog {
             if let Some(failed) = self.events().into_iter().find(|e| e["event"] == "training_failed") {
                 panic!("waiting for {kind:?}: {failed}");
             }
-            assert!(Instant::now() < deadline, "no {kind:?} event in {timeout:?}; saw {:?}", self.events().iter().map(|e| e["event"].clone()).collect::<Vec<_>>());
+            assert!(
+                Instant::now() < deadline,
+                "no {kind:?} event in {timeout:?}; saw {:?}",
+                self.events().iter().map(|e| e["event"].clone()).collect::<Vec<_>>()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -143,7 +147,13 @@ async fn start_daemon_with(task: &str, min_new_samples: u64, edit: impl FnOnce(&
     edit(&mut config);
     let (stop, stopped) = oneshot::channel::<()>();
     let (bound_tx, bound_rx) = oneshot::channel();
-    let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
+    let daemon = tokio::spawn(adaptd::serve::run(
+        config,
+        async {
+            let _ = stopped.await;
+        },
+        Some(bound_tx),
+    ));
     let base = format!("http://{}", bound_rx.await.unwrap());
     Running { broker, state, events, base, stop, daemon }
 }
@@ -203,7 +213,13 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
 
     // Prometheus sees it too.
     let metrics = String::from_utf8(Command::new("curl").args(["-s", &format!("{base}/metrics")]).output().unwrap().stdout).unwrap();
-    for line in ["adaptd_adapter_active_version{task=\"sorter\"} 1", "adaptd_training_jobs_total{task=\"sorter\",outcome=\"promoted\"} 1", "adaptd_samples_ingested_total 360", "adaptd_engine_ready 1", "adaptd_ingest_connected 1"] {
+    for line in [
+        "adaptd_adapter_active_version{task=\"sorter\"} 1",
+        "adaptd_training_jobs_total{task=\"sorter\",outcome=\"promoted\"} 1",
+        "adaptd_samples_ingested_total 360",
+        "adaptd_engine_ready 1",
+        "adaptd_ingest_connected 1",
+    ] {
         assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
     }
     assert!(metrics.contains("adaptd_request_latency_seconds_bucket{le=\"+Inf\"}") && metrics.contains("adaptd_device_memory_total_bytes"));
@@ -248,7 +264,8 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
     let rollback_url = format!("{base}/v1/tasks/sorter/rollback");
     let (code, answer) = http("POST", &rollback_url);
     assert_eq!((code, answer["error"].as_str()), (401, Some("unauthorized")), "{answer}");
-    let (code, answer) = http_with("POST", &format!("{base}/v1/tasks/sorter/pin/0"), &["Origin: http://evil.example".into(), "Content-Type: text/plain".into(), bearer.clone()]);
+    let (code, answer) =
+        http_with("POST", &format!("{base}/v1/tasks/sorter/pin/0"), &["Origin: http://evil.example".into(), "Content-Type: text/plain".into(), bearer.clone()]);
     assert_eq!((code, answer["error"].as_str()), (403, Some("cross_origin")), "{answer}");
     let (code, answer) = http_with("POST", &rollback_url, &["Host: evil.example".into(), bearer.clone()]);
     assert_eq!((code, answer["error"].as_str()), (403, Some("bad_host")), "{answer}");
@@ -385,7 +402,13 @@ async fn operators_command_over_mqtt_with_signed_messages_and_read_the_answers_a
     config.mqtt_commands_key = Some(key_file);
     let (stop, stopped) = oneshot::channel::<()>();
     let (bound_tx, bound_rx) = oneshot::channel();
-    let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
+    let daemon = tokio::spawn(adaptd::serve::run(
+        config,
+        async {
+            let _ = stopped.await;
+        },
+        Some(bound_tx),
+    ));
     bound_rx.await.unwrap();
     let port = broker.port;
     let signed = |command: &str, version: Option<u64>, key: &[u8]| {
@@ -447,7 +470,13 @@ async fn a_task_over_its_disk_budget_evicts_samples_and_says_so() {
     config.adapt[0].reservoir_per_class = 2;
     let (stop, stopped) = oneshot::channel::<()>();
     let (bound_tx, bound_rx) = oneshot::channel();
-    let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
+    let daemon = tokio::spawn(adaptd::serve::run(
+        config,
+        async {
+            let _ = stopped.await;
+        },
+        Some(bound_tx),
+    ));
     let client = adaptd::client::Client::new(bound_rx.await.unwrap());
     let digits = Digits::load(&digits_data()).unwrap();
     let lines = digit_lines(&digits, digits.held_out().iter().copied().take(80), "b", "tiny", Shift::None);
@@ -475,7 +504,13 @@ async fn a_daemon_whose_broker_is_gone_stops_promptly() {
     let config = daemon_config(crate::broker::free_port(), state.path(), "sorter", 300);
     let (stop, stopped) = oneshot::channel::<()>();
     let (bound_tx, bound_rx) = oneshot::channel();
-    let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
+    let daemon = tokio::spawn(adaptd::serve::run(
+        config,
+        async {
+            let _ = stopped.await;
+        },
+        Some(bound_tx),
+    ));
     bound_rx.await.unwrap();
     // Retries at 0.1, 0.2, 0.4 ... s: after 7 s each part is in a sleep of 3-6 s.
     tokio::time::sleep(Duration::from_secs(7)).await;
@@ -496,7 +531,11 @@ async fn a_steady_stream_does_not_starve_training() {
     let port = broker.port;
     let (started_after, deferred) = tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_millis(500));
-        let mut p = Command::new("mosquitto_pub").args(["-p", &port.to_string(), "-q", "1", "-t", "adaptd/v1/robot-3/samples/sorter", "-l"]).stdin(Stdio::piped()).spawn().unwrap();
+        let mut p = Command::new("mosquitto_pub")
+            .args(["-p", &port.to_string(), "-q", "1", "-t", "adaptd/v1/robot-3/samples/sorter", "-l"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
         let mut stdin = p.stdin.take().unwrap();
         let t0 = Instant::now();
         let mut started_after = None;
@@ -538,7 +577,8 @@ async fn the_retention_bound_follows_how_much_of_the_traffic_is_still_base_domai
     mixed.extend(digit_lines(&digits, pool.iter().copied().skip(240).take(120), "up", "sorter", Shift::None));
     let mut decisions = Vec::new();
     for (lines, policy) in [(sideways.clone(), RetentionPolicy::Traffic), (sideways, RetentionPolicy::Base), (mixed, RetentionPolicy::Traffic)] {
-        let Running { broker, state: _state, events, base: _, stop, daemon } = start_daemon_with("sorter", 300, |c| c.adapt[0].gate = GateConfig { retention: policy, ..GateConfig::default() }).await;
+        let Running { broker, state: _state, events, base: _, stop, daemon } =
+            start_daemon_with("sorter", 300, |c| c.adapt[0].gate = GateConfig { retention: policy, ..GateConfig::default() }).await;
         let port = broker.port;
         let decision = tokio::task::spawn_blocking(move || {
             std::thread::sleep(Duration::from_millis(500));
@@ -612,6 +652,9 @@ async fn a_job_escalates_from_a_head_to_lora_while_validation_improves() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert!(journal.contains("\"job\"") && journal.matches("\"training_attempt\"").count() == attempts.len(), "every attempt and the decision are journalled: {journal}");
+    assert!(
+        journal.contains("\"job\"") && journal.matches("\"training_attempt\"").count() == attempts.len(),
+        "every attempt and the decision are journalled: {journal}"
+    );
     shut_down(stop, daemon).await;
 }

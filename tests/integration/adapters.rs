@@ -123,7 +123,9 @@ fn peft_configs_adaptd_cannot_serve_are_refused_by_name() {
     adapter.write_dir(dir.path()).unwrap();
     let config_path = dir.path().join("adapter_config.json");
     let config: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
-    for (key, value, expect) in [("use_dora", serde_json::json!(true), "use_dora"), ("peft_type", serde_json::json!("IA3"), "IA3"), ("bias", serde_json::json!("all"), "bias")] {
+    for (key, value, expect) in
+        [("use_dora", serde_json::json!(true), "use_dora"), ("peft_type", serde_json::json!("IA3"), "IA3"), ("bias", serde_json::json!("all"), "bias")]
+    {
         let mut c = config.clone();
         c[key] = value;
         std::fs::write(&config_path, serde_json::to_vec(&c).unwrap()).unwrap();

@@ -59,7 +59,9 @@ async fn http_predicts_and_refuses_bad_requests_with_reasons() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(http::serve(listener, served.api.clone(), async { let _ = stopped.await; }));
+    let server = tokio::spawn(http::serve(listener, served.api.clone(), async {
+        let _ = stopped.await;
+    }));
 
     let body = digit_json();
     let base2 = base.clone();
@@ -71,7 +73,8 @@ async fn http_predicts_and_refuses_bad_requests_with_reasons() {
         let unknown = curl(&[&json[..], &["--data", &body, &url("/v1/tasks/nobody/predict")]].concat());
         let garbage = curl(&[&json[..], &["--data", "{\"inputs\": ", &url("/v1/tasks/sorter/predict")]].concat());
         let unknown_field = curl(&[&json[..], &["--data", "{\"inputz\": {}}", &url("/v1/tasks/sorter/predict")]].concat());
-        let wrong_shape = curl(&[&json[..], &["--data", "{\"inputs\": {\"image\": {\"shape\": [1, 8, 8], \"data\": []}}}", &url("/v1/tasks/sorter/predict")]].concat());
+        let wrong_shape =
+            curl(&[&json[..], &["--data", "{\"inputs\": {\"image\": {\"shape\": [1, 8, 8], \"data\": []}}}", &url("/v1/tasks/sorter/predict")]].concat());
         let big = "x".repeat(70 * 1024);
         let too_large = curl(&[&json[..], &["--data", &big, &url("/v1/tasks/sorter/predict")]].concat());
         let media = curl(&["-H", "content-type: image/gif", "--data", "GIF89a", &url("/v1/tasks/sorter/predict")]);
@@ -136,9 +139,15 @@ fn mqtt_request(port: u16, topic: &str, reply: &str, payload: &[u8], content_typ
 async fn mqtt_v5_request_response_through_mosquitto() {
     let broker = Mosquitto::start();
     let served = serve_digits(64 * 1024);
-    let config = MqttApiConfig { broker: adaptd::broker::BrokerConnection::plain("127.0.0.1", broker.port), client_id: "adaptd-test".into(), topics: adaptd_protocol::Topics::new("adaptd/v1", "robot-7") };
+    let config = MqttApiConfig {
+        broker: adaptd::broker::BrokerConnection::plain("127.0.0.1", broker.port),
+        client_id: "adaptd-test".into(),
+        topics: adaptd_protocol::Topics::new("adaptd/v1", "robot-7"),
+    };
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(mqtt::run(served.api.clone(), config, async { let _ = stopped.await; }));
+    let task = tokio::spawn(mqtt::run(served.api.clone(), config, async {
+        let _ = stopped.await;
+    }));
 
     let port = broker.port;
     let (ok, bad, binary, big_ok, too_big) = tokio::task::spawn_blocking(move || {
@@ -197,7 +206,13 @@ async fn the_serving_process_recovers_its_adapters_and_shuts_down_cleanly() {
     config.http = "127.0.0.1:0".parse().unwrap();
     let (bound_tx, bound_rx) = oneshot::channel();
     let (stop, stopped) = oneshot::channel::<()>();
-    let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
+    let daemon = tokio::spawn(adaptd::serve::run(
+        config,
+        async {
+            let _ = stopped.await;
+        },
+        Some(bound_tx),
+    ));
     let addr = bound_rx.await.expect("the daemon listens");
 
     let answers = tokio::task::spawn_blocking(move || {
@@ -209,8 +224,8 @@ async fn the_serving_process_recovers_its_adapters_and_shuts_down_cleanly() {
     })
     .await
     .unwrap();
-    assert_eq!(answers.0 .1["predictions"][0]["adapter"], "sorter@v1", "fell back past the damaged v2: {}", answers.0 .1);
-    assert_eq!(answers.1 .1["predictions"][0]["adapter"], "digits-cnn@v0", "{}", answers.1 .1);
+    assert_eq!(answers.0.1["predictions"][0]["adapter"], "sorter@v1", "fell back past the damaged v2: {}", answers.0.1);
+    assert_eq!(answers.1.1["predictions"][0]["adapter"], "digits-cnn@v0", "{}", answers.1.1);
 
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(10), daemon).await.expect("shuts down in time").unwrap().unwrap();

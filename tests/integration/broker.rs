@@ -13,11 +13,7 @@ pub struct Mosquitto {
 }
 
 fn mosquitto_binary() -> PathBuf {
-    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-        .expect("mosquitto is not installed: run `make setup`")
+    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"].iter().map(PathBuf::from).find(|p| p.is_file()).expect("mosquitto is not installed: run `make setup`")
 }
 
 pub fn free_port() -> u16 {
@@ -70,7 +66,8 @@ impl Mosquitto {
         let _ = self.child.wait();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            self.child = Command::new(mosquitto_binary()).arg("-c").arg(&self.conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("restart mosquitto");
+            self.child =
+                Command::new(mosquitto_binary()).arg("-c").arg(&self.conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("restart mosquitto");
             let up = Instant::now() + Duration::from_secs(2);
             while Instant::now() < up {
                 if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
@@ -87,7 +84,6 @@ impl Mosquitto {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-
 }
 
 impl Drop for Mosquitto {

@@ -24,7 +24,8 @@ use adaptd_adapters::tensor::SeededRng;
 use crate::broker::{Mosquitto, free_port};
 
 /// Kinds of poison the publisher mixes in, with the refusal each must get.
-const POISON: [(&str, &str); 5] = [("{\"key\": ", "bad_json"), ("overflow", "bad_input"), ("unknown", "unknown_task"), ("conflict", "conflicting_label"), ("bomb", "bad_image")];
+const POISON: [(&str, &str); 5] =
+    [("{\"key\": ", "bad_json"), ("overflow", "bad_input"), ("unknown", "unknown_task"), ("conflict", "conflicting_label"), ("bomb", "bad_image")];
 
 #[derive(Debug, Default)]
 pub struct ChaosReport {
@@ -45,10 +46,20 @@ pub struct ChaosReport {
 
 impl std::fmt::Display for ChaosReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "chaos: {} rounds in {:.0} s: {} kill -9 of the daemon, {} broker restarts", self.rounds, self.seconds, self.daemon_kills, self.broker_restarts)?;
+        writeln!(
+            f,
+            "chaos: {} rounds in {:.0} s: {} kill -9 of the daemon, {} broker restarts",
+            self.rounds, self.seconds, self.daemon_kills, self.broker_restarts
+        )?;
         writeln!(f, "  valid samples acked by the broker {}, stored {} (missing {})", self.valid_acked, self.valid_stored, self.missing.len())?;
         writeln!(f, "  poison sent {}, refused with events: {:?}", self.poison_sent, self.refused)?;
-        writeln!(f, "  promotions {}, restarts checked {}, serving what the pointer records after each: {}", self.promotions, self.restarts_checked, if self.serving_mismatches.is_empty() { "yes".to_string() } else { format!("NO {:?}", self.serving_mismatches) })?;
+        writeln!(
+            f,
+            "  promotions {}, restarts checked {}, serving what the pointer records after each: {}",
+            self.promotions,
+            self.restarts_checked,
+            if self.serving_mismatches.is_empty() { "yes".to_string() } else { format!("NO {:?}", self.serving_mismatches) }
+        )?;
         write!(f, "  daemon peak RSS {} MiB", self.peak_rss_mib)
     }
 }
@@ -99,7 +110,10 @@ fn poison_line(kind: &str, n: u64, first_valid: &str) -> String {
         "bomb" => {
             use base64::Engine as _;
             let png = png_bomb(20_000);
-            format!("{{\"key\": \"poison:{n}\", \"task\": \"sorter\", \"label\": \"1\", \"image\": \"{}\"}}", base64::engine::general_purpose::STANDARD.encode(png))
+            format!(
+                "{{\"key\": \"poison:{n}\", \"task\": \"sorter\", \"label\": \"1\", \"image\": \"{}\"}}",
+                base64::engine::general_purpose::STANDARD.encode(png)
+            )
         }
         other => other.to_string(),
     }
@@ -151,7 +165,8 @@ fn active_pointer(state: &Path) -> u64 {
 pub fn run(rounds: usize, valid: usize, seed: u64) -> ChaosReport {
     let started = Instant::now();
     let mut rng = SeededRng::new(seed);
-    let mut broker = Mosquitto::start_with("persistence true\npersistence_location {dir}/\nmax_queued_messages 0\nmax_inflight_messages 100\nautosave_interval 1\n");
+    let mut broker =
+        Mosquitto::start_with("persistence true\npersistence_location {dir}/\nmax_queued_messages 0\nmax_inflight_messages 100\nautosave_interval 1\n");
     let dir = tempfile::tempdir().expect("temp dir");
     let state = dir.path().join("state");
     let http = format!("127.0.0.1:{}", free_port());
@@ -241,7 +256,11 @@ pub fn run(rounds: usize, valid: usize, seed: u64) -> ChaosReport {
             daemon = spawn_daemon(&config, &log);
             if wait_ready(&client, Duration::from_secs(60)) {
                 // What answers a request, and what the status says, both from the first moment.
-                let answered = client.post("/v1/tasks/sorter/predict", Some(&probe)).ok().and_then(|r| r.body["predictions"][0]["adapter_version"].as_u64()).unwrap_or(u64::MAX);
+                let answered = client
+                    .post("/v1/tasks/sorter/predict", Some(&probe))
+                    .ok()
+                    .and_then(|r| r.body["predictions"][0]["adapter_version"].as_u64())
+                    .unwrap_or(u64::MAX);
                 let status = client.get("/v1/tasks/sorter/status").ok().and_then(|r| r.body["serving_version"].as_u64()).unwrap_or(u64::MAX);
                 report.restarts_checked += 1;
                 if answered != recorded || status != recorded {

@@ -106,10 +106,13 @@ fn text_requests_of_different_lengths_batch_together_without_changing_answers() 
     let alone: Vec<_> = texts.iter().map(|t| engine.handle.infer_blocking("intent", encoder.encode(&[t]).unwrap()).unwrap().remove(0)).collect();
     let batches_before = engine.handle.stats().batches.load(Ordering::Relaxed);
     let together: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = texts.iter().map(|t| {
-            let (h, inputs) = (engine.handle.clone(), encoder.encode(&[t]).unwrap());
-            s.spawn(move || h.infer_blocking("intent", inputs).unwrap().remove(0))
-        }).collect();
+        let handles: Vec<_> = texts
+            .iter()
+            .map(|t| {
+                let (h, inputs) = (engine.handle.clone(), encoder.encode(&[t]).unwrap());
+                s.spawn(move || h.infer_blocking("intent", inputs).unwrap().remove(0))
+            })
+            .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let batches = engine.handle.stats().batches.load(Ordering::Relaxed) - batches_before;
@@ -237,10 +240,12 @@ fn a_routed_adapter_answers_base_like_rows_with_the_base_model_and_the_rest_itse
     // One request, rows interleaved: upright (the base domain) and sideways.
     let (upright, sideways) = (digits.batch(&rows, Shift::None), digits.batch(&rows, Shift::Rotate90));
     let width = 64;
-    let mixed: Vec<f32> = (0..rows.len()).flat_map(|i| {
-        let from = if i % 2 == 0 { &upright } else { &sideways };
-        from.as_f32().unwrap()[i * width..(i + 1) * width].to_vec()
-    }).collect();
+    let mixed: Vec<f32> = (0..rows.len())
+        .flat_map(|i| {
+            let from = if i % 2 == 0 { &upright } else { &sideways };
+            from.as_f32().unwrap()[i * width..(i + 1) * width].to_vec()
+        })
+        .collect();
     let mixed = HostTensor::f32(vec![rows.len(), 1, 8, 8], mixed).unwrap();
     let served = engine.handle.infer_blocking("sorter", vec![mixed.clone()]).unwrap();
     let base = runtime().block_on(engine.handle.evaluate(registry.base("sorter"), vec![mixed.clone()])).unwrap();

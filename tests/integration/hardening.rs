@@ -51,7 +51,8 @@ fn overflowing_shapes_and_image_bombs_are_refused_fast() {
     assert!(bomb.len() < 100);
     let started = Instant::now();
     use base64::Engine as _;
-    let json = format!("{{\"key\": \"b:1\", \"task\": \"sorter\", \"label\": \"left\", \"image\": \"{}\"}}", base64::engine::general_purpose::STANDARD.encode(&bomb));
+    let json =
+        format!("{{\"key\": \"b:1\", \"task\": \"sorter\", \"label\": \"left\", \"image\": \"{}\"}}", base64::engine::general_purpose::STANDARD.encode(&bomb));
     let e = decode_sample(json.as_bytes(), &schema, 0).unwrap_err();
     assert_eq!(e.error_type(), "bad_image", "{e}");
     assert!(e.to_string().contains("1024x1024"), "says what is taken: {e}");
@@ -86,9 +87,10 @@ async fn poison_over_mqtt_is_refused_acked_and_the_stream_behind_it_flows() {
     };
     let (events_topic, again) = (config.events_topic(), config.clone());
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(ingest::supervise(config, store.clone(), Arc::new(bundle.manifest.clone()), Arc::new(vec!["sorter".into()]), stats.clone(), async {
-        let _ = stopped.await;
-    }));
+    let task =
+        tokio::spawn(ingest::supervise(config, store.clone(), Arc::new(bundle.manifest.clone()), Arc::new(vec!["sorter".into()]), stats.clone(), async {
+            let _ = stopped.await;
+        }));
 
     let port = broker.port;
     let big = dir.path().join("big.json");
@@ -197,7 +199,13 @@ async fn ingest_that_stops_shows_as_down_and_is_restarted() {
     config.tasks = vec!["sorter".into()];
     let (stop, stopped) = oneshot::channel::<()>();
     let (bound_tx, bound_rx) = oneshot::channel();
-    let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
+    let daemon = tokio::spawn(adaptd::serve::run(
+        config,
+        async {
+            let _ = stopped.await;
+        },
+        Some(bound_tx),
+    ));
     let client = adaptd::client::Client::new(bound_rx.await.unwrap());
     let (ready, metrics) = tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_millis(1800));
@@ -232,7 +240,13 @@ async fn an_interrupted_promotion_is_announced_at_the_next_start() {
     config.adapt = vec![adaptd::adapt::AdaptConfig::new("sorter")];
     let (stop, stopped) = oneshot::channel::<()>();
     let (bound_tx, bound_rx) = oneshot::channel();
-    let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
+    let daemon = tokio::spawn(adaptd::serve::run(
+        config,
+        async {
+            let _ = stopped.await;
+        },
+        Some(bound_tx),
+    ));
     bound_rx.await.unwrap();
     let journal = state.path().join("journal/sorter.jsonl");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -243,5 +257,9 @@ async fn an_interrupted_promotion_is_announced_at_the_next_start() {
     tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("stops").unwrap().unwrap();
     let records: Vec<serde_json::Value> = std::fs::read_to_string(&journal).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(records.len(), 1, "{records:?}");
-    assert_eq!((records[0]["event"].as_str(), records[0]["version"].as_u64(), records[0]["recovered"].as_bool()), (Some("promoted"), Some(1), Some(true)), "{records:?}");
+    assert_eq!(
+        (records[0]["event"].as_str(), records[0]["version"].as_u64(), records[0]["recovered"].as_bool()),
+        (Some("promoted"), Some(1), Some(true)),
+        "{records:?}"
+    );
 }

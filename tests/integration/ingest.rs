@@ -17,7 +17,10 @@ use crate::reference_bundle;
 
 fn digit_sample(key: &str, task: &str, label: &str) -> String {
     let data: Vec<String> = (0..64).map(|i| format!("{:.3}", (i % 9) as f32 / 8.0)).collect();
-    format!("{{\"key\": \"{key}\", \"task\": \"{task}\", \"label\": \"{label}\", \"input\": {{\"shape\": [1, 1, 8, 8], \"data\": [{}]}}, \"source\": \"robot-7\"}}", data.join(","))
+    format!(
+        "{{\"key\": \"{key}\", \"task\": \"{task}\", \"label\": \"{label}\", \"input\": {{\"shape\": [1, 1, 8, 8], \"data\": [{}]}}, \"source\": \"robot-7\"}}",
+        data.join(",")
+    )
 }
 
 /// Ingest for the digits bundle's `sorter` task from the broker at `port`, into a fresh store.
@@ -44,7 +47,9 @@ fn start_ingest(port: u16, client_id: &str) -> RunningIngest {
     };
     let events_topic = config.events_topic();
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(ingest::run(config, store.clone(), Arc::new(bundle.manifest.clone()), Arc::new(vec!["sorter".into()]), stats.clone(), async { let _ = stopped.await; }));
+    let task = tokio::spawn(ingest::run(config, store.clone(), Arc::new(bundle.manifest.clone()), Arc::new(vec!["sorter".into()]), stats.clone(), async {
+        let _ = stopped.await;
+    }));
     RunningIngest { _dir: dir, store, stats, events_topic, stop, task }
 }
 
@@ -109,7 +114,8 @@ async fn samples_land_once_and_poison_is_refused_with_reasons() {
         *want.entry(*r).or_insert(0u64) += 1;
     }
     assert_eq!(stats.refused(), want);
-    let reasons: Vec<String> = event_lines.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["reason"].as_str().unwrap().to_string()).collect();
+    let reasons: Vec<String> =
+        event_lines.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["reason"].as_str().unwrap().to_string()).collect();
     assert_eq!(reasons.len(), expected.len(), "one event per refusal: {event_lines}");
     assert!(event_lines.contains("[1, 1, 4, 16]") && event_lines.contains("nobody"), "events say why: {event_lines}");
 
@@ -148,7 +154,11 @@ fn kill_9_during_a_stream_loses_nothing_acknowledged() {
     };
     let count = || SampleStore::open(&db, SplitPolicy::default()).and_then(|s| s.len()).unwrap_or(0);
     let publish = |lines: &[String]| {
-        let mut p = Command::new("mosquitto_pub").args(["-h", "127.0.0.1", "-p", &port, "-q", "1", "-t", "adaptd/v1/robot-7/samples/sorter", "-l"]).stdin(Stdio::piped()).spawn().unwrap();
+        let mut p = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-q", "1", "-t", "adaptd/v1/robot-7/samples/sorter", "-l"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
         p.stdin.take().unwrap().write_all((lines.join("\n") + "\n").as_bytes()).unwrap();
         p
     };
@@ -196,7 +206,13 @@ async fn the_serving_process_ingests_the_configured_tasks_samples() {
     config.device_id = "robot-7".into();
     config.tasks = vec!["sorter".into()];
     let (stop, stopped) = oneshot::channel::<()>();
-    let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, None));
+    let daemon = tokio::spawn(adaptd::serve::run(
+        config,
+        async {
+            let _ = stopped.await;
+        },
+        None,
+    ));
 
     let db = state.path().join("samples.db");
     let port = broker.port.to_string();
@@ -232,7 +248,11 @@ async fn samples_arrive_through_the_embedded_rumqttd_broker() {
         let lines: Vec<String> = (0..300).map(|i| digit_sample(&format!("r:{i}"), "sorter", "left")).collect();
         // Re-publish until ingest has subscribed and everything landed (duplicates are harmless).
         while stats.stored.load(Ordering::Relaxed) < 300 && Instant::now() < deadline {
-            let mut p = Command::new("mosquitto_pub").args(["-p", &port_s, "-q", "1", "-t", "adaptd/v1/robot-7/samples/sorter", "-l"]).stdin(Stdio::piped()).spawn().unwrap();
+            let mut p = Command::new("mosquitto_pub")
+                .args(["-p", &port_s, "-q", "1", "-t", "adaptd/v1/robot-7/samples/sorter", "-l"])
+                .stdin(Stdio::piped())
+                .spawn()
+                .unwrap();
             p.stdin.take().unwrap().write_all((lines.join("\n") + "\n").as_bytes()).unwrap();
             assert!(p.wait().unwrap().success());
             std::thread::sleep(Duration::from_millis(300));
@@ -269,7 +289,11 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
             let indices = indices.clone();
             async move {
                 for i in indices {
-                    if client.publish("adaptd/v1/robot-7/samples/sorter", QoS::AtLeastOnce, false, digit_sample(&format!("restart:{i}"), "sorter", "left")).await.is_err() {
+                    if client
+                        .publish("adaptd/v1/robot-7/samples/sorter", QoS::AtLeastOnce, false, digit_sample(&format!("restart:{i}"), "sorter", "left"))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -313,7 +337,11 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
     let lines: Vec<String> = resend.iter().map(|&i| digit_sample(&key(i), "sorter", "left")).collect();
     let port = broker.port;
     tokio::task::spawn_blocking(move || {
-        let mut publish = Command::new("mosquitto_pub").args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", "adaptd/v1/robot-7/samples/sorter", "-l"]).stdin(Stdio::piped()).spawn().unwrap();
+        let mut publish = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", "adaptd/v1/robot-7/samples/sorter", "-l"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
         publish.stdin.take().unwrap().write_all((lines.join("\n") + "\n").as_bytes()).unwrap();
         assert!(publish.wait().unwrap().success(), "the broker is back and acks the resent samples");
     })
@@ -355,7 +383,8 @@ fn image_samples_are_decoded_by_the_bundles_preprocessing_or_refused_with_the_re
     assert_eq!(sample.label, "7");
 
     let not_an_image = base64::engine::general_purpose::STANDARD.encode(b"this is not a PNG");
-    let err = decode_sample(format!("{{\"key\": \"cam:2\", \"task\": \"sorter\", \"label\": 7, \"image\": \"{not_an_image}\"}}").as_bytes(), &schema, 0).unwrap_err();
+    let err =
+        decode_sample(format!("{{\"key\": \"cam:2\", \"task\": \"sorter\", \"label\": 7, \"image\": \"{not_an_image}\"}}").as_bytes(), &schema, 0).unwrap_err();
     assert_eq!(err.error_type(), "bad_image", "{err}");
     let err = decode_sample(br#"{"key": "cam:3", "task": "sorter", "label": 7, "image": "%%%"}"#, &schema, 0).unwrap_err();
     assert!(err.to_string().contains("base64"), "{err}");
@@ -376,7 +405,12 @@ fn image_samples_are_decoded_by_the_bundles_preprocessing_or_refused_with_the_re
     let err = decode_sample(&compact("picture", safetensors::Dtype::U8, &png, vec![png.len()]), &schema, 0).unwrap_err();
     assert!(err.to_string().contains("\"input\" or \"image\""), "{err}");
     // Text rides as metadata with no tensor; an image bundle refuses it.
-    let meta = std::collections::HashMap::from([("key".to_string(), "cam:5".to_string()), ("task".into(), "sorter".into()), ("label".into(), "7".into()), ("text".into(), "left".into())]);
+    let meta = std::collections::HashMap::from([
+        ("key".to_string(), "cam:5".to_string()),
+        ("task".into(), "sorter".into()),
+        ("label".into(), "7".into()),
+        ("text".into(), "left".into()),
+    ]);
     let text_only = safetensors::serialize(Vec::<(&str, safetensors::tensor::TensorView<'_>)>::new(), Some(meta)).unwrap();
     let err = decode_sample(&text_only, &schema, 0).unwrap_err();
     assert!(err.to_string().contains("does not take text"), "{err}");

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test and bench code: a failure is the report
 //! adaptd's integration tests: one binary, real runtimes (ONNX Runtime, libtorch), the real
 //! reference bundles and data that `make setup` builds.
 
@@ -5,8 +6,8 @@ mod adapt;
 mod adapters;
 mod api;
 mod broker;
-mod chaos;
 mod bundles;
+mod chaos;
 mod config;
 mod demo;
 mod engine;
@@ -17,8 +18,8 @@ mod properties;
 mod registry;
 mod runtimes;
 mod samples;
-mod tls;
 mod service;
+mod tls;
 
 use std::path::{Path, PathBuf};
 

@@ -17,14 +17,21 @@ fn the_deb_installs_the_binary_unit_config_and_docs() {
     }
     let contents = Command::new("dpkg-deb").args(["--contents", &deb]).output().unwrap();
     let contents = String::from_utf8_lossy(&contents.stdout);
-    for path in ["./usr/bin/adaptd", "./lib/systemd/system/adaptd.service", "./etc/adaptd/adaptd.toml", "./usr/share/doc/adaptd/jetson.md", "./usr/share/doc/adaptd/examples/jetson-orin-nano.toml"] {
+    for path in [
+        "./usr/bin/adaptd",
+        "./lib/systemd/system/adaptd.service",
+        "./etc/adaptd/adaptd.toml",
+        "./usr/share/doc/adaptd/jetson.md",
+        "./usr/share/doc/adaptd/examples/jetson-orin-nano.toml",
+    ] {
         assert!(contents.lines().any(|l| l.ends_with(path)), "{path} in\n{contents}");
     }
 
     // Unpacked into a throwaway root, the installed binary accepts the installed configuration.
     let root = tempfile::tempdir().unwrap();
     assert!(Command::new("dpkg-deb").args(["-x", &deb, root.path().to_str().unwrap()]).status().unwrap().success());
-    let validate = Command::new(root.path().join("usr/bin/adaptd")).args(["validate", "--config"]).arg(root.path().join("etc/adaptd/adaptd.toml")).output().unwrap();
+    let validate =
+        Command::new(root.path().join("usr/bin/adaptd")).args(["validate", "--config"]).arg(root.path().join("etc/adaptd/adaptd.toml")).output().unwrap();
     assert!(validate.status.success(), "{}", String::from_utf8_lossy(&validate.stderr));
     let conffiles = Command::new("dpkg-deb").args(["-I", &deb, "conffiles"]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&conffiles.stdout).trim(), "/etc/adaptd/adaptd.toml", "local edits survive upgrades");

@@ -10,8 +10,8 @@ use std::path::Path;
 
 use adaptd::api::wire;
 use adaptd::ingest::decode::{SampleSchema, decode_sample};
-use adaptd_adapters::files::Adapter;
 use adaptd_adapters::Bundle;
+use adaptd_adapters::files::Adapter;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 use sha2::{Digest, Sha256};
@@ -110,7 +110,10 @@ fn largest_allocation<R>(f: impl FnOnce() -> R) -> (R, usize) {
 
 fn digit_json(key: &str) -> String {
     let data: Vec<String> = (0..64).map(|i| format!("{:.2}", (i % 7) as f32 / 7.0)).collect();
-    format!("{{\"key\": \"{key}\", \"task\": \"sorter\", \"label\": \"left\", \"input\": {{\"shape\": [1, 1, 8, 8], \"data\": [{}]}}, \"weight\": 1.0, \"correction\": false}}", data.join(","))
+    format!(
+        "{{\"key\": \"{key}\", \"task\": \"sorter\", \"label\": \"left\", \"input\": {{\"shape\": [1, 1, 8, 8], \"data\": [{}]}}, \"weight\": 1.0, \"correction\": false}}",
+        data.join(",")
+    )
 }
 
 fn safetensors_sample(name: &str, dtype: safetensors::Dtype, shape: Vec<usize>, bytes: &[u8], meta: &[(&str, &str)]) -> Vec<u8> {
@@ -254,7 +257,11 @@ fn adapter_directories_refuse_damage_by_name() {
                 Ok(a) => prop_assert!(a.head.validate(bundle.manifest.embedding_dim, a.manifest.labels.len()).is_ok()),
                 Err(e) => {
                     let text = e.to_string();
-                    prop_assert!(text.contains(target.to_str().unwrap()) || e.error_type() == "wrong_base" || e.error_type() == "lora" || e.error_type() == "head", "names the file: {}", text);
+                    prop_assert!(
+                        text.contains(target.to_str().unwrap()) || e.error_type() == "wrong_base" || e.error_type() == "lora" || e.error_type() == "head",
+                        "names the file: {}",
+                        text
+                    );
                     *refused.borrow_mut().entry(e.error_type()).or_insert(0u32) += 1;
                 }
             }

@@ -6,9 +6,9 @@ use std::sync::atomic::AtomicBool;
 use adaptd::engine::onnx::{OnnxModel, SessionOptions};
 use adaptd::parity::{self, PARITY_TOLERANCE};
 use adaptd_adapters::Bundle;
+use adaptd_adapters::head::{Dense, Head};
 use adaptd_adapters::lora::no_adapter_inputs;
 use adaptd_adapters::tensor::HostTensor;
-use adaptd_adapters::head::{Dense, Head};
 use adaptd_adapters::train::{Examples, FitTarget, Recipe, TrainError, TrainingGraph, fit};
 use tch::Device;
 
@@ -68,7 +68,12 @@ fn trimming_padding_from_a_text_batch_changes_no_output() {
     let encoder = adaptd::preprocess::TextEncoder::from_bundle(&bundle).unwrap();
     // Two short texts padded as if a long one were in the training set.
     let long = "drive all the way back to the charging station near the north entrance and wait there for the operator";
-    let padded: Vec<tch::Tensor> = encoder.encode(&["pick up the blue box", "go to the dock", long]).unwrap().iter().map(|t| adaptd_adapters::train::to_tensor(t, Device::Cpu).narrow(0, 0, 2)).collect();
+    let padded: Vec<tch::Tensor> = encoder
+        .encode(&["pick up the blue box", "go to the dock", long])
+        .unwrap()
+        .iter()
+        .map(|t| adaptd_adapters::train::to_tensor(t, Device::Cpu).narrow(0, 0, 2))
+        .collect();
     let trimmed = graph.trim_padding(padded.iter().map(tch::Tensor::shallow_clone).collect());
     let (full, short) = (padded[0].size()[1], trimmed[0].size()[1]);
     assert!(short < full && trimmed.iter().all(|t| t.size()[1] == short), "{full} -> {short} columns");
@@ -143,9 +148,12 @@ fn lora_dropout_drops_only_the_lora_path_while_training() {
     let head = bundle.base_head().unwrap().expect("digits-cnn ships its classifier");
     let digits = adaptd::datasets::Digits::load(&digits_data()).unwrap();
     let rows: Vec<usize> = digits.held_out().into_iter().take(48).collect();
-    let train = Examples { inputs: vec![digits.batch(&rows, adaptd::datasets::Shift::Rotate90)], labels: digits.labels_of(&rows), weights: vec![1.0; rows.len()] };
+    let train =
+        Examples { inputs: vec![digits.batch(&rows, adaptd::datasets::Shift::Rotate90)], labels: digits.labels_of(&rows), weights: vec![1.0; rows.len()] };
     let recipe = Recipe { max_epochs: 4, batch_size: 16, lora_dropout: 0.2, patience: 0, ..Recipe::default() };
-    let report = fit(FitTarget::Lora { graph: &graph, rank: 8, alpha: 16.0 }, &train, &Examples::default(), &head, &recipe, &AtomicBool::new(false), &mut |_| {}).unwrap();
+    let report =
+        fit(FitTarget::Lora { graph: &graph, rank: 8, alpha: 16.0 }, &train, &Examples::default(), &head, &recipe, &AtomicBool::new(false), &mut |_| {})
+            .unwrap();
     assert_eq!(report.lora_dropout, 0.2);
     assert_eq!(report.base_unchanged, Some(true));
     assert!(report.losses.iter().all(|l| l.is_finite()));
@@ -211,7 +219,12 @@ fn a_memory_budget_shrinks_the_batch_or_refuses_the_job() {
     // Room for a few samples only: the batch shrinks to fit.
     let tight = Recipe { memory_budget_bytes: Some(per_sample * 4), ..roomy.clone() };
     let report = fit(lora(), &train, &Examples::default(), &head, &tight, &never, &mut |_| {}).unwrap();
-    assert!(report.batch_size < 16 && report.batch_size >= 1, "batch {} ({per_sample} bytes per sample, then {:?})", report.batch_size, report.probe_bytes_per_sample);
+    assert!(
+        report.batch_size < 16 && report.batch_size >= 1,
+        "batch {} ({per_sample} bytes per sample, then {:?})",
+        report.batch_size,
+        report.probe_bytes_per_sample
+    );
     // No room at all: refused, with the figures.
     let none = Recipe { memory_budget_bytes: Some(1024), ..roomy };
     let err = fit(lora(), &train, &Examples::default(), &head, &none, &never, &mut |_| {}).unwrap_err();

@@ -132,10 +132,14 @@ fn parts_of_the_daemon_opening_a_fresh_store_at_once_all_get_it() {
         let path = dir.path().join("samples.db");
         let start = std::sync::Barrier::new(6);
         std::thread::scope(|s| {
-            let opened: Vec<_> = (0..6).map(|_| s.spawn(|| {
-                start.wait();
-                SampleStore::open(&path, SplitPolicy::default()).map(|_| ())
-            })).collect();
+            let opened: Vec<_> = (0..6)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        SampleStore::open(&path, SplitPolicy::default()).map(|_| ())
+                    })
+                })
+                .collect();
             for o in opened {
                 o.join().unwrap().expect("every opener gets the store");
             }

@@ -92,7 +92,10 @@ fn the_shipped_unit_verifies_and_is_hardened() {
     // Verify against this build's binary (the package installs it as /usr/bin/adaptd).
     let path = dir.path().join("adaptd.service");
     std::fs::write(&path, unit.replace("/usr/bin/adaptd", env!("CARGO_BIN_EXE_adaptd"))).unwrap();
-    let verify = Command::new("systemd-analyze").args(["verify", path.to_str().unwrap()]).output().expect("systemd-analyze (package systemd) is installed by the set-up");
+    let verify = Command::new("systemd-analyze")
+        .args(["verify", path.to_str().unwrap()])
+        .output()
+        .expect("systemd-analyze (package systemd) is installed by the set-up");
     assert!(verify.status.success(), "systemd-analyze verify: {}", String::from_utf8_lossy(&verify.stderr));
     let security = Command::new("systemd-analyze").args(["security", "--offline=yes", path.to_str().unwrap()]).output().unwrap();
     let text = String::from_utf8_lossy(&security.stdout);
@@ -103,7 +106,15 @@ fn the_shipped_unit_verifies_and_is_hardened() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
     assert!(exposure <= 2.0, "systemd-analyze security exposure {exposure} (README states 1.8)");
-    for key in ["Type=notify", "WatchdogSec=", "ExecStartPre=/usr/bin/adaptd validate", "ExecReload=/bin/kill -HUP $MAINPID", "StateDirectory=adaptd", "ConfigurationDirectory=adaptd", "User=adaptd"] {
+    for key in [
+        "Type=notify",
+        "WatchdogSec=",
+        "ExecStartPre=/usr/bin/adaptd validate",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "StateDirectory=adaptd",
+        "ConfigurationDirectory=adaptd",
+        "User=adaptd",
+    ] {
         assert!(unit.contains(key), "the unit sets {key}");
     }
 }
@@ -112,7 +123,12 @@ fn the_shipped_unit_verifies_and_is_hardened() {
 fn serve_fails(config: &str, dir: &std::path::Path) -> (Option<i32>, String) {
     let path = dir.join(format!("bad-{}.toml", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
     std::fs::write(&path, config).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_adaptd")).args(["serve", "--config", path.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_adaptd"))
+        .args(["serve", "--config", path.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
@@ -151,7 +167,12 @@ fn bad_deployments_exit_non_zero_with_a_clear_message() {
     // A second daemon on the same state directory is refused while the first one runs.
     let first_config = dir.path().join("first.toml");
     std::fs::write(&first_config, base("[http]\nlisten = \"127.0.0.1:0\"\n")).unwrap();
-    let mut first = Command::new(env!("CARGO_BIN_EXE_adaptd")).args(["serve", "--config", first_config.to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut first = Command::new(env!("CARGO_BIN_EXE_adaptd"))
+        .args(["serve", "--config", first_config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let lock = state.join("adaptd.lock");
     let deadline = Instant::now() + Duration::from_secs(30);
     // The earlier failed starts left their pid in the file: wait for this daemon's own.
@@ -169,11 +190,22 @@ fn bad_deployments_exit_non_zero_with_a_clear_message() {
 fn samples_import_checks_each_line_and_stats_count_them() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("adaptd.toml");
-    std::fs::write(&config, format!("bundle = {:?}\nstate_dir = {:?}\n[ingest]\ntasks = [\"sorter\"]\n", reference_bundle("digits-cnn"), dir.path().join("state"))).unwrap();
+    std::fs::write(
+        &config,
+        format!("bundle = {:?}\nstate_dir = {:?}\n[ingest]\ntasks = [\"sorter\"]\n", reference_bundle("digits-cnn"), dir.path().join("state")),
+    )
+    .unwrap();
     let pixels = vec!["0.5"; 64].join(",");
-    let line = |key: &str, label: &str| format!("{{\"key\": \"{key}\", \"task\": \"sorter\", \"label\": \"{label}\", \"input\": {{\"shape\": [1, 1, 8, 8], \"data\": [{pixels}]}}}}");
+    let line = |key: &str, label: &str| {
+        format!("{{\"key\": \"{key}\", \"task\": \"sorter\", \"label\": \"{label}\", \"input\": {{\"shape\": [1, 1, 8, 8], \"data\": [{pixels}]}}}}")
+    };
     let file = dir.path().join("samples.jsonl");
-    let lines = [line("a", "3"), line("b", "4"), line("a", "3"), "{\"key\": \"c\", \"task\": \"sorter\", \"label\": \"1\", \"input\": {\"shape\": [1, 1, 4, 16], \"data\": []}}".to_string()];
+    let lines = [
+        line("a", "3"),
+        line("b", "4"),
+        line("a", "3"),
+        "{\"key\": \"c\", \"task\": \"sorter\", \"label\": \"1\", \"input\": {\"shape\": [1, 1, 4, 16], \"data\": []}}".to_string(),
+    ];
     std::fs::write(&file, lines.join("\n") + "\n").unwrap();
     let run = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_adaptd")).args(args).args(["--config", config.to_str().unwrap(), "--json"]).output().unwrap();

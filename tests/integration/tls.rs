@@ -19,7 +19,28 @@ fn openssl(dir: &Path, args: &[&str]) {
 /// A CA, a server certificate for 127.0.0.1 and a client certificate: PEM, X.509 v3 with the
 /// extensions rustls insists on (a v1 certificate is refused as unsupported).
 fn make_pki(dir: &Path) {
-    openssl(dir, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=adaptd test CA", "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=adaptd test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
     std::fs::write(dir.join("server.cnf"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n").unwrap();
     std::fs::write(dir.join("client.cnf"), "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n").unwrap();
     for (name, cn) in [("server", "127.0.0.1"), ("client", "robot-3")] {
@@ -51,10 +72,34 @@ fn daemon_config(dir: &Path, port: u16, password_file: &Path) -> ServeConfig {
 }
 
 fn publish_one(dir: &Path, port: u16, key: &str) {
-    let sample = format!("{{\"key\": \"{key}\", \"task\": \"sorter\", \"label\": \"3\", \"input\": {{\"shape\": [1, 1, 8, 8], \"data\": [{}]}}}}", vec!["0.5"; 64].join(","));
+    let sample = format!(
+        "{{\"key\": \"{key}\", \"task\": \"sorter\", \"label\": \"3\", \"input\": {{\"shape\": [1, 1, 8, 8], \"data\": [{}]}}}}",
+        vec!["0.5"; 64].join(",")
+    );
     let out = Command::new("mosquitto_pub")
         .current_dir(dir)
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "--cafile", "ca.pem", "--cert", "client.pem", "--key", "client.key", "-u", "robot-3", "-P", "s3cret", "-q", "1", "-t", "adaptd/v1/robot-3/samples/sorter", "-m", &sample])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--cafile",
+            "ca.pem",
+            "--cert",
+            "client.pem",
+            "--key",
+            "client.key",
+            "-u",
+            "robot-3",
+            "-P",
+            "s3cret",
+            "-q",
+            "1",
+            "-t",
+            "adaptd/v1/robot-3/samples/sorter",
+            "-m",
+            &sample,
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "mosquitto_pub over TLS: {}", String::from_utf8_lossy(&out.stderr));
@@ -63,7 +108,13 @@ fn publish_one(dir: &Path, port: u16, key: &str) {
 async fn stored_after(config: ServeConfig, dir: &Path, port: u16, key: &str, wait: Duration) -> u64 {
     let (stop, stopped) = oneshot::channel::<()>();
     let (bound_tx, bound_rx) = oneshot::channel();
-    let daemon = tokio::spawn(adaptd::serve::run(config, async { let _ = stopped.await; }, Some(bound_tx)));
+    let daemon = tokio::spawn(adaptd::serve::run(
+        config,
+        async {
+            let _ = stopped.await;
+        },
+        Some(bound_tx),
+    ));
     let client = adaptd::client::Client::new(bound_rx.await.unwrap());
     let dir = dir.to_path_buf();
     let key = key.to_string();

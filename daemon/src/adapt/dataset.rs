@@ -36,7 +36,9 @@ impl BaseDomain {
     /// holds the base domain (at least `min_share` of it), less as that fades, none without it.
     pub(super) fn replay_fraction(&self, configured: f64, gate: &GateConfig) -> f64 {
         match (gate.retention, self.traffic_share) {
-            (crate::gate::RetentionPolicy::Traffic, Some((share, _))) if gate.retention_min_share > 0.0 => configured * (share / gate.retention_min_share).min(1.0),
+            (crate::gate::RetentionPolicy::Traffic, Some((share, _))) if gate.retention_min_share > 0.0 => {
+                configured * (share / gate.retention_min_share).min(1.0)
+            }
             _ => configured,
         }
     }
@@ -93,7 +95,14 @@ pub(super) struct Prepared {
 /// qualify (the incumbent's first, new ones with enough samples), class-balanced by the trainer,
 /// with base-domain rows replayed as the traffic asks, and the head to start from. Err: why the
 /// job cannot run now (the loop defers it).
-pub(super) fn prepare(bundle: &Bundle, text: Option<&TextEncoder>, config: &AdaptConfig, store: &SampleStore, incumbent: &Serving, base_domain: &BaseDomain) -> Result<Prepared, AdaptError> {
+pub(super) fn prepare(
+    bundle: &Bundle,
+    text: Option<&TextEncoder>,
+    config: &AdaptConfig,
+    store: &SampleStore,
+    incumbent: &Serving,
+    base_domain: &BaseDomain,
+) -> Result<Prepared, AdaptError> {
     let (replay, replay_embeddings) = (&base_domain.replay, base_domain.replay_embeddings.as_deref());
     let replay_fraction = base_domain.replay_fraction(config.replay_fraction, &config.gate);
     let task = &config.task;
@@ -172,7 +181,8 @@ pub(super) fn prepare(bundle: &Bundle, text: Option<&TextEncoder>, config: &Adap
 
     let weights = |rows: &[&StoredSample]| rows.iter().map(|s| s.sample.weight).collect::<Vec<f32>>();
     let mut train_ex = Examples { labels: train.iter().map(|s| index[s.sample.label.as_str()]).collect(), weights: weights(&train), inputs: Vec::new() };
-    let mut val_ex = Examples { labels: validation.iter().map(|s| index[s.sample.label.as_str()]).collect(), weights: weights(&validation), inputs: Vec::new() };
+    let mut val_ex =
+        Examples { labels: validation.iter().map(|s| index[s.sample.label.as_str()]).collect(), weights: weights(&validation), inputs: Vec::new() };
     // Replay: retained base-domain rows whose labels the task uses, as a share of the task's samples.
     let replay_rows: Vec<(usize, i64)> = replay
         .labels
@@ -219,7 +229,12 @@ pub(super) fn prepare(bundle: &Bundle, text: Option<&TextEncoder>, config: &Adap
         notes.push(format!("{} retained base-domain samples replayed", replay_rows.len()));
     }
     if let Some((share, n)) = base_domain.traffic_share.filter(|_| replay_fraction < config.replay_fraction) {
-        notes.push(format!("replay follows the traffic: {:.0} % of the last {n} inputs look like the base domain, so {:.2} of the samples instead of {:.2}", share * 100.0, replay_fraction, config.replay_fraction));
+        notes.push(format!(
+            "replay follows the traffic: {:.0} % of the last {n} inputs look like the base domain, so {:.2} of the samples instead of {:.2}",
+            share * 100.0,
+            replay_fraction,
+            config.replay_fraction
+        ));
     }
     Ok(Prepared { job: TrainJob { kind: config.kind, train: train_ex, validation: val_ex, init_head, recipe: config.recipe.clone() }, labels, counts, notes })
 }
@@ -240,7 +255,13 @@ mod tests {
     #[test]
     fn replay_follows_the_share_of_base_domain_traffic() {
         let empty = || RetentionSet { inputs: Vec::new(), labels: Vec::new() };
-        let domain = |share: Option<f64>| BaseDomain { replay: empty(), check: empty(), replay_embeddings: None, detector: None, traffic_share: share.map(|s| (s, 256)) };
+        let domain = |share: Option<f64>| BaseDomain {
+            replay: empty(),
+            check: empty(),
+            replay_embeddings: None,
+            detector: None,
+            traffic_share: share.map(|s| (s, 256)),
+        };
         let gate = GateConfig::default();
         assert_eq!(domain(Some(0.5)).replay_fraction(0.2, &gate), 0.2, "a device that still sees the base domain replays it all");
         assert!((domain(Some(0.05)).replay_fraction(0.2, &gate) - 0.1).abs() < 1e-12);

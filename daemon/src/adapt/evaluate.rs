@@ -78,7 +78,12 @@ fn row_of(inputs: &[HostTensor], i: usize) -> Vec<HostTensor> {
 
 /// The share of base-domain inputs among the task's latest requests, or, when it has served
 /// too few, among its latest samples' inputs (their labels unused); and how many were seen.
-pub(super) async fn base_traffic_share(ctx: &Context, store: &Mutex<SampleStore>, task: &str, detector: &BaseDomainDetector) -> Result<Option<(f64, usize)>, AdaptError> {
+pub(super) async fn base_traffic_share(
+    ctx: &Context,
+    store: &Mutex<SampleStore>,
+    task: &str,
+    detector: &BaseDomainDetector,
+) -> Result<Option<(f64, usize)>, AdaptError> {
     let mut rows = ctx.traffic.rows(task);
     if rows.len() < crate::traffic::MIN_TRAFFIC_ROWS {
         let latest = lock(store).latest(task, crate::traffic::TRAFFIC_ROWS)?;
@@ -109,14 +114,25 @@ pub(super) struct Judged {
     pub adapter: Adapter,
     pub evidence: Evidence,
     pub decision: Decision,
+    /// What the evaluation chose (routing, or why not), for the job's notes.
+    pub notes: Vec<String>,
 }
 
 /// Measure `adapter` against the `incumbent` through the serving engine (holdout samples the
 /// trainer never saw, the base domain's check rows, a probe against the base model and the
 /// trainer's own outputs) and decide. Refused only for forgetting a base domain the device
 /// still sees, it is measured again routed (base-like rows answered by the base model) and
-/// decided on that. `notes` gains what the evaluation chose.
-pub(super) async fn judge(ctx: &Context, config: &AdaptConfig, store: &Mutex<SampleStore>, incumbent: &Arc<Serving>, mut adapter: Adapter, report: &FitReport, base_domain: &BaseDomain, notes: &mut Vec<String>) -> Result<Judged, AdaptError> {
+/// decided on that.
+pub(super) async fn judge(
+    ctx: &Context,
+    config: &AdaptConfig,
+    store: &Mutex<SampleStore>,
+    incumbent: &Arc<Serving>,
+    mut adapter: Adapter,
+    report: &FitReport,
+    base_domain: &BaseDomain,
+) -> Result<Judged, AdaptError> {
+    let mut notes = Vec::new();
     let task = &config.task;
     let bundle = ctx.registry.bundle();
     let labels = adapter.manifest.labels.clone();
@@ -143,9 +159,13 @@ pub(super) async fn judge(ctx: &Context, config: &AdaptConfig, store: &Mutex<Sam
     // Retention: the base domain, where the task's labels are the bundle's.
     let base_labels = bundle.manifest.labels.clone().unwrap_or_default();
     let retention_check = &base_domain.check;
-    let retention_applies = !retention_check.is_empty() && retention_check.labels.iter().all(|&l| base_labels.get(l as usize).is_some_and(|n| labels.contains(n)));
-    let retention_truth: Vec<&str> = if retention_applies { retention_check.labels.iter().map(|&l| base_labels[l as usize].as_str()).collect() } else { Vec::new() };
-    let retention_accuracy = async |serving: &Arc<Serving>| -> Result<f64, AdaptError> { Ok(gate::metrics(&retention_truth, &as_refs(&names(&predict_inputs(ctx, serving, &retention_check.inputs).await?))).accuracy) };
+    let retention_applies =
+        !retention_check.is_empty() && retention_check.labels.iter().all(|&l| base_labels.get(l as usize).is_some_and(|n| labels.contains(n)));
+    let retention_truth: Vec<&str> =
+        if retention_applies { retention_check.labels.iter().map(|&l| base_labels[l as usize].as_str()).collect() } else { Vec::new() };
+    let retention_accuracy = async |serving: &Arc<Serving>| -> Result<f64, AdaptError> {
+        Ok(gate::metrics(&retention_truth, &as_refs(&names(&predict_inputs(ctx, serving, &retention_check.inputs).await?))).accuracy)
+    };
     let retention = if retention_applies {
         let cand = retention_accuracy(&candidate).await?;
         let inc = retention_accuracy(incumbent).await?;
@@ -183,14 +203,19 @@ pub(super) async fn judge(ctx: &Context, config: &AdaptConfig, store: &Mutex<Sam
         }
         let trainer_scores = ctx.trainer.predict(inputs, report.lora.clone(), report.head.clone()).await.map_err(|e| AdaptError::Trainer(e.to_string()))?;
         let engine_scores: Vec<f32> = cand.iter().flat_map(|p| p.scores.iter().copied()).collect();
-        let parity = if trainer_scores.len() == engine_scores.len() { trainer_scores.iter().zip(&engine_scores).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) } else { f32::MAX };
+        let parity = if trainer_scores.len() == engine_scores.len() {
+            trainer_scores.iter().zip(&engine_scores).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+        } else {
+            f32::MAX
+        };
         (change, parity)
     };
 
     // How much of what the device sees still looks like the base domain (measured as the job
     // started): only then does forgetting it cost anything; the retention bound follows it.
     let base_traffic_share = if retention.is_some() { base_domain.traffic_share } else { None };
-    let mut evidence = Evidence { candidate: cand_metrics, incumbent: inc_metrics, retention, base_traffic_share, base_routed: None, finite, probe_change, parity_max_diff };
+    let mut evidence =
+        Evidence { candidate: cand_metrics, incumbent: inc_metrics, retention, base_traffic_share, base_routed: None, finite, probe_change, parity_max_diff };
     let mut decision = gate::decide(&evidence, &config.gate);
     // Refused only for forgetting a base domain the device still sees: the adapter may still
     // serve what moved, with the rows that look like the base domain answered by the base model.
@@ -219,12 +244,16 @@ pub(super) async fn judge(ctx: &Context, config: &AdaptConfig, store: &Mutex<Sam
         let routed_decision = gate::decide(&routed_evidence, &config.gate);
         if routed_decision.promote {
             adapter.manifest.base_routing = true;
-            notes.push(format!("the adapter alone forgot the base domain ({}); it serves with base-like inputs routed to the base model ({:.0} % of the holdout)", decision.summary, routed_evidence.base_routed.unwrap_or(0.0) * 100.0));
+            notes.push(format!(
+                "the adapter alone forgot the base domain ({}); it serves with base-like inputs routed to the base model ({:.0} % of the holdout)",
+                decision.summary,
+                routed_evidence.base_routed.unwrap_or(0.0) * 100.0
+            ));
             evidence = routed_evidence;
             decision = routed_decision;
         } else {
             notes.push(format!("routing base-like inputs to the base model did not pass either: {}", routed_decision.summary));
         }
     }
-    Ok(Judged { adapter, evidence, decision })
+    Ok(Judged { adapter, evidence, decision, notes })
 }

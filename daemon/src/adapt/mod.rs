@@ -184,7 +184,13 @@ fn as_refs(v: &[String]) -> Vec<&str> {
 
 /// The loop for one task, until `shutdown`. `configs` carries its settings; a new value (a
 /// configuration reload) applies from the next tick.
-pub async fn run(ctx: Context, mut configs: channel::Receiver<AdaptConfig>, commands: mpsc::Receiver<Command>, status: channel::Sender<Status>, shutdown: impl Future<Output = ()>) -> Result<(), AdaptError> {
+pub async fn run(
+    ctx: Context,
+    mut configs: channel::Receiver<AdaptConfig>,
+    commands: mpsc::Receiver<Command>,
+    status: channel::Sender<Status>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AdaptError> {
     let config = configs.borrow_and_update().clone();
     task_loop::TaskLoop::open(ctx, config, status)?.run(configs, commands, shutdown).await
 }

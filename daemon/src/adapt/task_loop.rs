@@ -87,7 +87,12 @@ impl TaskLoop {
 
     /// Tick until `shutdown`. A new value of `configs` (a reload) applies from the next tick:
     /// thresholds, device limits, the gate and the recipe of later jobs.
-    pub async fn run(mut self, mut configs: watch::Receiver<AdaptConfig>, mut commands: mpsc::Receiver<Command>, shutdown: impl Future<Output = ()>) -> Result<(), AdaptError> {
+    pub async fn run(
+        mut self,
+        mut configs: watch::Receiver<AdaptConfig>,
+        mut commands: mpsc::Receiver<Command>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), AdaptError> {
         let mut ticker = tokio::time::interval(self.config.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
@@ -128,7 +133,10 @@ impl TaskLoop {
         if self.config.store_budget_bytes > 0 {
             let e = lock(&self.store).evict_to_budget(&task, self.config.store_budget_bytes, self.config.reservoir_per_class)?;
             if e.evicted > 0 || (e.at_reservoir && !self.over_budget_reported) {
-                self.ctx.events.emit(&task, Event::SamplesEvicted { evicted: e.evicted as u64, bytes: e.bytes as u64, budget_bytes: self.config.store_budget_bytes, at_reservoir: e.at_reservoir });
+                self.ctx.events.emit(
+                    &task,
+                    Event::SamplesEvicted { evicted: e.evicted, bytes: e.bytes, budget_bytes: self.config.store_budget_bytes, at_reservoir: e.at_reservoir },
+                );
             }
             self.over_budget_reported = e.at_reservoir;
         }
@@ -290,7 +298,8 @@ impl TaskLoop {
         let task = &self.task;
         let from = self.ctx.registry.current(task).map_or(0, |s| s.version);
         let (serving, _) = self.ctx.registry.rollback(task).map_err(|e| self.operator_error(&e))?;
-        let event = self.ctx.events.emit(task, Event::RolledBack { from_version: from, to_version: serving.version, reason: reason.to_string(), by: by.to_string() });
+        let event =
+            self.ctx.events.emit(task, Event::RolledBack { from_version: from, to_version: serving.version, reason: reason.to_string(), by: by.to_string() });
         self.ctx.journal.record(&event);
         self.watch = RollbackWatch::new(self.watch.after_id, serving.version);
         Ok(format!("rolled {task} back from v{from} to v{}: {reason}", serving.version))
@@ -316,7 +325,8 @@ impl TaskLoop {
             Some(previous) => Some(hits(&predict_samples(&self.ctx, previous, &scored).await?)),
             None => None,
         };
-        let limits = WatchLimits { min_samples: self.config.watch_min_samples, rollback_drop: self.config.rollback_drop, max_samples: self.config.watch_max_samples };
+        let limits =
+            WatchLimits { min_samples: self.config.watch_min_samples, rollback_drop: self.config.rollback_drop, max_samples: self.config.watch_max_samples };
         match self.watch.record(scored.len() as u64, live_hits, previous_hits, &limits) {
             Verdict::Watching => {}
             Verdict::RollBack { reason } => match self.rollback(&reason, "watch") {
@@ -374,7 +384,19 @@ impl TaskLoop {
             if step == 0 {
                 let escalation: Vec<String> = ladder.iter().map(JobKind::label).collect();
                 let (samples, labels, notes) = (prepared.counts.clone(), prepared.labels.clone(), prepared.notes.clone());
-                ctx.events.emit(&task, Event::TrainingStarted { version, kind: kind.name().into(), trigger, device: ctx.trainer.device().into(), samples, labels, notes, escalation });
+                ctx.events.emit(
+                    &task,
+                    Event::TrainingStarted {
+                        version,
+                        kind: kind.name().into(),
+                        trigger,
+                        device: ctx.trainer.device().into(),
+                        samples,
+                        labels,
+                        notes,
+                        escalation,
+                    },
+                );
             }
             let attempt_started = Instant::now();
             let Prepared { job, labels, counts, notes } = prepared;
@@ -424,7 +446,16 @@ impl TaskLoop {
                     break;
                 }
                 None => {
-                    ctx.events.emit(&task, Event::TrainingEscalated { version, from: kind.label(), to: next.label(), val_accuracy: best_accuracy as f32, until: self.config.escalate_until });
+                    ctx.events.emit(
+                        &task,
+                        Event::TrainingEscalated {
+                            version,
+                            from: kind.label(),
+                            to: next.label(),
+                            val_accuracy: best_accuracy as f32,
+                            until: self.config.escalate_until,
+                        },
+                    );
                 }
             }
         }
@@ -461,7 +492,15 @@ impl TaskLoop {
 
     /// One fit of a job, followed to its end: progress, pause and resume under the device's
     /// budget, operator commands acted on at once, shutdown. Err carries how the job ends instead.
-    async fn train_attempt(&mut self, config: &AdaptConfig, job: TrainJob, version: u64, incumbent: &Serving, shutdown: &mut Pin<&mut impl Future<Output = ()>>, commands: &mut mpsc::Receiver<Command>) -> Result<FitReport, JobResult> {
+    async fn train_attempt(
+        &mut self,
+        config: &AdaptConfig,
+        job: TrainJob,
+        version: u64,
+        incumbent: &Serving,
+        shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> Result<FitReport, JobResult> {
         let (ctx, task) = (self.ctx.clone(), self.task.clone());
         let started = Instant::now();
         let mut handle = ctx.trainer.submit(job).map_err(|e| JobResult::Failed(e.to_string()))?;
@@ -535,7 +574,8 @@ impl TaskLoop {
         let (ctx, task) = (&self.ctx, &self.task);
         let Candidate { version, labels, counts, mut notes, trigger, report, train_seconds } = candidate;
         let bundle = ctx.registry.bundle();
-        let lora = report.lora.as_ref().map(|l| LoraInfo { rank: l.rank, alpha: l.alpha, target_modules: l.modules.iter().map(|m| m.module.clone()).collect() });
+        let lora =
+            report.lora.as_ref().map(|l| LoraInfo { rank: l.rank, alpha: l.alpha, target_modules: l.modules.iter().map(|m| m.module.clone()).collect() });
         let adapter = Adapter {
             manifest: AdapterManifest {
                 format: ADAPTER_FORMAT,
@@ -557,7 +597,9 @@ impl TaskLoop {
             head: report.head.clone(),
             lora: report.lora.clone(),
         };
-        let Judged { mut adapter, evidence, decision } = judge(ctx, &self.config, &self.store, incumbent, adapter, &report, &self.base_domain, &mut notes).await?;
+        let Judged { mut adapter, evidence, decision, notes: judged } =
+            judge(ctx, &self.config, &self.store, incumbent, adapter, &report, &self.base_domain).await?;
+        notes.extend(judged);
         let mut metrics = BTreeMap::from([
             ("holdout_accuracy".to_string(), evidence.candidate.accuracy),
             ("holdout_macro_f1".to_string(), evidence.candidate.macro_f1),
@@ -595,7 +637,8 @@ impl TaskLoop {
         adapter.manifest.decision = Some(json!({ "promote": decision.promote, "summary": decision.summary, "checks": decision.checks, "trigger": trigger }));
         // The event carries the decision and its figures; the journal also keeps the loss curves.
         let mut journalled = ctx.events.emit(task, Event::GateDecision(job.clone()));
-        journalled.event = Event::Job(JobRecord { training: TrainingSummary { epochs: report.epochs.clone(), losses: report.losses.clone(), ..job.training }, ..job });
+        journalled.event =
+            Event::Job(JobRecord { training: TrainingSummary { epochs: report.epochs.clone(), losses: report.losses.clone(), ..job.training }, ..job });
         // The gate compared against the incumbent; if something else serves now (an operator
         // acted while the candidate was evaluated), the comparison no longer holds.
         let serving_now = ctx.registry.current(task).map_or(0, |s| s.version);

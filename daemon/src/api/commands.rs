@@ -50,7 +50,15 @@ async fn execute(api: &Api, verifier: &Mutex<CommandVerifier>, task: &str, paylo
 }
 
 /// Answer commands until `shutdown`; reconnects with backoff on its own.
-pub async fn run(api: Arc<Api>, broker: BrokerConnection, client_id: String, topics: Topics, verifier: CommandVerifier, events: Events, shutdown: impl Future<Output = ()>) {
+pub async fn run(
+    api: Arc<Api>,
+    broker: BrokerConnection,
+    client_id: String,
+    topics: Topics,
+    verifier: CommandVerifier,
+    events: Events,
+    shutdown: impl Future<Output = ()>,
+) {
     let verifier = Arc::new(Mutex::new(verifier));
     let mut options = match broker.options(client_id) {
         Ok(o) => o,

@@ -7,12 +7,12 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use axum::Router;
 use axum::body::{Body, to_bytes};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
 use tokio::net::TcpListener;
 
 use super::Api;
@@ -64,7 +64,10 @@ async fn statuses(State(api): State<Arc<Api>>) -> Response {
 async fn status(State(api): State<Arc<Api>>, Path(task): Path<String>) -> Response {
     match api.task_status(&task) {
         Some(s) => json_response(StatusCode::OK, &serde_json::to_value(s).unwrap_or_default()),
-        None => json_response(StatusCode::NOT_FOUND, &serde_json::json!({ "error": "unknown_task", "message": format!("task {task:?} does not adapt on this device") })),
+        None => json_response(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({ "error": "unknown_task", "message": format!("task {task:?} does not adapt on this device") }),
+        ),
     }
 }
 

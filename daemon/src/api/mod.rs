@@ -46,7 +46,17 @@ pub struct TaskControl {
 
 impl Api {
     pub fn new(engine: EngineHandle, text: Option<Arc<TextEncoder>>, max_request_bytes: usize) -> Api {
-        Api { engine, text, max_request_bytes, refused: Mutex::new(BTreeMap::new()), control: BTreeMap::new(), ingest: None, monitor: Mutex::new(None), auth: None, traffic: None }
+        Api {
+            engine,
+            text,
+            max_request_bytes,
+            refused: Mutex::new(BTreeMap::new()),
+            control: BTreeMap::new(),
+            ingest: None,
+            monitor: Mutex::new(None),
+            auth: None,
+            traffic: None,
+        }
     }
 
     /// Ingest counters and device readings for `/metrics`.

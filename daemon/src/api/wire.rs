@@ -29,7 +29,9 @@ pub const CONTENT_JPEG: &str = "image/jpeg";
 pub enum WireError {
     #[error("payload of {size} bytes is over the limit of {limit} bytes")]
     TooLarge { size: usize, limit: usize },
-    #[error("content type {0:?} is not supported: send application/json, application/x-safetensors, image/png or image/jpeg (with curl: -H 'content-type: application/json')")]
+    #[error(
+        "content type {0:?} is not supported: send application/json, application/x-safetensors, image/png or image/jpeg (with curl: -H 'content-type: application/json')"
+    )]
     ContentType(String),
     #[error("invalid JSON request: {0}")]
     Json(String),
@@ -107,7 +109,10 @@ fn decode_json(body: &[u8], manifest: &Manifest, text: Option<&TextEncoder>) -> 
                 out.push(tensor?);
             }
             if let Some(extra) = inputs.keys().next() {
-                return Err(WireError::Input(format!("unknown input {extra:?}; the model takes {:?}", manifest.inputs.iter().map(|i| &i.name).collect::<Vec<_>>())));
+                return Err(WireError::Input(format!(
+                    "unknown input {extra:?}; the model takes {:?}",
+                    manifest.inputs.iter().map(|i| &i.name).collect::<Vec<_>>()
+                )));
             }
             Ok(out)
         }
@@ -133,7 +138,9 @@ fn decode_safetensors(body: &[u8], manifest: &Manifest) -> Result<Vec<HostTensor
             let tensor = match (spec.dtype, t.dtype()) {
                 (DType::F32, Dtype::F32) => HostTensor::f32(shape, f32s_from_le(bytes)),
                 (DType::I64, Dtype::I64) => HostTensor::i64(shape, i64s_from_le(bytes)),
-                (DType::I64, Dtype::I32) => HostTensor::i64(shape, bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect()),
+                (DType::I64, Dtype::I32) => {
+                    HostTensor::i64(shape, bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect())
+                }
                 (want, got) => return Err(WireError::Input(format!("input {:?} must be {want:?}, got {got:?}", spec.name))),
             };
             tensor.map_err(|e| WireError::Input(e.to_string()))
@@ -166,12 +173,12 @@ pub fn encode_predictions(preds: &[Prediction]) -> Vec<u8> {
             base_routed: p.base_routed,
         })
         .collect();
-    serde_json::to_vec(&serde_json::json!({ "predictions": items })).expect("predictions serialize")
+    serde_json::to_vec(&serde_json::json!({ "predictions": items })).unwrap_or_else(|_| b"{\"predictions\": []}".to_vec())
 }
 
 /// `{"error": {"type": "...", "message": "..."}}`
 pub fn encode_error(error_type: &str, message: &str) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({ "error": { "type": error_type, "message": message } })).expect("error serializes")
+    serde_json::to_vec(&serde_json::json!({ "error": { "type": error_type, "message": message } })).unwrap_or_else(|_| b"{\"error\": {}}".to_vec())
 }
 
 /// What went wrong with a request, for either transport.

@@ -183,7 +183,7 @@ const RECENT_LATENCIES: usize = 256;
 impl EngineStats {
     fn record_latency(&self, ms: f32) {
         self.latency.observe(ms as f64 / 1e3);
-        let mut recent = self.recent.lock().expect("latency ring");
+        let mut recent = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if recent.len() == RECENT_LATENCIES {
             recent.pop_front();
         }
@@ -192,7 +192,7 @@ impl EngineStats {
 
     /// p99 of the most recent requests' latency (queue + run), if any were served.
     pub fn recent_p99_ms(&self) -> Option<f64> {
-        let mut v: Vec<f32> = self.recent.lock().expect("latency ring").iter().copied().collect();
+        let mut v: Vec<f32> = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter().copied().collect();
         if v.is_empty() {
             return None;
         }
@@ -248,7 +248,7 @@ impl Engine {
                 serve(&mut model, &registry, &rx, &config, &engine_stats);
                 let _ = health_tx.send(Health::Stopped);
             })
-            .expect("spawn the engine thread");
+            .map_err(|e| OnnxError::Run(format!("cannot start the engine thread: {e}")))?;
         match loaded_rx.recv() {
             Ok(Ok(())) => Ok(Engine { handle: EngineHandle { tx, health, manifest, stats }, thread }),
             Ok(Err(e)) => {
@@ -318,12 +318,19 @@ impl EngineHandle {
         matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())))
     }
 
-    fn submit(&self, task: &str, adapter: Option<Arc<Serving>>, with_embedding: bool, inputs: Vec<HostTensor>) -> Result<oneshot::Receiver<Result<Vec<Prediction>, EngineError>>, EngineError> {
+    fn submit(
+        &self,
+        task: &str,
+        adapter: Option<Arc<Serving>>,
+        with_embedding: bool,
+        inputs: Vec<HostTensor>,
+    ) -> Result<oneshot::Receiver<Result<Vec<Prediction>, EngineError>>, EngineError> {
         let rows = validate_inputs(&self.manifest, &inputs).inspect_err(|_| {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
         })?;
         let (reply, rx) = oneshot::channel();
-        let request = Request { task: task.to_string(), adapter, with_embedding, submitted: Instant::now(), inputs, rows, span: tracing::Span::current(), reply };
+        let request =
+            Request { task: task.to_string(), adapter, with_embedding, submitted: Instant::now(), inputs, rows, span: tracing::Span::current(), reply };
         let refused = match self.tx.try_send(Command::Infer(request)) {
             Ok(()) => return Ok(rx),
             Err(TrySendError::Full(_)) => EngineError::Overloaded,
@@ -369,7 +376,7 @@ pub fn validate_inputs(manifest: &Manifest, inputs: &[HostTensor]) -> Result<usi
             return bad(format!("{:?} holds a non-finite value ({}) at element {i}", spec.name, v[i]));
         }
     }
-    Ok(rows.expect("at least one input"))
+    rows.ok_or_else(|| EngineError::BadInput("no inputs".into()))
 }
 
 fn warm_up(model: &mut OnnxModel) -> Result<(), OnnxError> {
@@ -560,7 +567,7 @@ fn pick_rows(inputs: &[HostTensor], rows: &[usize]) -> Vec<HostTensor> {
 /// Concatenate requests along the batch axis; text inputs (i64 `[rows, seq]`) of different
 /// lengths are right-padded with zeros, which is both the pad token id and a masked position.
 pub fn concat_inputs<'a>(requests: impl Iterator<Item = &'a [HostTensor]> + Clone) -> Vec<HostTensor> {
-    let first = requests.clone().next().expect("non-empty group");
+    let Some(first) = requests.clone().next() else { return Vec::new() };
     (0..first.len())
         .map(|i| {
             let parts: Vec<&HostTensor> = requests.clone().map(|r| &r[i]).collect();
@@ -573,7 +580,7 @@ pub fn concat_inputs<'a>(requests: impl Iterator<Item = &'a [HostTensor]> + Clon
             }
             let width: usize = shape[1..].iter().product();
             let data = match &parts[0].data {
-                HostData::F32(_) => HostData::F32(parts.iter().flat_map(|t| t.as_f32().expect("same dtype").iter().copied()).collect()),
+                HostData::F32(_) => HostData::F32(parts.iter().flat_map(|t| t.as_f32().unwrap_or(&[]).iter().copied()).collect()),
                 HostData::I64(_) => {
                     let mut out = vec![0i64; rows * width];
                     let mut row = 0;
@@ -595,37 +602,48 @@ pub fn concat_inputs<'a>(requests: impl Iterator<Item = &'a [HostTensor]> + Clon
 
 /// Fill in the answers of a group's parts from its graph outputs (rows in part order).
 fn answer(manifest: &Manifest, outputs: &[HostTensor], parts: &[Part], batch: &[Request], answers: &mut [Result<Vec<Option<Prediction>>, EngineError>]) {
-    let emb_index = manifest.output_index(&manifest.embedding_output).expect("manifest checked");
     let logits_index = manifest.logits_output.as_ref().and_then(|n| manifest.output_index(n));
     let dim = manifest.embedding_dim;
-    let embeddings = outputs[emb_index].as_f32().expect("f32 output");
+    // Checked against the manifest when the session loaded; a graph that breaks that contract
+    // fails the whole group rather than the engine thread.
+    let embeddings = manifest.output_index(&manifest.embedding_output).and_then(|i| outputs.get(i)).and_then(HostTensor::as_f32);
+    let Some(embeddings) = embeddings.filter(|e| e.len() >= parts.iter().map(|p| p.rows.as_ref().map_or(batch[p.request].rows, Vec::len)).sum::<usize>() * dim)
+    else {
+        for part in parts {
+            answers[part.request] = Err(EngineError::Runtime("the serving graph gave no f32 embedding of the expected size".into()));
+        }
+        return;
+    };
     let mut row = 0;
     for part in parts {
         let req = &batch[part.request];
         let serving = &part.serving;
         let n = part.rows.as_ref().map_or(req.rows, Vec::len);
-        let base_logits = |li: usize| {
-            let classes = outputs[li].shape[1];
-            outputs[li].as_f32().expect("f32 output")[row * classes..(row + n) * classes].to_vec()
+        let base_logits = |li: usize| -> Result<Vec<f32>, EngineError> {
+            let t = &outputs[li];
+            let classes = t.shape.get(1).copied().unwrap_or(0);
+            t.as_f32()
+                .and_then(|v| v.get(row * classes..(row + n) * classes))
+                .map(<[f32]>::to_vec)
+                .ok_or_else(|| EngineError::Runtime("the serving graph gave no f32 logits".into()))
         };
         let result = match (&serving.head, logits_index, &serving.route) {
-            (Some(_), Some(li), Some(route)) if part.base_view => {
-                // The base classifier's scores, in the adapter's label order (0 for labels the
-                // base model does not know, which then cannot win on base-like rows).
-                let base = base_logits(li);
-                let base_classes = outputs[li].shape[1];
+            (Some(_), Some(li), Some(route)) if part.base_view => base_logits(li).map(|base| {
+                // The base classifier's scores, in the adapter's label order (-inf for labels
+                // the base model does not know, which then cannot win on base-like rows).
+                let base_classes = outputs[li].shape.get(1).copied().unwrap_or(0);
                 let mut logits = vec![f32::NEG_INFINITY; n * serving.labels.len()];
                 for r in 0..n {
                     for (j, b) in route.base_index.iter().enumerate() {
-                        if let Some(b) = b {
-                            logits[r * serving.labels.len() + j] = base[r * base_classes + b];
+                        if let Some(score) = b.and_then(|b| base.get(r * base_classes + b)) {
+                            logits[r * serving.labels.len() + j] = *score;
                         }
                     }
                 }
-                Ok(logits)
-            }
+                logits
+            }),
             (Some(head), _, _) => Ok(head.forward(&embeddings[row * dim..(row + n) * dim], n)),
-            (None, Some(li), _) => Ok(base_logits(li)),
+            (None, Some(li), _) => base_logits(li),
             (None, None, _) if req.with_embedding => Ok(Vec::new()),
             (None, None, _) => Err(EngineError::NoClassifier(serving.task.clone())),
         };

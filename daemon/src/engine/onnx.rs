@@ -191,7 +191,11 @@ impl OnnxModel {
     pub fn prepare_lora(&self, lora: &[HostTensor]) -> Result<Vec<DynValue>, OnnxError> {
         let names = &self.input_names[self.bundle.manifest.inputs.len()..];
         if lora.len() != names.len() {
-            return Err(OnnxError::InputCount { expected: self.input_names.len(), actual: self.bundle.manifest.inputs.len() + lora.len(), names: self.input_names.join(", ") });
+            return Err(OnnxError::InputCount {
+                expected: self.input_names.len(),
+                actual: self.bundle.manifest.inputs.len() + lora.len(),
+                names: self.input_names.join(", "),
+            });
         }
         names.iter().zip(lora).map(|(name, t)| to_value(name, t.clone())).collect()
     }

@@ -115,7 +115,9 @@ fn label_of(v: &serde_json::Value) -> Result<String, DecodeError> {
         serde_json::Value::String(s) => Ok(s.clone()),
         serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
         // Past 64 bits serde_json reads an integer as a float and would print it as one.
-        serde_json::Value::Number(n) if n.as_f64().is_some_and(|f| f.fract() == 0.0) => Err(field("label", "is an integer too large for 64 bits; send it as a string")),
+        serde_json::Value::Number(n) if n.as_f64().is_some_and(|f| f.fract() == 0.0) => {
+            Err(field("label", "is an integer too large for 64 bits; send it as a string"))
+        }
         other => Err(field("label", format!("must be a string or an integer, got {other}"))),
     }
 }
@@ -231,7 +233,9 @@ fn check_tensor(t: &HostTensor, manifest: &Manifest) -> Result<(), DecodeError> 
         [only] => only,
         _ => return Err(DecodeError::Input(format!("bundle {:?} takes {} inputs; send text", manifest.name, manifest.inputs.len()))),
     };
-    let fits = t.shape.len() == spec.shape.len() && t.shape.first() == Some(&1) && t.shape.iter().zip(&spec.shape).skip(1).all(|(&got, &want)| want < 0 || got as i64 == want);
+    let fits = t.shape.len() == spec.shape.len()
+        && t.shape.first() == Some(&1)
+        && t.shape.iter().zip(&spec.shape).skip(1).all(|(&got, &want)| want < 0 || got as i64 == want);
     if !fits {
         return Err(DecodeError::Input(format!("shape {:?} does not fit {:?} with a batch of 1", t.shape, spec.shape)));
     }

@@ -151,7 +151,11 @@ pub async fn run(
                     // once at its own size (the broker's limit bounds it), refuse it, ack it.
                     if let Some(size) = oversized_packet(&e) {
                         let once = size.saturating_add(PACKET_OVERHEAD).min(MQTT_MAX_PACKET);
-                        tracing::warn!(size, limit = max_payload, "a message over the sample limit is waiting; reading it once to refuse it (set the broker's message_size_limit to bound this)");
+                        tracing::warn!(
+                            size,
+                            limit = max_payload,
+                            "a message over the sample limit is waiting; reading it once to refuse it (set the broker's message_size_limit to bound this)"
+                        );
                         events.mqtt_options.set_max_packet_size(once, read_limit);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
@@ -228,7 +232,11 @@ async fn store_batch(
         let inserted = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert_batch(&samples)?;
         for ((result, sample), topic) in inserted.iter().zip(&samples).zip(topics) {
             if let Inserted::Conflict { kept_task, kept_label } = result {
-                let conflict = decode::DecodeError::Conflict { key: sample.key.clone(), sent: format!("{}/{}", sample.task, sample.label), kept: format!("{kept_task}/{kept_label}") };
+                let conflict = decode::DecodeError::Conflict {
+                    key: sample.key.clone(),
+                    sent: format!("{}/{}", sample.task, sample.label),
+                    kept: format!("{kept_task}/{kept_label}"),
+                };
                 refusals.push((topic, conflict));
             }
         }
@@ -248,7 +256,14 @@ async fn store_batch(
     for (topic, e) in &refusals {
         stats.count_refusal(e.error_type());
         tracing::info!(topic, reason = e.error_type(), error = %e, "sample refused");
-        let _ = client.publish(config.events_topic(), QoS::AtLeastOnce, false, refusal_event(topic, config.topics.task_of(Channel::Samples, topic).unwrap_or_default(), e)).await;
+        let _ = client
+            .publish(
+                config.events_topic(),
+                QoS::AtLeastOnce,
+                false,
+                refusal_event(topic, config.topics.task_of(Channel::Samples, topic).unwrap_or_default(), e),
+            )
+            .await;
     }
     for a in &batch {
         if let Err(e) = client.ack(&a.publish).await {
