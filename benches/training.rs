@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test and bench code: a failure is the report
 //! adaptd's side of `benches/compare_training.py`: the daemon's own training recipe
-//! (`adaptd_adapters::train::fit`, the function the trainer thread runs) on data the driver
+//! (`adaptd_train::fit`, the function the trainer thread runs) on data the driver
 //! prepared, printing one JSON line. PEFT's side is `benches/peft_reference.py`; the driver runs
 //! both in turn, several times, and prints medians and ratios.
 //!
@@ -16,8 +16,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 
 use adaptd_adapters::head::{Dense, Head};
-use adaptd_adapters::train::{Examples, FitTarget, Recipe, Schedule, TrainingGraph, fit, memory};
 use adaptd_adapters::{Bundle, HostTensor};
+use adaptd_train::{Examples, FitTarget, Recipe, Schedule, TrainingGraph, fit, memory};
 use safetensors::{Dtype, SafeTensors};
 
 fn tensor(st: &SafeTensors<'_>, name: &str) -> HostTensor {

@@ -8,7 +8,6 @@ pub mod head;
 pub mod lora;
 pub mod store;
 pub mod tensor;
-pub mod train;
 
 pub use bundle::{Bundle, BundleError, Manifest};
 pub use files::{Adapter, AdapterKind, AdapterManifest};

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use adaptd_adapters::train::{Recipe, Schedule};
+use adaptd_train::{Recipe, Schedule};
 
 use crate::adapt::AdaptConfig;
 use crate::engine::EngineConfig;

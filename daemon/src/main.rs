@@ -8,7 +8,7 @@ use adaptd::engine::onnx::{OnnxModel, SessionOptions};
 use adaptd::parity::{self, PARITY_TOLERANCE, ParityReport};
 use adaptd::paths;
 use adaptd_adapters::Bundle;
-use adaptd_adapters::train::{FitReport, TrainingGraph};
+use adaptd_train::{FitReport, TrainingGraph};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]

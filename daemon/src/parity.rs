@@ -10,7 +10,7 @@ use adaptd_adapters::head::{Dense, Head};
 use adaptd_adapters::lora::{LoraWeights, no_adapter_inputs};
 use adaptd_adapters::tensor::SeededRng;
 use adaptd_adapters::tensor::{HostData, HostTensor, max_abs_diff};
-use adaptd_adapters::train::{Examples, FitReport, FitTarget, Recipe, Schedule, TrainError, TrainingGraph, fit};
+use adaptd_train::{Examples, FitReport, FitTarget, Recipe, Schedule, TrainError, TrainingGraph, fit};
 
 use crate::datasets::{DatasetError, Digits, ROBOT_INTENTS, Shift};
 use crate::engine::onnx::{OnnxError, OnnxModel};

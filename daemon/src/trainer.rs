@@ -17,7 +17,7 @@ use adaptd_adapters::bundle::Bundle;
 use adaptd_adapters::head::{Head, softmax_rows};
 use adaptd_adapters::lora::LoraWeights;
 use adaptd_adapters::tensor::HostTensor;
-use adaptd_adapters::train::{Examples, FitReport, FitTarget, Progress, Recipe, TrainError, TrainingGraph, fit};
+use adaptd_train::{Examples, FitReport, FitTarget, Progress, Recipe, TrainError, TrainingGraph, fit};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 

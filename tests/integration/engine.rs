@@ -13,8 +13,8 @@ use adaptd::preprocess::TextEncoder;
 use adaptd::registry::Registry;
 use adaptd_adapters::head::softmax_rows;
 use adaptd_adapters::tensor::HostTensor;
-use adaptd_adapters::train::TrainingGraph;
 use adaptd_adapters::{AdapterStore, Bundle};
+use adaptd_train::TrainingGraph;
 
 use crate::{digits_data, head_adapter, lora_adapter, reference_bundle};
 

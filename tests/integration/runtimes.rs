@@ -9,7 +9,7 @@ use adaptd_adapters::Bundle;
 use adaptd_adapters::head::{Dense, Head};
 use adaptd_adapters::lora::no_adapter_inputs;
 use adaptd_adapters::tensor::HostTensor;
-use adaptd_adapters::train::{Examples, FitTarget, Recipe, TrainError, TrainingGraph, fit};
+use adaptd_train::{Examples, FitTarget, Recipe, TrainError, TrainingGraph, fit};
 use tch::Device;
 
 use crate::{digits_data, reference_bundle};
@@ -72,13 +72,13 @@ fn trimming_padding_from_a_text_batch_changes_no_output() {
         .encode(&["pick up the blue box", "go to the dock", long])
         .unwrap()
         .iter()
-        .map(|t| adaptd_adapters::train::to_tensor(t, Device::Cpu).narrow(0, 0, 2))
+        .map(|t| adaptd_train::to_tensor(t, Device::Cpu).narrow(0, 0, 2))
         .collect();
     let trimmed = graph.trim_padding(padded.iter().map(tch::Tensor::shallow_clone).collect());
     let (full, short) = (padded[0].size()[1], trimmed[0].size()[1]);
     assert!(short < full && trimmed.iter().all(|t| t.size()[1] == short), "{full} -> {short} columns");
     assert_eq!(short, padded[1].sum_dim_intlist(1, false, tch::Kind::Int64).max().int64_value(&[]), "cut to the longest text of the batch");
-    let lora = no_adapter_inputs(&bundle.manifest.lora).iter().map(|t| adaptd_adapters::train::to_tensor(t, Device::Cpu)).collect::<Vec<_>>();
+    let lora = no_adapter_inputs(&bundle.manifest.lora).iter().map(|t| adaptd_train::to_tensor(t, Device::Cpu)).collect::<Vec<_>>();
     let (a, b) = (graph.forward(&padded, &lora).unwrap(), graph.forward(&trimmed, &lora).unwrap());
     let diff = (&a[0] - &b[0]).abs().max().double_value(&[]);
     assert!(diff < 1e-5, "trimming changed the embedding by {diff}");
@@ -120,7 +120,7 @@ fn lora_dropout_drops_only_the_lora_path_while_training() {
     assert!(graph.has_lora_dropout(), "the exporter gives training graphs a LoRA dropout input");
     let spec = &bundle.manifest.lora;
     let inputs = parity::probe_inputs(&bundle, &digits_data()).unwrap();
-    let images = adaptd_adapters::train::to_tensor(&inputs[0], Device::Cpu);
+    let images = adaptd_train::to_tensor(&inputs[0], Device::Cpu);
     let slot = |b_scale: f32| -> Vec<tch::Tensor> {
         spec.slots
             .iter()

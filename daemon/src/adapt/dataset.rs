@@ -7,7 +7,7 @@ use adaptd_adapters::bundle::{Bundle, RetentionSet};
 use adaptd_adapters::files::SampleCounts;
 use adaptd_adapters::head::{Head, grow_linear};
 use adaptd_adapters::tensor::HostTensor;
-use adaptd_adapters::train::Examples;
+use adaptd_train::Examples;
 
 use super::{AdaptConfig, AdaptError};
 use crate::engine::concat_inputs;

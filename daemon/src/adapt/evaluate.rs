@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use adaptd_adapters::bundle::RetentionSet;
 use adaptd_adapters::files::Adapter;
 use adaptd_adapters::tensor::HostTensor;
-use adaptd_adapters::train::FitReport;
+use adaptd_train::FitReport;
 
 use super::dataset::{BaseDomain, model_inputs};
 use super::{AdaptConfig, AdaptError, Context, as_refs, lock};

@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use adaptd_adapters::train::Recipe;
+use adaptd_train::Recipe;
 use tokio::sync::{mpsc, oneshot, watch as channel};
 
 pub use dataset::model_inputs;

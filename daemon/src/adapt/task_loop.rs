@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use adaptd_adapters::bundle::RetentionSet;
 use adaptd_adapters::files::{ADAPTER_FORMAT, Adapter, AdapterKind, AdapterManifest, BaseRef, LoraInfo, SampleCounts};
-use adaptd_adapters::train::FitReport;
 use adaptd_protocol::Event;
 use adaptd_protocol::event::{JobRecord, TrainingSummary};
+use adaptd_train::FitReport;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 

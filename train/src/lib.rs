@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tch::{CModule, Device, IValue, Kind, Tensor, nn, nn::OptimizerConfig};
 
-use crate::bundle::{Bundle, DType, Manifest};
-use crate::head::{Dense, Head};
-use crate::lora::{LoraModule, LoraWeights, slot_shapes};
-use crate::tensor::{HostData, HostTensor, SeededRng};
+use adaptd_adapters::bundle::{Bundle, DType, Manifest};
+use adaptd_adapters::head::{Dense, Head};
+use adaptd_adapters::lora::{LoraModule, LoraWeights, slot_shapes};
+use adaptd_adapters::tensor::{HostData, HostTensor, SeededRng};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -35,7 +35,7 @@ pub enum TrainError {
     #[error("training needs at least {needed} bytes at batch size 1, over the memory budget of {budget} bytes")]
     MemoryBudget { budget: u64, needed: u64 },
     #[error(transparent)]
-    Lora(#[from] crate::lora::LoraError),
+    Lora(#[from] adaptd_adapters::lora::LoraError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }
@@ -78,7 +78,7 @@ impl TrainingGraph {
             let _ = p.set_requires_grad(false);
         }
         let attention_mask = match bundle.manifest.preprocessing {
-            crate::bundle::Preprocessing::Text { .. } => bundle.manifest.inputs.iter().position(|i| i.name == "attention_mask"),
+            adaptd_adapters::bundle::Preprocessing::Text { .. } => bundle.manifest.inputs.iter().position(|i| i.name == "attention_mask"),
             _ => None,
         };
         Ok(TrainingGraph { module, manifest: bundle.manifest.clone(), device, attention_mask })
@@ -416,7 +416,7 @@ pub fn fit(
             }
             let spec = &graph.manifest().lora;
             if *rank == 0 || *rank > spec.rank_max {
-                return Err(crate::lora::LoraError::Rank { rank: *rank, rank_max: spec.rank_max }.into());
+                return Err(adaptd_adapters::lora::LoraError::Rank { rank: *rank, rank_max: spec.rank_max }.into());
             }
             (graph.device(), Some(*graph), Some((spec.clone(), *rank, *alpha)))
         }
