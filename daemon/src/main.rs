@@ -428,23 +428,32 @@ fn adapters(command: AdaptersCommand) -> anyhow::Result<ExitCode> {
             let text = format!("{} exported to {} ({} files, hashes in adapter.json)\n", manifest.id(), out.display(), manifest.files.len());
             Ok((text, serde_json::json!({ "adapter": manifest.id(), "dir": out })))
         }),
+        // Never beside a running daemon's registry: through it when it runs (it hands out
+        // versions, so an import cannot take the one a job is about to promote), else here with
+        // the state directory locked so no daemon starts meanwhile.
         AdaptersCommand::Import { dir, task, daemon } => operate(daemon.json, || {
             let config = daemon.config()?;
-            let mut adapter = adaptd_adapters::Adapter::read_dir(&dir)?;
-            let bundle = adaptd_adapters::Bundle::open(&config.bundle)?;
-            adapter.check_fits(&bundle)?;
-            let store = adaptd_adapters::AdapterStore::open(daemon.state_dir()?.join("adapters"))?;
+            let state_dir = daemon.state_dir()?;
+            let dir = std::fs::canonicalize(&dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+            let adapter = adaptd_adapters::Adapter::read_dir(&dir)?;
             let from = adapter.manifest.id();
-            if let Some(t) = task {
-                adapter.manifest.task = t;
+            match adaptd::serve::lock_state_dir(&state_dir) {
+                Ok(_lock) => {
+                    let bundle = adaptd_adapters::Bundle::open(&config.bundle)?;
+                    let store = adaptd_adapters::AdapterStore::open(state_dir.join("adapters"))?;
+                    let (registry, _) = adaptd::registry::Registry::open(bundle, store, config.adapters.keep_versions)?;
+                    let manifest = registry.import(adapter, task)?;
+                    let (task, version) = (manifest.task.clone(), manifest.version);
+                    let text = format!("{from} imported as {}; `adaptd adapters pin {task} {version}` serves it\n", manifest.id());
+                    Ok((text, serde_json::json!({ "imported_from": from, "adapter": manifest.id(), "version": version })))
+                }
+                Err(adaptd::serve::StateLockError::InUse { .. }) => {
+                    let task = task.unwrap_or_else(|| adapter.manifest.task.clone());
+                    let message = adaptd::ops::import_through_daemon(&daemon.client()?, &task, &dir)?;
+                    Ok((format!("{message} (through the running daemon)\n"), serde_json::json!({ "imported_from": from, "message": message })))
+                }
+                Err(e) => Err(e.into()),
             }
-            let task = adapter.manifest.task.clone();
-            adapter.manifest.version = store.versions(&task)?.last().copied().unwrap_or(0) + 1;
-            // Promoted elsewhere is not promoted here: it serves once an operator pins it.
-            adapter.manifest.promoted_unix_ms = None;
-            let manifest = store.save(&adapter)?;
-            let text = format!("{from} imported as {}; `adaptd adapters pin {task} {}` serves it\n", manifest.id(), manifest.version);
-            Ok((text, serde_json::json!({ "imported_from": from, "adapter": manifest.id(), "version": manifest.version })))
         }),
         AdaptersCommand::Rollback { task, daemon } => operate(daemon.json, || {
             let message = adaptd::ops::command(&daemon.client()?, &task, "rollback")?;

@@ -47,6 +47,14 @@ pub fn render_status(statuses: &[TaskStatus]) -> String {
     adaptd_protocol::status::render_statuses(statuses, crate::events::now_ms())
 }
 
+/// Ask the running daemon to import the adapter exported in `dir` (an absolute path) as
+/// `task`'s next version.
+pub fn import_through_daemon(client: &Client, task: &str, dir: &Path) -> Result<String, OpsError> {
+    let r = client.post(&format!("/v1/tasks/{task}/import"), Some(&json!({ "dir": dir })))?;
+    let message = r.body["message"].as_str().unwrap_or_default().to_string();
+    if r.ok() { Ok(message) } else { Err(OpsError::Refused(r.message())) }
+}
+
 /// Ask the daemon to act on `task`: `train`, `rollback` or `pin/{version}`.
 pub fn command(client: &Client, task: &str, action: &str) -> Result<String, OpsError> {
     let r = client.post(&format!("/v1/tasks/{task}/{action}"), None)?;

@@ -117,6 +117,8 @@ pub struct Registry {
     base_lora: Arc<LoraInputs>,
     tasks: RwLock<BTreeMap<String, Arc<ArcSwap<Serving>>>>,
     next_key: AtomicU64,
+    /// The highest version handed out per task (see `next_version`).
+    reserved: std::sync::Mutex<BTreeMap<String, u64>>,
     /// Built from the bundle's retention set on first use.
     router: OnceLock<Result<Arc<BaseRouter>, &'static str>>,
 }
@@ -135,6 +137,7 @@ impl Registry {
             base_lora,
             tasks: RwLock::new(BTreeMap::new()),
             next_key: AtomicU64::new(1),
+            reserved: std::sync::Mutex::new(BTreeMap::new()),
             router: OnceLock::new(),
         };
         let mut events = Vec::new();
@@ -199,10 +202,28 @@ impl Registry {
     }
 
     /// The version number a new adapter of `task` gets: above every version on disk and the one serving.
+    /// Reserved: a job that trains it and an import that arrives meanwhile never get the same one.
     pub fn next_version(&self, task: &str) -> Result<u64, RegistryError> {
         let on_disk = self.store.versions(task)?.last().copied().unwrap_or(0);
         let serving = self.current(task).map_or(0, |s| s.version);
-        Ok(on_disk.max(serving) + 1)
+        let mut reserved = self.reserved.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let slot = reserved.entry(task.to_string()).or_insert(0);
+        *slot = (*slot).max(on_disk).max(serving) + 1;
+        Ok(*slot)
+    }
+
+    /// Keep `adapter` (made on another device, exported) as the next version of `task` (its own
+    /// task when None), not serving: an operator pins it. Checked against the bundle first.
+    pub fn import(&self, mut adapter: Adapter, task: Option<String>) -> Result<AdapterManifest, RegistryError> {
+        adapter.check_fits(&self.bundle)?;
+        if let Some(task) = task {
+            check_task_name(&task)?;
+            adapter.manifest.task = task;
+        }
+        adapter.manifest.version = self.next_version(&adapter.manifest.task)?;
+        // Promoted elsewhere is not promoted here: it serves once an operator pins it.
+        adapter.manifest.promoted_unix_ms = None;
+        Ok(self.store.save(&adapter)?)
     }
 
     /// Serve the newest readable version older than the current one (or the base model).

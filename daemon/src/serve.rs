@@ -266,22 +266,44 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
 #[derive(Debug)]
 pub struct StateLock(#[allow(dead_code)] std::fs::File); // held, not read: the lock lives as long as the descriptor
 
-pub fn lock_state_dir(dir: &std::path::Path) -> anyhow::Result<StateLock> {
+/// Why the state directory could not be locked.
+#[derive(Debug, thiserror::Error)]
+pub enum StateLockError {
+    #[error("state directory {dir} is in use by another adaptd ({holder}); one daemon per state directory")]
+    InUse { dir: PathBuf, holder: String },
+    #[error("state directory {dir}: {reason} (it must be writable by the daemon's user)")]
+    Io { dir: PathBuf, reason: String },
+}
+
+impl StateLockError {
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            StateLockError::InUse { .. } => "in_use",
+            StateLockError::Io { .. } => "io",
+        }
+    }
+}
+
+pub fn lock_state_dir(dir: &std::path::Path) -> Result<StateLock, StateLockError> {
     use std::io::Write;
     use std::os::fd::AsRawFd;
-    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("state directory {}: {e} (it must be writable by the daemon's user)", dir.display()))?;
+    let io = |reason: String| StateLockError::Io { dir: dir.to_path_buf(), reason };
+    std::fs::create_dir_all(dir).map_err(|e| io(e.to_string()))?;
     let path = dir.join("adaptd.lock");
-    let mut file =
-        std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).map_err(|e| {
-            anyhow::anyhow!("state directory {}: cannot write {}: {e} (it must be writable by the daemon's user)", dir.display(), path.display())
-        })?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io(format!("cannot write {}: {e}", path.display())))?;
     // SAFETY: flock on a descriptor this function owns; no memory is shared.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let holder = std::fs::read_to_string(&path).unwrap_or_default();
-        anyhow::bail!("state directory {} is in use by another adaptd ({}); one daemon per state directory", dir.display(), holder.trim());
+        let holder = std::fs::read_to_string(&path).unwrap_or_default().trim().to_string();
+        return Err(StateLockError::InUse { dir: dir.to_path_buf(), holder });
     }
-    file.set_len(0)?;
-    write!(file, "pid {}", std::process::id())?;
+    file.set_len(0).map_err(|e| io(e.to_string()))?;
+    write!(file, "pid {}", std::process::id()).map_err(|e| io(e.to_string()))?;
     Ok(StateLock(file))
 }
 

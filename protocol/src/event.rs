@@ -190,6 +190,12 @@ pub enum Event {
         reason: String,
         by: String,
     },
+    /// An operator imported an adapter exported elsewhere; it serves once pinned.
+    AdapterImported {
+        version: u64,
+        from: String,
+        by: String,
+    },
     Pinned {
         version: u64,
         by: String,
@@ -218,7 +224,7 @@ pub enum Event {
 
 impl Event {
     /// Every kind, as `event` names it.
-    pub const KINDS: [&'static str; 21] = [
+    pub const KINDS: [&'static str; 22] = [
         "sample_refused",
         "samples_evicted",
         "training_started",
@@ -235,6 +241,7 @@ impl Event {
         "job",
         "promoted",
         "rolled_back",
+        "adapter_imported",
         "pinned",
         "watch_passed",
         "config_reloaded",
@@ -260,6 +267,7 @@ impl Event {
             Event::Job(_) => "job",
             Event::Promoted { .. } => "promoted",
             Event::RolledBack { .. } => "rolled_back",
+            Event::AdapterImported { .. } => "adapter_imported",
             Event::Pinned { .. } => "pinned",
             Event::WatchPassed { .. } => "watch_passed",
             Event::ConfigReloaded { .. } => "config_reloaded",
@@ -282,6 +290,7 @@ impl Event {
             | Event::TrainingCancelled { version, .. }
             | Event::Promoted { version, .. }
             | Event::Pinned { version, .. }
+            | Event::AdapterImported { version, .. }
             | Event::WatchPassed { version, .. } => Some(*version),
             Event::GateDecision(job) | Event::Job(job) => Some(job.version),
             Event::RolledBack { to_version, .. } => Some(*to_version),

@@ -65,6 +65,7 @@ fn examples() -> Vec<Event> {
         Event::Promoted { version: 2, from_version: 1, holdout_accuracy: Some(0.9), incumbent_holdout_accuracy: Some(0.8), recovered: true, reason: Some(s()) },
         Event::RolledBack { from_version: 2, to_version: 1, reason: s(), by: s() },
         Event::Pinned { version: 1, by: s() },
+        Event::AdapterImported { version: 3, from: s(), by: s() },
         Event::WatchPassed { version: 1, fresh_samples: 10, accuracy: 0.9, previous_accuracy: 0.8 },
         Event::ConfigReloaded { applied: vec![], needs_restart: vec![] },
         Event::ConfigRefused { reason: s() },

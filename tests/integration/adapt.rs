@@ -307,13 +307,23 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
     let (code, stdout, stderr) = cli(&["adapters", "export", "sorter", "1", "--out", out.to_str().unwrap(), "--config", &cfg]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains("sorter@v1 exported"), "{stdout}");
-    let (code, stdout, stderr) = cli(&["adapters", "import", out.to_str().unwrap(), "--config", &cfg, "--json"]);
+    // The daemon runs: the import goes through it (its registry hands out versions), never
+    // beside it, and is announced.
+    let (code, stdout, stderr) = cli(&["adapters", "import", out.to_str().unwrap(), "--config", &cfg, "--http", &addr, "--json"]);
     assert_eq!(code, Some(0), "{stderr}");
-    assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap()["version"], 2, "{stdout}");
-    let (code, _, stderr) = cli(&["adapters", "pin", "sorter", "2", "--http", &addr, "--state-dir", &state_dir]);
+    let answer: Value = serde_json::from_str(&stdout).unwrap();
+    let imported = events.wait_for("adapter_imported", Duration::from_secs(10));
+    assert_eq!((imported["from"].as_str(), imported["by"].as_str()), (Some("sorter@v1"), Some("http (control token)")), "{imported}");
+    // Above every version a job has taken (a rejected job's number is not reused).
+    let version = imported["version"].as_u64().unwrap();
+    assert!(version >= 2, "{imported}");
+    assert!(answer["message"].as_str().unwrap().contains(&format!("sorter@v1 imported as sorter@v{version}")), "{stdout}");
+    let (code, _, stderr) = cli(&["adapters", "import", "relative/dir", "--config", &cfg, "--http", &addr]);
+    assert_eq!(code, Some(1), "{stderr}");
+    let (code, _, stderr) = cli(&["adapters", "pin", "sorter", &version.to_string(), "--http", &addr, "--state-dir", &state_dir]);
     assert_eq!(code, Some(0), "{stderr}");
     let (_, status) = http("GET", &format!("{base}/v1/tasks/sorter/status"));
-    assert_eq!(status["serving_version"], 2, "the imported adapter serves");
+    assert_eq!(status["serving_version"], version, "the imported adapter serves");
     let garbage = state.path().join("garbage");
     std::fs::create_dir_all(&garbage).unwrap();
     std::fs::write(garbage.join("adapter.json"), "{").unwrap();

@@ -178,3 +178,20 @@ fn an_unusable_active_pointer_serves_the_newest_promoted_version_never_an_import
     assert!(!dir.path().join("sorter/.active.tmp-4242").exists() && !dir.path().join("sorter/.v000004.staging-4242").exists());
     assert_eq!(store.versions("sorter").unwrap(), vec![1, 2, 3]);
 }
+
+#[test]
+fn versions_are_reserved_so_an_import_never_takes_the_one_a_job_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reg, _) = open(dir.path(), 5);
+    reg.ensure_task("sorter").unwrap();
+    let training = reg.next_version("sorter").unwrap();
+    assert_eq!(training, 1);
+    // While v1 trains, an operator imports an adapter made elsewhere (its own version 7).
+    let imported = reg.import(head_adapter(reg.bundle(), "other-device-task", 7, 3), Some("sorter".into())).unwrap();
+    assert_eq!((imported.task.as_str(), imported.version, imported.promoted_unix_ms), ("sorter", 2, None), "the next free version, not serving");
+    assert_eq!(reg.current("sorter").unwrap().version, 0, "an import serves only once pinned");
+    reg.promote(head_adapter(reg.bundle(), "sorter", training, 1)).unwrap();
+    assert_eq!(reg.store().versions("sorter").unwrap(), vec![1, 2], "both kept, neither overwrote the other");
+    assert_eq!(reg.next_version("sorter").unwrap(), 3);
+    assert_eq!(reg.pin("sorter", 2).unwrap().version, 2);
+}

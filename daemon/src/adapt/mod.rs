@@ -124,8 +124,10 @@ pub struct Context {
 }
 
 /// What an operator asks of a task's loop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommandKind {
+    /// Keep the exported adapter in this directory as the task's next version (not serving).
+    Import(PathBuf),
     TrainNow,
     Rollback,
     /// Serve this version (0: the base model).

@@ -273,6 +273,7 @@ impl TaskLoop {
         let task = self.task.clone();
         let result = match kind {
             CommandKind::TrainNow => return Some(reply),
+            CommandKind::Import(dir) => self.import(&dir, &by),
             CommandKind::Rollback => self.rollback("operator", &by),
             CommandKind::Pin(version) => self.ctx.registry.pin(&task, version).map_err(|e| self.operator_error(&e)).map(|s| {
                 self.ctx.events.emit(&task, Event::Pinned { version: s.version, by: by.clone() });
@@ -283,6 +284,16 @@ impl TaskLoop {
         };
         let _ = reply.send(result);
         None
+    }
+
+    /// Through the registry, which hands out versions: an import never takes the version a
+    /// running job will promote.
+    fn import(&self, dir: &std::path::Path, by: &str) -> Result<String, String> {
+        let adapter = Adapter::read_dir(dir).map_err(|e| e.to_string())?;
+        let from = adapter.manifest.id();
+        let manifest = self.ctx.registry.import(adapter, Some(self.task.clone())).map_err(|e| self.operator_error(&e))?;
+        self.ctx.events.emit(&self.task, Event::AdapterImported { version: manifest.version, from: from.clone(), by: by.to_string() });
+        Ok(format!("{from} imported as {}; `adaptd adapters pin {} {}` serves it", manifest.id(), self.task, manifest.version))
     }
 
     /// An error as an operator's answer: paths relative to the state directory, never absolute

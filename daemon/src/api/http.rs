@@ -28,6 +28,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/tasks/{task}/train", post(|s, p, h| command(s, p, h, "train")))
         .route("/v1/tasks/{task}/rollback", post(|s, p, h| command(s, p, h, "rollback")))
         .route("/v1/tasks/{task}/pin/{version}", post(pin))
+        .route("/v1/tasks/{task}/import", post(import))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
@@ -78,6 +79,23 @@ async fn command(State(api): State<Arc<Api>>, Path(task): Path<String>, headers:
 
 async fn pin(State(api): State<Arc<Api>>, Path((task, version)): Path<(String, u64)>, headers: HeaderMap) -> Response {
     control(&api, &task, &headers, adapt::CommandKind::Pin(version)).await
+}
+
+/// `{"dir": "/abs/path"}`: an adapter directory (`adaptd adapters export`) on this machine.
+async fn import(State(api): State<Arc<Api>>, Path(task): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ImportRequest {
+        dir: std::path::PathBuf,
+    }
+    match serde_json::from_slice::<ImportRequest>(&body) {
+        Ok(request) if request.dir.is_absolute() => control(&api, &task, &headers, adapt::CommandKind::Import(request.dir)).await,
+        Ok(_) => json_response(StatusCode::BAD_REQUEST, &serde_json::json!({ "ok": false, "error": "bad_input", "message": "dir must be an absolute path" })),
+        Err(e) => json_response(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({ "ok": false, "error": "bad_json", "message": format!("expected {{\"dir\": \"/path\"}}: {e}") }),
+        ),
+    }
 }
 
 /// A control request: authorized first (token; no browser), then handed to the task's loop.
