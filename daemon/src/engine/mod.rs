@@ -245,7 +245,7 @@ impl Engine {
                 // Ready before `start` returns, so a caller never sees a started engine as Starting.
                 let _ = health_tx.send(Health::Ready { provider: model.provider() });
                 let _ = loaded_tx.send(Ok(()));
-                serve(&mut model, &registry, &rx, &config, &engine_stats);
+                serve(&mut model, &|task| registry.current(task), &rx, &config, &engine_stats);
                 let _ = health_tx.send(Health::Stopped);
             })
             .map_err(|e| OnnxError::Run(format!("cannot start the engine thread: {e}")))?;
@@ -397,16 +397,43 @@ fn warm_up(model: &mut OnnxModel) -> Result<(), OnnxError> {
     model.run(&inputs, &lora).map(|_| ())
 }
 
+/// What the engine runs micro-batches on: ONNX Runtime ([`OnnxModel`]) in the daemon, a test
+/// double in the batcher's unit tests.
+pub trait InferenceBackend {
+    /// A LoRA's slot tensors as the backend takes them, converted once and reused.
+    type Lora;
+    fn manifest(&self) -> &Manifest;
+    fn prepare_lora(&self, lora: &[HostTensor]) -> Result<Self::Lora, OnnxError>;
+    /// Every output, in manifest order, for owned model inputs and prepared LoRA values.
+    fn run_prepared(&mut self, inputs: Vec<HostTensor>, lora: &Self::Lora) -> Result<Vec<HostTensor>, OnnxError>;
+}
+
+impl InferenceBackend for OnnxModel {
+    type Lora = Vec<DynValue>;
+
+    fn manifest(&self) -> &Manifest {
+        &self.bundle().manifest
+    }
+
+    fn prepare_lora(&self, lora: &[HostTensor]) -> Result<Vec<DynValue>, OnnxError> {
+        OnnxModel::prepare_lora(self, lora)
+    }
+
+    fn run_prepared(&mut self, inputs: Vec<HostTensor>, lora: &Vec<DynValue>) -> Result<Vec<HostTensor>, OnnxError> {
+        OnnxModel::run_prepared(self, inputs, lora)
+    }
+}
+
 /// Runtime values of recently served adapters, so a LoRA's tensors are converted once, not per batch.
-struct LoraCache {
-    values: HashMap<u64, Arc<Vec<DynValue>>>,
+struct LoraCache<L> {
+    values: HashMap<u64, Arc<L>>,
     order: VecDeque<u64>,
 }
 
 const LORA_CACHE_ENTRIES: usize = 8;
 
-impl LoraCache {
-    fn get(&mut self, model: &OnnxModel, lora: &LoraInputs) -> Result<Arc<Vec<DynValue>>, OnnxError> {
+impl<L> LoraCache<L> {
+    fn get<B: InferenceBackend<Lora = L>>(&mut self, model: &B, lora: &LoraInputs) -> Result<Arc<L>, OnnxError> {
         if let Some(v) = self.values.get(&lora.key) {
             return Ok(v.clone());
         }
@@ -422,8 +449,11 @@ impl LoraCache {
     }
 }
 
-fn serve(model: &mut OnnxModel, registry: &Registry, rx: &Receiver<Command>, config: &EngineConfig, stats: &EngineStats) {
-    let mut cache = LoraCache { values: HashMap::new(), order: VecDeque::new() };
+/// What serves a task now (the registry's `current`; tests hand in their own).
+type Current<'a> = &'a dyn Fn(&str) -> Option<Arc<Serving>>;
+
+fn serve<B: InferenceBackend>(model: &mut B, current: Current<'_>, rx: &Receiver<Command>, config: &EngineConfig, stats: &EngineStats) {
+    let mut cache: LoraCache<B::Lora> = LoraCache { values: HashMap::new(), order: VecDeque::new() };
     let max_batch = config.max_batch.max(1);
     // A request that did not fit the previous batch opens the next one.
     let mut carry: Option<Request> = None;
@@ -469,7 +499,7 @@ fn serve(model: &mut OnnxModel, registry: &Registry, rx: &Receiver<Command>, con
                 Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
             }
         }
-        run_batch(model, registry, &mut cache, batch, stats);
+        run_batch(model, current, &mut cache, batch, stats);
     }
 }
 
@@ -489,7 +519,7 @@ type LoraGroup = (Arc<LoraInputs>, Vec<Part>);
 /// Serve one micro-batch: each task's adapter is read once, and parts whose adapters share a
 /// LoRA (all head-only adapters share the base's) run in one graph call. A routed adapter's
 /// base-like rows join the base model's call.
-fn run_batch(model: &mut OnnxModel, registry: &Registry, cache: &mut LoraCache, batch: Vec<Request>, stats: &EngineStats) {
+fn run_batch<B: InferenceBackend>(model: &mut B, current: Current<'_>, cache: &mut LoraCache<B::Lora>, batch: Vec<Request>, stats: &EngineStats) {
     let mut snapshots: HashMap<String, Option<Arc<Serving>>> = HashMap::new();
     let mut groups: Vec<LoraGroup> = Vec::new();
     let mut answers: Vec<Result<Vec<Option<Prediction>>, EngineError>> = batch.iter().map(|r| Ok(vec![None; r.rows])).collect();
@@ -500,7 +530,7 @@ fn run_batch(model: &mut OnnxModel, registry: &Registry, cache: &mut LoraCache, 
     for (request, req) in batch.iter().enumerate() {
         let serving = match &req.adapter {
             Some(pinned) => Some(pinned.clone()),
-            None => snapshots.entry(req.task.clone()).or_insert_with(|| registry.current(&req.task)).clone(),
+            None => snapshots.entry(req.task.clone()).or_insert_with(|| current(&req.task)).clone(),
         };
         let Some(serving) = serving else {
             stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -530,7 +560,7 @@ fn run_batch(model: &mut OnnxModel, registry: &Registry, cache: &mut LoraCache, 
         stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
         stats.batch_rows.observe(rows as f64);
         match outputs {
-            Ok(outputs) => answer(&model.bundle().manifest, &outputs, &parts, &batch, &mut answers),
+            Ok(outputs) => answer(model.manifest(), &outputs, &parts, &batch, &mut answers),
             Err(e) => {
                 tracing::error!(error = %e, rows, "batch failed");
                 for part in &parts {
@@ -681,5 +711,142 @@ fn answer(manifest: &Manifest, outputs: &[HostTensor], parts: &[Part], batch: &[
                 embedding: embedding_rows.as_ref().map(|e| e[i].clone()),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use adaptd_adapters::bundle::RetentionSet;
+    use adaptd_adapters::head::{Dense, Head};
+
+    use super::*;
+    use crate::registry::BaseRoute;
+    use crate::traffic::BaseRouter;
+
+    /// A graph of two values per row: the embedding is the input with the LoRA's first value
+    /// added to the row's first value, and the base classifier's logits are the embedding. It
+    /// records each call's rows.
+    struct Double {
+        manifest: Manifest,
+        calls: Vec<usize>,
+        fail: bool,
+    }
+
+    fn manifest() -> Manifest {
+        let spec = |name: &str| serde_json::json!({ "name": name, "dtype": "f32", "shape": [-1, 2] });
+        serde_json::from_value(serde_json::json!({
+            "format": 1, "name": "double", "version": "1", "fingerprint": "0", "exporter": { "torch": "-", "opset": 17 },
+            "serving_graph": "-", "training_graph": "-", "files": {}, "inputs": [spec("x")], "outputs": [spec("embedding"), spec("logits")],
+            "embedding_output": "embedding", "embedding_dim": 2, "logits_output": "logits", "labels": ["a", "b"],
+            "preprocessing": { "kind": "tensor" }, "lora": { "rank_max": 1, "slots": [] },
+        }))
+        .unwrap()
+    }
+
+    impl InferenceBackend for Double {
+        type Lora = f32;
+
+        fn manifest(&self) -> &Manifest {
+            &self.manifest
+        }
+
+        fn prepare_lora(&self, lora: &[HostTensor]) -> Result<f32, OnnxError> {
+            Ok(lora.first().and_then(|t| t.as_f32()?.first().copied()).unwrap_or(0.0))
+        }
+
+        fn run_prepared(&mut self, inputs: Vec<HostTensor>, lora: &f32) -> Result<Vec<HostTensor>, OnnxError> {
+            if self.fail {
+                return Err(OnnxError::Run("the double fails".into()));
+            }
+            self.calls.push(inputs[0].shape[0]);
+            let embedding: Vec<f32> = inputs[0].as_f32().unwrap().iter().enumerate().map(|(i, x)| if i % 2 == 0 { x + lora } else { *x }).collect();
+            let shape = inputs[0].shape.clone();
+            Ok(vec![HostTensor::f32(shape.clone(), embedding.clone()).unwrap(), HostTensor::f32(shape, embedding).unwrap()])
+        }
+    }
+
+    fn serving(task: &str, version: u64, lora: (u64, f32), route: Option<BaseRoute>) -> Arc<Serving> {
+        // A head that swaps the two values: the adapter's answer is the base's opposite.
+        let weight = HostTensor::f32(vec![2, 2], vec![0.0, 1.0, 1.0, 0.0]).unwrap();
+        Arc::new(Serving {
+            task: task.into(),
+            version,
+            labels: vec!["a".to_string(), "b".to_string()].into(),
+            head: (version > 0).then(|| Head { layers: vec![Dense { weight, bias: HostTensor::zeros_f32(vec![2]) }] }),
+            lora: Arc::new(LoraInputs { key: lora.0, tensors: vec![HostTensor::f32(vec![1], vec![lora.1]).unwrap()] }),
+            manifest: None,
+            route,
+        })
+    }
+
+    fn request(task: &str, rows: &[[f32; 2]]) -> (Request, oneshot::Receiver<Result<Vec<Prediction>, EngineError>>) {
+        let (reply, rx) = oneshot::channel();
+        let inputs = vec![HostTensor::f32(vec![rows.len(), 2], rows.concat()).unwrap()];
+        let request = Request {
+            task: task.into(),
+            adapter: None,
+            with_embedding: false,
+            submitted: Instant::now(),
+            inputs,
+            rows: rows.len(),
+            span: tracing::Span::none(),
+            reply,
+        };
+        (request, rx)
+    }
+
+    fn run(double: &mut Double, tasks: &[(&str, Arc<Serving>)], batch: Vec<Request>) {
+        let tasks: HashMap<String, Arc<Serving>> = tasks.iter().map(|(t, s)| (t.to_string(), s.clone())).collect();
+        let current = |task: &str| tasks.get(task).cloned();
+        let mut cache = LoraCache { values: HashMap::new(), order: VecDeque::new() };
+        run_batch(double, &current, &mut cache, batch, &EngineStats::default());
+    }
+
+    fn labels(rx: &mut oneshot::Receiver<Result<Vec<Prediction>, EngineError>>) -> Vec<(String, bool)> {
+        rx.try_recv().unwrap().unwrap().into_iter().map(|p| (p.label, p.base_routed)).collect()
+    }
+
+    #[test]
+    fn requests_that_share_a_lora_share_one_graph_call_and_each_gets_its_own_rows() {
+        let mut double = Double { manifest: manifest(), calls: Vec::new(), fail: false };
+        let tasks = [("base", serving("base", 0, (0, 0.0), None)), ("head", serving("head", 1, (0, 0.0), None)), ("lora", serving("lora", 2, (7, 5.0), None))];
+        let (r1, mut a1) = request("base", &[[1.0, 0.0], [0.0, 1.0]]);
+        let (r2, mut a2) = request("head", &[[1.0, 0.0]]);
+        let (r3, mut a3) = request("lora", &[[1.0, 3.0]]);
+        let (r4, mut a4) = request("nobody", &[[1.0, 0.0]]);
+        run(&mut double, &tasks, vec![r1, r2, r3, r4]);
+        assert_eq!(double.calls, vec![3, 1], "the base and the head-only adapter in one call, the LoRA in its own");
+        assert_eq!(labels(&mut a1), [("a".into(), false), ("b".into(), false)]);
+        assert_eq!(labels(&mut a2), [("b".into(), false)], "the head swaps the base's answer");
+        assert_eq!(labels(&mut a3), [("b".into(), false)], "the LoRA moves the row to [6, 3], which the head swaps (without it: [3, 1], \"a\")");
+        assert!(matches!(a4.try_recv().unwrap(), Err(EngineError::UnknownTask(t)) if t == "nobody"), "refused alone");
+    }
+
+    #[test]
+    fn a_routed_adapter_answers_base_like_rows_with_the_base_and_keeps_the_row_order() {
+        let retention = RetentionSet {
+            inputs: vec![HostTensor::f32(vec![8, 2], [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]].repeat(2).concat()).unwrap()],
+            labels: vec![0, 0, 1, 1, 0, 0, 1, 1],
+        };
+        let route = BaseRoute {
+            router: Arc::new(BaseRouter::from_retention(&retention).unwrap()),
+            base_lora: Arc::new(LoraInputs { key: 0, tensors: Vec::new() }),
+            base_index: vec![Some(0), Some(1)],
+        };
+        let tasks = [("cell", serving("cell", 3, (9, 0.0), Some(route)))];
+        let mut double = Double { manifest: manifest(), calls: Vec::new(), fail: false };
+        // Base-like, moved, base-like: the base answers rows 0 and 2, the adapter (swapping) row 1.
+        let (r, mut answers) = request("cell", &[[1.0, 0.0], [5.0, 7.0], [0.0, 1.0]]);
+        run(&mut double, &tasks, vec![r]);
+        assert_eq!(double.calls, vec![1, 2], "one call for the adapter's row, one for the base's");
+        assert_eq!(labels(&mut answers), [("a".into(), true), ("a".into(), false), ("b".into(), true)]);
+    }
+
+    #[test]
+    fn a_failing_graph_call_fails_its_requests_with_the_reason() {
+        let mut double = Double { manifest: manifest(), calls: Vec::new(), fail: true };
+        let (r, mut answer) = request("base", &[[1.0, 0.0]]);
+        run(&mut double, &[("base", serving("base", 0, (0, 0.0), None))], vec![r]);
+        assert!(matches!(answer.try_recv().unwrap(), Err(EngineError::Runtime(m)) if m.contains("the double fails")));
     }
 }
