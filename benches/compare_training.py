@@ -101,33 +101,47 @@ OTHER_INTENTS = ["HassFanSetSpeed", "HassSetPosition", "HassClimateSetFanMode", 
                  "HassMediaPlayerUnmute", "HassVacuumCleanArea", "HassCancelAllTimers", "HassLawnMowerDock"]
 
 
-def intent_sentences(names: list[str], per_template: int = 30) -> dict[str, list[str]]:
-    """Distinct English sentences per intent: up to `per_template` expansions of each template,
-    with a few areas, devices and floors filled in."""
+def intent_pools(names: list[str], per_template: int = 30) -> dict[str, list[list[str]]]:
+    """Distinct English sentences per intent, grouped by the template they come from: up to
+    `per_template` expansions of each, with a few areas, devices and floors filled in."""
     import itertools
+    import logging
 
     import home_assistant_intents
     from hassil.intents import Intents, TextSlotList
     from hassil.sample import sample_sentence
 
+    logging.getLogger("hassil").setLevel(logging.ERROR)
     raw = json.loads((Path(home_assistant_intents.__file__).parent / "data" / "en.json").read_text())
     intents = Intents.from_dict(raw)
     lists = {**intents.slot_lists,
              "area": TextSlotList.from_strings(["kitchen", "living room", "garage", "office", "bedroom", "hallway", "workshop"]),
              "name": TextSlotList.from_strings(["ceiling light", "desk lamp", "front door", "heater", "robot arm", "conveyor", "speaker"]),
              "floor": TextSlotList.from_strings(["ground floor", "first floor", "basement"])}
-    out: dict[str, list[str]] = {}
+    out: dict[str, list[list[str]]] = {}
     for name in names:
-        seen: dict[str, None] = {}
+        seen: set[str] = set()
+        groups: list[list[str]] = []
         for data in intents.intents[name].data:
             rules = {**intents.expansion_rules, **data.expansion_rules}
             for template in data.sentences:
                 if any(n in data.wildcard_list_names for n in template.list_names(rules)):
                     continue
+                group = []
                 for text in itertools.islice(sample_sentence(template, lists, rules, language="en"), per_template):
-                    seen.setdefault(" ".join(text.split()), None)
-        out[name] = list(seen)
+                    text = " ".join(text.split())
+                    if text not in seen:
+                        seen.add(text)
+                        group.append(text)
+                if group:
+                    groups.append(group)
+        out[name] = groups
     return out
+
+
+def intent_sentences(names: list[str], per_template: int = 30) -> dict[str, list[str]]:
+    """Distinct English sentences per intent, every template's in turn."""
+    return {name: [t for group in groups for t in group] for name, groups in intent_pools(names, per_template).items()}
 
 
 def text_data(path: Path, shots: int = 16, val: int = 8, test: int = 60, other_shots: int = 8, other_test: int = 40) -> dict:

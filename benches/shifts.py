@@ -288,12 +288,17 @@ def run_shift(name: str, binary: Path, data: dict, seed: int, quick: bool, overr
         daemon.stop()
         broker.terminate()
         broker.wait()
-    result.update(references(train_x, train_y, test_x, test_y, upright_x, upright_y, seed))
+    return with_references(result, references(train_x, train_y, test_x, test_y, upright_x, upright_y, seed), directory, keep)
+
+
+def with_references(result: dict, refs: dict, directory: Path, keep: bool) -> dict:
+    """The cell's result with the offline references beside it; its state directory kept or gone."""
+    result.update(refs)
     best_offline = max(result["logreg"], result["mlp"], result["svm_rbf"])
     result["beats_raw_references"] = result["adaptd"] >= best_offline
     result["vs_full_finetune"] = result["adaptd"] / result["full_finetune"] if result["full_finetune"] else None
     if keep:
-        print(f"{name}: kept {directory}", file=sys.stderr)
+        print(f"{result['shift']}: kept {directory}", file=sys.stderr)
     else:
         shutil.rmtree(directory, ignore_errors=True)
     return result
@@ -320,43 +325,6 @@ def typo(text: str, rng: np.random.Generator) -> str:
     return " ".join(words)
 
 
-def intent_pools(names: list[str]) -> dict[str, list[list[str]]]:
-    """Per intent, its distinct sentences grouped by template (`compare_training`'s generator)."""
-    import itertools
-    import logging
-
-    import home_assistant_intents
-    from hassil.intents import Intents, TextSlotList
-    from hassil.sample import sample_sentence
-
-    logging.getLogger("hassil").setLevel(logging.ERROR)
-    raw = json.loads((Path(home_assistant_intents.__file__).parent / "data" / "en.json").read_text())
-    intents = Intents.from_dict(raw)
-    lists = {**intents.slot_lists,
-             "area": TextSlotList.from_strings(["kitchen", "living room", "garage", "office", "bedroom", "hallway", "workshop"]),
-             "name": TextSlotList.from_strings(["ceiling light", "desk lamp", "front door", "heater", "robot arm", "conveyor", "speaker"]),
-             "floor": TextSlotList.from_strings(["ground floor", "first floor", "basement"])}
-    out: dict[str, list[list[str]]] = {}
-    for name in names:
-        seen: set[str] = set()
-        groups: list[list[str]] = []
-        for data in intents.intents[name].data:
-            rules = {**intents.expansion_rules, **data.expansion_rules}
-            for template in data.sentences:
-                if any(n in data.wildcard_list_names for n in template.list_names(rules)):
-                    continue
-                group = []
-                for text in itertools.islice(sample_sentence(template, lists, rules, language="en"), 40):
-                    text = " ".join(text.split())
-                    if text not in seen:
-                        seen.add(text)
-                        group.append(text)
-                if group:
-                    groups.append(group)
-        out[name] = groups
-    return out
-
-
 def text_lines(prefix: str, texts: list[str], labels: list[str], task: str) -> list[str]:
     return [json.dumps({"key": f"{prefix}:{i}", "task": task, "label": y, "text": t}) for i, (t, y) in enumerate(zip(texts, labels))]
 
@@ -365,8 +333,8 @@ def text_cell_data(name: str, rng: np.random.Generator) -> dict:
     """(texts, labels) for: `before` (what the device learnt first), `after` (what it hears once
     things moved: published as samples), `test` (held out, moved), `old_test` (held out, as before)."""
     sys.path.insert(0, str(ROOT / "benches"))
-    from compare_training import OTHER_INTENTS, TEXT_INTENTS
-    pools = intent_pools(TEXT_INTENTS + OTHER_INTENTS)
+    from compare_training import OTHER_INTENTS, TEXT_INTENTS, intent_pools
+    pools = intent_pools(TEXT_INTENTS + OTHER_INTENTS, per_template=40)
     parts: dict[str, tuple[list[str], list[str]]] = {k: ([], []) for k in ("before", "after", "test", "old_test")}
 
     def add(part: str, texts: list[str], label: str) -> None:
@@ -483,15 +451,7 @@ def run_text_shift(name: str, binary: Path, seed: int, overrides: dict[str, dict
         broker.terminate()
         broker.wait()
     train = (parts["before"][0] + parts["after"][0], parts["before"][1] + parts["after"][1])
-    result.update(text_references(train, parts["test"], seed))
-    best_offline = max(result["logreg"], result["mlp"], result["svm_rbf"])
-    result["beats_raw_references"] = result["adaptd"] >= best_offline
-    result["vs_full_finetune"] = result["adaptd"] / result["full_finetune"] if result["full_finetune"] else None
-    if keep:
-        print(f"{name}: kept {directory}", file=sys.stderr)
-    else:
-        shutil.rmtree(directory, ignore_errors=True)
-    return result
+    return with_references(result, text_references(train, parts["test"], seed), directory, keep)
 
 
 def table(results: list[dict]) -> str:
