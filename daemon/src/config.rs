@@ -35,6 +35,9 @@ pub enum ConfigError {
 pub struct Config {
     pub bundle: PathBuf,
     pub state_dir: PathBuf,
+    /// Seconds a stop may take (requests answered, jobs cancelled, events out) before the
+    /// daemon exits with what still runs named; below the unit's `TimeoutStopSec`.
+    pub stop_deadline_s: u64,
     pub engine: EngineSection,
     pub http: HttpSection,
     pub mqtt: MqttSection,
@@ -205,6 +208,7 @@ impl Default for Config {
         Config {
             bundle: PathBuf::from("/var/lib/adaptd/bundles/digits-cnn"),
             state_dir: PathBuf::from("/var/lib/adaptd"),
+            stop_deadline_s: 20,
             engine: EngineSection {
                 max_batch: 32,
                 max_wait_ms: 0,
@@ -358,6 +362,9 @@ impl Config {
         if self.engine.max_batch == 0 {
             return invalid("engine.max_batch", "must be at least 1");
         }
+        if !(1..=3600).contains(&self.stop_deadline_s) {
+            return invalid("stop_deadline_s", "must be between 1 and 3600 seconds");
+        }
         if self.engine.queue_depth == 0 {
             return invalid("engine.queue_depth", "must be at least 1");
         }
@@ -486,6 +493,7 @@ impl Config {
         };
         check("bundle", self.bundle != new.bundle);
         check("state_dir", self.state_dir != new.state_dir);
+        check("stop_deadline_s", self.stop_deadline_s != new.stop_deadline_s);
         check("engine", self.engine != new.engine);
         check("http", self.http != new.http);
         check("mqtt", self.mqtt != new.mqtt);

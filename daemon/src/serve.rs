@@ -24,9 +24,6 @@ use crate::registry::{Recovery, Registry};
 use crate::samples::{SampleStore, SplitPolicy};
 use crate::trainer::{Trainer, TrainerConfig};
 
-/// Shorter than the unit's `TimeoutStopSec=30`, so the daemon, not SIGKILL, ends a slow stop.
-pub const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
-
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub bundle: PathBuf,
@@ -84,7 +81,7 @@ impl ServeConfig {
             adapt: config.ingest.tasks.iter().map(|t| config.adapt_config(t)).collect(),
             trainer: config.trainer_config(),
             sysfs_root: config.schedule.sysfs_root.clone(),
-            shutdown_deadline: SHUTDOWN_DEADLINE,
+            shutdown_deadline: std::time::Duration::from_secs(config.stop_deadline_s),
             reload_from: None,
         }
     }

@@ -88,6 +88,10 @@ async fn import(State(api): State<Arc<Api>>, Path(task): Path<String>, headers: 
     struct ImportRequest {
         dir: std::path::PathBuf,
     }
+    // Who asks is checked before what they ask: a refused caller learns nothing about the body.
+    if let Some(refused) = refusal(&api, &headers) {
+        return refused;
+    }
     match serde_json::from_slice::<ImportRequest>(&body) {
         Ok(request) if request.dir.is_absolute() => control(&api, &task, &headers, adapt::CommandKind::Import(request.dir)).await,
         Ok(_) => json_response(StatusCode::BAD_REQUEST, &serde_json::json!({ "ok": false, "error": "bad_input", "message": "dir must be an absolute path" })),
@@ -100,12 +104,19 @@ async fn import(State(api): State<Arc<Api>>, Path(task): Path<String>, headers: 
 
 /// A control request: authorized first (token; no browser), then handed to the task's loop.
 async fn control(api: &Api, task: &str, headers: &HeaderMap, kind: adapt::CommandKind) -> Response {
-    let header = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Err(e) = api.authorize(header(header::ORIGIN), header(header::HOST), header(header::AUTHORIZATION)) {
-        let status = if matches!(e, crate::control::HttpRefusal::Token) { StatusCode::UNAUTHORIZED } else { StatusCode::FORBIDDEN };
-        return json_response(status, &serde_json::json!({ "ok": false, "error": e.error_type(), "message": e.to_string() }));
+    if let Some(refused) = refusal(api, headers) {
+        return refused;
     }
     command_response(api.command(task, kind, "http (control token)").await)
+}
+
+/// The answer to a caller without the control token, or from a browser (see `control`); None
+/// when it may go on.
+fn refusal(api: &Api, headers: &HeaderMap) -> Option<Response> {
+    let header = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let e = api.authorize(header(header::ORIGIN), header(header::HOST), header(header::AUTHORIZATION)).err()?;
+    let status = if matches!(e, crate::control::HttpRefusal::Token) { StatusCode::UNAUTHORIZED } else { StatusCode::FORBIDDEN };
+    Some(json_response(status, &serde_json::json!({ "ok": false, "error": e.error_type(), "message": e.to_string() })))
 }
 
 fn command_response(result: Result<String, String>) -> Response {
