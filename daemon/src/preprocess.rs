@@ -163,3 +163,18 @@ impl JsonTensor {
         tensor.map_err(|e| e.to_string())
     }
 }
+
+/// A safetensors tensor as the model input `want` (F32, or I64 with I32 widened), or why not.
+/// Used by inference requests and by samples, so both read the compact form alike.
+pub fn tensor_from_safetensors(view: &safetensors::tensor::TensorView<'_>, want: DType) -> Result<HostTensor, String> {
+    use adaptd_adapters::tensor::{f32s_from_le, i64s_from_le};
+    use safetensors::Dtype;
+    let (shape, bytes) = (view.shape().to_vec(), view.data());
+    let tensor = match (want, view.dtype()) {
+        (DType::F32, Dtype::F32) => HostTensor::f32(shape, f32s_from_le(bytes)),
+        (DType::I64, Dtype::I64) => HostTensor::i64(shape, i64s_from_le(bytes)),
+        (DType::I64, Dtype::I32) => HostTensor::i64(shape, bytes.chunks_exact(4).map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect()),
+        (want, got) => return Err(format!("must be {want:?}, got {got:?}")),
+    };
+    tensor.map_err(|e| e.to_string())
+}

@@ -12,9 +12,9 @@
 
 use std::collections::BTreeMap;
 
-use adaptd_adapters::bundle::{DType, Manifest, Preprocessing};
-use adaptd_adapters::tensor::{HostTensor, f32s_from_le, i64s_from_le};
-use safetensors::{Dtype, SafeTensors};
+use adaptd_adapters::bundle::{Manifest, Preprocessing};
+use adaptd_adapters::tensor::HostTensor;
+use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{EngineError, Prediction};
@@ -133,17 +133,7 @@ fn decode_safetensors(body: &[u8], manifest: &Manifest) -> Result<Vec<HostTensor
         .iter()
         .map(|spec| {
             let t = st.tensor(&spec.name).map_err(|_| WireError::Input(format!("missing input {:?}", spec.name)))?;
-            let shape = t.shape().to_vec();
-            let bytes = t.data();
-            let tensor = match (spec.dtype, t.dtype()) {
-                (DType::F32, Dtype::F32) => HostTensor::f32(shape, f32s_from_le(bytes)),
-                (DType::I64, Dtype::I64) => HostTensor::i64(shape, i64s_from_le(bytes)),
-                (DType::I64, Dtype::I32) => {
-                    HostTensor::i64(shape, bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect())
-                }
-                (want, got) => return Err(WireError::Input(format!("input {:?} must be {want:?}, got {got:?}", spec.name))),
-            };
-            tensor.map_err(|e| WireError::Input(e.to_string()))
+            crate::preprocess::tensor_from_safetensors(&t, spec.dtype).map_err(|e| WireError::Input(format!("input {:?} {e}", spec.name)))
         })
         .collect()
 }

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 
 use adaptd_adapters::bundle::{DType, Manifest, Preprocessing};
-use adaptd_adapters::tensor::{HostData, HostTensor, f32s_from_le, i64s_from_le};
+use adaptd_adapters::tensor::{HostData, HostTensor};
 use safetensors::{Dtype, SafeTensors};
 use serde::Deserialize;
 
@@ -164,13 +164,9 @@ fn decode_safetensors(payload: &[u8], manifest: &Manifest, now_ms: i64) -> Resul
         ([], Some(text)) => SampleInput::Text(text.clone()),
         ([name], None) if *name == "input" => {
             let t = st.tensor("input").map_err(|e| bad(e.to_string()))?;
-            let shape = t.shape().to_vec();
-            let tensor = match t.dtype() {
-                Dtype::F32 => HostTensor::f32(shape, f32s_from_le(t.data())),
-                Dtype::I64 => HostTensor::i64(shape, i64s_from_le(t.data())),
-                other => return Err(bad(format!("tensor \"input\" has dtype {other:?}; F32 or I64"))),
-            }
-            .map_err(|e| DecodeError::Input(e.to_string()))?;
+            // In the bundle's dtype, as inference requests are read.
+            let dtype = manifest.inputs.first().map_or(DType::F32, |i| i.dtype);
+            let tensor = crate::preprocess::tensor_from_safetensors(&t, dtype).map_err(|e| DecodeError::Input(format!("tensor \"input\" {e}")))?;
             SampleInput::Tensor(tensor)
         }
         ([name], None) if *name == "image" => {
