@@ -16,6 +16,7 @@ use adaptd_protocol::event::{JobRecord, TrainingSummary};
 use adaptd_train::FitReport;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument;
 
 use super::dataset::{BaseDomain, Prepared, prepare, split_retention};
 use super::evaluate::{Judged, base_domain_detector, base_traffic_share, embed_retention, fill_embeddings, judge, predict_samples};
@@ -112,7 +113,8 @@ impl TaskLoop {
             }
             let Some(trigger) = self.tick(&mut operator_request).await? else { continue };
             self.start_job()?;
-            let result = self.run_job(trigger, &mut shutdown, &mut commands).await;
+            let span = tracing::info_span!("job", task = %self.task, ?trigger);
+            let result = self.run_job(trigger, &mut shutdown, &mut commands).instrument(span).await;
             if !self.finish(result)? {
                 return Ok(());
             }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 
 use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument;
 
 use crate::adapt;
 use crate::engine::EngineHandle;
@@ -153,6 +154,8 @@ impl Api {
             }
             Ok(wire::encode_predictions(&preds))
         }
+        // The engine carries the caller's span into its batch: a request's log lines say whose.
+        .instrument(tracing::debug_span!("request", task, bytes = body.len()))
         .await;
         if let Err(e) = &result {
             self.count_refusal(task, e);
