@@ -109,12 +109,28 @@ impl Observed {
     }
 }
 
-fn distance(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt()
+/// The smallest squared distance from `x` to any of `rows`; stops early once one is within
+/// `enough` (a row's sum stops as soon as it passes the best so far).
+fn nearest_sq<'r>(x: &[f32], rows: impl IntoIterator<Item = &'r [f32]>, enough: f32) -> f32 {
+    let mut best = f32::INFINITY;
+    for r in rows {
+        let mut d = 0.0f32;
+        for (a, b) in x.iter().zip(r) {
+            d += (a - b) * (a - b);
+            if d >= best {
+                break;
+            }
+        }
+        best = best.min(d);
+        if best <= enough {
+            break;
+        }
+    }
+    best
 }
 
 fn nearest(x: &[f32], reference: &[Vec<f32>]) -> f32 {
-    reference.iter().map(|r| distance(x, r)).fold(f32::INFINITY, f32::min)
+    nearest_sq(x, reference.iter().map(Vec::as_slice), f32::NEG_INFINITY).sqrt()
 }
 
 fn percentile(mut values: Vec<f32>, q: f64) -> f32 {
@@ -209,31 +225,11 @@ impl BaseRouter {
         let references = reference.len() / width;
         let leave_one_out: Vec<f32> = (0..references)
             .map(|i| {
-                let x = &reference[i * width..(i + 1) * width];
-                let others = reference.chunks_exact(width).enumerate().filter(|&(j, _)| j != i);
-                others.map(|(_, r)| x.iter().zip(r).map(|(a, b)| (a - b) * (a - b)).sum::<f32>()).fold(f32::INFINITY, f32::min)
+                let others = reference.chunks_exact(width).enumerate().filter(|&(j, _)| j != i).map(|(_, r)| r);
+                nearest_sq(&reference[i * width..(i + 1) * width], others, f32::NEG_INFINITY)
             })
             .collect();
         Some(BaseRouter { reference, width, radius_sq: percentile(leave_one_out, PERCENTILE) })
-    }
-
-    /// The smallest squared distance to a reference row; stops early once one is within `enough`.
-    fn nearest_sq(&self, x: &[f32], enough: f32) -> f32 {
-        let mut best = f32::INFINITY;
-        for r in self.reference.chunks_exact(self.width) {
-            let mut d = 0.0f32;
-            for (a, b) in x.iter().zip(r) {
-                d += (a - b) * (a - b);
-                if d >= best {
-                    break;
-                }
-            }
-            best = best.min(d);
-            if best <= enough {
-                break;
-            }
-        }
-        best
     }
 
     /// For each row of `inputs`, whether it looks like the base domain; None when the inputs are
@@ -245,7 +241,7 @@ impl BaseRouter {
         if rows == 0 || values.len() != rows * self.width {
             return None;
         }
-        Some(values.chunks_exact(self.width).map(|x| self.nearest_sq(x, self.radius_sq) <= self.radius_sq).collect())
+        Some(values.chunks_exact(self.width).map(|x| nearest_sq(x, self.reference.chunks_exact(self.width), self.radius_sq) <= self.radius_sq).collect())
     }
 }
 
