@@ -268,18 +268,7 @@ pub fn line_chart(x_label: &str, y_label: &str, series: &[Series], y_range: Opti
     let sx = |x: f64| l + (x - x0) / (x1 - x0) * (WIDTH - l - r);
     let sy = |y: f64| HEIGHT - b - (y - y0) / (y1 - y0) * (HEIGHT - t - b);
     let mut svg = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{}\" font-size=\"11\">\n", HEIGHT + 18.0 * series.len() as f64);
-    for i in 0..=4 {
-        let y = y0 + (y1 - y0) * i as f64 / 4.0;
-        let py = sy(y);
-        let _ = writeln!(
-            svg,
-            "<line x1=\"{l}\" x2=\"{}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
-            WIDTH - r,
-            l - 4.0,
-            py + 4.0,
-            tick(y)
-        );
-    }
+    y_grid(&mut svg, (y0, y1), sy);
     // Versions, steps and epochs are whole numbers: tick them as such.
     let whole = series.iter().flat_map(|s| s.points.iter()).all(|(x, _)| x.fract() == 0.0);
     let x_ticks: Vec<f64> = if whole {
@@ -334,6 +323,23 @@ pub fn line_chart(x_label: &str, y_label: &str, series: &[Series], y_range: Opti
     svg
 }
 
+/// Five horizontal grid lines from `y0` to `y1`, labelled on the left; `sy` maps a value to its pixel row.
+fn y_grid(svg: &mut String, (y0, y1): (f64, f64), sy: impl Fn(f64) -> f64) {
+    let (l, r, _, _) = MARGIN;
+    for i in 0..=4 {
+        let y = y0 + (y1 - y0) * i as f64 / 4.0;
+        let py = sy(y);
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{l}\" x2=\"{}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+            WIDTH - r,
+            l - 4.0,
+            py + 4.0,
+            tick(y)
+        );
+    }
+}
+
 /// An SVG grouped bar chart of values in [0, 1] per category, one bar per group.
 pub fn bar_chart(groups: &[(String, Vec<(String, f64)>)]) -> String {
     let mut categories: Vec<&str> = groups.iter().flat_map(|(_, v)| v.iter().map(|(c, _)| c.as_str())).collect();
@@ -347,18 +353,7 @@ pub fn bar_chart(groups: &[(String, Vec<(String, f64)>)]) -> String {
     let bar = (slot * 0.8) / groups.len().max(1) as f64;
     let sy = |y: f64| HEIGHT - b - y.clamp(0.0, 1.0) * (HEIGHT - t - b);
     let mut svg = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{}\" font-size=\"11\">\n", HEIGHT + 18.0 * groups.len() as f64);
-    for i in 0..=4 {
-        let y = i as f64 / 4.0;
-        let py = sy(y);
-        let _ = writeln!(
-            svg,
-            "<line x1=\"{l}\" x2=\"{}\" y1=\"{py:.1}\" y2=\"{py:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
-            WIDTH - r,
-            l - 4.0,
-            py + 4.0,
-            tick(y)
-        );
-    }
+    y_grid(&mut svg, (0.0, 1.0), sy);
     for (ci, cat) in categories.iter().enumerate() {
         let x = l + slot * ci as f64 + slot * 0.1;
         for (gi, (name, values)) in groups.iter().enumerate() {
