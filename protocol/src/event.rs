@@ -223,32 +223,6 @@ pub enum Event {
 }
 
 impl Event {
-    /// Every kind, as `event` names it.
-    pub const KINDS: [&'static str; 22] = [
-        "sample_refused",
-        "samples_evicted",
-        "training_started",
-        "training_progress",
-        "training_attempt",
-        "training_escalated",
-        "training_finished",
-        "training_paused",
-        "training_resumed",
-        "training_deferred",
-        "training_failed",
-        "training_cancelled",
-        "gate_decision",
-        "job",
-        "promoted",
-        "rolled_back",
-        "adapter_imported",
-        "pinned",
-        "watch_passed",
-        "config_reloaded",
-        "config_refused",
-        "command_result",
-    ];
-
     pub fn kind(&self) -> &'static str {
         match self {
             Event::SampleRefused { .. } => "sample_refused",
