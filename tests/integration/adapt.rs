@@ -145,16 +145,8 @@ async fn start_daemon_with(task: &str, min_new_samples: u64, edit: impl FnOnce(&
     let events = EventLog::start(broker.port, state.path());
     let mut config = daemon_config(broker.port, state.path(), task, min_new_samples);
     edit(&mut config);
-    let (stop, stopped) = oneshot::channel::<()>();
-    let (bound_tx, bound_rx) = oneshot::channel();
-    let daemon = tokio::spawn(adaptd::serve::run(
-        config,
-        async {
-            let _ = stopped.await;
-        },
-        Some(bound_tx),
-    ));
-    let base = format!("http://{}", bound_rx.await.unwrap());
+    let (stop, addr, daemon) = crate::serve_in_process(config).await;
+    let base = format!("http://{addr}");
     Running { broker, state, events, base, stop, daemon }
 }
 
@@ -299,6 +291,27 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
     assert!(!events.events().iter().any(|e| e["event"] == "promoted" && e["version"] == 2), "the overtaken job never promoted");
     let (code, _) = http_with("POST", &format!("{base}/v1/tasks/nobody/rollback"), &[format!("Authorization: Bearer {token}")]);
     assert_eq!(code, 409);
+    // The import endpoint: the caller is checked before the body, which must name an absolute
+    // directory holding an adapter; each refusal says which.
+    let import = |body: &str, auth: bool| {
+        let mut args = vec!["-s", "-X", "POST", "-w", "\n%{http_code}", "-H", "content-type: application/json", "-d", body];
+        let bearer = format!("Authorization: Bearer {token}");
+        if auth {
+            args.extend(["-H", bearer.as_str()]);
+        }
+        let url = format!("{base}/v1/tasks/sorter/import");
+        args.push(&url);
+        let text = String::from_utf8_lossy(&Command::new("curl").args(&args).output().unwrap().stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.trim().parse::<u16>().unwrap(), serde_json::from_str::<Value>(body).unwrap())
+    };
+    assert_eq!(import("{", false).0, 401, "no token: refused before the body is read");
+    let (code, answer) = import("{", true);
+    assert_eq!((code, answer["error"].as_str()), (400, Some("bad_json")), "{answer}");
+    let (code, answer) = import(r#"{"dir": "relative/dir"}"#, true);
+    assert_eq!((code, answer["error"].as_str()), (400, Some("bad_input")), "{answer}");
+    let (code, answer) = import(r#"{"dir": "/nonexistent/adapter"}"#, true);
+    assert!(code == 409 && answer["message"].as_str().unwrap().contains("adapter.json"), "{code} {answer}");
 
     // Export v1, import it back (as v2, as another device would), and pin it through the CLI.
     let cfg = state.path().join("cli.toml");
@@ -410,16 +423,7 @@ async fn operators_command_over_mqtt_with_signed_messages_and_read_the_answers_a
     let mut config = daemon_config(broker.port, state.path(), "tiny", 1_000);
     assert_eq!(config.mqtt_commands_key, None, "MQTT commands are off by default");
     config.mqtt_commands_key = Some(key_file);
-    let (stop, stopped) = oneshot::channel::<()>();
-    let (bound_tx, bound_rx) = oneshot::channel();
-    let daemon = tokio::spawn(adaptd::serve::run(
-        config,
-        async {
-            let _ = stopped.await;
-        },
-        Some(bound_tx),
-    ));
-    bound_rx.await.unwrap();
+    let (stop, _, daemon) = crate::serve_in_process(config).await;
     let port = broker.port;
     let signed = |command: &str, version: Option<u64>, key: &[u8]| {
         let issued = adaptd::events::now_ms();
@@ -478,16 +482,8 @@ async fn a_task_over_its_disk_budget_evicts_samples_and_says_so() {
     // About 30 digits' worth (each is 256 bytes of pixels, 256 of embedding and the row).
     config.adapt[0].store_budget_bytes = 20_000;
     config.adapt[0].reservoir_per_class = 2;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let (bound_tx, bound_rx) = oneshot::channel();
-    let daemon = tokio::spawn(adaptd::serve::run(
-        config,
-        async {
-            let _ = stopped.await;
-        },
-        Some(bound_tx),
-    ));
-    let client = adaptd::client::Client::new(bound_rx.await.unwrap());
+    let (stop, addr, daemon) = crate::serve_in_process(config).await;
+    let client = adaptd::client::Client::new(addr);
     let digits = Digits::load(&digits_data()).unwrap();
     let lines = digit_lines(&digits, digits.held_out().iter().copied().take(80), "b", "tiny", Shift::None);
     let port = broker.port;
@@ -512,16 +508,7 @@ async fn a_task_over_its_disk_budget_evicts_samples_and_says_so() {
 async fn a_daemon_whose_broker_is_gone_stops_promptly() {
     let state = tempfile::tempdir().unwrap();
     let config = daemon_config(crate::broker::free_port(), state.path(), "sorter", 300);
-    let (stop, stopped) = oneshot::channel::<()>();
-    let (bound_tx, bound_rx) = oneshot::channel();
-    let daemon = tokio::spawn(adaptd::serve::run(
-        config,
-        async {
-            let _ = stopped.await;
-        },
-        Some(bound_tx),
-    ));
-    bound_rx.await.unwrap();
+    let (stop, _, daemon) = crate::serve_in_process(config).await;
     // Retries at 0.1, 0.2, 0.4 ... s: after 7 s each part is in a sleep of 3-6 s.
     tokio::time::sleep(Duration::from_secs(7)).await;
     let asked = Instant::now();

@@ -204,16 +204,7 @@ async fn the_serving_process_recovers_its_adapters_and_shuts_down_cleanly() {
     }
     let mut config = adaptd::serve::ServeConfig::new(reference_bundle("digits-cnn"), state.path().to_path_buf());
     config.http = "127.0.0.1:0".parse().unwrap();
-    let (bound_tx, bound_rx) = oneshot::channel();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let daemon = tokio::spawn(adaptd::serve::run(
-        config,
-        async {
-            let _ = stopped.await;
-        },
-        Some(bound_tx),
-    ));
-    let addr = bound_rx.await.expect("the daemon listens");
+    let (stop, addr, daemon) = crate::serve_in_process(config).await;
 
     let answers = tokio::task::spawn_blocking(move || {
         let json = ["-H", "content-type: application/json"];

@@ -31,6 +31,7 @@ fn bad_files_name_the_key_and_say_what_is_allowed() {
 
     for (from, to, key) in [
         ("max_batch = 32", "max_batch = 0", "engine.max_batch"),
+        ("stop_deadline_s = 20", "stop_deadline_s = 0", "stop_deadline_s"),
         ("keep_versions = 5", "keep_versions = 0", "adapters.keep_versions"),
         ("topic_prefix = \"adaptd/v1\"", "topic_prefix = \"adaptd/#\"", "mqtt.topic_prefix"),
         ("listen = \"127.0.0.1:8080\"", "listen = \"localhost\"", "listen"),

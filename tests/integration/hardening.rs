@@ -197,16 +197,8 @@ async fn ingest_that_stops_shows_as_down_and_is_restarted() {
     config.mqtt = Some(adaptd::broker::BrokerConnection { tls: Some(tls), ..adaptd::broker::BrokerConnection::plain("127.0.0.1", crate::broker::free_port()) });
     config.mqtt_api = false;
     config.tasks = vec!["sorter".into()];
-    let (stop, stopped) = oneshot::channel::<()>();
-    let (bound_tx, bound_rx) = oneshot::channel();
-    let daemon = tokio::spawn(adaptd::serve::run(
-        config,
-        async {
-            let _ = stopped.await;
-        },
-        Some(bound_tx),
-    ));
-    let client = adaptd::client::Client::new(bound_rx.await.unwrap());
+    let (stop, addr, daemon) = crate::serve_in_process(config).await;
+    let client = adaptd::client::Client::new(addr);
     let (ready, metrics) = tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_millis(1800));
         let ready = client.request_text("GET", "/readyz").unwrap();
@@ -238,16 +230,7 @@ async fn an_interrupted_promotion_is_announced_at_the_next_start() {
     config.http = "127.0.0.1:0".parse().unwrap();
     config.tasks = vec!["sorter".into()];
     config.adapt = vec![adaptd::adapt::AdaptConfig::new("sorter")];
-    let (stop, stopped) = oneshot::channel::<()>();
-    let (bound_tx, bound_rx) = oneshot::channel();
-    let daemon = tokio::spawn(adaptd::serve::run(
-        config,
-        async {
-            let _ = stopped.await;
-        },
-        Some(bound_tx),
-    ));
-    bound_rx.await.unwrap();
+    let (stop, _, daemon) = crate::serve_in_process(config).await;
     let journal = state.path().join("journal/sorter.jsonl");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !journal.exists() && Instant::now() < deadline {

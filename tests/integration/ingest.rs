@@ -205,14 +205,7 @@ async fn the_serving_process_ingests_the_configured_tasks_samples() {
     config.mqtt = Some(adaptd::broker::BrokerConnection::plain("127.0.0.1", broker.port));
     config.device_id = "robot-7".into();
     config.tasks = vec!["sorter".into()];
-    let (stop, stopped) = oneshot::channel::<()>();
-    let daemon = tokio::spawn(adaptd::serve::run(
-        config,
-        async {
-            let _ = stopped.await;
-        },
-        None,
-    ));
+    let (stop, _, daemon) = crate::serve_in_process(config).await;
 
     let db = state.path().join("samples.db");
     let port = broker.port.to_string();

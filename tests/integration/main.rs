@@ -74,6 +74,21 @@ pub mod allocations {
 static ALLOCATOR: allocations::Tracking = allocations::Tracking;
 pub use fixtures::{TEST_LABELS, head_adapter, lora_adapter};
 
+/// A running daemon in this process: what stops it, the address it listens on, its end.
+pub type ServeHandle = (tokio::sync::oneshot::Sender<()>, std::net::SocketAddr, tokio::task::JoinHandle<anyhow::Result<()>>);
+
+/// Start the daemon on `config` as `adaptd serve` runs it, and return once it listens.
+pub async fn serve_in_process(config: adaptd::serve::ServeConfig) -> ServeHandle {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+    let shutdown = async {
+        let _ = stopped.await;
+    };
+    let daemon = tokio::spawn(adaptd::serve::run(config, shutdown, Some(bound_tx)));
+    let addr = bound_rx.await.expect("the daemon listens");
+    (stop, addr, daemon)
+}
+
 pub fn reference_bundle(name: &str) -> PathBuf {
     let dir = adaptd::paths::reference_bundle(name);
     assert!(dir.join("manifest.json").is_file(), "{} is missing: run `make setup` first", dir.display());

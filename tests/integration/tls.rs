@@ -6,7 +6,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use adaptd::serve::ServeConfig;
-use tokio::sync::oneshot;
 
 use crate::broker::Mosquitto;
 use crate::reference_bundle;
@@ -106,16 +105,8 @@ fn publish_one(dir: &Path, port: u16, key: &str) {
 }
 
 async fn stored_after(config: ServeConfig, dir: &Path, port: u16, key: &str, wait: Duration) -> u64 {
-    let (stop, stopped) = oneshot::channel::<()>();
-    let (bound_tx, bound_rx) = oneshot::channel();
-    let daemon = tokio::spawn(adaptd::serve::run(
-        config,
-        async {
-            let _ = stopped.await;
-        },
-        Some(bound_tx),
-    ));
-    let client = adaptd::client::Client::new(bound_rx.await.unwrap());
+    let (stop, addr, daemon) = crate::serve_in_process(config).await;
+    let client = adaptd::client::Client::new(addr);
     let dir = dir.to_path_buf();
     let key = key.to_string();
     let stored = tokio::task::spawn_blocking(move || {
