@@ -1,7 +1,7 @@
 //! The daemon's tasks under one supervisor. Each task has a name and a stage. Stopping cancels
 //! one token and then waits for the stages in order: first what takes requests and samples, then
-//! the task loops (which cancel their jobs), then what publishes their events. All of it runs
-//! within one deadline. When the deadline passes, the error and the log name every task still
+//! the task loops (which cancel their jobs), then what publishes their events, then the MQTT
+//! links, which flush what was queued for them. All of it runs within one deadline. When the deadline passes, the error and the log name every task still
 //! running, so "shutdown took too long" always says what was stuck.
 
 use std::fmt::Display;
@@ -20,9 +20,11 @@ pub enum Stage {
     Loops,
     /// Carries the loops' last events out.
     Outbound,
+    /// The MQTT links: they flush what was queued for them, then disconnect.
+    Link,
 }
 
-const STAGES: [Stage; 3] = [Stage::Intake, Stage::Loops, Stage::Outbound];
+const STAGES: [Stage; 4] = [Stage::Intake, Stage::Loops, Stage::Outbound, Stage::Link];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StopError {

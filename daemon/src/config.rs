@@ -91,8 +91,8 @@ pub struct MqttSection {
 
 impl MqttSection {
     /// How to reach the broker; none when no host is configured.
-    pub fn connection(&self) -> Option<crate::broker::BrokerConnection> {
-        use crate::broker::{BrokerConnection, TlsFiles};
+    pub fn connection(&self) -> Option<crate::mqtt::BrokerConnection> {
+        use crate::mqtt::{BrokerConnection, TlsFiles};
         let set = |p: &PathBuf| (!p.as_os_str().is_empty()).then(|| p.clone());
         (!self.host.is_empty()).then(|| BrokerConnection {
             host: self.host.clone(),

@@ -366,7 +366,7 @@ pub fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
     println!("adaptd demo — a sorting cell whose robots' cameras were remounted sideways");
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let port = free_port()?;
-    crate::broker::start_embedded(SocketAddr::from(([127, 0, 0, 1], port)), 1 << 20)?;
+    crate::mqtt::start_embedded(SocketAddr::from(([127, 0, 0, 1], port)), 1 << 20)?;
     println!("  embedded MQTT broker (rumqttd) on 127.0.0.1:{port}");
     let (stop_daemon, daemon_stopped) = oneshot::channel::<()>();
     let (bound_tx, bound_rx) = oneshot::channel();

@@ -1,15 +1,15 @@
 //! Operator-facing events (`adaptd_protocol::Event`): one JSON object each, logged, published on
-//! `{prefix}/{device}/events` (QoS 1) when a broker is configured, and — for training outcomes —
-//! appended to the task's journal (`<state>/journal/<task>.jsonl`), which `adaptd report` reads.
+//! `{prefix}/{device}/events` (QoS 1) over the device's MQTT link when a broker is configured,
+//! and — for training outcomes — appended to the task's journal (`<state>/journal/<task>.jsonl`), which `adaptd report` reads.
 
 use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use adaptd_protocol::{Event, EventRecord};
-use rumqttc::{AsyncClient, QoS};
 use tokio::sync::mpsc;
+
+use crate::mqtt::LinkHandle;
 
 #[derive(Clone)]
 pub struct Events {
@@ -37,59 +37,36 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-const MAX_EVENT_BYTES: usize = 256 * 1024;
+/// The largest event published: a decision with per-class figures for many labels.
+pub const MAX_EVENT_BYTES: usize = 256 * 1024;
 
-/// Publish events until `shutdown`; with no broker, drain them (they are in the log already).
-pub async fn publish(
-    mut rx: mpsc::UnboundedReceiver<EventRecord>,
-    broker: Option<crate::broker::BrokerConnection>,
-    client_id: String,
-    topic: String,
-    shutdown: impl Future<Output = ()>,
-) {
+/// Publish events on `topic` through the device's MQTT link until `shutdown`; with no link,
+/// drain them (they are in the log already). At shutdown what is queued still goes out, as
+/// far as the link's request queue has room: the link stops after this, and flushes.
+pub async fn publish(mut rx: mpsc::UnboundedReceiver<EventRecord>, link: Option<LinkHandle>, topic: String, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
-    let options = broker.map(|b| b.options(client_id)).transpose().unwrap_or_else(|e| {
-        tracing::error!(error = %e, "events are only logged: cannot connect to the broker");
-        None
-    });
-    let Some(mut options) = options else {
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => return,
-                e = rx.recv() => if e.is_none() { return },
-            }
-        }
-    };
-    options.set_keep_alive(Duration::from_secs(30));
-    // rumqttc's default 10 KiB limit would drop a decision with per-class figures for many labels.
-    options.set_max_packet_size(MAX_EVENT_BYTES, MAX_EVENT_BYTES);
-    let (client, mut connection) = AsyncClient::new(options, 256);
-    let poller = tokio::spawn(async move {
-        loop {
-            if let Err(e) = connection.poll().await {
-                tracing::debug!(error = %e, "event publisher connection lost; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    });
     loop {
-        tokio::select! {
+        let record = tokio::select! {
             _ = &mut shutdown => break,
-            e = rx.recv() => match e {
-                Some(event) => {
-                    let payload = serde_json::to_vec(&event).unwrap_or_default();
-                    if let Err(e) = client.publish(topic.clone(), QoS::AtLeastOnce, false, payload).await {
-                        tracing::warn!(error = %e, "could not publish an event");
-                    }
-                }
-                None => break,
-            },
+            record = rx.recv() => match record { Some(r) => r, None => return },
+        };
+        if let Some(link) = &link
+            && let Err(e) = link.publish(topic.clone(), encode(&record), false).await
+        {
+            tracing::warn!(error = %e, "could not publish an event");
         }
     }
-    // Let queued publishes leave before the connection goes.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let _ = client.disconnect().await;
-    poller.abort();
+    while let Ok(record) = rx.try_recv() {
+        if let Some(link) = &link
+            && let Err(e) = link.try_publish(topic.clone(), encode(&record), false)
+        {
+            tracing::warn!(error = %e, kind = record.event.kind(), "could not publish an event while stopping");
+        }
+    }
+}
+
+fn encode(record: &EventRecord) -> Vec<u8> {
+    serde_json::to_vec(record).unwrap_or_default()
 }
 
 /// The per-task journal of training jobs and gate decisions (append-only JSON lines).

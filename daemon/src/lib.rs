@@ -9,7 +9,7 @@
 //! - `config`: the configuration file; unknown keys are errors.
 //! - `ops`: the CLI's operator commands (status, train, adapters) against a daemon or its state.
 //! - `client`: a blocking client for a running daemon's HTTP API (the CLI's commands).
-//! - `broker`: the embedded MQTT broker (rumqttd) for the demo and broker-less devices.
+//! - `mqtt`: the device's MQTT links (one per MQTT version) and the embedded broker (rumqttd).
 //! - `ingest`: labelled samples over MQTT, acked only once durable.
 //! - `samples`: the durable, deduplicated sample store (SQLite, WAL) with stable splits.
 //! - `scheduler`: when to train (a pure state machine); `resources`: whether the device can.
@@ -29,7 +29,6 @@
 pub mod adapt;
 pub mod api;
 pub mod app;
-pub mod broker;
 pub mod client;
 pub mod config;
 pub mod control;
@@ -39,6 +38,7 @@ pub mod engine;
 pub mod events;
 pub mod gate;
 pub mod ingest;
+pub mod mqtt;
 pub mod ops;
 pub mod parity;
 pub mod paths;

@@ -610,7 +610,7 @@ fn serve(
     }
     if let Some(addr) = mqtt {
         let (host, port) = parse_host_port(&addr)?;
-        config.mqtt = Some(adaptd::broker::BrokerConnection::plain(host, port));
+        config.mqtt = Some(adaptd::mqtt::BrokerConnection::plain(host, port));
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(adaptd::serve::run(config, shutdown_signal(), None))?;
@@ -628,23 +628,29 @@ fn ingest(bundle: Option<PathBuf>, store: PathBuf, mqtt: String, device: String,
     let bundle = Bundle::open(bundle.unwrap_or_else(|| paths::reference_bundle("digits-cnn")))?;
     let samples = adaptd::samples::SampleStore::open(&store, Default::default())?;
     let (host, port) = parse_host_port(&mqtt)?;
-    let config = adaptd::ingest::IngestConfig {
-        broker: adaptd::broker::BrokerConnection::plain(host, port),
+    let mut link = adaptd::mqtt::Link::new(adaptd::mqtt::LinkConfig {
+        broker: adaptd::mqtt::BrokerConnection::plain(host, port),
         client_id: format!("adaptd-ingest-{device}"),
+        persistent: true,
+        max_outgoing_bytes: adaptd::events::MAX_EVENT_BYTES,
+        request_queue: 2 * max_batch + 256,
+    });
+    let config = adaptd::ingest::IngestConfig {
         topics: adaptd_protocol::Topics::new(adaptd_protocol::topics::DEFAULT_PREFIX, &device),
         max_batch,
         max_payload_bytes: 1 << 20,
     };
-    let stats = Arc::new(adaptd::ingest::IngestStats::default());
+    let (ingest, mut inbox) = adaptd::ingest::Ingest::on_link(&mut link, config, Arc::new(Mutex::new(samples)), Arc::new(bundle.manifest.clone()), tasks);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(adaptd::ingest::run(
-        config,
-        Arc::new(Mutex::new(samples)),
-        Arc::new(bundle.manifest.clone()),
-        Arc::new(tasks),
-        stats,
-        shutdown_signal(),
-    ))?;
+    runtime.block_on(async move {
+        // Ingest stops first, then the link (its acks go out before it disconnects).
+        let stop = tokio_util::sync::CancellationToken::new();
+        let link = tokio::spawn(link.run(stop.clone().cancelled_owned()));
+        let result = ingest.run(&mut inbox, shutdown_signal()).await;
+        stop.cancel();
+        let _ = link.await;
+        result
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

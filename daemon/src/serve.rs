@@ -12,13 +12,14 @@ use adaptd_adapters::{AdapterStore, Bundle};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::adapt::{self, AdaptConfig};
-use crate::api::mqtt::{self, MqttApiConfig};
+use crate::api::mqtt;
 use crate::api::{Api, TaskControl, http};
 use crate::app::{Stage, Supervisor};
 use crate::config::Config;
 use crate::engine::{Engine, EngineConfig};
 use crate::events::{self, Events, Journal};
-use crate::ingest::{self, IngestConfig, IngestStats};
+use crate::ingest::{Ingest, IngestConfig};
+use crate::mqtt::{Link, LinkConfig, v5};
 use crate::preprocess::TextEncoder;
 use crate::registry::{Recovery, Registry};
 use crate::samples::{SampleStore, SplitPolicy};
@@ -30,7 +31,7 @@ pub struct ServeConfig {
     pub state_dir: PathBuf,
     pub http: SocketAddr,
     /// The MQTT broker for samples, events and the MQTT API; none: HTTP only.
-    pub mqtt: Option<crate::broker::BrokerConnection>,
+    pub mqtt: Option<crate::mqtt::BrokerConnection>,
     /// Serve inference over MQTT too (MQTT v5 request/response).
     pub mqtt_api: bool,
     /// Take signed operator commands over MQTT, verified with this key file (none: off).
@@ -120,8 +121,21 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
     .await??;
     let mut supervisor = Supervisor::new();
     let topics = adaptd_protocol::Topics::new(&config.topic_prefix, &config.device_id);
+    // The device's MQTT 3.1.1 link, shared by ingest, commands and events. Its session is
+    // persistent while ingest runs; the client id is ingest's from before the link was shared,
+    // so an upgraded device finds the samples the broker kept for it.
+    let ingesting = config.mqtt.is_some() && !config.tasks.is_empty();
+    let mut link = config.mqtt.clone().map(|broker| {
+        Link::new(LinkConfig {
+            broker,
+            client_id: format!("adaptd-ingest-{}", config.device_id),
+            persistent: ingesting,
+            max_outgoing_bytes: events::MAX_EVENT_BYTES,
+            request_queue: 2 * config.ingest_max_batch + 256,
+        })
+    });
     let (events, events_rx) = Events::channel();
-    let publisher = events::publish(events_rx, config.mqtt.clone(), format!("adaptd-events-{}", config.device_id), topics.events(), supervisor.stopped());
+    let publisher = events::publish(events_rx, link.as_ref().map(Link::handle), topics.events(), supervisor.stopped());
     supervisor.spawn_infallible(Stage::Outbound, "events", publisher);
 
     let traffic = Arc::new(crate::traffic::TrafficLog::default());
@@ -171,8 +185,15 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
         }
         Some(trainer)
     };
-    let ingest_stats = Arc::new(IngestStats::default());
-    let ingesting = config.mqtt.is_some() && !config.tasks.is_empty();
+    let ingest = match link.as_mut().filter(|_| ingesting) {
+        Some(link) => {
+            let store = SampleStore::open(&config.state_dir.join(crate::samples::STORE_FILE), config.split)?;
+            let ingest_config = IngestConfig { topics: topics.clone(), max_batch: config.ingest_max_batch, max_payload_bytes: config.ingest_max_payload_bytes };
+            let manifest = Arc::new(bundle.manifest.clone());
+            Some(Ingest::on_link(link, ingest_config, Arc::new(Mutex::new(store)), manifest, config.tasks.clone()))
+        }
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(config.http).await.map_err(|e| anyhow::anyhow!("HTTP {}: {e}", config.http))?;
     let addr = listener.local_addr()?;
     let token = crate::control::ensure_token(&config.state_dir)?;
@@ -181,7 +202,8 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
             .with_control(control)
             .with_auth(token, addr)
             .with_traffic(traffic)
-            .with_telemetry(ingesting.then(|| ingest_stats.clone()), &config.sysfs_root),
+            .with_telemetry(ingest.as_ref().map(|(i, _)| i.stats.clone()), &config.sysfs_root)
+            .with_link(link.as_ref().map(|l| l.handle().status())),
     );
     tracing::info!(%addr, tasks = ?registry.tasks(), "serving");
     if let Some(tx) = bound {
@@ -189,32 +211,26 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
     }
     supervisor.spawn(Stage::Intake, "http", http::serve(listener, api.clone(), supervisor.stopped()));
     // Operator commands over MQTT for the tasks that adapt (also through HTTP and the CLI).
-    if let (Some(broker), Some(key_file)) = (config.mqtt.clone(), &config.mqtt_commands_key)
+    if let (Some(link), Some(key_file)) = (link.as_mut(), &config.mqtt_commands_key)
         && !config.adapt.is_empty()
     {
         let verifier = crate::control::CommandVerifier::from_key_file(key_file, &config.device_id)?;
-        let client_id = format!("adaptd-commands-{}", config.device_id);
-        let commands = crate::api::commands::run(api.clone(), broker, client_id, topics.clone(), verifier, events.clone(), supervisor.stopped());
+        let inbox = crate::api::commands::subscribe(link, &topics, config.max_request_bytes);
+        let commands = crate::api::commands::run(api.clone(), inbox, topics.clone(), verifier, events.clone(), supervisor.stopped());
         supervisor.spawn_infallible(Stage::Intake, "mqtt-commands", commands);
     }
-    if let Some(broker) = config.mqtt.clone().filter(|_| config.mqtt_api) {
-        let mqtt_config = MqttApiConfig { broker, client_id: format!("adaptd-{}", config.device_id), topics: topics.clone() };
-        supervisor.spawn_infallible(Stage::Intake, "mqtt-inference", mqtt::run(api.clone(), mqtt_config, supervisor.stopped()));
+    if let Some((ingest, inbox)) = ingest {
+        supervisor.spawn_infallible(Stage::Intake, "ingest", ingest.supervise(inbox, supervisor.stopped()));
     }
-    if let (Some(broker), false) = (&config.mqtt, config.tasks.is_empty()) {
-        {
-            let store = SampleStore::open(&config.state_dir.join(crate::samples::STORE_FILE), config.split)?;
-            let ingest_config = IngestConfig {
-                broker: broker.clone(),
-                client_id: format!("adaptd-ingest-{}", config.device_id),
-                topics: topics.clone(),
-                max_batch: config.ingest_max_batch,
-                max_payload_bytes: config.ingest_max_payload_bytes,
-            };
-            let (manifest, tasks) = (Arc::new(bundle.manifest.clone()), Arc::new(config.tasks.clone()));
-            let ingest = ingest::supervise(ingest_config, Arc::new(Mutex::new(store)), manifest, tasks, ingest_stats.clone(), supervisor.stopped());
-            supervisor.spawn_infallible(Stage::Intake, "ingest", ingest);
-        }
+    if let Some(link) = link {
+        supervisor.spawn_infallible(Stage::Link, "mqtt", link.run(supervisor.stopped()));
+    }
+    // The MQTT 5 link, for the inference API alone.
+    if let Some(broker) = config.mqtt.clone().filter(|_| config.mqtt_api) {
+        let mut link = v5::Link::new(broker, format!("adaptd-{}", config.device_id), mqtt::read_limit(api.max_request_bytes()));
+        let inbox = mqtt::subscribe(&mut link, &topics);
+        supervisor.spawn_infallible(Stage::Intake, "mqtt-inference", mqtt::run(api.clone(), link.client(), inbox, topics.clone(), supervisor.stopped()));
+        supervisor.spawn_infallible(Stage::Link, "mqtt5", link.run(supervisor.stopped()));
     }
 
     // The engine warmed up before we listened: ready now, not when the broker answers.

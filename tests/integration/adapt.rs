@@ -211,6 +211,8 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
         "adaptd_samples_ingested_total 360",
         "adaptd_engine_ready 1",
         "adaptd_ingest_connected 1",
+        "adaptd_mqtt_connected 1",
+        "adaptd_mqtt_connections_total 1",
     ] {
         assert!(metrics.lines().any(|l| l == line), "no {line:?} in\n{metrics}");
     }

@@ -5,9 +5,10 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use adaptd::api::mqtt::{self, MqttApiConfig};
+use adaptd::api::mqtt;
 use adaptd::api::{Api, http};
 use adaptd::engine::{Engine, EngineConfig};
+use adaptd::mqtt::{BrokerConnection, v5};
 use adaptd::registry::Registry;
 use adaptd_adapters::{AdapterStore, Bundle};
 use tokio::sync::oneshot;
@@ -139,15 +140,12 @@ fn mqtt_request(port: u16, topic: &str, reply: &str, payload: &[u8], content_typ
 async fn mqtt_v5_request_response_through_mosquitto() {
     let broker = Mosquitto::start();
     let served = serve_digits(64 * 1024);
-    let config = MqttApiConfig {
-        broker: adaptd::broker::BrokerConnection::plain("127.0.0.1", broker.port),
-        client_id: "adaptd-test".into(),
-        topics: adaptd_protocol::Topics::new("adaptd/v1", "robot-7"),
-    };
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(mqtt::run(served.api.clone(), config, async {
-        let _ = stopped.await;
-    }));
+    let topics = adaptd_protocol::Topics::new("adaptd/v1", "robot-7");
+    let mut link = v5::Link::new(BrokerConnection::plain("127.0.0.1", broker.port), "adaptd-test".into(), mqtt::read_limit(served.api.max_request_bytes()));
+    let inbox = mqtt::subscribe(&mut link, &topics);
+    let (stop, stopped) = (tokio_util::sync::CancellationToken::new(), tokio_util::sync::CancellationToken::new());
+    let handler = tokio::spawn(mqtt::run(served.api.clone(), link.client(), inbox, topics, stop.clone().cancelled_owned()));
+    let link = tokio::spawn(link.run(stopped.clone().cancelled_owned()));
 
     let port = broker.port;
     let (ok, bad, binary, big_ok, too_big) = tokio::task::spawn_blocking(move || {
@@ -187,8 +185,10 @@ async fn mqtt_v5_request_response_through_mosquitto() {
     let v: serde_json::Value = serde_json::from_str(too_big.split_once('|').unwrap_or_else(|| panic!("no answer: {too_big:?}")).1).unwrap();
     assert_eq!(v["error"]["type"], "too_large", "{v}");
 
-    let _ = stop.send(());
-    task.await.unwrap();
+    stop.cancel();
+    handler.await.unwrap();
+    stopped.cancel();
+    link.await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

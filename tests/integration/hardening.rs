@@ -5,15 +5,13 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, Instant};
 
 use adaptd::api::wire;
 use adaptd::ingest::decode::{SampleSchema, decode_sample};
-use adaptd::ingest::{self, IngestConfig, IngestStats};
 use adaptd::samples::{SampleStore, SplitPolicy};
 use adaptd_adapters::Bundle;
-use tokio::sync::oneshot;
 
 use crate::broker::Mosquitto;
 use crate::reference_bundle;
@@ -74,26 +72,12 @@ fn overflowing_shapes_and_image_bombs_are_refused_fast() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_over_mqtt_is_refused_acked_and_the_stream_behind_it_flows() {
     let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Mutex::new(SampleStore::open(&dir.path().join("samples.db"), SplitPolicy::default()).unwrap()));
-    let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
-    let stats = Arc::new(IngestStats::default());
-    let config = IngestConfig {
-        broker: adaptd::broker::BrokerConnection::plain("127.0.0.1", broker.port),
-        client_id: "adaptd-ingest-poison".into(),
-        topics: adaptd_protocol::Topics::new("adaptd/v1", "robot-7"),
-        max_batch: 64,
-        max_payload_bytes: 16 * 1024,
-    };
-    let (events_topic, again) = (config.events_topic(), config.clone());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task =
-        tokio::spawn(ingest::supervise(config, store.clone(), Arc::new(bundle.manifest.clone()), Arc::new(vec!["sorter".into()]), stats.clone(), async {
-            let _ = stopped.await;
-        }));
-
+    // 16 KiB: the sample limit, and with it the link's read limit.
+    let running = crate::ingest::start_ingest_into(broker.port, "adaptd-ingest-poison", 16 * 1024, tempfile::tempdir().unwrap());
+    let (store, stats, events_topic) = (running.store.clone(), running.stats.clone(), running.events_topic.clone());
+    let dir = running.dir.path().to_path_buf();
     let port = broker.port;
-    let big = dir.path().join("big.json");
+    let big = dir.join("big.json");
     // 5 MB: over the 16 KiB sample limit and the read limit derived from it.
     std::fs::write(&big, digit_sample("big:1").replace("\"label\"", &format!("\"source\": \"{}\", \"label\"", "x".repeat(5 << 20)))).unwrap();
     let overflow = digit_sample("overflow:1").replace("[1, 1, 8, 8]", OVERFLOWING);
@@ -131,33 +115,14 @@ async fn poison_over_mqtt_is_refused_acked_and_the_stream_behind_it_flows() {
     assert!(events.contains("too_large") && events.contains("5243"), "the refusal is announced with the size: {events}");
     assert!(events.contains("conflicting_label") && events.contains("sorter/right"), "{events}");
     assert!(stats.connected.load(Ordering::Relaxed) && stats.running.load(Ordering::Relaxed));
-    let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(10), task).await.expect("stops").unwrap();
+    running.stop().await;
     assert!(!stats.running.load(Ordering::Relaxed));
 
     // Acknowledged: a new session under the same client id gets none of it redelivered.
-    let store2 = Arc::new(Mutex::new(SampleStore::open(&dir.path().join("again.db"), SplitPolicy::default()).unwrap()));
-    let stats2 = Arc::new(IngestStats::default());
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(ingest::run(again, store2, Arc::new(bundle.manifest.clone()), Arc::new(vec!["sorter".into()]), stats2.clone(), async {
-        let _ = stopped.await;
-    }));
+    let again = crate::ingest::start_ingest_into(broker.port, "adaptd-ingest-poison", 16 * 1024, tempfile::tempdir().unwrap());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!((stats2.stored.load(Ordering::Relaxed), stats2.refused().len()), (0, 0), "nothing was left unacknowledged");
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
-}
-
-#[test]
-fn reconnect_backoff_is_earned_back_only_by_a_connection_that_stays_up() {
-    let mut b = ingest::Backoff::default();
-    let waits: Vec<u128> = (0..5)
-        .map(|_| {
-            b.connected(); // connects, then fails at once
-            b.failed().as_millis()
-        })
-        .collect();
-    assert_eq!(waits, vec![100, 200, 400, 800, 1600], "a connect that fails at once does not reset the backoff");
+    assert_eq!((again.stats.stored.load(Ordering::Relaxed), again.stats.refused().len()), (0, 0), "nothing was left unacknowledged");
+    again.stop().await;
 }
 
 /// A deleted `-wal` file loses what it held; the store says so when it opens.
@@ -186,33 +151,83 @@ fn a_deleted_write_ahead_log_is_reported_at_open() {
     assert!(!SampleStore::open(&db, SplitPolicy::default()).unwrap().lost_wal(), "a clean close since: nothing more to say");
 }
 
-/// Ingest that cannot run (here: its TLS files are gone) shows as down, in readiness and in the
-/// metrics, and its supervisor keeps restarting it with backoff while serving goes on.
+/// TLS files that are not there (not yet provisioned, or mid-rotation) do not stop the daemon:
+/// it serves, shows ingest waiting for the broker, and its MQTT link retries reading them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ingest_that_stops_shows_as_down_and_is_restarted() {
+async fn missing_tls_files_leave_ingest_waiting_while_serving_goes_on() {
     let state = tempfile::tempdir().unwrap();
     let mut config = adaptd::serve::ServeConfig::new(reference_bundle("digits-cnn"), state.path().to_path_buf());
     config.http = "127.0.0.1:0".parse().unwrap();
-    let tls = adaptd::broker::TlsFiles { ca: state.path().join("gone-ca.pem"), client: None };
-    config.mqtt = Some(adaptd::broker::BrokerConnection { tls: Some(tls), ..adaptd::broker::BrokerConnection::plain("127.0.0.1", crate::broker::free_port()) });
+    let tls = adaptd::mqtt::TlsFiles { ca: state.path().join("gone-ca.pem"), client: None };
+    config.mqtt = Some(adaptd::mqtt::BrokerConnection { tls: Some(tls), ..adaptd::mqtt::BrokerConnection::plain("127.0.0.1", crate::broker::free_port()) });
     config.mqtt_api = false;
     config.tasks = vec!["sorter".into()];
     let (stop, addr, daemon) = crate::serve_in_process(config).await;
     let client = adaptd::client::Client::new(addr);
-    let (ready, metrics) = tokio::task::spawn_blocking(move || {
-        std::thread::sleep(Duration::from_millis(1800));
+    let (ready, metrics, answer) = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(800));
         let ready = client.request_text("GET", "/readyz").unwrap();
         let (_, metrics) = client.request_text("GET", "/metrics").unwrap();
-        (ready, metrics)
+        let body = format!("{{\"inputs\": {{\"image\": {{\"shape\": [1, 1, 8, 8], \"data\": [{}]}}}}}}", vec!["0.5"; 64].join(","));
+        (ready, metrics, client.request("POST", "/v1/tasks/sorter/predict", Some(body.as_bytes())).unwrap())
     })
     .await
     .unwrap();
-    assert!(ready.0 == 503 && ready.1.contains("ingest: not running"), "{ready:?}");
-    assert!(metrics.lines().any(|l| l == "adaptd_ingest_running 0"), "{metrics}");
-    let restarts: f64 = metrics.lines().find_map(|l| l.strip_prefix("adaptd_ingest_restarts_total ")).unwrap().parse().unwrap();
-    assert!(restarts >= 1.0, "restarted with backoff: {restarts}");
+    assert!(ready.0 == 200 && ready.1.contains("ingest: waiting for the broker"), "{ready:?}");
+    assert!(metrics.lines().any(|l| l == "adaptd_ingest_connected 0") && metrics.lines().any(|l| l == "adaptd_ingest_running 1"), "{metrics}");
+    assert_eq!(answer.status, 200, "serving goes on: {:?}", answer.body);
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("stops in time").unwrap().unwrap();
+}
+
+/// The sample store fails under ingest (here: another process holds its write lock past the
+/// busy timeout). Ingest stops with the unacknowledged batch, shows as down, is restarted with
+/// backoff, and the link reconnects so the broker redelivers that batch: every sample the
+/// broker took lands, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_failure_restarts_ingest_and_the_broker_redelivers_what_it_held() {
+    let broker = Mosquitto::start();
+    let running = crate::ingest::start_ingest_into(broker.port, "adaptd-ingest-store-fails", 16 * 1024, tempfile::tempdir().unwrap());
+    let (store, stats) = (running.store.clone(), running.stats.clone());
+    let db = running.dir.path().join("samples.db");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stats.connected.load(Ordering::Relaxed) {
+        assert!(Instant::now() < deadline, "ingest did not subscribe");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Past the store's 5 s busy timeout.
+    let script = format!(
+        "import sqlite3, sys, time\nc = sqlite3.connect({:?}, isolation_level=None)\nc.execute('BEGIN EXCLUSIVE')\nprint('locked', flush=True)\ntime.sleep(7)\nc.execute('COMMIT')\n",
+        db.to_str().unwrap()
+    );
+    let mut locker = Command::new("python3").args(["-c", &script]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(locker.stdout.as_mut().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "locked");
+    let port = broker.port.to_string();
+    let lines: Vec<String> = (0..40).map(|i| digit_sample(&format!("held:{i}"))).collect();
+    let mut p = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-q", "1", "-t", "adaptd/v1/robot-7/samples/sorter", "-l"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    p.stdin.take().unwrap().write_all((lines.join("\n") + "\n").as_bytes()).unwrap();
+    assert!(p.wait().unwrap().success(), "the broker took every sample");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats.running.load(Ordering::Relaxed) {
+        assert!(Instant::now() < deadline, "ingest did not stop on the store's error");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(locker.wait().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stats.stored.load(Ordering::Relaxed) < 40 {
+        assert!(Instant::now() < deadline, "redelivered samples not stored: {} of 40", stats.stored.load(Ordering::Relaxed));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(store.lock().unwrap().len().unwrap(), 40, "each sample once");
+    assert!(stats.restarts.load(Ordering::Relaxed) >= 1 && stats.running.load(Ordering::Relaxed));
+    running.stop_after_restarts().await;
 }
 
 /// A promotion that a crash interrupted after its pointer moved: the version serves, and its

@@ -7,10 +7,10 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use adaptd::ingest::{self, IngestConfig, IngestStats};
+use adaptd::ingest::{Ingest, IngestConfig, IngestStats};
+use adaptd::mqtt::{BrokerConnection, Link, LinkConfig};
 use adaptd::samples::{SampleInput, SampleStore, SplitPolicy};
 use adaptd_adapters::Bundle;
-use tokio::sync::oneshot;
 
 use crate::broker::Mosquitto;
 use crate::reference_bundle;
@@ -23,40 +23,66 @@ fn digit_sample(key: &str, task: &str, label: &str) -> String {
     )
 }
 
-/// Ingest for the digits bundle's `sorter` task from the broker at `port`, into a fresh store.
-struct RunningIngest {
-    _dir: tempfile::TempDir,
-    store: Arc<Mutex<SampleStore>>,
-    stats: Arc<IngestStats>,
-    events_topic: String,
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), adaptd::ingest::IngestError>>,
+/// Ingest for the digits bundle's `sorter` task from the broker at `port`, into a fresh store:
+/// the daemon's own parts (its MQTT link, ingest under its supervisor).
+pub struct RunningIngest {
+    pub dir: tempfile::TempDir,
+    pub store: Arc<Mutex<SampleStore>>,
+    pub stats: Arc<IngestStats>,
+    pub events_topic: String,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
 }
 
-fn start_ingest(port: u16, client_id: &str) -> RunningIngest {
-    let dir = tempfile::tempdir().unwrap();
+impl RunningIngest {
+    /// Stop ingest, then the link, as the daemon does; nothing may have failed on the way.
+    pub async fn stop(self) {
+        assert_eq!(self.stats.restarts.load(Ordering::Relaxed), 0, "ingest never stopped on an error or a panic");
+        self.stop_after_restarts().await;
+    }
+
+    /// Stop, where restarts were the point.
+    pub async fn stop_after_restarts(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task).await.expect("stops in time").unwrap();
+    }
+}
+
+pub fn start_ingest(port: u16, client_id: &str) -> RunningIngest {
+    start_ingest_into(port, client_id, 16 * 1024, tempfile::tempdir().unwrap())
+}
+
+/// The same with a payload limit, storing into `dir/samples.db`.
+pub fn start_ingest_into(port: u16, client_id: &str, max_payload_bytes: usize, dir: tempfile::TempDir) -> RunningIngest {
     let store = Arc::new(Mutex::new(SampleStore::open(&dir.path().join("samples.db"), SplitPolicy::default()).unwrap()));
     let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
-    let stats = Arc::new(IngestStats::default());
-    let config = IngestConfig {
-        broker: adaptd::broker::BrokerConnection::plain("127.0.0.1", port),
+    let mut link = Link::new(LinkConfig {
+        broker: BrokerConnection::plain("127.0.0.1", port),
         client_id: client_id.into(),
-        topics: adaptd_protocol::Topics::new("adaptd/v1", "robot-7"),
-        max_batch: 64,
-        max_payload_bytes: 16 * 1024,
-    };
+        persistent: true,
+        max_outgoing_bytes: 64 * 1024,
+        request_queue: 256,
+    });
+    let config = IngestConfig { topics: adaptd_protocol::Topics::new("adaptd/v1", "robot-7"), max_batch: 64, max_payload_bytes };
     let events_topic = config.events_topic();
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(ingest::run(config, store.clone(), Arc::new(bundle.manifest.clone()), Arc::new(vec!["sorter".into()]), stats.clone(), async {
-        let _ = stopped.await;
-    }));
-    RunningIngest { _dir: dir, store, stats, events_topic, stop, task }
+    let (ingest, inbox) = Ingest::on_link(&mut link, config, store.clone(), Arc::new(bundle.manifest.clone()), vec!["sorter".into()]);
+    let stats = ingest.stats.clone();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (ingest_stop, link_stop) = (stop.clone(), tokio_util::sync::CancellationToken::new());
+    let task = tokio::spawn(async move {
+        let link = tokio::spawn(link.run(link_stop.clone().cancelled_owned()));
+        ingest.supervise(inbox, ingest_stop.cancelled_owned()).await;
+        link_stop.cancel();
+        link.await.unwrap();
+    });
+    RunningIngest { dir, store, stats, events_topic, stop, task }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn samples_land_once_and_poison_is_refused_with_reasons() {
     let broker = Mosquitto::start();
-    let RunningIngest { _dir, store, stats, events_topic, stop, task } = start_ingest(broker.port, "adaptd-ingest-test");
+    let running = start_ingest(broker.port, "adaptd-ingest-test");
+    let (store, stats, events_topic) = (running.store.clone(), running.stats.clone(), running.events_topic.clone());
 
     let poison: Vec<(String, &str)> = vec![
         ("{\"key\": \"x\", ".into(), "bad_json"),
@@ -127,8 +153,7 @@ async fn samples_land_once_and_poison_is_refused_with_reasons() {
         assert_eq!(s.sample.label, "right", "stored as sent");
         assert!(matches!(&s.sample.input, SampleInput::Tensor(t) if t.shape == vec![1, 1, 8, 8]));
     }
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 /// kill -9 the ingesting daemon 20 times while a publisher streams 10,000 samples at QoS 1:
@@ -202,7 +227,7 @@ async fn the_serving_process_ingests_the_configured_tasks_samples() {
     let state = tempfile::tempdir().unwrap();
     let mut config = adaptd::serve::ServeConfig::new(reference_bundle("digits-cnn"), state.path().to_path_buf());
     config.http = "127.0.0.1:0".parse().unwrap();
-    config.mqtt = Some(adaptd::broker::BrokerConnection::plain("127.0.0.1", broker.port));
+    config.mqtt = Some(adaptd::mqtt::BrokerConnection::plain("127.0.0.1", broker.port));
     config.device_id = "robot-7".into();
     config.tasks = vec!["sorter".into()];
     let (stop, _, daemon) = crate::serve_in_process(config).await;
@@ -233,8 +258,9 @@ async fn the_serving_process_ingests_the_configured_tasks_samples() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn samples_arrive_through_the_embedded_rumqttd_broker() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    adaptd::broker::start_embedded(([127, 0, 0, 1], port).into(), 64 * 1024).expect("rumqttd starts");
-    let RunningIngest { _dir, store, stats, stop, task, .. } = start_ingest(port, "adaptd-ingest-rumqttd");
+    adaptd::mqtt::start_embedded(([127, 0, 0, 1], port).into(), 64 * 1024).expect("rumqttd starts");
+    let running = start_ingest(port, "adaptd-ingest-rumqttd");
+    let (store, stats) = (running.store.clone(), running.stats.clone());
     let port_s = port.to_string();
     tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -255,8 +281,7 @@ async fn samples_arrive_through_the_embedded_rumqttd_broker() {
     .await
     .unwrap();
     assert_eq!(store.lock().unwrap().len().unwrap(), 300);
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 /// The broker restarts (SIGTERM, persistence on) in the middle of a QoS 1 stream. Every sample
@@ -272,7 +297,8 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
     // The persistence file lives in the broker's own directory; an unlimited queue so the broker
     // itself drops nothing for a session that is away.
     let mut broker = Mosquitto::start_with("persistence true\npersistence_location {dir}/\nmax_queued_messages 0\n");
-    let RunningIngest { store, stats, stop, task, .. } = start_ingest(broker.port, "adaptd-ingest-restart");
+    let running = start_ingest(broker.port, "adaptd-ingest-restart");
+    let (store, stats) = (running.store.clone(), running.stats.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Publish in order; the n-th outgoing publish is sample n, so each PUBACK names its sample.
@@ -351,8 +377,7 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
         assert_eq!(store.len().unwrap(), SAMPLES as u64, "every sample exactly once (redeliveries recognised: {})", stats.duplicates.load(Ordering::Relaxed));
         eprintln!("{} of {SAMPLES} acked before the restart; {} redeliveries recognised", acked_before.len(), stats.duplicates.load(Ordering::Relaxed));
     }
-    let _ = stop.send(());
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 /// Image bundles take samples as JPEG/PNG (base64 in JSON), through the bundle's own preprocessing.

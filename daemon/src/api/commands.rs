@@ -7,21 +7,26 @@
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use adaptd_protocol::topics::{Channel, Topics};
-use rumqttc::{AsyncClient, Event, Packet};
 
 use super::Api;
 use crate::adapt::CommandKind;
-use crate::broker::BrokerConnection;
 use crate::control::CommandVerifier;
 use crate::events::Events;
+use crate::mqtt::{Ack, Inbox, Link};
+
+/// Subscribe `link` to every task's commands, acknowledged on receipt (a command is answered
+/// with an event, not redelivered). A command over the request limit arrives without its
+/// payload and is refused with a `command_result` that gives its size.
+pub fn subscribe(link: &mut Link, topics: &Topics, max_request_bytes: usize) -> Inbox {
+    link.subscribe(topics.every_task(Channel::Commands), Ack::OnReceipt, max_request_bytes)
+}
 
 /// The answer to one command message: (ok, command, by, message).
 async fn execute(api: &Api, verifier: &Mutex<CommandVerifier>, task: &str, payload: &[u8]) -> (bool, String, String, String) {
     if payload.len() > api.max_request_bytes() {
-        return (false, "?".into(), "?".into(), format!("a command of {} bytes is over the limit of {}", payload.len(), api.max_request_bytes()));
+        return (false, "?".into(), "?".into(), too_large(payload.len(), api.max_request_bytes()));
     }
     let verified = verifier.lock().unwrap_or_else(std::sync::PoisonError::into_inner).verify(task, payload, crate::events::now_ms());
     let msg = match verified {
@@ -49,64 +54,28 @@ async fn execute(api: &Api, verifier: &Mutex<CommandVerifier>, task: &str, paylo
     }
 }
 
-/// Answer commands until `shutdown`; reconnects with backoff on its own.
-pub async fn run(
-    api: Arc<Api>,
-    broker: BrokerConnection,
-    client_id: String,
-    topics: Topics,
-    verifier: CommandVerifier,
-    events: Events,
-    shutdown: impl Future<Output = ()>,
-) {
+/// Answer the commands of `inbox` until `shutdown`.
+pub async fn run(api: Arc<Api>, mut inbox: Inbox, topics: Topics, verifier: CommandVerifier, events: Events, shutdown: impl Future<Output = ()>) {
     let verifier = Arc::new(Mutex::new(verifier));
-    let mut options = match broker.options(client_id) {
-        Ok(o) => o,
-        Err(e) => {
-            tracing::error!(error = %e, "MQTT operator commands are off");
-            return;
-        }
-    };
-    options.set_keep_alive(Duration::from_secs(30));
-    // rumqttc's default 10 KiB would drop a larger message without an answer; read what the
-    // inference API reads, and refuse oversized commands with a command_result.
-    let limit = super::mqtt::read_limit(api.max_request_bytes());
-    options.set_max_packet_size(limit, limit);
-    let (client, mut eventloop) = AsyncClient::new(options, 64);
-    let filter = topics.every_task(Channel::Commands);
     tokio::pin!(shutdown);
-    let mut backoff = Duration::from_millis(100);
     loop {
-        let event = tokio::select! {
-            _ = &mut shutdown => break,
-            e = eventloop.poll() => e,
+        let message = tokio::select! {
+            _ = &mut shutdown => return,
+            m = inbox.recv() => match m { Some(m) => m, None => return },
         };
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff = Duration::from_millis(100);
-                crate::broker::subscribe_in_background(&client, &filter, "MQTT operator commands");
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let Some(task) = topics.task_of(Channel::Commands, &p.topic).map(str::to_string) else { continue };
-                let (api, events, verifier) = (api.clone(), events.clone(), verifier.clone());
-                tokio::spawn(async move {
-                    let (ok, command, by, message) = execute(&api, &verifier, &task, &p.payload).await;
-                    tracing::info!(task, command, ok, by, message, "operator command over MQTT");
-                    events.emit(&task, adaptd_protocol::Event::CommandResult { command: command.to_string(), ok, by, message, via: "mqtt".into() });
-                });
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::debug!(error = %e, "MQTT operator commands: connection lost; retrying");
-                tokio::select! {
-                    _ = &mut shutdown => break,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
+        let Some(task) = topics.task_of(Channel::Commands, &message.publish.topic).map(str::to_string) else { continue };
+        let (api, events, verifier) = (api.clone(), events.clone(), verifier.clone());
+        tokio::spawn(async move {
+            let (ok, command, by, message) = match message.oversize {
+                Some(size) => (false, "?".into(), "?".into(), too_large(size, api.max_request_bytes())),
+                None => execute(&api, &verifier, &task, &message.publish.payload).await,
+            };
+            tracing::info!(task, command, ok, by, message, "operator command over MQTT");
+            events.emit(&task, adaptd_protocol::Event::CommandResult { command: command.to_string(), ok, by, message, via: "mqtt".into() });
+        });
     }
-    // Not `disconnect().await`: nothing polls the event loop any more, and a full request queue
-    // would hold shutdown forever.
-    let _ = client.try_disconnect();
+}
+
+fn too_large(size: usize, limit: usize) -> String {
+    format!("a command of {size} bytes is over the limit of {limit}")
 }

@@ -46,6 +46,14 @@ pub fn render(api: &Api) -> String {
         let _ = writeln!(out, "adaptd_requests_refused_total{{reason=\"{}\"}} {n}", label(reason));
     }
 
+    if let Some(link) = api.link_status() {
+        family(&mut out, "adaptd_mqtt_connected", "gauge", "1 while the MQTT link (samples, commands, events) is connected.");
+        let _ = writeln!(out, "adaptd_mqtt_connected {}", i32::from(link.connected.load(Relaxed)));
+        family(&mut out, "adaptd_mqtt_connections_total", "counter", "Connections the MQTT link has made (1 plus its reconnects).");
+        let _ = writeln!(out, "adaptd_mqtt_connections_total {}", link.connections.load(Relaxed));
+        family(&mut out, "adaptd_mqtt_unrouted_total", "counter", "Messages no subscription wanted (acknowledged and dropped).");
+        let _ = writeln!(out, "adaptd_mqtt_unrouted_total {}", link.unrouted.load(Relaxed));
+    }
     if let Some(ingest) = api.ingest_stats() {
         family(&mut out, "adaptd_ingest_connected", "gauge", "1 while ingest is subscribed to the samples topic.");
         let _ = writeln!(out, "adaptd_ingest_connected {}", i32::from(ingest.connected.load(Relaxed)));

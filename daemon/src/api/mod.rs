@@ -30,6 +30,7 @@ pub struct Api {
     refused: Mutex<BTreeMap<&'static str, u64>>,
     control: BTreeMap<String, TaskControl>,
     ingest: Option<Arc<crate::ingest::IngestStats>>,
+    link: Option<Arc<crate::mqtt::LinkStatus>>,
     /// Device readings for `/metrics` (sysinfo and sysfs), refreshed on scrape.
     monitor: Mutex<Option<crate::resources::Monitor>>,
     /// The control token and the listening address; none: control requests are refused.
@@ -54,6 +55,7 @@ impl Api {
             refused: Mutex::new(BTreeMap::new()),
             control: BTreeMap::new(),
             ingest: None,
+            link: None,
             monitor: Mutex::new(None),
             auth: None,
             traffic: None,
@@ -65,6 +67,16 @@ impl Api {
         self.ingest = ingest;
         self.monitor = Mutex::new(Some(crate::resources::Monitor::new(sysfs_root)));
         self
+    }
+
+    /// The MQTT link's state for `/metrics`.
+    pub fn with_link(mut self, link: Option<Arc<crate::mqtt::LinkStatus>>) -> Api {
+        self.link = link;
+        self
+    }
+
+    pub fn link_status(&self) -> Option<&crate::mqtt::LinkStatus> {
+        self.link.as_deref()
     }
 
     pub fn ingest_stats(&self) -> Option<&crate::ingest::IngestStats> {

@@ -1,4 +1,4 @@
-//! The MQTT inference API: MQTT v5 request/response.
+//! The MQTT inference API: MQTT v5 request/response, a handler on the device's MQTT 5 link.
 //!
 //! A client publishes a request to `{prefix}/{device}/infer/{task}` with the v5 properties
 //! *response topic* and (optionally) *correlation data*; the answer is published to the response
@@ -9,85 +9,35 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use adaptd_protocol::topics::{Channel, Topics};
 use bytes::Bytes;
+use rumqttc::v5::AsyncClient;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
-use rumqttc::v5::{AsyncClient, Event};
+use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
+use tokio::sync::mpsc;
 
 use super::Api;
 use super::wire;
+use crate::mqtt::v5;
 
-#[derive(Debug, Clone)]
-pub struct MqttApiConfig {
-    pub broker: crate::broker::BrokerConnection,
-    pub client_id: String,
-    pub topics: Topics,
+/// Subscribe the MQTT 5 `link` to every task's inference requests.
+pub fn subscribe(link: &mut v5::Link, topics: &Topics) -> mpsc::UnboundedReceiver<Publish> {
+    link.subscribe(topics.every_task(Channel::Infer))
 }
 
-impl MqttApiConfig {
-    pub fn request_filter(&self) -> String {
-        self.topics.every_task(Channel::Infer)
-    }
-}
-
-/// Answer inference requests until `shutdown` completes. Reconnects with backoff on its own.
-pub async fn run(api: Arc<Api>, config: MqttApiConfig, shutdown: impl Future<Output = ()>) {
-    let mut options = match config.broker.options_v5(config.client_id.clone()) {
-        Ok(o) => o,
-        Err(e) => {
-            tracing::error!(error = %e, "MQTT inference API is off");
-            return;
-        }
-    };
-    options.set_keep_alive(Duration::from_secs(30));
-    options.set_clean_start(true);
-    // The same body limit as HTTP. Requests up to twice the limit are read and answered
-    // `too_large`; past that the broker must not send them at all (MQTT 5's maximum packet size).
-    options.set_max_packet_size(Some(u32::try_from(read_limit(api.max_request_bytes())).unwrap_or(u32::MAX)));
-    let (client, mut events) = AsyncClient::new(options, 64);
-    let filter = config.request_filter();
+/// Answer the requests of `inbox` until `shutdown` completes, each on a task of its own (the
+/// engine batches them).
+pub async fn run(api: Arc<Api>, client: AsyncClient, mut inbox: mpsc::UnboundedReceiver<Publish>, topics: Topics, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
-    let mut backoff = Duration::from_millis(100);
     loop {
-        let event = tokio::select! {
-            _ = &mut shutdown => break,
-            event = events.poll() => event,
+        let publish = tokio::select! {
+            _ = &mut shutdown => return,
+            p = inbox.recv() => match p { Some(p) => p, None => return },
         };
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff = Duration::from_millis(100);
-                // Re-subscribed on every connect (the session is clean), from a task of its own
-                // as `broker::subscribe_in_background` does for the MQTT v3 clients: answers
-                // queued while the broker was away may fill the request queue this loop drains.
-                let (client, filter) = (client.clone(), filter.clone());
-                tokio::spawn(async move {
-                    match client.subscribe(filter.clone(), QoS::AtLeastOnce).await {
-                        Ok(()) => tracing::info!(filter, "MQTT inference API connected"),
-                        Err(e) => tracing::warn!(error = %e, "MQTT inference API could not subscribe"),
-                    }
-                });
-            }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                let (api, client, topics) = (api.clone(), client.clone(), config.topics.clone());
-                tokio::spawn(async move { answer(&api, &client, &topics, publish).await });
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "MQTT inference API connection lost");
-                tokio::select! {
-                    _ = &mut shutdown => break,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
+        let (api, client, topics) = (api.clone(), client.clone(), topics.clone());
+        tokio::spawn(async move { answer(&api, &client, &topics, publish).await });
     }
-    // Not `disconnect().await`: nothing polls the event loop any more, and a full request queue
-    // would hold shutdown forever.
-    let _ = client.try_disconnect();
 }
 
 /// What an MQTT client of ours reads: twice the body limit plus room for topic and properties.
