@@ -149,6 +149,83 @@ enum Command {
         #[command(subcommand)]
         command: AdaptersCommand,
     },
+    /// The fleet's TUF-signed adapter repository: keys, releases, expiry.
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
+}
+
+/// Where the operator's keys and the repository live.
+#[derive(clap::Args)]
+struct RepoArgs {
+    /// The directory of the four role keys (`adaptd fleet keygen` writes it; keep root.pk8 offline).
+    #[arg(long)]
+    keys: PathBuf,
+    /// The repository directory (what the HTTP server serves).
+    #[arg(long)]
+    repo: PathBuf,
+    /// Print JSON for scripts instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Make an Ed25519 key for each TUF role (root, targets, snapshot, timestamp); never overwrites.
+    Keygen {
+        #[arg(long)]
+        keys: PathBuf,
+    },
+    /// Start a repository: root.json (the file devices ship with) and an empty release list.
+    Init {
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+    /// Publish an adapter version as a release: from this device's state directory, or from a
+    /// directory `adapters export` wrote (`--from`).
+    Publish {
+        task: String,
+        /// The adapter version in the state directory (ignored with `--from`).
+        version: Option<u64>,
+        /// An exported adapter directory instead.
+        #[arg(long)]
+        from: Option<PathBuf>,
+        /// The release number [default: one past the task's newest].
+        #[arg(long)]
+        release: Option<u64>,
+        /// The release it was trained from.
+        #[arg(long)]
+        parent: Option<u64>,
+        /// Let devices install it without their own gate (`force` policy).
+        #[arg(long)]
+        allow_force: bool,
+        /// The state directory holding the version.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+    /// Withdraw a release: devices refuse it from their next update on.
+    Yank {
+        task: String,
+        release: u64,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+    /// Sign the metadata again with fresh expiry dates (run it from a timer, well inside 7 days).
+    Refresh {
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+    /// The releases the repository publishes now.
+    List {
+        /// The repository directory.
+        #[arg(long)]
+        repo: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// How to reach the daemon (its HTTP API on loopback) and its state.
@@ -294,6 +371,7 @@ fn main() -> ExitCode {
         }),
         Command::Train { task, now: _, no_wait, daemon } => train_now(&task, no_wait, &daemon),
         Command::Adapters { command } => adapters(command),
+        Command::Fleet { command } => fleet(command),
         Command::Samples { command: SamplesCommand::Import { file, daemon } } => operate(daemon.json, || {
             let config = daemon.config()?;
             let bundle = Bundle::open(&config.bundle)?;
@@ -351,6 +429,97 @@ fn operate(json: bool, f: impl FnOnce() -> anyhow::Result<(String, serde_json::V
             Ok(ExitCode::from(code))
         }
     }
+}
+
+fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
+    use adaptd_fleet::repo::{self, Expiry, Release};
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let expiry = Expiry::default();
+    match command {
+        FleetCommand::Keygen { keys } => operate(false, || {
+            let written = repo::keygen(&keys)?;
+            let list: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+            Ok((
+                format!("{}\nkeep {} offline: only `fleet init` and a new root need it\n", list.join("\n"), repo::key_path(&keys, "root").display()),
+                serde_json::json!(list),
+            ))
+        }),
+        FleetCommand::Init { repo: r } => operate(r.json, || {
+            let root = runtime.block_on(repo::init(&r.keys, &r.repo, expiry))?;
+            Ok((format!("repository at {}; devices trust {}\n", r.repo.display(), root.display()), serde_json::json!({ "root": root })))
+        }),
+        FleetCommand::Publish { task, version, from, release, parent, allow_force, state_dir, repo: r } => operate(r.json, || {
+            let adapter = match (&from, version) {
+                (Some(dir), _) => adaptd_adapters::Adapter::read_dir(dir)?,
+                (None, Some(v)) => {
+                    let state_dir = state_dir.clone().unwrap_or_else(|| adaptd::config::Config::default().state_dir);
+                    adaptd_adapters::AdapterStore::open(state_dir.join("adapters"))?.load(&task, v)?
+                }
+                (None, None) => anyhow::bail!("name the adapter: a VERSION in the state directory, or --from DIR"),
+            };
+            anyhow::ensure!(adapter.manifest.task == task, "the adapter is for task {:?}, not {task:?}", adapter.manifest.task);
+            let published = runtime.block_on(repo::list(&r.repo))?;
+            let release = release.unwrap_or_else(|| published.iter().filter(|p| p.task == task).map(|p| p.release).max().unwrap_or(0) + 1);
+            // The adapter's files exactly as `adapters export` writes them (hashes in adapter.json).
+            let staging = tempfile_dir(&r.repo)?;
+            let manifest = adapter.write_dir(&staging)?;
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&staging)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            files.sort();
+            let info = Release {
+                task: task.clone(),
+                release,
+                kind: manifest.kind.name().into(),
+                base_sha256: manifest.base.manifest_sha256.clone(),
+                parent,
+                allow_force,
+            };
+            let names = runtime.block_on(repo::publish(&r.keys, &r.repo, &info, &files, expiry));
+            let _ = std::fs::remove_dir_all(&staging);
+            let names = names?;
+            Ok((
+                format!("{} published as {task} release {release}: {}\n", manifest.id(), names.join(", ")),
+                serde_json::json!({ "release": info, "targets": names }),
+            ))
+        }),
+        FleetCommand::Yank { task, release, repo: r } => operate(r.json, || {
+            let n = runtime.block_on(repo::yank(&r.keys, &r.repo, &task, release, expiry))?;
+            Ok((format!("{task} release {release} yanked ({n} targets withdrawn)\n"), serde_json::json!({ "task": task, "release": release, "targets": n })))
+        }),
+        FleetCommand::Refresh { repo: r } => operate(r.json, || {
+            runtime.block_on(repo::refresh(&r.keys, &r.repo, expiry))?;
+            Ok((
+                format!("signed again; the timestamp is valid for {} days\n", expiry.timestamp_days),
+                serde_json::json!({ "timestamp_days": expiry.timestamp_days }),
+            ))
+        }),
+        FleetCommand::List { repo: dir, json } => operate(json, || {
+            let releases = runtime.block_on(repo::list(&dir))?;
+            let mut text = String::from("task        release  kind  parent  force  base\n");
+            for p in &releases {
+                let parent = p.parent.map_or("-".into(), |v| v.to_string());
+                text += &format!(
+                    "{:<11} {:>7}  {:<5} {:>6}  {:<5}  {}\n",
+                    p.task,
+                    p.release,
+                    p.kind,
+                    parent,
+                    p.allow_force,
+                    &p.base_sha256[..p.base_sha256.len().min(12)]
+                );
+            }
+            Ok((text, serde_json::to_value(&releases)?))
+        }),
+    }
+}
+
+/// A fresh directory beside the repository for an adapter's files on their way in.
+fn tempfile_dir(repo: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let dir = repo.join(format!(".incoming-{}", std::process::id()));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 /// Start a job and, unless told not to, follow it with a progress bar to its decision. Exit 0

@@ -25,7 +25,8 @@ use tough::{ExpirationEnforcement, RepositoryLoader, TargetName};
 
 const SPEC_VERSION: &str = "1.0.0";
 /// The four roles, in the order their keys are made.
-const ROLES: [(RoleType, &str); 4] = [(RoleType::Root, "root"), (RoleType::Targets, "targets"), (RoleType::Snapshot, "snapshot"), (RoleType::Timestamp, "timestamp")];
+const ROLES: [(RoleType, &str); 4] =
+    [(RoleType::Root, "root"), (RoleType::Targets, "targets"), (RoleType::Snapshot, "snapshot"), (RoleType::Timestamp, "timestamp")];
 
 /// How long each role's metadata stays valid after it is signed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,8 +129,11 @@ fn sources(keys: &Path, roles: &[&str]) -> Vec<Box<dyn KeySource>> {
     roles.iter().map(|r| Box::new(LocalKeySource { path: key_path(keys, r) }) as Box<dyn KeySource>).collect()
 }
 
+/// `n` days from now, to the second: the TUF spec writes expiry as `YYYY-MM-DDTHH:MM:SSZ`, and
+/// other clients (python-tuf) refuse fractions of a second.
 fn days(n: i64) -> DateTime<Utc> {
-    Utc::now() + TimeDelta::days(n)
+    let at = Utc::now() + TimeDelta::days(n);
+    DateTime::from_timestamp(at.timestamp(), 0).unwrap_or(at)
 }
 
 /// A new repository in `repo`, its root signed with the root key of `keys` (which may go
@@ -150,7 +154,8 @@ pub async fn init(keys: &Path, repo: &Path, expiry: Expiry) -> Result<PathBuf, R
         _extra: HashMap::new(),
     };
     for (role, name) in ROLES {
-        let sign = LocalKeySource { path: key_path(keys, name) }.as_sign().await.map_err(|e| RepoError::Tuf(format!("{}: {e}", key_path(keys, name).display())))?;
+        let sign =
+            LocalKeySource { path: key_path(keys, name) }.as_sign().await.map_err(|e| RepoError::Tuf(format!("{}: {e}", key_path(keys, name).display())))?;
         let key = sign.tuf_key();
         let id = key.key_id().map_err(tuf)?;
         root.keys.insert(id.clone(), key);
@@ -210,11 +215,8 @@ async fn load(repo: &Path) -> Result<(tough::Repository, PathBuf), RepoError> {
         let path = std::path::absolute(repo.join(dir)).map_err(io(repo))?;
         url::Url::from_directory_path(&path).map_err(|_| RepoError::Invalid(format!("{} is not an absolute path", path.display())))
     };
-    let loaded = RepositoryLoader::new(&root, url("metadata")?, url("targets")?)
-        .expiration_enforcement(ExpirationEnforcement::Unsafe)
-        .load()
-        .await
-        .map_err(tuf)?;
+    let loaded =
+        RepositoryLoader::new(&root, url("metadata")?, url("targets")?).expiration_enforcement(ExpirationEnforcement::Unsafe).load().await.map_err(tuf)?;
     Ok((loaded, root_path))
 }
 
@@ -262,7 +264,14 @@ pub async fn publish(keys: &Path, repo: &Path, release: &Release, files: &[PathB
 /// from their next update on); the files stay for devices mid-download of an older snapshot.
 pub async fn yank(keys: &Path, repo: &Path, task: &str, release: u64, expiry: Expiry) -> Result<usize, RepoError> {
     let (loaded, root_path) = load(repo).await?;
-    let names: Vec<TargetName> = loaded.targets().signed.targets.iter().filter(|(_, t)| release_of(t).is_some_and(|r| r.task == task && r.release == release)).map(|(n, _)| n.clone()).collect();
+    let names: Vec<TargetName> = loaded
+        .targets()
+        .signed
+        .targets
+        .iter()
+        .filter(|(_, t)| release_of(t).is_some_and(|r| r.task == task && r.release == release))
+        .map(|(n, _)| n.clone())
+        .collect();
     if names.is_empty() {
         return Err(RepoError::NoRelease { task: task.into(), release });
     }
@@ -354,7 +363,14 @@ mod tests {
     use super::*;
 
     fn release(task: &str, n: u64) -> Release {
-        Release { task: task.into(), release: n, kind: "head".into(), base_sha256: "ab".repeat(32), parent: n.checked_sub(1).filter(|p| *p > 0), allow_force: false }
+        Release {
+            task: task.into(),
+            release: n,
+            kind: "head".into(),
+            base_sha256: "ab".repeat(32),
+            parent: n.checked_sub(1).filter(|p| *p > 0),
+            allow_force: false,
+        }
     }
 
     #[tokio::test]

@@ -54,9 +54,7 @@ fn an_adapter_for_another_base_or_shape_is_refused() {
     assert!(err.to_string().contains("384") && err.to_string().contains("64"), "{err}");
 }
 
-fn python() -> String {
-    std::env::var("ADAPTD_PYTHON").unwrap_or_else(|_| ".venv/bin/python".into())
-}
+use crate::python;
 
 struct PeftRun {
     inputs: Vec<HostTensor>,

@@ -11,6 +11,7 @@ mod chaos;
 mod config;
 mod demo;
 mod engine;
+mod fleet;
 mod hardening;
 mod ingest;
 mod package;
@@ -87,6 +88,11 @@ pub async fn serve_in_process(config: adaptd::serve::ServeConfig) -> ServeHandle
     let daemon = tokio::spawn(adaptd::serve::run(config, shutdown, Some(bound_tx)));
     let addr = bound_rx.await.expect("the daemon listens");
     (stop, addr, daemon)
+}
+
+/// The project's Python (the venv `make setup` made), for the reference implementations.
+pub fn python() -> String {
+    std::env::var("ADAPTD_PYTHON").unwrap_or_else(|_| ".venv/bin/python".into())
 }
 
 pub fn reference_bundle(name: &str) -> PathBuf {
