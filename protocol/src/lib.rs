@@ -5,6 +5,7 @@
 //! change in one place and not in another.
 
 pub mod event;
+pub mod fleet;
 pub mod gate;
 pub mod status;
 pub mod topics;

@@ -13,6 +13,10 @@ pub enum Channel {
     Infer,
     /// Signed operator commands for a task.
     Commands,
+    /// The fleet controller's assignment for a task (retained).
+    Assign,
+    /// The device's rollout state for a task (retained).
+    Rollout,
 }
 
 impl Channel {
@@ -21,6 +25,8 @@ impl Channel {
             Channel::Samples => "samples",
             Channel::Infer => "infer",
             Channel::Commands => "commands",
+            Channel::Assign => "assign",
+            Channel::Rollout => "rollout",
         }
     }
 }
@@ -67,6 +73,18 @@ impl Topics {
         format!("{}/{}/events", self.prefix, self.device)
     }
 
+    /// Whether the device is online: `{prefix}/{device}/online` (retained; the last will says
+    /// `offline`).
+    pub fn online(&self) -> String {
+        format!("{}/{}/online", self.prefix, self.device)
+    }
+
+    /// Every device's topic of `channel` for every task, for the fleet controller:
+    /// `{prefix}/+/{channel}/+`.
+    pub fn fleet_wide(prefix: &str, channel: Channel) -> String {
+        format!("{}/+/{}/+", prefix.trim_end_matches('/'), channel.segment())
+    }
+
     /// Where an MQTT v3 client (no response-topic property) gets its answer.
     pub fn default_response(request_topic: &str) -> String {
         format!("{request_topic}/response")
@@ -89,5 +107,8 @@ mod tests {
         assert_eq!(t.task_of(Channel::Samples, "adaptd/v1/robot-7/samples/a/b"), None);
         assert_eq!(t.task_of(Channel::Samples, "adaptd/v1/robot-7/samples/"), None);
         assert_eq!(Topics::default_response("x/infer/t"), "x/infer/t/response");
+        assert_eq!(t.task(Channel::Assign, "sorter"), "adaptd/v1/robot-7/assign/sorter");
+        assert_eq!(t.online(), "adaptd/v1/robot-7/online");
+        assert_eq!(Topics::fleet_wide("adaptd/v1", Channel::Rollout), "adaptd/v1/+/rollout/+");
     }
 }
