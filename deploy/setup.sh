@@ -18,13 +18,14 @@ hash_of() { cat "$@" | sha256sum | cut -c1-16; }
 # 1. Debian packages ---------------------------------------------------------------------------
 # mosquitto: the real broker the tests start; systemd: systemd-analyze checks the unit;
 # fakeroot: the .deb is built with root-owned files by an ordinary user; openssl: the TLS test's
-# throwaway certificates.
+# throwaway certificates; nginx-light: the static server the fleet tests publish adapters from.
 missing=()
 { command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; } || missing+=(mosquitto)
 command -v mosquitto_pub >/dev/null || missing+=(mosquitto-clients)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v fakeroot >/dev/null || missing+=(fakeroot)
 command -v openssl >/dev/null || missing+=(openssl)
+{ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ]; } || missing+=(nginx-light)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]}"
   sudo_=""; [ "$(id -u)" -eq 0 ] || sudo_="sudo"

@@ -3,4 +3,5 @@
 //! ([`agent`]), which the daemon drives.
 
 pub mod agent;
+pub mod fetch;
 pub mod repo;

@@ -100,3 +100,170 @@ fn python_tuf_reads_the_adapter_repository_adaptd_publishes_and_yanks() {
     assert!(ok, "{out}");
     python_tuf(&root, served.1, &device, &[]);
 }
+
+/// nginx from Debian's packages serving `root` on a free loopback port, logging each request's
+/// status, range and body size.
+pub struct Nginx {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Nginx {
+    pub fn start(root: &Path) -> Nginx {
+        let dir = tempfile::tempdir().unwrap();
+        let port = crate::broker::free_port();
+        let d = dir.path().display();
+        // As root, the workers must be allowed to read a private temporary directory.
+        let user = if unsafe { libc::geteuid() } == 0 { "user root root;" } else { "" };
+        let conf = format!(
+            "{user}\ndaemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 64; }}\nhttp {{\n  \
+             log_format fleet '$status \"$request\" range=\"$http_range\" bytes=$body_bytes_sent';\n  access_log {d}/access.log fleet;\n  \
+             client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n  \
+             default_type application/octet-stream;\n  server {{ listen 127.0.0.1:{port}; root {}; }}\n}}\n",
+            root.display()
+        );
+        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let nginx = if Path::new("/usr/sbin/nginx").exists() { "/usr/sbin/nginx".to_string() } else { "nginx".to_string() };
+        let child = Command::new(nginx)
+            .args(["-p", dir.path().to_str().unwrap(), "-c", dir.path().join("nginx.conf").to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nginx (make setup installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nginx did not listen: {}", std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Nginx { port, dir, child }
+    }
+
+    pub fn url(&self) -> url::Url {
+        url::Url::parse(&format!("http://127.0.0.1:{}/", self.port)).unwrap()
+    }
+
+    /// The access log so far, a line per request.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A repository with `sorter` release 1 (a head adapter on the digits bundle) published.
+fn published_repository(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (keys, repo, state) = (dir.join("keys"), dir.join("repo"), dir.join("state"));
+    let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
+    AdapterStore::open(state.join("adapters")).unwrap().save(&crate::head_adapter(&bundle, "sorter", 1, 7)).unwrap();
+    for args in [
+        vec!["fleet", "keygen", "--keys", keys.to_str().unwrap()],
+        vec!["fleet", "init", "--keys", keys.to_str().unwrap(), "--repo", repo.to_str().unwrap()],
+        vec!["fleet", "publish", "sorter", "1", "--state-dir", state.to_str().unwrap(), "--keys", keys.to_str().unwrap(), "--repo", repo.to_str().unwrap()],
+    ] {
+        let (ok, out) = adaptd(&args);
+        assert!(ok, "{args:?}: {out}");
+    }
+    (keys, repo)
+}
+
+fn device_source(dir: &Path, repo: &Path, nginx: &Nginx, name: &str) -> adaptd_fleet::fetch::Source {
+    adaptd_fleet::fetch::Source {
+        base_url: nginx.url(),
+        root: repo.join("metadata/1.root.json"),
+        datastore: dir.join(name).join("tuf"),
+        staging: dir.join(name).join("staging"),
+        max_release_bytes: 1 << 20,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_fetches_a_release_through_tuf_resumes_a_download_and_refuses_tampering_by_reason() {
+    use adaptd_fleet::fetch::{Progress, fetch};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let (keys, repo) = published_repository(dir.path());
+    let nginx = Nginx::start(&repo);
+    let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
+
+    let source = device_source(dir.path(), &repo, &nginx, "device-1");
+    let fetched = fetch(&source, "sorter", 1, Arc::new(Progress::default())).await.unwrap();
+    assert_eq!((fetched.release.task.as_str(), fetched.release.release), ("sorter", 1));
+    assert_eq!(fetched.release.base_sha256, bundle.manifest_sha256);
+    let adapter = adaptd_adapters::Adapter::read_dir(&fetched.dir).expect("a verified adapter directory");
+    assert_eq!(adapter.manifest.version, 1);
+    let total: u64 = std::fs::read_dir(&fetched.dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    assert_eq!(fetched.downloaded, total, "a fresh fetch downloads every byte");
+
+    // Killed mid-download: half of the weights are in staging; the next fetch asks for the rest.
+    let weights =
+        std::fs::read_dir(repo.join("targets")).unwrap().map(|e| e.unwrap().path()).find(|p| p.to_str().unwrap().ends_with("head.safetensors")).unwrap();
+    let bytes = std::fs::read(&weights).unwrap();
+    let source = device_source(dir.path(), &repo, &nginx, "device-2");
+    std::fs::create_dir_all(source.staging.join("partial")).unwrap();
+    std::fs::write(source.staging.join("partial").join(weights.file_name().unwrap()), &bytes[..bytes.len() / 2]).unwrap();
+    let resumed = fetch(&source, "sorter", 1, Arc::new(Progress::default())).await.unwrap();
+    assert_eq!(std::fs::read(resumed.dir.join("head.safetensors")).unwrap(), bytes);
+    assert_eq!(resumed.downloaded, total - (bytes.len() / 2) as u64, "only the rest came over the network");
+    let log = nginx.log();
+    assert!(log.lines().any(|l| l.starts_with("206") && l.contains(&format!("range=\"bytes={}-\"", bytes.len() / 2))), "a Range request: {log}");
+
+    let refused =
+        |source: adaptd_fleet::fetch::Source, release: u64| async move { fetch(&source, "sorter", release, Arc::new(Progress::default())).await.unwrap_err() };
+    // Not published.
+    let e = refused(device_source(dir.path(), &repo, &nginx, "device-3"), 2).await;
+    assert_eq!((e.refused, e.reason), (true, "no_such_release"), "{e}");
+    // The weights edited on the server.
+    let mut edited = bytes.clone();
+    let last = edited.len() - 1;
+    edited[last] ^= 1;
+    std::fs::write(&weights, &edited).unwrap();
+    let e = refused(device_source(dir.path(), &repo, &nginx, "device-4"), 1).await;
+    assert_eq!((e.refused, e.reason), (true, "hash_mismatch"), "{e}");
+    std::fs::write(&weights, &bytes).unwrap();
+    // A longer body than signed.
+    std::fs::write(&weights, [bytes.as_slice(), b"more"].concat()).unwrap();
+    let e = refused(device_source(dir.path(), &repo, &nginx, "device-5"), 1).await;
+    assert!(e.refused && ["too_large", "hash_mismatch"].contains(&e.reason), "{e}");
+    std::fs::write(&weights, &bytes).unwrap();
+
+    // The release list edited on the server (the task's base hash swapped), and a repository
+    // signed by keys the device's root does not know.
+    let newest_targets = |repo: &Path| {
+        let mut all: Vec<_> =
+            std::fs::read_dir(repo.join("metadata")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.to_str().unwrap().ends_with(".targets.json")).collect();
+        all.sort_by_key(|p| p.file_name().unwrap().to_str().unwrap().split('.').next().unwrap().parse::<u64>().unwrap());
+        all.pop().unwrap()
+    };
+    let targets_file = newest_targets(&repo);
+    let original = std::fs::read_to_string(&targets_file).unwrap();
+    std::fs::write(&targets_file, original.replace(&bundle.manifest_sha256, &"0".repeat(64))).unwrap();
+    let e = refused(device_source(dir.path(), &repo, &nginx, "device-8"), 1).await;
+    assert!(e.refused && ["hash_mismatch", "bad_signature"].contains(&e.reason), "{e}");
+    std::fs::write(&targets_file, &original).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let (_, foreign) = published_repository(other.path());
+    let impostor = Nginx::start(&foreign);
+    let e = refused(device_source(dir.path(), &repo, &impostor, "device-9"), 1).await;
+    assert_eq!((e.refused, e.reason), (true, "bad_signature"), "{e}");
+
+    // Expired metadata (a timestamp that ran out yesterday), then refreshed by the CLI.
+    let timestamp = std::fs::read(repo.join("metadata/timestamp.json")).unwrap();
+    let expired = adaptd_fleet::repo::Expiry { timestamp_days: -1, ..adaptd_fleet::repo::Expiry::default() };
+    adaptd_fleet::repo::refresh(&keys, &repo, expired).await.unwrap();
+    let e = refused(device_source(dir.path(), &repo, &nginx, "device-7"), 1).await;
+    assert_eq!((e.refused, e.reason), (true, "expired_metadata"), "{e}");
+    let (ok, out) = adaptd(&["fleet", "refresh", "--keys", keys.to_str().unwrap(), "--repo", repo.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    // An old timestamp restored after a device saw the new one: a rollback attack.
+    let watcher = device_source(dir.path(), &repo, &nginx, "device-6");
+    fetch(&watcher, "sorter", 1, Arc::new(Progress::default())).await.unwrap();
+    std::fs::write(repo.join("metadata/timestamp.json"), &timestamp).unwrap();
+    let e = refused(watcher, 1).await;
+    assert_eq!((e.refused, e.reason), (true, "rollback_attack"), "{e}");
+}
