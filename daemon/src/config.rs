@@ -46,6 +46,8 @@ pub struct Config {
     pub training: TrainingSection,
     pub schedule: ScheduleSection,
     pub gate: GateSection,
+    /// Fleet rollout: the fleet agent's own configuration type.
+    pub fleet: crate::fleet::FleetConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -300,6 +302,7 @@ impl Default for Config {
                 rollback_drop: adapt.rollback_drop,
                 watch_max_samples: adapt.watch_max_samples,
             },
+            fleet: crate::fleet::FleetConfig { repository: String::new(), root_file: PathBuf::from("/etc/adaptd/fleet-root.json"), max_release_mb: 64 },
         }
     }
 }
@@ -474,6 +477,24 @@ impl Config {
         if !(0.0..=1.0).contains(&self.gate.max_retention_drop) || !(0.0..=1.0).contains(&self.gate.rollback_drop) {
             return invalid("gate.max_retention_drop", "max_retention_drop and rollback_drop are fractions in [0, 1]");
         }
+        if self.fleet.enabled() {
+            if let Err(e) = self.fleet.base_url() {
+                return invalid("fleet.repository", &e);
+            }
+            if self.mqtt.host.is_empty() {
+                return invalid("fleet.repository", "assignments arrive over MQTT: set mqtt.host too");
+            }
+            if let Err(e) = std::fs::File::open(&self.fleet.root_file) {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    key: "fleet.root_file",
+                    reason: format!("cannot read {}: {e}", self.fleet.root_file.display()),
+                });
+            }
+            if self.fleet.max_release_mb == 0 {
+                return invalid("fleet.max_release_mb", "must be at least 1");
+            }
+        }
         for task in &self.ingest.tasks {
             if adaptd_adapters::store::check_task_name(task).is_err() {
                 return invalid("ingest.tasks", &format!("{task:?} must be 1-64 characters of letters, digits, '-' and '_'"));
@@ -499,6 +520,7 @@ impl Config {
         check("mqtt", self.mqtt != new.mqtt);
         check("ingest", self.ingest != new.ingest);
         check("adapters", self.adapters != new.adapters);
+        check("fleet", self.fleet != new.fleet);
         check("training.device", self.training.device != new.training.device);
         check("training.threads", self.training.threads != new.training.threads);
         changed

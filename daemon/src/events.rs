@@ -14,12 +14,21 @@ use crate::mqtt::LinkHandle;
 #[derive(Clone)]
 pub struct Events {
     tx: mpsc::UnboundedSender<EventRecord>,
+    /// For parts of the daemon that act on events (the fleet agent follows its promotions'
+    /// watch); lagging subscribers lose the oldest.
+    local: tokio::sync::broadcast::Sender<EventRecord>,
 }
 
 impl Events {
     pub fn channel() -> (Events, mpsc::UnboundedReceiver<EventRecord>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Events { tx }, rx)
+        let (local, _) = tokio::sync::broadcast::channel(256);
+        (Events { tx, local }, rx)
+    }
+
+    /// Every event emitted from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<EventRecord> {
+        self.local.subscribe()
     }
 
     /// Emit `event` about `task` (empty: the daemon as a whole): logged, and published when a
@@ -29,6 +38,7 @@ impl Events {
         let kind = record.event.kind();
         tracing::info!(target: "adaptd::events", event = %serde_json::to_string(&record).unwrap_or_default(), "{kind}");
         let _ = self.tx.send(record.clone());
+        let _ = self.local.send(record.clone());
         record
     }
 }

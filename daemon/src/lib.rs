@@ -16,6 +16,7 @@
 //! - `trainer`: the libtorch owner thread that fits heads and LoRA adapters.
 //! - `gate`: whether a candidate is promoted, with the figures.
 //! - `adapt`: the loop that ties store, scheduler, trainer, gate and registry together.
+//! - `fleet`: the fleet agent: releases from the signed repository, judged by the task's loop.
 //! - `app`: the supervisor: named tasks stopped in stages within a deadline.
 //! - `serve`: the serving process: engine, registry and APIs until shutdown.
 //! - `report`: the HTML report of what the loop did (charts from the journal).
@@ -36,6 +37,7 @@ pub mod datasets;
 pub mod demo;
 pub mod engine;
 pub mod events;
+pub mod fleet;
 pub mod gate;
 pub mod ingest;
 pub mod mqtt;

@@ -803,6 +803,7 @@ fn ingest(bundle: Option<PathBuf>, store: PathBuf, mqtt: String, device: String,
         persistent: true,
         max_outgoing_bytes: adaptd::events::MAX_EVENT_BYTES,
         request_queue: 2 * max_batch + 256,
+        availability: None,
     });
     let config = adaptd::ingest::IngestConfig {
         topics: adaptd_protocol::Topics::new(adaptd_protocol::topics::DEFAULT_PREFIX, &device),

@@ -55,6 +55,8 @@ pub struct ServeConfig {
     pub reload_from: Option<(PathBuf, Config)>,
     /// Graceful shutdown gives up after this long (keep it under systemd's `TimeoutStopSec`).
     pub shutdown_deadline: std::time::Duration,
+    /// Fleet rollout (off while its repository is empty).
+    pub fleet: crate::fleet::FleetConfig,
 }
 
 impl ServeConfig {
@@ -83,6 +85,7 @@ impl ServeConfig {
             trainer: config.trainer_config(),
             sysfs_root: config.schedule.sysfs_root.clone(),
             shutdown_deadline: std::time::Duration::from_secs(config.stop_deadline_s),
+            fleet: config.fleet.clone(),
             reload_from: None,
         }
     }
@@ -132,6 +135,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
             persistent: ingesting,
             max_outgoing_bytes: events::MAX_EVENT_BYTES,
             request_queue: 2 * config.ingest_max_batch + 256,
+            availability: Some(topics.online()),
         })
     });
     let (events, events_rx) = Events::channel();
@@ -166,6 +170,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
         };
         for adapt_config in &config.adapt {
             let (commands_tx, commands_rx) = mpsc::channel(8);
+            let (installs_tx, installs_rx) = mpsc::channel(1);
             let (config_tx, config_rx) = watch::channel(adapt_config.clone());
             adapt_configs.insert(adapt_config.task.clone(), config_tx);
             let (status_tx, status_rx) = watch::channel(adapt::Status {
@@ -179,8 +184,8 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
                 samples: 0,
                 new_samples: 0,
             });
-            control.insert(adapt_config.task.clone(), TaskControl { commands: commands_tx, status: status_rx });
-            let task_loop = adapt::run(context.clone(), config_rx, commands_rx, status_tx, supervisor.stopped());
+            control.insert(adapt_config.task.clone(), TaskControl { commands: commands_tx, installs: installs_tx, status: status_rx });
+            let task_loop = adapt::run(context.clone(), config_rx, commands_rx, installs_rx, status_tx, supervisor.stopped());
             supervisor.spawn(Stage::Loops, format!("loop:{}", adapt_config.task), task_loop);
         }
         Some(trainer)
@@ -197,6 +202,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
     let listener = tokio::net::TcpListener::bind(config.http).await.map_err(|e| anyhow::anyhow!("HTTP {}: {e}", config.http))?;
     let addr = listener.local_addr()?;
     let token = crate::control::ensure_token(&config.state_dir)?;
+    let fleet_control = control.clone();
     let api = Arc::new(
         Api::new(engine.handle.clone(), text, config.max_request_bytes)
             .with_control(control)
@@ -218,6 +224,21 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
         let inbox = crate::api::commands::subscribe(link, &topics, config.max_request_bytes);
         let commands = crate::api::commands::run(api.clone(), inbox, topics.clone(), verifier, events.clone(), supervisor.stopped());
         supervisor.spawn_infallible(Stage::Intake, "mqtt-commands", commands);
+    }
+    // The fleet agent, for the tasks that adapt: releases judged by their loops.
+    if let Some(link) = link.as_mut().filter(|_| config.fleet.enabled() && !fleet_control.is_empty()) {
+        let parts = crate::fleet::AgentParts {
+            config: config.fleet.clone(),
+            dir: config.state_dir.join("fleet"),
+            topics: topics.clone(),
+            inbox: crate::fleet::subscribe(link, &topics),
+            link: link.handle(),
+            serving: fleet_control.keys().map(|t| (t.clone(), registry.current(t).map_or(0, |s| s.version))).collect(),
+            control: fleet_control,
+            events: events.clone(),
+            base_sha256: bundle.manifest_sha256.clone(),
+        };
+        supervisor.spawn_infallible(Stage::Intake, "fleet", crate::fleet::run(parts, supervisor.stopped()));
     }
     if let Some((ingest, inbox)) = ingest {
         supervisor.spawn_infallible(Stage::Intake, "ingest", ingest.supervise(inbox, supervisor.stopped()));

@@ -206,6 +206,17 @@ pub enum Event {
         accuracy: f64,
         previous_accuracy: f64,
     },
+    /// The fleet agent's state for an assignment changed (the retained status says the same).
+    Rollout {
+        state: crate::fleet::AgentState,
+        seq: Option<u64>,
+        release: Option<u64>,
+        reason: Option<String>,
+        message: Option<String>,
+        serving_version: u64,
+        serving_release: Option<u64>,
+        scores: Option<crate::fleet::Scores>,
+    },
     ConfigReloaded {
         applied: Vec<String>,
         needs_restart: Vec<String>,
@@ -244,6 +255,7 @@ impl Event {
             Event::AdapterImported { .. } => "adapter_imported",
             Event::Pinned { .. } => "pinned",
             Event::WatchPassed { .. } => "watch_passed",
+            Event::Rollout { .. } => "rollout",
             Event::ConfigReloaded { .. } => "config_reloaded",
             Event::ConfigRefused { .. } => "config_refused",
             Event::CommandResult { .. } => "command_result",

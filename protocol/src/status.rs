@@ -19,6 +19,8 @@ pub enum Trigger {
     Drift,
     /// An operator asked.
     Operator,
+    /// A fleet release arrived (judged, not trained here).
+    Fleet,
 }
 
 /// Where a task's scheduler stands.

@@ -67,6 +67,16 @@ fn examples() -> Vec<Event> {
         Event::Pinned { version: 1, by: s() },
         Event::AdapterImported { version: 3, from: s(), by: s() },
         Event::WatchPassed { version: 1, fresh_samples: 10, accuracy: 0.9, previous_accuracy: 0.8 },
+        Event::Rollout {
+            state: adaptd_protocol::fleet::AgentState::Applied,
+            seq: Some(3),
+            release: Some(2),
+            reason: None,
+            message: None,
+            serving_version: 4,
+            serving_release: Some(2),
+            scores: None,
+        },
         Event::ConfigReloaded { applied: vec![], needs_restart: vec![] },
         Event::ConfigRefused { reason: s() },
         Event::CommandResult { command: s(), ok: true, by: s(), message: s(), via: s() },
@@ -97,6 +107,7 @@ fn variant_has_an_example(e: &Event) {
         | Event::AdapterImported { .. }
         | Event::Pinned { .. }
         | Event::WatchPassed { .. }
+        | Event::Rollout { .. }
         | Event::ConfigReloaded { .. }
         | Event::ConfigRefused { .. }
         | Event::CommandResult { .. } => {}

@@ -21,17 +21,17 @@ fn sample_line(key: &str, task: &str, label: i64, pixels: &[f32]) -> String {
 }
 
 /// One sample line per digit in `indices`, keyed `{prefix}:{index}`, the image shifted by `shift`.
-fn digit_lines(digits: &Digits, indices: impl IntoIterator<Item = usize>, prefix: &str, task: &str, shift: Shift) -> Vec<String> {
+pub(crate) fn digit_lines(digits: &Digits, indices: impl IntoIterator<Item = usize>, prefix: &str, task: &str, shift: Shift) -> Vec<String> {
     indices.into_iter().map(|i| sample_line(&format!("{prefix}:{i}"), task, digits.labels[i], &digits.image(i, shift))).collect()
 }
 
-fn publish(port: u16, topic: &str, lines: &[String]) {
+pub(crate) fn publish(port: u16, topic: &str, lines: &[String]) {
     let mut p = Command::new("mosquitto_pub").args(["-p", &port.to_string(), "-q", "1", "-t", topic, "-l"]).stdin(Stdio::piped()).spawn().unwrap();
     p.stdin.take().unwrap().write_all((lines.join("\n") + "\n").as_bytes()).unwrap();
     assert!(p.wait().unwrap().success());
 }
 
-fn http(method: &str, url: &str) -> (u16, Value) {
+pub(crate) fn http(method: &str, url: &str) -> (u16, Value) {
     http_with(method, url, &[])
 }
 
@@ -49,29 +49,29 @@ fn http_with(method: &str, url: &str, headers: &[String]) -> (u16, Value) {
 }
 
 /// Events published on the daemon's events topic, collected by `mosquitto_sub` into a file.
-struct EventLog {
+pub(crate) struct EventLog {
     child: std::process::Child,
     path: std::path::PathBuf,
 }
 
 impl EventLog {
-    fn start(port: u16, dir: &std::path::Path) -> EventLog {
+    pub(crate) fn start(port: u16, dir: &std::path::Path) -> EventLog {
         let path = dir.join("events.jsonl");
         let file = std::fs::File::create(&path).unwrap();
         let child = Command::new("mosquitto_sub").args(["-p", &port.to_string(), "-t", "adaptd/v1/+/events"]).stdout(file).spawn().unwrap();
         EventLog { child, path }
     }
 
-    fn events(&self) -> Vec<Value> {
+    pub(crate) fn events(&self) -> Vec<Value> {
         std::fs::read_to_string(&self.path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
-    fn wait_for(&self, kind: &str, timeout: Duration) -> Value {
+    pub(crate) fn wait_for(&self, kind: &str, timeout: Duration) -> Value {
         self.wait_where(kind, |_| true, timeout)
     }
 
     /// The first `kind` event that `matches`.
-    fn wait_where(&self, kind: &str, matches: impl Fn(&Value) -> bool, timeout: Duration) -> Value {
+    pub(crate) fn wait_where(&self, kind: &str, matches: impl Fn(&Value) -> bool, timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(e) = self.events().into_iter().find(|e| e["event"] == kind && matches(e)) {
@@ -98,7 +98,7 @@ impl Drop for EventLog {
 }
 
 #[allow(clippy::field_reassign_with_default)] // reads as "the defaults, except"
-fn daemon_config(port: u16, state: &std::path::Path, task: &str, min_new_samples: u64) -> ServeConfig {
+pub(crate) fn daemon_config(port: u16, state: &std::path::Path, task: &str, min_new_samples: u64) -> ServeConfig {
     let mut config = adaptd::config::Config::default();
     config.bundle = reference_bundle("digits-cnn");
     config.state_dir = state.to_path_buf();
@@ -125,13 +125,13 @@ fn daemon_config(port: u16, state: &std::path::Path, task: &str, min_new_samples
 }
 
 /// A daemon learning `task` on a fresh Mosquitto and state directory, its events collected.
-struct Running {
-    broker: Mosquitto,
-    state: tempfile::TempDir,
-    events: EventLog,
-    base: String,
-    stop: oneshot::Sender<()>,
-    daemon: tokio::task::JoinHandle<anyhow::Result<()>>,
+pub(crate) struct Running {
+    pub(crate) broker: Mosquitto,
+    pub(crate) state: tempfile::TempDir,
+    pub(crate) events: EventLog,
+    pub(crate) base: String,
+    pub(crate) stop: oneshot::Sender<()>,
+    pub(crate) daemon: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 async fn start_daemon(task: &str, min_new_samples: u64) -> Running {
@@ -139,7 +139,7 @@ async fn start_daemon(task: &str, min_new_samples: u64) -> Running {
 }
 
 /// `start_daemon` with the configuration changed by `edit` first.
-async fn start_daemon_with(task: &str, min_new_samples: u64, edit: impl FnOnce(&mut ServeConfig)) -> Running {
+pub(crate) async fn start_daemon_with(task: &str, min_new_samples: u64, edit: impl FnOnce(&mut ServeConfig)) -> Running {
     let broker = Mosquitto::start();
     let state = tempfile::tempdir().unwrap();
     let events = EventLog::start(broker.port, state.path());
@@ -150,7 +150,7 @@ async fn start_daemon_with(task: &str, min_new_samples: u64, edit: impl FnOnce(&
     Running { broker, state, events, base, stop, daemon }
 }
 
-async fn shut_down(stop: oneshot::Sender<()>, daemon: tokio::task::JoinHandle<anyhow::Result<()>>) {
+pub(crate) async fn shut_down(stop: oneshot::Sender<()>, daemon: tokio::task::JoinHandle<anyhow::Result<()>>) {
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("shuts down in time").unwrap().unwrap();
 }

@@ -267,3 +267,127 @@ async fn a_device_fetches_a_release_through_tuf_resumes_a_download_and_refuses_t
     let e = refused(watcher, 1).await;
     assert_eq!((e.refused, e.reason), (true, "rollback_attack"), "{e}");
 }
+
+/// The rollout status a device keeps retained for `task`, as the controller reads it.
+fn retained_status(port: u16, device: &str, task: &str) -> Value {
+    let out = Command::new("mosquitto_sub")
+        .args(["-p", &port.to_string(), "-t", &format!("adaptd/v1/{device}/rollout/{task}"), "-C", "1", "-W", "5"])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+fn assign(port: u16, device: &str, seq: u64, release: u64, policy: &str) {
+    let body = format!("{{\"seq\": {seq}, \"task\": \"sorter\", \"release\": {release}, \"policy\": \"{policy}\", \"rollout\": \"test\"}}");
+    let ok = Command::new("mosquitto_pub")
+        .args(["-p", &port.to_string(), "-q", "1", "-r", "-t", &format!("adaptd/v1/{device}/assign/sorter"), "-m", &body])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+/// One device learns rotated digits; an operator publishes its adapter as release 1 of a
+/// signed repository on nginx. A second device, which sees the same shift and never trained,
+/// is assigned release 1: it fetches it through TUF, its own gate judges it on its own holdout
+/// samples, it serves it, and after its watch holds on fresh labels it commits. Release 2, an
+/// adapter that knows nothing, is refused by the same gate, and the device keeps serving
+/// release 1. An assignment that is not one is refused with its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_trained_on_one_device_is_verified_judged_and_committed_by_another() {
+    use crate::adapt::{daemon_config, digit_lines, publish, shut_down, start_daemon_with};
+    use adaptd::datasets::{Digits, Shift};
+    let digits = Digits::load(&crate::digits_data()).unwrap();
+    let pool = digits.held_out();
+
+    // Device A learns the shift.
+    let a = start_daemon_with("sorter", 300, |_| {}).await;
+    let (port_a, lines) = (a.broker.port, digit_lines(&digits, pool.iter().copied().take(300), "cam-a", "sorter", Shift::Rotate90));
+    let events_a = a.events;
+    let events_a = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        publish(port_a, "adaptd/v1/robot-3/samples/sorter", &lines);
+        let decision = events_a.wait_for("gate_decision", Duration::from_secs(180));
+        assert_eq!(decision["promote"], true, "{}", decision["summary"]);
+        events_a
+    })
+    .await
+    .unwrap();
+    drop(events_a);
+    shut_down(a.stop, a.daemon).await;
+
+    // The operator publishes it, and a bad one.
+    let dir = tempfile::tempdir().unwrap();
+    let (keys, repo) = (dir.path().join("keys"), dir.path().join("repo"));
+    let (ks, rs) = (keys.to_str().unwrap(), repo.to_str().unwrap());
+    for args in [
+        vec!["fleet", "keygen", "--keys", ks],
+        vec!["fleet", "init", "--keys", ks, "--repo", rs],
+        vec!["fleet", "publish", "sorter", "1", "--state-dir", a.state.path().to_str().unwrap(), "--keys", ks, "--repo", rs],
+    ] {
+        let (ok, out) = adaptd(&args);
+        assert!(ok, "{args:?}: {out}");
+    }
+    let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
+    let junk = dir.path().join("junk");
+    std::fs::create_dir_all(&junk).unwrap();
+    crate::head_adapter(&bundle, "sorter", 9, 99).write_dir(&junk).unwrap();
+    let (ok, out) = adaptd(&["fleet", "publish", "sorter", "--from", junk.to_str().unwrap(), "--release", "2", "--keys", ks, "--repo", rs]);
+    assert!(ok, "{out}");
+    let nginx = Nginx::start(&repo);
+
+    // Device B: sees the same shift, never trains by itself, takes releases from the repository.
+    let broker = crate::broker::Mosquitto::start();
+    let state_b = tempfile::tempdir().unwrap();
+    let mut config = daemon_config(broker.port, state_b.path(), "sorter", 1_000_000);
+    config.device_id = "robot-b".into();
+    for adapt in &mut config.adapt {
+        (adapt.scheduler.settle_ms, adapt.scheduler.interval_ms) = (u64::MAX / 4, u64::MAX / 4);
+        (adapt.watch_min_samples, adapt.watch_max_samples) = (10, 20);
+    }
+    config.fleet = adaptd::fleet::FleetConfig { repository: nginx.url().to_string(), root_file: repo.join("metadata/1.root.json"), max_release_mb: 16 };
+    let events_b = crate::adapt::EventLog::start(broker.port, state_b.path());
+    let (stop, addr, daemon) = crate::serve_in_process(config).await;
+    let port = broker.port;
+    // Digits device A never saw: most for B's own gate, the rest as fresh labels for its watch.
+    let holdout = digit_lines(&digits, pool.iter().copied().skip(300).take(170), "cam-b", "sorter", Shift::Rotate90);
+    let fresh = digit_lines(&digits, pool.iter().copied().skip(470), "cam-b-fresh", "sorter", Shift::Rotate90);
+    assert!(fresh.len() >= 20, "enough fresh labels for the watch: {}", fresh.len());
+    let client = adaptd::client::Client::new(addr);
+    let (committed, refused, malformed, status) = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        publish(port, "adaptd/v1/robot-b/samples/sorter", &holdout);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client.get("/v1/tasks/sorter/status").unwrap().body["samples"].as_u64().unwrap_or(0) < 170 {
+            assert!(Instant::now() < deadline, "device B did not store its samples: {}", client.get("/v1/tasks/sorter/status").unwrap().body);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assign(port, "robot-b", 1, 1, "validate");
+        let applied = events_b.wait_where("rollout", |e| e["state"] == "applied", Duration::from_secs(60));
+        assert_eq!(applied["serving_release"], 1, "{applied}");
+        assert!(applied["scores"]["candidate_accuracy"].as_f64().unwrap() > applied["scores"]["incumbent_accuracy"].as_f64().unwrap() + 0.2, "{applied}");
+        publish(port, "adaptd/v1/robot-b/samples/sorter", &fresh);
+        let committed = events_b.wait_where("rollout", |e| e["state"] == "committed", Duration::from_secs(60));
+        assign(port, "robot-b", 2, 2, "validate");
+        let refused = events_b.wait_where("rollout", |e| e["state"] == "refused" && e["seq"] == 2, Duration::from_secs(60));
+        let ok = Command::new("mosquitto_pub")
+            .args(["-p", &port.to_string(), "-q", "1", "-t", "adaptd/v1/robot-b/assign/sorter", "-m", "{\"seq\": 3}"])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let malformed = events_b.wait_where("rollout", |e| e["reason"] == "malformed", Duration::from_secs(10));
+        let status = client.get("/v1/tasks/sorter/status").unwrap().body;
+        (committed, refused, malformed, status)
+    })
+    .await
+    .unwrap();
+    assert_eq!((committed["release"].as_u64(), committed["serving_release"].as_u64()), (Some(1), Some(1)), "{committed}");
+    assert_eq!(refused["reason"], "gate_refused", "{refused}");
+    assert_eq!(refused["serving_release"], 1, "release 1 keeps serving: {refused}");
+    assert!(malformed["message"].as_str().unwrap().contains("missing field"), "{malformed}");
+    assert_eq!(status["serving_version"], committed["serving_version"], "{status}");
+    let retained = tokio::task::spawn_blocking(move || retained_status(port, "robot-b", "sorter")).await.unwrap();
+    assert_eq!(retained["state"], "refused", "the controller reads the latest state: {retained}");
+    let log = nginx.log();
+    assert!(log.contains("sorter.r1.") && log.contains("sorter.r2."), "both releases came from nginx: {log}");
+    shut_down(stop, daemon).await;
+}

@@ -62,6 +62,7 @@ pub fn start_ingest_into(port: u16, client_id: &str, max_payload_bytes: usize, d
         persistent: true,
         max_outgoing_bytes: 64 * 1024,
         request_queue: 256,
+        availability: None,
     });
     let config = IngestConfig { topics: adaptd_protocol::Topics::new("adaptd/v1", "robot-7"), max_batch: 64, max_payload_bytes };
     let events_topic = config.events_topic();

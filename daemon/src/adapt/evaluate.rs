@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use adaptd_adapters::bundle::RetentionSet;
 use adaptd_adapters::files::Adapter;
 use adaptd_adapters::tensor::HostTensor;
-use adaptd_train::FitReport;
 
 use super::dataset::{BaseDomain, model_inputs};
 use super::{AdaptConfig, AdaptError, Context, as_refs, lock};
@@ -129,7 +128,6 @@ pub(super) async fn judge(
     store: &Mutex<SampleStore>,
     incumbent: &Arc<Serving>,
     mut adapter: Adapter,
-    report: &FitReport,
     base_domain: &BaseDomain,
 ) -> Result<Judged, AdaptError> {
     let mut notes = Vec::new();
@@ -154,7 +152,7 @@ pub(super) async fn judge(
     let (cand_names, inc_names) = (names(&cand_pred), names(&inc_pred));
     let cand_metrics = gate::metrics(&truth, &as_refs(&cand_names));
     let inc_metrics = gate::metrics(&truth, &as_refs(&inc_names));
-    let finite = cand_pred.iter().all(|p| p.scores.iter().all(|x| x.is_finite())) && report.head.validate(bundle.manifest.embedding_dim, labels.len()).is_ok();
+    let finite = cand_pred.iter().all(|p| p.scores.iter().all(|x| x.is_finite())) && adapter.head.validate(bundle.manifest.embedding_dim, labels.len()).is_ok();
 
     // Retention: the base domain, where the task's labels are the bundle's.
     let base_labels = bundle.manifest.labels.clone().unwrap_or_default();
@@ -201,7 +199,7 @@ pub(super) async fn judge(
                 change = change.max((c.scores[i] - base_score).abs());
             }
         }
-        let trainer_scores = ctx.trainer.predict(inputs, report.lora.clone(), report.head.clone()).await.map_err(|e| AdaptError::Trainer(e.to_string()))?;
+        let trainer_scores = ctx.trainer.predict(inputs, adapter.lora.clone(), adapter.head.clone()).await.map_err(|e| AdaptError::Trainer(e.to_string()))?;
         let engine_scores: Vec<f32> = cand.iter().flat_map(|p| p.scores.iter().copied()).collect();
         let parity = if trainer_scores.len() == engine_scores.len() {
             trainer_scores.iter().zip(&engine_scores).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))

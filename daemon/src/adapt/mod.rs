@@ -142,6 +142,22 @@ pub struct Command {
     pub reply: oneshot::Sender<Result<String, String>>,
 }
 
+/// A fleet release for the task's loop to judge and, as the policy says, promote (between jobs).
+pub struct Install {
+    /// The release's adapter files, verified against the signed repository.
+    pub dir: PathBuf,
+    pub release: u64,
+    pub policy: adaptd_protocol::fleet::Policy,
+    pub reply: oneshot::Sender<Result<Installed, String>>,
+}
+
+/// The gate's figures for a release, and the version serving it if it was promoted.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    pub scores: adaptd_protocol::fleet::Scores,
+    pub promoted: Option<u64>,
+}
+
 /// A task's status, as HTTP, the CLI and tests read it.
 pub use adaptd_protocol::TaskStatus as Status;
 
@@ -190,9 +206,10 @@ pub async fn run(
     ctx: Context,
     mut configs: channel::Receiver<AdaptConfig>,
     commands: mpsc::Receiver<Command>,
+    installs: mpsc::Receiver<Install>,
     status: channel::Sender<Status>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AdaptError> {
     let config = configs.borrow_and_update().clone();
-    task_loop::TaskLoop::open(ctx, config, status)?.run(configs, commands, shutdown).await
+    task_loop::TaskLoop::open(ctx, config, status)?.run(configs, commands, installs, shutdown).await
 }

@@ -21,13 +21,14 @@ use tracing::Instrument;
 use super::dataset::{BaseDomain, Prepared, prepare, split_retention};
 use super::evaluate::{Judged, base_domain_detector, base_traffic_share, embed_retention, fill_embeddings, judge, predict_samples};
 use super::watch::{RollbackWatch, Verdict, WatchLimits};
-use super::{AdaptConfig, AdaptError, Command, CommandKind, Context, Status, lock};
+use super::{AdaptConfig, AdaptError, Command, CommandKind, Context, Install, Installed, Status, lock};
 use crate::events::now_ms;
 use crate::registry::Serving;
 use crate::resources::Monitor;
 use crate::samples::{SampleStore, StoredSample};
 use crate::scheduler::{Action, Observation, Outcome, Scheduler, SchedulerState, Trigger};
 use crate::trainer::{JobKind, TrainJob};
+use adaptd_protocol::fleet::{Policy, Scores};
 
 type Reply = oneshot::Sender<Result<String, String>>;
 
@@ -92,6 +93,7 @@ impl TaskLoop {
         mut self,
         mut configs: watch::Receiver<AdaptConfig>,
         mut commands: mpsc::Receiver<Command>,
+        mut installs: mpsc::Receiver<Install>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), AdaptError> {
         let mut ticker = tokio::time::interval(self.config.tick);
@@ -104,6 +106,13 @@ impl TaskLoop {
                 _ = ticker.tick() => {}
                 cmd = commands.recv() => if let Some(cmd) = cmd {
                     operator_request = self.act_on(cmd).or(operator_request);
+                },
+                // Between jobs only: a release waits while a job trains (the agent defers then).
+                install = installs.recv() => if let Some(Install { dir, release, policy, reply }) = install {
+                    let span = tracing::info_span!("install", task = %self.task, release);
+                    let result = self.install(&dir, release, policy).instrument(span).await;
+                    let _ = reply.send(result);
+                    continue;
                 },
             }
             if configs.has_changed().unwrap_or(false) {
@@ -585,7 +594,7 @@ impl TaskLoop {
     /// it when the gate says so and nothing else took its place meanwhile.
     async fn gate_and_promote(&self, incumbent: &Arc<Serving>, candidate: Candidate) -> Result<(bool, String), GateError> {
         let (ctx, task) = (&self.ctx, &self.task);
-        let Candidate { version, labels, counts, mut notes, trigger, report, train_seconds } = candidate;
+        let Candidate { version, labels, counts, notes, trigger, report, train_seconds } = candidate;
         let bundle = ctx.registry.bundle();
         let lora =
             report.lora.as_ref().map(|l| LoraInfo { rank: l.rank, alpha: l.alpha, target_modules: l.modules.iter().map(|m| m.module.clone()).collect() });
@@ -610,58 +619,80 @@ impl TaskLoop {
             head: report.head.clone(),
             lora: report.lora.clone(),
         };
-        let Judged { mut adapter, evidence, decision, notes: judged } =
-            judge(ctx, &self.config, &self.store, incumbent, adapter, &report, &self.base_domain).await?;
+        let training = TrainingSummary {
+            best_epoch: report.best_epoch,
+            stopped_early: report.stopped_early,
+            steps: report.steps,
+            batch_size: report.batch_size,
+            seconds: train_seconds,
+            epochs: report.epochs.clone(),
+            losses: report.losses.clone(),
+        };
+        let how = Deciding {
+            trigger,
+            notes,
+            training,
+            metrics: vec![("train_seconds", train_seconds), ("samples_per_second", report.samples_per_second)],
+            promote: Promote::IfPassed,
+        };
+        let decided = self.decide_and_promote(incumbent, adapter, how).await?;
+        Ok((decided.promoted.is_some(), decided.decision.summary))
+    }
+
+    /// Judge `adapter` against `incumbent` with the gate, record the decision (event, journal,
+    /// the adapter's manifest), and promote it as `how.promote` says, unless something else took
+    /// the incumbent's place meanwhile. Local jobs and fleet releases both come this way.
+    async fn decide_and_promote(&self, incumbent: &Arc<Serving>, adapter: Adapter, how: Deciding) -> Result<Decided, GateError> {
+        let (ctx, task) = (&self.ctx, &self.task);
+        let Deciding { trigger, mut notes, training, metrics: extra, promote } = how;
+        let version = adapter.manifest.version;
+        let Judged { mut adapter, evidence, decision, notes: judged } = judge(ctx, &self.config, &self.store, incumbent, adapter, &self.base_domain).await?;
         notes.extend(judged);
         let mut metrics = BTreeMap::from([
             ("holdout_accuracy".to_string(), evidence.candidate.accuracy),
             ("holdout_macro_f1".to_string(), evidence.candidate.macro_f1),
             ("incumbent_holdout_accuracy".to_string(), evidence.incumbent.accuracy),
             ("incumbent_holdout_macro_f1".to_string(), evidence.incumbent.macro_f1),
-            ("train_seconds".to_string(), train_seconds),
-            ("samples_per_second".to_string(), report.samples_per_second),
         ]);
+        metrics.extend(extra.into_iter().map(|(k, v)| (k.to_string(), v)));
         if let Some((before, after)) = evidence.retention {
             metrics.insert("retention_accuracy".into(), after);
             metrics.insert("incumbent_retention_accuracy".into(), before);
         }
+        let promote_it = match promote {
+            Promote::IfPassed => decision.promote,
+            Promote::Always => true,
+            Promote::Never => false,
+        };
         let job = JobRecord {
             version,
             incumbent_version: incumbent.version,
             kind: adapter.manifest.kind.name().into(),
             trigger,
-            promote: decision.promote,
+            promote: promote_it,
             summary: decision.summary.clone(),
             checks: decision.checks.clone(),
             evidence: evidence.clone(),
             notes,
             samples: adapter.manifest.samples.clone(),
-            training: TrainingSummary {
-                best_epoch: report.best_epoch,
-                stopped_early: report.stopped_early,
-                steps: report.steps,
-                batch_size: report.batch_size,
-                seconds: train_seconds,
-                epochs: Vec::new(),
-                losses: Vec::new(),
-            },
+            training: TrainingSummary { epochs: Vec::new(), losses: Vec::new(), ..training.clone() },
         };
         adapter.manifest.metrics = metrics;
-        adapter.manifest.decision = Some(json!({ "promote": decision.promote, "summary": decision.summary, "checks": decision.checks, "trigger": trigger }));
+        adapter.manifest.decision = Some(json!({ "promote": promote_it, "summary": decision.summary, "checks": decision.checks, "trigger": trigger }));
         // The event carries the decision and its figures; the journal also keeps the loss curves.
         let mut journalled = ctx.events.emit(task, Event::GateDecision(job.clone()));
-        journalled.event =
-            Event::Job(JobRecord { training: TrainingSummary { epochs: report.epochs.clone(), losses: report.losses.clone(), ..job.training }, ..job });
+        journalled.event = Event::Job(JobRecord { training, ..job });
         // The gate compared against the incumbent; if something else serves now (an operator
         // acted while the candidate was evaluated), the comparison no longer holds.
         let serving_now = ctx.registry.current(task).map_or(0, |s| s.version);
-        if decision.promote && serving_now != incumbent.version {
+        if promote_it && serving_now != incumbent.version {
             let reason = format!("an operator chose v{serving_now} while v{version} was evaluated against v{}; the candidate is discarded", incumbent.version);
             return Err(GateError { error_type: "superseded", reason });
         }
-        if decision.promote {
+        let mut promoted = None;
+        if promote_it {
             let registry = ctx.registry.clone();
-            let promoted = tokio::task::spawn_blocking(move || {
+            let serving = tokio::task::spawn_blocking(move || {
                 crate::background_priority();
                 registry.promote(adapter)
             })
@@ -671,7 +702,7 @@ impl TaskLoop {
             ctx.events.emit(
                 task,
                 Event::Promoted {
-                    version: promoted.version,
+                    version: serving.version,
                     from_version: incumbent.version,
                     holdout_accuracy: Some(evidence.candidate.accuracy),
                     incumbent_holdout_accuracy: Some(evidence.incumbent.accuracy),
@@ -679,10 +710,80 @@ impl TaskLoop {
                     reason: None,
                 },
             );
+            promoted = Some(serving.version);
         }
         ctx.journal.record(&journalled);
-        Ok((decision.promote, decision.summary))
+        Ok(Decided { evidence, decision, promoted })
     }
+
+    /// A release from the fleet: the adapter in `dir` (its files checked against its manifest),
+    /// as this task's next version, through the same gate as a local candidate; promoted as the
+    /// policy says, then watched like any promotion.
+    async fn install(&mut self, dir: &std::path::Path, release: u64, policy: Policy) -> Result<Installed, String> {
+        let task = self.task.clone();
+        let mut adapter = Adapter::read_dir(dir).map_err(|e| e.to_string())?;
+        adapter.check_fits(self.ctx.registry.bundle()).map_err(|e| self.operator_error(&e))?;
+        let incumbent = self.ctx.registry.current(&task).unwrap_or_else(|| self.ctx.registry.base(&task));
+        adapter.manifest.task = task.clone();
+        adapter.manifest.version = self.ctx.registry.next_version(&task).map_err(|e| self.operator_error(&e))?;
+        adapter.manifest.parent_version = (incumbent.version > 0).then_some(incumbent.version);
+        (adapter.manifest.promoted_unix_ms, adapter.manifest.decision) = (None, None);
+        self.measure_base_domain().await;
+        let how = Deciding {
+            trigger: Trigger::Fleet,
+            notes: vec![format!("fleet release {release}, policy {policy:?}").to_lowercase()],
+            training: TrainingSummary { best_epoch: 0, stopped_early: false, steps: 0, batch_size: 0, seconds: 0.0, epochs: Vec::new(), losses: Vec::new() },
+            metrics: vec![("fleet_release", release as f64)],
+            promote: match policy {
+                Policy::Validate => Promote::IfPassed,
+                Policy::Force => Promote::Always,
+                Policy::Shadow => Promote::Never,
+            },
+        };
+        let decided = self.decide_and_promote(&incumbent, adapter, how).await.map_err(|e| format!("{} ({})", e.reason, e.error_type))?;
+        if decided.promoted.is_some() {
+            let live = self.ctx.registry.current(&task).map_or(0, |s| s.version);
+            let after = lock(&self.store).last_id(&task).map_err(|e| e.to_string())?;
+            self.watch = RollbackWatch::after_promotion(after, live, incumbent.clone(), incumbent.version);
+            *self.jobs.entry("promoted".into()).or_default() += 1;
+        }
+        self.last_decision = Some(decided.decision.summary.clone());
+        self.publish_status(None);
+        let scores = Scores {
+            candidate_accuracy: decided.evidence.candidate.accuracy,
+            incumbent_accuracy: decided.evidence.incumbent.accuracy,
+            holdout_samples: decided.evidence.candidate.samples as u64,
+            passed: decided.decision.promote,
+            summary: decided.decision.summary,
+        };
+        Ok(Installed { scores, promoted: decided.promoted })
+    }
+}
+
+/// How a candidate is decided on.
+struct Deciding {
+    trigger: Trigger,
+    notes: Vec<String>,
+    training: TrainingSummary,
+    /// Figures for the adapter's manifest beside the gate's.
+    metrics: Vec<(&'static str, f64)>,
+    promote: Promote,
+}
+
+/// Whether a judged candidate is promoted.
+enum Promote {
+    /// When the gate passes it (local jobs, the fleet's `validate`).
+    IfPassed,
+    /// Whatever the gate says (the fleet's `force`, where the signed release allows it).
+    Always,
+    /// Never (the fleet's `shadow`: scored and reported).
+    Never,
+}
+
+struct Decided {
+    evidence: adaptd_protocol::gate::Evidence,
+    decision: crate::gate::Decision,
+    promoted: Option<u64>,
 }
 
 /// Why escalation stops after `kind`, or None to take the next step.

@@ -43,6 +43,8 @@ pub struct Api {
 #[derive(Clone)]
 pub struct TaskControl {
     pub commands: mpsc::Sender<adapt::Command>,
+    /// Fleet releases for the loop to judge (the fleet agent sends them).
+    pub installs: mpsc::Sender<adapt::Install>,
     pub status: watch::Receiver<adapt::Status>,
 }
 

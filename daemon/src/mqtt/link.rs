@@ -40,6 +40,10 @@ pub struct LinkConfig {
     pub max_outgoing_bytes: usize,
     /// Requests (publishes, acks) that may wait for the event loop before a sender waits.
     pub request_queue: usize,
+    /// Where the link says whether the device is online (retained): `online` on every connect,
+    /// `offline` when it stops, and the broker says `offline` for it (its last will) when the
+    /// connection dies. None: not said.
+    pub availability: Option<String>,
 }
 
 /// Who acknowledges a subscription's messages.
@@ -159,6 +163,9 @@ impl Link {
         options.set_keep_alive(Duration::from_secs(30));
         options.set_clean_session(!config.persistent);
         options.set_manual_acks(true);
+        if let Some(topic) = &config.availability {
+            options.set_last_will(rumqttc::LastWill::new(topic, adaptd_protocol::fleet::OFFLINE, QoS::AtLeastOnce, true));
+        }
         let (client, events) = AsyncClient::new(options, config.request_queue.max(16));
         Link { config, client, events, routes: Vec::new(), status: Arc::default(), reconnect: Arc::default() }
     }
@@ -222,6 +229,10 @@ impl Link {
                     if !filters.is_empty() {
                         subscribe_in_background(&client, filters.clone());
                     }
+                    if let Some(topic) = &config.availability {
+                        let (client, topic) = (client.clone(), topic.clone());
+                        tokio::spawn(async move { client.publish(topic, QoS::AtLeastOnce, true, adaptd_protocol::fleet::ONLINE).await });
+                    }
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
                     for (route, code) in routes.iter().zip(&ack.return_codes) {
@@ -277,7 +288,14 @@ impl Link {
             }
         }
         disconnected();
-        if status.connections.load(Ordering::Relaxed) == 0 || client.try_disconnect().is_err() {
+        if status.connections.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        // A clean disconnect does not fire the last will: say it ourselves.
+        if let Some(topic) = &config.availability {
+            let _ = client.try_publish(topic.clone(), QoS::AtLeastOnce, true, adaptd_protocol::fleet::OFFLINE);
+        }
+        if client.try_disconnect().is_err() {
             return;
         }
         let drained = async {

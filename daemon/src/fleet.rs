@@ -1,0 +1,359 @@
+//! The fleet agent: a handler on the device's MQTT link that takes the controller's retained
+//! assignments (`{prefix}/{device}/assign/{task}`), and for each task drives the pure state
+//! machine of `adaptd_fleet::agent`: it fetches the named release from the signed repository
+//! (`adaptd_fleet::fetch`: TUF, resumable), hands it to the task's loop to be judged by the same
+//! gate as a local candidate and promoted as the policy says, follows the post-promotion watch,
+//! and reports every state, retained, on `{prefix}/{device}/rollout/{task}` and as a `rollout`
+//! event. Nothing serving changes before a release is verified; the loop alone promotes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use adaptd_fleet::agent::{Action, Agent, DeviceFacts, Input, Memory};
+use adaptd_fleet::fetch::{self, Progress, Source};
+use adaptd_protocol::fleet::{AgentState, AgentStatus, Assignment};
+use adaptd_protocol::topics::{Channel, Topics};
+use adaptd_protocol::{Event, SchedulerState};
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::adapt::Install;
+use crate::api::TaskControl;
+use crate::events::{Events, now_ms};
+use crate::mqtt::{Ack, Inbox, Link, LinkHandle};
+
+/// `[fleet]`: where releases come from. Off while `repository` is empty.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// The signed repository's address (`metadata/` and `targets/` below it), http or https.
+    pub repository: String,
+    /// The repository's root of trust, as `adaptd fleet init` wrote it.
+    pub root_file: PathBuf,
+    /// The most one release may weigh, all files together.
+    pub max_release_mb: u64,
+}
+
+impl FleetConfig {
+    pub fn enabled(&self) -> bool {
+        !self.repository.is_empty()
+    }
+
+    /// The repository's address as a base URL (with its trailing `/`).
+    pub fn base_url(&self) -> Result<url::Url, String> {
+        let text = if self.repository.ends_with('/') { self.repository.clone() } else { format!("{}/", self.repository) };
+        let url = url::Url::parse(&text).map_err(|e| format!("{:?}: {e}", self.repository))?;
+        match url.scheme() {
+            "http" | "https" => Ok(url),
+            other => Err(format!("{:?}: the scheme must be http or https, not {other}", self.repository)),
+        }
+    }
+}
+
+/// The largest assignment message read (they are a few hundred bytes).
+const MAX_ASSIGNMENT_BYTES: usize = 16 * 1024;
+
+/// Subscribe `link` to every task's assignment, acknowledged on receipt (they are retained: the
+/// broker keeps the newest for the next connect).
+pub fn subscribe(link: &mut Link, topics: &Topics) -> Inbox {
+    link.subscribe(topics.every_task(Channel::Assign), Ack::OnReceipt, MAX_ASSIGNMENT_BYTES)
+}
+
+/// What the agent needs from the rest of the daemon.
+pub struct AgentParts {
+    pub config: FleetConfig,
+    /// `<state>/fleet`: each task's memory, the TUF datastore, staging.
+    pub dir: PathBuf,
+    pub topics: Topics,
+    pub link: LinkHandle,
+    pub inbox: Inbox,
+    /// The tasks that adapt: their loops judge and promote releases.
+    pub control: BTreeMap<String, TaskControl>,
+    pub events: Events,
+    /// The sha256 of the base bundle's manifest this device serves.
+    pub base_sha256: String,
+    /// What serves each task now (its version), at start.
+    pub serving: BTreeMap<String, u64>,
+}
+
+/// What a task's agent is doing in the background, and for which assignment.
+struct Running {
+    seq: Option<u64>,
+    abort: tokio::task::AbortHandle,
+    progress: Option<Arc<Progress>>,
+}
+
+/// Run the agent until `shutdown`.
+pub async fn run(parts: AgentParts, shutdown: impl Future<Output = ()>) {
+    let AgentParts { config, dir, topics, link, mut inbox, control, events, base_sha256, serving } = parts;
+    let base_url = match config.base_url() {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::error!(error = e, "fleet rollout is off: the repository address is not usable");
+            return;
+        }
+    };
+    let mut agents: BTreeMap<String, Agent> = control
+        .keys()
+        .map(|task| {
+            let memory = read_memory(&dir, task);
+            let facts = DeviceFacts { base_sha256: base_sha256.clone() };
+            (task.clone(), Agent::new(task, facts, memory, serving.get(task).copied().unwrap_or(0)))
+        })
+        .collect();
+    let source = Source {
+        base_url,
+        root: config.root_file.clone(),
+        datastore: dir.join("tuf"),
+        staging: dir.join("staging"),
+        max_release_bytes: config.max_release_mb.saturating_mul(1 << 20),
+    };
+    let reporter = Reporter { link: link.clone(), topics: topics.clone(), events: events.clone(), dir: dir.clone() };
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, Option<u64>, Input)>();
+    let mut running: BTreeMap<String, Running> = BTreeMap::new();
+    let mut fetched: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut waiting: BTreeSet<String> = BTreeSet::new();
+    let mut local = events.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        let mut inputs: Vec<(String, Input)> = Vec::new();
+        tokio::select! {
+            _ = &mut shutdown => break,
+            message = inbox.recv() => {
+                let Some(message) = message else { break };
+                let topic = message.publish.topic.clone();
+                let Some(task) = topics.task_of(Channel::Assign, &topic).map(str::to_string) else { continue };
+                let Some(agent) = agents.get(&task) else {
+                    reporter.refused_alone(&task, None, "unknown_task", format!("this device does not adapt task {task:?}"), 0);
+                    continue;
+                };
+                if message.publish.payload.is_empty() {
+                    continue; // a retained assignment cleared by the controller
+                }
+                let parsed = match message.oversize {
+                    Some(size) => Err(format!("an assignment of {size} bytes is over the limit of {MAX_ASSIGNMENT_BYTES}")),
+                    None => serde_json::from_slice::<Assignment>(&message.publish.payload).map_err(|e| e.to_string()),
+                };
+                match parsed {
+                    Ok(a) => inputs.push((task, Input::Assigned(a))),
+                    Err(e) => reporter.refused_alone(&task, Some(agent), "malformed", format!("not an assignment: {e}"), now_ms()),
+                }
+            }
+            done = done_rx.recv() => if let Some((task, seq, input)) = done {
+                // Late news about an assignment that was replaced is dropped.
+                if agents.get(&task).is_some_and(|a| a.status(0).seq == seq) {
+                    if let Input::Fetched(_) = &input {
+                        fetched.insert(task.clone(), staged_dir(&source, &task, &input));
+                    }
+                    running.remove(&task);
+                    inputs.push((task, input));
+                }
+            },
+            event = local.recv() => if let Ok(record) = event {
+                follow_watch(&agents, &record, &mut inputs);
+            },
+            _ = tick.tick() => {
+                for task in std::mem::take(&mut waiting) {
+                    let busy = control.get(&task).and_then(|c| busy_reason(&c.status.borrow()));
+                    inputs.push((task, Input::Readiness(busy)));
+                }
+                for task in agents.keys() {
+                    inputs.push((task.clone(), Input::Tick));
+                }
+                for (task, r) in &running {
+                    if let (Some(progress), Some(agent)) = (&r.progress, agents.get(task)) {
+                        let mut status = agent.status(now_ms());
+                        if status.state == AgentState::Downloading {
+                            status.bytes = Some((progress.done.load(std::sync::atomic::Ordering::Relaxed), progress.total.load(std::sync::atomic::Ordering::Relaxed)));
+                            reporter.publish(&status);
+                        }
+                    }
+                }
+            },
+        }
+        for (task, input) in inputs {
+            let Some(agent) = agents.get_mut(&task) else { continue };
+            let actions = agent.handle(input, now_ms());
+            let seq = agent.status(0).seq;
+            for action in actions {
+                match action {
+                    Action::CheckReadiness => {
+                        waiting.insert(task.clone());
+                    }
+                    Action::Fetch { release } => {
+                        let progress = Arc::new(Progress::default());
+                        let (source, done, task_name, p) = (source.clone(), done_tx.clone(), task.clone(), progress.clone());
+                        let handle = tokio::spawn(async move {
+                            let input = match fetch::fetch(&source, &task_name, release, p).await {
+                                Ok(f) => Input::Fetched(f.release),
+                                Err(e) if e.refused => Input::Refuse { reason: e.reason.into(), message: e.message },
+                                Err(e) => Input::Fail { reason: e.reason.into(), message: e.message },
+                            };
+                            let _ = done.send((task_name, seq, input));
+                        });
+                        running.insert(task.clone(), Running { seq, abort: handle.abort_handle(), progress: Some(progress) });
+                    }
+                    Action::Validate { release, policy } => {
+                        let (Some(control), Some(dir)) = (control.get(&task), fetched.get(&task).cloned()) else { continue };
+                        let (installs, done, task_name) = (control.installs.clone(), done_tx.clone(), task.clone());
+                        let handle = tokio::spawn(async move {
+                            let (reply, answer) = oneshot::channel();
+                            let input = match installs.send(Install { dir, release, policy, reply }).await {
+                                Err(_) => Input::Fail { reason: "stopped".into(), message: "the task's loop stopped".into() },
+                                Ok(()) => match answer.await {
+                                    Ok(Ok(installed)) => Input::Gated { scores: installed.scores, promoted: installed.promoted },
+                                    Ok(Err(message)) => Input::Refuse { reason: "install_refused".into(), message },
+                                    Err(_) => Input::Fail { reason: "stopped".into(), message: "the task's loop stopped".into() },
+                                },
+                            };
+                            let _ = done.send((task_name, seq, input));
+                        });
+                        running.insert(task.clone(), Running { seq, abort: handle.abort_handle(), progress: None });
+                    }
+                    Action::Cancel => {
+                        if let Some(r) = running.remove(&task) {
+                            tracing::info!(task, seq = r.seq, "fleet: the previous assignment's work is cancelled");
+                            r.abort.abort();
+                        }
+                        waiting.remove(&task);
+                    }
+                    Action::Remember(memory) => reporter.remember(&task, &memory),
+                    Action::Report(status) => reporter.report(&status),
+                }
+            }
+        }
+    }
+    for r in running.values() {
+        r.abort.abort();
+    }
+}
+
+/// Where a fetched release's files are (the fetch names its staging directory the same way).
+fn staged_dir(source: &Source, task: &str, input: &Input) -> PathBuf {
+    match input {
+        Input::Fetched(r) => source.staging.join(format!("{task}.r{}", r.release)),
+        _ => source.staging.clone(),
+    }
+}
+
+/// Why a task cannot take a release now, if it cannot.
+fn busy_reason(status: &adaptd_protocol::TaskStatus) -> Option<String> {
+    match &status.scheduler {
+        SchedulerState::Training { .. } => Some("a training job runs".into()),
+        _ => None,
+    }
+}
+
+/// Turn the loop's watch events about a release the agent applied into agent inputs.
+fn follow_watch(agents: &BTreeMap<String, Agent>, record: &adaptd_protocol::EventRecord, inputs: &mut Vec<(String, Input)>) {
+    let Some(agent) = agents.get(&record.task) else { return };
+    let status = agent.status(0);
+    if status.state != AgentState::Applied {
+        return;
+    }
+    match &record.event {
+        Event::WatchPassed { version, .. } if *version == status.serving_version => inputs.push((record.task.clone(), Input::WatchHeld)),
+        Event::RolledBack { from_version, to_version, reason, .. } if *from_version == status.serving_version => {
+            inputs.push((record.task.clone(), Input::RolledBack { to_version: *to_version, message: reason.clone() }))
+        }
+        _ => {}
+    }
+}
+
+/// Says what the agents do: retained status on MQTT, an event, and the memory on disk.
+struct Reporter {
+    link: LinkHandle,
+    topics: Topics,
+    events: Events,
+    dir: PathBuf,
+}
+
+impl Reporter {
+    fn report(&self, status: &AgentStatus) {
+        self.publish(status);
+        self.events.emit(
+            &status.task,
+            Event::Rollout {
+                state: status.state,
+                seq: status.seq,
+                release: status.release,
+                reason: status.reason.clone(),
+                message: status.message.clone(),
+                serving_version: status.serving_version,
+                serving_release: status.serving_release,
+                scores: status.scores.clone(),
+            },
+        );
+    }
+
+    fn publish(&self, status: &AgentStatus) {
+        let payload = serde_json::to_vec(status).unwrap_or_default();
+        if let Err(e) = self.link.try_publish(self.topics.task(Channel::Rollout, &status.task), payload, true) {
+            tracing::warn!(task = status.task, error = %e, "could not publish the rollout status");
+        }
+    }
+
+    /// An assignment refused before it reached an agent (malformed, an unknown task).
+    fn refused_alone(&self, task: &str, agent: Option<&Agent>, reason: &str, message: String, now: u64) {
+        tracing::warn!(task, reason, message, "fleet assignment refused");
+        let mut status = match agent {
+            Some(a) => a.status(now),
+            None => AgentStatus {
+                task: task.into(),
+                state: AgentState::Idle,
+                seq: None,
+                release: None,
+                rollout: None,
+                reason: None,
+                message: None,
+                serving_version: 0,
+                serving_release: None,
+                bytes: None,
+                scores: None,
+                time_ms: now,
+            },
+        };
+        (status.state, status.seq, status.release, status.bytes, status.scores) = (AgentState::Refused, None, None, None, None);
+        (status.reason, status.message) = (Some(reason.into()), Some(message));
+        self.report(&status);
+    }
+
+    fn remember(&self, task: &str, memory: &Memory) {
+        if let Err(e) = write_memory(&self.dir, task, memory) {
+            tracing::error!(task, error = %e, "could not save the fleet agent's memory; a restart may redo the last assignment");
+        }
+    }
+}
+
+fn memory_path(dir: &Path, task: &str) -> PathBuf {
+    dir.join(format!("{task}.json"))
+}
+
+fn read_memory(dir: &Path, task: &str) -> Memory {
+    let path = memory_path(dir, task);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::error!(task, path = %path.display(), error = %e, "unreadable fleet memory; starting without it");
+            Memory::default()
+        }),
+        Err(_) => Memory::default(),
+    }
+}
+
+/// Atomically: a temporary file, synced, renamed over the old one.
+fn write_memory(dir: &Path, task: &str, memory: &Memory) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let path = memory_path(dir, task);
+    let tmp = path.with_extension("json.tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&serde_json::to_vec_pretty(memory).map_err(std::io::Error::other)?)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
