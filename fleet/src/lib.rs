@@ -1,7 +1,9 @@
 //! Fleet rollout of adapters, the parts that need no runtime: the TUF-signed adapter repository
-//! an operator publishes releases to ([`repo`]) and the device agent's state machine
-//! ([`agent`]), which the daemon drives.
+//! an operator publishes releases to ([`repo`]), what a device fetches from it ([`fetch`]), the
+//! device agent's state machine ([`agent`]), which the daemon drives, and the rollout
+//! controller's ([`controller`]), which `adaptd fleet rollout` drives.
 
 pub mod agent;
+pub mod controller;
 pub mod fetch;
 pub mod repo;
