@@ -170,6 +170,23 @@ struct RepoArgs {
     json: bool,
 }
 
+/// Where a rollout's controller keeps its state and reaches the fleet.
+#[derive(clap::Args)]
+struct ControllerArgs {
+    /// The rollout's state file (written atomically after every step).
+    #[arg(long)]
+    state: PathBuf,
+    /// The fleet's MQTT broker, host:port.
+    #[arg(long)]
+    mqtt: String,
+    /// The topic prefix the devices use.
+    #[arg(long, default_value = adaptd_protocol::topics::DEFAULT_PREFIX)]
+    prefix: String,
+    /// Print the final state as JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum FleetCommand {
     /// Make an Ed25519 key for each TUF role (root, targets, snapshot, timestamp); never overwrites.
@@ -217,6 +234,64 @@ enum FleetCommand {
     Refresh {
         #[command(flatten)]
         repo: RepoArgs,
+    },
+    /// Roll a release out to devices in waves, and follow it to the end (a live table). The
+    /// state is kept in `--state`: `fleet controller` takes over from it after a restart.
+    Rollout {
+        task: String,
+        release: u64,
+        /// The devices (their MQTT device ids), comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        devices: Vec<String>,
+        /// Wave sizes, e.g. `1,2,2` (a canary, then pairs); the last wave takes the rest.
+        #[arg(long, value_delimiter = ',', default_value = "1,100000")]
+        waves: Vec<usize>,
+        /// validate (the device's own gate), force (where the release allows it) or shadow.
+        #[arg(long, default_value = "validate")]
+        policy: String,
+        /// A wave is done when this share of its devices succeeded.
+        #[arg(long, default_value_t = 100.0)]
+        success_percent: f64,
+        /// Halt after this many failed devices.
+        #[arg(long, default_value_t = 1)]
+        max_failures: usize,
+        /// A device that has not finished this long after its assignment has failed.
+        #[arg(long, default_value_t = 1800)]
+        device_timeout_s: u64,
+        /// At most this many assignments a minute.
+        #[arg(long)]
+        per_minute: Option<u32>,
+        /// Assign an older release on purpose.
+        #[arg(long)]
+        rollback: bool,
+        #[command(flatten)]
+        control: ControllerArgs,
+    },
+    /// Run (or take over) the rollout saved in `--state` until it ends.
+    Controller {
+        #[command(flatten)]
+        control: ControllerArgs,
+    },
+    /// The rollout saved in `--state`: devices × states.
+    Status {
+        #[arg(long)]
+        state: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause a rollout: no new assignments until `resume`.
+    Pause {
+        #[arg(long)]
+        state: PathBuf,
+    },
+    Resume {
+        #[arg(long)]
+        state: PathBuf,
+    },
+    /// Stop assigning for good.
+    Abort {
+        #[arg(long)]
+        state: PathBuf,
     },
     /// The releases the repository publishes now.
     List {
@@ -492,6 +567,34 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
                 serde_json::json!({ "timestamp_days": expiry.timestamp_days }),
             ))
         }),
+        FleetCommand::Rollout { task, release, devices, waves, policy, success_percent, max_failures, device_timeout_s, per_minute, rollback, control } => {
+            let policy: adaptd_protocol::fleet::Policy = serde_json::from_value(serde_json::Value::String(policy.clone()))
+                .map_err(|_| anyhow::anyhow!("--policy {policy:?}: validate, force or shadow"))?;
+            anyhow::ensure!((0.0..=100.0).contains(&success_percent), "--success-percent must be in [0, 100]");
+            anyhow::ensure!(!control.state.exists(), "{} exists: a rollout is saved there (`fleet controller` goes on with it)", control.state.display());
+            let plan = adaptd_fleet::controller::Plan {
+                id: format!("{task}-r{release}-{}", adaptd::events::now_ms() / 1000),
+                task,
+                release,
+                policy,
+                rollback,
+                waves: adaptd_fleet::controller::Plan::waves_of(&devices, &waves),
+                success_percent,
+                failures: adaptd_fleet::controller::FailureThreshold { count: Some(max_failures.max(1)), percent: None, min_executed: 1 },
+                device_timeout_ms: device_timeout_s.saturating_mul(1000),
+                per_minute,
+            };
+            adaptd::fleet::controller::save(&control.state, &adaptd_fleet::controller::Rollout::new(plan, Default::default()))?;
+            run_controller(&control)
+        }
+        FleetCommand::Controller { control } => run_controller(&control),
+        FleetCommand::Status { state, json } => operate(json, || {
+            let rollout = adaptd::fleet::controller::load(&state)?;
+            Ok((rollout.table(), serde_json::to_value(&rollout)?))
+        }),
+        FleetCommand::Pause { state } => controller_request(&state, adaptd::fleet::controller::Request::Pause),
+        FleetCommand::Resume { state } => controller_request(&state, adaptd::fleet::controller::Request::Resume),
+        FleetCommand::Abort { state } => controller_request(&state, adaptd::fleet::controller::Request::Abort),
         FleetCommand::List { repo: dir, json } => operate(json, || {
             let releases = runtime.block_on(repo::list(&dir))?;
             let mut text = String::from("task        release  kind  parent  force  base\n");
@@ -510,6 +613,36 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
             Ok((text, serde_json::to_value(&releases)?))
         }),
     }
+}
+
+fn controller_request(state: &std::path::Path, request: adaptd::fleet::controller::Request) -> anyhow::Result<ExitCode> {
+    operate(false, || {
+        let rollout = adaptd::fleet::controller::request(state, request)?;
+        Ok((rollout.table(), serde_json::to_value(&rollout)?))
+    })
+}
+
+/// Run the saved rollout to its end, printing the table as it changes; exit 0 when it completed.
+fn run_controller(control: &ControllerArgs) -> anyhow::Result<ExitCode> {
+    let (host, port) = parse_host_port(&control.mqtt)?;
+    let broker = adaptd::mqtt::BrokerConnection::plain(host, port);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let json = control.json;
+    let rollout = runtime.block_on(adaptd::fleet::controller::run(
+        &control.state,
+        broker,
+        &control.prefix,
+        |r| {
+            if !json {
+                println!("{}", r.table());
+            }
+        },
+        shutdown_signal(),
+    ))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rollout)?);
+    }
+    Ok(if rollout.phase == adaptd_fleet::controller::Phase::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// A fresh directory beside the repository for an adapter's files on their way in.

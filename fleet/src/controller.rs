@@ -171,7 +171,8 @@ impl Rollout {
             *last = (*last).max(seq);
         }
         let Some(progress) = self.devices.get_mut(device) else { return };
-        if progress.seq.is_none() || status.seq != progress.seq || progress.timed_out {
+        let ours = status.rollout.as_deref() == Some(self.plan.id.as_str()) && status.release == Some(self.plan.release);
+        if progress.seq.is_none() || status.seq != progress.seq || !ours || progress.timed_out {
             return; // about another assignment
         }
         progress.state = Some(status.state);
@@ -244,18 +245,35 @@ impl Rollout {
                 (p.seq, p.assigned_ms) = (Some(seq), Some(now_ms));
             }
             self.last_assign_ms = Some(now_ms);
-            let assignment = Assignment {
-                seq,
-                task: self.plan.task.clone(),
-                release: self.plan.release,
-                policy: self.plan.policy,
-                rollback: self.plan.rollback,
-                deadline_ms: Some(now_ms + self.plan.device_timeout_ms),
-                rollout: Some(self.plan.id.clone()),
-            };
+            let assignment = self.assignment(seq, now_ms);
             out.push(Assign { device, assignment });
         }
         out
+    }
+
+    /// Assignments made but not yet answered: a restarted controller publishes them again
+    /// (the same sequence numbers, so a device that has them already just goes on).
+    pub fn outstanding(&self) -> Vec<Assign> {
+        self.devices
+            .iter()
+            .filter(|(_, p)| p.state.is_none() && !p.timed_out)
+            .filter_map(|(device, p)| {
+                let (seq, at) = (p.seq?, p.assigned_ms?);
+                Some(Assign { device: device.clone(), assignment: self.assignment(seq, at) })
+            })
+            .collect()
+    }
+
+    fn assignment(&self, seq: u64, at_ms: u64) -> Assignment {
+        Assignment {
+            seq,
+            task: self.plan.task.clone(),
+            release: self.plan.release,
+            policy: self.plan.policy,
+            rollback: self.plan.rollback,
+            deadline_ms: Some(at_ms + self.plan.device_timeout_ms),
+            rollout: Some(self.plan.id.clone()),
+        }
     }
 
     fn wave_done(&self, wave: usize) -> bool {
@@ -379,6 +397,7 @@ mod tests {
         assert_eq!(devices(&out), ["a"]);
         assert_eq!((out[0].assignment.seq, out[0].assignment.deadline_ms), (1, Some(60_000)));
         assert!(r.step(1).is_empty(), "the canary has not answered");
+        assert_eq!(r.outstanding(), out, "a restarted controller sends the same assignment again");
         r.observe("a", &status(1, AgentState::Downloading));
         assert!(r.step(2).is_empty());
         r.observe("a", &status(1, AgentState::Applied));

@@ -286,15 +286,27 @@ fn assign(port: u16, device: &str, seq: u64, release: u64, policy: &str) {
     assert!(ok.success());
 }
 
+/// `adaptd fleet rollout` as an operator types it, run to its end; its exit code and tables.
+fn rollout(port: u16, state: &Path, release: u64) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_adaptd"))
+        .args(["fleet", "rollout", "sorter", &release.to_string(), "--devices", "robot-d,robot-b,robot-c", "--waves", "1,2"])
+        .args(["--mqtt", &format!("127.0.0.1:{port}"), "--state", state.to_str().unwrap(), "--device-timeout-s", "120"])
+        .env("ADAPTD_LOG", "warn")
+        .output()
+        .unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
 /// One device learns rotated digits; an operator publishes its adapter as release 1 of a
-/// signed repository on nginx. A second device, which sees the same shift and never trained,
-/// is assigned release 1: it fetches it through TUF, its own gate judges it on its own holdout
-/// samples, it serves it, and after its watch holds on fresh labels it commits. Release 2, an
-/// adapter that knows nothing, is refused by the same gate, and the device keeps serving
-/// release 1. An assignment that is not one is refused with its reason.
+/// signed repository on nginx, and an adapter that knows nothing as release 2. Three devices
+/// that see the same shift and never trained take release 1 in waves (a canary, then two):
+/// each fetches it through TUF, its own gate judges it on its own holdout samples, and it
+/// serves it; fresh labels let the canary's watch commit it. Release 2 is refused by the
+/// canary's gate, the rollout halts, and no other device downloads it. An assignment that is
+/// not one is refused with its reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_release_trained_on_one_device_is_verified_judged_and_committed_by_another() {
-    use crate::adapt::{daemon_config, digit_lines, publish, shut_down, start_daemon_with};
+async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_halts_at_the_canary() {
+    use crate::adapt::{EventLog, daemon_config, digit_lines, publish, shut_down, start_daemon_with};
     use adaptd::datasets::{Digits, Shift};
     let digits = Digits::load(&crate::digits_data()).unwrap();
     let pool = digits.held_out();
@@ -303,16 +315,14 @@ async fn a_release_trained_on_one_device_is_verified_judged_and_committed_by_ano
     let a = start_daemon_with("sorter", 300, |_| {}).await;
     let (port_a, lines) = (a.broker.port, digit_lines(&digits, pool.iter().copied().take(300), "cam-a", "sorter", Shift::Rotate90));
     let events_a = a.events;
-    let events_a = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_millis(500));
         publish(port_a, "adaptd/v1/robot-3/samples/sorter", &lines);
         let decision = events_a.wait_for("gate_decision", Duration::from_secs(180));
         assert_eq!(decision["promote"], true, "{}", decision["summary"]);
-        events_a
     })
     .await
     .unwrap();
-    drop(events_a);
     shut_down(a.stop, a.daemon).await;
 
     // The operator publishes it, and a bad one.
@@ -335,59 +345,71 @@ async fn a_release_trained_on_one_device_is_verified_judged_and_committed_by_ano
     assert!(ok, "{out}");
     let nginx = Nginx::start(&repo);
 
-    // Device B: sees the same shift, never trains by itself, takes releases from the repository.
+    // Devices B, C, D: the same shift, never train by themselves, take releases from the repository.
     let broker = crate::broker::Mosquitto::start();
-    let state_b = tempfile::tempdir().unwrap();
-    let mut config = daemon_config(broker.port, state_b.path(), "sorter", 1_000_000);
-    config.device_id = "robot-b".into();
-    for adapt in &mut config.adapt {
-        (adapt.scheduler.settle_ms, adapt.scheduler.interval_ms) = (u64::MAX / 4, u64::MAX / 4);
-        (adapt.watch_min_samples, adapt.watch_max_samples) = (10, 20);
-    }
-    config.fleet = adaptd::fleet::FleetConfig { repository: nginx.url().to_string(), root_file: repo.join("metadata/1.root.json"), max_release_mb: 16 };
-    let events_b = crate::adapt::EventLog::start(broker.port, state_b.path());
-    let (stop, addr, daemon) = crate::serve_in_process(config).await;
     let port = broker.port;
-    // Digits device A never saw: most for B's own gate, the rest as fresh labels for its watch.
-    let holdout = digit_lines(&digits, pool.iter().copied().skip(300).take(170), "cam-b", "sorter", Shift::Rotate90);
-    let fresh = digit_lines(&digits, pool.iter().copied().skip(470), "cam-b-fresh", "sorter", Shift::Rotate90);
-    assert!(fresh.len() >= 20, "enough fresh labels for the watch: {}", fresh.len());
-    let client = adaptd::client::Client::new(addr);
-    let (committed, refused, malformed, status) = tokio::task::spawn_blocking(move || {
+    let mut daemons = Vec::new();
+    let mut states = Vec::new();
+    for device in ["robot-b", "robot-c", "robot-d"] {
+        let state = tempfile::tempdir().unwrap();
+        let mut config = daemon_config(port, state.path(), "sorter", 1_000_000);
+        config.device_id = device.into();
+        for adapt in &mut config.adapt {
+            (adapt.scheduler.settle_ms, adapt.scheduler.interval_ms) = (u64::MAX / 4, u64::MAX / 4);
+            (adapt.watch_min_samples, adapt.watch_max_samples) = (10, 20);
+        }
+        config.fleet = adaptd::fleet::FleetConfig { repository: nginx.url().to_string(), root_file: repo.join("metadata/1.root.json"), max_release_mb: 16 };
+        daemons.push(crate::serve_in_process(config).await);
+        states.push(state);
+    }
+    let events_b = EventLog::start(port, states[0].path());
+    // Digits device A never saw: for each device's own gate; the rest as fresh labels.
+    let holdout = digit_lines(&digits, pool.iter().copied().skip(300).take(170), "cam", "sorter", Shift::Rotate90);
+    let fresh = digit_lines(&digits, pool.iter().copied().skip(470), "cam-fresh", "sorter", Shift::Rotate90);
+    let clients: Vec<adaptd::client::Client> = daemons.iter().map(|(_, addr, _)| adaptd::client::Client::new(*addr)).collect();
+    let rollouts = dir.path().to_path_buf();
+    let (first, second, committed, malformed, statuses) = tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_millis(500));
-        publish(port, "adaptd/v1/robot-b/samples/sorter", &holdout);
+        for device in ["robot-b", "robot-c", "robot-d"] {
+            publish(port, &format!("adaptd/v1/{device}/samples/sorter"), &holdout);
+        }
         let deadline = Instant::now() + Duration::from_secs(30);
-        while client.get("/v1/tasks/sorter/status").unwrap().body["samples"].as_u64().unwrap_or(0) < 170 {
-            assert!(Instant::now() < deadline, "device B did not store its samples: {}", client.get("/v1/tasks/sorter/status").unwrap().body);
+        while clients.iter().any(|c| c.get("/v1/tasks/sorter/status").unwrap().body["samples"].as_u64().unwrap_or(0) < 170) {
+            assert!(Instant::now() < deadline, "the devices did not store their samples");
             std::thread::sleep(Duration::from_millis(100));
         }
-        assign(port, "robot-b", 1, 1, "validate");
-        let applied = events_b.wait_where("rollout", |e| e["state"] == "applied", Duration::from_secs(60));
-        assert_eq!(applied["serving_release"], 1, "{applied}");
-        assert!(applied["scores"]["candidate_accuracy"].as_f64().unwrap() > applied["scores"]["incumbent_accuracy"].as_f64().unwrap() + 0.2, "{applied}");
+        let first = rollout(port, &rollouts.join("r1.json"), 1);
         publish(port, "adaptd/v1/robot-b/samples/sorter", &fresh);
         let committed = events_b.wait_where("rollout", |e| e["state"] == "committed", Duration::from_secs(60));
-        assign(port, "robot-b", 2, 2, "validate");
-        let refused = events_b.wait_where("rollout", |e| e["state"] == "refused" && e["seq"] == 2, Duration::from_secs(60));
+        let second = rollout(port, &rollouts.join("r2.json"), 2);
         let ok = Command::new("mosquitto_pub")
-            .args(["-p", &port.to_string(), "-q", "1", "-t", "adaptd/v1/robot-b/assign/sorter", "-m", "{\"seq\": 3}"])
+            .args(["-p", &port.to_string(), "-q", "1", "-t", "adaptd/v1/robot-c/assign/sorter", "-m", "{\"seq\": 3}"])
             .status()
             .unwrap();
         assert!(ok.success());
         let malformed = events_b.wait_where("rollout", |e| e["reason"] == "malformed", Duration::from_secs(10));
-        let status = client.get("/v1/tasks/sorter/status").unwrap().body;
-        (committed, refused, malformed, status)
+        let statuses: Vec<Value> = clients.iter().map(|c| c.get("/v1/tasks/sorter/status").unwrap().body).collect();
+        (first, second, committed, malformed, statuses)
     })
     .await
     .unwrap();
+    eprintln!("{}\n{}", first.1, second.1);
+    assert!(first.0, "release 1 completed: {}", first.1);
+    assert!(first.1.contains("Completed") && first.1.matches("applied").count() + first.1.matches("committed").count() >= 3, "{}", first.1);
     assert_eq!((committed["release"].as_u64(), committed["serving_release"].as_u64()), (Some(1), Some(1)), "{committed}");
-    assert_eq!(refused["reason"], "gate_refused", "{refused}");
-    assert_eq!(refused["serving_release"], 1, "release 1 keeps serving: {refused}");
+    assert!(!second.0, "release 2 halted: {}", second.1);
+    assert!(second.1.contains("Halted") && second.1.contains("gate_refused"), "{}", second.1);
     assert!(malformed["message"].as_str().unwrap().contains("missing field"), "{malformed}");
-    assert_eq!(status["serving_version"], committed["serving_version"], "{status}");
-    let retained = tokio::task::spawn_blocking(move || retained_status(port, "robot-b", "sorter")).await.unwrap();
-    assert_eq!(retained["state"], "refused", "the controller reads the latest state: {retained}");
+    for status in &statuses {
+        assert_eq!(status["serving_version"], 1, "every device serves release 1 as its v1: {status}");
+    }
+    let saved: Value = serde_json::from_slice(&std::fs::read(dir.path().join("r2.json")).unwrap()).unwrap();
+    assert_eq!(saved["devices"]["robot-b"]["reason"], "gate_refused", "{saved}");
+    assert!(saved["devices"]["robot-c"]["seq"].is_null() && saved["devices"]["robot-d"]["seq"].is_null(), "no later wave was assigned: {saved}");
     let log = nginx.log();
-    assert!(log.contains("sorter.r1.") && log.contains("sorter.r2."), "both releases came from nginx: {log}");
-    shut_down(stop, daemon).await;
+    let weights = |release: u64| log.lines().filter(|l| l.contains(&format!("sorter.r{release}.head.safetensors"))).count();
+    assert_eq!((weights(1), weights(2)), (3, 1), "every device fetched release 1, only the canary release 2: {log}");
+    for (stop, _, daemon) in daemons {
+        shut_down(stop, daemon).await;
+    }
 }

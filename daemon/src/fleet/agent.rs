@@ -17,41 +17,13 @@ use adaptd_fleet::fetch::{self, Progress, Source};
 use adaptd_protocol::fleet::{AgentState, AgentStatus, Assignment};
 use adaptd_protocol::topics::{Channel, Topics};
 use adaptd_protocol::{Event, SchedulerState};
-use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
+use super::FleetConfig;
 use crate::adapt::Install;
 use crate::api::TaskControl;
 use crate::events::{Events, now_ms};
 use crate::mqtt::{Ack, Inbox, Link, LinkHandle};
-
-/// `[fleet]`: where releases come from. Off while `repository` is empty.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FleetConfig {
-    /// The signed repository's address (`metadata/` and `targets/` below it), http or https.
-    pub repository: String,
-    /// The repository's root of trust, as `adaptd fleet init` wrote it.
-    pub root_file: PathBuf,
-    /// The most one release may weigh, all files together.
-    pub max_release_mb: u64,
-}
-
-impl FleetConfig {
-    pub fn enabled(&self) -> bool {
-        !self.repository.is_empty()
-    }
-
-    /// The repository's address as a base URL (with its trailing `/`).
-    pub fn base_url(&self) -> Result<url::Url, String> {
-        let text = if self.repository.ends_with('/') { self.repository.clone() } else { format!("{}/", self.repository) };
-        let url = url::Url::parse(&text).map_err(|e| format!("{:?}: {e}", self.repository))?;
-        match url.scheme() {
-            "http" | "https" => Ok(url),
-            other => Err(format!("{:?}: the scheme must be http or https, not {other}", self.repository)),
-        }
-    }
-}
 
 /// The largest assignment message read (they are a few hundred bytes).
 const MAX_ASSIGNMENT_BYTES: usize = 16 * 1024;
