@@ -277,15 +277,6 @@ fn retained_status(port: u16, device: &str, task: &str) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
-fn assign(port: u16, device: &str, seq: u64, release: u64, policy: &str) {
-    let body = format!("{{\"seq\": {seq}, \"task\": \"sorter\", \"release\": {release}, \"policy\": \"{policy}\", \"rollout\": \"test\"}}");
-    let ok = Command::new("mosquitto_pub")
-        .args(["-p", &port.to_string(), "-q", "1", "-r", "-t", &format!("adaptd/v1/{device}/assign/sorter"), "-m", &body])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-}
-
 /// `adaptd fleet rollout` as an operator types it, run to its end; its exit code and tables.
 fn rollout(port: u16, state: &Path, release: u64) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_adaptd"))
@@ -406,6 +397,8 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
     let saved: Value = serde_json::from_slice(&std::fs::read(dir.path().join("r2.json")).unwrap()).unwrap();
     assert_eq!(saved["devices"]["robot-b"]["reason"], "gate_refused", "{saved}");
     assert!(saved["devices"]["robot-c"]["seq"].is_null() && saved["devices"]["robot-d"]["seq"].is_null(), "no later wave was assigned: {saved}");
+    let retained = tokio::task::spawn_blocking(move || retained_status(port, "robot-b", "sorter")).await.unwrap();
+    assert_eq!((retained["state"].as_str(), retained["release"].as_u64()), (Some("refused"), Some(2)), "what a controller reads: {retained}");
     let log = nginx.log();
     let weights = |release: u64| log.lines().filter(|l| l.contains(&format!("sorter.r{release}.head.safetensors"))).count();
     assert_eq!((weights(1), weights(2)), (3, 1), "every device fetched release 1, only the canary release 2: {log}");
