@@ -302,7 +302,12 @@ impl Default for Config {
                 rollback_drop: adapt.rollback_drop,
                 watch_max_samples: adapt.watch_max_samples,
             },
-            fleet: crate::fleet::FleetConfig { repository: String::new(), root_file: PathBuf::from("/etc/adaptd/fleet-root.json"), max_release_mb: 64 },
+            fleet: crate::fleet::FleetConfig {
+                repository: String::new(),
+                root_file: PathBuf::from("/etc/adaptd/fleet-root.json"),
+                max_release_mb: 64,
+                maintenance_window: String::new(),
+            },
         }
     }
 }
@@ -476,6 +481,9 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&self.gate.max_retention_drop) || !(0.0..=1.0).contains(&self.gate.rollback_drop) {
             return invalid("gate.max_retention_drop", "max_retention_drop and rollback_drop are fractions in [0, 1]");
+        }
+        if let Err(e) = self.fleet.window() {
+            return invalid("fleet.maintenance_window", &e);
         }
         if self.fleet.enabled() {
             if let Err(e) = self.fleet.base_url() {

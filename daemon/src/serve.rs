@@ -237,6 +237,8 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
             control: fleet_control,
             events: events.clone(),
             base_sha256: bundle.manifest_sha256.clone(),
+            engine: engine.handle.clone(),
+            latency_budget_ms: config.adapt.first().map_or(0.0, |a| a.scheduler.latency_budget_ms),
         };
         supervisor.spawn_infallible(Stage::Intake, "fleet", crate::fleet::run(parts, supervisor.stopped()));
     }

@@ -51,6 +51,10 @@ fn bad_files_name_the_key_and_say_what_is_allowed() {
         ("password_file = \"\"", "password_file = \"/etc/adaptd/mqtt-password\"", "mqtt.password_file"),
         ("tls_client_cert_file = \"\"", "tls_client_cert_file = \"/etc/adaptd/client.pem\"", "mqtt.tls_client_cert_file"),
         ("tls_ca_file = \"\"", "tls_ca_file = \"/nonexistent/ca.pem\"", "mqtt.tls_ca_file"),
+        ("maintenance_window = \"\"", "maintenance_window = \"25:00-01:00\"", "fleet.maintenance_window"),
+        ("repository = \"\"", "repository = \"ftp://adapters\"", "fleet.repository"),
+        ("repository = \"\"", "repository = \"https://adapters.example/fleet/\"", "fleet.repository"),
+        ("max_release_mb = 64", "max_release_mb = \"big\"", "max_release_mb"),
     ] {
         let err = parse(&DEFAULT_TOML.replace(from, to)).unwrap_err();
         assert!(err.contains(key), "{key}: {err}");

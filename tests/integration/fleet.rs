@@ -349,7 +349,12 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
             (adapt.scheduler.settle_ms, adapt.scheduler.interval_ms) = (u64::MAX / 4, u64::MAX / 4);
             (adapt.watch_min_samples, adapt.watch_max_samples) = (10, 20);
         }
-        config.fleet = adaptd::fleet::FleetConfig { repository: nginx.url().to_string(), root_file: repo.join("metadata/1.root.json"), max_release_mb: 16 };
+        config.fleet = adaptd::fleet::FleetConfig {
+            repository: nginx.url().to_string(),
+            root_file: repo.join("metadata/1.root.json"),
+            max_release_mb: 16,
+            maintenance_window: String::new(),
+        };
         daemons.push(crate::serve_in_process(config).await);
         states.push(state);
     }
@@ -357,9 +362,11 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
     // Digits device A never saw: for each device's own gate; the rest as fresh labels.
     let holdout = digit_lines(&digits, pool.iter().copied().skip(300).take(170), "cam", "sorter", Shift::Rotate90);
     let fresh = digit_lines(&digits, pool.iter().copied().skip(470), "cam-fresh", "sorter", Shift::Rotate90);
+    // Robot C's camera turns back upright: release 1 gets its fresh labels wrong.
+    let upright = digit_lines(&digits, pool.iter().copied().skip(470), "cam-upright", "sorter", Shift::None);
     let clients: Vec<adaptd::client::Client> = daemons.iter().map(|(_, addr, _)| adaptd::client::Client::new(*addr)).collect();
     let rollouts = dir.path().to_path_buf();
-    let (first, second, committed, malformed, statuses) = tokio::task::spawn_blocking(move || {
+    let (first, second, committed, rolled_back, malformed, statuses) = tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_millis(500));
         for device in ["robot-b", "robot-c", "robot-d"] {
             publish(port, &format!("adaptd/v1/{device}/samples/sorter"), &holdout);
@@ -372,6 +379,8 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
         let first = rollout(port, &rollouts.join("r1.json"), 1);
         publish(port, "adaptd/v1/robot-b/samples/sorter", &fresh);
         let committed = events_b.wait_where("rollout", |e| e["state"] == "committed", Duration::from_secs(60));
+        publish(port, "adaptd/v1/robot-c/samples/sorter", &upright);
+        let rolled_back = events_b.wait_where("rollout", |e| e["state"] == "rolled_back", Duration::from_secs(60));
         let second = rollout(port, &rollouts.join("r2.json"), 2);
         let ok = Command::new("mosquitto_pub")
             .args(["-p", &port.to_string(), "-q", "1", "-t", "adaptd/v1/robot-c/assign/sorter", "-m", "{\"seq\": 3}"])
@@ -380,7 +389,7 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
         assert!(ok.success());
         let malformed = events_b.wait_where("rollout", |e| e["reason"] == "malformed", Duration::from_secs(10));
         let statuses: Vec<Value> = clients.iter().map(|c| c.get("/v1/tasks/sorter/status").unwrap().body).collect();
-        (first, second, committed, malformed, statuses)
+        (first, second, committed, rolled_back, malformed, statuses)
     })
     .await
     .unwrap();
@@ -391,9 +400,10 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
     assert!(!second.0, "release 2 halted: {}", second.1);
     assert!(second.1.contains("Halted") && second.1.contains("gate_refused"), "{}", second.1);
     assert!(malformed["message"].as_str().unwrap().contains("missing field"), "{malformed}");
-    for status in &statuses {
-        assert_eq!(status["serving_version"], 1, "every device serves release 1 as its v1: {status}");
-    }
+    assert_eq!((rolled_back["serving_version"].as_u64(), rolled_back["release"].as_u64()), (Some(0), Some(1)), "reports what it really serves: {rolled_back}");
+    assert!(rolled_back["message"].as_str().unwrap().contains("fresh samples"), "{rolled_back}");
+    let serving: Vec<u64> = statuses.iter().map(|s| s["serving_version"].as_u64().unwrap()).collect();
+    assert_eq!(serving, [1, 0, 1], "B and D serve release 1 as their v1, C went back to the base model");
     let saved: Value = serde_json::from_slice(&std::fs::read(dir.path().join("r2.json")).unwrap()).unwrap();
     assert_eq!(saved["devices"]["robot-b"]["reason"], "gate_refused", "{saved}");
     assert!(saved["devices"]["robot-c"]["seq"].is_null() && saved["devices"]["robot-d"]["seq"].is_null(), "no later wave was assigned: {saved}");

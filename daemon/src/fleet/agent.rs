@@ -49,6 +49,10 @@ pub struct AgentParts {
     pub base_sha256: String,
     /// What serves each task now (its version), at start.
     pub serving: BTreeMap<String, u64>,
+    /// Serving's latency, to defer while it is over budget.
+    pub engine: crate::engine::EngineHandle,
+    /// `schedule.latency_budget_ms` (0: none).
+    pub latency_budget_ms: f64,
 }
 
 /// What a task's agent is doing in the background, and for which assignment.
@@ -60,11 +64,11 @@ struct Running {
 
 /// Run the agent until `shutdown`.
 pub async fn run(parts: AgentParts, shutdown: impl Future<Output = ()>) {
-    let AgentParts { config, dir, topics, link, mut inbox, control, events, base_sha256, serving } = parts;
-    let base_url = match config.base_url() {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::error!(error = e, "fleet rollout is off: the repository address is not usable");
+    let AgentParts { config, dir, topics, link, mut inbox, control, events, base_sha256, serving, engine, latency_budget_ms } = parts;
+    let (base_url, window) = match (config.base_url(), config.window()) {
+        (Ok(u), Ok(w)) => (u, w),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = e, "fleet rollout is off: its configuration is not usable");
             return;
         }
     };
@@ -131,7 +135,11 @@ pub async fn run(parts: AgentParts, shutdown: impl Future<Output = ()>) {
             },
             _ = tick.tick() => {
                 for task in std::mem::take(&mut waiting) {
-                    let busy = control.get(&task).and_then(|c| busy_reason(&c.status.borrow()));
+                    let busy = control
+                        .get(&task)
+                        .and_then(|c| busy_reason(&c.status.borrow()))
+                        .or_else(|| over_latency_budget(engine.stats().recent_p99_ms(), latency_budget_ms))
+                        .or_else(|| outside_window(window, now_ms()));
                     inputs.push((task, Input::Readiness(busy)));
                 }
                 for task in agents.keys() {
@@ -219,6 +227,19 @@ fn busy_reason(status: &adaptd_protocol::TaskStatus) -> Option<String> {
         SchedulerState::Training { .. } => Some("a training job runs".into()),
         _ => None,
     }
+}
+
+/// Serving's p99 over the budget: installing now would add to it.
+fn over_latency_budget(p99_ms: Option<f64>, budget_ms: f64) -> Option<String> {
+    let p99 = p99_ms?;
+    (budget_ms > 0.0 && p99 > budget_ms).then(|| format!("serving p99 {p99:.1} ms is over the {budget_ms:.1} ms budget"))
+}
+
+fn outside_window(window: Option<(u32, u32)>, now_ms: u64) -> Option<String> {
+    let (from, to) = window?;
+    let minute = ((now_ms / 60_000) % (24 * 60)) as u32;
+    (!super::in_window((from, to), minute))
+        .then(|| format!("outside the maintenance window {:02}:{:02}-{:02}:{:02} UTC", from / 60, from % 60, to / 60, to % 60))
 }
 
 /// Turn the loop's watch events about a release the agent applied into agent inputs.
@@ -328,4 +349,20 @@ fn write_memory(dir: &Path, task: &str, memory: &Memory) -> std::io::Result<()> 
     file.sync_all()?;
     std::fs::rename(&tmp, &path)?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_release_waits_while_serving_is_over_budget_or_outside_the_window() {
+        assert_eq!(over_latency_budget(Some(80.0), 50.0).as_deref(), Some("serving p99 80.0 ms is over the 50.0 ms budget"));
+        assert_eq!(over_latency_budget(Some(80.0), 0.0), None, "no budget");
+        assert_eq!(over_latency_budget(None, 50.0), None, "nothing served yet");
+        let noon = 12 * 3_600_000;
+        assert_eq!(outside_window(Some((120, 240)), noon).as_deref(), Some("outside the maintenance window 02:00-04:00 UTC"));
+        assert_eq!(outside_window(Some((11 * 60, 13 * 60)), noon), None);
+        assert_eq!(outside_window(None, noon), None);
+    }
 }

@@ -21,11 +21,33 @@ pub struct FleetConfig {
     pub root_file: PathBuf,
     /// The most one release may weigh, all files together.
     pub max_release_mb: u64,
+    /// When releases may be installed, `HH:MM-HH:MM` in UTC (it may wrap past midnight);
+    /// empty: any time. Outside it an assignment waits, `deferred`.
+    pub maintenance_window: String,
 }
 
 impl FleetConfig {
     pub fn enabled(&self) -> bool {
         !self.repository.is_empty()
+    }
+
+    /// The maintenance window as minutes of the day, [from, to); None: any time.
+    pub fn window(&self) -> Result<Option<(u32, u32)>, String> {
+        if self.maintenance_window.trim().is_empty() {
+            return Ok(None);
+        }
+        let bad = || format!("{:?}: expected HH:MM-HH:MM (UTC)", self.maintenance_window);
+        let minutes = |t: &str| -> Option<u32> {
+            let (h, m) = t.trim().split_once(':')?;
+            let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+            (h < 24 && m < 60).then_some(h * 60 + m)
+        };
+        let (from, to) = self.maintenance_window.split_once('-').ok_or_else(bad)?;
+        let (from, to) = (minutes(from).ok_or_else(bad)?, minutes(to).ok_or_else(bad)?);
+        if from == to {
+            return Err(format!("{:?}: an empty window", self.maintenance_window));
+        }
+        Ok(Some((from, to)))
     }
 
     /// The repository's address as a base URL (with its trailing `/`).
@@ -35,6 +57,31 @@ impl FleetConfig {
         match url.scheme() {
             "http" | "https" => Ok(url),
             other => Err(format!("{:?}: the scheme must be http or https, not {other}", self.repository)),
+        }
+    }
+}
+
+/// Whether `minute` of the day (UTC) falls in the window [from, to), which may wrap midnight.
+pub fn in_window((from, to): (u32, u32), minute: u32) -> bool {
+    if from < to { (from..to).contains(&minute) } else { minute >= from || minute < to }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(window: &str) -> FleetConfig {
+        FleetConfig { repository: String::new(), root_file: PathBuf::new(), max_release_mb: 1, maintenance_window: window.into() }
+    }
+
+    #[test]
+    fn maintenance_windows_parse_and_wrap_past_midnight() {
+        assert_eq!(config("").window().unwrap(), None);
+        assert_eq!(config("02:00-04:30").window().unwrap(), Some((120, 270)));
+        let night = config("23:00-01:00").window().unwrap().unwrap();
+        assert!(in_window(night, 23 * 60 + 30) && in_window(night, 30) && !in_window(night, 60) && !in_window(night, 12 * 60));
+        for bad in ["2-4", "25:00-01:00", "02:00-02:00", "02:00"] {
+            assert!(config(bad).window().is_err(), "{bad}");
         }
     }
 }
