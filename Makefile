@@ -44,3 +44,4 @@ bench: setup
 	$(CARGO) bench -p adaptd --bench time_to_adapt
 	benches/ingest_throughput.sh
 	$(CARGO) bench -p adaptd --bench chaos
+	$(CARGO) bench -p adaptd --bench fleet
