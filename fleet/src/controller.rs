@@ -318,15 +318,16 @@ impl Rollout {
 
     /// Devices × state, for people.
     pub fn table(&self) -> String {
-        let mut out = format!(
-            "rollout {} of {} release {}: {:?}, wave {} of {}\n",
-            self.plan.id,
-            self.plan.task,
-            self.plan.release,
-            self.phase,
-            (self.wave + 1).min(self.plan.waves.len()),
-            self.plan.waves.len()
-        );
+        let phase = match &self.phase {
+            Phase::Running => "Running".to_string(),
+            Phase::Paused => "Paused".to_string(),
+            Phase::Halted { reason } => format!("Halted ({reason})"),
+            Phase::Aborted => "Aborted".to_string(),
+            Phase::Completed => "Completed".to_string(),
+        };
+        let wave = (self.wave + 1).min(self.plan.waves.len());
+        let mut out =
+            format!("rollout {} of {} release {}: {phase}, wave {wave} of {}\n", self.plan.id, self.plan.task, self.plan.release, self.plan.waves.len());
         out += "device            wave  state        release  holdout (new / old)  reason\n";
         for (device, p) in &self.devices {
             let state = if p.timed_out { "timed_out".to_string() } else { p.state.map_or("-".into(), |s| format!("{s:?}").to_lowercase()) };

@@ -260,6 +260,13 @@ async fn a_device_fetches_a_release_through_tuf_resumes_a_download_and_refuses_t
     assert_eq!((e.refused, e.reason), (true, "expired_metadata"), "{e}");
     let (ok, out) = adaptd(&["fleet", "refresh", "--keys", keys.to_str().unwrap(), "--repo", repo.to_str().unwrap()]);
     assert!(ok, "{out}");
+    // The device's clock stepped back behind a time it had already seen (its datastore keeps
+    // the latest): nothing it verified can be trusted to be current.
+    let stepped = device_source(dir.path(), &repo, &nginx, "device-10");
+    std::fs::create_dir_all(&stepped.datastore).unwrap();
+    std::fs::write(stepped.datastore.join("latest_known_time.json"), "\"2099-01-01T00:00:00Z\"").unwrap();
+    let e = refused(stepped, 1).await;
+    assert_eq!((e.refused, e.reason), (true, "clock_stepped_back"), "{e}");
     // An old timestamp restored after a device saw the new one: a rollback attack.
     let watcher = device_source(dir.path(), &repo, &nginx, "device-6");
     fetch(&watcher, "sorter", 1, Arc::new(Progress::default())).await.unwrap();
@@ -286,6 +293,24 @@ fn rollout(port: u16, state: &Path, release: u64) -> (bool, String) {
         .output()
         .unwrap();
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// `adaptd fleet controller` taking over a saved rollout, run to its end.
+fn controller(port: u16, state: &Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_adaptd"))
+        .args(["fleet", "controller", "--mqtt", &format!("127.0.0.1:{port}"), "--state", state.to_str().unwrap()])
+        .env("ADAPTD_LOG", "warn")
+        .output()
+        .unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn assign_by_hand(port: u16, device: &str, body: &str) {
+    let ok = Command::new("mosquitto_pub")
+        .args(["-p", &port.to_string(), "-q", "1", "-t", &format!("adaptd/v1/{device}/assign/sorter"), "-m", body])
+        .status()
+        .unwrap();
+    assert!(ok.success());
 }
 
 /// One device learns rotated digits; an operator publishes its adapter as release 1 of a
@@ -334,6 +359,13 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
     crate::head_adapter(&bundle, "sorter", 9, 99).write_dir(&junk).unwrap();
     let (ok, out) = adaptd(&["fleet", "publish", "sorter", "--from", junk.to_str().unwrap(), "--release", "2", "--keys", ks, "--repo", rs]);
     assert!(ok, "{out}");
+    // Release 3: correctly signed, but trained on another base model.
+    let foreign = dir.path().join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    let minilm = Bundle::open(reference_bundle("minilm")).unwrap();
+    crate::head_adapter(&minilm, "sorter", 1, 5).write_dir(&foreign).unwrap();
+    let (ok, out) = adaptd(&["fleet", "publish", "sorter", "--from", foreign.to_str().unwrap(), "--release", "3", "--keys", ks, "--repo", rs]);
+    assert!(ok, "{out}");
     let nginx = Nginx::start(&repo);
 
     // Devices B, C, D: the same shift, never train by themselves, take releases from the repository.
@@ -376,9 +408,26 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
             assert!(Instant::now() < deadline, "the devices did not store their samples");
             std::thread::sleep(Duration::from_millis(100));
         }
+        // Release 1, with the controller killed (SIGKILL) once the canary passed and another
+        // taking over from its saved state.
         let started = Instant::now();
-        let first = rollout(port, &rollouts.join("r1.json"), 1);
-        eprintln!("release 1 rolled out to 3 devices in waves 1, 2: {:.1} s", started.elapsed().as_secs_f64());
+        let state = rollouts.join("r1.json");
+        let mut killed = Command::new(env!("CARGO_BIN_EXE_adaptd"))
+            .args(["fleet", "rollout", "sorter", "1", "--devices", "robot-d,robot-b,robot-c", "--waves", "1,2"])
+            .args(["--mqtt", &format!("127.0.0.1:{port}"), "--state", state.to_str().unwrap(), "--device-timeout-s", "120"])
+            .env("ADAPTD_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::fs::read(&state).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok()).is_none_or(|v| v["wave"] != 1) {
+            assert!(Instant::now() < deadline, "the canary did not pass");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        killed.kill().unwrap();
+        killed.wait().unwrap();
+        let first = controller(port, &state);
+        eprintln!("release 1 rolled out to 3 devices in waves 1, 2 (the controller killed between them): {:.1} s", started.elapsed().as_secs_f64());
         publish(port, "adaptd/v1/robot-b/samples/sorter", &fresh);
         let committed = events_b.wait_where("rollout", |e| e["state"] == "committed", Duration::from_secs(60));
         publish(port, "adaptd/v1/robot-c/samples/sorter", &upright);
@@ -390,6 +439,16 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
             .unwrap();
         assert!(ok.success());
         let malformed = events_b.wait_where("rollout", |e| e["reason"] == "malformed", Duration::from_secs(10));
+        // By hand, as an attacker or a stale controller would: each refused with its reason.
+        for (body, reason) in [
+            (r#"{"seq": 0, "task": "sorter", "release": 1, "policy": "validate"}"#, "stale_sequence"),
+            (r#"{"seq": 5, "task": "sorter", "release": 99, "policy": "validate"}"#, "no_such_release"),
+            (r#"{"seq": 6, "task": "sorter", "release": 3, "policy": "validate"}"#, "wrong_base"),
+            (r#"{"seq": 7, "task": "sorter", "release": 1, "policy": "force"}"#, "force_not_allowed"),
+        ] {
+            assign_by_hand(port, "robot-d", body);
+            events_b.wait_where("rollout", |e| e["reason"] == reason, Duration::from_secs(30));
+        }
         let statuses: Vec<Value> = clients.iter().map(|c| c.get("/v1/tasks/sorter/status").unwrap().body).collect();
         (first, second, committed, rolled_back, malformed, statuses)
     })
@@ -413,7 +472,8 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
     assert_eq!((retained["state"].as_str(), retained["release"].as_u64()), (Some("refused"), Some(2)), "what a controller reads: {retained}");
     let log = nginx.log();
     let weights = |release: u64| log.lines().filter(|l| l.contains(&format!("sorter.r{release}.head.safetensors"))).count();
-    assert_eq!((weights(1), weights(2)), (3, 1), "every device fetched release 1, only the canary release 2: {log}");
+    // Release 1: once per device in the rollout, and once more by D for the `force` attempt.
+    assert_eq!((weights(1), weights(2)), (4, 1), "every device fetched release 1, only the canary release 2: {log}");
     for (stop, _, daemon) in daemons {
         shut_down(stop, daemon).await;
     }
