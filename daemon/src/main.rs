@@ -267,6 +267,20 @@ enum FleetCommand {
         #[command(flatten)]
         control: ControllerArgs,
     },
+    /// Take every device that applied the rollout saved in `--from` back to an older release,
+    /// in one wave, followed to the end like a rollout (its state in `--state`).
+    Rollback {
+        /// The rollout to undo.
+        #[arg(long)]
+        from: PathBuf,
+        /// The release to go back to.
+        #[arg(long)]
+        to: u64,
+        #[arg(long, default_value = "validate")]
+        policy: String,
+        #[command(flatten)]
+        control: ControllerArgs,
+    },
     /// Run (or take over) the rollout saved in `--state` until it ends.
     Controller {
         #[command(flatten)]
@@ -584,6 +598,16 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
                 device_timeout_ms: device_timeout_s.saturating_mul(1000),
                 per_minute,
             };
+            adaptd::fleet::controller::save(&control.state, &adaptd_fleet::controller::Rollout::new(plan, Default::default()))?;
+            run_controller(&control)
+        }
+        FleetCommand::Rollback { from, to, policy, control } => {
+            let policy: adaptd_protocol::fleet::Policy = serde_json::from_value(serde_json::Value::String(policy.clone()))
+                .map_err(|_| anyhow::anyhow!("--policy {policy:?}: validate, force or shadow"))?;
+            anyhow::ensure!(!control.state.exists(), "{} exists: a rollout is saved there", control.state.display());
+            let undone = adaptd::fleet::controller::load(&from)?;
+            let plan = undone.rollback_plan(format!("{}-back-to-r{to}", undone.plan.id), to, policy);
+            anyhow::ensure!(!plan.waves[0].is_empty(), "no device applied {}; nothing to take back", undone.plan.id);
             adaptd::fleet::controller::save(&control.state, &adaptd_fleet::controller::Rollout::new(plan, Default::default()))?;
             run_controller(&control)
         }

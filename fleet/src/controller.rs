@@ -251,6 +251,13 @@ impl Rollout {
         out
     }
 
+    /// The plan that takes every device that applied this rollout's release back to `release`
+    /// (one wave, `rollback` set so the devices take an older release).
+    pub fn rollback_plan(&self, id: String, release: u64, policy: Policy) -> Plan {
+        let devices: Vec<String> = self.devices.iter().filter(|(_, p)| p.succeeded()).map(|(d, _)| d.clone()).collect();
+        Plan { id, release, policy, rollback: true, waves: vec![devices], per_minute: None, ..self.plan.clone() }
+    }
+
     /// Assignments made but not yet answered: a restarted controller publishes them again
     /// (the same sequence numbers, so a device that has them already just goes on).
     pub fn outstanding(&self) -> Vec<Assign> {
@@ -411,6 +418,8 @@ mod tests {
         assert!(r.step(5).is_empty());
         assert_eq!(r.phase, Phase::Completed);
         assert!(r.table().contains("applied"), "{}", r.table());
+        let back_to = r.rollback_plan("r1-back".into(), 2, Policy::Validate);
+        assert_eq!((back_to.release, back_to.rollback, back_to.waves.len(), back_to.waves[0].len()), (2, true, 1, 5), "every device that applied");
         // The state survives a restart as JSON.
         let back: Rollout = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);

@@ -465,6 +465,12 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
     assert!(rolled_back["message"].as_str().unwrap().contains("fresh samples"), "{rolled_back}");
     let serving: Vec<u64> = statuses.iter().map(|s| s["serving_version"].as_u64().unwrap()).collect();
     assert_eq!(serving, [1, 0, 1], "B and D serve release 1 as their v1, C went back to the base model");
+    let r2 = dir.path().join("r2.json").to_str().unwrap().to_string();
+    let back = dir.path().join("back.json").to_str().unwrap().to_string();
+    let (ok, out) = adaptd(&["fleet", "rollback", "--from", &r2, "--to", "1", "--state", &back, "--mqtt", &format!("127.0.0.1:{port}")]);
+    assert!(!ok && out.contains("no device applied"), "nothing to take back from a rollout that halted at its canary: {out}");
+    let (ok, out) = adaptd(&["fleet", "status", "--state", &r2]);
+    assert!(ok && out.contains("gate_refused"), "{out}");
     let saved: Value = serde_json::from_slice(&std::fs::read(dir.path().join("r2.json")).unwrap()).unwrap();
     assert_eq!(saved["devices"]["robot-b"]["reason"], "gate_refused", "{saved}");
     assert!(saved["devices"]["robot-c"]["seq"].is_null() && saved["devices"]["robot-d"]["seq"].is_null(), "no later wave was assigned: {saved}");
