@@ -200,6 +200,8 @@ struct ResumingHttp {
 
 impl ResumingHttp {
     fn new(targets: Url, partial: PathBuf, counted: Arc<AtomicU64>, progress: Arc<Progress>) -> Result<ResumingHttp, FetchError> {
+        // The process's TLS provider, if nothing chose one yet (an error means one is set).
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let client = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(10))
             .read_timeout(std::time::Duration::from_secs(30))
