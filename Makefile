@@ -43,5 +43,6 @@ bench: setup
 	$(PYTHON) benches/compare_training.py
 	$(CARGO) bench -p adaptd --bench time_to_adapt
 	benches/ingest_throughput.sh
+	benches/fleet_idle.sh
 	$(CARGO) bench -p adaptd --bench chaos
 	$(CARGO) bench -p adaptd --bench fleet

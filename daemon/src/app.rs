@@ -49,6 +49,9 @@ struct Supervised {
 #[derive(Default)]
 pub struct Supervisor {
     token: CancellationToken,
+    /// Cancelled only when the stop reaches the MQTT links: they carry the other stages' last
+    /// messages (acks, events) until then.
+    links: CancellationToken,
     tasks: Vec<Supervised>,
 }
 
@@ -60,6 +63,11 @@ impl Supervisor {
     /// Completes once stopping began: what each task's own `shutdown` waits on.
     pub fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
         self.token.clone().cancelled_owned()
+    }
+
+    /// Completes once stopping reached the last stage, [`Stage::Link`]: what the MQTT links wait on.
+    pub fn links_stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.links.clone().cancelled_owned()
     }
 
     /// Run `task` as `name` until it ends on its own or, after [`Supervisor::stop`] began, once
@@ -84,6 +92,9 @@ impl Supervisor {
         self.token.cancel();
         let until = Instant::now() + deadline;
         for stage in STAGES {
+            if stage == Stage::Link {
+                self.links.cancel();
+            }
             for task in self.tasks.iter_mut().filter(|t| t.stage == stage) {
                 let left = until.saturating_duration_since(Instant::now());
                 match tokio::time::timeout(left, &mut task.handle).await {
@@ -125,8 +136,15 @@ mod tests {
                 Ok::<(), String>(())
             });
         }
+        // The link waits for its own signal, which comes only once the others have ended.
+        let (links, link_order) = (supervisor.links_stopped(), order.clone());
+        supervisor.spawn(Stage::Link, "mqtt", async move {
+            links.await;
+            link_order.lock().unwrap().push("mqtt");
+            Ok::<(), String>(())
+        });
         supervisor.stop(Duration::from_secs(5)).await.unwrap();
-        assert_eq!(*order.lock().unwrap(), ["http", "loop:sorter", "events"]);
+        assert_eq!(*order.lock().unwrap(), ["http", "loop:sorter", "events", "mqtt"]);
 
         let mut supervisor = Supervisor::new();
         let stopped = supervisor.stopped();

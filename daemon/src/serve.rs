@@ -246,14 +246,14 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
         supervisor.spawn_infallible(Stage::Intake, "ingest", ingest.supervise(inbox, supervisor.stopped()));
     }
     if let Some(link) = link {
-        supervisor.spawn_infallible(Stage::Link, "mqtt", link.run(supervisor.stopped()));
+        supervisor.spawn_infallible(Stage::Link, "mqtt", link.run(supervisor.links_stopped()));
     }
     // The MQTT 5 link, for the inference API alone.
     if let Some(broker) = config.mqtt.clone().filter(|_| config.mqtt_api) {
         let mut link = v5::Link::new(broker, format!("adaptd-{}", config.device_id), mqtt::read_limit(api.max_request_bytes()));
         let inbox = mqtt::subscribe(&mut link, &topics);
         supervisor.spawn_infallible(Stage::Intake, "mqtt-inference", mqtt::run(api.clone(), link.client(), inbox, topics.clone(), supervisor.stopped()));
-        supervisor.spawn_infallible(Stage::Link, "mqtt5", link.run(supervisor.stopped()));
+        supervisor.spawn_infallible(Stage::Link, "mqtt5", link.run(supervisor.links_stopped()));
     }
 
     // The engine warmed up before we listened: ready now, not when the broker answers.

@@ -156,6 +156,8 @@ impl Ingest {
             });
             let started = std::time::Instant::now();
             let outcome = tokio::select! {
+                // A run that ended because the daemon stops is not a failure to restart.
+                biased;
                 _ = &mut shutdown => {
                     let _ = stop_tx.send(true);
                     let _ = (&mut task).await;
