@@ -159,26 +159,40 @@ pub async fn fetch(source: &Source, task: &str, release: u64, progress: Arc<Prog
     for (name, _, kept) in &files {
         let kept = partial_dir.join(kept);
         let plain = name.raw().strip_prefix(&format!("{task}.r{release}.")).unwrap_or(name.raw()).to_string();
-        let stream = repo.read_target(name).await.map_err(|e| FetchError::from_tuf(&e))?;
-        let Some(mut stream) = stream else {
-            return Err(FetchError::refused("no_such_release", format!("{} vanished from the signed list", name.raw())));
-        };
-        // tough checks the length and the hashes as the last bytes pass; the transport keeps the
-        // bytes in `partial/` as they arrive. Only a stream that ended without an error counts.
-        let mut file = tempfile_in(&dir).map_err(|e| io(&dir, e))?;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| {
-                // Bytes that do not hash to the signed value must not be resumed from.
-                let _ = std::fs::remove_file(&kept);
-                FetchError::from_tuf(&e)
-            })?;
-            file.write_all(&chunk).map_err(|e| io(&dir, e))?;
+        // Bytes kept from an interrupted download that do not add up (a crash can leave a torn
+        // tail) cost one download from the start, not the release.
+        let resuming = kept.exists();
+        match read_target(&repo, name, &kept, &dir, &plain).await {
+            Err(e) if resuming && e.refused => {
+                tracing::warn!(target = name.raw(), error = %e, "the bytes kept from an interrupted download do not verify; downloading it again");
+                read_target(&repo, name, &kept, &dir, &plain).await?;
+            }
+            other => other?,
         }
-        file.as_file().sync_all().map_err(|e| io(&dir, e))?;
-        file.persist(dir.join(&plain)).map_err(|e| io(&dir, e.error))?;
-        let _ = std::fs::remove_file(&kept);
     }
     Ok(Fetched { release: signed, dir, downloaded: counted.load(Ordering::Relaxed) })
+}
+
+/// One target into `dir/plain`, verified by tough as it streams; the transport keeps its bytes
+/// in `kept` as they arrive, dropped once the file is whole, or when they do not verify.
+async fn read_target(repo: &tough::Repository, name: &TargetName, kept: &Path, dir: &Path, plain: &str) -> Result<(), FetchError> {
+    let io = |e: std::io::Error| FetchError::failed(if e.raw_os_error() == Some(28) { "disk_full" } else { "disk" }, format!("{}: {e}", dir.display()));
+    let stream = repo.read_target(name).await.map_err(|e| FetchError::from_tuf(&e))?;
+    let Some(mut stream) = stream else {
+        return Err(FetchError::refused("no_such_release", format!("{} vanished from the signed list", name.raw())));
+    };
+    let mut file = tempfile_in(dir).map_err(io)?;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            let _ = std::fs::remove_file(kept);
+            FetchError::from_tuf(&e)
+        })?;
+        file.write_all(&chunk).map_err(io)?;
+    }
+    file.as_file().sync_all().map_err(io)?;
+    file.persist(dir.join(plain)).map_err(|e| io(e.error))?;
+    let _ = std::fs::remove_file(kept);
+    Ok(())
 }
 
 fn tempfile_in(dir: &Path) -> std::io::Result<tempfile::NamedTempFile> {

@@ -111,7 +111,14 @@ pub struct Nginx {
 
 impl Nginx {
     pub fn start(root: &Path) -> Nginx {
+        Nginx::start_throttled(root, None)
+    }
+
+    /// The same, sending targets at most `bytes_per_second` (a slow link, to stop a download
+    /// half way).
+    pub fn start_throttled(root: &Path, bytes_per_second: Option<u32>) -> Nginx {
         let dir = tempfile::tempdir().unwrap();
+        let throttle = bytes_per_second.map(|b| format!("location /targets/ {{ limit_rate {b}; }}")).unwrap_or_default();
         let port = crate::broker::free_port();
         let d = dir.path().display();
         // As root, the workers must be allowed to read a private temporary directory.
@@ -120,7 +127,7 @@ impl Nginx {
             "{user}\ndaemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 64; }}\nhttp {{\n  \
              log_format fleet '$status \"$request\" range=\"$http_range\" bytes=$body_bytes_sent';\n  access_log {d}/access.log fleet;\n  \
              client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n  \
-             default_type application/octet-stream;\n  server {{ listen 127.0.0.1:{port}; root {}; }}\n}}\n",
+             default_type application/octet-stream;\n  server {{ listen 127.0.0.1:{port}; root {}; {throttle} }}\n}}\n",
             root.display()
         );
         std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
@@ -212,6 +219,16 @@ async fn a_device_fetches_a_release_through_tuf_resumes_a_download_and_refuses_t
     assert_eq!(resumed.downloaded, total - (bytes.len() / 2) as u64, "only the rest came over the network");
     let log = nginx.log();
     assert!(log.lines().any(|l| l.starts_with("206") && l.contains(&format!("range=\"bytes={}-\"", bytes.len() / 2))), "a Range request: {log}");
+
+    // A torn tail in what was kept (a crash mid-write): it does not verify, so the file is
+    // downloaded once more from the start, and the release still arrives.
+    let source = device_source(dir.path(), &repo, &nginx, "device-2b");
+    std::fs::create_dir_all(source.staging.join("partial")).unwrap();
+    let mut torn = bytes[..bytes.len() / 2].to_vec();
+    torn.extend_from_slice(&[0u8; 16]);
+    std::fs::write(source.staging.join("partial").join(weights.file_name().unwrap()), &torn).unwrap();
+    let again = fetch(&source, "sorter", 1, Arc::new(Progress::default())).await.unwrap();
+    assert_eq!(std::fs::read(again.dir.join("head.safetensors")).unwrap(), bytes);
 
     let refused =
         |source: adaptd_fleet::fetch::Source, release: u64| async move { fetch(&source, "sorter", release, Arc::new(Progress::default())).await.unwrap_err() };
@@ -483,4 +500,90 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
     for (stop, _, daemon) in daemons {
         shut_down(stop, daemon).await;
     }
+}
+
+/// The newest retained rollout status of `device`, or Null.
+fn rollout_status(port: u16, device: &str) -> Value {
+    retained_status(port, device, "sorter")
+}
+
+/// A daemon killed with SIGKILL half way through a download (the repository's server is slow)
+/// resumes it after its restart with a `Range` request for the rest, and applies the release.
+#[test]
+fn a_daemon_killed_mid_download_resumes_it_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (keys, repo) = (dir.path().join("keys"), dir.path().join("repo"));
+    let (ks, rs) = (keys.to_str().unwrap(), repo.to_str().unwrap());
+    let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
+    let files = dir.path().join("adapter");
+    std::fs::create_dir_all(&files).unwrap();
+    crate::head_adapter(&bundle, "sorter", 1, 3).write_dir(&files).unwrap();
+    for args in [
+        vec!["fleet", "keygen", "--keys", ks],
+        vec!["fleet", "init", "--keys", ks, "--repo", rs],
+        vec!["fleet", "publish", "sorter", "--from", files.to_str().unwrap(), "--release", "1", "--allow-force", "--keys", ks, "--repo", rs],
+    ] {
+        let (ok, out) = adaptd(&args);
+        assert!(ok, "{args:?}: {out}");
+    }
+    let first_file = std::fs::metadata(files.join("adapter.json")).unwrap().len();
+    let nginx = Nginx::start_throttled(&repo, Some(256));
+    let broker = crate::broker::Mosquitto::start();
+    let config = dir.path().join("adaptd.toml");
+    let text = format!(
+        "bundle = {:?}\nstate_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nhost = \"127.0.0.1\"\nport = {}\ndevice_id = \"robot-k\"\ninference_api = false\n\
+         [ingest]\ntasks = [\"sorter\"]\n[fleet]\nrepository = \"{}\"\nroot_file = {:?}\n",
+        reference_bundle("digits-cnn"),
+        dir.path().join("state"),
+        broker.port,
+        nginx.url(),
+        repo.join("metadata/1.root.json")
+    );
+    std::fs::write(&config, text).unwrap();
+    let start = || {
+        Command::new(env!("CARGO_BIN_EXE_adaptd"))
+            .args(["serve", "--config", config.to_str().unwrap()])
+            .env("ADAPTD_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut daemon = start();
+    let port = broker.port;
+    let ok = Command::new("mosquitto_pub")
+        .args(["-p", &port.to_string(), "-q", "1", "-r", "-t", "adaptd/v1/robot-k/assign/sorter"])
+        .args(["-m", r#"{"seq": 1, "task": "sorter", "release": 1, "policy": "force"}"#])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    // Killed once the weights (the second file) are partly down.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = rollout_status(port, "robot-k");
+        if status["state"] == "downloading" && status["bytes"][0].as_u64().unwrap_or(0) > first_file + 64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no download in progress: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    let mut daemon = start();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let applied = loop {
+        let status = rollout_status(port, "robot-k");
+        if status["state"] == "applied" {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "not applied after the restart: {status}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert_eq!((applied["release"].as_u64(), applied["serving_release"].as_u64()), (Some(1), Some(1)), "{applied}");
+    let log = nginx.log();
+    let resumed =
+        log.lines().find(|l| l.starts_with("206") && l.contains("head.safetensors")).unwrap_or_else(|| panic!("no Range request for the rest: {log}"));
+    eprintln!("resumed: {resumed}");
 }
