@@ -307,6 +307,29 @@ enum FleetCommand {
         #[arg(long)]
         state: PathBuf,
     },
+    /// Offer an adapter of this device up to the operator (its files and figures, no sample) by
+    /// HTTP PUT into the offers directory the operator reviews.
+    Offer {
+        task: String,
+        version: u64,
+        /// Where offers go, e.g. `https://fleet.example/offers/` (a WebDAV directory or an upload URL).
+        #[arg(long)]
+        to: String,
+        /// The daemon's configuration (its state directory and device id).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// The offers in a directory, newest first: device, task, version, figures.
+    Offers {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// The releases the repository publishes now.
     List {
         /// The repository directory.
@@ -619,6 +642,51 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
         FleetCommand::Pause { state } => controller_request(&state, adaptd::fleet::controller::Request::Pause),
         FleetCommand::Resume { state } => controller_request(&state, adaptd::fleet::controller::Request::Resume),
         FleetCommand::Abort { state } => controller_request(&state, adaptd::fleet::controller::Request::Abort),
+        FleetCommand::Offer { task, version, to, config, state_dir, device } => operate(false, || {
+            let config = match &config {
+                Some(path) => adaptd::config::Config::load(path)?,
+                None => adaptd::config::Config::default(),
+            };
+            let state_dir = state_dir.unwrap_or(config.state_dir);
+            let device = device.unwrap_or(config.mqtt.device_id);
+            let adapter = adaptd_adapters::AdapterStore::open(state_dir.join("adapters"))?.load(&task, version)?;
+            let staging = tempfile_dir(&state_dir)?;
+            let manifest = adapter.write_dir(&staging)?;
+            let mut files = Vec::new();
+            for name in manifest.files.keys().map(String::as_str).chain(["adapter.json"]) {
+                files.push((name.to_string(), std::fs::read(staging.join(name))?));
+            }
+            let _ = std::fs::remove_dir_all(&staging);
+            let offer = adaptd_protocol::fleet::Offer {
+                device,
+                task,
+                version,
+                kind: manifest.kind.name().into(),
+                base_sha256: manifest.base.manifest_sha256.clone(),
+                parent_release: None,
+                metrics: manifest.metrics.clone(),
+                samples: manifest.samples.clone(),
+                offered_ms: adaptd::events::now_ms(),
+            };
+            let with_slash = if to.ends_with('/') { to.clone() } else { format!("{to}/") };
+            let base = url::Url::parse(&with_slash).map_err(|e| anyhow::anyhow!("--to {to:?}: {e}"))?;
+            let at = runtime.block_on(adaptd_fleet::offer::upload(&base, &offer, &files))?;
+            Ok((format!("{} offered at {at}\n", manifest.id()), serde_json::json!({ "offer": offer, "at": at.to_string() })))
+        }),
+        FleetCommand::Offers { dir, json } => operate(json, || {
+            let (offers, bad) = adaptd_fleet::offer::list(&dir)?;
+            let mut text = String::from("device            task        version  kind   holdout  samples (train/val/holdout)  directory\n");
+            for (o, path) in &offers {
+                let holdout = o.metrics.get("holdout_accuracy").map_or("-".into(), |a| format!("{a:.3}"));
+                let counts = format!("{}/{}/{}", o.samples.train, o.samples.validation, o.samples.holdout);
+                text += &format!("{:<17} {:<11} {:>7}  {:<5}  {holdout:>7}  {counts:<27}  {}\n", o.device, o.task, o.version, o.kind, path.display());
+            }
+            for b in &bad {
+                text += &format!("unreadable: {b}\n");
+            }
+            let list: Vec<serde_json::Value> = offers.iter().map(|(o, p)| serde_json::json!({ "offer": o, "dir": p })).collect();
+            Ok((text, serde_json::json!({ "offers": list, "unreadable": bad })))
+        }),
         FleetCommand::List { repo: dir, json } => operate(json, || {
             let releases = runtime.block_on(repo::list(&dir))?;
             let mut text = String::from("task        release  kind  parent  force  base\n");

@@ -115,6 +115,27 @@ pub struct AgentStatus {
     pub time_ms: u64,
 }
 
+/// `offer.json`: an adapter a device offers up to the operator (its files beside it; no
+/// sample ever leaves the device), for review and, if it is good, publishing as a release.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Offer {
+    pub device: String,
+    pub task: String,
+    /// The adapter's version on the device.
+    pub version: u64,
+    pub kind: String,
+    /// The base bundle's manifest sha256 it was trained on.
+    pub base_sha256: String,
+    /// The release it serves from, if the device took its parent from the fleet.
+    pub parent_release: Option<u64>,
+    /// The gate's figures on the device (holdout accuracy and the like).
+    pub metrics: std::collections::BTreeMap<String, f64>,
+    /// How many samples of each split it learned from and was judged on.
+    pub samples: crate::event::SampleCounts,
+    pub offered_ms: u64,
+}
+
 /// `{prefix}/{device}/online`, retained: `online` while connected, `offline` as the broker's
 /// last will for the device.
 pub const ONLINE: &str = "online";

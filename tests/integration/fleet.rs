@@ -117,8 +117,13 @@ impl Nginx {
     /// The same, sending targets at most `bytes_per_second` (a slow link, to stop a download
     /// half way).
     pub fn start_throttled(root: &Path, bytes_per_second: Option<u32>) -> Nginx {
+        Nginx::start_with(root, &bytes_per_second.map(|b| format!("location /targets/ {{ limit_rate {b}; }}")).unwrap_or_default())
+    }
+
+    /// The same with `locations` (nginx configuration) inside its server block.
+    pub fn start_with(root: &Path, locations: &str) -> Nginx {
         let dir = tempfile::tempdir().unwrap();
-        let throttle = bytes_per_second.map(|b| format!("location /targets/ {{ limit_rate {b}; }}")).unwrap_or_default();
+        let throttle = locations;
         let port = crate::broker::free_port();
         let d = dir.path().display();
         // As root, the workers must be allowed to read a private temporary directory.
@@ -586,4 +591,36 @@ fn a_daemon_killed_mid_download_resumes_it_after_a_restart() {
     let resumed =
         log.lines().find(|l| l.starts_with("206") && l.contains("head.safetensors")).unwrap_or_else(|| panic!("no Range request for the rest: {log}"));
     eprintln!("resumed: {resumed}");
+}
+
+/// A device offers an adapter up (files and figures by HTTP PUT into nginx's WebDAV directory);
+/// the operator lists the offers, reviews the figures, and publishes it as a release.
+#[test]
+fn a_device_offers_an_adapter_and_the_operator_publishes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (keys, repo, state, www) = (dir.path().join("keys"), dir.path().join("repo"), dir.path().join("state"), dir.path().join("www"));
+    let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
+    AdapterStore::open(state.join("adapters")).unwrap().save(&crate::head_adapter(&bundle, "sorter", 4, 11)).unwrap();
+    std::fs::create_dir_all(www.join("offers")).unwrap();
+    let nginx = Nginx::start_with(&www, "location /offers/ { dav_methods PUT; create_full_put_path on; client_max_body_size 64m; }");
+    let to = format!("{}offers/", nginx.url());
+    let (ok, out) = adaptd(&["fleet", "offer", "sorter", "4", "--to", &to, "--state-dir", state.to_str().unwrap(), "--device", "robot-a"]);
+    assert!(ok && out.contains("offered at"), "{out}");
+    let offered = www.join("offers/robot-a.sorter.v4");
+    assert!(offered.join("offer.json").exists() && offered.join("head.safetensors").exists(), "{:?}", std::fs::read_dir(&offered).map(|d| d.count()));
+    let (ok, out) = adaptd(&["fleet", "offers", "--dir", www.join("offers").to_str().unwrap(), "--json"]);
+    let listed: Value = serde_json::from_str(&out).unwrap_or_else(|_| panic!("{out}"));
+    assert!(ok, "{out}");
+    let offer = &listed["offers"][0]["offer"];
+    assert_eq!((offer["device"].as_str(), offer["task"].as_str(), offer["version"].as_u64()), (Some("robot-a"), Some("sorter"), Some(4)), "{listed}");
+    assert_eq!(offer["base_sha256"], bundle.manifest_sha256.as_str());
+    assert!(offer.get("samples").is_some() && !out.contains("\"data\""), "figures and counts, never a sample: {out}");
+    let (ks, rs) = (keys.to_str().unwrap(), repo.to_str().unwrap());
+    for args in [vec!["fleet", "keygen", "--keys", ks], vec!["fleet", "init", "--keys", ks, "--repo", rs]] {
+        let (ok, out) = adaptd(&args);
+        assert!(ok, "{out}");
+    }
+    let (ok, out) = adaptd(&["fleet", "publish", "sorter", "--from", offered.to_str().unwrap(), "--keys", ks, "--repo", rs]);
+    assert!(ok && out.contains("sorter release 1"), "the reviewed offer becomes release 1: {out}");
+    assert!(nginx.log().lines().filter(|l| l.starts_with("201") || l.starts_with("204")).count() >= 3, "{}", nginx.log());
 }
