@@ -674,7 +674,7 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
             Ok((format!("{} offered at {at}\n", manifest.id()), serde_json::json!({ "offer": offer, "at": at.to_string() })))
         }),
         FleetCommand::Offers { dir, json } => operate(json, || {
-            let (offers, bad) = adaptd_fleet::offer::list(&dir)?;
+            let adaptd_fleet::offer::Offers { found: offers, unreadable: bad } = adaptd_fleet::offer::list(&dir)?;
             let mut text = String::from("device            task        version  kind   holdout  samples (train/val/holdout)  directory\n");
             for (o, path) in &offers {
                 let holdout = o.metrics.get("holdout_accuracy").map_or("-".into(), |a| format!("{a:.3}"));

@@ -49,9 +49,17 @@ pub async fn upload(base: &url::Url, offer: &Offer, files: &[(String, Vec<u8>)])
     Ok(dir)
 }
 
-/// The whole offers in `dir` (each a directory with an `offer.json`), newest first, with the
-/// directory each lives in; unreadable ones are skipped and named.
-pub fn list(dir: &Path) -> Result<(Vec<(Offer, PathBuf)>, Vec<String>), OfferError> {
+/// What an offers directory holds.
+#[derive(Debug, Default)]
+pub struct Offers {
+    /// Each whole offer and the directory it lives in, newest first.
+    pub found: Vec<(Offer, PathBuf)>,
+    /// The `offer.json` files that could not be read, and why.
+    pub unreadable: Vec<String>,
+}
+
+/// The whole offers in `dir` (each a directory with an `offer.json`).
+pub fn list(dir: &Path) -> Result<Offers, OfferError> {
     let entries = std::fs::read_dir(dir).map_err(|e| OfferError::Read { path: dir.to_path_buf(), reason: e.to_string() })?;
     let (mut offers, mut bad) = (Vec::new(), Vec::new());
     for entry in entries.flatten() {
@@ -64,6 +72,6 @@ pub fn list(dir: &Path) -> Result<(Vec<(Offer, PathBuf)>, Vec<String>), OfferErr
             Err(e) => bad.push(format!("{}: {e}", path.display())),
         }
     }
-    offers.sort_by(|a, b| b.0.offered_ms.cmp(&a.0.offered_ms));
-    Ok((offers, bad))
+    offers.sort_by_key(|o| std::cmp::Reverse(o.0.offered_ms));
+    Ok(Offers { found: offers, unreadable: bad })
 }
