@@ -305,6 +305,7 @@ impl Default for Config {
             fleet: crate::fleet::FleetConfig {
                 repository: String::new(),
                 root_file: PathBuf::from("/etc/adaptd/fleet-root.json"),
+                ca_file: PathBuf::new(),
                 max_release_mb: 64,
                 maintenance_window: String::new(),
             },
@@ -497,6 +498,15 @@ impl Config {
                     path: path.to_path_buf(),
                     key: "fleet.root_file",
                     reason: format!("cannot read {}: {e}", self.fleet.root_file.display()),
+                });
+            }
+            if !self.fleet.ca_file.as_os_str().is_empty()
+                && let Err(e) = std::fs::File::open(&self.fleet.ca_file)
+            {
+                return Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    key: "fleet.ca_file",
+                    reason: format!("cannot read {}: {e}", self.fleet.ca_file.display()),
                 });
             }
             if self.fleet.max_release_mb == 0 {

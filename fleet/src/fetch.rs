@@ -88,6 +88,8 @@ pub struct Source {
     pub staging: PathBuf,
     /// The most one release may weigh, all files together.
     pub max_release_bytes: u64,
+    /// A PEM CA certificate to trust for the repository (a private CA), besides the system's.
+    pub ca: Option<PathBuf>,
 }
 
 /// A release fetched and verified: its files under their own names in `dir`.
@@ -118,7 +120,7 @@ pub async fn fetch(source: &Source, task: &str, release: u64, progress: Arc<Prog
     let join = |dir: &str| source.base_url.join(dir).map_err(|e| FetchError::failed("bad_url", format!("{}{dir}: {e}", source.base_url)));
     let (metadata_url, targets_url) = (join("metadata/")?, join("targets/")?);
     let counted = Arc::new(AtomicU64::new(0));
-    let transport = ResumingHttp::new(targets_url.clone(), partial_dir.clone(), counted.clone(), progress.clone())?;
+    let transport = ResumingHttp::new(targets_url.clone(), partial_dir.clone(), counted.clone(), progress.clone(), source.ca.as_deref())?;
     let repo = RepositoryLoader::new(&root, metadata_url, targets_url)
         .transport(transport)
         .datastore(&source.datastore)
@@ -213,10 +215,16 @@ struct ResumingHttp {
 }
 
 impl ResumingHttp {
-    fn new(targets: Url, partial: PathBuf, counted: Arc<AtomicU64>, progress: Arc<Progress>) -> Result<ResumingHttp, FetchError> {
+    fn new(targets: Url, partial: PathBuf, counted: Arc<AtomicU64>, progress: Arc<Progress>, ca: Option<&Path>) -> Result<ResumingHttp, FetchError> {
         // The process's TLS provider, if nothing chose one yet (an error means one is set).
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(ca) = ca {
+            let pem = std::fs::read(ca).map_err(|e| FetchError::failed("tls", format!("{}: {e}", ca.display())))?;
+            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| FetchError::failed("tls", format!("{}: not a PEM certificate: {e}", ca.display())))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let client = builder
             .connect_timeout(std::time::Duration::from_secs(10))
             .read_timeout(std::time::Duration::from_secs(30))
             .build()

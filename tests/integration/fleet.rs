@@ -105,6 +105,7 @@ fn python_tuf_reads_the_adapter_repository_adaptd_publishes_and_yanks() {
 /// status, range and body size.
 pub struct Nginx {
     pub port: u16,
+    scheme: &'static str,
     dir: tempfile::TempDir,
     child: Child,
 }
@@ -122,7 +123,20 @@ impl Nginx {
 
     /// The same with `locations` (nginx configuration) inside its server block.
     pub fn start_with(root: &Path, locations: &str) -> Nginx {
+        Nginx::start_full(root, locations, None)
+    }
+
+    /// Over HTTPS with this certificate and key (PEM).
+    pub fn start_tls(root: &Path, cert: &Path, key: &Path) -> Nginx {
+        Nginx::start_full(root, "", Some((cert, key)))
+    }
+
+    fn start_full(root: &Path, locations: &str, tls: Option<(&Path, &Path)>) -> Nginx {
         let dir = tempfile::tempdir().unwrap();
+        let (ssl, tls_conf) = match tls {
+            Some((cert, key)) => (" ssl", format!("ssl_certificate {}; ssl_certificate_key {};", cert.display(), key.display())),
+            None => ("", String::new()),
+        };
         let throttle = locations;
         let port = crate::broker::free_port();
         let d = dir.path().display();
@@ -132,7 +146,7 @@ impl Nginx {
             "{user}\ndaemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 64; }}\nhttp {{\n  \
              log_format fleet '$status \"$request\" range=\"$http_range\" bytes=$body_bytes_sent';\n  access_log {d}/access.log fleet;\n  \
              client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n  \
-             default_type application/octet-stream;\n  server {{ listen 127.0.0.1:{port}; root {}; {throttle} }}\n}}\n",
+             default_type application/octet-stream;\n  server {{ listen 127.0.0.1:{port}{ssl}; {tls_conf} root {}; {throttle} }}\n}}\n",
             root.display()
         );
         std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
@@ -148,11 +162,11 @@ impl Nginx {
             assert!(Instant::now() < deadline, "nginx did not listen: {}", std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default());
             std::thread::sleep(Duration::from_millis(50));
         }
-        Nginx { port, dir, child }
+        Nginx { port, scheme: if tls.is_some() { "https" } else { "http" }, dir, child }
     }
 
     pub fn url(&self) -> url::Url {
-        url::Url::parse(&format!("http://127.0.0.1:{}/", self.port)).unwrap()
+        url::Url::parse(&format!("{}://127.0.0.1:{}/", self.scheme, self.port)).unwrap()
     }
 
     /// The access log so far, a line per request.
@@ -191,6 +205,7 @@ fn device_source(dir: &Path, repo: &Path, nginx: &Nginx, name: &str) -> adaptd_f
         datastore: dir.join(name).join("tuf"),
         staging: dir.join(name).join("staging"),
         max_release_bytes: 1 << 20,
+        ca: None,
     }
 }
 
@@ -406,6 +421,7 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
         config.fleet = adaptd::fleet::FleetConfig {
             repository: nginx.url().to_string(),
             root_file: repo.join("metadata/1.root.json"),
+            ca_file: std::path::PathBuf::new(),
             max_release_mb: 16,
             maintenance_window: String::new(),
         };
@@ -623,4 +639,24 @@ fn a_device_offers_an_adapter_and_the_operator_publishes_it() {
     let (ok, out) = adaptd(&["fleet", "publish", "sorter", "--from", offered.to_str().unwrap(), "--keys", ks, "--repo", rs]);
     assert!(ok && out.contains("sorter release 1"), "the reviewed offer becomes release 1: {out}");
     assert!(nginx.log().lines().filter(|l| l.starts_with("201") || l.starts_with("204")).count() >= 3, "{}", nginx.log());
+}
+
+/// A repository served over HTTPS by a private CA: trusted with `[fleet] ca_file`, refused
+/// (as unreachable, not as tampering) without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_behind_a_private_ca_is_fetched_over_https_with_its_certificate() {
+    use adaptd_fleet::fetch::{Progress, fetch};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, repo) = published_repository(dir.path());
+    let pki = dir.path().join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    crate::tls::make_pki(&pki);
+    let nginx = Nginx::start_tls(&repo, &pki.join("server.pem"), &pki.join("server.key"));
+    assert_eq!(nginx.url().scheme(), "https");
+    let trusting = adaptd_fleet::fetch::Source { ca: Some(pki.join("ca.pem")), ..device_source(dir.path(), &repo, &nginx, "trusting") };
+    let fetched = fetch(&trusting, "sorter", 1, Arc::new(Progress::default())).await.unwrap();
+    assert!(fetched.dir.join("head.safetensors").exists());
+    let e = fetch(&device_source(dir.path(), &repo, &nginx, "untrusting"), "sorter", 1, Arc::new(Progress::default())).await.unwrap_err();
+    assert_eq!((e.refused, e.reason), (false, "unreachable"), "{e}");
 }

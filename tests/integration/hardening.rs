@@ -204,15 +204,8 @@ async fn a_store_failure_restarts_ingest_and_the_broker_redelivers_what_it_held(
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(locker.stdout.as_mut().unwrap()), &mut line).unwrap();
     assert_eq!(line.trim(), "locked");
-    let port = broker.port.to_string();
     let lines: Vec<String> = (0..40).map(|i| digit_sample(&format!("held:{i}"))).collect();
-    let mut p = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &port, "-q", "1", "-t", "adaptd/v1/robot-7/samples/sorter", "-l"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    p.stdin.take().unwrap().write_all((lines.join("\n") + "\n").as_bytes()).unwrap();
-    assert!(p.wait().unwrap().success(), "the broker took every sample");
+    crate::adapt::publish(broker.port, "adaptd/v1/robot-7/samples/sorter", &lines); // the broker took every sample
 
     let deadline = Instant::now() + Duration::from_secs(10);
     while stats.running.load(Ordering::Relaxed) {

@@ -17,7 +17,7 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate: PEM, X.509 v3 with the
 /// extensions rustls insists on (a v1 certificate is refused as unsupported).
-fn make_pki(dir: &Path) {
+pub(crate) fn make_pki(dir: &Path) {
     openssl(
         dir,
         &[

@@ -86,6 +86,7 @@ pub async fn run(parts: AgentParts, shutdown: impl Future<Output = ()>) {
         datastore: dir.join("tuf"),
         staging: dir.join("staging"),
         max_release_bytes: config.max_release_mb.saturating_mul(1 << 20),
+        ca: (!config.ca_file.as_os_str().is_empty()).then(|| config.ca_file.clone()),
     };
     let reporter = Reporter { link: link.clone(), topics: topics.clone(), events: events.clone(), dir: dir.clone() };
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, Option<u64>, Input)>();

@@ -19,6 +19,9 @@ pub struct FleetConfig {
     pub repository: String,
     /// The repository's root of trust, as `adaptd fleet init` wrote it.
     pub root_file: PathBuf,
+    /// A PEM CA certificate for an HTTPS repository behind a private CA (empty: the system's
+    /// CA store alone).
+    pub ca_file: PathBuf,
     /// The most one release may weigh, all files together.
     pub max_release_mb: u64,
     /// When releases may be installed, `HH:MM-HH:MM` in UTC (it may wrap past midnight);
@@ -71,7 +74,7 @@ mod tests {
     use super::*;
 
     fn config(window: &str) -> FleetConfig {
-        FleetConfig { repository: String::new(), root_file: PathBuf::new(), max_release_mb: 1, maintenance_window: window.into() }
+        FleetConfig { repository: String::new(), root_file: PathBuf::new(), ca_file: PathBuf::new(), max_release_mb: 1, maintenance_window: window.into() }
     }
 
     #[test]
