@@ -72,12 +72,11 @@ pub async fn run(parts: AgentParts, shutdown: impl Future<Output = ()>) {
             return;
         }
     };
-    let mut agents: BTreeMap<String, Agent> = control
+    let agents = control
         .keys()
         .map(|task| {
-            let memory = read_memory(&dir, task);
             let facts = DeviceFacts { base_sha256: base_sha256.clone() };
-            (task.clone(), Agent::new(task, facts, memory, serving.get(task).copied().unwrap_or(0)))
+            (task.clone(), Agent::new(task, facts, read_memory(&dir, task), serving.get(task).copied().unwrap_or(0)))
         })
         .collect();
     let source = Source {
@@ -88,137 +87,199 @@ pub async fn run(parts: AgentParts, shutdown: impl Future<Output = ()>) {
         max_release_bytes: config.max_release_mb.saturating_mul(1 << 20),
         ca: (!config.ca_file.as_os_str().is_empty()).then(|| config.ca_file.clone()),
     };
-    let reporter = Reporter { link: link.clone(), topics: topics.clone(), events: events.clone(), dir: dir.clone() };
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, Option<u64>, Input)>();
-    let mut running: BTreeMap<String, Running> = BTreeMap::new();
-    let mut fetched: BTreeMap<String, PathBuf> = BTreeMap::new();
-    let mut waiting: BTreeSet<String> = BTreeSet::new();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let mut local = events.subscribe();
+    let reporter = Reporter { link, topics: topics.clone(), events, dir };
+    let mut agent_loop = AgentLoop {
+        agents,
+        source,
+        control,
+        reporter,
+        done: done_tx,
+        running: BTreeMap::new(),
+        fetched: BTreeMap::new(),
+        waiting: BTreeSet::new(),
+        readiness: Readiness { engine, latency_budget_ms, window },
+    };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     loop {
-        let mut inputs: Vec<(String, Input)> = Vec::new();
-        tokio::select! {
+        let inputs = tokio::select! {
             _ = &mut shutdown => break,
-            message = inbox.recv() => {
-                let Some(message) = message else { break };
-                let topic = message.publish.topic.clone();
-                let Some(task) = topics.task_of(Channel::Assign, &topic).map(str::to_string) else { continue };
-                let Some(agent) = agents.get(&task) else {
-                    reporter.refused_alone(&task, None, "unknown_task", format!("this device does not adapt task {task:?}"), 0);
-                    continue;
-                };
-                if message.publish.payload.is_empty() {
-                    continue; // a retained assignment cleared by the controller
-                }
-                let parsed = match message.oversize {
-                    Some(size) => Err(format!("an assignment of {size} bytes is over the limit of {MAX_ASSIGNMENT_BYTES}")),
-                    None => serde_json::from_slice::<Assignment>(&message.publish.payload).map_err(|e| e.to_string()),
-                };
-                match parsed {
-                    Ok(a) => inputs.push((task, Input::Assigned(a))),
-                    Err(e) => reporter.refused_alone(&task, Some(agent), "malformed", format!("not an assignment: {e}"), now_ms()),
-                }
-            }
-            done = done_rx.recv() => if let Some((task, seq, input)) = done {
-                // Late news about an assignment that was replaced is dropped.
-                if agents.get(&task).is_some_and(|a| a.status(0).seq == seq) {
-                    if let Input::Fetched(_) = &input {
-                        fetched.insert(task.clone(), staged_dir(&source, &task, &input));
-                    }
-                    running.remove(&task);
-                    inputs.push((task, input));
-                }
+            message = inbox.recv() => match message {
+                Some(message) => agent_loop.assignment(&topics, &message),
+                None => break,
             },
-            event = local.recv() => if let Ok(record) = event {
-                follow_watch(&agents, &record, &mut inputs);
+            done = done_rx.recv() => match done {
+                Some(done) => agent_loop.finished(done),
+                None => break,
             },
-            _ = tick.tick() => {
-                for task in std::mem::take(&mut waiting) {
-                    let busy = control
-                        .get(&task)
-                        .and_then(|c| busy_reason(&c.status.borrow()))
-                        .or_else(|| over_latency_budget(engine.stats().recent_p99_ms(), latency_budget_ms))
-                        .or_else(|| outside_window(window, now_ms()));
-                    inputs.push((task, Input::Readiness(busy)));
-                }
-                for task in agents.keys() {
-                    inputs.push((task.clone(), Input::Tick));
-                }
-                for (task, r) in &running {
-                    if let (Some(progress), Some(agent)) = (&r.progress, agents.get(task)) {
-                        let mut status = agent.status(now_ms());
-                        if status.state == AgentState::Downloading {
-                            status.bytes = Some((progress.done.load(std::sync::atomic::Ordering::Relaxed), progress.total.load(std::sync::atomic::Ordering::Relaxed)));
-                            reporter.publish(&status);
-                        }
-                    }
-                }
+            event = local.recv() => match event {
+                Ok(record) => agent_loop.watch_event(&record),
+                Err(_) => Vec::new(),
             },
-        }
+            _ = tick.tick() => agent_loop.tick(),
+        };
         for (task, input) in inputs {
-            let Some(agent) = agents.get_mut(&task) else { continue };
-            let actions = agent.handle(input, now_ms());
-            let seq = agent.status(0).seq;
-            for action in actions {
-                match action {
-                    Action::CheckReadiness => {
-                        waiting.insert(task.clone());
-                    }
-                    Action::Fetch { release } => {
-                        let progress = Arc::new(Progress::default());
-                        let (source, done, task_name, p) = (source.clone(), done_tx.clone(), task.clone(), progress.clone());
-                        let handle = tokio::spawn(async move {
-                            let input = match fetch::fetch(&source, &task_name, release, p).await {
-                                Ok(f) => Input::Fetched(f.release),
-                                Err(e) if e.refused => Input::Refuse { reason: e.reason.into(), message: e.message },
-                                Err(e) => Input::Fail { reason: e.reason.into(), message: e.message },
-                            };
-                            let _ = done.send((task_name, seq, input));
-                        });
-                        running.insert(task.clone(), Running { seq, abort: handle.abort_handle(), progress: Some(progress) });
-                    }
-                    Action::Validate { release, policy } => {
-                        let (Some(control), Some(dir)) = (control.get(&task), fetched.get(&task).cloned()) else { continue };
-                        let (installs, done, task_name) = (control.installs.clone(), done_tx.clone(), task.clone());
-                        let handle = tokio::spawn(async move {
-                            let (reply, answer) = oneshot::channel();
-                            let input = match installs.send(Install { dir, release, policy, reply }).await {
-                                Err(_) => Input::Fail { reason: "stopped".into(), message: "the task's loop stopped".into() },
-                                Ok(()) => match answer.await {
-                                    Ok(Ok(installed)) => Input::Gated { scores: installed.scores, promoted: installed.promoted },
-                                    Ok(Err(message)) => Input::Refuse { reason: "install_refused".into(), message },
-                                    Err(_) => Input::Fail { reason: "stopped".into(), message: "the task's loop stopped".into() },
-                                },
-                            };
-                            let _ = done.send((task_name, seq, input));
-                        });
-                        running.insert(task.clone(), Running { seq, abort: handle.abort_handle(), progress: None });
-                    }
-                    Action::Cancel => {
-                        if let Some(r) = running.remove(&task) {
-                            tracing::info!(task, seq = r.seq, "fleet: the previous assignment's work is cancelled");
-                            r.abort.abort();
-                        }
-                        waiting.remove(&task);
-                    }
-                    Action::Remember(memory) => reporter.remember(&task, &memory),
-                    Action::Report(status) => reporter.report(&status),
-                }
-            }
+            agent_loop.handle(&task, input);
         }
     }
-    for r in running.values() {
+    for r in agent_loop.running.values() {
         r.abort.abort();
     }
 }
 
-/// Where a fetched release's files are (the fetch names its staging directory the same way).
-fn staged_dir(source: &Source, task: &str, input: &Input) -> PathBuf {
-    match input {
-        Input::Fetched(r) => source.staging.join(format!("{task}.r{}", r.release)),
-        _ => source.staging.clone(),
+/// Background work that finished: (task, the assignment's sequence number, what came of it).
+type Done = (String, Option<u64>, Input);
+
+/// The agents and what they have going, driven by one task.
+struct AgentLoop {
+    agents: BTreeMap<String, Agent>,
+    source: Source,
+    control: BTreeMap<String, TaskControl>,
+    reporter: Reporter,
+    done: mpsc::UnboundedSender<Done>,
+    running: BTreeMap<String, Running>,
+    /// Where each task's fetched release waits for its loop.
+    fetched: BTreeMap<String, PathBuf>,
+    /// Tasks whose agent waits to hear whether it may start.
+    waiting: BTreeSet<String>,
+    readiness: Readiness,
+}
+
+/// What makes a device wait besides a training job.
+struct Readiness {
+    engine: crate::engine::EngineHandle,
+    latency_budget_ms: f64,
+    window: Option<(u32, u32)>,
+}
+
+impl AgentLoop {
+    /// A message on an assign topic, as agent input (or refused here, before any agent).
+    fn assignment(&self, topics: &Topics, message: &crate::mqtt::Inbound) -> Vec<(String, Input)> {
+        let Some(task) = topics.task_of(Channel::Assign, &message.publish.topic).map(str::to_string) else { return Vec::new() };
+        let Some(agent) = self.agents.get(&task) else {
+            self.reporter.refused_alone(&task, None, "unknown_task", format!("this device does not adapt task {task:?}"), now_ms());
+            return Vec::new();
+        };
+        if message.publish.payload.is_empty() {
+            return Vec::new(); // a retained assignment cleared by the controller
+        }
+        let parsed = match message.oversize {
+            Some(size) => Err(format!("an assignment of {size} bytes is over the limit of {MAX_ASSIGNMENT_BYTES}")),
+            None => serde_json::from_slice::<Assignment>(&message.publish.payload).map_err(|e| e.to_string()),
+        };
+        match parsed {
+            Ok(a) => vec![(task, Input::Assigned(a))],
+            Err(e) => {
+                self.reporter.refused_alone(&task, Some(agent), "malformed", format!("not an assignment: {e}"), now_ms());
+                Vec::new()
+            }
+        }
+    }
+
+    /// Background work finished; late news about an assignment that was replaced is dropped.
+    fn finished(&mut self, (task, seq, input): Done) -> Vec<(String, Input)> {
+        if self.agents.get(&task).is_none_or(|a| a.status(0).seq != seq) {
+            return Vec::new();
+        }
+        if let Input::Fetched(r) = &input {
+            self.fetched.insert(task.clone(), self.source.staging.join(format!("{task}.r{}", r.release)));
+        }
+        self.running.remove(&task);
+        vec![(task, input)]
+    }
+
+    /// The loop's watch on a release an agent applied: held, or rolled back.
+    fn watch_event(&self, record: &adaptd_protocol::EventRecord) -> Vec<(String, Input)> {
+        let mut inputs = Vec::new();
+        follow_watch(&self.agents, record, &mut inputs);
+        inputs
+    }
+
+    /// Every second: readiness for those waiting, deadlines, download progress.
+    fn tick(&mut self) -> Vec<(String, Input)> {
+        let mut inputs = Vec::new();
+        for task in std::mem::take(&mut self.waiting) {
+            let busy = self
+                .control
+                .get(&task)
+                .and_then(|c| busy_reason(&c.status.borrow()))
+                .or_else(|| over_latency_budget(self.readiness.engine.stats().recent_p99_ms(), self.readiness.latency_budget_ms))
+                .or_else(|| outside_window(self.readiness.window, now_ms()));
+            inputs.push((task, Input::Readiness(busy)));
+        }
+        inputs.extend(self.agents.keys().map(|task| (task.clone(), Input::Tick)));
+        for (task, r) in &self.running {
+            if let (Some(progress), Some(agent)) = (&r.progress, self.agents.get(task)) {
+                let mut status = agent.status(now_ms());
+                if status.state == AgentState::Downloading {
+                    status.bytes = Some((progress.done.load(std::sync::atomic::Ordering::Relaxed), progress.total.load(std::sync::atomic::Ordering::Relaxed)));
+                    self.reporter.publish(&status);
+                }
+            }
+        }
+        inputs
+    }
+
+    /// Give `input` to the task's agent and carry out what it decides.
+    fn handle(&mut self, task: &str, input: Input) {
+        let Some(agent) = self.agents.get_mut(task) else { return };
+        let actions = agent.handle(input, now_ms());
+        let seq = agent.status(0).seq;
+        for action in actions {
+            match action {
+                Action::CheckReadiness => {
+                    self.waiting.insert(task.to_string());
+                }
+                Action::Fetch { release } => self.fetch(task, seq, release),
+                Action::Validate { release, policy } => self.validate(task, seq, release, policy),
+                Action::Cancel => {
+                    if let Some(r) = self.running.remove(task) {
+                        tracing::info!(task, seq = r.seq, "fleet: the previous assignment's work is cancelled");
+                        r.abort.abort();
+                    }
+                    self.waiting.remove(task);
+                }
+                Action::Remember(memory) => self.reporter.remember(task, &memory),
+                Action::Report(status) => self.reporter.report(&status),
+            }
+        }
+    }
+
+    fn fetch(&mut self, task: &str, seq: Option<u64>, release: u64) {
+        let progress = Arc::new(Progress::default());
+        let (source, done, task_name, p) = (self.source.clone(), self.done.clone(), task.to_string(), progress.clone());
+        let handle = tokio::spawn(async move {
+            let input = match fetch::fetch(&source, &task_name, release, p).await {
+                Ok(f) => Input::Fetched(f.release),
+                Err(e) if e.refused => Input::Refuse { reason: e.reason.into(), message: e.message },
+                Err(e) => Input::Fail { reason: e.reason.into(), message: e.message },
+            };
+            let _ = done.send((task_name, seq, input));
+        });
+        self.running.insert(task.to_string(), Running { seq, abort: handle.abort_handle(), progress: Some(progress) });
+    }
+
+    /// The task's loop judges the fetched release and promotes it as the policy says.
+    fn validate(&mut self, task: &str, seq: Option<u64>, release: u64, policy: adaptd_protocol::fleet::Policy) {
+        let (Some(control), Some(dir)) = (self.control.get(task), self.fetched.get(task).cloned()) else { return };
+        let (installs, done, task_name) = (control.installs.clone(), self.done.clone(), task.to_string());
+        let handle = tokio::spawn(async move {
+            let (reply, answer) = oneshot::channel();
+            let stopped = || Input::Fail { reason: "stopped".into(), message: "the task's loop stopped".into() };
+            let input = match installs.send(Install { dir, release, policy, reply }).await {
+                Err(_) => stopped(),
+                Ok(()) => match answer.await {
+                    Ok(Ok(installed)) => Input::Gated { scores: installed.scores, promoted: installed.promoted },
+                    Ok(Err(message)) => Input::Refuse { reason: "install_refused".into(), message },
+                    Err(_) => stopped(),
+                },
+            };
+            let _ = done.send((task_name, seq, input));
+        });
+        self.running.insert(task.to_string(), Running { seq, abort: handle.abort_handle(), progress: None });
     }
 }
 
