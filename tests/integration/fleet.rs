@@ -321,10 +321,13 @@ fn retained_status(port: u16, device: &str, task: &str) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
+/// The devices of the rollout test, in the order the statuses are read.
+const DEVICES: [&str; 5] = ["robot-b", "robot-c", "robot-d", "robot-e", "robot-f"];
+
 /// `adaptd fleet rollout` as an operator types it, run to its end; its exit code and tables.
 fn rollout(port: u16, state: &Path, release: u64) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_adaptd"))
-        .args(["fleet", "rollout", "sorter", &release.to_string(), "--devices", "robot-d,robot-b,robot-c", "--waves", "1,2"])
+        .args(["fleet", "rollout", "sorter", &release.to_string(), "--devices", "robot-d,robot-b,robot-f,robot-c,robot-e", "--waves", "1,2,2"])
         .args(["--mqtt", &format!("127.0.0.1:{port}"), "--state", state.to_str().unwrap(), "--device-timeout-s", "120"])
         .env("ADAPTD_LOG", "warn")
         .output()
@@ -351,8 +354,8 @@ fn assign_by_hand(port: u16, device: &str, body: &str) {
 }
 
 /// One device learns rotated digits; an operator publishes its adapter as release 1 of a
-/// signed repository on nginx, and an adapter that knows nothing as release 2. Three devices
-/// that see the same shift and never trained take release 1 in waves (a canary, then two):
+/// signed repository on nginx, and an adapter that knows nothing as release 2. Five devices
+/// that see the same shift and never trained take release 1 in waves (a canary, then pairs):
 /// each fetches it through TUF, its own gate judges it on its own holdout samples, and it
 /// serves it; fresh labels let the canary's watch commit it. Release 2 is refused by the
 /// canary's gate, the rollout halts, and no other device downloads it. An assignment that is
@@ -405,12 +408,12 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
     assert!(ok, "{out}");
     let nginx = Nginx::start(&repo);
 
-    // Devices B, C, D: the same shift, never train by themselves, take releases from the repository.
+    // Devices B to F: the same shift, never train by themselves, take releases from the repository.
     let broker = crate::broker::Mosquitto::start();
     let port = broker.port;
     let mut daemons = Vec::new();
     let mut states = Vec::new();
-    for device in ["robot-b", "robot-c", "robot-d"] {
+    for device in DEVICES {
         let state = tempfile::tempdir().unwrap();
         let mut config = daemon_config(port, state.path(), "sorter", 1_000_000);
         config.device_id = device.into();
@@ -438,7 +441,7 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
     let rollouts = dir.path().to_path_buf();
     let (first, second, committed, rolled_back, malformed, statuses) = tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_millis(500));
-        for device in ["robot-b", "robot-c", "robot-d"] {
+        for device in DEVICES {
             publish(port, &format!("adaptd/v1/{device}/samples/sorter"), &holdout);
         }
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -451,7 +454,7 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
         let started = Instant::now();
         let state = rollouts.join("r1.json");
         let mut killed = Command::new(env!("CARGO_BIN_EXE_adaptd"))
-            .args(["fleet", "rollout", "sorter", "1", "--devices", "robot-d,robot-b,robot-c", "--waves", "1,2"])
+            .args(["fleet", "rollout", "sorter", "1", "--devices", "robot-d,robot-b,robot-f,robot-c,robot-e", "--waves", "1,2,2"])
             .args(["--mqtt", &format!("127.0.0.1:{port}"), "--state", state.to_str().unwrap(), "--device-timeout-s", "120"])
             .env("ADAPTD_LOG", "warn")
             .stdout(Stdio::null())
@@ -465,7 +468,7 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
         killed.kill().unwrap();
         killed.wait().unwrap();
         let first = controller(port, &state);
-        eprintln!("release 1 rolled out to 3 devices in waves 1, 2 (the controller killed between them): {:.1} s", started.elapsed().as_secs_f64());
+        eprintln!("release 1 rolled out to 5 devices in waves 1, 2, 2 (the controller killed after the canary): {:.1} s", started.elapsed().as_secs_f64());
         publish(port, "adaptd/v1/robot-b/samples/sorter", &fresh);
         let committed = events_b.wait_where("rollout", |e| e["state"] == "committed", Duration::from_secs(60));
         publish(port, "adaptd/v1/robot-c/samples/sorter", &upright);
@@ -494,7 +497,8 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
     .unwrap();
     eprintln!("{}\n{}", first.1, second.1);
     assert!(first.0, "release 1 completed: {}", first.1);
-    assert!(first.1.contains("Completed") && first.1.matches("applied").count() + first.1.matches("committed").count() >= 3, "{}", first.1);
+    let last_table = first.1.rsplit("rollout sorter-r1").next().unwrap_or_default();
+    assert!(last_table.contains("Completed") && last_table.matches("applied").count() == 5, "5/5 applied: {}", first.1);
     assert_eq!((committed["release"].as_u64(), committed["serving_release"].as_u64()), (Some(1), Some(1)), "{committed}");
     assert!(!second.0, "release 2 halted: {}", second.1);
     assert!(second.1.contains("Halted") && second.1.contains("gate_refused"), "{}", second.1);
@@ -502,7 +506,7 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
     assert_eq!((rolled_back["serving_version"].as_u64(), rolled_back["release"].as_u64()), (Some(0), Some(1)), "reports what it really serves: {rolled_back}");
     assert!(rolled_back["message"].as_str().unwrap().contains("fresh samples"), "{rolled_back}");
     let serving: Vec<u64> = statuses.iter().map(|s| s["serving_version"].as_u64().unwrap()).collect();
-    assert_eq!(serving, [1, 0, 1], "B and D serve release 1 as their v1, C went back to the base model");
+    assert_eq!(serving, [1, 0, 1, 1, 1], "every device serves release 1 as its v1 but C, which went back to the base model");
     let r2 = dir.path().join("r2.json").to_str().unwrap().to_string();
     let back = dir.path().join("back.json").to_str().unwrap().to_string();
     let (ok, out) = adaptd(&["fleet", "rollback", "--from", &r2, "--to", "1", "--state", &back, "--mqtt", &format!("127.0.0.1:{port}")]);
@@ -511,13 +515,13 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
     assert!(ok && out.contains("gate_refused"), "{out}");
     let saved: Value = serde_json::from_slice(&std::fs::read(dir.path().join("r2.json")).unwrap()).unwrap();
     assert_eq!(saved["devices"]["robot-b"]["reason"], "gate_refused", "{saved}");
-    assert!(saved["devices"]["robot-c"]["seq"].is_null() && saved["devices"]["robot-d"]["seq"].is_null(), "no later wave was assigned: {saved}");
+    assert!(["robot-c", "robot-d", "robot-e", "robot-f"].iter().all(|d| saved["devices"][d]["seq"].is_null()), "no later wave was assigned: {saved}");
     let retained = tokio::task::spawn_blocking(move || retained_status(port, "robot-b", "sorter")).await.unwrap();
     assert_eq!((retained["state"].as_str(), retained["release"].as_u64()), (Some("refused"), Some(2)), "what a controller reads: {retained}");
     let log = nginx.log();
     let weights = |release: u64| log.lines().filter(|l| l.contains(&format!("sorter.r{release}.head.safetensors"))).count();
     // Release 1: once per device in the rollout, and once more by D for the `force` attempt.
-    assert_eq!((weights(1), weights(2)), (4, 1), "every device fetched release 1, only the canary release 2: {log}");
+    assert_eq!((weights(1), weights(2)), (6, 1), "every device fetched release 1, only the canary release 2: {log}");
     for (stop, _, daemon) in daemons {
         shut_down(stop, daemon).await;
     }
