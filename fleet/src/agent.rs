@@ -172,10 +172,11 @@ impl Agent {
             }
             if a.seq == last {
                 // The retained assignment again (a reconnect, a restart): resume what did not
-                // end; say again how it ended otherwise.
+                // end; say again how it ended otherwise. A release applied before a restart
+                // serves already: it is not installed a second time.
                 return match (&self.job, self.memory.last_state) {
                     (Some(job), _) if job.assignment.seq == a.seq => Vec::new(),
-                    (_, Some(state)) if state.is_final() => {
+                    (_, Some(state)) if state.is_final() || state == AgentState::Applied => {
                         let mut job = Job::new(a);
                         (job.state, job.reason) = (state, self.memory.last_reason.clone());
                         self.job = Some(job);
@@ -412,6 +413,13 @@ mod tests {
         let mut b = Agent::new("sorter", DeviceFacts { base_sha256: BASE.into() }, a.memory().clone(), 7);
         assert_eq!(reported(&b.handle(Input::Assigned(assign(1, 3, Policy::Validate)), 20)), [(Committed, Some("committed".into()))]);
         assert_eq!(reported(&b.handle(Input::Assigned(assign(0, 3, Policy::Validate)), 21)), [(Refused, Some("stale_sequence".into()))]);
+        // Restarted while applied (the watch still counting): it serves already, and is not
+        // fetched or installed again.
+        let applied = Memory { last_seq: Some(9), last_state: Some(Applied), last_reason: None, committed_release: None };
+        let mut c = Agent::new("sorter", DeviceFacts { base_sha256: BASE.into() }, applied, 7);
+        let out = c.handle(Input::Assigned(assign(9, 4, Policy::Validate)), 30);
+        assert_eq!(reported(&out), [(Applied, None)]);
+        assert!(!out.iter().any(|a| matches!(a, Action::CheckReadiness | Action::Fetch { .. })), "{out:?}");
         assert_eq!(reported(&b.handle(Input::Assigned(assign(2, 2, Policy::Validate)), 22)), [(Refused, Some("older_release".into()))]);
         assert_eq!(reported(&b.handle(Input::Assigned(assign(3, 3, Policy::Validate)), 23)), [(Committed, Some("already_committed".into()))]);
         let out = b.handle(Input::Assigned(Assignment { rollback: true, ..assign(4, 2, Policy::Validate) }), 24);
