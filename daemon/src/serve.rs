@@ -144,8 +144,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
 
     let traffic = Arc::new(crate::traffic::TrafficLog::default());
     // Training: one libtorch owner thread, one adaptation loop per task.
-    let mut control = BTreeMap::new();
-    let mut adapt_configs = BTreeMap::new();
+    let (mut control, mut adapt_configs) = (BTreeMap::new(), BTreeMap::new());
     let trainer = if config.adapt.is_empty() {
         None
     } else {
@@ -168,26 +167,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
             journal: Journal::new(&config.state_dir.join("journal")),
             traffic: traffic.clone(),
         };
-        for adapt_config in &config.adapt {
-            let (commands_tx, commands_rx) = mpsc::channel(8);
-            let (installs_tx, installs_rx) = mpsc::channel(1);
-            let (config_tx, config_rx) = watch::channel(adapt_config.clone());
-            adapt_configs.insert(adapt_config.task.clone(), config_tx);
-            let (status_tx, status_rx) = watch::channel(adapt::Status {
-                task: adapt_config.task.clone(),
-                scheduler: crate::scheduler::SchedulerState::Idle,
-                // What recovery chose serves from the start: the loop's first tick is later.
-                serving_version: registry.current(&adapt_config.task).map_or(0, |s| s.version),
-                jobs: BTreeMap::new(),
-                last_decision: None,
-                progress: None,
-                samples: 0,
-                new_samples: 0,
-            });
-            control.insert(adapt_config.task.clone(), TaskControl { commands: commands_tx, installs: installs_tx, status: status_rx });
-            let task_loop = adapt::run(context.clone(), config_rx, commands_rx, installs_rx, status_tx, supervisor.stopped());
-            supervisor.spawn(Stage::Loops, format!("loop:{}", adapt_config.task), task_loop);
-        }
+        (control, adapt_configs) = spawn_task_loops(&mut supervisor, &context, &config.adapt);
         Some(trainer)
     };
     let ingest = match link.as_mut().filter(|_| ingesting) {
@@ -259,21 +239,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
     // The engine warmed up before we listened: ready now, not when the broker answers.
     crate::systemd::notify_or_log(&format!("READY=1\nSTATUS=serving {} task(s) on http://{addr}", registry.tasks().len()));
     if let Some(every) = crate::systemd::watchdog_interval() {
-        let (engine, stop) = (engine.handle.clone(), supervisor.stopped());
-        supervisor.spawn_infallible(Stage::Intake, "watchdog", async move {
-            tokio::pin!(stop);
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tokio::select! { _ = &mut stop => return, _ = tick.tick() => {} }
-                // Fed only while the engine's owner thread answers: a wedged engine gets the
-                // service restarted by systemd instead of serving nothing forever.
-                if engine.heartbeat(every).await {
-                    crate::systemd::notify_or_log("WATCHDOG=1");
-                } else {
-                    tracing::error!("engine heartbeat missed; not feeding the systemd watchdog");
-                }
-            }
-        });
+        spawn_watchdog(&mut supervisor, engine.handle.clone(), every);
     }
     let reload = reload_on_sighup(config.reload_from.clone(), adapt_configs, events.clone(), supervisor.stopped());
     supervisor.spawn_infallible(Stage::Intake, "reload", reload);
@@ -296,6 +262,54 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
         Err(_) => anyhow::bail!("shutdown took longer than {} s; still running: trainer or engine", config.shutdown_deadline.as_secs()),
     }
 }
+
+/// Feed systemd's watchdog only while the engine's owner thread answers: a wedged engine gets
+/// the service restarted instead of serving nothing forever.
+fn spawn_watchdog(supervisor: &mut Supervisor, engine: crate::engine::EngineHandle, every: std::time::Duration) {
+    let stop = supervisor.stopped();
+    supervisor.spawn_infallible(Stage::Intake, "watchdog", async move {
+        tokio::pin!(stop);
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! { _ = &mut stop => return, _ = tick.tick() => {} }
+            if engine.heartbeat(every).await {
+                crate::systemd::notify_or_log("WATCHDOG=1");
+            } else {
+                tracing::error!("engine heartbeat missed; not feeding the systemd watchdog");
+            }
+        }
+    });
+}
+
+/// One adaptation loop per task, under the supervisor. Returns how the API and the fleet agent
+/// reach each loop, and the senders a configuration reload (SIGHUP) reaches them with.
+fn spawn_task_loops(supervisor: &mut Supervisor, context: &adapt::Context, tasks: &[AdaptConfig]) -> (BTreeMap<String, TaskControl>, Reloads) {
+    let (mut control, mut reloads) = (BTreeMap::new(), BTreeMap::new());
+    for adapt_config in tasks {
+        let (commands_tx, commands_rx) = mpsc::channel(8);
+        let (installs_tx, installs_rx) = mpsc::channel(1);
+        let (config_tx, config_rx) = watch::channel(adapt_config.clone());
+        reloads.insert(adapt_config.task.clone(), config_tx);
+        let (status_tx, status_rx) = watch::channel(adapt::Status {
+            task: adapt_config.task.clone(),
+            scheduler: crate::scheduler::SchedulerState::Idle,
+            // What recovery chose serves from the start: the loop's first tick is later.
+            serving_version: context.registry.current(&adapt_config.task).map_or(0, |s| s.version),
+            jobs: BTreeMap::new(),
+            last_decision: None,
+            progress: None,
+            samples: 0,
+            new_samples: 0,
+        });
+        control.insert(adapt_config.task.clone(), TaskControl { commands: commands_tx, installs: installs_tx, status: status_rx });
+        let task_loop = adapt::run(context.clone(), config_rx, commands_rx, installs_rx, status_tx, supervisor.stopped());
+        supervisor.spawn(Stage::Loops, format!("loop:{}", adapt_config.task), task_loop);
+    }
+    (control, reloads)
+}
+
+/// Each task loop's settings, for SIGHUP.
+type Reloads = BTreeMap<String, watch::Sender<AdaptConfig>>;
 
 /// Held for the life of the process: one daemon per state directory (two would interleave
 /// adapter versions and fight over the sample store). The lock file names the holder.
