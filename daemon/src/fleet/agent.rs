@@ -193,9 +193,19 @@ impl AgentLoop {
 
     /// The loop's watch on a release an agent applied: held, or rolled back.
     fn watch_event(&self, record: &adaptd_protocol::EventRecord) -> Vec<(String, Input)> {
-        let mut inputs = Vec::new();
-        follow_watch(&self.agents, record, &mut inputs);
-        inputs
+        let Some(agent) = self.agents.get(&record.task) else { return Vec::new() };
+        let status = agent.status(0);
+        if status.state != AgentState::Applied {
+            return Vec::new();
+        }
+        let input = match &record.event {
+            Event::WatchPassed { version, .. } if *version == status.serving_version => Input::WatchHeld,
+            Event::RolledBack { from_version, to_version, reason, .. } if *from_version == status.serving_version => {
+                Input::RolledBack { to_version: *to_version, message: reason.clone() }
+            }
+            _ => return Vec::new(),
+        };
+        vec![(record.task.clone(), input)]
     }
 
     /// Every second: readiness for those waiting, deadlines, download progress.
@@ -304,22 +314,6 @@ fn outside_window(window: Option<(u32, u32)>, now_ms: u64) -> Option<String> {
         .then(|| format!("outside the maintenance window {:02}:{:02}-{:02}:{:02} UTC", from / 60, from % 60, to / 60, to % 60))
 }
 
-/// Turn the loop's watch events about a release the agent applied into agent inputs.
-fn follow_watch(agents: &BTreeMap<String, Agent>, record: &adaptd_protocol::EventRecord, inputs: &mut Vec<(String, Input)>) {
-    let Some(agent) = agents.get(&record.task) else { return };
-    let status = agent.status(0);
-    if status.state != AgentState::Applied {
-        return;
-    }
-    match &record.event {
-        Event::WatchPassed { version, .. } if *version == status.serving_version => inputs.push((record.task.clone(), Input::WatchHeld)),
-        Event::RolledBack { from_version, to_version, reason, .. } if *from_version == status.serving_version => {
-            inputs.push((record.task.clone(), Input::RolledBack { to_version: *to_version, message: reason.clone() }))
-        }
-        _ => {}
-    }
-}
-
 /// Says what the agents do: retained status on MQTT, an event, and the memory on disk.
 struct Reporter {
     link: LinkHandle,
@@ -400,17 +394,11 @@ fn read_memory(dir: &Path, task: &str) -> Memory {
     }
 }
 
-/// Atomically: a temporary file, synced, renamed over the old one.
+/// Atomically (the memory is read at boot).
 fn write_memory(dir: &Path, task: &str, memory: &Memory) -> std::io::Result<()> {
-    use std::io::Write;
     std::fs::create_dir_all(dir)?;
-    let path = memory_path(dir, task);
-    let tmp = path.with_extension("json.tmp");
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(&serde_json::to_vec_pretty(memory).map_err(std::io::Error::other)?)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    std::fs::File::open(dir)?.sync_all()
+    let bytes = serde_json::to_vec_pretty(memory).map_err(std::io::Error::other)?;
+    adaptd_adapters::fsutil::write_atomic(&memory_path(dir, task), &bytes).map_err(std::io::Error::other)
 }
 
 #[cfg(test)]

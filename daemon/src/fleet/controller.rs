@@ -77,15 +77,11 @@ pub fn load(path: &Path) -> Result<Rollout, ControllerError> {
     serde_json::from_slice(&bytes).map_err(|e| err(format!("not a rollout's state: {e}")))
 }
 
-/// Atomically: a temporary file, synced, renamed over the old one.
+/// Atomically: a controller restarted at any moment reads the old state or the new one.
 pub fn save(path: &Path, rollout: &Rollout) -> Result<(), ControllerError> {
-    use std::io::Write;
     let err = |reason: String| ControllerError::State { path: path.to_path_buf(), reason };
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp).map_err(|e| err(e.to_string()))?;
-    file.write_all(&serde_json::to_vec_pretty(rollout).map_err(|e| err(e.to_string()))?).map_err(|e| err(e.to_string()))?;
-    file.sync_all().map_err(|e| err(e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+    let bytes = serde_json::to_vec_pretty(rollout).map_err(|e| err(e.to_string()))?;
+    adaptd_adapters::fsutil::write_atomic(path, &bytes).map_err(|e| err(e.to_string()))
 }
 
 /// Run the rollout saved in `state` until it completes, halts or is aborted (or `shutdown`).
