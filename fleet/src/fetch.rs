@@ -42,6 +42,12 @@ impl FetchError {
         FetchError { refused: false, reason, message: message.into() }
     }
 
+    /// The disk failed at `path`: full (ENOSPC), or otherwise.
+    fn disk(path: &Path, e: std::io::Error) -> FetchError {
+        const ENOSPC: i32 = 28;
+        FetchError::failed(if e.raw_os_error() == Some(ENOSPC) { "disk_full" } else { "disk" }, format!("{}: {e}", path.display()))
+    }
+
     /// A tough error, classified: what an attacker or a broken repository causes is a refusal.
     fn from_tuf(e: &TufError) -> FetchError {
         let message = e.to_string();
@@ -110,13 +116,10 @@ pub struct Progress {
 
 /// Fetch release `release` of `task` into `source.staging`, verified end to end.
 pub async fn fetch(source: &Source, task: &str, release: u64, progress: Arc<Progress>) -> Result<Fetched, FetchError> {
-    let io = |what: &Path, e: std::io::Error| {
-        FetchError::failed(if e.raw_os_error() == Some(28) { "disk_full" } else { "disk" }, format!("{}: {e}", what.display()))
-    };
-    let root = std::fs::read(&source.root).map_err(|e| io(&source.root, e))?;
+    let root = std::fs::read(&source.root).map_err(|e| FetchError::disk(&source.root, e))?;
     let partial_dir = source.staging.join("partial");
-    std::fs::create_dir_all(&partial_dir).map_err(|e| io(&partial_dir, e))?;
-    std::fs::create_dir_all(&source.datastore).map_err(|e| io(&source.datastore, e))?;
+    std::fs::create_dir_all(&partial_dir).map_err(|e| FetchError::disk(&partial_dir, e))?;
+    std::fs::create_dir_all(&source.datastore).map_err(|e| FetchError::disk(&source.datastore, e))?;
     let join = |dir: &str| source.base_url.join(dir).map_err(|e| FetchError::failed("bad_url", format!("{}{dir}: {e}", source.base_url)));
     let (metadata_url, targets_url) = (join("metadata/")?, join("targets/")?);
     let counted = Arc::new(AtomicU64::new(0));
@@ -156,7 +159,7 @@ pub async fn fetch(source: &Source, task: &str, release: u64, progress: Arc<Prog
     progress.done.store(0, Ordering::Relaxed);
 
     let dir = source.staging.join(format!("{task}.r{release}"));
-    std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+    std::fs::create_dir_all(&dir).map_err(|e| FetchError::disk(&dir, e))?;
     files.sort_by(|a, b| a.0.raw().cmp(b.0.raw()));
     for (name, _, kept) in &files {
         let kept = partial_dir.join(kept);
@@ -178,7 +181,7 @@ pub async fn fetch(source: &Source, task: &str, release: u64, progress: Arc<Prog
 /// One target into `dir/plain`, verified by tough as it streams; the transport keeps its bytes
 /// in `kept` as they arrive, dropped once the file is whole, or when they do not verify.
 async fn read_target(repo: &tough::Repository, name: &TargetName, kept: &Path, dir: &Path, plain: &str) -> Result<(), FetchError> {
-    let io = |e: std::io::Error| FetchError::failed(if e.raw_os_error() == Some(28) { "disk_full" } else { "disk" }, format!("{}: {e}", dir.display()));
+    let io = |e: std::io::Error| FetchError::disk(dir, e);
     let stream = repo.read_target(name).await.map_err(|e| FetchError::from_tuf(&e))?;
     let Some(mut stream) = stream else {
         return Err(FetchError::refused("no_such_release", format!("{} vanished from the signed list", name.raw())));

@@ -169,12 +169,9 @@ pub async fn init(keys: &Path, repo: &Path, expiry: Expiry) -> Result<PathBuf, R
     std::fs::create_dir_all(&metadata).map_err(io(&metadata))?;
     std::fs::create_dir_all(repo.join("targets")).map_err(io(repo))?;
     // The first targets, snapshot and timestamp: an empty release list.
-    let mut editor = RepositoryEditor::new(&root_file).await.map_err(tuf)?;
-    let versions = Versions { targets: 1, snapshot: 1, timestamp: 1 };
-    versions.apply(&mut editor, expiry)?;
-    let signed_repo = editor.sign(&sources(keys, &["targets", "snapshot", "timestamp"])).await.map_err(tuf)?;
-    signed_repo.write(&staging).await.map_err(tuf)?;
-    publish_staged(&staging, &metadata)?;
+    let editor = RepositoryEditor::new(&root_file).await.map_err(tuf)?;
+    let signed_repo = sign(keys, editor, Versions { targets: 1, snapshot: 1, timestamp: 1 }, expiry).await?;
+    write_metadata(&signed_repo, &staging, &metadata).await?;
     Ok(metadata.join("1.root.json"))
 }
 
@@ -247,16 +244,13 @@ pub async fn publish(keys: &Path, repo: &Path, release: &Release, files: &[PathB
         placed.push((file.clone(), format!("{}.{name}", hex::encode(&target.hashes.sha256))));
         names.push(name);
     }
-    versions.apply(&mut editor, expiry)?;
-    let signed = editor.sign(&sources(keys, &["targets", "snapshot", "timestamp"])).await.map_err(tuf)?;
+    let signed = sign(keys, editor, versions, expiry).await?;
     // The files first: metadata that names a target must never be served before the target.
     let targets_dir = repo.join("targets");
     for (from, to) in placed {
         atomic_copy(&from, &targets_dir.join(to))?;
     }
-    let staging = staging_dir(repo)?;
-    signed.write(&staging).await.map_err(tuf)?;
-    publish_staged(&staging, &repo.join("metadata"))?;
+    write_metadata(&signed, &staging_dir(repo)?, &repo.join("metadata")).await?;
     Ok(names)
 }
 
@@ -280,11 +274,8 @@ pub async fn yank(keys: &Path, repo: &Path, task: &str, release: u64, expiry: Ex
     for name in &names {
         editor.remove_target(name).map_err(tuf)?;
     }
-    versions.apply(&mut editor, expiry)?;
-    let signed = editor.sign(&sources(keys, &["targets", "snapshot", "timestamp"])).await.map_err(tuf)?;
-    let staging = staging_dir(repo)?;
-    signed.write(&staging).await.map_err(tuf)?;
-    publish_staged(&staging, &repo.join("metadata"))?;
+    let signed = sign(keys, editor, versions, expiry).await?;
+    write_metadata(&signed, &staging_dir(repo)?, &repo.join("metadata")).await?;
     Ok(names.len())
 }
 
@@ -293,12 +284,22 @@ pub async fn yank(keys: &Path, repo: &Path, task: &str, release: u64, expiry: Ex
 pub async fn refresh(keys: &Path, repo: &Path, expiry: Expiry) -> Result<(), RepoError> {
     let (loaded, root_path) = load(repo).await?;
     let versions = Versions::after(&loaded);
-    let mut editor = RepositoryEditor::from_repo(&root_path, loaded).await.map_err(tuf)?;
+    let editor = RepositoryEditor::from_repo(&root_path, loaded).await.map_err(tuf)?;
+    let signed = sign(keys, editor, versions, expiry).await?;
+    write_metadata(&signed, &staging_dir(repo)?, &repo.join("metadata")).await
+}
+
+/// Sign targets, snapshot and timestamp at `versions` with fresh expiry dates (the three online
+/// keys; root stays offline).
+async fn sign(keys: &Path, mut editor: RepositoryEditor, versions: Versions, expiry: Expiry) -> Result<tough::editor::signed::SignedRepository, RepoError> {
     versions.apply(&mut editor, expiry)?;
-    let signed = editor.sign(&sources(keys, &["targets", "snapshot", "timestamp"])).await.map_err(tuf)?;
-    let staging = staging_dir(repo)?;
-    signed.write(&staging).await.map_err(tuf)?;
-    publish_staged(&staging, &repo.join("metadata"))
+    editor.sign(&sources(keys, &["targets", "snapshot", "timestamp"])).await.map_err(tuf)
+}
+
+/// Write signed metadata into `staging`, then move it into `metadata` (see [`publish_staged`]).
+async fn write_metadata(signed: &tough::editor::signed::SignedRepository, staging: &Path, metadata: &Path) -> Result<(), RepoError> {
+    signed.write(staging).await.map_err(tuf)?;
+    publish_staged(staging, metadata)
 }
 
 /// What the repository publishes now, as releases (one per task and release number).
