@@ -247,8 +247,8 @@ enum FleetCommand {
         #[arg(long, value_delimiter = ',', default_value = "1,100000")]
         waves: Vec<usize>,
         /// validate (the device's own gate), force (where the release allows it) or shadow.
-        #[arg(long, default_value = "validate")]
-        policy: String,
+        #[arg(long, default_value = "validate", value_parser = parse_policy)]
+        policy: adaptd_protocol::fleet::Policy,
         /// A wave is done when this share of its devices succeeded.
         #[arg(long, default_value_t = 100.0)]
         success_percent: f64,
@@ -276,8 +276,9 @@ enum FleetCommand {
         /// The release to go back to.
         #[arg(long)]
         to: u64,
-        #[arg(long, default_value = "validate")]
-        policy: String,
+        /// validate (the device's own gate), force (where the release allows it) or shadow.
+        #[arg(long, default_value = "validate", value_parser = parse_policy)]
+        policy: adaptd_protocol::fleet::Policy,
         #[command(flatten)]
         control: ControllerArgs,
     },
@@ -605,8 +606,6 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
             ))
         }),
         FleetCommand::Rollout { task, release, devices, waves, policy, success_percent, max_failures, device_timeout_s, per_minute, rollback, control } => {
-            let policy: adaptd_protocol::fleet::Policy = serde_json::from_value(serde_json::Value::String(policy.clone()))
-                .map_err(|_| anyhow::anyhow!("--policy {policy:?}: validate, force or shadow"))?;
             anyhow::ensure!((0.0..=100.0).contains(&success_percent), "--success-percent must be in [0, 100]");
             anyhow::ensure!(!control.state.exists(), "{} exists: a rollout is saved there (`fleet controller` goes on with it)", control.state.display());
             let plan = adaptd_fleet::controller::Plan {
@@ -625,8 +624,6 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
             run_controller(&control)
         }
         FleetCommand::Rollback { from, to, policy, control } => {
-            let policy: adaptd_protocol::fleet::Policy = serde_json::from_value(serde_json::Value::String(policy.clone()))
-                .map_err(|_| anyhow::anyhow!("--policy {policy:?}: validate, force or shadow"))?;
             anyhow::ensure!(!control.state.exists(), "{} exists: a rollout is saved there", control.state.display());
             let undone = adaptd::fleet::controller::load(&from)?;
             let plan = undone.rollback_plan(format!("{}-back-to-r{to}", undone.plan.id), to, policy);
@@ -737,9 +734,14 @@ fn run_controller(control: &ControllerArgs) -> anyhow::Result<ExitCode> {
     Ok(if rollout.phase == adaptd_fleet::controller::Phase::Completed { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-/// A fresh directory beside the repository for an adapter's files on their way in.
-fn tempfile_dir(repo: &std::path::Path) -> anyhow::Result<PathBuf> {
-    let dir = repo.join(format!(".incoming-{}", std::process::id()));
+/// `--policy`: the fleet's policy by its name in the protocol.
+fn parse_policy(text: &str) -> Result<adaptd_protocol::fleet::Policy, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_string())).map_err(|_| format!("{text:?}: validate, force or shadow"))
+}
+
+/// A fresh directory inside `parent` for an adapter's files on their way somewhere else.
+fn tempfile_dir(parent: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let dir = parent.join(format!(".incoming-{}", std::process::id()));
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
     }
