@@ -5,19 +5,9 @@
 # Goals: under 1 % CPU and 20 MB for the agent.
 # Usage: benches/fleet_idle.sh [SECONDS] [RUNS]
 set -euo pipefail
-cd "$(dirname "$0")/.."
 seconds=${1:-30}
 runs=${2:-3}
-deploy/setup.sh >/dev/null
-cargo build -q --release -p adaptd
-bin=$(pwd)/target/release/adaptd
-py=.venv/bin/python
-work=$(mktemp -d)
-trap 'pkill -P $$ 2>/dev/null || true; kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-port=$($py -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$port" > "$work/mosquitto.conf"
-mosquitto=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-"$mosquitto" -c "$work/mosquitto.conf" >/dev/null 2>&1 &
+. "$(dirname "$0")/broker.sh"
 "$bin" fleet keygen --keys "$work/keys" >/dev/null
 "$bin" fleet init --keys "$work/keys" --repo "$work/repo" >/dev/null
 bundle=build/bundles/digits-cnn

@@ -5,20 +5,9 @@
 # turn in the same run. Prints samples/s per run, the medians and their ratio.
 # Usage: benches/ingest_throughput.sh [SAMPLES] [RUNS]
 set -euo pipefail
-cd "$(dirname "$0")/.."
 samples=${1:-10000}
 runs=${2:-3}
-deploy/setup.sh >/dev/null
-cargo build -q --release -p adaptd
-bin=target/release/adaptd
-py=.venv/bin/python
-work=$(mktemp -d)
-trap 'pkill -P $$ 2>/dev/null || true; kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-port=$($py -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nmax_inflight_messages 1000\n' "$port" > "$work/mosquitto.conf"
-mosquitto=$(command -v mosquitto || echo /usr/sbin/mosquitto)
-"$mosquitto" -c "$work/mosquitto.conf" >/dev/null 2>&1 &
-sleep 0.5
+. "$(dirname "$0")/broker.sh" 'max_queued_messages 0\nmax_inflight_messages 1000\n'
 # Small tensors: one 8x8 digit per sample, as the digits-cnn bundle takes.
 $py - "$samples" > "$work/lines.txt" <<'PY'
 import json, sys
