@@ -1,8 +1,8 @@
 //! Property tests over every decoder of outside input: sample payloads (JSON and safetensors),
 //! inference requests (JSON, safetensors, PNG, JPEG), images, adapter directories, bundle
-//! manifests and files, and the configuration. Arbitrary bytes and mutations of valid inputs
-//! never panic, never make one allocation past a bound, and always end in a typed refusal or a
-//! value that passed every check.
+//! manifests and files, the configuration, and the fleet's messages and saved rollouts.
+//! Arbitrary bytes and mutations of valid inputs never panic, never make one allocation past a
+//! bound, and always end in a typed refusal or a value that passed every check.
 //!
 //! `make test` runs 256 cases per property; `make fuzz` runs many more (`PROPTEST_CASES`).
 
@@ -331,4 +331,64 @@ fn configuration_text_is_refused_with_key_or_line() {
         })
         .unwrap();
     assert!(refused.get() > 0);
+}
+
+/// The fleet's messages and files: an assignment, a device's rollout status, an offer, and a
+/// saved rollout. Damaged, each is refused with a reason (a saved rollout names its file), with
+/// bounded memory; what decodes is a whole value.
+#[test]
+fn fleet_messages_and_state_refuse_damage_with_a_reason_and_bounded_memory() {
+    use adaptd_protocol::fleet::{AgentStatus, Offer};
+    let assignment =
+        br#"{"seq": 4, "task": "sorter", "release": 3, "policy": "validate", "rollback": false, "deadline_ms": 1795950000000, "rollout": "r3"}"#.to_vec();
+    let status = br#"{"task": "sorter", "state": "applied", "seq": 4, "release": 3, "rollout": "r3", "reason": null, "message": null, "serving_version": 7, "serving_release": 3, "bytes": [10, 20], "scores": {"candidate_accuracy": 0.77, "incumbent_accuracy": 0.08, "holdout_samples": 13, "passed": true, "summary": "promoted"}, "time_ms": 1}"#.to_vec();
+    let offer = br#"{"device": "robot-3", "task": "sorter", "version": 7, "kind": "head", "base_sha256": "ab", "parent_release": null, "metrics": {"holdout_accuracy": 0.9}, "samples": {"train": 80, "validation": 10, "holdout": 10}, "offered_ms": 1}"#.to_vec();
+    assert!(adaptd::fleet::agent::decode_assignment(&assignment, None).is_ok());
+    assert!(adaptd::fleet::agent::decode_assignment(&assignment, Some(1 << 20)).unwrap_err().contains("over the limit"));
+    let refused = std::cell::Cell::new(0);
+    runner()
+        .run(&damaged(vec![assignment, status, offer]), |bytes| {
+            let (results, largest) = largest_allocation(|| {
+                (
+                    adaptd::fleet::agent::decode_assignment(&bytes, None),
+                    serde_json::from_slice::<AgentStatus>(&bytes).map_err(|e| e.to_string()),
+                    serde_json::from_slice::<Offer>(&bytes).map_err(|e| e.to_string()),
+                )
+            });
+            prop_assert!(largest <= ALLOCATION_BOUND);
+            for reason in [results.0.err(), results.1.err(), results.2.err()].into_iter().flatten() {
+                prop_assert!(!reason.is_empty());
+                refused.set(refused.get() + 1);
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert!(refused.get() > 0);
+
+    // A saved rollout, damaged on disk: the controller names the file and does not start.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rollout.json");
+    let plan = adaptd_fleet::controller::Plan {
+        id: "r".into(),
+        task: "sorter".into(),
+        release: 1,
+        policy: adaptd_protocol::fleet::Policy::Validate,
+        rollback: false,
+        waves: vec![vec!["robot-1".into()]],
+        success_percent: 100.0,
+        failures: adaptd_fleet::controller::FailureThreshold { count: Some(1), percent: None, min_executed: 1 },
+        device_timeout_ms: 60_000,
+        per_minute: None,
+    };
+    adaptd::fleet::controller::save(&path, &adaptd_fleet::controller::Rollout::new(plan, Default::default())).unwrap();
+    let saved = std::fs::read(&path).unwrap();
+    runner()
+        .run(&damaged(vec![saved]), |bytes| {
+            std::fs::write(&path, &bytes).unwrap();
+            if let Err(e) = adaptd::fleet::controller::load(&path) {
+                prop_assert!(e.to_string().contains("rollout.json"), "names the file: {}", e);
+            }
+            Ok(())
+        })
+        .unwrap();
 }

@@ -130,6 +130,15 @@ pub async fn run(parts: AgentParts, shutdown: impl Future<Output = ()>) {
     }
 }
 
+/// An assignment as it arrives (`oversize`: its size when it was over the limit and its bytes
+/// were dropped), or why it is not one.
+pub fn decode_assignment(payload: &[u8], oversize: Option<usize>) -> Result<Assignment, String> {
+    match oversize {
+        Some(size) => Err(format!("an assignment of {size} bytes is over the limit of {MAX_ASSIGNMENT_BYTES}")),
+        None => serde_json::from_slice::<Assignment>(payload).map_err(|e| e.to_string()),
+    }
+}
+
 /// Background work that finished: (task, the assignment's sequence number, what came of it).
 type Done = (String, Option<u64>, Input);
 
@@ -166,11 +175,7 @@ impl AgentLoop {
         if message.publish.payload.is_empty() {
             return Vec::new(); // a retained assignment cleared by the controller
         }
-        let parsed = match message.oversize {
-            Some(size) => Err(format!("an assignment of {size} bytes is over the limit of {MAX_ASSIGNMENT_BYTES}")),
-            None => serde_json::from_slice::<Assignment>(&message.publish.payload).map_err(|e| e.to_string()),
-        };
-        match parsed {
+        match decode_assignment(&message.publish.payload, message.oversize) {
             Ok(a) => vec![(task, Input::Assigned(a))],
             Err(e) => {
                 self.reporter.refused_alone(&task, Some(agent), "malformed", format!("not an assignment: {e}"), now_ms());
@@ -404,6 +409,17 @@ fn write_memory(dir: &Path, task: &str, memory: &Memory) -> std::io::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_memory_round_trips_and_an_unreadable_one_starts_the_agent_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_memory(dir.path(), "sorter"), Memory::default(), "none yet");
+        let memory = Memory { last_seq: Some(4), last_state: Some(AgentState::Committed), last_reason: Some("committed".into()), committed_release: Some(2) };
+        write_memory(dir.path(), "sorter", &memory).unwrap();
+        assert_eq!(read_memory(dir.path(), "sorter"), memory);
+        std::fs::write(memory_path(dir.path(), "sorter"), b"{\"last_seq\": 4, \"colour\": 1}").unwrap();
+        assert_eq!(read_memory(dir.path(), "sorter"), Memory::default(), "refused by name in the log, not trusted");
+    }
 
     #[test]
     fn a_release_waits_while_serving_is_over_budget_or_outside_the_window() {
