@@ -9,7 +9,7 @@
    BERT's own dropout off as in adaptd's graph. Each side is its own process, run in turn, N
    times; medians and ratios are printed (the machine is shared and noisy).
 2. Learning quality: the digits CNN on sideways (rotated) digits it never saw, LoRA r=8 on
-   conv2/fc1 plus the classifier, 100 upright digits replayed; the same split, hyper-parameters and
+   the bundle's slots (conv1, conv2, fc1) plus the classifier, 100 upright digits replayed; the same split, hyper-parameters and
    seed on both sides. Accuracy of the frozen base, of each side's adapter, and of an offline full
    fine-tune (PyTorch), on a sideways test set and on upright digits (forgetting).
 3. Learning quality on text: all-MiniLM-L6-v2 on few-shot intent classification (Home Assistant's
@@ -238,7 +238,7 @@ def main() -> None:
             results = [(run_adaptd("quality", data, [*base, "--seed", str(s)]), run_peft("quality", data, [*base, "--seed", str(s)])) for s in seeds]
             def stat(values):
                 return f"{100 * statistics.mean(values):5.1f}% ± {100 * statistics.stdev(values):3.1f}"
-            print(f"Learning quality, digits-cnn on sideways digits ({sizes}), LoRA r=8 conv2/fc1 + head, 30 epochs, "
+            print(f"Learning quality, digits-cnn on sideways digits ({sizes}), LoRA r=8 conv1/conv2/fc1 + head, 30 epochs, "
                   f"best by validation loss; mean ± stdev over {len(seeds)} seeds:")
             print(f"  {'':<28} {'sideways test':>15} {'upright (forgetting)':>21}")
             rows = [("frozen base", [a["base"] for a, _ in results]), ("adaptd LoRA", [a["lora"] for a, _ in results]),

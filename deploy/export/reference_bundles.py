@@ -105,7 +105,7 @@ def build_digits(root: Path) -> None:
     os.replace(tmp, data_dir / "digits.safetensors")
 
     export_bundle(
-        model, {"image": torch.zeros(2, 1, 8, 8)}, ["conv2", "fc1"], root / "bundles" / "digits-cnn",
+        model, {"image": torch.zeros(2, 1, 8, 8)}, ["conv1", "conv2", "fc1"], root / "bundles" / "digits-cnn",
         name="digits-cnn", version="1.0.0", rank_max=16, output_names=["embedding", "logits"],
         dynamic_axes={"image": {0: "batch"}, "embedding": {0: "batch"}, "logits": {0: "batch"}},
         embedding_output="embedding", logits_output="logits", labels=[str(d) for d in range(10)],

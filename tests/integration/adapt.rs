@@ -113,7 +113,7 @@ pub(crate) fn daemon_config(port: u16, state: &std::path::Path, task: &str, min_
     config.schedule.max_cpu_percent = 100.0;
     config.schedule.min_available_mb = 0;
     config.training.max_epochs = 30;
-    // LoRA on conv2/fc1 learns the new domain while replay keeps the old one; a head alone on
+    // LoRA on the bundle's slots learns the new domain while replay keeps the old one; a head alone on
     // the frozen embedding cannot serve both orientations (the gate refuses it on retention).
     config.training.adapter = adaptd::config::AdapterChoice::Lora;
     config.training.replay_fraction = 0.5;

@@ -13,9 +13,10 @@ fn reference_bundles_open_and_describe_their_slots() {
     assert_eq!((m.name.as_str(), m.embedding_dim), ("digits-cnn", 64));
     assert_eq!(m.labels.as_ref().map(Vec::len), Some(10));
     let kinds: Vec<(&str, SlotKind)> = m.lora.slots.iter().map(|s| (s.module.as_str(), s.kind)).collect();
-    assert_eq!(kinds, [("conv2", SlotKind::Conv2d), ("fc1", SlotKind::Linear)]);
-    assert_eq!(m.lora.slots[1].a_shape, [16, 512]);
-    assert_eq!(m.lora.slots[1].b_shape, [64, 16]);
+    assert_eq!(kinds, [("conv1", SlotKind::Conv2d), ("conv2", SlotKind::Conv2d), ("fc1", SlotKind::Linear)]);
+    assert_eq!(m.lora.slots[0].a_shape, [16, 1, 3, 3]);
+    assert_eq!(m.lora.slots[2].a_shape, [16, 512]);
+    assert_eq!(m.lora.slots[2].b_shape, [64, 16]);
     assert_eq!(digits.manifest_sha256.len(), 64);
 
     let minilm = Bundle::open(reference_bundle("minilm")).expect("minilm opens");
@@ -79,7 +80,7 @@ fn a_garbled_manifest_is_refused_with_its_path_and_reason() {
 
     // A slot whose shapes contradict its layer.
     let mut value: serde_json::Value = serde_json::from_str(&original).unwrap();
-    value["lora"]["slots"][1]["a_shape"] = serde_json::json!([16, 511]);
+    value["lora"]["slots"][2]["a_shape"] = serde_json::json!([16, 511]);
     fs::write(&manifest, serde_json::to_string_pretty(&value).unwrap()).unwrap();
     let msg = Bundle::open(copy.path()).unwrap_err().to_string();
     assert!(msg.contains("LoRA slot \"fc1\"") && msg.contains("511"), "{msg}");
