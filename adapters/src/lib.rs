@@ -1,6 +1,7 @@
 //! adaptd's adapters: the model-bundle contract, adapter tensors (LoRA, head) as plain host data,
 //! their files and store, and training through a bundle's libtorch graph.
 
+pub mod aggregate;
 pub mod bundle;
 pub mod files;
 pub mod fsutil;
