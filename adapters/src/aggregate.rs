@@ -101,7 +101,12 @@ pub fn normalise(weights: &[f64]) -> Result<Vec<f64>, AggregateError> {
 /// Combine `parts` (LoRA weights and their weights, used as given) by `rule`. `rank` is the
 /// rank `svd` truncates to (PEFT's `svd_rank`); `cat` and `linear` ignore it. With `max_residual`,
 /// an `svd` fit above it is refused.
-pub fn combine_lora(parts: &[(&LoraWeights, f64)], rule: Rule, rank: usize, max_residual: Option<f64>) -> Result<(LoraWeights, Vec<ModuleFit>), AggregateError> {
+pub fn combine_lora(
+    parts: &[(&LoraWeights, f64)],
+    rule: Rule,
+    rank: usize,
+    max_residual: Option<f64>,
+) -> Result<(LoraWeights, Vec<ModuleFit>), AggregateError> {
     let (first, _) = parts.first().ok_or(AggregateError::Empty)?;
     let modules: Vec<&str> = first.modules.iter().map(|m| m.module.as_str()).collect();
     for (i, (lora, _)) in parts.iter().enumerate() {
@@ -124,10 +129,8 @@ pub fn combine_lora(parts: &[(&LoraWeights, f64)], rule: Rule, rank: usize, max_
     let mut combined = Vec::with_capacity(modules.len());
     let mut fits = Vec::with_capacity(modules.len());
     for (index, name) in modules.iter().enumerate() {
-        let factors: Vec<(Factors, f64)> = parts
-            .iter()
-            .map(|(lora, w)| Factors::of(&lora.modules[index], lora.rank).map(|f| (f, w * f64::from(lora.scale()))))
-            .collect::<Result<_, _>>()?;
+        let factors: Vec<(Factors, f64)> =
+            parts.iter().map(|(lora, w)| Factors::of(&lora.modules[index], lora.rank).map(|f| (f, w * f64::from(lora.scale())))).collect::<Result<_, _>>()?;
         let (out, cols) = (factors[0].0.out, factors[0].0.cols);
         if factors.iter().any(|(f, _)| (f.out, f.cols) != (out, cols)) {
             return Err(AggregateError::Mismatch(format!("module {name:?} has different shapes across adapters")));
@@ -184,6 +187,15 @@ pub fn combine_lora(parts: &[(&LoraWeights, f64)], rule: Rule, rank: usize, max_
         });
     }
     Ok((LoraWeights { rank: out_rank, alpha: out_rank as f32, modules: combined }, fits))
+}
+
+/// The update `(α/r) B A` a LoRA makes to `module`'s weight, row-major `[out, in·kh·kw]`.
+pub fn update(lora: &LoraWeights, module: &str) -> Result<Vec<f64>, AggregateError> {
+    let m = lora.modules.iter().find(|m| m.module == module).ok_or_else(|| AggregateError::Mismatch(format!("no LoRA on module {module:?}")))?;
+    let f = Factors::of(m, lora.rank)?;
+    let mut delta = vec![0.0; f.out * f.cols];
+    f.add_delta(&mut delta, f64::from(lora.scale()));
+    Ok(delta)
 }
 
 /// A module's factors flattened: A `[r, cols]`, B `[out, r]` (a conv's kernel dims in `cols`).
@@ -270,8 +282,7 @@ pub fn svd(m: &[f64], rows: usize, cols: usize) -> Vec<(f64, Vec<f64>, Vec<f64>)
     // Rotate the columns of X (n columns of length len) until they are orthogonal: X V = U Σ.
     let transpose = cols > rows;
     let (n, len) = if transpose { (rows, cols) } else { (cols, rows) };
-    let mut x: Vec<Vec<f64>> =
-        (0..n).map(|j| (0..len).map(|i| if transpose { m[j * cols + i] } else { m[i * cols + j] }).collect()).collect();
+    let mut x: Vec<Vec<f64>> = (0..n).map(|j| (0..len).map(|i| if transpose { m[j * cols + i] } else { m[i * cols + j] }).collect()).collect();
     let mut v: Vec<Vec<f64>> = (0..n).map(|j| (0..n).map(|i| f64::from(u8::from(i == j))).collect()).collect();
     for _sweep in 0..80 {
         let mut rotated = false;
@@ -378,7 +389,10 @@ pub fn combine_heads(parent: (&Head, &[String]), parts: &[HeadPart<'_>]) -> Resu
     }
     let n = labels.len();
     let head = Head {
-        layers: vec![Dense { weight: HostTensor { shape: vec![n, dim], data: HostData::F32(weight) }, bias: HostTensor { shape: vec![n], data: HostData::F32(bias) } }],
+        layers: vec![Dense {
+            weight: HostTensor { shape: vec![n, dim], data: HostData::F32(weight) },
+            bias: HostTensor { shape: vec![n], data: HostData::F32(bias) },
+        }],
     };
     Ok((head, labels))
 }
@@ -500,11 +514,9 @@ mod tests {
         let parent_labels = names(&["a", "b", "c"]);
         // Device 1 saw a (3 samples) and b (1); device 2 saw a (1) and a new label d (4); nobody saw c.
         let (h1, l1, c1) = (head(&[[4.0, 0.0], [3.0, 1.0], [9.0, 9.0]], &[1.0, 0.0, 0.0]), names(&["a", "b", "c"]), counts(&[("a", 3), ("b", 1)]));
-        let (h2, l2, c2) = (head(&[[0.0, 8.0], [7.0, 7.0], [2.0, 2.0], [6.0, 6.0]], &[5.0, 7.0, 0.0, 2.0]), names(&["a", "b", "c", "d"]), counts(&[("a", 1), ("d", 4)]));
-        let parts = [
-            HeadPart { head: &h1, labels: &l1, samples_per_label: &c1 },
-            HeadPart { head: &h2, labels: &l2, samples_per_label: &c2 },
-        ];
+        let (h2, l2, c2) =
+            (head(&[[0.0, 8.0], [7.0, 7.0], [2.0, 2.0], [6.0, 6.0]], &[5.0, 7.0, 0.0, 2.0]), names(&["a", "b", "c", "d"]), counts(&[("a", 1), ("d", 4)]));
+        let parts = [HeadPart { head: &h1, labels: &l1, samples_per_label: &c1 }, HeadPart { head: &h2, labels: &l2, samples_per_label: &c2 }];
         let (combined, labels) = combine_heads((&parent, &parent_labels), &parts).unwrap();
         assert_eq!(labels, names(&["a", "b", "c", "d"]));
         let w = combined.layers[0].weight.as_f32().unwrap();

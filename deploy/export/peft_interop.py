@@ -4,6 +4,12 @@
     python peft_interop.py make  DIR OUT.json   train-free: make a PEFT LoRA (random A and B), save it to
                                                 DIR with save_pretrained; write its embeddings
 
+    python peft_interop.py combine OUT.safetensors WEIGHTS SVD_RANK DIR...
+                                                on the digits-cnn bundle's module: load the LoRA adapters
+                                                in DIR... and combine them with add_weighted_adapter
+                                                (weights comma-separated), by "cat" and by "svd" at
+                                                SVD_RANK; write each result's factors ("cat.conv1.A", ...)
+
 OUT.json holds the token ids and attention mask used, so the other side runs the same inputs.
 """
 
@@ -43,7 +49,36 @@ def write(out: str, ids, mask, emb) -> None:
     }))
 
 
+def combine(out: str, weights: str, svd_rank: str, dirs: list[str]) -> None:
+    """PEFT's add_weighted_adapter over adapters adaptd wrote, on the digits CNN."""
+    from peft import PeftModel
+    from reference_bundles import DigitsCnn
+    from safetensors.torch import save_file
+
+    scripted = torch.jit.load(str(Path(__file__).resolve().parents[2] / "build" / "bundles" / "digits-cnn" / "train.pt"))
+    cnn = DigitsCnn()
+    cnn.load_state_dict({k.removeprefix("module.").replace(".base.", "."): v for k, v in scripted.state_dict().items()})
+    names = [f"d{i}" for i in range(len(dirs))]
+    model = PeftModel.from_pretrained(cnn, dirs[0], adapter_name=names[0])
+    for name, d in zip(names[1:], dirs[1:]):
+        model.load_adapter(d, adapter_name=name)
+    w = [float(x) for x in weights.split(",")]
+    model.add_weighted_adapter(names, w, "cat", combination_type="cat")
+    model.add_weighted_adapter(names, w, "svd", combination_type="svd", svd_rank=int(svd_rank))
+    tensors = {}
+    for rule in ("cat", "svd"):
+        config = model.peft_config[rule]
+        assert config.lora_alpha == config.r, "PEFT writes alpha = rank for combined adapters"
+        for module, layer in model.base_model.model.named_modules():
+            if hasattr(layer, "lora_A") and rule in layer.lora_A:
+                tensors[f"{rule}.{module}.A"] = layer.lora_A[rule].weight.detach().contiguous()
+                tensors[f"{rule}.{module}.B"] = layer.lora_B[rule].weight.detach().contiguous()
+    save_file(tensors, out)
+
+
 def main(argv: list[str]) -> None:
+    if len(argv) >= 6 and argv[1] == "combine":
+        return combine(argv[2], argv[3], argv[4], argv[5:])
     if len(argv) != 4 or argv[1] not in ("embed", "make"):
         raise SystemExit(__doc__)
     from peft import LoraConfig, PeftModel, get_peft_model

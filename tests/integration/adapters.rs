@@ -6,8 +6,9 @@ use std::process::Command;
 
 use adaptd::engine::onnx::{OnnxModel, SessionOptions};
 use adaptd_adapters::Bundle;
-use adaptd_adapters::files::{Adapter, AdapterFileError, PEFT_WEIGHTS, read_peft};
-use adaptd_adapters::lora::LoraWeights;
+use adaptd_adapters::aggregate::{Rule, combine_lora, normalise, update};
+use adaptd_adapters::files::{Adapter, AdapterFileError, LoraInfo, PEFT_WEIGHTS, read_peft};
+use adaptd_adapters::lora::{LoraModule, LoraWeights};
 use adaptd_adapters::tensor::{HostTensor, max_abs_diff};
 
 use crate::{head_adapter, lora_adapter, reference_bundle};
@@ -136,4 +137,86 @@ fn peft_configs_adaptd_cannot_serve_are_refused_by_name() {
     let digits = Bundle::open(reference_bundle("digits-cnn")).unwrap();
     let err = read_peft(dir.path(), &digits.manifest.lora).unwrap_err();
     assert!(err.to_string().contains("not a LoRA slot"), "{err}");
+}
+
+/// The combined adapter PEFT's `add_weighted_adapter` made by `rule`, as LoRA weights (PEFT gives
+/// a combined adapter alpha = rank).
+fn peft_combined(tensors: &safetensors::SafeTensors, rule: &str, template: &LoraWeights) -> LoraWeights {
+    let read = |key: &str| {
+        let view = tensors.tensor(key).unwrap_or_else(|_| panic!("PEFT wrote no {key}"));
+        HostTensor::f32(view.shape().to_vec(), adaptd_adapters::tensor::f32s_from_le(view.data())).unwrap()
+    };
+    let modules: Vec<LoraModule> = template
+        .modules
+        .iter()
+        .map(|m| LoraModule { module: m.module.clone(), a: read(&format!("{rule}.{}.A", m.module)), b: read(&format!("{rule}.{}.B", m.module)) })
+        .collect();
+    let rank = modules[0].a.shape[0];
+    LoraWeights { rank, alpha: rank as f32, modules }
+}
+
+#[test]
+fn fleet_aggregation_equals_peft_add_weighted_adapter_cat_and_svd() {
+    let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    // Three devices' adapters at different ranks and alphas, on conv1 (3x3), conv2 (3x3) and fc1.
+    let adapters: Vec<LoraWeights> = [(4, 8.0, 11), (2, 2.0, 12), (3, 6.0, 13)]
+        .into_iter()
+        .map(|(rank, alpha, seed)| LoraWeights::random(&bundle.manifest.lora, rank, alpha, seed, 0.2).unwrap())
+        .collect();
+    let weights = normalise(&[500.0, 300.0, 200.0]).unwrap();
+    let mut dirs = Vec::new();
+    for (i, lora) in adapters.iter().enumerate() {
+        let mut adapter = lora_adapter(&bundle, "sorter", i as u64 + 1, 20 + i as u64);
+        adapter.manifest.lora = Some(LoraInfo { rank: lora.rank, alpha: lora.alpha, target_modules: lora.modules.iter().map(|m| m.module.clone()).collect() });
+        adapter.lora = Some(lora.clone());
+        let dir = tmp.path().join(format!("device{i}"));
+        std::fs::create_dir(&dir).unwrap();
+        adapter.write_dir(&dir).unwrap();
+        dirs.push(dir.to_str().unwrap().to_string());
+    }
+    let svd_rank = 5;
+    let out = tmp.path().join("peft.safetensors");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/export/peft_interop.py");
+    let weight_list = weights.iter().map(|w| w.to_string()).collect::<Vec<_>>().join(",");
+    let status = Command::new(python())
+        .arg(script)
+        .args(["combine", out.to_str().unwrap(), &weight_list, &svd_rank.to_string()])
+        .args(&dirs)
+        .status()
+        .expect("run python");
+    assert!(status.success(), "peft_interop.py combine failed");
+    let bytes = std::fs::read(&out).unwrap();
+    let theirs = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+
+    let parts: Vec<(&LoraWeights, f64)> = adapters.iter().zip(weights.iter().copied()).collect();
+    let (cat, fits) = combine_lora(&parts, Rule::Cat, 0, None).unwrap();
+    assert!(fits.iter().all(|f| f.residual == 0.0));
+    let peft_cat = peft_combined(&theirs, "cat", &cat);
+    assert_eq!((peft_cat.rank, cat.rank), (9, 9), "cat stacks the ranks");
+    for (ours, peft) in cat.modules.iter().zip(&peft_cat.modules) {
+        for (a, b, which) in [(&ours.a, &peft.a, "A"), (&ours.b, &peft.b, "B")] {
+            let diff = max_abs_diff(a, b).unwrap();
+            assert!(diff <= 1e-6, "cat {} {which}: PEFT and adaptd differ by {diff}", ours.module);
+        }
+    }
+
+    let (svd, fits) = combine_lora(&parts, Rule::Svd, svd_rank, None).unwrap();
+    let peft_svd = peft_combined(&theirs, "svd", &svd);
+    assert_eq!(peft_svd.rank, svd_rank);
+    for fit in &fits {
+        // Factors are unique only up to signs: compare the updates they make.
+        let (ours, peft) = (update(&svd, &fit.module).unwrap(), update(&peft_svd, &fit.module).unwrap());
+        let diff = ours.iter().zip(&peft).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(diff <= 1e-4, "svd {}: PEFT and adaptd updates differ by {diff}", fit.module);
+        // And the truncation left what the residual says: conv1's update (16x9) has rank 9 > 5.
+        let truth: Vec<f64> = parts.iter().fold(vec![0.0; ours.len()], |mut acc, (l, w)| {
+            acc.iter_mut().zip(update(l, &fit.module).unwrap()).for_each(|(s, d)| *s += w * d);
+            acc
+        });
+        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let residual = norm(&truth.iter().zip(&ours).map(|(t, o)| t - o).collect::<Vec<_>>()) / norm(&truth);
+        assert!((residual - fit.residual).abs() < 1e-4, "{}: residual {residual} vs reported {}", fit.module, fit.residual);
+        assert!(fit.residual > 0.01, "{}: a rank-9 sum cut to rank 5 loses something", fit.module);
+    }
 }
