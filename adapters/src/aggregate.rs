@@ -444,9 +444,9 @@ mod tests {
         let parts = [(&x, 0.7), (&y, 0.3)];
         let (combined, fits) = combine_lora(&parts, Rule::Cat, 0, None).unwrap();
         assert_eq!((combined.rank, combined.alpha), (6, 6.0));
-        for index in 0..2 {
+        for (index, fit) in fits.iter().enumerate() {
             assert!(max_diff(&delta_of(&combined, index), &weighted_sum(&parts, index)) < 1e-5);
-            assert_eq!(fits[index].residual, 0.0);
+            assert_eq!(fit.residual, 0.0);
         }
     }
 

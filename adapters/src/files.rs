@@ -135,9 +135,36 @@ pub struct AdapterManifest {
     /// and the adapter alone would forget it).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub base_routing: bool,
+    /// How a fleet aggregate was made from devices' offers (none for an adapter one device trained).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate: Option<Aggregation>,
     /// Filled in when written; checked when read.
     #[serde(default)]
     pub files: BTreeMap<String, FileEntry>,
+}
+
+/// The provenance of a fleet aggregate: which offers, at which weights, by which rule, how well.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Aggregation {
+    /// `cat` or `svd` (LoRA), `heads` (head adapters).
+    pub rule: String,
+    /// The release the devices trained from (none: the base model).
+    pub parent_release: Option<u64>,
+    pub offers: Vec<AggregatedOffer>,
+    /// The largest relative residual over the LoRA modules (0 for `cat`).
+    pub residual: f64,
+    pub modules: Vec<crate::aggregate::ModuleFit>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregatedOffer {
+    pub device: String,
+    pub version: u64,
+    /// Its share of the LoRA update (from its training samples, capped).
+    pub weight: f64,
+    pub train_samples: u64,
 }
 
 impl AdapterManifest {

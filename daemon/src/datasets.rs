@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use adaptd_adapters::tensor::{HostTensor, f32s_from_le, i64s_from_le};
+use adaptd_adapters::tensor::{HostTensor, SeededRng, f32s_from_le, i64s_from_le};
 use safetensors::{Dtype, SafeTensors};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +38,14 @@ pub enum Shift {
     Rotate90,
     /// Dark digits on a light background: another sensor's contrast.
     Invert,
+    /// Upside down: a camera mounted on the ceiling.
+    Rotate180,
+    /// Left and right swapped: a camera seeing the scene in a mirror.
+    Mirror,
+    /// Gaussian sensor noise (σ 0.3), the same for an image every time it is drawn.
+    Noise,
+    /// Half the pixels dead (0), the same ones for an image every time it is drawn.
+    Dropout,
 }
 
 impl Digits {
@@ -90,6 +98,16 @@ impl Digits {
         match shift {
             Shift::None => src.to_vec(),
             Shift::Invert => src.iter().map(|v| 1.0 - v).collect(),
+            Shift::Rotate180 => src.iter().rev().copied().collect(),
+            Shift::Mirror => src.chunks(DIGIT_SIDE).flat_map(|row| row.iter().rev().copied()).collect(),
+            Shift::Noise => {
+                let mut rng = SeededRng::new(0x6e6f_6973_6500 ^ index as u64);
+                src.iter().zip(rng.normal_vec(DIGIT_PIXELS, 0.3)).map(|(v, n)| (v + n).clamp(0.0, 1.0)).collect()
+            }
+            Shift::Dropout => {
+                let mut rng = SeededRng::new(0x6472_6f70_0000 ^ index as u64);
+                src.iter().map(|&v| if rng.uniform() < 0.5 { 0.0 } else { v }).collect()
+            }
             Shift::Rotate90 => {
                 let mut out = vec![0.0; DIGIT_PIXELS];
                 for r in 0..DIGIT_SIDE {

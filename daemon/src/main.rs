@@ -223,6 +223,43 @@ enum FleetCommand {
         #[command(flatten)]
         repo: RepoArgs,
     },
+    /// Fleet learning: combine devices' offers of a task (trained from the same parent on the same
+    /// base, same kind and modules) into one adapter and publish it as a release. LoRA updates
+    /// are summed weighted by training samples (exact `cat` when the ranks fit the bundle, else
+    /// `svd` to its rank_max); heads over the union of labels. Roll it out in `shadow` first.
+    Aggregate {
+        task: String,
+        /// The offers directory devices upload into.
+        #[arg(long)]
+        offers_dir: PathBuf,
+        /// Offers by name (`<device>.<task>.v<version>`), comma-separated [default: the newest
+        /// offer of each device for the task that was trained from `--parent`].
+        #[arg(long, value_delimiter = ',')]
+        offers: Vec<String>,
+        /// The model bundle the devices serve.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// The release the devices trained from [default: the base model].
+        #[arg(long)]
+        parent: Option<u64>,
+        /// cat, svd or linear [default: cat when the stacked ranks fit, else svd].
+        #[arg(long, value_parser = parse_rule)]
+        rule: Option<adaptd_adapters::aggregate::Rule>,
+        /// Refuse an svd fit that leaves more than this share of the update (relative Frobenius norm).
+        #[arg(long, default_value_t = 0.5)]
+        max_residual: f64,
+        /// A device's weight counts at most this many training samples.
+        #[arg(long)]
+        cap: Option<u64>,
+        /// The release number [default: one past the task's newest].
+        #[arg(long)]
+        release: Option<u64>,
+        /// Also keep the aggregate's files in this (new) directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
     /// Withdraw a release: devices refuse it from their next update on.
     Yank {
         task: String,
@@ -545,7 +582,7 @@ fn operate(json: bool, f: impl FnOnce() -> anyhow::Result<(String, serde_json::V
 }
 
 fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
-    use adaptd_fleet::repo::{self, Expiry, Release};
+    use adaptd_fleet::repo::{self, Expiry};
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let expiry = Expiry::default();
     match command {
@@ -571,28 +608,73 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
                 (None, None) => anyhow::bail!("name the adapter: a VERSION in the state directory, or --from DIR"),
             };
             anyhow::ensure!(adapter.manifest.task == task, "the adapter is for task {:?}, not {task:?}", adapter.manifest.task);
-            let published = runtime.block_on(repo::list(&r.repo))?;
-            let release = release.unwrap_or_else(|| published.iter().filter(|p| p.task == task).map(|p| p.release).max().unwrap_or(0) + 1);
-            // The adapter's files exactly as `adapters export` writes them (hashes in adapter.json).
-            let staging = tempfile_dir(&r.repo)?;
-            let manifest = adapter.write_dir(&staging)?;
-            let mut files: Vec<PathBuf> = std::fs::read_dir(&staging)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
-            files.sort();
-            let info = Release {
-                task: task.clone(),
-                release,
-                kind: manifest.kind.name().into(),
-                base_sha256: manifest.base.manifest_sha256.clone(),
-                parent,
-                allow_force,
+            let release = match release {
+                Some(r) => r,
+                None => next_release(&runtime, &r.repo, &task)?,
             };
-            let names = runtime.block_on(repo::publish(&r.keys, &r.repo, &info, &files, expiry));
-            let _ = std::fs::remove_dir_all(&staging);
-            let names = names?;
+            let (info, names) = publish_release(&runtime, &adapter, release, parent, allow_force, &r, expiry)?;
             Ok((
-                format!("{} published as {task} release {release}: {}\n", manifest.id(), names.join(", ")),
+                format!("{} published as {task} release {release}: {}\n", adapter.manifest.id(), names.join(", ")),
                 serde_json::json!({ "release": info, "targets": names }),
             ))
+        }),
+        FleetCommand::Aggregate { task, offers_dir, offers: wanted, bundle, parent, rule, max_residual, cap, release, out, repo: r } => operate(r.json, || {
+            use adaptd::fleet::aggregate::{Options, Parent, aggregate};
+            let bundle = adaptd_adapters::Bundle::open(&bundle)?;
+            let release = match release {
+                Some(r) => r,
+                None => next_release(&runtime, &r.repo, &task)?,
+            };
+            let parent_of = match parent {
+                None => Parent::base(&bundle)?,
+                Some(p) => {
+                    let dir = tempfile_dir(&r.repo)?;
+                    let read = runtime
+                        .block_on(repo::read_release(&r.repo, &task, p, &dir))
+                        .map_err(anyhow::Error::from)
+                        .and_then(|_| Ok(adaptd_adapters::Adapter::read_dir(&dir)?));
+                    let _ = std::fs::remove_dir_all(&dir);
+                    Parent::release(p, &read?)
+                }
+            };
+            let found = adaptd_fleet::offer::list(&offers_dir)?.found;
+            let chosen: Vec<_> = if wanted.is_empty() {
+                // The newest offer of each device (the list is newest first).
+                let mut seen = std::collections::BTreeSet::new();
+                found.into_iter().filter(|(o, _)| o.task == task && o.parent_release == parent && seen.insert(o.device.clone())).collect()
+            } else {
+                let mut chosen = Vec::new();
+                for name in &wanted {
+                    let hit = found.iter().find(|(o, _)| &adaptd_fleet::offer::offer_name(o) == name);
+                    chosen.push(hit.cloned().ok_or_else(|| anyhow::anyhow!("no whole offer named {name:?} in {}", offers_dir.display()))?);
+                }
+                chosen
+            };
+            let mut offers = Vec::with_capacity(chosen.len());
+            for (offer, dir) in chosen {
+                let adapter =
+                    adaptd_adapters::Adapter::read_dir(&dir).map_err(|e| anyhow::anyhow!("offer {}: {e}", adaptd_fleet::offer::offer_name(&offer)))?;
+                offers.push((offer, adapter));
+            }
+            let combined = aggregate(&task, release, &bundle, &parent_of, &offers, Options { rule, max_residual, cap })?;
+            if let Some(out) = &out {
+                std::fs::create_dir_all(out)?;
+                combined.write_dir(out)?;
+            }
+            let (info, names) = publish_release(&runtime, &combined, release, parent, false, &r, expiry)?;
+            let Some(provenance) = &combined.manifest.aggregate else { anyhow::bail!("the aggregate lost its provenance") };
+            let mut text = format!(
+                "{} offers combined by {} (largest residual {:.4}) into {task} release {release}: {}\n",
+                provenance.offers.len(),
+                provenance.rule,
+                provenance.residual,
+                names.join(", ")
+            );
+            for o in &provenance.offers {
+                text += &format!("  {:<17} v{:<4} weight {:.3}  ({} training samples)\n", o.device, o.version, o.weight, o.train_samples);
+            }
+            text += "roll it out with --policy shadow first: every device scores it on its own data\n";
+            Ok((text, serde_json::json!({ "release": info, "targets": names, "aggregate": provenance })))
         }),
         FleetCommand::Yank { task, release, repo: r } => operate(r.json, || {
             let n = runtime.block_on(repo::yank(&r.keys, &r.repo, &task, release, expiry))?;
@@ -735,6 +817,44 @@ fn run_controller(control: &ControllerArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `--policy`: the fleet's policy by its name in the protocol.
+fn parse_rule(text: &str) -> Result<adaptd_adapters::aggregate::Rule, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_string())).map_err(|_| format!("{text:?}: cat, svd or linear"))
+}
+
+/// One past the newest release of `task` in the repository.
+fn next_release(runtime: &tokio::runtime::Runtime, repo: &std::path::Path, task: &str) -> anyhow::Result<u64> {
+    let published = runtime.block_on(adaptd_fleet::repo::list(repo))?;
+    Ok(published.iter().filter(|p| p.task == task).map(|p| p.release).max().unwrap_or(0) + 1)
+}
+
+/// Sign `adapter` into the repository as `release`: its files exactly as `adapters export`
+/// writes them (hashes in adapter.json).
+fn publish_release(
+    runtime: &tokio::runtime::Runtime,
+    adapter: &adaptd_adapters::Adapter,
+    release: u64,
+    parent: Option<u64>,
+    allow_force: bool,
+    r: &RepoArgs,
+    expiry: adaptd_fleet::repo::Expiry,
+) -> anyhow::Result<(adaptd_fleet::repo::Release, Vec<String>)> {
+    let staging = tempfile_dir(&r.repo)?;
+    let manifest = adapter.write_dir(&staging)?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&staging)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    files.sort();
+    let info = adaptd_fleet::repo::Release {
+        task: manifest.task.clone(),
+        release,
+        kind: manifest.kind.name().into(),
+        base_sha256: manifest.base.manifest_sha256.clone(),
+        parent,
+        allow_force,
+    };
+    let names = runtime.block_on(adaptd_fleet::repo::publish(&r.keys, &r.repo, &info, &files, expiry));
+    let _ = std::fs::remove_dir_all(&staging);
+    Ok((info, names?))
+}
+
 fn parse_policy(text: &str) -> Result<adaptd_protocol::fleet::Policy, String> {
     serde_json::from_value(serde_json::Value::String(text.to_string())).map_err(|_| format!("{text:?}: validate, force or shadow"))
 }

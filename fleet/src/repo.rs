@@ -308,6 +308,40 @@ pub async fn list(repo: &Path) -> Result<Vec<Release>, RepoError> {
     Ok(releases(&loaded))
 }
 
+/// Read release `release` of `task` from the repository on this disk into `dir` (which must
+/// exist), each file under its plain name and verified against the signed metadata as it is read.
+/// The operator's side of fleet learning reads the parent release this way.
+pub async fn read_release(repo: &Path, task: &str, release: u64, dir: &Path) -> Result<Vec<PathBuf>, RepoError> {
+    use futures::StreamExt;
+    use std::io::Write;
+    let (loaded, _) = load(repo).await?;
+    let prefix = format!("{task}.r{release}.");
+    let names: Vec<TargetName> = loaded
+        .targets()
+        .signed
+        .targets
+        .iter()
+        .filter(|(_, t)| release_of(t).is_some_and(|r| r.task == task && r.release == release))
+        .map(|(n, _)| n.clone())
+        .collect();
+    if names.is_empty() {
+        return Err(RepoError::NoRelease { task: task.into(), release });
+    }
+    let mut written = Vec::with_capacity(names.len());
+    for name in &names {
+        let Some(mut stream) = loaded.read_target(name).await.map_err(tuf)? else {
+            return Err(RepoError::NoRelease { task: task.into(), release });
+        };
+        let path = dir.join(name.raw().strip_prefix(&prefix).unwrap_or(name.raw()));
+        let mut file = std::fs::File::create(&path).map_err(io(&path))?;
+        while let Some(chunk) = stream.next().await {
+            file.write_all(&chunk.map_err(tuf)?).map_err(io(&path))?;
+        }
+        written.push(path);
+    }
+    Ok(written)
+}
+
 fn release_of(target: &Target) -> Option<Release> {
     target.custom.get("adaptd").and_then(|v| serde_json::from_value(v.clone()).ok())
 }

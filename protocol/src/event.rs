@@ -25,6 +25,10 @@ pub struct SampleCounts {
     pub train: u64,
     pub validation: u64,
     pub holdout: u64,
+    /// Training samples per label (the device's own, replay not counted): fleet learning weighs
+    /// each device's change to a label's row by them.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub train_by_label: std::collections::BTreeMap<String, u64>,
 }
 
 /// One epoch of a training run.

@@ -29,7 +29,7 @@ fn job() -> JobRecord {
             parity_max_diff: 1e-6,
         },
         notes: vec!["chosen by validation".into()],
-        samples: SampleCounts { train: 900, validation: 100, holdout: 100 },
+        samples: SampleCounts { train: 900, validation: 100, holdout: 100, ..Default::default() },
         training: TrainingSummary { best_epoch: 3, stopped_early: true, steps: 400, batch_size: 16, seconds: 2.5, epochs: Vec::new(), losses: Vec::new() },
     }
 }

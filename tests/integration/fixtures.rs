@@ -33,6 +33,7 @@ pub fn head_adapter(bundle: &Bundle, task: &str, version: u64, seed: u64) -> Ada
         decision: None,
         promoted_unix_ms: None,
         base_routing: false,
+        aggregate: None,
         files: Default::default(),
     };
     Adapter { manifest, head, lora: None }

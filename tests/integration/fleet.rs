@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::reference_bundle;
 
-fn adaptd(args: &[&str]) -> (bool, String) {
+pub(crate) fn adaptd(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_adaptd")).args(args).env("ADAPTD_LOG", "warn").output().unwrap();
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }

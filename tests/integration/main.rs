@@ -12,6 +12,7 @@ mod config;
 mod demo;
 mod engine;
 mod fleet;
+mod fleet_learning;
 mod hardening;
 mod ingest;
 mod package;

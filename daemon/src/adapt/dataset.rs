@@ -224,7 +224,11 @@ pub(super) fn prepare(
         }
     }
     let holdout = store.counts(task)?.iter().filter(|((split, _), _)| *split == Split::Holdout).map(|(_, n)| n).sum();
-    let counts = SampleCounts { train: train.len() as u64, validation: validation.len() as u64, holdout };
+    let mut train_by_label = std::collections::BTreeMap::new();
+    for sample in &train {
+        *train_by_label.entry(sample.sample.label.clone()).or_insert(0u64) += 1;
+    }
+    let counts = SampleCounts { train: train.len() as u64, validation: validation.len() as u64, holdout, train_by_label };
     if !replay_rows.is_empty() {
         notes.push(format!("{} retained base-domain samples replayed", replay_rows.len()));
     }

@@ -614,6 +614,7 @@ impl TaskLoop {
                 decision: None,
                 promoted_unix_ms: None,
                 base_routing: false,
+                aggregate: None,
                 files: BTreeMap::new(),
             },
             head: report.head.clone(),

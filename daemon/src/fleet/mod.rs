@@ -3,6 +3,7 @@
 //! operator's machine. Their decisions are pure state machines in `adaptd_fleet`.
 
 pub mod agent;
+pub mod aggregate;
 pub mod controller;
 
 use std::path::PathBuf;

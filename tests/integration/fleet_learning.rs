@@ -1,0 +1,205 @@
+//! Fleet learning end to end: five daemons on one Mosquitto, each with its own shift of the digits
+//! and its own class mix (one never sees two labels), train on the shipped defaults (LoRA), offer
+//! their adapters into nginx's WebDAV directory, and the operator aggregates the offers into a
+//! signed release. The aggregate is scored offline on every device's held-out digits.
+
+use std::time::{Duration, Instant};
+
+use adaptd::datasets::{Digits, Shift};
+use adaptd::engine::onnx::{OnnxModel, SessionOptions};
+use adaptd_adapters::lora::no_adapter_inputs;
+use adaptd_adapters::{Adapter, AdapterStore, Bundle};
+use serde_json::Value;
+
+use crate::adapt::{digit_lines, publish, shut_down};
+use crate::fleet::{Nginx, adaptd};
+use crate::reference_bundle;
+
+/// Each device's camera, and the labels it keeps only every other sample of (or never sees).
+const DEVICES: [(&str, Shift, &[i64], &[i64]); 5] = [
+    ("robot-a", Shift::Rotate90, &[], &[]),
+    ("robot-b", Shift::Rotate180, &[5, 6, 7, 8, 9], &[]),
+    ("robot-c", Shift::Mirror, &[], &[]),
+    ("robot-d", Shift::Noise, &[0, 1, 2, 3, 4], &[]),
+    ("robot-e", Shift::Dropout, &[], &[3, 8]),
+];
+const TRAIN: usize = 360;
+
+/// Accuracy of `adapter` (None: the base model) on `indices` under `shift`, through the serving graph.
+fn accuracy(onnx: &mut OnnxModel, bundle: &Bundle, adapter: Option<&Adapter>, digits: &Digits, indices: &[usize], shift: Shift) -> f64 {
+    let slots = match adapter.and_then(|a| a.lora.as_ref()) {
+        Some(lora) => lora.graph_inputs(&bundle.manifest.lora).unwrap(),
+        None => no_adapter_inputs(&bundle.manifest.lora),
+    };
+    let outputs = onnx.run(&[digits.batch(indices, shift)], &slots).unwrap();
+    let rows = indices.len();
+    let base_labels = bundle.manifest.labels.clone().unwrap();
+    let (logits, labels) = match adapter {
+        Some(a) => (a.head.forward(outputs[0].as_f32().unwrap(), rows), a.manifest.labels.clone()),
+        None => (outputs[1].as_f32().unwrap().to_vec(), base_labels),
+    };
+    let classes = labels.len();
+    let correct = indices
+        .iter()
+        .enumerate()
+        .filter(|(row, i)| {
+            let scores = &logits[row * classes..(row + 1) * classes];
+            let best = (0..classes).max_by(|&a, &b| scores[a].total_cmp(&scores[b])).unwrap();
+            labels[best] == digits.labels[**i].to_string()
+        })
+        .count();
+    correct as f64 / rows as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_devices_with_their_own_shifts_train_offer_and_the_aggregate_beats_their_mean() {
+    let digits = Digits::load(&crate::digits_data()).unwrap();
+    let pool = digits.held_out();
+    let (train_pool, test) = pool.split_at(TRAIN);
+    let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
+    let broker = crate::broker::Mosquitto::start();
+    let port = broker.port;
+
+    // The shipped configuration, but for where things are, a LoRA adapter, and one job once a
+    // device's samples have settled.
+    let mut daemons = Vec::new();
+    let mut states = Vec::new();
+    for (device, ..) in DEVICES {
+        let state = tempfile::tempdir().unwrap();
+        let mut config = adaptd::config::Config { bundle: reference_bundle("digits-cnn"), state_dir: state.path().to_path_buf(), ..Default::default() };
+        config.http.listen = "127.0.0.1:0".parse().unwrap();
+        (config.mqtt.host, config.mqtt.port, config.mqtt.device_id) = ("127.0.0.1".into(), port, device.into());
+        config.ingest.tasks = vec!["sorter".into()];
+        (config.schedule.min_new_samples, config.schedule.settle_s, config.schedule.tick_ms) = (0, 2, 100);
+        (config.schedule.max_cpu_percent, config.schedule.min_available_mb) = (100.0, 0);
+        config.training.adapter = adaptd::config::AdapterChoice::Lora;
+        daemons.push(crate::serve_in_process(adaptd::serve::ServeConfig::from_config(&config)).await);
+        states.push(state);
+    }
+    let trained: Vec<Vec<usize>> = DEVICES
+        .iter()
+        .map(|(_, _, halved, missing)| {
+            train_pool
+                .iter()
+                .copied()
+                .enumerate()
+                .filter(|(n, i)| {
+                    let label = digits.labels[*i];
+                    !missing.contains(&label) && (!halved.contains(&label) || n % 2 == 0)
+                })
+                .map(|(_, i)| i)
+                .collect()
+        })
+        .collect();
+    let clients: Vec<adaptd::client::Client> = daemons.iter().map(|(_, addr, _)| adaptd::client::Client::new(*addr)).collect();
+    let lines: Vec<(String, Vec<String>)> = DEVICES
+        .iter()
+        .zip(&trained)
+        .map(|((device, shift, ..), indices)| {
+            (format!("adaptd/v1/{device}/samples/sorter"), digit_lines(&digits, indices.iter().copied(), device, "sorter", *shift))
+        })
+        .collect();
+    let versions: Vec<u64> = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        for (topic, lines) in &lines {
+            publish(port, topic, lines);
+        }
+        let started = Instant::now();
+        loop {
+            let statuses: Vec<Value> = clients.iter().map(|c| c.get("/v1/tasks/sorter/status").unwrap().body).collect();
+            let decided = |s: &Value| s["jobs"]["promoted"].as_u64().unwrap_or(0) + s["jobs"]["rejected"].as_u64().unwrap_or(0) > 0;
+            if statuses.iter().all(decided) {
+                let serving: Vec<u64> = statuses.iter().map(|s| s["serving_version"].as_u64().unwrap_or(0)).collect();
+                assert!(serving.iter().all(|&v| v > 0), "every device adapts to its shift: {statuses:?}");
+                println!("five devices trained and promoted in {:.0} s", started.elapsed().as_secs_f64());
+                return serving;
+            }
+            assert!(started.elapsed() < Duration::from_secs(420), "not every device decided on an adapter: {statuses:?}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    })
+    .await
+    .unwrap();
+
+    // Each device offers what it serves; the operator aggregates the offers into release 1.
+    let dir = tempfile::tempdir().unwrap();
+    let (www, keys, repo, out) = (dir.path().join("www"), dir.path().join("keys"), dir.path().join("repo"), dir.path().join("aggregate"));
+    std::fs::create_dir_all(www.join("offers")).unwrap();
+    let nginx = Nginx::start_with(&www, "location /offers/ { dav_methods PUT; create_full_put_path on; client_max_body_size 64m; }");
+    let to = format!("{}offers/", nginx.url());
+    let own: Vec<Adapter> =
+        states.iter().zip(&versions).map(|(s, v)| AdapterStore::open(s.path().join("adapters")).unwrap().load("sorter", *v).unwrap()).collect();
+    for (((device, ..), state), version) in DEVICES.iter().zip(&states).zip(&versions) {
+        let (ok, text) =
+            adaptd(&["fleet", "offer", "sorter", &version.to_string(), "--to", &to, "--state-dir", state.path().to_str().unwrap(), "--device", device]);
+        assert!(ok, "{text}");
+    }
+    for (daemon, state) in daemons.into_iter().zip(&states) {
+        let _ = state;
+        shut_down(daemon.0, daemon.2).await;
+    }
+    let (ks, rs) = (keys.to_str().unwrap(), repo.to_str().unwrap());
+    for args in [vec!["fleet", "keygen", "--keys", ks], vec!["fleet", "init", "--keys", ks, "--repo", rs]] {
+        let (ok, text) = adaptd(&args);
+        assert!(ok, "{text}");
+    }
+    let offers_dir = www.join("offers");
+    let bundle_dir = reference_bundle("digits-cnn");
+    let (ok, text) = adaptd(&[
+        "fleet",
+        "aggregate",
+        "sorter",
+        "--offers-dir",
+        offers_dir.to_str().unwrap(),
+        "--bundle",
+        bundle_dir.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--keys",
+        ks,
+        "--repo",
+        rs,
+        "--json",
+    ]);
+    assert!(ok, "{text}");
+    let report: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{text}"));
+    assert_eq!(report["release"]["release"], 1, "{report}");
+    let provenance = &report["aggregate"];
+    let offers = provenance["offers"].as_array().unwrap();
+    assert_eq!(offers.len(), 5, "{provenance}");
+    let total: f64 = offers.iter().map(|o| o["weight"].as_f64().unwrap()).sum();
+    assert!((total - 1.0).abs() < 1e-9, "weights sum to one: {provenance}");
+    // Robot B and D halved five labels each: fewer training samples, less weight.
+    let weight = |d: &str| offers.iter().find(|o| o["device"] == d).unwrap()["weight"].as_f64().unwrap();
+    assert!(weight("robot-b") < weight("robot-a") && weight("robot-d") < weight("robot-c"), "{provenance}");
+    let aggregate = Adapter::read_dir(&out).unwrap();
+    assert_eq!(aggregate.manifest.aggregate.as_ref().map(|a| a.offers.len()), Some(5));
+    let (ok, listed) = adaptd(&["fleet", "list", "--repo", rs, "--json"]);
+    assert!(ok && listed.contains("\"release\": 1"), "{listed}");
+
+    // Scored offline through the serving graph: each device's own held-out digits, and all of them.
+    let mut onnx = OnnxModel::load(&bundle, SessionOptions { intra_op_threads: 1, ..Default::default() }, None).unwrap();
+    let mut table = String::from("device    shift       base   own    aggregate   (own held-out digits)\n");
+    let (mut own_pooled, mut aggregate_pooled, mut base_pooled) = (Vec::new(), 0.0, 0.0);
+    for ((device, shift, ..), adapter) in DEVICES.iter().zip(&own) {
+        let base = accuracy(&mut onnx, &bundle, None, &digits, test, *shift);
+        let mine = accuracy(&mut onnx, &bundle, Some(adapter), &digits, test, *shift);
+        let combined = accuracy(&mut onnx, &bundle, Some(&aggregate), &digits, test, *shift);
+        table += &format!("{device:<9} {:<11} {base:.3}  {mine:.3}  {combined:.3}\n", format!("{shift:?}"));
+        aggregate_pooled += combined / DEVICES.len() as f64;
+        base_pooled += base / DEVICES.len() as f64;
+        // This device's adapter on every device's held-out digits.
+        let pooled: f64 = DEVICES.iter().map(|(_, s, ..)| accuracy(&mut onnx, &bundle, Some(adapter), &digits, test, *s)).sum::<f64>() / DEVICES.len() as f64;
+        own_pooled.push(pooled);
+    }
+    let mean_single = own_pooled.iter().sum::<f64>() / own_pooled.len() as f64;
+    table += &format!(
+        "pooled held-out digits: base {base_pooled:.3}, single-device adapters {:?} (mean {mean_single:.3}), aggregate {aggregate_pooled:.3}; {} rule, residual {}\n",
+        own_pooled.iter().map(|a| format!("{a:.3}")).collect::<Vec<_>>(),
+        provenance["rule"],
+        provenance["residual"]
+    );
+    println!("{table}");
+    assert!(aggregate_pooled > mean_single, "the aggregate does not beat the mean single-device adapter on the pooled held-out digits:\n{table}");
+    drop(broker);
+}
