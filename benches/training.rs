@@ -133,9 +133,16 @@ fn main() {
             let rss_loaded = memory::rss();
             let train = examples(&st, &["input_ids", "attention_mask"], "labels");
             let head = Head { layers: vec![Dense { weight: tensor(&st, "head_weight"), bias: tensor(&st, "head_bias") }] };
-            let report =
-                fit(FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32 }, &train, &Examples::default(), &head, &recipe, &cancel, &mut |_| {})
-                    .unwrap();
+            let report = fit(
+                FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32, start: None },
+                &train,
+                &Examples::default(),
+                &head,
+                &recipe,
+                &cancel,
+                &mut |_| {},
+            )
+            .unwrap();
             let out = serde_json::json!({
                 "side": "adaptd", "samples_per_second": report.samples_per_second, "steps": report.steps,
                 "peak_rss_bytes": memory::peak_rss(), "rss_start_bytes": rss_start, "rss_loaded_bytes": rss_loaded, "first_loss": report.losses.first(), "last_loss": report.losses.last(),
@@ -156,7 +163,8 @@ fn main() {
             let no_lora = adaptd_adapters::lora::no_adapter_inputs(spec);
             let started = std::time::Instant::now();
             let report =
-                fit(FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32 }, &train, &val, &base_head, &recipe, &cancel, &mut |_| {}).unwrap();
+                fit(FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32, start: None }, &train, &val, &base_head, &recipe, &cancel, &mut |_| {})
+                    .unwrap();
             let seconds = started.elapsed().as_secs_f64();
             let lora = report.lora.as_ref().unwrap().graph_inputs(spec).unwrap();
             let out = serde_json::json!({
@@ -181,7 +189,9 @@ fn main() {
             let head_only = fit(FitTarget::Head { device: tch::Device::Cpu }, &cached(&train), &cached(&val), &init, &recipe, &cancel, &mut |_| {}).unwrap();
             let head_seconds = started.elapsed().as_secs_f64();
             let started = std::time::Instant::now();
-            let report = fit(FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32 }, &train, &val, &init, &recipe, &cancel, &mut |_| {}).unwrap();
+            let report =
+                fit(FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32, start: None }, &train, &val, &init, &recipe, &cancel, &mut |_| {})
+                    .unwrap();
             let seconds = started.elapsed().as_secs_f64();
             let lora = report.lora.as_ref().unwrap().graph_inputs(spec).unwrap();
             let forgetting = |lora: &[HostTensor]| {

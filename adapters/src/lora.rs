@@ -130,6 +130,47 @@ impl LoraWeights {
     }
 }
 
+/// The LoRA weights at rank `rank` that `inputs` (as [`LoraWeights::graph_inputs`] made them,
+/// scale folded into B) serve: A's first `rank` rows and B's first `rank` columns, alpha = rank.
+/// How a job continues from the LoRA that serves. Slots whose inputs are all zeros are left out.
+pub fn from_graph_inputs(spec: &LoraSpec, inputs: &[HostTensor], rank: usize) -> Result<LoraWeights, LoraError> {
+    check_rank(spec, rank)?;
+    let mut modules = Vec::new();
+    for (slot, pair) in spec.slots.iter().zip(inputs.chunks(2)) {
+        let [a, b] = pair else { return Err(LoraError::UnknownSlot(slot.module.clone())) };
+        let (a_shape, b_shape) = slot_shapes(slot, rank);
+        let (a, b) = (narrow_rank(a, 0, rank), narrow_rank(b, 1, rank));
+        if a.shape != a_shape || b.shape != b_shape {
+            return Err(LoraError::Shape { module: slot.module.clone(), which: "A/B", actual: a.shape, expected: a_shape });
+        }
+        if b.as_f32().is_some_and(|v| v.iter().all(|&x| x == 0.0)) {
+            continue;
+        }
+        modules.push(LoraModule { module: slot.module.clone(), a, b });
+    }
+    Ok(LoraWeights { rank, alpha: rank as f32, modules })
+}
+
+/// The first `keep` entries of `axis` (the inverse of `pad_rank` without its scale).
+fn narrow_rank(t: &HostTensor, axis: usize, keep: usize) -> HostTensor {
+    let src = t.as_f32().unwrap_or(&[]);
+    let outer: usize = t.shape[..axis].iter().product();
+    let r = t.shape.get(axis).copied().unwrap_or(0);
+    let inner: usize = t.shape[(axis + 1).min(t.shape.len())..].iter().product();
+    let keep = keep.min(r);
+    let mut shape = t.shape.clone();
+    if let Some(d) = shape.get_mut(axis) {
+        *d = keep;
+    }
+    let mut data = Vec::with_capacity(outer * keep * inner);
+    for o in 0..outer {
+        if let Some(rows) = src.get(o * r * inner..o * r * inner + keep * inner) {
+            data.extend_from_slice(rows);
+        }
+    }
+    HostTensor { shape, data: HostData::F32(data) }
+}
+
 /// Graph inputs that serve the base model unchanged: every slot all zeros.
 pub fn no_adapter_inputs(spec: &LoraSpec) -> Vec<HostTensor> {
     spec.slots.iter().flat_map(|s| [HostTensor::zeros_f32(s.a_shape.clone()), HostTensor::zeros_f32(s.b_shape.clone())]).collect()
@@ -215,6 +256,13 @@ mod tests {
         // The conv slot the adapter does not name is all zeros at full shape.
         assert_eq!(inputs[2].shape, vec![4, 1, 3, 3]);
         assert!(inputs[3].as_f32().unwrap().iter().all(|&x| x == 0.0));
+
+        // And back: the same update at alpha = rank (the scale lives in B now); the empty slot is left out.
+        let back = from_graph_inputs(&spec(), &inputs, 2).unwrap();
+        assert_eq!((back.rank, back.alpha, back.modules.len()), (2, 2.0, 1));
+        assert_eq!(back.modules[0].a, w.modules[0].a);
+        assert_eq!(back.modules[0].b.as_f32().unwrap(), &[2., 4., 6., 8.]);
+        assert_eq!(back.graph_inputs(&spec()).unwrap(), inputs);
     }
 
     #[test]

@@ -728,7 +728,8 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
             };
             let state_dir = state_dir.unwrap_or(config.state_dir);
             let device = device.unwrap_or(config.mqtt.device_id);
-            let adapter = adaptd_adapters::AdapterStore::open(state_dir.join("adapters"))?.load(&task, version)?;
+            let store = adaptd_adapters::AdapterStore::open(state_dir.join("adapters"))?;
+            let adapter = store.load(&task, version)?;
             let staging = tempfile_dir(&state_dir)?;
             let manifest = adapter.write_dir(&staging)?;
             let mut files = Vec::new();
@@ -742,7 +743,7 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
                 version,
                 kind: manifest.kind.name().into(),
                 base_sha256: manifest.base.manifest_sha256.clone(),
-                parent_release: None,
+                parent_release: adaptd::fleet::aggregate::fleet_parent(&store, &manifest),
                 metrics: manifest.metrics.clone(),
                 samples: manifest.samples.clone(),
                 offered_ms: adaptd::events::now_ms(),

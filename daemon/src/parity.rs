@@ -159,6 +159,6 @@ pub fn training_probe(bundle: &Bundle, graph: &TrainingGraph, digits_path: &Path
         }],
     };
     let train = Examples { weights: vec![1.0; labels.len()], inputs, labels };
-    let target = FitTarget::Lora { graph, rank: 8, alpha: 8.0 };
+    let target = FitTarget::Lora { graph, rank: 8, alpha: 8.0, start: None };
     Ok(fit(target, &train, &Examples::default(), &head, &recipe, &AtomicBool::new(false), &mut |_| {})?)
 }

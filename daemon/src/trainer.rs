@@ -76,6 +76,8 @@ pub struct TrainJob {
     pub train: Examples,
     pub validation: Examples,
     pub init_head: Head,
+    /// For `Lora`: the LoRA that serves now, to continue from (the job's rank grows to hold it).
+    pub start_lora: Option<LoraWeights>,
     pub recipe: Recipe,
 }
 
@@ -217,7 +219,13 @@ fn run_fit(
 ) -> Result<FitReport, TrainError> {
     let target = match job.kind {
         JobKind::Head => FitTarget::Head { device: graph.device() },
-        JobKind::Lora { rank, alpha } => FitTarget::Lora { graph, rank, alpha },
+        JobKind::Lora { rank, alpha } => {
+            // Continuing from a higher-rank LoRA (a fleet aggregate at rank_max, say) takes its
+            // rank, at the same alpha/rank.
+            let start = job.start_lora.as_ref();
+            let continued = start.map_or(rank, |s| s.rank.max(rank));
+            FitTarget::Lora { graph, rank: continued, alpha: alpha * continued as f32 / rank as f32, start }
+        }
     };
     let _span = tracing::info_span!("train", kind = job.kind.name(), samples = job.train.len()).entered();
     fit(target, &job.train, &job.validation, &job.init_head, &job.recipe, cancel, &mut |p| {

@@ -151,13 +151,48 @@ fn lora_dropout_drops_only_the_lora_path_while_training() {
     let train =
         Examples { inputs: vec![digits.batch(&rows, adaptd::datasets::Shift::Rotate90)], labels: digits.labels_of(&rows), weights: vec![1.0; rows.len()] };
     let recipe = Recipe { max_epochs: 4, batch_size: 16, lora_dropout: 0.2, patience: 0, ..Recipe::default() };
-    let report =
-        fit(FitTarget::Lora { graph: &graph, rank: 8, alpha: 16.0 }, &train, &Examples::default(), &head, &recipe, &AtomicBool::new(false), &mut |_| {})
-            .unwrap();
+    let report = fit(
+        FitTarget::Lora { graph: &graph, rank: 8, alpha: 16.0, start: None },
+        &train,
+        &Examples::default(),
+        &head,
+        &recipe,
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(report.lora_dropout, 0.2);
     assert_eq!(report.base_unchanged, Some(true));
     assert!(report.losses.iter().all(|l| l.is_finite()));
     assert!(report.losses.last().unwrap() < &report.losses[0], "loss went {:?}", report.losses);
+}
+
+/// A LoRA job can continue from the LoRA that serves: with nothing learned (learning rates 0)
+/// it hands back exactly the update it started from, at its own rank and alpha.
+#[test]
+fn a_lora_job_continues_from_the_serving_lora_exactly() {
+    let (bundle, _, graph) = load("digits-cnn");
+    let head = bundle.base_head().unwrap().expect("digits-cnn ships its classifier");
+    let start = adaptd_adapters::LoraWeights::random(&bundle.manifest.lora, 4, 8.0, 3, 0.1).unwrap();
+    let digits = adaptd::datasets::Digits::load(&digits_data()).unwrap();
+    let rows: Vec<usize> = digits.held_out().into_iter().take(16).collect();
+    let train =
+        Examples { inputs: vec![digits.batch(&rows, adaptd::datasets::Shift::Rotate90)], labels: digits.labels_of(&rows), weights: vec![1.0; rows.len()] };
+    let frozen = Recipe { max_epochs: 1, batch_size: 8, patience: 0, learning_rate: 0.0, head_learning_rate: 0.0, lora_dropout: 0.0, ..Recipe::default() };
+    let target = FitTarget::Lora { graph: &graph, rank: 8, alpha: 8.0, start: Some(&start) };
+    let report = fit(target, &train, &Examples::default(), &head, &frozen, &AtomicBool::new(false), &mut |_| {}).unwrap();
+    let lora = report.lora.expect("a LoRA job reports its LoRA");
+    assert_eq!((lora.rank, lora.alpha), (8, 8.0));
+    for m in &start.modules {
+        let (want, got) = (adaptd_adapters::aggregate::update(&start, &m.module).unwrap(), adaptd_adapters::aggregate::update(&lora, &m.module).unwrap());
+        let diff = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(diff < 1e-6, "{}: the continued update moved by {diff}", m.module);
+    }
+    // A start of higher rank than the job is refused, not cut.
+    let wide = adaptd_adapters::LoraWeights::random(&bundle.manifest.lora, 16, 16.0, 4, 0.1).unwrap();
+    let target = FitTarget::Lora { graph: &graph, rank: 8, alpha: 8.0, start: Some(&wide) };
+    let err = fit(target, &train, &Examples::default(), &head, &frozen, &AtomicBool::new(false), &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("rank-16"), "{err}");
 }
 
 #[test]
@@ -168,7 +203,7 @@ fn training_refuses_bad_labels_and_stops_when_cancelled() {
     let recipe = Recipe { max_epochs: 3, batch_size: 4, ..Recipe::default() };
     let never = AtomicBool::new(false);
     let examples = |inputs: Vec<HostTensor>, labels: Vec<i64>| Examples { weights: vec![1.0; labels.len()], inputs, labels };
-    let lora = || FitTarget::Lora { graph: &graph, rank: 8, alpha: 8.0 };
+    let lora = || FitTarget::Lora { graph: &graph, rank: 8, alpha: 8.0, start: None };
     let none = Examples::default();
 
     let err = fit(lora(), &examples(vec![images.clone()], vec![0, 1, 2, 10]), &none, &head, &recipe, &never, &mut |_| {}).unwrap_err();
@@ -181,7 +216,7 @@ fn training_refuses_bad_labels_and_stops_when_cancelled() {
     let all_dropped = Recipe { lora_dropout: 1.0, ..recipe.clone() };
     let err = fit(lora(), &examples(vec![images.clone()], vec![0, 1, 2, 3]), &none, &head, &all_dropped, &never, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("lora_dropout"), "{err}");
-    let too_big = FitTarget::Lora { graph: &graph, rank: 17, alpha: 8.0 };
+    let too_big = FitTarget::Lora { graph: &graph, rank: 17, alpha: 8.0, start: None };
     assert!(fit(too_big, &examples(vec![images.clone()], vec![0, 1, 2, 3]), &none, &head, &recipe, &never, &mut |_| {}).is_err());
     let mut bad_weights = examples(vec![images.clone()], vec![0, 1, 2, 3]);
     bad_weights.weights[2] = f32::NAN;
@@ -208,7 +243,7 @@ fn a_memory_budget_shrinks_the_batch_or_refuses_the_job() {
     let train = Examples { weights: vec![1.0; 32], inputs, labels };
     let head = Head { layers: vec![Dense { weight: HostTensor::zeros_f32(vec![2, 384]), bias: HostTensor::zeros_f32(vec![2]) }] };
     let never = AtomicBool::new(false);
-    let lora = || FitTarget::Lora { graph: &graph, rank: 8, alpha: 8.0 };
+    let lora = || FitTarget::Lora { graph: &graph, rank: 8, alpha: 8.0, start: None };
 
     // Plenty of room: the batch stays as asked.
     let roomy = Recipe { max_epochs: 1, batch_size: 16, memory_budget_bytes: Some(8 << 30), ..Recipe::default() };

@@ -337,8 +337,9 @@ impl Examples {
 pub enum FitTarget<'a> {
     /// `Examples::inputs` is one `[N, embedding_dim]` tensor of cached backbone embeddings.
     Head { device: Device },
-    /// `Examples::inputs` are the bundle's model inputs.
-    Lora { graph: &'a TrainingGraph, rank: usize, alpha: f32 },
+    /// `Examples::inputs` are the bundle's model inputs. `start`: LoRA weights to continue from
+    /// (what serves now), at a rank no higher than `rank`; slots it does not name start fresh.
+    Lora { graph: &'a TrainingGraph, rank: usize, alpha: f32, start: Option<&'a LoraWeights> },
 }
 
 /// Reported after every optimizer step.
@@ -409,7 +410,7 @@ pub fn fit(
             }
             (*device, None, None)
         }
-        FitTarget::Lora { graph, rank, alpha } => {
+        FitTarget::Lora { graph, rank, alpha, start } => {
             graph.check_inputs(&train.inputs)?;
             if !validation.is_empty() {
                 graph.check_inputs(&validation.inputs)?;
@@ -418,7 +419,13 @@ pub fn fit(
             if *rank == 0 || *rank > spec.rank_max {
                 return Err(adaptd_adapters::lora::LoraError::Rank { rank: *rank, rank_max: spec.rank_max }.into());
             }
-            (graph.device(), Some(*graph), Some((spec.clone(), *rank, *alpha)))
+            if let Some(start) = start {
+                start.validate(spec)?;
+                if start.rank > *rank {
+                    return Err(TrainError::Data(format!("cannot continue a rank-{} LoRA at rank {rank}", start.rank)));
+                }
+            }
+            (graph.device(), Some(*graph), Some((spec.clone(), *rank, *alpha, *start)))
         }
     };
     tch::manual_seed(recipe.seed as i64);
@@ -430,14 +437,28 @@ pub fn fit(
     let head_w = root.set_group(0).var_copy("head_weight", &to_tensor(&init_head.layers[0].weight, device));
     let head_b = root.set_group(0).var_copy("head_bias", &to_tensor(&init_head.layers[0].bias, device));
     let mut lora_vars: Vec<(Tensor, Tensor)> = Vec::new();
-    if let Some((spec, rank, _)) = &lora_spec {
+    if let Some((spec, rank, alpha, start)) = &lora_spec {
         for (i, slot) in spec.slots.iter().enumerate() {
             let (a_shape, b_shape) = slot_shapes(slot, *rank);
             let fan_in: usize = a_shape[1..].iter().product();
             let bound = 1.0 / (fan_in as f64).sqrt(); // kaiming_uniform_(a=sqrt(5)), as PEFT initialises A
-            let a_init: Vec<f32> = (0..a_shape.iter().product::<usize>()).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
+            let mut a_init: Vec<f32> = (0..a_shape.iter().product::<usize>()).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
+            let mut b_init = vec![0.0f32; b_shape.iter().product()];
+            // Continuing: the first rows of A and columns of B hold the serving LoRA's update
+            // (rescaled to this job's alpha/rank), so training starts from exactly what serves;
+            // the rows past its rank start as fresh capacity (B zero there, A random).
+            if let Some((s, m)) = start.and_then(|s| s.modules.iter().find(|m| m.module == slot.module).map(|m| (s, m))) {
+                let (a0, b0) = (m.a.as_f32().unwrap_or(&[]), m.b.as_f32().unwrap_or(&[]));
+                a_init[..a0.len()].copy_from_slice(a0);
+                let rescale = s.scale() / (*alpha / *rank as f32);
+                for row in 0..b_shape[0] {
+                    for k in 0..s.rank {
+                        b_init[row * rank + k] = b0[row * s.rank + k] * rescale;
+                    }
+                }
+            }
             let a = root.set_group(1).var_copy(&format!("lora_a_{i}"), &to_tensor(&HostTensor { shape: a_shape, data: HostData::F32(a_init) }, device));
-            let b = root.set_group(1).zeros(&format!("lora_b_{i}"), &b_shape.iter().map(|&d| d as i64).collect::<Vec<_>>());
+            let b = root.set_group(1).var_copy(&format!("lora_b_{i}"), &to_tensor(&HostTensor { shape: b_shape, data: HostData::F32(b_init) }, device));
             lora_vars.push((a, b));
         }
     }
@@ -448,7 +469,7 @@ pub fn fit(
         None => None,
     };
     let padded = |lora_vars: &[(Tensor, Tensor)]| -> Vec<Tensor> {
-        let Some((spec, rank, alpha)) = &lora_spec else { return Vec::new() };
+        let Some((spec, rank, alpha, _)) = &lora_spec else { return Vec::new() };
         let scale = *alpha as f64 / *rank as f64;
         spec.slots
             .iter()
@@ -614,7 +635,7 @@ pub fn fit(
     };
     let head = Head { layers: vec![Dense { weight: to_host(&params[0])?, bias: to_host(&params[1])? }] };
     let lora = match &lora_spec {
-        Some((spec, rank, alpha)) => Some(LoraWeights {
+        Some((spec, rank, alpha, _)) => Some(LoraWeights {
             rank: *rank,
             alpha: *alpha,
             modules: spec

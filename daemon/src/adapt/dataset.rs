@@ -240,7 +240,22 @@ pub(super) fn prepare(
             config.replay_fraction
         ));
     }
-    Ok(Prepared { job: TrainJob { kind: config.kind, train: train_ex, validation: val_ex, init_head, recipe: config.recipe.clone() }, labels, counts, notes })
+    // A LoRA job continues from the LoRA that serves (its head starts from the serving head too).
+    let start_lora = match (config.kind, incumbent.manifest.as_ref().and_then(|m| m.lora.as_ref())) {
+        (JobKind::Lora { .. }, Some(info)) => match adaptd_adapters::lora::from_graph_inputs(&bundle.manifest.lora, &incumbent.lora.tensors, info.rank) {
+            Ok(lora) => {
+                notes.push(format!("LoRA continues from v{} (rank {})", incumbent.version, info.rank));
+                Some(lora)
+            }
+            Err(e) => {
+                notes.push(format!("LoRA starts fresh: the serving LoRA cannot be continued ({e})"));
+                None
+            }
+        },
+        _ => None,
+    };
+    let job = TrainJob { kind: config.kind, train: train_ex, validation: val_ex, init_head, start_lora, recipe: config.recipe.clone() };
+    Ok(Prepared { job, labels, counts, notes })
 }
 
 #[cfg(test)]

@@ -173,6 +173,21 @@ pub fn aggregate(
     Ok(adapter)
 }
 
+/// The fleet release an adapter descends from: the nearest version up its parent chain that was
+/// installed from a release (its `fleet_release` figure). None: trained from the base model, or
+/// the chain is broken by pruned versions.
+pub fn fleet_parent(store: &adaptd_adapters::AdapterStore, manifest: &AdapterManifest) -> Option<u64> {
+    let mut parent = manifest.parent_version;
+    for _ in 0..64 {
+        let m = store.read_manifest(&manifest.task, parent?).ok()?;
+        if let Some(release) = m.metrics.get("fleet_release") {
+            return Some(*release as u64);
+        }
+        parent = m.parent_version;
+    }
+    None
+}
+
 /// An offer's training samples per label; an older offer without them counts all its training
 /// samples for each label its adapter has.
 fn samples_per_label(offer: &Offer, adapter: &Adapter) -> BTreeMap<String, u64> {
