@@ -350,7 +350,8 @@ enum FleetCommand {
     Offer {
         task: String,
         version: u64,
-        /// Where offers go, e.g. `https://fleet.example/offers/` (a WebDAV directory or an upload URL).
+        /// Where offers go, e.g. `https://fleet.example/offers/` (a WebDAV directory or an upload
+        /// URL), or a directory on a shared mount.
         #[arg(long)]
         to: String,
         /// The daemon's configuration (its state directory and device id).
@@ -749,7 +750,11 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
                 offered_ms: adaptd::events::now_ms(),
             };
             let with_slash = if to.ends_with('/') { to.clone() } else { format!("{to}/") };
-            let base = url::Url::parse(&with_slash).map_err(|e| anyhow::anyhow!("--to {to:?}: {e}"))?;
+            let base = match url::Url::parse(&with_slash) {
+                Ok(url) => url,
+                // A plain path: a directory on a shared mount.
+                Err(_) => url::Url::from_directory_path(std::path::absolute(&to)?).map_err(|()| anyhow::anyhow!("--to {to:?}: neither a URL nor a directory"))?,
+            };
             let at = runtime.block_on(adaptd_fleet::offer::upload(&base, &offer, &files))?;
             Ok((format!("{} offered at {at}\n", manifest.id()), serde_json::json!({ "offer": offer, "at": at.to_string() })))
         }),

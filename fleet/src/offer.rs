@@ -30,8 +30,12 @@ pub fn offer_name(offer: &Offer) -> String {
 }
 
 /// `PUT` the adapter's `files` (name, bytes) and then `offer.json` under `base/<offer name>/`.
-/// `offer.json` goes last: an offer whose `offer.json` is there is whole.
+/// `offer.json` goes last: an offer whose `offer.json` is there is whole. A `file:` base is a
+/// directory (a shared mount): the offer is written beside it and renamed into place whole.
 pub async fn upload(base: &url::Url, offer: &Offer, files: &[(String, Vec<u8>)]) -> Result<url::Url, OfferError> {
+    if base.scheme() == "file" {
+        return write_into(base, offer, files);
+    }
     let dir = base.join(&format!("{}/", offer_name(offer))).map_err(|e| OfferError::Upload { url: base.to_string(), reason: e.to_string() })?;
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let client = reqwest::Client::builder()
@@ -47,6 +51,28 @@ pub async fn upload(base: &url::Url, offer: &Offer, files: &[(String, Vec<u8>)])
         }
     }
     Ok(dir)
+}
+
+fn write_into(base: &url::Url, offer: &Offer, files: &[(String, Vec<u8>)]) -> Result<url::Url, OfferError> {
+    let root = base.to_file_path().map_err(|_| OfferError::Upload { url: base.to_string(), reason: "not a local directory".into() })?;
+    let name = offer_name(offer);
+    let (partial, whole) = (root.join(format!(".{name}.partial-{}", std::process::id())), root.join(&name));
+    let fail = |path: &Path, e: std::io::Error| OfferError::Upload { url: path.display().to_string(), reason: e.to_string() };
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(|e| fail(&partial, e))?;
+    }
+    std::fs::create_dir_all(&partial).map_err(|e| fail(&partial, e))?;
+    let manifest = serde_json::to_vec_pretty(offer).map_err(|e| OfferError::Upload { url: base.to_string(), reason: e.to_string() })?;
+    for (file, bytes) in files.iter().map(|(n, b)| (n.as_str(), b.as_slice())).chain(std::iter::once(("offer.json", manifest.as_slice()))) {
+        let path = partial.join(file);
+        std::fs::File::create(&path).and_then(|mut f| std::io::Write::write_all(&mut f, bytes).and_then(|()| f.sync_all())).map_err(|e| fail(&path, e))?;
+    }
+    // An offer made again replaces the old one whole.
+    if whole.exists() {
+        std::fs::remove_dir_all(&whole).map_err(|e| fail(&whole, e))?;
+    }
+    std::fs::rename(&partial, &whole).map_err(|e| fail(&whole, e))?;
+    url::Url::from_directory_path(&whole).map_err(|_| OfferError::Upload { url: whole.display().to_string(), reason: "not an absolute path".into() })
 }
 
 /// What an offers directory holds.
