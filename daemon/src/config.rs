@@ -308,6 +308,7 @@ impl Default for Config {
                 ca_file: PathBuf::new(),
                 max_release_mb: 64,
                 maintenance_window: String::new(),
+                offers: String::new(),
             },
         }
     }
@@ -485,6 +486,9 @@ impl Config {
         }
         if let Err(e) = self.fleet.window() {
             return invalid("fleet.maintenance_window", &e);
+        }
+        if let Err(e) = self.fleet.offers_url() {
+            return invalid("fleet.offers", &e);
         }
         if self.fleet.enabled() {
             if let Err(e) = self.fleet.base_url() {

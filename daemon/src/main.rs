@@ -260,6 +260,54 @@ enum FleetCommand {
         #[command(flatten)]
         repo: RepoArgs,
     },
+    /// Fleet learning in rounds: roll the current release out with the `train` policy (each
+    /// device scores it, trains on from it, offers the result into its `[fleet] offers`), wait
+    /// for the offers, aggregate them into the next release; after the last round roll that
+    /// release out under `--final-policy`. Without `--parent` the devices' offers trained from
+    /// the base model make the first release. Each round's figures go to `<state-dir>/learn.json`.
+    Learn {
+        task: String,
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// The devices (their MQTT device ids), comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        devices: Vec<String>,
+        /// The release the first round trains on from.
+        #[arg(long)]
+        parent: Option<u64>,
+        /// Where the devices' offers arrive (their `[fleet] offers`, seen from here).
+        #[arg(long)]
+        offers_dir: PathBuf,
+        /// The model bundle the devices serve.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// cat, svd or linear [default: cat when the stacked ranks fit, else svd].
+        #[arg(long, value_parser = parse_rule)]
+        rule: Option<adaptd_adapters::aggregate::Rule>,
+        #[arg(long, default_value_t = 0.5)]
+        max_residual: f64,
+        #[arg(long)]
+        cap: Option<u64>,
+        /// The rounds' rollout states and report.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// How long a round waits for the offers after the devices scored its release.
+        #[arg(long, default_value_t = 1800)]
+        offer_timeout_s: u64,
+        /// A device that has not ended a rollout this long after its assignment has failed.
+        #[arg(long, default_value_t = 1800)]
+        device_timeout_s: u64,
+        /// How the last release rolls out.
+        #[arg(long, default_value = "validate", value_parser = parse_policy)]
+        final_policy: adaptd_protocol::fleet::Policy,
+        /// The fleet's MQTT broker, host:port.
+        #[arg(long)]
+        mqtt: String,
+        #[arg(long, default_value = adaptd_protocol::topics::DEFAULT_PREFIX)]
+        prefix: String,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
     /// Withdraw a release: devices refuse it from their next update on.
     Yank {
         task: String,
@@ -677,6 +725,60 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
             text += "roll it out with --policy shadow first: every device scores it on its own data\n";
             Ok((text, serde_json::json!({ "release": info, "targets": names, "aggregate": provenance })))
         }),
+        FleetCommand::Learn {
+            task,
+            rounds,
+            devices,
+            parent,
+            offers_dir,
+            bundle,
+            rule,
+            max_residual,
+            cap,
+            state_dir,
+            offer_timeout_s,
+            device_timeout_s,
+            final_policy,
+            mqtt,
+            prefix,
+            repo: r,
+        } => {
+            let plan = adaptd::fleet::learn::LearnPlan {
+                task,
+                rounds,
+                devices,
+                parent,
+                offers_dir,
+                bundle: adaptd_adapters::Bundle::open(&bundle)?,
+                options: adaptd::fleet::aggregate::Options { rule, max_residual, cap },
+                keys: r.keys.clone(),
+                repo: r.repo.clone(),
+                state_dir,
+                offer_timeout: std::time::Duration::from_secs(offer_timeout_s),
+                device_timeout: std::time::Duration::from_secs(device_timeout_s),
+                final_policy,
+                expiry,
+            };
+            let (host, port) = parse_host_port(&mqtt)?;
+            let broker = adaptd::mqtt::BrokerConnection::plain(host, port);
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let json = r.json;
+            let report = runtime.block_on(adaptd::fleet::learn::learn(
+                &plan,
+                broker,
+                &prefix,
+                |report| {
+                    if !json {
+                        println!("{}", report.table());
+                    }
+                },
+                shutdown_signal(),
+            ))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+            Ok(if report.final_release.is_some() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
         FleetCommand::Yank { task, release, repo: r } => operate(r.json, || {
             let n = runtime.block_on(repo::yank(&r.keys, &r.repo, &task, release, expiry))?;
             Ok((format!("{task} release {release} yanked ({n} targets withdrawn)\n"), serde_json::json!({ "task": task, "release": release, "targets": n })))
@@ -753,7 +855,9 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
             let base = match url::Url::parse(&with_slash) {
                 Ok(url) => url,
                 // A plain path: a directory on a shared mount.
-                Err(_) => url::Url::from_directory_path(std::path::absolute(&to)?).map_err(|()| anyhow::anyhow!("--to {to:?}: neither a URL nor a directory"))?,
+                Err(_) => {
+                    url::Url::from_directory_path(std::path::absolute(&to)?).map_err(|()| anyhow::anyhow!("--to {to:?}: neither a URL nor a directory"))?
+                }
             };
             let at = runtime.block_on(adaptd_fleet::offer::upload(&base, &offer, &files))?;
             Ok((format!("{} offered at {at}\n", manifest.id()), serde_json::json!({ "offer": offer, "at": at.to_string() })))
@@ -833,8 +937,7 @@ fn next_release(runtime: &tokio::runtime::Runtime, repo: &std::path::Path, task:
     Ok(published.iter().filter(|p| p.task == task).map(|p| p.release).max().unwrap_or(0) + 1)
 }
 
-/// Sign `adapter` into the repository as `release`: its files exactly as `adapters export`
-/// writes them (hashes in adapter.json).
+/// Sign `adapter` into the repository as `release` (see `fleet::aggregate::publish`).
 fn publish_release(
     runtime: &tokio::runtime::Runtime,
     adapter: &adaptd_adapters::Adapter,
@@ -844,21 +947,7 @@ fn publish_release(
     r: &RepoArgs,
     expiry: adaptd_fleet::repo::Expiry,
 ) -> anyhow::Result<(adaptd_fleet::repo::Release, Vec<String>)> {
-    let staging = tempfile_dir(&r.repo)?;
-    let manifest = adapter.write_dir(&staging)?;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&staging)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
-    files.sort();
-    let info = adaptd_fleet::repo::Release {
-        task: manifest.task.clone(),
-        release,
-        kind: manifest.kind.name().into(),
-        base_sha256: manifest.base.manifest_sha256.clone(),
-        parent,
-        allow_force,
-    };
-    let names = runtime.block_on(adaptd_fleet::repo::publish(&r.keys, &r.repo, &info, &files, expiry));
-    let _ = std::fs::remove_dir_all(&staging);
-    Ok((info, names?))
+    Ok(runtime.block_on(adaptd::fleet::aggregate::publish(adapter, release, parent, allow_force, &r.keys, &r.repo, expiry))?)
 }
 
 fn parse_policy(text: &str) -> Result<adaptd_protocol::fleet::Policy, String> {

@@ -264,6 +264,8 @@ impl Agent {
                 job.scores = Some(scores.clone());
                 match (policy, promoted) {
                     (Policy::Shadow, _) => self.finish(AgentState::Scored, "shadow", scores.summary, now_ms),
+                    // The round's training starts on the device once the release is scored.
+                    (Policy::Train, _) => self.finish(AgentState::Scored, "training_from_it", scores.summary, now_ms),
                     (_, Some(version)) => {
                         self.serving(version, Some(release));
                         self.enter(AgentState::Applied, now_ms)
@@ -461,21 +463,25 @@ mod tests {
         );
         assert_eq!(a.status(60).serving_version, 0, "reports the version it really serves");
         assert_eq!(a.memory().committed_release, None);
+        assert_eq!(
+            last(&mut a, [to_verify(15, Policy::Train), vec![Input::Fetched(signed(5)), gated(false, None)]].concat()),
+            (Scored, Some("training_from_it".into()))
+        );
 
         // Deadlines: passed on arrival, and passing while it waits (the job is cancelled).
-        let late = Assignment { deadline_ms: Some(40), ..assign(10, 5, Policy::Validate) };
+        let late = Assignment { deadline_ms: Some(40), ..assign(16, 5, Policy::Validate) };
         assert_eq!(last(&mut a, vec![Input::Assigned(late)]), (Refused, Some("deadline_passed".into())));
-        let soon = Assignment { deadline_ms: Some(100), ..assign(11, 5, Policy::Validate) };
+        let soon = Assignment { deadline_ms: Some(100), ..assign(17, 5, Policy::Validate) };
         a.handle(Input::Assigned(soon), 50);
         a.handle(Input::Readiness(None), 60);
         let out = a.handle(Input::Tick, 100);
         assert!(out.first() == Some(&Action::Cancel) && reported(&out) == [(Aborted, Some("deadline_passed".into()))], "{out:?}");
         // A newer assignment replaces one in flight, cancelling it; a wrong task is refused alone.
-        a.handle(Input::Assigned(assign(12, 5, Policy::Validate)), 110);
-        let out = a.handle(Input::Assigned(assign(13, 6, Policy::Validate)), 111);
+        a.handle(Input::Assigned(assign(18, 5, Policy::Validate)), 110);
+        let out = a.handle(Input::Assigned(assign(19, 6, Policy::Validate)), 111);
         assert_eq!(out.first(), Some(&Action::Cancel));
-        let out = a.handle(Input::Assigned(Assignment { task: "picker".into(), ..assign(14, 6, Policy::Validate) }), 112);
+        let out = a.handle(Input::Assigned(Assignment { task: "picker".into(), ..assign(20, 6, Policy::Validate) }), 112);
         assert_eq!(reported(&out), [(Refused, Some("task_mismatch".into()))]);
-        assert_eq!(a.status(113).seq, Some(13), "the job in flight goes on");
+        assert_eq!(a.status(113).seq, Some(19), "the job in flight goes on");
     }
 }

@@ -15,6 +15,10 @@ pub enum Policy {
     Force,
     /// Scored by the gate and reported; nothing is promoted.
     Shadow,
+    /// A fleet-learning round: scored as under `shadow`, then the device trains on from the
+    /// release (its LoRA and head as the start) on its own samples, keeps the result only if its
+    /// gate passes it against what serves, and offers it up naming the release as its parent.
+    Train,
 }
 
 /// `{prefix}/{device}/assign/{task}`, retained, from the controller.

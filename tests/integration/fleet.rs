@@ -427,6 +427,7 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
             ca_file: std::path::PathBuf::new(),
             max_release_mb: 16,
             maintenance_window: String::new(),
+            offers: String::new(),
         };
         daemons.push(crate::serve_in_process(config).await);
         states.push(state);

@@ -1,7 +1,10 @@
 //! Fleet learning end to end: five daemons on one Mosquitto, each with its own shift of the digits
 //! and its own class mix (one never sees two labels), train on the shipped defaults (LoRA), offer
 //! their adapters into nginx's WebDAV directory, and the operator aggregates the offers into a
-//! signed release. The aggregate is scored offline on every device's held-out digits.
+//! signed release. Then `fleet learn` runs two rounds: every device scores the release, trains on
+//! from it and offers the result into a shared directory; each round's offers make the next
+//! release, and the last one rolls out through every device's own gate. Every release is scored
+//! offline on every device's held-out digits.
 
 use std::time::{Duration, Instant};
 
@@ -59,6 +62,18 @@ async fn five_devices_with_their_own_shifts_train_offer_and_the_aggregate_beats_
     let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
     let broker = crate::broker::Mosquitto::start();
     let port = broker.port;
+    // The operator's signed repository and the offers directory, behind nginx.
+    let dir = tempfile::tempdir().unwrap();
+    let (www, keys, out) = (dir.path().join("www"), dir.path().join("keys"), dir.path().join("aggregate"));
+    let repo = www.join("repo");
+    let (ks, rs) = (keys.to_str().unwrap(), repo.to_str().unwrap());
+    for args in [vec!["fleet", "keygen", "--keys", ks], vec!["fleet", "init", "--keys", ks, "--repo", rs]] {
+        let (ok, text) = adaptd(&args);
+        assert!(ok, "{text}");
+    }
+    let offers_dir = www.join("offers");
+    std::fs::create_dir_all(&offers_dir).unwrap();
+    let nginx = Nginx::start_with(&www, "location /offers/ { dav_methods PUT; create_full_put_path on; client_max_body_size 64m; }");
 
     // The shipped configuration, but for where things are, a LoRA adapter, and one job once a
     // device's samples have settled.
@@ -73,6 +88,10 @@ async fn five_devices_with_their_own_shifts_train_offer_and_the_aggregate_beats_
         (config.schedule.min_new_samples, config.schedule.settle_s, config.schedule.tick_ms) = (0, 2, 100);
         (config.schedule.max_cpu_percent, config.schedule.min_available_mb) = (100.0, 0);
         config.training.adapter = adaptd::config::AdapterChoice::Lora;
+        config.fleet.repository = format!("{}repo/", nginx.url());
+        config.fleet.root_file = repo.join("metadata/1.root.json");
+        // Rounds' offers go into the same directory, as a shared mount.
+        config.fleet.offers = offers_dir.to_str().unwrap().to_string();
         daemons.push(crate::serve_in_process(adaptd::serve::ServeConfig::from_config(&config)).await);
         states.push(state);
     }
@@ -122,10 +141,6 @@ async fn five_devices_with_their_own_shifts_train_offer_and_the_aggregate_beats_
     .unwrap();
 
     // Each device offers what it serves; the operator aggregates the offers into release 1.
-    let dir = tempfile::tempdir().unwrap();
-    let (www, keys, repo, out) = (dir.path().join("www"), dir.path().join("keys"), dir.path().join("repo"), dir.path().join("aggregate"));
-    std::fs::create_dir_all(www.join("offers")).unwrap();
-    let nginx = Nginx::start_with(&www, "location /offers/ { dav_methods PUT; create_full_put_path on; client_max_body_size 64m; }");
     let to = format!("{}offers/", nginx.url());
     let own: Vec<Adapter> =
         states.iter().zip(&versions).map(|(s, v)| AdapterStore::open(s.path().join("adapters")).unwrap().load("sorter", *v).unwrap()).collect();
@@ -134,16 +149,6 @@ async fn five_devices_with_their_own_shifts_train_offer_and_the_aggregate_beats_
             adaptd(&["fleet", "offer", "sorter", &version.to_string(), "--to", &to, "--state-dir", state.path().to_str().unwrap(), "--device", device]);
         assert!(ok, "{text}");
     }
-    for (daemon, state) in daemons.into_iter().zip(&states) {
-        let _ = state;
-        shut_down(daemon.0, daemon.2).await;
-    }
-    let (ks, rs) = (keys.to_str().unwrap(), repo.to_str().unwrap());
-    for args in [vec!["fleet", "keygen", "--keys", ks], vec!["fleet", "init", "--keys", ks, "--repo", rs]] {
-        let (ok, text) = adaptd(&args);
-        assert!(ok, "{text}");
-    }
-    let offers_dir = www.join("offers");
     let bundle_dir = reference_bundle("digits-cnn");
     let (ok, text) = adaptd(&[
         "fleet",
@@ -177,6 +182,61 @@ async fn five_devices_with_their_own_shifts_train_offer_and_the_aggregate_beats_
     let (ok, listed) = adaptd(&["fleet", "list", "--repo", rs, "--json"]);
     assert!(ok && listed.contains("\"release\": 1"), "{listed}");
 
+    // Two rounds from release 1, then the last release through every device's own gate.
+    let devices: Vec<&str> = DEVICES.iter().map(|(d, ..)| *d).collect();
+    let learn_state = dir.path().join("learn");
+    let args = vec![
+        "fleet".to_string(),
+        "learn".into(),
+        "sorter".into(),
+        "--parent".into(),
+        "1".into(),
+        "--rounds".into(),
+        "2".into(),
+        "--devices".into(),
+        devices.join(","),
+        "--offers-dir".into(),
+        offers_dir.to_str().unwrap().into(),
+        "--bundle".into(),
+        bundle_dir.to_str().unwrap().into(),
+        "--state-dir".into(),
+        learn_state.to_str().unwrap().into(),
+        "--mqtt".into(),
+        format!("127.0.0.1:{port}"),
+        "--offer-timeout-s".into(),
+        "120".into(),
+        "--device-timeout-s".into(),
+        "120".into(),
+        "--keys".into(),
+        ks.into(),
+        "--repo".into(),
+        rs.into(),
+        "--json".into(),
+    ];
+    let (ok, text) = tokio::task::spawn_blocking(move || adaptd(&args.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap();
+    assert!(ok, "{text}");
+    let learned: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{text}"));
+    let rounds = learned["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2, "{learned}");
+    for (k, round) in rounds.iter().enumerate() {
+        assert_eq!((round["parent"].as_u64(), round["release"].as_u64()), (Some(k as u64 + 1), Some(k as u64 + 2)), "{round}");
+        // Every device scored the round's release, trained on from it and offered the result.
+        let devices = round["devices"].as_array().unwrap();
+        assert!(devices.iter().all(|d| d["state"] == "scored" && d["release_accuracy"].is_number() && d["offered_version"].is_number()), "{round}");
+        assert_eq!(round["offers"].as_array().unwrap().len(), 5, "{round}");
+    }
+    assert_eq!(learned["final_release"], 3, "{learned}");
+    let finals = learned["final_devices"].as_array().unwrap();
+    assert!(
+        finals.iter().all(|d| ["applied", "committed", "refused"].contains(&d["state"].as_str().unwrap_or(""))),
+        "each device's own gate decided: {learned}"
+    );
+    assert!(std::fs::read(learn_state.join("learn.json")).is_ok(), "the report is saved");
+    for (daemon, state) in daemons.into_iter().zip(&states) {
+        let _ = state;
+        shut_down(daemon.0, daemon.2).await;
+    }
+
     // Scored offline through the serving graph: each device's own held-out digits, and all of them.
     let mut onnx = OnnxModel::load(&bundle, SessionOptions { intra_op_threads: 1, ..Default::default() }, None).unwrap();
     let mut table = String::from("device    shift       base   own    aggregate   (own held-out digits)\n");
@@ -199,6 +259,14 @@ async fn five_devices_with_their_own_shifts_train_offer_and_the_aggregate_beats_
         provenance["rule"],
         provenance["residual"]
     );
+    // The rounds' releases on the same digits.
+    for release in 2..=3u64 {
+        let got = tempfile::tempdir().unwrap();
+        adaptd_fleet::repo::read_release(&repo, "sorter", release, got.path()).await.unwrap();
+        let r = Adapter::read_dir(got.path()).unwrap();
+        let pooled: f64 = DEVICES.iter().map(|(_, s, ..)| accuracy(&mut onnx, &bundle, Some(&r), &digits, test, *s)).sum::<f64>() / DEVICES.len() as f64;
+        table += &format!("release {release} (round {}): pooled {pooled:.3}\n", release - 1);
+    }
     println!("{table}");
     assert!(aggregate_pooled > mean_single, "the aggregate does not beat the mean single-device adapter on the pooled held-out digits:\n{table}");
     drop(broker);

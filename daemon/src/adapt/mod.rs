@@ -148,7 +148,16 @@ pub struct Install {
     pub dir: PathBuf,
     pub release: u64,
     pub policy: adaptd_protocol::fleet::Policy,
+    /// Under the `train` policy: where the round's adapter is offered (none: nowhere).
+    pub offer_to: Option<OfferTo>,
     pub reply: oneshot::Sender<Result<Installed, String>>,
+}
+
+/// Where a fleet-learning round's adapter is offered, and as which device.
+#[derive(Debug, Clone)]
+pub struct OfferTo {
+    pub base: url::Url,
+    pub device: String,
 }
 
 /// The gate's figures for a release, and the version serving it if it was promoted.

@@ -58,6 +58,16 @@ pub(super) struct TaskLoop {
     last_decision: Option<String>,
     status: watch::Sender<Status>,
     over_budget_reported: bool,
+    /// A fleet-learning round to train next (the `train` policy).
+    round: Option<Round>,
+}
+
+/// A fleet-learning round: the next job starts from the release's adapter instead of what
+/// serves, is judged against what serves as always, and is offered up naming the release.
+struct Round {
+    release: u64,
+    adapter: Adapter,
+    offer_to: Option<super::OfferTo>,
 }
 
 impl TaskLoop {
@@ -79,6 +89,7 @@ impl TaskLoop {
             last_decision: None,
             status,
             over_budget_reported: false,
+            round: None,
             ctx,
             config,
             task,
@@ -108,9 +119,9 @@ impl TaskLoop {
                     operator_request = self.act_on(cmd).or(operator_request);
                 },
                 // Between jobs only: a release waits while a job trains (the agent defers then).
-                install = installs.recv() => if let Some(Install { dir, release, policy, reply }) = install {
+                install = installs.recv() => if let Some(Install { dir, release, policy, offer_to, reply }) = install {
                     let span = tracing::info_span!("install", task = %self.task, release);
-                    let result = self.install(&dir, release, policy).instrument(span).await;
+                    let result = self.install(&dir, release, policy, offer_to).instrument(span).await;
                     let _ = reply.send(result);
                     continue;
                 },
@@ -121,6 +132,7 @@ impl TaskLoop {
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             }
             let Some(trigger) = self.tick(&mut operator_request).await? else { continue };
+            let trigger = if self.round.is_some() { Trigger::Fleet } else { trigger };
             self.start_job()?;
             let span = tracing::info_span!("job", task = %self.task, ?trigger);
             let result = self.run_job(trigger, &mut shutdown, &mut commands).instrument(span).await;
@@ -168,7 +180,7 @@ impl TaskLoop {
             live_accuracy: self.watch.live_accuracy(),
             device_busy: reading.busy_reason(&self.config.limits),
             serving_p99_ms: None,
-            operator_request: operator_request.is_some(),
+            operator_request: operator_request.is_some() || self.round.is_some(),
         };
         let action = self.scheduler.observe(&observation);
         let stored = lock(&self.store).count_after(&task, 0)?;
@@ -389,12 +401,21 @@ impl TaskLoop {
             Ok(v) => v,
             Err(e) => return JobResult::Failed(e.to_string()),
         };
-        let ladder = self.ladder();
+        // A fleet-learning round starts from the release (one step, its own kind and rank);
+        // anything else from what serves, up the ladder.
+        let round = self.round.take();
+        let (start_from, ladder) = match &round {
+            Some(r) => match ctx.registry.preview(r.adapter.clone()) {
+                Ok(from) => (from, vec![r.adapter.lora.as_ref().map_or(JobKind::Head, |l| JobKind::Lora { rank: l.rank, alpha: l.alpha })]),
+                Err(e) => return JobResult::Failed(format!("fleet release {} cannot start a job: {e}", r.release)),
+            },
+            None => (incumbent.clone(), self.ladder()),
+        };
         let started = Instant::now();
         let mut best: Option<Attempt> = None;
         for (step, kind) in ladder.iter().enumerate() {
             let config = AdaptConfig { kind: *kind, ..self.config.clone() };
-            let prepared = prepare(ctx.registry.bundle(), ctx.text.as_deref(), &config, &lock(&self.store), &incumbent, &self.base_domain);
+            let prepared = prepare(ctx.registry.bundle(), ctx.text.as_deref(), &config, &lock(&self.store), &start_from, &self.base_domain);
             let prepared = match prepared {
                 Ok(p) => p,
                 Err(reason) if best.is_none() => return JobResult::Deferred(reason.to_string()),
@@ -488,9 +509,13 @@ impl TaskLoop {
         let (stopped_early, samples_per_second, batch_size) = (report.stopped_early, report.samples_per_second, report.batch_size);
         ctx.events.emit(&task, Event::TrainingFinished { version, seconds, epochs, best_epoch, stopped_early, samples_per_second, batch_size });
         let candidate = Candidate { version, labels, counts, notes, trigger, report, train_seconds: seconds };
-        match self.gate_and_promote(&incumbent, candidate).await {
-            Ok((true, summary)) => JobResult::Promoted(summary, incumbent),
-            Ok((false, summary)) => JobResult::Rejected(summary),
+        let decided = self.gate_and_promote(&incumbent, candidate).await;
+        if let (Ok((_, _, adapter)), Some(Round { release, offer_to: Some(to), .. })) = (&decided, &round) {
+            self.offer(adapter, *release, to).await;
+        }
+        match decided {
+            Ok((true, summary, _)) => JobResult::Promoted(summary, incumbent),
+            Ok((false, summary, _)) => JobResult::Rejected(summary),
             Err(GateError { error_type: "superseded", reason }) => self.cancelled(version, reason),
             Err(GateError { error_type, reason }) => {
                 let event = ctx.events.emit(&task, Event::TrainingFailed { version, kind: None, error_type: error_type.to_string(), reason: reason.clone() });
@@ -592,7 +617,9 @@ impl TaskLoop {
 
     /// Judge the chosen candidate, record the decision (event, journal, manifest), and promote
     /// it when the gate says so and nothing else took its place meanwhile.
-    async fn gate_and_promote(&self, incumbent: &Arc<Serving>, candidate: Candidate) -> Result<(bool, String), GateError> {
+    /// Judge and promote a trained candidate; returns whether it was promoted, the gate's summary
+    /// and the candidate as judged (its figures in its manifest).
+    async fn gate_and_promote(&self, incumbent: &Arc<Serving>, candidate: Candidate) -> Result<(bool, String, Adapter), GateError> {
         let (ctx, task) = (&self.ctx, &self.task);
         let Candidate { version, labels, counts, notes, trigger, report, train_seconds } = candidate;
         let bundle = ctx.registry.bundle();
@@ -637,7 +664,46 @@ impl TaskLoop {
             promote: Promote::IfPassed,
         };
         let decided = self.decide_and_promote(incumbent, adapter, how).await?;
-        Ok((decided.promoted.is_some(), decided.decision.summary))
+        Ok((decided.promoted.is_some(), decided.decision.summary, decided.adapter))
+    }
+
+    /// Offer a fleet-learning round's adapter up (its files and figures, never a sample), naming
+    /// the release it was trained from. A failed upload is logged; the round's controller sees
+    /// the offer missing.
+    async fn offer(&self, adapter: &Adapter, release: u64, to: &super::OfferTo) {
+        let task = &self.task;
+        let m = &adapter.manifest;
+        let staging = self.ctx.store_path.with_file_name(format!(".offer-{task}-v{}", m.version));
+        let files = (|| -> Result<Vec<(String, Vec<u8>)>, String> {
+            let _ = std::fs::remove_dir_all(&staging);
+            std::fs::create_dir_all(&staging).map_err(|e| e.to_string())?;
+            let written = adapter.write_dir(&staging).map_err(|e| e.to_string())?;
+            let mut files = Vec::new();
+            for name in written.files.keys().map(String::as_str).chain(["adapter.json"]) {
+                files.push((name.to_string(), std::fs::read(staging.join(name)).map_err(|e| e.to_string())?));
+            }
+            Ok(files)
+        })();
+        let _ = std::fs::remove_dir_all(&staging);
+        let offer = adaptd_protocol::fleet::Offer {
+            device: to.device.clone(),
+            task: task.clone(),
+            version: m.version,
+            kind: m.kind.name().into(),
+            base_sha256: m.base.manifest_sha256.clone(),
+            parent_release: Some(release),
+            metrics: m.metrics.clone(),
+            samples: m.samples.clone(),
+            offered_ms: now_ms(),
+        };
+        let result = match files {
+            Ok(files) => adaptd_fleet::offer::upload(&to.base, &offer, &files).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(at) => tracing::info!(task, version = m.version, release, %at, "fleet round: offered the adapter trained on from the release"),
+            Err(e) => tracing::warn!(task, version = m.version, release, error = %e, "fleet round: could not offer the adapter"),
+        }
     }
 
     /// Judge `adapter` against `incumbent` with the gate, record the decision (event, journal,
@@ -691,6 +757,7 @@ impl TaskLoop {
             return Err(GateError { error_type: "superseded", reason });
         }
         let mut promoted = None;
+        let judged = adapter.clone();
         if promote_it {
             let registry = ctx.registry.clone();
             let serving = tokio::task::spawn_blocking(move || {
@@ -714,16 +781,20 @@ impl TaskLoop {
             promoted = Some(serving.version);
         }
         ctx.journal.record(&journalled);
-        Ok(Decided { evidence, decision, promoted })
+        Ok(Decided { evidence, decision, promoted, adapter: judged })
     }
 
     /// A release from the fleet: the adapter in `dir` (its files checked against its manifest),
     /// as this task's next version, through the same gate as a local candidate; promoted as the
     /// policy says, then watched like any promotion.
-    async fn install(&mut self, dir: &std::path::Path, release: u64, policy: Policy) -> Result<Installed, String> {
+    async fn install(&mut self, dir: &std::path::Path, release: u64, policy: Policy, offer_to: Option<super::OfferTo>) -> Result<Installed, String> {
         let task = self.task.clone();
         let mut adapter = Adapter::read_dir(dir).map_err(|e| e.to_string())?;
         adapter.check_fits(self.ctx.registry.bundle()).map_err(|e| self.operator_error(&e))?;
+        if policy == Policy::Train {
+            // Scored below like `shadow`; the next job trains on from it.
+            self.round = Some(Round { release, adapter: adapter.clone(), offer_to });
+        }
         let incumbent = self.ctx.registry.current(&task).unwrap_or_else(|| self.ctx.registry.base(&task));
         adapter.manifest.task = task.clone();
         adapter.manifest.version = self.ctx.registry.next_version(&task).map_err(|e| self.operator_error(&e))?;
@@ -738,7 +809,7 @@ impl TaskLoop {
             promote: match policy {
                 Policy::Validate => Promote::IfPassed,
                 Policy::Force => Promote::Always,
-                Policy::Shadow => Promote::Never,
+                Policy::Shadow | Policy::Train => Promote::Never,
             },
         };
         let decided = self.decide_and_promote(&incumbent, adapter, how).await.map_err(|e| format!("{} ({})", e.reason, e.error_type))?;
@@ -785,6 +856,8 @@ struct Decided {
     evidence: adaptd_protocol::gate::Evidence,
     decision: crate::gate::Decision,
     promoted: Option<u64>,
+    /// The candidate as judged, its figures in its manifest.
+    adapter: Adapter,
 }
 
 /// Why escalation stops after `kind`, or None to take the next step.

@@ -65,9 +65,9 @@ struct Running {
 /// Run the agent until `shutdown`.
 pub async fn run(parts: AgentParts, shutdown: impl Future<Output = ()>) {
     let AgentParts { config, dir, topics, link, mut inbox, control, events, base_sha256, serving, engine, latency_budget_ms } = parts;
-    let (base_url, window) = match (config.base_url(), config.window()) {
-        (Ok(u), Ok(w)) => (u, w),
-        (Err(e), _) | (_, Err(e)) => {
+    let (base_url, window, offers) = match (config.base_url(), config.window(), config.offers_url()) {
+        (Ok(u), Ok(w), Ok(o)) => (u, w, o),
+        (Err(e), ..) | (_, Err(e), _) | (.., Err(e)) => {
             tracing::error!(error = e, "fleet rollout is off: its configuration is not usable");
             return;
         }
@@ -100,6 +100,7 @@ pub async fn run(parts: AgentParts, shutdown: impl Future<Output = ()>) {
         fetched: BTreeMap::new(),
         waiting: BTreeSet::new(),
         readiness: Readiness { engine, latency_budget_ms, window },
+        offer_to: offers.map(|base| crate::adapt::OfferTo { base, device: topics.device().to_string() }),
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -155,6 +156,8 @@ struct AgentLoop {
     /// Tasks whose agent waits to hear whether it may start.
     waiting: BTreeSet<String>,
     readiness: Readiness,
+    /// Where fleet-learning rounds' adapters are offered (`[fleet] offers`).
+    offer_to: Option<crate::adapt::OfferTo>,
 }
 
 /// What makes a device wait besides a training job.
@@ -281,10 +284,11 @@ impl AgentLoop {
     fn validate(&mut self, task: &str, seq: Option<u64>, release: u64, policy: adaptd_protocol::fleet::Policy) {
         let (Some(control), Some(dir)) = (self.control.get(task), self.fetched.get(task).cloned()) else { return };
         let (installs, done, task_name) = (control.installs.clone(), self.done.clone(), task.to_string());
+        let offer_to = self.offer_to.clone().filter(|_| policy == adaptd_protocol::fleet::Policy::Train);
         let handle = tokio::spawn(async move {
             let (reply, answer) = oneshot::channel();
             let stopped = || Input::Fail { reason: "stopped".into(), message: "the task's loop stopped".into() };
-            let input = match installs.send(Install { dir, release, policy, reply }).await {
+            let input = match installs.send(Install { dir, release, policy, offer_to, reply }).await {
                 Err(_) => stopped(),
                 Ok(()) => match answer.await {
                     Ok(Ok(installed)) => Input::Gated { scores: installed.scores, promoted: installed.promoted },

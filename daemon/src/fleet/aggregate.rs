@@ -18,6 +18,8 @@ pub enum FleetAggregateError {
     Combine(#[from] AggregateError),
     #[error("the aggregate does not fit the bundle: {0}")]
     Fit(String),
+    #[error("publishing the aggregate: {0}")]
+    Publish(String),
 }
 
 impl FleetAggregateError {
@@ -26,6 +28,7 @@ impl FleetAggregateError {
             FleetAggregateError::Refused { .. } => "refused",
             FleetAggregateError::Combine(e) => e.error_type(),
             FleetAggregateError::Fit(_) => "fit",
+            FleetAggregateError::Publish(_) => "publish",
         }
     }
 }
@@ -171,6 +174,44 @@ pub fn aggregate(
     let adapter = Adapter { manifest, head, lora };
     adapter.check_fits(bundle).map_err(|e| FleetAggregateError::Fit(e.to_string()))?;
     Ok(adapter)
+}
+
+/// Sign `adapter` into the repository as `release`: its files exactly as `adapters export` writes
+/// them (hashes in adapter.json). Returns the release as signed and its target names.
+pub async fn publish(
+    adapter: &Adapter,
+    release: u64,
+    parent: Option<u64>,
+    allow_force: bool,
+    keys: &std::path::Path,
+    repo: &std::path::Path,
+    expiry: adaptd_fleet::repo::Expiry,
+) -> Result<(adaptd_fleet::repo::Release, Vec<String>), FleetAggregateError> {
+    let staging = repo.join(format!(".incoming-{}-{release}", std::process::id()));
+    let failed = |e: &dyn std::fmt::Display| FleetAggregateError::Publish(e.to_string());
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).map_err(|e| failed(&e))?;
+    let written = adapter.write_dir(&staging).map_err(|e| failed(&e)).and_then(|manifest| {
+        let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&staging).map_err(|e| failed(&e))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        files.sort();
+        Ok((manifest, files))
+    });
+    let result = match written {
+        Ok((manifest, files)) => {
+            let info = adaptd_fleet::repo::Release {
+                task: manifest.task.clone(),
+                release,
+                kind: manifest.kind.name().into(),
+                base_sha256: manifest.base.manifest_sha256.clone(),
+                parent,
+                allow_force,
+            };
+            adaptd_fleet::repo::publish(keys, repo, &info, &files, expiry).await.map(|names| (info, names)).map_err(|e| failed(&e))
+        }
+        Err(e) => Err(e),
+    };
+    let _ = std::fs::remove_dir_all(&staging);
+    result
 }
 
 /// The fleet release an adapter descends from: the nearest version up its parent chain that was

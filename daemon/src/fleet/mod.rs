@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod aggregate;
 pub mod controller;
+pub mod learn;
 
 use std::path::PathBuf;
 
@@ -28,9 +29,30 @@ pub struct FleetConfig {
     /// When releases may be installed, `HH:MM-HH:MM` in UTC (it may wrap past midnight);
     /// empty: any time. Outside it an assignment waits, `deferred`.
     pub maintenance_window: String,
+    /// Where this device offers what it trains in a fleet-learning round (`train` policy): an
+    /// HTTP upload directory (WebDAV `PUT`) or a directory on a shared mount; empty: it trains
+    /// and keeps the result if its gate passes it, but offers nothing.
+    pub offers: String,
 }
 
 impl FleetConfig {
+    /// `offers` as a base URL (a plain path becomes a `file:` URL); None when empty.
+    pub fn offers_url(&self) -> Result<Option<url::Url>, String> {
+        let text = self.offers.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        let with_slash = if text.ends_with('/') { text.to_string() } else { format!("{text}/") };
+        match url::Url::parse(&with_slash) {
+            Ok(url) if matches!(url.scheme(), "http" | "https" | "file") => Ok(Some(url)),
+            Ok(url) => Err(format!("{text:?}: the scheme must be http, https or file, not {}", url.scheme())),
+            Err(_) if std::path::Path::new(text).is_absolute() => {
+                url::Url::from_directory_path(text).map(Some).map_err(|()| format!("{text:?}: not a directory path"))
+            }
+            Err(e) => Err(format!("{text:?}: neither a URL nor an absolute directory path ({e})")),
+        }
+    }
+
     pub fn enabled(&self) -> bool {
         !self.repository.is_empty()
     }
@@ -75,7 +97,14 @@ mod tests {
     use super::*;
 
     fn config(window: &str) -> FleetConfig {
-        FleetConfig { repository: String::new(), root_file: PathBuf::new(), ca_file: PathBuf::new(), max_release_mb: 1, maintenance_window: window.into() }
+        FleetConfig {
+            repository: String::new(),
+            root_file: PathBuf::new(),
+            ca_file: PathBuf::new(),
+            max_release_mb: 1,
+            maintenance_window: window.into(),
+            offers: String::new(),
+        }
     }
 
     #[test]
@@ -87,5 +116,15 @@ mod tests {
         for bad in ["2-4", "25:00-01:00", "02:00-02:00", "02:00"] {
             assert!(config(bad).window().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn offers_go_to_an_upload_url_or_a_directory() {
+        let offers = |text: &str| FleetConfig { offers: text.into(), ..config("") }.offers_url();
+        assert_eq!(offers("").unwrap(), None);
+        assert_eq!(offers("https://fleet.example/offers").unwrap().unwrap().as_str(), "https://fleet.example/offers/");
+        assert_eq!(offers("/mnt/fleet/offers").unwrap().unwrap().as_str(), "file:///mnt/fleet/offers/");
+        assert!(offers("ftp://x/").unwrap_err().contains("scheme"));
+        assert!(offers("offers").unwrap_err().contains("absolute"));
     }
 }
