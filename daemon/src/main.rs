@@ -308,6 +308,15 @@ enum FleetCommand {
         #[command(flatten)]
         repo: RepoArgs,
     },
+    /// The fleet page of the HTML report, from `fleet learn`'s state directory: each round's
+    /// release on each device (shadow scores), what each device's offer reached, the rounds'
+    /// offers and weights, and every rollout's table.
+    Report {
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long, default_value = "adaptd-fleet.html")]
+        out: PathBuf,
+    },
     /// Withdraw a release: devices refuse it from their next update on.
     Yank {
         task: String,
@@ -779,6 +788,26 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(if report.final_release.is_some() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
+        FleetCommand::Report { state_dir, out } => operate(false, || {
+            let path = state_dir.join("learn.json");
+            let learned: adaptd::fleet::learn::LearnReport =
+                serde_json::from_slice(&std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let mut rollouts = Vec::new();
+            let mut names: Vec<PathBuf> = std::fs::read_dir(&state_dir)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "json") && p.file_name().is_some_and(|n| n != "learn.json"))
+                .collect();
+            names.sort();
+            for p in names {
+                if let Ok(rollout) = adaptd::fleet::controller::load(&p) {
+                    rollouts.push((p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(), rollout));
+                }
+            }
+            let html = adaptd::report::render_fleet(&format!("adaptd fleet learning: {}", learned.task), &learned, &rollouts);
+            adaptd_adapters::fsutil::write_atomic(&out, html.as_bytes())?;
+            Ok((format!("fleet report written to {}\n", out.display()), serde_json::json!({ "out": out })))
+        }),
         FleetCommand::Yank { task, release, repo: r } => operate(r.json, || {
             let n = runtime.block_on(repo::yank(&r.keys, &r.repo, &task, release, expiry))?;
             Ok((format!("{task} release {release} yanked ({n} targets withdrawn)\n"), serde_json::json!({ "task": task, "release": release, "targets": n })))

@@ -100,6 +100,66 @@ pub fn render(title: &str, histories: &[TaskHistory], measured: Option<&Measured
     html
 }
 
+/// The fleet page: what `fleet learn` did, from its state directory's report and rollouts. Per
+/// device, how each round's release scored on its own holdout (the shadow score) and what the
+/// adapter it trained on from it reached; per round, the offers combined (weights, residual);
+/// and every rollout's table.
+pub fn render_fleet(title: &str, learned: &crate::fleet::learn::LearnReport, rollouts: &[(String, adaptd_fleet::controller::Rollout)]) -> String {
+    let mut html = String::new();
+    let _ = write!(
+        html,
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{t}</title><style>{STYLE}</style></head><body>\n<h1>{t}</h1>\n",
+        t = escape(title)
+    );
+    let mut devices: Vec<&str> = learned.rounds.iter().flat_map(|r| r.devices.iter().map(|d| d.device.as_str())).collect();
+    devices.sort_unstable();
+    devices.dedup();
+    let series = |pick: fn(&crate::fleet::learn::DeviceRound) -> Option<f64>, x_of: fn(&crate::fleet::learn::RoundReport) -> Option<u64>| -> Vec<Series> {
+        devices
+            .iter()
+            .map(|name| Series {
+                name: name.to_string(),
+                points: learned.rounds.iter().filter_map(|r| Some((x_of(r)? as f64, pick(r.devices.iter().find(|d| d.device == *name)?)?))).collect(),
+            })
+            .collect()
+    };
+    let _ = write!(
+        html,
+        "<h2>Each round's release on each device's own holdout (its shadow score)</h2>\n{}",
+        line_chart("release", "accuracy", &series(|d| d.release_accuracy, |r| r.parent), Some((0.0, 1.0)), true)
+    );
+    let _ = write!(
+        html,
+        "<h2>What each device reached training on from it (its offer)</h2>\n{}",
+        line_chart("release trained from", "accuracy", &series(|d| d.offered_accuracy, |r| r.parent), Some((0.0, 1.0)), true)
+    );
+    html.push_str(
+        "<h2>Rounds</h2>\n<table><tr><th>round</th><th>from</th><th>release</th><th>rule</th><th>residual</th><th>offers (device v: weight)</th></tr>\n",
+    );
+    for r in &learned.rounds {
+        let offers: Vec<String> = r.offers.iter().map(|o| format!("{} v{}: {:.3}", escape(&o.device), o.version, o.weight)).collect();
+        let _ = writeln!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.4}</td><td>{}</td></tr>",
+            r.round,
+            r.parent.map_or("base".to_string(), |p| p.to_string()),
+            r.release,
+            escape(&r.rule),
+            r.residual,
+            offers.join(", ")
+        );
+    }
+    html.push_str("</table>\n");
+    for (name, rollout) in rollouts {
+        let _ = write!(html, "<h2>Rollout {}</h2>\n<pre>{}</pre>\n", escape(name), escape(&rollout.table()));
+    }
+    if learned.rounds.is_empty() {
+        html.push_str("<p>No round has finished yet.</p>\n");
+    }
+    html.push_str("</body></html>\n");
+    html
+}
+
 fn task_section(html: &mut String, h: &TaskHistory) {
     let _ = writeln!(html, "<h2>Task <code>{}</code></h2>", escape(&h.task));
     let jobs: Vec<&JobRecord> = h.jobs().collect();

@@ -232,6 +232,11 @@ async fn five_devices_with_their_own_shifts_train_offer_and_the_aggregate_beats_
         "each device's own gate decided: {learned}"
     );
     assert!(std::fs::read(learn_state.join("learn.json")).is_ok(), "the report is saved");
+    let page = dir.path().join("fleet.html");
+    let (ok, text) = adaptd(&["fleet", "report", "--state-dir", learn_state.to_str().unwrap(), "--out", page.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.matches("<svg").count() >= 2 && html.contains("robot-e") && html.contains("Rollout round-2") && html.contains("Rollout final"), "{html}");
     for (daemon, state) in daemons.into_iter().zip(&states) {
         let _ = state;
         shut_down(daemon.0, daemon.2).await;
