@@ -12,6 +12,7 @@ use adaptd::datasets::{Digits, Shift};
 use adaptd::engine::onnx::{OnnxModel, SessionOptions};
 use adaptd_adapters::lora::no_adapter_inputs;
 use adaptd_adapters::{Adapter, AdapterStore, Bundle};
+use adaptd_protocol::fleet::Offer;
 use serde_json::Value;
 
 use crate::adapt::{digit_lines, publish, shut_down};
@@ -275,4 +276,46 @@ async fn five_devices_with_their_own_shifts_train_offer_and_the_aggregate_beats_
     println!("{table}");
     assert!(aggregate_pooled > mean_single, "the aggregate does not beat the mean single-device adapter on the pooled held-out digits:\n{table}");
     drop(broker);
+}
+
+/// Offers that do not belong together are refused by name before any arithmetic: another task,
+/// another base, another kind, another parent; heads combine over the union of labels.
+#[test]
+fn aggregation_refuses_offers_that_do_not_belong_together() {
+    use adaptd::fleet::aggregate::{Options, Parent, aggregate};
+    let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
+    let offer_of = |device: &str, adapter: &Adapter| Offer {
+        device: device.into(),
+        task: adapter.manifest.task.clone(),
+        version: adapter.manifest.version,
+        kind: adapter.manifest.kind.name().into(),
+        base_sha256: adapter.manifest.base.manifest_sha256.clone(),
+        parent_release: None,
+        metrics: Default::default(),
+        samples: adaptd_adapters::files::SampleCounts { train: 100, ..Default::default() },
+        offered_ms: 0,
+    };
+    let parent = Parent::base(&bundle).unwrap();
+    let options = Options { rule: None, max_residual: 0.5, cap: None };
+    let (a, b) = (crate::lora_adapter(&bundle, "sorter", 1, 1), crate::lora_adapter(&bundle, "sorter", 2, 2));
+    let pair = |x: &Adapter, y: &Adapter| vec![(offer_of("robot-a", x), x.clone()), (offer_of("robot-b", y), y.clone())];
+    let ok = aggregate("sorter", 5, &bundle, &parent, &pair(&a, &b), options).unwrap();
+    let provenance = ok.manifest.aggregate.as_ref().unwrap();
+    assert_eq!((provenance.rule.as_str(), ok.lora.as_ref().unwrap().rank), ("cat", 8), "two rank-4 LoRAs stack exactly within rank_max 16");
+
+    let refused = |offers: Vec<(Offer, Adapter)>, parent: &Parent| aggregate("sorter", 5, &bundle, parent, &offers, options).unwrap_err().to_string();
+    let other_task = crate::lora_adapter(&bundle, "picker", 3, 3);
+    assert!(refused(pair(&a, &other_task), &parent).contains("robot-b.picker.v3"), "another task");
+    let head = crate::head_adapter(&bundle, "sorter", 4, 4);
+    assert!(refused(pair(&a, &head), &parent).contains("a head adapter"), "another kind");
+    let minilm = Bundle::open(reference_bundle("minilm")).unwrap();
+    let foreign = crate::head_adapter(&minilm, "sorter", 6, 6);
+    assert!(refused(pair(&head, &foreign), &parent).contains("another base model"), "another base");
+    let mut from_release = pair(&a, &b);
+    from_release[1].0.parent_release = Some(3);
+    assert!(refused(from_release, &parent).contains("release 3"), "another parent");
+    let mut too_wide = b.clone();
+    too_wide.lora = Some(adaptd_adapters::LoraWeights::random(&bundle.manifest.lora, 16, 16.0, 9, 0.1).unwrap());
+    too_wide.lora.as_mut().unwrap().rank = 32;
+    assert!(refused(pair(&a, &too_wide), &parent).contains("robot-b"), "shapes that do not fit the bundle");
 }

@@ -99,6 +99,10 @@ pub fn aggregate(
         if m.lora.as_ref().map(|l| &l.target_modules) != first_adapter.manifest.lora.as_ref().map(|l| &l.target_modules) {
             return refuse("its LoRA targets other modules".into());
         }
+        // Shapes and ranks as the bundle's slots allow, before any arithmetic sizes buffers by them.
+        if let Err(e) = adapter.check_fits(bundle) {
+            return refuse(e.to_string());
+        }
     }
     let samples: Vec<u64> = offers.iter().map(|(o, _)| options.cap.map_or(o.samples.train, |cap| o.samples.train.min(cap))).collect();
     let weights = aggregate::normalise(&samples.iter().map(|&n| n as f64).collect::<Vec<_>>())?;
