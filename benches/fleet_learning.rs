@@ -27,7 +27,6 @@ use adaptd::datasets::{Digits, Shift};
 use adaptd::engine::onnx::{OnnxModel, SessionOptions};
 use adaptd::fleet::aggregate::{Options, Parent, aggregate};
 use adaptd_adapters::aggregate::Rule;
-use adaptd_adapters::lora::no_adapter_inputs;
 use adaptd_adapters::{Adapter, AdapterStore, Bundle};
 use adaptd_protocol::fleet::Offer;
 
@@ -132,30 +131,6 @@ fn sample_lines(digits: &Digits, indices: &[usize], device: &str, shift: Shift) 
             )
         })
         .collect()
-}
-
-fn accuracy(onnx: &mut OnnxModel, bundle: &Bundle, adapter: Option<&Adapter>, digits: &Digits, indices: &[usize], shift: Shift) -> f64 {
-    let slots = match adapter.and_then(|a| a.lora.as_ref()) {
-        Some(lora) => lora.graph_inputs(&bundle.manifest.lora).unwrap(),
-        None => no_adapter_inputs(&bundle.manifest.lora),
-    };
-    let outputs = onnx.run(&[digits.batch(indices, shift)], &slots).unwrap();
-    let rows = indices.len();
-    let (logits, labels) = match adapter {
-        Some(a) => (a.head.forward(outputs[0].as_f32().unwrap(), rows), a.manifest.labels.clone()),
-        None => (outputs[1].as_f32().unwrap().to_vec(), bundle.manifest.labels.clone().unwrap()),
-    };
-    let classes = labels.len();
-    let correct = indices
-        .iter()
-        .enumerate()
-        .filter(|(row, i)| {
-            let scores = &logits[row * classes..(row + 1) * classes];
-            let best = (0..classes).max_by(|&a, &b| scores[a].total_cmp(&scores[b])).unwrap();
-            labels[best] == digits.labels[**i].to_string()
-        })
-        .count();
-    correct as f64 / rows as f64
 }
 
 /// A fleet on one broker with its signed repository behind nginx and a shared offers directory.
@@ -288,7 +263,7 @@ async fn learn(digits: &Digits, devices: &[Device], one_world: bool, seed: u64) 
 
 /// Accuracy on each device's held-out digits under its own view, and their mean (pooled).
 fn scores(onnx: &mut OnnxModel, bundle: &Bundle, adapter: Option<&Adapter>, digits: &Digits, devices: &[Device], test: &[usize]) -> (Vec<f64>, f64) {
-    let own: Vec<f64> = devices.iter().map(|d| accuracy(onnx, bundle, adapter, digits, test, d.shift)).collect();
+    let own: Vec<f64> = devices.iter().map(|d| digits.accuracy(onnx, bundle, adapter, test, d.shift).unwrap()).collect();
     let pooled = own.iter().sum::<f64>() / own.len() as f64;
     (own, pooled)
 }

@@ -131,6 +131,46 @@ impl Digits {
     pub fn labels_of(&self, indices: &[usize]) -> Vec<i64> {
         indices.iter().map(|&i| self.labels[i]).collect()
     }
+
+    /// The share of `indices` under `shift` that `adapter` (None: the base model's classifier)
+    /// labels right, run through the bundle's serving graph, as the daemon would serve them.
+    pub fn accuracy(
+        &self,
+        onnx: &mut crate::engine::onnx::OnnxModel,
+        bundle: &adaptd_adapters::Bundle,
+        adapter: Option<&adaptd_adapters::Adapter>,
+        indices: &[usize],
+        shift: Shift,
+    ) -> Result<f64, String> {
+        let slots = match adapter.and_then(|a| a.lora.as_ref()) {
+            Some(lora) => lora.graph_inputs(&bundle.manifest.lora).map_err(|e| e.to_string())?,
+            None => adaptd_adapters::lora::no_adapter_inputs(&bundle.manifest.lora),
+        };
+        let outputs = onnx.run(&[self.batch(indices, shift)], &slots).map_err(|e| e.to_string())?;
+        let rows = indices.len();
+        let output = |name: &str| bundle.manifest.output_index(name).and_then(|i| outputs.get(i)).and_then(|t| t.as_f32());
+        let (logits, labels) = match adapter {
+            Some(a) => (a.head.forward(output(&bundle.manifest.embedding_output).ok_or("no embedding output")?, rows), a.manifest.labels.clone()),
+            None => {
+                let logits = bundle.manifest.logits_output.as_deref().and_then(output).ok_or("the bundle has no logits output")?;
+                (logits.to_vec(), bundle.manifest.labels.clone().ok_or("the bundle has no labels")?)
+            }
+        };
+        let classes = labels.len();
+        if classes == 0 || logits.len() != rows * classes {
+            return Err(format!("{} scores for {rows} rows of {classes} classes", logits.len()));
+        }
+        let correct = indices
+            .iter()
+            .enumerate()
+            .filter(|(row, i)| {
+                let scores = &logits[row * classes..(row + 1) * classes];
+                let best = (0..classes).max_by(|&a, &b| scores[a].total_cmp(&scores[b])).unwrap_or(0);
+                labels[best] == self.labels[**i].to_string()
+            })
+            .count();
+        Ok(correct as f64 / rows.max(1) as f64)
+    }
 }
 
 /// Operator commands to a mobile robot, labelled by intent: a small text task for probing LoRA

@@ -170,6 +170,32 @@ struct RepoArgs {
     json: bool,
 }
 
+/// Which offers are combined, and how.
+#[derive(clap::Args)]
+struct CombineArgs {
+    /// Where the devices' offers arrive (an upload directory, or their shared `[fleet] offers`).
+    #[arg(long)]
+    offers_dir: PathBuf,
+    /// The model bundle the devices serve.
+    #[arg(long)]
+    bundle: PathBuf,
+    /// cat, svd or linear [default: cat when the stacked ranks fit, else svd].
+    #[arg(long, value_parser = parse_rule)]
+    rule: Option<adaptd_adapters::aggregate::Rule>,
+    /// Refuse an svd fit that leaves more than this share of the update (relative Frobenius norm).
+    #[arg(long, default_value_t = 0.5)]
+    max_residual: f64,
+    /// A device's weight counts at most this many training samples.
+    #[arg(long)]
+    cap: Option<u64>,
+}
+
+impl CombineArgs {
+    fn options(&self) -> adaptd::fleet::aggregate::Options {
+        adaptd::fleet::aggregate::Options { rule: self.rule, max_residual: self.max_residual, cap: self.cap }
+    }
+}
+
 /// Where a rollout's controller keeps its state and reaches the fleet.
 #[derive(clap::Args)]
 struct ControllerArgs {
@@ -229,28 +255,15 @@ enum FleetCommand {
     /// `svd` to its rank_max); heads over the union of labels. Roll it out in `shadow` first.
     Aggregate {
         task: String,
-        /// The offers directory devices upload into.
-        #[arg(long)]
-        offers_dir: PathBuf,
         /// Offers by name (`<device>.<task>.v<version>`), comma-separated [default: the newest
         /// offer of each device for the task that was trained from `--parent`].
         #[arg(long, value_delimiter = ',')]
         offers: Vec<String>,
-        /// The model bundle the devices serve.
-        #[arg(long)]
-        bundle: PathBuf,
         /// The release the devices trained from [default: the base model].
         #[arg(long)]
         parent: Option<u64>,
-        /// cat, svd or linear [default: cat when the stacked ranks fit, else svd].
-        #[arg(long, value_parser = parse_rule)]
-        rule: Option<adaptd_adapters::aggregate::Rule>,
-        /// Refuse an svd fit that leaves more than this share of the update (relative Frobenius norm).
-        #[arg(long, default_value_t = 0.5)]
-        max_residual: f64,
-        /// A device's weight counts at most this many training samples.
-        #[arg(long)]
-        cap: Option<u64>,
+        #[command(flatten)]
+        combine: CombineArgs,
         /// The release number [default: one past the task's newest].
         #[arg(long)]
         release: Option<u64>,
@@ -275,19 +288,8 @@ enum FleetCommand {
         /// The release the first round trains on from.
         #[arg(long)]
         parent: Option<u64>,
-        /// Where the devices' offers arrive (their `[fleet] offers`, seen from here).
-        #[arg(long)]
-        offers_dir: PathBuf,
-        /// The model bundle the devices serve.
-        #[arg(long)]
-        bundle: PathBuf,
-        /// cat, svd or linear [default: cat when the stacked ranks fit, else svd].
-        #[arg(long, value_parser = parse_rule)]
-        rule: Option<adaptd_adapters::aggregate::Rule>,
-        #[arg(long, default_value_t = 0.5)]
-        max_residual: f64,
-        #[arg(long)]
-        cap: Option<u64>,
+        #[command(flatten)]
+        combine: CombineArgs,
         /// The rounds' rollout states and report.
         #[arg(long)]
         state_dir: PathBuf,
@@ -676,9 +678,10 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
                 serde_json::json!({ "release": info, "targets": names }),
             ))
         }),
-        FleetCommand::Aggregate { task, offers_dir, offers: wanted, bundle, parent, rule, max_residual, cap, release, out, repo: r } => operate(r.json, || {
-            use adaptd::fleet::aggregate::{Options, Parent, aggregate};
-            let bundle = adaptd_adapters::Bundle::open(&bundle)?;
+        FleetCommand::Aggregate { task, offers: wanted, parent, combine, release, out, repo: r } => operate(r.json, || {
+            use adaptd::fleet::aggregate::{Parent, aggregate};
+            let bundle = adaptd_adapters::Bundle::open(&combine.bundle)?;
+            let offers_dir = &combine.offers_dir;
             let release = match release {
                 Some(r) => r,
                 None => next_release(&runtime, &r.repo, &task)?,
@@ -695,7 +698,7 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
                     Parent::release(p, &read?)
                 }
             };
-            let found = adaptd_fleet::offer::list(&offers_dir)?.found;
+            let found = adaptd_fleet::offer::list(offers_dir)?.found;
             let chosen: Vec<_> = if wanted.is_empty() {
                 // The newest offer of each device (the list is newest first).
                 let mut seen = std::collections::BTreeSet::new();
@@ -714,7 +717,7 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
                     adaptd_adapters::Adapter::read_dir(&dir).map_err(|e| anyhow::anyhow!("offer {}: {e}", adaptd_fleet::offer::offer_name(&offer)))?;
                 offers.push((offer, adapter));
             }
-            let combined = aggregate(&task, release, &bundle, &parent_of, &offers, Options { rule, max_residual, cap })?;
+            let combined = aggregate(&task, release, &bundle, &parent_of, &offers, combine.options())?;
             if let Some(out) = &out {
                 std::fs::create_dir_all(out)?;
                 combined.write_dir(out)?;
@@ -734,32 +737,15 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
             text += "roll it out with --policy shadow first: every device scores it on its own data\n";
             Ok((text, serde_json::json!({ "release": info, "targets": names, "aggregate": provenance })))
         }),
-        FleetCommand::Learn {
-            task,
-            rounds,
-            devices,
-            parent,
-            offers_dir,
-            bundle,
-            rule,
-            max_residual,
-            cap,
-            state_dir,
-            offer_timeout_s,
-            device_timeout_s,
-            final_policy,
-            mqtt,
-            prefix,
-            repo: r,
-        } => {
+        FleetCommand::Learn { task, rounds, devices, parent, combine, state_dir, offer_timeout_s, device_timeout_s, final_policy, mqtt, prefix, repo: r } => {
             let plan = adaptd::fleet::learn::LearnPlan {
                 task,
                 rounds,
                 devices,
                 parent,
-                offers_dir,
-                bundle: adaptd_adapters::Bundle::open(&bundle)?,
-                options: adaptd::fleet::aggregate::Options { rule, max_residual, cap },
+                bundle: adaptd_adapters::Bundle::open(&combine.bundle)?,
+                options: combine.options(),
+                offers_dir: combine.offers_dir,
                 keys: r.keys.clone(),
                 repo: r.repo.clone(),
                 state_dir,

@@ -258,17 +258,7 @@ pub async fn publish(keys: &Path, repo: &Path, release: &Release, files: &[PathB
 /// from their next update on); the files stay for devices mid-download of an older snapshot.
 pub async fn yank(keys: &Path, repo: &Path, task: &str, release: u64, expiry: Expiry) -> Result<usize, RepoError> {
     let (loaded, root_path) = load(repo).await?;
-    let names: Vec<TargetName> = loaded
-        .targets()
-        .signed
-        .targets
-        .iter()
-        .filter(|(_, t)| release_of(t).is_some_and(|r| r.task == task && r.release == release))
-        .map(|(n, _)| n.clone())
-        .collect();
-    if names.is_empty() {
-        return Err(RepoError::NoRelease { task: task.into(), release });
-    }
+    let names = release_targets(&loaded, task, release)?;
     let versions = Versions::after(&loaded);
     let mut editor = RepositoryEditor::from_repo(&root_path, loaded).await.map_err(tuf)?;
     for name in &names {
@@ -316,17 +306,7 @@ pub async fn read_release(repo: &Path, task: &str, release: u64, dir: &Path) -> 
     use std::io::Write;
     let (loaded, _) = load(repo).await?;
     let prefix = format!("{task}.r{release}.");
-    let names: Vec<TargetName> = loaded
-        .targets()
-        .signed
-        .targets
-        .iter()
-        .filter(|(_, t)| release_of(t).is_some_and(|r| r.task == task && r.release == release))
-        .map(|(n, _)| n.clone())
-        .collect();
-    if names.is_empty() {
-        return Err(RepoError::NoRelease { task: task.into(), release });
-    }
+    let names = release_targets(&loaded, task, release)?;
     let mut written = Vec::with_capacity(names.len());
     for name in &names {
         let Some(mut stream) = loaded.read_target(name).await.map_err(tuf)? else {
@@ -340,6 +320,22 @@ pub async fn read_release(repo: &Path, task: &str, release: u64, dir: &Path) -> 
         written.push(path);
     }
     Ok(written)
+}
+
+/// The target names of release `release` of `task`; refused when it has none.
+fn release_targets(loaded: &tough::Repository, task: &str, release: u64) -> Result<Vec<TargetName>, RepoError> {
+    let names: Vec<TargetName> = loaded
+        .targets()
+        .signed
+        .targets
+        .iter()
+        .filter(|(_, t)| release_of(t).is_some_and(|r| r.task == task && r.release == release))
+        .map(|(n, _)| n.clone())
+        .collect();
+    if names.is_empty() {
+        return Err(RepoError::NoRelease { task: task.into(), release });
+    }
+    Ok(names)
 }
 
 fn release_of(target: &Target) -> Option<Release> {

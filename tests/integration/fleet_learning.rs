@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use adaptd::datasets::{Digits, Shift};
 use adaptd::engine::onnx::{OnnxModel, SessionOptions};
-use adaptd_adapters::lora::no_adapter_inputs;
 use adaptd_adapters::{Adapter, AdapterStore, Bundle};
 use adaptd_protocol::fleet::Offer;
 use serde_json::Value;
@@ -28,32 +27,6 @@ const DEVICES: [(&str, Shift, &[i64], &[i64]); 5] = [
     ("robot-e", Shift::Dropout, &[], &[3, 8]),
 ];
 const TRAIN: usize = 360;
-
-/// Accuracy of `adapter` (None: the base model) on `indices` under `shift`, through the serving graph.
-fn accuracy(onnx: &mut OnnxModel, bundle: &Bundle, adapter: Option<&Adapter>, digits: &Digits, indices: &[usize], shift: Shift) -> f64 {
-    let slots = match adapter.and_then(|a| a.lora.as_ref()) {
-        Some(lora) => lora.graph_inputs(&bundle.manifest.lora).unwrap(),
-        None => no_adapter_inputs(&bundle.manifest.lora),
-    };
-    let outputs = onnx.run(&[digits.batch(indices, shift)], &slots).unwrap();
-    let rows = indices.len();
-    let base_labels = bundle.manifest.labels.clone().unwrap();
-    let (logits, labels) = match adapter {
-        Some(a) => (a.head.forward(outputs[0].as_f32().unwrap(), rows), a.manifest.labels.clone()),
-        None => (outputs[1].as_f32().unwrap().to_vec(), base_labels),
-    };
-    let classes = labels.len();
-    let correct = indices
-        .iter()
-        .enumerate()
-        .filter(|(row, i)| {
-            let scores = &logits[row * classes..(row + 1) * classes];
-            let best = (0..classes).max_by(|&a, &b| scores[a].total_cmp(&scores[b])).unwrap();
-            labels[best] == digits.labels[**i].to_string()
-        })
-        .count();
-    correct as f64 / rows as f64
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_devices_with_their_own_shifts_train_offer_and_the_aggregate_beats_their_mean() {
@@ -248,14 +221,15 @@ async fn five_devices_with_their_own_shifts_train_offer_and_the_aggregate_beats_
     let mut table = String::from("device    shift       base   own    aggregate   (own held-out digits)\n");
     let (mut own_pooled, mut aggregate_pooled, mut base_pooled) = (Vec::new(), 0.0, 0.0);
     for ((device, shift, ..), adapter) in DEVICES.iter().zip(&own) {
-        let base = accuracy(&mut onnx, &bundle, None, &digits, test, *shift);
-        let mine = accuracy(&mut onnx, &bundle, Some(adapter), &digits, test, *shift);
-        let combined = accuracy(&mut onnx, &bundle, Some(&aggregate), &digits, test, *shift);
+        let base = digits.accuracy(&mut onnx, &bundle, None, test, *shift).unwrap();
+        let mine = digits.accuracy(&mut onnx, &bundle, Some(adapter), test, *shift).unwrap();
+        let combined = digits.accuracy(&mut onnx, &bundle, Some(&aggregate), test, *shift).unwrap();
         table += &format!("{device:<9} {:<11} {base:.3}  {mine:.3}  {combined:.3}\n", format!("{shift:?}"));
         aggregate_pooled += combined / DEVICES.len() as f64;
         base_pooled += base / DEVICES.len() as f64;
         // This device's adapter on every device's held-out digits.
-        let pooled: f64 = DEVICES.iter().map(|(_, s, ..)| accuracy(&mut onnx, &bundle, Some(adapter), &digits, test, *s)).sum::<f64>() / DEVICES.len() as f64;
+        let pooled: f64 =
+            DEVICES.iter().map(|(_, s, ..)| digits.accuracy(&mut onnx, &bundle, Some(adapter), test, *s).unwrap()).sum::<f64>() / DEVICES.len() as f64;
         own_pooled.push(pooled);
     }
     let mean_single = own_pooled.iter().sum::<f64>() / own_pooled.len() as f64;
@@ -270,7 +244,7 @@ async fn five_devices_with_their_own_shifts_train_offer_and_the_aggregate_beats_
         let got = tempfile::tempdir().unwrap();
         adaptd_fleet::repo::read_release(&repo, "sorter", release, got.path()).await.unwrap();
         let r = Adapter::read_dir(got.path()).unwrap();
-        let pooled: f64 = DEVICES.iter().map(|(_, s, ..)| accuracy(&mut onnx, &bundle, Some(&r), &digits, test, *s)).sum::<f64>() / DEVICES.len() as f64;
+        let pooled: f64 = DEVICES.iter().map(|(_, s, ..)| digits.accuracy(&mut onnx, &bundle, Some(&r), test, *s).unwrap()).sum::<f64>() / DEVICES.len() as f64;
         table += &format!("release {release} (round {}): pooled {pooled:.3}\n", release - 1);
     }
     println!("{table}");
