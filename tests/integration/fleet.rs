@@ -252,20 +252,37 @@ async fn a_device_fetches_a_release_through_tuf_resumes_a_download_and_refuses_t
 
     let refused =
         |source: adaptd_fleet::fetch::Source, release: u64| async move { fetch(&source, "sorter", release, Arc::new(Progress::default())).await.unwrap_err() };
+    // Each case is refused by every device of a five-device fleet (each its own trusted state),
+    // with the same reason.
+    let fleet = |name: &str| (0..5).map(|k| format!("{name}-{k}")).collect::<Vec<_>>();
+    let refused_by_every = |nginx: &Nginx, name: &str, release: u64| {
+        let sources: Vec<_> = fleet(name).iter().map(|n| device_source(dir.path(), &repo, nginx, n)).collect();
+        async move {
+            let mut errors = Vec::new();
+            for source in sources {
+                errors.push(fetch(&source, "sorter", release, Arc::new(Progress::default())).await.unwrap_err());
+            }
+            let first = errors.remove(0);
+            for e in &errors {
+                assert_eq!((e.refused, e.reason), (first.refused, first.reason), "every device refuses alike: {e} / {first}");
+            }
+            first
+        }
+    };
     // Not published.
-    let e = refused(device_source(dir.path(), &repo, &nginx, "device-3"), 2).await;
+    let e = refused_by_every(&nginx, "device-3", 2).await;
     assert_eq!((e.refused, e.reason), (true, "no_such_release"), "{e}");
     // The weights edited on the server.
     let mut edited = bytes.clone();
     let last = edited.len() - 1;
     edited[last] ^= 1;
     std::fs::write(&weights, &edited).unwrap();
-    let e = refused(device_source(dir.path(), &repo, &nginx, "device-4"), 1).await;
+    let e = refused_by_every(&nginx, "device-4", 1).await;
     assert_eq!((e.refused, e.reason), (true, "hash_mismatch"), "{e}");
     std::fs::write(&weights, &bytes).unwrap();
     // A longer body than signed.
     std::fs::write(&weights, [bytes.as_slice(), b"more"].concat()).unwrap();
-    let e = refused(device_source(dir.path(), &repo, &nginx, "device-5"), 1).await;
+    let e = refused_by_every(&nginx, "device-5", 1).await;
     assert!(e.refused && ["too_large", "hash_mismatch"].contains(&e.reason), "{e}");
     std::fs::write(&weights, &bytes).unwrap();
 
@@ -280,36 +297,42 @@ async fn a_device_fetches_a_release_through_tuf_resumes_a_download_and_refuses_t
     let targets_file = newest_targets(&repo);
     let original = std::fs::read_to_string(&targets_file).unwrap();
     std::fs::write(&targets_file, original.replace(&bundle.manifest_sha256, &"0".repeat(64))).unwrap();
-    let e = refused(device_source(dir.path(), &repo, &nginx, "device-8"), 1).await;
+    let e = refused_by_every(&nginx, "device-8", 1).await;
     assert!(e.refused && ["hash_mismatch", "bad_signature"].contains(&e.reason), "{e}");
     std::fs::write(&targets_file, &original).unwrap();
     let other = tempfile::tempdir().unwrap();
     let (_, foreign) = published_repository(other.path());
     let impostor = Nginx::start(&foreign);
-    let e = refused(device_source(dir.path(), &repo, &impostor, "device-9"), 1).await;
+    let e = refused_by_every(&impostor, "device-9", 1).await;
     assert_eq!((e.refused, e.reason), (true, "bad_signature"), "{e}");
 
     // Expired metadata (a timestamp that ran out yesterday), then refreshed by the CLI.
     let timestamp = std::fs::read(repo.join("metadata/timestamp.json")).unwrap();
     let expired = adaptd_fleet::repo::Expiry { timestamp_days: -1, ..adaptd_fleet::repo::Expiry::default() };
     adaptd_fleet::repo::refresh(&keys, &repo, expired).await.unwrap();
-    let e = refused(device_source(dir.path(), &repo, &nginx, "device-7"), 1).await;
+    let e = refused_by_every(&nginx, "device-7", 1).await;
     assert_eq!((e.refused, e.reason), (true, "expired_metadata"), "{e}");
     let (ok, out) = adaptd(&["fleet", "refresh", "--keys", keys.to_str().unwrap(), "--repo", repo.to_str().unwrap()]);
     assert!(ok, "{out}");
     // The device's clock stepped back behind a time it had already seen (its datastore keeps
     // the latest): nothing it verified can be trusted to be current.
-    let stepped = device_source(dir.path(), &repo, &nginx, "device-10");
-    std::fs::create_dir_all(&stepped.datastore).unwrap();
-    std::fs::write(stepped.datastore.join("latest_known_time.json"), "\"2099-01-01T00:00:00Z\"").unwrap();
-    let e = refused(stepped, 1).await;
-    assert_eq!((e.refused, e.reason), (true, "clock_stepped_back"), "{e}");
+    for name in fleet("device-10") {
+        let stepped = device_source(dir.path(), &repo, &nginx, &name);
+        std::fs::create_dir_all(&stepped.datastore).unwrap();
+        std::fs::write(stepped.datastore.join("latest_known_time.json"), "\"2099-01-01T00:00:00Z\"").unwrap();
+        let e = refused(stepped, 1).await;
+        assert_eq!((e.refused, e.reason), (true, "clock_stepped_back"), "{name}: {e}");
+    }
     // An old timestamp restored after a device saw the new one: a rollback attack.
-    let watcher = device_source(dir.path(), &repo, &nginx, "device-6");
-    fetch(&watcher, "sorter", 1, Arc::new(Progress::default())).await.unwrap();
+    let watchers: Vec<_> = fleet("device-6").iter().map(|n| device_source(dir.path(), &repo, &nginx, n)).collect();
+    for watcher in &watchers {
+        fetch(watcher, "sorter", 1, Arc::new(Progress::default())).await.unwrap();
+    }
     std::fs::write(repo.join("metadata/timestamp.json"), &timestamp).unwrap();
-    let e = refused(watcher, 1).await;
-    assert_eq!((e.refused, e.reason), (true, "rollback_attack"), "{e}");
+    for watcher in watchers {
+        let e = refused(watcher, 1).await;
+        assert_eq!((e.refused, e.reason), (true, "rollback_attack"), "{e}");
+    }
 }
 
 /// The rollout status a device keeps retained for `task`, as the controller reads it.
