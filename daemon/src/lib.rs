@@ -35,6 +35,7 @@ pub mod config;
 pub mod control;
 pub mod datasets;
 pub mod demo;
+pub mod doctor;
 pub mod engine;
 pub mod events;
 pub mod fleet;

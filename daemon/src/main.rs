@@ -46,6 +46,27 @@ enum Command {
         #[arg(long)]
         build_dir: Option<PathBuf>,
     },
+    /// Is this device ready, and how fast is it? Architecture, Jetson model and L4T/JetPack
+    /// release, memory, temperatures, GPU load; which ONNX Runtime providers register and how
+    /// fast each serves the bundle; whether libtorch sees CUDA and how fast a head and LoRA train;
+    /// then the configuration to use.
+    Doctor {
+        /// The configuration whose bundle to measure [default: the shipped one's].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A bundle directory instead.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// About how long the benchmarks may take.
+        #[arg(long, default_value_t = 30.0)]
+        seconds: f64,
+        /// Where the device's /etc, /proc and /sys are (for looking at another device's files).
+        #[arg(long, default_value = "/", hide = true)]
+        root: PathBuf,
+        /// JSON for a fleet inventory.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the HTML report (accuracy per adapter version, loss curves, per-class recall, every
     /// gate decision) from a daemon's state directory; works while the daemon runs.
     Report {
@@ -570,6 +591,18 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo { build_dir, state_dir, report, robots, rate } => demo(build_dir, state_dir, report, robots, rate),
         Command::Check { build_dir } => check(build_dir),
+        Command::Doctor { config, bundle, seconds, root, json } => operate(json, || {
+            let bundle = match bundle {
+                Some(dir) => dir,
+                None => match &config {
+                    Some(path) => adaptd::config::Config::load(path)?.bundle,
+                    None => adaptd::config::Config::default().bundle,
+                },
+            };
+            let bundle = adaptd::doctor::open_bundle(&bundle).map_err(|e| anyhow::anyhow!("{e} (name one with --bundle or --config)"))?;
+            let report = adaptd::doctor::run(&bundle, &root, seconds, None);
+            Ok((adaptd::doctor::render(&report), serde_json::to_value(&report)?))
+        }),
         Command::Report { state_dir, config, out } => report(state_dir, config, out),
         Command::Parity { bundles, rank } => parity_command(&bundles, rank),
         Command::Bundle { command: BundleCommand::Verify { dir } } => verify(&dir),

@@ -282,3 +282,34 @@ fn onnx_engine_refuses_wrong_inputs_with_clear_errors() {
     let ok = onnx.run(&[HostTensor::zeros_f32(vec![2, 1, 8, 8])], &zeros).unwrap();
     assert_eq!(ok[1].shape, vec![2, 10]);
 }
+
+/// `adaptd doctor` on a machine laid out as an Orin Nano: the device's release, every provider
+/// tried (the CPU serving), libtorch training, and a configuration to use, as JSON.
+#[test]
+fn the_doctor_reads_the_device_measures_the_runtimes_and_says_what_to_use() {
+    let root = tempfile::tempdir().unwrap();
+    for (path, text) in [
+        ("proc/device-tree/model", "NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super\0"),
+        ("etc/nv_tegra_release", "# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: Wed Jan  8 01:49:37 UTC 2025\n"),
+        ("sys/class/thermal/thermal_zone0/type", "cpu-thermal\n"),
+        ("sys/class/thermal/thermal_zone0/temp", "48312\n"),
+    ] {
+        std::fs::create_dir_all(root.path().join(path).parent().unwrap()).unwrap();
+        std::fs::write(root.path().join(path), text).unwrap();
+    }
+    let bundle = reference_bundle("digits-cnn");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_adaptd"))
+        .args(["doctor", "--bundle", bundle.to_str().unwrap(), "--seconds", "2", "--json", "--root", root.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!((report["device"]["l4t"].as_str(), report["device"]["jetpack"].as_str()), (Some("R36.4.3"), Some("6.1/6.2")), "{report}");
+    let cpu = &report["providers"][0];
+    assert!(cpu["provider"] == "cpu" && cpu["registered"] == true && cpu["p50_ms"].as_f64().unwrap() > 0.0, "{report}");
+    assert_eq!(report["providers"].as_array().unwrap().len(), 3, "CPU, CUDA and TensorRT are each tried: {report}");
+    let training = &report["training"][0];
+    assert!(training["lora_samples_per_second"].as_f64().unwrap() > 0.0 && training["head_seconds"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(report["verdict"]["execution_provider"].is_string() && report["verdict"]["memory_budget_mb"].as_u64().is_some(), "{report}");
+}

@@ -18,7 +18,7 @@ use ort::value::{DynValue, Tensor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OnnxError {
-    #[error("ONNX Runtime library not found: set ORT_DYLIB_PATH or runtime.onnxruntime_library (looked for {0})")]
+    #[error("ONNX Runtime library not found: set ORT_DYLIB_PATH (the unit sets it) to libonnxruntime.so (looked for {0})")]
     LibraryMissing(String),
     #[error("ONNX Runtime library {path}: {reason}")]
     Library { path: PathBuf, reason: String },
