@@ -46,3 +46,4 @@ bench: setup
 	benches/fleet_idle.sh
 	$(CARGO) bench -p adaptd --bench chaos
 	$(CARGO) bench -p adaptd --bench fleet
+	$(CARGO) bench -p adaptd --bench fleet_learning
