@@ -881,34 +881,13 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
             let device = device.unwrap_or(config.mqtt.device_id);
             let store = adaptd_adapters::AdapterStore::open(state_dir.join("adapters"))?;
             let adapter = store.load(&task, version)?;
-            let staging = tempfile_dir(&state_dir)?;
-            let manifest = adapter.write_dir(&staging)?;
-            let mut files = Vec::new();
-            for name in manifest.files.keys().map(String::as_str).chain(["adapter.json"]) {
-                files.push((name.to_string(), std::fs::read(staging.join(name))?));
-            }
-            let _ = std::fs::remove_dir_all(&staging);
-            let offer = adaptd_protocol::fleet::Offer {
-                device,
-                task,
-                version,
-                kind: manifest.kind.name().into(),
-                base_sha256: manifest.base.manifest_sha256.clone(),
-                parent_release: adaptd::fleet::aggregate::fleet_parent(&store, &manifest),
-                metrics: manifest.metrics.clone(),
-                samples: manifest.samples.clone(),
-                offered_ms: adaptd::events::now_ms(),
-            };
-            let with_slash = if to.ends_with('/') { to.clone() } else { format!("{to}/") };
-            let base = match url::Url::parse(&with_slash) {
-                Ok(url) => url,
-                // A plain path: a directory on a shared mount.
-                Err(_) => {
-                    url::Url::from_directory_path(std::path::absolute(&to)?).map_err(|()| anyhow::anyhow!("--to {to:?}: neither a URL nor a directory"))?
-                }
-            };
+            // A relative path: a directory on a shared mount, from here.
+            let to = if url::Url::parse(&to).is_ok() { to } else { std::path::absolute(&to)?.display().to_string() };
+            let base = adaptd::fleet::offers_location(&to).map_err(|e| anyhow::anyhow!("--to {e}"))?.ok_or_else(|| anyhow::anyhow!("--to is empty"))?;
+            let parent = adaptd::fleet::aggregate::fleet_parent(&store, &adapter.manifest);
+            let (offer, files) = adaptd::fleet::offer_of(&adapter, &device, parent, &tempfile_dir(&state_dir)?).map_err(|e| anyhow::anyhow!(e))?;
             let at = runtime.block_on(adaptd_fleet::offer::upload(&base, &offer, &files))?;
-            Ok((format!("{} offered at {at}\n", manifest.id()), serde_json::json!({ "offer": offer, "at": at.to_string() })))
+            Ok((format!("{} offered at {at}\n", adapter.manifest.id()), serde_json::json!({ "offer": offer, "at": at.to_string() })))
         }),
         FleetCommand::Offers { dir, json } => operate(json, || {
             let adaptd_fleet::offer::Offers { found: offers, unreadable: bad } = adaptd_fleet::offer::list(&dir)?;

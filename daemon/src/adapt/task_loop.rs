@@ -616,9 +616,8 @@ impl TaskLoop {
     }
 
     /// Judge the chosen candidate, record the decision (event, journal, manifest), and promote
-    /// it when the gate says so and nothing else took its place meanwhile.
-    /// Judge and promote a trained candidate; returns whether it was promoted, the gate's summary
-    /// and the candidate as judged (its figures in its manifest).
+    /// it when the gate says so and nothing else took its place meanwhile. Returns whether it
+    /// was promoted, the gate's summary and the candidate as judged (its figures in its manifest).
     async fn gate_and_promote(&self, incumbent: &Arc<Serving>, candidate: Candidate) -> Result<(bool, String, Adapter), GateError> {
         let (ctx, task) = (&self.ctx, &self.task);
         let Candidate { version, labels, counts, notes, trigger, report, train_seconds } = candidate;
@@ -671,38 +670,15 @@ impl TaskLoop {
     /// the release it was trained from. A failed upload is logged; the round's controller sees
     /// the offer missing.
     async fn offer(&self, adapter: &Adapter, release: u64, to: &super::OfferTo) {
-        let task = &self.task;
-        let m = &adapter.manifest;
-        let staging = self.ctx.store_path.with_file_name(format!(".offer-{task}-v{}", m.version));
-        let files = (|| -> Result<Vec<(String, Vec<u8>)>, String> {
-            let _ = std::fs::remove_dir_all(&staging);
-            std::fs::create_dir_all(&staging).map_err(|e| e.to_string())?;
-            let written = adapter.write_dir(&staging).map_err(|e| e.to_string())?;
-            let mut files = Vec::new();
-            for name in written.files.keys().map(String::as_str).chain(["adapter.json"]) {
-                files.push((name.to_string(), std::fs::read(staging.join(name)).map_err(|e| e.to_string())?));
-            }
-            Ok(files)
-        })();
-        let _ = std::fs::remove_dir_all(&staging);
-        let offer = adaptd_protocol::fleet::Offer {
-            device: to.device.clone(),
-            task: task.clone(),
-            version: m.version,
-            kind: m.kind.name().into(),
-            base_sha256: m.base.manifest_sha256.clone(),
-            parent_release: Some(release),
-            metrics: m.metrics.clone(),
-            samples: m.samples.clone(),
-            offered_ms: now_ms(),
-        };
-        let result = match files {
-            Ok(files) => adaptd_fleet::offer::upload(&to.base, &offer, &files).await.map_err(|e| e.to_string()),
+        let (task, version) = (&self.task, adapter.manifest.version);
+        let staging = self.ctx.store_path.with_file_name(format!(".offer-{task}-v{version}"));
+        let result = match crate::fleet::offer_of(adapter, &to.device, Some(release), &staging) {
+            Ok((offer, files)) => adaptd_fleet::offer::upload(&to.base, &offer, &files).await.map_err(|e| e.to_string()),
             Err(e) => Err(e),
         };
         match result {
-            Ok(at) => tracing::info!(task, version = m.version, release, %at, "fleet round: offered the adapter trained on from the release"),
-            Err(e) => tracing::warn!(task, version = m.version, release, error = %e, "fleet round: could not offer the adapter"),
+            Ok(at) => tracing::info!(task, version, release, %at, "fleet round: offered the adapter trained on from the release"),
+            Err(e) => tracing::warn!(task, version, release, error = %e, "fleet round: could not offer the adapter"),
         }
     }
 

@@ -38,19 +38,7 @@ pub struct FleetConfig {
 impl FleetConfig {
     /// `offers` as a base URL (a plain path becomes a `file:` URL); None when empty.
     pub fn offers_url(&self) -> Result<Option<url::Url>, String> {
-        let text = self.offers.trim();
-        if text.is_empty() {
-            return Ok(None);
-        }
-        let with_slash = if text.ends_with('/') { text.to_string() } else { format!("{text}/") };
-        match url::Url::parse(&with_slash) {
-            Ok(url) if matches!(url.scheme(), "http" | "https" | "file") => Ok(Some(url)),
-            Ok(url) => Err(format!("{text:?}: the scheme must be http, https or file, not {}", url.scheme())),
-            Err(_) if std::path::Path::new(text).is_absolute() => {
-                url::Url::from_directory_path(text).map(Some).map_err(|()| format!("{text:?}: not a directory path"))
-            }
-            Err(e) => Err(format!("{text:?}: neither a URL nor an absolute directory path ({e})")),
-        }
+        offers_location(&self.offers)
     }
 
     pub fn enabled(&self) -> bool {
@@ -85,6 +73,60 @@ impl FleetConfig {
             other => Err(format!("{:?}: the scheme must be http or https, not {other}", self.repository)),
         }
     }
+}
+
+/// Where offers go: an http(s) upload URL, a `file:` URL or an absolute directory path (a shared
+/// mount), as a base URL with its trailing `/`; None when empty.
+pub fn offers_location(text: &str) -> Result<Option<url::Url>, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let with_slash = if text.ends_with('/') { text.to_string() } else { format!("{text}/") };
+    match url::Url::parse(&with_slash) {
+        Ok(url) if matches!(url.scheme(), "http" | "https" | "file") => Ok(Some(url)),
+        Ok(url) => Err(format!("{text:?}: the scheme must be http, https or file, not {}", url.scheme())),
+        Err(_) if std::path::Path::new(text).is_absolute() => {
+            url::Url::from_directory_path(text).map(Some).map_err(|()| format!("{text:?}: not a directory path"))
+        }
+        Err(e) => Err(format!("{text:?}: neither a URL nor an absolute directory path ({e})")),
+    }
+}
+
+/// `adapter` as an offer from `device`: the files exactly as `adapters export` writes them
+/// (written into `staging`, which is removed after) and the figures that go with them, never a
+/// sample.
+pub fn offer_of(
+    adapter: &adaptd_adapters::Adapter,
+    device: &str,
+    parent_release: Option<u64>,
+    staging: &std::path::Path,
+) -> Result<(adaptd_protocol::fleet::Offer, Vec<(String, Vec<u8>)>), String> {
+    let files = (|| -> Result<Vec<(String, Vec<u8>)>, String> {
+        let _ = std::fs::remove_dir_all(staging);
+        std::fs::create_dir_all(staging).map_err(|e| format!("{}: {e}", staging.display()))?;
+        let written = adapter.write_dir(staging).map_err(|e| e.to_string())?;
+        let mut files = Vec::new();
+        for name in written.files.keys().map(String::as_str).chain(["adapter.json"]) {
+            let path = staging.join(name);
+            files.push((name.to_string(), std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?));
+        }
+        Ok(files)
+    })();
+    let _ = std::fs::remove_dir_all(staging);
+    let m = &adapter.manifest;
+    let offer = adaptd_protocol::fleet::Offer {
+        device: device.to_string(),
+        task: m.task.clone(),
+        version: m.version,
+        kind: m.kind.name().into(),
+        base_sha256: m.base.manifest_sha256.clone(),
+        parent_release,
+        metrics: m.metrics.clone(),
+        samples: m.samples.clone(),
+        offered_ms: crate::events::now_ms(),
+    };
+    Ok((offer, files?))
 }
 
 /// Whether `minute` of the day (UTC) falls in the window [from, to), which may wrap midnight.
