@@ -93,6 +93,9 @@ pub fn offers_location(text: &str) -> Result<Option<url::Url>, String> {
     }
 }
 
+/// An offer's files: name and bytes, `offer.json` not among them.
+pub type OfferFiles = Vec<(String, Vec<u8>)>;
+
 /// `adapter` as an offer from `device`: the files exactly as `adapters export` writes them
 /// (written into `staging`, which is removed after) and the figures that go with them, never a
 /// sample.
@@ -101,8 +104,8 @@ pub fn offer_of(
     device: &str,
     parent_release: Option<u64>,
     staging: &std::path::Path,
-) -> Result<(adaptd_protocol::fleet::Offer, Vec<(String, Vec<u8>)>), String> {
-    let files = (|| -> Result<Vec<(String, Vec<u8>)>, String> {
+) -> Result<(adaptd_protocol::fleet::Offer, OfferFiles), String> {
+    let files = (|| -> Result<OfferFiles, String> {
         let _ = std::fs::remove_dir_all(staging);
         std::fs::create_dir_all(staging).map_err(|e| format!("{}: {e}", staging.display()))?;
         let written = adapter.write_dir(staging).map_err(|e| e.to_string())?;
