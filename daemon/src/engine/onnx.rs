@@ -2,8 +2,9 @@
 //!
 //! ONNX Runtime is loaded at run time from a shared library (`ort`'s `load-dynamic`): the PyPI
 //! `onnxruntime` wheel on a workstation, JetPack's `onnxruntime-gpu` on a Jetson. The library is
-//! found, in order, from the explicit path given, `ORT_DYLIB_PATH` in the environment, and the
-//! path the build was configured with, so an installed binary needs nothing exported by hand.
+//! found, in order, from the explicit path given, `ORT_DYLIB_PATH` in the environment, the path
+//! the build was configured with, and then where JetPack users install it ([`INSTALL_DIRS`]), so
+//! an installed binary needs nothing exported by hand. The one loaded is logged at start-up.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -18,7 +19,7 @@ use ort::value::{DynValue, Tensor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OnnxError {
-    #[error("ONNX Runtime library not found: set ORT_DYLIB_PATH (the unit sets it) to libonnxruntime.so (looked for {0})")]
+    #[error("ONNX Runtime library not found: set ORT_DYLIB_PATH (the unit sets it) to libonnxruntime.so (looked for {0}, and in the JetPack install places)")]
     LibraryMissing(String),
     #[error("ONNX Runtime library {path}: {reason}")]
     Library { path: PathBuf, reason: String },
@@ -57,6 +58,64 @@ const BUILD_ORT_DYLIB_PATH: Option<&str> = option_env!("ORT_DYLIB_PATH");
 
 static ENVIRONMENT: OnceLock<(PathBuf, Environment)> = OnceLock::new();
 
+/// Where ONNX Runtime is looked for after the explicit path, `ORT_DYLIB_PATH` and the build's
+/// path, in this order: the .deb's own copy; NVIDIA's and PyPI's wheels installed system-wide
+/// (`pip install` as root on JetPack puts them under `/usr/local`); the distribution's and a
+/// hand-built library. `*` matches one directory name (`python3.10`, ...).
+pub const INSTALL_DIRS: &[&str] = &[
+    "/usr/lib/adaptd",
+    "/usr/local/lib/python3*/dist-packages/onnxruntime/capi",
+    "/usr/lib/python3/dist-packages/onnxruntime/capi",
+    "/usr/lib/python3*/dist-packages/onnxruntime/capi",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/local/lib",
+];
+
+/// `libonnxruntime.so*` files in the [`INSTALL_DIRS`] below `root` (`/` on a device), in their
+/// order; within a directory the newest version first.
+pub fn installed_libraries(root: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for pattern in INSTALL_DIRS {
+        let mut dirs = vec![root.to_path_buf()];
+        for part in pattern.trim_start_matches('/').split('/') {
+            dirs = dirs
+                .iter()
+                .flat_map(|d| match part.split_once('*') {
+                    None => vec![d.join(part)],
+                    Some((prefix, suffix)) => std::fs::read_dir(d)
+                        .map(|entries| {
+                            let mut matched: Vec<PathBuf> = entries
+                                .filter_map(|e| e.ok())
+                                .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(prefix) && n.ends_with(suffix)))
+                                .map(|e| e.path())
+                                .collect();
+                            matched.sort();
+                            matched
+                        })
+                        .unwrap_or_default(),
+                })
+                .collect();
+        }
+        for dir in dirs {
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            let mut libraries: Vec<(Vec<u64>, PathBuf)> = entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let name = e.file_name().to_str()?.to_string();
+                    let version = name.strip_prefix("libonnxruntime.so")?;
+                    let parts =
+                        version.trim_start_matches('.').split('.').filter(|p| !p.is_empty()).map(|p| p.parse::<u64>().ok()).collect::<Option<Vec<_>>>()?;
+                    e.path().is_file().then_some((parts, e.path()))
+                })
+                .collect();
+            libraries.sort_by(|a, b| b.0.cmp(&a.0));
+            found.extend(libraries.into_iter().map(|(_, p)| p));
+        }
+    }
+    found
+}
+
 /// Where the ONNX Runtime library will be loaded from.
 pub fn resolve_library(explicit: Option<&Path>) -> Result<PathBuf, OnnxError> {
     let candidates: Vec<PathBuf> = explicit
@@ -64,6 +123,7 @@ pub fn resolve_library(explicit: Option<&Path>) -> Result<PathBuf, OnnxError> {
         .into_iter()
         .chain(std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
         .chain(BUILD_ORT_DYLIB_PATH.map(PathBuf::from))
+        .chain(installed_libraries(Path::new("/")))
         .collect();
     if let Some(explicit) = explicit {
         return if explicit.is_file() {
@@ -90,6 +150,7 @@ pub fn environment(explicit: Option<&Path>) -> Result<&'static Environment, Onnx
         return Ok(env);
     }
     let path = resolve_library(explicit)?;
+    tracing::info!(library = %path.display(), "ONNX Runtime loaded");
     let env = ort::init_from(&path)
         .map_err(|e| OnnxError::Library { path: path.clone(), reason: e.to_string() })?
         .with_name("adaptd")
@@ -243,4 +304,36 @@ fn to_value(name: &str, t: HostTensor) -> Result<DynValue, OnnxError> {
         HostData::F32(v) => Tensor::from_array((t.shape, v)).map_err(input_err)?.into_dyn(),
         HostData::I64(v) => Tensor::from_array((t.shape, v)).map_err(input_err)?.into_dyn(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn onnx_runtime_is_found_where_jetpack_users_install_it_newest_first() {
+        let root = tempfile::tempdir().unwrap();
+        let put = |p: &str| {
+            let path = root.path().join(p);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, b"").unwrap();
+        };
+        let capi = "usr/local/lib/python3.10/dist-packages/onnxruntime/capi";
+        for name in ["libonnxruntime.so.1.16.0", "libonnxruntime.so.1.9.0", "libonnxruntime.so.1.20.1", "libonnxruntime_providers_cuda.so"] {
+            put(&format!("{capi}/{name}"));
+        }
+        put("usr/lib/aarch64-linux-gnu/libonnxruntime.so.1.18.0");
+        put("usr/lib/aarch64-linux-gnu/libonnxruntime.so.not-a-version");
+        let found: Vec<String> = installed_libraries(root.path()).iter().map(|p| p.strip_prefix(root.path()).unwrap().display().to_string()).collect();
+        assert_eq!(
+            found,
+            [
+                format!("{capi}/libonnxruntime.so.1.20.1"),
+                format!("{capi}/libonnxruntime.so.1.16.0"),
+                format!("{capi}/libonnxruntime.so.1.9.0"),
+                "usr/lib/aarch64-linux-gnu/libonnxruntime.so.1.18.0".to_string(),
+            ]
+        );
+        assert!(installed_libraries(tempfile::tempdir().unwrap().path()).is_empty());
+    }
 }
