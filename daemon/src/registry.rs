@@ -196,6 +196,14 @@ impl Registry {
         Ok(Arc::new(self.serving_from(adapter)?))
     }
 
+    /// What stored `version` of `task` would serve (0: the base model), without activating it.
+    pub fn stored(&self, task: &str, version: u64) -> Result<Arc<Serving>, RegistryError> {
+        if version == 0 {
+            return Ok(self.base(task));
+        }
+        Ok(Arc::new(self.serving_from(self.store.load(task, version)?)?))
+    }
+
     /// The base model serving `task` (version 0), for comparisons.
     pub fn base(&self, task: &str) -> Arc<Serving> {
         Arc::new(self.base_serving(task))

@@ -380,10 +380,11 @@ async fn a_task_with_too_few_samples_is_deferred_with_its_reason() {
 }
 
 /// After a promotion the daemon watches fresh labels: when they show the new adapter worse than
-/// the one it replaced, it rolls back by itself and says why.
+/// the one it replaced, it rolls back by itself and says why. A restart during the watch does
+/// not end it: the daemon restarted after the promotion still rolls back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_promoted_adapter_that_does_worse_on_fresh_labels_is_rolled_back_by_itself() {
-    let Running { broker, state, events, base, stop, daemon } = start_daemon("sorter", 300).await;
+async fn a_promoted_adapter_that_does_worse_on_fresh_labels_is_rolled_back_by_itself_even_across_a_restart() {
+    let Running { broker, state, events, base: _, stop, daemon } = start_daemon("sorter", 300).await;
     let digits = Digits::load(&digits_data()).unwrap();
     let pool = digits.held_out();
     let rotated = digit_lines(&digits, pool.iter().copied().take(360), "cam-3", "sorter", Shift::Rotate90);
@@ -391,11 +392,21 @@ async fn a_promoted_adapter_that_does_worse_on_fresh_labels_is_rolled_back_by_it
     // the sideways adapter trails it (measured about 98 % against 89 %).
     let upright = digit_lines(&digits, pool.iter().copied().skip(360).take(150), "upright", "sorter", Shift::None);
     let port = broker.port;
-    let (rolled, status) = tokio::task::spawn_blocking(move || {
+    let events = tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_millis(500));
         publish(port, "adaptd/v1/robot-3/samples/sorter", &rotated);
         let promoted = events.wait_for("promoted", Duration::from_secs(120));
         assert_eq!(promoted["version"], 1);
+        events
+    })
+    .await
+    .unwrap();
+    // Restarted before any fresh label arrived: the watch goes on from the journal.
+    shut_down(stop, daemon).await;
+    let (stop, addr, daemon) = crate::serve_in_process(daemon_config(port, state.path(), "sorter", 300)).await;
+    let base = format!("http://{addr}");
+    let (rolled, status) = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(500));
         publish(port, "adaptd/v1/robot-3/samples/sorter", &upright);
         let rolled = events.wait_for("rolled_back", Duration::from_secs(60));
         let (_, status) = http("GET", &format!("{base}/v1/tasks/sorter/status"));

@@ -78,7 +78,7 @@ impl TaskLoop {
         let (replay, check) = split_retention(retention.as_ref());
         let serving = ctx.registry.ensure_task(&task)?;
         let watch = RollbackWatch::new(store.last_id(&task)?, serving.version);
-        let task_loop = TaskLoop {
+        let mut task_loop = TaskLoop {
             scheduler: Scheduler::new(config.scheduler.clone()),
             monitor: Monitor::new(&config.limits.sysfs_root),
             base_domain: BaseDomain { replay, check, replay_embeddings: None, detector: None, traffic_share: None },
@@ -95,6 +95,7 @@ impl TaskLoop {
             task,
         };
         task_loop.announce_interrupted_promotion(&serving);
+        task_loop.resume_watch(&serving);
         Ok(task_loop)
     }
 
@@ -288,6 +289,41 @@ impl TaskLoop {
         }
     }
 
+    /// A restart while a promotion was being watched: the version serving was promoted (the
+    /// journal says so) and has neither passed its watch nor been rolled back since, so it is
+    /// watched again against the version it replaced, on the fresh labels that arrive from now.
+    /// (A fleet release applied before the restart commits or rolls back through this watch.)
+    fn resume_watch(&mut self, serving: &Arc<Serving>) {
+        let version = serving.version;
+        if version == 0 {
+            return;
+        }
+        let Ok((records, _)) = self.ctx.journal.read(&self.task) else { return };
+        let promoted = records.iter().enumerate().rev().find_map(|(i, r)| match &r.event {
+            Event::Job(job) if job.promote && job.version == version => Some((i, job.incumbent_version)),
+            Event::Promoted { version: v, from_version, .. } if *v == version => Some((i, *from_version)),
+            _ => None,
+        });
+        let Some((at, previous_version)) = promoted else { return };
+        let ended = records[at..].iter().any(|r| match &r.event {
+            Event::WatchPassed { version: v, .. } => *v == version,
+            Event::RolledBack { from_version, .. } => *from_version == version,
+            _ => false,
+        });
+        if ended {
+            return;
+        }
+        match self.ctx.registry.stored(&self.task, previous_version) {
+            Ok(previous) => {
+                tracing::info!(task = %self.task, version, previous_version, "the watch after v{version}'s promotion was interrupted by a restart; it goes on");
+                self.watch = RollbackWatch::after_promotion(self.watch.after_id, version, previous, previous_version);
+            }
+            Err(e) => {
+                tracing::warn!(task = %self.task, version, previous_version, error = %e, "the interrupted watch cannot resume: the version it replaced cannot be loaded")
+            }
+        }
+    }
+
     /// An operator's command, acted on at once whatever the loop is doing: rollback and pin
     /// change what serves right away (a running job is then cancelled by `train_attempt`); a
     /// train request is handed back for the scheduler to answer.
@@ -368,7 +404,9 @@ impl TaskLoop {
                 Err(e) => tracing::error!(task, error = %e, "automatic rollback failed"),
             },
             Verdict::Passed { fresh_samples, accuracy, previous_accuracy } => {
-                self.ctx.events.emit(&task, Event::WatchPassed { version: live.version, fresh_samples, accuracy, previous_accuracy });
+                // Journaled: a restart after this does not watch the version again.
+                let event = self.ctx.events.emit(&task, Event::WatchPassed { version: live.version, fresh_samples, accuracy, previous_accuracy });
+                self.ctx.journal.record(&event);
             }
         }
         Ok(())
