@@ -557,7 +557,8 @@ fn rollout_status(port: u16, device: &str) -> Value {
 }
 
 /// A daemon killed with SIGKILL half way through a download (the repository's server is slow)
-/// resumes it after its restart with a `Range` request for the rest, and applies the release.
+/// resumes it after its restart with a `Range` request for the rest, and applies the release;
+/// killed again during the watch after the promotion, it commits the release after that restart.
 #[test]
 fn a_daemon_killed_mid_download_resumes_it_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -581,7 +582,7 @@ fn a_daemon_killed_mid_download_resumes_it_after_a_restart() {
     let config = dir.path().join("adaptd.toml");
     let text = format!(
         "bundle = {:?}\nstate_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nhost = \"127.0.0.1\"\nport = {}\ndevice_id = \"robot-k\"\ninference_api = false\n\
-         [ingest]\ntasks = [\"sorter\"]\n[fleet]\nrepository = \"{}\"\nroot_file = {:?}\n",
+         [ingest]\ntasks = [\"sorter\"]\n[gate]\nwatch_max_samples = 40\n[fleet]\nrepository = \"{}\"\nroot_file = {:?}\n",
         reference_bundle("digits-cnn"),
         dir.path().join("state"),
         broker.port,
@@ -628,9 +629,39 @@ fn a_daemon_killed_mid_download_resumes_it_after_a_restart() {
         assert!(Instant::now() < deadline, "not applied after the restart: {status}");
         std::thread::sleep(Duration::from_millis(200));
     };
+    assert_eq!((applied["release"].as_u64(), applied["serving_release"].as_u64()), (Some(1), Some(1)), "{applied}");
+    // Killed again during the watch after the promotion: the watch goes on after the restart,
+    // and fresh labels the release names commit it.
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    let mut daemon = start();
+    std::thread::sleep(Duration::from_millis(1500));
+    let digits = adaptd::datasets::Digits::load(&crate::digits_data()).unwrap();
+    let fresh: Vec<String> = digits
+        .held_out()
+        .into_iter()
+        .take(40)
+        .map(|i| {
+            let label = crate::TEST_LABELS[(digits.labels[i] % 3) as usize];
+            let data: Vec<String> = digits.image(i, adaptd::datasets::Shift::None).iter().map(|v| format!("{v:.3}")).collect();
+            format!(
+                "{{\"key\": \"fresh:{i}\", \"task\": \"sorter\", \"label\": \"{label}\", \"input\": {{\"shape\": [1, 1, 8, 8], \"data\": [{}]}}}}",
+                data.join(",")
+            )
+        })
+        .collect();
+    crate::adapt::publish(port, "adaptd/v1/robot-k/samples/sorter", &fresh);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = rollout_status(port, "robot-k");
+        if status["state"] == "committed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not committed after the restart during its watch: {status}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let _ = daemon.kill();
     let _ = daemon.wait();
-    assert_eq!((applied["release"].as_u64(), applied["serving_release"].as_u64()), (Some(1), Some(1)), "{applied}");
     let log = nginx.log();
     let resumed =
         log.lines().find(|l| l.starts_with("206") && l.contains("head.safetensors")).unwrap_or_else(|| panic!("no Range request for the rest: {log}"));
