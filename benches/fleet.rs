@@ -23,6 +23,7 @@ fn main() {
         failures: FailureThreshold { count: None, percent: Some(5.0), min_executed: 100 },
         device_timeout_ms: 3_600_000,
         per_minute: None,
+        base_sha256: None,
     };
     let mut runs = Vec::new();
     for _ in 0..5 {
@@ -64,5 +65,6 @@ fn status(seq: u64, state: AgentState) -> AgentStatus {
         bytes: None,
         scores: None,
         time_ms: 0,
+        base_sha256: None,
     }
 }

@@ -381,6 +381,10 @@ enum FleetCommand {
         /// Assign an older release on purpose.
         #[arg(long)]
         rollback: bool,
+        /// The repository directory: the release's base model is read from it, and devices
+        /// whose status says they serve another base are left out, listed with the reason.
+        #[arg(long)]
+        repo: Option<PathBuf>,
         #[command(flatten)]
         control: ControllerArgs,
     },
@@ -838,9 +842,30 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
                 serde_json::json!({ "timestamp_days": expiry.timestamp_days }),
             ))
         }),
-        FleetCommand::Rollout { task, release, devices, waves, policy, success_percent, max_failures, device_timeout_s, per_minute, rollback, control } => {
+        FleetCommand::Rollout {
+            task,
+            release,
+            devices,
+            waves,
+            policy,
+            success_percent,
+            max_failures,
+            device_timeout_s,
+            per_minute,
+            rollback,
+            repo: repo_dir,
+            control,
+        } => {
             anyhow::ensure!((0.0..=100.0).contains(&success_percent), "--success-percent must be in [0, 100]");
             anyhow::ensure!(!control.state.exists(), "{} exists: a rollout is saved there (`fleet controller` goes on with it)", control.state.display());
+            let base_sha256 = match &repo_dir {
+                Some(dir) => {
+                    let published = runtime.block_on(repo::list(dir))?;
+                    let signed = published.iter().find(|p| p.task == task && p.release == release);
+                    Some(signed.ok_or_else(|| anyhow::anyhow!("{task} release {release} is not published in {}", dir.display()))?.base_sha256.clone())
+                }
+                None => None,
+            };
             let plan = adaptd_fleet::controller::Plan {
                 id: format!("{task}-r{release}-{}", adaptd::events::now_ms() / 1000),
                 task,
@@ -852,6 +877,7 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
                 failures: adaptd_fleet::controller::FailureThreshold { count: Some(max_failures.max(1)), percent: None, min_executed: 1 },
                 device_timeout_ms: device_timeout_s.saturating_mul(1000),
                 per_minute,
+                base_sha256,
             };
             adaptd::fleet::controller::save(&control.state, &adaptd_fleet::controller::Rollout::new(plan, Default::default()))?;
             run_controller(&control)

@@ -135,6 +135,7 @@ impl Agent {
             bytes: job.and_then(|j| j.bytes),
             scores: job.and_then(|j| j.scores.clone()),
             time_ms: now_ms,
+            base_sha256: Some(self.device.base_sha256.clone()),
         }
     }
 

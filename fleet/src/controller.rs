@@ -39,6 +39,10 @@ pub struct Plan {
     pub device_timeout_ms: u64,
     /// At most this many assignments a minute (None: a wave at once).
     pub per_minute: Option<u32>,
+    /// The base bundle's manifest sha256 the release was trained on, when the controller knows
+    /// it: a device whose status says it serves another base is left out, with the reason.
+    #[serde(default)]
+    pub base_sha256: Option<String>,
 }
 
 impl Plan {
@@ -169,6 +173,16 @@ impl Rollout {
         if let Some(seq) = status.seq {
             let last = self.last_seq.entry(device.to_string()).or_insert(0);
             *last = (*last).max(seq);
+        }
+        // A device on another base model cannot take the release: left out before it is assigned.
+        if let (Some(want), Some(has)) = (&self.plan.base_sha256, &status.base_sha256)
+            && want != has
+            && self.devices.get(device).is_some_and(|p| p.seq.is_none())
+        {
+            self.devices.remove(device);
+            let short = |h: &str| h.chars().take(12).collect::<String>();
+            self.ineligible.insert(device.to_string(), format!("serves another base model ({}; the release needs {})", short(has), short(want)));
+            return;
         }
         let Some(progress) = self.devices.get_mut(device) else { return };
         let ours = status.rollout.as_deref() == Some(self.plan.id.as_str()) && status.release == Some(self.plan.release);
@@ -373,6 +387,7 @@ mod tests {
             failures: FailureThreshold { count: Some(1), percent: None, min_executed: 1 },
             device_timeout_ms: 60_000,
             per_minute: None,
+            base_sha256: None,
         }
     }
 
@@ -390,6 +405,7 @@ mod tests {
             bytes: None,
             scores: None,
             time_ms: 0,
+            base_sha256: None,
         }
     }
 
@@ -449,6 +465,22 @@ mod tests {
         assert!(r.devices["b"].timed_out && r.devices["b"].failed());
         assert!(matches!(&r.phase, Phase::Halted { reason } if reason.contains("wave 1 ended with 1 of 2")), "{:?}", r.phase);
         assert!(r.devices["c"].seq.is_none());
+    }
+
+    #[test]
+    fn a_device_that_reports_another_base_model_is_left_out_before_it_is_assigned() {
+        let mut r = Rollout::new(Plan { base_sha256: Some("a".repeat(64)), ..plan(&["a", "b", "z"], &[1, 2]) }, BTreeMap::new());
+        let on = |base: &str, seq: u64| AgentStatus { base_sha256: Some(base.repeat(64)), rollout: None, ..status(seq, AgentState::Idle) };
+        r.observe("z", &on("b", 4));
+        r.observe("b", &on("a", 2));
+        assert!(!r.devices.contains_key("z") && r.ineligible["z"].contains("another base model"), "{:?}", r.ineligible);
+        assert!(r.devices.contains_key("b"));
+        assert!(r.table().contains("ineligible"));
+        // Once assigned, a device's own gate refuses the release (wrong_base); the controller does not take it out.
+        assert_eq!(devices(&r.step(0)), ["a"]);
+        r.observe("a", &on("b", 1));
+        assert!(r.devices.contains_key("a"));
+        assert_eq!(r.last_seq.get("z"), Some(&4), "its sequence is still remembered");
     }
 
     #[test]

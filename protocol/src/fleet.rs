@@ -117,6 +117,10 @@ pub struct AgentStatus {
     pub bytes: Option<(u64, u64)>,
     pub scores: Option<Scores>,
     pub time_ms: u64,
+    /// The sha256 of the base bundle's manifest this device serves: a controller leaves a device
+    /// on another base out of a rollout, with the reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_sha256: Option<String>,
 }
 
 /// `offer.json`: an adapter a device offers up to the operator (its files beside it; no

@@ -379,6 +379,7 @@ fn fleet_messages_and_state_refuse_damage_with_a_reason_and_bounded_memory() {
         failures: adaptd_fleet::controller::FailureThreshold { count: Some(1), percent: None, min_executed: 1 },
         device_timeout_ms: 60_000,
         per_minute: None,
+        base_sha256: None,
     };
     adaptd::fleet::controller::save(&path, &adaptd_fleet::controller::Rollout::new(plan, Default::default())).unwrap();
     let saved = std::fs::read(&path).unwrap();

@@ -374,6 +374,7 @@ impl Reporter {
                 bytes: None,
                 scores: None,
                 time_ms: now,
+                base_sha256: None,
             },
         };
         (status.state, status.seq, status.release, status.bytes, status.scores) = (AgentState::Refused, None, None, None, None);

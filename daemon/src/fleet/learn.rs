@@ -233,6 +233,7 @@ async fn roll_out(
             failures: FailureThreshold { count: None, percent: None, min_executed: usize::MAX },
             device_timeout_ms: plan.device_timeout.as_millis() as u64,
             per_minute: None,
+            base_sha256: Some(plan.bundle.manifest_sha256.clone()),
         };
         super::controller::save(&state, &Rollout::new(rollout_plan, Default::default()))?;
     }
