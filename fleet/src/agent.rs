@@ -86,7 +86,7 @@ pub enum Action {
     /// Save [`Agent::memory`] (atomically) before reporting.
     Remember(Memory),
     /// Publish this (retained).
-    Report(AgentStatus),
+    Report(Box<AgentStatus>),
 }
 
 #[derive(Debug, Clone)]
@@ -160,7 +160,7 @@ impl Agent {
             let mut status = agent.status(now_ms);
             (status.state, status.seq, status.release, status.rollout) = (AgentState::Refused, Some(a.seq), Some(a.release), a.rollout);
             (status.reason, status.message, status.bytes, status.scores) = (Some(reason.into()), Some(message), None, None);
-            vec![Action::Report(status)]
+            vec![Action::Report(Box::new(status))]
         };
         if a.task != self.task {
             let message = format!("the assignment names task {:?} on the topic of {:?}", a.task, self.task);
@@ -181,7 +181,7 @@ impl Agent {
                         let mut job = Job::new(a);
                         (job.state, job.reason) = (state, self.memory.last_reason.clone());
                         self.job = Some(job);
-                        vec![Action::Report(self.status(now_ms))]
+                        vec![Action::Report(Box::new(self.status(now_ms)))]
                     }
                     _ => self.start(a, now_ms),
                 };
@@ -322,7 +322,7 @@ impl Agent {
             self.memory.last_reason = job.reason.clone();
         }
         self.memory.last_state = Some(state);
-        vec![Action::Remember(self.memory.clone()), Action::Report(self.status(now_ms))]
+        vec![Action::Remember(self.memory.clone()), Action::Report(Box::new(self.status(now_ms)))]
     }
 
     fn finish(&mut self, state: AgentState, reason: &str, message: String, now_ms: u64) -> Vec<Action> {
