@@ -707,7 +707,7 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
             anyhow::ensure!(adapter.manifest.task == task, "the adapter is for task {:?}, not {task:?}", adapter.manifest.task);
             let release = match release {
                 Some(r) => r,
-                None => next_release(&runtime, &r.repo, &task)?,
+                None => runtime.block_on(repo::next_release(&r.repo, &task))?,
             };
             let (info, names) = publish_release(&runtime, &adapter, release, parent, allow_force, &r, expiry)?;
             Ok((
@@ -721,25 +721,12 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
             let offers_dir = &combine.offers_dir;
             let release = match release {
                 Some(r) => r,
-                None => next_release(&runtime, &r.repo, &task)?,
+                None => runtime.block_on(repo::next_release(&r.repo, &task))?,
             };
-            let parent_of = match parent {
-                None => Parent::base(&bundle)?,
-                Some(p) => {
-                    let dir = tempfile_dir(&r.repo)?;
-                    let read = runtime
-                        .block_on(repo::read_release(&r.repo, &task, p, &dir))
-                        .map_err(anyhow::Error::from)
-                        .and_then(|_| Ok(adaptd_adapters::Adapter::read_dir(&dir)?));
-                    let _ = std::fs::remove_dir_all(&dir);
-                    Parent::release(p, &read?)
-                }
-            };
+            let parent_of = runtime.block_on(Parent::read(&bundle, &r.repo, &task, parent, &tempfile_dir(&r.repo)?))?;
             let found = adaptd_fleet::offer::list(offers_dir)?.found;
             let chosen: Vec<_> = if wanted.is_empty() {
-                // The newest offer of each device (the list is newest first).
-                let mut seen = std::collections::BTreeSet::new();
-                found.into_iter().filter(|(o, _)| o.task == task && o.parent_release == parent && seen.insert(o.device.clone())).collect()
+                adaptd::fleet::aggregate::newest_offers(&found, &task, parent, None)
             } else {
                 let mut chosen = Vec::new();
                 for name in &wanted {
@@ -982,12 +969,6 @@ fn run_controller(control: &ControllerArgs) -> anyhow::Result<ExitCode> {
 /// `--policy`: the fleet's policy by its name in the protocol.
 fn parse_rule(text: &str) -> Result<adaptd_adapters::aggregate::Rule, String> {
     serde_json::from_value(serde_json::Value::String(text.to_string())).map_err(|_| format!("{text:?}: cat, svd or linear"))
-}
-
-/// One past the newest release of `task` in the repository.
-fn next_release(runtime: &tokio::runtime::Runtime, repo: &std::path::Path, task: &str) -> anyhow::Result<u64> {
-    let published = runtime.block_on(adaptd_fleet::repo::list(repo))?;
-    Ok(published.iter().filter(|p| p.task == task).map(|p| p.release).max().unwrap_or(0) + 1)
 }
 
 /// Sign `adapter` into the repository as `release` (see `fleet::aggregate::publish`).

@@ -292,6 +292,11 @@ async fn write_metadata(signed: &tough::editor::signed::SignedRepository, stagin
     publish_staged(staging, metadata)
 }
 
+/// One past the newest release of `task` the repository publishes.
+pub async fn next_release(repo: &Path, task: &str) -> Result<u64, RepoError> {
+    Ok(list(repo).await?.iter().filter(|p| p.task == task).map(|p| p.release).max().unwrap_or(0) + 1)
+}
+
 /// What the repository publishes now, as releases (one per task and release number).
 pub async fn list(repo: &Path) -> Result<Vec<Release>, RepoError> {
     let (loaded, _) = load(repo).await?;

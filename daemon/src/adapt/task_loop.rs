@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use adaptd_adapters::bundle::RetentionSet;
 use adaptd_adapters::files::{ADAPTER_FORMAT, Adapter, AdapterKind, AdapterManifest, BaseRef, LoraInfo, SampleCounts};
-use adaptd_protocol::Event;
 use adaptd_protocol::event::{JobRecord, TrainingSummary};
+use adaptd_protocol::{Event, EventRecord};
 use adaptd_train::FitReport;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -94,8 +94,11 @@ impl TaskLoop {
             config,
             task,
         };
-        task_loop.announce_interrupted_promotion(&serving);
-        task_loop.resume_watch(&serving);
+        // The journal is read once at start: for a promotion a crash left unrecorded, and for a
+        // watch a restart interrupted. None: unreadable (both then say and do nothing).
+        let mut journal = task_loop.ctx.journal.read(&task_loop.task).ok().map(|(records, _)| records);
+        task_loop.announce_interrupted_promotion(&serving, &mut journal);
+        task_loop.resume_watch(&serving, journal.as_deref());
         Ok(task_loop)
     }
 
@@ -266,13 +269,13 @@ impl TaskLoop {
     }
 
     /// A promotion that a crash interrupted after its pointer moved serves, but its `promoted`
-    /// event and journal record were never written: write them now, marked as recovered.
-    fn announce_interrupted_promotion(&self, serving: &Serving) {
+    /// event and journal record were never written: write them now, marked as recovered (and
+    /// into `journal`, the records read at start).
+    fn announce_interrupted_promotion(&self, serving: &Serving, journal: &mut Option<Vec<EventRecord>>) {
         let Some(manifest) = serving.manifest.as_ref().filter(|m| m.promoted_unix_ms.is_some()) else { return };
-        let recorded = match self.ctx.journal.read(&self.task) {
-            Ok((records, _)) => records.iter().any(|r| matches!(r.event, Event::Job(_) | Event::Promoted { .. }) && r.event.version() == Some(serving.version)),
-            Err(_) => true, // unreadable: say nothing rather than something wrong
-        };
+        // Unreadable: say nothing rather than something wrong.
+        let Some(records) = journal.as_mut() else { return };
+        let recorded = records.iter().any(|r| matches!(r.event, Event::Job(_) | Event::Promoted { .. }) && r.event.version() == Some(serving.version));
         if !recorded {
             let event = self.ctx.events.emit(
                 &self.task,
@@ -286,6 +289,7 @@ impl TaskLoop {
                 },
             );
             self.ctx.journal.record(&event);
+            records.push(event);
         }
     }
 
@@ -293,12 +297,9 @@ impl TaskLoop {
     /// journal says so) and has neither passed its watch nor been rolled back since, so it is
     /// watched again against the version it replaced, on the fresh labels that arrive from now.
     /// (A fleet release applied before the restart commits or rolls back through this watch.)
-    fn resume_watch(&mut self, serving: &Arc<Serving>) {
+    fn resume_watch(&mut self, serving: &Arc<Serving>, journal: Option<&[EventRecord]>) {
         let version = serving.version;
-        if version == 0 {
-            return;
-        }
-        let Ok((records, _)) = self.ctx.journal.read(&self.task) else { return };
+        let Some(records) = journal.filter(|_| version > 0) else { return };
         let promoted = records.iter().enumerate().rev().find_map(|(i, r)| match &r.event {
             Event::Job(job) if job.promote && job.version == version => Some((i, job.incumbent_version)),
             Event::Promoted { version: v, from_version, .. } if *v == version => Some((i, *from_version)),

@@ -20,6 +20,8 @@ pub enum FleetAggregateError {
     Fit(String),
     #[error("publishing the aggregate: {0}")]
     Publish(String),
+    #[error("parent release {release}: {reason}")]
+    ParentRelease { release: u64, reason: String },
 }
 
 impl FleetAggregateError {
@@ -29,6 +31,7 @@ impl FleetAggregateError {
             FleetAggregateError::Combine(e) => e.error_type(),
             FleetAggregateError::Fit(_) => "fit",
             FleetAggregateError::Publish(_) => "publish",
+            FleetAggregateError::ParentRelease { .. } => "parent_release",
         }
     }
 }
@@ -52,6 +55,39 @@ impl Parent {
 
     pub fn release(release: u64, adapter: &Adapter) -> Parent {
         Parent { release: Some(release), head: adapter.head.clone(), labels: adapter.manifest.labels.clone() }
+    }
+
+    /// The base model (`release` None), or release `release` of `task` read verified from the
+    /// repository on this disk through `scratch`, a directory removed afterwards.
+    pub async fn read(
+        bundle: &Bundle,
+        repo: &std::path::Path,
+        task: &str,
+        release: Option<u64>,
+        scratch: &std::path::Path,
+    ) -> Result<Parent, FleetAggregateError> {
+        let Some(release) = release else { return Parent::base(bundle) };
+        let failed = |reason: String| FleetAggregateError::ParentRelease { release, reason };
+        let _ = std::fs::remove_dir_all(scratch);
+        std::fs::create_dir_all(scratch).map_err(|e| failed(format!("{}: {e}", scratch.display())))?;
+        let read = adaptd_fleet::repo::read_release(repo, task, release, scratch).await;
+        let adapter = read.map_err(|e| e.to_string()).and_then(|_| Adapter::read_dir(scratch).map_err(|e| e.to_string()));
+        let _ = std::fs::remove_dir_all(scratch);
+        Ok(Parent::release(release, &adapter.map_err(failed)?))
+    }
+}
+
+/// From `found` (an offers directory's listing, newest first): the newest offer of each device
+/// for `task` trained from `parent`, of every device (in the listing's order) or of `devices`
+/// (in their order).
+pub fn newest_offers(found: &[(Offer, std::path::PathBuf)], task: &str, parent: Option<u64>, devices: Option<&[String]>) -> Vec<(Offer, std::path::PathBuf)> {
+    let wanted = |o: &Offer| o.task == task && o.parent_release == parent;
+    match devices {
+        Some(devices) => devices.iter().filter_map(|d| found.iter().find(|(o, _)| &o.device == d && wanted(o)).cloned()).collect(),
+        None => {
+            let mut seen = std::collections::BTreeSet::new();
+            found.iter().filter(|(o, _)| wanted(o) && seen.insert(o.device.clone())).cloned().collect()
+        }
     }
 }
 
@@ -244,4 +280,34 @@ fn samples_per_label(offer: &Offer, adapter: &Adapter) -> BTreeMap<String, u64> 
 
 fn release_name(release: Option<u64>) -> String {
     release.map_or_else(|| "the base model".to_string(), |r| format!("release {r}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_offer_of_each_device_from_the_parent_is_chosen() {
+        let offer = |device: &str, version: u64, parent: Option<u64>| {
+            let o = Offer {
+                device: device.into(),
+                task: "sorter".into(),
+                version,
+                kind: "lora".into(),
+                base_sha256: String::new(),
+                parent_release: parent,
+                metrics: BTreeMap::new(),
+                samples: SampleCounts::default(),
+                offered_ms: 0,
+            };
+            (o, std::path::PathBuf::from(format!("{device}.v{version}")))
+        };
+        // Newest first, as the offers directory lists them.
+        let found = vec![offer("b", 9, Some(1)), offer("a", 3, None), offer("c", 2, None), offer("a", 1, None)];
+        let names = |chosen: Vec<(Offer, std::path::PathBuf)>| chosen.into_iter().map(|(_, p)| p.display().to_string()).collect::<Vec<_>>();
+        assert_eq!(names(newest_offers(&found, "sorter", None, None)), ["a.v3", "c.v2"]);
+        assert_eq!(names(newest_offers(&found, "sorter", None, Some(&["c".into(), "a".into(), "b".into()]))), ["c.v2", "a.v3"]);
+        assert_eq!(names(newest_offers(&found, "sorter", Some(1), None)), ["b.v9"]);
+        assert!(newest_offers(&found, "picker", None, None).is_empty());
+    }
 }

@@ -16,7 +16,7 @@ use adaptd_fleet::repo::Expiry;
 use adaptd_protocol::fleet::{AgentState, Offer, Policy};
 use serde::{Deserialize, Serialize};
 
-use super::aggregate::{FleetAggregateError, Options, Parent, aggregate, publish};
+use super::aggregate::{self, FleetAggregateError, Options, Parent, aggregate, publish};
 use crate::events::now_ms;
 use crate::mqtt::BrokerConnection;
 
@@ -115,7 +115,7 @@ pub async fn learn(
     let mut report = LearnReport { task: plan.task.clone(), ..LearnReport::default() };
     let mut parent = plan.parent;
     if parent.is_none() {
-        let offers = newest_offers(plan, None)?;
+        let offers = offers_from(plan, None)?;
         let (release, round) = combine(plan, 0, None, &offers).await?;
         report.rounds.push(RoundReport { devices: offered(&offers, &plan.devices), ..round });
         save(plan, &report)?;
@@ -132,7 +132,7 @@ pub async fn learn(
         }
         let deadline = Instant::now() + plan.offer_timeout;
         let offers = loop {
-            let offers = newest_offers(plan, Some(from))?;
+            let offers = offers_from(plan, Some(from))?;
             if scored.iter().all(|d| offers.iter().any(|(o, _)| &o.device == d)) || Instant::now() >= deadline {
                 break offers;
             }
@@ -165,15 +165,13 @@ pub async fn learn(
 }
 
 /// The newest whole offer of each of the plan's devices that was trained from `parent`.
-fn newest_offers(plan: &LearnPlan, parent: Option<u64>) -> Result<Vec<(Offer, adaptd_adapters::Adapter)>, LearnError> {
+fn offers_from(plan: &LearnPlan, parent: Option<u64>) -> Result<Vec<(Offer, adaptd_adapters::Adapter)>, LearnError> {
     let found = adaptd_fleet::offer::list(&plan.offers_dir).map_err(|e| LearnError::Io { path: plan.offers_dir.clone(), reason: e.to_string() })?.found;
     let mut chosen = Vec::new();
-    for device in &plan.devices {
-        // The list is newest first.
-        let Some((offer, dir)) = found.iter().find(|(o, _)| &o.device == device && o.task == plan.task && o.parent_release == parent) else { continue };
-        match adaptd_adapters::Adapter::read_dir(dir) {
-            Ok(adapter) => chosen.push((offer.clone(), adapter)),
-            Err(e) => tracing::warn!(device, error = %e, "fleet learn: an offer cannot be read; left out"),
+    for (offer, dir) in aggregate::newest_offers(&found, &plan.task, parent, Some(&plan.devices)) {
+        match adaptd_adapters::Adapter::read_dir(&dir) {
+            Ok(adapter) => chosen.push((offer, adapter)),
+            Err(e) => tracing::warn!(device = offer.device, error = %e, "fleet learn: an offer cannot be read; left out"),
         }
     }
     Ok(chosen)
@@ -181,20 +179,10 @@ fn newest_offers(plan: &LearnPlan, parent: Option<u64>) -> Result<Vec<(Offer, ad
 
 /// Aggregate `offers` into the next release and publish it.
 async fn combine(plan: &LearnPlan, round: usize, parent: Option<u64>, offers: &[(Offer, adaptd_adapters::Adapter)]) -> Result<(u64, RoundReport), LearnError> {
-    let parent_of = match parent {
-        None => Parent::base(&plan.bundle)?,
-        Some(r) => {
-            let dir = plan.state_dir.join(format!(".release-{r}"));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).map_err(|e| LearnError::Io { path: dir.clone(), reason: e.to_string() })?;
-            let read = adaptd_fleet::repo::read_release(&plan.repo, &plan.task, r, &dir).await;
-            let adapter = read.map_err(|e| e.to_string()).and_then(|_| adaptd_adapters::Adapter::read_dir(&dir).map_err(|e| e.to_string()));
-            let _ = std::fs::remove_dir_all(&dir);
-            Parent::release(r, &adapter.map_err(|reason| LearnError::Round { round, reason: format!("release {r}: {reason}") })?)
-        }
-    };
-    let published = adaptd_fleet::repo::list(&plan.repo).await.map_err(|e| LearnError::Io { path: plan.repo.clone(), reason: e.to_string() })?;
-    let release = published.iter().filter(|p| p.task == plan.task).map(|p| p.release).max().unwrap_or(0) + 1;
+    let scratch = plan.state_dir.join(format!(".release-{}", parent.unwrap_or(0)));
+    let parent_of = Parent::read(&plan.bundle, &plan.repo, &plan.task, parent, &scratch).await?;
+    let release =
+        adaptd_fleet::repo::next_release(&plan.repo, &plan.task).await.map_err(|e| LearnError::Io { path: plan.repo.clone(), reason: e.to_string() })?;
     let combined = aggregate(&plan.task, release, &plan.bundle, &parent_of, offers, plan.options)?;
     publish(&combined, release, parent, false, &plan.keys, &plan.repo, plan.expiry).await?;
     let provenance = combined.manifest.aggregate.clone().unwrap_or_else(|| adaptd_adapters::files::Aggregation {
