@@ -7,13 +7,14 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PYTHON := .venv/bin/python
 
-.PHONY: help setup build demo test bench fuzz
+.PHONY: help setup build demo test bench fuzz deb-arm64 check-arm64
 help:
 	@echo "make demo   set up, then run the demo on the reference bundles"
 	@echo "make test   set up, then run all tests"
 	@echo "make setup  only the set-up (venv with the ML runtimes, Mosquitto, reference bundles)"
 	@echo "make bench  benchmarks, ours and the references side by side"
 	@echo "make fuzz   the decoders' property tests, long (PROPTEST_CASES=$(FUZZ_CASES) per property)"
+	@echo "make deb-arm64    cross-build the arm64 (Jetson) .deb; make check-arm64 runs it under emulation"
 
 setup:
 	@deploy/setup.sh
@@ -47,3 +48,11 @@ bench: setup
 	$(CARGO) bench -p adaptd --bench chaos
 	$(CARGO) bench -p adaptd --bench fleet
 	$(CARGO) bench -p adaptd --bench fleet_learning
+
+# Jetson: cross-build the arm64 .deb (installs Rust's aarch64 standard library and Debian's cross
+# compilers where missing), then run the arm64 binary's checks under QEMU. Not part of `make test`.
+deb-arm64: setup
+	deploy/jetson/cross-build.sh
+
+check-arm64: deb-arm64
+	deploy/jetson/emulated-check.sh

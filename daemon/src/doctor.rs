@@ -13,7 +13,7 @@ use adaptd_adapters::bundle::{Bundle, DType, Preprocessing};
 use adaptd_adapters::head::{Dense, Head};
 use adaptd_adapters::lora::no_adapter_inputs;
 use adaptd_adapters::tensor::{HostData, HostTensor, SeededRng};
-use adaptd_train::{Examples, FitTarget, Recipe, TrainingGraph, fit};
+use adaptd_train::{Examples, FitTarget, Recipe, TrainingGraph, fit, libtorch};
 use serde::Serialize;
 
 use crate::engine::onnx::{ExecutionProvider, OnnxModel, SessionOptions};
@@ -87,7 +87,11 @@ pub struct Report {
     pub onnxruntime_library: Option<PathBuf>,
     pub bundle: String,
     pub providers: Vec<ProviderCheck>,
+    /// The `libtorch_cpu.so` this process runs.
+    pub libtorch_library: Option<PathBuf>,
     pub torch_cuda: bool,
+    /// Why libtorch has no CUDA, when it has none.
+    pub torch_cuda_reason: Option<String>,
     pub training: Vec<TrainingCheck>,
     pub verdict: Verdict,
 }
@@ -299,13 +303,15 @@ pub fn run(bundle: &Bundle, root: &Path, seconds: f64, library: Option<&Path>) -
         .into_iter()
         .map(|p| serve(bundle, p, threads, library, budget / 6))
         .collect();
-    let torch_cuda = tch::Cuda::is_available();
+    let torch_cuda = libtorch::cuda_available();
+    let torch_cuda_reason = libtorch::cuda_unavailable_reason();
     let mut training = vec![train(bundle, tch::Device::Cpu, budget / 4)];
     if torch_cuda {
         training.push(train(bundle, tch::Device::Cuda(0), budget / 4));
     }
     let verdict = verdict(&device, &providers, &training);
-    Report { device, onnxruntime_library, bundle: bundle.manifest.name.clone(), providers, torch_cuda, training, verdict }
+    let libtorch_library = libtorch::cpu_library();
+    Report { device, onnxruntime_library, bundle: bundle.manifest.name.clone(), providers, libtorch_library, torch_cuda, torch_cuda_reason, training, verdict }
 }
 
 /// The report as a person reads it.
@@ -331,7 +337,11 @@ pub fn render(r: &Report) -> String {
         };
         out += &format!("  {:<9} {figure}\n", format!("{:?}", p.provider).to_lowercase());
     }
-    out += &format!("libtorch    CUDA {}\n", if r.torch_cuda { "available" } else { "not available" });
+    out += &format!("libtorch    {}\n", r.libtorch_library.as_ref().map_or("(libtorch_cpu.so not mapped)".to_string(), |p| p.display().to_string()));
+    out += &match &r.torch_cuda_reason {
+        None => "  cuda      available\n".to_string(),
+        Some(reason) => format!("  cuda      not available: {reason}\n"),
+    };
     for t in &r.training {
         match &t.error {
             Some(e) => out += &format!("  {:<9} training failed: {e}\n", t.device),

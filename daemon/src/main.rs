@@ -1130,6 +1130,7 @@ struct BundleCheck {
     load_ms: f64,
     parity: ParityReport,
     train: Option<FitReport>,
+    head: Option<parity::HeadProbe>,
 }
 
 fn check_bundle(dir: &Path, digits: &Path, rank: usize, train_steps: usize) -> anyhow::Result<BundleCheck> {
@@ -1143,7 +1144,10 @@ fn check_bundle(dir: &Path, digits: &Path, rank: usize, train_steps: usize) -> a
     let inputs = parity::probe_inputs(&bundle, digits)?;
     let parity = parity::check_parity(&mut onnx, &graph, &inputs, rank, 7)?;
     let train = (train_steps > 0).then(|| parity::training_probe(&bundle, &graph, digits, train_steps)).transpose()?;
-    Ok(BundleCheck { verify_ms, load_ms, parity, train })
+    // The head path end to end on images (the text bundle's probe data has three sentences a class).
+    let image = !matches!(bundle.manifest.preprocessing, adaptd_adapters::bundle::Preprocessing::Text { .. });
+    let head = (train_steps > 0 && image).then(|| parity::head_probe(&mut onnx, digits)).transpose()?;
+    Ok(BundleCheck { verify_ms, load_ms, parity, train, head })
 }
 
 fn print_check(check: &BundleCheck) {
@@ -1167,7 +1171,21 @@ fn print_check(check: &BundleCheck) {
             if t.base_unchanged == Some(true) { "yes" } else { "NO" }
         );
     }
+    if let Some(h) = &check.head {
+        println!(
+            "  head adaptation to {} digits ({} train / {} test, shipped recipe, CPU): {:.1} % -> {:.1} % in {:.1} s",
+            format!("{:?}", h.shift).to_lowercase(),
+            h.train,
+            h.test,
+            h.base_accuracy * 100.0,
+            h.adapted_accuracy * 100.0,
+            h.seconds
+        );
+    }
 }
+
+/// A head adapted to rotated digits must beat the base classifier by this much (it gains 50+).
+const HEAD_PROBE_MIN_GAIN: f64 = 0.2;
 
 fn demo(build_dir: Option<PathBuf>, state_dir: Option<PathBuf>, report: Option<PathBuf>, robots: usize, rate: f64) -> anyhow::Result<ExitCode> {
     let build = build_dir.unwrap_or_else(paths::build_dir);
@@ -1211,6 +1229,7 @@ fn check(build_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         let check = check_bundle(&build.join("bundles").join(name), &digits, 8, 10)?;
         print_check(&check);
         ok &= check.parity.passed() && check.train.as_ref().is_some_and(|t| t.base_unchanged == Some(true) && t.losses.last() < t.losses.first());
+        ok &= check.head.as_ref().is_none_or(|h| h.adapted_accuracy >= h.base_accuracy + HEAD_PROBE_MIN_GAIN);
     }
     println!("\n{}", if ok { "all checks passed" } else { "SOME CHECKS FAILED" });
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })

@@ -162,3 +162,78 @@ pub fn training_probe(bundle: &Bundle, graph: &TrainingGraph, digits_path: &Path
     let target = FitTarget::Lora { graph, rank: 8, alpha: 8.0, start: None };
     Ok(fit(target, &train, &Examples::default(), &head, &recipe, &AtomicBool::new(false), &mut |_| {})?)
 }
+
+/// What a head adaptation on shifted digits came to (`adaptd check`).
+#[derive(Debug, Clone)]
+pub struct HeadProbe {
+    pub shift: Shift,
+    pub train: usize,
+    pub test: usize,
+    /// The bundle's own classifier on the shifted test half.
+    pub base_accuracy: f64,
+    /// A head trained with the shipped recipe on the shifted train half, on the same test half.
+    pub adapted_accuracy: f64,
+    pub seconds: f64,
+}
+
+/// Adapt a head to rotated digits the way the daemon's first step does (cached embeddings from
+/// the serving graph, imprinted rows, the shipped recipe on the CPU) and score it on held-out
+/// images: proves the whole head path (serving runtime, trainer, head) on this machine.
+pub fn head_probe(onnx: &mut OnnxModel, digits_path: &Path) -> Result<HeadProbe, ParityError> {
+    let shift = Shift::Rotate90;
+    let started = std::time::Instant::now();
+    let digits = Digits::load(digits_path)?;
+    let held = digits.held_out();
+    let (train_rows, test_rows) = held.split_at(held.len() / 2);
+    let manifest = onnx.bundle().manifest.clone();
+    let zeros = no_adapter_inputs(&manifest.lora);
+    let dim = manifest.embedding_dim;
+    let mut embed = |rows: &[usize]| -> Result<(Vec<f32>, Option<Vec<f32>>), ParityError> {
+        let outputs = onnx.run(&[digits.batch(rows, shift)], &zeros)?;
+        let output = |name: &str| manifest.output_index(name).and_then(|i| outputs.get(i)).and_then(|t| t.as_f32()).map(<[f32]>::to_vec);
+        let embeddings = output(&manifest.embedding_output).ok_or_else(|| TrainError::Data("the serving graph gave no embedding output".into()))?;
+        Ok((embeddings, manifest.logits_output.as_deref().and_then(output)))
+    };
+    let (train_embeddings, _) = embed(train_rows)?;
+    let (test_embeddings, base_logits) = embed(test_rows)?;
+    let labels = digits.labels_of(train_rows);
+    let classes = 10;
+    let class_means: Vec<Option<Vec<f32>>> = (0..classes as i64)
+        .map(|class| {
+            let members: Vec<usize> = (0..labels.len()).filter(|&r| labels[r] == class).collect();
+            (!members.is_empty())
+                .then(|| (0..dim).map(|d| members.iter().map(|&r| train_embeddings[r * dim + d]).sum::<f32>() / members.len() as f32).collect())
+        })
+        .collect();
+    let names: Vec<String> = (0..classes).map(|c| c.to_string()).collect();
+    let start = adaptd_adapters::head::grow_linear(None, &names, &class_means, dim);
+    let train = Examples {
+        inputs: vec![HostTensor { shape: vec![train_rows.len(), dim], data: HostData::F32(train_embeddings) }],
+        weights: vec![1.0; labels.len()],
+        labels,
+    };
+    let target = FitTarget::Head { device: tch::Device::Cpu };
+    let fitted = fit(target, &train, &Examples::default(), &start, &Recipe::default(), &AtomicBool::new(false), &mut |_| {})?;
+    let truth = digits.labels_of(test_rows);
+    let accuracy = |logits: &[f32]| {
+        let right = truth
+            .iter()
+            .enumerate()
+            .filter(|(row, label)| {
+                let scores = &logits[row * classes..(row + 1) * classes];
+                (0..classes).max_by(|&a, &b| scores[a].total_cmp(&scores[b])).map(|c| c as i64) == Some(**label)
+            })
+            .count();
+        right as f64 / truth.len().max(1) as f64
+    };
+    let adapted = fitted.head.forward(&test_embeddings, test_rows.len());
+    let base_accuracy = base_logits.filter(|l| l.len() == test_rows.len() * classes).map_or(f64::NAN, |l| accuracy(&l));
+    Ok(HeadProbe {
+        shift,
+        train: train_rows.len(),
+        test: test_rows.len(),
+        base_accuracy,
+        adapted_accuracy: accuracy(&adapted),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}

@@ -17,7 +17,7 @@ use adaptd_adapters::bundle::Bundle;
 use adaptd_adapters::head::{Head, softmax_rows};
 use adaptd_adapters::lora::LoraWeights;
 use adaptd_adapters::tensor::HostTensor;
-use adaptd_train::{Examples, FitReport, FitTarget, Progress, Recipe, TrainError, TrainingGraph, fit};
+use adaptd_train::{Examples, FitReport, FitTarget, Progress, Recipe, TrainError, TrainingGraph, fit, libtorch};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -116,8 +116,8 @@ pub struct Trainer {
 pub enum TrainerError {
     #[error(transparent)]
     Train(#[from] TrainError),
-    #[error("training.device is \"cuda\", but libtorch sees no CUDA device")]
-    NoCuda,
+    #[error("training.device is \"cuda\", but CUDA is not available to libtorch: {0}")]
+    NoCuda(String),
     #[error("the trainer thread has stopped")]
     Stopped,
 }
@@ -127,10 +127,17 @@ impl Trainer {
     pub fn start(bundle: Bundle, config: TrainerConfig) -> Result<Trainer, TrainerError> {
         let device = match config.device {
             TrainDevice::Cpu => tch::Device::Cpu,
-            TrainDevice::Auto => tch::Device::cuda_if_available(),
-            TrainDevice::Cuda if tch::Cuda::is_available() => tch::Device::Cuda(0),
-            TrainDevice::Cuda => return Err(TrainerError::NoCuda),
+            TrainDevice::Auto if libtorch::cuda_available() => tch::Device::Cuda(0),
+            TrainDevice::Auto => tch::Device::Cpu,
+            TrainDevice::Cuda if libtorch::cuda_available() => tch::Device::Cuda(0),
+            TrainDevice::Cuda => return Err(TrainerError::NoCuda(libtorch::cuda_unavailable_reason().unwrap_or_default())),
         };
+        tracing::info!(
+            library = %libtorch::cpu_library().map_or("(not mapped)".into(), |p| p.display().to_string()),
+            device = ?device,
+            cuda = %libtorch::cuda_unavailable_reason().map_or("available".into(), |r| format!("not available: {r}")),
+            "libtorch loaded"
+        );
         let (tx, rx) = std::sync::mpsc::channel::<Command>();
         let (loaded_tx, loaded_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()

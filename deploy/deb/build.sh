@@ -11,8 +11,13 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 binary=${1:-$root/target/release/adaptd}
 out=${2:-$root/target/deb}
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$root/Cargo.toml" | head -1)
-arch=$(dpkg --print-architecture)
 [ -x "$binary" ] || { echo "build.sh: $binary is not an executable (cargo build --release -p adaptd)" >&2; exit 2; }
+# The package's architecture is the binary's, not the build machine's (a cross-build makes arm64).
+case $(od -An -j18 -N2 -tu2 "$binary" 2>/dev/null | tr -d ' ') in
+  62) arch=amd64 ;;
+  183) arch=arm64 ;;
+  *) echo "build.sh: $binary is not an x86-64 or aarch64 ELF executable" >&2; exit 2 ;;
+esac
 
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
@@ -39,7 +44,7 @@ Version: $version
 Architecture: $arch
 Maintainer: adaptd maintainers <adaptd@localhost>
 Installed-Size: $size
-Depends: libc6, adduser, systemd
+Depends: libc6, libstdc++6, adduser, systemd
 Recommends: mosquitto
 Section: science
 Priority: optional

@@ -456,8 +456,13 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
         states.push(state);
     }
     let events_b = EventLog::start(port, states[0].path());
-    // Digits device A never saw: for each device's own gate; the rest as fresh labels.
-    let holdout = digit_lines(&digits, pool.iter().copied().skip(300).take(170), "cam", "sorter", Shift::Rotate90);
+    // Each device's own camera and its own digits, none of which device A trained on: what each
+    // device's gate judges a release by. Fresh labels come from the held-out pool's tail.
+    let trained: std::collections::HashSet<usize> = pool.iter().copied().take(300).collect();
+    let unseen: Vec<usize> = (0..digits.len()).filter(|i| !trained.contains(i) && !pool[470..].contains(i)).collect();
+    let holdouts: Vec<Vec<String>> = (0..DEVICES.len())
+        .map(|d| digit_lines(&digits, unseen.iter().copied().skip(d * 170).take(170), &format!("cam-{d}"), "sorter", Shift::Rotate90))
+        .collect();
     let fresh = digit_lines(&digits, pool.iter().copied().skip(470), "cam-fresh", "sorter", Shift::Rotate90);
     // Robot C's camera turns back upright: release 1 gets its fresh labels wrong.
     let upright = digit_lines(&digits, pool.iter().copied().skip(470), "cam-upright", "sorter", Shift::None);
@@ -465,8 +470,8 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
     let rollouts = dir.path().to_path_buf();
     let (first, second, committed, rolled_back, malformed, statuses) = tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_millis(500));
-        for device in DEVICES {
-            publish(port, &format!("adaptd/v1/{device}/samples/sorter"), &holdout);
+        for (device, holdout) in DEVICES.iter().zip(&holdouts) {
+            publish(port, &format!("adaptd/v1/{device}/samples/sorter"), holdout);
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         while clients.iter().any(|c| c.get("/v1/tasks/sorter/status").unwrap().body["samples"].as_u64().unwrap_or(0) < 170) {
@@ -504,15 +509,30 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
             .unwrap();
         assert!(ok.success());
         let malformed = events_b.wait_where("rollout", |e| e["reason"] == "malformed", Duration::from_secs(10));
-        // By hand, as an attacker or a stale controller would: each refused with its reason.
-        for (body, reason) in [
-            (r#"{"seq": 0, "task": "sorter", "release": 1, "policy": "validate"}"#, "stale_sequence"),
-            (r#"{"seq": 5, "task": "sorter", "release": 99, "policy": "validate"}"#, "no_such_release"),
-            (r#"{"seq": 6, "task": "sorter", "release": 3, "policy": "validate"}"#, "wrong_base"),
-            (r#"{"seq": 7, "task": "sorter", "release": 1, "policy": "force"}"#, "force_not_allowed"),
+        // By hand, as an attacker or a stale controller would: each refused by every device with
+        // its reason, in the status it keeps retained for the controller.
+        for (seq, body, reason) in [
+            (0, r#"{"seq": 0, "task": "sorter", "release": 1, "policy": "validate"}"#, "stale_sequence"),
+            (5, r#"{"seq": 5, "task": "other", "release": 1, "policy": "validate"}"#, "task_mismatch"),
+            (6, r#"{"seq": 6, "task": "sorter", "release": 99, "policy": "validate"}"#, "no_such_release"),
+            (7, r#"{"seq": 7, "task": "sorter", "release": 3, "policy": "validate"}"#, "wrong_base"),
+            (8, r#"{"seq": 8, "task": "sorter", "release": 1, "policy": "force"}"#, "force_not_allowed"),
         ] {
-            assign_by_hand(port, "robot-d", body);
-            events_b.wait_where("rollout", |e| e["reason"] == reason, Duration::from_secs(30));
+            for device in DEVICES {
+                assign_by_hand(port, device, body);
+            }
+            for device in DEVICES {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    let status = retained_status(port, device, "sorter");
+                    if status["reason"] == reason && status["seq"] == seq {
+                        assert_eq!(status["state"], "refused", "{device}: {status}");
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "{device} did not refuse {body} as {reason}: {status}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
         }
         let statuses: Vec<Value> = clients.iter().map(|c| c.get("/v1/tasks/sorter/status").unwrap().body).collect();
         (first, second, committed, rolled_back, malformed, statuses)
@@ -544,8 +564,9 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
     assert_eq!((retained["state"].as_str(), retained["release"].as_u64()), (Some("refused"), Some(2)), "what a controller reads: {retained}");
     let log = nginx.log();
     let weights = |release: u64| log.lines().filter(|l| l.contains(&format!("sorter.r{release}.head.safetensors"))).count();
-    // Release 1: once per device in the rollout, and once more by D for the `force` attempt.
-    assert_eq!((weights(1), weights(2)), (6, 1), "every device fetched release 1, only the canary release 2: {log}");
+    // Release 1: once per device in the rollout, and once more by each for the `force` attempt
+    // (refused once the signed metadata says the release does not allow it).
+    assert_eq!((weights(1), weights(2)), (10, 1), "every device fetched release 1, only the canary release 2: {log}");
     for (stop, _, daemon) in daemons {
         shut_down(stop, daemon).await;
     }

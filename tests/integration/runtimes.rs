@@ -309,6 +309,8 @@ fn the_doctor_reads_the_device_measures_the_runtimes_and_says_what_to_use() {
     let cpu = &report["providers"][0];
     assert!(cpu["provider"] == "cpu" && cpu["registered"] == true && cpu["p50_ms"].as_f64().unwrap() > 0.0, "{report}");
     assert_eq!(report["providers"].as_array().unwrap().len(), 3, "CPU, CUDA and TensorRT are each tried: {report}");
+    assert!(report["libtorch_library"].as_str().is_some_and(|p| p.ends_with("/libtorch_cpu.so")), "{report}");
+    assert_eq!(report["torch_cuda"] == true, report["torch_cuda_reason"].is_null(), "a reason exactly when CUDA is not available: {report}");
     let training = &report["training"][0];
     assert!(training["lora_samples_per_second"].as_f64().unwrap() > 0.0 && training["head_seconds"].as_f64().unwrap() > 0.0, "{report}");
     assert!(report["verdict"]["execution_provider"].is_string() && report["verdict"]["memory_budget_mb"].as_u64().is_some(), "{report}");

@@ -5,6 +5,8 @@
 //! libtorch types stay inside this module and whoever owns a `TrainingGraph`: results leave as
 //! host tensors.
 
+pub mod libtorch;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tch::{CModule, Device, IValue, Kind, Tensor, nn, nn::OptimizerConfig};
