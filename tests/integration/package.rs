@@ -12,7 +12,7 @@ fn the_deb_installs_the_binary_unit_config_and_docs() {
 
     let info = Command::new("dpkg-deb").args(["--info", &deb]).output().unwrap();
     let info = String::from_utf8_lossy(&info.stdout);
-    for field in ["Package: adaptd", "Depends: libc6, adduser, systemd", "conffiles", "postinst"] {
+    for field in ["Package: adaptd", "Architecture: amd64", "Depends: libc6, libstdc++6, adduser, systemd", "conffiles", "postinst"] {
         assert!(info.contains(field), "{field} in\n{info}");
     }
     let contents = Command::new("dpkg-deb").args(["--contents", &deb]).output().unwrap();
