@@ -381,7 +381,8 @@ fn assign_by_hand(port: u16, device: &str, body: &str) {
 /// that see the same shift and never trained take release 1 in waves (a canary, then pairs):
 /// each fetches it through TUF, its own gate judges it on its own holdout samples, and it
 /// serves it; fresh labels let the canary's watch commit it. Release 2 is refused by the
-/// canary's gate, the rollout halts, and no other device downloads it. An assignment that is
+/// canary's gate, the rollout halts, no other device downloads it and no device answers
+/// differently. An assignment that is
 /// not one is refused with its reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_halts_at_the_canary() {
@@ -467,6 +468,9 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
     // Robot C's camera turns back upright: release 1 gets its fresh labels wrong.
     let upright = digit_lines(&digits, pool.iter().copied().skip(470), "cam-upright", "sorter", Shift::None);
     let clients: Vec<adaptd::client::Client> = daemons.iter().map(|(_, addr, _)| adaptd::client::Client::new(*addr)).collect();
+    let probe_rows: Vec<usize> = pool.iter().copied().skip(470).take(8).collect();
+    let probe_pixels: Vec<f32> = probe_rows.iter().flat_map(|&i| digits.image(i, Shift::Rotate90)).collect();
+    let probe = serde_json::json!({ "inputs": { "image": { "shape": [probe_rows.len(), 1, 8, 8], "data": probe_pixels } } });
     let rollouts = dir.path().to_path_buf();
     let (first, second, committed, rolled_back, malformed, statuses, retained) = tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_millis(500));
@@ -502,8 +506,13 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
         let committed = events_b.wait_where("rollout", |e| e["state"] == "committed", Duration::from_secs(60));
         publish(port, "adaptd/v1/robot-c/samples/sorter", &upright);
         let rolled_back = events_b.wait_where("rollout", |e| e["state"] == "rolled_back", Duration::from_secs(60));
+        // What every device answers, before and after the bad release's rollout.
+        let predictions =
+            || -> Vec<String> { clients.iter().map(|c| c.post("/v1/tasks/sorter/predict", Some(&probe)).unwrap().body["predictions"].to_string()).collect() };
+        let before = predictions();
         let second = rollout(port, &rollouts.join("r2.json"), 2);
         let retained = retained_status(port, "robot-b", "sorter");
+        assert_eq!(predictions(), before, "a release refused at the canary changes no device's answers");
         let ok = Command::new("mosquitto_pub")
             .args(["-p", &port.to_string(), "-q", "1", "-t", "adaptd/v1/robot-c/assign/sorter", "-m", "{\"seq\": 3}"])
             .status()
