@@ -382,8 +382,7 @@ fn assign_by_hand(port: u16, device: &str, body: &str) {
 /// each fetches it through TUF, its own gate judges it on its own holdout samples, and it
 /// serves it; fresh labels let the canary's watch commit it. Release 2 is refused by the
 /// canary's gate, the rollout halts, no other device downloads it and no device answers
-/// differently. An assignment that is
-/// not one is refused with its reason.
+/// differently. Assignments that are not ones are refused by every device with their reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_halts_at_the_canary() {
     use crate::adapt::{EventLog, daemon_config, digit_lines, publish, shut_down, start_daemon_with};
