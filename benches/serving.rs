@@ -6,12 +6,14 @@
 //!    values, and the engine with that LoRA + a head active; all with the same intra-op threads.
 //! 2. Side by side: interleaved rounds of sequential batch-1 requests; p50/p99 of each and the
 //!    median over rounds of the p50 ratio (engine / plain). Target: <= 1.05.
-//! 3. Hot swap under load, three runs: 64 client threads, 1,000 promotions each from a thread at
+//! 3. Throughput at 64 concurrent clients, batch 1, three runs: plain ONNX Runtime with one
+//!    session shared through a mutex, and the engine; the median ratio (target >= 1).
+//! 4. Hot swap under load, three runs: 64 client threads, 1,000 promotions each from a thread at
 //!    background priority (as the trainer promotes); failed requests (target 0) and the median
 //!    ratio of p99 during swaps to steady state (target <= 1.2x).
 //!
 //! `cargo bench -p adaptd --bench serving` (criterion's filters and `--quick` apply to part 1).
-//! Set ADAPTD_BENCH_SKIP_CRITERION=1 to run only parts 2 and 3.
+//! Set ADAPTD_BENCH_SKIP_CRITERION=1 to run only parts 2 to 4.
 
 #[path = "../tests/integration/fixtures.rs"]
 #[allow(dead_code)]
@@ -202,6 +204,56 @@ fn hot_swap(s: &Setup, clients: usize, promotions: u64) -> (f64, u64) {
     (p99d / p99s, failures.load(Ordering::Relaxed))
 }
 
+/// Requests per second of `clients` threads sending batch-1 requests for `seconds`: plain ONNX
+/// Runtime with one session behind a mutex (what a user serving one model from many threads
+/// writes), then the engine; returns (plain, ours).
+fn concurrent(s: &Setup, clients: usize, seconds: f64) -> (f64, f64) {
+    let bundle = s.registry.bundle().clone();
+    let session = SessionOptions { intra_op_threads: THREADS, ..Default::default() };
+    let plain = OnnxModel::load(&bundle, session, None).unwrap();
+    let zero_lora = Arc::new(plain.prepare_lora(&no_adapter_inputs(&bundle.manifest.lora)).unwrap());
+    let plain = Arc::new(std::sync::Mutex::new(plain));
+    let count = |run: Arc<dyn Fn() + Send + Sync>| {
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..clients)
+            .map(|_| {
+                let (run, stop, served) = (run.clone(), stop.clone(), served.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        run();
+                        served.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs_f64(seconds));
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            t.join().unwrap();
+        }
+        served.load(Ordering::Relaxed) as f64 / seconds
+    };
+    let input = s.batch1.clone();
+    let plain_run: Arc<dyn Fn() + Send + Sync> = {
+        let input = input.clone();
+        Arc::new(move || {
+            plain.lock().unwrap().run_prepared(input.clone(), &zero_lora).unwrap();
+        })
+    };
+    let handle = s.engine.handle.clone();
+    let ours_run: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+        handle.infer_blocking("bench", input.clone()).unwrap();
+    });
+    let (p, o) = (count(plain_run), count(ours_run));
+    println!(
+        "concurrent {}: {clients} clients x {seconds:.0} s, batch 1: plain ORT (one session, a mutex) {p:.0} req/s | adaptd LoRA+head {o:.0} req/s | ratio {:.2}",
+        bundle.manifest.name,
+        o / p
+    );
+    (p, o)
+}
+
 fn main() {
     let skip_criterion = std::env::var_os("ADAPTD_BENCH_SKIP_CRITERION").is_some();
     let mut c = Criterion::default().configure_from_args();
@@ -214,6 +266,15 @@ fn main() {
     }
     side_by_side(&mut minilm, "minilm", 5, 40);
     side_by_side(&mut digits, "digits-cnn", 5, 400);
+    for (setup, seconds) in [(&digits, 3.0), (&minilm, 5.0)] {
+        let runs: Vec<(f64, f64)> = (0..3).map(|_| concurrent(setup, 64, seconds)).collect();
+        println!(
+            "concurrent {} summary: throughput ratio adaptd / plain ORT, median of {} runs: {:.2}",
+            setup.registry.bundle().manifest.name,
+            runs.len(),
+            median(runs.iter().map(|(p, o)| o / p).collect())
+        );
+    }
     let runs: Vec<(f64, u64)> = (0..3).map(|_| hot_swap(&digits, 64, 1000)).collect();
     println!(
         "hot-swap summary: failed requests {} in total; p99 during swaps / steady, median of {} runs: {:.2}",

@@ -46,6 +46,39 @@ fn serves_the_base_model_and_is_ready_only_after_warm_up() {
     engine.shutdown();
 }
 
+/// A small model on an idle engine: each request runs on its caller's thread (no hand-off),
+/// answering what the owner thread answers; with a batching wait configured, none does.
+#[test]
+fn an_idle_engine_runs_a_small_models_requests_on_the_callers_thread() {
+    let (_dir, registry, engine) = start("digits-cnn", one_thread());
+    registry.promote(lora_adapter(registry.bundle(), "sorter", 1, 4)).unwrap();
+    let digits = Digits::load(&digits_data()).unwrap();
+    let h = &engine.handle;
+    let inline = || h.stats().inline.load(Ordering::Relaxed);
+    let image = |i: usize| vec![digits.batch(&[i], Shift::Rotate90)];
+    // The first small call is the owner thread's (nothing is known to be cheap before it).
+    let first = h.infer_blocking("sorter", image(0)).unwrap();
+    assert_eq!(inline(), 0);
+    for i in 0..20 {
+        let answer = h.infer_blocking("sorter", image(i % 2)).unwrap();
+        if i % 2 == 0 {
+            assert_eq!(answer, first, "the same answer on either thread");
+        }
+    }
+    assert_eq!(inline(), 20, "every sequential request on the idle engine ran inline");
+    assert!(h.stats().latency.snapshot().0.last().is_some_and(|(_, n)| *n == 21), "inline requests count in the latency metric");
+    engine.shutdown();
+
+    let batching = EngineConfig { max_wait: Duration::from_millis(1), ..one_thread() };
+    let (_dir, registry, engine) = start("digits-cnn", batching);
+    registry.ensure_task("sorter").unwrap();
+    for i in 0..5 {
+        engine.handle.infer_blocking("sorter", image(i)).unwrap();
+    }
+    assert_eq!(engine.handle.stats().inline.load(Ordering::Relaxed), 0, "a configured wait asks for batching");
+    engine.shutdown();
+}
+
 #[test]
 fn adapter_outputs_match_the_trainer() {
     let (_dir, registry, engine) = start("digits-cnn", one_thread());

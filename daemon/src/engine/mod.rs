@@ -1,17 +1,24 @@
 //! The serving engine: the frozen base model on ONNX Runtime with each task's active adapter.
 //!
-//! One owner thread holds the ONNX Runtime session (runs need `&mut`). Callers reach it through
+//! One owner thread serves the ONNX Runtime session (runs need `&mut`). Callers reach it through
 //! a bounded queue carrying their tracing span and a reply channel; a full queue is refused at
 //! once (`Overloaded`) instead of blocking the caller's runtime. The thread gathers requests into
 //! micro-batches (up to `max_batch` rows, waiting at most `max_wait` after the first), loads each
 //! task's adapter once per batch from the registry, and runs one graph call per distinct LoRA.
 //! A `watch` channel publishes health: `Ready` only after a warm-up batch has run.
+//!
+//! At low load the hand-off to the owner thread costs more than a small model's run. So a
+//! serving request that finds the engine idle (the session free, nothing queued) and a small
+//! graph call cheap (under [`INLINE_RUN_MAX`]) runs at once on the caller's thread, holding the
+//! session's lock as the owner does; under load the lock is taken or the queue is not empty,
+//! and requests batch on the owner thread as before. Only with `max_wait` zero (the default): a
+//! configured wait asks for batching.
 
 pub mod onnx;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -128,6 +135,11 @@ pub struct EngineStats {
     /// Cumulative histograms for `/metrics`: request latency and rows per graph call.
     pub latency: Histogram,
     pub batch_rows: Histogram,
+    /// Requests run on their caller's thread (the engine was idle), of all served.
+    pub inline: AtomicU64,
+    /// What a small graph call (up to [`INLINE_MAX_ROWS`] rows) costs now, in ns: a moving
+    /// average; `u64::MAX` until one has run.
+    pub small_call_ns: AtomicU64,
 }
 
 /// A fixed-bucket histogram with lock-free counters (Prometheus' cumulative form is computed
@@ -174,13 +186,32 @@ impl Default for EngineStats {
             recent: Default::default(),
             latency: Histogram::new(LATENCY_BOUNDS_S),
             batch_rows: Histogram::new(BATCH_BOUNDS),
+            inline: AtomicU64::new(0),
+            small_call_ns: AtomicU64::new(u64::MAX),
         }
     }
 }
 
 const RECENT_LATENCIES: usize = 256;
 
+/// A request runs on its caller's thread only if a small graph call costs less than this: it
+/// may be an async worker, which must not be held for long.
+pub const INLINE_RUN_MAX: Duration = Duration::from_millis(1);
+/// ... and only if it has at most this many rows.
+pub const INLINE_MAX_ROWS: usize = 4;
+
 impl EngineStats {
+    /// Fold one graph call's duration into the small-call estimate.
+    fn observe_call(&self, rows: usize, took: Duration) {
+        if rows > INLINE_MAX_ROWS {
+            return;
+        }
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        let old = self.small_call_ns.load(Ordering::Relaxed);
+        let new = if old == u64::MAX { ns } else { old - old / 8 + ns / 8 };
+        self.small_call_ns.store(new, Ordering::Relaxed);
+    }
+
     fn record_latency(&self, ms: f32) {
         self.latency.observe(ms as f64 / 1e3);
         let mut recent = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -201,10 +232,62 @@ impl EngineStats {
     }
 }
 
+/// What runs requests: the session and its converted LoRA values. The owner thread holds the
+/// lock while it runs a batch; a caller that finds the engine idle holds it to run its own
+/// request. `model` is None before warm-up and after the engine stopped.
+struct Core<B: InferenceBackend> {
+    model: Option<B>,
+    cache: LoraCache<B::Lora>,
+}
+
+/// What serves a task now, owned: the registry's `current`, shared by every thread that runs.
+type CurrentFn = Box<dyn Fn(&str) -> Option<Arc<Serving>> + Send + Sync>;
+
+/// What the owner thread and the handles share.
+struct Shared<B: InferenceBackend> {
+    core: Mutex<Core<B>>,
+    current: CurrentFn,
+    /// Callers may run their requests themselves (`max_wait` is zero).
+    inline: bool,
+}
+
+impl<B: InferenceBackend> Shared<B> {
+    fn new(current: CurrentFn, inline: bool) -> Shared<B> {
+        Shared { core: Mutex::new(Core { model: None, cache: LoraCache { values: HashMap::new(), order: VecDeque::new() } }), current, inline }
+    }
+
+    /// The core, also after a panic in a run (its state is a session and a cache, both whole).
+    fn lock(&self) -> MutexGuard<'_, Core<B>> {
+        self.core.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Run `request` on this thread if the engine is idle and a small call is cheap; otherwise
+    /// hand it back, for the queue. `queue_empty` is read by the caller (the queue is its).
+    fn run_inline(&self, request: Request, queue_empty: bool, stats: &EngineStats) -> Option<Request> {
+        let cheap = stats.small_call_ns.load(Ordering::Relaxed) <= INLINE_RUN_MAX.as_nanos() as u64;
+        // Validation traffic stays on the owner thread: it comes from a background-priority
+        // thread, which must never hold the session a serving request waits for.
+        let serving = request.adapter.is_none() && !request.with_embedding && request.rows <= INLINE_MAX_ROWS;
+        if !(self.inline && cheap && serving && queue_empty) {
+            return Some(request);
+        }
+        let mut core = match self.core.try_lock() {
+            Ok(core) => core,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Some(request),
+        };
+        let Core { model: Some(model), cache } = &mut *core else { return Some(request) };
+        stats.inline.fetch_add(1, Ordering::Relaxed);
+        run_batch(model, &*self.current, cache, vec![request], stats);
+        None
+    }
+}
+
 /// A cheap, cloneable way to reach the engine.
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: Sender<Command>,
+    shared: Arc<Shared<OnnxModel>>,
     health: watch::Receiver<Health>,
     manifest: Arc<Manifest>,
     stats: Arc<EngineStats>,
@@ -226,6 +309,9 @@ impl Engine {
         let manifest = Arc::new(registry.bundle().manifest.clone());
         let stats = Arc::new(EngineStats::default());
         let engine_stats = stats.clone();
+        let current = registry.clone();
+        let shared: Arc<Shared<OnnxModel>> = Arc::new(Shared::new(Box::new(move |task| current.current(task)), config.max_wait.is_zero()));
+        let engine_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("adaptd-engine".into())
             .spawn(move || {
@@ -242,15 +328,19 @@ impl Engine {
                     let _ = loaded_tx.send(Err(e));
                     return;
                 }
+                let provider = model.provider();
+                engine_shared.lock().model = Some(model);
                 // Ready before `start` returns, so a caller never sees a started engine as Starting.
-                let _ = health_tx.send(Health::Ready { provider: model.provider() });
+                let _ = health_tx.send(Health::Ready { provider });
                 let _ = loaded_tx.send(Ok(()));
-                serve(&mut model, &|task| registry.current(task), &rx, &config, &engine_stats);
+                serve(&engine_shared, &rx, &config, &engine_stats);
+                // The session goes with the owner thread, not with the last handle.
+                engine_shared.lock().model = None;
                 let _ = health_tx.send(Health::Stopped);
             })
             .map_err(|e| OnnxError::Run(format!("cannot start the engine thread: {e}")))?;
         match loaded_rx.recv() {
-            Ok(Ok(())) => Ok(Engine { handle: EngineHandle { tx, health, manifest, stats }, thread }),
+            Ok(Ok(())) => Ok(Engine { handle: EngineHandle { tx, shared, health, manifest, stats }, thread }),
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
@@ -331,6 +421,8 @@ impl EngineHandle {
         let (reply, rx) = oneshot::channel();
         let request =
             Request { task: task.to_string(), adapter, with_embedding, submitted: Instant::now(), inputs, rows, span: tracing::Span::current(), reply };
+        // Answered on this thread (the reply waits in `rx`), or queued for the owner thread.
+        let Some(request) = self.shared.run_inline(request, self.tx.is_empty(), &self.stats) else { return Ok(rx) };
         let refused = match self.tx.try_send(Command::Infer(request)) {
             Ok(()) => return Ok(rx),
             Err(TrySendError::Full(_)) => EngineError::Overloaded,
@@ -452,8 +544,7 @@ impl<L> LoraCache<L> {
 /// What serves a task now (the registry's `current`; tests hand in their own).
 type Current<'a> = &'a dyn Fn(&str) -> Option<Arc<Serving>>;
 
-fn serve<B: InferenceBackend>(model: &mut B, current: Current<'_>, rx: &Receiver<Command>, config: &EngineConfig, stats: &EngineStats) {
-    let mut cache: LoraCache<B::Lora> = LoraCache { values: HashMap::new(), order: VecDeque::new() };
+fn serve<B: InferenceBackend>(shared: &Shared<B>, rx: &Receiver<Command>, config: &EngineConfig, stats: &EngineStats) {
     let max_batch = config.max_batch.max(1);
     // A request that did not fit the previous batch opens the next one.
     let mut carry: Option<Request> = None;
@@ -467,6 +558,9 @@ fn serve<B: InferenceBackend>(model: &mut B, current: Current<'_>, rx: &Receiver
                 match next {
                     Some(Command::Infer(r)) => r,
                     Some(Command::Ping(pong)) => {
+                        // Only once the session is free: a run stuck on a caller's thread
+                        // starves the watchdog as one stuck here does.
+                        let _held = shared.lock();
                         let _ = pong.send(());
                         continue;
                     }
@@ -493,13 +587,22 @@ fn serve<B: InferenceBackend>(model: &mut B, current: Current<'_>, rx: &Receiver
                     batch.push(r);
                 }
                 Ok(Command::Ping(pong)) => {
+                    let _held = shared.lock();
                     let _ = pong.send(());
                 }
                 Ok(Command::Stop) => stopping = true,
                 Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
             }
         }
-        run_batch(model, current, &mut cache, batch, stats);
+        let mut core = shared.lock();
+        match &mut *core {
+            Core { model: Some(model), cache } => run_batch(model, &*shared.current, cache, batch, stats),
+            Core { model: None, .. } => {
+                for request in batch {
+                    let _ = request.reply.send(Err(EngineError::Stopped));
+                }
+            }
+        }
     }
 }
 
@@ -555,7 +658,9 @@ fn run_batch<B: InferenceBackend>(model: &mut B, current: Current<'_>, cache: &m
         let inputs = parts.iter().zip(&picked).map(|(p, own)| own.as_deref().unwrap_or(batch[p.request].inputs.as_slice()));
         let rows: usize = parts.iter().map(|p| p.rows.as_ref().map_or(batch[p.request].rows, Vec::len)).sum();
         let _span = tracing::debug_span!("batch", rows, parts = parts.len(), lora = lora.key).entered();
+        let started = Instant::now();
         let outputs = cache.get(model, &lora).and_then(|values| model.run_prepared(concat_inputs(inputs), &values));
+        stats.observe_call(rows, started.elapsed());
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
         stats.batch_rows.observe(rows as f64);
@@ -840,6 +945,45 @@ mod tests {
         run(&mut double, &tasks, vec![r]);
         assert_eq!(double.calls, vec![1, 2], "one call for the adapter's row, one for the base's");
         assert_eq!(labels(&mut answers), [("a".into(), true), ("a".into(), false), ("b".into(), true)]);
+    }
+
+    #[test]
+    fn a_request_that_finds_the_engine_idle_runs_on_its_callers_thread_and_otherwise_queues() {
+        let tasks: HashMap<String, Arc<Serving>> = [("base".to_string(), serving("base", 0, (0, 0.0), None))].into();
+        let shared: Shared<Double> = Shared::new(Box::new(move |task| tasks.get(task).cloned()), true);
+        let stats = EngineStats::default();
+        let queued = |shared: &Shared<Double>, request: Request, queue_empty: bool| shared.run_inline(request, queue_empty, &stats).is_some();
+        assert!(queued(&shared, request("base", &[[1.0, 0.0]]).0, true), "before warm-up there is no session to run");
+        shared.lock().model = Some(Double { manifest: manifest(), calls: Vec::new(), fail: false });
+        assert!(queued(&shared, request("base", &[[1.0, 0.0]]).0, true), "no call measured yet: nothing is known to be cheap");
+        stats.observe_call(1, Duration::from_micros(50));
+
+        let (r, mut answer) = request("base", &[[1.0, 0.0]]);
+        assert!(!queued(&shared, r, true), "idle and cheap: run here");
+        assert_eq!(labels(&mut answer), [("a".into(), false)]);
+        assert_eq!(stats.inline.load(Ordering::Relaxed), 1);
+
+        assert!(queued(&shared, request("base", &[[1.0, 0.0]]).0, false), "requests queued ahead of it are not overtaken");
+        {
+            let _owner_runs_a_batch = shared.lock();
+            assert!(queued(&shared, request("base", &[[1.0, 0.0]]).0, true), "the session is busy");
+        }
+        let (mut validation, _) = request("base", &[[1.0, 0.0]]);
+        validation.adapter = Some(serving("base", 1, (0, 0.0), None));
+        assert!(queued(&shared, validation, true), "validation traffic stays on the owner thread");
+        assert!(queued(&shared, request("base", &[[1.0, 0.0]; INLINE_MAX_ROWS + 1]).0, true), "a large request batches");
+        let batching: Shared<Double> = Shared::new(Box::new(|_: &str| None), false);
+        batching.lock().model = Some(Double { manifest: manifest(), calls: Vec::new(), fail: false });
+        assert!(queued(&batching, request("base", &[[1.0, 0.0]]).0, true), "max_wait > 0 asks for batching");
+        for _ in 0..64 {
+            stats.observe_call(1, INLINE_RUN_MAX * 4);
+        }
+        assert!(queued(&shared, request("base", &[[1.0, 0.0]]).0, true), "a slow model is not run on the caller's thread");
+        assert_eq!(stats.inline.load(Ordering::Relaxed), 1);
+        let cheap = EngineStats::default();
+        cheap.observe_call(1, Duration::from_micros(50));
+        shared.lock().model = None;
+        assert!(shared.run_inline(request("base", &[[1.0, 0.0]]).0, true, &cheap).is_some(), "stopped: the queue answers");
     }
 
     #[test]
