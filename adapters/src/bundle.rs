@@ -154,8 +154,29 @@ pub struct Manifest {
     /// replayed against forgetting and checked by the validation gate.
     #[serde(default)]
     pub retention: Option<String>,
+    /// Where the model is cut for training above a frozen prefix, if it is.
+    #[serde(default)]
+    pub cut: Option<Cut>,
     #[serde(default)]
     pub metadata: serde_json::Value,
+}
+
+/// The model cut after one module: a frozen prefix graph (model inputs and LoRA values -> the
+/// module's output) and a suffix training graph (model inputs, that output, LoRA values and the
+/// dropout keep -> the model outputs), both TorchScript. LoRA on the slots above the cut trains
+/// on activations the prefix computed once per sample; the serving graph is the whole model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cut {
+    /// The module the model is cut after (its name in the exported module).
+    pub after: String,
+    pub prefix_graph: String,
+    pub suffix_graph: String,
+    /// The prefix's output, the suffix's input after the model inputs.
+    pub activation: TensorSpec,
+    /// Indices into `lora.slots` of the slots that run after the cut: the ones a job above the
+    /// cut trains (the others stay as the prefix ran them).
+    pub slots_above: Vec<usize>,
 }
 
 impl Manifest {
@@ -218,6 +239,22 @@ impl Manifest {
                 if self.labels.is_none() {
                     return Err(invalid(format!("{key} needs the bundle's labels")));
                 }
+            }
+        }
+        if let Some(cut) = &self.cut {
+            for graph in [&cut.prefix_graph, &cut.suffix_graph] {
+                if !self.files.contains_key(graph) {
+                    return Err(invalid(format!("cut graph file {graph:?} is not listed under \"files\"")));
+                }
+            }
+            if let Some(bad) = cut.slots_above.iter().find(|&&i| i >= self.lora.slots.len()) {
+                return Err(invalid(format!("cut.slots_above names slot {bad}, but there are {} slots", self.lora.slots.len())));
+            }
+            if cut.activation.dtype != DType::F32 || cut.activation.shape.first() != Some(&-1) {
+                return Err(invalid(format!(
+                    "cut.activation must be f32 with a dynamic batch axis, got {:?} {:?}",
+                    cut.activation.dtype, cut.activation.shape
+                )));
             }
         }
         if self.lora.rank_max == 0 {

@@ -1122,6 +1122,10 @@ fn verify(dir: &Path) -> anyhow::Result<ExitCode> {
     println!("  inputs: {}; embedding {} x {}", inputs.join(", "), m.embedding_output, m.embedding_dim);
     let slots: Vec<&str> = m.lora.slots.iter().map(|s| s.module.as_str()).collect();
     println!("  LoRA: {} slots up to rank {}: {}", slots.len(), m.lora.rank_max, slots.join(", "));
+    if let Some(cut) = &m.cut {
+        let above: Vec<&str> = cut.slots_above.iter().filter_map(|&i| slots.get(i).copied()).collect();
+        println!("  cut after {} ({} {:?}): slots above it {}", cut.after, cut.activation.name, cut.activation.shape, above.join(", "));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

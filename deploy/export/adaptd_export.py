@@ -43,6 +43,10 @@ SERVING_GRAPH = "model.onnx"
 TRAINING_GRAPH = "train.pt"
 BASE_HEAD = "base_head.safetensors"
 RETENTION = "retention.safetensors"
+# With a cut: the frozen part below it, and the part above it that LoRA trains on cached activations.
+PREFIX_GRAPH = "prefix.pt"
+SUFFIX_GRAPH = "suffix.pt"
+CUT_ACTIVATION_INPUT = "cut.activation"
 ONNX_OPSET = 17
 # The training graph's last input: the LoRA dropout keep probability (1 - lora_dropout).
 LORA_DROPOUT_INPUT = "lora.keep"
@@ -135,6 +139,88 @@ class BundleGraph(nn.Module):
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
+class _Cut:
+    """A forward hook on the cut module: records its output, or replaces it with a given tensor.
+
+    Tracing through it makes the two halves of a graph: the prefix returns what it recorded
+    (every operation after the cut is dead code, which tracing drops), and the suffix computes
+    on from the tensor it was given (every operation only the cut's output needed is dead)."""
+
+    def __init__(self):
+        self.seen: torch.Tensor | None = None
+        self.replace_with: torch.Tensor | None = None
+
+    def __call__(self, _module, _inputs, output):
+        first = output[0] if isinstance(output, (tuple, list)) else output
+        if not isinstance(first, torch.Tensor):
+            raise ExportError("the cut module's output is not a tensor (nor a tuple starting with one)")
+        self.seen = first
+        if self.replace_with is None:
+            return None
+        if isinstance(output, (tuple, list)):
+            return type(output)((self.replace_with, *output[1:]))
+        return self.replace_with
+
+
+class PrefixGraph(nn.Module):
+    """forward(*model_inputs, A_0, B_0, ...) -> the cut module's output (frozen: no dropout)."""
+
+    def __init__(self, graph: "BundleGraph", cut: _Cut):
+        super().__init__()
+        self.graph = graph
+        self.cut = cut
+
+    def forward(self, *args: torch.Tensor):
+        self.cut.replace_with = None
+        self.graph(*args)
+        return self.cut.seen
+
+
+class SuffixGraph(nn.Module):
+    """forward(*model_inputs, activation, A_0, B_0, ..., keep) -> model outputs, computed from
+    `activation` in place of the cut module's output (the training graph above the cut)."""
+
+    def __init__(self, graph: "BundleGraph", cut: _Cut, n_inputs: int):
+        super().__init__()
+        self.graph = graph
+        self.cut = cut
+        self.n_inputs = n_inputs
+
+    def forward(self, *args: torch.Tensor):
+        inputs, activation, rest = args[: self.n_inputs], args[self.n_inputs], args[self.n_inputs + 1 :]
+        self.cut.replace_with = activation
+        try:
+            return self.graph(*inputs, *rest)
+        finally:
+            self.cut.replace_with = None
+
+
+def _keep_only_what_outputs_need(traced: torch.jit.ScriptModule) -> None:
+    """Inline the traced submodule calls into forward and drop what no output uses: the half of
+    the model on the other side of the cut (a call is kept whole otherwise, being opaque)."""
+    graph = traced.graph
+    torch._C._jit_pass_inline(graph)
+    torch._C._jit_pass_dce(graph)
+
+
+def slots_after(module: nn.Module, graph: "BundleGraph", cut_after: str, args: tuple) -> list[int]:
+    """Indices of the slots that run after the cut module has finished, found by running once."""
+    order: list[str] = []
+    hooks = [module.get_submodule(cut_after).register_forward_hook(lambda *_: order.append("cut"))]
+    for i, slot in enumerate(graph.slots):
+        hooks.append(slot.register_forward_pre_hook(lambda *_, i=i: order.append(i)))
+    try:
+        with torch.no_grad():
+            graph(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    if "cut" not in order:
+        raise ExportError(f"cut_after {cut_after!r} never ran in the module's forward")
+    after = order[order.index("cut") + 1 :]
+    return sorted({i for i in after if isinstance(i, int)} - {i for i in order[: order.index("cut")] if isinstance(i, int)})
+
+
 def resolve_targets(module: nn.Module, target_modules: Sequence[str]) -> list[str]:
     """PEFT semantics: a target matches a module whose full name equals it or ends with '.target'."""
     if not target_modules:
@@ -218,6 +304,7 @@ def export_bundle(
     metadata: dict[str, Any] | None = None,
     base_head: str | None = None,
     retention: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None,
+    cut_after: str | None = None,
 ) -> Path:
     """Trace `module` into a bundle at `out_dir`; returns the bundle path.
 
@@ -228,6 +315,10 @@ def export_bundle(
     `base_head.safetensors`, so on-device heads start from the pre-trained classifier.
     `retention` is (model inputs, label indices) from the base domain: the device replays part of
     it during training and checks the rest for forgetting (`retention.safetensors`).
+    `cut_after` names a module to cut the model after: the bundle then also holds a prefix graph
+    (model inputs -> that module's output, frozen) and a suffix training graph (model inputs and
+    that output -> model outputs), so LoRA on the slots above the cut trains on activations
+    computed once per sample. The serving graph is unchanged.
     """
     out = Path(out_dir)
     if not isinstance(rank_max, int) or isinstance(rank_max, bool) or rank_max <= 0:
@@ -254,6 +345,11 @@ def export_bundle(
     # Work on a copy: wrapping targets in LoRA slots must not change the caller's module.
     module = copy.deepcopy(module).eval()
     targets = resolve_targets(module, target_modules)
+    if cut_after is not None:
+        try:
+            module.get_submodule(cut_after)
+        except AttributeError as e:
+            raise ExportError(f"cut_after {cut_after!r} is not a module of {type(module).__name__}") from e
     head_tensors: dict[str, torch.Tensor] | None = None
     if base_head is not None:
         try:
@@ -277,6 +373,8 @@ def export_bundle(
         "training_inputs": [LORA_DROPOUT_INPUT],
         "retention": _tensors_digest(retention_tensors) if retention_tensors else None,
     }
+    if cut_after is not None:
+        config["cut_after"] = cut_after
     print_ = fingerprint(module, config)
 
     existing = out / MANIFEST
@@ -315,6 +413,7 @@ def export_bundle(
         lora_examples.append(torch.randn(spec.b_shape, generator=gen) * 0.01)
     args = tuple(example_inputs.values()) + tuple(lora_examples)
     input_names = list(example_inputs) + [n for s in specs for n in (s.a_input, s.b_input)]
+    above = slots_after(module, graph, cut_after, args) if cut_after is not None else None
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -331,6 +430,33 @@ def export_bundle(
             trainer = BundleGraph(module, slots, len(example_inputs), training=True).eval()
             traced = torch.jit.trace(trainer, (*args, torch.tensor(1.0)), check_trace=False)
             traced.save(str(staging / TRAINING_GRAPH))
+            cut_json = None
+            if cut_after is not None:
+                cut = _Cut()
+                hook = module.get_submodule(cut_after).register_forward_hook(cut)
+                try:
+                    prefix = torch.jit.trace(PrefixGraph(graph, cut), args, check_trace=False)
+                    activation = prefix(*args)
+                    suffix = SuffixGraph(trainer, cut, len(example_inputs))
+                    n = len(example_inputs)
+                    suffix_traced = torch.jit.trace(suffix, (*args[:n], activation, *args[n:], torch.tensor(1.0)), check_trace=False)
+                finally:
+                    hook.remove()
+                for half in (prefix, suffix_traced):
+                    _keep_only_what_outputs_need(half)
+                prefix.save(str(staging / PREFIX_GRAPH))
+                suffix_traced.save(str(staging / SUFFIX_GRAPH))
+                # The batch axis is the model inputs' (dynamic); the rest is as traced.
+                shape = [-1, *activation.shape[1:]]
+                if any(1 in axes for axes in (dynamic_axes or {}).values()) and activation.dim() > 2:
+                    shape[1] = -1  # a sequence axis that follows the inputs' length
+                cut_json = {
+                    "after": cut_after,
+                    "prefix_graph": PREFIX_GRAPH,
+                    "suffix_graph": SUFFIX_GRAPH,
+                    "activation": {"name": CUT_ACTIVATION_INPUT, "dtype": "f32", "shape": shape},
+                    "slots_above": above,
+                }
         for dest, src in (extra_files or {}).items():
             shutil.copyfile(src, staging / dest)
         from safetensors.torch import save_file
@@ -375,6 +501,8 @@ def export_bundle(
             "retention": RETENTION if retention_tensors is not None else None,
             "metadata": metadata or {},
         }
+        if cut_json is not None:
+            manifest["cut"] = cut_json
         with open(staging / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")

@@ -315,3 +315,70 @@ fn the_doctor_reads_the_device_measures_the_runtimes_and_says_what_to_use() {
     assert!(training["lora_samples_per_second"].as_f64().unwrap() > 0.0 && training["head_seconds"].as_f64().unwrap() > 0.0, "{report}");
     assert!(report["verdict"]["execution_provider"].is_string() && report["verdict"]["memory_budget_mb"].as_u64().is_some(), "{report}");
 }
+
+/// A bundle the export tool cut after a module opens (its cut checked like every file), and on
+/// libtorch its suffix fed its prefix's output computes the training graph's outputs, with and
+/// without LoRA: what training above a frozen prefix rests on.
+#[test]
+fn a_bundle_cut_for_training_above_a_prefix_computes_the_same_function_in_two_halves() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tiny-cut");
+    let tool = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/export");
+    let script = format!(
+        r#"
+import sys, torch
+from torch import nn
+sys.path.insert(0, {tool:?})
+from adaptd_export import export_bundle
+torch.manual_seed(0)
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.LayerNorm(16)
+        self.fc = nn.Linear(64, 8)
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(2)
+        return torch.relu(self.fc(self.norm(h).flatten(1)))
+export_bundle(Tiny(), {{"x": torch.zeros(2, 1, 4, 4)}}, ["conv", "fc"], {out:?}, name="tiny", version="1", rank_max=4,
+              output_names=["embedding"], dynamic_axes={{"x": {{0: "batch"}}, "embedding": {{0: "batch"}}}}, cut_after="norm")
+"#,
+        out = out.to_str().unwrap()
+    );
+    let made = std::process::Command::new(crate::python()).args(["-c", &script]).output().unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+
+    let bundle = Bundle::open(&out).expect("a cut bundle opens");
+    let cut = bundle.manifest.cut.clone().expect("the manifest names its cut");
+    assert_eq!((cut.after.as_str(), cut.slots_above.as_slice(), cut.activation.shape.as_slice()), ("norm", &[1usize][..], &[-1i64, 4, 16][..]));
+    let load = |file: &str| tch::CModule::load(bundle.dir.join(file)).unwrap();
+    let (train, prefix, suffix) = (load(&bundle.manifest.training_graph), load(&cut.prefix_graph), load(&cut.suffix_graph));
+    let x = tch::Tensor::randn([6, 1, 4, 4], (tch::Kind::Float, Device::Cpu));
+    let keep = tch::Tensor::from(1.0f32);
+    let first = |outputs: tch::IValue| match outputs {
+        tch::IValue::Tuple(mut v) => match v.remove(0) {
+            tch::IValue::Tensor(t) => t,
+            other => panic!("{other:?}"),
+        },
+        tch::IValue::Tensor(t) => t,
+        other => panic!("{other:?}"),
+    };
+    for scale in [0.0, 0.1] {
+        let lora: Vec<tch::Tensor> = bundle
+            .manifest
+            .lora
+            .slots
+            .iter()
+            .flat_map(|s| [&s.a_shape, &s.b_shape])
+            .map(|shape| tch::Tensor::randn(shape.iter().map(|&d| d as i64).collect::<Vec<_>>(), (tch::Kind::Float, Device::Cpu)) * scale)
+            .collect();
+        let args = |parts: &[&[tch::Tensor]]| parts.iter().flat_map(|p| p.iter().map(|t| tch::IValue::Tensor(t.shallow_clone()))).collect::<Vec<_>>();
+        let (x, keep) = (std::slice::from_ref(&x), std::slice::from_ref(&keep));
+        let whole = first(train.forward_is(&args(&[x, &lora, keep])).unwrap());
+        let activation = first(prefix.forward_is(&args(&[x, &lora])).unwrap());
+        assert_eq!(activation.size(), [6, 4, 16]);
+        let halves = first(suffix.forward_is(&args(&[x, std::slice::from_ref(&activation), &lora, keep])).unwrap());
+        let diff = (whole - halves).abs().max().double_value(&[]);
+        assert!(diff <= 1e-6, "LoRA scale {scale}: prefix + suffix differ from the training graph by {diff}");
+    }
+}

@@ -73,6 +73,43 @@ class ExportTest(unittest.TestCase):
         self.assertGreater((dropped[0] - dropped[1]).abs().max().item(), 1e-4)
         self.assertEqual((no_lora - base).abs().max().item(), 0.0)
 
+    def test_a_cut_splits_the_training_graph_into_a_frozen_prefix_and_a_suffix(self):
+        export_bundle(
+            Tiny(), {"x": torch.zeros(2, 1, 4, 4)}, ["conv", "fc"], self.out, name="tiny", version="0.1.0",
+            rank_max=4, output_names=["embedding", "logits"], logits_output="logits", labels=["a", "b", "c"],
+            dynamic_axes={"x": {0: "batch"}, "embedding": {0: "batch"}, "logits": {0: "batch"}}, cut_after="norm",
+        )
+        manifest = json.loads((self.out / "manifest.json").read_text())
+        cut = manifest["cut"]
+        self.assertEqual((cut["after"], cut["slots_above"]), ("norm", [1]), "fc runs above the cut, conv below")
+        self.assertEqual(cut["activation"]["shape"], [-1, 4, 16])
+        self.assertEqual(set(manifest["files"]), {"model.onnx", "train.pt", "prefix.pt", "suffix.pt"})
+        train, prefix, suffix = (torch.jit.load(str(self.out / f)) for f in ("train.pt", "prefix.pt", "suffix.pt"))
+        x = torch.randn(5, 1, 4, 4)
+        lora = [torch.randn(s, requires_grad=True) for slot in manifest["lora"]["slots"] for s in (slot["a_shape"], slot["b_shape"])]
+        keep = torch.tensor(1.0)
+        with torch.no_grad():
+            activation = prefix(x, *lora)
+        self.assertEqual(list(activation.shape), [5, 4, 16])
+        split = suffix(x, activation, *lora, keep)
+        for whole, part in zip(train(x, *lora, keep), split):
+            torch.testing.assert_close(part, whole, rtol=0, atol=1e-6)
+        # Each half computes only its own side of the cut.
+        kinds = lambda graph: {n.kind() for n in graph.inlined_graph.nodes()}
+        self.assertFalse({k for k in kinds(suffix) if "conv" in k}, "the suffix recomputes the prefix")
+        self.assertNotIn("aten::linear", kinds(prefix), "the prefix runs past the cut")
+        # LoRA above the cut trains through the suffix; the slot below gets no gradient from it.
+        split[1].sum().backward()
+        self.assertTrue(all(t.grad is not None and t.grad.abs().sum() > 0 for t in lora[2:]))
+        self.assertTrue(all(t.grad is None for t in lora[:2]))
+
+    def test_a_cut_after_a_module_that_does_not_exist_is_refused(self):
+        with self.assertRaisesRegex(ExportError, "cut_after 'trunk'"):
+            export_bundle(
+                Tiny(), {"x": torch.zeros(2, 1, 4, 4)}, ["fc"], self.out, name="tiny", version="0.1.0",
+                rank_max=4, output_names=["embedding", "logits"], cut_after="trunk",
+            )
+
     def test_unknown_target_module(self):
         with self.assertRaisesRegex(ExportError, r"target module 'attention' matches no module"):
             export(self.out, targets=("attention",))
