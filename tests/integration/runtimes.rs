@@ -316,13 +316,10 @@ fn the_doctor_reads_the_device_measures_the_runtimes_and_says_what_to_use() {
     assert!(report["verdict"]["execution_provider"].is_string() && report["verdict"]["memory_budget_mb"].as_u64().is_some(), "{report}");
 }
 
-/// A bundle the export tool cut after a module opens (its cut checked like every file), and on
-/// libtorch its suffix fed its prefix's output computes the training graph's outputs, with and
-/// without LoRA: what training above a frozen prefix rests on.
-#[test]
-fn a_bundle_cut_for_training_above_a_prefix_computes_the_same_function_in_two_halves() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("tiny-cut");
+/// A small model (conv, layer norm, linear) exported with LoRA on the conv and the linear and cut
+/// after the norm: one slot below the cut, one above.
+fn export_tiny_cut(dir: &std::path::Path) -> std::path::PathBuf {
+    let out = dir.join("tiny-cut");
     let tool = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/export");
     let script = format!(
         r#"
@@ -347,6 +344,16 @@ export_bundle(Tiny(), {{"x": torch.zeros(2, 1, 4, 4)}}, ["conv", "fc"], {out:?},
     );
     let made = std::process::Command::new(crate::python()).args(["-c", &script]).output().unwrap();
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    out
+}
+
+/// A bundle the export tool cut after a module opens (its cut checked like every file), and on
+/// libtorch its suffix fed its prefix's output computes the training graph's outputs, with and
+/// without LoRA: what training above a frozen prefix rests on.
+#[test]
+fn a_bundle_cut_for_training_above_a_prefix_computes_the_same_function_in_two_halves() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = export_tiny_cut(dir.path());
 
     let bundle = Bundle::open(&out).expect("a cut bundle opens");
     let cut = bundle.manifest.cut.clone().expect("the manifest names its cut");
@@ -381,4 +388,35 @@ export_bundle(Tiny(), {{"x": torch.zeros(2, 1, 4, 4)}}, ["conv", "fc"], {out:?},
         let diff = (whole - halves).abs().max().double_value(&[]);
         assert!(diff <= 1e-6, "LoRA scale {scale}: prefix + suffix differ from the training graph by {diff}");
     }
+}
+
+/// Training above the cut: only the slots above it move, the base stays bit-identical, the loss
+/// falls, and the adapter it makes answers through the whole graph as it trained.
+#[test]
+fn lora_trains_above_the_cut_on_activations_the_prefix_computed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = export_tiny_cut(dir.path());
+    let bundle = Bundle::open(&out).unwrap();
+    let mut graph = TrainingGraph::load(&bundle, Device::Cpu).unwrap();
+    graph.load_cut(&bundle).unwrap();
+    assert_eq!(graph.trained_slots(), [1]);
+
+    // Two classes: which half of the image is brighter.
+    let mut rng = adaptd_adapters::tensor::SeededRng::new(5);
+    let n = 96;
+    let pixels = rng.normal_vec(n * 16, 1.0);
+    let labels: Vec<i64> =
+        (0..n).map(|i| i64::from(pixels[i * 16..i * 16 + 8].iter().sum::<f32>() > pixels[i * 16 + 8..(i + 1) * 16].iter().sum::<f32>())).collect();
+    let train = Examples { inputs: vec![HostTensor::f32(vec![n, 1, 4, 4], pixels).unwrap()], labels, weights: vec![1.0; n] };
+    let head = Head { layers: vec![Dense { weight: HostTensor::f32(vec![2, 8], rng.normal_vec(16, 0.1)).unwrap(), bias: HostTensor::zeros_f32(vec![2]) }] };
+    let recipe = Recipe { max_epochs: 30, patience: 0, learning_rate: 1e-2, head_learning_rate: 1e-2, lora_dropout: 0.0, ..Recipe::default() };
+    let target = FitTarget::Lora { graph: &graph, rank: 4, alpha: 8.0, start: None };
+    let report = fit(target, &train, &Examples::default(), &head, &recipe, &AtomicBool::new(false), &mut |_| {}).unwrap();
+    assert_eq!(report.base_unchanged, Some(true));
+    let (first, last) = (report.losses[..4].iter().sum::<f32>() / 4.0, report.losses[report.losses.len() - 4..].iter().sum::<f32>() / 4.0);
+    assert!(last < first * 0.8, "the loss falls above the cut: {first} -> {last}");
+    let lora = report.lora.unwrap();
+    let b_of = |module: &str| lora.modules.iter().find(|m| m.module == module).unwrap().b.as_f32().unwrap().to_vec();
+    assert!(b_of("conv").iter().all(|&v| v == 0.0), "the slot below the cut does not train");
+    assert!(b_of("fc").iter().any(|&v| v != 0.0), "the slot above the cut trains");
 }

@@ -63,6 +63,18 @@ pub struct TrainingGraph {
     device: Device,
     /// Text bundles: the position of the `attention_mask` input, for trimming padding per batch.
     attention_mask: Option<usize>,
+    /// The bundle's cut, once loaded: LoRA then trains above it ([`TrainingGraph::load_cut`]).
+    cut: Option<CutGraphs>,
+}
+
+/// The two halves of a bundle cut after a module.
+struct CutGraphs {
+    /// Model inputs and LoRA values -> the cut module's output. Frozen.
+    prefix: CModule,
+    /// Model inputs, that output, LoRA values and the dropout keep -> the model outputs.
+    suffix: CModule,
+    /// The slots that run above the cut: the only ones a job above the cut trains.
+    slots_above: Vec<usize>,
 }
 
 impl TrainingGraph {
@@ -83,7 +95,73 @@ impl TrainingGraph {
             adaptd_adapters::bundle::Preprocessing::Text { .. } => bundle.manifest.inputs.iter().position(|i| i.name == "attention_mask"),
             _ => None,
         };
-        Ok(TrainingGraph { module, manifest: bundle.manifest.clone(), device, attention_mask })
+        Ok(TrainingGraph { module, manifest: bundle.manifest.clone(), device, attention_mask, cut: None })
+    }
+
+    /// Load the bundle's prefix and suffix graphs: from then on LoRA jobs on this graph train the
+    /// slots above the cut only, on activations the prefix computes once per sample and job (the
+    /// slots below stay as the job starts them: the serving LoRA's, or none).
+    pub fn load_cut(&mut self, bundle: &Bundle) -> Result<(), TrainError> {
+        let cut =
+            bundle.manifest.cut.as_ref().ok_or_else(|| TrainError::Data(format!("bundle {} is not cut for training above a prefix", bundle.manifest.name)))?;
+        let load = |file: &str| -> Result<CModule, TrainError> {
+            let path = bundle.dir.join(file);
+            let mut module = CModule::load_on_device(&path, self.device).map_err(|source| TrainError::Load { path: path.display().to_string(), source })?;
+            module.set_eval();
+            for (_, p) in module.named_parameters()? {
+                let _ = p.set_requires_grad(false);
+            }
+            Ok(module)
+        };
+        self.cut = Some(CutGraphs { prefix: load(&cut.prefix_graph)?, suffix: load(&cut.suffix_graph)?, slots_above: cut.slots_above.clone() });
+        Ok(())
+    }
+
+    /// The slots a LoRA job trains: those above the cut once it is loaded, else all.
+    pub fn trained_slots(&self) -> Vec<usize> {
+        match &self.cut {
+            Some(cut) => cut.slots_above.clone(),
+            None => (0..self.manifest.lora.slots.len()).collect(),
+        }
+    }
+
+    /// Whether LoRA jobs train above a cut (its graphs are loaded).
+    pub fn trains_above_cut(&self) -> bool {
+        self.cut.is_some()
+    }
+
+    /// The prefix's output for a batch (no gradients): what the suffix trains on.
+    fn prefix(&self, inputs: &[Tensor], lora: &[Tensor]) -> Result<Tensor, TrainError> {
+        let cut = self.cut.as_ref().ok_or_else(|| TrainError::Data("no cut loaded".into()))?;
+        let _guard = tch::no_grad_guard();
+        let args: Vec<IValue> = inputs.iter().chain(lora).map(|t| IValue::Tensor(t.shallow_clone())).collect();
+        let mut out = self.outputs(cut.prefix.forward_is(&args))?;
+        if out.len() != 1 {
+            return Err(TrainError::Output(format!("the prefix graph returned {} tensors, expected 1", out.len())));
+        }
+        Ok(out.swap_remove(0))
+    }
+
+    /// The suffix from an activation, with LoRA dropout `p`; gradients flow into the LoRA tensors.
+    fn forward_suffix(&self, inputs: &[Tensor], activation: &Tensor, lora: &[Tensor], p: f64) -> Result<Vec<Tensor>, TrainError> {
+        let cut = self.cut.as_ref().ok_or_else(|| TrainError::Data("no cut loaded".into()))?;
+        let mut args: Vec<IValue> = inputs.iter().chain([activation]).chain(lora).map(|t| IValue::Tensor(t.shallow_clone())).collect();
+        args.push(IValue::Tensor(Tensor::from(1.0 - p as f32).to_device(self.device)));
+        self.outputs(cut.suffix.forward_is(&args))
+    }
+
+    fn outputs(&self, out: Result<IValue, tch::TchError>) -> Result<Vec<Tensor>, TrainError> {
+        match out.map_err(|source| TrainError::Forward { bundle: self.manifest.name.clone(), source })? {
+            IValue::Tuple(items) => items
+                .into_iter()
+                .map(|v| match v {
+                    IValue::Tensor(t) => Ok(t),
+                    other => Err(TrainError::Output(format!("a tuple holding {other:?}"))),
+                })
+                .collect(),
+            IValue::Tensor(t) => Ok(vec![t]),
+            other => Err(TrainError::Output(format!("{other:?}"))),
+        }
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -107,7 +185,8 @@ impl TrainingGraph {
         if keep >= width {
             return batch;
         }
-        batch.into_iter().map(|t| if t.dim() == 2 && t.size()[1] == width { t.narrow(1, 0, keep) } else { t }).collect()
+        // Token inputs [B, T] and, above a cut, activations [B, T, H].
+        batch.into_iter().map(|t| if t.dim() >= 2 && t.size()[1] == width { t.narrow(1, 0, keep) } else { t }).collect()
     }
 
     /// Whether the graph takes a LoRA dropout input (bundles exported before it do not).
@@ -135,18 +214,7 @@ impl TrainingGraph {
             }
             (None, false) => {}
         }
-        let out = self.module.forward_is(&args).map_err(|source| TrainError::Forward { bundle: self.manifest.name.clone(), source })?;
-        match out {
-            IValue::Tuple(items) => items
-                .into_iter()
-                .map(|v| match v {
-                    IValue::Tensor(t) => Ok(t),
-                    other => Err(TrainError::Output(format!("a tuple holding {other:?}"))),
-                })
-                .collect(),
-            IValue::Tensor(t) => Ok(vec![t]),
-            other => Err(TrainError::Output(format!("{other:?}"))),
-        }
+        self.outputs(self.module.forward_is(&args))
     }
 
     /// Inference on host tensors (no gradients), outputs in manifest order.
@@ -381,6 +449,28 @@ pub struct FitReport {
 
 /// Fine-tune `target` from `init_head` (a linear head whose rows are the classes) on `train`,
 /// choosing the epoch by loss on `validation`. Cancellable between steps via `cancel`.
+/// The prefix's output for every row of `inputs`, computed in batches of `batch` rows (text
+/// batches trimmed of all-padding columns, then padded back to the full width).
+fn activations(graph: &TrainingGraph, inputs: &[Tensor], lora: &[Tensor], batch: usize) -> Result<Tensor, TrainError> {
+    let rows = inputs.first().map_or(0, |t| t.size()[0]);
+    let width = graph.attention_mask.and_then(|m| inputs.get(m)).map(|t| t.size()[1]);
+    let mut parts = Vec::new();
+    let mut start = 0;
+    while start < rows {
+        let n = (rows - start).min(batch as i64);
+        let part = graph.trim_padding(inputs.iter().map(|t| t.narrow(0, start, n)).collect());
+        let mut activation = graph.prefix(&part, lora)?;
+        if let Some(width) = width.filter(|&w| activation.dim() >= 2 && activation.size()[1] < w) {
+            let mut pad = activation.size();
+            pad[1] = width - pad[1];
+            activation = Tensor::cat(&[activation.shallow_clone(), Tensor::zeros(&pad, (activation.kind(), activation.device()))], 1);
+        }
+        parts.push(activation);
+        start += n;
+    }
+    Ok(Tensor::cat(&parts, 0))
+}
+
 pub fn fit(
     target: FitTarget<'_>,
     train: &Examples,
@@ -465,6 +555,16 @@ pub fn fit(
         }
     }
     let mut opt = nn::AdamW { wd: recipe.weight_decay, ..Default::default() }.build(&vs, recipe.head_learning_rate)?;
+    // Above a cut only the slots there train; the rest keep their start (they shaped the cached
+    // activations) and, without gradients, are left alone by the optimizer.
+    let trained: Vec<bool> = match graph {
+        Some(g) => {
+            let slots = g.trained_slots();
+            (0..lora_vars.len()).map(|i| slots.contains(&i)).collect()
+        }
+        None => Vec::new(),
+    };
+    let above_cut = graph.is_some_and(TrainingGraph::trains_above_cut);
 
     let emb_index = match graph {
         Some(g) => Some(g.manifest().output_index(&g.manifest().embedding_output).ok_or_else(|| TrainError::Output("no embedding output".into()))?),
@@ -507,7 +607,11 @@ pub fn fit(
         match graph {
             None => Ok(batch[0].shallow_clone()),
             Some(g) => {
-                let mut outputs = g.forward_dropout(batch, &padded(lora_vars), p)?;
+                // Above a cut the batch carries the cached activation after the model inputs.
+                let mut outputs = match batch.split_last() {
+                    Some((activation, inputs)) if above_cut => g.forward_suffix(inputs, activation, &padded(lora_vars), p)?,
+                    _ => g.forward_dropout(batch, &padded(lora_vars), p)?,
+                };
                 let index = emb_index.filter(|&i| i < outputs.len()).ok_or_else(|| TrainError::Output("no embedding output".into()))?;
                 Ok(outputs.swap_remove(index))
             }
@@ -515,10 +619,21 @@ pub fn fit(
     };
     let logits_of = |emb: &Tensor, train: bool| emb.dropout(if train { recipe.dropout } else { 0.0 }, train).linear(&head_w, Some(&head_b));
 
-    let train_inputs: Vec<Tensor> = train.inputs.iter().map(|t| to_tensor(t, device)).collect();
+    let mut train_inputs: Vec<Tensor> = train.inputs.iter().map(|t| to_tensor(t, device)).collect();
     let train_labels = Tensor::from_slice(&train.labels).to_device(device);
     let train_weights = Tensor::from_slice(&train.weights).to_device(device);
-    let val_inputs: Vec<Tensor> = validation.inputs.iter().map(|t| to_tensor(t, device)).collect();
+    let mut val_inputs: Vec<Tensor> = validation.inputs.iter().map(|t| to_tensor(t, device)).collect();
+    if let Some(g) = graph.filter(|g| g.trains_above_cut()) {
+        // The frozen prefix, once per sample for the whole job: the cost training above the cut
+        // pays up front, and is in the job's time.
+        let start = padded(&lora_vars);
+        for inputs in [&mut train_inputs, &mut val_inputs] {
+            if inputs.first().is_some_and(|t| t.size()[0] > 0) {
+                let activation = activations(g, inputs, &start, recipe.batch_size.max(1))?;
+                inputs.push(activation);
+            }
+        }
+    }
     let val_labels = Tensor::from_slice(&validation.labels).to_device(device);
     let snapshot = match graph {
         Some(g) => Some(g.base_parameters()?),
@@ -571,9 +686,10 @@ pub fn fit(
     for epoch in 0..recipe.max_epochs {
         let epoch_start = std::time::Instant::now();
         let lora_trains = epoch >= recipe.head_only_epochs;
-        for (a, b) in &lora_vars {
-            let _ = a.set_requires_grad(lora_trains);
-            let _ = b.set_requires_grad(lora_trains);
+        for (i, (a, b)) in lora_vars.iter().enumerate() {
+            let trains = lora_trains && trained.get(i).copied().unwrap_or(true);
+            let _ = a.set_requires_grad(trains);
+            let _ = b.set_requires_grad(trains);
         }
         let order = epoch_order(&train.labels, &class_counts, recipe.class_balanced, &mut rng);
         let mut epoch_loss = 0.0f64;
