@@ -1,6 +1,6 @@
 """adaptd's training recipe against PEFT + PyTorch, side by side in one run (`make bench`).
 
-    python benches/compare_training.py [--runs N] [--threads T] [--only throughput|quality|text]
+    python benches/compare_training.py [--runs N] [--threads T] [--only throughput|quality|text|time-to-accuracy]
 
 1. Throughput and peak RSS: LoRA r=8 on query/value of all-MiniLM-L6-v2 plus a linear head,
    sequences of 64 real tokens (and of 16, a command's length), batch 16, the same threads.
@@ -16,6 +16,12 @@
    English intent sentences, 20 intents, 16 examples each), a head on the frozen backbone, LoRA
    r=8 query/value + head on both sides, and an offline full fine-tune; test accuracy, and
    nearest-centroid accuracy on 8 intents never trained on (forgetting).
+4. Time to accuracy on the intents of 3: PEFT LoRA r=8 q/v on every layer (the reference a user
+   would run), adaptd the same, and adaptd trained above cuts of the model (after BERT layer 1
+   layer 3 and layer 4: LoRA on the layers above, on activations computed once per sample, that
+   computation counted); for each, the seconds until validation accuracy first reaches PEFT's
+   final validation accuracy minus 0.5 points, the final test accuracy and the peak RSS. Medians
+   over seeds, ratios to PEFT.
 """
 
 from __future__ import annotations
@@ -206,7 +212,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--only", choices=["throughput", "quality", "text"])
+    p.add_argument("--only", choices=["throughput", "quality", "text", "time-to-accuracy"])
     args = p.parse_args()
     subprocess.run(["cargo", "build", "-q", "--release", "-p", "adaptd", "--bench", "training"], cwd=ROOT, check=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -277,6 +283,59 @@ def main() -> None:
             gap = 100 * (statistics.mean(a["lora"]["test"] for a, _ in results) - statistics.mean(r["lora"]["test"] for _, r in results))
             print(f"  adaptd - PEFT on the test set: {gap:+.1f} points (target: within 1 point)")
             print("  untrained intents: nearest-centroid accuracy with each backbone's own embeddings (forgetting)")
+
+        if args.only in (None, "time-to-accuracy"):
+            time_to_accuracy(Path(tmp), args)
+
+
+CUTS = ("bert.encoder.layer.1", "bert.encoder.layer.3", "bert.encoder.layer.4")
+
+
+def time_to_accuracy(tmp: Path, args) -> None:
+    sys.path.insert(0, str(ROOT / "deploy" / "export"))
+    from reference_bundles import build_minilm
+
+    data = tmp / "intents.safetensors"
+    sizes = text_data(data)
+    bundles = {}
+    for cut in CUTS:
+        bundles[cut] = tmp / f"minilm-{cut.rsplit('.', 1)[-1]}"
+        build_minilm(tmp, cut_after=cut, out=bundles[cut])
+    base = ["--threads", str(args.threads), "--epochs", "20", "--rank", "8", "--lr", "1e-3", "--head-lr", "5e-3"]
+    sides = ["PEFT", "adaptd"] + [f"adaptd above {c.split('.', 1)[1]}" for c in CUTS]
+    rows: dict[str, list[tuple[float | None, float, int]]] = {s: [] for s in sides}
+    for seed in range(max(args.runs, 3)):
+        extra = [*base, "--seed", str(seed)]
+        peft = run_peft("time-to-accuracy", data, extra)
+        target = peft["curve"][-1][1] - 0.005
+        runs = {"PEFT": peft, "adaptd": run_adaptd("time-to-accuracy", data, extra)}
+        for cut, side in zip(CUTS, sides[2:]):
+            runs[side] = run_adaptd("time-to-accuracy", data, [*extra, "--bundle", str(bundles[cut]), "--cut", "1"])
+        for side, r in runs.items():
+            reached = next((t for t, acc in r["curve"] if acc >= target), None)
+            rows[side].append((reached, r["test"], r["peak_rss_bytes"]))
+            when = f"{reached:6.1f} s" if reached is not None else "  never"
+            print(f"  seed {seed} {side:<28} to {100 * target:.1f}% validation: {when}; test {100 * r['test']:.1f}%; "
+                  f"run {r['seconds']:.1f} s; peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+
+    def median(values):
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    peft_time = median(t for t, _, _ in rows["PEFT"])
+    peft_test = statistics.median(a for _, a, _ in rows["PEFT"])
+    peft_rss = statistics.median(m for _, _, m in rows["PEFT"])
+    print(f"\nTime to accuracy, all-MiniLM-L6-v2 on few-shot intents ({sizes}), LoRA r=8 q/v + head, 20 epochs, "
+          f"{args.threads} threads; target: PEFT's final validation accuracy - 0.5 points; medians over "
+          f"{len(rows['PEFT'])} seeds:")
+    print(f"  {'':<28} {'to target':>10} {'x PEFT':>7} {'test':>7} {'- PEFT':>7} {'peak RSS':>9} {'x PEFT':>7}")
+    for side, rs in rows.items():
+        t, test, rss = median(r[0] for r in rs), statistics.median(r[1] for r in rs), statistics.median(r[2] for r in rs)
+        ratio = f"{t / peft_time:6.2f}x" if t is not None and peft_time else "      -"
+        shown = f"{t:8.1f} s" if t is not None else "     never"
+        print(f"  {side:<28} {shown:>10} {ratio:>7} {100 * test:6.1f}% {100 * (test - peft_test):+6.1f} "
+              f"{rss / 2**20:6.0f} MiB {rss / peft_rss:6.2f}x")
+    print("  goals: time to PEFT's accuracy <= 0.33x PEFT's, test within 0.5 points, peak RSS <= 0.4x PEFT's")
 
 
 if __name__ == "__main__":

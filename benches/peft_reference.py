@@ -47,9 +47,10 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def fit(model, forward, groups, train, val, epochs: int, batch: int = 16, seed: int = 0):
+def fit(model, forward, groups, train, val, epochs: int, batch: int = 16, seed: int = 0, curve: list | None = None):
     """Train `groups` (param lists with their lr) on `train` = (inputs tuple, labels); keep the best
-    epoch by validation loss. Returns (samples/s, steps, losses)."""
+    epoch by validation loss. Returns (samples/s, steps, losses). With `curve`, appends (seconds
+    since the start, validation accuracy) after each epoch."""
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, weight_decay=0.01)
     base_lrs = [g["lr"] for g in groups]
@@ -77,7 +78,10 @@ def fit(model, forward, groups, train, val, epochs: int, batch: int = 16, seed: 
         if val is not None:
             model.eval()
             with torch.no_grad():
-                vloss = F.cross_entropy(forward(*val[0]), val[1]).item()
+                vlogits = forward(*val[0])
+                vloss = F.cross_entropy(vlogits, val[1]).item()
+            if curve is not None:
+                curve.append((time.perf_counter() - started, (vlogits.argmax(1) == val[1]).float().mean().item()))
             if vloss < best_loss:
                 best_loss, best = vloss, {k: v.detach().clone() for k, v in model.state_dict().items()}
     elapsed = time.perf_counter() - started
@@ -226,9 +230,38 @@ def text(data: dict, args) -> dict:
     return out
 
 
+def time_to_accuracy(data: dict, args) -> dict:
+    """PEFT LoRA r=8 on query/value of every layer plus a head, the reference a user would run: the
+    validation accuracy curve against seconds since the start (model load excluded), test accuracy."""
+    from peft import LoraConfig, get_peft_model
+
+    split = lambda name: ((data[f"{name}_ids"], data[f"{name}_mask"]), data[f"{name}_y"])  # noqa: E731
+    torch.manual_seed(args.seed)
+    body = minilm().eval()
+    head = nn.Linear(384, data["head_weight"].shape[0])
+    with torch.no_grad():
+        head.weight.copy_(data["head_weight"])
+        head.bias.copy_(data["head_bias"])
+    for p in body.parameters():
+        p.requires_grad_(False)
+    peft_model = get_peft_model(body, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["query", "value"], lora_dropout=0.0))
+    model = nn.ModuleDict({"body": peft_model, "head": head})
+    lora = [p for p in peft_model.parameters() if p.requires_grad]
+    forward = lambda ids, mask: head(peft_model(ids, mask))  # noqa: E731
+    curve: list = []
+    started = time.perf_counter()
+    fit(model, forward, [{"params": list(head.parameters()), "lr": args.head_lr}, {"params": lora, "lr": args.lr}],
+        split("train"), split("val"), args.epochs, seed=args.seed, curve=curve)
+    seconds = time.perf_counter() - started
+    model.eval()
+    with torch.no_grad():
+        test = (forward(data["test_ids"], data["test_mask"]).argmax(1) == data["test_y"]).float().mean().item()
+    return {"side": "peft", "curve": curve, "seconds": seconds, "test": test, "peak_rss_bytes": peak_rss_bytes()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["throughput", "quality", "text"])
+    p.add_argument("mode", choices=["throughput", "quality", "text", "time-to-accuracy"])
     p.add_argument("data")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3)
@@ -243,7 +276,8 @@ def main() -> None:
     from safetensors.torch import load_file
 
     data = load_file(args.data)
-    print(json.dumps({"throughput": throughput, "quality": quality, "text": text}[args.mode](data, args)))
+    modes = {"throughput": throughput, "quality": quality, "text": text, "time-to-accuracy": time_to_accuracy}
+    print(json.dumps(modes[args.mode](data, args)))
 
 
 if __name__ == "__main__":

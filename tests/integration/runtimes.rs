@@ -419,4 +419,22 @@ fn lora_trains_above_the_cut_on_activations_the_prefix_computed_once() {
     let b_of = |module: &str| lora.modules.iter().find(|m| m.module == module).unwrap().b.as_f32().unwrap().to_vec();
     assert!(b_of("conv").iter().all(|&v| v == 0.0), "the slot below the cut does not train");
     assert!(b_of("fc").iter().any(|&v| v != 0.0), "the slot above the cut trains");
+
+    // The daemon's trainer takes the cut by default (`training.above_cut`), and every slot without.
+    for above_cut in [true, false] {
+        let config = adaptd::trainer::TrainerConfig { device: adaptd::trainer::TrainDevice::Cpu, threads: 1, above_cut };
+        let trainer = adaptd::trainer::Trainer::start(bundle.clone(), config).unwrap();
+        let job = adaptd::trainer::TrainJob {
+            kind: adaptd::trainer::JobKind::Lora { rank: 4, alpha: 8.0 },
+            train: train.clone(),
+            validation: Examples::default(),
+            init_head: head.clone(),
+            start_lora: None,
+            recipe: recipe.clone(),
+        };
+        let report = trainer.submit(job).unwrap().done.blocking_recv().unwrap().unwrap();
+        let conv = report.lora.unwrap().modules.iter().find(|m| m.module == "conv").unwrap().b.as_f32().unwrap().iter().any(|&v| v != 0.0);
+        assert_eq!(conv, !above_cut, "above_cut {above_cut}: the conv slot trains only without the cut");
+        trainer.shutdown();
+    }
 }
