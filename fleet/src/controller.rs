@@ -349,7 +349,8 @@ impl Rollout {
         let wave = (self.wave + 1).min(self.plan.waves.len());
         let mut out =
             format!("rollout {} of {} release {}: {phase}, wave {wave} of {}\n", self.plan.id, self.plan.task, self.plan.release, self.plan.waves.len());
-        out += "device            wave  state        release  holdout (new / old)  reason\n";
+        // `serving`: the release the device serves now (not the one it was assigned).
+        out += "device            wave  state        serving  holdout (new / old)  reason\n";
         for (device, p) in &self.devices {
             let state = if p.timed_out { "timed_out".to_string() } else { p.state.map_or("-".into(), |s| format!("{s:?}").to_lowercase()) };
             let figures = match (p.candidate_accuracy, p.incumbent_accuracy) {
