@@ -148,12 +148,15 @@ impl Trainer {
             .spawn(move || {
                 crate::background_priority();
                 tch::set_num_threads(config.threads.max(1) as i32);
-                let loaded = TrainingGraph::load(&bundle, device).and_then(|mut graph| {
+                let loaded = TrainingGraph::load(&bundle, device).map(|mut graph| {
                     if let Some(cut) = bundle.manifest.cut.as_ref().filter(|_| config.above_cut) {
-                        graph.load_cut(&bundle)?;
-                        tracing::info!(cut = %cut.after, slots = cut.slots_above.len(), "LoRA trains above the bundle's cut");
+                        // A cut that does not hold costs speed, not serving: train the whole graph.
+                        match graph.load_cut(&bundle) {
+                            Ok(()) => tracing::info!(cut = %cut.after, slots = cut.slots_above.len(), "LoRA trains above the bundle's cut"),
+                            Err(e) => tracing::warn!(cut = %cut.after, error = %e, "the bundle's cut is not used: LoRA trains the whole graph"),
+                        }
                     }
-                    Ok(graph)
+                    graph
                 });
                 let graph = match loaded {
                     Ok(g) => g,

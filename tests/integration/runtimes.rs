@@ -318,8 +318,8 @@ fn the_doctor_reads_the_device_measures_the_runtimes_and_says_what_to_use() {
 
 /// A small model (conv, layer norm, linear) exported with LoRA on the conv and the linear and cut
 /// after the norm: one slot below the cut, one above.
-fn export_tiny_cut(dir: &std::path::Path) -> std::path::PathBuf {
-    let out = dir.join("tiny-cut");
+fn export_tiny_cut(dir: &std::path::Path, seed: u64) -> std::path::PathBuf {
+    let out = dir.join(format!("tiny-cut-{seed}"));
     let tool = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/export");
     let script = format!(
         r#"
@@ -327,7 +327,7 @@ import sys, torch
 from torch import nn
 sys.path.insert(0, {tool:?})
 from adaptd_export import export_bundle
-torch.manual_seed(0)
+torch.manual_seed({seed})
 class Tiny(nn.Module):
     def __init__(self):
         super().__init__()
@@ -340,7 +340,8 @@ class Tiny(nn.Module):
 export_bundle(Tiny(), {{"x": torch.zeros(2, 1, 4, 4)}}, ["conv", "fc"], {out:?}, name="tiny", version="1", rank_max=4,
               output_names=["embedding"], dynamic_axes={{"x": {{0: "batch"}}, "embedding": {{0: "batch"}}}}, cut_after="norm")
 "#,
-        out = out.to_str().unwrap()
+        out = out.to_str().unwrap(),
+        seed = seed
     );
     let made = std::process::Command::new(crate::python()).args(["-c", &script]).output().unwrap();
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
@@ -353,7 +354,7 @@ export_bundle(Tiny(), {{"x": torch.zeros(2, 1, 4, 4)}}, ["conv", "fc"], {out:?},
 #[test]
 fn a_bundle_cut_for_training_above_a_prefix_computes_the_same_function_in_two_halves() {
     let dir = tempfile::tempdir().unwrap();
-    let out = export_tiny_cut(dir.path());
+    let out = export_tiny_cut(dir.path(), 0);
 
     let bundle = Bundle::open(&out).expect("a cut bundle opens");
     let cut = bundle.manifest.cut.clone().expect("the manifest names its cut");
@@ -395,7 +396,7 @@ fn a_bundle_cut_for_training_above_a_prefix_computes_the_same_function_in_two_ha
 #[test]
 fn lora_trains_above_the_cut_on_activations_the_prefix_computed_once() {
     let dir = tempfile::tempdir().unwrap();
-    let out = export_tiny_cut(dir.path());
+    let out = export_tiny_cut(dir.path(), 0);
     let bundle = Bundle::open(&out).unwrap();
     let mut graph = TrainingGraph::load(&bundle, Device::Cpu).unwrap();
     graph.load_cut(&bundle).unwrap();
@@ -437,4 +438,27 @@ fn lora_trains_above_the_cut_on_activations_the_prefix_computed_once() {
         assert_eq!(conv, !above_cut, "above_cut {above_cut}: the conv slot trains only without the cut");
         trainer.shutdown();
     }
+}
+
+/// A cut whose halves do not compute the training graph's function (here: a suffix from other
+/// weights, with a manifest that lists it correctly) is refused when loaded, and the daemon's
+/// trainer trains the whole graph instead of serving what it did not validate.
+#[test]
+fn a_cut_whose_halves_disagree_with_the_training_graph_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (good, other) = (export_tiny_cut(dir.path(), 0), export_tiny_cut(dir.path(), 1));
+    std::fs::copy(other.join("suffix.pt"), good.join("suffix.pt")).unwrap();
+    let bytes = std::fs::read(good.join("suffix.pt")).unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(good.join("manifest.json")).unwrap()).unwrap();
+    manifest["files"]["suffix.pt"] = serde_json::json!({ "sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)), "bytes": bytes.len() });
+    std::fs::write(good.join("manifest.json"), serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+
+    let bundle = Bundle::open(&good).expect("every file matches its manifest");
+    let mut graph = TrainingGraph::load(&bundle, Device::Cpu).unwrap();
+    let e = graph.load_cut(&bundle).unwrap_err().to_string();
+    assert!(e.contains("prefix + suffix differ from the training graph"), "{e}");
+    assert!(!graph.trains_above_cut() && graph.trained_slots() == [0, 1], "the whole graph trains");
+    let config = adaptd::trainer::TrainerConfig { device: adaptd::trainer::TrainDevice::Cpu, threads: 1, above_cut: true };
+    let trainer = adaptd::trainer::Trainer::start(bundle, config).expect("a bad cut does not stop the trainer");
+    trainer.shutdown();
 }

@@ -67,6 +67,9 @@ pub struct TrainingGraph {
     cut: Option<CutGraphs>,
 }
 
+/// How far the cut's halves may stray from the training graph (fp32, as serving parity).
+pub const CUT_PARITY_TOLERANCE: f32 = 1e-4;
+
 /// The two halves of a bundle cut after a module.
 struct CutGraphs {
     /// Model inputs and LoRA values -> the cut module's output. Frozen.
@@ -114,7 +117,78 @@ impl TrainingGraph {
             Ok(module)
         };
         self.cut = Some(CutGraphs { prefix: load(&cut.prefix_graph)?, suffix: load(&cut.suffix_graph)?, slots_above: cut.slots_above.clone() });
+        // An adapter trained above the cut is served by the whole graph: the halves must compute
+        // its function, or what the gate validates is not what serves.
+        let diff = self.cut_parity().inspect_err(|_| self.cut = None)?;
+        if !(diff <= CUT_PARITY_TOLERANCE) {
+            self.cut = None;
+            return Err(TrainError::Data(format!(
+                "bundle {}: prefix + suffix differ from the training graph by {diff:.2e} (tolerance {CUT_PARITY_TOLERANCE:.0e}); not training above its cut",
+                bundle.manifest.name
+            )));
+        }
         Ok(())
+    }
+
+    /// The largest difference between the training graph's outputs and the suffix's fed the
+    /// prefix's output, on two synthetic rows with a seeded random LoRA in every slot.
+    fn cut_parity(&self) -> Result<f32, TrainError> {
+        let mut rng = SeededRng::new(17);
+        let inputs: Vec<Tensor> = self
+            .manifest
+            .inputs
+            .iter()
+            .map(|spec| {
+                let shape: Vec<usize> = spec
+                    .shape
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &d)| {
+                        if d >= 0 {
+                            d as usize
+                        } else if i == 0 {
+                            2
+                        } else {
+                            8
+                        }
+                    })
+                    .collect();
+                let n: usize = shape.iter().product();
+                let host = match spec.dtype {
+                    DType::F32 => HostTensor { shape, data: HostData::F32(rng.normal_vec(n, 1.0)) },
+                    // Token ids in the common vocabulary, and an attention mask of ones.
+                    _ if spec.name == "attention_mask" => HostTensor { shape, data: HostData::I64(vec![1; n]) },
+                    _ => HostTensor { shape, data: HostData::I64((0..n).map(|_| 1000 + (rng.uniform() * 1000.0) as i64).collect()) },
+                };
+                to_tensor(&host, self.device)
+            })
+            .collect();
+        let lora: Vec<Tensor> = self
+            .manifest
+            .lora
+            .slots
+            .iter()
+            .flat_map(|slot| [&slot.a_shape, &slot.b_shape])
+            .map(|shape| {
+                let n: usize = shape.iter().product();
+                to_tensor(&HostTensor { shape: shape.clone(), data: HostData::F32(rng.normal_vec(n, 0.05)) }, self.device)
+            })
+            .collect();
+        let _guard = tch::no_grad_guard();
+        let whole = self.forward(&inputs, &lora)?;
+        let activation = self.prefix(&inputs, &lora)?;
+        let halves = self.forward_suffix(&inputs, &activation, &lora, 0.0)?;
+        if whole.len() != halves.len() {
+            return Err(TrainError::Output(format!("the suffix returned {} outputs, the training graph {}", halves.len(), whole.len())));
+        }
+        let mut worst = 0.0f32;
+        for (a, b) in whole.iter().zip(&halves) {
+            if a.size() != b.size() {
+                return Err(TrainError::Output(format!("the suffix returned shape {:?} where the training graph returns {:?}", b.size(), a.size())));
+            }
+            worst = worst.max((a - b).abs().max().double_value(&[]) as f32);
+        }
+        Ok(worst)
     }
 
     /// The slots a LoRA job trains: those above the cut once it is loaded, else all.
