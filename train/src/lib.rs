@@ -120,7 +120,7 @@ impl TrainingGraph {
         // An adapter trained above the cut is served by the whole graph: the halves must compute
         // its function, or what the gate validates is not what serves.
         let diff = self.cut_parity().inspect_err(|_| self.cut = None)?;
-        if !(diff <= CUT_PARITY_TOLERANCE) {
+        if diff.is_nan() || diff > CUT_PARITY_TOLERANCE {
             self.cut = None;
             return Err(TrainError::Data(format!(
                 "bundle {}: prefix + suffix differ from the training graph by {diff:.2e} (tolerance {CUT_PARITY_TOLERANCE:.0e}); not training above its cut",
