@@ -7,7 +7,7 @@
 set -euo pipefail
 seconds=${1:-30}
 runs=${2:-3}
-. "$(dirname "$0")/broker.sh"
+. "$(dirname "$0")/broker.sh" ""
 "$bin" fleet keygen --keys "$work/keys" >/dev/null
 "$bin" fleet init --keys "$work/keys" --repo "$work/repo" >/dev/null
 bundle=build/bundles/digits-cnn
