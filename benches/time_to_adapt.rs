@@ -4,7 +4,10 @@
 //! embedding cache, scheduler, trainer, gate, promotion, hot-swap. Several runs, fresh state each;
 //! medians and the breakdown from the daemon's own event timestamps.
 //!
-//!   cargo bench -p adaptd --bench time_to_adapt -- [--runs N] [--only head|lora]
+//!   cargo bench -p adaptd --bench time_to_adapt -- [--runs N] [--only head|lora] [--lora-bundle DIR]
+//!
+//! `--lora-bundle` replaces the minilm reference bundle of the lora case: a bundle exported with a
+//! cut (`docs/bundle.md`) trains above it, as the shipped `training.above_cut` says.
 //!
 //! head: digits-cnn, a head on cached embeddings of sideways digits. lora: minilm, LoRA
 //! (query/value) + head on operator commands. Both with the shipped defaults except the trigger
@@ -59,9 +62,13 @@ fn samples(case: Case, run: usize) -> Vec<Vec<u8>> {
 }
 
 #[allow(clippy::field_reassign_with_default)] // reads as "the defaults, except"
-fn daemon_config(case: Case, port: u16, state: &std::path::Path) -> ServeConfig {
+fn daemon_config(case: Case, port: u16, state: &std::path::Path, lora_bundle: Option<&std::path::Path>) -> ServeConfig {
     let mut c = Config::default();
-    c.bundle = adaptd::paths::reference_bundle(if case == Case::Head { "digits-cnn" } else { "minilm" });
+    c.bundle = match (case, lora_bundle) {
+        (Case::Head, _) => adaptd::paths::reference_bundle("digits-cnn"),
+        (Case::Lora, Some(dir)) => dir.to_path_buf(),
+        (Case::Lora, None) => adaptd::paths::reference_bundle("minilm"),
+    };
     c.state_dir = state.to_path_buf();
     c.http.listen = "127.0.0.1:0".parse().unwrap();
     c.mqtt.host = "127.0.0.1".into();
@@ -125,13 +132,13 @@ struct Run {
     promoted: bool,
 }
 
-async fn run_once(case: Case, run: usize) -> Run {
+async fn run_once(case: Case, run: usize, lora_bundle: Option<&std::path::Path>) -> Run {
     let broker = broker::Mosquitto::start();
     let state = tempfile::tempdir().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let (bound_tx, bound_rx) = oneshot::channel();
     let daemon = tokio::spawn(adaptd::serve::run(
-        daemon_config(case, broker.port, state.path()),
+        daemon_config(case, broker.port, state.path(), lora_bundle),
         async {
             let _ = stopped.await;
         },
@@ -192,12 +199,13 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     let runs: usize = args.iter().position(|a| a == "--runs").and_then(|i| args.get(i + 1)).and_then(|n| n.parse().ok()).unwrap_or(3);
     let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
+    let lora_bundle = args.iter().position(|a| a == "--lora-bundle").and_then(|i| args.get(i + 1)).map(std::path::PathBuf::from);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     for (name, case, target) in [("head", Case::Head, Some(5.0)), ("lora", Case::Lora, None)] {
         if only.as_deref().is_some_and(|o| o != name) {
             continue;
         }
-        let results: Vec<Run> = (0..runs).map(|r| runtime.block_on(run_once(case, r))).collect();
+        let results: Vec<Run> = (0..runs).map(|r| runtime.block_on(run_once(case, r, lora_bundle.as_deref()))).collect();
         for (i, r) in results.iter().enumerate() {
             println!(
                 "{name} run {}: {:.2} s to a promoted adapter serving (waiting for the scheduler {:.2} s, training {:.2} s, gate + promotion {:.2} s){}",
