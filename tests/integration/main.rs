@@ -87,7 +87,11 @@ pub async fn serve_in_process(config: adaptd::serve::ServeConfig) -> ServeHandle
         let _ = stopped.await;
     };
     let daemon = tokio::spawn(adaptd::serve::run(config, shutdown, Some(bound_tx)));
-    let addr = bound_rx.await.expect("the daemon listens");
+    let addr = match bound_rx.await {
+        Ok(addr) => addr,
+        // It stopped before listening: say why.
+        Err(_) => panic!("the daemon did not start: {:?}", daemon.await),
+    };
     (stop, addr, daemon)
 }
 
