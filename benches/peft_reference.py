@@ -187,26 +187,32 @@ def centroid_accuracy(embed, data: dict) -> float:
     return ((test @ centroids.T).argmax(1) == data["other_test_y"]).float().mean().item()
 
 
-def text(data: dict, args) -> dict:
+def text_split(data: dict, name: str):
+    """((input_ids, attention_mask), labels) of one split of the intent data."""
+    return (data[f"{name}_ids"], data[f"{name}_mask"]), data[f"{name}_y"]
+
+
+def text_head(data: dict) -> nn.Linear:
+    """The linear head both sides start from (its weights come with the data)."""
+    head = nn.Linear(384, data["head_weight"].shape[0])
+    with torch.no_grad():
+        head.weight.copy_(data["head_weight"])
+        head.bias.copy_(data["head_bias"])
+    return head
+
+
+def text_test_accuracy(data: dict, forward) -> float:
+    with torch.no_grad():
+        return (forward(data["test_ids"], data["test_mask"]).argmax(1) == data["test_y"]).float().mean().item()
+
+
+def text_lora(data: dict, args):
+    """MiniLM frozen, PEFT LoRA on query/value of every layer, plus the head: (model, forward,
+    peft_model, param groups)."""
     from peft import LoraConfig, get_peft_model
 
-    split = lambda name: ((data[f"{name}_ids"], data[f"{name}_mask"]), data[f"{name}_y"])  # noqa: E731
-    train, val = split("train"), split("val")
-
-    def new_head() -> nn.Linear:
-        head = nn.Linear(384, data["head_weight"].shape[0])
-        with torch.no_grad():
-            head.weight.copy_(data["head_weight"])
-            head.bias.copy_(data["head_bias"])
-        return head
-
-    def test_accuracy(forward) -> float:
-        with torch.no_grad():
-            return (forward(data["test_ids"], data["test_mask"]).argmax(1) == data["test_y"]).float().mean().item()
-
-    out = {"side": "peft"}
     torch.manual_seed(args.seed)
-    body, head = minilm().eval(), new_head()
+    body, head = minilm().eval(), text_head(data)
     for p in body.parameters():
         p.requires_grad_(False)
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["query", "value"], lora_dropout=0.0)
@@ -214,49 +220,40 @@ def text(data: dict, args) -> dict:
     model = nn.ModuleDict({"body": peft_model, "head": head})
     lora = [p for p in peft_model.parameters() if p.requires_grad]
     forward = lambda ids, mask: head(peft_model(ids, mask))  # noqa: E731
+    groups = [{"params": list(head.parameters()), "lr": args.head_lr}, {"params": lora, "lr": args.lr}]
+    return model, forward, peft_model, groups
+
+
+def text(data: dict, args) -> dict:
+    train, val = text_split(data, "train"), text_split(data, "val")
+    out = {"side": "peft"}
+    model, forward, peft_model, groups = text_lora(data, args)
     started = time.perf_counter()
-    fit(model, forward, [{"params": list(head.parameters()), "lr": args.head_lr}, {"params": lora, "lr": args.lr}], train, val, args.epochs, seed=args.seed)
+    fit(model, forward, groups, train, val, args.epochs, seed=args.seed)
     model.eval()
-    out["lora"] = {"test": test_accuracy(forward), "other": centroid_accuracy(peft_model, data), "seconds": time.perf_counter() - started}
+    out["lora"] = {"test": text_test_accuracy(data, forward), "other": centroid_accuracy(peft_model, data), "seconds": time.perf_counter() - started}
 
     torch.manual_seed(args.seed)
-    body, head = minilm(), new_head()
+    body, head = minilm(), text_head(data)
     model = nn.ModuleDict({"body": body, "head": head})
     forward = lambda ids, mask: head(body(ids, mask))  # noqa: E731
     started = time.perf_counter()
     fit(model, forward, [{"params": list(head.parameters()), "lr": args.head_lr}, {"params": list(body.parameters()), "lr": args.full_lr}], train, val, args.epochs, seed=args.seed)
     model.eval()
-    out["full_finetune"] = {"test": test_accuracy(forward), "other": centroid_accuracy(body, data), "seconds": time.perf_counter() - started}
+    out["full_finetune"] = {"test": text_test_accuracy(data, forward), "other": centroid_accuracy(body, data), "seconds": time.perf_counter() - started}
     return out
 
 
 def time_to_accuracy(data: dict, args) -> dict:
     """PEFT LoRA r=8 on query/value of every layer plus a head, the reference a user would run: the
     validation accuracy curve against seconds since the start (model load excluded), test accuracy."""
-    from peft import LoraConfig, get_peft_model
-
-    split = lambda name: ((data[f"{name}_ids"], data[f"{name}_mask"]), data[f"{name}_y"])  # noqa: E731
-    torch.manual_seed(args.seed)
-    body = minilm().eval()
-    head = nn.Linear(384, data["head_weight"].shape[0])
-    with torch.no_grad():
-        head.weight.copy_(data["head_weight"])
-        head.bias.copy_(data["head_bias"])
-    for p in body.parameters():
-        p.requires_grad_(False)
-    peft_model = get_peft_model(body, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["query", "value"], lora_dropout=0.0))
-    model = nn.ModuleDict({"body": peft_model, "head": head})
-    lora = [p for p in peft_model.parameters() if p.requires_grad]
-    forward = lambda ids, mask: head(peft_model(ids, mask))  # noqa: E731
+    model, forward, _, groups = text_lora(data, args)
     curve: list = []
     started = time.perf_counter()
-    fit(model, forward, [{"params": list(head.parameters()), "lr": args.head_lr}, {"params": lora, "lr": args.lr}],
-        split("train"), split("val"), args.epochs, seed=args.seed, curve=curve)
+    fit(model, forward, groups, text_split(data, "train"), text_split(data, "val"), args.epochs, seed=args.seed, curve=curve)
     seconds = time.perf_counter() - started
     model.eval()
-    with torch.no_grad():
-        test = (forward(data["test_ids"], data["test_mask"]).argmax(1) == data["test_y"]).float().mean().item()
-    return {"side": "peft", "curve": curve, "seconds": seconds, "test": test, "peak_rss_bytes": peak_rss_bytes()}
+    return {"side": "peft", "curve": curve, "seconds": seconds, "test": text_test_accuracy(data, forward), "peak_rss_bytes": peak_rss_bytes()}
 
 
 def main() -> None:

@@ -111,6 +111,17 @@ pub fn softmax_rows(logits: &mut [f32], classes: usize) {
     }
 }
 
+/// The mean embedding of each class's rows (`embeddings` is `[labels.len(), dim]`, `labels` index
+/// the `classes`), what [`grow_linear`] imprints new rows from; None for a class with no row.
+pub fn class_means(embeddings: &[f32], labels: &[i64], classes: usize, dim: usize) -> Vec<Option<Vec<f32>>> {
+    (0..classes)
+        .map(|class| {
+            let rows: Vec<usize> = (0..labels.len()).filter(|&r| labels[r] == class as i64).collect();
+            (!rows.is_empty()).then(|| (0..dim).map(|d| rows.iter().map(|&r| embeddings[r * dim + d]).sum::<f32>() / rows.len() as f32).collect())
+        })
+        .collect()
+}
+
 /// The linear head a new version starts from, for `labels` (old labels first, in their order,
 /// then new ones). Rows of classes `previous` knew are kept as they are; a class it never saw
 /// starts at its mean training embedding ("imprinting"), scaled to the old rows' mean norm, with

@@ -176,9 +176,10 @@ pub struct HeadProbe {
     pub seconds: f64,
 }
 
-/// Adapt a head to rotated digits the way the daemon's first step does (cached embeddings from
-/// the serving graph, imprinted rows, the shipped recipe on the CPU) and score it on held-out
-/// images: proves the whole head path (serving runtime, trainer, head) on this machine.
+/// Adapt a head to rotated digits as the daemon's head step does (embeddings from the serving
+/// graph, the shipped recipe on the CPU), starting from rows imprinted from the class means
+/// rather than from the bundle's classifier, and score it on held-out images: proves the whole
+/// head path (serving runtime, trainer, head) on this machine.
 pub fn head_probe(onnx: &mut OnnxModel, digits_path: &Path) -> Result<HeadProbe, ParityError> {
     let shift = Shift::Rotate90;
     let started = std::time::Instant::now();
@@ -198,15 +199,9 @@ pub fn head_probe(onnx: &mut OnnxModel, digits_path: &Path) -> Result<HeadProbe,
     let (test_embeddings, base_logits) = embed(test_rows)?;
     let labels = digits.labels_of(train_rows);
     let classes = 10;
-    let class_means: Vec<Option<Vec<f32>>> = (0..classes as i64)
-        .map(|class| {
-            let members: Vec<usize> = (0..labels.len()).filter(|&r| labels[r] == class).collect();
-            (!members.is_empty())
-                .then(|| (0..dim).map(|d| members.iter().map(|&r| train_embeddings[r * dim + d]).sum::<f32>() / members.len() as f32).collect())
-        })
-        .collect();
     let names: Vec<String> = (0..classes).map(|c| c.to_string()).collect();
-    let start = adaptd_adapters::head::grow_linear(None, &names, &class_means, dim);
+    let means = adaptd_adapters::head::class_means(&train_embeddings, &labels, classes, dim);
+    let start = adaptd_adapters::head::grow_linear(None, &names, &means, dim);
     let train = Examples {
         inputs: vec![HostTensor { shape: vec![train_rows.len(), dim], data: HostData::F32(train_embeddings) }],
         weights: vec![1.0; labels.len()],

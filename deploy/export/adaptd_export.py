@@ -437,8 +437,8 @@ def export_bundle(
                 try:
                     prefix = torch.jit.trace(PrefixGraph(graph, cut), args, check_trace=False)
                     activation = prefix(*args)
-                    suffix = SuffixGraph(trainer, cut, len(example_inputs))
                     n = len(example_inputs)
+                    suffix = SuffixGraph(trainer, cut, n)
                     suffix_traced = torch.jit.trace(suffix, (*args[:n], activation, *args[n:], torch.tensor(1.0)), check_trace=False)
                 finally:
                     hook.remove()

@@ -67,6 +67,17 @@ pub struct TrainingGraph {
     cut: Option<CutGraphs>,
 }
 
+/// A TorchScript graph on `device`, in eval mode, every parameter frozen: the exporter froze them
+/// already; this makes sure no caller can build a graph into the base.
+fn load_frozen(path: &std::path::Path, device: Device) -> Result<CModule, TrainError> {
+    let mut module = CModule::load_on_device(path, device).map_err(|source| TrainError::Load { path: path.display().to_string(), source })?;
+    module.set_eval();
+    for (_, p) in module.named_parameters()? {
+        let _ = p.set_requires_grad(false);
+    }
+    Ok(module)
+}
+
 /// How far the cut's halves may stray from the training graph (fp32, as serving parity).
 pub const CUT_PARITY_TOLERANCE: f32 = 1e-4;
 
@@ -88,12 +99,7 @@ impl TrainingGraph {
         // executor trains 1.2x faster at 0.57x the peak RSS. Process-wide, and only TorchScript
         // (training) is affected; serving runs on ONNX Runtime.
         tch::jit::set_profiling_mode(false);
-        let mut module = CModule::load_on_device(&path, device).map_err(|source| TrainError::Load { path: path.display().to_string(), source })?;
-        module.set_eval();
-        // Frozen by the exporter already; make sure no caller can build a graph into the base.
-        for (_, p) in module.named_parameters()? {
-            let _ = p.set_requires_grad(false);
-        }
+        let module = load_frozen(&path, device)?;
         let attention_mask = match bundle.manifest.preprocessing {
             adaptd_adapters::bundle::Preprocessing::Text { .. } => bundle.manifest.inputs.iter().position(|i| i.name == "attention_mask"),
             _ => None,
@@ -107,15 +113,7 @@ impl TrainingGraph {
     pub fn load_cut(&mut self, bundle: &Bundle) -> Result<(), TrainError> {
         let cut =
             bundle.manifest.cut.as_ref().ok_or_else(|| TrainError::Data(format!("bundle {} is not cut for training above a prefix", bundle.manifest.name)))?;
-        let load = |file: &str| -> Result<CModule, TrainError> {
-            let path = bundle.dir.join(file);
-            let mut module = CModule::load_on_device(&path, self.device).map_err(|source| TrainError::Load { path: path.display().to_string(), source })?;
-            module.set_eval();
-            for (_, p) in module.named_parameters()? {
-                let _ = p.set_requires_grad(false);
-            }
-            Ok(module)
-        };
+        let load = |file: &str| load_frozen(&bundle.dir.join(file), self.device);
         self.cut = Some(CutGraphs { prefix: load(&cut.prefix_graph)?, suffix: load(&cut.suffix_graph)?, slots_above: cut.slots_above.clone() });
         // An adapter trained above the cut is served by the whole graph: the halves must compute
         // its function, or what the gate validates is not what serves.
@@ -521,8 +519,6 @@ pub struct FitReport {
     pub losses: Vec<f32>,
 }
 
-/// Fine-tune `target` from `init_head` (a linear head whose rows are the classes) on `train`,
-/// choosing the epoch by loss on `validation`. Cancellable between steps via `cancel`.
 /// The prefix's output for every row of `inputs`, computed in batches of `batch` rows (text
 /// batches trimmed of all-padding columns, then padded back to the full width).
 fn activations(graph: &TrainingGraph, inputs: &[Tensor], lora: &[Tensor], batch: usize) -> Result<Tensor, TrainError> {
@@ -545,6 +541,8 @@ fn activations(graph: &TrainingGraph, inputs: &[Tensor], lora: &[Tensor], batch:
     Ok(Tensor::cat(&parts, 0))
 }
 
+/// Fine-tune `target` from `init_head` (a linear head whose rows are the classes) on `train`,
+/// choosing the epoch by loss on `validation`. Cancellable between steps via `cancel`.
 pub fn fit(
     target: FitTarget<'_>,
     train: &Examples,

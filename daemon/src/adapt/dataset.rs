@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use adaptd_adapters::bundle::{Bundle, RetentionSet};
 use adaptd_adapters::files::SampleCounts;
-use adaptd_adapters::head::{Head, grow_linear};
+use adaptd_adapters::head::{Head, class_means, grow_linear};
 use adaptd_adapters::tensor::HostTensor;
 use adaptd_train::Examples;
 
@@ -163,12 +163,8 @@ pub(super) fn prepare(
         Ok(out)
     };
     let train_emb = embeddings_of(&train)?;
-    let class_means: Vec<Option<Vec<f32>>> = (0..labels.len())
-        .map(|c| {
-            let rows: Vec<usize> = train.iter().enumerate().filter(|(_, s)| index[s.sample.label.as_str()] == c as i64).map(|(i, _)| i).collect();
-            (!rows.is_empty()).then(|| (0..dim).map(|d| rows.iter().map(|&r| train_emb[r * dim + d]).sum::<f32>() / rows.len() as f32).collect())
-        })
-        .collect();
+    let train_labels: Vec<i64> = train.iter().map(|s| index[s.sample.label.as_str()]).collect();
+    let means = class_means(&train_emb, &train_labels, labels.len(), dim);
     // Start from the incumbent's head, or the bundle's pre-trained classifier, or prototypes.
     let base_head = bundle.base_head()?;
     let base_labels = bundle.manifest.labels.clone().unwrap_or_default();
@@ -177,10 +173,10 @@ pub(super) fn prepare(
         (None, Some(h)) => Some((h, &base_labels[..])),
         (None, None) => None,
     };
-    let init_head = grow_linear(previous, &labels, &class_means, dim);
+    let init_head = grow_linear(previous, &labels, &means, dim);
 
     let weights = |rows: &[&StoredSample]| rows.iter().map(|s| s.sample.weight).collect::<Vec<f32>>();
-    let mut train_ex = Examples { labels: train.iter().map(|s| index[s.sample.label.as_str()]).collect(), weights: weights(&train), inputs: Vec::new() };
+    let mut train_ex = Examples { labels: train_labels, weights: weights(&train), inputs: Vec::new() };
     let mut val_ex =
         Examples { labels: validation.iter().map(|s| index[s.sample.label.as_str()]).collect(), weights: weights(&validation), inputs: Vec::new() };
     // Replay: retained base-domain rows whose labels the task uses, as a share of the task's samples.

@@ -253,7 +253,7 @@ struct Shared<B: InferenceBackend> {
 
 impl<B: InferenceBackend> Shared<B> {
     fn new(current: CurrentFn, inline: bool) -> Shared<B> {
-        Shared { core: Mutex::new(Core { model: None, cache: LoraCache { values: HashMap::new(), order: VecDeque::new() } }), current, inline }
+        Shared { core: Mutex::new(Core { model: None, cache: LoraCache::new() }), current, inline }
     }
 
     /// The core, also after a panic in a run (its state is a session and a cache, both whole).
@@ -525,6 +525,10 @@ struct LoraCache<L> {
 const LORA_CACHE_ENTRIES: usize = 8;
 
 impl<L> LoraCache<L> {
+    fn new() -> LoraCache<L> {
+        LoraCache { values: HashMap::new(), order: VecDeque::new() }
+    }
+
     fn get<B: InferenceBackend<Lora = L>>(&mut self, model: &B, lora: &LoraInputs) -> Result<Arc<L>, OnnxError> {
         if let Some(v) = self.values.get(&lora.key) {
             return Ok(v.clone());
@@ -903,7 +907,7 @@ mod tests {
     fn run(double: &mut Double, tasks: &[(&str, Arc<Serving>)], batch: Vec<Request>) {
         let tasks: HashMap<String, Arc<Serving>> = tasks.iter().map(|(t, s)| (t.to_string(), s.clone())).collect();
         let current = |task: &str| tasks.get(task).cloned();
-        let mut cache = LoraCache { values: HashMap::new(), order: VecDeque::new() };
+        let mut cache = LoraCache::new();
         run_batch(double, &current, &mut cache, batch, &EngineStats::default());
     }
 
