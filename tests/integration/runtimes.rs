@@ -462,3 +462,30 @@ fn a_cut_whose_halves_disagree_with_the_training_graph_is_refused() {
     let trainer = adaptd::trainer::Trainer::start(bundle, config).expect("a bad cut does not stop the trainer");
     trainer.shutdown();
 }
+
+/// A manifest whose cut contradicts the bundle is refused when the bundle opens, saying what is
+/// wrong: a graph the manifest does not list, a slot that does not exist, an activation that is
+/// not f32 with a dynamic batch axis, a key nobody knows.
+#[test]
+fn a_cut_the_manifest_contradicts_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = export_tiny_cut(dir.path(), 0);
+    let original = std::fs::read(bundle.join("manifest.json")).unwrap();
+    let cases: [(&str, serde_json::Value, &str); 5] = [
+        ("prefix_graph", serde_json::json!("missing.pt"), "cut graph file \"missing.pt\" is not listed"),
+        ("slots_above", serde_json::json!([1, 7]), "names slot 7, but there are 2 slots"),
+        ("activation", serde_json::json!({ "name": "cut.activation", "dtype": "i64", "shape": [-1, 4, 16] }), "must be f32 with a dynamic batch axis"),
+        ("activation", serde_json::json!({ "name": "cut.activation", "dtype": "f32", "shape": [5, 4, 16] }), "must be f32 with a dynamic batch axis"),
+        ("extra", serde_json::json!(1), "unknown field `extra`"),
+    ];
+    for (key, value, expected) in cases {
+        let mut manifest: serde_json::Value = serde_json::from_slice(&original).unwrap();
+        manifest["cut"][key] = value;
+        std::fs::write(bundle.join("manifest.json"), serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+        let e = Bundle::open(&bundle).unwrap_err();
+        assert!(e.to_string().contains(expected), "cut.{key}: {e}");
+        assert!(["invalid", "manifest"].contains(&e.error_type()), "{}", e.error_type());
+    }
+    std::fs::write(bundle.join("manifest.json"), &original).unwrap();
+    Bundle::open(&bundle).expect("the untouched manifest opens");
+}
