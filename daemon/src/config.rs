@@ -15,7 +15,7 @@ use crate::engine::onnx::{ExecutionProvider, SessionOptions};
 use crate::gate::{GateConfig, GateMetric};
 use crate::resources::ResourceLimits;
 use crate::scheduler::SchedulerConfig;
-use crate::trainer::{JobKind, TrainDevice, TrainerConfig};
+use crate::trainer::{JobKind, TrainDevice, TrainPrecision, TrainerConfig};
 
 /// The shipped default file, compiled in.
 pub const DEFAULT_TOML: &str = include_str!("../../config/adaptd.toml");
@@ -139,6 +139,7 @@ pub struct TrainingSection {
     pub device: TrainDevice,
     pub threads: usize,
     pub above_cut: bool,
+    pub precision: TrainPrecision,
     pub lora_rank: usize,
     pub lora_alpha: f32,
     pub learning_rate: f64,
@@ -251,6 +252,7 @@ impl Default for Config {
                 device: trainer.device,
                 threads: trainer.threads,
                 above_cut: trainer.above_cut,
+                precision: trainer.precision,
                 lora_rank: 8,
                 lora_alpha: 8.0,
                 learning_rate: recipe.learning_rate,
@@ -388,6 +390,9 @@ impl Config {
         }
         if self.http.max_request_bytes < 1024 {
             return invalid("http.max_request_bytes", "must be at least 1024");
+        }
+        if self.training.precision == TrainPrecision::Fp16 && self.training.device == TrainDevice::Cpu {
+            return invalid("training.precision", "\"fp16\" (autocast) trains on CUDA, and training.device is \"cpu\"; use \"auto\" or \"fp32\"");
         }
         if self.adapters.keep_versions == 0 {
             return invalid("adapters.keep_versions", "must be at least 1 (the active version)");
@@ -548,11 +553,12 @@ impl Config {
         check("training.device", self.training.device != new.training.device);
         check("training.threads", self.training.threads != new.training.threads);
         check("training.above_cut", self.training.above_cut != new.training.above_cut);
+        check("training.precision", self.training.precision != new.training.precision);
         changed
     }
 
     pub fn trainer_config(&self) -> TrainerConfig {
-        TrainerConfig { device: self.training.device, threads: self.training.threads, above_cut: self.training.above_cut }
+        TrainerConfig { device: self.training.device, threads: self.training.threads, above_cut: self.training.above_cut, precision: self.training.precision }
     }
 
     /// The adaptation loop's settings for `task`.

@@ -63,6 +63,8 @@ pub struct ProviderCheck {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TrainingCheck {
     pub device: String,
+    /// "fp32", or "fp16" (the base's products under CUDA autocast).
+    pub precision: String,
     /// A head fit on cached embeddings (what the default first step trains), in seconds.
     pub head_seconds: Option<f64>,
     /// LoRA training throughput through the bundle's training graph.
@@ -75,6 +77,7 @@ pub struct TrainingCheck {
 pub struct Verdict {
     pub execution_provider: ExecutionProvider,
     pub training_device: String,
+    pub training_precision: String,
     pub intra_op_threads: usize,
     pub training_threads: usize,
     pub memory_budget_mb: u64,
@@ -203,9 +206,11 @@ fn serve(bundle: &Bundle, provider: ExecutionProvider, threads: usize, library: 
 }
 
 /// A head fit and LoRA steps on `device`, each within about `budget`.
-fn train(bundle: &Bundle, device: tch::Device, budget: Duration) -> TrainingCheck {
+fn train(bundle: &Bundle, device: tch::Device, fp16: bool, budget: Duration) -> TrainingCheck {
     let name = if device.is_cuda() { "cuda" } else { "cpu" }.to_string();
-    let failed = |e: String| TrainingCheck { device: name.clone(), head_seconds: None, lora_samples_per_second: None, error: Some(e) };
+    let precision = if fp16 { "fp16" } else { "fp32" }.to_string();
+    let failed =
+        |e: String| TrainingCheck { device: name.clone(), precision: precision.clone(), head_seconds: None, lora_samples_per_second: None, error: Some(e) };
     let dim = bundle.manifest.embedding_dim;
     let classes = 10;
     let mut rng = SeededRng::new(3);
@@ -232,7 +237,10 @@ fn train(bundle: &Bundle, device: tch::Device, budget: Duration) -> TrainingChec
     let head_seconds = started.elapsed().as_secs_f64();
     // LoRA: epochs of 64 samples through the training graph until the budget is spent.
     let graph = match TrainingGraph::load(bundle, device) {
-        Ok(g) => g,
+        Ok(mut g) => match fp16.then(|| g.enable_mixed_precision()) {
+            Some(Err(e)) => return TrainingCheck { head_seconds: Some(head_seconds), ..failed(e.to_string()) },
+            _ => g,
+        },
         Err(e) => return TrainingCheck { head_seconds: Some(head_seconds), ..failed(e.to_string()) },
     };
     let rows = 64;
@@ -252,7 +260,7 @@ fn train(bundle: &Bundle, device: tch::Device, budget: Duration) -> TrainingChec
         epochs = if t.elapsed() < budget / 8 { epochs * 2 } else { epochs };
     }
     let rate = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
-    TrainingCheck { device: name, head_seconds: Some(head_seconds), lora_samples_per_second: Some(rate), error: None }
+    TrainingCheck { device: name, precision, head_seconds: Some(head_seconds), lora_samples_per_second: Some(rate), error: None }
 }
 
 /// The configuration to use, from the checks.
@@ -268,13 +276,21 @@ pub fn verdict(device: &Device, providers: &[ProviderCheck], training: &[Trainin
     {
         notes.push(format!("serving on {execution_provider:?}: p50 {b:.3} ms against {cpu:.3} ms on the CPU"));
     }
-    let rate = |d: &str| training.iter().find(|t| t.device == d).and_then(|t| t.lora_samples_per_second);
-    let training_device = match (rate("cuda"), rate("cpu")) {
+    let rate = |d: &str, p: &str| training.iter().find(|t| t.device == d && t.precision == p).and_then(|t| t.lora_samples_per_second);
+    // CUDA's rate is its better precision's.
+    let (gpu_rate, gpu_precision) = match (rate("cuda", "fp32"), rate("cuda", "fp16")) {
+        (Some(full), Some(half)) if half > full => {
+            notes.push(format!("fp16 autocast trains at {half:.0} LoRA samples/s against {full:.0} in fp32"));
+            (Some(half), "fp16")
+        }
+        (full, half) => (full.or(half), if full.is_some() { "fp32" } else { "fp16" }),
+    };
+    let (training_device, training_precision) = match (gpu_rate, rate("cpu", "fp32")) {
         (Some(gpu), Some(cpu)) if gpu > cpu => {
             notes.push(format!("training on CUDA: {gpu:.0} LoRA samples/s against {cpu:.0} on the CPU"));
-            "cuda"
+            ("cuda", gpu_precision)
         }
-        _ => "cpu",
+        _ => ("cpu", "fp32"),
     };
     // Serving keeps two cores' worth when it has them; training takes one at background priority.
     let intra_op_threads = device.cpus.clamp(1, 2);
@@ -289,7 +305,7 @@ pub fn verdict(device: &Device, providers: &[ProviderCheck], training: &[Trainin
     if device.model.as_deref().is_some_and(|m| m.contains("Jetson")) && device.l4t.is_none() {
         notes.push("a Jetson without /etc/nv_tegra_release: JetPack's runtimes may be missing".into());
     }
-    Verdict { execution_provider, training_device: training_device.into(), intra_op_threads, training_threads, memory_budget_mb, notes }
+    Verdict { execution_provider, training_device: training_device.into(), training_precision: training_precision.into(), intra_op_threads, training_threads, memory_budget_mb, notes }
 }
 
 /// Run every check on `bundle`, spending about `seconds` on the benchmarks.
@@ -305,9 +321,10 @@ pub fn run(bundle: &Bundle, root: &Path, seconds: f64, library: Option<&Path>) -
         .collect();
     let torch_cuda = libtorch::cuda_available();
     let torch_cuda_reason = libtorch::cuda_unavailable_reason();
-    let mut training = vec![train(bundle, tch::Device::Cpu, budget / 4)];
+    let mut training = vec![train(bundle, tch::Device::Cpu, false, budget / 4)];
     if torch_cuda {
-        training.push(train(bundle, tch::Device::Cuda(0), budget / 4));
+        training.push(train(bundle, tch::Device::Cuda(0), false, budget / 8));
+        training.push(train(bundle, tch::Device::Cuda(0), true, budget / 8));
     }
     let verdict = verdict(&device, &providers, &training);
     let libtorch_library = libtorch::cpu_library();
@@ -344,11 +361,11 @@ pub fn render(r: &Report) -> String {
     };
     for t in &r.training {
         match &t.error {
-            Some(e) => out += &format!("  {:<9} training failed: {e}\n", t.device),
+            Some(e) => out += &format!("  {:<9} training failed: {e}\n", format!("{} {}", t.device, t.precision)),
             None => {
                 out += &format!(
                     "  {:<9} head fit {:.2} s · LoRA {:.0} samples/s\n",
-                    t.device,
+                    format!("{} {}", t.device, t.precision),
                     t.head_seconds.unwrap_or(f64::NAN),
                     t.lora_samples_per_second.unwrap_or(f64::NAN)
                 )
@@ -357,10 +374,11 @@ pub fn render(r: &Report) -> String {
     }
     let v = &r.verdict;
     out += &format!(
-        "\nuse:\n  [engine]   execution_provider = \"{}\"   intra_op_threads = {}\n  [training] device = \"{}\"   threads = {}   memory_budget_mb = {}\n",
+        "\nuse:\n  [engine]   execution_provider = \"{}\"   intra_op_threads = {}\n  [training] device = \"{}\"   precision = \"{}\"   threads = {}   memory_budget_mb = {}\n",
         format!("{:?}", v.execution_provider).to_lowercase(),
         v.intra_op_threads,
         v.training_device,
+        v.training_precision,
         v.training_threads,
         v.memory_budget_mb
     );
@@ -442,14 +460,26 @@ mod tests {
     fn the_verdict_picks_a_gpu_only_where_it_is_faster() {
         let d = device(tempfile::tempdir().unwrap().path());
         let provider = |provider, p50_ms: Option<f64>| ProviderCheck { provider, registered: p50_ms.is_some(), reason: None, p50_ms };
-        let training =
-            |device: &str, rate: f64| TrainingCheck { device: device.into(), head_seconds: Some(0.1), lora_samples_per_second: Some(rate), error: None };
+        let check = |device: &str, precision: &str, rate: f64| TrainingCheck {
+            device: device.into(),
+            precision: precision.into(),
+            head_seconds: Some(0.1),
+            lora_samples_per_second: Some(rate),
+            error: None,
+        };
+        let training = |device: &str, rate: f64| check(device, "fp32", rate);
         let v = verdict(
             &d,
             &[provider(ExecutionProvider::Cpu, Some(0.5)), provider(ExecutionProvider::Cuda, Some(0.2))],
             &[training("cpu", 100.0), training("cuda", 900.0)],
         );
-        assert_eq!((v.execution_provider, v.training_device.as_str()), (ExecutionProvider::Cuda, "cuda"));
+        assert_eq!((v.execution_provider, v.training_device.as_str(), v.training_precision.as_str()), (ExecutionProvider::Cuda, "cuda", "fp32"));
+        // fp16 autocast where it trains faster than fp32 on the same GPU, fp32 where it does not.
+        let cpu = provider(ExecutionProvider::Cpu, Some(0.5));
+        let v = verdict(&d, std::slice::from_ref(&cpu), &[training("cpu", 100.0), check("cuda", "fp32", 900.0), check("cuda", "fp16", 2000.0)]);
+        assert_eq!((v.training_device.as_str(), v.training_precision.as_str()), ("cuda", "fp16"));
+        let v = verdict(&d, std::slice::from_ref(&cpu), &[training("cpu", 100.0), check("cuda", "fp32", 900.0), check("cuda", "fp16", 800.0)]);
+        assert_eq!((v.training_device.as_str(), v.training_precision.as_str()), ("cuda", "fp32"));
         let v = verdict(
             &d,
             &[provider(ExecutionProvider::Cpu, Some(0.1)), provider(ExecutionProvider::Cuda, Some(0.2))],

@@ -32,6 +32,17 @@ pub enum TrainDevice {
     Cuda,
 }
 
+/// The precision of LoRA training forwards on CUDA (the CPU always trains in fp32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainPrecision {
+    /// fp16 autocast on CUDA where the bundle's graph passes the numerics check, else fp32.
+    Auto,
+    Fp32,
+    /// fp16 autocast on CUDA, or refuse to start there.
+    Fp16,
+}
+
 #[derive(Debug, Clone)]
 pub struct TrainerConfig {
     pub device: TrainDevice,
@@ -40,11 +51,12 @@ pub struct TrainerConfig {
     /// LoRA trains above the bundle's cut when it has one (activations below it computed once
     /// per sample and job).
     pub above_cut: bool,
+    pub precision: TrainPrecision,
 }
 
 impl Default for TrainerConfig {
     fn default() -> Self {
-        TrainerConfig { device: TrainDevice::Auto, threads: 1, above_cut: true }
+        TrainerConfig { device: TrainDevice::Auto, threads: 1, above_cut: true, precision: TrainPrecision::Auto }
     }
 }
 
@@ -158,6 +170,10 @@ impl Trainer {
                     }
                     graph
                 });
+                let loaded = loaded.and_then(|mut graph| {
+                    choose_precision(&mut graph, config.precision)?;
+                    Ok(graph)
+                });
                 let graph = match loaded {
                     Ok(g) => g,
                     Err(e) => {
@@ -218,6 +234,33 @@ impl Trainer {
         let _ = self.tx.send(Command::Stop);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// Mixed precision where asked for and it holds: on CUDA, `auto` tries fp16 autocast and keeps
+/// fp32 (with the reason logged) where the bundle's graph fails the numerics check; `fp16`
+/// refuses to start then. On the CPU training is fp32 whatever is asked.
+fn choose_precision(graph: &mut TrainingGraph, precision: TrainPrecision) -> Result<(), TrainError> {
+    if !graph.device().is_cuda() {
+        if precision == TrainPrecision::Fp16 {
+            tracing::warn!("training.precision is \"fp16\", but training runs on the CPU: fp32");
+        }
+        return Ok(());
+    }
+    match precision {
+        TrainPrecision::Fp32 => Ok(()),
+        TrainPrecision::Auto => {
+            match graph.enable_mixed_precision() {
+                Ok(diff) => tracing::info!(embedding_relative_diff = diff, "LoRA trains with the base under fp16 autocast"),
+                Err(e) => tracing::warn!(error = %e, "LoRA trains in fp32"),
+            }
+            Ok(())
+        }
+        TrainPrecision::Fp16 => {
+            let diff = graph.enable_mixed_precision()?;
+            tracing::info!(embedding_relative_diff = diff, "LoRA trains with the base under fp16 autocast");
+            Ok(())
         }
     }
 }

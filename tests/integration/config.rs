@@ -25,6 +25,12 @@ fn bad_files_name_the_key_and_say_what_is_allowed() {
     let err = parse(&wrong_type).unwrap_err();
     assert!(err.contains("max_batch") || err.contains("invalid type"), "{err}");
 
+    // fp16 autocast is a CUDA path: asked for with training pinned to the CPU, refused by key.
+    let fp16_on_cpu = DEFAULT_TOML.replace("precision = \"auto\"", "precision = \"fp16\"").replace("device = \"auto\"\n# libtorch", "device = \"cpu\"\n# libtorch");
+    let err = parse(&fp16_on_cpu).unwrap_err();
+    assert!(err.contains("training.precision") && err.contains("cpu"), "{err}");
+    assert!(parse(&DEFAULT_TOML.replace("precision = \"auto\"", "precision = \"fp16\"")).is_ok(), "fp16 where training may run on CUDA");
+
     let provider = DEFAULT_TOML.replace("execution_provider = \"cpu\"", "execution_provider = \"npu\"");
     let err = parse(&provider).unwrap_err();
     assert!(err.contains("npu") && err.contains("cuda"), "lists what is allowed: {err}");
@@ -36,6 +42,7 @@ fn bad_files_name_the_key_and_say_what_is_allowed() {
         ("topic_prefix = \"adaptd/v1\"", "topic_prefix = \"adaptd/#\"", "mqtt.topic_prefix"),
         ("listen = \"127.0.0.1:8080\"", "listen = \"localhost\"", "listen"),
         ("lora_rank = 8", "lora_rank = 0", "training.lora_rank"),
+        ("precision = \"auto\"", "precision = \"fp8\"", "fp16"),
         ("learning_rate = 0.001", "learning_rate = 3.0", "training.learning_rate"),
         ("escalate_until = 0.98", "escalate_until = 2.0", "training.escalate_until"),
         ("retention = \"traffic\"", "retention = \"sometimes\"", "traffic"),

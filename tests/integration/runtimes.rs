@@ -45,6 +45,37 @@ fn minilm_runtimes_agree_with_and_without_lora() {
     assert_parity("minilm");
 }
 
+/// On a GPU provider prepared LoRA values are copied into the device's memory once. The copy
+/// goes through ONNX Runtime's device-to-device path, the same one used here between host
+/// allocators: the values a run reads from there give the answers host values give.
+#[test]
+fn lora_values_prepared_on_a_device_give_the_same_outputs_as_host_values() {
+    let (bundle, mut onnx, _) = load("digits-cnn");
+    assert_eq!(onnx.lora_device(), "Cpu", "a CPU session keeps LoRA values in host memory");
+    let inputs = parity::probe_inputs(&bundle, &digits_data()).unwrap();
+    let lora = adaptd_adapters::lora::LoraWeights::random(&bundle.manifest.lora, 4, 8.0, 5, 0.05).unwrap().graph_inputs(&bundle.manifest.lora).unwrap();
+    let host = onnx.run(&inputs, &lora).unwrap();
+    onnx.set_lora_device(Some((ort::memory::AllocationDevice::CPU, 0)));
+    let prepared = onnx.prepare_lora(&lora).unwrap();
+    assert!(prepared.iter().all(|v| v.view().downcast::<ort::value::DynTensorValueType>().unwrap().memory_info().allocation_device() == ort::memory::AllocationDevice::CPU));
+    let placed = onnx.run_prepared(inputs.clone(), &prepared).unwrap();
+    for (a, b) in host.iter().zip(&placed) {
+        assert_eq!(a.as_f32().unwrap(), b.as_f32().unwrap(), "the same values, wherever they were prepared");
+    }
+    let none = onnx.run(&inputs, &no_adapter_inputs(&bundle.manifest.lora)).unwrap();
+    assert_ne!(none[0].as_f32().unwrap(), placed[0].as_f32().unwrap(), "the placed LoRA values are the ones the run read");
+}
+
+/// fp16 autocast is a CUDA path: a graph on the CPU refuses it and stays fp32, so CPU training
+/// is unchanged whatever `training.precision` says.
+#[test]
+fn mixed_precision_is_refused_on_the_cpu_and_training_there_stays_fp32() {
+    let (_, _, mut graph) = load("digits-cnn");
+    let err = graph.enable_mixed_precision().unwrap_err().to_string();
+    assert!(err.contains("CUDA") && err.contains("CPU"), "{err}");
+    assert!(!graph.mixed_precision());
+}
+
 #[test]
 fn minilm_base_embeddings_are_unit_length_and_padding_does_not_leak() {
     let (bundle, mut onnx, _) = load("minilm");
@@ -423,7 +454,7 @@ fn lora_trains_above_the_cut_on_activations_the_prefix_computed_once() {
 
     // The daemon's trainer takes the cut by default (`training.above_cut`), and every slot without.
     for above_cut in [true, false] {
-        let config = adaptd::trainer::TrainerConfig { device: adaptd::trainer::TrainDevice::Cpu, threads: 1, above_cut };
+        let config = adaptd::trainer::TrainerConfig { device: adaptd::trainer::TrainDevice::Cpu, above_cut, ..adaptd::trainer::TrainerConfig::default() };
         let trainer = adaptd::trainer::Trainer::start(bundle.clone(), config).unwrap();
         let job = adaptd::trainer::TrainJob {
             kind: adaptd::trainer::JobKind::Lora { rank: 4, alpha: 8.0 },
@@ -458,7 +489,7 @@ fn a_cut_whose_halves_disagree_with_the_training_graph_is_refused() {
     let e = graph.load_cut(&bundle).unwrap_err().to_string();
     assert!(e.contains("prefix + suffix differ from the training graph"), "{e}");
     assert!(!graph.trains_above_cut() && graph.trained_slots() == [0, 1], "the whole graph trains");
-    let config = adaptd::trainer::TrainerConfig { device: adaptd::trainer::TrainDevice::Cpu, threads: 1, above_cut: true };
+    let config = adaptd::trainer::TrainerConfig { device: adaptd::trainer::TrainDevice::Cpu, ..adaptd::trainer::TrainerConfig::default() };
     let trainer = adaptd::trainer::Trainer::start(bundle, config).expect("a bad cut does not stop the trainer");
     trainer.shutdown();
 }

@@ -65,6 +65,8 @@ pub struct TrainingGraph {
     attention_mask: Option<usize>,
     /// The bundle's cut, once loaded: LoRA then trains above it ([`TrainingGraph::load_cut`]).
     cut: Option<CutGraphs>,
+    /// Training forwards run under CUDA fp16 autocast ([`TrainingGraph::enable_mixed_precision`]).
+    mixed_precision: bool,
 }
 
 /// A TorchScript graph on `device`, in eval mode, every parameter frozen: the exporter froze them
@@ -80,6 +82,11 @@ fn load_frozen(path: &std::path::Path, device: Device) -> Result<CModule, TrainE
 
 /// How far the cut's halves may stray from the training graph (fp32, as serving parity).
 pub const CUT_PARITY_TOLERANCE: f32 = 1e-4;
+
+/// How far (relative to its largest value) the embedding may stray from fp32 under fp16
+/// autocast before mixed precision is refused: fp16 keeps ~3 significant digits per product, and
+/// a graph that overflows fp16 somewhere shows as inf/NaN or a gross difference here.
+pub const MIXED_PRECISION_TOLERANCE: f32 = 5e-2;
 
 /// The two halves of a bundle cut after a module.
 struct CutGraphs {
@@ -104,7 +111,7 @@ impl TrainingGraph {
             adaptd_adapters::bundle::Preprocessing::Text { .. } => bundle.manifest.inputs.iter().position(|i| i.name == "attention_mask"),
             _ => None,
         };
-        Ok(TrainingGraph { module, manifest: bundle.manifest.clone(), device, attention_mask, cut: None })
+        Ok(TrainingGraph { module, manifest: bundle.manifest.clone(), device, attention_mask, cut: None, mixed_precision: false })
     }
 
     /// Load the bundle's prefix and suffix graphs: from then on LoRA jobs on this graph train the
@@ -131,7 +138,28 @@ impl TrainingGraph {
     /// The largest difference between the training graph's outputs and the suffix's fed the
     /// prefix's output, on two synthetic rows with a seeded random LoRA in every slot.
     fn cut_parity(&self) -> Result<f32, TrainError> {
-        let mut rng = SeededRng::new(17);
+        let (inputs, lora) = self.synthetic_batch(17);
+        let _guard = tch::no_grad_guard();
+        let whole = self.forward(&inputs, &lora)?;
+        let activation = self.prefix(&inputs, &lora)?;
+        let halves = self.forward_suffix(&inputs, &activation, &lora, 0.0)?;
+        if whole.len() != halves.len() {
+            return Err(TrainError::Output(format!("the suffix returned {} outputs, the training graph {}", halves.len(), whole.len())));
+        }
+        let mut worst = 0.0f32;
+        for (a, b) in whole.iter().zip(&halves) {
+            if a.size() != b.size() {
+                return Err(TrainError::Output(format!("the suffix returned shape {:?} where the training graph returns {:?}", b.size(), a.size())));
+            }
+            worst = worst.max((a - b).abs().max().double_value(&[]) as f32);
+        }
+        Ok(worst)
+    }
+
+    /// Two synthetic rows (random features, token ids in the common vocabulary, a mask of ones)
+    /// and a seeded random LoRA in every slot: for checks that need no data.
+    fn synthetic_batch(&self, seed: u64) -> (Vec<Tensor>, Vec<Tensor>) {
+        let mut rng = SeededRng::new(seed);
         let inputs: Vec<Tensor> = self
             .manifest
             .inputs
@@ -172,21 +200,45 @@ impl TrainingGraph {
                 to_tensor(&HostTensor { shape: shape.clone(), data: HostData::F32(rng.normal_vec(n, 0.05)) }, self.device)
             })
             .collect();
+        (inputs, lora)
+    }
+
+    /// Train with the frozen base's matrix products in fp16 (CUDA autocast, as PyTorch's AMP):
+    /// the tensor cores' speed and half the activation memory, while the weights, the LoRA
+    /// values and the optimizer stay fp32 and the loss is scaled so small gradients survive.
+    /// Inference (`forward`, `forward_host`: the gate's parity check) stays fp32. Refused on the
+    /// CPU, and where the bundle's graph does not keep its embedding within
+    /// [`MIXED_PRECISION_TOLERANCE`] (relative) of fp32 under autocast; returns that difference.
+    pub fn enable_mixed_precision(&mut self) -> Result<f32, TrainError> {
+        if !self.device.is_cuda() {
+            return Err(TrainError::Data("fp16 autocast trains on CUDA; this training graph is on the CPU".into()));
+        }
+        let emb = self.manifest.output_index(&self.manifest.embedding_output).ok_or_else(|| TrainError::Output("no embedding output".into()))?;
+        let (inputs, lora) = self.synthetic_batch(23);
         let _guard = tch::no_grad_guard();
-        let whole = self.forward(&inputs, &lora)?;
-        let activation = self.prefix(&inputs, &lora)?;
-        let halves = self.forward_suffix(&inputs, &activation, &lora, 0.0)?;
-        if whole.len() != halves.len() {
-            return Err(TrainError::Output(format!("the suffix returned {} outputs, the training graph {}", halves.len(), whole.len())));
+        let pick = |outputs: Vec<Tensor>| outputs.into_iter().nth(emb).ok_or_else(|| TrainError::Output("no embedding output".into()));
+        let full = pick(self.forward(&inputs, &lora)?)?;
+        let half = pick(tch::autocast(true, || self.forward(&inputs, &lora))?)?.to_kind(Kind::Float);
+        let scale = full.abs().max().double_value(&[]).max(1e-6);
+        let diff = ((&full - &half).abs().max().double_value(&[]) / scale) as f32;
+        if !diff.is_finite() || diff > MIXED_PRECISION_TOLERANCE {
+            return Err(TrainError::Data(format!(
+                "bundle {}: under fp16 autocast the embedding differs from fp32 by {diff:.2e} (relative; tolerance {MIXED_PRECISION_TOLERANCE:.0e}); training stays fp32",
+                self.manifest.name
+            )));
         }
-        let mut worst = 0.0f32;
-        for (a, b) in whole.iter().zip(&halves) {
-            if a.size() != b.size() {
-                return Err(TrainError::Output(format!("the suffix returned shape {:?} where the training graph returns {:?}", b.size(), a.size())));
-            }
-            worst = worst.max((a - b).abs().max().double_value(&[]) as f32);
-        }
-        Ok(worst)
+        self.mixed_precision = true;
+        Ok(diff)
+    }
+
+    /// Whether training forwards run under fp16 autocast.
+    pub fn mixed_precision(&self) -> bool {
+        self.mixed_precision
+    }
+
+    /// `f` under fp16 autocast when mixed precision is on (training forwards only).
+    fn autocast<T>(&self, f: impl FnOnce() -> T) -> T {
+        if self.mixed_precision { tch::autocast(true, f) } else { f() }
     }
 
     /// The slots a LoRA job trains: those above the cut once it is loaded, else all.
@@ -517,6 +569,10 @@ pub struct FitReport {
     pub base_unchanged: Option<bool>,
     /// The step losses, for loss curves.
     pub losses: Vec<f32>,
+    /// LoRA trained with the base under fp16 autocast (CUDA); with the steps the loss scaler
+    /// skipped for overflowing gradients.
+    pub mixed_precision: bool,
+    pub skipped_steps: usize,
 }
 
 /// The prefix's output for every row of `inputs`, computed in batches of `batch` rows (text
@@ -680,12 +736,13 @@ pub fn fit(
             None => Ok(batch[0].shallow_clone()),
             Some(g) => {
                 // Above a cut the batch carries the cached activation after the model inputs.
-                let mut outputs = match batch.split_last() {
-                    Some((activation, inputs)) if above_cut => g.forward_suffix(inputs, activation, &padded(lora_vars), p)?,
-                    _ => g.forward_dropout(batch, &padded(lora_vars), p)?,
-                };
+                let mut outputs = g.autocast(|| match batch.split_last() {
+                    Some((activation, inputs)) if above_cut => g.forward_suffix(inputs, activation, &padded(lora_vars), p),
+                    _ => g.forward_dropout(batch, &padded(lora_vars), p),
+                })?;
                 let index = emb_index.filter(|&i| i < outputs.len()).ok_or_else(|| TrainError::Output("no embedding output".into()))?;
-                Ok(outputs.swap_remove(index))
+                // The head and the loss run in fp32 whatever precision the graph ran in.
+                Ok(outputs.swap_remove(index).to_kind(Kind::Float))
             }
         }
     };
@@ -701,7 +758,7 @@ pub fn fit(
         let start = padded(&lora_vars);
         for inputs in [&mut train_inputs, &mut val_inputs] {
             if inputs.first().is_some_and(|t| t.size()[0] > 0) {
-                let activation = activations(g, inputs, &start, recipe.batch_size.max(1))?;
+                let activation = g.autocast(|| activations(g, inputs, &start, recipe.batch_size.max(1)))?;
                 inputs.push(activation);
             }
         }
@@ -748,6 +805,8 @@ pub fn fit(
         }
         c
     };
+    // fp16 activations' gradients underflow unless the loss is scaled up first.
+    let mut loss_scale = graph.filter(|g| g.mixed_precision()).map(|_| LossScale::new());
     let started = std::time::Instant::now();
     let mut epochs = Vec::new();
     let mut losses = Vec::new();
@@ -781,12 +840,7 @@ pub fn fit(
             if !value.is_finite() {
                 return Err(TrainError::NonFiniteLoss { step, loss: value });
             }
-            opt.zero_grad();
-            loss.backward();
-            if recipe.grad_clip > 0.0 {
-                opt.clip_grad_norm(recipe.grad_clip);
-            }
-            opt.step();
+            apply_step(&mut opt, &vs, &loss, loss_scale.as_mut(), recipe.grad_clip);
             losses.push(value);
             epoch_loss += value as f64;
             step += 1;
@@ -854,7 +908,87 @@ pub fn fit(
         lora_dropout,
         base_unchanged,
         losses,
+        mixed_precision: loss_scale.is_some(),
+        skipped_steps: loss_scale.map_or(0, |s| s.skipped),
     })
+}
+
+/// Dynamic loss scaling for fp16 autocast, as PyTorch's `GradScaler`: the loss is multiplied by
+/// `scale` before the backward pass and the gradients divided by it after; a step whose
+/// gradients overflowed is skipped and the scale halved, and after [`LossScale::GROWTH_INTERVAL`]
+/// good steps in a row it doubles. Powers of two, so scaling and unscaling are exact.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossScale {
+    scale: f64,
+    good_steps: usize,
+    /// Steps skipped for non-finite gradients, for the report.
+    pub skipped: usize,
+}
+
+impl LossScale {
+    pub const INITIAL: f64 = 65536.0;
+    pub const GROWTH_INTERVAL: usize = 2000;
+
+    pub fn new() -> LossScale {
+        LossScale { scale: Self::INITIAL, good_steps: 0, skipped: 0 }
+    }
+
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    /// After a scaled backward pass: whether to apply the step. Updates the scale.
+    pub fn update(&mut self, gradients_finite: bool) -> bool {
+        if gradients_finite {
+            self.good_steps += 1;
+            if self.good_steps >= Self::GROWTH_INTERVAL {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        } else {
+            self.scale = (self.scale / 2.0).max(1.0);
+            self.good_steps = 0;
+            self.skipped += 1;
+        }
+        gradients_finite
+    }
+}
+
+impl Default for LossScale {
+    fn default() -> Self {
+        LossScale::new()
+    }
+}
+
+/// One optimizer step from `loss`: backward (scaled when `loss_scale` is given, the gradients
+/// unscaled and checked for overflow after), gradient clipping, the update. Returns whether the
+/// step was applied (a scaled step with overflowing gradients is skipped).
+pub fn apply_step(opt: &mut nn::Optimizer, vs: &nn::VarStore, loss: &Tensor, loss_scale: Option<&mut LossScale>, grad_clip: f64) -> bool {
+    opt.zero_grad();
+    let applied = match loss_scale {
+        None => {
+            loss.backward();
+            true
+        }
+        Some(scaler) => {
+            (loss * scaler.scale()).backward();
+            let grads: Vec<Tensor> = vs.trainable_variables().iter().map(Tensor::grad).filter(Tensor::defined).collect();
+            let inverse = 1.0 / scaler.scale();
+            let mut finite = true;
+            for mut g in grads {
+                let _ = g.f_mul_scalar_(inverse);
+                finite &= g.isfinite().all().int64_value(&[]) != 0;
+            }
+            scaler.update(finite)
+        }
+    };
+    if applied {
+        if grad_clip > 0.0 {
+            opt.clip_grad_norm(grad_clip);
+        }
+        opt.step();
+    }
+    applied
 }
 
 /// Copies of everything trained, in the order [head weight, head bias, A_0, B_0, A_1, ...].
@@ -1022,5 +1156,53 @@ mod tests {
         let mut order = epoch_order(&labels, &counts(&labels, 1), false, &mut SeededRng::new(3));
         order.sort_unstable();
         assert_eq!(order, (0..50).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_loss_scale_halves_on_overflow_and_grows_after_a_run_of_good_steps() {
+        let mut scale = LossScale::new();
+        assert!(!scale.update(false), "an overflowing step is skipped");
+        assert_eq!((scale.scale(), scale.skipped), (LossScale::INITIAL / 2.0, 1));
+        for _ in 0..LossScale::GROWTH_INTERVAL - 1 {
+            assert!(scale.update(true));
+        }
+        assert_eq!(scale.scale(), LossScale::INITIAL / 2.0, "not yet a full run of good steps");
+        assert!(scale.update(true));
+        assert_eq!(scale.scale(), LossScale::INITIAL);
+        for _ in 0..40 {
+            scale.update(false);
+        }
+        assert_eq!(scale.scale(), 1.0, "the scale never drops below 1");
+    }
+
+    /// A linear model's parameters and an optimizer over them, as `fit` builds them.
+    fn tiny_model(seed: i64) -> (nn::VarStore, Tensor, nn::Optimizer) {
+        tch::manual_seed(seed);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let w = vs.root().var("w", &[3, 4], nn::Init::Randn { mean: 0.0, stdev: 1.0 });
+        let opt = nn::AdamW::default().build(&vs, 1e-2).unwrap();
+        (vs, w, opt)
+    }
+
+    #[test]
+    fn a_scaled_step_updates_exactly_as_an_unscaled_one_and_an_overflowing_one_changes_nothing() {
+        let x = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25]).view([1, 4]);
+        let loss_of = |w: &Tensor| x.matmul(&w.tr()).pow_tensor_scalar(2).sum(Kind::Float);
+        let (vs_a, w_a, mut opt_a) = tiny_model(1);
+        let (vs_b, w_b, mut opt_b) = tiny_model(1);
+        let mut scale = LossScale::new();
+        for _ in 0..3 {
+            assert!(apply_step(&mut opt_a, &vs_a, &loss_of(&w_a), None, 1.0));
+            assert!(apply_step(&mut opt_b, &vs_b, &loss_of(&w_b), Some(&mut scale), 1.0));
+        }
+        // Power-of-two scaling is exact: the same parameters, bit for bit.
+        assert_eq!(Vec::<f32>::try_from(w_a.flatten(0, -1)).unwrap(), Vec::<f32>::try_from(w_b.flatten(0, -1)).unwrap());
+        assert_eq!(scale.skipped, 0);
+
+        let before = w_b.detach().copy();
+        let overflowing = loss_of(&w_b) * f64::INFINITY;
+        assert!(!apply_step(&mut opt_b, &vs_b, &overflowing, Some(&mut scale), 1.0), "infinite gradients skip the step");
+        assert!(w_b.equal(&before), "a skipped step leaves the parameters as they were");
+        assert_eq!((scale.skipped, scale.scale()), (1, LossScale::INITIAL / 2.0));
     }
 }

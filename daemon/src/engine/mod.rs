@@ -329,6 +329,7 @@ impl Engine {
                     return;
                 }
                 let provider = model.provider();
+                tracing::info!(provider = ?provider, lora_values = %model.lora_device(), "serving session ready");
                 engine_shared.lock().model = Some(model);
                 // Ready before `start` returns, so a caller never sees a started engine as Starting.
                 let _ = health_tx.send(Health::Ready { provider });

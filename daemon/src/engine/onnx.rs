@@ -13,9 +13,10 @@ use adaptd_adapters::bundle::Bundle;
 use adaptd_adapters::tensor::{HostData, HostTensor};
 use ort::environment::Environment;
 use ort::ep::{self, ExecutionProvider as _};
+use ort::memory::AllocationDevice;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::{Session, SessionInputValue};
-use ort::value::{DynValue, Tensor};
+use ort::value::{DynTensor, DynValue, Tensor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OnnxError {
@@ -202,6 +203,8 @@ pub struct OnnxModel {
     input_names: Vec<String>,
     output_names: Vec<String>,
     provider: ExecutionProvider,
+    /// Where prepared LoRA values live: the GPU the session runs on, or host memory.
+    lora_device: Option<(AllocationDevice<'static>, i32)>,
 }
 
 impl OnnxModel {
@@ -236,7 +239,13 @@ impl OnnxModel {
         if graph_outputs != manifest_outputs {
             return Err(OnnxError::Contract { path, what: "outputs", graph: graph_outputs, manifest: manifest_outputs });
         }
-        Ok(OnnxModel { session, bundle: bundle.clone(), input_names: graph_inputs, output_names: graph_outputs, provider })
+        // On a GPU provider the LoRA values are copied to the device once per swap, not once per
+        // request (a host input is copied to the device on every run).
+        let lora_device = match provider {
+            ExecutionProvider::Cpu => None,
+            ExecutionProvider::Cuda | ExecutionProvider::TensorRt => Some((AllocationDevice::CUDA, options.device_id)),
+        };
+        Ok(OnnxModel { session, bundle: bundle.clone(), input_names: graph_inputs, output_names: graph_outputs, provider, lora_device })
     }
 
     pub fn bundle(&self) -> &Bundle {
@@ -248,7 +257,19 @@ impl OnnxModel {
         self.provider
     }
 
-    /// Turn LoRA slot tensors into runtime values once, for reuse across runs.
+    /// Where prepared LoRA values are kept: `"Cpu"`, or `"Cuda"` on a GPU provider.
+    pub fn lora_device(&self) -> String {
+        self.lora_device.as_ref().map_or_else(|| "Cpu".to_string(), |(d, _)| d.as_str().to_string())
+    }
+
+    /// Keep prepared LoRA values on `device` (`None`: host memory). The session picks this from
+    /// its provider; tests move values between allocators with it on a CPU-only machine.
+    pub fn set_lora_device(&mut self, device: Option<(AllocationDevice<'static>, i32)>) {
+        self.lora_device = device;
+    }
+
+    /// Turn LoRA slot tensors into runtime values once, for reuse across runs: on a GPU
+    /// provider they are copied into device memory here, so runs read them where they are.
     pub fn prepare_lora(&self, lora: &[HostTensor]) -> Result<Vec<DynValue>, OnnxError> {
         let names = &self.input_names[self.bundle.manifest.inputs.len()..];
         if lora.len() != names.len() {
@@ -258,7 +279,19 @@ impl OnnxModel {
                 names: self.input_names.join(", "),
             });
         }
-        names.iter().zip(lora).map(|(name, t)| to_value(name, t.clone())).collect()
+        names
+            .iter()
+            .zip(lora)
+            .map(|(name, t)| {
+                let host = to_tensor(name, t.clone())?;
+                let Some((device, id)) = &self.lora_device else { return Ok(host.into_dyn()) };
+                let placed = host.to(device.clone(), *id).map_err(|e| OnnxError::Input {
+                    name: name.clone(),
+                    reason: format!("cannot copy the LoRA value to {} {id}: {e}", device.as_str()),
+                })?;
+                Ok(placed.into_dyn())
+            })
+            .collect()
     }
 
     /// Run with the model inputs and the LoRA slot tensors (see `adaptd_adapters::lora`);
@@ -299,10 +332,14 @@ impl OnnxModel {
 }
 
 fn to_value(name: &str, t: HostTensor) -> Result<DynValue, OnnxError> {
+    Ok(to_tensor(name, t)?.into_dyn())
+}
+
+fn to_tensor(name: &str, t: HostTensor) -> Result<DynTensor, OnnxError> {
     let input_err = |e: ort::Error| OnnxError::Input { name: name.to_string(), reason: e.to_string() };
     Ok(match t.data {
-        HostData::F32(v) => Tensor::from_array((t.shape, v)).map_err(input_err)?.into_dyn(),
-        HostData::I64(v) => Tensor::from_array((t.shape, v)).map_err(input_err)?.into_dyn(),
+        HostData::F32(v) => Tensor::from_array((t.shape, v)).map_err(input_err)?.upcast(),
+        HostData::I64(v) => Tensor::from_array((t.shape, v)).map_err(input_err)?.upcast(),
     })
 }
 
