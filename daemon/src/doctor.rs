@@ -305,7 +305,15 @@ pub fn verdict(device: &Device, providers: &[ProviderCheck], training: &[Trainin
     if device.model.as_deref().is_some_and(|m| m.contains("Jetson")) && device.l4t.is_none() {
         notes.push("a Jetson without /etc/nv_tegra_release: JetPack's runtimes may be missing".into());
     }
-    Verdict { execution_provider, training_device: training_device.into(), training_precision: training_precision.into(), intra_op_threads, training_threads, memory_budget_mb, notes }
+    Verdict {
+        execution_provider,
+        training_device: training_device.into(),
+        training_precision: training_precision.into(),
+        intra_op_threads,
+        training_threads,
+        memory_budget_mb,
+        notes,
+    }
 }
 
 /// Run every check on `bundle`, spending about `seconds` on the benchmarks.

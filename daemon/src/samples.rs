@@ -8,7 +8,7 @@
 //! Inserts come in batches: one transaction, one fsync, for as many samples as the ingest loop
 //! has in hand.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use adaptd_adapters::tensor::{HostData, HostTensor, f32s_from_le, i64s_from_le};
@@ -143,7 +143,9 @@ pub const STORE_FILE: &str = "samples.db";
 /// What a row costs beyond its blobs (other columns, the key's index), for the disk budget.
 const ROW_OVERHEAD_BYTES: i64 = 128;
 /// The disk budget's measure of a row, in SQL (the overhead bound as `?2`).
-const TASK_BYTES_SQL: &str = "SELECT COALESCE(SUM(length(input) + COALESCE(length(embedding), 0) + ?2), 0) FROM samples WHERE task = ?1";
+const TASK_BYTES_SQL: &str = "SELECT COALESCE(SUM(length(input) + COALESCE(length(embedding), 0) + ?2), 0) \
+    + (SELECT COALESCE(SUM(length(a.data)), 0) FROM activations a JOIN samples s ON s.id = a.sample_id WHERE s.task = ?1) \
+    FROM samples WHERE task = ?1";
 
 /// The result of enforcing a disk budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -183,6 +185,17 @@ CREATE TABLE IF NOT EXISTS marks (
     value INTEGER NOT NULL,
     PRIMARY KEY (task, name)
 );
+-- Prefix activations of bundles cut for training above a prefix: a cache (dropped before any
+-- sample is evicted), each row under the key of the prefix that computed it.
+CREATE TABLE IF NOT EXISTS activations (
+    sample_id INTEGER PRIMARY KEY,
+    cache_key TEXT NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS samples_drop_activation AFTER DELETE ON samples
+BEGIN
+    DELETE FROM activations WHERE sample_id = OLD.id;
+END;
 CREATE TABLE IF NOT EXISTS labels (
     task TEXT NOT NULL,
     label TEXT NOT NULL,
@@ -322,6 +335,11 @@ impl SampleStore {
         let tx = self.conn.transaction().map_err(|source| StoreError::Sqlite { path: self.path.clone(), source })?;
         let err = |source| StoreError::Sqlite { path: self.path.clone(), source };
         let mut bytes = task_bytes(&tx, task).map_err(err)?;
+        // Cached prefix activations go before any sample does: they can be computed again.
+        if bytes > budget {
+            tx.execute("DELETE FROM activations WHERE sample_id IN (SELECT id FROM samples WHERE task = ?1)", params![task]).map_err(err)?;
+            bytes = task_bytes(&tx, task).map_err(err)?;
+        }
         let mut at_reservoir = false;
         while bytes > budget {
             let largest: Option<(String, i64)> = tx
@@ -412,6 +430,43 @@ impl SampleStore {
             }
         }
         tx.commit().map_err(&err)
+    }
+
+    /// The prefix activations kept for `ids`, with the key each was computed under.
+    pub fn activations(&self, ids: &[i64]) -> Result<HashMap<i64, (String, Vec<f32>)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT cache_key, data FROM activations WHERE sample_id = ?1").map_err(self.err())?;
+        let mut found = HashMap::new();
+        for &id in ids {
+            let row: Option<(String, Vec<u8>)> = stmt.query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?))).optional().map_err(self.err())?;
+            if let Some((key, data)) = row {
+                found.insert(id, (key, f32s_from_le(&data)));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Keep prefix activations of `task`'s samples under `key`, replacing what they had, while
+    /// the task stays within `budget` bytes (0: no budget): a cache never pushes samples out.
+    /// Returns how many rows were kept.
+    pub fn set_activations(&mut self, task: &str, key: &str, rows: &[(i64, Vec<f32>)], budget: u64) -> Result<usize, StoreError> {
+        let err = |source| StoreError::Sqlite { path: self.path.clone(), source };
+        let tx = self.conn.transaction().map_err(err)?;
+        let mut room = if budget == 0 { u64::MAX } else { budget.saturating_sub(task_bytes(&tx, task).map_err(err)?) };
+        let mut kept = 0;
+        {
+            let mut insert = tx.prepare_cached("INSERT OR REPLACE INTO activations (sample_id, cache_key, data) VALUES (?1, ?2, ?3)").map_err(err)?;
+            for (id, values) in rows {
+                let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+                if bytes.len() as u64 > room {
+                    break;
+                }
+                room -= bytes.len() as u64;
+                insert.execute(params![id, key, bytes]).map_err(err)?;
+                kept += 1;
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(kept)
     }
 
     /// Up to `limit` samples of `task` whose embedding is not cached yet, oldest first.

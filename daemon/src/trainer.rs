@@ -17,7 +17,7 @@ use adaptd_adapters::bundle::Bundle;
 use adaptd_adapters::head::{Head, softmax_rows};
 use adaptd_adapters::lora::LoraWeights;
 use adaptd_adapters::tensor::HostTensor;
-use adaptd_train::{Examples, FitReport, FitTarget, Progress, Recipe, TrainError, TrainingGraph, fit, libtorch};
+use adaptd_train::{Examples, FitReport, FitTarget, PrefixCache, Progress, Recipe, TrainError, TrainingGraph, fit_cached, libtorch};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -94,6 +94,8 @@ pub struct TrainJob {
     /// For `Lora`: the LoRA that serves now, to continue from (the job's rank grows to hold it).
     pub start_lora: Option<LoraWeights>,
     pub recipe: Recipe,
+    /// For `Lora` above a cut: prefix activations kept from earlier jobs.
+    pub prefix_cache: PrefixCache,
 }
 
 /// A submitted job: its progress, its result, and the switches to pause or cancel it.
@@ -291,7 +293,7 @@ fn run_fit(
         }
     };
     let _span = tracing::info_span!("train", kind = job.kind.name(), samples = job.train.len()).entered();
-    fit(target, &job.train, &job.validation, &job.init_head, &job.recipe, cancel, &mut |p| {
+    fit_cached(target, &job.train, &job.validation, &job.init_head, &job.recipe, &job.prefix_cache, cancel, &mut |p| {
         let _ = progress.send(p.clone());
         // Paused (serving is over its latency budget): hold here between steps until resumed
         // or cancelled.

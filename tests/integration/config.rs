@@ -26,7 +26,8 @@ fn bad_files_name_the_key_and_say_what_is_allowed() {
     assert!(err.contains("max_batch") || err.contains("invalid type"), "{err}");
 
     // fp16 autocast is a CUDA path: asked for with training pinned to the CPU, refused by key.
-    let fp16_on_cpu = DEFAULT_TOML.replace("precision = \"auto\"", "precision = \"fp16\"").replace("device = \"auto\"\n# libtorch", "device = \"cpu\"\n# libtorch");
+    let fp16_on_cpu =
+        DEFAULT_TOML.replace("precision = \"auto\"", "precision = \"fp16\"").replace("device = \"auto\"\n# libtorch", "device = \"cpu\"\n# libtorch");
     let err = parse(&fp16_on_cpu).unwrap_err();
     assert!(err.contains("training.precision") && err.contains("cpu"), "{err}");
     assert!(parse(&DEFAULT_TOML.replace("precision = \"auto\"", "precision = \"fp16\"")).is_ok(), "fp16 where training may run on CUDA");

@@ -57,7 +57,11 @@ fn lora_values_prepared_on_a_device_give_the_same_outputs_as_host_values() {
     let host = onnx.run(&inputs, &lora).unwrap();
     onnx.set_lora_device(Some((ort::memory::AllocationDevice::CPU, 0)));
     let prepared = onnx.prepare_lora(&lora).unwrap();
-    assert!(prepared.iter().all(|v| v.view().downcast::<ort::value::DynTensorValueType>().unwrap().memory_info().allocation_device() == ort::memory::AllocationDevice::CPU));
+    assert!(
+        prepared
+            .iter()
+            .all(|v| v.view().downcast::<ort::value::DynTensorValueType>().unwrap().memory_info().allocation_device() == ort::memory::AllocationDevice::CPU)
+    );
     let placed = onnx.run_prepared(inputs.clone(), &prepared).unwrap();
     for (a, b) in host.iter().zip(&placed) {
         assert_eq!(a.as_f32().unwrap(), b.as_f32().unwrap(), "the same values, wherever they were prepared");
@@ -463,12 +467,63 @@ fn lora_trains_above_the_cut_on_activations_the_prefix_computed_once() {
             init_head: head.clone(),
             start_lora: None,
             recipe: recipe.clone(),
+            prefix_cache: adaptd_train::PrefixCache::default(),
         };
         let report = trainer.submit(job).unwrap().done.blocking_recv().unwrap().unwrap();
         let conv = report.lora.unwrap().modules.iter().find(|m| m.module == "conv").unwrap().b.as_f32().unwrap().iter().any(|&v| v != 0.0);
         assert_eq!(conv, !above_cut, "above_cut {above_cut}: the conv slot trains only without the cut");
         trainer.shutdown();
     }
+}
+
+/// Prefix activations kept from one job serve the next: a job given them computes none, trains
+/// exactly as the job that computed them, and a job whose LoRA below the cut differs (so its
+/// prefix computes another function) computes them all again.
+#[test]
+fn a_job_above_the_cut_reuses_the_prefix_activations_an_earlier_job_kept() {
+    use adaptd_train::{CachedActivation, PrefixCache, fit_cached};
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = Bundle::open(export_tiny_cut(dir.path(), 0)).unwrap();
+    let mut graph = TrainingGraph::load(&bundle, Device::Cpu).unwrap();
+    graph.load_cut(&bundle).unwrap();
+    let mut rng = adaptd_adapters::tensor::SeededRng::new(9);
+    let (n, v) = (48, 16);
+    let examples = |rows: usize, rng: &mut adaptd_adapters::tensor::SeededRng| Examples {
+        inputs: vec![HostTensor::f32(vec![rows, 1, 4, 4], rng.normal_vec(rows * 16, 1.0)).unwrap()],
+        labels: (0..rows as i64).map(|i| i % 2).collect(),
+        weights: vec![1.0; rows],
+    };
+    let (train, validation) = (examples(n, &mut rng), examples(v, &mut rng));
+    let head = Head { layers: vec![Dense { weight: HostTensor::f32(vec![2, 8], rng.normal_vec(16, 0.1)).unwrap(), bias: HostTensor::zeros_f32(vec![2]) }] };
+    let recipe = Recipe { max_epochs: 3, patience: 0, lora_dropout: 0.0, ..Recipe::default() };
+    let run = |cache: &PrefixCache, start: Option<&adaptd_adapters::lora::LoraWeights>| {
+        let target = FitTarget::Lora { graph: &graph, rank: 4, alpha: 8.0, start };
+        fit_cached(target, &train, &validation, &head, &recipe, cache, &AtomicBool::new(false), &mut |_| {}).unwrap()
+    };
+
+    let first = run(&PrefixCache { keep: true, ..PrefixCache::default() }, None);
+    let computed = first.prefix.clone().unwrap();
+    assert_eq!((computed.computed, computed.reused), (n + v, 0));
+    assert!(computed.train.iter().chain(&computed.validation).all(|r| r.as_ref().is_some_and(|r| r.len() == 4 * 16)), "a row per sample, each its activation");
+    let kept = |rows: &[Option<Vec<f32>>]| rows.iter().map(|r| Some(CachedActivation { key: computed.key.clone(), data: r.clone().unwrap() })).collect();
+    let cache = PrefixCache { train: kept(&computed.train), validation: kept(&computed.validation), keep: true };
+
+    let second = run(&cache, None);
+    let reused = second.prefix.clone().unwrap();
+    assert_eq!((reused.computed, reused.reused, reused.key.as_str()), (0, n + v, computed.key.as_str()));
+    assert_eq!(first.losses, second.losses, "the same activations, so the same training");
+    assert!(reused.train.iter().all(Option::is_none), "nothing new to keep");
+
+    // A start whose slot below the cut is not zero: another prefix, another key, all recomputed.
+    let mut start = adaptd_adapters::lora::LoraWeights::random(&bundle.manifest.lora, 4, 8.0, 3, 0.1).unwrap();
+    start.modules.iter_mut().filter(|m| m.module != "conv").for_each(|m| m.b = HostTensor::zeros_f32(m.b.shape.clone()));
+    let third = run(&cache, Some(&start)).prefix.unwrap();
+    assert_ne!(third.key, computed.key);
+    assert_eq!((third.computed, third.reused), (n + v, 0));
+    // A start that is zero below the cut computes the prefix the first job did.
+    let mut above_only = adaptd_adapters::lora::LoraWeights::random(&bundle.manifest.lora, 4, 8.0, 3, 0.1).unwrap();
+    above_only.modules.iter_mut().filter(|m| m.module == "conv").for_each(|m| m.b = HostTensor::zeros_f32(m.b.shape.clone()));
+    assert_eq!(run(&cache, Some(&above_only)).prefix.unwrap().reused, n + v);
 }
 
 /// A cut whose halves do not compute the training graph's function (here: a suffix from other

@@ -123,6 +123,39 @@ fn the_disk_budget_evicts_the_majority_oldest_first_and_keeps_rare_classes() {
     assert_eq!((count(&store, "common"), count(&store, "usual"), count(&store, "rare")), (20, 20, 10));
 }
 
+/// Prefix activations are a cache in the store: kept per sample under a key, counted in the
+/// disk budget but never at a sample's expense (they go first, and are not kept past it).
+#[test]
+fn prefix_activations_are_kept_within_the_budget_and_go_before_any_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = SampleStore::open(&dir.path().join("samples.db"), SplitPolicy::default()).unwrap();
+    let batch: Vec<Sample> = (0..40).map(|i| sample(&format!("s:{i:02}"), "sorter", if i % 2 == 0 { "a" } else { "b" })).collect();
+    store.insert_batch(&batch).unwrap();
+    let ids: Vec<i64> = batch.iter().map(|s| store.get(&s.key).unwrap().unwrap().id).collect();
+    let samples_bytes = store.bytes("sorter").unwrap();
+    let row = vec![0.5f32; 256]; // 1 KiB a row
+
+    let kept = store.set_activations("sorter", "k1", &ids.iter().map(|&id| (id, row.clone())).collect::<Vec<_>>(), 0).unwrap();
+    assert_eq!(kept, 40, "no budget: all kept");
+    assert_eq!(store.bytes("sorter").unwrap(), samples_bytes + 40 * 1024, "the budget counts them");
+    let found = store.activations(&ids[..3]).unwrap();
+    assert_eq!(found.len(), 3);
+    assert_eq!(found[&ids[0]], ("k1".to_string(), row.clone()));
+
+    // Another prefix's rows replace what a sample had.
+    store.set_activations("sorter", "k2", &[(ids[0], vec![1.0; 256])], 0).unwrap();
+    assert_eq!(store.activations(&ids[..1]).unwrap()[&ids[0]].0, "k2");
+
+    // Over budget: the cache goes, every sample stays.
+    let e = store.evict_to_budget("sorter", samples_bytes + 1024, 1).unwrap();
+    assert_eq!(e.evicted, 0, "{e:?}");
+    assert!(store.activations(&ids).unwrap().is_empty());
+    assert_eq!(store.bytes("sorter").unwrap(), samples_bytes);
+    // And only what fits is kept.
+    let kept = store.set_activations("sorter", "k1", &ids.iter().map(|&id| (id, row.clone())).collect::<Vec<_>>(), samples_bytes + 5 * 1024).unwrap();
+    assert_eq!(kept, 5);
+}
+
 #[test]
 fn parts_of_the_daemon_opening_a_fresh_store_at_once_all_get_it() {
     // Ingest and every task's loop open the store as the daemon starts; on a fresh state

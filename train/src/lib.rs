@@ -67,6 +67,9 @@ pub struct TrainingGraph {
     cut: Option<CutGraphs>,
     /// Training forwards run under CUDA fp16 autocast ([`TrainingGraph::enable_mixed_precision`]).
     mixed_precision: bool,
+    /// sha256 of the bundle's manifest (which pins every file's digest): part of the key cached
+    /// prefix activations are kept under.
+    bundle_sha256: String,
 }
 
 /// A TorchScript graph on `device`, in eval mode, every parameter frozen: the exporter froze them
@@ -96,6 +99,8 @@ struct CutGraphs {
     suffix: CModule,
     /// The slots that run above the cut: the only ones a job above the cut trains.
     slots_above: Vec<usize>,
+    /// The activation's shape (-1: dynamic), batch axis first.
+    activation_shape: Vec<i64>,
 }
 
 impl TrainingGraph {
@@ -111,7 +116,15 @@ impl TrainingGraph {
             adaptd_adapters::bundle::Preprocessing::Text { .. } => bundle.manifest.inputs.iter().position(|i| i.name == "attention_mask"),
             _ => None,
         };
-        Ok(TrainingGraph { module, manifest: bundle.manifest.clone(), device, attention_mask, cut: None, mixed_precision: false })
+        Ok(TrainingGraph {
+            module,
+            manifest: bundle.manifest.clone(),
+            device,
+            attention_mask,
+            cut: None,
+            mixed_precision: false,
+            bundle_sha256: bundle.manifest_sha256.clone(),
+        })
     }
 
     /// Load the bundle's prefix and suffix graphs: from then on LoRA jobs on this graph train the
@@ -121,7 +134,12 @@ impl TrainingGraph {
         let cut =
             bundle.manifest.cut.as_ref().ok_or_else(|| TrainError::Data(format!("bundle {} is not cut for training above a prefix", bundle.manifest.name)))?;
         let load = |file: &str| load_frozen(&bundle.dir.join(file), self.device);
-        self.cut = Some(CutGraphs { prefix: load(&cut.prefix_graph)?, suffix: load(&cut.suffix_graph)?, slots_above: cut.slots_above.clone() });
+        self.cut = Some(CutGraphs {
+            prefix: load(&cut.prefix_graph)?,
+            suffix: load(&cut.suffix_graph)?,
+            slots_above: cut.slots_above.clone(),
+            activation_shape: cut.activation.shape.clone(),
+        });
         // An adapter trained above the cut is served by the whole graph: the halves must compute
         // its function, or what the gate validates is not what serves.
         let diff = self.cut_parity().inspect_err(|_| self.cut = None)?;
@@ -239,6 +257,49 @@ impl TrainingGraph {
     /// `f` under fp16 autocast when mixed precision is on (training forwards only).
     fn autocast<T>(&self, f: impl FnOnce() -> T) -> T {
         if self.mixed_precision { tch::autocast(true, f) } else { f() }
+    }
+
+    /// What a prefix activation computed now depends on, as a short digest: the bundle (its
+    /// manifest pins every graph file), the precision, and the LoRA values of the slots below
+    /// the cut (`lora`: graph-input order, B already scaled). A slot whose B is zero adds
+    /// nothing to the prefix whatever its A, so it counts as absent.
+    pub fn prefix_key(&self, lora: &[Tensor]) -> Result<String, TrainError> {
+        use sha2::{Digest, Sha256};
+        let cut = self.cut.as_ref().ok_or_else(|| TrainError::Data("no cut loaded".into()))?;
+        let mut hasher = Sha256::new();
+        hasher.update(self.bundle_sha256.as_bytes());
+        hasher.update(if self.mixed_precision { b"fp16" } else { b"fp32" });
+        for (slot, pair) in lora.chunks(2).enumerate() {
+            let [a, b] = pair else { return Err(TrainError::Data("LoRA values come in A/B pairs".into())) };
+            if cut.slots_above.contains(&slot) {
+                continue;
+            }
+            hasher.update((slot as u64).to_le_bytes());
+            if b.abs().max().double_value(&[]) == 0.0 {
+                hasher.update(b"none");
+                continue;
+            }
+            for t in [a, b] {
+                let values = Vec::<f32>::try_from(t.to_kind(Kind::Float).to_device(Device::Cpu).flatten(0, -1))?;
+                hasher.update(values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+            }
+        }
+        Ok(hex::encode(&hasher.finalize()[..16]))
+    }
+
+    /// One row's activation shape for a batch `width` tokens wide (text) or fixed (images).
+    fn activation_row_shape(&self, width: i64) -> Result<Vec<i64>, TrainError> {
+        let cut = self.cut.as_ref().ok_or_else(|| TrainError::Data("no cut loaded".into()))?;
+        cut.activation_shape
+            .iter()
+            .enumerate()
+            .skip(1)
+            .map(|(axis, &d)| match (axis, d) {
+                (_, d) if d >= 0 => Ok(d),
+                (1, _) if self.attention_mask.is_some() => Ok(width),
+                _ => Err(TrainError::Data(format!("the cut's activation has a dynamic axis {axis} that is not the token axis"))),
+            })
+            .collect()
     }
 
     /// The slots a LoRA job trains: those above the cut once it is loaded, else all.
@@ -573,6 +634,106 @@ pub struct FitReport {
     /// skipped for overflowing gradients.
     pub mixed_precision: bool,
     pub skipped_steps: usize,
+    /// Above a cut: the prefix activations' key, the rows computed (for the cache) and reused.
+    pub prefix: Option<PrefixComputed>,
+}
+
+/// A prefix activation kept from an earlier job: one row (text: its tokens only, no padding),
+/// f32, and the [`TrainingGraph::prefix_key`] it was computed under.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CachedActivation {
+    pub key: String,
+    pub data: Vec<f32>,
+}
+
+/// Prefix activations a job may reuse, one entry per training row and per validation row (None:
+/// not kept). Rows whose key is not the job's are computed again.
+#[derive(Debug, Clone, Default)]
+pub struct PrefixCache {
+    pub train: Vec<Option<CachedActivation>>,
+    pub validation: Vec<Option<CachedActivation>>,
+    /// Return the rows computed now (in the report's `prefix`), to keep for the next job.
+    pub keep: bool,
+}
+
+/// What a job above a cut did with the prefix: the key its activations belong to, the rows it
+/// computed (to keep for the next job) and how many it reused.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PrefixComputed {
+    pub key: String,
+    pub train: Vec<Option<Vec<f32>>>,
+    pub validation: Vec<Option<Vec<f32>>>,
+    pub reused: usize,
+    pub computed: usize,
+}
+
+/// Per row, the activation computed now (None: reused, or not asked to keep).
+type ComputedRows = Vec<Option<Vec<f32>>>;
+
+/// The prefix's activation for every row of `inputs`: the cached rows whose key is `key`, the
+/// others computed (in batches of `batch`). Returns the activation tensor [N, ...] (f32) and, per
+/// row, what was computed now (text rows cut to their tokens) for the cache.
+fn cached_activations(
+    graph: &TrainingGraph,
+    inputs: &[Tensor],
+    lora: &[Tensor],
+    batch: usize,
+    cached: &[Option<CachedActivation>],
+    key: &str,
+    keep: bool,
+) -> Result<(Tensor, ComputedRows, usize), TrainError> {
+    let rows = inputs.first().map_or(0, |t| t.size()[0]) as usize;
+    let width = graph.attention_mask.and_then(|m| inputs.get(m)).map_or(0, |t| t.size()[1]);
+    // Tokens per text row: up to its last unmasked position (texts are padded on the right).
+    let tokens: Vec<i64> = match graph.attention_mask.and_then(|m| inputs.get(m)) {
+        Some(mask) => {
+            let positions = Tensor::arange(width, (Kind::Int64, mask.device())).unsqueeze(0) + 1;
+            Vec::<i64>::try_from(mask.ne(0).to_kind(Kind::Int64).g_mul(&positions).amax(1, false).to_device(Device::Cpu))?
+        }
+        None => Vec::new(),
+    };
+    let row_shape = graph.activation_row_shape(width)?;
+    let inner: i64 = row_shape.iter().skip(usize::from(!tokens.is_empty())).product();
+    let row_len = |i: usize| (tokens.get(i).copied().unwrap_or(1).max(1) * inner) as usize;
+    let hits: Vec<Option<&CachedActivation>> =
+        (0..rows).map(|i| cached.get(i).and_then(Option::as_ref).filter(|c| c.key == key && c.data.len() == row_len(i))).collect();
+    let missing: Vec<i64> = (0..rows).filter(|&i| hits[i].is_none()).map(|i| i as i64).collect();
+    let full = Tensor::zeros([&[rows as i64][..], &row_shape].concat(), (Kind::Float, graph.device));
+    let mut fresh: Vec<Option<Vec<f32>>> = vec![None; rows];
+    if !missing.is_empty() {
+        let idx = Tensor::from_slice(&missing).to_device(graph.device);
+        let part: Vec<Tensor> = inputs.iter().map(|t| t.index_select(0, &idx)).collect();
+        let computed = graph.autocast(|| activations(graph, &part, lora, batch))?.to_kind(Kind::Float);
+        let mut full = full.shallow_clone();
+        full = full.index_copy(0, &idx, &computed);
+        let host = computed.to_device(Device::Cpu);
+        for (j, &row) in missing.iter().enumerate().filter(|_| keep) {
+            let row = row as usize;
+            let mut values = host.get(j as i64);
+            if !tokens.is_empty() {
+                values = values.narrow(0, 0, tokens[row].max(1));
+            }
+            fresh[row] = Some(Vec::<f32>::try_from(values.contiguous().flatten(0, -1))?);
+        }
+        return fill_hits(full, &hits, &row_shape, &tokens).map(|t| (t, fresh, rows - missing.len()));
+    }
+    fill_hits(full, &hits, &row_shape, &tokens).map(|t| (t, fresh, rows))
+}
+
+/// Copy the cached rows into their places in `full`.
+fn fill_hits(full: Tensor, hits: &[Option<&CachedActivation>], row_shape: &[i64], tokens: &[i64]) -> Result<Tensor, TrainError> {
+    for (i, hit) in hits.iter().enumerate() {
+        let Some(hit) = hit else { continue };
+        let mut shape = row_shape.to_vec();
+        let mut target = full.get(i as i64);
+        if let Some(&n) = tokens.get(i) {
+            shape[0] = n.max(1);
+            target = target.narrow(0, 0, shape[0]);
+        }
+        let values = Tensor::from_slice(&hit.data).view(shape.as_slice()).to_device(full.device());
+        target.f_copy_(&values)?;
+    }
+    Ok(full)
 }
 
 /// The prefix's output for every row of `inputs`, computed in batches of `batch` rows (text
@@ -605,6 +766,22 @@ pub fn fit(
     validation: &Examples,
     init_head: &Head,
     recipe: &Recipe,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<FitReport, TrainError> {
+    fit_cached(target, train, validation, init_head, recipe, &PrefixCache::default(), cancel, progress)
+}
+
+/// [`fit`], reusing the prefix activations `cache` holds where a job trains above a cut; the
+/// report's `prefix` says which rows it computed, for the cache.
+#[allow(clippy::too_many_arguments)] // fit's arguments and the cache: one call site each
+pub fn fit_cached(
+    target: FitTarget<'_>,
+    train: &Examples,
+    validation: &Examples,
+    init_head: &Head,
+    recipe: &Recipe,
+    cache: &PrefixCache,
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<FitReport, TrainError> {
@@ -752,16 +929,23 @@ pub fn fit(
     let train_labels = Tensor::from_slice(&train.labels).to_device(device);
     let train_weights = Tensor::from_slice(&train.weights).to_device(device);
     let mut val_inputs: Vec<Tensor> = validation.inputs.iter().map(|t| to_tensor(t, device)).collect();
+    let mut prefix = None;
     if let Some(g) = graph.filter(|g| g.trains_above_cut()) {
-        // The frozen prefix, once per sample for the whole job: the cost training above the cut
-        // pays up front, and is in the job's time.
+        // The frozen prefix, once per sample for the whole job (or kept from an earlier job that
+        // ran the same prefix): the cost training above the cut pays up front, in the job's time.
         let start = padded(&lora_vars);
-        for inputs in [&mut train_inputs, &mut val_inputs] {
+        let key = g.prefix_key(&start)?;
+        let mut done = PrefixComputed { key, ..PrefixComputed::default() };
+        for (inputs, cached, fresh) in [(&mut train_inputs, &cache.train, &mut done.train), (&mut val_inputs, &cache.validation, &mut done.validation)] {
             if inputs.first().is_some_and(|t| t.size()[0] > 0) {
-                let activation = g.autocast(|| activations(g, inputs, &start, recipe.batch_size.max(1)))?;
+                let (activation, computed, reused) = cached_activations(g, inputs, &start, recipe.batch_size.max(1), cached, &done.key, cache.keep)?;
                 inputs.push(activation);
+                done.reused += reused;
+                done.computed += inputs[0].size()[0] as usize - reused;
+                *fresh = computed;
             }
         }
+        prefix = Some(done);
     }
     let val_labels = Tensor::from_slice(&validation.labels).to_device(device);
     let snapshot = match graph {
@@ -910,6 +1094,7 @@ pub fn fit(
         losses,
         mixed_precision: loss_scale.is_some(),
         skipped_steps: loss_scale.map_or(0, |s| s.skipped),
+        prefix,
     })
 }
 

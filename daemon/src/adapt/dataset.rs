@@ -7,7 +7,7 @@ use adaptd_adapters::bundle::{Bundle, RetentionSet};
 use adaptd_adapters::files::SampleCounts;
 use adaptd_adapters::head::{Head, class_means, grow_linear};
 use adaptd_adapters::tensor::HostTensor;
-use adaptd_train::Examples;
+use adaptd_train::{CachedActivation, Examples, PrefixCache};
 
 use super::{AdaptConfig, AdaptError};
 use crate::engine::concat_inputs;
@@ -89,6 +89,9 @@ pub(super) struct Prepared {
     pub labels: Vec<String>,
     pub counts: SampleCounts,
     pub notes: Vec<String>,
+    /// The stored samples behind the job's rows (training rows, then validation rows; None for
+    /// replayed rows), for keeping the prefix activations the job computes.
+    pub sample_ids: (Vec<Option<i64>>, Vec<i64>),
 }
 
 /// The training data of one step of a job: the task's embedded samples over the labels that
@@ -250,8 +253,25 @@ pub(super) fn prepare(
         },
         _ => None,
     };
-    let job = TrainJob { kind: config.kind, train: train_ex, validation: val_ex, init_head, start_lora, recipe: config.recipe.clone() };
-    Ok(Prepared { job, labels, counts, notes })
+    let mut train_ids: Vec<Option<i64>> = train.iter().map(|s| Some(s.id)).collect();
+    train_ids.resize(train_ex.labels.len(), None);
+    let validation_ids: Vec<i64> = validation.iter().map(|s| s.id).collect();
+    // Above a cut: the prefix activations earlier jobs kept (the trainer reuses those whose key
+    // is its prefix's, and computes the rest).
+    let prefix_cache = match (config.kind, &bundle.manifest.cut) {
+        (JobKind::Lora { .. }, Some(_)) => {
+            let kept = store.activations(&train_ids.iter().flatten().chain(&validation_ids).copied().collect::<Vec<_>>())?;
+            let cached = |id: &i64| kept.get(id).map(|(key, data)| CachedActivation { key: key.clone(), data: data.clone() });
+            PrefixCache {
+                train: train_ids.iter().map(|id| id.as_ref().and_then(cached)).collect(),
+                validation: validation_ids.iter().map(cached).collect(),
+                keep: true,
+            }
+        }
+        _ => PrefixCache::default(),
+    };
+    let job = TrainJob { kind: config.kind, train: train_ex, validation: val_ex, init_head, start_lora, recipe: config.recipe.clone(), prefix_cache };
+    Ok(Prepared { job, labels, counts, notes, sample_ids: (train_ids, validation_ids) })
 }
 
 #[cfg(test)]

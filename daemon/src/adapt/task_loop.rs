@@ -481,7 +481,7 @@ impl TaskLoop {
                 );
             }
             let attempt_started = Instant::now();
-            let Prepared { job, labels, counts, notes } = prepared;
+            let Prepared { job, labels, counts, notes, sample_ids } = prepared;
             let report = match self.train_attempt(&config, job, version, &incumbent, shutdown, commands).await {
                 Ok(report) => report,
                 // A later, larger step that fails (out of memory, say) leaves the best so far.
@@ -491,6 +491,10 @@ impl TaskLoop {
                 }
                 Err(result) => return result,
             };
+            let mut report = report;
+            if let Some(prefix) = report.prefix.take() {
+                self.keep_prefix(prefix, &sample_ids);
+            }
             let attempt = Attempt::new(*kind, report, labels, counts, notes, attempt_started.elapsed().as_secs_f64());
             let improved = best.as_ref().is_none_or(|b| attempt.beats(b));
             let reason = format!(
@@ -561,6 +565,22 @@ impl TaskLoop {
                 ctx.journal.record(&event);
                 JobResult::Failed(reason)
             }
+        }
+    }
+
+    /// Keep the prefix activations a job above a cut computed, for the next job (within the
+    /// task's disk budget; a cache, so a failure to keep them costs only time).
+    fn keep_prefix(&self, prefix: adaptd_train::PrefixComputed, (train_ids, validation_ids): &(Vec<Option<i64>>, Vec<i64>)) {
+        let rows: Vec<(i64, Vec<f32>)> = train_ids
+            .iter()
+            .zip(prefix.train)
+            .filter_map(|(id, row)| Some(((*id)?, row?)))
+            .chain(validation_ids.iter().zip(prefix.validation).filter_map(|(id, row)| Some((*id, row?))))
+            .collect();
+        let kept = if rows.is_empty() { Ok(0) } else { lock(&self.store).set_activations(&self.task, &prefix.key, &rows, self.config.store_budget_bytes) };
+        match kept {
+            Ok(kept) => tracing::info!(task = %self.task, reused = prefix.reused, computed = prefix.computed, kept, "prefix activations above the cut"),
+            Err(e) => tracing::warn!(task = %self.task, error = %e, "prefix activations not kept"),
         }
     }
 

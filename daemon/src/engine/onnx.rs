@@ -285,10 +285,9 @@ impl OnnxModel {
             .map(|(name, t)| {
                 let host = to_tensor(name, t.clone())?;
                 let Some((device, id)) = &self.lora_device else { return Ok(host.into_dyn()) };
-                let placed = host.to(device.clone(), *id).map_err(|e| OnnxError::Input {
-                    name: name.clone(),
-                    reason: format!("cannot copy the LoRA value to {} {id}: {e}", device.as_str()),
-                })?;
+                let placed = host
+                    .to(device.clone(), *id)
+                    .map_err(|e| OnnxError::Input { name: name.clone(), reason: format!("cannot copy the LoRA value to {} {id}: {e}", device.as_str()) })?;
                 Ok(placed.into_dyn())
             })
             .collect()
