@@ -11,6 +11,7 @@
 //!   cargo bench -p adaptd --bench training -- time-to-accuracy DATA [--bundle DIR] [--cut x] --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
 //!       The intents of `text`, LoRA (query/value) + head, on a minilm bundle and, with --cut, above
 //!       its cut; validation accuracy per epoch against seconds since the job started, test accuracy.
+//!       With `--cached 1`, the job again on the prefix activations the first one kept.
 //!   cargo bench -p adaptd --bench training -- text DATA --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
 //!       Few-shot intents on the minilm bundle: a head on the frozen backbone and LoRA (query/value)
 //!       + head; test accuracy, and nearest-centroid accuracy on intents never trained (forgetting).
@@ -20,7 +21,7 @@ use std::sync::atomic::AtomicBool;
 
 use adaptd_adapters::head::{Dense, Head};
 use adaptd_adapters::{Bundle, HostTensor};
-use adaptd_train::{Examples, FitTarget, Recipe, Schedule, TrainingGraph, fit, memory};
+use adaptd_train::{CachedActivation, Examples, FitTarget, PrefixCache, Recipe, Schedule, TrainingGraph, fit, fit_cached, memory};
 use safetensors::{Dtype, SafeTensors};
 
 fn tensor(st: &SafeTensors<'_>, name: &str) -> HostTensor {
@@ -228,10 +229,24 @@ fn main() {
             let (train, val, test) = (split("train"), split("val"), split("test"));
             let init = Head { layers: vec![Dense { weight: tensor(&st, "head_weight"), bias: tensor(&st, "head_bias") }] };
             let started = std::time::Instant::now();
-            let report =
-                fit(FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32, start: None }, &train, &val, &init, &recipe, &cancel, &mut |_| {})
-                    .unwrap();
+            let keep = PrefixCache { keep: opts.contains_key("cached"), ..PrefixCache::default() };
+            let target = || FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32, start: None };
+            let report = fit_cached(target(), &train, &val, &init, &recipe, &keep, &cancel, &mut |_| {}).unwrap();
             let seconds = started.elapsed().as_secs_f64();
+            let peak_rss = memory::peak_rss();
+            // With --cached, the same job again on the activations the first one kept (what the
+            // daemon's next job on these samples does): its set-up time, and the same training.
+            let cached = opts.contains_key("cached").then(|| {
+                let p = report.prefix.clone().unwrap();
+                let rows = |r: &[Option<Vec<f32>>]| r.iter().map(|d| d.clone().map(|data| CachedActivation { key: p.key.clone(), data })).collect();
+                let cache = PrefixCache { train: rows(&p.train), validation: rows(&p.validation), keep: false };
+                let started = std::time::Instant::now();
+                let again = fit_cached(target(), &train, &val, &init, &recipe, &cache, &cancel, &mut |_| {}).unwrap();
+                let setup = started.elapsed().as_secs_f64() - again.epochs.iter().map(|e| e.seconds).sum::<f64>();
+                let same = again.epochs.iter().zip(&report.epochs).all(|(a, b)| (a.val_accuracy - b.val_accuracy).abs() < 1e-6);
+                serde_json::json!({ "setup_seconds": setup, "reused": again.prefix.unwrap().reused, "same_curve": same,
+                    "max_loss_diff": again.losses.iter().zip(&report.losses).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max) })
+            });
             // What the job spent outside its epochs (loading the data, the prefix's activations)
             // counts before the first epoch.
             let setup = seconds - report.epochs.iter().map(|e| e.seconds).sum::<f64>();
@@ -248,7 +263,7 @@ fn main() {
             let out = serde_json::json!({
                 "side": "adaptd", "cut": bundle.manifest.cut.as_ref().filter(|_| graph.trains_above_cut()).map(|c| c.after.clone()),
                 "curve": curve, "setup_seconds": setup, "seconds": seconds, "test": accuracy(&graph, &lora, &report.head, &test),
-                "peak_rss_bytes": memory::peak_rss(), "rss_start_bytes": rss_start,
+                "peak_rss_bytes": peak_rss, "rss_start_bytes": rss_start, "cached": cached,
             });
             println!("{out}");
         }
