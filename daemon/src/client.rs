@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use adaptd_protocol::wire::ErrorBody;
 use serde_json::Value;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,9 +31,13 @@ impl Response {
         (200..300).contains(&self.status)
     }
 
-    /// The daemon's `{"message": ...}` or `{"error": {"message": ...}}`, whichever it sent.
+    /// The daemon's `{"message": ...}` (a command's reply) or its [`ErrorBody`]'s message,
+    /// whichever it sent.
     pub fn message(&self) -> String {
-        self.body["message"].as_str().or(self.body["error"]["message"].as_str()).map(str::to_string).unwrap_or_else(|| self.body.to_string())
+        if let Ok(e) = serde_json::from_value::<ErrorBody>(self.body.clone()) {
+            return e.error.message;
+        }
+        self.body["message"].as_str().map_or_else(|| self.body.to_string(), str::to_string)
     }
 }
 

@@ -18,9 +18,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
+use adaptd_protocol::wire::{JsonTensor, PredictRequest, PredictResponse, SampleMessage};
 use indicatif::{ProgressBar, ProgressStyle};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::client::Client;
@@ -80,24 +81,39 @@ impl DemoOutcome {
     }
 }
 
-fn sample(key: &str, label: i64, pixels: &[f32], source: &str, correction: bool) -> Vec<u8> {
-    json!({ "key": key, "task": TASK, "label": label.to_string(), "input": { "shape": [1, 1, 8, 8], "data": pixels }, "source": source, "correction": correction })
-        .to_string()
-        .into_bytes()
+/// A JSON tensor of `shape` holding `values`.
+fn json_tensor(shape: Vec<usize>, values: impl IntoIterator<Item = f32>) -> JsonTensor {
+    JsonTensor { shape, data: values.into_iter().filter_map(|x| serde_json::Number::from_f64(f64::from(x))).collect() }
 }
 
-fn predict_body(digits: &Digits, indices: &[usize], shift: Shift) -> Vec<u8> {
-    let data: Vec<f32> = indices.iter().flat_map(|&i| digits.image(i, shift)).collect();
-    json!({ "inputs": { "image": { "shape": [indices.len(), 1, 8, 8], "data": data } } }).to_string().into_bytes()
+fn sample(key: &str, label: i64, pixels: &[f32], source: &str, correction: bool) -> Vec<u8> {
+    let message = SampleMessage {
+        key: key.into(),
+        task: TASK.into(),
+        label: Value::String(label.to_string()),
+        input: Some(json_tensor(vec![1, 1, 8, 8], pixels.iter().copied())),
+        text: None,
+        image: None,
+        timestamp_ms: None,
+        source: Some(source.into()),
+        weight: None,
+        correction,
+    };
+    serde_json::to_vec(&message).unwrap_or_default()
+}
+
+fn predict_body(digits: &Digits, indices: &[usize], shift: Shift) -> anyhow::Result<Vec<u8>> {
+    let image = json_tensor(vec![indices.len(), 1, 8, 8], indices.iter().flat_map(|&i| digits.image(i, shift)));
+    Ok(serde_json::to_vec(&PredictRequest { inputs: Some([("image".to_string(), image)].into()), ..PredictRequest::default() })?)
 }
 
 /// Predicted labels for `indices` under `shift`, from the running daemon.
 fn predict(client: &Client, digits: &Digits, indices: &[usize], shift: Shift) -> anyhow::Result<(Vec<i64>, u64)> {
-    let r = client.request("POST", &format!("/v1/tasks/{TASK}/predict"), Some(&predict_body(digits, indices, shift)))?;
+    let r = client.request("POST", &format!("/v1/tasks/{TASK}/predict"), Some(&predict_body(digits, indices, shift)?))?;
     anyhow::ensure!(r.ok(), "predict answered {}: {}", r.status, r.message());
-    let preds = r.body["predictions"].as_array().ok_or_else(|| anyhow::anyhow!("predict: no predictions in {}", r.body))?;
-    let labels = preds.iter().map(|p| p["label"].as_str().and_then(|l| l.parse().ok()).unwrap_or(-1)).collect();
-    Ok((labels, preds.first().and_then(|p| p["adapter_version"].as_u64()).unwrap_or(0)))
+    let answer: PredictResponse = serde_json::from_value(r.body.clone()).map_err(|e| anyhow::anyhow!("predict: {e} in {}", r.body))?;
+    let labels = answer.predictions.iter().map(|p| p.label.parse().unwrap_or(-1)).collect();
+    Ok((labels, answer.predictions.first().map_or(0, |p| p.adapter_version)))
 }
 
 fn accuracy(client: &Client, digits: &Digits, indices: &[usize], shift: Shift) -> anyhow::Result<f64> {

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use adaptd_adapters::AdapterStore;
-use adaptd_protocol::TaskStatus;
+use adaptd_protocol::{CommandReply, ImportRequest, TaskStatus};
 use serde_json::{Value, json};
 
 use crate::client::{Client, ClientError};
@@ -50,15 +50,23 @@ pub fn render_status(statuses: &[TaskStatus]) -> String {
 /// Ask the running daemon to import the adapter exported in `dir` (an absolute path) as
 /// `task`'s next version.
 pub fn import_through_daemon(client: &Client, task: &str, dir: &Path) -> Result<String, OpsError> {
-    let r = client.post(&format!("/v1/tasks/{task}/import"), Some(&json!({ "dir": dir })))?;
-    let message = r.body["message"].as_str().unwrap_or_default().to_string();
-    if r.ok() { Ok(message) } else { Err(OpsError::Refused(r.message())) }
+    let request = serde_json::to_value(ImportRequest { dir: dir.to_path_buf() }).map_err(|e| OpsError::Refused(e.to_string()))?;
+    let r = client.post(&format!("/v1/tasks/{task}/import"), Some(&request))?;
+    command_reply(r)
 }
 
 /// Ask the daemon to act on `task`: `train`, `rollback` or `pin/{version}`.
 pub fn command(client: &Client, task: &str, action: &str) -> Result<String, OpsError> {
-    let r = client.post(&format!("/v1/tasks/{task}/{action}"), None)?;
-    if r.ok() { Ok(r.message()) } else { Err(OpsError::Refused(r.message())) }
+    command_reply(client.post(&format!("/v1/tasks/{task}/{action}"), None)?)
+}
+
+/// A command's [`CommandReply`]: its message, or why it was refused.
+fn command_reply(r: crate::client::Response) -> Result<String, OpsError> {
+    match serde_json::from_value::<CommandReply>(r.body.clone()) {
+        Ok(reply) if reply.ok && r.ok() => Ok(reply.message),
+        Ok(reply) => Err(OpsError::Refused(reply.message)),
+        Err(_) => Err(OpsError::Refused(r.message())),
+    }
 }
 
 /// The adapters kept on disk under `state_dir`, newest first, with the one that serves marked.

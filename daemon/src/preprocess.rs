@@ -133,35 +133,24 @@ fn decode_bounded(bytes: &[u8], height: usize, width: usize, channels: usize) ->
     })
 }
 
-/// A tensor as people write it in JSON: `{"shape": [1, 1, 8, 8], "data": [0.0, ...]}`.
-/// Used by inference requests and by samples.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JsonTensor {
-    pub shape: Vec<usize>,
-    pub data: Vec<serde_json::Number>,
-}
-
-impl JsonTensor {
-    /// Into a host tensor of `dtype` (i64 inputs must be integers), or why not.
-    pub fn into_host(self, dtype: DType) -> Result<HostTensor, String> {
-        let n =
-            adaptd_adapters::tensor::element_count(&self.shape).ok_or_else(|| format!("shape {:?} has more elements than memory can address", self.shape))?;
-        if n != self.data.len() {
-            return Err(format!("shape {:?} needs {n} values, got {}", self.shape, self.data.len()));
-        }
-        let tensor = match dtype {
-            DType::F32 => {
-                let v: Option<Vec<f32>> = self.data.iter().map(|x| x.as_f64().map(|f| f as f32)).collect();
-                HostTensor::f32(self.shape, v.ok_or("values must be numbers")?)
-            }
-            _ => {
-                let v: Option<Vec<i64>> = self.data.iter().map(serde_json::Number::as_i64).collect();
-                HostTensor::i64(self.shape, v.ok_or("values must be integers")?)
-            }
-        };
-        tensor.map_err(|e| e.to_string())
+/// A JSON tensor (inference requests and samples write tensors alike) as a host tensor of
+/// `dtype` (i64 inputs must be integers), or why not.
+pub fn json_tensor_to_host(t: adaptd_protocol::wire::JsonTensor, dtype: DType) -> Result<HostTensor, String> {
+    let n = adaptd_adapters::tensor::element_count(&t.shape).ok_or_else(|| format!("shape {:?} has more elements than memory can address", t.shape))?;
+    if n != t.data.len() {
+        return Err(format!("shape {:?} needs {n} values, got {}", t.shape, t.data.len()));
     }
+    let tensor = match dtype {
+        DType::F32 => {
+            let v: Option<Vec<f32>> = t.data.iter().map(|x| x.as_f64().map(|f| f as f32)).collect();
+            HostTensor::f32(t.shape, v.ok_or("values must be numbers")?)
+        }
+        _ => {
+            let v: Option<Vec<i64>> = t.data.iter().map(serde_json::Number::as_i64).collect();
+            HostTensor::i64(t.shape, v.ok_or("values must be integers")?)
+        }
+    };
+    tensor.map_err(|e| e.to_string())
 }
 
 /// A safetensors tensor as the model input `want` (F32, or I64 with I32 widened), or why not.

@@ -1,6 +1,6 @@
 //! adaptd's contracts with everything outside one part of it: the MQTT topic tree, the events an
-//! operator sees (on MQTT, in the log, in the journal the report reads), a task's status and the
-//! answer to an operator's command. Plain data and serde, no runtime: the daemon, its CLI, the
+//! operator sees (on MQTT, in the log, in the journal the report reads), a task's status, the
+//! answer to an operator's command, and the bodies of inference requests, answers and samples. Plain data and serde, no runtime: the daemon, its CLI, the
 //! report, the tests and the documentation check all build on these types, so a field cannot
 //! change in one place and not in another.
 
@@ -9,9 +9,10 @@ pub mod fleet;
 pub mod gate;
 pub mod status;
 pub mod topics;
+pub mod wire;
 
 pub use event::{Event, EventRecord};
-pub use status::{CommandReply, SchedulerState, TaskStatus, Trigger};
+pub use status::{CommandReply, ImportRequest, SchedulerState, TaskStatus, Trigger};
 pub use topics::Topics;
 
 /// Serde helpers for figures that are NaN when there is nothing to measure: JSON writes NaN as

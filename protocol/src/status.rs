@@ -128,21 +128,39 @@ fn truncate(s: &str, n: usize) -> String {
     if s.chars().count() <= n { s.to_string() } else { s.chars().take(n.saturating_sub(1)).collect::<String>() + "…" }
 }
 
-/// The answer to an operator's command: what happened, in one line.
+/// The answer to an operator's command (HTTP `POST /v1/tasks/{task}/train|rollback|pin|import`):
+/// what happened, in one line, and a stable label when the request itself was refused (no
+/// token, a browser, a malformed body).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandReply {
     pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     pub message: String,
 }
 
 impl CommandReply {
     pub fn done(message: String) -> CommandReply {
-        CommandReply { ok: true, message }
+        CommandReply { ok: true, error: None, message }
     }
 
+    /// The task's loop would not do it (a job running, no such version, ...).
     pub fn refused(message: String) -> CommandReply {
-        CommandReply { ok: false, message }
+        CommandReply { ok: false, error: None, message }
     }
+
+    /// The request was refused before it reached the task: `error` is the stable label.
+    pub fn rejected(error: &str, message: String) -> CommandReply {
+        CommandReply { ok: false, error: Some(error.to_string()), message }
+    }
+}
+
+/// `POST /v1/tasks/{task}/import`: an adapter directory (`adaptd adapters export`) on the
+/// daemon's machine, as an absolute path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportRequest {
+    pub dir: std::path::PathBuf,
 }
 
 #[cfg(test)]

@@ -15,6 +15,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 
+use adaptd_protocol::wire::ErrorBody;
+use adaptd_protocol::{CommandReply, ImportRequest};
+
 use super::Api;
 use super::wire::{self, ApiError, WireError};
 use crate::adapt;
@@ -59,16 +62,13 @@ async fn predict(State(api): State<Arc<Api>>, Path(task): Path<String>, headers:
 }
 
 async fn statuses(State(api): State<Arc<Api>>) -> Response {
-    json_response(StatusCode::OK, &serde_json::to_value(api.statuses()).unwrap_or_default())
+    json_response(StatusCode::OK, &api.statuses())
 }
 
 async fn status(State(api): State<Arc<Api>>, Path(task): Path<String>) -> Response {
     match api.task_status(&task) {
-        Some(s) => json_response(StatusCode::OK, &serde_json::to_value(s).unwrap_or_default()),
-        None => json_response(
-            StatusCode::NOT_FOUND,
-            &serde_json::json!({ "error": "unknown_task", "message": format!("task {task:?} does not adapt on this device") }),
-        ),
+        Some(s) => json_response(StatusCode::OK, &s),
+        None => json_response(StatusCode::NOT_FOUND, &ErrorBody::new("unknown_task", &format!("task {task:?} does not adapt on this device"))),
     }
 }
 
@@ -83,22 +83,14 @@ async fn pin(State(api): State<Arc<Api>>, Path((task, version)): Path<(String, u
 
 /// `{"dir": "/abs/path"}`: an adapter directory (`adaptd adapters export`) on this machine.
 async fn import(State(api): State<Arc<Api>>, Path(task): Path<String>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct ImportRequest {
-        dir: std::path::PathBuf,
-    }
     // Who asks is checked before what they ask: a refused caller learns nothing about the body.
     if let Some(refused) = refusal(&api, &headers) {
         return refused;
     }
     match serde_json::from_slice::<ImportRequest>(&body) {
         Ok(request) if request.dir.is_absolute() => control(&api, &task, &headers, adapt::CommandKind::Import(request.dir)).await,
-        Ok(_) => json_response(StatusCode::BAD_REQUEST, &serde_json::json!({ "ok": false, "error": "bad_input", "message": "dir must be an absolute path" })),
-        Err(e) => json_response(
-            StatusCode::BAD_REQUEST,
-            &serde_json::json!({ "ok": false, "error": "bad_json", "message": format!("expected {{\"dir\": \"/path\"}}: {e}") }),
-        ),
+        Ok(_) => json_response(StatusCode::BAD_REQUEST, &CommandReply::rejected("bad_input", "dir must be an absolute path".into())),
+        Err(e) => json_response(StatusCode::BAD_REQUEST, &CommandReply::rejected("bad_json", format!("expected {{\"dir\": \"/path\"}}: {e}"))),
     }
 }
 
@@ -116,18 +108,20 @@ fn refusal(api: &Api, headers: &HeaderMap) -> Option<Response> {
     let header = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
     let e = api.authorize(header(header::ORIGIN), header(header::HOST), header(header::AUTHORIZATION)).err()?;
     let status = if matches!(e, crate::control::HttpRefusal::Token) { StatusCode::UNAUTHORIZED } else { StatusCode::FORBIDDEN };
-    Some(json_response(status, &serde_json::json!({ "ok": false, "error": e.error_type(), "message": e.to_string() })))
+    Some(json_response(status, &CommandReply::rejected(e.error_type(), e.to_string())))
 }
 
 fn command_response(result: Result<String, String>) -> Response {
     match result {
-        Ok(message) => json_response(StatusCode::OK, &serde_json::json!({ "ok": true, "message": message })),
-        Err(message) => json_response(StatusCode::CONFLICT, &serde_json::json!({ "ok": false, "message": message })),
+        Ok(message) => json_response(StatusCode::OK, &CommandReply::done(message)),
+        Err(message) => json_response(StatusCode::CONFLICT, &CommandReply::refused(message)),
     }
 }
 
-fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
-    (status, [(header::CONTENT_TYPE, wire::CONTENT_JSON)], format!("{value}\n")).into_response()
+fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response {
+    let mut body = serde_json::to_vec(value).unwrap_or_default();
+    body.push(b'\n');
+    (status, [(header::CONTENT_TYPE, wire::CONTENT_JSON)], body).into_response()
 }
 
 async fn metrics(State(api): State<Arc<Api>>) -> Response {

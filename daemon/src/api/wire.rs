@@ -1,6 +1,6 @@
 //! Request and response encodings, shared by the HTTP and MQTT APIs.
 //!
-//! - JSON, for people and scripts: `{"text": ["..."]}` for text bundles, or
+//! - JSON, for people and scripts ([`PredictRequest`]): `{"text": ["..."]}` for text bundles, or
 //!   `{"inputs": {"<input name>": {"shape": [...], "data": [...]}}}` for tensors.
 //! - a PNG or JPEG (`image/png`, `image/jpeg`) for image bundles: one image, preprocessed as the
 //!   bundle's manifest says (channels, size, pixel scale).
@@ -10,15 +10,13 @@
 //!
 //! Every refusal says what was wrong and where, and carries a stable label for metrics.
 
-use std::collections::BTreeMap;
-
 use adaptd_adapters::bundle::{Manifest, Preprocessing};
 use adaptd_adapters::tensor::HostTensor;
+use adaptd_protocol::wire::{ErrorBody, PredictRequest, PredictResponse, PredictionBody};
 use safetensors::SafeTensors;
-use serde::{Deserialize, Serialize};
 
 use crate::engine::{EngineError, Prediction};
-use crate::preprocess::{JsonTensor, TextEncoder};
+use crate::preprocess::{TextEncoder, json_tensor_to_host};
 
 pub const CONTENT_JSON: &str = "application/json";
 pub const CONTENT_SAFETENSORS: &str = "application/x-safetensors";
@@ -53,15 +51,6 @@ impl WireError {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonRequest {
-    #[serde(default)]
-    text: Option<Vec<String>>,
-    #[serde(default)]
-    inputs: Option<BTreeMap<String, JsonTensor>>,
-}
-
 fn media_type(content_type: Option<&str>) -> Option<String> {
     content_type.map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
 }
@@ -88,7 +77,7 @@ pub fn decode(body: &[u8], content_type: Option<&str>, manifest: &Manifest, text
 }
 
 fn decode_json(body: &[u8], manifest: &Manifest, text: Option<&TextEncoder>) -> Result<Vec<HostTensor>, WireError> {
-    let req: JsonRequest = serde_json::from_slice(body).map_err(|e| WireError::Json(e.to_string()))?;
+    let req: PredictRequest = serde_json::from_slice(body).map_err(|e| WireError::Json(e.to_string()))?;
     match (req.text, req.inputs) {
         (Some(texts), None) => {
             let encoder = match (&manifest.preprocessing, text) {
@@ -105,7 +94,7 @@ fn decode_json(body: &[u8], manifest: &Manifest, text: Option<&TextEncoder>) -> 
             let mut out = Vec::with_capacity(manifest.inputs.len());
             for spec in &manifest.inputs {
                 let t = inputs.remove(&spec.name).ok_or_else(|| WireError::Input(format!("missing input {:?}", spec.name)))?;
-                let tensor = t.into_host(spec.dtype).map_err(|e| WireError::Input(format!("input {:?}: {e}", spec.name)));
+                let tensor = json_tensor_to_host(t, spec.dtype).map_err(|e| WireError::Input(format!("input {:?}: {e}", spec.name)));
                 out.push(tensor?);
             }
             if let Some(extra) = inputs.keys().next() {
@@ -138,37 +127,27 @@ fn decode_safetensors(body: &[u8], manifest: &Manifest) -> Result<Vec<HostTensor
         .collect()
 }
 
-#[derive(Debug, Serialize)]
-pub struct JsonPrediction<'a> {
-    pub label: &'a str,
-    pub class_index: usize,
-    pub scores: BTreeMap<&'a str, f32>,
-    pub adapter: &'a str,
-    pub adapter_version: u64,
-    /// Present (true) when a routed adapter answered this row with the base model.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub base_routed: bool,
-}
-
-/// `{"predictions": [{"label", "class_index", "scores": {label: score}, "adapter", "adapter_version"}]}`
+/// The answer's body: [`PredictResponse`].
 pub fn encode_predictions(preds: &[Prediction]) -> Vec<u8> {
-    let items: Vec<JsonPrediction<'_>> = preds
-        .iter()
-        .map(|p| JsonPrediction {
-            label: &p.label,
-            class_index: p.class_index,
-            scores: p.labels.iter().map(String::as_str).zip(p.scores.iter().copied()).collect(),
-            adapter: &p.adapter,
-            adapter_version: p.adapter_version,
-            base_routed: p.base_routed,
-        })
-        .collect();
-    serde_json::to_vec(&serde_json::json!({ "predictions": items })).unwrap_or_else(|_| b"{\"predictions\": []}".to_vec())
+    let response = PredictResponse {
+        predictions: preds
+            .iter()
+            .map(|p| PredictionBody {
+                label: p.label.clone(),
+                class_index: p.class_index,
+                scores: p.labels.iter().cloned().zip(p.scores.iter().copied()).collect(),
+                adapter: p.adapter.clone(),
+                adapter_version: p.adapter_version,
+                base_routed: p.base_routed,
+            })
+            .collect(),
+    };
+    serde_json::to_vec(&response).unwrap_or_else(|_| b"{\"predictions\": []}".to_vec())
 }
 
-/// `{"error": {"type": "...", "message": "..."}}`
+/// A refusal's body: [`ErrorBody`].
 pub fn encode_error(error_type: &str, message: &str) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({ "error": { "type": error_type, "message": message } })).unwrap_or_else(|_| b"{\"error\": {}}".to_vec())
+    serde_json::to_vec(&ErrorBody::new(error_type, message)).unwrap_or_else(|_| b"{\"error\": {}}".to_vec())
 }
 
 /// What went wrong with a request, for either transport.

@@ -1,14 +1,7 @@
-//! Decoding sample payloads. JSON for people (`mosquitto_pub -m '{...}'`):
-//!
-//! ```json
-//! {"key": "robot-7:1042", "task": "sorter", "label": "left",
-//!  "input": {"shape": [1, 1, 8, 8], "data": [0.0, ...]},
-//!  "timestamp_ms": 1700000000000, "source": "robot-7", "weight": 1.0, "correction": false}
-//! ```
-//!
-//! with `"text": "..."` instead of `"input"` for text bundles, or `"image": "<base64 JPEG or
-//! PNG>"` for image bundles (decoded and resized by the bundle's own preprocessing, then checked
-//! like any tensor). The compact form is safetensors bytes: one tensor named `input` (F32/I64), or
+//! Decoding sample payloads. JSON for people (`mosquitto_pub -m '{...}'`), in the form
+//! [`adaptd_protocol::wire::SampleMessage`] describes: `"input"` (a tensor), `"text"` for text
+//! bundles, or `"image"` (base64 JPEG or PNG) for image bundles (decoded and resized by the
+//! bundle's own preprocessing, then checked like any tensor). The compact form is safetensors bytes: one tensor named `input` (F32/I64), or
 //! one named `image` holding a JPEG/PNG file's bytes (U8, one axis), or no tensor and a `text`
 //! metadata field for text bundles; the other fields are string metadata (`key`, `task`, `label`,
 //! optional `timestamp_ms`, `source`, `weight`, `correction`). Every refusal says why.
@@ -17,10 +10,10 @@ use std::collections::HashMap;
 
 use adaptd_adapters::bundle::{DType, Manifest, Preprocessing};
 use adaptd_adapters::tensor::{HostData, HostTensor};
+use adaptd_protocol::wire::{SAMPLE_METADATA, SampleMessage};
 use safetensors::{Dtype, SafeTensors};
-use serde::Deserialize;
 
-use crate::preprocess::JsonTensor;
+use crate::preprocess::json_tensor_to_host;
 use crate::samples::{Sample, SampleInput};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -56,29 +49,6 @@ impl DecodeError {
             DecodeError::Conflict { .. } => "conflicting_label",
         }
     }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonSample {
-    key: String,
-    task: String,
-    label: serde_json::Value,
-    #[serde(default)]
-    input: Option<JsonTensor>,
-    #[serde(default)]
-    text: Option<String>,
-    /// Base64 of a JPEG or PNG file.
-    #[serde(default)]
-    image: Option<String>,
-    #[serde(default)]
-    timestamp_ms: Option<i64>,
-    #[serde(default)]
-    source: Option<String>,
-    #[serde(default)]
-    weight: Option<f32>,
-    #[serde(default)]
-    correction: bool,
 }
 
 /// What a decoder checks samples against: the bundle's input and the tasks it serves.
@@ -125,9 +95,9 @@ fn label_of(v: &serde_json::Value) -> Result<String, DecodeError> {
 fn decode_json(payload: &[u8], manifest: &Manifest, now_ms: i64) -> Result<Sample, DecodeError> {
     // One sample is one row of the bundle's single input, in the bundle's dtype.
     let dtype = manifest.inputs.first().map_or(DType::F32, |i| i.dtype);
-    let j: JsonSample = serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string()))?;
+    let j: SampleMessage = serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string()))?;
     let input = match (j.input, j.text, j.image) {
-        (Some(t), None, None) => SampleInput::Tensor(t.into_host(dtype).map_err(DecodeError::Input)?),
+        (Some(t), None, None) => SampleInput::Tensor(json_tensor_to_host(t, dtype).map_err(DecodeError::Input)?),
         (None, Some(text), None) => SampleInput::Text(text),
         (None, None, Some(b64)) => {
             use base64::Engine as _;
@@ -155,9 +125,8 @@ fn decode_safetensors(payload: &[u8], manifest: &Manifest, now_ms: i64) -> Resul
     let (_, metadata) = SafeTensors::read_metadata(payload).map_err(|e| bad(e.to_string()))?;
     let st = SafeTensors::deserialize(payload).map_err(|e| bad(e.to_string()))?;
     let meta: HashMap<String, String> = metadata.metadata().clone().unwrap_or_default();
-    let allowed = ["key", "task", "label", "timestamp_ms", "source", "weight", "correction", "text"];
-    if let Some(unknown) = meta.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(bad(format!("unknown metadata field {unknown:?} (allowed: {})", allowed.join(", "))));
+    if let Some(unknown) = meta.keys().find(|k| !SAMPLE_METADATA.contains(&k.as_str())) {
+        return Err(bad(format!("unknown metadata field {unknown:?} (allowed: {})", SAMPLE_METADATA.join(", "))));
     }
     let names = st.names();
     let input = match (names.as_slice(), meta.get("text")) {
