@@ -736,16 +736,29 @@ fn fill_hits(full: Tensor, hits: &[Option<&CachedActivation>], row_shape: &[i64]
     Ok(full)
 }
 
-/// The prefix's output for every row of `inputs`, computed in batches of `batch` rows (text
-/// batches trimmed of all-padding columns, then padded back to the full width).
+/// Rows in the order to run them in batches: text rows by their token count (a batch of rows of
+/// one length carries no padding), other rows as they are.
+fn length_order(graph: &TrainingGraph, inputs: &[Tensor]) -> Result<Option<Tensor>, TrainError> {
+    let Some(mask) = graph.attention_mask.and_then(|m| inputs.get(m)).filter(|t| t.dim() == 2) else { return Ok(None) };
+    Ok(Some(mask.ne(0).sum_dim_intlist(1, false, Kind::Int64).argsort(0, false)))
+}
+
+/// The prefix's output for every row of `inputs`, computed in batches of `batch` rows. Text rows
+/// run sorted by length, each batch trimmed of its all-padding columns and padded back to the
+/// full width; the output is in the rows' own order.
 fn activations(graph: &TrainingGraph, inputs: &[Tensor], lora: &[Tensor], batch: usize) -> Result<Tensor, TrainError> {
     let rows = inputs.first().map_or(0, |t| t.size()[0]);
     let width = graph.attention_mask.and_then(|m| inputs.get(m)).map(|t| t.size()[1]);
+    let order = length_order(graph, inputs)?;
+    let sorted: Vec<Tensor> = match &order {
+        Some(order) => inputs.iter().map(|t| t.index_select(0, order)).collect(),
+        None => inputs.iter().map(Tensor::shallow_clone).collect(),
+    };
     let mut parts = Vec::new();
     let mut start = 0;
     while start < rows {
         let n = (rows - start).min(batch as i64);
-        let part = graph.trim_padding(inputs.iter().map(|t| t.narrow(0, start, n)).collect());
+        let part = graph.trim_padding(sorted.iter().map(|t| t.narrow(0, start, n)).collect());
         let mut activation = graph.prefix(&part, lora)?;
         if let Some(width) = width.filter(|&w| activation.dim() >= 2 && activation.size()[1] < w) {
             let mut pad = activation.size();
@@ -755,7 +768,11 @@ fn activations(graph: &TrainingGraph, inputs: &[Tensor], lora: &[Tensor], batch:
         parts.push(activation);
         start += n;
     }
-    Ok(Tensor::cat(&parts, 0))
+    let out = Tensor::cat(&parts, 0);
+    Ok(match order {
+        Some(order) => out.zeros_like().index_copy(0, &order, &out),
+        None => out,
+    })
 }
 
 /// Fine-tune `target` from `init_head` (a linear head whose rows are the classes) on `train`,
@@ -947,7 +964,13 @@ pub fn fit_cached(
         }
         prefix = Some(done);
     }
-    let val_labels = Tensor::from_slice(&validation.labels).to_device(device);
+    let mut val_labels = Tensor::from_slice(&validation.labels).to_device(device);
+    // Validation runs every epoch in batches: text rows sorted by length carry less padding,
+    // and the loss and accuracy over all rows do not depend on their order.
+    if let Some(order) = graph.map(|g| length_order(g, &val_inputs)).transpose()?.flatten() {
+        val_inputs = val_inputs.iter().map(|t| t.index_select(0, &order)).collect();
+        val_labels = val_labels.index_select(0, &order);
+    }
     let snapshot = match graph {
         Some(g) => Some(g.base_parameters()?),
         None => None,
