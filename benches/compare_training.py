@@ -288,54 +288,63 @@ def main() -> None:
             time_to_accuracy(Path(tmp), args)
 
 
-CUTS = ("bert.encoder.layer.1", "bert.encoder.layer.3", "bert.encoder.layer.4")
+# Where each task's model is cut for training above a frozen prefix: MiniLM after BERT layers 1, 3
+# and 4 (of 0-5); the digits CNN after its stem (conv1) and after conv2.
+CUTS = {"intents": ("bert.encoder.layer.1", "bert.encoder.layer.3", "bert.encoder.layer.4"), "digits": ("conv1", "conv2")}
 
 
 def time_to_accuracy(tmp: Path, args) -> None:
     sys.path.insert(0, str(ROOT / "deploy" / "export"))
-    from reference_bundles import build_minilm
+    from reference_bundles import build_digits, build_minilm
 
-    data = tmp / "intents.safetensors"
-    sizes = text_data(data)
-    bundles = {}
-    for cut in CUTS:
-        bundles[cut] = tmp / f"minilm-{cut.rsplit('.', 1)[-1]}"
-        build_minilm(tmp, cut_after=cut, out=bundles[cut])
-    base = ["--threads", str(args.threads), "--epochs", "20", "--rank", "8", "--lr", "1e-3", "--head-lr", "5e-3"]
-    sides = ["PEFT", "adaptd"] + [f"adaptd above {c.split('.', 1)[1]}" for c in CUTS]
-    rows: dict[str, list[tuple[float | None, float, int]]] = {s: [] for s in sides}
-    for seed in range(max(args.runs, 3)):
-        extra = [*base, "--seed", str(seed)]
-        peft = run_peft("time-to-accuracy", data, extra)
-        target = peft["curve"][-1][1] - 0.005
-        runs = {"PEFT": peft, "adaptd": run_adaptd("time-to-accuracy", data, extra)}
-        for cut, side in zip(CUTS, sides[2:]):
-            runs[side] = run_adaptd("time-to-accuracy", data, [*extra, "--bundle", str(bundles[cut]), "--cut", "1"])
-        for side, r in runs.items():
-            reached = next((t for t, acc in r["curve"] if acc >= target), None)
-            rows[side].append((reached, r["test"], r["peak_rss_bytes"]))
-            when = f"{reached:6.1f} s" if reached is not None else "  never"
-            print(f"  seed {seed} {side:<28} to {100 * target:.1f}% validation: {when}; test {100 * r['test']:.1f}%; "
-                  f"run {r['seconds']:.1f} s; peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+    tasks = {
+        "intents": ("all-MiniLM-L6-v2 on few-shot intents", text_data, build_minilm, "LoRA r=8 q/v + head, 20 epochs",
+                    ["--epochs", "20", "--rank", "8", "--lr", "1e-3", "--head-lr", "5e-3"]),
+        "digits": ("digits-cnn on sideways digits", quality_data, build_digits, "LoRA r=8 conv1/conv2/fc1 + head, 30 epochs",
+                   ["--epochs", "30", "--rank", "8", "--lr", "2e-3", "--head-lr", "5e-3"]),
+    }
+    for task, (what, make_data, build, recipe, flags) in tasks.items():
+        data = tmp / f"{task}.safetensors"
+        sizes = make_data(data)
+        bundles = {}
+        for cut in CUTS[task]:
+            bundles[cut] = tmp / f"{task}-{cut.rsplit('.', 1)[-1]}"
+            build(tmp, cut_after=cut, out=bundles[cut])
+        base = ["--threads", str(args.threads), *flags]
+        short = lambda cut: cut.split(".", 1)[1] if "." in cut else cut  # noqa: E731
+        sides = ["PEFT", "adaptd"] + [f"adaptd above {short(c)}" for c in CUTS[task]]
+        rows: dict[str, list[tuple[float | None, float, int]]] = {s: [] for s in sides}
+        for seed in range(max(args.runs, 3)):
+            extra = [*base, "--seed", str(seed)]
+            peft = run_peft("time-to-accuracy", data, extra)
+            target = peft["curve"][-1][1] - 0.005
+            runs = {"PEFT": peft, "adaptd": run_adaptd("time-to-accuracy", data, extra)}
+            for cut, side in zip(CUTS[task], sides[2:]):
+                runs[side] = run_adaptd("time-to-accuracy", data, [*extra, "--bundle", str(bundles[cut]), "--cut", "1"])
+            for side, r in runs.items():
+                reached = next((t for t, acc in r["curve"] if acc >= target), None)
+                rows[side].append((reached, r["test"], r["peak_rss_bytes"]))
+                when = f"{reached:6.2f} s" if reached is not None else "  never"
+                print(f"  {task} seed {seed} {side:<28} to {100 * target:.1f}% validation: {when}; test {100 * r['test']:.1f}%; "
+                      f"run {r['seconds']:.1f} s; peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
 
-    def median(values):
-        values = [v for v in values if v is not None]
-        return statistics.median(values) if values else None
+        def median(values):
+            values = [v for v in values if v is not None]
+            return statistics.median(values) if values else None
 
-    peft_time = median(t for t, _, _ in rows["PEFT"])
-    peft_test = statistics.median(a for _, a, _ in rows["PEFT"])
-    peft_rss = statistics.median(m for _, _, m in rows["PEFT"])
-    print(f"\nTime to accuracy, all-MiniLM-L6-v2 on few-shot intents ({sizes}), LoRA r=8 q/v + head, 20 epochs, "
-          f"{args.threads} threads; target: PEFT's final validation accuracy - 0.5 points; medians over "
-          f"{len(rows['PEFT'])} seeds:")
-    print(f"  {'':<28} {'to target':>10} {'x PEFT':>7} {'test':>7} {'- PEFT':>7} {'peak RSS':>9} {'x PEFT':>7}")
-    for side, rs in rows.items():
-        t, test, rss = median(r[0] for r in rs), statistics.median(r[1] for r in rs), statistics.median(r[2] for r in rs)
-        ratio = f"{t / peft_time:6.2f}x" if t is not None and peft_time else "      -"
-        shown = f"{t:8.1f} s" if t is not None else "     never"
-        print(f"  {side:<28} {shown:>10} {ratio:>7} {100 * test:6.1f}% {100 * (test - peft_test):+6.1f} "
-              f"{rss / 2**20:6.0f} MiB {rss / peft_rss:6.2f}x")
-    print("  goals: time to PEFT's accuracy <= 0.33x PEFT's, test within 0.5 points, peak RSS <= 0.4x PEFT's")
+        peft_time = median(t for t, _, _ in rows["PEFT"])
+        peft_test = statistics.median(a for _, a, _ in rows["PEFT"])
+        peft_rss = statistics.median(m for _, _, m in rows["PEFT"])
+        print(f"\nTime to accuracy, {what} ({sizes}), {recipe}, {args.threads} threads; target: PEFT's final "
+              f"validation accuracy - 0.5 points; medians over {len(rows['PEFT'])} seeds:")
+        print(f"  {'':<28} {'to target':>10} {'x PEFT':>7} {'test':>7} {'- PEFT':>7} {'peak RSS':>9} {'x PEFT':>7}")
+        for side, rs in rows.items():
+            t, test, rss = median(r[0] for r in rs), statistics.median(r[1] for r in rs), statistics.median(r[2] for r in rs)
+            ratio = f"{t / peft_time:6.2f}x" if t is not None and peft_time else "      -"
+            shown = f"{t:8.2f} s" if t is not None else "     never"
+            print(f"  {side:<28} {shown:>10} {ratio:>7} {100 * test:6.1f}% {100 * (test - peft_test):+6.1f} "
+                  f"{rss / 2**20:6.0f} MiB {rss / peft_rss:6.2f}x")
+        print("  goals (intents): time to PEFT's accuracy <= 0.33x PEFT's, test within 0.5 points, peak RSS <= 0.4x PEFT's\n")
 
 
 if __name__ == "__main__":

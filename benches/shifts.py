@@ -417,13 +417,13 @@ def text_full_finetune(train: tuple[list[str], list[str]], test: tuple[list[str]
     return float(np.mean(np.array(predicted) == np.array(test[1])))
 
 
-def run_text_shift(name: str, binary: Path, seed: int, overrides: dict[str, dict[str, str]], keep: bool = False) -> dict:
+def run_text_shift(name: str, binary: Path, seed: int, overrides: dict[str, dict[str, str]], keep: bool = False, bundle: Path = MINILM) -> dict:
     rng = np.random.default_rng(seed)
     parts = text_cell_data(name, rng)
     task = "assistant"
     directory = Path(tempfile.mkdtemp(prefix=f"adaptd-shift-{name}-"))
     broker, port = mosquitto(directory)
-    daemon = Daemon(binary, directory, port, overrides, bundle=MINILM, task=task)
+    daemon = Daemon(binary, directory, port, overrides, bundle=bundle, task=task)
     journal = directory / "state" / "journal" / f"{task}.jsonl"
     accuracy = lambda texts, labels: float(np.mean(np.array(daemon.predict_text(texts)) == np.array(labels)))  # noqa: E731
     try:
@@ -475,6 +475,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="")
     ap.add_argument("--keep", action="store_true", help="keep each cell's state directory (journal, adapters) to look into")
+    ap.add_argument("--minilm", default=str(MINILM), help="the text shifts' bundle (one exported with a cut, say)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="for tuning experiments only: a configuration key other than the shipped one (TOML value)")
     args = ap.parse_args()
@@ -495,7 +496,7 @@ def main() -> None:
     for name in names:
         started = time.time()
         if name in TEXT_SHIFTS:
-            r = run_text_shift(name, binary, args.seed, overrides, args.keep)
+            r = run_text_shift(name, binary, args.seed, overrides, args.keep, Path(args.minilm))
         else:
             r = run_shift(name, binary, data, args.seed, args.quick, overrides, args.keep)
         results.append(r)

@@ -9,7 +9,8 @@
 //!   cargo bench -p adaptd --bench training -- quality DATA --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
 //!       LoRA (the bundle's slots: conv1/conv2/fc1) + head on the digits-cnn bundle; accuracy on the test and retention sets.
 //!   cargo bench -p adaptd --bench training -- time-to-accuracy DATA [--bundle DIR] [--cut x] --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
-//!       The intents of `text`, LoRA (query/value) + head, on a minilm bundle and, with --cut, above
+//!       The intents of `text` (LoRA query/value + head, on a minilm bundle) or the sideways digits
+//!       of `quality` (LoRA conv1/conv2/fc1 + head, on a digits-cnn bundle) and, with --cut, above
 //!       its cut; validation accuracy per epoch against seconds since the job started, test accuracy.
 //!       With `--cached 1`, the job again on the prefix activations the first one kept.
 //!   cargo bench -p adaptd --bench training -- text DATA --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
@@ -218,16 +219,25 @@ fn main() {
             // default); with `--cut`, above the bundle's cut. The curve: seconds since the job
             // started (the prefix's activations included) against validation accuracy, per epoch.
             let rss_start = memory::rss();
-            let dir = opts.get("bundle").map_or_else(|| adaptd::paths::reference_bundle("minilm"), std::path::PathBuf::from);
+            // The intents of `text`, or the sideways digits of `quality` (the data says which).
+            let digits = st.tensor("train_x").is_ok();
+            let reference = if digits { "digits-cnn" } else { "minilm" };
+            let dir = opts.get("bundle").map_or_else(|| adaptd::paths::reference_bundle(reference), std::path::PathBuf::from);
             let bundle = Bundle::open(&dir).unwrap();
             let mut graph = TrainingGraph::load(&bundle, tch::Device::Cpu).unwrap();
             if opts.contains_key("cut") {
                 graph.load_cut(&bundle).unwrap();
             }
             let spec = graph.manifest().lora.clone();
-            let split = |name: &str| examples(&st, &[&format!("{name}_ids"), &format!("{name}_mask")], &format!("{name}_y"));
+            let split = |name: &str| match digits {
+                true => examples(&st, &[&format!("{name}_x")], &format!("{name}_y")),
+                false => examples(&st, &[&format!("{name}_ids"), &format!("{name}_mask")], &format!("{name}_y")),
+            };
             let (train, val, test) = (split("train"), split("val"), split("test"));
-            let init = Head { layers: vec![Dense { weight: tensor(&st, "head_weight"), bias: tensor(&st, "head_bias") }] };
+            let init = match digits {
+                true => bundle.base_head().unwrap().expect("digits-cnn ships its classifier"),
+                false => Head { layers: vec![Dense { weight: tensor(&st, "head_weight"), bias: tensor(&st, "head_bias") }] },
+            };
             let started = std::time::Instant::now();
             let keep = PrefixCache { keep: opts.contains_key("cached"), ..PrefixCache::default() };
             let target = || FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32, start: None };

@@ -68,7 +68,10 @@ def digits_dataset() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
     return images, labels, pretrain, retention
 
 
-def build_digits(root: Path) -> None:
+def build_digits(root: Path, cut_after: str | None = None, out: Path | None = None) -> None:
+    """The digits-cnn reference bundle at `out` (default: root/bundles/digits-cnn, with the digits
+    data beside it in root/data); `cut_after` also cuts it after that module (the same weights:
+    the pre-training is seeded)."""
     from safetensors.torch import save_file
 
     t0 = time.perf_counter()
@@ -96,16 +99,17 @@ def build_digits(root: Path) -> None:
         acc = (model(x_eval)[1].argmax(1) == y_eval).float().mean().item()
     print(f"digits-cnn: pre-trained on {len(y_train)} source-domain digits, accuracy on the other {len(y_eval)}: {acc:.4f}")
 
-    data_dir = root / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = data_dir / ".digits.safetensors.tmp"
-    save_file({"images": images.contiguous(), "labels": labels, "pretrain": pretrain, "retention": retention}, str(tmp),
-              metadata={"source": "sklearn.datasets.load_digits (UCI ML hand-written digits)", "seed": str(SEED),
-                        "pixel_scale": "1/16"})
-    os.replace(tmp, data_dir / "digits.safetensors")
+    if out is None:
+        data_dir = root / "data"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        tmp = data_dir / ".digits.safetensors.tmp"
+        save_file({"images": images.contiguous(), "labels": labels, "pretrain": pretrain, "retention": retention}, str(tmp),
+                  metadata={"source": "sklearn.datasets.load_digits (UCI ML hand-written digits)", "seed": str(SEED),
+                            "pixel_scale": "1/16"})
+        os.replace(tmp, data_dir / "digits.safetensors")
 
     export_bundle(
-        model, {"image": torch.zeros(2, 1, 8, 8)}, ["conv1", "conv2", "fc1"], root / "bundles" / "digits-cnn",
+        model, {"image": torch.zeros(2, 1, 8, 8)}, ["conv1", "conv2", "fc1"], out or root / "bundles" / "digits-cnn",
         name="digits-cnn", version="1.0.0", rank_max=16, output_names=["embedding", "logits"],
         dynamic_axes={"image": {0: "batch"}, "embedding": {0: "batch"}, "logits": {0: "batch"}},
         embedding_output="embedding", logits_output="logits", labels=[str(d) for d in range(10)],
@@ -113,6 +117,7 @@ def build_digits(root: Path) -> None:
         metadata={"pretrain_samples": len(y_train), "pretrain_holdout_accuracy": round(acc, 4), "seed": SEED},
         base_head="classifier",
         retention=({"image": images[retention.bool()]}, labels[retention.bool()]),
+        cut_after=cut_after,
     )
     print(f"digits-cnn: bundle written in {time.perf_counter() - t0:.1f} s")
 

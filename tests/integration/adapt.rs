@@ -618,6 +618,64 @@ async fn the_retention_bound_follows_how_much_of_the_traffic_is_still_base_domai
     assert!(retention(mixed)["detail"].as_str().unwrap().contains("at most 0.0200 allowed"), "{}", retention(mixed)["detail"]);
 }
 
+/// LoRA on a bundle cut after its stem, on the device: the first job computes each sample's
+/// prefix activation and keeps it in the sample store; the next job, on more samples, reuses
+/// those and computes only the new ones'. Each job's decision says which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_above_a_cut_keeps_prefix_activations_for_the_next_job() {
+    let bundles = tempfile::tempdir().unwrap();
+    let cut_bundle = bundles.path().join("digits-cnn-stem");
+    let tool = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/export");
+    let script = format!(
+        "import sys; from pathlib import Path; sys.path.insert(0, {tool:?}); from reference_bundles import build_digits; \
+         build_digits(Path({root:?}), cut_after='conv1', out=Path({out:?}))",
+        root = bundles.path().to_str().unwrap(),
+        out = cut_bundle.to_str().unwrap()
+    );
+    let made = std::process::Command::new(crate::python()).args(["-c", &script]).output().unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let Running { broker, state, events, base: _, stop, daemon } = start_daemon_with("sorter", 150, |c| {
+        c.bundle = cut_bundle.clone();
+        c.adapt[0].recipe.max_epochs = 10;
+        // One attempt a job, and only stored samples in it (replayed rows are the bundle's, not
+        // the store's, and run the prefix every job).
+        c.adapt[0].escalation = Vec::new();
+        c.adapt[0].replay_fraction = 0.0;
+    })
+    .await;
+    let digits = Digits::load(&digits_data()).unwrap();
+    let pool = digits.held_out();
+    let first = digit_lines(&digits, pool.iter().copied().take(200), "cam", "sorter", Shift::Rotate90);
+    let second = digit_lines(&digits, pool.iter().copied().skip(200).take(150), "cam", "sorter", Shift::Rotate90);
+    let port = broker.port;
+    let notes = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        let note = |decision: &Value| {
+            let notes = decision["notes"].as_array().unwrap().iter().filter_map(|n| n.as_str()).map(str::to_string).collect::<Vec<_>>();
+            notes.into_iter().find(|n| n.contains("prefix activations")).unwrap_or_else(|| panic!("no note on the cut: {decision}"))
+        };
+        publish(port, "adaptd/v1/robot-3/samples/sorter", &first);
+        let one = note(&events.wait_for("gate_decision", Duration::from_secs(120)));
+        publish(port, "adaptd/v1/robot-3/samples/sorter", &second);
+        let two = note(&events.wait_where("gate_decision", |e| !note(e).eq(&one), Duration::from_secs(120)));
+        (one, two)
+    })
+    .await
+    .unwrap();
+    eprintln!("{notes:?}");
+    let figures = |n: &str| -> Vec<usize> { n.split(|c: char| !c.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect() };
+    let (one, two) = (figures(&notes.0), figures(&notes.1));
+    // "of R sample(s) reused, C computed, K kept"
+    assert_eq!(one[0], 0, "nothing to reuse at first: {}", notes.0);
+    assert!(one[1] > 100 && one[2] == one[1], "every training and validation sample computed and kept: {}", notes.0);
+    assert!(two[0] >= one[1], "the second job reuses what the first kept: {}", notes.1);
+    assert!(two[1] > 0 && two[1] < two[0], "and computes only the new samples: {}", notes.1);
+    let store = rusqlite::Connection::open(state.path().join("samples.db")).unwrap();
+    let (rows, keys): (i64, i64) = store.query_row("SELECT COUNT(*), COUNT(DISTINCT cache_key) FROM activations", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    assert!(rows as usize >= two[0] + two[1] && keys == 1, "{rows} rows under {keys} key(s)");
+    shut_down(stop, daemon).await;
+}
+
 /// With the shipped recipe (a head first), a job on a real shift escalates: the head, then LoRA
 /// on the bundle's slots, then LoRA at twice the rank while validation improves; the candidate
 /// the gate sees is the best on validation, and every step is an event.

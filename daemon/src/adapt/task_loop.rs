@@ -491,9 +491,9 @@ impl TaskLoop {
                 }
                 Err(result) => return result,
             };
-            let mut report = report;
+            let (mut report, mut notes) = (report, notes);
             if let Some(prefix) = report.prefix.take() {
-                self.keep_prefix(prefix, &sample_ids);
+                notes.push(self.keep_prefix(prefix, &sample_ids));
             }
             let attempt = Attempt::new(*kind, report, labels, counts, notes, attempt_started.elapsed().as_secs_f64());
             let improved = best.as_ref().is_none_or(|b| attempt.beats(b));
@@ -569,8 +569,9 @@ impl TaskLoop {
     }
 
     /// Keep the prefix activations a job above a cut computed, for the next job (within the
-    /// task's disk budget; a cache, so a failure to keep them costs only time).
-    fn keep_prefix(&self, prefix: adaptd_train::PrefixComputed, (train_ids, validation_ids): &(Vec<Option<i64>>, Vec<i64>)) {
+    /// task's disk budget; a cache, so a failure to keep them costs only time). Returns the
+    /// job's note on them.
+    fn keep_prefix(&self, prefix: adaptd_train::PrefixComputed, (train_ids, validation_ids): &(Vec<Option<i64>>, Vec<i64>)) -> String {
         let rows: Vec<(i64, Vec<f32>)> = train_ids
             .iter()
             .zip(prefix.train)
@@ -578,9 +579,13 @@ impl TaskLoop {
             .chain(validation_ids.iter().zip(prefix.validation).filter_map(|(id, row)| Some((*id, row?))))
             .collect();
         let kept = if rows.is_empty() { Ok(0) } else { lock(&self.store).set_activations(&self.task, &prefix.key, &rows, self.config.store_budget_bytes) };
+        let (reused, computed) = (prefix.reused, prefix.computed);
         match kept {
-            Ok(kept) => tracing::info!(task = %self.task, reused = prefix.reused, computed = prefix.computed, kept, "prefix activations above the cut"),
-            Err(e) => tracing::warn!(task = %self.task, error = %e, "prefix activations not kept"),
+            Ok(kept) => format!("trained above the bundle's cut: prefix activations of {reused} sample(s) reused, {computed} computed, {kept} kept"),
+            Err(e) => {
+                tracing::warn!(task = %self.task, error = %e, "prefix activations not kept");
+                format!("trained above the bundle's cut: prefix activations of {reused} sample(s) reused, {computed} computed, none kept ({e})")
+            }
         }
     }
 
