@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tch::{CModule, Device, IValue, Kind, Tensor, nn, nn::OptimizerConfig};
 
-use adaptd_adapters::bundle::{Bundle, DType, Manifest};
+use adaptd_adapters::bundle::{Bundle, DType, LoraSpec, Manifest};
 use adaptd_adapters::head::{Dense, Head};
 use adaptd_adapters::lora::{LoraModule, LoraWeights, slot_shapes};
 use adaptd_adapters::tensor::{HostData, HostTensor, SeededRng};
@@ -789,19 +789,22 @@ pub fn fit(
     fit_cached(target, train, validation, init_head, recipe, &PrefixCache::default(), cancel, progress)
 }
 
-/// [`fit`], reusing the prefix activations `cache` holds where a job trains above a cut; the
-/// report's `prefix` says which rows it computed, for the cache.
-#[allow(clippy::too_many_arguments)] // fit's arguments and the cache: one call site each
-pub fn fit_cached(
-    target: FitTarget<'_>,
+/// A LoRA job's adapter: the bundle's slots, the rank and alpha it trains at, what it continues.
+struct LoraSetup<'a> {
+    spec: LoraSpec,
+    rank: usize,
+    alpha: f32,
+    start: Option<&'a LoraWeights>,
+}
+
+/// The job's device, graph and LoRA set-up, once its data and recipe are known to fit them.
+fn checked_target<'a>(
+    target: &FitTarget<'a>,
     train: &Examples,
     validation: &Examples,
     init_head: &Head,
     recipe: &Recipe,
-    cache: &PrefixCache,
-    cancel: &AtomicBool,
-    progress: &mut dyn FnMut(&Progress),
-) -> Result<FitReport, TrainError> {
+) -> Result<(Device, Option<&'a TrainingGraph>, Option<LoraSetup<'a>>), TrainError> {
     if init_head.layers.len() != 1 {
         return Err(TrainError::Data(format!("training starts from a linear head; this one has {} layers", init_head.layers.len())));
     }
@@ -817,12 +820,12 @@ pub fn fit_cached(
     if !(0.0..1.0).contains(&recipe.dropout) || !(0.0..1.0).contains(&recipe.lora_dropout) {
         return Err(TrainError::Data(format!("dropout ({}) and lora_dropout ({}) must be in [0, 1)", recipe.dropout, recipe.lora_dropout)));
     }
-    let (device, graph, lora_spec) = match &target {
+    match target {
         FitTarget::Head { device } => {
             if train.inputs.len() != 1 || train.inputs[0].shape.len() != 2 || train.inputs[0].shape[1] != init_head.input_dim() {
                 return Err(TrainError::Data(format!("head training takes one [N, {}] embedding tensor", init_head.input_dim())));
             }
-            (*device, None, None)
+            Ok((*device, None, None))
         }
         FitTarget::Lora { graph, rank, alpha, start } => {
             graph.check_inputs(&train.inputs)?;
@@ -839,9 +842,100 @@ pub fn fit_cached(
                     return Err(TrainError::Data(format!("cannot continue a rank-{} LoRA at rank {rank}", start.rank)));
                 }
             }
-            (graph.device(), Some(*graph), Some((spec.clone(), *rank, *alpha, *start)))
+            Ok((graph.device(), Some(*graph), Some(LoraSetup { spec: spec.clone(), rank: *rank, alpha: *alpha, start: *start })))
         }
-    };
+    }
+}
+
+/// The LoRA tensors a job trains, one (A, B) pair per slot at the job's rank: A drawn as PEFT
+/// draws it and B zero, or, continuing, the serving LoRA's values in the first rows and columns.
+fn init_lora(group: &nn::Path, setup: &LoraSetup<'_>, rng: &mut SeededRng, device: Device) -> Vec<(Tensor, Tensor)> {
+    let LoraSetup { spec, rank, alpha, start } = setup;
+    let mut lora_vars = Vec::with_capacity(spec.slots.len());
+    for (i, slot) in spec.slots.iter().enumerate() {
+        let (a_shape, b_shape) = slot_shapes(slot, *rank);
+        let fan_in: usize = a_shape[1..].iter().product();
+        let bound = 1.0 / (fan_in as f64).sqrt(); // kaiming_uniform_(a=sqrt(5)), as PEFT initialises A
+        let mut a_init: Vec<f32> = (0..a_shape.iter().product::<usize>()).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
+        let mut b_init = vec![0.0f32; b_shape.iter().product()];
+        // Continuing: the first rows of A and columns of B hold the serving LoRA's update
+        // (rescaled to this job's alpha/rank), so training starts from exactly what serves;
+        // the rows past its rank start as fresh capacity (B zero there, A random).
+        if let Some((s, m)) = start.and_then(|s| s.modules.iter().find(|m| m.module == slot.module).map(|m| (s, m))) {
+            let (a0, b0) = (m.a.as_f32().unwrap_or(&[]), m.b.as_f32().unwrap_or(&[]));
+            a_init[..a0.len()].copy_from_slice(a0);
+            let rescale = s.scale() / (*alpha / *rank as f32);
+            for row in 0..b_shape[0] {
+                for k in 0..s.rank {
+                    b_init[row * rank + k] = b0[row * s.rank + k] * rescale;
+                }
+            }
+        }
+        let a = group.var_copy(&format!("lora_a_{i}"), &to_tensor(&HostTensor { shape: a_shape, data: HostData::F32(a_init) }, device));
+        let b = group.var_copy(&format!("lora_b_{i}"), &to_tensor(&HostTensor { shape: b_shape, data: HostData::F32(b_init) }, device));
+        lora_vars.push((a, b));
+    }
+    lora_vars
+}
+
+/// The LoRA values as the graph takes them: every slot padded to the bundle's `rank_max` (zero
+/// rows of A, zero columns of B) with B scaled by alpha / rank.
+fn graph_lora(setup: &LoraSetup<'_>, lora_vars: &[(Tensor, Tensor)], device: Device) -> Vec<Tensor> {
+    let LoraSetup { spec, rank, alpha, .. } = setup;
+    let scale = *alpha as f64 / *rank as f64;
+    spec.slots
+        .iter()
+        .zip(lora_vars)
+        .flat_map(|(slot, (a, b))| {
+            let mut a_pad = slot.a_shape.iter().map(|&d| d as i64).collect::<Vec<_>>();
+            a_pad[0] = (spec.rank_max - rank) as i64;
+            let mut b_pad = slot.b_shape.iter().map(|&d| d as i64).collect::<Vec<_>>();
+            b_pad[1] = (spec.rank_max - rank) as i64;
+            let a_full = Tensor::cat(&[a.shallow_clone(), Tensor::zeros(&a_pad, (Kind::Float, device))], 0);
+            let b_full = Tensor::cat(&[b * scale, Tensor::zeros(&b_pad, (Kind::Float, device))], 1);
+            [a_full, b_full]
+        })
+        .collect()
+}
+
+/// Append the prefix's activation to the training and the validation inputs (rows `cache`
+/// holds under the job's key reused, the rest computed), and say what was done.
+fn prefix_for_job(
+    graph: &TrainingGraph,
+    inputs: [&mut Vec<Tensor>; 2],
+    start: &[Tensor],
+    batch: usize,
+    cache: &PrefixCache,
+) -> Result<PrefixComputed, TrainError> {
+    let mut done = PrefixComputed { key: graph.prefix_key(start)?, ..PrefixComputed::default() };
+    let [train, validation] = inputs;
+    for (inputs, cached, fresh) in [(train, &cache.train, &mut done.train), (validation, &cache.validation, &mut done.validation)] {
+        let rows = inputs.first().map_or(0, |t| t.size()[0]) as usize;
+        if rows > 0 {
+            let (activation, computed, reused) = cached_activations(graph, inputs, start, batch, cached, &done.key, cache.keep)?;
+            inputs.push(activation);
+            done.reused += reused;
+            done.computed += rows - reused;
+            *fresh = computed;
+        }
+    }
+    Ok(done)
+}
+
+/// [`fit`], reusing the prefix activations `cache` holds where a job trains above a cut; the
+/// report's `prefix` says which rows it computed, for the cache.
+#[allow(clippy::too_many_arguments)] // fit's arguments and the cache: one call site each
+pub fn fit_cached(
+    target: FitTarget<'_>,
+    train: &Examples,
+    validation: &Examples,
+    init_head: &Head,
+    recipe: &Recipe,
+    cache: &PrefixCache,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<FitReport, TrainError> {
+    let (device, graph, lora_spec) = checked_target(&target, train, validation, init_head, recipe)?;
     tch::manual_seed(recipe.seed as i64);
     let mut rng = SeededRng::new(recipe.seed);
 
@@ -850,32 +944,10 @@ pub fn fit_cached(
     let root = vs.root();
     let head_w = root.set_group(0).var_copy("head_weight", &to_tensor(&init_head.layers[0].weight, device));
     let head_b = root.set_group(0).var_copy("head_bias", &to_tensor(&init_head.layers[0].bias, device));
-    let mut lora_vars: Vec<(Tensor, Tensor)> = Vec::new();
-    if let Some((spec, rank, alpha, start)) = &lora_spec {
-        for (i, slot) in spec.slots.iter().enumerate() {
-            let (a_shape, b_shape) = slot_shapes(slot, *rank);
-            let fan_in: usize = a_shape[1..].iter().product();
-            let bound = 1.0 / (fan_in as f64).sqrt(); // kaiming_uniform_(a=sqrt(5)), as PEFT initialises A
-            let mut a_init: Vec<f32> = (0..a_shape.iter().product::<usize>()).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
-            let mut b_init = vec![0.0f32; b_shape.iter().product()];
-            // Continuing: the first rows of A and columns of B hold the serving LoRA's update
-            // (rescaled to this job's alpha/rank), so training starts from exactly what serves;
-            // the rows past its rank start as fresh capacity (B zero there, A random).
-            if let Some((s, m)) = start.and_then(|s| s.modules.iter().find(|m| m.module == slot.module).map(|m| (s, m))) {
-                let (a0, b0) = (m.a.as_f32().unwrap_or(&[]), m.b.as_f32().unwrap_or(&[]));
-                a_init[..a0.len()].copy_from_slice(a0);
-                let rescale = s.scale() / (*alpha / *rank as f32);
-                for row in 0..b_shape[0] {
-                    for k in 0..s.rank {
-                        b_init[row * rank + k] = b0[row * s.rank + k] * rescale;
-                    }
-                }
-            }
-            let a = root.set_group(1).var_copy(&format!("lora_a_{i}"), &to_tensor(&HostTensor { shape: a_shape, data: HostData::F32(a_init) }, device));
-            let b = root.set_group(1).var_copy(&format!("lora_b_{i}"), &to_tensor(&HostTensor { shape: b_shape, data: HostData::F32(b_init) }, device));
-            lora_vars.push((a, b));
-        }
-    }
+    let lora_vars = match &lora_spec {
+        Some(setup) => init_lora(&root.set_group(1), setup, &mut rng, device),
+        None => Vec::new(),
+    };
     let mut opt = nn::AdamW { wd: recipe.weight_decay, ..Default::default() }.build(&vs, recipe.head_learning_rate)?;
     // Above a cut only the slots there train; the rest keep their start (they shaped the cached
     // activations) and, without gradients, are left alone by the optimizer.
@@ -892,23 +964,7 @@ pub fn fit_cached(
         Some(g) => Some(g.manifest().output_index(&g.manifest().embedding_output).ok_or_else(|| TrainError::Output("no embedding output".into()))?),
         None => None,
     };
-    let padded = |lora_vars: &[(Tensor, Tensor)]| -> Vec<Tensor> {
-        let Some((spec, rank, alpha, _)) = &lora_spec else { return Vec::new() };
-        let scale = *alpha as f64 / *rank as f64;
-        spec.slots
-            .iter()
-            .zip(lora_vars)
-            .flat_map(|(slot, (a, b))| {
-                let mut a_pad = slot.a_shape.iter().map(|&d| d as i64).collect::<Vec<_>>();
-                a_pad[0] = (spec.rank_max - rank) as i64;
-                let mut b_pad = slot.b_shape.iter().map(|&d| d as i64).collect::<Vec<_>>();
-                b_pad[1] = (spec.rank_max - rank) as i64;
-                let a_full = Tensor::cat(&[a.shallow_clone(), Tensor::zeros(&a_pad, (Kind::Float, device))], 0);
-                let b_full = Tensor::cat(&[b * scale, Tensor::zeros(&b_pad, (Kind::Float, device))], 1);
-                [a_full, b_full]
-            })
-            .collect()
-    };
+    let padded = |lora_vars: &[(Tensor, Tensor)]| lora_spec.as_ref().map_or_else(Vec::new, |setup| graph_lora(setup, lora_vars, device));
     // LoRA dropout needs the graph's dropout input; a bundle exported before it trains without.
     let lora_dropout = match graph {
         Some(g) if recipe.lora_dropout > 0.0 && !g.has_lora_dropout() => {
@@ -946,24 +1002,12 @@ pub fn fit_cached(
     let train_labels = Tensor::from_slice(&train.labels).to_device(device);
     let train_weights = Tensor::from_slice(&train.weights).to_device(device);
     let mut val_inputs: Vec<Tensor> = validation.inputs.iter().map(|t| to_tensor(t, device)).collect();
-    let mut prefix = None;
-    if let Some(g) = graph.filter(|g| g.trains_above_cut()) {
-        // The frozen prefix, once per sample for the whole job (or kept from an earlier job that
-        // ran the same prefix): the cost training above the cut pays up front, in the job's time.
-        let start = padded(&lora_vars);
-        let key = g.prefix_key(&start)?;
-        let mut done = PrefixComputed { key, ..PrefixComputed::default() };
-        for (inputs, cached, fresh) in [(&mut train_inputs, &cache.train, &mut done.train), (&mut val_inputs, &cache.validation, &mut done.validation)] {
-            if inputs.first().is_some_and(|t| t.size()[0] > 0) {
-                let (activation, computed, reused) = cached_activations(g, inputs, &start, recipe.batch_size.max(1), cached, &done.key, cache.keep)?;
-                inputs.push(activation);
-                done.reused += reused;
-                done.computed += inputs[0].size()[0] as usize - reused;
-                *fresh = computed;
-            }
-        }
-        prefix = Some(done);
-    }
+    // The frozen prefix, once per sample for the whole job (or kept from an earlier job that ran
+    // the same prefix): the cost training above the cut pays up front, in the job's time.
+    let prefix = match graph.filter(|g| g.trains_above_cut()) {
+        Some(g) => Some(prefix_for_job(g, [&mut train_inputs, &mut val_inputs], &padded(&lora_vars), recipe.batch_size.max(1), cache)?),
+        None => None,
+    };
     let mut val_labels = Tensor::from_slice(&validation.labels).to_device(device);
     // Validation runs every epoch in batches: text rows sorted by length carry less padding,
     // and the loss and accuracy over all rows do not depend on their order.
@@ -1006,7 +1050,7 @@ pub fn fit_cached(
     let total_steps = steps_per_epoch * recipe.max_epochs;
     let warmup_steps = (recipe.warmup_fraction * total_steps as f64).round() as usize;
     let class_counts = {
-        let mut c = vec![0usize; classes];
+        let mut c = vec![0usize; init_head.classes()];
         for &l in &train.labels {
             c[l as usize] += 1;
         }
@@ -1086,7 +1130,7 @@ pub fn fit_cached(
     };
     let head = Head { layers: vec![Dense { weight: to_host(&params[0])?, bias: to_host(&params[1])? }] };
     let lora = match &lora_spec {
-        Some((spec, rank, alpha, _)) => Some(LoraWeights {
+        Some(LoraSetup { spec, rank, alpha, .. }) => Some(LoraWeights {
             rank: *rank,
             alpha: *alpha,
             modules: spec
