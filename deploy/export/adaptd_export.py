@@ -444,6 +444,10 @@ def export_bundle(
                     hook.remove()
                 for half in (prefix, suffix_traced):
                     _keep_only_what_outputs_need(half)
+                # Frozen, each half keeps only the weights its own graph reads (a traced module
+                # holds every parameter of the model otherwise: two more copies of the base on
+                # disk and in the trainer's memory). No numerics are changed.
+                prefix, suffix_traced = (torch.jit.freeze(half.eval(), optimize_numerics=False) for half in (prefix, suffix_traced))
                 prefix.save(str(staging / PREFIX_GRAPH))
                 suffix_traced.save(str(staging / SUFFIX_GRAPH))
                 # The batch axis is the model inputs' (dynamic); the rest is as traced.

