@@ -698,13 +698,12 @@ fn cached_activations(
     let hits: Vec<Option<&CachedActivation>> =
         (0..rows).map(|i| cached.get(i).and_then(Option::as_ref).filter(|c| c.key == key && c.data.len() == row_len(i))).collect();
     let missing: Vec<i64> = (0..rows).filter(|&i| hits[i].is_none()).map(|i| i as i64).collect();
-    let full = Tensor::zeros([&[rows as i64][..], &row_shape].concat(), (Kind::Float, graph.device));
+    let mut full = Tensor::zeros([&[rows as i64][..], &row_shape].concat(), (Kind::Float, graph.device));
     let mut fresh: Vec<Option<Vec<f32>>> = vec![None; rows];
     if !missing.is_empty() {
         let idx = Tensor::from_slice(&missing).to_device(graph.device);
         let part: Vec<Tensor> = inputs.iter().map(|t| t.index_select(0, &idx)).collect();
         let computed = graph.autocast(|| activations(graph, &part, lora, batch))?.to_kind(Kind::Float);
-        let mut full = full.shallow_clone();
         full = full.index_copy(0, &idx, &computed);
         let host = computed.to_device(Device::Cpu);
         for (j, &row) in missing.iter().enumerate().filter(|_| keep) {
@@ -715,9 +714,8 @@ fn cached_activations(
             }
             fresh[row] = Some(Vec::<f32>::try_from(values.contiguous().flatten(0, -1))?);
         }
-        return fill_hits(full, &hits, &row_shape, &tokens).map(|t| (t, fresh, rows - missing.len()));
     }
-    fill_hits(full, &hits, &row_shape, &tokens).map(|t| (t, fresh, rows))
+    Ok((fill_hits(full, &hits, &row_shape, &tokens)?, fresh, rows - missing.len()))
 }
 
 /// Copy the cached rows into their places in `full`.
