@@ -250,21 +250,15 @@ fn choose_precision(graph: &mut TrainingGraph, precision: TrainPrecision) -> Res
         }
         return Ok(());
     }
-    match precision {
-        TrainPrecision::Fp32 => Ok(()),
-        TrainPrecision::Auto => {
-            match graph.enable_mixed_precision() {
-                Ok(diff) => tracing::info!(embedding_relative_diff = diff, "LoRA trains with the base under fp16 autocast"),
-                Err(e) => tracing::warn!(error = %e, "LoRA trains in fp32"),
-            }
-            Ok(())
-        }
-        TrainPrecision::Fp16 => {
-            let diff = graph.enable_mixed_precision()?;
-            tracing::info!(embedding_relative_diff = diff, "LoRA trains with the base under fp16 autocast");
-            Ok(())
-        }
+    if precision == TrainPrecision::Fp32 {
+        return Ok(());
     }
+    match graph.enable_mixed_precision() {
+        Ok(diff) => tracing::info!(embedding_relative_diff = diff, "LoRA trains with the base under fp16 autocast"),
+        Err(e) if precision == TrainPrecision::Auto => tracing::warn!(error = %e, "LoRA trains in fp32"),
+        Err(e) => return Err(e),
+    }
+    Ok(())
 }
 
 /// A panic inside libtorch or a fit fails the job, not the daemon.

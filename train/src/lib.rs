@@ -697,7 +697,11 @@ fn cached_activations(
     let row_len = |i: usize| (tokens.get(i).copied().unwrap_or(1).max(1) * inner) as usize;
     let hits: Vec<Option<&CachedActivation>> =
         (0..rows).map(|i| cached.get(i).and_then(Option::as_ref).filter(|c| c.key == key && c.data.len() == row_len(i))).collect();
-    let missing: Vec<i64> = (0..rows).filter(|&i| hits[i].is_none()).map(|i| i as i64).collect();
+    // The rows to compute, text rows by length: a batch of rows of one length carries no padding.
+    let mut missing: Vec<i64> = (0..rows).filter(|&i| hits[i].is_none()).map(|i| i as i64).collect();
+    if !tokens.is_empty() {
+        missing.sort_by_key(|&i| tokens[i as usize]);
+    }
     let mut full = Tensor::zeros([&[rows as i64][..], &row_shape].concat(), (Kind::Float, graph.device));
     let mut fresh: Vec<Option<Vec<f32>>> = vec![None; rows];
     if !missing.is_empty() {
@@ -741,22 +745,16 @@ fn length_order(graph: &TrainingGraph, inputs: &[Tensor]) -> Result<Option<Tenso
     Ok(Some(mask.ne(0).sum_dim_intlist(1, false, Kind::Int64).argsort(0, false)))
 }
 
-/// The prefix's output for every row of `inputs`, computed in batches of `batch` rows. Text rows
-/// run sorted by length, each batch trimmed of its all-padding columns and padded back to the
-/// full width; the output is in the rows' own order.
+/// The prefix's output for every row of `inputs`, computed in batches of `batch` rows (text
+/// batches trimmed of all-padding columns, then padded back to the full width).
 fn activations(graph: &TrainingGraph, inputs: &[Tensor], lora: &[Tensor], batch: usize) -> Result<Tensor, TrainError> {
     let rows = inputs.first().map_or(0, |t| t.size()[0]);
     let width = graph.attention_mask.and_then(|m| inputs.get(m)).map(|t| t.size()[1]);
-    let order = length_order(graph, inputs)?;
-    let sorted: Vec<Tensor> = match &order {
-        Some(order) => inputs.iter().map(|t| t.index_select(0, order)).collect(),
-        None => inputs.iter().map(Tensor::shallow_clone).collect(),
-    };
     let mut parts = Vec::new();
     let mut start = 0;
     while start < rows {
         let n = (rows - start).min(batch as i64);
-        let part = graph.trim_padding(sorted.iter().map(|t| t.narrow(0, start, n)).collect());
+        let part = graph.trim_padding(inputs.iter().map(|t| t.narrow(0, start, n)).collect());
         let mut activation = graph.prefix(&part, lora)?;
         if let Some(width) = width.filter(|&w| activation.dim() >= 2 && activation.size()[1] < w) {
             let mut pad = activation.size();
@@ -766,11 +764,7 @@ fn activations(graph: &TrainingGraph, inputs: &[Tensor], lora: &[Tensor], batch:
         parts.push(activation);
         start += n;
     }
-    let out = Tensor::cat(&parts, 0);
-    Ok(match order {
-        Some(order) => out.zeros_like().index_copy(0, &order, &out),
-        None => out,
-    })
+    Ok(Tensor::cat(&parts, 0))
 }
 
 /// Fine-tune `target` from `init_head` (a linear head whose rows are the classes) on `train`,

@@ -260,11 +260,12 @@ pub(super) fn prepare(
     // is its prefix's, and computes the rest).
     let prefix_cache = match (config.kind, &bundle.manifest.cut) {
         (JobKind::Lora { .. }, Some(_)) => {
-            let kept = store.activations(&train_ids.iter().flatten().chain(&validation_ids).copied().collect::<Vec<_>>())?;
-            let cached = |id: &i64| kept.get(id).map(|(key, data)| CachedActivation { key: key.clone(), data: data.clone() });
+            let mut kept = store.activations(&train_ids.iter().flatten().chain(&validation_ids).copied().collect::<Vec<_>>())?;
+            // Each sample is one row: its activation moves into the job, uncopied.
+            let mut take = |id: &i64| kept.remove(id).map(|(key, data)| CachedActivation { key, data });
             PrefixCache {
-                train: train_ids.iter().map(|id| id.as_ref().and_then(cached)).collect(),
-                validation: validation_ids.iter().map(cached).collect(),
+                train: train_ids.iter().map(|id| id.as_ref().and_then(&mut take)).collect(),
+                validation: validation_ids.iter().map(&mut take).collect(),
                 keep: true,
             }
         }
