@@ -514,6 +514,16 @@ fn a_job_above_the_cut_reuses_the_prefix_activations_an_earlier_job_kept() {
     assert_eq!(first.losses, second.losses, "the same activations, so the same training");
     assert!(reused.train.iter().all(Option::is_none), "nothing new to keep");
 
+    // A kept row of the wrong length (a store written by another bundle, a torn value) is not
+    // used: that row alone is computed again, and training is the same.
+    let mut torn = cache.clone();
+    if let Some(row) = torn.train[0].as_mut() {
+        row.data.truncate(10);
+    }
+    let mended = run(&torn, None);
+    assert_eq!((mended.prefix.as_ref().unwrap().reused, mended.prefix.as_ref().unwrap().computed), (n + v - 1, 1));
+    assert_eq!(mended.losses, first.losses);
+
     // A start whose slot below the cut is not zero: another prefix, another key, all recomputed.
     let mut start = adaptd_adapters::lora::LoraWeights::random(&bundle.manifest.lora, 4, 8.0, 3, 0.1).unwrap();
     start.modules.iter_mut().filter(|m| m.module != "conv").for_each(|m| m.b = HostTensor::zeros_f32(m.b.shape.clone()));
