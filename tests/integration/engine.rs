@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use adaptd::datasets::{Digits, Shift};
 use adaptd::engine::onnx::SessionOptions;
-use adaptd::engine::{Engine, EngineConfig, EngineError, Health};
+use adaptd::engine::{Engine, EngineConfig, EngineError, Health, INLINE_RUN_MAX};
 use adaptd::preprocess::TextEncoder;
 use adaptd::registry::Registry;
 use adaptd_adapters::head::softmax_rows;
@@ -59,14 +59,27 @@ fn an_idle_engine_runs_a_small_models_requests_on_the_callers_thread() {
     // The first small call is the owner thread's (nothing is known to be cheap before it).
     let first = h.infer_blocking("sorter", image(0)).unwrap();
     assert_eq!(inline(), 0);
+    // Each later request runs inline exactly when the small-call estimate says cheap: one
+    // answered by the owner thread must not make the next one queue too (the owner answers
+    // only after releasing the session).
+    let mut cheap_before = Vec::new();
     for i in 0..20 {
+        let cheap = h.stats().small_call_ns.load(Ordering::Relaxed) <= INLINE_RUN_MAX.as_nanos() as u64;
+        let before = inline();
         let answer = h.infer_blocking("sorter", image(i % 2)).unwrap();
+        assert_eq!(inline() - before, u64::from(cheap), "request {i}: inline exactly when a small call is cheap");
+        cheap_before.push(cheap);
         if i % 2 == 0 {
             assert_eq!(answer, first, "the same answer on either thread");
         }
     }
-    assert_eq!(inline(), 20, "every sequential request on the idle engine ran inline");
-    assert!(h.stats().latency.snapshot().0.last().is_some_and(|(_, n)| *n == 21), "inline requests count in the latency metric");
+    // A batch-1 call of this model costs well under the limit, even on a busy machine.
+    assert!(
+        cheap_before.iter().filter(|c| **c).count() >= 15,
+        "small calls cheap before: {cheap_before:?}, estimate now {} ns",
+        h.stats().small_call_ns.load(Ordering::Relaxed)
+    );
+    assert!(h.stats().latency.snapshot().0.last().is_some_and(|(_, n)| *n == 21), "inline requests count in the latency metric too");
     engine.shutdown();
 
     let batching = EngineConfig { max_wait: Duration::from_millis(1), ..one_thread() };

@@ -118,7 +118,7 @@ struct Request {
     inputs: Vec<HostTensor>,
     rows: usize,
     span: tracing::Span,
-    reply: oneshot::Sender<Result<Vec<Prediction>, EngineError>>,
+    reply: Reply,
 }
 
 /// Counters the engine thread keeps (read for metrics and tests).
@@ -278,7 +278,9 @@ impl<B: InferenceBackend> Shared<B> {
         };
         let Core { model: Some(model), cache } = &mut *core else { return Some(request) };
         stats.inline.fetch_add(1, Ordering::Relaxed);
-        run_batch(model, &*self.current, cache, vec![request], stats);
+        let answers = run_batch(model, &*self.current, cache, vec![request], stats);
+        drop(core);
+        answers.send();
         None
     }
 }
@@ -600,13 +602,28 @@ fn serve<B: InferenceBackend>(shared: &Shared<B>, rx: &Receiver<Command>, config
             }
         }
         let mut core = shared.lock();
-        match &mut *core {
+        let answers = match &mut *core {
             Core { model: Some(model), cache } => run_batch(model, &*shared.current, cache, batch, stats),
-            Core { model: None, .. } => {
-                for request in batch {
-                    let _ = request.reply.send(Err(EngineError::Stopped));
-                }
-            }
+            Core { model: None, .. } => Answers(batch.into_iter().map(|r| (r.reply, Err(EngineError::Stopped))).collect()),
+        };
+        // Answer only once the session is free: a caller woken while this thread still holds
+        // it finds the engine busy and queues its next request instead of running it, and so
+        // does every request after it.
+        drop(core);
+        answers.send();
+    }
+}
+
+type Reply = oneshot::Sender<Result<Vec<Prediction>, EngineError>>;
+
+/// A batch's answers, computed under the session's lock and sent after it is released.
+#[must_use]
+struct Answers(Vec<(Reply, Result<Vec<Prediction>, EngineError>)>);
+
+impl Answers {
+    fn send(self) {
+        for (reply, answer) in self.0 {
+            let _ = reply.send(answer);
         }
     }
 }
@@ -627,7 +644,7 @@ type LoraGroup = (Arc<LoraInputs>, Vec<Part>);
 /// Serve one micro-batch: each task's adapter is read once, and parts whose adapters share a
 /// LoRA (all head-only adapters share the base's) run in one graph call. A routed adapter's
 /// base-like rows join the base model's call.
-fn run_batch<B: InferenceBackend>(model: &mut B, current: Current<'_>, cache: &mut LoraCache<B::Lora>, batch: Vec<Request>, stats: &EngineStats) {
+fn run_batch<B: InferenceBackend>(model: &mut B, current: Current<'_>, cache: &mut LoraCache<B::Lora>, batch: Vec<Request>, stats: &EngineStats) -> Answers {
     let mut snapshots: HashMap<String, Option<Arc<Serving>>> = HashMap::new();
     let mut groups: Vec<LoraGroup> = Vec::new();
     let mut answers: Vec<Result<Vec<Option<Prediction>>, EngineError>> = batch.iter().map(|r| Ok(vec![None; r.rows])).collect();
@@ -663,9 +680,14 @@ fn run_batch<B: InferenceBackend>(model: &mut B, current: Current<'_>, cache: &m
         let inputs = parts.iter().zip(&picked).map(|(p, own)| own.as_deref().unwrap_or(batch[p.request].inputs.as_slice()));
         let rows: usize = parts.iter().map(|p| p.rows.as_ref().map_or(batch[p.request].rows, Vec::len)).sum();
         let _span = tracing::debug_span!("batch", rows, parts = parts.len(), lora = lora.key).entered();
-        let started = Instant::now();
-        let outputs = cache.get(model, &lora).and_then(|values| model.run_prepared(concat_inputs(inputs), &values));
-        stats.observe_call(rows, started.elapsed());
+        // Only the graph call is timed: preparing an adapter's values (a cache miss) is paid
+        // once, and counting it would keep the small-call estimate high for many calls after.
+        let outputs = cache.get(model, &lora).and_then(|values| {
+            let started = Instant::now();
+            let outputs = model.run_prepared(concat_inputs(inputs), &values);
+            stats.observe_call(rows, started.elapsed());
+            outputs
+        });
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
         stats.batch_rows.observe(rows as f64);
@@ -679,6 +701,7 @@ fn run_batch<B: InferenceBackend>(model: &mut B, current: Current<'_>, cache: &m
             }
         }
     }
+    let mut replies = Vec::with_capacity(batch.len());
     for (req, answer) in batch.into_iter().zip(answers) {
         let _enter = req.span.enter();
         let reply = match answer {
@@ -689,8 +712,9 @@ fn run_batch<B: InferenceBackend>(model: &mut B, current: Current<'_>, cache: &m
         if req.adapter.is_none() && !matches!(reply, Err(EngineError::UnknownTask(_))) {
             stats.record_latency(req.submitted.elapsed().as_secs_f32() * 1e3);
         }
-        let _ = req.reply.send(reply);
+        replies.push((req.reply, reply));
     }
+    Answers(replies)
 }
 
 /// The chosen rows of a request's inputs, in order.
@@ -909,7 +933,7 @@ mod tests {
         let tasks: HashMap<String, Arc<Serving>> = tasks.iter().map(|(t, s)| (t.to_string(), s.clone())).collect();
         let current = |task: &str| tasks.get(task).cloned();
         let mut cache = LoraCache::new();
-        run_batch(double, &current, &mut cache, batch, &EngineStats::default());
+        run_batch(double, &current, &mut cache, batch, &EngineStats::default()).send();
     }
 
     fn labels(rx: &mut oneshot::Receiver<Result<Vec<Prediction>, EngineError>>) -> Vec<(String, bool)> {
@@ -930,6 +954,18 @@ mod tests {
         assert_eq!(labels(&mut a2), [("b".into(), false)], "the head swaps the base's answer");
         assert_eq!(labels(&mut a3), [("b".into(), false)], "the LoRA moves the row to [6, 3], which the head swaps (without it: [3, 1], \"a\")");
         assert!(matches!(a4.try_recv().unwrap(), Err(EngineError::UnknownTask(t)) if t == "nobody"), "refused alone");
+    }
+
+    #[test]
+    fn a_batch_is_answered_only_when_its_answers_are_sent_after_the_session_is_released() {
+        let tasks: HashMap<String, Arc<Serving>> = [("base".to_string(), serving("base", 0, (0, 0.0), None))].into();
+        let current = |task: &str| tasks.get(task).cloned();
+        let mut double = Double { manifest: manifest(), calls: Vec::new(), fail: false };
+        let (r, mut answer) = request("base", &[[1.0, 0.0]]);
+        let answers = run_batch(&mut double, &current, &mut LoraCache::new(), vec![r], &EngineStats::default());
+        assert!(matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Empty)), "computed, not yet sent");
+        answers.send();
+        assert_eq!(labels(&mut answer), [("a".into(), false)]);
     }
 
     #[test]
