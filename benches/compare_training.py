@@ -17,9 +17,10 @@
    r=8 query/value + head on both sides, and an offline full fine-tune; test accuracy, and
    nearest-centroid accuracy on 8 intents never trained on (forgetting).
 4. Time to accuracy on the intents of 3: PEFT LoRA r=8 q/v on every layer (the reference a user
-   would run), adaptd the same, and adaptd trained above cuts of the model (after BERT layer 1
-   layer 3 and layer 4: LoRA on the layers above, on activations computed once per sample, that
-   computation counted); for each, the seconds until validation accuracy first reaches PEFT's
+   would run), adaptd the same, and adaptd trained above cuts of the model (after BERT layer 1,
+   layer 3 and layer 4: LoRA on every linear map of the layers above, as the reference bundle has
+   it, and after layer 4 on query/value only; on activations computed once per sample, that
+   computation counted); the same on sideways digits, cut after conv1 and conv2; for each, the seconds until validation accuracy first reaches PEFT's
    final validation accuracy minus 0.5 points, the final test accuracy and the peak RSS. Medians
    over seeds, ratios to PEFT.
 """
@@ -216,6 +217,9 @@ def main() -> None:
     args = p.parse_args()
     subprocess.run(["cargo", "build", "-q", "--release", "-p", "adaptd", "--bench", "training"], cwd=ROOT, check=True)
     with tempfile.TemporaryDirectory() as tmp:
+        # PEFT trains query/value of every layer; adaptd's side gets a bundle with exactly those
+        # slots (the reference bundle also has slots on every linear map above its cut).
+        qv = qv_minilm(Path(tmp))
         if args.only in (None, "throughput"):
             # The issue's shape (64 tokens) and the length of a spoken or typed command (16).
             for seq in (64, 16):
@@ -225,7 +229,7 @@ def main() -> None:
                 runs = {"adaptd": [], "peft": []}
                 for i in range(args.runs):
                     for side, fn in (("adaptd", run_adaptd), ("peft", run_peft)):
-                        r = fn("throughput", data, extra)
+                        r = fn("throughput", data, [*extra, "--bundle", str(qv)] if side == "adaptd" else extra)
                         runs[side].append(r)
                         print(f"  seq {seq} run {i + 1} {side:<6} {r['samples_per_second']:7.1f} samples/s  peak RSS {r['peak_rss_bytes'] / 2**20:6.0f} MiB  loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}", flush=True)
                 med = {s: (statistics.median(r["samples_per_second"] for r in rs), statistics.median(r["peak_rss_bytes"] for r in rs)) for s, rs in runs.items()}
@@ -263,7 +267,7 @@ def main() -> None:
             seeds = range(max(args.runs, 3))
             results = []
             for s in seeds:
-                ours = run_adaptd("text", data, [*base, "--seed", str(s)])
+                ours = run_adaptd("text", data, [*base, "--bundle", str(qv), "--seed", str(s)])
                 theirs = run_peft("text", data, [*base, "--full-lr", "5e-5", "--seed", str(s)])
                 results.append((ours, theirs))
                 print(f"  seed {s}: adaptd LoRA {100 * ours['lora']['test']:.1f}%, PEFT LoRA {100 * theirs['lora']['test']:.1f}%", flush=True)
@@ -285,15 +289,31 @@ def main() -> None:
             print("  untrained intents: nearest-centroid accuracy with each backbone's own embeddings (forgetting)")
 
         if args.only in (None, "time-to-accuracy"):
-            time_to_accuracy(Path(tmp), args)
+            time_to_accuracy(Path(tmp), args, qv)
+
+
+def qv_minilm(tmp: Path) -> Path:
+    """The minilm bundle uncut, with LoRA slots on query and value of every layer only."""
+    sys.path.insert(0, str(ROOT / "deploy" / "export"))
+    from reference_bundles import build_minilm
+
+    out = tmp / "minilm-qv"
+    build_minilm(tmp, cut_after=None, out=out, targets=("query", "value"))
+    return out
 
 
 # Where each task's model is cut for training above a frozen prefix: MiniLM after BERT layers 1, 3
-# and 4 (of 0-5); the digits CNN after its stem (conv1) and after conv2.
-CUTS = {"intents": ("bert.encoder.layer.1", "bert.encoder.layer.3", "bert.encoder.layer.4"), "digits": ("conv1", "conv2")}
+# and 4 (of 0-5), with LoRA on every linear map above the cut as the reference bundle has it, and
+# after layer 4 with query/value only (the slots PEFT trains); the digits CNN after its stem (conv1)
+# and after conv2. Each: (row label, cut, LoRA targets; None: the bundle builder's default).
+CUTS = {
+    "intents": (("above layer.1", "bert.encoder.layer.1", None), ("above layer.3", "bert.encoder.layer.3", None),
+                ("above layer.4", "bert.encoder.layer.4", None), ("above layer.4, q/v only", "bert.encoder.layer.4", ("query", "value"))),
+    "digits": (("above conv1", "conv1", None), ("above conv2", "conv2", None)),
+}
 
 
-def time_to_accuracy(tmp: Path, args) -> None:
+def time_to_accuracy(tmp: Path, args, qv: Path) -> None:
     sys.path.insert(0, str(ROOT / "deploy" / "export"))
     from reference_bundles import build_digits, build_minilm
 
@@ -307,20 +327,21 @@ def time_to_accuracy(tmp: Path, args) -> None:
         data = tmp / f"{task}.safetensors"
         sizes = make_data(data)
         bundles = {}
-        for cut in CUTS[task]:
-            bundles[cut] = tmp / f"{task}-{cut.rsplit('.', 1)[-1]}"
-            build(tmp, cut_after=cut, out=bundles[cut])
+        for i, (label, cut, targets) in enumerate(CUTS[task]):
+            bundles[label] = tmp / f"{task}-cut{i}"
+            build(tmp, cut_after=cut, out=bundles[label], **({"targets": targets} if targets else {}))
         base = ["--threads", str(args.threads), *flags]
-        short = lambda cut: cut.split(".", 1)[1] if "." in cut else cut  # noqa: E731
-        sides = ["PEFT", "adaptd"] + [f"adaptd above {short(c)}" for c in CUTS[task]]
+        sides = ["PEFT", "adaptd"] + [f"adaptd {label}" for label, _, _ in CUTS[task]]
         rows: dict[str, list[tuple[float | None, float, int]]] = {s: [] for s in sides}
         for seed in range(max(args.runs, 3)):
             extra = [*base, "--seed", str(seed)]
             peft = run_peft("time-to-accuracy", data, extra)
             target = peft["curve"][-1][1] - 0.005
-            runs = {"PEFT": peft, "adaptd": run_adaptd("time-to-accuracy", data, extra)}
-            for cut, side in zip(CUTS[task], sides[2:]):
-                runs[side] = run_adaptd("time-to-accuracy", data, [*extra, "--bundle", str(bundles[cut]), "--cut", "1"])
+            # adaptd uncut: the same slots as PEFT (digits: the reference bundle's, conv1/conv2/fc1).
+            same = ["--bundle", str(qv)] if task == "intents" else []
+            runs = {"PEFT": peft, "adaptd": run_adaptd("time-to-accuracy", data, [*extra, *same])}
+            for (label, _, _), side in zip(CUTS[task], sides[2:]):
+                runs[side] = run_adaptd("time-to-accuracy", data, [*extra, "--bundle", str(bundles[label]), "--cut", "1"])
             for side, r in runs.items():
                 reached = next((t for t, acc in r["curve"] if acc >= target), None)
                 rows[side].append((reached, r["test"], r["peak_rss_bytes"]))

@@ -4,18 +4,22 @@
 //! prepared, printing one JSON line. PEFT's side is `benches/peft_reference.py`; the driver runs
 //! both in turn, several times, and prints medians and ratios.
 //!
-//!   cargo bench -p adaptd --bench training -- throughput DATA --threads T --epochs E --rank R
-//!       LoRA (query/value) + head on the minilm bundle; samples/s and peak RSS.
-//!   cargo bench -p adaptd --bench training -- quality DATA --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
+//! Every mode takes `--bundle DIR` (default: the reference bundle it names); LoRA trains every
+//! slot of the bundle, or with `--cut` those above its cut. The driver hands in a query/value
+//! bundle where it compares with PEFT's query/value LoRA.
+//!
+//!   cargo bench -p adaptd --bench training -- throughput DATA [--bundle DIR] --threads T --epochs E --rank R
+//!       LoRA + head on a minilm bundle; samples/s and peak RSS.
+//!   cargo bench -p adaptd --bench training -- quality DATA [--bundle DIR] --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
 //!       LoRA (the bundle's slots: conv1/conv2/fc1) + head on the digits-cnn bundle; accuracy on the test and retention sets.
 //!   cargo bench -p adaptd --bench training -- time-to-accuracy DATA [--bundle DIR] [--cut x] --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
-//!       The intents of `text` (LoRA query/value + head, on a minilm bundle) or the sideways digits
-//!       of `quality` (LoRA conv1/conv2/fc1 + head, on a digits-cnn bundle) and, with --cut, above
+//!       The intents of `text` (LoRA + head, on a minilm bundle) or the sideways digits of
+//!       `quality` (LoRA conv1/conv2/fc1 + head, on a digits-cnn bundle) and, with --cut, above
 //!       its cut; validation accuracy per epoch against seconds since the job started, test accuracy.
 //!       With `--cached 1`, the job again on the prefix activations the first one kept.
-//!   cargo bench -p adaptd --bench training -- text DATA --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
-//!       Few-shot intents on the minilm bundle: a head on the frozen backbone and LoRA (query/value)
-//!       + head; test accuracy, and nearest-centroid accuracy on intents never trained (forgetting).
+//!   cargo bench -p adaptd --bench training -- text DATA [--bundle DIR] --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
+//!       Few-shot intents on a minilm bundle: a head on the frozen backbone and LoRA + head; test
+//!       accuracy, and nearest-centroid accuracy on intents never trained (forgetting).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
@@ -130,10 +134,12 @@ fn main() {
         seed: opt("seed", "0").parse().unwrap(),
     };
     let cancel = AtomicBool::new(false);
+    // `--bundle DIR`, or the reference bundle of that name.
+    let bundle_dir = |reference: &str| opts.get("bundle").map_or_else(|| adaptd::paths::reference_bundle(reference), std::path::PathBuf::from);
     match mode.as_str() {
         "throughput" => {
             let rss_start = memory::rss();
-            let bundle = Bundle::open(adaptd::paths::reference_bundle("minilm")).unwrap();
+            let bundle = Bundle::open(bundle_dir("minilm")).unwrap();
             let graph = TrainingGraph::load(&bundle, tch::Device::Cpu).unwrap();
             let rss_loaded = memory::rss();
             let train = examples(&st, &["input_ids", "attention_mask"], "labels");
@@ -155,7 +161,7 @@ fn main() {
             println!("{out}");
         }
         "quality" => {
-            let bundle = Bundle::open(adaptd::paths::reference_bundle("digits-cnn")).unwrap();
+            let bundle = Bundle::open(bundle_dir("digits-cnn")).unwrap();
             let graph = TrainingGraph::load(&bundle, tch::Device::Cpu).unwrap();
             let base_head = bundle.base_head().unwrap().expect("digits-cnn ships its classifier");
             let (train, val, test, retention) = (
@@ -180,7 +186,7 @@ fn main() {
             println!("{out}");
         }
         "text" => {
-            let bundle = Bundle::open(adaptd::paths::reference_bundle("minilm")).unwrap();
+            let bundle = Bundle::open(bundle_dir("minilm")).unwrap();
             let graph = TrainingGraph::load(&bundle, tch::Device::Cpu).unwrap();
             let spec = &graph.manifest().lora;
             let no_lora = adaptd_adapters::lora::no_adapter_inputs(spec);
@@ -222,8 +228,7 @@ fn main() {
             // The intents of `text`, or the sideways digits of `quality` (the data says which).
             let digits = st.tensor("train_x").is_ok();
             let reference = if digits { "digits-cnn" } else { "minilm" };
-            let dir = opts.get("bundle").map_or_else(|| adaptd::paths::reference_bundle(reference), std::path::PathBuf::from);
-            let bundle = Bundle::open(&dir).unwrap();
+            let bundle = Bundle::open(bundle_dir(reference)).unwrap();
             let mut graph = TrainingGraph::load(&bundle, tch::Device::Cpu).unwrap();
             if opts.contains_key("cut") {
                 graph.load_cut(&bundle).unwrap();

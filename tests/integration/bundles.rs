@@ -23,9 +23,19 @@ fn reference_bundles_open_and_describe_their_slots() {
     let m = &minilm.manifest;
     assert_eq!(m.embedding_dim, 384);
     assert!(matches!(&m.preprocessing, Preprocessing::Text { max_length: 64, .. }));
-    // Query and value projections of all six layers, each 384 -> 384.
-    assert_eq!(m.lora.slots.len(), 12);
-    assert!(m.lora.slots.iter().all(|s| (s.module.ends_with(".query") || s.module.ends_with(".value")) && s.in_features == 384));
+    // Query and value projections of all six layers, each 384 -> 384 ...
+    let (query_value, above): (Vec<_>, Vec<_>) =
+        m.lora.slots.iter().enumerate().partition(|(_, s)| s.module.ends_with(".query") || s.module.ends_with(".value"));
+    assert_eq!(query_value.len(), 12);
+    assert!(query_value.iter().all(|(_, s)| s.in_features == 384 && s.out_features == 384));
+    // ... and every other linear map of layers 4 and 5, above the cut after layer 3, which is
+    // where a LoRA job trains.
+    let cut = m.cut.as_ref().expect("the reference minilm bundle is cut");
+    assert_eq!(cut.after, "bert.encoder.layer.3");
+    assert_eq!(above.len(), 8);
+    assert!(above.iter().all(|(_, s)| s.module.contains(".layer.4.") || s.module.contains(".layer.5.")));
+    let in_layers_4_5 = |i: &usize| m.lora.slots[*i].module.contains(".layer.4.") || m.lora.slots[*i].module.contains(".layer.5.");
+    assert!(cut.slots_above.iter().all(in_layers_4_5) && cut.slots_above.len() == 12, "{:?}", cut.slots_above);
 }
 
 #[test]
