@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -226,11 +226,10 @@ fn kill_9_during_a_stream_loses_nothing_acknowledged() {
 async fn the_serving_process_ingests_the_configured_tasks_samples() {
     let broker = Mosquitto::start();
     let state = tempfile::tempdir().unwrap();
-    let mut config = adaptd::serve::ServeConfig::new(reference_bundle("digits-cnn"), state.path().to_path_buf());
-    config.http = "127.0.0.1:0".parse().unwrap();
-    config.mqtt = Some(adaptd::mqtt::BrokerConnection::plain("127.0.0.1", broker.port));
-    config.device_id = "robot-7".into();
-    config.tasks = vec!["sorter".into()];
+    let mut config = crate::serve_config(reference_bundle("digits-cnn"), state.path());
+    (config.mqtt.host, config.mqtt.port) = ("127.0.0.1".into(), broker.port);
+    config.mqtt.device_id = "robot-7".into();
+    config.ingest.tasks = vec!["sorter".into()];
     let (stop, _, daemon) = crate::serve_in_process(config).await;
 
     let db = state.path().join("samples.db");
@@ -321,8 +320,9 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
         });
         (eventloop, indices)
     };
-    // Poll until `until` acks or the connection drops; returns the samples the broker acked.
-    async fn acked_samples(mut eventloop: rumqttc::EventLoop, indices: Vec<usize>, until: usize) -> BTreeSet<usize> {
+    // Poll until `until` acks or the connection drops; returns the samples the broker acked, and
+    // counts them in `progress` as they come.
+    async fn acked_samples(mut eventloop: rumqttc::EventLoop, indices: Vec<usize>, until: usize, progress: Arc<AtomicUsize>) -> BTreeSet<usize> {
         let (mut sent, mut in_flight, mut acked) = (0, HashMap::new(), BTreeSet::new());
         while acked.len() < until {
             match eventloop.poll().await {
@@ -332,6 +332,7 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
                     acked.insert(in_flight.remove(&ack.pkid).expect("a PUBACK for a publish in flight"));
+                    progress.store(acked.len(), Ordering::Relaxed);
                 }
                 Ok(_) => {}
                 Err(_) => break,
@@ -341,11 +342,14 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
     }
 
     let (eventloop, indices) = publish(broker.port, "restart-publisher", (0..SAMPLES).collect());
-    let first = tokio::spawn(acked_samples(eventloop, indices, SAMPLES));
+    // The broker restarts once it acked a quarter of the stream: the publisher acks run ahead
+    // of what ingest stores, so waiting on the store could let the whole stream be acked first.
+    let published = Arc::new(AtomicUsize::new(0));
+    let first = tokio::spawn(acked_samples(eventloop, indices, SAMPLES, published.clone()));
     let deadline = Instant::now() + Duration::from_secs(60);
-    while (stats.stored.load(Ordering::Relaxed) as usize) < SAMPLES / 4 {
+    while published.load(Ordering::Relaxed) < SAMPLES / 4 {
         assert!(Instant::now() < deadline, "the stream is flowing");
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     tokio::task::block_in_place(|| broker.restart());
     assert!(broker.dir().join("mosquitto.db").is_file(), "the broker saved its sessions when it stopped");
