@@ -185,17 +185,18 @@ async fn learn(digits: &Digits, devices: &[Device], one_world: bool, seed: u64) 
         config.http.listen = "127.0.0.1:0".parse().unwrap();
         (config.mqtt.host, config.mqtt.port, config.mqtt.device_id) = ("127.0.0.1".into(), broker.1, device.name.into());
         config.ingest.tasks = vec!["sorter".into()];
-        (config.schedule.min_new_samples, config.schedule.settle_s, config.schedule.tick_ms) = (0, 2, 100);
-        (config.schedule.max_cpu_percent, config.schedule.min_available_mb) = (100.0, 0);
-        (config.training.adapter, config.training.escalate, config.training.seed) = (adaptd::config::AdapterChoice::Lora, false, seed);
+        let schedule = &mut config.schedule;
+        (schedule.trigger.min_new_samples, schedule.trigger.settle, schedule.tick) = (0, Duration::from_secs(2), Duration::from_millis(100));
+        (config.schedule.limits.max_cpu_percent, config.schedule.limits.min_available_mb) = (100.0, 0);
+        (config.training.adapter, config.training.escalate, config.training.recipe.seed) = (adaptd::adapt::AdapterChoice::Lora, false, seed);
         config.fleet.repository = format!("http://127.0.0.1:{}/repo/", web.1);
         config.fleet.root_file = repo.join("metadata/1.root.json");
         config.fleet.offers = offers_dir.to_str().unwrap().to_string();
-        let serve = adaptd::serve::ServeConfig::from_config(&config);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
         let handle = tokio::spawn(adaptd::serve::run(
-            serve,
+            config,
+            None,
             async {
                 let _ = stopped.await;
             },

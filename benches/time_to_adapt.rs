@@ -22,9 +22,9 @@ mod broker;
 
 use std::time::{Duration, Instant};
 
-use adaptd::config::{AdapterChoice, Config};
+use adaptd::adapt::AdapterChoice;
+use adaptd::config::Config;
 use adaptd::datasets::{Digits, ROBOT_INTENTS, Shift};
-use adaptd::serve::ServeConfig;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -62,7 +62,7 @@ fn samples(case: Case, run: usize) -> Vec<Vec<u8>> {
 }
 
 #[allow(clippy::field_reassign_with_default)] // reads as "the defaults, except"
-fn daemon_config(case: Case, port: u16, state: &std::path::Path, lora_bundle: Option<&std::path::Path>) -> ServeConfig {
+fn daemon_config(case: Case, port: u16, state: &std::path::Path, lora_bundle: Option<&std::path::Path>) -> Config {
     let mut c = Config::default();
     c.bundle = match (case, lora_bundle) {
         (Case::Head, _) => adaptd::paths::reference_bundle("digits-cnn"),
@@ -75,17 +75,17 @@ fn daemon_config(case: Case, port: u16, state: &std::path::Path, lora_bundle: Op
     c.mqtt.port = port;
     c.mqtt.device_id = "bench".into();
     c.ingest.tasks = vec!["bench".into()];
-    c.schedule.min_new_samples = SAMPLES as u64;
-    c.schedule.tick_ms = 200;
-    c.schedule.max_cpu_percent = 100.0;
-    c.schedule.min_available_mb = 0;
+    c.schedule.trigger.min_new_samples = SAMPLES as u64;
+    c.schedule.tick = std::time::Duration::from_millis(200);
+    c.schedule.limits.max_cpu_percent = 100.0;
+    c.schedule.limits.min_available_mb = 0;
     c.training.adapter = if case == Case::Head { AdapterChoice::Head } else { AdapterChoice::Lora };
     // Each case times its own recipe: no escalation to the next one.
     c.training.escalate = false;
     if case == Case::Head {
         c.gate.max_retention_drop = 1.0;
     }
-    ServeConfig::from_config(&c)
+    c
 }
 
 /// Publish everything at QoS 1; returns when the last PUBACK arrived.
@@ -139,6 +139,7 @@ async fn run_once(case: Case, run: usize, lora_bundle: Option<&std::path::Path>)
     let (bound_tx, bound_rx) = oneshot::channel();
     let daemon = tokio::spawn(adaptd::serve::run(
         daemon_config(case, broker.port, state.path(), lora_bundle),
+        None,
         async {
             let _ = stopped.await;
         },

@@ -28,7 +28,6 @@ use crate::client::Client;
 use crate::config::Config;
 use crate::datasets::{Digits, Shift};
 use crate::report::{self, Measured, Series, TaskHistory};
-use crate::serve::ServeConfig;
 
 const TASK: &str = "sorter";
 const DEVICE: &str = "cell-7";
@@ -128,7 +127,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 #[allow(clippy::field_reassign_with_default)] // reads as "the defaults, except"
-fn daemon_config(config: &DemoConfig, broker_port: u16) -> ServeConfig {
+fn daemon_config(config: &DemoConfig, broker_port: u16) -> Config {
     let mut c = Config::default();
     c.bundle = config.build_dir.join("bundles").join("digits-cnn");
     c.state_dir = config.state_dir.clone();
@@ -140,9 +139,9 @@ fn daemon_config(config: &DemoConfig, broker_port: u16) -> ServeConfig {
     c.ingest.tasks = vec![TASK.into()];
     // The simulated fleet shares this machine's cores with the daemon: do not wait for them.
     // Everything else (when to train, what to train, the gate) is the shipped default.
-    c.schedule.max_cpu_percent = 100.0;
-    c.schedule.min_available_mb = 0;
-    ServeConfig::from_config(&c)
+    c.schedule.limits.max_cpu_percent = 100.0;
+    c.schedule.limits.min_available_mb = 0;
+    c
 }
 
 /// A robot: publishes `items` at QoS 1 at `rate` per second; returns how many the broker acked.
@@ -388,6 +387,7 @@ pub fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
     let (bound_tx, bound_rx) = oneshot::channel();
     let daemon = runtime.spawn(crate::serve::run(
         daemon_config(&config, port),
+        None,
         async {
             let _ = daemon_stopped.await;
         },

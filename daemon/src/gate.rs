@@ -21,7 +21,9 @@ pub enum GateMetric {
     Both,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// The gate's thresholds, and the rollback watch's after a promotion: the `[gate]` section of
+/// the configuration file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct GateConfig {
     pub metric: GateMetric,
     /// The candidate must beat the incumbent by at least this much (0.01 = one point).
@@ -41,6 +43,22 @@ pub struct GateConfig {
     pub parity_tolerance: f32,
     /// Fewer holdout samples than this: no decision can be trusted, the candidate is refused.
     pub min_holdout: usize,
+    /// After a promotion, fresh labels judge the new adapter against the one it replaced.
+    #[serde(flatten)]
+    pub watch: WatchLimits,
+}
+
+/// When the rollback watch judges a promoted adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub struct WatchLimits {
+    /// Compare old and new on at least this many fresh samples before judging...
+    #[serde(rename = "watch_min_samples")]
+    pub min_samples: u64,
+    /// ... roll back if the new one is worse by more than this ...
+    pub rollback_drop: f64,
+    /// ... and stop watching after this many.
+    #[serde(rename = "watch_max_samples")]
+    pub max_samples: u64,
 }
 
 impl Default for GateConfig {
@@ -54,6 +72,7 @@ impl Default for GateConfig {
             min_probe_change: 1e-4,
             parity_tolerance: 1e-3,
             min_holdout: 10,
+            watch: WatchLimits { min_samples: 30, rollback_drop: 0.05, max_samples: 500 },
         }
     }
 }

@@ -1257,13 +1257,11 @@ fn serve(
     mqtt: Option<String>,
     device: Option<String>,
 ) -> anyhow::Result<ExitCode> {
-    let file = match &config_path {
+    let mut config = match &config_path {
         Some(path) => adaptd::config::Config::load(path)?,
         // Without a file, serve the reference bundle from this checkout's build directory.
         None => adaptd::config::Config { bundle: paths::reference_bundle("digits-cnn"), ..Default::default() },
     };
-    let mut config = adaptd::serve::ServeConfig::from_config(&file);
-    config.reload_from = config_path.clone().map(|path| (path, file.clone()));
     if let Some(b) = bundle {
         config.bundle = b;
     }
@@ -1271,17 +1269,16 @@ fn serve(
         config.state_dir = s;
     }
     if let Some(h) = http {
-        config.http = h;
+        config.http.listen = h;
     }
     if let Some(d) = device {
-        config.device_id = d;
+        config.mqtt.device_id = d;
     }
     if let Some(addr) = mqtt {
-        let (host, port) = parse_host_port(&addr)?;
-        config.mqtt = Some(adaptd::mqtt::BrokerConnection::plain(host, port));
+        (config.mqtt.host, config.mqtt.port) = parse_host_port(&addr)?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(adaptd::serve::run(config, shutdown_signal(), None))?;
+    runtime.block_on(adaptd::serve::run(config, config_path, shutdown_signal(), None))?;
     Ok(ExitCode::SUCCESS)
 }
 

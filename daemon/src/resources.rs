@@ -4,9 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq)]
+/// What the device must have to spare before a job starts: part of the `[schedule]` section of
+/// the configuration file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ResourceLimits {
     /// Whole-machine CPU use above which no job starts, in percent (100: off).
     pub max_cpu_percent: f32,

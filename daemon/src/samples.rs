@@ -50,8 +50,9 @@ impl Split {
     }
 }
 
-/// Fractions of samples for validation and holdout; the rest trains.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Fractions of samples for validation and holdout; the rest trains. Part of the `[ingest]`
+/// section of the configuration file.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
 pub struct SplitPolicy {
     pub validation_percent: u8,
     pub holdout_percent: u8,

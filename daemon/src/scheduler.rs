@@ -4,24 +4,37 @@
 //! the device's resources, serving latency, operator commands) and feeds it in; the scheduler
 //! answers with at most one action. Time is a number it is given, so tests run it on any clock.
 
-#[derive(Debug, Clone, PartialEq)]
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::units;
+
+/// When a job starts: part of the `[schedule]` section of the configuration file (spans in
+/// whole seconds there).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct SchedulerConfig {
     /// Train once this many new labelled samples arrived since the last job (0: off).
     pub min_new_samples: u64,
-    /// Train at least this often when anything new arrived (0: off).
-    pub interval_ms: u64,
-    /// Train when new samples stopped arriving for this long, however few (0: off): the last
+    /// Train at least this often when anything new arrived (zero: off).
+    #[serde(rename = "interval_s", with = "units::seconds")]
+    pub interval: Duration,
+    /// Train when new samples stopped arriving for this long, however few (zero: off): the last
     /// samples of a burst, or a trickle, need not wait for `min_new_samples` or the interval.
-    pub settle_ms: u64,
+    #[serde(rename = "settle_s", with = "units::seconds")]
+    pub settle: Duration,
     /// Train when the live adapter's accuracy on fresh labelled samples falls below this (0: off)...
     pub drift_accuracy: f64,
     /// ... measured over at least this many fresh samples.
     pub drift_min_samples: u64,
     /// Quiet time after a job, whatever its outcome.
-    pub cooldown_ms: u64,
-    /// Wait after a failed job; doubles per consecutive failure up to `backoff_max_ms`.
-    pub backoff_initial_ms: u64,
-    pub backoff_max_ms: u64,
+    #[serde(rename = "cooldown_s", with = "units::seconds")]
+    pub cooldown: Duration,
+    /// Wait after a failed job; doubles per consecutive failure up to `backoff_max`.
+    #[serde(rename = "backoff_initial_s", with = "units::seconds")]
+    pub backoff_initial: Duration,
+    #[serde(rename = "backoff_max_s", with = "units::seconds")]
+    pub backoff_max: Duration,
     /// Pause training while serving's p99 latency is above this (0: off); resume below 80 % of it.
     pub latency_budget_ms: f64,
 }
@@ -30,16 +43,21 @@ impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
             min_new_samples: 200,
-            interval_ms: 3_600_000,
-            settle_ms: 60_000,
+            interval: Duration::from_secs(3600),
+            settle: Duration::from_secs(60),
             drift_accuracy: 0.0,
             drift_min_samples: 50,
-            cooldown_ms: 10_000,
-            backoff_initial_ms: 30_000,
-            backoff_max_ms: 3_600_000,
+            cooldown: Duration::from_secs(10),
+            backoff_initial: Duration::from_secs(30),
+            backoff_max: Duration::from_secs(3600),
             latency_budget_ms: 0.0,
         }
     }
+}
+
+/// A span on the scheduler's millisecond clock.
+fn ms(span: Duration) -> u64 {
+    u64::try_from(span.as_millis()).unwrap_or(u64::MAX)
 }
 
 pub use adaptd_protocol::{SchedulerState, Trigger};
@@ -171,11 +189,16 @@ impl Scheduler {
         if c.min_new_samples > 0 && o.new_samples >= c.min_new_samples {
             return Some(Trigger::NewSamples);
         }
-        if c.interval_ms > 0 && o.new_samples > 0 && self.last_job_ms.is_some_and(|t| o.now_ms >= t + c.interval_ms) {
+        if !c.interval.is_zero() && o.new_samples > 0 && self.last_job_ms.is_some_and(|t| o.now_ms >= t.saturating_add(ms(c.interval))) {
             return Some(Trigger::Interval);
         }
         let (count, since_ms) = self.arrivals;
-        if c.settle_ms > 0 && o.new_samples > 0 && count == o.new_samples && o.now_ms >= since_ms + c.settle_ms && self.settled_on != Some(o.new_samples) {
+        if !c.settle.is_zero()
+            && o.new_samples > 0
+            && count == o.new_samples
+            && o.now_ms >= since_ms.saturating_add(ms(c.settle))
+            && self.settled_on != Some(o.new_samples)
+        {
             return Some(Trigger::Settled);
         }
         None
@@ -192,16 +215,17 @@ impl Scheduler {
         match outcome {
             Outcome::Promoted | Outcome::Rejected => {
                 self.failures = 0;
-                self.state = SchedulerState::Cooldown { until_ms: now_ms + self.config.cooldown_ms };
+                self.state = SchedulerState::Cooldown { until_ms: now_ms.saturating_add(ms(self.config.cooldown)) };
             }
             Outcome::Deferred(reason) => {
                 // Not a failure: try again after the cooldown, not on the next tick.
-                self.state = SchedulerState::Backoff { until_ms: now_ms + self.config.cooldown_ms, failures: self.failures, reason: reason.clone() };
+                self.state =
+                    SchedulerState::Backoff { until_ms: now_ms.saturating_add(ms(self.config.cooldown)), failures: self.failures, reason: reason.clone() };
             }
             Outcome::Failed(reason) => {
                 self.failures += 1;
-                let wait = self.config.backoff_initial_ms.saturating_mul(1 << (self.failures - 1).min(20)).min(self.config.backoff_max_ms);
-                self.state = SchedulerState::Backoff { until_ms: now_ms + wait, failures: self.failures, reason: reason.clone() };
+                let wait = ms(self.config.backoff_initial).saturating_mul(1 << (self.failures - 1).min(20)).min(ms(self.config.backoff_max));
+                self.state = SchedulerState::Backoff { until_ms: now_ms.saturating_add(wait), failures: self.failures, reason: reason.clone() };
             }
         }
     }
@@ -218,13 +242,13 @@ mod tests {
     fn config() -> SchedulerConfig {
         SchedulerConfig {
             min_new_samples: 10,
-            interval_ms: 60_000,
-            settle_ms: 0,
+            interval: Duration::from_secs(60),
+            settle: Duration::ZERO,
             drift_accuracy: 0.8,
             drift_min_samples: 5,
-            cooldown_ms: 1_000,
-            backoff_initial_ms: 2_000,
-            backoff_max_ms: 5_000,
+            cooldown: Duration::from_secs(1),
+            backoff_initial: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(5),
             latency_budget_ms: 50.0,
         }
     }
@@ -248,7 +272,7 @@ mod tests {
 
     #[test]
     fn samples_that_stopped_arriving_are_trained_on_once_settled() {
-        let mut s = Scheduler::new(SchedulerConfig { settle_ms: 5_000, interval_ms: 0, ..config() });
+        let mut s = Scheduler::new(SchedulerConfig { settle: Duration::from_secs(5), interval: Duration::ZERO, ..config() });
         assert_eq!(s.observe(&obs(0, 3)), None);
         assert_eq!(s.observe(&obs(2_000, 6)), None, "still arriving");
         assert_eq!(s.observe(&obs(6_000, 6)), None, "quiet for 4 s only");
@@ -259,9 +283,9 @@ mod tests {
         assert_eq!(s.observe(&obs(20_000, 0)), None);
         assert_eq!(s.observe(&obs(21_000, 2)), None, "two more arrive");
         assert_eq!(s.observe(&obs(26_000, 2)), Some(Action::Start(Trigger::Settled)));
-        let mut off = Scheduler::new(SchedulerConfig { settle_ms: 0, interval_ms: 0, ..config() });
+        let mut off = Scheduler::new(SchedulerConfig { settle: Duration::ZERO, interval: Duration::ZERO, ..config() });
         assert_eq!(off.observe(&obs(0, 3)), None);
-        assert_eq!(off.observe(&obs(1_000_000, 3)), None, "settle_ms = 0: off");
+        assert_eq!(off.observe(&obs(1_000_000, 3)), None, "settle = 0: off");
     }
 
     #[test]

@@ -16,103 +16,29 @@ use crate::api::mqtt;
 use crate::api::{Api, TaskControl, http};
 use crate::app::{Stage, Supervisor};
 use crate::config::Config;
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::Engine;
 use crate::events::{self, Events, Journal};
 use crate::ingest::{Ingest, IngestConfig};
 use crate::mqtt::{Link, LinkConfig, v5};
 use crate::preprocess::TextEncoder;
 use crate::registry::{Recovery, Registry};
-use crate::samples::{SampleStore, SplitPolicy};
-use crate::trainer::{Trainer, TrainerConfig};
+use crate::samples::SampleStore;
+use crate::trainer::Trainer;
 
-#[derive(Debug, Clone)]
-pub struct ServeConfig {
-    pub bundle: PathBuf,
-    pub state_dir: PathBuf,
-    pub http: SocketAddr,
-    /// The MQTT broker for samples, events and the MQTT API; none: HTTP only.
-    pub mqtt: Option<crate::mqtt::BrokerConnection>,
-    /// Serve inference over MQTT too (MQTT v5 request/response).
-    pub mqtt_api: bool,
-    /// Take signed operator commands over MQTT, verified with this key file (none: off).
-    pub mqtt_commands_key: Option<PathBuf>,
-    pub device_id: String,
-    pub topic_prefix: String,
-    pub engine: EngineConfig,
-    pub keep_versions: usize,
-    pub max_request_bytes: usize,
-    /// Tasks this device learns; with an MQTT broker, their samples are ingested.
-    pub tasks: Vec<String>,
-    pub ingest_max_batch: usize,
-    pub ingest_max_payload_bytes: usize,
-    pub split: SplitPolicy,
-    /// One adaptation loop per task in `tasks` (empty: serve and ingest, never train).
-    pub adapt: Vec<AdaptConfig>,
-    pub trainer: TrainerConfig,
-    /// Where device readings come from (`/sys` on a device; a fake tree in tests).
-    pub sysfs_root: PathBuf,
-    /// The file and the configuration loaded from it, for reloads on SIGHUP.
-    pub reload_from: Option<(PathBuf, Config)>,
-    /// Graceful shutdown gives up after this long (keep it under systemd's `TimeoutStopSec`).
-    pub shutdown_deadline: std::time::Duration,
-    /// Fleet rollout (off while its repository is empty).
-    pub fleet: crate::fleet::FleetConfig,
-}
-
-impl ServeConfig {
-    pub fn new(bundle: PathBuf, state_dir: PathBuf) -> ServeConfig {
-        ServeConfig::from_config(&Config { bundle, state_dir, ..Config::default() })
-    }
-
-    pub fn from_config(config: &Config) -> ServeConfig {
-        ServeConfig {
-            bundle: config.bundle.clone(),
-            state_dir: config.state_dir.clone(),
-            http: config.http.listen,
-            mqtt: config.mqtt.connection(),
-            mqtt_api: config.mqtt.inference_api,
-            mqtt_commands_key: config.mqtt.commands.then(|| config.mqtt.commands_key_file.clone()),
-            device_id: config.mqtt.device_id.clone(),
-            topic_prefix: config.mqtt.topic_prefix.clone(),
-            engine: config.engine_config(),
-            keep_versions: config.adapters.keep_versions,
-            max_request_bytes: config.http.max_request_bytes,
-            tasks: config.ingest.tasks.clone(),
-            ingest_max_batch: config.ingest.max_batch,
-            ingest_max_payload_bytes: config.ingest.max_payload_bytes,
-            split: SplitPolicy { validation_percent: config.ingest.validation_percent, holdout_percent: config.ingest.holdout_percent },
-            adapt: config.ingest.tasks.iter().map(|t| config.adapt_config(t)).collect(),
-            trainer: config.trainer_config(),
-            sysfs_root: config.schedule.sysfs_root.clone(),
-            shutdown_deadline: std::time::Duration::from_secs(config.stop_deadline_s),
-            fleet: config.fleet.clone(),
-            reload_from: None,
-        }
-    }
-}
-
-/// Serve until `shutdown` completes. `bound` learns the HTTP address once it listens (port 0 works).
-pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound: Option<oneshot::Sender<SocketAddr>>) -> anyhow::Result<()> {
+/// Serve `config` until `shutdown` completes; one adaptation loop per task in `ingest.tasks`.
+/// `reload_from`: the file it came from, read again on SIGHUP. `bound` learns the HTTP address
+/// once it listens (port 0 works).
+pub async fn run(
+    config: Config,
+    reload_from: Option<PathBuf>,
+    shutdown: impl Future<Output = ()>,
+    bound: Option<oneshot::Sender<SocketAddr>>,
+) -> anyhow::Result<()> {
+    let adapt: Vec<AdaptConfig> = config.ingest.tasks.iter().map(|task| config.adapt_config(task)).collect();
+    let broker = config.mqtt.connection();
     let _lock = lock_state_dir(&config.state_dir)?;
-    let bundle = Bundle::open(&config.bundle)?;
-    let store = AdapterStore::open(config.state_dir.join("adapters"))?;
-    let (registry, recovered) = Registry::open(bundle, store, config.keep_versions)?;
-    for event in &recovered {
-        match event {
-            Recovery::Restored { task, version } => tracing::info!(task, version, "adapter restored"),
-            Recovery::Skipped { task, version, reason } => tracing::warn!(task, version, reason, "adapter version skipped"),
-            Recovery::Base { task } => tracing::warn!(task, "no readable adapter: serving the base model"),
-        }
-    }
-    let registry = Arc::new(registry);
+    let registry = open_registry(&config)?;
     let bundle = registry.bundle().clone();
-    // The bundle's own classifier, if it has one, serves as a task named after the bundle.
-    if bundle.manifest.labels.is_some() {
-        registry.ensure_task(&bundle.manifest.name)?;
-    }
-    for task in &config.tasks {
-        registry.ensure_task(task)?;
-    }
     let text = match bundle.manifest.preprocessing {
         Preprocessing::Text { .. } => Some(Arc::new(TextEncoder::from_bundle(&bundle)?)),
         _ => None,
@@ -123,18 +49,18 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
     })
     .await??;
     let mut supervisor = Supervisor::new();
-    let topics = adaptd_protocol::Topics::new(&config.topic_prefix, &config.device_id);
+    let topics = adaptd_protocol::Topics::new(&config.mqtt.topic_prefix, &config.mqtt.device_id);
     // The device's MQTT 3.1.1 link, shared by ingest, commands and events. Its session is
     // persistent while ingest runs; the client id is ingest's from before the link was shared,
     // so an upgraded device finds the samples the broker kept for it.
-    let ingesting = config.mqtt.is_some() && !config.tasks.is_empty();
-    let mut link = config.mqtt.clone().map(|broker| {
+    let ingesting = broker.is_some() && !config.ingest.tasks.is_empty();
+    let mut link = broker.clone().map(|broker| {
         Link::new(LinkConfig {
             broker,
-            client_id: format!("adaptd-ingest-{}", config.device_id),
+            client_id: format!("adaptd-ingest-{}", config.mqtt.device_id),
             persistent: ingesting,
             max_outgoing_bytes: events::MAX_EVENT_BYTES,
-            request_queue: 2 * config.ingest_max_batch + 256,
+            request_queue: 2 * config.ingest.max_batch + 256,
             availability: Some(topics.online()),
         })
     });
@@ -144,51 +70,51 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
 
     let traffic = Arc::new(crate::traffic::TrafficLog::default());
     // Training: one libtorch owner thread, one adaptation loop per task.
-    let (mut control, mut adapt_configs) = (BTreeMap::new(), BTreeMap::new());
-    let trainer = if config.adapt.is_empty() {
-        None
-    } else {
-        std::fs::create_dir_all(&config.state_dir).map_err(|e| anyhow::anyhow!("{}: {e}", config.state_dir.display()))?;
-        let trainer = tokio::task::spawn_blocking({
-            let (bundle, trainer_config) = (bundle.clone(), config.trainer.clone());
-            move || Trainer::start(bundle, trainer_config)
-        })
-        .await??;
-        tracing::info!(device = trainer.device(), "trainer ready");
-        let trainer = Arc::new(trainer);
-        let context = adapt::Context {
-            registry: registry.clone(),
-            engine: engine.handle.clone(),
-            trainer: trainer.clone(),
-            store_path: config.state_dir.join(crate::samples::STORE_FILE),
-            split: config.split,
-            text: text.clone(),
-            events: events.clone(),
-            journal: Journal::new(&config.state_dir.join("journal")),
-            traffic: traffic.clone(),
-        };
-        (control, adapt_configs) = spawn_task_loops(&mut supervisor, &context, &config.adapt);
-        Some(trainer)
+    let (trainer, control, adapt_configs) = match adapt.is_empty() {
+        true => (None, BTreeMap::new(), BTreeMap::new()),
+        false => {
+            std::fs::create_dir_all(&config.state_dir).map_err(|e| anyhow::anyhow!("{}: {e}", config.state_dir.display()))?;
+            let trainer = tokio::task::spawn_blocking({
+                let (bundle, trainer_config) = (bundle.clone(), config.training.trainer.clone());
+                move || Trainer::start(bundle, trainer_config)
+            })
+            .await??;
+            tracing::info!(device = trainer.device(), "trainer ready");
+            let trainer = Arc::new(trainer);
+            let context = adapt::Context {
+                registry: registry.clone(),
+                engine: engine.handle.clone(),
+                trainer: trainer.clone(),
+                store_path: config.state_dir.join(crate::samples::STORE_FILE),
+                split: config.ingest.split,
+                text: text.clone(),
+                events: events.clone(),
+                journal: Journal::new(&config.state_dir.join("journal")),
+                traffic: traffic.clone(),
+            };
+            let (control, adapt_configs) = spawn_task_loops(&mut supervisor, &context, &adapt);
+            (Some(trainer), control, adapt_configs)
+        }
     };
     let ingest = match link.as_mut().filter(|_| ingesting) {
         Some(link) => {
-            let store = SampleStore::open(&config.state_dir.join(crate::samples::STORE_FILE), config.split)?;
-            let ingest_config = IngestConfig { topics: topics.clone(), max_batch: config.ingest_max_batch, max_payload_bytes: config.ingest_max_payload_bytes };
+            let store = SampleStore::open(&config.state_dir.join(crate::samples::STORE_FILE), config.ingest.split)?;
+            let ingest_config = IngestConfig { topics: topics.clone(), max_batch: config.ingest.max_batch, max_payload_bytes: config.ingest.max_payload_bytes };
             let manifest = Arc::new(bundle.manifest.clone());
-            Some(Ingest::on_link(link, ingest_config, Arc::new(Mutex::new(store)), manifest, config.tasks.clone()))
+            Some(Ingest::on_link(link, ingest_config, Arc::new(Mutex::new(store)), manifest, config.ingest.tasks.clone()))
         }
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind(config.http).await.map_err(|e| anyhow::anyhow!("HTTP {}: {e}", config.http))?;
+    let listener = tokio::net::TcpListener::bind(config.http.listen).await.map_err(|e| anyhow::anyhow!("HTTP {}: {e}", config.http.listen))?;
     let addr = listener.local_addr()?;
     let token = crate::control::ensure_token(&config.state_dir)?;
     let fleet_control = control.clone();
     let api = Arc::new(
-        Api::new(engine.handle.clone(), text, config.max_request_bytes)
+        Api::new(engine.handle.clone(), text, config.http.max_request_bytes)
             .with_control(control)
             .with_auth(token, addr)
             .with_traffic(traffic)
-            .with_telemetry(ingest.as_ref().map(|(i, _)| i.stats.clone()), &config.sysfs_root)
+            .with_telemetry(ingest.as_ref().map(|(i, _)| i.stats.clone()), &config.schedule.limits.sysfs_root)
             .with_link(link.as_ref().map(|l| l.handle().status())),
     );
     tracing::info!(%addr, tasks = ?registry.tasks(), "serving");
@@ -197,11 +123,11 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
     }
     supervisor.spawn(Stage::Intake, "http", http::serve(listener, api.clone(), supervisor.stopped()));
     // Operator commands over MQTT for the tasks that adapt (also through HTTP and the CLI).
-    if let (Some(link), Some(key_file)) = (link.as_mut(), &config.mqtt_commands_key)
-        && !config.adapt.is_empty()
+    if let (Some(link), Some(key_file)) = (link.as_mut(), config.mqtt.commands_key())
+        && !adapt.is_empty()
     {
-        let verifier = crate::control::CommandVerifier::from_key_file(key_file, &config.device_id)?;
-        let inbox = crate::api::commands::subscribe(link, &topics, config.max_request_bytes);
+        let verifier = crate::control::CommandVerifier::from_key_file(key_file, &config.mqtt.device_id)?;
+        let inbox = crate::api::commands::subscribe(link, &topics, config.http.max_request_bytes);
         let commands = crate::api::commands::run(api.clone(), inbox, topics.clone(), verifier, events.clone(), supervisor.stopped());
         supervisor.spawn_infallible(Stage::Intake, "mqtt-commands", commands);
     }
@@ -218,7 +144,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
             events: events.clone(),
             base_sha256: bundle.manifest_sha256.clone(),
             engine: engine.handle.clone(),
-            latency_budget_ms: config.adapt.first().map_or(0.0, |a| a.scheduler.latency_budget_ms),
+            latency_budget_ms: config.schedule.trigger.latency_budget_ms,
         };
         supervisor.spawn_infallible(Stage::Intake, "fleet", crate::fleet::run(parts, supervisor.stopped()));
     }
@@ -229,8 +155,8 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
         supervisor.spawn_infallible(Stage::Link, "mqtt", link.run(supervisor.links_stopped()));
     }
     // The MQTT 5 link, for the inference API alone.
-    if let Some(broker) = config.mqtt.clone().filter(|_| config.mqtt_api) {
-        let mut link = v5::Link::new(broker, format!("adaptd-{}", config.device_id), mqtt::read_limit(api.max_request_bytes()));
+    if let Some(broker) = broker.filter(|_| config.mqtt.inference_api) {
+        let mut link = v5::Link::new(broker, format!("adaptd-{}", config.mqtt.device_id), mqtt::read_limit(api.max_request_bytes()));
         let inbox = mqtt::subscribe(&mut link, &topics);
         supervisor.spawn_infallible(Stage::Intake, "mqtt-inference", mqtt::run(api.clone(), link.client(), inbox, topics.clone(), supervisor.stopped()));
         supervisor.spawn_infallible(Stage::Link, "mqtt5", link.run(supervisor.links_stopped()));
@@ -241,16 +167,45 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
     if let Some(every) = crate::systemd::watchdog_interval() {
         spawn_watchdog(&mut supervisor, engine.handle.clone(), every);
     }
-    let reload = reload_on_sighup(config.reload_from.clone(), adapt_configs, events.clone(), supervisor.stopped());
+    let deadline = config.stop_deadline;
+    let reload = reload_on_sighup(reload_from.map(|path| (path, config)), adapt_configs, events.clone(), supervisor.stopped());
     supervisor.spawn_infallible(Stage::Intake, "reload", reload);
 
     shutdown.await;
-    tracing::info!(deadline_s = config.shutdown_deadline.as_secs(), "shutting down");
+    stop_in_order(supervisor, trainer, engine, deadline).await
+}
+
+/// The bundle, the adapter store and the registry over them, every task this device serves
+/// present (the bundle's own classifier, if it has one, as a task named after the bundle).
+fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
+    let bundle = Bundle::open(&config.bundle)?;
+    let store = AdapterStore::open(config.state_dir.join("adapters"))?;
+    let (registry, recovered) = Registry::open(bundle, store, config.adapters.keep_versions)?;
+    for event in &recovered {
+        match event {
+            Recovery::Restored { task, version } => tracing::info!(task, version, "adapter restored"),
+            Recovery::Skipped { task, version, reason } => tracing::warn!(task, version, reason, "adapter version skipped"),
+            Recovery::Base { task } => tracing::warn!(task, "no readable adapter: serving the base model"),
+        }
+    }
+    let manifest = &registry.bundle().manifest;
+    if manifest.labels.is_some() {
+        registry.ensure_task(&manifest.name)?;
+    }
+    for task in &config.ingest.tasks {
+        registry.ensure_task(task)?;
+    }
+    Ok(Arc::new(registry))
+}
+
+/// Stop within `deadline`: the tasks in their stages (intake first), then the runtimes, which
+/// no request or job can reach by then.
+async fn stop_in_order(supervisor: Supervisor, trainer: Option<Arc<Trainer>>, engine: Engine, deadline: std::time::Duration) -> anyhow::Result<()> {
+    tracing::info!(deadline_s = deadline.as_secs(), "shutting down");
     crate::systemd::notify_or_log("STOPPING=1");
     let started = std::time::Instant::now();
-    supervisor.stop(config.shutdown_deadline).await.map_err(|e| anyhow::anyhow!("{e}; exiting with work unfinished (acked samples are already durable)"))?;
-    // The runtimes last: the loops cancelled their jobs, and no request can reach the engine.
-    let left = config.shutdown_deadline.saturating_sub(started.elapsed());
+    supervisor.stop(deadline).await.map_err(|e| anyhow::anyhow!("{e}; exiting with work unfinished (acked samples are already durable)"))?;
+    let left = deadline.saturating_sub(started.elapsed());
     let runtimes = async move {
         if let Some(trainer) = trainer.and_then(|t| Arc::try_unwrap(t).ok()) {
             tokio::task::spawn_blocking(move || trainer.shutdown()).await?;
@@ -259,7 +214,7 @@ pub async fn run(config: ServeConfig, shutdown: impl Future<Output = ()>, bound:
     };
     match tokio::time::timeout(left, runtimes).await {
         Ok(result) => Ok(result?),
-        Err(_) => anyhow::bail!("shutdown took longer than {} s; still running: trainer or engine", config.shutdown_deadline.as_secs()),
+        Err(_) => anyhow::bail!("shutdown took longer than {} s; still running: trainer or engine", deadline.as_secs()),
     }
 }
 
@@ -398,12 +353,9 @@ async fn reload_on_sighup(
                         },
                     );
                     // What runs is the old value of restart-only keys: keep diffing against it.
-                    let (training, schedule, gate) = (new.training, new.schedule, new.gate);
-                    let keep = (running.training.device, running.training.threads);
-                    running.training = training;
-                    (running.training.device, running.training.threads) = keep;
-                    running.schedule = schedule;
-                    running.gate = gate;
+                    let trainer = running.training.trainer.clone();
+                    (running.training, running.schedule, running.gate) = (new.training, new.schedule, new.gate);
+                    running.training.trainer = trainer;
                 }
             },
         }

@@ -43,7 +43,9 @@ pub enum TrainPrecision {
     Fp16,
 }
 
-#[derive(Debug, Clone)]
+/// The trainer thread's settings: part of the `[training]` section of the configuration file,
+/// applied at start-up.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct TrainerConfig {
     pub device: TrainDevice,
     /// libtorch intra-op threads (leave cores for serving).

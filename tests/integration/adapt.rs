@@ -7,8 +7,8 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use adaptd::config::Config;
 use adaptd::datasets::{Digits, Shift};
-use adaptd::serve::ServeConfig;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -98,7 +98,7 @@ impl Drop for EventLog {
 }
 
 #[allow(clippy::field_reassign_with_default)] // reads as "the defaults, except"
-pub(crate) fn daemon_config(port: u16, state: &std::path::Path, task: &str, min_new_samples: u64) -> ServeConfig {
+pub(crate) fn daemon_config(port: u16, state: &std::path::Path, task: &str, min_new_samples: u64) -> Config {
     let mut config = adaptd::config::Config::default();
     config.bundle = reference_bundle("digits-cnn");
     config.state_dir = state.to_path_buf();
@@ -107,21 +107,21 @@ pub(crate) fn daemon_config(port: u16, state: &std::path::Path, task: &str, min_
     config.mqtt.port = port;
     config.mqtt.device_id = "robot-3".into();
     config.ingest.tasks = vec![task.into()];
-    config.schedule.min_new_samples = min_new_samples;
-    config.schedule.tick_ms = 100;
-    config.schedule.cooldown_s = 1;
-    config.schedule.max_cpu_percent = 100.0;
-    config.schedule.min_available_mb = 0;
-    config.training.max_epochs = 30;
+    config.schedule.trigger.min_new_samples = min_new_samples;
+    config.schedule.tick = std::time::Duration::from_millis(100);
+    config.schedule.trigger.cooldown = std::time::Duration::from_secs(1);
+    config.schedule.limits.max_cpu_percent = 100.0;
+    config.schedule.limits.min_available_mb = 0;
+    config.training.recipe.max_epochs = 30;
     // LoRA on the bundle's slots learns the new domain while replay keeps the old one; a head alone on
     // the frozen embedding cannot serve both orientations (the gate refuses it on retention).
-    config.training.adapter = adaptd::config::AdapterChoice::Lora;
+    config.training.adapter = adaptd::adapt::AdapterChoice::Lora;
     config.training.replay_fraction = 0.5;
-    config.training.learning_rate = 2e-3;
+    config.training.recipe.learning_rate = 2e-3;
     // A robot whose camera now hangs sideways for good: trade some upright accuracy (measured
     // about 0.99 -> 0.83 with this recipe) for the new domain, within a stated bound.
     config.gate.max_retention_drop = 0.25;
-    ServeConfig::from_config(&config)
+    config
 }
 
 /// A daemon learning `task` on a fresh Mosquitto and state directory, its events collected.
@@ -139,7 +139,7 @@ async fn start_daemon(task: &str, min_new_samples: u64) -> Running {
 }
 
 /// `start_daemon` with the configuration changed by `edit` first.
-pub(crate) async fn start_daemon_with(task: &str, min_new_samples: u64, edit: impl FnOnce(&mut ServeConfig)) -> Running {
+pub(crate) async fn start_daemon_with(task: &str, min_new_samples: u64, edit: impl FnOnce(&mut Config)) -> Running {
     let broker = Mosquitto::start();
     let state = tempfile::tempdir().unwrap();
     let events = EventLog::start(broker.port, state.path());
@@ -434,8 +434,8 @@ async fn operators_command_over_mqtt_with_signed_messages_and_read_the_answers_a
     let key_file = state.path().join("commands.key");
     std::fs::write(&key_file, &key).unwrap();
     let mut config = daemon_config(broker.port, state.path(), "tiny", 1_000);
-    assert_eq!(config.mqtt_commands_key, None, "MQTT commands are off by default");
-    config.mqtt_commands_key = Some(key_file);
+    assert!(!config.mqtt.commands, "MQTT commands are off by default");
+    (config.mqtt.commands, config.mqtt.commands_key_file) = (true, key_file);
     let (stop, _, daemon) = crate::serve_in_process(config).await;
     let port = broker.port;
     let signed = |command: &str, version: Option<u64>, key: &[u8]| {
@@ -493,8 +493,8 @@ async fn a_task_over_its_disk_budget_evicts_samples_and_says_so() {
     let events = EventLog::start(broker.port, state.path());
     let mut config = daemon_config(broker.port, state.path(), "tiny", 1_000);
     // About 30 digits' worth (each is 256 bytes of pixels, 256 of embedding and the row).
-    config.adapt[0].store_budget_bytes = 20_000;
-    config.adapt[0].reservoir_per_class = 2;
+    config.ingest.max_mb_per_task = 20_000.0 / f64::from(1 << 20);
+    config.ingest.reservoir_per_class = 2;
     let (stop, addr, daemon) = crate::serve_in_process(config).await;
     let client = adaptd::client::Client::new(addr);
     let digits = Digits::load(&digits_data()).unwrap();
@@ -588,7 +588,7 @@ async fn the_retention_bound_follows_how_much_of_the_traffic_is_still_base_domai
     let mut decisions = Vec::new();
     for (lines, policy) in [(sideways.clone(), RetentionPolicy::Traffic), (sideways, RetentionPolicy::Base), (mixed, RetentionPolicy::Traffic)] {
         let Running { broker, state: _state, events, base: _, stop, daemon } =
-            start_daemon_with("sorter", 300, |c| c.adapt[0].gate = GateConfig { retention: policy, ..GateConfig::default() }).await;
+            start_daemon_with("sorter", 300, |c| c.gate = GateConfig { retention: policy, ..GateConfig::default() }).await;
         let port = broker.port;
         let decision = tokio::task::spawn_blocking(move || {
             std::thread::sleep(Duration::from_millis(500));
@@ -636,11 +636,11 @@ async fn lora_above_a_cut_keeps_prefix_activations_for_the_next_job() {
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     let Running { broker, state, events, base: _, stop, daemon } = start_daemon_with("sorter", 150, |c| {
         c.bundle = cut_bundle.clone();
-        c.adapt[0].recipe.max_epochs = 10;
+        c.training.recipe.max_epochs = 10;
         // One attempt a job, and only stored samples in it (replayed rows are the bundle's, not
         // the store's, and run the prefix every job).
-        c.adapt[0].escalation = Vec::new();
-        c.adapt[0].replay_fraction = 0.0;
+        c.training.escalate = false;
+        c.training.replay_fraction = 0.0;
     })
     .await;
     let digits = Digits::load(&digits_data()).unwrap();
@@ -683,9 +683,8 @@ async fn lora_above_a_cut_keeps_prefix_activations_for_the_next_job() {
 async fn a_job_escalates_from_a_head_to_lora_while_validation_improves() {
     let Running { broker, state, events, base: _, stop, daemon } = start_daemon_with("sorter", 300, |c| {
         let shipped = adaptd::config::Config::default();
-        c.adapt[0].kind = shipped.adapt_config("sorter").kind;
-        c.adapt[0].escalation = shipped.adapt_config("sorter").escalation;
-        c.adapt[0].recipe.max_epochs = 30;
+        (c.training.adapter, c.training.escalate) = (shipped.training.adapter, shipped.training.escalate);
+        c.training.recipe.max_epochs = 30;
     })
     .await;
     let digits = Digits::load(&digits_data()).unwrap();

@@ -202,8 +202,7 @@ async fn the_serving_process_recovers_its_adapters_and_shuts_down_cleanly() {
         registry.promote(head_adapter(registry.bundle(), "sorter", 2, 2)).unwrap();
         std::fs::write(registry.store().version_dir("sorter", 2).join("head.safetensors"), b"garbage").unwrap();
     }
-    let mut config = adaptd::serve::ServeConfig::new(reference_bundle("digits-cnn"), state.path().to_path_buf());
-    config.http = "127.0.0.1:0".parse().unwrap();
+    let config = crate::serve_config(reference_bundle("digits-cnn"), state.path());
     let (stop, addr, daemon) = crate::serve_in_process(config).await;
 
     let answers = tokio::task::spawn_blocking(move || {

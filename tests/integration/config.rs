@@ -112,3 +112,38 @@ fn the_example_configurations_are_valid() {
     }
     assert!(checked >= 3, "Orin Nano, Orin AGX and a CPU box");
 }
+
+/// Sections compose the parts' own settings types; the file is still checked key by key, with
+/// the section, the key and the line named, and a key's line found in its own section.
+#[test]
+fn keys_and_kinds_are_checked_in_their_own_sections() {
+    let err = parse("[engine]\nmax_batch = 8\n[ingest]\nmax_batch = \"many\"\n").unwrap_err();
+    assert!(err.contains("line 4") && err.contains("ingest.max_batch") && err.contains("an integer") && err.contains("a string"), "{err}");
+    let err = parse("[schedule]\ntick_ms = 100\nsettle_seconds = 5\n").unwrap_err();
+    assert!(err.contains("line 3") && err.contains("schedule.settle_seconds") && err.contains("settle_s"), "names the key and what the section has: {err}");
+    let err = parse("[trainig]\nmax_epochs = 3\n").unwrap_err();
+    assert!(err.contains("line 1") && err.contains("`trainig`") && err.contains("training"), "{err}");
+    let err = parse("[ingest]\nvalidation_percent = 300\n").unwrap_err();
+    assert!(err.contains("line 2"), "a value out of its type's range is found by the value: {err}");
+    // An integer where the default is a number is a number; spans become typed durations.
+    let config = parse("[training]\nlora_alpha = 16\n[schedule]\ncooldown_s = 7\ntick_ms = 250\n[gate]\nrollback_drop = 0.1\n").unwrap();
+    assert_eq!(config.training.lora_alpha, 16.0);
+    assert_eq!(config.schedule.trigger.cooldown, std::time::Duration::from_secs(7));
+    assert_eq!(config.schedule.tick, std::time::Duration::from_millis(250));
+    assert_eq!(config.gate.watch.rollback_drop, 0.1);
+    let budget = parse("[ingest]\nmax_mb_per_task = 0.5\n[training]\nmemory_budget_mb = 300\n").unwrap();
+    assert_eq!(budget.adapt_config("sorter").store_budget_bytes, 512 * 1024);
+    assert_eq!(budget.training.recipe.memory_budget_bytes, Some(300 << 20));
+    assert_eq!(Config::default().training.recipe.memory_budget_bytes, None, "0: no budget");
+}
+
+/// What only a restart applies is named, and a reload keeps the trainer's running settings to
+/// compare the next file with.
+#[test]
+fn a_reload_applies_training_schedule_and_gate_and_names_the_rest() {
+    let running = Config::default();
+    let new = parse("[engine]\nmax_batch = 8\n[training]\nabove_cut = false\nmax_epochs = 3\n[gate]\nmin_holdout = 20\n").unwrap();
+    assert_eq!(running.restart_only_changes(&new), ["engine", "training.above_cut"]);
+    let adapt = new.adapt_config("sorter");
+    assert_eq!((adapt.training.recipe.max_epochs, adapt.gate.min_holdout), (3, 20), "a loop gets the file's sections as they are");
+}

@@ -439,11 +439,9 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
     for device in DEVICES {
         let state = tempfile::tempdir().unwrap();
         let mut config = daemon_config(port, state.path(), "sorter", 1_000_000);
-        config.device_id = device.into();
-        for adapt in &mut config.adapt {
-            (adapt.scheduler.settle_ms, adapt.scheduler.interval_ms) = (u64::MAX / 4, u64::MAX / 4);
-            (adapt.watch_min_samples, adapt.watch_max_samples) = (10, 20);
-        }
+        config.mqtt.device_id = device.into();
+        (config.schedule.trigger.settle, config.schedule.trigger.interval) = (Duration::from_secs(u64::MAX / 4_000), Duration::from_secs(u64::MAX / 4_000));
+        (config.gate.watch.min_samples, config.gate.watch.max_samples) = (10, 20);
         config.fleet = adaptd::fleet::FleetConfig {
             repository: nginx.url().to_string(),
             root_file: repo.join("metadata/1.root.json"),

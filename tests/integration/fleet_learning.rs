@@ -59,14 +59,15 @@ async fn five_devices_with_their_own_shifts_train_offer_and_the_aggregate_beats_
         config.http.listen = "127.0.0.1:0".parse().unwrap();
         (config.mqtt.host, config.mqtt.port, config.mqtt.device_id) = ("127.0.0.1".into(), port, device.into());
         config.ingest.tasks = vec!["sorter".into()];
-        (config.schedule.min_new_samples, config.schedule.settle_s, config.schedule.tick_ms) = (0, 2, 100);
-        (config.schedule.max_cpu_percent, config.schedule.min_available_mb) = (100.0, 0);
-        config.training.adapter = adaptd::config::AdapterChoice::Lora;
+        (config.schedule.trigger.min_new_samples, config.schedule.trigger.settle, config.schedule.tick) =
+            (0, Duration::from_secs(2), Duration::from_millis(100));
+        (config.schedule.limits.max_cpu_percent, config.schedule.limits.min_available_mb) = (100.0, 0);
+        config.training.adapter = adaptd::adapt::AdapterChoice::Lora;
         config.fleet.repository = format!("{}repo/", nginx.url());
         config.fleet.root_file = repo.join("metadata/1.root.json");
         // Rounds' offers go into the same directory, as a shared mount.
         config.fleet.offers = offers_dir.to_str().unwrap().to_string();
-        daemons.push(crate::serve_in_process(adaptd::serve::ServeConfig::from_config(&config)).await);
+        daemons.push(crate::serve_in_process(config).await);
         states.push(state);
     }
     let trained: Vec<Vec<usize>> = DEVICES

@@ -156,12 +156,11 @@ fn a_deleted_write_ahead_log_is_reported_at_open() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_tls_files_leave_ingest_waiting_while_serving_goes_on() {
     let state = tempfile::tempdir().unwrap();
-    let mut config = adaptd::serve::ServeConfig::new(reference_bundle("digits-cnn"), state.path().to_path_buf());
-    config.http = "127.0.0.1:0".parse().unwrap();
-    let tls = adaptd::mqtt::TlsFiles { ca: state.path().join("gone-ca.pem"), client: None };
-    config.mqtt = Some(adaptd::mqtt::BrokerConnection { tls: Some(tls), ..adaptd::mqtt::BrokerConnection::plain("127.0.0.1", crate::broker::free_port()) });
-    config.mqtt_api = false;
-    config.tasks = vec!["sorter".into()];
+    let mut config = crate::serve_config(reference_bundle("digits-cnn"), state.path());
+    (config.mqtt.host, config.mqtt.port) = ("127.0.0.1".into(), crate::broker::free_port());
+    config.mqtt.tls_ca_file = state.path().join("gone-ca.pem");
+    config.mqtt.inference_api = false;
+    config.ingest.tasks = vec!["sorter".into()];
     let (stop, addr, daemon) = crate::serve_in_process(config).await;
     let client = adaptd::client::Client::new(addr);
     let (ready, metrics, answer) = tokio::task::spawn_blocking(move || {
@@ -234,10 +233,8 @@ async fn an_interrupted_promotion_is_announced_at_the_next_start() {
         let (registry, _) = adaptd::registry::Registry::open(bundle, store, 5).unwrap();
         registry.promote(crate::head_adapter(registry.bundle(), "sorter", 1, 1)).unwrap(); // then the crash: no event, no journal
     }
-    let mut config = adaptd::serve::ServeConfig::new(reference_bundle("digits-cnn"), state.path().to_path_buf());
-    config.http = "127.0.0.1:0".parse().unwrap();
-    config.tasks = vec!["sorter".into()];
-    config.adapt = vec![adaptd::adapt::AdaptConfig::new("sorter")];
+    let mut config = crate::serve_config(reference_bundle("digits-cnn"), state.path());
+    config.ingest.tasks = vec!["sorter".into()];
     let (stop, _, daemon) = crate::serve_in_process(config).await;
     let journal = state.path().join("journal/sorter.jsonl");
     let deadline = Instant::now() + Duration::from_secs(10);

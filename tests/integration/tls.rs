@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use adaptd::serve::ServeConfig;
+use adaptd::config::Config;
 
 use crate::broker::Mosquitto;
 use crate::reference_bundle;
@@ -50,7 +50,7 @@ pub(crate) fn make_pki(dir: &Path) {
 }
 
 #[allow(clippy::field_reassign_with_default)] // reads as "the defaults, except"
-fn daemon_config(dir: &Path, port: u16, password_file: &Path) -> ServeConfig {
+fn daemon_config(dir: &Path, port: u16, password_file: &Path) -> Config {
     let mut c = adaptd::config::Config::default();
     c.bundle = reference_bundle("digits-cnn");
     c.state_dir = dir.join("state");
@@ -65,9 +65,9 @@ fn daemon_config(dir: &Path, port: u16, password_file: &Path) -> ServeConfig {
     c.mqtt.tls_client_cert_file = dir.join("client.pem");
     c.mqtt.tls_client_key_file = dir.join("client.key");
     c.ingest.tasks = vec!["sorter".into()];
-    c.schedule.min_new_samples = 0;
-    c.schedule.interval_s = 0;
-    ServeConfig::from_config(&c)
+    c.schedule.trigger.min_new_samples = 0;
+    c.schedule.trigger.interval = std::time::Duration::from_secs(0);
+    c
 }
 
 fn publish_one(dir: &Path, port: u16, key: &str) {
@@ -104,7 +104,7 @@ fn publish_one(dir: &Path, port: u16, key: &str) {
     assert!(out.status.success(), "mosquitto_pub over TLS: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-async fn stored_after(config: ServeConfig, dir: &Path, port: u16, key: &str, wait: Duration) -> u64 {
+async fn stored_after(config: Config, dir: &Path, port: u16, key: &str, wait: Duration) -> u64 {
     let (stop, addr, daemon) = crate::serve_in_process(config).await;
     let client = adaptd::client::Client::new(addr);
     let dir = dir.to_path_buf();

@@ -470,6 +470,12 @@ pub fn to_host(t: &Tensor) -> Result<HostTensor, TrainError> {
     Ok(HostTensor { shape, data })
 }
 
+/// A size in MiB as bytes; 0: none.
+fn mib_or_none<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    let mib = <u64 as serde::Deserialize>::deserialize(deserializer)?;
+    Ok((mib > 0).then(|| mib.saturating_mul(1 << 20)))
+}
+
 /// How the learning rate moves after warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -481,8 +487,10 @@ pub enum Schedule {
     Constant,
 }
 
-/// A fine-tuning recipe: what the literature and PEFT's users expect, as plain numbers.
-#[derive(Debug, Clone, PartialEq)]
+/// A fine-tuning recipe: what the literature and PEFT's users expect, as plain numbers. As
+/// a configuration file writes it (adaptd's `[training]` section), the memory budget is in MiB,
+/// 0 for none.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 pub struct Recipe {
     /// Peak learning rate of the LoRA tensors (low: they start at an exact copy of the base).
     pub learning_rate: f64,
@@ -509,6 +517,7 @@ pub struct Recipe {
     pub head_only_epochs: usize,
     /// Training may grow the process's peak memory by at most this much: the batch shrinks to
     /// fit, or the job is refused. Measured on a probe step, so it holds on the device at hand.
+    #[serde(rename = "memory_budget_mb", deserialize_with = "mib_or_none")]
     pub memory_budget_bytes: Option<u64>,
     pub seed: u64,
 }
@@ -1041,13 +1050,7 @@ pub fn fit_cached(
     let steps_per_epoch = n.div_ceil(batch_size);
     let total_steps = steps_per_epoch * recipe.max_epochs;
     let warmup_steps = (recipe.warmup_fraction * total_steps as f64).round() as usize;
-    let class_counts = {
-        let mut c = vec![0usize; init_head.classes()];
-        for &l in &train.labels {
-            c[l as usize] += 1;
-        }
-        c
-    };
+    let class_counts = class_counts(&train.labels, init_head.classes());
     // fp16 activations' gradients underflow unless the loss is scaled up first.
     let mut loss_scale = graph.filter(|g| g.mixed_precision()).map(|_| LossScale::new());
     let started = std::time::Instant::now();
@@ -1120,20 +1123,7 @@ pub fn fit_cached(
         Some((_, e, p)) => (e, p),
         None => (last_epoch, snapshot_params(&head_w, &head_b, &lora_vars)),
     };
-    let head = Head { layers: vec![Dense { weight: to_host(&params[0])?, bias: to_host(&params[1])? }] };
-    let lora = match &lora_spec {
-        Some(LoraSetup { spec, rank, alpha, .. }) => Some(LoraWeights {
-            rank: *rank,
-            alpha: *alpha,
-            modules: spec
-                .slots
-                .iter()
-                .enumerate()
-                .map(|(i, slot)| Ok(LoraModule { module: slot.module.clone(), a: to_host(&params[2 + 2 * i])?, b: to_host(&params[3 + 2 * i])? }))
-                .collect::<Result<Vec<_>, TrainError>>()?,
-        }),
-        None => None,
-    };
+    let (head, lora) = trained_weights(&params, lora_spec.as_ref())?;
     let base_unchanged = match (graph, &snapshot) {
         (Some(g), Some(s)) => Some(g.base_unchanged(s)?),
         _ => None,
@@ -1155,6 +1145,26 @@ pub fn fit_cached(
         skipped_steps: loss_scale.map_or(0, |s| s.skipped),
         prefix,
     })
+}
+
+/// The head and the LoRA a job returns, from its parameters as [`snapshot_params`] orders them
+/// (head weight, head bias, then A and B of each slot).
+fn trained_weights(params: &[Tensor], lora: Option<&LoraSetup<'_>>) -> Result<(Head, Option<LoraWeights>), TrainError> {
+    let head = Head { layers: vec![Dense { weight: to_host(&params[0])?, bias: to_host(&params[1])? }] };
+    let lora = match lora {
+        Some(LoraSetup { spec, rank, alpha, .. }) => Some(LoraWeights {
+            rank: *rank,
+            alpha: *alpha,
+            modules: spec
+                .slots
+                .iter()
+                .enumerate()
+                .map(|(i, slot)| Ok(LoraModule { module: slot.module.clone(), a: to_host(&params[2 + 2 * i])?, b: to_host(&params[3 + 2 * i])? }))
+                .collect::<Result<Vec<_>, TrainError>>()?,
+        }),
+        None => None,
+    };
+    Ok((head, lora))
 }
 
 /// Dynamic loss scaling for fp16 autocast, as PyTorch's `GradScaler`: the loss is multiplied by
@@ -1238,6 +1248,15 @@ pub fn apply_step(opt: &mut nn::Optimizer, vs: &nn::VarStore, loss: &Tensor, los
 /// Copies of everything trained, in the order [head weight, head bias, A_0, B_0, A_1, ...].
 fn snapshot_params(head_w: &Tensor, head_b: &Tensor, lora_vars: &[(Tensor, Tensor)]) -> Vec<Tensor> {
     [head_w, head_b].into_iter().chain(lora_vars.iter().flat_map(|(a, b)| [a, b])).map(|t| t.detach().copy()).collect()
+}
+
+/// Training samples per class (labels were checked to be below `classes`).
+fn class_counts(labels: &[i64], classes: usize) -> Vec<usize> {
+    let mut counts = vec![0usize; classes];
+    for &label in labels {
+        counts[label as usize] += 1;
+    }
+    counts
 }
 
 /// One epoch's sample order: a shuffle, or (class-balanced) an equal share of the epoch for each

@@ -107,7 +107,7 @@ pub(super) fn prepare(
     base_domain: &BaseDomain,
 ) -> Result<Prepared, AdaptError> {
     let (replay, replay_embeddings) = (&base_domain.replay, base_domain.replay_embeddings.as_deref());
-    let replay_fraction = base_domain.replay_fraction(config.replay_fraction, &config.gate);
+    let replay_fraction = base_domain.replay_fraction(config.training.replay_fraction, &config.gate);
     let task = &config.task;
     let mut train_all = store.load(task, Split::Train)?;
     let mut validation_all = store.load(task, Split::Validation)?;
@@ -134,8 +134,8 @@ pub(super) fn prepare(
         if labels.contains(&label) {
             continue;
         }
-        if n < config.min_samples_per_class {
-            notes.push(format!("label {label:?} waits: {n} training sample(s), {} needed", config.min_samples_per_class));
+        if n < config.training.min_samples_per_class {
+            notes.push(format!("label {label:?} waits: {n} training sample(s), {} needed", config.training.min_samples_per_class));
             continue;
         }
         labels.push(label);
@@ -143,8 +143,8 @@ pub(super) fn prepare(
     let index: BTreeMap<&str, i64> = labels.iter().enumerate().map(|(i, l)| (l.as_str(), i as i64)).collect();
     let train: Vec<&StoredSample> = train_all.iter().filter(|s| index.contains_key(s.sample.label.as_str())).collect();
     let validation: Vec<&StoredSample> = validation_all.iter().filter(|s| index.contains_key(s.sample.label.as_str())).collect();
-    if train.len() < config.min_train_samples {
-        return Err(AdaptError::Data(format!("{} training samples over labels that qualify; {} needed", train.len(), config.min_train_samples)));
+    if train.len() < config.training.min_train_samples {
+        return Err(AdaptError::Data(format!("{} training samples over labels that qualify; {} needed", train.len(), config.training.min_train_samples)));
     }
     let trained_labels: std::collections::BTreeSet<&str> = train.iter().map(|s| s.sample.label.as_str()).collect();
     if trained_labels.len() < 2 && labels.len() < 2 {
@@ -190,7 +190,7 @@ pub(super) fn prepare(
         .filter_map(|(i, &l)| base_labels.get(l as usize).and_then(|name| index.get(name.as_str())).map(|&c| (i, c)))
         .take((replay_fraction * train.len() as f64).round() as usize)
         .collect();
-    match config.kind {
+    match config.training.kind() {
         JobKind::Head => {
             let mut emb = train_emb;
             if let Some(replay_emb) = replay_embeddings {
@@ -231,16 +231,16 @@ pub(super) fn prepare(
     if !replay_rows.is_empty() {
         notes.push(format!("{} retained base-domain samples replayed", replay_rows.len()));
     }
-    if let Some((share, n)) = base_domain.traffic_share.filter(|_| replay_fraction < config.replay_fraction) {
+    if let Some((share, n)) = base_domain.traffic_share.filter(|_| replay_fraction < config.training.replay_fraction) {
         notes.push(format!(
             "replay follows the traffic: {:.0} % of the last {n} inputs look like the base domain, so {:.2} of the samples instead of {:.2}",
             share * 100.0,
             replay_fraction,
-            config.replay_fraction
+            config.training.replay_fraction
         ));
     }
     // A LoRA job continues from the LoRA that serves (its head starts from the serving head too).
-    let start_lora = match (config.kind, incumbent.manifest.as_ref().and_then(|m| m.lora.as_ref())) {
+    let start_lora = match (config.training.kind(), incumbent.manifest.as_ref().and_then(|m| m.lora.as_ref())) {
         (JobKind::Lora { .. }, Some(info)) => match adaptd_adapters::lora::from_graph_inputs(&bundle.manifest.lora, &incumbent.lora.tensors, info.rank) {
             Ok(lora) => {
                 notes.push(format!("LoRA continues from v{} (rank {})", incumbent.version, info.rank));
@@ -258,7 +258,7 @@ pub(super) fn prepare(
     let validation_ids: Vec<i64> = validation.iter().map(|s| s.id).collect();
     // Above a cut: the prefix activations earlier jobs kept (the trainer reuses those whose key
     // is its prefix's, and computes the rest).
-    let prefix_cache = match (config.kind, &bundle.manifest.cut) {
+    let prefix_cache = match (config.training.kind(), &bundle.manifest.cut) {
         (JobKind::Lora { .. }, Some(_)) => {
             let mut kept = store.activations(&train_ids.iter().flatten().chain(&validation_ids).copied().collect::<Vec<_>>())?;
             // Each sample is one row: its activation moves into the job, uncopied.
@@ -271,7 +271,15 @@ pub(super) fn prepare(
         }
         _ => PrefixCache::default(),
     };
-    let job = TrainJob { kind: config.kind, train: train_ex, validation: val_ex, init_head, start_lora, recipe: config.recipe.clone(), prefix_cache };
+    let job = TrainJob {
+        kind: config.training.kind(),
+        train: train_ex,
+        validation: val_ex,
+        init_head,
+        start_lora,
+        recipe: config.training.recipe.clone(),
+        prefix_cache,
+    };
     Ok(Prepared { job, labels, counts, notes, sample_ids: (train_ids, validation_ids) })
 }
 

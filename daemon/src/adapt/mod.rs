@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use adaptd_train::Recipe;
+use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, watch as channel};
 
 pub use dataset::model_inputs;
@@ -36,35 +37,112 @@ use crate::registry::Registry;
 use crate::resources::ResourceLimits;
 use crate::samples::{SampleStore, SplitPolicy};
 use crate::scheduler::SchedulerConfig;
-use crate::trainer::{JobKind, Trainer};
+use crate::trainer::{JobKind, Trainer, TrainerConfig};
 
-#[derive(Debug, Clone)]
-pub struct AdaptConfig {
-    pub task: String,
-    pub kind: JobKind,
+/// Which adapter a job trains first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterChoice {
+    Head,
+    Lora,
+}
+
+/// How a task trains: the `[training]` section of the configuration file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct TrainingConfig {
+    pub adapter: AdapterChoice,
+    pub lora_rank: usize,
+    pub lora_alpha: f32,
+    /// The trainer thread's own settings (applied at start-up).
+    #[serde(flatten)]
+    pub trainer: TrainerConfig,
+    #[serde(flatten)]
     pub recipe: Recipe,
-    pub scheduler: SchedulerConfig,
-    pub gate: GateConfig,
-    pub limits: ResourceLimits,
-    pub tick: Duration,
+    /// Retained base-domain samples mixed into training, as a share of the task's samples.
+    pub replay_fraction: f64,
     /// Fewer training samples than this (over the classes that qualify): the job is deferred.
     pub min_train_samples: usize,
     /// A label with fewer training samples than this waits for more before it joins the head.
     pub min_samples_per_class: usize,
-    /// Retained base-domain samples mixed into training, as a share of the task's samples.
-    pub replay_fraction: f64,
-    /// After a promotion: compare old and new on this many fresh samples before judging...
-    pub watch_min_samples: u64,
-    /// ... roll back if the new one is worse by more than this ...
-    pub rollback_drop: f64,
-    /// ... and stop watching after this many.
-    pub watch_max_samples: u64,
+    /// Try more capacity within a job ([`escalation_after`]) while the best validation
+    /// accuracy so far is below `escalate_until` and each step still improves it.
+    pub escalate: bool,
+    pub escalate_until: f64,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        TrainingConfig {
+            adapter: AdapterChoice::Head,
+            lora_rank: 8,
+            lora_alpha: 8.0,
+            trainer: TrainerConfig::default(),
+            recipe: Recipe::default(),
+            replay_fraction: 0.2,
+            min_train_samples: 20,
+            min_samples_per_class: 2,
+            escalate: true,
+            escalate_until: 0.98,
+        }
+    }
+}
+
+impl TrainingConfig {
+    /// What a job trains first.
+    pub fn kind(&self) -> JobKind {
+        match self.adapter {
+            AdapterChoice::Head => JobKind::Head,
+            AdapterChoice::Lora => JobKind::Lora { rank: self.lora_rank, alpha: self.lora_alpha },
+        }
+    }
+
+    /// The same settings, training `kind` (a step of escalation).
+    pub fn with_kind(&self, kind: JobKind) -> TrainingConfig {
+        let (adapter, lora_rank, lora_alpha) = match kind {
+            JobKind::Head => (AdapterChoice::Head, self.lora_rank, self.lora_alpha),
+            JobKind::Lora { rank, alpha } => (AdapterChoice::Lora, rank, alpha),
+        };
+        TrainingConfig { adapter, lora_rank, lora_alpha, ..self.clone() }
+    }
+
+    /// More capacity to try after [`kind`](Self::kind) within a job, in order (empty: none).
+    pub fn escalation(&self) -> Vec<JobKind> {
+        match self.escalate {
+            true => escalation_after(self.adapter == AdapterChoice::Head, self.lora_rank, self.lora_alpha),
+            false => Vec::new(),
+        }
+    }
+}
+
+/// When jobs start, and what the device must spare for one: the `[schedule]` section of the
+/// configuration file.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ScheduleConfig {
+    #[serde(flatten)]
+    pub trigger: SchedulerConfig,
+    #[serde(flatten)]
+    pub limits: ResourceLimits,
+    /// How often the loop looks at its task.
+    #[serde(rename = "tick_ms", with = "crate::config::units::millis")]
+    pub tick: Duration,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        ScheduleConfig { trigger: SchedulerConfig::default(), limits: ResourceLimits::default(), tick: Duration::from_secs(1) }
+    }
+}
+
+/// One task's loop: the configuration file's sections, as they are, and the task's share of
+/// the sample store.
+#[derive(Debug, Clone)]
+pub struct AdaptConfig {
+    pub task: String,
+    pub training: TrainingConfig,
+    pub schedule: ScheduleConfig,
+    pub gate: GateConfig,
     /// Holdout samples evaluated per decision (the newest).
     pub max_eval_samples: usize,
-    /// More capacity to try after `kind` within a job, in order (empty: no escalation)...
-    pub escalation: Vec<JobKind>,
-    /// ... while the best validation accuracy so far is below this.
-    pub escalate_until: f64,
     /// Disk budget of the task's samples in bytes (0: none), and the samples per class that
     /// eviction never goes below.
     pub store_budget_bytes: u64,
@@ -72,24 +150,14 @@ pub struct AdaptConfig {
 }
 
 impl AdaptConfig {
+    /// The built-in defaults.
     pub fn new(task: &str) -> AdaptConfig {
         AdaptConfig {
             task: task.to_string(),
-            kind: JobKind::Head,
-            recipe: Recipe::default(),
-            scheduler: SchedulerConfig::default(),
+            training: TrainingConfig::default(),
+            schedule: ScheduleConfig::default(),
             gate: GateConfig::default(),
-            limits: ResourceLimits::default(),
-            tick: Duration::from_secs(1),
-            min_train_samples: 20,
-            min_samples_per_class: 2,
-            replay_fraction: 0.2,
-            watch_min_samples: 30,
-            rollback_drop: 0.05,
-            watch_max_samples: 500,
             max_eval_samples: 2000,
-            escalation: escalation_after(true, 8, 8.0),
-            escalate_until: 0.98,
             store_budget_bytes: 0,
             reservoir_per_class: 50,
         }

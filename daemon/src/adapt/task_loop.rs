@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use super::dataset::{BaseDomain, Prepared, prepare, split_retention};
 use super::evaluate::{Judged, base_domain_detector, base_traffic_share, embed_retention, fill_embeddings, judge, predict_samples};
-use super::watch::{RollbackWatch, Verdict, WatchLimits};
+use super::watch::{RollbackWatch, Verdict};
 use super::{AdaptConfig, AdaptError, Command, CommandKind, Context, Install, Installed, Status, lock};
 use crate::events::now_ms;
 use crate::registry::Serving;
@@ -79,8 +79,8 @@ impl TaskLoop {
         let serving = ctx.registry.ensure_task(&task)?;
         let watch = RollbackWatch::new(store.last_id(&task)?, serving.version);
         let mut task_loop = TaskLoop {
-            scheduler: Scheduler::new(config.scheduler.clone()),
-            monitor: Monitor::new(&config.limits.sysfs_root),
+            scheduler: Scheduler::new(config.schedule.trigger.clone()),
+            monitor: Monitor::new(&config.schedule.limits.sysfs_root),
             base_domain: BaseDomain { replay, check, replay_embeddings: None, detector: None, traffic_share: None },
             store: Mutex::new(store),
             retention,
@@ -111,7 +111,7 @@ impl TaskLoop {
         mut installs: mpsc::Receiver<Install>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), AdaptError> {
-        let mut ticker = tokio::time::interval(self.config.tick);
+        let mut ticker = tokio::time::interval(self.config.schedule.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         let mut operator_request = None;
@@ -132,7 +132,7 @@ impl TaskLoop {
             }
             if configs.has_changed().unwrap_or(false) {
                 self.reconfigure(configs.borrow_and_update().clone());
-                ticker = tokio::time::interval(self.config.tick);
+                ticker = tokio::time::interval(self.config.schedule.tick);
                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             }
             let Some(trigger) = self.tick(&mut operator_request).await? else { continue };
@@ -147,8 +147,8 @@ impl TaskLoop {
     }
 
     fn reconfigure(&mut self, config: AdaptConfig) {
-        self.scheduler.reconfigure(config.scheduler.clone());
-        self.monitor = Monitor::new(&config.limits.sysfs_root);
+        self.scheduler.reconfigure(config.schedule.trigger.clone());
+        self.monitor = Monitor::new(&config.schedule.limits.sysfs_root);
         self.config = config;
         tracing::info!(task = self.task, "configuration reloaded");
     }
@@ -182,7 +182,7 @@ impl TaskLoop {
             now_ms: now_ms(),
             new_samples: lock(&self.store).count_after(&task, since)?,
             live_accuracy: self.watch.live_accuracy(),
-            device_busy: reading.busy_reason(&self.config.limits),
+            device_busy: reading.busy_reason(&self.config.schedule.limits),
             serving_p99_ms: None,
             operator_request: operator_request.is_some() || self.round.is_some(),
         };
@@ -396,8 +396,7 @@ impl TaskLoop {
             Some(previous) => Some(hits(&predict_samples(&self.ctx, previous, &scored).await?)),
             None => None,
         };
-        let limits =
-            WatchLimits { min_samples: self.config.watch_min_samples, rollback_drop: self.config.rollback_drop, max_samples: self.config.watch_max_samples };
+        let limits = self.config.gate.watch;
         match self.watch.record(scored.len() as u64, live_hits, previous_hits, &limits) {
             Verdict::Watching => {}
             Verdict::RollBack { reason } => match self.rollback(&reason, "watch") {
@@ -453,7 +452,7 @@ impl TaskLoop {
         let started = Instant::now();
         let mut best: Option<Attempt> = None;
         for (step, kind) in ladder.iter().enumerate() {
-            let config = AdaptConfig { kind: *kind, ..self.config.clone() };
+            let config = AdaptConfig { training: self.config.training.with_kind(*kind), ..self.config.clone() };
             let prepared = prepare(ctx.registry.bundle(), ctx.text.as_deref(), &config, &lock(&self.store), &start_from, &self.base_domain);
             let prepared = match prepared {
                 Ok(p) => p,
@@ -526,7 +525,7 @@ impl TaskLoop {
             }
             let best_accuracy = best.as_ref().map_or(0.0, |b| b.val_accuracy);
             let Some(next) = ladder.get(step + 1) else { break };
-            match escalation_stops(kind, improved, best_accuracy, self.config.escalate_until) {
+            match escalation_stops(kind, improved, best_accuracy, self.config.training.escalate_until) {
                 Some(reason) => {
                     tracing::info!(task, version, reason, "escalation stops");
                     break;
@@ -539,7 +538,7 @@ impl TaskLoop {
                             from: kind.label(),
                             to: next.label(),
                             val_accuracy: best_accuracy as f32,
-                            until: self.config.escalate_until,
+                            until: self.config.training.escalate_until,
                         },
                     );
                 }
@@ -593,8 +592,8 @@ impl TaskLoop {
     /// and a rank within its `rank_max`).
     fn ladder(&self) -> Vec<JobKind> {
         let lora = &self.ctx.registry.bundle().manifest.lora;
-        std::iter::once(self.config.kind)
-            .chain(self.config.escalation.iter().copied().filter(|k| match k {
+        std::iter::once(self.config.training.kind())
+            .chain(self.config.training.escalation().into_iter().filter(|k| match k {
                 JobKind::Head => false,
                 JobKind::Lora { rank, .. } => !lora.slots.is_empty() && *rank <= lora.rank_max,
             }))
@@ -616,7 +615,7 @@ impl TaskLoop {
         let started = Instant::now();
         let mut handle = ctx.trainer.submit(job).map_err(|e| JobResult::Failed(e.to_string()))?;
         let mut last_progress = Instant::now();
-        let mut ticker = tokio::time::interval(config.tick);
+        let mut ticker = tokio::time::interval(config.schedule.tick);
         loop {
             tokio::select! {
                 _ = &mut *shutdown => {
@@ -631,7 +630,7 @@ impl TaskLoop {
                     last_progress = Instant::now();
                     let elapsed = started.elapsed().as_secs_f64();
                     let eta_s = elapsed / p.step.max(1) as f64 * (p.total_steps - p.step) as f64;
-                    ctx.events.emit(&task, Event::TrainingProgress { version, kind: config.kind.label(), epoch: p.epoch + 1, epochs: p.max_epochs, step: p.step, steps: p.total_steps, loss: p.loss, eta_s });
+                    ctx.events.emit(&task, Event::TrainingProgress { version, kind: config.training.kind().label(), epoch: p.epoch + 1, epochs: p.max_epochs, step: p.step, steps: p.total_steps, loss: p.loss, eta_s });
                     self.publish_status(Some((p.step, p.total_steps)));
                 },
                 _ = ticker.tick() => {
@@ -662,7 +661,7 @@ impl TaskLoop {
                     Ok(Ok(report)) => Ok(report),
                     Ok(Err(e)) => {
                         let reason = format!("{} ({}): the candidate is discarded, v{} keeps serving", e, e.error_type(), incumbent.version);
-                        let event = ctx.events.emit(&task, Event::TrainingFailed { version, kind: Some(config.kind.label()), error_type: e.error_type().to_string(), reason: reason.clone() });
+                        let event = ctx.events.emit(&task, Event::TrainingFailed { version, kind: Some(config.training.kind().label()), error_type: e.error_type().to_string(), reason: reason.clone() });
                         ctx.journal.record(&event);
                         Err(JobResult::Failed(reason))
                     }

@@ -15,16 +15,7 @@ impl Tally {
     }
 }
 
-/// When the watch judges.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct WatchLimits {
-    /// Compare old and new on at least this many fresh samples before judging...
-    pub min_samples: u64,
-    /// ... roll back if the new one is worse by more than this ...
-    pub rollback_drop: f64,
-    /// ... and stop watching after this many.
-    pub max_samples: u64,
-}
+pub use crate::gate::WatchLimits;
 
 /// What the fresh samples say.
 #[derive(Debug, Clone, PartialEq)]

@@ -32,11 +32,15 @@ use tokio::sync::{oneshot, watch};
 use crate::registry::{LoraInputs, Registry, Serving};
 use onnx::{ExecutionProvider, OnnxError, OnnxModel, SessionOptions};
 
-#[derive(Debug, Clone)]
+/// The engine's settings: the `[engine]` section of the configuration file.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 pub struct EngineConfig {
     pub max_batch: usize,
+    /// How long a batch waits for more requests (0: none, and idle requests run inline).
+    #[serde(rename = "max_wait_ms", with = "crate::config::units::millis")]
     pub max_wait: Duration,
     pub queue_depth: usize,
+    #[serde(flatten)]
     pub session: SessionOptions,
 }
 

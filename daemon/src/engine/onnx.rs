@@ -173,9 +173,11 @@ pub enum ExecutionProvider {
 }
 
 /// How one session is built. Serving and training share a small device, so nothing spins.
-#[derive(Debug, Clone, Copy)]
+/// Read from the `[engine]` section of the configuration file.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
 pub struct SessionOptions {
     pub intra_op_threads: usize,
+    #[serde(rename = "execution_provider")]
     pub provider: ExecutionProvider,
     pub device_id: i32,
     pub fallback_to_cpu: bool,
