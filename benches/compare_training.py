@@ -346,7 +346,7 @@ def time_to_accuracy(tmp: Path, args, qv: Path) -> None:
                 reached = next((t for t, acc in r["curve"] if acc >= target), None)
                 rows[side].append((reached, r["test"], r["peak_rss_bytes"]))
                 when = f"{reached:6.2f} s" if reached is not None else "  never"
-                print(f"  {task} seed {seed} {side:<28} to {100 * target:.1f}% validation: {when}; test {100 * r['test']:.1f}%; "
+                print(f"  {task} seed {seed} {side:<30} to {100 * target:.1f}% validation: {when}; test {100 * r['test']:.1f}%; "
                       f"run {r['seconds']:.1f} s; peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
 
         def median(values):
@@ -358,12 +358,12 @@ def time_to_accuracy(tmp: Path, args, qv: Path) -> None:
         peft_rss = statistics.median(m for _, _, m in rows["PEFT"])
         print(f"\nTime to accuracy, {what} ({sizes}), {recipe}, {args.threads} threads; target: PEFT's final "
               f"validation accuracy - 0.5 points; medians over {len(rows['PEFT'])} seeds:")
-        print(f"  {'':<28} {'to target':>10} {'x PEFT':>7} {'test':>7} {'- PEFT':>7} {'peak RSS':>9} {'x PEFT':>7}")
+        print(f"  {'':<30} {'to target':>10} {'x PEFT':>7} {'test':>7} {'- PEFT':>7} {'peak RSS':>9} {'x PEFT':>7}")
         for side, rs in rows.items():
             t, test, rss = median(r[0] for r in rs), statistics.median(r[1] for r in rs), statistics.median(r[2] for r in rs)
             ratio = f"{t / peft_time:6.2f}x" if t is not None and peft_time else "      -"
             shown = f"{t:8.2f} s" if t is not None else "     never"
-            print(f"  {side:<28} {shown:>10} {ratio:>7} {100 * test:6.1f}% {100 * (test - peft_test):+6.1f} "
+            print(f"  {side:<30} {shown:>10} {ratio:>7} {100 * test:6.1f}% {100 * (test - peft_test):+6.1f} "
                   f"{rss / 2**20:6.0f} MiB {rss / peft_rss:6.2f}x")
         print("  goals (intents): time to PEFT's accuracy <= 0.33x PEFT's, test within 0.5 points, peak RSS <= 0.4x PEFT's\n")
 
