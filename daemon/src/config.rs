@@ -458,9 +458,20 @@ impl Config {
         Ok(())
     }
 
+    /// Take `new`'s `[training]`, `[schedule]` and `[gate]` (what a reload applies) and return
+    /// what else changed, which only a restart applies. Everything else stays as it runs, the
+    /// trainer's own settings too, so the next file is compared with what runs.
+    pub fn reload(&mut self, new: Config) -> Vec<&'static str> {
+        let needs_restart = self.restart_only_changes(&new);
+        let trainer = self.training.trainer.clone();
+        (self.training, self.schedule, self.gate) = (new.training, new.schedule, new.gate);
+        self.training.trainer = trainer;
+        needs_restart
+    }
+
     /// What changed between `self` (running) and `new` that only a restart applies: everything
-    /// outside `[training]`, `[schedule]` and `[gate]`, and the trainer's device and threads.
-    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+    /// outside `[training]`, `[schedule]` and `[gate]`, and the trainer thread's own settings.
+    fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
         let mut changed = Vec::new();
         let mut check = |name, differs: bool| {
             if differs {

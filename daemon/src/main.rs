@@ -105,7 +105,8 @@ enum Command {
         /// HTTP address; keep it on loopback unless a proxy guards it.
         #[arg(long)]
         http: Option<std::net::SocketAddr>,
-        /// MQTT broker for the MQTT inference API, as host:port.
+        /// MQTT broker for ingest and the MQTT inference API, as host:port (credentials and TLS
+        /// still come from the configuration).
         #[arg(long)]
         mqtt: Option<String>,
         /// This device's id in MQTT topics.

@@ -338,9 +338,9 @@ async fn reload_on_sighup(
                     events.emit("", adaptd_protocol::Event::ConfigRefused { reason: e.to_string() });
                 }
                 Ok(new) => {
-                    let needs_restart = running.restart_only_changes(&new);
+                    let needs_restart = running.reload(new);
                     for (task, tx) in &loops {
-                        tx.send_replace(new.adapt_config(task));
+                        tx.send_replace(running.adapt_config(task));
                     }
                     if !needs_restart.is_empty() {
                         tracing::warn!(?needs_restart, "SIGHUP: these changed but apply only after a restart");
@@ -352,10 +352,6 @@ async fn reload_on_sighup(
                             needs_restart: needs_restart.iter().map(|k| k.to_string()).collect(),
                         },
                     );
-                    // What runs is the old value of restart-only keys: keep diffing against it.
-                    let trainer = running.training.trainer.clone();
-                    (running.training, running.schedule, running.gate) = (new.training, new.schedule, new.gate);
-                    running.training.trainer = trainer;
                 }
             },
         }

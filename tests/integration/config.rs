@@ -141,9 +141,11 @@ fn keys_and_kinds_are_checked_in_their_own_sections() {
 /// compare the next file with.
 #[test]
 fn a_reload_applies_training_schedule_and_gate_and_names_the_rest() {
-    let running = Config::default();
-    let new = parse("[engine]\nmax_batch = 8\n[training]\nabove_cut = false\nmax_epochs = 3\n[gate]\nmin_holdout = 20\n").unwrap();
-    assert_eq!(running.restart_only_changes(&new), ["engine", "training.above_cut"]);
-    let adapt = new.adapt_config("sorter");
+    let mut running = Config::default();
+    let file = "[engine]\nmax_batch = 8\n[training]\nabove_cut = false\nmax_epochs = 3\n[gate]\nmin_holdout = 20\n";
+    assert_eq!(running.reload(parse(file).unwrap()), ["engine", "training.above_cut"]);
+    let adapt = running.adapt_config("sorter");
     assert_eq!((adapt.training.recipe.max_epochs, adapt.gate.min_holdout), (3, 20), "a loop gets the file's sections as they are");
+    assert!(running.training.trainer.above_cut && running.engine.max_batch == 32, "what only a restart applies still runs as before");
+    assert_eq!(running.reload(parse(file).unwrap()), ["engine", "training.above_cut"], "the same file again: still not applied, still said");
 }
