@@ -63,6 +63,7 @@ fn bad_files_name_the_key_and_say_what_is_allowed() {
         ("repository = \"\"", "repository = \"ftp://adapters\"", "fleet.repository"),
         ("repository = \"\"", "repository = \"https://adapters.example/fleet/\"", "fleet.repository"),
         ("max_release_mb = 64", "max_release_mb = \"big\"", "max_release_mb"),
+        ("max_mb_per_task = 0.0", "max_mb_per_task = -1.0", "ingest.max_mb_per_task"),
     ] {
         let err = parse(&DEFAULT_TOML.replace(from, to)).unwrap_err();
         assert!(err.contains(key), "{key}: {err}");
