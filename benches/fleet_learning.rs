@@ -24,10 +24,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use adaptd::datasets::{Digits, Shift};
-use adaptd::engine::onnx::{OnnxModel, SessionOptions};
-use adaptd::fleet::aggregate::{Options, Parent, aggregate};
 use adaptd_adapters::aggregate::Rule;
 use adaptd_adapters::{Adapter, AdapterStore, Bundle};
+use adaptd_daemon::engine::onnx::{OnnxModel, SessionOptions};
+use adaptd_daemon::fleet::aggregate::{Options, Parent, aggregate};
 use adaptd_protocol::fleet::Offer;
 
 const TRAIN: usize = 360;
@@ -181,20 +181,20 @@ async fn learn(digits: &Digits, devices: &[Device], one_world: bool, seed: u64) 
     let mut daemons = Vec::new();
     for (device, dir) in devices.iter().zip(&dirs) {
         let mut config =
-            adaptd::config::Config { bundle: repo_root().join("build/bundles/digits-cnn"), state_dir: dir.path().to_path_buf(), ..Default::default() };
+            adaptd_daemon::config::Config { bundle: repo_root().join("build/bundles/digits-cnn"), state_dir: dir.path().to_path_buf(), ..Default::default() };
         config.http.listen = "127.0.0.1:0".parse().unwrap();
         (config.mqtt.host, config.mqtt.port, config.mqtt.device_id) = ("127.0.0.1".into(), broker.1, device.name.into());
         config.ingest.tasks = vec!["sorter".into()];
         let schedule = &mut config.schedule;
         (schedule.trigger.min_new_samples, schedule.trigger.settle, schedule.tick) = (0, Duration::from_secs(2), Duration::from_millis(100));
         (config.schedule.limits.max_cpu_percent, config.schedule.limits.min_available_mb) = (100.0, 0);
-        (config.training.adapter, config.training.escalate, config.training.recipe.seed) = (adaptd::adapt::AdapterChoice::Lora, false, seed);
+        (config.training.adapter, config.training.escalate, config.training.recipe.seed) = (adaptd_daemon::adapt::AdapterChoice::Lora, false, seed);
         config.fleet.repository = format!("http://127.0.0.1:{}/repo/", web.1);
         config.fleet.root_file = repo.join("metadata/1.root.json");
         config.fleet.offers = offers_dir.to_str().unwrap().to_string();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
-        let handle = tokio::spawn(adaptd::serve::run(
+        let handle = tokio::spawn(adaptd_daemon::serve::run(
             config,
             None,
             async {
@@ -350,7 +350,7 @@ fn main() {
 
             // Rounds: the svd aggregate is release 1; `fleet learn` goes on from it.
             if let Some(first) = first_release {
-                let plan = adaptd::fleet::learn::LearnPlan {
+                let plan = adaptd_daemon::fleet::learn::LearnPlan {
                     task: "sorter".into(),
                     rounds: ROUNDS,
                     devices: devices.iter().map(|d| d.name.to_string()).collect(),
@@ -367,10 +367,10 @@ fn main() {
                     expiry: adaptd_fleet::repo::Expiry::default(),
                 };
                 let rounds_started = Instant::now();
-                let broker = adaptd::mqtt::BrokerConnection::plain("127.0.0.1", fleet.broker.1);
+                let broker = adaptd_daemon::mqtt::BrokerConnection::plain("127.0.0.1", fleet.broker.1);
                 let report = runtime.block_on(async {
-                    adaptd::fleet::aggregate::publish(&first, 1, None, false, &plan.keys, &plan.repo, plan.expiry).await.unwrap();
-                    adaptd::fleet::learn::learn(&plan, broker, adaptd_protocol::topics::DEFAULT_PREFIX, |_| {}, std::future::pending::<()>()).await
+                    adaptd_daemon::fleet::aggregate::publish(&first, 1, None, false, &plan.keys, &plan.repo, plan.expiry).await.unwrap();
+                    adaptd_daemon::fleet::learn::learn(&plan, broker, adaptd_protocol::topics::DEFAULT_PREFIX, |_| {}, std::future::pending::<()>()).await
                 });
                 match report {
                     Ok(report) => {

@@ -23,13 +23,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use adaptd::engine::onnx::{OnnxModel, SessionOptions};
-use adaptd::engine::{Engine, EngineConfig};
-use adaptd::preprocess::TextEncoder;
-use adaptd::registry::Registry;
 use adaptd_adapters::lora::no_adapter_inputs;
 use adaptd_adapters::tensor::{HostData, HostTensor};
 use adaptd_adapters::{AdapterStore, Bundle};
+use adaptd_daemon::engine::onnx::{OnnxModel, SessionOptions};
+use adaptd_daemon::engine::{Engine, EngineConfig};
+use adaptd_daemon::preprocess::TextEncoder;
+use adaptd_daemon::registry::Registry;
 use criterion::{Criterion, Throughput};
 use ort::value::DynValue;
 
@@ -166,7 +166,7 @@ fn hot_swap(s: &Setup, clients: usize, promotions: u64) -> (f64, u64) {
     let registry = s.registry.clone();
     // Promotions come from the trainer's side of the daemon, which runs below serving's priority.
     std::thread::spawn(move || {
-        adaptd::background_priority();
+        adaptd_daemon::background_priority();
         for v in 1..=promotions {
             let adapter = if v % 2 == 0 {
                 fixtures::lora_adapter(&bundle, "bench", start_version + v, v)

@@ -22,9 +22,9 @@ mod broker;
 
 use std::time::{Duration, Instant};
 
-use adaptd::adapt::AdapterChoice;
-use adaptd::config::Config;
 use adaptd::datasets::{Digits, ROBOT_INTENTS, Shift};
+use adaptd_daemon::adapt::AdapterChoice;
+use adaptd_daemon::config::Config;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -137,7 +137,7 @@ async fn run_once(case: Case, run: usize, lora_bundle: Option<&std::path::Path>)
     let state = tempfile::tempdir().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let (bound_tx, bound_rx) = oneshot::channel();
-    let daemon = tokio::spawn(adaptd::serve::run(
+    let daemon = tokio::spawn(adaptd_daemon::serve::run(
         daemon_config(case, broker.port, state.path(), lora_bundle),
         None,
         async {

@@ -7,8 +7,6 @@
 //! - `preprocess`: client input (text, images, tensors) into model inputs.
 //! - `api`: the inference API over HTTP and MQTT v5 request/response.
 //! - `config`: the configuration file; unknown keys are errors.
-//! - `ops`: the CLI's operator commands (status, train, adapters) against a daemon or its state.
-//! - `client`: a blocking client for a running daemon's HTTP API (the CLI's commands).
 //! - `mqtt`: the device's MQTT links (one per MQTT version) and the embedded broker (rumqttd).
 //! - `ingest`: labelled samples over MQTT, acked only once durable.
 //! - `samples`: the durable, deduplicated sample store (SQLite, WAL) with stable splits.
@@ -19,35 +17,22 @@
 //! - `fleet`: the fleet agent: releases from the signed repository, judged by the task's loop.
 //! - `app`: the supervisor: named tasks stopped in stages within a deadline.
 //! - `serve`: the serving process: engine, registry and APIs until shutdown.
-//! - `report`: the HTML report of what the loop did (charts from the journal).
-//! - `demo`: the one-command demo: a simulated fleet teaches the daemon a shifted domain.
-//! - `parity`: proof that the serving and training graphs compute the same function.
-//! - `datasets`: the reference data shipped with the reference bundles.
 //! - `systemd`: sd_notify (ready, status, watchdog) without libsystemd.
-//! - `paths`: where the set-up step put bundles and data.
 //! - adapters, bundles and training: the `adaptd-adapters` crate.
 
 pub mod adapt;
 pub mod api;
 pub mod app;
-pub mod client;
 pub mod config;
 pub mod control;
-pub mod datasets;
-pub mod demo;
-pub mod doctor;
 pub mod engine;
 pub mod events;
 pub mod fleet;
 pub mod gate;
 pub mod ingest;
 pub mod mqtt;
-pub mod ops;
-pub mod parity;
-pub mod paths;
 pub mod preprocess;
 pub mod registry;
-pub mod report;
 pub mod resources;
 pub mod samples;
 pub mod scheduler;

@@ -7,8 +7,8 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use adaptd::config::Config;
 use adaptd::datasets::{Digits, Shift};
+use adaptd_daemon::config::Config;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -99,7 +99,7 @@ impl Drop for EventLog {
 
 #[allow(clippy::field_reassign_with_default)] // reads as "the defaults, except"
 pub(crate) fn daemon_config(port: u16, state: &std::path::Path, task: &str, min_new_samples: u64) -> Config {
-    let mut config = adaptd::config::Config::default();
+    let mut config = adaptd_daemon::config::Config::default();
     config.bundle = reference_bundle("digits-cnn");
     config.state_dir = state.to_path_buf();
     config.http.listen = "127.0.0.1:0".parse().unwrap();
@@ -115,7 +115,7 @@ pub(crate) fn daemon_config(port: u16, state: &std::path::Path, task: &str, min_
     config.training.recipe.max_epochs = 30;
     // LoRA on the bundle's slots learns the new domain while replay keeps the old one; a head alone on
     // the frozen embedding cannot serve both orientations (the gate refuses it on retention).
-    config.training.adapter = adaptd::adapt::AdapterChoice::Lora;
+    config.training.adapter = adaptd_daemon::adapt::AdapterChoice::Lora;
     config.training.replay_fraction = 0.5;
     config.training.recipe.learning_rate = 2e-3;
     // A robot whose camera now hangs sideways for good: trade some upright accuracy (measured
@@ -253,7 +253,7 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
 
     // Control needs the token, and no web page can drive it: a cross-origin browser POST
     // (text/plain, foreign Origin) and a rebound Host name are refused before the token counts.
-    let token = adaptd::control::read_token(state.path()).expect("the daemon made its control token");
+    let token = adaptd_daemon::control::read_token(state.path()).expect("the daemon made its control token");
     let bearer = format!("Authorization: Bearer {token}");
     let rollback_url = format!("{base}/v1/tasks/sorter/rollback");
     let (code, answer) = http("POST", &rollback_url);
@@ -439,9 +439,9 @@ async fn operators_command_over_mqtt_with_signed_messages_and_read_the_answers_a
     let (stop, _, daemon) = crate::serve_in_process(config).await;
     let port = broker.port;
     let signed = |command: &str, version: Option<u64>, key: &[u8]| {
-        let issued = adaptd::events::now_ms();
-        let text = adaptd::control::signed_text("robot-3", "tiny", command, version, "alice", issued);
-        json!({ "command": command, "version": version, "by": "alice", "issued_ms": issued, "signature": adaptd::control::sign(key, &text) }).to_string()
+        let issued = adaptd_daemon::events::now_ms();
+        let text = adaptd_daemon::control::signed_text("robot-3", "tiny", command, version, "alice", issued);
+        json!({ "command": command, "version": version, "by": "alice", "issued_ms": issued, "signature": adaptd_daemon::control::sign(key, &text) }).to_string()
     };
     let train = signed("train", None, &key);
     let messages = vec![
@@ -579,7 +579,7 @@ async fn a_steady_stream_does_not_starve_training() {
 /// the whole bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_retention_bound_follows_how_much_of_the_traffic_is_still_base_domain() {
-    use adaptd::gate::{GateConfig, RetentionPolicy};
+    use adaptd_daemon::gate::{GateConfig, RetentionPolicy};
     let digits = Digits::load(&digits_data()).unwrap();
     let pool = digits.held_out();
     let sideways = digit_lines(&digits, pool.iter().copied().take(360), "side", "sorter", Shift::Rotate90);
@@ -682,7 +682,7 @@ async fn lora_above_a_cut_keeps_prefix_activations_for_the_next_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_escalates_from_a_head_to_lora_while_validation_improves() {
     let Running { broker, state, events, base: _, stop, daemon } = start_daemon_with("sorter", 300, |c| {
-        let shipped = adaptd::config::Config::default();
+        let shipped = adaptd_daemon::config::Config::default();
         (c.training.adapter, c.training.escalate) = (shipped.training.adapter, shipped.training.escalate);
         c.training.recipe.max_epochs = 30;
     })

@@ -4,12 +4,12 @@
 use std::path::Path;
 use std::process::Command;
 
-use adaptd::engine::onnx::{OnnxModel, SessionOptions};
 use adaptd_adapters::Bundle;
 use adaptd_adapters::aggregate::{Rule, combine_lora, normalise, update};
 use adaptd_adapters::files::{Adapter, AdapterFileError, LoraInfo, PEFT_WEIGHTS, read_peft};
 use adaptd_adapters::lora::{LoraModule, LoraWeights};
 use adaptd_adapters::tensor::{HostTensor, max_abs_diff};
+use adaptd_daemon::engine::onnx::{OnnxModel, SessionOptions};
 
 use crate::{head_adapter, lora_adapter, reference_bundle};
 

@@ -5,12 +5,12 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use adaptd::api::mqtt;
-use adaptd::api::{Api, http};
-use adaptd::engine::{Engine, EngineConfig};
-use adaptd::mqtt::{BrokerConnection, v5};
-use adaptd::registry::Registry;
 use adaptd_adapters::{AdapterStore, Bundle};
+use adaptd_daemon::api::mqtt;
+use adaptd_daemon::api::{Api, http};
+use adaptd_daemon::engine::{Engine, EngineConfig};
+use adaptd_daemon::mqtt::{BrokerConnection, v5};
+use adaptd_daemon::registry::Registry;
 use tokio::sync::oneshot;
 
 use crate::broker::Mosquitto;
@@ -223,8 +223,8 @@ async fn the_serving_process_recovers_its_adapters_and_shuts_down_cleanly() {
 
 #[test]
 fn png_and_jpeg_digits_answer_like_their_tensors_and_broken_images_are_refused() {
-    use adaptd::api::wire::{self, WireError};
     use adaptd::datasets::{Digits, Shift};
+    use adaptd_daemon::api::wire::{self, WireError};
     let served = serve_digits(1 << 20);
     let manifest = served.api.engine().manifest().clone();
     let digits = Digits::load(&crate::digits_data()).unwrap();

@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use adaptd::datasets::{Digits, Shift};
-use adaptd::samples::{SampleStore, SplitPolicy};
 use adaptd_adapters::tensor::SeededRng;
+use adaptd_daemon::samples::{SampleStore, SplitPolicy};
 
 use crate::broker::{Mosquitto, free_port};
 
@@ -284,7 +284,7 @@ pub fn run(rounds: usize, valid: usize, seed: u64) -> ChaosReport {
     report.poison_sent = poison_sent.load(Ordering::Relaxed);
 
     // Everything acked reaches the store (the broker redelivers what the daemon never acked).
-    let db = state.join(adaptd::samples::STORE_FILE);
+    let db = state.join(adaptd_daemon::samples::STORE_FILE);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let store = SampleStore::open(&db, SplitPolicy::default()).expect("sample store");

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use adaptd::config::{Config, DEFAULT_TOML};
+use adaptd_daemon::config::{Config, DEFAULT_TOML};
 
 fn parse(text: &str) -> Result<Config, String> {
     Config::parse(text, Path::new("test.toml")).map_err(|e| e.to_string())

@@ -7,13 +7,13 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use adaptd::datasets::{Digits, Shift};
-use adaptd::engine::onnx::SessionOptions;
-use adaptd::engine::{Engine, EngineConfig, EngineError, Health, INLINE_RUN_MAX};
-use adaptd::preprocess::TextEncoder;
-use adaptd::registry::Registry;
 use adaptd_adapters::head::softmax_rows;
 use adaptd_adapters::tensor::HostTensor;
 use adaptd_adapters::{AdapterStore, Bundle};
+use adaptd_daemon::engine::onnx::SessionOptions;
+use adaptd_daemon::engine::{Engine, EngineConfig, EngineError, Health, INLINE_RUN_MAX};
+use adaptd_daemon::preprocess::TextEncoder;
+use adaptd_daemon::registry::Registry;
 use adaptd_train::TrainingGraph;
 
 use crate::{digits_data, head_adapter, lora_adapter, reference_bundle};
@@ -223,7 +223,7 @@ fn hot_swap_under_load_drops_nothing_and_never_mixes_adapters() {
 
 #[test]
 fn a_gpu_provider_that_cannot_register_fails_loudly_or_falls_back_when_allowed() {
-    use adaptd::engine::onnx::ExecutionProvider;
+    use adaptd_daemon::engine::onnx::ExecutionProvider;
     // The CPU build of ONNX Runtime used here has no CUDA provider: asking for it must not
     // quietly serve on the CPU.
     let dir = tempfile::tempdir().unwrap();

@@ -442,7 +442,7 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
         config.mqtt.device_id = device.into();
         (config.schedule.trigger.settle, config.schedule.trigger.interval) = (Duration::from_secs(u64::MAX / 4_000), Duration::from_secs(u64::MAX / 4_000));
         (config.gate.watch.min_samples, config.gate.watch.max_samples) = (10, 20);
-        config.fleet = adaptd::fleet::FleetConfig {
+        config.fleet = adaptd_daemon::fleet::FleetConfig {
             repository: nginx.url().to_string(),
             root_file: repo.join("metadata/1.root.json"),
             ca_file: std::path::PathBuf::new(),

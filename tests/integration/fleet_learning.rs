@@ -9,8 +9,8 @@
 use std::time::{Duration, Instant};
 
 use adaptd::datasets::{Digits, Shift};
-use adaptd::engine::onnx::{OnnxModel, SessionOptions};
 use adaptd_adapters::{Adapter, AdapterStore, Bundle};
+use adaptd_daemon::engine::onnx::{OnnxModel, SessionOptions};
 use adaptd_protocol::fleet::Offer;
 use serde_json::Value;
 
@@ -55,14 +55,14 @@ async fn five_devices_with_their_own_shifts_train_offer_and_the_aggregate_beats_
     let mut states = Vec::new();
     for (device, ..) in DEVICES {
         let state = tempfile::tempdir().unwrap();
-        let mut config = adaptd::config::Config { bundle: reference_bundle("digits-cnn"), state_dir: state.path().to_path_buf(), ..Default::default() };
+        let mut config = adaptd_daemon::config::Config { bundle: reference_bundle("digits-cnn"), state_dir: state.path().to_path_buf(), ..Default::default() };
         config.http.listen = "127.0.0.1:0".parse().unwrap();
         (config.mqtt.host, config.mqtt.port, config.mqtt.device_id) = ("127.0.0.1".into(), port, device.into());
         config.ingest.tasks = vec!["sorter".into()];
         (config.schedule.trigger.min_new_samples, config.schedule.trigger.settle, config.schedule.tick) =
             (0, Duration::from_secs(2), Duration::from_millis(100));
         (config.schedule.limits.max_cpu_percent, config.schedule.limits.min_available_mb) = (100.0, 0);
-        config.training.adapter = adaptd::adapt::AdapterChoice::Lora;
+        config.training.adapter = adaptd_daemon::adapt::AdapterChoice::Lora;
         config.fleet.repository = format!("{}repo/", nginx.url());
         config.fleet.root_file = repo.join("metadata/1.root.json");
         // Rounds' offers go into the same directory, as a shared mount.
@@ -257,7 +257,7 @@ async fn five_devices_with_their_own_shifts_train_offer_and_the_aggregate_beats_
 /// another base, another kind, another parent; heads combine over the union of labels.
 #[test]
 fn aggregation_refuses_offers_that_do_not_belong_together() {
-    use adaptd::fleet::aggregate::{Options, Parent, aggregate};
+    use adaptd_daemon::fleet::aggregate::{Options, Parent, aggregate};
     let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
     let offer_of = |device: &str, adapter: &Adapter| Offer {
         device: device.into(),

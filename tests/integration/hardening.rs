@@ -8,10 +8,10 @@ use std::sync::atomic::Ordering;
 
 use std::time::{Duration, Instant};
 
-use adaptd::api::wire;
-use adaptd::ingest::decode::{SampleSchema, decode_sample};
-use adaptd::samples::{SampleStore, SplitPolicy};
 use adaptd_adapters::Bundle;
+use adaptd_daemon::api::wire;
+use adaptd_daemon::ingest::decode::{SampleSchema, decode_sample};
+use adaptd_daemon::samples::{SampleStore, SplitPolicy};
 
 use crate::broker::Mosquitto;
 use crate::reference_bundle;
@@ -230,7 +230,7 @@ async fn an_interrupted_promotion_is_announced_at_the_next_start() {
     {
         let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
         let store = adaptd_adapters::AdapterStore::open(state.path().join("adapters")).unwrap();
-        let (registry, _) = adaptd::registry::Registry::open(bundle, store, 5).unwrap();
+        let (registry, _) = adaptd_daemon::registry::Registry::open(bundle, store, 5).unwrap();
         registry.promote(crate::head_adapter(registry.bundle(), "sorter", 1, 1)).unwrap(); // then the crash: no event, no journal
     }
     let mut config = crate::serve_config(reference_bundle("digits-cnn"), state.path());

@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use adaptd::ingest::{Ingest, IngestConfig, IngestStats};
-use adaptd::mqtt::{BrokerConnection, Link, LinkConfig};
-use adaptd::samples::{SampleInput, SampleStore, SplitPolicy};
 use adaptd_adapters::Bundle;
+use adaptd_daemon::ingest::{Ingest, IngestConfig, IngestStats};
+use adaptd_daemon::mqtt::{BrokerConnection, Link, LinkConfig};
+use adaptd_daemon::samples::{SampleInput, SampleStore, SplitPolicy};
 
 use crate::broker::Mosquitto;
 use crate::reference_bundle;
@@ -258,7 +258,7 @@ async fn the_serving_process_ingests_the_configured_tasks_samples() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn samples_arrive_through_the_embedded_rumqttd_broker() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    adaptd::mqtt::start_embedded(([127, 0, 0, 1], port).into(), 64 * 1024).expect("rumqttd starts");
+    adaptd_daemon::mqtt::start_embedded(([127, 0, 0, 1], port).into(), 64 * 1024).expect("rumqttd starts");
     let running = start_ingest(port, "adaptd-ingest-rumqttd");
     let (store, stats) = (running.store.clone(), running.stats.clone());
     let port_s = port.to_string();
@@ -388,7 +388,7 @@ async fn a_broker_restart_mid_stream_loses_nothing() {
 /// Image bundles take samples as JPEG/PNG (base64 in JSON), through the bundle's own preprocessing.
 #[test]
 fn image_samples_are_decoded_by_the_bundles_preprocessing_or_refused_with_the_reason() {
-    use adaptd::ingest::decode::{SampleSchema, decode_sample};
+    use adaptd_daemon::ingest::decode::{SampleSchema, decode_sample};
     use base64::Engine as _;
     let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
     let tasks = vec!["sorter".to_string()];

@@ -80,20 +80,20 @@ pub use fixtures::{TEST_LABELS, head_adapter, lora_adapter};
 pub type ServeHandle = (tokio::sync::oneshot::Sender<()>, std::net::SocketAddr, tokio::task::JoinHandle<anyhow::Result<()>>);
 
 /// The built-in defaults serving `bundle` from `state_dir`, on a free HTTP port.
-pub fn serve_config(bundle: std::path::PathBuf, state_dir: &std::path::Path) -> adaptd::config::Config {
-    let mut config = adaptd::config::Config { bundle, state_dir: state_dir.to_path_buf(), ..Default::default() };
+pub fn serve_config(bundle: std::path::PathBuf, state_dir: &std::path::Path) -> adaptd_daemon::config::Config {
+    let mut config = adaptd_daemon::config::Config { bundle, state_dir: state_dir.to_path_buf(), ..Default::default() };
     config.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     config
 }
 
 /// Start the daemon on `config` as `adaptd serve` runs it, and return once it listens.
-pub async fn serve_in_process(config: adaptd::config::Config) -> ServeHandle {
+pub async fn serve_in_process(config: adaptd_daemon::config::Config) -> ServeHandle {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
     let shutdown = async {
         let _ = stopped.await;
     };
-    let daemon = tokio::spawn(adaptd::serve::run(config, None, shutdown, Some(bound_tx)));
+    let daemon = tokio::spawn(adaptd_daemon::serve::run(config, None, shutdown, Some(bound_tx)));
     let addr = match bound_rx.await {
         Ok(addr) => addr,
         // It stopped before listening: say why.

@@ -8,10 +8,10 @@
 
 use std::path::Path;
 
-use adaptd::api::wire;
-use adaptd::ingest::decode::{SampleSchema, decode_sample};
 use adaptd_adapters::Bundle;
 use adaptd_adapters::files::Adapter;
+use adaptd_daemon::api::wire;
+use adaptd_daemon::ingest::decode::{SampleSchema, decode_sample};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
 use sha2::{Digest, Sha256};
@@ -205,7 +205,7 @@ fn request_decoders_refuse_damage_with_a_type_and_bounded_memory() {
                 // which the API runs before anything reaches the model: typed as well.
                 Ok(inputs) => {
                     prop_assert_eq!(inputs.len(), 1);
-                    if let Err(e) = adaptd::engine::validate_inputs(manifest, &inputs) {
+                    if let Err(e) = adaptd_daemon::engine::validate_inputs(manifest, &inputs) {
                         *refused.borrow_mut().entry(e.error_type()).or_insert(0u32) += 1;
                     }
                 }
@@ -315,13 +315,13 @@ fn bundle_manifests_and_files_refuse_damage_by_name() {
 
 #[test]
 fn configuration_text_is_refused_with_key_or_line() {
-    let shipped = adaptd::config::DEFAULT_TOML.as_bytes().to_vec();
+    let shipped = adaptd_daemon::config::DEFAULT_TOML.as_bytes().to_vec();
     let path = Path::new("/etc/adaptd/adaptd.toml");
     let refused = std::cell::Cell::new(0);
     runner()
         .run(&damaged(vec![shipped]), |text| {
             let text = String::from_utf8_lossy(&text).into_owned();
-            let (result, largest) = largest_allocation(|| adaptd::config::Config::parse(&text, path));
+            let (result, largest) = largest_allocation(|| adaptd_daemon::config::Config::parse(&text, path));
             prop_assert!(largest <= ALLOCATION_BOUND);
             if let Err(e) = result {
                 refused.set(refused.get() + 1);
@@ -343,14 +343,14 @@ fn fleet_messages_and_state_refuse_damage_with_a_reason_and_bounded_memory() {
         br#"{"seq": 4, "task": "sorter", "release": 3, "policy": "validate", "rollback": false, "deadline_ms": 1795950000000, "rollout": "r3"}"#.to_vec();
     let status = br#"{"task": "sorter", "state": "applied", "seq": 4, "release": 3, "rollout": "r3", "reason": null, "message": null, "serving_version": 7, "serving_release": 3, "bytes": [10, 20], "scores": {"candidate_accuracy": 0.77, "incumbent_accuracy": 0.08, "holdout_samples": 13, "passed": true, "summary": "promoted"}, "time_ms": 1}"#.to_vec();
     let offer = br#"{"device": "robot-3", "task": "sorter", "version": 7, "kind": "head", "base_sha256": "ab", "parent_release": null, "metrics": {"holdout_accuracy": 0.9}, "samples": {"train": 80, "validation": 10, "holdout": 10}, "offered_ms": 1}"#.to_vec();
-    assert!(adaptd::fleet::agent::decode_assignment(&assignment, None).is_ok());
-    assert!(adaptd::fleet::agent::decode_assignment(&assignment, Some(1 << 20)).unwrap_err().contains("over the limit"));
+    assert!(adaptd_daemon::fleet::agent::decode_assignment(&assignment, None).is_ok());
+    assert!(adaptd_daemon::fleet::agent::decode_assignment(&assignment, Some(1 << 20)).unwrap_err().contains("over the limit"));
     let refused = std::cell::Cell::new(0);
     runner()
         .run(&damaged(vec![assignment, status, offer]), |bytes| {
             let (results, largest) = largest_allocation(|| {
                 (
-                    adaptd::fleet::agent::decode_assignment(&bytes, None),
+                    adaptd_daemon::fleet::agent::decode_assignment(&bytes, None),
                     serde_json::from_slice::<AgentStatus>(&bytes).map_err(|e| e.to_string()),
                     serde_json::from_slice::<Offer>(&bytes).map_err(|e| e.to_string()),
                 )
@@ -381,12 +381,12 @@ fn fleet_messages_and_state_refuse_damage_with_a_reason_and_bounded_memory() {
         per_minute: None,
         base_sha256: None,
     };
-    adaptd::fleet::controller::save(&path, &adaptd_fleet::controller::Rollout::new(plan, Default::default())).unwrap();
+    adaptd_daemon::fleet::controller::save(&path, &adaptd_fleet::controller::Rollout::new(plan, Default::default())).unwrap();
     let saved = std::fs::read(&path).unwrap();
     runner()
         .run(&damaged(vec![saved]), |bytes| {
             std::fs::write(&path, &bytes).unwrap();
-            if let Err(e) = adaptd::fleet::controller::load(&path) {
+            if let Err(e) = adaptd_daemon::fleet::controller::load(&path) {
                 prop_assert!(e.to_string().contains("rollout.json"), "names the file: {}", e);
             }
             Ok(())

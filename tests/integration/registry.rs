@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
-use adaptd::registry::{Recovery, Registry, RegistryError};
 use adaptd_adapters::files::HEAD_FILE;
 use adaptd_adapters::{AdapterStore, Bundle};
+use adaptd_daemon::registry::{Recovery, Registry, RegistryError};
 
 use crate::{head_adapter, lora_adapter, reference_bundle};
 
@@ -153,7 +153,7 @@ fn an_unusable_active_pointer_serves_the_newest_promoted_version_never_an_import
     reg.store().save(&head_adapter(reg.bundle(), "sorter", 3, 3)).unwrap();
     let store = reg.store().clone();
     drop(reg);
-    let pointer = dir.path().join("sorter").join(adaptd::registry::ACTIVE_FILE);
+    let pointer = dir.path().join("sorter").join(adaptd_daemon::registry::ACTIVE_FILE);
     for (bad, why) in [(&b"garbage\n"[..], "not a version number"), (&[0xff, 0xfe, 0x00][..], "not a version number"), (&b"99\n"[..], "not on disk")] {
         std::fs::write(&pointer, bad).unwrap();
         let (reg, events) = open(dir.path(), 5);

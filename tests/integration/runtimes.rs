@@ -3,12 +3,12 @@
 
 use std::sync::atomic::AtomicBool;
 
-use adaptd::engine::onnx::{OnnxModel, SessionOptions};
 use adaptd::parity::{self, PARITY_TOLERANCE};
 use adaptd_adapters::Bundle;
 use adaptd_adapters::head::{Dense, Head};
 use adaptd_adapters::lora::no_adapter_inputs;
 use adaptd_adapters::tensor::HostTensor;
+use adaptd_daemon::engine::onnx::{OnnxModel, SessionOptions};
 use adaptd_train::{Examples, FitTarget, Recipe, TrainError, TrainingGraph, fit};
 use tch::Device;
 
@@ -83,7 +83,7 @@ fn mixed_precision_is_refused_on_the_cpu_and_training_there_stays_fp32() {
 #[test]
 fn minilm_base_embeddings_are_unit_length_and_padding_does_not_leak() {
     let (bundle, mut onnx, _) = load("minilm");
-    let encoder = adaptd::preprocess::TextEncoder::from_bundle(&bundle).unwrap();
+    let encoder = adaptd_daemon::preprocess::TextEncoder::from_bundle(&bundle).unwrap();
     let zeros = no_adapter_inputs(&bundle.manifest.lora);
     let alone_inputs = encoder.encode(&["pick up the blue box"]).unwrap();
     let alone = onnx.run(&alone_inputs, &zeros).unwrap();
@@ -100,7 +100,7 @@ fn minilm_base_embeddings_are_unit_length_and_padding_does_not_leak() {
 #[test]
 fn trimming_padding_from_a_text_batch_changes_no_output() {
     let (bundle, _, graph) = load("minilm");
-    let encoder = adaptd::preprocess::TextEncoder::from_bundle(&bundle).unwrap();
+    let encoder = adaptd_daemon::preprocess::TextEncoder::from_bundle(&bundle).unwrap();
     // Two short texts padded as if a long one were in the training set.
     let long = "drive all the way back to the charging station near the north entrance and wait there for the operator";
     let padded: Vec<tch::Tensor> = encoder
@@ -270,7 +270,7 @@ fn a_memory_budget_shrinks_the_batch_or_refuses_the_job() {
         return;
     }
     let (bundle, _, graph) = load("minilm");
-    let encoder = adaptd::preprocess::TextEncoder::from_bundle(&bundle).unwrap();
+    let encoder = adaptd_daemon::preprocess::TextEncoder::from_bundle(&bundle).unwrap();
     let texts: Vec<String> = (0..32).map(|i| format!("sample sentence number {i} about a robot arm moving boxes")).collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let inputs = encoder.encode(&refs).unwrap();
@@ -458,10 +458,14 @@ fn lora_trains_above_the_cut_on_activations_the_prefix_computed_once() {
 
     // The daemon's trainer takes the cut by default (`training.above_cut`), and every slot without.
     for above_cut in [true, false] {
-        let config = adaptd::trainer::TrainerConfig { device: adaptd::trainer::TrainDevice::Cpu, above_cut, ..adaptd::trainer::TrainerConfig::default() };
-        let trainer = adaptd::trainer::Trainer::start(bundle.clone(), config).unwrap();
-        let job = adaptd::trainer::TrainJob {
-            kind: adaptd::trainer::JobKind::Lora { rank: 4, alpha: 8.0 },
+        let config = adaptd_daemon::trainer::TrainerConfig {
+            device: adaptd_daemon::trainer::TrainDevice::Cpu,
+            above_cut,
+            ..adaptd_daemon::trainer::TrainerConfig::default()
+        };
+        let trainer = adaptd_daemon::trainer::Trainer::start(bundle.clone(), config).unwrap();
+        let job = adaptd_daemon::trainer::TrainJob {
+            kind: adaptd_daemon::trainer::JobKind::Lora { rank: 4, alpha: 8.0 },
             train: train.clone(),
             validation: Examples::default(),
             init_head: head.clone(),
@@ -554,8 +558,8 @@ fn a_cut_whose_halves_disagree_with_the_training_graph_is_refused() {
     let e = graph.load_cut(&bundle).unwrap_err().to_string();
     assert!(e.contains("prefix + suffix differ from the training graph"), "{e}");
     assert!(!graph.trains_above_cut() && graph.trained_slots() == [0, 1], "the whole graph trains");
-    let config = adaptd::trainer::TrainerConfig { device: adaptd::trainer::TrainDevice::Cpu, ..adaptd::trainer::TrainerConfig::default() };
-    let trainer = adaptd::trainer::Trainer::start(bundle, config).expect("a bad cut does not stop the trainer");
+    let config = adaptd_daemon::trainer::TrainerConfig { device: adaptd_daemon::trainer::TrainDevice::Cpu, ..adaptd_daemon::trainer::TrainerConfig::default() };
+    let trainer = adaptd_daemon::trainer::Trainer::start(bundle, config).expect("a bad cut does not stop the trainer");
     trainer.shutdown();
 }
 

@@ -1,7 +1,7 @@
 //! The sample store: durable across reopen, deduplicated by key, stable splits, growing labels.
 
-use adaptd::samples::{Inserted, Sample, SampleInput, SampleStore, Split, SplitPolicy};
 use adaptd_adapters::tensor::HostTensor;
+use adaptd_daemon::samples::{Inserted, Sample, SampleInput, SampleStore, Split, SplitPolicy};
 
 fn sample(key: &str, task: &str, label: &str) -> Sample {
     Sample {

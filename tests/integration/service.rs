@@ -99,7 +99,7 @@ fn the_shipped_unit_verifies_and_is_hardened() {
     assert!(verify.status.success(), "systemd-analyze verify: {}", String::from_utf8_lossy(&verify.stderr));
     // The daemon, not SIGKILL, ends a slow stop: its deadline is under the unit's.
     let timeout_stop: u64 = unit.lines().find_map(|l| l.strip_prefix("TimeoutStopSec=")).and_then(|v| v.trim().parse().ok()).unwrap();
-    assert!(adaptd::config::Config::default().stop_deadline.as_secs() < timeout_stop, "stop_deadline_s must stay under TimeoutStopSec={timeout_stop}");
+    assert!(adaptd_daemon::config::Config::default().stop_deadline.as_secs() < timeout_stop, "stop_deadline_s must stay under TimeoutStopSec={timeout_stop}");
     let security = Command::new("systemd-analyze").args(["security", "--offline=yes", path.to_str().unwrap()]).output().unwrap();
     let text = String::from_utf8_lossy(&security.stdout);
     let exposure: f64 = text

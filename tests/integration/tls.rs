@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use adaptd::config::Config;
+use adaptd_daemon::config::Config;
 
 use crate::broker::Mosquitto;
 use crate::reference_bundle;
@@ -51,7 +51,7 @@ pub(crate) fn make_pki(dir: &Path) {
 
 #[allow(clippy::field_reassign_with_default)] // reads as "the defaults, except"
 fn daemon_config(dir: &Path, port: u16, password_file: &Path) -> Config {
-    let mut c = adaptd::config::Config::default();
+    let mut c = adaptd_daemon::config::Config::default();
     c.bundle = reference_bundle("digits-cnn");
     c.state_dir = dir.join("state");
     c.http.listen = "127.0.0.1:0".parse().unwrap();

@@ -13,8 +13,8 @@ use adaptd_adapters::tensor::{HostData, HostTensor, max_abs_diff};
 use adaptd_train::{Examples, FitReport, FitTarget, Recipe, Schedule, TrainError, TrainingGraph, fit};
 
 use crate::datasets::{DatasetError, Digits, ROBOT_INTENTS, Shift};
-use crate::engine::onnx::{OnnxError, OnnxModel};
-use crate::preprocess::{PreprocessError, TextEncoder};
+use adaptd_daemon::engine::onnx::{OnnxError, OnnxModel};
+use adaptd_daemon::preprocess::{PreprocessError, TextEncoder};
 
 /// fp32 agreement required between the two runtimes.
 pub const PARITY_TOLERANCE: f32 = 1e-4;

@@ -16,7 +16,7 @@ use adaptd_adapters::tensor::{HostData, HostTensor, SeededRng};
 use adaptd_train::{Examples, FitTarget, Recipe, TrainingGraph, fit, libtorch};
 use serde::Serialize;
 
-use crate::engine::onnx::{ExecutionProvider, OnnxModel, SessionOptions};
+use adaptd_daemon::engine::onnx::{ExecutionProvider, OnnxModel, SessionOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DoctorError {
@@ -131,7 +131,7 @@ pub fn device(root: &Path) -> Device {
     let model = read("proc/device-tree/model").map(|m| m.trim_end_matches('\0').trim().to_string()).filter(|m| !m.is_empty());
     let l4t = read("etc/nv_tegra_release").as_deref().and_then(parse_l4t);
     let jetpack = l4t.as_deref().and_then(jetpack_of).map(String::from);
-    let reading = crate::resources::Monitor::new(&root.join("sys")).read();
+    let reading = adaptd_daemon::resources::Monitor::new(&root.join("sys")).read();
     Device {
         arch: std::env::consts::ARCH.to_string(),
         model,
@@ -149,7 +149,7 @@ pub fn device(root: &Path) -> Device {
 /// shape otherwise (the figures are about speed, not answers).
 fn inputs(bundle: &Bundle, rows: usize, seed: u64) -> Result<Vec<HostTensor>, String> {
     if let Preprocessing::Text { .. } = bundle.manifest.preprocessing {
-        let encoder = crate::preprocess::TextEncoder::from_bundle(bundle).map_err(|e| e.to_string())?;
+        let encoder = adaptd_daemon::preprocess::TextEncoder::from_bundle(bundle).map_err(|e| e.to_string())?;
         let texts: Vec<&str> = crate::datasets::ROBOT_INTENTS.iter().cycle().take(rows).map(|(t, _)| *t).collect();
         return encoder.encode(&texts).map_err(|e| e.to_string());
     }
@@ -321,7 +321,7 @@ pub fn run(bundle: &Bundle, root: &Path, seconds: f64, library: Option<&Path>) -
     let device = device(root);
     let budget = Duration::from_secs_f64(seconds.max(1.0));
     let threads = device.cpus.clamp(1, 2);
-    let onnxruntime_library = crate::engine::onnx::resolve_library(library).ok();
+    let onnxruntime_library = adaptd_daemon::engine::onnx::resolve_library(library).ok();
     // A quarter of the time per provider and per training device.
     let providers: Vec<ProviderCheck> = [ExecutionProvider::Cpu, ExecutionProvider::Cuda, ExecutionProvider::TensorRt]
         .into_iter()

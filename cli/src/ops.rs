@@ -44,7 +44,7 @@ pub fn status(client: &Client) -> Result<Vec<TaskStatus>, OpsError> {
 
 /// The table `adaptd status` prints.
 pub fn render_status(statuses: &[TaskStatus]) -> String {
-    adaptd_protocol::status::render_statuses(statuses, crate::events::now_ms())
+    adaptd_protocol::status::render_statuses(statuses, adaptd_daemon::events::now_ms())
 }
 
 /// Ask the running daemon to import the adapter exported in `dir` (an absolute path) as
@@ -82,7 +82,7 @@ pub fn list_adapters(state_dir: &Path, only_task: Option<&str>) -> Result<Value,
         if only_task.is_some_and(|t| t != task) {
             continue;
         }
-        let active = std::fs::read_to_string(root.join(&task).join(crate::registry::ACTIVE_FILE)).ok().and_then(|s| s.trim().parse::<u64>().ok());
+        let active = std::fs::read_to_string(root.join(&task).join(adaptd_daemon::registry::ACTIVE_FILE)).ok().and_then(|s| s.trim().parse::<u64>().ok());
         for version in store.versions(&task).map_err(state_err)?.into_iter().rev() {
             let row = match store.load(&task, version) {
                 Ok(a) => {
@@ -123,15 +123,15 @@ pub fn render_adapters(rows: &Value) -> String {
 
 /// Labelled samples in the store under `state_dir`: per task, split and label.
 pub fn sample_stats(state_dir: &Path) -> Result<Value, OpsError> {
-    let path = state_dir.join(crate::samples::STORE_FILE);
+    let path = state_dir.join(adaptd_daemon::samples::STORE_FILE);
     if !path.is_file() {
         return Err(OpsError::State {
             path: path.display().to_string(),
             reason: "no sample store here yet (nothing ingested, or not the daemon's state directory)".into(),
         });
     }
-    let state_err = |e: crate::samples::StoreError| OpsError::State { path: path.display().to_string(), reason: e.to_string() };
-    let store = crate::samples::SampleStore::open(&path, Default::default()).map_err(state_err)?;
+    let state_err = |e: adaptd_daemon::samples::StoreError| OpsError::State { path: path.display().to_string(), reason: e.to_string() };
+    let store = adaptd_daemon::samples::SampleStore::open(&path, Default::default()).map_err(state_err)?;
     let mut tasks = Vec::new();
     for task in store.tasks().map_err(state_err)? {
         let mut labels: std::collections::BTreeMap<String, serde_json::Map<String, Value>> = std::collections::BTreeMap::new();
@@ -167,10 +167,10 @@ pub fn render_sample_stats(stats: &Value) -> String {
 /// the store under `state_dir`, checked against `bundle` like ingest checks them. Duplicates (by
 /// key) are recognised; bad lines are refused with their line number and reason; good ones land.
 pub fn import_samples(state_dir: &Path, bundle: &adaptd_adapters::Bundle, tasks: &[String], file: &Path, max_bytes: usize) -> Result<Value, OpsError> {
-    use crate::ingest::decode::{SampleSchema, decode_sample};
+    use adaptd_daemon::ingest::decode::{SampleSchema, decode_sample};
     let text = std::fs::read_to_string(file).map_err(|e| OpsError::State { path: file.display().to_string(), reason: e.to_string() })?;
     let schema = SampleSchema { manifest: &bundle.manifest, tasks, max_bytes };
-    let now = crate::events::now_ms() as i64;
+    let now = adaptd_daemon::events::now_ms() as i64;
     let (mut samples, mut refused) = (Vec::new(), Vec::new());
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         match decode_sample(line.as_bytes(), &schema, now) {
@@ -178,17 +178,17 @@ pub fn import_samples(state_dir: &Path, bundle: &adaptd_adapters::Bundle, tasks:
             Err(e) => refused.push(json!({ "line": i + 1, "reason": e.error_type(), "message": e.to_string() })),
         }
     }
-    let path = state_dir.join(crate::samples::STORE_FILE);
-    let state_err = |e: crate::samples::StoreError| OpsError::State { path: path.display().to_string(), reason: e.to_string() };
+    let path = state_dir.join(adaptd_daemon::samples::STORE_FILE);
+    let state_err = |e: adaptd_daemon::samples::StoreError| OpsError::State { path: path.display().to_string(), reason: e.to_string() };
     std::fs::create_dir_all(state_dir).map_err(|e| OpsError::State { path: state_dir.display().to_string(), reason: e.to_string() })?;
-    let mut store = crate::samples::SampleStore::open(&path, Default::default()).map_err(state_err)?;
+    let mut store = adaptd_daemon::samples::SampleStore::open(&path, Default::default()).map_err(state_err)?;
     let inserted = store.insert_batch(&samples).map_err(state_err)?;
-    let new = inserted.iter().filter(|r| matches!(r, crate::samples::Inserted::New(_))).count();
+    let new = inserted.iter().filter(|r| matches!(r, adaptd_daemon::samples::Inserted::New(_))).count();
     let conflicts: Vec<Value> = inserted
         .iter()
         .zip(&samples)
         .filter_map(|(r, s)| match r {
-            crate::samples::Inserted::Conflict { kept_label, .. } => Some(json!({ "key": s.key, "label": s.label, "kept_label": kept_label })),
+            adaptd_daemon::samples::Inserted::Conflict { kept_label, .. } => Some(json!({ "key": s.key, "label": s.label, "kept_label": kept_label })),
             _ => None,
         })
         .collect();

@@ -136,7 +136,7 @@ impl Digits {
     /// labels right, run through the bundle's serving graph, as the daemon would serve them.
     pub fn accuracy(
         &self,
-        onnx: &mut crate::engine::onnx::OnnxModel,
+        onnx: &mut adaptd_daemon::engine::onnx::OnnxModel,
         bundle: &adaptd_adapters::Bundle,
         adapter: Option<&adaptd_adapters::Adapter>,
         indices: &[usize],

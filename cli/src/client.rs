@@ -56,7 +56,7 @@ impl Client {
 
     /// With the control token of the daemon whose state directory is `state_dir`, if readable.
     pub fn with_token_from(mut self, state_dir: &std::path::Path) -> Client {
-        self.token = crate::control::read_token(state_dir);
+        self.token = adaptd_daemon::control::read_token(state_dir);
         self
     }
 

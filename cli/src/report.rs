@@ -9,7 +9,7 @@ use std::path::Path;
 use adaptd_protocol::event::JobRecord;
 use adaptd_protocol::{Event, EventRecord};
 
-use crate::events::Journal;
+use adaptd_daemon::events::Journal;
 
 /// A named line on a chart: `(x, y)` points.
 #[derive(Debug, Clone)]
@@ -104,7 +104,7 @@ pub fn render(title: &str, histories: &[TaskHistory], measured: Option<&Measured
 /// device, how each round's release scored on its own holdout (the shadow score) and what the
 /// adapter it trained on from it reached; per round, the offers combined (weights, residual);
 /// and every rollout's table.
-pub fn render_fleet(title: &str, learned: &crate::fleet::learn::LearnReport, rollouts: &[(String, adaptd_fleet::controller::Rollout)]) -> String {
+pub fn render_fleet(title: &str, learned: &adaptd_daemon::fleet::learn::LearnReport, rollouts: &[(String, adaptd_fleet::controller::Rollout)]) -> String {
     let mut html = String::new();
     let _ = write!(
         html,
@@ -114,7 +114,9 @@ pub fn render_fleet(title: &str, learned: &crate::fleet::learn::LearnReport, rol
     let mut devices: Vec<&str> = learned.rounds.iter().flat_map(|r| r.devices.iter().map(|d| d.device.as_str())).collect();
     devices.sort_unstable();
     devices.dedup();
-    let series = |pick: fn(&crate::fleet::learn::DeviceRound) -> Option<f64>, x_of: fn(&crate::fleet::learn::RoundReport) -> Option<u64>| -> Vec<Series> {
+    let series = |pick: fn(&adaptd_daemon::fleet::learn::DeviceRound) -> Option<f64>,
+                  x_of: fn(&adaptd_daemon::fleet::learn::RoundReport) -> Option<u64>|
+     -> Vec<Series> {
         devices
             .iter()
             .map(|name| Series {
@@ -207,7 +209,7 @@ fn task_section(html: &mut String, h: &TaskHistory) {
         html.push_str("</div></div>\n");
 
         if let Some(last) = jobs.iter().rev().find(|j| j.promote).or(jobs.last()) {
-            let recall = |m: &crate::gate::Metrics| -> Vec<(String, f64)> { m.per_class.iter().map(|(k, c)| (k.clone(), c.recall)).collect() };
+            let recall = |m: &adaptd_daemon::gate::Metrics| -> Vec<(String, f64)> { m.per_class.iter().map(|(k, c)| (k.clone(), c.recall)).collect() };
             let _ = writeln!(html, "<h3>Per-class recall on the holdout: v{} against v{}</h3>", last.version, last.incumbent_version);
             html.push_str(&bar_chart(&[
                 (format!("v{} (incumbent)", last.incumbent_version), recall(&last.evidence.incumbent)),

@@ -25,9 +25,9 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 use crate::client::Client;
-use crate::config::Config;
 use crate::datasets::{Digits, Shift};
 use crate::report::{self, Measured, Series, TaskHistory};
+use adaptd_daemon::config::Config;
 
 const TASK: &str = "sorter";
 const DEVICE: &str = "cell-7";
@@ -381,11 +381,11 @@ pub fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
     println!("adaptd demo — a sorting cell whose robots' cameras were remounted sideways");
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let port = free_port()?;
-    crate::mqtt::start_embedded(SocketAddr::from(([127, 0, 0, 1], port)), 1 << 20)?;
+    adaptd_daemon::mqtt::start_embedded(SocketAddr::from(([127, 0, 0, 1], port)), 1 << 20)?;
     println!("  embedded MQTT broker (rumqttd) on 127.0.0.1:{port}");
     let (stop_daemon, daemon_stopped) = oneshot::channel::<()>();
     let (bound_tx, bound_rx) = oneshot::channel();
-    let daemon = runtime.spawn(crate::serve::run(
+    let daemon = runtime.spawn(adaptd_daemon::serve::run(
         daemon_config(&config, port),
         None,
         async {
@@ -498,7 +498,7 @@ pub fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
             Series { name: "upright (base domain)".into(), points: rows.iter().filter_map(|r| Some((r.version as f64, r.upright?))).collect() },
         ],
     };
-    let journal = crate::events::Journal::new(&config.state_dir.join("journal"));
+    let journal = adaptd_daemon::events::Journal::new(&config.state_dir.join("journal"));
     let history = TaskHistory::read(&journal, TASK)?;
     report::write(&config.report, "adaptd demo: a sorting cell learns sideways cameras", &[history], Some(&measured))?;
     println!("\nreport: {}", config.report.display());

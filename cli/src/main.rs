@@ -4,10 +4,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use adaptd::engine::onnx::{OnnxModel, SessionOptions};
 use adaptd::parity::{self, PARITY_TOLERANCE, ParityReport};
 use adaptd::paths;
 use adaptd_adapters::Bundle;
+use adaptd_daemon::engine::onnx::{OnnxModel, SessionOptions};
 use adaptd_train::{FitReport, TrainingGraph};
 use clap::{Parser, Subcommand};
 
@@ -213,8 +213,8 @@ struct CombineArgs {
 }
 
 impl CombineArgs {
-    fn options(&self) -> adaptd::fleet::aggregate::Options {
-        adaptd::fleet::aggregate::Options { rule: self.rule, max_residual: self.max_residual, cap: self.cap }
+    fn options(&self) -> adaptd_daemon::fleet::aggregate::Options {
+        adaptd_daemon::fleet::aggregate::Options { rule: self.rule, max_residual: self.max_residual, cap: self.cap }
     }
 }
 
@@ -482,10 +482,10 @@ struct DaemonArgs {
 }
 
 impl DaemonArgs {
-    fn config(&self) -> anyhow::Result<adaptd::config::Config> {
+    fn config(&self) -> anyhow::Result<adaptd_daemon::config::Config> {
         Ok(match &self.config {
-            Some(path) => adaptd::config::Config::load(path)?,
-            None => adaptd::config::Config::default(),
+            Some(path) => adaptd_daemon::config::Config::load(path)?,
+            None => adaptd_daemon::config::Config::default(),
         })
     }
 
@@ -600,8 +600,8 @@ fn main() -> ExitCode {
             let bundle = match bundle {
                 Some(dir) => dir,
                 None => match &config {
-                    Some(path) => adaptd::config::Config::load(path)?.bundle,
-                    None => adaptd::config::Config::default().bundle,
+                    Some(path) => adaptd_daemon::config::Config::load(path)?.bundle,
+                    None => adaptd_daemon::config::Config::default().bundle,
                 },
             };
             let bundle = adaptd::doctor::open_bundle(&bundle).map_err(|e| anyhow::anyhow!("{e} (name one with --bundle or --config)"))?;
@@ -640,7 +640,7 @@ fn main() -> ExitCode {
             let stats = adaptd::ops::sample_stats(&daemon.state_dir()?)?;
             Ok((adaptd::ops::render_sample_stats(&stats), stats))
         }),
-        Command::Validate { config } => match adaptd::config::Config::load(&config) {
+        Command::Validate { config } => match adaptd_daemon::config::Config::load(&config) {
             Ok(_) => {
                 println!("{}: valid", config.display());
                 Ok(ExitCode::SUCCESS)
@@ -700,7 +700,7 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
             let adapter = match (&from, version) {
                 (Some(dir), _) => adaptd_adapters::Adapter::read_dir(dir)?,
                 (None, Some(v)) => {
-                    let state_dir = state_dir.clone().unwrap_or_else(|| adaptd::config::Config::default().state_dir);
+                    let state_dir = state_dir.clone().unwrap_or_else(|| adaptd_daemon::config::Config::default().state_dir);
                     adaptd_adapters::AdapterStore::open(state_dir.join("adapters"))?.load(&task, v)?
                 }
                 (None, None) => anyhow::bail!("name the adapter: a VERSION in the state directory, or --from DIR"),
@@ -717,7 +717,7 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
             ))
         }),
         FleetCommand::Aggregate { task, offers: wanted, parent, combine, release, out, repo: r } => operate(r.json, || {
-            use adaptd::fleet::aggregate::{Parent, aggregate};
+            use adaptd_daemon::fleet::aggregate::{Parent, aggregate};
             let bundle = adaptd_adapters::Bundle::open(&combine.bundle)?;
             let offers_dir = &combine.offers_dir;
             let release = match release {
@@ -727,7 +727,7 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
             let parent_of = runtime.block_on(Parent::read(&bundle, &r.repo, &task, parent, &tempfile_dir(&r.repo)?))?;
             let found = adaptd_fleet::offer::list(offers_dir)?.found;
             let chosen: Vec<_> = if wanted.is_empty() {
-                adaptd::fleet::aggregate::newest_offers(&found, &task, parent, None)
+                adaptd_daemon::fleet::aggregate::newest_offers(&found, &task, parent, None)
             } else {
                 let mut chosen = Vec::new();
                 for name in &wanted {
@@ -763,7 +763,7 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
             Ok((text, serde_json::json!({ "release": info, "targets": names, "aggregate": provenance })))
         }),
         FleetCommand::Learn { task, rounds, devices, parent, combine, state_dir, offer_timeout_s, device_timeout_s, final_policy, mqtt, prefix, repo: r } => {
-            let plan = adaptd::fleet::learn::LearnPlan {
+            let plan = adaptd_daemon::fleet::learn::LearnPlan {
                 task,
                 rounds,
                 devices,
@@ -780,10 +780,10 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
                 expiry,
             };
             let (host, port) = parse_host_port(&mqtt)?;
-            let broker = adaptd::mqtt::BrokerConnection::plain(host, port);
+            let broker = adaptd_daemon::mqtt::BrokerConnection::plain(host, port);
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             let json = r.json;
-            let report = runtime.block_on(adaptd::fleet::learn::learn(
+            let report = runtime.block_on(adaptd_daemon::fleet::learn::learn(
                 &plan,
                 broker,
                 &prefix,
@@ -801,7 +801,7 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
         }
         FleetCommand::Report { state_dir, out } => operate(false, || {
             let path = state_dir.join("learn.json");
-            let learned: adaptd::fleet::learn::LearnReport =
+            let learned: adaptd_daemon::fleet::learn::LearnReport =
                 serde_json::from_slice(&std::fs::read(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?)
                     .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             let mut rollouts = Vec::new();
@@ -811,7 +811,7 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
                 .collect();
             names.sort();
             for p in names {
-                if let Ok(rollout) = adaptd::fleet::controller::load(&p) {
+                if let Ok(rollout) = adaptd_daemon::fleet::controller::load(&p) {
                     rollouts.push((p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(), rollout));
                 }
             }
@@ -855,7 +855,7 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
                 None => None,
             };
             let plan = adaptd_fleet::controller::Plan {
-                id: format!("{task}-r{release}-{}", adaptd::events::now_ms() / 1000),
+                id: format!("{task}-r{release}-{}", adaptd_daemon::events::now_ms() / 1000),
                 task,
                 release,
                 policy,
@@ -867,29 +867,29 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
                 per_minute,
                 base_sha256,
             };
-            adaptd::fleet::controller::save(&control.state, &adaptd_fleet::controller::Rollout::new(plan, Default::default()))?;
+            adaptd_daemon::fleet::controller::save(&control.state, &adaptd_fleet::controller::Rollout::new(plan, Default::default()))?;
             run_controller(&control)
         }
         FleetCommand::Rollback { from, to, policy, control } => {
             anyhow::ensure!(!control.state.exists(), "{} exists: a rollout is saved there", control.state.display());
-            let undone = adaptd::fleet::controller::load(&from)?;
+            let undone = adaptd_daemon::fleet::controller::load(&from)?;
             let plan = undone.rollback_plan(format!("{}-back-to-r{to}", undone.plan.id), to, policy);
             anyhow::ensure!(!plan.waves[0].is_empty(), "no device applied {}; nothing to take back", undone.plan.id);
-            adaptd::fleet::controller::save(&control.state, &adaptd_fleet::controller::Rollout::new(plan, Default::default()))?;
+            adaptd_daemon::fleet::controller::save(&control.state, &adaptd_fleet::controller::Rollout::new(plan, Default::default()))?;
             run_controller(&control)
         }
         FleetCommand::Controller { control } => run_controller(&control),
         FleetCommand::Status { state, json } => operate(json, || {
-            let rollout = adaptd::fleet::controller::load(&state)?;
+            let rollout = adaptd_daemon::fleet::controller::load(&state)?;
             Ok((rollout.table(), serde_json::to_value(&rollout)?))
         }),
-        FleetCommand::Pause { state } => controller_request(&state, adaptd::fleet::controller::Request::Pause),
-        FleetCommand::Resume { state } => controller_request(&state, adaptd::fleet::controller::Request::Resume),
-        FleetCommand::Abort { state } => controller_request(&state, adaptd::fleet::controller::Request::Abort),
+        FleetCommand::Pause { state } => controller_request(&state, adaptd_daemon::fleet::controller::Request::Pause),
+        FleetCommand::Resume { state } => controller_request(&state, adaptd_daemon::fleet::controller::Request::Resume),
+        FleetCommand::Abort { state } => controller_request(&state, adaptd_daemon::fleet::controller::Request::Abort),
         FleetCommand::Offer { task, version, to, config, state_dir, device } => operate(false, || {
             let config = match &config {
-                Some(path) => adaptd::config::Config::load(path)?,
-                None => adaptd::config::Config::default(),
+                Some(path) => adaptd_daemon::config::Config::load(path)?,
+                None => adaptd_daemon::config::Config::default(),
             };
             let state_dir = state_dir.unwrap_or(config.state_dir);
             let device = device.unwrap_or(config.mqtt.device_id);
@@ -897,9 +897,9 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
             let adapter = store.load(&task, version)?;
             // A relative path: a directory on a shared mount, from here.
             let to = if url::Url::parse(&to).is_ok() { to } else { std::path::absolute(&to)?.display().to_string() };
-            let base = adaptd::fleet::offers_location(&to).map_err(|e| anyhow::anyhow!("--to {e}"))?.ok_or_else(|| anyhow::anyhow!("--to is empty"))?;
-            let parent = adaptd::fleet::aggregate::fleet_parent(&store, &adapter.manifest);
-            let (offer, files) = adaptd::fleet::offer_of(&adapter, &device, parent, &tempfile_dir(&state_dir)?).map_err(|e| anyhow::anyhow!(e))?;
+            let base = adaptd_daemon::fleet::offers_location(&to).map_err(|e| anyhow::anyhow!("--to {e}"))?.ok_or_else(|| anyhow::anyhow!("--to is empty"))?;
+            let parent = adaptd_daemon::fleet::aggregate::fleet_parent(&store, &adapter.manifest);
+            let (offer, files) = adaptd_daemon::fleet::offer_of(&adapter, &device, parent, &tempfile_dir(&state_dir)?).map_err(|e| anyhow::anyhow!(e))?;
             let at = runtime.block_on(adaptd_fleet::offer::upload(&base, &offer, &files))?;
             Ok((format!("{} offered at {at}\n", adapter.manifest.id()), serde_json::json!({ "offer": offer, "at": at.to_string() })))
         }),
@@ -937,9 +937,9 @@ fn fleet(command: FleetCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn controller_request(state: &std::path::Path, request: adaptd::fleet::controller::Request) -> anyhow::Result<ExitCode> {
+fn controller_request(state: &std::path::Path, request: adaptd_daemon::fleet::controller::Request) -> anyhow::Result<ExitCode> {
     operate(false, || {
-        let rollout = adaptd::fleet::controller::request(state, request)?;
+        let rollout = adaptd_daemon::fleet::controller::request(state, request)?;
         Ok((rollout.table(), serde_json::to_value(&rollout)?))
     })
 }
@@ -947,10 +947,10 @@ fn controller_request(state: &std::path::Path, request: adaptd::fleet::controlle
 /// Run the saved rollout to its end, printing the table as it changes; exit 0 when it completed.
 fn run_controller(control: &ControllerArgs) -> anyhow::Result<ExitCode> {
     let (host, port) = parse_host_port(&control.mqtt)?;
-    let broker = adaptd::mqtt::BrokerConnection::plain(host, port);
+    let broker = adaptd_daemon::mqtt::BrokerConnection::plain(host, port);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let json = control.json;
-    let rollout = runtime.block_on(adaptd::fleet::controller::run(
+    let rollout = runtime.block_on(adaptd_daemon::fleet::controller::run(
         &control.state,
         broker,
         &control.prefix,
@@ -982,7 +982,7 @@ fn publish_release(
     r: &RepoArgs,
     expiry: adaptd_fleet::repo::Expiry,
 ) -> anyhow::Result<(adaptd_fleet::repo::Release, Vec<String>)> {
-    Ok(runtime.block_on(adaptd::fleet::aggregate::publish(adapter, release, parent, allow_force, &r.keys, &r.repo, expiry))?)
+    Ok(runtime.block_on(adaptd_daemon::fleet::aggregate::publish(adapter, release, parent, allow_force, &r.keys, &r.repo, expiry))?)
 }
 
 fn parse_policy(text: &str) -> Result<adaptd_protocol::fleet::Policy, String> {
@@ -1083,17 +1083,17 @@ fn adapters(command: AdaptersCommand) -> anyhow::Result<ExitCode> {
             let dir = std::fs::canonicalize(&dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
             let adapter = adaptd_adapters::Adapter::read_dir(&dir)?;
             let from = adapter.manifest.id();
-            match adaptd::serve::lock_state_dir(&state_dir) {
+            match adaptd_daemon::serve::lock_state_dir(&state_dir) {
                 Ok(_lock) => {
                     let bundle = adaptd_adapters::Bundle::open(&config.bundle)?;
                     let store = adaptd_adapters::AdapterStore::open(state_dir.join("adapters"))?;
-                    let (registry, _) = adaptd::registry::Registry::open(bundle, store, config.adapters.keep_versions)?;
+                    let (registry, _) = adaptd_daemon::registry::Registry::open(bundle, store, config.adapters.keep_versions)?;
                     let manifest = registry.import(adapter, task)?;
                     let (task, version) = (manifest.task.clone(), manifest.version);
                     let text = format!("{from} imported as {}; `adaptd adapters pin {task} {version}` serves it\n", manifest.id());
                     Ok((text, serde_json::json!({ "imported_from": from, "adapter": manifest.id(), "version": version })))
                 }
-                Err(adaptd::serve::StateLockError::InUse { .. }) => {
+                Err(adaptd_daemon::serve::StateLockError::InUse { .. }) => {
                     let task = task.unwrap_or_else(|| adapter.manifest.task.clone());
                     let message = adaptd::ops::import_through_daemon(&daemon.client()?, &task, &dir)?;
                     Ok((format!("{message} (through the running daemon)\n"), serde_json::json!({ "imported_from": from, "message": message })))
@@ -1214,10 +1214,10 @@ fn demo(build_dir: Option<PathBuf>, state_dir: Option<PathBuf>, report: Option<P
 fn report(state_dir: Option<PathBuf>, config: Option<PathBuf>, out: PathBuf) -> anyhow::Result<ExitCode> {
     let state_dir = match (state_dir, config) {
         (Some(s), _) => s,
-        (None, Some(c)) => adaptd::config::Config::load(&c)?.state_dir,
-        (None, None) => adaptd::config::Config::default().state_dir,
+        (None, Some(c)) => adaptd_daemon::config::Config::load(&c)?.state_dir,
+        (None, None) => adaptd_daemon::config::Config::default().state_dir,
     };
-    let journal = adaptd::events::Journal::new(&state_dir.join("journal"));
+    let journal = adaptd_daemon::events::Journal::new(&state_dir.join("journal"));
     let tasks = adaptd::report::journal_tasks(&state_dir);
     let histories = tasks.iter().map(|t| adaptd::report::TaskHistory::read(&journal, t)).collect::<Result<Vec<_>, _>>()?;
     adaptd::report::write(&out, &format!("adaptd report: {}", state_dir.display()), &histories, None)?;
@@ -1259,9 +1259,9 @@ fn serve(
     device: Option<String>,
 ) -> anyhow::Result<ExitCode> {
     let mut config = match &config_path {
-        Some(path) => adaptd::config::Config::load(path)?,
+        Some(path) => adaptd_daemon::config::Config::load(path)?,
         // Without a file, serve the reference bundle from this checkout's build directory.
-        None => adaptd::config::Config { bundle: paths::reference_bundle("digits-cnn"), ..Default::default() },
+        None => adaptd_daemon::config::Config { bundle: paths::reference_bundle("digits-cnn"), ..Default::default() },
     };
     if let Some(b) = bundle {
         config.bundle = b;
@@ -1279,7 +1279,7 @@ fn serve(
         (config.mqtt.host, config.mqtt.port) = parse_host_port(&addr)?;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(adaptd::serve::run(config, config_path, shutdown_signal(), None))?;
+    runtime.block_on(adaptd_daemon::serve::run(config, config_path, shutdown_signal(), None))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -1292,22 +1292,23 @@ fn ingest(bundle: Option<PathBuf>, store: PathBuf, mqtt: String, device: String,
     anyhow::ensure!(max_batch > 0, "--max-batch must be at least 1");
     use std::sync::{Arc, Mutex};
     let bundle = Bundle::open(bundle.unwrap_or_else(|| paths::reference_bundle("digits-cnn")))?;
-    let samples = adaptd::samples::SampleStore::open(&store, Default::default())?;
+    let samples = adaptd_daemon::samples::SampleStore::open(&store, Default::default())?;
     let (host, port) = parse_host_port(&mqtt)?;
-    let mut link = adaptd::mqtt::Link::new(adaptd::mqtt::LinkConfig {
-        broker: adaptd::mqtt::BrokerConnection::plain(host, port),
+    let mut link = adaptd_daemon::mqtt::Link::new(adaptd_daemon::mqtt::LinkConfig {
+        broker: adaptd_daemon::mqtt::BrokerConnection::plain(host, port),
         client_id: format!("adaptd-ingest-{device}"),
         persistent: true,
-        max_outgoing_bytes: adaptd::events::MAX_EVENT_BYTES,
+        max_outgoing_bytes: adaptd_daemon::events::MAX_EVENT_BYTES,
         request_queue: 2 * max_batch + 256,
         availability: None,
     });
-    let config = adaptd::ingest::IngestConfig {
+    let config = adaptd_daemon::ingest::IngestConfig {
         topics: adaptd_protocol::Topics::new(adaptd_protocol::topics::DEFAULT_PREFIX, &device),
         max_batch,
         max_payload_bytes: 1 << 20,
     };
-    let (ingest, mut inbox) = adaptd::ingest::Ingest::on_link(&mut link, config, Arc::new(Mutex::new(samples)), Arc::new(bundle.manifest.clone()), tasks);
+    let (ingest, mut inbox) =
+        adaptd_daemon::ingest::Ingest::on_link(&mut link, config, Arc::new(Mutex::new(samples)), Arc::new(bundle.manifest.clone()), tasks);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         // Ingest stops first, then the link (its acks go out before it disconnects).
