@@ -25,8 +25,13 @@ build: setup
 demo: setup
 	$(CARGO) run -q -p adaptd -- demo
 
+# The unit tests of everything but the trainer build without libtorch (`LIBTORCH` points nowhere,
+# so the build fails if anything links it) and run without the set-up; then the whole suite.
+UNIT_CRATES := -p adaptd-daemon -p adaptd-train -p adaptd-adapters -p adaptd-protocol -p adaptd-fleet
 test: setup
 	$(CARGO) fmt --all --check
+	LIBTORCH=/nonexistent $(CARGO) clippy -q $(UNIT_CRATES) --lib --no-default-features -- -D warnings
+	LIBTORCH=/nonexistent $(CARGO) test -q $(UNIT_CRATES) --lib --no-default-features
 	$(CARGO) clippy --workspace --all-targets -q -- -D warnings
 	$(CARGO) test --workspace
 	$(PYTHON) -m unittest discover -s deploy/export/tests

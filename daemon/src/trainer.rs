@@ -7,17 +7,15 @@
 //! be paused (the latency guard does); a panic inside libtorch becomes an error for that job,
 //! and the thread carries on.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use adaptd_adapters::bundle::Bundle;
-use adaptd_adapters::head::{Head, softmax_rows};
+use adaptd_adapters::head::Head;
 use adaptd_adapters::lora::LoraWeights;
 use adaptd_adapters::tensor::HostTensor;
-use adaptd_train::{Examples, FitReport, FitTarget, PrefixCache, Progress, Recipe, TrainError, TrainingGraph, fit_cached, libtorch};
+use adaptd_train::{Examples, FitReport, PrefixCache, Progress, Recipe, TrainError};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -108,6 +106,8 @@ pub struct JobHandle {
     pub done: oneshot::Receiver<Result<FitReport, TrainError>>,
 }
 
+// Read by the owner thread, which only a build with the `training` feature has.
+#[cfg_attr(not(feature = "training"), allow(dead_code))]
 enum Command {
     Fit {
         job: Box<TrainJob>,
@@ -139,11 +139,71 @@ pub enum TrainerError {
     NoCuda(String),
     #[error("the trainer thread has stopped")]
     Stopped,
+    #[error("this build of adaptd cannot train: the daemon was built without its `training` feature (libtorch)")]
+    NotBuilt,
 }
 
 impl Trainer {
     /// Start the owner thread and load the training graph on it; returns once it is loaded.
     pub fn start(bundle: Bundle, config: TrainerConfig) -> Result<Trainer, TrainerError> {
+        #[cfg(feature = "training")]
+        return owner::start(bundle, config);
+        #[cfg(not(feature = "training"))]
+        {
+            let _ = (bundle, config);
+            Err(TrainerError::NotBuilt)
+        }
+    }
+
+    /// "cpu" or "cuda(0)".
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    pub fn submit(&self, job: TrainJob) -> Result<JobHandle, TrainerError> {
+        let (cancel, pause) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (progress_tx, progress) = mpsc::unbounded_channel();
+        let (reply, done) = oneshot::channel();
+        self.tx
+            .send(Command::Fit { job: Box::new(job), cancel: cancel.clone(), pause: pause.clone(), progress: progress_tx, reply })
+            .map_err(|_| TrainerError::Stopped)?;
+        Ok(JobHandle { cancel, pause, progress, done })
+    }
+
+    /// Softmax scores of `head` over the training graph's embedding with `lora` applied: the
+    /// trainer's side of the engine/trainer parity check.
+    pub async fn predict(&self, inputs: Vec<HostTensor>, lora: Option<LoraWeights>, head: Head) -> Result<Vec<f32>, TrainerError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Predict { inputs, lora, head, reply }).map_err(|_| TrainerError::Stopped)?;
+        Ok(rx.await.map_err(|_| TrainerError::Stopped)??)
+    }
+
+    /// Stop after the current job (cancel it first to stop sooner) and join the thread.
+    pub fn shutdown(mut self) {
+        let _ = self.tx.send(Command::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The owner thread's side: everything here runs on it, and it alone touches libtorch.
+#[cfg(feature = "training")]
+mod owner {
+    use std::panic::AssertUnwindSafe;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use adaptd_adapters::bundle::Bundle;
+    use adaptd_adapters::head::{Head, softmax_rows};
+    use adaptd_adapters::lora::LoraWeights;
+    use adaptd_adapters::tensor::HostTensor;
+    use adaptd_train::{FitReport, FitTarget, Progress, TrainError, TrainingGraph, fit_cached, libtorch};
+    use tokio::sync::mpsc;
+
+    use super::{Command, JobKind, TrainDevice, TrainJob, TrainPrecision, Trainer, TrainerConfig, TrainerError};
+
+    pub(super) fn start(bundle: Bundle, config: TrainerConfig) -> Result<Trainer, TrainerError> {
         let device = match config.device {
             TrainDevice::Cpu => tch::Device::Cpu,
             TrainDevice::Auto if libtorch::cuda_available() => tch::Device::Cuda(0),
@@ -210,106 +270,75 @@ impl Trainer {
         }
     }
 
-    /// "cpu" or "cuda(0)".
-    pub fn device(&self) -> &str {
-        &self.device
-    }
-
-    pub fn submit(&self, job: TrainJob) -> Result<JobHandle, TrainerError> {
-        let (cancel, pause) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-        let (progress_tx, progress) = mpsc::unbounded_channel();
-        let (reply, done) = oneshot::channel();
-        self.tx
-            .send(Command::Fit { job: Box::new(job), cancel: cancel.clone(), pause: pause.clone(), progress: progress_tx, reply })
-            .map_err(|_| TrainerError::Stopped)?;
-        Ok(JobHandle { cancel, pause, progress, done })
-    }
-
-    /// Softmax scores of `head` over the training graph's embedding with `lora` applied: the
-    /// trainer's side of the engine/trainer parity check.
-    pub async fn predict(&self, inputs: Vec<HostTensor>, lora: Option<LoraWeights>, head: Head) -> Result<Vec<f32>, TrainerError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Predict { inputs, lora, head, reply }).map_err(|_| TrainerError::Stopped)?;
-        Ok(rx.await.map_err(|_| TrainerError::Stopped)??)
-    }
-
-    /// Stop after the current job (cancel it first to stop sooner) and join the thread.
-    pub fn shutdown(mut self) {
-        let _ = self.tx.send(Command::Stop);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+    /// Mixed precision where asked for and it holds: on CUDA, `auto` tries fp16 autocast and keeps
+    /// fp32 (with the reason logged) where the bundle's graph fails the numerics check; `fp16`
+    /// refuses to start then. On the CPU training is fp32 whatever is asked.
+    fn choose_precision(graph: &mut TrainingGraph, precision: TrainPrecision) -> Result<(), TrainError> {
+        if !graph.device().is_cuda() {
+            if precision == TrainPrecision::Fp16 {
+                tracing::warn!("training.precision is \"fp16\", but training runs on the CPU: fp32");
+            }
+            return Ok(());
         }
-    }
-}
-
-/// Mixed precision where asked for and it holds: on CUDA, `auto` tries fp16 autocast and keeps
-/// fp32 (with the reason logged) where the bundle's graph fails the numerics check; `fp16`
-/// refuses to start then. On the CPU training is fp32 whatever is asked.
-fn choose_precision(graph: &mut TrainingGraph, precision: TrainPrecision) -> Result<(), TrainError> {
-    if !graph.device().is_cuda() {
-        if precision == TrainPrecision::Fp16 {
-            tracing::warn!("training.precision is \"fp16\", but training runs on the CPU: fp32");
+        if precision == TrainPrecision::Fp32 {
+            return Ok(());
         }
-        return Ok(());
-    }
-    if precision == TrainPrecision::Fp32 {
-        return Ok(());
-    }
-    match graph.enable_mixed_precision() {
-        Ok(diff) => tracing::info!(embedding_relative_diff = diff, "LoRA trains with the base under fp16 autocast"),
-        Err(e) if precision == TrainPrecision::Auto => tracing::warn!(error = %e, "LoRA trains in fp32"),
-        Err(e) => return Err(e),
-    }
-    Ok(())
-}
-
-/// A panic inside libtorch or a fit fails the job, not the daemon.
-fn guarded<T>(f: impl FnOnce() -> Result<T, TrainError>) -> Result<T, TrainError> {
-    std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-        let message = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
-        Err(TrainError::Data(format!("the trainer panicked: {message}")))
-    })
-}
-
-fn run_fit(
-    graph: &TrainingGraph,
-    job: &TrainJob,
-    cancel: &AtomicBool,
-    pause: &AtomicBool,
-    progress: &mpsc::UnboundedSender<Progress>,
-) -> Result<FitReport, TrainError> {
-    let target = match job.kind {
-        JobKind::Head => FitTarget::Head { device: graph.device() },
-        JobKind::Lora { rank, alpha } => {
-            // Continuing from a higher-rank LoRA (a fleet aggregate at rank_max, say) takes its
-            // rank, at the same alpha/rank.
-            let start = job.start_lora.as_ref();
-            let continued = start.map_or(rank, |s| s.rank.max(rank));
-            FitTarget::Lora { graph, rank: continued, alpha: alpha * continued as f32 / rank as f32, start }
+        match graph.enable_mixed_precision() {
+            Ok(diff) => tracing::info!(embedding_relative_diff = diff, "LoRA trains with the base under fp16 autocast"),
+            Err(e) if precision == TrainPrecision::Auto => tracing::warn!(error = %e, "LoRA trains in fp32"),
+            Err(e) => return Err(e),
         }
-    };
-    let _span = tracing::info_span!("train", kind = job.kind.name(), samples = job.train.len()).entered();
-    fit_cached(target, &job.train, &job.validation, &job.init_head, &job.recipe, &job.prefix_cache, cancel, &mut |p| {
-        let _ = progress.send(p.clone());
-        // Paused (serving is over its latency budget): hold here between steps until resumed
-        // or cancelled.
-        while pause.load(Ordering::Relaxed) && !cancel.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })
-}
+        Ok(())
+    }
 
-fn predict(graph: &TrainingGraph, inputs: &[HostTensor], lora: Option<&LoraWeights>, head: &Head) -> Result<Vec<f32>, TrainError> {
-    let manifest = graph.manifest();
-    let lora_inputs = match lora {
-        Some(w) => w.graph_inputs(&manifest.lora)?,
-        None => adaptd_adapters::lora::no_adapter_inputs(&manifest.lora),
-    };
-    let outputs = graph.forward_host(inputs, &lora_inputs)?;
-    let no_embedding = || TrainError::Output("the training graph gave no f32 embedding".into());
-    let emb = manifest.output_index(&manifest.embedding_output).and_then(|i| outputs.get(i)).ok_or_else(no_embedding)?;
-    let rows = emb.shape.first().copied().unwrap_or(0);
-    let mut scores = head.forward(emb.as_f32().ok_or_else(no_embedding)?, rows);
-    softmax_rows(&mut scores, head.classes());
-    Ok(scores)
+    /// A panic inside libtorch or a fit fails the job, not the daemon.
+    fn guarded<T>(f: impl FnOnce() -> Result<T, TrainError>) -> Result<T, TrainError> {
+        std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+            let message = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            Err(TrainError::Data(format!("the trainer panicked: {message}")))
+        })
+    }
+
+    fn run_fit(
+        graph: &TrainingGraph,
+        job: &TrainJob,
+        cancel: &AtomicBool,
+        pause: &AtomicBool,
+        progress: &mpsc::UnboundedSender<Progress>,
+    ) -> Result<FitReport, TrainError> {
+        let target = match job.kind {
+            JobKind::Head => FitTarget::Head { device: graph.device() },
+            JobKind::Lora { rank, alpha } => {
+                // Continuing from a higher-rank LoRA (a fleet aggregate at rank_max, say) takes its
+                // rank, at the same alpha/rank.
+                let start = job.start_lora.as_ref();
+                let continued = start.map_or(rank, |s| s.rank.max(rank));
+                FitTarget::Lora { graph, rank: continued, alpha: alpha * continued as f32 / rank as f32, start }
+            }
+        };
+        let _span = tracing::info_span!("train", kind = job.kind.name(), samples = job.train.len()).entered();
+        fit_cached(target, &job.train, &job.validation, &job.init_head, &job.recipe, &job.prefix_cache, cancel, &mut |p| {
+            let _ = progress.send(p.clone());
+            // Paused (serving is over its latency budget): hold here between steps until resumed
+            // or cancelled.
+            while pause.load(Ordering::Relaxed) && !cancel.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    }
+
+    fn predict(graph: &TrainingGraph, inputs: &[HostTensor], lora: Option<&LoraWeights>, head: &Head) -> Result<Vec<f32>, TrainError> {
+        let manifest = graph.manifest();
+        let lora_inputs = match lora {
+            Some(w) => w.graph_inputs(&manifest.lora)?,
+            None => adaptd_adapters::lora::no_adapter_inputs(&manifest.lora),
+        };
+        let outputs = graph.forward_host(inputs, &lora_inputs)?;
+        let no_embedding = || TrainError::Output("the training graph gave no f32 embedding".into());
+        let emb = manifest.output_index(&manifest.embedding_output).and_then(|i| outputs.get(i)).ok_or_else(no_embedding)?;
+        let rows = emb.shape.first().copied().unwrap_or(0);
+        let mut scores = head.forward(emb.as_f32().ok_or_else(no_embedding)?, rows);
+        softmax_rows(&mut scores, head.classes());
+        Ok(scores)
+    }
 }

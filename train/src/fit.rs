@@ -1,0 +1,1198 @@
+//! Fitting heads and LoRA adapters with libtorch: the training graph, the optimizer loop, the
+//! prefix cache above a cut, mixed precision.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tch::{CModule, Device, IValue, Kind, Tensor, nn, nn::OptimizerConfig};
+
+use adaptd_adapters::bundle::{Bundle, DType, LoraSpec, Manifest};
+use adaptd_adapters::head::{Dense, Head};
+use adaptd_adapters::lora::{LoraModule, LoraWeights, slot_shapes};
+use adaptd_adapters::tensor::{HostData, HostTensor, SeededRng};
+
+use crate::{CachedActivation, EpochRecord, Examples, FitReport, PrefixCache, PrefixComputed, Progress, Recipe, TrainError, lr_factor, memory};
+
+/// Per row, the activation computed now (None: reused, or not asked to keep).
+type ComputedRows = Vec<Option<Vec<f32>>>;
+
+/// The bundle's training graph, loaded into libtorch. `forward(model inputs..., A_0, B_0, ...)`.
+pub struct TrainingGraph {
+    module: CModule,
+    manifest: Manifest,
+    device: Device,
+    /// Text bundles: the position of the `attention_mask` input, for trimming padding per batch.
+    attention_mask: Option<usize>,
+    /// The bundle's cut, once loaded: LoRA then trains above it ([`TrainingGraph::load_cut`]).
+    cut: Option<CutGraphs>,
+    /// Training forwards run under CUDA fp16 autocast ([`TrainingGraph::enable_mixed_precision`]).
+    mixed_precision: bool,
+    /// sha256 of the bundle's manifest (which pins every file's digest): part of the key cached
+    /// prefix activations are kept under.
+    bundle_sha256: String,
+}
+
+/// A TorchScript graph on `device`, in eval mode, every parameter frozen: the exporter froze them
+/// already; this makes sure no caller can build a graph into the base.
+fn load_frozen(path: &std::path::Path, device: Device) -> Result<CModule, TrainError> {
+    let mut module = CModule::load_on_device(path, device).map_err(|source| TrainError::Load { path: path.display().to_string(), source })?;
+    module.set_eval();
+    for (_, p) in module.named_parameters()? {
+        let _ = p.set_requires_grad(false);
+    }
+    Ok(module)
+}
+
+/// How far the cut's halves may stray from the training graph (fp32, as serving parity).
+pub const CUT_PARITY_TOLERANCE: f32 = 1e-4;
+
+/// How far (relative to its largest value) the embedding may stray from fp32 under fp16
+/// autocast before mixed precision is refused: fp16 keeps ~3 significant digits per product, and
+/// a graph that overflows fp16 somewhere shows as inf/NaN or a gross difference here.
+pub const MIXED_PRECISION_TOLERANCE: f32 = 5e-2;
+
+/// The two halves of a bundle cut after a module.
+struct CutGraphs {
+    /// Model inputs and LoRA values -> the cut module's output. Frozen.
+    prefix: CModule,
+    /// Model inputs, that output, LoRA values and the dropout keep -> the model outputs.
+    suffix: CModule,
+    /// The slots that run above the cut: the only ones a job above the cut trains.
+    slots_above: Vec<usize>,
+    /// The activation's shape (-1: dynamic), batch axis first.
+    activation_shape: Vec<i64>,
+}
+
+impl TrainingGraph {
+    pub fn load(bundle: &Bundle, device: Device) -> Result<TrainingGraph, TrainError> {
+        let path = bundle.training_graph_path();
+        // The profiling executor specialises the graph into differentiable subgraphs that keep
+        // extra copies of activations: measured on MiniLM LoRA (batch 16, seq 64), the legacy
+        // executor trains 1.2x faster at 0.57x the peak RSS. Process-wide, and only TorchScript
+        // (training) is affected; serving runs on ONNX Runtime.
+        tch::jit::set_profiling_mode(false);
+        let module = load_frozen(&path, device)?;
+        let attention_mask = match bundle.manifest.preprocessing {
+            adaptd_adapters::bundle::Preprocessing::Text { .. } => bundle.manifest.inputs.iter().position(|i| i.name == "attention_mask"),
+            _ => None,
+        };
+        Ok(TrainingGraph {
+            module,
+            manifest: bundle.manifest.clone(),
+            device,
+            attention_mask,
+            cut: None,
+            mixed_precision: false,
+            bundle_sha256: bundle.manifest_sha256.clone(),
+        })
+    }
+
+    /// Load the bundle's prefix and suffix graphs: from then on LoRA jobs on this graph train the
+    /// slots above the cut only, on activations the prefix computes once per sample and job (the
+    /// slots below stay as the job starts them: the serving LoRA's, or none).
+    pub fn load_cut(&mut self, bundle: &Bundle) -> Result<(), TrainError> {
+        let cut =
+            bundle.manifest.cut.as_ref().ok_or_else(|| TrainError::Data(format!("bundle {} is not cut for training above a prefix", bundle.manifest.name)))?;
+        let load = |file: &str| load_frozen(&bundle.dir.join(file), self.device);
+        self.cut = Some(CutGraphs {
+            prefix: load(&cut.prefix_graph)?,
+            suffix: load(&cut.suffix_graph)?,
+            slots_above: cut.slots_above.clone(),
+            activation_shape: cut.activation.shape.clone(),
+        });
+        // An adapter trained above the cut is served by the whole graph: the halves must compute
+        // its function, or what the gate validates is not what serves.
+        let diff = self.cut_parity().inspect_err(|_| self.cut = None)?;
+        if diff.is_nan() || diff > CUT_PARITY_TOLERANCE {
+            self.cut = None;
+            return Err(TrainError::Data(format!(
+                "bundle {}: prefix + suffix differ from the training graph by {diff:.2e} (tolerance {CUT_PARITY_TOLERANCE:.0e}); not training above its cut",
+                bundle.manifest.name
+            )));
+        }
+        Ok(())
+    }
+
+    /// The largest difference between the training graph's outputs and the suffix's fed the
+    /// prefix's output, on two synthetic rows with a seeded random LoRA in every slot.
+    fn cut_parity(&self) -> Result<f32, TrainError> {
+        let (inputs, lora) = self.synthetic_batch(17);
+        let _guard = tch::no_grad_guard();
+        let whole = self.forward(&inputs, &lora)?;
+        let activation = self.prefix(&inputs, &lora)?;
+        let halves = self.forward_suffix(&inputs, &activation, &lora, 0.0)?;
+        if whole.len() != halves.len() {
+            return Err(TrainError::Output(format!("the suffix returned {} outputs, the training graph {}", halves.len(), whole.len())));
+        }
+        let mut worst = 0.0f32;
+        for (a, b) in whole.iter().zip(&halves) {
+            if a.size() != b.size() {
+                return Err(TrainError::Output(format!("the suffix returned shape {:?} where the training graph returns {:?}", b.size(), a.size())));
+            }
+            worst = worst.max((a - b).abs().max().double_value(&[]) as f32);
+        }
+        Ok(worst)
+    }
+
+    /// Two synthetic rows (random features, token ids in the common vocabulary, a mask of ones)
+    /// and a seeded random LoRA in every slot: for checks that need no data.
+    fn synthetic_batch(&self, seed: u64) -> (Vec<Tensor>, Vec<Tensor>) {
+        let mut rng = SeededRng::new(seed);
+        let inputs: Vec<Tensor> = self
+            .manifest
+            .inputs
+            .iter()
+            .map(|spec| {
+                let shape: Vec<usize> = spec
+                    .shape
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &d)| {
+                        if d >= 0 {
+                            d as usize
+                        } else if i == 0 {
+                            2
+                        } else {
+                            8
+                        }
+                    })
+                    .collect();
+                let n: usize = shape.iter().product();
+                let host = match spec.dtype {
+                    DType::F32 => HostTensor { shape, data: HostData::F32(rng.normal_vec(n, 1.0)) },
+                    // Token ids in the common vocabulary, and an attention mask of ones.
+                    _ if spec.name == "attention_mask" => HostTensor { shape, data: HostData::I64(vec![1; n]) },
+                    _ => HostTensor { shape, data: HostData::I64((0..n).map(|_| 1000 + (rng.uniform() * 1000.0) as i64).collect()) },
+                };
+                to_tensor(&host, self.device)
+            })
+            .collect();
+        let lora: Vec<Tensor> = self
+            .manifest
+            .lora
+            .slots
+            .iter()
+            .flat_map(|slot| [&slot.a_shape, &slot.b_shape])
+            .map(|shape| {
+                let n: usize = shape.iter().product();
+                to_tensor(&HostTensor { shape: shape.clone(), data: HostData::F32(rng.normal_vec(n, 0.05)) }, self.device)
+            })
+            .collect();
+        (inputs, lora)
+    }
+
+    /// Train with the frozen base's matrix products in fp16 (CUDA autocast, as PyTorch's AMP):
+    /// the tensor cores' speed and half the activation memory, while the weights, the LoRA
+    /// values and the optimizer stay fp32 and the loss is scaled so small gradients survive.
+    /// Inference (`forward`, `forward_host`: the gate's parity check) stays fp32. Refused on the
+    /// CPU, and where the bundle's graph does not keep its embedding within
+    /// [`MIXED_PRECISION_TOLERANCE`] (relative) of fp32 under autocast; returns that difference.
+    pub fn enable_mixed_precision(&mut self) -> Result<f32, TrainError> {
+        if !self.device.is_cuda() {
+            return Err(TrainError::Data("fp16 autocast trains on CUDA; this training graph is on the CPU".into()));
+        }
+        let emb = self.manifest.output_index(&self.manifest.embedding_output).ok_or_else(|| TrainError::Output("no embedding output".into()))?;
+        let (inputs, lora) = self.synthetic_batch(23);
+        let _guard = tch::no_grad_guard();
+        let pick = |outputs: Vec<Tensor>| outputs.into_iter().nth(emb).ok_or_else(|| TrainError::Output("no embedding output".into()));
+        let full = pick(self.forward(&inputs, &lora)?)?;
+        let half = pick(tch::autocast(true, || self.forward(&inputs, &lora))?)?.to_kind(Kind::Float);
+        let scale = full.abs().max().double_value(&[]).max(1e-6);
+        let diff = ((&full - &half).abs().max().double_value(&[]) / scale) as f32;
+        if !diff.is_finite() || diff > MIXED_PRECISION_TOLERANCE {
+            return Err(TrainError::Data(format!(
+                "bundle {}: under fp16 autocast the embedding differs from fp32 by {diff:.2e} (relative; tolerance {MIXED_PRECISION_TOLERANCE:.0e}); training stays fp32",
+                self.manifest.name
+            )));
+        }
+        self.mixed_precision = true;
+        Ok(diff)
+    }
+
+    /// Whether training forwards run under fp16 autocast.
+    pub fn mixed_precision(&self) -> bool {
+        self.mixed_precision
+    }
+
+    /// `f` under fp16 autocast when mixed precision is on (training forwards only).
+    fn autocast<T>(&self, f: impl FnOnce() -> T) -> T {
+        if self.mixed_precision { tch::autocast(true, f) } else { f() }
+    }
+
+    /// What a prefix activation computed now depends on, as a short digest: the bundle (its
+    /// manifest pins every graph file), the precision, and the LoRA values of the slots below
+    /// the cut (`lora`: graph-input order, B already scaled). A slot whose B is zero adds
+    /// nothing to the prefix whatever its A, so it counts as absent.
+    pub fn prefix_key(&self, lora: &[Tensor]) -> Result<String, TrainError> {
+        use sha2::{Digest, Sha256};
+        let cut = self.cut.as_ref().ok_or_else(|| TrainError::Data("no cut loaded".into()))?;
+        let mut hasher = Sha256::new();
+        hasher.update(self.bundle_sha256.as_bytes());
+        hasher.update(if self.mixed_precision { b"fp16" } else { b"fp32" });
+        for (slot, pair) in lora.chunks(2).enumerate() {
+            let [a, b] = pair else { return Err(TrainError::Data("LoRA values come in A/B pairs".into())) };
+            if cut.slots_above.contains(&slot) {
+                continue;
+            }
+            hasher.update((slot as u64).to_le_bytes());
+            if b.abs().max().double_value(&[]) == 0.0 {
+                hasher.update(b"none");
+                continue;
+            }
+            for t in [a, b] {
+                let values = Vec::<f32>::try_from(t.to_kind(Kind::Float).to_device(Device::Cpu).flatten(0, -1))?;
+                hasher.update(values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+            }
+        }
+        Ok(hex::encode(&hasher.finalize()[..16]))
+    }
+
+    /// One row's activation shape for a batch `width` tokens wide (text) or fixed (images).
+    fn activation_row_shape(&self, width: i64) -> Result<Vec<i64>, TrainError> {
+        let cut = self.cut.as_ref().ok_or_else(|| TrainError::Data("no cut loaded".into()))?;
+        cut.activation_shape
+            .iter()
+            .enumerate()
+            .skip(1)
+            .map(|(axis, &d)| match (axis, d) {
+                (_, d) if d >= 0 => Ok(d),
+                (1, _) if self.attention_mask.is_some() => Ok(width),
+                _ => Err(TrainError::Data(format!("the cut's activation has a dynamic axis {axis} that is not the token axis"))),
+            })
+            .collect()
+    }
+
+    /// The slots a LoRA job trains: those above the cut once it is loaded, else all.
+    pub fn trained_slots(&self) -> Vec<usize> {
+        match &self.cut {
+            Some(cut) => cut.slots_above.clone(),
+            None => (0..self.manifest.lora.slots.len()).collect(),
+        }
+    }
+
+    /// Whether LoRA jobs train above a cut (its graphs are loaded).
+    pub fn trains_above_cut(&self) -> bool {
+        self.cut.is_some()
+    }
+
+    /// The prefix's output for a batch (no gradients): what the suffix trains on.
+    fn prefix(&self, inputs: &[Tensor], lora: &[Tensor]) -> Result<Tensor, TrainError> {
+        let cut = self.cut.as_ref().ok_or_else(|| TrainError::Data("no cut loaded".into()))?;
+        let _guard = tch::no_grad_guard();
+        let args: Vec<IValue> = inputs.iter().chain(lora).map(|t| IValue::Tensor(t.shallow_clone())).collect();
+        let mut out = self.outputs(cut.prefix.forward_is(&args))?;
+        if out.len() != 1 {
+            return Err(TrainError::Output(format!("the prefix graph returned {} tensors, expected 1", out.len())));
+        }
+        Ok(out.swap_remove(0))
+    }
+
+    /// The suffix from an activation, with LoRA dropout `p`; gradients flow into the LoRA tensors.
+    fn forward_suffix(&self, inputs: &[Tensor], activation: &Tensor, lora: &[Tensor], p: f64) -> Result<Vec<Tensor>, TrainError> {
+        let cut = self.cut.as_ref().ok_or_else(|| TrainError::Data("no cut loaded".into()))?;
+        let mut args: Vec<IValue> = inputs.iter().chain([activation]).chain(lora).map(|t| IValue::Tensor(t.shallow_clone())).collect();
+        args.push(IValue::Tensor(Tensor::from(1.0 - p as f32).to_device(self.device)));
+        self.outputs(cut.suffix.forward_is(&args))
+    }
+
+    fn outputs(&self, out: Result<IValue, tch::TchError>) -> Result<Vec<Tensor>, TrainError> {
+        match out.map_err(|source| TrainError::Forward { bundle: self.manifest.name.clone(), source })? {
+            IValue::Tuple(items) => items
+                .into_iter()
+                .map(|v| match v {
+                    IValue::Tensor(t) => Ok(t),
+                    other => Err(TrainError::Output(format!("a tuple holding {other:?}"))),
+                })
+                .collect(),
+            IValue::Tensor(t) => Ok(vec![t]),
+            other => Err(TrainError::Output(format!("{other:?}"))),
+        }
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Cut the columns at the end of a text batch that are padding in every row. Texts are padded
+    /// (on the right) to the longest of the whole training set; such columns are masked out of
+    /// attention and pooling, so cutting them changes no output and a batch of short texts costs
+    /// what short texts cost. Other bundles' batches pass unchanged.
+    pub fn trim_padding(&self, batch: Vec<Tensor>) -> Vec<Tensor> {
+        let Some(m) = self.attention_mask else { return batch };
+        let Some(mask) = batch.get(m).filter(|t| t.dim() == 2) else { return batch };
+        let width = mask.size()[1];
+        let used = mask.ne(0).any_dim(0, false).nonzero();
+        let keep = if used.size()[0] == 0 { 1 } else { used.max().int64_value(&[]) + 1 };
+        if keep >= width {
+            return batch;
+        }
+        // Token inputs [B, T] and, above a cut, activations [B, T, H].
+        batch.into_iter().map(|t| if t.dim() >= 2 && t.size()[1] == width { t.narrow(1, 0, keep) } else { t }).collect()
+    }
+
+    /// Whether the graph takes a LoRA dropout input (bundles exported before it do not).
+    pub fn has_lora_dropout(&self) -> bool {
+        self.manifest.lora.dropout_input.is_some()
+    }
+
+    /// Run the graph on device tensors; gradients flow into whatever LoRA tensors require them.
+    /// No LoRA dropout: evaluation, parity and inference.
+    pub fn forward(&self, inputs: &[Tensor], lora: &[Tensor]) -> Result<Vec<Tensor>, TrainError> {
+        self.forward_dropout(inputs, lora, 0.0)
+    }
+
+    /// `forward` with LoRA dropout `p` on every slot's input (PEFT's `lora_dropout`); the base
+    /// path is never dropped. Needs a bundle whose training graph takes the dropout input.
+    pub fn forward_dropout(&self, inputs: &[Tensor], lora: &[Tensor], p: f64) -> Result<Vec<Tensor>, TrainError> {
+        let mut args: Vec<IValue> = inputs.iter().chain(lora).map(|t| IValue::Tensor(t.shallow_clone())).collect();
+        match (&self.manifest.lora.dropout_input, p > 0.0) {
+            (Some(_), _) => args.push(IValue::Tensor(Tensor::from(1.0 - p as f32).to_device(self.device))),
+            (None, true) => {
+                return Err(TrainError::Data(format!(
+                    "bundle {} has no LoRA dropout input (exported before it); set lora_dropout to 0 or export the bundle again",
+                    self.manifest.name
+                )));
+            }
+            (None, false) => {}
+        }
+        self.outputs(self.module.forward_is(&args))
+    }
+
+    /// Inference on host tensors (no gradients), outputs in manifest order.
+    pub fn forward_host(&self, inputs: &[HostTensor], lora: &[HostTensor]) -> Result<Vec<HostTensor>, TrainError> {
+        self.check_inputs(inputs)?;
+        let _guard = tch::no_grad_guard();
+        let inputs: Vec<Tensor> = inputs.iter().map(|t| to_tensor(t, self.device)).collect();
+        let lora: Vec<Tensor> = lora.iter().map(|t| to_tensor(t, self.device)).collect();
+        self.forward(&inputs, &lora)?.iter().map(to_host).collect()
+    }
+
+    /// A SHA-256 of every base parameter's bytes, to prove later that training left them
+    /// untouched. A digest rather than a copy: a copy of MiniLM's base would add 90 MB to the
+    /// peak memory of every job.
+    pub fn base_parameters(&self) -> Result<Vec<(String, [u8; 32])>, TrainError> {
+        self.module.named_parameters()?.into_iter().map(|(n, t)| Ok((n, digest(&t)?))).collect()
+    }
+
+    /// True when every base parameter is bit-identical to `snapshot`.
+    pub fn base_unchanged(&self, snapshot: &[(String, [u8; 32])]) -> Result<bool, TrainError> {
+        let now = self.base_parameters()?;
+        Ok(now == snapshot)
+    }
+
+    fn check_inputs(&self, inputs: &[HostTensor]) -> Result<(), TrainError> {
+        if inputs.len() != self.manifest.inputs.len() {
+            return Err(TrainError::InputCount { expected: self.manifest.inputs.len(), actual: inputs.len() });
+        }
+        for (index, (t, spec)) in inputs.iter().zip(&self.manifest.inputs).enumerate() {
+            if t.dtype() != spec.dtype {
+                return Err(TrainError::InputDType { index, name: spec.name.clone(), actual: t.dtype(), expected: spec.dtype });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// SHA-256 of a tensor's bytes in row-major order.
+fn digest(t: &Tensor) -> Result<[u8; 32], TrainError> {
+    use sha2::{Digest, Sha256};
+    let host = t.to_device(Device::Cpu).contiguous();
+    let bytes = host.numel() * host.kind().elt_size_in_bytes();
+    let mut hasher = Sha256::new();
+    if bytes > 0 {
+        // SAFETY: `host` is a contiguous CPU tensor of `bytes` bytes that outlives the slice.
+        let slice = unsafe { std::slice::from_raw_parts(host.data_ptr() as *const u8, bytes) };
+        hasher.update(slice);
+    }
+    Ok(hasher.finalize().into())
+}
+
+pub fn to_tensor(t: &HostTensor, device: Device) -> Tensor {
+    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    let tensor = match &t.data {
+        HostData::F32(v) => Tensor::from_slice(v),
+        HostData::I64(v) => Tensor::from_slice(v),
+    };
+    tensor.reshape(shape).to_device(device)
+}
+
+pub fn to_host(t: &Tensor) -> Result<HostTensor, TrainError> {
+    let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+    let t = t.detach().to_device(Device::Cpu).contiguous();
+    let data = match t.kind() {
+        Kind::Int64 => HostData::I64(Vec::<i64>::try_from(&t.flatten(0, -1))?),
+        _ => HostData::F32(Vec::<f32>::try_from(&t.to_kind(Kind::Float).flatten(0, -1))?),
+    };
+    Ok(HostTensor { shape, data })
+}
+
+/// What to train: a head on cached embeddings, or LoRA (plus the head) through the bundle's graph.
+pub enum FitTarget<'a> {
+    /// `Examples::inputs` is one `[N, embedding_dim]` tensor of cached backbone embeddings.
+    Head { device: Device },
+    /// `Examples::inputs` are the bundle's model inputs. `start`: LoRA weights to continue from
+    /// (what serves now), at a rank no higher than `rank`; slots it does not name start fresh.
+    Lora { graph: &'a TrainingGraph, rank: usize, alpha: f32, start: Option<&'a LoraWeights> },
+}
+
+/// The prefix's activation for every row of `inputs`: the cached rows whose key is `key`, the
+/// others computed (in batches of `batch`). Returns the activation tensor [N, ...] (f32) and, per
+/// row, what was computed now (text rows cut to their tokens) for the cache.
+fn cached_activations(
+    graph: &TrainingGraph,
+    inputs: &[Tensor],
+    lora: &[Tensor],
+    batch: usize,
+    cached: &[Option<CachedActivation>],
+    key: &str,
+    keep: bool,
+) -> Result<(Tensor, ComputedRows, usize), TrainError> {
+    let rows = inputs.first().map_or(0, |t| t.size()[0]) as usize;
+    let width = graph.attention_mask.and_then(|m| inputs.get(m)).map_or(0, |t| t.size()[1]);
+    // Tokens per text row: up to its last unmasked position (texts are padded on the right).
+    let tokens: Vec<i64> = match graph.attention_mask.and_then(|m| inputs.get(m)) {
+        Some(mask) => {
+            let positions = Tensor::arange(width, (Kind::Int64, mask.device())).unsqueeze(0) + 1;
+            Vec::<i64>::try_from(mask.ne(0).to_kind(Kind::Int64).g_mul(&positions).amax(1, false).to_device(Device::Cpu))?
+        }
+        None => Vec::new(),
+    };
+    let row_shape = graph.activation_row_shape(width)?;
+    let inner: i64 = row_shape.iter().skip(usize::from(!tokens.is_empty())).product();
+    let row_len = |i: usize| (tokens.get(i).copied().unwrap_or(1).max(1) * inner) as usize;
+    let hits: Vec<Option<&CachedActivation>> =
+        (0..rows).map(|i| cached.get(i).and_then(Option::as_ref).filter(|c| c.key == key && c.data.len() == row_len(i))).collect();
+    // The rows to compute, text rows by length: a batch of rows of one length carries no padding.
+    let mut missing: Vec<i64> = (0..rows).filter(|&i| hits[i].is_none()).map(|i| i as i64).collect();
+    if !tokens.is_empty() {
+        missing.sort_by_key(|&i| tokens[i as usize]);
+    }
+    let mut full = Tensor::zeros([&[rows as i64][..], &row_shape].concat(), (Kind::Float, graph.device));
+    let mut fresh: Vec<Option<Vec<f32>>> = vec![None; rows];
+    if !missing.is_empty() {
+        let idx = Tensor::from_slice(&missing).to_device(graph.device);
+        let part: Vec<Tensor> = inputs.iter().map(|t| t.index_select(0, &idx)).collect();
+        let computed = graph.autocast(|| activations(graph, &part, lora, batch))?.to_kind(Kind::Float);
+        full = full.index_copy(0, &idx, &computed);
+        let host = computed.to_device(Device::Cpu);
+        for (j, &row) in missing.iter().enumerate().filter(|_| keep) {
+            let row = row as usize;
+            let mut values = host.get(j as i64);
+            if !tokens.is_empty() {
+                values = values.narrow(0, 0, tokens[row].max(1));
+            }
+            fresh[row] = Some(Vec::<f32>::try_from(values.contiguous().flatten(0, -1))?);
+        }
+    }
+    Ok((fill_hits(full, &hits, &row_shape, &tokens)?, fresh, rows - missing.len()))
+}
+
+/// Copy the cached rows into their places in `full`.
+fn fill_hits(full: Tensor, hits: &[Option<&CachedActivation>], row_shape: &[i64], tokens: &[i64]) -> Result<Tensor, TrainError> {
+    for (i, hit) in hits.iter().enumerate() {
+        let Some(hit) = hit else { continue };
+        let mut shape = row_shape.to_vec();
+        let mut target = full.get(i as i64);
+        if let Some(&n) = tokens.get(i) {
+            shape[0] = n.max(1);
+            target = target.narrow(0, 0, shape[0]);
+        }
+        let values = Tensor::from_slice(&hit.data).view(shape.as_slice()).to_device(full.device());
+        target.f_copy_(&values)?;
+    }
+    Ok(full)
+}
+
+/// Rows in the order to run them in batches: text rows by their token count (a batch of rows of
+/// one length carries no padding), other rows as they are.
+fn length_order(graph: &TrainingGraph, inputs: &[Tensor]) -> Result<Option<Tensor>, TrainError> {
+    let Some(mask) = graph.attention_mask.and_then(|m| inputs.get(m)).filter(|t| t.dim() == 2) else { return Ok(None) };
+    Ok(Some(mask.ne(0).sum_dim_intlist(1, false, Kind::Int64).argsort(0, false)))
+}
+
+/// The prefix's output for every row of `inputs`, computed in batches of `batch` rows (text
+/// batches trimmed of all-padding columns, then padded back to the full width).
+fn activations(graph: &TrainingGraph, inputs: &[Tensor], lora: &[Tensor], batch: usize) -> Result<Tensor, TrainError> {
+    let rows = inputs.first().map_or(0, |t| t.size()[0]);
+    let width = graph.attention_mask.and_then(|m| inputs.get(m)).map(|t| t.size()[1]);
+    let mut parts = Vec::new();
+    let mut start = 0;
+    while start < rows {
+        let n = (rows - start).min(batch as i64);
+        let part = graph.trim_padding(inputs.iter().map(|t| t.narrow(0, start, n)).collect());
+        let mut activation = graph.prefix(&part, lora)?;
+        if let Some(width) = width.filter(|&w| activation.dim() >= 2 && activation.size()[1] < w) {
+            let mut pad = activation.size();
+            pad[1] = width - pad[1];
+            activation = Tensor::cat(&[activation.shallow_clone(), Tensor::zeros(&pad, (activation.kind(), activation.device()))], 1);
+        }
+        parts.push(activation);
+        start += n;
+    }
+    Ok(Tensor::cat(&parts, 0))
+}
+
+/// Fine-tune `target` from `init_head` (a linear head whose rows are the classes) on `train`,
+/// choosing the epoch by loss on `validation`. Cancellable between steps via `cancel`.
+pub fn fit(
+    target: FitTarget<'_>,
+    train: &Examples,
+    validation: &Examples,
+    init_head: &Head,
+    recipe: &Recipe,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<FitReport, TrainError> {
+    fit_cached(target, train, validation, init_head, recipe, &PrefixCache::default(), cancel, progress)
+}
+
+/// A LoRA job's adapter: the bundle's slots, the rank and alpha it trains at, what it continues.
+struct LoraSetup<'a> {
+    spec: LoraSpec,
+    rank: usize,
+    alpha: f32,
+    start: Option<&'a LoraWeights>,
+}
+
+/// The job's device, graph and LoRA set-up, once its data and recipe are known to fit them.
+fn checked_target<'a>(
+    target: &FitTarget<'a>,
+    train: &Examples,
+    validation: &Examples,
+    init_head: &Head,
+    recipe: &Recipe,
+) -> Result<(Device, Option<&'a TrainingGraph>, Option<LoraSetup<'a>>), TrainError> {
+    if init_head.layers.len() != 1 {
+        return Err(TrainError::Data(format!("training starts from a linear head; this one has {} layers", init_head.layers.len())));
+    }
+    let classes = init_head.classes();
+    train.check("training set", classes)?;
+    validation.check("validation set", classes)?;
+    if train.is_empty() {
+        return Err(TrainError::Data("no training samples".into()));
+    }
+    if recipe.batch_size == 0 || recipe.max_epochs == 0 {
+        return Err(TrainError::Data("batch_size and max_epochs must be at least 1".into()));
+    }
+    if !(0.0..1.0).contains(&recipe.dropout) || !(0.0..1.0).contains(&recipe.lora_dropout) {
+        return Err(TrainError::Data(format!("dropout ({}) and lora_dropout ({}) must be in [0, 1)", recipe.dropout, recipe.lora_dropout)));
+    }
+    match target {
+        FitTarget::Head { device } => {
+            if train.inputs.len() != 1 || train.inputs[0].shape.len() != 2 || train.inputs[0].shape[1] != init_head.input_dim() {
+                return Err(TrainError::Data(format!("head training takes one [N, {}] embedding tensor", init_head.input_dim())));
+            }
+            Ok((*device, None, None))
+        }
+        FitTarget::Lora { graph, rank, alpha, start } => {
+            graph.check_inputs(&train.inputs)?;
+            if !validation.is_empty() {
+                graph.check_inputs(&validation.inputs)?;
+            }
+            let spec = &graph.manifest().lora;
+            if *rank == 0 || *rank > spec.rank_max {
+                return Err(adaptd_adapters::lora::LoraError::Rank { rank: *rank, rank_max: spec.rank_max }.into());
+            }
+            if let Some(start) = start {
+                start.validate(spec)?;
+                if start.rank > *rank {
+                    return Err(TrainError::Data(format!("cannot continue a rank-{} LoRA at rank {rank}", start.rank)));
+                }
+            }
+            Ok((graph.device(), Some(*graph), Some(LoraSetup { spec: spec.clone(), rank: *rank, alpha: *alpha, start: *start })))
+        }
+    }
+}
+
+/// The LoRA tensors a job trains, one (A, B) pair per slot at the job's rank: A drawn as PEFT
+/// draws it and B zero, or, continuing, the serving LoRA's values in the first rows and columns.
+fn init_lora(group: &nn::Path, setup: &LoraSetup<'_>, rng: &mut SeededRng, device: Device) -> Vec<(Tensor, Tensor)> {
+    let LoraSetup { spec, rank, alpha, start } = setup;
+    let mut lora_vars = Vec::with_capacity(spec.slots.len());
+    for (i, slot) in spec.slots.iter().enumerate() {
+        let (a_shape, b_shape) = slot_shapes(slot, *rank);
+        let fan_in: usize = a_shape[1..].iter().product();
+        let bound = 1.0 / (fan_in as f64).sqrt(); // kaiming_uniform_(a=sqrt(5)), as PEFT initialises A
+        let mut a_init: Vec<f32> = (0..a_shape.iter().product::<usize>()).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
+        let mut b_init = vec![0.0f32; b_shape.iter().product()];
+        // Continuing: the first rows of A and columns of B hold the serving LoRA's update
+        // (rescaled to this job's alpha/rank), so training starts from exactly what serves;
+        // the rows past its rank start as fresh capacity (B zero there, A random).
+        if let Some((s, m)) = start.and_then(|s| s.modules.iter().find(|m| m.module == slot.module).map(|m| (s, m))) {
+            let (a0, b0) = (m.a.as_f32().unwrap_or(&[]), m.b.as_f32().unwrap_or(&[]));
+            a_init[..a0.len()].copy_from_slice(a0);
+            let rescale = s.scale() / (*alpha / *rank as f32);
+            for row in 0..b_shape[0] {
+                for k in 0..s.rank {
+                    b_init[row * rank + k] = b0[row * s.rank + k] * rescale;
+                }
+            }
+        }
+        let a = group.var_copy(&format!("lora_a_{i}"), &to_tensor(&HostTensor { shape: a_shape, data: HostData::F32(a_init) }, device));
+        let b = group.var_copy(&format!("lora_b_{i}"), &to_tensor(&HostTensor { shape: b_shape, data: HostData::F32(b_init) }, device));
+        lora_vars.push((a, b));
+    }
+    lora_vars
+}
+
+/// The LoRA values as the graph takes them: every slot padded to the bundle's `rank_max` (zero
+/// rows of A, zero columns of B) with B scaled by alpha / rank.
+fn graph_lora(setup: &LoraSetup<'_>, lora_vars: &[(Tensor, Tensor)], device: Device) -> Vec<Tensor> {
+    let LoraSetup { spec, rank, alpha, .. } = setup;
+    let scale = *alpha as f64 / *rank as f64;
+    spec.slots
+        .iter()
+        .zip(lora_vars)
+        .flat_map(|(slot, (a, b))| {
+            let mut a_pad = slot.a_shape.iter().map(|&d| d as i64).collect::<Vec<_>>();
+            a_pad[0] = (spec.rank_max - rank) as i64;
+            let mut b_pad = slot.b_shape.iter().map(|&d| d as i64).collect::<Vec<_>>();
+            b_pad[1] = (spec.rank_max - rank) as i64;
+            let a_full = Tensor::cat(&[a.shallow_clone(), Tensor::zeros(&a_pad, (Kind::Float, device))], 0);
+            let b_full = Tensor::cat(&[b * scale, Tensor::zeros(&b_pad, (Kind::Float, device))], 1);
+            [a_full, b_full]
+        })
+        .collect()
+}
+
+/// Append the prefix's activation to the training and the validation inputs (rows `cache`
+/// holds under the job's key reused, the rest computed), and say what was done.
+fn prefix_for_job(
+    graph: &TrainingGraph,
+    inputs: [&mut Vec<Tensor>; 2],
+    start: &[Tensor],
+    batch: usize,
+    cache: &PrefixCache,
+) -> Result<PrefixComputed, TrainError> {
+    let mut done = PrefixComputed { key: graph.prefix_key(start)?, ..PrefixComputed::default() };
+    let [train, validation] = inputs;
+    for (inputs, cached, fresh) in [(train, &cache.train, &mut done.train), (validation, &cache.validation, &mut done.validation)] {
+        let rows = inputs.first().map_or(0, |t| t.size()[0]) as usize;
+        if rows > 0 {
+            let (activation, computed, reused) = cached_activations(graph, inputs, start, batch, cached, &done.key, cache.keep)?;
+            inputs.push(activation);
+            done.reused += reused;
+            done.computed += rows - reused;
+            *fresh = computed;
+        }
+    }
+    Ok(done)
+}
+
+/// [`fit`], reusing the prefix activations `cache` holds where a job trains above a cut; the
+/// report's `prefix` says which rows it computed, for the cache.
+#[allow(clippy::too_many_arguments)] // fit's arguments and the cache: one call site each
+pub fn fit_cached(
+    target: FitTarget<'_>,
+    train: &Examples,
+    validation: &Examples,
+    init_head: &Head,
+    recipe: &Recipe,
+    cache: &PrefixCache,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<FitReport, TrainError> {
+    let (device, graph, lora_spec) = checked_target(&target, train, validation, init_head, recipe)?;
+    tch::manual_seed(recipe.seed as i64);
+    let mut rng = SeededRng::new(recipe.seed);
+
+    // Group 0: the head; group 1: LoRA. One optimizer, a learning rate per group.
+    let vs = nn::VarStore::new(device);
+    let root = vs.root();
+    let head_w = root.set_group(0).var_copy("head_weight", &to_tensor(&init_head.layers[0].weight, device));
+    let head_b = root.set_group(0).var_copy("head_bias", &to_tensor(&init_head.layers[0].bias, device));
+    let lora_vars = match &lora_spec {
+        Some(setup) => init_lora(&root.set_group(1), setup, &mut rng, device),
+        None => Vec::new(),
+    };
+    let mut opt = nn::AdamW { wd: recipe.weight_decay, ..Default::default() }.build(&vs, recipe.head_learning_rate)?;
+    // Above a cut only the slots there train; the rest keep their start (they shaped the cached
+    // activations) and, without gradients, are left alone by the optimizer.
+    let trained: Vec<bool> = match graph {
+        Some(g) => {
+            let slots = g.trained_slots();
+            (0..lora_vars.len()).map(|i| slots.contains(&i)).collect()
+        }
+        None => Vec::new(),
+    };
+    let above_cut = graph.is_some_and(TrainingGraph::trains_above_cut);
+
+    let emb_index = match graph {
+        Some(g) => Some(g.manifest().output_index(&g.manifest().embedding_output).ok_or_else(|| TrainError::Output("no embedding output".into()))?),
+        None => None,
+    };
+    let padded = |lora_vars: &[(Tensor, Tensor)]| lora_spec.as_ref().map_or_else(Vec::new, |setup| graph_lora(setup, lora_vars, device));
+    // LoRA dropout needs the graph's dropout input; a bundle exported before it trains without.
+    let lora_dropout = match graph {
+        Some(g) if recipe.lora_dropout > 0.0 && !g.has_lora_dropout() => {
+            tracing::warn!(bundle = %g.manifest().name, lora_dropout = recipe.lora_dropout, "the bundle's training graph has no LoRA dropout input (exported before it): training without LoRA dropout");
+            0.0
+        }
+        Some(_) => recipe.lora_dropout,
+        None => 0.0,
+    };
+    // Text batches lose their all-padding columns; the memory probe keeps the full width.
+    let trim = |batch: Vec<Tensor>| match graph {
+        Some(g) => g.trim_padding(batch),
+        None => batch,
+    };
+    // Embeddings for a batch: the cached input itself, or the graph run with the current LoRA
+    // (with LoRA dropout `p` while training).
+    let embed = |batch: &[Tensor], lora_vars: &[(Tensor, Tensor)], p: f64| -> Result<Tensor, TrainError> {
+        match graph {
+            None => Ok(batch[0].shallow_clone()),
+            Some(g) => {
+                // Above a cut the batch carries the cached activation after the model inputs.
+                let mut outputs = g.autocast(|| match batch.split_last() {
+                    Some((activation, inputs)) if above_cut => g.forward_suffix(inputs, activation, &padded(lora_vars), p),
+                    _ => g.forward_dropout(batch, &padded(lora_vars), p),
+                })?;
+                let index = emb_index.filter(|&i| i < outputs.len()).ok_or_else(|| TrainError::Output("no embedding output".into()))?;
+                // The head and the loss run in fp32 whatever precision the graph ran in.
+                Ok(outputs.swap_remove(index).to_kind(Kind::Float))
+            }
+        }
+    };
+    let logits_of = |emb: &Tensor, train: bool| emb.dropout(if train { recipe.dropout } else { 0.0 }, train).linear(&head_w, Some(&head_b));
+
+    let mut train_inputs: Vec<Tensor> = train.inputs.iter().map(|t| to_tensor(t, device)).collect();
+    let train_labels = Tensor::from_slice(&train.labels).to_device(device);
+    let train_weights = Tensor::from_slice(&train.weights).to_device(device);
+    let mut val_inputs: Vec<Tensor> = validation.inputs.iter().map(|t| to_tensor(t, device)).collect();
+    // The frozen prefix, once per sample for the whole job (or kept from an earlier job that ran
+    // the same prefix): the cost training above the cut pays up front, in the job's time.
+    let prefix = match graph.filter(|g| g.trains_above_cut()) {
+        Some(g) => Some(prefix_for_job(g, [&mut train_inputs, &mut val_inputs], &padded(&lora_vars), recipe.batch_size.max(1), cache)?),
+        None => None,
+    };
+    let mut val_labels = Tensor::from_slice(&validation.labels).to_device(device);
+    // Validation runs every epoch in batches: text rows sorted by length carry less padding,
+    // and the loss and accuracy over all rows do not depend on their order.
+    if let Some(order) = graph.map(|g| length_order(g, &val_inputs)).transpose()?.flatten() {
+        val_inputs = val_inputs.iter().map(|t| t.index_select(0, &order)).collect();
+        val_labels = val_labels.index_select(0, &order);
+    }
+    let snapshot = match graph {
+        Some(g) => Some(g.base_parameters()?),
+        None => None,
+    };
+    let weighted_loss = |logits: &Tensor, idx: &Tensor| -> Tensor {
+        let per_sample = logits.log_softmax(-1, Kind::Float).nll_loss_nd::<Tensor>(&train_labels.index_select(0, idx), None, tch::Reduction::None, -100);
+        let w = train_weights.index_select(0, idx);
+        (per_sample * &w).sum(Kind::Float) / w.sum(Kind::Float).clamp_min(1e-12)
+    };
+
+    let n = train.len();
+    let mut batch_size = recipe.batch_size.min(n);
+    let mut probe_bytes_per_sample = None;
+    if let Some(budget) = recipe.memory_budget_bytes {
+        let (per_sample, fixed) = probe_memory(|b| {
+            let idx = Tensor::from_slice(&(0..b as i64).map(|i| i % n as i64).collect::<Vec<_>>()).to_device(device);
+            let batch: Vec<Tensor> = train_inputs.iter().map(|t| t.index_select(0, &idx)).collect();
+            let loss = weighted_loss(&logits_of(&embed(&batch, &lora_vars, lora_dropout)?, true), &idx);
+            opt.zero_grad();
+            loss.backward();
+            opt.zero_grad();
+            Ok(())
+        })?;
+        probe_bytes_per_sample = Some(per_sample);
+        let fits = (budget.saturating_sub(fixed) / per_sample.max(1)) as usize;
+        if fits == 0 {
+            return Err(TrainError::MemoryBudget { budget, needed: fixed + per_sample });
+        }
+        batch_size = batch_size.min(fits);
+    }
+
+    let steps_per_epoch = n.div_ceil(batch_size);
+    let total_steps = steps_per_epoch * recipe.max_epochs;
+    let warmup_steps = (recipe.warmup_fraction * total_steps as f64).round() as usize;
+    let class_counts = class_counts(&train.labels, init_head.classes());
+    // fp16 activations' gradients underflow unless the loss is scaled up first.
+    let mut loss_scale = graph.filter(|g| g.mixed_precision()).map(|_| LossScale::new());
+    let started = std::time::Instant::now();
+    let mut epochs = Vec::new();
+    let mut losses = Vec::new();
+    let mut best: Option<(f32, usize, Vec<Tensor>)> = None;
+    let mut stopped_early = false;
+    let mut step = 0;
+    let mut seen = 0usize;
+    for epoch in 0..recipe.max_epochs {
+        let epoch_start = std::time::Instant::now();
+        let lora_trains = epoch >= recipe.head_only_epochs;
+        for (i, (a, b)) in lora_vars.iter().enumerate() {
+            let trains = lora_trains && trained.get(i).copied().unwrap_or(true);
+            let _ = a.set_requires_grad(trains);
+            let _ = b.set_requires_grad(trains);
+        }
+        let order = epoch_order(&train.labels, &class_counts, recipe.class_balanced, &mut rng);
+        let mut epoch_loss = 0.0f64;
+        for chunk in order.chunks(batch_size) {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(TrainError::Cancelled { step });
+            }
+            let factor = lr_factor(recipe.schedule, warmup_steps, step, total_steps);
+            opt.set_lr_group(0, recipe.head_learning_rate * factor);
+            if !lora_vars.is_empty() {
+                opt.set_lr_group(1, recipe.learning_rate * factor);
+            }
+            let idx = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(device);
+            let batch = trim(train_inputs.iter().map(|t| t.index_select(0, &idx)).collect());
+            let loss = weighted_loss(&logits_of(&embed(&batch, &lora_vars, lora_dropout)?, true), &idx);
+            let value = loss.double_value(&[]) as f32;
+            if !value.is_finite() {
+                return Err(TrainError::NonFiniteLoss { step, loss: value });
+            }
+            apply_step(&mut opt, &vs, &loss, loss_scale.as_mut(), recipe.grad_clip);
+            losses.push(value);
+            epoch_loss += value as f64;
+            step += 1;
+            seen += chunk.len();
+            progress(&Progress { epoch, max_epochs: recipe.max_epochs, step, total_steps, loss: value, learning_rate: recipe.learning_rate * factor });
+        }
+        let (val_loss, val_accuracy) = {
+            let _guard = tch::no_grad_guard();
+            evaluate(&val_inputs, &val_labels, validation.len(), |batch| {
+                Ok(logits_of(&embed(&trim(batch.iter().map(Tensor::shallow_clone).collect()), &lora_vars, 0.0)?, false))
+            })?
+        };
+        epochs.push(EpochRecord {
+            epoch,
+            train_loss: (epoch_loss / steps_per_epoch as f64) as f32,
+            val_loss,
+            val_accuracy,
+            seconds: epoch_start.elapsed().as_secs_f64(),
+        });
+        if val_loss.is_nan() {
+            continue; // no validation samples: train every epoch, keep the last
+        }
+        let improved = best.as_ref().is_none_or(|(b, _, _)| val_loss < *b);
+        if improved {
+            best = Some((val_loss, epoch, snapshot_params(&head_w, &head_b, &lora_vars)));
+        } else if recipe.patience > 0 && best.as_ref().is_some_and(|(_, e, _)| epoch - e >= recipe.patience) {
+            stopped_early = true;
+            break;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let last_epoch = epochs.len() - 1;
+    let (best_epoch, params): (usize, Vec<Tensor>) = match best {
+        Some((_, e, p)) => (e, p),
+        None => (last_epoch, snapshot_params(&head_w, &head_b, &lora_vars)),
+    };
+    let (head, lora) = trained_weights(&params, lora_spec.as_ref())?;
+    let base_unchanged = match (graph, &snapshot) {
+        (Some(g), Some(s)) => Some(g.base_unchanged(s)?),
+        _ => None,
+    };
+    Ok(FitReport {
+        head,
+        lora,
+        epochs,
+        best_epoch,
+        stopped_early,
+        steps: step,
+        batch_size,
+        samples_per_second: seen as f64 / elapsed.max(1e-9),
+        probe_bytes_per_sample,
+        lora_dropout,
+        base_unchanged,
+        losses,
+        mixed_precision: loss_scale.is_some(),
+        skipped_steps: loss_scale.map_or(0, |s| s.skipped),
+        prefix,
+    })
+}
+
+/// The head and the LoRA a job returns, from its parameters as [`snapshot_params`] orders them
+/// (head weight, head bias, then A and B of each slot).
+fn trained_weights(params: &[Tensor], lora: Option<&LoraSetup<'_>>) -> Result<(Head, Option<LoraWeights>), TrainError> {
+    let head = Head { layers: vec![Dense { weight: to_host(&params[0])?, bias: to_host(&params[1])? }] };
+    let lora = match lora {
+        Some(LoraSetup { spec, rank, alpha, .. }) => Some(LoraWeights {
+            rank: *rank,
+            alpha: *alpha,
+            modules: spec
+                .slots
+                .iter()
+                .enumerate()
+                .map(|(i, slot)| Ok(LoraModule { module: slot.module.clone(), a: to_host(&params[2 + 2 * i])?, b: to_host(&params[3 + 2 * i])? }))
+                .collect::<Result<Vec<_>, TrainError>>()?,
+        }),
+        None => None,
+    };
+    Ok((head, lora))
+}
+
+/// Dynamic loss scaling for fp16 autocast, as PyTorch's `GradScaler`: the loss is multiplied by
+/// `scale` before the backward pass and the gradients divided by it after; a step whose
+/// gradients overflowed is skipped and the scale halved, and after [`LossScale::GROWTH_INTERVAL`]
+/// good steps in a row it doubles. Powers of two, so scaling and unscaling are exact.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LossScale {
+    scale: f64,
+    good_steps: usize,
+    /// Steps skipped for non-finite gradients, for the report.
+    pub skipped: usize,
+}
+
+impl LossScale {
+    pub const INITIAL: f64 = 65536.0;
+    pub const GROWTH_INTERVAL: usize = 2000;
+
+    pub fn new() -> LossScale {
+        LossScale { scale: Self::INITIAL, good_steps: 0, skipped: 0 }
+    }
+
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    /// After a scaled backward pass: whether to apply the step. Updates the scale.
+    pub fn update(&mut self, gradients_finite: bool) -> bool {
+        if gradients_finite {
+            self.good_steps += 1;
+            if self.good_steps >= Self::GROWTH_INTERVAL {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        } else {
+            self.scale = (self.scale / 2.0).max(1.0);
+            self.good_steps = 0;
+            self.skipped += 1;
+        }
+        gradients_finite
+    }
+}
+
+impl Default for LossScale {
+    fn default() -> Self {
+        LossScale::new()
+    }
+}
+
+/// One optimizer step from `loss`: backward (scaled when `loss_scale` is given, the gradients
+/// unscaled and checked for overflow after), gradient clipping, the update. Returns whether the
+/// step was applied (a scaled step with overflowing gradients is skipped).
+pub fn apply_step(opt: &mut nn::Optimizer, vs: &nn::VarStore, loss: &Tensor, loss_scale: Option<&mut LossScale>, grad_clip: f64) -> bool {
+    opt.zero_grad();
+    let applied = match loss_scale {
+        None => {
+            loss.backward();
+            true
+        }
+        Some(scaler) => {
+            (loss * scaler.scale()).backward();
+            let grads: Vec<Tensor> = vs.trainable_variables().iter().map(Tensor::grad).filter(Tensor::defined).collect();
+            let inverse = 1.0 / scaler.scale();
+            let mut finite = true;
+            for mut g in grads {
+                let _ = g.f_mul_scalar_(inverse);
+                finite &= g.isfinite().all().int64_value(&[]) != 0;
+            }
+            scaler.update(finite)
+        }
+    };
+    if applied {
+        if grad_clip > 0.0 {
+            opt.clip_grad_norm(grad_clip);
+        }
+        opt.step();
+    }
+    applied
+}
+
+/// Copies of everything trained, in the order [head weight, head bias, A_0, B_0, A_1, ...].
+fn snapshot_params(head_w: &Tensor, head_b: &Tensor, lora_vars: &[(Tensor, Tensor)]) -> Vec<Tensor> {
+    [head_w, head_b].into_iter().chain(lora_vars.iter().flat_map(|(a, b)| [a, b])).map(|t| t.detach().copy()).collect()
+}
+
+/// Training samples per class (labels were checked to be below `classes`).
+fn class_counts(labels: &[i64], classes: usize) -> Vec<usize> {
+    let mut counts = vec![0usize; classes];
+    for &label in labels {
+        counts[label as usize] += 1;
+    }
+    counts
+}
+
+/// One epoch's sample order: a shuffle, or (class-balanced) an equal share of the epoch for each
+/// class present, each share drawn from a fresh shuffle of that class and repeated only when the
+/// class is smaller than its share. Drawing with replacement instead leaves about a third of the
+/// samples unseen each epoch; measured on the blurred-and-dropped digits, that cost 6 points.
+fn epoch_order(labels: &[i64], class_counts: &[usize], balanced: bool, rng: &mut SeededRng) -> Vec<usize> {
+    let n = labels.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    shuffle(&mut order, rng);
+    if !balanced {
+        return order;
+    }
+    let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); class_counts.len()];
+    for &i in &order {
+        by_class[labels[i] as usize].push(i);
+    }
+    by_class.retain(|members| !members.is_empty());
+    if by_class.is_empty() {
+        return order;
+    }
+    // The remainder of n over the classes goes to classes chosen at random, one each.
+    let (share, remainder) = (n / by_class.len(), n % by_class.len());
+    let mut extra: Vec<usize> = (0..by_class.len()).collect();
+    shuffle(&mut extra, rng);
+    extra.truncate(remainder);
+    let mut balanced_order = Vec::with_capacity(n);
+    for (class, members) in by_class.iter().enumerate() {
+        let quota = share + usize::from(extra.contains(&class));
+        balanced_order.extend(members.iter().cycle().take(quota));
+    }
+    shuffle(&mut balanced_order, rng);
+    balanced_order
+}
+
+fn shuffle(items: &mut [usize], rng: &mut SeededRng) {
+    for i in (1..items.len()).rev() {
+        items.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+}
+
+/// Mean cross-entropy and accuracy over a labelled set, in chunks.
+fn evaluate(inputs: &[Tensor], labels: &Tensor, n: usize, logits_of: impl Fn(&[Tensor]) -> Result<Tensor, TrainError>) -> Result<(f32, f32), TrainError> {
+    if n == 0 {
+        return Ok((f32::NAN, f32::NAN));
+    }
+    let (mut loss, mut correct) = (0.0f64, 0i64);
+    for start in (0..n).step_by(64) {
+        let len = 64.min(n - start) as i64;
+        let batch: Vec<Tensor> = inputs.iter().map(|t| t.narrow(0, start as i64, len)).collect();
+        let y = labels.narrow(0, start as i64, len);
+        let logits = logits_of(&batch)?;
+        loss += logits.cross_entropy_for_logits(&y).double_value(&[]) * len as f64;
+        correct += logits.argmax(-1, false).eq_tensor(&y).sum(Kind::Int64).int64_value(&[]);
+    }
+    Ok(((loss / n as f64) as f32, correct as f32 / n as f32))
+}
+
+const PROBE_BATCH: usize = 8;
+
+/// Peak memory a training step adds: (bytes per sample, fixed bytes), from steps at batch 1
+/// and 2 with the peak-RSS counter reset before each (Linux `clear_refs`).
+fn probe_memory(mut step: impl FnMut(usize) -> Result<(), TrainError>) -> Result<(u64, u64), TrainError> {
+    // The first step pays one-time costs (thread pools, autograd buffers): warm up, then measure.
+    step(1)?;
+    let mut peak_of = |b: usize| -> Result<u64, TrainError> {
+        let base = memory::reset_peak().ok_or_else(|| TrainError::Data("a memory budget needs /proc (Linux) to measure peak memory".into()))?;
+        step(b)?;
+        Ok(memory::peak_rss().unwrap_or(base).saturating_sub(base))
+    };
+    let one = peak_of(1)?;
+    let many = peak_of(PROBE_BATCH)?;
+    let per_sample = (many.saturating_sub(one) / (PROBE_BATCH as u64 - 1)).max(1);
+    Ok((per_sample, one.saturating_sub(per_sample)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(labels: &[i64], classes: usize) -> Vec<usize> {
+        let mut c = vec![0; classes];
+        for &l in labels {
+            c[l as usize] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn a_balanced_epoch_over_balanced_classes_sees_every_sample_once() {
+        let labels: Vec<i64> = (0..300).map(|i| i % 3).collect();
+        let mut order = epoch_order(&labels, &counts(&labels, 3), true, &mut SeededRng::new(7));
+        assert_ne!(order, (0..300).collect::<Vec<_>>(), "shuffled");
+        order.sort_unstable();
+        assert_eq!(order, (0..300).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_balanced_epoch_gives_each_class_an_equal_share_without_repeats_where_the_class_has_enough() {
+        // 90 of class 0, 8 of class 1, 2 of class 2 (and class 3 absent).
+        let labels: Vec<i64> = (0..100)
+            .map(|i| {
+                if i < 90 {
+                    0
+                } else if i < 98 {
+                    1
+                } else {
+                    2
+                }
+            })
+            .collect();
+        let order = epoch_order(&labels, &counts(&labels, 4), true, &mut SeededRng::new(1));
+        assert_eq!(order.len(), 100);
+        let per_class = counts(&order.iter().map(|&i| labels[i]).collect::<Vec<_>>(), 4);
+        assert!(per_class[..3].iter().all(|&c| c == 33 || c == 34), "{per_class:?}");
+        assert_eq!(per_class[3], 0);
+        let mut common: Vec<usize> = order.iter().copied().filter(|&i| labels[i] == 0).collect();
+        common.sort_unstable();
+        common.dedup();
+        assert_eq!(common.len(), per_class[0], "class 0 has more members than its share: none repeats");
+        let rare: std::collections::HashSet<usize> = order.iter().copied().filter(|&i| labels[i] == 2).collect();
+        assert_eq!(rare.len(), 2, "a class smaller than its share repeats all of its members");
+    }
+
+    #[test]
+    fn an_unbalanced_epoch_is_a_permutation() {
+        let labels = vec![0i64; 50];
+        let mut order = epoch_order(&labels, &counts(&labels, 1), false, &mut SeededRng::new(3));
+        order.sort_unstable();
+        assert_eq!(order, (0..50).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_loss_scale_halves_on_overflow_and_grows_after_a_run_of_good_steps() {
+        let mut scale = LossScale::new();
+        assert!(!scale.update(false), "an overflowing step is skipped");
+        assert_eq!((scale.scale(), scale.skipped), (LossScale::INITIAL / 2.0, 1));
+        for _ in 0..LossScale::GROWTH_INTERVAL - 1 {
+            assert!(scale.update(true));
+        }
+        assert_eq!(scale.scale(), LossScale::INITIAL / 2.0, "not yet a full run of good steps");
+        assert!(scale.update(true));
+        assert_eq!(scale.scale(), LossScale::INITIAL);
+        for _ in 0..40 {
+            scale.update(false);
+        }
+        assert_eq!(scale.scale(), 1.0, "the scale never drops below 1");
+    }
+
+    /// A linear model's parameters and an optimizer over them, as `fit` builds them.
+    fn tiny_model(seed: i64) -> (nn::VarStore, Tensor, nn::Optimizer) {
+        tch::manual_seed(seed);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let w = vs.root().var("w", &[3, 4], nn::Init::Randn { mean: 0.0, stdev: 1.0 });
+        let opt = nn::AdamW::default().build(&vs, 1e-2).unwrap();
+        (vs, w, opt)
+    }
+
+    #[test]
+    fn a_scaled_step_updates_exactly_as_an_unscaled_one_and_an_overflowing_one_changes_nothing() {
+        let x = Tensor::from_slice(&[0.5f32, -1.0, 2.0, 0.25]).view([1, 4]);
+        let loss_of = |w: &Tensor| x.matmul(&w.tr()).pow_tensor_scalar(2).sum(Kind::Float);
+        let (vs_a, w_a, mut opt_a) = tiny_model(1);
+        let (vs_b, w_b, mut opt_b) = tiny_model(1);
+        let mut scale = LossScale::new();
+        for _ in 0..3 {
+            assert!(apply_step(&mut opt_a, &vs_a, &loss_of(&w_a), None, 1.0));
+            assert!(apply_step(&mut opt_b, &vs_b, &loss_of(&w_b), Some(&mut scale), 1.0));
+        }
+        // Power-of-two scaling is exact: the same parameters, bit for bit.
+        assert_eq!(Vec::<f32>::try_from(w_a.flatten(0, -1)).unwrap(), Vec::<f32>::try_from(w_b.flatten(0, -1)).unwrap());
+        assert_eq!(scale.skipped, 0);
+
+        let before = w_b.detach().copy();
+        let overflowing = loss_of(&w_b) * f64::INFINITY;
+        assert!(!apply_step(&mut opt_b, &vs_b, &overflowing, Some(&mut scale), 1.0), "infinite gradients skip the step");
+        assert!(w_b.equal(&before), "a skipped step leaves the parameters as they were");
+        assert_eq!((scale.skipped, scale.scale()), (1, LossScale::INITIAL / 2.0));
+    }
+}
