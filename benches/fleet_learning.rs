@@ -139,7 +139,7 @@ struct Fleet {
     _nginx: Spawned,
     work: tempfile::TempDir,
     dirs: Vec<tempfile::TempDir>,
-    daemons: Vec<(tokio::sync::oneshot::Sender<()>, std::net::SocketAddr, tokio::task::JoinHandle<anyhow::Result<()>>)>,
+    daemons: Vec<(tokio::sync::oneshot::Sender<()>, std::net::SocketAddr, tokio::task::JoinHandle<Result<(), adaptd_daemon::serve::ServeError>>)>,
 }
 
 impl Fleet {

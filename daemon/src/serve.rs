@@ -25,6 +25,60 @@ use crate::registry::{Recovery, Registry};
 use crate::samples::SampleStore;
 use crate::trainer::Trainer;
 
+/// Why serving could not start, or did not stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    StateLock(#[from] StateLockError),
+    #[error("state directory {}: {source}", dir.display())]
+    StateDir { dir: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Bundle(#[from] adaptd_adapters::bundle::BundleError),
+    #[error(transparent)]
+    AdapterStore(#[from] adaptd_adapters::store::StoreError),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error(transparent)]
+    Text(#[from] crate::preprocess::PreprocessError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::onnx::OnnxError),
+    #[error(transparent)]
+    Trainer(#[from] crate::trainer::TrainerError),
+    #[error(transparent)]
+    Samples(#[from] crate::samples::StoreError),
+    #[error("HTTP {addr}: {source}")]
+    Http { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    #[error("a runtime's start or stop panicked: {0}")]
+    Join(#[from] tokio::task::JoinError),
+    #[error("{0}; exiting with work unfinished (acked samples are already durable)")]
+    Unfinished(#[from] crate::app::StopError),
+    #[error("shutdown took longer than {} s; still running: trainer or engine", deadline.as_secs())]
+    RuntimesStuck { deadline: std::time::Duration },
+}
+
+impl ServeError {
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ServeError::StateLock(e) => e.error_type(),
+            ServeError::StateDir { .. } => "state_dir",
+            ServeError::Bundle(_) => "bundle",
+            ServeError::AdapterStore(_) => "adapter_store",
+            ServeError::Registry(_) => "registry",
+            ServeError::Text(_) => "text_encoder",
+            ServeError::Engine(_) => "engine",
+            ServeError::Trainer(_) => "trainer",
+            ServeError::Samples(_) => "samples",
+            ServeError::Http { .. } => "http",
+            ServeError::Control(_) => "control",
+            ServeError::Join(_) => "panicked",
+            ServeError::Unfinished(_) => "unfinished",
+            ServeError::RuntimesStuck { .. } => "runtimes_stuck",
+        }
+    }
+}
+
 /// Serve `config` until `shutdown` completes; one adaptation loop per task in `ingest.tasks`.
 /// `reload_from`: the file it came from, read again on SIGHUP. `bound` learns the HTTP address
 /// once it listens (port 0 works).
@@ -33,7 +87,7 @@ pub async fn run(
     reload_from: Option<PathBuf>,
     shutdown: impl Future<Output = ()>,
     bound: Option<oneshot::Sender<SocketAddr>>,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     let adapt: Vec<AdaptConfig> = config.ingest.tasks.iter().map(|task| config.adapt_config(task)).collect();
     let broker = config.mqtt.connection();
     let _lock = lock_state_dir(&config.state_dir)?;
@@ -73,7 +127,7 @@ pub async fn run(
     let (trainer, control, adapt_configs) = match adapt.is_empty() {
         true => (None, BTreeMap::new(), BTreeMap::new()),
         false => {
-            std::fs::create_dir_all(&config.state_dir).map_err(|e| anyhow::anyhow!("{}: {e}", config.state_dir.display()))?;
+            std::fs::create_dir_all(&config.state_dir).map_err(|source| ServeError::StateDir { dir: config.state_dir.clone(), source })?;
             let trainer = tokio::task::spawn_blocking({
                 let (bundle, trainer_config) = (bundle.clone(), config.training.trainer.clone());
                 move || Trainer::start(bundle, trainer_config)
@@ -105,8 +159,9 @@ pub async fn run(
         }
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind(config.http.listen).await.map_err(|e| anyhow::anyhow!("HTTP {}: {e}", config.http.listen))?;
-    let addr = listener.local_addr()?;
+    let http_error = |source| ServeError::Http { addr: config.http.listen, source };
+    let listener = tokio::net::TcpListener::bind(config.http.listen).await.map_err(http_error)?;
+    let addr = listener.local_addr().map_err(http_error)?;
     let token = crate::control::ensure_token(&config.state_dir)?;
     let fleet_control = control.clone();
     let api = Arc::new(
@@ -177,7 +232,7 @@ pub async fn run(
 
 /// The bundle, the adapter store and the registry over them, every task this device serves
 /// present (the bundle's own classifier, if it has one, as a task named after the bundle).
-fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
+fn open_registry(config: &Config) -> Result<Arc<Registry>, ServeError> {
     let bundle = Bundle::open(&config.bundle)?;
     let store = AdapterStore::open(config.state_dir.join("adapters"))?;
     let (registry, recovered) = Registry::open(bundle, store, config.adapters.keep_versions)?;
@@ -200,11 +255,11 @@ fn open_registry(config: &Config) -> anyhow::Result<Arc<Registry>> {
 
 /// Stop within `deadline`: the tasks in their stages (intake first), then the runtimes, which
 /// no request or job can reach by then.
-async fn stop_in_order(supervisor: Supervisor, trainer: Option<Arc<Trainer>>, engine: Engine, deadline: std::time::Duration) -> anyhow::Result<()> {
+async fn stop_in_order(supervisor: Supervisor, trainer: Option<Arc<Trainer>>, engine: Engine, deadline: std::time::Duration) -> Result<(), ServeError> {
     tracing::info!(deadline_s = deadline.as_secs(), "shutting down");
     crate::systemd::notify_or_log("STOPPING=1");
     let started = std::time::Instant::now();
-    supervisor.stop(deadline).await.map_err(|e| anyhow::anyhow!("{e}; exiting with work unfinished (acked samples are already durable)"))?;
+    supervisor.stop(deadline).await?;
     let left = deadline.saturating_sub(started.elapsed());
     let runtimes = async move {
         if let Some(trainer) = trainer.and_then(|t| Arc::try_unwrap(t).ok()) {
@@ -214,7 +269,7 @@ async fn stop_in_order(supervisor: Supervisor, trainer: Option<Arc<Trainer>>, en
     };
     match tokio::time::timeout(left, runtimes).await {
         Ok(result) => Ok(result?),
-        Err(_) => anyhow::bail!("shutdown took longer than {} s; still running: trainer or engine", deadline.as_secs()),
+        Err(_) => Err(ServeError::RuntimesStuck { deadline }),
     }
 }
 

@@ -131,7 +131,7 @@ pub(crate) struct Running {
     pub(crate) events: EventLog,
     pub(crate) base: String,
     pub(crate) stop: oneshot::Sender<()>,
-    pub(crate) daemon: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub(crate) daemon: tokio::task::JoinHandle<Result<(), adaptd_daemon::serve::ServeError>>,
 }
 
 async fn start_daemon(task: &str, min_new_samples: u64) -> Running {
@@ -150,7 +150,7 @@ pub(crate) async fn start_daemon_with(task: &str, min_new_samples: u64, edit: im
     Running { broker, state, events, base, stop, daemon }
 }
 
-pub(crate) async fn shut_down(stop: oneshot::Sender<()>, daemon: tokio::task::JoinHandle<anyhow::Result<()>>) {
+pub(crate) async fn shut_down(stop: oneshot::Sender<()>, daemon: tokio::task::JoinHandle<Result<(), adaptd_daemon::serve::ServeError>>) {
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("shuts down in time").unwrap().unwrap();
 }

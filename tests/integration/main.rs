@@ -77,7 +77,7 @@ static ALLOCATOR: allocations::Tracking = allocations::Tracking;
 pub use fixtures::{TEST_LABELS, head_adapter, lora_adapter};
 
 /// A running daemon in this process: what stops it, the address it listens on, its end.
-pub type ServeHandle = (tokio::sync::oneshot::Sender<()>, std::net::SocketAddr, tokio::task::JoinHandle<anyhow::Result<()>>);
+pub type ServeHandle = (tokio::sync::oneshot::Sender<()>, std::net::SocketAddr, tokio::task::JoinHandle<Result<(), adaptd_daemon::serve::ServeError>>);
 
 /// The built-in defaults serving `bundle` from `state_dir`, on a free HTTP port.
 pub fn serve_config(bundle: std::path::PathBuf, state_dir: &std::path::Path) -> adaptd_daemon::config::Config {
