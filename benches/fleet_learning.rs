@@ -139,8 +139,11 @@ struct Fleet {
     _nginx: Spawned,
     work: tempfile::TempDir,
     dirs: Vec<tempfile::TempDir>,
-    daemons: Vec<(tokio::sync::oneshot::Sender<()>, std::net::SocketAddr, tokio::task::JoinHandle<Result<(), adaptd_daemon::serve::ServeError>>)>,
+    daemons: Vec<Daemon>,
 }
+
+/// A running daemon: its stop switch, its HTTP address, its task.
+type Daemon = (tokio::sync::oneshot::Sender<()>, std::net::SocketAddr, tokio::task::JoinHandle<Result<(), adaptd_daemon::serve::ServeError>>);
 
 impl Fleet {
     fn keys(&self) -> std::path::PathBuf {
