@@ -125,7 +125,7 @@ pub struct AdapterManifest {
     pub created_unix_ms: u64,
     /// Why the adapter was promoted or refused, with the figures (written by the gate).
     #[serde(default)]
-    pub decision: Option<serde_json::Value>,
+    pub decision: Option<adaptd_protocol::gate::DecisionRecord>,
     /// When this device's registry promoted it (the gate's path); none for an import until an
     /// operator pins it. Recovery without a usable `active` pointer serves only promoted versions.
     #[serde(default, skip_serializing_if = "Option::is_none")]

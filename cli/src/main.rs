@@ -624,21 +624,11 @@ fn main() -> ExitCode {
             let config = daemon.config()?;
             let bundle = Bundle::open(&config.bundle)?;
             let result = adaptd::ops::import_samples(&daemon.state_dir()?, &bundle, &config.ingest.tasks, &file, config.ingest.max_payload_bytes)?;
-            let mut text = format!(
-                "{}: {} stored, {} already there, {} refused\n",
-                file.display(),
-                result["stored"],
-                result["duplicates"],
-                result["refused"].as_array().map_or(0, Vec::len)
-            );
-            for r in result["refused"].as_array().into_iter().flatten() {
-                text += &format!("  line {}: {}\n", r["line"], r["message"].as_str().unwrap_or(""));
-            }
-            Ok((text, result))
+            Ok((result.render(), serde_json::to_value(&result)?))
         }),
         Command::Samples { command: SamplesCommand::Stats { daemon } } => operate(daemon.json, || {
             let stats = adaptd::ops::sample_stats(&daemon.state_dir()?)?;
-            Ok((adaptd::ops::render_sample_stats(&stats), stats))
+            Ok((adaptd::ops::render_sample_stats(&stats), serde_json::to_value(&stats)?))
         }),
         Command::Validate { config } => match adaptd_daemon::config::Config::load(&config) {
             Ok(_) => {
@@ -1058,7 +1048,7 @@ fn adapters(command: AdaptersCommand) -> anyhow::Result<ExitCode> {
     match command {
         AdaptersCommand::List { task, daemon } => operate(daemon.json, || {
             let rows = adaptd::ops::list_adapters(&daemon.state_dir()?, task.as_deref())?;
-            Ok((adaptd::ops::render_adapters(&rows), rows))
+            Ok((adaptd::ops::render_adapters(&rows), serde_json::to_value(&rows)?))
         }),
         AdaptersCommand::Show { task, version, daemon } => operate(true, || {
             let store = adaptd_adapters::AdapterStore::open(daemon.state_dir()?.join("adapters"))?;

@@ -5,8 +5,9 @@
 use std::path::Path;
 
 use adaptd_adapters::AdapterStore;
+use adaptd_daemon::samples::Split;
 use adaptd_protocol::{CommandReply, ImportRequest, TaskStatus};
-use serde_json::{Value, json};
+use serde::Serialize;
 
 use crate::client::{Client, ClientError};
 
@@ -69,8 +70,38 @@ fn command_reply(r: crate::client::Response) -> Result<String, OpsError> {
     }
 }
 
+/// One row of `adapters list`: a kept version, one that could not be read, or the base model
+/// (version 0) where it serves.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AdapterRow {
+    pub task: String,
+    pub version: u64,
+    pub serving: bool,
+    /// `head`, `lora`, or `base`; none for an unreadable version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub kept: Option<KeptVersion>,
+    /// Why the version could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What a readable version's manifest says.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct KeptVersion {
+    /// How many labels its head has.
+    pub labels: usize,
+    pub parent_version: Option<u64>,
+    pub created_unix_ms: u64,
+    pub metrics: std::collections::BTreeMap<String, f64>,
+    pub samples: adaptd_adapters::files::SampleCounts,
+    /// The gate's one-line summary, when the gate judged it.
+    pub decision: Option<String>,
+}
+
 /// The adapters kept on disk under `state_dir`, newest first, with the one that serves marked.
-pub fn list_adapters(state_dir: &Path, only_task: Option<&str>) -> Result<Value, OpsError> {
+pub fn list_adapters(state_dir: &Path, only_task: Option<&str>) -> Result<Vec<AdapterRow>, OpsError> {
     let root = state_dir.join("adapters");
     if !root.is_dir() {
         return Err(OpsError::State { path: root.display().to_string(), reason: "no adapter store here (is this the daemon's state directory?)".into() });
@@ -86,43 +117,77 @@ pub fn list_adapters(state_dir: &Path, only_task: Option<&str>) -> Result<Value,
         for version in store.versions(&task).map_err(state_err)?.into_iter().rev() {
             let row = match store.load(&task, version) {
                 Ok(a) => {
-                    let m = &a.manifest;
-                    json!({ "task": task, "version": version, "serving": active == Some(version), "kind": m.kind, "labels": m.labels.len(),
-                            "parent_version": m.parent_version, "created_unix_ms": m.created_unix_ms, "metrics": m.metrics, "samples": m.samples,
-                            "decision": m.decision.as_ref().and_then(|d| d["summary"].as_str()) })
+                    let m = a.manifest;
+                    AdapterRow {
+                        task: task.clone(),
+                        version,
+                        serving: active == Some(version),
+                        kind: Some(m.kind.name().to_string()),
+                        kept: Some(KeptVersion {
+                            labels: m.labels.len(),
+                            parent_version: m.parent_version,
+                            created_unix_ms: m.created_unix_ms,
+                            metrics: m.metrics,
+                            samples: m.samples,
+                            decision: m.decision.map(|d| d.summary),
+                        }),
+                        error: None,
+                    }
                 }
-                Err(e) => json!({ "task": task, "version": version, "serving": false, "error": e.to_string() }),
+                Err(e) => AdapterRow { task: task.clone(), version, serving: false, kind: None, kept: None, error: Some(e.to_string()) },
             };
             rows.push(row);
         }
         if active == Some(0) {
-            rows.push(json!({ "task": task, "version": 0, "serving": true, "kind": "base" }));
+            rows.push(AdapterRow { task: task.clone(), version: 0, serving: true, kind: Some("base".into()), kept: None, error: None });
         }
     }
-    Ok(Value::Array(rows))
+    Ok(rows)
 }
 
-pub fn render_adapters(rows: &Value) -> String {
+pub fn render_adapters(rows: &[AdapterRow]) -> String {
     let mut out = format!("{:<16} {:>8} {:<5} {:>9} {:>9}  {}\n", "task", "version", "kind", "holdout", "samples", "decision");
-    for r in rows.as_array().into_iter().flatten() {
-        let marker = if r["serving"] == true { "*" } else { " " };
-        let holdout = r["metrics"]["holdout_accuracy"].as_f64().map(|a| format!("{:.1}%", 100.0 * a)).unwrap_or_else(|| "–".into());
-        let what = r["error"].as_str().map(|e| format!("UNREADABLE: {e}")).or_else(|| r["decision"].as_str().map(str::to_string)).unwrap_or_default();
+    let none = || "–".to_string();
+    for r in rows {
+        let marker = if r.serving { "*" } else { " " };
+        let kept = r.kept.as_ref();
+        let holdout = kept.and_then(|k| k.metrics.get("holdout_accuracy")).map_or_else(none, |a| format!("{:.1}%", 100.0 * a));
+        let samples = kept.map_or_else(none, |k| k.samples.train.to_string());
+        let what = match (&r.error, kept.and_then(|k| k.decision.as_deref())) {
+            (Some(e), _) => format!("UNREADABLE: {e}"),
+            (None, decision) => decision.unwrap_or_default().to_string(),
+        };
         out += &format!(
             "{:<16} {:>7}{marker} {:<5} {:>9} {:>9}  {}\n",
-            r["task"].as_str().unwrap_or("?"),
-            format!("v{}", r["version"]),
-            r["kind"].as_str().unwrap_or("?"),
+            r.task,
+            format!("v{}", r.version),
+            r.kind.as_deref().unwrap_or("?"),
             holdout,
-            r["samples"]["train"].as_u64().map(|n| n.to_string()).unwrap_or_else(|| "–".into()),
+            samples,
             what
         );
     }
     out + "(* serving)\n"
 }
 
+/// A task's labelled samples in the store: how many in all, and per label, per split.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskSamples {
+    pub task: String,
+    pub samples: u64,
+    pub labels: std::collections::BTreeMap<String, SplitCounts>,
+}
+
+/// Samples of one label in each split.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SplitCounts {
+    pub train: u64,
+    pub validation: u64,
+    pub holdout: u64,
+}
+
 /// Labelled samples in the store under `state_dir`: per task, split and label.
-pub fn sample_stats(state_dir: &Path) -> Result<Value, OpsError> {
+pub fn sample_stats(state_dir: &Path) -> Result<Vec<TaskSamples>, OpsError> {
     let path = state_dir.join(adaptd_daemon::samples::STORE_FILE);
     if !path.is_file() {
         return Err(OpsError::State {
@@ -134,39 +199,80 @@ pub fn sample_stats(state_dir: &Path) -> Result<Value, OpsError> {
     let store = adaptd_daemon::samples::SampleStore::open(&path, Default::default()).map_err(state_err)?;
     let mut tasks = Vec::new();
     for task in store.tasks().map_err(state_err)? {
-        let mut labels: std::collections::BTreeMap<String, serde_json::Map<String, Value>> = std::collections::BTreeMap::new();
-        let mut total = 0;
+        let mut stats = TaskSamples { task: task.clone(), samples: 0, labels: Default::default() };
         for ((split, label), n) in store.counts(&task).map_err(state_err)? {
-            total += n;
-            labels.entry(label).or_default().insert(format!("{split:?}").to_lowercase(), json!(n));
+            let n = n as u64;
+            stats.samples += n;
+            let counts = stats.labels.entry(label).or_default();
+            match split {
+                Split::Train => counts.train += n,
+                Split::Validation => counts.validation += n,
+                Split::Holdout => counts.holdout += n,
+            }
         }
-        tasks.push(json!({ "task": task, "samples": total, "labels": labels }));
+        tasks.push(stats);
     }
-    Ok(Value::Array(tasks))
+    Ok(tasks)
 }
 
-pub fn render_sample_stats(stats: &Value) -> String {
+pub fn render_sample_stats(stats: &[TaskSamples]) -> String {
     let mut out = format!("{:<16} {:<16} {:>8} {:>11} {:>8}\n", "task", "label", "train", "validation", "holdout");
-    for t in stats.as_array().into_iter().flatten() {
-        for (label, splits) in t["labels"].as_object().into_iter().flatten() {
-            out += &format!(
-                "{:<16} {:<16} {:>8} {:>11} {:>8}\n",
-                t["task"].as_str().unwrap_or("?"),
-                label,
-                splits["train"].as_u64().unwrap_or(0),
-                splits["validation"].as_u64().unwrap_or(0),
-                splits["holdout"].as_u64().unwrap_or(0)
-            );
+    for t in stats {
+        for (label, splits) in &t.labels {
+            out += &format!("{:<16} {:<16} {:>8} {:>11} {:>8}\n", t.task, label, splits.train, splits.validation, splits.holdout);
         }
-        out += &format!("{:<16} {:<16} {:>8}\n", t["task"].as_str().unwrap_or("?"), "(all)", t["samples"]);
+        out += &format!("{:<16} {:<16} {:>8}\n", t.task, "(all)", t.samples);
     }
     out
+}
+
+/// What `samples import` did with a file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SampleImport {
+    pub file: std::path::PathBuf,
+    /// New samples stored.
+    pub stored: usize,
+    /// Samples the store had already (by key), including conflicts.
+    pub duplicates: usize,
+    /// Keys the store had under another label: the stored label is kept.
+    pub conflicts: Vec<LabelConflict>,
+    /// Lines that are not a valid sample for this device, with the reason.
+    pub refused: Vec<RefusedLine>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LabelConflict {
+    pub key: String,
+    pub label: String,
+    pub kept_label: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RefusedLine {
+    /// 1-based.
+    pub line: usize,
+    /// The decoder's error type.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl SampleImport {
+    pub fn render(&self) -> String {
+        let mut text = format!("{}: {} stored, {} already there, {} refused\n", self.file.display(), self.stored, self.duplicates, self.refused.len());
+        for c in &self.conflicts {
+            text += &format!("  key {:?}: labelled {:?} here, {:?} kept\n", c.key, c.label, c.kept_label);
+        }
+        for r in &self.refused {
+            text += &format!("  line {}: {}\n", r.line, r.message);
+        }
+        text
+    }
 }
 
 /// Import labelled samples from a file of JSON lines (the MQTT sample format, one per line) into
 /// the store under `state_dir`, checked against `bundle` like ingest checks them. Duplicates (by
 /// key) are recognised; bad lines are refused with their line number and reason; good ones land.
-pub fn import_samples(state_dir: &Path, bundle: &adaptd_adapters::Bundle, tasks: &[String], file: &Path, max_bytes: usize) -> Result<Value, OpsError> {
+pub fn import_samples(state_dir: &Path, bundle: &adaptd_adapters::Bundle, tasks: &[String], file: &Path, max_bytes: usize) -> Result<SampleImport, OpsError> {
     use adaptd_daemon::ingest::decode::{SampleSchema, decode_sample};
     let text = std::fs::read_to_string(file).map_err(|e| OpsError::State { path: file.display().to_string(), reason: e.to_string() })?;
     let schema = SampleSchema { manifest: &bundle.manifest, tasks, max_bytes };
@@ -175,7 +281,7 @@ pub fn import_samples(state_dir: &Path, bundle: &adaptd_adapters::Bundle, tasks:
     for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         match decode_sample(line.as_bytes(), &schema, now) {
             Ok(s) => samples.push(s),
-            Err(e) => refused.push(json!({ "line": i + 1, "reason": e.error_type(), "message": e.to_string() })),
+            Err(e) => refused.push(RefusedLine { line: i + 1, reason: e.error_type(), message: e.to_string() }),
         }
     }
     let path = state_dir.join(adaptd_daemon::samples::STORE_FILE);
@@ -184,13 +290,62 @@ pub fn import_samples(state_dir: &Path, bundle: &adaptd_adapters::Bundle, tasks:
     let mut store = adaptd_daemon::samples::SampleStore::open(&path, Default::default()).map_err(state_err)?;
     let inserted = store.insert_batch(&samples).map_err(state_err)?;
     let new = inserted.iter().filter(|r| matches!(r, adaptd_daemon::samples::Inserted::New(_))).count();
-    let conflicts: Vec<Value> = inserted
+    let conflicts = inserted
         .iter()
         .zip(&samples)
         .filter_map(|(r, s)| match r {
-            adaptd_daemon::samples::Inserted::Conflict { kept_label, .. } => Some(json!({ "key": s.key, "label": s.label, "kept_label": kept_label })),
+            adaptd_daemon::samples::Inserted::Conflict { kept_label, .. } => {
+                Some(LabelConflict { key: s.key.clone(), label: s.label.clone(), kept_label: kept_label.clone() })
+            }
             _ => None,
         })
         .collect();
-    Ok(json!({ "file": file, "stored": new, "duplicates": inserted.len() - new, "conflicts": conflicts, "refused": refused }))
+    Ok(SampleImport { file: file.to_path_buf(), stored: new, duplicates: inserted.len() - new, conflicts, refused })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_adapter_table_marks_what_serves_and_names_what_cannot_be_read() {
+        let kept = KeptVersion {
+            labels: 3,
+            parent_version: Some(1),
+            created_unix_ms: 0,
+            metrics: [("holdout_accuracy".to_string(), 0.925)].into(),
+            samples: adaptd_adapters::files::SampleCounts { train: 120, ..Default::default() },
+            decision: Some("promoted: holdout +12.0 points".into()),
+        };
+        let rows = vec![
+            AdapterRow { task: "sorter".into(), version: 3, serving: false, kind: None, kept: None, error: Some("bad checksum".into()) },
+            AdapterRow { task: "sorter".into(), version: 2, serving: true, kind: Some("lora".into()), kept: Some(kept), error: None },
+            AdapterRow { task: "gripper".into(), version: 0, serving: true, kind: Some("base".into()), kept: None, error: None },
+        ];
+        let table = render_adapters(&rows);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[1].contains("v3 ") && lines[1].contains("UNREADABLE: bad checksum"), "{table}");
+        assert!(lines[2].contains("v2*") && lines[2].contains("92.5%") && lines[2].contains("120") && lines[2].contains("promoted"), "{table}");
+        assert!(lines[3].contains("v0*") && lines[3].contains("base") && lines[3].contains('–'), "{table}");
+        // The JSON keeps the manifest's figures at the row's top level, and leaves out what a row lacks.
+        let json = serde_json::to_value(&rows).unwrap();
+        assert_eq!(json[1]["samples"]["train"], 120);
+        assert_eq!(json[1]["decision"], "promoted: holdout +12.0 points");
+        assert!(json[0].get("kind").is_none() && json[2].get("labels").is_none(), "{json}");
+    }
+
+    #[test]
+    fn an_import_report_names_each_refused_line_and_each_conflict() {
+        let report = SampleImport {
+            file: "samples.jsonl".into(),
+            stored: 2,
+            duplicates: 1,
+            conflicts: vec![LabelConflict { key: "a".into(), label: "4".into(), kept_label: "3".into() }],
+            refused: vec![RefusedLine { line: 4, reason: "shape", message: "input has 0 values, expected 64".into() }],
+        };
+        let text = report.render();
+        assert!(text.starts_with("samples.jsonl: 2 stored, 1 already there, 1 refused"), "{text}");
+        assert!(text.contains("key \"a\": labelled \"4\" here, \"3\" kept"), "{text}");
+        assert!(text.contains("line 4: input has 0 values"), "{text}");
+    }
 }

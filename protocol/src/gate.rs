@@ -62,3 +62,15 @@ pub struct Decision {
     pub summary: String,
     pub checks: Vec<Check>,
 }
+
+/// A gate decision as the judged adapter's manifest keeps it: what became of the candidate (the
+/// gate's verdict, unless the job overrode it, as a fleet release under the `shadow` policy is
+/// never promoted), why, every check with its figures, and what started the job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecisionRecord {
+    pub promote: bool,
+    pub summary: String,
+    pub checks: Vec<Check>,
+    #[serde(default)]
+    pub trigger: Option<crate::status::Trigger>,
+}

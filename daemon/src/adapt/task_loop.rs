@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use adaptd_adapters::bundle::RetentionSet;
 use adaptd_adapters::files::{ADAPTER_FORMAT, Adapter, AdapterKind, AdapterManifest, BaseRef, LoraInfo, SampleCounts};
 use adaptd_protocol::event::{JobRecord, TrainingSummary};
+use adaptd_protocol::gate::DecisionRecord;
 use adaptd_protocol::{Event, EventRecord};
 use adaptd_train::FitReport;
-use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
@@ -784,7 +784,8 @@ impl TaskLoop {
             training: TrainingSummary { epochs: Vec::new(), losses: Vec::new(), ..training.clone() },
         };
         adapter.manifest.metrics = metrics;
-        adapter.manifest.decision = Some(json!({ "promote": promote_it, "summary": decision.summary, "checks": decision.checks, "trigger": trigger }));
+        adapter.manifest.decision =
+            Some(DecisionRecord { promote: promote_it, summary: decision.summary.clone(), checks: decision.checks.clone(), trigger: Some(trigger) });
         // The event carries the decision and its figures; the journal also keeps the loss curves.
         let mut journalled = ctx.events.emit(task, Event::GateDecision(job.clone()));
         journalled.event = Event::Job(JobRecord { training, ..job });
