@@ -201,7 +201,6 @@ pub fn sample_stats(state_dir: &Path) -> Result<Vec<TaskSamples>, OpsError> {
     for task in store.tasks().map_err(state_err)? {
         let mut stats = TaskSamples { task: task.clone(), samples: 0, labels: Default::default() };
         for ((split, label), n) in store.counts(&task).map_err(state_err)? {
-            let n = n as u64;
             stats.samples += n;
             let counts = stats.labels.entry(label).or_default();
             match split {
