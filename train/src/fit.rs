@@ -10,6 +10,8 @@ use adaptd_adapters::head::{Dense, Head};
 use adaptd_adapters::lora::{LoraModule, LoraWeights, slot_shapes};
 use adaptd_adapters::tensor::{HostData, HostTensor, SeededRng};
 
+use crate::LossScale;
+use crate::sampling::{class_counts, epoch_order};
 use crate::{CachedActivation, EpochRecord, Examples, FitReport, PrefixCache, PrefixComputed, Progress, Recipe, TrainError, lr_factor, memory};
 
 /// Per row, the activation computed now (None: reused, or not asked to keep).
@@ -926,53 +928,6 @@ fn trained_weights(params: &[Tensor], lora: Option<&LoraSetup<'_>>) -> Result<(H
     Ok((head, lora))
 }
 
-/// Dynamic loss scaling for fp16 autocast, as PyTorch's `GradScaler`: the loss is multiplied by
-/// `scale` before the backward pass and the gradients divided by it after; a step whose
-/// gradients overflowed is skipped and the scale halved, and after [`LossScale::GROWTH_INTERVAL`]
-/// good steps in a row it doubles. Powers of two, so scaling and unscaling are exact.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LossScale {
-    scale: f64,
-    good_steps: usize,
-    /// Steps skipped for non-finite gradients, for the report.
-    pub skipped: usize,
-}
-
-impl LossScale {
-    pub const INITIAL: f64 = 65536.0;
-    pub const GROWTH_INTERVAL: usize = 2000;
-
-    pub fn new() -> LossScale {
-        LossScale { scale: Self::INITIAL, good_steps: 0, skipped: 0 }
-    }
-
-    pub fn scale(&self) -> f64 {
-        self.scale
-    }
-
-    /// After a scaled backward pass: whether to apply the step. Updates the scale.
-    pub fn update(&mut self, gradients_finite: bool) -> bool {
-        if gradients_finite {
-            self.good_steps += 1;
-            if self.good_steps >= Self::GROWTH_INTERVAL {
-                self.scale *= 2.0;
-                self.good_steps = 0;
-            }
-        } else {
-            self.scale = (self.scale / 2.0).max(1.0);
-            self.good_steps = 0;
-            self.skipped += 1;
-        }
-        gradients_finite
-    }
-}
-
-impl Default for LossScale {
-    fn default() -> Self {
-        LossScale::new()
-    }
-}
-
 /// One optimizer step from `loss`: backward (scaled when `loss_scale` is given, the gradients
 /// unscaled and checked for overflow after), gradient clipping, the update. Returns whether the
 /// step was applied (a scaled step with overflowing gradients is skipped).
@@ -1007,54 +962,6 @@ pub fn apply_step(opt: &mut nn::Optimizer, vs: &nn::VarStore, loss: &Tensor, los
 /// Copies of everything trained, in the order [head weight, head bias, A_0, B_0, A_1, ...].
 fn snapshot_params(head_w: &Tensor, head_b: &Tensor, lora_vars: &[(Tensor, Tensor)]) -> Vec<Tensor> {
     [head_w, head_b].into_iter().chain(lora_vars.iter().flat_map(|(a, b)| [a, b])).map(|t| t.detach().copy()).collect()
-}
-
-/// Training samples per class (labels were checked to be below `classes`).
-fn class_counts(labels: &[i64], classes: usize) -> Vec<usize> {
-    let mut counts = vec![0usize; classes];
-    for &label in labels {
-        counts[label as usize] += 1;
-    }
-    counts
-}
-
-/// One epoch's sample order: a shuffle, or (class-balanced) an equal share of the epoch for each
-/// class present, each share drawn from a fresh shuffle of that class and repeated only when the
-/// class is smaller than its share. Drawing with replacement instead leaves about a third of the
-/// samples unseen each epoch; measured on the blurred-and-dropped digits, that cost 6 points.
-fn epoch_order(labels: &[i64], class_counts: &[usize], balanced: bool, rng: &mut SeededRng) -> Vec<usize> {
-    let n = labels.len();
-    let mut order: Vec<usize> = (0..n).collect();
-    shuffle(&mut order, rng);
-    if !balanced {
-        return order;
-    }
-    let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); class_counts.len()];
-    for &i in &order {
-        by_class[labels[i] as usize].push(i);
-    }
-    by_class.retain(|members| !members.is_empty());
-    if by_class.is_empty() {
-        return order;
-    }
-    // The remainder of n over the classes goes to classes chosen at random, one each.
-    let (share, remainder) = (n / by_class.len(), n % by_class.len());
-    let mut extra: Vec<usize> = (0..by_class.len()).collect();
-    shuffle(&mut extra, rng);
-    extra.truncate(remainder);
-    let mut balanced_order = Vec::with_capacity(n);
-    for (class, members) in by_class.iter().enumerate() {
-        let quota = share + usize::from(extra.contains(&class));
-        balanced_order.extend(members.iter().cycle().take(quota));
-    }
-    shuffle(&mut balanced_order, rng);
-    balanced_order
-}
-
-fn shuffle(items: &mut [usize], rng: &mut SeededRng) {
-    for i in (1..items.len()).rev() {
-        items.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-    }
 }
 
 /// Mean cross-entropy and accuracy over a labelled set, in chunks.
@@ -1095,75 +1002,6 @@ fn probe_memory(mut step: impl FnMut(usize) -> Result<(), TrainError>) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn counts(labels: &[i64], classes: usize) -> Vec<usize> {
-        let mut c = vec![0; classes];
-        for &l in labels {
-            c[l as usize] += 1;
-        }
-        c
-    }
-
-    #[test]
-    fn a_balanced_epoch_over_balanced_classes_sees_every_sample_once() {
-        let labels: Vec<i64> = (0..300).map(|i| i % 3).collect();
-        let mut order = epoch_order(&labels, &counts(&labels, 3), true, &mut SeededRng::new(7));
-        assert_ne!(order, (0..300).collect::<Vec<_>>(), "shuffled");
-        order.sort_unstable();
-        assert_eq!(order, (0..300).collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn a_balanced_epoch_gives_each_class_an_equal_share_without_repeats_where_the_class_has_enough() {
-        // 90 of class 0, 8 of class 1, 2 of class 2 (and class 3 absent).
-        let labels: Vec<i64> = (0..100)
-            .map(|i| {
-                if i < 90 {
-                    0
-                } else if i < 98 {
-                    1
-                } else {
-                    2
-                }
-            })
-            .collect();
-        let order = epoch_order(&labels, &counts(&labels, 4), true, &mut SeededRng::new(1));
-        assert_eq!(order.len(), 100);
-        let per_class = counts(&order.iter().map(|&i| labels[i]).collect::<Vec<_>>(), 4);
-        assert!(per_class[..3].iter().all(|&c| c == 33 || c == 34), "{per_class:?}");
-        assert_eq!(per_class[3], 0);
-        let mut common: Vec<usize> = order.iter().copied().filter(|&i| labels[i] == 0).collect();
-        common.sort_unstable();
-        common.dedup();
-        assert_eq!(common.len(), per_class[0], "class 0 has more members than its share: none repeats");
-        let rare: std::collections::HashSet<usize> = order.iter().copied().filter(|&i| labels[i] == 2).collect();
-        assert_eq!(rare.len(), 2, "a class smaller than its share repeats all of its members");
-    }
-
-    #[test]
-    fn an_unbalanced_epoch_is_a_permutation() {
-        let labels = vec![0i64; 50];
-        let mut order = epoch_order(&labels, &counts(&labels, 1), false, &mut SeededRng::new(3));
-        order.sort_unstable();
-        assert_eq!(order, (0..50).collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn the_loss_scale_halves_on_overflow_and_grows_after_a_run_of_good_steps() {
-        let mut scale = LossScale::new();
-        assert!(!scale.update(false), "an overflowing step is skipped");
-        assert_eq!((scale.scale(), scale.skipped), (LossScale::INITIAL / 2.0, 1));
-        for _ in 0..LossScale::GROWTH_INTERVAL - 1 {
-            assert!(scale.update(true));
-        }
-        assert_eq!(scale.scale(), LossScale::INITIAL / 2.0, "not yet a full run of good steps");
-        assert!(scale.update(true));
-        assert_eq!(scale.scale(), LossScale::INITIAL);
-        for _ in 0..40 {
-            scale.update(false);
-        }
-        assert_eq!(scale.scale(), 1.0, "the scale never drops below 1");
-    }
 
     /// A linear model's parameters and an optimizer over them, as `fit` builds them.
     fn tiny_model(seed: i64) -> (nn::VarStore, Tensor, nn::Optimizer) {

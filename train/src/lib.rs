@@ -14,9 +14,12 @@
 mod fit;
 #[cfg(feature = "libtorch")]
 pub mod libtorch;
+mod loss_scale;
+pub mod sampling;
 
 #[cfg(feature = "libtorch")]
-pub use fit::{CUT_PARITY_TOLERANCE, FitTarget, LossScale, MIXED_PRECISION_TOLERANCE, TrainingGraph, apply_step, fit, fit_cached, to_host, to_tensor};
+pub use fit::{CUT_PARITY_TOLERANCE, FitTarget, MIXED_PRECISION_TOLERANCE, TrainingGraph, apply_step, fit, fit_cached, to_host, to_tensor};
+pub use loss_scale::LossScale;
 
 use adaptd_adapters::bundle::DType;
 use adaptd_adapters::head::Head;
