@@ -7,9 +7,11 @@
 //! be paused (the latency guard does); a panic inside libtorch becomes an error for that job,
 //! and the thread carries on.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use adaptd_adapters::bundle::Bundle;
 use adaptd_adapters::head::Head;
@@ -106,8 +108,6 @@ pub struct JobHandle {
     pub done: oneshot::Receiver<Result<FitReport, TrainError>>,
 }
 
-// Read by the owner thread, which only a build with the `training` feature has.
-#[cfg_attr(not(feature = "training"), allow(dead_code))]
 enum Command {
     Fit {
         job: Box<TrainJob>,
@@ -144,14 +144,67 @@ pub enum TrainerError {
 }
 
 impl Trainer {
-    /// Start the owner thread and load the training graph on it; returns once it is loaded.
+    /// Start the owner thread and load the bundle's training graph on it (libtorch); returns
+    /// once it is loaded.
     pub fn start(bundle: Bundle, config: TrainerConfig) -> Result<Trainer, TrainerError> {
         #[cfg(feature = "training")]
-        return owner::start(bundle, config);
+        return torch::start(bundle, config);
         #[cfg(not(feature = "training"))]
         {
             let _ = (bundle, config);
             Err(TrainerError::NotBuilt)
+        }
+    }
+
+    /// Start the owner thread over any backend: `load` builds it on that thread (so it need not
+    /// be `Send`: libtorch's state never leaves the thread). Returns once it is loaded.
+    pub fn start_with<B, L>(load: L) -> Result<Trainer, TrainerError>
+    where
+        B: TrainBackend,
+        L: FnOnce() -> Result<B, TrainerError> + Send + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::channel::<Command>();
+        let (loaded_tx, loaded_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("adaptd-trainer".into())
+            .spawn(move || {
+                crate::background_priority();
+                let backend = match load() {
+                    Ok(backend) => backend,
+                    Err(e) => {
+                        let _ = loaded_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = loaded_tx.send(Ok(backend.device()));
+                while let Ok(command) = rx.recv() {
+                    match command {
+                        Command::Fit { job, cancel, pause, progress, reply } => {
+                            let mut report = |p: &Progress| {
+                                let _ = progress.send(p.clone());
+                                // Paused (serving is over its latency budget): hold here between
+                                // steps until resumed or cancelled.
+                                while pause.load(Ordering::Relaxed) && !cancel.load(Ordering::Relaxed) {
+                                    std::thread::sleep(Duration::from_millis(20));
+                                }
+                            };
+                            let _ = reply.send(guarded(|| backend.fit(&job, &cancel, &mut report)));
+                        }
+                        Command::Predict { inputs, lora, head, reply } => {
+                            let _ = reply.send(guarded(|| backend.predict(&inputs, lora.as_ref(), &head)));
+                        }
+                        Command::Stop => return,
+                    }
+                }
+            })
+            .map_err(|e| TrainerError::Train(TrainError::Data(format!("cannot start the trainer thread: {e}"))))?;
+        match loaded_rx.recv() {
+            Ok(Ok(device)) => Ok(Trainer { tx, thread: Some(thread), device }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => Err(TrainerError::Stopped),
         }
     }
 
@@ -187,21 +240,43 @@ impl Trainer {
     }
 }
 
+/// What the trainer's owner thread runs jobs on: libtorch through the bundle's training graph in
+/// the daemon (the `training` feature), a test double in the unit tests of the task loop.
+pub trait TrainBackend: 'static {
+    /// Where it trains: "cpu" or "cuda(0)".
+    fn device(&self) -> String;
+    /// Fit `job`, reporting after every optimizer step; stop with `TrainError::Cancelled` once
+    /// `cancel` is set.
+    fn fit(&self, job: &TrainJob, cancel: &AtomicBool, progress: &mut dyn FnMut(&Progress)) -> Result<FitReport, TrainError>;
+    /// Softmax scores of `head` over the embedding of `inputs` with `lora` applied.
+    fn predict(&self, inputs: &[HostTensor], lora: Option<&LoraWeights>, head: &Head) -> Result<Vec<f32>, TrainError>;
+}
+
+/// A panic inside a backend (libtorch) fails the job, not the daemon.
+fn guarded<T>(f: impl FnOnce() -> Result<T, TrainError>) -> Result<T, TrainError> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let message = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+        Err(TrainError::Data(format!("the trainer panicked: {message}")))
+    })
+}
+
 /// The owner thread's side: everything here runs on it, and it alone touches libtorch.
 #[cfg(feature = "training")]
-mod owner {
-    use std::panic::AssertUnwindSafe;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::time::Duration;
+mod torch {
+    use std::sync::atomic::AtomicBool;
 
     use adaptd_adapters::bundle::Bundle;
     use adaptd_adapters::head::{Head, softmax_rows};
     use adaptd_adapters::lora::LoraWeights;
     use adaptd_adapters::tensor::HostTensor;
     use adaptd_train::{FitReport, FitTarget, Progress, TrainError, TrainingGraph, fit_cached, libtorch};
-    use tokio::sync::mpsc;
 
-    use super::{Command, JobKind, TrainDevice, TrainJob, TrainPrecision, Trainer, TrainerConfig, TrainerError};
+    use super::{JobKind, TrainBackend, TrainDevice, TrainJob, TrainPrecision, Trainer, TrainerConfig, TrainerError};
+
+    /// The bundle's training graph, loaded into libtorch on the owner thread.
+    struct Torch {
+        graph: TrainingGraph,
+    }
 
     pub(super) fn start(bundle: Bundle, config: TrainerConfig) -> Result<Trainer, TrainerError> {
         let device = match config.device {
@@ -217,56 +292,55 @@ mod owner {
             cuda = %libtorch::cuda_unavailable_reason().map_or("available".into(), |r| format!("not available: {r}")),
             "libtorch loaded"
         );
-        let (tx, rx) = std::sync::mpsc::channel::<Command>();
-        let (loaded_tx, loaded_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("adaptd-trainer".into())
-            .spawn(move || {
-                crate::background_priority();
-                tch::set_num_threads(config.threads.max(1) as i32);
-                let loaded = TrainingGraph::load(&bundle, device).map(|mut graph| {
-                    if let Some(cut) = bundle.manifest.cut.as_ref().filter(|_| config.above_cut) {
-                        // A cut that does not hold costs speed, not serving: train the whole graph.
-                        match graph.load_cut(&bundle) {
-                            Ok(()) => tracing::info!(cut = %cut.after, slots = cut.slots_above.len(), "LoRA trains above the bundle's cut"),
-                            Err(e) => tracing::warn!(cut = %cut.after, error = %e, "the bundle's cut is not used: LoRA trains the whole graph"),
-                        }
-                    }
-                    graph
-                });
-                let loaded = loaded.and_then(|mut graph| {
-                    choose_precision(&mut graph, config.precision)?;
-                    Ok(graph)
-                });
-                let graph = match loaded {
-                    Ok(g) => g,
-                    Err(e) => {
-                        let _ = loaded_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = loaded_tx.send(Ok(()));
-                while let Ok(command) = rx.recv() {
-                    match command {
-                        Command::Fit { job, cancel, pause, progress, reply } => {
-                            let result = guarded(|| run_fit(&graph, &job, &cancel, &pause, &progress));
-                            let _ = reply.send(result);
-                        }
-                        Command::Predict { inputs, lora, head, reply } => {
-                            let _ = reply.send(guarded(|| predict(&graph, &inputs, lora.as_ref(), &head)));
-                        }
-                        Command::Stop => return,
-                    }
+        Trainer::start_with(move || {
+            tch::set_num_threads(config.threads.max(1) as i32);
+            let mut graph = TrainingGraph::load(&bundle, device)?;
+            if let Some(cut) = bundle.manifest.cut.as_ref().filter(|_| config.above_cut) {
+                // A cut that does not hold costs speed, not serving: train the whole graph.
+                match graph.load_cut(&bundle) {
+                    Ok(()) => tracing::info!(cut = %cut.after, slots = cut.slots_above.len(), "LoRA trains above the bundle's cut"),
+                    Err(e) => tracing::warn!(cut = %cut.after, error = %e, "the bundle's cut is not used: LoRA trains the whole graph"),
                 }
-            })
-            .map_err(|e| TrainerError::Train(TrainError::Data(format!("cannot start the trainer thread: {e}"))))?;
-        match loaded_rx.recv() {
-            Ok(Ok(())) => Ok(Trainer { tx, thread: Some(thread), device: format!("{device:?}").to_lowercase() }),
-            Ok(Err(e)) => {
-                let _ = thread.join();
-                Err(e.into())
             }
-            Err(_) => Err(TrainerError::Stopped),
+            choose_precision(&mut graph, config.precision)?;
+            Ok(Torch { graph })
+        })
+    }
+
+    impl TrainBackend for Torch {
+        fn device(&self) -> String {
+            format!("{:?}", self.graph.device()).to_lowercase()
+        }
+
+        fn fit(&self, job: &TrainJob, cancel: &AtomicBool, progress: &mut dyn FnMut(&Progress)) -> Result<FitReport, TrainError> {
+            let graph = &self.graph;
+            let target = match job.kind {
+                JobKind::Head => FitTarget::Head { device: graph.device() },
+                JobKind::Lora { rank, alpha } => {
+                    // Continuing from a higher-rank LoRA (a fleet aggregate at rank_max, say) takes
+                    // its rank, at the same alpha/rank.
+                    let start = job.start_lora.as_ref();
+                    let continued = start.map_or(rank, |s| s.rank.max(rank));
+                    FitTarget::Lora { graph, rank: continued, alpha: alpha * continued as f32 / rank as f32, start }
+                }
+            };
+            let _span = tracing::info_span!("train", kind = job.kind.name(), samples = job.train.len()).entered();
+            fit_cached(target, &job.train, &job.validation, &job.init_head, &job.recipe, &job.prefix_cache, cancel, &mut |p| progress(p))
+        }
+
+        fn predict(&self, inputs: &[HostTensor], lora: Option<&LoraWeights>, head: &Head) -> Result<Vec<f32>, TrainError> {
+            let manifest = self.graph.manifest();
+            let lora_inputs = match lora {
+                Some(w) => w.graph_inputs(&manifest.lora)?,
+                None => adaptd_adapters::lora::no_adapter_inputs(&manifest.lora),
+            };
+            let outputs = self.graph.forward_host(inputs, &lora_inputs)?;
+            let no_embedding = || TrainError::Output("the training graph gave no f32 embedding".into());
+            let emb = manifest.output_index(&manifest.embedding_output).and_then(|i| outputs.get(i)).ok_or_else(no_embedding)?;
+            let rows = emb.shape.first().copied().unwrap_or(0);
+            let mut scores = head.forward(emb.as_f32().ok_or_else(no_embedding)?, rows);
+            softmax_rows(&mut scores, head.classes());
+            Ok(scores)
         }
     }
 
@@ -289,56 +363,5 @@ mod owner {
             Err(e) => return Err(e),
         }
         Ok(())
-    }
-
-    /// A panic inside libtorch or a fit fails the job, not the daemon.
-    fn guarded<T>(f: impl FnOnce() -> Result<T, TrainError>) -> Result<T, TrainError> {
-        std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-            let message = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
-            Err(TrainError::Data(format!("the trainer panicked: {message}")))
-        })
-    }
-
-    fn run_fit(
-        graph: &TrainingGraph,
-        job: &TrainJob,
-        cancel: &AtomicBool,
-        pause: &AtomicBool,
-        progress: &mpsc::UnboundedSender<Progress>,
-    ) -> Result<FitReport, TrainError> {
-        let target = match job.kind {
-            JobKind::Head => FitTarget::Head { device: graph.device() },
-            JobKind::Lora { rank, alpha } => {
-                // Continuing from a higher-rank LoRA (a fleet aggregate at rank_max, say) takes its
-                // rank, at the same alpha/rank.
-                let start = job.start_lora.as_ref();
-                let continued = start.map_or(rank, |s| s.rank.max(rank));
-                FitTarget::Lora { graph, rank: continued, alpha: alpha * continued as f32 / rank as f32, start }
-            }
-        };
-        let _span = tracing::info_span!("train", kind = job.kind.name(), samples = job.train.len()).entered();
-        fit_cached(target, &job.train, &job.validation, &job.init_head, &job.recipe, &job.prefix_cache, cancel, &mut |p| {
-            let _ = progress.send(p.clone());
-            // Paused (serving is over its latency budget): hold here between steps until resumed
-            // or cancelled.
-            while pause.load(Ordering::Relaxed) && !cancel.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        })
-    }
-
-    fn predict(graph: &TrainingGraph, inputs: &[HostTensor], lora: Option<&LoraWeights>, head: &Head) -> Result<Vec<f32>, TrainError> {
-        let manifest = graph.manifest();
-        let lora_inputs = match lora {
-            Some(w) => w.graph_inputs(&manifest.lora)?,
-            None => adaptd_adapters::lora::no_adapter_inputs(&manifest.lora),
-        };
-        let outputs = graph.forward_host(inputs, &lora_inputs)?;
-        let no_embedding = || TrainError::Output("the training graph gave no f32 embedding".into());
-        let emb = manifest.output_index(&manifest.embedding_output).and_then(|i| outputs.get(i)).ok_or_else(no_embedding)?;
-        let rows = emb.shape.first().copied().unwrap_or(0);
-        let mut scores = head.forward(emb.as_f32().ok_or_else(no_embedding)?, rows);
-        softmax_rows(&mut scores, head.classes());
-        Ok(scores)
     }
 }

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use adaptd_adapters::bundle::{DType, Manifest};
+use adaptd_adapters::bundle::{Bundle, DType, Manifest};
 use adaptd_adapters::head::softmax_rows;
 use adaptd_adapters::tensor::{HostData, HostTensor};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
@@ -289,11 +289,27 @@ impl<B: InferenceBackend> Shared<B> {
     }
 }
 
+/// Running a request on the caller's thread, whatever the backend: what a handle needs of
+/// [`Shared`], so the handle is one type for every backend.
+trait RunInline: Send + Sync {
+    fn run_inline(&self, request: Request, queue_empty: bool, stats: &EngineStats) -> Option<Request>;
+}
+
+impl<B> RunInline for Shared<B>
+where
+    B: InferenceBackend + Send,
+    B::Lora: Send + Sync,
+{
+    fn run_inline(&self, request: Request, queue_empty: bool, stats: &EngineStats) -> Option<Request> {
+        Shared::run_inline(self, request, queue_empty, stats)
+    }
+}
+
 /// A cheap, cloneable way to reach the engine.
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: Sender<Command>,
-    shared: Arc<Shared<OnnxModel>>,
+    shared: Arc<dyn RunInline>,
     health: watch::Receiver<Health>,
     manifest: Arc<Manifest>,
     stats: Arc<EngineStats>,
@@ -309,6 +325,24 @@ impl Engine {
     /// Load the bundle's serving graph on a new owner thread. Returns once the session is built
     /// and warmed up, or with the reason it could not be.
     pub fn start(registry: Arc<Registry>, config: EngineConfig) -> Result<Engine, OnnxError> {
+        let session = config.session;
+        Engine::start_with(registry, config, move |bundle| {
+            let mut model = OnnxModel::load(bundle, session, None)?;
+            warm_up(&mut model)?;
+            tracing::info!(provider = ?model.provider(), lora_values = %model.lora_device(), "serving session ready");
+            let provider = model.provider();
+            Ok((model, provider))
+        })
+    }
+
+    /// The same over any backend: `load` builds it on the owner thread (ONNX Runtime in the
+    /// daemon; a test double in the unit tests of what sits on the engine, such as the task loop).
+    pub fn start_with<B, L>(registry: Arc<Registry>, config: EngineConfig, load: L) -> Result<Engine, OnnxError>
+    where
+        B: InferenceBackend + Send + 'static,
+        B::Lora: Send + Sync + 'static,
+        L: FnOnce(&Bundle) -> Result<(B, ExecutionProvider), OnnxError> + Send + 'static,
+    {
         let (tx, rx) = crossbeam_channel::bounded(config.queue_depth.max(1));
         let (health_tx, health) = watch::channel(Health::Starting);
         let (loaded_tx, loaded_rx) = std::sync::mpsc::channel();
@@ -316,26 +350,19 @@ impl Engine {
         let stats = Arc::new(EngineStats::default());
         let engine_stats = stats.clone();
         let current = registry.clone();
-        let shared: Arc<Shared<OnnxModel>> = Arc::new(Shared::new(Box::new(move |task| current.current(task)), config.max_wait.is_zero()));
+        let shared: Arc<Shared<B>> = Arc::new(Shared::new(Box::new(move |task| current.current(task)), config.max_wait.is_zero()));
         let engine_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("adaptd-engine".into())
             .spawn(move || {
-                let mut model = match OnnxModel::load(registry.bundle(), config.session, None) {
-                    Ok(model) => model,
+                let (model, provider) = match load(registry.bundle()) {
+                    Ok(loaded) => loaded,
                     Err(e) => {
                         let _ = health_tx.send(Health::Failed(e.to_string()));
                         let _ = loaded_tx.send(Err(e));
                         return;
                     }
                 };
-                if let Err(e) = warm_up(&mut model) {
-                    let _ = health_tx.send(Health::Failed(e.to_string()));
-                    let _ = loaded_tx.send(Err(e));
-                    return;
-                }
-                let provider = model.provider();
-                tracing::info!(provider = ?provider, lora_values = %model.lora_device(), "serving session ready");
                 engine_shared.lock().model = Some(model);
                 // Ready before `start` returns, so a caller never sees a started engine as Starting.
                 let _ = health_tx.send(Health::Ready { provider });
