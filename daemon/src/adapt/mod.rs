@@ -16,6 +16,8 @@
 mod dataset;
 mod evaluate;
 mod task_loop;
+#[cfg(test)]
+mod tests;
 mod watch;
 
 use std::future::Future;
