@@ -180,6 +180,8 @@ CREATE TABLE IF NOT EXISTS samples (
     embedding BLOB
 );
 CREATE INDEX IF NOT EXISTS samples_by_task ON samples(task, split, label);
+-- The samples still waiting for their embedding: few, looked up every tick.
+CREATE INDEX IF NOT EXISTS samples_awaiting_embedding ON samples(task, id) WHERE embedding IS NULL;
 CREATE TABLE IF NOT EXISTS marks (
     task TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -496,6 +498,20 @@ impl SampleStore {
         let mut out: Vec<StoredSample> = rows.map(|r| r.map_err(self.err()).and_then(|r| self.decode_row(r))).collect::<Result<_, _>>()?;
         out.reverse();
         Ok(out)
+    }
+
+    /// How many samples of `task` stored after row `after_id` a job could train on now: those
+    /// before the first one still waiting for its embedding (a job trains on that prefix).
+    pub fn count_ready_after(&self, task: &str, after_id: i64) -> Result<u64, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*) FROM samples WHERE task = ?1 AND id > ?2 \
+                 AND id < COALESCE((SELECT MIN(id) FROM samples WHERE task = ?1 AND embedding IS NULL), 9223372036854775807)",
+                params![task, after_id],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .map_err(self.err())
     }
 
     /// How many samples of `task` were stored after row `after_id`.

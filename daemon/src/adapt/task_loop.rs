@@ -180,15 +180,21 @@ impl TaskLoop {
         let reading = self.monitor.read();
         let observation = Observation {
             now_ms: now_ms(),
-            new_samples: lock(&self.store).count_after(&task, since)?,
+            // Only samples a job could train on now count: one that arrived after this tick
+            // cached embeddings waits for the next, or a job would start without it and be
+            // deferred for too few samples.
+            new_samples: lock(&self.store).count_ready_after(&task, since)?,
             live_accuracy: self.watch.live_accuracy(),
             device_busy: reading.busy_reason(&self.config.schedule.limits),
             serving_p99_ms: None,
             operator_request: operator_request.is_some() || self.round.is_some(),
         };
         let action = self.scheduler.observe(&observation);
-        let stored = lock(&self.store).count_after(&task, 0)?;
-        self.status.send_modify(|s| (s.samples, s.new_samples) = (stored, observation.new_samples));
+        let (stored, arrived) = {
+            let store = lock(&self.store);
+            (store.count_after(&task, 0)?, store.count_after(&task, since)?)
+        };
+        self.status.send_modify(|s| (s.samples, s.new_samples) = (stored, arrived));
         self.publish_status(None);
         let Some(Action::Start(trigger)) = action else {
             if let Some(reply) = operator_request.take()

@@ -339,3 +339,14 @@ async fn the_watch_rolls_a_promotion_back_when_fresh_labels_say_it_got_worse() {
     assert_eq!((from, to, by.as_str()), (promoted, 0, "watch"), "{reason}");
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samples_that_arrive_while_the_loop_runs_start_one_job_once_they_are_embedded() {
+    let mut running = start(Fits::ClassMeans, &[]).await;
+    running.publish(&samples(200, 5, true));
+    let status = running.wait_for(Duration::from_secs(30), |s| s.jobs.contains_key("promoted")).await;
+    // No job started before the engine had embedded what it would train on: none was deferred
+    // for too few samples, and the first version number went to the promoted adapter.
+    assert_eq!((status.jobs.get("deferred"), status.jobs.get("started"), status.serving_version), (None, Some(&1), 1), "{status:?}");
+    running.stop().await;
+}
