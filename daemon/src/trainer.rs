@@ -1,11 +1,12 @@
-//! The trainer: one owner thread for all libtorch state.
+//! The trainer: one owner thread for all training state.
 //!
-//! The thread loads the bundle's training graph once (on CUDA when libtorch sees a GPU and the
-//! configuration allows it), runs at background priority so serving keeps the CPU it needs, and
-//! takes jobs one at a time. A job goes in as host tensors and comes out as a plain
-//! [`FitReport`]: no tch type leaves this module. Every job is cancellable between steps and can
-//! be paused (the latency guard does); a panic inside libtorch becomes an error for that job,
-//! and the thread carries on.
+//! The thread runs jobs on a [`TrainBackend`]: in the daemon, libtorch through the bundle's
+//! training graph (the `training` feature), loaded once on the thread (on CUDA when libtorch sees
+//! a GPU and the configuration allows it); in the task loop's unit tests, a test double. It runs
+//! at background priority so serving keeps the CPU it needs, and takes jobs one at a time. A job
+//! goes in as host tensors and comes out as a plain [`FitReport`]: no tch type leaves this
+//! module. Every job is cancellable between steps and can be paused (the latency guard does); a
+//! panic inside the backend becomes an error for that job, and the thread carries on.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
