@@ -506,8 +506,8 @@ impl SampleStore {
         self.conn
             .query_row(
                 "SELECT COUNT(*) FROM samples WHERE task = ?1 AND id > ?2 \
-                 AND id < COALESCE((SELECT MIN(id) FROM samples WHERE task = ?1 AND embedding IS NULL), 9223372036854775807)",
-                params![task, after_id],
+                 AND id < COALESCE((SELECT MIN(id) FROM samples WHERE task = ?1 AND embedding IS NULL), ?3)",
+                params![task, after_id, i64::MAX],
                 |r| r.get::<_, i64>(0),
             )
             .map(|n| n as u64)

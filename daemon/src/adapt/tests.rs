@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{AdaptConfig, AdapterChoice, Command, CommandKind, Context, Status};
 use crate::engine::onnx::{ExecutionProvider, OnnxError};
-use crate::engine::{Engine, EngineConfig, InferenceBackend};
+use crate::engine::{Engine, EngineConfig, InferenceBackend, two_value_manifest};
 use crate::events::{Events, Journal};
 use crate::registry::Registry;
 use crate::samples::{Sample, SampleInput, SampleStore, SplitPolicy};
@@ -28,19 +28,6 @@ use crate::scheduler::SchedulerState;
 use crate::trainer::{TrainBackend, TrainJob, Trainer};
 
 const TASK: &str = "sorter";
-
-/// Two values per row in, the same two out as the embedding and as the base classifier's logits
-/// (labels `a`, `b`): the base model answers whichever value is larger.
-fn manifest() -> Manifest {
-    let spec = |name: &str| serde_json::json!({ "name": name, "dtype": "f32", "shape": [-1, 2] });
-    serde_json::from_value(serde_json::json!({
-        "format": 1, "name": "pair", "version": "1", "fingerprint": "0", "exporter": { "torch": "-", "opset": 17 },
-        "serving_graph": "serving.onnx", "training_graph": "train.pt", "files": {}, "inputs": [spec("x")], "outputs": [spec("embedding"), spec("logits")],
-        "embedding_output": "embedding", "embedding_dim": 2, "logits_output": "logits", "labels": ["a", "b"],
-        "preprocessing": { "kind": "tensor" }, "lora": { "rank_max": 1, "slots": [] },
-    }))
-    .unwrap()
-}
 
 struct PairModel {
     manifest: Manifest,
@@ -137,9 +124,9 @@ struct Running {
     events: mpsc::UnboundedReceiver<EventRecord>,
     status: watch::Receiver<Status>,
     commands: mpsc::Sender<Command>,
-    stop: Option<oneshot::Sender<()>>,
+    stop: oneshot::Sender<()>,
     task_loop: tokio::task::JoinHandle<Result<(), super::AdaptError>>,
-    engine: Option<Engine>,
+    engine: Engine,
 }
 
 /// The loop over `samples` already stored.
@@ -149,7 +136,7 @@ async fn start(fits: Fits, samples: &[Sample]) -> Running {
     std::fs::create_dir_all(&bundle_dir).unwrap();
     // The graph files are placeholders (the doubles stand in for the runtimes), listed with
     // their hashes as an exported bundle lists its graphs.
-    let mut manifest = manifest();
+    let mut manifest = two_value_manifest();
     for name in ["serving.onnx", "train.pt"] {
         let bytes = format!("{name}: a placeholder").into_bytes();
         std::fs::write(bundle_dir.join(name), &bytes).unwrap();
@@ -206,7 +193,7 @@ async fn start(fits: Fits, samples: &[Sample]) -> Running {
     let task_loop = tokio::spawn(super::run(ctx, configs_rx, commands_rx, installs_rx, status_tx, async move {
         let _ = stopped.await;
     }));
-    Running { _dir: dir, store_path, split, registry, events: events_rx, status, commands, stop: Some(stop), task_loop, engine: Some(engine) }
+    Running { _dir: dir, store_path, split, registry, events: events_rx, status, commands, stop, task_loop, engine }
 }
 
 /// `n` labelled samples. In the base domain `a` rows have the larger first value, as the base
@@ -267,14 +254,11 @@ impl Running {
         rx.await.unwrap()
     }
 
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        self.task_loop.await.unwrap().unwrap();
-        if let Some(engine) = self.engine.take() {
-            tokio::task::spawn_blocking(move || engine.shutdown()).await.unwrap();
-        }
+    async fn stop(self) {
+        let Running { stop, task_loop, engine, .. } = self;
+        let _ = stop.send(());
+        task_loop.await.unwrap().unwrap();
+        tokio::task::spawn_blocking(move || engine.shutdown()).await.unwrap();
     }
 }
 

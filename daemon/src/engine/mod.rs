@@ -329,8 +329,8 @@ impl Engine {
         Engine::start_with(registry, config, move |bundle| {
             let mut model = OnnxModel::load(bundle, session, None)?;
             warm_up(&mut model)?;
-            tracing::info!(provider = ?model.provider(), lora_values = %model.lora_device(), "serving session ready");
             let provider = model.provider();
+            tracing::info!(provider = ?provider, lora_values = %model.lora_device(), "serving session ready");
             Ok((model, provider))
         })
     }
@@ -879,6 +879,20 @@ fn answer(manifest: &Manifest, outputs: &[HostTensor], parts: &[Part], batch: &[
     }
 }
 
+/// The manifest of the test doubles' model: two values per row in (`x`), the same two out as the
+/// embedding and as the base classifier's logits (labels `a`, `b`), no LoRA slot.
+#[cfg(test)]
+pub(crate) fn two_value_manifest() -> Manifest {
+    let spec = |name: &str| serde_json::json!({ "name": name, "dtype": "f32", "shape": [-1, 2] });
+    serde_json::from_value(serde_json::json!({
+        "format": 1, "name": "pair", "version": "1", "fingerprint": "0", "exporter": { "torch": "-", "opset": 17 },
+        "serving_graph": "serving.onnx", "training_graph": "train.pt", "files": {}, "inputs": [spec("x")], "outputs": [spec("embedding"), spec("logits")],
+        "embedding_output": "embedding", "embedding_dim": 2, "logits_output": "logits", "labels": ["a", "b"],
+        "preprocessing": { "kind": "tensor" }, "lora": { "rank_max": 1, "slots": [] },
+    }))
+    .unwrap_or_else(|e| panic!("the test model's manifest: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use adaptd_adapters::bundle::RetentionSet;
@@ -895,17 +909,6 @@ mod tests {
         manifest: Manifest,
         calls: Vec<usize>,
         fail: bool,
-    }
-
-    fn manifest() -> Manifest {
-        let spec = |name: &str| serde_json::json!({ "name": name, "dtype": "f32", "shape": [-1, 2] });
-        serde_json::from_value(serde_json::json!({
-            "format": 1, "name": "double", "version": "1", "fingerprint": "0", "exporter": { "torch": "-", "opset": 17 },
-            "serving_graph": "-", "training_graph": "-", "files": {}, "inputs": [spec("x")], "outputs": [spec("embedding"), spec("logits")],
-            "embedding_output": "embedding", "embedding_dim": 2, "logits_output": "logits", "labels": ["a", "b"],
-            "preprocessing": { "kind": "tensor" }, "lora": { "rank_max": 1, "slots": [] },
-        }))
-        .unwrap()
     }
 
     impl InferenceBackend for Double {
@@ -973,7 +976,7 @@ mod tests {
 
     #[test]
     fn requests_that_share_a_lora_share_one_graph_call_and_each_gets_its_own_rows() {
-        let mut double = Double { manifest: manifest(), calls: Vec::new(), fail: false };
+        let mut double = Double { manifest: two_value_manifest(), calls: Vec::new(), fail: false };
         let tasks = [("base", serving("base", 0, (0, 0.0), None)), ("head", serving("head", 1, (0, 0.0), None)), ("lora", serving("lora", 2, (7, 5.0), None))];
         let (r1, mut a1) = request("base", &[[1.0, 0.0], [0.0, 1.0]]);
         let (r2, mut a2) = request("head", &[[1.0, 0.0]]);
@@ -991,7 +994,7 @@ mod tests {
     fn a_batch_is_answered_only_when_its_answers_are_sent_after_the_session_is_released() {
         let tasks: HashMap<String, Arc<Serving>> = [("base".to_string(), serving("base", 0, (0, 0.0), None))].into();
         let current = |task: &str| tasks.get(task).cloned();
-        let mut double = Double { manifest: manifest(), calls: Vec::new(), fail: false };
+        let mut double = Double { manifest: two_value_manifest(), calls: Vec::new(), fail: false };
         let (r, mut answer) = request("base", &[[1.0, 0.0]]);
         let answers = run_batch(&mut double, &current, &mut LoraCache::new(), vec![r], &EngineStats::default());
         assert!(matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Empty)), "computed, not yet sent");
@@ -1011,7 +1014,7 @@ mod tests {
             base_index: vec![Some(0), Some(1)],
         };
         let tasks = [("cell", serving("cell", 3, (9, 0.0), Some(route)))];
-        let mut double = Double { manifest: manifest(), calls: Vec::new(), fail: false };
+        let mut double = Double { manifest: two_value_manifest(), calls: Vec::new(), fail: false };
         // Base-like, moved, base-like: the base answers rows 0 and 2, the adapter (swapping) row 1.
         let (r, mut answers) = request("cell", &[[1.0, 0.0], [5.0, 7.0], [0.0, 1.0]]);
         run(&mut double, &tasks, vec![r]);
@@ -1026,7 +1029,7 @@ mod tests {
         let stats = EngineStats::default();
         let queued = |shared: &Shared<Double>, request: Request, queue_empty: bool| shared.run_inline(request, queue_empty, &stats).is_some();
         assert!(queued(&shared, request("base", &[[1.0, 0.0]]).0, true), "before warm-up there is no session to run");
-        shared.lock().model = Some(Double { manifest: manifest(), calls: Vec::new(), fail: false });
+        shared.lock().model = Some(Double { manifest: two_value_manifest(), calls: Vec::new(), fail: false });
         assert!(queued(&shared, request("base", &[[1.0, 0.0]]).0, true), "no call measured yet: nothing is known to be cheap");
         stats.observe_call(1, Duration::from_micros(50));
 
@@ -1045,7 +1048,7 @@ mod tests {
         assert!(queued(&shared, validation, true), "validation traffic stays on the owner thread");
         assert!(queued(&shared, request("base", &[[1.0, 0.0]; INLINE_MAX_ROWS + 1]).0, true), "a large request batches");
         let batching: Shared<Double> = Shared::new(Box::new(|_: &str| None), false);
-        batching.lock().model = Some(Double { manifest: manifest(), calls: Vec::new(), fail: false });
+        batching.lock().model = Some(Double { manifest: two_value_manifest(), calls: Vec::new(), fail: false });
         assert!(queued(&batching, request("base", &[[1.0, 0.0]]).0, true), "max_wait > 0 asks for batching");
         for _ in 0..64 {
             stats.observe_call(1, INLINE_RUN_MAX * 4);
@@ -1060,7 +1063,7 @@ mod tests {
 
     #[test]
     fn a_failing_graph_call_fails_its_requests_with_the_reason() {
-        let mut double = Double { manifest: manifest(), calls: Vec::new(), fail: true };
+        let mut double = Double { manifest: two_value_manifest(), calls: Vec::new(), fail: true };
         let (r, mut answer) = request("base", &[[1.0, 0.0]]);
         run(&mut double, &[("base", serving("base", 0, (0, 0.0), None))], vec![r]);
         assert!(matches!(answer.try_recv().unwrap(), Err(EngineError::Runtime(m)) if m.contains("the double fails")));
