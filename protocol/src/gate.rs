@@ -74,3 +74,33 @@ pub struct DecisionRecord {
     #[serde(default)]
     pub trigger: Option<crate::status::Trigger>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_decision_as_earlier_daemons_wrote_it_into_a_manifest_reads_back_unchanged() {
+        // The JSON value the loop wrote before the record was typed: these four keys, always.
+        let written = serde_json::json!({
+            "promote": true,
+            "summary": "promoted: accuracy 0.3810 -> 0.8571",
+            "checks": [{ "name": "beats_incumbent", "passed": true, "detail": "accuracy 0.8571 vs incumbent 0.3810" }],
+            "trigger": "new_samples",
+        });
+        let record: DecisionRecord = serde_json::from_value(written.clone()).unwrap();
+        assert_eq!(record.trigger, Some(crate::status::Trigger::NewSamples));
+        assert_eq!(serde_json::to_value(&record).unwrap(), written);
+    }
+
+    #[test]
+    fn a_decision_missing_a_field_or_of_the_wrong_kind_is_refused_by_name() {
+        let missing = serde_json::from_value::<DecisionRecord>(serde_json::json!({ "promote": true, "checks": [] })).unwrap_err();
+        assert!(missing.to_string().contains("summary"), "{missing}");
+        let wrong = serde_json::from_value::<DecisionRecord>(serde_json::json!({ "promote": "yes", "summary": "", "checks": [] })).unwrap_err();
+        assert!(wrong.to_string().contains("boolean"), "{wrong}");
+        let trigger =
+            serde_json::from_value::<DecisionRecord>(serde_json::json!({ "promote": true, "summary": "", "checks": [], "trigger": "whim" })).unwrap_err();
+        assert!(trigger.to_string().contains("whim"), "{trigger}");
+    }
+}
