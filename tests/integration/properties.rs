@@ -239,7 +239,15 @@ fn write_damaged(adapter: &Adapter, dir: &Path, damage: &[(usize, Vec<Mutation>)
 #[test]
 fn adapter_directories_refuse_damage_by_name() {
     let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
-    let adapters = [head_adapter(&bundle, "sorter", 1, 1), lora_adapter(&bundle, "sorter", 2, 2)];
+    // The gate's decision rides in the manifest too: damage reaches the typed record.
+    let mut judged = head_adapter(&bundle, "sorter", 1, 1);
+    judged.manifest.decision = Some(adaptd_protocol::gate::DecisionRecord {
+        promote: true,
+        summary: "promoted: accuracy 0.3810 -> 0.8571".into(),
+        checks: vec![adaptd_protocol::gate::Check { name: "beats_incumbent".into(), passed: true, detail: "accuracy 0.8571 vs 0.3810".into() }],
+        trigger: Some(adaptd_protocol::status::Trigger::NewSamples),
+    });
+    let adapters = [judged, lora_adapter(&bundle, "sorter", 2, 2)];
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("v");
     let damage = prop::collection::vec((any::<usize>(), prop::collection::vec(mutation(), 1..6)), 1..3);
