@@ -45,6 +45,34 @@ fn minilm_runtimes_agree_with_and_without_lora() {
     assert_parity("minilm");
 }
 
+/// ONNX Runtime allows one environment per process. Parts of the daemon that start at once
+/// (engine, doctor, a second task) all load it on first use: each gets the one environment.
+#[test]
+fn parts_loading_onnx_runtime_at_once_all_get_the_one_environment() {
+    const RACERS: usize = 256;
+    // In a process of its own, or another test will have loaded it already.
+    if crate::in_own_process("runtimes::parts_loading_onnx_runtime_at_once_all_get_the_one_environment") {
+        return;
+    }
+    // Callers arrive every 0.2 ms over the first load (tens of ms): those arriving as it
+    // finishes are the ones a check-then-create sends to build a second environment.
+    let start = std::sync::Barrier::new(RACERS);
+    let loaded: Vec<usize> = std::thread::scope(|scope| {
+        let racers: Vec<_> = (0..RACERS)
+            .map(|i| {
+                let start = &start;
+                scope.spawn(move || {
+                    start.wait();
+                    std::thread::sleep(std::time::Duration::from_micros(200 * i as u64));
+                    adaptd_daemon::engine::onnx::environment(None).map(|env| env as *const _ as usize)
+                })
+            })
+            .collect();
+        racers.into_iter().map(|r| r.join().expect("racer thread").expect("each first caller gets the environment")).collect()
+    });
+    assert!(loaded.windows(2).all(|w| w[0] == w[1]), "callers got different environments: {loaded:?}");
+}
+
 /// On a GPU provider prepared LoRA values are copied into the device's memory once. The copy
 /// goes through ONNX Runtime's device-to-device path, the same one used here between host
 /// allocators: the values a run reads from there give the answers host values give.

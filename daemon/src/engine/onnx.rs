@@ -7,7 +7,7 @@
 //! an installed binary needs nothing exported by hand. The one loaded is logged at start-up.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use adaptd_adapters::bundle::Bundle;
 use adaptd_adapters::tensor::{HostData, HostTensor};
@@ -142,12 +142,14 @@ pub fn resolve_library(explicit: Option<&Path>) -> Result<PathBuf, OnnxError> {
 
 /// The process-wide ONNX Runtime environment, loading the library on first use.
 pub fn environment(explicit: Option<&Path>) -> Result<&'static Environment, OnnxError> {
-    if let Some((loaded, env)) = ENVIRONMENT.get() {
-        if let Some(requested) = explicit
-            && requested != loaded
-        {
-            return Err(OnnxError::LibraryConflict { loaded: loaded.clone(), requested: requested.to_path_buf() });
-        }
+    if let Some(env) = loaded_environment(explicit)? {
+        return Ok(env);
+    }
+    // ONNX Runtime allows one environment per process and refuses a second ("only one
+    // environment is allowed per process"), so first callers racing here take turns.
+    static FIRST_LOAD: Mutex<()> = Mutex::new(());
+    let _turn = FIRST_LOAD.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(env) = loaded_environment(explicit)? {
         return Ok(env);
     }
     let path = resolve_library(explicit)?;
@@ -157,8 +159,16 @@ pub fn environment(explicit: Option<&Path>) -> Result<&'static Environment, Onnx
         .with_name("adaptd")
         .build()
         .map_err(|e| OnnxError::Library { path: path.clone(), reason: e.to_string() })?;
-    // A racing first caller may have won; either environment is equivalent.
     Ok(&ENVIRONMENT.get_or_init(|| (path, env)).1)
+}
+
+/// The environment already loaded, if any; an explicit library other than the loaded one is refused.
+fn loaded_environment(explicit: Option<&Path>) -> Result<Option<&'static Environment>, OnnxError> {
+    let Some((loaded, env)) = ENVIRONMENT.get() else { return Ok(None) };
+    match explicit {
+        Some(requested) if requested != loaded => Err(OnnxError::LibraryConflict { loaded: loaded.clone(), requested: requested.to_path_buf() }),
+        _ => Ok(Some(env)),
+    }
 }
 
 /// Where a session runs. GPU providers are asked for explicitly; one that fails to register is
