@@ -684,6 +684,265 @@ fn prefix_for_job(
     Ok(done)
 }
 
+/// What a job trains and how a batch runs through it: the head and the LoRA (as variables of one
+/// optimizer, a learning rate per group), over the training graph (LoRA) or the cached
+/// embeddings themselves (a head).
+struct Model<'g> {
+    device: Device,
+    graph: Option<&'g TrainingGraph>,
+    lora: Option<LoraSetup<'g>>,
+    vs: nn::VarStore,
+    opt: nn::Optimizer,
+    head_w: Tensor,
+    head_b: Tensor,
+    lora_vars: Vec<(Tensor, Tensor)>,
+    /// Per LoRA slot: whether it trains. Above a cut only the slots there do; the rest keep
+    /// their start (they shaped the cached activations) and, without gradients, are left alone
+    /// by the optimizer.
+    trained: Vec<bool>,
+    above_cut: bool,
+    embedding_index: Option<usize>,
+    /// The LoRA dropout applied while training, and the head's input dropout.
+    lora_dropout: f64,
+    dropout: f64,
+}
+
+impl<'g> Model<'g> {
+    fn new(
+        device: Device,
+        graph: Option<&'g TrainingGraph>,
+        lora: Option<LoraSetup<'g>>,
+        init_head: &Head,
+        recipe: &Recipe,
+        rng: &mut SeededRng,
+    ) -> Result<Self, TrainError> {
+        // Group 0: the head; group 1: LoRA.
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let head_w = root.set_group(0).var_copy("head_weight", &to_tensor(&init_head.layers[0].weight, device));
+        let head_b = root.set_group(0).var_copy("head_bias", &to_tensor(&init_head.layers[0].bias, device));
+        let lora_vars = match &lora {
+            Some(setup) => init_lora(&root.set_group(1), setup, rng, device),
+            None => Vec::new(),
+        };
+        let opt = nn::AdamW { wd: recipe.weight_decay, ..Default::default() }.build(&vs, recipe.head_learning_rate)?;
+        let trained = match graph {
+            Some(g) => {
+                let slots = g.trained_slots();
+                (0..lora_vars.len()).map(|i| slots.contains(&i)).collect()
+            }
+            None => Vec::new(),
+        };
+        let embedding_index = match graph {
+            Some(g) => Some(g.manifest().output_index(&g.manifest().embedding_output).ok_or_else(|| TrainError::Output("no embedding output".into()))?),
+            None => None,
+        };
+        // LoRA dropout needs the graph's dropout input; a bundle exported before it trains without.
+        let lora_dropout = match graph {
+            Some(g) if recipe.lora_dropout > 0.0 && !g.has_lora_dropout() => {
+                tracing::warn!(bundle = %g.manifest().name, lora_dropout = recipe.lora_dropout, "the bundle's training graph has no LoRA dropout input (exported before it): training without LoRA dropout");
+                0.0
+            }
+            Some(_) => recipe.lora_dropout,
+            None => 0.0,
+        };
+        Ok(Model {
+            device,
+            graph,
+            lora,
+            vs,
+            opt,
+            head_w,
+            head_b,
+            lora_vars,
+            trained,
+            above_cut: graph.is_some_and(TrainingGraph::trains_above_cut),
+            embedding_index,
+            lora_dropout,
+            dropout: recipe.dropout,
+        })
+    }
+
+    /// The LoRA as the graph takes it (padded to the bundle's rank, B scaled).
+    fn graph_lora(&self) -> Vec<Tensor> {
+        self.lora.as_ref().map_or_else(Vec::new, |setup| graph_lora(setup, &self.lora_vars, self.device))
+    }
+
+    /// Text batches lose their all-padding columns; the memory probe keeps the full width.
+    fn trim(&self, batch: Vec<Tensor>) -> Vec<Tensor> {
+        match self.graph {
+            Some(g) => g.trim_padding(batch),
+            None => batch,
+        }
+    }
+
+    /// Embeddings for a batch: the cached input itself, or the graph run with the current LoRA
+    /// (with LoRA dropout `p` while training).
+    fn embed(&self, batch: &[Tensor], p: f64) -> Result<Tensor, TrainError> {
+        let Some(g) = self.graph else { return Ok(batch[0].shallow_clone()) };
+        // Above a cut the batch carries the cached activation after the model inputs.
+        let mut outputs = g.autocast(|| match batch.split_last() {
+            Some((activation, inputs)) if self.above_cut => g.forward_suffix(inputs, activation, &self.graph_lora(), p),
+            _ => g.forward_dropout(batch, &self.graph_lora(), p),
+        })?;
+        let index = self.embedding_index.filter(|&i| i < outputs.len()).ok_or_else(|| TrainError::Output("no embedding output".into()))?;
+        // The head and the loss run in fp32 whatever precision the graph ran in.
+        Ok(outputs.swap_remove(index).to_kind(Kind::Float))
+    }
+
+    /// The head's logits for a batch: with dropout on the embedding and LoRA dropout while training.
+    fn logits(&self, batch: &[Tensor], train: bool) -> Result<Tensor, TrainError> {
+        let embedding = self.embed(batch, if train { self.lora_dropout } else { 0.0 })?;
+        Ok(embedding.dropout(if train { self.dropout } else { 0.0 }, train).linear(&self.head_w, Some(&self.head_b)))
+    }
+
+    /// Whether the LoRA slots that train at all train this epoch (not in head-only epochs).
+    fn train_lora(&self, this_epoch: bool) {
+        for (i, (a, b)) in self.lora_vars.iter().enumerate() {
+            let trains = this_epoch && self.trained.get(i).copied().unwrap_or(true);
+            let _ = a.set_requires_grad(trains);
+            let _ = b.set_requires_grad(trains);
+        }
+    }
+
+    /// Copies of everything trained, in the order [head weight, head bias, A_0, B_0, A_1, ...].
+    fn snapshot(&self) -> Vec<Tensor> {
+        [&self.head_w, &self.head_b].into_iter().chain(self.lora_vars.iter().flat_map(|(a, b)| [a, b])).map(|t| t.detach().copy()).collect()
+    }
+
+    /// Loss and accuracy on the validation set, without gradients.
+    fn validate(&self, data: &DeviceData) -> Result<(f32, f32), TrainError> {
+        let _guard = tch::no_grad_guard();
+        evaluate(&data.val_inputs, &data.val_labels, data.val_rows, |batch| self.logits(&self.trim(batch.iter().map(Tensor::shallow_clone).collect()), false))
+    }
+}
+
+/// A job's examples on the training device.
+struct DeviceData {
+    train_inputs: Vec<Tensor>,
+    train_labels: Tensor,
+    train_weights: Tensor,
+    train_rows: usize,
+    val_inputs: Vec<Tensor>,
+    val_labels: Tensor,
+    val_rows: usize,
+}
+
+impl DeviceData {
+    fn new(train: &Examples, validation: &Examples, device: Device) -> Self {
+        DeviceData {
+            train_inputs: train.inputs.iter().map(|t| to_tensor(t, device)).collect(),
+            train_labels: Tensor::from_slice(&train.labels).to_device(device),
+            train_weights: Tensor::from_slice(&train.weights).to_device(device),
+            train_rows: train.len(),
+            val_inputs: validation.inputs.iter().map(|t| to_tensor(t, device)).collect(),
+            val_labels: Tensor::from_slice(&validation.labels).to_device(device),
+            val_rows: validation.len(),
+        }
+    }
+
+    /// Validation runs every epoch in batches: text rows sorted by length carry less padding,
+    /// and the loss and accuracy over all rows do not depend on their order.
+    fn order_validation_by_length(&mut self, graph: Option<&TrainingGraph>) -> Result<(), TrainError> {
+        if let Some(order) = graph.map(|g| length_order(g, &self.val_inputs)).transpose()?.flatten() {
+            self.val_inputs = self.val_inputs.iter().map(|t| t.index_select(0, &order)).collect();
+            self.val_labels = self.val_labels.index_select(0, &order);
+        }
+        Ok(())
+    }
+
+    /// The training rows `idx` of every input.
+    fn train_batch(&self, idx: &Tensor) -> Vec<Tensor> {
+        self.train_inputs.iter().map(|t| t.index_select(0, idx)).collect()
+    }
+
+    /// The sample-weighted cross-entropy of `logits` for the training rows `idx`.
+    fn weighted_loss(&self, logits: &Tensor, idx: &Tensor) -> Tensor {
+        let per_sample = logits.log_softmax(-1, Kind::Float).nll_loss_nd::<Tensor>(&self.train_labels.index_select(0, idx), None, tch::Reduction::None, -100);
+        let w = self.train_weights.index_select(0, idx);
+        (per_sample * &w).sum(Kind::Float) / w.sum(Kind::Float).clamp_min(1e-12)
+    }
+}
+
+/// The recipe's batch size, shrunk to what the memory budget holds (measured by a probe step),
+/// with the probe's bytes per sample; a budget too small for one sample refuses the job.
+fn batch_size_within_budget(model: &mut Model<'_>, data: &DeviceData, recipe: &Recipe) -> Result<(usize, Option<u64>), TrainError> {
+    let n = data.train_rows;
+    let batch_size = recipe.batch_size.min(n);
+    let Some(budget) = recipe.memory_budget_bytes else { return Ok((batch_size, None)) };
+    let (per_sample, fixed) = probe_memory(|b| {
+        let idx = Tensor::from_slice(&(0..b as i64).map(|i| i % n as i64).collect::<Vec<_>>()).to_device(model.device);
+        let loss = data.weighted_loss(&model.logits(&data.train_batch(&idx), true)?, &idx);
+        model.opt.zero_grad();
+        loss.backward();
+        model.opt.zero_grad();
+        Ok(())
+    })?;
+    let fits = (budget.saturating_sub(fixed) / per_sample.max(1)) as usize;
+    if fits == 0 {
+        return Err(TrainError::MemoryBudget { budget, needed: fixed + per_sample });
+    }
+    Ok((batch_size.min(fits), Some(per_sample)))
+}
+
+/// A job's optimizer steps: the schedule they follow and what they reported so far.
+struct Steps<'a> {
+    recipe: &'a Recipe,
+    batch_size: usize,
+    total_steps: usize,
+    warmup_steps: usize,
+    /// fp16 activations' gradients underflow unless the loss is scaled up first.
+    loss_scale: Option<LossScale>,
+    done: usize,
+    seen: usize,
+    losses: Vec<f32>,
+    cancel: &'a AtomicBool,
+    progress: &'a mut dyn FnMut(&Progress),
+}
+
+impl Steps<'_> {
+    fn steps_per_epoch(&self, rows: usize) -> usize {
+        rows.div_ceil(self.batch_size)
+    }
+
+    /// One epoch over the training rows in `order`; returns the sum of its step losses.
+    fn epoch(&mut self, model: &mut Model<'_>, data: &DeviceData, order: &[usize], epoch: usize) -> Result<f64, TrainError> {
+        let recipe = self.recipe;
+        let mut epoch_loss = 0.0f64;
+        for chunk in order.chunks(self.batch_size) {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(TrainError::Cancelled { step: self.done });
+            }
+            let factor = lr_factor(recipe.schedule, self.warmup_steps, self.done, self.total_steps);
+            model.opt.set_lr_group(0, recipe.head_learning_rate * factor);
+            if !model.lora_vars.is_empty() {
+                model.opt.set_lr_group(1, recipe.learning_rate * factor);
+            }
+            let idx = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(model.device);
+            let loss = data.weighted_loss(&model.logits(&model.trim(data.train_batch(&idx)), true)?, &idx);
+            let value = loss.double_value(&[]) as f32;
+            if !value.is_finite() {
+                return Err(TrainError::NonFiniteLoss { step: self.done, loss: value });
+            }
+            apply_step(&mut model.opt, &model.vs, &loss, self.loss_scale.as_mut(), recipe.grad_clip);
+            self.losses.push(value);
+            epoch_loss += value as f64;
+            self.done += 1;
+            self.seen += chunk.len();
+            let at = Progress {
+                epoch,
+                max_epochs: recipe.max_epochs,
+                step: self.done,
+                total_steps: self.total_steps,
+                loss: value,
+                learning_rate: recipe.learning_rate * factor,
+            };
+            (self.progress)(&at);
+        }
+        Ok(epoch_loss)
+    }
+}
+
 /// [`fit`], reusing the prefix activations `cache` holds where a job trains above a cut; the
 /// report's `prefix` says which rows it computed, for the cache.
 #[allow(clippy::too_many_arguments)] // fit's arguments and the cache: one call site each
@@ -697,172 +956,48 @@ pub fn fit_cached(
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<FitReport, TrainError> {
-    let (device, graph, lora_spec) = checked_target(&target, train, validation, init_head, recipe)?;
+    let (device, graph, lora) = checked_target(&target, train, validation, init_head, recipe)?;
     tch::manual_seed(recipe.seed as i64);
     let mut rng = SeededRng::new(recipe.seed);
-
-    // Group 0: the head; group 1: LoRA. One optimizer, a learning rate per group.
-    let vs = nn::VarStore::new(device);
-    let root = vs.root();
-    let head_w = root.set_group(0).var_copy("head_weight", &to_tensor(&init_head.layers[0].weight, device));
-    let head_b = root.set_group(0).var_copy("head_bias", &to_tensor(&init_head.layers[0].bias, device));
-    let lora_vars = match &lora_spec {
-        Some(setup) => init_lora(&root.set_group(1), setup, &mut rng, device),
-        None => Vec::new(),
-    };
-    let mut opt = nn::AdamW { wd: recipe.weight_decay, ..Default::default() }.build(&vs, recipe.head_learning_rate)?;
-    // Above a cut only the slots there train; the rest keep their start (they shaped the cached
-    // activations) and, without gradients, are left alone by the optimizer.
-    let trained: Vec<bool> = match graph {
-        Some(g) => {
-            let slots = g.trained_slots();
-            (0..lora_vars.len()).map(|i| slots.contains(&i)).collect()
-        }
-        None => Vec::new(),
-    };
-    let above_cut = graph.is_some_and(TrainingGraph::trains_above_cut);
-
-    let emb_index = match graph {
-        Some(g) => Some(g.manifest().output_index(&g.manifest().embedding_output).ok_or_else(|| TrainError::Output("no embedding output".into()))?),
-        None => None,
-    };
-    let padded = |lora_vars: &[(Tensor, Tensor)]| lora_spec.as_ref().map_or_else(Vec::new, |setup| graph_lora(setup, lora_vars, device));
-    // LoRA dropout needs the graph's dropout input; a bundle exported before it trains without.
-    let lora_dropout = match graph {
-        Some(g) if recipe.lora_dropout > 0.0 && !g.has_lora_dropout() => {
-            tracing::warn!(bundle = %g.manifest().name, lora_dropout = recipe.lora_dropout, "the bundle's training graph has no LoRA dropout input (exported before it): training without LoRA dropout");
-            0.0
-        }
-        Some(_) => recipe.lora_dropout,
-        None => 0.0,
-    };
-    // Text batches lose their all-padding columns; the memory probe keeps the full width.
-    let trim = |batch: Vec<Tensor>| match graph {
-        Some(g) => g.trim_padding(batch),
-        None => batch,
-    };
-    // Embeddings for a batch: the cached input itself, or the graph run with the current LoRA
-    // (with LoRA dropout `p` while training).
-    let embed = |batch: &[Tensor], lora_vars: &[(Tensor, Tensor)], p: f64| -> Result<Tensor, TrainError> {
-        match graph {
-            None => Ok(batch[0].shallow_clone()),
-            Some(g) => {
-                // Above a cut the batch carries the cached activation after the model inputs.
-                let mut outputs = g.autocast(|| match batch.split_last() {
-                    Some((activation, inputs)) if above_cut => g.forward_suffix(inputs, activation, &padded(lora_vars), p),
-                    _ => g.forward_dropout(batch, &padded(lora_vars), p),
-                })?;
-                let index = emb_index.filter(|&i| i < outputs.len()).ok_or_else(|| TrainError::Output("no embedding output".into()))?;
-                // The head and the loss run in fp32 whatever precision the graph ran in.
-                Ok(outputs.swap_remove(index).to_kind(Kind::Float))
-            }
-        }
-    };
-    let logits_of = |emb: &Tensor, train: bool| emb.dropout(if train { recipe.dropout } else { 0.0 }, train).linear(&head_w, Some(&head_b));
-
-    let mut train_inputs: Vec<Tensor> = train.inputs.iter().map(|t| to_tensor(t, device)).collect();
-    let train_labels = Tensor::from_slice(&train.labels).to_device(device);
-    let train_weights = Tensor::from_slice(&train.weights).to_device(device);
-    let mut val_inputs: Vec<Tensor> = validation.inputs.iter().map(|t| to_tensor(t, device)).collect();
+    let mut model = Model::new(device, graph, lora, init_head, recipe, &mut rng)?;
+    let mut data = DeviceData::new(train, validation, device);
     // The frozen prefix, once per sample for the whole job (or kept from an earlier job that ran
     // the same prefix): the cost training above the cut pays up front, in the job's time.
     let prefix = match graph.filter(|g| g.trains_above_cut()) {
-        Some(g) => Some(prefix_for_job(g, [&mut train_inputs, &mut val_inputs], &padded(&lora_vars), recipe.batch_size.max(1), cache)?),
+        Some(g) => Some(prefix_for_job(g, [&mut data.train_inputs, &mut data.val_inputs], &model.graph_lora(), recipe.batch_size.max(1), cache)?),
         None => None,
     };
-    let mut val_labels = Tensor::from_slice(&validation.labels).to_device(device);
-    // Validation runs every epoch in batches: text rows sorted by length carry less padding,
-    // and the loss and accuracy over all rows do not depend on their order.
-    if let Some(order) = graph.map(|g| length_order(g, &val_inputs)).transpose()?.flatten() {
-        val_inputs = val_inputs.iter().map(|t| t.index_select(0, &order)).collect();
-        val_labels = val_labels.index_select(0, &order);
-    }
-    let snapshot = match graph {
-        Some(g) => Some(g.base_parameters()?),
-        None => None,
-    };
-    let weighted_loss = |logits: &Tensor, idx: &Tensor| -> Tensor {
-        let per_sample = logits.log_softmax(-1, Kind::Float).nll_loss_nd::<Tensor>(&train_labels.index_select(0, idx), None, tch::Reduction::None, -100);
-        let w = train_weights.index_select(0, idx);
-        (per_sample * &w).sum(Kind::Float) / w.sum(Kind::Float).clamp_min(1e-12)
-    };
+    data.order_validation_by_length(graph)?;
+    let base = graph.map(TrainingGraph::base_parameters).transpose()?;
+    let (batch_size, probe_bytes_per_sample) = batch_size_within_budget(&mut model, &data, recipe)?;
 
-    let n = train.len();
-    let mut batch_size = recipe.batch_size.min(n);
-    let mut probe_bytes_per_sample = None;
-    if let Some(budget) = recipe.memory_budget_bytes {
-        let (per_sample, fixed) = probe_memory(|b| {
-            let idx = Tensor::from_slice(&(0..b as i64).map(|i| i % n as i64).collect::<Vec<_>>()).to_device(device);
-            let batch: Vec<Tensor> = train_inputs.iter().map(|t| t.index_select(0, &idx)).collect();
-            let loss = weighted_loss(&logits_of(&embed(&batch, &lora_vars, lora_dropout)?, true), &idx);
-            opt.zero_grad();
-            loss.backward();
-            opt.zero_grad();
-            Ok(())
-        })?;
-        probe_bytes_per_sample = Some(per_sample);
-        let fits = (budget.saturating_sub(fixed) / per_sample.max(1)) as usize;
-        if fits == 0 {
-            return Err(TrainError::MemoryBudget { budget, needed: fixed + per_sample });
-        }
-        batch_size = batch_size.min(fits);
-    }
-
-    let steps_per_epoch = n.div_ceil(batch_size);
-    let total_steps = steps_per_epoch * recipe.max_epochs;
-    let warmup_steps = (recipe.warmup_fraction * total_steps as f64).round() as usize;
+    let total_steps = train.len().div_ceil(batch_size) * recipe.max_epochs;
+    let mut steps = Steps {
+        recipe,
+        batch_size,
+        total_steps,
+        warmup_steps: (recipe.warmup_fraction * total_steps as f64).round() as usize,
+        loss_scale: graph.filter(|g| g.mixed_precision()).map(|_| LossScale::new()),
+        done: 0,
+        seen: 0,
+        losses: Vec::new(),
+        cancel,
+        progress,
+    };
     let class_counts = class_counts(&train.labels, init_head.classes());
-    // fp16 activations' gradients underflow unless the loss is scaled up first.
-    let mut loss_scale = graph.filter(|g| g.mixed_precision()).map(|_| LossScale::new());
     let started = std::time::Instant::now();
     let mut epochs = Vec::new();
-    let mut losses = Vec::new();
     let mut best: Option<(f32, usize, Vec<Tensor>)> = None;
     let mut stopped_early = false;
-    let mut step = 0;
-    let mut seen = 0usize;
     for epoch in 0..recipe.max_epochs {
         let epoch_start = std::time::Instant::now();
-        let lora_trains = epoch >= recipe.head_only_epochs;
-        for (i, (a, b)) in lora_vars.iter().enumerate() {
-            let trains = lora_trains && trained.get(i).copied().unwrap_or(true);
-            let _ = a.set_requires_grad(trains);
-            let _ = b.set_requires_grad(trains);
-        }
+        model.train_lora(epoch >= recipe.head_only_epochs);
         let order = epoch_order(&train.labels, &class_counts, recipe.class_balanced, &mut rng);
-        let mut epoch_loss = 0.0f64;
-        for chunk in order.chunks(batch_size) {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(TrainError::Cancelled { step });
-            }
-            let factor = lr_factor(recipe.schedule, warmup_steps, step, total_steps);
-            opt.set_lr_group(0, recipe.head_learning_rate * factor);
-            if !lora_vars.is_empty() {
-                opt.set_lr_group(1, recipe.learning_rate * factor);
-            }
-            let idx = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(device);
-            let batch = trim(train_inputs.iter().map(|t| t.index_select(0, &idx)).collect());
-            let loss = weighted_loss(&logits_of(&embed(&batch, &lora_vars, lora_dropout)?, true), &idx);
-            let value = loss.double_value(&[]) as f32;
-            if !value.is_finite() {
-                return Err(TrainError::NonFiniteLoss { step, loss: value });
-            }
-            apply_step(&mut opt, &vs, &loss, loss_scale.as_mut(), recipe.grad_clip);
-            losses.push(value);
-            epoch_loss += value as f64;
-            step += 1;
-            seen += chunk.len();
-            progress(&Progress { epoch, max_epochs: recipe.max_epochs, step, total_steps, loss: value, learning_rate: recipe.learning_rate * factor });
-        }
-        let (val_loss, val_accuracy) = {
-            let _guard = tch::no_grad_guard();
-            evaluate(&val_inputs, &val_labels, validation.len(), |batch| {
-                Ok(logits_of(&embed(&trim(batch.iter().map(Tensor::shallow_clone).collect()), &lora_vars, 0.0)?, false))
-            })?
-        };
+        let epoch_loss = steps.epoch(&mut model, &data, &order, epoch)?;
+        let (val_loss, val_accuracy) = model.validate(&data)?;
         epochs.push(EpochRecord {
             epoch,
-            train_loss: (epoch_loss / steps_per_epoch as f64) as f32,
+            train_loss: (epoch_loss / steps.steps_per_epoch(train.len()) as f64) as f32,
             val_loss,
             val_accuracy,
             seconds: epoch_start.elapsed().as_secs_f64(),
@@ -870,22 +1005,20 @@ pub fn fit_cached(
         if val_loss.is_nan() {
             continue; // no validation samples: train every epoch, keep the last
         }
-        let improved = best.as_ref().is_none_or(|(b, _, _)| val_loss < *b);
-        if improved {
-            best = Some((val_loss, epoch, snapshot_params(&head_w, &head_b, &lora_vars)));
+        if best.as_ref().is_none_or(|(b, _, _)| val_loss < *b) {
+            best = Some((val_loss, epoch, model.snapshot()));
         } else if recipe.patience > 0 && best.as_ref().is_some_and(|(_, e, _)| epoch - e >= recipe.patience) {
             stopped_early = true;
             break;
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let last_epoch = epochs.len() - 1;
-    let (best_epoch, params): (usize, Vec<Tensor>) = match best {
+    let (best_epoch, params) = match best {
         Some((_, e, p)) => (e, p),
-        None => (last_epoch, snapshot_params(&head_w, &head_b, &lora_vars)),
+        None => (epochs.len() - 1, model.snapshot()),
     };
-    let (head, lora) = trained_weights(&params, lora_spec.as_ref())?;
-    let base_unchanged = match (graph, &snapshot) {
+    let (head, lora) = trained_weights(&params, model.lora.as_ref())?;
+    let base_unchanged = match (graph, &base) {
         (Some(g), Some(s)) => Some(g.base_unchanged(s)?),
         _ => None,
     };
@@ -895,20 +1028,20 @@ pub fn fit_cached(
         epochs,
         best_epoch,
         stopped_early,
-        steps: step,
+        steps: steps.done,
         batch_size,
-        samples_per_second: seen as f64 / elapsed.max(1e-9),
+        samples_per_second: steps.seen as f64 / elapsed.max(1e-9),
         probe_bytes_per_sample,
-        lora_dropout,
+        lora_dropout: model.lora_dropout,
         base_unchanged,
-        losses,
-        mixed_precision: loss_scale.is_some(),
-        skipped_steps: loss_scale.map_or(0, |s| s.skipped),
+        losses: steps.losses,
+        mixed_precision: steps.loss_scale.is_some(),
+        skipped_steps: steps.loss_scale.map_or(0, |s| s.skipped),
         prefix,
     })
 }
 
-/// The head and the LoRA a job returns, from its parameters as [`snapshot_params`] orders them
+/// The head and the LoRA a job returns, from its parameters as [`Model::snapshot`] orders them
 /// (head weight, head bias, then A and B of each slot).
 fn trained_weights(params: &[Tensor], lora: Option<&LoraSetup<'_>>) -> Result<(Head, Option<LoraWeights>), TrainError> {
     let head = Head { layers: vec![Dense { weight: to_host(&params[0])?, bias: to_host(&params[1])? }] };
@@ -957,11 +1090,6 @@ pub fn apply_step(opt: &mut nn::Optimizer, vs: &nn::VarStore, loss: &Tensor, los
         opt.step();
     }
     applied
-}
-
-/// Copies of everything trained, in the order [head weight, head bias, A_0, B_0, A_1, ...].
-fn snapshot_params(head_w: &Tensor, head_b: &Tensor, lora_vars: &[(Tensor, Tensor)]) -> Vec<Tensor> {
-    [head_w, head_b].into_iter().chain(lora_vars.iter().flat_map(|(a, b)| [a, b])).map(|t| t.detach().copy()).collect()
 }
 
 /// Mean cross-entropy and accuracy over a labelled set, in chunks.
