@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use adaptd_adapters::bundle::{Bundle, RetentionSet};
 use adaptd_adapters::files::SampleCounts;
 use adaptd_adapters::head::{Head, class_means, grow_linear};
+use adaptd_adapters::lora::LoraWeights;
 use adaptd_adapters::tensor::HostTensor;
 use adaptd_train::{CachedActivation, Examples, PrefixCache};
 
@@ -106,84 +107,29 @@ pub(super) fn prepare(
     incumbent: &Serving,
     base_domain: &BaseDomain,
 ) -> Result<Prepared, AdaptError> {
-    let (replay, replay_embeddings) = (&base_domain.replay, base_domain.replay_embeddings.as_deref());
-    let replay_fraction = base_domain.replay_fraction(config.training.replay_fraction, &config.gate);
     let task = &config.task;
-    let mut train_all = store.load(task, Split::Train)?;
-    let mut validation_all = store.load(task, Split::Validation)?;
     let dim = bundle.manifest.embedding_dim;
-    // Under a steady stream some samples always arrived after this tick's embeddings were
-    // computed: the job trains on those that have one, and the rest join the next job (waiting
-    // for all of them would defer the job for as long as the stream lasts).
-    let embedded = |s: &StoredSample| s.embedding.as_ref().is_some_and(|e| e.len() == dim);
-    let arriving = train_all.iter().chain(&validation_all).filter(|s| !embedded(s)).count();
-    train_all.retain(embedded);
-    validation_all.retain(embedded);
     let mut notes = Vec::new();
-    if arriving > 0 {
-        notes.push(format!("{arriving} sample(s) still arriving join the next job"));
-    }
-    let mut per_label: BTreeMap<&str, usize> = BTreeMap::new();
-    for s in &train_all {
-        *per_label.entry(s.sample.label.as_str()).or_default() += 1;
-    }
-    // Labels: the incumbent's first (their rows are kept), then new ones with enough samples.
-    let mut labels: Vec<String> = incumbent.labels.to_vec();
-    for label in store.labels(task)? {
-        let n = per_label.get(label.as_str()).copied().unwrap_or(0);
-        if labels.contains(&label) {
-            continue;
-        }
-        if n < config.training.min_samples_per_class {
-            notes.push(format!("label {label:?} waits: {n} training sample(s), {} needed", config.training.min_samples_per_class));
-            continue;
-        }
-        labels.push(label);
-    }
+    let (train_all, validation_all) = embedded_samples(store, task, dim, &mut notes)?;
+    let per_label = count_labels(&train_all);
+    let labels = job_labels(&incumbent.labels, store.labels(task)?, &per_label, config.training.min_samples_per_class, &mut notes);
     let index: BTreeMap<&str, i64> = labels.iter().enumerate().map(|(i, l)| (l.as_str(), i as i64)).collect();
     let train: Vec<&StoredSample> = train_all.iter().filter(|s| index.contains_key(s.sample.label.as_str())).collect();
     let validation: Vec<&StoredSample> = validation_all.iter().filter(|s| index.contains_key(s.sample.label.as_str())).collect();
-    if train.len() < config.training.min_train_samples {
-        return Err(AdaptError::Data(format!("{} training samples over labels that qualify; {} needed", train.len(), config.training.min_train_samples)));
-    }
-    let trained_labels: std::collections::BTreeSet<&str> = train.iter().map(|s| s.sample.label.as_str()).collect();
-    if trained_labels.len() < 2 && labels.len() < 2 {
-        return Err(AdaptError::Data(format!("only one label ({:?}) has samples; a classifier needs two", trained_labels.iter().next())));
-    }
-    for label in &labels {
-        if per_label.get(label.as_str()).copied().unwrap_or(0) > 0 && !validation.iter().any(|s| &s.sample.label == label) {
-            notes.push(format!("label {label:?} has no validation samples: early stopping cannot see it"));
-        }
-    }
-    let embeddings_of = |rows: &[&StoredSample]| -> Result<Vec<f32>, AdaptError> {
-        let mut out = Vec::with_capacity(rows.len() * dim);
-        for s in rows {
-            match &s.embedding {
-                Some(e) if e.len() == dim => out.extend_from_slice(e),
-                _ => return Err(AdaptError::Data("embeddings of new samples are still being computed".into())),
-            }
-        }
-        Ok(out)
-    };
-    let train_emb = embeddings_of(&train)?;
-    let train_labels: Vec<i64> = train.iter().map(|s| index[s.sample.label.as_str()]).collect();
-    let means = class_means(&train_emb, &train_labels, labels.len(), dim);
-    // Start from the incumbent's head, or the bundle's pre-trained classifier, or prototypes.
-    let base_head = bundle.base_head()?;
-    let base_labels = bundle.manifest.labels.clone().unwrap_or_default();
-    let previous: Option<(&Head, &[String])> = match (&incumbent.head, &base_head) {
-        (Some(h), _) => Some((h, &incumbent.labels[..])),
-        (None, Some(h)) => Some((h, &base_labels[..])),
-        (None, None) => None,
-    };
-    let init_head = grow_linear(previous, &labels, &means, dim);
+    check_coverage(&labels, &per_label, &train, &validation, config.training.min_train_samples, &mut notes)?;
 
+    let train_emb = embeddings(&train, dim)?;
+    let train_labels: Vec<i64> = train.iter().map(|s| index[s.sample.label.as_str()]).collect();
+    let base_labels = bundle.manifest.labels.clone().unwrap_or_default();
+    let init_head = starting_head(bundle, incumbent, &base_labels, &labels, &class_means(&train_emb, &train_labels, labels.len(), dim), dim)?;
     let weights = |rows: &[&StoredSample]| rows.iter().map(|s| s.sample.weight).collect::<Vec<f32>>();
     let mut train_ex = Examples { labels: train_labels, weights: weights(&train), inputs: Vec::new() };
     let mut val_ex =
         Examples { labels: validation.iter().map(|s| index[s.sample.label.as_str()]).collect(), weights: weights(&validation), inputs: Vec::new() };
     // Replay: retained base-domain rows whose labels the task uses, as a share of the task's samples.
-    let replay_rows: Vec<(usize, i64)> = replay
+    let replay_fraction = base_domain.replay_fraction(config.training.replay_fraction, &config.gate);
+    let replay_rows: Vec<(usize, i64)> = base_domain
+        .replay
         .labels
         .iter()
         .enumerate()
@@ -193,7 +139,7 @@ pub(super) fn prepare(
     match config.training.kind() {
         JobKind::Head => {
             let mut emb = train_emb;
-            if let Some(replay_emb) = replay_embeddings {
+            if let Some(replay_emb) = base_domain.replay_embeddings.as_deref() {
                 for &(i, c) in &replay_rows {
                     emb.extend_from_slice(&replay_emb[i]);
                     train_ex.labels.push(c);
@@ -202,14 +148,14 @@ pub(super) fn prepare(
             }
             let n = train_ex.labels.len();
             train_ex.inputs = vec![HostTensor::f32(vec![n, dim], emb).map_err(|e| AdaptError::Data(e.to_string()))?];
-            let val_emb = if validation.is_empty() { Vec::new() } else { embeddings_of(&validation)? };
+            let val_emb = if validation.is_empty() { Vec::new() } else { embeddings(&validation, dim)? };
             val_ex.inputs = vec![HostTensor::f32(vec![validation.len(), dim], val_emb).map_err(|e| AdaptError::Data(e.to_string()))?];
         }
         JobKind::Lora { .. } => {
             let mut inputs = model_inputs(text, &train)?;
             if !replay_rows.is_empty() && text.is_none() {
                 let rows: Vec<usize> = replay_rows.iter().map(|&(i, _)| i).collect();
-                let extra = replay.select(&rows).inputs;
+                let extra = base_domain.replay.select(&rows).inputs;
                 inputs = concat_inputs([inputs.as_slice(), extra.as_slice()].into_iter());
                 for &(_, c) in &replay_rows {
                     train_ex.labels.push(c);
@@ -222,12 +168,6 @@ pub(super) fn prepare(
             }
         }
     }
-    let holdout = store.counts(task)?.iter().filter(|((split, _), _)| *split == Split::Holdout).map(|(_, n)| n).sum();
-    let mut train_by_label = std::collections::BTreeMap::new();
-    for sample in &train {
-        *train_by_label.entry(sample.sample.label.clone()).or_insert(0u64) += 1;
-    }
-    let counts = SampleCounts { train: train.len() as u64, validation: validation.len() as u64, holdout, train_by_label };
     if !replay_rows.is_empty() {
         notes.push(format!("{} retained base-domain samples replayed", replay_rows.len()));
     }
@@ -239,36 +179,19 @@ pub(super) fn prepare(
             config.training.replay_fraction
         ));
     }
-    // A LoRA job continues from the LoRA that serves (its head starts from the serving head too).
-    let start_lora = match (config.training.kind(), incumbent.manifest.as_ref().and_then(|m| m.lora.as_ref())) {
-        (JobKind::Lora { .. }, Some(info)) => match adaptd_adapters::lora::from_graph_inputs(&bundle.manifest.lora, &incumbent.lora.tensors, info.rank) {
-            Ok(lora) => {
-                notes.push(format!("LoRA continues from v{} (rank {})", incumbent.version, info.rank));
-                Some(lora)
-            }
-            Err(e) => {
-                notes.push(format!("LoRA starts fresh: the serving LoRA cannot be continued ({e})"));
-                None
-            }
-        },
-        _ => None,
+    let holdout = store.counts(task)?.iter().filter(|((split, _), _)| *split == Split::Holdout).map(|(_, n)| n).sum();
+    let counts = SampleCounts {
+        train: train.len() as u64,
+        validation: validation.len() as u64,
+        holdout,
+        train_by_label: count_labels(train.iter().copied()).into_iter().map(|(l, n)| (l.to_string(), n as u64)).collect(),
     };
+    let start_lora = serving_lora_to_continue(config.training.kind(), bundle, incumbent, &mut notes);
     let mut train_ids: Vec<Option<i64>> = train.iter().map(|s| Some(s.id)).collect();
     train_ids.resize(train_ex.labels.len(), None);
     let validation_ids: Vec<i64> = validation.iter().map(|s| s.id).collect();
-    // Above a cut: the prefix activations earlier jobs kept (the trainer reuses those whose key
-    // is its prefix's, and computes the rest).
     let prefix_cache = match (config.training.kind(), &bundle.manifest.cut) {
-        (JobKind::Lora { .. }, Some(_)) => {
-            let mut kept = store.activations(&train_ids.iter().flatten().chain(&validation_ids).copied().collect::<Vec<_>>())?;
-            // Each sample is one row: its activation moves into the job, uncopied.
-            let mut take = |id: &i64| kept.remove(id).map(|(key, data)| CachedActivation { key, data });
-            PrefixCache {
-                train: train_ids.iter().map(|id| id.as_ref().and_then(&mut take)).collect(),
-                validation: validation_ids.iter().map(&mut take).collect(),
-                keep: true,
-            }
-        }
+        (JobKind::Lora { .. }, Some(_)) => kept_prefix_activations(store, &train_ids, &validation_ids)?,
         _ => PrefixCache::default(),
     };
     let job = TrainJob {
@@ -281,6 +204,134 @@ pub(super) fn prepare(
         prefix_cache,
     };
     Ok(Prepared { job, labels, counts, notes, sample_ids: (train_ids, validation_ids) })
+}
+
+/// The task's training and validation samples that have their embedding. Under a steady stream
+/// some samples always arrived after this tick's embeddings were computed: the job trains on
+/// those that have one, and the rest join the next job (waiting for all of them would defer the
+/// job for as long as the stream lasts).
+fn embedded_samples(store: &SampleStore, task: &str, dim: usize, notes: &mut Vec<String>) -> Result<(Vec<StoredSample>, Vec<StoredSample>), AdaptError> {
+    let mut train = store.load(task, Split::Train)?;
+    let mut validation = store.load(task, Split::Validation)?;
+    let embedded = |s: &StoredSample| s.embedding.as_ref().is_some_and(|e| e.len() == dim);
+    let arriving = train.iter().chain(&validation).filter(|s| !embedded(s)).count();
+    train.retain(embedded);
+    validation.retain(embedded);
+    if arriving > 0 {
+        notes.push(format!("{arriving} sample(s) still arriving join the next job"));
+    }
+    Ok((train, validation))
+}
+
+/// Samples per label.
+fn count_labels<'s>(samples: impl IntoIterator<Item = &'s StoredSample>) -> BTreeMap<&'s str, usize> {
+    let mut per_label = BTreeMap::new();
+    for s in samples {
+        *per_label.entry(s.sample.label.as_str()).or_default() += 1;
+    }
+    per_label
+}
+
+/// The labels a job classifies: the incumbent's first (their rows are kept), then the store's
+/// new labels, in first-seen order, that have `min_per_class` training samples.
+fn job_labels(incumbent: &[String], stored: Vec<String>, per_label: &BTreeMap<&str, usize>, min_per_class: usize, notes: &mut Vec<String>) -> Vec<String> {
+    let mut labels: Vec<String> = incumbent.to_vec();
+    for label in stored {
+        let n = per_label.get(label.as_str()).copied().unwrap_or(0);
+        if labels.contains(&label) {
+            continue;
+        }
+        if n < min_per_class {
+            notes.push(format!("label {label:?} waits: {n} training sample(s), {min_per_class} needed"));
+            continue;
+        }
+        labels.push(label);
+    }
+    labels
+}
+
+/// Enough training samples over the job's labels, and two labels to tell apart; a note for each
+/// trained label that validation (so early stopping) cannot see.
+fn check_coverage(
+    labels: &[String],
+    per_label: &BTreeMap<&str, usize>,
+    train: &[&StoredSample],
+    validation: &[&StoredSample],
+    min_train_samples: usize,
+    notes: &mut Vec<String>,
+) -> Result<(), AdaptError> {
+    if train.len() < min_train_samples {
+        return Err(AdaptError::Data(format!("{} training samples over labels that qualify; {min_train_samples} needed", train.len())));
+    }
+    let trained_labels: std::collections::BTreeSet<&str> = train.iter().map(|s| s.sample.label.as_str()).collect();
+    if trained_labels.len() < 2 && labels.len() < 2 {
+        return Err(AdaptError::Data(format!("only one label ({:?}) has samples; a classifier needs two", trained_labels.iter().next())));
+    }
+    for label in labels {
+        if per_label.get(label.as_str()).copied().unwrap_or(0) > 0 && !validation.iter().any(|s| &s.sample.label == label) {
+            notes.push(format!("label {label:?} has no validation samples: early stopping cannot see it"));
+        }
+    }
+    Ok(())
+}
+
+/// The samples' embeddings, row after row.
+fn embeddings(rows: &[&StoredSample], dim: usize) -> Result<Vec<f32>, AdaptError> {
+    let mut out = Vec::with_capacity(rows.len() * dim);
+    for s in rows {
+        match &s.embedding {
+            Some(e) if e.len() == dim => out.extend_from_slice(e),
+            _ => return Err(AdaptError::Data("embeddings of new samples are still being computed".into())),
+        }
+    }
+    Ok(out)
+}
+
+/// The head a job starts from: the incumbent's, or the bundle's pre-trained classifier, or
+/// prototypes (the class means), grown to the job's labels.
+fn starting_head(
+    bundle: &Bundle,
+    incumbent: &Serving,
+    base_labels: &[String],
+    labels: &[String],
+    means: &[Option<Vec<f32>>],
+    dim: usize,
+) -> Result<Head, AdaptError> {
+    let base_head = bundle.base_head()?;
+    let previous: Option<(&Head, &[String])> = match (&incumbent.head, &base_head) {
+        (Some(h), _) => Some((h, &incumbent.labels[..])),
+        (None, Some(h)) => Some((h, base_labels)),
+        (None, None) => None,
+    };
+    Ok(grow_linear(previous, labels, means, dim))
+}
+
+/// A LoRA job continues from the LoRA that serves (its head starts from the serving head too).
+fn serving_lora_to_continue(kind: JobKind, bundle: &Bundle, incumbent: &Serving, notes: &mut Vec<String>) -> Option<LoraWeights> {
+    let info = incumbent.manifest.as_ref().and_then(|m| m.lora.as_ref()).filter(|_| matches!(kind, JobKind::Lora { .. }))?;
+    match adaptd_adapters::lora::from_graph_inputs(&bundle.manifest.lora, &incumbent.lora.tensors, info.rank) {
+        Ok(lora) => {
+            notes.push(format!("LoRA continues from v{} (rank {})", incumbent.version, info.rank));
+            Some(lora)
+        }
+        Err(e) => {
+            notes.push(format!("LoRA starts fresh: the serving LoRA cannot be continued ({e})"));
+            None
+        }
+    }
+}
+
+/// Above a cut: the prefix activations earlier jobs kept for these samples (the trainer reuses
+/// those whose key is its prefix's, and computes the rest). Replayed rows (None) have none.
+fn kept_prefix_activations(store: &SampleStore, train_ids: &[Option<i64>], validation_ids: &[i64]) -> Result<PrefixCache, AdaptError> {
+    let mut kept = store.activations(&train_ids.iter().flatten().chain(validation_ids).copied().collect::<Vec<_>>())?;
+    // Each sample is one row: its activation moves into the job, uncopied.
+    let mut take = |id: &i64| kept.remove(id).map(|(key, data)| CachedActivation { key, data });
+    Ok(PrefixCache {
+        train: train_ids.iter().map(|id| id.as_ref().and_then(&mut take)).collect(),
+        validation: validation_ids.iter().map(&mut take).collect(),
+        keep: true,
+    })
 }
 
 #[cfg(test)]
