@@ -205,6 +205,13 @@ fn kind_of(value: &toml::Value) -> &'static str {
     }
 }
 
+/// A setting the checks refuse: its dotted key, and why.
+type Refusal = (&'static str, String);
+
+fn refuse(key: &'static str, reason: impl Into<String>) -> Result<(), Refusal> {
+    Err((key, reason.into()))
+}
+
 /// Every key of `file` must be one the built-in defaults have (they have all of them), with a
 /// value of the same kind (an integer does for a number). Named by its dotted key.
 fn check_keys(file: &toml::Table, defaults: &toml::Table, section: &str) -> Result<(), String> {
@@ -295,58 +302,70 @@ impl Config {
     }
 
     fn check(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |key: &'static str, reason: &str| Err(ConfigError::Invalid { path: path.to_path_buf(), key, reason: reason.to_string() });
+        self.check_serving()
+            .and_then(|()| self.check_mqtt())
+            .and_then(|()| self.check_ingest())
+            .and_then(|()| self.check_training())
+            .and_then(|()| self.check_schedule_and_gate())
+            .and_then(|()| self.check_fleet())
+            .map_err(|(key, reason)| ConfigError::Invalid { path: path.to_path_buf(), key, reason })
+    }
+
+    /// The engine, the HTTP API, the adapter store and the stop deadline.
+    fn check_serving(&self) -> Result<(), Refusal> {
         if self.engine.max_batch == 0 {
-            return invalid("engine.max_batch", "must be at least 1");
+            return refuse("engine.max_batch", "must be at least 1");
         }
         if !(1..=3600).contains(&self.stop_deadline.as_secs()) {
-            return invalid("stop_deadline_s", "must be between 1 and 3600 seconds");
+            return refuse("stop_deadline_s", "must be between 1 and 3600 seconds");
         }
         if self.engine.queue_depth == 0 {
-            return invalid("engine.queue_depth", "must be at least 1");
+            return refuse("engine.queue_depth", "must be at least 1");
         }
         if self.engine.session.intra_op_threads == 0 {
-            return invalid("engine.intra_op_threads", "must be at least 1");
+            return refuse("engine.intra_op_threads", "must be at least 1");
         }
         if self.engine.max_wait > Duration::from_secs(1) {
-            return invalid("engine.max_wait_ms", "must be at most 1000 (it delays every request)");
+            return refuse("engine.max_wait_ms", "must be at most 1000 (it delays every request)");
         }
         if self.http.max_request_bytes < 1024 {
-            return invalid("http.max_request_bytes", "must be at least 1024");
-        }
-        if self.training.trainer.precision == TrainPrecision::Fp16 && self.training.trainer.device == TrainDevice::Cpu {
-            return invalid("training.precision", "\"fp16\" (autocast) trains on CUDA, and training.device is \"cpu\"; use \"auto\" or \"fp32\"");
+            return refuse("http.max_request_bytes", "must be at least 1024");
         }
         if self.adapters.keep_versions == 0 {
-            return invalid("adapters.keep_versions", "must be at least 1 (the active version)");
+            return refuse("adapters.keep_versions", "must be at least 1 (the active version)");
         }
+        Ok(())
+    }
+
+    /// The broker link: topics, TLS, credentials and signed commands.
+    fn check_mqtt(&self) -> Result<(), Refusal> {
         if !self.mqtt.host.is_empty() && self.mqtt.port == 0 {
-            return invalid("mqtt.port", "must not be 0 when mqtt.host is set");
+            return refuse("mqtt.port", "must not be 0 when mqtt.host is set");
         }
         if self.mqtt.topic_prefix.is_empty() || self.mqtt.topic_prefix.contains(['+', '#']) || self.mqtt.topic_prefix.ends_with('/') {
-            return invalid("mqtt.topic_prefix", "must be a non-empty topic without wildcards or a trailing '/'");
+            return refuse("mqtt.topic_prefix", "must be a non-empty topic without wildcards or a trailing '/'");
         }
         if self.mqtt.device_id.is_empty() || self.mqtt.device_id.contains(['/', '+', '#']) {
-            return invalid("mqtt.device_id", "must be a non-empty topic level without '/', '+' or '#'");
+            return refuse("mqtt.device_id", "must be a non-empty topic level without '/', '+' or '#'");
         }
         let m = &self.mqtt;
         let (cert, key) = (m.tls_client_cert_file.as_os_str().is_empty(), m.tls_client_key_file.as_os_str().is_empty());
         if cert != key {
-            return invalid("mqtt.tls_client_cert_file", "tls_client_cert_file and tls_client_key_file go together");
+            return refuse("mqtt.tls_client_cert_file", "tls_client_cert_file and tls_client_key_file go together");
         }
         if !cert && m.tls_ca_file.as_os_str().is_empty() {
-            return invalid("mqtt.tls_ca_file", "a client certificate needs TLS: set tls_ca_file to the broker's CA");
+            return refuse("mqtt.tls_ca_file", "a client certificate needs TLS: set tls_ca_file to the broker's CA");
         }
         if !m.password_file.as_os_str().is_empty() && m.username.is_empty() {
-            return invalid("mqtt.password_file", "a password needs a username");
+            return refuse("mqtt.password_file", "a password needs a username");
         }
         if m.commands && m.commands_key_file.as_os_str().is_empty() {
-            return invalid("mqtt.commands", "commands over MQTT must be signed: set commands_key_file to the fleet's command key");
+            return refuse("mqtt.commands", "commands over MQTT must be signed: set commands_key_file to the fleet's command key");
         }
         if m.commands
             && let Err(e) = crate::control::CommandVerifier::from_key_file(&m.commands_key_file, &m.device_id)
         {
-            return invalid("mqtt.commands_key_file", &e.to_string());
+            return refuse("mqtt.commands_key_file", e.to_string());
         }
         for (key, file) in [
             ("mqtt.password_file", &m.password_file),
@@ -357,102 +376,117 @@ impl Config {
             if !file.as_os_str().is_empty()
                 && let Err(e) = std::fs::File::open(file)
             {
-                return Err(ConfigError::Invalid { path: path.to_path_buf(), key, reason: format!("cannot read {}: {e}", file.display()) });
+                return refuse(key, format!("cannot read {}: {e}", file.display()));
             }
         }
+        Ok(())
+    }
+
+    /// Sample intake: the store's budget, batching, the splits and the task names.
+    fn check_ingest(&self) -> Result<(), Refusal> {
         if self.ingest.max_mb_per_task.is_nan() || self.ingest.max_mb_per_task < 0.0 {
-            return invalid("ingest.max_mb_per_task", "a size in MiB, 0 for no budget");
+            return refuse("ingest.max_mb_per_task", "a size in MiB, 0 for no budget");
         }
         if self.ingest.max_batch == 0 {
-            return invalid("ingest.max_batch", "must be at least 1");
+            return refuse("ingest.max_batch", "must be at least 1");
         }
         if u16::from(self.ingest.split.validation_percent) + u16::from(self.ingest.split.holdout_percent) > 50 {
-            return invalid("ingest.validation_percent", "validation_percent + holdout_percent must leave at least half the samples for training");
+            return refuse("ingest.validation_percent", "validation_percent + holdout_percent must leave at least half the samples for training");
         }
+        for task in &self.ingest.tasks {
+            if adaptd_adapters::store::check_task_name(task).is_err() {
+                return refuse("ingest.tasks", format!("{task:?} must be 1-64 characters of letters, digits, '-' and '_'"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The trainer and the recipe.
+    fn check_training(&self) -> Result<(), Refusal> {
         let (t, r) = (&self.training, &self.training.recipe);
+        if t.trainer.precision == TrainPrecision::Fp16 && t.trainer.device == TrainDevice::Cpu {
+            return refuse("training.precision", "\"fp16\" (autocast) trains on CUDA, and training.device is \"cpu\"; use \"auto\" or \"fp32\"");
+        }
         if t.trainer.threads == 0 {
-            return invalid("training.threads", "must be at least 1");
+            return refuse("training.threads", "must be at least 1");
         }
         if !(0.0..=1.0).contains(&t.escalate_until) {
-            return invalid("training.escalate_until", "a validation accuracy in [0, 1]");
+            return refuse("training.escalate_until", "a validation accuracy in [0, 1]");
         }
         if t.lora_rank == 0 {
-            return invalid("training.lora_rank", "must be at least 1 (and at most the bundle's rank_max)");
+            return refuse("training.lora_rank", "must be at least 1 (and at most the bundle's rank_max)");
         }
         if t.lora_alpha.is_nan() || t.lora_alpha <= 0.0 {
-            return invalid("training.lora_alpha", "must be positive");
+            return refuse("training.lora_alpha", "must be positive");
         }
         for (key, v) in [("training.learning_rate", r.learning_rate), ("training.head_learning_rate", r.head_learning_rate)] {
             if !(v > 0.0 && v < 1.0) {
-                return invalid(key, "must be in (0, 1); fine-tuning wants a low learning rate");
+                return refuse(key, "must be in (0, 1); fine-tuning wants a low learning rate");
             }
         }
         if !(0.0..1.0).contains(&r.warmup_fraction) {
-            return invalid("training.warmup_fraction", "must be in [0, 1)");
+            return refuse("training.warmup_fraction", "must be in [0, 1)");
         }
         if !(0.0..1.0).contains(&r.dropout) {
-            return invalid("training.dropout", "must be in [0, 1)");
+            return refuse("training.dropout", "must be in [0, 1)");
         }
         if !(0.0..1.0).contains(&r.lora_dropout) {
-            return invalid("training.lora_dropout", "must be in [0, 1)");
+            return refuse("training.lora_dropout", "must be in [0, 1)");
         }
         if r.weight_decay < 0.0 || r.grad_clip < 0.0 {
-            return invalid("training.weight_decay", "weight_decay and grad_clip must not be negative");
+            return refuse("training.weight_decay", "weight_decay and grad_clip must not be negative");
         }
         if r.max_epochs == 0 || r.batch_size == 0 {
-            return invalid("training.max_epochs", "max_epochs and batch_size must be at least 1");
+            return refuse("training.max_epochs", "max_epochs and batch_size must be at least 1");
         }
         if !(0.0..=1.0).contains(&t.replay_fraction) {
-            return invalid("training.replay_fraction", "must be in [0, 1]");
+            return refuse("training.replay_fraction", "must be in [0, 1]");
         }
         if t.min_samples_per_class < 2 {
-            return invalid("training.min_samples_per_class", "must be at least 2: a label needs a sample to learn from and one to check");
+            return refuse("training.min_samples_per_class", "must be at least 2: a label needs a sample to learn from and one to check");
         }
+        Ok(())
+    }
+
+    /// When jobs run and what the gate lets through.
+    fn check_schedule_and_gate(&self) -> Result<(), Refusal> {
         if self.schedule.tick < Duration::from_millis(10) {
-            return invalid("schedule.tick_ms", "must be at least 10");
+            return refuse("schedule.tick_ms", "must be at least 10");
         }
         if !(0.0..=1.0).contains(&self.gate.retention_min_share) {
-            return invalid("gate.retention_min_share", "a share of the traffic in [0, 1]");
+            return refuse("gate.retention_min_share", "a share of the traffic in [0, 1]");
         }
         if !(0.0..=1.0).contains(&self.gate.max_retention_drop) || !(0.0..=1.0).contains(&self.gate.watch.rollback_drop) {
-            return invalid("gate.max_retention_drop", "max_retention_drop and rollback_drop are fractions in [0, 1]");
+            return refuse("gate.max_retention_drop", "max_retention_drop and rollback_drop are fractions in [0, 1]");
         }
+        Ok(())
+    }
+
+    /// Fleet rollout: the maintenance window, the offers, and with a repository, the files it trusts.
+    fn check_fleet(&self) -> Result<(), Refusal> {
         if let Err(e) = self.fleet.window() {
-            return invalid("fleet.maintenance_window", &e);
+            return refuse("fleet.maintenance_window", e);
         }
         if let Err(e) = self.fleet.offers_url() {
-            return invalid("fleet.offers", &e);
+            return refuse("fleet.offers", e);
         }
         if self.fleet.enabled() {
             if let Err(e) = self.fleet.base_url() {
-                return invalid("fleet.repository", &e);
+                return refuse("fleet.repository", e);
             }
             if self.mqtt.host.is_empty() {
-                return invalid("fleet.repository", "assignments arrive over MQTT: set mqtt.host too");
+                return refuse("fleet.repository", "assignments arrive over MQTT: set mqtt.host too");
             }
             if let Err(e) = std::fs::File::open(&self.fleet.root_file) {
-                return Err(ConfigError::Invalid {
-                    path: path.to_path_buf(),
-                    key: "fleet.root_file",
-                    reason: format!("cannot read {}: {e}", self.fleet.root_file.display()),
-                });
+                return refuse("fleet.root_file", format!("cannot read {}: {e}", self.fleet.root_file.display()));
             }
             if !self.fleet.ca_file.as_os_str().is_empty()
                 && let Err(e) = std::fs::File::open(&self.fleet.ca_file)
             {
-                return Err(ConfigError::Invalid {
-                    path: path.to_path_buf(),
-                    key: "fleet.ca_file",
-                    reason: format!("cannot read {}: {e}", self.fleet.ca_file.display()),
-                });
+                return refuse("fleet.ca_file", format!("cannot read {}: {e}", self.fleet.ca_file.display()));
             }
             if self.fleet.max_release_mb == 0 {
-                return invalid("fleet.max_release_mb", "must be at least 1");
-            }
-        }
-        for task in &self.ingest.tasks {
-            if adaptd_adapters::store::check_task_name(task).is_err() {
-                return invalid("ingest.tasks", &format!("{task:?} must be 1-64 characters of letters, digits, '-' and '_'"));
+                return refuse("fleet.max_release_mb", "must be at least 1");
             }
         }
         Ok(())
