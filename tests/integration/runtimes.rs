@@ -381,7 +381,7 @@ fn the_doctor_reads_the_device_measures_the_runtimes_and_says_what_to_use() {
 
 /// A small model (conv, layer norm, linear) exported with LoRA on the conv and the linear and cut
 /// after the norm: one slot below the cut, one above.
-pub fn export_tiny_cut(dir: &std::path::Path, seed: u64) -> std::path::PathBuf {
+fn export_tiny_cut(dir: &std::path::Path, seed: u64) -> std::path::PathBuf {
     let out = dir.join(format!("tiny-cut-{seed}"));
     let tool = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/export");
     let script = format!(
