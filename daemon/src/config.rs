@@ -26,6 +26,16 @@ pub enum ConfigError {
     Invalid { path: PathBuf, key: &'static str, reason: String },
 }
 
+impl ConfigError {
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ConfigError::Read { .. } => "config_unreadable",
+            ConfigError::Parse { .. } => "config_parse",
+            ConfigError::Invalid { .. } => "config_invalid",
+        }
+    }
+}
+
 /// The file's one unit convention for spans: whole seconds in keys ending `_s`, milliseconds in
 /// keys ending `_ms`; in the daemon, [`Duration`]s.
 pub mod units {

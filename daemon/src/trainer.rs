@@ -144,6 +144,17 @@ pub enum TrainerError {
     NotBuilt,
 }
 
+impl TrainerError {
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            TrainerError::Train(e) => e.error_type(),
+            TrainerError::NoCuda(_) => "no_cuda",
+            TrainerError::Stopped => "trainer_stopped",
+            TrainerError::NotBuilt => "training_not_built",
+        }
+    }
+}
+
 impl Trainer {
     /// Start the owner thread and load the bundle's training graph on it (libtorch); returns
     /// once it is loaded.

@@ -70,6 +70,12 @@ fn bad_files_name_the_key_and_say_what_is_allowed() {
     }
     let err = parse("[gate]\nmin_improvement = \"a lot\"\n").unwrap_err();
     assert!(err.contains("line 2") && err.contains("min_improvement"), "a partial file's error names the line: {err}");
+
+    // The kind of refusal, for logs and events: a value out of range, or a file that is not one.
+    let error_type = |text: &str| Config::parse(text, Path::new("test.toml")).unwrap_err().error_type();
+    assert_eq!(error_type("[engine]\nmax_batch = 0\n"), "config_invalid");
+    assert_eq!(error_type("[engine\n"), "config_parse");
+    assert_eq!(error_type("[engine]\nmax_bacth = 8\n"), "config_parse");
 }
 
 #[test]

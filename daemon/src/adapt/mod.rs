@@ -252,7 +252,7 @@ pub enum AdaptError {
     Engine(#[from] crate::engine::EngineError),
     /// The trainer could not run the candidate's forward pass (parity).
     #[error("trainer: {0}")]
-    Trainer(String),
+    Trainer(#[from] crate::trainer::TrainerError),
     /// The samples cannot make a job (too few, one label, inputs that do not stack).
     #[error("{0}")]
     Data(String),
@@ -265,7 +265,7 @@ impl AdaptError {
             AdaptError::Bundle(e) => e.error_type(),
             AdaptError::Registry(e) => e.error_type(),
             AdaptError::Engine(e) => e.error_type(),
-            AdaptError::Trainer(_) => "trainer",
+            AdaptError::Trainer(e) => e.error_type(),
             AdaptError::Data(_) => "data",
         }
     }
