@@ -364,4 +364,54 @@ mod tests {
         assert_eq!(domain(None).replay_fraction(0.2, &gate), 0.2, "not measured: the configured share");
         assert_eq!(domain(Some(0.0)).replay_fraction(0.2, &GateConfig { retention: RetentionPolicy::Base, ..gate }), 0.2);
     }
+
+    fn stored(id: i64, label: &str) -> StoredSample {
+        let sample = crate::samples::Sample {
+            key: format!("k{id}"),
+            task: "t".into(),
+            label: label.into(),
+            input: SampleInput::Text("x".into()),
+            weight: 1.0,
+            source: None,
+            timestamp_ms: 0,
+            correction: false,
+        };
+        StoredSample { id, sample, split: Split::Train, received_ms: 0, embedding: None }
+    }
+
+    #[test]
+    fn the_incumbents_labels_come_first_and_a_new_label_waits_for_enough_samples() {
+        let train: Vec<StoredSample> = [(1, "cat"), (2, "dog"), (3, "dog"), (4, "bird")].into_iter().map(|(i, l)| stored(i, l)).collect();
+        let per_label = count_labels(&train);
+        let mut notes = Vec::new();
+        let stored_labels = vec!["bird".to_string(), "dog".to_string(), "cat".to_string(), "fox".to_string()];
+        let labels = job_labels(&["cat".to_string()], stored_labels, &per_label, 2, &mut notes);
+        // "cat" keeps its row; "dog" has two samples and joins; "bird" (one) and "fox" (none) wait.
+        assert_eq!(labels, ["cat", "dog"]);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].contains("\"bird\" waits: 1 training sample(s), 2 needed"), "{notes:?}");
+        assert!(notes[1].contains("\"fox\" waits: 0"), "{notes:?}");
+    }
+
+    #[test]
+    fn a_job_needs_enough_samples_and_two_labels_and_says_which_label_validation_cannot_see() {
+        let train: Vec<StoredSample> = [(1, "cat"), (2, "cat"), (3, "dog")].into_iter().map(|(i, l)| stored(i, l)).collect();
+        let validation = [stored(4, "cat")];
+        let per_label = count_labels(&train);
+        let (train_refs, val_refs): (Vec<&StoredSample>, Vec<&StoredSample>) = (train.iter().collect(), validation.iter().collect());
+        let labels = ["cat".to_string(), "dog".to_string()];
+
+        let mut notes = Vec::new();
+        check_coverage(&labels, &per_label, &train_refs, &val_refs, 3, &mut notes).unwrap();
+        assert_eq!(notes, ["label \"dog\" has no validation samples: early stopping cannot see it"]);
+
+        let err = check_coverage(&labels, &per_label, &train_refs, &val_refs, 4, &mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("3 training samples over labels that qualify; 4 needed"), "{err}");
+
+        let cats: Vec<&StoredSample> = train_refs.iter().copied().filter(|s| s.sample.label == "cat").collect();
+        let err = check_coverage(&labels[..1], &per_label, &cats, &val_refs, 1, &mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("a classifier needs two"), "{err}");
+        // An incumbent that already tells two labels apart may train on samples of one of them.
+        check_coverage(&labels, &per_label, &cats, &val_refs, 1, &mut Vec::new()).unwrap();
+    }
 }
