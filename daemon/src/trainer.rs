@@ -337,7 +337,7 @@ mod torch {
                 }
             };
             let _span = tracing::info_span!("train", kind = job.kind.name(), samples = job.train.len()).entered();
-            fit_cached(target, &job.train, &job.validation, &job.init_head, &job.recipe, &job.prefix_cache, cancel, &mut |p| progress(p))
+            fit_cached(target, &job.train, &job.validation, &job.init_head, &job.recipe, &job.prefix_cache, cancel, progress)
         }
 
         fn predict(&self, inputs: &[HostTensor], lora: Option<&LoraWeights>, head: &Head) -> Result<Vec<f32>, TrainError> {

@@ -901,10 +901,6 @@ struct Steps<'a> {
 }
 
 impl Steps<'_> {
-    fn steps_per_epoch(&self, rows: usize) -> usize {
-        rows.div_ceil(self.batch_size)
-    }
-
     /// One epoch over the training rows in `order`; returns the sum of its step losses.
     fn epoch(&mut self, model: &mut Model<'_>, data: &DeviceData, order: &[usize], epoch: usize) -> Result<f64, TrainError> {
         let recipe = self.recipe;
@@ -971,7 +967,8 @@ pub fn fit_cached(
     let base = graph.map(TrainingGraph::base_parameters).transpose()?;
     let (batch_size, probe_bytes_per_sample) = batch_size_within_budget(&mut model, &data, recipe)?;
 
-    let total_steps = train.len().div_ceil(batch_size) * recipe.max_epochs;
+    let steps_per_epoch = train.len().div_ceil(batch_size);
+    let total_steps = steps_per_epoch * recipe.max_epochs;
     let mut steps = Steps {
         recipe,
         batch_size,
@@ -997,7 +994,7 @@ pub fn fit_cached(
         let (val_loss, val_accuracy) = model.validate(&data)?;
         epochs.push(EpochRecord {
             epoch,
-            train_loss: (epoch_loss / steps.steps_per_epoch(train.len()) as f64) as f32,
+            train_loss: (epoch_loss / steps_per_epoch as f64) as f32,
             val_loss,
             val_accuracy,
             seconds: epoch_start.elapsed().as_secs_f64(),

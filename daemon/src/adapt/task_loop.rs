@@ -176,24 +176,24 @@ impl TaskLoop {
             tracing::warn!(task, error = %e, "could not score fresh samples");
         }
         // 3. Ask the scheduler.
-        let since = lock(&self.store).mark(&task, "job_start")?.unwrap_or(0);
         let reading = self.monitor.read();
+        // Only samples a job could train on now count for the scheduler: one that arrived after
+        // this tick cached embeddings waits for the next, or a job would start without it and be
+        // deferred for too few samples. The status counts every arrival.
+        let (ready, stored, arrived) = {
+            let store = lock(&self.store);
+            let since = store.mark(&task, "job_start")?.unwrap_or(0);
+            (store.count_ready_after(&task, since)?, store.count_after(&task, 0)?, store.count_after(&task, since)?)
+        };
         let observation = Observation {
             now_ms: now_ms(),
-            // Only samples a job could train on now count: one that arrived after this tick
-            // cached embeddings waits for the next, or a job would start without it and be
-            // deferred for too few samples.
-            new_samples: lock(&self.store).count_ready_after(&task, since)?,
+            new_samples: ready,
             live_accuracy: self.watch.live_accuracy(),
             device_busy: reading.busy_reason(&self.config.schedule.limits),
             serving_p99_ms: None,
             operator_request: operator_request.is_some() || self.round.is_some(),
         };
         let action = self.scheduler.observe(&observation);
-        let (stored, arrived) = {
-            let store = lock(&self.store);
-            (store.count_after(&task, 0)?, store.count_after(&task, since)?)
-        };
         self.status.send_modify(|s| (s.samples, s.new_samples) = (stored, arrived));
         self.publish_status(None);
         let Some(Action::Start(trigger)) = action else {
