@@ -51,6 +51,7 @@ bench: setup
 	benches/ingest_throughput.sh
 	benches/fleet_idle.sh
 	$(CARGO) bench -p adaptd --bench chaos
+	$(CARGO) bench -p adaptd --bench faults
 	$(CARGO) bench -p adaptd --bench fleet
 	$(CARGO) bench -p adaptd --bench fleet_learning
 

@@ -97,6 +97,57 @@ pub struct Report {
     pub torch_cuda_reason: Option<String>,
     pub training: Vec<TrainingCheck>,
     pub verdict: Verdict,
+    /// The local Mosquitto's queue settings, where one is installed.
+    pub broker: Option<BrokerCheck>,
+}
+
+/// A local Mosquitto's settings that decide whether a burst of samples survives the broker.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BrokerCheck {
+    /// The files read, main configuration first.
+    pub files: Vec<PathBuf>,
+    /// As the files set them; None: Mosquitto's default (1000, 0 = none, 0 = 256 MiB).
+    pub max_queued_messages: Option<u64>,
+    pub max_queued_bytes: Option<u64>,
+    pub message_size_limit: Option<u64>,
+    /// What to change, if anything.
+    pub advice: Vec<String>,
+}
+
+/// Mosquitto's queue settings below `root` (`/etc/mosquitto/mosquitto.conf` and the
+/// `conf.d/*.conf` drop-ins, the last setting winning as Mosquitto reads them); None when no
+/// Mosquitto configuration is there.
+pub fn broker(root: &Path) -> Option<BrokerCheck> {
+    let main = root.join("etc/mosquitto/mosquitto.conf");
+    let text = std::fs::read_to_string(&main).ok()?;
+    let mut files = vec![main];
+    let mut texts = vec![text];
+    let mut drop_ins: Vec<PathBuf> = std::fs::read_dir(root.join("etc/mosquitto/conf.d"))
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "conf")).collect())
+        .unwrap_or_default();
+    drop_ins.sort();
+    for path in drop_ins {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            files.push(path);
+            texts.push(text);
+        }
+    }
+    let setting = |name: &str| {
+        texts.iter().flat_map(|t| t.lines()).filter_map(|l| l.trim().strip_prefix(name)?.split_whitespace().next()?.parse::<u64>().ok()).next_back()
+    };
+    let (messages, bytes, size) = (setting("max_queued_messages "), setting("max_queued_bytes "), setting("message_size_limit "));
+    let mut advice = Vec::new();
+    match messages {
+        Some(0) => {}
+        n => advice.push(format!(
+            "max_queued_messages is {}: a burst past that many samples per client is dropped at the broker after the sender was told it arrived; install deploy/mosquitto/adaptd.conf in /etc/mosquitto/conf.d/ (max_queued_messages 0 with a byte bound)",
+            n.map_or("1000 (the default)".to_string(), |n| n.to_string())
+        )),
+    }
+    if matches!(size, None | Some(0)) {
+        advice.push("message_size_limit is not set (up to 256 MiB): adaptd reads an oversized sample once to refuse it; set it a few times ingest.max_payload_bytes, e.g. 4194304".into());
+    }
+    Some(BrokerCheck { files, max_queued_messages: messages, max_queued_bytes: bytes, message_size_limit: size, advice })
 }
 
 /// `# R36 (release), REVISION: 4.3, GCID: ..., BOARD: generic, EABI: aarch64, DATE: ...` → `R36.4.3`.
@@ -336,7 +387,19 @@ pub fn run(bundle: &Bundle, root: &Path, seconds: f64, library: Option<&Path>) -
     }
     let verdict = verdict(&device, &providers, &training);
     let libtorch_library = libtorch::cpu_library();
-    Report { device, onnxruntime_library, bundle: bundle.manifest.name.clone(), providers, libtorch_library, torch_cuda, torch_cuda_reason, training, verdict }
+    let broker = broker(root);
+    Report {
+        device,
+        onnxruntime_library,
+        bundle: bundle.manifest.name.clone(),
+        providers,
+        libtorch_library,
+        torch_cuda,
+        torch_cuda_reason,
+        training,
+        verdict,
+        broker,
+    }
 }
 
 /// The report as a person reads it.
@@ -392,6 +455,19 @@ pub fn render(r: &Report) -> String {
     );
     for n in &v.notes {
         out += &format!("  - {n}\n");
+    }
+    if let Some(b) = &r.broker {
+        let show = |v: Option<u64>, default: &str| v.map_or(format!("{default} (default)"), |v| v.to_string());
+        out += &format!(
+            "\nmosquitto   max_queued_messages {} · max_queued_bytes {} · message_size_limit {}\n",
+            show(b.max_queued_messages, "1000"),
+            show(b.max_queued_bytes, "0"),
+            show(b.message_size_limit, "0")
+        );
+        out += &match b.advice.is_empty() {
+            true => "  holds a burst of samples\n".to_string(),
+            false => b.advice.iter().map(|a| format!("  - {a}\n")).collect(),
+        };
     }
     out
 }
@@ -462,6 +538,24 @@ mod tests {
             assert_eq!(parse_l4t(bad), None, "{bad:?}");
         }
         assert_eq!(jetpack_of("R99.1.0"), None);
+    }
+
+    #[test]
+    fn the_broker_check_reads_mosquitto_and_its_drop_ins_and_says_what_to_change() {
+        let root = tempfile::tempdir().unwrap();
+        assert_eq!(broker(root.path()), None, "no Mosquitto here");
+        let etc = root.path().join("etc/mosquitto");
+        std::fs::create_dir_all(etc.join("conf.d")).unwrap();
+        std::fs::write(etc.join("mosquitto.conf"), "persistence true\ninclude_dir /etc/mosquitto/conf.d\n").unwrap();
+        let stock = broker(root.path()).unwrap();
+        assert_eq!(stock.max_queued_messages, None);
+        assert!(stock.advice.len() == 2 && stock.advice[0].contains("1000 (the default)"), "{:?}", stock.advice);
+        let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/mosquitto/adaptd.conf")).unwrap();
+        std::fs::write(etc.join("conf.d/adaptd.conf"), shipped).unwrap();
+        let fixed = broker(root.path()).unwrap();
+        assert_eq!((fixed.max_queued_messages, fixed.max_queued_bytes, fixed.message_size_limit), (Some(0), Some(1 << 30), Some(4 << 20)));
+        assert!(fixed.advice.is_empty(), "{:?}", fixed.advice);
+        assert_eq!(fixed.files.len(), 2);
     }
 
     #[test]

@@ -4,12 +4,17 @@
 //! links, which flush what was queued for them. All of it runs within one deadline. When the deadline passes, the error and the log name every task still
 //! running, so "shutdown took too long" always says what was stuck.
 
+use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use adaptd_protocol::Event;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use crate::events::{Events, now_ms};
 
 /// When a task stops, relative to the others.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -114,6 +119,150 @@ impl Supervisor {
         }
         Ok(())
     }
+}
+
+/// Whether each long-running part (a task's loop, ingest) is up, for `/readyz`, `/metrics`
+/// and the status: a part that stopped on an error is down, with its reason, until its restart.
+#[derive(Debug, Default)]
+pub struct Parts {
+    parts: Mutex<BTreeMap<String, PartState>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartState {
+    pub up: bool,
+    /// Why it is down (none while up).
+    pub reason: Option<String>,
+    /// Times it was restarted after stopping on an error or a panic.
+    pub restarts: u64,
+    /// When it last went up or down.
+    pub since_ms: u64,
+}
+
+impl Parts {
+    fn with<R>(&self, f: impl FnOnce(&mut BTreeMap<String, PartState>) -> R) -> R {
+        f(&mut self.parts.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// `part` runs (again).
+    pub fn up(&self, part: &str) {
+        self.with(|parts| {
+            let state = parts.entry(part.to_string()).or_insert(PartState { up: false, reason: None, restarts: 0, since_ms: 0 });
+            if !state.up {
+                (state.up, state.reason, state.since_ms) = (true, None, now_ms());
+            }
+        });
+    }
+
+    /// `part` stopped on an error; it is restarted later.
+    pub fn down(&self, part: &str, reason: &str) {
+        self.with(|parts| {
+            let state = parts.entry(part.to_string()).or_insert(PartState { up: true, reason: None, restarts: 0, since_ms: 0 });
+            (state.up, state.reason, state.since_ms) = (false, Some(reason.to_string()), now_ms());
+        });
+    }
+
+    fn restarted(&self, part: &str) {
+        self.with(|parts| {
+            parts.entry(part.to_string()).and_modify(|s| s.restarts += 1).or_insert(PartState { up: false, reason: None, restarts: 1, since_ms: 0 }).restarts
+        });
+        self.up(part);
+    }
+
+    pub fn get(&self, part: &str) -> Option<PartState> {
+        self.with(|parts| parts.get(part).cloned())
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<String, PartState> {
+        self.with(|parts| parts.clone())
+    }
+
+    /// The parts that are down, with their reasons.
+    pub fn down_now(&self) -> Vec<(String, String)> {
+        self.with(|parts| parts.iter().filter(|(_, s)| !s.up).map(|(name, s)| (name.clone(), s.reason.clone().unwrap_or_default())).collect())
+    }
+}
+
+/// How a part is restarted: its name, the task its events concern ("" for the daemon as a
+/// whole), where its state is shown and its events go.
+#[derive(Clone)]
+pub struct Restarts {
+    pub part: String,
+    pub task: String,
+    pub parts: Arc<Parts>,
+    pub events: Events,
+}
+
+/// The first wait before a restart, doubled after each failure up to the longest; a run that
+/// lasted [`HEALTHY_RUN`] starts the waits over.
+pub const FIRST_RESTART_WAIT: Duration = Duration::from_secs(1);
+pub const LONGEST_RESTART_WAIT: Duration = Duration::from_secs(30);
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+
+/// What a supervised part is told of its supervision.
+pub enum PartChange<'a> {
+    /// It stopped (reason); its restart comes after the wait.
+    Down(&'a str),
+    /// It is about to be started again.
+    Restarting,
+}
+
+/// Run `start(stop)` until `shutdown`, restarting it with backoff whenever it ends on an error,
+/// a panic, or by itself: it is shown down meanwhile (`parts`, an event, the log) and up again
+/// from its restart. `change` lets the part act on each (clear its status, reconnect a link).
+/// A run is its own tokio task, so a panic ends that run, not the supervision.
+pub async fn restarting<F, Fut, E>(restarts: Restarts, shutdown: impl Future<Output = ()>, mut start: F, mut change: impl FnMut(PartChange<'_>))
+where
+    F: FnMut(CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>> + Send + 'static,
+    E: Display + Send + 'static,
+{
+    let Restarts { part, task, parts, events } = restarts;
+    tokio::pin!(shutdown);
+    let mut wait = FIRST_RESTART_WAIT;
+    parts.up(&part);
+    loop {
+        let stop = CancellationToken::new();
+        let mut run = tokio::spawn(start(stop.clone()));
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            // A run that ends because the daemon stops is not a failure to restart.
+            biased;
+            _ = &mut shutdown => {
+                stop.cancel();
+                let _ = (&mut run).await;
+                return;
+            }
+            outcome = &mut run => outcome,
+        };
+        let reason = match outcome {
+            Ok(Ok(())) => "it stopped by itself".to_string(),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) if e.is_panic() => format!("panicked: {}", panic_message(e.into_panic())),
+            Err(e) => e.to_string(),
+        };
+        if started.elapsed() >= HEALTHY_RUN {
+            wait = FIRST_RESTART_WAIT;
+        }
+        tracing::error!(part, reason, restart_in_s = wait.as_secs(), "{part} stopped; restarting it");
+        parts.down(&part, &reason);
+        let restarts = parts.get(&part).map_or(0, |s| s.restarts);
+        events.emit(&task, Event::PartDown { part: part.clone(), reason: reason.clone(), restart_in_s: wait.as_secs(), restarts });
+        change(PartChange::Down(&reason));
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        change(PartChange::Restarting);
+        parts.restarted(&part);
+        let restarts = parts.get(&part).map_or(0, |s| s.restarts);
+        events.emit(&task, Event::PartRestarted { part: part.clone(), restarts, after: reason });
+        wait = (wait * 2).min(LONGEST_RESTART_WAIT);
+    }
+}
+
+pub fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_else(|| "(no message)".into())
 }
 
 #[cfg(test)]

@@ -89,6 +89,21 @@ pub struct Config {
 pub struct HttpSection {
     pub listen: SocketAddr,
     pub max_request_bytes: usize,
+    /// A client gets this long to send a request's headers, and a kept-alive connection that
+    /// sends nothing for this long is closed.
+    #[serde(rename = "header_timeout_s", with = "units::seconds")]
+    pub header_timeout: Duration,
+    /// And this long to send its body.
+    #[serde(rename = "body_timeout_s", with = "units::seconds")]
+    pub body_timeout: Duration,
+    /// Connections open at once; past it a new one is closed at once.
+    pub max_connections: usize,
+}
+
+impl HttpSection {
+    pub fn limits(&self) -> crate::api::http::ServerLimits {
+        crate::api::http::ServerLimits { header_timeout: self.header_timeout, body_timeout: self.body_timeout, max_connections: self.max_connections }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -163,7 +178,16 @@ impl Default for Config {
             state_dir: PathBuf::from("/var/lib/adaptd"),
             stop_deadline: Duration::from_secs(20),
             engine: EngineConfig::default(),
-            http: HttpSection { listen: SocketAddr::from(([127, 0, 0, 1], 8080)), max_request_bytes: crate::api::DEFAULT_MAX_REQUEST_BYTES },
+            http: {
+                let limits = crate::api::http::ServerLimits::default();
+                HttpSection {
+                    listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+                    max_request_bytes: crate::api::DEFAULT_MAX_REQUEST_BYTES,
+                    header_timeout: limits.header_timeout,
+                    body_timeout: limits.body_timeout,
+                    max_connections: limits.max_connections,
+                }
+            },
             mqtt: MqttSection {
                 host: String::new(),
                 port: 1883,
@@ -340,6 +364,15 @@ impl Config {
         }
         if self.http.max_request_bytes < 1024 {
             return refuse("http.max_request_bytes", "must be at least 1024");
+        }
+        if !(1..=3600).contains(&self.http.header_timeout.as_secs()) {
+            return refuse("http.header_timeout_s", "must be between 1 and 3600 seconds");
+        }
+        if !(1..=3600).contains(&self.http.body_timeout.as_secs()) {
+            return refuse("http.body_timeout_s", "must be between 1 and 3600 seconds");
+        }
+        if self.http.max_connections < 16 {
+            return refuse("http.max_connections", "must be at least 16 (operators, clients and probes share them)");
         }
         if self.adapters.keep_versions == 0 {
             return refuse("adapters.keep_versions", "must be at least 1 (the active version)");

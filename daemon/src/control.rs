@@ -47,7 +47,10 @@ pub fn ensure_token(state_dir: &Path) -> Result<String, ControlError> {
     let path = state_dir.join(TOKEN_FILE);
     let err = |reason: String| ControlError::Token { path: path.clone(), reason };
     match std::fs::read_to_string(&path) {
-        Ok(text) if usable(text.trim()) => return Ok(text.trim().to_string()),
+        Ok(text) if usable(text.trim()) => {
+            keep_private(&path).map_err(|e| err(format!("cannot make it private: {e}")))?;
+            return Ok(text.trim().to_string());
+        }
         Ok(_) => tracing::warn!(path = %path.display(), "the control token file holds no usable token; making a new one"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e.to_string())),
@@ -128,7 +131,9 @@ pub fn authorize_http(
     if !host_is_ours(host, listen) {
         return Err(HttpRefusal::Host(host.chars().take(200).collect()));
     }
-    match authorization.and_then(|a| a.strip_prefix("Bearer ")) {
+    // The scheme's name is case-insensitive (RFC 7235 §2.1): `bearer` and `BEARER` are Bearer.
+    let presented = authorization.and_then(|a| a.trim_start().split_once(' ')).filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map(|(_, t)| t);
+    match presented {
         Some(presented) if same_secret(token, presented.trim()) => Ok(()),
         _ => Err(HttpRefusal::Token),
     }
@@ -152,6 +157,19 @@ fn host_is_ours(host: &str, listen: std::net::SocketAddr) -> bool {
         // Listening wider: an address of this host, as a literal (names are what rebinding abuses).
         ip.is_some_and(|ip| listen.ip().is_unspecified() || ip == listen.ip())
     }
+}
+
+/// The token file, readable by others (a copy, an umask, a hand edit): taken back to the mode the
+/// daemon writes (0640: the daemon and its group), loudly, since whoever could read it could
+/// change what the device serves.
+fn keep_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+    if mode & 0o007 != 0 {
+        tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "the control token was readable by every user; it is 0640 now (anyone who read it could change what this device serves: replace it if in doubt)");
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o770))?;
+    }
+    Ok(())
 }
 
 /// A signed MQTT command: `{"command", "version"?, "by", "issued_ms", "signature"}`.
@@ -195,6 +213,10 @@ pub enum CommandRefusal {
     Stale { age_s: i64, window_s: u64 },
     #[error("this signed command was already taken (a replay)")]
     Replay,
+    /// Acting on a command that could not be recorded as taken would let it be replayed after a
+    /// restart.
+    #[error("cannot record the command as taken ({0}); it was not carried out")]
+    Unrecorded(String),
 }
 
 impl CommandRefusal {
@@ -204,6 +226,7 @@ impl CommandRefusal {
             CommandRefusal::BadSignature => "bad_signature",
             CommandRefusal::Stale { .. } => "stale",
             CommandRefusal::Replay => "replay",
+            CommandRefusal::Unrecorded(_) => "unrecorded",
         }
     }
 }
@@ -215,14 +238,35 @@ pub struct CommandVerifier {
     window_ms: u64,
     /// Signatures taken within the window, oldest first (bounded by the window's traffic).
     seen: VecDeque<(u64, String)>,
+    /// Where `seen` is kept across restarts: a command captured from the topic and published
+    /// again after a restart, within its window, is still a replay.
+    kept_in: Option<PathBuf>,
 }
 
 impl CommandVerifier {
     pub const WINDOW_MS: u64 = 5 * 60 * 1000;
     const MAX_SEEN: usize = 10_000;
+    /// The longest `by` a command may name (it goes into events and logs).
+    pub const MAX_BY_BYTES: usize = 128;
 
     pub fn new(key: Vec<u8>, device: &str) -> CommandVerifier {
-        CommandVerifier { key, device: device.to_string(), window_ms: CommandVerifier::WINDOW_MS, seen: VecDeque::new() }
+        CommandVerifier { key, device: device.to_string(), window_ms: CommandVerifier::WINDOW_MS, seen: VecDeque::new(), kept_in: None }
+    }
+
+    /// Keep the commands taken in `file` (written atomically before each is carried out), and
+    /// take back those a previous run kept. An unreadable file is reported and set aside: the
+    /// signature window still bounds what could be replayed.
+    pub fn remembering(mut self, file: PathBuf) -> CommandVerifier {
+        match std::fs::read(&file) {
+            Ok(bytes) => match serde_json::from_slice::<Vec<(u64, String)>>(&bytes) {
+                Ok(seen) => self.seen = seen.into_iter().collect(),
+                Err(e) => tracing::error!(path = %file.display(), error = %e, "the record of signed commands taken is unreadable; starting a new one"),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::error!(path = %file.display(), error = %e, "cannot read the record of signed commands taken; starting a new one"),
+        }
+        self.kept_in = Some(file);
+        self
     }
 
     /// Read the key file (its bytes, trimmed of a trailing newline); it must hold at least 16 bytes.
@@ -238,6 +282,9 @@ impl CommandVerifier {
     /// The command if it is signed by the key, fresh, and not seen before.
     pub fn verify(&mut self, task: &str, payload: &[u8], now_ms: u64) -> Result<SignedCommand, CommandRefusal> {
         let cmd: SignedCommand = serde_json::from_slice(payload).map_err(|e| CommandRefusal::Malformed(e.to_string()))?;
+        if cmd.by.len() > CommandVerifier::MAX_BY_BYTES {
+            return Err(CommandRefusal::Malformed(format!("\"by\" is {} bytes; at most {}", cmd.by.len(), CommandVerifier::MAX_BY_BYTES)));
+        }
         let text = signed_text(&self.device, task, &cmd.command, cmd.version, &cmd.by, cmd.issued_ms);
         let signature = hex::decode(cmd.signature.trim()).map_err(|_| CommandRefusal::BadSignature)?;
         mac_of(&self.key, &text).ok_or(CommandRefusal::BadSignature)?.verify_slice(&signature).map_err(|_| CommandRefusal::BadSignature)?;
@@ -253,6 +300,13 @@ impl CommandVerifier {
             return Err(CommandRefusal::Replay);
         }
         self.seen.push_back((now_ms, signature));
+        if let Some(file) = &self.kept_in {
+            let kept = serde_json::to_vec(&self.seen).unwrap_or_default();
+            if let Err(e) = adaptd_adapters::fsutil::write_atomic(file, &kept) {
+                self.seen.pop_back();
+                return Err(CommandRefusal::Unrecorded(e.to_string()));
+            }
+        }
         Ok(cmd)
     }
 }
@@ -280,6 +334,34 @@ mod tests {
         assert_eq!(v.verify("sorter", make("sorter", "rollback", None, now, b"another key of 16+").as_bytes(), now).unwrap_err(), CommandRefusal::BadSignature);
         assert!(matches!(v.verify("sorter", make("sorter", "rollback", None, now - 600_000, &key).as_bytes(), now), Err(CommandRefusal::Stale { .. })));
         assert!(matches!(v.verify("sorter", b"{\"command\": \"train\"}", now), Err(CommandRefusal::Malformed(_))));
+        let long_by = sign(&key, &signed_text("robot-7", "sorter", "train", None, &"a".repeat(20_000), now));
+        let long_by = serde_json::json!({ "command": "train", "by": "a".repeat(20_000), "issued_ms": now, "signature": long_by }).to_string();
+        assert_eq!(v.verify("sorter", long_by.as_bytes(), now).unwrap_err(), CommandRefusal::Malformed("\"by\" is 20000 bytes; at most 128".into()));
+    }
+
+    /// A command captured from the topic and published again after a restart, within its
+    /// window, is still a replay: what was taken is kept in the state directory.
+    #[test]
+    fn a_command_taken_before_a_restart_is_a_replay_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, now) = (b"0123456789abcdef-fleet".to_vec(), 1_800_000_000_000);
+        let sig = sign(&key, &signed_text("robot-7", "sorter", "rollback", None, "alice", now));
+        let cmd = serde_json::json!({ "command": "rollback", "by": "alice", "issued_ms": now, "signature": sig }).to_string();
+        let file = dir.path().join("commands-taken.json");
+        let mut before = CommandVerifier::new(key.clone(), "robot-7").remembering(file.clone());
+        assert!(before.verify("sorter", cmd.as_bytes(), now + 10).is_ok());
+        drop(before);
+        let mut after = CommandVerifier::new(key.clone(), "robot-7").remembering(file.clone());
+        assert_eq!(after.verify("sorter", cmd.as_bytes(), now + 60_000).unwrap_err(), CommandRefusal::Replay);
+        // A record that cannot be written refuses the command rather than carry it out unrecorded.
+        let sig = sign(&key, &signed_text("robot-7", "sorter", "train", None, "alice", now));
+        let train = serde_json::json!({ "command": "train", "by": "alice", "issued_ms": now, "signature": sig }).to_string();
+        let mut nowhere = CommandVerifier::new(key, "robot-7").remembering(dir.path().join("gone/commands-taken.json"));
+        assert_eq!(nowhere.verify("sorter", train.as_bytes(), now).unwrap_err().error_type(), "unrecorded");
+        // Garbage in the record: set aside, commands still verify.
+        std::fs::write(&file, b"\x00garbage").unwrap();
+        let mut fresh = CommandVerifier::new(b"0123456789abcdef-fleet".to_vec(), "robot-7").remembering(file);
+        assert!(fresh.verify("sorter", train.as_bytes(), now).is_ok());
     }
 
     #[test]
@@ -295,6 +377,9 @@ mod tests {
         // DNS rebinding: the page's own name in Host.
         assert!(matches!(authorize_http(&token, listen, None, Some("evil.example:8080"), Some(&bearer)), Err(HttpRefusal::Host(_))));
         assert!(matches!(authorize_http(&token, listen, None, Some("127.0.0.1:9999"), Some(&bearer)), Err(HttpRefusal::Host(_))));
+        let lower = format!("bearer {token}");
+        assert_eq!(authorize_http(&token, listen, None, Some("127.0.0.1:8080"), Some(&lower)), Ok(()), "the scheme is case-insensitive");
+        assert_eq!(authorize_http(&token, listen, None, Some("127.0.0.1:8080"), Some(&format!("Basic {token}"))), Err(HttpRefusal::Token));
         let v6: std::net::SocketAddr = "[::1]:8080".parse().unwrap();
         assert_eq!(authorize_http(&token, v6, None, Some("[::1]:8080"), Some(&bearer)), Ok(()));
     }
@@ -308,6 +393,10 @@ mod tests {
         let mode = std::fs::metadata(dir.path().join(TOKEN_FILE)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode & 0o007, 0, "others cannot read the token (mode {mode:o})");
         assert_eq!(ensure_token(dir.path()).unwrap(), token, "a restart keeps the token");
+        std::fs::set_permissions(dir.path().join(TOKEN_FILE), std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(ensure_token(dir.path()).unwrap(), token, "a token others could read is kept ...");
+        let mode = std::fs::metadata(dir.path().join(TOKEN_FILE)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640, "... and made private again");
         assert_eq!(read_token(dir.path()), Some(token.clone()));
         std::fs::write(dir.path().join(TOKEN_FILE), "garbage").unwrap();
         assert_ne!(ensure_token(dir.path()).unwrap(), token, "an unusable file is replaced");

@@ -18,6 +18,9 @@ pub enum PreprocessError {
     NotImage { bundle: String, kind: &'static str },
     #[error("the image does not decode: {0}")]
     Image(String),
+    /// It decodes, or would, but is larger than this bundle takes (refused from its header).
+    #[error("the image is too large: {0}")]
+    ImageTooLarge(String),
 }
 
 impl PreprocessError {
@@ -27,7 +30,7 @@ impl PreprocessError {
             PreprocessError::Tokenizer { .. } => "tokenizer",
             PreprocessError::Encode(_) | PreprocessError::Empty => "encode",
             PreprocessError::NotImage { .. } => "wrong_kind",
-            PreprocessError::Image(_) => "bad_image",
+            PreprocessError::Image(_) | PreprocessError::ImageTooLarge(_) => "bad_image",
         }
     }
 }
@@ -123,12 +126,14 @@ fn decode_bounded(bytes: &[u8], height: usize, width: usize, channels: usize) ->
     // The header alone says how big the image claims to be.
     let (w, h) = open()?.into_dimensions().map_err(|e| PreprocessError::Image(e.to_string()))?;
     if w > side || h > side {
-        return Err(PreprocessError::Image(format!("{w}x{h} pixels is over the {side}x{side} taken for this bundle's {width}x{height} input")));
+        return Err(PreprocessError::ImageTooLarge(format!("{w}x{h} pixels is over the {side}x{side} taken for this bundle's {width}x{height} input")));
     }
     let mut reader = open()?;
     reader.limits(limits);
     reader.decode().map_err(|e| match e {
-        image::ImageError::Limits(l) => PreprocessError::Image(format!("{l}: decoding a {w}x{h} image would take more memory than a {side}x{side} one")),
+        image::ImageError::Limits(l) => {
+            PreprocessError::ImageTooLarge(format!("{l}: decoding a {w}x{h} image would take more memory than a {side}x{side} one"))
+        }
         other => PreprocessError::Image(other.to_string()),
     })
 }

@@ -263,6 +263,10 @@ impl Registry {
 
     fn activate(&self, serving: Arc<Serving>) -> Result<(), RegistryError> {
         let path = self.active_path(&serving.task);
+        // A task that never had an adapter has no directory yet (pinning the base model to it).
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(adaptd_adapters::fsutil::at(dir)).map_err(StoreError::from)?;
+        }
         fsutil::write_atomic(&path, format!("{}\n", serving.version).as_bytes()).map_err(StoreError::from)?;
         let tasks = self.tasks.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         match tasks.get(&serving.task) {

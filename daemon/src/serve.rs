@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::adapt::{self, AdaptConfig};
 use crate::api::mqtt;
 use crate::api::{Api, TaskControl, http};
-use crate::app::{Stage, Supervisor};
+use crate::app::{Parts, Restarts, Stage, Supervisor};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::events::{self, Events, Journal};
@@ -123,6 +123,8 @@ pub async fn run(
     supervisor.spawn_infallible(Stage::Outbound, "events", publisher);
 
     let traffic = Arc::new(crate::traffic::TrafficLog::default());
+    // The long-running parts under supervision (each task's loop, ingest): up, or down and why.
+    let parts = Arc::new(Parts::default());
     // Training: one libtorch owner thread, one adaptation loop per task.
     let (trainer, control, adapt_configs) = match adapt.is_empty() {
         true => (None, BTreeMap::new(), BTreeMap::new()),
@@ -146,7 +148,7 @@ pub async fn run(
                 journal: Journal::new(&config.state_dir.join("journal")),
                 traffic: traffic.clone(),
             };
-            let (control, adapt_configs) = spawn_task_loops(&mut supervisor, &context, &adapt);
+            let (control, adapt_configs) = spawn_task_loops(&mut supervisor, &context, &adapt, &parts);
             (Some(trainer), control, adapt_configs)
         }
     };
@@ -160,7 +162,7 @@ pub async fn run(
         None => None,
     };
     let http_error = |source| ServeError::Http { addr: config.http.listen, source };
-    let listener = tokio::net::TcpListener::bind(config.http.listen).await.map_err(http_error)?;
+    let listener = http::bind(config.http.listen).map_err(http_error)?;
     let addr = listener.local_addr().map_err(http_error)?;
     let token = crate::control::ensure_token(&config.state_dir)?;
     let fleet_control = control.clone();
@@ -170,18 +172,20 @@ pub async fn run(
             .with_auth(token, addr)
             .with_traffic(traffic)
             .with_telemetry(ingest.as_ref().map(|(i, _)| i.stats.clone()), &config.schedule.limits.sysfs_root)
-            .with_link(link.as_ref().map(|l| l.handle().status())),
+            .with_link(link.as_ref().map(|l| l.handle().status()))
+            .with_parts(parts.clone()),
     );
     tracing::info!(%addr, tasks = ?registry.tasks(), "serving");
     if let Some(tx) = bound {
         let _ = tx.send(addr);
     }
-    supervisor.spawn(Stage::Intake, "http", http::serve(listener, api.clone(), supervisor.stopped()));
+    supervisor.spawn(Stage::Intake, "http", http::serve(listener, api.clone(), config.http.limits(), supervisor.stopped()));
     // Operator commands over MQTT for the tasks that adapt (also through HTTP and the CLI).
     if let (Some(link), Some(key_file)) = (link.as_mut(), config.mqtt.commands_key())
         && !adapt.is_empty()
     {
-        let verifier = crate::control::CommandVerifier::from_key_file(key_file, &config.mqtt.device_id)?;
+        let verifier =
+            crate::control::CommandVerifier::from_key_file(key_file, &config.mqtt.device_id)?.remembering(config.state_dir.join(COMMANDS_TAKEN_FILE));
         let inbox = crate::api::commands::subscribe(link, &topics, config.http.max_request_bytes);
         let commands = crate::api::commands::run(api.clone(), inbox, topics.clone(), verifier, events.clone(), supervisor.stopped());
         supervisor.spawn_infallible(Stage::Intake, "mqtt-commands", commands);
@@ -204,7 +208,8 @@ pub async fn run(
         supervisor.spawn_infallible(Stage::Intake, "fleet", crate::fleet::run(parts, supervisor.stopped()));
     }
     if let Some((ingest, inbox)) = ingest {
-        supervisor.spawn_infallible(Stage::Intake, "ingest", ingest.supervise(inbox, supervisor.stopped()));
+        let restarts = Restarts { part: "ingest".into(), task: String::new(), parts: parts.clone(), events: events.clone() };
+        supervisor.spawn_infallible(Stage::Intake, "ingest", ingest.supervise(inbox, restarts, supervisor.stopped()));
     }
     if let Some(link) = link {
         supervisor.spawn_infallible(Stage::Link, "mqtt", link.run(supervisor.links_stopped()));
@@ -229,6 +234,9 @@ pub async fn run(
     shutdown.await;
     stop_in_order(supervisor, trainer, engine, deadline).await
 }
+
+/// The signed MQTT commands taken within their window, kept across restarts (replays refused).
+pub const COMMANDS_TAKEN_FILE: &str = "commands-taken.json";
 
 /// The bundle, the adapter store and the registry over them, every task this device serves
 /// present (the bundle's own classifier, if it has one, as a task named after the bundle).
@@ -293,27 +301,25 @@ fn spawn_watchdog(supervisor: &mut Supervisor, engine: crate::engine::EngineHand
 
 /// One adaptation loop per task, under the supervisor. Returns how the API and the fleet agent
 /// reach each loop, and the senders a configuration reload (SIGHUP) reaches them with.
-fn spawn_task_loops(supervisor: &mut Supervisor, context: &adapt::Context, tasks: &[AdaptConfig]) -> (BTreeMap<String, TaskControl>, Reloads) {
+fn spawn_task_loops(
+    supervisor: &mut Supervisor,
+    context: &adapt::Context,
+    tasks: &[AdaptConfig],
+    parts: &Arc<Parts>,
+) -> (BTreeMap<String, TaskControl>, Reloads) {
     let (mut control, mut reloads) = (BTreeMap::new(), BTreeMap::new());
     for adapt_config in tasks {
         let (commands_tx, commands_rx) = mpsc::channel(8);
         let (installs_tx, installs_rx) = mpsc::channel(1);
         let (config_tx, config_rx) = watch::channel(adapt_config.clone());
         reloads.insert(adapt_config.task.clone(), config_tx);
-        let (status_tx, status_rx) = watch::channel(adapt::Status {
-            task: adapt_config.task.clone(),
-            scheduler: crate::scheduler::SchedulerState::Idle,
-            // What recovery chose serves from the start: the loop's first tick is later.
-            serving_version: context.registry.current(&adapt_config.task).map_or(0, |s| s.version),
-            jobs: BTreeMap::new(),
-            last_decision: None,
-            progress: None,
-            samples: 0,
-            new_samples: 0,
-        });
+        // What recovery chose serves from the start: the loop's first tick is later.
+        let serving_version = context.registry.current(&adapt_config.task).map_or(0, |s| s.version);
+        let (status_tx, status_rx) = watch::channel(adapt::Status::starting(&adapt_config.task, serving_version));
         control.insert(adapt_config.task.clone(), TaskControl { commands: commands_tx, installs: installs_tx, status: status_rx });
-        let task_loop = adapt::run(context.clone(), config_rx, commands_rx, installs_rx, status_tx, supervisor.stopped());
-        supervisor.spawn(Stage::Loops, format!("loop:{}", adapt_config.task), task_loop);
+        let channels = adapt::Channels { configs: config_rx, commands: commands_rx, installs: installs_rx, status: status_tx };
+        let task_loop = adapt::run(context.clone(), channels, parts.clone(), supervisor.stopped());
+        supervisor.spawn_infallible(Stage::Loops, adapt::part_name(&adapt_config.task), task_loop);
     }
     (control, reloads)
 }

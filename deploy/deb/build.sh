@@ -28,6 +28,7 @@ install -D -m 0644 "$root/config/adaptd.toml" "$stage/etc/adaptd/adaptd.toml"
 for f in "$root"/config/examples/*.toml; do install -D -m 0644 "$f" "$stage/usr/share/doc/adaptd/examples/$(basename "$f")"; done
 install -D -m 0644 "$root/README.md" "$stage/usr/share/doc/adaptd/README.md"
 install -D -m 0644 "$root/deploy/jetson/README.md" "$stage/usr/share/doc/adaptd/jetson.md"
+install -D -m 0644 "$root/deploy/mosquitto/adaptd.conf" "$stage/usr/share/doc/adaptd/examples/mosquitto-adaptd.conf"
 install -D -m 0644 "$root/docs/protocol.md" "$stage/usr/share/doc/adaptd/protocol.md"
 install -d -m 0755 "$stage/usr/lib/adaptd"
 cat > "$stage/usr/share/doc/adaptd/copyright" <<COPY

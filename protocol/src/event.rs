@@ -228,6 +228,22 @@ pub enum Event {
     ConfigRefused {
         reason: String,
     },
+    /// A long-running part of the daemon (`loop:<task>`, `ingest`) stopped on an error or a
+    /// panic; the daemon keeps serving and restarts the part after `restart_in_s`.
+    PartDown {
+        part: String,
+        reason: String,
+        restart_in_s: u64,
+        /// Restarts so far.
+        restarts: u64,
+    },
+    /// The part runs again (`after`: why it had stopped). If the fault is still there it stops
+    /// again, and the next wait is longer.
+    PartRestarted {
+        part: String,
+        restarts: u64,
+        after: String,
+    },
     CommandResult {
         command: String,
         ok: bool,
@@ -262,6 +278,8 @@ impl Event {
             Event::Rollout { .. } => "rollout",
             Event::ConfigReloaded { .. } => "config_reloaded",
             Event::ConfigRefused { .. } => "config_refused",
+            Event::PartDown { .. } => "part_down",
+            Event::PartRestarted { .. } => "part_restarted",
             Event::CommandResult { .. } => "command_result",
         }
     }

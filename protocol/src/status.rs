@@ -94,9 +94,27 @@ pub struct TaskStatus {
     /// Labelled samples stored for the task, and how many arrived since the last job started.
     pub samples: u64,
     pub new_samples: u64,
+    /// The task's loop stopped on an error and waits for its restart: why. Serving goes on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down: Option<String>,
 }
 
 impl TaskStatus {
+    /// A task as its loop starts: nothing done yet, `serving_version` serving.
+    pub fn starting(task: &str, serving_version: u64) -> TaskStatus {
+        TaskStatus {
+            task: task.to_string(),
+            scheduler: SchedulerState::Idle,
+            serving_version,
+            jobs: BTreeMap::new(),
+            last_decision: None,
+            progress: None,
+            samples: 0,
+            new_samples: 0,
+            down: None,
+        }
+    }
+
     /// Jobs that reached an outcome (every count but `started`).
     pub fn finished_jobs(&self) -> u64 {
         self.jobs.iter().filter(|(k, _)| k.as_str() != "started").map(|(_, v)| v).sum()
@@ -112,7 +130,7 @@ pub fn render_statuses(statuses: &[TaskStatus], now_ms: u64) -> String {
             "{:<16} {:>8} {:<34} {:>9} {:>6}  {}\n",
             s.task,
             format!("v{}", s.serving_version),
-            truncate(&s.scheduler.describe(now_ms), 34),
+            truncate(&s.down.as_ref().map_or_else(|| s.scheduler.describe(now_ms), |why| format!("down: {why}")), 34),
             s.samples,
             s.new_samples,
             jobs.join(", ")
@@ -177,6 +195,7 @@ mod tests {
             progress: Some((12, 100)),
             samples: 1200,
             new_samples: 40,
+            down: None,
         }
     }
 
@@ -193,5 +212,12 @@ mod tests {
         assert!(lines[2].contains("last: promoted: accuracy 0.8 -> 0.9"), "{table}");
         assert!(lines[3].contains("backoff: 2 failed, next in 30 s"), "{table}");
         assert_eq!(training.finished_jobs(), 4);
+
+        let down = TaskStatus { down: Some("sample store: database or disk is full".into()), ..status(SchedulerState::Idle) };
+        let json = serde_json::to_value(&down).unwrap();
+        assert_eq!(json["down"], "sample store: database or disk is full");
+        assert_eq!(serde_json::from_value::<TaskStatus>(json).unwrap(), down);
+        assert!(render_statuses(&[down], 0).lines().nth(1).unwrap().contains("down: sample store: database or"));
+        assert!(serde_json::to_value(status(SchedulerState::Idle)).unwrap().get("down").is_none(), "absent while up");
     }
 }

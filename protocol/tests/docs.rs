@@ -79,6 +79,8 @@ fn examples() -> Vec<Event> {
         },
         Event::ConfigReloaded { applied: vec![], needs_restart: vec![] },
         Event::ConfigRefused { reason: s() },
+        Event::PartDown { part: s(), reason: s(), restart_in_s: 1, restarts: 0 },
+        Event::PartRestarted { part: s(), restarts: 1, after: s() },
         Event::CommandResult { command: s(), ok: true, by: s(), message: s(), via: s() },
     ]
 }
@@ -110,6 +112,8 @@ fn variant_has_an_example(e: &Event) {
         | Event::Rollout { .. }
         | Event::ConfigReloaded { .. }
         | Event::ConfigRefused { .. }
+        | Event::PartDown { .. }
+        | Event::PartRestarted { .. }
         | Event::CommandResult { .. } => {}
     }
 }

@@ -436,7 +436,7 @@ async fn operators_command_over_mqtt_with_signed_messages_and_read_the_answers_a
     let mut config = daemon_config(broker.port, state.path(), "tiny", 1_000);
     assert!(!config.mqtt.commands, "MQTT commands are off by default");
     (config.mqtt.commands, config.mqtt.commands_key_file) = (true, key_file);
-    let (stop, _, daemon) = crate::serve_in_process(config).await;
+    let (stop, _, daemon) = crate::serve_in_process(config.clone()).await;
     let port = broker.port;
     let signed = |command: &str, version: Option<u64>, key: &[u8]| {
         let issued = adaptd_daemon::events::now_ms();
@@ -444,6 +444,7 @@ async fn operators_command_over_mqtt_with_signed_messages_and_read_the_answers_a
         json!({ "command": command, "version": version, "by": "alice", "issued_ms": issued, "signature": adaptd_daemon::control::sign(key, &text) }).to_string()
     };
     let train = signed("train", None, &key);
+    let captured = train.clone();
     let messages = vec![
         train.clone(),
         signed("fly", None, &key),
@@ -452,7 +453,7 @@ async fn operators_command_over_mqtt_with_signed_messages_and_read_the_answers_a
         signed("pin", Some(0), b"somebody else's key"),
         train,
     ];
-    let results = tokio::task::spawn_blocking(move || {
+    let (results, events) = tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_millis(500));
         for message in messages {
             publish(port, "adaptd/v1/robot-3/commands/tiny", &[message]);
@@ -463,7 +464,7 @@ async fn operators_command_over_mqtt_with_signed_messages_and_read_the_answers_a
         loop {
             let results: Vec<Value> = events.events().into_iter().filter(|e| e["event"] == "command_result").collect();
             if results.len() == 6 || Instant::now() > deadline {
-                return results;
+                return (results, events);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -481,6 +482,28 @@ async fn operators_command_over_mqtt_with_signed_messages_and_read_the_answers_a
         assert!(refused.iter().any(|m| m.contains(why)), "{why}: {refused:?}");
     }
     assert!(results.iter().all(|r| r["task"] == "tiny" && r["via"] == "mqtt"));
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("shuts down in time").unwrap().unwrap();
+
+    // The command captured from the topic, published again after a restart within its window:
+    // still a replay.
+    let (stop, _, daemon) = crate::serve_in_process(config).await;
+    let after_restart = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        publish(port, "adaptd/v1/robot-3/commands/tiny", &[captured]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let results: Vec<Value> = events.events().into_iter().filter(|e| e["event"] == "command_result").collect();
+            if results.len() == 7 || Instant::now() > deadline {
+                return results.last().cloned();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(after_restart["ok"] == false && after_restart["message"].as_str().unwrap().contains("replay"), "{after_restart}");
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("shuts down in time").unwrap().unwrap();
 }

@@ -60,7 +60,7 @@ async fn http_predicts_and_refuses_bad_requests_with_reasons() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(http::serve(listener, served.api.clone(), async {
+    let server = tokio::spawn(http::serve(listener, served.api.clone(), http::ServerLimits::default(), async {
         let _ = stopped.await;
     }));
 
@@ -256,4 +256,127 @@ fn png_and_jpeg_digits_answer_like_their_tensors_and_broken_images_are_refused()
     let minilm = Bundle::open(reference_bundle("minilm")).unwrap();
     let err = wire::decode(&jpeg, Some("image/jpeg"), &minilm.manifest, None, 1 << 20).unwrap_err();
     assert!(err.to_string().contains("takes text input, not images"), "{err}");
+}
+
+/// A raw HTTP exchange on a connection of its own: the status code, or None when the server
+/// closed the connection without answering.
+fn raw_request(addr: std::net::SocketAddr, request: &[u8], wait: Duration) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(wait)).unwrap();
+    stream.write_all(request).ok()?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    std::str::from_utf8(&answer).ok()?.split(' ').nth(1)?.parse().ok()
+}
+
+/// True once the server has closed `stream` (a read returns end of file).
+fn closed_by_server(mut stream: &std::net::TcpStream) -> bool {
+    use std::io::Read;
+    stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    match stream.read(&mut [0u8; 64]) {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    }
+}
+
+/// Slow, idle and lying clients, as any local user can make them: a flood of idle connections
+/// and of half-sent headers does not stop `/healthz` or predict from answering, the server
+/// closes them after its header timeout, a body announced past the limit is refused from its
+/// `Content-Length` before it is read, a body that never arrives is answered 408 after the body
+/// timeout, and past the connection limit a new connection is closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_slow_and_lying_clients_are_timed_out_and_serving_goes_on() {
+    // The flood's descriptors: client and server ends in this one process.
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+    let flood = (limit.rlim_cur as usize / 2).saturating_sub(200).min(2000);
+    assert!(flood >= 400, "too few descriptors for the flood: {limit:?}", limit = limit.rlim_cur);
+    let served = serve_digits(64 * 1024);
+    let header_timeout = Duration::from_secs(5);
+    let limits = http::ServerLimits { header_timeout, body_timeout: Duration::from_secs(1), max_connections: flood + 64 };
+    let listener = http::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(http::serve(listener, served.api.clone(), limits, async {
+        let _ = stopped.await;
+    }));
+    let api = served.api.clone();
+    let body = digit_json();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        // Half idle, half a request's first line and no more.
+        let held: Vec<std::net::TcpStream> = (0..flood)
+            .map(|i| {
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                if i % 2 == 1 {
+                    s.write_all(b"POST /v1/tasks/sorter/predict HTTP/1.1\r\nHost: x\r\n").unwrap();
+                }
+                s
+            })
+            .collect();
+        let started = Instant::now();
+        while api.connections().open.load(std::sync::atomic::Ordering::Relaxed) < flood as u64 {
+            assert!(
+                started.elapsed() < Duration::from_secs(4),
+                "the server did not take the flood: {} of {flood} open",
+                api.connections().open.load(std::sync::atomic::Ordering::Relaxed)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let all_open = Instant::now();
+        let predict = format!(
+            "POST /v1/tasks/sorter/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        for _ in 0..10 {
+            assert_eq!(raw_request(addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", Duration::from_secs(5)), Some(200));
+            assert_eq!(raw_request(addr, predict.as_bytes(), Duration::from_secs(5)), Some(200));
+        }
+
+        // A 2 GB body announced, 100 bytes sent: refused at once, from the header.
+        let started = Instant::now();
+        let lying = format!("POST /v1/tasks/sorter/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000000\r\n\r\n{}", "x".repeat(100));
+        assert_eq!(raw_request(addr, lying.as_bytes(), Duration::from_secs(5)), Some(413));
+        assert!(started.elapsed() < Duration::from_secs(1), "refused before the body timeout: {:?}", started.elapsed());
+        // 1,000 bytes announced, 10 sent: 408 once the body timeout passes.
+        let slow = "POST /v1/tasks/sorter/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789";
+        assert_eq!(raw_request(addr, slow.as_bytes(), Duration::from_secs(5)), Some(408));
+        assert_eq!(api.connections().body_timeouts.load(std::sync::atomic::Ordering::Relaxed), 1);
+
+        // Past the header timeout every flooding connection is closed by the server.
+        std::thread::sleep((header_timeout + Duration::from_millis(1500)).saturating_sub(all_open.elapsed()));
+        let still_open = held.iter().filter(|s| !closed_by_server(s)).count();
+        assert_eq!(still_open, 0, "of {flood} idle and half-sent connections");
+        let started = Instant::now();
+        while api.connections().open.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            assert!(started.elapsed() < Duration::from_secs(5), "connections not released");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+
+        // Past the connection limit a new connection is closed at once, and counted.
+        let mut at_limit: Vec<std::net::TcpStream> = (0..flood + 64).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+        while api.connections().open.load(std::sync::atomic::Ordering::Relaxed) < (flood + 64) as u64 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let one_more = std::net::TcpStream::connect(addr).unwrap();
+        assert!(closed_by_server(&one_more), "a connection past the limit is closed at once");
+        assert!(api.connections().refused.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+        drop(at_limit.drain(..));
+    })
+    .await
+    .unwrap();
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(10), server).await.expect("the server stops").unwrap().unwrap();
 }

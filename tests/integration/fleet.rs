@@ -1,6 +1,7 @@
 //! The fleet's adapter repository as an operator makes it with the CLI and as a device reads it
 //! with another implementation: python-tuf's reference client, over HTTP.
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -151,8 +152,11 @@ impl Nginx {
         );
         std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
         let nginx = if Path::new("/usr/sbin/nginx").exists() { "/usr/sbin/nginx".to_string() } else { "nginx".to_string() };
+        // A process group of its own: the master and its workers are stopped together, however
+        // the test ends (killing only the master leaves its workers running, orphaned).
         let child = Command::new(nginx)
             .args(["-p", dir.path().to_str().unwrap(), "-c", dir.path().join("nginx.conf").to_str().unwrap()])
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -177,7 +181,8 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // The group's id is the master's pid (process_group(0)): master and workers at once.
+        unsafe { libc::killpg(self.child.id() as libc::pid_t, libc::SIGKILL) };
         let _ = self.child.wait();
     }
 }
@@ -748,4 +753,43 @@ async fn a_repository_behind_a_private_ca_is_fetched_over_https_with_its_certifi
     assert!(fetched.dir.join("head.safetensors").exists());
     let e = fetch(&device_source(dir.path(), &repo, &nginx, "untrusting"), "sorter", 1, Arc::new(Progress::default())).await.unwrap_err();
     assert_eq!((e.refused, e.reason), (false, "unreachable"), "{e}");
+}
+
+/// The processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            // "pid (comm) state ppid ...": the command may hold spaces, so split after its ')'.
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok()) == Some(pid)
+        })
+        .collect()
+}
+
+/// A test's nginx goes away whole: its workers with its master, none left orphaned.
+#[test]
+fn a_stopped_nginx_leaves_no_worker_behind() {
+    let root = tempfile::tempdir().unwrap();
+    let nginx = Nginx::start(root.path());
+    let master = nginx.child.id();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let workers = loop {
+        let workers = children_of(master);
+        if !workers.is_empty() {
+            break workers;
+        }
+        assert!(Instant::now() < deadline, "nginx started no worker");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    drop(nginx);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while workers
+        .iter()
+        .any(|w| Path::new(&format!("/proc/{w}")).exists() && !std::fs::read_to_string(format!("/proc/{w}/stat")).unwrap_or_default().contains(") Z"))
+    {
+        assert!(Instant::now() < deadline, "nginx workers {workers:?} outlived their master");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

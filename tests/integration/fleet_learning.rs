@@ -49,27 +49,6 @@ async fn five_devices_with_their_own_shifts_train_offer_and_the_aggregate_beats_
     std::fs::create_dir_all(&offers_dir).unwrap();
     let nginx = Nginx::start_with(&www, "location /offers/ { dav_methods PUT; create_full_put_path on; client_max_body_size 64m; }");
 
-    // The shipped configuration, but for where things are, a LoRA adapter, and one job once a
-    // device's samples have settled.
-    let mut daemons = Vec::new();
-    let mut states = Vec::new();
-    for (device, ..) in DEVICES {
-        let state = tempfile::tempdir().unwrap();
-        let mut config = adaptd_daemon::config::Config { bundle: reference_bundle("digits-cnn"), state_dir: state.path().to_path_buf(), ..Default::default() };
-        config.http.listen = "127.0.0.1:0".parse().unwrap();
-        (config.mqtt.host, config.mqtt.port, config.mqtt.device_id) = ("127.0.0.1".into(), port, device.into());
-        config.ingest.tasks = vec!["sorter".into()];
-        (config.schedule.trigger.min_new_samples, config.schedule.trigger.settle, config.schedule.tick) =
-            (0, Duration::from_secs(2), Duration::from_millis(100));
-        (config.schedule.limits.max_cpu_percent, config.schedule.limits.min_available_mb) = (100.0, 0);
-        config.training.adapter = adaptd_daemon::adapt::AdapterChoice::Lora;
-        config.fleet.repository = format!("{}repo/", nginx.url());
-        config.fleet.root_file = repo.join("metadata/1.root.json");
-        // Rounds' offers go into the same directory, as a shared mount.
-        config.fleet.offers = offers_dir.to_str().unwrap().to_string();
-        daemons.push(crate::serve_in_process(config).await);
-        states.push(state);
-    }
     let trained: Vec<Vec<usize>> = DEVICES
         .iter()
         .map(|(_, _, halved, missing)| {
@@ -85,6 +64,28 @@ async fn five_devices_with_their_own_shifts_train_offer_and_the_aggregate_beats_
                 .collect()
         })
         .collect();
+    // The shipped configuration, but for where things are, a LoRA adapter, and one job once all
+    // of a device's samples are in (not once they pause: under the whole suite's load a pause
+    // can come mid-burst, and a job on part of the samples may rightly be refused by the gate).
+    let mut daemons = Vec::new();
+    let mut states = Vec::new();
+    for ((device, ..), samples) in DEVICES.iter().zip(&trained) {
+        let state = tempfile::tempdir().unwrap();
+        let mut config = adaptd_daemon::config::Config { bundle: reference_bundle("digits-cnn"), state_dir: state.path().to_path_buf(), ..Default::default() };
+        config.http.listen = "127.0.0.1:0".parse().unwrap();
+        (config.mqtt.host, config.mqtt.port, config.mqtt.device_id) = ("127.0.0.1".into(), port, (*device).into());
+        config.ingest.tasks = vec!["sorter".into()];
+        (config.schedule.trigger.min_new_samples, config.schedule.trigger.settle, config.schedule.tick) =
+            (samples.len() as u64, Duration::ZERO, Duration::from_millis(100));
+        (config.schedule.limits.max_cpu_percent, config.schedule.limits.min_available_mb) = (100.0, 0);
+        config.training.adapter = adaptd_daemon::adapt::AdapterChoice::Lora;
+        config.fleet.repository = format!("{}repo/", nginx.url());
+        config.fleet.root_file = repo.join("metadata/1.root.json");
+        // Rounds' offers go into the same directory, as a shared mount.
+        config.fleet.offers = offers_dir.to_str().unwrap().to_string();
+        daemons.push(crate::serve_in_process(config).await);
+        states.push(state);
+    }
     let clients: Vec<adaptd::client::Client> = daemons.iter().map(|(_, addr, _)| adaptd::client::Client::new(*addr)).collect();
     let lines: Vec<(String, Vec<String>)> = DEVICES
         .iter()

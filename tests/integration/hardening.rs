@@ -54,6 +54,7 @@ fn overflowing_shapes_and_image_bombs_are_refused_fast() {
     let e = decode_sample(json.as_bytes(), &schema, 0).unwrap_err();
     assert_eq!(e.error_type(), "bad_image", "{e}");
     assert!(e.to_string().contains("1024x1024"), "says what is taken: {e}");
+    assert!(e.to_string().contains("too large") && !e.to_string().contains("does not decode"), "says it is a size refusal: {e}");
     let e = wire::decode(&bomb, Some("image/png"), manifest, None, 1 << 20).unwrap_err();
     assert_eq!(e.error_type(), "bad_input", "{e}");
     assert!(e.to_string().contains("20000"), "{e}");
@@ -111,12 +112,13 @@ async fn poison_over_mqtt_is_refused_acked_and_the_stream_behind_it_flows() {
     let refused = stats.refused();
     assert_eq!((refused.get("too_large"), refused.get("bad_input"), refused.get("conflicting_label")), (Some(&1), Some(&1), Some(&1)), "{refused:?}");
     assert_eq!(store.lock().unwrap().get("after:7").unwrap().unwrap().sample.label, "left");
-    assert_eq!(stats.restarts.load(Ordering::Relaxed), 0, "nothing panicked");
+    assert_eq!(stats.duplicates.load(Ordering::Relaxed), 0, "a conflict is a refusal, not also a duplicate; a redelivery is not a sender's duplicate");
+    let parts = running.parts.clone();
+    assert_eq!(parts.get("ingest").map(|s| s.restarts), Some(0), "nothing panicked");
     assert!(events.contains("too_large") && events.contains("5243"), "the refusal is announced with the size: {events}");
     assert!(events.contains("conflicting_label") && events.contains("sorter/right"), "{events}");
-    assert!(stats.connected.load(Ordering::Relaxed) && stats.running.load(Ordering::Relaxed));
+    assert!(stats.connected.load(Ordering::Relaxed) && parts.get("ingest").unwrap().up);
     running.stop().await;
-    assert!(!stats.running.load(Ordering::Relaxed));
 
     // Acknowledged: a new session under the same client id gets none of it redelivered.
     let again = crate::ingest::start_ingest_into(broker.port, "adaptd-ingest-poison", 16 * 1024, tempfile::tempdir().unwrap());
@@ -173,7 +175,7 @@ async fn missing_tls_files_leave_ingest_waiting_while_serving_goes_on() {
     .await
     .unwrap();
     assert!(ready.0 == 200 && ready.1.contains("ingest: waiting for the broker"), "{ready:?}");
-    assert!(metrics.lines().any(|l| l == "adaptd_ingest_connected 0") && metrics.lines().any(|l| l == "adaptd_ingest_running 1"), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "adaptd_ingest_connected 0") && metrics.lines().any(|l| l == "adaptd_part_up{part=\"ingest\"} 1"), "{metrics}");
     assert_eq!(answer.status, 200, "serving goes on: {:?}", answer.body);
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(20), daemon).await.expect("stops in time").unwrap().unwrap();
@@ -187,7 +189,7 @@ async fn missing_tls_files_leave_ingest_waiting_while_serving_goes_on() {
 async fn a_store_failure_restarts_ingest_and_the_broker_redelivers_what_it_held() {
     let broker = Mosquitto::start();
     let running = crate::ingest::start_ingest_into(broker.port, "adaptd-ingest-store-fails", 16 * 1024, tempfile::tempdir().unwrap());
-    let (store, stats) = (running.store.clone(), running.stats.clone());
+    let (store, stats, parts) = (running.store.clone(), running.stats.clone(), running.parts.clone());
     let db = running.dir.path().join("samples.db");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !stats.connected.load(Ordering::Relaxed) {
@@ -207,7 +209,7 @@ async fn a_store_failure_restarts_ingest_and_the_broker_redelivers_what_it_held(
     crate::adapt::publish(broker.port, "adaptd/v1/robot-7/samples/sorter", &lines); // the broker took every sample
 
     let deadline = Instant::now() + Duration::from_secs(10);
-    while stats.running.load(Ordering::Relaxed) {
+    while parts.get("ingest").unwrap().up {
         assert!(Instant::now() < deadline, "ingest did not stop on the store's error");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -218,7 +220,8 @@ async fn a_store_failure_restarts_ingest_and_the_broker_redelivers_what_it_held(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(store.lock().unwrap().len().unwrap(), 40, "each sample once");
-    assert!(stats.restarts.load(Ordering::Relaxed) >= 1 && stats.running.load(Ordering::Relaxed));
+    let ingest = parts.get("ingest").unwrap();
+    assert!(ingest.restarts >= 1 && ingest.up, "{ingest:?}");
     running.stop_after_restarts().await;
 }
 

@@ -29,6 +29,8 @@ pub struct RunningIngest {
     pub dir: tempfile::TempDir,
     pub store: Arc<Mutex<SampleStore>>,
     pub stats: Arc<IngestStats>,
+    /// Whether ingest is up, and its restarts (as `/readyz` and `/metrics` read them).
+    pub parts: Arc<adaptd_daemon::app::Parts>,
     pub events_topic: String,
     stop: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -37,7 +39,7 @@ pub struct RunningIngest {
 impl RunningIngest {
     /// Stop ingest, then the link, as the daemon does; nothing may have failed on the way.
     pub async fn stop(self) {
-        assert_eq!(self.stats.restarts.load(Ordering::Relaxed), 0, "ingest never stopped on an error or a panic");
+        assert_eq!(self.parts.get("ingest").map(|s| s.restarts), Some(0), "ingest never stopped on an error or a panic");
         self.stop_after_restarts().await;
     }
 
@@ -68,15 +70,18 @@ pub fn start_ingest_into(port: u16, client_id: &str, max_payload_bytes: usize, d
     let events_topic = config.events_topic();
     let (ingest, inbox) = Ingest::on_link(&mut link, config, store.clone(), Arc::new(bundle.manifest.clone()), vec!["sorter".into()]);
     let stats = ingest.stats.clone();
+    let parts = Arc::new(adaptd_daemon::app::Parts::default());
+    let (events, _) = adaptd_daemon::events::Events::channel();
+    let restarts = adaptd_daemon::app::Restarts { part: "ingest".into(), task: String::new(), parts: parts.clone(), events };
     let stop = tokio_util::sync::CancellationToken::new();
     let (ingest_stop, link_stop) = (stop.clone(), tokio_util::sync::CancellationToken::new());
     let task = tokio::spawn(async move {
         let link = tokio::spawn(link.run(link_stop.clone().cancelled_owned()));
-        ingest.supervise(inbox, ingest_stop.cancelled_owned()).await;
+        ingest.supervise(inbox, restarts, ingest_stop.cancelled_owned()).await;
         link_stop.cancel();
         link.await.unwrap();
     });
-    RunningIngest { dir, store, stats, events_topic, stop, task }
+    RunningIngest { dir, store, stats, parts, events_topic, stop, task }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,4 +442,42 @@ fn image_samples_are_decoded_by_the_bundles_preprocessing_or_refused_with_the_re
     let text_only = safetensors::serialize(Vec::<(&str, safetensors::tensor::TensorView<'_>)>::new(), Some(meta)).unwrap();
     let err = decode_sample(&text_only, &schema, 0).unwrap_err();
     assert!(err.to_string().contains("does not take text"), "{err}");
+}
+
+/// The shipped broker settings (`deploy/mosquitto/adaptd.conf`) hold a fast burst: 20,000
+/// samples published at QoS 1 as fast as one client can, each acknowledged to the sender by the
+/// broker, all land in the store. With Mosquitto's default queue of 1,000 messages per client
+/// most of such a burst is dropped at the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_broker_settings_hold_a_burst_of_20000_samples() {
+    const SAMPLES: usize = 20_000;
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/mosquitto/adaptd.conf")).unwrap();
+    let broker = Mosquitto::start_with(&shipped);
+    let running = start_ingest(broker.port, "adaptd-ingest-burst");
+    let (stats, store) = (running.stats.clone(), running.store.clone());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stats.connected.load(Ordering::Relaxed) {
+        assert!(Instant::now() < deadline, "ingest did not subscribe");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let port = broker.port;
+    tokio::task::spawn_blocking(move || {
+        let lines: Vec<String> = (0..SAMPLES).map(|i| digit_sample(&format!("burst:{i}"), "sorter", ["left", "right", "stop"][i % 3])).collect();
+        let mut publish = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", "adaptd/v1/robot-7/samples/sorter", "-l"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        publish.stdin.take().unwrap().write_all((lines.join("\n") + "\n").as_bytes()).unwrap();
+        assert!(publish.wait().unwrap().success(), "every publish acknowledged by the broker");
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while stats.stored.load(Ordering::Relaxed) < SAMPLES as u64 {
+        assert!(Instant::now() < deadline, "{} of {SAMPLES} stored", stats.stored.load(Ordering::Relaxed));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(store.lock().unwrap().len().unwrap(), SAMPLES as u64, "each sample once");
+    running.stop().await;
 }

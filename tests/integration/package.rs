@@ -23,6 +23,7 @@ fn the_deb_installs_the_binary_unit_config_and_docs() {
         "./etc/adaptd/adaptd.toml",
         "./usr/share/doc/adaptd/jetson.md",
         "./usr/share/doc/adaptd/examples/jetson-orin-nano.toml",
+        "./usr/share/doc/adaptd/examples/mosquitto-adaptd.conf",
     ] {
         assert!(contents.lines().any(|l| l.ends_with(path)), "{path} in\n{contents}");
     }

@@ -139,6 +139,13 @@ fn pin_zero_serves_the_base_model() {
     let (reg, _) = open(dir.path(), 5);
     assert_eq!(reg.current("sorter").unwrap().version, 0, "the pin survives a restart");
     assert_eq!(reg.pin("sorter", 1).unwrap().version, 1, "and v1 can be pinned back");
+
+    // A task that never had an adapter (no directory of its own yet) takes the pin too.
+    reg.ensure_task("inspector").unwrap();
+    assert_eq!(reg.pin("inspector", 0).unwrap().version, 0);
+    drop(reg);
+    let (reg, _) = open(dir.path(), 5);
+    assert_eq!(reg.current("inspector").unwrap().version, 0);
 }
 
 /// An unusable `active` pointer (garbage, not UTF-8, a version not on disk, missing) serves the

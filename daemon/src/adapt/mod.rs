@@ -279,16 +279,49 @@ fn as_refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-/// The loop for one task, until `shutdown`. `configs` carries its settings; a new value (a
-/// configuration reload) applies from the next tick.
-pub async fn run(
-    ctx: Context,
-    mut configs: channel::Receiver<AdaptConfig>,
-    commands: mpsc::Receiver<Command>,
-    installs: mpsc::Receiver<Install>,
-    status: channel::Sender<Status>,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), AdaptError> {
-    let config = configs.borrow_and_update().clone();
-    task_loop::TaskLoop::open(ctx, config, status)?.run(configs, commands, installs, shutdown).await
+/// The name a task's loop goes by under supervision (`/readyz`, metrics, `part_down` events).
+pub fn part_name(task: &str) -> String {
+    format!("loop:{task}")
+}
+
+/// How the rest of the daemon reaches a task's loop: kept across its restarts, so the API, the
+/// fleet agent and a reload reach whichever run of the loop is current.
+pub struct Channels {
+    /// Its settings; a new value (a configuration reload) applies from the next tick.
+    pub configs: channel::Receiver<AdaptConfig>,
+    pub commands: mpsc::Receiver<Command>,
+    pub installs: mpsc::Receiver<Install>,
+    pub status: channel::Sender<Status>,
+}
+
+/// The loop for one task, until `shutdown`, under supervision: a run that stops on an error (the
+/// sample store on a full disk, say) or a panic is shown down (its status, `parts`, a
+/// `part_down` event) and restarted with backoff, and serving goes on meanwhile. The restart
+/// reads the task's state again from the store, the registry and the journal.
+pub async fn run(ctx: Context, channels: Channels, parts: Arc<crate::app::Parts>, shutdown: impl Future<Output = ()>) {
+    let Channels { configs, commands, installs, status } = channels;
+    let status = Arc::new(status);
+    let task = configs.borrow().task.clone();
+    let receivers = Arc::new(tokio::sync::Mutex::new((configs, commands, installs)));
+    let restarts = crate::app::Restarts { part: part_name(&task), task, parts, events: ctx.events.clone() };
+    let start = |stop: tokio_util::sync::CancellationToken| {
+        let (ctx, status, receivers) = (ctx.clone(), status.clone(), receivers.clone());
+        async move {
+            let mut receivers = receivers.lock_owned().await;
+            let (configs, commands, installs) = &mut *receivers;
+            let config = configs.borrow_and_update().clone();
+            task_loop::TaskLoop::open(ctx, config, status)?.run(configs, commands, installs, stop.cancelled_owned()).await
+        }
+    };
+    let shown = status.clone();
+    crate::app::restarting(restarts, shutdown, start, |change| match change {
+        // What the stopped run last published no longer holds (a job it was running is gone).
+        crate::app::PartChange::Down(reason) => shown.send_modify(|s| {
+            s.down = Some(reason.to_string());
+            s.scheduler = crate::scheduler::SchedulerState::Idle;
+            s.progress = None;
+        }),
+        crate::app::PartChange::Restarting => shown.send_modify(|s| s.down = None),
+    })
+    .await;
 }

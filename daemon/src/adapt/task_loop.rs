@@ -56,10 +56,40 @@ pub(super) struct TaskLoop {
     watch: RollbackWatch<Arc<Serving>>,
     jobs: BTreeMap<String, u64>,
     last_decision: Option<String>,
-    status: watch::Sender<Status>,
+    status: Arc<watch::Sender<Status>>,
     over_budget_reported: bool,
     /// A fleet-learning round to train next (the `train` policy).
     round: Option<Round>,
+    /// The steps of a tick that retry on the next one, and what they last failed with.
+    failing: TickSteps,
+}
+
+#[derive(Default)]
+struct TickSteps {
+    embeddings: Failing,
+    fresh: Failing,
+}
+
+/// A step that is retried every tick: its failure is logged when it starts and when its reason
+/// changes, and its recovery once, not every tick (a full disk would otherwise log every second).
+#[derive(Default)]
+struct Failing(Option<String>);
+
+impl Failing {
+    fn report<T>(&mut self, task: &str, step: &str, result: Result<T, AdaptError>) {
+        match (result, &self.0) {
+            (Ok(_), None) => {}
+            (Ok(_), Some(_)) => {
+                tracing::info!(task, "can {step} again");
+                self.0 = None;
+            }
+            (Err(e), Some(before)) if *before == e.to_string() => {}
+            (Err(e), _) => {
+                tracing::warn!(task, error = %e, "could not {step}; retrying every tick (logged again only when the reason changes)");
+                self.0 = Some(e.to_string());
+            }
+        }
+    }
 }
 
 /// A fleet-learning round: the next job starts from the release's adapter instead of what
@@ -71,7 +101,7 @@ struct Round {
 }
 
 impl TaskLoop {
-    pub fn open(ctx: Context, config: AdaptConfig, status: watch::Sender<Status>) -> Result<TaskLoop, AdaptError> {
+    pub fn open(ctx: Context, config: AdaptConfig, status: Arc<watch::Sender<Status>>) -> Result<TaskLoop, AdaptError> {
         let task = config.task.clone();
         let store = SampleStore::open(&ctx.store_path, ctx.split)?;
         let retention = ctx.registry.bundle().retention()?;
@@ -90,6 +120,7 @@ impl TaskLoop {
             status,
             over_budget_reported: false,
             round: None,
+            failing: TickSteps::default(),
             ctx,
             config,
             task,
@@ -106,9 +137,9 @@ impl TaskLoop {
     /// thresholds, device limits, the gate and the recipe of later jobs.
     pub async fn run(
         mut self,
-        mut configs: watch::Receiver<AdaptConfig>,
-        mut commands: mpsc::Receiver<Command>,
-        mut installs: mpsc::Receiver<Install>,
+        configs: &mut watch::Receiver<AdaptConfig>,
+        commands: &mut mpsc::Receiver<Command>,
+        installs: &mut mpsc::Receiver<Install>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), AdaptError> {
         let mut ticker = tokio::time::interval(self.config.schedule.tick);
@@ -139,7 +170,7 @@ impl TaskLoop {
             let trigger = if self.round.is_some() { Trigger::Fleet } else { trigger };
             self.start_job()?;
             let span = tracing::info_span!("job", task = %self.task, ?trigger);
-            let result = self.run_job(trigger, &mut shutdown, &mut commands).instrument(span).await;
+            let result = self.run_job(trigger, &mut shutdown, commands).instrument(span).await;
             if !self.finish(result)? {
                 return Ok(());
             }
@@ -168,13 +199,11 @@ impl TaskLoop {
             self.over_budget_reported = e.at_reservoir;
         }
         // 1. Embeddings for new samples, from the engine (base model, no adapter).
-        if let Err(e) = fill_embeddings(&self.ctx, &self.store, &task).await {
-            tracing::warn!(task, error = %e, "could not cache embeddings; retrying next tick");
-        }
+        let cached = fill_embeddings(&self.ctx, &self.store, &task).await;
+        self.failing.embeddings.report(&task, "cache embeddings", cached);
         // 2. The live adapter on fresh labels: drift, and the watch after a promotion.
-        if let Err(e) = self.track_fresh().await {
-            tracing::warn!(task, error = %e, "could not score fresh samples");
-        }
+        let scored = self.track_fresh().await;
+        self.failing.fresh.report(&task, "score fresh samples", scored);
         // 3. Ask the scheduler.
         let reading = self.monitor.read();
         // Only samples a job could train on now count for the scheduler: one that arrived after
@@ -432,6 +461,7 @@ impl TaskLoop {
             jobs: self.jobs.clone(),
             last_decision: self.last_decision.clone(),
             progress,
+            down: None,
         });
     }
 

@@ -4,7 +4,6 @@
 //! the registry and its files, the scheduler, the gate, the events. The integration tests run
 //! the same loop on ONNX Runtime and libtorch.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -125,8 +124,9 @@ struct Running {
     status: watch::Receiver<Status>,
     commands: mpsc::Sender<Command>,
     stop: oneshot::Sender<()>,
-    task_loop: tokio::task::JoinHandle<Result<(), super::AdaptError>>,
+    task_loop: tokio::task::JoinHandle<()>,
     engine: Engine,
+    parts: Arc<crate::app::Parts>,
 }
 
 /// The loop over `samples` already stored.
@@ -177,23 +177,16 @@ async fn start(fits: Fits, samples: &[Sample]) -> Running {
     let (commands, commands_rx) = mpsc::channel(8);
     let (_installs, installs_rx) = mpsc::channel(1);
     let (_configs, configs_rx) = watch::channel(config.clone());
-    let (status_tx, status) = watch::channel(Status {
-        task: TASK.into(),
-        scheduler: SchedulerState::Idle,
-        serving_version: 0,
-        jobs: BTreeMap::new(),
-        last_decision: None,
-        progress: None,
-        samples: 0,
-        new_samples: 0,
-    });
+    let (status_tx, status) = watch::channel(Status::starting(TASK, 0));
     let mut store = SampleStore::open(&store_path, split).unwrap();
     store.insert_batch(samples).unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let task_loop = tokio::spawn(super::run(ctx, configs_rx, commands_rx, installs_rx, status_tx, async move {
+    let parts = Arc::new(crate::app::Parts::default());
+    let channels = super::Channels { configs: configs_rx, commands: commands_rx, installs: installs_rx, status: status_tx };
+    let task_loop = tokio::spawn(super::run(ctx, channels, parts.clone(), async move {
         let _ = stopped.await;
     }));
-    Running { _dir: dir, store_path, split, registry, events: events_rx, status, commands, stop, task_loop, engine }
+    Running { _dir: dir, store_path, split, registry, events: events_rx, status, commands, stop, task_loop, engine, parts }
 }
 
 /// `n` labelled samples. In the base domain `a` rows have the larger first value, as the base
@@ -257,7 +250,7 @@ impl Running {
     async fn stop(self) {
         let Running { stop, task_loop, engine, .. } = self;
         let _ = stop.send(());
-        task_loop.await.unwrap().unwrap();
+        task_loop.await.unwrap();
         tokio::task::spawn_blocking(move || engine.shutdown()).await.unwrap();
     }
 }
@@ -332,5 +325,45 @@ async fn samples_that_arrive_while_the_loop_runs_start_one_job_once_they_are_emb
     // No job started before the engine had embedded what it would train on: none was deferred
     // for too few samples, and the first version number went to the promoted adapter.
     assert_eq!((status.jobs.get("deferred"), status.jobs.get("started"), status.serving_version), (None, Some(&1), 1), "{status:?}");
+    running.stop().await;
+}
+
+/// The sample store fails under the loop (a full disk, here a trigger that refuses every write
+/// of the job marks, which SQLite reports as it reports any write error). The loop stops on the
+/// error, is shown down with the reason (status, parts, an event) while serving goes on, and is
+/// restarted by itself; once the fault clears, the same request trains and promotes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_fault_takes_the_loop_down_and_it_comes_back_by_itself_once_the_fault_clears() {
+    let mut running = start(Fits::ClassMeans, &samples(60, 6, true)).await;
+    let fault = rusqlite::Connection::open(&running.store_path).unwrap();
+    fault
+        .execute_batch(
+            "CREATE TRIGGER full_disk_insert BEFORE INSERT ON marks BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;
+             CREATE TRIGGER full_disk_update BEFORE UPDATE ON marks BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;",
+        )
+        .unwrap();
+    // A job must write its mark before it trains: the request finds the store failing.
+    let answer = running.command(CommandKind::TrainNow).await;
+    assert!(answer.is_err() || answer.as_ref().is_ok_and(|a| a.contains("training")), "{answer:?}");
+    let down = running.wait_for(Duration::from_secs(10), |s| s.down.is_some()).await;
+    assert!(down.down.as_deref().unwrap().contains("disk is full"), "{down:?}");
+    assert_eq!(down.scheduler, SchedulerState::Idle, "no stale training state while down");
+    let part = running.parts.get(&super::part_name(TASK)).unwrap();
+    assert!(!part.up && part.reason.as_deref().unwrap().contains("disk is full"), "{part:?}");
+    let events = running.events();
+    assert!(events.iter().any(|e| matches!(e, Event::PartDown { part, reason, .. } if part == "loop:sorter" && reason.contains("disk is full"))), "{events:?}");
+    // Serving goes on meanwhile.
+    let x = HostTensor::f32(vec![1, 2], vec![1.0, 0.2]).unwrap();
+    assert_eq!(running.engine.handle.infer(TASK, vec![x.clone()]).await.unwrap()[0].label, "a");
+
+    // The fault clears; the loop is back after its first wait (1 s) without a restart of anything else.
+    fault.execute_batch("DROP TRIGGER full_disk_insert; DROP TRIGGER full_disk_update;").unwrap();
+    running.wait_for(Duration::from_secs(10), |s| s.down.is_none()).await;
+    let part = running.parts.get(&super::part_name(TASK)).unwrap();
+    assert!(part.up && part.restarts == 1, "{part:?}");
+    assert!(running.events().iter().any(|e| matches!(e, Event::PartRestarted { part, restarts: 1, .. } if part == "loop:sorter")));
+    running.command(CommandKind::TrainNow).await.unwrap();
+    let status = running.wait_for(Duration::from_secs(30), |s| s.jobs.contains_key("promoted")).await;
+    assert!(status.serving_version > 0 && status.down.is_none(), "{status:?}");
     running.stop().await;
 }

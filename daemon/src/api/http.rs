@@ -6,6 +6,8 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, to_bytes};
@@ -38,9 +40,134 @@ pub fn router(api: Arc<Api>) -> Router {
         .with_state(api)
 }
 
-/// Serve `router(api)` on `listener` until `shutdown` completes, then finish in-flight requests.
-pub async fn serve(listener: TcpListener, api: Arc<Api>, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-    axum::serve(listener, router(api)).with_graceful_shutdown(shutdown).await
+/// How long and how many: what keeps slow, idle or abandoned clients from holding the server
+/// (the `[http]` section's timeouts and connection limit).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServerLimits {
+    /// A connection gets this long to send a request's headers; a kept-alive connection that
+    /// sends nothing for this long is closed.
+    pub header_timeout: Duration,
+    /// And this long to send the body it announced.
+    pub body_timeout: Duration,
+    /// Connections open at once; a new one past it is closed at once (counted), so the
+    /// descriptors of the process never run out.
+    pub max_connections: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits { header_timeout: Duration::from_secs(10), body_timeout: Duration::from_secs(30), max_connections: 8192 }
+    }
+}
+
+/// The server's connection counts, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    pub open: AtomicU64,
+    /// Closed at once for being past `max_connections`.
+    pub refused: AtomicU64,
+    /// Requests whose body did not arrive within `body_timeout`.
+    pub body_timeouts: AtomicU64,
+}
+
+/// Connections the kernel holds for the accept loop: a burst of clients (or a flood of idle
+/// ones) past tokio's default of 1024 would wait for SYN retries, seconds, before being taken.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener on `addr` with a backlog of [`LISTEN_BACKLOG`].
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// How long a stop waits for the requests in flight before it closes their connections.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Serve `router(api)` on `listener` until `shutdown` completes, within `limits`; then finish
+/// the requests in flight (for at most a few seconds) and close every connection.
+pub async fn serve(listener: TcpListener, api: Arc<Api>, limits: ServerLimits, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let stats = api.connections().clone();
+    let router = router(api.clone()).layer(axum::middleware::from_fn_with_state((api, limits.body_timeout), read_body));
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                // Out of descriptors or a connection reset before it was taken: the listener is
+                // fine; wait a moment rather than spin.
+                Err(e) => {
+                    tracing::warn!(error = %e, "HTTP accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service.clone()));
+        let stats = stats.clone();
+        stats.open.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+            stats.open.fetch_sub(1, Ordering::Relaxed);
+            drop(slot);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(STOP_GRACE, graceful.shutdown()).await.is_err() {
+        tracing::warn!(grace_s = STOP_GRACE.as_secs(), "HTTP requests still in flight at the stop were cut off");
+    }
+    Ok(())
+}
+
+/// Every request's body is read here, before any handler: at most one byte past
+/// `http.max_request_bytes` (a handler then refuses it as too large, by its own rules), and
+/// within the body timeout. A `Content-Length` past the limit is refused before a byte of the
+/// body is read.
+async fn read_body(State((api, timeout)): State<(Arc<Api>, Duration)>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let limit = api.max_request_bytes();
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if let Some(size) = declared.filter(|&size| size > (limit + 1) as u64) {
+        let e = ApiError::Wire(WireError::TooLarge { size: usize::try_from(size).unwrap_or(usize::MAX), limit });
+        api.count_refusal("", &e);
+        return closing(error_response(&e));
+    }
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(timeout, to_bytes(body, limit + 1)).await {
+        Ok(Ok(bytes)) => next.run(axum::extract::Request::from_parts(parts, Body::from(bytes))).await,
+        Ok(Err(_)) => {
+            let e = ApiError::Wire(WireError::TooLarge { size: limit + 1, limit });
+            api.count_refusal("", &e);
+            closing(error_response(&e))
+        }
+        Err(_) => {
+            api.connections().body_timeouts.fetch_add(1, Ordering::Relaxed);
+            let message = format!("the request body did not arrive within {} s", timeout.as_secs());
+            let body = wire::encode_error("body_timeout", &message);
+            closing((StatusCode::REQUEST_TIMEOUT, [(header::CONTENT_TYPE, wire::CONTENT_JSON)], body).into_response())
+        }
+    }
+}
+
+/// The answer, and the connection closed after it: the client's request was not read whole.
+fn closing(mut response: Response) -> Response {
+    response.headers_mut().insert(header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+    response
 }
 
 async fn predict(State(api): State<Arc<Api>>, Path(task): Path<String>, headers: HeaderMap, body: Body) -> Response {
@@ -130,18 +257,19 @@ async fn metrics(State(api): State<Arc<Api>>) -> Response {
     ([(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)], body).into_response()
 }
 
-/// Ready: the engine serves, and ingest (where this device ingests) is running. A broker that
-/// is away is reported but does not make the device unready: serving goes on without it.
+/// Ready: the engine serves, and every supervised part (ingest where this device ingests, each
+/// task's loop) runs. A part that stopped on an error makes the device unready, naming it and
+/// why, until its restart; a broker that is away is reported but does not: serving goes on
+/// without it.
 async fn ready(State(api): State<Arc<Api>>) -> Response {
-    let ingest = api.ingest_stats().map(|s| (s.running.load(std::sync::atomic::Ordering::Relaxed), s.connected.load(std::sync::atomic::Ordering::Relaxed)));
-    let ingest_line = match ingest {
-        None => String::new(),
-        Some((false, _)) => "; ingest: not running (restarting)".into(),
-        Some((true, true)) => "; ingest: subscribed".into(),
-        Some((true, false)) => "; ingest: waiting for the broker".into(),
+    let ingest_line = match api.ingest_stats().map(|s| s.connected.load(std::sync::atomic::Ordering::Relaxed)) {
+        None => "",
+        Some(true) => "; ingest: subscribed",
+        Some(false) => "; ingest: waiting for the broker",
     };
+    let down: Vec<String> = api.parts().down_now().into_iter().map(|(part, reason)| format!("{part} down ({reason}), restarting")).collect();
     match &*api.engine().health().borrow() {
-        Health::Ready { .. } if matches!(ingest, Some((false, _))) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready{ingest_line}\n")).into_response(),
+        Health::Ready { .. } if !down.is_empty() => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", down.join("; "))).into_response(),
         Health::Ready { provider } => (StatusCode::OK, format!("ready ({provider:?}){ingest_line}\n")).into_response(),
         other => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {other:?}{ingest_line}\n")).into_response(),
     }

@@ -48,6 +48,14 @@ pub fn render(api: &Api) -> String {
         let _ = writeln!(out, "adaptd_requests_refused_total{{reason=\"{}\"}} {n}", label(reason));
     }
 
+    let connections = api.connections();
+    family(&mut out, "adaptd_http_connections", "gauge", "HTTP connections open now.");
+    let _ = writeln!(out, "adaptd_http_connections {}", connections.open.load(Relaxed));
+    family(&mut out, "adaptd_http_connections_refused_total", "counter", "HTTP connections closed at once for being past http.max_connections.");
+    let _ = writeln!(out, "adaptd_http_connections_refused_total {}", connections.refused.load(Relaxed));
+    family(&mut out, "adaptd_http_body_timeouts_total", "counter", "HTTP requests whose body did not arrive within http.body_timeout_s.");
+    let _ = writeln!(out, "adaptd_http_body_timeouts_total {}", connections.body_timeouts.load(Relaxed));
+
     if let Some(link) = api.link_status() {
         family(&mut out, "adaptd_mqtt_connected", "gauge", "1 while the MQTT link (samples, commands, events) is connected.");
         let _ = writeln!(out, "adaptd_mqtt_connected {}", i32::from(link.connected.load(Relaxed)));
@@ -59,17 +67,32 @@ pub fn render(api: &Api) -> String {
     if let Some(ingest) = api.ingest_stats() {
         family(&mut out, "adaptd_ingest_connected", "gauge", "1 while ingest is subscribed to the samples topic.");
         let _ = writeln!(out, "adaptd_ingest_connected {}", i32::from(ingest.connected.load(Relaxed)));
-        family(&mut out, "adaptd_ingest_running", "gauge", "1 while the ingest task runs (0: stopped on an error, waiting to be restarted).");
-        let _ = writeln!(out, "adaptd_ingest_running {}", i32::from(ingest.running.load(Relaxed)));
-        family(&mut out, "adaptd_ingest_restarts_total", "counter", "Times ingest was restarted after it stopped on an error or a panic.");
-        let _ = writeln!(out, "adaptd_ingest_restarts_total {}", ingest.restarts.load(Relaxed));
         family(&mut out, "adaptd_samples_ingested_total", "counter", "Labelled samples stored durably (then acked).");
         let _ = writeln!(out, "adaptd_samples_ingested_total {}", ingest.stored.load(Relaxed));
         family(&mut out, "adaptd_samples_duplicate_total", "counter", "Samples whose idempotency key was already stored.");
         let _ = writeln!(out, "adaptd_samples_duplicate_total {}", ingest.duplicates.load(Relaxed));
+        family(
+            &mut out,
+            "adaptd_samples_redelivered_total",
+            "counter",
+            "Messages the broker delivered again after a reconnect, already stored or refused (counted once, here).",
+        );
+        let _ = writeln!(out, "adaptd_samples_redelivered_total {}", ingest.redelivered.load(Relaxed));
         family(&mut out, "adaptd_samples_refused_total", "counter", "Samples refused (and acked), by reason.");
         for (reason, n) in ingest.refused() {
             let _ = writeln!(out, "adaptd_samples_refused_total{{reason=\"{}\"}} {n}", label(reason));
+        }
+    }
+
+    let parts = api.parts().snapshot();
+    if !parts.is_empty() {
+        family(&mut out, "adaptd_part_up", "gauge", "1 while a long-running part (loop:<task>, ingest) runs; 0 while it waits to be restarted after an error.");
+        for (part, state) in &parts {
+            let _ = writeln!(out, "adaptd_part_up{{part=\"{}\"}} {}", label(part), i32::from(state.up));
+        }
+        family(&mut out, "adaptd_part_restarts_total", "counter", "Times a part was restarted after it stopped on an error or a panic.");
+        for (part, state) in &parts {
+            let _ = writeln!(out, "adaptd_part_restarts_total{{part=\"{}\"}} {}", label(part), state.restarts);
         }
     }
 

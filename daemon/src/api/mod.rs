@@ -37,6 +37,10 @@ pub struct Api {
     auth: Option<(String, std::net::SocketAddr)>,
     /// Where answered requests' inputs are kept for the adapt loops (base-domain share).
     traffic: Option<Arc<crate::traffic::TrafficLog>>,
+    /// The long-running parts under supervision (task loops, ingest): up, or down and why.
+    parts: Arc<crate::app::Parts>,
+    /// The HTTP server's connections (open, refused past the limit, body timeouts).
+    connections: Arc<http::ConnectionStats>,
 }
 
 /// How the API reaches a task's adaptation loop.
@@ -61,7 +65,23 @@ impl Api {
             monitor: Mutex::new(None),
             auth: None,
             traffic: None,
+            parts: Arc::default(),
+            connections: Arc::default(),
         }
+    }
+
+    pub fn connections(&self) -> &Arc<http::ConnectionStats> {
+        &self.connections
+    }
+
+    /// Where the supervised parts' state is kept (readiness, metrics, control answers).
+    pub fn with_parts(mut self, parts: Arc<crate::app::Parts>) -> Api {
+        self.parts = parts;
+        self
+    }
+
+    pub fn parts(&self) -> &crate::app::Parts {
+        &self.parts
     }
 
     /// Ingest counters and device readings for `/metrics`.
@@ -107,10 +127,21 @@ impl Api {
     /// answered at once, even while a job runs).
     pub async fn command(&self, task: &str, kind: adapt::CommandKind, by: &str) -> Result<String, String> {
         let control = self.control.get(task).ok_or_else(|| format!("task {task:?} does not adapt on this device"))?;
+        // A loop that is down (waiting for its restart) answers nothing until it is back: say so
+        // at once rather than queue the command behind the wait.
+        let down = || match self.parts.get(&adapt::part_name(task)) {
+            Some(crate::app::PartState { up: false, reason, .. }) => {
+                format!("the adaptation loop of {task} is down ({}); it restarts by itself, try again shortly", reason.unwrap_or_default())
+            }
+            _ => format!("the adaptation loop of {task} stopped before answering; it restarts by itself, try again shortly"),
+        };
+        if self.parts.get(&adapt::part_name(task)).is_some_and(|s| !s.up) {
+            return Err(down());
+        }
         let (reply, rx) = oneshot::channel();
         let command = adapt::Command { kind, by: by.to_string(), reply };
-        control.commands.send(command).await.map_err(|_| "the adaptation loop has stopped".to_string())?;
-        rx.await.map_err(|_| "the adaptation loop has stopped".to_string())?
+        control.commands.send(command).await.map_err(|_| down())?;
+        rx.await.map_err(|_| down())?
     }
 
     /// Keep the inputs of answered requests in `traffic`.

@@ -16,7 +16,6 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use adaptd_adapters::bundle::Manifest;
 use adaptd_protocol::topics::{Channel, Topics};
@@ -47,13 +46,16 @@ pub struct IngestStats {
     /// Subscribed to the samples topic right now (the broker granted the subscription); shared
     /// with the inbox, which the link keeps current.
     pub connected: Arc<AtomicBool>,
-    /// The ingest task is running (the supervisor restarts it when it stops).
-    pub running: AtomicBool,
-    /// Times the supervisor restarted ingest after it stopped on an error or a panic.
-    pub restarts: AtomicU64,
     pub stored: AtomicU64,
+    /// Samples a sender published again under a key already stored.
     pub duplicates: AtomicU64,
+    /// Messages the broker delivered again after a reconnect (MQTT's DUP flag), already stored
+    /// or already refused: not counted, and not announced, a second time.
+    pub redelivered: AtomicU64,
     pub batches: AtomicU64,
+    /// Digests of the messages refused lately, so a redelivery is not refused (and announced)
+    /// again.
+    recently_refused: Mutex<RecentDigests>,
     refused: Mutex<BTreeMap<&'static str, u64>>,
 }
 
@@ -69,6 +71,42 @@ impl IngestStats {
 
     fn count_refusal(&self, reason: &'static str) {
         *self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(reason).or_default() += 1;
+    }
+
+    /// True the first time this message is refused; false for a redelivery of one refused lately.
+    fn first_refusal(&self, topic: &str, payload: &[u8]) -> bool {
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        hasher.update(topic.as_bytes());
+        hasher.update([0]);
+        hasher.update(payload);
+        let digest: [u8; 32] = hasher.finalize().into();
+        self.recently_refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(digest)
+    }
+}
+
+/// The last [`RecentDigests::KEPT`] digests, in order of arrival: bounded memory.
+#[derive(Debug, Default)]
+struct RecentDigests {
+    order: std::collections::VecDeque<[u8; 32]>,
+    set: std::collections::HashSet<[u8; 32]>,
+}
+
+impl RecentDigests {
+    const KEPT: usize = 4096;
+
+    /// False if `digest` is among the recent ones already.
+    fn insert(&mut self, digest: [u8; 32]) -> bool {
+        if !self.set.insert(digest) {
+            return false;
+        }
+        self.order.push_back(digest);
+        if self.order.len() > RecentDigests::KEPT
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.set.remove(&oldest);
+        }
+        true
     }
 }
 
@@ -133,58 +171,26 @@ impl Ingest {
         }
     }
 
-    /// Run ingest under supervision until `shutdown`: when it stops on an error or a panic, it
-    /// is shown as down (`running`, readiness) and restarted with backoff, and the link
-    /// reconnects so the broker redelivers what the stopped run had not acknowledged; acked
-    /// samples are durable already.
-    pub async fn supervise(self, inbox: Inbox, shutdown: impl Future<Output = ()>) {
+    /// Run ingest under supervision until `shutdown`: when it stops on an error (the store: a
+    /// full disk) or a panic, it is shown as down (`restarts.parts`, readiness, an event) and
+    /// restarted with backoff, and the link reconnects so the broker redelivers what the stopped
+    /// run had not acknowledged; acked samples are durable already.
+    pub async fn supervise(self, inbox: Inbox, restarts: crate::app::Restarts, shutdown: impl Future<Output = ()>) {
         let inbox = Arc::new(tokio::sync::Mutex::new(inbox));
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        tokio::pin!(shutdown);
-        let mut wait = Duration::from_secs(1);
-        loop {
-            let mut stop = stop_rx.clone();
-            self.stats.running.store(true, Ordering::Relaxed);
+        let link = self.link.clone();
+        let start = |stop: tokio_util::sync::CancellationToken| {
             let (ingest, inbox) = (self.clone(), inbox.clone());
-            let mut task = tokio::spawn(async move {
+            async move {
                 let mut inbox = inbox.lock_owned().await;
-                ingest
-                    .run(&mut inbox, async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
-                    .await
-            });
-            let started = std::time::Instant::now();
-            let outcome = tokio::select! {
-                // A run that ended because the daemon stops is not a failure to restart.
-                biased;
-                _ = &mut shutdown => {
-                    let _ = stop_tx.send(true);
-                    let _ = (&mut task).await;
-                    self.stats.running.store(false, Ordering::Relaxed);
-                    return;
-                }
-                outcome = &mut task => outcome,
-            };
-            self.stats.running.store(false, Ordering::Relaxed);
-            let why = match outcome {
-                Ok(Ok(())) => "stopped".to_string(),
-                Ok(Err(e)) => e.to_string(),
-                Err(e) if e.is_panic() => format!("panicked: {}", panic_message(e.into_panic())),
-                Err(e) => e.to_string(),
-            };
-            if started.elapsed() > Duration::from_secs(60) {
-                wait = Duration::from_secs(1);
+                ingest.run(&mut inbox, stop.cancelled_owned()).await
             }
-            tracing::error!(reason = why, restart_in_s = wait.as_secs(), "ingest stopped; restarting it");
-            tokio::select! {
-                _ = &mut shutdown => return,
-                _ = tokio::time::sleep(wait) => {}
+        };
+        crate::app::restarting(restarts, shutdown, start, |change| {
+            if let crate::app::PartChange::Restarting = change {
+                link.reconnect();
             }
-            self.stats.restarts.fetch_add(1, Ordering::Relaxed);
-            self.link.reconnect();
-            wait = (wait * 2).min(Duration::from_secs(60));
-        }
+        })
+        .await;
     }
 
     async fn store_batch(&self, batch: Vec<Inbound>) -> Result<(), IngestError> {
@@ -192,15 +198,18 @@ impl Ingest {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
         let messages: Vec<(String, bytes::Bytes, Option<usize>)> =
             batch.iter().map(|a| (a.publish.topic.clone(), a.publish.payload.clone(), a.oversize)).collect();
+        // Which messages the broker marked as sent before (a redelivery after a reconnect).
+        let redelivery: Vec<bool> = batch.iter().map(|a| a.publish.dup).collect();
         let (store, manifest, tasks, max_bytes, topic_tree) =
             (self.store.clone(), self.manifest.clone(), self.tasks.clone(), config.max_payload_bytes, config.topics.clone());
         // Decoding (images included) and the commit are CPU and disk work: off the async workers.
         let (inserted, refusals) = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
             let schema = SampleSchema { manifest: &manifest, tasks: &tasks, max_bytes };
             let mut samples = Vec::with_capacity(messages.len());
-            let mut topics = Vec::with_capacity(messages.len());
+            // For each sample and each refusal: the message it came from.
+            let mut origins = Vec::with_capacity(messages.len());
             let mut refusals = Vec::new();
-            for (topic, payload, oversize) in messages {
+            for (i, (topic, payload, oversize)) in messages.into_iter().enumerate() {
                 let topic_task = topic_tree.task_of(Channel::Samples, &topic).unwrap_or_default().to_string();
                 let decoded = match oversize {
                     Some(size) => Err(decode::DecodeError::TooLarge { size, limit: max_bytes }),
@@ -209,40 +218,55 @@ impl Ingest {
                 match decoded {
                     Ok(s) if s.task != topic_task => {
                         let reason = format!("{:?} does not match the topic's task {topic_task:?}", s.task);
-                        refusals.push((topic, decode::DecodeError::Field { field: "task", reason }))
+                        refusals.push((i, topic, decode::DecodeError::Field { field: "task", reason }))
                     }
                     Ok(s) => {
                         samples.push(s);
-                        topics.push(topic);
+                        origins.push((i, topic));
                     }
-                    Err(e) => refusals.push((topic, e)),
+                    Err(e) => refusals.push((i, topic, e)),
                 }
             }
             let inserted = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert_batch(&samples)?;
-            for ((result, sample), topic) in inserted.iter().zip(&samples).zip(topics) {
+            for ((result, sample), (i, topic)) in inserted.iter().zip(&samples).zip(&origins) {
                 if let Inserted::Conflict { kept_task, kept_label } = result {
                     let conflict = decode::DecodeError::Conflict {
                         key: sample.key.clone(),
                         sent: format!("{}/{}", sample.task, sample.label),
                         kept: format!("{kept_task}/{kept_label}"),
                     };
-                    refusals.push((topic, conflict));
+                    refusals.push((*i, topic.clone(), conflict));
                 }
             }
+            let inserted: Vec<(Inserted, usize)> = inserted.into_iter().zip(origins.into_iter().map(|(i, _)| i)).collect();
             Ok((inserted, refusals))
         })
         .await
         .map_err(|e| IngestError::Stopped(format!("the decode-and-store worker stopped: {e}")))??;
-        // Durable: now every message of the batch may be acknowledged.
-        for r in &inserted {
+        // Durable: now every message of the batch may be acknowledged. A key stored already is a
+        // sender's duplicate, unless the broker redelivered the message (then it is ours); a
+        // conflict is a refusal, counted there alone.
+        for (r, i) in &inserted {
             match r {
                 Inserted::New(_) => stats.stored.fetch_add(1, Ordering::Relaxed),
-                Inserted::Duplicate | Inserted::Conflict { .. } => stats.duplicates.fetch_add(1, Ordering::Relaxed),
+                Inserted::Duplicate if redelivery[*i] => stats.redelivered.fetch_add(1, Ordering::Relaxed),
+                Inserted::Duplicate => stats.duplicates.fetch_add(1, Ordering::Relaxed),
+                Inserted::Conflict { .. } => 0,
             };
         }
         stats.batches.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(messages = batch.len(), stored = inserted.len(), refused = refusals.len(), "batch committed");
-        for (topic, e) in &refusals {
+        for (i, topic, e) in &refusals {
+            let message = &batch[*i];
+            let size = message.oversize.unwrap_or(message.publish.payload.len()).to_le_bytes();
+            let seen_lately = !stats.first_refusal(topic, &[&size[..], &message.publish.payload[..]].concat());
+            // Only what the broker marks as a redelivery: a sender may well send the same
+            // poison twice, and each is refused and announced.
+            if redelivery[*i] && seen_lately {
+                stats.redelivered.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(topic, reason = e.error_type(), "a refused sample delivered again; acknowledged, not announced again");
+                continue;
+            }
             stats.count_refusal(e.error_type());
             tracing::info!(topic, reason = e.error_type(), error = %e, "sample refused");
             let event = refusal_event(topic, config.topics.task_of(Channel::Samples, topic).unwrap_or_default(), e);
@@ -257,6 +281,26 @@ impl Ingest {
     }
 }
 
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_else(|| "(no message)".into())
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_digests_know_what_came_lately_and_forget_the_oldest() {
+        let mut recent = RecentDigests::default();
+        let digest = |n: usize| {
+            let mut d = [0u8; 32];
+            d[..8].copy_from_slice(&n.to_le_bytes());
+            d
+        };
+        assert!(recent.insert(digest(0)));
+        assert!(!recent.insert(digest(0)), "seen lately");
+        for n in 1..=RecentDigests::KEPT {
+            assert!(recent.insert(digest(n)));
+        }
+        assert_eq!((recent.order.len(), recent.set.len()), (RecentDigests::KEPT, RecentDigests::KEPT), "bounded");
+        assert!(recent.insert(digest(0)), "the oldest was forgotten");
+        let stats = IngestStats::default();
+        assert!(stats.first_refusal("t", b"poison") && !stats.first_refusal("t", b"poison") && stats.first_refusal("u", b"poison"));
+    }
 }
