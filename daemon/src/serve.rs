@@ -118,9 +118,28 @@ pub async fn run(
             availability: Some(topics.online()),
         })
     });
-    let (events, events_rx) = Events::channel();
-    let publisher = events::publish(events_rx, link.as_ref().map(Link::handle), topics.events(), supervisor.stopped());
-    supervisor.spawn_infallible(Stage::Outbound, "events", publisher);
+    // Events worth replaying are kept in an outbox until a clean stop has flushed them to the
+    // broker; what a crash left behind goes out again first, under the numbers it had.
+    let events_dir = config.state_dir.join("events");
+    let (outbox, replay, last_seq) = match link.as_ref().map(|_| events::Outbox::open(&events_dir)) {
+        Some(Ok((outbox, replay, last_seq))) => (Some(outbox), replay, last_seq),
+        Some(Err(e)) => {
+            tracing::error!(dir = %events_dir.display(), error = %e, "cannot open the event outbox; events are only as durable as the MQTT link");
+            (None, Vec::new(), 0)
+        }
+        None => (None, Vec::new(), 0),
+    };
+    let keeps_outbox = outbox.is_some();
+    let (events, events_rx) = Events::numbered_after(last_seq);
+    let published = Arc::new(std::sync::atomic::AtomicU64::new(last_seq));
+    let publisher = events::publish(events_rx, link.as_ref().map(Link::handle), topics.events(), outbox, replay, supervisor.stopped());
+    supervisor.spawn_infallible(Stage::Outbound, "events", {
+        let published = published.clone();
+        async move {
+            published.fetch_max(publisher.await, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    let link_status = link.as_ref().map(|l| l.handle().status());
 
     let traffic = Arc::new(crate::traffic::TrafficLog::default());
     // The long-running parts under supervision (each task's loop, ingest): up, or down and why.
@@ -232,7 +251,15 @@ pub async fn run(
     supervisor.spawn_infallible(Stage::Intake, "reload", reload);
 
     shutdown.await;
-    stop_in_order(supervisor, trainer, engine, deadline).await
+    stop_in_order(supervisor, trainer, engine, deadline).await?;
+    // Everything handed to the link went out before its DISCONNECT: nothing to replay.
+    if keeps_outbox && link_status.is_some_and(|s| s.flushed.load(std::sync::atomic::Ordering::Relaxed)) {
+        let last = published.load(std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = events::Outbox::delivered(&events_dir, last) {
+            tracing::warn!(error = %e, "could not record the events delivered; the next start publishes them again");
+        }
+    }
+    Ok(())
 }
 
 /// The signed MQTT commands taken within their window, kept across restarts (replays refused).

@@ -14,8 +14,18 @@ pub struct EventRecord {
     /// The task it concerns; empty for the daemon as a whole (configuration).
     pub task: String,
     pub time_ms: u64,
+    /// The device's event number, rising by one per event across restarts: an event published
+    /// again after a crash (see the outbox) has the number it had, so consumers drop what they
+    /// have seen. Absent (0) on records written before events were numbered, and on ingest's
+    /// `sample_refused`, which is announced again with its sample's redelivery instead.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub seq: u64,
     #[serde(flatten)]
     pub event: Event,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// How many samples of each split a job used.

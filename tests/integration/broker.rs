@@ -28,30 +28,41 @@ impl Mosquitto {
     /// Start with extra lines of mosquitto.conf; `{dir}` in them names a directory that lives
     /// as long as the broker (for a persistence file).
     pub fn start_with(extra_config: &str) -> Mosquitto {
+        for _ in 0..5 {
+            if let Some(broker) = Mosquitto::try_start(free_port(), extra_config) {
+                return broker;
+            }
+        }
+        panic!("mosquitto did not start");
+    }
+
+    /// On `port` (a client may have been told it before the broker is there).
+    pub fn start_on(port: u16, extra_config: &str) -> Mosquitto {
+        Mosquitto::try_start(port, extra_config).unwrap_or_else(|| panic!("mosquitto did not start on port {port}"))
+    }
+
+    fn try_start(port: u16, extra_config: &str) -> Option<Mosquitto> {
         let dir = tempfile::tempdir().unwrap();
         let extra_config = extra_config.replace("{dir}", &dir.path().display().to_string());
         // Started as root, Mosquitto switches to its own user, which cannot write a persistence
         // file into our private directory: it would then start every time with no sessions.
         let stay = if std::os::unix::fs::MetadataExt::uid(&dir.path().metadata().unwrap()) == 0 { "user root\n" } else { "" };
-        for _ in 0..5 {
-            let port = free_port();
-            let conf = dir.path().join("mosquitto.conf");
-            std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{stay}{extra_config}")).unwrap();
-            let mut child = Command::new(mosquitto_binary()).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start mosquitto");
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Mosquitto { port, child, dir, conf };
-                }
-                if child.try_wait().unwrap().is_some() {
-                    break; // lost the port to someone else: try another
-                }
-                std::thread::sleep(Duration::from_millis(20));
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n{stay}{extra_config}")).unwrap();
+        let mut child = Command::new(mosquitto_binary()).arg("-c").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start mosquitto");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(Mosquitto { port, child, dir, conf });
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            if child.try_wait().unwrap().is_some() {
+                return None; // lost the port to someone else
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("mosquitto did not start");
+        let _ = child.kill();
+        let _ = child.wait();
+        None
     }
 
     /// The broker's own directory (configuration, persistence file).

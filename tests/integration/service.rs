@@ -222,3 +222,89 @@ fn samples_import_checks_each_line_and_stats_count_them() {
     assert_eq!(stats[0]["task"], "sorter");
     assert_eq!(stats[0]["samples"], 2, "{stats}");
 }
+
+/// Events still queued for the broker when the daemon is killed go out at its next start, under
+/// the numbers they had (the outbox); after a clean stop nothing goes out twice, and numbering
+/// goes on where it was.
+#[test]
+fn events_a_crash_left_undelivered_go_out_at_the_next_start_under_their_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker_port, http) = (crate::broker::free_port(), format!("127.0.0.1:{}", crate::broker::free_port()));
+    let config = dir.path().join("adaptd.toml");
+    let state = dir.path().join("state");
+    std::fs::write(
+        &config,
+        format!(
+            "bundle = {:?}\nstate_dir = {state:?}\n[http]\nlisten = {http:?}\n[mqtt]\nhost = \"127.0.0.1\"\nport = {broker_port}\ndevice_id = \"outbox\"\ninference_api = false\n[ingest]\ntasks = [\"sorter\"]\n",
+            reference_bundle("digits-cnn")
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("log");
+    let spawn = || {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_adaptd")).args(["serve", "--config", config.to_str().unwrap()]).stdout(Stdio::null()).stderr(log).spawn().unwrap()
+    };
+    let client = adaptd::client::Client::new(http.parse().unwrap());
+    let ready = |client: &adaptd::client::Client| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !client.get("/readyz").map(|r| r.ok()).unwrap_or(false) {
+            assert!(Instant::now() < deadline, "not ready: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        client.clone().with_token_from(&state)
+    };
+    let stop = |mut child: std::process::Child| {
+        assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+        assert!(child.wait().unwrap().success(), "a clean stop");
+    };
+
+    // No broker yet: the event waits in the link's queue, and the daemon is killed.
+    let mut first = spawn();
+    let operator = ready(&client);
+    assert!(operator.post("/v1/tasks/sorter/pin/0", None).unwrap().ok());
+    std::thread::sleep(Duration::from_millis(300));
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    let broker = crate::broker::Mosquitto::start_on(broker_port, "");
+    let events = dir.path().join("events.jsonl");
+    let mut sub = Command::new("mosquitto_sub")
+        .args(["-p", &broker.port.to_string(), "-q", "1", "-t", "adaptd/v1/outbox/events"])
+        .stdout(std::fs::File::create(&events).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let pinned = || -> Vec<u64> {
+        std::fs::read_to_string(&events)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|e| e["event"] == "pinned")
+            .map(|e| e["seq"].as_u64().expect("numbered"))
+            .collect()
+    };
+    let wait_for = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while pinned().len() < n {
+            assert!(Instant::now() < deadline, "{:?}; log:\n{}", pinned(), std::fs::read_to_string(&log).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let second = spawn();
+    let operator = ready(&client);
+    wait_for(1);
+    stop(second);
+
+    // After a clean stop nothing is published again; a new event takes the next number.
+    let third = spawn();
+    assert!(ready(&client).post("/v1/tasks/sorter/pin/0", None).unwrap().ok());
+    wait_for(2);
+    std::thread::sleep(Duration::from_secs(1));
+    let seqs = pinned();
+    assert!(seqs.len() == 2 && seqs[1] > seqs[0], "the replayed event once, then a new one numbered after it: {seqs:?}");
+    drop(operator);
+    stop(third);
+    let _ = sub.kill();
+    let _ = sub.wait();
+}

@@ -219,5 +219,5 @@ fn check_tensor(t: &HostTensor, manifest: &Manifest) -> Result<(), DecodeError> 
 /// An event for the operator's events topic.
 pub fn refusal_event(topic: &str, task: &str, error: &DecodeError) -> Vec<u8> {
     let event = adaptd_protocol::Event::SampleRefused { topic: topic.to_string(), reason: error.error_type().to_string(), message: error.to_string() };
-    serde_json::to_vec(&adaptd_protocol::EventRecord { task: task.to_string(), time_ms: crate::events::now_ms(), event }).unwrap_or_default()
+    serde_json::to_vec(&adaptd_protocol::EventRecord { task: task.to_string(), time_ms: crate::events::now_ms(), seq: 0, event }).unwrap_or_default()
 }

@@ -97,6 +97,8 @@ pub struct LinkStatus {
     pub connections: AtomicU64,
     /// Messages that no subscription wanted (acknowledged and dropped).
     pub unrouted: AtomicU64,
+    /// The link stopped connected, and wrote everything queued for it before its DISCONNECT.
+    pub flushed: AtomicBool,
 }
 
 struct Route {
@@ -301,7 +303,11 @@ impl Link {
         let drained = async {
             loop {
                 match events.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => return,
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                        status.flushed.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    Err(_) => return,
                     Ok(_) => {}
                 }
             }
