@@ -18,7 +18,8 @@ pub struct EventRecord {
     /// again after a crash (see the outbox) has the number it had, so consumers drop what they
     /// have seen. Absent (0) on records written before events were numbered, and on ingest's
     /// `sample_refused`, which is announced again with its sample's redelivery instead.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    /// Named apart from `rollout`'s own `seq` (an assignment's), which sits beside it in the JSON.
+    #[serde(rename = "event_seq", default, skip_serializing_if = "is_zero")]
     pub seq: u64,
     #[serde(flatten)]
     pub event: Event,

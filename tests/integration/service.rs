@@ -281,7 +281,7 @@ fn events_a_crash_left_undelivered_go_out_at_the_next_start_under_their_numbers(
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|e| e["event"] == "pinned")
-            .map(|e| e["seq"].as_u64().expect("numbered"))
+            .map(|e| e["event_seq"].as_u64().expect("numbered"))
             .collect()
     };
     let wait_for = |n: usize| {
