@@ -454,6 +454,186 @@ def run_text_shift(name: str, binary: Path, seed: int, overrides: dict[str, dict
     return with_references(result, text_references(train, parts["test"], seed), directory, keep)
 
 
+# Camera: EfficientNet-Lite0 (the `efficientnet-lite0` bundle: ImageNet features, no classifier
+# for the task's classes) learning the parts-sorting station's twelve kinds of parts from 320x240
+# JPEG frames (deploy/export/camera_task.py). The device first learns the parts as commissioned
+# (`base`); then the camera sees one of the shifts a fixed camera really meets, and must follow:
+#   lighting      the evening shift: half the light, a tungsten cast, gain noise
+#   camera_moved  the camera knocked: a steeper view, parts smaller and further off
+#   lens_blur     a replaced lens, slightly out of focus, with vignetting
+#   new_variants  a new supplier: brass, anodised and nylon parts, other proportions
+# The references train on the same frames: a linear probe, an MLP and an RBF SVM on the frozen
+# ImageNet features (in the logreg / MLP / SVM columns), PEFT LoRA at adaptd's rank on the same
+# layers plus a head, and a full fine-tune of the same backbone plus a head.
+CAMERA_SHIFTS = ["lighting", "camera_moved", "lens_blur", "new_variants"]
+CAMERA = ROOT / "build" / "bundles" / "efficientnet-lite0"
+CAMERA_DATA = ROOT / "build" / "data" / "camera.safetensors"
+# Per class: frames the device learns first, base frames held out, shifted frames published, shifted held out.
+CAMERA_SPLIT = {"before": 10, "old_test": 15, "after": 20, "test": 20}
+
+
+def camera_module():
+    sys.path.insert(0, str(ROOT / "deploy" / "export"))
+    import camera_task
+    return camera_task
+
+
+def camera_cell_data(name: str, rng: np.random.Generator) -> dict:
+    """(frames, labels) for `before`, `old_test` (base domain) and `after`, `test` (the shift)."""
+    camera_task = camera_module()
+    data = camera_task.load(CAMERA_DATA)
+    classes = data["classes"]
+    parts: dict[str, tuple[list[bytes], list[str]]] = {k: ([], []) for k in CAMERA_SPLIT}
+    for domain, keys in (("base", ("before", "old_test")), (name, ("after", "test"))):
+        d = data["domains"].index(domain)
+        for c, label in enumerate(classes):
+            rows = np.where((data["domain"] == d) & (data["labels"] == c))[0]
+            rows = rows[rng.permutation(len(rows))]
+            start = 0
+            for key in keys:
+                take = rows[start:start + CAMERA_SPLIT[key]]
+                start += len(take)
+                parts[key][0].extend(data["frames"][i] for i in take)
+                parts[key][1].extend([label] * len(take))
+    return parts
+
+
+def camera_lines(prefix: str, frames: list[bytes], labels: list[str], task: str) -> list[str]:
+    import base64
+    return [json.dumps({"key": f"{prefix}:{i}", "task": task, "label": y, "image": base64.b64encode(f).decode()})
+            for i, (f, y) in enumerate(zip(frames, labels))]
+
+
+def decoded(frames: list[bytes]) -> np.ndarray:
+    """The frames as raw RGB arrays [N, H, W, 3], as a camera driver hands them."""
+    import io
+
+    from PIL import Image
+    return np.stack([np.asarray(Image.open(io.BytesIO(f)).convert("RGB")) for f in frames])
+
+
+def predict_frames(daemon: "Daemon", frames: list[bytes]) -> list[str]:
+    """Raw RGB frames, 16 a request (safetensors U8 [N, H, W, 3]): the daemon resizes, crops and
+    normalises them as the bundle says."""
+    from safetensors.numpy import save
+    out: list[str] = []
+    raw = decoded(frames)
+    for start in range(0, len(raw), 16):
+        body = save({"image": np.ascontiguousarray(raw[start:start + 16])})
+        req = urllib.request.Request(f"{daemon.base}/v1/tasks/{daemon.task}/predict", data=body, method="POST",
+                                     headers={"content-type": "application/x-safetensors"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            out += [p["label"] for p in json.loads(r.read())["predictions"]]
+    return out
+
+
+def camera_inputs(frames: list[bytes]):
+    """The model inputs the bundle's preprocessing makes of `frames` (PIL's resize), as a tensor."""
+    import io
+
+    import torch
+    from PIL import Image
+    sys.path.insert(0, str(ROOT / "deploy" / "export"))
+    from reference_bundles import EFFICIENTNET_PREPROCESSING, imagenet_input
+    return torch.cat([imagenet_input(np.asarray(Image.open(io.BytesIO(f)).convert("RGB")), EFFICIENTNET_PREPROCESSING) for f in frames])
+
+
+def camera_references(train: tuple[list[bytes], list[str]], test: tuple[list[bytes], list[str]], seed: int, rank: int) -> dict:
+    """On the same frames: probes on the frozen ImageNet features (logistic regression, an MLP, an
+    RBF SVM), PEFT LoRA at `rank` on the bundle's slots plus a head, and a full fine-tune plus a head."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+    sys.path.insert(0, str(ROOT / "benches"))
+    sys.path.insert(0, str(ROOT / "deploy" / "export"))
+    from peft_reference import fit
+    from reference_bundles import EFFICIENTNET_TARGETS, efficientnet_lite0
+    labels = sorted(set(train[1]))
+    index = {l: i for i, l in enumerate(labels)}
+    x_train, x_test = camera_inputs(train[0]), camera_inputs(test[0])
+    y_train = torch.tensor([index[l] for l in train[1]])
+    y_test = np.array([index[l] for l in test[1]])
+    out = {}
+    with torch.no_grad():
+        base = efficientnet_lite0()
+        f_train, f_test = base(x_train).numpy(), base(x_test).numpy()
+    scaler = StandardScaler().fit(f_train)
+    for name, model in [("logreg", LogisticRegression(max_iter=3000, C=1.0)),
+                        ("mlp", MLPClassifier(hidden_layer_sizes=(256,), max_iter=800, random_state=seed)),
+                        ("svm_rbf", SVC(kernel="rbf", C=10, gamma="scale"))]:
+        model.fit(scaler.transform(f_train), y_train.numpy())
+        out[name] = float((model.predict(scaler.transform(f_test)) == y_test).mean())
+
+    order = np.random.default_rng(seed).permutation(len(y_train))
+    n_val = max(1, len(order) // 10)
+    val, tr = torch.tensor(order[:n_val]), torch.tensor(order[n_val:])
+
+    def run(body, trainable, lr: float, epochs: int) -> float:
+        torch.manual_seed(seed)
+        head = torch.nn.Linear(1280, len(labels))
+        model = torch.nn.ModuleDict({"body": body, "head": head})
+        forward = lambda x: head(body(x))  # noqa: E731
+        fit(model, forward, [{"params": list(head.parameters()), "lr": 5e-3}, {"params": trainable, "lr": lr}],
+            ((x_train[tr],), y_train[tr]), ((x_train[val],), y_train[val]), epochs, seed=seed)
+        model.eval()
+        with torch.no_grad():
+            return float((forward(x_test).argmax(1).numpy() == y_test).mean())
+
+    from peft import LoraConfig, get_peft_model
+    body = efficientnet_lite0()
+    for p in body.parameters():
+        p.requires_grad_(False)
+    peft_body = get_peft_model(body, LoraConfig(r=rank, lora_alpha=float(rank), target_modules=list(EFFICIENTNET_TARGETS), lora_dropout=0.0))
+    # Batch norm stays in eval mode (frozen statistics), as in adaptd's graphs: PEFT's best case
+    # (left to model.train(), a frozen network's running statistics would drift).
+    peft_body.train = lambda mode=True: peft_body  # noqa: E731
+    out["peft_lora"] = run(peft_body, [p for p in peft_body.parameters() if p.requires_grad], 1e-3, 10)
+    # The full fine-tune trains as a person would: batch norm and stochastic depth in train mode.
+    full = efficientnet_lite0()
+    out["full_finetune"] = run(full, list(full.parameters()), 1e-4, 10)
+    return out
+
+
+def run_camera_shift(name: str, binary: Path, seed: int, overrides: dict[str, dict[str, str]], keep: bool = False) -> dict:
+    rng = np.random.default_rng(seed)
+    parts = camera_cell_data(name, rng)
+    task = "parts"
+    directory = Path(tempfile.mkdtemp(prefix=f"adaptd-shift-{name}-"))
+    broker, port = mosquitto(directory)
+    daemon = Daemon(binary, directory, port, overrides, bundle=CAMERA, task=task)
+    journal = directory / "state" / "journal" / f"{task}.jsonl"
+    accuracy = lambda frames, labels: float(np.mean(np.array(predict_frames(daemon, frames)) == np.array(labels)))  # noqa: E731
+    try:
+        publish(port, camera_lines("before", *parts["before"], task), task)
+        before = settle(daemon, journal, idle_s=15.0, timeout_s=900.0)
+        v_before = daemon.status()["serving_version"]
+        base, old_before = accuracy(*parts["test"]), accuracy(*parts["old_test"])
+        last_puback = publish(port, camera_lines("after", *parts["after"], task), task)
+        records = settle(daemon, journal, idle_s=15.0, timeout_s=1200.0)
+        final, old_after = accuracy(*parts["test"]), accuracy(*parts["old_test"])
+        jobs = [r for r in records[len(before):] if r.get("event") == "job"]
+        promoted = [r for r in jobs if r.get("promote")]
+        last_promotion = max((r["time_ms"] / 1000 for r in promoted), default=None)
+        result = {
+            "shift": name, "train": len(parts["before"][0]) + len(parts["after"][0]), "test": len(parts["test"][0]),
+            "base": base, "adaptd": final, "serving_version": daemon.status()["serving_version"], "version_before": v_before,
+            "jobs": len(jobs), "promoted": len(promoted),
+            "kinds": [r.get("kind") for r in promoted], "rejections": [r["summary"][:160] for r in jobs if not r.get("promote")],
+            "seconds_to_final": None if last_promotion is None else max(0.0, last_promotion - last_puback),
+            # "Upright" for the camera: the parts as the station was commissioned.
+            "upright_before": old_before, "upright_after": old_after, "base_traffic_share": None,
+        }
+    finally:
+        daemon.stop()
+        broker.terminate()
+        broker.wait()
+    train = (parts["before"][0] + parts["after"][0], parts["before"][1] + parts["after"][1])
+    rank = int(overrides.get("training", {}).get("lora_rank", "8"))
+    return with_references(result, camera_references(train, parts["test"], seed, rank), directory, keep)
+
+
 def table(results: list[dict]) -> str:
     pct = lambda v: "–" if v is None else f"{100 * v:5.1f}"  # noqa: E731
     lines = ["| shift | base | adaptd | s to final | logreg | MLP | SVM | full FT | adaptd/full FT | upright before → after | base traffic | promoted (kinds) |",
@@ -491,12 +671,14 @@ def main() -> None:
         overrides.setdefault(section, {})[name] = value
     if overrides:
         print(f"NOT the shipped configuration: {args.set}")
-    names = ["rotate90"] if args.quick else [n for n in (args.only.split(",") if args.only else SHIFTS + TEXT_SHIFTS)]
+    names = ["rotate90"] if args.quick else [n for n in (args.only.split(",") if args.only else SHIFTS + TEXT_SHIFTS + CAMERA_SHIFTS)]
     results = []
     for name in names:
         started = time.time()
         if name in TEXT_SHIFTS:
             r = run_text_shift(name, binary, args.seed, overrides, args.keep, Path(args.minilm))
+        elif name in CAMERA_SHIFTS:
+            r = run_camera_shift(name, binary, args.seed, overrides, args.keep)
         else:
             r = run_shift(name, binary, data, args.seed, args.quick, overrides, args.keep)
         results.append(r)

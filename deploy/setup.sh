@@ -6,8 +6,8 @@
 #     deploy/requirements.txt changes.
 #  3. .cargo/config.toml, generated: where libtorch and the ONNX Runtime library are, and an
 #     rpath so built binaries find libtorch without LD_LIBRARY_PATH.
-#  4. The reference model bundles and the digits data set under build/; rebuilt only when the
-#     export tool or the runtimes change.
+#  4. The reference model bundles (digits-cnn, minilm, efficientnet-lite0), the digits data set and
+#     the camera task's frames under build/; rebuilt only when the export tool or the runtimes change.
 # A second run does nothing but check stamps (about a second).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,13 +72,20 @@ fi
 
 # 4. Reference bundles -------------------------------------------------------------------------
 export_stamp=$(hash_of deploy/export/adaptd_export.py deploy/export/reference_bundles.py deploy/requirements.txt)
-for job in digits minilm; do
-  case $job in digits) out=build/bundles/digits-cnn ;; minilm) out=build/bundles/minilm ;; esac
-  if [ "$(cat "build/.stamp-$job" 2>/dev/null)" != "$export_stamp" ] || [ ! -f "$out/manifest.json" ]; then
+for job in digits minilm efficientnet; do
+  stamp=$export_stamp
+  case $job in
+    digits) out=build/bundles/digits-cnn; also=build/data/digits.safetensors ;;
+    minilm) out=build/bundles/minilm; also=$out/manifest.json ;;
+    # The camera bundle and the camera task's frames (about a minute on two cores).
+    efficientnet) out=build/bundles/efficientnet-lite0; also=build/data/camera.safetensors
+                  stamp=$(hash_of deploy/export/adaptd_export.py deploy/export/reference_bundles.py deploy/export/camera_task.py deploy/requirements.txt) ;;
+  esac
+  if [ "$(cat "build/.stamp-$job" 2>/dev/null)" != "$stamp" ] || [ ! -f "$out/manifest.json" ] || [ ! -f "$also" ]; then
     say "building the $job reference bundle"
     rm -rf "$out"
     mkdir -p build
     .venv/bin/python deploy/export/reference_bundles.py "$job" build
-    echo "$export_stamp" > "build/.stamp-$job"
+    echo "$stamp" > "build/.stamp-$job"
   fi
 done

@@ -113,10 +113,52 @@ pub struct LoraSpec {
 pub enum Preprocessing {
     /// Raw tensors in the model's input layout.
     Tensor,
-    /// Images decoded, resized and scaled into `[N, channels, height, width]`.
-    Image { height: usize, width: usize, channels: usize, pixel_scale: f32 },
+    /// Images decoded, resized (and cropped) and normalised into `[N, channels, height, width]`:
+    /// each value is `(pixel * pixel_scale - mean[c]) / std[c]`. Bundles exported before the
+    /// camera fields stretch to the model's size with no mean or std, and still load.
+    Image {
+        height: usize,
+        width: usize,
+        channels: usize,
+        pixel_scale: f32,
+        #[serde(default)]
+        resize: ImageResize,
+        /// `shorter_side`: the shorter side's length before the centre crop (ImageNet models:
+        /// 256 for a 224 crop); default: the model's longer side (a crop with no margin).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resize_to: Option<usize>,
+        /// Per channel, in the model's channel order, after `pixel_scale`; default 0.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mean: Option<Vec<f32>>,
+        /// Per channel; default 1.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        std: Option<Vec<f32>>,
+        /// The model's channel order (frames and files arrive RGB).
+        #[serde(default)]
+        channel_order: ChannelOrder,
+    },
     /// Text tokenized with the bundle's `tokenizer` file and cut at `max_length` tokens.
     Text { tokenizer: String, max_length: usize },
+}
+
+/// How an image of any size becomes the model's `height` x `width`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageResize {
+    /// Scaled to exactly the model's size, aspect ratio not kept.
+    #[default]
+    Stretch,
+    /// Scaled so the shorter side is `resize_to`, aspect ratio kept, then the centre cut out
+    /// (what ImageNet models are evaluated with).
+    ShorterSide,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelOrder {
+    #[default]
+    Rgb,
+    Bgr,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -203,6 +245,31 @@ impl Manifest {
             && !self.files.contains_key(tokenizer)
         {
             return Err(invalid(format!("tokenizer file {tokenizer:?} is not listed under \"files\"")));
+        }
+        if let Preprocessing::Image { height, width, channels, pixel_scale, resize, resize_to, mean, std, channel_order } = &self.preprocessing {
+            if *height == 0 || *width == 0 || !matches!(channels, 1 | 3) || !pixel_scale.is_finite() {
+                return Err(invalid(format!(
+                    "image preprocessing needs a height and width above 0, 1 or 3 channels and a finite pixel_scale, got {height}x{width}x{channels} at {pixel_scale}"
+                )));
+            }
+            if let Some(to) = resize_to
+                && (*resize != ImageResize::ShorterSide || *to < (*height).max(*width))
+            {
+                return Err(invalid(format!("resize_to {to} needs resize \"shorter_side\" and at least the model's {height}x{width}")));
+            }
+            for (key, values) in [("mean", mean), ("std", std)] {
+                if let Some(v) = values
+                    && (v.len() != *channels || v.iter().any(|x| !x.is_finite()) || (key == "std" && v.iter().any(|&x| x <= 0.0)))
+                {
+                    return Err(invalid(format!(
+                        "{key} must have one finite value per channel ({channels}){}, got {v:?}",
+                        if key == "std" { ", each above 0" } else { "" }
+                    )));
+                }
+            }
+            if *channel_order == ChannelOrder::Bgr && *channels != 3 {
+                return Err(invalid("channel_order \"bgr\" needs 3 channels".into()));
+            }
         }
         for name in self.files.keys() {
             if name.contains('/') || name.contains('\\') || name == ".." || name.is_empty() {

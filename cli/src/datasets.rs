@@ -201,3 +201,61 @@ pub const ROBOT_INTENTS: &[(&str, i64)] = &[
     ("tell me your position on the map", 2),
     ("how long until you need to recharge", 2),
 ];
+
+/// The camera task's frames (`data/camera.safetensors`, made by deploy/export/camera_task.py):
+/// 320x240 JPEGs of twelve kinds of parts on a bench, in a base domain and four shifted ones.
+#[derive(Debug, Clone)]
+pub struct CameraFrames {
+    /// Each frame's JPEG file bytes, as a camera sends them.
+    pub frames: Vec<Vec<u8>>,
+    pub labels: Vec<i64>,
+    /// Index into `domain_names`.
+    pub domains: Vec<u8>,
+    pub classes: Vec<String>,
+    pub domain_names: Vec<String>,
+}
+
+impl CameraFrames {
+    pub fn load(path: &Path) -> Result<CameraFrames, DatasetError> {
+        let bytes = std::fs::read(path).map_err(|source| DatasetError::Io { path: path.to_path_buf(), source })?;
+        let fmt = |reason: String| DatasetError::Format { path: path.to_path_buf(), reason };
+        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| fmt(e.to_string()))?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| fmt(e.to_string()))?;
+        let names = |key: &str| -> Result<Vec<String>, DatasetError> {
+            let raw = meta.metadata().as_ref().and_then(|m| m.get(key)).ok_or_else(|| fmt(format!("metadata {key:?} is missing")))?;
+            serde_json::from_str(raw).map_err(|e| fmt(format!("metadata {key:?}: {e}")))
+        };
+        let tensor = |name: &str, dtype: Dtype| {
+            let t = st.tensor(name).map_err(|e| fmt(format!("tensor {name:?}: {e}")))?;
+            if t.dtype() != dtype {
+                return Err(fmt(format!("tensor {name:?} is {:?}, expected {dtype:?}", t.dtype())));
+            }
+            Ok(t)
+        };
+        let jpeg = tensor("jpeg", Dtype::U8)?;
+        let offsets = i64s_from_le(tensor("offsets", Dtype::I64)?.data());
+        let labels = i64s_from_le(tensor("labels", Dtype::I64)?.data());
+        let domains = tensor("domain", Dtype::U8)?.data().to_vec();
+        let (classes, domain_names) = (names("classes")?, names("domains")?);
+        let n = labels.len();
+        let in_range = offsets.windows(2).all(|w| 0 <= w[0] && w[0] <= w[1] && w[1] as usize <= jpeg.data().len());
+        if offsets.len() != n + 1 || domains.len() != n || !in_range {
+            return Err(fmt(format!("{} offsets, {} labels and {} domains do not fit together", offsets.len(), n, domains.len())));
+        }
+        if labels.iter().any(|&l| l < 0 || l as usize >= classes.len()) || domains.iter().any(|&d| d as usize >= domain_names.len()) {
+            return Err(fmt("a label or domain is out of range".into()));
+        }
+        let frames = offsets.windows(2).map(|w| jpeg.data()[w[0] as usize..w[1] as usize].to_vec()).collect();
+        Ok(CameraFrames { frames, labels, domains, classes, domain_names })
+    }
+
+    /// The frames of one domain ("base", "lighting", ...), in order.
+    pub fn of_domain(&self, name: &str) -> Vec<usize> {
+        let Some(d) = self.domain_names.iter().position(|n| n == name) else { return Vec::new() };
+        (0..self.labels.len()).filter(|&i| usize::from(self.domains[i]) == d).collect()
+    }
+
+    pub fn labels_of(&self, indices: &[usize]) -> Vec<i64> {
+        indices.iter().map(|&i| self.labels[i]).collect()
+    }
+}

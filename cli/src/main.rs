@@ -49,6 +49,11 @@ enum Command {
         /// Directory holding bundles/ and data/ (made by `make setup`).
         #[arg(long)]
         build_dir: Option<PathBuf>,
+        /// A bundle of your own to prove instead of the reference ones (repeatable): manifest
+        /// and hashes, parity of both runtimes with and without LoRA, and a few LoRA steps with
+        /// the base frozen.
+        #[arg(long)]
+        bundle: Vec<PathBuf>,
     },
     /// Is this device ready, and how fast is it? Architecture, Jetson model and L4T/JetPack
     /// release, memory, temperatures, GPU load; which ONNX Runtime providers register and how
@@ -313,7 +318,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Demo { build_dir, state_dir, report, robots, rate } => demo(build_dir, state_dir, report, robots, rate),
-        Command::Check { build_dir } => check(build_dir),
+        Command::Check { build_dir, bundle } => check(build_dir, &bundle),
         Command::Doctor { config, bundle, seconds, root, json } => operate(json, || {
             let bundle = match bundle {
                 Some(dir) => dir,
@@ -526,7 +531,7 @@ struct BundleCheck {
     head: Option<parity::HeadProbe>,
 }
 
-fn check_bundle(dir: &Path, digits: &Path, rank: usize, train_steps: usize) -> anyhow::Result<BundleCheck> {
+fn check_bundle(dir: &Path, data: &parity::ProbeData, rank: usize, train_steps: usize) -> anyhow::Result<BundleCheck> {
     let t0 = Instant::now();
     let bundle = Bundle::open(dir)?;
     let verify_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -534,12 +539,12 @@ fn check_bundle(dir: &Path, digits: &Path, rank: usize, train_steps: usize) -> a
     let mut onnx = OnnxModel::load(&bundle, SessionOptions::default(), None)?;
     let graph = TrainingGraph::load(&bundle, tch::Device::Cpu)?;
     let load_ms = t1.elapsed().as_secs_f64() * 1e3;
-    let inputs = parity::probe_inputs(&bundle, digits)?;
+    let inputs = parity::probe_inputs(&bundle, data)?;
     let parity = parity::check_parity(&mut onnx, &graph, &inputs, rank, 7)?;
-    let train = (train_steps > 0).then(|| parity::training_probe(&bundle, &graph, digits, train_steps)).transpose()?;
-    // The head path end to end on images (the text bundle's probe data has three sentences a class).
-    let image = !matches!(bundle.manifest.preprocessing, adaptd_adapters::bundle::Preprocessing::Text { .. });
-    let head = (train_steps > 0 && image).then(|| parity::head_probe(&mut onnx, digits)).transpose()?;
+    let train = (train_steps > 0).then(|| parity::training_probe(&bundle, &graph, data, train_steps)).transpose()?;
+    // The head path end to end on rotated digits (the bundles that take them and ship a classifier).
+    let digits_classifier = bundle.manifest.inputs.first().is_some_and(|i| i.shape[1..] == [1, 8, 8]) && bundle.manifest.logits_output.is_some();
+    let head = (train_steps > 0 && digits_classifier).then(|| parity::head_probe(&mut onnx, &data.digits)).transpose()?;
     Ok(BundleCheck { verify_ms, load_ms, parity, train, head })
 }
 
@@ -613,13 +618,15 @@ fn report(state_dir: Option<PathBuf>, config: Option<PathBuf>, out: PathBuf) -> 
     Ok(ExitCode::SUCCESS)
 }
 
-fn check(build_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+fn check(build_dir: Option<PathBuf>, bundles: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let build = build_dir.unwrap_or_else(paths::build_dir);
-    let digits = build.join("data").join("digits.safetensors");
+    let data = parity::ProbeData::in_build_dir(&build);
     println!("adaptd check: one model, two runtimes, same function");
+    let dirs: Vec<PathBuf> =
+        if bundles.is_empty() { REFERENCE_BUNDLES.iter().map(|name| build.join("bundles").join(name)).collect() } else { bundles.to_vec() };
     let mut ok = true;
-    for name in ["digits-cnn", "minilm"] {
-        let check = check_bundle(&build.join("bundles").join(name), &digits, 8, 10)?;
+    for dir in &dirs {
+        let check = check_bundle(dir, &data, 8, 10)?;
         print_check(&check);
         ok &= check.parity.passed() && check.train.as_ref().is_some_and(|t| t.base_unchanged == Some(true) && t.losses.last() < t.losses.first());
         ok &= check.head.as_ref().is_none_or(|h| h.adapted_accuracy >= h.base_accuracy + HEAD_PROBE_MIN_GAIN);
@@ -628,10 +635,14 @@ fn check(build_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// What `adaptd check` proves without --bundle: the bundles the set-up builds.
+const REFERENCE_BUNDLES: [&str; 3] = ["digits-cnn", "minilm", "efficientnet-lite0"];
+
 fn parity_command(bundles: &[PathBuf], rank: usize) -> anyhow::Result<ExitCode> {
+    let data = parity::ProbeData::in_build_dir(&paths::build_dir());
     let mut ok = true;
     for dir in bundles {
-        let check = check_bundle(dir, &paths::digits_data(), rank, 0)?;
+        let check = check_bundle(dir, &data, rank, 0)?;
         print_check(&check);
         ok &= check.parity.passed();
     }

@@ -2,7 +2,7 @@
 //! libtorch must compute the same function, with and without a LoRA adapter, or an adapter
 //! validated in the trainer would behave differently once served.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
 use adaptd_adapters::bundle::{Bundle, Preprocessing};
@@ -12,7 +12,7 @@ use adaptd_adapters::tensor::SeededRng;
 use adaptd_adapters::tensor::{HostData, HostTensor, max_abs_diff};
 use adaptd_train::{Examples, FitReport, FitTarget, Recipe, Schedule, TrainError, TrainingGraph, fit};
 
-use crate::datasets::{DatasetError, Digits, ROBOT_INTENTS, Shift};
+use crate::datasets::{CameraFrames, DatasetError, Digits, ROBOT_INTENTS, Shift};
 use adaptd_daemon::engine::onnx::{OnnxError, OnnxModel};
 use adaptd_daemon::preprocess::{PreprocessError, TextEncoder};
 
@@ -66,24 +66,71 @@ impl ParityReport {
     }
 }
 
-/// Model inputs to compare the runtimes on: real digits for image bundles (upright and shifted),
-/// operator sentences of different lengths (so padding is exercised) for text bundles.
-pub fn probe_inputs(bundle: &Bundle, digits_path: &Path) -> Result<Vec<HostTensor>, ParityError> {
-    match &bundle.manifest.preprocessing {
-        Preprocessing::Text { .. } => {
-            let texts: Vec<&str> = ROBOT_INTENTS.iter().step_by(3).map(|(t, _)| *t).collect();
-            Ok(TextEncoder::from_bundle(bundle)?.encode(&texts)?)
-        }
-        Preprocessing::Image { .. } | Preprocessing::Tensor => {
-            let digits = Digits::load(digits_path)?;
-            let held = digits.held_out();
-            let upright = held[..6].iter().map(|&i| digits.image(i, Shift::None));
-            let rotated = held[6..12].iter().map(|&i| digits.image(i, Shift::Rotate90));
-            let pixels = upright.chain(rotated).flatten().collect();
-            let side = crate::datasets::DIGIT_SIDE;
-            Ok(vec![HostTensor { shape: vec![12, 1, side, side], data: HostData::F32(pixels) }])
-        }
+/// Where the probes' real data lies: the digits and the camera task's frames (`build/data`).
+#[derive(Debug, Clone)]
+pub struct ProbeData {
+    pub digits: PathBuf,
+    pub camera: PathBuf,
+}
+
+impl ProbeData {
+    /// The data the set-up step put in `build_dir/data`.
+    pub fn in_build_dir(build_dir: &Path) -> ProbeData {
+        let data = build_dir.join("data");
+        ProbeData { digits: data.join("digits.safetensors"), camera: data.join("camera.safetensors") }
     }
+}
+
+/// Model inputs to compare the runtimes on: real digits for the 8x8 digits bundles (upright and
+/// shifted), camera frames for camera-sized image bundles (base and lighting domains), operator
+/// sentences of different lengths (so padding is exercised) for text bundles.
+pub fn probe_inputs(bundle: &Bundle, data: &ProbeData) -> Result<Vec<HostTensor>, ParityError> {
+    if let Preprocessing::Text { .. } = &bundle.manifest.preprocessing {
+        let texts: Vec<&str> = ROBOT_INTENTS.iter().step_by(3).map(|(t, _)| *t).collect();
+        return Ok(TextEncoder::from_bundle(bundle)?.encode(&texts)?);
+    }
+    if takes_digits(bundle) {
+        let digits = Digits::load(&data.digits)?;
+        let held = digits.held_out();
+        let upright = held[..6].iter().map(|&i| digits.image(i, Shift::None));
+        let rotated = held[6..12].iter().map(|&i| digits.image(i, Shift::Rotate90));
+        let pixels = upright.chain(rotated).flatten().collect();
+        let side = crate::datasets::DIGIT_SIDE;
+        return Ok(vec![HostTensor { shape: vec![12, 1, side, side], data: HostData::F32(pixels) }]);
+    }
+    Ok(labelled_frames(bundle, data, 6, &["base", "lighting"])?.0)
+}
+
+/// An image or tensor bundle whose input is the 8x8 grey digit.
+fn takes_digits(bundle: &Bundle) -> bool {
+    let side = crate::datasets::DIGIT_SIDE as i64;
+    bundle.manifest.inputs.first().is_some_and(|i| i.shape[1..] == [1, side, side])
+}
+
+/// `per_domain` camera frames of each domain with their labels, through the bundle's own image
+/// preprocessing (JPEG decode, resize, crop, normalisation); (inputs, labels, classes). A bundle
+/// on a machine without the camera task's data gets seeded synthetic frames and three labels.
+fn labelled_frames(bundle: &Bundle, data: &ProbeData, per_domain: usize, domains: &[&str]) -> Result<(Vec<HostTensor>, Vec<i64>, usize), ParityError> {
+    use adaptd_daemon::preprocess::{frame_pixels, image_pixels, normalize};
+    let manifest = &bundle.manifest;
+    let (pixels, labels, classes) = if data.camera.exists() {
+        let camera = CameraFrames::load(&data.camera)?;
+        let rows: Vec<usize> = domains.iter().flat_map(|d| camera.of_domain(d).into_iter().take(per_domain)).collect();
+        let pixels = rows.iter().map(|&i| image_pixels(&manifest.name, &manifest.preprocessing, &camera.frames[i])).collect::<Result<Vec<_>, _>>()?;
+        (pixels, camera.labels_of(&rows), camera.classes.len())
+    } else {
+        let (h, w) = (240, 320);
+        let mut rng = SeededRng::new(11);
+        let mut pixels = Vec::new();
+        for _ in 0..per_domain * domains.len() {
+            let frame: Vec<u8> = (0..h * w * 3).map(|_| (rng.uniform() * 255.0) as u8).collect();
+            pixels.push(frame_pixels(&manifest.name, &manifest.preprocessing, &[h, w, 3], &frame)?);
+        }
+        let labels = (0..pixels.len() as i64).map(|i| i % 3).collect();
+        (pixels, labels, 3)
+    };
+    let input = normalize(&manifest.name, &manifest.preprocessing, &pixels.iter().collect::<Vec<_>>())?;
+    Ok((vec![input], labels, classes))
 }
 
 /// Compare every output of both graphs on `inputs`, without an adapter and with a seeded random
@@ -116,20 +163,22 @@ pub fn check_parity(onnx: &mut OnnxModel, graph: &TrainingGraph, inputs: &[HostT
 }
 
 /// A few LoRA + head training steps through the training graph on real labelled data from the
-/// bundle's domain (rotated held-out digits; operator intents for text). Proves the graph trains
+/// bundle's domain (rotated held-out digits; camera frames in the evening light; operator
+/// intents for text). Proves the graph trains
 /// and the base stays frozen; the report carries the losses and the bit-identity check.
-pub fn training_probe(bundle: &Bundle, graph: &TrainingGraph, digits_path: &Path, steps: usize) -> Result<FitReport, ParityError> {
+pub fn training_probe(bundle: &Bundle, graph: &TrainingGraph, data: &ProbeData, steps: usize) -> Result<FitReport, ParityError> {
     let (inputs, labels, classes) = match &bundle.manifest.preprocessing {
         Preprocessing::Text { .. } => {
             let texts: Vec<&str> = ROBOT_INTENTS.iter().map(|(t, _)| *t).collect();
             let labels: Vec<i64> = ROBOT_INTENTS.iter().map(|(_, l)| *l).collect();
             (TextEncoder::from_bundle(bundle)?.encode(&texts)?, labels, 3)
         }
-        Preprocessing::Image { .. } | Preprocessing::Tensor => {
-            let digits = Digits::load(digits_path)?;
+        _ if takes_digits(bundle) => {
+            let digits = Digits::load(&data.digits)?;
             let held: Vec<usize> = digits.held_out().into_iter().take(64).collect();
             (vec![digits.batch(&held, Shift::Rotate90)], digits.labels_of(&held), 10)
         }
+        _ => labelled_frames(bundle, data, 12, &["lighting"])?,
     };
     // Full-batch steps at a constant, high learning rate so the loss curve is deterministic and
     // short: the head starts from scratch.

@@ -18,3 +18,7 @@ pub fn reference_bundle(name: &str) -> PathBuf {
 pub fn digits_data() -> PathBuf {
     build_dir().join("data").join("digits.safetensors")
 }
+
+pub fn camera_data() -> PathBuf {
+    build_dir().join("data").join("camera.safetensors")
+}

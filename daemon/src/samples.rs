@@ -84,6 +84,9 @@ impl SplitPolicy {
 pub enum SampleInput {
     Tensor(HostTensor),
     Text(String),
+    /// An image or camera frame, fitted to an image bundle's size and kept as bytes: the model
+    /// input is normalised from it when used.
+    Image(crate::preprocess::Pixels),
 }
 
 /// A labelled sample as it arrives.
@@ -614,6 +617,7 @@ fn encode_input(input: &SampleInput) -> (&'static str, String, Vec<u8>) {
                 HostData::I64(v) => ("i64", shape, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
             }
         }
+        SampleInput::Image(p) => ("u8hwc", format!("[{},{},{}]", p.height, p.width, p.channels), p.data.clone()),
     }
 }
 
@@ -623,6 +627,13 @@ fn decode_input(kind: &str, shape: &str, bytes: Vec<u8>) -> Result<SampleInput, 
         "text" => return String::from_utf8(bytes).map(SampleInput::Text).map_err(|e| format!("text input: {e}")),
         "f32" => HostTensor::f32(shape, f32s_from_le(&bytes)),
         "i64" => HostTensor::i64(shape, i64s_from_le(&bytes)),
+        "u8hwc" => {
+            let [height, width, channels] = shape[..] else { return Err(format!("image input of shape {shape:?}")) };
+            if height.saturating_mul(width).saturating_mul(channels) != bytes.len() {
+                return Err(format!("image input of {height}x{width}x{channels} holds {} bytes", bytes.len()));
+            }
+            return Ok(SampleInput::Image(crate::preprocess::Pixels { height, width, channels, data: bytes }));
+        }
         other => return Err(format!("input kind {other:?}")),
     };
     tensor.map(SampleInput::Tensor).map_err(|e| format!("input: {e}"))

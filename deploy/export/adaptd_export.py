@@ -233,16 +233,36 @@ def resolve_targets(module: nn.Module, target_modules: Sequence[str]) -> list[st
             sample = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
             raise ExportError(f"target module {target!r} matches no module of {type(module).__name__} (modules: {sample})")
         for name in hits:
-            sub = module.get_submodule(name)
-            if not isinstance(sub, (nn.Linear, nn.Conv2d)):
-                raise ExportError(
-                    f"target module {name!r} is a {type(sub).__name__}; LoRA slots need nn.Linear or nn.Conv2d"
-                )
-            if isinstance(sub, nn.Conv2d) and sub.groups != 1:
-                raise ExportError(f"target module {name!r} is a grouped Conv2d (groups={sub.groups}); not supported")
+            refusal = slot_refusal(module.get_submodule(name))
+            if refusal:
+                raise ExportError(f"target module {name!r} {refusal}")
             if name not in matched:
                 matched.append(name)
     return matched
+
+
+def slot_refusal(layer: nn.Module) -> str | None:
+    """Why `layer` cannot carry a LoRA slot (None: it can). The slot adds the update computed
+    from the layer's own input with the layer's own geometry, as PEFT's LoRA layers do."""
+    kind = type(layer).__name__
+    if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+        return f"is a {kind}; LoRA slots need nn.Linear or nn.Conv2d (batch norm, activations and pooling stay frozen)"
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1:
+            what = "a depthwise convolution" if layer.groups == layer.in_channels else "a grouped convolution"
+            return (f"is {what} ({kind}, groups={layer.groups}): PEFT adapts these only at ranks divisible by the "
+                    f"group count and cannot merge them, and a slot's zero-padded rank would mix the groups; "
+                    f"target the pointwise (1x1) convolutions beside it instead")
+        if layer.padding_mode != "zeros":
+            return f"pads with {layer.padding_mode!r} ({kind}); LoRA slots take zero-padded convolutions"
+        overrides_forward = type(layer).forward is not nn.Conv2d.forward
+        if overrides_forward and tuple(layer.kernel_size) != (1, 1):
+            return (f"is a {kind} with its own forward (it pads its input itself, as TensorFlow's 'same' "
+                    f"padding does) and a {tuple(layer.kernel_size)} kernel: the slot would see the input unpadded "
+                    f"and its output would not line up; only its 1x1 convolutions can take slots")
+        if isinstance(layer.padding, str):
+            return f"uses padding={layer.padding!r} ({kind}); export it with explicit padding"
+    return None
 
 
 def slot_spec(name: str, layer: nn.Module, rank_max: int) -> SlotSpec:
@@ -539,3 +559,131 @@ def _dtype_name(dtype: torch.dtype) -> str:
     if dtype not in names:
         raise ExportError(f"input dtype {dtype} is not supported by bundles (f32, i64, i32, u8)")
     return names[dtype]
+
+
+# Command line -----------------------------------------------------------------------------------
+
+CLI_DOC = """Export a PyTorch model as an adaptd bundle.
+
+    python deploy/export/adaptd_export.py --factory package.module:function [--weights FILE]
+        --input image:f32:1x3x224x224 --targets NAME[,NAME...] [--cut-after MODULE]
+        [--preprocessing JSON|@FILE] --name NAME [--version V] OUT_DIR
+    python deploy/export/adaptd_export.py --factory package.module:function --list-modules
+
+The factory is called with no arguments (or --factory-kwargs JSON) and returns an nn.Module whose
+forward takes the inputs in the order given and returns the embedding (or a tuple whose outputs
+--outputs names). --weights loads a state dict into it (strict). Axis 0 of every input and
+output is the batch. Targets are module names or name suffixes, as PEFT's target_modules.
+--list-modules prints every module with whether it can take a LoRA slot, and why not.
+Then prove the bundle with `adaptd check --bundle OUT_DIR`.
+"""
+
+
+def _load_factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
+    import importlib
+
+    module_name, sep, func_name = spec.partition(":")
+    if not sep or not module_name or not func_name:
+        raise ExportError(f"--factory {spec!r}: expected package.module:function")
+    try:
+        factory = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as e:
+        raise ExportError(f"--factory {spec!r}: {e}") from e
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"--factory {spec!r} returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _parse_input(spec: str) -> tuple[str, torch.Tensor]:
+    dtypes = {"f32": torch.float32, "i64": torch.int64, "i32": torch.int32, "u8": torch.uint8}
+    parts = spec.split(":")
+    if len(parts) != 3 or parts[1] not in dtypes:
+        raise ExportError(f"--input {spec!r}: expected NAME:DTYPE:SHAPE, DTYPE one of {', '.join(dtypes)}, e.g. image:f32:1x3x224x224")
+    try:
+        shape = [int(d) for d in parts[2].lower().split("x")]
+    except ValueError as e:
+        raise ExportError(f"--input {spec!r}: the shape is sizes joined by x, e.g. 1x3x224x224") from e
+    if not shape or any(d <= 0 for d in shape):
+        raise ExportError(f"--input {spec!r}: every size must be positive")
+    # Two rows, so nothing specialises to a batch of one.
+    shape[0] = max(shape[0], 2)
+    example = torch.randn(shape) if dtypes[parts[1]] == torch.float32 else torch.zeros(shape, dtype=dtypes[parts[1]])
+    return parts[0], example
+
+
+def _json_arg(value: str, what: str) -> Any:
+    text = Path(value[1:]).read_text() if value.startswith("@") else value
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{what}: not JSON ({e})") from e
+
+
+def list_modules(model: nn.Module) -> list[str]:
+    """One line a module: its name, type, and whether a LoRA slot can go there."""
+    lines = []
+    for name, layer in model.named_modules():
+        if not name or not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            continue
+        refusal = slot_refusal(layer)
+        shape = (f"{layer.in_features}->{layer.out_features}" if isinstance(layer, nn.Linear)
+                 else f"{layer.in_channels}->{layer.out_channels} k{tuple(layer.kernel_size)} g{layer.groups}")
+        lines.append(f"{name}\t{type(layer).__name__}\t{shape}\t{'slot ok' if refusal is None else 'no slot: ' + refusal}")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(description=CLI_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", nargs="?", help="the bundle directory to write (must not exist, or be empty)")
+    ap.add_argument("--factory", required=True, help="package.module:function returning the nn.Module")
+    ap.add_argument("--factory-kwargs", default="{}", help="JSON object of keyword arguments for the factory")
+    ap.add_argument("--python-path", action="append", default=[], help="a directory to import the factory from")
+    ap.add_argument("--weights", help="a state dict (torch.save) to load into the module, strictly")
+    ap.add_argument("--input", action="append", default=[], help="NAME:DTYPE:SHAPE, once per model input, in forward's order")
+    ap.add_argument("--outputs", default="embedding", help="names of forward's outputs, comma-separated")
+    ap.add_argument("--embedding-output", help="which output is the embedding (default: the first)")
+    ap.add_argument("--targets", default="", help="LoRA target modules, comma-separated (names or name suffixes)")
+    ap.add_argument("--cut-after", help="a module to cut after: LoRA above it trains on cached activations")
+    ap.add_argument("--rank-max", type=int, default=16)
+    ap.add_argument("--preprocessing", help='JSON (or @FILE), e.g. {"kind": "image", "height": 224, ...}')
+    ap.add_argument("--name")
+    ap.add_argument("--version", default="1.0.0")
+    ap.add_argument("--list-modules", action="store_true", help="print the modules and where LoRA slots can go, then stop")
+    args = ap.parse_args(argv)
+    try:
+        sys.path[:0] = args.python_path
+        model = _load_factory(args.factory, _json_arg(args.factory_kwargs, "--factory-kwargs")).eval()
+        if args.weights:
+            state = torch.load(args.weights, map_location="cpu", weights_only=True)
+            try:
+                model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state, strict=True)
+            except RuntimeError as e:
+                raise ExportError(f"--weights {args.weights}: does not fit the module: {str(e).splitlines()[0]}") from e
+        if args.list_modules:
+            print("\n".join(list_modules(model)))
+            return 0
+        if not args.out or not args.name or not args.input:
+            raise ExportError("OUT_DIR, --name and at least one --input are needed to export")
+        inputs = dict(_parse_input(i) for i in args.input)
+        outputs = [o for o in args.outputs.split(",") if o]
+        dynamic = {n: {0: "batch"} for n in [*inputs, *outputs]}
+        preprocessing = _json_arg(args.preprocessing, "--preprocessing") if args.preprocessing else None
+        out = export_bundle(
+            model, inputs, [t for t in args.targets.split(",") if t], args.out, name=args.name, version=args.version,
+            rank_max=args.rank_max, output_names=outputs, dynamic_axes=dynamic,
+            embedding_output=args.embedding_output or outputs[0], preprocessing=preprocessing, cut_after=args.cut_after,
+            metadata={"factory": args.factory},
+        )
+    except (ExportError, OSError) as e:
+        print(f"adaptd_export: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}; prove it with: adaptd check --bundle {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

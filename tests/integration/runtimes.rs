@@ -12,7 +12,11 @@ use adaptd_daemon::engine::onnx::{OnnxModel, SessionOptions};
 use adaptd_train::{Examples, FitTarget, Recipe, TrainError, TrainingGraph, fit};
 use tch::Device;
 
-use crate::{digits_data, reference_bundle};
+use crate::reference_bundle;
+
+fn probe_data() -> parity::ProbeData {
+    parity::ProbeData::in_build_dir(&adaptd::paths::build_dir())
+}
 
 fn load(name: &str) -> (Bundle, OnnxModel, TrainingGraph) {
     let bundle = Bundle::open(reference_bundle(name)).expect("bundle opens");
@@ -23,7 +27,7 @@ fn load(name: &str) -> (Bundle, OnnxModel, TrainingGraph) {
 
 fn assert_parity(name: &str) {
     let (bundle, mut onnx, graph) = load(name);
-    let inputs = parity::probe_inputs(&bundle, &digits_data()).unwrap();
+    let inputs = parity::probe_inputs(&bundle, &probe_data()).unwrap();
     for rank in [1, 8, bundle.manifest.lora.rank_max] {
         let report = parity::check_parity(&mut onnx, &graph, &inputs, rank, 11).unwrap();
         for o in &report.outputs {
@@ -43,6 +47,15 @@ fn digits_cnn_runtimes_agree_with_and_without_lora() {
 #[test]
 fn minilm_runtimes_agree_with_and_without_lora() {
     assert_parity("minilm");
+}
+
+/// EfficientNet-Lite0 at 224x224 on real camera frames (JPEG decoded, resized, cropped and
+/// normalised by the daemon's own preprocessing): batch norm folded the same way in both
+/// runtimes, depthwise convolutions, ReLU6, TensorFlow 'same' padding, and LoRA slots on the
+/// pointwise convolutions above the cut.
+#[test]
+fn efficientnet_lite0_runtimes_agree_with_and_without_lora_on_camera_frames() {
+    assert_parity("efficientnet-lite0");
 }
 
 /// ONNX Runtime allows one environment per process. Parts of the daemon that start at once
@@ -80,7 +93,7 @@ fn parts_loading_onnx_runtime_at_once_all_get_the_one_environment() {
 fn lora_values_prepared_on_a_device_give_the_same_outputs_as_host_values() {
     let (bundle, mut onnx, _) = load("digits-cnn");
     assert_eq!(onnx.lora_device(), "Cpu", "a CPU session keeps LoRA values in host memory");
-    let inputs = parity::probe_inputs(&bundle, &digits_data()).unwrap();
+    let inputs = parity::probe_inputs(&bundle, &probe_data()).unwrap();
     let lora = adaptd_adapters::lora::LoraWeights::random(&bundle.manifest.lora, 4, 8.0, 5, 0.05).unwrap().graph_inputs(&bundle.manifest.lora).unwrap();
     let host = onnx.run(&inputs, &lora).unwrap();
     onnx.set_lora_device(Some((ort::memory::AllocationDevice::CPU, 0)));
@@ -153,7 +166,7 @@ fn trimming_padding_from_a_text_batch_changes_no_output() {
 
 fn assert_trains(name: &str) {
     let (bundle, _, graph) = load(name);
-    let report = parity::training_probe(&bundle, &graph, &digits_data(), 12).unwrap();
+    let report = parity::training_probe(&bundle, &graph, &probe_data(), 12).unwrap();
     let (first, last) = (report.losses[0], *report.losses.last().unwrap());
     assert!(report.losses.iter().all(|l| l.is_finite()));
     assert!(last < 0.8 * first, "{name}: loss went {first} -> {last}");
@@ -178,11 +191,16 @@ fn minilm_lora_trains_and_base_stays_bit_identical() {
 }
 
 #[test]
+fn efficientnet_lite0_lora_trains_on_camera_frames_and_base_stays_bit_identical() {
+    assert_trains("efficientnet-lite0");
+}
+
+#[test]
 fn lora_dropout_drops_only_the_lora_path_while_training() {
     let (bundle, _, graph) = load("digits-cnn");
     assert!(graph.has_lora_dropout(), "the exporter gives training graphs a LoRA dropout input");
     let spec = &bundle.manifest.lora;
-    let inputs = parity::probe_inputs(&bundle, &digits_data()).unwrap();
+    let inputs = parity::probe_inputs(&bundle, &probe_data()).unwrap();
     let images = adaptd_train::to_tensor(&inputs[0], Device::Cpu);
     let slot = |b_scale: f32| -> Vec<tch::Tensor> {
         spec.slots
@@ -209,7 +227,7 @@ fn lora_dropout_drops_only_the_lora_path_while_training() {
 
     // A fit with LoRA dropout trains, reports it, and leaves the base alone.
     let head = bundle.base_head().unwrap().expect("digits-cnn ships its classifier");
-    let digits = adaptd::datasets::Digits::load(&digits_data()).unwrap();
+    let digits = adaptd::datasets::Digits::load(&crate::digits_data()).unwrap();
     let rows: Vec<usize> = digits.held_out().into_iter().take(48).collect();
     let train =
         Examples { inputs: vec![digits.batch(&rows, adaptd::datasets::Shift::Rotate90)], labels: digits.labels_of(&rows), weights: vec![1.0; rows.len()] };
@@ -237,7 +255,7 @@ fn a_lora_job_continues_from_the_serving_lora_exactly() {
     let (bundle, _, graph) = load("digits-cnn");
     let head = bundle.base_head().unwrap().expect("digits-cnn ships its classifier");
     let start = adaptd_adapters::LoraWeights::random(&bundle.manifest.lora, 4, 8.0, 3, 0.1).unwrap();
-    let digits = adaptd::datasets::Digits::load(&digits_data()).unwrap();
+    let digits = adaptd::datasets::Digits::load(&crate::digits_data()).unwrap();
     let rows: Vec<usize> = digits.held_out().into_iter().take(16).collect();
     let train =
         Examples { inputs: vec![digits.batch(&rows, adaptd::datasets::Shift::Rotate90)], labels: digits.labels_of(&rows), weights: vec![1.0; rows.len()] };

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use adaptd_adapters::bundle::{Bundle, RetentionSet};
+use adaptd_adapters::bundle::{Bundle, Manifest, RetentionSet};
 use adaptd_adapters::files::SampleCounts;
 use adaptd_adapters::head::{Head, class_means, grow_linear};
 use adaptd_adapters::lora::LoraWeights;
@@ -54,26 +54,39 @@ pub(super) fn split_retention(retention: Option<&RetentionSet>) -> (RetentionSet
     (r.select(&even), r.select(&odd))
 }
 
-/// Model inputs for `samples` (one row each), in the bundle's input order.
-pub fn model_inputs(text: Option<&TextEncoder>, samples: &[&StoredSample]) -> Result<Vec<HostTensor>, AdaptError> {
+/// Model inputs for `samples` (one row each), in the bundle's input order: text tokenized,
+/// images normalised as the bundle's preprocessing says, tensors as they are.
+pub fn model_inputs(text: Option<&TextEncoder>, manifest: &Manifest, samples: &[&StoredSample]) -> Result<Vec<HostTensor>, AdaptError> {
     if samples.is_empty() {
         return Err(AdaptError::Data("no samples".into()));
     }
+    let holds = |s: &StoredSample, what: &str, takes: &str| AdaptError::Data(format!("sample {:?} holds {what}; the bundle takes {takes}", s.sample.key));
     if let Some(encoder) = text {
         let texts: Vec<&str> = samples
             .iter()
             .map(|s| match &s.sample.input {
                 SampleInput::Text(t) => Ok(t.as_str()),
-                SampleInput::Tensor(_) => Err(AdaptError::Data(format!("sample {:?} holds a tensor; the bundle takes text", s.sample.key))),
+                SampleInput::Tensor(_) | SampleInput::Image(_) => Err(holds(s, "a tensor or image", "text")),
             })
             .collect::<Result<_, _>>()?;
         return encoder.encode(&texts).map_err(|e| AdaptError::Data(e.to_string()));
+    }
+    if matches!(samples[0].sample.input, SampleInput::Image(_)) {
+        let images: Vec<&crate::preprocess::Pixels> = samples
+            .iter()
+            .map(|s| match &s.sample.input {
+                SampleInput::Image(p) => Ok(p),
+                SampleInput::Text(_) | SampleInput::Tensor(_) => Err(holds(s, "text or a tensor", "images")),
+            })
+            .collect::<Result<_, _>>()?;
+        let tensor = crate::preprocess::normalize(&manifest.name, &manifest.preprocessing, &images).map_err(|e| AdaptError::Data(e.to_string()))?;
+        return Ok(vec![tensor]);
     }
     let tensors: Vec<&HostTensor> = samples
         .iter()
         .map(|s| match &s.sample.input {
             SampleInput::Tensor(t) => Ok(t),
-            SampleInput::Text(_) => Err(AdaptError::Data(format!("sample {:?} holds text; the bundle takes tensors", s.sample.key))),
+            SampleInput::Text(_) | SampleInput::Image(_) => Err(holds(s, "text or an image", "tensors")),
         })
         .collect::<Result<_, _>>()?;
     let stacked = concat_inputs(tensors.iter().map(|t| std::slice::from_ref(*t)));
@@ -152,7 +165,7 @@ pub(super) fn prepare(
             val_ex.inputs = vec![HostTensor::f32(vec![validation.len(), dim], val_emb).map_err(|e| AdaptError::Data(e.to_string()))?];
         }
         JobKind::Lora { .. } => {
-            let mut inputs = model_inputs(text, &train)?;
+            let mut inputs = model_inputs(text, &bundle.manifest, &train)?;
             if !replay_rows.is_empty() && text.is_none() {
                 let rows: Vec<usize> = replay_rows.iter().map(|&(i, _)| i).collect();
                 let extra = base_domain.replay.select(&rows).inputs;
@@ -164,7 +177,7 @@ pub(super) fn prepare(
             }
             train_ex.inputs = inputs;
             if !validation.is_empty() {
-                val_ex.inputs = model_inputs(text, &validation)?;
+                val_ex.inputs = model_inputs(text, &bundle.manifest, &validation)?;
             }
         }
     }

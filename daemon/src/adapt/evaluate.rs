@@ -23,7 +23,7 @@ const EVAL_CHUNK: usize = 64;
 pub(super) async fn predict_samples(ctx: &Context, serving: &Arc<Serving>, samples: &[&StoredSample]) -> Result<Vec<Prediction>, AdaptError> {
     let mut out = Vec::with_capacity(samples.len());
     for chunk in samples.chunks(EVAL_CHUNK) {
-        let inputs = model_inputs(ctx.text.as_deref(), chunk)?;
+        let inputs = model_inputs(ctx.text.as_deref(), &ctx.registry.bundle().manifest, chunk)?;
         out.extend(ctx.engine.evaluate(serving.clone(), inputs).await?);
     }
     Ok(out)
@@ -89,7 +89,7 @@ pub(super) async fn base_traffic_share(
         let refs: Vec<&StoredSample> = latest.iter().collect();
         rows = Vec::with_capacity(refs.len());
         for chunk in refs.chunks(EVAL_CHUNK) {
-            let inputs = model_inputs(ctx.text.as_deref(), chunk)?;
+            let inputs = model_inputs(ctx.text.as_deref(), &ctx.registry.bundle().manifest, chunk)?;
             rows.extend((0..chunk.len()).map(|i| row_of(&inputs, i)));
         }
     }
@@ -181,7 +181,7 @@ pub(super) async fn judge(
     let (probe_change, parity_max_diff) = if probe_rows.is_empty() {
         (0.0, 0.0)
     } else {
-        let inputs = model_inputs(ctx.text.as_deref(), &probe_rows)?;
+        let inputs = model_inputs(ctx.text.as_deref(), &ctx.registry.bundle().manifest, &probe_rows)?;
         // The probe rows are the first holdout rows: the candidate's answers are already in hand.
         let cand = &cand_pred[..probe_rows.len()];
         let base = ctx.engine.evaluate(ctx.registry.base(task), inputs.clone()).await?;

@@ -181,7 +181,7 @@ impl Api {
     /// Decode, predict and encode one request; the JSON answer or the reason it was refused.
     pub async fn predict(&self, task: &str, body: &[u8], content_type: Option<&str>) -> Result<Vec<u8>, ApiError> {
         let result: Result<Vec<u8>, ApiError> = async {
-            let inputs = if wire::is_image(content_type) {
+            let inputs = if wire::decodes_images(content_type, self.engine.manifest()) {
                 // Decoding a picture is CPU work of up to tens of milliseconds: off the async
                 // workers, so /healthz and other requests keep answering meanwhile.
                 let (body, content_type) = (body.to_vec(), content_type.map(str::to_string));

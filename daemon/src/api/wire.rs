@@ -6,7 +6,9 @@
 //!   bundle's manifest says (channels, size, pixel scale).
 //! - safetensors bytes (content type `application/x-safetensors`), for tensors: one tensor per
 //!   model input, named as in the bundle manifest; self-describing (dtype, shape), the same format
-//!   as adapter files, and written by `safetensors.numpy.save` in Python with no extra code.
+//!   as adapter files, and written by `safetensors.numpy.save` in Python with no extra code. An
+//!   image bundle's input may be U8 bytes instead: a JPEG/PNG file (`[len]`), a raw RGB camera
+//!   frame (`[height, width, 3]`) or a batch of them (`[N, height, width, 3]`).
 //!
 //! Every refusal says what was wrong and where, and carries a stable label for metrics.
 
@@ -55,9 +57,14 @@ fn media_type(content_type: Option<&str>) -> Option<String> {
     content_type.map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
 }
 
-/// A PNG or JPEG body: decoding it is CPU work, done off the async workers.
-pub fn is_image(content_type: Option<&str>) -> bool {
-    matches!(media_type(content_type).as_deref(), Some(CONTENT_PNG) | Some(CONTENT_JPEG) | Some("image/jpg"))
+/// A PNG or JPEG body, or safetensors for an image bundle (files or camera frames): decoding
+/// and resizing it is CPU work of milliseconds, done off the async workers.
+pub fn decodes_images(content_type: Option<&str>, manifest: &Manifest) -> bool {
+    match media_type(content_type).as_deref() {
+        Some(CONTENT_PNG) | Some(CONTENT_JPEG) | Some("image/jpg") => true,
+        Some(CONTENT_SAFETENSORS) => matches!(manifest.preprocessing, Preprocessing::Image { .. }),
+        _ => false,
+    }
 }
 
 /// Decode a request body into the bundle's model inputs.
@@ -122,9 +129,37 @@ fn decode_safetensors(body: &[u8], manifest: &Manifest) -> Result<Vec<HostTensor
         .iter()
         .map(|spec| {
             let t = st.tensor(&spec.name).map_err(|_| WireError::Input(format!("missing input {:?}", spec.name)))?;
+            if t.dtype() == safetensors::Dtype::U8 && matches!(manifest.preprocessing, Preprocessing::Image { .. }) {
+                return camera_input(&t, manifest).map_err(|e| WireError::Input(format!("input {:?}: {e}", spec.name)));
+            }
             crate::preprocess::tensor_from_safetensors(&t, spec.dtype).map_err(|e| WireError::Input(format!("input {:?} {e}", spec.name)))
         })
         .collect()
+}
+
+/// An image bundle's input sent as bytes: a JPEG or PNG file (U8 `[len]`), a raw RGB frame
+/// (U8 `[height, width, 3]`) or a batch of frames (U8 `[N, height, width, 3]`), fitted and
+/// normalised as the bundle's preprocessing says.
+fn camera_input(t: &safetensors::tensor::TensorView<'_>, manifest: &Manifest) -> Result<HostTensor, crate::preprocess::PreprocessError> {
+    use crate::preprocess::{PreprocessError, frame_pixels, image_pixels, normalize};
+    let (name, pre) = (&manifest.name, &manifest.preprocessing);
+    let pixels = match *t.shape() {
+        [_] => vec![image_pixels(name, pre, t.data())?],
+        [_, _, _] => vec![frame_pixels(name, pre, t.shape(), t.data())?],
+        [n, h, w, c] if n > 0 => {
+            let frame = h.saturating_mul(w).saturating_mul(c);
+            if frame.saturating_mul(n) != t.data().len() {
+                return Err(PreprocessError::Image(format!("{n} frames of {h}x{w}x{c} need {} bytes", frame.saturating_mul(n))));
+            }
+            t.data().chunks_exact(frame.max(1)).map(|f| frame_pixels(name, pre, &[h, w, c], f)).collect::<Result<_, _>>()?
+        }
+        ref shape => {
+            return Err(PreprocessError::Image(format!(
+                "U8 bytes are a JPEG/PNG file [len], a raw frame [height, width, 3] or frames [N, height, width, 3], got shape {shape:?}"
+            )));
+        }
+    };
+    normalize(name, pre, &pixels.iter().collect::<Vec<_>>())
 }
 
 /// The answer's body: [`PredictResponse`].

@@ -1,8 +1,9 @@
 //! Decoding sample payloads. JSON for people (`mosquitto_pub -m '{...}'`), in the form
 //! [`adaptd_protocol::wire::SampleMessage`] describes: `"input"` (a tensor), `"text"` for text
-//! bundles, or `"image"` (base64 JPEG or PNG) for image bundles (decoded and resized by the
-//! bundle's own preprocessing, then checked like any tensor). The compact form is safetensors bytes: one tensor named `input` (F32/I64), or
-//! one named `image` holding a JPEG/PNG file's bytes (U8, one axis), or no tensor and a `text`
+//! bundles, or `"image"` (base64 JPEG or PNG) for image bundles (decoded, resized and cropped by
+//! the bundle's own preprocessing and kept as bytes). The compact form is safetensors bytes: one
+//! tensor named `input` (F32/I64), or one named `image` holding a JPEG/PNG file's bytes (U8, one
+//! axis) or a raw camera frame (U8 `[height, width, 3]`, RGB), or no tensor and a `text`
 //! metadata field for text bundles; the other fields are string metadata (`key`, `task`, `label`,
 //! optional `timestamp_ms`, `source`, `weight`, `correction`). Every refusal says why.
 
@@ -102,8 +103,7 @@ fn decode_json(payload: &[u8], manifest: &Manifest, now_ms: i64) -> Result<Sampl
         (None, None, Some(b64)) => {
             use base64::Engine as _;
             let bytes = base64::engine::general_purpose::STANDARD.decode(b64.trim()).map_err(|e| DecodeError::Image(format!("not base64: {e}")))?;
-            let tensor = crate::preprocess::decode_image(&manifest.name, &manifest.preprocessing, &bytes).map_err(|e| DecodeError::Image(e.to_string()))?;
-            SampleInput::Tensor(tensor)
+            SampleInput::Image(crate::preprocess::image_pixels(&manifest.name, &manifest.preprocessing, &bytes).map_err(|e| DecodeError::Image(e.to_string()))?)
         }
         (None, None, None) => return Err(DecodeError::Json("missing \"input\" (or \"text\" for text bundles, \"image\" for image bundles)".into())),
         _ => return Err(DecodeError::Json("give one of \"input\", \"text\" or \"image\"".into())),
@@ -140,11 +140,18 @@ fn decode_safetensors(payload: &[u8], manifest: &Manifest, now_ms: i64) -> Resul
         }
         ([name], None) if *name == "image" => {
             let t = st.tensor("image").map_err(|e| bad(e.to_string()))?;
-            if t.dtype() != Dtype::U8 || t.shape().len() != 1 {
-                return Err(bad(format!("tensor \"image\" must be the bytes of a JPEG or PNG file (U8, one axis), got {:?} {:?}", t.dtype(), t.shape())));
-            }
-            let tensor = crate::preprocess::decode_image(&manifest.name, &manifest.preprocessing, t.data()).map_err(|e| DecodeError::Image(e.to_string()))?;
-            SampleInput::Tensor(tensor)
+            let pixels = match (t.dtype(), t.shape().len()) {
+                (Dtype::U8, 1) => crate::preprocess::image_pixels(&manifest.name, &manifest.preprocessing, t.data()),
+                (Dtype::U8, 3) => crate::preprocess::frame_pixels(&manifest.name, &manifest.preprocessing, t.shape(), t.data()),
+                _ => {
+                    return Err(bad(format!(
+                        "tensor \"image\" must be the bytes of a JPEG or PNG file (U8, one axis) or a raw frame (U8 [height, width, 3]), got {:?} {:?}",
+                        t.dtype(),
+                        t.shape()
+                    )));
+                }
+            };
+            SampleInput::Image(pixels.map_err(|e| DecodeError::Image(e.to_string()))?)
         }
         (names, text) => {
             return Err(bad(format!(
@@ -188,6 +195,8 @@ fn check(sample: Sample, schema: &SampleSchema<'_>) -> Result<Sample, DecodeErro
         (SampleInput::Text(_), Preprocessing::Text { .. }) => return Err(field("text", "is empty")),
         (SampleInput::Text(_), _) => return Err(DecodeError::Input(format!("bundle {:?} does not take text", schema.manifest.name))),
         (SampleInput::Tensor(t), _) => check_tensor(t, schema.manifest)?,
+        // Fitted to the bundle's own size when decoded.
+        (SampleInput::Image(_), _) => {}
     }
     Ok(sample)
 }
