@@ -31,8 +31,13 @@ impl Drop for Served {
 }
 
 fn serve_digits(max_request_bytes: usize) -> Served {
+    serve_bundle("digits-cnn", max_request_bytes)
+}
+
+/// `bundle` served with task "sorter" on a seeded head adapter (v1).
+fn serve_bundle(bundle: &str, max_request_bytes: usize) -> Served {
     let dir = tempfile::tempdir().unwrap();
-    let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
+    let bundle = Bundle::open(reference_bundle(bundle)).unwrap();
     let (registry, _) = Registry::open(bundle, AdapterStore::open(dir.path()).unwrap(), 2).unwrap();
     let registry = Arc::new(registry);
     registry.ensure_task("digits").unwrap();
@@ -379,4 +384,106 @@ async fn idle_slow_and_lying_clients_are_timed_out_and_serving_goes_on() {
     .unwrap();
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(10), server).await.expect("the server stops").unwrap().unwrap();
+}
+
+/// A camera frame answers the same whether it comes as the camera's JPEG, as a PNG, as a raw RGB
+/// frame or inside a batch of raw frames, over HTTP and over MQTT; a frame at 1280x720 is
+/// resized and cropped like any other; an RGBA frame is refused with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_camera_frame_answers_alike_as_jpeg_png_and_raw_rgb_over_http_and_mqtt() {
+    use adaptd::datasets::CameraFrames;
+    let camera = CameraFrames::load(&adaptd::paths::camera_data()).expect("the set-up made the camera task's frames");
+    let jpeg = camera.frames[camera.of_domain("base")[3]].clone();
+    let rgb = image::load_from_memory(&jpeg).unwrap().to_rgb8();
+    let (w, h) = rgb.dimensions();
+    let mut png = Vec::new();
+    rgb.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    let raw = |frames: &[&[u8]], shape: &[usize]| {
+        let header = format!(r#"{{"image":{{"dtype":"U8","shape":{shape:?},"data_offsets":[0,{}]}}}}"#, frames.iter().map(|f| f.len()).sum::<usize>());
+        let mut st = (header.len() as u64).to_le_bytes().to_vec();
+        st.extend_from_slice(header.as_bytes());
+        frames.iter().for_each(|f| st.extend_from_slice(f));
+        st
+    };
+    let pixels = rgb.as_raw().as_slice();
+    let (h, w) = (h as usize, w as usize);
+    let one_raw = raw(&[pixels], &[h, w, 3]);
+    let batch_raw = raw(&[pixels, pixels], &[2, h, w, 3]);
+    let rgba_raw = raw(&[&[0u8; 16]], &[2, 2, 4]);
+    // The same scene from a 1280x720 camera (as JPEG: a raw 720p frame is over the 1 MiB limit).
+    let hd = image::imageops::resize(&rgb, 1280, 720, image::imageops::FilterType::Triangle);
+    let mut hd_jpeg = Vec::new();
+    image::DynamicImage::ImageRgb8(hd).write_to(&mut std::io::Cursor::new(&mut hd_jpeg), image::ImageFormat::Jpeg).unwrap();
+
+    let served = serve_bundle("efficientnet-lite0", 1 << 20);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}/v1/tasks/sorter/predict", listener.local_addr().unwrap());
+    let (stop_http, stopped_http) = oneshot::channel::<()>();
+    let server = tokio::spawn(http::serve(listener, served.api.clone(), http::ServerLimits::default(), async {
+        let _ = stopped_http.await;
+    }));
+    let broker = Mosquitto::start();
+    let topics = adaptd_protocol::Topics::new("adaptd/v1", "cam-1");
+    let mut link = v5::Link::new(BrokerConnection::plain("127.0.0.1", broker.port), "adaptd-cam".into(), mqtt::read_limit(served.api.max_request_bytes()));
+    let inbox = mqtt::subscribe(&mut link, &topics);
+    let (stop, stopped) = (tokio_util::sync::CancellationToken::new(), tokio_util::sync::CancellationToken::new());
+    let handler = tokio::spawn(mqtt::run(served.api.clone(), link.client(), inbox, topics, stop.clone().cancelled_owned()));
+    let link = tokio::spawn(link.run(stopped.clone().cancelled_owned()));
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        format!("@{}", path.display())
+    };
+    let bodies = [
+        ("image/jpeg", file("frame.jpg", &jpeg)),
+        ("image/png", file("frame.png", &png)),
+        ("application/x-safetensors", file("frame.st", &one_raw)),
+        ("application/x-safetensors", file("frames.st", &batch_raw)),
+        ("image/jpeg", file("hd.jpg", &hd_jpeg)),
+        ("application/x-safetensors", file("rgba.st", &rgba_raw)),
+    ];
+    let port = broker.port;
+    let (http_answers, mqtt_answer) = tokio::task::spawn_blocking(move || {
+        let answers: Vec<(u16, serde_json::Value)> =
+            bodies.iter().map(|(ct, body)| curl(&["-H", &format!("content-type: {ct}"), "--data-binary", body, &base])).collect();
+        let over_mqtt = mqtt_request(port, "adaptd/v1/cam-1/infer/sorter", "replies/cam", &one_raw, Some("application/x-safetensors"));
+        (answers, String::from_utf8_lossy(&over_mqtt.stdout).trim().to_string())
+    })
+    .await
+    .unwrap();
+
+    let scores = |v: &serde_json::Value, i: usize| -> Vec<f64> {
+        let p = &v["predictions"][i]["scores"];
+        crate::TEST_LABELS.iter().map(|l| p[*l].as_f64().unwrap_or_else(|| panic!("no score for {l}: {v}"))).collect()
+    };
+    for (i, (code, body)) in http_answers[..5].iter().enumerate() {
+        assert_eq!(*code, 200, "request {i}: {body}");
+    }
+    let jpeg_scores = scores(&http_answers[0].1, 0);
+    // PNG, raw and batched raw frames hold exactly the JPEG's decoded pixels: the same answer.
+    for (i, row) in [(1, 0), (2, 0), (3, 0), (3, 1)] {
+        let other = scores(&http_answers[i].1, row);
+        let diff = jpeg_scores.iter().zip(&other).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(diff < 1e-4, "request {i} row {row} differs from the JPEG's answer by {diff}");
+    }
+    assert_eq!(http_answers[3].1["predictions"].as_array().unwrap().len(), 2);
+    // The 720p frame, cropped to its centre and resized, sees the same scene: the same label.
+    assert_eq!(http_answers[4].1["predictions"][0]["label"], http_answers[0].1["predictions"][0]["label"], "{}", http_answers[4].1);
+    let (code, rgba) = &http_answers[5];
+    assert_eq!((*code, rgba["error"]["type"].as_str()), (400, Some("bad_input")), "{rgba}");
+    assert!(rgba["error"]["message"].as_str().unwrap().contains("3 channels (RGB) or 1 (grey), got 4"), "{rgba}");
+    let (corr, json) = mqtt_answer.split_once('|').unwrap_or_else(|| panic!("no MQTT answer: {mqtt_answer:?}"));
+    assert_eq!(corr, "req-42");
+    let over_mqtt: serde_json::Value = serde_json::from_str(json).unwrap();
+    let diff = jpeg_scores.iter().zip(scores(&over_mqtt, 0)).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(diff < 1e-4, "the raw frame over MQTT differs from the JPEG over HTTP by {diff}");
+
+    stop.cancel();
+    handler.await.unwrap();
+    stopped.cancel();
+    link.await.unwrap();
+    let _ = stop_http.send(());
+    server.await.unwrap().unwrap();
 }

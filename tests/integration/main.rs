@@ -7,6 +7,7 @@ mod adapters;
 mod api;
 mod broker;
 mod bundles;
+mod camera;
 mod chaos;
 mod config;
 mod demo;
