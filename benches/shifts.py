@@ -423,20 +423,30 @@ def text_full_finetune(train: tuple[list[str], list[str]], test: tuple[list[str]
 
 
 def run_text_shift(name: str, binary: Path, seed: int, overrides: dict[str, dict[str, str]], keep: bool = False, bundle: Path = MINILM) -> dict:
-    rng = np.random.default_rng(seed)
-    parts = text_cell_data(name, rng)
+    parts = text_cell_data(name, np.random.default_rng(seed))
     task = "assistant"
+    result, directory = run_before_after(name, binary, overrides, bundle, task, parts, lambda key: text_lines(key, *parts[key], task),
+                                         lambda daemon, texts: daemon.predict_text(texts))
+    train = (parts["before"][0] + parts["after"][0], parts["before"][1] + parts["after"][1])
+    return with_references(result, text_references(train, parts["test"], seed), directory, keep)
+
+
+def run_before_after(name: str, binary: Path, overrides: dict[str, dict[str, str]], bundle: Path, task: str, parts: dict,
+                     lines, predict) -> tuple[dict, Path]:
+    """The device learns `parts["before"]` (published as `lines("before")`), then the shift
+    (`lines("after")`); accuracy on `test` (the shift) and `old_test` (as before) through
+    `predict(daemon, inputs)` before and after. "Upright" here: the old domain as it was."""
     directory = Path(tempfile.mkdtemp(prefix=f"adaptd-shift-{name}-"))
     broker, port = mosquitto(directory)
     daemon = Daemon(binary, directory, port, overrides, bundle=bundle, task=task)
     journal = directory / "state" / "journal" / f"{task}.jsonl"
-    accuracy = lambda texts, labels: float(np.mean(np.array(daemon.predict_text(texts)) == np.array(labels)))  # noqa: E731
+    accuracy = lambda inputs, labels: float(np.mean(np.array(predict(daemon, inputs)) == np.array(labels)))  # noqa: E731
     try:
-        publish(port, text_lines("before", *parts["before"], task), task)
+        publish(port, lines("before"), task)
         before = settle(daemon, journal, idle_s=15.0, timeout_s=900.0)
         v_before = daemon.status()["serving_version"]
         base, old_before = accuracy(*parts["test"]), accuracy(*parts["old_test"])
-        last_puback = publish(port, text_lines("after", *parts["after"], task), task)
+        last_puback = publish(port, lines("after"), task)
         records = settle(daemon, journal, idle_s=15.0, timeout_s=1200.0)
         final, old_after = accuracy(*parts["test"]), accuracy(*parts["old_test"])
         jobs = [r for r in records[len(before):] if r.get("event") == "job"]
@@ -448,15 +458,13 @@ def run_text_shift(name: str, binary: Path, seed: int, overrides: dict[str, dict
             "jobs": len(jobs), "promoted": len(promoted),
             "kinds": [r.get("kind") for r in promoted], "rejections": [r["summary"][:160] for r in jobs if not r.get("promote")],
             "seconds_to_final": None if last_promotion is None else max(0.0, last_promotion - last_puback),
-            # "Upright" for text: the old intents as they were said before the shift.
             "upright_before": old_before, "upright_after": old_after, "base_traffic_share": None,
         }
     finally:
         daemon.stop()
         broker.terminate()
         broker.wait()
-    train = (parts["before"][0] + parts["after"][0], parts["before"][1] + parts["after"][1])
-    return with_references(result, text_references(train, parts["test"], seed), directory, keep)
+    return result, directory
 
 
 # Camera: EfficientNet-Lite0 (the `efficientnet-lite0` bundle: ImageNet features, no classifier
@@ -617,38 +625,9 @@ def plain_pointwise(model, targets):
 
 
 def run_camera_shift(name: str, binary: Path, seed: int, overrides: dict[str, dict[str, str]], keep: bool = False) -> dict:
-    rng = np.random.default_rng(seed)
-    parts = camera_cell_data(name, rng)
+    parts = camera_cell_data(name, np.random.default_rng(seed))
     task = "parts"
-    directory = Path(tempfile.mkdtemp(prefix=f"adaptd-shift-{name}-"))
-    broker, port = mosquitto(directory)
-    daemon = Daemon(binary, directory, port, overrides, bundle=CAMERA, task=task)
-    journal = directory / "state" / "journal" / f"{task}.jsonl"
-    accuracy = lambda frames, labels: float(np.mean(np.array(predict_frames(daemon, frames)) == np.array(labels)))  # noqa: E731
-    try:
-        publish(port, camera_lines("before", *parts["before"], task), task)
-        before = settle(daemon, journal, idle_s=15.0, timeout_s=900.0)
-        v_before = daemon.status()["serving_version"]
-        base, old_before = accuracy(*parts["test"]), accuracy(*parts["old_test"])
-        last_puback = publish(port, camera_lines("after", *parts["after"], task), task)
-        records = settle(daemon, journal, idle_s=15.0, timeout_s=1200.0)
-        final, old_after = accuracy(*parts["test"]), accuracy(*parts["old_test"])
-        jobs = [r for r in records[len(before):] if r.get("event") == "job"]
-        promoted = [r for r in jobs if r.get("promote")]
-        last_promotion = max((r["time_ms"] / 1000 for r in promoted), default=None)
-        result = {
-            "shift": name, "train": len(parts["before"][0]) + len(parts["after"][0]), "test": len(parts["test"][0]),
-            "base": base, "adaptd": final, "serving_version": daemon.status()["serving_version"], "version_before": v_before,
-            "jobs": len(jobs), "promoted": len(promoted),
-            "kinds": [r.get("kind") for r in promoted], "rejections": [r["summary"][:160] for r in jobs if not r.get("promote")],
-            "seconds_to_final": None if last_promotion is None else max(0.0, last_promotion - last_puback),
-            # "Upright" for the camera: the parts as the station was commissioned.
-            "upright_before": old_before, "upright_after": old_after, "base_traffic_share": None,
-        }
-    finally:
-        daemon.stop()
-        broker.terminate()
-        broker.wait()
+    result, directory = run_before_after(name, binary, overrides, CAMERA, task, parts, lambda key: camera_lines(key, *parts[key], task), predict_frames)
     train = (parts["before"][0] + parts["after"][0], parts["before"][1] + parts["after"][1])
     rank = int(overrides.get("training", {}).get("lora_rank", "8"))
     return with_references(result, camera_references(train, parts["test"], seed, rank), directory, keep)

@@ -532,19 +532,47 @@ struct BundleCheck {
 }
 
 fn check_bundle(dir: &Path, data: &parity::ProbeData, rank: usize, train_steps: usize) -> anyhow::Result<BundleCheck> {
-    let t0 = Instant::now();
+    // Each step says when it starts and how long it took: a slow or stuck one is visible (under
+    // emulation a step can take minutes).
+    let name = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let step = |what: &str| {
+        use std::io::Write;
+        print!("  {name}: {what} ... ");
+        let _ = std::io::stdout().flush();
+        Instant::now()
+    };
+    let done = |t: Instant| println!("{:.1} s", t.elapsed().as_secs_f64());
+    let t0 = step("verifying the files");
     let bundle = Bundle::open(dir)?;
     let verify_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let t1 = Instant::now();
+    done(t0);
+    let t1 = step("loading both runtimes");
     let mut onnx = OnnxModel::load(&bundle, SessionOptions::default(), None)?;
     let graph = TrainingGraph::load(&bundle, tch::Device::Cpu)?;
     let load_ms = t1.elapsed().as_secs_f64() * 1e3;
+    done(t1);
+    let t = step("parity with and without LoRA");
     let inputs = parity::probe_inputs(&bundle, data)?;
     let parity = parity::check_parity(&mut onnx, &graph, &inputs, rank, 7)?;
-    let train = (train_steps > 0).then(|| parity::training_probe(&bundle, &graph, data, train_steps)).transpose()?;
+    done(t);
+    let train = if train_steps > 0 {
+        let t = step(&format!("{train_steps} LoRA+head training steps"));
+        let report = parity::training_probe(&bundle, &graph, data, train_steps)?;
+        done(t);
+        Some(report)
+    } else {
+        None
+    };
     // The head path end to end on rotated digits (the bundles that take them and ship a classifier).
     let digits_classifier = bundle.manifest.inputs.first().is_some_and(|i| i.shape[1..] == [1, 8, 8]) && bundle.manifest.logits_output.is_some();
-    let head = (train_steps > 0 && digits_classifier).then(|| parity::head_probe(&mut onnx, &data.digits)).transpose()?;
+    let head = if train_steps > 0 && digits_classifier {
+        let t = step("head adaptation to rotated digits");
+        let probe = parity::head_probe(&mut onnx, &data.digits)?;
+        done(t);
+        Some(probe)
+    } else {
+        None
+    };
     Ok(BundleCheck { verify_ms, load_ms, parity, train, head })
 }
 
