@@ -635,13 +635,13 @@ def run_camera_shift(name: str, binary: Path, seed: int, overrides: dict[str, di
 
 def table(results: list[dict]) -> str:
     pct = lambda v: "–" if v is None else f"{100 * v:5.1f}"  # noqa: E731
-    lines = ["| shift | base | adaptd | s to final | logreg | MLP | SVM | full FT | adaptd/full FT | upright before → after | base traffic | promoted (kinds) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| shift | base | adaptd | s to final | logreg | MLP | SVM | PEFT LoRA | full FT | adaptd/full FT | upright before → after | base traffic | promoted (kinds) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         seconds = "–" if r["seconds_to_final"] is None else f"{r['seconds_to_final']:.0f}"
         lines.append(
             f"| {r['shift']} | {pct(r['base'])} | **{pct(r['adaptd'])}** | {seconds} | {pct(r['logreg'])} | {pct(r['mlp'])} | {pct(r['svm_rbf'])} "
-            f"| {pct(r['full_finetune'])} | {r['vs_full_finetune']:.2f} | {pct(r['upright_before'])} → {pct(r['upright_after'])} "
+            f"| {pct(r.get('peft_lora'))} | {pct(r['full_finetune'])} | {r['vs_full_finetune']:.2f} | {pct(r['upright_before'])} → {pct(r['upright_after'])} "
             f"| {pct(r['base_traffic_share'])} | {r['promoted']}/{r['jobs']} ({', '.join(k or '?' for k in r['kinds'])}) |")
     return "\n".join(lines)
 
