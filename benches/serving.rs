@@ -83,15 +83,13 @@ fn hd_camera_jpeg() -> Vec<u8> {
 /// crop, resize, normalise; median of 50), then frames per second with 8 clients each sending
 /// batches of 8 such JPEGs through preprocessing and the engine (LoRA + head) for `seconds`.
 fn camera_frames(s: &Setup, seconds: f64) {
-    use adaptd_daemon::preprocess::{image_pixels, normalize};
+    use adaptd_daemon::preprocess::{decode_image, image_pixels, normalize};
     let manifest = s.registry.bundle().manifest.clone();
     let jpeg = Arc::new(hd_camera_jpeg());
-    let to_input =
-        |jpeg: &[u8]| normalize(&manifest.name, &manifest.preprocessing, &[&image_pixels(&manifest.name, &manifest.preprocessing, jpeg).unwrap()]).unwrap();
     let times: Vec<f64> = (0..50)
         .map(|_| {
             let t = Instant::now();
-            to_input(&jpeg);
+            decode_image(&manifest.name, &manifest.preprocessing, &jpeg).unwrap();
             t.elapsed().as_secs_f64() * 1e3
         })
         .collect();

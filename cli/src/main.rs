@@ -541,16 +541,19 @@ fn check_bundle(dir: &Path, data: &parity::ProbeData, rank: usize, train_steps: 
         let _ = std::io::stdout().flush();
         Instant::now()
     };
-    let done = |t: Instant| println!("{:.1} s", t.elapsed().as_secs_f64());
-    let t0 = step("verifying the files");
+    // Prints the step's time and returns it in milliseconds.
+    let done = |t: Instant| {
+        let seconds = t.elapsed().as_secs_f64();
+        println!("{seconds:.1} s");
+        seconds * 1e3
+    };
+    let t = step("verifying the files");
     let bundle = Bundle::open(dir)?;
-    let verify_ms = t0.elapsed().as_secs_f64() * 1e3;
-    done(t0);
-    let t1 = step("loading both runtimes");
+    let verify_ms = done(t);
+    let t = step("loading both runtimes");
     let mut onnx = OnnxModel::load(&bundle, SessionOptions::default(), None)?;
     let graph = TrainingGraph::load(&bundle, tch::Device::Cpu)?;
-    let load_ms = t1.elapsed().as_secs_f64() * 1e3;
-    done(t1);
+    let load_ms = done(t);
     let t = step("parity with and without LoRA");
     let inputs = parity::probe_inputs(&bundle, data)?;
     let parity = parity::check_parity(&mut onnx, &graph, &inputs, rank, 7)?;
@@ -564,7 +567,7 @@ fn check_bundle(dir: &Path, data: &parity::ProbeData, rank: usize, train_steps: 
         None
     };
     // The head path end to end on rotated digits (the bundles that take them and ship a classifier).
-    let digits_classifier = bundle.manifest.inputs.first().is_some_and(|i| i.shape[1..] == [1, 8, 8]) && bundle.manifest.logits_output.is_some();
+    let digits_classifier = parity::takes_digits(&bundle) && bundle.manifest.logits_output.is_some();
     let head = if train_steps > 0 && digits_classifier {
         let t = step("head adaptation to rotated digits");
         let probe = parity::head_probe(&mut onnx, &data.digits)?;

@@ -102,7 +102,7 @@ pub fn probe_inputs(bundle: &Bundle, data: &ProbeData) -> Result<Vec<HostTensor>
 }
 
 /// An image or tensor bundle whose input is the 8x8 grey digit.
-fn takes_digits(bundle: &Bundle) -> bool {
+pub fn takes_digits(bundle: &Bundle) -> bool {
     let side = crate::datasets::DIGIT_SIDE as i64;
     bundle.manifest.inputs.first().is_some_and(|i| i.shape[1..] == [1, side, side])
 }

@@ -133,6 +133,15 @@ pub fn image_pixels(bundle_name: &str, preprocessing: &Preprocessing, bytes: &[u
     Ok(fit(img, &spec))
 }
 
+/// An image sent as bytes, by their shape: a JPEG or PNG file (`[len]`) or a raw frame
+/// (`[height, width, 3]`), fitted to the bundle's size. What samples and requests share.
+pub fn bytes_pixels(bundle_name: &str, preprocessing: &Preprocessing, shape: &[usize], bytes: &[u8]) -> Result<Pixels, PreprocessError> {
+    match shape {
+        [_] => image_pixels(bundle_name, preprocessing, bytes),
+        _ => frame_pixels(bundle_name, preprocessing, shape, bytes),
+    }
+}
+
 /// A raw camera frame, `[height, width, 3]` RGB (or `[height, width, 1]` grey) bytes as a
 /// driver hands them, fitted to the bundle's size like a decoded file.
 pub fn frame_pixels(bundle_name: &str, preprocessing: &Preprocessing, shape: &[usize], bytes: &[u8]) -> Result<Pixels, PreprocessError> {

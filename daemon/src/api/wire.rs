@@ -141,11 +141,10 @@ fn decode_safetensors(body: &[u8], manifest: &Manifest) -> Result<Vec<HostTensor
 /// (U8 `[height, width, 3]`) or a batch of frames (U8 `[N, height, width, 3]`), fitted and
 /// normalised as the bundle's preprocessing says.
 fn camera_input(t: &safetensors::tensor::TensorView<'_>, manifest: &Manifest) -> Result<HostTensor, crate::preprocess::PreprocessError> {
-    use crate::preprocess::{PreprocessError, frame_pixels, image_pixels, normalize};
+    use crate::preprocess::{PreprocessError, bytes_pixels, frame_pixels, normalize};
     let (name, pre) = (&manifest.name, &manifest.preprocessing);
     let pixels = match *t.shape() {
-        [_] => vec![image_pixels(name, pre, t.data())?],
-        [_, _, _] => vec![frame_pixels(name, pre, t.shape(), t.data())?],
+        [_] | [_, _, _] => vec![bytes_pixels(name, pre, t.shape(), t.data())?],
         [n, h, w, c] if n > 0 => {
             let frame = h.saturating_mul(w).saturating_mul(c);
             if frame.saturating_mul(n) != t.data().len() {

@@ -140,17 +140,15 @@ fn decode_safetensors(payload: &[u8], manifest: &Manifest, now_ms: i64) -> Resul
         }
         ([name], None) if *name == "image" => {
             let t = st.tensor("image").map_err(|e| bad(e.to_string()))?;
-            let pixels = match (t.dtype(), t.shape().len()) {
-                (Dtype::U8, 1) => crate::preprocess::image_pixels(&manifest.name, &manifest.preprocessing, t.data()),
-                (Dtype::U8, 3) => crate::preprocess::frame_pixels(&manifest.name, &manifest.preprocessing, t.shape(), t.data()),
-                _ => {
-                    return Err(bad(format!(
-                        "tensor \"image\" must be the bytes of a JPEG or PNG file (U8, one axis) or a raw frame (U8 [height, width, 3]), got {:?} {:?}",
-                        t.dtype(),
-                        t.shape()
-                    )));
-                }
-            };
+            // One sample is one image: a file or a frame, not a batch of frames.
+            if t.dtype() != Dtype::U8 || !matches!(t.shape().len(), 1 | 3) {
+                return Err(bad(format!(
+                    "tensor \"image\" must be the bytes of a JPEG or PNG file (U8, one axis) or a raw frame (U8 [height, width, 3]), got {:?} {:?}",
+                    t.dtype(),
+                    t.shape()
+                )));
+            }
+            let pixels = crate::preprocess::bytes_pixels(&manifest.name, &manifest.preprocessing, t.shape(), t.data());
             SampleInput::Image(pixels.map_err(|e| DecodeError::Image(e.to_string()))?)
         }
         (names, text) => {
