@@ -144,4 +144,15 @@ fn the_camera_bundle_is_proved_by_check_and_a_damaged_copy_or_a_bad_preprocessin
     fs::write(copy.path().join("manifest.json"), manifest.replace("\"resize_to\": 256", "\"resize_to\": 100")).unwrap();
     let err = Bundle::open(copy.path()).unwrap_err();
     assert!(matches!(err, BundleError::Invalid { .. }) && err.to_string().contains("resize_to 100"), "{err}");
+    // Normalisation that cannot apply: a std of zero, a mean for two channels of three.
+    let edit = |key: &str, value: serde_json::Value| {
+        let mut m: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+        m["preprocessing"][key] = value;
+        fs::write(copy.path().join("manifest.json"), m.to_string()).unwrap();
+        Bundle::open(copy.path()).unwrap_err().to_string()
+    };
+    let zero_std = edit("std", serde_json::json!([0.5, 0.0, 0.5]));
+    assert!(zero_std.contains("std must have one finite value per channel (3), each above 0"), "{zero_std}");
+    let short_mean = edit("mean", serde_json::json!([0.5, 0.5]));
+    assert!(short_mean.contains("mean must have one finite value per channel (3)"), "{short_mean}");
 }

@@ -148,6 +148,8 @@ fn sample_decoders_refuse_damage_with_a_type_and_bounded_memory() {
         format!("{{\"key\": \"i:1\", \"task\": \"sorter\", \"label\": 3, \"image\": \"{b64}\"}}").into_bytes(),
         safetensors_sample("input", safetensors::Dtype::F32, vec![1, 1, 8, 8], &pixels, &meta),
         safetensors_sample("image", safetensors::Dtype::U8, vec![png_digit().len()], &png_digit(), &meta),
+        // A raw RGB camera frame, 6x10.
+        safetensors_sample("image", safetensors::Dtype::U8, vec![6, 10, 3], &(0..180).map(|i| i as u8).collect::<Vec<u8>>(), &meta),
     ];
     for seed in &seeds {
         decode_sample(seed, &schema, 0).expect("every seed is valid");
@@ -188,6 +190,11 @@ fn request_decoders_refuse_damage_with_a_type_and_bounded_memory() {
         (safetensors_sample("image", safetensors::Dtype::F32, vec![2, 1, 8, 8], &pixels, &[]), wire::CONTENT_SAFETENSORS),
         (png_digit(), wire::CONTENT_PNG),
         (jpeg_digit(), wire::CONTENT_JPEG),
+        // Two raw RGB camera frames, 6x10, as U8 [N, height, width, 3].
+        (
+            safetensors_sample("image", safetensors::Dtype::U8, vec![2, 6, 10, 3], &(0..360).map(|i| i as u8).collect::<Vec<u8>>(), &[]),
+            wire::CONTENT_SAFETENSORS,
+        ),
     ];
     for (body, kind) in &seeds {
         wire::decode(body, Some(kind), manifest, None, 1 << 20).expect("every seed is valid");
