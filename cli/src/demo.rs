@@ -4,9 +4,9 @@
 //! upright digits, the only kind the base model was trained on. The demo starts the embedded MQTT
 //! broker and the daemon (the same `serve::run` a device runs, on the shipped defaults), then a
 //! simulated fleet publishes labelled, rotated digits over MQTT; the daemon escalates from a head
-//! to LoRA as validation asks, the gate checks each candidate on samples the trainer never saw
-//! and on the base domain the cell still sees, the engine
-//! hot-swaps it while a client keeps sending requests; an operator then corrects the adapted
+//! to LoRA as validation asks, the gate checks each step's candidate on samples the trainer never
+//! saw and on the base domain the cell still sees, and the engine hot-swaps each one the gate
+//! passes (the head within seconds, LoRA when it is trained) while a client keeps sending requests; an operator then corrects the adapted
 //! model's mistakes and asks for another round. Accuracy is measured before and after on fixed
 //! evaluation images no one published, and an HTML report is written from the daemon's journal.
 
@@ -325,7 +325,8 @@ impl Console {
             "training_finished" => {
                 self.finish_bar();
                 println!(
-                    "  ■ trained in {:.1} s: {} epochs, kept epoch {}{}, batch {}, {:.0} samples/s",
+                    "  ■ v{} trained, {:.1} s into the job: {} epochs, kept epoch {}{}, batch {}, {:.0} samples/s",
+                    e["version"],
                     e["seconds"].as_f64().unwrap_or(0.0),
                     e["epochs"],
                     e["best_epoch"].as_u64().map_or(0, |b| b + 1),
@@ -351,6 +352,12 @@ impl Console {
                 println!("    → {}", e["summary"].as_str().unwrap_or(""));
             }
             "promoted" => println!("  ⇄ hot-swap: v{} now serves (was v{})", e["version"], e["from_version"]),
+            "job_finished" => {
+                self.finish_bar();
+                let promoted: Vec<String> = e["promoted"].as_array().into_iter().flatten().map(|v| format!("v{v}")).collect();
+                let promoted = if promoted.is_empty() { "nothing promoted".to_string() } else { format!("promoted {}", promoted.join(" then ")) };
+                println!("  ■ job over in {:.1} s: {promoted}; v{} serves", e["seconds"].as_f64().unwrap_or(0.0), e["serving_version"]);
+            }
             "rolled_back" => println!("  ↶ rolled back v{} → v{}: {}", e["from_version"], e["to_version"], e["reason"].as_str().unwrap_or("")),
             "sample_refused" => println!("  ! sample refused: {}", e["reason"].as_str().unwrap_or("")),
             _ => {}
@@ -445,9 +452,7 @@ pub fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
     let acked = publish_fleet(&runtime, port, &config, &digits, round1, "r1")?;
     let stored = client.get(&format!("/v1/tasks/{TASK}/status")).map(|s| s.body["samples"].clone()).unwrap_or_default();
     println!("  {acked} samples acked by the broker; the daemon holds {stored} in its sample store (acked to the broker only once durable)");
-    if let Some(job) = wait_for_job(&mut console) {
-        rows.push(job_row(&job, "the robots' samples", &measure)?);
-    }
+    rows.extend(wait_for_job(&mut console, "the robots' samples", &measure)?);
 
     section("3/4  An operator reviews the adapted model and corrects its mistakes");
     let review = &pool[pool.len().min(240)..pool.len().min(340)];
@@ -464,10 +469,8 @@ pub fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
     std::thread::sleep(Duration::from_millis(800)); // the loop's next tick sees them
     let answer = client.post(&format!("/v1/tasks/{TASK}/train"), None)?;
     println!("  POST /v1/tasks/{TASK}/train → {} {}", answer.status, answer.message());
-    if answer.ok()
-        && let Some(job) = wait_for_job(&mut console)
-    {
-        rows.push(job_row(&job, "+ the operator's corrections", &measure)?);
+    if answer.ok() {
+        rows.extend(wait_for_job(&mut console, "+ the operator's corrections", &measure)?);
     }
 
     stop_client.store(true, Ordering::Relaxed);
@@ -509,24 +512,26 @@ pub fn run(config: DemoConfig) -> anyhow::Result<DemoOutcome> {
     Ok(DemoOutcome { rows, report: config.report.clone(), requests_served: served, requests_failed: failed, seconds: started.elapsed().as_secs_f64() })
 }
 
-/// A row for a job that reached the gate: measured if it now serves, the gate's figures if not.
-fn job_row(job: &Value, how: &str, measure: &impl Fn() -> anyhow::Result<(f64, f64, u64)>) -> anyhow::Result<VersionRow> {
+/// A row for a step that met the gate: measured if it serves now, the gate's figures if not.
+fn job_row(job: &Value, how: &str, promoted: bool, measure: &impl Fn() -> anyhow::Result<(f64, f64, u64)>) -> anyhow::Result<VersionRow> {
     let version = job["version"].as_u64().unwrap_or(0);
-    let promoted = job["promote"] == true;
-    let (rotated, upright) = if promoted {
-        let (r, u, _) = measure()?;
-        (Some(r), Some(u))
-    } else {
-        (None, None)
+    let (rotated, upright) = match promoted {
+        // Measured as it serves; if the next step replaced it meanwhile, the figures would be
+        // the next one's, so none are shown.
+        true => match measure()? {
+            (r, u, serving) if serving == version => (Some(r), Some(u)),
+            _ => (None, None),
+        },
+        false => (None, None),
     };
     Ok(VersionRow {
         version,
-        how: how.to_string(),
+        how: format!("{how}: {}", job["kind"].as_str().unwrap_or("?")),
         train_samples: job["samples"]["train"].as_u64(),
         holdout: job["evidence"]["candidate"]["accuracy"].as_f64(),
         rotated,
         upright,
-        decision: if promoted { "promoted, serving".into() } else { "rejected by the gate; never served".into() },
+        decision: if promoted { "promoted, served".into() } else { "rejected by the gate; never served".into() },
     })
 }
 
@@ -568,14 +573,21 @@ fn publish_fleet(runtime: &tokio::runtime::Runtime, port: u16, config: &DemoConf
     Ok(total)
 }
 
-/// Show events until a job reaches the gate (its decision and, if promoted, the swap), or fails.
-fn wait_for_job(console: &mut Console) -> Option<Value> {
-    let event = console.until(&["gate_decision", "training_failed", "training_deferred"], Duration::from_secs(180))?;
-    if event["event"] != "gate_decision" {
-        return None;
+/// Show events until a job is over; the rows of each step that met the gate, measured as it
+/// starts to serve (the job climbs on meanwhile: a head serves within seconds, LoRA later).
+fn wait_for_job(console: &mut Console, how: &str, measure: &impl Fn() -> anyhow::Result<(f64, f64, u64)>) -> anyhow::Result<Vec<VersionRow>> {
+    let mut rows = Vec::new();
+    let ends = ["gate_decision", "job_finished", "training_failed", "training_deferred"];
+    while let Some(event) = console.until(&ends, Duration::from_secs(180)) {
+        if event["event"] != "gate_decision" {
+            // A failed step after a promotion ends only the climb: the job's end follows.
+            if event["event"] == "training_failed" && !rows.is_empty() {
+                continue;
+            }
+            break;
+        }
+        let promoted = event["promote"] == true && console.until(&["promoted"], Duration::from_secs(10)).is_some();
+        rows.push(job_row(&event, how, promoted, measure)?);
     }
-    if event["promote"] == true {
-        console.until(&["promoted"], Duration::from_secs(10));
-    }
-    Some(event)
+    Ok(rows)
 }

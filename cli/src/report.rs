@@ -267,6 +267,12 @@ fn row(event: &Event) -> Row {
             plain(event.kind().replace('_', " "), "no", reason.clone())
         }
         Event::Promoted { reason, .. } => plain("promoted".into(), "ok", reason.clone().unwrap_or_default()),
+        // The end of a job that escalated: what it promoted, step by step, and in how long.
+        Event::JobFinished { outcome, promoted, seconds, summary, .. } => Row {
+            training: format!("job over in {seconds:.1} s"),
+            version: promoted.iter().map(|v| format!("v{v}")).collect::<Vec<_>>().join(", "),
+            ..plain(format!("job {outcome}"), if promoted.is_empty() { "step" } else { "ok" }, summary.clone())
+        },
         other => plain(other.kind().replace('_', " "), "no", String::new()),
     }
 }

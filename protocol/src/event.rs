@@ -186,6 +186,16 @@ pub enum Event {
     GateDecision(JobRecord),
     /// The journal's record of a job: the gate's decision with the loss curves (journal only).
     Job(JobRecord),
+    /// A job is over: how it ended, the versions it promoted (each step that passed the gate,
+    /// in order) and what serves now (journalled).
+    JobFinished {
+        /// `promoted`, `rejected`, `deferred`, `failed` or `cancelled`.
+        outcome: String,
+        promoted: Vec<u64>,
+        serving_version: u64,
+        seconds: f64,
+        summary: String,
+    },
     Promoted {
         version: u64,
         from_version: u64,
@@ -281,6 +291,7 @@ impl Event {
             Event::TrainingCancelled { .. } => "training_cancelled",
             Event::GateDecision(_) => "gate_decision",
             Event::Job(_) => "job",
+            Event::JobFinished { .. } => "job_finished",
             Event::Promoted { .. } => "promoted",
             Event::RolledBack { .. } => "rolled_back",
             Event::AdapterImported { .. } => "adapter_imported",
@@ -313,6 +324,7 @@ impl Event {
             | Event::WatchPassed { version, .. } => Some(*version),
             Event::GateDecision(job) | Event::Job(job) => Some(job.version),
             Event::RolledBack { to_version, .. } => Some(*to_version),
+            Event::JobFinished { serving_version, .. } => Some(*serving_version),
             _ => None,
         }
     }

@@ -62,6 +62,7 @@ fn examples() -> Vec<Event> {
         Event::TrainingCancelled { version: 1, reason: s() },
         Event::GateDecision(job()),
         Event::Job(job()),
+        Event::JobFinished { outcome: s(), promoted: vec![1, 2], serving_version: 2, seconds: 12.5, summary: s() },
         Event::Promoted { version: 2, from_version: 1, holdout_accuracy: Some(0.9), incumbent_holdout_accuracy: Some(0.8), recovered: true, reason: Some(s()) },
         Event::RolledBack { from_version: 2, to_version: 1, reason: s(), by: s() },
         Event::Pinned { version: 1, by: s() },
@@ -104,6 +105,7 @@ fn variant_has_an_example(e: &Event) {
         | Event::TrainingCancelled { .. }
         | Event::GateDecision(_)
         | Event::Job(_)
+        | Event::JobFinished { .. }
         | Event::Promoted { .. }
         | Event::RolledBack { .. }
         | Event::AdapterImported { .. }

@@ -111,7 +111,7 @@ async fn five_devices_with_their_own_shifts_train_offer_and_the_aggregate_beats_
                 // the check that failed. Shifts that leave the base far behind are always adapted.
                 for (s, (device, shift, ..)) in statuses.iter().zip(&DEVICES) {
                     let decision = s["last_decision"].as_str().unwrap_or("");
-                    let promoted = s["serving_version"].as_u64() == Some(1);
+                    let promoted = s["serving_version"].as_u64() > Some(0);
                     assert!(promoted == decision.starts_with("promoted") && (promoted || decision.starts_with("rejected: ")), "{device}: {s}");
                     assert!(promoted || *shift == Shift::Noise, "{device} ({shift:?}) kept a base that reads few of its digits: {s}");
                 }

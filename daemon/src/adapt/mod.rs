@@ -70,6 +70,11 @@ pub struct TrainingConfig {
     /// accuracy so far is below `escalate_until` and each step still improves it.
     pub escalate: bool,
     pub escalate_until: f64,
+    /// Each escalation step that beats the steps before it meets the gate as soon as it is
+    /// trained and, passed, serves at once (the next step is judged against it): an improvement
+    /// serves within seconds instead of after the whole ladder. False: only the job's best step
+    /// meets the gate, at the end.
+    pub promote_each_step: bool,
 }
 
 impl Default for TrainingConfig {
@@ -85,6 +90,7 @@ impl Default for TrainingConfig {
             min_samples_per_class: 2,
             escalate: true,
             escalate_until: 0.98,
+            promote_each_step: true,
         }
     }
 }

@@ -34,7 +34,8 @@ type Reply = oneshot::Sender<Result<String, String>>;
 
 /// How a job ended.
 enum JobResult {
-    Promoted(String, Arc<Serving>),
+    /// At least one step serves: the versions promoted, in order.
+    Promoted(String, Vec<u64>),
     /// An operator chose what serves while the job ran.
     Cancelled(String),
     Rejected(String),
@@ -62,6 +63,8 @@ pub(super) struct TaskLoop {
     round: Option<Round>,
     /// The steps of a tick that retry on the next one, and what they last failed with.
     failing: TickSteps,
+    /// When the running (or last) job started.
+    job_started: Instant,
 }
 
 #[derive(Default)]
@@ -121,6 +124,7 @@ impl TaskLoop {
             over_budget_reported: false,
             round: None,
             failing: TickSteps::default(),
+            job_started: Instant::now(),
             ctx,
             config,
             task,
@@ -242,6 +246,7 @@ impl TaskLoop {
     /// A job starts: count it, mark where its samples end, measure the base domain's share.
     fn start_job(&mut self) -> Result<(), AdaptError> {
         *self.jobs.entry("started".into()).or_default() += 1;
+        self.job_started = Instant::now();
         // New samples from here on trigger the next job: those this one trains on are the
         // ones with an embedding so far (see `prepare`), and the rest still count as new.
         let mut store = lock(&self.store);
@@ -277,25 +282,32 @@ impl TaskLoop {
         };
     }
 
-    /// The bookkeeping every job ends with; false when the daemon is shutting down.
+    /// The bookkeeping every job ends with (the watch of each promotion is set as it happens);
+    /// false when the daemon is shutting down.
     fn finish(&mut self, result: JobResult) -> Result<bool, AdaptError> {
-        let (outcome, summary, key) = match result {
-            JobResult::Promoted(summary, incumbent) => {
-                let live = self.ctx.registry.current(&self.task).map_or(0, |s| s.version);
-                let incumbent_version = incumbent.version;
-                self.watch = RollbackWatch::after_promotion(lock(&self.store).last_id(&self.task)?, live, incumbent, incumbent_version);
-                (Outcome::Promoted, summary, "promoted")
-            }
-            JobResult::Rejected(summary) => (Outcome::Rejected, summary, "rejected"),
+        let (outcome, summary, key, promoted) = match result {
+            JobResult::Promoted(summary, versions) => (Outcome::Promoted, summary, "promoted", versions),
+            JobResult::Rejected(summary) => (Outcome::Rejected, summary, "rejected", Vec::new()),
             JobResult::Deferred(reason) => {
                 self.ctx.events.emit(&self.task, Event::TrainingDeferred { reason: reason.clone() });
-                (Outcome::Deferred(reason.clone()), reason, "deferred")
+                (Outcome::Deferred(reason.clone()), reason, "deferred", Vec::new())
             }
-            JobResult::Failed(reason) => (Outcome::Failed(reason.clone()), reason, "failed"),
+            JobResult::Failed(reason) => (Outcome::Failed(reason.clone()), reason, "failed", Vec::new()),
             // The operator's decision stands; the scheduler waits its cooldown, as after a deferral.
-            JobResult::Cancelled(reason) => (Outcome::Deferred(reason.clone()), reason, "cancelled"),
+            JobResult::Cancelled(reason) => (Outcome::Deferred(reason.clone()), reason, "cancelled", Vec::new()),
             JobResult::ShutDown => return Ok(false),
         };
+        let event = self.ctx.events.emit(
+            &self.task,
+            Event::JobFinished {
+                outcome: key.into(),
+                promoted,
+                serving_version: self.ctx.registry.current(&self.task).map_or(0, |s| s.version),
+                seconds: self.job_started.elapsed().as_secs_f64(),
+                summary: summary.clone(),
+            },
+        );
+        self.ctx.journal.record(&event);
         *self.jobs.entry(key.into()).or_default() += 1;
         self.last_decision = Some(summary);
         self.scheduler.finished(now_ms(), &outcome);
@@ -465,13 +477,15 @@ impl TaskLoop {
         });
     }
 
-    /// A job: the configured adapter, then more capacity while validation says it helps; the
-    /// step with the best validation figures meets the gate.
+    /// A job: the configured adapter, then more capacity while validation says it helps. Each
+    /// step that beats the steps before it on validation meets the gate against what serves by
+    /// then and, passed, serves at once (`promote_each_step`); otherwise only the best step
+    /// meets the gate, at the end.
     async fn run_job(&mut self, trigger: Trigger, shutdown: &mut Pin<&mut impl Future<Output = ()>>, commands: &mut mpsc::Receiver<Command>) -> JobResult {
         self.measure_base_domain().await;
         let (ctx, task) = (self.ctx.clone(), self.task.clone());
-        let incumbent = ctx.registry.current(&task).unwrap_or_else(|| ctx.registry.base(&task));
-        let version = match ctx.registry.next_version(&task) {
+        let mut incumbent = ctx.registry.current(&task).unwrap_or_else(|| ctx.registry.base(&task));
+        let mut version = match ctx.registry.next_version(&task) {
             Ok(v) => v,
             Err(e) => return JobResult::Failed(e.to_string()),
         };
@@ -485,8 +499,12 @@ impl TaskLoop {
             },
             None => (incumbent.clone(), self.ladder()),
         };
-        let started = Instant::now();
-        let mut best: Option<Attempt> = None;
+        let promote_each_step = self.config.training.promote_each_step;
+        let mut steps = JobSteps { trigger, started: Instant::now(), round, decided: Vec::new(), promoted: Vec::new() };
+        // The best validation figures so far, and the step that reached them if the gate has not
+        // seen it yet.
+        let mut best: Option<(f64, f64)> = None;
+        let mut pending: Option<Attempt> = None;
         for (step, kind) in ladder.iter().enumerate() {
             let config = AdaptConfig { training: self.config.training.with_kind(*kind), ..self.config.clone() };
             let prepared = prepare(ctx.registry.bundle(), ctx.text.as_deref(), &config, &lock(&self.store), &start_from, &self.base_domain);
@@ -531,7 +549,8 @@ impl TaskLoop {
                 notes.push(self.keep_prefix(prefix, &sample_ids));
             }
             let attempt = Attempt::new(*kind, report, labels, counts, notes, attempt_started.elapsed().as_secs_f64());
-            let improved = best.as_ref().is_none_or(|b| attempt.beats(b));
+            let figures = (attempt.val_accuracy, attempt.val_loss);
+            let improved = best.is_none_or(|b| beats(figures, b));
             let reason = format!(
                 "step {} of {}: {} reached validation accuracy {:.4} (loss {:.4}){}",
                 step + 1,
@@ -557,48 +576,86 @@ impl TaskLoop {
             );
             ctx.journal.record(&event);
             if improved {
-                best = Some(attempt);
+                best = Some(figures);
+                pending = Some(attempt);
             }
-            let best_accuracy = best.as_ref().map_or(0.0, |b| b.val_accuracy);
-            let Some(next) = ladder.get(step + 1) else { break };
-            match escalation_stops(kind, improved, best_accuracy, self.config.training.escalate_until) {
-                Some(reason) => {
+            let best_accuracy = best.map_or(0.0, |(accuracy, _)| accuracy);
+            let next = ladder.get(step + 1);
+            let stops = next.and(escalation_stops(kind, improved, best_accuracy, self.config.training.escalate_until));
+            let Some(next) = next.filter(|_| stops.is_none()) else {
+                if let Some(reason) = stops {
                     tracing::info!(task, version, reason, "escalation stops");
-                    break;
                 }
-                None => {
-                    ctx.events.emit(
-                        &task,
-                        Event::TrainingEscalated {
-                            version,
-                            from: kind.label(),
-                            to: next.label(),
-                            val_accuracy: best_accuracy as f32,
-                            until: self.config.training.escalate_until,
-                        },
-                    );
+                break;
+            };
+            // More steps follow: this one serves meanwhile if the gate passes it.
+            if promote_each_step && let Some(attempt) = pending.take() {
+                if let Err(end) = self.gate_step(&mut steps, &mut incumbent, version, attempt).await {
+                    return end;
                 }
+                version = match ctx.registry.next_version(&task) {
+                    Ok(v) => v,
+                    Err(e) => return steps.end(Some(format!("no version for the next step: {e}"))),
+                };
             }
+            ctx.events.emit(
+                &task,
+                Event::TrainingEscalated {
+                    version,
+                    from: kind.label(),
+                    to: next.label(),
+                    val_accuracy: best_accuracy as f32,
+                    until: self.config.training.escalate_until,
+                },
+            );
         }
-        let Some(Attempt { report, labels, counts, notes, .. }) = best else { return JobResult::Failed("no attempt finished".into()) };
         self.scheduler.training_done();
-        let seconds = started.elapsed().as_secs_f64();
+        if let Some(attempt) = pending
+            && let Err(end) = self.gate_step(&mut steps, &mut incumbent, version, attempt).await
+        {
+            return end;
+        }
+        if best.is_none() {
+            return JobResult::Failed("no attempt finished".into());
+        }
+        steps.end(None)
+    }
+
+    /// One step's candidate meets the gate against what serves now (`incumbent`); promoted, it
+    /// serves from here on, is watched against the version it replaced, and is what the job's
+    /// next step is judged against. Err: how the job ends instead.
+    async fn gate_step(&mut self, steps: &mut JobSteps, incumbent: &mut Arc<Serving>, version: u64, attempt: Attempt) -> Result<(), JobResult> {
+        let (ctx, task) = (self.ctx.clone(), self.task.clone());
+        let Attempt { report, labels, counts, notes, kind, .. } = attempt;
+        let seconds = steps.started.elapsed().as_secs_f64();
         let (epochs, best_epoch) = (report.epochs.len(), report.best_epoch + 1);
         let (stopped_early, samples_per_second, batch_size) = (report.stopped_early, report.samples_per_second, report.batch_size);
         ctx.events.emit(&task, Event::TrainingFinished { version, seconds, epochs, best_epoch, stopped_early, samples_per_second, batch_size });
-        let candidate = Candidate { version, labels, counts, notes, trigger, report, train_seconds: seconds };
-        let decided = self.gate_and_promote(&incumbent, candidate).await;
-        if let (Ok((_, _, adapter)), Some(Round { release, offer_to: Some(to), .. })) = (&decided, &round) {
+        let candidate = Candidate { version, labels, counts, notes, trigger: steps.trigger, report, train_seconds: seconds };
+        let decided = self.gate_and_promote(incumbent, candidate).await;
+        if let (Ok((_, _, adapter)), Some(Round { release, offer_to: Some(to), .. })) = (&decided, &steps.round) {
             self.offer(adapter, *release, to).await;
         }
         match decided {
-            Ok((true, summary, _)) => JobResult::Promoted(summary, incumbent),
-            Ok((false, summary, _)) => JobResult::Rejected(summary),
-            Err(GateError { error_type: "superseded", reason }) => self.cancelled(version, reason),
+            Ok((promoted, summary, _)) => {
+                steps.decided.push((version, kind.label(), summary));
+                if promoted {
+                    let live = ctx.registry.current(&task).unwrap_or_else(|| ctx.registry.base(&task));
+                    let replaced = std::mem::replace(incumbent, live.clone());
+                    let after = lock(&self.store).last_id(&task).map_err(|e| steps.end(Some(e.to_string())))?;
+                    let replaced_version = replaced.version;
+                    self.watch = RollbackWatch::after_promotion(after, live.version, replaced, replaced_version);
+                    steps.promoted.push(live.version);
+                }
+                Ok(())
+            }
+            Err(GateError { error_type: "superseded", reason }) => Err(self.cancelled(version, reason)),
             Err(GateError { error_type, reason }) => {
-                let event = ctx.events.emit(&task, Event::TrainingFailed { version, kind: None, error_type: error_type.to_string(), reason: reason.clone() });
+                let event = ctx
+                    .events
+                    .emit(&task, Event::TrainingFailed { version, kind: Some(kind.label()), error_type: error_type.to_string(), reason: reason.clone() });
                 ctx.journal.record(&event);
-                JobResult::Failed(reason)
+                Err(steps.end(Some(reason)))
             }
         }
     }
@@ -962,6 +1019,7 @@ struct Candidate {
 
 /// One finished fit of an escalating job, with the validation figures that choose between them.
 struct Attempt {
+    kind: JobKind,
     report: FitReport,
     labels: Vec<String>,
     counts: SampleCounts,
@@ -976,17 +1034,51 @@ impl Attempt {
         let best = report.epochs.get(report.best_epoch);
         let (val_accuracy, val_loss) = best.map_or((f64::NAN, f64::NAN), |e| (f64::from(e.val_accuracy), f64::from(e.val_loss)));
         notes.push(format!("chosen by validation: {} (accuracy {val_accuracy:.4}, loss {val_loss:.4})", kind.label()));
-        Attempt { report, labels, counts, notes, val_accuracy, val_loss, seconds }
-    }
-
-    /// Better on validation: clearly higher accuracy (half a point), or as accurate with a lower
-    /// loss. Never the holdout: that stays for the gate.
-    fn beats(&self, other: &Attempt) -> bool {
-        beats((self.val_accuracy, self.val_loss), (other.val_accuracy, other.val_loss))
+        Attempt { kind, report, labels, counts, notes, val_accuracy, val_loss, seconds }
     }
 }
 
-/// (validation accuracy, loss) against another's.
+/// A job's steps as the gate saw them.
+struct JobSteps {
+    trigger: Trigger,
+    started: Instant,
+    /// The fleet-learning round the job trains for, if any (its candidate is offered up).
+    round: Option<Round>,
+    /// Each gated step: its version, kind and the gate's summary.
+    decided: Vec<(u64, String, String)>,
+    /// The versions promoted, in order.
+    promoted: Vec<u64>,
+}
+
+impl JobSteps {
+    /// How the job ends: promoted if any step serves (a later failure then only ends the
+    /// climb), else rejected, or failed with `failure`.
+    fn end(&self, failure: Option<String>) -> JobResult {
+        // One decision reads as the gate wrote it ("promoted: ..." or "rejected: ..."); several
+        // start with how the job ends, then go step by step.
+        let mut summary = match self.decided.as_slice() {
+            [(_, _, one)] => one.clone(),
+            many => format!(
+                "{} in {} steps: {}",
+                if self.promoted.is_empty() { "rejected" } else { "promoted" },
+                many.len(),
+                many.iter().map(|(version, kind, summary)| format!("v{version} ({kind}) {summary}")).collect::<Vec<_>>().join("; then ")
+            ),
+        };
+        match failure {
+            Some(failure) if self.promoted.is_empty() => JobResult::Failed(failure),
+            Some(failure) => {
+                summary.push_str(&format!("; then the next step failed: {failure}"));
+                JobResult::Promoted(summary, self.promoted.clone())
+            }
+            None if self.promoted.is_empty() => JobResult::Rejected(summary),
+            None => JobResult::Promoted(summary, self.promoted.clone()),
+        }
+    }
+}
+
+/// Better on validation: clearly higher accuracy (half a point), or as accurate with a lower
+/// loss. Never the holdout: that stays for the gate.
 fn beats((accuracy, loss): (f64, f64), (other_accuracy, other_loss): (f64, f64)) -> bool {
     accuracy > other_accuracy + 0.005 || (accuracy >= other_accuracy && loss < other_loss)
 }
