@@ -178,6 +178,11 @@ pub struct Manifest {
     pub fingerprint: String,
     pub exporter: Exporter,
     pub serving_graph: String,
+    /// The model exported without LoRA slots (the same inputs but the slots', the same outputs):
+    /// what serves an adapter that changes no slot, at the original model's speed. Bundles
+    /// exported before it have none, and serve everything on `serving_graph`.
+    #[serde(default)]
+    pub plain_graph: Option<String>,
     pub training_graph: String,
     pub files: BTreeMap<String, FileEntry>,
     pub inputs: Vec<TensorSpec>,
@@ -236,7 +241,7 @@ impl Manifest {
         if self.format != BUNDLE_FORMAT {
             return Err(BundleError::Format { path: path.to_path_buf(), found: self.format });
         }
-        for graph in [&self.serving_graph, &self.training_graph] {
+        for graph in [&self.serving_graph, &self.training_graph].into_iter().chain(&self.plain_graph) {
             if !self.files.contains_key(graph) {
                 return Err(invalid(format!("graph file {graph:?} is not listed under \"files\"")));
             }
@@ -382,6 +387,11 @@ impl Bundle {
 
     pub fn serving_graph_path(&self) -> PathBuf {
         self.dir.join(&self.manifest.serving_graph)
+    }
+
+    /// The graph without LoRA slots, if the bundle has one.
+    pub fn plain_graph_path(&self) -> Option<PathBuf> {
+        self.manifest.plain_graph.as_ref().map(|g| self.dir.join(g))
     }
 
     pub fn training_graph_path(&self) -> PathBuf {

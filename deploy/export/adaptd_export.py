@@ -40,6 +40,9 @@ from torch import nn
 BUNDLE_FORMAT = 1
 MANIFEST = "manifest.json"
 SERVING_GRAPH = "model.onnx"
+# The same model without LoRA slots (the model as its user would export it): what serves an
+# adapter that changes no slot, at the original model's speed.
+PLAIN_GRAPH = "plain.onnx"
 TRAINING_GRAPH = "train.pt"
 BASE_HEAD = "base_head.safetensors"
 RETENTION = "retention.safetensors"
@@ -392,6 +395,7 @@ def export_bundle(
         "base_head": base_head,
         "training_inputs": [LORA_DROPOUT_INPUT],
         "retention": _tensors_digest(retention_tensors) if retention_tensors else None,
+        "plain_graph": PLAIN_GRAPH,
     }
     if cut_after is not None:
         config["cut_after"] = cut_after
@@ -415,6 +419,7 @@ def export_bundle(
     # Wrap targets in LoRA slots; freeze everything the module had.
     for p in module.parameters():
         p.requires_grad_(False)
+    plain = BundleGraph(copy.deepcopy(module), [], len(example_inputs)).eval()
     slots: list[LoraSlot] = []
     specs: list[SlotSpec] = []
     for target in targets:
@@ -447,6 +452,12 @@ def export_bundle(
                 input_names=input_names, output_names=list(output_names), dynamic_axes=dynamic_axes or {},
                 do_constant_folding=True,
             )
+            torch.onnx.export(
+                plain, tuple(example_inputs.values()), str(staging / PLAIN_GRAPH), dynamo=False, opset_version=ONNX_OPSET,
+                input_names=list(example_inputs), output_names=list(output_names), dynamic_axes=dynamic_axes or {},
+                do_constant_folding=True,
+            )
+            del plain
             trainer = BundleGraph(module, slots, len(example_inputs), training=True).eval()
             traced = torch.jit.trace(trainer, (*args, torch.tensor(1.0)), check_trace=False)
             traced.save(str(staging / TRAINING_GRAPH))
@@ -511,6 +522,7 @@ def export_bundle(
             "fingerprint": print_,
             "exporter": {"torch": torch.__version__.split("+")[0], "opset": ONNX_OPSET},
             "serving_graph": SERVING_GRAPH,
+            "plain_graph": PLAIN_GRAPH,
             "training_graph": TRAINING_GRAPH,
             "files": {f: {"sha256": sha256_file(staging / f), "bytes": (staging / f).stat().st_size} for f in files},
             "inputs": inputs,

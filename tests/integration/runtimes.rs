@@ -8,7 +8,7 @@ use adaptd_adapters::Bundle;
 use adaptd_adapters::head::{Dense, Head};
 use adaptd_adapters::lora::no_adapter_inputs;
 use adaptd_adapters::tensor::HostTensor;
-use adaptd_daemon::engine::onnx::{OnnxModel, SessionOptions};
+use adaptd_daemon::engine::onnx::{OnnxModel, PreparedLora, SessionOptions};
 use adaptd_train::{Examples, FitTarget, Recipe, TrainError, TrainingGraph, fit};
 use tch::Device;
 
@@ -98,8 +98,9 @@ fn lora_values_prepared_on_a_device_give_the_same_outputs_as_host_values() {
     let host = onnx.run(&inputs, &lora).unwrap();
     onnx.set_lora_device(Some((ort::memory::AllocationDevice::CPU, 0)));
     let prepared = onnx.prepare_lora(&lora).unwrap();
+    let PreparedLora::Slots(values) = &prepared else { panic!("a LoRA that changes the slots runs on the graph with slots") };
     assert!(
-        prepared
+        values
             .iter()
             .all(|v| v.view().downcast::<ort::value::DynTensorValueType>().unwrap().memory_info().allocation_device() == ort::memory::AllocationDevice::CPU)
     );
@@ -109,6 +110,39 @@ fn lora_values_prepared_on_a_device_give_the_same_outputs_as_host_values() {
     }
     let none = onnx.run(&inputs, &no_adapter_inputs(&bundle.manifest.lora)).unwrap();
     assert_ne!(none[0].as_f32().unwrap(), placed[0].as_f32().unwrap(), "the placed LoRA values are the ones the run read");
+}
+
+/// Every reference bundle ships its model exported without slots too: an adapter that changes
+/// no slot (the base model, a head) runs there and answers as the graph with slots fed zeros
+/// does; a LoRA that changes a slot runs on the graph with slots.
+#[test]
+fn adapters_that_change_no_slot_run_on_the_graph_without_slots_and_answer_alike() {
+    for name in ["digits-cnn", "minilm", "efficientnet-lite0"] {
+        let bundle = adaptd_adapters::Bundle::open(reference_bundle(name)).unwrap();
+        let mut onnx = OnnxModel::load(&bundle, SessionOptions::default(), None).unwrap();
+        assert!(onnx.has_plain_graph(), "{name}");
+        let inputs: Vec<HostTensor> = parity::probe_inputs(&bundle, &probe_data()).unwrap().into_iter().map(|t| t.rows(0, 4)).collect();
+        let zeros = no_adapter_inputs(&bundle.manifest.lora);
+        assert!(matches!(onnx.prepare_lora(&zeros).unwrap(), PreparedLora::Plain), "{name}: zeros run on the graph without slots");
+        let plain = onnx.run(&inputs, &zeros).unwrap();
+        let slots = onnx.prepare_slots(&zeros).unwrap();
+        let slotted = onnx.run_prepared(inputs.clone(), &slots).unwrap();
+        for (a, b) in plain.iter().zip(&slotted) {
+            let diff = a.as_f32().unwrap().iter().zip(b.as_f32().unwrap()).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+            assert!(diff < 1e-4, "{name}: the two graphs differ by {diff}");
+        }
+        // B all zeros on every slot: still no change, whatever A holds.
+        let mut a_only =
+            adaptd_adapters::lora::LoraWeights::random(&bundle.manifest.lora, 4, 8.0, 3, 0.05).unwrap().graph_inputs(&bundle.manifest.lora).unwrap();
+        for b in a_only.iter_mut().skip(1).step_by(2) {
+            *b = HostTensor::f32(b.shape.clone(), vec![0.0; b.shape.iter().product()]).unwrap();
+        }
+        assert!(matches!(onnx.prepare_lora(&a_only).unwrap(), PreparedLora::Plain), "{name}");
+        let lora = adaptd_adapters::lora::LoraWeights::random(&bundle.manifest.lora, 4, 8.0, 3, 0.05).unwrap().graph_inputs(&bundle.manifest.lora).unwrap();
+        assert!(matches!(onnx.prepare_lora(&lora).unwrap(), PreparedLora::Slots(_)), "{name}");
+        let adapted = onnx.run(&inputs, &lora).unwrap();
+        assert_ne!(adapted[0].as_f32().unwrap(), plain[0].as_f32().unwrap(), "{name}: the LoRA changes the answers");
+    }
 }
 
 /// fp16 autocast is a CUDA path: a graph on the CPU refuses it and stays fp32, so CPU training

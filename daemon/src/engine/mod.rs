@@ -26,11 +26,10 @@ use adaptd_adapters::bundle::{Bundle, DType, Manifest};
 use adaptd_adapters::head::softmax_rows;
 use adaptd_adapters::tensor::{HostData, HostTensor};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
-use ort::value::DynValue;
 use tokio::sync::{oneshot, watch};
 
 use crate::registry::{LoraInputs, Registry, Serving};
-use onnx::{ExecutionProvider, OnnxError, OnnxModel, SessionOptions};
+use onnx::{ExecutionProvider, OnnxError, OnnxModel, PreparedLora, SessionOptions};
 
 /// The engine's settings: the `[engine]` section of the configuration file.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
@@ -535,17 +534,17 @@ pub trait InferenceBackend {
 }
 
 impl InferenceBackend for OnnxModel {
-    type Lora = Vec<DynValue>;
+    type Lora = PreparedLora;
 
     fn manifest(&self) -> &Manifest {
         &self.bundle().manifest
     }
 
-    fn prepare_lora(&self, lora: &[HostTensor]) -> Result<Vec<DynValue>, OnnxError> {
+    fn prepare_lora(&self, lora: &[HostTensor]) -> Result<PreparedLora, OnnxError> {
         OnnxModel::prepare_lora(self, lora)
     }
 
-    fn run_prepared(&mut self, inputs: Vec<HostTensor>, lora: &Vec<DynValue>) -> Result<Vec<HostTensor>, OnnxError> {
+    fn run_prepared(&mut self, inputs: Vec<HostTensor>, lora: &PreparedLora) -> Result<Vec<HostTensor>, OnnxError> {
         OnnxModel::run_prepared(self, inputs, lora)
     }
 }

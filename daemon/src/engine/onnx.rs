@@ -208,9 +208,19 @@ fn session_builder(env: &Environment, options: SessionOptions) -> ort::Result<Se
         .with_inter_op_spinning(false)?)
 }
 
+/// A LoRA's slot values as a run takes them: none at all (the adapter changes no slot, and the
+/// bundle's graph without slots runs), or a value per slot input.
+pub enum PreparedLora {
+    Plain,
+    Slots(Vec<DynValue>),
+}
+
 /// A bundle's serving graph in an ONNX Runtime session. Owned by one thread (runs need `&mut`).
 pub struct OnnxModel {
     session: Session,
+    /// The bundle's graph without slots, if it has one: an adapter that changes no slot (the
+    /// base model, a head) runs there, paying nothing for the slots.
+    plain: Option<Session>,
     bundle: Bundle,
     input_names: Vec<String>,
     output_names: Vec<String>,
@@ -239,6 +249,31 @@ impl OnnxModel {
             Err(e) => return Err(OnnxError::Provider { provider: options.provider, reason: e.to_string() }),
         };
         let session = builder.commit_from_file(&path).map_err(|e| load_err(e.to_string()))?;
+        let plain = match bundle.plain_graph_path() {
+            Some(plain_path) => {
+                let plain_err = |reason: String| OnnxError::Load { path: plain_path.clone(), reason };
+                let mut builder = session_builder(env, options).map_err(|e| plain_err(e.to_string()))?;
+                let registered = match provider {
+                    ExecutionProvider::Cpu => Ok(()),
+                    ExecutionProvider::Cuda => ep::CUDA::default().with_device_id(options.device_id).register(&mut builder),
+                    ExecutionProvider::TensorRt => ep::TensorRT::default().with_device_id(options.device_id).register(&mut builder),
+                };
+                registered.map_err(|e| OnnxError::Provider { provider, reason: e.to_string() })?;
+                let plain = builder.commit_from_file(&plain_path).map_err(|e| plain_err(e.to_string()))?;
+                let inputs: Vec<String> = plain.inputs().iter().map(|i| i.name().to_string()).collect();
+                let wanted: Vec<String> = bundle.manifest.inputs.iter().map(|i| i.name.clone()).collect();
+                if inputs != wanted {
+                    return Err(OnnxError::Contract { path: plain_path, what: "inputs", graph: inputs, manifest: wanted });
+                }
+                let outputs: Vec<String> = plain.outputs().iter().map(|o| o.name().to_string()).collect();
+                let wanted: Vec<String> = bundle.manifest.outputs.iter().map(|o| o.name.clone()).collect();
+                if outputs != wanted {
+                    return Err(OnnxError::Contract { path: plain_path, what: "outputs", graph: outputs, manifest: wanted });
+                }
+                Some(plain)
+            }
+            None => None,
+        };
 
         // The graph must be the one the manifest describes, input for input.
         let graph_inputs: Vec<String> = session.inputs().iter().map(|i| i.name().to_string()).collect();
@@ -257,7 +292,7 @@ impl OnnxModel {
             ExecutionProvider::Cpu => None,
             ExecutionProvider::Cuda | ExecutionProvider::TensorRt => Some((AllocationDevice::CUDA, options.device_id)),
         };
-        Ok(OnnxModel { session, bundle: bundle.clone(), input_names: graph_inputs, output_names: graph_outputs, provider, lora_device })
+        Ok(OnnxModel { session, plain, bundle: bundle.clone(), input_names: graph_inputs, output_names: graph_outputs, provider, lora_device })
     }
 
     pub fn bundle(&self) -> &Bundle {
@@ -280,9 +315,20 @@ impl OnnxModel {
         self.lora_device = device;
     }
 
+    /// Whether adapters that change no slot run on the bundle's graph without slots.
+    pub fn has_plain_graph(&self) -> bool {
+        self.plain.is_some()
+    }
+
     /// Turn LoRA slot tensors into runtime values once, for reuse across runs: on a GPU
-    /// provider they are copied into device memory here, so runs read them where they are.
-    pub fn prepare_lora(&self, lora: &[HostTensor]) -> Result<Vec<DynValue>, OnnxError> {
+    /// provider they are copied into device memory here, so runs read them where they are. A
+    /// LoRA that changes no slot (each slot's A or B all zeros) becomes [`PreparedLora::Plain`]
+    /// where the bundle has a graph without slots.
+    pub fn prepare_lora(&self, lora: &[HostTensor]) -> Result<PreparedLora, OnnxError> {
+        self.prepare(lora, true)
+    }
+
+    fn prepare(&self, lora: &[HostTensor], plain_allowed: bool) -> Result<PreparedLora, OnnxError> {
         let names = &self.input_names[self.bundle.manifest.inputs.len()..];
         if lora.len() != names.len() {
             return Err(OnnxError::InputCount {
@@ -291,7 +337,10 @@ impl OnnxModel {
                 names: self.input_names.join(", "),
             });
         }
-        names
+        if plain_allowed && self.plain.is_some() && changes_no_slot(lora) {
+            return Ok(PreparedLora::Plain);
+        }
+        let values = names
             .iter()
             .zip(lora)
             .map(|(name, t)| {
@@ -302,7 +351,8 @@ impl OnnxModel {
                     .map_err(|e| OnnxError::Input { name: name.clone(), reason: format!("cannot copy the LoRA value to {} {id}: {e}", device.as_str()) })?;
                 Ok(placed.into_dyn())
             })
-            .collect()
+            .collect::<Result<Vec<DynValue>, OnnxError>>()?;
+        Ok(PreparedLora::Slots(values))
     }
 
     /// Run with the model inputs and the LoRA slot tensors (see `adaptd_adapters::lora`);
@@ -312,12 +362,23 @@ impl OnnxModel {
         self.run_prepared(inputs.to_vec(), &lora)
     }
 
+    /// LoRA values for the graph with slots whatever they are, even ones that change no slot
+    /// (to compare the two graphs, and what unused slots cost).
+    pub fn prepare_slots(&self, lora: &[HostTensor]) -> Result<PreparedLora, OnnxError> {
+        self.prepare(lora, false)
+    }
+
     /// Run with owned model inputs (moved into the runtime, not copied) and prepared LoRA values.
-    pub fn run_prepared(&mut self, inputs: Vec<HostTensor>, lora: &[DynValue]) -> Result<Vec<HostTensor>, OnnxError> {
+    pub fn run_prepared(&mut self, inputs: Vec<HostTensor>, lora: &PreparedLora) -> Result<Vec<HostTensor>, OnnxError> {
         let manifest = &self.bundle.manifest;
         let n_model = manifest.inputs.len();
-        if inputs.len() != n_model || lora.len() + n_model != self.input_names.len() {
-            return Err(OnnxError::InputCount { expected: self.input_names.len(), actual: inputs.len() + lora.len(), names: self.input_names.join(", ") });
+        let slots: &[DynValue] = match lora {
+            PreparedLora::Plain => &[],
+            PreparedLora::Slots(values) => values,
+        };
+        let plain = matches!(lora, PreparedLora::Plain);
+        if inputs.len() != n_model || (!plain && slots.len() + n_model != self.input_names.len()) {
+            return Err(OnnxError::InputCount { expected: self.input_names.len(), actual: inputs.len() + slots.len(), names: self.input_names.join(", ") });
         }
         let mut feeds: Vec<(&str, SessionInputValue<'_>)> = Vec::with_capacity(self.input_names.len());
         for ((name, spec), t) in self.input_names.iter().zip(&manifest.inputs).zip(inputs) {
@@ -326,10 +387,15 @@ impl OnnxModel {
             }
             feeds.push((name.as_str(), to_value(name, t)?.into()));
         }
-        for (name, value) in self.input_names[n_model..].iter().zip(lora) {
+        for (name, value) in self.input_names[n_model..].iter().zip(slots) {
             feeds.push((name.as_str(), value.into()));
         }
-        let outputs = self.session.run(feeds).map_err(|e| OnnxError::Run(e.to_string()))?;
+        let session = match (&mut self.plain, plain) {
+            (Some(plain), true) => plain,
+            (None, true) => return Err(OnnxError::Run("the bundle has no graph without slots".into())),
+            (_, false) => &mut self.session,
+        };
+        let outputs = session.run(feeds).map_err(|e| OnnxError::Run(e.to_string()))?;
         self.output_names
             .iter()
             .map(|name| {
@@ -340,6 +406,15 @@ impl OnnxModel {
             })
             .collect()
     }
+}
+
+/// Slot tensors (A, B per slot) that add nothing: each slot's A or B is all zeros.
+fn changes_no_slot(lora: &[HostTensor]) -> bool {
+    let zero = |t: &HostTensor| match &t.data {
+        HostData::F32(v) => v.iter().all(|&x| x == 0.0),
+        HostData::I64(v) => v.iter().all(|&x| x == 0),
+    };
+    lora.chunks(2).all(|pair| pair.iter().any(zero))
 }
 
 fn to_value(name: &str, t: HostTensor) -> Result<DynValue, OnnxError> {
