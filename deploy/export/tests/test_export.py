@@ -52,10 +52,20 @@ class ExportTest(unittest.TestCase):
         self.assertEqual(slots["fc"]["b_shape"], [8, 4])
         self.assertEqual(slots["conv"]["a_shape"], [4, 1, 3, 3])
         self.assertEqual(slots["conv"]["b_shape"], [4, 4, 1, 1])
-        self.assertEqual(set(manifest["files"]), {"model.onnx", "train.pt"})
+        self.assertEqual(set(manifest["files"]), {"model.onnx", "plain.onnx", "train.pt"})
+        self.assertEqual(manifest["plain_graph"], "plain.onnx")
         import onnxruntime as ort
         names = [i.name for i in ort.InferenceSession(str(self.out / "model.onnx")).get_inputs()]
         self.assertEqual(names, ["x", "conv.lora_A", "conv.lora_B", "fc.lora_A", "fc.lora_B"])
+        # The graph without slots takes only the model's own inputs and answers as the slotted graph
+        # does with every slot zero.
+        plain = ort.InferenceSession(str(self.out / "plain.onnx"))
+        self.assertEqual([i.name for i in plain.get_inputs()], ["x"])
+        probe = torch.randn(3, 1, 4, 4).numpy()
+        zeros = {n: torch.zeros(*slots[n.split(".")[0]]["a_shape" if n.endswith("A") else "b_shape"]).numpy() for n in names[1:]}
+        slotted = ort.InferenceSession(str(self.out / "model.onnx")).run(None, {"x": probe, **zeros})
+        for want, got in zip(slotted, plain.run(None, {"x": probe})):
+            self.assertLess(abs(want - got).max(), 1e-6)
         # The training graph takes the LoRA dropout keep probability last: 1 is the serving graph's
         # function exactly; below 1 the LoRA path (and only it) is dropped at random.
         self.assertEqual(manifest["lora"]["dropout_input"], "lora.keep")
@@ -83,7 +93,7 @@ class ExportTest(unittest.TestCase):
         cut = manifest["cut"]
         self.assertEqual((cut["after"], cut["slots_above"]), ("norm", [1]), "fc runs above the cut, conv below")
         self.assertEqual(cut["activation"]["shape"], [-1, 4, 16])
-        self.assertEqual(set(manifest["files"]), {"model.onnx", "train.pt", "prefix.pt", "suffix.pt"})
+        self.assertEqual(set(manifest["files"]), {"model.onnx", "plain.onnx", "train.pt", "prefix.pt", "suffix.pt"})
         train, prefix, suffix = (torch.jit.load(str(self.out / f)) for f in ("train.pt", "prefix.pt", "suffix.pt"))
         x = torch.randn(5, 1, 4, 4)
         lora = [torch.randn(s, requires_grad=True) for slot in manifest["lora"]["slots"] for s in (slot["a_shape"], slot["b_shape"])]
