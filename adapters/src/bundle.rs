@@ -204,8 +204,36 @@ pub struct Manifest {
     /// Where the model is cut for training above a frozen prefix, if it is.
     #[serde(default)]
     pub cut: Option<Cut>,
+    /// Where each slot's weight lies in `plain_graph`, so a served LoRA can be folded into a copy
+    /// of it (merged serving). Bundles without it serve LoRA on the slotted graph.
+    #[serde(default)]
+    pub merge: Option<Merge>,
     #[serde(default)]
     pub metadata: serde_json::Value,
+}
+
+/// How to fold a LoRA into the graph without slots: per slot (in `lora.slots` order) the
+/// initializer that holds its weight and where that initializer's values lie in the graph file
+/// (little-endian f32, stored in place), and a safetensors file with `{i}.scale`, one value per
+/// output channel, for the weights the export folded a batch norm into (a LoRA's update is scaled
+/// alike).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Merge {
+    pub scales: Option<String>,
+    pub slots: Vec<MergeSlot>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeSlot {
+    pub initializer: String,
+    /// Byte offset of the initializer's values in the graph file.
+    pub offset: u64,
+    /// `[in, out]` (a Linear exported as MatMul) rather than the layer's `[out, in]`.
+    pub transposed: bool,
+    /// The weight was scaled per output channel (`{i}.scale` in the scales file).
+    pub scaled: bool,
 }
 
 /// The model cut after one module: a frozen prefix graph (model inputs and LoRA values -> the
@@ -311,6 +339,17 @@ impl Manifest {
                 if self.labels.is_none() {
                     return Err(invalid(format!("{key} needs the bundle's labels")));
                 }
+            }
+        }
+        if let Some(merge) = &self.merge {
+            if self.plain_graph.is_none() || merge.scales.as_ref().is_some_and(|f| !self.files.contains_key(f)) {
+                return Err(invalid(format!("merge needs plain_graph and its scales file {:?} listed under \"files\"", merge.scales)));
+            }
+            if merge.slots.iter().any(|m| m.scaled) && merge.scales.is_none() {
+                return Err(invalid("merge has scaled slots but no scales file".into()));
+            }
+            if merge.slots.len() != self.lora.slots.len() {
+                return Err(invalid(format!("merge names {} slots, but there are {}", merge.slots.len(), self.lora.slots.len())));
             }
         }
         if let Some(cut) = &self.cut {
@@ -448,6 +487,102 @@ impl Bundle {
         }
         Ok(Some(RetentionSet { inputs, labels }))
     }
+}
+
+impl Bundle {
+    /// The graph without slots with `lora` (graph-input order: A, B per slot, B already scaled)
+    /// folded into its weights: each slot whose A and B both change something gets `W + B·A`
+    /// written over its initializer's values, laid out as the graph holds W (transposed where it
+    /// is `[in, out]`, scaled per output channel where a batch norm was folded into it). The
+    /// model these bytes hold computes what the slotted graph computes with `lora`. `None` where
+    /// the bundle has no graph without slots or no merge map.
+    pub fn merged_plain_graph(&self, lora: &[HostTensor]) -> Result<Option<Vec<u8>>, BundleError> {
+        let (Some(merge), Some(path)) = (&self.manifest.merge, self.plain_graph_path()) else { return Ok(None) };
+        let invalid = |path: &Path, reason: String| BundleError::Invalid { path: path.to_path_buf(), reason };
+        let slots = &self.manifest.lora.slots;
+        if lora.len() != 2 * slots.len() {
+            return Err(invalid(&path, format!("{} LoRA tensors for {} slots", lora.len(), slots.len())));
+        }
+        let scales = match &merge.scales {
+            Some(name) => {
+                let scales_path = self.file_path(name);
+                Some((std::fs::read(&scales_path).map_err(|source| BundleError::Io { path: scales_path.clone(), source })?, scales_path))
+            }
+            None => None,
+        };
+        let scales = match &scales {
+            Some((bytes, p)) => Some((SafeTensors::deserialize(bytes).map_err(|e| invalid(p, format!("not a safetensors file: {e}")))?, p)),
+            None => None,
+        };
+        let mut graph = std::fs::read(&path).map_err(|source| BundleError::Io { path: path.clone(), source })?;
+        for (i, ((slot, place), pair)) in slots.iter().zip(&merge.slots).zip(lora.chunks(2)).enumerate() {
+            let (Some(a), Some(b)) = (pair[0].as_f32(), pair[1].as_f32()) else {
+                return Err(invalid(&path, format!("slot {}: LoRA values must be f32", slot.module)));
+            };
+            if a.iter().all(|&x| x == 0.0) || b.iter().all(|&x| x == 0.0) {
+                continue; // the slot adds nothing: the graph's own weight stands
+            }
+            let scale = match (place.scaled, &scales) {
+                (true, Some((st, p))) => Some(read_tensor(st, &format!("{i}.scale")).map_err(|e| invalid(p, e))?),
+                (true, None) => return Err(invalid(&path, format!("slot {} is scaled but the bundle has no scales file", slot.module))),
+                (false, _) => None,
+            };
+            let values = slot.out_features * slot.a_shape.iter().skip(1).product::<usize>();
+            let start = usize::try_from(place.offset).unwrap_or(usize::MAX);
+            let bytes = start
+                .checked_add(4 * values)
+                .and_then(|end| graph.get_mut(start..end))
+                .ok_or_else(|| invalid(&path, format!("slot {}: {values} values at byte {start} run past the file's end", slot.module)))?;
+            let mut weight: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            fold_slot(slot, place, &mut weight, scale.as_ref(), a, b).map_err(|e| invalid(&path, format!("slot {}: {e}", slot.module)))?;
+            for (dst, v) in bytes.chunks_exact_mut(4).zip(&weight) {
+                dst.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        Ok(Some(graph))
+    }
+}
+
+/// Add the slot's update `B·A` to `weight` (the graph's initializer, out x (in·kh·kw) values,
+/// transposed or scaled as `place` says), from A `[r, in(, kh, kw)]` and B `[out, r(, 1, 1)]`.
+fn fold_slot(slot: &LoraSlot, place: &MergeSlot, weight: &mut [f32], scale: Option<&HostTensor>, a: &[f32], b: &[f32]) -> Result<(), String> {
+    let rank = slot.a_shape.first().copied().unwrap_or(0);
+    let (out, fan_in) = (slot.out_features, slot.a_shape.iter().skip(1).product::<usize>());
+    if a.len() != rank * fan_in || b.len() != out * rank || weight.len() != out * fan_in {
+        return Err(format!(
+            "A has {} values, B {} and the weight {}, expected {rank}x{fan_in}, {out}x{rank} and {out}x{fan_in}",
+            a.len(),
+            b.len(),
+            weight.len()
+        ));
+    }
+    if place.transposed && slot.kind != SlotKind::Linear {
+        return Err("only a linear slot's weight can be held transposed".into());
+    }
+    let scale = match scale {
+        Some(t) => Some(t.as_f32().filter(|s| s.len() == out).ok_or_else(|| format!("the scale must be {out} f32 values"))?),
+        None => None,
+    };
+    for o in 0..out {
+        let s = scale.map_or(1.0, |s| s[o]);
+        for r in 0..rank {
+            let coef = s * b[o * rank + r];
+            if coef == 0.0 {
+                continue;
+            }
+            let a_row = &a[r * fan_in..(r + 1) * fan_in];
+            if place.transposed {
+                for (j, &x) in a_row.iter().enumerate() {
+                    weight[j * out + o] += coef * x;
+                }
+            } else {
+                for (w, &x) in weight[o * fan_in..(o + 1) * fan_in].iter_mut().zip(a_row) {
+                    *w += coef * x;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Base-domain samples shipped with a bundle: model inputs (batch axis first) and label indices.

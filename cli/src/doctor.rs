@@ -223,7 +223,7 @@ fn inputs(bundle: &Bundle, rows: usize, seed: u64) -> Result<Vec<HostTensor>, St
 
 /// Median latency of single requests on `provider` for about `budget`.
 fn serve(bundle: &Bundle, provider: ExecutionProvider, threads: usize, library: Option<&Path>, budget: Duration) -> ProviderCheck {
-    let options = SessionOptions { intra_op_threads: threads, provider, device_id: 0, fallback_to_cpu: false };
+    let options = SessionOptions { intra_op_threads: threads, provider, ..SessionOptions::default() };
     let failed = |reason: String| ProviderCheck { provider, registered: false, reason: Some(reason), p50_ms: None };
     let mut model = match OnnxModel::load(bundle, options, library) {
         Ok(m) => m,

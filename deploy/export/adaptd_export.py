@@ -43,6 +43,10 @@ SERVING_GRAPH = "model.onnx"
 # The same model without LoRA slots (the model as its user would export it): what serves an
 # adapter that changes no slot, at the original model's speed.
 PLAIN_GRAPH = "plain.onnx"
+# A served LoRA is folded into a copy of the graph without slots (merged serving): the manifest's
+# "merge" says where each slot's weight lies in it; this file holds the per-channel scales of the
+# weights that had a batch norm folded in.
+MERGE_SCALES = "merge_scales.safetensors"
 TRAINING_GRAPH = "train.pt"
 BASE_HEAD = "base_head.safetensors"
 RETENTION = "retention.safetensors"
@@ -294,6 +298,53 @@ def fingerprint(module: nn.Module, config: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+def merge_map(plain_path: Path, targets: Sequence[str], layers: Sequence[nn.Module]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]] | None:
+    """Where each slot's weight W lies in the graph without slots: the one initializer that holds
+    W, its transpose (a Linear exported as MatMul) or W scaled per output channel (a convolution
+    with the batch norm after it folded in: a LoRA's update is then scaled alike), and the byte
+    offset of its values in the file, where serving writes the merged weight before it loads a
+    copy (overriding an initializer at load time would come after the optimizer has folded it).
+    Returns the scales of the folded slots and, per slot, what the manifest says; None (with the
+    reason printed) where a slot's weight is not found once, and the bundle then serves LoRA on
+    its slotted graph only."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    blob = plain_path.read_bytes()
+    graph = onnx.load(str(plain_path)).graph
+    initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    scales: dict[str, torch.Tensor] = {}
+    slots: list[dict[str, Any]] = []
+    for i, (target, layer) in enumerate(zip(targets, layers)):
+        w = layer.weight.detach().numpy().astype(np.float32)
+        rest = tuple(range(1, w.ndim))
+        found = []
+        for name, value in initializers.items():
+            if value.dtype != np.float32:
+                continue
+            if value.shape == w.shape:
+                scale = (value * w).sum(axis=rest) / np.maximum((w * w).sum(axis=rest), 1e-30)
+                if np.allclose(value, w * scale.reshape(-1, *([1] * len(rest))), rtol=1e-5, atol=1e-7):
+                    unscaled = bool(np.all(np.abs(scale - 1.0) <= 1e-6))
+                    found.append((name, False, None if unscaled else scale.astype(np.float32)))
+            if w.ndim == 2 and value.shape == w.T.shape and np.array_equal(value, w.T):
+                found.append((name, True, None))
+        if len(found) != 1:
+            print(f"merge: {target}: its weight is in {len(found)} initializers of {plain_path.name}, not one; LoRA serves on the slotted graph only")
+            return None
+        name, transposed, scale = found[0]
+        raw = np.ascontiguousarray(initializers[name]).astype("<f4").tobytes()
+        offset = blob.find(raw)
+        if offset < 0 or blob.find(raw, offset + 1) >= 0:
+            print(f"merge: {target}: the values of {name} are not stored once, in place, in {plain_path.name}; LoRA serves on the slotted graph only")
+            return None
+        if scale is not None:
+            scales[f"{i}.scale"] = torch.from_numpy(scale)
+        slots.append({"initializer": name, "offset": offset, "transposed": transposed, "scaled": scale is not None})
+    return scales, slots
+
+
 def _set_parent(module: nn.Module, name: str, child: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = module.get_submodule(parent_name) if parent_name else module
@@ -396,6 +447,7 @@ def export_bundle(
         "training_inputs": [LORA_DROPOUT_INPUT],
         "retention": _tensors_digest(retention_tensors) if retention_tensors else None,
         "plain_graph": PLAIN_GRAPH,
+        "merge": MERGE_SCALES,
     }
     if cut_after is not None:
         config["cut_after"] = cut_after
@@ -422,8 +474,10 @@ def export_bundle(
     plain = BundleGraph(copy.deepcopy(module), [], len(example_inputs)).eval()
     slots: list[LoraSlot] = []
     specs: list[SlotSpec] = []
+    layers: list[nn.Module] = []
     for target in targets:
         layer = module.get_submodule(target)
+        layers.append(layer)
         slot = LoraSlot(layer)
         _set_parent(module, target, slot)
         slots.append(slot)
@@ -458,6 +512,10 @@ def export_bundle(
                 do_constant_folding=True,
             )
             del plain
+            merge = merge_map(staging / PLAIN_GRAPH, targets, layers)
+            if merge is not None and merge[0]:
+                from safetensors.torch import save_file as save_merge
+                save_merge({k: v.contiguous() for k, v in merge[0].items()}, str(staging / MERGE_SCALES))
             trainer = BundleGraph(module, slots, len(example_inputs), training=True).eval()
             traced = torch.jit.trace(trainer, (*args, torch.tensor(1.0)), check_trace=False)
             traced.save(str(staging / TRAINING_GRAPH))
@@ -515,6 +573,9 @@ def export_bundle(
             inputs.append({"name": iname, "dtype": _dtype_name(tensor.dtype), "shape": shape})
         emb = reference[list(output_names).index(embedding_output)]
         files = sorted(p.name for p in staging.iterdir())
+        for f in files:
+            # safetensors writes its files private; a bundle is read by the service user.
+            (staging / f).chmod(0o644)
         manifest = {
             "format": BUNDLE_FORMAT,
             "name": name,
@@ -539,6 +600,8 @@ def export_bundle(
         }
         if cut_json is not None:
             manifest["cut"] = cut_json
+        if merge is not None:
+            manifest["merge"] = {"scales": MERGE_SCALES if merge[0] else None, "slots": merge[1]}
         with open(staging / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")

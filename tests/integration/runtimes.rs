@@ -2,13 +2,14 @@
 //! libtorch while the base stays bit-identical.
 
 use std::sync::atomic::AtomicBool;
+use std::time::Duration;
 
 use adaptd::parity::{self, PARITY_TOLERANCE};
 use adaptd_adapters::Bundle;
 use adaptd_adapters::head::{Dense, Head};
 use adaptd_adapters::lora::no_adapter_inputs;
 use adaptd_adapters::tensor::HostTensor;
-use adaptd_daemon::engine::onnx::{OnnxModel, PreparedLora, SessionOptions};
+use adaptd_daemon::engine::onnx::{MERGE_AFTER_RUNS, OnnxModel, PreparedLora, SessionOptions};
 use adaptd_train::{Examples, FitTarget, Recipe, TrainError, TrainingGraph, fit};
 use tch::Device;
 
@@ -98,7 +99,7 @@ fn lora_values_prepared_on_a_device_give_the_same_outputs_as_host_values() {
     let host = onnx.run(&inputs, &lora).unwrap();
     onnx.set_lora_device(Some((ort::memory::AllocationDevice::CPU, 0)));
     let prepared = onnx.prepare_lora(&lora).unwrap();
-    let PreparedLora::Slots(values) = &prepared else { panic!("a LoRA that changes the slots runs on the graph with slots") };
+    let PreparedLora::Slots(values, _) = &prepared else { panic!("a LoRA that changes the slots runs on the graph with slots") };
     assert!(
         values
             .iter()
@@ -139,9 +140,78 @@ fn adapters_that_change_no_slot_run_on_the_graph_without_slots_and_answer_alike(
         }
         assert!(matches!(onnx.prepare_lora(&a_only).unwrap(), PreparedLora::Plain), "{name}");
         let lora = adaptd_adapters::lora::LoraWeights::random(&bundle.manifest.lora, 4, 8.0, 3, 0.05).unwrap().graph_inputs(&bundle.manifest.lora).unwrap();
-        assert!(matches!(onnx.prepare_lora(&lora).unwrap(), PreparedLora::Slots(_)), "{name}");
+        assert!(matches!(onnx.prepare_lora(&lora).unwrap(), PreparedLora::Slots(..)), "{name}");
         let adapted = onnx.run(&inputs, &lora).unwrap();
         assert_ne!(adapted[0].as_f32().unwrap(), plain[0].as_f32().unwrap(), "{name}: the LoRA changes the answers");
+    }
+}
+
+/// A LoRA that serves is folded into a copy of the model without slots (merged serving) on a
+/// thread of its own; from then on it runs there and answers as the slotted graph does, on every
+/// reference bundle (Linear weights held transposed in MiniLM, convolutions with their batch
+/// norm folded in in EfficientNet), whether it uses every slot or some. Merged copies are capped
+/// by `merged_sessions`, and a dropped adapter frees its copy.
+#[test]
+fn a_served_lora_is_folded_into_a_copy_of_the_model_and_answers_as_the_slots_do() {
+    let merged_of = |p: &PreparedLora| match p {
+        PreparedLora::Slots(_, Some(m)) => m.clone(),
+        _ => panic!("a LoRA on a bundle with a merge map can be merged"),
+    };
+    let wait = |m: &adaptd_daemon::engine::onnx::Merging| {
+        let started = std::time::Instant::now();
+        while !m.is_merged() {
+            assert!(started.elapsed() < Duration::from_secs(120), "the merged copy was not built in 120 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    for name in ["digits-cnn", "minilm", "efficientnet-lite0"] {
+        let bundle = adaptd_adapters::Bundle::open(reference_bundle(name)).unwrap();
+        let mut onnx = OnnxModel::load(&bundle, SessionOptions { merged_sessions: 1, ..SessionOptions::default() }, None).unwrap();
+        assert!(onnx.merges_lora(), "{name}: the reference bundles ship a merge map");
+        let inputs: Vec<HostTensor> = parity::probe_inputs(&bundle, &probe_data()).unwrap().into_iter().map(|t| t.rows(0, 4)).collect();
+        let every = adaptd_adapters::lora::LoraWeights::random(&bundle.manifest.lora, 8, 16.0, 21, 0.05).unwrap().graph_inputs(&bundle.manifest.lora).unwrap();
+        // Every other slot left empty (B zero): those keep the model's own weight.
+        let mut some = every.clone();
+        for b in some.iter_mut().skip(1).step_by(4) {
+            *b = HostTensor::f32(b.shape.clone(), vec![0.0; b.shape.iter().product()]).unwrap();
+        }
+        for lora in [&every, &some] {
+            let prepared = onnx.prepare_merged(lora).unwrap();
+            let merging = merged_of(&prepared);
+            wait(&merging);
+            assert_eq!(onnx.merged_sessions(), 1, "{name}");
+            let merged = onnx.run_prepared(inputs.clone(), &prepared).unwrap();
+            let slotted = onnx.run_prepared(inputs.clone(), &onnx.prepare_slots(lora).unwrap()).unwrap();
+            let base = onnx.run(&inputs, &no_adapter_inputs(&bundle.manifest.lora)).unwrap();
+            for ((m, s), b) in merged.iter().zip(&slotted).zip(&base) {
+                let (m, s, b) = (m.as_f32().unwrap(), s.as_f32().unwrap(), b.as_f32().unwrap());
+                let scale = s.iter().fold(1.0f32, |acc, x| acc.max(x.abs()));
+                let diff = m.iter().zip(s).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+                let effect = s.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+                assert!(diff <= 1e-4 * scale, "{name}: merged and slotted differ by {diff} (values up to {scale})");
+                assert!(effect > 100.0 * diff, "{name}: the LoRA moves the outputs by {effect}, far more than merging does ({diff})");
+            }
+            drop(prepared);
+            drop(merging);
+            let started = std::time::Instant::now();
+            while onnx.merged_sessions() > 0 {
+                assert!(started.elapsed() < Duration::from_secs(10), "{name}: a dropped adapter frees its merged copy");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        // One place (merged_sessions = 1): a second LoRA waits while the first is in use, and
+        // takes the place once the first has sat idle while the second served.
+        let first = onnx.prepare_merged(&every).unwrap();
+        wait(&merged_of(&first));
+        let second = onnx.prepare_merged(&some).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!merged_of(&second).is_merged(), "{name}: merged_sessions = 1 allows one merged copy");
+        for _ in 0..2 * MERGE_AFTER_RUNS {
+            onnx.run_prepared(inputs.clone(), &second).unwrap();
+        }
+        wait(&merged_of(&second));
+        assert!(!merged_of(&first).is_merged(), "{name}: the idle adapter gave its copy up");
+        assert_eq!(onnx.merged_sessions(), 1, "{name}");
     }
 }
 

@@ -41,6 +41,8 @@ pub fn render(api: &Api) -> String {
     let _ = writeln!(out, "adaptd_inference_batches_total {}", stats.batches.load(Relaxed));
     family(&mut out, "adaptd_inference_inline_total", "counter", "Requests run on their caller's thread because the engine was idle.");
     let _ = writeln!(out, "adaptd_inference_inline_total {}", stats.inline.load(Relaxed));
+    family(&mut out, "adaptd_engine_merged_sessions", "gauge", "LoRA adapters serving merged into a copy of the model (engine.merged_sessions at most).");
+    let _ = writeln!(out, "adaptd_engine_merged_sessions {}", stats.merged_sessions.load(Relaxed));
     histogram(&mut out, "adaptd_request_latency_seconds", "Inference latency per request, queue and run.", &stats.latency);
     histogram(&mut out, "adaptd_batch_size", "Rows per graph call (micro-batching).", &stats.batch_rows);
     family(&mut out, "adaptd_requests_refused_total", "counter", "Inference requests refused, by reason.");

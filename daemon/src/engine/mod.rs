@@ -143,6 +143,8 @@ pub struct EngineStats {
     /// What a small graph call (up to [`INLINE_MAX_ROWS`] rows) costs now, in ns: a moving
     /// average; `u64::MAX` until one has run.
     pub small_call_ns: AtomicU64,
+    /// LoRA adapters serving merged into a copy of the model, as of the last graph call.
+    pub merged_sessions: AtomicU64,
 }
 
 /// A fixed-bucket histogram with lock-free counters (Prometheus' cumulative form is computed
@@ -191,6 +193,7 @@ impl Default for EngineStats {
             batch_rows: Histogram::new(BATCH_BOUNDS),
             inline: AtomicU64::new(0),
             small_call_ns: AtomicU64::new(u64::MAX),
+            merged_sessions: AtomicU64::new(0),
         }
     }
 }
@@ -531,6 +534,10 @@ pub trait InferenceBackend {
     fn prepare_lora(&self, lora: &[HostTensor]) -> Result<Self::Lora, OnnxError>;
     /// Every output, in manifest order, for owned model inputs and prepared LoRA values.
     fn run_prepared(&mut self, inputs: Vec<HostTensor>, lora: &Self::Lora) -> Result<Vec<HostTensor>, OnnxError>;
+    /// LoRA adapters running merged into a copy of the model now.
+    fn merged_sessions(&self) -> usize {
+        0
+    }
 }
 
 impl InferenceBackend for OnnxModel {
@@ -546,6 +553,10 @@ impl InferenceBackend for OnnxModel {
 
     fn run_prepared(&mut self, inputs: Vec<HostTensor>, lora: &PreparedLora) -> Result<Vec<HostTensor>, OnnxError> {
         OnnxModel::run_prepared(self, inputs, lora)
+    }
+
+    fn merged_sessions(&self) -> usize {
+        OnnxModel::merged_sessions(self)
     }
 }
 
@@ -719,6 +730,7 @@ fn run_batch<B: InferenceBackend>(model: &mut B, current: Current<'_>, cache: &m
             outputs
         });
         stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.merged_sessions.store(model.merged_sessions() as u64, Ordering::Relaxed);
         stats.rows.fetch_add(rows as u64, Ordering::Relaxed);
         stats.batch_rows.observe(rows as f64);
         match outputs {

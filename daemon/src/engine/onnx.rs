@@ -7,7 +7,8 @@
 //! an installed binary needs nothing exported by hand. The one loaded is logged at start-up.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 
 use adaptd_adapters::bundle::Bundle;
 use adaptd_adapters::tensor::{HostData, HostTensor};
@@ -191,13 +192,21 @@ pub struct SessionOptions {
     pub provider: ExecutionProvider,
     pub device_id: i32,
     pub fallback_to_cpu: bool,
+    /// How many LoRA adapters may serve folded into a copy of the model at once (merged
+    /// serving: the original model's speed, each copy the model's weights again in memory); 0
+    /// serves every LoRA on the graph with slots.
+    pub merged_sessions: usize,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        SessionOptions { intra_op_threads: 2, provider: ExecutionProvider::Cpu, device_id: 0, fallback_to_cpu: false }
+        SessionOptions { intra_op_threads: 2, provider: ExecutionProvider::Cpu, device_id: 0, fallback_to_cpu: false, merged_sessions: 2 }
     }
 }
+
+/// Runs on the graph with slots after which a LoRA is folded into a copy of the graph without
+/// them: an adapter that serves traffic, not one the gate scores once.
+pub const MERGE_AFTER_RUNS: usize = 32;
 
 fn session_builder(env: &Environment, options: SessionOptions) -> ort::Result<SessionBuilder> {
     Ok(Session::builder(env)?
@@ -209,10 +218,162 @@ fn session_builder(env: &Environment, options: SessionOptions) -> ort::Result<Se
 }
 
 /// A LoRA's slot values as a run takes them: none at all (the adapter changes no slot, and the
-/// bundle's graph without slots runs), or a value per slot input.
+/// bundle's graph without slots runs), or a value per slot input, with the adapter's way to
+/// merged serving where the bundle and the options allow it.
 pub enum PreparedLora {
     Plain,
-    Slots(Vec<DynValue>),
+    Slots(Vec<DynValue>, Option<Arc<Merging>>),
+}
+
+/// A LoRA on its way to merged serving. Every [`MERGE_AFTER_RUNS`] runs on the graph with slots
+/// it asks for a merged copy: a background thread folds it into the weights of a copy of the
+/// graph without slots (PEFT's merge, `W + B·A`, as the bundle's merge map lays W out); once
+/// built, runs use that copy and pay nothing for the slots. Until then, and if it cannot be
+/// built, the slotted graph serves: the same function either way, and swapping adapters never
+/// waits for a build. At most `SessionOptions::merged_sessions` copies live at once: a LoRA that
+/// asks when all are taken replaces the one run least recently if that one has been idle for
+/// [`MERGE_AFTER_RUNS`] runs (an adapter the gate scored once, one that was replaced), else waits.
+pub struct Merging {
+    merged: Mutex<Option<Session>>,
+    ready: AtomicBool,
+    building: AtomicBool,
+    failed: AtomicBool,
+    runs: AtomicUsize,
+    /// The pool's clock at this adapter's last run.
+    last_run: AtomicU64,
+    job: MergeJob,
+    pool: Arc<MergePool>,
+}
+
+/// A model's merged copies: their limit, a clock of runs, and the adapters holding (or
+/// building) one.
+struct MergePool {
+    limit: usize,
+    clock: AtomicU64,
+    holders: Mutex<Vec<Weak<Merging>>>,
+    /// Copies built and kept now.
+    ready: AtomicUsize,
+}
+
+struct MergeJob {
+    bundle: Bundle,
+    lora: Vec<HostTensor>,
+    options: SessionOptions,
+    provider: ExecutionProvider,
+}
+
+impl Merging {
+    /// Whether runs now use the merged copy.
+    pub fn is_merged(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Count a run; every [`MERGE_AFTER_RUNS`]th on the slotted graph asks for a merged copy.
+    fn note_run(self: &Arc<Self>) {
+        self.last_run.store(self.pool.clock.fetch_add(1, Ordering::Relaxed) + 1, Ordering::Relaxed);
+        if (self.runs.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(MERGE_AFTER_RUNS) {
+            self.ask_for_copy();
+        }
+    }
+
+    fn ask_for_copy(self: &Arc<Self>) {
+        if self.is_merged() || self.failed.load(Ordering::Acquire) || self.building.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if !self.pool.take_place(self) {
+            self.building.store(false, Ordering::Release);
+            return;
+        }
+        let me = Arc::clone(self);
+        let spawned = std::thread::Builder::new().name("adaptd-merge".into()).spawn(move || {
+            crate::background_priority();
+            let started = std::time::Instant::now();
+            match merged_session(&me.job) {
+                Ok(session) => {
+                    *me.merged.lock().unwrap_or_else(PoisonError::into_inner) = Some(session);
+                    me.ready.store(true, Ordering::Release);
+                    me.pool.ready.fetch_add(1, Ordering::AcqRel);
+                    tracing::info!(bundle = %me.job.bundle.manifest.name, ms = started.elapsed().as_millis() as u64, "merged serving: a LoRA now runs folded into a copy of the model");
+                }
+                Err(e) => {
+                    // Not retried: the bundle's merge map does not fit this LoRA or this runtime.
+                    me.failed.store(true, Ordering::Release);
+                    me.pool.leave(&me);
+                    tracing::warn!(error = %e, "merged serving: could not fold the LoRA into the model; it serves on the slotted graph");
+                }
+            }
+            me.building.store(false, Ordering::Release);
+        });
+        if let Err(e) = spawned {
+            self.pool.leave(self);
+            self.building.store(false, Ordering::Release);
+            tracing::warn!(error = %e, "merged serving: no thread to build the merged copy on");
+        }
+    }
+
+    /// Give the copy up: the pool needs its place for a busier adapter.
+    fn evict(&self) {
+        if self.ready.swap(false, Ordering::AcqRel) {
+            self.pool.ready.fetch_sub(1, Ordering::AcqRel);
+        }
+        drop(self.merged.lock().unwrap_or_else(PoisonError::into_inner).take());
+    }
+}
+
+impl Drop for Merging {
+    fn drop(&mut self) {
+        if self.ready.load(Ordering::Acquire) {
+            self.pool.ready.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl MergePool {
+    /// A place among the merged copies for `who`: a free one, or that of the holder run least
+    /// recently if it has been idle for [`MERGE_AFTER_RUNS`] runs (its copy is dropped).
+    fn take_place(&self, who: &Arc<Merging>) -> bool {
+        let mut holders = self.holders.lock().unwrap_or_else(PoisonError::into_inner);
+        holders.retain(|h| h.strong_count() > 0);
+        if holders.len() >= self.limit {
+            let now = self.clock.load(Ordering::Relaxed);
+            let idle = holders
+                .iter()
+                .enumerate()
+                .filter_map(|(i, h)| h.upgrade().map(|h| (i, h)))
+                .filter(|(_, h)| h.is_merged() && now.saturating_sub(h.last_run.load(Ordering::Relaxed)) >= MERGE_AFTER_RUNS as u64)
+                .min_by_key(|(_, h)| h.last_run.load(Ordering::Relaxed));
+            let Some((i, victim)) = idle else { return false };
+            victim.evict();
+            holders.swap_remove(i);
+        }
+        holders.push(Arc::downgrade(who));
+        true
+    }
+
+    fn leave(&self, who: &Arc<Merging>) {
+        self.holders.lock().unwrap_or_else(PoisonError::into_inner).retain(|h| h.strong_count() > 0 && !std::ptr::eq(h.as_ptr(), Arc::as_ptr(who)));
+    }
+}
+
+/// The graph without slots with the LoRA folded into its weights, on the provider serving runs on.
+fn merged_session(job: &MergeJob) -> Result<Session, OnnxError> {
+    let plain_path = job.bundle.plain_graph_path().ok_or_else(|| OnnxError::Run("the bundle has no graph without slots".into()))?;
+    let load_err = |reason: String| OnnxError::Load { path: plain_path.clone(), reason };
+    let graph = job.bundle.merged_plain_graph(&job.lora).map_err(|e| load_err(e.to_string()))?.ok_or_else(|| load_err("the bundle has no merge map".into()))?;
+    let mut builder = provider_builder(environment(None)?, job.options, job.provider)?;
+    builder.commit_from_memory(&graph).map_err(|e| load_err(e.to_string()))
+}
+
+/// A session builder with `provider` registered.
+fn provider_builder(env: &Environment, options: SessionOptions, provider: ExecutionProvider) -> Result<SessionBuilder, OnnxError> {
+    let mut builder = session_builder(env, options).map_err(|e| OnnxError::Run(e.to_string()))?;
+    let registered = match provider {
+        ExecutionProvider::Cpu => Ok(()),
+        ExecutionProvider::Cuda => ep::CUDA::default().with_device_id(options.device_id).register(&mut builder),
+        ExecutionProvider::TensorRt => ep::TensorRT::default().with_device_id(options.device_id).register(&mut builder),
+    };
+    registered.map_err(|e| OnnxError::Provider { provider, reason: e.to_string() })?;
+    Ok(builder)
 }
 
 /// A bundle's serving graph in an ONNX Runtime session. Owned by one thread (runs need `&mut`).
@@ -227,6 +388,9 @@ pub struct OnnxModel {
     provider: ExecutionProvider,
     /// Where prepared LoRA values live: the GPU the session runs on, or host memory.
     lora_device: Option<(AllocationDevice<'static>, i32)>,
+    options: SessionOptions,
+    /// The merged copies of the model (see [`Merging`]).
+    merge_pool: Arc<MergePool>,
 }
 
 impl OnnxModel {
@@ -252,13 +416,7 @@ impl OnnxModel {
         let plain = match bundle.plain_graph_path() {
             Some(plain_path) => {
                 let plain_err = |reason: String| OnnxError::Load { path: plain_path.clone(), reason };
-                let mut builder = session_builder(env, options).map_err(|e| plain_err(e.to_string()))?;
-                let registered = match provider {
-                    ExecutionProvider::Cpu => Ok(()),
-                    ExecutionProvider::Cuda => ep::CUDA::default().with_device_id(options.device_id).register(&mut builder),
-                    ExecutionProvider::TensorRt => ep::TensorRT::default().with_device_id(options.device_id).register(&mut builder),
-                };
-                registered.map_err(|e| OnnxError::Provider { provider, reason: e.to_string() })?;
+                let mut builder = provider_builder(env, options, provider)?;
                 let plain = builder.commit_from_file(&plain_path).map_err(|e| plain_err(e.to_string()))?;
                 let inputs: Vec<String> = plain.inputs().iter().map(|i| i.name().to_string()).collect();
                 let wanted: Vec<String> = bundle.manifest.inputs.iter().map(|i| i.name.clone()).collect();
@@ -292,7 +450,22 @@ impl OnnxModel {
             ExecutionProvider::Cpu => None,
             ExecutionProvider::Cuda | ExecutionProvider::TensorRt => Some((AllocationDevice::CUDA, options.device_id)),
         };
-        Ok(OnnxModel { session, plain, bundle: bundle.clone(), input_names: graph_inputs, output_names: graph_outputs, provider, lora_device })
+        Ok(OnnxModel {
+            session,
+            plain,
+            bundle: bundle.clone(),
+            input_names: graph_inputs,
+            output_names: graph_outputs,
+            provider,
+            lora_device,
+            options,
+            merge_pool: Arc::new(MergePool {
+                limit: options.merged_sessions,
+                clock: AtomicU64::new(0),
+                holders: Mutex::new(Vec::new()),
+                ready: AtomicUsize::new(0),
+            }),
+        })
     }
 
     pub fn bundle(&self) -> &Bundle {
@@ -320,12 +493,32 @@ impl OnnxModel {
         self.plain.is_some()
     }
 
+    /// Whether a LoRA that serves long enough is folded into a copy of the graph without slots.
+    pub fn merges_lora(&self) -> bool {
+        self.plain.is_some() && self.bundle.manifest.merge.is_some() && self.options.merged_sessions > 0
+    }
+
+    /// Merged copies of the model alive now.
+    pub fn merged_sessions(&self) -> usize {
+        self.merge_pool.ready.load(Ordering::Acquire)
+    }
+
     /// Turn LoRA slot tensors into runtime values once, for reuse across runs: on a GPU
     /// provider they are copied into device memory here, so runs read them where they are. A
     /// LoRA that changes no slot (each slot's A or B all zeros) becomes [`PreparedLora::Plain`]
     /// where the bundle has a graph without slots.
     pub fn prepare_lora(&self, lora: &[HostTensor]) -> Result<PreparedLora, OnnxError> {
         self.prepare(lora, true)
+    }
+
+    /// [`OnnxModel::prepare_lora`], merging at once if the bundle allows it (the build runs on a
+    /// thread of its own; the value serves on the slotted graph until it is done).
+    pub fn prepare_merged(&self, lora: &[HostTensor]) -> Result<PreparedLora, OnnxError> {
+        let prepared = self.prepare(lora, true)?;
+        if let PreparedLora::Slots(_, Some(merging)) = &prepared {
+            merging.ask_for_copy();
+        }
+        Ok(prepared)
     }
 
     fn prepare(&self, lora: &[HostTensor], plain_allowed: bool) -> Result<PreparedLora, OnnxError> {
@@ -352,7 +545,19 @@ impl OnnxModel {
                 Ok(placed.into_dyn())
             })
             .collect::<Result<Vec<DynValue>, OnnxError>>()?;
-        Ok(PreparedLora::Slots(values))
+        let merging = (plain_allowed && self.merges_lora()).then(|| {
+            Arc::new(Merging {
+                merged: Mutex::new(None),
+                ready: AtomicBool::new(false),
+                building: AtomicBool::new(false),
+                failed: AtomicBool::new(false),
+                runs: AtomicUsize::new(0),
+                last_run: AtomicU64::new(self.merge_pool.clock.load(Ordering::Relaxed)),
+                job: MergeJob { bundle: self.bundle.clone(), lora: lora.to_vec(), options: self.options, provider: self.provider },
+                pool: Arc::clone(&self.merge_pool),
+            })
+        });
+        Ok(PreparedLora::Slots(values, merging))
     }
 
     /// Run with the model inputs and the LoRA slot tensors (see `adaptd_adapters::lora`);
@@ -372,11 +577,19 @@ impl OnnxModel {
     pub fn run_prepared(&mut self, inputs: Vec<HostTensor>, lora: &PreparedLora) -> Result<Vec<HostTensor>, OnnxError> {
         let manifest = &self.bundle.manifest;
         let n_model = manifest.inputs.len();
-        let slots: &[DynValue] = match lora {
-            PreparedLora::Plain => &[],
-            PreparedLora::Slots(values) => values,
+        let (slots, merging): (&[DynValue], _) = match lora {
+            PreparedLora::Plain => (&[], None),
+            PreparedLora::Slots(values, merging) => (values, merging.as_ref()),
         };
-        let plain = matches!(lora, PreparedLora::Plain);
+        if let Some(m) = merging {
+            m.note_run();
+        }
+        // The merged copy, if built and kept: it takes the model's inputs alone, as the graph
+        // without slots does.
+        let mut merged_guard = merging.filter(|m| m.is_merged()).map(|m| m.merged.lock().unwrap_or_else(PoisonError::into_inner));
+        let merged = merged_guard.as_mut().and_then(|g| g.as_mut());
+        let slots = if merged.is_some() { &[] } else { slots };
+        let plain = matches!(lora, PreparedLora::Plain) || merged.is_some();
         if inputs.len() != n_model || (!plain && slots.len() + n_model != self.input_names.len()) {
             return Err(OnnxError::InputCount { expected: self.input_names.len(), actual: inputs.len() + slots.len(), names: self.input_names.join(", ") });
         }
@@ -390,10 +603,11 @@ impl OnnxModel {
         for (name, value) in self.input_names[n_model..].iter().zip(slots) {
             feeds.push((name.as_str(), value.into()));
         }
-        let session = match (&mut self.plain, plain) {
-            (Some(plain), true) => plain,
-            (None, true) => return Err(OnnxError::Run("the bundle has no graph without slots".into())),
-            (_, false) => &mut self.session,
+        let session = match (merged, &mut self.plain, plain) {
+            (Some(merged), _, _) => merged,
+            (None, Some(plain), true) => plain,
+            (None, None, true) => return Err(OnnxError::Run("the bundle has no graph without slots".into())),
+            (None, _, false) => &mut self.session,
         };
         let outputs = session.run(feeds).map_err(|e| OnnxError::Run(e.to_string()))?;
         self.output_names
