@@ -204,7 +204,8 @@ fn a_served_lora_is_folded_into_a_copy_of_the_model_and_answers_as_the_slots_do(
         let first = onnx.prepare_merged(&every).unwrap();
         wait(&merged_of(&first));
         let second = onnx.prepare_merged(&some).unwrap();
-        std::thread::sleep(Duration::from_millis(200));
+        // Old enough to ask for a copy when it runs (MERGE_AFTER).
+        std::thread::sleep(adaptd_daemon::engine::onnx::MERGE_AFTER + Duration::from_millis(100));
         assert!(!merged_of(&second).is_merged(), "{name}: merged_sessions = 1 allows one merged copy");
         for _ in 0..2 * MERGE_AFTER_RUNS {
             onnx.run_prepared(inputs.clone(), &second).unwrap();

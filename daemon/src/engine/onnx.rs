@@ -207,6 +207,9 @@ impl Default for SessionOptions {
 /// Runs on the graph with slots after which a LoRA is folded into a copy of the graph without
 /// them: an adapter that serves traffic, not one the gate scores once.
 pub const MERGE_AFTER_RUNS: usize = 32;
+/// ... and after this long since it was prepared: an adapter replaced within a second (a burst of
+/// promotions) is not worth a copy, and building one would compete with serving.
+pub const MERGE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn session_builder(env: &Environment, options: SessionOptions) -> ort::Result<SessionBuilder> {
     Ok(Session::builder(env)?
@@ -225,8 +228,8 @@ pub enum PreparedLora {
     Slots(Vec<DynValue>, Option<Arc<Merging>>),
 }
 
-/// A LoRA on its way to merged serving. Every [`MERGE_AFTER_RUNS`] runs on the graph with slots
-/// it asks for a merged copy: a background thread folds it into the weights of a copy of the
+/// A LoRA on its way to merged serving. Every [`MERGE_AFTER_RUNS`] runs on the graph with slots,
+/// once it has served for [`MERGE_AFTER`], it asks for a merged copy: a background thread folds it into the weights of a copy of the
 /// graph without slots (PEFT's merge, `W + B·A`, as the bundle's merge map lays W out); once
 /// built, runs use that copy and pay nothing for the slots. Until then, and if it cannot be
 /// built, the slotted graph serves: the same function either way, and swapping adapters never
@@ -239,6 +242,7 @@ pub struct Merging {
     building: AtomicBool,
     failed: AtomicBool,
     runs: AtomicUsize,
+    prepared: std::time::Instant,
     /// The pool's clock at this adapter's last run.
     last_run: AtomicU64,
     job: MergeJob,
@@ -271,7 +275,7 @@ impl Merging {
     /// Count a run; every [`MERGE_AFTER_RUNS`]th on the slotted graph asks for a merged copy.
     fn note_run(self: &Arc<Self>) {
         self.last_run.store(self.pool.clock.fetch_add(1, Ordering::Relaxed) + 1, Ordering::Relaxed);
-        if (self.runs.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(MERGE_AFTER_RUNS) {
+        if (self.runs.fetch_add(1, Ordering::Relaxed) + 1).is_multiple_of(MERGE_AFTER_RUNS) && self.prepared.elapsed() >= MERGE_AFTER {
             self.ask_for_copy();
         }
     }
@@ -552,6 +556,7 @@ impl OnnxModel {
                 building: AtomicBool::new(false),
                 failed: AtomicBool::new(false),
                 runs: AtomicUsize::new(0),
+                prepared: std::time::Instant::now(),
                 last_run: AtomicU64::new(self.merge_pool.clock.load(Ordering::Relaxed)),
                 job: MergeJob { bundle: self.bundle.clone(), lora: lora.to_vec(), options: self.options, provider: self.provider },
                 pool: Arc::clone(&self.merge_pool),
