@@ -201,17 +201,13 @@ def text_data(path: Path, shots: int = 16, val: int = 8, test: int = 60, other_s
 def camera_data(path: Path, n: int = 128) -> None:
     """`n` frames of the camera task's commissioned domain, as the bundle's model input (resize,
     centre crop, normalise), with their labels and a seeded head."""
-    from safetensors.torch import save_file
-    sys.path.insert(0, str(ROOT / "deploy" / "export"))
-    import camera_task
-    from reference_bundles import EFFICIENTNET_PREPROCESSING, imagenet_input
-    import io
-
     import numpy as np
-    from PIL import Image
-    data = camera_task.load(ROOT / "build" / "data" / "camera.safetensors")
+    from safetensors.torch import save_file
+    from shifts import CAMERA_DATA, camera_inputs, camera_module
+
+    data = camera_module().load(CAMERA_DATA)
     rows = np.where(data["domain"] == data["domains"].index("base"))[0][:n]
-    images = torch.cat([imagenet_input(np.asarray(Image.open(io.BytesIO(data["frames"][i])).convert("RGB")), EFFICIENTNET_PREPROCESSING) for i in rows])
+    images = camera_inputs([data["frames"][i] for i in rows])
     gen = torch.Generator().manual_seed(0)
     classes = len(data["classes"])
     save_file({

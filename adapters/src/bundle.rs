@@ -519,8 +519,8 @@ impl Bundle {
             let (Some(a), Some(b)) = (pair[0].as_f32(), pair[1].as_f32()) else {
                 return Err(invalid(&path, format!("slot {}: LoRA values must be f32", slot.module)));
             };
-            if a.iter().all(|&x| x == 0.0) || b.iter().all(|&x| x == 0.0) {
-                continue; // the slot adds nothing: the graph's own weight stands
+            if crate::lora::slot_adds_nothing(pair) {
+                continue; // the graph's own weight stands
             }
             let scale = match (place.scaled, &scales) {
                 (true, Some((st, p))) => Some(read_tensor(st, &format!("{i}.scale")).map_err(|e| invalid(p, e))?),

@@ -171,6 +171,14 @@ fn narrow_rank(t: &HostTensor, axis: usize, keep: usize) -> HostTensor {
     HostTensor { shape, data: HostData::F32(data) }
 }
 
+/// Whether a slot's pair of graph inputs (A, B) adds nothing to its layer: A or B all zeros.
+pub fn slot_adds_nothing(pair: &[HostTensor]) -> bool {
+    pair.iter().any(|t| match &t.data {
+        HostData::F32(v) => v.iter().all(|&x| x == 0.0),
+        HostData::I64(v) => v.iter().all(|&x| x == 0),
+    })
+}
+
 /// Graph inputs that serve the base model unchanged: every slot all zeros.
 pub fn no_adapter_inputs(spec: &LoraSpec) -> Vec<HostTensor> {
     spec.slots.iter().flat_map(|s| [HostTensor::zeros_f32(s.a_shape.clone()), HostTensor::zeros_f32(s.b_shape.clone())]).collect()

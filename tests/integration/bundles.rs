@@ -156,3 +156,34 @@ fn the_camera_bundle_is_proved_by_check_and_a_damaged_copy_or_a_bad_preprocessin
     let short_mean = edit("mean", serde_json::json!([0.5, 0.5]));
     assert!(short_mean.contains("mean must have one finite value per channel (3)"), "{short_mean}");
 }
+
+/// A damaged merge map is refused: by name when the bundle opens (a slot count that disagrees,
+/// a scaled slot without its scales file), and when a LoRA is folded (an offset past the graph
+/// file's end), so merged serving never writes outside the weight it means.
+#[test]
+fn a_damaged_merge_map_is_refused_with_what_is_wrong() {
+    let copy = copy_bundle(&reference_bundle("efficientnet-lite0"));
+    let path = copy.path().join("manifest.json");
+    let original: serde_json::Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    let open_with = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut m = original.clone();
+        edit(&mut m);
+        fs::write(&path, m.to_string()).unwrap();
+        Bundle::open(copy.path())
+    };
+    let msg = open_with(&|m| drop(m["merge"]["slots"].as_array_mut().unwrap().pop())).unwrap_err().to_string();
+    assert!(msg.contains("merge names 6 slots, but there are 7"), "{msg}");
+    let msg = open_with(&|m| m["merge"]["scales"] = serde_json::Value::Null).unwrap_err().to_string();
+    assert!(msg.contains("scaled slots but no scales file"), "{msg}");
+
+    let bundle = open_with(&|m| m["merge"]["slots"][0]["offset"] = serde_json::json!(u64::MAX / 2)).unwrap();
+    let lora = adaptd_adapters::lora::LoraWeights::random(&bundle.manifest.lora, 4, 8.0, 1, 0.05).unwrap().graph_inputs(&bundle.manifest.lora).unwrap();
+    let msg = bundle.merged_plain_graph(&lora).unwrap_err().to_string();
+    assert!(msg.contains("plain.onnx") && msg.contains("run past the file's end"), "{msg}");
+    // The map as exported folds the same LoRA, changing only the slots' weights.
+    let bundle = open_with(&|_| {}).unwrap();
+    let merged = bundle.merged_plain_graph(&lora).unwrap().unwrap();
+    let plain = fs::read(bundle.plain_graph_path().unwrap()).unwrap();
+    assert_eq!(merged.len(), plain.len());
+    assert_ne!(merged, plain);
+}

@@ -629,11 +629,7 @@ impl OnnxModel {
 
 /// Slot tensors (A, B per slot) that add nothing: each slot's A or B is all zeros.
 fn changes_no_slot(lora: &[HostTensor]) -> bool {
-    let zero = |t: &HostTensor| match &t.data {
-        HostData::F32(v) => v.iter().all(|&x| x == 0.0),
-        HostData::I64(v) => v.iter().all(|&x| x == 0),
-    };
-    lora.chunks(2).all(|pair| pair.iter().any(zero))
+    lora.chunks(2).all(adaptd_adapters::lora::slot_adds_nothing)
 }
 
 fn to_value(name: &str, t: HostTensor) -> Result<DynValue, OnnxError> {
