@@ -57,6 +57,8 @@ CUT_ACTIVATION_INPUT = "cut.activation"
 ONNX_OPSET = 17
 # The training graph's last input: the LoRA dropout keep probability (1 - lora_dropout).
 LORA_DROPOUT_INPUT = "lora.keep"
+# LoReFT's positions on a sequence: [first, last], the first and last real tokens it edits.
+REFT_POSITIONS_INPUT = "reft.positions"
 
 
 class ExportError(ValueError):
@@ -124,25 +126,103 @@ class LoraSlot(nn.Module):
         return y + F.linear(F.linear(h, self.lora_a), self.lora_b)
 
 
+@dataclass
+class ReftSpec:
+    """A LoReFT intervention slot on a module's output: h + R^T (W h + b - R h) at the edited
+    positions, with R, W: [r_max, dim] and b: [r_max] as graph inputs (all zero: no edit)."""
+    module: str
+    kind: str  # "vector" [N, d] | "sequence" [N, S, d] | "feature_map" [N, d, H, W]
+    dim: int
+    rank_max: int
+
+    @property
+    def inputs(self) -> tuple[str, str, str]:
+        return f"{self.module}.reft_R", f"{self.module}.reft_W", f"{self.module}.reft_b"
+
+    def to_json(self) -> dict[str, Any]:
+        r, w, b = self.inputs
+        return {"module": self.module, "kind": self.kind, "dim": self.dim, "r_input": r, "w_input": w, "b_input": b}
+
+
+def loreft_edit(h: torch.Tensor, rotate: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                where: torch.Tensor | None) -> torch.Tensor:
+    """LoReFT (arXiv 2404.03592): h + R^T (W h + b - R h), on the last axis of `h` (the channel
+    axis of a feature map is moved there and back). `where` ([N, S, 1], 0 or 1) picks a
+    sequence's edited positions; None edits every position. (W - R) h is one product, not two."""
+    feature_map = h.dim() == 4
+    x = h.permute(0, 2, 3, 1) if feature_map else h
+    delta = F.linear(F.linear(x, weight - rotate, bias), rotate.t())
+    if where is not None:
+        delta = delta * where
+    return x.add(delta).permute(0, 3, 1, 2) if feature_map else x + delta
+
+
+def reft_positions(mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[N, S, 1]: 1 at the first `positions[0]` and the last `positions[1]` real tokens of each
+    row (real: mask 1), whichever side the padding is on; 0 elsewhere and on padding."""
+    m = mask.to(torch.float32)
+    index = torch.cumsum(m, dim=1) - 1.0  # each real token's place among the real ones
+    count = m.sum(dim=1, keepdim=True)
+    first = positions[0].to(torch.float32)
+    last = positions[1].to(torch.float32)
+    picked = (index < first) | (index >= count - last)
+    return (m * picked.to(torch.float32)).unsqueeze(-1)
+
+
+class _Intervention:
+    """A forward hook that edits its module's output (the first element of a tuple output) with
+    the LoReFT values BundleGraph.forward set for this call; no values, no edit."""
+
+    def __init__(self, sequence: bool = False):
+        self.sequence = sequence  # only a sequence's edits are picked by position
+        self.values: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.where: torch.Tensor | None = None
+
+    def __call__(self, _module, _inputs, output):
+        if self.values is None:
+            return None
+        first = output[0] if isinstance(output, (tuple, list)) else output
+        edited = loreft_edit(first, *self.values, self.where)
+        if isinstance(output, (tuple, list)):
+            return type(output)((edited, *output[1:]))
+        return edited
+
+
 class BundleGraph(nn.Module):
-    """forward(*model_inputs, A_0, B_0, A_1, B_1, ...[, keep]) -> tuple of model outputs.
+    """forward(*model_inputs, A_0, B_0, A_1, B_1, ..., R_0, W_0, b_0, ...[, positions][, keep])
+    -> tuple of model outputs.
 
-    With `training` the last input is the LoRA dropout keep probability (a 0-d float tensor):
-    the training graph takes it, the serving graph has no dropout."""
+    LoRA slots first, then LoReFT slots (R, W, b each) and, where LoReFT edits a sequence, its
+    positions ([first, last], i64). With `training` the last input is the LoRA dropout keep
+    probability (a 0-d float tensor): the training graph takes it, the serving graph has no dropout."""
 
-    def __init__(self, module: nn.Module, slots: list[LoraSlot], n_inputs: int, training: bool = False):
+    def __init__(self, module: nn.Module, slots: list[LoraSlot], n_inputs: int, training: bool = False,
+                 interventions: list[_Intervention] | None = None, mask_input: int | None = None):
         super().__init__()
         self.module = module
         self.slots = slots  # plain list: the slots are already submodules of `module`
         self.n_inputs = n_inputs
         self.training_graph = training
+        self.interventions = interventions or []
+        self.mask_input = mask_input  # the model input whose mask says which tokens are real
 
     def forward(self, *args: torch.Tensor):
         inputs, lora = args[: self.n_inputs], args[self.n_inputs :]
         keep = lora[-1] if self.training_graph else None
         for i, slot in enumerate(self.slots):
             slot.lora_a, slot.lora_b, slot.keep = lora[2 * i], lora[2 * i + 1], keep
-        out = self.module(*inputs)
+        reft = lora[2 * len(self.slots) :]
+        where = None
+        if self.interventions and self.mask_input is not None:
+            where = reft_positions(inputs[self.mask_input], reft[3 * len(self.interventions)])
+        for i, intervention in enumerate(self.interventions):
+            intervention.values = (reft[3 * i], reft[3 * i + 1], reft[3 * i + 2])
+            intervention.where = where if intervention.sequence else None
+        try:
+            out = self.module(*inputs)
+        finally:
+            for intervention in self.interventions:
+                intervention.values, intervention.where = None, None
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
@@ -226,6 +306,65 @@ def slots_after(module: nn.Module, graph: "BundleGraph", cut_after: str, args: t
         raise ExportError(f"cut_after {cut_after!r} never ran in the module's forward")
     after = order[order.index("cut") + 1 :]
     return sorted({i for i in after if isinstance(i, int)} - {i for i in order[: order.index("cut")] if isinstance(i, int)})
+
+
+def reft_after(module: nn.Module, graph: "BundleGraph", cut_after: str, reft: Sequence["ReftSpec"], args: tuple) -> list[int]:
+    """Indices of the LoReFT slots whose module finishes after the cut module has: their edits
+    are above the cut (an edit of the cut module's own output is in the prefix, part of what it caches)."""
+    order: list[Any] = []
+    hooks = [module.get_submodule(cut_after).register_forward_hook(lambda *_: order.append("cut"))]
+    for i, spec in enumerate(reft):
+        if spec.module != cut_after:
+            hooks.append(module.get_submodule(spec.module).register_forward_hook(lambda *_, i=i: order.append(i)))
+    try:
+        with torch.no_grad():
+            graph(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    before = set(order[: order.index("cut")]) if "cut" in order else set()
+    return sorted({i for i in order[order.index("cut") + 1 :] if isinstance(i, int)} - before) if "cut" in order else []
+
+
+def resolve_reft_layers(module: nn.Module, reft_layers: Sequence[str]) -> list[str]:
+    """LoReFT layers by name or name suffix (as LoRA targets); each must be a module of the model."""
+    names = [n for n, _ in module.named_modules() if n]
+    matched: list[str] = []
+    for layer in reft_layers:
+        hits = [n for n in names if n == layer or n.endswith("." + layer)]
+        if not hits:
+            sample = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
+            raise ExportError(f"LoReFT layer {layer!r} matches no module of {type(module).__name__} (modules: {sample})")
+        matched.extend(h for h in hits if h not in matched)
+    return matched
+
+
+def reft_specs(module: nn.Module, graph: "BundleGraph", layers: Sequence[str], rank_max: int, args: tuple) -> list[ReftSpec]:
+    """Each LoReFT layer's output, seen once: a vector [N, d], a sequence [N, S, d] or a feature
+    map [N, d, H, W] (a tuple output: its first element). Anything else is refused by name."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [module.get_submodule(name).register_forward_hook(
+        lambda _m, _i, out, name=name: seen.setdefault(name, out[0] if isinstance(out, (tuple, list)) else out)) for name in layers]
+    try:
+        with torch.no_grad():
+            graph(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    specs = []
+    for name in layers:
+        out = seen.get(name)
+        if out is None:
+            raise ExportError(f"LoReFT layer {name!r} never ran in the module's forward")
+        if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or out.dim() not in (2, 3, 4):
+            what = f"a {out.dim()}-d {out.dtype} tensor" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+            raise ExportError(f"LoReFT layer {name!r} outputs {what}; LoReFT edits float [N, d], [N, S, d] or [N, d, H, W] outputs")
+        kind = {2: "vector", 3: "sequence", 4: "feature_map"}[out.dim()]
+        dim = int(out.shape[1] if kind == "feature_map" else out.shape[-1])
+        if rank_max > dim:
+            raise ExportError(f"LoReFT rank_max {rank_max} is above the width {dim} of layer {name!r}")
+        specs.append(ReftSpec(name, kind, dim, rank_max))
+    return specs
 
 
 def resolve_targets(module: nn.Module, target_modules: Sequence[str]) -> list[str]:
@@ -379,6 +518,9 @@ def export_bundle(
     base_head: str | None = None,
     retention: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None,
     cut_after: str | None = None,
+    reft_layers: Sequence[str] = (),
+    reft_rank_max: int = 8,
+    reft_mask_input: str | None = None,
 ) -> Path:
     """Trace `module` into a bundle at `out_dir`; returns the bundle path.
 
@@ -393,10 +535,18 @@ def export_bundle(
     (model inputs -> that module's output, frozen) and a suffix training graph (model inputs and
     that output -> model outputs), so LoRA on the slots above the cut trains on activations
     computed once per sample. The serving graph is unchanged.
+    `reft_layers` names modules whose output gets a LoReFT intervention slot (R, W, b at rank up
+    to `reft_rank_max`) in every graph; on a sequence output the edited positions are the first
+    and last real tokens by the mask `reft_mask_input` names (one more graph input,
+    `reft.positions` = [first, last]), and every position without one.
     """
     out = Path(out_dir)
     if not isinstance(rank_max, int) or isinstance(rank_max, bool) or rank_max <= 0:
         raise ExportError(f"rank_max must be a positive integer, got {rank_max!r}")
+    if reft_layers and (not isinstance(reft_rank_max, int) or isinstance(reft_rank_max, bool) or reft_rank_max <= 0):
+        raise ExportError(f"reft_rank_max must be a positive integer, got {reft_rank_max!r}")
+    if reft_mask_input is not None and reft_mask_input not in example_inputs:
+        raise ExportError(f"reft_mask_input {reft_mask_input!r} is not among the inputs {list(example_inputs)}")
     if not example_inputs:
         raise ExportError("example_inputs is empty: the serving graph needs at least one input")
     if embedding_output not in output_names:
@@ -449,6 +599,8 @@ def export_bundle(
         "plain_graph": PLAIN_GRAPH,
         "merge": MERGE_SCALES,
     }
+    if reft_layers:
+        config["reft"] = {"layers": list(reft_layers), "rank_max": reft_rank_max, "mask_input": reft_mask_input}
     if cut_after is not None:
         config["cut_after"] = cut_after
     print_ = fingerprint(module, config)
@@ -492,7 +644,27 @@ def export_bundle(
         lora_examples.append(torch.randn(spec.b_shape, generator=gen) * 0.01)
     args = tuple(example_inputs.values()) + tuple(lora_examples)
     input_names = list(example_inputs) + [n for s in specs for n in (s.a_input, s.b_input)]
+
+    # LoReFT slots: a hook on each layer edits its output with the values of this call's inputs.
+    reft = reft_specs(module, graph, resolve_reft_layers(module, reft_layers), reft_rank_max, args) if reft_layers else []
+    sequences = any(r.kind == "sequence" for r in reft)
+    mask_index = list(example_inputs).index(reft_mask_input) if reft_mask_input is not None and sequences else None
+    interventions: list[_Intervention] = []
+    for spec in reft:
+        intervention = _Intervention(sequence=spec.kind == "sequence" and mask_index is not None)
+        module.get_submodule(spec.module).register_forward_hook(intervention)
+        interventions.append(intervention)
+        for _ in range(3):  # R, W, b: non-zero, so tracing keeps the edit
+            lora_examples.append(torch.randn([reft_rank_max, spec.dim] if _ < 2 else [reft_rank_max], generator=gen) * 0.05)
+        input_names.extend(spec.inputs)
+    if mask_index is not None:
+        lora_examples.append(torch.tensor([1, 2], dtype=torch.int64))
+        input_names.append(REFT_POSITIONS_INPUT)
+    if reft:
+        graph = BundleGraph(module, slots, len(example_inputs), interventions=interventions, mask_input=mask_index).eval()
+        args = tuple(example_inputs.values()) + tuple(lora_examples)
     above = slots_after(module, graph, cut_after, args) if cut_after is not None else None
+    reft_above = reft_after(module, graph, cut_after, reft, args) if cut_after is not None and reft else []
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -516,7 +688,7 @@ def export_bundle(
             if merge is not None and merge[0]:
                 from safetensors.torch import save_file as save_merge
                 save_merge({k: v.contiguous() for k, v in merge[0].items()}, str(staging / MERGE_SCALES))
-            trainer = BundleGraph(module, slots, len(example_inputs), training=True).eval()
+            trainer = BundleGraph(module, slots, len(example_inputs), training=True, interventions=interventions, mask_input=mask_index).eval()
             traced = torch.jit.trace(trainer, (*args, torch.tensor(1.0)), check_trace=False)
             traced.save(str(staging / TRAINING_GRAPH))
             cut_json = None
@@ -550,6 +722,8 @@ def export_bundle(
                     "activation": {"name": CUT_ACTIVATION_INPUT, "dtype": "f32", "shape": shape},
                     "slots_above": above,
                 }
+                if reft:
+                    cut_json["reft_above"] = reft_above
         for dest, src in (extra_files or {}).items():
             shutil.copyfile(src, staging / dest)
         from safetensors.torch import save_file
@@ -602,6 +776,13 @@ def export_bundle(
             manifest["cut"] = cut_json
         if merge is not None:
             manifest["merge"] = {"scales": MERGE_SCALES if merge[0] else None, "slots": merge[1]}
+        if reft:
+            manifest["reft"] = {
+                "rank_max": reft_rank_max,
+                "slots": [r.to_json() for r in reft],
+                "positions_input": REFT_POSITIONS_INPUT if mask_index is not None else None,
+                "mask_input": reft_mask_input if mask_index is not None else None,
+            }
         with open(staging / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")
