@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use adaptd_adapters::lora::no_adapter_inputs;
+use adaptd_adapters::slots::no_adapter_inputs;
 use adaptd_adapters::tensor::{HostData, HostTensor};
 use adaptd_adapters::{AdapterStore, Bundle};
 use adaptd_daemon::engine::onnx::{OnnxModel, PreparedLora, SessionOptions};
@@ -140,7 +140,7 @@ fn setup(name: &str) -> Setup {
     let engine = Engine::start(registry.clone(), EngineConfig { session, ..Default::default() }).unwrap();
     let plain = OnnxModel::load(&bundle, session, None).unwrap();
     assert!(plain.has_plain_graph(), "{name}: a bundle exported before graphs without slots; run `make setup` to export it again");
-    let zero_lora = plain.prepare_slots(&no_adapter_inputs(&bundle.manifest.lora)).unwrap();
+    let zero_lora = plain.prepare_slots(&no_adapter_inputs(&bundle.manifest)).unwrap();
     let same_lora = plain.prepare_slots(&registry.current("bench").unwrap().lora.tensors).unwrap();
     let (batch1, batch32) = (inputs(&bundle, 1), inputs(&bundle, 32));
     // The LoRA adapter serves as the daemon serves it: after its first runs it is folded into a
@@ -195,8 +195,11 @@ fn side_by_side(s: &mut Setup, name: &str, rounds: usize, per_round: usize) {
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); 4];
     for _ in 0..rounds {
         let mut round: Vec<Vec<f64>> = vec![Vec::with_capacity(per_round); NAMES.len()];
-        for _ in 0..per_round {
-            for (i, times) in round.iter_mut().enumerate() {
+        for k in 0..per_round {
+            // Each request's order rotates, so no contender always follows the same one (the
+            // graph before it decides what is left in the caches).
+            for j in 0..NAMES.len() {
+                let i = (j + k) % NAMES.len();
                 let t = Instant::now();
                 match i {
                     0 => drop(s.plain.run_prepared(s.batch1.clone(), &s.original).unwrap()),
@@ -205,7 +208,7 @@ fn side_by_side(s: &mut Setup, name: &str, rounds: usize, per_round: usize) {
                     3 => drop(handle.infer_blocking("head", s.batch1.clone()).unwrap()),
                     _ => drop(handle.infer_blocking("bench", s.batch1.clone()).unwrap()),
                 }
-                times.push(t.elapsed().as_secs_f64() * 1e3);
+                round[i].push(t.elapsed().as_secs_f64() * 1e3);
             }
         }
         let p50: Vec<f64> = round.iter().map(|t| median(t.clone())).collect();

@@ -180,14 +180,13 @@ fn main() {
                 examples(&st, &["test_x"], "test_y"),
                 examples(&st, &["retention_x"], "retention_y"),
             );
-            let spec = &graph.manifest().lora;
-            let no_lora = adaptd_adapters::lora::no_adapter_inputs(spec);
+            let no_lora = adaptd_adapters::slots::no_adapter_inputs(&bundle.manifest);
             let started = std::time::Instant::now();
             let report =
                 fit(FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32, start: None }, &train, &val, &base_head, &recipe, &cancel, &mut |_| {})
                     .unwrap();
             let seconds = started.elapsed().as_secs_f64();
-            let lora = report.lora.as_ref().unwrap().graph_inputs(spec).unwrap();
+            let lora = report.lora.as_ref().unwrap().graph_inputs(&bundle.manifest).unwrap();
             let out = serde_json::json!({
                 "side": "adaptd",
                 "base": { "test": accuracy(&graph, &no_lora, &base_head, &test), "retention": accuracy(&graph, &no_lora, &base_head, &retention) },
@@ -198,8 +197,7 @@ fn main() {
         "text" => {
             let bundle = Bundle::open(bundle_dir("minilm")).unwrap();
             let graph = TrainingGraph::load(&bundle, tch::Device::Cpu).unwrap();
-            let spec = &graph.manifest().lora;
-            let no_lora = adaptd_adapters::lora::no_adapter_inputs(spec);
+            let no_lora = adaptd_adapters::slots::no_adapter_inputs(&bundle.manifest);
             let split = |name: &str| examples(&st, &[&format!("{name}_ids"), &format!("{name}_mask")], &format!("{name}_y"));
             let (train, val, test, other_ref, other_test) = (split("train"), split("val"), split("test"), split("other_ref"), split("other_test"));
             let init = Head { layers: vec![Dense { weight: tensor(&st, "head_weight"), bias: tensor(&st, "head_bias") }] };
@@ -214,7 +212,7 @@ fn main() {
                 fit(FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32, start: None }, &train, &val, &init, &recipe, &cancel, &mut |_| {})
                     .unwrap();
             let seconds = started.elapsed().as_secs_f64();
-            let lora = report.lora.as_ref().unwrap().graph_inputs(spec).unwrap();
+            let lora = report.lora.as_ref().unwrap().graph_inputs(&bundle.manifest).unwrap();
             let forgetting = |lora: &[HostTensor]| {
                 centroid_accuracy(
                     &embeddings(&graph, lora, &other_ref.inputs),
@@ -243,7 +241,6 @@ fn main() {
             if opts.contains_key("cut") {
                 graph.load_cut(&bundle).unwrap();
             }
-            let spec = graph.manifest().lora.clone();
             let split = |name: &str| match digits {
                 true => examples(&st, &[&format!("{name}_x")], &format!("{name}_y")),
                 false => examples(&st, &[&format!("{name}_ids"), &format!("{name}_mask")], &format!("{name}_y")),
@@ -284,7 +281,7 @@ fn main() {
                     (at, e.val_accuracy)
                 })
                 .collect();
-            let lora = report.lora.as_ref().unwrap().graph_inputs(&spec).unwrap();
+            let lora = report.lora.as_ref().unwrap().graph_inputs(&bundle.manifest).unwrap();
             let out = serde_json::json!({
                 "side": "adaptd", "cut": bundle.manifest.cut.as_ref().filter(|_| graph.trains_above_cut()).map(|c| c.after.clone()),
                 "curve": curve, "setup_seconds": setup, "seconds": seconds, "test": accuracy(&graph, &lora, &report.head, &test),

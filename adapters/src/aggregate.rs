@@ -397,6 +397,68 @@ pub fn combine_heads(parent: (&Head, &[String]), parts: &[HeadPart<'_>]) -> Resu
     Ok((head, labels))
 }
 
+/// Combine LoReFT adapters exactly: the weighted sum `Σ wᵢ Rᵢᵀ(Wᵢ h + bᵢ − Rᵢ h)` of their edits
+/// is one LoReFT edit of rank `Σ rᵢ`, with `R` the stacked `Rᵢ`, `W` the stacked
+/// `wᵢ Wᵢ + (1 − wᵢ) Rᵢ` and `b` the stacked `wᵢ bᵢ`: then `Rᵀ(W h + b − R h)` is the sum, term by
+/// term. (The stacked R need not have orthonormal rows across devices; serving does not need it.)
+/// Devices must edit the same positions; a layer one of them leaves alone gets zero rows from it.
+/// Refused when `Σ rᵢ` is above `rank_max`: no smaller edit is exact, and LoReFT ranks are small.
+pub fn combine_reft(parts: &[(&crate::reft::ReftWeights, f64)], rank_max: usize) -> Result<crate::reft::ReftWeights, AggregateError> {
+    use crate::reft::{ReftModule, ReftWeights};
+    let (first, _) = parts.first().ok_or(AggregateError::Empty)?;
+    if let Some((i, _)) = parts.iter().enumerate().find(|(_, (p, _))| p.positions != first.positions) {
+        return Err(AggregateError::Mismatch(format!("adapter {i} edits positions {:?}, adapter 0 {:?}", parts[i].0.positions, first.positions)));
+    }
+    let rank: usize = parts.iter().map(|(p, _)| p.rank).sum();
+    if rank > rank_max {
+        return Err(AggregateError::Shape(format!("the stacked LoReFT rank {rank} is above the bundle's rank_max {rank_max}")));
+    }
+    let mut names: Vec<&str> = Vec::new();
+    for (p, _) in parts {
+        for m in &p.modules {
+            if !names.contains(&m.module.as_str()) {
+                names.push(&m.module);
+            }
+        }
+    }
+    let mut modules = Vec::with_capacity(names.len());
+    for name in names {
+        let dim = parts
+            .iter()
+            .flat_map(|(p, _)| p.modules.iter().filter(|m| m.module == name).map(|m| m.rotate.shape.get(1).copied().unwrap_or(0)))
+            .next()
+            .unwrap_or(0);
+        let (mut rotate, mut weight, mut bias) = (Vec::with_capacity(rank * dim), Vec::with_capacity(rank * dim), Vec::with_capacity(rank));
+        for (p, w) in parts {
+            match p.modules.iter().find(|m| m.module == name) {
+                Some(m) => {
+                    let (r, wt, b) = (m.rotate.as_f32(), m.weight.as_f32(), m.bias.as_f32());
+                    let (Some(r), Some(wt), Some(b)) = (r, wt, b) else { return Err(AggregateError::Shape(format!("LoReFT {name:?}: values must be f32"))) };
+                    if r.len() != p.rank * dim || wt.len() != p.rank * dim || b.len() != p.rank {
+                        return Err(AggregateError::Shape(format!("LoReFT {name:?}: shapes do not fit rank {} and width {dim}", p.rank)));
+                    }
+                    let w = *w as f32;
+                    rotate.extend_from_slice(r);
+                    weight.extend(wt.iter().zip(r).map(|(wt, r)| w * wt + (1.0 - w) * r));
+                    bias.extend(b.iter().map(|b| w * b));
+                }
+                None => {
+                    rotate.resize(rotate.len() + p.rank * dim, 0.0);
+                    weight.resize(weight.len() + p.rank * dim, 0.0);
+                    bias.resize(bias.len() + p.rank, 0.0);
+                }
+            }
+        }
+        modules.push(ReftModule {
+            module: name.to_string(),
+            rotate: HostTensor { shape: vec![rank, dim], data: HostData::F32(rotate) },
+            weight: HostTensor { shape: vec![rank, dim], data: HostData::F32(weight) },
+            bias: HostTensor { shape: vec![rank], data: HostData::F32(bias) },
+        });
+    }
+    Ok(ReftWeights { rank, positions: first.positions, modules })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,6 +497,45 @@ mod tests {
 
     fn max_diff(a: &[f64], b: &[f64]) -> f64 {
         a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn loreft_adapters_combine_exactly_into_one_edit_of_the_summed_rank() {
+        use crate::bundle::{ReftKind, ReftSlot, ReftSpec};
+        use crate::reft::ReftWeights;
+        let slot =
+            |m: &str| ReftSlot { module: m.into(), kind: ReftKind::Vector, dim: 5, r_input: String::new(), w_input: String::new(), b_input: String::new() };
+        let spec = ReftSpec { rank_max: 8, slots: vec![slot("x"), slot("y")], positions_input: None, mask_input: None };
+        let a = ReftWeights::random(&spec, 2, 1, 0.3).unwrap();
+        let mut b = ReftWeights::random(&spec, 3, 2, 0.3).unwrap();
+        b.modules.remove(1); // b leaves "y" alone
+        // The edit h -> Rᵀ(W h + b − R h) of one module, on a vector.
+        let edit = |w: &ReftWeights, module: &str, h: &[f32]| -> Vec<f64> {
+            let Some(m) = w.modules.iter().find(|m| m.module == module) else { return vec![0.0; h.len()] };
+            let (r, wt, bias) = (m.rotate.as_f32().unwrap(), m.weight.as_f32().unwrap(), m.bias.as_f32().unwrap());
+            let d = h.len();
+            let mut out = vec![0.0f64; d];
+            for k in 0..w.rank {
+                let dot = |row: &[f32]| row.iter().zip(h).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>();
+                let inner = dot(&wt[k * d..(k + 1) * d]) + f64::from(bias[k]) - dot(&r[k * d..(k + 1) * d]);
+                for (o, rv) in out.iter_mut().zip(&r[k * d..(k + 1) * d]) {
+                    *o += f64::from(*rv) * inner;
+                }
+            }
+            out
+        };
+        let combined = combine_reft(&[(&a, 0.25), (&b, 0.75)], 8).unwrap();
+        assert_eq!(combined.rank, 5);
+        let h = [0.3f32, -1.2, 0.5, 2.0, -0.7];
+        for module in ["x", "y"] {
+            let want: Vec<f64> = edit(&a, module, &h).iter().zip(edit(&b, module, &h)).map(|(x, y)| 0.25 * x + 0.75 * y).collect();
+            let got = edit(&combined, module, &h);
+            assert!(want.iter().zip(&got).all(|(w, g)| (w - g).abs() < 1e-5), "{module}: {want:?} vs {got:?}");
+        }
+        assert_eq!(combine_reft(&[(&a, 0.5), (&b, 0.5)], 4).unwrap_err().error_type(), "shape");
+        let mut c = a.clone();
+        c.positions = Some(crate::reft::ReftPositions { first: 1, last: 0 });
+        assert_eq!(combine_reft(&[(&a, 0.5), (&c, 0.5)], 8).unwrap_err().error_type(), "mismatch");
     }
 
     #[test]

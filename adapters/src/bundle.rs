@@ -108,6 +108,57 @@ pub struct LoraSpec {
     pub dropout_input: Option<String>,
 }
 
+/// What a LoReFT slot edits: a layer's output of shape `[N, d]`, `[N, S, d]` (edited at the
+/// positions the adapter names) or `[N, d, H, W]` (every pixel's channel vector).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReftKind {
+    Vector,
+    Sequence,
+    FeatureMap,
+}
+
+/// One LoReFT intervention slot (arXiv 2404.03592): the layer's output `h` becomes
+/// `h + Rᵀ(W h + b − R h)`, with `R`, `W: [rank_max, dim]` and `b: [rank_max]` as graph inputs.
+/// All zeros (R = 0) edits nothing; a smaller rank is zero-padded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReftSlot {
+    /// The module whose output is edited (its name in the PyTorch model).
+    pub module: String,
+    pub kind: ReftKind,
+    pub dim: usize,
+    pub r_input: String,
+    pub w_input: String,
+    pub b_input: String,
+}
+
+/// The bundle's LoReFT slots; their inputs follow the LoRA slots' in every graph, and then, where
+/// a slot edits a sequence, `positions_input` (i64 `[2]`: how many of each row's first and last
+/// real tokens are edited, real tokens being where `mask_input` is 1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReftSpec {
+    pub rank_max: usize,
+    pub slots: Vec<ReftSlot>,
+    #[serde(default)]
+    pub positions_input: Option<String>,
+    #[serde(default)]
+    pub mask_input: Option<String>,
+}
+
+impl ReftSpec {
+    /// `[R, W, b]` per slot, then the positions input if there is one.
+    pub fn input_names(&self) -> impl Iterator<Item = &str> {
+        self.slots.iter().flat_map(|s| [s.r_input.as_str(), s.w_input.as_str(), s.b_input.as_str()]).chain(self.positions_input.as_deref())
+    }
+
+    /// How many graph inputs the slots take.
+    pub fn input_count(&self) -> usize {
+        3 * self.slots.len() + usize::from(self.positions_input.is_some())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Preprocessing {
@@ -208,6 +259,9 @@ pub struct Manifest {
     /// of it (merged serving). Bundles without it serve LoRA on the slotted graph.
     #[serde(default)]
     pub merge: Option<Merge>,
+    /// LoReFT intervention slots, if the bundle was exported with them.
+    #[serde(default)]
+    pub reft: Option<ReftSpec>,
     #[serde(default)]
     pub metadata: serde_json::Value,
 }
@@ -252,6 +306,9 @@ pub struct Cut {
     /// Indices into `lora.slots` of the slots that run after the cut: the ones a job above the
     /// cut trains (the others stay as the prefix ran them).
     pub slots_above: Vec<usize>,
+    /// Indices into `reft.slots` of the LoReFT slots whose edit is above the cut.
+    #[serde(default)]
+    pub reft_above: Vec<usize>,
 }
 
 impl Manifest {
@@ -259,9 +316,20 @@ impl Manifest {
         self.outputs.iter().position(|o| o.name == name)
     }
 
-    /// Names of all serving-graph inputs in graph order: model inputs, then A/B per slot.
+    /// Names of all serving-graph inputs in graph order: model inputs, then A/B per LoRA slot,
+    /// then the LoReFT slots' inputs.
     pub fn graph_input_names(&self) -> Vec<&str> {
-        self.inputs.iter().map(|i| i.name.as_str()).chain(self.lora.slots.iter().flat_map(|s| [s.a_input.as_str(), s.b_input.as_str()])).collect()
+        self.inputs
+            .iter()
+            .map(|i| i.name.as_str())
+            .chain(self.lora.slots.iter().flat_map(|s| [s.a_input.as_str(), s.b_input.as_str()]))
+            .chain(self.reft.iter().flat_map(ReftSpec::input_names))
+            .collect()
+    }
+
+    /// How many graph inputs follow the model's own: the adapter's slot values.
+    pub fn slot_input_count(&self) -> usize {
+        2 * self.lora.slots.len() + self.reft.as_ref().map_or(0, ReftSpec::input_count)
     }
 
     fn check(&self, path: &Path) -> Result<(), BundleError> {
@@ -361,6 +429,10 @@ impl Manifest {
             if let Some(bad) = cut.slots_above.iter().find(|&&i| i >= self.lora.slots.len()) {
                 return Err(invalid(format!("cut.slots_above names slot {bad}, but there are {} slots", self.lora.slots.len())));
             }
+            let reft_slots = self.reft.as_ref().map_or(0, |r| r.slots.len());
+            if let Some(bad) = cut.reft_above.iter().find(|&&i| i >= reft_slots) {
+                return Err(invalid(format!("cut.reft_above names LoReFT slot {bad}, but there are {reft_slots}")));
+            }
             if cut.activation.dtype != DType::F32 || cut.activation.shape.first() != Some(&-1) {
                 return Err(invalid(format!(
                     "cut.activation must be f32 with a dynamic batch axis, got {:?} {:?}",
@@ -370,6 +442,24 @@ impl Manifest {
         }
         if self.lora.rank_max == 0 {
             return Err(invalid("lora.rank_max must be at least 1".into()));
+        }
+        if let Some(reft) = &self.reft {
+            if reft.rank_max == 0 {
+                return Err(invalid("reft.rank_max must be at least 1".into()));
+            }
+            if let Some(slot) = reft.slots.iter().find(|s| s.dim < reft.rank_max) {
+                return Err(invalid(format!("LoReFT slot {:?} is {} wide, below reft.rank_max {}", slot.module, slot.dim, reft.rank_max)));
+            }
+            let sequences = reft.slots.iter().any(|s| s.kind == ReftKind::Sequence);
+            match (&reft.positions_input, &reft.mask_input) {
+                (Some(_), Some(mask)) if sequences => {
+                    if !self.inputs.iter().any(|i| &i.name == mask && i.dtype == DType::I64) {
+                        return Err(invalid(format!("reft.mask_input {mask:?} is not an i64 model input")));
+                    }
+                }
+                (None, None) => {}
+                _ => return Err(invalid("reft.positions_input and reft.mask_input go together, and only with a sequence slot".into())),
+            }
         }
         for slot in &self.lora.slots {
             let (a_rank, b_rank) = (slot.a_shape.first().copied(), slot.b_shape.get(1).copied());
@@ -494,15 +584,19 @@ impl Bundle {
     /// folded into its weights: each slot whose A and B both change something gets `W + B·A`
     /// written over its initializer's values, laid out as the graph holds W (transposed where it
     /// is `[in, out]`, scaled per output channel where a batch norm was folded into it). The
-    /// model these bytes hold computes what the slotted graph computes with `lora`. `None` where
+    /// model these bytes hold computes what the slotted graph computes with these slot values (LoRA only: LoReFT edits are refused). `None` where
     /// the bundle has no graph without slots or no merge map.
-    pub fn merged_plain_graph(&self, lora: &[HostTensor]) -> Result<Option<Vec<u8>>, BundleError> {
+    pub fn merged_plain_graph(&self, values: &[HostTensor]) -> Result<Option<Vec<u8>>, BundleError> {
         let (Some(merge), Some(path)) = (&self.manifest.merge, self.plain_graph_path()) else { return Ok(None) };
         let invalid = |path: &Path, reason: String| BundleError::Invalid { path: path.to_path_buf(), reason };
         let slots = &self.manifest.lora.slots;
-        if lora.len() != 2 * slots.len() {
-            return Err(invalid(&path, format!("{} LoRA tensors for {} slots", lora.len(), slots.len())));
+        if values.len() != self.manifest.slot_input_count() {
+            return Err(invalid(&path, format!("{} slot values, the graph takes {}", values.len(), self.manifest.slot_input_count())));
         }
+        if !crate::slots::reft_edits_nothing(&self.manifest, values) {
+            return Err(invalid(&path, "the adapter has LoReFT edits, which change a layer's output, not its weights: nothing to fold".into()));
+        }
+        let (lora, _) = crate::slots::split(&self.manifest, values);
         let scales = match &merge.scales {
             Some(name) => {
                 let scales_path = self.file_path(name);

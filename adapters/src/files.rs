@@ -27,6 +27,7 @@ pub const ADAPTER_MANIFEST: &str = "adapter.json";
 pub const HEAD_FILE: &str = "head.safetensors";
 pub const PEFT_CONFIG: &str = "adapter_config.json";
 pub const PEFT_WEIGHTS: &str = "adapter_model.safetensors";
+pub const REFT_WEIGHTS: &str = "reft.safetensors";
 const PEFT_PREFIX: &str = "base_model.model.";
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +44,8 @@ pub enum AdapterFileError {
     Lora { adapter: String, source: LoraError },
     #[error("adapter {adapter}: {source}")]
     Head { adapter: String, source: HeadError },
+    #[error("adapter {adapter}: {source}")]
+    Reft { adapter: String, source: crate::reft::ReftError },
 }
 
 impl AdapterFileError {
@@ -54,6 +57,7 @@ impl AdapterFileError {
             AdapterFileError::WrongBase { .. } => "wrong_base",
             AdapterFileError::Lora { .. } => "lora",
             AdapterFileError::Head { .. } => "head",
+            AdapterFileError::Reft { .. } => "reft",
         }
     }
 }
@@ -69,6 +73,8 @@ pub enum AdapterKind {
     Head,
     /// LoRA on the bundle's slots plus a head, trained jointly.
     Lora,
+    /// LoReFT edits of the bundle's layer outputs plus a head, trained jointly.
+    Loreft,
 }
 
 impl AdapterKind {
@@ -77,6 +83,7 @@ impl AdapterKind {
         match self {
             AdapterKind::Head => "head",
             AdapterKind::Lora => "lora",
+            AdapterKind::Loreft => "loreft",
         }
     }
 }
@@ -87,6 +94,17 @@ pub struct LoraInfo {
     pub rank: usize,
     pub alpha: f32,
     pub target_modules: Vec<String>,
+}
+
+/// A LoReFT adapter's configuration (its tensors are in `reft.safetensors`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReftInfo {
+    pub rank: usize,
+    /// Which tokens of a sequence are edited; none where the bundle edits no sequence.
+    pub positions: Option<crate::reft::ReftPositions>,
+    /// The layers whose output it edits.
+    pub modules: Vec<String>,
 }
 
 /// The base bundle an adapter was trained on; it is served only on that bundle.
@@ -116,6 +134,8 @@ pub struct AdapterManifest {
     pub kind: AdapterKind,
     pub labels: Vec<String>,
     pub lora: Option<LoraInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reft: Option<ReftInfo>,
     pub base: BaseRef,
     pub parent_version: Option<u64>,
     #[serde(default)]
@@ -180,6 +200,7 @@ pub struct Adapter {
     pub manifest: AdapterManifest,
     pub head: Head,
     pub lora: Option<LoraWeights>,
+    pub reft: Option<crate::reft::ReftWeights>,
 }
 
 impl Adapter {
@@ -197,7 +218,19 @@ impl Adapter {
         if let Some(lora) = &self.lora {
             lora.validate(&bundle.manifest.lora).map_err(|source| AdapterFileError::Lora { adapter: id.clone(), source })?;
         }
+        if let Some(reft) = &self.reft {
+            let spec = bundle.manifest.reft.as_ref().ok_or_else(|| AdapterFileError::Reft { adapter: id.clone(), source: crate::reft::ReftError::NoSlots })?;
+            reft.validate(spec).map_err(|source| AdapterFileError::Reft { adapter: id.clone(), source })?;
+        }
         self.head.validate(bundle.manifest.embedding_dim, self.manifest.labels.len()).map_err(|source| AdapterFileError::Head { adapter: id, source })
+    }
+
+    /// The slot values that serve this adapter on `bundle`'s graphs.
+    pub fn slot_inputs(&self, bundle: &Bundle) -> Result<Vec<HostTensor>, AdapterFileError> {
+        crate::slots::adapter_inputs(&bundle.manifest, self.lora.as_ref(), self.reft.as_ref()).map_err(|e| match e {
+            crate::slots::SlotError::Lora(source) => AdapterFileError::Lora { adapter: self.manifest.id(), source },
+            crate::slots::SlotError::Reft(source) => AdapterFileError::Reft { adapter: self.manifest.id(), source },
+        })
     }
 
     /// Write every file into `dir` (which must exist and be empty, e.g. a staging directory),
@@ -215,6 +248,9 @@ impl Adapter {
             let (config, weights) = peft_files(lora, &self.manifest.base.name).map_err(|e| format_err(&dir.join(PEFT_WEIGHTS), e))?;
             put(PEFT_CONFIG, config)?;
             put(PEFT_WEIGHTS, weights)?;
+        }
+        if let Some(reft) = &self.reft {
+            put(REFT_WEIGHTS, reft_to_safetensors(reft).map_err(|e| format_err(&dir.join(REFT_WEIGHTS), e))?)?;
         }
         let json = serde_json::to_vec_pretty(&manifest).map_err(|e| format_err(&dir.join(ADAPTER_MANIFEST), e.to_string()))?;
         fsutil::write_synced(&dir.join(ADAPTER_MANIFEST), &json)?;
@@ -256,9 +292,19 @@ impl Adapter {
                 }
                 Some(lora)
             }
+            (AdapterKind::Loreft, None) => None,
             (kind, info) => return Err(format_err(&manifest_path, format!("kind {kind:?} with lora {info:?} is contradictory"))),
         };
-        Ok(Adapter { manifest, head, lora })
+        let reft = match (manifest.kind, &manifest.reft) {
+            (AdapterKind::Loreft, Some(info)) => {
+                let path = dir.join(REFT_WEIGHTS);
+                let bytes = contents.get(REFT_WEIGHTS).ok_or_else(|| format_err(&manifest_path, format!("a LoReFT adapter lists no {REFT_WEIGHTS}")))?;
+                Some(reft_from_safetensors(bytes, info).map_err(|e| format_err(&path, e))?)
+            }
+            (AdapterKind::Head | AdapterKind::Lora, None) => None,
+            (kind, info) => return Err(format_err(&manifest_path, format!("kind {kind:?} with reft {info:?} is contradictory"))),
+        };
+        Ok(Adapter { manifest, head, lora, reft })
     }
 }
 
@@ -288,6 +334,37 @@ fn read_f32(st: &SafeTensors<'_>, name: &str) -> Result<HostTensor, String> {
         return Err(format!("tensor {name:?} is {:?}; adaptd reads F32", t.dtype()));
     }
     HostTensor::f32(t.shape().to_vec(), f32s_from_le(t.data())).map_err(|e| format!("tensor {name:?}: {e}"))
+}
+
+/// `{module}.rotate_layer`, `{module}.weight`, `{module}.bias` per edited layer (pyreft's names
+/// for R, W and b); the rank, positions and layers are in `adapter.json`.
+fn reft_to_safetensors(reft: &crate::reft::ReftWeights) -> Result<Vec<u8>, String> {
+    let names: Vec<(String, &HostTensor)> = reft
+        .modules
+        .iter()
+        .flat_map(|m| [(format!("{}.rotate_layer", m.module), &m.rotate), (format!("{}.weight", m.module), &m.weight), (format!("{}.bias", m.module), &m.bias)])
+        .collect();
+    serialize(&names, HashMap::from([("format".to_string(), "adaptd-loreft".to_string())]))
+}
+
+fn reft_from_safetensors(bytes: &[u8], info: &ReftInfo) -> Result<crate::reft::ReftWeights, String> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
+    if st.names().len() != 3 * info.modules.len() {
+        return Err(format!("expected rotate_layer, weight and bias for each of {:?}, found {:?}", info.modules, st.names()));
+    }
+    let modules = info
+        .modules
+        .iter()
+        .map(|m| {
+            Ok(crate::reft::ReftModule {
+                module: m.clone(),
+                rotate: read_f32(&st, &format!("{m}.rotate_layer"))?,
+                weight: read_f32(&st, &format!("{m}.weight"))?,
+                bias: read_f32(&st, &format!("{m}.bias"))?,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(crate::reft::ReftWeights { rank: info.rank, positions: info.positions, modules })
 }
 
 fn head_to_safetensors(head: &Head) -> Result<Vec<u8>, String> {

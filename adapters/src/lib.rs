@@ -7,6 +7,8 @@ pub mod files;
 pub mod fsutil;
 pub mod head;
 pub mod lora;
+pub mod reft;
+pub mod slots;
 pub mod store;
 pub mod tensor;
 
@@ -14,5 +16,6 @@ pub use bundle::{Bundle, BundleError, Manifest};
 pub use files::{Adapter, AdapterKind, AdapterManifest};
 pub use head::Head;
 pub use lora::{LoraError, LoraWeights};
+pub use reft::{ReftError, ReftWeights};
 pub use store::AdapterStore;
 pub use tensor::{HostData, HostTensor};

@@ -2,7 +2,7 @@
 //!
 //! PEFT semantics: per target module, `A: [r, in]` and `B: [out, r]` (conv: `[r, in, kh, kw]` and
 //! `[out, r, 1, 1]`), and the update `scale * B @ A @ x` with `scale = alpha / r`. The bundle's
-//! graphs take tensors at the slot's maximum rank, so `graph_inputs` zero-pads A's rows and B's
+//! graphs take tensors at the slot's maximum rank, so `lora_inputs` zero-pads A's rows and B's
 //! columns up to `rank_max` and folds `scale` into B. Zero padding adds exactly nothing.
 
 use crate::bundle::{LoraSlot, LoraSpec};
@@ -111,7 +111,13 @@ impl LoraWeights {
 
     /// The graph's LoRA inputs in slot order (A_0, B_0, A_1, B_1, ...), padded to `rank_max`
     /// with `alpha / r` folded into B.
-    pub fn graph_inputs(&self, spec: &LoraSpec) -> Result<Vec<HostTensor>, LoraError> {
+    /// The slot values that serve this LoRA alone (no LoReFT edit) on `manifest`'s graphs.
+    pub fn graph_inputs(&self, manifest: &crate::bundle::Manifest) -> Result<Vec<HostTensor>, crate::slots::SlotError> {
+        crate::slots::adapter_inputs(manifest, Some(self), None)
+    }
+
+    /// The LoRA part of a graph's slot values: see [`crate::slots::adapter_inputs`] for all of them.
+    pub fn lora_inputs(&self, spec: &LoraSpec) -> Result<Vec<HostTensor>, LoraError> {
         self.validate(spec)?;
         let mut out = Vec::with_capacity(2 * spec.slots.len());
         for slot in &spec.slots {
@@ -130,10 +136,10 @@ impl LoraWeights {
     }
 }
 
-/// The LoRA weights at rank `rank` that `inputs` (as [`LoraWeights::graph_inputs`] made them,
+/// The LoRA weights at rank `rank` that `inputs` (as [`LoraWeights::lora_inputs`] made them,
 /// scale folded into B) serve: A's first `rank` rows and B's first `rank` columns, alpha = rank.
 /// How a job continues from the LoRA that serves. Slots whose inputs are all zeros are left out.
-pub fn from_graph_inputs(spec: &LoraSpec, inputs: &[HostTensor], rank: usize) -> Result<LoraWeights, LoraError> {
+pub fn from_lora_inputs(spec: &LoraSpec, inputs: &[HostTensor], rank: usize) -> Result<LoraWeights, LoraError> {
     check_rank(spec, rank)?;
     let mut modules = Vec::new();
     for (slot, pair) in spec.slots.iter().zip(inputs.chunks(2)) {
@@ -179,8 +185,8 @@ pub fn slot_adds_nothing(pair: &[HostTensor]) -> bool {
     })
 }
 
-/// Graph inputs that serve the base model unchanged: every slot all zeros.
-pub fn no_adapter_inputs(spec: &LoraSpec) -> Vec<HostTensor> {
+/// LoRA slot values that add nothing: every slot all zeros.
+pub fn no_lora_inputs(spec: &LoraSpec) -> Vec<HostTensor> {
     spec.slots.iter().flat_map(|s| [HostTensor::zeros_f32(s.a_shape.clone()), HostTensor::zeros_f32(s.b_shape.clone())]).collect()
 }
 
@@ -256,7 +262,7 @@ mod tests {
                 b: HostTensor::f32(vec![2, 2], vec![1., 2., 3., 4.]).unwrap(),
             }],
         };
-        let inputs = w.graph_inputs(&spec()).unwrap();
+        let inputs = w.lora_inputs(&spec()).unwrap();
         assert_eq!(inputs[0].shape, vec![4, 3]);
         assert_eq!(inputs[0].as_f32().unwrap(), &[1., 2., 3., 4., 5., 6., 0., 0., 0., 0., 0., 0.]);
         // scale = alpha / r = 2; B's columns padded from 2 to 4.
@@ -266,11 +272,11 @@ mod tests {
         assert!(inputs[3].as_f32().unwrap().iter().all(|&x| x == 0.0));
 
         // And back: the same update at alpha = rank (the scale lives in B now); the empty slot is left out.
-        let back = from_graph_inputs(&spec(), &inputs, 2).unwrap();
+        let back = from_lora_inputs(&spec(), &inputs, 2).unwrap();
         assert_eq!((back.rank, back.alpha, back.modules.len()), (2, 2.0, 1));
         assert_eq!(back.modules[0].a, w.modules[0].a);
         assert_eq!(back.modules[0].b.as_f32().unwrap(), &[2., 4., 6., 8.]);
-        assert_eq!(back.graph_inputs(&spec()).unwrap(), inputs);
+        assert_eq!(back.lora_inputs(&spec()).unwrap(), inputs);
     }
 
     #[test]
@@ -281,7 +287,7 @@ mod tests {
 
         let mut w = LoraWeights::random(&s, 2, 8.0, 1, 0.1).unwrap();
         w.modules[0].a = HostTensor::f32(vec![2, 5], vec![0.0; 10]).unwrap();
-        let err = w.graph_inputs(&s).unwrap_err();
+        let err = w.lora_inputs(&s).unwrap_err();
         assert!(err.to_string().contains("\"fc\"") && err.to_string().contains("[2, 5]"), "{err}");
 
         let mut w = LoraWeights::random(&s, 2, 8.0, 1, 0.1).unwrap();
@@ -301,7 +307,7 @@ mod tests {
 
     #[test]
     fn no_adapter_is_all_zeros_at_slot_shapes() {
-        let inputs = no_adapter_inputs(&spec());
+        let inputs = no_lora_inputs(&spec());
         assert_eq!(inputs.iter().map(|t| t.shape.clone()).collect::<Vec<_>>(), vec![vec![4, 3], vec![2, 4], vec![4, 1, 3, 3], vec![2, 4, 1, 1]]);
         assert!(inputs.iter().all(|t| t.as_f32().unwrap().iter().all(|&x| x == 0.0)));
     }

@@ -143,8 +143,8 @@ impl Digits {
         shift: Shift,
     ) -> Result<f64, String> {
         let slots = match adapter.and_then(|a| a.lora.as_ref()) {
-            Some(lora) => lora.graph_inputs(&bundle.manifest.lora).map_err(|e| e.to_string())?,
-            None => adaptd_adapters::lora::no_adapter_inputs(&bundle.manifest.lora),
+            Some(lora) => lora.graph_inputs(&bundle.manifest).map_err(|e| e.to_string())?,
+            None => adaptd_adapters::slots::no_adapter_inputs(&bundle.manifest),
         };
         let outputs = onnx.run(&[self.batch(indices, shift)], &slots).map_err(|e| e.to_string())?;
         let rows = indices.len();

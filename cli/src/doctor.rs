@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use adaptd_adapters::bundle::{Bundle, DType, Preprocessing};
 use adaptd_adapters::head::{Dense, Head};
-use adaptd_adapters::lora::no_adapter_inputs;
+use adaptd_adapters::slots::no_adapter_inputs;
 use adaptd_adapters::tensor::{HostData, HostTensor, SeededRng};
 use adaptd_train::{Examples, FitTarget, Recipe, TrainingGraph, fit, libtorch};
 use serde::Serialize;
@@ -229,7 +229,7 @@ fn serve(bundle: &Bundle, provider: ExecutionProvider, threads: usize, library: 
         Ok(m) => m,
         Err(e) => return failed(e.to_string()),
     };
-    let lora = no_adapter_inputs(&bundle.manifest.lora);
+    let lora = no_adapter_inputs(&bundle.manifest);
     let request = match inputs(bundle, 1, 1) {
         Ok(i) => i,
         Err(e) => return ProviderCheck { provider, registered: true, reason: Some(e), p50_ms: None },

@@ -54,6 +54,10 @@ enum Command {
         /// the base frozen.
         #[arg(long)]
         bundle: Vec<PathBuf>,
+        /// Steps of each training probe (full batch; the loss must end below where it started):
+        /// fewer on a machine where a step takes long, e.g. under emulation.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..))]
+        train_steps: u64,
     },
     /// Is this device ready, and how fast is it? Architecture, Jetson model and L4T/JetPack
     /// release, memory, temperatures, GPU load; which ONNX Runtime providers register and how
@@ -318,7 +322,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Demo { build_dir, state_dir, report, robots, rate } => demo(build_dir, state_dir, report, robots, rate),
-        Command::Check { build_dir, bundle } => check(build_dir, &bundle),
+        Command::Check { build_dir, bundle, train_steps } => check(build_dir, &bundle, train_steps as usize),
         Command::Doctor { config, bundle, seconds, root, json } => operate(json, || {
             let bundle = match bundle {
                 Some(dir) => dir,
@@ -586,11 +590,22 @@ fn print_check(check: &BundleCheck) {
         "\n{} — verified in {:.0} ms, both runtimes loaded in {:.0} ms; batch {}, random LoRA rank {} [{verdict}]",
         p.bundle, check.verify_ms, check.load_ms, p.batch, p.rank
     );
-    println!("  {:<12} {:>22} {:>22}", "output", "max|ort-torch| base", "max|ort-torch| LoRA");
+    let reft = p.reft_effect.is_some();
+    println!(
+        "  {:<12} {:>22} {:>22}{}",
+        "output",
+        "max|ort-torch| base",
+        "max|ort-torch| LoRA",
+        if reft { format!(" {:>22}", "max|ort-torch| LoReFT") } else { String::new() }
+    );
     for o in &p.outputs {
-        println!("  {:<12} {:>22.2e} {:>22.2e}", o.name, o.base_max_abs_diff, o.lora_max_abs_diff);
+        let reft_diff = o.reft_max_abs_diff.map_or(String::new(), |d| format!(" {d:>22.2e}"));
+        println!("  {:<12} {:>22.2e} {:>22.2e}{reft_diff}", o.name, o.base_max_abs_diff, o.lora_max_abs_diff);
     }
     println!("  LoRA moves the embedding by up to {:.3} (tolerance for parity {PARITY_TOLERANCE:.0e})", p.lora_effect);
+    if let Some(effect) = p.reft_effect {
+        println!("  LoReFT edits move the embedding by up to {effect:.3}");
+    }
     if let Some(t) = &check.train {
         println!(
             "  LoRA+head training through libtorch: loss {:.3} -> {:.3} in {} steps; base weights bit-identical: {}",
@@ -649,7 +664,7 @@ fn report(state_dir: Option<PathBuf>, config: Option<PathBuf>, out: PathBuf) -> 
     Ok(ExitCode::SUCCESS)
 }
 
-fn check(build_dir: Option<PathBuf>, bundles: &[PathBuf]) -> anyhow::Result<ExitCode> {
+fn check(build_dir: Option<PathBuf>, bundles: &[PathBuf], train_steps: usize) -> anyhow::Result<ExitCode> {
     let build = build_dir.unwrap_or_else(paths::build_dir);
     let data = parity::ProbeData::in_build_dir(&build);
     println!("adaptd check: one model, two runtimes, same function");
@@ -657,7 +672,7 @@ fn check(build_dir: Option<PathBuf>, bundles: &[PathBuf]) -> anyhow::Result<Exit
         if bundles.is_empty() { REFERENCE_BUNDLES.iter().map(|name| build.join("bundles").join(name)).collect() } else { bundles.to_vec() };
     let mut ok = true;
     for dir in &dirs {
-        let check = check_bundle(dir, &data, 8, 10)?;
+        let check = check_bundle(dir, &data, 8, train_steps)?;
         print_check(&check);
         ok &= check.parity.passed() && check.train.as_ref().is_some_and(|t| t.base_unchanged == Some(true) && t.losses.last() < t.losses.first());
         ok &= check.head.as_ref().is_none_or(|h| h.adapted_accuracy >= h.base_accuracy + HEAD_PROBE_MIN_GAIN);

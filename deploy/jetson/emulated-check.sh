@@ -23,8 +23,9 @@ fi
 # User-mode QEMU shows the guest this machine's own /proc/cpuinfo, an x86 one, and the CPU
 # detection ONNX Runtime runs as it loads (cpuinfo) crashes on it. So the checks run in a mount
 # namespace of their own whose /proc/cpuinfo describes a Jetson Orin's cores (Cortex-A78AE),
-# one per CPU here. (oneDNN inside libtorch still says it cannot open MIDR_EL1 in sysfs: a
-# warning, it falls back to a generic kernel choice.)
+# one per CPU here, and whose /sys/devices/system/cpu is a copy of this machine's with each
+# core's MIDR_EL1 register added (oneDNN inside libtorch reads it to pick its kernels, and says
+# "Can't open MIDR_EL1 sysfs entry" on every command without it).
 if [ -z "${ADAPTD_GUEST_CPUINFO:-}" ]; then
   cpuinfo=$(mktemp)
   trap 'rm -f "$cpuinfo"' EXIT
@@ -36,6 +37,19 @@ if [ -z "${ADAPTD_GUEST_CPUINFO:-}" ]; then
   exit $?
 fi
 mount --bind "$ADAPTD_GUEST_CPUINFO" /proc/cpuinfo
+guest_cpus=$(mktemp -d)
+trap 'rm -rf "$guest_cpus"' EXIT
+(
+  cd /sys/devices/system/cpu
+  find . -maxdepth 4 -type d | while read -r d; do mkdir -p "$guest_cpus/$d"; done
+  find . -maxdepth 4 -type f -readable | while read -r f; do timeout 1 cat "$f" >"$guest_cpus/$f" 2>/dev/null || rm -f "$guest_cpus/$f"; done
+)
+for core in "$guest_cpus"/cpu[0-9]*; do
+  mkdir -p "$core/regs/identification"
+  echo 0x00000000410fd421 >"$core/regs/identification/midr_el1"  # Arm, Cortex-A78AE r1p1
+  echo 0x0000000000000000 >"$core/regs/identification/revidr_el1"
+done
+mount --bind "$guest_cpus" /sys/devices/system/cpu
 # The aarch64 C and C++ runtimes come with Debian's cross compilers (libc6-arm64-cross).
 export QEMU_LD_PREFIX=/usr/aarch64-linux-gnu
 # The packaged binary looks for libtorch in /usr/lib/adaptd and JetPack's places; here it is
@@ -51,6 +65,8 @@ echo "host:   $(uname -m), emulating aarch64 with $(qemu-aarch64-static --versio
 t0=$SECONDS
 run --version
 run validate --config config/adaptd.toml
-run check --build-dir build
+# The training probes run 3 steps here, not the 10 they run natively: the same code path, and
+# under emulation each MiniLM step takes about 16 s and each camera step about 30 s.
+run check --build-dir build --train-steps 3
 run doctor --bundle build/bundles/digits-cnn --seconds 20
 echo "emulated check passed in $((SECONDS - t0)) s"

@@ -79,7 +79,7 @@ fn run_peft(cmd: &str, adapter_dir: &Path) -> PeftRun {
 
 fn serve_embedding(bundle: &Bundle, lora: &LoraWeights, inputs: &[HostTensor]) -> HostTensor {
     let mut onnx = OnnxModel::load(bundle, SessionOptions { intra_op_threads: 1, ..Default::default() }, None).unwrap();
-    let slots = lora.graph_inputs(&bundle.manifest.lora).unwrap();
+    let slots = lora.graph_inputs(&bundle.manifest).unwrap();
     onnx.run(inputs, &slots).unwrap().remove(0)
 }
 

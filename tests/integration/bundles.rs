@@ -177,7 +177,7 @@ fn a_damaged_merge_map_is_refused_with_what_is_wrong() {
     assert!(msg.contains("scaled slots but no scales file"), "{msg}");
 
     let bundle = open_with(&|m| m["merge"]["slots"][0]["offset"] = serde_json::json!(u64::MAX / 2)).unwrap();
-    let lora = adaptd_adapters::lora::LoraWeights::random(&bundle.manifest.lora, 4, 8.0, 1, 0.05).unwrap().graph_inputs(&bundle.manifest.lora).unwrap();
+    let lora = adaptd_adapters::lora::LoraWeights::random(&bundle.manifest.lora, 4, 8.0, 1, 0.05).unwrap().graph_inputs(&bundle.manifest).unwrap();
     let msg = bundle.merged_plain_graph(&lora).unwrap_err().to_string();
     assert!(msg.contains("plain.onnx") && msg.contains("run past the file's end"), "{msg}");
     // The map as exported folds the same LoRA, changing only the slots' weights.

@@ -104,7 +104,7 @@ fn adapter_outputs_match_the_trainer() {
 
     // The same adapter through libtorch: training graph + head + softmax.
     let graph = TrainingGraph::load(registry.bundle(), tch::Device::Cpu).unwrap();
-    let slots = adapter.lora.as_ref().unwrap().graph_inputs(&registry.bundle().manifest.lora).unwrap();
+    let slots = adapter.lora.as_ref().unwrap().graph_inputs(&registry.bundle().manifest).unwrap();
     let emb = graph.forward_host(&[images], &slots).unwrap().remove(0);
     let mut expected = adapter.head.forward(emb.as_f32().unwrap(), rows.len());
     softmax_rows(&mut expected, 3);

@@ -25,6 +25,7 @@ pub fn head_adapter(bundle: &Bundle, task: &str, version: u64, seed: u64) -> Ada
         kind: AdapterKind::Head,
         labels: TEST_LABELS.iter().map(|s| s.to_string()).collect(),
         lora: None,
+        reft: None,
         base: BaseRef::of(bundle),
         parent_version: version.checked_sub(1).filter(|&v| v > 0),
         metrics: Default::default(),
@@ -36,7 +37,7 @@ pub fn head_adapter(bundle: &Bundle, task: &str, version: u64, seed: u64) -> Ada
         aggregate: None,
         files: Default::default(),
     };
-    Adapter { manifest, head, lora: None }
+    Adapter { manifest, head, lora: None, reft: None }
 }
 
 /// A LoRA (rank 4, alpha 8, every slot) + head adapter with seeded random weights.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use adaptd::parity::{self, PARITY_TOLERANCE};
 use adaptd_adapters::Bundle;
 use adaptd_adapters::head::{Dense, Head};
-use adaptd_adapters::lora::no_adapter_inputs;
+use adaptd_adapters::slots::no_adapter_inputs;
 use adaptd_adapters::tensor::HostTensor;
 use adaptd_daemon::engine::onnx::{MERGE_AFTER_RUNS, OnnxModel, PreparedLora, SessionOptions};
 use adaptd_train::{Examples, FitTarget, Recipe, TrainError, TrainingGraph, fit};
@@ -95,7 +95,7 @@ fn lora_values_prepared_on_a_device_give_the_same_outputs_as_host_values() {
     let (bundle, mut onnx, _) = load("digits-cnn");
     assert_eq!(onnx.lora_device(), "Cpu", "a CPU session keeps LoRA values in host memory");
     let inputs = parity::probe_inputs(&bundle, &probe_data()).unwrap();
-    let lora = adaptd_adapters::lora::LoraWeights::random(&bundle.manifest.lora, 4, 8.0, 5, 0.05).unwrap().graph_inputs(&bundle.manifest.lora).unwrap();
+    let lora = adaptd_adapters::lora::LoraWeights::random(&bundle.manifest.lora, 4, 8.0, 5, 0.05).unwrap().graph_inputs(&bundle.manifest).unwrap();
     let host = onnx.run(&inputs, &lora).unwrap();
     onnx.set_lora_device(Some((ort::memory::AllocationDevice::CPU, 0)));
     let prepared = onnx.prepare_lora(&lora).unwrap();
@@ -109,7 +109,7 @@ fn lora_values_prepared_on_a_device_give_the_same_outputs_as_host_values() {
     for (a, b) in host.iter().zip(&placed) {
         assert_eq!(a.as_f32().unwrap(), b.as_f32().unwrap(), "the same values, wherever they were prepared");
     }
-    let none = onnx.run(&inputs, &no_adapter_inputs(&bundle.manifest.lora)).unwrap();
+    let none = onnx.run(&inputs, &no_adapter_inputs(&bundle.manifest)).unwrap();
     assert_ne!(none[0].as_f32().unwrap(), placed[0].as_f32().unwrap(), "the placed LoRA values are the ones the run read");
 }
 
@@ -123,7 +123,7 @@ fn adapters_that_change_no_slot_run_on_the_graph_without_slots_and_answer_alike(
         let mut onnx = OnnxModel::load(&bundle, SessionOptions::default(), None).unwrap();
         assert!(onnx.has_plain_graph(), "{name}");
         let inputs: Vec<HostTensor> = parity::probe_inputs(&bundle, &probe_data()).unwrap().into_iter().map(|t| t.rows(0, 4)).collect();
-        let zeros = no_adapter_inputs(&bundle.manifest.lora);
+        let zeros = no_adapter_inputs(&bundle.manifest);
         assert!(matches!(onnx.prepare_lora(&zeros).unwrap(), PreparedLora::Plain), "{name}: zeros run on the graph without slots");
         let plain = onnx.run(&inputs, &zeros).unwrap();
         let slots = onnx.prepare_slots(&zeros).unwrap();
@@ -133,13 +133,12 @@ fn adapters_that_change_no_slot_run_on_the_graph_without_slots_and_answer_alike(
             assert!(diff < 1e-4, "{name}: the two graphs differ by {diff}");
         }
         // B all zeros on every slot: still no change, whatever A holds.
-        let mut a_only =
-            adaptd_adapters::lora::LoraWeights::random(&bundle.manifest.lora, 4, 8.0, 3, 0.05).unwrap().graph_inputs(&bundle.manifest.lora).unwrap();
+        let mut a_only = adaptd_adapters::lora::LoraWeights::random(&bundle.manifest.lora, 4, 8.0, 3, 0.05).unwrap().graph_inputs(&bundle.manifest).unwrap();
         for b in a_only.iter_mut().skip(1).step_by(2) {
             *b = HostTensor::f32(b.shape.clone(), vec![0.0; b.shape.iter().product()]).unwrap();
         }
         assert!(matches!(onnx.prepare_lora(&a_only).unwrap(), PreparedLora::Plain), "{name}");
-        let lora = adaptd_adapters::lora::LoraWeights::random(&bundle.manifest.lora, 4, 8.0, 3, 0.05).unwrap().graph_inputs(&bundle.manifest.lora).unwrap();
+        let lora = adaptd_adapters::lora::LoraWeights::random(&bundle.manifest.lora, 4, 8.0, 3, 0.05).unwrap().graph_inputs(&bundle.manifest).unwrap();
         assert!(matches!(onnx.prepare_lora(&lora).unwrap(), PreparedLora::Slots(..)), "{name}");
         let adapted = onnx.run(&inputs, &lora).unwrap();
         assert_ne!(adapted[0].as_f32().unwrap(), plain[0].as_f32().unwrap(), "{name}: the LoRA changes the answers");
@@ -169,7 +168,7 @@ fn a_served_lora_is_folded_into_a_copy_of_the_model_and_answers_as_the_slots_do(
         let mut onnx = OnnxModel::load(&bundle, SessionOptions { merged_sessions: 1, ..SessionOptions::default() }, None).unwrap();
         assert!(onnx.merges_lora(), "{name}: the reference bundles ship a merge map");
         let inputs: Vec<HostTensor> = parity::probe_inputs(&bundle, &probe_data()).unwrap().into_iter().map(|t| t.rows(0, 4)).collect();
-        let every = adaptd_adapters::lora::LoraWeights::random(&bundle.manifest.lora, 8, 16.0, 21, 0.05).unwrap().graph_inputs(&bundle.manifest.lora).unwrap();
+        let every = adaptd_adapters::lora::LoraWeights::random(&bundle.manifest.lora, 8, 16.0, 21, 0.05).unwrap().graph_inputs(&bundle.manifest).unwrap();
         // Every other slot left empty (B zero): those keep the model's own weight.
         let mut some = every.clone();
         for b in some.iter_mut().skip(1).step_by(4) {
@@ -182,7 +181,7 @@ fn a_served_lora_is_folded_into_a_copy_of_the_model_and_answers_as_the_slots_do(
             assert_eq!(onnx.merged_sessions(), 1, "{name}");
             let merged = onnx.run_prepared(inputs.clone(), &prepared).unwrap();
             let slotted = onnx.run_prepared(inputs.clone(), &onnx.prepare_slots(lora).unwrap()).unwrap();
-            let base = onnx.run(&inputs, &no_adapter_inputs(&bundle.manifest.lora)).unwrap();
+            let base = onnx.run(&inputs, &no_adapter_inputs(&bundle.manifest)).unwrap();
             for ((m, s), b) in merged.iter().zip(&slotted).zip(&base) {
                 let (m, s, b) = (m.as_f32().unwrap(), s.as_f32().unwrap(), b.as_f32().unwrap());
                 let scale = s.iter().fold(1.0f32, |acc, x| acc.max(x.abs()));
@@ -230,7 +229,7 @@ fn mixed_precision_is_refused_on_the_cpu_and_training_there_stays_fp32() {
 fn minilm_base_embeddings_are_unit_length_and_padding_does_not_leak() {
     let (bundle, mut onnx, _) = load("minilm");
     let encoder = adaptd_daemon::preprocess::TextEncoder::from_bundle(&bundle).unwrap();
-    let zeros = no_adapter_inputs(&bundle.manifest.lora);
+    let zeros = no_adapter_inputs(&bundle.manifest);
     let alone_inputs = encoder.encode(&["pick up the blue box"]).unwrap();
     let alone = onnx.run(&alone_inputs, &zeros).unwrap();
     let padded_batch = encoder.encode(&["pick up the blue box", "drive all the way back to the charging station near the north entrance"]).unwrap();
@@ -259,7 +258,7 @@ fn trimming_padding_from_a_text_batch_changes_no_output() {
     let (full, short) = (padded[0].size()[1], trimmed[0].size()[1]);
     assert!(short < full && trimmed.iter().all(|t| t.size()[1] == short), "{full} -> {short} columns");
     assert_eq!(short, padded[1].sum_dim_intlist(1, false, tch::Kind::Int64).max().int64_value(&[]), "cut to the longest text of the batch");
-    let lora = no_adapter_inputs(&bundle.manifest.lora).iter().map(|t| adaptd_train::to_tensor(t, Device::Cpu)).collect::<Vec<_>>();
+    let lora = no_adapter_inputs(&bundle.manifest).iter().map(|t| adaptd_train::to_tensor(t, Device::Cpu)).collect::<Vec<_>>();
     let (a, b) = (graph.forward(&padded, &lora).unwrap(), graph.forward(&trimmed, &lora).unwrap());
     let diff = (&a[0] - &b[0]).abs().max().double_value(&[]);
     assert!(diff < 1e-5, "trimming changed the embedding by {diff}");
@@ -455,7 +454,7 @@ fn a_memory_budget_shrinks_the_batch_or_refuses_the_job() {
 #[test]
 fn onnx_engine_refuses_wrong_inputs_with_clear_errors() {
     let (bundle, mut onnx, _) = load("digits-cnn");
-    let zeros = no_adapter_inputs(&bundle.manifest.lora);
+    let zeros = no_adapter_inputs(&bundle.manifest);
     let err = onnx.run(&[], &zeros).unwrap_err();
     assert!(err.to_string().contains("expected"), "{err}");
     let ints = HostTensor::i64(vec![1, 1, 8, 8], vec![0; 64]).unwrap();

@@ -5,9 +5,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tch::{CModule, Device, IValue, Kind, Tensor, nn, nn::OptimizerConfig};
 
-use adaptd_adapters::bundle::{Bundle, DType, LoraSpec, Manifest};
+use adaptd_adapters::bundle::{Bundle, DType, LoraSpec, Manifest, ReftSpec};
 use adaptd_adapters::head::{Dense, Head};
 use adaptd_adapters::lora::{LoraModule, LoraWeights, slot_shapes};
+use adaptd_adapters::reft::{ReftModule, ReftPositions, ReftWeights};
 use adaptd_adapters::tensor::{HostData, HostTensor, SeededRng};
 
 use crate::LossScale;
@@ -60,6 +61,8 @@ struct CutGraphs {
     suffix: CModule,
     /// The slots that run above the cut: the only ones a job above the cut trains.
     slots_above: Vec<usize>,
+    /// The LoReFT slots whose edit is above the cut: the only ones a LoReFT job above it trains.
+    reft_above: Vec<usize>,
     /// The activation's shape (-1: dynamic), batch axis first.
     activation_shape: Vec<i64>,
 }
@@ -99,6 +102,7 @@ impl TrainingGraph {
             prefix: load(&cut.prefix_graph)?,
             suffix: load(&cut.suffix_graph)?,
             slots_above: cut.slots_above.clone(),
+            reft_above: cut.reft_above.clone(),
             activation_shape: cut.activation.shape.clone(),
         });
         // An adapter trained above the cut is served by the whole graph: the halves must compute
@@ -179,6 +183,14 @@ impl TrainingGraph {
                 to_tensor(&HostTensor { shape: shape.clone(), data: HostData::F32(rng.normal_vec(n, 0.05)) }, self.device)
             })
             .collect();
+        // Random LoReFT edits too, so the checks cover the LoReFT slots as well.
+        let reft = match &self.manifest.reft {
+            Some(spec) => ReftWeights::random(spec, spec.rank_max, seed, 0.1)
+                .and_then(|r| r.reft_inputs(spec))
+                .unwrap_or_else(|_| adaptd_adapters::reft::no_edit_inputs(spec)),
+            None => Vec::new(),
+        };
+        let lora = lora.into_iter().chain(reft.iter().map(|t| to_tensor(t, self.device))).collect();
         (inputs, lora)
     }
 
@@ -221,15 +233,39 @@ impl TrainingGraph {
     }
 
     /// What a prefix activation computed now depends on, as a short digest: the bundle (its
-    /// manifest pins every graph file), the precision, and the LoRA values of the slots below
-    /// the cut (`lora`: graph-input order, B already scaled). A slot whose B is zero adds
-    /// nothing to the prefix whatever its A, so it counts as absent.
-    pub fn prefix_key(&self, lora: &[Tensor]) -> Result<String, TrainError> {
+    /// manifest pins every graph file), the precision, and the slot values below the cut
+    /// (`values`: graph-input order, LoRA's B already scaled). A LoRA slot whose B is zero adds
+    /// nothing to the prefix whatever its A, and a LoReFT slot whose R is zero edits nothing:
+    /// they count as absent.
+    pub fn prefix_key(&self, values: &[Tensor]) -> Result<String, TrainError> {
         use sha2::{Digest, Sha256};
         let cut = self.cut.as_ref().ok_or_else(|| TrainError::Data("no cut loaded".into()))?;
         let mut hasher = Sha256::new();
         hasher.update(self.bundle_sha256.as_bytes());
         hasher.update(if self.mixed_precision { b"fp16" } else { b"fp32" });
+        let (lora, reft) = values.split_at((2 * self.manifest.lora.slots.len()).min(values.len()));
+        let host = |t: &Tensor| -> Result<Vec<u8>, TrainError> {
+            let values = Vec::<f32>::try_from(t.to_kind(Kind::Float).to_device(Device::Cpu).flatten(0, -1))?;
+            Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        };
+        if let Some(spec) = &self.manifest.reft {
+            let below: Vec<usize> = (0..spec.slots.len()).filter(|i| !cut.reft_above.contains(i)).collect();
+            for &slot in &below {
+                let Some([r, w, b]) = reft.get(3 * slot..3 * slot + 3) else { return Err(TrainError::Data("LoReFT values come in R/W/b triples".into())) };
+                hasher.update(b"reft");
+                hasher.update((slot as u64).to_le_bytes());
+                if r.abs().max().double_value(&[]) == 0.0 {
+                    hasher.update(b"none");
+                    continue;
+                }
+                for t in [r, w, b] {
+                    hasher.update(host(t)?);
+                }
+                if let Some(positions) = reft.get(3 * spec.slots.len()) {
+                    hasher.update(Vec::<i64>::try_from(positions.to_device(Device::Cpu))?.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+                }
+            }
+        }
         for (slot, pair) in lora.chunks(2).enumerate() {
             let [a, b] = pair else { return Err(TrainError::Data("LoRA values come in A/B pairs".into())) };
             if cut.slots_above.contains(&slot) {
@@ -241,8 +277,7 @@ impl TrainingGraph {
                 continue;
             }
             for t in [a, b] {
-                let values = Vec::<f32>::try_from(t.to_kind(Kind::Float).to_device(Device::Cpu).flatten(0, -1))?;
-                hasher.update(values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+                hasher.update(host(t)?);
             }
         }
         Ok(hex::encode(&hasher.finalize()[..16]))
@@ -268,6 +303,15 @@ impl TrainingGraph {
         match &self.cut {
             Some(cut) => cut.slots_above.clone(),
             None => (0..self.manifest.lora.slots.len()).collect(),
+        }
+    }
+
+    /// The LoReFT slots a LoReFT job trains: those whose edit is above the cut once it is loaded, else all.
+    pub fn trained_reft_slots(&self) -> Vec<usize> {
+        match (&self.cut, &self.manifest.reft) {
+            (Some(cut), _) => cut.reft_above.clone(),
+            (None, Some(spec)) => (0..spec.slots.len()).collect(),
+            (None, None) => Vec::new(),
         }
     }
 
@@ -438,6 +482,9 @@ pub enum FitTarget<'a> {
     /// `Examples::inputs` are the bundle's model inputs. `start`: LoRA weights to continue from
     /// (what serves now), at a rank no higher than `rank`; slots it does not name start fresh.
     Lora { graph: &'a TrainingGraph, rank: usize, alpha: f32, start: Option<&'a LoraWeights> },
+    /// LoReFT on the bundle's LoReFT slots (plus the head), editing `positions` of sequences.
+    /// `start`: LoReFT weights to continue from, at a rank no higher than `rank`.
+    Loreft { graph: &'a TrainingGraph, rank: usize, positions: Option<ReftPositions>, start: Option<&'a ReftWeights> },
 }
 
 /// The prefix's activation for every row of `inputs`: the cached rows whose key is `key`, the
@@ -559,14 +606,25 @@ struct LoraSetup<'a> {
     start: Option<&'a LoraWeights>,
 }
 
-/// The job's device, graph and LoRA set-up, once its data and recipe are known to fit them.
+/// A LoReFT job's adapter: the bundle's LoReFT slots, the rank, the positions, what it continues.
+struct ReftSetup<'a> {
+    spec: ReftSpec,
+    rank: usize,
+    positions: Option<ReftPositions>,
+    start: Option<&'a ReftWeights>,
+}
+
+/// What a job trains besides the head.
+type Setups<'a> = (Option<LoraSetup<'a>>, Option<ReftSetup<'a>>);
+
+/// The job's device, graph and adapter set-up, once its data and recipe are known to fit them.
 fn checked_target<'a>(
     target: &FitTarget<'a>,
     train: &Examples,
     validation: &Examples,
     init_head: &Head,
     recipe: &Recipe,
-) -> Result<(Device, Option<&'a TrainingGraph>, Option<LoraSetup<'a>>), TrainError> {
+) -> Result<(Device, Option<&'a TrainingGraph>, Setups<'a>), TrainError> {
     if init_head.layers.len() != 1 {
         return Err(TrainError::Data(format!("training starts from a linear head; this one has {} layers", init_head.layers.len())));
     }
@@ -587,7 +645,7 @@ fn checked_target<'a>(
             if train.inputs.len() != 1 || train.inputs[0].shape.len() != 2 || train.inputs[0].shape[1] != init_head.input_dim() {
                 return Err(TrainError::Data(format!("head training takes one [N, {}] embedding tensor", init_head.input_dim())));
             }
-            Ok((*device, None, None))
+            Ok((*device, None, (None, None)))
         }
         FitTarget::Lora { graph, rank, alpha, start } => {
             graph.check_inputs(&train.inputs)?;
@@ -604,7 +662,35 @@ fn checked_target<'a>(
                     return Err(TrainError::Data(format!("cannot continue a rank-{} LoRA at rank {rank}", start.rank)));
                 }
             }
-            Ok((graph.device(), Some(*graph), Some(LoraSetup { spec: spec.clone(), rank: *rank, alpha: *alpha, start: *start })))
+            Ok((graph.device(), Some(*graph), (Some(LoraSetup { spec: spec.clone(), rank: *rank, alpha: *alpha, start: *start }), None)))
+        }
+        FitTarget::Loreft { graph, rank, positions, start } => {
+            graph.check_inputs(&train.inputs)?;
+            if !validation.is_empty() {
+                graph.check_inputs(&validation.inputs)?;
+            }
+            let spec = graph.manifest().reft.as_ref().ok_or(adaptd_adapters::reft::ReftError::NoSlots).map_err(adaptd_adapters::slots::SlotError::from)?;
+            if *rank == 0 || *rank > spec.rank_max {
+                return Err(adaptd_adapters::slots::SlotError::from(adaptd_adapters::reft::ReftError::Rank { rank: *rank, rank_max: spec.rank_max }).into());
+            }
+            if positions.is_some() != spec.positions_input.is_some() {
+                return Err(TrainError::Data(format!(
+                    "bundle {}: LoReFT positions {} for a bundle that {} sequences",
+                    graph.manifest().name,
+                    if positions.is_some() { "given" } else { "missing" },
+                    if spec.positions_input.is_some() { "edits" } else { "edits no" }
+                )));
+            }
+            if let Some(start) = start {
+                start.validate(spec).map_err(adaptd_adapters::slots::SlotError::from)?;
+                if start.rank > *rank || start.positions != *positions {
+                    return Err(TrainError::Data(format!(
+                        "cannot continue a rank-{} LoReFT at {:?} as rank {rank} at {positions:?}",
+                        start.rank, start.positions
+                    )));
+                }
+            }
+            Ok((graph.device(), Some(*graph), (None, Some(ReftSetup { spec: spec.clone(), rank: *rank, positions: *positions, start: *start }))))
         }
     }
 }
@@ -660,6 +746,75 @@ fn graph_lora(setup: &LoraSetup<'_>, lora_vars: &[(Tensor, Tensor)], device: Dev
         .collect()
 }
 
+/// The LoReFT tensors a job trains, per slot `(P, D, b)`: R = orth(P)ᵀ ([`rotation`]) and W = R + D,
+/// so the edit `Rᵀ((W − R) h + b) = Rᵀ(D h + b)` starts at exactly nothing (D = 0, b = 0) and
+/// weight decay pulls it back toward nothing, as LoRA's B = 0 start does; P starts as random
+/// orthonormal columns, or, continuing, the serving LoReFT's R (its W and b in D and b) with
+/// fresh directions in the rows past its rank.
+fn init_reft(group: &nn::Path, setup: &ReftSetup<'_>, rng: &mut SeededRng, device: Device) -> Vec<[Tensor; 3]> {
+    let ReftSetup { spec, rank, start, .. } = setup;
+    let mut vars = Vec::with_capacity(spec.slots.len());
+    for (i, slot) in spec.slots.iter().enumerate() {
+        let d = slot.dim;
+        let fresh = adaptd_adapters::reft::orthonormal_rows(*rank, d, rng);
+        let mut rotate = fresh.as_f32().unwrap_or(&[]).to_vec();
+        let mut delta = vec![0.0f32; rank * d];
+        let mut bias = vec![0.0f32; *rank];
+        if let Some(m) = start.and_then(|s| s.modules.iter().find(|m| m.module == slot.module)) {
+            let (r0, w0, b0) = (m.rotate.as_f32().unwrap_or(&[]), m.weight.as_f32().unwrap_or(&[]), m.bias.as_f32().unwrap_or(&[]));
+            let n = r0.len().min(rotate.len());
+            rotate[..n].copy_from_slice(&r0[..n]);
+            for (k, (w, r)) in w0.iter().zip(r0).enumerate().take(delta.len()) {
+                delta[k] = w - r;
+            }
+            bias[..b0.len().min(*rank)].copy_from_slice(&b0[..b0.len().min(*rank)]);
+        }
+        // P is [d, r]: R's rows as columns (QR orthonormalises columns).
+        let p = to_tensor(&HostTensor { shape: vec![*rank, d], data: HostData::F32(rotate) }, device).tr().contiguous();
+        let p = group.var_copy(&format!("reft_p_{i}"), &p);
+        let delta = group.var_copy(&format!("reft_d_{i}"), &to_tensor(&HostTensor { shape: vec![*rank, d], data: HostData::F32(delta) }, device));
+        let bias = group.var_copy(&format!("reft_b_{i}"), &to_tensor(&HostTensor { shape: vec![*rank], data: HostData::F32(bias) }, device));
+        vars.push([p, delta, bias]);
+    }
+    vars
+}
+
+/// R with orthonormal rows from the unconstrained P `[d, r]`: the Q of P's reduced QR, its
+/// columns' signs fixed by R's diagonal so that the map is smooth (and the identity on P that
+/// already has orthonormal columns), transposed. One `d × r` QR per slot and step: O(d r²),
+/// with r ≤ 16 negligible beside the model's own products. Chosen over a retraction after
+/// each step (which would leave AdamW's moments describing an R that no longer exists) and
+/// over Householder products (r sequential reflections of d-vectors, for the same result).
+fn rotation(p: &Tensor) -> Tensor {
+    let (q, r) = Tensor::linalg_qr(p, "reduced");
+    let diagonal = r.diagonal(0, -2, -1);
+    let signs = diagonal.sign() + diagonal.eq(0.0).to_kind(Kind::Float);
+    (q * signs.unsqueeze(0)).tr()
+}
+
+/// The LoReFT values as the graph takes them: R, W = R + D, b per slot, padded to `rank_max`
+/// rows with zeros, then the positions.
+fn graph_reft(setup: &ReftSetup<'_>, vars: &[[Tensor; 3]], device: Device) -> Vec<Tensor> {
+    let ReftSetup { spec, rank, positions, .. } = setup;
+    let pad = (spec.rank_max - rank) as i64;
+    let mut out: Vec<Tensor> = spec
+        .slots
+        .iter()
+        .zip(vars)
+        .flat_map(|(slot, [p, delta, bias])| {
+            let r = rotation(p);
+            let w = &r + delta;
+            let rows = |t: Tensor| Tensor::cat(&[t, Tensor::zeros([pad, slot.dim as i64], (Kind::Float, device))], 0);
+            [rows(r), rows(w), Tensor::cat(&[bias.shallow_clone(), Tensor::zeros([pad], (Kind::Float, device))], 0)]
+        })
+        .collect();
+    if spec.positions_input.is_some() {
+        let p = positions.unwrap_or(ReftPositions { first: 0, last: 0 });
+        out.push(Tensor::from_slice(&[p.first as i64, p.last as i64]).to_device(device));
+    }
+    out
+}
+
 /// Append the prefix's activation to the training and the validation inputs (rows `cache`
 /// holds under the job's key reused, the rest computed), and say what was done.
 fn prefix_for_job(
@@ -691,15 +846,23 @@ struct Model<'g> {
     device: Device,
     graph: Option<&'g TrainingGraph>,
     lora: Option<LoraSetup<'g>>,
+    reft: Option<ReftSetup<'g>>,
     vs: nn::VarStore,
     opt: nn::Optimizer,
     head_w: Tensor,
     head_b: Tensor,
     lora_vars: Vec<(Tensor, Tensor)>,
+    /// Per LoReFT slot `(P, D, b)` (see [`init_reft`]).
+    reft_vars: Vec<[Tensor; 3]>,
+    /// The slot values of the kind a job does not train: zeros (no LoRA, no LoReFT edit).
+    fixed_lora: Vec<Tensor>,
+    fixed_reft: Vec<Tensor>,
     /// Per LoRA slot: whether it trains. Above a cut only the slots there do; the rest keep
     /// their start (they shaped the cached activations) and, without gradients, are left alone
     /// by the optimizer.
     trained: Vec<bool>,
+    /// The same per LoReFT slot.
+    reft_trained: Vec<bool>,
     above_cut: bool,
     embedding_index: Option<usize>,
     /// The LoRA dropout applied while training, and the head's input dropout.
@@ -711,12 +874,12 @@ impl<'g> Model<'g> {
     fn new(
         device: Device,
         graph: Option<&'g TrainingGraph>,
-        lora: Option<LoraSetup<'g>>,
+        (lora, reft): Setups<'g>,
         init_head: &Head,
         recipe: &Recipe,
         rng: &mut SeededRng,
     ) -> Result<Self, TrainError> {
-        // Group 0: the head; group 1: LoRA.
+        // Group 0: the head; group 1: LoRA or LoReFT.
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let head_w = root.set_group(0).var_copy("head_weight", &to_tensor(&init_head.layers[0].weight, device));
@@ -725,11 +888,31 @@ impl<'g> Model<'g> {
             Some(setup) => init_lora(&root.set_group(1), setup, rng, device),
             None => Vec::new(),
         };
+        let reft_vars = match &reft {
+            Some(setup) => init_reft(&root.set_group(1), setup, rng, device),
+            None => Vec::new(),
+        };
+        let zeros = |t: &HostTensor| to_tensor(t, device);
+        let (fixed_lora, fixed_reft) = match graph {
+            Some(g) if lora.is_none() => (adaptd_adapters::lora::no_lora_inputs(&g.manifest().lora).iter().map(zeros).collect(), Vec::new()),
+            _ => (Vec::new(), Vec::new()),
+        };
+        let fixed_reft = match (graph.and_then(|g| g.manifest().reft.as_ref()), &reft) {
+            (Some(spec), None) => adaptd_adapters::reft::no_edit_inputs(spec).iter().map(zeros).collect(),
+            _ => fixed_reft,
+        };
         let opt = nn::AdamW { wd: recipe.weight_decay, ..Default::default() }.build(&vs, recipe.head_learning_rate)?;
         let trained = match graph {
             Some(g) => {
                 let slots = g.trained_slots();
                 (0..lora_vars.len()).map(|i| slots.contains(&i)).collect()
+            }
+            None => Vec::new(),
+        };
+        let reft_trained = match graph {
+            Some(g) => {
+                let slots = g.trained_reft_slots();
+                (0..reft_vars.len()).map(|i| slots.contains(&i)).collect()
             }
             None => Vec::new(),
         };
@@ -750,12 +933,17 @@ impl<'g> Model<'g> {
             device,
             graph,
             lora,
+            reft,
             vs,
             opt,
             head_w,
             head_b,
             lora_vars,
+            reft_vars,
+            fixed_lora,
+            fixed_reft,
             trained,
+            reft_trained,
             above_cut: graph.is_some_and(TrainingGraph::trains_above_cut),
             embedding_index,
             lora_dropout,
@@ -763,9 +951,23 @@ impl<'g> Model<'g> {
         })
     }
 
-    /// The LoRA as the graph takes it (padded to the bundle's rank, B scaled).
+    /// The slot values as the graph takes them: the LoRA (padded to the bundle's rank, B
+    /// scaled) or zeros, then the LoReFT edits (R from P, padded) or zeros.
     fn graph_lora(&self) -> Vec<Tensor> {
-        self.lora.as_ref().map_or_else(Vec::new, |setup| graph_lora(setup, &self.lora_vars, self.device))
+        let lora = match &self.lora {
+            Some(setup) => graph_lora(setup, &self.lora_vars, self.device),
+            None => self.fixed_lora.iter().map(Tensor::shallow_clone).collect(),
+        };
+        let reft = match &self.reft {
+            Some(setup) => graph_reft(setup, &self.reft_vars, self.device),
+            None => self.fixed_reft.iter().map(Tensor::shallow_clone).collect(),
+        };
+        lora.into_iter().chain(reft).collect()
+    }
+
+    /// Whether the job trains more than the head.
+    fn trains_slots(&self) -> bool {
+        !self.lora_vars.is_empty() || !self.reft_vars.is_empty()
     }
 
     /// Text batches lose their all-padding columns; the memory probe keeps the full width.
@@ -803,11 +1005,30 @@ impl<'g> Model<'g> {
             let _ = a.set_requires_grad(trains);
             let _ = b.set_requires_grad(trains);
         }
+        for (i, vars) in self.reft_vars.iter().enumerate() {
+            let trains = this_epoch && self.reft_trained.get(i).copied().unwrap_or(true);
+            for v in vars {
+                let _ = v.set_requires_grad(trains);
+            }
+        }
     }
 
-    /// Copies of everything trained, in the order [head weight, head bias, A_0, B_0, A_1, ...].
+    /// Copies of everything trained, in the order [head weight, head bias, A_0, B_0, A_1, ...],
+    /// then per LoReFT slot R, W, b (as served: R from P, W = R + D).
     fn snapshot(&self) -> Vec<Tensor> {
-        [&self.head_w, &self.head_b].into_iter().chain(self.lora_vars.iter().flat_map(|(a, b)| [a, b])).map(|t| t.detach().copy()).collect()
+        let _guard = tch::no_grad_guard();
+        let reft = self.reft_vars.iter().flat_map(|[p, delta, bias]| {
+            let r = rotation(p);
+            let w = &r + delta;
+            [r, w, bias.shallow_clone()]
+        });
+        [&self.head_w, &self.head_b]
+            .into_iter()
+            .chain(self.lora_vars.iter().flat_map(|(a, b)| [a, b]))
+            .map(Tensor::shallow_clone)
+            .chain(reft)
+            .map(|t| t.detach().copy())
+            .collect()
     }
 
     /// Loss and accuracy on the validation set, without gradients.
@@ -911,7 +1132,7 @@ impl Steps<'_> {
             }
             let factor = lr_factor(recipe.schedule, self.warmup_steps, self.done, self.total_steps);
             model.opt.set_lr_group(0, recipe.head_learning_rate * factor);
-            if !model.lora_vars.is_empty() {
+            if model.trains_slots() {
                 model.opt.set_lr_group(1, recipe.learning_rate * factor);
             }
             let idx = Tensor::from_slice(&chunk.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(model.device);
@@ -952,10 +1173,10 @@ pub fn fit_cached(
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<FitReport, TrainError> {
-    let (device, graph, lora) = checked_target(&target, train, validation, init_head, recipe)?;
+    let (device, graph, setups) = checked_target(&target, train, validation, init_head, recipe)?;
     tch::manual_seed(recipe.seed as i64);
     let mut rng = SeededRng::new(recipe.seed);
-    let mut model = Model::new(device, graph, lora, init_head, recipe, &mut rng)?;
+    let mut model = Model::new(device, graph, setups, init_head, recipe, &mut rng)?;
     let mut data = DeviceData::new(train, validation, device);
     // The frozen prefix, once per sample for the whole job (or kept from an earlier job that ran
     // the same prefix): the cost training above the cut pays up front, in the job's time.
@@ -1014,7 +1235,7 @@ pub fn fit_cached(
         Some((_, e, p)) => (e, p),
         None => (epochs.len() - 1, model.snapshot()),
     };
-    let (head, lora) = trained_weights(&params, model.lora.as_ref())?;
+    let (head, lora, reft) = trained_weights(&params, model.lora.as_ref(), model.reft.as_ref())?;
     let base_unchanged = match (graph, &base) {
         (Some(g), Some(s)) => Some(g.base_unchanged(s)?),
         _ => None,
@@ -1022,6 +1243,7 @@ pub fn fit_cached(
     Ok(FitReport {
         head,
         lora,
+        reft,
         epochs,
         best_epoch,
         stopped_early,
@@ -1038,9 +1260,14 @@ pub fn fit_cached(
     })
 }
 
-/// The head and the LoRA a job returns, from its parameters as [`Model::snapshot`] orders them
-/// (head weight, head bias, then A and B of each slot).
-fn trained_weights(params: &[Tensor], lora: Option<&LoraSetup<'_>>) -> Result<(Head, Option<LoraWeights>), TrainError> {
+/// The head, LoRA and LoReFT a job returns, from its parameters as [`Model::snapshot`] orders
+/// them (head weight, head bias, then A and B of each LoRA slot, then R, W, b of each LoReFT slot).
+fn trained_weights(
+    params: &[Tensor],
+    lora: Option<&LoraSetup<'_>>,
+    reft: Option<&ReftSetup<'_>>,
+) -> Result<(Head, Option<LoraWeights>, Option<ReftWeights>), TrainError> {
+    let first_reft = 2 + 2 * lora.map_or(0, |l| l.spec.slots.len());
     let head = Head { layers: vec![Dense { weight: to_host(&params[0])?, bias: to_host(&params[1])? }] };
     let lora = match lora {
         Some(LoraSetup { spec, rank, alpha, .. }) => Some(LoraWeights {
@@ -1055,7 +1282,28 @@ fn trained_weights(params: &[Tensor], lora: Option<&LoraSetup<'_>>) -> Result<(H
         }),
         None => None,
     };
-    Ok((head, lora))
+    let reft = match reft {
+        Some(ReftSetup { spec, rank, positions, .. }) => Some(ReftWeights {
+            rank: *rank,
+            positions: *positions,
+            modules: spec
+                .slots
+                .iter()
+                .enumerate()
+                .map(|(i, slot)| {
+                    let at = first_reft + 3 * i;
+                    Ok(ReftModule {
+                        module: slot.module.clone(),
+                        rotate: to_host(&params[at])?,
+                        weight: to_host(&params[at + 1])?,
+                        bias: to_host(&params[at + 2])?,
+                    })
+                })
+                .collect::<Result<Vec<_>, TrainError>>()?,
+        }),
+        None => None,
+    };
+    Ok((head, lora, reft))
 }
 
 /// One optimizer step from `loss`: backward (scaled when `loss_scale` is given, the gradients

@@ -50,6 +50,8 @@ pub enum TrainError {
     MemoryBudget { budget: u64, needed: u64 },
     #[error(transparent)]
     Lora(#[from] adaptd_adapters::lora::LoraError),
+    #[error(transparent)]
+    Slots(#[from] adaptd_adapters::slots::SlotError),
     #[cfg(feature = "libtorch")]
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
@@ -68,6 +70,7 @@ impl TrainError {
             TrainError::Cancelled { .. } => "cancelled",
             TrainError::MemoryBudget { .. } => "memory_budget",
             TrainError::Lora(e) => e.error_type(),
+            TrainError::Slots(e) => e.error_type(),
         }
     }
 }
@@ -218,6 +221,7 @@ pub use adaptd_protocol::event::EpochRecord;
 pub struct FitReport {
     pub head: Head,
     pub lora: Option<LoraWeights>,
+    pub reft: Option<adaptd_adapters::ReftWeights>,
     pub epochs: Vec<EpochRecord>,
     /// The epoch whose weights were kept (lowest validation loss).
     pub best_epoch: usize,

@@ -322,7 +322,8 @@ fn starting_head(
 /// A LoRA job continues from the LoRA that serves (its head starts from the serving head too).
 fn serving_lora_to_continue(kind: JobKind, bundle: &Bundle, incumbent: &Serving, notes: &mut Vec<String>) -> Option<LoraWeights> {
     let info = incumbent.manifest.as_ref().and_then(|m| m.lora.as_ref()).filter(|_| matches!(kind, JobKind::Lora { .. }))?;
-    match adaptd_adapters::lora::from_graph_inputs(&bundle.manifest.lora, &incumbent.lora.tensors, info.rank) {
+    let (lora_inputs, _) = adaptd_adapters::slots::split(&bundle.manifest, &incumbent.lora.tensors);
+    match adaptd_adapters::lora::from_lora_inputs(&bundle.manifest.lora, lora_inputs, info.rank) {
         Ok(lora) => {
             notes.push(format!("LoRA continues from v{} (rank {})", incumbent.version, info.rank));
             Some(lora)

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use adaptd_adapters::bundle::RetentionSet;
-use adaptd_adapters::files::{ADAPTER_FORMAT, Adapter, AdapterKind, AdapterManifest, BaseRef, LoraInfo, SampleCounts};
+use adaptd_adapters::files::{ADAPTER_FORMAT, Adapter, AdapterKind, AdapterManifest, BaseRef, LoraInfo, ReftInfo, SampleCounts};
 use adaptd_protocol::event::{JobRecord, TrainingSummary};
 use adaptd_protocol::gate::DecisionRecord;
 use adaptd_protocol::{Event, EventRecord};
@@ -780,14 +780,21 @@ impl TaskLoop {
         let bundle = ctx.registry.bundle();
         let lora =
             report.lora.as_ref().map(|l| LoraInfo { rank: l.rank, alpha: l.alpha, target_modules: l.modules.iter().map(|m| m.module.clone()).collect() });
+        let reft =
+            report.reft.as_ref().map(|r| ReftInfo { rank: r.rank, positions: r.positions, modules: r.modules.iter().map(|m| m.module.clone()).collect() });
         let adapter = Adapter {
             manifest: AdapterManifest {
                 format: ADAPTER_FORMAT,
                 task: task.clone(),
                 version,
-                kind: if report.lora.is_some() { AdapterKind::Lora } else { AdapterKind::Head },
+                kind: match (&report.lora, &report.reft) {
+                    (Some(_), _) => AdapterKind::Lora,
+                    (None, Some(_)) => AdapterKind::Loreft,
+                    (None, None) => AdapterKind::Head,
+                },
                 labels,
                 lora,
+                reft,
                 base: BaseRef::of(bundle),
                 parent_version: (incumbent.version > 0).then_some(incumbent.version),
                 metrics: BTreeMap::new(),
@@ -801,6 +808,7 @@ impl TaskLoop {
             },
             head: report.head.clone(),
             lora: report.lora.clone(),
+            reft: report.reft.clone(),
         };
         let training = TrainingSummary {
             best_epoch: report.best_epoch,

@@ -89,6 +89,7 @@ impl TrainBackend for MeansTrainer {
         Ok(FitReport {
             head,
             lora: None,
+            reft: None,
             epochs: vec![EpochRecord { epoch: 1, train_loss: 0.1, val_loss: 0.1, val_accuracy: 1.0, seconds: 0.0 }],
             best_epoch: 0,
             stopped_early: false,

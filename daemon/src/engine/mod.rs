@@ -521,7 +521,7 @@ fn warm_up(model: &mut OnnxModel) -> Result<(), OnnxError> {
             }
         })
         .collect();
-    let lora = adaptd_adapters::lora::no_adapter_inputs(&manifest.lora);
+    let lora = adaptd_adapters::slots::no_adapter_inputs(&manifest);
     model.run(&inputs, &lora).map(|_| ())
 }
 

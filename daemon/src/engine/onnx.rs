@@ -534,7 +534,8 @@ impl OnnxModel {
                 names: self.input_names.join(", "),
             });
         }
-        if plain_allowed && self.plain.is_some() && changes_no_slot(lora) {
+        let manifest = &self.bundle.manifest;
+        if plain_allowed && self.plain.is_some() && adaptd_adapters::slots::changes_nothing(manifest, lora) {
             return Ok(PreparedLora::Plain);
         }
         let values = names
@@ -549,7 +550,8 @@ impl OnnxModel {
                 Ok(placed.into_dyn())
             })
             .collect::<Result<Vec<DynValue>, OnnxError>>()?;
-        let merging = (plain_allowed && self.merges_lora()).then(|| {
+        // LoReFT edits a layer's output, not its weights: nothing to fold, it serves on the slots.
+        let merging = (plain_allowed && self.merges_lora() && adaptd_adapters::slots::reft_edits_nothing(manifest, lora)).then(|| {
             Arc::new(Merging {
                 merged: Mutex::new(None),
                 ready: AtomicBool::new(false),
@@ -625,11 +627,6 @@ impl OnnxModel {
             })
             .collect()
     }
-}
-
-/// Slot tensors (A, B per slot) that add nothing: each slot's A or B is all zeros.
-fn changes_no_slot(lora: &[HostTensor]) -> bool {
-    lora.chunks(2).all(adaptd_adapters::lora::slot_adds_nothing)
 }
 
 fn to_value(name: &str, t: HostTensor) -> Result<DynValue, OnnxError> {

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use adaptd_adapters::aggregate::{self, AggregateError, HeadPart, Rule};
-use adaptd_adapters::files::{AdapterManifest, AggregatedOffer, Aggregation, BaseRef, LoraInfo, SampleCounts};
+use adaptd_adapters::files::{AdapterManifest, AggregatedOffer, Aggregation, BaseRef, LoraInfo, ReftInfo, SampleCounts};
 use adaptd_adapters::{Adapter, AdapterKind, Bundle, Head};
 use adaptd_protocol::fleet::Offer;
 
@@ -151,8 +151,25 @@ pub fn aggregate(
         .collect();
     let (head, labels) = aggregate::combine_heads((&parent.head, &parent.labels), &parts)?;
 
+    let mut reft = None;
     let (lora, rule, modules) = match first_adapter.manifest.kind {
         AdapterKind::Head => (None, "heads".to_string(), Vec::new()),
+        AdapterKind::Loreft => {
+            let parts: Vec<_> = offers
+                .iter()
+                .zip(&weights)
+                .map(|((o, a), &w)| {
+                    a.reft.as_ref().map(|r| (r, w)).ok_or_else(|| FleetAggregateError::Refused {
+                        offer: adaptd_fleet::offer::offer_name(o),
+                        reason: "a LoReFT adapter without LoReFT weights".into(),
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+            let rank_max = bundle.manifest.reft.as_ref().map_or(0, |r| r.rank_max);
+            reft = Some(aggregate::combine_reft(&parts, rank_max)?);
+            // Exact: the stacked edit is the weighted sum of the devices' edits.
+            (None, "stack".to_string(), Vec::new())
+        }
         AdapterKind::Lora => {
             let loras: Vec<_> = offers
                 .iter()
@@ -190,6 +207,7 @@ pub fn aggregate(
         kind: first_adapter.manifest.kind,
         labels,
         lora: lora.as_ref().map(|l| LoraInfo { rank: l.rank, alpha: l.alpha, target_modules: l.modules.iter().map(|m| m.module.clone()).collect() }),
+        reft: reft.as_ref().map(|r| ReftInfo { rank: r.rank, positions: r.positions, modules: r.modules.iter().map(|m| m.module.clone()).collect() }),
         base: BaseRef::of(bundle),
         parent_version: None,
         metrics: BTreeMap::new(),
@@ -211,7 +229,7 @@ pub fn aggregate(
         }),
         files: BTreeMap::new(),
     };
-    let adapter = Adapter { manifest, head, lora };
+    let adapter = Adapter { manifest, head, lora, reft };
     adapter.check_fits(bundle).map_err(|e| FleetAggregateError::Fit(e.to_string()))?;
     Ok(adapter)
 }
