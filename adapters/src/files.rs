@@ -45,7 +45,7 @@ pub enum AdapterFileError {
     #[error("adapter {adapter}: {source}")]
     Head { adapter: String, source: HeadError },
     #[error("adapter {adapter}: {source}")]
-    Reft { adapter: String, source: crate::reft::ReftError },
+    Reft { adapter: String, source: Box<crate::reft::ReftError> },
 }
 
 impl AdapterFileError {
@@ -219,8 +219,12 @@ impl Adapter {
             lora.validate(&bundle.manifest.lora).map_err(|source| AdapterFileError::Lora { adapter: id.clone(), source })?;
         }
         if let Some(reft) = &self.reft {
-            let spec = bundle.manifest.reft.as_ref().ok_or_else(|| AdapterFileError::Reft { adapter: id.clone(), source: crate::reft::ReftError::NoSlots })?;
-            reft.validate(spec).map_err(|source| AdapterFileError::Reft { adapter: id.clone(), source })?;
+            let spec = bundle
+                .manifest
+                .reft
+                .as_ref()
+                .ok_or_else(|| AdapterFileError::Reft { adapter: id.clone(), source: Box::new(crate::reft::ReftError::NoSlots) })?;
+            reft.validate(spec).map_err(|source| AdapterFileError::Reft { adapter: id.clone(), source: Box::new(source) })?;
         }
         self.head.validate(bundle.manifest.embedding_dim, self.manifest.labels.len()).map_err(|source| AdapterFileError::Head { adapter: id, source })
     }
@@ -229,7 +233,7 @@ impl Adapter {
     pub fn slot_inputs(&self, bundle: &Bundle) -> Result<Vec<HostTensor>, AdapterFileError> {
         crate::slots::adapter_inputs(&bundle.manifest, self.lora.as_ref(), self.reft.as_ref()).map_err(|e| match e {
             crate::slots::SlotError::Lora(source) => AdapterFileError::Lora { adapter: self.manifest.id(), source },
-            crate::slots::SlotError::Reft(source) => AdapterFileError::Reft { adapter: self.manifest.id(), source },
+            crate::slots::SlotError::Reft(source) => AdapterFileError::Reft { adapter: self.manifest.id(), source: Box::new(source) },
         })
     }
 

@@ -190,6 +190,21 @@ pub fn check_parity(onnx: &mut OnnxModel, graph: &TrainingGraph, inputs: &[HostT
 /// intents for text). Proves the graph trains
 /// and the base stays frozen; the report carries the losses and the bit-identity check.
 pub fn training_probe(bundle: &Bundle, graph: &TrainingGraph, data: &ProbeData, steps: usize) -> Result<FitReport, ParityError> {
+    let (train, head, recipe) = probe_job(bundle, data, steps)?;
+    let target = FitTarget::Lora { graph, rank: 8, alpha: 8.0, start: None };
+    Ok(fit(target, &train, &Examples::default(), &head, &recipe, &AtomicBool::new(false), &mut |_| {})?)
+}
+
+/// The same probe training LoReFT (rank 4, each text's first and last token) with the head.
+pub fn loreft_training_probe(bundle: &Bundle, graph: &TrainingGraph, data: &ProbeData, steps: usize) -> Result<FitReport, ParityError> {
+    let (train, head, recipe) = probe_job(bundle, data, steps)?;
+    let positions = bundle.manifest.reft.as_ref().and_then(|r| r.positions_input.as_ref()).map(|_| adaptd_adapters::reft::ReftPositions { first: 1, last: 1 });
+    let target = FitTarget::Loreft { graph, rank: 4, positions, layers: &[], start: None };
+    Ok(fit(target, &train, &Examples::default(), &head, &recipe, &AtomicBool::new(false), &mut |_| {})?)
+}
+
+/// A training probe's data, starting head and recipe.
+fn probe_job(bundle: &Bundle, data: &ProbeData, steps: usize) -> Result<(Examples, Head, Recipe), ParityError> {
     let (inputs, labels, classes) = match &bundle.manifest.preprocessing {
         Preprocessing::Text { .. } => {
             let texts: Vec<&str> = ROBOT_INTENTS.iter().map(|(t, _)| *t).collect();
@@ -231,8 +246,7 @@ pub fn training_probe(bundle: &Bundle, graph: &TrainingGraph, data: &ProbeData, 
         }],
     };
     let train = Examples { weights: vec![1.0; labels.len()], inputs, labels };
-    let target = FitTarget::Lora { graph, rank: 8, alpha: 8.0, start: None };
-    Ok(fit(target, &train, &Examples::default(), &head, &recipe, &AtomicBool::new(false), &mut |_| {})?)
+    Ok((train, head, recipe))
 }
 
 /// What a head adaptation on shifted digits came to (`adaptd check`).

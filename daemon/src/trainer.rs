@@ -17,6 +17,7 @@ use std::time::Duration;
 use adaptd_adapters::bundle::Bundle;
 use adaptd_adapters::head::Head;
 use adaptd_adapters::lora::LoraWeights;
+use adaptd_adapters::reft::{ReftPositions, ReftWeights};
 use adaptd_adapters::tensor::HostTensor;
 use adaptd_train::{Examples, FitReport, PrefixCache, Progress, Recipe, TrainError};
 use serde::Deserialize;
@@ -69,6 +70,9 @@ pub enum JobKind {
     Head,
     /// LoRA on every slot of the bundle, trained jointly with the head.
     Lora { rank: usize, alpha: f32 },
+    /// LoReFT on the bundle's LoReFT slots (the layers `TrainJob::loreft_layers` names, else
+    /// all), editing `positions` of sequences, trained jointly with the head.
+    Loreft { rank: usize, positions: ReftPositions },
 }
 
 impl JobKind {
@@ -76,6 +80,7 @@ impl JobKind {
         match self {
             JobKind::Head => "head",
             JobKind::Lora { .. } => "lora",
+            JobKind::Loreft { .. } => "loreft",
         }
     }
 
@@ -84,6 +89,7 @@ impl JobKind {
         match self {
             JobKind::Head => "head".into(),
             JobKind::Lora { rank, .. } => format!("lora-r{rank}"),
+            JobKind::Loreft { rank, .. } => format!("loreft-r{rank}"),
         }
     }
 }
@@ -96,6 +102,10 @@ pub struct TrainJob {
     pub init_head: Head,
     /// For `Lora`: the LoRA that serves now, to continue from (the job's rank grows to hold it).
     pub start_lora: Option<LoraWeights>,
+    /// For `Loreft`: the LoReFT that serves now, to continue from, and the layers to edit
+    /// (empty: every LoReFT slot the bundle has).
+    pub start_reft: Option<ReftWeights>,
+    pub loreft_layers: Vec<String>,
     pub recipe: Recipe,
     /// For `Lora` above a cut: prefix activations kept from earlier jobs.
     pub prefix_cache: PrefixCache,
@@ -119,7 +129,7 @@ enum Command {
     },
     Predict {
         inputs: Vec<HostTensor>,
-        lora: Option<LoraWeights>,
+        slots: Vec<HostTensor>,
         head: Head,
         reply: oneshot::Sender<Result<Vec<f32>, TrainError>>,
     },
@@ -202,8 +212,8 @@ impl Trainer {
                             };
                             let _ = reply.send(guarded(|| backend.fit(&job, &cancel, &mut report)));
                         }
-                        Command::Predict { inputs, lora, head, reply } => {
-                            let _ = reply.send(guarded(|| backend.predict(&inputs, lora.as_ref(), &head)));
+                        Command::Predict { inputs, slots, head, reply } => {
+                            let _ = reply.send(guarded(|| backend.predict(&inputs, &slots, &head)));
                         }
                         Command::Stop => return,
                     }
@@ -235,11 +245,12 @@ impl Trainer {
         Ok(JobHandle { cancel, pause, progress, done })
     }
 
-    /// Softmax scores of `head` over the training graph's embedding with `lora` applied: the
-    /// trainer's side of the engine/trainer parity check.
-    pub async fn predict(&self, inputs: Vec<HostTensor>, lora: Option<LoraWeights>, head: Head) -> Result<Vec<f32>, TrainerError> {
+    /// Softmax scores of `head` over the training graph's embedding with the adapter's slot
+    /// values `slots` (LoRA and LoReFT, as serving feeds them): the trainer's side of the
+    /// engine/trainer parity check.
+    pub async fn predict(&self, inputs: Vec<HostTensor>, slots: Vec<HostTensor>, head: Head) -> Result<Vec<f32>, TrainerError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Predict { inputs, lora, head, reply }).map_err(|_| TrainerError::Stopped)?;
+        self.tx.send(Command::Predict { inputs, slots, head, reply }).map_err(|_| TrainerError::Stopped)?;
         Ok(rx.await.map_err(|_| TrainerError::Stopped)??)
     }
 
@@ -260,8 +271,8 @@ pub trait TrainBackend: 'static {
     /// Fit `job`, reporting after every optimizer step; stop with `TrainError::Cancelled` once
     /// `cancel` is set.
     fn fit(&self, job: &TrainJob, cancel: &AtomicBool, progress: &mut dyn FnMut(&Progress)) -> Result<FitReport, TrainError>;
-    /// Softmax scores of `head` over the embedding of `inputs` with `lora` applied.
-    fn predict(&self, inputs: &[HostTensor], lora: Option<&LoraWeights>, head: &Head) -> Result<Vec<f32>, TrainError>;
+    /// Softmax scores of `head` over the embedding of `inputs` with the slot values `slots`.
+    fn predict(&self, inputs: &[HostTensor], slots: &[HostTensor], head: &Head) -> Result<Vec<f32>, TrainError>;
 }
 
 /// A panic inside a backend (libtorch) fails the job, not the daemon.
@@ -279,7 +290,6 @@ mod torch {
 
     use adaptd_adapters::bundle::Bundle;
     use adaptd_adapters::head::{Head, softmax_rows};
-    use adaptd_adapters::lora::LoraWeights;
     use adaptd_adapters::tensor::HostTensor;
     use adaptd_train::{FitReport, FitTarget, Progress, TrainError, TrainingGraph, fit_cached, libtorch};
 
@@ -335,18 +345,20 @@ mod torch {
                     let continued = start.map_or(rank, |s| s.rank.max(rank));
                     FitTarget::Lora { graph, rank: continued, alpha: alpha * continued as f32 / rank as f32, start }
                 }
+                JobKind::Loreft { rank, positions } => {
+                    let start = job.start_reft.as_ref();
+                    // Positions only where the bundle edits sequences.
+                    let positions = graph.manifest().reft.as_ref().and_then(|r| r.positions_input.as_ref()).map(|_| positions);
+                    FitTarget::Loreft { graph, rank: start.map_or(rank, |s| s.rank.max(rank)), positions, layers: &job.loreft_layers, start }
+                }
             };
             let _span = tracing::info_span!("train", kind = job.kind.name(), samples = job.train.len()).entered();
             fit_cached(target, &job.train, &job.validation, &job.init_head, &job.recipe, &job.prefix_cache, cancel, progress)
         }
 
-        fn predict(&self, inputs: &[HostTensor], lora: Option<&LoraWeights>, head: &Head) -> Result<Vec<f32>, TrainError> {
+        fn predict(&self, inputs: &[HostTensor], slots: &[HostTensor], head: &Head) -> Result<Vec<f32>, TrainError> {
             let manifest = self.graph.manifest();
-            let lora_inputs = match lora {
-                Some(w) => w.graph_inputs(&manifest)?,
-                None => adaptd_adapters::slots::no_adapter_inputs(&manifest),
-            };
-            let outputs = self.graph.forward_host(inputs, &lora_inputs)?;
+            let outputs = self.graph.forward_host(inputs, slots)?;
             let no_embedding = || TrainError::Output("the training graph gave no f32 embedding".into());
             let emb = manifest.output_index(&manifest.embedding_output).and_then(|i| outputs.get(i)).ok_or_else(no_embedding)?;
             let rows = emb.shape.first().copied().unwrap_or(0);

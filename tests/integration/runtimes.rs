@@ -284,6 +284,64 @@ fn assert_trains(name: &str) {
     lora.validate(&bundle.manifest.lora).expect("trained weights fit the bundle");
 }
 
+/// LoReFT trains through libtorch on each bundle: the loss falls, the base stays bit-identical,
+/// R keeps orthonormal rows, only the slots a job may train are in the adapter (above the cut
+/// where the trainer takes it), the adapter is a small fraction of a LoRA's parameters, and ONNX
+/// Runtime serves it as libtorch trained it.
+fn assert_loreft_trains(name: &str, above_cut: bool) {
+    let (bundle, mut onnx, mut graph) = load(name);
+    if above_cut {
+        graph.load_cut(&bundle).unwrap();
+    }
+    let report = parity::loreft_training_probe(&bundle, &graph, &probe_data(), 12).unwrap();
+    let (first, last) = (report.losses[0], *report.losses.last().unwrap());
+    assert!(report.losses.iter().all(|l| l.is_finite()));
+    assert!(last < 0.8 * first, "{name}: loss went {first} -> {last}");
+    assert_eq!(report.base_unchanged, Some(true), "{name}: base parameters changed during LoReFT training");
+    assert!(report.lora.is_none());
+    let reft = report.reft.expect("a LoReFT fit returns LoReFT weights");
+    let spec = bundle.manifest.reft.as_ref().unwrap();
+    reft.validate(spec).expect("trained weights fit the bundle");
+    let expected: Vec<&str> = match (above_cut, &bundle.manifest.cut) {
+        (true, Some(cut)) => cut.reft_above.iter().map(|&i| spec.slots[i].module.as_str()).collect(),
+        _ => spec.slots.iter().map(|s| s.module.as_str()).collect(),
+    };
+    assert_eq!(reft.modules.iter().map(|m| m.module.as_str()).collect::<Vec<_>>(), expected, "{name}: the slots the job trains");
+    for m in &reft.modules {
+        let (r, d) = (m.rotate.as_f32().unwrap(), m.rotate.shape[1]);
+        for i in 0..reft.rank {
+            for j in 0..reft.rank {
+                let dot: f32 = (0..d).map(|k| r[i * d + k] * r[j * d + k]).sum();
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((dot - want).abs() < 1e-4, "{name} {}: R R^T [{i},{j}] = {dot}", m.module);
+            }
+        }
+        let moved: f32 =
+            m.weight.as_f32().unwrap().iter().zip(r).map(|(w, r)| (w - r).abs()).sum::<f32>() + m.bias.as_f32().unwrap().iter().map(|b| b.abs()).sum::<f32>();
+        assert!(moved > 0.0, "{name}: LoReFT {} never moved from its no-edit start", m.module);
+    }
+    let lora_params: usize = bundle.manifest.lora.slots.iter().map(|s| 8 * (s.a_shape[1..].iter().product::<usize>() + s.out_features)).sum();
+    assert!(reft.parameter_count() * 5 <= lora_params, "{name}: LoReFT {} parameters vs LoRA rank 8's {lora_params}", reft.parameter_count());
+    // Served by ONNX Runtime as libtorch trained it.
+    let values = adaptd_adapters::slots::adapter_inputs(&bundle.manifest, None, Some(&reft)).unwrap();
+    let inputs = parity::probe_inputs(&bundle, &probe_data()).unwrap();
+    let served = onnx.run(&inputs, &values).unwrap();
+    let trained = graph.forward_host(&inputs, &values).unwrap();
+    for (s, t) in served.iter().zip(&trained) {
+        let diff = adaptd_adapters::tensor::max_abs_diff(s, t).unwrap();
+        assert!(diff <= PARITY_TOLERANCE, "{name}: ONNX Runtime serves the trained LoReFT {diff} away from libtorch");
+    }
+    assert!(!adaptd_adapters::slots::changes_nothing(&bundle.manifest, &values));
+}
+
+#[test]
+fn loreft_trains_on_each_bundle_with_r_orthonormal_and_serves_as_it_trained() {
+    assert_loreft_trains("digits-cnn", false);
+    assert_loreft_trains("minilm", true);
+    assert_loreft_trains("minilm", false);
+    assert_loreft_trains("efficientnet-lite0", true);
+}
+
 #[test]
 fn digits_cnn_lora_trains_and_base_stays_bit_identical() {
     assert_trains("digits-cnn");
@@ -620,6 +678,8 @@ fn lora_trains_above_the_cut_on_activations_the_prefix_computed_once() {
             validation: Examples::default(),
             init_head: head.clone(),
             start_lora: None,
+            start_reft: None,
+            loreft_layers: Vec::new(),
             recipe: recipe.clone(),
             prefix_cache: adaptd_train::PrefixCache::default(),
         };

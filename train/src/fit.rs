@@ -482,9 +482,10 @@ pub enum FitTarget<'a> {
     /// `Examples::inputs` are the bundle's model inputs. `start`: LoRA weights to continue from
     /// (what serves now), at a rank no higher than `rank`; slots it does not name start fresh.
     Lora { graph: &'a TrainingGraph, rank: usize, alpha: f32, start: Option<&'a LoraWeights> },
-    /// LoReFT on the bundle's LoReFT slots (plus the head), editing `positions` of sequences.
+    /// LoReFT on the bundle's LoReFT slots (plus the head), editing `positions` of sequences;
+    /// `layers` names the slots' modules to train (empty: all; above a cut, those above it).
     /// `start`: LoReFT weights to continue from, at a rank no higher than `rank`.
-    Loreft { graph: &'a TrainingGraph, rank: usize, positions: Option<ReftPositions>, start: Option<&'a ReftWeights> },
+    Loreft { graph: &'a TrainingGraph, rank: usize, positions: Option<ReftPositions>, layers: &'a [String], start: Option<&'a ReftWeights> },
 }
 
 /// The prefix's activation for every row of `inputs`: the cached rows whose key is `key`, the
@@ -611,6 +612,8 @@ struct ReftSetup<'a> {
     spec: ReftSpec,
     rank: usize,
     positions: Option<ReftPositions>,
+    /// Per slot: whether the job may train it (the layers it was asked for).
+    wanted: Vec<bool>,
     start: Option<&'a ReftWeights>,
 }
 
@@ -664,7 +667,7 @@ fn checked_target<'a>(
             }
             Ok((graph.device(), Some(*graph), (Some(LoraSetup { spec: spec.clone(), rank: *rank, alpha: *alpha, start: *start }), None)))
         }
-        FitTarget::Loreft { graph, rank, positions, start } => {
+        FitTarget::Loreft { graph, rank, positions, layers, start } => {
             graph.check_inputs(&train.inputs)?;
             if !validation.is_empty() {
                 graph.check_inputs(&validation.inputs)?;
@@ -690,7 +693,12 @@ fn checked_target<'a>(
                     )));
                 }
             }
-            Ok((graph.device(), Some(*graph), (None, Some(ReftSetup { spec: spec.clone(), rank: *rank, positions: *positions, start: *start }))))
+            if let Some(unknown) = layers.iter().find(|l| !spec.slots.iter().any(|s| &&s.module == l)) {
+                let known: Vec<&str> = spec.slots.iter().map(|s| s.module.as_str()).collect();
+                return Err(TrainError::Data(format!("LoReFT layer {unknown:?} is not a LoReFT slot of bundle {} (slots: {known:?})", graph.manifest().name)));
+            }
+            let wanted = spec.slots.iter().map(|s| layers.is_empty() || layers.contains(&s.module)).collect();
+            Ok((graph.device(), Some(*graph), (None, Some(ReftSetup { spec: spec.clone(), rank: *rank, positions: *positions, wanted, start: *start }))))
         }
     }
 }
@@ -793,15 +801,22 @@ fn rotation(p: &Tensor) -> Tensor {
 }
 
 /// The LoReFT values as the graph takes them: R, W = R + D, b per slot, padded to `rank_max`
-/// rows with zeros, then the positions.
-fn graph_reft(setup: &ReftSetup<'_>, vars: &[[Tensor; 3]], device: Device) -> Vec<Tensor> {
+/// rows with zeros, then the positions. A slot the job leaves alone (`kept` false) and did not
+/// start with edits nothing: zeros.
+fn graph_reft(setup: &ReftSetup<'_>, vars: &[[Tensor; 3]], kept: &[bool], device: Device) -> Vec<Tensor> {
     let ReftSetup { spec, rank, positions, .. } = setup;
     let pad = (spec.rank_max - rank) as i64;
     let mut out: Vec<Tensor> = spec
         .slots
         .iter()
         .zip(vars)
-        .flat_map(|(slot, [p, delta, bias])| {
+        .zip(kept)
+        .flat_map(|((slot, [p, delta, bias]), &kept)| {
+            if !kept {
+                let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, device));
+                let (rows, dim) = (spec.rank_max as i64, slot.dim as i64);
+                return [zeros(&[rows, dim]), zeros(&[rows, dim]), zeros(&[rows])];
+            }
             let r = rotation(p);
             let w = &r + delta;
             let rows = |t: Tensor| Tensor::cat(&[t, Tensor::zeros([pad, slot.dim as i64], (Kind::Float, device))], 0);
@@ -861,8 +876,10 @@ struct Model<'g> {
     /// their start (they shaped the cached activations) and, without gradients, are left alone
     /// by the optimizer.
     trained: Vec<bool>,
-    /// The same per LoReFT slot.
+    /// The same per LoReFT slot; and whether a LoReFT slot is in the adapter at all (trained,
+    /// or continued from the start).
     reft_trained: Vec<bool>,
+    reft_kept: Vec<bool>,
     above_cut: bool,
     embedding_index: Option<usize>,
     /// The LoRA dropout applied while training, and the head's input dropout.
@@ -909,11 +926,21 @@ impl<'g> Model<'g> {
             }
             None => Vec::new(),
         };
-        let reft_trained = match graph {
-            Some(g) => {
+        let reft_trained: Vec<bool> = match (graph, &reft) {
+            (Some(g), Some(setup)) => {
                 let slots = g.trained_reft_slots();
-                (0..reft_vars.len()).map(|i| slots.contains(&i)).collect()
+                (0..reft_vars.len()).map(|i| slots.contains(&i) && setup.wanted.get(i).copied().unwrap_or(false)).collect()
             }
+            _ => Vec::new(),
+        };
+        let reft_kept = match &reft {
+            Some(setup) => setup
+                .spec
+                .slots
+                .iter()
+                .zip(&reft_trained)
+                .map(|(slot, &trained)| trained || setup.start.is_some_and(|s| s.modules.iter().any(|m| m.module == slot.module)))
+                .collect(),
             None => Vec::new(),
         };
         let embedding_index = match graph {
@@ -944,6 +971,7 @@ impl<'g> Model<'g> {
             fixed_reft,
             trained,
             reft_trained,
+            reft_kept,
             above_cut: graph.is_some_and(TrainingGraph::trains_above_cut),
             embedding_index,
             lora_dropout,
@@ -959,7 +987,7 @@ impl<'g> Model<'g> {
             None => self.fixed_lora.iter().map(Tensor::shallow_clone).collect(),
         };
         let reft = match &self.reft {
-            Some(setup) => graph_reft(setup, &self.reft_vars, self.device),
+            Some(setup) => graph_reft(setup, &self.reft_vars, &self.reft_kept, self.device),
             None => self.fixed_reft.iter().map(Tensor::shallow_clone).collect(),
         };
         lora.into_iter().chain(reft).collect()
@@ -1235,7 +1263,7 @@ pub fn fit_cached(
         Some((_, e, p)) => (e, p),
         None => (epochs.len() - 1, model.snapshot()),
     };
-    let (head, lora, reft) = trained_weights(&params, model.lora.as_ref(), model.reft.as_ref())?;
+    let (head, lora, reft) = trained_weights(&params, model.lora.as_ref(), model.reft.as_ref(), &model.reft_kept)?;
     let base_unchanged = match (graph, &base) {
         (Some(g), Some(s)) => Some(g.base_unchanged(s)?),
         _ => None,
@@ -1266,6 +1294,7 @@ fn trained_weights(
     params: &[Tensor],
     lora: Option<&LoraSetup<'_>>,
     reft: Option<&ReftSetup<'_>>,
+    reft_kept: &[bool],
 ) -> Result<(Head, Option<LoraWeights>, Option<ReftWeights>), TrainError> {
     let first_reft = 2 + 2 * lora.map_or(0, |l| l.spec.slots.len());
     let head = Head { layers: vec![Dense { weight: to_host(&params[0])?, bias: to_host(&params[1])? }] };
@@ -1290,6 +1319,7 @@ fn trained_weights(
                 .slots
                 .iter()
                 .enumerate()
+                .filter(|(i, _)| reft_kept.get(*i).copied().unwrap_or(false))
                 .map(|(i, slot)| {
                     let at = first_reft + 3 * i;
                     Ok(ReftModule {

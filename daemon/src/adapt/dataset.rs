@@ -7,6 +7,7 @@ use adaptd_adapters::bundle::{Bundle, Manifest, RetentionSet};
 use adaptd_adapters::files::SampleCounts;
 use adaptd_adapters::head::{Head, class_means, grow_linear};
 use adaptd_adapters::lora::LoraWeights;
+use adaptd_adapters::reft::ReftWeights;
 use adaptd_adapters::tensor::HostTensor;
 use adaptd_train::{CachedActivation, Examples, PrefixCache};
 
@@ -164,7 +165,7 @@ pub(super) fn prepare(
             let val_emb = if validation.is_empty() { Vec::new() } else { embeddings(&validation, dim)? };
             val_ex.inputs = vec![HostTensor::f32(vec![validation.len(), dim], val_emb).map_err(|e| AdaptError::Data(e.to_string()))?];
         }
-        JobKind::Lora { .. } => {
+        JobKind::Lora { .. } | JobKind::Loreft { .. } => {
             let mut inputs = model_inputs(text, &bundle.manifest, &train)?;
             if !replay_rows.is_empty() && text.is_none() {
                 let rows: Vec<usize> = replay_rows.iter().map(|&(i, _)| i).collect();
@@ -200,11 +201,12 @@ pub(super) fn prepare(
         train_by_label: count_labels(train.iter().copied()).into_iter().map(|(l, n)| (l.to_string(), n as u64)).collect(),
     };
     let start_lora = serving_lora_to_continue(config.training.kind(), bundle, incumbent, &mut notes);
+    let start_reft = serving_reft_to_continue(config.training.kind(), bundle, incumbent, &mut notes);
     let mut train_ids: Vec<Option<i64>> = train.iter().map(|s| Some(s.id)).collect();
     train_ids.resize(train_ex.labels.len(), None);
     let validation_ids: Vec<i64> = validation.iter().map(|s| s.id).collect();
     let prefix_cache = match (config.training.kind(), &bundle.manifest.cut) {
-        (JobKind::Lora { .. }, Some(_)) => kept_prefix_activations(store, &train_ids, &validation_ids)?,
+        (JobKind::Lora { .. } | JobKind::Loreft { .. }, Some(_)) => kept_prefix_activations(store, &train_ids, &validation_ids)?,
         _ => PrefixCache::default(),
     };
     let job = TrainJob {
@@ -213,6 +215,8 @@ pub(super) fn prepare(
         validation: val_ex,
         init_head,
         start_lora,
+        start_reft,
+        loreft_layers: config.training.loreft_layers.clone(),
         recipe: config.training.recipe.clone(),
         prefix_cache,
     };
@@ -330,6 +334,28 @@ fn serving_lora_to_continue(kind: JobKind, bundle: &Bundle, incumbent: &Serving,
         }
         Err(e) => {
             notes.push(format!("LoRA starts fresh: the serving LoRA cannot be continued ({e})"));
+            None
+        }
+    }
+}
+
+/// A LoReFT job continues from the LoReFT that serves, where it edits the positions the job edits.
+fn serving_reft_to_continue(kind: JobKind, bundle: &Bundle, incumbent: &Serving, notes: &mut Vec<String>) -> Option<ReftWeights> {
+    let JobKind::Loreft { positions, .. } = kind else { return None };
+    let info = incumbent.manifest.as_ref().and_then(|m| m.reft.as_ref())?;
+    let spec = bundle.manifest.reft.as_ref()?;
+    let (_, reft_inputs) = adaptd_adapters::slots::split(&bundle.manifest, &incumbent.lora.tensors);
+    match adaptd_adapters::reft::from_reft_inputs(spec, reft_inputs, info.rank) {
+        Ok(reft) if spec.positions_input.is_none() || reft.positions == Some(positions) => {
+            notes.push(format!("LoReFT continues from v{} (rank {})", incumbent.version, info.rank));
+            Some(reft)
+        }
+        Ok(reft) => {
+            notes.push(format!("LoReFT starts fresh: the serving LoReFT edits positions {:?}, this job {positions:?}", reft.positions));
+            None
+        }
+        Err(e) => {
+            notes.push(format!("LoReFT starts fresh: the serving LoReFT cannot be continued ({e})"));
             None
         }
     }

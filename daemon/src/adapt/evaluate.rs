@@ -199,7 +199,8 @@ pub(super) async fn judge(
                 change = change.max((c.scores[i] - base_score).abs());
             }
         }
-        let trainer_scores = ctx.trainer.predict(inputs, adapter.lora.clone(), adapter.head.clone()).await?;
+        let slots = adapter.slot_inputs(ctx.registry.bundle()).map_err(crate::registry::RegistryError::from)?;
+        let trainer_scores = ctx.trainer.predict(inputs, slots, adapter.head.clone()).await?;
         let engine_scores: Vec<f32> = cand.iter().flat_map(|p| p.scores.iter().copied()).collect();
         let parity = if trainer_scores.len() == engine_scores.len() {
             trainer_scores.iter().zip(&engine_scores).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))

@@ -25,6 +25,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use adaptd_adapters::reft::ReftPositions;
 use adaptd_train::Recipe;
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, watch as channel};
@@ -47,6 +48,7 @@ use crate::trainer::{JobKind, Trainer, TrainerConfig};
 pub enum AdapterChoice {
     Head,
     Lora,
+    Loreft,
 }
 
 /// How a task trains: the `[training]` section of the configuration file.
@@ -55,6 +57,12 @@ pub struct TrainingConfig {
     pub adapter: AdapterChoice,
     pub lora_rank: usize,
     pub lora_alpha: f32,
+    /// LoReFT's rank, the positions it edits on sequences (`f1+l1`: each text's first and last
+    /// token, as the paper writes them) and the layers (empty: every LoReFT slot of the bundle).
+    pub loreft_rank: usize,
+    #[serde(deserialize_with = "positions_from_str")]
+    pub loreft_positions: ReftPositions,
+    pub loreft_layers: Vec<String>,
     /// The trainer thread's own settings (applied at start-up).
     #[serde(flatten)]
     pub trainer: TrainerConfig,
@@ -83,6 +91,9 @@ impl Default for TrainingConfig {
             adapter: AdapterChoice::Head,
             lora_rank: 8,
             lora_alpha: 8.0,
+            loreft_rank: 4,
+            loreft_positions: ReftPositions { first: 1, last: 1 },
+            loreft_layers: Vec::new(),
             trainer: TrainerConfig::default(),
             recipe: Recipe::default(),
             replay_fraction: 0.2,
@@ -101,22 +112,24 @@ impl TrainingConfig {
         match self.adapter {
             AdapterChoice::Head => JobKind::Head,
             AdapterChoice::Lora => JobKind::Lora { rank: self.lora_rank, alpha: self.lora_alpha },
+            AdapterChoice::Loreft => JobKind::Loreft { rank: self.loreft_rank, positions: self.loreft_positions },
         }
     }
 
     /// The same settings, training `kind` (a step of escalation).
     pub fn with_kind(&self, kind: JobKind) -> TrainingConfig {
-        let (adapter, lora_rank, lora_alpha) = match kind {
-            JobKind::Head => (AdapterChoice::Head, self.lora_rank, self.lora_alpha),
-            JobKind::Lora { rank, alpha } => (AdapterChoice::Lora, rank, alpha),
+        let (adapter, lora_rank, lora_alpha, loreft_rank, loreft_positions) = match kind {
+            JobKind::Head => (AdapterChoice::Head, self.lora_rank, self.lora_alpha, self.loreft_rank, self.loreft_positions),
+            JobKind::Lora { rank, alpha } => (AdapterChoice::Lora, rank, alpha, self.loreft_rank, self.loreft_positions),
+            JobKind::Loreft { rank, positions } => (AdapterChoice::Loreft, self.lora_rank, self.lora_alpha, rank, positions),
         };
-        TrainingConfig { adapter, lora_rank, lora_alpha, ..self.clone() }
+        TrainingConfig { adapter, lora_rank, lora_alpha, loreft_rank, loreft_positions, ..self.clone() }
     }
 
     /// More capacity to try after [`kind`](Self::kind) within a job, in order (empty: none).
     pub fn escalation(&self) -> Vec<JobKind> {
         match self.escalate {
-            true => escalation_after(self.adapter == AdapterChoice::Head, self.lora_rank, self.lora_alpha),
+            true => escalation_after(self.adapter != AdapterChoice::Lora, self.lora_rank, self.lora_alpha),
             false => Vec::new(),
         }
     }
@@ -173,15 +186,42 @@ impl AdaptConfig {
 }
 
 /// The steps of more capacity after the configured adapter: LoRA on the bundle's slots (when
-/// the adapter is a head), then LoRA at twice the rank. Steps the bundle cannot take (no slots,
-/// a rank over its `rank_max`) are skipped when the job runs.
-pub fn escalation_after(from_head: bool, rank: usize, alpha: f32) -> Vec<JobKind> {
+/// the adapter is a head or LoReFT), then LoRA at twice the rank. Steps the bundle cannot take
+/// (no slots, a rank over its `rank_max`) are skipped when the job runs.
+pub fn escalation_after(before_lora: bool, rank: usize, alpha: f32) -> Vec<JobKind> {
     let mut steps = Vec::new();
-    if from_head {
+    if before_lora {
         steps.push(JobKind::Lora { rank, alpha });
     }
     steps.push(JobKind::Lora { rank: rank * 2, alpha: alpha * 2.0 });
     steps
+}
+
+/// LoReFT positions as the paper writes them: `f<n>+l<m>` (each sequence's first n and last m
+/// tokens), or `f<n>` or `l<m>` alone.
+pub fn parse_positions(text: &str) -> Result<ReftPositions, String> {
+    let (mut first, mut last) = (None, None);
+    for part in text.split('+') {
+        let (slot, digits) = match part.split_at_checked(1) {
+            Some(("f", d)) => (&mut first, d),
+            Some(("l", d)) => (&mut last, d),
+            _ => return Err(format!("{text:?}: expected f<n>+l<m>, e.g. \"f1+l1\" (part {part:?} is neither f<n> nor l<m>)")),
+        };
+        let n: usize = digits.parse().map_err(|_| format!("{text:?}: {part:?} needs a count after its letter, e.g. f1"))?;
+        if slot.replace(n).is_some() {
+            return Err(format!("{text:?}: names {} twice", &part[..1]));
+        }
+    }
+    let positions = ReftPositions { first: first.unwrap_or(0), last: last.unwrap_or(0) };
+    if positions.first + positions.last == 0 {
+        return Err(format!("{text:?} edits no position"));
+    }
+    Ok(positions)
+}
+
+fn positions_from_str<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<ReftPositions, D::Error> {
+    let text = <String as Deserialize>::deserialize(deserializer)?;
+    parse_positions(&text).map_err(serde::de::Error::custom)
 }
 
 /// Everything the loop works with; shared with the rest of the daemon.

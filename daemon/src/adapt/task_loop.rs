@@ -494,7 +494,14 @@ impl TaskLoop {
         let round = self.round.take();
         let (start_from, ladder) = match &round {
             Some(r) => match ctx.registry.preview(r.adapter.clone()) {
-                Ok(from) => (from, vec![r.adapter.lora.as_ref().map_or(JobKind::Head, |l| JobKind::Lora { rank: l.rank, alpha: l.alpha })]),
+                Ok(from) => {
+                    let kind = match (&r.adapter.lora, &r.adapter.manifest.reft) {
+                        (Some(l), _) => JobKind::Lora { rank: l.rank, alpha: l.alpha },
+                        (None, Some(info)) => JobKind::Loreft { rank: info.rank, positions: info.positions.unwrap_or(self.config.training.loreft_positions) },
+                        (None, None) => JobKind::Head,
+                    };
+                    (from, vec![kind])
+                }
                 Err(e) => return JobResult::Failed(format!("fleet release {} cannot start a job: {e}", r.release)),
             },
             None => (incumbent.clone(), self.ladder()),
@@ -682,13 +689,14 @@ impl TaskLoop {
     }
 
     /// The configured adapter, then the escalation steps the bundle can take (LoRA needs slots,
-    /// and a rank within its `rank_max`).
+    /// and a rank within its `rank_max`; LoReFT likewise its LoReFT slots).
     fn ladder(&self) -> Vec<JobKind> {
-        let lora = &self.ctx.registry.bundle().manifest.lora;
+        let manifest = &self.ctx.registry.bundle().manifest;
         std::iter::once(self.config.training.kind())
             .chain(self.config.training.escalation().into_iter().filter(|k| match k {
                 JobKind::Head => false,
-                JobKind::Lora { rank, .. } => !lora.slots.is_empty() && *rank <= lora.rank_max,
+                JobKind::Lora { rank, .. } => !manifest.lora.slots.is_empty() && *rank <= manifest.lora.rank_max,
+                JobKind::Loreft { rank, .. } => manifest.reft.as_ref().is_some_and(|r| !r.slots.is_empty() && *rank <= r.rank_max),
             }))
             .collect()
     }

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use adaptd_adapters::bundle::{Bundle, Manifest};
 use adaptd_adapters::head::{Dense, Head, class_means, softmax_rows};
-use adaptd_adapters::lora::LoraWeights;
 use adaptd_adapters::tensor::{HostTensor, SeededRng};
 use adaptd_adapters::{AdapterKind, AdapterStore};
 use adaptd_protocol::{Event, EventRecord};
@@ -106,7 +105,7 @@ impl TrainBackend for MeansTrainer {
         })
     }
 
-    fn predict(&self, inputs: &[HostTensor], _lora: Option<&LoraWeights>, head: &Head) -> Result<Vec<f32>, TrainError> {
+    fn predict(&self, inputs: &[HostTensor], _slots: &[HostTensor], head: &Head) -> Result<Vec<f32>, TrainError> {
         let x = inputs.first().ok_or_else(|| TrainError::Data("no input".into()))?;
         let rows = x.shape.first().copied().unwrap_or(0);
         let mut scores = head.forward(x.as_f32().ok_or_else(|| TrainError::Data("not f32".into()))?, rows);
