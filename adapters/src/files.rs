@@ -340,15 +340,26 @@ fn read_f32(st: &SafeTensors<'_>, name: &str) -> Result<HostTensor, String> {
     HostTensor::f32(t.shape().to_vec(), f32s_from_le(t.data())).map_err(|e| format!("tensor {name:?}: {e}"))
 }
 
-/// `{module}.rotate_layer`, `{module}.weight`, `{module}.bias` per edited layer (pyreft's names
-/// for R, W and b); the rank, positions and layers are in `adapter.json`.
+/// `{module}.rotate_layer`, `{module}.weight`, `{module}.bias` per edited layer, as pyreft's
+/// LoReFT state dicts name and lay them out: `rotate_layer` is Rᵀ (`[d, r]`, orthonormal
+/// columns), `weight` is W (`[r, d]`), `bias` is b. The rank, positions and layers are in
+/// `adapter.json`.
 fn reft_to_safetensors(reft: &crate::reft::ReftWeights) -> Result<Vec<u8>, String> {
+    let rotations: Vec<HostTensor> = reft.modules.iter().map(|m| transpose(&m.rotate)).collect::<Result<_, String>>()?;
     let names: Vec<(String, &HostTensor)> = reft
         .modules
         .iter()
-        .flat_map(|m| [(format!("{}.rotate_layer", m.module), &m.rotate), (format!("{}.weight", m.module), &m.weight), (format!("{}.bias", m.module), &m.bias)])
+        .zip(&rotations)
+        .flat_map(|(m, rt)| [(format!("{}.rotate_layer", m.module), rt), (format!("{}.weight", m.module), &m.weight), (format!("{}.bias", m.module), &m.bias)])
         .collect();
     serialize(&names, HashMap::from([("format".to_string(), "adaptd-loreft".to_string())]))
+}
+
+/// A 2-d f32 tensor transposed.
+fn transpose(t: &HostTensor) -> Result<HostTensor, String> {
+    let (&[rows, cols], Some(v)) = (t.shape.as_slice(), t.as_f32()) else { return Err(format!("expected a 2-d f32 tensor, got shape {:?}", t.shape)) };
+    let data = (0..cols).flat_map(|c| (0..rows).map(move |r| v[r * cols + c])).collect();
+    HostTensor::f32(vec![cols, rows], data).map_err(|e| e.to_string())
 }
 
 fn reft_from_safetensors(bytes: &[u8], info: &ReftInfo) -> Result<crate::reft::ReftWeights, String> {
@@ -362,7 +373,7 @@ fn reft_from_safetensors(bytes: &[u8], info: &ReftInfo) -> Result<crate::reft::R
         .map(|m| {
             Ok(crate::reft::ReftModule {
                 module: m.clone(),
-                rotate: read_f32(&st, &format!("{m}.rotate_layer"))?,
+                rotate: transpose(&read_f32(&st, &format!("{m}.rotate_layer"))?)?,
                 weight: read_f32(&st, &format!("{m}.weight"))?,
                 bias: read_f32(&st, &format!("{m}.bias"))?,
             })

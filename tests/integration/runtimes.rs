@@ -372,6 +372,8 @@ fn lora_dropout_drops_only_the_lora_path_while_training() {
                 let b = tch::Tensor::randn(s.b_shape.iter().map(|&d| d as i64).collect::<Vec<_>>(), (tch::Kind::Float, Device::Cpu)) * b_scale as f64;
                 [a, b]
             })
+            // The LoReFT slots edit nothing here.
+            .chain(bundle.manifest.reft.iter().flat_map(adaptd_adapters::reft::no_edit_inputs).map(|t| adaptd_train::to_tensor(&t, Device::Cpu)))
             .collect()
     };
     let logits = |lora: &[tch::Tensor], p: f64| graph.forward_dropout(std::slice::from_ref(&images), lora, p).unwrap().swap_remove(1);
