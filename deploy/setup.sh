@@ -47,6 +47,25 @@ if [ "$(cat .venv/.adaptd-stamp 2>/dev/null)" != "$venv_stamp" ]; then
   say "venv ready in $((SECONDS - t0)) s"
 fi
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+# The LoReFT reference: pyreft in a venv of its own (it pins an older transformers), reading
+# torch from .venv. pyreft and pyvene go in without their listed dependencies (notebook and
+# logging tools); the rest of the file is what importing them needs.
+pyreft_stamp=$(hash_of deploy/requirements.txt deploy/requirements-pyreft.txt)
+if [ "$(cat .venv-pyreft/.adaptd-stamp 2>/dev/null)" != "$pyreft_stamp" ]; then
+  say "creating .venv-pyreft with the LoReFT reference (pyreft)"
+  t0=$SECONDS
+  rm -rf .venv-pyreft
+  "$python" -m venv .venv-pyreft
+  pyreft_site=$(.venv-pyreft/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo "$site" > "$pyreft_site/zz-adaptd-venv.pth"
+  grep -E '^(pyreft|pyvene)==' deploy/requirements-pyreft.txt > .venv-pyreft/no-deps.txt
+  .venv-pyreft/bin/python -m pip install -q --progress-bar off --no-deps -r .venv-pyreft/no-deps.txt
+  grep -vE '^(pyreft|pyvene)==' deploy/requirements-pyreft.txt > .venv-pyreft/deps.txt
+  .venv-pyreft/bin/python -m pip install -q --progress-bar off -r .venv-pyreft/deps.txt
+  .venv-pyreft/bin/python -c 'import pyreft' 2>/dev/null
+  echo "$pyreft_stamp" > .venv-pyreft/.adaptd-stamp
+  say "pyreft ready in $((SECONDS - t0)) s"
+fi
 libtorch="$site/torch"
 ort_lib=$(ls "$site"/onnxruntime/capi/libonnxruntime.so.* | head -n 1)
 

@@ -340,6 +340,23 @@ fn read_f32(st: &SafeTensors<'_>, name: &str) -> Result<HostTensor, String> {
     HostTensor::f32(t.shape().to_vec(), f32s_from_le(t.data())).map_err(|e| format!("tensor {name:?}: {e}"))
 }
 
+/// The LoReFT configuration file beside `reft.safetensors` where a LoReFT comes without an
+/// adaptd adapter around it (converted from pyreft, say): a [`ReftInfo`] as JSON.
+pub const REFT_CONFIG: &str = "reft_config.json";
+
+/// A LoReFT in adaptd's layout without an adapter around it: `reft.safetensors` and
+/// `reft_config.json` in `dir` (what `deploy/export/pyreft_interop.py import` writes from a
+/// pyreft save directory). Refused by file and reason when either does not hold up; the caller
+/// checks it fits a bundle ([`crate::reft::ReftWeights::validate`]).
+pub fn read_reft_dir(dir: &Path) -> Result<crate::reft::ReftWeights, AdapterFileError> {
+    let config_path = dir.join(REFT_CONFIG);
+    let raw = std::fs::read(&config_path).map_err(fsutil::at(&config_path))?;
+    let info: ReftInfo = serde_json::from_slice(&raw).map_err(|e| format_err(&config_path, format!("not a LoReFT configuration: {e}")))?;
+    let weights_path = dir.join(REFT_WEIGHTS);
+    let bytes = std::fs::read(&weights_path).map_err(fsutil::at(&weights_path))?;
+    reft_from_safetensors(&bytes, &info).map_err(|e| format_err(&weights_path, e))
+}
+
 /// `{module}.rotate_layer`, `{module}.weight`, `{module}.bias` per edited layer, as pyreft's
 /// LoReFT state dicts name and lay them out: `rotate_layer` is Rᵀ (`[d, r]`, orthonormal
 /// columns), `weight` is W (`[r, d]`), `bias` is b. The rank, positions and layers are in
@@ -365,7 +382,9 @@ fn transpose(t: &HostTensor) -> Result<HostTensor, String> {
 fn reft_from_safetensors(bytes: &[u8], info: &ReftInfo) -> Result<crate::reft::ReftWeights, String> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
     if st.names().len() != 3 * info.modules.len() {
-        return Err(format!("expected rotate_layer, weight and bias for each of {:?}, found {:?}", info.modules, st.names()));
+        let mut found = st.names();
+        found.sort_unstable();
+        return Err(format!("expected rotate_layer, weight and bias for each of {:?}, found {found:?}", info.modules));
     }
     let modules = info
         .modules

@@ -114,6 +114,90 @@ fn adaptd_loads_a_lora_peft_trained_and_gets_the_same_embeddings() {
     assert!(diff <= 1e-4, "PEFT and adaptd disagree by {diff}");
 }
 
+/// pyreft's embeddings of the interop script's texts (run with the pyreft environment).
+fn run_pyreft(args: &[&Path], out: &Path, cmd: &str) -> PeftRun {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/export/pyreft_interop.py");
+    let python = crate::pyreft_python();
+    assert!(python.is_file(), "{} is missing: run `make setup`", python.display());
+    let status = Command::new(python).arg(script).arg(cmd).args(args).arg(out).status().expect("run pyreft's python");
+    assert!(status.success(), "pyreft_interop.py {cmd} failed");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap();
+    let dims = |k: &str| v[k].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect::<Vec<_>>();
+    let ints = |k: &str| v[k].as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect::<Vec<_>>();
+    let floats = v["embedding"].as_array().unwrap().iter().map(|d| d.as_f64().unwrap() as f32).collect();
+    PeftRun {
+        inputs: vec![HostTensor::i64(dims("shape"), ints("input_ids")).unwrap(), HostTensor::i64(dims("shape"), ints("attention_mask")).unwrap()],
+        embedding: HostTensor::f32(dims("embedding_shape"), floats).unwrap(),
+    }
+}
+
+fn serve_reft_embedding(bundle: &Bundle, reft: Option<&adaptd_adapters::ReftWeights>, inputs: &[HostTensor]) -> HostTensor {
+    let mut onnx = OnnxModel::load(bundle, SessionOptions { intra_op_threads: 1, ..Default::default() }, None).unwrap();
+    let slots = adaptd_adapters::slots::adapter_inputs(&bundle.manifest, None, reft).unwrap();
+    onnx.run(inputs, &slots).unwrap().remove(0)
+}
+
+#[test]
+fn loreft_adapter_files_round_trip_and_refuse_what_does_not_fit() {
+    let bundle = Bundle::open(reference_bundle("minilm")).unwrap();
+    let adapter = crate::loreft_adapter(&bundle, "intent", 2, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let written = adapter.write_dir(dir.path()).unwrap();
+    assert_eq!(written.files.keys().map(String::as_str).collect::<Vec<_>>(), ["head.safetensors", "reft.safetensors"]);
+    let back = Adapter::read_dir(dir.path()).unwrap();
+    assert_eq!((back.reft.as_ref(), back.lora.as_ref()), (adapter.reft.as_ref(), None));
+    back.check_fits(&bundle).unwrap();
+    // A LoReFT adapter on a bundle whose LoReFT slots are other layers is refused by name.
+    let digits = Bundle::open(reference_bundle("digits-cnn")).unwrap();
+    let mut moved = back.clone();
+    moved.manifest.base = adaptd_adapters::files::BaseRef::of(&digits);
+    let err = moved.check_fits(&digits).unwrap_err();
+    assert!(err.to_string().contains("edits no sequence") && err.error_type() == "reft", "{err}");
+    moved.reft.as_mut().unwrap().positions = None;
+    let err = moved.check_fits(&digits).unwrap_err();
+    assert!(err.to_string().contains("\"bert.encoder.layer.0\", which is not a LoReFT slot"), "{err}");
+    // The manifest and the tensors must agree on the layers.
+    let manifest_path = dir.path().join("adapter.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    manifest["reft"]["modules"] = serde_json::json!(["bert.encoder.layer.0"]);
+    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    let err = Adapter::read_dir(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("reft.safetensors: expected rotate_layer, weight and bias for each of [\"bert.encoder.layer.0\"]"), "{err}");
+}
+
+#[test]
+fn pyreft_loads_a_loreft_adaptd_wrote_and_gets_the_same_embeddings() {
+    let bundle = Bundle::open(reference_bundle("minilm")).unwrap();
+    let adapter = crate::loreft_adapter(&bundle, "intent", 1, 9);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("adapter");
+    std::fs::create_dir(&dir).unwrap();
+    adapter.write_dir(&dir).unwrap();
+    // Exported into pyreft's layout (its own ReftModel.save), loaded back by ReftModel.load.
+    let pyreft_dir = tmp.path().join("pyreft");
+    let theirs = run_pyreft(&[&dir, &pyreft_dir], &tmp.path().join("embed.json"), "embed");
+    assert!(pyreft_dir.join("config.json").is_file(), "pyreft's save directory");
+    let ours = serve_reft_embedding(&bundle, adapter.reft.as_ref(), &theirs.inputs);
+    let diff = max_abs_diff(&ours, &theirs.embedding).unwrap();
+    assert!(diff <= 1e-4, "pyreft and adaptd disagree by {diff}");
+    let base = serve_reft_embedding(&bundle, None, &theirs.inputs);
+    assert!(max_abs_diff(&base, &theirs.embedding).unwrap() > 1e-3, "the LoReFT did nothing under pyreft");
+}
+
+#[test]
+fn adaptd_loads_a_loreft_pyreft_saved_and_gets_the_same_embeddings() {
+    let bundle = Bundle::open(reference_bundle("minilm")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (pyreft_dir, converted) = (tmp.path().join("pyreft"), tmp.path().join("adaptd"));
+    let theirs = run_pyreft(&[&pyreft_dir, &converted], &tmp.path().join("make.json"), "make");
+    let reft = adaptd_adapters::files::read_reft_dir(&converted).expect("adaptd reads what pyreft saved, converted");
+    reft.validate(bundle.manifest.reft.as_ref().unwrap()).unwrap();
+    assert_eq!((reft.rank, reft.modules.len()), (4, 2));
+    let ours = serve_reft_embedding(&bundle, Some(&reft), &theirs.inputs);
+    let diff = max_abs_diff(&ours, &theirs.embedding).unwrap();
+    assert!(diff <= 1e-4, "pyreft and adaptd disagree by {diff}");
+}
+
 #[test]
 fn peft_configs_adaptd_cannot_serve_are_refused_by_name() {
     let bundle = Bundle::open(reference_bundle("minilm")).unwrap();

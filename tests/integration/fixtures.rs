@@ -49,3 +49,16 @@ pub fn lora_adapter(bundle: &Bundle, task: &str, version: u64, seed: u64) -> Ada
     adapter.lora = Some(lora);
     adapter
 }
+
+/// A LoReFT (rank 4, every LoReFT slot, each text's first and last token) + head adapter with
+/// seeded random weights.
+pub fn loreft_adapter(bundle: &Bundle, task: &str, version: u64, seed: u64) -> Adapter {
+    let mut adapter = head_adapter(bundle, task, version, seed);
+    let spec = bundle.manifest.reft.as_ref().expect("the bundle has LoReFT slots");
+    let reft = adaptd_adapters::ReftWeights::random(spec, 4, seed, 0.3).unwrap();
+    adapter.manifest.kind = AdapterKind::Loreft;
+    adapter.manifest.reft =
+        Some(adaptd_adapters::files::ReftInfo { rank: reft.rank, positions: reft.positions, modules: reft.modules.iter().map(|m| m.module.clone()).collect() });
+    adapter.reft = Some(reft);
+    adapter
+}

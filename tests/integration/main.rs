@@ -75,7 +75,7 @@ pub mod allocations {
 
 #[global_allocator]
 static ALLOCATOR: allocations::Tracking = allocations::Tracking;
-pub use fixtures::{TEST_LABELS, head_adapter, lora_adapter};
+pub use fixtures::{TEST_LABELS, head_adapter, lora_adapter, loreft_adapter};
 
 /// A running daemon in this process: what stops it, the address it listens on, its end.
 pub type ServeHandle = (tokio::sync::oneshot::Sender<()>, std::net::SocketAddr, tokio::task::JoinHandle<Result<(), adaptd_daemon::serve::ServeError>>);
@@ -106,6 +106,14 @@ pub async fn serve_in_process(config: adaptd_daemon::config::Config) -> ServeHan
 /// The project's Python (the venv `make setup` made), for the reference implementations.
 pub fn python() -> String {
     std::env::var("ADAPTD_PYTHON").unwrap_or_else(|_| ".venv/bin/python".into())
+}
+
+/// The LoReFT reference's Python (`.venv-pyreft`, beside the project's venv: pyreft pins an
+/// older transformers).
+pub fn pyreft_python() -> PathBuf {
+    let python = PathBuf::from(python());
+    let root = python.parent().and_then(|bin| bin.parent()).and_then(|venv| venv.parent()).map_or_else(PathBuf::new, PathBuf::from);
+    root.join(".venv-pyreft/bin/python")
 }
 
 pub fn reference_bundle(name: &str) -> PathBuf {
