@@ -47,6 +47,7 @@ bench: setup
 	$(PYTHON) benches/shifts.py
 	$(CARGO) bench -p adaptd --bench serving
 	$(PYTHON) benches/compare_training.py
+	$(PYTHON) benches/compare_loreft.py
 	$(CARGO) bench -p adaptd --bench time_to_adapt
 	benches/ingest_throughput.sh
 	benches/fleet_idle.sh

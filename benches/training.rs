@@ -19,6 +19,10 @@
 //!       `quality` (LoRA conv1/conv2/fc1 + head, on a digits-cnn bundle) and, with --cut, above
 //!       its cut; validation accuracy per epoch against seconds since the job started, test accuracy.
 //!       With `--cached 1`, the job again on the prefix activations the first one kept.
+//!   cargo bench -p adaptd --bench training -- adapter DATA [--bundle DIR] [--cut 1] --adapter lora|loreft [--positions f1+l1] [--layers a,b] --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
+//!       One adapter kind + head on the intents of `text` or the sideways digits of `quality`
+//!       (the data says which): test accuracy, trainable parameters, tensor file bytes,
+//!       samples/s over the whole job and peak RSS (`benches/compare_loreft.py` drives it).
 //!   cargo bench -p adaptd --bench training -- text DATA [--bundle DIR] --threads T --epochs E --rank R --lr LR --head-lr LR --seed S
 //!       Few-shot intents on a minilm bundle: a head on the frozen backbone and LoRA + head; test
 //!       accuracy, and nearest-centroid accuracy on intents never trained (forgetting).
@@ -225,6 +229,51 @@ fn main() {
                 "side": "adaptd",
                 "head": { "test": head_accuracy(&head_only.head, &embeddings(&graph, &no_lora, &test.inputs), &test.labels), "other": forgetting(&no_lora), "seconds": head_seconds },
                 "lora": { "test": accuracy(&graph, &lora, &report.head, &test), "other": forgetting(&lora), "best_epoch": report.best_epoch, "seconds": seconds },
+            });
+            println!("{out}");
+        }
+        "adapter" => {
+            // One adapter kind (`--adapter lora|loreft`) + head on the intents of `text` or the
+            // sideways digits of `quality`, above the bundle's cut with `--cut 1` (as the daemon
+            // trains): test accuracy, trainable parameters, the adapter's tensor file bytes,
+            // samples/s over the whole job and the process's peak RSS.
+            let rss_start = memory::rss();
+            let digits = st.tensor("train_x").is_ok();
+            let bundle = Bundle::open(bundle_dir(if digits { "digits-cnn" } else { "minilm" })).unwrap();
+            let mut graph = TrainingGraph::load(&bundle, tch::Device::Cpu).unwrap();
+            if opts.contains_key("cut") {
+                graph.load_cut(&bundle).unwrap();
+            }
+            let split = |name: &str| match digits {
+                true => examples(&st, &[&format!("{name}_x")], &format!("{name}_y")),
+                false => examples(&st, &[&format!("{name}_ids"), &format!("{name}_mask")], &format!("{name}_y")),
+            };
+            let (train, val, test) = (split("train"), split("val"), split("test"));
+            let init = match digits {
+                true => bundle.base_head().unwrap().expect("digits-cnn ships its classifier"),
+                false => Head { layers: vec![Dense { weight: tensor(&st, "head_weight"), bias: tensor(&st, "head_bias") }] },
+            };
+            let adapter = opt("adapter", "lora");
+            let layers: Vec<String> = opt("layers", "").split(',').filter(|l| !l.is_empty()).map(String::from).collect();
+            let positions = adaptd_daemon::adapt::parse_positions(&opt("positions", "f1+l1")).unwrap();
+            let positions = bundle.manifest.reft.as_ref().and_then(|r| r.positions_input.as_ref()).map(|_| positions);
+            let target = match adapter.as_str() {
+                "lora" => FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32, start: None },
+                "loreft" => FitTarget::Loreft { graph: &graph, rank, positions, layers: &layers, start: None },
+                other => panic!("--adapter {other}: lora or loreft"),
+            };
+            let started = std::time::Instant::now();
+            let report = fit(target, &train, &val, &init, &recipe, &cancel, &mut |_| {}).unwrap();
+            let seconds = started.elapsed().as_secs_f64();
+            let values = adaptd_adapters::slots::adapter_inputs(&bundle.manifest, report.lora.as_ref(), report.reft.as_ref()).unwrap();
+            let params = report.lora.as_ref().map_or(0, |l| l.modules.iter().map(|m| m.a.len() + m.b.len()).sum::<usize>())
+                + report.reft.as_ref().map_or(0, adaptd_adapters::ReftWeights::parameter_count);
+            let out = serde_json::json!({
+                "side": "adaptd", "adapter": adapter, "rank": rank, "test": accuracy(&graph, &values, &report.head, &test),
+                "best_epoch": report.best_epoch, "params": params,
+                "file_bytes": adaptd_adapters::files::slot_file_bytes(report.lora.as_ref(), report.reft.as_ref()).unwrap(),
+                "seconds": seconds, "samples_per_second": (train.len() * epochs) as f64 / seconds,
+                "peak_rss_bytes": memory::peak_rss(), "rss_start_bytes": rss_start,
             });
             println!("{out}");
         }

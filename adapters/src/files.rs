@@ -372,6 +372,21 @@ fn reft_to_safetensors(reft: &crate::reft::ReftWeights) -> Result<Vec<u8>, Strin
     serialize(&names, HashMap::from([("format".to_string(), "adaptd-loreft".to_string())]))
 }
 
+/// The bytes of the tensor files an adapter's LoRA (PEFT's config and weights) and LoReFT
+/// (`reft.safetensors`) take, as [`Adapter::write_dir`] writes them: what a rollout ships besides
+/// the head.
+pub fn slot_file_bytes(lora: Option<&LoraWeights>, reft: Option<&crate::reft::ReftWeights>) -> Result<usize, String> {
+    let lora_bytes = match lora {
+        Some(l) => peft_files(l, "base").map(|(config, weights)| config.len() + weights.len())?,
+        None => 0,
+    };
+    let reft_bytes = match reft {
+        Some(r) => reft_to_safetensors(r)?.len(),
+        None => 0,
+    };
+    Ok(lora_bytes + reft_bytes)
+}
+
 /// A 2-d f32 tensor transposed.
 fn transpose(t: &HostTensor) -> Result<HostTensor, String> {
     let (&[rows, cols], Some(v)) = (t.shape.as_slice(), t.as_f32()) else { return Err(format!("expected a 2-d f32 tensor, got shape {:?}", t.shape)) };

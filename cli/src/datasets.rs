@@ -142,8 +142,8 @@ impl Digits {
         indices: &[usize],
         shift: Shift,
     ) -> Result<f64, String> {
-        let slots = match adapter.and_then(|a| a.lora.as_ref()) {
-            Some(lora) => lora.graph_inputs(&bundle.manifest).map_err(|e| e.to_string())?,
+        let slots = match adapter {
+            Some(a) => a.slot_inputs(bundle).map_err(|e| e.to_string())?,
             None => adaptd_adapters::slots::no_adapter_inputs(&bundle.manifest),
         };
         let outputs = onnx.run(&[self.batch(indices, shift)], &slots).map_err(|e| e.to_string())?;

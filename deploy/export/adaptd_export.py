@@ -823,6 +823,7 @@ CLI_DOC = """Export a PyTorch model as an adaptd bundle.
 
     python deploy/export/adaptd_export.py --factory package.module:function [--weights FILE]
         --input image:f32:1x3x224x224 --targets NAME[,NAME...] [--cut-after MODULE]
+        [--reft-layers NAME[,NAME...] [--reft-rank-max R] [--reft-mask-input NAME]]
         [--preprocessing JSON|@FILE] --name NAME [--version V] OUT_DIR
     python deploy/export/adaptd_export.py --factory package.module:function --list-modules
 
@@ -905,6 +906,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--targets", default="", help="LoRA target modules, comma-separated (names or name suffixes)")
     ap.add_argument("--cut-after", help="a module to cut after: LoRA above it trains on cached activations")
     ap.add_argument("--rank-max", type=int, default=16)
+    ap.add_argument("--reft-layers", default="", help="modules whose output gets a LoReFT slot, comma-separated (names or name suffixes)")
+    ap.add_argument("--reft-rank-max", type=int, default=8)
+    ap.add_argument("--reft-mask-input", help="the input whose 1s mark a sequence's real tokens (LoReFT's positions), e.g. attention_mask")
     ap.add_argument("--preprocessing", help='JSON (or @FILE), e.g. {"kind": "image", "height": 224, ...}')
     ap.add_argument("--name")
     ap.add_argument("--version", default="1.0.0")
@@ -932,6 +936,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model, inputs, [t for t in args.targets.split(",") if t], args.out, name=args.name, version=args.version,
             rank_max=args.rank_max, output_names=outputs, dynamic_axes=dynamic,
             embedding_output=args.embedding_output or outputs[0], preprocessing=preprocessing, cut_after=args.cut_after,
+            reft_layers=[r for r in args.reft_layers.split(",") if r], reft_rank_max=args.reft_rank_max, reft_mask_input=args.reft_mask_input,
             metadata={"factory": args.factory},
         )
     except (ExportError, OSError) as e:

@@ -313,4 +313,25 @@ fn aggregation_refuses_offers_that_do_not_belong_together() {
     too_wide.lora = Some(adaptd_adapters::LoraWeights::random(&bundle.manifest.lora, 16, 16.0, 9, 0.1).unwrap());
     too_wide.lora.as_mut().unwrap().rank = 32;
     assert!(refused(pair(&a, &too_wide), &parent).contains("robot-b"), "shapes that do not fit the bundle");
+
+    // LoReFT offers stack exactly (the weighted sum of their edits is one edit of the summed
+    // rank, proven in `combine_reft`'s own test), weighted by their training samples.
+    let (x, y) = (crate::loreft_adapter(&bundle, "sorter", 7, 7), crate::loreft_adapter(&bundle, "sorter", 8, 8));
+    let mut heavy = pair(&x, &y);
+    heavy[1].0.samples.train = 300;
+    let combined = aggregate("sorter", 5, &bundle, &parent, &heavy, options).unwrap();
+    assert_eq!(combined.manifest.aggregate.as_ref().unwrap().rule, "stack");
+    assert_eq!((combined.manifest.kind.name(), combined.reft.as_ref().unwrap().rank), ("loreft", 8));
+    let exact = adaptd_adapters::aggregate::combine_reft(&[(x.reft.as_ref().unwrap(), 0.25), (y.reft.as_ref().unwrap(), 0.75)], 8).unwrap();
+    assert_eq!(combined.reft.as_ref().unwrap(), &exact, "offers weighted by their training samples (100 and 300)");
+    combined.check_fits(&bundle).unwrap();
+    let mut other_positions = y.clone();
+    other_positions.reft.as_mut().unwrap().rank = 5;
+    assert!(refused(pair(&x, &other_positions), &parent).contains("robot-b"), "a LoReFT whose tensors do not fit its rank");
+    let too_many = [x.clone(), y.clone(), crate::loreft_adapter(&bundle, "sorter", 9, 9)];
+    let offers: Vec<(Offer, Adapter)> = too_many.iter().enumerate().map(|(i, a)| (offer_of(&format!("robot-{i}"), a), a.clone())).collect();
+    assert!(
+        aggregate("sorter", 5, &bundle, &parent, &offers, options).unwrap_err().to_string().contains("rank 12 is above the bundle's rank_max 8"),
+        "three rank-4 LoReFTs do not stack within rank_max 8: refused, not truncated"
+    );
 }

@@ -692,8 +692,9 @@ impl TaskLoop {
     /// and a rank within its `rank_max`; LoReFT likewise its LoReFT slots).
     fn ladder(&self) -> Vec<JobKind> {
         let manifest = &self.ctx.registry.bundle().manifest;
+        let edits_sequences = manifest.reft.as_ref().is_some_and(|r| r.slots.iter().any(|s| s.kind == adaptd_adapters::bundle::ReftKind::Sequence));
         std::iter::once(self.config.training.kind())
-            .chain(self.config.training.escalation().into_iter().filter(|k| match k {
+            .chain(self.config.training.escalation(edits_sequences).into_iter().filter(|k| match k {
                 JobKind::Head => false,
                 JobKind::Lora { rank, .. } => !manifest.lora.slots.is_empty() && *rank <= manifest.lora.rank_max,
                 JobKind::Loreft { rank, .. } => manifest.reft.as_ref().is_some_and(|r| !r.slots.is_empty() && *rank <= r.rank_max),
@@ -1009,9 +1010,10 @@ struct Decided {
     adapter: Adapter,
 }
 
-/// Why escalation stops after `kind`, or None to take the next step.
+/// Why escalation stops after `kind`, or None to take the next step. A LoReFT step that did not
+/// improve does not stop it: LoReFT is another kind of adapter, not less capacity than LoRA.
 fn escalation_stops(kind: &JobKind, improved: bool, best_accuracy: f64, until: f64) -> Option<String> {
-    if !improved {
+    if !improved && !matches!(kind, JobKind::Loreft { .. }) {
         Some(format!("{} did not improve on validation; more capacity does not help", kind.label()))
     } else if best_accuracy >= until {
         Some(format!("validation accuracy {best_accuracy:.4} reached {until:.4}"))
@@ -1133,5 +1135,8 @@ mod tests {
         assert!(escalation_stops(&lora, true, 0.985, 0.98).unwrap().contains("reached"));
         assert!(escalation_stops(&lora, true, f64::NAN, 0.98).unwrap().contains("no validation"));
         assert_eq!(escalation_stops(&JobKind::Head, true, 0.8, 0.98), None);
+        let loreft = JobKind::Loreft { rank: 4, positions: adaptd_adapters::reft::ReftPositions { first: 1, last: 1 } };
+        assert_eq!(escalation_stops(&loreft, false, 0.8, 0.98), None, "LoRA may still help where LoReFT did not");
+        assert!(escalation_stops(&loreft, true, 0.985, 0.98).unwrap().contains("reached"));
     }
 }
