@@ -367,3 +367,21 @@ async fn a_store_fault_takes_the_loop_down_and_it_comes_back_by_itself_once_the_
     assert!(status.serving_version > 0 && status.down.is_none(), "{status:?}");
     running.stop().await;
 }
+
+#[test]
+fn the_ladder_takes_a_loreft_step_only_where_the_configuration_asks() {
+    use super::{LoreftStep, TrainingConfig, parse_positions};
+    let names = |t: &TrainingConfig, text: bool| t.escalation(text).iter().map(|k| k.label()).collect::<Vec<_>>();
+    let mut t = TrainingConfig::default();
+    assert_eq!(names(&t, true), ["lora-r8", "lora-r16"], "shipped: from the head to LoRA");
+    t.loreft_step = LoreftStep::Auto;
+    assert_eq!(names(&t, true), ["loreft-r4", "lora-r8", "lora-r16"], "auto: where the bundle edits text");
+    assert_eq!(names(&t, false), ["lora-r8", "lora-r16"], "auto: not on image bundles");
+    t.loreft_step = LoreftStep::Always;
+    assert_eq!(names(&t, false)[0], "loreft-r4");
+    t.adapter = AdapterChoice::Loreft;
+    assert_eq!(names(&t, true), ["lora-r8", "lora-r16"], "a LoReFT job escalates to LoRA");
+    assert_eq!(parse_positions("f3+l1").unwrap(), adaptd_adapters::reft::ReftPositions { first: 3, last: 1 });
+    assert_eq!(parse_positions("l2").unwrap(), adaptd_adapters::reft::ReftPositions { first: 0, last: 2 });
+    assert!(parse_positions("f1+f2").unwrap_err().contains("twice"));
+}
