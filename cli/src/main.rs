@@ -558,7 +558,7 @@ fn check_bundle(dir: &Path, data: &parity::ProbeData, rank: usize, train_steps: 
     let mut onnx = OnnxModel::load(&bundle, SessionOptions::default(), None)?;
     let graph = TrainingGraph::load(&bundle, tch::Device::Cpu)?;
     let load_ms = done(t);
-    let t = step("parity with and without LoRA");
+    let t = step(if bundle.manifest.reft.is_some() { "parity with and without LoRA and LoReFT" } else { "parity with and without LoRA" });
     let inputs = parity::probe_inputs(&bundle, data)?;
     let parity = parity::check_parity(&mut onnx, &graph, &inputs, rank, 7)?;
     done(t);

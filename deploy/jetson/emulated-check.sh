@@ -67,6 +67,7 @@ run --version
 run validate --config config/adaptd.toml
 # The training probes run 3 steps here, not the 10 they run natively: the same code path, and
 # under emulation each MiniLM step takes about 16 s and each camera step about 30 s.
+echo "(under emulation each training probe runs 3 steps, not 10: the same code, fewer steps)"
 run check --build-dir build --train-steps 3
 run doctor --bundle build/bundles/digits-cnn --seconds 20
 echo "emulated check passed in $((SECONDS - t0)) s"
