@@ -133,9 +133,11 @@ fn setup(name: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let (registry, _) = Registry::open(bundle.clone(), AdapterStore::open(dir.path()).unwrap(), 4).unwrap();
     let registry = Arc::new(registry);
-    // "bench" serves LoRA (every slot, rank 4) and a head; "head" a head alone (no slot changed).
+    // "bench" serves LoRA (every slot, rank 4) and a head; "head" a head alone (no slot changed);
+    // "reft" LoReFT (every LoReFT slot, rank 4) and a head.
     registry.promote(fixtures::lora_adapter(&bundle, "bench", 1, 1)).unwrap();
     registry.promote(fixtures::head_adapter(&bundle, "head", 1, 1)).unwrap();
+    registry.promote(fixtures::loreft_adapter(&bundle, "reft", 1, 1)).unwrap();
     let session = SessionOptions { intra_op_threads: THREADS, ..Default::default() };
     let engine = Engine::start(registry.clone(), EngineConfig { session, ..Default::default() }).unwrap();
     let plain = OnnxModel::load(&bundle, session, None).unwrap();
@@ -186,13 +188,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Interleaved rounds of sequential batch-1 requests, request by request so drift in the
 /// machine's load hits every contender alike: plain ONNX Runtime on the original model (no
 /// slots), on the graph with slots fed zeros and fed the LoRA adapter's values, and the engine
-/// serving a head alone and the LoRA adapter with its head. p50 and p99 of each; ratios are
-/// medians over rounds of the ratio of p50s.
+/// serving a head alone, the LoRA adapter with its head and a LoReFT adapter with its head (on the
+/// graph with slots: an edit of a layer's output folds into no weight). p50 and p99 of each;
+/// ratios are medians over rounds of the ratio of p50s.
 fn side_by_side(s: &mut Setup, name: &str, rounds: usize, per_round: usize) {
-    const NAMES: [&str; 5] = ["ORT original", "ORT slots, zeros", "ORT slots, same LoRA", "adaptd head", "adaptd LoRA+head"];
+    const NAMES: [&str; 6] = ["ORT original", "ORT slots, zeros", "ORT slots, same LoRA", "adaptd head", "adaptd LoRA+head", "adaptd LoReFT+head"];
     let handle = s.engine.handle.clone();
     let mut all: Vec<Vec<f64>> = vec![Vec::new(); NAMES.len()];
-    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); 4];
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); 5];
     for _ in 0..rounds {
         let mut round: Vec<Vec<f64>> = vec![Vec::with_capacity(per_round); NAMES.len()];
         for k in 0..per_round {
@@ -206,13 +209,14 @@ fn side_by_side(s: &mut Setup, name: &str, rounds: usize, per_round: usize) {
                     1 => drop(s.plain.run_prepared(s.batch1.clone(), &s.zero_lora).unwrap()),
                     2 => drop(s.plain.run_prepared(s.batch1.clone(), &s.same_lora).unwrap()),
                     3 => drop(handle.infer_blocking("head", s.batch1.clone()).unwrap()),
-                    _ => drop(handle.infer_blocking("bench", s.batch1.clone()).unwrap()),
+                    4 => drop(handle.infer_blocking("bench", s.batch1.clone()).unwrap()),
+                    _ => drop(handle.infer_blocking("reft", s.batch1.clone()).unwrap()),
                 }
                 round[i].push(t.elapsed().as_secs_f64() * 1e3);
             }
         }
         let p50: Vec<f64> = round.iter().map(|t| median(t.clone())).collect();
-        for (ratio, (ours, theirs)) in ratios.iter_mut().zip([(3, 0), (4, 0), (4, 2), (1, 0)]) {
+        for (ratio, (ours, theirs)) in ratios.iter_mut().zip([(3, 0), (4, 0), (4, 2), (1, 0), (5, 0)]) {
             ratio.push(p50[ours] / p50[theirs]);
         }
         for (a, r) in all.iter_mut().zip(round) {
@@ -231,11 +235,13 @@ fn side_by_side(s: &mut Setup, name: &str, rounds: usize, per_round: usize) {
     println!("side-by-side {name} batch 1 ({rounds} rounds x {per_round}): {}", figures.join(" | "));
     println!(
         "side-by-side {name} summary: adaptd head / ORT original {:.3} (goal <= 1.03); adaptd LoRA+head / ORT original {:.3} (goal <= 1.08); \
-         adaptd LoRA+head / ORT same graph and LoRA {:.3} (goal <= 1.05); unused slots, ORT slots with zeros / original {:.3}",
+         adaptd LoRA+head / ORT same graph and LoRA {:.3} (goal <= 1.05); unused slots, ORT slots with zeros / original {:.3}; \
+         adaptd LoReFT+head / ORT original {:.3}",
         ratio(0),
         ratio(1),
         ratio(2),
-        ratio(3)
+        ratio(3),
+        ratio(4)
     );
 }
 
