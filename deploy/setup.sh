@@ -62,7 +62,9 @@ if [ "$(cat .venv-pyreft/.adaptd-stamp 2>/dev/null)" != "$pyreft_stamp" ]; then
   .venv-pyreft/bin/python -m pip install -q --progress-bar off --no-deps -r .venv-pyreft/no-deps.txt
   grep -vE '^(pyreft|pyvene)==' deploy/requirements-pyreft.txt > .venv-pyreft/deps.txt
   .venv-pyreft/bin/python -m pip install -q --progress-bar off -r .venv-pyreft/deps.txt
-  .venv-pyreft/bin/python -c 'import pyreft' 2>/dev/null
+  if ! .venv-pyreft/bin/python -c 'import pyreft' >/dev/null 2>.venv-pyreft/import-error.txt; then
+    say "pyreft does not import in .venv-pyreft:"; cat .venv-pyreft/import-error.txt >&2; exit 1
+  fi
   echo "$pyreft_stamp" > .venv-pyreft/.adaptd-stamp
   say "pyreft ready in $((SECONDS - t0)) s"
 fi
