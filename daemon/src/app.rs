@@ -253,10 +253,12 @@ where
             _ = &mut shutdown => return,
             _ = tokio::time::sleep(wait) => {}
         }
-        change(PartChange::Restarting);
+        // The part's state and its event first: whoever sees the status come back up then
+        // finds the restart counted and announced too.
         parts.restarted(&part);
         let restarts = parts.get(&part).map_or(0, |s| s.restarts);
         events.emit(&task, Event::PartRestarted { part: part.clone(), restarts, after: reason });
+        change(PartChange::Restarting);
         wait = (wait * 2).min(LONGEST_RESTART_WAIT);
     }
 }
