@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(__doc__)
     from safetensors.torch import load_file
 
-    from pyreft_interop import describe_bert_to_pyvene, parse_positions, reft_model
+    from pyreft_interop import describe_bert_to_pyvene, forward_embedding, parse_positions, reft_model
 
     o = opts(argv[3:])
     torch.set_num_threads(int(o.get("threads", "2")))
@@ -71,19 +71,8 @@ def main(argv: list[str]) -> None:
         head.weight.copy_(data["head_weight"])
         head.bias.copy_(data["head_bias"])
 
-    def locations(mask):
-        rows = []
-        for row in mask:
-            n = int(row.sum())
-            rows.append(sorted(set(range(min(first, n))) | set(range(max(n - last, 0), n))))
-        return {"sources->base": (None, [rows] * len(layers))}
-
     def logits(ids, mask):
-        _, out = model({"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}, unit_locations=locations(mask))
-        hidden = out.last_hidden_state
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        emb = F.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9), p=2.0, dim=1)
-        return head(emb)
+        return head(forward_embedding(model, ids, mask, first, last, len(layers)))
 
     train = (data["train_ids"], data["train_mask"], data["train_y"])
     val = (data["val_ids"], data["val_mask"], data["val_y"])

@@ -104,6 +104,37 @@ fn centroid_accuracy(reference: &HostTensor, ref_labels: &[i64], test: &HostTens
     argmax_rows(&scores, classes).zip(test_labels).filter(|(p, l)| p == *l).count() as f64 / test_labels.len().max(1) as f64
 }
 
+/// The intents of `text` or the sideways digits of `quality` (the data says which), on the bundle
+/// they belong to (cut where asked): the splits and the head a job starts from.
+struct ShiftTask {
+    bundle: Bundle,
+    graph: TrainingGraph,
+    train: Examples,
+    val: Examples,
+    test: Examples,
+    init: Head,
+}
+
+impl ShiftTask {
+    fn load(st: &SafeTensors<'_>, bundle_dir: &dyn Fn(&str) -> std::path::PathBuf, cut: bool) -> ShiftTask {
+        let digits = st.tensor("train_x").is_ok();
+        let bundle = Bundle::open(bundle_dir(if digits { "digits-cnn" } else { "minilm" })).unwrap();
+        let mut graph = TrainingGraph::load(&bundle, tch::Device::Cpu).unwrap();
+        if cut {
+            graph.load_cut(&bundle).unwrap();
+        }
+        let split = |name: &str| match digits {
+            true => examples(st, &[&format!("{name}_x")], &format!("{name}_y")),
+            false => examples(st, &[&format!("{name}_ids"), &format!("{name}_mask")], &format!("{name}_y")),
+        };
+        let init = match digits {
+            true => bundle.base_head().unwrap().expect("digits-cnn ships its classifier"),
+            false => Head { layers: vec![Dense { weight: tensor(st, "head_weight"), bias: tensor(st, "head_bias") }] },
+        };
+        ShiftTask { train: split("train"), val: split("val"), test: split("test"), init, graph, bundle }
+    }
+}
+
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
     if args.len() < 2 {
@@ -238,21 +269,7 @@ fn main() {
             // trains): test accuracy, trainable parameters, the adapter's tensor file bytes,
             // samples/s over the whole job and the process's peak RSS.
             let rss_start = memory::rss();
-            let digits = st.tensor("train_x").is_ok();
-            let bundle = Bundle::open(bundle_dir(if digits { "digits-cnn" } else { "minilm" })).unwrap();
-            let mut graph = TrainingGraph::load(&bundle, tch::Device::Cpu).unwrap();
-            if opts.contains_key("cut") {
-                graph.load_cut(&bundle).unwrap();
-            }
-            let split = |name: &str| match digits {
-                true => examples(&st, &[&format!("{name}_x")], &format!("{name}_y")),
-                false => examples(&st, &[&format!("{name}_ids"), &format!("{name}_mask")], &format!("{name}_y")),
-            };
-            let (train, val, test) = (split("train"), split("val"), split("test"));
-            let init = match digits {
-                true => bundle.base_head().unwrap().expect("digits-cnn ships its classifier"),
-                false => Head { layers: vec![Dense { weight: tensor(&st, "head_weight"), bias: tensor(&st, "head_bias") }] },
-            };
+            let ShiftTask { bundle, graph, train, val, test, init } = ShiftTask::load(&st, &bundle_dir, opts.contains_key("cut"));
             let adapter = opt("adapter", "lora");
             let layers: Vec<String> = opt("layers", "").split(',').filter(|l| !l.is_empty()).map(String::from).collect();
             let positions = adaptd_daemon::adapt::parse_positions(&opt("positions", "f1+l1")).unwrap();
@@ -282,23 +299,7 @@ fn main() {
             // default); with `--cut`, above the bundle's cut. The curve: seconds since the job
             // started (the prefix's activations included) against validation accuracy, per epoch.
             let rss_start = memory::rss();
-            // The intents of `text`, or the sideways digits of `quality` (the data says which).
-            let digits = st.tensor("train_x").is_ok();
-            let reference = if digits { "digits-cnn" } else { "minilm" };
-            let bundle = Bundle::open(bundle_dir(reference)).unwrap();
-            let mut graph = TrainingGraph::load(&bundle, tch::Device::Cpu).unwrap();
-            if opts.contains_key("cut") {
-                graph.load_cut(&bundle).unwrap();
-            }
-            let split = |name: &str| match digits {
-                true => examples(&st, &[&format!("{name}_x")], &format!("{name}_y")),
-                false => examples(&st, &[&format!("{name}_ids"), &format!("{name}_mask")], &format!("{name}_y")),
-            };
-            let (train, val, test) = (split("train"), split("val"), split("test"));
-            let init = match digits {
-                true => bundle.base_head().unwrap().expect("digits-cnn ships its classifier"),
-                false => Head { layers: vec![Dense { weight: tensor(&st, "head_weight"), bias: tensor(&st, "head_bias") }] },
-            };
+            let ShiftTask { bundle, graph, train, val, test, init } = ShiftTask::load(&st, &bundle_dir, opts.contains_key("cut"));
             let started = std::time::Instant::now();
             let keep = PrefixCache { keep: opts.contains_key("cached"), ..PrefixCache::default() };
             let target = || FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32, start: None };

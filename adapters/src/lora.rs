@@ -198,7 +198,7 @@ fn check_rank(spec: &LoraSpec, rank: usize) -> Result<(), LoraError> {
 }
 
 /// Zero-pad `t` along `axis` (0 or 1) to `to`, multiplying every value by `scale`.
-fn pad_rank(t: &HostTensor, axis: usize, to: usize, scale: f32) -> HostTensor {
+pub(crate) fn pad_rank(t: &HostTensor, axis: usize, to: usize, scale: f32) -> HostTensor {
     // Validated as f32 before padding; anything else pads as zeros.
     let src = t.as_f32().unwrap_or(&[]);
     let outer: usize = t.shape[..axis].iter().product();

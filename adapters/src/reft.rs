@@ -9,6 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::{ReftKind, ReftSlot, ReftSpec};
+use crate::lora::pad_rank;
 use crate::tensor::{HostData, HostTensor, SeededRng};
 
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +118,7 @@ impl ReftWeights {
         let mut out = Vec::with_capacity(spec.input_count());
         for slot in &spec.slots {
             match self.modules.iter().find(|m| m.module == slot.module) {
-                Some(m) => out.extend([pad_rows(&m.rotate, spec.rank_max), pad_rows(&m.weight, spec.rank_max), pad_rows(&m.bias, spec.rank_max)]),
+                Some(m) => out.extend([&m.rotate, &m.weight, &m.bias].map(|t| pad_rank(t, 0, spec.rank_max, 1.0))),
                 None => out.extend(zero_slot(slot, spec.rank_max)),
             }
         }
@@ -188,16 +189,6 @@ fn check_rank(spec: &ReftSpec, rank: usize) -> Result<(), ReftError> {
         return Err(ReftError::Rank { rank, rank_max: spec.rank_max });
     }
     Ok(())
-}
-
-/// `t` with zero rows appended up to `rows` along axis 0.
-fn pad_rows(t: &HostTensor, rows: usize) -> HostTensor {
-    let mut shape = t.shape.clone();
-    let per_row: usize = shape.iter().skip(1).product();
-    let mut data = t.as_f32().unwrap_or(&[]).to_vec();
-    data.resize(rows * per_row, 0.0);
-    shape[0] = rows;
-    HostTensor { shape, data: HostData::F32(data) }
 }
 
 /// `[r, d]` with orthonormal rows (Gram-Schmidt on Gaussian rows, in f64).

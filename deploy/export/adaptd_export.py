@@ -290,18 +290,23 @@ def _keep_only_what_outputs_need(traced: torch.jit.ScriptModule) -> None:
     torch._C._jit_pass_dce(graph)
 
 
-def slots_after(module: nn.Module, graph: "BundleGraph", cut_after: str, args: tuple) -> list[int]:
-    """Indices of the slots that run after the cut module has finished, found by running once."""
-    order: list[str] = []
-    hooks = [module.get_submodule(cut_after).register_forward_hook(lambda *_: order.append("cut"))]
-    for i, slot in enumerate(graph.slots):
-        hooks.append(slot.register_forward_pre_hook(lambda *_, i=i: order.append(i)))
+def run_hooked(graph: "BundleGraph", args: tuple, hooks: list) -> None:
+    """Run `graph` once without gradients, then remove `hooks` (handles registered for this run)."""
     try:
         with torch.no_grad():
             graph(*args)
     finally:
         for h in hooks:
             h.remove()
+
+
+def slots_after(module: nn.Module, graph: "BundleGraph", cut_after: str, args: tuple) -> list[int]:
+    """Indices of the slots that run after the cut module has finished, found by running once."""
+    order: list[str] = []
+    hooks = [module.get_submodule(cut_after).register_forward_hook(lambda *_: order.append("cut"))]
+    for i, slot in enumerate(graph.slots):
+        hooks.append(slot.register_forward_pre_hook(lambda *_, i=i: order.append(i)))
+    run_hooked(graph, args, hooks)
     if "cut" not in order:
         raise ExportError(f"cut_after {cut_after!r} never ran in the module's forward")
     after = order[order.index("cut") + 1 :]
@@ -316,25 +321,31 @@ def reft_after(module: nn.Module, graph: "BundleGraph", cut_after: str, reft: Se
     for i, spec in enumerate(reft):
         if spec.module != cut_after:
             hooks.append(module.get_submodule(spec.module).register_forward_hook(lambda *_, i=i: order.append(i)))
-    try:
-        with torch.no_grad():
-            graph(*args)
-    finally:
-        for h in hooks:
-            h.remove()
-    before = set(order[: order.index("cut")]) if "cut" in order else set()
-    return sorted({i for i in order[order.index("cut") + 1 :] if isinstance(i, int)} - before) if "cut" in order else []
+    run_hooked(graph, args, hooks)
+    if "cut" not in order:
+        return []
+    cut = order.index("cut")
+    return sorted({i for i in order[cut + 1 :] if isinstance(i, int)} - set(order[:cut]))
+
+
+def match_modules(module: nn.Module, wanted: Sequence[str], what: str) -> list[tuple[str, list[str]]]:
+    """PEFT semantics: each name in `wanted` matches the modules whose full name equals it or ends
+    with '.name'; one that matches none is refused, naming `what` it was asked for as."""
+    names = [n for n, _ in module.named_modules() if n]
+    found = []
+    for name in wanted:
+        hits = [n for n in names if n == name or n.endswith("." + name)]
+        if not hits:
+            sample = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
+            raise ExportError(f"{what} {name!r} matches no module of {type(module).__name__} (modules: {sample})")
+        found.append((name, hits))
+    return found
 
 
 def resolve_reft_layers(module: nn.Module, reft_layers: Sequence[str]) -> list[str]:
     """LoReFT layers by name or name suffix (as LoRA targets); each must be a module of the model."""
-    names = [n for n, _ in module.named_modules() if n]
     matched: list[str] = []
-    for layer in reft_layers:
-        hits = [n for n in names if n == layer or n.endswith("." + layer)]
-        if not hits:
-            sample = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
-            raise ExportError(f"LoReFT layer {layer!r} matches no module of {type(module).__name__} (modules: {sample})")
+    for _, hits in match_modules(module, reft_layers, "LoReFT layer"):
         matched.extend(h for h in hits if h not in matched)
     return matched
 
@@ -345,12 +356,7 @@ def reft_specs(module: nn.Module, graph: "BundleGraph", layers: Sequence[str], r
     seen: dict[str, torch.Tensor] = {}
     hooks = [module.get_submodule(name).register_forward_hook(
         lambda _m, _i, out, name=name: seen.setdefault(name, out[0] if isinstance(out, (tuple, list)) else out)) for name in layers]
-    try:
-        with torch.no_grad():
-            graph(*args)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(graph, args, hooks)
     specs = []
     for name in layers:
         out = seen.get(name)
@@ -371,13 +377,8 @@ def resolve_targets(module: nn.Module, target_modules: Sequence[str]) -> list[st
     """PEFT semantics: a target matches a module whose full name equals it or ends with '.target'."""
     if not target_modules:
         raise ExportError("target_modules is empty: name at least one Linear/Conv2d module for LoRA")
-    names = [n for n, _ in module.named_modules() if n]
     matched: list[str] = []
-    for target in target_modules:
-        hits = [n for n in names if n == target or n.endswith("." + target)]
-        if not hits:
-            sample = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
-            raise ExportError(f"target module {target!r} matches no module of {type(module).__name__} (modules: {sample})")
+    for _, hits in match_modules(module, target_modules, "target module"):
         for name in hits:
             refusal = slot_refusal(module.get_submodule(name))
             if refusal:

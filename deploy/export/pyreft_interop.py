@@ -116,13 +116,19 @@ def locations(mask: torch.Tensor, first: int, last: int, interventions: int):
     return {"sources->base": (None, [rows] * interventions)}
 
 
-def embed(model, ids, mask, first: int, last: int, interventions: int) -> torch.Tensor:
-    with torch.no_grad():
-        _, out = model({"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)},
-                       unit_locations=locations(mask, first, last, interventions))
+def forward_embedding(model, ids, mask, first: int, last: int, interventions: int) -> torch.Tensor:
+    """The sentence embedding through pyreft's model, edited at each row's first and last real
+    tokens: mean pooling over the mask and L2 normalisation, as sentence-transformers embeds."""
+    _, out = model({"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)},
+                   unit_locations=locations(mask, first, last, interventions))
     hidden = out.last_hidden_state
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return F.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9), p=2.0, dim=1)
+
+
+def embed(model, ids, mask, first: int, last: int, interventions: int) -> torch.Tensor:
+    with torch.no_grad():
+        return forward_embedding(model, ids, mask, first, last, interventions)
 
 
 def export(adaptd_dir: Path, pyreft_dir: Path):

@@ -67,19 +67,27 @@ fn run_peft(cmd: &str, adapter_dir: &Path) -> PeftRun {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/export/peft_interop.py");
     let status = Command::new(python()).arg(script).args([cmd, adapter_dir.to_str().unwrap(), out.to_str().unwrap()]).status().expect("run python");
     assert!(status.success(), "peft_interop.py {cmd} failed");
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap();
-    let dims = |k: &str| v[k].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect::<Vec<_>>();
-    let ints = |k: &str| v[k].as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect::<Vec<_>>();
-    let floats = v["embedding"].as_array().unwrap().iter().map(|d| d.as_f64().unwrap() as f32).collect();
-    PeftRun {
-        inputs: vec![HostTensor::i64(dims("shape"), ints("input_ids")).unwrap(), HostTensor::i64(dims("shape"), ints("attention_mask")).unwrap()],
-        embedding: HostTensor::f32(dims("embedding_shape"), floats).unwrap(),
+    PeftRun::read(&out)
+}
+
+impl PeftRun {
+    /// What an interop script wrote: the token ids and mask it ran, and its embeddings.
+    fn read(out: &Path) -> PeftRun {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap();
+        let dims = |k: &str| v[k].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect::<Vec<_>>();
+        let ints = |k: &str| v[k].as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect::<Vec<_>>();
+        let floats = v["embedding"].as_array().unwrap().iter().map(|d| d.as_f64().unwrap() as f32).collect();
+        PeftRun {
+            inputs: vec![HostTensor::i64(dims("shape"), ints("input_ids")).unwrap(), HostTensor::i64(dims("shape"), ints("attention_mask")).unwrap()],
+            embedding: HostTensor::f32(dims("embedding_shape"), floats).unwrap(),
+        }
     }
 }
 
-fn serve_embedding(bundle: &Bundle, lora: &LoraWeights, inputs: &[HostTensor]) -> HostTensor {
+/// The embedding ONNX Runtime serves for `inputs` with this LoRA and this LoReFT (either absent).
+fn serve_embedding(bundle: &Bundle, lora: Option<&LoraWeights>, reft: Option<&adaptd_adapters::ReftWeights>, inputs: &[HostTensor]) -> HostTensor {
     let mut onnx = OnnxModel::load(bundle, SessionOptions { intra_op_threads: 1, ..Default::default() }, None).unwrap();
-    let slots = lora.graph_inputs(&bundle.manifest).unwrap();
+    let slots = adaptd_adapters::slots::adapter_inputs(&bundle.manifest, lora, reft).unwrap();
     onnx.run(inputs, &slots).unwrap().remove(0)
 }
 
@@ -93,11 +101,11 @@ fn peft_loads_a_lora_adaptd_wrote_and_gets_the_same_embeddings() {
     adapter.write_dir(&dir).unwrap();
 
     let peft = run_peft("embed", &dir);
-    let ours = serve_embedding(&bundle, adapter.lora.as_ref().unwrap(), &peft.inputs);
+    let ours = serve_embedding(&bundle, adapter.lora.as_ref(), None, &peft.inputs);
     let diff = max_abs_diff(&ours, &peft.embedding).unwrap();
     assert!(diff <= 1e-4, "PEFT and adaptd disagree by {diff}");
     // And the adapter really moved the embedding away from the base model.
-    let base = serve_embedding(&bundle, &LoraWeights { rank: 1, alpha: 1.0, modules: vec![] }, &peft.inputs);
+    let base = serve_embedding(&bundle, None, None, &peft.inputs);
     assert!(max_abs_diff(&base, &peft.embedding).unwrap() > 1e-3, "the adapter did nothing under PEFT");
 }
 
@@ -109,7 +117,7 @@ fn adaptd_loads_a_lora_peft_trained_and_gets_the_same_embeddings() {
     let peft = run_peft("make", &dir);
     let lora = read_peft(&dir, &bundle.manifest.lora).expect("adaptd reads PEFT's save_pretrained output");
     assert_eq!((lora.rank, lora.alpha, lora.modules.len()), (4, 8.0, 12));
-    let ours = serve_embedding(&bundle, &lora, &peft.inputs);
+    let ours = serve_embedding(&bundle, Some(&lora), None, &peft.inputs);
     let diff = max_abs_diff(&ours, &peft.embedding).unwrap();
     assert!(diff <= 1e-4, "PEFT and adaptd disagree by {diff}");
 }
@@ -121,20 +129,7 @@ fn run_pyreft(args: &[&Path], out: &Path, cmd: &str) -> PeftRun {
     assert!(python.is_file(), "{} is missing: run `make setup`", python.display());
     let status = Command::new(python).arg(script).arg(cmd).args(args).arg(out).status().expect("run pyreft's python");
     assert!(status.success(), "pyreft_interop.py {cmd} failed");
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap();
-    let dims = |k: &str| v[k].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect::<Vec<_>>();
-    let ints = |k: &str| v[k].as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect::<Vec<_>>();
-    let floats = v["embedding"].as_array().unwrap().iter().map(|d| d.as_f64().unwrap() as f32).collect();
-    PeftRun {
-        inputs: vec![HostTensor::i64(dims("shape"), ints("input_ids")).unwrap(), HostTensor::i64(dims("shape"), ints("attention_mask")).unwrap()],
-        embedding: HostTensor::f32(dims("embedding_shape"), floats).unwrap(),
-    }
-}
-
-fn serve_reft_embedding(bundle: &Bundle, reft: Option<&adaptd_adapters::ReftWeights>, inputs: &[HostTensor]) -> HostTensor {
-    let mut onnx = OnnxModel::load(bundle, SessionOptions { intra_op_threads: 1, ..Default::default() }, None).unwrap();
-    let slots = adaptd_adapters::slots::adapter_inputs(&bundle.manifest, None, reft).unwrap();
-    onnx.run(inputs, &slots).unwrap().remove(0)
+    PeftRun::read(out)
 }
 
 #[test]
@@ -177,10 +172,10 @@ fn pyreft_loads_a_loreft_adaptd_wrote_and_gets_the_same_embeddings() {
     let pyreft_dir = tmp.path().join("pyreft");
     let theirs = run_pyreft(&[&dir, &pyreft_dir], &tmp.path().join("embed.json"), "embed");
     assert!(pyreft_dir.join("config.json").is_file(), "pyreft's save directory");
-    let ours = serve_reft_embedding(&bundle, adapter.reft.as_ref(), &theirs.inputs);
+    let ours = serve_embedding(&bundle, None, adapter.reft.as_ref(), &theirs.inputs);
     let diff = max_abs_diff(&ours, &theirs.embedding).unwrap();
     assert!(diff <= 1e-4, "pyreft and adaptd disagree by {diff}");
-    let base = serve_reft_embedding(&bundle, None, &theirs.inputs);
+    let base = serve_embedding(&bundle, None, None, &theirs.inputs);
     assert!(max_abs_diff(&base, &theirs.embedding).unwrap() > 1e-3, "the LoReFT did nothing under pyreft");
 }
 
@@ -193,7 +188,7 @@ fn adaptd_loads_a_loreft_pyreft_saved_and_gets_the_same_embeddings() {
     let reft = adaptd_adapters::files::read_reft_dir(&converted).expect("adaptd reads what pyreft saved, converted");
     reft.validate(bundle.manifest.reft.as_ref().unwrap()).unwrap();
     assert_eq!((reft.rank, reft.modules.len()), (4, 2));
-    let ours = serve_reft_embedding(&bundle, Some(&reft), &theirs.inputs);
+    let ours = serve_embedding(&bundle, None, Some(&reft), &theirs.inputs);
     let diff = max_abs_diff(&ours, &theirs.embedding).unwrap();
     assert!(diff <= 1e-4, "pyreft and adaptd disagree by {diff}");
 }

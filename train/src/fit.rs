@@ -249,8 +249,8 @@ impl TrainingGraph {
             Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())
         };
         if let Some(spec) = &self.manifest.reft {
-            let below: Vec<usize> = (0..spec.slots.len()).filter(|i| !cut.reft_above.contains(i)).collect();
-            for &slot in &below {
+            let mut edits_below = false;
+            for slot in (0..spec.slots.len()).filter(|i| !cut.reft_above.contains(i)) {
                 let Some([r, w, b]) = reft.get(3 * slot..3 * slot + 3) else { return Err(TrainError::Data("LoReFT values come in R/W/b triples".into())) };
                 hasher.update(b"reft");
                 hasher.update((slot as u64).to_le_bytes());
@@ -258,12 +258,14 @@ impl TrainingGraph {
                     hasher.update(b"none");
                     continue;
                 }
+                edits_below = true;
                 for t in [r, w, b] {
                     hasher.update(host(t)?);
                 }
-                if let Some(positions) = reft.get(3 * spec.slots.len()) {
-                    hasher.update(Vec::<i64>::try_from(positions.to_device(Device::Cpu))?.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
-                }
+            }
+            // Where an edit below the cut is picked by position, the positions shaped the prefix too.
+            if let Some(positions) = reft.get(3 * spec.slots.len()).filter(|_| edits_below) {
+                hasher.update(Vec::<i64>::try_from(positions.to_device(Device::Cpu))?.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
             }
         }
         for (slot, pair) in lora.chunks(2).enumerate() {
@@ -910,13 +912,13 @@ impl<'g> Model<'g> {
             None => Vec::new(),
         };
         let zeros = |t: &HostTensor| to_tensor(t, device);
-        let (fixed_lora, fixed_reft) = match graph {
-            Some(g) if lora.is_none() => (adaptd_adapters::lora::no_lora_inputs(&g.manifest().lora).iter().map(zeros).collect(), Vec::new()),
-            _ => (Vec::new(), Vec::new()),
+        let fixed_lora = match (graph, &lora) {
+            (Some(g), None) => adaptd_adapters::lora::no_lora_inputs(&g.manifest().lora).iter().map(zeros).collect(),
+            _ => Vec::new(),
         };
         let fixed_reft = match (graph.and_then(|g| g.manifest().reft.as_ref()), &reft) {
             (Some(spec), None) => adaptd_adapters::reft::no_edit_inputs(spec).iter().map(zeros).collect(),
-            _ => fixed_reft,
+            _ => Vec::new(),
         };
         let opt = nn::AdamW { wd: recipe.weight_decay, ..Default::default() }.build(&vs, recipe.head_learning_rate)?;
         let trained = match graph {
