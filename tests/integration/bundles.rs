@@ -161,6 +161,30 @@ fn the_camera_bundle_is_proved_by_check_and_a_damaged_copy_or_a_bad_preprocessin
 /// a scaled slot without its scales file), and when a LoRA is folded (an offset past the graph
 /// file's end), so merged serving never writes outside the weight it means.
 #[test]
+fn a_damaged_loreft_section_is_refused_with_what_is_wrong() {
+    let copy = copy_bundle(&reference_bundle("minilm"));
+    let path = copy.path().join("manifest.json");
+    let original: serde_json::Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+    let refusal = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut m = original.clone();
+        edit(&mut m);
+        fs::write(&path, m.to_string()).unwrap();
+        let msg = Bundle::open(copy.path()).unwrap_err().to_string();
+        assert!(msg.contains("manifest.json"), "names the file: {msg}");
+        msg
+    };
+    assert!(refusal(&|m| m["reft"]["rank_max"] = serde_json::json!(0)).contains("reft.rank_max must be at least 1"));
+    assert!(refusal(&|m| m["reft"]["rank_max"] = serde_json::json!(500)).contains("is 384 wide, below reft.rank_max 500"));
+    assert!(refusal(&|m| m["reft"]["mask_input"] = serde_json::Value::Null).contains("positions_input and reft.mask_input go together"));
+    assert!(refusal(&|m| m["reft"]["mask_input"] = serde_json::json!("input_ids_typo")).contains("\"input_ids_typo\" is not an i64 model input"));
+    assert!(refusal(&|m| m["cut"]["reft_above"] = serde_json::json!([6])).contains("names LoReFT slot 6, but there are 6"));
+    assert!(refusal(&|m| m["reft"]["slots"][0]["kind"] = serde_json::json!("token")).contains("token"));
+    // As exported it opens.
+    fs::write(&path, original.to_string()).unwrap();
+    assert!(Bundle::open(copy.path()).unwrap().manifest.reft.is_some());
+}
+
+#[test]
 fn a_damaged_merge_map_is_refused_with_what_is_wrong() {
     let copy = copy_bundle(&reference_bundle("efficientnet-lite0"));
     let path = copy.path().join("manifest.json");

@@ -254,14 +254,14 @@ fn adapter_directories_refuse_damage_by_name() {
         checks: vec![adaptd_protocol::gate::Check { name: "beats_incumbent".into(), passed: true, detail: "accuracy 0.8571 vs 0.3810".into() }],
         trigger: Some(adaptd_protocol::status::Trigger::NewSamples),
     });
-    let adapters = [judged, lora_adapter(&bundle, "sorter", 2, 2)];
+    let adapters = [judged, lora_adapter(&bundle, "sorter", 2, 2), crate::loreft_adapter(&bundle, "sorter", 3, 3)];
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().join("v");
     let damage = prop::collection::vec((any::<usize>(), prop::collection::vec(mutation(), 1..6)), 1..3);
     let manifest_damage = prop_oneof![3 => Just(Vec::new()), 1 => prop::collection::vec(mutation(), 1..3)];
     let refused = std::cell::RefCell::new(std::collections::BTreeMap::new());
     runner()
-        .run(&(0usize..2, damage, manifest_damage), |(which, damage, manifest_damage)| {
+        .run(&(0usize..3, damage, manifest_damage), |(which, damage, manifest_damage)| {
             write_damaged(&adapters[which], &target, &damage);
             let manifest_path = target.join("adapter.json");
             let manifest = mutate(std::fs::read(&manifest_path).unwrap(), &manifest_damage);
@@ -273,7 +273,7 @@ fn adapter_directories_refuse_damage_by_name() {
                 Err(e) => {
                     let text = e.to_string();
                     prop_assert!(
-                        text.contains(target.to_str().unwrap()) || e.error_type() == "wrong_base" || e.error_type() == "lora" || e.error_type() == "head",
+                        text.contains(target.to_str().unwrap()) || ["wrong_base", "lora", "reft", "head"].contains(&e.error_type()),
                         "names the file: {}",
                         text
                     );
