@@ -499,7 +499,7 @@ pub fn validate_inputs(manifest: &Manifest, inputs: &[HostTensor]) -> Result<usi
             _ => rows = t.shape.first().copied(),
         }
         if let HostData::F32(v) = &t.data
-            && let Some(i) = v.iter().position(|x| !x.is_finite())
+            && let Some(i) = first_non_finite(v)
         {
             return bad(format!("{:?} holds a non-finite value ({}) at element {i}", spec.name, v[i]));
         }
@@ -507,13 +507,43 @@ pub fn validate_inputs(manifest: &Manifest, inputs: &[HostTensor]) -> Result<usi
     rows.ok_or_else(|| EngineError::BadInput("no inputs".into()))
 }
 
+/// The index of the first NaN or infinity. Blocks are checked without an early exit, which the
+/// compiler vectorises: a camera frame's 150k values cost a few microseconds, not tens.
+fn first_non_finite(values: &[f32]) -> Option<usize> {
+    const BLOCK: usize = 4096;
+    values.chunks(BLOCK).enumerate().find_map(|(b, block)| {
+        let any = block.iter().fold(false, |bad, x| bad | !x.is_finite());
+        any.then(|| b * BLOCK + block.iter().position(|x| !x.is_finite()).unwrap_or(0))
+    })
+}
+
+/// One batch-1 run before serving, at the longest input the bundle's preprocessing makes: the
+/// runtime's memory arena then holds what any single request needs, and the first requests
+/// (and the sessions' memory layout) do not depend on what happened to come first.
 fn warm_up(model: &mut OnnxModel) -> Result<(), OnnxError> {
     let manifest = model.bundle().manifest.clone();
+    let longest = match &manifest.preprocessing {
+        adaptd_adapters::bundle::Preprocessing::Text { max_length, .. } => (*max_length).max(1),
+        _ => 1,
+    };
     let inputs: Vec<HostTensor> = manifest
         .inputs
         .iter()
         .map(|spec| {
-            let shape: Vec<usize> = spec.shape.iter().map(|&d| if d < 0 { 1 } else { d as usize }).collect();
+            let shape: Vec<usize> = spec
+                .shape
+                .iter()
+                .enumerate()
+                .map(|(axis, &d)| {
+                    if d >= 0 {
+                        d as usize
+                    } else if axis == 0 {
+                        1
+                    } else {
+                        longest
+                    }
+                })
+                .collect();
             let n = shape.iter().product();
             match spec.dtype {
                 DType::F32 => HostTensor { shape, data: HostData::F32(vec![0.0; n]) },
@@ -685,7 +715,13 @@ type LoraGroup = (Arc<LoraInputs>, Vec<Part>);
 /// Serve one micro-batch: each task's adapter is read once, and parts whose adapters share a
 /// LoRA (all head-only adapters share the base's) run in one graph call. A routed adapter's
 /// base-like rows join the base model's call.
-fn run_batch<B: InferenceBackend>(model: &mut B, current: Current<'_>, cache: &mut LoraCache<B::Lora>, batch: Vec<Request>, stats: &EngineStats) -> Answers {
+fn run_batch<B: InferenceBackend>(
+    model: &mut B,
+    current: Current<'_>,
+    cache: &mut LoraCache<B::Lora>,
+    mut batch: Vec<Request>,
+    stats: &EngineStats,
+) -> Answers {
     let mut snapshots: HashMap<String, Option<Arc<Serving>>> = HashMap::new();
     let mut groups: Vec<LoraGroup> = Vec::new();
     let mut answers: Vec<Result<Vec<Option<Prediction>>, EngineError>> = batch.iter().map(|r| Ok(vec![None; r.rows])).collect();
@@ -717,15 +753,23 @@ fn run_batch<B: InferenceBackend>(model: &mut B, current: Current<'_>, cache: &m
         }
     }
     for (lora, parts) in groups {
-        let picked: Vec<Option<Vec<HostTensor>>> = parts.iter().map(|p| p.rows.as_deref().map(|rows| pick_rows(&batch[p.request].inputs, rows))).collect();
-        let inputs = parts.iter().zip(&picked).map(|(p, own)| own.as_deref().unwrap_or(batch[p.request].inputs.as_slice()));
         let rows: usize = parts.iter().map(|p| p.rows.as_ref().map_or(batch[p.request].rows, Vec::len)).sum();
+        let inputs = match parts.as_slice() {
+            // A whole request alone in its call (the common case at low load) hands its inputs
+            // over: no other part reads them, and a camera frame's copy showed in latency.
+            [only] if only.rows.is_none() => std::mem::take(&mut batch[only.request].inputs),
+            _ => {
+                let picked: Vec<Option<Vec<HostTensor>>> =
+                    parts.iter().map(|p| p.rows.as_deref().map(|rows| pick_rows(&batch[p.request].inputs, rows))).collect();
+                concat_inputs(parts.iter().zip(&picked).map(|(p, own)| own.as_deref().unwrap_or(batch[p.request].inputs.as_slice())))
+            }
+        };
         let _span = tracing::debug_span!("batch", rows, parts = parts.len(), lora = lora.key).entered();
         // Only the graph call is timed: preparing an adapter's values (a cache miss) is paid
         // once, and counting it would keep the small-call estimate high for many calls after.
         let outputs = cache.get(model, &lora).and_then(|values| {
             let started = Instant::now();
-            let outputs = model.run_prepared(concat_inputs(inputs), &values);
+            let outputs = model.run_prepared(inputs, &values);
             stats.observe_call(rows, started.elapsed());
             outputs
         });
