@@ -164,8 +164,32 @@ class Daemon:
         self.log.close()
 
 
+# Labels flipped at random before publishing (`--flip`): each sample, with this probability, goes
+# out under another of the labels its batch uses, chosen uniformly. Test labels stay true.
+FLIP = {"fraction": 0.0, "seed": 0, "flipped": 0, "published": 0, "no_references": False, "binary": None}
+
+
+def flip_labels(lines: list[str]) -> list[str]:
+    if FLIP["fraction"] <= 0:
+        return lines
+    rng = np.random.default_rng(FLIP["seed"] + FLIP["published"])
+    samples = [json.loads(line) for line in lines]
+    labels = sorted({s["label"] for s in samples})
+    for s in samples:
+        # The sender's name says which went out flipped, so the suspects' listing shows the
+        # search's precision and recall by source.
+        s["source"] = "true"
+        if len(labels) > 1 and rng.random() < FLIP["fraction"]:
+            s["label"] = str(rng.choice([label for label in labels if label != s["label"]]))
+            s["source"] = "flipped"
+            FLIP["flipped"] += 1
+    FLIP["published"] += len(samples)
+    return [json.dumps(s) for s in samples]
+
+
 def publish(port: int, lines: list[str], task: str = "sorter") -> float:
     """At QoS 1; returns when the broker has acknowledged the last one."""
+    lines = flip_labels(lines)
     p = subprocess.run(["mosquitto_pub", "-p", str(port), "-q", "1", "-t", f"adaptd/v1/cell/samples/{task}", "-l"],
                        input="\n".join(lines) + "\n", text=True, capture_output=True)
     if p.returncode != 0:
@@ -293,12 +317,41 @@ def run_shift(name: str, binary: Path, data: dict, seed: int, quick: bool, overr
         daemon.stop()
         broker.terminate()
         broker.wait()
-    return with_references(result, references(train_x, train_y, test_x, test_y, upright_x, upright_y, seed), directory, keep)
+    refs = NO_REFERENCES if FLIP["no_references"] else references(train_x, train_y, test_x, test_y, upright_x, upright_y, seed)
+    return with_references(result, refs, directory, keep)
+
+
+# The label-noise table compares the daemon with itself: no offline references.
+NO_REFERENCES = {"logreg": 0.0, "mlp": 0.0, "svm_rbf": 0.0, "full_finetune": None}
+
+
+def suspect_figures(directory: Path) -> dict:
+    """How the search for wrong labels did, by the senders `flip_labels` names: suspects among
+    the flipped samples (recall) and among the true ones (false alarms)."""
+    state = directory / "state"
+    if not (state / "samples.db").exists() or not FLIP["binary"]:
+        return {}
+    out = subprocess.run([str(FLIP["binary"]), "samples", "suspects", "--json", "--state-dir", str(state)], capture_output=True, text=True)
+    if out.returncode != 0:
+        return {}
+    tasks = json.loads(out.stdout)
+    import sqlite3
+    db = sqlite3.connect(str(state / "samples.db"))
+    totals = dict(db.execute("SELECT source, COUNT(*) FROM samples WHERE source IS NOT NULL GROUP BY source").fetchall())
+    db.close()
+    doubted = {"flipped": 0, "true": 0}
+    for t in tasks:
+        for sus in t["suspects"]:
+            if sus["suggested"] is not None and sus["source"] in doubted:
+                doubted[sus["source"]] += 1
+    return {"suspects_flipped": doubted["flipped"], "flipped": totals.get("flipped", 0),
+            "suspects_true": doubted["true"], "true": totals.get("true", 0)}
 
 
 def with_references(result: dict, refs: dict, directory: Path, keep: bool) -> dict:
     """The cell's result with the offline references beside it; its state directory kept or gone."""
     result.update(refs)
+    result.update(suspect_figures(directory))
     best_offline = max(result["logreg"], result["mlp"], result["svm_rbf"])
     result["beats_raw_references"] = result["adaptd"] >= best_offline
     result["vs_full_finetune"] = result["adaptd"] / result["full_finetune"] if result["full_finetune"] else None
@@ -428,7 +481,8 @@ def run_text_shift(name: str, binary: Path, seed: int, overrides: dict[str, dict
     result, directory = run_before_after(name, binary, overrides, bundle, task, parts, lambda key: text_lines(key, *parts[key], task),
                                          lambda daemon, texts: daemon.predict_text(texts))
     train = (parts["before"][0] + parts["after"][0], parts["before"][1] + parts["after"][1])
-    return with_references(result, text_references(train, parts["test"], seed), directory, keep)
+    refs = NO_REFERENCES if FLIP["no_references"] else text_references(train, parts["test"], seed)
+    return with_references(result, refs, directory, keep)
 
 
 def run_before_after(name: str, binary: Path, overrides: dict[str, dict[str, str]], bundle: Path, task: str, parts: dict,
@@ -609,7 +663,8 @@ def run_camera_shift(name: str, binary: Path, seed: int, overrides: dict[str, di
     result, directory = run_before_after(name, binary, overrides, CAMERA, task, parts, lambda key: camera_lines(key, *parts[key], task), predict_frames)
     train = (parts["before"][0] + parts["after"][0], parts["before"][1] + parts["after"][1])
     rank = int(overrides.get("training", {}).get("lora_rank", "8"))
-    return with_references(result, camera_references(train, parts["test"], seed, rank), directory, keep)
+    refs = NO_REFERENCES if FLIP["no_references"] else camera_references(train, parts["test"], seed, rank)
+    return with_references(result, refs, directory, keep)
 
 
 def table(results: list[dict]) -> str:
@@ -625,6 +680,52 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_any(name: str, binary: Path, data: dict, seed: int, overrides: dict, keep: bool, minilm: Path) -> dict:
+    if name in TEXT_SHIFTS:
+        return run_text_shift(name, binary, seed, overrides, keep, minilm)
+    if name in CAMERA_SHIFTS:
+        return run_camera_shift(name, binary, seed, overrides, keep)
+    return run_shift(name, binary, data, seed, False, overrides, keep)
+
+
+# Wrong labels (`--label-noise`): each shift with clean labels (the search for wrong labels on, as
+# shipped, and off), then with 10 % and 30 % of its training samples published under another
+# label at random, trained naively (search off) and as shipped (search on). Test labels are true.
+NOISE_CELLS = [("clean", 0.0, True), ("clean, search off", 0.0, False), ("10 % naive", 0.1, False), ("10 %", 0.1, True),
+               ("30 % naive", 0.3, False), ("30 %", 0.3, True)]
+
+
+def label_noise_table(args, binary: Path, data: dict, overrides: dict) -> None:
+    FLIP["no_references"] = True
+    names = args.only.split(",") if args.only else ["rotate90", "blur", "noise", "occlusion", "typos", "new_intents", "lighting"]
+    rows = []
+    for name in names:
+        row = {"shift": name}
+        for cell, fraction, search in NOISE_CELLS:
+            FLIP.update(fraction=fraction, flipped=0, published=0)
+            cell_overrides = {**overrides, "labels": {**overrides.get("labels", {}), "suspects": "true" if search else "false"}}
+            started = time.time()
+            r = run_any(name, binary, data, args.seed, cell_overrides, args.keep, Path(args.minilm))
+            row[cell] = r["adaptd"]
+            if fraction == 0.3 and search:
+                row["found"] = (r.get("suspects_flipped", 0), r.get("flipped", 0), r.get("suspects_true", 0), r.get("true", 0))
+            print(f"{name}, {cell}: adaptd {r['adaptd']:.3f}, {r['promoted']}/{r['jobs']} jobs promoted ({', '.join(k or '?' for k in r['kinds'])}); "
+                  f"suspects: {r.get('suspects_flipped', '-')} of {r.get('flipped', '-')} flipped, {r.get('suspects_true', '-')} of {r.get('true', '-')} true; "
+                  f"{time.time() - started:.0f} s", flush=True)
+        rows.append(row)
+    pct = lambda v: f"{100 * v:5.1f}"  # noqa: E731
+    print()
+    print("| shift | " + " | ".join(c for c, _, _ in NOISE_CELLS) + " | 30 %: drop naive / as shipped | 30 %: flipped found, true suspected |")
+    print("| --- " * (len(NOISE_CELLS) + 3) + "|")
+    for row in rows:
+        f = row.get("found", (0, 0, 0, 0))
+        print(f"| {row['shift']} | " + " | ".join(pct(row[c]) for c, _, _ in NOISE_CELLS)
+              + f" | {100 * (row['clean'] - row['30 % naive']):.1f} / {100 * (row['clean'] - row['30 %']):.1f}"
+              + f" | {f[0]}/{f[1]} ({100 * f[0] / max(f[1], 1):.0f} %), {f[2]}/{f[3]} ({100 * f[2] / max(f[3], 1):.1f} %) |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="")
@@ -634,6 +735,10 @@ def main() -> None:
     ap.add_argument("--json", default="")
     ap.add_argument("--keep", action="store_true", help="keep each cell's state directory (journal, adapters) to look into")
     ap.add_argument("--minilm", default=str(MINILM), help="the text shifts' bundle (one exported with a cut, say)")
+    ap.add_argument("--flip", type=float, default=0.0, metavar="FRACTION",
+                    help="publish this share of the training samples under another label, at random (test labels stay true)")
+    ap.add_argument("--label-noise", action="store_true",
+                    help="for each shift (--only): clean labels, then 10 %% and 30 %% flipped, with and without the search for wrong labels")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="for tuning experiments only: a configuration key other than the shipped one (TOML value)")
     args = ap.parse_args()
@@ -649,6 +754,12 @@ def main() -> None:
         overrides.setdefault(section, {})[name] = value
     if overrides:
         print(f"NOT the shipped configuration: {args.set}")
+    FLIP.update(fraction=args.flip, seed=args.seed, binary=binary)
+    if args.label_noise:
+        label_noise_table(args, binary, data, overrides)
+        return
+    if args.flip:
+        print(f"labels flipped at random: {100 * args.flip:.0f} % of the training samples")
     names = ["rotate90"] if args.quick else [n for n in (args.only.split(",") if args.only else SHIFTS + TEXT_SHIFTS + CAMERA_SHIFTS)]
     results = []
     for name in names:

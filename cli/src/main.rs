@@ -246,6 +246,29 @@ enum SamplesCommand {
         #[command(flatten)]
         daemon: DaemonArgs,
     },
+    /// Samples whose labels the last search for wrong labels doubts (kept out of training and the
+    /// holdout), those an operator judged, and the senders most often suspected.
+    Suspects {
+        /// Only this task.
+        #[arg(long)]
+        task: Option<String>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// Give your word on a sample's label: `right` (it trains, and is not suspected again) or
+    /// `wrong` (it never trains or counts in the holdout). Applies from the next job on.
+    Judge {
+        /// The sample's idempotency key.
+        key: String,
+        /// `right` or `wrong`.
+        #[arg(value_parser = ["right", "wrong"])]
+        verdict: String,
+        /// Who judges, for the record [default: the user running the command].
+        #[arg(long)]
+        by: Option<String>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -352,6 +375,15 @@ fn main() -> ExitCode {
             let bundle = Bundle::open(&config.bundle)?;
             let result = adaptd::ops::import_samples(&daemon.state_dir()?, &bundle, &config.ingest.tasks, &file, config.ingest.max_payload_bytes)?;
             Ok((result.render(), serde_json::to_value(&result)?))
+        }),
+        Command::Samples { command: SamplesCommand::Suspects { task, daemon } } => operate(daemon.json, || {
+            let found = adaptd::ops::suspects(&daemon.state_dir()?, task.as_deref())?;
+            Ok((adaptd::ops::render_suspects(&found), serde_json::to_value(&found)?))
+        }),
+        Command::Samples { command: SamplesCommand::Judge { key, verdict, by, daemon } } => operate(daemon.json, || {
+            let by = by.or_else(|| std::env::var("USER").ok()).unwrap_or_else(|| "operator".into());
+            let judged = adaptd::ops::judge(&daemon.state_dir()?, &key, verdict == "right", &by)?;
+            Ok((judged.render(), serde_json::to_value(&judged)?))
         }),
         Command::Samples { command: SamplesCommand::Stats { daemon } } => operate(daemon.json, || {
             let stats = adaptd::ops::sample_stats(&daemon.state_dir()?)?;

@@ -214,6 +214,128 @@ pub fn sample_stats(state_dir: &Path) -> Result<Vec<TaskSamples>, OpsError> {
     Ok(tasks)
 }
 
+/// A task's samples whose labels are doubted or judged, and its senders by how often their
+/// labels are suspected.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskSuspects {
+    pub task: String,
+    pub suspects: Vec<adaptd_daemon::samples::SuspectRecord>,
+    /// Senders with a suspect among their samples, the most suspected share first.
+    pub sources: Vec<adaptd_protocol::SuspectSource>,
+}
+
+fn open_store(state_dir: &Path) -> Result<(adaptd_daemon::samples::SampleStore, String), OpsError> {
+    let path = state_dir.join(adaptd_daemon::samples::STORE_FILE);
+    let shown = path.display().to_string();
+    if !path.is_file() {
+        return Err(OpsError::State { path: shown, reason: "no sample store here yet (nothing ingested, or not the daemon's state directory)".into() });
+    }
+    let store =
+        adaptd_daemon::samples::SampleStore::open(&path, Default::default()).map_err(|e| OpsError::State { path: shown.clone(), reason: e.to_string() })?;
+    Ok((store, shown))
+}
+
+/// Every task's (or `task`'s) samples whose labels the last search doubts or an operator judged.
+pub fn suspects(state_dir: &Path, task: Option<&str>) -> Result<Vec<TaskSuspects>, OpsError> {
+    let (store, path) = open_store(state_dir)?;
+    let state_err = |e: adaptd_daemon::samples::StoreError| OpsError::State { path: path.clone(), reason: e.to_string() };
+    let tasks = match task {
+        Some(t) => vec![t.to_string()],
+        None => store.tasks().map_err(state_err)?,
+    };
+    let mut out = Vec::new();
+    for task in tasks {
+        let suspects = store.suspects(&task).map_err(state_err)?;
+        let per_source = store.samples_per_source(&task).map_err(state_err)?;
+        let mut doubted: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
+        for s in suspects.iter().filter(|s| s.suggested.is_some() && s.label_is_right != Some(true)) {
+            if let Some(source) = s.source.as_deref() {
+                *doubted.entry(source).or_default() += 1;
+            }
+        }
+        let mut sources: Vec<adaptd_protocol::SuspectSource> = doubted
+            .into_iter()
+            .map(|(source, n)| adaptd_protocol::SuspectSource {
+                source: source.to_string(),
+                samples: per_source.get(source).copied().unwrap_or(n),
+                suspects: n,
+            })
+            .collect();
+        sources.sort_by(|a, b| (b.suspects * a.samples).cmp(&(a.suspects * b.samples)).then(a.source.cmp(&b.source)));
+        out.push(TaskSuspects { task, suspects, sources });
+    }
+    Ok(out)
+}
+
+pub fn render_suspects(tasks: &[TaskSuspects]) -> String {
+    let mut out = String::new();
+    for t in tasks {
+        let waiting = t.suspects.iter().filter(|s| s.label_is_right.is_none()).count();
+        out += &format!("{}: {} suspect(s) waiting for a judgement, {} judged\n", t.task, waiting, t.suspects.len() - waiting);
+        if t.suspects.is_empty() {
+            continue;
+        }
+        out += &format!("  {:<28} {:<14} {:<14} {:>7} {:<11} {:<14} {}\n", "key", "label", "suggested", "p(lab)", "split", "source", "judged");
+        for s in &t.suspects {
+            let judged = match s.label_is_right {
+                Some(true) => "right (trains)",
+                Some(false) => "wrong (kept out)",
+                None => "-",
+            };
+            out += &format!(
+                "  {:<28} {:<14} {:<14} {:>7} {:<11} {:<14} {}\n",
+                s.key,
+                s.label,
+                s.suggested.as_deref().unwrap_or("-"),
+                s.given_probability.map_or("-".into(), |p| format!("{p:.2}")),
+                s.split,
+                s.source.as_deref().unwrap_or("-"),
+                judged
+            );
+        }
+        for s in &t.sources {
+            out += &format!(
+                "  source {}: {} of its {} samples suspected ({:.0} %)\n",
+                s.source,
+                s.suspects,
+                s.samples,
+                100.0 * s.suspects as f64 / s.samples.max(1) as f64
+            );
+        }
+    }
+    out
+}
+
+/// An operator's word on a sample's label, as `samples judge` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Judged {
+    pub key: String,
+    pub task: String,
+    pub label: String,
+    pub label_is_right: bool,
+}
+
+impl Judged {
+    pub fn render(&self) -> String {
+        if self.label_is_right {
+            format!("{} ({}): label {:?} judged right; it trains from the next job on and is not suspected again\n", self.key, self.task, self.label)
+        } else {
+            format!(
+                "{} ({}): label {:?} judged wrong; it never trains or counts in the holdout (publish it again under a new key with the right label)\n",
+                self.key, self.task, self.label
+            )
+        }
+    }
+}
+
+/// Record an operator's word on the label of the sample stored under `key`.
+pub fn judge(state_dir: &Path, key: &str, label_is_right: bool, by: &str) -> Result<Judged, OpsError> {
+    let (mut store, path) = open_store(state_dir)?;
+    let judged = store.review_label(key, label_is_right, by).map_err(|e| OpsError::State { path: path.clone(), reason: e.to_string() })?;
+    let Some((task, label)) = judged else { return Err(OpsError::Refused(format!("no sample has the key {key:?}"))) };
+    Ok(Judged { key: key.to_string(), task, label, label_is_right })
+}
+
 pub fn render_sample_stats(stats: &[TaskSamples]) -> String {
     let mut out = format!("{:<16} {:<16} {:>8} {:>11} {:>8}\n", "task", "label", "train", "validation", "holdout");
     for t in stats {

@@ -81,6 +81,7 @@ pub struct Config {
     pub training: TrainingConfig,
     pub schedule: ScheduleConfig,
     pub gate: GateConfig,
+    pub labels: crate::labels::LabelsConfig,
     pub fleet: crate::fleet::FleetConfig,
 }
 
@@ -214,6 +215,7 @@ impl Default for Config {
             training: TrainingConfig::default(),
             schedule: ScheduleConfig::default(),
             gate: GateConfig::default(),
+            labels: crate::labels::LabelsConfig::default(),
             fleet: crate::fleet::FleetConfig {
                 repository: String::new(),
                 root_file: PathBuf::from("/etc/adaptd/fleet-root.json"),
@@ -341,6 +343,7 @@ impl Config {
             .and_then(|()| self.check_ingest())
             .and_then(|()| self.check_training())
             .and_then(|()| self.check_schedule_and_gate())
+            .and_then(|()| self.check_labels())
             .and_then(|()| self.check_fleet())
             .map_err(|(key, reason)| ConfigError::Invalid { path: path.to_path_buf(), key, reason })
     }
@@ -495,6 +498,23 @@ impl Config {
     }
 
     /// When jobs run and what the gate lets through.
+    fn check_labels(&self) -> Result<(), Refusal> {
+        let l = &self.labels;
+        if l.suspect_neighbours == 0 {
+            return refuse("labels.suspect_neighbours", "must be at least 1");
+        }
+        if !(l.suspect_max_share > 0.0 && l.suspect_max_share <= 1.0) {
+            return refuse("labels.suspect_max_share", format!("must be above 0 and at most 1, got {}", l.suspect_max_share));
+        }
+        if !(0.0..=1.0).contains(&l.suspect_source_share) {
+            return refuse("labels.suspect_source_share", format!("must be between 0 and 1, got {}", l.suspect_source_share));
+        }
+        if l.suspect_max_samples < 2 {
+            return refuse("labels.suspect_max_samples", "must be at least 2 (a sample needs a neighbour)");
+        }
+        Ok(())
+    }
+
     fn check_schedule_and_gate(&self) -> Result<(), Refusal> {
         if self.schedule.tick < Duration::from_millis(10) {
             return refuse("schedule.tick_ms", "must be at least 10");
@@ -538,19 +558,19 @@ impl Config {
         Ok(())
     }
 
-    /// Take `new`'s `[training]`, `[schedule]` and `[gate]` (what a reload applies) and return
+    /// Take `new`'s `[training]`, `[schedule]`, `[gate]` and `[labels]` (what a reload applies) and return
     /// what else changed, which only a restart applies. Everything else stays as it runs, the
     /// trainer's own settings too, so the next file is compared with what runs.
     pub fn reload(&mut self, new: Config) -> Vec<&'static str> {
         let needs_restart = self.restart_only_changes(&new);
         let trainer = self.training.trainer.clone();
-        (self.training, self.schedule, self.gate) = (new.training, new.schedule, new.gate);
+        (self.training, self.schedule, self.gate, self.labels) = (new.training, new.schedule, new.gate, new.labels);
         self.training.trainer = trainer;
         needs_restart
     }
 
     /// What changed between `self` (running) and `new` that only a restart applies: everything
-    /// outside `[training]`, `[schedule]` and `[gate]`, and the trainer thread's own settings.
+    /// outside `[training]`, `[schedule]`, `[gate]` and `[labels]`, and the trainer thread's own settings.
     fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
         let mut changed = Vec::new();
         let mut check = |name, differs: bool| {
@@ -583,6 +603,7 @@ impl Config {
             training: self.training.clone(),
             schedule: self.schedule.clone(),
             gate: self.gate.clone(),
+            labels: self.labels.clone(),
             store_budget_bytes: (self.ingest.max_mb_per_task * f64::from(1 << 20)) as u64,
             reservoir_per_class: self.ingest.reservoir_per_class,
             ..AdaptConfig::new(task)

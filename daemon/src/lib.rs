@@ -30,6 +30,7 @@ pub mod events;
 pub mod fleet;
 pub mod gate;
 pub mod ingest;
+pub mod labels;
 pub mod mqtt;
 pub mod preprocess;
 pub mod registry;

@@ -208,7 +208,61 @@ CREATE TABLE IF NOT EXISTS labels (
     first_seen_ms INTEGER NOT NULL,
     PRIMARY KEY (task, label)
 );
+-- Samples whose labels their neighbours doubt (the latest search's findings, per task): kept out
+-- of training and the holdout unless an operator judged the label right.
+CREATE TABLE IF NOT EXISTS suspects (
+    sample_id INTEGER PRIMARY KEY,
+    task TEXT NOT NULL,
+    suggested TEXT NOT NULL,
+    given_probability REAL NOT NULL,
+    suggested_probability REAL NOT NULL,
+    found_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS suspects_by_task ON suspects(task);
+-- An operator's word on a sample's label: right (it trains, and is not suspected again) or
+-- wrong (it never trains, nor counts in the holdout).
+CREATE TABLE IF NOT EXISTS label_reviews (
+    sample_id INTEGER PRIMARY KEY,
+    label_is_right INTEGER NOT NULL,
+    by TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS samples_drop_suspicion AFTER DELETE ON samples
+BEGIN
+    DELETE FROM suspects WHERE sample_id = OLD.id;
+    DELETE FROM label_reviews WHERE sample_id = OLD.id;
+END;
 ";
+
+/// Samples that do not train or count in the holdout: suspected and not judged right, or judged
+/// wrong (a condition on `samples`' `id`).
+const DOUBTED_SQL: &str = "(id IN (SELECT sample_id FROM suspects) AND id NOT IN (SELECT sample_id FROM label_reviews WHERE label_is_right = 1)) \
+    OR id IN (SELECT sample_id FROM label_reviews WHERE label_is_right = 0)";
+
+/// A sample whose label the latest search doubts, or an operator judged, as `samples suspects`
+/// lists it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SuspectRecord {
+    pub key: String,
+    pub label: String,
+    /// What its neighbours suggest (None: judged wrong by an operator, not suspected now).
+    pub suggested: Option<String>,
+    pub given_probability: Option<f32>,
+    pub suggested_probability: Option<f32>,
+    pub source: Option<String>,
+    pub split: &'static str,
+    /// The operator's word: Some(true) the label is right, Some(false) it is wrong.
+    pub label_is_right: Option<bool>,
+}
+
+/// One finding of a search, as the store keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SuspectRow {
+    pub sample_id: i64,
+    pub suggested: String,
+    pub given_probability: f32,
+    pub suggested_probability: f32,
+}
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
@@ -409,6 +463,126 @@ impl SampleStore {
         let mut stmt = self.conn.prepare_cached(&format!("{SELECT_SAMPLE} WHERE key = ?1")).map_err(self.err())?;
         let row = stmt.query_row(params![key], read_row).optional().map_err(self.err())?;
         row.map(|r| self.decode_row(r)).transpose()
+    }
+
+    /// The samples of `task` in `split` that train and count in the holdout: all but those whose
+    /// labels are doubted (suspected and not judged right, or judged wrong), in arrival order.
+    pub fn load_trusted(&self, task: &str, split: Split) -> Result<Vec<StoredSample>, StoreError> {
+        let mut stmt =
+            self.conn.prepare_cached(&format!("{SELECT_SAMPLE} WHERE task = ?1 AND split = ?2 AND NOT ({DOUBTED_SQL}) ORDER BY id")).map_err(self.err())?;
+        let rows = stmt.query_map(params![task, split as i64], read_row).map_err(self.err())?;
+        rows.map(|r| r.map_err(self.err()).and_then(|r| self.decode_row(r))).collect()
+    }
+
+    /// The newest `limit` samples of `task` with an embedding, of every split, that an operator
+    /// has not judged wrong: what a search for wrong labels looks at. Oldest first.
+    pub fn reviewable(&self, task: &str, limit: usize) -> Result<Vec<StoredSample>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT * FROM ({SELECT_SAMPLE} WHERE task = ?1 AND embedding IS NOT NULL \
+                 AND id NOT IN (SELECT sample_id FROM label_reviews WHERE label_is_right = 0) ORDER BY id DESC LIMIT ?2) ORDER BY id"
+            ))
+            .map_err(self.err())?;
+        let rows = stmt.query_map(params![task, limit as i64], read_row).map_err(self.err())?;
+        rows.map(|r| r.map_err(self.err()).and_then(|r| self.decode_row(r))).collect()
+    }
+
+    /// Replace `task`'s suspects with the latest search's, in one transaction. Returns how many of
+    /// them were not suspected before.
+    pub fn replace_suspects(&mut self, task: &str, rows: &[SuspectRow]) -> Result<usize, StoreError> {
+        let found = now_ms();
+        let path = self.path.clone();
+        let err = move |source| StoreError::Sqlite { path: path.clone(), source };
+        let tx = self.conn.transaction().map_err(&err)?;
+        let before: std::collections::HashSet<i64> = {
+            let mut stmt = tx.prepare_cached("SELECT sample_id FROM suspects WHERE task = ?1").map_err(&err)?;
+            let ids = stmt.query_map(params![task], |r| r.get::<_, i64>(0)).map_err(&err)?;
+            ids.collect::<Result<_, _>>().map_err(&err)?
+        };
+        tx.execute("DELETE FROM suspects WHERE task = ?1", params![task]).map_err(&err)?;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO suspects (sample_id, task, suggested, given_probability, suggested_probability, found_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(&err)?;
+            for r in rows {
+                insert.execute(params![r.sample_id, task, r.suggested, r.given_probability as f64, r.suggested_probability as f64, found]).map_err(&err)?;
+            }
+        }
+        tx.commit().map_err(&err)?;
+        Ok(rows.iter().filter(|r| !before.contains(&r.sample_id)).count())
+    }
+
+    /// `task`'s suspects and judged samples, newest first.
+    pub fn suspects(&self, task: &str) -> Result<Vec<SuspectRecord>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT s.key, s.label, u.suggested, u.given_probability, u.suggested_probability, s.source, s.split, r.label_is_right \
+                 FROM samples s LEFT JOIN suspects u ON u.sample_id = s.id LEFT JOIN label_reviews r ON r.sample_id = s.id \
+                 WHERE s.task = ?1 AND (u.sample_id IS NOT NULL OR r.sample_id IS NOT NULL) ORDER BY s.id DESC",
+            )
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map(params![task], |r| {
+                let split: i64 = r.get(6)?;
+                Ok(SuspectRecord {
+                    key: r.get(0)?,
+                    label: r.get(1)?,
+                    suggested: r.get(2)?,
+                    given_probability: r.get::<_, Option<f64>>(3)?.map(|p| p as f32),
+                    suggested_probability: r.get::<_, Option<f64>>(4)?.map(|p| p as f32),
+                    source: r.get(5)?,
+                    split: match Split::from_i64(split) {
+                        Some(Split::Train) => "train",
+                        Some(Split::Validation) => "validation",
+                        Some(Split::Holdout) => "holdout",
+                        None => "unknown",
+                    },
+                    label_is_right: r.get(7)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// Record an operator's word on the label of the sample stored under `key`. Returns the
+    /// sample's task and label, or None when no sample has that key.
+    pub fn review_label(&mut self, key: &str, label_is_right: bool, by: &str) -> Result<Option<(String, String)>, StoreError> {
+        let found: Option<(i64, String, String)> = self
+            .conn
+            .query_row("SELECT id, task, label FROM samples WHERE key = ?1", params![key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()
+            .map_err(self.err())?;
+        let Some((id, task, label)) = found else { return Ok(None) };
+        self.conn
+            .execute(
+                "INSERT INTO label_reviews (sample_id, label_is_right, by, at_ms) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT(sample_id) DO UPDATE SET label_is_right = excluded.label_is_right, by = excluded.by, at_ms = excluded.at_ms",
+                params![id, label_is_right, by, now_ms()],
+            )
+            .map_err(self.err())?;
+        Ok(Some((task, label)))
+    }
+
+    /// How many samples of `task` each source sent (samples without one are not counted).
+    pub fn samples_per_source(&self, task: &str) -> Result<BTreeMap<String, u64>, StoreError> {
+        let mut stmt =
+            self.conn.prepare_cached("SELECT source, COUNT(*) FROM samples WHERE task = ?1 AND source IS NOT NULL GROUP BY source").map_err(self.err())?;
+        let rows = stmt.query_map(params![task], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))).map_err(self.err())?;
+        rows.collect::<Result<_, _>>().map_err(self.err())
+    }
+
+    /// Sample ids an operator judged right (never suspected again).
+    pub fn labels_judged_right(&self, task: &str) -> Result<std::collections::HashSet<i64>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT r.sample_id FROM label_reviews r JOIN samples s ON s.id = r.sample_id WHERE s.task = ?1 AND r.label_is_right = 1")
+            .map_err(self.err())?;
+        let ids = stmt.query_map(params![task], |r| r.get::<_, i64>(0)).map_err(self.err())?;
+        ids.collect::<Result<_, _>>().map_err(self.err())
     }
 
     /// Every sample of `task` in `split`, oldest first.

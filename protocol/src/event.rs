@@ -42,6 +42,16 @@ pub struct SampleCounts {
     pub train_by_label: std::collections::BTreeMap<String, u64>,
 }
 
+/// A source (the `source` its samples name) whose labels are often suspected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuspectSource {
+    pub source: String,
+    /// Its samples searched, and how many of them are suspects.
+    pub samples: u64,
+    pub suspects: u64,
+}
+
 /// One epoch of a training run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochRecord {
@@ -108,6 +118,16 @@ pub enum Event {
         bytes: u64,
         budget_bytes: u64,
         at_reservoir: bool,
+    },
+    /// Before a job, a search for wrong labels found samples whose labels their neighbours doubt:
+    /// they stay out of training and the holdout until an operator judges them.
+    LabelsSuspected {
+        /// Samples searched, suspects among them, and suspects the previous search did not name.
+        judged: u64,
+        suspects: u64,
+        new: u64,
+        by_label: std::collections::BTreeMap<String, u64>,
+        sources: Vec<SuspectSource>,
     },
     TrainingStarted {
         version: u64,
@@ -279,6 +299,7 @@ impl Event {
         match self {
             Event::SampleRefused { .. } => "sample_refused",
             Event::SamplesEvicted { .. } => "samples_evicted",
+            Event::LabelsSuspected { .. } => "labels_suspected",
             Event::TrainingStarted { .. } => "training_started",
             Event::TrainingProgress { .. } => "training_progress",
             Event::TrainingAttempt { .. } => "training_attempt",

@@ -11,7 +11,7 @@ pub mod status;
 pub mod topics;
 pub mod wire;
 
-pub use event::{Event, EventRecord};
+pub use event::{Event, EventRecord, SuspectSource};
 pub use status::{CommandReply, ImportRequest, SchedulerState, TaskStatus, Trigger};
 pub use topics::Topics;
 

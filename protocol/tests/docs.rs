@@ -41,6 +41,13 @@ fn examples() -> Vec<Event> {
     vec![
         Event::SampleRefused { topic: s(), reason: s(), message: s() },
         Event::SamplesEvicted { evicted: 1, bytes: 2, budget_bytes: 3, at_reservoir: false },
+        Event::LabelsSuspected {
+            judged: 400,
+            suspects: 12,
+            new: 3,
+            by_label: [("gear".to_string(), 12)].into(),
+            sources: vec![adaptd_protocol::SuspectSource { source: "line-3".into(), samples: 40, suspects: 9 }],
+        },
         Event::TrainingStarted {
             version: 1,
             kind: s(),
@@ -93,6 +100,7 @@ fn variant_has_an_example(e: &Event) {
     match e {
         Event::SampleRefused { .. }
         | Event::SamplesEvicted { .. }
+        | Event::LabelsSuspected { .. }
         | Event::TrainingStarted { .. }
         | Event::TrainingProgress { .. }
         | Event::TrainingAttempt { .. }

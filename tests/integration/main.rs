@@ -16,6 +16,7 @@ mod fleet;
 mod fleet_learning;
 mod hardening;
 mod ingest;
+mod labels;
 mod package;
 mod properties;
 mod registry;

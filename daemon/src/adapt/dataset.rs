@@ -228,8 +228,9 @@ pub(super) fn prepare(
 /// those that have one, and the rest join the next job (waiting for all of them would defer the
 /// job for as long as the stream lasts).
 fn embedded_samples(store: &SampleStore, task: &str, dim: usize, notes: &mut Vec<String>) -> Result<(Vec<StoredSample>, Vec<StoredSample>), AdaptError> {
-    let mut train = store.load(task, Split::Train)?;
-    let mut validation = store.load(task, Split::Validation)?;
+    // Samples whose labels are doubted (see `crate::labels`) do not train.
+    let mut train = store.load_trusted(task, Split::Train)?;
+    let mut validation = store.load_trusted(task, Split::Validation)?;
     let embedded = |s: &StoredSample| s.embedding.as_ref().is_some_and(|e| e.len() == dim);
     let arriving = train.iter().chain(&validation).filter(|s| !embedded(s)).count();
     train.retain(embedded);

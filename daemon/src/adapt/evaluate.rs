@@ -136,8 +136,9 @@ pub(super) async fn judge(
     let labels = adapter.manifest.labels.clone();
     let candidate = ctx.registry.preview(adapter.clone())?;
 
-    // Holdout: samples the trainer never saw (neither gradients nor early stopping).
-    let mut holdout = lock(store).load(task, Split::Holdout)?;
+    // Holdout: samples the trainer never saw (neither gradients nor early stopping), less those
+    // whose labels are doubted (a wrong label would score a right answer wrong).
+    let mut holdout = lock(store).load_trusted(task, Split::Holdout)?;
     if holdout.len() > config.max_eval_samples {
         holdout.drain(..holdout.len() - config.max_eval_samples);
     }

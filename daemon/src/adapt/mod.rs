@@ -190,6 +190,7 @@ pub struct AdaptConfig {
     pub training: TrainingConfig,
     pub schedule: ScheduleConfig,
     pub gate: GateConfig,
+    pub labels: crate::labels::LabelsConfig,
     /// Holdout samples evaluated per decision (the newest).
     pub max_eval_samples: usize,
     /// Disk budget of the task's samples in bytes (0: none), and the samples per class that
@@ -206,6 +207,7 @@ impl AdaptConfig {
             training: TrainingConfig::default(),
             schedule: ScheduleConfig::default(),
             gate: GateConfig::default(),
+            labels: crate::labels::LabelsConfig::default(),
             max_eval_samples: 2000,
             store_budget_bytes: 0,
             reservoir_per_class: 50,

@@ -65,6 +65,8 @@ pub(super) struct TaskLoop {
     failing: TickSteps,
     /// When the running (or last) job started.
     job_started: Instant,
+    /// Suspects the last search for wrong labels kept (None: no search yet).
+    suspects: Option<usize>,
 }
 
 #[derive(Default)]
@@ -125,6 +127,7 @@ impl TaskLoop {
             round: None,
             failing: TickSteps::default(),
             job_started: Instant::now(),
+            suspects: None,
             ctx,
             config,
             task,
@@ -280,6 +283,64 @@ impl TaskLoop {
             }),
             None => None,
         };
+    }
+
+    /// Search the task's samples for wrong labels ([`crate::labels`]) before a job: the suspects
+    /// it keeps stay out of the job's training and the gate's holdout. Announced when the set of
+    /// suspects changes. A failed search is logged and the job goes on with the last one's
+    /// suspects. Returns a note for the job when there are suspects.
+    async fn review_labels(&mut self) -> Option<String> {
+        let (config, task) = (self.config.labels.clone(), self.task.clone());
+        if !config.suspects {
+            // Suspects of a search made while it was on must not keep samples out now.
+            if let Err(e) = lock(&self.store).replace_suspects(&task, &[]) {
+                tracing::warn!(task, error = %e, "could not clear the suspects of an earlier search for wrong labels");
+            }
+            return None;
+        }
+        let input = match crate::labels::reviewable(&lock(&self.store), &task, &config) {
+            Ok(input) => input,
+            Err(e) => {
+                tracing::warn!(task, error = %e, "could not read the samples to search for wrong labels");
+                return None;
+            }
+        };
+        let dim = self.ctx.registry.bundle().manifest.embedding_dim;
+        let search_config = config.clone();
+        let searched = tokio::task::spawn_blocking(move || {
+            crate::background_priority();
+            crate::labels::search(&input, dim, &search_config)
+        })
+        .await;
+        let (rows, mut review) = match searched {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(task, error = %e, "the search for wrong labels failed");
+                return None;
+            }
+        };
+        let before = self.suspects;
+        match lock(&self.store).replace_suspects(&task, &rows) {
+            Ok(new) => review.new = new,
+            Err(e) => {
+                tracing::warn!(task, error = %e, "could not keep the suspects of a search for wrong labels");
+                return None;
+            }
+        }
+        self.suspects = Some(review.suspects);
+        if review.new > 0 || before.is_some_and(|b| b != review.suspects) {
+            let crate::labels::Review { judged, suspects, new, by_label, sources } = review.clone();
+            self.ctx.events.emit(&task, Event::LabelsSuspected { judged: judged as u64, suspects: suspects as u64, new: new as u64, by_label, sources });
+        }
+        (review.suspects > 0).then(|| {
+            let named: Vec<String> = review.sources.iter().map(|s| format!("{} ({} of {})", s.source, s.suspects, s.samples)).collect();
+            format!(
+                "{} of {} samples have labels their neighbours doubt: kept out of training and the holdout{}",
+                review.suspects,
+                review.judged,
+                if named.is_empty() { String::new() } else { format!("; often suspected: {}", named.join(", ")) }
+            )
+        })
     }
 
     /// The bookkeeping every job ends with (the watch of each promotion is set as it happens);
@@ -483,6 +544,7 @@ impl TaskLoop {
     /// meets the gate, at the end.
     async fn run_job(&mut self, trigger: Trigger, shutdown: &mut Pin<&mut impl Future<Output = ()>>, commands: &mut mpsc::Receiver<Command>) -> JobResult {
         self.measure_base_domain().await;
+        let label_note = self.review_labels().await;
         let (ctx, task) = (self.ctx.clone(), self.task.clone());
         let mut incumbent = ctx.registry.current(&task).unwrap_or_else(|| ctx.registry.base(&task));
         let mut version = match ctx.registry.next_version(&task) {
@@ -515,7 +577,7 @@ impl TaskLoop {
         for (step, kind) in ladder.iter().enumerate() {
             let config = AdaptConfig { training: self.config.training.with_kind(*kind), ..self.config.clone() };
             let prepared = prepare(ctx.registry.bundle(), ctx.text.as_deref(), &config, &lock(&self.store), &start_from, &self.base_domain);
-            let prepared = match prepared {
+            let mut prepared = match prepared {
                 Ok(p) => p,
                 Err(reason) if best.is_none() => return JobResult::Deferred(reason.to_string()),
                 Err(reason) => {
@@ -524,6 +586,7 @@ impl TaskLoop {
                 }
             };
             if step == 0 {
+                prepared.notes.extend(label_note.clone());
                 let escalation: Vec<String> = ladder.iter().map(JobKind::label).collect();
                 let (samples, labels, notes) = (prepared.counts.clone(), prepared.labels.clone(), prepared.notes.clone());
                 ctx.events.emit(

@@ -1,0 +1,176 @@
+//! Labels where they matter. Today: wrong labels. Before a job, the task's samples are searched
+//! for labels their neighbours doubt ([`suspects`]); the suspects stay out of training and the
+//! holdout until an operator judges them (`adaptd samples suspects`, `adaptd samples judge`), and
+//! a source whose samples are often suspected is named.
+
+pub mod suspects;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use adaptd_protocol::SuspectSource;
+
+use crate::samples::{SampleStore, StoreError, StoredSample, SuspectRow};
+use suspects::{SuspectSearch, find_suspects};
+
+/// The `[labels]` section of the configuration file.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelsConfig {
+    /// Search for wrong labels before each job; suspects do not train or count in the holdout.
+    pub suspects: bool,
+    /// Neighbours that vote on each sample's label.
+    pub suspect_neighbours: usize,
+    /// Labels with fewer samples are not judged (a new class on its first samples).
+    pub suspect_min_class_samples: usize,
+    /// At most this share of a label's samples is suspected.
+    pub suspect_max_share: f64,
+    /// The newest samples searched (the search costs the square of their number).
+    pub suspect_max_samples: usize,
+    /// A source (`source` of its samples) with at least `suspect_source_min_samples` samples and
+    /// at least this share of them suspected is named in the event and the listing.
+    pub suspect_source_share: f64,
+    pub suspect_source_min_samples: usize,
+}
+
+impl Default for LabelsConfig {
+    fn default() -> Self {
+        let search = SuspectSearch::default();
+        LabelsConfig {
+            suspects: true,
+            suspect_neighbours: search.neighbours,
+            suspect_min_class_samples: search.min_class_samples,
+            suspect_max_share: search.max_share,
+            suspect_max_samples: 4000,
+            suspect_source_share: 0.3,
+            suspect_source_min_samples: 20,
+        }
+    }
+}
+
+impl LabelsConfig {
+    fn search(&self) -> SuspectSearch {
+        SuspectSearch {
+            neighbours: self.suspect_neighbours,
+            min_class_samples: self.suspect_min_class_samples,
+            max_share: self.suspect_max_share,
+            ..SuspectSearch::default()
+        }
+    }
+}
+
+/// What one search found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Review {
+    /// Samples searched.
+    pub judged: usize,
+    pub suspects: usize,
+    /// Suspects that were not suspected by the search before.
+    pub new: usize,
+    /// Suspects per given label.
+    pub by_label: BTreeMap<String, u64>,
+    /// Sources whose samples are suspected at least `suspect_source_share` of the time.
+    pub sources: Vec<SuspectSource>,
+}
+
+/// The samples a search looks at, read under the store's lock; the search itself runs without it.
+pub struct Reviewable {
+    samples: Vec<StoredSample>,
+    labels: Vec<String>,
+    judged_right: HashSet<i64>,
+}
+
+/// Read what a search of `task` needs (the newest `suspect_max_samples` embedded samples).
+pub fn reviewable(store: &SampleStore, task: &str, config: &LabelsConfig) -> Result<Reviewable, StoreError> {
+    Ok(Reviewable { samples: store.reviewable(task, config.suspect_max_samples)?, labels: store.labels(task)?, judged_right: store.labels_judged_right(task)? })
+}
+
+/// Search `input` for wrong labels: the suspects to keep (samples an operator judged right are
+/// never suspected), and the review to report. Pure: no store, no clock.
+pub fn search(input: &Reviewable, dim: usize, config: &LabelsConfig) -> (Vec<SuspectRow>, Review) {
+    let samples: Vec<&StoredSample> = input.samples.iter().filter(|s| s.embedding.as_ref().is_some_and(|e| e.len() == dim)).collect();
+    let index: HashMap<&str, usize> = input.labels.iter().enumerate().map(|(i, l)| (l.as_str(), i)).collect();
+    let samples: Vec<&StoredSample> = samples.into_iter().filter(|s| index.contains_key(s.sample.label.as_str())).collect();
+    let mut embeddings = Vec::with_capacity(samples.len() * dim);
+    for s in &samples {
+        embeddings.extend_from_slice(s.embedding.as_deref().unwrap_or_default());
+    }
+    let labels: Vec<usize> = samples.iter().map(|s| index[s.sample.label.as_str()]).collect();
+    let found = find_suspects(&embeddings, dim, &labels, input.labels.len(), &config.search());
+    let rows: Vec<SuspectRow> = found
+        .iter()
+        .filter(|f| !input.judged_right.contains(&samples[f.row].id))
+        .map(|f| SuspectRow {
+            sample_id: samples[f.row].id,
+            suggested: input.labels[f.suggested].clone(),
+            given_probability: f.given_probability,
+            suggested_probability: f.suggested_probability,
+        })
+        .collect();
+    let suspected: HashSet<i64> = rows.iter().map(|r| r.sample_id).collect();
+    let mut by_label = BTreeMap::new();
+    let mut per_source: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    for s in &samples {
+        let doubted = suspected.contains(&s.id);
+        if doubted {
+            *by_label.entry(s.sample.label.clone()).or_insert(0) += 1;
+        }
+        if let Some(source) = s.sample.source.as_deref() {
+            let entry = per_source.entry(source).or_default();
+            entry.0 += 1;
+            entry.1 += u64::from(doubted);
+        }
+    }
+    let sources = per_source
+        .into_iter()
+        .filter(|(_, (n, doubted))| *n >= config.suspect_source_min_samples as u64 && *doubted as f64 >= config.suspect_source_share * *n as f64)
+        .map(|(source, (samples, suspects))| SuspectSource { source: source.to_string(), samples, suspects })
+        .collect();
+    let review = Review { judged: samples.len(), suspects: rows.len(), new: 0, by_label, sources };
+    (rows, review)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::samples::{Sample, SampleInput, Split};
+
+    fn sample(id: i64, label: &str, source: &str, embedding: Vec<f32>) -> StoredSample {
+        StoredSample {
+            id,
+            sample: Sample {
+                key: format!("k{id}"),
+                task: "t".into(),
+                label: label.into(),
+                input: SampleInput::Text(String::new()),
+                weight: 1.0,
+                source: Some(source.into()),
+                timestamp_ms: 0,
+                correction: false,
+            },
+            split: Split::Train,
+            received_ms: 0,
+            embedding: Some(embedding),
+        }
+    }
+
+    #[test]
+    fn a_search_names_the_source_whose_labels_are_often_wrong_and_spares_labels_judged_right() {
+        // Two clean clusters; "cam-7" labels a third of its "a" samples "b".
+        let mut samples = Vec::new();
+        for i in 0..120i64 {
+            let (label, point) = if i % 2 == 0 { ("a", vec![1.0, 0.05 * (i % 7) as f32]) } else { ("b", vec![0.05 * (i % 7) as f32, 1.0]) };
+            let source = if i < 60 { "cam-7" } else { "cam-1" };
+            let label = if source == "cam-7" && label == "a" && i % 6 == 0 { "b" } else { label };
+            samples.push(sample(i, label, source, point));
+        }
+        let flipped: Vec<i64> = (0..60).filter(|i| i % 6 == 0).collect();
+        let input = Reviewable { samples, labels: vec!["a".into(), "b".into()], judged_right: HashSet::from([flipped[0]]) };
+        let config = LabelsConfig { suspect_source_share: 0.15, ..LabelsConfig::default() };
+        let (rows, review) = search(&input, 2, &config);
+        let ids: Vec<i64> = rows.iter().map(|r| r.sample_id).collect();
+        assert_eq!(ids, flipped[1..], "every flipped sample but the one judged right");
+        assert!(rows.iter().all(|r| r.suggested == "a"));
+        assert_eq!(review.by_label, BTreeMap::from([("b".to_string(), flipped.len() as u64 - 1)]));
+        assert_eq!(review.sources, vec![SuspectSource { source: "cam-7".into(), samples: 60, suspects: flipped.len() as u64 - 1 }]);
+    }
+}

@@ -1,0 +1,97 @@
+//! Labels where they matter, through a real broker: a sender that labels a share of its samples
+//! wrong is caught before the job, its samples kept out of training and the holdout, the sender
+//! named; an operator's word on a suspect (through the CLI) puts it back.
+
+use std::process::Command;
+use std::time::Duration;
+
+use adaptd::datasets::{Digits, Shift};
+use serde_json::Value;
+
+use crate::adapt::{Running, digit_lines, publish, shut_down, start_daemon_with};
+use crate::digits_data;
+
+fn cli(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_adaptd")).args(args).env("ADAPTD_LOG", "warn").output().unwrap();
+    assert!(out.status.success(), "adaptd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_that_labels_wrong_is_caught_its_samples_kept_out_and_an_operator_puts_one_back() {
+    let Running { broker, state, events, base: _, stop, daemon } = start_daemon_with("sorter", 400, |c| {
+        c.training.adapter = adaptd_daemon::adapt::AdapterChoice::Head;
+        c.training.escalate = false;
+    })
+    .await;
+    // 400 upright digits: "line-1" labels its 340 right; "line-9" labels 40 of its 60 as the next
+    // digit. The order of arrival is fixed, and so are the embeddings and the search.
+    let digits = Digits::load(&digits_data()).unwrap();
+    let indices: Vec<usize> = digits.held_out().into_iter().take(400).collect();
+    let lines = digit_lines(&digits, indices.iter().copied(), "cell", "sorter", Shift::None);
+    let mut flipped = Vec::new();
+    let lines: Vec<String> = lines
+        .into_iter()
+        .enumerate()
+        .map(|(i, line)| {
+            let mut sample: Value = serde_json::from_str(&line).unwrap();
+            let from_line_9 = i % 20 >= 17;
+            sample["source"] = (if from_line_9 { "line-9" } else { "line-1" }).into();
+            if from_line_9 && i % 3 != 0 {
+                let label: i64 = sample["label"].as_str().unwrap().parse().unwrap();
+                sample["label"] = ((label + 1) % 10).to_string().into();
+                flipped.push(sample["key"].as_str().unwrap().to_string());
+            }
+            sample.to_string()
+        })
+        .collect();
+    assert_eq!(flipped.len(), 40);
+    let port = broker.port;
+    let (suspected, started) = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(500)); // ingest subscribes
+        publish(port, "adaptd/v1/robot-3/samples/sorter", &lines);
+        let suspected = events.wait_for("labels_suspected", Duration::from_secs(60));
+        let started = events.wait_for("training_started", Duration::from_secs(60));
+        events.wait_for("job_finished", Duration::from_secs(120));
+        (suspected, started)
+    })
+    .await
+    .unwrap();
+
+    // The event: most wrong labels found, few right ones doubted, the sender named.
+    let suspects = suspected["suspects"].as_u64().unwrap();
+    assert_eq!(suspected["judged"], 400, "{suspected}");
+    assert!((36..=48).contains(&suspects), "40 wrong labels; {suspects} suspects: {suspected}");
+    let sources = suspected["sources"].as_array().unwrap();
+    assert_eq!(sources.len(), 1, "only line-9 is named: {suspected}");
+    assert_eq!(sources[0]["source"], "line-9");
+    assert!(started["notes"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().contains("kept out of training and the holdout")), "{started}");
+
+    // The listing: which samples, by key, and what their neighbours suggest instead.
+    let dir = state.path().to_str().unwrap();
+    let listed = cli(&["samples", "suspects", "--json", "--state-dir", dir]);
+    let listed = listed[0]["suspects"].as_array().unwrap().clone();
+    let found: Vec<&str> = listed.iter().filter(|s| flipped.contains(&s["key"].as_str().unwrap().to_string())).map(|s| s["key"].as_str().unwrap()).collect();
+    assert!(found.len() >= 36, "{} of the 40 wrong labels listed", found.len());
+    let first = listed.iter().find(|s| s["key"] == found[0]).unwrap();
+    let (given, suggested): (i64, i64) = (first["label"].as_str().unwrap().parse().unwrap(), first["suggested"].as_str().unwrap().parse().unwrap());
+    assert_eq!(given, (suggested + 1) % 10, "the suggestion is the digit it was: {first}");
+
+    // Kept out of training and the holdout; an operator's word puts one back, and says so.
+    let store = adaptd_daemon::samples::SampleStore::open(&state.path().join("samples.db"), Default::default()).unwrap();
+    let trusted = |store: &adaptd_daemon::samples::SampleStore| -> Vec<String> {
+        use adaptd_daemon::samples::Split::*;
+        [Train, Validation, Holdout].into_iter().flat_map(|split| store.load_trusted("sorter", split).unwrap()).map(|s| s.sample.key).collect()
+    };
+    assert!(found.iter().all(|k| !trusted(&store).contains(&k.to_string())), "suspects do not train or count in the holdout");
+    let judged = cli(&["samples", "judge", found[0], "right", "--by", "alice", "--json", "--state-dir", dir]);
+    assert_eq!((judged["label_is_right"].as_bool(), judged["task"].as_str()), (Some(true), Some("sorter")), "{judged}");
+    assert!(trusted(&store).contains(&found[0].to_string()), "judged right: it trains again");
+    cli(&["samples", "judge", found[1], "wrong", "--state-dir", dir]);
+    let after = cli(&["samples", "suspects", "--json", "--state-dir", dir]);
+    let verdict = |key: &str| after[0]["suspects"].as_array().unwrap().iter().find(|s| s["key"] == key).map(|s| s["label_is_right"].clone());
+    assert_eq!((verdict(found[0]), verdict(found[1])), (Some(Value::Bool(true)), Some(Value::Bool(false))));
+    let out = Command::new(env!("CARGO_BIN_EXE_adaptd")).args(["samples", "judge", "no-such-key", "right", "--state-dir", dir]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no sample has the key"), "{out:?}");
+    shut_down(stop, daemon).await;
+}
