@@ -97,6 +97,7 @@ fn sample(key: &str, label: i64, pixels: &[f32], source: &str, correction: bool)
         source: Some(source.into()),
         weight: None,
         correction,
+        request_id: None,
     };
     serde_json::to_vec(&message).unwrap_or_default()
 }

@@ -512,6 +512,24 @@ impl Config {
         if l.suspect_max_samples < 2 {
             return refuse("labels.suspect_max_samples", "must be at least 2 (a sample needs a neighbour)");
         }
+        for (key, weight) in [
+            ("labels.request_uncertainty", l.request_uncertainty),
+            ("labels.request_novelty", l.request_novelty),
+            ("labels.request_balance", l.request_balance),
+        ] {
+            if !(weight.is_finite() && weight >= 0.0) {
+                return refuse(key, format!("must be 0 or more, got {weight}"));
+            }
+        }
+        if !(0.0..=1.0).contains(&l.request_random_share) {
+            return refuse("labels.request_random_share", format!("must be between 0 and 1, got {}", l.request_random_share));
+        }
+        if !(0.0..=2.0).contains(&l.request_min_distance) {
+            return refuse("labels.request_min_distance", format!("is a cosine distance, between 0 and 2, got {}", l.request_min_distance));
+        }
+        if !(l.request_expiry_h.is_finite() && l.request_expiry_h > 0.0) {
+            return refuse("labels.request_expiry_h", format!("must be above 0, got {}", l.request_expiry_h));
+        }
         Ok(())
     }
 

@@ -120,6 +120,21 @@ fn image_spec<'a>(bundle_name: &str, preprocessing: &'a Preprocessing) -> Result
     }
 }
 
+/// Fitted pixels as a PNG file (what a label request carries, so a person can look at it).
+pub fn png_bytes(pixels: &Pixels) -> Result<Vec<u8>, PreprocessError> {
+    use image::ImageEncoder as _;
+    let color = match pixels.channels {
+        1 => image::ExtendedColorType::L8,
+        3 => image::ExtendedColorType::Rgb8,
+        c => return Err(PreprocessError::Image(format!("{c} channels cannot be written as a PNG"))),
+    };
+    let mut out = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut out)
+        .write_image(&pixels.data, pixels.width as u32, pixels.height as u32, color)
+        .map_err(|e| PreprocessError::Image(e.to_string()))?;
+    Ok(out)
+}
+
 /// Decode a PNG or JPEG into an image bundle's model input `[1, channels, height, width]`.
 pub fn decode_image(bundle_name: &str, preprocessing: &Preprocessing, bytes: &[u8]) -> Result<HostTensor, PreprocessError> {
     let pixels = image_pixels(bundle_name, preprocessing, bytes)?;

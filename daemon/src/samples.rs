@@ -102,6 +102,9 @@ pub struct Sample {
     pub timestamp_ms: i64,
     /// An operator's correction of a served prediction.
     pub correction: bool,
+    /// The label request it answers, if any (not stored with the sample: the request records
+    /// its answer).
+    pub request_id: Option<String>,
 }
 
 /// A sample as stored.
@@ -149,6 +152,7 @@ const ROW_OVERHEAD_BYTES: i64 = 128;
 /// The disk budget's measure of a row, in SQL (the overhead bound as `?2`).
 const TASK_BYTES_SQL: &str = "SELECT COALESCE(SUM(length(input) + COALESCE(length(embedding), 0) + ?2), 0) \
     + (SELECT COALESCE(SUM(length(a.data)), 0) FROM activations a JOIN samples s ON s.id = a.sample_id WHERE s.task = ?1) \
+    + (SELECT COALESCE(SUM(length(input) + ?2), 0) FROM label_requests WHERE task = ?1) \
     FROM samples WHERE task = ?1";
 
 /// The result of enforcing a disk budget.
@@ -227,6 +231,23 @@ CREATE TABLE IF NOT EXISTS label_reviews (
     by TEXT NOT NULL,
     at_ms INTEGER NOT NULL
 );
+-- Label requests sent: the input asked about (kept until it expires), what serving answered,
+-- and the answer once a sample carrying the request's id arrives.
+CREATE TABLE IF NOT EXISTS label_requests (
+    id TEXT PRIMARY KEY,
+    task TEXT NOT NULL,
+    input_kind TEXT NOT NULL,
+    input_shape TEXT NOT NULL,
+    input BLOB NOT NULL,
+    predicted TEXT NOT NULL,
+    strategy TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    answered_ms INTEGER,
+    answer_label TEXT,
+    answer_key TEXT
+);
+CREATE INDEX IF NOT EXISTS label_requests_by_task ON label_requests(task, created_ms);
 CREATE TRIGGER IF NOT EXISTS samples_drop_suspicion AFTER DELETE ON samples
 BEGIN
     DELETE FROM suspects WHERE sample_id = OLD.id;
@@ -238,6 +259,29 @@ END;
 /// wrong (a condition on `samples`' `id`).
 const DOUBTED_SQL: &str = "(id IN (SELECT sample_id FROM suspects) AND id NOT IN (SELECT sample_id FROM label_reviews WHERE label_is_right = 1)) \
     OR id IN (SELECT sample_id FROM label_reviews WHERE label_is_right = 0)";
+
+/// A label request as the store keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelRequestRow {
+    pub id: String,
+    pub task: String,
+    pub input: SampleInput,
+    pub predicted: String,
+    pub strategy: String,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+}
+
+/// A task's label requests so far (expired ones included until they are forgotten).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RequestCounts {
+    pub sent: u64,
+    pub answered: u64,
+    /// Answers that say serving was wrong: the requests that found an error.
+    pub disagreed: u64,
+    /// Neither answered nor expired.
+    pub pending: u64,
+}
 
 /// A sample whose label the latest search doubts, or an operator judged, as `samples suspects`
 /// lists it.
@@ -333,6 +377,12 @@ impl SampleStore {
                 .map_err(&err)?;
             let mut label = tx.prepare_cached("INSERT OR IGNORE INTO labels (task, label, first_seen_ms) VALUES (?1, ?2, ?3)").map_err(&err)?;
             let mut stored = tx.prepare_cached("SELECT task, label FROM samples WHERE key = ?1").map_err(&err)?;
+            // The first answer to a request stands, like the first label of a key.
+            let mut answer = tx
+                .prepare_cached(
+                    "UPDATE label_requests SET answered_ms = ?3, answer_label = ?4, answer_key = ?5 WHERE id = ?1 AND task = ?2 AND answered_ms IS NULL",
+                )
+                .map_err(&err)?;
             for s in samples {
                 let split = self.policy.split_of(&s.key);
                 let (kind, shape, bytes) = encode_input(&s.input);
@@ -354,6 +404,9 @@ impl SampleStore {
                     .map_err(&err)?;
                 if changed == 1 {
                     label.execute(params![s.task, s.label, received]).map_err(&err)?;
+                    if let Some(request) = &s.request_id {
+                        answer.execute(params![request, s.task, received, s.label, s.key]).map_err(&err)?;
+                    }
                     out.push(Inserted::New(split));
                 } else {
                     // A redelivery is harmless; the same key with another label is a conflict
@@ -381,7 +434,8 @@ impl SampleStore {
     }
 
     /// Bytes `task`'s samples hold: inputs, cached embeddings and a per-row allowance for the
-    /// other columns and the index. What the disk budget counts.
+    /// other columns and the index, and the inputs its label requests keep. What the disk
+    /// budget counts.
     pub fn bytes(&self, task: &str) -> Result<u64, StoreError> {
         task_bytes(&self.conn, task).map_err(self.err())
     }
@@ -567,6 +621,62 @@ impl SampleStore {
         Ok(Some((task, label)))
     }
 
+    /// Keep a label request that is being sent.
+    pub fn add_label_request(&mut self, r: &LabelRequestRow) -> Result<(), StoreError> {
+        let (kind, shape, bytes) = encode_input(&r.input);
+        self.conn
+            .execute(
+                "INSERT INTO label_requests (id, task, input_kind, input_shape, input, predicted, strategy, created_ms, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![r.id, r.task, kind, shape, bytes, r.predicted, r.strategy, r.created_ms, r.expires_ms],
+            )
+            .map_err(self.err())?;
+        Ok(())
+    }
+
+    /// The input a label request asks about, while it is kept.
+    pub fn label_request_input(&self, id: &str) -> Result<Option<(String, SampleInput)>, StoreError> {
+        let row: Option<(String, String, String, Vec<u8>)> = self
+            .conn
+            .query_row("SELECT task, input_kind, input_shape, input FROM label_requests WHERE id = ?1", params![id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .optional()
+            .map_err(self.err())?;
+        let Some((task, kind, shape, bytes)) = row else { return Ok(None) };
+        let input = decode_input(&kind, &shape, bytes).map_err(|reason| StoreError::Corrupt {
+            path: self.path.clone(),
+            id: 0,
+            reason: format!("label request {id}: {reason}"),
+        })?;
+        Ok(Some((task, input)))
+    }
+
+    /// Forget the requests that expired before `now_ms`, answered or not (an answer stays as
+    /// its sample). Returns how many went.
+    pub fn expire_label_requests(&mut self, now_ms: i64) -> Result<usize, StoreError> {
+        self.conn.execute("DELETE FROM label_requests WHERE expires_ms < ?1", params![now_ms]).map_err(self.err())
+    }
+
+    /// `task`'s label requests still kept: sent, answered, answered against what serving said,
+    /// and waiting.
+    pub fn label_request_counts(&self, task: &str, now_ms: i64) -> Result<RequestCounts, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*), COUNT(answered_ms), COALESCE(SUM(answered_ms IS NOT NULL AND answer_label != predicted), 0), \
+                 COALESCE(SUM(answered_ms IS NULL AND expires_ms >= ?2), 0) FROM label_requests WHERE task = ?1",
+                params![task, now_ms],
+                |r| {
+                    Ok(RequestCounts {
+                        sent: r.get::<_, i64>(0)? as u64,
+                        answered: r.get::<_, i64>(1)? as u64,
+                        disagreed: r.get::<_, i64>(2)? as u64,
+                        pending: r.get::<_, i64>(3)? as u64,
+                    })
+                },
+            )
+            .map_err(self.err())
+    }
+
     /// How many samples of `task` each source sent (samples without one are not counted).
     pub fn samples_per_source(&self, task: &str) -> Result<BTreeMap<String, u64>, StoreError> {
         let mut stmt =
@@ -734,6 +844,7 @@ impl SampleStore {
                 source: r.source,
                 timestamp_ms: r.timestamp_ms,
                 correction: r.correction,
+                request_id: None,
             },
             split,
             received_ms: r.received_ms,

@@ -180,6 +180,28 @@ pub async fn run(
         }
         None => None,
     };
+    // Label requests, where there is a broker to send them to and a task that adapts.
+    let label_requests = match (&link, config.labels.requests && !adapt_configs.is_empty()) {
+        (Some(link), true) => {
+            let shared = Arc::new(crate::labels::service::LabelRequests::new(config.state_dir.join(crate::samples::STORE_FILE)));
+            let parts = crate::labels::service::RequestParts {
+                shared: shared.clone(),
+                engine: engine.handle.clone(),
+                registry: registry.clone(),
+                text: text.clone(),
+                store_path: config.state_dir.join(crate::samples::STORE_FILE),
+                split: config.ingest.split,
+                link: link.handle(),
+                topics: topics.clone(),
+                events: events.clone(),
+                configs: adapt_configs.iter().map(|(task, tx)| (task.clone(), tx.subscribe())).collect(),
+                max_request_bytes: config.http.max_request_bytes,
+            };
+            supervisor.spawn_infallible(Stage::Outbound, "label-requests", crate::labels::service::run(parts, supervisor.stopped()));
+            Some(shared)
+        }
+        _ => None,
+    };
     let http_error = |source| ServeError::Http { addr: config.http.listen, source };
     let listener = http::bind(config.http.listen).map_err(http_error)?;
     let addr = listener.local_addr().map_err(http_error)?;
@@ -192,7 +214,8 @@ pub async fn run(
             .with_traffic(traffic)
             .with_telemetry(ingest.as_ref().map(|(i, _)| i.stats.clone()), &config.schedule.limits.sysfs_root)
             .with_link(link.as_ref().map(|l| l.handle().status()))
-            .with_parts(parts.clone()),
+            .with_parts(parts.clone())
+            .with_label_requests(label_requests),
     );
     tracing::info!(%addr, tasks = ?registry.tasks(), "serving");
     if let Some(tx) = bound {

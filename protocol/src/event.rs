@@ -129,6 +129,16 @@ pub enum Event {
         by_label: std::collections::BTreeMap<String, u64>,
         sources: Vec<SuspectSource>,
     },
+    /// Answers to the task's label requests arrived. `published`: requests published since the
+    /// daemon started; the rest count the requests kept (those not yet expired): `sent`,
+    /// `answered`, `disagreed` (answers that say serving was wrong), `pending`.
+    LabelRequestsAnswered {
+        published: u64,
+        sent: u64,
+        answered: u64,
+        disagreed: u64,
+        pending: u64,
+    },
     TrainingStarted {
         version: u64,
         kind: String,
@@ -300,6 +310,7 @@ impl Event {
             Event::SampleRefused { .. } => "sample_refused",
             Event::SamplesEvicted { .. } => "samples_evicted",
             Event::LabelsSuspected { .. } => "labels_suspected",
+            Event::LabelRequestsAnswered { .. } => "label_requests_answered",
             Event::TrainingStarted { .. } => "training_started",
             Event::TrainingProgress { .. } => "training_progress",
             Event::TrainingAttempt { .. } => "training_attempt",

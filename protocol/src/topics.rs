@@ -17,6 +17,8 @@ pub enum Channel {
     Assign,
     /// The device's rollout state for a task (retained).
     Rollout,
+    /// Requests for the labels of served inputs that would help most.
+    LabelRequests,
 }
 
 impl Channel {
@@ -27,6 +29,7 @@ impl Channel {
             Channel::Commands => "commands",
             Channel::Assign => "assign",
             Channel::Rollout => "rollout",
+            Channel::LabelRequests => "label_requests",
         }
     }
 }

@@ -100,11 +100,44 @@ pub struct SampleMessage {
     pub weight: Option<f32>,
     #[serde(default)]
     pub correction: bool,
+    /// The label request this sample answers ([`LabelRequest::id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// The string metadata a sample in safetensors form may carry (the same fields as
 /// [`SampleMessage`]; `text` for text bundles, with no tensor).
-pub const SAMPLE_METADATA: [&str; 8] = ["key", "task", "label", "timestamp_ms", "source", "weight", "correction", "text"];
+pub const SAMPLE_METADATA: [&str; 9] = ["key", "task", "label", "timestamp_ms", "source", "weight", "correction", "text", "request_id"];
+
+/// A request for the label of an input the device served, published on
+/// `{prefix}/{device}/label_requests/{task}` (QoS 1, not retained). The answer is an ordinary
+/// sample on the task's samples topic carrying `request_id`, with the input copied from here
+/// (`input`, `text` or `image`, as a sample takes it), or fetched from `input_url` when the input
+/// was too large to go inline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelRequest {
+    pub id: String,
+    pub task: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<JsonTensor>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// Base64 of a PNG of the image as the bundle fits it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Where to fetch the input over the daemon's HTTP API (with its control token) when it is
+    /// not inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_url: Option<String>,
+    /// What serving answered for it, and how sure it was (the top score).
+    pub predicted: String,
+    pub confidence: f32,
+    /// Why it was picked: `uncertainty`, `novelty`, `balance` or `random`.
+    pub strategy: String,
+    /// After this the daemon forgets the request (an answer still counts as a sample).
+    pub expires_ms: i64,
+}
 
 #[cfg(test)]
 mod tests {

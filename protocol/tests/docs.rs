@@ -48,6 +48,7 @@ fn examples() -> Vec<Event> {
             by_label: [("gear".to_string(), 12)].into(),
             sources: vec![adaptd_protocol::SuspectSource { source: "line-3".into(), samples: 40, suspects: 9 }],
         },
+        Event::LabelRequestsAnswered { published: 12, sent: 10, answered: 4, disagreed: 3, pending: 6 },
         Event::TrainingStarted {
             version: 1,
             kind: s(),
@@ -101,6 +102,7 @@ fn variant_has_an_example(e: &Event) {
         Event::SampleRefused { .. }
         | Event::SamplesEvicted { .. }
         | Event::LabelsSuspected { .. }
+        | Event::LabelRequestsAnswered { .. }
         | Event::TrainingStarted { .. }
         | Event::TrainingProgress { .. }
         | Event::TrainingAttempt { .. }

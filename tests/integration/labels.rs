@@ -95,3 +95,119 @@ async fn a_sender_that_labels_wrong_is_caught_its_samples_kept_out_and_an_operat
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no sample has the key"), "{out:?}");
     shut_down(stop, daemon).await;
 }
+
+/// Messages on one topic, collected by `mosquitto_sub` into a file.
+struct Subscription {
+    child: std::process::Child,
+    path: std::path::PathBuf,
+}
+
+impl Subscription {
+    fn start(port: u16, topic: &str, dir: &std::path::Path) -> Subscription {
+        let path = dir.join("label_requests.jsonl");
+        let file = std::fs::File::create(&path).unwrap();
+        let child = Command::new("mosquitto_sub").args(["-p", &port.to_string(), "-q", "1", "-t", topic]).stdout(file).spawn().unwrap();
+        Subscription { child, path }
+    }
+
+    fn messages(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn predict(base: &str, body: &str) -> (u16, Value) {
+    let mut child = Command::new("curl")
+        .args([
+            "-s",
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            "@-",
+            "-w",
+            "\n%{http_code}",
+            &format!("{base}/v1/tasks/sorter/predict"),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), body.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn served_inputs_the_model_is_unsure_of_go_out_as_label_requests_within_quota_and_an_answer_comes_back_as_a_sample() {
+    let Running { broker, state, events, base, stop, daemon } = start_daemon_with("sorter", 100_000, |c| {
+        c.labels.requests_per_minute = 3;
+        c.labels.requests_per_hour = 3;
+    })
+    .await;
+    let requests = Subscription::start(broker.port, "adaptd/v1/robot-3/label_requests/sorter", state.path());
+    std::thread::sleep(Duration::from_millis(300)); // the subscription is in place
+    // Sideways digits, which the upright base model is unsure of, served one by one.
+    let digits = Digits::load(&digits_data()).unwrap();
+    for i in digits.held_out().into_iter().take(40) {
+        let pixels: Vec<String> = digits.image(i, Shift::Rotate90).iter().map(|v| format!("{v:.4}")).collect();
+        let body = format!("{{\"inputs\": {{\"image\": {{\"shape\": [1, 1, 8, 8], \"data\": [{}]}}}}}}", pixels.join(","));
+        let (code, answer) = predict(&base, &body);
+        assert_eq!(code, 200, "{answer}");
+    }
+    // Three a minute, and here three an hour: three requests, however long one waits.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while requests.messages().len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "requests so far: {:?}", requests.messages());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let sent = requests.messages();
+    assert_eq!(sent.len(), 3, "{sent:?}");
+    let ids: std::collections::BTreeSet<&str> = sent.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 3, "each request its own id");
+    for r in &sent {
+        assert_eq!(r["input"]["shape"], serde_json::json!([1, 1, 8, 8]), "the input goes inline: {r}");
+        assert!(["uncertainty", "novelty", "balance", "random"].contains(&r["strategy"].as_str().unwrap()), "{r}");
+        assert!(r["confidence"].as_f64().unwrap() < 1.0 && r["expires_ms"].as_i64().unwrap() > adaptd_daemon::events::now_ms() as i64, "{r}");
+    }
+
+    // The input over HTTP too, with the control token only.
+    let first = &sent[0];
+    let url = format!("{base}/v1/label_requests/{}/input", first["id"].as_str().unwrap());
+    let (code, _) = crate::adapt::http("GET", &url);
+    assert_eq!(code, 401, "served inputs are the device's data");
+    let token = adaptd_daemon::control::read_token(state.path()).unwrap();
+    let out = Command::new("curl").args(["-s", "-H", &format!("Authorization: Bearer {token}"), &url]).output().unwrap();
+    let fetched: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(fetched["input"], first["input"], "{fetched}");
+
+    // An answer: an ordinary sample carrying the request's id, with the input copied.
+    let truth = if first["predicted"] == "3" { "4" } else { "3" };
+    let answer =
+        serde_json::json!({"key": "labeller:1", "task": "sorter", "label": truth, "input": first["input"], "request_id": first["id"], "source": "operator"});
+    crate::adapt::publish(broker.port, "adaptd/v1/robot-3/samples/sorter", &[answer.to_string()]);
+    let answered = tokio::task::spawn_blocking(move || events.wait_for("label_requests_answered", Duration::from_secs(30))).await.unwrap();
+    assert_eq!((answered["answered"].as_u64(), answered["disagreed"].as_u64(), answered["sent"].as_u64()), (Some(1), Some(1), Some(3)), "{answered}");
+    assert_eq!(answered["pending"], 2);
+    let store = adaptd_daemon::samples::SampleStore::open(&state.path().join("samples.db"), Default::default()).unwrap();
+    let stored = store.get("labeller:1").unwrap().expect("the answer is a sample");
+    assert_eq!(stored.sample.label, truth);
+    let (_, metrics) = {
+        let out = Command::new("curl").args(["-s", &format!("{base}/metrics")]).output().unwrap();
+        (0, String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    assert!(metrics.contains("adaptd_label_requests_published_total{task=\"sorter\"} 3"), "{metrics}");
+    assert!(metrics.contains("adaptd_label_requests{task=\"sorter\",state=\"disagreed\"} 1"), "{metrics}");
+    drop(requests);
+    shut_down(stop, daemon).await;
+}

@@ -13,6 +13,7 @@ fn sample(key: &str, task: &str, label: &str) -> Sample {
         source: Some("robot-7".into()),
         timestamp_ms: 1_700_000_000_000,
         correction: false,
+        request_id: None,
     }
 }
 

@@ -416,6 +416,7 @@ mod tests {
             source: None,
             timestamp_ms: 0,
             correction: false,
+            request_id: None,
         };
         StoredSample { id, sample, split: Split::Train, received_ms: 0, embedding: None }
     }

@@ -208,6 +208,7 @@ fn samples(n: usize, seed: u64, shifted: bool) -> Vec<Sample> {
                 source: None,
                 timestamp_ms: 0,
                 correction: false,
+                request_id: None,
             }
         })
         .collect()

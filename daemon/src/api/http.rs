@@ -34,6 +34,7 @@ pub fn router(api: Arc<Api>) -> Router {
         .route("/v1/tasks/{task}/rollback", post(|s, p, h| command(s, p, h, "rollback")))
         .route("/v1/tasks/{task}/pin/{version}", post(pin))
         .route("/v1/tasks/{task}/import", post(import))
+        .route("/v1/label_requests/{id}/input", get(label_request_input))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
@@ -218,6 +219,38 @@ async fn import(State(api): State<Arc<Api>>, Path(task): Path<String>, headers: 
         Ok(request) if request.dir.is_absolute() => control(&api, &task, &headers, adapt::CommandKind::Import(request.dir)).await,
         Ok(_) => json_response(StatusCode::BAD_REQUEST, &CommandReply::rejected("bad_input", "dir must be an absolute path".into())),
         Err(e) => json_response(StatusCode::BAD_REQUEST, &CommandReply::rejected("bad_json", format!("expected {{\"dir\": \"/path\"}}: {e}"))),
+    }
+}
+
+/// A label request's input (what it asks about), for a labeller that got the request without
+/// it (too large to go inline). Served inputs are the device's data: the control token is needed.
+async fn label_request_input(State(api): State<Arc<Api>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    if let Some(refused) = refusal(&api, &headers) {
+        return refused;
+    }
+    let found = {
+        let api = api.clone();
+        tokio::task::spawn_blocking(move || api.label_requests().map(|r| r.input(&id))).await
+    };
+    match found {
+        Ok(Some(Ok(Some(request)))) => json_response(StatusCode::OK, &request),
+        Ok(Some(Ok(None))) => {
+            error_response(&ApiError::Wire(WireError::Input("no such label request (or it expired)".into()))).map_status(StatusCode::NOT_FOUND)
+        }
+        Ok(None) => error_response(&ApiError::Wire(WireError::Input("this device sends no label requests".into()))).map_status(StatusCode::NOT_FOUND),
+        Ok(Some(Err(reason))) => (StatusCode::INTERNAL_SERVER_ERROR, wire::encode_error("store", &reason)).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, wire::encode_error("runtime", &e.to_string())).into_response(),
+    }
+}
+
+trait MapStatus {
+    fn map_status(self, status: StatusCode) -> Response;
+}
+
+impl MapStatus for Response {
+    fn map_status(mut self, status: StatusCode) -> Response {
+        *self.status_mut() = status;
+        self
     }
 }
 

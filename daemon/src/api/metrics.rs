@@ -50,6 +50,25 @@ pub fn render(api: &Api) -> String {
         let _ = writeln!(out, "adaptd_requests_refused_total{{reason=\"{}\"}} {n}", label(reason));
     }
 
+    if let Some(requests) = api.label_requests() {
+        let figures = requests.figures();
+        family(&mut out, "adaptd_label_requests_published_total", "counter", "Label requests published since the daemon started.");
+        for (task, (published, _)) in &figures {
+            let _ = writeln!(out, "adaptd_label_requests_published_total{{task=\"{}\"}} {published}", label(task));
+        }
+        family(
+            &mut out,
+            "adaptd_label_requests",
+            "gauge",
+            "The task's label requests kept (not expired), by state: answered, disagreed (the answer says serving was wrong), pending.",
+        );
+        for (task, (_, counts)) in &figures {
+            for (state, n) in [("answered", counts.answered), ("disagreed", counts.disagreed), ("pending", counts.pending)] {
+                let _ = writeln!(out, "adaptd_label_requests{{task=\"{}\",state=\"{state}\"}} {n}", label(task));
+            }
+        }
+    }
+
     let connections = api.connections();
     family(&mut out, "adaptd_http_connections", "gauge", "HTTP connections open now.");
     let _ = writeln!(out, "adaptd_http_connections {}", connections.open.load(Relaxed));

@@ -41,6 +41,8 @@ pub struct Api {
     parts: Arc<crate::app::Parts>,
     /// The HTTP server's connections (open, refused past the limit, body timeouts).
     connections: Arc<http::ConnectionStats>,
+    /// Where answered rows are offered for label requests (when the device sends them).
+    label_requests: Option<Arc<crate::labels::service::LabelRequests>>,
 }
 
 /// How the API reaches a task's adaptation loop.
@@ -67,7 +69,18 @@ impl Api {
             traffic: None,
             parts: Arc::default(),
             connections: Arc::default(),
+            label_requests: None,
         }
+    }
+
+    /// Offer what serving answers to the label-request service.
+    pub fn with_label_requests(mut self, requests: Option<Arc<crate::labels::service::LabelRequests>>) -> Api {
+        self.label_requests = requests;
+        self
+    }
+
+    pub fn label_requests(&self) -> Option<&crate::labels::service::LabelRequests> {
+        self.label_requests.as_deref()
     }
 
     pub fn connections(&self) -> &Arc<http::ConnectionStats> {
@@ -196,6 +209,9 @@ impl Api {
             let preds = self.engine.infer(task, inputs).await?;
             if let (Some(traffic), Some(inputs)) = (&self.traffic, kept) {
                 traffic.record(task, &inputs);
+            }
+            if let Some(requests) = &self.label_requests {
+                requests.offer(task, &preds, body, content_type);
             }
             Ok(wire::encode_predictions(&preds))
         }

@@ -162,6 +162,51 @@ fn camera_input(t: &safetensors::tensor::TensorView<'_>, manifest: &Manifest) ->
 }
 
 /// The answer's body: [`PredictResponse`].
+/// Row `row` of a prediction request as a sample takes it: a text, an image as the bundle fits
+/// it, or one row of the bundle's single input. What a label request asks about.
+pub fn sample_input(body: &[u8], content_type: Option<&str>, manifest: &Manifest, row: usize) -> Result<crate::samples::SampleInput, WireError> {
+    use crate::samples::SampleInput;
+    let input_err = |e: &dyn std::fmt::Display| WireError::Input(e.to_string());
+    let no_row = || WireError::Input(format!("the request has no row {row}"));
+    let tensor_row = |t: HostTensor| if row < t.shape.first().copied().unwrap_or(0) { Ok(SampleInput::Tensor(t.rows(row, row + 1))) } else { Err(no_row()) };
+    let (name, pre) = (&manifest.name, &manifest.preprocessing);
+    match media_type(content_type).as_deref() {
+        None | Some("") | Some(CONTENT_JSON) | Some("text/json") => {
+            let req: PredictRequest = serde_json::from_slice(body).map_err(|e| WireError::Json(e.to_string()))?;
+            match (req.text, req.inputs) {
+                (Some(texts), _) => texts.into_iter().nth(row).map(SampleInput::Text).ok_or_else(no_row),
+                (None, Some(mut inputs)) if manifest.inputs.len() == 1 => {
+                    let spec = &manifest.inputs[0];
+                    let t = inputs.remove(&spec.name).ok_or_else(|| WireError::Input(format!("missing input {:?}", spec.name)))?;
+                    tensor_row(json_tensor_to_host(t, spec.dtype).map_err(|e| input_err(&e))?)
+                }
+                _ => Err(WireError::Input("a sample holds one input; this bundle takes several".into())),
+            }
+        }
+        Some(CONTENT_PNG) | Some(CONTENT_JPEG) | Some("image/jpg") if row == 0 => {
+            crate::preprocess::image_pixels(name, pre, body).map(SampleInput::Image).map_err(|e| input_err(&e))
+        }
+        Some(CONTENT_SAFETENSORS) => {
+            let st = SafeTensors::deserialize(body).map_err(|e| WireError::Safetensors(e.to_string()))?;
+            let spec = manifest.inputs.first().ok_or_else(|| WireError::Input("the bundle takes no input".into()))?;
+            let t = st.tensor(&spec.name).map_err(|_| WireError::Input(format!("missing input {:?}", spec.name)))?;
+            if t.dtype() == safetensors::Dtype::U8 && matches!(pre, Preprocessing::Image { .. }) {
+                let pixels = match *t.shape() {
+                    [_] | [_, _, _] if row == 0 => crate::preprocess::bytes_pixels(name, pre, t.shape(), t.data()),
+                    [n, h, w, c] if row < n => {
+                        let frame = h * w * c;
+                        crate::preprocess::frame_pixels(name, pre, &[h, w, c], t.data().get(row * frame..(row + 1) * frame).ok_or_else(no_row)?)
+                    }
+                    _ => return Err(no_row()),
+                };
+                return pixels.map(SampleInput::Image).map_err(|e| input_err(&e));
+            }
+            tensor_row(crate::preprocess::tensor_from_safetensors(&t, spec.dtype).map_err(|e| input_err(&e))?)
+        }
+        Some(_) => Err(no_row()),
+    }
+}
+
 pub fn encode_predictions(preds: &[Prediction]) -> Vec<u8> {
     let response = PredictResponse {
         predictions: preds

@@ -117,6 +117,7 @@ fn decode_json(payload: &[u8], manifest: &Manifest, now_ms: i64) -> Result<Sampl
         source: j.source,
         timestamp_ms: j.timestamp_ms.unwrap_or(now_ms),
         correction: j.correction,
+        request_id: j.request_id,
     })
 }
 
@@ -171,6 +172,7 @@ fn decode_safetensors(payload: &[u8], manifest: &Manifest, now_ms: i64) -> Resul
         source: meta.get("source").cloned(),
         timestamp_ms: parse("timestamp_ms")?.map_or(now_ms, |v| v as i64),
         correction: matches!(meta.get("correction").map(String::as_str), Some("true") | Some("1")),
+        request_id: meta.get("request_id").cloned(),
     })
 }
 

@@ -1,8 +1,13 @@
-//! Labels where they matter. Today: wrong labels. Before a job, the task's samples are searched
-//! for labels their neighbours doubt ([`suspects`]); the suspects stay out of training and the
-//! holdout until an operator judges them (`adaptd samples suspects`, `adaptd samples judge`), and
-//! a source whose samples are often suspected is named.
+//! Labels where they matter.
+//! - Label requests ([`requests`], [`service`]): the served inputs whose labels would help most
+//!   go out on MQTT, within quotas; an answer is a sample carrying the request's id.
+//! - Wrong labels ([`suspects`]): before a job, the task's samples are searched for labels their
+//!   neighbours doubt; the suspects stay out of training and the holdout until an operator judges
+//!   them (`adaptd samples suspects`, `adaptd samples judge`), and a source whose samples are
+//!   often suspected is named.
 
+pub mod requests;
+pub mod service;
 pub mod suspects;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -30,6 +35,23 @@ pub struct LabelsConfig {
     /// at least this share of them suspected is named in the event and the listing.
     pub suspect_source_share: f64,
     pub suspect_source_min_samples: usize,
+    /// Publish label requests for served inputs (where the device has an MQTT broker).
+    pub requests: bool,
+    pub requests_per_minute: u32,
+    pub requests_per_hour: u32,
+    pub requests_per_day: u32,
+    /// Weights of what makes an input worth a label (see [`requests`]).
+    pub request_uncertainty: f64,
+    pub request_novelty: f64,
+    pub request_balance: f64,
+    /// The share of requests for inputs drawn at random from everything served.
+    pub request_random_share: f64,
+    /// Cosine distance under which an input counts as one asked about already.
+    pub request_min_distance: f64,
+    /// Inputs larger than this go by reference (`input_url`), not inline.
+    pub request_inline_kb: usize,
+    /// After this the request and its input are forgotten.
+    pub request_expiry_h: f64,
 }
 
 impl Default for LabelsConfig {
@@ -43,6 +65,17 @@ impl Default for LabelsConfig {
             suspect_max_samples: 4000,
             suspect_source_share: 0.3,
             suspect_source_min_samples: 20,
+            requests: true,
+            requests_per_minute: 6,
+            requests_per_hour: 60,
+            requests_per_day: 500,
+            request_uncertainty: 1.0,
+            request_novelty: 0.5,
+            request_balance: 0.5,
+            request_random_share: 0.1,
+            request_min_distance: 0.02,
+            request_inline_kb: 256,
+            request_expiry_h: 24.0,
         }
     }
 }
@@ -146,6 +179,7 @@ mod tests {
                 source: Some(source.into()),
                 timestamp_ms: 0,
                 correction: false,
+                request_id: None,
             },
             split: Split::Train,
             received_ms: 0,
