@@ -680,6 +680,109 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Labels where they matter (`--label-count`): for a digits shift, the accuracy the daemon reaches
+# on the shipped defaults with N labels, got two ways. Random: N samples of the shift, drawn at
+# random, labelled and published. Requests: the shift's inputs served as traffic (HTTP, batches of
+# 16 drawn at random) while a labeller answers the daemon's label requests with the true label,
+# until N are answered; the quotas are raised so the run takes seconds, not hours (the rate is a
+# deployment's choice; what is asked is not). Beside them, every sample of the shift labelled.
+LABEL_BUDGETS = [50, 100, 200, 400]
+
+
+def run_label_budget(name: str, binary: Path, data: dict, seed: int, overrides: dict, mode: str, budget: int) -> dict:
+    import threading
+    rng = np.random.default_rng(seed)
+    images, labels, retention = data["images"], data["labels"], data["retention"].astype(bool)
+    pool = np.where(~retention)[0]
+    pool = pool[rng.permutation(len(pool))]
+    n_test = int(TEST_SHARE * len(pool))
+    test, train = pool[:n_test], pool[n_test:]
+    train_x = shift_images(name, images[train], rng).astype(np.float32)
+    test_x = shift_images(name, images[test], rng).astype(np.float32)
+    train_y, test_y = labels[train], labels[test]
+    directory = Path(tempfile.mkdtemp(prefix=f"adaptd-labels-{name}-"))
+    broker, port = mosquitto(directory)
+    fast = {"requests_per_minute": "100000", "requests_per_hour": "100000", "requests_per_day": "100000"}
+    daemon = Daemon(binary, directory, port, {**overrides, "labels": {**overrides.get("labels", {}), **fast}})
+    answered, sub = 0, None
+    try:
+        if mode == "random":
+            chosen = rng.choice(len(train_x), size=min(budget, len(train_x)), replace=False)
+            publish(port, sample_lines(f"{name}-random", train_x[chosen], train_y[chosen]))
+            answered = len(chosen)
+        else:
+            truth = {tuple(np.round(x.ravel(), 3)): int(y) for x, y in zip(train_x, train_y)}
+            sub = subprocess.Popen(["mosquitto_sub", "-p", str(port), "-q", "1", "-t", "adaptd/v1/cell/label_requests/sorter"],
+                                   stdout=subprocess.PIPE, text=True)
+            requests: list[dict] = []
+            reader = threading.Thread(target=lambda: [requests.append(json.loads(line)) for line in sub.stdout], daemon=True)
+            reader.start()
+            time.sleep(0.3)
+            seen, deadline = 0, time.time() + 600
+            while answered < budget and time.time() < deadline:
+                batch = rng.choice(len(train_x), size=16, replace=False)
+                daemon.predict(train_x[batch])
+                lines = []
+                for r in requests[seen:]:
+                    if answered + len(lines) >= budget:
+                        break
+                    x = np.array(r["input"]["data"], dtype=np.float32)
+                    label = truth.get(tuple(np.round(x, 3)))
+                    if label is not None:
+                        lines.append(json.dumps({"key": f"answer:{r['id']}", "task": "sorter", "label": str(label),
+                                                 "input": r["input"], "request_id": r["id"], "source": "labeller"}))
+                seen = len(requests)
+                if lines:
+                    publish(port, lines)
+                    answered += len(lines)
+                time.sleep(0.05)
+        records = settle(daemon, directory / "state" / "journal" / "sorter.jsonl", idle_s=12.0, timeout_s=300.0)
+        accuracy = float((daemon.predict(test_x) == test_y).mean())
+        jobs = [r for r in records if r.get("event") == "job"]
+        promoted = [r for r in jobs if r.get("promote")]
+        return {"shift": name, "mode": mode, "budget": budget, "labels": answered, "adaptd": accuracy, "promoted": len(promoted), "jobs": len(jobs),
+                "kinds": [r.get("kind") for r in promoted]}
+    finally:
+        if sub is not None:
+            sub.terminate()
+        daemon.stop()
+        broker.terminate()
+        broker.wait()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def label_count_table(args, binary: Path, data: dict, overrides: dict) -> None:
+    names = args.only.split(",") if args.only else ["rotate90", "blur", "noise", "occlusion"]
+    rows = []
+    for name in names:
+        everything = run_shift(name, binary, data, args.seed, False, overrides)
+        FLIP["no_references"] = True
+        row = {"shift": name, "all": everything["adaptd"], "all_labels": everything["train"]}
+        print(f"{name}, all {everything['train']} labels: adaptd {everything['adaptd']:.3f}", flush=True)
+        for budget in LABEL_BUDGETS:
+            for mode in ("random", "requests"):
+                started = time.time()
+                r = run_label_budget(name, binary, data, args.seed, overrides, mode, budget)
+                row[f"{mode} {budget}"] = r["adaptd"]
+                print(f"{name}, {mode} {budget}: {r['labels']} labels, adaptd {r['adaptd']:.3f}, {r['promoted']}/{r['jobs']} jobs promoted "
+                      f"({', '.join(k or '?' for k in r['kinds'])}); {time.time() - started:.0f} s", flush=True)
+        target = 0.95 * row["all"]
+        for mode in ("random", "requests"):
+            row[f"{mode} needs"] = next((b for b in LABEL_BUDGETS if row[f"{mode} {b}"] >= target), None)
+        rows.append(row)
+    pct = lambda v: f"{100 * v:5.1f}"  # noqa: E731
+    print()
+    print("| shift | all labels | " + " | ".join(f"random {b} / requests {b}" for b in LABEL_BUDGETS) + " | labels to 95 % of all: random / requests |")
+    print("| --- " * (len(LABEL_BUDGETS) + 3) + "|")
+    for row in rows:
+        need = lambda m: "> " + str(LABEL_BUDGETS[-1]) if row[f"{m} needs"] is None else str(row[f"{m} needs"])  # noqa: E731
+        print(f"| {row['shift']} | {pct(row['all'])} ({row['all_labels']}) | "
+              + " | ".join(f"{pct(row[f'random {b}'])} / {pct(row[f'requests {b}'])}" for b in LABEL_BUDGETS)
+              + f" | {need('random')} / {need('requests')} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
 def run_any(name: str, binary: Path, data: dict, seed: int, overrides: dict, keep: bool, minilm: Path) -> dict:
     if name in TEXT_SHIFTS:
         return run_text_shift(name, binary, seed, overrides, keep, minilm)
@@ -739,6 +842,8 @@ def main() -> None:
                     help="publish this share of the training samples under another label, at random (test labels stay true)")
     ap.add_argument("--label-noise", action="store_true",
                     help="for each shift (--only): clean labels, then 10 %% and 30 %% flipped, with and without the search for wrong labels")
+    ap.add_argument("--label-count", action="store_true",
+                    help="for each digits shift (--only): accuracy against the number of labels, label requests vs random labelling")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="for tuning experiments only: a configuration key other than the shipped one (TOML value)")
     args = ap.parse_args()
@@ -757,6 +862,9 @@ def main() -> None:
     FLIP.update(fraction=args.flip, seed=args.seed, binary=binary)
     if args.label_noise:
         label_noise_table(args, binary, data, overrides)
+        return
+    if args.label_count:
+        label_count_table(args, binary, data, overrides)
         return
     if args.flip:
         print(f"labels flipped at random: {100 * args.flip:.0f} % of the training samples")

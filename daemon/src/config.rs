@@ -506,6 +506,9 @@ impl Config {
         if !(l.suspect_max_share > 0.0 && l.suspect_max_share <= 1.0) {
             return refuse("labels.suspect_max_share", format!("must be above 0 and at most 1, got {}", l.suspect_max_share));
         }
+        if !(0.0..=1.0).contains(&l.suspect_min_vote) {
+            return refuse("labels.suspect_min_vote", format!("must be between 0 and 1, got {}", l.suspect_min_vote));
+        }
         if !(0.0..=1.0).contains(&l.suspect_source_share) {
             return refuse("labels.suspect_source_share", format!("must be between 0 and 1, got {}", l.suspect_source_share));
         }

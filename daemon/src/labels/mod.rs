@@ -29,6 +29,8 @@ pub struct LabelsConfig {
     pub suspect_min_class_samples: usize,
     /// At most this share of a label's samples is suspected.
     pub suspect_max_share: f64,
+    /// The class suggested instead must hold at least this share of the neighbours' vote.
+    pub suspect_min_vote: f64,
     /// The newest samples searched (the search costs the square of their number).
     pub suspect_max_samples: usize,
     /// A source (`source` of its samples) with at least `suspect_source_min_samples` samples and
@@ -62,6 +64,7 @@ impl Default for LabelsConfig {
             suspect_neighbours: search.neighbours,
             suspect_min_class_samples: search.min_class_samples,
             suspect_max_share: search.max_share,
+            suspect_min_vote: f64::from(search.min_vote),
             suspect_max_samples: 4000,
             suspect_source_share: 0.3,
             suspect_source_min_samples: 20,
@@ -86,6 +89,7 @@ impl LabelsConfig {
             neighbours: self.suspect_neighbours,
             min_class_samples: self.suspect_min_class_samples,
             max_share: self.suspect_max_share,
+            min_vote: self.suspect_min_vote as f32,
             ..SuspectSearch::default()
         }
     }

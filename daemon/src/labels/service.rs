@@ -167,8 +167,16 @@ pub async fn run(parts: RequestParts, shutdown: impl Future<Output = ()>) {
                 counted.insert(task.clone(), std::time::Instant::now());
                 count(&parts, &store, task, answered.entry(task.clone()).or_default());
             }
-            if let Err(e) = request(&parts, &mut store, task, &labels).await {
-                tracing::warn!(task, error = %e, "label requests: could not send one");
+            // As many as the quotas allow, up to a pool's worth a tick.
+            for _ in 0..super::requests::POOL {
+                match request(&parts, &mut store, task, &labels).await {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => {
+                        tracing::warn!(task, error = %e, "label requests: could not send one");
+                        break;
+                    }
+                }
             }
         }
     }
@@ -237,14 +245,14 @@ fn count(parts: &RequestParts, store: &SampleStore, task: &str, answered_before:
     }
 }
 
-/// Send the task's next request if its quotas allow and its pool has a candidate.
-async fn request(parts: &RequestParts, store: &mut SampleStore, task: &str, config: &LabelsConfig) -> Result<(), String> {
+/// Send the task's next request if its quotas allow and its pool has a candidate; whether it did.
+async fn request(parts: &RequestParts, store: &mut SampleStore, task: &str, config: &LabelsConfig) -> Result<bool, String> {
     let now = now_ms() as i64;
     let candidates: Vec<RawRow> = {
         let requesters = parts.shared.requesters();
         match requesters.get(task) {
             Some(r) if r.has_candidates() && r.may_send(now) => r.candidates().into_iter().map(|c| c.input.clone()).collect(),
-            _ => return Ok(()),
+            _ => return Ok(false),
         }
     };
     // The candidates through the base model, for novelty and diversity: one engine call, its
@@ -279,17 +287,17 @@ async fn request(parts: &RequestParts, store: &mut SampleStore, task: &str, conf
     }
     let chosen = {
         let mut requesters = parts.shared.requesters();
-        let Some(r) = requesters.get_mut(task) else { return Ok(()) };
+        let Some(r) = requesters.get_mut(task) else { return Ok(false) };
         // The pool may have changed while the candidates were embedded: their embeddings then no
         // longer line up, and this round waits for the next tick.
         if r.candidates().len() != candidates.len()
             || r.candidates().iter().zip(&candidates).any(|(c, k)| !Arc::ptr_eq(&c.input.body, &k.body) || c.input.row != k.row)
         {
-            return Ok(());
+            return Ok(false);
         }
         r.choose(now, &embeddings)
     };
-    let Some(chosen) = chosen else { return Ok(()) };
+    let Some(chosen) = chosen else { return Ok(false) };
     let raw = chosen.candidate.input.clone();
     let manifest = parts.engine.manifest_arc();
     let input = tokio::task::spawn_blocking(move || crate::api::wire::sample_input(&raw.body, raw.content_type.as_deref(), &manifest, raw.row))
@@ -334,7 +342,7 @@ async fn request(parts: &RequestParts, store: &mut SampleStore, task: &str, conf
     let mut figures = parts.shared.figures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     figures.entry(task.to_string()).or_default().0 += 1;
     tracing::debug!(task, id, strategy = chosen.strategy, "label request sent");
-    Ok(())
+    Ok(true)
 }
 
 /// The input as a sample carries it: `input` (a tensor), `text`, or `image` (base64 PNG).

@@ -12,11 +12,13 @@
 //! suspect when its neighbours are less sure of y than that (p_y < t_y) and sure enough of
 //! another class (p_j >= t_j for some j != y; the likeliest such j is the suggestion).
 //!
-//! Two guards keep real classes from being taken for noise: a label with fewer than
-//! `min_class_samples` samples is never judged (its neighbours cannot know it yet: a new intent
-//! or a new part on its first samples), and no more than `max_share` of a label's samples are
-//! suspected (the least likely first): a class that mostly looks like another is a hard class,
-//! which training must see, more likely than a mostly mislabelled one.
+//! Three guards keep hard samples and real classes from being taken for noise: the suggested
+//! class must hold at least `min_vote` of the neighbours' vote (a sample among mixed neighbours,
+//! where the base model does not see through a shift, is hard, not mislabelled); a label with
+//! fewer than `min_class_samples` samples is never judged (its neighbours cannot know it yet: a
+//! new intent or a new part on its first samples); and no more than `max_share` of a label's
+//! samples are suspected (the least likely first): a class that mostly looks like another is a
+//! hard class, which training must see, more likely than a mostly mislabelled one.
 
 use std::collections::BTreeMap;
 
@@ -29,6 +31,10 @@ pub struct SuspectSearch {
     pub min_class_samples: usize,
     /// At most this share of a label's samples is suspected.
     pub max_share: f64,
+    /// The suggested class must hold at least this much of the neighbours' vote: where the
+    /// embedding mixes classes (a shift the base model does not see through), a sample whose
+    /// neighbours are split is hard, not mislabelled.
+    pub min_vote: f32,
     /// Embeddings wider than this are projected down to it first (a fixed random projection,
     /// which keeps cosine similarities within a few percent) so the search stays cheap.
     pub projected_dim: usize,
@@ -36,7 +42,7 @@ pub struct SuspectSearch {
 
 impl Default for SuspectSearch {
     fn default() -> Self {
-        SuspectSearch { neighbours: 10, min_class_samples: 20, max_share: 0.5, projected_dim: 256 }
+        SuspectSearch { neighbours: 10, min_class_samples: 20, max_share: 0.5, min_vote: 0.5, projected_dim: 256 }
     }
 }
 
@@ -84,7 +90,7 @@ pub fn find_suspects(embeddings: &[f32], dim: usize, labels: &[usize], classes: 
             continue;
         }
         let suggested = (0..classes)
-            .filter(|&c| c != given && thresholds[c].is_some_and(|t| p[c] >= t && p[c] > 0.0))
+            .filter(|&c| c != given && p[c] >= search.min_vote && thresholds[c].is_some_and(|t| p[c] >= t && p[c] > 0.0))
             .max_by(|&a, &b| p[a].total_cmp(&p[b]).then(b.cmp(&a)));
         if let Some(suggested) = suggested {
             found.entry(given).or_default().push(Suspect { row, suggested, given_probability: p[given], suggested_probability: p[suggested] });
