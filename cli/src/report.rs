@@ -273,6 +273,21 @@ fn row(event: &Event) -> Row {
             version: promoted.iter().map(|v| format!("v{v}")).collect::<Vec<_>>().join(", "),
             ..plain(format!("job {outcome}"), if promoted.is_empty() { "step" } else { "ok" }, summary.clone())
         },
+        Event::LabelsSuspected { judged, suspects, sources, .. } => {
+            let named: Vec<String> = sources.iter().map(|s| format!("{} ({} of {})", s.source, s.suspects, s.samples)).collect();
+            let why = format!(
+                "{suspects} of {judged} samples have labels their neighbours doubt: kept out of training and the holdout until judged{}",
+                if named.is_empty() { String::new() } else { format!("; often suspected: {}", named.join(", ")) }
+            );
+            plain("labels suspected".into(), "warn", why)
+        }
+        Event::LabelRequestsAnswered { published, sent, answered, disagreed, pending } => plain(
+            "label requests answered".into(),
+            "step",
+            format!(
+                "{answered} of {sent} requests kept answered, {disagreed} of them saying serving was wrong; {pending} pending; {published} published since start"
+            ),
+        ),
         other => plain(other.kind().replace('_', " "), "no", String::new()),
     }
 }
@@ -515,7 +530,11 @@ mod tests {
         };
         let rolled_back =
             json!({ "event": "rolled_back", "task": "sorter", "from_version": 1, "to_version": 0, "reason": "operator", "by": "http", "time_ms": 0 });
-        let records = [job(1, true, 0.9), job(2, false, 0.85), rolled_back].into_iter().map(|v| serde_json::from_value(v).unwrap()).collect();
+        let suspected = json!({ "event": "labels_suspected", "task": "sorter", "time_ms": 0, "judged": 400, "suspects": 31, "new": 31,
+            "by_label": { "3": 31 }, "sources": [{ "source": "line-9", "samples": 60, "suspects": 28 }] });
+        let answered = json!({ "event": "label_requests_answered", "task": "sorter", "time_ms": 0, "published": 12, "sent": 10, "answered": 4, "disagreed": 3, "pending": 6 });
+        let records =
+            [job(1, true, 0.9), job(2, false, 0.85), rolled_back, suspected, answered].into_iter().map(|v| serde_json::from_value(v).unwrap()).collect();
         let history = TaskHistory { task: "sorter".into(), records, unreadable_lines: 1 };
         let measured = Measured { title: "demo".into(), series: vec![Series { name: "rotated".into(), points: vec![(0.0, 0.2), (1.0, 0.9)] }] };
         let html = render("adaptd <report>", &[history], Some(&measured));
@@ -523,6 +542,8 @@ mod tests {
         assert_eq!(html.matches("<svg").count(), 5, "measured, accuracy, step loss, epoch loss, per-class");
         assert!(html.contains("rejected: &lt;worse&gt;") && html.contains("rolled back") && html.contains("90.0 %"));
         assert!(html.contains("1 unreadable journal line"));
+        assert!(html.contains("31 of 400 samples have labels their neighbours doubt") && html.contains("line-9 (28 of 60)"), "suspects and who sent them");
+        assert!(html.contains("4 of 10 requests kept answered, 3 of them saying serving was wrong"));
         assert!(html.contains("v1 (candidate)"), "per-class bars compare the last promoted version");
         let empty = render("r", &[], None);
         assert!(empty.contains("No task has a journal yet") && !empty.contains("<svg"));

@@ -334,6 +334,16 @@ mod tests {
     }
 
     #[test]
+    fn fitted_pixels_written_as_png_decode_to_the_same_pixels() {
+        let pre = camera(ImageResize::ShorterSide, None, ChannelOrder::Rgb);
+        let px = frame_pixels("cam", &pre, &[8, 16, 3], &frame()).unwrap();
+        let png = png_bytes(&px).unwrap();
+        assert_eq!(&png[1..4], b"PNG");
+        assert_eq!(image_pixels("cam", &pre, &png).unwrap(), px, "what a label request shows is what the sample stores");
+        assert!(png_bytes(&Pixels { height: 1, width: 1, channels: 2, data: vec![0, 0] }).is_err(), "two channels: no PNG, said so");
+    }
+
+    #[test]
     fn the_shorter_side_policy_keeps_the_aspect_ratio_and_cuts_out_the_centre() {
         let pre = camera(ImageResize::ShorterSide, None, ChannelOrder::Rgb);
         let px = frame_pixels("cam", &pre, &[8, 16, 3], &frame()).unwrap();

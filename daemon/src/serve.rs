@@ -194,6 +194,7 @@ pub async fn run(
                 link: link.handle(),
                 topics: topics.clone(),
                 events: events.clone(),
+                journal: Journal::new(&config.state_dir.join("journal")),
                 configs: adapt_configs.iter().map(|(task, tx)| (task.clone(), tx.subscribe())).collect(),
                 max_request_bytes: config.http.max_request_bytes,
             };

@@ -330,7 +330,9 @@ impl TaskLoop {
         self.suspects = Some(review.suspects);
         if review.new > 0 || before.is_some_and(|b| b != review.suspects) {
             let crate::labels::Review { judged, suspects, new, by_label, sources } = review.clone();
-            self.ctx.events.emit(&task, Event::LabelsSuspected { judged: judged as u64, suspects: suspects as u64, new: new as u64, by_label, sources });
+            let event =
+                self.ctx.events.emit(&task, Event::LabelsSuspected { judged: judged as u64, suspects: suspects as u64, new: new as u64, by_label, sources });
+            self.ctx.journal.record(&event);
         }
         (review.suspects > 0).then(|| {
             let named: Vec<String> = review.sources.iter().map(|s| format!("{} ({} of {})", s.source, s.suspects, s.samples)).collect();

@@ -246,3 +246,22 @@ impl ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::samples::SampleInput;
+
+    #[test]
+    fn a_request_row_becomes_the_input_a_sample_takes() {
+        let manifest = crate::engine::two_value_manifest();
+        let body = br#"{"inputs": {"x": {"shape": [2, 2], "data": [1, 2, 3, 4]}}}"#;
+        let Ok(SampleInput::Tensor(t)) = sample_input(body, Some(CONTENT_JSON), &manifest, 1) else { panic!("a tensor row") };
+        assert_eq!((t.shape.clone(), t.as_f32().map(<[f32]>::to_vec)), (vec![1, 2], Some(vec![3.0, 4.0])));
+        let err = sample_input(body, Some(CONTENT_JSON), &manifest, 2).unwrap_err();
+        assert!(err.to_string().contains("no row 2"), "{err}");
+        let texts = br#"{"text": ["turn on the light", "what time is it"]}"#;
+        assert_eq!(sample_input(texts, None, &manifest, 1).unwrap(), SampleInput::Text("what time is it".into()));
+        assert!(sample_input(b"{", Some(CONTENT_JSON), &manifest, 0).is_err());
+    }
+}

@@ -120,6 +120,8 @@ pub struct RequestParts {
     pub link: LinkHandle,
     pub topics: Topics,
     pub events: Events,
+    /// Where answers are journalled, for the report.
+    pub journal: crate::events::Journal,
     /// Each task's configuration as reloads change it.
     pub configs: BTreeMap<String, watch::Receiver<AdaptConfig>>,
     pub max_request_bytes: usize,
@@ -228,7 +230,7 @@ fn count(parts: &RequestParts, store: &SampleStore, task: &str, answered_before:
                 entry.0
             };
             if counts.answered > *answered_before {
-                parts.events.emit(
+                let event = parts.events.emit(
                     task,
                     Event::LabelRequestsAnswered {
                         published,
@@ -238,6 +240,7 @@ fn count(parts: &RequestParts, store: &SampleStore, task: &str, answered_before:
                         pending: counts.pending,
                     },
                 );
+                parts.journal.record(&event);
             }
             *answered_before = counts.answered;
         }
