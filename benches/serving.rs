@@ -388,11 +388,43 @@ fn main() {
             median(runs.iter().map(|(p, o)| o / p).collect())
         );
     }
+    label_request_offers(&mut digits);
     let runs: Vec<(f64, u64)> = (0..3).map(|_| hot_swap(&digits, 64, 1000)).collect();
     println!(
         "hot-swap summary: failed requests {} in total; p99 during swaps / steady, median of {} runs: {:.2}",
         runs.iter().map(|r| r.1).sum::<u64>(),
         runs.len(),
         median(runs.iter().map(|r| r.0).collect())
+    );
+}
+
+/// What label requests add to serving: the HTTP and MQTT paths offer each answered request to the
+/// requester (a look at its scores under a lock; the body kept only for the few that enter the
+/// pool). Timed per request against a batch-1 digits-cnn run, the cheapest model here.
+fn label_request_offers(s: &mut Setup) {
+    use adaptd_daemon::labels::service::LabelRequests;
+    let requests = LabelRequests::new(s._dir.path().join("unused.db"));
+    requests.ask_for("bench", &adaptd_daemon::labels::LabelsConfig::default());
+    let body = br#"{"inputs": {"image": {"shape": [1, 1, 8, 8], "data": [0]}}}"#;
+    let handle = s.engine.handle.clone();
+    let predictions: Vec<Vec<adaptd_daemon::engine::Prediction>> = (0..256).map(|_| handle.infer_blocking("bench", s.batch1.clone()).unwrap()).collect();
+    let (mut offer, mut serve) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        let t = Instant::now();
+        for p in &predictions {
+            requests.offer("bench", p, body, Some("application/json"));
+        }
+        offer.push(t.elapsed().as_secs_f64() * 1e9 / predictions.len() as f64);
+        let t = Instant::now();
+        for _ in 0..256 {
+            drop(s.plain.run_prepared(s.batch1.clone(), &s.original).unwrap());
+        }
+        serve.push(t.elapsed().as_secs_f64() * 1e9 / 256.0);
+    }
+    let (offer, serve) = (median(offer), median(serve));
+    println!(
+        "label requests: an answered request offered to the requester costs {offer:.0} ns (median of 5 x 256), {:.1} % of a batch-1 digits-cnn run ({:.1} us) on plain ONNX Runtime",
+        100.0 * offer / serve,
+        serve / 1e3
     );
 }

@@ -736,7 +736,9 @@ def run_label_budget(name: str, binary: Path, data: dict, seed: int, overrides: 
                     publish(port, lines)
                     answered += len(lines)
                 time.sleep(0.05)
-        records = settle(daemon, directory / "state" / "journal" / "sorter.jsonl", idle_s=12.0, timeout_s=300.0)
+        # Fewer labels than schedule.min_new_samples train once arrivals settle (schedule.settle_s,
+        # 60 s as shipped): wait past that.
+        records = settle(daemon, directory / "state" / "journal" / "sorter.jsonl", idle_s=75.0, timeout_s=400.0)
         accuracy = float((daemon.predict(test_x) == test_y).mean())
         jobs = [r for r in records if r.get("event") == "job"]
         promoted = [r for r in jobs if r.get("promote")]

@@ -90,6 +90,11 @@ impl LabelRequests {
         }
     }
 
+    /// Choose requests for `task` under `config` (the loop does this for each task that asks).
+    pub fn ask_for(&self, task: &str, config: &LabelsConfig) {
+        self.requesters().entry(task.to_string()).or_insert_with(|| Requester::new(strategy(config), seed(task))).set_strategy(strategy(config));
+    }
+
     /// Per task: requests published since start, and the store's counts (the requests kept).
     pub fn figures(&self) -> BTreeMap<String, (u64, RequestCounts)> {
         self.figures.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
@@ -160,7 +165,7 @@ pub async fn run(parts: RequestParts, shutdown: impl Future<Output = ()>) {
                 parts.shared.requesters().remove(task);
                 continue;
             }
-            parts.shared.requesters().entry(task.clone()).or_insert_with(|| Requester::new(strategy(&labels), seed(task))).set_strategy(strategy(&labels));
+            parts.shared.ask_for(task, &labels);
             if refreshed.get(task).is_none_or(|t| t.elapsed() >= REFRESH) {
                 refreshed.insert(task.clone(), std::time::Instant::now());
                 refresh(&parts, &mut store, task);
