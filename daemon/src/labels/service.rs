@@ -81,11 +81,12 @@ impl LabelRequests {
     pub fn offer(&self, task: &str, predictions: &[Prediction], body: &[u8], content_type: Option<&str>) {
         let mut requesters = self.requesters();
         let Some(requester) = requesters.get_mut(task) else { return };
-        let mut shared: Option<(Arc<[u8]>, Option<Arc<str>>)> = None;
+        // The body is copied once, by the first row that enters the pool; its other rows share it.
+        let mut kept: Option<RawRow> = None;
         for (row, p) in predictions.iter().enumerate() {
             requester.offer(&p.scores, &p.labels, || {
-                let (body, content_type) = shared.get_or_insert_with(|| (Arc::from(body), content_type.map(Arc::from))).clone();
-                RawRow { body, content_type, row }
+                let first = kept.get_or_insert_with(|| RawRow { body: Arc::from(body), content_type: content_type.map(Arc::from), row });
+                RawRow { row, ..first.clone() }
             });
         }
     }
