@@ -76,7 +76,7 @@ impl Default for LabelsConfig {
             request_novelty: 0.5,
             request_balance: 0.5,
             request_random_share: 0.1,
-            request_min_distance: 0.02,
+            request_min_distance: 0.001,
             request_inline_kb: 256,
             request_expiry_h: 24.0,
         }

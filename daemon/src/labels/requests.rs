@@ -238,20 +238,21 @@ impl<I: Clone> Requester<I> {
                 recent.iter().any(|r| r.len() == e.len() && cosine_distance(&e, r) < min_distance)
             })
         };
+        // Candidates as good as asked already (alike a recent request) leave the pool for good.
+        let alike_rows: Vec<bool> = (0..pool.len()).map(|i| alike(&embedding_of(i), &self.recent)).collect();
         let chosen = match (random, drawn) {
-            (true, Some(d)) if !alike(&embedding_of(pool.len()), &self.recent) => Some((d, embedding_of(pool.len()), "random")),
-            _ => {
-                let scored: Vec<(usize, f64, f64)> = pool
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| !alike(&embedding_of(*i), &self.recent))
-                    .map(|(i, c)| {
-                        let novelty = embedding_of(i).map_or(0.0, |e| self.labelled.novelty(&e));
-                        (i, self.quick_score(c) + self.strategy.novelty * novelty, novelty)
-                    })
-                    .collect();
-                scored.into_iter().max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0))).map(|(i, _, novelty)| {
-                    let c = pool.swap_remove(i);
+            (true, Some(d)) if !alike(&embedding_of(pool.len()), &self.recent) => Some((None, d, embedding_of(pool.len()), "random")),
+            _ => pool
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !alike_rows[*i])
+                .map(|(i, c)| {
+                    let novelty = embedding_of(i).map_or(0.0, |e| self.labelled.novelty(&e));
+                    (i, self.quick_score(c) + self.strategy.novelty * novelty, novelty)
+                })
+                .max_by(|a, b| a.1.total_cmp(&b.1).then(b.0.cmp(&a.0)))
+                .map(|(i, _, novelty)| {
+                    let c = pool[i].clone();
                     // Named by what weighed most in its score.
                     let parts = [
                         (self.strategy.uncertainty * c.uncertainty, "uncertainty"),
@@ -259,13 +260,13 @@ impl<I: Clone> Requester<I> {
                         (self.strategy.balance * c.balance, "balance"),
                     ];
                     let strategy = parts.iter().max_by(|a, b| a.0.total_cmp(&b.0)).map_or("uncertainty", |p| p.1);
-                    (c, embedding_of(i), strategy)
-                })
-            }
+                    (Some(i), c, embedding_of(i), strategy)
+                }),
         };
         // The rest of the pool stays for the next request: still unsure, still unanswered.
-        self.pool = pool;
-        let (candidate, embedding, strategy) = chosen?;
+        let taken = chosen.as_ref().and_then(|c| c.0);
+        self.pool = pool.into_iter().enumerate().filter(|(i, _)| !alike_rows[*i] && Some(*i) != taken).map(|(_, c)| c).collect();
+        let (_, candidate, embedding, strategy) = chosen?;
         self.sent_at_ms.push_back(now_ms);
         while self.sent_at_ms.front().is_some_and(|&t| t <= now_ms - 86_400_000) {
             self.sent_at_ms.pop_front();
@@ -357,6 +358,7 @@ mod tests {
         let next = r.choose(1, &[Some(vec![1.0, 0.01]), Some(vec![1.0, 0.999])]).unwrap();
         assert_eq!(next.candidate.input, "near a", "the novel one is as good as asked already");
         assert!(r.choose(2, &[Some(vec![1.0, 0.999])]).is_none(), "nothing left but a row like a recent request");
+        assert!(!r.has_candidates(), "which leaves the pool for good");
     }
 
     #[test]
