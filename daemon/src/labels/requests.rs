@@ -6,8 +6,9 @@
 //! - uncertainty: one minus the margin between the two best scores of the serving adapter;
 //! - balance: how few labels the predicted class has, against the best-labelled class.
 //!
-//! The pool keeps the best [`POOL`] rows by that score since the last request, and one row
-//! drawn uniformly from all of them (reservoir sampling) for the random share. When the quotas
+//! The pool keeps the best [`POOL`] rows by that score (a request takes one, the rest wait;
+//! a new serving adapter empties it), and one row drawn uniformly from those served since the
+//! last request (reservoir sampling) for the random share. When the quotas
 //! allow (per minute, hour and day, as labelling services limit them), the loop embeds the pool
 //! with the base model and [`Requester::choose`] adds:
 //! - novelty: how far the row lies from the nearest class of the task's labelled samples,
@@ -134,6 +135,8 @@ pub struct Requester<I> {
     sent_at_ms: VecDeque<i64>,
     recent: VecDeque<Vec<f32>>,
     rng: u64,
+    /// The serving adapter the pool's scores came from: a new one makes them stale.
+    serving_version: Option<u64>,
 }
 
 impl<I: Clone> Requester<I> {
@@ -147,6 +150,7 @@ impl<I: Clone> Requester<I> {
             sent_at_ms: VecDeque::new(),
             recent: VecDeque::new(),
             rng: seed | 1,
+            serving_version: None,
         }
     }
 
@@ -169,10 +173,17 @@ impl<I: Clone> Requester<I> {
         self.strategy.uncertainty * c.uncertainty + self.strategy.balance * c.balance
     }
 
-    /// A served row with `scores` (probabilities in the task's label order). `input` is called
-    /// only when the row is kept. Cheap: a look at the scores, a comparison with the pool's
-    /// weakest and a random draw.
-    pub fn offer(&mut self, scores: &[f32], labels: &[String], input: impl FnOnce() -> I) {
+    /// A served row with `scores` (probabilities in the task's label order) from the adapter
+    /// version `serving`. `input` is called only when the row is kept. Cheap: a look at the
+    /// scores, a comparison with the pool's weakest and a random draw. A new serving version
+    /// empties the pool: what the old adapter was unsure of says little about the new one.
+    pub fn offer(&mut self, serving: u64, scores: &[f32], labels: &[String], input: impl FnOnce() -> I) {
+        if self.serving_version != Some(serving) {
+            self.serving_version = Some(serving);
+            self.pool.clear();
+            self.drawn = None;
+            self.offered = 0;
+        }
         self.offered += 1;
         let Some((predicted, top, second)) = top_two(scores) else { return };
         // The class in the order of the task's labelled samples (new labels: none yet).
@@ -317,7 +328,7 @@ mod tests {
         for i in 0..100u32 {
             let margin = (i % 50) as f32 / 100.0; // rows 0 and 50 are the least sure
             let top = 0.5 + margin / 2.0;
-            r.offer(&[top, 1.0 - top, 0.0], &labels(), || {
+            r.offer(0, &[top, 1.0 - top, 0.0], &labels(), || {
                 kept += 1;
                 i
             });
@@ -335,7 +346,7 @@ mod tests {
         assert!(!r.may_send(59_000) && r.has_candidates(), "the rest of the pool waits for the quota");
         // A minute on, the per-hour quota (5) allows two more, then none for the rest of the hour.
         for i in 0..20u32 {
-            r.offer(&[0.5, 0.5, 0.0], &labels(), || i);
+            r.offer(0, &[0.5, 0.5, 0.0], &labels(), || i);
         }
         let mut more = 0;
         for t in [61_000, 62_000, 63_000, 64_000] {
@@ -350,11 +361,11 @@ mod tests {
         let mut r: Requester<&str> = Requester::new(Strategy { per_minute: 100, ..strategy() }, 7);
         let centre = |v: [f32; 2]| Some((unit(&v), 0.01));
         r.set_labelled(Labelled { labels: labels(), counts: vec![5, 5, 5], centroids: vec![centre([1.0, 0.0]), centre([0.0, 1.0]), None] });
-        r.offer(&[0.9, 0.1, 0.0], &labels(), || "near a");
-        r.offer(&[0.9, 0.1, 0.0], &labels(), || "between");
+        r.offer(0, &[0.9, 0.1, 0.0], &labels(), || "near a");
+        r.offer(0, &[0.9, 0.1, 0.0], &labels(), || "between");
         let first = r.choose(0, &[Some(vec![1.0, 0.01]), Some(vec![1.0, 1.0])]).unwrap();
         assert_eq!((first.candidate.input, first.strategy), ("between", "novelty"), "equally unsure: the one far from every class");
-        r.offer(&[0.9, 0.1, 0.0], &labels(), || "between again");
+        r.offer(0, &[0.9, 0.1, 0.0], &labels(), || "between again");
         let next = r.choose(1, &[Some(vec![1.0, 0.01]), Some(vec![1.0, 0.999])]).unwrap();
         assert_eq!(next.candidate.input, "near a", "the novel one is as good as asked already");
         assert!(r.choose(2, &[Some(vec![1.0, 0.999])]).is_none(), "nothing left but a row like a recent request");
@@ -362,15 +373,25 @@ mod tests {
     }
 
     #[test]
+    fn a_new_serving_adapter_empties_the_pool() {
+        let mut r: Requester<&str> = Requester::new(strategy(), 7);
+        r.offer(1, &[0.5, 0.5, 0.0], &labels(), || "unsure under v1");
+        assert!(r.has_candidates());
+        r.offer(2, &[0.99, 0.01, 0.0], &labels(), || "sure under v2");
+        let asked = r.choose(0, &[None, None]).unwrap();
+        assert_eq!(asked.candidate.input, "sure under v2", "v1's doubts went with v1");
+    }
+
+    #[test]
     fn classes_with_few_labels_and_new_labels_weigh_more() {
         let mut r: Requester<&str> = Requester::new(Strategy { uncertainty: 0.0, ..strategy() }, 7);
         r.set_labelled(Labelled { labels: vec!["a".into(), "b".into()], counts: vec![100, 10], centroids: vec![None, None] });
         let three = vec!["a".to_string(), "b".to_string(), "new".to_string()];
-        r.offer(&[0.9, 0.1, 0.0], &three, || "a");
-        r.offer(&[0.1, 0.9, 0.0], &three, || "b");
+        r.offer(0, &[0.9, 0.1, 0.0], &three, || "a");
+        r.offer(0, &[0.1, 0.9, 0.0], &three, || "b");
         assert_eq!(r.choose(0, &[None, None]).unwrap().candidate.input, "b");
-        r.offer(&[0.1, 0.1, 0.8], &three, || "new");
-        r.offer(&[0.1, 0.9, 0.0], &three, || "b");
+        r.offer(0, &[0.1, 0.1, 0.8], &three, || "new");
+        r.offer(0, &[0.1, 0.9, 0.0], &three, || "b");
         assert_eq!(r.choose(1, &[None, None]).unwrap().candidate.input, "new", "a label with no samples yet");
     }
 
@@ -383,7 +404,7 @@ mod tests {
             for i in 0..4u32 {
                 // Row 3 is always the least sure; the draw ignores that.
                 let top = if i == 3 { 0.4 } else { 0.99 };
-                r.offer(&[top, 1.0 - top, 0.0], &labels(), || i);
+                r.offer(0, &[top, 1.0 - top, 0.0], &labels(), || i);
             }
             let c = r.choose(round * 1000, &vec![None; r.candidates().len()]).unwrap();
             assert_eq!(c.strategy, "random");

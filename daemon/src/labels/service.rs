@@ -84,7 +84,7 @@ impl LabelRequests {
         // The body is copied once, by the first row that enters the pool; its other rows share it.
         let mut kept: Option<RawRow> = None;
         for (row, p) in predictions.iter().enumerate() {
-            requester.offer(&p.scores, &p.labels, || {
+            requester.offer(p.adapter_version, &p.scores, &p.labels, || {
                 let first = kept.get_or_insert_with(|| RawRow { body: Arc::from(body), content_type: content_type.map(Arc::from), row });
                 RawRow { row, ..first.clone() }
             });
