@@ -237,7 +237,7 @@ impl<I: Clone> Requester<I> {
         if !self.may_send(now_ms) {
             return None;
         }
-        let mut pool = std::mem::take(&mut self.pool);
+        let pool = std::mem::take(&mut self.pool);
         let drawn = self.drawn.take();
         self.offered = 0;
         let random = self.uniform() < self.strategy.random_share;
