@@ -43,6 +43,9 @@ pub struct Strategy {
 #[derive(Debug, Clone)]
 pub struct Candidate<I> {
     pub input: I,
+    /// The row's scores under its serving adapter, hashed: the same input served again scores
+    /// the same, and is not asked about twice.
+    pub fingerprint: u64,
     pub predicted: usize,
     pub confidence: f32,
     pub uncertainty: f64,
@@ -137,6 +140,8 @@ pub struct Requester<I> {
     rng: u64,
     /// The serving adapter the pool's scores came from: a new one makes them stale.
     serving_version: Option<u64>,
+    /// Fingerprints of the rows asked about under this adapter (the newest [`RECENT`]).
+    asked: VecDeque<u64>,
 }
 
 impl<I: Clone> Requester<I> {
@@ -151,6 +156,7 @@ impl<I: Clone> Requester<I> {
             recent: VecDeque::new(),
             rng: seed | 1,
             serving_version: None,
+            asked: VecDeque::new(),
         }
     }
 
@@ -183,13 +189,18 @@ impl<I: Clone> Requester<I> {
             self.pool.clear();
             self.drawn = None;
             self.offered = 0;
+            self.asked.clear();
+        }
+        let fingerprint = scores.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, s| (h ^ u64::from(s.to_bits())).wrapping_mul(0x100_0000_01b3));
+        if self.asked.contains(&fingerprint) || self.pool.iter().any(|c| c.fingerprint == fingerprint) {
+            return;
         }
         self.offered += 1;
         let Some((predicted, top, second)) = top_two(scores) else { return };
         // The class in the order of the task's labelled samples (new labels: none yet).
         let class = self.labelled.labels.iter().position(|l| Some(l) == labels.get(predicted)).unwrap_or(usize::MAX);
         let balance = if class == usize::MAX { 1.0 } else { self.labelled.balance(class) };
-        let candidate = |input| Candidate { input, predicted, confidence: top, uncertainty: 1.0 - f64::from(top - second), balance };
+        let candidate = |input| Candidate { input, fingerprint, predicted, confidence: top, uncertainty: 1.0 - f64::from(top - second), balance };
         let draw = self.uniform() * (self.offered as f64) < 1.0;
         let weakest = (self.pool.len() == POOL).then(|| self.pool.iter().map(|c| self.quick_score(c)).fold(f64::INFINITY, f64::min));
         let score = self.strategy.uncertainty * (1.0 - f64::from(top - second)) + self.strategy.balance * balance;
@@ -278,6 +289,10 @@ impl<I: Clone> Requester<I> {
         let taken = chosen.as_ref().and_then(|c| c.0);
         self.pool = pool.into_iter().enumerate().filter(|(i, _)| !alike_rows[*i] && Some(*i) != taken).map(|(_, c)| c).collect();
         let (_, candidate, embedding, strategy) = chosen?;
+        if self.asked.len() == RECENT {
+            self.asked.pop_front();
+        }
+        self.asked.push_back(candidate.fingerprint);
         self.sent_at_ms.push_back(now_ms);
         while self.sent_at_ms.front().is_some_and(|&t| t <= now_ms - 86_400_000) {
             self.sent_at_ms.pop_front();
@@ -326,8 +341,9 @@ mod tests {
         r.set_labelled(Labelled { labels: labels(), counts: vec![10, 10, 10], centroids: vec![None, None, None] });
         let mut kept = 0;
         for i in 0..100u32 {
-            let margin = (i % 50) as f32 / 100.0; // rows 0 and 50 are the least sure
-            let top = 0.5 + margin / 2.0;
+            // Rows 0 and 50 are the least sure (each input scores a little apart from the others).
+            let margin = (i % 50) as f32 / 100.0;
+            let top = 0.5 + margin / 2.0 + i as f32 * 1e-6;
             r.offer(0, &[top, 1.0 - top, 0.0], &labels(), || {
                 kept += 1;
                 i
@@ -346,7 +362,7 @@ mod tests {
         assert!(!r.may_send(59_000) && r.has_candidates(), "the rest of the pool waits for the quota");
         // A minute on, the per-hour quota (5) allows two more, then none for the rest of the hour.
         for i in 0..20u32 {
-            r.offer(0, &[0.5, 0.5, 0.0], &labels(), || i);
+            r.offer(0, &[0.5, 0.5 - i as f32 * 1e-6, 0.0], &labels(), || i);
         }
         let mut more = 0;
         for t in [61_000, 62_000, 63_000, 64_000] {
@@ -362,14 +378,34 @@ mod tests {
         let centre = |v: [f32; 2]| Some((unit(&v), 0.01));
         r.set_labelled(Labelled { labels: labels(), counts: vec![5, 5, 5], centroids: vec![centre([1.0, 0.0]), centre([0.0, 1.0]), None] });
         r.offer(0, &[0.9, 0.1, 0.0], &labels(), || "near a");
-        r.offer(0, &[0.9, 0.1, 0.0], &labels(), || "between");
+        r.offer(0, &[0.9, 0.1, 1e-7], &labels(), || "between");
         let first = r.choose(0, &[Some(vec![1.0, 0.01]), Some(vec![1.0, 1.0])]).unwrap();
         assert_eq!((first.candidate.input, first.strategy), ("between", "novelty"), "equally unsure: the one far from every class");
-        r.offer(0, &[0.9, 0.1, 0.0], &labels(), || "between again");
+        r.offer(0, &[0.9, 0.1, 2e-7], &labels(), || "between again");
         let next = r.choose(1, &[Some(vec![1.0, 0.01]), Some(vec![1.0, 0.999])]).unwrap();
         assert_eq!(next.candidate.input, "near a", "the novel one is as good as asked already");
         assert!(r.choose(2, &[Some(vec![1.0, 0.999])]).is_none(), "nothing left but a row like a recent request");
         assert!(!r.has_candidates(), "which leaves the pool for good");
+    }
+
+    #[test]
+    fn an_input_served_again_is_not_asked_about_again() {
+        let mut r: Requester<u32> = Requester::new(Strategy { per_minute: 100, ..strategy() }, 7);
+        let mut kept = Vec::new();
+        r.offer(1, &[0.5, 0.5, 0.0], &labels(), || {
+            kept.push(1);
+            1
+        });
+        r.offer(1, &[0.5, 0.5, 0.0], &labels(), || {
+            kept.push(2);
+            2
+        });
+        assert_eq!(kept, [1], "the same scores twice: one input, kept once");
+        assert_eq!(r.choose(0, &[None]).unwrap().candidate.input, 1);
+        r.offer(1, &[0.5, 0.5, 0.0], &labels(), || 3);
+        assert!(!r.has_candidates(), "asked already");
+        r.offer(1, &[0.55, 0.45, 0.0], &labels(), || 4);
+        assert_eq!(r.choose(1, &[None]).unwrap().candidate.input, 4);
     }
 
     #[test]
@@ -404,7 +440,7 @@ mod tests {
             for i in 0..4u32 {
                 // Row 3 is always the least sure; the draw ignores that.
                 let top = if i == 3 { 0.4 } else { 0.99 };
-                r.offer(0, &[top, 1.0 - top, 0.0], &labels(), || i);
+                r.offer(0, &[top, 1.0 - top, (round as u32 * 4 + i) as f32 * 1e-9], &labels(), || i);
             }
             let c = r.choose(round * 1000, &vec![None; r.candidates().len()]).unwrap();
             assert_eq!(c.strategy, "random");
