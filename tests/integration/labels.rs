@@ -178,7 +178,7 @@ async fn served_inputs_the_model_is_unsure_of_go_out_as_label_requests_within_qu
     for r in &sent {
         assert_eq!(r["input"]["shape"], serde_json::json!([1, 1, 8, 8]), "the input goes inline: {r}");
         assert!(["uncertainty", "novelty", "balance", "random"].contains(&r["strategy"].as_str().unwrap()), "{r}");
-        assert!(r["confidence"].as_f64().unwrap() < 1.0 && r["expires_ms"].as_i64().unwrap() > adaptd_daemon::events::now_ms() as i64, "{r}");
+        assert!((0.0..=1.0).contains(&r["confidence"].as_f64().unwrap()) && r["expires_ms"].as_i64().unwrap() > adaptd_daemon::events::now_ms() as i64, "{r}");
     }
 
     // The input over HTTP too, with the control token only.

@@ -344,7 +344,7 @@ mod tests {
             // Rows 0 and 50 are the least sure (each input scores a little apart from the others).
             let margin = (i % 50) as f32 / 100.0;
             let top = 0.5 + margin / 2.0 + i as f32 * 1e-6;
-            r.offer(0, &[top, 1.0 - top, 0.0], &labels(), || {
+            r.offer(1, &[top, 1.0 - top, 0.0], &labels(), || {
                 kept += 1;
                 i
             });
@@ -362,7 +362,7 @@ mod tests {
         assert!(!r.may_send(59_000) && r.has_candidates(), "the rest of the pool waits for the quota");
         // A minute on, the per-hour quota (5) allows two more, then none for the rest of the hour.
         for i in 0..20u32 {
-            r.offer(0, &[0.5, 0.5 - i as f32 * 1e-6, 0.0], &labels(), || i);
+            r.offer(1, &[0.5, 0.5 - i as f32 * 1e-6, 0.0], &labels(), || i);
         }
         let mut more = 0;
         for t in [61_000, 62_000, 63_000, 64_000] {
@@ -377,11 +377,11 @@ mod tests {
         let mut r: Requester<&str> = Requester::new(Strategy { per_minute: 100, ..strategy() }, 7);
         let centre = |v: [f32; 2]| Some((unit(&v), 0.01));
         r.set_labelled(Labelled { labels: labels(), counts: vec![5, 5, 5], centroids: vec![centre([1.0, 0.0]), centre([0.0, 1.0]), None] });
-        r.offer(0, &[0.9, 0.1, 0.0], &labels(), || "near a");
-        r.offer(0, &[0.9, 0.1, 1e-7], &labels(), || "between");
+        r.offer(1, &[0.9, 0.1, 0.0], &labels(), || "near a");
+        r.offer(1, &[0.9, 0.1, 1e-7], &labels(), || "between");
         let first = r.choose(0, &[Some(vec![1.0, 0.01]), Some(vec![1.0, 1.0])]).unwrap();
         assert_eq!((first.candidate.input, first.strategy), ("between", "novelty"), "equally unsure: the one far from every class");
-        r.offer(0, &[0.9, 0.1, 2e-7], &labels(), || "between again");
+        r.offer(1, &[0.9, 0.1, 2e-7], &labels(), || "between again");
         let next = r.choose(1, &[Some(vec![1.0, 0.01]), Some(vec![1.0, 0.999])]).unwrap();
         assert_eq!(next.candidate.input, "near a", "the novel one is as good as asked already");
         assert!(r.choose(2, &[Some(vec![1.0, 0.999])]).is_none(), "nothing left but a row like a recent request");
@@ -423,11 +423,11 @@ mod tests {
         let mut r: Requester<&str> = Requester::new(Strategy { uncertainty: 0.0, ..strategy() }, 7);
         r.set_labelled(Labelled { labels: vec!["a".into(), "b".into()], counts: vec![100, 10], centroids: vec![None, None] });
         let three = vec!["a".to_string(), "b".to_string(), "new".to_string()];
-        r.offer(0, &[0.9, 0.1, 0.0], &three, || "a");
-        r.offer(0, &[0.1, 0.9, 0.0], &three, || "b");
+        r.offer(1, &[0.9, 0.1, 0.0], &three, || "a");
+        r.offer(1, &[0.1, 0.9, 0.0], &three, || "b");
         assert_eq!(r.choose(0, &[None, None]).unwrap().candidate.input, "b");
-        r.offer(0, &[0.1, 0.1, 0.8], &three, || "new");
-        r.offer(0, &[0.1, 0.9, 0.0], &three, || "b");
+        r.offer(1, &[0.1, 0.1, 0.8], &three, || "new");
+        r.offer(1, &[0.1, 0.9, 0.0], &three, || "b");
         assert_eq!(r.choose(1, &[None, None]).unwrap().candidate.input, "new", "a label with no samples yet");
     }
 
@@ -440,7 +440,7 @@ mod tests {
             for i in 0..4u32 {
                 // Row 3 is always the least sure; the draw ignores that.
                 let top = if i == 3 { 0.4 } else { 0.99 };
-                r.offer(0, &[top, 1.0 - top, (round as u32 * 4 + i) as f32 * 1e-9], &labels(), || i);
+                r.offer(1, &[top, 1.0 - top, (round as u32 * 4 + i) as f32 * 1e-9], &labels(), || i);
             }
             let c = r.choose(round * 1000, &vec![None; r.candidates().len()]).unwrap();
             assert_eq!(c.strategy, "random");
