@@ -268,18 +268,24 @@ def sample_lines(prefix: str, images: np.ndarray, labels: np.ndarray) -> list[st
             for i, (x, y) in enumerate(zip(images, labels))]
 
 
-def run_shift(name: str, binary: Path, data: dict, seed: int, quick: bool, overrides: dict[str, dict[str, str]], keep: bool = False) -> dict:
+def digits_split(name: str, data: dict, seed: int, quick: bool = False):
+    """The shift's training and test digits: indices into `data`, and the images shifted."""
     rng = np.random.default_rng(seed)
-    images, labels, retention = data["images"], data["labels"], data["retention"].astype(bool)
-    pool = np.where(~retention)[0]
+    pool = np.where(~data["retention"].astype(bool))[0]
     pool = pool[rng.permutation(len(pool))]
     if quick:
         pool = pool[:700]
     n_test = int(TEST_SHARE * len(pool))
     test, train = pool[:n_test], pool[n_test:]
     shift = "rotate90" if name == "mixed" else name
-    train_x = shift_images(shift, images[train], rng).astype(np.float32)
-    test_x = shift_images(shift, images[test], rng).astype(np.float32)
+    train_x = shift_images(shift, data["images"][train], rng).astype(np.float32)
+    test_x = shift_images(shift, data["images"][test], rng).astype(np.float32)
+    return train, test, train_x, test_x, rng
+
+
+def run_shift(name: str, binary: Path, data: dict, seed: int, quick: bool, overrides: dict[str, dict[str, str]], keep: bool = False) -> dict:
+    images, labels = data["images"], data["labels"]
+    train, test, train_x, test_x, _ = digits_split(name, data, seed, quick)
     # Base-domain accuracy on upright digits of the test split: the bundle's retention set is what
     # the daemon checks forgetting (and routes) by, so it would flatter the figure.
     upright_x, upright_y = images[test].astype(np.float32), labels[test]
@@ -691,15 +697,8 @@ LABEL_BUDGETS = [50, 100, 200, 400]
 
 def run_label_budget(name: str, binary: Path, data: dict, seed: int, overrides: dict, mode: str, budget: int) -> dict:
     import threading
-    rng = np.random.default_rng(seed)
-    images, labels, retention = data["images"], data["labels"], data["retention"].astype(bool)
-    pool = np.where(~retention)[0]
-    pool = pool[rng.permutation(len(pool))]
-    n_test = int(TEST_SHARE * len(pool))
-    test, train = pool[:n_test], pool[n_test:]
-    train_x = shift_images(name, images[train], rng).astype(np.float32)
-    test_x = shift_images(name, images[test], rng).astype(np.float32)
-    train_y, test_y = labels[train], labels[test]
+    train, test, train_x, test_x, rng = digits_split(name, data, seed)
+    train_y, test_y = data["labels"][train], data["labels"][test]
     directory = Path(tempfile.mkdtemp(prefix=f"adaptd-labels-{name}-"))
     broker, port = mosquitto(directory)
     fast = {"requests_per_minute": "100000", "requests_per_hour": "100000", "requests_per_day": "100000"}

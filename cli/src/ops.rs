@@ -188,15 +188,8 @@ pub struct SplitCounts {
 
 /// Labelled samples in the store under `state_dir`: per task, split and label.
 pub fn sample_stats(state_dir: &Path) -> Result<Vec<TaskSamples>, OpsError> {
-    let path = state_dir.join(adaptd_daemon::samples::STORE_FILE);
-    if !path.is_file() {
-        return Err(OpsError::State {
-            path: path.display().to_string(),
-            reason: "no sample store here yet (nothing ingested, or not the daemon's state directory)".into(),
-        });
-    }
-    let state_err = |e: adaptd_daemon::samples::StoreError| OpsError::State { path: path.display().to_string(), reason: e.to_string() };
-    let store = adaptd_daemon::samples::SampleStore::open(&path, Default::default()).map_err(state_err)?;
+    let (store, path) = open_store(state_dir)?;
+    let state_err = |e: adaptd_daemon::samples::StoreError| OpsError::State { path: path.clone(), reason: e.to_string() };
     let mut tasks = Vec::new();
     for task in store.tasks().map_err(state_err)? {
         let mut stats = TaskSamples { task: task.clone(), samples: 0, labels: Default::default() };
@@ -224,6 +217,7 @@ pub struct TaskSuspects {
     pub sources: Vec<adaptd_protocol::SuspectSource>,
 }
 
+/// The sample store under `state_dir`, and its path as errors show it; refused when there is none.
 fn open_store(state_dir: &Path) -> Result<(adaptd_daemon::samples::SampleStore, String), OpsError> {
     let path = state_dir.join(adaptd_daemon::samples::STORE_FILE);
     let shown = path.display().to_string();

@@ -497,7 +497,7 @@ impl Config {
         Ok(())
     }
 
-    /// When jobs run and what the gate lets through.
+    /// Wrong labels and label requests.
     fn check_labels(&self) -> Result<(), Refusal> {
         let l = &self.labels;
         if l.suspect_neighbours == 0 {
@@ -536,6 +536,7 @@ impl Config {
         Ok(())
     }
 
+    /// When jobs run and what the gate lets through.
     fn check_schedule_and_gate(&self) -> Result<(), Refusal> {
         if self.schedule.tick < Duration::from_millis(10) {
             return refuse("schedule.tick_ms", "must be at least 10");

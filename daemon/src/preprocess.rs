@@ -265,6 +265,15 @@ fn decode_bounded(bytes: &[u8], height: usize, width: usize, channels: usize) ->
     })
 }
 
+/// A host tensor as a JSON tensor: what [`json_tensor_to_host`] reads back.
+pub fn host_to_json_tensor(t: &HostTensor) -> adaptd_protocol::wire::JsonTensor {
+    let data = match &t.data {
+        adaptd_adapters::tensor::HostData::F32(v) => v.iter().filter_map(|&x| serde_json::Number::from_f64(f64::from(x))).collect(),
+        adaptd_adapters::tensor::HostData::I64(v) => v.iter().map(|&x| serde_json::Number::from(x)).collect(),
+    };
+    adaptd_protocol::wire::JsonTensor { shape: t.shape.clone(), data }
+}
+
 /// A JSON tensor (inference requests and samples write tensors alike) as a host tensor of
 /// `dtype` (i64 inputs must be integers), or why not.
 pub fn json_tensor_to_host(t: adaptd_protocol::wire::JsonTensor, dtype: DType) -> Result<HostTensor, String> {

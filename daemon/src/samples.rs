@@ -522,24 +522,19 @@ impl SampleStore {
     /// The samples of `task` in `split` that train and count in the holdout: all but those whose
     /// labels are doubted (suspected and not judged right, or judged wrong), in arrival order.
     pub fn load_trusted(&self, task: &str, split: Split) -> Result<Vec<StoredSample>, StoreError> {
-        let mut stmt =
-            self.conn.prepare_cached(&format!("{SELECT_SAMPLE} WHERE task = ?1 AND split = ?2 AND NOT ({DOUBTED_SQL}) ORDER BY id")).map_err(self.err())?;
-        let rows = stmt.query_map(params![task, split as i64], read_row).map_err(self.err())?;
-        rows.map(|r| r.map_err(self.err()).and_then(|r| self.decode_row(r))).collect()
+        self.query_samples(&format!("{SELECT_SAMPLE} WHERE task = ?1 AND split = ?2 AND NOT ({DOUBTED_SQL}) ORDER BY id"), params![task, split as i64])
     }
 
     /// The newest `limit` samples of `task` with an embedding, of every split, that an operator
     /// has not judged wrong: what a search for wrong labels looks at. Oldest first.
     pub fn reviewable(&self, task: &str, limit: usize) -> Result<Vec<StoredSample>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(&format!(
+        self.query_samples(
+            &format!(
                 "SELECT * FROM ({SELECT_SAMPLE} WHERE task = ?1 AND embedding IS NOT NULL \
                  AND id NOT IN (SELECT sample_id FROM label_reviews WHERE label_is_right = 0) ORDER BY id DESC LIMIT ?2) ORDER BY id"
-            ))
-            .map_err(self.err())?;
-        let rows = stmt.query_map(params![task, limit as i64], read_row).map_err(self.err())?;
-        rows.map(|r| r.map_err(self.err()).and_then(|r| self.decode_row(r))).collect()
+            ),
+            params![task, limit as i64],
+        )
     }
 
     /// Replace `task`'s suspects with the latest search's, in one transaction. Returns how many of
@@ -697,9 +692,7 @@ impl SampleStore {
 
     /// Every sample of `task` in `split`, oldest first.
     pub fn load(&self, task: &str, split: Split) -> Result<Vec<StoredSample>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(&format!("{SELECT_SAMPLE} WHERE task = ?1 AND split = ?2 ORDER BY id")).map_err(self.err())?;
-        let rows = stmt.query_map(params![task, split as i64], read_row).map_err(self.err())?;
-        rows.map(|r| r.map_err(self.err()).and_then(|r| self.decode_row(r))).collect()
+        self.query_samples(&format!("{SELECT_SAMPLE} WHERE task = ?1 AND split = ?2 ORDER BY id"), params![task, split as i64])
     }
 
     /// Cache the backbone's embedding of a sample, so head training never re-runs the backbone.
@@ -761,9 +754,7 @@ impl SampleStore {
 
     /// Up to `limit` samples of `task` whose embedding is not cached yet, oldest first.
     pub fn missing_embeddings(&self, task: &str, limit: usize) -> Result<Vec<StoredSample>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(&format!("{SELECT_SAMPLE} WHERE task = ?1 AND embedding IS NULL ORDER BY id LIMIT ?2")).map_err(self.err())?;
-        let rows = stmt.query_map(params![task, limit as i64], read_row).map_err(self.err())?;
-        rows.map(|r| r.map_err(self.err()).and_then(|r| self.decode_row(r))).collect()
+        self.query_samples(&format!("{SELECT_SAMPLE} WHERE task = ?1 AND embedding IS NULL ORDER BY id LIMIT ?2"), params![task, limit as i64])
     }
 
     /// The oldest row of `task` whose embedding is not cached yet.
@@ -773,16 +764,12 @@ impl SampleStore {
 
     /// Samples of `task` stored after row `after_id` (any split), oldest first, at most `limit`.
     pub fn load_after(&self, task: &str, after_id: i64, limit: usize) -> Result<Vec<StoredSample>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(&format!("{SELECT_SAMPLE} WHERE task = ?1 AND id > ?2 ORDER BY id LIMIT ?3")).map_err(self.err())?;
-        let rows = stmt.query_map(params![task, after_id, limit as i64], read_row).map_err(self.err())?;
-        rows.map(|r| r.map_err(self.err()).and_then(|r| self.decode_row(r))).collect()
+        self.query_samples(&format!("{SELECT_SAMPLE} WHERE task = ?1 AND id > ?2 ORDER BY id LIMIT ?3"), params![task, after_id, limit as i64])
     }
 
     /// The newest `limit` samples of `task`, oldest of them first.
     pub fn latest(&self, task: &str, limit: usize) -> Result<Vec<StoredSample>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(&format!("{SELECT_SAMPLE} WHERE task = ?1 ORDER BY id DESC LIMIT ?2")).map_err(self.err())?;
-        let rows = stmt.query_map(params![task, limit as i64], read_row).map_err(self.err())?;
-        let mut out: Vec<StoredSample> = rows.map(|r| r.map_err(self.err()).and_then(|r| self.decode_row(r))).collect::<Result<_, _>>()?;
+        let mut out = self.query_samples(&format!("{SELECT_SAMPLE} WHERE task = ?1 ORDER BY id DESC LIMIT ?2"), params![task, limit as i64])?;
         out.reverse();
         Ok(out)
     }
@@ -827,6 +814,13 @@ impl SampleStore {
             )
             .map_err(self.err())?;
         Ok(())
+    }
+
+    /// The samples `sql` (a [`SELECT_SAMPLE`] query) selects with `params`, decoded.
+    fn query_samples(&self, sql: &str, params: impl rusqlite::Params) -> Result<Vec<StoredSample>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(self.err())?;
+        let rows = stmt.query_map(params, read_row).map_err(self.err())?;
+        rows.map(|r| r.map_err(self.err()).and_then(|r| self.decode_row(r))).collect()
     }
 
     fn decode_row(&self, r: RawRow) -> Result<StoredSample, StoreError> {

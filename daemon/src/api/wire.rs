@@ -141,9 +141,16 @@ fn decode_safetensors(body: &[u8], manifest: &Manifest) -> Result<Vec<HostTensor
 /// (U8 `[height, width, 3]`) or a batch of frames (U8 `[N, height, width, 3]`), fitted and
 /// normalised as the bundle's preprocessing says.
 fn camera_input(t: &safetensors::tensor::TensorView<'_>, manifest: &Manifest) -> Result<HostTensor, crate::preprocess::PreprocessError> {
-    use crate::preprocess::{PreprocessError, bytes_pixels, frame_pixels, normalize};
+    let pixels = camera_pixels(t, manifest)?;
+    crate::preprocess::normalize(&manifest.name, &manifest.preprocessing, &pixels.iter().collect::<Vec<_>>())
+}
+
+/// U8 bytes as the images they hold, fitted to the bundle: a JPEG/PNG file `[len]`, a raw frame
+/// `[height, width, 3]` or frames `[N, height, width, 3]`.
+fn camera_pixels(t: &safetensors::tensor::TensorView<'_>, manifest: &Manifest) -> Result<Vec<crate::preprocess::Pixels>, crate::preprocess::PreprocessError> {
+    use crate::preprocess::{PreprocessError, bytes_pixels, frame_pixels};
     let (name, pre) = (&manifest.name, &manifest.preprocessing);
-    let pixels = match *t.shape() {
+    Ok(match *t.shape() {
         [_] | [_, _, _] => vec![bytes_pixels(name, pre, t.shape(), t.data())?],
         [n, h, w, c] if n > 0 => {
             let frame = h.saturating_mul(w).saturating_mul(c);
@@ -157,11 +164,9 @@ fn camera_input(t: &safetensors::tensor::TensorView<'_>, manifest: &Manifest) ->
                 "U8 bytes are a JPEG/PNG file [len], a raw frame [height, width, 3] or frames [N, height, width, 3], got shape {shape:?}"
             )));
         }
-    };
-    normalize(name, pre, &pixels.iter().collect::<Vec<_>>())
+    })
 }
 
-/// The answer's body: [`PredictResponse`].
 /// Row `row` of a prediction request as a sample takes it: a text, an image as the bundle fits
 /// it, or one row of the bundle's single input. What a label request asks about.
 pub fn sample_input(body: &[u8], content_type: Option<&str>, manifest: &Manifest, row: usize) -> Result<crate::samples::SampleInput, WireError> {
@@ -191,15 +196,8 @@ pub fn sample_input(body: &[u8], content_type: Option<&str>, manifest: &Manifest
             let spec = manifest.inputs.first().ok_or_else(|| WireError::Input("the bundle takes no input".into()))?;
             let t = st.tensor(&spec.name).map_err(|_| WireError::Input(format!("missing input {:?}", spec.name)))?;
             if t.dtype() == safetensors::Dtype::U8 && matches!(pre, Preprocessing::Image { .. }) {
-                let pixels = match *t.shape() {
-                    [_] | [_, _, _] if row == 0 => crate::preprocess::bytes_pixels(name, pre, t.shape(), t.data()),
-                    [n, h, w, c] if row < n => {
-                        let frame = h * w * c;
-                        crate::preprocess::frame_pixels(name, pre, &[h, w, c], t.data().get(row * frame..(row + 1) * frame).ok_or_else(no_row)?)
-                    }
-                    _ => return Err(no_row()),
-                };
-                return pixels.map(SampleInput::Image).map_err(|e| input_err(&e));
+                let pixels = camera_pixels(&t, manifest).map_err(|e| input_err(&e))?;
+                return pixels.into_iter().nth(row).map(SampleInput::Image).ok_or_else(no_row);
             }
             tensor_row(crate::preprocess::tensor_from_safetensors(&t, spec.dtype).map_err(|e| input_err(&e))?)
         }
@@ -207,6 +205,7 @@ pub fn sample_input(body: &[u8], content_type: Option<&str>, manifest: &Manifest
     }
 }
 
+/// The answer's body: [`PredictResponse`].
 pub fn encode_predictions(preds: &[Prediction]) -> Vec<u8> {
     let response = PredictResponse {
         predictions: preds

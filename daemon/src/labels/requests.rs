@@ -46,7 +46,8 @@ pub struct Candidate<I> {
     /// The row's scores under its serving adapter, hashed: the same input served again scores
     /// the same, and is not asked about twice.
     pub fingerprint: u64,
-    pub predicted: usize,
+    /// The label serving answered (named when served: the adapter may change before it is asked).
+    pub predicted: String,
     pub confidence: f32,
     pub uncertainty: f64,
     pub balance: f64,
@@ -191,7 +192,7 @@ impl<I: Clone> Requester<I> {
             self.offered = 0;
             self.asked.clear();
         }
-        let fingerprint = scores.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, s| (h ^ u64::from(s.to_bits())).wrapping_mul(0x100_0000_01b3));
+        let fingerprint = fnv1a(scores.iter().map(|s| u64::from(s.to_bits())));
         if self.asked.contains(&fingerprint) || self.pool.iter().any(|c| c.fingerprint == fingerprint) {
             return;
         }
@@ -200,7 +201,14 @@ impl<I: Clone> Requester<I> {
         // The class in the order of the task's labelled samples (new labels: none yet).
         let class = self.labelled.labels.iter().position(|l| Some(l) == labels.get(predicted)).unwrap_or(usize::MAX);
         let balance = if class == usize::MAX { 1.0 } else { self.labelled.balance(class) };
-        let candidate = |input| Candidate { input, fingerprint, predicted, confidence: top, uncertainty: 1.0 - f64::from(top - second), balance };
+        let candidate = |input| Candidate {
+            input,
+            fingerprint,
+            predicted: labels.get(predicted).cloned().unwrap_or_default(),
+            confidence: top,
+            uncertainty: 1.0 - f64::from(top - second),
+            balance,
+        };
         let draw = self.uniform() * (self.offered as f64) < 1.0;
         let weakest = (self.pool.len() == POOL).then(|| self.pool.iter().map(|c| self.quick_score(c)).fold(f64::INFINITY, f64::min));
         let score = self.strategy.uncertainty * (1.0 - f64::from(top - second)) + self.strategy.balance * balance;
@@ -305,6 +313,11 @@ impl<I: Clone> Requester<I> {
         }
         Some(Chosen { candidate, strategy })
     }
+}
+
+/// FNV-1a over `words`: a fixed hash (the same on every device and run).
+pub(crate) fn fnv1a(words: impl IntoIterator<Item = u64>) -> u64 {
+    words.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, w| (h ^ w).wrapping_mul(0x100_0000_01b3))
 }
 
 /// The index of the best score, the best and the second best.

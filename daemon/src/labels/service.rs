@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use adaptd_adapters::tensor::{HostData, HostTensor};
-use adaptd_protocol::wire::{JsonTensor, LabelRequest};
+use adaptd_adapters::tensor::HostTensor;
+use adaptd_protocol::wire::LabelRequest;
 use adaptd_protocol::{Event, Topics};
 use tokio::sync::watch;
 
@@ -150,9 +150,7 @@ pub async fn run(parts: RequestParts, shutdown: impl Future<Output = ()>) {
             return;
         }
     };
-    let mut refreshed: HashMap<String, std::time::Instant> = HashMap::new();
-    let mut counted: HashMap<String, std::time::Instant> = HashMap::new();
-    let mut answered: HashMap<String, u64> = HashMap::new();
+    let mut clocks: HashMap<String, TaskClock> = HashMap::new();
     let mut interval = tokio::time::interval(TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -167,13 +165,14 @@ pub async fn run(parts: RequestParts, shutdown: impl Future<Output = ()>) {
                 continue;
             }
             parts.shared.ask_for(task, &labels);
-            if refreshed.get(task).is_none_or(|t| t.elapsed() >= REFRESH) {
-                refreshed.insert(task.clone(), std::time::Instant::now());
+            let clock = clocks.entry(task.clone()).or_default();
+            if clock.refreshed.is_none_or(|t| t.elapsed() >= REFRESH) {
+                clock.refreshed = Some(std::time::Instant::now());
                 refresh(&parts, &mut store, task);
             }
-            if counted.get(task).is_none_or(|t| t.elapsed() >= COUNT_EVERY) {
-                counted.insert(task.clone(), std::time::Instant::now());
-                count(&parts, &store, task, answered.entry(task.clone()).or_default());
+            if clock.counted.is_none_or(|t| t.elapsed() >= COUNT_EVERY) {
+                clock.counted = Some(std::time::Instant::now());
+                count(&parts, &store, task, &mut clock.answered);
             }
             // As many as the quotas allow, up to a pool's worth a tick.
             for _ in 0..super::requests::POOL {
@@ -190,8 +189,17 @@ pub async fn run(parts: RequestParts, shutdown: impl Future<Output = ()>) {
     }
 }
 
+/// When the loop last read a task's labelled samples and its request counts, and the answers
+/// counted then.
+#[derive(Default)]
+struct TaskClock {
+    refreshed: Option<std::time::Instant>,
+    counted: Option<std::time::Instant>,
+    answered: u64,
+}
+
 fn seed(task: &str) -> u64 {
-    task.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    super::requests::fnv1a(task.bytes().map(u64::from))
 }
 
 /// Read the task's labelled samples (class counts and centroids); forget expired requests.
@@ -271,11 +279,17 @@ async fn request(parts: &RequestParts, store: &mut SampleStore, task: &str, conf
     let rows = candidates.clone();
     let inputs = tokio::task::spawn_blocking(move || {
         crate::background_priority();
+        // Rows of one request share its body: it is decoded once.
+        let mut bodies: Vec<&Arc<[u8]>> = Vec::new();
+        let mut decoded: Vec<Option<Vec<HostTensor>>> = Vec::new();
         rows.iter()
             .map(|r| {
-                crate::api::wire::decode(&r.body, r.content_type.as_deref(), &manifest, text.as_deref(), limit)
-                    .ok()
-                    .map(|inputs| inputs.iter().map(|t| t.rows(r.row, r.row + 1)).collect::<Vec<HostTensor>>())
+                let at = bodies.iter().position(|body| Arc::ptr_eq(body, &r.body)).unwrap_or_else(|| {
+                    bodies.push(&r.body);
+                    decoded.push(crate::api::wire::decode(&r.body, r.content_type.as_deref(), &manifest, text.as_deref(), limit).ok());
+                    decoded.len() - 1
+                });
+                decoded[at].as_ref().map(|inputs| inputs.iter().map(|t| t.rows(r.row, r.row + 1)).collect::<Vec<HostTensor>>())
             })
             .collect::<Vec<Option<Vec<HostTensor>>>>()
     })
@@ -313,8 +327,7 @@ async fn request(parts: &RequestParts, store: &mut SampleStore, task: &str, conf
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    let labels = parts.registry.current(task).map(|s| s.labels.clone()).unwrap_or_default();
-    let predicted = labels.get(chosen.candidate.predicted).cloned().unwrap_or_default();
+    let predicted = chosen.candidate.predicted.clone();
     let id = format!("{}-{}-{:x}", parts.topics.device(), task, now as u64 ^ (parts.shared.published.fetch_add(1, Ordering::Relaxed) << 48));
     let expires_ms = now + (config.request_expiry_h * 3_600_000.0) as i64;
     store
@@ -357,7 +370,7 @@ async fn request(parts: &RequestParts, store: &mut SampleStore, task: &str, conf
 /// The input as a sample carries it: `input` (a tensor), `text`, or `image` (base64 PNG).
 pub fn fill_input(message: &mut LabelRequest, input: &SampleInput) -> Result<(), crate::preprocess::PreprocessError> {
     match input {
-        SampleInput::Tensor(t) => message.input = Some(json_tensor(t)),
+        SampleInput::Tensor(t) => message.input = Some(crate::preprocess::host_to_json_tensor(t)),
         SampleInput::Text(text) => message.text = Some(text.clone()),
         SampleInput::Image(pixels) => {
             use base64::Engine as _;
@@ -365,12 +378,4 @@ pub fn fill_input(message: &mut LabelRequest, input: &SampleInput) -> Result<(),
         }
     }
     Ok(())
-}
-
-fn json_tensor(t: &HostTensor) -> JsonTensor {
-    let data = match &t.data {
-        HostData::F32(v) => v.iter().filter_map(|&x| serde_json::Number::from_f64(f64::from(x))).collect(),
-        HostData::I64(v) => v.iter().map(|&x| serde_json::Number::from(x)).collect(),
-    };
-    JsonTensor { shape: t.shape.clone(), data }
 }
