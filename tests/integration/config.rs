@@ -68,6 +68,16 @@ fn bad_files_name_the_key_and_say_what_is_allowed() {
         ("repository = \"\"", "repository = \"https://adapters.example/fleet/\"", "fleet.repository"),
         ("max_release_mb = 64", "max_release_mb = \"big\"", "max_release_mb"),
         ("max_mb_per_task = 0.0", "max_mb_per_task = -1.0", "ingest.max_mb_per_task"),
+        ("suspect_neighbours = 10", "suspect_neighbours = 0", "labels.suspect_neighbours"),
+        ("suspect_max_share = 0.5", "suspect_max_share = 0.0", "labels.suspect_max_share"),
+        ("suspect_min_vote = 0.5", "suspect_min_vote = 1.5", "labels.suspect_min_vote"),
+        ("suspect_source_share = 0.3", "suspect_source_share = -0.1", "labels.suspect_source_share"),
+        ("suspect_max_samples = 4000", "suspect_max_samples = 1", "labels.suspect_max_samples"),
+        ("request_novelty = 0.5", "request_novelty = -1.0", "labels.request_novelty"),
+        ("request_random_share = 0.1", "request_random_share = 2.0", "labels.request_random_share"),
+        ("request_min_distance = 0.001", "request_min_distance = 3.0", "labels.request_min_distance"),
+        ("request_expiry_h = 24.0", "request_expiry_h = 0.0", "labels.request_expiry_h"),
+        ("requests_per_minute = 6", "requests_per_minute = -6", "requests_per_minute"),
     ] {
         let err = parse(&DEFAULT_TOML.replace(from, to)).unwrap_err();
         assert!(err.contains(key), "{key}: {err}");

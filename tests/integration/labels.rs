@@ -190,6 +190,12 @@ async fn served_inputs_the_model_is_unsure_of_go_out_as_label_requests_within_qu
     let out = Command::new("curl").args(["-s", "-H", &format!("Authorization: Bearer {token}"), &url]).output().unwrap();
     let fetched: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(fetched["input"], first["input"], "{fetched}");
+    let out = Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}", "-H", &format!("Authorization: Bearer {token}"), &format!("{base}/v1/label_requests/no-such-id/input")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.ends_with("\n404") && text.contains("no such label request"), "an unknown id is refused by name: {text}");
 
     // An answer: an ordinary sample carrying the request's id, with the input copied.
     let truth = if first["predicted"] == "3" { "4" } else { "3" };
