@@ -693,6 +693,9 @@ def table(results: list[dict]) -> str:
 # until N are answered; the quotas are raised so the run takes seconds, not hours (the rate is a
 # deployment's choice; what is asked is not). Beside them, every sample of the shift labelled.
 LABEL_BUDGETS = [50, 100, 200, 400]
+# Random labels with the device's traffic as pseudo-labels (shipped), the same without them,
+# and label requests.
+MODES = ("random", "random, no pseudo", "requests")
 
 
 def run_label_budget(name: str, binary: Path, data: dict, seed: int, overrides: dict, mode: str, budget: int) -> dict:
@@ -705,7 +708,11 @@ def run_label_budget(name: str, binary: Path, data: dict, seed: int, overrides: 
     daemon = Daemon(binary, directory, port, {**overrides, "labels": {**overrides.get("labels", {}), **fast}})
     answered, sub = 0, None
     try:
-        if mode == "random":
+        if mode.startswith("random"):
+            # The device serves the shift meanwhile, as a deployed one would (8 inputs a request,
+            # so the daemon's traffic window fills): the pseudo-labels' unlabelled source.
+            for start in range(0, len(train_x), 8):
+                daemon.predict(train_x[start:start + 8])
             chosen = rng.choice(len(train_x), size=min(budget, len(train_x)), replace=False)
             publish(port, sample_lines(f"{name}-random", train_x[chosen], train_y[chosen]))
             answered = len(chosen)
@@ -745,7 +752,7 @@ def run_label_budget(name: str, binary: Path, data: dict, seed: int, overrides: 
         jobs = [r for r in records if r.get("event") == "job"]
         promoted = [r for r in jobs if r.get("promote")]
         return {"shift": name, "mode": mode, "budget": budget, "labels": answered, "adaptd": accuracy, "promoted": len(promoted), "jobs": len(jobs),
-                "kinds": [r.get("kind") for r in promoted]}
+                "kinds": [r.get("kind") for r in promoted], "pseudo": pseudo_figures(records)}
     finally:
         if sub is not None:
             sub.terminate()
@@ -755,7 +762,18 @@ def run_label_budget(name: str, binary: Path, data: dict, seed: int, overrides: 
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def pseudo_figures(records: list[dict]) -> dict:
+    """What the pseudo-label steps of a run did: candidates trained, refused on validation, and
+    the gate's decisions on the rest."""
+    attempts = [r for r in records if r.get("event") == "training_attempt" and "pseudo-labels" in r.get("kind", "")]
+    gated = [r for r in records if r.get("event") == "job" and any(n.startswith("pseudo-labels by") for n in r.get("notes", []))]
+    return {"trained": len(attempts), "refused_on_validation": sum(not r["best_so_far"] for r in attempts),
+            "gate_promoted": sum(bool(r.get("promote")) for r in gated), "gate_refused": sum(not r.get("promote") for r in gated)}
+
+
 def label_count_table(args, binary: Path, data: dict, overrides: dict) -> None:
+    global BUDGETS
+    BUDGETS = [int(b) for b in args.budgets.split(",")] if args.budgets else LABEL_BUDGETS
     names = args.only.split(",") if args.only else ["rotate90", "blur", "noise", "occlusion"]
     rows = []
     for name in names:
@@ -763,26 +781,27 @@ def label_count_table(args, binary: Path, data: dict, overrides: dict) -> None:
         FLIP["no_references"] = True
         row = {"shift": name, "all": everything["adaptd"], "all_labels": everything["train"]}
         print(f"{name}, all {everything['train']} labels: adaptd {everything['adaptd']:.3f}", flush=True)
-        for budget in LABEL_BUDGETS:
-            for mode in ("random", "requests"):
+        for budget in BUDGETS:
+            for mode in MODES:
                 started = time.time()
-                r = run_label_budget(name, binary, data, args.seed, overrides, mode, budget)
+                settings = {**overrides, "labels": {**overrides.get("labels", {}), "pseudo": "false"}} if mode == "random, no pseudo" else overrides
+                r = run_label_budget(name, binary, data, args.seed, settings, mode, budget)
                 row[f"{mode} {budget}"] = r["adaptd"]
                 print(f"{name}, {mode} {budget}: {r['labels']} labels, adaptd {r['adaptd']:.3f}, {r['promoted']}/{r['jobs']} jobs promoted "
-                      f"({', '.join(k or '?' for k in r['kinds'])}); {time.time() - started:.0f} s", flush=True)
+                      f"({', '.join(k or '?' for k in r['kinds'])}); pseudo-labels {r['pseudo']}; {time.time() - started:.0f} s", flush=True)
         target = 0.95 * row["all"]
-        for mode in ("random", "requests"):
-            row[f"{mode} needs"] = next((b for b in LABEL_BUDGETS if row[f"{mode} {b}"] >= target), None)
+        for mode in MODES:
+            row[f"{mode} needs"] = next((b for b in BUDGETS if row[f"{mode} {b}"] >= target), None)
         rows.append(row)
     pct = lambda v: f"{100 * v:5.1f}"  # noqa: E731
     print()
-    print("| shift | all labels | " + " | ".join(f"random {b} / requests {b}" for b in LABEL_BUDGETS) + " | labels to 95 % of all: random / requests |")
-    print("| --- " * (len(LABEL_BUDGETS) + 3) + "|")
+    print("| shift | all labels | " + " | ".join(f"{b}: " + " / ".join(MODES) for b in BUDGETS) + " | labels to 95 % of all: " + " / ".join(MODES) + " |")
+    print("| --- " * (len(BUDGETS) + 3) + "|")
     for row in rows:
-        need = lambda m: "> " + str(LABEL_BUDGETS[-1]) if row[f"{m} needs"] is None else str(row[f"{m} needs"])  # noqa: E731
+        need = lambda m: "> " + str(BUDGETS[-1]) if row[f"{m} needs"] is None else str(row[f"{m} needs"])  # noqa: E731
         print(f"| {row['shift']} | {pct(row['all'])} ({row['all_labels']}) | "
-              + " | ".join(f"{pct(row[f'random {b}'])} / {pct(row[f'requests {b}'])}" for b in LABEL_BUDGETS)
-              + f" | {need('random')} / {need('requests')} |")
+              + " | ".join(" / ".join(pct(row[f"{m} {b}"]) for m in MODES) for b in BUDGETS)
+              + " | " + " / ".join(need(m) for m in MODES) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
@@ -848,6 +867,7 @@ def main() -> None:
                     help="for each shift (--only): clean labels, then 10 %% and 30 %% flipped, with and without the search for wrong labels")
     ap.add_argument("--label-count", action="store_true",
                     help="for each digits shift (--only): accuracy against the number of labels, label requests vs random labelling")
+    ap.add_argument("--budgets", default="", metavar="N,N", help="with --label-count: these label counts instead of 50,100,200,400")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="for tuning experiments only: a configuration key other than the shipped one (TOML value)")
     args = ap.parse_args()

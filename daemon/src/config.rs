@@ -533,6 +533,12 @@ impl Config {
         if !(l.request_expiry_h.is_finite() && l.request_expiry_h > 0.0) {
             return refuse("labels.request_expiry_h", format!("must be above 0, got {}", l.request_expiry_h));
         }
+        if !(l.pseudo_threshold > 0.0 && l.pseudo_threshold <= 1.0) {
+            return refuse("labels.pseudo_threshold", format!("is a probability, above 0 and at most 1, got {}", l.pseudo_threshold));
+        }
+        if !(l.pseudo_max_ratio.is_finite() && l.pseudo_max_ratio > 0.0) {
+            return refuse("labels.pseudo_max_ratio", format!("must be above 0, got {}", l.pseudo_max_ratio));
+        }
         Ok(())
     }
 

@@ -204,6 +204,13 @@ impl Scheduler {
         None
     }
 
+    /// The job trains once more after its gate (a pseudo-label candidate): pauses apply again.
+    pub fn training_again(&mut self, trigger: Trigger, now_ms: u64) {
+        if matches!(self.state, SchedulerState::Validating) {
+            self.state = SchedulerState::Training { trigger, since_ms: now_ms, paused: false };
+        }
+    }
+
     /// The trainer finished (the gate decides next).
     pub fn training_done(&mut self) {
         if matches!(self.state, SchedulerState::Training { .. }) {

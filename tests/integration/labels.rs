@@ -217,3 +217,61 @@ async fn served_inputs_the_model_is_unsure_of_go_out_as_label_requests_within_qu
     drop(requests);
     shut_down(stop, daemon).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn served_traffic_pseudo_labelled_trains_one_more_candidate_and_one_that_is_not_better_is_refused() {
+    // A head on sideways digits, and a gate that asks for 30 points over what serves: the
+    // labelled head clears that over the upright base model; a pseudo-label candidate cannot
+    // clear it over its own teacher, so it must be refused, on validation or by the gate.
+    let Running { broker, state, events, base, stop, daemon } = start_daemon_with("sorter", 240, |c| {
+        c.training.adapter = adaptd_daemon::adapt::AdapterChoice::Head;
+        c.training.escalate = false;
+        c.gate.min_improvement = 0.3;
+        c.labels.requests = false;
+    })
+    .await;
+    let digits = Digits::load(&digits_data()).unwrap();
+    let pool = digits.held_out();
+    // The traffic first: the other 279 sideways digits, served twice in requests of 8, unlabelled.
+    for chunk in pool[240..].chunks(8).chain(pool[240..].chunks(8)) {
+        let pixels: Vec<String> = chunk.iter().flat_map(|&i| digits.image(i, Shift::Rotate90)).map(|v| format!("{v:.4}")).collect();
+        let body = format!("{{\"inputs\": {{\"image\": {{\"shape\": [{}, 1, 8, 8], \"data\": [{}]}}}}}}", chunk.len(), pixels.join(","));
+        let (code, answer) = predict(&base, &body);
+        assert_eq!(code, 200, "{answer}");
+    }
+    let lines = digit_lines(&digits, pool.iter().copied().take(240), "cam-3", "sorter", Shift::Rotate90);
+    let port = broker.port;
+    let finished = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(500)); // ingest subscribes
+        publish(port, "adaptd/v1/robot-3/samples/sorter", &lines);
+        events.wait_for("job_finished", Duration::from_secs(180))
+    })
+    .await
+    .unwrap();
+    assert_eq!((finished["outcome"].as_str(), finished["promoted"][0].as_u64()), (Some("promoted"), Some(1)), "the labelled head: {finished}");
+
+    let journal: Vec<Value> =
+        std::fs::read_to_string(state.path().join("journal").join("sorter.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let attempt = journal
+        .iter()
+        .find(|r| r["event"] == "training_attempt" && r["kind"] == "head on pseudo-labels")
+        .unwrap_or_else(|| panic!("a pseudo-label candidate trained: {journal:?}"));
+    let reason = attempt["reason"].as_str().unwrap();
+    assert!(reason.contains("pseudo-labels) reached validation accuracy") && reason.contains("against its teacher v1"), "{reason}");
+    let pseudo_job = |r: &&Value| r["event"] == "job" && r["notes"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().starts_with("pseudo-labels by v1"));
+    match journal.iter().find(pseudo_job) {
+        // Offered to the gate: refused for not beating its teacher by the margin, on labels.
+        Some(job) => {
+            assert_eq!(job["promote"], false, "{job}");
+            let beats = job["checks"].as_array().unwrap().iter().find(|c| c["name"] == "beats_incumbent").unwrap();
+            assert_eq!(beats["passed"], false, "{job}");
+            let notes = job["notes"].as_array().unwrap();
+            assert!(notes.iter().any(|n| n.as_str().unwrap().contains("pseudo-labelled inputs of the traffic train beside")), "{notes:?}");
+        }
+        // Or not offered at all: no better than its teacher on validation.
+        None => assert_eq!(attempt["best_so_far"], false, "{attempt}"),
+    }
+    let (_, status) = crate::adapt::http("GET", &format!("{base}/v1/tasks/sorter/status"));
+    assert_eq!(status["serving_version"], 1, "the teacher still serves: {status}");
+    shut_down(stop, daemon).await;
+}

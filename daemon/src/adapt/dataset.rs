@@ -109,10 +109,19 @@ pub(super) struct Prepared {
     pub sample_ids: (Vec<Option<i64>>, Vec<i64>),
 }
 
+/// Pseudo-labelled inputs of the traffic (see `crate::labels::pseudo`): their model inputs (rows
+/// along the first axis), base-model embeddings, and the labels the teacher gave them.
+pub(super) struct PseudoRows {
+    pub inputs: Vec<HostTensor>,
+    pub embeddings: Vec<Vec<f32>>,
+    pub labels: Vec<String>,
+}
+
 /// The training data of one step of a job: the task's embedded samples over the labels that
 /// qualify (the incumbent's first, new ones with enough samples), class-balanced by the trainer,
-/// with base-domain rows replayed as the traffic asks, and the head to start from. Err: why the
-/// job cannot run now (the loop defers it).
+/// pseudo-labelled traffic beside them if given (training rows only: validation and the holdout
+/// stay labelled), base-domain rows replayed as the traffic asks, and the head to start from.
+/// Err: why the job cannot run now (the loop defers it).
 pub(super) fn prepare(
     bundle: &Bundle,
     text: Option<&TextEncoder>,
@@ -120,6 +129,7 @@ pub(super) fn prepare(
     store: &SampleStore,
     incumbent: &Serving,
     base_domain: &BaseDomain,
+    pseudo: Option<&PseudoRows>,
 ) -> Result<Prepared, AdaptError> {
     let task = &config.task;
     let dim = bundle.manifest.embedding_dim;
@@ -138,6 +148,14 @@ pub(super) fn prepare(
     let init_head = starting_head(bundle, incumbent, &base_labels, &labels, &class_means(&train_emb, &train_labels, labels.len(), dim), dim)?;
     let weights = |rows: &[&StoredSample]| rows.iter().map(|s| s.sample.weight).collect::<Vec<f32>>();
     let mut train_ex = Examples { labels: train_labels, weights: weights(&train), inputs: Vec::new() };
+    // Pseudo-labelled rows over the job's labels follow the labelled ones.
+    let pseudo_rows: Vec<usize> = pseudo.map(|p| (0..p.labels.len()).filter(|&i| index.contains_key(p.labels[i].as_str())).collect()).unwrap_or_default();
+    if let Some(p) = pseudo {
+        for &i in &pseudo_rows {
+            train_ex.labels.push(index[p.labels[i].as_str()]);
+            train_ex.weights.push(1.0);
+        }
+    }
     let mut val_ex =
         Examples { labels: validation.iter().map(|s| index[s.sample.label.as_str()]).collect(), weights: weights(&validation), inputs: Vec::new() };
     // Replay: retained base-domain rows whose labels the task uses, as a share of the task's samples.
@@ -153,6 +171,17 @@ pub(super) fn prepare(
     match config.training.kind() {
         JobKind::Head => {
             let mut emb = train_emb;
+            if let Some(p) = pseudo {
+                for &i in &pseudo_rows {
+                    if p.embeddings[i].len() != dim {
+                        return Err(AdaptError::Data(format!(
+                            "a pseudo-labelled input's embedding has {} values; the bundle's have {dim}",
+                            p.embeddings[i].len()
+                        )));
+                    }
+                    emb.extend_from_slice(&p.embeddings[i]);
+                }
+            }
             if let Some(replay_emb) = base_domain.replay_embeddings.as_deref() {
                 for &(i, c) in &replay_rows {
                     emb.extend_from_slice(&replay_emb[i]);
@@ -167,6 +196,11 @@ pub(super) fn prepare(
         }
         JobKind::Lora { .. } | JobKind::Loreft { .. } => {
             let mut inputs = model_inputs(text, &bundle.manifest, &train)?;
+            if let Some(p) = pseudo.filter(|_| !pseudo_rows.is_empty()) {
+                let picked: Vec<Vec<HostTensor>> = pseudo_rows.iter().map(|&i| p.inputs.iter().map(|t| t.rows(i, i + 1)).collect()).collect();
+                let rows = concat_inputs(picked.iter().map(Vec::as_slice));
+                inputs = concat_inputs([inputs.as_slice(), rows.as_slice()].into_iter());
+            }
             if !replay_rows.is_empty() && text.is_none() {
                 let rows: Vec<usize> = replay_rows.iter().map(|&(i, _)| i).collect();
                 let extra = base_domain.replay.select(&rows).inputs;
@@ -181,6 +215,9 @@ pub(super) fn prepare(
                 val_ex.inputs = model_inputs(text, &bundle.manifest, &validation)?;
             }
         }
+    }
+    if !pseudo_rows.is_empty() {
+        notes.push(format!("{} pseudo-labelled inputs of the traffic train beside {} labelled samples", pseudo_rows.len(), train.len()));
     }
     if !replay_rows.is_empty() {
         notes.push(format!("{} retained base-domain samples replayed", replay_rows.len()));

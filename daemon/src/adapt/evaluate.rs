@@ -8,10 +8,12 @@ use adaptd_adapters::bundle::RetentionSet;
 use adaptd_adapters::files::Adapter;
 use adaptd_adapters::tensor::HostTensor;
 
-use super::dataset::{BaseDomain, model_inputs};
+use super::dataset::{BaseDomain, PseudoRows, model_inputs};
 use super::{AdaptConfig, AdaptError, Context, as_refs, lock};
 use crate::engine::{Prediction, concat_inputs};
 use crate::gate::{self, Decision, Evidence};
+use crate::labels::pseudo::{Judged as PseudoJudged, PseudoSummary, choose as choose_pseudo_labels};
+use crate::labels::suspects::neighbour_vote;
 use crate::registry::Serving;
 use crate::samples::{SampleStore, Split, StoredSample};
 use crate::traffic::{BaseDomainDetector, Observed};
@@ -106,6 +108,83 @@ pub(super) async fn base_traffic_share(
         }
     }
     Ok(Some((detector.share(&observed), observed.len())))
+}
+
+/// Fewer recent inputs than this: no pseudo-labels (too little traffic to learn from).
+pub(super) const MIN_PSEUDO_TRAFFIC: usize = 32;
+
+/// The task's recent traffic as `teacher` labels it, kept where the teacher is sure and the
+/// labelled samples' neighbours agree (see `crate::labels::pseudo`); None when there is too
+/// little traffic or nothing qualifies. Rows the teacher routed to the base model are left out:
+/// the teacher did not answer them.
+pub(super) async fn pseudo_labelled(
+    ctx: &Context,
+    store: &Mutex<SampleStore>,
+    task: &str,
+    teacher: &Arc<Serving>,
+    labels: &crate::labels::LabelsConfig,
+) -> Result<Option<(PseudoRows, PseudoSummary)>, AdaptError> {
+    let rows = ctx.traffic.rows(task);
+    if rows.len() < MIN_PSEUDO_TRAFFIC {
+        return Ok(None);
+    }
+    let inputs = concat_inputs(rows.iter().map(Vec::as_slice));
+    let taught = predict_inputs(ctx, teacher, &inputs).await?;
+    let based = predict_inputs(ctx, &ctx.registry.base(task), &inputs).await?;
+    let embeddings: Vec<Vec<f32>> =
+        based.into_iter().map(|p| p.embedding.ok_or_else(|| AdaptError::Data("the base model gave no embedding".into()))).collect::<Result<_, _>>()?;
+    let dim = ctx.registry.bundle().manifest.embedding_dim;
+    let classes: Vec<&str> = teacher.labels.iter().map(String::as_str).collect();
+    let class_of = |label: &str| classes.iter().position(|c| *c == label);
+    // The labelled training samples, per class of the teacher, and as the neighbours' reference.
+    let labelled = lock(store).load_trusted(task, Split::Train)?;
+    let mut counts = vec![0usize; classes.len()];
+    let (mut reference, mut reference_labels) = (Vec::new(), Vec::new());
+    for s in &labelled {
+        let Some(c) = class_of(&s.sample.label) else { continue };
+        counts[c] += 1;
+        if let Some(e) = s.embedding.as_ref().filter(|e| e.len() == dim) {
+            reference.extend_from_slice(e);
+            reference_labels.push(c);
+        }
+    }
+    let policy = labels.pseudo_policy();
+    let votes = if policy.agreement {
+        let queries: Vec<f32> = embeddings.iter().flat_map(|e| e.iter().copied()).collect();
+        let search = labels.suspect_search();
+        tokio::task::spawn_blocking(move || {
+            crate::background_priority();
+            neighbour_vote(&reference, &reference_labels, &queries, dim, counts_len(&reference_labels), &search)
+        })
+        .await
+        .map_err(|e| AdaptError::Data(format!("the neighbour vote stopped: {e}")))?
+    } else {
+        vec![None; taught.len()]
+    };
+    let judged: Vec<PseudoJudged> = taught
+        .iter()
+        .zip(&votes)
+        .map(|(p, &neighbours)| PseudoJudged {
+            teacher: if p.base_routed { None } else { class_of(&p.label).map(|c| (c, p.scores.get(p.class_index).copied().unwrap_or(0.0))) },
+            neighbours,
+        })
+        .collect();
+    let (chosen, summary) = choose_pseudo_labels(&judged, &counts, &policy);
+    if chosen.is_empty() {
+        return Ok(Some((PseudoRows { inputs: Vec::new(), embeddings: Vec::new(), labels: Vec::new() }, summary)));
+    }
+    let picked: Vec<Vec<HostTensor>> = chosen.iter().map(|&(row, _)| rows[row].clone()).collect();
+    let pseudo = PseudoRows {
+        inputs: concat_inputs(picked.iter().map(Vec::as_slice)),
+        embeddings: chosen.iter().map(|&(row, _)| embeddings[row].clone()).collect(),
+        labels: chosen.iter().map(|&(_, c)| classes[c].to_string()).collect(),
+    };
+    Ok(Some((pseudo, summary)))
+}
+
+/// Classes the neighbour vote counts: one past the largest class seen.
+fn counts_len(labels: &[usize]) -> usize {
+    labels.iter().max().map_or(0, |m| m + 1)
 }
 
 /// A candidate as the gate saw it: the adapter (routed or not), what was measured, the decision.

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
 use super::dataset::{BaseDomain, Prepared, prepare, split_retention};
-use super::evaluate::{Judged, base_domain_detector, base_traffic_share, embed_retention, fill_embeddings, judge, predict_samples};
+use super::evaluate::{Judged, base_domain_detector, base_traffic_share, embed_retention, fill_embeddings, judge, predict_samples, pseudo_labelled};
 use super::watch::{RollbackWatch, Verdict};
 use super::{AdaptConfig, AdaptError, Command, CommandKind, Context, Install, Installed, Status, lock};
 use crate::events::now_ms;
@@ -576,9 +576,11 @@ impl TaskLoop {
         // seen it yet.
         let mut best: Option<(f64, f64)> = None;
         let mut pending: Option<Attempt> = None;
+        // The kind and validation figures of the step that serves now, if this job promoted one.
+        let mut promoted_step: Option<(JobKind, (f64, f64))> = None;
         for (step, kind) in ladder.iter().enumerate() {
             let config = AdaptConfig { training: self.config.training.with_kind(*kind), ..self.config.clone() };
-            let prepared = prepare(ctx.registry.bundle(), ctx.text.as_deref(), &config, &lock(&self.store), &start_from, &self.base_domain);
+            let prepared = prepare(ctx.registry.bundle(), ctx.text.as_deref(), &config, &lock(&self.store), &start_from, &self.base_domain, None);
             let mut prepared = match prepared {
                 Ok(p) => p,
                 Err(reason) if best.is_none() => return JobResult::Deferred(reason.to_string()),
@@ -662,8 +664,12 @@ impl TaskLoop {
             };
             // More steps follow: this one serves meanwhile if the gate passes it.
             if promote_each_step && let Some(attempt) = pending.take() {
+                let (kind, figures, promotions) = (attempt.kind, (attempt.val_accuracy, attempt.val_loss), steps.promoted.len());
                 if let Err(end) = self.gate_step(&mut steps, &mut incumbent, version, attempt).await {
                     return end;
+                }
+                if steps.promoted.len() > promotions {
+                    promoted_step = Some((kind, figures));
                 }
                 version = match ctx.registry.next_version(&task) {
                     Ok(v) => v,
@@ -682,15 +688,130 @@ impl TaskLoop {
             );
         }
         self.scheduler.training_done();
-        if let Some(attempt) = pending
-            && let Err(end) = self.gate_step(&mut steps, &mut incumbent, version, attempt).await
-        {
-            return end;
+        if let Some(attempt) = pending {
+            let (kind, figures, promotions) = (attempt.kind, (attempt.val_accuracy, attempt.val_loss), steps.promoted.len());
+            if let Err(end) = self.gate_step(&mut steps, &mut incumbent, version, attempt).await {
+                return end;
+            }
+            if steps.promoted.len() > promotions {
+                promoted_step = Some((kind, figures));
+            }
         }
         if best.is_none() {
             return JobResult::Failed("no attempt finished".into());
         }
+        // What the job promoted labels the traffic for one more candidate (not in a fleet
+        // round, whose one step answers to the release it started from).
+        if let (true, None, Some((kind, figures))) = (self.config.labels.pseudo, &steps.round, promoted_step) {
+            self.scheduler.training_again(steps.trigger, now_ms());
+            let pseudo = self.pseudo_step(&mut steps, &mut incumbent, kind, figures, shutdown, commands).await;
+            self.scheduler.training_done();
+            if let Err(end) = pseudo {
+                return end;
+            }
+        }
         steps.end(None)
+    }
+
+    /// The pseudo-label step (see `crate::labels::pseudo`): the adapter the job promoted (the
+    /// teacher, of `kind`, with validation figures `teacher_figures`) labels the recent traffic;
+    /// a candidate of the same kind, continued from it, trains on the labels and the inputs it
+    /// is sure of, and meets the gate only if it beats the teacher on (labelled) validation. A
+    /// step that cannot run is skipped with a log line: the job stands.
+    async fn pseudo_step(
+        &mut self,
+        steps: &mut JobSteps,
+        incumbent: &mut Arc<Serving>,
+        kind: JobKind,
+        teacher_figures: (f64, f64),
+        shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> Result<(), JobResult> {
+        let (ctx, task) = (self.ctx.clone(), self.task.clone());
+        let teacher = incumbent.clone();
+        let (pseudo, summary) = match pseudo_labelled(&ctx, &self.store, &task, &teacher, &self.config.labels).await {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                tracing::debug!(task, "pseudo-labels: too little traffic");
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::warn!(task, error = %e, "pseudo-labels: could not label the traffic; the job stands");
+                return Ok(());
+            }
+        };
+        let per_label: Vec<String> = summary.per_class.iter().map(|(&c, n)| format!("{} {n}", teacher.labels.get(c).map_or("?", String::as_str))).collect();
+        let found = format!(
+            "pseudo-labels by v{}: {} of {} recent inputs at probability {} or more, {} of them agreed by their labelled neighbours, {} within the per-label caps ({})",
+            teacher.version,
+            summary.confident,
+            summary.offered,
+            self.config.labels.pseudo_threshold,
+            summary.agreed,
+            summary.chosen,
+            if per_label.is_empty() { "none".to_string() } else { per_label.join(", ") }
+        );
+        if summary.chosen == 0 {
+            tracing::info!(task, found, "pseudo-labels: none qualify");
+            return Ok(());
+        }
+        let version = match ctx.registry.next_version(&task) {
+            Ok(v) => v,
+            Err(e) => return Err(steps.end(Some(format!("no version for the pseudo-label step: {e}")))),
+        };
+        let config = AdaptConfig { training: self.config.training.with_kind(kind), ..self.config.clone() };
+        let prepared = prepare(ctx.registry.bundle(), ctx.text.as_deref(), &config, &lock(&self.store), &teacher, &self.base_domain, Some(&pseudo));
+        let Prepared { job, labels, counts, mut notes, sample_ids } = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(task, error = %e, "pseudo-labels: could not prepare the step; the job stands");
+                return Ok(());
+            }
+        };
+        notes.insert(0, found);
+        let started = Instant::now();
+        let mut report = match self.train_attempt(&config, job, version, &teacher, shutdown, commands).await {
+            Ok(report) => report,
+            // The candidate failed (out of memory, say): what the job promoted stands.
+            Err(JobResult::Failed(reason)) => {
+                tracing::warn!(task, reason, "the pseudo-label step failed; the job stands");
+                return Ok(());
+            }
+            Err(result) => return Err(result),
+        };
+        if let Some(prefix) = report.prefix.take() {
+            notes.push(self.keep_prefix(prefix, &sample_ids));
+        }
+        let label = format!("{} on pseudo-labels", kind.label());
+        let attempt = Attempt::new(kind, report, labels, counts, notes, started.elapsed().as_secs_f64());
+        let figures = (attempt.val_accuracy, attempt.val_loss);
+        let improved = beats(figures, teacher_figures);
+        let reason = format!(
+            "{label} ({} pseudo-labels) reached validation accuracy {:.4} (loss {:.4}) against its teacher v{}'s {:.4} ({:.4}){}",
+            summary.chosen,
+            attempt.val_accuracy,
+            attempt.val_loss,
+            teacher.version,
+            teacher_figures.0,
+            teacher_figures.1,
+            if improved { ": the gate judges it" } else { ": no better, not offered to the gate" }
+        );
+        let event = ctx.events.emit(
+            &task,
+            Event::TrainingAttempt {
+                version,
+                step: 1,
+                steps: 1,
+                kind: label,
+                val_accuracy: attempt.val_accuracy as f32,
+                val_loss: attempt.val_loss as f32,
+                seconds: attempt.seconds,
+                best_so_far: improved,
+                reason,
+            },
+        );
+        ctx.journal.record(&event);
+        if improved { self.gate_step(steps, incumbent, version, attempt).await } else { Ok(()) }
     }
 
     /// One step's candidate meets the gate against what serves now (`incumbent`); promoted, it

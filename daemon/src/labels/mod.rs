@@ -5,7 +5,11 @@
 //!   neighbours doubt; the suspects stay out of training and the holdout until an operator judges
 //!   them (`adaptd samples suspects`, `adaptd samples judge`), and a source whose samples are
 //!   often suspected is named.
+//! - Pseudo-labels ([`pseudo`]): after a job promotes, what serves labels the traffic it is sure
+//!   of, and one more candidate trains on them beside the labels; only the gate's labelled
+//!   holdout can promote it.
 
+pub mod pseudo;
 pub mod requests;
 pub mod service;
 pub mod suspects;
@@ -54,6 +58,15 @@ pub struct LabelsConfig {
     pub request_inline_kb: usize,
     /// After this the request and its input are forgotten.
     pub request_expiry_h: f64,
+    /// After a job promotes, train one more candidate on the served traffic the new adapter
+    /// is sure of (see [`pseudo`]).
+    pub pseudo: bool,
+    /// The teacher's probability a pseudo-label needs.
+    pub pseudo_threshold: f64,
+    /// A label gets at most this many pseudo-labels per labelled training sample.
+    pub pseudo_max_ratio: f64,
+    /// The input's labelled neighbours on the base model's embedding must agree.
+    pub pseudo_agreement: bool,
 }
 
 impl Default for LabelsConfig {
@@ -79,12 +92,20 @@ impl Default for LabelsConfig {
             request_min_distance: 0.001,
             request_inline_kb: 256,
             request_expiry_h: 24.0,
+            pseudo: true,
+            pseudo_threshold: 0.95,
+            pseudo_max_ratio: 1.0,
+            pseudo_agreement: true,
         }
     }
 }
 
 impl LabelsConfig {
-    fn search(&self) -> SuspectSearch {
+    pub fn pseudo_policy(&self) -> pseudo::PseudoPolicy {
+        pseudo::PseudoPolicy { threshold: self.pseudo_threshold as f32, max_ratio: self.pseudo_max_ratio, agreement: self.pseudo_agreement }
+    }
+
+    pub fn suspect_search(&self) -> SuspectSearch {
         SuspectSearch {
             neighbours: self.suspect_neighbours,
             min_class_samples: self.suspect_min_class_samples,
@@ -132,7 +153,7 @@ pub fn search(input: &Reviewable, dim: usize, config: &LabelsConfig) -> (Vec<Sus
         embeddings.extend_from_slice(s.embedding.as_deref().unwrap_or_default());
     }
     let labels: Vec<usize> = samples.iter().map(|s| index[s.sample.label.as_str()]).collect();
-    let found = find_suspects(&embeddings, dim, &labels, input.labels.len(), &config.search());
+    let found = find_suspects(&embeddings, dim, &labels, input.labels.len(), &config.suspect_search());
     let rows: Vec<SuspectRow> = found
         .iter()
         .filter(|f| !input.judged_right.contains(&samples[f.row].id))

@@ -110,6 +110,53 @@ pub fn find_suspects(embeddings: &[f32], dim: usize, labels: &[usize], classes: 
     suspects
 }
 
+/// The majority class among the `k` rows of `reference` (labelled `reference_labels`, classes
+/// below `classes`) most similar to each row of `queries` by cosine, both `dim` wide and
+/// projected as `search` says; None where there are no references. Ties go to the class of the
+/// nearer neighbour.
+pub fn neighbour_vote(
+    reference: &[f32],
+    reference_labels: &[usize],
+    queries: &[f32],
+    dim: usize,
+    classes: usize,
+    search: &SuspectSearch,
+) -> Vec<Option<usize>> {
+    let n_queries = queries.len().checked_div(dim).unwrap_or(0);
+    let n = reference_labels.len();
+    if n == 0 || dim == 0 || reference.len() != n * dim {
+        return vec![None; n_queries];
+    }
+    let width = dim.min(search.projected_dim.max(1));
+    let reference = unit_rows(&project(reference, dim, search.projected_dim), n);
+    let queries = unit_rows(&project(queries, dim, search.projected_dim), n_queries);
+    let k = search.neighbours.max(1);
+    let mut nearest: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
+    queries
+        .chunks_exact(width)
+        .map(|q| {
+            nearest.clear();
+            for (j, r) in reference.chunks_exact(width).enumerate() {
+                let similarity = dot(q, r);
+                if nearest.len() < k || similarity > nearest[nearest.len() - 1].0 {
+                    let at = nearest.partition_point(|&(s, _)| s >= similarity);
+                    nearest.insert(at, (similarity, j));
+                    nearest.truncate(k);
+                }
+            }
+            let mut votes = vec![0usize; classes];
+            for &(_, j) in &nearest {
+                if let Some(v) = votes.get_mut(reference_labels[j]) {
+                    *v += 1;
+                }
+            }
+            let most = votes.iter().copied().max().unwrap_or(0);
+            // Nearest first: the first neighbour whose class has the most votes.
+            nearest.iter().map(|&(_, j)| reference_labels[j]).find(|&c| votes.get(c) == Some(&most)).filter(|_| most > 0)
+        })
+        .collect()
+}
+
 /// Rows projected to at most `to` dimensions by a fixed Gaussian matrix (the same on every run
 /// and device), or as they are when they are no wider.
 fn project(embeddings: &[f32], dim: usize, to: usize) -> Vec<f32> {
@@ -226,6 +273,25 @@ mod tests {
             labels.push(class);
         }
         (points, labels)
+    }
+
+    #[test]
+    fn a_query_takes_the_class_of_its_labelled_neighbours() {
+        let (points, labels) = clusters(3, 20, 8);
+        // Each class's first row asks; the other rows of the three classes answer.
+        let (mut reference, mut reference_labels, mut queries) = (Vec::new(), Vec::new(), Vec::new());
+        for (row, &label) in labels.iter().enumerate() {
+            let p = &points[row * 8..(row + 1) * 8];
+            if row % 20 == 0 {
+                queries.extend_from_slice(p);
+            } else {
+                reference.extend_from_slice(p);
+                reference_labels.push(label);
+            }
+        }
+        let votes = neighbour_vote(&reference, &reference_labels, &queries, 8, 3, &SuspectSearch::default());
+        assert_eq!(votes, vec![Some(labels[0]), Some(labels[20]), Some(labels[40])]);
+        assert_eq!(neighbour_vote(&[], &[], &queries, 8, 3, &SuspectSearch::default()), vec![None; 3]);
     }
 
     #[test]
