@@ -698,10 +698,28 @@ LABEL_BUDGETS = [50, 100, 200, 400]
 MODES = ("random", "random, no pseudo", "requests")
 
 
-def run_label_budget(name: str, binary: Path, data: dict, seed: int, overrides: dict, mode: str, budget: int) -> dict:
+def traffic_rows(kind: str, train_y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The rows of the training split the device serves as traffic: each once ("shift", and
+    "mixed", whose split already holds upright rows), or 80 % digit 1 ("skewed": a line that
+    mostly sorts one part, the stream under which label-free adaptation collapses)."""
+    rows = np.arange(len(train_y))
+    if kind != "skewed":
+        return rows
+    ones, others = rows[train_y == 1], rows[train_y != 1]
+    n = len(rows)
+    return np.concatenate([rng.choice(ones, size=int(0.8 * n)), rng.choice(others, size=n - int(0.8 * n), replace=False)])
+
+
+def run_label_budget(name: str, binary: Path, data: dict, seed: int, overrides: dict, mode: str, budget: int, traffic: str = "shift") -> dict:
     import threading
     train, test, train_x, test_x, rng = digits_split(name, data, seed)
     train_y, test_y = data["labels"][train], data["labels"][test]
+    upright_x, upright_y = data["images"][test].astype(np.float32), test_y
+    if traffic == "mixed":
+        # A third of the cameras still upright, as in the "mixed" cell: labels and traffic both.
+        upright = np.arange(len(train)) % 3 == 2
+        train_x[upright] = data["images"][train][upright]
+    served = traffic_rows(traffic, train_y, np.random.default_rng(seed + 1))
     directory = Path(tempfile.mkdtemp(prefix=f"adaptd-labels-{name}-"))
     broker, port = mosquitto(directory)
     fast = {"requests_per_minute": "100000", "requests_per_hour": "100000", "requests_per_day": "100000"}
@@ -711,8 +729,8 @@ def run_label_budget(name: str, binary: Path, data: dict, seed: int, overrides: 
         if mode.startswith("random"):
             # The device serves the shift meanwhile, as a deployed one would (8 inputs a request,
             # so the daemon's traffic window fills): the pseudo-labels' unlabelled source.
-            for start in range(0, len(train_x), 8):
-                daemon.predict(train_x[start:start + 8])
+            for start in range(0, len(served), 8):
+                daemon.predict(train_x[served[start:start + 8]])
             chosen = rng.choice(len(train_x), size=min(budget, len(train_x)), replace=False)
             publish(port, sample_lines(f"{name}-random", train_x[chosen], train_y[chosen]))
             answered = len(chosen)
@@ -749,9 +767,11 @@ def run_label_budget(name: str, binary: Path, data: dict, seed: int, overrides: 
         # 60 s as shipped): wait past that.
         records = settle(daemon, directory / "state" / "journal" / "sorter.jsonl", idle_s=75.0, timeout_s=400.0)
         accuracy = float((daemon.predict(test_x) == test_y).mean())
+        upright_accuracy = float((daemon.predict(upright_x) == upright_y).mean())
         jobs = [r for r in records if r.get("event") == "job"]
         promoted = [r for r in jobs if r.get("promote")]
-        return {"shift": name, "mode": mode, "budget": budget, "labels": answered, "adaptd": accuracy, "promoted": len(promoted), "jobs": len(jobs),
+        return {"shift": name, "mode": mode, "budget": budget, "traffic": traffic, "labels": answered, "adaptd": accuracy, "upright": upright_accuracy,
+                "promoted": len(promoted), "jobs": len(jobs),
                 "kinds": [r.get("kind") for r in promoted], "pseudo": pseudo_figures(records)}
     finally:
         if sub is not None:
@@ -785,9 +805,9 @@ def label_count_table(args, binary: Path, data: dict, overrides: dict) -> None:
             for mode in MODES:
                 started = time.time()
                 settings = {**overrides, "labels": {**overrides.get("labels", {}), "pseudo": "false"}} if mode == "random, no pseudo" else overrides
-                r = run_label_budget(name, binary, data, args.seed, settings, mode, budget)
+                r = run_label_budget(name, binary, data, args.seed, settings, mode, budget, args.traffic)
                 row[f"{mode} {budget}"] = r["adaptd"]
-                print(f"{name}, {mode} {budget}: {r['labels']} labels, adaptd {r['adaptd']:.3f}, {r['promoted']}/{r['jobs']} jobs promoted "
+                print(f"{name}, {mode} {budget}: {r['labels']} labels, adaptd {r['adaptd']:.3f} (upright {r['upright']:.3f}), {r['promoted']}/{r['jobs']} jobs promoted "
                       f"({', '.join(k or '?' for k in r['kinds'])}); pseudo-labels {r['pseudo']}; {time.time() - started:.0f} s", flush=True)
         target = 0.95 * row["all"]
         for mode in MODES:
@@ -867,6 +887,8 @@ def main() -> None:
                     help="for each shift (--only): clean labels, then 10 %% and 30 %% flipped, with and without the search for wrong labels")
     ap.add_argument("--label-count", action="store_true",
                     help="for each digits shift (--only): accuracy against the number of labels, label requests vs random labelling")
+    ap.add_argument("--traffic", default="shift", choices=["shift", "skewed", "mixed"],
+                    help="with --label-count: what the device serves meanwhile (the pseudo-labels' source)")
     ap.add_argument("--budgets", default="", metavar="N,N", help="with --label-count: these label counts instead of 50,100,200,400")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="for tuning experiments only: a configuration key other than the shipped one (TOML value)")

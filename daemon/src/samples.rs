@@ -243,6 +243,7 @@ CREATE TABLE IF NOT EXISTS label_requests (
     strategy TEXT NOT NULL,
     created_ms INTEGER NOT NULL,
     expires_ms INTEGER NOT NULL,
+    confidence REAL NOT NULL DEFAULT 0,
     answered_ms INTEGER,
     answer_label TEXT,
     answer_key TEXT
@@ -267,6 +268,8 @@ pub struct LabelRequestRow {
     pub task: String,
     pub input: SampleInput,
     pub predicted: String,
+    /// The serving adapter's probability of `predicted`.
+    pub confidence: f32,
     pub strategy: String,
     pub created_ms: i64,
     pub expires_ms: i64,
@@ -343,6 +346,12 @@ impl SampleStore {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        // Stores written before label requests kept their confidence.
+        let has_confidence: bool =
+            conn.query_row("SELECT COUNT(*) > 0 FROM pragma_table_info('label_requests') WHERE name = 'confidence'", [], |r| r.get(0)).map_err(err)?;
+        if !has_confidence {
+            conn.execute_batch("ALTER TABLE label_requests ADD COLUMN confidence REAL NOT NULL DEFAULT 0").map_err(err)?;
+        }
         Ok(SampleStore { conn, path: path.to_path_buf(), policy, lost_wal })
     }
 
@@ -621,29 +630,32 @@ impl SampleStore {
         let (kind, shape, bytes) = encode_input(&r.input);
         self.conn
             .execute(
-                "INSERT INTO label_requests (id, task, input_kind, input_shape, input, predicted, strategy, created_ms, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                params![r.id, r.task, kind, shape, bytes, r.predicted, r.strategy, r.created_ms, r.expires_ms],
+                "INSERT INTO label_requests (id, task, input_kind, input_shape, input, predicted, confidence, strategy, created_ms, expires_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![r.id, r.task, kind, shape, bytes, r.predicted, f64::from(r.confidence), r.strategy, r.created_ms, r.expires_ms],
             )
             .map_err(self.err())?;
         Ok(())
     }
 
-    /// The input a label request asks about, while it is kept.
-    pub fn label_request_input(&self, id: &str) -> Result<Option<(String, SampleInput)>, StoreError> {
-        let row: Option<(String, String, String, Vec<u8>)> = self
+    /// A label request as it was sent, while it is kept.
+    pub fn label_request(&self, id: &str) -> Result<Option<LabelRequestRow>, StoreError> {
+        type Row = (String, String, String, Vec<u8>, String, f64, String, i64, i64);
+        let row: Option<Row> = self
             .conn
-            .query_row("SELECT task, input_kind, input_shape, input FROM label_requests WHERE id = ?1", params![id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })
+            .query_row(
+                "SELECT task, input_kind, input_shape, input, predicted, confidence, strategy, created_ms, expires_ms FROM label_requests WHERE id = ?1",
+                params![id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?)),
+            )
             .optional()
             .map_err(self.err())?;
-        let Some((task, kind, shape, bytes)) = row else { return Ok(None) };
+        let Some((task, kind, shape, bytes, predicted, confidence, strategy, created_ms, expires_ms)) = row else { return Ok(None) };
         let input = decode_input(&kind, &shape, bytes).map_err(|reason| StoreError::Corrupt {
             path: self.path.clone(),
             id: 0,
             reason: format!("label request {id}: {reason}"),
         })?;
-        Ok(Some((task, input)))
+        Ok(Some(LabelRequestRow { id: id.to_string(), task, input, predicted, confidence: confidence as f32, strategy, created_ms, expires_ms }))
     }
 
     /// Forget the requests that expired before `now_ms`, answered or not (an answer stays as

@@ -77,6 +77,9 @@ fn bad_files_name_the_key_and_say_what_is_allowed() {
         ("request_random_share = 0.1", "request_random_share = 2.0", "labels.request_random_share"),
         ("request_min_distance = 0.001", "request_min_distance = 3.0", "labels.request_min_distance"),
         ("request_expiry_h = 24.0", "request_expiry_h = 0.0", "labels.request_expiry_h"),
+        ("pseudo_threshold = 0.95", "pseudo_threshold = 1.5", "labels.pseudo_threshold"),
+        ("pseudo_max_ratio = 1.0", "pseudo_max_ratio = 0.0", "labels.pseudo_max_ratio"),
+        ("pseudo_agreement = true", "pseudo_agreement = 1", "pseudo_agreement"),
         ("requests_per_minute = 6", "requests_per_minute = -6", "requests_per_minute"),
     ] {
         let err = parse(&DEFAULT_TOML.replace(from, to)).unwrap_err();

@@ -190,6 +190,9 @@ async fn served_inputs_the_model_is_unsure_of_go_out_as_label_requests_within_qu
     let out = Command::new("curl").args(["-s", "-H", &format!("Authorization: Bearer {token}"), &url]).output().unwrap();
     let fetched: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(fetched["input"], first["input"], "{fetched}");
+    for field in ["task", "predicted", "confidence", "strategy", "expires_ms"] {
+        assert_eq!(fetched[field], first[field], "the request as it was sent: {field}");
+    }
     let out = Command::new("curl")
         .args(["-s", "-w", "\n%{http_code}", "-H", &format!("Authorization: Bearer {token}"), &format!("{base}/v1/label_requests/no-such-id/input")])
         .output()

@@ -180,3 +180,35 @@ fn parts_of_the_daemon_opening_a_fresh_store_at_once_all_get_it() {
         });
     }
 }
+
+#[test]
+fn a_store_from_before_label_requests_kept_their_confidence_opens_and_keeps_it_from_then_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("samples.db");
+    {
+        // The label_requests table as the first release with label requests wrote it.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE label_requests (id TEXT PRIMARY KEY, task TEXT NOT NULL, input_kind TEXT NOT NULL, input_shape TEXT NOT NULL, \
+             input BLOB NOT NULL, predicted TEXT NOT NULL, strategy TEXT NOT NULL, created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL, \
+             answered_ms INTEGER, answer_label TEXT, answer_key TEXT)",
+        )
+        .unwrap();
+    }
+    let mut store = SampleStore::open(&path, SplitPolicy::default()).unwrap();
+    let row = adaptd_daemon::samples::LabelRequestRow {
+        id: "robot-7-sorter-1".into(),
+        task: "sorter".into(),
+        input: SampleInput::Text("pick up the box".into()),
+        predicted: "manipulate".into(),
+        confidence: 0.4375,
+        strategy: "uncertainty".into(),
+        created_ms: 1_700_000_000_000,
+        expires_ms: 1_700_086_400_000,
+    };
+    store.add_label_request(&row).unwrap();
+    drop(store);
+    let store = SampleStore::open(&path, SplitPolicy::default()).unwrap();
+    assert_eq!(store.label_request("robot-7-sorter-1").unwrap(), Some(row), "as it was sent, confidence included");
+    assert_eq!(store.label_request("no-such-id").unwrap(), None);
+}

@@ -51,24 +51,24 @@ impl LabelRequests {
         LabelRequests { requesters: Mutex::default(), figures: Mutex::default(), published: AtomicU64::new(0), store_path }
     }
 
-    /// A kept request's input as a sample carries it (`input`, `text` or `image`), or None when
-    /// no request has that id (or it expired).
+    /// A kept request as it was sent, with its input as a sample carries it (`input`, `text` or
+    /// `image`), or None when no request has that id (or it expired).
     pub fn input(&self, id: &str) -> Result<Option<LabelRequest>, String> {
         let store = SampleStore::open(&self.store_path, SplitPolicy::default()).map_err(|e| e.to_string())?;
-        let Some((task, input)) = store.label_request_input(id).map_err(|e| e.to_string())? else { return Ok(None) };
+        let Some(row) = store.label_request(id).map_err(|e| e.to_string())? else { return Ok(None) };
         let mut message = LabelRequest {
-            id: id.to_string(),
-            task,
+            id: row.id,
+            task: row.task,
             input: None,
             text: None,
             image: None,
             input_url: None,
-            predicted: String::new(),
-            confidence: 0.0,
-            strategy: String::new(),
-            expires_ms: 0,
+            predicted: row.predicted,
+            confidence: row.confidence,
+            strategy: row.strategy,
+            expires_ms: row.expires_ms,
         };
-        fill_input(&mut message, &input).map_err(|e| e.to_string())?;
+        fill_input(&mut message, &row.input).map_err(|e| e.to_string())?;
         Ok(Some(message))
     }
 
@@ -336,6 +336,7 @@ async fn request(parts: &RequestParts, store: &mut SampleStore, task: &str, conf
             task: task.to_string(),
             input: input.clone(),
             predicted: predicted.clone(),
+            confidence: chosen.candidate.confidence,
             strategy: chosen.strategy.to_string(),
             created_ms: now,
             expires_ms,
