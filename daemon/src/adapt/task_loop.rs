@@ -783,7 +783,7 @@ impl TaskLoop {
             notes.push(self.keep_prefix(prefix, &sample_ids));
         }
         let label = format!("{} on pseudo-labels", kind.label());
-        let attempt = Attempt::new(kind, report, labels, counts, notes, started.elapsed().as_secs_f64());
+        let attempt = Attempt { pseudo: true, ..Attempt::new(kind, report, labels, counts, notes, started.elapsed().as_secs_f64()) };
         let figures = (attempt.val_accuracy, attempt.val_loss);
         let improved = beats(figures, teacher_figures);
         let reason = format!(
@@ -819,12 +819,12 @@ impl TaskLoop {
     /// next step is judged against. Err: how the job ends instead.
     async fn gate_step(&mut self, steps: &mut JobSteps, incumbent: &mut Arc<Serving>, version: u64, attempt: Attempt) -> Result<(), JobResult> {
         let (ctx, task) = (self.ctx.clone(), self.task.clone());
-        let Attempt { report, labels, counts, notes, kind, .. } = attempt;
+        let Attempt { report, labels, counts, notes, kind, pseudo, .. } = attempt;
         let seconds = steps.started.elapsed().as_secs_f64();
         let (epochs, best_epoch) = (report.epochs.len(), report.best_epoch + 1);
         let (stopped_early, samples_per_second, batch_size) = (report.stopped_early, report.samples_per_second, report.batch_size);
         ctx.events.emit(&task, Event::TrainingFinished { version, seconds, epochs, best_epoch, stopped_early, samples_per_second, batch_size });
-        let candidate = Candidate { version, labels, counts, notes, trigger: steps.trigger, report, train_seconds: seconds };
+        let candidate = Candidate { version, pseudo, labels, counts, notes, trigger: steps.trigger, report, train_seconds: seconds };
         let decided = self.gate_and_promote(incumbent, candidate).await;
         if let (Ok((_, _, adapter)), Some(Round { release, offer_to: Some(to), .. })) = (&decided, &steps.round) {
             self.offer(adapter, *release, to).await;
@@ -971,7 +971,7 @@ impl TaskLoop {
     /// was promoted, the gate's summary and the candidate as judged (its figures in its manifest).
     async fn gate_and_promote(&self, incumbent: &Arc<Serving>, candidate: Candidate) -> Result<(bool, String, Adapter), GateError> {
         let (ctx, task) = (&self.ctx, &self.task);
-        let Candidate { version, labels, counts, notes, trigger, report, train_seconds } = candidate;
+        let Candidate { version, pseudo, labels, counts, notes, trigger, report, train_seconds } = candidate;
         let bundle = ctx.registry.bundle();
         let lora =
             report.lora.as_ref().map(|l| LoraInfo { rank: l.rank, alpha: l.alpha, target_modules: l.modules.iter().map(|m| m.module.clone()).collect() });
@@ -1019,7 +1019,7 @@ impl TaskLoop {
             notes,
             training,
             metrics: vec![("train_seconds", train_seconds), ("samples_per_second", report.samples_per_second)],
-            promote: Promote::IfPassed,
+            promote: if pseudo { Promote::IfBetter } else { Promote::IfPassed },
         };
         let decided = self.decide_and_promote(incumbent, adapter, how).await?;
         Ok((decided.promoted.is_some(), decided.decision.summary, decided.adapter))
@@ -1048,7 +1048,20 @@ impl TaskLoop {
         let (ctx, task) = (&self.ctx, &self.task);
         let Deciding { trigger, mut notes, training, metrics: extra, promote } = how;
         let version = adapter.manifest.version;
-        let Judged { mut adapter, evidence, decision, notes: judged } = judge(ctx, &self.config, &self.store, incumbent, adapter, &self.base_domain).await?;
+        let strict;
+        let config = match promote {
+            Promote::IfBetter => {
+                // Any margin above the configured one: a tie keeps what serves.
+                strict = AdaptConfig {
+                    gate: crate::gate::GateConfig { min_improvement: self.config.gate.min_improvement + 1e-9, ..self.config.gate.clone() },
+                    ..self.config.clone()
+                };
+                notes.push("a pseudo-label candidate must beat what serves on the holdout; a tie keeps what serves".into());
+                &strict
+            }
+            _ => &self.config,
+        };
+        let Judged { mut adapter, evidence, decision, notes: judged } = judge(ctx, config, &self.store, incumbent, adapter, &self.base_domain).await?;
         notes.extend(judged);
         let mut metrics = BTreeMap::from([
             ("holdout_accuracy".to_string(), evidence.candidate.accuracy),
@@ -1062,7 +1075,7 @@ impl TaskLoop {
             metrics.insert("incumbent_retention_accuracy".into(), before);
         }
         let promote_it = match promote {
-            Promote::IfPassed => decision.promote,
+            Promote::IfPassed | Promote::IfBetter => decision.promote,
             Promote::Always => true,
             Promote::Never => false,
         };
@@ -1182,6 +1195,9 @@ struct Deciding {
 enum Promote {
     /// When the gate passes it (local jobs, the fleet's `validate`).
     IfPassed,
+    /// When the gate passes it and it beats the incumbent on the holdout, not only ties it (a
+    /// pseudo-label candidate: the extra step has to earn its place).
+    IfBetter,
     /// Whatever the gate says (the fleet's `force`, where the signed release allows it).
     Always,
     /// Never (the fleet's `shadow`: scored and reported).
@@ -1213,6 +1229,7 @@ fn escalation_stops(kind: &JobKind, improved: bool, best_accuracy: f64, until: f
 /// The trained candidate a job hands to the gate.
 struct Candidate {
     version: u64,
+    pseudo: bool,
     labels: Vec<String>,
     counts: SampleCounts,
     notes: Vec<String>,
@@ -1224,6 +1241,8 @@ struct Candidate {
 /// One finished fit of an escalating job, with the validation figures that choose between them.
 struct Attempt {
     kind: JobKind,
+    /// Trained on pseudo-labels: promoted only if it beats what serves (see `Promote::IfBetter`).
+    pseudo: bool,
     report: FitReport,
     labels: Vec<String>,
     counts: SampleCounts,
@@ -1238,7 +1257,7 @@ impl Attempt {
         let best = report.epochs.get(report.best_epoch);
         let (val_accuracy, val_loss) = best.map_or((f64::NAN, f64::NAN), |e| (f64::from(e.val_accuracy), f64::from(e.val_loss)));
         notes.push(format!("chosen by validation: {} (accuracy {val_accuracy:.4}, loss {val_loss:.4})", kind.label()));
-        Attempt { kind, report, labels, counts, notes, val_accuracy, val_loss, seconds }
+        Attempt { kind, pseudo: false, report, labels, counts, notes, val_accuracy, val_loss, seconds }
     }
 }
 
