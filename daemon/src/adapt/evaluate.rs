@@ -151,10 +151,10 @@ pub(super) async fn pseudo_labelled(
     let policy = labels.pseudo_policy();
     let votes = if policy.agreement {
         let queries: Vec<f32> = embeddings.iter().flat_map(|e| e.iter().copied()).collect();
-        let search = labels.suspect_search();
+        let (search, n_classes) = (labels.suspect_search(), classes.len());
         tokio::task::spawn_blocking(move || {
             crate::background_priority();
-            neighbour_vote(&reference, &reference_labels, &queries, dim, counts_len(&reference_labels), &search)
+            neighbour_vote(&reference, &reference_labels, &queries, dim, n_classes, &search)
         })
         .await
         .map_err(|e| AdaptError::Data(format!("the neighbour vote stopped: {e}")))?
@@ -180,11 +180,6 @@ pub(super) async fn pseudo_labelled(
         labels: chosen.iter().map(|&(_, c)| classes[c].to_string()).collect(),
     };
     Ok(Some((pseudo, summary)))
-}
-
-/// Classes the neighbour vote counts: one past the largest class seen.
-fn counts_len(labels: &[usize]) -> usize {
-    labels.iter().max().map_or(0, |m| m + 1)
 }
 
 /// A candidate as the gate saw it: the adapter (routed or not), what was measured, the decision.

@@ -634,21 +634,7 @@ impl TaskLoop {
                 attempt.val_loss,
                 if improved { ", the best so far" } else { ", no better than the best so far" }
             );
-            let event = ctx.events.emit(
-                &task,
-                Event::TrainingAttempt {
-                    version,
-                    step: step + 1,
-                    steps: ladder.len(),
-                    kind: kind.label(),
-                    val_accuracy: attempt.val_accuracy as f32,
-                    val_loss: attempt.val_loss as f32,
-                    seconds: attempt.seconds,
-                    best_so_far: improved,
-                    reason,
-                },
-            );
-            ctx.journal.record(&event);
+            self.record_attempt(version, (step + 1, ladder.len()), kind.label(), &attempt, improved, reason);
             if improved {
                 best = Some(figures);
                 pending = Some(attempt);
@@ -664,12 +650,11 @@ impl TaskLoop {
             };
             // More steps follow: this one serves meanwhile if the gate passes it.
             if promote_each_step && let Some(attempt) = pending.take() {
-                let (kind, figures, promotions) = (attempt.kind, (attempt.val_accuracy, attempt.val_loss), steps.promoted.len());
-                if let Err(end) = self.gate_step(&mut steps, &mut incumbent, version, attempt).await {
-                    return end;
-                }
-                if steps.promoted.len() > promotions {
-                    promoted_step = Some((kind, figures));
+                let (kind, figures) = (attempt.kind, (attempt.val_accuracy, attempt.val_loss));
+                match self.gate_step(&mut steps, &mut incumbent, version, attempt).await {
+                    Ok(true) => promoted_step = Some((kind, figures)),
+                    Ok(false) => {}
+                    Err(end) => return end,
                 }
                 version = match ctx.registry.next_version(&task) {
                     Ok(v) => v,
@@ -689,12 +674,11 @@ impl TaskLoop {
         }
         self.scheduler.training_done();
         if let Some(attempt) = pending {
-            let (kind, figures, promotions) = (attempt.kind, (attempt.val_accuracy, attempt.val_loss), steps.promoted.len());
-            if let Err(end) = self.gate_step(&mut steps, &mut incumbent, version, attempt).await {
-                return end;
-            }
-            if steps.promoted.len() > promotions {
-                promoted_step = Some((kind, figures));
+            let (kind, figures) = (attempt.kind, (attempt.val_accuracy, attempt.val_loss));
+            match self.gate_step(&mut steps, &mut incumbent, version, attempt).await {
+                Ok(true) => promoted_step = Some((kind, figures)),
+                Ok(false) => {}
+                Err(end) => return end,
             }
         }
         if best.is_none() {
@@ -796,28 +780,34 @@ impl TaskLoop {
             teacher_figures.1,
             if improved { ": the gate judges it" } else { ": no better, not offered to the gate" }
         );
-        let event = ctx.events.emit(
-            &task,
+        self.record_attempt(version, (1, 1), label, &attempt, improved, reason);
+        if improved { self.gate_step(steps, incumbent, version, attempt).await.map(|_| ()) } else { Ok(()) }
+    }
+
+    /// Announce and journal a finished fit: step `step` of `steps`, and whether it is the one
+    /// the gate will see.
+    fn record_attempt(&self, version: u64, (step, steps): (usize, usize), kind: String, attempt: &Attempt, best_so_far: bool, reason: String) {
+        let event = self.ctx.events.emit(
+            &self.task,
             Event::TrainingAttempt {
                 version,
-                step: 1,
-                steps: 1,
-                kind: label,
+                step,
+                steps,
+                kind,
                 val_accuracy: attempt.val_accuracy as f32,
                 val_loss: attempt.val_loss as f32,
                 seconds: attempt.seconds,
-                best_so_far: improved,
+                best_so_far,
                 reason,
             },
         );
-        ctx.journal.record(&event);
-        if improved { self.gate_step(steps, incumbent, version, attempt).await } else { Ok(()) }
+        self.ctx.journal.record(&event);
     }
 
     /// One step's candidate meets the gate against what serves now (`incumbent`); promoted, it
     /// serves from here on, is watched against the version it replaced, and is what the job's
-    /// next step is judged against. Err: how the job ends instead.
-    async fn gate_step(&mut self, steps: &mut JobSteps, incumbent: &mut Arc<Serving>, version: u64, attempt: Attempt) -> Result<(), JobResult> {
+    /// next step is judged against. Ok: whether it was promoted; Err: how the job ends instead.
+    async fn gate_step(&mut self, steps: &mut JobSteps, incumbent: &mut Arc<Serving>, version: u64, attempt: Attempt) -> Result<bool, JobResult> {
         let (ctx, task) = (self.ctx.clone(), self.task.clone());
         let Attempt { report, labels, counts, notes, kind, pseudo, .. } = attempt;
         let seconds = steps.started.elapsed().as_secs_f64();
@@ -840,7 +830,7 @@ impl TaskLoop {
                     self.watch = RollbackWatch::after_promotion(after, live.version, replaced, replaced_version);
                     steps.promoted.push(live.version);
                 }
-                Ok(())
+                Ok(promoted)
             }
             Err(GateError { error_type: "superseded", reason }) => Err(self.cancelled(version, reason)),
             Err(GateError { error_type, reason }) => {
