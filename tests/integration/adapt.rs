@@ -352,53 +352,6 @@ async fn shifted_samples_train_a_head_that_the_gate_promotes_and_an_operator_rol
     shut_down(stop, daemon).await;
 }
 
-/// `adapter = "loreft"`: the job trains LoReFT edits of the bundle's layer outputs with the head,
-/// the gate judges it as any adapter (the trainer's answers and serving's agree), and what
-/// serves is the LoReFT adapter, its tensors in `reft.safetensors` in pyreft's layout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_loreft_job_edits_layer_outputs_and_the_gate_promotes_it() {
-    let Running { broker, state, events, base, stop, daemon } = start_daemon_with("sorter", 300, |c| {
-        c.training.adapter = adaptd_daemon::adapt::AdapterChoice::Loreft;
-        c.training.escalate = false;
-    })
-    .await;
-    let digits = Digits::load(&digits_data()).unwrap();
-    let lines = digit_lines(&digits, digits.held_out().into_iter().take(360), "cam-3", "sorter", Shift::Rotate90);
-    let port = broker.port;
-    let decision = tokio::task::spawn_blocking(move || {
-        std::thread::sleep(Duration::from_millis(500)); // ingest subscribes
-        publish(port, "adaptd/v1/robot-3/samples/sorter", &lines);
-        let started = events.wait_for("training_started", Duration::from_secs(60));
-        assert_eq!(started["kind"], "loreft", "{started}");
-        let decision = events.wait_for("gate_decision", Duration::from_secs(180));
-        events.wait_for("job_finished", Duration::from_secs(60));
-        decision
-    })
-    .await
-    .unwrap();
-    assert_eq!(decision["promote"], true, "{}", decision["summary"]);
-    let evidence = &decision["evidence"];
-    let (cand, inc) = (evidence["candidate"]["accuracy"].as_f64().unwrap(), evidence["incumbent"]["accuracy"].as_f64().unwrap());
-    assert!(cand > inc + 0.2, "holdout accuracy {inc} -> {cand}");
-    assert!(evidence["parity_max_diff"].as_f64().unwrap() < 1e-3, "serving answers as the trainer predicted: {evidence}");
-
-    let dir = state.path().join("adapters/sorter/v000001");
-    let manifest: Value = serde_json::from_slice(&std::fs::read(dir.join("adapter.json")).unwrap()).unwrap();
-    assert_eq!((manifest["kind"].as_str(), manifest["lora"].is_null()), (Some("loreft"), true), "{manifest}");
-    assert_eq!(manifest["reft"]["rank"], 4);
-    assert_eq!(manifest["reft"]["modules"], json!(["conv2", "fc1"]));
-    let adapter = adaptd_adapters::Adapter::read_dir(&dir).unwrap();
-    let reft = adapter.reft.as_ref().unwrap();
-    assert_eq!(reft.parameter_count(), 4 * (2 * 32 + 1) + 4 * (2 * 64 + 1));
-    let tensors = std::fs::read(dir.join("reft.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&tensors).unwrap();
-    assert_eq!(st.tensor("fc1.rotate_layer").unwrap().shape(), [64, 4], "pyreft's rotate_layer is R transposed");
-    assert_eq!(st.tensor("fc1.weight").unwrap().shape(), [4, 64]);
-    let (_, status) = http("GET", &format!("{base}/v1/tasks/sorter/status"));
-    assert_eq!(status["serving_version"], 1, "{status}");
-    shut_down(stop, daemon).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_with_too_few_samples_is_deferred_with_its_reason() {
     let Running { broker, state, events, base, stop, daemon } = start_daemon("tiny", 1_000).await;

@@ -586,6 +586,127 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
     }
 }
 
+/// `adapter = "loreft"`, end to end: device A's job trains LoReFT edits of the bundle's layer
+/// outputs with the head, the gate judges it as any adapter (the trainer's answers and serving's
+/// agree) and it serves, its tensors in `reft.safetensors` in pyreft's layout. The operator
+/// publishes it as release 1; device B, which never trained, fetches it through TUF, its own
+/// gate judges it on B's own samples, it serves there byte for byte as A made it, and B's
+/// rollback watch commits it on fresh labels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loreft_adapter_is_trained_promoted_released_and_committed_by_another_device() {
+    use crate::adapt::{EventLog, Running, daemon_config, digit_lines, publish, shut_down, start_daemon_with};
+    use adaptd::datasets::{Digits, Shift};
+    let Running { broker, state, events, base, stop, daemon } = start_daemon_with("sorter", 300, |c| {
+        c.training.adapter = adaptd_daemon::adapt::AdapterChoice::Loreft;
+        c.training.escalate = false;
+    })
+    .await;
+    let digits = Digits::load(&crate::digits_data()).unwrap();
+    let pool = digits.held_out();
+    let lines = digit_lines(&digits, pool.iter().copied().take(360), "cam-3", "sorter", Shift::Rotate90);
+    let port = broker.port;
+    let decision = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(500)); // ingest subscribes
+        publish(port, "adaptd/v1/robot-3/samples/sorter", &lines);
+        let started = events.wait_for("training_started", Duration::from_secs(60));
+        assert_eq!(started["kind"], "loreft", "{started}");
+        let decision = events.wait_for("gate_decision", Duration::from_secs(180));
+        events.wait_for("job_finished", Duration::from_secs(60));
+        decision
+    })
+    .await
+    .unwrap();
+    assert_eq!(decision["promote"], true, "{}", decision["summary"]);
+    let evidence = &decision["evidence"];
+    let (cand, inc) = (evidence["candidate"]["accuracy"].as_f64().unwrap(), evidence["incumbent"]["accuracy"].as_f64().unwrap());
+    assert!(cand > inc + 0.2, "holdout accuracy {inc} -> {cand}");
+    assert!(evidence["parity_max_diff"].as_f64().unwrap() < 1e-3, "serving answers as the trainer predicted: {evidence}");
+
+    let trained = state.path().join("adapters/sorter/v000001");
+    let manifest: Value = serde_json::from_slice(&std::fs::read(trained.join("adapter.json")).unwrap()).unwrap();
+    assert_eq!((manifest["kind"].as_str(), manifest["lora"].is_null()), (Some("loreft"), true), "{manifest}");
+    assert_eq!(manifest["reft"]["rank"], 4);
+    assert_eq!(manifest["reft"]["modules"], serde_json::json!(["conv2", "fc1"]));
+    let adapter = adaptd_adapters::Adapter::read_dir(&trained).unwrap();
+    let reft = adapter.reft.as_ref().unwrap();
+    assert_eq!(reft.parameter_count(), 4 * (2 * 32 + 1) + 4 * (2 * 64 + 1));
+    let tensors = std::fs::read(trained.join("reft.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&tensors).unwrap();
+    assert_eq!(st.tensor("fc1.rotate_layer").unwrap().shape(), [64, 4], "pyreft's rotate_layer is R transposed");
+    assert_eq!(st.tensor("fc1.weight").unwrap().shape(), [4, 64]);
+    let status = adaptd::client::Client::new(base.trim_start_matches("http://").parse().unwrap()).get("/v1/tasks/sorter/status").unwrap().body;
+    assert_eq!(status["serving_version"], 1, "{status}");
+    shut_down(stop, daemon).await;
+
+    // The operator publishes it.
+    let dir = tempfile::tempdir().unwrap();
+    let (keys, repo) = (dir.path().join("keys"), dir.path().join("repo"));
+    let (ks, rs) = (keys.to_str().unwrap(), repo.to_str().unwrap());
+    for args in [
+        vec!["fleet", "keygen", "--keys", ks],
+        vec!["fleet", "init", "--keys", ks, "--repo", rs],
+        vec!["fleet", "publish", "sorter", "1", "--state-dir", state.path().to_str().unwrap(), "--keys", ks, "--repo", rs],
+    ] {
+        let (ok, out) = adaptd(&args);
+        assert!(ok, "{args:?}: {out}");
+    }
+    let nginx = Nginx::start(&repo);
+
+    // Device B: the same shift, never trains by itself; its own samples judge the release.
+    let state_b = tempfile::tempdir().unwrap();
+    let mut config = daemon_config(port, state_b.path(), "sorter", 1_000_000);
+    config.mqtt.device_id = "robot-b".into();
+    (config.schedule.trigger.settle, config.schedule.trigger.interval) = (Duration::from_secs(u64::MAX / 4_000), Duration::from_secs(u64::MAX / 4_000));
+    (config.gate.watch.min_samples, config.gate.watch.max_samples) = (10, 20);
+    config.fleet = adaptd_daemon::fleet::FleetConfig {
+        repository: nginx.url().to_string(),
+        root_file: repo.join("metadata/1.root.json"),
+        ca_file: std::path::PathBuf::new(),
+        max_release_mb: 16,
+        maintenance_window: String::new(),
+        offers: String::new(),
+    };
+    let (stop_b, addr_b, daemon_b) = crate::serve_in_process(config).await;
+    let events_b = EventLog::start(port, state_b.path());
+    // B's own digits, none of which A trained on; fresh labels come from the held-out pool's tail.
+    let trained: std::collections::HashSet<usize> = pool.iter().copied().take(360).collect();
+    let unseen: Vec<usize> = (0..digits.len()).filter(|i| !trained.contains(i) && !pool[470..].contains(i)).collect();
+    let own = digit_lines(&digits, unseen.iter().copied().take(170), "cam-b", "sorter", Shift::Rotate90);
+    let fresh = digit_lines(&digits, pool.iter().copied().skip(470).take(20), "cam-fresh", "sorter", Shift::Rotate90);
+    let rollouts = dir.path().join("r1.json");
+    let (rollout, committed, status_b) = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        publish(port, "adaptd/v1/robot-b/samples/sorter", &own);
+        let client = adaptd::client::Client::new(addr_b);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client.get("/v1/tasks/sorter/status").unwrap().body["samples"].as_u64().unwrap_or(0) < 170 {
+            assert!(Instant::now() < deadline, "device B did not store its samples");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let out = Command::new(env!("CARGO_BIN_EXE_adaptd"))
+            .args(["fleet", "rollout", "sorter", "1", "--devices", "robot-b", "--waves", "1"])
+            .args(["--mqtt", &format!("127.0.0.1:{port}"), "--state", rollouts.to_str().unwrap(), "--device-timeout-s", "120"])
+            .env("ADAPTD_LOG", "warn")
+            .output()
+            .unwrap();
+        let rollout = (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+        publish(port, "adaptd/v1/robot-b/samples/sorter", &fresh);
+        let committed = events_b.wait_where("rollout", |e| e["state"] == "committed", Duration::from_secs(60));
+        (rollout, committed, client.get("/v1/tasks/sorter/status").unwrap().body)
+    })
+    .await
+    .unwrap();
+    assert!(rollout.0 && rollout.1.contains("Completed") && rollout.1.contains("applied"), "release 1 applied on B: {}", rollout.1);
+    assert_eq!((committed["release"].as_u64(), committed["serving_release"].as_u64()), (Some(1), Some(1)), "{committed}");
+    assert_eq!(status_b["serving_version"], 1, "{status_b}");
+    let served = state_b.path().join("adapters/sorter/v000001");
+    let manifest_b: Value = serde_json::from_slice(&std::fs::read(served.join("adapter.json")).unwrap()).unwrap();
+    assert_eq!(manifest_b["kind"], "loreft", "{manifest_b}");
+    assert_eq!(std::fs::read(served.join("reft.safetensors")).unwrap(), tensors, "B serves A's LoReFT tensors as A trained them");
+    shut_down(stop_b, daemon_b).await;
+    drop(broker);
+}
+
 /// The newest retained rollout status of `device`, or Null.
 fn rollout_status(port: u16, device: &str) -> Value {
     retained_status(port, device, "sorter")
