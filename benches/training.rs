@@ -185,6 +185,10 @@ fn main() {
             let inputs = opt("inputs", "input_ids,attention_mask");
             let train = examples(&st, &inputs.split(',').collect::<Vec<_>>(), "labels");
             let head = Head { layers: vec![Dense { weight: tensor(&st, "head_weight"), bias: tensor(&st, "head_bias") }] };
+            // The daemon's trainer gets its examples from the sample store, never from a file
+            // held whole: the file's bytes are not the trainer's memory.
+            drop(st);
+            drop(bytes);
             let started = std::time::Instant::now();
             let report = fit(
                 FitTarget::Lora { graph: &graph, rank, alpha: 2.0 * rank as f32, start: None },

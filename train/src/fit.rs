@@ -1068,6 +1068,42 @@ impl<'g> Model<'g> {
     }
 }
 
+/// A tensor over `t`'s own memory, without a copy: a job's examples are the largest thing a job
+/// holds (500 camera frames are 300 MB), and a copy beside the caller's would double them.
+///
+/// # Safety
+/// The tensor and every view of it must be dropped before `t` is, and nothing may write
+/// through them. [`DeviceData`] holds them for one `fit` call that borrows the examples, and
+/// its tensors are only read (batches and reorders are `index_select`, which copies).
+unsafe fn borrowed_tensor(t: &HostTensor) -> Result<Tensor, TrainError> {
+    if adaptd_adapters::tensor::element_count(&t.shape) != Some(t.len()) {
+        return Err(TrainError::Data(format!("a tensor of shape {:?} holds {} values", t.shape, t.len())));
+    }
+    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    let (ptr, kind) = match &t.data {
+        HostData::F32(v) => (v.as_ptr().cast::<u8>(), Kind::Float),
+        HostData::I64(v) => (v.as_ptr().cast::<u8>(), Kind::Int64),
+    };
+    if t.is_empty() {
+        return Ok(Tensor::zeros(shape.as_slice(), (kind, Device::Cpu)));
+    }
+    let mut strides = vec![1i64; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    // SAFETY: `ptr` points at `t.len()` contiguous values of `kind`, as many as `shape` holds,
+    // in the row-major order `strides` describes; the caller keeps `t` alive and unchanged.
+    Ok(unsafe { Tensor::f_from_blob(ptr, &shape, &strides, kind, Device::Cpu)? })
+}
+
+/// The examples on `device`: their own memory on the CPU (see [`borrowed_tensor`]), a copy on
+/// an accelerator.
+fn device_tensor(t: &HostTensor, device: Device) -> Result<Tensor, TrainError> {
+    // SAFETY: see `DeviceData`: these tensors live within the `fit` call that borrows `t`.
+    let host = unsafe { borrowed_tensor(t)? };
+    Ok(if device == Device::Cpu { host } else { host.to_device(device) })
+}
+
 /// A job's examples on the training device.
 struct DeviceData {
     train_inputs: Vec<Tensor>,
@@ -1080,16 +1116,18 @@ struct DeviceData {
 }
 
 impl DeviceData {
-    fn new(train: &Examples, validation: &Examples, device: Device) -> Self {
-        DeviceData {
-            train_inputs: train.inputs.iter().map(|t| to_tensor(t, device)).collect(),
+    /// Only for the length of the `fit` call that borrows `train` and `validation`: the inputs
+    /// are their memory on the CPU.
+    fn new(train: &Examples, validation: &Examples, device: Device) -> Result<Self, TrainError> {
+        Ok(DeviceData {
+            train_inputs: train.inputs.iter().map(|t| device_tensor(t, device)).collect::<Result<_, _>>()?,
             train_labels: Tensor::from_slice(&train.labels).to_device(device),
             train_weights: Tensor::from_slice(&train.weights).to_device(device),
             train_rows: train.len(),
-            val_inputs: validation.inputs.iter().map(|t| to_tensor(t, device)).collect(),
+            val_inputs: validation.inputs.iter().map(|t| device_tensor(t, device)).collect::<Result<_, _>>()?,
             val_labels: Tensor::from_slice(&validation.labels).to_device(device),
             val_rows: validation.len(),
-        }
+        })
     }
 
     /// Validation runs every epoch in batches: text rows sorted by length carry less padding,
@@ -1207,7 +1245,7 @@ pub fn fit_cached(
     tch::manual_seed(recipe.seed as i64);
     let mut rng = SeededRng::new(recipe.seed);
     let mut model = Model::new(device, graph, setups, init_head, recipe, &mut rng)?;
-    let mut data = DeviceData::new(train, validation, device);
+    let mut data = DeviceData::new(train, validation, device)?;
     // The frozen prefix, once per sample for the whole job (or kept from an earlier job that ran
     // the same prefix): the cost training above the cut pays up front, in the job's time.
     let prefix = match graph.filter(|g| g.trains_above_cut()) {
