@@ -7,7 +7,8 @@
 //!    that LoRA with a head; all with the same intra-op threads.
 //! 2. Side by side: interleaved rounds of sequential batch-1 requests; p50/p99 of each and the
 //!    median over rounds of p50 ratios. Goals: a head / the original model <= 1.03; LoRA + head /
-//!    the original model <= 1.08; LoRA + head / plain ONNX Runtime on the same graph and LoRA <= 1.05.
+//!    the original model <= 1.08; LoRA + head / plain ONNX Runtime on the same graph and LoRA <= 1.05;
+//!    LoReFT + head / plain ONNX Runtime on the same graph and LoReFT <= 1.05.
 //! 3. Throughput at 64 concurrent clients, batch 1, three runs: plain ONNX Runtime on the
 //!    original model with one session shared through a mutex, and the engine serving LoRA + a
 //!    head; the median ratio (target >= 1).
@@ -51,6 +52,8 @@ struct Setup {
     zero_lora: PreparedLora,
     /// The same graph fed the LoRA adapter's values.
     same_lora: PreparedLora,
+    /// The same graph fed the LoReFT adapter's values.
+    same_reft: PreparedLora,
     batch1: Vec<HostTensor>,
     batch32: Vec<HostTensor>,
 }
@@ -144,6 +147,7 @@ fn setup(name: &str) -> Setup {
     assert!(plain.has_plain_graph(), "{name}: a bundle exported before graphs without slots; run `make setup` to export it again");
     let zero_lora = plain.prepare_slots(&no_adapter_inputs(&bundle.manifest)).unwrap();
     let same_lora = plain.prepare_slots(&registry.current("bench").unwrap().lora.tensors).unwrap();
+    let same_reft = plain.prepare_slots(&registry.current("reft").unwrap().lora.tensors).unwrap();
     let (batch1, batch32) = (inputs(&bundle, 1), inputs(&bundle, 32));
     // The LoRA adapter serves as the daemon serves it: after its first runs it is folded into a
     // copy of the model (merged serving); measure once that copy serves.
@@ -153,7 +157,7 @@ fn setup(name: &str) -> Setup {
         engine.handle.infer_blocking("bench", batch1.clone()).unwrap();
         std::thread::sleep(Duration::from_millis(5));
     }
-    Setup { _dir: dir, registry, engine, plain, original: PreparedLora::Plain, zero_lora, same_lora, batch1, batch32 }
+    Setup { _dir: dir, registry, engine, plain, original: PreparedLora::Plain, zero_lora, same_lora, same_reft, batch1, batch32 }
 }
 
 fn criterion_part(c: &mut Criterion, s: &mut Setup, name: &str) {
@@ -189,13 +193,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// machine's load hits every contender alike: plain ONNX Runtime on the original model (no
 /// slots), on the graph with slots fed zeros and fed the LoRA adapter's values, and the engine
 /// serving a head alone, the LoRA adapter with its head and a LoReFT adapter with its head (on the
-/// graph with slots: an edit of a layer's output folds into no weight). p50 and p99 of each;
-/// ratios are medians over rounds of the ratio of p50s.
+/// graph with slots: an edit of a layer's output folds into no weight), and plain ONNX Runtime
+/// on that graph fed the same LoReFT values. p50 and p99 of each; ratios are medians over rounds
+/// of the ratio of p50s.
 fn side_by_side(s: &mut Setup, name: &str, rounds: usize, per_round: usize) {
-    const NAMES: [&str; 6] = ["ORT original", "ORT slots, zeros", "ORT slots, same LoRA", "adaptd head", "adaptd LoRA+head", "adaptd LoReFT+head"];
+    const NAMES: [&str; 7] =
+        ["ORT original", "ORT slots, zeros", "ORT slots, same LoRA", "adaptd head", "adaptd LoRA+head", "adaptd LoReFT+head", "ORT slots, same LoReFT"];
     let handle = s.engine.handle.clone();
     let mut all: Vec<Vec<f64>> = vec![Vec::new(); NAMES.len()];
-    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); 5];
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); 6];
     for _ in 0..rounds {
         let mut round: Vec<Vec<f64>> = vec![Vec::with_capacity(per_round); NAMES.len()];
         for k in 0..per_round {
@@ -210,13 +216,14 @@ fn side_by_side(s: &mut Setup, name: &str, rounds: usize, per_round: usize) {
                     2 => drop(s.plain.run_prepared(s.batch1.clone(), &s.same_lora).unwrap()),
                     3 => drop(handle.infer_blocking("head", s.batch1.clone()).unwrap()),
                     4 => drop(handle.infer_blocking("bench", s.batch1.clone()).unwrap()),
-                    _ => drop(handle.infer_blocking("reft", s.batch1.clone()).unwrap()),
+                    5 => drop(handle.infer_blocking("reft", s.batch1.clone()).unwrap()),
+                    _ => drop(s.plain.run_prepared(s.batch1.clone(), &s.same_reft).unwrap()),
                 }
                 round[i].push(t.elapsed().as_secs_f64() * 1e3);
             }
         }
         let p50: Vec<f64> = round.iter().map(|t| median(t.clone())).collect();
-        for (ratio, (ours, theirs)) in ratios.iter_mut().zip([(3, 0), (4, 0), (4, 2), (1, 0), (5, 0)]) {
+        for (ratio, (ours, theirs)) in ratios.iter_mut().zip([(3, 0), (4, 0), (4, 2), (1, 0), (5, 0), (5, 6)]) {
             ratio.push(p50[ours] / p50[theirs]);
         }
         for (a, r) in all.iter_mut().zip(round) {
@@ -236,12 +243,13 @@ fn side_by_side(s: &mut Setup, name: &str, rounds: usize, per_round: usize) {
     println!(
         "side-by-side {name} summary: adaptd head / ORT original {:.3} (goal <= 1.03); adaptd LoRA+head / ORT original {:.3} (goal <= 1.08); \
          adaptd LoRA+head / ORT same graph and LoRA {:.3} (goal <= 1.05); unused slots, ORT slots with zeros / original {:.3}; \
-         adaptd LoReFT+head / ORT original {:.3}",
+         adaptd LoReFT+head / ORT original {:.3}; adaptd LoReFT+head / ORT same graph and LoReFT {:.3} (goal <= 1.05)",
         ratio(0),
         ratio(1),
         ratio(2),
         ratio(3),
-        ratio(4)
+        ratio(4),
+        ratio(5)
     );
 }
 
