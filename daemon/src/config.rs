@@ -547,6 +547,9 @@ impl Config {
         if self.schedule.tick < Duration::from_millis(10) {
             return refuse("schedule.tick_ms", "must be at least 10");
         }
+        if !(0.0..=1.0).contains(&self.gate.small_holdout_p) {
+            return refuse("gate.small_holdout_p", "a probability in [0, 1] (0 turns the small-holdout test off)");
+        }
         if !(0.0..=1.0).contains(&self.gate.retention_min_share) {
             return refuse("gate.retention_min_share", "a share of the traffic in [0, 1]");
         }

@@ -41,8 +41,12 @@ pub struct GateConfig {
     pub min_probe_change: f32,
     /// Largest allowed |engine − trainer| difference of any score.
     pub parity_tolerance: f32,
-    /// Fewer holdout samples than this: no decision can be trusted, the candidate is refused.
+    /// Fewer holdout samples than this: an accuracy margin alone is not trusted...
     pub min_holdout: usize,
+    /// ... but a candidate is still judged when its wins over the incumbent on the samples there
+    /// are, are this unlikely by chance (one-sided exact sign test on the paired answers; 0 turns
+    /// this off): a device with few labels gets a clear improvement, not nothing.
+    pub small_holdout_p: f64,
     /// After a promotion, fresh labels judge the new adapter against the one it replaced.
     #[serde(flatten)]
     pub watch: WatchLimits,
@@ -72,6 +76,7 @@ impl Default for GateConfig {
             min_probe_change: 1e-4,
             parity_tolerance: 1e-3,
             min_holdout: 10,
+            small_holdout_p: 0.05,
             watch: WatchLimits { min_samples: 30, rollback_drop: 0.05, max_samples: 500 },
         }
     }
@@ -117,7 +122,29 @@ pub fn decide(e: &Evidence, cfg: &GateConfig) -> Decision {
     let mut checks = Vec::new();
     let mut check = |name: &str, passed: bool, detail: String| checks.push(Check { name: name.into(), passed, detail });
 
-    check("holdout_size", e.candidate.samples >= cfg.min_holdout, format!("{} holdout samples (at least {} needed)", e.candidate.samples, cfg.min_holdout));
+    let clear_win = e.paired.map(|(wins, losses)| (wins, losses, sign_test_p(wins, losses)));
+    match clear_win {
+        _ if e.candidate.samples >= cfg.min_holdout => {
+            check("holdout_size", true, format!("{} holdout samples (at least {})", e.candidate.samples, cfg.min_holdout))
+        }
+        Some((wins, losses, p)) if wins > losses && p <= cfg.small_holdout_p => check(
+            "holdout_size",
+            true,
+            format!(
+                "{} holdout samples, fewer than {}, but a clear win: right on {wins} the incumbent gets wrong, wrong on {losses} it gets right (sign test p = {p:.3}, at most {})",
+                e.candidate.samples, cfg.min_holdout, cfg.small_holdout_p
+            ),
+        ),
+        Some((wins, losses, p)) => check(
+            "holdout_size",
+            false,
+            format!(
+                "{} holdout samples (at least {} needed, or a clear win: right on {wins} the incumbent gets wrong, wrong on {losses} it gets right, sign test p = {p:.3} above {})",
+                e.candidate.samples, cfg.min_holdout, cfg.small_holdout_p
+            ),
+        ),
+        None => check("holdout_size", false, format!("{} holdout samples (at least {} needed)", e.candidate.samples, cfg.min_holdout)),
+    }
     let margin = |name: &str, cand: f64, inc: f64| {
         (
             cand >= inc + cfg.min_improvement,
@@ -176,6 +203,26 @@ pub fn decide(e: &Evidence, cfg: &GateConfig) -> Decision {
     Decision { promote, summary, checks }
 }
 
+/// The discordant pairs of two sets of answers to the same samples: (right only in
+/// `candidate`, right only in `incumbent`).
+pub fn paired(truth: &[&str], candidate: &[&str], incumbent: &[&str]) -> (usize, usize) {
+    truth.iter().zip(candidate).zip(incumbent).fold((0, 0), |(wins, losses), ((t, c), i)| match (c == t, i == t) {
+        (true, false) => (wins + 1, losses),
+        (false, true) => (wins, losses + 1),
+        _ => (wins, losses),
+    })
+}
+
+/// One-sided exact sign test: the chance of `wins` or more among `wins + losses` discordant
+/// pairs were each a fair coin (1 when there are none).
+pub fn sign_test_p(wins: usize, losses: usize) -> f64 {
+    let n = wins + losses;
+    // C(n, k) / 2^n summed for k >= wins, in logs so a large holdout does not overflow.
+    let ln_choose = |k: usize| -> f64 { (1..=k).map(|i| ((n - k + i) as f64).ln() - (i as f64).ln()).sum() };
+    let tail: f64 = (wins..=n).map(|k| (ln_choose(k) - n as f64 * std::f64::consts::LN_2).exp()).sum();
+    tail.min(1.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,9 +232,12 @@ mod tests {
             let (t, p): (Vec<&str>, Vec<&str>) = pairs.iter().copied().unzip();
             metrics(&t, &p)
         };
+        let truth: Vec<&str> = cand_acc.iter().map(|p| p.0).collect();
+        let (cand, inc): (Vec<&str>, Vec<&str>) = (cand_acc.iter().map(|p| p.1).collect(), inc_acc.iter().map(|p| p.1).collect());
         Evidence {
             candidate: m(cand_acc),
             incumbent: m(inc_acc),
+            paired: Some(paired(&truth, &cand, &inc)),
             retention: Some((0.95, 0.94)),
             base_traffic_share: Some((1.0, 256)),
             base_routed: None,
@@ -253,6 +303,44 @@ mod tests {
     fn too_few_holdout_samples_refuse() {
         let d = decide(&evidence(&[("a", "a")], &[("a", "b")]), &GateConfig::default());
         assert!(!d.promote);
-        assert!(d.summary.contains("holdout_size"), "{}", d.summary);
+        assert!(d.summary.contains("holdout_size") && d.summary.contains("p = 0.500"), "{}", d.summary);
+        let mut unpaired = evidence(&[("a", "a")], &[("a", "b")]);
+        unpaired.paired = None;
+        assert!(!decide(&unpaired, &GateConfig::default()).promote, "without paired answers only the count can decide");
+    }
+
+    #[test]
+    fn the_sign_test_is_the_binomial_tail() {
+        assert_eq!(sign_test_p(0, 0), 1.0);
+        assert!((sign_test_p(5, 0) - 1.0 / 32.0).abs() < 1e-12);
+        assert!((sign_test_p(4, 0) - 1.0 / 16.0).abs() < 1e-12);
+        // P(X >= 6 | n = 7) = (7 + 1) / 128.
+        assert!((sign_test_p(6, 1) - 8.0 / 128.0).abs() < 1e-12);
+        assert!((sign_test_p(0, 3) - 1.0).abs() < 1e-12);
+        assert!(sign_test_p(400, 300) < 1e-4 && sign_test_p(400, 300).is_finite(), "large holdouts stay finite");
+    }
+
+    #[test]
+    fn a_small_holdout_passes_on_a_clear_win_only() {
+        let cfg = GateConfig::default();
+        // 6 samples: the candidate right on 5 the incumbent gets wrong and wrong on none.
+        let truth = ["a", "b", "a", "b", "a", "b"];
+        let pairs = |pred: [&'static str; 6]| -> Vec<(&'static str, &'static str)> { truth.iter().copied().zip(pred).collect() };
+        let clear = evidence(&pairs(["a", "b", "a", "b", "a", "a"]), &pairs(["b", "a", "b", "a", "b", "a"]));
+        assert_eq!(clear.paired, Some((5, 0)));
+        let d = decide(&clear, &cfg);
+        assert!(d.promote, "{}", d.summary);
+        let size = d.checks.iter().find(|c| c.name == "holdout_size").unwrap();
+        assert!(size.detail.contains("a clear win") && size.detail.contains("p = 0.031"), "{}", size.detail);
+        // 4 wins of 4: p = 1/16, not clear enough at 0.05; nor is anything with 0 turning it off.
+        let four = evidence(&pairs(["a", "b", "a", "b", "b", "a"]), &pairs(["b", "a", "b", "a", "b", "a"]));
+        assert_eq!(four.paired, Some((4, 0)));
+        assert!(!decide(&four, &cfg).promote);
+        assert!(!decide(&clear, &GateConfig { small_holdout_p: 0.0, ..cfg.clone() }).promote);
+        // A clear win still has to pass every other check.
+        let mut forgets = clear.clone();
+        forgets.retention = Some((0.99, 0.5));
+        let d = decide(&forgets, &cfg);
+        assert!(!d.promote && d.summary.contains("retention") && !d.summary.contains("holdout_size"), "{}", d.summary);
     }
 }

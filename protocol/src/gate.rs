@@ -28,6 +28,10 @@ pub struct Evidence {
     /// On the holdout split.
     pub candidate: Metrics,
     pub incumbent: Metrics,
+    /// On the same holdout samples: how many the candidate gets right and the incumbent wrong,
+    /// and how many the other way round (the discordant pairs of a paired comparison).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paired: Option<(usize, usize)>,
     /// Accuracy on the retention set's check half: (reference, candidate), the reference being the
     /// better of the incumbent and the base model. None: the bundle has no retention set, or its
     /// labels are not the task's.

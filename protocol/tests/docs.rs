@@ -21,6 +21,7 @@ fn job() -> JobRecord {
         evidence: Evidence {
             candidate: metrics.clone(),
             incumbent: metrics,
+            paired: Some((14, 2)),
             retention: Some((0.99, 0.98)),
             base_traffic_share: Some((0.3, 256)),
             base_routed: Some(0.2),

@@ -52,6 +52,7 @@ fn bad_files_name_the_key_and_say_what_is_allowed() {
         ("escalate_until = 0.98", "escalate_until = 2.0", "training.escalate_until"),
         ("retention = \"traffic\"", "retention = \"sometimes\"", "traffic"),
         ("retention_min_share = 0.1", "retention_min_share = -1.0", "gate.retention_min_share"),
+        ("small_holdout_p = 0.05", "small_holdout_p = 2.0", "gate.small_holdout_p"),
         ("commands = false", "commands = true", "mqtt.commands"),
         ("min_samples_per_class = 2", "min_samples_per_class = 1", "training.min_samples_per_class"),
         ("replay_fraction = 0.2", "replay_fraction = 1.5", "training.replay_fraction"),

@@ -227,6 +227,7 @@ pub(super) async fn judge(
     let (cand_names, inc_names) = (names(&cand_pred), names(&inc_pred));
     let cand_metrics = gate::metrics(&truth, &as_refs(&cand_names));
     let inc_metrics = gate::metrics(&truth, &as_refs(&inc_names));
+    let paired = Some(gate::paired(&truth, &as_refs(&cand_names), &as_refs(&inc_names)));
     let finite = cand_pred.iter().all(|p| p.scores.iter().all(|x| x.is_finite())) && adapter.head.validate(bundle.manifest.embedding_dim, labels.len()).is_ok();
 
     // Retention: the base domain, where the task's labels are the bundle's.
@@ -288,8 +289,17 @@ pub(super) async fn judge(
     // How much of what the device sees still looks like the base domain (measured as the job
     // started): only then does forgetting it cost anything; the retention bound follows it.
     let base_traffic_share = if retention.is_some() { base_domain.traffic_share } else { None };
-    let mut evidence =
-        Evidence { candidate: cand_metrics, incumbent: inc_metrics, retention, base_traffic_share, base_routed: None, finite, probe_change, parity_max_diff };
+    let mut evidence = Evidence {
+        candidate: cand_metrics,
+        incumbent: inc_metrics,
+        paired,
+        retention,
+        base_traffic_share,
+        base_routed: None,
+        finite,
+        probe_change,
+        parity_max_diff,
+    };
     let mut decision = gate::decide(&evidence, &config.gate);
     // Refused only for forgetting a base domain the device still sees: the adapter may still
     // serve what moved, with the rows that look like the base domain answered by the base model.
@@ -308,8 +318,10 @@ pub(super) async fn judge(
     }
     if let (Some(Ok(routed)), Some((reference, _))) = (routed, evidence.retention) {
         let routed_pred = predict_samples(ctx, &routed, &holdout_refs).await?;
+        let routed_names = names(&routed_pred);
         let routed_evidence = Evidence {
-            candidate: gate::metrics(&truth, &as_refs(&names(&routed_pred))),
+            candidate: gate::metrics(&truth, &as_refs(&routed_names)),
+            paired: Some(gate::paired(&truth, &as_refs(&routed_names), &as_refs(&inc_names))),
             retention: Some((reference, retention_accuracy(&routed).await?)),
             base_routed: Some(routed_pred.iter().filter(|p| p.base_routed).count() as f64 / routed_pred.len().max(1) as f64),
             finite: evidence.finite && routed_pred.iter().all(|p| p.scores.iter().all(|x| x.is_finite())),
