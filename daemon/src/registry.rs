@@ -66,6 +66,8 @@ pub struct Serving {
     pub task: String,
     /// 0 is the base model.
     pub version: u64,
+    /// `task@vN`, made once: every answered row carries it.
+    pub id: String,
     pub labels: Arc<[String]>,
     /// None: the base model's own classifier output.
     pub head: Option<Head>,
@@ -87,7 +89,12 @@ pub struct BaseRoute {
 
 impl Serving {
     pub fn adapter_id(&self) -> String {
-        format!("{}@v{}", self.task, self.version)
+        self.id.clone()
+    }
+
+    /// The id of `task`'s version `version`.
+    pub fn id_of(task: &str, version: u64) -> String {
+        format!("{task}@v{version}")
     }
 }
 
@@ -347,6 +354,7 @@ impl Registry {
         Serving {
             task: task.to_string(),
             version: 0,
+            id: Serving::id_of(task, 0),
             labels: self.bundle.manifest.labels.clone().unwrap_or_default().into(),
             head: None,
             lora: self.base_lora.clone(),
@@ -396,6 +404,7 @@ impl Registry {
         Ok(Serving {
             task: adapter.manifest.task.clone(),
             version: adapter.manifest.version,
+            id: Serving::id_of(&adapter.manifest.task, adapter.manifest.version),
             labels: adapter.manifest.labels.clone().into(),
             head: Some(adapter.head),
             lora,

@@ -722,7 +722,9 @@ fn run_batch<B: InferenceBackend>(
     mut batch: Vec<Request>,
     stats: &EngineStats,
 ) -> Answers {
-    let mut snapshots: HashMap<String, Option<Arc<Serving>>> = HashMap::new();
+    // What serves each task, read once per batch: (the first request naming it, its serving).
+    // A batch names few tasks, so a short list beats a map (no key to copy per request).
+    let mut snapshots: Vec<(usize, Option<Arc<Serving>>)> = Vec::new();
     let mut groups: Vec<LoraGroup> = Vec::new();
     let mut answers: Vec<Result<Vec<Option<Prediction>>, EngineError>> = batch.iter().map(|r| Ok(vec![None; r.rows])).collect();
     let mut add = |lora: &Arc<LoraInputs>, part: Part| match groups.iter_mut().find(|(l, _)| l.key == lora.key) {
@@ -732,7 +734,14 @@ fn run_batch<B: InferenceBackend>(
     for (request, req) in batch.iter().enumerate() {
         let serving = match &req.adapter {
             Some(pinned) => Some(pinned.clone()),
-            None => snapshots.entry(req.task.clone()).or_insert_with(|| current(&req.task)).clone(),
+            None => match snapshots.iter().find(|(first, _)| batch[*first].task == req.task) {
+                Some((_, serving)) => serving.clone(),
+                None => {
+                    let serving = current(&req.task);
+                    snapshots.push((request, serving.clone()));
+                    serving
+                }
+            },
         };
         let Some(serving) = serving else {
             stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -1002,6 +1011,7 @@ mod tests {
         Arc::new(Serving {
             task: task.into(),
             version,
+            id: Serving::id_of(task, version),
             labels: vec!["a".to_string(), "b".to_string()].into(),
             head: (version > 0).then(|| Head { layers: vec![Dense { weight, bias: HostTensor::zeros_f32(vec![2]) }] }),
             lora: Arc::new(LoraInputs { key: lora.0, tensors: vec![HostTensor::f32(vec![1], vec![lora.1]).unwrap()] }),
