@@ -52,7 +52,8 @@ struct Setup {
     zero_lora: PreparedLora,
     /// The same graph fed the LoRA adapter's values.
     same_lora: PreparedLora,
-    /// The same graph fed the LoReFT adapter's values.
+    /// The LoReFT adapter's values written into the bundle's edits-only graph (merged LoReFT,
+    /// the graph it serves on), run by plain ONNX Runtime.
     same_reft: PreparedLora,
     batch1: Vec<HostTensor>,
     batch32: Vec<HostTensor>,
@@ -147,14 +148,15 @@ fn setup(name: &str) -> Setup {
     assert!(plain.has_plain_graph(), "{name}: a bundle exported before graphs without slots; run `make setup` to export it again");
     let zero_lora = plain.prepare_slots(&no_adapter_inputs(&bundle.manifest)).unwrap();
     let same_lora = plain.prepare_slots(&registry.current("bench").unwrap().lora.tensors).unwrap();
-    let same_reft = plain.prepare_slots(&registry.current("reft").unwrap().lora.tensors).unwrap();
+    let same_reft = plain.prepare_merged(&registry.current("reft").unwrap().lora.tensors).unwrap();
     let (batch1, batch32) = (inputs(&bundle, 1), inputs(&bundle, 32));
-    // The LoRA adapter serves as the daemon serves it: after its first runs it is folded into a
-    // copy of the model (merged serving); measure once that copy serves.
+    // The LoRA and LoReFT adapters serve as the daemon serves them: after their first runs each
+    // is written into a copy of the model (merged serving); measure once both copies serve.
     let started = Instant::now();
-    while engine.handle.stats().merged_sessions.load(Ordering::Relaxed) == 0 {
-        assert!(started.elapsed() < Duration::from_secs(120), "{name}: the LoRA adapter was not merged within 120 s");
+    while engine.handle.stats().merged_sessions.load(Ordering::Relaxed) < 2 || !matches!(&same_reft, PreparedLora::Slots(_, Some(m)) if m.is_merged()) {
+        assert!(started.elapsed() < Duration::from_secs(120), "{name}: the LoRA and LoReFT adapters were not merged within 120 s");
         engine.handle.infer_blocking("bench", batch1.clone()).unwrap();
+        engine.handle.infer_blocking("reft", batch1.clone()).unwrap();
         std::thread::sleep(Duration::from_millis(5));
     }
     Setup { _dir: dir, registry, engine, plain, original: PreparedLora::Plain, zero_lora, same_lora, same_reft, batch1, batch32 }
@@ -192,13 +194,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Interleaved rounds of sequential batch-1 requests, request by request so drift in the
 /// machine's load hits every contender alike: plain ONNX Runtime on the original model (no
 /// slots), on the graph with slots fed zeros and fed the LoRA adapter's values, and the engine
-/// serving a head alone, the LoRA adapter with its head and a LoReFT adapter with its head (on the
-/// graph with slots: an edit of a layer's output folds into no weight), and plain ONNX Runtime
-/// on that graph fed the same LoReFT values. p50 and p99 of each; ratios are medians over rounds
+/// serving a head alone, the LoRA adapter with its head and a LoReFT adapter with its head (each
+/// merged: the LoRA folded into weights, the LoReFT written into the edits-only graph), and plain
+/// ONNX Runtime on that edits-only graph with the same LoReFT values written in. p50 and p99 of each; ratios are medians over rounds
 /// of the ratio of p50s.
 fn side_by_side(s: &mut Setup, name: &str, rounds: usize, per_round: usize) {
     const NAMES: [&str; 7] =
-        ["ORT original", "ORT slots, zeros", "ORT slots, same LoRA", "adaptd head", "adaptd LoRA+head", "adaptd LoReFT+head", "ORT slots, same LoReFT"];
+        ["ORT original", "ORT slots, zeros", "ORT slots, same LoRA", "adaptd head", "adaptd LoRA+head", "adaptd LoReFT+head", "ORT edits-only, same LoReFT"];
     let handle = s.engine.handle.clone();
     let mut all: Vec<Vec<f64>> = vec![Vec::new(); NAMES.len()];
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); 6];

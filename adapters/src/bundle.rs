@@ -145,6 +145,21 @@ pub struct ReftSpec {
     pub positions_input: Option<String>,
     #[serde(default)]
     pub mask_input: Option<String>,
+    /// A copy of the model with these edits and no LoRA slot, for merged LoReFT serving.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<ReftMerge>,
+}
+
+/// The model with the LoReFT edits and nothing else, their values stored in the graph file:
+/// serving writes an adapter's values over them and loads a copy, which then takes the model's
+/// inputs alone and pays for no LoRA slot (merged LoReFT, as merged LoRA folds into weights).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReftMerge {
+    pub graph: String,
+    /// Per LoReFT input, in [`ReftSpec::input_names`] order: the byte offset of its values
+    /// (little-endian, as the input's shape and dtype say) in the graph file.
+    pub offsets: Vec<u64>,
 }
 
 impl ReftSpec {
@@ -460,6 +475,14 @@ impl Manifest {
                 (None, None) => {}
                 _ => return Err(invalid("reft.positions_input and reft.mask_input go together, and only with a sequence slot".into())),
             }
+            if let Some(merge) = &reft.merge {
+                if !self.files.contains_key(&merge.graph) {
+                    return Err(invalid(format!("reft.merge.graph {:?} is not listed under \"files\"", merge.graph)));
+                }
+                if merge.offsets.len() != reft.input_count() {
+                    return Err(invalid(format!("reft.merge has {} offsets for {} LoReFT inputs", merge.offsets.len(), reft.input_count())));
+                }
+            }
         }
         for slot in &self.lora.slots {
             let (a_rank, b_rank) = (slot.a_shape.first().copied(), slot.b_shape.get(1).copied());
@@ -586,6 +609,37 @@ impl Bundle {
     /// is `[in, out]`, scaled per output channel where a batch norm was folded into it). The
     /// model these bytes hold computes what the slotted graph computes with these slot values (LoRA only: LoReFT edits are refused). `None` where
     /// the bundle has no graph without slots or no merge map.
+    /// The edits-only graph with a LoReFT adapter's values written in (merged LoReFT serving),
+    /// for slot values that change no LoRA slot; None where the bundle has no such graph.
+    pub fn merged_reft_graph(&self, values: &[HostTensor]) -> Result<Option<Vec<u8>>, BundleError> {
+        let Some((spec, merge)) = self.manifest.reft.as_ref().and_then(|r| r.merge.as_ref().map(|m| (r, m))) else { return Ok(None) };
+        let path = self.file_path(&merge.graph);
+        let invalid = |reason: String| BundleError::Invalid { path: path.clone(), reason };
+        if values.len() != self.manifest.slot_input_count() {
+            return Err(invalid(format!("{} slot values, the graph takes {}", values.len(), self.manifest.slot_input_count())));
+        }
+        let (lora, reft) = crate::slots::split(&self.manifest, values);
+        if !lora.chunks(2).all(crate::lora::slot_adds_nothing) {
+            return Err(invalid("the adapter changes LoRA slots too, which the edits-only graph does not have".into()));
+        }
+        let mut graph = std::fs::read(&path).map_err(|source| BundleError::Io { path: path.clone(), source })?;
+        let sizes = spec
+            .slots
+            .iter()
+            .flat_map(|s| [(spec.rank_max * s.dim, DType::F32), (spec.rank_max * s.dim, DType::F32), (spec.rank_max, DType::F32)])
+            .chain(spec.positions_input.iter().map(|_| (2, DType::I64)));
+        for (((name, value), &offset), size) in spec.input_names().zip(reft).zip(&merge.offsets).zip(sizes) {
+            let bytes = le_bytes(value, size).map_err(|e| invalid(format!("{name}: {e}")))?;
+            let start = usize::try_from(offset).unwrap_or(usize::MAX);
+            let dst = start
+                .checked_add(bytes.len())
+                .and_then(|end| graph.get_mut(start..end))
+                .ok_or_else(|| invalid(format!("{name}: {} bytes at byte {start} run past the file's end", bytes.len())))?;
+            dst.copy_from_slice(&bytes);
+        }
+        Ok(Some(graph))
+    }
+
     pub fn merged_plain_graph(&self, values: &[HostTensor]) -> Result<Option<Vec<u8>>, BundleError> {
         let (Some(merge), Some(path)) = (&self.manifest.merge, self.plain_graph_path()) else { return Ok(None) };
         let invalid = |path: &Path, reason: String| BundleError::Invalid { path: path.to_path_buf(), reason };
@@ -635,6 +689,17 @@ impl Bundle {
         }
         Ok(Some(graph))
     }
+}
+
+/// Each LoReFT input's values as little-endian bytes, `expected` values long, or why not.
+fn le_bytes(t: &HostTensor, (expected, dtype): (usize, DType)) -> Result<Vec<u8>, String> {
+    if t.len() != expected || t.dtype() != dtype {
+        return Err(format!("{} {:?} values, the graph holds {expected} {dtype:?}", t.len(), t.dtype()));
+    }
+    Ok(match &t.data {
+        crate::tensor::HostData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        crate::tensor::HostData::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    })
 }
 
 /// Add the slot's update `B·A` to `weight` (the graph's initializer, out x (in·kh·kw) values,

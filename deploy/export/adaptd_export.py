@@ -43,6 +43,7 @@ SERVING_GRAPH = "model.onnx"
 # The same model without LoRA slots (the model as its user would export it): what serves an
 # adapter that changes no slot, at the original model's speed.
 PLAIN_GRAPH = "plain.onnx"
+REFT_GRAPH = "reft.onnx"
 # A served LoRA is folded into a copy of the graph without slots (merged serving): the manifest's
 # "merge" says where each slot's weight lies in it; this file holds the per-channel scales of the
 # weights that had a batch norm folded in.
@@ -485,6 +486,44 @@ def merge_map(plain_path: Path, targets: Sequence[str], layers: Sequence[nn.Modu
     return scales, slots
 
 
+def reft_merge_graph(path: Path, names: Sequence[str]) -> list[int] | None:
+    """Make the LoReFT inputs `names` of the graph at `path` (the model with LoReFT edits and no
+    LoRA slots) initializers, each filled with marker values, and return the byte offset of each
+    one's values in the rewritten file: serving writes an adapter's R, W, b and positions there
+    before it loads a copy (merged LoReFT, as merged LoRA does with a weight). None (with the
+    reason printed) where a marker is not found once; LoReFT then serves on the slotted graph."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    specs = {i.name: i for i in graph.input}
+    rng = np.random.default_rng(0x5EF7)
+    markers: list[np.ndarray] = []
+    for name in names:
+        tensor_type = specs[name].type.tensor_type
+        shape = [d.dim_value for d in tensor_type.shape.dim]
+        if tensor_type.elem_type == onnx.TensorProto.INT64:
+            marker = rng.integers(1 << 40, 1 << 50, size=shape, dtype=np.int64)
+        else:
+            marker = rng.standard_normal(shape).astype(np.float32)
+        markers.append(marker)
+        graph.initializer.append(numpy_helper.from_array(marker, name))
+        graph.input.remove(specs[name])
+    onnx.save(model, str(path))
+    blob = path.read_bytes()
+    offsets = []
+    for name, marker in zip(names, markers):
+        raw = marker.astype(marker.dtype.newbyteorder("<")).tobytes()
+        offset = blob.find(raw)
+        if offset < 0 or blob.find(raw, offset + 1) >= 0:
+            print(f"reft merge: the values of {name} are not stored once, in place, in {path.name}; LoReFT serves on the slotted graph only")
+            return None
+        offsets.append(offset)
+    return offsets
+
+
 def _set_parent(module: nn.Module, name: str, child: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = module.get_submodule(parent_name) if parent_name else module
@@ -625,6 +664,8 @@ def export_bundle(
     for p in module.parameters():
         p.requires_grad_(False)
     plain = BundleGraph(copy.deepcopy(module), [], len(example_inputs)).eval()
+    # The model with LoReFT edits and no LoRA slots: merged LoReFT serving runs a copy of it.
+    reft_base = copy.deepcopy(module) if reft_layers else None
     slots: list[LoraSlot] = []
     specs: list[SlotSpec] = []
     layers: list[nn.Module] = []
@@ -685,6 +726,25 @@ def export_bundle(
                 do_constant_folding=True,
             )
             del plain
+            reft_merge = None
+            if reft and reft_base is not None:
+                hooks = [_Intervention(sequence=i.sequence) for i in interventions]
+                for spec, hook in zip(reft, hooks):
+                    reft_base.get_submodule(spec.module).register_forward_hook(hook)
+                edits_only = BundleGraph(reft_base, [], len(example_inputs), interventions=hooks, mask_input=mask_index).eval()
+                reft_values = tuple(lora_examples[2 * len(specs):])
+                reft_names = input_names[len(example_inputs) + 2 * len(specs):]
+                torch.onnx.export(
+                    edits_only, tuple(example_inputs.values()) + reft_values, str(staging / REFT_GRAPH), dynamo=False,
+                    opset_version=ONNX_OPSET, input_names=list(example_inputs) + reft_names, output_names=list(output_names),
+                    dynamic_axes=dynamic_axes or {}, do_constant_folding=True,
+                )
+                del edits_only, reft_base
+                offsets = reft_merge_graph(staging / REFT_GRAPH, reft_names)
+                if offsets is None:
+                    (staging / REFT_GRAPH).unlink()
+                else:
+                    reft_merge = {"graph": REFT_GRAPH, "offsets": offsets}
             merge = merge_map(staging / PLAIN_GRAPH, targets, layers)
             if merge is not None and merge[0]:
                 from safetensors.torch import save_file as save_merge
@@ -784,6 +844,8 @@ def export_bundle(
                 "positions_input": REFT_POSITIONS_INPUT if mask_index is not None else None,
                 "mask_input": reft_mask_input if mask_index is not None else None,
             }
+            if reft_merge is not None:
+                manifest["reft"]["merge"] = reft_merge
         with open(staging / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")

@@ -179,9 +179,35 @@ fn a_damaged_loreft_section_is_refused_with_what_is_wrong() {
     assert!(refusal(&|m| m["reft"]["mask_input"] = serde_json::json!("input_ids_typo")).contains("\"input_ids_typo\" is not an i64 model input"));
     assert!(refusal(&|m| m["cut"]["reft_above"] = serde_json::json!([6])).contains("names LoReFT slot 6, but there are 6"));
     assert!(refusal(&|m| m["reft"]["slots"][0]["kind"] = serde_json::json!("token")).contains("token"));
-    // As exported it opens.
+    assert!(refusal(&|m| m["reft"]["merge"]["graph"] = serde_json::json!("other.onnx")).contains("\"other.onnx\" is not listed under \"files\""));
+    assert!(refusal(&|m| drop(m["reft"]["merge"]["offsets"].as_array_mut().unwrap().pop())).contains("reft.merge has 18 offsets for 19 LoReFT inputs"));
+    // An offset past the file's end, and values that are not what the graph holds, are refused
+    // when a copy is made, naming the input.
+    let mut m = original.clone();
+    m["reft"]["merge"]["offsets"][0] = serde_json::json!(u64::MAX / 2);
+    fs::write(&path, m.to_string()).unwrap();
+    let bundle = Bundle::open(copy.path()).unwrap();
+    let reft = adaptd_adapters::ReftWeights::random(bundle.manifest.reft.as_ref().unwrap(), 4, 3, 0.3).unwrap();
+    let values = adaptd_adapters::slots::adapter_inputs(&bundle.manifest, None, Some(&reft)).unwrap();
+    let msg = bundle.merged_reft_graph(&values).unwrap_err().to_string();
+    assert!(msg.contains("reft.onnx") && msg.contains("bert.encoder.layer.0.reft_R") && msg.contains("run past the file's end"), "{msg}");
+    // As exported it opens, and writes a LoReFT into a copy the size of the file; positions that
+    // are not i64, or a LoRA beside the edits, are refused.
     fs::write(&path, original.to_string()).unwrap();
-    assert!(Bundle::open(copy.path()).unwrap().manifest.reft.is_some());
+    let bundle = Bundle::open(copy.path()).unwrap();
+    assert!(bundle.manifest.reft.is_some());
+    let mut short = values.clone();
+    let last = short.len() - 1;
+    short[last] = adaptd_adapters::tensor::HostTensor::f32(vec![2], vec![1.0, 1.0]).unwrap();
+    let msg = bundle.merged_reft_graph(&short).unwrap_err().to_string();
+    assert!(msg.contains("reft.positions") && msg.contains("F32"), "positions are i64: {msg}");
+    let lora = adaptd_adapters::lora::LoraWeights::random(&bundle.manifest.lora, 4, 8.0, 1, 0.05).unwrap();
+    let both = adaptd_adapters::slots::adapter_inputs(&bundle.manifest, Some(&lora), Some(&reft)).unwrap();
+    assert!(bundle.merged_reft_graph(&both).unwrap_err().to_string().contains("changes LoRA slots too"));
+    let merged = bundle.merged_reft_graph(&values).unwrap().unwrap();
+    let graph = fs::read(copy.path().join("reft.onnx")).unwrap();
+    assert_eq!(merged.len(), graph.len());
+    assert_ne!(merged, graph);
 }
 
 #[test]

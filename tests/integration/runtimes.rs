@@ -149,12 +149,13 @@ fn adapters_that_change_no_slot_run_on_the_graph_without_slots_and_answer_alike(
 /// thread of its own; from then on it runs there and answers as the slotted graph does, on every
 /// reference bundle (Linear weights held transposed in MiniLM, convolutions with their batch
 /// norm folded in in EfficientNet), whether it uses every slot or some. Merged copies are capped
-/// by `merged_sessions`, and a dropped adapter frees its copy.
+/// by `merged_sessions`, and a dropped adapter frees its copy. A LoReFT alone runs merged as well,
+/// its values written into the bundle's edits-only graph.
 #[test]
 fn a_served_lora_is_folded_into_a_copy_of_the_model_and_answers_as_the_slots_do() {
     let merged_of = |p: &PreparedLora| match p {
         PreparedLora::Slots(_, Some(m)) => m.clone(),
-        _ => panic!("a LoRA on a bundle with a merge map can be merged"),
+        _ => panic!("a LoRA or a LoReFT on a bundle with merge maps can be merged"),
     };
     let wait = |m: &adaptd_daemon::engine::onnx::Merging| {
         let started = std::time::Instant::now();
@@ -197,6 +198,31 @@ fn a_served_lora_is_folded_into_a_copy_of_the_model_and_answers_as_the_slots_do(
                 assert!(started.elapsed() < Duration::from_secs(10), "{name}: a dropped adapter frees its merged copy");
                 std::thread::sleep(Duration::from_millis(10));
             }
+        }
+        // A LoReFT alone runs merged too: its values written into the bundle's edits-only graph,
+        // which answers as the slotted graph does (MiniLM's probe rows are a padded batch).
+        let spec = bundle.manifest.reft.as_ref().unwrap();
+        let reft = adaptd_adapters::ReftWeights::random(spec, 4, 9, 0.3).unwrap();
+        let values = adaptd_adapters::slots::adapter_inputs(&bundle.manifest, None, Some(&reft)).unwrap();
+        let prepared = onnx.prepare_merged(&values).unwrap();
+        let merging = merged_of(&prepared);
+        wait(&merging);
+        let merged = onnx.run_prepared(inputs.clone(), &prepared).unwrap();
+        let slotted = onnx.run_prepared(inputs.clone(), &onnx.prepare_slots(&values).unwrap()).unwrap();
+        let base = onnx.run(&inputs, &no_adapter_inputs(&bundle.manifest)).unwrap();
+        for ((m, s), b) in merged.iter().zip(&slotted).zip(&base) {
+            let (m, s, b) = (m.as_f32().unwrap(), s.as_f32().unwrap(), b.as_f32().unwrap());
+            let scale = s.iter().fold(1.0f32, |acc, x| acc.max(x.abs()));
+            let diff = m.iter().zip(s).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+            let effect = s.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+            assert!(diff <= 1e-4 * scale, "{name}: merged and slotted LoReFT differ by {diff} (values up to {scale})");
+            assert!(effect > 100.0 * diff, "{name}: the LoReFT moves the outputs by {effect}, far more than merging does ({diff})");
+        }
+        drop((prepared, merging));
+        let started = std::time::Instant::now();
+        while onnx.merged_sessions() > 0 {
+            assert!(started.elapsed() < Duration::from_secs(10), "{name}: a dropped LoReFT frees its merged copy");
+            std::thread::sleep(Duration::from_millis(10));
         }
         // One place (merged_sessions = 1): a second LoRA waits while the first is in use, and
         // takes the place once the first has sat idle while the second served.

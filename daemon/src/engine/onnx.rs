@@ -297,13 +297,13 @@ impl Merging {
                     *me.merged.lock().unwrap_or_else(PoisonError::into_inner) = Some(session);
                     me.ready.store(true, Ordering::Release);
                     me.pool.ready.fetch_add(1, Ordering::AcqRel);
-                    tracing::info!(bundle = %me.job.bundle.manifest.name, ms = started.elapsed().as_millis() as u64, "merged serving: a LoRA now runs folded into a copy of the model");
+                    tracing::info!(bundle = %me.job.bundle.manifest.name, ms = started.elapsed().as_millis() as u64, "merged serving: an adapter now runs written into a copy of the model (a LoRA folded into its weights, or LoReFT edits into the edits-only graph)");
                 }
                 Err(e) => {
                     // Not retried: the bundle's merge map does not fit this LoRA or this runtime.
                     me.failed.store(true, Ordering::Release);
                     me.pool.leave(&me);
-                    tracing::warn!(error = %e, "merged serving: could not fold the LoRA into the model; it serves on the slotted graph");
+                    tracing::warn!(error = %e, "merged serving: could not write the adapter into a copy of the model; it serves on the slotted graph");
                 }
             }
             me.building.store(false, Ordering::Release);
@@ -359,11 +359,20 @@ impl MergePool {
     }
 }
 
-/// The graph without slots with the LoRA folded into its weights, on the provider serving runs on.
+/// The graph without slots with the LoRA folded into its weights, or (a LoReFT) the edits-only
+/// graph with the edits' values written in, on the provider serving runs on.
 fn merged_session(job: &MergeJob) -> Result<Session, OnnxError> {
-    let plain_path = job.bundle.plain_graph_path().ok_or_else(|| OnnxError::Run("the bundle has no graph without slots".into()))?;
-    let load_err = |reason: String| OnnxError::Load { path: plain_path.clone(), reason };
-    let graph = job.bundle.merged_plain_graph(&job.lora).map_err(|e| load_err(e.to_string()))?.ok_or_else(|| load_err("the bundle has no merge map".into()))?;
+    let manifest = &job.bundle.manifest;
+    let reft = !adaptd_adapters::slots::reft_edits_nothing(manifest, &job.lora);
+    let path = match (reft, job.bundle.plain_graph_path(), manifest.reft.as_ref().and_then(|r| r.merge.as_ref())) {
+        (false, Some(plain), _) => plain,
+        (true, _, Some(merge)) => job.bundle.file_path(&merge.graph),
+        (false, None, _) => return Err(OnnxError::Run("the bundle has no graph without slots".into())),
+        (true, _, None) => return Err(OnnxError::Run("the bundle has no edits-only LoReFT graph".into())),
+    };
+    let load_err = |reason: String| OnnxError::Load { path: path.clone(), reason };
+    let graph = if reft { job.bundle.merged_reft_graph(&job.lora) } else { job.bundle.merged_plain_graph(&job.lora) };
+    let graph = graph.map_err(|e| load_err(e.to_string()))?.ok_or_else(|| load_err("the bundle has no merge map".into()))?;
     let mut builder = provider_builder(environment(None)?, job.options, job.provider)?;
     builder.commit_from_memory(&graph).map_err(|e| load_err(e.to_string()))
 }
@@ -502,6 +511,20 @@ impl OnnxModel {
         self.plain.is_some() && self.bundle.manifest.merge.is_some() && self.options.merged_sessions > 0
     }
 
+    /// Whether slot values that serve long enough run merged: a LoRA alone folded into the
+    /// weights, or a LoReFT alone written into the bundle's edits-only graph (an edit of a
+    /// layer's output folds into no weight, but needs no LoRA slot either).
+    fn merges(&self, values: &[HostTensor]) -> bool {
+        let manifest = &self.bundle.manifest;
+        let (lora, _) = adaptd_adapters::slots::split(manifest, values);
+        if adaptd_adapters::slots::reft_edits_nothing(manifest, values) {
+            self.merges_lora()
+        } else {
+            let edits_only = manifest.reft.as_ref().is_some_and(|r| r.merge.is_some());
+            edits_only && self.options.merged_sessions > 0 && lora.chunks(2).all(adaptd_adapters::lora::slot_adds_nothing)
+        }
+    }
+
     /// Merged copies of the model alive now.
     pub fn merged_sessions(&self) -> usize {
         self.merge_pool.ready.load(Ordering::Acquire)
@@ -550,8 +573,7 @@ impl OnnxModel {
                 Ok(placed.into_dyn())
             })
             .collect::<Result<Vec<DynValue>, OnnxError>>()?;
-        // LoReFT edits a layer's output, not its weights: nothing to fold, it serves on the slots.
-        let merging = (plain_allowed && self.merges_lora() && adaptd_adapters::slots::reft_edits_nothing(manifest, lora)).then(|| {
+        let merging = (plain_allowed && self.merges(lora)).then(|| {
             Arc::new(Merging {
                 merged: Mutex::new(None),
                 ready: AtomicBool::new(false),

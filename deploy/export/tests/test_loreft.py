@@ -105,6 +105,9 @@ class LoreftExportTest(unittest.TestCase):
         self.assertEqual([s["kind"] for s in manifest["reft"]["slots"]], ["sequence", "sequence"])
         self.assertEqual(manifest["reft"]["positions_input"], "reft.positions")
         self.assertEqual(manifest["reft"]["mask_input"], "mask")
+        self.assertEqual(manifest["reft"]["merge"]["graph"], "reft.onnx")
+        self.assertIn("reft.onnx", manifest["files"])
+        self.assertEqual(len(manifest["reft"]["merge"]["offsets"]), 7, "R, W, b of two slots and the positions")
         import onnxruntime as ort
 
         serving = ort.InferenceSession(str(out / "model.onnx"))
@@ -130,11 +133,28 @@ class LoreftExportTest(unittest.TestCase):
             # the positions counted among each row's real tokens.
             want = self.reference(ids, mask, reft, first, last)
             self.assertLess(np.abs(onnx_out - want).max(), 1e-4, f"positions {first}+{last} vs the reference")
+            # Merged LoReFT: the graph with edits only, these values written over its markers
+            # where the manifest says, answers as the slotted graph does.
+            merged = ort.InferenceSession(self.merged_reft(out, manifest, flat + [positions]))
+            merged_out = merged.run(None, {"ids": ids.numpy(), "mask": mask.numpy()})[0]
+            self.assertLess(np.abs(merged_out - onnx_out).max(), 1e-5, f"merged, positions {first}+{last}")
+        self.assertEqual([i.name for i in merged.get_inputs()], ["ids", "mask"], "the merged copy takes the model's inputs alone")
         # All zero: no edit, the plain graph's answer.
         zeros = [torch.zeros_like(t) for t in flat]
         feeds = dict(zip(names, [ids.numpy(), mask.numpy()] + [t.numpy() for t in lora + zeros] + [np.array([1, 1])]))
         plain = ort.InferenceSession(str(out / "plain.onnx")).run(None, {"ids": ids.numpy(), "mask": mask.numpy()})[0]
         self.assertLess(np.abs(serving.run(None, feeds)[0] - plain).max(), 1e-6)
+
+    @staticmethod
+    def merged_reft(out: Path, manifest: dict, values: list[torch.Tensor]) -> bytes:
+        """The bytes of `reft.onnx` with `values` (R, W, b per slot, then positions) written at
+        the manifest's offsets, as serving writes them."""
+        merge = manifest["reft"]["merge"]
+        blob = bytearray((out / merge["graph"]).read_bytes())
+        for offset, value in zip(merge["offsets"], values, strict=True):
+            raw = value.numpy().astype(value.numpy().dtype.newbyteorder("<")).tobytes()
+            blob[offset:offset + len(raw)] = raw
+        return bytes(blob)
 
     def reference(self, ids, mask, reft, first, last):
         """The exported module's forward, editing each layer's output by hand."""
@@ -198,6 +218,12 @@ class LoreftExportTest(unittest.TestCase):
             y = torch.stack([reference_edit(row, *reft[1]) for row in y])
             want = torch.relu(y).numpy()
         self.assertLess(np.abs(onnx_out - want).max(), 1e-4)
+        # Merged LoReFT (no LoRA): the edits-only graph with the values written in answers as the
+        # slotted graph with the same values and zero LoRA.
+        zero_lora = [torch.zeros_like(t) for t in lora]
+        slotted = serving.run(None, dict(zip(names, [x.numpy()] + [t.numpy() for t in zero_lora + flat])))[0]
+        merged = ort.InferenceSession(self.merged_reft(out, manifest, flat)).run(None, {"x": x.numpy()})[0]
+        self.assertLess(np.abs(merged - slotted).max(), 1e-5)
 
     def test_refusals_name_the_layer(self):
         with self.assertRaisesRegex(ExportError, "LoReFT layer 'nope' matches no module"):
