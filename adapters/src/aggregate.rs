@@ -505,7 +505,7 @@ mod tests {
         use crate::reft::ReftWeights;
         let slot =
             |m: &str| ReftSlot { module: m.into(), kind: ReftKind::Vector, dim: 5, r_input: String::new(), w_input: String::new(), b_input: String::new() };
-        let spec = ReftSpec { rank_max: 8, slots: vec![slot("x"), slot("y")], positions_input: None, mask_input: None };
+        let spec = ReftSpec { rank_max: 8, slots: vec![slot("x"), slot("y")], positions_input: None, mask_input: None, merge: None };
         let a = ReftWeights::random(&spec, 2, 1, 0.3).unwrap();
         let mut b = ReftWeights::random(&spec, 3, 2, 0.3).unwrap();
         b.modules.remove(1); // b leaves "y" alone

@@ -227,6 +227,7 @@ mod tests {
             slots: vec![slot("a", ReftKind::Sequence), slot("b", ReftKind::Vector)],
             positions_input: positions.then(|| "reft.positions".into()),
             mask_input: positions.then(|| "mask".into()),
+            merge: None,
         }
     }
 
