@@ -51,6 +51,9 @@ pub struct Candidate<I> {
     pub confidence: f32,
     pub uncertainty: f64,
     pub balance: f64,
+    /// A uniform draw: while the base model serves, the pool keeps the rows with the highest
+    /// (a uniform sample of what was served).
+    pub key: f64,
 }
 
 /// The task's labelled samples as novelty and balance see them: per class, its label count and
@@ -176,8 +179,32 @@ impl<I: Clone> Requester<I> {
         (self.rng >> 11) as f64 / (1u64 << 53) as f64
     }
 
+    /// Whether the base model serves: its doubts about inputs of a domain it was never trained
+    /// on are noise, and its predicted classes mostly wrong, so neither uncertainty nor balance
+    /// can choose. Until an adapter serves, requests spread over what is served instead (a
+    /// uniform pool; the candidate farthest from earlier requests and labelled classes), the
+    /// cold-start choice that beat uncertainty on the label-count bench.
+    fn cold(&self) -> bool {
+        self.serving_version == Some(0)
+    }
+
     fn quick_score(&self, c: &Candidate<I>) -> f64 {
+        if self.cold() {
+            return c.key;
+        }
         self.strategy.uncertainty * c.uncertainty + self.strategy.balance * c.balance
+    }
+
+    /// How far `embedding` lies from every earlier request and every labelled class's centre
+    /// (cosine distance to the nearest; 1 with nothing to compare): k-center's greedy step.
+    fn spread(&self, embedding: &[f32]) -> f64 {
+        let point = unit(embedding);
+        self.recent
+            .iter()
+            .chain(self.labelled.centroids.iter().flatten().map(|(c, _)| c))
+            .filter(|c| c.len() == point.len())
+            .map(|c| cosine_distance(&point, c))
+            .fold(1.0, f64::min)
     }
 
     /// A served row with `scores` (probabilities in the task's label order) from the adapter
@@ -201,6 +228,7 @@ impl<I: Clone> Requester<I> {
         // The class in the order of the task's labelled samples (new labels: none yet).
         let class = self.labelled.labels.iter().position(|l| Some(l) == labels.get(predicted)).unwrap_or(usize::MAX);
         let balance = if class == usize::MAX { 1.0 } else { self.labelled.balance(class) };
+        let key = self.uniform();
         let candidate = |input| Candidate {
             input,
             fingerprint,
@@ -208,10 +236,11 @@ impl<I: Clone> Requester<I> {
             confidence: top,
             uncertainty: 1.0 - f64::from(top - second),
             balance,
+            key,
         };
         let draw = self.uniform() * (self.offered as f64) < 1.0;
         let weakest = (self.pool.len() == POOL).then(|| self.pool.iter().map(|c| self.quick_score(c)).fold(f64::INFINITY, f64::min));
-        let score = self.strategy.uncertainty * (1.0 - f64::from(top - second)) + self.strategy.balance * balance;
+        let score = if self.cold() { key } else { self.strategy.uncertainty * (1.0 - f64::from(top - second)) + self.strategy.balance * balance };
         let enters = weakest.is_none_or(|w| score > w);
         if !draw && !enters {
             return;
@@ -272,6 +301,13 @@ impl<I: Clone> Requester<I> {
         let alike_rows: Vec<bool> = (0..pool.len()).map(|i| alike(&embedding_of(i), &self.recent)).collect();
         let chosen = match (random, drawn) {
             (true, Some(d)) if !alike(&embedding_of(pool.len()), &self.recent) => Some((None, d, embedding_of(pool.len()), "random")),
+            _ if self.cold() => pool
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !alike_rows[*i])
+                .map(|(i, c)| (i, embedding_of(i).map_or(0.0, |e| self.spread(&e)), c.key))
+                .max_by(|a, b| a.1.total_cmp(&b.1).then(a.2.total_cmp(&b.2)))
+                .map(|(i, _, _)| (Some(i), pool[i].clone(), embedding_of(i), "diversity")),
             _ => pool
                 .iter()
                 .enumerate()
@@ -460,6 +496,46 @@ mod tests {
             seen[c.candidate.input as usize] += 1;
         }
         assert!(seen.iter().all(|&n| (60..=140).contains(&n)), "uniform over the rows served: {seen:?}");
+    }
+
+    #[test]
+    fn while_the_base_model_serves_requests_spread_over_what_is_served() {
+        let mut r: Requester<u32> = Requester::new(Strategy { per_minute: 1000, per_hour: 1000, per_day: 1000, ..strategy() }, 5);
+        r.set_labelled(Labelled { labels: labels(), counts: vec![3, 0, 0], centroids: vec![Some((unit(&[1.0, 0.0, 0.0]), 0.1)), None, None] });
+        // Under the base model (version 0) the pool is a uniform sample: the least sure rows
+        // (the first ten) do not crowd it out.
+        let mut kept = [0u32; 2];
+        for round in 0..200u32 {
+            for i in 0..40u32 {
+                let top = if i < 10 { 0.34 } else { 0.99 };
+                r.offer(0, &[top, 1.0 - top, (round * 40 + i) as f32 * 1e-9], &labels(), || i);
+            }
+            for c in r.candidates() {
+                kept[usize::from(c.input >= 10)] += 1;
+            }
+            while r.has_candidates() {
+                r.choose(i64::from(round) * 1_000_000, &vec![None; r.candidates().len()]);
+            }
+        }
+        let share = f64::from(kept[0]) / f64::from(kept[0] + kept[1]);
+        assert!((0.15..=0.35).contains(&share), "a quarter of the rows are unsure, and about a quarter of the pool: {share} ({kept:?})");
+        // The candidate farthest from the labelled class and from what was asked wins, whatever
+        // its scores: first the one away from class a's centre, then the one away from that request.
+        let mut r: Requester<&str> = Requester::new(Strategy { per_minute: 1000, ..strategy() }, 5);
+        r.set_labelled(Labelled { labels: labels(), counts: vec![3, 0, 0], centroids: vec![Some((unit(&[1.0, 0.0, 0.0]), 0.1)), None, None] });
+        r.offer(0, &[0.34, 0.33, 0.33], &labels(), || "unsure, near a");
+        r.offer(0, &[0.99, 0.01, 0.0], &labels(), || "sure, far from a");
+        let first = r.choose(0, &[Some(vec![1.0, 0.1, 0.0]), Some(vec![0.0, 1.0, 0.0])]).unwrap();
+        assert_eq!((first.candidate.input, first.strategy), ("sure, far from a", "diversity"));
+        r.offer(0, &[0.98, 0.02, 0.0], &labels(), || "like the last request");
+        r.offer(0, &[0.97, 0.03, 0.0], &labels(), || "away from both");
+        let next = r.choose(1, &[Some(vec![1.0, 0.1, 0.0]), Some(vec![0.1, 1.0, 0.0]), Some(vec![0.0, 0.0, 1.0])]).unwrap();
+        assert_eq!(next.candidate.input, "away from both");
+        // Once an adapter serves, its doubts choose again.
+        r.offer(1, &[0.34, 0.33, 0.33], &labels(), || "unsure under v1");
+        r.offer(1, &[0.99, 0.01, 0.0], &labels(), || "sure under v1");
+        let adapted = r.choose(2, &[Some(vec![0.6, -0.6, 0.5]), Some(vec![-0.6, 0.6, 0.5])]).unwrap();
+        assert_eq!((adapted.candidate.input, adapted.strategy), ("unsure under v1", "uncertainty"));
     }
 
     #[test]
