@@ -592,7 +592,10 @@ fn check_bundle(dir: &Path, data: &parity::ProbeData, rank: usize, train_steps: 
     let load_ms = done(t);
     let t = step(if bundle.manifest.reft.is_some() { "parity with and without LoRA and LoReFT" } else { "parity with and without LoRA" });
     let inputs = parity::probe_inputs(&bundle, data)?;
-    let parity = parity::check_parity(&mut onnx, &graph, &inputs, rank, 7)?;
+    let mut parity = parity::check_parity(&mut onnx, &graph, &inputs, rank, 7)?;
+    done(t);
+    let t = step("merged serving against libtorch");
+    parity.merged = parity::check_merged(&mut onnx, &graph, &inputs, rank, 7)?;
     done(t);
     let train = if train_steps > 0 {
         let t = step(&format!("{train_steps} LoRA+head training steps"));
@@ -637,6 +640,9 @@ fn print_check(check: &BundleCheck) {
     println!("  LoRA moves the embedding by up to {:.3} (tolerance for parity {PARITY_TOLERANCE:.0e})", p.lora_effect);
     if let Some(effect) = p.reft_effect {
         println!("  LoReFT edits move the embedding by up to {effect:.3}");
+    }
+    for (kind, diff) in &p.merged {
+        println!("  {kind} merged into a copy of the model, as serving runs it after its first second: max|ort-torch| {diff:.2e}");
     }
     if let Some(t) = &check.train {
         println!(

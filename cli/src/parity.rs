@@ -38,6 +38,8 @@ pub enum ParityError {
     Dataset(#[from] DatasetError),
     #[error("output {name:?}: ONNX Runtime gives shape {onnx:?}, libtorch {torch:?}")]
     Shape { name: String, onnx: Vec<usize>, torch: Vec<usize> },
+    #[error("merged serving: {0}")]
+    Merge(String),
 }
 
 #[derive(Debug, Clone)]
@@ -61,11 +63,15 @@ pub struct ParityReport {
     pub lora_effect: f32,
     /// The same for the random LoReFT edits.
     pub reft_effect: Option<f32>,
+    /// Merged serving (see [`check_merged`]): what ran merged, and its max |ORT − torch| over
+    /// every output.
+    pub merged: Vec<(&'static str, f32)>,
 }
 
 impl ParityReport {
     pub fn worst(&self) -> f32 {
-        self.outputs.iter().map(|o| o.base_max_abs_diff.max(o.lora_max_abs_diff).max(o.reft_max_abs_diff.unwrap_or(0.0))).fold(0.0, f32::max)
+        let merged = self.merged.iter().map(|m| m.1).fold(0.0, f32::max);
+        self.outputs.iter().map(|o| o.base_max_abs_diff.max(o.lora_max_abs_diff).max(o.reft_max_abs_diff.unwrap_or(0.0))).fold(merged, f32::max)
     }
 
     /// Within tolerance everywhere (a NaN anywhere fails), and the adapter changed the output.
@@ -182,7 +188,53 @@ pub fn check_parity(onnx: &mut OnnxModel, graph: &TrainingGraph, inputs: &[HostT
     let emb = manifest.output_index(&manifest.embedding_output);
     let lora_effect = emb.and_then(|e| max_abs_diff(onnx_base.get(e)?, onnx_lora.get(e)?)).unwrap_or(f32::NAN);
     let reft_effect = reft.as_ref().map(|(o, _)| emb.and_then(|e| max_abs_diff(onnx_base.get(e)?, o.get(e)?)).unwrap_or(f32::NAN));
-    Ok(ParityReport { bundle: manifest.name, batch: inputs[0].shape[0], rank, outputs, lora_effect, reft_effect })
+    Ok(ParityReport { bundle: manifest.name, batch: inputs[0].shape[0], rank, outputs, lora_effect, reft_effect, merged: Vec::new() })
+}
+
+/// What serves once an adapter has served a second, against libtorch: a seeded random LoRA
+/// folded into a copy of the graph without slots, and seeded random LoReFT edits written into
+/// the bundle's edits-only graph (where the bundle has the maps for them). Each copy is built as
+/// serving builds it, on a thread of its own. Returns what ran merged and its max |ORT − torch|
+/// over every output: a merge map that points at the wrong bytes shows here, not in serving.
+pub fn check_merged(
+    onnx: &mut OnnxModel,
+    graph: &TrainingGraph,
+    inputs: &[HostTensor],
+    rank: usize,
+    seed: u64,
+) -> Result<Vec<(&'static str, f32)>, ParityError> {
+    let manifest = onnx.bundle().manifest.clone();
+    let mut kinds: Vec<(&'static str, Vec<HostTensor>)> = Vec::new();
+    if onnx.merges_lora() {
+        kinds.push(("LoRA", LoraWeights::random(&manifest.lora, rank, 2.0 * rank as f32, seed, 0.05)?.graph_inputs(&manifest)?));
+    }
+    if let Some(spec) = manifest.reft.as_ref().filter(|r| r.merge.is_some()) {
+        let edits = adaptd_adapters::ReftWeights::random(spec, rank.min(spec.rank_max), seed, 0.1)?;
+        kinds.push(("LoReFT", adaptd_adapters::slots::adapter_inputs(&manifest, None, Some(&edits))?));
+    }
+    let mut out = Vec::new();
+    for (kind, values) in kinds {
+        let prepared = onnx.prepare_merged(&values)?;
+        let adaptd_daemon::engine::onnx::PreparedLora::Slots(_, Some(merging)) = &prepared else {
+            return Err(ParityError::Merge(format!("a {kind} adapter is not offered merged serving on this bundle")));
+        };
+        let started = std::time::Instant::now();
+        while !merging.is_merged() {
+            if merging.has_failed() || started.elapsed() > std::time::Duration::from_secs(300) {
+                return Err(ParityError::Merge(format!("the merged copy for a {kind} adapter was not built (the log says why)")));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let served = onnx.run_prepared(inputs.to_vec(), &prepared)?;
+        let trained = graph.forward_host(inputs, &values)?;
+        let mut worst = 0.0f32;
+        for ((a, b), spec) in served.iter().zip(&trained).zip(&manifest.outputs) {
+            let diff = max_abs_diff(a, b).ok_or_else(|| ParityError::Shape { name: spec.name.clone(), onnx: a.shape.clone(), torch: b.shape.clone() })?;
+            worst = worst.max(diff);
+        }
+        out.push((kind, worst));
+    }
+    Ok(out)
 }
 
 /// A few LoRA + head training steps through the training graph on real labelled data from the

@@ -129,6 +129,18 @@ fn the_camera_bundle_is_proved_by_check_and_a_damaged_copy_or_a_bad_preprocessin
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("efficientnet-lite0") && text.contains("[PASS]") && text.contains("bit-identical: yes"), "{text}");
+    assert!(text.contains("LoRA merged into a copy") && text.contains("LoReFT merged into a copy"), "merged serving is checked too: {text}");
+    // A LoReFT merge map whose offset points at the wrong values (within the file, so nothing
+    // refuses it on opening): serving's merged copy would compute something else; check fails it.
+    let digits = copy_bundle(&reference_bundle("digits-cnn"));
+    let manifest_path = digits.path().join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_str(&fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    let w_offset = m["reft"]["merge"]["offsets"][1].clone();
+    m["reft"]["merge"]["offsets"][0] = w_offset;
+    fs::write(&manifest_path, m.to_string()).unwrap();
+    let out = check(digits.path());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success() && text.contains("[FAIL]") && text.contains("LoReFT merged"), "{text}{}", String::from_utf8_lossy(&out.stderr));
 
     let copy = copy_bundle(&dir);
     let mut onnx = fs::read(copy.path().join("model.onnx")).unwrap();

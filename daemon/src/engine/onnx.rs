@@ -272,6 +272,11 @@ impl Merging {
         self.ready.load(Ordering::Acquire)
     }
 
+    /// Whether building the copy failed (the adapter then serves on the slotted graph for good).
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
     /// Count a run; every [`MERGE_AFTER_RUNS`]th on the slotted graph asks for a merged copy.
     fn note_run(self: &Arc<Self>) {
         self.last_run.store(self.pool.clock.fetch_add(1, Ordering::Relaxed) + 1, Ordering::Relaxed);
