@@ -189,13 +189,21 @@ impl Drop for Nginx {
 
 /// A repository with `sorter` release 1 (a head adapter on the digits bundle) published.
 fn published_repository(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let (keys, repo, state) = (dir.join("keys"), dir.join("repo"), dir.join("state"));
+    let state = dir.join("state");
     let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
     AdapterStore::open(state.join("adapters")).unwrap().save(&crate::head_adapter(&bundle, "sorter", 1, 7)).unwrap();
+    publish_first_release(dir, &state)
+}
+
+/// As an operator does it with the CLI: keys and a signed repository under `dir`, and `sorter`
+/// v1 of the daemon state in `state_dir` published as release 1. Returns (keys, repository).
+fn publish_first_release(dir: &Path, state_dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (keys, repo) = (dir.join("keys"), dir.join("repo"));
+    let (ks, rs) = (keys.to_str().unwrap(), repo.to_str().unwrap());
     for args in [
-        vec!["fleet", "keygen", "--keys", keys.to_str().unwrap()],
-        vec!["fleet", "init", "--keys", keys.to_str().unwrap(), "--repo", repo.to_str().unwrap()],
-        vec!["fleet", "publish", "sorter", "1", "--state-dir", state.to_str().unwrap(), "--keys", keys.to_str().unwrap(), "--repo", repo.to_str().unwrap()],
+        vec!["fleet", "keygen", "--keys", ks],
+        vec!["fleet", "init", "--keys", ks, "--repo", rs],
+        vec!["fleet", "publish", "sorter", "1", "--state-dir", state_dir.to_str().unwrap(), "--keys", ks, "--repo", rs],
     ] {
         let (ok, out) = adaptd(&args);
         assert!(ok, "{args:?}: {out}");
@@ -349,6 +357,24 @@ fn retained_status(port: u16, device: &str, task: &str) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
+/// A device of the rollout tests: it never trains by itself (releases come from the repository
+/// `nginx` serves), and its rollback watch judges a release on 10-20 fresh labels.
+fn fleet_device_config(port: u16, state: &Path, device: &str, nginx: &Nginx, repo: &Path) -> adaptd_daemon::config::Config {
+    let mut config = crate::adapt::daemon_config(port, state, "sorter", 1_000_000);
+    config.mqtt.device_id = device.into();
+    (config.schedule.trigger.settle, config.schedule.trigger.interval) = (Duration::from_secs(u64::MAX / 4_000), Duration::from_secs(u64::MAX / 4_000));
+    (config.gate.watch.min_samples, config.gate.watch.max_samples) = (10, 20);
+    config.fleet = adaptd_daemon::fleet::FleetConfig {
+        repository: nginx.url().to_string(),
+        root_file: repo.join("metadata/1.root.json"),
+        ca_file: std::path::PathBuf::new(),
+        max_release_mb: 16,
+        maintenance_window: String::new(),
+        offers: String::new(),
+    };
+    config
+}
+
 /// The devices of the rollout test, in the order the statuses are read.
 const DEVICES: [&str; 5] = ["robot-b", "robot-c", "robot-d", "robot-e", "robot-f"];
 
@@ -390,7 +416,7 @@ fn assign_by_hand(port: u16, device: &str, body: &str) {
 /// differently. Assignments that are not ones are refused by every device with their reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_halts_at_the_canary() {
-    use crate::adapt::{EventLog, daemon_config, digit_lines, publish, shut_down, start_daemon_with};
+    use crate::adapt::{EventLog, digit_lines, publish, shut_down, start_daemon_with};
     use adaptd::datasets::{Digits, Shift};
     let digits = Digits::load(&crate::digits_data()).unwrap();
     let pool = digits.held_out();
@@ -411,16 +437,8 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
 
     // The operator publishes it, and a bad one.
     let dir = tempfile::tempdir().unwrap();
-    let (keys, repo) = (dir.path().join("keys"), dir.path().join("repo"));
+    let (keys, repo) = publish_first_release(dir.path(), a.state.path());
     let (ks, rs) = (keys.to_str().unwrap(), repo.to_str().unwrap());
-    for args in [
-        vec!["fleet", "keygen", "--keys", ks],
-        vec!["fleet", "init", "--keys", ks, "--repo", rs],
-        vec!["fleet", "publish", "sorter", "1", "--state-dir", a.state.path().to_str().unwrap(), "--keys", ks, "--repo", rs],
-    ] {
-        let (ok, out) = adaptd(&args);
-        assert!(ok, "{args:?}: {out}");
-    }
     let bundle = Bundle::open(reference_bundle("digits-cnn")).unwrap();
     let junk = dir.path().join("junk");
     std::fs::create_dir_all(&junk).unwrap();
@@ -443,18 +461,7 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
     let mut states = Vec::new();
     for device in DEVICES {
         let state = tempfile::tempdir().unwrap();
-        let mut config = daemon_config(port, state.path(), "sorter", 1_000_000);
-        config.mqtt.device_id = device.into();
-        (config.schedule.trigger.settle, config.schedule.trigger.interval) = (Duration::from_secs(u64::MAX / 4_000), Duration::from_secs(u64::MAX / 4_000));
-        (config.gate.watch.min_samples, config.gate.watch.max_samples) = (10, 20);
-        config.fleet = adaptd_daemon::fleet::FleetConfig {
-            repository: nginx.url().to_string(),
-            root_file: repo.join("metadata/1.root.json"),
-            ca_file: std::path::PathBuf::new(),
-            max_release_mb: 16,
-            maintenance_window: String::new(),
-            offers: String::new(),
-        };
+        let config = fleet_device_config(port, state.path(), device, &nginx, &repo);
         daemons.push(crate::serve_in_process(config).await);
         states.push(state);
     }
@@ -594,7 +601,7 @@ async fn a_release_rolls_out_in_waves_through_each_devices_gate_and_a_bad_one_ha
 /// rollback watch commits it on fresh labels.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_loreft_adapter_is_trained_promoted_released_and_committed_by_another_device() {
-    use crate::adapt::{EventLog, Running, daemon_config, digit_lines, publish, shut_down, start_daemon_with};
+    use crate::adapt::{EventLog, Running, digit_lines, publish, shut_down, start_daemon_with};
     use adaptd::datasets::{Digits, Shift};
     let Running { broker, state, events, base, stop, daemon } = start_daemon_with("sorter", 300, |c| {
         c.training.adapter = adaptd_daemon::adapt::AdapterChoice::Loreft;
@@ -640,33 +647,12 @@ async fn a_loreft_adapter_is_trained_promoted_released_and_committed_by_another_
 
     // The operator publishes it.
     let dir = tempfile::tempdir().unwrap();
-    let (keys, repo) = (dir.path().join("keys"), dir.path().join("repo"));
-    let (ks, rs) = (keys.to_str().unwrap(), repo.to_str().unwrap());
-    for args in [
-        vec!["fleet", "keygen", "--keys", ks],
-        vec!["fleet", "init", "--keys", ks, "--repo", rs],
-        vec!["fleet", "publish", "sorter", "1", "--state-dir", state.path().to_str().unwrap(), "--keys", ks, "--repo", rs],
-    ] {
-        let (ok, out) = adaptd(&args);
-        assert!(ok, "{args:?}: {out}");
-    }
+    let (_, repo) = publish_first_release(dir.path(), state.path());
     let nginx = Nginx::start(&repo);
 
     // Device B: the same shift, never trains by itself; its own samples judge the release.
     let state_b = tempfile::tempdir().unwrap();
-    let mut config = daemon_config(port, state_b.path(), "sorter", 1_000_000);
-    config.mqtt.device_id = "robot-b".into();
-    (config.schedule.trigger.settle, config.schedule.trigger.interval) = (Duration::from_secs(u64::MAX / 4_000), Duration::from_secs(u64::MAX / 4_000));
-    (config.gate.watch.min_samples, config.gate.watch.max_samples) = (10, 20);
-    config.fleet = adaptd_daemon::fleet::FleetConfig {
-        repository: nginx.url().to_string(),
-        root_file: repo.join("metadata/1.root.json"),
-        ca_file: std::path::PathBuf::new(),
-        max_release_mb: 16,
-        maintenance_window: String::new(),
-        offers: String::new(),
-    };
-    let (stop_b, addr_b, daemon_b) = crate::serve_in_process(config).await;
+    let (stop_b, addr_b, daemon_b) = crate::serve_in_process(fleet_device_config(port, state_b.path(), "robot-b", &nginx, &repo)).await;
     let events_b = EventLog::start(port, state_b.path());
     // B's own digits, none of which A trained on; fresh labels come from the held-out pool's tail.
     let trained: std::collections::HashSet<usize> = pool.iter().copied().take(360).collect();

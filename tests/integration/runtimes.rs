@@ -175,54 +175,34 @@ fn a_served_lora_is_folded_into_a_copy_of_the_model_and_answers_as_the_slots_do(
         for b in some.iter_mut().skip(1).step_by(4) {
             *b = HostTensor::f32(b.shape.clone(), vec![0.0; b.shape.iter().product()]).unwrap();
         }
-        for lora in [&every, &some] {
-            let prepared = onnx.prepare_merged(lora).unwrap();
+        // A LoReFT alone runs merged too: its values written into the bundle's edits-only graph,
+        // which answers as the slotted graph does (MiniLM's probe rows are a padded batch).
+        let spec = bundle.manifest.reft.as_ref().unwrap();
+        let reft = adaptd_adapters::ReftWeights::random(spec, 4, 9, 0.3).unwrap();
+        let edits = adaptd_adapters::slots::adapter_inputs(&bundle.manifest, None, Some(&reft)).unwrap();
+        for (kind, values) in [("LoRA", &every), ("LoRA on some slots", &some), ("LoReFT", &edits)] {
+            let prepared = onnx.prepare_merged(values).unwrap();
             let merging = merged_of(&prepared);
             wait(&merging);
             assert_eq!(onnx.merged_sessions(), 1, "{name}");
             let merged = onnx.run_prepared(inputs.clone(), &prepared).unwrap();
-            let slotted = onnx.run_prepared(inputs.clone(), &onnx.prepare_slots(lora).unwrap()).unwrap();
+            let slotted = onnx.run_prepared(inputs.clone(), &onnx.prepare_slots(values).unwrap()).unwrap();
             let base = onnx.run(&inputs, &no_adapter_inputs(&bundle.manifest)).unwrap();
             for ((m, s), b) in merged.iter().zip(&slotted).zip(&base) {
                 let (m, s, b) = (m.as_f32().unwrap(), s.as_f32().unwrap(), b.as_f32().unwrap());
                 let scale = s.iter().fold(1.0f32, |acc, x| acc.max(x.abs()));
                 let diff = m.iter().zip(s).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
                 let effect = s.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
-                assert!(diff <= 1e-4 * scale, "{name}: merged and slotted differ by {diff} (values up to {scale})");
-                assert!(effect > 100.0 * diff, "{name}: the LoRA moves the outputs by {effect}, far more than merging does ({diff})");
+                assert!(diff <= 1e-4 * scale, "{name} {kind}: merged and slotted differ by {diff} (values up to {scale})");
+                assert!(effect > 100.0 * diff, "{name} {kind}: the adapter moves the outputs by {effect}, far more than merging does ({diff})");
             }
             drop(prepared);
             drop(merging);
             let started = std::time::Instant::now();
             while onnx.merged_sessions() > 0 {
-                assert!(started.elapsed() < Duration::from_secs(10), "{name}: a dropped adapter frees its merged copy");
+                assert!(started.elapsed() < Duration::from_secs(10), "{name} {kind}: a dropped adapter frees its merged copy");
                 std::thread::sleep(Duration::from_millis(10));
             }
-        }
-        // A LoReFT alone runs merged too: its values written into the bundle's edits-only graph,
-        // which answers as the slotted graph does (MiniLM's probe rows are a padded batch).
-        let spec = bundle.manifest.reft.as_ref().unwrap();
-        let reft = adaptd_adapters::ReftWeights::random(spec, 4, 9, 0.3).unwrap();
-        let values = adaptd_adapters::slots::adapter_inputs(&bundle.manifest, None, Some(&reft)).unwrap();
-        let prepared = onnx.prepare_merged(&values).unwrap();
-        let merging = merged_of(&prepared);
-        wait(&merging);
-        let merged = onnx.run_prepared(inputs.clone(), &prepared).unwrap();
-        let slotted = onnx.run_prepared(inputs.clone(), &onnx.prepare_slots(&values).unwrap()).unwrap();
-        let base = onnx.run(&inputs, &no_adapter_inputs(&bundle.manifest)).unwrap();
-        for ((m, s), b) in merged.iter().zip(&slotted).zip(&base) {
-            let (m, s, b) = (m.as_f32().unwrap(), s.as_f32().unwrap(), b.as_f32().unwrap());
-            let scale = s.iter().fold(1.0f32, |acc, x| acc.max(x.abs()));
-            let diff = m.iter().zip(s).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
-            let effect = s.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
-            assert!(diff <= 1e-4 * scale, "{name}: merged and slotted LoReFT differ by {diff} (values up to {scale})");
-            assert!(effect > 100.0 * diff, "{name}: the LoReFT moves the outputs by {effect}, far more than merging does ({diff})");
-        }
-        drop((prepared, merging));
-        let started = std::time::Instant::now();
-        while onnx.merged_sessions() > 0 {
-            assert!(started.elapsed() < Duration::from_secs(10), "{name}: a dropped LoReFT frees its merged copy");
-            std::thread::sleep(Duration::from_millis(10));
         }
         // One place (merged_sessions = 1): a second LoRA waits while the first is in use, and
         // takes the place once the first has sat idle while the second served.
