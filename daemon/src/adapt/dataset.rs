@@ -104,6 +104,8 @@ pub(super) struct Prepared {
     pub labels: Vec<String>,
     pub counts: SampleCounts,
     pub notes: Vec<String>,
+    /// Labels the job trains that no validation sample has: validation cannot speak for them.
+    pub unvalidated: Vec<String>,
     /// The stored samples behind the job's rows (training rows, then validation rows; None for
     /// replayed rows), for keeping the prefix activations the job computes.
     pub sample_ids: (Vec<Option<i64>>, Vec<i64>),
@@ -140,7 +142,7 @@ pub(super) fn prepare(
     let index: BTreeMap<&str, i64> = labels.iter().enumerate().map(|(i, l)| (l.as_str(), i as i64)).collect();
     let train: Vec<&StoredSample> = train_all.iter().filter(|s| index.contains_key(s.sample.label.as_str())).collect();
     let validation: Vec<&StoredSample> = validation_all.iter().filter(|s| index.contains_key(s.sample.label.as_str())).collect();
-    check_coverage(&labels, &per_label, &train, &validation, config.training.min_train_samples, &mut notes)?;
+    let unvalidated = check_coverage(&labels, &per_label, &train, &validation, config.training.min_train_samples, &mut notes)?;
 
     let train_emb = embeddings(&train, dim)?;
     let train_labels: Vec<i64> = train.iter().map(|s| index[s.sample.label.as_str()]).collect();
@@ -257,7 +259,7 @@ pub(super) fn prepare(
         recipe: config.training.recipe.clone(),
         prefix_cache,
     };
-    Ok(Prepared { job, labels, counts, notes, sample_ids: (train_ids, validation_ids) })
+    Ok(Prepared { job, labels, counts, notes, unvalidated, sample_ids: (train_ids, validation_ids) })
 }
 
 /// The task's training and validation samples that have their embedding. Under a steady stream
@@ -314,7 +316,7 @@ fn check_coverage(
     validation: &[&StoredSample],
     min_train_samples: usize,
     notes: &mut Vec<String>,
-) -> Result<(), AdaptError> {
+) -> Result<Vec<String>, AdaptError> {
     if train.len() < min_train_samples {
         return Err(AdaptError::Data(format!("{} training samples over labels that qualify; {min_train_samples} needed", train.len())));
     }
@@ -322,12 +324,14 @@ fn check_coverage(
     if trained_labels.len() < 2 && labels.len() < 2 {
         return Err(AdaptError::Data(format!("only one label ({:?}) has samples; a classifier needs two", trained_labels.iter().next())));
     }
+    let mut unvalidated = Vec::new();
     for label in labels {
         if per_label.get(label.as_str()).copied().unwrap_or(0) > 0 && !validation.iter().any(|s| &s.sample.label == label) {
             notes.push(format!("label {label:?} has no validation samples: early stopping cannot see it"));
+            unvalidated.push(label.clone());
         }
     }
-    Ok(())
+    Ok(unvalidated)
 }
 
 /// The samples' embeddings, row after row.
@@ -481,8 +485,9 @@ mod tests {
         let labels = ["cat".to_string(), "dog".to_string()];
 
         let mut notes = Vec::new();
-        check_coverage(&labels, &per_label, &train_refs, &val_refs, 3, &mut notes).unwrap();
+        let unvalidated = check_coverage(&labels, &per_label, &train_refs, &val_refs, 3, &mut notes).unwrap();
         assert_eq!(notes, ["label \"dog\" has no validation samples: early stopping cannot see it"]);
+        assert_eq!(unvalidated, ["dog"]);
 
         let err = check_coverage(&labels, &per_label, &train_refs, &val_refs, 4, &mut Vec::new()).unwrap_err();
         assert!(err.to_string().contains("3 training samples over labels that qualify; 4 needed"), "{err}");
