@@ -286,6 +286,9 @@ impl<I: Clone> Requester<I> {
             return None;
         }
         let pool = std::mem::take(&mut self.pool);
+        // The drawn row stays for a later random request until it is asked (or is like one
+        // asked): when several requests go out between two served rows, the random share would
+        // otherwise fall to the first of them alone.
         let drawn = self.drawn.take();
         self.offered = 0;
         let random = self.uniform() < self.strategy.random_share;
@@ -299,8 +302,9 @@ impl<I: Clone> Requester<I> {
         };
         // Candidates as good as asked already (alike a recent request) leave the pool for good.
         let alike_rows: Vec<bool> = (0..pool.len()).map(|i| alike(&embedding_of(i), &self.recent)).collect();
-        let chosen = match (random, drawn) {
-            (true, Some(d)) if !alike(&embedding_of(pool.len()), &self.recent) => Some((None, d, embedding_of(pool.len()), "random")),
+        let drawn_alike = alike(&embedding_of(pool.len()), &self.recent);
+        let chosen = match (random, &drawn) {
+            (true, Some(d)) if !drawn_alike => Some((None, d.clone(), embedding_of(pool.len()), "random")),
             _ if self.cold() => pool
                 .iter()
                 .enumerate()
@@ -332,6 +336,10 @@ impl<I: Clone> Requester<I> {
         // The rest of the pool stays for the next request: still unsure, still unanswered.
         let taken = chosen.as_ref().and_then(|c| c.0);
         self.pool = pool.into_iter().enumerate().filter(|(i, _)| !alike_rows[*i] && Some(*i) != taken).map(|(_, c)| c).collect();
+        let drawn_asked = chosen.as_ref().is_some_and(|c| c.0.is_none() || drawn.as_ref().is_some_and(|d| d.fingerprint == c.1.fingerprint));
+        if !drawn_asked && !drawn_alike {
+            self.drawn = drawn;
+        }
         let (_, candidate, embedding, strategy) = chosen?;
         if self.asked.len() == RECENT {
             self.asked.pop_front();
@@ -513,9 +521,7 @@ mod tests {
             for c in r.candidates() {
                 kept[usize::from(c.input >= 10)] += 1;
             }
-            while r.has_candidates() {
-                r.choose(i64::from(round) * 1_000_000, &vec![None; r.candidates().len()]);
-            }
+            while r.choose(i64::from(round) * 1_000_000, &vec![None; r.candidates().len()]).is_some() {}
         }
         let share = f64::from(kept[0]) / f64::from(kept[0] + kept[1]);
         assert!((0.15..=0.35).contains(&share), "a quarter of the rows are unsure, and about a quarter of the pool: {share} ({kept:?})");
@@ -536,6 +542,32 @@ mod tests {
         r.offer(1, &[0.99, 0.01, 0.0], &labels(), || "sure under v1");
         let adapted = r.choose(2, &[Some(vec![0.6, -0.6, 0.5]), Some(vec![-0.6, 0.6, 0.5])]).unwrap();
         assert_eq!((adapted.candidate.input, adapted.strategy), ("unsure under v1", "uncertainty"));
+    }
+
+    #[test]
+    fn the_drawn_row_waits_for_a_random_request_when_several_go_out_between_served_rows() {
+        // Rows are served in bursts and requests go out in bursts (a tick's worth): the drawn row
+        // is kept until a random request takes it, so the random share does not fall to the
+        // first request after each burst alone.
+        let mut r: Requester<u32> = Requester::new(Strategy { random_share: 0.3, per_minute: 100_000, per_hour: 100_000, per_day: 100_000, ..strategy() }, 3);
+        r.set_labelled(Labelled { labels: labels(), counts: vec![1, 1, 1], centroids: vec![None, None, None] });
+        let (mut random, mut sent) = (0, 0);
+        for burst in 0..50u32 {
+            for i in 0..8u32 {
+                let top = 0.5 + (i as f32) * 0.05;
+                r.offer(1, &[top, 1.0 - top, (burst * 8 + i) as f32 * 1e-9], &labels(), || burst * 8 + i);
+            }
+            for k in 0..4 {
+                if let Some(c) = r.choose(i64::from(burst * 4 + k), &vec![None; r.candidates().len()]) {
+                    sent += 1;
+                    random += usize::from(c.strategy == "random");
+                }
+            }
+        }
+        assert!(sent >= 150, "{sent}");
+        // At most one random request per burst, a burst asking for one with probability
+        // 1 - 0.7^4 = 0.76: about 38 of 50 bursts.
+        assert!((25..=50).contains(&random), "random requests {random} of {sent}");
     }
 
     #[test]
