@@ -212,3 +212,52 @@ fn a_store_from_before_label_requests_kept_their_confidence_opens_and_keeps_it_f
     assert_eq!(store.label_request("robot-7-sorter-1").unwrap(), Some(row), "as it was sent, confidence included");
     assert_eq!(store.label_request("no-such-id").unwrap(), None);
 }
+
+/// Answers to requests the daemon chose are not a fair test of what it serves (they are the
+/// inputs it was least sure of, or the most novel): they never enter the holdout, and train
+/// where their key would have put them there. Answers to the random share, a fair draw of what
+/// is served, are the holdout. Samples without a request split by their key as always.
+#[test]
+fn answers_to_chosen_requests_never_judge_and_answers_to_random_ones_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = SplitPolicy::default();
+    let mut store = SampleStore::open(&dir.path().join("samples.db"), policy).unwrap();
+    let request = |id: &str, strategy: &str| adaptd_daemon::samples::LabelRequestRow {
+        id: id.into(),
+        task: "sorter".into(),
+        input: SampleInput::Text("x".into()),
+        predicted: "left".into(),
+        confidence: 0.5,
+        strategy: strategy.into(),
+        created_ms: 1_700_000_000_000,
+        expires_ms: 1_800_000_000_000,
+    };
+    // Keys whose own split is the holdout, and keys whose own split is training.
+    let by_split = |want: Split| (0..).map(|i| format!("answer:{i}")).filter(move |k| policy.split_of(k) == want);
+    let (holdout_keys, train_keys): (Vec<String>, Vec<String>) = (by_split(Split::Holdout).take(3).collect(), by_split(Split::Train).take(3).collect());
+    let mut answers = Vec::new();
+    for (i, strategy) in ["uncertainty", "diversity", "random"].iter().enumerate() {
+        for (keys, which) in [(&holdout_keys, "h"), (&train_keys, "t")] {
+            let id = format!("{strategy}-{which}");
+            store.add_label_request(&request(&id, strategy)).unwrap();
+            answers.push(Sample { request_id: Some(id), ..sample(&keys[i], "sorter", "left") });
+        }
+    }
+    answers.push(sample(&holdout_keys[0].replace("answer", "plain"), "sorter", "left"));
+    let plain_split = policy.split_of(&answers[6].key);
+    let splits: Vec<Inserted> = store.insert_batch(&answers).unwrap();
+    assert_eq!(
+        splits,
+        [
+            Inserted::New(Split::Train),   // uncertainty, its key said holdout
+            Inserted::New(Split::Train),   // uncertainty, its key said train
+            Inserted::New(Split::Train),   // diversity, its key said holdout
+            Inserted::New(Split::Train),   // diversity, its key said train
+            Inserted::New(Split::Holdout), // random, its key said holdout
+            Inserted::New(Split::Holdout), // random, its key said train
+            Inserted::New(plain_split),    // no request: its key decides
+        ]
+    );
+    let holdout: Vec<String> = store.load("sorter", Split::Holdout).unwrap().into_iter().map(|s| s.sample.key).collect();
+    assert_eq!(holdout.len(), 2 + usize::from(plain_split == Split::Holdout), "{holdout:?}");
+}
