@@ -392,22 +392,8 @@ impl SampleStore {
                     "UPDATE label_requests SET answered_ms = ?3, answer_label = ?4, answer_key = ?5 WHERE id = ?1 AND task = ?2 AND answered_ms IS NULL",
                 )
                 .map_err(&err)?;
-            let mut asked_how = tx.prepare_cached("SELECT strategy FROM label_requests WHERE id = ?1 AND task = ?2").map_err(&err)?;
             for s in samples {
-                let mut split = self.policy.split_of(&s.key);
-                // The answer to a request the daemon chose (the inputs it was least sure of, the
-                // most novel, the most spread out) is not a fair test: a holdout of them is
-                // harder than what is served, and refuses good candidates. Such answers train
-                // (or validate) but never judge; answers to the random share, a fair draw of what
-                // is served, are the holdout.
-                if let Some(request) = &s.request_id {
-                    let strategy: Option<String> = asked_how.query_row(params![request, s.task], |r| r.get(0)).optional().map_err(&err)?;
-                    split = match (strategy.as_deref(), split) {
-                        (Some("random"), _) => Split::Holdout,
-                        (Some(_), Split::Holdout) => Split::Train,
-                        (_, split) => split,
-                    };
-                }
+                let split = self.policy.split_of(&s.key);
                 let (kind, shape, bytes) = encode_input(&s.input);
                 let changed = insert
                     .execute(params![
