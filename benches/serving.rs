@@ -196,8 +196,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// slots), on the graph with slots fed zeros and fed the LoRA adapter's values, and the engine
 /// serving a head alone, the LoRA adapter with its head and a LoReFT adapter with its head (each
 /// merged: the LoRA folded into weights, the LoReFT written into the edits-only graph), and plain
-/// ONNX Runtime on that edits-only graph with the same LoReFT values written in. p50 and p99 of each; ratios are medians over rounds
-/// of the ratio of p50s.
+/// ONNX Runtime on that edits-only graph with the same LoReFT values written in. p50 and p99 of
+/// each; ratios are medians over rounds of the ratio of p50s.
 fn side_by_side(s: &mut Setup, name: &str, rounds: usize, per_round: usize) {
     const NAMES: [&str; 7] =
         ["ORT original", "ORT slots, zeros", "ORT slots, same LoRA", "adaptd head", "adaptd LoRA+head", "adaptd LoReFT+head", "ORT edits-only, same LoReFT"];

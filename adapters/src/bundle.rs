@@ -603,12 +603,6 @@ impl Bundle {
 }
 
 impl Bundle {
-    /// The graph without slots with `lora` (graph-input order: A, B per slot, B already scaled)
-    /// folded into its weights: each slot whose A and B both change something gets `W + B·A`
-    /// written over its initializer's values, laid out as the graph holds W (transposed where it
-    /// is `[in, out]`, scaled per output channel where a batch norm was folded into it). The
-    /// model these bytes hold computes what the slotted graph computes with these slot values (LoRA only: LoReFT edits are refused). `None` where
-    /// the bundle has no graph without slots or no merge map.
     /// The edits-only graph with a LoReFT adapter's values written in (merged LoReFT serving),
     /// for slot values that change no LoRA slot; None where the bundle has no such graph.
     pub fn merged_reft_graph(&self, values: &[HostTensor]) -> Result<Option<Vec<u8>>, BundleError> {
@@ -618,8 +612,7 @@ impl Bundle {
         if values.len() != self.manifest.slot_input_count() {
             return Err(invalid(format!("{} slot values, the graph takes {}", values.len(), self.manifest.slot_input_count())));
         }
-        let (lora, reft) = crate::slots::split(&self.manifest, values);
-        if !lora.chunks(2).all(crate::lora::slot_adds_nothing) {
+        if !crate::slots::lora_adds_nothing(&self.manifest, values) {
             return Err(invalid("the adapter changes LoRA slots too, which the edits-only graph does not have".into()));
         }
         let mut graph = std::fs::read(&path).map_err(|source| BundleError::Io { path: path.clone(), source })?;
@@ -628,6 +621,7 @@ impl Bundle {
             .iter()
             .flat_map(|s| [(spec.rank_max * s.dim, DType::F32), (spec.rank_max * s.dim, DType::F32), (spec.rank_max, DType::F32)])
             .chain(spec.positions_input.iter().map(|_| (2, DType::I64)));
+        let (_, reft) = crate::slots::split(&self.manifest, values);
         for (((name, value), &offset), size) in spec.input_names().zip(reft).zip(&merge.offsets).zip(sizes) {
             let bytes = le_bytes(value, size).map_err(|e| invalid(format!("{name}: {e}")))?;
             let start = usize::try_from(offset).unwrap_or(usize::MAX);
@@ -640,6 +634,12 @@ impl Bundle {
         Ok(Some(graph))
     }
 
+    /// The graph without slots with `lora` (graph-input order: A, B per slot, B already scaled)
+    /// folded into its weights: each slot whose A and B both change something gets `W + B·A`
+    /// written over its initializer's values, laid out as the graph holds W (transposed where it
+    /// is `[in, out]`, scaled per output channel where a batch norm was folded into it). The
+    /// model these bytes hold computes what the slotted graph computes with these slot values (LoRA only: LoReFT edits are refused). `None` where
+    /// the bundle has no graph without slots or no merge map.
     pub fn merged_plain_graph(&self, values: &[HostTensor]) -> Result<Option<Vec<u8>>, BundleError> {
         let (Some(merge), Some(path)) = (&self.manifest.merge, self.plain_graph_path()) else { return Ok(None) };
         let invalid = |path: &Path, reason: String| BundleError::Invalid { path: path.to_path_buf(), reason };

@@ -56,8 +56,13 @@ pub fn split<'a>(manifest: &Manifest, inputs: &'a [HostTensor]) -> (&'a [HostTen
 
 /// Whether slot values change nothing: no LoRA slot adds anything and no LoReFT slot edits.
 pub fn changes_nothing(manifest: &Manifest, inputs: &[HostTensor]) -> bool {
+    lora_adds_nothing(manifest, inputs) && reft_edits_nothing(manifest, inputs)
+}
+
+/// Whether the LoRA part of slot values adds nothing (each slot's A or B all zeros).
+pub fn lora_adds_nothing(manifest: &Manifest, inputs: &[HostTensor]) -> bool {
     let (lora, _) = split(manifest, inputs);
-    lora.chunks(2).all(crate::lora::slot_adds_nothing) && reft_edits_nothing(manifest, inputs)
+    lora.chunks(2).all(crate::lora::slot_adds_nothing)
 }
 
 /// Whether the LoReFT part of slot values edits nothing (a bundle without LoReFT slots: true).

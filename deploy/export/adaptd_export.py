@@ -475,9 +475,8 @@ def merge_map(plain_path: Path, targets: Sequence[str], layers: Sequence[nn.Modu
             print(f"merge: {target}: its weight is in {len(found)} initializers of {plain_path.name}, not one; LoRA serves on the slotted graph only")
             return None
         name, transposed, scale = found[0]
-        raw = np.ascontiguousarray(initializers[name]).astype("<f4").tobytes()
-        offset = blob.find(raw)
-        if offset < 0 or blob.find(raw, offset + 1) >= 0:
+        offset = _offset_once(blob, np.ascontiguousarray(initializers[name]).astype("<f4").tobytes())
+        if offset is None:
             print(f"merge: {target}: the values of {name} are not stored once, in place, in {plain_path.name}; LoRA serves on the slotted graph only")
             return None
         if scale is not None:
@@ -515,13 +514,18 @@ def reft_merge_graph(path: Path, names: Sequence[str]) -> list[int] | None:
     blob = path.read_bytes()
     offsets = []
     for name, marker in zip(names, markers):
-        raw = marker.astype(marker.dtype.newbyteorder("<")).tobytes()
-        offset = blob.find(raw)
-        if offset < 0 or blob.find(raw, offset + 1) >= 0:
+        offset = _offset_once(blob, marker.astype(marker.dtype.newbyteorder("<")).tobytes())
+        if offset is None:
             print(f"reft merge: the values of {name} are not stored once, in place, in {path.name}; LoReFT serves on the slotted graph only")
             return None
         offsets.append(offset)
     return offsets
+
+
+def _offset_once(blob: bytes, raw: bytes) -> int | None:
+    """Where `raw` lies in `blob`, if it lies there exactly once (a merge map must name one place)."""
+    offset = blob.find(raw)
+    return None if offset < 0 or blob.find(raw, offset + 1) >= 0 else offset
 
 
 def _set_parent(module: nn.Module, name: str, child: nn.Module) -> None:

@@ -1062,7 +1062,7 @@ impl<'g> Model<'g> {
     }
 
     /// Loss and accuracy on the validation set, without gradients.
-    fn validate(&self, data: &DeviceData) -> Result<(f32, f32), TrainError> {
+    fn validate(&self, data: &DeviceData<'_>) -> Result<(f32, f32), TrainError> {
         let _guard = tch::no_grad_guard();
         evaluate(&data.val_inputs, &data.val_labels, data.val_rows, |batch| self.logits(&self.trim(batch.iter().map(Tensor::shallow_clone).collect()), false))
     }
@@ -1099,13 +1099,15 @@ unsafe fn borrowed_tensor(t: &HostTensor) -> Result<Tensor, TrainError> {
 /// The examples on `device`: their own memory on the CPU (see [`borrowed_tensor`]), a copy on
 /// an accelerator.
 fn device_tensor(t: &HostTensor, device: Device) -> Result<Tensor, TrainError> {
-    // SAFETY: see `DeviceData`: these tensors live within the `fit` call that borrows `t`.
+    // SAFETY: only `DeviceData::new` calls this, and `DeviceData` borrows the examples for as
+    // long as it holds the tensors; they are only read.
     let host = unsafe { borrowed_tensor(t)? };
     Ok(if device == Device::Cpu { host } else { host.to_device(device) })
 }
 
-/// A job's examples on the training device.
-struct DeviceData {
+/// A job's examples on the training device. On the CPU its inputs are the examples' own memory
+/// (see [`borrowed_tensor`]), so it borrows them: it cannot outlive what it reads.
+struct DeviceData<'a> {
     train_inputs: Vec<Tensor>,
     train_labels: Tensor,
     train_weights: Tensor,
@@ -1113,12 +1115,11 @@ struct DeviceData {
     val_inputs: Vec<Tensor>,
     val_labels: Tensor,
     val_rows: usize,
+    examples: std::marker::PhantomData<&'a Examples>,
 }
 
-impl DeviceData {
-    /// Only for the length of the `fit` call that borrows `train` and `validation`: the inputs
-    /// are their memory on the CPU.
-    fn new(train: &Examples, validation: &Examples, device: Device) -> Result<Self, TrainError> {
+impl<'a> DeviceData<'a> {
+    fn new(train: &'a Examples, validation: &'a Examples, device: Device) -> Result<Self, TrainError> {
         Ok(DeviceData {
             train_inputs: train.inputs.iter().map(|t| device_tensor(t, device)).collect::<Result<_, _>>()?,
             train_labels: Tensor::from_slice(&train.labels).to_device(device),
@@ -1127,6 +1128,7 @@ impl DeviceData {
             val_inputs: validation.inputs.iter().map(|t| device_tensor(t, device)).collect::<Result<_, _>>()?,
             val_labels: Tensor::from_slice(&validation.labels).to_device(device),
             val_rows: validation.len(),
+            examples: std::marker::PhantomData,
         })
     }
 
@@ -1155,7 +1157,7 @@ impl DeviceData {
 
 /// The recipe's batch size, shrunk to what the memory budget holds (measured by a probe step),
 /// with the probe's bytes per sample; a budget too small for one sample refuses the job.
-fn batch_size_within_budget(model: &mut Model<'_>, data: &DeviceData, recipe: &Recipe) -> Result<(usize, Option<u64>), TrainError> {
+fn batch_size_within_budget(model: &mut Model<'_>, data: &DeviceData<'_>, recipe: &Recipe) -> Result<(usize, Option<u64>), TrainError> {
     let n = data.train_rows;
     let batch_size = recipe.batch_size.min(n);
     let Some(budget) = recipe.memory_budget_bytes else { return Ok((batch_size, None)) };
@@ -1191,7 +1193,7 @@ struct Steps<'a> {
 
 impl Steps<'_> {
     /// One epoch over the training rows in `order`; returns the sum of its step losses.
-    fn epoch(&mut self, model: &mut Model<'_>, data: &DeviceData, order: &[usize], epoch: usize) -> Result<f64, TrainError> {
+    fn epoch(&mut self, model: &mut Model<'_>, data: &DeviceData<'_>, order: &[usize], epoch: usize) -> Result<f64, TrainError> {
         let recipe = self.recipe;
         let mut epoch_loss = 0.0f64;
         for chunk in order.chunks(self.batch_size) {

@@ -199,8 +199,7 @@ pub(super) fn prepare(
         JobKind::Lora { .. } | JobKind::Loreft { .. } => {
             let mut inputs = model_inputs(text, &bundle.manifest, &train)?;
             if let Some(p) = pseudo.filter(|_| !pseudo_rows.is_empty()) {
-                let picked: Vec<Vec<HostTensor>> = pseudo_rows.iter().map(|&i| p.inputs.iter().map(|t| t.rows(i, i + 1)).collect()).collect();
-                let rows = concat_inputs(picked.iter().map(Vec::as_slice));
+                let rows: Vec<HostTensor> = p.inputs.iter().map(|t| t.select_rows(&pseudo_rows)).collect();
                 inputs = concat_inputs([inputs.as_slice(), rows.as_slice()].into_iter());
             }
             if !replay_rows.is_empty() && text.is_none() {

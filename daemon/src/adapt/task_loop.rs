@@ -650,10 +650,8 @@ impl TaskLoop {
             };
             // More steps follow: this one serves meanwhile if the gate passes it.
             if promote_each_step && let Some(attempt) = pending.take() {
-                let (kind, figures) = (attempt.kind, (attempt.val_accuracy, attempt.val_loss));
                 match self.gate_step(&mut steps, &mut incumbent, version, attempt).await {
-                    Ok(true) => promoted_step = Some((kind, figures)),
-                    Ok(false) => {}
+                    Ok(promoted) => promoted_step = promoted.or(promoted_step),
                     Err(end) => return end,
                 }
                 version = match ctx.registry.next_version(&task) {
@@ -674,10 +672,8 @@ impl TaskLoop {
         }
         self.scheduler.training_done();
         if let Some(attempt) = pending {
-            let (kind, figures) = (attempt.kind, (attempt.val_accuracy, attempt.val_loss));
             match self.gate_step(&mut steps, &mut incumbent, version, attempt).await {
-                Ok(true) => promoted_step = Some((kind, figures)),
-                Ok(false) => {}
+                Ok(promoted) => promoted_step = promoted.or(promoted_step),
                 Err(end) => return end,
             }
         }
@@ -806,9 +802,17 @@ impl TaskLoop {
 
     /// One step's candidate meets the gate against what serves now (`incumbent`); promoted, it
     /// serves from here on, is watched against the version it replaced, and is what the job's
-    /// next step is judged against. Ok: whether it was promoted; Err: how the job ends instead.
-    async fn gate_step(&mut self, steps: &mut JobSteps, incumbent: &mut Arc<Serving>, version: u64, attempt: Attempt) -> Result<bool, JobResult> {
+    /// next step is judged against. Ok: its kind and validation figures if it was promoted; Err:
+    /// how the job ends instead.
+    async fn gate_step(
+        &mut self,
+        steps: &mut JobSteps,
+        incumbent: &mut Arc<Serving>,
+        version: u64,
+        attempt: Attempt,
+    ) -> Result<Option<(JobKind, (f64, f64))>, JobResult> {
         let (ctx, task) = (self.ctx.clone(), self.task.clone());
+        let figures = (attempt.val_accuracy, attempt.val_loss);
         let Attempt { report, labels, counts, notes, kind, pseudo, .. } = attempt;
         let seconds = steps.started.elapsed().as_secs_f64();
         let (epochs, best_epoch) = (report.epochs.len(), report.best_epoch + 1);
@@ -830,7 +834,7 @@ impl TaskLoop {
                     self.watch = RollbackWatch::after_promotion(after, live.version, replaced, replaced_version);
                     steps.promoted.push(live.version);
                 }
-                Ok(promoted)
+                Ok(promoted.then_some((kind, figures)))
             }
             Err(GateError { error_type: "superseded", reason }) => Err(self.cancelled(version, reason)),
             Err(GateError { error_type, reason }) => {
@@ -1202,13 +1206,13 @@ struct Decided {
     adapter: Adapter,
 }
 
-/// Why escalation stops after `kind`, or None to take the next step. A LoReFT step that did not
-/// improve does not stop it: LoReFT is another kind of adapter, not less capacity than LoRA.
-/// Whether a job's ladder stops after `kind`: it did not improve on validation (more capacity
-/// does not help), validation is good enough, or there is no validation. "Good enough" is not
-/// trusted while a label the job trains has no validation samples (`unvalidated`): a new label,
-/// where the errors are, would go unseen (a camera's new part variants: the head reached 100 % on
-/// validation without one, 91.7 % on the test split, and LoRA never ran).
+/// Why escalation stops after `kind`, or None to take the next step: it did not improve on
+/// validation (more capacity does not help; but a LoReFT step that did not improve does not stop
+/// it: LoReFT is another kind of adapter, not less capacity than LoRA), validation is good
+/// enough, or there is no validation. "Good enough" is not trusted while a label the job trains
+/// has no validation samples (`unvalidated`): a new label, where the errors are, would go unseen
+/// (a camera's new part variants: the head reached 100 % on validation without one, 91.7 % on
+/// the test split, and LoRA never ran).
 fn escalation_stops(kind: &JobKind, improved: bool, best_accuracy: f64, until: f64, unvalidated: &[String]) -> Option<String> {
     if !improved && !matches!(kind, JobKind::Loreft { .. }) {
         Some(format!("{} did not improve on validation; more capacity does not help", kind.label()))

@@ -521,12 +521,11 @@ impl OnnxModel {
     /// layer's output folds into no weight, but needs no LoRA slot either).
     fn merges(&self, values: &[HostTensor]) -> bool {
         let manifest = &self.bundle.manifest;
-        let (lora, _) = adaptd_adapters::slots::split(manifest, values);
         if adaptd_adapters::slots::reft_edits_nothing(manifest, values) {
             self.merges_lora()
         } else {
             let edits_only = manifest.reft.as_ref().is_some_and(|r| r.merge.is_some());
-            edits_only && self.options.merged_sessions > 0 && lora.chunks(2).all(adaptd_adapters::lora::slot_adds_nothing)
+            edits_only && self.options.merged_sessions > 0 && adaptd_adapters::slots::lora_adds_nothing(manifest, values)
         }
     }
 

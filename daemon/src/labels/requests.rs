@@ -189,10 +189,13 @@ impl<I: Clone> Requester<I> {
     }
 
     fn quick_score(&self, c: &Candidate<I>) -> f64 {
-        if self.cold() {
-            return c.key;
-        }
-        self.strategy.uncertainty * c.uncertainty + self.strategy.balance * c.balance
+        self.score(c.uncertainty, c.balance, c.key)
+    }
+
+    /// A row's place in the pool: its random key while the base model serves, else how unsure
+    /// serving is of it and how few labels its predicted class has.
+    fn score(&self, uncertainty: f64, balance: f64, key: f64) -> f64 {
+        if self.cold() { key } else { self.strategy.uncertainty * uncertainty + self.strategy.balance * balance }
     }
 
     /// How far `embedding` lies from every earlier request and every labelled class's centre
@@ -228,19 +231,12 @@ impl<I: Clone> Requester<I> {
         // The class in the order of the task's labelled samples (new labels: none yet).
         let class = self.labelled.labels.iter().position(|l| Some(l) == labels.get(predicted)).unwrap_or(usize::MAX);
         let balance = if class == usize::MAX { 1.0 } else { self.labelled.balance(class) };
-        let key = self.uniform();
-        let candidate = |input| Candidate {
-            input,
-            fingerprint,
-            predicted: labels.get(predicted).cloned().unwrap_or_default(),
-            confidence: top,
-            uncertainty: 1.0 - f64::from(top - second),
-            balance,
-            key,
-        };
+        let (key, uncertainty) = (self.uniform(), 1.0 - f64::from(top - second));
+        let candidate =
+            |input| Candidate { input, fingerprint, predicted: labels.get(predicted).cloned().unwrap_or_default(), confidence: top, uncertainty, balance, key };
         let draw = self.uniform() * (self.offered as f64) < 1.0;
         let weakest = (self.pool.len() == POOL).then(|| self.pool.iter().map(|c| self.quick_score(c)).fold(f64::INFINITY, f64::min));
-        let score = if self.cold() { key } else { self.strategy.uncertainty * (1.0 - f64::from(top - second)) + self.strategy.balance * balance };
+        let score = self.score(uncertainty, balance, key);
         let enters = weakest.is_none_or(|w| score > w);
         if !draw && !enters {
             return;
