@@ -96,6 +96,63 @@ async fn a_sender_that_labels_wrong_is_caught_its_samples_kept_out_and_an_operat
     shut_down(stop, daemon).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adapter_that_learnt_a_shift_doubts_wrong_labels_the_neighbours_missed_and_a_candidate_trains_without_them() {
+    let Running { broker, state, events, base: _, stop, daemon } = start_daemon_with("sorter", 400, |c| {
+        c.training.adapter = adaptd_daemon::adapt::AdapterChoice::Lora;
+        c.training.escalate = false;
+        c.labels.pseudo = false;
+    })
+    .await;
+    // 400 digits from a camera turned 90°, which the base model's embedding does not see
+    // through; every fourth goes out as the next digit. The order of arrival is fixed.
+    let digits = Digits::load(&digits_data()).unwrap();
+    let lines = digit_lines(&digits, digits.held_out().into_iter().take(400), "cam-2", "sorter", Shift::Rotate90);
+    let mut flipped = Vec::new();
+    let lines: Vec<String> = lines
+        .into_iter()
+        .enumerate()
+        .map(|(i, line)| {
+            let mut sample: Value = serde_json::from_str(&line).unwrap();
+            if i % 4 == 1 {
+                let label: i64 = sample["label"].as_str().unwrap().parse().unwrap();
+                sample["label"] = ((label + 1) % 10).to_string().into();
+                flipped.push(sample["key"].as_str().unwrap().to_string());
+            }
+            sample.to_string()
+        })
+        .collect();
+    let port = broker.port;
+    let events = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(500)); // ingest subscribes
+        publish(port, "adaptd/v1/robot-3/samples/sorter", &lines);
+        events.wait_for("job_finished", Duration::from_secs(300));
+        events.events()
+    })
+    .await
+    .unwrap();
+
+    // The neighbours' search before the job, then the promoted LoRA's look after it.
+    let suspected: Vec<&Value> = events.iter().filter(|e| e["event"] == "labels_suspected").collect();
+    assert!(suspected.len() >= 2, "a search before the job and a look after it: {suspected:?}");
+    let (before, after) = (suspected[0]["suspects"].as_u64().unwrap(), suspected[1]["suspects"].as_u64().unwrap());
+    assert!(after >= before + 10, "the adapter doubts labels the neighbours did not: {before} then {after}");
+    eprintln!("suspects: {before} from the neighbours, {after} with the adapter's doubts");
+    let listed = cli(&["samples", "suspects", "--json", "--state-dir", state.path().to_str().unwrap()]);
+    let keys: Vec<String> = listed[0]["suspects"].as_array().unwrap().iter().map(|s| s["key"].as_str().unwrap().to_string()).collect();
+    let right = keys.iter().filter(|k| !flipped.contains(k)).count();
+    assert!(keys.len() - right >= 60 && right * 5 <= keys.len(), "{} of the 100 wrong labels suspected, and {right} right ones", keys.len() - right);
+
+    // A candidate trained without them met the gate, which held it to beating the adapter.
+    let look = events.iter().find(|e| e["event"] == "training_attempt" && e["kind"].as_str().is_some_and(|k| k.ends_with("without doubted labels")));
+    let look = look.unwrap_or_else(|| panic!("no candidate without the doubted labels: {events:?}"));
+    let version = look["version"].as_u64().unwrap();
+    let decided =
+        events.iter().find(|e| e["event"] == "gate_decision" && e["version"].as_u64() == Some(version)).unwrap_or_else(|| panic!("v{version} met no gate"));
+    assert!(decided.to_string().contains("must beat what serves"), "{decided}");
+    shut_down(stop, daemon).await;
+}
+
 /// Messages on one topic, collected by `mosquitto_sub` into a file.
 struct Subscription {
     child: std::process::Child,

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use adaptd_protocol::SuspectSource;
 
 use crate::samples::{SampleStore, StoreError, StoredSample, SuspectRow};
-use suspects::{SuspectSearch, find_suspects};
+use suspects::{SuspectSearch, doubted_by_adapter, find_suspects};
 
 /// The `[labels]` section of the configuration file.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
@@ -137,14 +137,48 @@ pub struct Reviewable {
     judged_right: HashSet<i64>,
 }
 
+impl Reviewable {
+    /// The samples searched, oldest first.
+    pub fn samples(&self) -> &[StoredSample] {
+        &self.samples
+    }
+}
+
 /// Read what a search of `task` needs (the newest `suspect_max_samples` embedded samples).
 pub fn reviewable(store: &SampleStore, task: &str, config: &LabelsConfig) -> Result<Reviewable, StoreError> {
     Ok(Reviewable { samples: store.reviewable(task, config.suspect_max_samples)?, labels: store.labels(task)?, judged_right: store.labels_judged_right(task)? })
 }
 
+/// The samples of `input` whose labels an adapter trained on them doubts (see
+/// [`suspects::doubted_by_adapter`]): `predictions` holds, per sample id, the adapter's class
+/// probabilities in the order of its `labels`. Samples it has no prediction for, or whose label
+/// it does not know, are not judged.
+pub fn adapter_doubts(input: &Reviewable, labels: &[String], predictions: &HashMap<i64, Vec<f32>>, config: &LabelsConfig) -> Vec<SuspectRow> {
+    let index: HashMap<&str, usize> = labels.iter().enumerate().map(|(i, l)| (l.as_str(), i)).collect();
+    let judged: Vec<(&StoredSample, usize, &Vec<f32>)> = input
+        .samples
+        .iter()
+        .filter_map(|s| Some((s, *index.get(s.sample.label.as_str())?, predictions.get(&s.id).filter(|p| p.len() == labels.len())?)))
+        .collect();
+    let probabilities: Vec<f32> = judged.iter().flat_map(|(_, _, p)| p.iter().copied()).collect();
+    let given: Vec<usize> = judged.iter().map(|(_, y, _)| *y).collect();
+    doubted_by_adapter(&probabilities, &given, labels.len(), &config.suspect_search())
+        .into_iter()
+        .filter(|f| !input.judged_right.contains(&judged[f.row].0.id))
+        .map(|f| SuspectRow {
+            sample_id: judged[f.row].0.id,
+            suggested: labels[f.suggested].clone(),
+            given_probability: f.given_probability,
+            suggested_probability: f.suggested_probability,
+        })
+        .collect()
+}
+
 /// Search `input` for wrong labels: the suspects to keep (samples an operator judged right are
-/// never suspected), and the review to report. Pure: no store, no clock.
-pub fn search(input: &Reviewable, dim: usize, config: &LabelsConfig) -> (Vec<SuspectRow>, Review) {
+/// never suspected), and the review to report. The neighbours' suspects come first, then those
+/// of `doubted` (an adapter's, [`adapter_doubts`]) among the samples still in `input` that the
+/// neighbours did not suspect. Pure: no store, no clock.
+pub fn search(input: &Reviewable, dim: usize, config: &LabelsConfig, doubted: &[SuspectRow]) -> (Vec<SuspectRow>, Review) {
     let samples: Vec<&StoredSample> = input.samples.iter().filter(|s| s.embedding.as_ref().is_some_and(|e| e.len() == dim)).collect();
     let index: HashMap<&str, usize> = input.labels.iter().enumerate().map(|(i, l)| (l.as_str(), i)).collect();
     let samples: Vec<&StoredSample> = samples.into_iter().filter(|s| index.contains_key(s.sample.label.as_str())).collect();
@@ -154,7 +188,7 @@ pub fn search(input: &Reviewable, dim: usize, config: &LabelsConfig) -> (Vec<Sus
     }
     let labels: Vec<usize> = samples.iter().map(|s| index[s.sample.label.as_str()]).collect();
     let found = find_suspects(&embeddings, dim, &labels, input.labels.len(), &config.suspect_search());
-    let rows: Vec<SuspectRow> = found
+    let mut rows: Vec<SuspectRow> = found
         .iter()
         .filter(|f| !input.judged_right.contains(&samples[f.row].id))
         .map(|f| SuspectRow {
@@ -164,6 +198,14 @@ pub fn search(input: &Reviewable, dim: usize, config: &LabelsConfig) -> (Vec<Sus
             suggested_probability: f.suggested_probability,
         })
         .collect();
+    let searched: HashSet<i64> = samples.iter().map(|s| s.id).collect();
+    let by_neighbours: HashSet<i64> = rows.iter().map(|r| r.sample_id).collect();
+    rows.extend(
+        doubted
+            .iter()
+            .filter(|r| searched.contains(&r.sample_id) && !by_neighbours.contains(&r.sample_id) && !input.judged_right.contains(&r.sample_id))
+            .cloned(),
+    );
     let suspected: HashSet<i64> = rows.iter().map(|r| r.sample_id).collect();
     let mut by_label = BTreeMap::new();
     let mut per_source: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
@@ -213,6 +255,34 @@ mod tests {
     }
 
     #[test]
+    fn an_adapters_doubts_join_the_neighbours_suspects_for_samples_still_searched() {
+        // Two clean clusters: the neighbours doubt nothing. The adapter is sure that samples 3
+        // and 8 ("a" on the "a" side) are "b", and knows nothing of sample 5.
+        let samples: Vec<StoredSample> = (0..60i64)
+            .map(|i| if i % 2 == 0 { sample(i, "a", "cam", vec![1.0, 0.05 * (i % 7) as f32]) } else { sample(i, "b", "cam", vec![0.05 * (i % 7) as f32, 1.0]) })
+            .collect();
+        let labels = vec!["b".to_string(), "a".to_string()];
+        let predictions: HashMap<i64, Vec<f32>> = (0..60i64)
+            .filter(|&i| i != 5)
+            .map(|i| {
+                let sure_b = i % 2 == 1 || i == 4 || i == 8;
+                (i, if sure_b { vec![0.95, 0.05] } else { vec![0.05, 0.95] })
+            })
+            .collect();
+        let input = Reviewable { samples, labels: vec!["a".into(), "b".into()], judged_right: HashSet::from([8]) };
+        let config = LabelsConfig::default();
+        let doubts = adapter_doubts(&input, &labels, &predictions, &config);
+        assert_eq!(doubts.iter().map(|r| (r.sample_id, r.suggested.as_str())).collect::<Vec<_>>(), [(4, "b")], "sample 8 was judged right");
+        // A doubt about a sample no longer searched (deleted, or older than the search reads)
+        // is dropped; the neighbours' own suspects come first.
+        let gone = SuspectRow { sample_id: 999, suggested: "a".into(), given_probability: 0.0, suggested_probability: 1.0 };
+        let (rows, review) = search(&input, 2, &config, &[doubts.clone(), vec![gone]].concat());
+        assert_eq!(rows, doubts);
+        assert_eq!((review.judged, review.suspects), (60, 1));
+        assert_eq!(review.by_label, BTreeMap::from([("a".to_string(), 1)]));
+    }
+
+    #[test]
     fn a_search_names_the_source_whose_labels_are_often_wrong_and_spares_labels_judged_right() {
         // Two clean clusters; "cam-7" labels a third of its "a" samples "b".
         let mut samples = Vec::new();
@@ -225,7 +295,7 @@ mod tests {
         let flipped: Vec<i64> = (0..60).filter(|i| i % 6 == 0).collect();
         let input = Reviewable { samples, labels: vec!["a".into(), "b".into()], judged_right: HashSet::from([flipped[0]]) };
         let config = LabelsConfig { suspect_source_share: 0.15, ..LabelsConfig::default() };
-        let (rows, review) = search(&input, 2, &config);
+        let (rows, review) = search(&input, 2, &config, &[]);
         let ids: Vec<i64> = rows.iter().map(|r| r.sample_id).collect();
         assert_eq!(ids, flipped[1..], "every flipped sample but the one judged right");
         assert!(rows.iter().all(|r| r.suggested == "a"));

@@ -69,7 +69,26 @@ pub fn find_suspects(embeddings: &[f32], dim: usize, labels: &[usize], classes: 
     let points = unit_rows(&project(embeddings, dim, search.projected_dim), n);
     let width = points.len() / n;
     let probabilities = neighbour_probabilities(&points, width, labels, classes, k);
+    confident_learning(&probabilities, labels, classes, search)
+}
 
+/// The samples whose labels a served adapter doubts: `probabilities` are its class
+/// probabilities for each sample (`classes` per row, in the order of `labels`). The rule and the
+/// guards are the neighbours' ([`find_suspects`]): an adapter's probabilities stand in for their
+/// vote. It sees what the base model's embedding does not (a turned camera, a new lens), so it
+/// tells a wrong label from a hard sample where the neighbours cannot; trained on most of these
+/// samples, it doubts only labels it did not learn, and early stopping on validation leaves a
+/// wrong label mostly unlearnt (a network fits the consistent labels first).
+pub fn doubted_by_adapter(probabilities: &[f32], labels: &[usize], classes: usize, search: &SuspectSearch) -> Vec<Suspect> {
+    if classes < 2 || probabilities.len() != labels.len() * classes || labels.iter().any(|&l| l >= classes) || probabilities.iter().any(|p| !p.is_finite()) {
+        return Vec::new();
+    }
+    confident_learning(probabilities, labels, classes, search)
+}
+
+/// Confident learning's rule over per-sample class probabilities (see the module's comment),
+/// with the search's guards; suspects by row.
+fn confident_learning(probabilities: &[f32], labels: &[usize], classes: usize, search: &SuspectSearch) -> Vec<Suspect> {
     let mut per_class = vec![0usize; classes];
     let mut sums = vec![0f64; classes];
     for (i, &y) in labels.iter().enumerate() {
@@ -344,6 +363,37 @@ mod tests {
         let search = SuspectSearch { projected_dim: 64, ..SuspectSearch::default() };
         let suspects = find_suspects(&points, 600, &labels, 5, &search);
         assert_eq!(suspects.iter().map(|s| s.row).collect::<Vec<_>>(), [7]);
+    }
+
+    #[test]
+    fn an_adapter_doubts_the_labels_it_did_not_learn_and_not_the_samples_it_is_unsure_of() {
+        // Three classes, 30 samples each. The adapter learnt the consistent labels: rows 5 and
+        // 40 carry a wrong label and it is sure of their true class; rows 70-74 are hard (it
+        // spreads them over two classes); the rest it gets right.
+        let classes = 3;
+        let mut labels: Vec<usize> = (0..90).map(|r| r / 30).collect();
+        let truth = labels.clone();
+        labels[5] = 2;
+        labels[40] = 0;
+        let probabilities: Vec<f32> = (0..90)
+            .flat_map(|r| {
+                let mut p = vec![0.05f32; classes];
+                if (70..75).contains(&r) {
+                    p = vec![0.45, 0.1, 0.45];
+                } else {
+                    p[truth[r]] = 0.9;
+                }
+                p
+            })
+            .collect();
+        let search = SuspectSearch::default();
+        let doubted = doubted_by_adapter(&probabilities, &labels, classes, &search);
+        assert_eq!(doubted.iter().map(|s| (s.row, s.suggested)).collect::<Vec<_>>(), [(5, 0), (40, 1)], "{doubted:?}");
+        // Probabilities it cannot read judge nothing.
+        let mut broken = probabilities.clone();
+        broken[7] = f32::NAN;
+        assert!(doubted_by_adapter(&broken, &labels, classes, &search).is_empty());
+        assert!(doubted_by_adapter(&probabilities[1..], &labels, classes, &search).is_empty());
     }
 
     #[test]
