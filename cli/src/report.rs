@@ -276,7 +276,7 @@ fn row(event: &Event) -> Row {
         Event::LabelsSuspected { judged, suspects, sources, .. } => {
             let named: Vec<String> = sources.iter().map(|s| format!("{} ({} of {})", s.source, s.suspects, s.samples)).collect();
             let why = format!(
-                "{suspects} of {judged} samples have labels their neighbours doubt: kept out of training and the holdout until judged{}",
+                "{suspects} of {judged} samples have labels their neighbours or an adapter doubt: kept out of training (those the neighbours doubt, out of the holdout too) until judged{}",
                 if named.is_empty() { String::new() } else { format!("; often suspected: {}", named.join(", ")) }
             );
             plain("labels suspected".into(), "warn", why)
@@ -542,7 +542,10 @@ mod tests {
         assert_eq!(html.matches("<svg").count(), 5, "measured, accuracy, step loss, epoch loss, per-class");
         assert!(html.contains("rejected: &lt;worse&gt;") && html.contains("rolled back") && html.contains("90.0 %"));
         assert!(html.contains("1 unreadable journal line"));
-        assert!(html.contains("31 of 400 samples have labels their neighbours doubt") && html.contains("line-9 (28 of 60)"), "suspects and who sent them");
+        assert!(
+            html.contains("31 of 400 samples have labels their neighbours or an adapter doubt") && html.contains("line-9 (28 of 60)"),
+            "suspects and who sent them"
+        );
         assert!(html.contains("4 of 10 requests kept answered, 3 of them saying serving was wrong"));
         assert!(html.contains("v1 (candidate)"), "per-class bars compare the last promoted version");
         let empty = render("r", &[], None);

@@ -213,14 +213,17 @@ CREATE TABLE IF NOT EXISTS labels (
     PRIMARY KEY (task, label)
 );
 -- Samples whose labels their neighbours doubt (the latest search's findings, per task): kept out
--- of training and the holdout unless an operator judged the label right.
+-- of training and the holdout unless an operator judged the label right. Those only an adapter
+-- doubts (by_adapter) are kept out of training alone: a holdout without them would be one the
+-- adapter agrees with everywhere, and no candidate could beat it there.
 CREATE TABLE IF NOT EXISTS suspects (
     sample_id INTEGER PRIMARY KEY,
     task TEXT NOT NULL,
     suggested TEXT NOT NULL,
     given_probability REAL NOT NULL,
     suggested_probability REAL NOT NULL,
-    found_ms INTEGER NOT NULL
+    found_ms INTEGER NOT NULL,
+    by_adapter INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS suspects_by_task ON suspects(task);
 -- An operator's word on a sample's label: right (it trains, and is not suspected again) or
@@ -256,9 +259,14 @@ BEGIN
 END;
 ";
 
-/// Samples that do not train or count in the holdout: suspected and not judged right, or judged
-/// wrong (a condition on `samples`' `id`).
+/// Samples that do not train: suspected and not judged right, or judged wrong (a condition on
+/// `samples`' `id`).
 const DOUBTED_SQL: &str = "(id IN (SELECT sample_id FROM suspects) AND id NOT IN (SELECT sample_id FROM label_reviews WHERE label_is_right = 1)) \
+    OR id IN (SELECT sample_id FROM label_reviews WHERE label_is_right = 0)";
+
+/// Samples that do not count in the holdout: the same, less those only an adapter doubts.
+const DOUBTED_IN_HOLDOUT_SQL: &str = "(id IN (SELECT sample_id FROM suspects WHERE by_adapter = 0) \
+    AND id NOT IN (SELECT sample_id FROM label_reviews WHERE label_is_right = 1)) \
     OR id IN (SELECT sample_id FROM label_reviews WHERE label_is_right = 0)";
 
 /// A label request as the store keeps it.
@@ -309,6 +317,8 @@ pub struct SuspectRow {
     pub suggested: String,
     pub given_probability: f32,
     pub suggested_probability: f32,
+    /// Doubted by an adapter's look, not by the neighbours: kept out of training, not the holdout.
+    pub by_adapter: bool,
 }
 
 fn now_ms() -> i64 {
@@ -351,6 +361,12 @@ impl SampleStore {
             conn.query_row("SELECT COUNT(*) > 0 FROM pragma_table_info('label_requests') WHERE name = 'confidence'", [], |r| r.get(0)).map_err(err)?;
         if !has_confidence {
             conn.execute_batch("ALTER TABLE label_requests ADD COLUMN confidence REAL NOT NULL DEFAULT 0").map_err(err)?;
+        }
+        // ... nor told an adapter's doubts from the neighbours'.
+        let has_by_adapter: bool =
+            conn.query_row("SELECT COUNT(*) > 0 FROM pragma_table_info('suspects') WHERE name = 'by_adapter'", [], |r| r.get(0)).map_err(err)?;
+        if !has_by_adapter {
+            conn.execute_batch("ALTER TABLE suspects ADD COLUMN by_adapter INTEGER NOT NULL DEFAULT 0").map_err(err)?;
         }
         Ok(SampleStore { conn, path: path.to_path_buf(), policy, lost_wal })
     }
@@ -529,9 +545,11 @@ impl SampleStore {
     }
 
     /// The samples of `task` in `split` that train and count in the holdout: all but those whose
-    /// labels are doubted (suspected and not judged right, or judged wrong), in arrival order.
+    /// labels are doubted (suspected and not judged right, or judged wrong; in the holdout, those
+    /// only an adapter doubts count), in arrival order.
     pub fn load_trusted(&self, task: &str, split: Split) -> Result<Vec<StoredSample>, StoreError> {
-        self.query_samples(&format!("{SELECT_SAMPLE} WHERE task = ?1 AND split = ?2 AND NOT ({DOUBTED_SQL}) ORDER BY id"), params![task, split as i64])
+        let doubted = if matches!(split, Split::Holdout) { DOUBTED_IN_HOLDOUT_SQL } else { DOUBTED_SQL };
+        self.query_samples(&format!("{SELECT_SAMPLE} WHERE task = ?1 AND split = ?2 AND NOT ({doubted}) ORDER BY id"), params![task, split as i64])
     }
 
     /// The newest `limit` samples of `task` with an embedding, of every split, that an operator
@@ -562,11 +580,13 @@ impl SampleStore {
         {
             let mut insert = tx
                 .prepare_cached(
-                    "INSERT OR REPLACE INTO suspects (sample_id, task, suggested, given_probability, suggested_probability, found_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT OR REPLACE INTO suspects (sample_id, task, suggested, given_probability, suggested_probability, found_ms, by_adapter) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )
                 .map_err(&err)?;
             for r in rows {
-                insert.execute(params![r.sample_id, task, r.suggested, r.given_probability as f64, r.suggested_probability as f64, found]).map_err(&err)?;
+                let row = params![r.sample_id, task, r.suggested, r.given_probability as f64, r.suggested_probability as f64, found, r.by_adapter];
+                insert.execute(row).map_err(&err)?;
             }
         }
         tx.commit().map_err(&err)?;

@@ -65,7 +65,7 @@ async fn a_sender_that_labels_wrong_is_caught_its_samples_kept_out_and_an_operat
     let sources = suspected["sources"].as_array().unwrap();
     assert_eq!(sources.len(), 1, "only line-9 is named: {suspected}");
     assert_eq!(sources[0]["source"], "line-9");
-    assert!(started["notes"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().contains("kept out of training and the holdout")), "{started}");
+    assert!(started["notes"].as_array().unwrap().iter().any(|n| n.as_str().unwrap().contains("kept out of training, and out of the holdout")), "{started}");
 
     // The listing: which samples, by key, and what their neighbours suggest instead.
     let dir = state.path().to_str().unwrap();

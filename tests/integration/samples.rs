@@ -1,7 +1,7 @@
 //! The sample store: durable across reopen, deduplicated by key, stable splits, growing labels.
 
 use adaptd_adapters::tensor::HostTensor;
-use adaptd_daemon::samples::{Inserted, Sample, SampleInput, SampleStore, Split, SplitPolicy};
+use adaptd_daemon::samples::{Inserted, Sample, SampleInput, SampleStore, Split, SplitPolicy, SuspectRow};
 
 fn sample(key: &str, task: &str, label: &str) -> Sample {
     Sample {
@@ -211,4 +211,38 @@ fn a_store_from_before_label_requests_kept_their_confidence_opens_and_keeps_it_f
     let store = SampleStore::open(&path, SplitPolicy::default()).unwrap();
     assert_eq!(store.label_request("robot-7-sorter-1").unwrap(), Some(row), "as it was sent, confidence included");
     assert_eq!(store.label_request("no-such-id").unwrap(), None);
+}
+
+#[test]
+fn labels_only_an_adapter_doubts_stay_out_of_training_but_count_in_the_holdout_and_an_older_store_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("samples.db");
+    {
+        // The suspects table as the first release with the search for wrong labels wrote it.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE suspects (sample_id INTEGER PRIMARY KEY, task TEXT NOT NULL, suggested TEXT NOT NULL, \
+             given_probability REAL NOT NULL, suggested_probability REAL NOT NULL, found_ms INTEGER NOT NULL)",
+        )
+        .unwrap();
+    }
+    let mut store = SampleStore::open(&path, SplitPolicy::default()).unwrap();
+    let batch: Vec<Sample> = (0..200).map(|i| sample(&format!("robot-7:{i}"), "sorter", ["left", "right"][i % 2])).collect();
+    store.insert_batch(&batch).unwrap();
+    let (train, holdout) = (store.load_trusted("sorter", Split::Train).unwrap(), store.load_trusted("sorter", Split::Holdout).unwrap());
+    assert!(train.len() >= 2 && holdout.len() >= 2, "{} train, {} holdout", train.len(), holdout.len());
+    let doubt =
+        |id: i64, by_adapter: bool| SuspectRow { sample_id: id, suggested: "left".into(), given_probability: 0.1, suggested_probability: 0.9, by_adapter };
+    // One sample of each split doubted by the neighbours, one of each by an adapter alone.
+    let rows = [doubt(train[0].id, false), doubt(train[1].id, true), doubt(holdout[0].id, false), doubt(holdout[1].id, true)];
+    assert_eq!(store.replace_suspects("sorter", &rows).unwrap(), 4);
+    drop(store);
+    let store = SampleStore::open(&path, SplitPolicy::default()).unwrap();
+    let ids = |split| store.load_trusted("sorter", split).unwrap().iter().map(|s| s.id).collect::<Vec<i64>>();
+    let (train_after, holdout_after) = (ids(Split::Train), ids(Split::Holdout));
+    assert_eq!(train_after.len(), train.len() - 2, "both doubted training samples stay out of training");
+    assert!(!train_after.contains(&train[0].id) && !train_after.contains(&train[1].id));
+    // A holdout without what the adapter doubts would be one it agrees with everywhere.
+    assert_eq!(holdout_after.len(), holdout.len() - 1, "only the neighbours' suspect leaves the holdout");
+    assert!(!holdout_after.contains(&holdout[0].id) && holdout_after.contains(&holdout[1].id));
 }

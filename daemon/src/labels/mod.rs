@@ -170,6 +170,7 @@ pub fn adapter_doubts(input: &Reviewable, labels: &[String], predictions: &HashM
             suggested: labels[f.suggested].clone(),
             given_probability: f.given_probability,
             suggested_probability: f.suggested_probability,
+            by_adapter: true,
         })
         .collect()
 }
@@ -196,6 +197,7 @@ pub fn search(input: &Reviewable, dim: usize, config: &LabelsConfig, doubted: &[
             suggested: input.labels[f.suggested].clone(),
             given_probability: f.given_probability,
             suggested_probability: f.suggested_probability,
+            by_adapter: false,
         })
         .collect();
     let searched: HashSet<i64> = samples.iter().map(|s| s.id).collect();
@@ -275,7 +277,7 @@ mod tests {
         assert_eq!(doubts.iter().map(|r| (r.sample_id, r.suggested.as_str())).collect::<Vec<_>>(), [(4, "b")], "sample 8 was judged right");
         // A doubt about a sample no longer searched (deleted, or older than the search reads)
         // is dropped; the neighbours' own suspects come first.
-        let gone = SuspectRow { sample_id: 999, suggested: "a".into(), given_probability: 0.0, suggested_probability: 1.0 };
+        let gone = SuspectRow { sample_id: 999, suggested: "a".into(), given_probability: 0.0, suggested_probability: 1.0, by_adapter: true };
         let (rows, review) = search(&input, 2, &config, &[doubts.clone(), vec![gone]].concat());
         assert_eq!(rows, doubts);
         assert_eq!((review.judged, review.suspects), (60, 1));
