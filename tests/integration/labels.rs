@@ -29,22 +29,11 @@ async fn a_sender_that_labels_wrong_is_caught_its_samples_kept_out_and_an_operat
     let digits = Digits::load(&digits_data()).unwrap();
     let indices: Vec<usize> = digits.held_out().into_iter().take(400).collect();
     let lines = digit_lines(&digits, indices.iter().copied(), "cell", "sorter", Shift::None);
-    let mut flipped = Vec::new();
-    let lines: Vec<String> = lines
-        .into_iter()
-        .enumerate()
-        .map(|(i, line)| {
-            let mut sample: Value = serde_json::from_str(&line).unwrap();
-            let from_line_9 = i % 20 >= 17;
-            sample["source"] = (if from_line_9 { "line-9" } else { "line-1" }).into();
-            if from_line_9 && i % 3 != 0 {
-                let label: i64 = sample["label"].as_str().unwrap().parse().unwrap();
-                sample["label"] = ((label + 1) % 10).to_string().into();
-                flipped.push(sample["key"].as_str().unwrap().to_string());
-            }
-            sample.to_string()
-        })
-        .collect();
+    let (lines, flipped) = flip_labels(lines, |i, sample| {
+        let from_line_9 = i % 20 >= 17;
+        sample["source"] = (if from_line_9 { "line-9" } else { "line-1" }).into();
+        from_line_9 && i % 3 != 0
+    });
     assert_eq!(flipped.len(), 40);
     let port = broker.port;
     let (suspected, started) = tokio::task::spawn_blocking(move || {
@@ -108,20 +97,7 @@ async fn an_adapter_that_learnt_a_shift_doubts_wrong_labels_the_neighbours_misse
     // through; every fourth goes out as the next digit. The order of arrival is fixed.
     let digits = Digits::load(&digits_data()).unwrap();
     let lines = digit_lines(&digits, digits.held_out().into_iter().take(400), "cam-2", "sorter", Shift::Rotate90);
-    let mut flipped = Vec::new();
-    let lines: Vec<String> = lines
-        .into_iter()
-        .enumerate()
-        .map(|(i, line)| {
-            let mut sample: Value = serde_json::from_str(&line).unwrap();
-            if i % 4 == 1 {
-                let label: i64 = sample["label"].as_str().unwrap().parse().unwrap();
-                sample["label"] = ((label + 1) % 10).to_string().into();
-                flipped.push(sample["key"].as_str().unwrap().to_string());
-            }
-            sample.to_string()
-        })
-        .collect();
+    let (lines, flipped) = flip_labels(lines, |i, _| i % 4 == 1);
     let port = broker.port;
     let events = tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_millis(500)); // ingest subscribes
@@ -151,6 +127,26 @@ async fn an_adapter_that_learnt_a_shift_doubts_wrong_labels_the_neighbours_misse
         events.iter().find(|e| e["event"] == "gate_decision" && e["version"].as_u64() == Some(version)).unwrap_or_else(|| panic!("v{version} met no gate"));
     assert!(decided.to_string().contains("must beat what serves"), "{decided}");
     shut_down(stop, daemon).await;
+}
+
+/// Sample lines with the labels `flip` picks (by arrival index; it may edit the sample too)
+/// turned into the next digit, and the keys of those flipped.
+fn flip_labels(lines: Vec<String>, mut flip: impl FnMut(usize, &mut Value) -> bool) -> (Vec<String>, Vec<String>) {
+    let mut flipped = Vec::new();
+    let lines = lines
+        .into_iter()
+        .enumerate()
+        .map(|(i, line)| {
+            let mut sample: Value = serde_json::from_str(&line).unwrap();
+            if flip(i, &mut sample) {
+                let label: i64 = sample["label"].as_str().unwrap().parse().unwrap();
+                sample["label"] = ((label + 1) % 10).to_string().into();
+                flipped.push(sample["key"].as_str().unwrap().to_string());
+            }
+            sample.to_string()
+        })
+        .collect();
+    (lines, flipped)
 }
 
 /// Messages on one topic, collected by `mosquitto_sub` into a file.
