@@ -269,7 +269,7 @@ pub fn render_suspects(tasks: &[TaskSuspects]) -> String {
         if t.suspects.is_empty() {
             continue;
         }
-        out += &format!("  {:<28} {:<14} {:<14} {:>7} {:<11} {:<14} {}\n", "key", "label", "suggested", "p(lab)", "split", "source", "judged");
+        out += &format!("  {:<28} {:<14} {:<14} {:>7} {:<11} {:<11} {:<14} {}\n", "key", "label", "suggested", "p(lab)", "by", "split", "source", "judged");
         for s in &t.suspects {
             let judged = match s.label_is_right {
                 Some(true) => "right (trains)",
@@ -277,11 +277,12 @@ pub fn render_suspects(tasks: &[TaskSuspects]) -> String {
                 None => "-",
             };
             out += &format!(
-                "  {:<28} {:<14} {:<14} {:>7} {:<11} {:<14} {}\n",
+                "  {:<28} {:<14} {:<14} {:>7} {:<11} {:<11} {:<14} {}\n",
                 s.key,
                 s.label,
                 s.suggested.as_deref().unwrap_or("-"),
                 s.given_probability.map_or("-".into(), |p| format!("{p:.2}")),
+                s.doubted_by.unwrap_or("-"),
                 s.split,
                 s.source.as_deref().unwrap_or("-"),
                 judged

@@ -300,8 +300,11 @@ pub struct RequestCounts {
 pub struct SuspectRecord {
     pub key: String,
     pub label: String,
-    /// What its neighbours suggest (None: judged wrong by an operator, not suspected now).
+    /// What those who doubt it suggest (None: judged wrong by an operator, not suspected now).
     pub suggested: Option<String>,
+    /// Who doubts it: "neighbours" (the search on the base model's embedding) or "adapter" (a
+    /// promoted adapter's second look: kept out of training, not the holdout); None: not suspected.
+    pub doubted_by: Option<&'static str>,
     pub given_probability: Option<f32>,
     pub suggested_probability: Option<f32>,
     pub source: Option<String>,
@@ -598,7 +601,7 @@ impl SampleStore {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT s.key, s.label, u.suggested, u.given_probability, u.suggested_probability, s.source, s.split, r.label_is_right \
+                "SELECT s.key, s.label, u.suggested, u.given_probability, u.suggested_probability, s.source, s.split, r.label_is_right, u.by_adapter \
                  FROM samples s LEFT JOIN suspects u ON u.sample_id = s.id LEFT JOIN label_reviews r ON r.sample_id = s.id \
                  WHERE s.task = ?1 AND (u.sample_id IS NOT NULL OR r.sample_id IS NOT NULL) ORDER BY s.id DESC",
             )
@@ -610,6 +613,7 @@ impl SampleStore {
                     key: r.get(0)?,
                     label: r.get(1)?,
                     suggested: r.get(2)?,
+                    doubted_by: r.get::<_, Option<bool>>(8)?.map(|by_adapter| if by_adapter { "adapter" } else { "neighbours" }),
                     given_probability: r.get::<_, Option<f64>>(3)?.map(|p| p as f32),
                     suggested_probability: r.get::<_, Option<f64>>(4)?.map(|p| p as f32),
                     source: r.get(5)?,

@@ -245,4 +245,9 @@ fn labels_only_an_adapter_doubts_stay_out_of_training_but_count_in_the_holdout_a
     // A holdout without what the adapter doubts would be one it agrees with everywhere.
     assert_eq!(holdout_after.len(), holdout.len() - 1, "only the neighbours' suspect leaves the holdout");
     assert!(!holdout_after.contains(&holdout[0].id) && holdout_after.contains(&holdout[1].id));
+    // The listing says who doubts each.
+    let by: std::collections::BTreeMap<String, Option<&str>> = store.suspects("sorter").unwrap().into_iter().map(|s| (s.key, s.doubted_by)).collect();
+    let key = |id: i64| train.iter().chain(&holdout).find(|s| s.id == id).unwrap().sample.key.clone();
+    assert_eq!((by[&key(train[0].id)], by[&key(train[1].id)]), (Some("neighbours"), Some("adapter")));
+    assert_eq!((by[&key(holdout[0].id)], by[&key(holdout[1].id)]), (Some("neighbours"), Some("adapter")));
 }
