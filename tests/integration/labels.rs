@@ -119,6 +119,7 @@ async fn an_adapter_that_learnt_a_shift_doubts_wrong_labels_the_neighbours_misse
     let right = keys.iter().filter(|k| !flipped.contains(k)).count();
     let by_adapter = listed[0]["suspects"].as_array().unwrap().iter().filter(|s| s["doubted_by"] == "adapter").count();
     assert!(by_adapter >= 10, "the listing names the adapter for the labels it doubts: {by_adapter}");
+    eprintln!("listed: {} of the 100 wrong labels, {right} right ones, {by_adapter} doubted by the adapter", keys.len() - right);
     assert!(keys.len() - right >= 60 && right * 5 <= keys.len(), "{} of the 100 wrong labels suspected, and {right} right ones", keys.len() - right);
 
     // A candidate trained without them met the gate, which held it to beating the adapter.
