@@ -259,15 +259,24 @@ BEGIN
 END;
 ";
 
-/// Samples that do not train: suspected and not judged right, or judged wrong (a condition on
-/// `samples`' `id`).
-const DOUBTED_SQL: &str = "(id IN (SELECT sample_id FROM suspects) AND id NOT IN (SELECT sample_id FROM label_reviews WHERE label_is_right = 1)) \
-    OR id IN (SELECT sample_id FROM label_reviews WHERE label_is_right = 0)";
+/// A condition on `samples`' `id`: among the suspects `$suspects` selects and not judged right,
+/// or judged wrong.
+macro_rules! doubted_sql {
+    ($suspects:literal) => {
+        concat!(
+            "(id IN (",
+            $suspects,
+            ") AND id NOT IN (SELECT sample_id FROM label_reviews WHERE label_is_right = 1)) \
+             OR id IN (SELECT sample_id FROM label_reviews WHERE label_is_right = 0)"
+        )
+    };
+}
+
+/// Samples that do not train: suspected and not judged right, or judged wrong.
+const DOUBTED_SQL: &str = doubted_sql!("SELECT sample_id FROM suspects");
 
 /// Samples that do not count in the holdout: the same, less those only an adapter doubts.
-const DOUBTED_IN_HOLDOUT_SQL: &str = "(id IN (SELECT sample_id FROM suspects WHERE by_adapter = 0) \
-    AND id NOT IN (SELECT sample_id FROM label_reviews WHERE label_is_right = 1)) \
-    OR id IN (SELECT sample_id FROM label_reviews WHERE label_is_right = 0)";
+const DOUBTED_IN_HOLDOUT_SQL: &str = doubted_sql!("SELECT sample_id FROM suspects WHERE by_adapter = 0");
 
 /// A label request as the store keeps it.
 #[derive(Debug, Clone, PartialEq)]

@@ -290,11 +290,13 @@ impl TaskLoop {
         };
     }
 
-    /// Search the task's samples for wrong labels ([`crate::labels`]) before a job: the suspects
-    /// it keeps stay out of the job's training and the gate's holdout. Announced when the set of
+    /// Search the task's samples for wrong labels ([`crate::labels`]) before a job, the last
+    /// second look's doubts beside the neighbours': the suspects it keeps stay out of the job's
+    /// training, and the neighbours' out of the gate's holdout. Announced when the set of
     /// suspects changes. A failed search is logged and the job goes on with the last one's
-    /// suspects. Returns what the search found (None: off, or failed).
-    async fn review_labels(&mut self) -> Option<crate::labels::Review> {
+    /// suspects. `read`: the samples, when the caller has just read them (None: read them now).
+    /// Returns what the search found (None: off, or failed).
+    async fn review_labels(&mut self, read: Option<crate::labels::Reviewable>) -> Option<crate::labels::Review> {
         let (config, task) = (self.config.labels.clone(), self.task.clone());
         if !config.suspects {
             // Suspects of a search made while it was on must not keep samples out now.
@@ -303,7 +305,7 @@ impl TaskLoop {
             }
             return None;
         }
-        let input = match crate::labels::reviewable(&lock(&self.store), &task, &config) {
+        let input = match read.map_or_else(|| crate::labels::reviewable(&lock(&self.store), &task, &config), Ok) {
             Ok(input) => input,
             Err(e) => {
                 tracing::warn!(task, error = %e, "could not read the samples to search for wrong labels");
@@ -383,7 +385,7 @@ impl TaskLoop {
         let judged = samples.len();
         self.adapter_doubts = doubts;
         let fresh = self.adapter_doubts.iter().filter(|r| !suspected_before.contains(&r.sample_id)).count();
-        let Some(review) = self.review_labels().await else { return Ok(None) };
+        let Some(review) = self.review_labels(Some(input)).await else { return Ok(None) };
         let found = format!(
             "second look at the labels by v{}: it doubts {} of {judged} labels, {fresh} of them not doubted by its last look; {} new suspects in all",
             adapter.version,
@@ -631,7 +633,7 @@ impl TaskLoop {
     /// meets the gate, at the end.
     async fn run_job(&mut self, trigger: Trigger, shutdown: &mut Pin<&mut impl Future<Output = ()>>, commands: &mut mpsc::Receiver<Command>) -> JobResult {
         self.measure_base_domain().await;
-        let label_note = self.review_labels().await.filter(|r| r.suspects > 0).map(|review| {
+        let label_note = self.review_labels(None).await.filter(|r| r.suspects > 0).map(|review| {
             let named: Vec<String> = review.sources.iter().map(|s| format!("{} ({} of {})", s.source, s.suspects, s.samples)).collect();
             format!(
                 "{} of {} samples have labels their neighbours or the last adapter doubt: kept out of training, and out of the holdout where the neighbours doubt them{}",
