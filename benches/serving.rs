@@ -12,7 +12,8 @@
 //!    Then each pair alone (a head / the original model, LoRA + head / the original model): the
 //!    same requests with only the two contenders interleaved, as a device serving one model repeats
 //!    one path; in the seven-way rotation each request follows another graph, and the engine's
-//!    larger code and data are the more likely to have left the caches.
+//!    larger code and data are the more likely to have left the caches. Then, on digits-cnn, the
+//!    engine alone: its own work per request, on a backend that hands back canned outputs.
 //! 3. Throughput at 64 concurrent clients, batch 1, three runs: plain ONNX Runtime on the
 //!    original model with one session shared through a mutex, and the engine serving LoRA + a
 //!    head; the median ratio (target >= 1).
@@ -23,7 +24,8 @@
 //!    ratio of p99 during swaps to steady state (target <= 1.2x).
 //!
 //! `cargo bench -p adaptd --bench serving` (criterion's filters and `--quick` apply to part 1).
-//! Set ADAPTD_BENCH_SKIP_CRITERION=1 to run only parts 2 to 4.
+//! Set ADAPTD_BENCH_SKIP_CRITERION=1 to run only parts 2 to 4, ADAPTD_BENCH_ONLY=<bundle> (e.g.
+//! `digits-cnn`) to run only part 2 for that bundle.
 
 #[path = "../tests/integration/fixtures.rs"]
 #[allow(dead_code)]
@@ -380,6 +382,15 @@ fn concurrent(s: &Setup, clients: usize, seconds: f64) -> (f64, f64) {
 
 fn main() {
     let skip_criterion = std::env::var_os("ADAPTD_BENCH_SKIP_CRITERION").is_some();
+    // One model's side-by-side and pairwise parts alone (to profile or repeat them quickly).
+    if let Ok(name) = std::env::var("ADAPTD_BENCH_ONLY") {
+        let mut s = setup(&name);
+        let per_round = if name == "digits-cnn" { 2000 } else { 40 };
+        side_by_side(&mut s, &name, 5, per_round / 5);
+        pairwise(&mut s, &name, 5, per_round);
+        engine_alone(&s);
+        return;
+    }
     let mut c = Criterion::default().configure_from_args();
     let mut minilm = setup("minilm");
     let mut digits = setup("digits-cnn");
@@ -392,6 +403,7 @@ fn main() {
     pairwise(&mut minilm, "minilm", 5, 40);
     side_by_side(&mut digits, "digits-cnn", 5, 400);
     pairwise(&mut digits, "digits-cnn", 5, 2000);
+    engine_alone(&digits);
     let mut camera = setup("efficientnet-lite0");
     side_by_side(&mut camera, "efficientnet-lite0", 5, 40);
     pairwise(&mut camera, "efficientnet-lite0", 5, 40);
@@ -476,4 +488,50 @@ fn pairwise(s: &mut Setup, name: &str, rounds: usize, per_round: usize) {
         median(head),
         median(lora)
     );
+}
+
+/// The engine's own work per request, without a model: a backend that answers every call with the
+/// outputs ONNX Runtime gave for the same input, served through the same handle and head.
+fn engine_alone(s: &Setup) {
+    use adaptd_daemon::engine::InferenceBackend;
+    use adaptd_daemon::engine::onnx::OnnxError;
+    struct Canned(adaptd_adapters::Manifest, Vec<HostTensor>);
+    impl InferenceBackend for Canned {
+        type Lora = ();
+        fn manifest(&self) -> &adaptd_adapters::Manifest {
+            &self.0
+        }
+        fn prepare_lora(&self, _: &[HostTensor]) -> Result<(), OnnxError> {
+            Ok(())
+        }
+        fn run_prepared(&mut self, _: Vec<HostTensor>, _: &()) -> Result<Vec<HostTensor>, OnnxError> {
+            Ok(self.1.clone())
+        }
+    }
+    let mut plain = OnnxModel::load(s.registry.bundle(), SessionOptions::default(), None).unwrap();
+    let outputs = plain.run_prepared(s.batch1.clone(), &PreparedLora::Plain).unwrap();
+    let manifest = s.registry.bundle().manifest.clone();
+    let canned = Canned(manifest, outputs.clone());
+    let engine =
+        Engine::start_with(s.registry.clone(), EngineConfig::default(), move |_| Ok((canned, adaptd_daemon::engine::onnx::ExecutionProvider::Cpu))).unwrap();
+    let handle = engine.handle.clone();
+    let time = |f: &mut dyn FnMut()| {
+        let runs: Vec<f64> = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                for _ in 0..20000 {
+                    f();
+                }
+                t.elapsed().as_secs_f64() * 1e9 / 20000.0
+            })
+            .collect();
+        median(runs)
+    };
+    let copy = time(&mut || drop(std::hint::black_box((s.batch1.clone(), outputs.clone()))));
+    let head = time(&mut || drop(handle.infer_blocking("head", s.batch1.clone()).unwrap()));
+    let lora = time(&mut || drop(handle.infer_blocking("bench", s.batch1.clone()).unwrap()));
+    println!(
+        "engine alone (a backend that hands back canned outputs): a head {head:.0} ns, LoRA+head {lora:.0} ns a request, of which copying the input and outputs {copy:.0} ns"
+    );
+    engine.shutdown();
 }

@@ -70,8 +70,11 @@ impl Head {
 
     /// Logits for `rows` embeddings laid out row-major in `embeddings` (validated head only).
     pub fn forward(&self, embeddings: &[f32], rows: usize) -> Vec<f32> {
-        let mut x = embeddings.to_vec();
+        // The first layer reads the embeddings where they are; each layer after reads its
+        // predecessor's output.
+        let mut owned: Vec<f32> = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
+            let x: &[f32] = if i == 0 { embeddings } else { &owned };
             let (out, inp) = (l.weight.shape[0], l.weight.shape[1]);
             // A head that is not f32 cannot answer: NaN scores, which the gate refuses as
             // non-finite (`validate` refuses such a head before it can serve).
@@ -86,9 +89,9 @@ impl Head {
                     y[r * out + o] = if i + 1 < self.layers.len() { acc.max(0.0) } else { acc };
                 }
             }
-            x = y;
+            owned = y;
         }
-        x
+        if self.layers.is_empty() { embeddings.to_vec() } else { owned }
     }
 }
 

@@ -66,8 +66,8 @@ pub struct Serving {
     pub task: String,
     /// 0 is the base model.
     pub version: u64,
-    /// `task@vN`, made once: every answered row carries it.
-    pub id: String,
+    /// `task@vN`, made once: every answered row carries it (shared, not copied).
+    pub id: Arc<str>,
     pub labels: Arc<[String]>,
     /// None: the base model's own classifier output.
     pub head: Option<Head>,
@@ -88,7 +88,7 @@ pub struct BaseRoute {
 }
 
 impl Serving {
-    pub fn adapter_id(&self) -> String {
+    pub fn adapter_id(&self) -> Arc<str> {
         self.id.clone()
     }
 
@@ -354,7 +354,7 @@ impl Registry {
         Serving {
             task: task.to_string(),
             version: 0,
-            id: Serving::id_of(task, 0),
+            id: Serving::id_of(task, 0).into(),
             labels: self.bundle.manifest.labels.clone().unwrap_or_default().into(),
             head: None,
             lora: self.base_lora.clone(),
@@ -404,7 +404,7 @@ impl Registry {
         Ok(Serving {
             task: adapter.manifest.task.clone(),
             version: adapter.manifest.version,
-            id: Serving::id_of(&adapter.manifest.task, adapter.manifest.version),
+            id: Serving::id_of(&adapter.manifest.task, adapter.manifest.version).into(),
             labels: adapter.manifest.labels.clone().into(),
             head: Some(adapter.head),
             lora,

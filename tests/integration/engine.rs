@@ -42,7 +42,7 @@ fn serves_the_base_model_and_is_ready_only_after_warm_up() {
     let correct = preds.iter().zip(digits.labels_of(&held)).filter(|(p, y)| p.class_index as i64 == *y).count();
     let accuracy = correct as f64 / held.len() as f64;
     assert!(accuracy > 0.95, "base model accuracy on upright held-out digits: {accuracy}");
-    assert!(preds.iter().all(|p| p.adapter == "digits@v0" && p.labels.len() == 10 && (p.scores.iter().sum::<f32>() - 1.0).abs() < 1e-4));
+    assert!(preds.iter().all(|p| &*p.adapter == "digits@v0" && p.labels.len() == 10 && (p.scores.iter().sum::<f32>() - 1.0).abs() < 1e-4));
     engine.shutdown();
 }
 
@@ -111,7 +111,7 @@ fn adapter_outputs_match_the_trainer() {
     let got: Vec<f32> = served.iter().flat_map(|p| p.scores.clone()).collect();
     let diff = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
     assert!(diff < 1e-4, "engine and trainer disagree by {diff}");
-    assert!(served.iter().all(|p| p.adapter == "sorter@v1" && p.adapter_version == 1 && ["left", "right", "stop"].contains(&p.label.as_str())));
+    assert!(served.iter().all(|p| &*p.adapter == "sorter@v1" && p.adapter_version == 1 && ["left", "right", "stop"].contains(&p.label())));
     engine.shutdown();
 }
 
@@ -257,7 +257,7 @@ fn shutdown_answers_what_is_queued_and_then_refuses() {
     for t in in_flight {
         // Either answered before the stop, or refused as stopped: never hung, never another error.
         match t.join().unwrap() {
-            Ok(p) => assert_eq!(p[0].adapter, "sorter@v1"),
+            Ok(p) => assert_eq!(&*p[0].adapter, "sorter@v1"),
             Err(e) => assert_eq!(e, EngineError::Stopped),
         }
     }
@@ -303,9 +303,9 @@ fn a_routed_adapter_answers_base_like_rows_with_the_base_model_and_the_rest_itse
     assert!(routed_sideways <= 2, "sideways rows stay with the adapter: {routed_sideways} of 32 routed");
     for (i, p) in served.iter().enumerate() {
         let expected = if p.base_routed { &base[i] } else { &adapter_alone[i] };
-        assert_eq!(p.label, expected.label, "row {i}");
+        assert_eq!(p.label(), expected.label(), "row {i}");
         assert!(p.scores.iter().zip(&expected.scores).all(|(a, b)| (a - b).abs() < 1e-5), "row {i}: {:?} vs {:?}", p.scores, expected.scores);
-        assert_eq!(p.adapter, "sorter@v1", "the routed adapter is what serves");
+        assert_eq!(&*p.adapter, "sorter@v1", "the routed adapter is what serves");
     }
     engine.shutdown();
 }

@@ -165,7 +165,7 @@ pub(super) async fn pseudo_labelled(
         .iter()
         .zip(&votes)
         .map(|(p, &neighbours)| PseudoJudged {
-            teacher: if p.base_routed { None } else { class_of(&p.label).map(|c| (c, p.scores.get(p.class_index).copied().unwrap_or(0.0))) },
+            teacher: if p.base_routed { None } else { class_of(p.label()).map(|c| (c, p.scores.get(p.class_index).copied().unwrap_or(0.0))) },
             neighbours,
         })
         .collect();
@@ -223,7 +223,7 @@ pub(super) async fn judge(
     } else {
         (predict_samples(ctx, &candidate, &holdout_refs).await?, predict_samples(ctx, incumbent, &holdout_refs).await?)
     };
-    let names = |p: &[Prediction]| p.iter().map(|p| p.label.clone()).collect::<Vec<String>>();
+    let names = |p: &[Prediction]| p.iter().map(|p| p.label().to_string()).collect::<Vec<String>>();
     let (cand_names, inc_names) = (names(&cand_pred), names(&inc_pred));
     let cand_metrics = gate::metrics(&truth, &as_refs(&cand_names));
     let inc_metrics = gate::metrics(&truth, &as_refs(&inc_names));

@@ -587,7 +587,7 @@ impl TaskLoop {
         if scored.is_empty() || live.labels.is_empty() {
             return Ok(());
         }
-        let hits = |predictions: &[crate::engine::Prediction]| predictions.iter().zip(&scored).filter(|(p, s)| p.label == s.sample.label).count() as u64;
+        let hits = |predictions: &[crate::engine::Prediction]| predictions.iter().zip(&scored).filter(|(p, s)| p.label() == s.sample.label).count() as u64;
         let live_hits = hits(&predict_samples(&self.ctx, &live, &scored).await?);
         let previous_hits = match self.watch.previous() {
             Some(previous) => Some(hits(&predict_samples(&self.ctx, previous, &scored).await?)),

@@ -355,7 +355,7 @@ async fn a_store_fault_takes_the_loop_down_and_it_comes_back_by_itself_once_the_
     assert!(events.iter().any(|e| matches!(e, Event::PartDown { part, reason, .. } if part == "loop:sorter" && reason.contains("disk is full"))), "{events:?}");
     // Serving goes on meanwhile.
     let x = HostTensor::f32(vec![1, 2], vec![1.0, 0.2]).unwrap();
-    assert_eq!(running.engine.handle.infer(TASK, vec![x.clone()]).await.unwrap()[0].label, "a");
+    assert_eq!(running.engine.handle.infer(TASK, vec![x.clone()]).await.unwrap()[0].label(), "a");
 
     // The fault clears; the loop is back after its first wait (1 s) without a restart of anything else.
     fault.execute_batch("DROP TRIGGER full_disk_insert; DROP TRIGGER full_disk_update;").unwrap();

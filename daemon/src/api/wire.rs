@@ -211,10 +211,10 @@ pub fn encode_predictions(preds: &[Prediction]) -> Vec<u8> {
         predictions: preds
             .iter()
             .map(|p| PredictionBody {
-                label: p.label.clone(),
+                label: p.label().to_string(),
                 class_index: p.class_index,
                 scores: p.labels.iter().cloned().zip(p.scores.iter().copied()).collect(),
-                adapter: p.adapter.clone(),
+                adapter: p.adapter.to_string(),
                 adapter_version: p.adapter_version,
                 base_routed: p.base_routed,
             })

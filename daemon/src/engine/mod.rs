@@ -90,18 +90,25 @@ pub enum Health {
 /// One row's answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prediction {
-    pub label: String,
+    /// The winning label's index in `labels` ([`Prediction::label`] names it).
     pub class_index: usize,
     /// Softmax scores, one per label, in `labels` order.
     pub scores: Vec<f32>,
     pub labels: Arc<[String]>,
     /// `task@vN` of the adapter that served this row (v0: the base model).
-    pub adapter: String,
+    pub adapter: Arc<str>,
     pub adapter_version: u64,
     /// The adapter routed this row, which looked like the base domain, to the base model.
     pub base_routed: bool,
     /// The backbone's embedding of the row, when asked for ([`EngineHandle::evaluate`]).
     pub embedding: Option<Vec<f32>>,
+}
+
+impl Prediction {
+    /// The winning label ("" for an answer without a classifier).
+    pub fn label(&self) -> &str {
+        self.labels.get(self.class_index).map_or("", String::as_str)
+    }
 }
 
 enum Command {
@@ -934,13 +941,15 @@ fn answer(manifest: &Manifest, outputs: &[HostTensor], parts: &[Part], batch: &[
         } else {
             softmax_rows(&mut logits, classes);
         }
-        for (i, scores) in logits.chunks_exact(classes).enumerate() {
+        // A single row (the common case at low load) keeps the logits' vector as its scores.
+        let rows_scored = logits.len() / classes;
+        for i in 0..rows_scored {
+            let scores = if rows_scored == 1 { std::mem::take(&mut logits) } else { logits[i * classes..(i + 1) * classes].to_vec() };
             let class_index = scores.iter().enumerate().fold(0, |best, (i, &s)| if s > scores[best] { i } else { best });
             let slot = part.rows.as_ref().map_or(i, |rows| rows[i]);
             slots[slot] = Some(Prediction {
-                label: serving.labels.get(class_index).cloned().unwrap_or_default(),
                 class_index,
-                scores: scores.to_vec(),
+                scores,
                 labels: serving.labels.clone(),
                 adapter: serving.adapter_id(),
                 adapter_version: serving.version,
@@ -1011,7 +1020,7 @@ mod tests {
         Arc::new(Serving {
             task: task.into(),
             version,
-            id: Serving::id_of(task, version),
+            id: Serving::id_of(task, version).into(),
             labels: vec!["a".to_string(), "b".to_string()].into(),
             head: (version > 0).then(|| Head { layers: vec![Dense { weight, bias: HostTensor::zeros_f32(vec![2]) }] }),
             lora: Arc::new(LoraInputs { key: lora.0, tensors: vec![HostTensor::f32(vec![1], vec![lora.1]).unwrap()] }),
@@ -1044,7 +1053,7 @@ mod tests {
     }
 
     fn labels(rx: &mut oneshot::Receiver<Result<Vec<Prediction>, EngineError>>) -> Vec<(String, bool)> {
-        rx.try_recv().unwrap().unwrap().into_iter().map(|p| (p.label, p.base_routed)).collect()
+        rx.try_recv().unwrap().unwrap().into_iter().map(|p| (p.label().to_string(), p.base_routed)).collect()
     }
 
     #[test]
