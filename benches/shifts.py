@@ -798,6 +798,7 @@ def label_count_table(args, binary: Path, data: dict, overrides: dict) -> None:
     global BUDGETS
     BUDGETS = [int(b) for b in args.budgets.split(",")] if args.budgets else LABEL_BUDGETS
     names = args.only.split(",") if args.only else ["rotate90", "blur", "noise", "occlusion"]
+    modes = [m for m in MODES if m in [m.strip() for m in args.modes.split(";")]] if args.modes else list(MODES)
     rows = []
     for name in names:
         everything = run_shift(name, binary, data, args.seed, False, overrides)
@@ -805,7 +806,7 @@ def label_count_table(args, binary: Path, data: dict, overrides: dict) -> None:
         row = {"shift": name, "all": everything["adaptd"], "all_labels": everything["train"]}
         print(f"{name}, all {everything['train']} labels: adaptd {everything['adaptd']:.3f}", flush=True)
         for budget in BUDGETS:
-            for mode in MODES:
+            for mode in modes:
                 started = time.time()
                 settings = {**overrides, "labels": {**overrides.get("labels", {}), "pseudo": "false"}} if mode == "random, no pseudo" else overrides
                 r = run_label_budget(name, binary, data, args.seed, settings, mode, budget, args.traffic)
@@ -813,18 +814,18 @@ def label_count_table(args, binary: Path, data: dict, overrides: dict) -> None:
                 print(f"{name}, {mode} {budget}: {r['labels']} labels, adaptd {r['adaptd']:.3f} (upright {r['upright']:.3f}), {r['promoted']}/{r['jobs']} jobs promoted "
                       f"({', '.join(k or '?' for k in r['kinds'])}); pseudo-labels {r['pseudo']}; {time.time() - started:.0f} s", flush=True)
         target = 0.95 * row["all"]
-        for mode in MODES:
+        for mode in modes:
             row[f"{mode} needs"] = next((b for b in BUDGETS if row[f"{mode} {b}"] >= target), None)
         rows.append(row)
     pct = lambda v: f"{100 * v:5.1f}"  # noqa: E731
     print()
-    print("| shift | all labels | " + " | ".join(f"{b}: " + " / ".join(MODES) for b in BUDGETS) + " | labels to 95 % of all: " + " / ".join(MODES) + " |")
+    print("| shift | all labels | " + " | ".join(f"{b}: " + " / ".join(modes) for b in BUDGETS) + " | labels to 95 % of all: " + " / ".join(modes) + " |")
     print("| --- " * (len(BUDGETS) + 3) + "|")
     for row in rows:
         need = lambda m: "> " + str(BUDGETS[-1]) if row[f"{m} needs"] is None else str(row[f"{m} needs"])  # noqa: E731
         print(f"| {row['shift']} | {pct(row['all'])} ({row['all_labels']}) | "
-              + " | ".join(" / ".join(pct(row[f"{m} {b}"]) for m in MODES) for b in BUDGETS)
-              + " | " + " / ".join(need(m) for m in MODES) + " |")
+              + " | ".join(" / ".join(pct(row[f"{m} {b}"]) for m in modes) for b in BUDGETS)
+              + " | " + " / ".join(need(m) for m in modes) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
@@ -892,6 +893,7 @@ def main() -> None:
                     help="for each digits shift (--only): accuracy against the number of labels, label requests vs random labelling")
     ap.add_argument("--traffic", default="shift", choices=["shift", "skewed", "mixed"],
                     help="with --label-count: what the device serves meanwhile (the pseudo-labels' source)")
+    ap.add_argument("--modes", default="", metavar="MODE;MODE", help="with --label-count: only these (separated by ;) of " + ", ".join(repr(m) for m in MODES))
     ap.add_argument("--budgets", default="", metavar="N,N", help="with --label-count: these label counts instead of 50,100,200,400")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="for tuning experiments only: a configuration key other than the shipped one (TOML value)")
