@@ -93,8 +93,8 @@ impl Serving {
     }
 
     /// The id of `task`'s version `version`.
-    pub fn id_of(task: &str, version: u64) -> String {
-        format!("{task}@v{version}")
+    pub fn id_of(task: &str, version: u64) -> Arc<str> {
+        format!("{task}@v{version}").into()
     }
 }
 
@@ -354,7 +354,7 @@ impl Registry {
         Serving {
             task: task.to_string(),
             version: 0,
-            id: Serving::id_of(task, 0).into(),
+            id: Serving::id_of(task, 0),
             labels: self.bundle.manifest.labels.clone().unwrap_or_default().into(),
             head: None,
             lora: self.base_lora.clone(),
@@ -404,7 +404,7 @@ impl Registry {
         Ok(Serving {
             task: adapter.manifest.task.clone(),
             version: adapter.manifest.version,
-            id: Serving::id_of(&adapter.manifest.task, adapter.manifest.version).into(),
+            id: Serving::id_of(&adapter.manifest.task, adapter.manifest.version),
             labels: adapter.manifest.labels.clone().into(),
             head: Some(adapter.head),
             lora,

@@ -259,6 +259,15 @@ BEGIN
 END;
 ";
 
+/// Columns added since their table was first released: (table, column, declaration). A store
+/// written before one opens and gains it, at its default.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    // Label requests kept their confidence.
+    ("label_requests", "confidence", "REAL NOT NULL DEFAULT 0"),
+    // Suspects tell an adapter's doubts from the neighbours'.
+    ("suspects", "by_adapter", "INTEGER NOT NULL DEFAULT 0"),
+];
+
 /// A condition on `samples`' `id`: among the suspects `$suspects` selects and not judged right,
 /// or judged wrong.
 macro_rules! doubted_sql {
@@ -368,17 +377,12 @@ impl SampleStore {
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
-        // Stores written before label requests kept their confidence.
-        let has_confidence: bool =
-            conn.query_row("SELECT COUNT(*) > 0 FROM pragma_table_info('label_requests') WHERE name = 'confidence'", [], |r| r.get(0)).map_err(err)?;
-        if !has_confidence {
-            conn.execute_batch("ALTER TABLE label_requests ADD COLUMN confidence REAL NOT NULL DEFAULT 0").map_err(err)?;
-        }
-        // ... nor told an adapter's doubts from the neighbours'.
-        let has_by_adapter: bool =
-            conn.query_row("SELECT COUNT(*) > 0 FROM pragma_table_info('suspects') WHERE name = 'by_adapter'", [], |r| r.get(0)).map_err(err)?;
-        if !has_by_adapter {
-            conn.execute_batch("ALTER TABLE suspects ADD COLUMN by_adapter INTEGER NOT NULL DEFAULT 0").map_err(err)?;
+        for (table, column, declaration) in ADDED_COLUMNS {
+            let has: bool =
+                conn.query_row("SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2", params![table, column], |r| r.get(0)).map_err(err)?;
+            if !has {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {declaration}")).map_err(err)?;
+            }
         }
         Ok(SampleStore { conn, path: path.to_path_buf(), policy, lost_wal })
     }

@@ -181,20 +181,22 @@ fn parts_of_the_daemon_opening_a_fresh_store_at_once_all_get_it() {
     }
 }
 
-#[test]
-fn a_store_from_before_label_requests_kept_their_confidence_opens_and_keeps_it_from_then_on() {
+/// A sample store's path in a new directory, holding one table as an older release wrote it.
+fn store_from_an_older_release(create_table: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("samples.db");
-    {
-        // The label_requests table as the first release with label requests wrote it.
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch(
-            "CREATE TABLE label_requests (id TEXT PRIMARY KEY, task TEXT NOT NULL, input_kind TEXT NOT NULL, input_shape TEXT NOT NULL, \
-             input BLOB NOT NULL, predicted TEXT NOT NULL, strategy TEXT NOT NULL, created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL, \
-             answered_ms INTEGER, answer_label TEXT, answer_key TEXT)",
-        )
-        .unwrap();
-    }
+    rusqlite::Connection::open(&path).unwrap().execute_batch(create_table).unwrap();
+    (dir, path)
+}
+
+#[test]
+fn a_store_from_before_label_requests_kept_their_confidence_opens_and_keeps_it_from_then_on() {
+    // The label_requests table as the first release with label requests wrote it.
+    let (_dir, path) = store_from_an_older_release(
+        "CREATE TABLE label_requests (id TEXT PRIMARY KEY, task TEXT NOT NULL, input_kind TEXT NOT NULL, input_shape TEXT NOT NULL, \
+         input BLOB NOT NULL, predicted TEXT NOT NULL, strategy TEXT NOT NULL, created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL, \
+         answered_ms INTEGER, answer_label TEXT, answer_key TEXT)",
+    );
     let mut store = SampleStore::open(&path, SplitPolicy::default()).unwrap();
     let row = adaptd_daemon::samples::LabelRequestRow {
         id: "robot-7-sorter-1".into(),
@@ -215,17 +217,11 @@ fn a_store_from_before_label_requests_kept_their_confidence_opens_and_keeps_it_f
 
 #[test]
 fn labels_only_an_adapter_doubts_stay_out_of_training_but_count_in_the_holdout_and_an_older_store_opens() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("samples.db");
-    {
-        // The suspects table as the first release with the search for wrong labels wrote it.
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch(
-            "CREATE TABLE suspects (sample_id INTEGER PRIMARY KEY, task TEXT NOT NULL, suggested TEXT NOT NULL, \
-             given_probability REAL NOT NULL, suggested_probability REAL NOT NULL, found_ms INTEGER NOT NULL)",
-        )
-        .unwrap();
-    }
+    // The suspects table as the first release with the search for wrong labels wrote it.
+    let (_dir, path) = store_from_an_older_release(
+        "CREATE TABLE suspects (sample_id INTEGER PRIMARY KEY, task TEXT NOT NULL, suggested TEXT NOT NULL, \
+         given_probability REAL NOT NULL, suggested_probability REAL NOT NULL, found_ms INTEGER NOT NULL)",
+    );
     let mut store = SampleStore::open(&path, SplitPolicy::default()).unwrap();
     let batch: Vec<Sample> = (0..200).map(|i| sample(&format!("robot-7:{i}"), "sorter", ["left", "right"][i % 2])).collect();
     store.insert_batch(&batch).unwrap();

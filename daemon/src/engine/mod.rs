@@ -1020,7 +1020,7 @@ mod tests {
         Arc::new(Serving {
             task: task.into(),
             version,
-            id: Serving::id_of(task, version).into(),
+            id: Serving::id_of(task, version),
             labels: vec!["a".to_string(), "b".to_string()].into(),
             head: (version > 0).then(|| Head { layers: vec![Dense { weight, bias: HostTensor::zeros_f32(vec![2]) }] }),
             lora: Arc::new(LoraInputs { key: lora.0, tensors: vec![HostTensor::f32(vec![1], vec![lora.1]).unwrap()] }),
