@@ -148,6 +148,8 @@ fn setup(name: &str) -> Setup {
     registry.promote(fixtures::lora_adapter(&bundle, "bench", 1, 1)).unwrap();
     registry.promote(fixtures::head_adapter(&bundle, "head", 1, 1)).unwrap();
     registry.promote(fixtures::loreft_adapter(&bundle, "reft", 1, 1)).unwrap();
+    // "base" serves the bundle as it is: its own classifier where it has one, no adapter.
+    registry.ensure_task("base").unwrap();
     let session = SessionOptions { intra_op_threads: THREADS, ..Default::default() };
     let engine = Engine::start(registry.clone(), EngineConfig { session, ..Default::default() }).unwrap();
     let plain = OnnxModel::load(&bundle, session, None).unwrap();
@@ -463,10 +465,9 @@ fn label_request_offers(s: &mut Setup) {
 /// path). Prints the median over rounds of each pair's p50 ratio.
 fn pairwise(s: &mut Setup, name: &str, rounds: usize, per_round: usize) {
     let handle = s.engine.handle.clone();
-    let mut head = Vec::new();
-    let mut lora = Vec::new();
+    let (mut base, mut head, mut lora) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
-        for (task, out) in [("head", &mut head), ("bench", &mut lora)] {
+        for (task, out) in [("base", &mut base), ("head", &mut head), ("bench", &mut lora)] {
             let (mut ours, mut theirs) = (Vec::with_capacity(per_round), Vec::with_capacity(per_round));
             for k in 0..per_round {
                 for j in 0..2 {
@@ -484,7 +485,8 @@ fn pairwise(s: &mut Setup, name: &str, rounds: usize, per_round: usize) {
         }
     }
     println!(
-        "pairwise {name} batch 1 ({rounds} rounds x {per_round}): adaptd head / ORT original {:.3} (goal <= 1.03); adaptd LoRA+head / ORT original {:.3} (goal <= 1.08)",
+        "pairwise {name} batch 1 ({rounds} rounds x {per_round}): adaptd base / ORT original {:.3} (goal <= 1.03); adaptd head / ORT original {:.3}; adaptd LoRA+head / ORT original {:.3} (goal <= 1.08)",
+        median(base),
         median(head),
         median(lora)
     );
