@@ -94,6 +94,16 @@ impl JobKind {
     }
 }
 
+/// The rank and alpha a LoRA job of `rank` and `alpha` trains at when it continues from a LoRA of
+/// `from_rank`: a higher rank is kept (a fleet aggregate at `rank_max`, say, or the r16 an earlier
+/// job promoted), at the same alpha/rank.
+pub fn continued_lora(rank: usize, alpha: f32, from_rank: Option<usize>) -> (usize, f32) {
+    match from_rank {
+        Some(from) if from > rank => (from, alpha * from as f32 / rank as f32),
+        _ => (rank, alpha),
+    }
+}
+
 pub struct TrainJob {
     pub kind: JobKind,
     /// For `Head`: one `[N, dim]` embedding tensor; for `Lora`: the model inputs.
@@ -339,11 +349,9 @@ mod torch {
             let target = match job.kind {
                 JobKind::Head => FitTarget::Head { device: graph.device() },
                 JobKind::Lora { rank, alpha } => {
-                    // Continuing from a higher-rank LoRA (a fleet aggregate at rank_max, say) takes
-                    // its rank, at the same alpha/rank.
                     let start = job.start_lora.as_ref();
-                    let continued = start.map_or(rank, |s| s.rank.max(rank));
-                    FitTarget::Lora { graph, rank: continued, alpha: alpha * continued as f32 / rank as f32, start }
+                    let (rank, alpha) = super::continued_lora(rank, alpha, start.map(|s| s.rank));
+                    FitTarget::Lora { graph, rank, alpha, start }
                 }
                 JobKind::Loreft { rank, positions } => {
                     let start = job.start_reft.as_ref();

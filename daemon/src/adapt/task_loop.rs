@@ -1344,16 +1344,18 @@ fn escalation_stops(kind: &JobKind, improved: bool, best_accuracy: f64, until: f
 }
 
 /// The ladder as it will train from a serving LoRA of `serving_rank`: a LoRA step continues from
-/// it at the higher of the two ranks (the trainer's rule, alpha/rank kept), so a step below that
-/// rank trains exactly what the next would; each is taken once. (Before, after a rank-16
-/// promotion the r8 and r16 steps of every later job trained the same adapter twice: 50-70 s more
-/// a job on the camera bundle.)
+/// it at the higher of the two ranks (`continued_lora`), so a step below that rank trains exactly
+/// what the next would; each is taken once. (Before, after a rank-16 promotion the r8 and r16
+/// steps of every later job trained the same adapter twice: 43 s more a job on the typos shift.)
 fn as_trained(ladder: Vec<JobKind>, serving_rank: Option<usize>) -> Vec<JobKind> {
     let mut steps: Vec<JobKind> = ladder
         .into_iter()
-        .map(|kind| match (kind, serving_rank) {
-            (JobKind::Lora { rank, alpha }, Some(serving)) if serving > rank => JobKind::Lora { rank: serving, alpha: alpha * serving as f32 / rank as f32 },
-            (kind, _) => kind,
+        .map(|kind| match kind {
+            JobKind::Lora { rank, alpha } => {
+                let (rank, alpha) = crate::trainer::continued_lora(rank, alpha, serving_rank);
+                JobKind::Lora { rank, alpha }
+            }
+            kind => kind,
         })
         .collect();
     steps.dedup();
