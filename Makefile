@@ -48,6 +48,7 @@ bench: setup
 	$(CARGO) bench -p adaptd --bench serving
 	$(PYTHON) benches/compare_training.py
 	$(PYTHON) benches/compare_loreft.py
+	$(PYTHON) benches/norm_statistics.py
 	$(CARGO) bench -p adaptd --bench time_to_adapt
 	benches/ingest_throughput.sh
 	benches/fleet_idle.sh
