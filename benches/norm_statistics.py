@@ -42,7 +42,6 @@ CAMERA_DATA = ROOT / "build" / "data" / "camera.safetensors"
 # Unlabelled frames the statistics are estimated on: one batch, as a job would take them from the
 # traffic it keeps.
 STATISTICS_FRAMES = 120
-ABOVE_CUT = tuple(f"net._blocks.{b}." for b in (13, 14, 15)) + ("net._bn1",)
 
 
 class Renormalised(torch.nn.Module):
@@ -105,6 +104,10 @@ def main() -> None:
     preprocessing = reference_bundles.EFFICIENTNET_PREPROCESSING
     model = reference_bundles.efficientnet_lite0()
     norms = wrap(model)
+    # The batch norms above the bundle's cut: those after the cut module's last one (`wrap` finds
+    # them in the order the model registers, and runs, them).
+    last_below = max(i for i, n in enumerate(norms) if n.name.startswith(reference_bundles.EFFICIENTNET_CUT + "."))
+    above_cut = {n.name for n in norms[last_below + 1:]}
     domain, labels = np.asarray(data["domain"]), np.asarray(data["labels"])
 
     def frames(name: str) -> tuple[torch.Tensor, np.ndarray]:
@@ -134,7 +137,7 @@ def main() -> None:
     base_head = head(features(base_x[::2], "eval"), base_y[::2])
     held_out = base_head.score(features(base_x[1::2], "eval"), base_y[1::2])
     variants = [("BN-adapt", "tent", lambda _: True), ("aligned", "align", lambda _: True),
-                ("aligned above the cut", "align", lambda n: n.startswith(ABOVE_CUT))]
+                ("aligned above the cut", "align", lambda n: n in above_cut)]
     print(f"{len(norms)} batch norms; commissioned frames: head trained on {len(base_y[::2])}, held out {held_out:.3f}", flush=True)
     rows = []
     for shift in args.only.split(","):
