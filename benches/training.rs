@@ -104,8 +104,9 @@ fn centroid_accuracy(reference: &HostTensor, ref_labels: &[i64], test: &HostTens
     argmax_rows(&scores, classes).zip(test_labels).filter(|(p, l)| p == *l).count() as f64 / test_labels.len().max(1) as f64
 }
 
-/// The intents of `text` or the sideways digits of `quality` (the data says which), on the bundle
-/// they belong to (cut where asked): the splits and the head a job starts from.
+/// The intents of `text`, the sideways digits of `quality` or a camera shift's frames (the data
+/// says which), on the bundle they belong to (cut where asked): the splits and the head a job
+/// starts from.
 struct ShiftTask {
     bundle: Bundle,
     graph: TrainingGraph,
@@ -118,14 +119,21 @@ struct ShiftTask {
 impl ShiftTask {
     fn load(st: &SafeTensors<'_>, bundle_dir: &dyn Fn(&str) -> std::path::PathBuf, cut: bool) -> ShiftTask {
         let digits = st.tensor("train_x").is_ok();
-        let bundle = Bundle::open(bundle_dir(if digits { "digits-cnn" } else { "minilm" })).unwrap();
+        let camera = st.tensor("train_image").is_ok();
+        let bundle = Bundle::open(bundle_dir(match (digits, camera) {
+            (true, _) => "digits-cnn",
+            (_, true) => "efficientnet-lite0",
+            _ => "minilm",
+        }))
+        .unwrap();
         let mut graph = TrainingGraph::load(&bundle, tch::Device::Cpu).unwrap();
         if cut {
             graph.load_cut(&bundle).unwrap();
         }
-        let split = |name: &str| match digits {
-            true => examples(st, &[&format!("{name}_x")], &format!("{name}_y")),
-            false => examples(st, &[&format!("{name}_ids"), &format!("{name}_mask")], &format!("{name}_y")),
+        let split = |name: &str| match (digits, camera) {
+            (true, _) => examples(st, &[&format!("{name}_x")], &format!("{name}_y")),
+            (_, true) => examples(st, &[&format!("{name}_image")], &format!("{name}_y")),
+            _ => examples(st, &[&format!("{name}_ids"), &format!("{name}_mask")], &format!("{name}_y")),
         };
         let init = match digits {
             true => bundle.base_head().unwrap().expect("digits-cnn ships its classifier"),
@@ -268,12 +276,15 @@ fn main() {
             println!("{out}");
         }
         "adapter" => {
-            // One adapter kind (`--adapter lora|loreft`) + head on the intents of `text` or the
-            // sideways digits of `quality`, above the bundle's cut with `--cut 1` (as the daemon
-            // trains): test accuracy, trainable parameters, the adapter's tensor file bytes,
-            // samples/s over the whole job and the process's peak RSS.
+            // One adapter kind (`--adapter lora|loreft`) + head on the intents of `text`, the
+            // sideways digits of `quality` or a camera shift's frames, above the bundle's cut with
+            // `--cut 1` (as the daemon trains): test accuracy, trainable parameters, the adapter's
+            // tensor file bytes, samples/s over the whole job and the process's peak RSS.
             let rss_start = memory::rss();
             let ShiftTask { bundle, graph, train, val, test, init } = ShiftTask::load(&st, &bundle_dir, opts.contains_key("cut"));
+            // The splits are copies: the file's bytes (400 MB of frames) are not the trainer's memory.
+            drop(st);
+            drop(bytes);
             let adapter = opt("adapter", "lora");
             let layers: Vec<String> = opt("layers", "").split(',').filter(|l| !l.is_empty()).map(String::from).collect();
             let positions = adaptd_daemon::adapt::parse_positions(&opt("positions", "f1+l1")).unwrap();

@@ -468,7 +468,11 @@ impl Config {
         if t.loreft_rank == 0 {
             return refuse("training.loreft_rank", "must be at least 1 (and at most the bundle's LoReFT rank_max)");
         }
-        for (key, v) in [("training.learning_rate", r.learning_rate), ("training.head_learning_rate", r.head_learning_rate)] {
+        for (key, v) in [
+            ("training.learning_rate", r.learning_rate),
+            ("training.head_learning_rate", r.head_learning_rate),
+            ("training.loreft_learning_rate", t.loreft_learning_rate),
+        ] {
             if !(v > 0.0 && v < 1.0) {
                 return refuse(key, "must be in (0, 1); fine-tuning wants a low learning rate");
             }

@@ -49,6 +49,7 @@ fn bad_files_name_the_key_and_say_what_is_allowed() {
         ("loreft_positions = \"f1+l1\"", "loreft_positions = \"f0\"", "edits no position"),
         ("precision = \"auto\"", "precision = \"fp8\"", "fp16"),
         ("learning_rate = 0.001", "learning_rate = 3.0", "training.learning_rate"),
+        ("loreft_learning_rate = 0.005", "loreft_learning_rate = 0.0", "training.loreft_learning_rate"),
         ("escalate_until = 0.98", "escalate_until = 2.0", "training.escalate_until"),
         ("retention = \"traffic\"", "retention = \"sometimes\"", "traffic"),
         ("retention_min_share = 0.1", "retention_min_share = -1.0", "gate.retention_min_share"),

@@ -255,7 +255,7 @@ pub(super) fn prepare(
         start_lora,
         start_reft,
         loreft_layers: config.training.loreft_layers.clone(),
-        recipe: config.training.recipe.clone(),
+        recipe: config.training.job_recipe(),
         prefix_cache,
     };
     Ok(Prepared { job, labels, counts, notes, unvalidated, sample_ids: (train_ids, validation_ids) })

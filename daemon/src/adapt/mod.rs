@@ -78,6 +78,9 @@ pub struct TrainingConfig {
     #[serde(deserialize_with = "positions_from_str")]
     pub loreft_positions: ReftPositions,
     pub loreft_layers: Vec<String>,
+    /// LoReFT's learning rate (the recipe's `learning_rate` is LoRA's): its few parameters want
+    /// larger steps (benches/compare_loreft.py).
+    pub loreft_learning_rate: f64,
     /// Escalating from a head: a LoReFT step before LoRA (a far smaller adapter where it does
     /// as well; the ladder goes on to LoRA where it does not).
     pub loreft_step: LoreftStep,
@@ -112,6 +115,7 @@ impl Default for TrainingConfig {
             loreft_rank: 4,
             loreft_positions: ReftPositions { first: 1, last: 1 },
             loreft_layers: Vec::new(),
+            loreft_learning_rate: 5e-3,
             loreft_step: LoreftStep::Never,
             trainer: TrainerConfig::default(),
             recipe: Recipe::default(),
@@ -143,6 +147,14 @@ impl TrainingConfig {
             JobKind::Loreft { rank, positions } => (AdapterChoice::Loreft, self.lora_rank, self.lora_alpha, rank, positions),
         };
         TrainingConfig { adapter, lora_rank, lora_alpha, loreft_rank, loreft_positions, ..self.clone() }
+    }
+
+    /// The recipe of a job that trains [`kind`](Self::kind): LoReFT at its own learning rate.
+    pub fn job_recipe(&self) -> Recipe {
+        match self.kind() {
+            JobKind::Loreft { .. } => Recipe { learning_rate: self.loreft_learning_rate, ..self.recipe.clone() },
+            JobKind::Head | JobKind::Lora { .. } => self.recipe.clone(),
+        }
     }
 
     /// More capacity to try after [`kind`](Self::kind) within a job, in order (empty: none):

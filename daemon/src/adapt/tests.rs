@@ -386,3 +386,17 @@ fn the_ladder_takes_a_loreft_step_only_where_the_configuration_asks() {
     assert_eq!(parse_positions("l2").unwrap(), adaptd_adapters::reft::ReftPositions { first: 0, last: 2 });
     assert!(parse_positions("f1+f2").unwrap_err().contains("twice"));
 }
+
+#[test]
+fn a_loreft_step_trains_at_loreft_s_learning_rate_and_the_others_at_the_recipe_s() {
+    use super::TrainingConfig;
+    use crate::trainer::JobKind;
+    let t = TrainingConfig::default();
+    assert_eq!(t.job_recipe().learning_rate, t.recipe.learning_rate, "a head job");
+    let loreft = t.with_kind(JobKind::Loreft { rank: 4, positions: t.loreft_positions });
+    assert_eq!(loreft.job_recipe().learning_rate, t.loreft_learning_rate);
+    assert_ne!(t.loreft_learning_rate, t.recipe.learning_rate, "shipped: LoReFT's own rate");
+    assert_eq!(loreft.job_recipe().head_learning_rate, t.recipe.head_learning_rate, "the head's rate is the recipe's");
+    let lora = loreft.with_kind(JobKind::Lora { rank: 8, alpha: 8.0 });
+    assert_eq!(lora.job_recipe().learning_rate, t.recipe.learning_rate, "the ladder's LoRA after LoReFT");
+}
