@@ -17,8 +17,8 @@
    camera shift, the frames the shift suite publishes (the parts as commissioned and as shifted) a
    tenth of them for validation, scored on the shift's held-out frames. adaptd LoRA r=8 on the
    bundle's 7 slots against LoReFT r=4 on the outputs of blocks 13-15 (every pixel), both above
-   the bundle's cut as the daemon trains them, at the daemon's learning rates (and LoReFT at a
-   5x higher one). pyreft is not run here: its interventions edit the last axis of a
+   the bundle's cut as the daemon trains them, each at the daemon's learning rate (LoRA 1e-3,
+   LoReFT 5e-3: `training.loreft_learning_rate`), and LoReFT also at LoRA's. pyreft is not run here: its interventions edit the last axis of a
    [batch, position, dim] output, a transformer's, not a feature map's channels.
 
 Goals (issue: LoReFT adapters): LoReFT within 1 point of adaptd's LoRA with <= 1/10 of its
@@ -99,14 +99,15 @@ def camera_shift_data(path: Path, shift: str, seed: int) -> dict:
 
 def camera(tmp: Path, args, threads: list[str]) -> None:
     from shifts import CAMERA_SHIFTS
-    # The daemon's recipe (config/adaptd.toml): learning rate 1e-3, 5e-3 for the head; fewer
-    # epochs than its 30 (early stopping ends its camera jobs near 10), the same for every side.
-    # LoReFT also at 5e-3: its few parameters take larger steps (the text above runs it at 1e-2).
+    # The daemon's recipe (config/adaptd.toml): LoRA at learning_rate 1e-3, LoReFT at
+    # loreft_learning_rate 5e-3, the head at 5e-3; fewer epochs than its 30 (early stopping ends
+    # its camera jobs near 10), the same for every side. LoReFT also at LoRA's rate, which the
+    # daemon trained it at before it had a rate of its own.
     common = [*threads, "--epochs", "10", "--head-lr", "5e-3", "--cut", "1", "--bundle", str(CAMERA_BUNDLE)]
     sides = {
         "adaptd LoRA r=8 (7 slots)": ["--adapter", "lora", "--rank", "8", "--lr", "1e-3"],
-        "adaptd LoReFT r=4 (blocks 13-15)": ["--adapter", "loreft", "--rank", "4", "--lr", "1e-3"],
-        "adaptd LoReFT r=4, lr 5e-3": ["--adapter", "loreft", "--rank", "4", "--lr", "5e-3"],
+        "adaptd LoReFT r=4, lr 1e-3": ["--adapter", "loreft", "--rank", "4", "--lr", "1e-3"],
+        "adaptd LoReFT r=4, shipped lr 5e-3": ["--adapter", "loreft", "--rank", "4", "--lr", "5e-3"],
     }
     summary = []
     for shift in (args.shifts.split(",") if args.shifts else CAMERA_SHIFTS):
@@ -120,7 +121,7 @@ def camera(tmp: Path, args, threads: list[str]) -> None:
                 print(f"  {shift} seed {seed} {name:<34} test {100 * r['test']:5.1f}%  {r['samples_per_second']:6.1f} samples/s", flush=True)
             data.unlink()
         # Peak RSS here is the frames' (each process holds the file and its splits), not training's.
-        m = table(f"LoReFT on the camera shift {shift!r}, EfficientNet-Lite0 at 224x224 ({sizes}), 10 epochs, above the cut, "
+        m = table(f"LoReFT (outputs of blocks 13-15) on the camera shift {shift!r}, EfficientNet-Lite0 at 224x224 ({sizes}), 10 epochs, above the cut, "
                   f"mean over {args.runs} seeds:", rows)
         lora, *lorefts = m.values()
         summary.append((shift, lora, lorefts))
@@ -128,7 +129,7 @@ def camera(tmp: Path, args, threads: list[str]) -> None:
             print(f"  LoReFT / LoRA: accuracy {100 * (ours['test'] - lora['test']):+.2f} points (goal: within 1), parameters "
                   f"1/{lora['params'] / ours['params']:.0f}, files 1/{lora['file_bytes'] / ours['file_bytes']:.0f}, "
                   f"samples/s {ours['samples_per_second'] / lora['samples_per_second']:.2f}x", flush=True)
-    print(f"\n| camera shift, mean of {args.runs} seeds | LoRA r=8 | LoReFT r=4 | LoReFT r=4, lr 5e-3 |")
+    print(f"\n| camera shift, mean of {args.runs} seeds | LoRA r=8 | LoReFT r=4, lr 1e-3 | LoReFT r=4, lr 5e-3 (shipped) |")
     print("| --- | --- | --- | --- |")
     for shift, lora, lorefts in summary:
         print(f"| {shift} | {100 * lora['test']:.1f} | " + " | ".join(f"{100 * o['test']:.1f} ({100 * (o['test'] - lora['test']):+.1f})" for o in lorefts) + " |")
