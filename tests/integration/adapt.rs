@@ -121,6 +121,9 @@ pub(crate) fn daemon_config(port: u16, state: &std::path::Path, task: &str, min_
     // A robot whose camera now hangs sideways for good: trade some upright accuracy (measured
     // about 0.99 -> 0.83 with this recipe) for the new domain, within a stated bound.
     config.gate.max_retention_drop = 0.25;
+    // One candidate a job, so a test knows its versions: the refit after the ladder has a test of
+    // its own (the shipped ladder's).
+    config.training.refit = false;
     config
 }
 
@@ -718,8 +721,8 @@ async fn lora_above_a_cut_keeps_prefix_activations_for_the_next_job() {
 async fn a_job_escalates_from_a_head_to_lora_and_promotes_each_step_the_gate_passes() {
     let Running { broker, state, events, base: _, stop, daemon } = start_daemon_with("sorter", 300, |c| {
         let shipped = adaptd_daemon::config::Config::default();
-        (c.training.adapter, c.training.escalate, c.training.promote_each_step) =
-            (shipped.training.adapter, shipped.training.escalate, shipped.training.promote_each_step);
+        (c.training.adapter, c.training.escalate, c.training.promote_each_step, c.training.refit) =
+            (shipped.training.adapter, shipped.training.escalate, shipped.training.promote_each_step, shipped.training.refit);
         c.training.recipe.max_epochs = 30;
     })
     .await;
@@ -753,7 +756,7 @@ async fn a_job_escalates_from_a_head_to_lora_and_promotes_each_step_the_gate_pas
         assert_eq!(decision["version"], attempt["version"], "{decision}");
         assert_eq!(decision["incumbent_version"], serving, "judged against what served then: {decision}");
         let kind = attempt["kind"].as_str().unwrap();
-        assert_eq!(decision["kind"], if kind == "head" { "head" } else { "lora" }, "{decision}");
+        assert_eq!(decision["kind"], if kind.starts_with("head") { "head" } else { "lora" }, "{decision}");
         if decision["promote"] == true {
             serving = decision["version"].as_u64().unwrap();
         }
@@ -764,6 +767,24 @@ async fn a_job_escalates_from_a_head_to_lora_and_promotes_each_step_the_gate_pas
     let at = |e: &Value| e["event_seq"].as_u64().unwrap();
     let lora_trained = attempts.iter().find(|a| a["kind"] == "lora-r8").unwrap();
     assert!(at(&promotions[0]) < at(lora_trained), "the head served before LoRA was trained");
+    // Last, the refit: the ladder's promoted choice trained again with the validation samples
+    // too (none left to validate on), for the epochs validation chose, judged by the holdout
+    // against that choice.
+    let (refit, chosen) = (attempts.last().unwrap(), &attempts[..attempts.len() - 1]);
+    let refit_kind = refit["kind"].as_str().unwrap();
+    assert!(refit_kind.ends_with(" refit with the validation samples"), "{attempts:?}");
+    assert!(chosen.iter().all(|a| !a["kind"].as_str().unwrap().contains("refit")), "one refit, after the ladder: {attempts:?}");
+    let refit_decision = decisions.last().unwrap();
+    let chosen_version = decisions[..decisions.len() - 1].iter().rev().find(|d| d["promote"] == true).unwrap();
+    assert_eq!(refit_decision["version"], refit["version"]);
+    assert_eq!(refit_decision["incumbent_version"], chosen_version["version"], "judged against the choice it refits: {refit_decision}");
+    let chosen_attempt = chosen.iter().find(|a| a["version"] == chosen_version["version"]).unwrap();
+    assert!(refit_kind.starts_with(chosen_attempt["kind"].as_str().unwrap()), "the chosen kind, refit: {refit_kind} after {chosen_attempt}");
+    let samples = |d: &Value| (d["samples"]["train"].as_u64().unwrap(), d["samples"]["validation"].as_u64().unwrap());
+    let ((refit_train, refit_validation), (train, validation)) = (samples(refit_decision), samples(chosen_version));
+    assert!(validation > 0 && refit_validation == 0, "{:?} then {:?}", (train, validation), (refit_train, refit_validation));
+    assert!(refit_train >= train + validation, "the refit trains on the validation samples too: {refit_train} vs {train} + {validation}");
+    eprintln!("{}", refit["reason"]);
     let promoted: Vec<u64> = finished["promoted"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
     let promoted_events: Vec<u64> = promotions.iter().map(|p| p["version"].as_u64().unwrap()).collect();
     assert_eq!(

@@ -119,11 +119,22 @@ pub(super) struct PseudoRows {
     pub labels: Vec<String>,
 }
 
+/// What a step trains on besides the training split's labelled samples.
+#[derive(Clone, Copy)]
+pub(super) enum Rows<'a> {
+    /// Nothing: validation chooses the epoch and judges the step.
+    Labelled,
+    /// Pseudo-labelled traffic (training rows only: validation and the holdout stay labelled).
+    WithPseudo(&'a PseudoRows),
+    /// The validation split's samples too, with no validation: the refit of a recipe validation
+    /// already chose (epochs included), which only the gate's holdout judges.
+    WithValidation,
+}
+
 /// The training data of one step of a job: the task's embedded samples over the labels that
 /// qualify (the incumbent's first, new ones with enough samples), class-balanced by the trainer,
-/// pseudo-labelled traffic beside them if given (training rows only: validation and the holdout
-/// stay labelled), base-domain rows replayed as the traffic asks, and the head to start from.
-/// Err: why the job cannot run now (the loop defers it).
+/// the `rows` beside them, base-domain rows replayed as the traffic asks, and the head to start
+/// from. Err: why the job cannot run now (the loop defers it).
 pub(super) fn prepare(
     bundle: &Bundle,
     text: Option<&TextEncoder>,
@@ -131,18 +142,32 @@ pub(super) fn prepare(
     store: &SampleStore,
     incumbent: &Serving,
     base_domain: &BaseDomain,
-    pseudo: Option<&PseudoRows>,
+    rows: Rows<'_>,
 ) -> Result<Prepared, AdaptError> {
     let task = &config.task;
     let dim = bundle.manifest.embedding_dim;
     let mut notes = Vec::new();
-    let (train_all, validation_all) = embedded_samples(store, task, dim, &mut notes)?;
+    let (mut train_all, mut validation_all) = embedded_samples(store, task, dim, &mut notes)?;
+    let pseudo = match rows {
+        Rows::WithPseudo(p) => Some(p),
+        Rows::Labelled => None,
+        Rows::WithValidation => {
+            notes.push(format!("refit: {} validation samples train beside {} training samples", validation_all.len(), train_all.len()));
+            train_all.append(&mut validation_all);
+            None
+        }
+    };
     let per_label = count_labels(&train_all);
     let labels = job_labels(&incumbent.labels, store.labels(task)?, &per_label, config.training.min_samples_per_class, &mut notes);
     let index: BTreeMap<&str, i64> = labels.iter().enumerate().map(|(i, l)| (l.as_str(), i as i64)).collect();
     let train: Vec<&StoredSample> = train_all.iter().filter(|s| index.contains_key(s.sample.label.as_str())).collect();
     let validation: Vec<&StoredSample> = validation_all.iter().filter(|s| index.contains_key(s.sample.label.as_str())).collect();
-    let unvalidated = check_coverage(&labels, &per_label, &train, &validation, config.training.min_train_samples, &mut notes)?;
+    let mut coverage = Vec::new();
+    let unvalidated = check_coverage(&labels, &per_label, &train, &validation, config.training.min_train_samples, &mut coverage)?;
+    // A refit has no validation by design: a note per label would say nothing.
+    if !matches!(rows, Rows::WithValidation) {
+        notes.append(&mut coverage);
+    }
 
     let train_emb = embeddings(&train, dim)?;
     let train_labels: Vec<i64> = train.iter().map(|s| index[s.sample.label.as_str()]).collect();
@@ -199,8 +224,8 @@ pub(super) fn prepare(
         JobKind::Lora { .. } | JobKind::Loreft { .. } => {
             let mut inputs = model_inputs(text, &bundle.manifest, &train)?;
             if let Some(p) = pseudo.filter(|_| !pseudo_rows.is_empty()) {
-                let rows: Vec<HostTensor> = p.inputs.iter().map(|t| t.select_rows(&pseudo_rows)).collect();
-                inputs = concat_inputs([inputs.as_slice(), rows.as_slice()].into_iter());
+                let chosen: Vec<HostTensor> = p.inputs.iter().map(|t| t.select_rows(&pseudo_rows)).collect();
+                inputs = concat_inputs([inputs.as_slice(), chosen.as_slice()].into_iter());
             }
             if !replay_rows.is_empty() && text.is_none() {
                 let rows: Vec<usize> = replay_rows.iter().map(|&(i, _)| i).collect();

@@ -104,6 +104,9 @@ pub struct TrainingConfig {
     /// serves within seconds instead of after the whole ladder. False: only the job's best step
     /// meets the gate, at the end.
     pub promote_each_step: bool,
+    /// After the ladder: its promoted choice trained again with the validation samples too, for
+    /// the epochs validation chose, judged by the holdout alone (see `TaskLoop::refit_step`).
+    pub refit: bool,
 }
 
 impl Default for TrainingConfig {
@@ -125,6 +128,7 @@ impl Default for TrainingConfig {
             escalate: true,
             escalate_until: 0.98,
             promote_each_step: true,
+            refit: true,
         }
     }
 }

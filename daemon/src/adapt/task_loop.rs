@@ -18,7 +18,7 @@ use adaptd_train::FitReport;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
 
-use super::dataset::{BaseDomain, Prepared, prepare, split_retention};
+use super::dataset::{BaseDomain, Prepared, Rows, prepare, split_retention};
 use super::evaluate::{Judged, base_domain_detector, base_traffic_share, embed_retention, fill_embeddings, judge, predict_samples, pseudo_labelled};
 use super::watch::{RollbackWatch, Verdict};
 use super::{AdaptConfig, AdaptError, Command, CommandKind, Context, Install, Installed, Status, lock};
@@ -361,7 +361,7 @@ impl TaskLoop {
         kind: JobKind,
         shutdown: &mut Pin<&mut impl Future<Output = ()>>,
         commands: &mut mpsc::Receiver<Command>,
-    ) -> Result<Option<(JobKind, (f64, f64))>, JobResult> {
+    ) -> Result<Option<Promoted>, JobResult> {
         let (ctx, task, config) = (self.ctx.clone(), self.task.clone(), self.config.labels.clone());
         let adapter = incumbent.clone();
         let input = match crate::labels::reviewable(&lock(&self.store), &task, &config) {
@@ -401,7 +401,7 @@ impl TaskLoop {
             Err(e) => return Err(steps.end(Some(format!("no version for the second look's candidate: {e}")))),
         };
         let training = AdaptConfig { training: self.config.training.with_kind(kind), ..self.config.clone() };
-        let prepared = prepare(ctx.registry.bundle(), ctx.text.as_deref(), &training, &lock(&self.store), &adapter, &self.base_domain, None);
+        let prepared = prepare(ctx.registry.bundle(), ctx.text.as_deref(), &training, &lock(&self.store), &adapter, &self.base_domain, Rows::Labelled);
         let Prepared { job, labels, counts, mut notes, sample_ids, .. } = match prepared {
             Ok(p) => p,
             Err(e) => {
@@ -427,6 +427,68 @@ impl TaskLoop {
         let reason = format!(
             "{label} ({} labels left out) reached validation accuracy {:.4} (loss {:.4}): the gate judges it against v{}",
             review.suspects, attempt.val_accuracy, attempt.val_loss, adapter.version
+        );
+        self.record_attempt(version, (1, 1), label, &attempt, true, reason);
+        self.gate_step(steps, incumbent, version, attempt).await
+    }
+
+    /// The refit: the step the ladder chose and the gate promoted (`chosen`), trained again from
+    /// where the job started (`start_from`), on the training and the validation samples together,
+    /// for the epochs validation chose (its schedule annealed over them). Validation has done
+    /// its work by then (choosing the kind, the rank and the epochs), and its samples, a ninth
+    /// of the labels, are worth more as training samples, most where a label is new and has
+    /// few; the holdout the trainer never sees judges the refit against the step it would
+    /// replace, and a tie promotes it (the same recipe on more samples). A refit that cannot
+    /// run is logged: the job stands.
+    async fn refit_step(
+        &mut self,
+        steps: &mut JobSteps,
+        incumbent: &mut Arc<Serving>,
+        start_from: &Serving,
+        chosen: Promoted,
+        shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> Result<Option<Promoted>, JobResult> {
+        let (ctx, task) = (self.ctx.clone(), self.task.clone());
+        let config = AdaptConfig { training: self.config.training.with_kind(chosen.kind), ..self.config.clone() };
+        let prepared = prepare(ctx.registry.bundle(), ctx.text.as_deref(), &config, &lock(&self.store), start_from, &self.base_domain, Rows::WithValidation);
+        let Prepared { mut job, labels, counts, mut notes, sample_ids, .. } = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(task, error = %e, "refit: could not prepare it; the job stands");
+                return Ok(None);
+            }
+        };
+        job.recipe.max_epochs = chosen.epochs.max(1);
+        let version = match ctx.registry.next_version(&task) {
+            Ok(v) => v,
+            Err(e) => return Err(steps.end(Some(format!("no version for the refit: {e}")))),
+        };
+        let served = incumbent.clone();
+        let started = Instant::now();
+        let mut report = match self.train_attempt(&config, job, version, &served, shutdown, commands).await {
+            Ok(report) => report,
+            Err(JobResult::Failed(reason)) => {
+                tracing::warn!(task, reason, "the refit failed; the job stands");
+                return Ok(None);
+            }
+            Err(result) => return Err(result),
+        };
+        if let Some(prefix) = report.prefix.take() {
+            notes.push(self.keep_prefix(prefix, &sample_ids));
+        }
+        let (val_accuracy, val_loss) = chosen.figures;
+        let label = format!("{} refit with the validation samples", chosen.kind.label());
+        notes.push(format!(
+            "the refit of {} chosen by validation (accuracy {val_accuracy:.4}, loss {val_loss:.4} at epoch {}): no validation of its own, the holdout judges it",
+            chosen.kind.label(),
+            chosen.epochs
+        ));
+        let seconds = started.elapsed().as_secs_f64();
+        let attempt = Attempt { kind: chosen.kind, must_beat: false, report, labels, counts, notes, val_accuracy, val_loss, seconds };
+        let reason = format!(
+            "{label}: {} samples for {} epochs, as validation chose for v{}; the gate judges it on the holdout",
+            attempt.counts.train, chosen.epochs, served.version
         );
         self.record_attempt(version, (1, 1), label, &attempt, true, reason);
         self.gate_step(steps, incumbent, version, attempt).await
@@ -675,10 +737,10 @@ impl TaskLoop {
         let mut best: Option<(f64, f64)> = None;
         let mut pending: Option<Attempt> = None;
         // The kind and validation figures of the step that serves now, if this job promoted one.
-        let mut promoted_step: Option<(JobKind, (f64, f64))> = None;
+        let mut promoted_step: Option<Promoted> = None;
         for (step, kind) in ladder.iter().enumerate() {
             let config = AdaptConfig { training: self.config.training.with_kind(*kind), ..self.config.clone() };
-            let prepared = prepare(ctx.registry.bundle(), ctx.text.as_deref(), &config, &lock(&self.store), &start_from, &self.base_domain, None);
+            let prepared = prepare(ctx.registry.bundle(), ctx.text.as_deref(), &config, &lock(&self.store), &start_from, &self.base_domain, Rows::Labelled);
             let mut prepared = match prepared {
                 Ok(p) => p,
                 Err(reason) if best.is_none() => return JobResult::Deferred(reason.to_string()),
@@ -778,6 +840,17 @@ impl TaskLoop {
         if best.is_none() {
             return JobResult::Failed("no attempt finished".into());
         }
+        // The ladder's choice, trained again with the validation samples too (not in a fleet
+        // round, whose one step answers to the release it started from).
+        if let (true, None, Some(chosen)) = (self.config.training.refit, &steps.round, promoted_step) {
+            self.scheduler.training_again(steps.trigger, now_ms());
+            let refit = self.refit_step(&mut steps, &mut incumbent, &start_from, chosen, shutdown, commands).await;
+            self.scheduler.training_done();
+            match refit {
+                Ok(promoted) => promoted_step = promoted.or(promoted_step),
+                Err(end) => return end,
+            }
+        }
         // What the job promoted looks again at the labels it was trained beside (not in a fleet
         // round, whose one step answers to the release it started from). Only an adapter that
         // changed the backbone (LoRA, LoReFT) sees what the base model's embedding does not; a
@@ -785,7 +858,7 @@ impl TaskLoop {
         // ones. A promoted candidate of a look was trained on cleaner labels and sees more of the
         // wrong ones: it looks again, up to SECOND_LOOKS times.
         for _ in 0..SECOND_LOOKS {
-            let (true, None, Some((kind, _))) = (self.config.labels.suspects, &steps.round, promoted_step) else { break };
+            let (true, None, Some(Promoted { kind, .. })) = (self.config.labels.suspects, &steps.round, promoted_step) else { break };
             if matches!(kind, JobKind::Head) {
                 break;
             }
@@ -800,7 +873,7 @@ impl TaskLoop {
         }
         // What the job promoted labels the traffic for one more candidate (not in a fleet
         // round, whose one step answers to the release it started from).
-        if let (true, None, Some((kind, figures))) = (self.config.labels.pseudo, &steps.round, promoted_step) {
+        if let (true, None, Some(Promoted { kind, figures, .. })) = (self.config.labels.pseudo, &steps.round, promoted_step) {
             self.scheduler.training_again(steps.trigger, now_ms());
             let pseudo = self.pseudo_step(&mut steps, &mut incumbent, kind, figures, shutdown, commands).await;
             self.scheduler.training_done();
@@ -858,7 +931,7 @@ impl TaskLoop {
             Err(e) => return Err(steps.end(Some(format!("no version for the pseudo-label step: {e}")))),
         };
         let config = AdaptConfig { training: self.config.training.with_kind(kind), ..self.config.clone() };
-        let prepared = prepare(ctx.registry.bundle(), ctx.text.as_deref(), &config, &lock(&self.store), &teacher, &self.base_domain, Some(&pseudo));
+        let prepared = prepare(ctx.registry.bundle(), ctx.text.as_deref(), &config, &lock(&self.store), &teacher, &self.base_domain, Rows::WithPseudo(&pseudo));
         let Prepared { job, labels, counts, mut notes, sample_ids, .. } = match prepared {
             Ok(p) => p,
             Err(e) => {
@@ -922,13 +995,7 @@ impl TaskLoop {
     /// serves from here on, is watched against the version it replaced, and is what the job's
     /// next step is judged against. Ok: its kind and validation figures if it was promoted; Err:
     /// how the job ends instead.
-    async fn gate_step(
-        &mut self,
-        steps: &mut JobSteps,
-        incumbent: &mut Arc<Serving>,
-        version: u64,
-        attempt: Attempt,
-    ) -> Result<Option<(JobKind, (f64, f64))>, JobResult> {
+    async fn gate_step(&mut self, steps: &mut JobSteps, incumbent: &mut Arc<Serving>, version: u64, attempt: Attempt) -> Result<Option<Promoted>, JobResult> {
         let (ctx, task) = (self.ctx.clone(), self.task.clone());
         let figures = (attempt.val_accuracy, attempt.val_loss);
         let Attempt { report, labels, counts, notes, kind, must_beat, .. } = attempt;
@@ -952,7 +1019,7 @@ impl TaskLoop {
                     self.watch = RollbackWatch::after_promotion(after, live.version, replaced, replaced_version);
                     steps.promoted.push(live.version);
                 }
-                Ok(promoted.then_some((kind, figures)))
+                Ok(promoted.then_some(Promoted { kind, figures, epochs: best_epoch }))
             }
             Err(GateError { error_type: "superseded", reason }) => Err(self.cancelled(version, reason)),
             Err(GateError { error_type, reason }) => {
@@ -1379,6 +1446,15 @@ struct Candidate {
     trigger: Trigger,
     report: FitReport,
     train_seconds: f64,
+}
+
+/// A step the gate promoted: its kind, the validation figures that chose it, and the epochs it
+/// trained to its best one (what a refit trains for).
+#[derive(Debug, Clone, Copy)]
+struct Promoted {
+    kind: JobKind,
+    figures: (f64, f64),
+    epochs: usize,
 }
 
 /// One finished fit of an escalating job, with the validation figures that choose between them.

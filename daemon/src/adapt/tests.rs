@@ -168,6 +168,8 @@ async fn start(fits: Fits, samples: &[Sample]) -> Running {
     let mut config = AdaptConfig::new(TASK);
     config.training.adapter = AdapterChoice::Head;
     config.training.escalate = false;
+    // One candidate a job, so a test knows its versions (the refit is tested end to end).
+    config.training.refit = false;
     config.schedule.trigger.min_new_samples = 100;
     config.schedule.tick = Duration::from_millis(20);
     // Whatever else the machine is doing, the device is never too busy for this job.
