@@ -736,7 +736,7 @@ impl TaskLoop {
         // seen it yet.
         let mut best: Option<(f64, f64)> = None;
         let mut pending: Option<Attempt> = None;
-        // The kind and validation figures of the step that serves now, if this job promoted one.
+        // The step that serves now (its kind, validation figures and epochs), if this job promoted one.
         let mut promoted_step: Option<Promoted> = None;
         for (step, kind) in ladder.iter().enumerate() {
             let config = AdaptConfig { training: self.config.training.with_kind(*kind), ..self.config.clone() };
