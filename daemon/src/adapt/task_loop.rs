@@ -402,28 +402,18 @@ impl TaskLoop {
         };
         let training = AdaptConfig { training: self.config.training.with_kind(kind), ..self.config.clone() };
         let prepared = prepare(ctx.registry.bundle(), ctx.text.as_deref(), &training, &lock(&self.store), &adapter, &self.base_domain, Rows::Labelled);
-        let Prepared { job, labels, counts, mut notes, sample_ids, .. } = match prepared {
+        let mut prepared = match prepared {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(task, error = %e, "second look at the labels: could not prepare the candidate; the job stands");
                 return Ok(None);
             }
         };
-        notes.insert(0, found);
-        let started = Instant::now();
-        let mut report = match self.train_attempt(&training, job, version, &adapter, shutdown, commands).await {
-            Ok(report) => report,
-            Err(JobResult::Failed(reason)) => {
-                tracing::warn!(task, reason, "the second look's candidate failed; the job stands");
-                return Ok(None);
-            }
-            Err(result) => return Err(result),
-        };
-        if let Some(prefix) = report.prefix.take() {
-            notes.push(self.keep_prefix(prefix, &sample_ids));
-        }
+        prepared.notes.insert(0, found);
+        let fit = LateFit { prepared, version, against: &adapter, what: "the second look's candidate" };
+        let Some(Fitted { report, labels, counts, notes, seconds }) = self.fit_after_ladder(&training, fit, shutdown, commands).await? else { return Ok(None) };
         let label = format!("{} without doubted labels", kind.label());
-        let attempt = Attempt { must_beat: true, ..Attempt::new(kind, report, labels, counts, notes, started.elapsed().as_secs_f64()) };
+        let attempt = Attempt { must_beat: true, ..Attempt::new(kind, report, labels, counts, notes, seconds) };
         let reason = format!(
             "{label} ({} labels left out) reached validation accuracy {:.4} (loss {:.4}): the gate judges it against v{}",
             review.suspects, attempt.val_accuracy, attempt.val_loss, adapter.version
@@ -452,31 +442,23 @@ impl TaskLoop {
         let (ctx, task) = (self.ctx.clone(), self.task.clone());
         let config = AdaptConfig { training: self.config.training.with_kind(chosen.kind), ..self.config.clone() };
         let prepared = prepare(ctx.registry.bundle(), ctx.text.as_deref(), &config, &lock(&self.store), start_from, &self.base_domain, Rows::WithValidation);
-        let Prepared { mut job, labels, counts, mut notes, sample_ids, .. } = match prepared {
+        let mut prepared = match prepared {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(task, error = %e, "refit: could not prepare it; the job stands");
                 return Ok(None);
             }
         };
-        job.recipe.max_epochs = chosen.epochs.max(1);
+        prepared.job.recipe.max_epochs = chosen.epochs.max(1);
         let version = match ctx.registry.next_version(&task) {
             Ok(v) => v,
             Err(e) => return Err(steps.end(Some(format!("no version for the refit: {e}")))),
         };
         let served = incumbent.clone();
-        let started = Instant::now();
-        let mut report = match self.train_attempt(&config, job, version, &served, shutdown, commands).await {
-            Ok(report) => report,
-            Err(JobResult::Failed(reason)) => {
-                tracing::warn!(task, reason, "the refit failed; the job stands");
-                return Ok(None);
-            }
-            Err(result) => return Err(result),
+        let fit = LateFit { prepared, version, against: &served, what: "the refit" };
+        let Some(Fitted { report, labels, counts, mut notes, seconds }) = self.fit_after_ladder(&config, fit, shutdown, commands).await? else {
+            return Ok(None);
         };
-        if let Some(prefix) = report.prefix.take() {
-            notes.push(self.keep_prefix(prefix, &sample_ids));
-        }
         let (val_accuracy, val_loss) = chosen.figures;
         let label = format!("{} refit with the validation samples", chosen.kind.label());
         notes.push(format!(
@@ -484,7 +466,6 @@ impl TaskLoop {
             chosen.kind.label(),
             chosen.epochs
         ));
-        let seconds = started.elapsed().as_secs_f64();
         let attempt = Attempt { kind: chosen.kind, must_beat: false, report, labels, counts, notes, val_accuracy, val_loss, seconds };
         let reason = format!(
             "{label}: {} samples for {} epochs, as validation chose for v{}; the gate judges it on the holdout",
@@ -932,29 +913,18 @@ impl TaskLoop {
         };
         let config = AdaptConfig { training: self.config.training.with_kind(kind), ..self.config.clone() };
         let prepared = prepare(ctx.registry.bundle(), ctx.text.as_deref(), &config, &lock(&self.store), &teacher, &self.base_domain, Rows::WithPseudo(&pseudo));
-        let Prepared { job, labels, counts, mut notes, sample_ids, .. } = match prepared {
+        let mut prepared = match prepared {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(task, error = %e, "pseudo-labels: could not prepare the step; the job stands");
                 return Ok(());
             }
         };
-        notes.insert(0, found);
-        let started = Instant::now();
-        let mut report = match self.train_attempt(&config, job, version, &teacher, shutdown, commands).await {
-            Ok(report) => report,
-            // The candidate failed (out of memory, say): what the job promoted stands.
-            Err(JobResult::Failed(reason)) => {
-                tracing::warn!(task, reason, "the pseudo-label step failed; the job stands");
-                return Ok(());
-            }
-            Err(result) => return Err(result),
-        };
-        if let Some(prefix) = report.prefix.take() {
-            notes.push(self.keep_prefix(prefix, &sample_ids));
-        }
+        prepared.notes.insert(0, found);
+        let fit = LateFit { prepared, version, against: &teacher, what: "the pseudo-label step" };
+        let Some(Fitted { report, labels, counts, notes, seconds }) = self.fit_after_ladder(&config, fit, shutdown, commands).await? else { return Ok(()) };
         let label = format!("{} on pseudo-labels", kind.label());
-        let attempt = Attempt { must_beat: true, ..Attempt::new(kind, report, labels, counts, notes, started.elapsed().as_secs_f64()) };
+        let attempt = Attempt { must_beat: true, ..Attempt::new(kind, report, labels, counts, notes, seconds) };
         let figures = (attempt.val_accuracy, attempt.val_loss);
         let improved = beats(figures, teacher_figures);
         let reason = format!(
@@ -1030,6 +1000,32 @@ impl TaskLoop {
                 Err(steps.end(Some(reason)))
             }
         }
+    }
+
+    /// A fit after the ladder (the second look, the refit, the pseudo-label step), followed to its
+    /// end; the note on the prefix activations it kept joins its notes. A fit that fails (out of
+    /// memory, say) is logged and gives None: what the job promoted stands.
+    async fn fit_after_ladder(
+        &mut self,
+        config: &AdaptConfig,
+        fit: LateFit<'_>,
+        shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> Result<Option<Fitted>, JobResult> {
+        let LateFit { prepared: Prepared { job, labels, counts, mut notes, sample_ids, .. }, version, against, what } = fit;
+        let started = Instant::now();
+        let mut report = match self.train_attempt(config, job, version, against, shutdown, commands).await {
+            Ok(report) => report,
+            Err(JobResult::Failed(reason)) => {
+                tracing::warn!(task = %self.task, reason, "{what} failed; the job stands");
+                return Ok(None);
+            }
+            Err(result) => return Err(result),
+        };
+        if let Some(prefix) = report.prefix.take() {
+            notes.push(self.keep_prefix(prefix, &sample_ids));
+        }
+        Ok(Some(Fitted { report, labels, counts, notes, seconds: started.elapsed().as_secs_f64() }))
     }
 
     /// Keep the prefix activations a job above a cut computed, for the next job (within the
@@ -1479,6 +1475,24 @@ impl Attempt {
         notes.push(format!("chosen by validation: {} (accuracy {val_accuracy:.4}, loss {val_loss:.4})", kind.label()));
         Attempt { kind, must_beat: false, report, labels, counts, notes, val_accuracy, val_loss, seconds }
     }
+}
+
+/// A fit after the ladder: what it trains (`prepared`, which says where it starts from), as which
+/// version, against the adapter serving meanwhile, and what to call it in a log line.
+struct LateFit<'a> {
+    prepared: Prepared,
+    version: u64,
+    against: &'a Serving,
+    what: &'static str,
+}
+
+/// A fit after the ladder, trained: its report and what the attempt records beside it.
+struct Fitted {
+    report: FitReport,
+    labels: Vec<String>,
+    counts: SampleCounts,
+    notes: Vec<String>,
+    seconds: f64,
 }
 
 /// A job's steps as the gate saw them.
