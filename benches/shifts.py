@@ -511,12 +511,15 @@ def run_before_after(name: str, binary: Path, overrides: dict[str, dict[str, str
     journal = directory / "state" / "journal" / f"{task}.jsonl"
     accuracy = lambda inputs, labels: float(np.mean(np.array(predict(daemon, inputs)) == np.array(labels)))  # noqa: E731
     try:
+        # A task collecting samples is busy here: on a loaded machine its job can start more than
+        # the idle time after the last sample, and measuring before it would score no adapter
+        # (a bundle without a classifier refuses) or the one from before the shift.
         publish(port, lines("before"), task)
-        before = settle(daemon, journal, idle_s=15.0, timeout_s=900.0)
+        before = settle(daemon, journal, idle_s=15.0, timeout_s=900.0, collecting_is_busy=True)
         v_before = daemon.status()["serving_version"]
         base, old_before = accuracy(*parts["test"]), accuracy(*parts["old_test"])
         last_puback = publish(port, lines("after"), task, shift=True)
-        records = settle(daemon, journal, idle_s=15.0, timeout_s=1200.0)
+        records = settle(daemon, journal, idle_s=15.0, timeout_s=1200.0, collecting_is_busy=True)
         final, old_after = accuracy(*parts["test"]), accuracy(*parts["old_test"])
         jobs = [r for r in records[len(before):] if r.get("event") == "job"]
         promoted = [r for r in jobs if r.get("promote")]
