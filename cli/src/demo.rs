@@ -228,6 +228,20 @@ fn steady_client(client: Client, digits: Arc<Digits>, eval: Vec<usize>, stop: Ar
 }
 
 /// The console: prints events as they come and draws the training progress bar.
+/// The demo's line for a `training_finished` event.
+fn trained_line(e: &Value) -> String {
+    format!(
+        "  ■ v{} trained, {:.1} s into the job: {} epochs, kept epoch {}{}, batch {}, {:.0} samples/s",
+        e["version"],
+        e["seconds"].as_f64().unwrap_or(0.0),
+        e["epochs"],
+        e["best_epoch"],
+        if e["stopped_early"] == true { " (stopped early: validation loss stopped improving)" } else { "" },
+        e["batch_size"],
+        e["samples_per_second"].as_f64().unwrap_or(0.0)
+    )
+}
+
 struct Console {
     events: std_mpsc::Receiver<Value>,
     bar: Option<ProgressBar>,
@@ -325,16 +339,7 @@ impl Console {
             "training_escalated" => println!("    ↑ more capacity: {} → {}", e["from"].as_str().unwrap_or("?"), e["to"].as_str().unwrap_or("?")),
             "training_finished" => {
                 self.finish_bar();
-                println!(
-                    "  ■ v{} trained, {:.1} s into the job: {} epochs, kept epoch {}{}, batch {}, {:.0} samples/s",
-                    e["version"],
-                    e["seconds"].as_f64().unwrap_or(0.0),
-                    e["epochs"],
-                    e["best_epoch"].as_u64().map_or(0, |b| b + 1),
-                    if e["stopped_early"] == true { " (stopped early: validation loss stopped improving)" } else { "" },
-                    e["batch_size"],
-                    e["samples_per_second"].as_f64().unwrap_or(0.0)
-                );
+                println!("{}", trained_line(e));
             }
             "gate_decision" => {
                 self.finish_bar();
@@ -591,4 +596,26 @@ fn wait_for_job(console: &mut Console, how: &str, measure: &impl Fn() -> anyhow:
         rows.push(job_row(&event, how, promoted, measure)?);
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trained_line_names_the_epoch_kept_as_the_event_counts_it() {
+        // The event counts epochs from 1; the demo once added another, and printed "30 epochs,
+        // kept epoch 31".
+        let event = adaptd_protocol::Event::TrainingFinished {
+            version: 3,
+            seconds: 2.7,
+            epochs: 30,
+            best_epoch: 30,
+            stopped_early: false,
+            samples_per_second: 5184.0,
+            batch_size: 16,
+        };
+        let line = trained_line(&serde_json::to_value(&event).unwrap());
+        assert!(line.contains("v3 trained, 2.7 s into the job: 30 epochs, kept epoch 30, batch 16"), "{line}");
+    }
 }

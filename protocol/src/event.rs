@@ -185,7 +185,9 @@ pub enum Event {
     TrainingFinished {
         version: u64,
         seconds: f64,
+        /// Epochs run.
         epochs: usize,
+        /// Counted from 1: the epoch whose weights the candidate keeps.
         best_epoch: usize,
         stopped_early: bool,
         samples_per_second: f64,
