@@ -227,7 +227,6 @@ fn steady_client(client: Client, digits: Arc<Digits>, eval: Vec<usize>, stop: Ar
     }
 }
 
-/// The console: prints events as they come and draws the training progress bar.
 /// The demo's line for a `training_finished` event.
 fn trained_line(e: &Value) -> String {
     format!(
@@ -242,6 +241,7 @@ fn trained_line(e: &Value) -> String {
     )
 }
 
+/// The console: prints events as they come and draws the training progress bar.
 struct Console {
     events: std_mpsc::Receiver<Value>,
     bar: Option<ProgressBar>,
